@@ -1,0 +1,89 @@
+//! Builds the workspace's contracts to wasm32-wasip1, so `cargo build` and `cargo test` need no
+//! manual step. The wasm lands in `<target>/contracts/wasm32-wasip1/contract/`, and each path is
+//! exported to the crate as `CLOISTER_WASM_<NAME>`.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The contracts to build: package names in the workspace.
+const CONTRACTS: &[&str] = &["reconcile", "misbehave"];
+
+fn main() {
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let workspace = manifest_dir
+        .parent()
+        .expect("host/ sits in the workspace")
+        .to_owned();
+    for watched in [
+        "contracts",
+        "guest-sdk/src",
+        "guest-sdk/Cargo.toml",
+        "Cargo.lock",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
+    }
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+    // A separate target directory: the outer build holds the lock on its own.
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("contracts");
+
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&workspace)
+        .args([
+            "build",
+            "--profile",
+            "contract",
+            "--target",
+            "wasm32-wasip1",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    for name in CONTRACTS {
+        cmd.args(["-p", name]);
+    }
+    // Flags and wrappers meant for the host build (clippy's driver, host rustflags) must not
+    // reach the wasm build.
+    for var in [
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    let output = cmd.output().expect("running cargo to build the contracts");
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let hint = if stderr.contains("wasm32-wasip1") && stderr.contains("not be installed") {
+            "\nThe wasm32-wasip1 target is missing: rust-toolchain.toml normally installs it; \
+             otherwise run `rustup target add wasm32-wasip1`."
+        } else {
+            ""
+        };
+        panic!("building the contracts for wasm32-wasip1 failed:\n{stderr}{hint}");
+    }
+    for name in CONTRACTS {
+        let wasm = target_dir
+            .join("wasm32-wasip1/contract")
+            .join(format!("{name}.wasm"));
+        assert!(
+            wasm.exists(),
+            "the contract build did not produce {}",
+            wasm.display()
+        );
+        println!(
+            "cargo:rustc-env=CLOISTER_WASM_{}={}",
+            name.to_uppercase(),
+            wasm.display()
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! The Cloister node. See ARCHITECTURE.md for the map of its modules.
+
+pub mod kv;
+pub mod wasm;
+
+/// Contracts built from this workspace by the build script.
+pub mod bundled {
+    /// The data reconciliation app, installed by `cloister sandbox`.
+    pub const RECONCILE: &[u8] = include_bytes!(env!("CLOISTER_WASM_RECONCILE"));
+    /// Path of the misbehaving test contract (sandbox-limit tests and benchmarks only).
+    pub const MISBEHAVE_PATH: &str = env!("CLOISTER_WASM_MISBEHAVE");
+}

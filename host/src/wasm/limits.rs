@@ -1,0 +1,132 @@
+//! Every limit the contract runtime enforces, with its default. Each is a field of the node's
+//! configuration (`[wasm]` section), and hitting one yields an error that names it.
+
+use serde::{Deserialize, Serialize};
+
+pub const MODULE_BYTES_MAX: usize = 16 << 20;
+pub const MEMORY_BYTES_MAX: usize = 64 << 20;
+pub const FUEL_PER_REQUEST: u64 = 2_000_000_000;
+pub const WALL_TIME_MS: u64 = 5_000;
+pub const STACK_BYTES_MAX: usize = 512 << 10;
+pub const REQUEST_BYTES_MAX: usize = 8 << 20;
+pub const RESPONSE_BYTES_MAX: usize = 8 << 20;
+pub const INSTANCES_MAX: u32 = 64;
+pub const KEY_BYTES_MAX: usize = 4 << 10;
+pub const VALUE_BYTES_MAX: usize = 1 << 20;
+pub const WRITES_PER_REQUEST_MAX: usize = 100_000;
+pub const WRITE_BYTES_PER_REQUEST_MAX: usize = 64 << 20;
+pub const SCANS_PER_REQUEST_MAX: usize = 64;
+pub const LOG_BYTES_PER_REQUEST_MAX: usize = 16 << 10;
+pub const MODULES_CACHED_MAX: usize = 8;
+pub const MEMORY_KEEP_RESIDENT_BYTES: usize = 4 << 20;
+
+/// Fuel charged for each host call, on top of one unit per byte it moves: roughly the cost of
+/// a store lookup in wasm instructions, so host calls are not a free way around the fuel limit.
+pub const HOSTCALL_FUEL_BASE: u64 = 1_000;
+/// How often the watchdog advances the engine's epoch.
+pub const EPOCH_TICK_MS: u64 = 5;
+
+/// The contract runtime's limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest module accepted, in bytes.
+    pub module_bytes_max: usize,
+    /// Largest linear memory of one instance, in bytes (at most 4 GiB).
+    pub memory_bytes_max: usize,
+    /// Fuel (about one unit per wasm instruction) one request may burn.
+    pub fuel_per_request: u64,
+    /// Wall-clock time one request may run, in milliseconds; the epoch watchdog enforces it.
+    pub wall_time_ms: u64,
+    /// Largest wasm stack, in bytes; deeper recursion traps with a stack overflow.
+    pub stack_bytes_max: usize,
+    /// Largest request envelope (head and body), in bytes.
+    pub request_bytes_max: usize,
+    /// Largest response envelope (head and body), in bytes.
+    pub response_bytes_max: usize,
+    /// Instances that may run at once; further requests get a "busy" error.
+    pub instances_max: u32,
+    /// Largest key a contract may write, in bytes.
+    pub key_bytes_max: usize,
+    /// Largest value a contract may write, in bytes.
+    pub value_bytes_max: usize,
+    /// Most keys one request may write.
+    pub writes_per_request_max: usize,
+    /// Most bytes (keys and values) one request may write.
+    pub write_bytes_per_request_max: usize,
+    /// Most scans one request may open.
+    pub scans_per_request_max: usize,
+    /// Most bytes of guest output (stdout, stderr, log) kept per request; the rest is dropped.
+    pub log_bytes_per_request_max: usize,
+    /// Most compiled modules kept in the cache.
+    pub modules_cached_max: usize,
+    /// Bytes of each instance slot's memory kept resident between requests instead of being
+    /// returned to the kernel: faster requests for up to `instances_max` times this much RSS.
+    pub memory_keep_resident_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            module_bytes_max: MODULE_BYTES_MAX,
+            memory_bytes_max: MEMORY_BYTES_MAX,
+            fuel_per_request: FUEL_PER_REQUEST,
+            wall_time_ms: WALL_TIME_MS,
+            stack_bytes_max: STACK_BYTES_MAX,
+            request_bytes_max: REQUEST_BYTES_MAX,
+            response_bytes_max: RESPONSE_BYTES_MAX,
+            instances_max: INSTANCES_MAX,
+            key_bytes_max: KEY_BYTES_MAX,
+            value_bytes_max: VALUE_BYTES_MAX,
+            writes_per_request_max: WRITES_PER_REQUEST_MAX,
+            write_bytes_per_request_max: WRITE_BYTES_PER_REQUEST_MAX,
+            scans_per_request_max: SCANS_PER_REQUEST_MAX,
+            log_bytes_per_request_max: LOG_BYTES_PER_REQUEST_MAX,
+            modules_cached_max: MODULES_CACHED_MAX,
+            memory_keep_resident_bytes: MEMORY_KEEP_RESIDENT_BYTES,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the limits are usable together.
+    pub fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("module_bytes_max", self.module_bytes_max as u64),
+            ("memory_bytes_max", self.memory_bytes_max as u64),
+            ("fuel_per_request", self.fuel_per_request),
+            ("wall_time_ms", self.wall_time_ms),
+            ("stack_bytes_max", self.stack_bytes_max as u64),
+            ("request_bytes_max", self.request_bytes_max as u64),
+            ("response_bytes_max", self.response_bytes_max as u64),
+            ("instances_max", u64::from(self.instances_max)),
+            ("key_bytes_max", self.key_bytes_max as u64),
+            ("value_bytes_max", self.value_bytes_max as u64),
+            ("writes_per_request_max", self.writes_per_request_max as u64),
+            (
+                "write_bytes_per_request_max",
+                self.write_bytes_per_request_max as u64,
+            ),
+            ("modules_cached_max", self.modules_cached_max as u64),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("wasm limit {name} must be greater than 0"));
+        }
+        if self.memory_bytes_max as u64 > 4 << 30 {
+            return Err(
+                "wasm limit memory_bytes_max is above 4 GiB, the wasm32 address space".into(),
+            );
+        }
+        if self.stack_bytes_max > 1 << 20 {
+            return Err(
+                "wasm limit stack_bytes_max is above 1 MiB; host threads could not hold it".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Epoch ticks after which the watchdog interrupts a request.
+    pub(crate) fn deadline_ticks(&self) -> u64 {
+        self.wall_time_ms.div_ceil(EPOCH_TICK_MS) + 1
+    }
+}

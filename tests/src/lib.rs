@@ -1,0 +1,3 @@
+//! Shared harness for Cloister's integration tests.
+
+pub mod conformance;
