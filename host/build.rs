@@ -34,6 +34,7 @@ fn main() {
         .unwrap_or_else(|| workspace.join("target"))
         .join("contracts");
 
+    ensure_wasm_target();
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
@@ -85,5 +86,29 @@ fn main() {
             name.to_uppercase(),
             wasm.display()
         );
+    }
+}
+
+/// rust-toolchain.toml names the wasm32-wasip1 target, but rustup adds listed targets only when it
+/// installs the toolchain itself. On a machine whose stable toolchain predates the checkout, add
+/// the target here, once, so `cargo test` needs no manual step.
+fn ensure_wasm_target() {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(out) = Command::new(&rustc).args(["--print", "sysroot"]).output() else {
+        return;
+    };
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if sysroot.join("lib/rustlib/wasm32-wasip1").exists() {
+        return;
+    }
+    let Ok(toolchain) = env::var("RUSTUP_TOOLCHAIN") else {
+        return; // Not a rustup toolchain: the build below explains what is missing.
+    };
+    println!("cargo:warning=installing the wasm32-wasip1 target for {toolchain} (rustup target add)");
+    let status = Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip1", "--toolchain", &toolchain])
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        println!("cargo:warning=`rustup target add wasm32-wasip1` failed; the contract build will say why");
     }
 }
