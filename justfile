@@ -21,6 +21,14 @@ ci:
 bench:
     cargo bench -p cloister-host --bench runtime
 
+# A local network: identities, one process per node, the reconcile app.
+sandbox *args:
+    cargo run --release -- sandbox {{args}}
+
+# Load a running sandbox over HTTPS.
+bench-node *args:
+    cargo run --release -- bench {{args}}
+
 # Build one contract by hand, the way a contract developer would.
 contract name="reconcile":
     cargo build --release --target wasm32-wasip1 -p {{name}}

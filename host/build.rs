@@ -104,11 +104,15 @@ fn ensure_wasm_target() {
     let Ok(toolchain) = env::var("RUSTUP_TOOLCHAIN") else {
         return; // Not a rustup toolchain: the build below explains what is missing.
     };
-    println!("cargo:warning=installing the wasm32-wasip1 target for {toolchain} (rustup target add)");
+    println!(
+        "cargo:warning=installing the wasm32-wasip1 target for {toolchain} (rustup target add)"
+    );
     let status = Command::new("rustup")
         .args(["target", "add", "wasm32-wasip1", "--toolchain", &toolchain])
         .status();
     if !matches!(status, Ok(s) if s.success()) {
-        println!("cargo:warning=`rustup target add wasm32-wasip1` failed; the contract build will say why");
+        println!(
+            "cargo:warning=`rustup target add wasm32-wasip1` failed; the contract build will say why"
+        );
     }
 }

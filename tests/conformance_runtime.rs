@@ -7,7 +7,7 @@ use cloister_host::kv::Store;
 use cloister_host::wasm::{Invocation, Limits, LoadedModule, Runtime};
 use cloister_sdk::abi::{self, RequestHead};
 use cloister_sdk::{Caller, Error};
-use cloister_tests::conformance::{self, Call, Client};
+use cloister_tests::conformance::{self, Call, ScenarioClient};
 use serde_json::Value;
 
 struct InProcess {
@@ -74,7 +74,7 @@ fn error(e: Error) -> (u16, Value) {
     (e.status, e.body())
 }
 
-impl Client for InProcess {
+impl ScenarioClient for InProcess {
     async fn call(&mut self, call: Call<'_>) -> (u16, Value) {
         self.call_sync(call)
     }

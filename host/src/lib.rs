@@ -1,6 +1,13 @@
 //! The Cloister node. See ARCHITECTURE.md for the map of its modules.
 
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod gov;
 pub mod kv;
+pub mod node;
+pub mod txid;
 pub mod wasm;
 
 /// Contracts built from this workspace by the build script.

@@ -37,12 +37,12 @@ pub struct Call<'a> {
 }
 
 /// A way of reaching the reconcile app.
-pub trait Client {
+pub trait ScenarioClient {
     /// Performs the call; returns the status and the body parsed as JSON.
     fn call(&mut self, call: Call<'_>) -> impl Future<Output = (u16, Value)>;
 }
 
-async fn ingest(c: &mut impl Client, party: usize, csv: bool, body: &[u8]) -> (u16, Value) {
+async fn ingest(c: &mut impl ScenarioClient, party: usize, csv: bool, body: &[u8]) -> (u16, Value) {
     let (path, content_type) = if csv {
         ("/csv/ingest", "text/csv")
     } else {
@@ -58,7 +58,7 @@ async fn ingest(c: &mut impl Client, party: usize, csv: bool, body: &[u8]) -> (u
     .await
 }
 
-async fn report(c: &mut impl Client, party: usize) -> Vec<Value> {
+async fn report(c: &mut impl ScenarioClient, party: usize) -> Vec<Value> {
     let (status, body) = c
         .call(Call {
             party,
@@ -77,7 +77,7 @@ async fn report(c: &mut impl Client, party: usize) -> Vec<Value> {
     rows
 }
 
-async fn assert_reports(c: &mut impl Client, expected: &Value, phase: &str) {
+async fn assert_reports(c: &mut impl ScenarioClient, expected: &Value, phase: &str) {
     for party in 0..3 {
         let mut want = expected[phase][format!("member{party}")]
             .as_array()
@@ -101,7 +101,7 @@ fn assert_error(status: u16, body: &Value, want: u16, what: &str) {
 }
 
 /// Runs every step of the scenario, asserting each answer.
-pub async fn run(c: &mut impl Client) {
+pub async fn run(c: &mut impl ScenarioClient) {
     let expected: Value =
         serde_json::from_slice(&file("expected.json")).expect("expected.json parses");
 
@@ -167,4 +167,22 @@ pub async fn run(c: &mut impl Client) {
     let (s, b) = ingest(c, 0, false, &file("member0_data_pt2.json")).await;
     assert_eq!(s, 200, "phase 2 ingest: {b}");
     assert_reports(c, &expected, "phase2").await;
+}
+
+/// The scenario over HTTPS: one connection per party.
+pub struct Rest(pub Vec<cloister_host::client::Client>);
+
+impl ScenarioClient for Rest {
+    async fn call(&mut self, call: Call<'_>) -> (u16, Value) {
+        let ct = (!call.content_type.is_empty()).then_some(call.content_type);
+        let target = format!("/app{}", call.path);
+        let reply = self.0[call.party]
+            .request(call.method, &target, ct, call.body.to_vec())
+            .await
+            .expect("HTTPS request");
+        (
+            reply.status,
+            serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
+        )
+    }
 }

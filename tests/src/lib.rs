@@ -1,3 +1,157 @@
-//! Shared harness for Cloister's integration tests.
+//! Shared harness for Cloister's integration tests: services on 127.0.0.1 with real TLS, real
+//! client certificates, and the clients to reach them.
 
 pub mod conformance;
+pub mod grpc;
+
+use std::path::PathBuf;
+
+use cloister_host::client::Client;
+use cloister_host::config::{GenesisSection, Limits, NodeConfig, NodeSection, TlsSection};
+use cloister_host::node::Node;
+use cloister_host::node::identity::{self, KeyedCert, ServiceCa};
+
+/// An identity the tests act as.
+pub struct Identity {
+    pub name: String,
+    pub keyed: KeyedCert,
+    pub id: String,
+}
+
+impl Identity {
+    pub fn generate(name: &str) -> Identity {
+        let keyed = identity::generate_identity(name).expect("identity");
+        let id = keyed.id().expect("id");
+        Identity {
+            name: name.to_owned(),
+            keyed,
+            id,
+        }
+    }
+}
+
+/// A one-node service in a temporary folder, listening on ephemeral loopback ports.
+pub struct TestService {
+    pub dir: tempfile::TempDir,
+    pub members: Vec<Identity>,
+    pub users: Vec<Identity>,
+    pub config: NodeConfig,
+    pub ca_pem: Vec<u8>,
+    node: Option<Node>,
+}
+
+impl TestService {
+    /// Starts a service with `members` members, `users` users and the given app installed.
+    pub async fn start(members: usize, users: usize, app: &[u8], limits: Limits) -> TestService {
+        Self::start_with(members, users, app, |c| c.limits = limits).await
+    }
+
+    /// As [`TestService::start`], letting `configure` adjust the node's configuration.
+    pub async fn start_with(
+        members: usize,
+        users: usize,
+        app: &[u8],
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> TestService {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = |name: &str| dir.path().join(name);
+        let ca = ServiceCa::generate("test service").expect("CA");
+        ca.keyed.write(dir.path(), "service").unwrap();
+        ca.issue_node_cert("node0", &["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .write(dir.path(), "node0")
+            .unwrap();
+        std::fs::write(path("app.wasm"), app).unwrap();
+        let write_all = |prefix: &str, n: usize| -> Vec<Identity> {
+            (0..n)
+                .map(|i| {
+                    let id = Identity::generate(&format!("{prefix}{i}"));
+                    id.keyed.write(dir.path(), &id.name).unwrap();
+                    id
+                })
+                .collect()
+        };
+        let members = write_all("member", members);
+        let users = write_all("user", users);
+        let certs = |ids: &[Identity]| -> Vec<PathBuf> {
+            ids.iter()
+                .map(|i| path(&format!("{}.cert.pem", i.name)))
+                .collect()
+        };
+        let mut config = NodeConfig {
+            node: NodeSection {
+                name: "node0".into(),
+                data_dir: path("data"),
+                rest_addr: "127.0.0.1:0".into(),
+                grpc_addr: "127.0.0.1:0".into(),
+            },
+            tls: TlsSection {
+                service_cert: path("service.cert.pem"),
+                node_cert: path("node0.cert.pem"),
+                node_key: path("node0.key.pem"),
+            },
+            genesis: GenesisSection {
+                members: certs(&members),
+                users: certs(&users),
+                app: Some(path("app.wasm")),
+            },
+            limits: Limits::default(),
+            wasm: Default::default(),
+        };
+        configure(&mut config);
+        let ca_pem = ca.keyed.cert_pem.clone().into_bytes();
+        let node = Node::start(config.clone()).await.expect("node starts");
+        TestService {
+            dir,
+            members,
+            users,
+            config,
+            ca_pem,
+            node: Some(node),
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().expect("the node is running")
+    }
+
+    pub fn rest_url(&self) -> String {
+        self.node().rest_url()
+    }
+
+    pub fn grpc_url(&self) -> String {
+        self.node().grpc_url()
+    }
+
+    /// An HTTPS client presenting `who` (or no certificate).
+    pub async fn client(&self, who: Option<&KeyedCert>) -> Client {
+        Client::connect(&self.rest_url(), &self.ca_pem, who)
+            .await
+            .expect("client connects")
+    }
+
+    pub async fn member(&self, i: usize) -> Client {
+        self.client(Some(&self.members[i].keyed)).await
+    }
+
+    /// Stops the node and starts it again on the same data folder.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.node = Some(
+            Node::start(self.config.clone())
+                .await
+                .expect("node restarts"),
+        );
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown().await;
+        }
+    }
+}
+
+/// Path of a test contract built by the host's build script.
+pub fn misbehave_wasm() -> Vec<u8> {
+    std::fs::read(cloister_host::bundled::MISBEHAVE_PATH).expect("misbehave.wasm was built")
+}

@@ -116,6 +116,8 @@ pub fn router() -> Router {
         .get("/read-gov", read_gov)
         .get("/print", print)
         .get("/clock", clock)
+        .route("GET", "/members-only", Mode::Readonly, Auth::Members, noop)
+        .route("GET", "/users-only", Mode::Readonly, Auth::Users, noop)
 }
 
 export!(router);

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 /// Every map lives in this one table, keyed by `map name ‖ 0x00 ‖ key`.
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+/// Bookkeeping written atomically with the maps, e.g. the last applied transaction.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Separates a map's name from its keys in the table; map names are printable ASCII.
 const MAP_SEPARATOR: u8 = 0;
@@ -161,8 +163,8 @@ impl Store {
             db: Arc::new(db),
             path: path.to_owned(),
         };
-        // Create the table up front so read transactions never meet a missing table.
-        store.write(|_| Ok(()))?;
+        // Create the tables up front so read transactions never meet a missing table.
+        store.apply_all(&[], &[])?;
         Ok(store)
     }
 
@@ -192,27 +194,37 @@ impl Store {
 
     /// Applies a write set atomically and durably.
     pub fn apply(&self, writes: &WriteSet) -> Result<(), KvError> {
-        self.write(|table| {
-            for (full, value) in &writes.entries {
-                match value {
-                    Some(v) => table.insert(full.as_slice(), v.as_slice())?,
-                    None => table.remove(full.as_slice())?,
-                };
-            }
-            Ok(())
-        })
+        self.apply_all(&[writes], &[])
     }
 
-    fn write(
-        &self,
-        f: impl FnOnce(&mut redb::Table<&[u8], &[u8]>) -> Result<(), redb::Error>,
-    ) -> Result<(), KvError> {
+    /// Applies several write sets, in order, and bookkeeping entries in one durable transaction.
+    pub fn apply_all(&self, writes: &[&WriteSet], meta: &[(&str, &[u8])]) -> Result<(), KvError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut table = txn.open_table(KV).map_err(|e| self.err(e))?;
-            f(&mut table).map_err(|e| self.err(e))?;
+            for ws in writes {
+                for (full, value) in &ws.entries {
+                    match value {
+                        Some(v) => table.insert(full.as_slice(), v.as_slice()),
+                        None => table.remove(full.as_slice()),
+                    }
+                    .map_err(|e| self.err(e))?;
+                }
+            }
+            let mut table = txn.open_table(META).map_err(|e| self.err(e))?;
+            for (key, value) in meta {
+                table.insert(*key, *value).map_err(|e| self.err(e))?;
+            }
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// A bookkeeping entry.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let read = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = read.open_table(META).map_err(|e| self.err(e))?;
+        let value = table.get(key).map_err(|e| self.err(e))?;
+        Ok(value.map(|v| v.value().to_vec()))
     }
 }
 

@@ -1,0 +1,137 @@
+//! The one error shape every client sees: `{"error": {"code", "message", "details"?}}` with an
+//! HTTP status, or the matching gRPC status whose message is that same JSON.
+
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::wasm::ExecError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code: code.into(),
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(400, "BadRequest", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError::new(401, "Unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::new(403, "Forbidden", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(404, "NotFound", message)
+    }
+
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        ApiError::new(405, "MethodNotAllowed", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        ApiError::new(413, "PayloadTooLarge", message)
+    }
+
+    pub fn too_many(message: impl Into<String>) -> Self {
+        ApiError::new(429, "TooManyRequests", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(500, "InternalError", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError::new(503, "ServiceUnavailable", message)
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        let mut inner = json!({ "code": self.code, "message": self.message });
+        if let Some(d) = &self.details {
+            inner["details"] = d.clone();
+        }
+        json!({ "error": inner })
+    }
+
+    /// The gRPC status for this error; its message is the JSON body.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self.status {
+            400 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::NotFound,
+            405 => Code::Unimplemented,
+            409 => Code::AlreadyExists,
+            412 => Code::FailedPrecondition,
+            413 | 429 => Code::ResourceExhausted,
+            503 => Code::Unavailable,
+            504 => Code::DeadlineExceeded,
+            s if (400..500).contains(&s) => Code::FailedPrecondition,
+            _ => Code::Internal,
+        };
+        tonic::Status::new(code, self.body().to_string())
+    }
+
+    /// An app's own error answer (non-2xx with a JSON error body), as an `ApiError`.
+    pub fn from_app(status: u16, body: &[u8]) -> ApiError {
+        let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+        let error = parsed.as_ref().and_then(|v| v.get("error"));
+        let text = |k: &str| {
+            error
+                .and_then(|e| e.get(k))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        ApiError {
+            status,
+            code: text("code").unwrap_or_else(|| format!("Http{status}")),
+            message: text("message").unwrap_or_else(|| String::from_utf8_lossy(body).into_owned()),
+            details: error.and_then(|e| e.get("details")).cloned(),
+        }
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        ApiError::new(e.status(), e.code(), e.to_string())
+    }
+}
+
+impl From<crate::kv::KvError> for ApiError {
+    fn from(e: crate::kv::KvError) -> Self {
+        tracing::error!(error = %e, "state database error");
+        ApiError::internal(format!("the node's state database failed: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = axum::http::StatusCode::from_u16(self.status)
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}

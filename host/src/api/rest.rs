@@ -1,0 +1,137 @@
+//! The REST frontend (axum): built-in `/node/*` endpoints, `/app/api`, and every app endpoint
+//! under `/app`, routed through the app's manifest by the service layer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http_body_util::BodyExt;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::server::PeerInfo;
+use super::service::{AppCall, AppReply, Service};
+
+/// The header carrying a write's transaction id.
+pub const TX_ID_HEADER: &str = "x-cloister-tx-id";
+
+/// Request headers never passed to the app.
+const WITHHELD_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization"];
+
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route(
+            "/node/health",
+            get(|| async { axum::Json(json!({ "status": "ok" })) }),
+        )
+        .route("/node/version", get(version))
+        .route("/node/network", get(network))
+        .route("/app/api", get(api))
+        .route("/app/{*path}", axum::routing::any(app))
+        .fallback(
+            |uri: Uri| async move { ApiError::not_found(format!("no endpoint {}", uri.path())) },
+        )
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::method_not_allowed(format!("{method} is not allowed on {}", uri.path()))
+        })
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(service)
+}
+
+async fn version() -> impl IntoResponse {
+    axum::Json(
+        json!({ "version": env!("CARGO_PKG_VERSION"), "abi": cloister_sdk::abi::ABI_VERSION }),
+    )
+}
+
+async fn network(State(service): State<Arc<Service>>) -> impl IntoResponse {
+    let info = service.info();
+    axum::Json(json!({
+        "leader": info.name,
+        "nodes": [{ "name": info.name, "role": "leader", "rest_url": info.rest_url, "grpc_url": info.grpc_url }],
+    }))
+}
+
+async fn api(State(service): State<Arc<Service>>) -> impl IntoResponse {
+    let app = service.app();
+    axum::Json(super::openapi::document(app.as_ref().map(|m| m.manifest())))
+}
+
+/// Reads a body, refusing more than `max` bytes with 413.
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "the request body exceeds {max} bytes (body_bytes_max)"
+        ))
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body could not be read: {e}"
+        ))),
+    }
+}
+
+async fn app(
+    State(service): State<Arc<Service>>,
+    Extension(peer): Extension<PeerInfo>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, &headers, service.limits().body_bytes_max).await?;
+    let path = uri.path().strip_prefix("/app").unwrap_or("/").to_owned();
+    let headers: BTreeMap<String, String> = headers
+        .iter()
+        .filter(|(name, _)| !WITHHELD_HEADERS.contains(&name.as_str()))
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    let call = AppCall {
+        method: method.as_str().to_owned(),
+        path,
+        query: uri.query().unwrap_or_default().to_owned(),
+        headers,
+        body,
+        client_cert: peer.client_cert,
+    };
+    Ok(reply(service.call_app(call).await?))
+}
+
+fn reply(r: AppReply) -> Response {
+    let mut response = Response::new(Body::from(r.body));
+    *response.status_mut() =
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    for (name, value) in &r.headers {
+        // An app cannot set a header that HTTP cannot carry; such headers are dropped.
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    if let Some(id) = r.tx_id {
+        headers.insert(
+            TX_ID_HEADER,
+            HeaderValue::try_from(id.to_string()).expect("tx ids are ASCII"),
+        );
+    }
+    response
+}

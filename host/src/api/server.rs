@@ -1,0 +1,190 @@
+//! Listeners: a TLS accept loop shared by REST and gRPC, with a connection limit, a handshake
+//! timeout and graceful shutdown.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+/// The client certificate of a connection, handed to every request on it.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub remote: Option<std::net::SocketAddr>,
+    /// The client certificate (DER), if the client presented one.
+    pub client_cert: Option<Vec<u8>>,
+}
+
+/// A TLS connection that holds one of the listener's connection slots until it closes.
+pub struct Conn {
+    inner: TlsStream<TcpStream>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    pub fn peer(&self) -> PeerInfo {
+        let (tcp, tls) = self.inner.get_ref();
+        PeerInfo {
+            remote: tcp.peer_addr().ok(),
+            client_cert: tls
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// tonic reads the client certificate (`Request::peer_certs`) from this connect info.
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// Accepts TLS connections until cancelled, at most `connections_max` open at once; handshakes
+/// run concurrently, each bounded by `handshake_timeout`.
+pub fn accept(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    connections_max: usize,
+    handshake_timeout: Duration,
+    cancel: CancellationToken,
+) -> mpsc::Receiver<std::io::Result<Conn>> {
+    let (out, conns) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(Semaphore::new(connections_max));
+    tokio::spawn(async move {
+        loop {
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s.expect("the slot semaphore is never closed"),
+                _ = cancel.cancelled() => break,
+            };
+            let tcp = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = cancel.cancelled() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, out) = (acceptor.clone(), out.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(inner)) => {
+                        let _ = out.send(Ok(Conn { inner, _slot: slot })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    conns
+}
+
+/// Serves an axum router over accepted connections, HTTP/1.1 and HTTP/2, until cancelled; then
+/// lets open requests finish.
+pub async fn serve_http(
+    mut conns: mpsc::Receiver<std::io::Result<Conn>>,
+    app: axum::Router,
+    cancel: CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    loop {
+        let conn = tokio::select! {
+            c = conns.recv() => match c {
+                Some(Ok(c)) => c,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+            _ = cancel.cancelled() => break,
+        };
+        let peer = conn.peer();
+        let service =
+            app.clone()
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req
+                });
+        let serving = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(conn),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
+            .into_owned();
+        let watched = graceful.watch(serving);
+        tokio::spawn(async move {
+            let _ = watched.await;
+        });
+    }
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some HTTPS connections did not close within 10 s of shutdown");
+    }
+}

@@ -1,0 +1,276 @@
+//! The service layer both frontends share: who is calling, which endpoint, whether they may, and
+//! running it (reads on a blocking pool against committed state, writes through the writer).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use cloister_sdk::abi::{self, Auth, RequestHead};
+use cloister_sdk::{Caller, CallerKind, Mode};
+
+use super::error::ApiError;
+use super::writer::Writer;
+use crate::config::Limits;
+use crate::gov;
+use crate::kv::{Store, Tx};
+use crate::node::identity;
+use crate::txid::TxId;
+use crate::wasm::{Invocation, LoadedModule, Runtime};
+
+/// The namespace of the service's app in the store.
+pub const APP_NAMESPACE: &str = "app";
+
+/// A call to an app endpoint, from either frontend.
+pub struct AppCall {
+    pub method: String,
+    /// Path under `/app`, starting with `/`.
+    pub path: String,
+    /// Raw query string without `?`.
+    pub query: String,
+    /// Headers, names in lower case.
+    pub headers: BTreeMap<String, String>,
+    pub body: bytes::Bytes,
+    /// The client certificate (DER), if the client presented one.
+    pub client_cert: Option<Vec<u8>>,
+}
+
+/// An app's answer, with the transaction id when it committed writes.
+#[derive(Debug, Clone)]
+pub struct AppReply {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    pub tx_id: Option<TxId>,
+}
+
+/// Facts about this node for `/node/*`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub rest_url: String,
+    pub grpc_url: String,
+}
+
+pub struct Service {
+    runtime: Arc<Runtime>,
+    store: Store,
+    app: RwLock<Option<Arc<LoadedModule>>>,
+    limits: Limits,
+    writer: Writer,
+    reads: tokio::sync::Semaphore,
+    inflight: Mutex<HashMap<String, usize>>,
+    info: NodeInfo,
+    requests: AtomicU64,
+}
+
+/// Releases an identity's in-flight slot when the request ends.
+struct Slot<'a> {
+    service: &'a Service,
+    id: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.service.inflight.lock().expect("inflight lock");
+        if let Some(n) = inflight.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                inflight.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Service {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        store: Store,
+        limits: Limits,
+        info: NodeInfo,
+    ) -> anyhow::Result<Service> {
+        let writer = Writer::start(
+            runtime.clone(),
+            store.clone(),
+            limits.write_queue_max,
+            limits.group_commit_max,
+        )?;
+        let service = Service {
+            reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
+            runtime,
+            store,
+            app: RwLock::new(None),
+            limits,
+            writer,
+            inflight: Mutex::default(),
+            info,
+            requests: AtomicU64::new(0),
+        };
+        service.reload_app()?;
+        Ok(service)
+    }
+
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Loads the app recorded in `gov.app`, if any, into the runtime.
+    pub fn reload_app(&self) -> anyhow::Result<()> {
+        let tx = self.store.begin()?;
+        let module = match gov::app(&tx)? {
+            None => None,
+            Some(record) => {
+                let code = gov::app_code(&tx, &record.code_hash)?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "gov.app names code {} that gov.app_code lacks",
+                        record.code_hash
+                    )
+                })?;
+                Some(self.runtime.load(&code)?)
+            }
+        };
+        *self.app.write().expect("app lock") = module;
+        Ok(())
+    }
+
+    pub fn app(&self) -> Option<Arc<LoadedModule>> {
+        self.app.read().expect("app lock").clone()
+    }
+
+    /// The caller behind a client certificate, for an endpoint with the given audience.
+    fn identify(&self, tx: &Tx, cert: Option<&[u8]>, auth: Auth) -> Result<Caller, ApiError> {
+        let Some(der) = cert else {
+            return Ok(Caller::anonymous());
+        };
+        let id = identity::id_of_der(der);
+        if gov::member(tx, &id)?.is_some_and(|m| m.status == gov::MemberStatus::Active) {
+            return Ok(Caller::member(id));
+        }
+        if gov::user(tx, &id)?.is_some() {
+            return Ok(Caller::user(id));
+        }
+        if auth == Auth::Public {
+            return Ok(Caller::anonymous());
+        }
+        Err(ApiError::unauthorized(format!(
+            "client certificate {id} belongs to no active member or user of this service"
+        )))
+    }
+
+    /// Claims an in-flight slot for the caller, or refuses with 429.
+    fn admit(&self, caller: &Caller) -> Result<Option<Slot<'_>>, ApiError> {
+        if caller.kind == CallerKind::Anonymous {
+            return Ok(None);
+        }
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        let n = inflight.entry(caller.id.clone()).or_default();
+        if *n >= self.limits.inflight_per_identity_max {
+            return Err(ApiError::too_many(format!(
+                "this identity already has {} requests in flight (inflight_per_identity_max)",
+                self.limits.inflight_per_identity_max
+            )));
+        }
+        *n += 1;
+        Ok(Some(Slot {
+            service: self,
+            id: caller.id.clone(),
+        }))
+    }
+
+    /// Runs an app call end to end, within `request_timeout_ms`.
+    pub async fn call_app(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
+        let timeout = Duration::from_millis(self.limits.request_timeout_ms);
+        tokio::time::timeout(timeout, self.route_and_run(call)).await.unwrap_or_else(|_| {
+            Err(ApiError::unavailable(format!(
+                "the request took longer than {} ms (request_timeout_ms); a write may still commit",
+                self.limits.request_timeout_ms
+            )))
+        })
+    }
+
+    async fn route_and_run(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
+        let module = self
+            .app()
+            .ok_or_else(|| ApiError::not_found("no app is installed on this service"))?;
+        let Some((endpoint, params)) = module.manifest().find(&call.method, &call.path) else {
+            return Err(if module.manifest().path_exists(&call.path) {
+                ApiError::method_not_allowed(format!(
+                    "{} is not allowed on /app{}",
+                    call.method, call.path
+                ))
+            } else {
+                ApiError::not_found(format!("no endpoint {} /app{}", call.method, call.path))
+            });
+        };
+        let tx = self.store.begin()?;
+        let caller = self.identify(&tx, call.client_cert.as_deref(), endpoint.auth)?;
+        drop(tx);
+        abi::authorize(endpoint.auth, caller.kind).map_err(|(s, c, m)| ApiError::new(s, c, m))?;
+        let _slot = self.admit(&caller)?;
+        let head = RequestHead {
+            method: endpoint.method.clone(),
+            path: call.path,
+            route: endpoint.path.clone(),
+            params,
+            query: call.query,
+            headers: call.headers,
+            caller,
+            request_id: format!(
+                "{}-{}",
+                self.info.name,
+                self.requests.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let mode = endpoint.mode;
+        match mode {
+            Mode::Readonly => self.read(module, head, call.body).await,
+            Mode::Readwrite => {
+                self.writer
+                    .submit(module, APP_NAMESPACE.into(), head, call.body)
+                    .await
+            }
+        }
+    }
+
+    /// Runs a read-only request on the blocking pool against committed state.
+    async fn read(
+        self: &Arc<Self>,
+        module: Arc<LoadedModule>,
+        head: RequestHead,
+        body: bytes::Bytes,
+    ) -> Result<AppReply, ApiError> {
+        let _permit = self
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the node is shutting down"))?;
+        let service = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = service.store.begin()?;
+            let inv = Invocation {
+                head: &head,
+                body: &body,
+                mode: Mode::Readonly,
+                namespace: APP_NAMESPACE,
+            };
+            let (_, result) = service.runtime.execute(&module, inv, tx);
+            let response = result?.response;
+            Ok(AppReply {
+                status: response.head.status,
+                headers: response.head.headers,
+                body: response.body,
+                tx_id: None,
+            })
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("the request's thread failed: {e}")))?
+    }
+}

@@ -1,0 +1,135 @@
+//! The `cloister` command line: run a node, run a local sandbox network, make identities, and
+//! call app endpoints.
+
+mod bench;
+mod call;
+pub mod sandbox;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::NodeConfig;
+use crate::node::{Node, identity};
+
+#[derive(Parser)]
+#[command(
+    name = "cloister",
+    version,
+    about = "Confidential multi-party applications on WebAssembly"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Run a local network: service identity, parties, nodes, and the reconcile app.
+    Sandbox(sandbox::Args),
+    /// Write a new identity: NAME.key.pem and a self-signed NAME.cert.pem in DIR.
+    Keygen {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Call an app or node endpoint over HTTPS.
+    Call(call::Args),
+    /// Measure a running node (by default the sandbox's) over HTTPS.
+    Bench(bench::Args),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Start a node from its configuration file; stops cleanly on SIGINT or SIGTERM.
+    Start {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Entry point of the `cloister` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CLOISTER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Node {
+            command: NodeCommand::Start { config },
+        } => {
+            let node = Node::start(NodeConfig::load(&config)?).await?;
+            shutdown_signal().await;
+            node.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sandbox(args) => sandbox::run(args).await,
+        Command::Keygen { name, out } => {
+            let id = identity::generate_identity(&name)?;
+            id.write(&out, &name)?;
+            println!(
+                "wrote {0}/{name}.cert.pem and {0}/{name}.key.pem",
+                out.display()
+            );
+            println!("id: {}", id.id()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Call(args) => call::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,259 @@
+//! The node's configuration file (TOML). Every field is documented here, every limit has a named
+//! default, and relative paths are resolved against the file's own directory.
+//!
+//! ```toml
+//! [node]
+//! name = "node0"
+//! data_dir = "data/node0"          # state database (and later the ledger) live here
+//! rest_addr = "127.0.0.1:8000"     # HTTPS (REST)
+//! grpc_addr = "127.0.0.1:8001"     # gRPC over TLS
+//!
+//! [tls]
+//! service_cert = "service.cert.pem"  # the service CA; clients trust it
+//! node_cert = "node0.cert.pem"       # this node's certificate, issued by the service CA
+//! node_key = "node0.key.pem"
+//!
+//! [genesis]                          # read only when the data folder is new
+//! members = ["member0.cert.pem"]
+//! users = []
+//! app = "reconcile.wasm"             # optional
+//!
+//! [limits]                           # see `Limits` for every field and default
+//! [wasm]                             # see `wasm::Limits`
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::wasm;
+
+pub const BODY_BYTES_MAX: usize = 8 << 20;
+pub const CONNECTIONS_MAX: usize = 1024;
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+pub const INFLIGHT_PER_IDENTITY_MAX: usize = 256;
+pub const WRITE_QUEUE_MAX: usize = 4096;
+pub const GROUP_COMMIT_MAX: usize = 256;
+pub const READS_INFLIGHT_MAX: usize = 32;
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub genesis: GenesisSection,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub wasm: wasm::Limits,
+}
+
+/// Who the node is and where it listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// A name for logs and `/node/network`.
+    pub name: String,
+    /// Where the node keeps its state.
+    pub data_dir: PathBuf,
+    /// Address of the HTTPS (REST) listener.
+    pub rest_addr: String,
+    /// Address of the gRPC listener.
+    pub grpc_addr: String,
+}
+
+/// The node's TLS identity. Client certificates are not checked against any CA: the service
+/// knows its members and users by the SHA-256 of their certificates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The service CA certificate (PEM), which clients pin.
+    pub service_cert: PathBuf,
+    /// This node's certificate (PEM), issued by the service CA.
+    pub node_cert: PathBuf,
+    /// This node's private key (PEM, PKCS#8).
+    pub node_key: PathBuf,
+}
+
+/// What a new service starts with. Ignored once the data folder holds state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenesisSection {
+    /// Certificates (PEM files) of the initial members.
+    #[serde(default)]
+    pub members: Vec<PathBuf>,
+    /// Certificates (PEM files) of the initial users.
+    #[serde(default)]
+    pub users: Vec<PathBuf>,
+    /// The app to install (a wasm file), if any.
+    #[serde(default)]
+    pub app: Option<PathBuf>,
+}
+
+/// The node's service limits. Each is enforced with a clear error naming it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, in bytes (413 beyond; gRPC: RESOURCE_EXHAUSTED).
+    pub body_bytes_max: usize,
+    /// Connections open at once per listener; further ones wait to be accepted.
+    pub connections_max: usize,
+    /// Time a request may take end to end, in milliseconds (503 beyond).
+    pub request_timeout_ms: u64,
+    /// Requests one identity may have in flight at once (429 beyond).
+    pub inflight_per_identity_max: usize,
+    /// Write requests waiting for the executor (503 beyond).
+    pub write_queue_max: usize,
+    /// Most write transactions committed together in one durable write.
+    pub group_commit_max: usize,
+    /// Read-only requests running at once; further ones wait.
+    pub reads_inflight_max: usize,
+    /// Time a TLS handshake may take, in milliseconds.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_bytes_max: BODY_BYTES_MAX,
+            connections_max: CONNECTIONS_MAX,
+            request_timeout_ms: REQUEST_TIMEOUT_MS,
+            inflight_per_identity_max: INFLIGHT_PER_IDENTITY_MAX,
+            write_queue_max: WRITE_QUEUE_MAX,
+            group_commit_max: GROUP_COMMIT_MAX,
+            reads_inflight_max: READS_INFLIGHT_MAX,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
+        }
+    }
+}
+
+impl Limits {
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            ("body_bytes_max", self.body_bytes_max as u64),
+            ("connections_max", self.connections_max as u64),
+            ("request_timeout_ms", self.request_timeout_ms),
+            (
+                "inflight_per_identity_max",
+                self.inflight_per_identity_max as u64,
+            ),
+            ("write_queue_max", self.write_queue_max as u64),
+            ("group_commit_max", self.group_commit_max as u64),
+            ("reads_inflight_max", self.reads_inflight_max as u64),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+        ];
+        match fields.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(format!("limit {name} must be greater than 0")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a configuration file and resolves its relative paths against its directory.
+    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("cannot read node configuration {}: {e}", path.display())
+        })?;
+        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("node configuration {} is invalid: {e}", path.display())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve(base);
+        config
+            .check()
+            .map_err(|e| anyhow::anyhow!("node configuration {}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Makes every relative path absolute against `base`.
+    pub fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.node.data_dir);
+        fix(&mut self.tls.service_cert);
+        fix(&mut self.tls.node_cert);
+        fix(&mut self.tls.node_key);
+        self.genesis.members.iter_mut().for_each(fix);
+        self.genesis.users.iter_mut().for_each(fix);
+        if let Some(app) = &mut self.genesis.app {
+            fix(app);
+        }
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        self.limits.check()?;
+        self.wasm.check()?;
+        // Every running request holds one instance slot: the reads, plus the writer's one.
+        if self.limits.reads_inflight_max + 1 > self.wasm.instances_max as usize {
+            return Err(format!(
+                "limits.reads_inflight_max ({}) plus the writer exceeds wasm.instances_max ({})",
+                self.limits.reads_inflight_max, self.wasm.instances_max
+            ));
+        }
+        if self.limits.body_bytes_max > self.wasm.request_bytes_max {
+            return Err(format!(
+                "limits.body_bytes_max ({}) exceeds wasm.request_bytes_max ({}): bodies that large could never run",
+                self.limits.body_bytes_max, self.wasm.request_bytes_max
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configurations serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [node]
+        name = "n"
+        data_dir = "data"
+        rest_addr = "127.0.0.1:0"
+        grpc_addr = "127.0.0.1:0"
+        [tls]
+        service_cert = "s.pem"
+        node_cert = "n.pem"
+        node_key = "/abs/k.pem"
+    "#;
+
+    #[test]
+    fn defaults_fill_everything_but_identity() {
+        let mut c: NodeConfig = toml::from_str(MINIMAL).unwrap();
+        c.resolve(Path::new("/etc/cloister"));
+        assert_eq!(c.node.data_dir, Path::new("/etc/cloister/data"));
+        assert_eq!(c.tls.node_key, Path::new("/abs/k.pem"));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.wasm, wasm::Limits::default());
+        assert!(c.check().is_ok());
+        let back: NodeConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_fields_and_zero_limits_are_refused() {
+        let typo = format!("{MINIMAL}\n[limits]\nbody_byte_max = 1\n");
+        let err = toml::from_str::<NodeConfig>(&typo).unwrap_err().to_string();
+        assert!(err.contains("body_byte_max"), "{err}");
+        let zero = format!("{MINIMAL}\n[limits]\nrequest_timeout_ms = 0\n");
+        let c: NodeConfig = toml::from_str(&zero).unwrap();
+        assert!(c.check().unwrap_err().contains("request_timeout_ms"));
+        let slots =
+            format!("{MINIMAL}\n[limits]\nreads_inflight_max = 64\n[wasm]\ninstances_max = 64\n");
+        let c: NodeConfig = toml::from_str(&slots).unwrap();
+        assert!(c.check().unwrap_err().contains("wasm.instances_max"));
+        let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\n");
+        let c: NodeConfig = toml::from_str(&big).unwrap();
+        assert!(c.check().unwrap_err().contains("wasm.request_bytes_max"));
+    }
+}

@@ -1,0 +1,234 @@
+//! Keys and certificates: member and user identities, the service CA, and node certificates.
+//!
+//! Every key is ECDSA P-384, generated from the operating system's secure random source (ring).
+//! An identity is known to the service by the hex SHA-256 of its certificate's DER.
+
+use std::path::Path;
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P384_SHA384,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Certificates are valid for this many days from their creation.
+pub const CERT_VALIDITY_DAYS: i64 = 3650;
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct KeyedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for KeyedCert {
+    // Never print the private key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedCert")
+            .field("id", &id_of_pem(self.cert_pem.as_bytes()).ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyedCert {
+    /// Writes `DIR/NAME.cert.pem` and `DIR/NAME.key.pem` (the key readable by its owner only).
+    pub fn write(&self, dir: &Path, name: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cert = dir.join(format!("{name}.cert.pem"));
+        std::fs::write(&cert, &self.cert_pem)
+            .with_context(|| format!("writing {}", cert.display()))?;
+        write_private(
+            &dir.join(format!("{name}.key.pem")),
+            self.key_pem.as_bytes(),
+        )
+    }
+
+    /// Reads `DIR/NAME.cert.pem` and `DIR/NAME.key.pem`.
+    pub fn read(dir: &Path, name: &str) -> anyhow::Result<KeyedCert> {
+        read_pair(
+            &dir.join(format!("{name}.cert.pem")),
+            &dir.join(format!("{name}.key.pem")),
+        )
+    }
+
+    pub fn id(&self) -> anyhow::Result<String> {
+        id_of_pem(self.cert_pem.as_bytes())
+    }
+}
+
+/// Reads a certificate and key pair from two PEM files.
+pub fn read_pair(cert: &Path, key: &Path) -> anyhow::Result<KeyedCert> {
+    Ok(KeyedCert {
+        cert_pem: std::fs::read_to_string(cert)
+            .with_context(|| format!("reading {}", cert.display()))?,
+        key_pem: std::fs::read_to_string(key)
+            .with_context(|| format!("reading {}", key.display()))?,
+    })
+}
+
+/// Writes a secret file that only its owner may read.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn params(name: &str, sans: Vec<String>) -> anyhow::Result<CertificateParams> {
+    let mut p = CertificateParams::new(sans)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    p.distinguished_name = dn;
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(CERT_VALIDITY_DAYS);
+    Ok(p)
+}
+
+/// A self-signed identity for a member, user or operator: `cloister keygen`.
+pub fn generate_identity(name: &str) -> anyhow::Result<KeyedCert> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
+    let mut p = params(name, Vec::new())?;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.self_signed(&key)?;
+    Ok(KeyedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// The service's certificate authority: it issues node certificates, and clients pin it.
+pub struct ServiceCa {
+    pub keyed: KeyedCert,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl ServiceCa {
+    pub fn generate(name: &str) -> anyhow::Result<ServiceCa> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
+        let mut p = params(name, Vec::new())?;
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = p.self_signed(&key)?;
+        let keyed = KeyedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        Ok(ServiceCa {
+            keyed,
+            issuer: Issuer::new(p, key),
+        })
+    }
+
+    pub fn load(keyed: KeyedCert) -> anyhow::Result<ServiceCa> {
+        let key = KeyPair::from_pem(&keyed.key_pem)
+            .context("the service CA key is not a PKCS#8 PEM key")?;
+        let issuer = Issuer::from_ca_cert_pem(&keyed.cert_pem, key)
+            .context("the service CA certificate is unreadable")?;
+        Ok(ServiceCa { keyed, issuer })
+    }
+
+    /// Issues a node certificate for TLS, valid for `hosts` (DNS names or IP addresses).
+    pub fn issue_node_cert(&self, name: &str, hosts: &[String]) -> anyhow::Result<KeyedCert> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
+        let mut p = params(name, hosts.to_vec())?;
+        p.use_authority_key_identifier_extension = true;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok(KeyedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The identity id of a DER certificate: hex SHA-256.
+pub fn id_of_der(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
+/// The identity id of the first certificate in a PEM buffer.
+pub fn id_of_pem(pem: &[u8]) -> anyhow::Result<String> {
+    Ok(id_of_der(&cert_der(pem)?))
+}
+
+/// The first certificate in a PEM buffer.
+pub fn cert_der(pem: &[u8]) -> anyhow::Result<CertificateDer<'static>> {
+    CertificateDer::from_pem_slice(pem).map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))
+}
+
+/// Every certificate in a PEM buffer.
+pub fn cert_chain(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("not a PEM certificate chain: {e}"))
+}
+
+/// A private key from PEM (PKCS#8, PKCS#1 or SEC1).
+pub fn private_key(pem: &[u8]) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| anyhow::anyhow!("not a PEM private key: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_are_distinct_and_ids_are_certificate_hashes() {
+        let a = generate_identity("a").unwrap();
+        let b = generate_identity("a").unwrap();
+        assert_ne!(a.key_pem, b.key_pem, "keys are random");
+        let id = a.id().unwrap();
+        assert_eq!(id.len(), 64);
+        assert_eq!(
+            id,
+            id_of_der(cert_der(a.cert_pem.as_bytes()).unwrap().as_ref())
+        );
+        assert!(
+            !format!("{a:?}").contains("PRIVATE"),
+            "Debug never shows the key"
+        );
+    }
+
+    #[test]
+    fn the_ca_survives_a_round_trip_and_issues_chained_certs() {
+        let ca = ServiceCa::generate("svc").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        ca.keyed.write(dir.path(), "service").unwrap();
+        let again = ServiceCa::load(KeyedCert::read(dir.path(), "service").unwrap()).unwrap();
+        let node = again
+            .issue_node_cert("node0", &["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        let node_der = cert_der(node.cert_pem.as_bytes()).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(node_der.as_ref()).unwrap();
+        let ca_der = cert_der(ca.keyed.cert_pem.as_bytes()).unwrap();
+        let (_, ca_parsed) = x509_parser::parse_x509_certificate(ca_der.as_ref()).unwrap();
+        assert_eq!(parsed.issuer(), ca_parsed.subject());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("service.key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "keys are private to their owner");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Cloister's gRPC services, generated from `cloister/*.proto` at build time with protox (no
+//! `protoc` binary needed).
+//!
+//! - `app::v1::App`: a generic call to any app endpoint, with the same semantics as REST.
+//! - `reconcile::v1::Reconcile`: the reconcile app's endpoints as typed calls.
+
+pub mod app {
+    pub mod v1 {
+        tonic::include_proto!("cloister.app.v1");
+    }
+}
+
+pub mod reconcile {
+    pub mod v1 {
+        tonic::include_proto!("cloister.reconcile.v1");
+    }
+}
+
+/// The encoded descriptor set of every service, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cloister_descriptor");

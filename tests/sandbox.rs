@@ -1,0 +1,165 @@
+//! `cloister sandbox` as an operator runs it: a child process that comes up, writes
+//! `sandbox.json`, answers with the credentials it printed, stops cleanly on Ctrl-C, and resumes.
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cloister_host::client::Client;
+use cloister_host::node::identity;
+use serde_json::Value;
+
+/// Two consecutive free ports on 127.0.0.1 (HTTPS and gRPC of node 0).
+fn free_port_pair() -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Starts the sandbox and waits for it to say it is running.
+fn start(dir: &std::path::Path, port: u16) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
+        .args(["sandbox", "--dir"])
+        .arg(dir)
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the sandbox starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(180)) {
+            Ok(line) => {
+                let done = line.contains("grpcurl");
+                printed.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(e) => panic!(
+                "the sandbox did not come up ({e}); it printed:\n{}",
+                printed.join("\n")
+            ),
+        }
+    }
+    let text = printed.join("\n");
+    assert!(text.contains("Cloister sandbox is running"), "{text}");
+    assert!(
+        text.contains("curl") && text.contains("call --sandbox"),
+        "it prints ready-to-paste commands: {text}"
+    );
+    child
+}
+
+fn interrupt(child: &mut Child) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) with a valid signal, on our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "the sandbox exits cleanly on Ctrl-C: {status}"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("the sandbox did not stop within 30 s of Ctrl-C");
+}
+
+fn alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+async fn party_client(sandbox: &Value, name: &str) -> Client {
+    let party = sandbox["parties"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .expect("party listed");
+    let id = identity::read_pair(
+        party["cert"].as_str().unwrap().as_ref(),
+        party["key"].as_str().unwrap().as_ref(),
+    )
+    .unwrap();
+    let ca = std::fs::read(sandbox["service_cert"].as_str().unwrap()).unwrap();
+    Client::connect(sandbox["rest_url"].as_str().unwrap(), &ca, Some(&id))
+        .await
+        .expect("connects with the printed credentials")
+}
+
+fn read_sandbox(dir: &std::path::Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("sandbox.json")).expect("sandbox.json written"))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_runs_answers_stops_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pair();
+    let mut sandbox = start(dir.path(), port);
+
+    let file = read_sandbox(dir.path());
+    assert_eq!(file["rest_url"], format!("https://127.0.0.1:{port}"));
+    assert_eq!(file["grpc_url"], format!("https://127.0.0.1:{}", port + 1));
+    assert_eq!(file["parties"].as_array().unwrap().len(), 3);
+    let node = &file["nodes"][0];
+    let pid = node["pid"].as_u64().expect("node pid");
+    assert!(alive(pid), "the node runs as its own process");
+    for key in ["id", "rest_url", "grpc_url", "data_dir"] {
+        assert!(
+            node.get(key).is_some(),
+            "sandbox.json lists the node's {key}"
+        );
+    }
+
+    let member0 = party_client(&file, "member0").await;
+    let csv = std::fs::read(dir.path().join("demo/member0_data.csv")).expect("demo data written");
+    assert_eq!(
+        member0
+            .post("/app/csv/ingest", "text/csv", csv)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let report = member0.get("/app/report").await.unwrap();
+    assert_eq!(report.status, 200);
+    let rows = report.json().unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 10);
+    drop(member0);
+
+    interrupt(&mut sandbox);
+    assert!(!alive(pid), "Ctrl-C stops the node too");
+
+    // A second run resumes on the same state.
+    let mut sandbox = start(dir.path(), port);
+    let file = read_sandbox(dir.path());
+    let again = party_client(&file, "member0")
+        .await
+        .get("/app/report")
+        .await
+        .unwrap();
+    assert_eq!(again.json().unwrap(), rows);
+    interrupt(&mut sandbox);
+}
