@@ -3,7 +3,11 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["cloister/app.proto", "cloister/reconcile.proto"];
+const PROTOS: &[&str] = &[
+    "cloister/app.proto",
+    "cloister/reconcile.proto",
+    "cloister/raft.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -446,7 +446,9 @@ async fn built_in_endpoints_and_reflection() {
     let version = c.get("/node/version").await.unwrap().json().unwrap();
     assert_eq!(version["abi"], 1);
     let network = c.get("/node/network").await.unwrap().json().unwrap();
-    assert_eq!(network["leader"], "node0");
+    assert_eq!(network["nodes"][0]["name"], "node0");
+    assert_eq!(network["nodes"][0]["role"], "leader");
+    assert_eq!(network["leader"], network["nodes"][0]["id"]);
     let api = c.get("/app/api").await.unwrap().json().unwrap();
     assert_eq!(api["openapi"], "3.1.0");
     for path in [
@@ -497,16 +499,14 @@ async fn built_in_endpoints_and_reflection() {
 async fn state_survives_a_restart() {
     let mut service = TestService::start(2, 0, RECONCILE, Limits::default()).await;
     let data = cloister_tests::conformance::file("member1_data.json");
-    assert_eq!(
-        service
-            .member(0)
-            .await
-            .post("/app/ingest", "application/json", data.clone())
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    let first = service
+        .member(0)
+        .await
+        .post("/app/ingest", "application/json", data.clone())
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200);
+    let first_tx = first.tx_id().expect("a tx id");
     let csv = cloister_tests::conformance::file("member0_data.csv");
     assert_eq!(
         service
@@ -528,12 +528,20 @@ async fn state_survives_a_restart() {
         report(&service.member(1).await).await,
     );
     assert_eq!(before, after);
-    // Writes continue with fresh transaction ids after the restart.
-    let again = service
-        .member(0)
-        .await
+    // Writes continue after the restart, with later transaction ids.
+    let client = service.member(0).await;
+    let again = client
         .post("/app/ingest", "application/json", data)
         .await
         .unwrap();
-    assert_eq!(again.tx_id().as_deref(), Some("1.3"));
+    let id: cloister_host::txid::TxId = again.tx_id().expect("a tx id").parse().unwrap();
+    let first: cloister_host::txid::TxId = first_tx.parse().unwrap();
+    assert!(id.seqno > first.seqno, "{id} follows {first}");
+    let status = client
+        .get(&format!("/node/tx?id={id}"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(status["status"], "Committed");
 }

@@ -9,12 +9,13 @@ use cloister_host::client::Client;
 use cloister_host::node::identity;
 use serde_json::Value;
 
-/// Two consecutive free ports on 127.0.0.1 (HTTPS and gRPC of node 0).
-fn free_port_pair() -> u16 {
+/// Three consecutive free ports on 127.0.0.1 (HTTPS, gRPC and peers of node 0).
+fn free_port_triple() -> u16 {
     loop {
         let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = a.local_addr().unwrap().port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if port < u16::MAX - 2 && free(port + 1) && free(port + 2) {
             return port;
         }
     }
@@ -116,7 +117,7 @@ fn read_sandbox(dir: &std::path::Path) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_runs_answers_stops_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port_pair();
+    let port = free_port_triple();
     let mut sandbox = start(dir.path(), port);
 
     let file = read_sandbox(dir.path());

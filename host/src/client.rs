@@ -100,11 +100,26 @@ impl Client {
         content_type: Option<&str>,
         body: impl Into<Bytes>,
     ) -> anyhow::Result<Reply> {
+        let headers: Vec<(&str, &str)> = content_type
+            .map(|ct| vec![("content-type", ct)])
+            .unwrap_or_default();
+        self.request_with_headers(method, target, &headers, body)
+            .await
+    }
+
+    /// Sends one request with extra headers.
+    pub async fn request_with_headers(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<Reply> {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("https://{}{target}", self.authority));
-        if let Some(ct) = content_type {
-            req = req.header(http::header::CONTENT_TYPE, ct);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let req = req
             .body(Full::new(body.into()))

@@ -7,6 +7,10 @@
 //! data_dir = "data/node0"          # state database (and later the ledger) live here
 //! rest_addr = "127.0.0.1:8000"     # HTTPS (REST)
 //! grpc_addr = "127.0.0.1:8001"     # gRPC over TLS
+//! peer_addr = "127.0.0.1:8002"     # node-to-node: Raft, forwarding, joins (mutual TLS)
+//!
+//! [network]
+//! join = "https://127.0.0.1:8002"  # a member's peer URL; absent: this node starts the service
 //!
 //! [tls]
 //! service_cert = "service.cert.pem"  # the service CA; clients trust it
@@ -19,6 +23,7 @@
 //! app = "reconcile.wasm"             # optional
 //!
 //! [limits]                           # see `Limits` for every field and default
+//! [raft]                             # see `RaftSection`
 //! [wasm]                             # see `wasm::Limits`
 //! ```
 
@@ -44,9 +49,13 @@ pub struct NodeConfig {
     pub node: NodeSection,
     pub tls: TlsSection,
     #[serde(default)]
+    pub network: NetworkSection,
+    #[serde(default)]
     pub genesis: GenesisSection,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub raft: RaftSection,
     #[serde(default)]
     pub wasm: wasm::Limits,
 }
@@ -63,6 +72,68 @@ pub struct NodeSection {
     pub rest_addr: String,
     /// Address of the gRPC listener.
     pub grpc_addr: String,
+    /// Address of the node-to-node listener (Raft, forwarded writes, joins), mutual TLS only.
+    pub peer_addr: String,
+}
+
+/// How this node finds its network.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// The peer URL (`https://host:port`) of a node of the network to join. Absent: a new data
+    /// folder starts a new service from `[genesis]`. Ignored once the node holds state.
+    #[serde(default)]
+    pub join: Option<String>,
+}
+
+pub const HEARTBEAT_INTERVAL_MS: u64 = 150;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 750;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1500;
+pub const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
+pub const SNAPSHOT_AFTER_LOGS: u64 = 10_000;
+pub const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
+pub const ENTRIES_PER_APPEND_MAX: u64 = 300;
+pub const FORWARD_HOPS_MAX: u32 = 3;
+pub const JOIN_TIMEOUT_MS: u64 = 120_000;
+
+/// Replication settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSection {
+    /// How often the leader heartbeats, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Election timeouts, in milliseconds: a follower that hears no leader for a random time in
+    /// this range stands for election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Time a snapshot transfer to a lagging node may take, in milliseconds.
+    pub install_snapshot_timeout_ms: u64,
+    /// Log entries after which a new snapshot is taken.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind a snapshot before they are purged.
+    pub logs_kept_after_snapshot: u64,
+    /// Most log entries sent to a follower in one message.
+    pub entries_per_append_max: u64,
+    /// Most times a write may be forwarded before it is refused (503).
+    pub forward_hops_max: u32,
+    /// Time a joining node keeps asking to be admitted, in milliseconds.
+    pub join_timeout_ms: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            election_timeout_min_ms: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS,
+            install_snapshot_timeout_ms: INSTALL_SNAPSHOT_TIMEOUT_MS,
+            snapshot_after_logs: SNAPSHOT_AFTER_LOGS,
+            logs_kept_after_snapshot: LOGS_KEPT_AFTER_SNAPSHOT,
+            entries_per_append_max: ENTRIES_PER_APPEND_MAX,
+            forward_hops_max: FORWARD_HOPS_MAX,
+            join_timeout_ms: JOIN_TIMEOUT_MS,
+        }
+    }
 }
 
 /// The node's TLS identity. Client certificates are not checked against any CA: the service
@@ -190,6 +261,23 @@ impl NodeConfig {
     pub fn check(&self) -> Result<(), String> {
         self.limits.check()?;
         self.wasm.check()?;
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {
+            return Err(
+                "raft.election_timeout_min_ms must exceed raft.heartbeat_interval_ms (> 0)".into(),
+            );
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(
+                "raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into(),
+            );
+        }
+        if r.entries_per_append_max == 0 || r.snapshot_after_logs == 0 {
+            return Err(
+                "raft.entries_per_append_max and raft.snapshot_after_logs must be greater than 0"
+                    .into(),
+            );
+        }
         // Every running request holds one instance slot: the reads, plus the writer's one.
         if self.limits.reads_inflight_max + 1 > self.wasm.instances_max as usize {
             return Err(format!(
@@ -221,6 +309,7 @@ mod tests {
         data_dir = "data"
         rest_addr = "127.0.0.1:0"
         grpc_addr = "127.0.0.1:0"
+        peer_addr = "127.0.0.1:0"
         [tls]
         service_cert = "s.pem"
         node_cert = "n.pem"

@@ -1,13 +1,16 @@
 //! Shared harness for Cloister's integration tests: services on 127.0.0.1 with real TLS, real
 //! client certificates, and the clients to reach them.
 
+pub mod cluster;
 pub mod conformance;
 pub mod grpc;
 
 use std::path::PathBuf;
 
 use cloister_host::client::Client;
-use cloister_host::config::{GenesisSection, Limits, NodeConfig, NodeSection, TlsSection};
+use cloister_host::config::{
+    GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection,
+};
 use cloister_host::node::Node;
 use cloister_host::node::identity::{self, KeyedCert, ServiceCa};
 
@@ -84,18 +87,21 @@ impl TestService {
                 data_dir: path("data"),
                 rest_addr: "127.0.0.1:0".into(),
                 grpc_addr: "127.0.0.1:0".into(),
+                peer_addr: "127.0.0.1:0".into(),
             },
             tls: TlsSection {
                 service_cert: path("service.cert.pem"),
                 node_cert: path("node0.cert.pem"),
                 node_key: path("node0.key.pem"),
             },
+            network: NetworkSection::default(),
             genesis: GenesisSection {
                 members: certs(&members),
                 users: certs(&users),
                 app: Some(path("app.wasm")),
             },
             limits: Limits::default(),
+            raft: RaftSection::default(),
             wasm: Default::default(),
         };
         configure(&mut config);
@@ -149,6 +155,23 @@ impl TestService {
             node.shutdown().await;
         }
     }
+}
+
+/// The `cloister` command line built by this crate (`cloister-test-cli`): integration tests run
+/// from `target/<profile>/deps/`, and cargo puts the binary one folder up.
+pub fn cli_exe() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps/<test>");
+    let cli = dir.join(format!("cloister-test-cli{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        cli.exists(),
+        "{} is missing: it is built with this crate's tests",
+        cli.display()
+    );
+    cli
 }
 
 /// Path of a test contract built by the host's build script.

@@ -12,6 +12,8 @@ pub struct ApiError {
     pub code: String,
     pub message: String,
     pub details: Option<serde_json::Value>,
+    /// The transaction this error is about, when it has one (an outcome not yet known).
+    pub tx_id: Option<crate::txid::TxId>,
 }
 
 impl ApiError {
@@ -21,6 +23,7 @@ impl ApiError {
             code: code.into(),
             message: message.into(),
             details: None,
+            tx_id: None,
         }
     }
 
@@ -58,6 +61,24 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError::new(503, "ServiceUnavailable", message)
+    }
+
+    /// An error about a transaction whose outcome this node does not know yet.
+    pub fn outcome_unknown(tx_id: Option<crate::txid::TxId>, reason: &str) -> Self {
+        let message = match tx_id {
+            Some(id) => format!(
+                "leadership changed before transaction {id} was known to commit ({reason}); GET /node/tx?id={id} tells whether it committed"
+            ),
+            None => format!(
+                "leadership changed before the write was known to commit ({reason}); it may or may not have committed"
+            ),
+        };
+        let mut e = ApiError::new(503, "TransactionOutcomeUnknown", message);
+        e.tx_id = tx_id;
+        if let Some(id) = tx_id {
+            e.details = Some(json!({ "tx_id": id.to_string() }));
+        }
+        e
     }
 
     pub fn body(&self) -> serde_json::Value {
@@ -103,6 +124,7 @@ impl ApiError {
             code: text("code").unwrap_or_else(|| format!("Http{status}")),
             message: text("message").unwrap_or_else(|| String::from_utf8_lossy(body).into_owned()),
             details: error.and_then(|e| e.get("details")).cloned(),
+            tx_id: None,
         }
     }
 }

@@ -39,6 +39,7 @@ async fn call(
         headers,
         body: body.into(),
         client_cert: cert,
+        hops: 0,
     };
     let reply = service.call_app(call).await.map_err(|e| e.to_status())?;
     if !(200..300).contains(&reply.status) {
@@ -221,6 +222,9 @@ pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
     let max = service.limits().body_bytes_max;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cloister_proto::FILE_DESCRIPTOR_SET)
+        // The peer service lives on the peer port; only client services are listed here.
+        .with_service_name("cloister.app.v1.App")
+        .with_service_name("cloister.reconcile.v1.Reconcile")
         .build_v1()?;
     let app = app_pb::app_server::AppServer::new(AppService(service.clone()))
         .max_decoding_message_size(max);

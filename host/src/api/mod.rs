@@ -11,4 +11,4 @@ pub mod tls;
 mod writer;
 
 pub use error::ApiError;
-pub use service::{AppCall, AppReply, NodeInfo, Service};
+pub use service::{AppCall, AppReply, NodeInfo, Service, ServiceForwarder};

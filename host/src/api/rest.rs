@@ -31,6 +31,7 @@ pub fn router(service: Arc<Service>) -> Router {
         )
         .route("/node/version", get(version))
         .route("/node/network", get(network))
+        .route("/node/tx", get(tx_status))
         .route("/app/api", get(api))
         .route("/app/{*path}", axum::routing::any(app))
         .fallback(
@@ -50,16 +51,33 @@ async fn version() -> impl IntoResponse {
 }
 
 async fn network(State(service): State<Arc<Service>>) -> impl IntoResponse {
-    let info = service.info();
-    axum::Json(json!({
-        "leader": info.name,
-        "nodes": [{ "name": info.name, "role": "leader", "rest_url": info.rest_url, "grpc_url": info.grpc_url }],
-    }))
+    axum::Json(service.consensus().network())
 }
 
-async fn api(State(service): State<Arc<Service>>) -> impl IntoResponse {
-    let app = service.app();
-    axum::Json(super::openapi::document(app.as_ref().map(|m| m.manifest())))
+/// `GET /node/tx?id=term.seqno`: Pending, Committed or Invalid, as this node knows it.
+async fn tx_status(
+    State(service): State<Arc<Service>>,
+    uri: Uri,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "id")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| ApiError::bad_request("name the transaction: /node/tx?id=term.seqno"))?;
+    let id: crate::txid::TxId = id.parse().map_err(ApiError::bad_request)?;
+    let status = service
+        .consensus()
+        .tx_status(id)
+        .map_err(|e| ApiError::internal(format!("reading the term history failed: {e}")))?;
+    Ok(axum::Json(
+        json!({ "tx_id": id.to_string(), "status": status }),
+    ))
+}
+
+async fn api(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
+    let app = service.app().await?;
+    Ok(axum::Json(super::openapi::document(
+        app.as_ref().map(|m| m.manifest()),
+    )))
 }
 
 /// Reads a body, refusing more than `max` bytes with 413.
@@ -109,6 +127,7 @@ async fn app(
         headers,
         body,
         client_cert: peer.client_cert,
+        hops: 0,
     };
     Ok(reply(service.call_app(call).await?))
 }

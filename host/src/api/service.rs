@@ -10,8 +10,9 @@ use cloister_sdk::abi::{self, Auth, RequestHead};
 use cloister_sdk::{Caller, CallerKind, Mode};
 
 use super::error::ApiError;
-use super::writer::Writer;
+use super::writer::{SubmitError, Writer};
 use crate::config::Limits;
+use crate::consensus::{Consensus, Forwarder, ProposeError};
 use crate::gov;
 use crate::kv::{Store, Tx};
 use crate::node::identity;
@@ -33,7 +34,12 @@ pub struct AppCall {
     pub body: bytes::Bytes,
     /// The client certificate (DER), if the client presented one.
     pub client_cert: Option<Vec<u8>>,
+    /// How many nodes have forwarded this call so far.
+    pub hops: u32,
 }
+
+/// The request header that asks for a linearizable read.
+pub const CONSISTENCY_HEADER: &str = "x-cloister-consistency";
 
 /// An app's answer, with the transaction id when it committed writes.
 #[derive(Debug, Clone)]
@@ -55,6 +61,7 @@ pub struct NodeInfo {
 pub struct Service {
     runtime: Arc<Runtime>,
     store: Store,
+    consensus: Consensus,
     app: RwLock<Option<Arc<LoadedModule>>>,
     limits: Limits,
     writer: Writer,
@@ -62,6 +69,12 @@ pub struct Service {
     inflight: Mutex<HashMap<String, usize>>,
     info: NodeInfo,
     requests: AtomicU64,
+}
+
+/// What a forwarded call carries besides the request itself.
+struct ForwardParts {
+    client_cert: Option<Vec<u8>>,
+    hops: u32,
 }
 
 /// Releases an identity's in-flight slot when the request ends.
@@ -86,12 +99,14 @@ impl Service {
     pub fn new(
         runtime: Arc<Runtime>,
         store: Store,
+        consensus: Consensus,
         limits: Limits,
         info: NodeInfo,
     ) -> anyhow::Result<Service> {
         let writer = Writer::start(
             runtime.clone(),
             store.clone(),
+            consensus.clone(),
             limits.write_queue_max,
             limits.group_commit_max,
         )?;
@@ -99,6 +114,7 @@ impl Service {
             reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
             runtime,
             store,
+            consensus,
             app: RwLock::new(None),
             limits,
             writer,
@@ -106,7 +122,6 @@ impl Service {
             info,
             requests: AtomicU64::new(0),
         };
-        service.reload_app()?;
         Ok(service)
     }
 
@@ -122,27 +137,34 @@ impl Service {
         &self.store
     }
 
-    /// Loads the app recorded in `gov.app`, if any, into the runtime.
-    pub fn reload_app(&self) -> anyhow::Result<()> {
-        let tx = self.store.begin()?;
-        let module = match gov::app(&tx)? {
-            None => None,
-            Some(record) => {
-                let code = gov::app_code(&tx, &record.code_hash)?.ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "gov.app names code {} that gov.app_code lacks",
-                        record.code_hash
-                    )
-                })?;
-                Some(self.runtime.load(&code)?)
-            }
-        };
-        *self.app.write().expect("app lock") = module;
-        Ok(())
+    pub fn consensus(&self) -> &Consensus {
+        &self.consensus
     }
 
-    pub fn app(&self) -> Option<Arc<LoadedModule>> {
-        self.app.read().expect("app lock").clone()
+    /// The app installed in the applied state, loaded (compiles are cached by code hash, so
+    /// this costs one small read unless the app changed).
+    pub async fn app(self: &Arc<Self>) -> Result<Option<Arc<LoadedModule>>, ApiError> {
+        let tx = self.store.begin()?;
+        let Some(record) = gov::app(&tx)? else {
+            return Ok(None);
+        };
+        let current = self.app.read().expect("app lock").clone();
+        if let Some(m) = current.filter(|m| hex::encode(m.hash()) == record.code_hash) {
+            return Ok(Some(m));
+        }
+        let code = gov::app_code(&tx, &record.code_hash)?.ok_or_else(|| {
+            ApiError::internal(format!(
+                "gov.app names code {} that gov.app_code lacks",
+                record.code_hash
+            ))
+        })?;
+        let service = self.clone();
+        let module = tokio::task::spawn_blocking(move || service.runtime.load(&code))
+            .await
+            .map_err(|e| ApiError::internal(format!("loading the app failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("the installed app does not load: {e}")))?;
+        *self.app.write().expect("app lock") = Some(module.clone());
+        Ok(Some(module))
     }
 
     /// The caller behind a client certificate, for an endpoint with the given audience.
@@ -199,6 +221,7 @@ impl Service {
     async fn route_and_run(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
         let module = self
             .app()
+            .await?
             .ok_or_else(|| ApiError::not_found("no app is installed on this service"))?;
         let Some((endpoint, params)) = module.manifest().find(&call.method, &call.path) else {
             return Err(if module.manifest().path_exists(&call.path) {
@@ -229,15 +252,105 @@ impl Service {
                 self.requests.fetch_add(1, Ordering::Relaxed)
             ),
         };
-        let mode = endpoint.mode;
-        match mode {
-            Mode::Readonly => self.read(module, head, call.body).await,
+        let linearizable = head
+            .headers
+            .get(CONSISTENCY_HEADER)
+            .is_some_and(|v| v == "linearizable");
+        let forward = ForwardParts {
+            client_cert: call.client_cert,
+            hops: call.hops,
+        };
+        match endpoint.mode {
+            Mode::Readonly if !linearizable => self.read(module, head, call.body).await,
+            Mode::Readonly => match self.consensus.read_barrier().await {
+                Ok(()) => self.read(module, head, call.body).await,
+                Err(ProposeError::NotLeader { .. }) => self.forward(head, call.body, forward).await,
+                Err(e) => Err(ApiError::unavailable(format!(
+                    "the linearizable read could not be confirmed: {e:?}"
+                ))),
+            },
+            Mode::Readwrite if !self.consensus.is_leader() => {
+                self.forward(head, call.body, forward).await
+            }
             Mode::Readwrite => {
-                self.writer
-                    .submit(module, APP_NAMESPACE.into(), head, call.body)
-                    .await
+                let submitted = self
+                    .writer
+                    .submit(
+                        module,
+                        APP_NAMESPACE.into(),
+                        head.clone(),
+                        call.body.clone(),
+                    )
+                    .await;
+                match submitted {
+                    Err(SubmitError::NotLeader) => self.forward(head, call.body, forward).await,
+                    Err(SubmitError::Api(e)) => Err(e),
+                    Ok(reply) => Ok(reply),
+                }
             }
         }
+    }
+
+    /// Sends a call to the leader over the peer channel, at most `forward_hops_max` times.
+    async fn forward(
+        &self,
+        head: RequestHead,
+        body: bytes::Bytes,
+        parts: ForwardParts,
+    ) -> Result<AppReply, ApiError> {
+        let hops_max = self.consensus.forward_hops_max();
+        if parts.hops >= hops_max {
+            return Err(ApiError::unavailable(format!(
+                "the request was forwarded {hops_max} times without reaching the leader \
+                 (forward_hops_max); retry"
+            )));
+        }
+        let leader = match self.consensus.leader() {
+            Some(l) => l,
+            None => {
+                let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
+                if self.consensus.wait_for_leader(patience).await.is_err() {
+                    return Err(ApiError::unavailable(
+                        "no leader is elected (is a majority of nodes up?); retry shortly",
+                    ));
+                }
+                self.consensus
+                    .leader()
+                    .ok_or_else(|| ApiError::unavailable("no leader is elected; retry shortly"))?
+            }
+        };
+        let unreachable = |s: tonic::Status| {
+            ApiError::unavailable(format!(
+                "forwarding to the leader {} failed: {}",
+                leader.name,
+                s.message()
+            ))
+        };
+        let mut client = self
+            .consensus
+            .peers()
+            .client(&leader.peer_url)
+            .map_err(unreachable)?;
+        let request = cloister_proto::peer::v1::ForwardRequest {
+            method: head.method,
+            path: head.path,
+            query: head.query,
+            headers: head.headers.into_iter().collect(),
+            body: body.to_vec(),
+            client_cert: parts.client_cert.unwrap_or_default(),
+            hops: parts.hops + 1,
+        };
+        let reply = client
+            .forward(request)
+            .await
+            .map_err(unreachable)?
+            .into_inner();
+        Ok(AppReply {
+            status: u16::try_from(reply.status).unwrap_or(500),
+            headers: reply.headers.into_iter().collect(),
+            body: reply.body,
+            tx_id: reply.tx_id.parse().ok(),
+        })
     }
 
     /// Runs a read-only request on the blocking pool against committed state.
@@ -272,5 +385,45 @@ impl Service {
         })
         .await
         .map_err(|e| ApiError::internal(format!("the request's thread failed: {e}")))?
+    }
+}
+
+/// Writes forwarded by other nodes run here as if their client had called this node.
+pub struct ServiceForwarder(pub std::sync::Weak<Service>);
+
+#[tonic::async_trait]
+impl Forwarder for ServiceForwarder {
+    async fn forward(
+        &self,
+        r: cloister_proto::peer::v1::ForwardRequest,
+    ) -> Result<cloister_proto::peer::v1::ForwardReply, tonic::Status> {
+        let service = self
+            .0
+            .upgrade()
+            .ok_or_else(|| tonic::Status::unavailable("the node is shutting down"))?;
+        let call = AppCall {
+            method: r.method,
+            path: r.path,
+            query: r.query,
+            headers: r.headers.into_iter().collect(),
+            body: r.body.into(),
+            client_cert: (!r.client_cert.is_empty()).then_some(r.client_cert),
+            hops: r.hops,
+        };
+        let reply = match service.call_app(call).await {
+            Ok(reply) => reply,
+            Err(e) => AppReply {
+                status: e.status,
+                headers: [("content-type".to_owned(), "application/json".to_owned())].into(),
+                body: e.body().to_string().into_bytes(),
+                tx_id: e.tx_id,
+            },
+        };
+        Ok(cloister_proto::peer::v1::ForwardReply {
+            status: u32::from(reply.status),
+            headers: reply.headers.into_iter().collect(),
+            body: reply.body,
+            tx_id: reply.tx_id.map(|t| t.to_string()).unwrap_or_default(),
+        })
     }
 }

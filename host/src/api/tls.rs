@@ -122,3 +122,28 @@ pub fn client_config(
     };
     Ok(Arc::new(config))
 }
+
+/// The peer listener: node certificates only, chained to the service CA, on both sides.
+pub fn peer_server_config(
+    node: &KeyedCert,
+    service_ca_pem: &str,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in identity::cert_chain(service_ca_pem.as_bytes())? {
+        roots.add(cert)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let mut chain = identity::cert_chain(node.cert_pem.as_bytes())?;
+    chain.extend(identity::cert_chain(service_ca_pem.as_bytes())?);
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, identity::private_key(node.key_pem.as_bytes())?)?;
+    config.alpn_protocols = vec![ALPN[0].to_vec()];
+    Ok(Arc::new(config))
+}

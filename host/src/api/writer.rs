@@ -1,9 +1,15 @@
-//! The write path: one thread executes read-write requests in order, each against the committed
-//! state plus the writes of the requests before it, and commits them together (group commit):
-//! many transactions, one durable write.
+//! The write path on the leader: one thread executes read-write requests in order, each over the
+//! applied state plus the writes this leader has proposed and not yet applied, then proposes the
+//! request's write set through Raft. Proposals are pipelined: openraft merges concurrent ones into
+//! one durable append and one replication round (group commit).
+//!
+//! The writer executes only on a leader that has applied every entry before its own term, so the
+//! state it builds on is complete; when the term changes, the stack of pending writes is dropped.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::Duration;
 
 use cloister_sdk::Mode;
 use cloister_sdk::abi::RequestHead;
@@ -11,22 +17,37 @@ use tokio::sync::oneshot;
 
 use super::error::ApiError;
 use super::service::AppReply;
+use crate::consensus::{Consensus, ProposeError, TxEntry, TxKind};
 use crate::kv::{Store, WriteSet};
-use crate::txid::TxId;
 use crate::wasm::{Invocation, LoadedModule, Runtime};
 
-/// The meta key holding the last committed sequence number.
-const LAST_SEQNO: &str = "last_seqno";
-/// The term of transactions committed by a single node (replication assigns real terms).
-const SINGLE_NODE_TERM: u64 = 1;
+/// How long a new leader may take to apply the entries before its term before writes give up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the writer did not run a request.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// This node does not lead (or stopped leading before the write reached its log): run it on
+    /// the leader instead.
+    NotLeader,
+    Api(ApiError),
+}
+
+impl From<ApiError> for SubmitError {
+    fn from(e: ApiError) -> Self {
+        SubmitError::Api(e)
+    }
+}
+
+type Reply = oneshot::Sender<Result<AppReply, SubmitError>>;
 
 /// A read-write request waiting for the writer.
-pub struct Job {
-    pub module: Arc<LoadedModule>,
-    pub namespace: String,
-    pub head: RequestHead,
-    pub body: bytes::Bytes,
-    reply: oneshot::Sender<Result<AppReply, ApiError>>,
+struct Job {
+    module: Arc<LoadedModule>,
+    namespace: String,
+    head: RequestHead,
+    body: bytes::Bytes,
+    reply: Reply,
 }
 
 /// The handle requests use to reach the writer thread. Dropping it ends the thread once the
@@ -49,29 +70,30 @@ impl Drop for Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread. It ends when the last `Writer` is dropped.
+    /// Starts the writer thread; it must be called inside the node's tokio runtime.
     pub fn start(
         runtime: Arc<Runtime>,
         store: Store,
+        consensus: Consensus,
         queue_max: usize,
         group_max: usize,
     ) -> anyhow::Result<Writer> {
         let (queue, jobs) = std::sync::mpsc::sync_channel(queue_max);
-        let last = store.meta(LAST_SEQNO)?.map_or(0, |b| {
-            u64::from_le_bytes(b.try_into().expect("8-byte seqno"))
-        });
-        let tokio = tokio::runtime::Handle::try_current().ok();
+        let tokio = tokio::runtime::Handle::current();
         let thread = std::thread::Builder::new()
             .name("app-writer".into())
             .stack_size(8 << 20)
             .spawn(move || {
                 // WASI calls drive tokio's block_on: let them use the node's runtime.
-                let _guard = tokio.as_ref().map(|h| h.enter());
+                let _guard = tokio.enter();
                 WriterLoop {
                     runtime,
                     store,
+                    consensus,
+                    tokio,
                     group_max,
-                    next_seqno: last + 1,
+                    pending: Vec::new(),
+                    pending_term: 0,
                 }
                 .run(jobs)
             })?;
@@ -89,7 +111,7 @@ impl Writer {
         namespace: String,
         head: RequestHead,
         body: bytes::Bytes,
-    ) -> Result<AppReply, ApiError> {
+    ) -> Result<AppReply, SubmitError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             module,
@@ -108,30 +130,40 @@ impl Writer {
                 return Err(ApiError::unavailable(format!(
                     "{} writes are already waiting (write_queue_max); retry shortly",
                     self.queue_max
-                )));
+                ))
+                .into());
             }
             Err(TrySendError::Disconnected(_)) => {
-                return Err(ApiError::unavailable("the node is shutting down"));
+                return Err(ApiError::unavailable("the node is shutting down").into());
             }
         }
-        answer
-            .await
-            .map_err(|_| ApiError::unavailable("the node stopped before the write finished"))?
+        answer.await.map_err(|_| {
+            SubmitError::Api(ApiError::unavailable(
+                "the node stopped before the write finished",
+            ))
+        })?
     }
+}
+
+const IN_FLIGHT: u8 = 0;
+const APPLIED: u8 = 1;
+const FAILED: u8 = 2;
+
+/// A write set proposed by this leader and not yet known to be applied.
+struct Pending {
+    writes: Arc<WriteSet>,
+    state: Arc<AtomicU8>,
 }
 
 struct WriterLoop {
     runtime: Arc<Runtime>,
     store: Store,
+    consensus: Consensus,
+    tokio: tokio::runtime::Handle,
     group_max: usize,
-    next_seqno: u64,
-}
-
-/// A request that ran: its answer, and its writes when they are to be committed.
-struct Ran {
-    reply: oneshot::Sender<Result<AppReply, ApiError>>,
-    result: Result<AppReply, ApiError>,
-    writes: Option<WriteSet>,
+    pending: Vec<Pending>,
+    /// The term the pending writes were proposed in.
+    pending_term: u64,
 }
 
 impl WriterLoop {
@@ -148,29 +180,50 @@ impl WriterLoop {
         }
     }
 
-    fn run_batch(&mut self, batch: Vec<Job>) {
-        let mut pending: Vec<Arc<WriteSet>> = Vec::new();
-        let mut ran = Vec::with_capacity(batch.len());
-        for job in batch {
-            let done = self.execute(job, &pending);
-            if let Some(ws) = &done.writes {
-                pending.push(Arc::new(ws.clone()));
-            }
-            ran.push(done);
+    /// Whether this node may execute writes now, waiting briefly for a new leader to catch up.
+    fn ready(&self) -> bool {
+        if !self.consensus.is_leader() {
+            return false;
         }
-        self.commit(ran);
+        self.consensus.caught_up()
+            || self
+                .tokio
+                .block_on(self.consensus.wait_caught_up(CATCH_UP_TIMEOUT))
     }
 
-    /// Runs one job over the committed state plus this batch's earlier writes.
-    fn execute(&self, job: Job, pending: &[Arc<WriteSet>]) -> Ran {
-        let tx = match self.store.begin_over(pending.to_vec()) {
+    fn run_batch(&mut self, batch: Vec<Job>) {
+        if !self.ready() {
+            for job in batch {
+                let _ = job.reply.send(Err(SubmitError::NotLeader));
+            }
+            return;
+        }
+        let term = self.consensus.term();
+        let failed = self
+            .pending
+            .iter()
+            .any(|p| p.state.load(Ordering::Acquire) == FAILED);
+        if term != self.pending_term || failed {
+            // A proposal failed or the term moved: every later pending proposal fails too, and
+            // what did commit is in the applied state.
+            self.pending.clear();
+            self.pending_term = term;
+        }
+        self.pending
+            .retain(|p| p.state.load(Ordering::Acquire) == IN_FLIGHT);
+        for job in batch {
+            self.execute(job);
+        }
+    }
+
+    /// Runs one job over the applied state plus the pending writes, and proposes its writes.
+    fn execute(&mut self, job: Job) {
+        let overlay: Vec<Arc<WriteSet>> = self.pending.iter().map(|p| p.writes.clone()).collect();
+        let tx = match self.store.begin_over(overlay) {
             Ok(tx) => tx,
             Err(e) => {
-                return Ran {
-                    reply: job.reply,
-                    result: Err(e.into()),
-                    writes: None,
-                };
+                let _ = job.reply.send(Err(ApiError::from(e).into()));
+                return;
             }
         };
         let inv = Invocation {
@@ -180,65 +233,81 @@ impl WriterLoop {
             namespace: &job.namespace,
         };
         let (tx, result) = self.runtime.execute(&job.module, inv, tx);
-        match result {
-            Ok(outcome) => {
-                let response = outcome.response;
-                let writes = tx.into_writes();
-                let commit = response.is_success() && !writes.is_empty();
-                let reply = AppReply {
-                    status: response.head.status,
-                    headers: response.head.headers,
-                    body: response.body,
-                    tx_id: None,
-                };
-                Ran {
-                    reply: job.reply,
-                    result: Ok(reply),
-                    writes: commit.then_some(writes),
-                }
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let _ = job.reply.send(Err(ApiError::from(e).into()));
+                return;
             }
-            Err(e) => Ran {
-                reply: job.reply,
-                result: Err(e.into()),
-                writes: None,
-            },
-        }
-    }
-
-    /// Commits every write set of the batch in one durable transaction, then answers.
-    fn commit(&mut self, ran: Vec<Ran>) {
-        let writes: Vec<&WriteSet> = ran.iter().filter_map(|r| r.writes.as_ref()).collect();
-        let last = self.next_seqno + writes.len() as u64 - 1;
-        let committed = if writes.is_empty() {
-            Ok(())
-        } else {
-            self.store
-                .apply_all(&writes, &[(LAST_SEQNO, &last.to_le_bytes())])
         };
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, "committing a batch of writes failed");
+        let response = outcome.response;
+        let writes = tx.into_writes();
+        let success = response.is_success();
+        let claims_digest = response.head.claims_digest.clone();
+        let mut reply = AppReply {
+            status: response.head.status,
+            headers: response.head.headers,
+            body: response.body,
+            tx_id: None,
+        };
+        if !success || writes.is_empty() {
+            let _ = job.reply.send(Ok(reply));
+            return;
         }
-        let mut seqno = self.next_seqno;
-        for r in ran {
-            let result = match (&committed, r.result, r.writes.is_some()) {
-                (Err(e), _, true) => Err(ApiError::internal(format!(
-                    "committing the transaction failed: {e}"
-                ))),
-                (_, Ok(mut reply), true) => {
-                    reply.tx_id = Some(TxId {
-                        term: SINGLE_NODE_TERM,
-                        seqno,
-                    });
-                    seqno += 1;
+        let claims = match claims_digest.as_deref().map(parse_digest).transpose() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = job.reply.send(Err(ApiError::internal(e).into()));
+                return;
+            }
+        };
+        let writes = Arc::new(writes);
+        let state = Arc::new(AtomicU8::new(IN_FLIGHT));
+        self.pending.push(Pending {
+            writes: writes.clone(),
+            state: state.clone(),
+        });
+        let entry = TxEntry::new(TxKind::App, WriteSet::clone(&writes), claims);
+        // Submitted here, in execution order, and refused if this node no longer leads in the
+        // term it executed in; only the wait for the outcome runs concurrently.
+        let proposal = self
+            .tokio
+            .block_on(self.consensus.submit(entry, Some(self.pending_term)));
+        self.tokio.spawn(async move {
+            let outcome = match proposal {
+                Ok(p) => p.outcome().await,
+                Err(e) => Err(e),
+            };
+            let result = match outcome {
+                Ok(tx_id) => {
+                    state.store(APPLIED, Ordering::Release);
+                    reply.tx_id = Some(tx_id);
                     Ok(reply)
                 }
-                (_, result, _) => result,
+                Err(e) => {
+                    state.store(FAILED, Ordering::Release);
+                    Err(match e {
+                        ProposeError::NotLeader { .. } => SubmitError::NotLeader,
+                        ProposeError::Unknown { tx_id, reason } => {
+                            ApiError::outcome_unknown(tx_id, &reason).into()
+                        }
+                        ProposeError::Stopped(reason) => ApiError::unavailable(format!(
+                            "this node's consensus has stopped: {reason}"
+                        ))
+                        .into(),
+                    })
+                }
             };
-            // The client may have given up (timeout); its transaction stands regardless.
-            let _ = r.reply.send(result);
-        }
-        if committed.is_ok() {
-            self.next_seqno = seqno;
-        }
+            // The client may have given up (timeout); the transaction's fate is unaffected.
+            let _ = job.reply.send(result);
+        });
     }
+}
+
+/// A claims digest: 32 bytes, hex.
+fn parse_digest(hex_digest: &str) -> Result<[u8; 32], String> {
+    hex::decode(hex_digest)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| format!("the app's claims digest {hex_digest:?} is not 32 bytes of hex"))
 }

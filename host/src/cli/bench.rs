@@ -34,6 +34,10 @@ pub struct Args {
     /// Records per batch in the batch run (0 skips it).
     #[arg(long, default_value_t = 1000)]
     batch_records: usize,
+    /// Instead of an existing sandbox, start a fresh one of each of these sizes (e.g. 1,3), run
+    /// the 1-record runs on each, and print each size against the first.
+    #[arg(long, value_delimiter = ',')]
+    compare_nodes: Vec<usize>,
 }
 
 /// What one run measured.
@@ -126,6 +130,9 @@ fn batch(records: usize) -> impl Fn(u64) -> Vec<u8> + Send + Sync + 'static {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if !args.compare_nodes.is_empty() {
+        return compare_nodes(&args).await;
+    }
     let sandbox = SandboxFile::read(&args.sandbox)?;
     let url = args.url.clone().unwrap_or_else(|| sandbox.rest_url.clone());
     let ca = std::fs::read(&sandbox.service_cert).context("reading the service certificate")?;
@@ -180,6 +187,112 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             ms(r.p99),
             records / single_record_rate.max(1.0)
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A sandbox of `nodes` nodes in a temporary folder, run as a child process.
+struct TempSandbox {
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+    file: SandboxFile,
+}
+
+impl TempSandbox {
+    async fn start(nodes: usize, port: u16) -> anyhow::Result<TempSandbox> {
+        let dir = tempfile::tempdir()?;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "sandbox",
+                "--nodes",
+                &nodes.to_string(),
+                "--port",
+                &port.to_string(),
+                "--dir",
+            ])
+            .arg(dir.path())
+            .env("CLOISTER_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        // The sandbox prints its usage once every node is ready.
+        let stdout = child.stdout.take().context("sandbox stdout")?;
+        let ready = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains("grpcurl"))
+        });
+        anyhow::ensure!(
+            ready.await?,
+            "the {nodes}-node sandbox exited before it was ready"
+        );
+        let file = SandboxFile::read(dir.path())?;
+        Ok(TempSandbox {
+            _dir: dir,
+            child,
+            file,
+        })
+    }
+}
+
+impl Drop for TempSandbox {
+    fn drop(&mut self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pids fit pid_t");
+        // SAFETY: kill(2) with a valid signal, on our own child.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}
+
+async fn compare_nodes(args: &Args) -> anyhow::Result<ExitCode> {
+    let duration = Duration::from_secs(args.seconds);
+    let mut results: Vec<(usize, Vec<RunResult>)> = Vec::new();
+    for (k, &nodes) in args.compare_nodes.iter().enumerate() {
+        let port = 27000 + 100 * k as u16;
+        println!("starting a {nodes}-node sandbox on ports {port}…");
+        let sandbox = TempSandbox::start(nodes, port).await?;
+        let ca = std::fs::read(&sandbox.file.service_cert)?;
+        let ids: Vec<KeyedCert> = sandbox
+            .file
+            .parties
+            .iter()
+            .map(|p| identity::read_pair(&p.cert, &p.key))
+            .collect::<anyhow::Result<_>>()?;
+        let mut runs = Vec::new();
+        for &clients in &args.clients {
+            let r = run_load(
+                &sandbox.file.rest_url,
+                &ca,
+                &ids,
+                clients,
+                duration,
+                "/app/ingest",
+                one_record,
+            )
+            .await?;
+            println!(
+                "{nodes} node(s), {clients:>3} clients: {:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+                r.per_second(),
+                ms(r.p50),
+                ms(r.p99)
+            );
+            runs.push(r);
+        }
+        results.push((nodes, runs));
+    }
+    let (base_nodes, base) = &results[0];
+    for (nodes, runs) in &results[1..] {
+        for ((clients, r), b) in args.clients.iter().zip(runs).zip(base) {
+            println!(
+                "{clients:>3} clients: {nodes} nodes keep {:.0}% of {base_nodes}-node throughput ({:.0} vs {:.0} req/s)",
+                100.0 * r.per_second() / b.per_second(),
+                r.per_second(),
+                b.per_second()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,7 +13,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
-use crate::config::{GenesisSection, Limits, NodeConfig, NodeSection, TlsSection};
+use crate::config::{
+    GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection,
+};
 use crate::node::identity::{self, ServiceCa};
 
 /// How long a node may take to answer its health check after it starts.
@@ -51,7 +53,7 @@ pub struct Args {
     /// Number of nodes.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// First port: node i listens on PORT+2i (HTTPS) and PORT+2i+1 (gRPC).
+    /// First port: node i listens on PORT+3i (HTTPS), PORT+3i+1 (gRPC) and PORT+3i+2 (peers).
     #[arg(long, default_value_t = 8000)]
     port: u16,
 }
@@ -80,6 +82,7 @@ pub struct NodeEntry {
     pub pid: Option<u32>,
     pub rest_url: String,
     pub grpc_url: String,
+    pub peer_url: String,
     pub data_dir: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -174,26 +177,29 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
         std::fs::write(demo.join(name), bytes)?;
     }
     let mut nodes = Vec::new();
+    let first_peer = format!("https://127.0.0.1:{}", args.port as usize + 2);
     for i in 0..args.nodes {
         let name = format!("node{i}");
-        let rest_port = args.port as usize + 2 * i;
-        let (rest_addr, grpc_addr) = (
-            format!("127.0.0.1:{rest_port}"),
-            format!("127.0.0.1:{}", rest_port + 1),
-        );
+        let base = args.port as usize + 3 * i;
+        let addr = |offset: usize| format!("127.0.0.1:{}", base + offset);
         ca.issue_node_cert(&name, &["localhost".into(), "127.0.0.1".into()])?
             .write(dir, &name)?;
         let config = NodeConfig {
             node: NodeSection {
                 name: name.clone(),
                 data_dir: PathBuf::from(format!("data/{name}")),
-                rest_addr: rest_addr.clone(),
-                grpc_addr: grpc_addr.clone(),
+                rest_addr: addr(0),
+                grpc_addr: addr(1),
+                peer_addr: addr(2),
             },
             tls: TlsSection {
                 service_cert: "service.cert.pem".into(),
                 node_cert: format!("{name}.cert.pem").into(),
                 node_key: format!("{name}.key.pem").into(),
+            },
+            // The first node starts the service; the others join it.
+            network: NetworkSection {
+                join: (i > 0).then(|| first_peer.clone()),
             },
             genesis: GenesisSection {
                 members: parties
@@ -204,6 +210,7 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
                 app: Some("reconcile.wasm".into()),
             },
             limits: Limits::default(),
+            raft: RaftSection::default(),
             wasm: Default::default(),
         };
         let config_path = dir.join(format!("{name}.toml"));
@@ -211,8 +218,9 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
         nodes.push(NodeEntry {
             id: name.clone(),
             pid: None,
-            rest_url: format!("https://{rest_addr}"),
-            grpc_url: format!("https://{grpc_addr}"),
+            rest_url: format!("https://{}", addr(0)),
+            grpc_url: format!("https://{}", addr(1)),
+            peer_url: format!("https://{}", addr(2)),
             data_dir: dir.join("data").join(&name),
             config: config_path,
             log: dir.join(format!("{name}.log")),
@@ -251,12 +259,13 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
-/// Waits until every node answers `/node/health`, or one of them exits.
+/// Waits until every node answers `/node/health` and the first node lists them all as voters,
+/// or one of them exits.
 async fn wait_ready(layout: &SandboxFile, children: &mut [Child]) -> anyhow::Result<()> {
     let ca = std::fs::read(&layout.service_cert)?;
     let started = Instant::now();
-    for (node, child) in layout.nodes.iter().zip(children.iter_mut()) {
-        loop {
+    let check_exits = |children: &mut [Child]| -> anyhow::Result<()> {
+        for (node, child) in layout.nodes.iter().zip(children.iter_mut()) {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!(
                     "{} exited ({status}) before it was ready; its log ends:\n{}",
@@ -264,25 +273,54 @@ async fn wait_ready(layout: &SandboxFile, children: &mut [Child]) -> anyhow::Res
                     tail(&node.log)
                 );
             }
-            if let Ok(client) = Client::connect(&node.rest_url, &ca, None).await
-                && client
-                    .get("/node/health")
-                    .await
-                    .is_ok_and(|r| r.status == 200)
-            {
-                break;
-            }
-            if started.elapsed() > NODE_READY_TIMEOUT {
-                anyhow::bail!(
-                    "{} did not become ready within {NODE_READY_TIMEOUT:?}; its log ends:\n{}",
-                    node.id,
-                    tail(&node.log)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    };
+    loop {
+        check_exits(children)?;
+        if network_ready(layout, &ca).await {
+            return Ok(());
+        }
+        if started.elapsed() > NODE_READY_TIMEOUT {
+            let logs: Vec<String> = layout
+                .nodes
+                .iter()
+                .map(|n| format!("{}:\n{}", n.id, tail(&n.log)))
+                .collect();
+            anyhow::bail!(
+                "the network did not become ready within {NODE_READY_TIMEOUT:?}; logs end:\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether every node is healthy and every node sees all of them as leader or follower.
+async fn network_ready(layout: &SandboxFile, ca: &[u8]) -> bool {
+    for node in &layout.nodes {
+        let Ok(client) = Client::connect(&node.rest_url, ca, None).await else {
+            return false;
+        };
+        let Ok(reply) = client.get("/node/network").await else {
+            return false;
+        };
+        let Ok(network) = reply.json() else {
+            return false;
+        };
+        let voters = network["nodes"]
+            .as_array()
+            .map(|ns| {
+                ns.iter()
+                    .filter(|n| n["role"] == "leader" || n["role"] == "follower")
+                    .count()
+            })
+            .unwrap_or(0);
+        if reply.status != 200 || voters != layout.nodes.len() || network["leader"].is_null() {
+            return false;
         }
     }
-    Ok(())
+    true
 }
 
 /// Runs until Ctrl-C or SIGTERM, reporting nodes that exit meanwhile.
@@ -362,10 +400,11 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
     );
     for n in &layout.nodes {
         println!(
-            "  {}  HTTPS {}  gRPC {}  pid {}  data {}",
+            "  {}  HTTPS {}  gRPC {}  peers {}  pid {}  data {}",
             n.id,
             n.rest_url,
             n.grpc_url,
+            n.peer_url,
             n.pid.unwrap_or(0),
             n.data_dir.display()
         );

@@ -10,7 +10,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadOnlyTable, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 /// Every map lives in this one table, keyed by `map name ‖ 0x00 ‖ key`.
@@ -23,11 +23,15 @@ const MAP_SEPARATOR: u8 = 0;
 
 /// An error of the state database, naming the file.
 #[derive(Debug, thiserror::Error)]
-#[error("state database {path}: {source}")]
-pub struct KvError {
-    path: PathBuf,
-    #[source]
-    source: redb::Error,
+pub enum KvError {
+    #[error("state database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("state database {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
 }
 
 /// The stored name of an app's map: `{namespace}/{map}`. Governance maps keep their `gov.` name.
@@ -154,7 +158,7 @@ pub struct Store {
 impl Store {
     /// Opens or creates the state database at `path`.
     pub fn open(path: &Path) -> Result<Store, KvError> {
-        let err = |e: redb::Error| KvError {
+        let err = |e: redb::Error| KvError::Db {
             path: path.to_owned(),
             source: e,
         };
@@ -169,7 +173,7 @@ impl Store {
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> KvError {
-        KvError {
+        KvError::Db {
             path: self.path.clone(),
             source: e.into(),
         }
@@ -219,11 +223,74 @@ impl Store {
         txn.commit().map_err(|e| self.err(e))
     }
 
+    /// A consistent read-only view of everything, for snapshots.
+    pub fn export(&self) -> Result<Export, KvError> {
+        let read = self.db.begin_read().map_err(|e| self.err(e))?;
+        Ok(Export {
+            read,
+            store: self.clone(),
+        })
+    }
+
+    /// Replaces every map entry and sets bookkeeping entries, in one durable transaction.
+    pub fn replace_all(
+        &self,
+        entries: impl Iterator<Item = Result<Entry, String>>,
+        meta: &[(&str, &[u8])],
+    ) -> Result<(), KvError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(KV).map_err(|e| self.err(e))?;
+            table.retain(|_, _| false).map_err(|e| self.err(e))?;
+            for entry in entries {
+                let (k, v) = entry.map_err(|message| KvError::Invalid {
+                    path: self.path.clone(),
+                    message,
+                })?;
+                table
+                    .insert(k.as_slice(), v.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut table = txn.open_table(META).map_err(|e| self.err(e))?;
+            for (key, value) in meta {
+                table.insert(*key, *value).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// A bookkeeping entry.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         let read = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = read.open_table(META).map_err(|e| self.err(e))?;
         let value = table.get(key).map_err(|e| self.err(e))?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+}
+
+/// A consistent read-only view of the whole store, for building snapshots.
+pub struct Export {
+    read: redb::ReadTransaction,
+    store: Store,
+}
+
+impl Export {
+    /// Calls `f` on every table entry (`map ‖ 0x00 ‖ key`, value) in order.
+    pub fn for_each(
+        &self,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), KvError>,
+    ) -> Result<(), KvError> {
+        let table = self.read.open_table(KV).map_err(|e| self.store.err(e))?;
+        for item in table.iter().map_err(|e| self.store.err(e))? {
+            let (k, v) = item.map_err(|e| self.store.err(e))?;
+            f(k.value(), v.value())?;
+        }
+        Ok(())
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let table = self.read.open_table(META).map_err(|e| self.store.err(e))?;
+        let value = table.get(key).map_err(|e| self.store.err(e))?;
         Ok(value.map(|v| v.value().to_vec()))
     }
 }

@@ -1,5 +1,5 @@
-//! The node's lifecycle: open its state, run genesis on a new service, start the listeners, and
-//! stop cleanly.
+//! The node's lifecycle: open its state and log, start or join the network, start the
+//! listeners, and stop cleanly.
 
 pub mod identity;
 
@@ -11,31 +11,54 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{NodeInfo, Service, rest, server, tls};
+use crate::api::{NodeInfo, Service, ServiceForwarder, rest, server, tls};
 use crate::config::NodeConfig;
+use crate::consensus::{self, Consensus, NodeAddr, Peers, TxEntry, TxKind};
 use crate::gov;
 use crate::kv::Store;
 use crate::wasm::Runtime;
+
+/// How long a new service's first node may take to elect itself.
+const GENESIS_ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running node.
 pub struct Node {
     pub rest_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub id: consensus::NodeId,
     service: Arc<Service>,
+    consensus: Consensus,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Serves a tonic router over the connections of an accept loop until cancelled.
+fn serve_grpc(
+    conns: tokio::sync::mpsc::Receiver<std::io::Result<server::Conn>>,
+    routes: tonic::service::Routes,
+    cancel: CancellationToken,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(conns);
+        let served = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the {what} server failed");
+        }
+    })
+}
+
 impl Node {
-    /// Opens the node's state (running genesis if it is new) and starts serving.
+    /// Opens the node's state, starts serving, and starts or joins the network if it is new.
     pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
-        std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
-            format!(
-                "creating the data folder {}",
-                config.node.data_dir.display()
-            )
-        })?;
-        let store = Store::open(&config.node.data_dir.join("state.redb"))?;
+        let data_dir = &config.node.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data folder {}", data_dir.display()))?;
+        let store = Store::open(&data_dir.join("state.redb"))?;
         let runtime = Arc::new(Runtime::new(config.wasm.clone())?);
         let service_cert =
             std::fs::read_to_string(&config.tls.service_cert).with_context(|| {
@@ -44,24 +67,45 @@ impl Node {
                     config.tls.service_cert.display()
                 )
             })?;
-        if gov::service(&store.begin()?)?.is_none() {
-            genesis(&config, &store, &runtime, &service_cert)?;
-        }
         let node_cert = identity::read_pair(&config.tls.node_cert, &config.tls.node_key)?;
-        let tls = tls::server_config(&node_cert, &service_cert)?;
+        let id = consensus::node_id_of(&identity::cert_der(node_cert.cert_pem.as_bytes())?);
 
         let rest_listener = bind(&config.node.rest_addr).await?;
         let grpc_listener = bind(&config.node.grpc_addr).await?;
-        let (rest_addr, grpc_addr) = (rest_listener.local_addr()?, grpc_listener.local_addr()?);
-        let info = NodeInfo {
+        let peer_listener = bind(&config.node.peer_addr).await?;
+        let (rest_addr, grpc_addr, peer_addr) = (
+            rest_listener.local_addr()?,
+            grpc_listener.local_addr()?,
+            peer_listener.local_addr()?,
+        );
+        let me = NodeAddr {
             name: config.node.name.clone(),
+            peer_url: format!("https://{peer_addr}"),
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let service = Arc::new(Service::new(runtime, store, config.limits.clone(), info)?);
+        let peers = Peers::new(&service_cert, &node_cert);
+        let consensus =
+            Consensus::start(&config.raft, data_dir, id, me.clone(), store.clone(), peers).await?;
+        let info = NodeInfo {
+            name: me.name.clone(),
+            rest_url: me.rest_url.clone(),
+            grpc_url: me.grpc_url.clone(),
+        };
+        let service = Arc::new(Service::new(
+            runtime.clone(),
+            store,
+            consensus.clone(),
+            config.limits.clone(),
+            info,
+        )?);
+
         let cancel = CancellationToken::new();
         let limits = &config.limits;
         let handshake = Duration::from_millis(limits.handshake_timeout_ms);
+        let tls = tls::server_config(&node_cert, &service_cert)?;
+        let peer_tls = tls::peer_server_config(&node_cert, &service_cert)?;
+        let mut tasks = Vec::new();
 
         let conns = server::accept(
             rest_listener,
@@ -70,12 +114,11 @@ impl Node {
             handshake,
             cancel.clone(),
         );
-        let rest = tokio::spawn(server::serve_http(
+        tasks.push(tokio::spawn(server::serve_http(
             conns,
             rest::router(service.clone()),
             cancel.clone(),
-        ));
-
+        )));
         let conns = server::accept(
             grpc_listener,
             tls,
@@ -83,30 +126,66 @@ impl Node {
             handshake,
             cancel.clone(),
         );
-        let routes = crate::api::grpc::routes(service.clone())?;
-        let stop = cancel.clone();
-        let grpc = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::ReceiverStream::new(conns);
-            let served = tonic::transport::Server::builder()
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the gRPC server failed");
+        tasks.push(serve_grpc(
+            conns,
+            crate::api::grpc::routes(service.clone())?,
+            cancel.clone(),
+            "gRPC",
+        ));
+        let forwarder = Arc::new(ServiceForwarder(Arc::downgrade(&service)));
+        let peer_service = cloister_proto::peer::v1::peer_server::PeerServer::new(
+            consensus.peer_service(forwarder),
+        )
+        .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
+        let conns = server::accept(
+            peer_listener,
+            peer_tls,
+            limits.connections_max,
+            handshake,
+            cancel.clone(),
+        );
+        tasks.push(serve_grpc(
+            conns,
+            tonic::service::Routes::new(peer_service),
+            cancel.clone(),
+            "peer",
+        ));
+
+        if !consensus.is_initialized().await? {
+            match &config.network.join {
+                None => genesis(&config, &consensus, &runtime, &service_cert).await?,
+                Some(url) => {
+                    let (consensus, url) = (consensus.clone(), url.clone());
+                    let timeout = Duration::from_millis(config.raft.join_timeout_ms);
+                    tasks.push(tokio::spawn(async move {
+                        match consensus.join(&url, timeout).await {
+                            Ok(()) => tracing::info!(%url, "joined the network"),
+                            Err(e) => tracing::error!(error = %e, "joining the network failed"),
+                        }
+                    }));
+                }
             }
-        });
-        tracing::info!(name = %config.node.name, %rest_addr, %grpc_addr, "node started");
+        }
+        tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
         Ok(Node {
             rest_addr,
             grpc_addr,
+            peer_addr,
+            id,
             service,
+            consensus,
             cancel,
-            tasks: vec![rest, grpc],
+            tasks,
         })
     }
 
     pub fn service(&self) -> &Arc<Service> {
         &self.service
+    }
+
+    pub fn consensus(&self) -> &Consensus {
+        &self.consensus
     }
 
     pub fn rest_url(&self) -> String {
@@ -117,18 +196,25 @@ impl Node {
         format!("https://{}", self.grpc_addr)
     }
 
+    pub fn peer_url(&self) -> String {
+        format!("https://{}", self.peer_addr)
+    }
+
     /// A token that stops the node when cancelled.
     pub fn cancel_token(&self) -> CancellationToken {
         self.cancel.clone()
     }
 
-    /// Stops accepting, lets open requests finish, waits for the listeners to close, and closes
-    /// the state, so the data folder can be reopened as soon as this returns.
+    /// Stops accepting, lets open requests finish, stops consensus, and closes the state, so the
+    /// data folder can be reopened as soon as this returns.
     pub async fn shutdown(self) {
         self.cancel.cancel();
+        self.consensus.shutdown().await;
         for task in self.tasks {
+            task.abort();
             let _ = task.await;
         }
+        drop(self.consensus);
         // The listeners held the other references; dropping the last one joins the writer thread
         // and closes the databases, which blocks, so it happens off the async threads.
         let mut service = self.service;
@@ -155,10 +241,11 @@ async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("listening on {addr}"))
 }
 
-/// Writes the genesis transaction: the members, the users, the app and the service record.
-fn genesis(
+/// Starts a new network with this node alone and commits the genesis transaction: the members,
+/// the users, the app and the service record.
+async fn genesis(
     config: &NodeConfig,
-    store: &Store,
+    consensus: &Consensus,
     runtime: &Runtime,
     service_cert: &str,
 ) -> anyhow::Result<()> {
@@ -193,11 +280,15 @@ fn genesis(
         app,
         state: gov::ServiceState::Open,
     };
-    store.apply(&genesis.write_set())?;
-    tracing::info!(
-        members = genesis.members.len(),
-        users = genesis.users.len(),
-        "genesis written"
-    );
+    consensus.initialize().await?;
+    consensus
+        .wait_for_leader(GENESIS_ELECTION_TIMEOUT)
+        .await
+        .context("the first node did not elect itself")?;
+    let tx = consensus
+        .propose(TxEntry::new(TxKind::Genesis, genesis.write_set(), None))
+        .await
+        .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e:?}"))?;
+    tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");
     Ok(())
 }

@@ -1,0 +1,452 @@
+//! The replicated state machine: committed entries become durable writes to the KV store, with
+//! the applied log id, the membership and the term history in the same redb transaction.
+//!
+//! Followers never run contract code: they apply the write sets the leader proposed. Snapshots are
+//! files holding every KV entry and the term history; they stream to lagging followers.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use openraft::EntryPayload;
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::type_config::alias::SnapshotOf;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
+use crate::kv::{self, Store, WriteSet};
+use crate::txid::TxId;
+
+const APPLIED: &str = "raft_applied";
+const MEMBERSHIP: &str = "raft_membership";
+const TERM_HISTORY: &str = "term_history";
+/// Entries applied per durable transaction, so a long catch-up does not hold all in memory.
+const APPLY_BATCH_MAX: usize = 1024;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP1\0";
+
+/// The terms of the log: `(term, first index of that term)`, in order. It answers which term a
+/// committed index belongs to after the log itself has been purged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermHistory(Vec<(u64, u64)>);
+
+impl TermHistory {
+    fn record(&mut self, term: u64, index: u64) {
+        if self.0.last().is_none_or(|(t, _)| *t != term) {
+            self.0.push((term, index));
+        }
+    }
+
+    /// The term of the entry at `index`, if `index` is within the recorded history.
+    pub fn term_of(&self, index: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(_, first)| *first <= index)
+            .map(|(t, _)| *t)
+    }
+}
+
+/// What the rest of the node learns after each applied batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub last: Option<TxId>,
+    /// Bumped whenever a batch wrote a `gov.` map.
+    pub gov_version: u64,
+}
+
+/// A snapshot on disk.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    pub path: PathBuf,
+}
+
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    file: SnapshotFile,
+}
+
+struct Inner {
+    store: Store,
+    snapshot_dir: PathBuf,
+    current: Mutex<Option<StoredSnapshot>>,
+    applied: watch::Sender<Applied>,
+}
+
+/// The state machine handle; clones share everything.
+#[derive(Clone)]
+pub struct StateMachine {
+    inner: Arc<Inner>,
+}
+
+fn io_other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl StateMachine {
+    pub fn new(store: Store, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let sm = StateMachine {
+            inner: Arc::new(Inner {
+                store,
+                snapshot_dir,
+                current: Mutex::new(None),
+                applied: watch::Sender::new(Applied::default()),
+            }),
+        };
+        let last = sm.meta::<Option<LogId>>(APPLIED)?.flatten();
+        sm.inner
+            .applied
+            .send_modify(|a| a.last = last.as_ref().map(super::types::tx_id));
+        sm.adopt_latest_snapshot_file()?;
+        Ok(sm)
+    }
+
+    /// Notifications after each applied batch.
+    pub fn subscribe(&self) -> watch::Receiver<Applied> {
+        self.inner.applied.subscribe()
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
+        let bytes = self.inner.store.meta(key).map_err(io_other)?;
+        bytes.map(|b| decode(&b, key)).transpose()
+    }
+
+    pub fn term_history(&self) -> io::Result<TermHistory> {
+        Ok(self.meta(TERM_HISTORY)?.unwrap_or_default())
+    }
+
+    /// After a restart, the newest snapshot file on disk is the current snapshot again.
+    fn adopt_latest_snapshot_file(&self) -> anyhow::Result<()> {
+        let mut newest: Option<(u64, PathBuf)> = None;
+        for entry in std::fs::read_dir(&self.inner.snapshot_dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "snap") {
+                let index = read_head(&path)
+                    .map(|m| m.last_log_id.map_or(0, |l| l.index))
+                    .unwrap_or(0);
+                if newest.as_ref().is_none_or(|(i, _)| index > *i) {
+                    newest = Some((index, path));
+                }
+            }
+        }
+        if let Some((_, path)) = newest {
+            let meta = read_head(&path)?;
+            *self.inner.current.lock().expect("snapshot lock") = Some(StoredSnapshot {
+                meta,
+                file: SnapshotFile { path },
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies a batch of entries in one durable transaction.
+    fn apply_batch(
+        &self,
+        batch: &[(LogId, Option<&WriteSet>, Option<StoredMembership>)],
+    ) -> io::Result<bool> {
+        let mut history = self.term_history()?;
+        let mut membership = None;
+        let mut writes = Vec::new();
+        let mut gov_touched = false;
+        for (log_id, ws, m) in batch {
+            history.record(log_id.leader_id.term, log_id.index);
+            if let Some(ws) = ws {
+                gov_touched |= ws
+                    .iter()
+                    .any(|(map, _, _)| map.starts_with(cloister_sdk::abi::GOV_PREFIX));
+                writes.push(*ws);
+            }
+            if m.is_some() {
+                membership = m.clone();
+            }
+        }
+        let last = batch.last().map(|(l, ..)| *l);
+        let applied = encode(&last);
+        let history = encode(&history);
+        let membership = membership.map(|m| encode(&m));
+        let mut meta: Vec<(&str, &[u8])> = vec![(APPLIED, &applied), (TERM_HISTORY, &history)];
+        if let Some(m) = &membership {
+            meta.push((MEMBERSHIP, m));
+        }
+        self.inner
+            .store
+            .apply_all(&writes, &meta)
+            .map_err(io_other)?;
+        Ok(gov_touched)
+    }
+
+    fn publish(&self, last: Option<LogId>, gov_touched: bool) {
+        self.inner.applied.send_modify(|a| {
+            a.last = last.as_ref().map(super::types::tx_id);
+            if gov_touched {
+                a.gov_version += 1;
+            }
+        });
+    }
+
+    fn build(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+        let export = self.inner.store.export().map_err(io_other)?;
+        let decode_meta =
+            |key: &str| -> io::Result<Option<Vec<u8>>> { export.meta(key).map_err(io_other) };
+        let last_log_id: Option<LogId> = decode_meta(APPLIED)?
+            .map(|b| decode(&b, APPLIED))
+            .transpose()?
+            .flatten();
+        let last_membership: StoredMembership = decode_meta(MEMBERSHIP)?
+            .map(|b| decode(&b, MEMBERSHIP))
+            .transpose()?
+            .unwrap_or_default();
+        let history = decode_meta(TERM_HISTORY)?.unwrap_or_else(|| encode(&TermHistory::default()));
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+        };
+        let name = match &last_log_id {
+            Some(l) => format!("{}-{}.snap", l.leader_id.term, l.index),
+            None => "0-0.snap".to_owned(),
+        };
+        let path = self.inner.snapshot_dir.join(&name);
+        let tmp = path.with_extension("tmp");
+        {
+            let mut out = BufWriter::new(std::fs::File::create(&tmp)?);
+            write_head(&mut out, &meta)?;
+            write_record(&mut out, &history)?;
+            export
+                .for_each(|k, v| {
+                    write_record(&mut out, k)
+                        .and_then(|_| write_record(&mut out, v))
+                        .map_err(|e| kv::KvError::Invalid {
+                            path: tmp.clone(),
+                            message: e.to_string(),
+                        })
+                })
+                .map_err(io_other)?;
+            out.into_inner()
+                .map_err(|e| io_other(e.error()))?
+                .sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        let file = SnapshotFile { path };
+        self.replace_current(StoredSnapshot {
+            meta: meta.clone(),
+            file: file.clone(),
+        });
+        Ok(Snapshot {
+            meta,
+            snapshot: file,
+        })
+    }
+
+    /// Makes `new` the current snapshot and deletes the files of older ones.
+    fn replace_current(&self, new: StoredSnapshot) {
+        let keep = new.file.path.clone();
+        *self.inner.current.lock().expect("snapshot lock") = Some(new);
+        if let Ok(dir) = std::fs::read_dir(&self.inner.snapshot_dir) {
+            for entry in dir.flatten() {
+                let p = entry.path();
+                if p != keep && p.extension().is_some_and(|e| e == "snap") {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+
+    /// A fresh path in the snapshot folder, for receiving a snapshot.
+    pub fn incoming_path(&self) -> PathBuf {
+        let mut id = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .expect("OS random");
+        self.inner
+            .snapshot_dir
+            .join(format!("incoming-{}.tmp", hex::encode(id)))
+    }
+}
+
+fn write_record(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    out.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    out.write_all(bytes)
+}
+
+/// Reads one length-prefixed record; `None` at a clean end of file.
+fn read_record(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+    input.read_exact(&mut buf)?;
+    Ok(Some(buf))
+}
+
+fn write_head(out: &mut impl Write, meta: &SnapshotMeta) -> io::Result<()> {
+    out.write_all(SNAPSHOT_MAGIC)?;
+    write_record(out, &encode(meta))
+}
+
+fn read_head_from(input: &mut impl Read, path: &Path) -> io::Result<SnapshotMeta> {
+    let mut magic = [0u8; 8];
+    input.read_exact(&mut magic)?;
+    if &magic != SNAPSHOT_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a Cloister snapshot", path.display()),
+        ));
+    }
+    let head = read_record(input)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot lacks its head"))?;
+    decode(&head, "snapshot metadata")
+}
+
+fn read_head(path: &Path) -> io::Result<SnapshotMeta> {
+    read_head_from(&mut BufReader::new(std::fs::File::open(path)?), path)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+        let sm = self.clone();
+        tokio::task::spawn_blocking(move || sm.build())
+            .await
+            .map_err(io_other)?
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let applied = self.meta::<Option<LogId>>(APPLIED)?.flatten();
+        let membership = self.meta(MEMBERSHIP)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
+    where
+        S: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + Send,
+    {
+        let mut pending = Vec::new();
+        loop {
+            let next = entries.try_next().await?;
+            let end = next.is_none();
+            if let Some(item) = next {
+                pending.push(item);
+            }
+            if pending.len() >= APPLY_BATCH_MAX || (end && !pending.is_empty()) {
+                let batch = std::mem::take(&mut pending);
+                let sm = self.clone();
+                let (last, gov_touched, responders) =
+                    tokio::task::spawn_blocking(move || -> io::Result<_> {
+                        let rows: Vec<_> = batch
+                            .iter()
+                            .map(|(entry, _)| {
+                                let ws = match &entry.payload {
+                                    EntryPayload::Normal(tx) => Some(&tx.writes),
+                                    _ => None,
+                                };
+                                let m = entry
+                                    .get_membership()
+                                    .map(|m| StoredMembership::new(Some(entry.log_id()), m));
+                                (entry.log_id(), ws, m)
+                            })
+                            .collect();
+                        let gov_touched = sm.apply_batch(&rows)?;
+                        let last = rows.last().map(|(l, ..)| *l);
+                        Ok((
+                            last,
+                            gov_touched,
+                            batch.into_iter().filter_map(|(_, r)| r).collect::<Vec<_>>(),
+                        ))
+                    })
+                    .await
+                    .map_err(io_other)??;
+                self.publish(last, gov_touched);
+                for responder in responders {
+                    responder.send(());
+                }
+            }
+            if end {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> io::Result<()> {
+        let sm = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let path = &snapshot.path;
+            let mut input = BufReader::new(std::fs::File::open(path)?);
+            let head = read_head_from(&mut input, path)?;
+            if head.last_log_id != meta.last_log_id {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "the snapshot file does not match its metadata"));
+            }
+            let history = read_record(&mut input)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot lacks its term history"))?;
+            let applied = encode(&meta.last_log_id);
+            let membership = encode(&meta.last_membership);
+            let entries = std::iter::from_fn(|| match (read_record(&mut input), read_record(&mut input)) {
+                (Ok(Some(k)), Ok(Some(v))) => Some(Ok((k, v))),
+                (Ok(None), _) => None,
+                (Err(e), _) | (_, Err(e)) => Some(Err(e.to_string())),
+                (Ok(Some(_)), Ok(None)) => Some(Err("the snapshot ends inside an entry".into())),
+            });
+            sm.inner
+                .store
+                .replace_all(entries, &[(APPLIED, &applied), (MEMBERSHIP, &membership), (TERM_HISTORY, &history)])
+                .map_err(io_other)?;
+            let final_path = sm.inner.snapshot_dir.join(match &meta.last_log_id {
+                Some(l) => format!("{}-{}.snap", l.leader_id.term, l.index),
+                None => "0-0.snap".to_owned(),
+            });
+            std::fs::rename(path, &final_path)?;
+            sm.replace_current(StoredSnapshot { meta: meta.clone(), file: SnapshotFile { path: final_path } });
+            sm.publish(meta.last_log_id, true);
+            tracing::info!(last = ?meta.last_log_id.as_ref().map(super::types::tx_id), "installed a snapshot");
+            Ok(())
+        })
+        .await
+        .map_err(io_other)?
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
+        let current = self.inner.current.lock().expect("snapshot lock");
+        Ok(current.as_ref().map(|s| Snapshot {
+            meta: s.meta.clone(),
+            snapshot: s.file.clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn term_history_answers_for_every_index() {
+        let mut h = TermHistory::default();
+        for (term, index) in [(1, 1), (1, 2), (3, 3), (3, 9), (4, 10)] {
+            h.record(term, index);
+        }
+        assert_eq!(h.0, vec![(1, 1), (3, 3), (4, 10)]);
+        assert_eq!(h.term_of(0), None);
+        assert_eq!(h.term_of(2), Some(1));
+        assert_eq!(h.term_of(9), Some(3));
+        assert_eq!(h.term_of(1000), Some(4));
+    }
+}

@@ -1,0 +1,379 @@
+//! Replication over real gRPC and mutual TLS on 127.0.0.1, with each node its own process:
+//! forwarding, leader kills under load, catch-up through the log and through a snapshot, and a
+//! minority partition.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cloister_host::bundled::RECONCILE;
+use cloister_host::client::Client;
+use cloister_tests::cluster::Cluster;
+use serde_json::json;
+
+fn record(key: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"lei": key, "nace": "X"})).unwrap()
+}
+
+async fn tx_status(cluster: &Cluster, node: usize, tx: &str) -> String {
+    let client = cluster.client(node, 0).await.unwrap();
+    let reply = client.get(&format!("/node/tx?id={tx}")).await.unwrap();
+    reply.json().unwrap()["status"].as_str().unwrap().to_owned()
+}
+
+/// Waits until node `node` lists every key in `keys`.
+async fn wait_for_keys(cluster: &Cluster, node: usize, keys: &BTreeSet<String>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let have = cluster.report_keys(node, 0).await.unwrap_or_default();
+        if keys.is_subset(&have) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node{node} lacks {} keys after {timeout:?}",
+            keys.difference(&have).count()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_the_leader_and_through_a_follower_reach_every_node() {
+    let mut c = Cluster::start(3, 1, RECONCILE, |_| {}).await;
+    let leader = c.leader().await.expect("a leader");
+    let follower = (leader + 1) % 3;
+    let direct = c
+        .client(leader, 0)
+        .await
+        .unwrap()
+        .post("/app/ingest", "application/json", record("ON-LEADER"))
+        .await
+        .unwrap();
+    let forwarded = c
+        .client(follower, 0)
+        .await
+        .unwrap()
+        .post("/app/ingest", "application/json", record("VIA-FOLLOWER"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (direct.status, forwarded.status),
+        (200, 200),
+        "{} / {}",
+        direct.text(),
+        forwarded.text()
+    );
+    let txs = [
+        direct.tx_id().expect("a tx id"),
+        forwarded.tx_id().expect("a forwarded write's tx id"),
+    ];
+
+    let keys: BTreeSet<String> = ["ON-LEADER", "VIA-FOLLOWER"].map(String::from).into();
+    for node in 0..3 {
+        wait_for_keys(&c, node, &keys, Duration::from_secs(10)).await;
+        for tx in &txs {
+            assert_eq!(
+                tx_status(&c, node, tx).await,
+                "Committed",
+                "{tx} on node{node}"
+            );
+        }
+    }
+    // A linearizable read on a follower sees a write acknowledged a moment ago.
+    let client = c.client(follower, 0).await.unwrap();
+    assert_eq!(
+        client
+            .post("/app/ingest", "application/json", record("FRESH"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let linearizable = [("x-cloister-consistency", "linearizable")];
+    let read = client
+        .request_with_headers("GET", "/app/report/FRESH", &linearizable, "")
+        .await
+        .unwrap();
+    assert_eq!(read.status, 200, "{}", read.text());
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Acked(String),
+    Unknown(Option<String>),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_repeated_leader_kills() {
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| cfg.limits.request_timeout_ms = 8_000).await;
+    let urls: Vec<String> = c.nodes.iter().map(|n| n.rest_url.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let (urls, stop) = (urls.clone(), stop.clone());
+            let (ca, id) = (c.ca_pem.clone(), c.members[0].keyed.clone());
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                let mut target = w % urls.len();
+                let mut client: Option<Client> = None;
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if client.is_none() {
+                        client = Client::connect(&urls[target], &ca, Some(&id)).await.ok();
+                        if client.is_none() {
+                            target = (target + 1) % urls.len();
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    }
+                    let (a, b) = (format!("w{w}-{n}-a"), format!("w{w}-{n}-b"));
+                    let body = serde_json::to_vec(
+                        &json!([{"lei": a, "nace": "X"}, {"lei": b, "nace": "X"}]),
+                    )
+                    .unwrap();
+                    let outcome = match client
+                        .as_ref()
+                        .unwrap()
+                        .post("/app/ingest", "application/json", body)
+                        .await
+                    {
+                        Ok(r) if r.status == 200 => {
+                            Outcome::Acked(r.tx_id().expect("acked writes carry a tx id"))
+                        }
+                        Ok(r) => Outcome::Unknown(r.tx_id()),
+                        Err(_) => {
+                            client = None;
+                            target = (target + 1) % urls.len();
+                            Outcome::Unknown(None)
+                        }
+                    };
+                    outcomes.push((a, b, outcome));
+                    n += 1;
+                }
+                outcomes
+            })
+        })
+        .collect();
+
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let leader = c
+            .leader()
+            .await
+            .unwrap_or_else(|| panic!("round {round}: no leader"));
+        c.kill(leader);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.spawn(leader);
+        c.wait_stable(3, Duration::from_secs(60)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for w in writers {
+        outcomes.extend(w.await.unwrap());
+    }
+    c.wait_stable(3, Duration::from_secs(60)).await;
+
+    let acked = outcomes
+        .iter()
+        .filter(|(.., o)| matches!(o, Outcome::Acked(_)))
+        .count();
+    assert!(
+        acked >= 50,
+        "too little load got through: {acked} of {} writes acknowledged",
+        outcomes.len()
+    );
+    let keys = c.report_keys(0, 0).await.unwrap();
+    for node in 1..3 {
+        assert_eq!(
+            c.report_keys(node, 0).await.unwrap(),
+            keys,
+            "node{node} agrees with node0"
+        );
+    }
+    for (a, b, outcome) in &outcomes {
+        let (has_a, has_b) = (keys.contains(a), keys.contains(b));
+        assert_eq!(has_a, has_b, "{a}/{b} ({outcome:?}) is half-applied");
+        match outcome {
+            Outcome::Acked(tx) => {
+                assert!(has_a, "acknowledged write {a} ({tx}) was lost");
+                assert_eq!(tx_status(&c, 0, tx).await, "Committed");
+            }
+            Outcome::Unknown(Some(tx)) => {
+                let status = tx_status(&c, 0, tx).await;
+                let want = if has_a { "Committed" } else { "Invalid" };
+                assert_eq!(status, want, "{a}: {tx} is {status} but present={has_a}");
+            }
+            Outcome::Unknown(None) => {}
+        }
+    }
+}
+
+/// A follower stopped during 10,000 writes catches up when it restarts.
+async fn follower_catches_up(through_snapshot: bool) {
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
+        if through_snapshot {
+            cfg.raft.snapshot_after_logs = 500;
+            cfg.raft.logs_kept_after_snapshot = 50;
+        } else {
+            cfg.raft.snapshot_after_logs = 1_000_000;
+        }
+    })
+    .await;
+    let leader = c.leader().await.unwrap();
+    let follower = (leader + 1) % 3;
+    c.stop(follower);
+    let writers: Vec<_> = (0..32)
+        .map(|w| {
+            let (url, ca, id) = (
+                c.nodes[leader].rest_url.clone(),
+                c.ca_pem.clone(),
+                c.members[0].keyed.clone(),
+            );
+            tokio::spawn(async move {
+                let client = Client::connect(&url, &ca, Some(&id)).await.unwrap();
+                for n in (w..10_000).step_by(32) {
+                    let r = client
+                        .post(
+                            "/app/ingest",
+                            "application/json",
+                            record(&format!("k{n:05}")),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status, 200, "{}", r.text());
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    c.spawn(follower);
+    c.wait_stable(3, Duration::from_secs(120)).await;
+    let keys: BTreeSet<String> = (0..10_000).map(|n| format!("k{n:05}")).collect();
+    wait_for_keys(&c, follower, &keys, Duration::from_secs(60)).await;
+    assert_eq!(
+        c.report_keys(follower, 0).await.unwrap(),
+        c.report_keys(leader, 0).await.unwrap()
+    );
+    let installed = c.log(follower).contains("installed a snapshot");
+    assert_eq!(
+        installed, through_snapshot,
+        "catch-up through a snapshot: {installed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_follower_catches_up_through_the_log() {
+    follower_catches_up(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_follower_catches_up_through_a_snapshot_after_log_purge() {
+    follower_catches_up(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_commits_nothing() {
+    let timeout_ms = 3_000;
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
+        cfg.limits.request_timeout_ms = timeout_ms
+    })
+    .await;
+    let leader = c.leader().await.unwrap();
+    let before = c.network(leader).await.unwrap()["committed"].clone();
+    for i in (0..3).filter(|i| *i != leader) {
+        c.stop(i);
+    }
+    let client = c.client(leader, 0).await.unwrap();
+    let started = Instant::now();
+    let reply = client
+        .post("/app/ingest", "application/json", record("MINORITY"))
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        elapsed < Duration::from_millis(timeout_ms + 2_000),
+        "answered after {elapsed:?}"
+    );
+    assert_eq!(
+        c.network(leader).await.unwrap()["committed"],
+        before,
+        "a lone node commits nothing"
+    );
+    assert!(!c.report_keys(leader, 0).await.unwrap().contains("MINORITY"));
+
+    // Once the others are back, the write's fate is decided one way, consistently.
+    for i in (0..3).filter(|i| *i != leader) {
+        c.spawn(i);
+    }
+    c.wait_stable(3, Duration::from_secs(60)).await;
+    let present = c.report_keys(leader, 0).await.unwrap().contains("MINORITY");
+    if let Some(tx) = reply.tx_id() {
+        let status = tx_status(&c, leader, &tx).await;
+        assert_eq!(status, if present { "Committed" } else { "Invalid" });
+    }
+}
+
+/// Waits until `node` sees `voters` voters and a leader.
+async fn wait_voters(node: &cloister_host::node::Node, voters: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let net = node.consensus().network();
+        let count = net.nodes.iter().filter(|n| n.role != "learner").count();
+        if count == voters && net.nodes.len() == voters && net.leader.is_some() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {voters} voters, see {net:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_as_voters_and_a_removed_node_leaves_the_network() {
+    use cloister_host::node::Node;
+    let c = Cluster::prepare(3, 1, RECONCILE, |cfg| {
+        cfg.raft.heartbeat_interval_ms = 100;
+        cfg.raft.election_timeout_min_ms = 600;
+        cfg.raft.election_timeout_max_ms = 1200;
+    });
+    let n0 = Node::start(c.nodes[0].config.clone()).await.unwrap();
+    wait_voters(&n0, 1).await;
+    let n1 = Node::start(c.nodes[1].config.clone()).await.unwrap();
+    wait_voters(&n0, 2).await;
+    let n2 = Node::start(c.nodes[2].config.clone()).await.unwrap();
+    wait_voters(&n0, 3).await;
+    wait_voters(&n2, 3).await;
+
+    let write = |node: usize, key: &'static str| {
+        let c = &c;
+        async move {
+            c.client(node, 0)
+                .await
+                .unwrap()
+                .post("/app/ingest", "application/json", record(key))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(write(2, "BEFORE-REMOVAL").await.status, 200);
+
+    // Remove node2: it leaves the membership, and the remaining two keep committing.
+    n0.consensus().remove(n2.id).await.expect("removal commits");
+    wait_voters(&n0, 2).await;
+    n2.shutdown().await;
+    let after = write(1, "AFTER-REMOVAL").await;
+    assert_eq!(after.status, 200, "{}", after.text());
+    for node in [0, 1] {
+        let keys = c.report_keys(node, 0).await.unwrap();
+        assert!(keys.contains("BEFORE-REMOVAL") && keys.contains("AFTER-REMOVAL"));
+    }
+    n1.shutdown().await;
+    n0.shutdown().await;
+}
