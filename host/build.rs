@@ -7,25 +7,13 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The contracts to build: package names in the workspace.
-const CONTRACTS: &[&str] = &["reconcile", "misbehave"];
+const CONTRACTS: &[&str] = &["reconcile", "misbehave", "constitution"];
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let workspace = manifest_dir
-        .parent()
-        .expect("host/ sits in the workspace")
-        .to_owned();
-    for watched in [
-        "contracts",
-        "guest-sdk/src",
-        "guest-sdk/Cargo.toml",
-        "Cargo.lock",
-    ] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            workspace.join(watched).display()
-        );
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let workspace = manifest_dir.parent().expect("host/ sits in the workspace").to_owned();
+    for watched in ["contracts", "guest-sdk/src", "guest-sdk/Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
     // A separate target directory: the outer build holds the lock on its own.
@@ -38,13 +26,7 @@ fn main() {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
-        .args([
-            "build",
-            "--profile",
-            "contract",
-            "--target",
-            "wasm32-wasip1",
-        ])
+        .args(["build", "--profile", "contract", "--target", "wasm32-wasip1"])
         .arg("--target-dir")
         .arg(&target_dir);
     for name in CONTRACTS {
@@ -52,13 +34,9 @@ fn main() {
     }
     // Flags and wrappers meant for the host build (clippy's driver, host rustflags) must not
     // reach the wasm build.
-    for var in [
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
+    for var in
+        ["RUSTC_WORKSPACE_WRAPPER", "CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"]
+    {
         cmd.env_remove(var);
     }
     let output = cmd.output().expect("running cargo to build the contracts");
@@ -73,19 +51,9 @@ fn main() {
         panic!("building the contracts for wasm32-wasip1 failed:\n{stderr}{hint}");
     }
     for name in CONTRACTS {
-        let wasm = target_dir
-            .join("wasm32-wasip1/contract")
-            .join(format!("{name}.wasm"));
-        assert!(
-            wasm.exists(),
-            "the contract build did not produce {}",
-            wasm.display()
-        );
-        println!(
-            "cargo:rustc-env=CLOISTER_WASM_{}={}",
-            name.to_uppercase(),
-            wasm.display()
-        );
+        let wasm = target_dir.join("wasm32-wasip1/contract").join(format!("{name}.wasm"));
+        assert!(wasm.exists(), "the contract build did not produce {}", wasm.display());
+        println!("cargo:rustc-env=CLOISTER_WASM_{}={}", name.to_uppercase(), wasm.display());
     }
 }
 
@@ -104,15 +72,9 @@ fn ensure_wasm_target() {
     let Ok(toolchain) = env::var("RUSTUP_TOOLCHAIN") else {
         return; // Not a rustup toolchain: the build below explains what is missing.
     };
-    println!(
-        "cargo:warning=installing the wasm32-wasip1 target for {toolchain} (rustup target add)"
-    );
-    let status = Command::new("rustup")
-        .args(["target", "add", "wasm32-wasip1", "--toolchain", &toolchain])
-        .status();
+    println!("cargo:warning=installing the wasm32-wasip1 target for {toolchain} (rustup target add)");
+    let status = Command::new("rustup").args(["target", "add", "wasm32-wasip1", "--toolchain", &toolchain]).status();
     if !matches!(status, Ok(s) if s.success()) {
-        println!(
-            "cargo:warning=`rustup target add wasm32-wasip1` failed; the contract build will say why"
-        );
+        println!("cargo:warning=`rustup target add wasm32-wasip1` failed; the contract build will say why");
     }
 }

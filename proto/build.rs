@@ -3,11 +3,7 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &[
-    "cloister/app.proto",
-    "cloister/reconcile.proto",
-    "cloister/raft.proto",
-];
+const PROTOS: &[&str] = &["cloister/app.proto", "cloister/reconcile.proto", "cloister/raft.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
@@ -15,10 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut compiler = protox::Compiler::new(["."])?;
     compiler.include_imports(true).include_source_info(true);
     compiler.open_files(PROTOS)?;
-    std::fs::write(
-        out_dir.join("cloister_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    std::fs::write(out_dir.join("cloister_descriptor.bin"), compiler.encode_file_descriptor_set())?;
     tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

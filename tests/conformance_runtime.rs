@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cloister_host::kv::Store;
 use cloister_host::wasm::{Invocation, Limits, LoadedModule, Runtime};
-use cloister_sdk::abi::{self, RequestHead};
+use cloister_sdk::abi::{self, Privilege, RequestHead};
 use cloister_sdk::{Caller, Error};
 use cloister_tests::conformance::{self, Call, ScenarioClient};
 use serde_json::Value;
@@ -23,12 +23,7 @@ impl InProcess {
         let store = Store::open(&dir.path().join("state.redb")).unwrap();
         let runtime = Runtime::new(Limits::default()).unwrap();
         let module = runtime.load(cloister_host::bundled::RECONCILE).unwrap();
-        InProcess {
-            _dir: dir,
-            runtime,
-            store,
-            module,
-        }
+        InProcess { _dir: dir, runtime, store, module }
     }
 
     fn call_sync(&self, call: Call<'_>) -> (u16, Value) {
@@ -53,20 +48,14 @@ impl InProcess {
             body: call.body,
             mode: endpoint.mode,
             namespace: "app",
+            privilege: Privilege::App,
         };
-        let (tx, result) = self
-            .runtime
-            .execute(&self.module, inv, self.store.begin().unwrap());
-        let response = result
-            .expect("the reconcile contract never traps on the scenario")
-            .response;
+        let (tx, result) = self.runtime.execute(&self.module, inv, self.store.begin().unwrap());
+        let response = result.expect("the reconcile contract never traps on the scenario").response;
         if response.is_success() {
             self.store.apply(&tx.into_writes()).unwrap();
         }
-        (
-            response.head.status,
-            serde_json::from_slice(&response.body).unwrap_or(Value::Null),
-        )
+        (response.head.status, serde_json::from_slice(&response.body).unwrap_or(Value::Null))
     }
 }
 
@@ -84,7 +73,5 @@ impl ScenarioClient for InProcess {
 async fn conformance_scenario_on_the_real_runtime() {
     let mut client = InProcess::new();
     // The runtime blocks; run the whole scenario on a blocking thread.
-    tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(conformance::run(&mut client))
-    });
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(conformance::run(&mut client)));
 }

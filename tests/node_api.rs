@@ -22,11 +22,7 @@ fn assert_error(reply: &cloister_host::client::Reply, status: u16, code: &str, n
 
 /// Wasm limits under which `/loop` runs until the 2 s wall-clock watchdog stops it.
 fn endless_loops() -> cloister_host::wasm::Limits {
-    cloister_host::wasm::Limits {
-        fuel_per_request: u64::MAX / 2,
-        wall_time_ms: 2_000,
-        ..Default::default()
-    }
+    cloister_host::wasm::Limits { fuel_per_request: u64::MAX / 2, wall_time_ms: 2_000, ..Default::default() }
 }
 
 async fn report(client: &Client) -> Value {
@@ -47,98 +43,41 @@ async fn authorisation_matrix() {
     // No certificate: public endpoints only.
     assert_eq!(anonymous.get("/app/noop").await.unwrap().status, 204);
     assert_eq!(anonymous.get("/node/health").await.unwrap().status, 200);
-    assert_error(
-        &anonymous.get("/app/get/x").await.unwrap(),
-        401,
-        "Unauthorized",
-        "client certificate",
-    );
+    assert_error(&anonymous.get("/app/get/x").await.unwrap(), 401, "Unauthorized", "client certificate");
     // An unknown certificate: 401 naming it; public endpoints still answer.
-    assert_error(
-        &unknown.get("/app/get/x").await.unwrap(),
-        401,
-        "Unauthorized",
-        &stranger.id,
-    );
+    assert_error(&unknown.get("/app/get/x").await.unwrap(), 401, "Unauthorized", &stranger.id);
     assert_eq!(unknown.get("/app/noop").await.unwrap().status, 204);
     // A known identity without the role: 403.
-    assert_error(
-        &user.get("/app/members-only").await.unwrap(),
-        403,
-        "Forbidden",
-        "members only",
-    );
-    assert_error(
-        &member.get("/app/users-only").await.unwrap(),
-        403,
-        "Forbidden",
-        "users only",
-    );
+    assert_error(&user.get("/app/members-only").await.unwrap(), 403, "Forbidden", "members only");
+    assert_error(&member.get("/app/users-only").await.unwrap(), 403, "Forbidden", "users only");
     assert_eq!(member.get("/app/members-only").await.unwrap().status, 204);
     assert_eq!(user.get("/app/users-only").await.unwrap().status, 204);
 
     // The same over gRPC.
-    let call = |path: &str| CallRequest {
-        method: "GET".into(),
-        path: path.into(),
-        ..Default::default()
-    };
+    let call = |path: &str| CallRequest { method: "GET".into(), path: path.into(), ..Default::default() };
     let mut as_user = AppClient::new(
-        grpc_channel(
-            &service.grpc_url(),
-            &service.ca_pem,
-            Some(&service.users[0].keyed),
-        )
-        .await
-        .unwrap(),
+        grpc_channel(&service.grpc_url(), &service.ca_pem, Some(&service.users[0].keyed)).await.unwrap(),
     );
-    let mut as_stranger = AppClient::new(
-        grpc_channel(&service.grpc_url(), &service.ca_pem, Some(&stranger.keyed))
-            .await
-            .unwrap(),
-    );
+    let mut as_stranger =
+        AppClient::new(grpc_channel(&service.grpc_url(), &service.ca_pem, Some(&stranger.keyed)).await.unwrap());
     let denied = as_user.call(call("/members-only")).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
-    assert!(
-        denied.message().contains("\"Forbidden\""),
-        "{}",
-        denied.message()
-    );
-    assert_eq!(
-        as_stranger.call(call("/get/x")).await.unwrap_err().code(),
-        tonic::Code::Unauthenticated
-    );
-    assert_eq!(
-        as_user
-            .call(call("/users-only"))
-            .await
-            .unwrap()
-            .into_inner()
-            .status,
-        204
-    );
+    assert!(denied.message().contains("\"Forbidden\""), "{}", denied.message());
+    assert_eq!(as_stranger.call(call("/get/x")).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    assert_eq!(as_user.call(call("/users-only")).await.unwrap().into_inner().status, 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_party_reading_a_key_it_never_submitted_learns_nothing() {
     let service = TestService::start(2, 0, RECONCILE, Limits::default()).await;
     let (m0, m1) = (service.member(0).await, service.member(1).await);
-    let ingest = m0
-        .post(
-            "/app/ingest",
-            "application/json",
-            r#"{"lei":"SECRET-KEY","nace":"SECRET-VALUE"}"#,
-        )
-        .await
-        .unwrap();
+    let ingest =
+        m0.post("/app/ingest", "application/json", r#"{"lei":"SECRET-KEY","nace":"SECRET-VALUE"}"#).await.unwrap();
     assert_eq!(ingest.status, 200);
     let foreign = m1.get("/app/report/SECRET-KEY").await.unwrap();
     let missing = m1.get("/app/report/NO-SUCH-KEY").await.unwrap();
     assert_error(&foreign, 404, "NotFound", "no record submitted by you");
-    assert_eq!(
-        (foreign.status, foreign.body.clone()),
-        (missing.status, missing.body.clone())
-    );
+    assert_eq!((foreign.status, foreign.body.clone()), (missing.status, missing.body.clone()));
     assert!(!foreign.text().contains("SECRET"));
     assert_eq!(report(&m1).await, serde_json::json!([]));
 }
@@ -146,128 +85,49 @@ async fn a_party_reading_a_key_it_never_submitted_learns_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_changes_nothing() {
     let body_max = 64 << 10;
-    let service = TestService::start(
-        1,
-        0,
-        RECONCILE,
-        Limits {
-            body_bytes_max: body_max,
-            ..Limits::default()
-        },
-    )
-    .await;
+    let service = TestService::start(1, 0, RECONCILE, Limits { body_bytes_max: body_max, ..Limits::default() }).await;
     let m = service.member(0).await;
-    assert_eq!(
-        m.post(
-            "/app/ingest",
-            "application/json",
-            r#"[{"lei":"K1","nace":"A"}]"#
-        )
-        .await
-        .unwrap()
-        .status,
-        200
-    );
+    assert_eq!(m.post("/app/ingest", "application/json", r#"[{"lei":"K1","nace":"A"}]"#).await.unwrap().status, 200);
     let before = report(&m).await;
 
     let json = "application/json";
     assert_error(
-        &m.post("/app/ingest", json, r#"[{"lei":"K2","nace":"A"},"#)
-            .await
-            .unwrap(),
+        &m.post("/app/ingest", json, r#"[{"lei":"K2","nace":"A"},"#).await.unwrap(),
         400,
         "BadRequest",
         "not valid JSON",
     );
     assert_error(
-        &m.post("/app/csv/ingest", "text/csv", "key,value\nK2,A\n")
-            .await
-            .unwrap(),
+        &m.post("/app/csv/ingest", "text/csv", "key,value\nK2,A\n").await.unwrap(),
         400,
         "BadRequest",
         "lacks lei, nace",
     );
     assert_error(
-        &m.post(
-            "/app/csv/ingest",
-            "text/csv",
-            b"lei,nace\nK2,\xff\xfe\n".to_vec(),
-        )
-        .await
-        .unwrap(),
+        &m.post("/app/csv/ingest", "text/csv", b"lei,nace\nK2,\xff\xfe\n".to_vec()).await.unwrap(),
         400,
         "BadRequest",
         "UTF-8",
     );
-    assert_error(
-        &m.post("/app/ingest", json, b"\xff\xfe".to_vec())
-            .await
-            .unwrap(),
-        400,
-        "BadRequest",
-        "JSON",
-    );
-    assert_error(
-        &m.get("/app/no/such/path").await.unwrap(),
-        404,
-        "NotFound",
-        "/app/no/such/path",
-    );
-    assert_error(
-        &m.get("/no/such/path").await.unwrap(),
-        404,
-        "NotFound",
-        "/no/such/path",
-    );
-    assert_error(
-        &m.get("/app/ingest").await.unwrap(),
-        405,
-        "MethodNotAllowed",
-        "GET",
-    );
-    assert_error(
-        &m.request("PUT", "/node/health", None, "").await.unwrap(),
-        405,
-        "MethodNotAllowed",
-        "PUT",
-    );
+    assert_error(&m.post("/app/ingest", json, b"\xff\xfe".to_vec()).await.unwrap(), 400, "BadRequest", "JSON");
+    assert_error(&m.get("/app/no/such/path").await.unwrap(), 404, "NotFound", "/app/no/such/path");
+    assert_error(&m.get("/no/such/path").await.unwrap(), 404, "NotFound", "/no/such/path");
+    assert_error(&m.get("/app/ingest").await.unwrap(), 405, "MethodNotAllowed", "GET");
+    assert_error(&m.request("PUT", "/node/health", None, "").await.unwrap(), 405, "MethodNotAllowed", "PUT");
 
     // body_bytes_max, at its edge: a body of exactly the limit runs (and is refused by the app as
     // JSON); one byte more is refused before anything runs.
     let at_limit = vec![b' '; body_max];
-    assert_error(
-        &m.post("/app/ingest", json, at_limit).await.unwrap(),
-        400,
-        "BadRequest",
-        "JSON",
-    );
+    assert_error(&m.post("/app/ingest", json, at_limit).await.unwrap(), 400, "BadRequest", "JSON");
     let over = vec![b' '; body_max + 1];
-    assert_error(
-        &m.post("/app/ingest", json, over).await.unwrap(),
-        413,
-        "PayloadTooLarge",
-        "body_bytes_max",
-    );
+    assert_error(&m.post("/app/ingest", json, over).await.unwrap(), 413, "PayloadTooLarge", "body_bytes_max");
 
     // Malformed protobuf on the gRPC port: refused (INTERNAL, as the gRPC spec prescribes for an
     // unparsable request message) without reaching the app.
-    let raw = Client::connect(
-        &service.grpc_url(),
-        &service.ca_pem,
-        Some(&service.members[0].keyed),
-    )
-    .await
-    .unwrap();
+    let raw = Client::connect(&service.grpc_url(), &service.ca_pem, Some(&service.members[0].keyed)).await.unwrap();
     let mut frame = vec![0u8, 0, 0, 0, 4];
     frame.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
-    let reply = raw
-        .post(
-            "/cloister.reconcile.v1.Reconcile/Ingest",
-            "application/grpc",
-            frame,
-        )
-        .await
-        .unwrap();
+    let reply = raw.post("/cloister.reconcile.v1.Reconcile/Ingest", "application/grpc", frame).await.unwrap();
     let grpc_status = reply
         .trailers
         .as_ref()
@@ -277,25 +137,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(grpc_status, "13", "INTERNAL");
     // An oversized gRPC message is refused by the decoder.
     let mut channel = cloister_proto::reconcile::v1::reconcile_client::ReconcileClient::new(
-        grpc_channel(
-            &service.grpc_url(),
-            &service.ca_pem,
-            Some(&service.members[0].keyed),
-        )
-        .await
-        .unwrap(),
+        grpc_channel(&service.grpc_url(), &service.ca_pem, Some(&service.members[0].keyed)).await.unwrap(),
     );
-    let huge = cloister_proto::reconcile::v1::IngestCsvRequest {
-        csv: "x".repeat(body_max + 1),
-    };
+    let huge = cloister_proto::reconcile::v1::IngestCsvRequest { csv: "x".repeat(body_max + 1) };
     let refused = channel.ingest_csv(huge).await.unwrap_err();
-    assert!(
-        matches!(
-            refused.code(),
-            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
-        ),
-        "{refused:?}"
-    );
+    assert!(matches!(refused.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{refused:?}");
 
     assert_eq!(report(&m).await, before, "no bad input changed the state");
 }
@@ -305,19 +151,12 @@ async fn traps_are_500_with_a_named_error_and_the_node_keeps_serving() {
     let service = TestService::start(1, 0, &misbehave_wasm(), Limits::default()).await;
     let m = service.member(0).await;
     assert_error(
-        &m.post("/app/panic?what=now", "text/plain", "")
-            .await
-            .unwrap(),
+        &m.post("/app/panic?what=now", "text/plain", "").await.unwrap(),
         500,
         "GuestPanic",
         "misbehave panicked now",
     );
-    assert_error(
-        &m.post("/app/recurse", "text/plain", "").await.unwrap(),
-        500,
-        "StackOverflow",
-        "stack_bytes_max",
-    );
+    assert_error(&m.post("/app/recurse", "text/plain", "").await.unwrap(), 500, "StackOverflow", "stack_bytes_max");
     let put = m.post("/app/put/k", "text/plain", "v").await.unwrap();
     assert_eq!(put.status, 204);
     assert!(put.tx_id().is_some(), "writes carry x-cloister-tx-id");
@@ -327,11 +166,7 @@ async fn traps_are_500_with_a_named_error_and_the_node_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_timeout_and_inflight_limits() {
     let service = TestService::start_with(2, 0, &misbehave_wasm(), |c| {
-        c.limits = Limits {
-            request_timeout_ms: 300,
-            inflight_per_identity_max: 1,
-            ..Limits::default()
-        };
+        c.limits = Limits { request_timeout_ms: 300, inflight_per_identity_max: 1, ..Limits::default() };
         c.wasm = endless_loops();
     })
     .await;
@@ -344,39 +179,18 @@ async fn request_timeout_and_inflight_limits() {
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The same identity, while its first request is in flight: 429.
-    assert_error(
-        &m.get("/app/get/k").await.unwrap(),
-        429,
-        "TooManyRequests",
-        "inflight_per_identity_max",
-    );
+    assert_error(&m.get("/app/get/k").await.unwrap(), 429, "TooManyRequests", "inflight_per_identity_max");
     // Another identity is not affected by that limit.
-    assert_eq!(
-        service
-            .member(1)
-            .await
-            .get("/app/get/k")
-            .await
-            .unwrap()
-            .status,
-        404
-    );
+    assert_eq!(service.member(1).await.get("/app/get/k").await.unwrap().status, 404);
     let timed_out = spinning.await.unwrap();
     assert_error(&timed_out, 503, "ServiceUnavailable", "request_timeout_ms");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "answered after {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_queue_is_bounded() {
     let service = TestService::start_with(3, 0, &misbehave_wasm(), |c| {
-        c.limits = Limits {
-            write_queue_max: 1,
-            ..Limits::default()
-        };
+        c.limits = Limits { write_queue_max: 1, ..Limits::default() };
         c.wasm = endless_loops();
     })
     .await;
@@ -397,45 +211,26 @@ async fn the_write_queue_is_bounded() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_error(
-        &clients[2]
-            .post("/app/put/x", "text/plain", "x")
-            .await
-            .unwrap(),
+        &clients[2].post("/app/put/x", "text/plain", "x").await.unwrap(),
         503,
         "ServiceUnavailable",
         "write_queue_max",
     );
-    assert_error(
-        &busy.await.unwrap(),
-        500,
-        "WallTimeExceeded",
-        "wall_time_ms",
-    );
-    assert_eq!(
-        queued.await.unwrap().status,
-        204,
-        "the queued write ran after the loop"
-    );
+    assert_error(&busy.await.unwrap(), 500, "WallTimeExceeded", "wall_time_ms");
+    assert_eq!(queued.await.unwrap().status, 204, "the queued write ran after the loop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_wait() {
-    let limits = Limits {
-        connections_max: 1,
-        ..Limits::default()
-    };
+    let limits = Limits { connections_max: 1, ..Limits::default() };
     let service = TestService::start(1, 0, &misbehave_wasm(), limits).await;
     let first = service.member(0).await;
     assert_eq!(first.get("/app/noop").await.unwrap().status, 204);
     let second = tokio::time::timeout(Duration::from_millis(500), service.member(0)).await;
-    assert!(
-        second.is_err(),
-        "a second connection is not accepted while the first is open"
-    );
+    assert!(second.is_err(), "a second connection is not accepted while the first is open");
     drop(first);
-    let second = tokio::time::timeout(Duration::from_secs(5), service.member(0))
-        .await
-        .expect("accepted once the slot frees");
+    let second =
+        tokio::time::timeout(Duration::from_secs(5), service.member(0)).await.expect("accepted once the slot frees");
     assert_eq!(second.get("/app/noop").await.unwrap().status, 204);
 }
 
@@ -451,28 +246,15 @@ async fn built_in_endpoints_and_reflection() {
     assert_eq!(network["leader"], network["nodes"][0]["id"]);
     let api = c.get("/app/api").await.unwrap().json().unwrap();
     assert_eq!(api["openapi"], "3.1.0");
-    for path in [
-        "/node/health",
-        "/app/ingest",
-        "/app/csv/ingest",
-        "/app/report",
-        "/app/report/{key}",
-    ] {
-        assert!(
-            api["paths"].get(path).is_some(),
-            "{path} missing from the OpenAPI document"
-        );
+    for path in ["/node/health", "/app/ingest", "/app/csv/ingest", "/app/report", "/app/report/{key}"] {
+        assert!(api["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
     }
     assert!(api["paths"]["/app/ingest"].get("post").is_some());
 
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_response::MessageResponse,
-    };
-    let channel = grpc_channel(&service.grpc_url(), &service.ca_pem, None)
-        .await
-        .unwrap();
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_response::MessageResponse};
+    let channel = grpc_channel(&service.grpc_url(), &service.ca_pem, None).await.unwrap();
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -482,66 +264,33 @@ async fn built_in_endpoints_and_reflection() {
         .await
         .unwrap()
         .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        stream.message().await.unwrap().unwrap().message_response
+    let Some(MessageResponse::ListServicesResponse(list)) = stream.message().await.unwrap().unwrap().message_response
     else {
         panic!("expected a service list");
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(
-        names.contains(&"cloister.app.v1.App")
-            && names.contains(&"cloister.reconcile.v1.Reconcile"),
-        "{names:?}"
-    );
+    assert!(names.contains(&"cloister.app.v1.App") && names.contains(&"cloister.reconcile.v1.Reconcile"), "{names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_a_restart() {
     let mut service = TestService::start(2, 0, RECONCILE, Limits::default()).await;
     let data = cloister_tests::conformance::file("member1_data.json");
-    let first = service
-        .member(0)
-        .await
-        .post("/app/ingest", "application/json", data.clone())
-        .await
-        .unwrap();
+    let first = service.member(0).await.post("/app/ingest", "application/json", data.clone()).await.unwrap();
     assert_eq!(first.status, 200);
     let first_tx = first.tx_id().expect("a tx id");
     let csv = cloister_tests::conformance::file("member0_data.csv");
-    assert_eq!(
-        service
-            .member(1)
-            .await
-            .post("/app/csv/ingest", "text/csv", csv)
-            .await
-            .unwrap()
-            .status,
-        200
-    );
-    let before = (
-        report(&service.member(0).await).await,
-        report(&service.member(1).await).await,
-    );
+    assert_eq!(service.member(1).await.post("/app/csv/ingest", "text/csv", csv).await.unwrap().status, 200);
+    let before = (report(&service.member(0).await).await, report(&service.member(1).await).await);
     service.restart().await;
-    let after = (
-        report(&service.member(0).await).await,
-        report(&service.member(1).await).await,
-    );
+    let after = (report(&service.member(0).await).await, report(&service.member(1).await).await);
     assert_eq!(before, after);
     // Writes continue after the restart, with later transaction ids.
     let client = service.member(0).await;
-    let again = client
-        .post("/app/ingest", "application/json", data)
-        .await
-        .unwrap();
+    let again = client.post("/app/ingest", "application/json", data).await.unwrap();
     let id: cloister_host::txid::TxId = again.tx_id().expect("a tx id").parse().unwrap();
     let first: cloister_host::txid::TxId = first_tx.parse().unwrap();
     assert!(id.seqno > first.seqno, "{id} follows {first}");
-    let status = client
-        .get(&format!("/node/tx?id={id}"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let status = client.get(&format!("/node/tx?id={id}")).await.unwrap().json().unwrap();
     assert_eq!(status["status"], "Committed");
 }

@@ -12,25 +12,16 @@ use cloister_tests::grpc::Grpc;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_over_https() {
     let service = TestService::start(3, 0, RECONCILE, Default::default()).await;
-    let mut rest = Rest(vec![
-        service.member(0).await,
-        service.member(1).await,
-        service.member(2).await,
-    ]);
+    let mut rest = Rest(vec![service.member(0).await, service.member(1).await, service.member(2).await]);
     conformance::run(&mut rest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_over_grpc() {
     let service = TestService::start(3, 0, RECONCILE, Default::default()).await;
-    let mut grpc = Grpc {
-        reconcile: Vec::new(),
-        app: Vec::new(),
-    };
+    let mut grpc = Grpc { reconcile: Vec::new(), app: Vec::new() };
     for m in &service.members {
-        let channel = grpc_channel(&service.grpc_url(), &service.ca_pem, Some(&m.keyed))
-            .await
-            .expect("gRPC connects");
+        let channel = grpc_channel(&service.grpc_url(), &service.ca_pem, Some(&m.keyed)).await.expect("gRPC connects");
         grpc.reconcile.push(ReconcileClient::new(channel.clone()));
         grpc.app.push(AppClient::new(channel));
     }

@@ -21,9 +21,21 @@ fn free_port_triple() -> u16 {
     }
 }
 
+/// The sandbox process; a failing test still stops it (and, through it, its nodes).
+struct Sandbox(Child);
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts the sandbox and waits for it to say it is running.
-fn start(dir: &std::path::Path, port: u16) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
+fn start(dir: &std::path::Path, port: u16) -> Sandbox {
+    let child = Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
         .args(["sandbox", "--dir"])
         .arg(dir)
         .args(["--port", &port.to_string()])
@@ -31,13 +43,11 @@ fn start(dir: &std::path::Path, port: u16) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("the sandbox starts");
-    let stdout = child.stdout.take().unwrap();
+    let mut child = Sandbox(child);
+    let stdout = child.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
@@ -51,31 +61,23 @@ fn start(dir: &std::path::Path, port: u16) -> Child {
                     break;
                 }
             }
-            Err(e) => panic!(
-                "the sandbox did not come up ({e}); it printed:\n{}",
-                printed.join("\n")
-            ),
+            Err(e) => panic!("the sandbox did not come up ({e}); it printed:\n{}", printed.join("\n")),
         }
     }
     let text = printed.join("\n");
     assert!(text.contains("Cloister sandbox is running"), "{text}");
-    assert!(
-        text.contains("curl") && text.contains("call --sandbox"),
-        "it prints ready-to-paste commands: {text}"
-    );
+    assert!(text.contains("curl") && text.contains("call --sandbox"), "it prints ready-to-paste commands: {text}");
     child
 }
 
-fn interrupt(child: &mut Child) {
+fn interrupt(sandbox: &mut Sandbox) {
+    let child = &mut sandbox.0;
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     // SAFETY: kill(2) with a valid signal, on our own child.
     unsafe { libc::kill(pid, libc::SIGINT) };
     for _ in 0..300 {
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "the sandbox exits cleanly on Ctrl-C: {status}"
-            );
+            assert!(status.success(), "the sandbox exits cleanly on Ctrl-C: {status}");
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -86,23 +88,13 @@ fn interrupt(child: &mut Child) {
 
 fn alive(pid: u64) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
 }
 
 async fn party_client(sandbox: &Value, name: &str) -> Client {
-    let party = sandbox["parties"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .expect("party listed");
-    let id = identity::read_pair(
-        party["cert"].as_str().unwrap().as_ref(),
-        party["key"].as_str().unwrap().as_ref(),
-    )
-    .unwrap();
+    let party = sandbox["parties"].as_array().unwrap().iter().find(|p| p["name"] == name).expect("party listed");
+    let id =
+        identity::read_pair(party["cert"].as_str().unwrap().as_ref(), party["key"].as_str().unwrap().as_ref()).unwrap();
     let ca = std::fs::read(sandbox["service_cert"].as_str().unwrap()).unwrap();
     Client::connect(sandbox["rest_url"].as_str().unwrap(), &ca, Some(&id))
         .await
@@ -110,8 +102,7 @@ async fn party_client(sandbox: &Value, name: &str) -> Client {
 }
 
 fn read_sandbox(dir: &std::path::Path) -> Value {
-    serde_json::from_slice(&std::fs::read(dir.join("sandbox.json")).expect("sandbox.json written"))
-        .unwrap()
+    serde_json::from_slice(&std::fs::read(dir.join("sandbox.json")).expect("sandbox.json written")).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,22 +119,13 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     let pid = node["pid"].as_u64().expect("node pid");
     assert!(alive(pid), "the node runs as its own process");
     for key in ["id", "rest_url", "grpc_url", "data_dir"] {
-        assert!(
-            node.get(key).is_some(),
-            "sandbox.json lists the node's {key}"
-        );
+        assert!(node.get(key).is_some(), "sandbox.json lists the node's {key}");
     }
 
     let member0 = party_client(&file, "member0").await;
     let csv = std::fs::read(dir.path().join("demo/member0_data.csv")).expect("demo data written");
-    assert_eq!(
-        member0
-            .post("/app/csv/ingest", "text/csv", csv)
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    let ingest = member0.post("/app/csv/ingest", "text/csv", csv).await.unwrap();
+    assert_eq!(ingest.status, 200, "{}", String::from_utf8_lossy(&ingest.body));
     let report = member0.get("/app/report").await.unwrap();
     assert_eq!(report.status, 200);
     let rows = report.json().unwrap();
@@ -156,11 +138,7 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     // A second run resumes on the same state.
     let mut sandbox = start(dir.path(), port);
     let file = read_sandbox(dir.path());
-    let again = party_client(&file, "member0")
-        .await
-        .get("/app/report")
-        .await
-        .unwrap();
+    let again = party_client(&file, "member0").await.get("/app/report").await.unwrap();
     assert_eq!(again.json().unwrap(), rows);
     interrupt(&mut sandbox);
 }

@@ -133,34 +133,51 @@ pub const GOV_READABLE: &[&str] = &["gov.app_config"];
 
 /// Whether a map name is well formed: 1..=[`MAP_NAME_BYTES_MAX`] bytes of printable ASCII.
 pub fn valid_map_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAP_NAME_BYTES_MAX
-        && name.bytes().all(|b| b.is_ascii_graphic())
+    !name.is_empty() && name.len() <= MAP_NAME_BYTES_MAX && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Whether an app may read `map`: its own maps, and the governance maps in [`GOV_READABLE`].
 pub fn check_read(map: &str) -> Result<(), String> {
     if !valid_map_name(map) {
-        return Err(format!(
-            "map name {map:?} is not 1..={MAP_NAME_BYTES_MAX} printable ASCII bytes"
-        ));
+        return Err(format!("map name {map:?} is not 1..={MAP_NAME_BYTES_MAX} printable ASCII bytes"));
     }
     if map.starts_with(GOV_PREFIX) && !GOV_READABLE.contains(&map) {
-        return Err(format!(
-            "map {map} is not readable by apps (readable: {})",
-            GOV_READABLE.join(", ")
-        ));
+        return Err(format!("map {map} is not readable by apps (readable: {})", GOV_READABLE.join(", ")));
     }
     Ok(())
 }
 
 /// Whether an app may write `map` from an endpoint of the given mode.
 pub fn check_write(map: &str, mode: Mode) -> Result<(), String> {
-    check_read(map)?;
-    if map.starts_with(GOV_PREFIX) {
-        return Err(format!(
-            "map {map} is a governance map: apps may never write it"
-        ));
+    check_write_as(map, mode, Privilege::App)
+}
+
+/// Whose code a request runs, which decides what it may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Privilege {
+    /// An app: its own maps, and the governance maps in [`GOV_READABLE`], read-only.
+    #[default]
+    App,
+    /// The constitution: its own maps, and every governance map; `apply` may write them.
+    Constitution,
+}
+
+/// Whether code with `privilege` may read `map`.
+pub fn check_read_as(map: &str, privilege: Privilege) -> Result<(), String> {
+    match privilege {
+        Privilege::App => check_read(map),
+        Privilege::Constitution if valid_map_name(map) => Ok(()),
+        Privilege::Constitution => {
+            Err(format!("map name {map:?} is not 1..={MAP_NAME_BYTES_MAX} printable ASCII bytes"))
+        }
+    }
+}
+
+/// Whether code with `privilege` may write `map` from an endpoint of the given mode.
+pub fn check_write_as(map: &str, mode: Mode, privilege: Privilege) -> Result<(), String> {
+    check_read_as(map, privilege)?;
+    if map.starts_with(GOV_PREFIX) && privilege == Privilege::App {
+        return Err(format!("map {map} is a governance map: apps may never write it"));
     }
     if mode == Mode::Readonly {
         return Err(format!("write to map {map} from a read-only endpoint"));
@@ -201,19 +218,11 @@ pub enum Auth {
 /// kind gets 403.
 pub fn authorize(auth: Auth, kind: CallerKind) -> Result<(), (u16, &'static str, &'static str)> {
     if auth != Auth::Public && kind == CallerKind::Anonymous {
-        return Err((
-            401,
-            "Unauthorized",
-            "this endpoint needs a client certificate",
-        ));
+        return Err((401, "Unauthorized", "this endpoint needs a client certificate"));
     }
     match (auth, kind) {
-        (Auth::Members, CallerKind::User) => {
-            Err((403, "Forbidden", "this endpoint is for members only"))
-        }
-        (Auth::Users, CallerKind::Member) => {
-            Err((403, "Forbidden", "this endpoint is for users only"))
-        }
+        (Auth::Members, CallerKind::User) => Err((403, "Forbidden", "this endpoint is for members only")),
+        (Auth::Users, CallerKind::Member) => Err((403, "Forbidden", "this endpoint is for users only")),
         _ => Ok(()),
     }
 }
@@ -239,46 +248,29 @@ pub struct Manifest {
 impl Manifest {
     /// The endpoint whose method and pattern match, with the captured parameters.
     pub fn find(&self, method: &str, path: &str) -> Option<(&Endpoint, BTreeMap<String, String>)> {
-        self.endpoints.iter().find_map(|e| {
-            (e.method == method)
-                .then(|| match_path(&e.path, path))
-                .flatten()
-                .map(|params| (e, params))
-        })
+        self.endpoints
+            .iter()
+            .find_map(|e| (e.method == method).then(|| match_path(&e.path, path)).flatten().map(|params| (e, params)))
     }
 
     /// Whether some endpoint has this path with another method (the caller then gets 405).
     pub fn path_exists(&self, path: &str) -> bool {
-        self.endpoints
-            .iter()
-            .any(|e| match_path(&e.path, path).is_some())
+        self.endpoints.iter().any(|e| match_path(&e.path, path).is_some())
     }
 
     /// Checks the manifest's shape: supported ABI, well-formed unique patterns.
     pub fn check(&self) -> Result<(), String> {
         if self.abi != ABI_VERSION {
-            return Err(format!(
-                "manifest declares ABI {}; this host speaks ABI {ABI_VERSION}",
-                self.abi
-            ));
+            return Err(format!("manifest declares ABI {}; this host speaks ABI {ABI_VERSION}", self.abi));
         }
         let mut seen = std::collections::BTreeSet::new();
         for e in &self.endpoints {
             check_pattern(&e.path)?;
-            if !matches!(
-                e.method.as_str(),
-                "GET" | "POST" | "PUT" | "DELETE" | "PATCH"
-            ) {
-                return Err(format!(
-                    "endpoint {}: unsupported method {}",
-                    e.path, e.method
-                ));
+            if !matches!(e.method.as_str(), "GET" | "POST" | "PUT" | "DELETE" | "PATCH") {
+                return Err(format!("endpoint {}: unsupported method {}", e.path, e.method));
             }
             if !seen.insert((e.method.as_str(), e.path.as_str())) {
-                return Err(format!(
-                    "endpoint {} {} is declared twice",
-                    e.method, e.path
-                ));
+                return Err(format!("endpoint {} {} is declared twice", e.method, e.path));
             }
         }
         Ok(())
@@ -290,14 +282,10 @@ fn check_pattern(pattern: &str) -> Result<(), String> {
         return Err(format!("endpoint path {pattern:?} must start with '/'"));
     }
     for seg in pattern.split('/').skip(1) {
-        let capture = seg.len() > 2
-            && seg.starts_with('{')
-            && seg.ends_with('}')
-            && !seg[1..seg.len() - 1].contains(['{', '}']);
+        let capture =
+            seg.len() > 2 && seg.starts_with('{') && seg.ends_with('}') && !seg[1..seg.len() - 1].contains(['{', '}']);
         if seg.contains(['{', '}']) && !capture {
-            return Err(format!(
-                "endpoint path {pattern:?} has a malformed segment {seg:?}"
-            ));
+            return Err(format!("endpoint path {pattern:?} has a malformed segment {seg:?}"));
         }
     }
     Ok(())
@@ -329,10 +317,7 @@ pub fn match_path(pattern: &str, path: &str) -> Option<BTreeMap<String, String>>
 }
 
 fn percent_decode(s: &str) -> Option<String> {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8()
-        .ok()
-        .map(|s| s.into_owned())
+    percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|s| s.into_owned())
 }
 
 /// The request envelope's head. The body travels after it, unencoded.
@@ -383,16 +368,11 @@ pub fn frame<H: Serialize>(head: &H, body: &[u8]) -> Vec<u8> {
 
 /// Splits a framed envelope into its head and body.
 pub fn unframe<H: serde::de::DeserializeOwned>(buf: &[u8]) -> Result<(H, &[u8]), String> {
-    let len_bytes: [u8; 4] = buf
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or("envelope shorter than its 4-byte head length")?;
+    let len_bytes: [u8; 4] =
+        buf.get(..4).and_then(|b| b.try_into().ok()).ok_or("envelope shorter than its 4-byte head length")?;
     let head_len = u32::from_le_bytes(len_bytes) as usize;
-    let head = buf
-        .get(4..4 + head_len)
-        .ok_or("envelope head length exceeds the envelope")?;
-    let head =
-        serde_json::from_slice(head).map_err(|e| format!("envelope head is not valid: {e}"))?;
+    let head = buf.get(4..4 + head_len).ok_or("envelope head length exceeds the envelope")?;
+    let head = serde_json::from_slice(head).map_err(|e| format!("envelope head is not valid: {e}"))?;
     Ok((head, &buf[4 + head_len..]))
 }
 
@@ -413,10 +393,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let head = ResponseHead {
-            status: 201,
-            ..Default::default()
-        };
+        let head = ResponseHead { status: 201, ..Default::default() };
         let buf = frame(&head, b"body\xff");
         let (back, body): (ResponseHead, _) = unframe(&buf).unwrap();
         assert_eq!(back, head);
@@ -427,33 +404,17 @@ mod tests {
 
     #[test]
     fn manifest_check_refuses_bad_patterns_and_duplicates() {
-        let ep = |m: &str, p: &str| Endpoint {
-            method: m.into(),
-            path: p.into(),
-            mode: Mode::Readonly,
-            auth: Auth::Public,
-        };
-        let ok = Manifest {
-            abi: 1,
-            endpoints: vec![ep("GET", "/a/{b}"), ep("POST", "/a/{b}")],
-        };
+        let ep =
+            |m: &str, p: &str| Endpoint { method: m.into(), path: p.into(), mode: Mode::Readonly, auth: Auth::Public };
+        let ok = Manifest { abi: 1, endpoints: vec![ep("GET", "/a/{b}"), ep("POST", "/a/{b}")] };
         assert!(ok.check().is_ok());
         for bad in ["a", "/a/{", "/a/{}", "/a/x}y"] {
-            let m = Manifest {
-                abi: 1,
-                endpoints: vec![ep("GET", bad)],
-            };
+            let m = Manifest { abi: 1, endpoints: vec![ep("GET", bad)] };
             assert!(m.check().is_err(), "{bad} accepted");
         }
-        let dup = Manifest {
-            abi: 1,
-            endpoints: vec![ep("GET", "/a"), ep("GET", "/a")],
-        };
+        let dup = Manifest { abi: 1, endpoints: vec![ep("GET", "/a"), ep("GET", "/a")] };
         assert!(dup.check().unwrap_err().contains("twice"));
-        let old = Manifest {
-            abi: 2,
-            endpoints: vec![],
-        };
+        let old = Manifest { abi: 2, endpoints: vec![] };
         assert!(old.check().unwrap_err().contains("ABI 2"));
     }
 }

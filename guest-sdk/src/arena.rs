@@ -25,10 +25,7 @@ unsafe impl Sync for Arena {}
 
 impl Arena {
     pub const fn new() -> Self {
-        Arena {
-            next: Cell::new(0),
-            end: Cell::new(0),
-        }
+        Arena { next: Cell::new(0), end: Cell::new(0) }
     }
 
     /// Makes room for `bytes` more at `align`, growing memory; returns the start, or `None`.
@@ -38,10 +35,7 @@ impl Arena {
         if end <= self.end.get() && self.end.get() != 0 {
             return Some(start);
         }
-        let pages = bytes
-            .checked_add(align)?
-            .div_ceil(PAGE_BYTES)
-            .max(GROW_PAGES_MIN);
+        let pages = bytes.checked_add(align)?.div_ceil(PAGE_BYTES).max(GROW_PAGES_MIN);
         let previous = core::arch::wasm32::memory_grow(0, pages);
         if previous == usize::MAX {
             return None;

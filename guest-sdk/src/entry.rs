@@ -63,10 +63,7 @@ pub fn call_native(
     match outcome {
         Ok(framed) => {
             let (head, body) = abi::unframe(&framed).expect("run() frames its response");
-            crate::http::Response {
-                head,
-                body: body.to_vec(),
-            }
+            crate::http::Response { head, body: body.to_vec() }
         }
         Err(panic) => {
             let msg = panic

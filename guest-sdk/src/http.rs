@@ -9,9 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::abi::{RequestHead, ResponseHead};
 
 /// What kind of identity made a request.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CallerKind {
     Member,
@@ -31,17 +29,11 @@ pub struct Caller {
 
 impl Caller {
     pub fn member(id: impl Into<String>) -> Self {
-        Caller {
-            kind: CallerKind::Member,
-            id: id.into(),
-        }
+        Caller { kind: CallerKind::Member, id: id.into() }
     }
 
     pub fn user(id: impl Into<String>) -> Self {
-        Caller {
-            kind: CallerKind::User,
-            id: id.into(),
-        }
+        Caller { kind: CallerKind::User, id: id.into() }
     }
 
     pub fn anonymous() -> Self {
@@ -59,9 +51,7 @@ pub struct Request {
 
 impl Request {
     pub fn new(head: RequestHead, body: Vec<u8>) -> Self {
-        let query = form_urlencoded::parse(head.query.as_bytes())
-            .into_owned()
-            .collect();
+        let query = form_urlencoded::parse(head.query.as_bytes()).into_owned().collect();
         Request { head, body, query }
     }
 
@@ -99,12 +89,8 @@ impl Request {
 
     /// The body as UTF-8 text.
     pub fn text(&self) -> Result<&str, Error> {
-        std::str::from_utf8(&self.body).map_err(|e| {
-            Error::bad_request(format!(
-                "request body is not valid UTF-8 (at byte {})",
-                e.valid_up_to()
-            ))
-        })
+        std::str::from_utf8(&self.body)
+            .map_err(|e| Error::bad_request(format!("request body is not valid UTF-8 (at byte {})", e.valid_up_to())))
     }
 
     /// The body parsed as JSON.
@@ -128,13 +114,7 @@ pub struct Response {
 impl Response {
     /// An empty response with this status.
     pub fn status(status: u16) -> Self {
-        Response {
-            head: ResponseHead {
-                status,
-                ..Default::default()
-            },
-            body: Vec::new(),
-        }
+        Response { head: ResponseHead { status, ..Default::default() }, body: Vec::new() }
     }
 
     /// `200 OK` with a JSON body.
@@ -161,9 +141,7 @@ impl Response {
     }
 
     pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.head
-            .headers
-            .insert(name.to_ascii_lowercase(), value.into());
+        self.head.headers.insert(name.to_ascii_lowercase(), value.into());
         self
     }
 
@@ -197,12 +175,7 @@ pub struct Error {
 
 impl Error {
     pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
-        Error {
-            status,
-            code: code.into(),
-            message: message.into(),
-            details: None,
-        }
+        Error { status, code: code.into(), message: message.into(), details: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {

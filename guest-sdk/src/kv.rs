@@ -140,10 +140,7 @@ pub struct Map<K, V> {
 
 impl<K: Key, V: Serialize + DeserializeOwned> Map<K, V> {
     pub const fn new(name: &'static str) -> Self {
-        Map {
-            name,
-            _types: PhantomData,
-        }
+        Map { name, _types: PhantomData }
     }
 
     pub fn name(&self) -> &'static str {
@@ -176,25 +173,16 @@ impl<K: Key, V: Serialize + DeserializeOwned> Map<K, V> {
     /// The entries whose keys lie in `range`, in key order.
     pub fn range(&self, range: impl RangeBounds<K>) -> Iter<'_, K, V> {
         let bound = |b: Bound<&K>| b.map(Key::to_bytes);
-        self.scan(ScanBounds {
-            lower: bound(range.start_bound()),
-            upper: bound(range.end_bound()),
-        })
+        self.scan(ScanBounds { lower: bound(range.start_bound()), upper: bound(range.end_bound()) })
     }
 
     fn scan(&self, bounds: ScanBounds) -> Iter<'_, K, V> {
-        Iter {
-            map: self,
-            scan: sys::scan(self.name, bounds),
-        }
+        Iter { map: self, scan: sys::scan(self.name, bounds) }
     }
 
     fn decode_value(&self, bytes: &[u8]) -> V {
         serde_json::from_slice(bytes).unwrap_or_else(|e| {
-            panic!(
-                "map {}: a stored value does not decode as the map's value type: {e}",
-                self.name
-            )
+            panic!("map {}: a stored value does not decode as the map's value type: {e}", self.name)
         })
     }
 }
@@ -249,12 +237,8 @@ impl<K: Key, V: Serialize + DeserializeOwned> Iterator for Iter<'_, K, V> {
 
     fn next(&mut self) -> Option<(K, V)> {
         let (key, value) = sys::next(&mut self.scan)?;
-        let key = K::decode(&key).unwrap_or_else(|| {
-            panic!(
-                "map {}: a stored key does not decode as the map's key type",
-                self.map.name
-            )
-        });
+        let key = K::decode(&key)
+            .unwrap_or_else(|| panic!("map {}: a stored key does not decode as the map's key type", self.map.name));
         Some((key, self.map.decode_value(&value)))
     }
 }
@@ -296,5 +280,24 @@ mod tests {
         assert_eq!(prefix_end(b"ab"), Bound::Excluded(b"ac".to_vec()));
         assert_eq!(prefix_end(b"a\xff"), Bound::Excluded(b"b".to_vec()));
         assert_eq!(prefix_end(b"\xff\xff"), Bound::Unbounded);
+    }
+}
+
+/// Untyped access for maps whose values are raw bytes rather than JSON (for example the wasm in
+/// `gov.app_code`). Prefer [`Map`] everywhere else.
+pub mod raw {
+    use super::sys;
+
+    pub fn get(map: &str, key: &[u8]) -> Option<Vec<u8>> {
+        sys::get(map, key)
+    }
+
+    pub fn put(map: &str, key: &[u8], value: &[u8]) {
+        sys::put(map, key, value)
+    }
+
+    /// Removes the key; returns whether it was present.
+    pub fn remove(map: &str, key: &[u8]) -> bool {
+        sys::remove(map, key)
     }
 }

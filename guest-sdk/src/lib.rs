@@ -46,6 +46,7 @@
 
 pub mod abi;
 mod entry;
+pub mod gov;
 mod http;
 mod kv;
 mod router;
@@ -55,7 +56,7 @@ pub mod testing;
 
 pub use abi::{Auth, Mode};
 pub use http::{Caller, CallerKind, Error, Request, Response};
-pub use kv::{Iter, Key, KeyPart, Map};
+pub use kv::{Iter, Key, KeyPart, Map, raw};
 pub use router::{Handler, Router};
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -42,40 +42,19 @@ impl Router {
     }
 
     pub fn delete(self, path: &str, handler: Handler) -> Self {
-        self.route(
-            "DELETE",
-            path,
-            Mode::Readwrite,
-            Auth::Authenticated,
-            handler,
-        )
+        self.route("DELETE", path, Mode::Readwrite, Auth::Authenticated, handler)
     }
 
     /// Adds an endpoint with an explicit mode and audience.
-    pub fn route(
-        mut self,
-        method: &str,
-        path: &str,
-        mode: Mode,
-        auth: Auth,
-        handler: Handler,
-    ) -> Self {
-        let endpoint = Endpoint {
-            method: method.to_ascii_uppercase(),
-            path: path.to_owned(),
-            mode,
-            auth,
-        };
+    pub fn route(mut self, method: &str, path: &str, mode: Mode, auth: Auth, handler: Handler) -> Self {
+        let endpoint = Endpoint { method: method.to_ascii_uppercase(), path: path.to_owned(), mode, auth };
         self.routes.push(Route { endpoint, handler });
         self
     }
 
     /// The manifest the host uses to route and authorise requests.
     pub fn manifest(&self) -> Manifest {
-        Manifest {
-            abi: abi::ABI_VERSION,
-            endpoints: self.routes.iter().map(|r| r.endpoint.clone()).collect(),
-        }
+        Manifest { abi: abi::ABI_VERSION, endpoints: self.routes.iter().map(|r| r.endpoint.clone()).collect() }
     }
 
     /// Runs the handler for a request.

@@ -29,14 +29,7 @@ mod wasm {
     #[link(wasm_import_module = "cloister")]
     unsafe extern "C" {
         fn kv_get(map: *const u8, map_len: usize, key: *const u8, key_len: usize) -> i64;
-        fn kv_put(
-            map: *const u8,
-            map_len: usize,
-            key: *const u8,
-            key_len: usize,
-            val: *const u8,
-            val_len: usize,
-        );
+        fn kv_put(map: *const u8, map_len: usize, key: *const u8, key_len: usize, val: *const u8, val_len: usize);
         fn kv_remove(map: *const u8, map_len: usize, key: *const u8, key_len: usize) -> i32;
         fn kv_scan(
             map: *const u8,
@@ -75,16 +68,7 @@ mod wasm {
 
     pub(crate) fn put(map: &str, key: &[u8], value: &[u8]) {
         // SAFETY: all three slices are valid for reads of their lengths for the call's duration.
-        unsafe {
-            kv_put(
-                map.as_ptr(),
-                map.len(),
-                key.as_ptr(),
-                key.len(),
-                value.as_ptr(),
-                value.len(),
-            )
-        }
+        unsafe { kv_put(map.as_ptr(), map.len(), key.as_ptr(), key.len(), value.as_ptr(), value.len()) }
     }
 
     pub(crate) fn remove(map: &str, key: &[u8]) -> bool {
@@ -121,15 +105,7 @@ mod wasm {
         };
         // SAFETY: all slices are valid for reads of their lengths for the call's duration.
         let handle = unsafe {
-            kv_scan(
-                map.as_ptr(),
-                map.len(),
-                lower.as_ptr(),
-                lower.len(),
-                upper.as_ptr(),
-                upper.len(),
-                flags,
-            )
+            kv_scan(map.as_ptr(), map.len(), lower.as_ptr(), lower.len(), upper.as_ptr(), upper.len(), flags)
         };
         Scan(handle)
     }
@@ -180,12 +156,7 @@ mod native {
         fn put(&self, map: &str, key: &[u8], value: &[u8]);
         fn remove(&self, map: &str, key: &[u8]) -> bool;
         /// The first entry of `map` within the bounds, in key order.
-        fn first_in(
-            &self,
-            map: &str,
-            lower: Bound<&[u8]>,
-            upper: Bound<&[u8]>,
-        ) -> Option<(Vec<u8>, Vec<u8>)>;
+        fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Option<(Vec<u8>, Vec<u8>)>;
         fn caller_json(&self) -> Vec<u8>;
         fn log(&self, level: i32, msg: &str);
     }
@@ -208,9 +179,9 @@ mod native {
     }
 
     fn backend() -> Rc<dyn Backend> {
-        BACKEND.with(|b| b.borrow().clone()).expect(
-            "a contract's host call ran outside a host: use cloister_sdk::testing::MemoryHost",
-        )
+        BACKEND
+            .with(|b| b.borrow().clone())
+            .expect("a contract's host call ran outside a host: use cloister_sdk::testing::MemoryHost")
     }
 
     pub(crate) fn get(map: &str, key: &[u8]) -> Option<Vec<u8>> {
@@ -232,10 +203,7 @@ mod native {
     }
 
     pub(crate) fn scan(map: &str, bounds: ScanBounds) -> Scan {
-        Scan {
-            map: map.to_owned(),
-            bounds,
-        }
+        Scan { map: map.to_owned(), bounds }
     }
 
     pub(crate) fn next(scan: &mut Scan) -> Option<(Vec<u8>, Vec<u8>)> {

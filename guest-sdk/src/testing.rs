@@ -12,7 +12,7 @@ use std::rc::Rc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::abi::{self, Mode, RequestHead};
+use crate::abi::{self, Mode, Privilege, RequestHead};
 use crate::http::{Caller, Error, Response};
 use crate::kv::Key;
 use crate::router::Router;
@@ -26,22 +26,23 @@ type Store = BTreeMap<Slot, Vec<u8>>;
 pub struct MemoryHost {
     router: Router,
     store: Rc<RefCell<Store>>,
+    privilege: Privilege,
 }
 
 impl MemoryHost {
     pub fn new(router: Router) -> Self {
-        MemoryHost {
-            router,
-            store: Rc::default(),
-        }
+        MemoryHost { router, store: Rc::default(), privilege: Privilege::App }
+    }
+
+    /// A host for a constitution: it may write the governance maps, as the node lets it.
+    pub fn constitution(router: Router) -> Self {
+        MemoryHost { router, store: Rc::default(), privilege: Privilege::Constitution }
     }
 
     /// Writes a value directly, bypassing the contract: e.g. settings in `gov.app_config`.
     pub fn seed<K: Key, V: Serialize>(&mut self, map: &str, key: &K, value: &V) {
         let value = serde_json::to_vec(value).expect("seed values serialize");
-        self.store
-            .borrow_mut()
-            .insert((map.to_owned(), key.to_bytes()), value);
+        self.store.borrow_mut().insert((map.to_owned(), key.to_bytes()), value);
     }
 
     /// Reads a value directly, bypassing the contract.
@@ -53,31 +54,16 @@ impl MemoryHost {
 
     /// A copy of every entry, for asserting that a request changed nothing.
     pub fn dump(&self) -> Vec<(Slot, Vec<u8>)> {
-        self.store
-            .borrow()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.store.borrow().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Calls an endpoint. `target` is a path relative to the app root, optionally with `?query`.
-    pub fn call(
-        &mut self,
-        caller: &Caller,
-        method: &str,
-        target: &str,
-        body: impl AsRef<[u8]>,
-    ) -> Response {
+    pub fn call(&mut self, caller: &Caller, method: &str, target: &str, body: impl AsRef<[u8]>) -> Response {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let manifest = self.router.manifest();
         let Some((endpoint, params)) = manifest.find(method, path) else {
             return if manifest.path_exists(path) {
-                Error::new(
-                    405,
-                    "MethodNotAllowed",
-                    format!("{method} is not allowed on {path}"),
-                )
-                .into()
+                Error::new(405, "MethodNotAllowed", format!("{method} is not allowed on {path}")).into()
             } else {
                 Error::not_found(format!("no endpoint {method} {path}")).into()
             };
@@ -99,6 +85,7 @@ impl MemoryHost {
             store: self.store.clone(),
             writes: RefCell::default(),
             mode: endpoint.mode,
+            privilege: self.privilege,
             caller: caller.clone(),
         });
         let response = crate::entry::call_native(&self.router, tx.clone(), &head, body.as_ref());
@@ -120,12 +107,13 @@ struct Tx {
     store: Rc<RefCell<Store>>,
     writes: RefCell<BTreeMap<Slot, Option<Vec<u8>>>>,
     mode: Mode,
+    privilege: Privilege,
     caller: Caller,
 }
 
 impl Backend for Tx {
     fn get(&self, map: &str, key: &[u8]) -> Option<Vec<u8>> {
-        abi::check_read(map).unwrap_or_else(|e| panic!("{e}"));
+        abi::check_read_as(map, self.privilege).unwrap_or_else(|e| panic!("{e}"));
         let k = (map.to_owned(), key.to_vec());
         match self.writes.borrow().get(&k) {
             Some(w) => w.clone(),
@@ -134,28 +122,19 @@ impl Backend for Tx {
     }
 
     fn put(&self, map: &str, key: &[u8], value: &[u8]) {
-        abi::check_write(map, self.mode).unwrap_or_else(|e| panic!("{e}"));
-        self.writes
-            .borrow_mut()
-            .insert((map.to_owned(), key.to_vec()), Some(value.to_vec()));
+        abi::check_write_as(map, self.mode, self.privilege).unwrap_or_else(|e| panic!("{e}"));
+        self.writes.borrow_mut().insert((map.to_owned(), key.to_vec()), Some(value.to_vec()));
     }
 
     fn remove(&self, map: &str, key: &[u8]) -> bool {
         let existed = self.get(map, key).is_some();
-        abi::check_write(map, self.mode).unwrap_or_else(|e| panic!("{e}"));
-        self.writes
-            .borrow_mut()
-            .insert((map.to_owned(), key.to_vec()), None);
+        abi::check_write_as(map, self.mode, self.privilege).unwrap_or_else(|e| panic!("{e}"));
+        self.writes.borrow_mut().insert((map.to_owned(), key.to_vec()), None);
         existed
     }
 
-    fn first_in(
-        &self,
-        map: &str,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-    ) -> Option<(Vec<u8>, Vec<u8>)> {
-        abi::check_read(map).unwrap_or_else(|e| panic!("{e}"));
+    fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Option<(Vec<u8>, Vec<u8>)> {
+        abi::check_read_as(map, self.privilege).unwrap_or_else(|e| panic!("{e}"));
         let bound = |b: Bound<&[u8]>| b.map(|k| (map.to_owned(), k.to_vec()));
         let range = (
             match lower {
@@ -170,12 +149,8 @@ impl Backend for Tx {
         let writes = self.writes.borrow();
         let store = self.store.borrow();
         // Merge the committed entries with this request's writes; a write shadows the store.
-        let mut committed = store
-            .range(range.clone())
-            .filter(|(k, _)| !writes.contains_key(*k));
-        let mut pending = writes
-            .range(range)
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)));
+        let mut committed = store.range(range.clone()).filter(|(k, _)| !writes.contains_key(*k));
+        let mut pending = writes.range(range).filter_map(|(k, v)| v.as_ref().map(|v| (k, v)));
         let first = match (committed.next(), pending.next()) {
             (Some(c), Some(p)) => Some(if c.0 < p.0 { c } else { p }),
             (c, p) => c.or(p),
@@ -219,31 +194,21 @@ mod tests {
     }
 
     fn host() -> MemoryHost {
-        MemoryHost::new(
-            Router::new()
-                .post("/bump/{key}", bump)
-                .get("/list", list)
-                .get("/sneaky", sneaky)
-                .route("GET", "/admin", Mode::Readonly, Auth::Members, list),
-        )
+        MemoryHost::new(Router::new().post("/bump/{key}", bump).get("/list", list).get("/sneaky", sneaky).route(
+            "GET",
+            "/admin",
+            Mode::Readonly,
+            Auth::Members,
+            list,
+        ))
     }
 
     #[test]
     fn writes_commit_only_on_success() {
         let mut h = host();
         let m = Caller::member("m");
-        assert_eq!(
-            h.call(&m, "POST", "/bump/a", "")
-                .body_json::<u64>()
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            h.call(&m, "POST", "/bump/a", "")
-                .body_json::<u64>()
-                .unwrap(),
-            2
-        );
+        assert_eq!(h.call(&m, "POST", "/bump/a", "").body_json::<u64>().unwrap(), 1);
+        assert_eq!(h.call(&m, "POST", "/bump/a", "").body_json::<u64>().unwrap(), 2);
         let before = h.dump();
         assert_eq!(h.call(&m, "POST", "/bump/a?fail=1", "").head.status, 400);
         assert_eq!(h.dump(), before);
@@ -255,30 +220,11 @@ mod tests {
     #[test]
     fn routing_and_roles() {
         let mut h = host();
-        assert_eq!(
-            h.call(&Caller::user("u"), "GET", "/nope", "").head.status,
-            404
-        );
-        assert_eq!(
-            h.call(&Caller::user("u"), "DELETE", "/list", "")
-                .head
-                .status,
-            405
-        );
-        assert_eq!(
-            h.call(&Caller::anonymous(), "GET", "/list", "").head.status,
-            401
-        );
-        assert_eq!(
-            h.call(&Caller::user("u"), "GET", "/admin", "").head.status,
-            403
-        );
-        assert_eq!(
-            h.call(&Caller::member("m"), "GET", "/admin", "")
-                .head
-                .status,
-            200
-        );
+        assert_eq!(h.call(&Caller::user("u"), "GET", "/nope", "").head.status, 404);
+        assert_eq!(h.call(&Caller::user("u"), "DELETE", "/list", "").head.status, 405);
+        assert_eq!(h.call(&Caller::anonymous(), "GET", "/list", "").head.status, 401);
+        assert_eq!(h.call(&Caller::user("u"), "GET", "/admin", "").head.status, 403);
+        assert_eq!(h.call(&Caller::member("m"), "GET", "/admin", "").head.status, 200);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cloister_host::kv::{self, Store, Tx};
 use cloister_host::wasm::{Invocation, Limits, LoadedModule, Runtime};
-use cloister_sdk::abi::RequestHead;
+use cloister_sdk::abi::{Privilege, RequestHead};
 use cloister_sdk::{Backend, Caller, Mode};
 use criterion::{Criterion, Throughput};
 
@@ -25,12 +25,7 @@ fn empty_handler_module() -> Vec<u8> {
     let mut response = (head.len() as u32).to_le_bytes().to_vec();
     response.extend_from_slice(head);
     let manifest = br#"{"abi":1,"endpoints":[{"method":"GET","path":"/noop","mode":"readonly","auth":"public"}]}"#;
-    let escape = |bytes: &[u8]| {
-        bytes
-            .iter()
-            .map(|b| format!("\\{b:02x}"))
-            .collect::<String>()
-    };
+    let escape = |bytes: &[u8]| bytes.iter().map(|b| format!("\\{b:02x}")).collect::<String>();
     let packed = |at: u64, len: usize| (at << 32) | len as u64;
     wat::parse_str(format!(
         r#"(module
@@ -58,11 +53,7 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("state.redb")).unwrap();
-    Setup {
-        _dir: dir,
-        runtime: Runtime::new(Limits::default()).unwrap(),
-        store,
-    }
+    Setup { _dir: dir, runtime: Runtime::new(Limits::default()).unwrap(), store }
 }
 
 fn head(method: &str, path: &str) -> RequestHead {
@@ -84,19 +75,10 @@ fn batch(party: usize) -> Vec<u8> {
 
 /// Runs a module's handler; with `apply` the write set is committed to redb.
 fn run(s: &Setup, module: &LoadedModule, head: &RequestHead, body: &[u8], mode: Mode, apply: bool) {
-    let inv = Invocation {
-        head,
-        body,
-        mode,
-        namespace: "app",
-    };
+    let inv = Invocation { head, body, mode, namespace: "app", privilege: Privilege::App };
     let (tx, result) = s.runtime.execute(module, inv, s.store.begin().unwrap());
     let outcome = result.expect("benchmark request succeeds");
-    assert!(
-        outcome.response.is_success(),
-        "{:?}",
-        String::from_utf8_lossy(&outcome.response.body)
-    );
+    assert!(outcome.response.is_success(), "{:?}", String::from_utf8_lossy(&outcome.response.body));
     if apply {
         s.store.apply(&tx.into_writes()).unwrap();
     }
@@ -114,26 +96,13 @@ impl Backend for TxBackend {
         self.tx.borrow().get(&kv::app_map("app", map), key).unwrap()
     }
     fn put(&self, map: &str, key: &[u8], value: &[u8]) {
-        self.tx
-            .borrow_mut()
-            .put(&kv::app_map("app", map), key, value)
+        self.tx.borrow_mut().put(&kv::app_map("app", map), key, value)
     }
     fn remove(&self, map: &str, key: &[u8]) -> bool {
-        self.tx
-            .borrow_mut()
-            .remove(&kv::app_map("app", map), key)
-            .unwrap()
+        self.tx.borrow_mut().remove(&kv::app_map("app", map), key).unwrap()
     }
-    fn first_in(
-        &self,
-        map: &str,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-    ) -> Option<(Vec<u8>, Vec<u8>)> {
-        self.tx
-            .borrow()
-            .first_in(&kv::app_map("app", map), lower, upper)
-            .unwrap()
+    fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.tx.borrow().first_in(&kv::app_map("app", map), lower, upper).unwrap()
     }
     fn caller_json(&self) -> Vec<u8> {
         self.caller.clone()
@@ -143,10 +112,7 @@ impl Backend for TxBackend {
 
 fn run_native(s: &Setup, head: &RequestHead, body: &[u8]) {
     let router = reconcile::router();
-    let backend = Rc::new(TxBackend {
-        tx: RefCell::new(s.store.begin().unwrap()),
-        caller: b"{}".to_vec(),
-    });
+    let backend = Rc::new(TxBackend { tx: RefCell::new(s.store.begin().unwrap()), caller: b"{}".to_vec() });
     let response = cloister_sdk::call_native(&router, backend, head, body);
     assert!(response.is_success());
 }
@@ -157,11 +123,7 @@ fn raw_redb_inserts(s: &Setup, body: &[u8]) {
     let mut tx = s.store.begin().unwrap();
     for row in &rows {
         let key = row["lei"].as_str().unwrap().as_bytes();
-        tx.put(
-            "raw/records",
-            key,
-            serde_json::to_vec(row).unwrap().as_slice(),
-        );
+        tx.put("raw/records", key, serde_json::to_vec(row).unwrap().as_slice());
     }
     s.store.apply(&tx.into_writes()).unwrap();
 }
@@ -182,60 +144,38 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     let s = setup();
     let empty = s.runtime.load(&empty_handler_module()).unwrap();
-    let noop = s
-        .runtime
-        .load(&std::fs::read(cloister_host::bundled::MISBEHAVE_PATH).unwrap())
-        .unwrap();
+    let noop = s.runtime.load(&std::fs::read(cloister_host::bundled::MISBEHAVE_PATH).unwrap()).unwrap();
     let recon = s.runtime.load(cloister_host::bundled::RECONCILE).unwrap();
     let ingest = head("POST", "/ingest");
     let noop_head = head("GET", "/noop");
     let body = batch(0);
 
-    c.bench_function(
-        "per-request overhead: fresh instance + empty handler",
-        |b| b.iter(|| run(&s, &empty, &noop_head, b"", Mode::Readonly, false)),
-    );
+    c.bench_function("per-request overhead: fresh instance + empty handler", |b| {
+        b.iter(|| run(&s, &empty, &noop_head, b"", Mode::Readonly, false))
+    });
     c.bench_function("per-request overhead: SDK no-op endpoint", |b| {
         b.iter(|| run(&s, &noop, &noop_head, b"", Mode::Readonly, false))
     });
     let mut g = c.benchmark_group("reconcile 1,000-record ingest");
-    g.throughput(Throughput::Elements(BATCH_RECORDS as u64))
-        .sample_size(20);
-    g.bench_function("wasm", |b| {
-        b.iter(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, false))
-    });
+    g.throughput(Throughput::Elements(BATCH_RECORDS as u64)).sample_size(20);
+    g.bench_function("wasm", |b| b.iter(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, false)));
     g.bench_function("native", |b| b.iter(|| run_native(&s, &ingest, &body)));
     g.bench_function("wasm + durable redb commit", |b| {
         b.iter(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, true))
     });
-    g.bench_function("raw redb inserts, durable commit", |b| {
-        b.iter(|| raw_redb_inserts(&s, black_box(&body)))
-    });
+    g.bench_function("raw redb inserts, durable commit", |b| b.iter(|| raw_redb_inserts(&s, black_box(&body))));
     g.finish();
 
     println!("\n== summary (medians of direct runs) ==");
-    let overhead = median(
-        || run(&s, &empty, &noop_head, b"", Mode::Readonly, false),
-        2_000,
-    );
-    let sdk_noop = median(
-        || run(&s, &noop, &noop_head, b"", Mode::Readonly, false),
-        2_000,
-    );
+    let overhead = median(|| run(&s, &empty, &noop_head, b"", Mode::Readonly, false), 2_000);
+    let sdk_noop = median(|| run(&s, &noop, &noop_head, b"", Mode::Readonly, false), 2_000);
     println!(
         "per-request overhead, empty handler: {:.1} µs (goal ≤ 10 µs: {}); SDK no-op endpoint: {:.1} µs",
         overhead.as_secs_f64() * 1e6,
-        if overhead <= Duration::from_micros(10) {
-            "met"
-        } else {
-            "NOT met"
-        },
+        if overhead <= Duration::from_micros(10) { "met" } else { "NOT met" },
         sdk_noop.as_secs_f64() * 1e6
     );
-    let wasm = median(
-        || run(&s, &recon, &ingest, &body, Mode::Readwrite, false),
-        30,
-    );
+    let wasm = median(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, false), 30);
     let native = median(|| run_native(&s, &ingest, &body), 30);
     let ratio = wasm.as_secs_f64() / native.as_secs_f64();
     println!(
@@ -244,10 +184,7 @@ fn main() {
         native.as_secs_f64() * 1e3,
         if ratio <= 1.5 { "met" } else { "NOT met" }
     );
-    let e2e = median(
-        || run(&s, &recon, &ingest, &body, Mode::Readwrite, true),
-        30,
-    );
+    let e2e = median(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, true), 30);
     let raw = median(|| raw_redb_inserts(&s, &body), 30);
     let rate = |d: Duration| BATCH_RECORDS as f64 / d.as_secs_f64();
     println!(

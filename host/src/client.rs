@@ -30,8 +30,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> anyhow::Result<serde_json::Value> {
-        serde_json::from_slice(&self.body)
-            .with_context(|| format!("the body is not JSON: {}", self.text()))
+        serde_json::from_slice(&self.body).with_context(|| format!("the body is not JSON: {}", self.text()))
     }
 
     pub fn text(&self) -> String {
@@ -48,42 +47,28 @@ impl Reply {
 /// `host:port` and the TLS server name of an `https://` URL.
 fn endpoint(url: &str) -> anyhow::Result<(String, ServerName<'static>)> {
     let uri: http::Uri = url.parse().with_context(|| format!("{url} is not a URL"))?;
-    anyhow::ensure!(
-        uri.scheme_str() == Some("https"),
-        "{url}: only https:// URLs are supported"
-    );
-    let host = uri
-        .host()
-        .with_context(|| format!("{url} names no host"))?
-        .trim_matches(['[', ']'])
-        .to_owned();
+    anyhow::ensure!(uri.scheme_str() == Some("https"), "{url}: only https:// URLs are supported");
+    let host = uri.host().with_context(|| format!("{url} names no host"))?.trim_matches(['[', ']']).to_owned();
     let port = uri.port_u16().unwrap_or(443);
-    let name = ServerName::try_from(host.clone())
-        .with_context(|| format!("{host} is not a valid server name"))?;
+    let name = ServerName::try_from(host.clone()).with_context(|| format!("{host} is not a valid server name"))?;
     Ok((format!("{host}:{port}"), name))
 }
 
 impl Client {
     /// Connects to `https://host:port`, trusting only the service CA, presenting `identity`.
-    pub async fn connect(
-        url: &str,
-        service_ca_pem: &[u8],
-        identity: Option<&KeyedCert>,
-    ) -> anyhow::Result<Client> {
+    pub async fn connect(url: &str, service_ca_pem: &[u8], identity: Option<&KeyedCert>) -> anyhow::Result<Client> {
         let (authority, server_name) = endpoint(url)?;
         let config = tls::client_config(service_ca_pem, identity, true)?;
-        let tcp = tokio::net::TcpStream::connect(&authority)
-            .await
-            .with_context(|| format!("connecting to {authority}"))?;
+        let tcp =
+            tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connecting to {authority}"))?;
         tcp.set_nodelay(true)?;
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(server_name, tcp)
             .await
             .with_context(|| format!("TLS handshake with {authority}"))?;
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .with_context(|| format!("HTTP/2 handshake with {authority}"))?;
+        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .with_context(|| format!("HTTP/2 handshake with {authority}"))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "client connection closed");
@@ -100,11 +85,8 @@ impl Client {
         content_type: Option<&str>,
         body: impl Into<Bytes>,
     ) -> anyhow::Result<Reply> {
-        let headers: Vec<(&str, &str)> = content_type
-            .map(|ct| vec![("content-type", ct)])
-            .unwrap_or_default();
-        self.request_with_headers(method, target, &headers, body)
-            .await
+        let headers: Vec<(&str, &str)> = content_type.map(|ct| vec![("content-type", ct)]).unwrap_or_default();
+        self.request_with_headers(method, target, &headers, body).await
     }
 
     /// Sends one request with extra headers.
@@ -115,45 +97,25 @@ impl Client {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> anyhow::Result<Reply> {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("https://{}{target}", self.authority));
+        let mut req = http::Request::builder().method(method).uri(format!("https://{}{target}", self.authority));
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
-        let req = req
-            .body(Full::new(body.into()))
-            .context("building the request")?;
+        let req = req.body(Full::new(body.into())).context("building the request")?;
         let mut sender = self.sender.clone();
-        sender
-            .ready()
-            .await
-            .context("the connection to the node is closed")?;
-        let response = sender
-            .send_request(req)
-            .await
-            .context("sending the request")?;
+        sender.ready().await.context("the connection to the node is closed")?;
+        let response = sender.send_request(req).await.context("sending the request")?;
         let (parts, body) = response.into_parts();
         let collected = body.collect().await.context("reading the response")?;
         let trailers = collected.trailers().cloned();
-        Ok(Reply {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: collected.to_bytes(),
-            trailers,
-        })
+        Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body: collected.to_bytes(), trailers })
     }
 
     pub async fn get(&self, target: &str) -> anyhow::Result<Reply> {
         self.request("GET", target, None, Bytes::new()).await
     }
 
-    pub async fn post(
-        &self,
-        target: &str,
-        content_type: &str,
-        body: impl Into<Bytes>,
-    ) -> anyhow::Result<Reply> {
+    pub async fn post(&self, target: &str, content_type: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
         self.request("POST", target, Some(content_type), body).await
     }
 }
@@ -172,9 +134,6 @@ pub async fn grpc_channel(
     if let Some(id) = identity {
         config = config.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
     }
-    let channel = Endpoint::from_shared(url.to_owned())?
-        .tls_config(config)?
-        .connect()
-        .await?;
+    let channel = Endpoint::from_shared(url.to_owned())?.tls_config(config)?.connect().await?;
     Ok(channel)
 }

@@ -57,6 +57,8 @@ pub struct NodeConfig {
     #[serde(default)]
     pub raft: RaftSection,
     #[serde(default)]
+    pub ledger: LedgerSection,
+    #[serde(default)]
     pub wasm: wasm::Limits,
 }
 
@@ -84,6 +86,32 @@ pub struct NetworkSection {
     /// folder starts a new service from `[genesis]`. Ignored once the node holds state.
     #[serde(default)]
     pub join: Option<String>,
+}
+
+pub const SIGN_EVERY_ENTRIES: u64 = 500;
+pub const SIGN_INTERVAL_MS: u64 = 200;
+pub const CHUNK_BYTES: u64 = 4 << 20;
+
+/// Ledger settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerSection {
+    /// The leader signs the ledger after this many new entries…
+    pub sign_every_entries: u64,
+    /// …or this many milliseconds after its last signature, whichever comes first.
+    pub sign_interval_ms: u64,
+    /// A ledger file is closed, at the next signature entry, once it holds this many bytes.
+    pub chunk_bytes: u64,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            sign_every_entries: SIGN_EVERY_ENTRIES,
+            sign_interval_ms: SIGN_INTERVAL_MS,
+            chunk_bytes: CHUNK_BYTES,
+        }
+    }
 }
 
 pub const HEARTBEAT_INTERVAL_MS: u64 = 150;
@@ -207,10 +235,7 @@ impl Limits {
             ("body_bytes_max", self.body_bytes_max as u64),
             ("connections_max", self.connections_max as u64),
             ("request_timeout_ms", self.request_timeout_ms),
-            (
-                "inflight_per_identity_max",
-                self.inflight_per_identity_max as u64,
-            ),
+            ("inflight_per_identity_max", self.inflight_per_identity_max as u64),
             ("write_queue_max", self.write_queue_max as u64),
             ("group_commit_max", self.group_commit_max as u64),
             ("reads_inflight_max", self.reads_inflight_max as u64),
@@ -226,17 +251,13 @@ impl Limits {
 impl NodeConfig {
     /// Reads a configuration file and resolves its relative paths against its directory.
     pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            anyhow::anyhow!("cannot read node configuration {}: {e}", path.display())
-        })?;
-        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!("node configuration {} is invalid: {e}", path.display())
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read node configuration {}: {e}", path.display()))?;
+        let mut config: NodeConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("node configuration {} is invalid: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve(base);
-        config
-            .check()
-            .map_err(|e| anyhow::anyhow!("node configuration {}: {e}", path.display()))?;
+        config.check().map_err(|e| anyhow::anyhow!("node configuration {}: {e}", path.display()))?;
         Ok(config)
     }
 
@@ -263,20 +284,20 @@ impl NodeConfig {
         self.wasm.check()?;
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {
-            return Err(
-                "raft.election_timeout_min_ms must exceed raft.heartbeat_interval_ms (> 0)".into(),
-            );
+            return Err("raft.election_timeout_min_ms must exceed raft.heartbeat_interval_ms (> 0)".into());
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
+        }
+        let l = &self.ledger;
+        if l.sign_every_entries == 0 || l.sign_interval_ms == 0 || l.chunk_bytes == 0 {
             return Err(
-                "raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into(),
+                "ledger.sign_every_entries, ledger.sign_interval_ms and ledger.chunk_bytes must be greater than 0"
+                    .into(),
             );
         }
         if r.entries_per_append_max == 0 || r.snapshot_after_logs == 0 {
-            return Err(
-                "raft.entries_per_append_max and raft.snapshot_after_logs must be greater than 0"
-                    .into(),
-            );
+            return Err("raft.entries_per_append_max and raft.snapshot_after_logs must be greater than 0".into());
         }
         // Every running request holds one instance slot: the reads, plus the writer's one.
         if self.limits.reads_inflight_max + 1 > self.wasm.instances_max as usize {
@@ -337,8 +358,7 @@ mod tests {
         let zero = format!("{MINIMAL}\n[limits]\nrequest_timeout_ms = 0\n");
         let c: NodeConfig = toml::from_str(&zero).unwrap();
         assert!(c.check().unwrap_err().contains("request_timeout_ms"));
-        let slots =
-            format!("{MINIMAL}\n[limits]\nreads_inflight_max = 64\n[wasm]\ninstances_max = 64\n");
+        let slots = format!("{MINIMAL}\n[limits]\nreads_inflight_max = 64\n[wasm]\ninstances_max = 64\n");
         let c: NodeConfig = toml::from_str(&slots).unwrap();
         assert!(c.check().unwrap_err().contains("wasm.instances_max"));
         let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\n");

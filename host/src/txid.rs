@@ -24,10 +24,7 @@ impl FromStr for TxId {
     fn from_str(s: &str) -> Result<Self, String> {
         let err = || format!("{s:?} is not a transaction id of the form term.seqno (e.g. 2.41)");
         let (term, seqno) = s.split_once('.').ok_or_else(err)?;
-        Ok(TxId {
-            term: term.parse().map_err(|_| err())?,
-            seqno: seqno.parse().map_err(|_| err())?,
-        })
+        Ok(TxId { term: term.parse().map_err(|_| err())?, seqno: seqno.parse().map_err(|_| err())? })
     }
 }
 

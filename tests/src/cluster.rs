@@ -8,9 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloister_host::client::Client;
-use cloister_host::config::{
-    GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection,
-};
+use cloister_host::config::{GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection};
 use cloister_host::node::identity::ServiceCa;
 use serde_json::Value;
 
@@ -27,9 +25,7 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -37,8 +33,13 @@ impl NodeProc {
     }
 }
 
+/// Cluster tests take turns: several networks of node processes at once would overload a small
+/// machine into election storms that test the machine, not the code.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A network of node processes sharing one service identity and one set of members.
 pub struct Cluster {
+    _turn: std::sync::MutexGuard<'static, ()>,
     pub dir: tempfile::TempDir,
     pub members: Vec<Identity>,
     pub ca_pem: Vec<u8>,
@@ -47,24 +48,14 @@ pub struct Cluster {
 
 /// Free ports on 127.0.0.1, reserved only while choosing them.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 impl Cluster {
     /// Writes identities and configurations for `nodes` nodes and starts them as processes;
     /// node 0 runs genesis, the others join it. `configure` adjusts every node's configuration.
-    pub async fn start(
-        nodes: usize,
-        members: usize,
-        app: &[u8],
-        configure: impl Fn(&mut NodeConfig),
-    ) -> Cluster {
+    pub async fn start(nodes: usize, members: usize, app: &[u8], configure: impl Fn(&mut NodeConfig)) -> Cluster {
         let mut cluster = Cluster::prepare(nodes, members, app, configure);
         for i in 0..nodes {
             cluster.spawn(i);
@@ -74,12 +65,8 @@ impl Cluster {
     }
 
     /// Writes identities and configurations without starting anything.
-    pub fn prepare(
-        nodes: usize,
-        members: usize,
-        app: &[u8],
-        configure: impl Fn(&mut NodeConfig),
-    ) -> Cluster {
+    pub fn prepare(nodes: usize, members: usize, app: &[u8], configure: impl Fn(&mut NodeConfig)) -> Cluster {
+        let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let ca = ServiceCa::generate("cluster test service").unwrap();
         ca.keyed.write(dir.path(), "service").unwrap();
@@ -92,19 +79,12 @@ impl Cluster {
             })
             .collect();
         let ports = free_ports(3 * nodes);
-        let mut cluster = Cluster {
-            ca_pem: ca.keyed.cert_pem.clone().into_bytes(),
-            members,
-            nodes: Vec::new(),
-            dir,
-        };
+        let mut cluster =
+            Cluster { _turn: turn, ca_pem: ca.keyed.cert_pem.clone().into_bytes(), members, nodes: Vec::new(), dir };
         for i in 0..nodes {
             let name = format!("node{i}");
             let d = cluster.dir.path();
-            ca.issue_node_cert(&name, &["localhost".into(), "127.0.0.1".into()])
-                .unwrap()
-                .write(d, &name)
-                .unwrap();
+            ca.issue_node_cert(&name, &["localhost".into(), "127.0.0.1".into()]).unwrap().write(d, &name).unwrap();
             let addr = |k: usize| format!("127.0.0.1:{}", ports[3 * i + k]);
             let mut config = NodeConfig {
                 node: NodeSection {
@@ -119,19 +99,14 @@ impl Cluster {
                     node_cert: d.join(format!("{name}.cert.pem")),
                     node_key: d.join(format!("{name}.key.pem")),
                 },
-                network: NetworkSection {
-                    join: (i > 0).then(|| format!("https://127.0.0.1:{}", ports[2])),
-                },
+                network: NetworkSection { join: (i > 0).then(|| format!("https://127.0.0.1:{}", ports[2])) },
                 genesis: GenesisSection {
-                    members: cluster
-                        .members
-                        .iter()
-                        .map(|m| d.join(format!("{}.cert.pem", m.name)))
-                        .collect(),
+                    members: cluster.members.iter().map(|m| d.join(format!("{}.cert.pem", m.name))).collect(),
                     users: Vec::new(),
                     app: Some(d.join("app.wasm")),
                 },
                 limits: Limits::default(),
+                ledger: Default::default(),
                 raft: RaftSection {
                     heartbeat_interval_ms: 100,
                     election_timeout_min_ms: 600,
@@ -144,13 +119,7 @@ impl Cluster {
             let config_path = d.join(format!("{name}.toml"));
             std::fs::write(&config_path, config.to_toml()).unwrap();
             let rest_url = format!("https://{}", addr(0));
-            cluster.nodes.push(NodeProc {
-                name,
-                config_path,
-                config,
-                rest_url,
-                child: None,
-            });
+            cluster.nodes.push(NodeProc { name, config_path, config, rest_url, child: None });
         }
         cluster
     }
@@ -177,8 +146,7 @@ impl Cluster {
 
     /// The node's log so far.
     pub fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].name)))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].name))).unwrap_or_default()
     }
 
     /// SIGKILL: the process dies at once, mid-whatever.
@@ -204,19 +172,12 @@ impl Cluster {
     }
 
     pub async fn client(&self, node: usize, member: usize) -> anyhow::Result<Client> {
-        Client::connect(
-            &self.nodes[node].rest_url,
-            &self.ca_pem,
-            Some(&self.members[member].keyed),
-        )
-        .await
+        Client::connect(&self.nodes[node].rest_url, &self.ca_pem, Some(&self.members[member].keyed)).await
     }
 
     /// `/node/network` as node `i` sees it.
     pub async fn network(&self, i: usize) -> Option<Value> {
-        let client = Client::connect(&self.nodes[i].rest_url, &self.ca_pem, None)
-            .await
-            .ok()?;
+        let client = Client::connect(&self.nodes[i].rest_url, &self.ca_pem, None).await.ok()?;
         client.get("/node/network").await.ok()?.json().ok()
     }
 
@@ -228,12 +189,8 @@ impl Cluster {
             }
             if let Some(net) = self.network(i).await {
                 let leader = net["leader"].as_str()?.to_owned();
-                let name = net["nodes"]
-                    .as_array()?
-                    .iter()
-                    .find(|n| n["id"] == leader.as_str())?["name"]
-                    .as_str()?
-                    .to_owned();
+                let name =
+                    net["nodes"].as_array()?.iter().find(|n| n["id"] == leader.as_str())?["name"].as_str()?.to_owned();
                 return self.nodes.iter().position(|n| n.name == name);
             }
         }
@@ -263,8 +220,16 @@ impl Cluster {
                     None => ok = false,
                 }
             }
+
             if ok && views.len() == 1 {
-                return;
+                // …and the leader they agree on is alive.
+                let l = self.leader().await;
+
+                if let Some(leader) = l
+                    && self.nodes[leader].is_running()
+                {
+                    return;
+                }
             }
             assert!(
                 Instant::now() < deadline,
@@ -278,30 +243,17 @@ impl Cluster {
     }
 
     /// Every key member `member`'s report lists on node `node`.
-    pub async fn report_keys(
-        &self,
-        node: usize,
-        member: usize,
-    ) -> anyhow::Result<BTreeSet<String>> {
+    pub async fn report_keys(&self, node: usize, member: usize) -> anyhow::Result<BTreeSet<String>> {
         let client = self.client(node, member).await?;
         let mut keys = BTreeSet::new();
         let mut target = "/app/report?limit=10000".to_owned();
         loop {
             let reply = client.get(&target).await?;
-            anyhow::ensure!(
-                reply.status == 200,
-                "report: {} {}",
-                reply.status,
-                reply.text()
-            );
+            anyhow::ensure!(reply.status == 200, "report: {} {}", reply.status, reply.text());
             for row in reply.json()?.as_array().cloned().unwrap_or_default() {
                 keys.insert(row["lei"].as_str().unwrap_or_default().to_owned());
             }
-            match reply
-                .headers
-                .get("x-next-cursor")
-                .and_then(|v| v.to_str().ok())
-            {
+            match reply.headers.get("x-next-cursor").and_then(|v| v.to_str().ok()) {
                 Some(cursor) => target = format!("/app/report?limit=10000&after={cursor}"),
                 None => return Ok(keys),
             }

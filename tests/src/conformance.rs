@@ -13,11 +13,7 @@ pub fn data_dir() -> PathBuf {
     }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let shared = repo.join("../shared/conformance/recon-sample");
-    if shared.join("expected.json").exists() {
-        shared
-    } else {
-        repo.join("tests/conformance/recon-sample")
-    }
+    if shared.join("expected.json").exists() { shared } else { repo.join("tests/conformance/recon-sample") }
 }
 
 pub fn file(name: &str) -> Vec<u8> {
@@ -43,52 +39,23 @@ pub trait ScenarioClient {
 }
 
 async fn ingest(c: &mut impl ScenarioClient, party: usize, csv: bool, body: &[u8]) -> (u16, Value) {
-    let (path, content_type) = if csv {
-        ("/csv/ingest", "text/csv")
-    } else {
-        ("/ingest", "application/json")
-    };
-    c.call(Call {
-        party,
-        method: "POST",
-        path,
-        content_type,
-        body,
-    })
-    .await
+    let (path, content_type) = if csv { ("/csv/ingest", "text/csv") } else { ("/ingest", "application/json") };
+    c.call(Call { party, method: "POST", path, content_type, body }).await
 }
 
 async fn report(c: &mut impl ScenarioClient, party: usize) -> Vec<Value> {
-    let (status, body) = c
-        .call(Call {
-            party,
-            method: "GET",
-            path: "/report",
-            content_type: "",
-            body: b"",
-        })
-        .await;
+    let (status, body) = c.call(Call { party, method: "GET", path: "/report", content_type: "", body: b"" }).await;
     assert_eq!(status, 200, "member{party}'s report: {body}");
-    let mut rows = body
-        .as_array()
-        .unwrap_or_else(|| panic!("a report is an array: {body}"))
-        .clone();
+    let mut rows = body.as_array().unwrap_or_else(|| panic!("a report is an array: {body}")).clone();
     rows.sort_by(|a, b| a["lei"].as_str().cmp(&b["lei"].as_str()));
     rows
 }
 
 async fn assert_reports(c: &mut impl ScenarioClient, expected: &Value, phase: &str) {
     for party in 0..3 {
-        let mut want = expected[phase][format!("member{party}")]
-            .as_array()
-            .expect("expected rows")
-            .clone();
+        let mut want = expected[phase][format!("member{party}")].as_array().expect("expected rows").clone();
         want.sort_by(|a, b| a["lei"].as_str().cmp(&b["lei"].as_str()));
-        assert_eq!(
-            report(c, party).await,
-            want,
-            "{phase}: member{party}'s report"
-        );
+        assert_eq!(report(c, party).await, want, "{phase}: member{party}'s report");
     }
 }
 
@@ -102,8 +69,7 @@ fn assert_error(status: u16, body: &Value, want: u16, what: &str) {
 
 /// Runs every step of the scenario, asserting each answer.
 pub async fn run(c: &mut impl ScenarioClient) {
-    let expected: Value =
-        serde_json::from_slice(&file("expected.json")).expect("expected.json parses");
+    let expected: Value = serde_json::from_slice(&file("expected.json")).expect("expected.json parses");
 
     // 1. Bad input: 400 with a JSON error body, and nothing stored.
     let (s, b) = ingest(c, 0, true, &file("member0_wrong_schema.csv")).await;
@@ -114,51 +80,26 @@ pub async fn run(c: &mut impl ScenarioClient) {
         let (s, b) = ingest(c, 0, false, body).await;
         assert_error(s, &b, 400, "empty or null JSON");
     }
-    assert!(
-        report(c, 0).await.is_empty(),
-        "refused batches stored nothing"
-    );
+    assert!(report(c, 0).await.is_empty(), "refused batches stored nothing");
 
     // 2-3. Phase 1.
-    for (party, csv, name) in [
-        (0, true, "member0_data.csv"),
-        (1, false, "member1_data.json"),
-        (2, false, "member2_data.json"),
-    ] {
+    for (party, csv, name) in
+        [(0, true, "member0_data.csv"), (1, false, "member1_data.json"), (2, false, "member2_data.json")]
+    {
         let (s, b) = ingest(c, party, csv, &file(name)).await;
         assert_eq!(s, 200, "ingesting {name}: {b}");
     }
     assert_reports(c, &expected, "phase1").await;
 
     // 4. A missing key and a key the caller never submitted answer identically.
-    let missing = c
-        .call(Call {
-            party: 1,
-            method: "GET",
-            path: "/report/10",
-            content_type: "",
-            body: b"",
-        })
-        .await;
+    let missing = c.call(Call { party: 1, method: "GET", path: "/report/10", content_type: "", body: b"" }).await;
     let foreign = c
-        .call(Call {
-            party: 1,
-            method: "GET",
-            path: "/report/9845002B6B074505A715",
-            content_type: "",
-            body: b"",
-        })
+        .call(Call { party: 1, method: "GET", path: "/report/9845002B6B074505A715", content_type: "", body: b"" })
         .await;
     assert!(missing.0 >= 400, "a missing key fails: {missing:?}");
     assert_eq!(missing, foreign, "no existence leak");
     let own = c
-        .call(Call {
-            party: 0,
-            method: "GET",
-            path: "/report/9845002B6B074505A715",
-            content_type: "",
-            body: b"",
-        })
+        .call(Call { party: 0, method: "GET", path: "/report/9845002B6B074505A715", content_type: "", body: b"" })
         .await;
     assert_eq!(own.0, 200);
     assert_eq!(own.1["total_votes"], 2);
@@ -176,13 +117,8 @@ impl ScenarioClient for Rest {
     async fn call(&mut self, call: Call<'_>) -> (u16, Value) {
         let ct = (!call.content_type.is_empty()).then_some(call.content_type);
         let target = format!("/app{}", call.path);
-        let reply = self.0[call.party]
-            .request(call.method, &target, ct, call.body.to_vec())
-            .await
-            .expect("HTTPS request");
-        (
-            reply.status,
-            serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
-        )
+        let reply =
+            self.0[call.party].request(call.method, &target, ct, call.body.to_vec()).await.expect("HTTPS request");
+        (reply.status, serde_json::from_slice(&reply.body).unwrap_or(Value::Null))
     }
 }

@@ -21,11 +21,7 @@ pub fn status_to_http(s: &tonic::Status) -> (u16, Value) {
         Code::Unavailable => 503,
         _ => 500,
     };
-    (
-        status,
-        serde_json::from_str(s.message())
-            .unwrap_or_else(|_| json!({ "grpc_message": s.message() })),
-    )
+    (status, serde_json::from_str(s.message()).unwrap_or_else(|_| json!({ "grpc_message": s.message() })))
 }
 
 /// A report row back as the JSON the REST endpoint gives.
@@ -50,10 +46,7 @@ pub struct Grpc {
     pub app: Vec<app_pb::app_client::AppClient<Channel>>,
 }
 
-fn answer<T>(
-    r: Result<tonic::Response<T>, tonic::Status>,
-    ok: impl FnOnce(T) -> Value,
-) -> (u16, Value) {
+fn answer<T>(r: Result<tonic::Response<T>, tonic::Status>, ok: impl FnOnce(T) -> Value) -> (u16, Value) {
     match r {
         Ok(reply) => (200, ok(reply.into_inner())),
         Err(s) => status_to_http(&s),
@@ -66,37 +59,22 @@ impl ScenarioClient for Grpc {
         let records: Option<Vec<rec_pb::Record>> =
             serde_json::from_slice::<Vec<std::collections::HashMap<String, String>>>(call.body)
                 .ok()
-                .map(|rows| {
-                    rows.into_iter()
-                        .map(|fields| rec_pb::Record { fields })
-                        .collect()
-                });
+                .map(|rows| rows.into_iter().map(|fields| rec_pb::Record { fields }).collect());
         let ingested = |r: rec_pb::IngestReply| json!({ "rows": r.rows, "keys": r.keys });
         match (call.method, call.path, records) {
-            ("POST", "/ingest", Some(records)) => answer(
-                typed.ingest(rec_pb::IngestRequest { records }).await,
-                ingested,
-            ),
+            ("POST", "/ingest", Some(records)) => {
+                answer(typed.ingest(rec_pb::IngestRequest { records }).await, ingested)
+            }
             ("POST", "/csv/ingest", _) if std::str::from_utf8(call.body).is_ok() => {
                 let csv = String::from_utf8(call.body.to_vec()).unwrap();
-                answer(
-                    typed.ingest_csv(rec_pb::IngestCsvRequest { csv }).await,
-                    ingested,
-                )
+                answer(typed.ingest_csv(rec_pb::IngestCsvRequest { csv }).await, ingested)
             }
-            ("GET", "/report", _) => {
-                answer(typed.report(rec_pb::ReportRequest::default()).await, |r| {
-                    Value::Array(r.rows.iter().map(row_json).collect())
-                })
-            }
+            ("GET", "/report", _) => answer(typed.report(rec_pb::ReportRequest::default()).await, |r| {
+                Value::Array(r.rows.iter().map(row_json).collect())
+            }),
             ("GET", path, _) if path.starts_with("/report/") => {
                 let key = path["/report/".len()..].to_owned();
-                answer(
-                    typed
-                        .report_by_key(rec_pb::ReportByKeyRequest { key })
-                        .await,
-                    |r| row_json(&r),
-                )
+                answer(typed.report_by_key(rec_pb::ReportByKeyRequest { key }).await, |r| row_json(&r))
             }
             (method, path, _) => {
                 let request = app_pb::CallRequest {

@@ -8,9 +8,7 @@ pub mod grpc;
 use std::path::PathBuf;
 
 use cloister_host::client::Client;
-use cloister_host::config::{
-    GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection,
-};
+use cloister_host::config::{GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection};
 use cloister_host::node::Node;
 use cloister_host::node::identity::{self, KeyedCert, ServiceCa};
 
@@ -25,11 +23,7 @@ impl Identity {
     pub fn generate(name: &str) -> Identity {
         let keyed = identity::generate_identity(name).expect("identity");
         let id = keyed.id().expect("id");
-        Identity {
-            name: name.to_owned(),
-            keyed,
-            id,
-        }
+        Identity { name: name.to_owned(), keyed, id }
     }
 }
 
@@ -76,11 +70,8 @@ impl TestService {
         };
         let members = write_all("member", members);
         let users = write_all("user", users);
-        let certs = |ids: &[Identity]| -> Vec<PathBuf> {
-            ids.iter()
-                .map(|i| path(&format!("{}.cert.pem", i.name)))
-                .collect()
-        };
+        let certs =
+            |ids: &[Identity]| -> Vec<PathBuf> { ids.iter().map(|i| path(&format!("{}.cert.pem", i.name))).collect() };
         let mut config = NodeConfig {
             node: NodeSection {
                 name: "node0".into(),
@@ -95,26 +86,16 @@ impl TestService {
                 node_key: path("node0.key.pem"),
             },
             network: NetworkSection::default(),
-            genesis: GenesisSection {
-                members: certs(&members),
-                users: certs(&users),
-                app: Some(path("app.wasm")),
-            },
+            genesis: GenesisSection { members: certs(&members), users: certs(&users), app: Some(path("app.wasm")) },
             limits: Limits::default(),
+            ledger: Default::default(),
             raft: RaftSection::default(),
             wasm: Default::default(),
         };
         configure(&mut config);
         let ca_pem = ca.keyed.cert_pem.clone().into_bytes();
         let node = Node::start(config.clone()).await.expect("node starts");
-        TestService {
-            dir,
-            members,
-            users,
-            config,
-            ca_pem,
-            node: Some(node),
-        }
+        TestService { dir, members, users, config, ca_pem, node: Some(node) }
     }
 
     pub fn node(&self) -> &Node {
@@ -131,9 +112,7 @@ impl TestService {
 
     /// An HTTPS client presenting `who` (or no certificate).
     pub async fn client(&self, who: Option<&KeyedCert>) -> Client {
-        Client::connect(&self.rest_url(), &self.ca_pem, who)
-            .await
-            .expect("client connects")
+        Client::connect(&self.rest_url(), &self.ca_pem, who).await.expect("client connects")
     }
 
     pub async fn member(&self, i: usize) -> Client {
@@ -143,11 +122,7 @@ impl TestService {
     /// Stops the node and starts it again on the same data folder.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.node = Some(
-            Node::start(self.config.clone())
-                .await
-                .expect("node restarts"),
-        );
+        self.node = Some(Node::start(self.config.clone()).await.expect("node restarts"));
     }
 
     pub async fn stop(&mut self) {
@@ -161,16 +136,9 @@ impl TestService {
 /// from `target/<profile>/deps/`, and cargo puts the binary one folder up.
 pub fn cli_exe() -> PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps/<test>");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>");
     let cli = dir.join(format!("cloister-test-cli{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        cli.exists(),
-        "{} is missing: it is built with this crate's tests",
-        cli.display()
-    );
+    assert!(cli.exists(), "{} is missing: it is built with this crate's tests", cli.display());
     cli
 }
 

@@ -24,10 +24,7 @@ fn put(req: &Request) -> Result<Response, Error> {
 
 fn get(req: &Request) -> Result<Response, Error> {
     let key = req.param("key").unwrap_or_default().to_owned();
-    SCRATCH
-        .get(&key)
-        .map(Response::text)
-        .ok_or_else(|| Error::not_found("no such key"))
+    SCRATCH.get(&key).map(Response::text).ok_or_else(|| Error::not_found("no such key"))
 }
 
 fn spin(req: &Request) -> Result<Response, Error> {
@@ -47,11 +44,7 @@ fn grow(req: &Request) -> Result<Response, Error> {
 }
 
 fn depth(n: u64) -> u64 {
-    if n == 0 {
-        0
-    } else {
-        black_box(depth(black_box(n - 1)) + 1)
-    }
+    if n == 0 { 0 } else { black_box(depth(black_box(n - 1)) + 1) }
 }
 
 fn recurse(req: &Request) -> Result<Response, Error> {
@@ -67,10 +60,7 @@ fn panic(req: &Request) -> Result<Response, Error> {
 
 fn big(req: &Request) -> Result<Response, Error> {
     mark(req);
-    let bytes: usize = req
-        .query("bytes")
-        .and_then(|b| b.parse().ok())
-        .unwrap_or(1 << 20);
+    let bytes: usize = req.query("bytes").and_then(|b| b.parse().ok()).unwrap_or(1 << 20);
     Ok(Response::text("x".repeat(bytes)))
 }
 
@@ -102,6 +92,44 @@ fn clock(_: &Request) -> Result<Response, Error> {
     Ok(Response::json(&(now.as_secs(), noise[..8].to_vec())))
 }
 
+/// Writes the body and attaches the 32-byte claims digest the body names in hex.
+fn claim(req: &Request) -> Result<Response, Error> {
+    let text = req.text()?.trim().to_owned();
+    let digest: Vec<u8> = (0..text.len())
+        .step_by(2)
+        .filter_map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect();
+    let digest: [u8; 32] = digest.try_into().map_err(|_| Error::bad_request("send 32 bytes of hex"))?;
+    SCRATCH.insert(&"claim".to_owned(), &text);
+    Ok(Response::status(200).with_claims_digest(digest))
+}
+
+/// As a constitution: every proposal validates and is accepted at once; `apply` writes to
+/// `gov.app_config` and then misbehaves as the first action's name says (`loop`, `grow`, `panic`),
+/// or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
+fn first_action(req: &Request) -> Result<String, Error> {
+    let body: serde_json::Value = req.json()?;
+    let proposal = body.get("proposal").unwrap_or(&body);
+    Ok(proposal["actions"][0]["name"].as_str().unwrap_or_default().to_owned())
+}
+
+fn constitution_resolve(req: &Request) -> Result<Response, Error> {
+    if first_action(req)? == "loop_in_resolve" {
+        return spin(req);
+    }
+    Ok(Response::json(&serde_json::json!({ "state": "Accepted" })))
+}
+
+fn constitution_apply(req: &Request) -> Result<Response, Error> {
+    Map::<String, String>::new("gov.app_config").insert(&"misbehave".to_owned(), &"applied".to_owned());
+    match first_action(req)?.as_str() {
+        "loop" => spin(req),
+        "grow" => grow(req),
+        "panic" => panic(req),
+        _ => Ok(Response::status(204)),
+    }
+}
+
 pub fn router() -> Router {
     Router::new()
         .route("GET", "/noop", Mode::Readonly, Auth::Public, noop)
@@ -116,8 +144,12 @@ pub fn router() -> Router {
         .get("/read-gov", read_gov)
         .get("/print", print)
         .get("/clock", clock)
+        .post("/claim", claim)
         .route("GET", "/members-only", Mode::Readonly, Auth::Members, noop)
         .route("GET", "/users-only", Mode::Readonly, Auth::Users, noop)
+        .route("POST", "/validate", Mode::Readonly, Auth::Members, noop)
+        .route("POST", "/resolve", Mode::Readonly, Auth::Members, constitution_resolve)
+        .route("POST", "/apply", Mode::Readwrite, Auth::Members, constitution_apply)
 }
 
 export!(router);

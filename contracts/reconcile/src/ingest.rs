@@ -37,16 +37,12 @@ impl RowErrors {
         if self.total == 0 {
             return Ok(records);
         }
-        let first = self.listed[0]["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let first = self.listed[0]["reason"].as_str().unwrap_or_default().to_owned();
         let message = format!(
             "the batch was rejected whole: {} invalid row(s); first: row {}: {first}",
             self.total, self.listed[0]["row"]
         );
-        Err(Error::bad_request(message)
-            .with_details(json!({ "invalid_rows": self.total, "rows": self.listed })))
+        Err(Error::bad_request(message).with_details(json!({ "invalid_rows": self.total, "rows": self.listed })))
     }
 }
 
@@ -57,10 +53,7 @@ fn field(name: &str, raw: Option<&str>, bytes_max: usize) -> Result<String, Stri
         return Err(format!("field {name} is empty"));
     }
     if value.len() > bytes_max {
-        return Err(format!(
-            "field {name} is {} bytes; the limit is {bytes_max}",
-            value.len()
-        ));
+        return Err(format!("field {name} is {} bytes; the limit is {bytes_max}", value.len()));
     }
     if value.chars().any(char::is_control) {
         return Err(format!("field {name} contains a control character"));
@@ -69,15 +62,8 @@ fn field(name: &str, raw: Option<&str>, bytes_max: usize) -> Result<String, Stri
 }
 
 /// Builds a record from a lookup of field name to raw value.
-fn record<'a>(
-    settings: &Settings,
-    get: impl Fn(&str) -> Result<Option<&'a str>, String>,
-) -> Result<Record, String> {
-    let key = field(
-        &settings.key_field,
-        get(&settings.key_field)?,
-        KEY_BYTES_MAX,
-    )?;
+fn record<'a>(settings: &Settings, get: impl Fn(&str) -> Result<Option<&'a str>, String>) -> Result<Record, String> {
+    let key = field(&settings.key_field, get(&settings.key_field)?, KEY_BYTES_MAX)?;
     let mut values = BTreeMap::new();
     for name in &settings.attribute_fields {
         values.insert(name.clone(), field(name, get(name)?, VALUE_BYTES_MAX)?);
@@ -100,8 +86,8 @@ fn check_size(settings: &Settings, rows: usize) -> Result<(), Error> {
 
 /// Parses a JSON body: one record object, or a non-empty array of them.
 pub fn from_json(settings: &Settings, body: &[u8]) -> Result<Vec<Record>, Error> {
-    let doc: Value = serde_json::from_slice(body)
-        .map_err(|e| Error::bad_request(format!("request body is not valid JSON: {e}")))?;
+    let doc: Value =
+        serde_json::from_slice(body).map_err(|e| Error::bad_request(format!("request body is not valid JSON: {e}")))?;
     let rows = match doc {
         Value::Array(rows) => rows,
         obj @ Value::Object(_) => vec![obj],
@@ -136,26 +122,16 @@ pub fn from_json(settings: &Settings, body: &[u8]) -> Result<Vec<Record>, Error>
 ///
 /// Rows are numbered by line, the header being line 1. Extra columns are ignored.
 pub fn from_csv(settings: &Settings, body: &[u8]) -> Result<Vec<Record>, Error> {
-    let text = std::str::from_utf8(body).map_err(|e| {
-        Error::bad_request(format!(
-            "CSV body is not valid UTF-8 (at byte {})",
-            e.valid_up_to()
-        ))
-    })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .flexible(true)
-        .from_reader(text.as_bytes());
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Error::bad_request(format!("CSV body is not valid UTF-8 (at byte {})", e.valid_up_to())))?;
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
     let header: Vec<String> = reader
         .headers()
         .map_err(|e| Error::bad_request(format!("CSV header cannot be read: {e}")))?
         .iter()
         .map(str::to_owned)
         .collect();
-    let missing: Vec<&str> = settings
-        .fields()
-        .filter(|f| !header.iter().any(|h| h == f))
-        .collect();
+    let missing: Vec<&str> = settings.fields().filter(|f| !header.iter().any(|h| h == f)).collect();
     if !missing.is_empty() {
         return Err(Error::bad_request(format!(
             "CSV header must name the columns {}; it lacks {} (found: {})",
@@ -173,23 +149,13 @@ pub fn from_csv(settings: &Settings, body: &[u8]) -> Result<Vec<Record>, Error> 
         if rows > settings.batch_records_max {
             break;
         }
-        let line = result
-            .as_ref()
-            .ok()
-            .and_then(|r| r.position())
-            .map_or(rows + 1, |p| p.line() as usize);
-        let parsed = result
-            .map_err(|e| format!("unreadable CSV row: {e}"))
-            .and_then(|row| {
-                if row.len() != header.len() {
-                    return Err(format!(
-                        "row has {} fields; the header has {}",
-                        row.len(),
-                        header.len()
-                    ));
-                }
-                record(settings, |name| Ok(column(name).and_then(|i| row.get(i))))
-            });
+        let line = result.as_ref().ok().and_then(|r| r.position()).map_or(rows + 1, |p| p.line() as usize);
+        let parsed = result.map_err(|e| format!("unreadable CSV row: {e}")).and_then(|row| {
+            if row.len() != header.len() {
+                return Err(format!("row has {} fields; the header has {}", row.len(), header.len()));
+            }
+            record(settings, |name| Ok(column(name).and_then(|i| row.get(i))))
+        });
         match parsed {
             Ok(r) => records.push(r),
             Err(reason) => errors.add(line, reason),
@@ -221,19 +187,8 @@ mod tests {
     #[test]
     fn json_accepts_one_object_or_an_array() {
         let one = from_json(&s(), br#"{"lei":" A ","nace":"B","extra":1}"#).unwrap();
-        assert_eq!(
-            one,
-            vec![Record {
-                key: "A".into(),
-                values: [("nace".into(), "B".into())].into()
-            }]
-        );
-        assert_eq!(
-            from_json(&s(), br#"[{"lei":"A","nace":"B"},{"lei":"C","nace":"D"}]"#)
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(one, vec![Record { key: "A".into(), values: [("nace".into(), "B".into())].into() }]);
+        assert_eq!(from_json(&s(), br#"[{"lei":"A","nace":"B"},{"lei":"C","nace":"D"}]"#).unwrap().len(), 2);
     }
 
     #[test]
@@ -262,60 +217,24 @@ mod tests {
 
     #[test]
     fn json_edge_cases() {
-        assert!(
-            from_json(&s(), b"[]")
-                .unwrap_err()
-                .message
-                .contains("no records")
-        );
-        assert!(
-            from_json(&s(), b"null")
-                .unwrap_err()
-                .message
-                .contains("got null")
-        );
-        assert!(
-            from_json(&s(), b"{")
-                .unwrap_err()
-                .message
-                .contains("not valid JSON")
-        );
+        assert!(from_json(&s(), b"[]").unwrap_err().message.contains("no records"));
+        assert!(from_json(&s(), b"null").unwrap_err().message.contains("got null"));
+        assert!(from_json(&s(), b"{").unwrap_err().message.contains("not valid JSON"));
         let long = format!(r#"{{"lei":"{}","nace":"x"}}"#, "k".repeat(KEY_BYTES_MAX));
         assert!(from_json(&s(), long.as_bytes()).is_ok());
-        let too_long = format!(
-            r#"{{"lei":"{}","nace":"x"}}"#,
-            "k".repeat(KEY_BYTES_MAX + 1)
-        );
-        assert!(
-            from_json(&s(), too_long.as_bytes())
-                .unwrap_err()
-                .message
-                .contains("the limit is 256")
-        );
-        assert!(
-            from_json(&s(), br#"{"lei":"a\u0000b","nace":"x"}"#)
-                .unwrap_err()
-                .message
-                .contains("control")
-        );
+        let too_long = format!(r#"{{"lei":"{}","nace":"x"}}"#, "k".repeat(KEY_BYTES_MAX + 1));
+        assert!(from_json(&s(), too_long.as_bytes()).unwrap_err().message.contains("the limit is 256"));
+        assert!(from_json(&s(), br#"{"lei":"a\u0000b","nace":"x"}"#).unwrap_err().message.contains("control"));
     }
 
     #[test]
     fn batch_size_limit_is_exact() {
-        let settings = Settings {
-            batch_records_max: 2,
-            ..s()
-        };
+        let settings = Settings { batch_records_max: 2, ..s() };
         let rows = |n| serde_json::to_vec(&vec![json!({"lei":"a","nace":"b"}); n]).unwrap();
         assert!(from_json(&settings, &rows(2)).is_ok());
         assert_eq!(from_json(&settings, &rows(3)).unwrap_err().status, 413);
         assert!(from_csv(&settings, b"lei,nace\na,b\nc,d\n").is_ok());
-        assert_eq!(
-            from_csv(&settings, b"lei,nace\na,b\nc,d\ne,f\n")
-                .unwrap_err()
-                .status,
-            413
-        );
+        assert_eq!(from_csv(&settings, b"lei,nace\na,b\nc,d\ne,f\n").unwrap_err().status, 413);
     }
 
     #[test]
@@ -331,18 +250,8 @@ mod tests {
         let d = e.details.unwrap();
         assert_eq!(d["rows"][0]["row"], 3);
         assert_eq!(d["rows"][1]["row"], 4);
-        assert!(
-            from_csv(&s(), b"lei,nace\n")
-                .unwrap_err()
-                .message
-                .contains("no records")
-        );
-        assert!(
-            from_csv(&s(), b"lei,nace\n\xff,x\n")
-                .unwrap_err()
-                .message
-                .contains("UTF-8")
-        );
+        assert!(from_csv(&s(), b"lei,nace\n").unwrap_err().message.contains("no records"));
+        assert!(from_csv(&s(), b"lei,nace\n\xff,x\n").unwrap_err().message.contains("UTF-8"));
     }
 
     #[test]

@@ -62,17 +62,14 @@ fn ingest_csv(req: &Request) -> Result<Response, Error> {
 fn store(req: &Request, records: Vec<Record>) -> Result<Response, Error> {
     let party = &req.caller().id;
     let rows = records.len();
-    let latest: BTreeMap<String, BTreeMap<String, String>> =
-        records.into_iter().map(|r| (r.key, r.values)).collect();
+    let latest: BTreeMap<String, BTreeMap<String, String>> = records.into_iter().map(|r| (r.key, r.values)).collect();
     for (key, values) in &latest {
         let mut votes = RECORDS.get(key).unwrap_or_default();
         votes.by_party.insert(party.clone(), values.clone());
         RECORDS.insert(key, &votes);
         PARTY_KEYS.insert(&(party.clone(), key.clone()), &());
     }
-    Ok(Response::json(
-        &json!({ "rows": rows, "keys": latest.len() }),
-    ))
+    Ok(Response::json(&json!({ "rows": rows, "keys": latest.len() })))
 }
 
 fn report_one(req: &Request) -> Result<Response, Error> {
@@ -93,11 +90,7 @@ fn report_all(req: &Request) -> Result<Response, Error> {
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=REPORT_PAGE_ROWS_MAX).contains(n))
-            .ok_or_else(|| {
-                Error::bad_request(format!(
-                    "limit must be 1..={REPORT_PAGE_ROWS_MAX}, got {s:?}"
-                ))
-            })?,
+            .ok_or_else(|| Error::bad_request(format!("limit must be 1..={REPORT_PAGE_ROWS_MAX}, got {s:?}")))?,
     };
     let party = req.caller().id.clone();
     let keys: Vec<String> = match req.query("after") {
@@ -114,10 +107,7 @@ fn report_all(req: &Request) -> Result<Response, Error> {
     }
     let mut response = Response::json(&rows);
     if keys.len() > limit {
-        let cursor = percent_encoding::utf8_percent_encode(
-            &keys[limit - 1],
-            percent_encoding::NON_ALPHANUMERIC,
-        );
+        let cursor = percent_encoding::utf8_percent_encode(&keys[limit - 1], percent_encoding::NON_ALPHANUMERIC);
         response = response.with_header("x-next-cursor", cursor.to_string());
     }
     Ok(response)
@@ -126,11 +116,7 @@ fn report_all(req: &Request) -> Result<Response, Error> {
 /// The caller's view of one key: its own values and the vote counts, never others' values.
 fn report_row(settings: &Settings, key: &str, votes: &Votes, party: &str) -> Option<Value> {
     let compared = |values: &BTreeMap<String, String>| -> Vec<Option<String>> {
-        settings
-            .attribute_fields
-            .iter()
-            .map(|f| values.get(f).cloned())
-            .collect()
+        settings.attribute_fields.iter().map(|f| values.get(f).cloned()).collect()
     };
     let mine = votes.by_party.get(party)?;
     let my_values = compared(mine);
@@ -145,11 +131,7 @@ fn report_row(settings: &Settings, key: &str, votes: &Votes, party: &str) -> Opt
     } else {
         "IN_CONSENSUS"
     };
-    let side = if in_agreement > total_votes - in_agreement {
-        "Majority"
-    } else {
-        "Minority"
-    };
+    let side = if in_agreement > total_votes - in_agreement { "Majority" } else { "Minority" };
     let mut row = serde_json::Map::new();
     row.insert(settings.key_field.clone(), json!(key));
     for (field, value) in settings.attribute_fields.iter().zip(my_values) {
@@ -199,14 +181,7 @@ mod tests {
                    "count_of_unique_values":2,"members_in_agreement":1,"total_votes":3})
         );
         // c changes its mind: its new value replaces the old one, not a fourth vote.
-        assert_eq!(
-            ingest(
-                &mut h,
-                &c,
-                r#"[{"lei":"K","nace":"Z"},{"lei":"K","nace":"X"}]"#
-            ),
-            200
-        );
+        assert_eq!(ingest(&mut h, &c, r#"[{"lei":"K","nace":"Z"},{"lei":"K","nace":"X"}]"#), 200);
         let (_, row) = report(&mut h, &c, "/report/K");
         assert_eq!(row["group_status"], "IN_CONSENSUS");
         assert_eq!(row["total_votes"], 3);
@@ -218,11 +193,7 @@ mod tests {
         let mut h = host();
         let (a, b) = (Caller::member("party-a-id"), Caller::member("party-b-id"));
         ingest(&mut h, &a, r#"{"lei":"K","nace":"SECRET-A"}"#);
-        ingest(
-            &mut h,
-            &b,
-            r#"[{"lei":"K","nace":"SECRET-B"},{"lei":"ONLY-B","nace":"Q"}]"#,
-        );
+        ingest(&mut h, &b, r#"[{"lei":"K","nace":"SECRET-B"},{"lei":"ONLY-B","nace":"Q"}]"#);
         let page = h.call(&a, "GET", "/report", "");
         let text = String::from_utf8(page.body.clone()).unwrap();
         assert!(text.contains("SECRET-A"));
@@ -242,13 +213,7 @@ mod tests {
         let a = Caller::member("a");
         ingest(&mut h, &a, r#"{"lei":"K","nace":"X"}"#);
         let before = h.dump();
-        for bad in [
-            r#"[{"lei":"L","nace":"X"},{"lei":"M"}]"#,
-            "[]",
-            "null",
-            "{",
-            r#"{"lei":"K","nace":1}"#,
-        ] {
+        for bad in [r#"[{"lei":"L","nace":"X"},{"lei":"M"}]"#, "[]", "null", "{", r#"{"lei":"K","nace":1}"#] {
             assert_eq!(ingest(&mut h, &a, bad), 400, "{bad}");
         }
         let r = h.call(&a, "POST", "/csv/ingest", "lei,value\nK,Y\n");
@@ -260,22 +225,14 @@ mod tests {
     fn reports_paginate_in_key_order() {
         let mut h = host();
         let a = Caller::user("a");
-        let rows: Vec<Value> = (0..25)
-            .map(|i| json!({"lei": format!("K{i:02}"), "nace": "X"}))
-            .collect();
-        assert_eq!(
-            ingest(&mut h, &a, &serde_json::to_string(&rows).unwrap()),
-            200
-        );
+        let rows: Vec<Value> = (0..25).map(|i| json!({"lei": format!("K{i:02}"), "nace": "X"})).collect();
+        assert_eq!(ingest(&mut h, &a, &serde_json::to_string(&rows).unwrap()), 200);
         let mut seen = Vec::new();
         let mut target = "/report?limit=10".to_owned();
         loop {
             let r = h.call(&a, "GET", &target, "");
             let page: Vec<Value> = r.body_json().unwrap();
-            seen.extend(
-                page.iter()
-                    .map(|row| row["lei"].as_str().unwrap().to_owned()),
-            );
+            seen.extend(page.iter().map(|row| row["lei"].as_str().unwrap().to_owned()));
             match r.head.headers.get("x-next-cursor") {
                 Some(c) => target = format!("/report?limit=10&after={c}"),
                 None => break,
@@ -284,28 +241,8 @@ mod tests {
         let expected: Vec<String> = (0..25).map(|i| format!("K{i:02}")).collect();
         assert_eq!(seen, expected);
         assert_eq!(h.call(&a, "GET", "/report?limit=0", "").head.status, 400);
-        assert_eq!(
-            h.call(
-                &a,
-                "GET",
-                &format!("/report?limit={}", REPORT_PAGE_ROWS_MAX + 1),
-                ""
-            )
-            .head
-            .status,
-            400
-        );
-        assert_eq!(
-            h.call(
-                &a,
-                "GET",
-                &format!("/report?limit={REPORT_PAGE_ROWS_MAX}"),
-                ""
-            )
-            .head
-            .status,
-            200
-        );
+        assert_eq!(h.call(&a, "GET", &format!("/report?limit={}", REPORT_PAGE_ROWS_MAX + 1), "").head.status, 400);
+        assert_eq!(h.call(&a, "GET", &format!("/report?limit={REPORT_PAGE_ROWS_MAX}"), "").head.status, 200);
     }
 
     #[test]
@@ -313,20 +250,10 @@ mod tests {
         let mut h = host();
         h.seed("gov.app_config", &"threshold".to_owned(), &json!(2));
         h.seed("gov.app_config", &"key_field".to_owned(), &json!("id"));
-        h.seed(
-            "gov.app_config",
-            &"attribute_fields".to_owned(),
-            &json!(["colour", "size"]),
-        );
+        h.seed("gov.app_config", &"attribute_fields".to_owned(), &json!(["colour", "size"]));
         let (a, b) = (Caller::member("a"), Caller::member("b"));
-        assert_eq!(
-            ingest(&mut h, &a, r#"{"id":"1","colour":"red","size":"L"}"#),
-            200
-        );
-        assert_eq!(
-            ingest(&mut h, &b, r#"{"id":"1","colour":"red","size":"M"}"#),
-            200
-        );
+        assert_eq!(ingest(&mut h, &a, r#"{"id":"1","colour":"red","size":"L"}"#), 200);
+        assert_eq!(ingest(&mut h, &b, r#"{"id":"1","colour":"red","size":"M"}"#), 200);
         assert_eq!(ingest(&mut h, &b, r#"{"lei":"1","nace":"x"}"#), 400);
         let (_, row) = report(&mut h, &a, "/report/1");
         assert_eq!(row["group_status"], "LACK_OF_CONSENSUS");
@@ -334,21 +261,13 @@ mod tests {
         h.seed("gov.app_config", &"threshold".to_owned(), &json!(0));
         let (status, body) = report(&mut h, &a, "/report/1");
         assert_eq!(status, 500);
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("threshold")
-        );
+        assert!(body["error"]["message"].as_str().unwrap().contains("threshold"));
     }
 
     #[test]
     fn apps_cannot_write_governance() {
         // The SDK refuses writes to gov.* inside the app, so the contract cannot even try; this
         // pins the behaviour a handler would meet.
-        assert!(
-            cloister_sdk::abi::check_write("gov.app_config", cloister_sdk::Mode::Readwrite)
-                .is_err()
-        );
+        assert!(cloister_sdk::abi::check_write("gov.app_config", cloister_sdk::Mode::Readwrite).is_err());
     }
 }

@@ -34,10 +34,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             key_field: DEFAULT_KEY_FIELD.to_owned(),
-            attribute_fields: DEFAULT_ATTRIBUTE_FIELDS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            attribute_fields: DEFAULT_ATTRIBUTE_FIELDS.iter().map(|s| s.to_string()).collect(),
             threshold: DEFAULT_THRESHOLD,
             batch_records_max: DEFAULT_BATCH_RECORDS_MAX,
         }
@@ -54,8 +51,7 @@ impl Settings {
             threshold: setting("threshold")?.unwrap_or(d.threshold),
             batch_records_max: setting("batch_records_max")?.unwrap_or(d.batch_records_max),
         };
-        s.check()
-            .map_err(|e| Error::internal(format!("gov.app_config is unusable: {e}")))?;
+        s.check().map_err(|e| Error::internal(format!("gov.app_config is unusable: {e}")))?;
         Ok(s)
     }
 
@@ -67,11 +63,7 @@ impl Settings {
         if self.attribute_fields.is_empty() {
             return Err("attribute_fields is empty".into());
         }
-        if self
-            .attribute_fields
-            .iter()
-            .any(|f| f.is_empty() || *f == self.key_field)
-        {
+        if self.attribute_fields.iter().any(|f| f.is_empty() || *f == self.key_field) {
             return Err("attribute_fields must be non-empty names other than key_field".into());
         }
         if self.threshold == 0 {
@@ -85,8 +77,7 @@ impl Settings {
 
     /// Every field a record must carry: the key, then the attributes.
     pub fn fields(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.key_field.as_str())
-            .chain(self.attribute_fields.iter().map(String::as_str))
+        std::iter::once(self.key_field.as_str()).chain(self.attribute_fields.iter().map(String::as_str))
     }
 }
 
@@ -94,9 +85,8 @@ fn setting<T: DeserializeOwned>(name: &str) -> Result<Option<T>, Error> {
     APP_CONFIG
         .get(&name.to_owned())
         .map(|v| {
-            serde_json::from_value(v).map_err(|e| {
-                Error::internal(format!("gov.app_config setting {name} is malformed: {e}"))
-            })
+            serde_json::from_value(v)
+                .map_err(|e| Error::internal(format!("gov.app_config setting {name} is malformed: {e}")))
         })
         .transpose()
 }

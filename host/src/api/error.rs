@@ -18,13 +18,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code: code.into(),
-            message: message.into(),
-            details: None,
-            tx_id: None,
-        }
+        ApiError { status, code: code.into(), message: message.into(), details: None, tx_id: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -113,12 +107,7 @@ impl ApiError {
     pub fn from_app(status: u16, body: &[u8]) -> ApiError {
         let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
         let error = parsed.as_ref().and_then(|v| v.get("error"));
-        let text = |k: &str| {
-            error
-                .and_then(|e| e.get(k))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
+        let text = |k: &str| error.and_then(|e| e.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
         ApiError {
             status,
             code: text("code").unwrap_or_else(|| format!("Http{status}")),
@@ -144,8 +133,8 @@ impl From<crate::kv::KvError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = axum::http::StatusCode::from_u16(self.status)
-            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            axum::http::StatusCode::from_u16(self.status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
         (status, axum::Json(self.body())).into_response()
     }
 }

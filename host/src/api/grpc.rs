@@ -14,8 +14,7 @@ use super::service::{AppCall, AppReply, Service};
 
 /// The first client certificate of a request's connection.
 fn client_cert<T>(req: &Request<T>) -> Option<Vec<u8>> {
-    req.peer_certs()
-        .and_then(|certs| certs.first().map(|c| c.to_vec()))
+    req.peer_certs().and_then(|certs| certs.first().map(|c| c.to_vec()))
 }
 
 /// Calls an app endpoint; a non-2xx answer becomes the matching gRPC error.
@@ -52,17 +51,10 @@ pub struct AppService(pub Arc<Service>);
 
 #[tonic::async_trait]
 impl app_pb::app_server::App for AppService {
-    async fn call(
-        &self,
-        req: Request<app_pb::CallRequest>,
-    ) -> Result<Response<app_pb::CallReply>, Status> {
+    async fn call(&self, req: Request<app_pb::CallRequest>) -> Result<Response<app_pb::CallReply>, Status> {
         let cert = client_cert(&req);
         let r = req.into_inner();
-        let target = if r.query.is_empty() {
-            r.path
-        } else {
-            format!("{}?{}", r.path, r.query)
-        };
+        let target = if r.query.is_empty() { r.path } else { format!("{}?{}", r.path, r.query) };
         let reply = call(&self.0, cert, &r.method, &target, &r.content_type, r.body).await?;
         Ok(Response::new(app_pb::CallReply {
             status: u32::from(reply.status),
@@ -82,23 +74,11 @@ fn json_body(reply: &AppReply) -> Result<Value, Status> {
 
 /// A report row's JSON, split into the caller's fields and the vote counts.
 fn row(v: &Value) -> Result<rec_pb::ReportRow, Status> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| Status::internal("a report row is not a JSON object"))?;
-    let text = |k: &str| {
-        obj.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let obj = v.as_object().ok_or_else(|| Status::internal("a report row is not a JSON object"))?;
+    let text = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
     let count = |k: &str| obj.get(k).and_then(Value::as_u64).unwrap_or_default() as u32;
-    const STATS: [&str; 5] = [
-        "group_status",
-        "majority_minority",
-        "count_of_unique_values",
-        "members_in_agreement",
-        "total_votes",
-    ];
+    const STATS: [&str; 5] =
+        ["group_status", "majority_minority", "count_of_unique_values", "members_in_agreement", "total_votes"];
     let fields = obj
         .iter()
         .filter(|(k, _)| !STATS.contains(&k.as_str()))
@@ -129,17 +109,9 @@ fn encode(s: &str) -> String {
 
 #[tonic::async_trait]
 impl rec_pb::reconcile_server::Reconcile for ReconcileService {
-    async fn ingest(
-        &self,
-        req: Request<rec_pb::IngestRequest>,
-    ) -> Result<Response<rec_pb::IngestReply>, Status> {
+    async fn ingest(&self, req: Request<rec_pb::IngestRequest>) -> Result<Response<rec_pb::IngestReply>, Status> {
         let cert = client_cert(&req);
-        let records: Vec<_> = req
-            .into_inner()
-            .records
-            .into_iter()
-            .map(|r| r.fields)
-            .collect();
+        let records: Vec<_> = req.into_inner().records.into_iter().map(|r| r.fields).collect();
         let body = serde_json::to_vec(&records).expect("string maps serialize");
         let reply = call(&self.0, cert, "POST", "/ingest", "application/json", body).await?;
         Ok(Response::new(ingest_reply(&reply)?))
@@ -155,10 +127,7 @@ impl rec_pb::reconcile_server::Reconcile for ReconcileService {
         Ok(Response::new(ingest_reply(&reply)?))
     }
 
-    async fn report(
-        &self,
-        req: Request<rec_pb::ReportRequest>,
-    ) -> Result<Response<rec_pb::ReportReply>, Status> {
+    async fn report(&self, req: Request<rec_pb::ReportRequest>) -> Result<Response<rec_pb::ReportReply>, Status> {
         let cert = client_cert(&req);
         let r = req.into_inner();
         let query = {
@@ -171,15 +140,7 @@ impl rec_pb::reconcile_server::Reconcile for ReconcileService {
             }
             query.finish()
         };
-        let reply = call(
-            &self.0,
-            cert,
-            "GET",
-            &format!("/report?{query}"),
-            "",
-            Vec::new(),
-        )
-        .await?;
+        let reply = call(&self.0, cert, "GET", &format!("/report?{query}"), "", Vec::new()).await?;
         let rows = json_body(&reply)?
             .as_array()
             .ok_or_else(|| Status::internal("a report is not a JSON array"))?
@@ -189,11 +150,7 @@ impl rec_pb::reconcile_server::Reconcile for ReconcileService {
         let next_cursor = reply
             .headers
             .get("x-next-cursor")
-            .map(|c| {
-                percent_encoding::percent_decode_str(c)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            })
+            .map(|c| percent_encoding::percent_decode_str(c).decode_utf8_lossy().into_owned())
             .unwrap_or_default();
         Ok(Response::new(rec_pb::ReportReply { rows, next_cursor }))
     }
@@ -204,15 +161,7 @@ impl rec_pb::reconcile_server::Reconcile for ReconcileService {
     ) -> Result<Response<rec_pb::ReportRow>, Status> {
         let cert = client_cert(&req);
         let key = req.into_inner().key;
-        let reply = call(
-            &self.0,
-            cert,
-            "GET",
-            &format!("/report/{}", encode(&key)),
-            "",
-            Vec::new(),
-        )
-        .await?;
+        let reply = call(&self.0, cert, "GET", &format!("/report/{}", encode(&key)), "", Vec::new()).await?;
         Ok(Response::new(row(&json_body(&reply)?)?))
     }
 }
@@ -226,11 +175,8 @@ pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
         .with_service_name("cloister.app.v1.App")
         .with_service_name("cloister.reconcile.v1.Reconcile")
         .build_v1()?;
-    let app = app_pb::app_server::AppServer::new(AppService(service.clone()))
-        .max_decoding_message_size(max);
-    let reconcile = rec_pb::reconcile_server::ReconcileServer::new(ReconcileService(service))
-        .max_decoding_message_size(max);
-    Ok(tonic::service::Routes::new(app)
-        .add_service(reconcile)
-        .add_service(reflection))
+    let app = app_pb::app_server::AppServer::new(AppService(service.clone())).max_decoding_message_size(max);
+    let reconcile =
+        rec_pb::reconcile_server::ReconcileServer::new(ReconcileService(service)).max_decoding_message_size(max);
+    Ok(tonic::service::Routes::new(app).add_service(reconcile).add_service(reflection))
 }

@@ -5,17 +5,13 @@ use cloister_sdk::abi::{Auth, Manifest, Mode};
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::{
-    ContentBuilder, InfoBuilder, ObjectBuilder, OpenApiBuilder, PathItem, PathsBuilder, Required,
-    ResponseBuilder, Type,
+    ContentBuilder, InfoBuilder, ObjectBuilder, OpenApiBuilder, PathItem, PathsBuilder, Required, ResponseBuilder, Type,
 };
 
 const BUILT_IN: &[(&str, &str)] = &[
     ("/node/health", "Whether the node is up."),
     ("/node/version", "The node's version and contract ABI."),
-    (
-        "/node/network",
-        "The nodes of the network, their roles and the leader.",
-    ),
+    ("/node/network", "The nodes of the network, their roles and the leader."),
     ("/app/api", "This document."),
 ];
 
@@ -45,10 +41,7 @@ fn error_response() -> utoipa::openapi::Response {
         .required("error");
     ResponseBuilder::new()
         .description("An error, with a stable code and a message")
-        .content(
-            "application/json",
-            ContentBuilder::new().schema(Some(schema)).build(),
-        )
+        .content("application/json", ContentBuilder::new().schema(Some(schema)).build())
         .build()
 }
 
@@ -74,18 +67,13 @@ pub fn document(manifest: Option<&Manifest>) -> serde_json::Value {
         };
         let mode = match e.mode {
             Mode::Readonly => "read-only: runs on any node against committed state",
-            Mode::Readwrite => {
-                "read-write: one committed transaction; the response carries x-cloister-tx-id"
-            }
+            Mode::Readwrite => "read-write: one committed transaction; the response carries x-cloister-tx-id",
         };
         let mut op = OperationBuilder::new()
             .summary(Some(format!("{} {}", e.method, e.path)))
             .description(Some(format!("For {audience}; {mode}.")))
             .tag("app")
-            .response(
-                "200",
-                ResponseBuilder::new().description("The app's answer"),
-            )
+            .response("200", ResponseBuilder::new().description("The app's answer"))
             .response("default", error_response());
         for segment in e.path.split('/') {
             if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
@@ -111,13 +99,8 @@ pub fn document(manifest: Option<&Manifest>) -> serde_json::Value {
     let info = InfoBuilder::new()
         .title("Cloister node")
         .version(env!("CARGO_PKG_VERSION"))
-        .description(Some(
-            "Every call is authenticated by its TLS client certificate.",
-        ))
+        .description(Some("Every call is authenticated by its TLS client certificate."))
         .build();
-    let doc = OpenApiBuilder::new()
-        .info(info)
-        .paths(paths.build())
-        .build();
+    let doc = OpenApiBuilder::new().info(info).paths(paths.build()).build();
     serde_json::to_value(doc).expect("OpenAPI documents serialize")
 }

@@ -25,18 +25,14 @@ const WITHHELD_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorizat
 
 pub fn router(service: Arc<Service>) -> Router {
     Router::new()
-        .route(
-            "/node/health",
-            get(|| async { axum::Json(json!({ "status": "ok" })) }),
-        )
+        .route("/node/health", get(|| async { axum::Json(json!({ "status": "ok" })) }))
         .route("/node/version", get(version))
         .route("/node/network", get(network))
         .route("/node/tx", get(tx_status))
+        .route("/app/receipt", get(receipt))
         .route("/app/api", get(api))
         .route("/app/{*path}", axum::routing::any(app))
-        .fallback(
-            |uri: Uri| async move { ApiError::not_found(format!("no endpoint {}", uri.path())) },
-        )
+        .fallback(|uri: Uri| async move { ApiError::not_found(format!("no endpoint {}", uri.path())) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
             ApiError::method_not_allowed(format!("{method} is not allowed on {}", uri.path()))
         })
@@ -45,48 +41,82 @@ pub fn router(service: Arc<Service>) -> Router {
 }
 
 async fn version() -> impl IntoResponse {
-    axum::Json(
-        json!({ "version": env!("CARGO_PKG_VERSION"), "abi": cloister_sdk::abi::ABI_VERSION }),
-    )
+    axum::Json(json!({ "version": env!("CARGO_PKG_VERSION"), "abi": cloister_sdk::abi::ABI_VERSION }))
 }
 
 async fn network(State(service): State<Arc<Service>>) -> impl IntoResponse {
     axum::Json(service.consensus().network())
 }
 
-/// `GET /node/tx?id=term.seqno`: Pending, Committed or Invalid, as this node knows it.
-async fn tx_status(
-    State(service): State<Arc<Service>>,
-    uri: Uri,
-) -> Result<impl IntoResponse, ApiError> {
+/// The `id` query parameter as a transaction id.
+fn tx_id_param(uri: &Uri) -> Result<crate::txid::TxId, ApiError> {
     let id = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "id")
         .map(|(_, v)| v.into_owned())
-        .ok_or_else(|| ApiError::bad_request("name the transaction: /node/tx?id=term.seqno"))?;
-    let id: crate::txid::TxId = id.parse().map_err(ApiError::bad_request)?;
+        .ok_or_else(|| ApiError::bad_request("name the transaction: ?id=term.seqno"))?;
+    id.parse().map_err(ApiError::bad_request)
+}
+
+/// A 202 that says to come back: the transaction or its signature is not there yet.
+fn come_back(id: crate::txid::TxId, what: &str) -> Response {
+    let body = json!({ "tx_id": id.to_string(), "status": "Pending", "message": what });
+    let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// `GET /app/receipt?id=term.seqno`: proof that a transaction committed, checkable offline
+/// with the service certificate alone. Members and users only.
+async fn receipt(
+    State(service): State<Arc<Service>>,
+    Extension(peer): Extension<PeerInfo>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    service.identify_known(peer.client_cert.as_deref())?;
+    let id = tx_id_param(&uri)?;
     let status = service
         .consensus()
         .tx_status(id)
         .map_err(|e| ApiError::internal(format!("reading the term history failed: {e}")))?;
-    Ok(axum::Json(
-        json!({ "tx_id": id.to_string(), "status": status }),
-    ))
+    match status {
+        crate::consensus::TxStatus::Pending => return Ok(come_back(id, "the transaction is not committed yet")),
+        crate::consensus::TxStatus::Invalid => {
+            return Err(ApiError::not_found(format!("transaction {id} is Invalid: it was never committed")));
+        }
+        crate::consensus::TxStatus::Committed => {}
+    }
+    match service.receipt(id)? {
+        Ok(receipt) => Ok(axum::Json(receipt).into_response()),
+        Err(crate::ledger::index::ReceiptUnavailable::NotYetSigned) => {
+            Ok(come_back(id, "committed; no signature covers it yet"))
+        }
+        Err(crate::ledger::index::ReceiptUnavailable::NotHeld { first }) => Err(ApiError::not_found(format!(
+            "this node's ledger starts at seqno {first} (it joined from a snapshot): ask another node for {id}"
+        ))),
+        Err(crate::ledger::index::ReceiptUnavailable::NotFound) => {
+            Err(ApiError::not_found(format!("transaction {id} is not in this node's ledger")))
+        }
+    }
+}
+
+/// `GET /node/tx?id=term.seqno`: Pending, Committed or Invalid, as this node knows it.
+async fn tx_status(State(service): State<Arc<Service>>, uri: Uri) -> Result<impl IntoResponse, ApiError> {
+    let id = tx_id_param(&uri)?;
+    let status = service
+        .consensus()
+        .tx_status(id)
+        .map_err(|e| ApiError::internal(format!("reading the term history failed: {e}")))?;
+    Ok(axum::Json(json!({ "tx_id": id.to_string(), "status": status })))
 }
 
 async fn api(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
     let app = service.app().await?;
-    Ok(axum::Json(super::openapi::document(
-        app.as_ref().map(|m| m.manifest()),
-    )))
+    Ok(axum::Json(super::openapi::document(app.as_ref().map(|m| m.manifest()))))
 }
 
 /// Reads a body, refusing more than `max` bytes with 413.
 async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<bytes::Bytes, ApiError> {
-    let too_large = || {
-        ApiError::too_large(format!(
-            "the request body exceeds {max} bytes (body_bytes_max)"
-        ))
-    };
+    let too_large = || ApiError::too_large(format!("the request body exceeds {max} bytes (body_bytes_max)"));
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -97,9 +127,7 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<bytes:
     match http_body_util::Limited::new(body, max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!(
-            "the request body could not be read: {e}"
-        ))),
+        Err(e) => Err(ApiError::bad_request(format!("the request body could not be read: {e}"))),
     }
 }
 
@@ -116,9 +144,7 @@ async fn app(
     let headers: BTreeMap<String, String> = headers
         .iter()
         .filter(|(name, _)| !WITHHELD_HEADERS.contains(&name.as_str()))
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-        })
+        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
         .collect();
     let call = AppCall {
         method: method.as_str().to_owned(),
@@ -134,23 +160,16 @@ async fn app(
 
 fn reply(r: AppReply) -> Response {
     let mut response = Response::new(Body::from(r.body));
-    *response.status_mut() =
-        StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *response.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
     for (name, value) in &r.headers {
         // An app cannot set a header that HTTP cannot carry; such headers are dropped.
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::try_from(name.as_str()),
-            HeaderValue::try_from(value.as_str()),
-        ) {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
             headers.insert(n, v);
         }
     }
     if let Some(id) = r.tx_id {
-        headers.insert(
-            TX_ID_HEADER,
-            HeaderValue::try_from(id.to_string()).expect("tx ids are ASCII"),
-        );
+        headers.insert(TX_ID_HEADER, HeaderValue::try_from(id.to_string()).expect("tx ids are ASCII"));
     }
     response
 }

@@ -31,30 +31,19 @@ impl Conn {
         let (tcp, tls) = self.inner.get_ref();
         PeerInfo {
             remote: tcp.peer_addr().ok(),
-            client_cert: tls
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.to_vec()),
+            client_cert: tls.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()),
         }
     }
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -146,14 +135,8 @@ pub async fn serve_http(
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
     loop {
         let conn = tokio::select! {
             c = conns.recv() => match c {
@@ -164,27 +147,19 @@ pub async fn serve_http(
             _ = cancel.cancelled() => break,
         };
         let peer = conn.peer();
-        let service =
-            app.clone()
-                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer.clone());
-                    req
-                });
+        let service = app.clone().map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            req
+        });
         let serving = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(conn),
-                hyper_util::service::TowerToHyperService::new(service),
-            )
+            .serve_connection_with_upgrades(TokioIo::new(conn), hyper_util::service::TowerToHyperService::new(service))
             .into_owned();
         let watched = graceful.watch(serving);
         tokio::spawn(async move {
             let _ = watched.await;
         });
     }
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
         tracing::warn!("some HTTPS connections did not close within 10 s of shutdown");
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use cloister_sdk::abi::{self, Auth, RequestHead};
+use cloister_sdk::abi::{self, Auth, Privilege, RequestHead};
 use cloister_sdk::{Caller, CallerKind, Mode};
 
 use super::error::ApiError;
@@ -153,10 +153,7 @@ impl Service {
             return Ok(Some(m));
         }
         let code = gov::app_code(&tx, &record.code_hash)?.ok_or_else(|| {
-            ApiError::internal(format!(
-                "gov.app names code {} that gov.app_code lacks",
-                record.code_hash
-            ))
+            ApiError::internal(format!("gov.app names code {} that gov.app_code lacks", record.code_hash))
         })?;
         let service = self.clone();
         let module = tokio::task::spawn_blocking(move || service.runtime.load(&code))
@@ -165,6 +162,42 @@ impl Service {
             .map_err(|e| ApiError::internal(format!("the installed app does not load: {e}")))?;
         *self.app.write().expect("app lock") = Some(module.clone());
         Ok(Some(module))
+    }
+
+    /// The member or user behind a client certificate; anyone else is refused (401).
+    pub fn identify_known(&self, cert: Option<&[u8]>) -> Result<Caller, ApiError> {
+        let tx = self.store.begin()?;
+        let caller = self.identify(&tx, cert, Auth::Authenticated)?;
+        if caller.kind == CallerKind::Anonymous {
+            return Err(ApiError::unauthorized("this endpoint needs a member's or user's client certificate"));
+        }
+        Ok(caller)
+    }
+
+    /// A receipt for a committed transaction, if this node can give one yet.
+    pub fn receipt(
+        &self,
+        id: TxId,
+    ) -> Result<Result<crate::ledger::verify::Receipt, crate::ledger::index::ReceiptUnavailable>, ApiError> {
+        let read = self.store.read_txn()?;
+        let parts = crate::ledger::index::receipt_parts(&read, id.seqno)
+            .map_err(|e| ApiError::internal(format!("reading the ledger index failed: {e}")))?;
+        let parts = match parts {
+            Ok(p) if p.leaf.term == id.term => p,
+            Ok(_) => return Ok(Err(crate::ledger::index::ReceiptUnavailable::NotFound)),
+            Err(unavailable) => return Ok(Err(unavailable)),
+        };
+        let service = gov::service(&self.store.begin()?)?
+            .ok_or_else(|| ApiError::internal("gov.service is missing: the service never ran genesis"))?;
+        let pem = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
+        Ok(Ok(crate::ledger::verify::Receipt {
+            tx_id: id.to_string(),
+            leaf: parts.leaf,
+            proof: parts.proof.iter().map(hex::encode).collect(),
+            node_cert: pem(&parts.signature.payload.node_cert),
+            signature: parts.signature,
+            service_cert: service.cert,
+        }))
     }
 
     /// The caller behind a client certificate, for an endpoint with the given audience.
@@ -201,10 +234,7 @@ impl Service {
             )));
         }
         *n += 1;
-        Ok(Some(Slot {
-            service: self,
-            id: caller.id.clone(),
-        }))
+        Ok(Some(Slot { service: self, id: caller.id.clone() }))
     }
 
     /// Runs an app call end to end, within `request_timeout_ms`.
@@ -219,16 +249,10 @@ impl Service {
     }
 
     async fn route_and_run(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
-        let module = self
-            .app()
-            .await?
-            .ok_or_else(|| ApiError::not_found("no app is installed on this service"))?;
+        let module = self.app().await?.ok_or_else(|| ApiError::not_found("no app is installed on this service"))?;
         let Some((endpoint, params)) = module.manifest().find(&call.method, &call.path) else {
             return Err(if module.manifest().path_exists(&call.path) {
-                ApiError::method_not_allowed(format!(
-                    "{} is not allowed on /app{}",
-                    call.method, call.path
-                ))
+                ApiError::method_not_allowed(format!("{} is not allowed on /app{}", call.method, call.path))
             } else {
                 ApiError::not_found(format!("no endpoint {} /app{}", call.method, call.path))
             });
@@ -246,42 +270,20 @@ impl Service {
             query: call.query,
             headers: call.headers,
             caller,
-            request_id: format!(
-                "{}-{}",
-                self.info.name,
-                self.requests.fetch_add(1, Ordering::Relaxed)
-            ),
+            request_id: format!("{}-{}", self.info.name, self.requests.fetch_add(1, Ordering::Relaxed)),
         };
-        let linearizable = head
-            .headers
-            .get(CONSISTENCY_HEADER)
-            .is_some_and(|v| v == "linearizable");
-        let forward = ForwardParts {
-            client_cert: call.client_cert,
-            hops: call.hops,
-        };
+        let linearizable = head.headers.get(CONSISTENCY_HEADER).is_some_and(|v| v == "linearizable");
+        let forward = ForwardParts { client_cert: call.client_cert, hops: call.hops };
         match endpoint.mode {
             Mode::Readonly if !linearizable => self.read(module, head, call.body).await,
             Mode::Readonly => match self.consensus.read_barrier().await {
                 Ok(()) => self.read(module, head, call.body).await,
                 Err(ProposeError::NotLeader { .. }) => self.forward(head, call.body, forward).await,
-                Err(e) => Err(ApiError::unavailable(format!(
-                    "the linearizable read could not be confirmed: {e:?}"
-                ))),
+                Err(e) => Err(ApiError::unavailable(format!("the linearizable read could not be confirmed: {e:?}"))),
             },
-            Mode::Readwrite if !self.consensus.is_leader() => {
-                self.forward(head, call.body, forward).await
-            }
+            Mode::Readwrite if !self.consensus.is_leader() => self.forward(head, call.body, forward).await,
             Mode::Readwrite => {
-                let submitted = self
-                    .writer
-                    .submit(
-                        module,
-                        APP_NAMESPACE.into(),
-                        head.clone(),
-                        call.body.clone(),
-                    )
-                    .await;
+                let submitted = self.writer.submit(module, APP_NAMESPACE.into(), head.clone(), call.body.clone()).await;
                 match submitted {
                     Err(SubmitError::NotLeader) => self.forward(head, call.body, forward).await,
                     Err(SubmitError::Api(e)) => Err(e),
@@ -292,12 +294,7 @@ impl Service {
     }
 
     /// Sends a call to the leader over the peer channel, at most `forward_hops_max` times.
-    async fn forward(
-        &self,
-        head: RequestHead,
-        body: bytes::Bytes,
-        parts: ForwardParts,
-    ) -> Result<AppReply, ApiError> {
+    async fn forward(&self, head: RequestHead, body: bytes::Bytes, parts: ForwardParts) -> Result<AppReply, ApiError> {
         let hops_max = self.consensus.forward_hops_max();
         if parts.hops >= hops_max {
             return Err(ApiError::unavailable(format!(
@@ -314,23 +311,13 @@ impl Service {
                         "no leader is elected (is a majority of nodes up?); retry shortly",
                     ));
                 }
-                self.consensus
-                    .leader()
-                    .ok_or_else(|| ApiError::unavailable("no leader is elected; retry shortly"))?
+                self.consensus.leader().ok_or_else(|| ApiError::unavailable("no leader is elected; retry shortly"))?
             }
         };
         let unreachable = |s: tonic::Status| {
-            ApiError::unavailable(format!(
-                "forwarding to the leader {} failed: {}",
-                leader.name,
-                s.message()
-            ))
+            ApiError::unavailable(format!("forwarding to the leader {} failed: {}", leader.name, s.message()))
         };
-        let mut client = self
-            .consensus
-            .peers()
-            .client(&leader.peer_url)
-            .map_err(unreachable)?;
+        let mut client = self.consensus.peers().client(&leader.peer_url).map_err(unreachable)?;
         let request = cloister_proto::peer::v1::ForwardRequest {
             method: head.method,
             path: head.path,
@@ -340,11 +327,7 @@ impl Service {
             client_cert: parts.client_cert.unwrap_or_default(),
             hops: parts.hops + 1,
         };
-        let reply = client
-            .forward(request)
-            .await
-            .map_err(unreachable)?
-            .into_inner();
+        let reply = client.forward(request).await.map_err(unreachable)?.into_inner();
         Ok(AppReply {
             status: u16::try_from(reply.status).unwrap_or(500),
             headers: reply.headers.into_iter().collect(),
@@ -360,11 +343,7 @@ impl Service {
         head: RequestHead,
         body: bytes::Bytes,
     ) -> Result<AppReply, ApiError> {
-        let _permit = self
-            .reads
-            .acquire()
-            .await
-            .map_err(|_| ApiError::unavailable("the node is shutting down"))?;
+        let _permit = self.reads.acquire().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
         let service = self.clone();
         tokio::task::spawn_blocking(move || {
             let tx = service.store.begin()?;
@@ -373,6 +352,7 @@ impl Service {
                 body: &body,
                 mode: Mode::Readonly,
                 namespace: APP_NAMESPACE,
+                privilege: Privilege::App,
             };
             let (_, result) = service.runtime.execute(&module, inv, tx);
             let response = result?.response;
@@ -397,10 +377,7 @@ impl Forwarder for ServiceForwarder {
         &self,
         r: cloister_proto::peer::v1::ForwardRequest,
     ) -> Result<cloister_proto::peer::v1::ForwardReply, tonic::Status> {
-        let service = self
-            .0
-            .upgrade()
-            .ok_or_else(|| tonic::Status::unavailable("the node is shutting down"))?;
+        let service = self.0.upgrade().ok_or_else(|| tonic::Status::unavailable("the node is shutting down"))?;
         let call = AppCall {
             method: r.method,
             path: r.path,

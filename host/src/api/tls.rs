@@ -47,9 +47,8 @@ impl ClientCertVerifier for AnyClientCert {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        x509_parser::parse_x509_certificate(end_entity).map_err(|_| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-        })?;
+        x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -77,14 +76,9 @@ impl ClientCertVerifier for AnyClientCert {
 }
 
 /// The server side: this node's certificate (chained to the service CA), any client certificate.
-pub fn server_config(
-    node: &KeyedCert,
-    service_ca_pem: &str,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(node: &KeyedCert, service_ca_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = provider();
-    let verifier = Arc::new(AnyClientCert {
-        algorithms: provider.signature_verification_algorithms,
-    });
+    let verifier = Arc::new(AnyClientCert { algorithms: provider.signature_verification_algorithms });
     let mut chain = identity::cert_chain(node.cert_pem.as_bytes())?;
     chain.extend(identity::cert_chain(service_ca_pem.as_bytes())?);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -115,29 +109,20 @@ pub fn client_config(
         )?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = if alpn_h2_only {
-        vec![ALPN[0].to_vec()]
-    } else {
-        ALPN.iter().map(|p| p.to_vec()).collect()
-    };
+    config.alpn_protocols =
+        if alpn_h2_only { vec![ALPN[0].to_vec()] } else { ALPN.iter().map(|p| p.to_vec()).collect() };
     Ok(Arc::new(config))
 }
 
 /// The peer listener: node certificates only, chained to the service CA, on both sides.
-pub fn peer_server_config(
-    node: &KeyedCert,
-    service_ca_pem: &str,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn peer_server_config(node: &KeyedCert, service_ca_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = provider();
     let mut roots = rustls::RootCertStore::empty();
     for cert in identity::cert_chain(service_ca_pem.as_bytes())? {
         roots.add(cert)?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let mut chain = identity::cert_chain(node.cert_pem.as_bytes())?;
     chain.extend(identity::cert_chain(service_ca_pem.as_bytes())?);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

@@ -17,8 +17,9 @@ use tokio::sync::oneshot;
 
 use super::error::ApiError;
 use super::service::AppReply;
-use crate::consensus::{Consensus, ProposeError, TxEntry, TxKind};
+use crate::consensus::{Consensus, ProposeError};
 use crate::kv::{Store, WriteSet};
+use crate::ledger::entry::{TxEntry, TxKind};
 use crate::wasm::{Invocation, LoadedModule, Runtime};
 
 /// How long a new leader may take to apply the entries before its term before writes give up.
@@ -80,28 +81,12 @@ impl Writer {
     ) -> anyhow::Result<Writer> {
         let (queue, jobs) = std::sync::mpsc::sync_channel(queue_max);
         let tokio = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
-            .name("app-writer".into())
-            .stack_size(8 << 20)
-            .spawn(move || {
-                // WASI calls drive tokio's block_on: let them use the node's runtime.
-                let _guard = tokio.enter();
-                WriterLoop {
-                    runtime,
-                    store,
-                    consensus,
-                    tokio,
-                    group_max,
-                    pending: Vec::new(),
-                    pending_term: 0,
-                }
-                .run(jobs)
-            })?;
-        Ok(Writer {
-            queue: Some(queue),
-            queue_max,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name("app-writer".into()).stack_size(8 << 20).spawn(move || {
+            // WASI calls drive tokio's block_on: let them use the node's runtime.
+            let _guard = tokio.enter();
+            WriterLoop { runtime, store, consensus, tokio, group_max, pending: Vec::new(), pending_term: 0 }.run(jobs)
+        })?;
+        Ok(Writer { queue: Some(queue), queue_max, thread: Some(thread) })
     }
 
     /// Queues a request and waits for its committed result.
@@ -113,17 +98,8 @@ impl Writer {
         body: bytes::Bytes,
     ) -> Result<AppReply, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            module,
-            namespace,
-            head,
-            body,
-            reply,
-        };
-        let queue = self
-            .queue
-            .as_ref()
-            .expect("the queue lives as long as the writer");
+        let job = Job { module, namespace, head, body, reply };
+        let queue = self.queue.as_ref().expect("the queue lives as long as the writer");
         match queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -137,11 +113,9 @@ impl Writer {
                 return Err(ApiError::unavailable("the node is shutting down").into());
             }
         }
-        answer.await.map_err(|_| {
-            SubmitError::Api(ApiError::unavailable(
-                "the node stopped before the write finished",
-            ))
-        })?
+        answer
+            .await
+            .map_err(|_| SubmitError::Api(ApiError::unavailable("the node stopped before the write finished")))?
     }
 }
 
@@ -185,10 +159,7 @@ impl WriterLoop {
         if !self.consensus.is_leader() {
             return false;
         }
-        self.consensus.caught_up()
-            || self
-                .tokio
-                .block_on(self.consensus.wait_caught_up(CATCH_UP_TIMEOUT))
+        self.consensus.caught_up() || self.tokio.block_on(self.consensus.wait_caught_up(CATCH_UP_TIMEOUT))
     }
 
     fn run_batch(&mut self, batch: Vec<Job>) {
@@ -199,18 +170,14 @@ impl WriterLoop {
             return;
         }
         let term = self.consensus.term();
-        let failed = self
-            .pending
-            .iter()
-            .any(|p| p.state.load(Ordering::Acquire) == FAILED);
+        let failed = self.pending.iter().any(|p| p.state.load(Ordering::Acquire) == FAILED);
         if term != self.pending_term || failed {
             // A proposal failed or the term moved: every later pending proposal fails too, and
             // what did commit is in the applied state.
             self.pending.clear();
             self.pending_term = term;
         }
-        self.pending
-            .retain(|p| p.state.load(Ordering::Acquire) == IN_FLIGHT);
+        self.pending.retain(|p| p.state.load(Ordering::Acquire) == IN_FLIGHT);
         for job in batch {
             self.execute(job);
         }
@@ -231,6 +198,7 @@ impl WriterLoop {
             body: &job.body,
             mode: Mode::Readwrite,
             namespace: &job.namespace,
+            privilege: cloister_sdk::abi::Privilege::App,
         };
         let (tx, result) = self.runtime.execute(&job.module, inv, tx);
         let outcome = match result {
@@ -244,12 +212,8 @@ impl WriterLoop {
         let writes = tx.into_writes();
         let success = response.is_success();
         let claims_digest = response.head.claims_digest.clone();
-        let mut reply = AppReply {
-            status: response.head.status,
-            headers: response.head.headers,
-            body: response.body,
-            tx_id: None,
-        };
+        let mut reply =
+            AppReply { status: response.head.status, headers: response.head.headers, body: response.body, tx_id: None };
         if !success || writes.is_empty() {
             let _ = job.reply.send(Ok(reply));
             return;
@@ -263,16 +227,12 @@ impl WriterLoop {
         };
         let writes = Arc::new(writes);
         let state = Arc::new(AtomicU8::new(IN_FLIGHT));
-        self.pending.push(Pending {
-            writes: writes.clone(),
-            state: state.clone(),
-        });
-        let entry = TxEntry::new(TxKind::App, WriteSet::clone(&writes), claims);
+        self.pending.push(Pending { writes: writes.clone(), state: state.clone() });
+        let sealer = self.store.sealer().expect("nodes seal private writes");
+        let entry = TxEntry::new(TxKind::App, WriteSet::clone(&writes), claims, sealer);
         // Submitted here, in execution order, and refused if this node no longer leads in the
         // term it executed in; only the wait for the outcome runs concurrently.
-        let proposal = self
-            .tokio
-            .block_on(self.consensus.submit(entry, Some(self.pending_term)));
+        let proposal = self.tokio.block_on(self.consensus.submit(entry, Some(self.pending_term)));
         self.tokio.spawn(async move {
             let outcome = match proposal {
                 Ok(p) => p.outcome().await,
@@ -288,13 +248,10 @@ impl WriterLoop {
                     state.store(FAILED, Ordering::Release);
                     Err(match e {
                         ProposeError::NotLeader { .. } => SubmitError::NotLeader,
-                        ProposeError::Unknown { tx_id, reason } => {
-                            ApiError::outcome_unknown(tx_id, &reason).into()
+                        ProposeError::Unknown { tx_id, reason } => ApiError::outcome_unknown(tx_id, &reason).into(),
+                        ProposeError::Stopped(reason) => {
+                            ApiError::unavailable(format!("this node's consensus has stopped: {reason}")).into()
                         }
-                        ProposeError::Stopped(reason) => ApiError::unavailable(format!(
-                            "this node's consensus has stopped: {reason}"
-                        ))
-                        .into(),
                     })
                 }
             };

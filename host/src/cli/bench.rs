@@ -107,12 +107,7 @@ pub async fn run_load(
     anyhow::ensure!(!all.is_empty(), "no request completed in {duration:?}");
     all.sort();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Ok(RunResult {
-        requests: all.len(),
-        elapsed,
-        p50: pct(0.50),
-        p99: pct(0.99),
-    })
+    Ok(RunResult { requests: all.len(), elapsed, p50: pct(0.50), p99: pct(0.99) })
 }
 
 /// A body with one fresh record.
@@ -136,27 +131,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let sandbox = SandboxFile::read(&args.sandbox)?;
     let url = args.url.clone().unwrap_or_else(|| sandbox.rest_url.clone());
     let ca = std::fs::read(&sandbox.service_cert).context("reading the service certificate")?;
-    let ids: Vec<KeyedCert> = sandbox
-        .parties
-        .iter()
-        .map(|p| identity::read_pair(&p.cert, &p.key))
-        .collect::<anyhow::Result<_>>()?;
+    let ids: Vec<KeyedCert> =
+        sandbox.parties.iter().map(|p| identity::read_pair(&p.cert, &p.key)).collect::<anyhow::Result<_>>()?;
     let duration = Duration::from_secs(args.seconds);
     println!("benchmarking {url} for {} s per run", args.seconds);
 
     let mut baseline: Option<f64> = None;
     let mut single_record_rate = 0.0;
     for &clients in &args.clients {
-        let r = run_load(
-            &url,
-            &ca,
-            &ids,
-            clients,
-            duration,
-            "/app/ingest",
-            one_record,
-        )
-        .await?;
+        let r = run_load(&url, &ca, &ids, clients, duration, "/app/ingest", one_record).await?;
         let rate = r.per_second();
         let base = *baseline.get_or_insert(rate);
         single_record_rate = f64::max(single_record_rate, rate);
@@ -169,16 +152,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     if args.batch_records > 0 {
-        let r = run_load(
-            &url,
-            &ca,
-            &ids,
-            4,
-            duration,
-            "/app/ingest",
-            batch(args.batch_records),
-        )
-        .await?;
+        let r = run_load(&url, &ca, &ids, 4, duration, "/app/ingest", batch(args.batch_records)).await?;
         let records = r.per_second() * args.batch_records as f64;
         println!(
             "{}-record batch ingest, 4 clients: {records:>8.0} records/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({:.1}x the best 1-record rate)",
@@ -202,14 +176,7 @@ impl TempSandbox {
     async fn start(nodes: usize, port: u16) -> anyhow::Result<TempSandbox> {
         let dir = tempfile::tempdir()?;
         let mut child = std::process::Command::new(std::env::current_exe()?)
-            .args([
-                "sandbox",
-                "--nodes",
-                &nodes.to_string(),
-                "--port",
-                &port.to_string(),
-                "--dir",
-            ])
+            .args(["sandbox", "--nodes", &nodes.to_string(), "--port", &port.to_string(), "--dir"])
             .arg(dir.path())
             .env("CLOISTER_LOG", "warn")
             .stdin(std::process::Stdio::null())
@@ -220,21 +187,11 @@ impl TempSandbox {
         let stdout = child.stdout.take().context("sandbox stdout")?;
         let ready = tokio::task::spawn_blocking(move || {
             use std::io::BufRead;
-            std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .any(|l| l.contains("grpcurl"))
+            std::io::BufReader::new(stdout).lines().map_while(Result::ok).any(|l| l.contains("grpcurl"))
         });
-        anyhow::ensure!(
-            ready.await?,
-            "the {nodes}-node sandbox exited before it was ready"
-        );
+        anyhow::ensure!(ready.await?, "the {nodes}-node sandbox exited before it was ready");
         let file = SandboxFile::read(dir.path())?;
-        Ok(TempSandbox {
-            _dir: dir,
-            child,
-            file,
-        })
+        Ok(TempSandbox { _dir: dir, child, file })
     }
 }
 
@@ -255,24 +212,11 @@ async fn compare_nodes(args: &Args) -> anyhow::Result<ExitCode> {
         println!("starting a {nodes}-node sandbox on ports {port}…");
         let sandbox = TempSandbox::start(nodes, port).await?;
         let ca = std::fs::read(&sandbox.file.service_cert)?;
-        let ids: Vec<KeyedCert> = sandbox
-            .file
-            .parties
-            .iter()
-            .map(|p| identity::read_pair(&p.cert, &p.key))
-            .collect::<anyhow::Result<_>>()?;
+        let ids: Vec<KeyedCert> =
+            sandbox.file.parties.iter().map(|p| identity::read_pair(&p.cert, &p.key)).collect::<anyhow::Result<_>>()?;
         let mut runs = Vec::new();
         for &clients in &args.clients {
-            let r = run_load(
-                &sandbox.file.rest_url,
-                &ca,
-                &ids,
-                clients,
-                duration,
-                "/app/ingest",
-                one_record,
-            )
-            .await?;
+            let r = run_load(&sandbox.file.rest_url, &ca, &ids, clients, duration, "/app/ingest", one_record).await?;
             println!(
                 "{nodes} node(s), {clients:>3} clients: {:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
                 r.per_second(),

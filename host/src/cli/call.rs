@@ -54,8 +54,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(path) => path.clone(),
         None => sandbox()?.service_cert,
     };
-    let ca = std::fs::read(&cacert)
-        .with_context(|| format!("reading the service certificate {}", cacert.display()))?;
+    let ca = std::fs::read(&cacert).with_context(|| format!("reading the service certificate {}", cacert.display()))?;
     let id = match (&args.as_party, &args.cert, &args.key) {
         (Some(name), _, _) => {
             let party = sandbox()?
@@ -72,43 +71,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => (Vec::new(), None),
         Some(d) => match d.strip_prefix('@') {
             Some(file) => {
-                let guess = match std::path::Path::new(file)
-                    .extension()
-                    .and_then(|e| e.to_str())
-                {
+                let guess = match std::path::Path::new(file).extension().and_then(|e| e.to_str()) {
                     Some("csv") => "text/csv",
                     _ => "application/json",
                 };
-                (
-                    std::fs::read(file).with_context(|| format!("reading {file}"))?,
-                    Some(guess),
-                )
+                (std::fs::read(file).with_context(|| format!("reading {file}"))?, Some(guess))
             }
             None => (d.clone().into_bytes(), Some("application/json")),
         },
     };
     let content_type = args.content_type.as_deref().or(guessed);
     let client = Client::connect(&url, &ca, id.as_ref()).await?;
-    let reply = client
-        .request(
-            &args.method.to_ascii_uppercase(),
-            &args.path,
-            content_type,
-            body,
-        )
-        .await?;
-    eprintln!(
-        "HTTP {}{}",
-        reply.status,
-        reply
-            .tx_id()
-            .map(|t| format!("  tx {t}"))
-            .unwrap_or_default()
-    );
+    let reply = client.request(&args.method.to_ascii_uppercase(), &args.path, content_type, body).await?;
+    eprintln!("HTTP {}{}", reply.status, reply.tx_id().map(|t| format!("  tx {t}")).unwrap_or_default());
     println!("{}", reply.text());
-    Ok(if (200..300).contains(&reply.status) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if (200..300).contains(&reply.status) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod call;
+mod ledger;
 pub mod sandbox;
 
 use std::path::PathBuf;
@@ -14,11 +15,7 @@ use crate::config::NodeConfig;
 use crate::node::{Node, identity};
 
 #[derive(Parser)]
-#[command(
-    name = "cloister",
-    version,
-    about = "Confidential multi-party applications on WebAssembly"
-)]
+#[command(name = "cloister", version, about = "Confidential multi-party applications on WebAssembly")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,6 +41,16 @@ enum Command {
     Call(call::Args),
     /// Measure a running node (by default the sandbox's) over HTTPS.
     Bench(bench::Args),
+    /// Audit a ledger offline.
+    Ledger {
+        #[command(subcommand)]
+        command: ledger::LedgerCommand,
+    },
+    /// Check a transaction receipt offline.
+    Receipt {
+        #[command(subcommand)]
+        command: ledger::ReceiptCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,18 +86,12 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CLOISTER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Node {
-            command: NodeCommand::Start { config },
-        } => {
+        Command::Node { command: NodeCommand::Start { config } } => {
             let node = Node::start(NodeConfig::load(&config)?).await?;
             shutdown_signal().await;
             node.shutdown().await;
@@ -100,15 +101,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen { name, out } => {
             let id = identity::generate_identity(&name)?;
             id.write(&out, &name)?;
-            println!(
-                "wrote {0}/{name}.cert.pem and {0}/{name}.key.pem",
-                out.display()
-            );
+            println!("wrote {0}/{name}.cert.pem and {0}/{name}.key.pem", out.display());
             println!("id: {}", id.id()?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Call(args) => call::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Ledger { command } => ledger::run_ledger(command),
+        Command::Receipt { command } => ledger::run_receipt(command),
     }
 }
 

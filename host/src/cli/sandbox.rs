@@ -13,9 +13,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
-use crate::config::{
-    GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection,
-};
+use crate::config::{GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection};
 use crate::node::identity::{self, ServiceCa};
 
 /// How long a node may take to answer its health check after it starts.
@@ -24,22 +22,10 @@ const NODE_READY_TIMEOUT: Duration = Duration::from_secs(120);
 const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 const DEMO_FILES: &[(&str, &[u8])] = &[
-    (
-        "member0_data.csv",
-        include_bytes!("../../../tests/conformance/recon-sample/member0_data.csv"),
-    ),
-    (
-        "member0_data_pt2.json",
-        include_bytes!("../../../tests/conformance/recon-sample/member0_data_pt2.json"),
-    ),
-    (
-        "member1_data.json",
-        include_bytes!("../../../tests/conformance/recon-sample/member1_data.json"),
-    ),
-    (
-        "member2_data.json",
-        include_bytes!("../../../tests/conformance/recon-sample/member2_data.json"),
-    ),
+    ("member0_data.csv", include_bytes!("../../../tests/conformance/recon-sample/member0_data.csv")),
+    ("member0_data_pt2.json", include_bytes!("../../../tests/conformance/recon-sample/member0_data_pt2.json")),
+    ("member1_data.json", include_bytes!("../../../tests/conformance/recon-sample/member1_data.json")),
+    ("member2_data.json", include_bytes!("../../../tests/conformance/recon-sample/member2_data.json")),
 ];
 
 #[derive(clap::Args)]
@@ -92,27 +78,21 @@ impl SandboxFile {
     pub fn read(dir: &Path) -> anyhow::Result<SandboxFile> {
         let path = dir.join("sandbox.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (is a sandbox running there? pass --url/--cacert otherwise)",
-                path.display()
-            )
+            format!("reading {} (is a sandbox running there? pass --url/--cacert otherwise)", path.display())
         })?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a sandbox file", path.display()))
+        serde_json::from_str(&text).with_context(|| format!("{} is not a sandbox file", path.display()))
     }
 
     fn write(&self, dir: &Path) -> anyhow::Result<()> {
         let path = dir.join("sandbox.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("writing {}", path.display()))
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
     }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
     anyhow::ensure!(args.parties >= 1, "--parties must be at least 1");
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let dir = args.dir.canonicalize()?;
     let mut layout = match SandboxFile::read(&dir) {
         Ok(existing) => {
@@ -182,8 +162,7 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
         let name = format!("node{i}");
         let base = args.port as usize + 3 * i;
         let addr = |offset: usize| format!("127.0.0.1:{}", base + offset);
-        ca.issue_node_cert(&name, &["localhost".into(), "127.0.0.1".into()])?
-            .write(dir, &name)?;
+        ca.issue_node_cert(&name, &["localhost".into(), "127.0.0.1".into()])?.write(dir, &name)?;
         let config = NodeConfig {
             node: NodeSection {
                 name: name.clone(),
@@ -198,18 +177,14 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
                 node_key: format!("{name}.key.pem").into(),
             },
             // The first node starts the service; the others join it.
-            network: NetworkSection {
-                join: (i > 0).then(|| first_peer.clone()),
-            },
+            network: NetworkSection { join: (i > 0).then(|| first_peer.clone()) },
             genesis: GenesisSection {
-                members: parties
-                    .iter()
-                    .map(|p| PathBuf::from(format!("{}.cert.pem", p.name)))
-                    .collect(),
+                members: parties.iter().map(|p| PathBuf::from(format!("{}.cert.pem", p.name))).collect(),
                 users: Vec::new(),
                 app: Some("reconcile.wasm".into()),
             },
             limits: Limits::default(),
+            ledger: Default::default(),
             raft: RaftSection::default(),
             wasm: Default::default(),
         };
@@ -237,20 +212,37 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
 
 /// Starts `cloister node start` for one node, logging to its log file.
 fn spawn_node(node: &NodeEntry) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&node.log)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
     let exe = std::env::current_exe().context("finding the cloister executable")?;
-    std::process::Command::new(exe)
+    let mut command = std::process::Command::new(exe);
+    command
         .args(["node", "start", "--config"])
         .arg(&node.config)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", node.id))
+        .stderr(log);
+    stop_with_parent(&mut command);
+    command.spawn().with_context(|| format!("starting {}", node.id))
 }
+
+/// Asks the kernel to stop a node when the sandbox itself dies, however it dies (a `kill -9` of the
+/// sandbox must not leave nodes running on its ports). A node stopped this way resumes on the next run.
+#[cfg(target_os = "linux")]
+fn stop_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn stop_with_parent(_: &mut std::process::Command) {}
 
 /// The last lines of a log file, for error messages.
 fn tail(path: &Path) -> String {
@@ -267,11 +259,7 @@ async fn wait_ready(layout: &SandboxFile, children: &mut [Child]) -> anyhow::Res
     let check_exits = |children: &mut [Child]| -> anyhow::Result<()> {
         for (node, child) in layout.nodes.iter().zip(children.iter_mut()) {
             if let Some(status) = child.try_wait()? {
-                anyhow::bail!(
-                    "{} exited ({status}) before it was ready; its log ends:\n{}",
-                    node.id,
-                    tail(&node.log)
-                );
+                anyhow::bail!("{} exited ({status}) before it was ready; its log ends:\n{}", node.id, tail(&node.log));
             }
         }
         Ok(())
@@ -282,11 +270,7 @@ async fn wait_ready(layout: &SandboxFile, children: &mut [Child]) -> anyhow::Res
             return Ok(());
         }
         if started.elapsed() > NODE_READY_TIMEOUT {
-            let logs: Vec<String> = layout
-                .nodes
-                .iter()
-                .map(|n| format!("{}:\n{}", n.id, tail(&n.log)))
-                .collect();
+            let logs: Vec<String> = layout.nodes.iter().map(|n| format!("{}:\n{}", n.id, tail(&n.log))).collect();
             anyhow::bail!(
                 "the network did not become ready within {NODE_READY_TIMEOUT:?}; logs end:\n{}",
                 logs.join("\n")
@@ -310,11 +294,7 @@ async fn network_ready(layout: &SandboxFile, ca: &[u8]) -> bool {
         };
         let voters = network["nodes"]
             .as_array()
-            .map(|ns| {
-                ns.iter()
-                    .filter(|n| n["role"] == "leader" || n["role"] == "follower")
-                    .count()
-            })
+            .map(|ns| ns.iter().filter(|n| n["role"] == "leader" || n["role"] == "follower").count())
             .unwrap_or(0);
         if reply.status != 200 || voters != layout.nodes.len() || network["leader"].is_null() {
             return false;
@@ -381,23 +361,15 @@ fn terminate(child: &Child) {
 }
 
 fn exe_name() -> String {
-    std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "cloister".into())
+    std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "cloister".into())
 }
 
 fn print_usage(dir: &Path, layout: &SandboxFile) {
     let d = dir.display();
     let exe = exe_name();
     let first = &layout.parties[0].name;
-    let second = layout
-        .parties
-        .get(1)
-        .map_or(first.as_str(), |p| p.name.as_str());
-    println!(
-        "Cloister sandbox is running ({} node(s)). Press Ctrl-C to stop.\n",
-        layout.nodes.len()
-    );
+    let second = layout.parties.get(1).map_or(first.as_str(), |p| p.name.as_str());
+    println!("Cloister sandbox is running ({} node(s)). Press Ctrl-C to stop.\n", layout.nodes.len());
     for n in &layout.nodes {
         println!(
             "  {}  HTTPS {}  gRPC {}  peers {}  pid {}  data {}",
@@ -411,17 +383,11 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
     }
     println!("  service certificate  {d}/service.cert.pem");
     let names: Vec<&str> = layout.parties.iter().map(|p| p.name.as_str()).collect();
-    println!(
-        "  parties  {}  ({d}/<name>.cert.pem, {d}/<name>.key.pem)",
-        names.join(", ")
-    );
+    println!("  parties  {}  ({d}/<name>.cert.pem, {d}/<name>.key.pem)", names.join(", "));
     println!("  details  {d}/sandbox.json\n");
     println!("Ingest demo data and fetch a report with curl:");
-    let curl = |who: &str| {
-        format!(
-            "curl -s --cacert {d}/service.cert.pem --cert {d}/{who}.cert.pem --key {d}/{who}.key.pem"
-        )
-    };
+    let curl =
+        |who: &str| format!("curl -s --cacert {d}/service.cert.pem --cert {d}/{who}.cert.pem --key {d}/{who}.key.pem");
     println!(
         "  {} -H 'content-type: text/csv' --data-binary @{d}/demo/member0_data.csv {}/app/csv/ingest",
         curl(first),
@@ -429,9 +395,7 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
     );
     println!("  {} {}/app/report\n", curl(first), layout.rest_url);
     println!("or with the cloister command:");
-    println!(
-        "  {exe} call --sandbox {d} --as {second} POST /app/ingest --data @{d}/demo/member1_data.json"
-    );
+    println!("  {exe} call --sandbox {d} --as {second} POST /app/ingest --data @{d}/demo/member1_data.json");
     println!("  {exe} call --sandbox {d} --as {second} GET /app/report\n");
     println!("gRPC (server reflection is on):");
     println!(

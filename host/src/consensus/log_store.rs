@@ -39,10 +39,7 @@ impl AppendWatch {
     /// Registers interest in the entry with this uid.
     pub fn watch(&self, uid: [u8; 16]) -> oneshot::Receiver<LogId> {
         let (tx, rx) = oneshot::channel();
-        self.waiting
-            .lock()
-            .expect("append watch lock")
-            .insert(uid, tx);
+        self.waiting.lock().expect("append watch lock").insert(uid, tx);
         rx
     }
 
@@ -74,16 +71,12 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn open(path: &Path, watch: Arc<AppendWatch>) -> anyhow::Result<LogStore> {
-        let db = Database::create(path)
-            .map_err(|e| anyhow::anyhow!("raft log {}: {e}", path.display()))?;
+        let db = Database::create(path).map_err(|e| anyhow::anyhow!("raft log {}: {e}", path.display()))?;
         let txn = db.begin_write()?;
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(LogStore {
-            db: Arc::new(db),
-            watch,
-        })
+        Ok(LogStore { db: Arc::new(db), watch })
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
@@ -121,9 +114,7 @@ impl LogStore {
         let read = self.db.begin_read().map_err(io_err)?;
         let table = read.open_table(LOG).map_err(io_err)?;
         let value = table.get(index).map_err(io_err)?;
-        let entry: Option<Entry> = value
-            .map(|v| decode(v.value(), "a log entry"))
-            .transpose()?;
+        let entry: Option<Entry> = value.map(|v| decode(v.value(), "a log entry")).transpose()?;
         Ok(entry.map(|e| e.log_id.leader_id.term))
     }
 }
@@ -164,10 +155,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((_, v)) => Some(decode::<Entry>(v.value(), "a log entry")?.log_id()),
             None => last_purged_log_id,
         };
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -205,10 +193,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if result.is_ok() {
             self.watch.appended(&entries);
         }
-        let report = result
-            .as_ref()
-            .map(|_| ())
-            .map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        let report = result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
         callback.io_completed(report);
         result
     }

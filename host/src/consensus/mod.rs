@@ -74,21 +74,13 @@ impl Proposal {
         match result {
             Ok(Ok(response)) => Ok(tx_id(&response.log_id)),
             Ok(Err(ClientWriteError::ForwardToLeader(f))) if known.is_none() => {
-                Err(ProposeError::NotLeader {
-                    leader: f.leader_node,
-                })
+                Err(ProposeError::NotLeader { leader: f.leader_node })
             }
             Ok(Err(ClientWriteError::PreconditionFailed(_))) if known.is_none() => {
                 Err(ProposeError::NotLeader { leader: None })
             }
-            Ok(Err(e)) => Err(ProposeError::Unknown {
-                tx_id: known,
-                reason: e.to_string(),
-            }),
-            Err(_) => Err(ProposeError::Unknown {
-                tx_id: known,
-                reason: "consensus stopped before answering".into(),
-            }),
+            Ok(Err(e)) => Err(ProposeError::Unknown { tx_id: known, reason: e.to_string() }),
+            Err(_) => Err(ProposeError::Unknown { tx_id: known, reason: "consensus stopped before answering".into() }),
         }
     }
 }
@@ -146,11 +138,12 @@ impl Consensus {
         id: NodeId,
         me: NodeAddr,
         store: kv::Store,
+        ledger: Arc<crate::ledger::Ledger>,
         peers: Peers,
     ) -> anyhow::Result<Consensus> {
         let watch = Arc::new(AppendWatch::default());
         let log = LogStore::open(&data_dir.join("raft.redb"), watch.clone())?;
-        let sm = StateMachine::new(store, data_dir.join("snapshots"))?;
+        let sm = StateMachine::new(store, ledger, data_dir.join("snapshots"))?;
         let config = openraft::Config {
             cluster_name: "cloister".into(),
             heartbeat_interval: settings.heartbeat_interval_ms,
@@ -165,20 +158,9 @@ impl Consensus {
         }
         .validate()
         .map_err(|e| anyhow::anyhow!("raft settings are inconsistent: {e}"))?;
-        let network = network::NetworkFactory {
-            peers: peers.clone(),
-        };
+        let network = network::NetworkFactory { peers: peers.clone() };
         let raft = Raft::new(id, Arc::new(config), network, log.clone(), sm.clone()).await?;
-        Ok(Consensus {
-            raft,
-            sm,
-            log,
-            watch,
-            peers,
-            id,
-            me,
-            forward_hops_max: settings.forward_hops_max,
-        })
+        Ok(Consensus { raft, sm, log, watch, peers, id, me, forward_hops_max: settings.forward_hops_max })
     }
 
     pub fn id(&self) -> NodeId {
@@ -199,9 +181,7 @@ impl Consensus {
 
     /// Starts a new network with this node as its only voter.
     pub async fn initialize(&self) -> anyhow::Result<()> {
-        self.raft
-            .initialize(BTreeMap::from([(self.id, self.me.clone())]))
-            .await?;
+        self.raft.initialize(BTreeMap::from([(self.id, self.me.clone())])).await?;
         Ok(())
     }
 
@@ -225,10 +205,7 @@ impl Consensus {
     /// top of its applied state sees every earlier transaction.
     pub fn caught_up(&self) -> bool {
         let m = self.metrics();
-        m.state == ServerState::Leader
-            && m.last_applied
-                .as_ref()
-                .is_some_and(|l| l.leader_id.term == m.current_term)
+        m.state == ServerState::Leader && m.last_applied.as_ref().is_some_and(|l| l.leader_id.term == m.current_term)
     }
 
     /// The term this node is in.
@@ -245,9 +222,7 @@ impl Consensus {
                 |m| {
                     m.state != ServerState::Leader
                         || (m.current_leader == Some(id)
-                            && m.last_applied
-                                .as_ref()
-                                .is_some_and(|l| l.leader_id.term == m.current_term))
+                            && m.last_applied.as_ref().is_some_and(|l| l.leader_id.term == m.current_term))
                 },
                 "leader caught up",
             )
@@ -258,9 +233,7 @@ impl Consensus {
     /// Waits until some node leads.
     pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<()> {
         let waiter = self.raft.wait(Some(timeout));
-        waiter
-            .metrics(|m| m.current_leader.is_some(), "a leader")
-            .await?;
+        waiter.metrics(|m| m.current_leader.is_some(), "a leader").await?;
         Ok(())
     }
 
@@ -272,11 +245,7 @@ impl Consensus {
     /// Hands a transaction to Raft and returns at once; proposals reach the log in the order of
     /// `submit` calls. With `term`, the write is refused unless this node still leads in that
     /// term, so state computed under one leadership never commits under another.
-    pub async fn submit(
-        &self,
-        entry: TxEntry,
-        term: Option<u64>,
-    ) -> Result<Proposal, ProposeError> {
+    pub async fn submit(&self, entry: TxEntry, term: Option<u64>) -> Result<Proposal, ProposeError> {
         let uid = entry.uid;
         let appended = self.watch.watch(uid);
         let (responder, complete) = openraft::impls::ProgressResponder::complete_only();
@@ -289,12 +258,7 @@ impl Consensus {
             self.watch.forget(&uid);
             return Err(ProposeError::Stopped(e.to_string()));
         }
-        Ok(Proposal {
-            uid,
-            appended,
-            complete,
-            watch: self.watch.clone(),
-        })
+        Ok(Proposal { uid, appended, complete, watch: self.watch.clone() })
     }
 
     /// A linearizable read barrier: confirms leadership with a quorum, then waits until this
@@ -302,15 +266,10 @@ impl Consensus {
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
-            Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(
-                f,
-            ))) => Err(ProposeError::NotLeader {
-                leader: f.leader_node,
-            }),
-            Err(e) => Err(ProposeError::Unknown {
-                tx_id: None,
-                reason: e.to_string(),
-            }),
+            Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader { leader: f.leader_node })
+            }
+            Err(e) => Err(ProposeError::Unknown { tx_id: None, reason: e.to_string() }),
         }
     }
 
@@ -388,36 +347,24 @@ impl Consensus {
         let is_voter = membership.voter_ids().any(|v| v == id);
         if !is_voter {
             tracing::info!(node = %addr, id, "adding a node as a learner");
-            self.raft
-                .add_learner(id, addr.clone(), true)
-                .await
-                .map_err(|e| match e.forward_to_leader() {
-                    Some(f) => not_leader(f.leader_node.clone()),
-                    None => tonic::Status::unavailable(format!("adding the learner failed: {e}")),
-                })?;
+            self.raft.add_learner(id, addr.clone(), true).await.map_err(|e| match e.forward_to_leader() {
+                Some(f) => not_leader(f.leader_node.clone()),
+                None => tonic::Status::unavailable(format!("adding the learner failed: {e}")),
+            })?;
             tracing::info!(node = %addr, id, "promoting the node to voter");
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                 .await
-                .map_err(|e| {
-                    tonic::Status::unavailable(format!("promoting the node failed: {e}"))
-                })?;
+                .map_err(|e| tonic::Status::unavailable(format!("promoting the node failed: {e}")))?;
         }
-        Ok(self
-            .metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect())
+        Ok(self.metrics().membership_config.membership().voter_ids().collect())
     }
 
     /// Asks the network at `peer_url` to admit this node, following leader hints, until it does.
     pub async fn join(&self, peer_url: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut target = peer_url.to_owned();
-        let request = cloister_proto::peer::v1::JoinRequest {
-            node: types::encode(&(self.id, self.me.clone())),
-        };
+        let request = cloister_proto::peer::v1::JoinRequest { node: types::encode(&(self.id, self.me.clone())) };
         loop {
             let outcome = match self.peers.client(&target) {
                 Ok(mut client) => client.join(request.clone()).await,
@@ -426,19 +373,13 @@ impl Consensus {
             match outcome {
                 Ok(_) => return Ok(()),
                 Err(status) => {
-                    if let Some(leader) = status
-                        .metadata()
-                        .get("x-cloister-leader")
-                        .and_then(|v| v.to_str().ok())
+                    if let Some(leader) = status.metadata().get("x-cloister-leader").and_then(|v| v.to_str().ok())
                         && !leader.is_empty()
                     {
                         target = leader.to_owned();
                     }
                     if tokio::time::Instant::now() > deadline {
-                        anyhow::bail!(
-                            "joining the network at {peer_url} failed: {}",
-                            status.message()
-                        );
+                        anyhow::bail!("joining the network at {peer_url} failed: {}", status.message());
                     }
                     tracing::info!(target = %target, reason = status.message(), "join not accepted yet; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -449,20 +390,37 @@ impl Consensus {
 
     /// Removes a node from the voters and the network.
     pub async fn remove(&self, id: NodeId) -> anyhow::Result<()> {
-        self.raft
-            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-            .await?;
-        self.raft
-            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-            .await?;
+        self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await?;
+        self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await?;
         Ok(())
     }
 
     /// The peer gRPC service for this node.
-    pub fn peer_service(&self, forwarder: Arc<dyn Forwarder>) -> PeerService {
-        PeerService {
-            consensus: self.clone(),
-            forwarder,
+    pub fn peer_service(&self, forwarder: Arc<dyn Forwarder>, ledger_secret: [u8; 32]) -> PeerService {
+        PeerService { consensus: self.clone(), forwarder, ledger_secret }
+    }
+
+    /// Fetches the ledger secret from the node at `peer_url`, retrying until `timeout`.
+    pub async fn fetch_ledger_secret(peers: &Peers, peer_url: &str, timeout: Duration) -> anyhow::Result<[u8; 32]> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let outcome = match peers.client(peer_url) {
+                Ok(mut client) => client.ledger_secret(cloister_proto::peer::v1::Blob::default()).await,
+                Err(status) => Err(status),
+            };
+            match outcome {
+                Ok(reply) => {
+                    return <[u8; 32]>::try_from(reply.into_inner().data)
+                        .map_err(|_| anyhow::anyhow!("{peer_url} sent a ledger secret of the wrong length"));
+                }
+                Err(status) if tokio::time::Instant::now() > deadline => {
+                    anyhow::bail!("fetching the ledger secret from {peer_url} failed: {}", status.message())
+                }
+                Err(status) => {
+                    tracing::info!(target = %peer_url, reason = status.message(), "ledger secret not available yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
         }
     }
 

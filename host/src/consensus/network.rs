@@ -7,13 +7,9 @@ use std::time::Duration;
 
 use cloister_proto::peer::v1 as pb;
 use futures::StreamExt;
-use openraft::errors::{
-    NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
-};
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::state_machine::SnapshotFile;
@@ -38,10 +34,7 @@ impl Peers {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(service_ca_pem))
             .identity(Identity::from_pem(&node.cert_pem, &node.key_pem));
-        Peers {
-            tls,
-            channels: Arc::default(),
-        }
+        Peers { tls, channels: Arc::default() }
     }
 
     /// The channel to a peer, created lazily (it connects on first use and reconnects by itself).
@@ -50,14 +43,9 @@ impl Peers {
         if let Some(c) = channels.get(peer_url) {
             return Ok(c.clone());
         }
-        let uri: http::Uri = peer_url
-            .parse()
-            .map_err(|_| tonic::Status::invalid_argument(format!("bad peer URL {peer_url}")))?;
-        let host = uri
-            .host()
-            .unwrap_or("localhost")
-            .trim_matches(['[', ']'])
-            .to_owned();
+        let uri: http::Uri =
+            peer_url.parse().map_err(|_| tonic::Status::invalid_argument(format!("bad peer URL {peer_url}")))?;
+        let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
         let endpoint = Endpoint::from_shared(peer_url.to_owned())
             .and_then(|e| e.tls_config(self.tls.clone().domain_name(host)))
             .map_err(|e| tonic::Status::invalid_argument(format!("peer {peer_url}: {e}")))?
@@ -69,10 +57,7 @@ impl Peers {
         Ok(channel)
     }
 
-    pub fn client(
-        &self,
-        peer_url: &str,
-    ) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
+    pub fn client(&self, peer_url: &str) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
         Ok(pb::peer_client::PeerClient::new(self.channel(peer_url)?)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
@@ -88,11 +73,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerConnection {
-        PeerConnection {
-            target,
-            peer_url: node.peer_url.clone(),
-            peers: self.peers.clone(),
-        }
+        PeerConnection { target, peer_url: node.peer_url.clone(), peers: self.peers.clone() }
     }
 }
 
@@ -106,9 +87,7 @@ pub struct PeerConnection {
 fn status_error(target: NodeId, status: &tonic::Status) -> RPCError<TypeConfig> {
     let e = std::io::Error::other(format!("peer {target}: {}", status.message()));
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown => {
-            RPCError::Unreachable(Unreachable::new(&e))
-        }
+        tonic::Code::Unavailable | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&e)),
         _ => RPCError::Network(NetworkError::new(&e)),
     }
 }
@@ -128,27 +107,16 @@ impl PeerConnection {
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
     {
-        let client = self
-            .peers
-            .client(&self.peer_url)
-            .map_err(|s| status_error(self.target, &s))?;
-        let blob = pb::Blob {
-            data: encode(request),
-        };
+        let client = self.peers.client(&self.peer_url).map_err(|s| status_error(self.target, &s))?;
+        let blob = pb::Blob { data: encode(request) };
         let ttl = option.soft_ttl();
         let reply = match tokio::time::timeout(ttl, call(client, blob)).await {
             Err(_) => {
-                return Err(RPCError::Timeout(Timeout {
-                    action,
-                    id: 0,
-                    target: self.target,
-                    timeout: ttl,
-                }));
+                return Err(RPCError::Timeout(Timeout { action, id: 0, target: self.target, timeout: ttl }));
             }
             Ok(r) => r.map_err(|s| status_error(self.target, &s))?,
         };
-        decode(&reply.into_inner().data, "a peer's reply")
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        decode(&reply.into_inner().data, "a peer's reply").map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
 
@@ -160,12 +128,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary(
-            &rpc,
-            &option,
-            openraft::network::RPCTypes::AppendEntries,
-            async |mut c, b| c.append_entries(b).await,
-        )
+        self.unary(&rpc, &option, openraft::network::RPCTypes::AppendEntries, async |mut c, b| {
+            c.append_entries(b).await
+        })
         .await
     }
 
@@ -174,13 +139,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary(
-            &rpc,
-            &option,
-            openraft::network::RPCTypes::Vote,
-            async |mut c, b| c.vote(b).await,
-        )
-        .await
+        self.unary(&rpc, &option, openraft::network::RPCTypes::Vote, async |mut c, b| c.vote(b).await).await
     }
 
     async fn full_snapshot(
@@ -190,30 +149,20 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let mut client = self
-            .peers
-            .client(&self.peer_url)
-            .map_err(|s| StreamingError::from(status_error(self.target, &s)))?;
+        let mut client =
+            self.peers.client(&self.peer_url).map_err(|s| StreamingError::from(status_error(self.target, &s)))?;
         let file = tokio::fs::File::open(&snapshot.snapshot.path)
             .await
             .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))?;
-        let head = pb::SnapshotChunk {
-            chunk: Some(pb::snapshot_chunk::Chunk::Head(encode(&(
-                vote,
-                snapshot.meta,
-            )))),
-        };
-        let body =
-            tokio_util::io::ReaderStream::with_capacity(file, SNAPSHOT_CHUNK_BYTES).map(|chunk| {
-                pb::SnapshotChunk {
-                    // A read error ends the stream short; the receiver then refuses the incomplete snapshot.
-                    chunk: chunk
-                        .ok()
-                        .map(|bytes| pb::snapshot_chunk::Chunk::Data(bytes.to_vec())),
-                }
-            });
-        let chunks = futures::stream::once(async { head })
-            .chain(body.take_while(|c| std::future::ready(c.chunk.is_some())));
+        let head = pb::SnapshotChunk { chunk: Some(pb::snapshot_chunk::Chunk::Head(encode(&(vote, snapshot.meta)))) };
+        let body = tokio_util::io::ReaderStream::with_capacity(file, SNAPSHOT_CHUNK_BYTES).map(|chunk| {
+            pb::SnapshotChunk {
+                // A read error ends the stream short; the receiver then refuses the incomplete snapshot.
+                chunk: chunk.ok().map(|bytes| pb::snapshot_chunk::Chunk::Data(bytes.to_vec())),
+            }
+        });
+        let chunks =
+            futures::stream::once(async { head }).chain(body.take_while(|c| std::future::ready(c.chunk.is_some())));
         let send = client.install_snapshot(chunks);
         tokio::select! {
             reply = send => {

@@ -1,8 +1,11 @@
-//! The replicated state machine: committed entries become durable writes to the KV store, with
-//! the applied log id, the membership and the term history in the same redb transaction.
+//! The replicated state machine: committed entries become ledger entries (files first, then the
+//! index) and durable writes to the KV store, with the applied log id, the membership and the term
+//! history, all in one redb transaction.
 //!
-//! Followers never run contract code: they apply the write sets the leader proposed. Snapshots are
-//! files holding every KV entry and the term history; they stream to lagging followers.
+//! Followers never run contract code: they apply the write sets the leader proposed, after
+//! checking every signature entry against their own tree. Snapshots are files holding every KV
+//! entry (private ones sealed, keys included), the term history and the ledger's start state;
+//! they stream to lagging followers.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +20,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
-use crate::kv::{self, Store, WriteSet};
+use crate::kv::{self, Store};
+use crate::ledger::entry::{LedgerEntry, Payload};
+use crate::ledger::files::StartState;
+use crate::ledger::seal::Purpose;
+use crate::ledger::{Ledger, index};
 use crate::txid::TxId;
 
 const APPLIED: &str = "raft_applied";
@@ -41,11 +48,7 @@ impl TermHistory {
 
     /// The term of the entry at `index`, if `index` is within the recorded history.
     pub fn term_of(&self, index: u64) -> Option<u64> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(_, first)| *first <= index)
-            .map(|(t, _)| *t)
+        self.0.iter().rev().find(|(_, first)| *first <= index).map(|(t, _)| *t)
     }
 }
 
@@ -70,6 +73,9 @@ struct StoredSnapshot {
 
 struct Inner {
     store: Store,
+    /// Always present on a node. Absent only in openraft's storage suite, which feeds the state
+    /// machine entries with gaps no Raft log has, and which a ledger rightly refuses.
+    ledger: Option<Arc<Ledger>>,
     snapshot_dir: PathBuf,
     current: Mutex<Option<StoredSnapshot>>,
     applied: watch::Sender<Applied>,
@@ -86,20 +92,32 @@ fn io_other(e: impl std::fmt::Display) -> io::Error {
 }
 
 impl StateMachine {
-    pub fn new(store: Store, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+    pub fn new(store: Store, ledger: Arc<Ledger>, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+        StateMachine::with(store, Some(ledger), snapshot_dir)
+    }
+
+    /// A state machine that keeps no ledger, for openraft's storage suite only.
+    #[cfg(test)]
+    pub fn without_ledger(store: Store, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+        let batch = store.write_batch()?;
+        index::create(batch.txn())?;
+        batch.commit()?;
+        StateMachine::with(store, None, snapshot_dir)
+    }
+
+    fn with(store: Store, ledger: Option<Arc<Ledger>>, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let sm = StateMachine {
             inner: Arc::new(Inner {
                 store,
+                ledger,
                 snapshot_dir,
                 current: Mutex::new(None),
                 applied: watch::Sender::new(Applied::default()),
             }),
         };
         let last = sm.meta::<Option<LogId>>(APPLIED)?.flatten();
-        sm.inner
-            .applied
-            .send_modify(|a| a.last = last.as_ref().map(super::types::tx_id));
+        sm.inner.applied.send_modify(|a| a.last = last.as_ref().map(super::types::tx_id));
         sm.adopt_latest_snapshot_file()?;
         Ok(sm)
     }
@@ -124,9 +142,7 @@ impl StateMachine {
         for entry in std::fs::read_dir(&self.inner.snapshot_dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "snap") {
-                let index = read_head(&path)
-                    .map(|m| m.last_log_id.map_or(0, |l| l.index))
-                    .unwrap_or(0);
+                let index = read_head(&path).map(|m| m.last_log_id.map_or(0, |l| l.index)).unwrap_or(0);
                 if newest.as_ref().is_none_or(|(i, _)| index > *i) {
                     newest = Some((index, path));
                 }
@@ -134,47 +150,68 @@ impl StateMachine {
         }
         if let Some((_, path)) = newest {
             let meta = read_head(&path)?;
-            *self.inner.current.lock().expect("snapshot lock") = Some(StoredSnapshot {
-                meta,
-                file: SnapshotFile { path },
-            });
+            *self.inner.current.lock().expect("snapshot lock") =
+                Some(StoredSnapshot { meta, file: SnapshotFile { path } });
         }
         Ok(())
     }
 
-    /// Applies a batch of entries in one durable transaction.
-    fn apply_batch(
-        &self,
-        batch: &[(LogId, Option<&WriteSet>, Option<StoredMembership>)],
-    ) -> io::Result<bool> {
+    /// Applies a batch of entries: ledger files first (durably), then the index, the writes and
+    /// the bookkeeping in one durable transaction. Returns whether a `gov.` map changed.
+    fn apply_batch(&self, batch: &[(LogId, Payload, Option<StoredMembership>)]) -> io::Result<bool> {
+        let store = &self.inner.store;
         let mut history = self.term_history()?;
         let mut membership = None;
         let mut writes = Vec::new();
         let mut gov_touched = false;
-        for (log_id, ws, m) in batch {
-            history.record(log_id.leader_id.term, log_id.index);
-            if let Some(ws) = ws {
-                gov_touched |= ws
-                    .iter()
-                    .any(|(map, _, _)| map.starts_with(cloister_sdk::abi::GOV_PREFIX));
-                writes.push(*ws);
+        let mut txn = store.write_batch().map_err(io_other)?;
+        let mut entries: Vec<LedgerEntry> = Vec::with_capacity(batch.len());
+        {
+            let ledger = self.inner.ledger.as_ref();
+            let service_cert = ledger.map(|l| l.service_cert().to_vec()).unwrap_or_default();
+            let mut appender = index::Appender::new(txn.txn(), service_cert).map_err(io_other)?;
+            for (log_id, payload, m) in batch {
+                history.record(log_id.leader_id.term, log_id.index);
+                if let Payload::Tx(tx) = payload {
+                    let ws = match (store.sealer(), &tx.private) {
+                        (Some(s), _) => tx.writes(s),
+                        (None, None) => Ok(tx.public.clone()),
+                        (None, Some(_)) => {
+                            return Err(io_other(
+                                "a transaction has private writes but this node has no ledger secret",
+                            ));
+                        }
+                    }
+                    .map_err(|e| io_other(format!("ledger entry {}: {e}", log_id.index)))?;
+                    gov_touched |= ws.iter().any(|(map, _, _)| map.starts_with(cloister_sdk::abi::GOV_PREFIX));
+                    writes.push(ws);
+                }
+                if m.is_some() {
+                    membership = m.clone();
+                }
+                if ledger.is_some() {
+                    let entry = appender.append(log_id.index, log_id.leader_id.term, payload.clone()).map_err(|e| {
+                        tracing::error!(error = %e, "refusing a ledger entry: this node stops applying");
+                        io_other(e)
+                    })?;
+                    entries.push(entry);
+                }
             }
-            if m.is_some() {
-                membership = m.clone();
-            }
+            appender.finish().map_err(io_other)?;
+        }
+        if let Some(ledger) = &self.inner.ledger {
+            ledger.append(&entries)?;
+        }
+        for ws in &writes {
+            txn.apply(ws).map_err(io_other)?;
         }
         let last = batch.last().map(|(l, ..)| *l);
-        let applied = encode(&last);
-        let history = encode(&history);
-        let membership = membership.map(|m| encode(&m));
-        let mut meta: Vec<(&str, &[u8])> = vec![(APPLIED, &applied), (TERM_HISTORY, &history)];
-        if let Some(m) = &membership {
-            meta.push((MEMBERSHIP, m));
+        txn.put_meta(APPLIED, &encode(&last)).map_err(io_other)?;
+        txn.put_meta(TERM_HISTORY, &encode(&history)).map_err(io_other)?;
+        if let Some(m) = membership {
+            txn.put_meta(MEMBERSHIP, &encode(&m)).map_err(io_other)?;
         }
-        self.inner
-            .store
-            .apply_all(&writes, &meta)
-            .map_err(io_other)?;
+        txn.commit().map_err(io_other)?;
         Ok(gov_touched)
     }
 
@@ -189,55 +226,41 @@ impl StateMachine {
 
     fn build(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
         let export = self.inner.store.export().map_err(io_other)?;
-        let decode_meta =
-            |key: &str| -> io::Result<Option<Vec<u8>>> { export.meta(key).map_err(io_other) };
-        let last_log_id: Option<LogId> = decode_meta(APPLIED)?
-            .map(|b| decode(&b, APPLIED))
-            .transpose()?
-            .flatten();
-        let last_membership: StoredMembership = decode_meta(MEMBERSHIP)?
-            .map(|b| decode(&b, MEMBERSHIP))
-            .transpose()?
-            .unwrap_or_default();
+        let decode_meta = |key: &str| -> io::Result<Option<Vec<u8>>> { export.meta(key).map_err(io_other) };
+        let last_log_id: Option<LogId> = decode_meta(APPLIED)?.map(|b| decode(&b, APPLIED)).transpose()?.flatten();
+        let last_membership: StoredMembership =
+            decode_meta(MEMBERSHIP)?.map(|b| decode(&b, MEMBERSHIP)).transpose()?.unwrap_or_default();
         let history = decode_meta(TERM_HISTORY)?.unwrap_or_else(|| encode(&TermHistory::default()));
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-        };
-        let name = match &last_log_id {
-            Some(l) => format!("{}-{}.snap", l.leader_id.term, l.index),
-            None => "0-0.snap".to_owned(),
-        };
-        let path = self.inner.snapshot_dir.join(&name);
+        let start = index::start_state(export.txn()).map_err(io_other)?;
+        let meta = SnapshotMeta { last_log_id, last_membership };
+        let path = self.inner.snapshot_dir.join(snapshot_name(&meta));
         let tmp = path.with_extension("tmp");
+        let sealer = self.inner.store.sealer().cloned();
         {
             let mut out = BufWriter::new(std::fs::File::create(&tmp)?);
             write_head(&mut out, &meta)?;
             write_record(&mut out, &history)?;
+            write_record(&mut out, &encode(&start))?;
             export
                 .for_each(|k, v| {
-                    write_record(&mut out, k)
-                        .and_then(|_| write_record(&mut out, v))
-                        .map_err(|e| kv::KvError::Invalid {
-                            path: tmp.clone(),
-                            message: e.to_string(),
-                        })
+                    // Private entries are sealed whole, key included; public ones stay in clear.
+                    let record = match &sealer {
+                        Some(s) if !kv::is_public(kv::map_of(k)) => {
+                            let sealed = s.seal(Purpose::SnapshotEntry, b"", &encode(&(k, v)));
+                            encode(&SnapshotRecord::Private(sealed))
+                        }
+                        _ => encode(&SnapshotRecord::Public(k.to_vec(), v.to_vec())),
+                    };
+                    write_record(&mut out, &record)
+                        .map_err(|e| kv::KvError::Invalid { path: tmp.clone(), message: e.to_string() })
                 })
                 .map_err(io_other)?;
-            out.into_inner()
-                .map_err(|e| io_other(e.error()))?
-                .sync_all()?;
+            out.into_inner().map_err(|e| io_other(e.error()))?.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
         let file = SnapshotFile { path };
-        self.replace_current(StoredSnapshot {
-            meta: meta.clone(),
-            file: file.clone(),
-        });
-        Ok(Snapshot {
-            meta,
-            snapshot: file,
-        })
+        self.replace_current(StoredSnapshot { meta: meta.clone(), file: file.clone() });
+        Ok(Snapshot { meta, snapshot: file })
     }
 
     /// Makes `new` the current snapshot and deletes the files of older ones.
@@ -254,14 +277,73 @@ impl StateMachine {
         }
     }
 
+    /// Replaces the whole state with a snapshot's, and continues the ledger from its start state.
+    fn install(&self, meta: &SnapshotMeta, snapshot: &SnapshotFile) -> io::Result<()> {
+        let path = &snapshot.path;
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {m}", path.display()));
+        let mut input = BufReader::new(std::fs::File::open(path)?);
+        let head = read_head_from(&mut input, path)?;
+        if head.last_log_id != meta.last_log_id {
+            return Err(invalid("the file does not match its metadata"));
+        }
+        let history = read_record(&mut input)?.ok_or_else(|| invalid("the term history is missing"))?;
+        let start = read_record(&mut input)?.ok_or_else(|| invalid("the ledger start is missing"))?;
+        let start: StartState = decode(&start, "a ledger start")?;
+        let store = &self.inner.store;
+        let mut txn = store.write_batch().map_err(io_other)?;
+        txn.clear().map_err(io_other)?;
+        while let Some(record) = read_record(&mut input)? {
+            let (k, v) = match decode::<SnapshotRecord>(&record, "a snapshot entry")? {
+                SnapshotRecord::Public(k, v) => (k, v),
+                SnapshotRecord::Private(sealed) => {
+                    let sealer = store
+                        .sealer()
+                        .ok_or_else(|| invalid("it holds private entries but this node has no ledger secret"))?;
+                    let plain = sealer
+                        .open(Purpose::SnapshotEntry, b"", &sealed)
+                        .map_err(|_| invalid("a sealed entry does not open"))?;
+                    decode::<(Vec<u8>, Vec<u8>)>(&plain, "a private snapshot entry")?
+                }
+            };
+            txn.insert_stored(&k, &v).map_err(io_other)?;
+        }
+        index::reset(txn.txn(), &start).map_err(io_other)?;
+        txn.put_meta(APPLIED, &encode(&meta.last_log_id)).map_err(io_other)?;
+        txn.put_meta(MEMBERSHIP, &encode(&meta.last_membership)).map_err(io_other)?;
+        txn.put_meta(TERM_HISTORY, &history).map_err(io_other)?;
+        txn.commit().map_err(io_other)?;
+        if let Some(ledger) = &self.inner.ledger {
+            ledger.restart_at(start)?;
+        }
+        let final_path = self.inner.snapshot_dir.join(snapshot_name(meta));
+        std::fs::rename(path, &final_path)?;
+        self.replace_current(StoredSnapshot { meta: meta.clone(), file: SnapshotFile { path: final_path } });
+        self.publish(meta.last_log_id, true);
+        tracing::info!(last = ?meta.last_log_id.as_ref().map(super::types::tx_id), "installed a snapshot");
+        Ok(())
+    }
+
     /// A fresh path in the snapshot folder, for receiving a snapshot.
     pub fn incoming_path(&self) -> PathBuf {
         let mut id = [0u8; 8];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-            .expect("OS random");
-        self.inner
-            .snapshot_dir
-            .join(format!("incoming-{}.tmp", hex::encode(id)))
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).expect("OS random");
+        self.inner.snapshot_dir.join(format!("incoming-{}.tmp", hex::encode(id)))
+    }
+}
+
+/// One KV entry in a snapshot file.
+#[derive(Serialize, Deserialize)]
+enum SnapshotRecord {
+    /// A public map's entry: table key and value, in clear.
+    Public(Vec<u8>, Vec<u8>),
+    /// A private map's entry: `(table key, stored value)`, sealed with the ledger secret.
+    Private(Vec<u8>),
+}
+
+fn snapshot_name(meta: &SnapshotMeta) -> String {
+    match &meta.last_log_id {
+        Some(l) => format!("{}-{}.snap", l.leader_id.term, l.index),
+        None => "0-0.snap".to_owned(),
     }
 }
 
@@ -297,8 +379,8 @@ fn read_head_from(input: &mut impl Read, path: &Path) -> io::Result<SnapshotMeta
             format!("{} is not a Cloister snapshot", path.display()),
         ));
     }
-    let head = read_record(input)?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot lacks its head"))?;
+    let head =
+        read_record(input)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot lacks its head"))?;
     decode(&head, "snapshot metadata")
 }
 
@@ -311,9 +393,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
         let sm = self.clone();
-        tokio::task::spawn_blocking(move || sm.build())
-            .await
-            .map_err(io_other)?
+        tokio::task::spawn_blocking(move || sm.build()).await.map_err(io_other)?
     }
 }
 
@@ -341,31 +421,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if pending.len() >= APPLY_BATCH_MAX || (end && !pending.is_empty()) {
                 let batch = std::mem::take(&mut pending);
                 let sm = self.clone();
-                let (last, gov_touched, responders) =
-                    tokio::task::spawn_blocking(move || -> io::Result<_> {
-                        let rows: Vec<_> = batch
-                            .iter()
-                            .map(|(entry, _)| {
-                                let ws = match &entry.payload {
-                                    EntryPayload::Normal(tx) => Some(&tx.writes),
-                                    _ => None,
-                                };
-                                let m = entry
-                                    .get_membership()
-                                    .map(|m| StoredMembership::new(Some(entry.log_id()), m));
-                                (entry.log_id(), ws, m)
-                            })
-                            .collect();
-                        let gov_touched = sm.apply_batch(&rows)?;
-                        let last = rows.last().map(|(l, ..)| *l);
-                        Ok((
-                            last,
-                            gov_touched,
-                            batch.into_iter().filter_map(|(_, r)| r).collect::<Vec<_>>(),
-                        ))
-                    })
-                    .await
-                    .map_err(io_other)??;
+                let (last, gov_touched, responders) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+                    let rows: Vec<_> = batch
+                        .iter()
+                        .map(|(entry, _)| {
+                            let payload = match &entry.payload {
+                                EntryPayload::Normal(tx) => Payload::Tx(tx.clone()),
+                                EntryPayload::Membership(m) => Payload::Membership(encode(m)),
+                                EntryPayload::Blank => Payload::Blank,
+                            };
+                            let m = entry.get_membership().map(|m| StoredMembership::new(Some(entry.log_id()), m));
+                            (entry.log_id(), payload, m)
+                        })
+                        .collect();
+                    let gov_touched = sm.apply_batch(&rows)?;
+                    let last = rows.last().map(|(l, ..)| *l);
+                    Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect::<Vec<_>>()))
+                })
+                .await
+                .map_err(io_other)??;
                 self.publish(last, gov_touched);
                 for responder in responders {
                     responder.send(());
@@ -381,55 +455,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: SnapshotFile,
-    ) -> io::Result<()> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<()> {
         let sm = self.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let path = &snapshot.path;
-            let mut input = BufReader::new(std::fs::File::open(path)?);
-            let head = read_head_from(&mut input, path)?;
-            if head.last_log_id != meta.last_log_id {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "the snapshot file does not match its metadata"));
-            }
-            let history = read_record(&mut input)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot lacks its term history"))?;
-            let applied = encode(&meta.last_log_id);
-            let membership = encode(&meta.last_membership);
-            let entries = std::iter::from_fn(|| match (read_record(&mut input), read_record(&mut input)) {
-                (Ok(Some(k)), Ok(Some(v))) => Some(Ok((k, v))),
-                (Ok(None), _) => None,
-                (Err(e), _) | (_, Err(e)) => Some(Err(e.to_string())),
-                (Ok(Some(_)), Ok(None)) => Some(Err("the snapshot ends inside an entry".into())),
-            });
-            sm.inner
-                .store
-                .replace_all(entries, &[(APPLIED, &applied), (MEMBERSHIP, &membership), (TERM_HISTORY, &history)])
-                .map_err(io_other)?;
-            let final_path = sm.inner.snapshot_dir.join(match &meta.last_log_id {
-                Some(l) => format!("{}-{}.snap", l.leader_id.term, l.index),
-                None => "0-0.snap".to_owned(),
-            });
-            std::fs::rename(path, &final_path)?;
-            sm.replace_current(StoredSnapshot { meta: meta.clone(), file: SnapshotFile { path: final_path } });
-            sm.publish(meta.last_log_id, true);
-            tracing::info!(last = ?meta.last_log_id.as_ref().map(super::types::tx_id), "installed a snapshot");
-            Ok(())
-        })
-        .await
-        .map_err(io_other)?
+        tokio::task::spawn_blocking(move || sm.install(&meta, &snapshot)).await.map_err(io_other)?
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
         let current = self.inner.current.lock().expect("snapshot lock");
-        Ok(current.as_ref().map(|s| Snapshot {
-            meta: s.meta.clone(),
-            snapshot: s.file.clone(),
-        }))
+        Ok(current.as_ref().map(|s| Snapshot { meta: s.meta.clone(), snapshot: s.file.clone() }))
     }
 }
 

@@ -13,24 +13,18 @@ use crate::kv;
 struct RedbBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for RedbBuilder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = LogStore::open(
-            &dir.path().join("raft.redb"),
-            Arc::new(AppendWatch::default()),
-        )
-        .expect("log store");
+        let log = LogStore::open(&dir.path().join("raft.redb"), Arc::new(AppendWatch::default())).expect("log store");
         let store = kv::Store::open(&dir.path().join("state.redb")).expect("state store");
-        let sm = StateMachine::new(store, dir.path().join("snapshots")).expect("state machine");
+        // The suite applies entries with gaps (a fresh state machine at index 2), which a ledger
+        // refuses; the ledger has its own tests.
+        let sm = StateMachine::without_ledger(store, dir.path().join("snapshots")).expect("state machine");
         Ok((dir, log, sm))
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redb_store_passes_openraft_storage_suite() {
-    Suite::test_all(RedbBuilder)
-        .await
-        .expect("openraft's storage suite passes");
+    Suite::test_all(RedbBuilder).await.expect("openraft's storage suite passes");
 }

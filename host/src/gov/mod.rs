@@ -69,23 +69,14 @@ pub struct ServiceRecord {
     pub cert: String,
 }
 
-fn get<T: serde::de::DeserializeOwned>(
-    tx: &Tx,
-    map: &str,
-    key: &[u8],
-) -> Result<Option<T>, KvError> {
+fn get<T: serde::de::DeserializeOwned>(tx: &Tx, map: &str, key: &[u8]) -> Result<Option<T>, KvError> {
     Ok(tx.get(map, key)?.map(|v| {
-        serde_json::from_slice(&v)
-            .unwrap_or_else(|e| panic!("{map} holds a record that does not decode: {e}"))
+        serde_json::from_slice(&v).unwrap_or_else(|e| panic!("{map} holds a record that does not decode: {e}"))
     }))
 }
 
 fn put<T: Serialize>(ws: &mut WriteSet, map: &str, key: &[u8], value: &T) {
-    ws.put(
-        map,
-        key,
-        &serde_json::to_vec(value).expect("governance records serialize"),
-    );
+    ws.put(map, key, &serde_json::to_vec(value).expect("governance records serialize"));
 }
 
 pub fn member(tx: &Tx, id: &str) -> Result<Option<MemberRecord>, KvError> {
@@ -132,38 +123,14 @@ impl Genesis {
             put(&mut ws, MEMBERS, id.as_bytes(), &record);
         }
         for (id, cert) in &self.users {
-            put(
-                &mut ws,
-                USERS,
-                id.as_bytes(),
-                &UserRecord {
-                    cert: cert.clone(),
-                    data: Default::default(),
-                },
-            );
+            put(&mut ws, USERS, id.as_bytes(), &UserRecord { cert: cert.clone(), data: Default::default() });
         }
         if let Some((wasm, manifest)) = &self.app {
             let code_hash = blake3::hash(wasm).to_hex().to_string();
             ws.put(APP_CODE, code_hash.as_bytes(), wasm);
-            put(
-                &mut ws,
-                APP,
-                APP_KEY,
-                &AppRecord {
-                    code_hash,
-                    manifest: manifest.clone(),
-                },
-            );
+            put(&mut ws, APP, APP_KEY, &AppRecord { code_hash, manifest: manifest.clone() });
         }
-        put(
-            &mut ws,
-            SERVICE,
-            SERVICE_KEY,
-            &ServiceRecord {
-                state: self.state,
-                cert: self.service_cert.clone(),
-            },
-        );
+        put(&mut ws, SERVICE, SERVICE_KEY, &ServiceRecord { state: self.state, cert: self.service_cert.clone() });
         ws
     }
 }

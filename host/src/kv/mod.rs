@@ -4,6 +4,9 @@
 //! own writes, and hands them out as a [`WriteSet`]. Applying a write set to the [`Store`] is one
 //! redb transaction: all of it or none. The replication and ledger layers ship write sets, never
 //! re-run code, so a write set is the unit everything above this module agrees on.
+//!
+//! With a [`Sealer`], values of private maps are sealed at rest (bound to their table key) and
+//! opened on read; public maps stay in clear.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -12,6 +15,8 @@ use std::sync::Arc;
 
 use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use crate::ledger::seal::{Purpose, Sealer};
 
 /// Every map lives in this one table, keyed by `map name ‖ 0x00 ‖ key`.
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
@@ -36,11 +41,7 @@ pub enum KvError {
 
 /// The stored name of an app's map: `{namespace}/{map}`. Governance maps keep their `gov.` name.
 pub fn app_map(namespace: &str, map: &str) -> String {
-    if map.starts_with(cloister_sdk::abi::GOV_PREFIX) {
-        map.to_owned()
-    } else {
-        format!("{namespace}/{map}")
-    }
+    if map.starts_with(cloister_sdk::abi::GOV_PREFIX) { map.to_owned() } else { format!("{namespace}/{map}") }
 }
 
 /// Whether the ledger keeps this stored map in clear: governance maps and `public:` app maps.
@@ -59,22 +60,20 @@ fn full_key(map: &str, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The map a table key belongs to.
+pub fn map_of(full: &[u8]) -> &str {
+    split_key(full).0
+}
+
 /// Splits a table key into its map name and the key within the map.
 fn split_key(full: &[u8]) -> (&str, &[u8]) {
-    let at = full
-        .iter()
-        .position(|&b| b == MAP_SEPARATOR)
-        .expect("table keys hold a map separator");
+    let at = full.iter().position(|&b| b == MAP_SEPARATOR).expect("table keys hold a map separator");
     let map = std::str::from_utf8(&full[..at]).expect("map names are ASCII");
     (map, &full[at + 1..])
 }
 
 /// The table-key bounds of a range within one map.
-fn map_bounds(
-    map: &str,
-    lower: Bound<&[u8]>,
-    upper: Bound<&[u8]>,
-) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+fn map_bounds(map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
     let lower = match lower {
         Bound::Unbounded => Bound::Included(full_key(map, &[])),
         b => b.map(|k| full_key(map, k)),
@@ -101,8 +100,7 @@ pub struct WriteSet {
 
 impl WriteSet {
     pub fn put(&mut self, map: &str, key: &[u8], value: &[u8]) {
-        self.entries
-            .insert(full_key(map, key), Some(value.to_vec()));
+        self.entries.insert(full_key(map, key), Some(value.to_vec()));
     }
 
     pub fn remove(&mut self, map: &str, key: &[u8]) {
@@ -120,10 +118,7 @@ impl WriteSet {
 
     /// Total bytes of keys and values written.
     pub fn bytes(&self) -> usize {
-        self.entries
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum()
+        self.entries.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum()
     }
 
     /// Each write as `(map, key, value or None for a removal)`, in map-then-key order.
@@ -134,6 +129,18 @@ impl WriteSet {
         })
     }
 
+    /// Splits into the writes whose map satisfies `pred` and the rest.
+    pub fn split(self, pred: impl Fn(&str) -> bool) -> (WriteSet, WriteSet) {
+        let (yes, no): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            self.entries.into_iter().partition(|(full, _)| pred(split_key(full).0));
+        (WriteSet { entries: yes }, WriteSet { entries: no })
+    }
+
+    /// Adds another write set's writes (they win where both write a key).
+    pub fn merge(&mut self, other: WriteSet) {
+        self.entries.extend(other.entries);
+    }
+
     /// This write set's entry for a table key: `Some(None)` is a removal.
     fn lookup(&self, full: &[u8]) -> Option<Option<&[u8]>> {
         self.entries.get(full).map(Option::as_deref)
@@ -141,10 +148,7 @@ impl WriteSet {
 
     /// The first entry (removals included) within the table-key bounds.
     fn first_in(&self, bounds: &(Bound<Vec<u8>>, Bound<Vec<u8>>)) -> Option<&[u8]> {
-        self.entries
-            .range::<Vec<u8>, _>((bounds.0.as_ref(), bounds.1.as_ref()))
-            .next()
-            .map(|(k, _)| k.as_slice())
+        self.entries.range::<Vec<u8>, _>((bounds.0.as_ref(), bounds.1.as_ref())).next().map(|(k, _)| k.as_slice())
     }
 }
 
@@ -153,30 +157,58 @@ impl WriteSet {
 pub struct Store {
     db: Arc<Database>,
     path: PathBuf,
+    sealer: Option<Arc<Sealer>>,
 }
 
 impl Store {
-    /// Opens or creates the state database at `path`.
+    /// Opens or creates the state database at `path`, with private values in clear (tests and
+    /// tools only).
     pub fn open(path: &Path) -> Result<Store, KvError> {
-        let err = |e: redb::Error| KvError::Db {
-            path: path.to_owned(),
-            source: e,
-        };
+        Store::open_with(path, None)
+    }
+
+    /// Opens or creates the state database at `path`, sealing private values with `sealer`.
+    pub fn open_sealed(path: &Path, sealer: Arc<Sealer>) -> Result<Store, KvError> {
+        Store::open_with(path, Some(sealer))
+    }
+
+    fn open_with(path: &Path, sealer: Option<Arc<Sealer>>) -> Result<Store, KvError> {
+        let err = |e: redb::Error| KvError::Db { path: path.to_owned(), source: e };
         let db = Database::create(path).map_err(|e| err(e.into()))?;
-        let store = Store {
-            db: Arc::new(db),
-            path: path.to_owned(),
-        };
+        let store = Store { db: Arc::new(db), path: path.to_owned(), sealer };
         // Create the tables up front so read transactions never meet a missing table.
-        store.apply_all(&[], &[])?;
+        let batch = store.write_batch()?;
+        batch.txn().open_table(KV).map_err(|e| store.err(e))?;
+        batch.txn().open_table(META).map_err(|e| store.err(e))?;
+        batch.commit()?;
         Ok(store)
     }
 
-    fn err(&self, e: impl Into<redb::Error>) -> KvError {
-        KvError::Db {
-            path: self.path.clone(),
-            source: e.into(),
+    /// The sealer, when private values are sealed at rest.
+    pub fn sealer(&self) -> Option<&Arc<Sealer>> {
+        self.sealer.as_ref()
+    }
+
+    /// The stored form of a value: sealed for private maps when sealing is on.
+    fn stored(&self, full: &[u8], value: &[u8]) -> Vec<u8> {
+        match &self.sealer {
+            Some(s) if !is_public(split_key(full).0) => s.seal(Purpose::StateValue, full, value),
+            _ => value.to_vec(),
         }
+    }
+
+    /// A value as stored, opened for reading.
+    fn opened(&self, full: &[u8], stored: &[u8]) -> Result<Vec<u8>, KvError> {
+        match &self.sealer {
+            Some(s) if !is_public(split_key(full).0) => s.open(Purpose::StateValue, full, stored).map_err(|e| {
+                KvError::Invalid { path: self.path.clone(), message: format!("{e} (map {})", split_key(full).0) }
+            }),
+            _ => Ok(stored.to_vec()),
+        }
+    }
+
+    pub(crate) fn err(&self, e: impl Into<redb::Error>) -> KvError {
+        KvError::Db { path: self.path.clone(), source: e.into() }
     }
 
     /// A transaction over the committed state.
@@ -188,12 +220,7 @@ impl Store {
     pub fn begin_over(&self, pending: Vec<Arc<WriteSet>>) -> Result<Tx, KvError> {
         let read = self.db.begin_read().map_err(|e| self.err(e))?;
         let base = read.open_table(KV).map_err(|e| self.err(e))?;
-        Ok(Tx {
-            base,
-            pending,
-            own: WriteSet::default(),
-            store: self.clone(),
-        })
+        Ok(Tx { base, pending, own: WriteSet::default(), store: self.clone() })
     }
 
     /// Applies a write set atomically and durably.
@@ -203,60 +230,31 @@ impl Store {
 
     /// Applies several write sets, in order, and bookkeeping entries in one durable transaction.
     pub fn apply_all(&self, writes: &[&WriteSet], meta: &[(&str, &[u8])]) -> Result<(), KvError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut table = txn.open_table(KV).map_err(|e| self.err(e))?;
-            for ws in writes {
-                for (full, value) in &ws.entries {
-                    match value {
-                        Some(v) => table.insert(full.as_slice(), v.as_slice()),
-                        None => table.remove(full.as_slice()),
-                    }
-                    .map_err(|e| self.err(e))?;
-                }
-            }
-            let mut table = txn.open_table(META).map_err(|e| self.err(e))?;
-            for (key, value) in meta {
-                table.insert(*key, *value).map_err(|e| self.err(e))?;
-            }
+        let mut batch = self.write_batch()?;
+        for ws in writes {
+            batch.apply(ws)?;
         }
-        txn.commit().map_err(|e| self.err(e))
+        for (key, value) in meta {
+            batch.put_meta(key, value)?;
+        }
+        batch.commit()
+    }
+
+    /// A write transaction for several kinds of writes that commit together.
+    pub fn write_batch(&self) -> Result<WriteBatch<'_>, KvError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        Ok(WriteBatch { txn, store: self })
+    }
+
+    /// A raw read transaction, for modules that keep their own tables in this database.
+    pub fn read_txn(&self) -> Result<redb::ReadTransaction, KvError> {
+        self.db.begin_read().map_err(|e| self.err(e))
     }
 
     /// A consistent read-only view of everything, for snapshots.
     pub fn export(&self) -> Result<Export, KvError> {
         let read = self.db.begin_read().map_err(|e| self.err(e))?;
-        Ok(Export {
-            read,
-            store: self.clone(),
-        })
-    }
-
-    /// Replaces every map entry and sets bookkeeping entries, in one durable transaction.
-    pub fn replace_all(
-        &self,
-        entries: impl Iterator<Item = Result<Entry, String>>,
-        meta: &[(&str, &[u8])],
-    ) -> Result<(), KvError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut table = txn.open_table(KV).map_err(|e| self.err(e))?;
-            table.retain(|_, _| false).map_err(|e| self.err(e))?;
-            for entry in entries {
-                let (k, v) = entry.map_err(|message| KvError::Invalid {
-                    path: self.path.clone(),
-                    message,
-                })?;
-                table
-                    .insert(k.as_slice(), v.as_slice())
-                    .map_err(|e| self.err(e))?;
-            }
-            let mut table = txn.open_table(META).map_err(|e| self.err(e))?;
-            for (key, value) in meta {
-                table.insert(*key, *value).map_err(|e| self.err(e))?;
-            }
-        }
-        txn.commit().map_err(|e| self.err(e))
+        Ok(Export { read, store: self.clone() })
     }
 
     /// A bookkeeping entry.
@@ -276,10 +274,7 @@ pub struct Export {
 
 impl Export {
     /// Calls `f` on every table entry (`map ‖ 0x00 ‖ key`, value) in order.
-    pub fn for_each(
-        &self,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), KvError>,
-    ) -> Result<(), KvError> {
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), KvError>) -> Result<(), KvError> {
         let table = self.read.open_table(KV).map_err(|e| self.store.err(e))?;
         for item in table.iter().map_err(|e| self.store.err(e))? {
             let (k, v) = item.map_err(|e| self.store.err(e))?;
@@ -288,10 +283,63 @@ impl Export {
         Ok(())
     }
 
+    /// The read transaction, for modules that keep their own tables in this database.
+    pub fn txn(&self) -> &redb::ReadTransaction {
+        &self.read
+    }
+
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         let table = self.read.open_table(META).map_err(|e| self.store.err(e))?;
         let value = table.get(key).map_err(|e| self.store.err(e))?;
         Ok(value.map(|v| v.value().to_vec()))
+    }
+}
+
+/// Writes that commit together, durably, in one redb transaction.
+pub struct WriteBatch<'s> {
+    txn: redb::WriteTransaction,
+    store: &'s Store,
+}
+
+impl WriteBatch<'_> {
+    pub fn apply(&mut self, writes: &WriteSet) -> Result<(), KvError> {
+        let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
+        for (full, value) in &writes.entries {
+            match value {
+                Some(v) => table.insert(full.as_slice(), self.store.stored(full, v).as_slice()),
+                None => table.remove(full.as_slice()),
+            }
+            .map_err(|e| self.store.err(e))?;
+        }
+        Ok(())
+    }
+
+    pub fn put_meta(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        let mut table = self.txn.open_table(META).map_err(|e| self.store.err(e))?;
+        table.insert(key, value).map_err(|e| self.store.err(e))?;
+        Ok(())
+    }
+
+    /// Removes every map entry (before installing a snapshot).
+    pub fn clear(&mut self) -> Result<(), KvError> {
+        let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
+        table.retain(|_, _| false).map_err(|e| self.store.err(e))
+    }
+
+    /// Inserts a table entry exactly as stored elsewhere (from a snapshot).
+    pub fn insert_stored(&mut self, full: &[u8], stored: &[u8]) -> Result<(), KvError> {
+        let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
+        table.insert(full, stored).map_err(|e| self.store.err(e))?;
+        Ok(())
+    }
+
+    /// The raw transaction, for modules that keep their own tables in this database.
+    pub fn txn(&self) -> &redb::WriteTransaction {
+        &self.txn
+    }
+
+    pub fn commit(self) -> Result<(), KvError> {
+        self.txn.commit().map_err(|e| self.store.err(e))
     }
 }
 
@@ -312,7 +360,7 @@ impl Tx {
             }
         }
         let got = self.base.get(full).map_err(|e| self.store.err(e))?;
-        Ok(got.map(|v| v.value().to_vec()))
+        got.map(|v| self.store.opened(full, v.value())).transpose()
     }
 
     pub fn get(&self, map: &str, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
@@ -334,20 +382,12 @@ impl Tx {
     ///
     /// Each layer proposes its first key in range; the smallest wins, and its value is resolved
     /// through all layers. A removal there shadows it, so the search continues after it.
-    pub fn first_in(
-        &self,
-        map: &str,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-    ) -> Result<Option<Entry>, KvError> {
+    pub fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Result<Option<Entry>, KvError> {
         let mut bounds = map_bounds(map, lower, upper);
         loop {
             let base_first = self
                 .base
-                .range::<&[u8]>((
-                    bounds.0.as_ref().map(Vec::as_slice),
-                    bounds.1.as_ref().map(Vec::as_slice),
-                ))
+                .range::<&[u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
                 .map_err(|e| self.store.err(e))?
                 .next()
                 .transpose()

@@ -13,10 +13,7 @@ fn store() -> (tempfile::TempDir, Store) {
 fn scan(tx: &Tx, map: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
     let mut lower = Bound::Unbounded;
-    while let Some((k, v)) = tx
-        .first_in(map, lower.as_ref().map(Vec::as_slice), Bound::Unbounded)
-        .unwrap()
-    {
+    while let Some((k, v)) = tx.first_in(map, lower.as_ref().map(Vec::as_slice), Bound::Unbounded).unwrap() {
         lower = Bound::Excluded(k.clone());
         out.push((k, v));
     }
@@ -41,21 +38,14 @@ fn applied_write_sets_are_visible_to_later_transactions_only() {
     tx.put("m", b"a", b"1");
     tx.put("m", b"b", b"2");
     s.apply(&tx.into_writes()).unwrap();
-    assert_eq!(
-        before.get("m", b"a").unwrap(),
-        None,
-        "a snapshot never changes"
-    );
+    assert_eq!(before.get("m", b"a").unwrap(), None, "a snapshot never changes");
     let after = s.begin().unwrap();
     assert_eq!(scan(&after, "m").len(), 2);
     let mut rm = s.begin().unwrap();
     assert!(rm.remove("m", b"a").unwrap());
     assert!(!rm.remove("m", b"zz").unwrap());
     s.apply(&rm.into_writes()).unwrap();
-    assert_eq!(
-        scan(&s.begin().unwrap(), "m"),
-        vec![(b"b".to_vec(), b"2".to_vec())]
-    );
+    assert_eq!(scan(&s.begin().unwrap(), "m"), vec![(b"b".to_vec(), b"2".to_vec())]);
 }
 
 #[test]
@@ -107,18 +97,10 @@ fn scans_run_in_key_order_across_layers_with_removals() {
         .collect();
     assert_eq!(
         keys,
-        [
-            ("a", "own"),
-            ("b", "base"),
-            ("c", "pending"),
-            ("d", "own"),
-            ("h", "base")
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        [("a", "own"), ("b", "base"), ("c", "pending"), ("d", "own"), ("h", "base")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
     );
-    let bounded = tx
-        .first_in("m", Bound::Excluded(b"d"), Bound::Excluded(b"h"))
-        .unwrap();
+    let bounded = tx.first_in("m", Bound::Excluded(b"d"), Bound::Excluded(b"h")).unwrap();
     assert_eq!(bounded, None, "f was removed and h is excluded");
 }
 
@@ -170,10 +152,7 @@ fn state_survives_reopening() {
         s.apply(&tx.into_writes()).unwrap();
     }
     let s = Store::open(&path).unwrap();
-    assert_eq!(
-        s.begin().unwrap().get("m", b"k").unwrap().as_deref(),
-        Some(&b"v"[..])
-    );
+    assert_eq!(s.begin().unwrap().get("m", b"k").unwrap().as_deref(), Some(&b"v"[..]));
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P384_SHA384,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P384_SHA384,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -26,9 +26,7 @@ pub struct KeyedCert {
 impl std::fmt::Debug for KeyedCert {
     // Never print the private key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyedCert")
-            .field("id", &id_of_pem(self.cert_pem.as_bytes()).ok())
-            .finish_non_exhaustive()
+        f.debug_struct("KeyedCert").field("id", &id_of_pem(self.cert_pem.as_bytes()).ok()).finish_non_exhaustive()
     }
 }
 
@@ -37,20 +35,13 @@ impl KeyedCert {
     pub fn write(&self, dir: &Path, name: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cert = dir.join(format!("{name}.cert.pem"));
-        std::fs::write(&cert, &self.cert_pem)
-            .with_context(|| format!("writing {}", cert.display()))?;
-        write_private(
-            &dir.join(format!("{name}.key.pem")),
-            self.key_pem.as_bytes(),
-        )
+        std::fs::write(&cert, &self.cert_pem).with_context(|| format!("writing {}", cert.display()))?;
+        write_private(&dir.join(format!("{name}.key.pem")), self.key_pem.as_bytes())
     }
 
     /// Reads `DIR/NAME.cert.pem` and `DIR/NAME.key.pem`.
     pub fn read(dir: &Path, name: &str) -> anyhow::Result<KeyedCert> {
-        read_pair(
-            &dir.join(format!("{name}.cert.pem")),
-            &dir.join(format!("{name}.key.pem")),
-        )
+        read_pair(&dir.join(format!("{name}.cert.pem")), &dir.join(format!("{name}.key.pem")))
     }
 
     pub fn id(&self) -> anyhow::Result<String> {
@@ -61,10 +52,8 @@ impl KeyedCert {
 /// Reads a certificate and key pair from two PEM files.
 pub fn read_pair(cert: &Path, key: &Path) -> anyhow::Result<KeyedCert> {
     Ok(KeyedCert {
-        cert_pem: std::fs::read_to_string(cert)
-            .with_context(|| format!("reading {}", cert.display()))?,
-        key_pem: std::fs::read_to_string(key)
-            .with_context(|| format!("reading {}", key.display()))?,
+        cert_pem: std::fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?,
+        key_pem: std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
     })
 }
 
@@ -75,11 +64,8 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
+    let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 fn params(name: &str, sans: Vec<String>) -> anyhow::Result<CertificateParams> {
@@ -100,10 +86,7 @@ pub fn generate_identity(name: &str) -> anyhow::Result<KeyedCert> {
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let cert = p.self_signed(&key)?;
-    Ok(KeyedCert {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(KeyedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
 /// The service's certificate authority: it issues node certificates, and clients pin it.
@@ -117,27 +100,16 @@ impl ServiceCa {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
         let mut p = params(name, Vec::new())?;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = p.self_signed(&key)?;
-        let keyed = KeyedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        };
-        Ok(ServiceCa {
-            keyed,
-            issuer: Issuer::new(p, key),
-        })
+        let keyed = KeyedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
+        Ok(ServiceCa { keyed, issuer: Issuer::new(p, key) })
     }
 
     pub fn load(keyed: KeyedCert) -> anyhow::Result<ServiceCa> {
-        let key = KeyPair::from_pem(&keyed.key_pem)
-            .context("the service CA key is not a PKCS#8 PEM key")?;
-        let issuer = Issuer::from_ca_cert_pem(&keyed.cert_pem, key)
-            .context("the service CA certificate is unreadable")?;
+        let key = KeyPair::from_pem(&keyed.key_pem).context("the service CA key is not a PKCS#8 PEM key")?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&keyed.cert_pem, key).context("the service CA certificate is unreadable")?;
         Ok(ServiceCa { keyed, issuer })
     }
 
@@ -147,15 +119,9 @@ impl ServiceCa {
         let mut p = params(name, hosts.to_vec())?;
         p.use_authority_key_identifier_extension = true;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = p.signed_by(&key, &self.issuer)?;
-        Ok(KeyedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(KeyedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
@@ -197,14 +163,8 @@ mod tests {
         assert_ne!(a.key_pem, b.key_pem, "keys are random");
         let id = a.id().unwrap();
         assert_eq!(id.len(), 64);
-        assert_eq!(
-            id,
-            id_of_der(cert_der(a.cert_pem.as_bytes()).unwrap().as_ref())
-        );
-        assert!(
-            !format!("{a:?}").contains("PRIVATE"),
-            "Debug never shows the key"
-        );
+        assert_eq!(id, id_of_der(cert_der(a.cert_pem.as_bytes()).unwrap().as_ref()));
+        assert!(!format!("{a:?}").contains("PRIVATE"), "Debug never shows the key");
     }
 
     #[test]
@@ -213,9 +173,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         ca.keyed.write(dir.path(), "service").unwrap();
         let again = ServiceCa::load(KeyedCert::read(dir.path(), "service").unwrap()).unwrap();
-        let node = again
-            .issue_node_cert("node0", &["localhost".into(), "127.0.0.1".into()])
-            .unwrap();
+        let node = again.issue_node_cert("node0", &["localhost".into(), "127.0.0.1".into()]).unwrap();
         let node_der = cert_der(node.cert_pem.as_bytes()).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(node_der.as_ref()).unwrap();
         let ca_der = cert_der(ca.keyed.cert_pem.as_bytes()).unwrap();
@@ -224,10 +182,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("service.key.pem"))
-                .unwrap()
-                .permissions()
-                .mode();
+            let mode = std::fs::metadata(dir.path().join("service.key.pem")).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "keys are private to their owner");
         }
     }

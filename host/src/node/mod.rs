@@ -13,10 +13,43 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{NodeInfo, Service, ServiceForwarder, rest, server, tls};
 use crate::config::NodeConfig;
-use crate::consensus::{self, Consensus, NodeAddr, Peers, TxEntry, TxKind};
+use crate::consensus::{self, Consensus, NodeAddr, Peers};
 use crate::gov;
 use crate::kv::Store;
+use crate::ledger::entry::{NodeSigner, TxEntry, TxKind};
+use crate::ledger::seal::{self, Purpose, Sealer};
+use crate::ledger::{self, Ledger};
 use crate::wasm::Runtime;
+
+/// The node's copy of the ledger secret, sealed at rest (see `seal::sealing_key_from_node_key`).
+const SECRET_FILE: &str = "ledger.secret";
+const SECRET_AAD: &[u8] = b"cloister ledger secret";
+
+/// The ledger secret: this node's sealed copy, or (for a new node) fetched from the network it
+/// joins, or (for a new service) generated.
+async fn ledger_secret(config: &NodeConfig, node_key_pem: &str, peers: &Peers) -> anyhow::Result<[u8; 32]> {
+    let sealing = seal::sealing_key_from_node_key(node_key_pem)?;
+    let path = config.node.data_dir.join(SECRET_FILE);
+    if path.exists() {
+        let sealed = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let plain = sealing.open(Purpose::SecretAtRest, SECRET_AAD, &sealed).map_err(|_| {
+            anyhow::anyhow!("{} does not open with this node's key: was the node key replaced?", path.display())
+        })?;
+        return <[u8; 32]>::try_from(plain).map_err(|_| anyhow::anyhow!("{} holds no ledger secret", path.display()));
+    }
+    if config.node.data_dir.join("raft.redb").exists() {
+        anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
+    }
+    let secret = match &config.network.join {
+        Some(url) => {
+            let timeout = Duration::from_millis(config.raft.join_timeout_ms);
+            Consensus::fetch_ledger_secret(peers, url, timeout).await?
+        }
+        None => Sealer::generate_secret(),
+    };
+    identity::write_private(&path, &sealing.seal(Purpose::SecretAtRest, SECRET_AAD, &secret))?;
+    Ok(secret)
+}
 
 /// How long a new service's first node may take to elect itself.
 const GENESIS_ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,47 +91,33 @@ impl Node {
         let data_dir = &config.node.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating the data folder {}", data_dir.display()))?;
-        let store = Store::open(&data_dir.join("state.redb"))?;
         let runtime = Arc::new(Runtime::new(config.wasm.clone())?);
-        let service_cert =
-            std::fs::read_to_string(&config.tls.service_cert).with_context(|| {
-                format!(
-                    "reading the service certificate {}",
-                    config.tls.service_cert.display()
-                )
-            })?;
+        let service_cert = std::fs::read_to_string(&config.tls.service_cert)
+            .with_context(|| format!("reading the service certificate {}", config.tls.service_cert.display()))?;
         let node_cert = identity::read_pair(&config.tls.node_cert, &config.tls.node_key)?;
         let id = consensus::node_id_of(&identity::cert_der(node_cert.cert_pem.as_bytes())?);
+        let peers = Peers::new(&service_cert, &node_cert);
+        let secret = ledger_secret(&config, &node_cert.key_pem, &peers).await?;
+        let sealer = Arc::new(Sealer::new(&secret));
+        let store = Store::open_sealed(&data_dir.join("state.redb"), sealer.clone())?;
+        let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
+        let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
 
         let rest_listener = bind(&config.node.rest_addr).await?;
         let grpc_listener = bind(&config.node.grpc_addr).await?;
         let peer_listener = bind(&config.node.peer_addr).await?;
-        let (rest_addr, grpc_addr, peer_addr) = (
-            rest_listener.local_addr()?,
-            grpc_listener.local_addr()?,
-            peer_listener.local_addr()?,
-        );
+        let (rest_addr, grpc_addr, peer_addr) =
+            (rest_listener.local_addr()?, grpc_listener.local_addr()?, peer_listener.local_addr()?);
         let me = NodeAddr {
             name: config.node.name.clone(),
             peer_url: format!("https://{peer_addr}"),
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let peers = Peers::new(&service_cert, &node_cert);
-        let consensus =
-            Consensus::start(&config.raft, data_dir, id, me.clone(), store.clone(), peers).await?;
-        let info = NodeInfo {
-            name: me.name.clone(),
-            rest_url: me.rest_url.clone(),
-            grpc_url: me.grpc_url.clone(),
-        };
-        let service = Arc::new(Service::new(
-            runtime.clone(),
-            store,
-            consensus.clone(),
-            config.limits.clone(),
-            info,
-        )?);
+        let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), store.clone(), ledger, peers).await?;
+        let info = NodeInfo { name: me.name.clone(), rest_url: me.rest_url.clone(), grpc_url: me.grpc_url.clone() };
+        let service =
+            Arc::new(Service::new(runtime.clone(), store.clone(), consensus.clone(), config.limits.clone(), info)?);
 
         let cancel = CancellationToken::new();
         let limits = &config.limits;
@@ -107,54 +126,25 @@ impl Node {
         let peer_tls = tls::peer_server_config(&node_cert, &service_cert)?;
         let mut tasks = Vec::new();
 
-        let conns = server::accept(
-            rest_listener,
-            tls.clone(),
-            limits.connections_max,
-            handshake,
-            cancel.clone(),
-        );
-        tasks.push(tokio::spawn(server::serve_http(
-            conns,
-            rest::router(service.clone()),
+        let forwarder = Arc::new(ServiceForwarder(Arc::downgrade(&service)));
+        let peer_service =
+            cloister_proto::peer::v1::peer_server::PeerServer::new(consensus.peer_service(forwarder, secret))
+                .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
+        let conns = server::accept(peer_listener, peer_tls, limits.connections_max, handshake, cancel.clone());
+        tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), cancel.clone(), "peer"));
+
+        let signer = NodeSigner::new(&node_cert.cert_pem, &node_cert.key_pem)?;
+        tasks.push(tokio::spawn(ledger::run_signer(
+            consensus.clone(),
+            store.clone(),
+            signer,
+            config.ledger.clone(),
             cancel.clone(),
         )));
-        let conns = server::accept(
-            grpc_listener,
-            tls,
-            limits.connections_max,
-            handshake,
-            cancel.clone(),
-        );
-        tasks.push(serve_grpc(
-            conns,
-            crate::api::grpc::routes(service.clone())?,
-            cancel.clone(),
-            "gRPC",
-        ));
-        let forwarder = Arc::new(ServiceForwarder(Arc::downgrade(&service)));
-        let peer_service = cloister_proto::peer::v1::peer_server::PeerServer::new(
-            consensus.peer_service(forwarder),
-        )
-        .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
-        let conns = server::accept(
-            peer_listener,
-            peer_tls,
-            limits.connections_max,
-            handshake,
-            cancel.clone(),
-        );
-        tasks.push(serve_grpc(
-            conns,
-            tonic::service::Routes::new(peer_service),
-            cancel.clone(),
-            "peer",
-        ));
-
         if !consensus.is_initialized().await? {
             match &config.network.join {
-                None => genesis(&config, &consensus, &runtime, &service_cert).await?,
+                None => genesis(&config, &consensus, &runtime, &service_cert, &sealer).await?,
                 Some(url) => {
                     let (consensus, url) = (consensus.clone(), url.clone());
                     let timeout = Duration::from_millis(config.raft.join_timeout_ms);
@@ -167,17 +157,14 @@ impl Node {
                 }
             }
         }
+        // Clients are served only once a new network's genesis has committed, so nobody sees a
+        // service without its members or app.
+        let conns = server::accept(rest_listener, tls.clone(), limits.connections_max, handshake, cancel.clone());
+        tasks.push(tokio::spawn(server::serve_http(conns, rest::router(service.clone()), cancel.clone())));
+        let conns = server::accept(grpc_listener, tls, limits.connections_max, handshake, cancel.clone());
+        tasks.push(serve_grpc(conns, crate::api::grpc::routes(service.clone())?, cancel.clone(), "gRPC"));
         tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
-        Ok(Node {
-            rest_addr,
-            grpc_addr,
-            peer_addr,
-            id,
-            service,
-            consensus,
-            cancel,
-            tasks,
-        })
+        Ok(Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks })
     }
 
     pub fn service(&self) -> &Arc<Service> {
@@ -236,9 +223,7 @@ impl Node {
 }
 
 async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr}"))
+    TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))
 }
 
 /// Starts a new network with this node alone and commits the genesis transaction: the members,
@@ -248,6 +233,7 @@ async fn genesis(
     consensus: &Consensus,
     runtime: &Runtime,
     service_cert: &str,
+    sealer: &Sealer,
 ) -> anyhow::Result<()> {
     let read_ids = |paths: &[std::path::PathBuf]| -> anyhow::Result<Vec<(String, String)>> {
         paths
@@ -255,21 +241,16 @@ async fn genesis(
             .map(|p| {
                 let pem = std::fs::read_to_string(p)
                     .with_context(|| format!("reading genesis certificate {}", p.display()))?;
-                Ok((
-                    identity::id_of_pem(pem.as_bytes()).with_context(|| p.display().to_string())?,
-                    pem,
-                ))
+                Ok((identity::id_of_pem(pem.as_bytes()).with_context(|| p.display().to_string())?, pem))
             })
             .collect()
     };
     let app = match &config.genesis.app {
         None => None,
         Some(path) => {
-            let wasm = std::fs::read(path)
-                .with_context(|| format!("reading the genesis app {}", path.display()))?;
-            let module = runtime
-                .load(&wasm)
-                .with_context(|| format!("the genesis app {} is refused", path.display()))?;
+            let wasm = std::fs::read(path).with_context(|| format!("reading the genesis app {}", path.display()))?;
+            let module =
+                runtime.load(&wasm).with_context(|| format!("the genesis app {} is refused", path.display()))?;
             Some((wasm, module.manifest().clone()))
         }
     };
@@ -281,12 +262,9 @@ async fn genesis(
         state: gov::ServiceState::Open,
     };
     consensus.initialize().await?;
-    consensus
-        .wait_for_leader(GENESIS_ELECTION_TIMEOUT)
-        .await
-        .context("the first node did not elect itself")?;
+    consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
     let tx = consensus
-        .propose(TxEntry::new(TxKind::Genesis, genesis.write_set(), None))
+        .propose(TxEntry::new(TxKind::Genesis, genesis.write_set(), None, sealer))
         .await
         .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e:?}"))?;
     tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");

@@ -17,20 +17,11 @@ pub enum LoadError {
     )]
     ImportNotAllowed { module: String, name: String },
     #[error("module imports cloister::{name} as {found}; ABI v1 declares {expected}")]
-    ImportSignature {
-        name: String,
-        found: String,
-        expected: String,
-    },
-    #[error(
-        "module does not export the ABI marker `cloister_abi_v1`: build it with cloister-sdk's export! macro"
-    )]
+    ImportSignature { name: String, found: String, expected: String },
+    #[error("module does not export the ABI marker `cloister_abi_v1`: build it with cloister-sdk's export! macro")]
     MissingMarker,
     #[error("module does not export `{name}` as {expected}, which ABI v1 requires")]
-    MissingExport {
-        name: &'static str,
-        expected: &'static str,
-    },
+    MissingExport { name: &'static str, expected: &'static str },
     #[error("module failed to compile: {0}")]
     Compile(String),
     #[error("module's manifest is invalid: {0}")]
@@ -40,19 +31,13 @@ pub enum LoadError {
 /// Why a request failed. The request's writes are never applied when it fails.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error(
-        "the handler ran out of fuel ({fuel} units, fuel_per_request): it loops forever or needs a higher limit"
-    )]
+    #[error("the handler ran out of fuel ({fuel} units, fuel_per_request): it loops forever or needs a higher limit")]
     FuelExhausted { fuel: u64 },
     #[error("the handler exceeded its wall-clock limit of {ms} ms (wall_time_ms)")]
     WallTime { ms: u64 },
-    #[error(
-        "the handler tried to grow its memory to {desired} bytes; the limit is {max} (memory_bytes_max)"
-    )]
+    #[error("the handler tried to grow its memory to {desired} bytes; the limit is {max} (memory_bytes_max)")]
     MemoryLimit { desired: usize, max: usize },
-    #[error(
-        "the handler overflowed its stack of {max} bytes (stack_bytes_max): is the recursion unbounded?"
-    )]
+    #[error("the handler overflowed its stack of {max} bytes (stack_bytes_max): is the recursion unbounded?")]
     StackOverflow { max: usize },
     #[error("{message}")]
     GuestPanic { message: String },
@@ -115,12 +100,8 @@ impl ExecError {
         if let Some(trap) = err.downcast_ref::<Trap>() {
             return match trap {
                 Trap::OutOfFuel => ExecError::FuelExhausted { fuel },
-                Trap::Interrupt => ExecError::WallTime {
-                    ms: limits.wall_time_ms,
-                },
-                Trap::StackOverflow => ExecError::StackOverflow {
-                    max: limits.stack_bytes_max,
-                },
+                Trap::Interrupt => ExecError::WallTime { ms: limits.wall_time_ms },
+                Trap::StackOverflow => ExecError::StackOverflow { max: limits.stack_bytes_max },
                 other => ExecError::Trap(other.to_string()),
             };
         }
@@ -128,9 +109,7 @@ impl ExecError {
             return ExecError::Exit(exit.0);
         }
         if err.is::<wasmtime::PoolConcurrencyLimitError>() {
-            return ExecError::Busy {
-                max: limits.instances_max,
-            };
+            return ExecError::Busy { max: limits.instances_max };
         }
         ExecError::Trap(err.root_cause().to_string())
     }

@@ -7,7 +7,7 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use cloister_sdk::Mode;
-use cloister_sdk::abi;
+use cloister_sdk::abi::{self, Privilege};
 use wasmtime::{Caller, Extern, Linker, Memory, ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
@@ -26,9 +26,7 @@ pub struct HostState {
     pub limits: Arc<Limits>,
     /// The request's transaction; `None` while only the manifest is read.
     pub tx: Option<Tx>,
-    pub mode: Mode,
-    /// The app's namespace for its maps.
-    pub namespace: String,
+    pub access: Access,
     /// The caller as JSON, for the `caller` import.
     pub caller_json: Vec<u8>,
     pub output: Arc<Mutex<GuestOutput>>,
@@ -42,6 +40,14 @@ pub struct HostState {
     maps: Vec<(Vec<u8>, String)>,
 }
 
+/// What a request may touch.
+pub struct Access {
+    pub mode: Mode,
+    pub privilege: Privilege,
+    /// The namespace of the code's own maps.
+    pub namespace: String,
+}
+
 struct Scan {
     map: String,
     lower: Bound<Vec<u8>>,
@@ -53,8 +59,7 @@ impl HostState {
         wasi: WasiP1Ctx,
         limits: Arc<Limits>,
         tx: Option<Tx>,
-        mode: Mode,
-        namespace: String,
+        access: Access,
         caller_json: Vec<u8>,
         output: Arc<Mutex<GuestOutput>>,
     ) -> Self {
@@ -63,8 +68,7 @@ impl HostState {
             limiter: Limiter::new(&limits),
             limits,
             tx,
-            mode,
-            namespace,
+            access,
             caller_json,
             output,
             register: None,
@@ -104,42 +108,21 @@ pub struct Limiter {
 
 impl Limiter {
     fn new(limits: &Limits) -> Self {
-        let inner = StoreLimitsBuilder::new()
-            .memory_size(limits.memory_bytes_max)
-            .instances(1)
-            .memories(1)
-            .tables(1)
-            .build();
-        Limiter {
-            memory_bytes_max: limits.memory_bytes_max,
-            inner,
-        }
+        let inner =
+            StoreLimitsBuilder::new().memory_size(limits.memory_bytes_max).instances(1).memories(1).tables(1).build();
+        Limiter { memory_bytes_max: limits.memory_bytes_max, inner }
     }
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes_max {
-            return Err(ExecError::MemoryLimit {
-                desired,
-                max: self.memory_bytes_max,
-            }
-            .into());
+            return Err(ExecError::MemoryLimit { desired, max: self.memory_bytes_max }.into());
         }
         self.inner.memory_growing(current, desired, maximum)
     }
 
-    fn table_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         self.inner.table_growing(current, desired, maximum)
     }
 
@@ -161,14 +144,11 @@ fn abi_violation(msg: impl Into<String>) -> wasmtime::Error {
 }
 
 fn tx(tx: &mut Option<Tx>) -> wasmtime::Result<&mut Tx> {
-    tx.as_mut()
-        .ok_or_else(|| abi_violation("the store is not available outside a request"))
+    tx.as_mut().ok_or_else(|| abi_violation("the store is not available outside a request"))
 }
 
 /// Guest memory and the host state together; the memory handle is looked up once per instance.
-fn parts<'a>(
-    caller: &'a mut Caller<'_, HostState>,
-) -> wasmtime::Result<(&'a mut [u8], &'a mut HostState)> {
+fn parts<'a>(caller: &'a mut Caller<'_, HostState>) -> wasmtime::Result<(&'a mut [u8], &'a mut HostState)> {
     let memory = match caller.data().memory {
         Some(m) => m,
         None => {
@@ -195,18 +175,10 @@ fn charge(caller: &mut Caller<'_, HostState>, bytes: usize) -> wasmtime::Result<
 }
 
 /// The `len` bytes at `ptr` in guest memory, refusing more than `max`.
-fn slice<'a>(
-    data: &'a [u8],
-    ptr: u32,
-    len: u32,
-    what: &str,
-    max: usize,
-) -> wasmtime::Result<&'a [u8]> {
+fn slice<'a>(data: &'a [u8], ptr: u32, len: u32, what: &str, max: usize) -> wasmtime::Result<&'a [u8]> {
     let len = len as usize;
     if len > max {
-        return Err(
-            ExecError::StoreLimit(format!("{what} is {len} bytes; the limit is {max}")).into(),
-        );
+        return Err(ExecError::StoreLimit(format!("{what} is {len} bytes; the limit is {max}")).into());
     }
     data.get(ptr as usize..)
         .and_then(|d| d.get(..len))
@@ -216,7 +188,7 @@ fn slice<'a>(
 /// Resolves a guest map name to its index in `maps`, checking once that the app may read it.
 fn resolve_map(
     maps: &mut Vec<(Vec<u8>, String)>,
-    namespace: &str,
+    access: &Access,
     data: &[u8],
     ptr: u32,
     len: u32,
@@ -226,8 +198,8 @@ fn resolve_map(
         return Ok(i);
     }
     let name = std::str::from_utf8(raw).map_err(|_| abi_violation("map name is not UTF-8"))?;
-    abi::check_read(name).map_err(ExecError::Denied)?;
-    maps.push((raw.to_vec(), kv::app_map(namespace, name)));
+    abi::check_read_as(name, access.privilege).map_err(ExecError::Denied)?;
+    maps.push((raw.to_vec(), kv::app_map(&access.namespace, name)));
     Ok(maps.len() - 1)
 }
 
@@ -237,28 +209,14 @@ fn guest_name(maps: &[(Vec<u8>, String)], i: usize) -> &str {
 }
 
 fn key<'a>(state: &HostState, data: &'a [u8], ptr: u32, len: u32) -> wasmtime::Result<&'a [u8]> {
-    slice(
-        data,
-        ptr,
-        len,
-        "key (key_bytes_max)",
-        state.limits.key_bytes_max,
-    )
+    slice(data, ptr, len, "key (key_bytes_max)", state.limits.key_bytes_max)
 }
 
-fn kv_get(
-    mut caller: Caller<'_, HostState>,
-    mp: u32,
-    ml: u32,
-    kp: u32,
-    kl: u32,
-) -> wasmtime::Result<i64> {
+fn kv_get(mut caller: Caller<'_, HostState>, mp: u32, ml: u32, kp: u32, kl: u32) -> wasmtime::Result<i64> {
     let (data, state) = parts(&mut caller)?;
-    let m = resolve_map(&mut state.maps, &state.namespace, data, mp, ml)?;
+    let m = resolve_map(&mut state.maps, &state.access, data, mp, ml)?;
     let key = key(state, data, kp, kl)?;
-    let value = tx(&mut state.tx)?
-        .get(&state.maps[m].1, key)
-        .map_err(ExecError::from)?;
+    let value = tx(&mut state.tx)?.get(&state.maps[m].1, key).map_err(ExecError::from)?;
     let moved = kl as usize + value.as_ref().map_or(0, Vec::len);
     let out = match value {
         Some(v) => state.set_register(v),
@@ -270,7 +228,8 @@ fn kv_get(
 
 /// Checks and counts a write against the per-request limits.
 fn admit_write(state: &mut HostState, m: usize, bytes: usize) -> wasmtime::Result<()> {
-    abi::check_write(guest_name(&state.maps, m), state.mode).map_err(ExecError::Denied)?;
+    let access = &state.access;
+    abi::check_write_as(guest_name(&state.maps, m), access.mode, access.privilege).map_err(ExecError::Denied)?;
     state.write_bytes += bytes;
     let writes = state.tx()?.writes().len();
     let limits = &state.limits;
@@ -301,34 +260,20 @@ fn kv_put(
     vl: u32,
 ) -> wasmtime::Result<()> {
     let (data, state) = parts(&mut caller)?;
-    let m = resolve_map(&mut state.maps, &state.namespace, data, mp, ml)?;
+    let m = resolve_map(&mut state.maps, &state.access, data, mp, ml)?;
     admit_write(state, m, kl as usize + vl as usize)?;
     let key = key(state, data, kp, kl)?;
-    let value = slice(
-        data,
-        vp,
-        vl,
-        "value (value_bytes_max)",
-        state.limits.value_bytes_max,
-    )?;
+    let value = slice(data, vp, vl, "value (value_bytes_max)", state.limits.value_bytes_max)?;
     tx(&mut state.tx)?.put(&state.maps[m].1, key, value);
     charge(&mut caller, kl as usize + vl as usize)
 }
 
-fn kv_remove(
-    mut caller: Caller<'_, HostState>,
-    mp: u32,
-    ml: u32,
-    kp: u32,
-    kl: u32,
-) -> wasmtime::Result<i32> {
+fn kv_remove(mut caller: Caller<'_, HostState>, mp: u32, ml: u32, kp: u32, kl: u32) -> wasmtime::Result<i32> {
     let (data, state) = parts(&mut caller)?;
-    let m = resolve_map(&mut state.maps, &state.namespace, data, mp, ml)?;
+    let m = resolve_map(&mut state.maps, &state.access, data, mp, ml)?;
     admit_write(state, m, kl as usize)?;
     let key = key(state, data, kp, kl)?;
-    let existed = tx(&mut state.tx)?
-        .remove(&state.maps[m].1, key)
-        .map_err(ExecError::from)?;
+    let existed = tx(&mut state.tx)?.remove(&state.maps[m].1, key).map_err(ExecError::from)?;
     charge(&mut caller, kl as usize)?;
     Ok(i32::from(existed))
 }
@@ -345,21 +290,15 @@ fn kv_scan(
     flags: i32,
 ) -> wasmtime::Result<i32> {
     let (data, state) = parts(&mut caller)?;
-    let m = resolve_map(&mut state.maps, &state.namespace, data, mp, ml)?;
+    let m = resolve_map(&mut state.maps, &state.access, data, mp, ml)?;
     let lower = key(state, data, lp, ll)?.to_vec();
     let upper = key(state, data, up, ul)?.to_vec();
-    let lower = match (
-        flags & abi::SCAN_LOWER != 0,
-        flags & abi::SCAN_LOWER_EXCLUSIVE != 0,
-    ) {
+    let lower = match (flags & abi::SCAN_LOWER != 0, flags & abi::SCAN_LOWER_EXCLUSIVE != 0) {
         (false, _) => Bound::Unbounded,
         (true, false) => Bound::Included(lower),
         (true, true) => Bound::Excluded(lower),
     };
-    let upper = match (
-        flags & abi::SCAN_UPPER != 0,
-        flags & abi::SCAN_UPPER_INCLUSIVE != 0,
-    ) {
+    let upper = match (flags & abi::SCAN_UPPER != 0, flags & abi::SCAN_UPPER_INCLUSIVE != 0) {
         (false, _) => Bound::Unbounded,
         (true, true) => Bound::Included(upper),
         (true, false) => Bound::Excluded(upper),
@@ -371,11 +310,7 @@ fn kv_scan(
         ))
         .into());
     }
-    state.scans.push(Scan {
-        map: state.maps[m].1.clone(),
-        lower,
-        upper,
-    });
+    state.scans.push(Scan { map: state.maps[m].1.clone(), lower, upper });
     let handle = state.scans.len() as i32 - 1;
     charge(&mut caller, (ll + ul) as usize)?;
     Ok(handle)
@@ -388,11 +323,7 @@ fn kv_next(mut caller: Caller<'_, HostState>, handle: i32) -> wasmtime::Result<i
         .and_then(|h| state.scans.get(h))
         .ok_or_else(|| abi_violation(format!("kv_next on unknown scan {handle}")))?;
     let found = tx(&mut state.tx)?
-        .first_in(
-            &scan.map,
-            scan.lower.as_ref().map(Vec::as_slice),
-            scan.upper.as_ref().map(Vec::as_slice),
-        )
+        .first_in(&scan.map, scan.lower.as_ref().map(Vec::as_slice), scan.upper.as_ref().map(Vec::as_slice))
         .map_err(ExecError::from)?;
     let Some((key, value)) = found else {
         charge(&mut caller, 0)?;
@@ -412,23 +343,13 @@ fn kv_next(mut caller: Caller<'_, HostState>, handle: i32) -> wasmtime::Result<i
 
 fn take(mut caller: Caller<'_, HostState>, ptr: u32, len: u32) -> wasmtime::Result<()> {
     let (data, state) = parts(&mut caller)?;
-    let value = state
-        .register
-        .take()
-        .ok_or_else(|| abi_violation("take() with nothing to take"))?;
+    let value = state.register.take().ok_or_else(|| abi_violation("take() with nothing to take"))?;
     if value.len() != len as usize {
-        return Err(abi_violation(format!(
-            "take({len}) but the pending value is {} bytes",
-            value.len()
-        )));
+        return Err(abi_violation(format!("take({len}) but the pending value is {} bytes", value.len())));
     }
     data.get_mut(ptr as usize..)
         .and_then(|d| d.get_mut(..value.len()))
-        .ok_or_else(|| {
-            abi_violation(format!(
-                "take() target {ptr}+{len} lies outside guest memory"
-            ))
-        })?
+        .ok_or_else(|| abi_violation(format!("take() target {ptr}+{len} lies outside guest memory")))?
         .copy_from_slice(&value);
     Ok(())
 }
@@ -453,23 +374,13 @@ fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: u32, len: u32) -> was
     };
     let mut line = msg.to_vec();
     line.push(b'\n');
-    state
-        .output
-        .lock()
-        .expect("guest output lock")
-        .push(stream, &line);
+    state.output.lock().expect("guest output lock").push(stream, &line);
     charge(&mut caller, len as usize)
 }
 
 fn abort(mut caller: Caller<'_, HostState>, ptr: u32, len: u32) -> wasmtime::Result<()> {
     let (data, _) = parts(&mut caller)?;
-    let msg = slice(
-        data,
-        ptr,
-        len.min(ABORT_MESSAGE_BYTES_MAX as u32),
-        "abort message",
-        ABORT_MESSAGE_BYTES_MAX,
-    )?;
+    let msg = slice(data, ptr, len.min(ABORT_MESSAGE_BYTES_MAX as u32), "abort message", ABORT_MESSAGE_BYTES_MAX)?;
     let message = String::from_utf8_lossy(msg).into_owned();
     Err(ExecError::GuestPanic { message }.into())
 }

@@ -103,24 +103,17 @@ impl Limits {
             ("key_bytes_max", self.key_bytes_max as u64),
             ("value_bytes_max", self.value_bytes_max as u64),
             ("writes_per_request_max", self.writes_per_request_max as u64),
-            (
-                "write_bytes_per_request_max",
-                self.write_bytes_per_request_max as u64,
-            ),
+            ("write_bytes_per_request_max", self.write_bytes_per_request_max as u64),
             ("modules_cached_max", self.modules_cached_max as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("wasm limit {name} must be greater than 0"));
         }
         if self.memory_bytes_max as u64 > 4 << 30 {
-            return Err(
-                "wasm limit memory_bytes_max is above 4 GiB, the wasm32 address space".into(),
-            );
+            return Err("wasm limit memory_bytes_max is above 4 GiB, the wasm32 address space".into());
         }
         if self.stack_bytes_max > 1 << 20 {
-            return Err(
-                "wasm limit stack_bytes_max is above 1 MiB; host threads could not hold it".into(),
-            );
+            return Err("wasm limit stack_bytes_max is above 1 MiB; host threads could not hold it".into());
         }
         Ok(())
     }

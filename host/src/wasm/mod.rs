@@ -13,11 +13,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use cloister_sdk::abi::{self, Manifest, RequestHead, ResponseHead};
+use cloister_sdk::abi::{self, Manifest, Privilege, RequestHead, ResponseHead};
 use cloister_sdk::{Caller, Mode, Response};
 use wasmtime::{
-    Config, Engine, ExternType, InstancePre, Module, PoolingAllocationConfig, Store, TypedFunc,
-    ValType, WasmFeatures,
+    Config, Engine, ExternType, InstancePre, Module, PoolingAllocationConfig, Store, TypedFunc, ValType, WasmFeatures,
 };
 
 pub use error::{ExecError, LoadError};
@@ -53,6 +52,8 @@ pub struct Invocation<'a> {
     pub mode: Mode,
     /// The namespace of the app's maps in the store.
     pub namespace: &'a str,
+    /// Whose code runs: an app, or the constitution (which may write `gov.*`).
+    pub privilege: Privilege,
 }
 
 /// What a successful run produced.
@@ -69,6 +70,9 @@ pub struct Runtime {
     engine: Engine,
     linker: wasmtime::Linker<HostState>,
     limits: Arc<Limits>,
+    /// The limits of constitution runs: as `limits`, but a value may be as large as a module,
+    /// since `apply` stores the wasm of `set_app` and `set_constitution`.
+    gov_limits: Arc<Limits>,
     modules: Mutex<HashMap<[u8; 32], Arc<LoadedModule>>>,
 }
 
@@ -78,12 +82,9 @@ impl Runtime {
         let engine = Engine::new(&engine_config(&limits))?;
         start_watchdog(&engine);
         let linker = host::linker(&engine)?;
-        Ok(Runtime {
-            engine,
-            linker,
-            limits: Arc::new(limits),
-            modules: Mutex::default(),
-        })
+        let gov_limits =
+            Arc::new(Limits { value_bytes_max: limits.value_bytes_max.max(limits.module_bytes_max), ..limits.clone() });
+        Ok(Runtime { engine, linker, limits: Arc::new(limits), gov_limits, modules: Mutex::default() })
     }
 
     pub fn limits(&self) -> &Limits {
@@ -102,27 +103,16 @@ impl Runtime {
         }
         let max = self.limits.module_bytes_max;
         if wasm.len() > max {
-            return Err(LoadError::TooLarge {
-                bytes: wasm.len(),
-                max,
-            });
+            return Err(LoadError::TooLarge { bytes: wasm.len(), max });
         }
-        Module::validate(&self.engine, wasm)
-            .map_err(|e| LoadError::Invalid(e.root_cause().to_string()))?;
-        let module = Module::from_binary(&self.engine, wasm)
-            .map_err(|e| LoadError::Compile(e.root_cause().to_string()))?;
+        Module::validate(&self.engine, wasm).map_err(|e| LoadError::Invalid(e.root_cause().to_string()))?;
+        let module =
+            Module::from_binary(&self.engine, wasm).map_err(|e| LoadError::Compile(e.root_cause().to_string()))?;
         check_imports(&module)?;
         check_exports(&module)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&module)
-            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let pre = self.linker.instantiate_pre(&module).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let manifest = self.read_manifest(&pre)?;
-        let loaded = Arc::new(LoadedModule {
-            hash,
-            manifest,
-            pre,
-        });
+        let loaded = Arc::new(LoadedModule { hash, manifest, pre });
         let mut cache = self.modules.lock().expect("module cache lock");
         if cache.len() >= self.limits.modules_cached_max {
             // Evict an arbitrary entry; holders of its Arc keep using it.
@@ -139,53 +129,36 @@ impl Runtime {
         mode: Mode,
         namespace: &str,
         caller: &Caller,
+        privilege: Privilege,
     ) -> (Store<HostState>, Arc<Mutex<GuestOutput>>) {
-        let output = Arc::new(Mutex::new(GuestOutput::new(
-            self.limits.log_bytes_per_request_max,
-        )));
+        let output = Arc::new(Mutex::new(GuestOutput::new(self.limits.log_bytes_per_request_max)));
         let wasi = wasi::context(&output, SystemTime::now());
         let caller_json = serde_json::to_vec(caller).expect("callers serialize");
-        let state = HostState::new(
-            wasi,
-            self.limits.clone(),
-            tx,
-            mode,
-            namespace.to_owned(),
-            caller_json,
-            output.clone(),
-        );
+        let limits = match privilege {
+            Privilege::App => self.limits.clone(),
+            Privilege::Constitution => self.gov_limits.clone(),
+        };
+        let access = host::Access { mode, privilege, namespace: namespace.to_owned() };
+        let state = HostState::new(wasi, limits, tx, access, caller_json, output.clone());
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store
-            .set_fuel(self.limits.fuel_per_request)
-            .expect("fuel is enabled");
+        store.set_fuel(self.limits.fuel_per_request).expect("fuel is enabled");
         store.set_epoch_deadline(self.limits.deadline_ticks());
         (store, output)
     }
 
     fn read_manifest(&self, pre: &InstancePre<HostState>) -> Result<Manifest, LoadError> {
-        let (mut store, _) = self.store(None, Mode::Readonly, "", &Caller::anonymous());
+        let (mut store, _) = self.store(None, Mode::Readonly, "", &Caller::anonymous(), Privilege::App);
         let fuel = self.limits.fuel_per_request;
         let bytes = (|| -> Result<Vec<u8>, ExecError> {
-            let instance = pre
-                .instantiate(&mut store)
-                .map_err(|e| ExecError::from_wasm(e, fuel, &self.limits))?;
-            let f: TypedFunc<(), u64> = instance
-                .get_typed_func(&mut store, abi::EXPORT_MANIFEST)
-                .map_err(|e| ExecError::Abi(e.to_string()))?;
-            let packed = f
-                .call(&mut store, ())
-                .map_err(|e| ExecError::from_wasm(e, fuel, &self.limits))?;
-            read_packed(
-                &mut store,
-                &instance,
-                packed,
-                self.limits.response_bytes_max,
-            )
+            let instance = pre.instantiate(&mut store).map_err(|e| ExecError::from_wasm(e, fuel, &self.limits))?;
+            let f: TypedFunc<(), u64> =
+                instance.get_typed_func(&mut store, abi::EXPORT_MANIFEST).map_err(|e| ExecError::Abi(e.to_string()))?;
+            let packed = f.call(&mut store, ()).map_err(|e| ExecError::from_wasm(e, fuel, &self.limits))?;
+            read_packed(&mut store, &instance, packed, self.limits.response_bytes_max)
         })()
         .map_err(|e| LoadError::Manifest(e.to_string()))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| LoadError::Manifest(e.to_string()))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         manifest.check().map_err(LoadError::Manifest)?;
         Ok(manifest)
     }
@@ -193,29 +166,14 @@ impl Runtime {
     /// Runs one request in a fresh instance against `tx`, and hands the transaction back.
     ///
     /// On error the transaction may hold partial writes: the caller must discard it.
-    pub fn execute(
-        &self,
-        module: &LoadedModule,
-        inv: Invocation<'_>,
-        tx: Tx,
-    ) -> (Tx, Result<Outcome, ExecError>) {
-        let (mut store, output) = self.store(Some(tx), inv.mode, inv.namespace, &inv.head.caller);
+    pub fn execute(&self, module: &LoadedModule, inv: Invocation<'_>, tx: Tx) -> (Tx, Result<Outcome, ExecError>) {
+        let (mut store, output) = self.store(Some(tx), inv.mode, inv.namespace, &inv.head.caller, inv.privilege);
         let result = self.run(&mut store, module, &inv);
-        output
-            .lock()
-            .expect("guest output lock")
-            .emit(&inv.head.request_id);
+        output.lock().expect("guest output lock").emit(&inv.head.request_id);
         let fuel_used = self.limits.fuel_per_request - store.get_fuel().unwrap_or(0);
         let memory_bytes = store.data().memory_bytes(&store);
         let tx = store.into_data().tx.expect("execute keeps the transaction");
-        (
-            tx,
-            result.map(|response| Outcome {
-                response,
-                fuel_used,
-                memory_bytes,
-            }),
-        )
+        (tx, result.map(|response| Outcome { response, fuel_used, memory_bytes }))
     }
 
     fn run(
@@ -229,18 +187,13 @@ impl Runtime {
         let envelope = abi::frame(inv.head, inv.body);
         let max = self.limits.request_bytes_max;
         if envelope.len() > max {
-            return Err(ExecError::RequestTooLarge {
-                bytes: envelope.len(),
-                max,
-            });
+            return Err(ExecError::RequestTooLarge { bytes: envelope.len(), max });
         }
         let instance = module.pre.instantiate(&mut *store).map_err(wasm_err)?;
-        let alloc: TypedFunc<u32, u32> = instance
-            .get_typed_func(&mut *store, abi::EXPORT_ALLOC)
-            .map_err(|e| ExecError::Abi(e.to_string()))?;
-        let handle: TypedFunc<(u32, u32), u64> = instance
-            .get_typed_func(&mut *store, abi::EXPORT_HANDLE)
-            .map_err(|e| ExecError::Abi(e.to_string()))?;
+        let alloc: TypedFunc<u32, u32> =
+            instance.get_typed_func(&mut *store, abi::EXPORT_ALLOC).map_err(|e| ExecError::Abi(e.to_string()))?;
+        let handle: TypedFunc<(u32, u32), u64> =
+            instance.get_typed_func(&mut *store, abi::EXPORT_HANDLE).map_err(|e| ExecError::Abi(e.to_string()))?;
         let len = envelope.len() as u32;
         let ptr = alloc.call(&mut *store, len).map_err(wasm_err)?;
         let memory = instance
@@ -249,17 +202,12 @@ impl Runtime {
         store.data_mut().set_memory(memory);
         memory
             .write(&mut *store, ptr as usize, &envelope)
-            .map_err(|_| {
-                ExecError::Abi(format!("alloc({len}) returned {ptr}, outside guest memory"))
-            })?;
+            .map_err(|_| ExecError::Abi(format!("alloc({len}) returned {ptr}, outside guest memory")))?;
         let packed = handle.call(&mut *store, (ptr, len)).map_err(wasm_err)?;
         let framed = read_packed(store, &instance, packed, self.limits.response_bytes_max)?;
-        let (head, body): (ResponseHead, &[u8]) = abi::unframe(&framed)
-            .map_err(|e| ExecError::Abi(format!("malformed response envelope: {e}")))?;
-        Ok(Response {
-            head,
-            body: body.to_vec(),
-        })
+        let (head, body): (ResponseHead, &[u8]) =
+            abi::unframe(&framed).map_err(|e| ExecError::Abi(format!("malformed response envelope: {e}")))?;
+        Ok(Response { head, body: body.to_vec() })
     }
 }
 
@@ -282,11 +230,7 @@ fn read_packed(
         .get(ptr..)
         .and_then(|d| d.get(..len))
         .map(<[u8]>::to_vec)
-        .ok_or_else(|| {
-            ExecError::Abi(format!(
-                "returned buffer {ptr}+{len} lies outside guest memory"
-            ))
-        })
+        .ok_or_else(|| ExecError::Abi(format!("returned buffer {ptr}+{len} lies outside guest memory")))
 }
 
 fn engine_config(limits: &Limits) -> Config {
@@ -341,15 +285,8 @@ fn val_type(t: abi::ValType) -> &'static str {
     }
 }
 
-fn signature(
-    params: impl Iterator<Item = String>,
-    results: impl Iterator<Item = String>,
-) -> String {
-    format!(
-        "({}) -> ({})",
-        params.collect::<Vec<_>>().join(", "),
-        results.collect::<Vec<_>>().join(", ")
-    )
+fn signature(params: impl Iterator<Item = String>, results: impl Iterator<Item = String>) -> String {
+    format!("({}) -> ({})", params.collect::<Vec<_>>().join(", "), results.collect::<Vec<_>>().join(", "))
 }
 
 fn wasm_type(t: ValType) -> String {
@@ -363,28 +300,16 @@ fn wasm_type(t: ValType) -> String {
 fn check_imports(module: &Module) -> Result<(), LoadError> {
     for import in module.imports() {
         let (m, name) = (import.module(), import.name());
-        let refused = || LoadError::ImportNotAllowed {
-            module: m.to_owned(),
-            name: name.to_owned(),
-        };
+        let refused = || LoadError::ImportNotAllowed { module: m.to_owned(), name: name.to_owned() };
         match (m, import.ty()) {
             (abi::WASI_MODULE, ExternType::Func(_)) if abi::WASI_IMPORTS.contains(&name) => {}
             (abi::IMPORT_MODULE, ExternType::Func(f)) => {
-                let (_, params, results) = abi::IMPORTS
-                    .iter()
-                    .find(|(n, ..)| *n == name)
-                    .ok_or_else(refused)?;
-                let expected = signature(
-                    params.iter().map(|t| val_type(*t).into()),
-                    results.iter().map(|t| val_type(*t).into()),
-                );
+                let (_, params, results) = abi::IMPORTS.iter().find(|(n, ..)| *n == name).ok_or_else(refused)?;
+                let expected =
+                    signature(params.iter().map(|t| val_type(*t).into()), results.iter().map(|t| val_type(*t).into()));
                 let found = signature(f.params().map(wasm_type), f.results().map(wasm_type));
                 if found != expected {
-                    return Err(LoadError::ImportSignature {
-                        name: name.to_owned(),
-                        found,
-                        expected,
-                    });
+                    return Err(LoadError::ImportSignature { name: name.to_owned(), found, expected });
                 }
             }
             _ => return Err(refused()),
@@ -405,21 +330,14 @@ fn check_exports(module: &Module) -> Result<(), LoadError> {
         (abi::EXPORT_MANIFEST, "() -> (i64)"),
     ];
     for (name, expected) in required {
-        let ok = func(name).is_some_and(|f| {
-            signature(f.params().map(wasm_type), f.results().map(wasm_type)) == expected
-        });
+        let ok =
+            func(name).is_some_and(|f| signature(f.params().map(wasm_type), f.results().map(wasm_type)) == expected);
         if !ok {
             return Err(LoadError::MissingExport { name, expected });
         }
     }
-    if !matches!(
-        module.get_export(abi::EXPORT_MEMORY),
-        Some(ExternType::Memory(_))
-    ) {
-        return Err(LoadError::MissingExport {
-            name: abi::EXPORT_MEMORY,
-            expected: "a memory",
-        });
+    if !matches!(module.get_export(abi::EXPORT_MEMORY), Some(ExternType::Memory(_))) {
+        return Err(LoadError::MissingExport { name: abi::EXPORT_MEMORY, expected: "a memory" });
     }
     Ok(())
 }

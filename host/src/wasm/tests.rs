@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cloister_sdk::abi::RequestHead;
+use cloister_sdk::abi::{Privilege, RequestHead};
 use cloister_sdk::{Caller, Mode};
 
 use super::*;
@@ -25,12 +25,7 @@ fn fixture(limits: Limits) -> Fixture {
     let store = kv::Store::open(&dir.path().join("state.redb")).unwrap();
     let runtime = Runtime::new(limits).unwrap();
     let module = runtime.load(&misbehave()).unwrap();
-    Fixture {
-        _dir: dir,
-        runtime,
-        store,
-        module,
-    }
+    Fixture { _dir: dir, runtime, store, module }
 }
 
 impl Fixture {
@@ -53,10 +48,9 @@ impl Fixture {
             body: body.as_bytes(),
             mode: endpoint.mode,
             namespace: "app",
+            privilege: Privilege::App,
         };
-        let (tx, result) = self
-            .runtime
-            .execute(&self.module, inv, self.store.begin().unwrap());
+        let (tx, result) = self.runtime.execute(&self.module, inv, self.store.begin().unwrap());
         let outcome = result?;
         if outcome.response.is_success() {
             self.store.apply(&tx.into_writes()).unwrap();
@@ -68,13 +62,8 @@ impl Fixture {
         let tx = self.store.begin().unwrap();
         let mut out = Vec::new();
         let mut lower = std::ops::Bound::Unbounded;
-        while let Some((k, v)) = tx
-            .first_in(
-                "app/scratch",
-                lower.as_ref().map(Vec::as_slice),
-                std::ops::Bound::Unbounded,
-            )
-            .unwrap()
+        while let Some((k, v)) =
+            tx.first_in("app/scratch", lower.as_ref().map(Vec::as_slice), std::ops::Bound::Unbounded).unwrap()
         {
             lower = std::ops::Bound::Excluded(k.clone());
             out.push((k, v));
@@ -84,23 +73,12 @@ impl Fixture {
 
     /// Asserts the request fails with `code`, changed nothing, and the next request succeeds.
     fn refused(&self, method: &str, target: &str, code: &str) -> ExecError {
-        assert_eq!(
-            self.call("POST", "/put/seed", "before")
-                .unwrap()
-                .head
-                .status,
-            204
-        );
+        assert_eq!(self.call("POST", "/put/seed", "before").unwrap().head.status, 204);
         let before = self.dump();
-        let err = self
-            .call(method, target, "")
-            .expect_err("misbehaviour is refused");
+        let err = self.call(method, target, "").expect_err("misbehaviour is refused");
         assert_eq!(err.code(), code, "{target}: {err}");
         assert_eq!(self.dump(), before, "{target} left writes behind");
-        assert_eq!(
-            self.call("POST", "/put/after", "ok").unwrap().head.status,
-            204
-        );
+        assert_eq!(self.call("POST", "/put/after", "ok").unwrap().head.status, 204);
         assert_eq!(self.call("GET", "/get/after", "").unwrap().body, b"ok");
         err
     }
@@ -108,37 +86,23 @@ impl Fixture {
 
 #[test]
 fn an_infinite_loop_runs_out_of_fuel() {
-    let f = fixture(Limits {
-        fuel_per_request: 50_000_000,
-        ..Limits::default()
-    });
+    let f = fixture(Limits { fuel_per_request: 50_000_000, ..Limits::default() });
     let err = f.refused("POST", "/loop", "FuelExhausted");
     assert!(err.to_string().contains("fuel_per_request"), "{err}");
 }
 
 #[test]
 fn an_infinite_loop_is_stopped_by_the_wall_clock_watchdog() {
-    let f = fixture(Limits {
-        fuel_per_request: u64::MAX / 2,
-        wall_time_ms: 100,
-        ..Limits::default()
-    });
+    let f = fixture(Limits { fuel_per_request: u64::MAX / 2, wall_time_ms: 100, ..Limits::default() });
     let started = std::time::Instant::now();
     let err = f.refused("POST", "/loop", "WallTimeExceeded");
     assert!(err.to_string().contains("100 ms"), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "the watchdog took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "the watchdog took {:?}", started.elapsed());
 }
 
 #[test]
 fn unbounded_memory_growth_hits_the_memory_cap() {
-    let f = fixture(Limits {
-        memory_bytes_max: 16 << 20,
-        ..Limits::default()
-    });
+    let f = fixture(Limits { memory_bytes_max: 16 << 20, ..Limits::default() });
     let err = f.refused("POST", "/grow", "MemoryLimitExceeded");
     assert!(err.to_string().contains("16777216"), "{err}");
 }
@@ -154,33 +118,21 @@ fn deep_recursion_overflows_the_stack() {
 fn a_guest_panic_reports_its_message() {
     let f = fixture(Limits::default());
     let err = f.refused("POST", "/panic?what=loudly", "GuestPanic");
-    assert!(
-        err.to_string().contains("misbehave panicked loudly"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("misbehave panicked loudly"), "{err}");
 }
 
 #[test]
 fn an_oversized_response_is_refused_at_its_limit() {
-    let f = fixture(Limits {
-        response_bytes_max: 64 << 10,
-        ..Limits::default()
-    });
+    let f = fixture(Limits { response_bytes_max: 64 << 10, ..Limits::default() });
     let err = f.refused("POST", "/big?bytes=70000", "ResponseTooLarge");
     assert!(err.to_string().contains("response_bytes_max"), "{err}");
     // Just under the limit passes: the envelope head takes a few dozen bytes.
-    assert_eq!(
-        f.call("POST", "/big?bytes=65000", "").unwrap().body.len(),
-        65000
-    );
+    assert_eq!(f.call("POST", "/big?bytes=65000", "").unwrap().body.len(), 65000);
 }
 
 #[test]
 fn an_oversized_request_is_refused_before_running() {
-    let f = fixture(Limits {
-        request_bytes_max: 1 << 10,
-        ..Limits::default()
-    });
+    let f = fixture(Limits { request_bytes_max: 1 << 10, ..Limits::default() });
     let err = f.call("POST", "/put/k", &"x".repeat(2 << 10)).unwrap_err();
     assert_eq!(err.code(), "RequestTooLarge");
     assert_eq!(err.status(), 413);
@@ -197,18 +149,9 @@ fn apps_cannot_write_governance_or_write_from_read_only_endpoints() {
 
 #[test]
 fn values_over_the_limit_are_refused() {
-    let f = fixture(Limits {
-        value_bytes_max: 100,
-        ..Limits::default()
-    });
+    let f = fixture(Limits { value_bytes_max: 100, ..Limits::default() });
     // Values are stored as JSON: a string of 98 characters takes exactly 100 bytes.
-    assert_eq!(
-        f.call("POST", "/put/k", &"v".repeat(98))
-            .unwrap()
-            .head
-            .status,
-        204
-    );
+    assert_eq!(f.call("POST", "/put/k", &"v".repeat(98)).unwrap().head.status, 204);
     let err = f.call("POST", "/put/k", &"v".repeat(99)).unwrap_err();
     assert_eq!(err.code(), "StoreLimitExceeded");
     assert!(err.to_string().contains("value_bytes_max"), "{err}");
@@ -219,10 +162,7 @@ fn guest_output_and_clock_come_from_the_host() {
     let f = fixture(Limits::default());
     assert_eq!(f.call("GET", "/print", "").unwrap().head.status, 204);
     let (secs, noise): (u64, Vec<u8>) = f.call("GET", "/clock", "").unwrap().body_json().unwrap();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
     assert!(secs.abs_diff(now) < 60, "guest clock {secs} vs host {now}");
     let (_, noise2): (u64, Vec<u8>) = f.call("GET", "/clock", "").unwrap().body_json().unwrap();
     assert_ne!(noise, noise2, "randomness differs per request");
@@ -239,12 +179,7 @@ fn guest_output_is_capped() {
 fn manifests_are_read_at_load() {
     let rt = Runtime::new(Limits::default()).unwrap();
     let m = rt.load(crate::bundled::RECONCILE).unwrap();
-    let paths: Vec<_> = m
-        .manifest()
-        .endpoints
-        .iter()
-        .map(|e| (e.method.as_str(), e.path.as_str(), e.mode))
-        .collect();
+    let paths: Vec<_> = m.manifest().endpoints.iter().map(|e| (e.method.as_str(), e.path.as_str(), e.mode)).collect();
     assert_eq!(
         paths,
         [
@@ -262,11 +197,7 @@ mod load {
     use super::*;
 
     fn load(wasm: &[u8]) -> LoadError {
-        Runtime::new(Limits::default())
-            .unwrap()
-            .load(wasm)
-            .err()
-            .expect("refused")
+        Runtime::new(Limits::default()).unwrap().load(wasm).err().expect("refused")
     }
 
     /// The exports of ABI v1 on a trivial memory, for hand-written modules.
@@ -284,20 +215,15 @@ mod load {
 
     #[test]
     fn a_module_importing_off_the_allow_list() {
-        for (module, name) in [
-            ("env", "socket"),
-            ("wasi_snapshot_preview1", "poll_oneoff"),
-            ("cloister", "kv_delete_all"),
-        ] {
+        for (module, name) in
+            [("env", "socket"), ("wasi_snapshot_preview1", "poll_oneoff"), ("cloister", "kv_delete_all")]
+        {
             let wasm = wat::parse_str(format!(
                 r#"(module (import "{module}" "{name}" (func)) (func (export "cloister_abi_v1")) {EXPORTS})"#
             ))
             .unwrap();
             let err = load(&wasm);
-            assert!(
-                matches!(&err, LoadError::ImportNotAllowed { name: n, .. } if n == name),
-                "{err}"
-            );
+            assert!(matches!(&err, LoadError::ImportNotAllowed { name: n, .. } if n == name), "{err}");
         }
     }
 
@@ -308,45 +234,23 @@ mod load {
         ))
         .unwrap();
         let err = load(&wasm);
-        assert!(
-            err.to_string().contains("(i32, i32, i32, i32) -> (i64)"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("(i32, i32, i32, i32) -> (i64)"), "{err}");
     }
 
     #[test]
     fn a_missing_required_export() {
-        let wasm = wat::parse_str(
-            r#"(module (memory (export "memory") 1) (func (export "cloister_abi_v1")))"#,
-        )
-        .unwrap();
-        assert!(matches!(
-            load(&wasm),
-            LoadError::MissingExport { name: "alloc", .. }
-        ));
+        let wasm =
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "cloister_abi_v1")))"#).unwrap();
+        assert!(matches!(load(&wasm), LoadError::MissingExport { name: "alloc", .. }));
     }
 
     #[test]
     fn an_oversized_module() {
-        let rt = Runtime::new(Limits {
-            module_bytes_max: 1000,
-            ..Limits::default()
-        })
-        .unwrap();
+        let rt = Runtime::new(Limits { module_bytes_max: 1000, ..Limits::default() }).unwrap();
         let err = rt.load(&misbehave()).err().unwrap();
-        assert!(
-            matches!(err, LoadError::TooLarge { max: 1000, .. }),
-            "{err}"
-        );
-        let exact = wat::parse_str(format!(
-            "(module (func (export \"cloister_abi_v1\")) {EXPORTS})"
-        ))
-        .unwrap();
-        let rt = Runtime::new(Limits {
-            module_bytes_max: exact.len(),
-            ..Limits::default()
-        })
-        .unwrap();
+        assert!(matches!(err, LoadError::TooLarge { max: 1000, .. }), "{err}");
+        let exact = wat::parse_str(format!("(module (func (export \"cloister_abi_v1\")) {EXPORTS})")).unwrap();
+        let rt = Runtime::new(Limits { module_bytes_max: exact.len(), ..Limits::default() }).unwrap();
         assert!(
             !matches!(rt.load(&exact), Err(LoadError::TooLarge { .. })),
             "a module at the limit passes the size check"
@@ -370,10 +274,7 @@ mod load {
 
     #[test]
     fn a_manifest_that_is_not_json() {
-        let wasm = wat::parse_str(format!(
-            "(module (func (export \"cloister_abi_v1\")) {EXPORTS})"
-        ))
-        .unwrap();
+        let wasm = wat::parse_str(format!("(module (func (export \"cloister_abi_v1\")) {EXPORTS})")).unwrap();
         assert!(matches!(load(&wasm), LoadError::Manifest(_)));
     }
 }
@@ -402,24 +303,12 @@ fn the_largest_default_reconcile_batch_fits_the_default_memory_cap() {
         caller: Caller::member("party"),
         ..Default::default()
     };
-    let inv = Invocation {
-        head: &head,
-        body: &body,
-        mode: Mode::Readwrite,
-        namespace: "app",
-    };
+    let inv =
+        Invocation { head: &head, body: &body, mode: Mode::Readwrite, namespace: "app", privilege: Privilege::App };
     let (_, result) = runtime.execute(&module, inv, store.begin().unwrap());
     let outcome = result.expect("the largest default batch runs");
-    assert_eq!(
-        outcome.response.head.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&outcome.response.body)
-    );
+    assert_eq!(outcome.response.head.status, 200, "{}", String::from_utf8_lossy(&outcome.response.body));
     let cap = Limits::default().memory_bytes_max;
-    println!(
-        "peak memory {} of {cap} bytes, fuel {}",
-        outcome.memory_bytes, outcome.fuel_used
-    );
+    println!("peak memory {} of {cap} bytes, fuel {}", outcome.memory_bytes, outcome.fuel_used);
     assert!(outcome.memory_bytes <= cap);
 }

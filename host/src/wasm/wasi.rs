@@ -20,10 +20,7 @@ pub struct GuestOutput {
 
 impl GuestOutput {
     pub fn new(bytes_max: usize) -> Self {
-        GuestOutput {
-            bytes_left: bytes_max,
-            ..Default::default()
-        }
+        GuestOutput { bytes_left: bytes_max, ..Default::default() }
     }
 
     /// Keeps what fits in the budget and counts the rest.
@@ -32,8 +29,7 @@ impl GuestOutput {
         self.bytes_left -= kept;
         self.dropped_bytes += bytes.len() - kept;
         if kept > 0 {
-            self.lines
-                .push((stream, String::from_utf8_lossy(&bytes[..kept]).into_owned()));
+            self.lines.push((stream, String::from_utf8_lossy(&bytes[..kept]).into_owned()));
         }
     }
 
@@ -92,10 +88,7 @@ impl Pollable for Capture {
 #[wasmtime_wasi::async_trait]
 impl OutputStream for Capture {
     fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
-        self.out
-            .lock()
-            .expect("guest output lock")
-            .push(self.stream, &bytes);
+        self.out.lock().expect("guest output lock").push(self.stream, &bytes);
         Ok(())
     }
 
@@ -114,10 +107,7 @@ impl tokio::io::AsyncWrite for Capture {
         _: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.out
-            .lock()
-            .expect("guest output lock")
-            .push(self.stream, buf);
+        self.out.lock().expect("guest output lock").push(self.stream, buf);
         std::task::Poll::Ready(Ok(buf.len()))
     }
 
@@ -151,18 +141,10 @@ impl HostWallClock for FrozenClock {
 
 /// A fresh virtual WASI context for one request.
 pub fn context(out: &Arc<Mutex<GuestOutput>>, started: SystemTime) -> WasiP1Ctx {
-    let since_epoch = started
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let since_epoch = started.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     WasiCtxBuilder::new()
-        .stdout(Capture {
-            stream: "stdout",
-            out: out.clone(),
-        })
-        .stderr(Capture {
-            stream: "stderr",
-            out: out.clone(),
-        })
+        .stdout(Capture { stream: "stdout", out: out.clone() })
+        .stderr(Capture { stream: "stderr", out: out.clone() })
         .wall_clock(FrozenClock(since_epoch))
         .allow_tcp(false)
         .allow_udp(false)

@@ -1,0 +1,111 @@
+use cloister_sdk::gov::{self, *};
+use cloister_sdk::testing::MemoryHost;
+use cloister_sdk::{Caller, Response};
+use serde_json::json;
+
+use super::*;
+
+/// A PEM certificate block; the constitution hashes its DER and does not parse it further.
+const CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBbTCB9KADAgECAhQbQ0EeJRSAzmxvXwXeNNJ3JkEOhzAKBggqhkjOPQQDAzAQ
+MQ4wDAYDVQQDDAV0ZXN0MTAeFw0yNjAxMDEwMDAwMDBaFw0zNjAxMDEwMDAwMDBa
+MBAxDjAMBgNVBAMMBXRlc3QxMHYwEAYHKoZIzj0CAQYFK4EEACIDYgAE
+-----END CERTIFICATE-----";
+
+fn resolved(members: &[&str], ballots: &[(&str, bool)]) -> ProposalState {
+    resolve_votes(&ResolveInput {
+        proposal_id: "p".into(),
+        proposer: members[0].into(),
+        proposal: Proposal { actions: vec![] },
+        ballots: ballots.iter().map(|(m, b)| (m.to_string(), *b)).collect(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+    })
+}
+
+#[test]
+fn strict_majority_of_active_members() {
+    use ProposalState::*;
+    assert_eq!(resolved(&["a"], &[]), Open);
+    assert_eq!(resolved(&["a"], &[("a", true)]), Accepted);
+    assert_eq!(resolved(&["a"], &[("a", false)]), Rejected);
+    assert_eq!(resolved(&["a", "b", "c"], &[("a", true)]), Open);
+    assert_eq!(resolved(&["a", "b", "c"], &[("a", true), ("b", true)]), Accepted);
+    assert_eq!(resolved(&["a", "b", "c"], &[("a", false), ("b", false)]), Rejected);
+    // Four members: two approvals are not a strict majority, two rejections make one impossible.
+    assert_eq!(resolved(&["a", "b", "c", "d"], &[("a", true), ("b", true)]), Open);
+    assert_eq!(resolved(&["a", "b", "c", "d"], &[("a", true), ("b", true), ("c", true)]), Accepted);
+    assert_eq!(resolved(&["a", "b", "c", "d"], &[("a", false), ("b", false)]), Rejected);
+    // Ballots of non-members do not count.
+    assert_eq!(resolved(&["a", "b", "c"], &[("a", true), ("x", true), ("y", true)]), Open);
+}
+
+fn host() -> MemoryHost {
+    let mut host = MemoryHost::constitution(router());
+    let service = ServiceRecord { state: ServiceState::Opening, cert: String::new(), recovery_threshold: 1 };
+    host.seed(gov::SERVICE, &"service".to_owned(), &service);
+    host
+}
+
+fn call(host: &mut MemoryHost, path: &str, body: serde_json::Value) -> Response {
+    host.call(&Caller::member("m0"), "POST", path, body.to_string())
+}
+
+fn proposal(name: &str, args: serde_json::Value) -> serde_json::Value {
+    json!({ "actions": [{ "name": name, "args": args }] })
+}
+
+#[test]
+fn validation_names_the_bad_action() {
+    let mut host = host();
+    let r = call(&mut host, "/validate", proposal("make_me_king", json!({})));
+    assert_eq!(r.head.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("unknown action \\\"make_me_king\\\""), "{:?}", r);
+    let r = call(&mut host, "/validate", proposal("add_snp_measurement", json!({ "measurement": "abcd" })));
+    assert_eq!(r.head.status, 400);
+    assert_eq!(call(&mut host, "/validate", json!({ "actions": [] })).head.status, 400);
+    let r = call(&mut host, "/validate", proposal("set_recovery_threshold", json!({ "threshold": 1, "extra": 2 })));
+    assert_eq!(r.head.status, 400, "unknown arguments are refused");
+    assert_eq!(call(&mut host, "/validate", proposal("transition_service_to_open", json!(null))).head.status, 204);
+}
+
+#[test]
+fn apply_writes_the_tables() {
+    let mut host = host();
+    let measurement = "ab".repeat(48);
+    let p = json!({ "actions": [
+        { "name": "transition_service_to_open" },
+        { "name": "add_snp_measurement", "args": { "measurement": measurement.to_uppercase() } },
+        { "name": "set_app_config", "args": { "config": { "threshold": 2 } } },
+    ]});
+    let r = call(&mut host, "/apply", json!({ "proposal_id": "p", "proposal": p }));
+    assert_eq!(r.head.status, 204, "{:?}", String::from_utf8_lossy(&r.body));
+    let s: ServiceRecord = host.peek(gov::SERVICE, &"service".to_owned()).unwrap();
+    assert_eq!(s.state, ServiceState::Open);
+    assert_eq!(host.peek::<String, bool>(gov::MEASUREMENTS, &measurement), Some(true));
+    assert_eq!(host.peek::<String, serde_json::Value>(gov::APP_CONFIG, &"threshold".to_owned()), Some(json!(2)));
+    // Opening twice is refused, and a failing action keeps none of the proposal's writes.
+    let before = host.dump();
+    let p = json!({ "actions": [
+        { "name": "set_app_config", "args": { "config": { "threshold": 5 } } },
+        { "name": "transition_service_to_open" },
+    ]});
+    assert_eq!(call(&mut host, "/apply", json!({ "proposal_id": "q", "proposal": p })).head.status, 400);
+    assert_eq!(host.dump(), before);
+}
+
+#[test]
+fn new_members_start_accepted() {
+    let mut host = host();
+    let id = actions::cert_id(CERT).unwrap();
+    assert_eq!(id.len(), 64);
+    let r = call(
+        &mut host,
+        "/apply",
+        json!({ "proposal_id": "p", "proposal": proposal("set_member", json!({ "cert": CERT })) }),
+    );
+    assert_eq!(r.head.status, 204, "{:?}", String::from_utf8_lossy(&r.body));
+    let m: MemberRecord = host.peek(gov::MEMBERS, &id).unwrap();
+    assert_eq!(m.status, MemberStatus::Accepted);
+    let r = call(&mut host, "/validate", proposal("set_member", json!({ "cert": "not pem" })));
+    assert_eq!(r.head.status, 400);
+}

@@ -1,0 +1,214 @@
+//! The governance tables and the records in them, shared by the node and constitutions.
+//!
+//! Every `gov.*` map is public: its writes stay in clear in the ledger, for audit. Keys are the
+//! UTF-8 bytes of the id named on each map; values are JSON, except where a map says "raw".
+//! Only the node and the constitution's `apply` write them; apps read [`crate::abi::GOV_READABLE`].
+//!
+//! The constitution ABI: the node calls three `POST` endpoints of the constitution module, each
+//! with a JSON body, under the proposer's or voter's identity:
+//! - `/validate` with a [`Proposal`]: 2xx when every action's arguments are acceptable, else an
+//!   error whose message the proposer sees (read-only);
+//! - `/resolve` with a [`ResolveInput`]: a [`Resolution`] (read-only);
+//! - `/apply` with an [`ApplyInput`]: writes the tables (read-write, with write access to `gov.*`).
+//!   Any error or trap marks the proposal Failed and keeps none of its writes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Members by id (hex SHA-256 of the certificate DER): [`MemberRecord`].
+pub const MEMBERS: &str = "gov.members";
+/// Users by id: [`UserRecord`].
+pub const USERS: &str = "gov.users";
+/// Nodes by id: [`NodeRecord`].
+pub const NODES: &str = "gov.nodes";
+/// Proposals by id: [`ProposalRecord`].
+pub const PROPOSALS: &str = "gov.proposals";
+/// Ballots by proposal id: [`Ballots`].
+pub const BALLOTS: &str = "gov.ballots";
+/// Every accepted signed request, verbatim, by the hex blake3 of its bytes: [`HistoryRecord`].
+pub const HISTORY: &str = "gov.history";
+/// Key [`CONSTITUTION_KEY`]: the constitution's wasm (raw bytes).
+pub const CONSTITUTION: &str = "gov.constitution";
+pub const CONSTITUTION_KEY: &[u8] = b"wasm";
+/// Key [`APP_KEY`]: the installed app's [`AppRecord`].
+pub const APP: &str = "gov.app";
+pub const APP_KEY: &[u8] = b"app";
+/// The installed app's wasm (raw bytes), keyed by its hex blake3 hash.
+pub const APP_CODE: &str = "gov.app_code";
+/// The app's settings: one JSON value per setting name.
+pub const APP_CONFIG: &str = "gov.app_config";
+/// Key [`SERVICE_KEY`]: the [`ServiceRecord`].
+pub const SERVICE: &str = "gov.service";
+pub const SERVICE_KEY: &[u8] = b"service";
+/// Trusted SNP launch measurements, by lower-case hex (48 bytes); the value is `true`.
+pub const MEASUREMENTS: &str = "gov.attestation.measurements";
+/// Trusted SNP host_data values, by lower-case hex (32 bytes); the value is `true`.
+pub const HOST_DATA: &str = "gov.attestation.host_data";
+/// Key [`MIN_TCB_KEY`]: the lowest acceptable [`Tcb`].
+pub const MIN_TCB: &str = "gov.attestation.min_tcb";
+pub const MIN_TCB_KEY: &[u8] = b"min_tcb";
+
+/// A member's lifecycle: accepted by a proposal, active once it acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberStatus {
+    Accepted,
+    Active,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// The member's certificate (PEM); the hash of its DER is the member's id.
+    pub cert: String,
+    pub status: MemberStatus,
+    /// Public key (PEM) for sharing recovery secrets with the member, if it has one.
+    #[serde(default)]
+    pub encryption_key: Option<String>,
+    /// Free-form data about the member.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub cert: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    Pending,
+    Trusted,
+    Retired,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub status: NodeStatus,
+    /// The node's certificate (PEM).
+    pub cert: String,
+    /// The attestation evidence it joined with, if any (JSON, by kind).
+    #[serde(default)]
+    pub evidence: serde_json::Value,
+}
+
+/// The installed app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppRecord {
+    /// Hex blake3 of the wasm; the code is in [`APP_CODE`] under this key.
+    pub code_hash: String,
+}
+
+/// Whether the service takes app calls yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceState {
+    Opening,
+    Open,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub state: ServiceState,
+    /// The service CA certificate (PEM).
+    pub cert: String,
+    /// Members whose shares recover the service.
+    #[serde(default = "one")]
+    pub recovery_threshold: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An SNP TCB version: the security version numbers of each component.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tcb {
+    pub bootloader: u8,
+    pub tee: u8,
+    pub snp: u8,
+    pub microcode: u8,
+    /// Turin and later only.
+    #[serde(default)]
+    pub fmc: u8,
+}
+
+/// One change a proposal asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    pub name: String,
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// What a member proposes: a list of actions, applied together or not at all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proposal {
+    pub actions: Vec<Action>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProposalState {
+    Open,
+    Accepted,
+    Withdrawn,
+    Rejected,
+    /// `apply` trapped or refused: nothing of it was kept.
+    Failed,
+    /// The constitution or the app changed while it was open.
+    Dropped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposalRecord {
+    pub proposer: String,
+    pub proposal: Proposal,
+    pub state: ProposalState,
+    /// When the proposer signed it (seconds since the Unix epoch).
+    pub created_at: u64,
+    /// Why it failed, for Failed and Dropped proposals.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A proposal's ballots: member id → approve.
+pub type Ballots = BTreeMap<String, bool>;
+
+/// The input of `/resolve`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolveInput {
+    pub proposal_id: String,
+    pub proposer: String,
+    pub proposal: Proposal,
+    pub ballots: Ballots,
+    /// The Active members: only their ballots count.
+    pub members: Vec<String>,
+}
+
+/// The output of `/resolve`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// Open, Accepted or Rejected.
+    pub state: ProposalState,
+}
+
+/// The input of `/apply`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyInput {
+    pub proposal_id: String,
+    pub proposal: Proposal,
+}
+
+/// One accepted signed request, as the node stored it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    /// The COSE_Sign1 message, base64 (standard alphabet, padded).
+    pub cose: String,
+    pub signer: String,
+    pub msg_type: String,
+    pub created_at: u64,
+}

@@ -1,0 +1,345 @@
+//! The ledger on real networks of node processes: offline verification and tamper detection,
+//! receipts, sealing at rest, restarts (clean and torn), and leader changes.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cloister_host::bundled::RECONCILE;
+use cloister_host::ledger::verify::{Receipt, verify_receipt};
+use cloister_host::node::identity;
+use cloister_tests::cluster::Cluster;
+use cloister_tests::{cli_exe, misbehave_wasm};
+use serde_json::{Value, json};
+
+/// Runs `cloister ledger verify`; returns success and what it printed.
+fn ledger_verify(dir: &Path, service_cert: &Path) -> (bool, String) {
+    let out = Command::new(cli_exe())
+        .args(["ledger", "verify"])
+        .arg(dir)
+        .arg("--service-cert")
+        .arg(service_cert)
+        .output()
+        .expect("the CLI runs");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn chunks(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ledger"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+async fn ingest(c: &Cluster, node: usize, rows: Value) -> String {
+    let reply = c
+        .client(node, 0)
+        .await
+        .unwrap()
+        .post("/app/ingest", "application/json", serde_json::to_vec(&rows).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.tx_id().expect("a tx id")
+}
+
+/// Waits until every running node has applied the same position and a signature covers it.
+async fn settle(c: &mut Cluster) {
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Stopped nodes stay members: the membership, not the running count, is what must agree.
+    let members = c.nodes.len();
+    c.wait_stable(members, Duration::from_secs(60)).await;
+}
+
+fn ledger_dir(c: &Cluster, node: usize) -> PathBuf {
+    c.nodes[node].config.node.data_dir.join("ledger")
+}
+
+fn service_cert(c: &Cluster) -> PathBuf {
+    c.dir.path().join("service.cert.pem")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ledger_verifies_and_any_tampering_is_caught_naming_the_seqno() {
+    // Small chunks, so the ledger spans many files.
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| cfg.ledger.chunk_bytes = 8 << 10).await;
+    for n in 0..300 {
+        ingest(&c, n % 3, json!({"lei": format!("TAMPER{n:04}"), "nace": "X"})).await;
+    }
+    settle(&mut c).await;
+    for node in 0..3 {
+        let (ok, out) = ledger_verify(&ledger_dir(&c, node), &service_cert(&c));
+        assert!(ok, "node{node}'s ledger verifies: {out}");
+        assert!(out.contains("signatures by"), "{out}");
+    }
+
+    let original = ledger_dir(&c, 0);
+    let files = chunks(&original);
+    assert!(files.len() >= 4, "the ledger spans several files: {files:?}");
+    let scratch = tempfile::tempdir().unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..24 {
+        let copy = scratch.path().join(format!("flip{round}"));
+        copy_dir(&original, &copy);
+        let target = &chunks(&copy)[(next() as usize) % files.len()];
+        let mut bytes = std::fs::read(target).unwrap();
+        let at = (next() as usize) % bytes.len();
+        bytes[at] ^= 1 << (next() % 8);
+        std::fs::write(target, bytes).unwrap();
+        let (ok, out) = ledger_verify(&copy, &service_cert(&c));
+        assert!(!ok, "a flipped bit at byte {at} of {} went unnoticed", target.display());
+        assert!(out.contains("seqno"), "the failure names a seqno: {out}");
+    }
+
+    // A truncated file in the middle of the ledger.
+    let copy = scratch.path().join("truncated");
+    copy_dir(&original, &copy);
+    let middle = &chunks(&copy)[1];
+    let len = std::fs::metadata(middle).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(middle).unwrap().set_len(len / 2).unwrap();
+    let (ok, out) = ledger_verify(&copy, &service_cert(&c));
+    assert!(!ok && out.contains("seqno"), "{out}");
+
+    // A deleted middle chunk.
+    let copy = scratch.path().join("deleted");
+    copy_dir(&original, &copy);
+    std::fs::remove_file(&chunks(&copy)[2]).unwrap();
+    let (ok, out) = ledger_verify(&copy, &service_cert(&c));
+    assert!(!ok && out.contains("missing"), "{out}");
+
+    // Another service's certificate.
+    let other = identity::ServiceCa::generate("another service").unwrap();
+    other.keyed.write(scratch.path(), "other").unwrap();
+    let (ok, out) = ledger_verify(&original, &scratch.path().join("other.cert.pem"));
+    assert!(!ok && out.contains("not issued by the service certificate"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_verify_offline_and_any_change_breaks_them() {
+    let c = Cluster::start(3, 1, &misbehave_wasm(), |_| {}).await;
+    let claims = hex::encode(blake3::hash(b"the claim").as_bytes());
+    let client = c.client(0, 0).await.unwrap();
+    let reply = client.post("/app/claim", "text/plain", claims.clone()).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let tx = reply.tx_id().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let receipt: Receipt = loop {
+        let r = client.get(&format!("/app/receipt?id={tx}")).await.unwrap();
+        if r.status == 200 {
+            break serde_json::from_slice(&r.body).expect("a receipt");
+        }
+        assert_eq!(r.status, 202, "pending receipts answer 202: {}", r.text());
+        assert!(r.headers.get("retry-after").is_some());
+        assert!(Instant::now() < deadline, "no signature covered {tx}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ca = identity::cert_der(&std::fs::read(service_cert(&c)).unwrap()).unwrap().to_vec();
+    let verified = verify_receipt(&receipt, &ca).expect("the receipt verifies");
+    assert_eq!(verified.claims_digest.map(hex::encode), Some(claims));
+
+    // The command line, with nothing but the receipt and the service certificate.
+    let path = c.dir.path().join("receipt.json");
+    std::fs::write(&path, serde_json::to_vec(&receipt).unwrap()).unwrap();
+    let out = Command::new(cli_exe())
+        .args(["receipt", "verify"])
+        .arg(&path)
+        .arg("--service-cert")
+        .arg(service_cert(&c))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Any change breaks it.
+    let mut broken: Vec<(&str, Receipt)> = Vec::new();
+    let mut r = receipt.clone();
+    r.leaf.content_digest[0] ^= 1;
+    broken.push(("content digest", r));
+    let mut r = receipt.clone();
+    r.leaf.claims_digest = Some([7; 32]);
+    broken.push(("claims digest", r));
+    let mut r = receipt.clone();
+    r.leaf.seqno += 1;
+    r.tx_id = format!("{}.{}", r.leaf.term, r.leaf.seqno);
+    broken.push(("seqno", r));
+    let mut r = receipt.clone();
+    r.leaf.term += 1;
+    r.tx_id = format!("{}.{}", r.leaf.term, r.leaf.seqno);
+    broken.push(("term", r));
+    for i in 0..receipt.proof.len() {
+        let mut r = receipt.clone();
+        let mut step = hex::decode(&r.proof[i]).unwrap();
+        step[0] ^= 1;
+        r.proof[i] = hex::encode(step);
+        broken.push(("proof step", r));
+    }
+    let mut r = receipt.clone();
+    r.signature.payload.signature[10] ^= 1;
+    broken.push(("signature", r));
+    let mut r = receipt.clone();
+    r.signature.payload.root[0] ^= 1;
+    broken.push(("signed root", r));
+    let mut r = receipt.clone();
+    r.signature.payload.tree_size += 1;
+    broken.push(("tree size", r));
+    let mut r = receipt.clone();
+    let stranger = identity::ServiceCa::generate("x").unwrap().issue_node_cert("x", &["localhost".into()]).unwrap();
+    r.node_cert = stranger.cert_pem;
+    broken.push(("node certificate", r));
+    assert!(!receipt.proof.is_empty(), "a ledger of several entries has a proof path");
+    for (what, r) in &broken {
+        assert!(verify_receipt(r, &ca).is_err(), "a changed {what} still verifies");
+    }
+    let other = identity::ServiceCa::generate("another service").unwrap();
+    let other_der = identity::cert_der(other.keyed.cert_pem.as_bytes()).unwrap();
+    assert!(verify_receipt(&receipt, &other_der).unwrap_err().contains("not issued"));
+
+    // Invalid and unknown ids.
+    assert_eq!(client.get("/app/receipt?id=99.2").await.unwrap().status, 404);
+    assert_eq!(client.get("/app/receipt?id=junk").await.unwrap().status, 400);
+    let anonymous = cloister_host::client::Client::connect(&c.nodes[0].rest_url, &c.ca_pem, None).await.unwrap();
+    assert_eq!(anonymous.get(&format!("/app/receipt?id={tx}")).await.unwrap().status, 401);
+}
+
+/// Every file under `dir`, with its bytes.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                out.push((path, bytes));
+            }
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_values_never_reach_any_disk_in_clear() {
+    // Frequent snapshots, so snapshot files exist to search too.
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
+        cfg.raft.snapshot_after_logs = 20;
+        cfg.raft.logs_kept_after_snapshot = 5;
+    })
+    .await;
+    let rows: Vec<Value> =
+        (0..40).map(|n| json!({"lei": format!("SEALEDKEY{n:04}"), "nace": format!("SEALEDVALUE{n:04}")})).collect();
+    for chunk in rows.chunks(4) {
+        ingest(&c, 0, json!(chunk)).await;
+    }
+    settle(&mut c).await;
+    // Stop the nodes so every file is final on disk.
+    for i in 0..3 {
+        c.stop(i);
+    }
+    let mut snapshots = 0;
+    for node in 0..3 {
+        let data_dir = c.nodes[node].config.node.data_dir.clone();
+        for (path, bytes) in files_under(&data_dir) {
+            let name = path.display().to_string();
+            snapshots += usize::from(name.ends_with(".snap"));
+            for n in [0, 17, 39] {
+                let value = format!("SEALEDVALUE{n:04}");
+                assert!(!contains(&bytes, value.as_bytes()), "{value} is in clear in {name}");
+                let key = format!("SEALEDKEY{n:04}");
+                let keys_must_be_sealed = path.extension().is_some_and(|e| e == "ledger" || e == "snap");
+                if keys_must_be_sealed {
+                    assert!(!contains(&bytes, key.as_bytes()), "{key} is in clear in {name}");
+                }
+            }
+        }
+    }
+    assert!(snapshots > 0, "snapshots were taken and searched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_continues_its_chain_after_a_restart_and_after_a_torn_tail() {
+    let mut c = Cluster::start(3, 1, RECONCILE, |_| {}).await;
+    for n in 0..30 {
+        ingest(&c, 0, json!({"lei": format!("BEFORE{n:03}"), "nace": "X"})).await;
+    }
+    settle(&mut c).await;
+    let follower = (c.leader().await.unwrap() + 1) % 3;
+
+    // A clean restart.
+    c.stop(follower);
+    c.spawn(follower);
+    settle(&mut c).await;
+
+    // A crash that leaves half an entry at the end of the last file.
+    c.kill(follower);
+    let last = chunks(&ledger_dir(&c, follower)).pop().unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(&last).unwrap();
+    std::io::Write::write_all(&mut file, &[200, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(file);
+    let (ok, out) = ledger_verify(&ledger_dir(&c, follower), &service_cert(&c));
+    assert!(!ok && out.contains("incomplete"), "the torn tail is visible offline: {out}");
+    for n in 0..30 {
+        ingest(&c, (follower + 1) % 3, json!({"lei": format!("WHILE{n:03}"), "nace": "X"})).await;
+    }
+    c.spawn(follower);
+    for n in 0..30 {
+        ingest(&c, 0, json!({"lei": format!("AFTER{n:03}"), "nace": "X"})).await;
+    }
+    settle(&mut c).await;
+    assert!(c.log(follower).contains("cutting a torn ledger tail"), "the node cut the tail");
+    for node in 0..3 {
+        let (ok, out) = ledger_verify(&ledger_dir(&c, node), &service_cert(&c));
+        assert!(ok, "node{node}: {out}");
+    }
+    let keys = c.report_keys(follower, 0).await.unwrap();
+    assert!(keys.contains("BEFORE000") && keys.contains("WHILE029") && keys.contains("AFTER029"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_leader_change_the_chain_continues_and_both_leaders_signatures_verify() {
+    let mut c = Cluster::start(3, 1, RECONCILE, |_| {}).await;
+    for n in 0..20 {
+        ingest(&c, 0, json!({"lei": format!("FIRST{n:03}"), "nace": "X"})).await;
+    }
+    settle(&mut c).await;
+    let first_leader = c.leader().await.unwrap();
+    c.kill(first_leader);
+    let survivor = (first_leader + 1) % 3;
+    c.wait_stable(3, Duration::from_secs(60)).await;
+    for n in 0..20 {
+        ingest(&c, survivor, json!({"lei": format!("SECOND{n:03}"), "nace": "X"})).await;
+    }
+    settle(&mut c).await;
+    c.spawn(first_leader);
+    settle(&mut c).await;
+    let mut signers = BTreeSet::new();
+    for node in 0..3 {
+        let ca = identity::cert_der(&std::fs::read(service_cert(&c)).unwrap()).unwrap().to_vec();
+        let report = cloister_host::ledger::verify::verify_dir(&ledger_dir(&c, node), Some(&ca), None)
+            .unwrap_or_else(|e| panic!("node{node}: {e}"));
+        signers.extend(report.signers);
+    }
+    assert!(signers.len() >= 2, "signatures from both leaders verified: {signers:?}");
+}
