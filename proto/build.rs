@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["cloister/app.proto", "cloister/reconcile.proto", "cloister/raft.proto"];
+const PROTOS: &[&str] =
+    &["cloister/app.proto", "cloister/reconcile.proto", "cloister/raft.proto", "cloister/gov.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -267,6 +267,7 @@ async fn nodes_join_as_voters_and_a_removed_node_leaves_the_network() {
     let n2 = Node::start(c.nodes[2].config.clone()).await.unwrap();
     wait_voters(&n0, 3).await;
     wait_voters(&n2, 3).await;
+    c.open(2).await;
 
     let write = |node: usize, key: &'static str| {
         let c = &c;

@@ -132,6 +132,42 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     assert_eq!(rows.as_array().unwrap().len(), 10);
     drop(member0);
 
+    // The members govern from the command line.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
+            .args(args)
+            .arg("--sandbox")
+            .arg(dir.path())
+            .output()
+            .expect("the CLI runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str::<Value>(&stdout).expect("the CLI prints JSON")
+    };
+    let filed = cli(&[
+        "gov",
+        "propose",
+        "--as",
+        "member0",
+        "--action",
+        "set_recovery_threshold",
+        "--args",
+        r#"{"threshold": 2}"#,
+    ]);
+    let id = filed["proposal_id"].as_str().unwrap().to_owned();
+    assert_eq!(cli(&["gov", "vote", &id, "--approve", "--as", "member0"])["state"], "Open");
+    assert_eq!(cli(&["gov", "vote", &id, "--approve", "--as", "member1"])["state"], "Accepted");
+    assert_eq!(cli(&["gov", "show", &id])["ballots"].as_object().unwrap().len(), 2);
+    let wasm = dir.path().join("reconcile.wasm");
+    let deploy = cli(&["app", "deploy", wasm.to_str().unwrap(), "--as", "member2"]);
+    assert_eq!(deploy["state"], "Open");
+    let listed = cli(&["gov", "list"])["proposals"].as_array().unwrap().len();
+    assert_eq!(listed, 3, "opening, threshold, deploy");
+    assert_eq!(
+        cli(&["gov", "withdraw", deploy["proposal_id"].as_str().unwrap(), "--as", "member2"])["state"],
+        "Withdrawn"
+    );
+
     interrupt(&mut sandbox);
     assert!(!alive(pid), "Ctrl-C stops the node too");
 

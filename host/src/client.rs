@@ -9,6 +9,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 
 use crate::api::tls;
+use crate::gov::cose::{self, MsgType};
+use crate::gov::engine::GovWrite;
 use crate::node::identity::KeyedCert;
 
 /// An HTTP/2 connection to one node; cheap to clone, and clones share the connection.
@@ -118,6 +120,70 @@ impl Client {
     pub async fn post(&self, target: &str, content_type: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
         self.request("POST", target, Some(content_type), body).await
     }
+}
+
+/// The content type of signed governance requests.
+pub const COSE_CONTENT_TYPE: &str = "application/cose";
+
+impl Client {
+    /// Signs `payload` as `who` for a governance write (created now) and sends it.
+    pub async fn gov(&self, who: &KeyedCert, write: &GovWrite, payload: &serde_json::Value) -> anyhow::Result<Reply> {
+        let signed = sign_gov(who, write, payload, unix_now())?;
+        self.post(&write.path(), COSE_CONTENT_TYPE, signed).await
+    }
+
+    /// As [`Client::gov`], failing unless the node accepts the request; returns its JSON answer.
+    pub async fn gov_ok(
+        &self,
+        who: &KeyedCert,
+        write: &GovWrite,
+        payload: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let reply = self.gov(who, write, payload).await?;
+        anyhow::ensure!(reply.status == 200, "{} refused ({}): {}", write.path(), reply.status, reply.text());
+        reply.json()
+    }
+
+    /// Proposes `actions` as `proposer`, then has each of `voters` approve until the proposal is
+    /// no longer Open. Returns the proposal's id and final JSON state.
+    pub async fn pass(
+        &self,
+        proposer: &KeyedCert,
+        voters: &[&KeyedCert],
+        actions: serde_json::Value,
+    ) -> anyhow::Result<(String, serde_json::Value)> {
+        let answer = self.gov_ok(proposer, &GovWrite::Propose, &serde_json::json!({ "actions": actions })).await?;
+        let id = answer["proposal_id"].as_str().context("the proposal answer names no proposal_id")?.to_owned();
+        let mut state = answer;
+        for voter in voters {
+            if state["state"] != "Open" {
+                break;
+            }
+            state = self.gov_ok(voter, &GovWrite::Vote(id.clone()), &serde_json::json!({ "approve": true })).await?;
+        }
+        Ok((id, state))
+    }
+}
+
+/// Signs a governance request body for `write`, created at `created_at` (Unix seconds).
+pub fn sign_gov(
+    who: &KeyedCert,
+    write: &GovWrite,
+    payload: &serde_json::Value,
+    created_at: u64,
+) -> anyhow::Result<Vec<u8>> {
+    let (msg_type, proposal_id) = match write {
+        GovWrite::Propose => (MsgType::Proposal, None),
+        GovWrite::Vote(id) => (MsgType::Ballot, Some(id.as_str())),
+        GovWrite::Withdraw(id) => (MsgType::Withdrawal, Some(id.as_str())),
+        GovWrite::Ack => (MsgType::Ack, None),
+    };
+    cose::sign(who, msg_type, proposal_id, created_at, payload.to_string().as_bytes())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A gRPC channel to `https://host:port`, trusting only the service CA, presenting `identity`.

@@ -59,6 +59,8 @@ pub struct NodeConfig {
     #[serde(default)]
     pub ledger: LedgerSection,
     #[serde(default)]
+    pub gov: GovSection,
+    #[serde(default)]
     pub wasm: wasm::Limits,
 }
 
@@ -111,6 +113,21 @@ impl Default for LedgerSection {
             sign_interval_ms: SIGN_INTERVAL_MS,
             chunk_bytes: CHUNK_BYTES,
         }
+    }
+}
+
+/// Governance settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GovSection {
+    /// How far a signed request's `created_at` may be from the node's clock, either way, in
+    /// seconds. Older requests are refused, and replays are caught within this window.
+    pub request_window_s: u64,
+}
+
+impl Default for GovSection {
+    fn default() -> Self {
+        GovSection { request_window_s: crate::gov::engine::REQUEST_WINDOW_S }
     }
 }
 
@@ -190,6 +207,9 @@ pub struct GenesisSection {
     /// The app to install (a wasm file), if any.
     #[serde(default)]
     pub app: Option<PathBuf>,
+    /// The constitution (a wasm file); the default constitution when absent.
+    #[serde(default)]
+    pub constitution: Option<PathBuf>,
 }
 
 /// The node's service limits. Each is enforced with a clear error naming it.

@@ -3,6 +3,7 @@
 //!
 //! - `app::v1::App`: a generic call to any app endpoint, with the same semantics as REST.
 //! - `reconcile::v1::Reconcile`: the reconcile app's endpoints as typed calls.
+//! - `gov::v1::Gov`: governance: signed writes and reads of the `gov.*` tables.
 //! - `peer::v1::Peer`: node-to-node traffic (Raft, forwarding, joins), on the peer port.
 
 pub mod app {
@@ -14,6 +15,12 @@ pub mod app {
 pub mod reconcile {
     pub mod v1 {
         tonic::include_proto!("cloister.reconcile.v1");
+    }
+}
+
+pub mod gov {
+    pub mod v1 {
+        tonic::include_proto!("cloister.gov.v1");
     }
 }
 

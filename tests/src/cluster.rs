@@ -12,7 +12,7 @@ use cloister_host::config::{GenesisSection, Limits, NetworkSection, NodeConfig, 
 use cloister_host::node::identity::ServiceCa;
 use serde_json::Value;
 
-use crate::Identity;
+use crate::{Identity, open_service};
 
 /// One node process and its configuration.
 pub struct NodeProc {
@@ -61,7 +61,14 @@ impl Cluster {
             cluster.spawn(i);
         }
         cluster.wait_stable(nodes, Duration::from_secs(120)).await;
+        cluster.open(0).await;
         cluster
+    }
+
+    /// Opens the service through node `via`: every member votes for `transition_service_to_open`.
+    pub async fn open(&self, via: usize) {
+        let client = self.client(via, 0).await.expect("member 0 connects");
+        open_service(&client, &self.members).await;
     }
 
     /// Writes identities and configurations without starting anything.
@@ -104,9 +111,11 @@ impl Cluster {
                     members: cluster.members.iter().map(|m| d.join(format!("{}.cert.pem", m.name))).collect(),
                     users: Vec::new(),
                     app: Some(d.join("app.wasm")),
+                    constitution: None,
                 },
                 limits: Limits::default(),
                 ledger: Default::default(),
+                gov: Default::default(),
                 raft: RaftSection {
                     heartbeat_interval_ms: 100,
                     election_timeout_min_ms: 600,

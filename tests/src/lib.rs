@@ -43,8 +43,21 @@ impl TestService {
         Self::start_with(members, users, app, |c| c.limits = limits).await
     }
 
-    /// As [`TestService::start`], letting `configure` adjust the node's configuration.
+    /// As [`TestService::start`], letting `configure` adjust the node's configuration. The
+    /// members vote the service open, as they would in production.
     pub async fn start_with(
+        members: usize,
+        users: usize,
+        app: &[u8],
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> TestService {
+        let service = Self::start_opening(members, users, app, configure).await;
+        open_service(&service.member(0).await, &service.members).await;
+        service
+    }
+
+    /// A service just after genesis: still Opening, so app calls are refused.
+    pub async fn start_opening(
         members: usize,
         users: usize,
         app: &[u8],
@@ -86,9 +99,15 @@ impl TestService {
                 node_key: path("node0.key.pem"),
             },
             network: NetworkSection::default(),
-            genesis: GenesisSection { members: certs(&members), users: certs(&users), app: Some(path("app.wasm")) },
+            genesis: GenesisSection {
+                members: certs(&members),
+                users: certs(&users),
+                app: Some(path("app.wasm")),
+                constitution: None,
+            },
             limits: Limits::default(),
             ledger: Default::default(),
+            gov: Default::default(),
             raft: RaftSection::default(),
             wasm: Default::default(),
         };
@@ -130,6 +149,14 @@ impl TestService {
             node.shutdown().await;
         }
     }
+}
+
+/// Has member 0 propose `transition_service_to_open` and the members approve it.
+pub async fn open_service(client: &Client, members: &[Identity]) {
+    let voters: Vec<&KeyedCert> = members.iter().map(|m| &m.keyed).collect();
+    let actions = serde_json::json!([{ "name": "transition_service_to_open" }]);
+    let (id, state) = client.pass(voters[0], &voters, actions).await.expect("the opening proposal is handled");
+    assert_eq!(state["state"], "Accepted", "opening proposal {id}: {state}");
 }
 
 /// The `cloister` command line built by this crate (`cloister-test-cli`): integration tests run

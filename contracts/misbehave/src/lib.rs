@@ -115,7 +115,11 @@ fn first_action(req: &Request) -> Result<String, Error> {
 
 fn constitution_resolve(req: &Request) -> Result<Response, Error> {
     if first_action(req)? == "loop_in_resolve" {
-        return spin(req);
+        // No mark: resolve runs read-only.
+        let mut n = 0u64;
+        loop {
+            n = black_box(n.wrapping_add(1));
+        }
     }
     Ok(Response::json(&serde_json::json!({ "state": "Accepted" })))
 }

@@ -1,16 +1,19 @@
-//! The gRPC frontend (tonic): `App.Call` for any app endpoint, and the typed `Reconcile` service,
-//! both mapped onto the same service layer as REST, identified by the same client certificates.
+//! The gRPC frontend (tonic): `App.Call` for any app endpoint, the typed `Reconcile` service, and
+//! `Gov` for governance, all mapped onto the same service layer as REST, identified by the same client certificates.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cloister_proto::app::v1 as app_pb;
+use cloister_proto::gov::v1 as gov_pb;
 use cloister_proto::reconcile::v1 as rec_pb;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 
 use super::error::ApiError;
+use super::gov::GovRead;
 use super::service::{AppCall, AppReply, Service};
+use crate::gov::engine::GovWrite;
 
 /// The first client certificate of a request's connection.
 fn client_cert<T>(req: &Request<T>) -> Option<Vec<u8>> {
@@ -167,6 +170,33 @@ impl rec_pb::reconcile_server::Reconcile for ReconcileService {
 }
 
 /// The gRPC router: both services, with the body limit, plus server reflection.
+pub struct GovService(pub Arc<Service>);
+
+#[tonic::async_trait]
+impl gov_pb::gov_server::Gov for GovService {
+    async fn write(&self, req: Request<gov_pb::WriteRequest>) -> Result<Response<gov_pb::GovReply>, Status> {
+        let r = req.into_inner();
+        let write = GovWrite::from_path(&r.path)
+            .ok_or_else(|| ApiError::not_found(format!("no governance write {}", r.path)).to_status())?;
+        let reply = self.0.gov_write(write, r.cose_sign1.into(), 0).await.map_err(|e| e.to_status())?;
+        if !(200..300).contains(&reply.status) {
+            return Err(ApiError::from_app(reply.status, &reply.body).to_status());
+        }
+        Ok(Response::new(gov_pb::GovReply {
+            json: String::from_utf8_lossy(&reply.body).into_owned(),
+            tx_id: reply.tx_id.map(|t| t.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn read(&self, req: Request<gov_pb::ReadRequest>) -> Result<Response<gov_pb::GovReply>, Status> {
+        let path = req.into_inner().path;
+        let what = GovRead::from_path(&path)
+            .ok_or_else(|| ApiError::not_found(format!("no governance read {path}")).to_status())?;
+        let answer = super::gov::read(&self.0, what).await.map_err(|e| e.to_status())?;
+        Ok(Response::new(gov_pb::GovReply { json: answer.to_string(), tx_id: String::new() }))
+    }
+}
+
 pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
     let max = service.limits().body_bytes_max;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -174,9 +204,11 @@ pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
         // The peer service lives on the peer port; only client services are listed here.
         .with_service_name("cloister.app.v1.App")
         .with_service_name("cloister.reconcile.v1.Reconcile")
+        .with_service_name("cloister.gov.v1.Gov")
         .build_v1()?;
     let app = app_pb::app_server::AppServer::new(AppService(service.clone())).max_decoding_message_size(max);
-    let reconcile =
-        rec_pb::reconcile_server::ReconcileServer::new(ReconcileService(service)).max_decoding_message_size(max);
-    Ok(tonic::service::Routes::new(app).add_service(reconcile).add_service(reflection))
+    let reconcile = rec_pb::reconcile_server::ReconcileServer::new(ReconcileService(service.clone()))
+        .max_decoding_message_size(max);
+    let gov = gov_pb::gov_server::GovServer::new(GovService(service)).max_decoding_message_size(max);
+    Ok(tonic::service::Routes::new(app).add_service(reconcile).add_service(gov).add_service(reflection))
 }

@@ -2,6 +2,7 @@
 //! identities, sharing one service layer so both have the same semantics.
 
 pub mod error;
+pub mod gov;
 pub mod grpc;
 mod openapi;
 pub mod rest;

@@ -14,8 +14,10 @@ use http_body_util::BodyExt;
 use serde_json::json;
 
 use super::error::ApiError;
+use super::gov::GovRead;
 use super::server::PeerInfo;
 use super::service::{AppCall, AppReply, Service};
+use crate::gov::engine::GovWrite;
 
 /// The header carrying a write's transaction id.
 pub const TX_ID_HEADER: &str = "x-cloister-tx-id";
@@ -32,6 +34,16 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/app/receipt", get(receipt))
         .route("/app/api", get(api))
         .route("/app/{*path}", axum::routing::any(app))
+        .route("/gov/proposals", get(gov_read).post(gov_write))
+        .route("/gov/proposals/{id}", get(gov_read))
+        .route("/gov/proposals/{id}/ballots", axum::routing::post(gov_write))
+        .route("/gov/proposals/{id}/withdraw", axum::routing::post(gov_write))
+        .route("/gov/members/ack", axum::routing::post(gov_write))
+        .route("/gov/members", get(gov_read))
+        .route("/gov/users", get(gov_read))
+        .route("/gov/service", get(gov_read))
+        .route("/gov/constitution", get(gov_read))
+        .route("/gov/app", get(gov_read))
         .fallback(|uri: Uri| async move { ApiError::not_found(format!("no endpoint {}", uri.path())) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
             ApiError::method_not_allowed(format!("{method} is not allowed on {}", uri.path()))
@@ -156,6 +168,27 @@ async fn app(
         hops: 0,
     };
     Ok(reply(service.call_app(call).await?))
+}
+
+/// `GET /gov/...`: the governance tables, public like the ledger that holds them.
+async fn gov_read(State(service): State<Arc<Service>>, uri: Uri) -> Result<impl IntoResponse, ApiError> {
+    let what =
+        GovRead::from_path(uri.path()).ok_or_else(|| ApiError::not_found(format!("no endpoint {}", uri.path())))?;
+    Ok(axum::Json(super::gov::read(&service, what).await?))
+}
+
+/// `POST /gov/...`: a COSE_Sign1 request signed by a member; the signature, not the TLS client
+/// certificate, says who sends it.
+async fn gov_write(
+    State(service): State<Arc<Service>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let write =
+        GovWrite::from_path(uri.path()).ok_or_else(|| ApiError::not_found(format!("no endpoint {}", uri.path())))?;
+    let body = read_body(body, &headers, service.limits().body_bytes_max).await?;
+    Ok(reply(service.gov_write(write, body, 0).await?))
 }
 
 fn reply(r: AppReply) -> Response {

@@ -10,11 +10,13 @@ use cloister_sdk::abi::{self, Auth, Privilege, RequestHead};
 use cloister_sdk::{Caller, CallerKind, Mode};
 
 use super::error::ApiError;
-use super::writer::{SubmitError, Writer};
-use crate::config::Limits;
+use super::writer::{Executed, SubmitError, Writer, app_work};
+use crate::config::{GovSection, Limits};
 use crate::consensus::{Consensus, Forwarder, ProposeError};
 use crate::gov;
+use crate::gov::engine::GovWrite;
 use crate::kv::{Store, Tx};
+use crate::ledger::entry::TxKind;
 use crate::node::identity;
 use crate::txid::TxId;
 use crate::wasm::{Invocation, LoadedModule, Runtime};
@@ -37,6 +39,9 @@ pub struct AppCall {
     /// How many nodes have forwarded this call so far.
     pub hops: u32,
 }
+
+/// The `frontend` of forwarded governance writes.
+const GOV_FRONTEND: &str = "gov";
 
 /// The request header that asks for a linearizable read.
 pub const CONSISTENCY_HEADER: &str = "x-cloister-consistency";
@@ -68,6 +73,7 @@ pub struct Service {
     reads: tokio::sync::Semaphore,
     inflight: Mutex<HashMap<String, usize>>,
     info: NodeInfo,
+    gov: GovSection,
     requests: AtomicU64,
 }
 
@@ -101,6 +107,7 @@ impl Service {
         store: Store,
         consensus: Consensus,
         limits: Limits,
+        gov: GovSection,
         info: NodeInfo,
     ) -> anyhow::Result<Service> {
         let writer = Writer::start(
@@ -120,6 +127,7 @@ impl Service {
             writer,
             inflight: Mutex::default(),
             info,
+            gov,
             requests: AtomicU64::new(0),
         };
         Ok(service)
@@ -273,6 +281,10 @@ impl Service {
             request_id: format!("{}-{}", self.info.name, self.requests.fetch_add(1, Ordering::Relaxed)),
         };
         let linearizable = head.headers.get(CONSISTENCY_HEADER).is_some_and(|v| v == "linearizable");
+        // A write a follower forwards is checked by the leader, whose state may be newer.
+        if endpoint.mode == Mode::Readonly || self.consensus.is_leader() {
+            self.ensure_open()?;
+        }
         let forward = ForwardParts { client_cert: call.client_cert, hops: call.hops };
         match endpoint.mode {
             Mode::Readonly if !linearizable => self.read(module, head, call.body).await,
@@ -283,7 +295,8 @@ impl Service {
             },
             Mode::Readwrite if !self.consensus.is_leader() => self.forward(head, call.body, forward).await,
             Mode::Readwrite => {
-                let submitted = self.writer.submit(module, APP_NAMESPACE.into(), head.clone(), call.body.clone()).await;
+                let work = app_work(module, APP_NAMESPACE.into(), head.clone(), call.body.clone());
+                let submitted = self.writer.submit(work).await;
                 match submitted {
                     Err(SubmitError::NotLeader) => self.forward(head, call.body, forward).await,
                     Err(SubmitError::Api(e)) => Err(e),
@@ -293,31 +306,22 @@ impl Service {
         }
     }
 
+    /// Refuses app calls until members have opened the service.
+    fn ensure_open(&self) -> Result<(), ApiError> {
+        let state = gov::service(&self.store.begin()?)?.map(|s| s.state);
+        if state != Some(gov::ServiceState::Open) {
+            return Err(ApiError::new(
+                503,
+                "ServiceNotOpen",
+                "service not open: members must pass a transition_service_to_open proposal first",
+            ));
+        }
+        Ok(())
+    }
+
     /// Sends a call to the leader over the peer channel, at most `forward_hops_max` times.
     async fn forward(&self, head: RequestHead, body: bytes::Bytes, parts: ForwardParts) -> Result<AppReply, ApiError> {
-        let hops_max = self.consensus.forward_hops_max();
-        if parts.hops >= hops_max {
-            return Err(ApiError::unavailable(format!(
-                "the request was forwarded {hops_max} times without reaching the leader \
-                 (forward_hops_max); retry"
-            )));
-        }
-        let leader = match self.consensus.leader() {
-            Some(l) => l,
-            None => {
-                let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
-                if self.consensus.wait_for_leader(patience).await.is_err() {
-                    return Err(ApiError::unavailable(
-                        "no leader is elected (is a majority of nodes up?); retry shortly",
-                    ));
-                }
-                self.consensus.leader().ok_or_else(|| ApiError::unavailable("no leader is elected; retry shortly"))?
-            }
-        };
-        let unreachable = |s: tonic::Status| {
-            ApiError::unavailable(format!("forwarding to the leader {} failed: {}", leader.name, s.message()))
-        };
-        let mut client = self.consensus.peers().client(&leader.peer_url).map_err(unreachable)?;
+        let leader = self.leader_for_forwarding(parts.hops).await?;
         let request = cloister_proto::peer::v1::ForwardRequest {
             method: head.method,
             path: head.path,
@@ -326,7 +330,39 @@ impl Service {
             body: body.to_vec(),
             client_cert: parts.client_cert.unwrap_or_default(),
             hops: parts.hops + 1,
+            frontend: String::new(),
         };
+        self.send_forward(&leader, request).await
+    }
+
+    /// The leader to forward to, waiting briefly for an election.
+    async fn leader_for_forwarding(&self, hops: u32) -> Result<crate::consensus::NodeAddr, ApiError> {
+        let hops_max = self.consensus.forward_hops_max();
+        if hops >= hops_max {
+            return Err(ApiError::unavailable(format!(
+                "the request was forwarded {hops_max} times without reaching the leader \
+                 (forward_hops_max); retry"
+            )));
+        }
+        if let Some(leader) = self.consensus.leader() {
+            return Ok(leader);
+        }
+        let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
+        if self.consensus.wait_for_leader(patience).await.is_err() {
+            return Err(ApiError::unavailable("no leader is elected (is a majority of nodes up?); retry shortly"));
+        }
+        self.consensus.leader().ok_or_else(|| ApiError::unavailable("no leader is elected; retry shortly"))
+    }
+
+    async fn send_forward(
+        &self,
+        leader: &crate::consensus::NodeAddr,
+        request: cloister_proto::peer::v1::ForwardRequest,
+    ) -> Result<AppReply, ApiError> {
+        let unreachable = |s: tonic::Status| {
+            ApiError::unavailable(format!("forwarding to the leader {} failed: {}", leader.name, s.message()))
+        };
+        let mut client = self.consensus.peers().client(&leader.peer_url).map_err(unreachable)?;
         let reply = client.forward(request).await.map_err(unreachable)?.into_inner();
         Ok(AppReply {
             status: u16::try_from(reply.status).unwrap_or(500),
@@ -334,6 +370,68 @@ impl Service {
             body: reply.body,
             tx_id: reply.tx_id.parse().ok(),
         })
+    }
+
+    /// Runs a signed governance write on the leader (forwarding it there if need be), within
+    /// `request_timeout_ms`.
+    pub async fn gov_write(
+        self: &Arc<Self>,
+        write: GovWrite,
+        body: bytes::Bytes,
+        hops: u32,
+    ) -> Result<AppReply, ApiError> {
+        let timeout = Duration::from_millis(self.limits.request_timeout_ms);
+        let run = async {
+            if self.consensus.is_leader() {
+                let window = self.gov.request_window_s;
+                let w = write.clone();
+                let b = body.clone();
+                let work: super::writer::Work = Box::new(move |runtime, tx| {
+                    let now =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    let policy = gov::engine::Policy { request_window_s: window, now };
+                    let (tx, result) = gov::engine::execute(runtime, tx, &w, &b, &policy);
+                    let executed = result.map(|answer| Executed {
+                        reply: AppReply {
+                            status: 200,
+                            headers: [("content-type".to_owned(), "application/json".to_owned())].into(),
+                            body: answer.to_string().into_bytes(),
+                            tx_id: None,
+                        },
+                        commit: true,
+                        kind: TxKind::Gov,
+                        claims_digest: None,
+                    });
+                    (tx, executed)
+                });
+                match self.writer.submit(work).await {
+                    Err(SubmitError::NotLeader) => {}
+                    Err(SubmitError::Api(e)) => return Err(e),
+                    Ok(reply) => return Ok(reply),
+                }
+            }
+            let leader = self.leader_for_forwarding(hops).await?;
+            let request = cloister_proto::peer::v1::ForwardRequest {
+                method: "POST".into(),
+                path: write.path(),
+                body: body.to_vec(),
+                hops: hops + 1,
+                frontend: GOV_FRONTEND.into(),
+                ..Default::default()
+            };
+            self.send_forward(&leader, request).await
+        };
+        tokio::time::timeout(timeout, run).await.unwrap_or_else(|_| {
+            Err(ApiError::unavailable(format!(
+                "the request took longer than {} ms (request_timeout_ms); it may still commit",
+                self.limits.request_timeout_ms
+            )))
+        })
+    }
+
+    /// A committed read of the governance tables.
+    pub fn gov_read<T>(&self, read: impl FnOnce(&Tx) -> Result<T, ApiError>) -> Result<T, ApiError> {
+        read(&self.store.begin()?)
     }
 
     /// Runs a read-only request on the blocking pool against committed state.
@@ -378,16 +476,25 @@ impl Forwarder for ServiceForwarder {
         r: cloister_proto::peer::v1::ForwardRequest,
     ) -> Result<cloister_proto::peer::v1::ForwardReply, tonic::Status> {
         let service = self.0.upgrade().ok_or_else(|| tonic::Status::unavailable("the node is shutting down"))?;
-        let call = AppCall {
-            method: r.method,
-            path: r.path,
-            query: r.query,
-            headers: r.headers.into_iter().collect(),
-            body: r.body.into(),
-            client_cert: (!r.client_cert.is_empty()).then_some(r.client_cert),
-            hops: r.hops,
+        let result = if r.frontend == GOV_FRONTEND {
+            match GovWrite::from_path(&r.path) {
+                Some(write) => service.gov_write(write, r.body.into(), r.hops).await,
+                None => Err(ApiError::not_found(format!("no governance endpoint {}", r.path))),
+            }
+        } else {
+            service
+                .call_app(AppCall {
+                    method: r.method,
+                    path: r.path,
+                    query: r.query,
+                    headers: r.headers.into_iter().collect(),
+                    body: r.body.into(),
+                    client_cert: (!r.client_cert.is_empty()).then_some(r.client_cert),
+                    hops: r.hops,
+                })
+                .await
         };
-        let reply = match service.call_app(call).await {
+        let reply = match result {
             Ok(reply) => reply,
             Err(e) => AppReply {
                 status: e.status,

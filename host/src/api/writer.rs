@@ -1,4 +1,5 @@
-//! The write path on the leader: one thread executes read-write requests in order, each over the
+//! The write path on the leader: one thread executes read-write requests (app handlers and signed
+//! governance requests, each a boxed [`Work`]) in order, each over the
 //! applied state plus the writes this leader has proposed and not yet applied, then proposes the
 //! request's write set through Raft. Proposals are pipelined: openraft merges concurrent ones into
 //! one durable append and one replication round (group commit).
@@ -18,7 +19,7 @@ use tokio::sync::oneshot;
 use super::error::ApiError;
 use super::service::AppReply;
 use crate::consensus::{Consensus, ProposeError};
-use crate::kv::{Store, WriteSet};
+use crate::kv::{Store, Tx, WriteSet};
 use crate::ledger::entry::{TxEntry, TxKind};
 use crate::wasm::{Invocation, LoadedModule, Runtime};
 
@@ -42,13 +43,54 @@ impl From<ApiError> for SubmitError {
 
 type Reply = oneshot::Sender<Result<AppReply, SubmitError>>;
 
+/// What a job asks the writer to commit after running.
+pub struct Executed {
+    pub reply: AppReply,
+    /// Commit the transaction's writes (if any); otherwise answer without committing.
+    pub commit: bool,
+    pub kind: TxKind,
+    pub claims_digest: Option<[u8; 32]>,
+}
+
+/// The work of one job: run against a transaction over the applied state plus pending writes,
+/// and hand the transaction back. On error the transaction's writes are discarded.
+pub type Work = Box<dyn FnOnce(&Runtime, Tx) -> (Tx, Result<Executed, ApiError>) + Send>;
+
 /// A read-write request waiting for the writer.
 struct Job {
-    module: Arc<LoadedModule>,
-    namespace: String,
-    head: RequestHead,
-    body: bytes::Bytes,
+    work: Work,
     reply: Reply,
+}
+
+/// The work of an app's read-write request.
+pub fn app_work(module: Arc<LoadedModule>, namespace: String, head: RequestHead, body: bytes::Bytes) -> Work {
+    Box::new(move |runtime, tx| {
+        let inv = Invocation {
+            head: &head,
+            body: &body,
+            mode: Mode::Readwrite,
+            namespace: &namespace,
+            privilege: cloister_sdk::abi::Privilege::App,
+        };
+        let (tx, result) = runtime.execute(&module, inv, tx);
+        let executed = result.map_err(ApiError::from).and_then(|outcome| {
+            let response = outcome.response;
+            let claims_digest =
+                response.head.claims_digest.as_deref().map(parse_digest).transpose().map_err(ApiError::internal)?;
+            Ok(Executed {
+                commit: response.is_success(),
+                reply: AppReply {
+                    status: response.head.status,
+                    headers: response.head.headers,
+                    body: response.body,
+                    tx_id: None,
+                },
+                kind: TxKind::App,
+                claims_digest,
+            })
+        });
+        (tx, executed)
+    })
 }
 
 /// The handle requests use to reach the writer thread. Dropping it ends the thread once the
@@ -90,15 +132,9 @@ impl Writer {
     }
 
     /// Queues a request and waits for its committed result.
-    pub async fn submit(
-        &self,
-        module: Arc<LoadedModule>,
-        namespace: String,
-        head: RequestHead,
-        body: bytes::Bytes,
-    ) -> Result<AppReply, SubmitError> {
+    pub async fn submit(&self, work: Work) -> Result<AppReply, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job { module, namespace, head, body, reply };
+        let job = Job { work, reply };
         let queue = self.queue.as_ref().expect("the queue lives as long as the writer");
         match queue.try_send(job) {
             Ok(()) => {}
@@ -193,43 +229,24 @@ impl WriterLoop {
                 return;
             }
         };
-        let inv = Invocation {
-            head: &job.head,
-            body: &job.body,
-            mode: Mode::Readwrite,
-            namespace: &job.namespace,
-            privilege: cloister_sdk::abi::Privilege::App,
-        };
-        let (tx, result) = self.runtime.execute(&job.module, inv, tx);
-        let outcome = match result {
-            Ok(outcome) => outcome,
+        let (tx, result) = (job.work)(&self.runtime, tx);
+        let Executed { mut reply, commit, kind, claims_digest } = match result {
+            Ok(executed) => executed,
             Err(e) => {
-                let _ = job.reply.send(Err(ApiError::from(e).into()));
+                let _ = job.reply.send(Err(e.into()));
                 return;
             }
         };
-        let response = outcome.response;
         let writes = tx.into_writes();
-        let success = response.is_success();
-        let claims_digest = response.head.claims_digest.clone();
-        let mut reply =
-            AppReply { status: response.head.status, headers: response.head.headers, body: response.body, tx_id: None };
-        if !success || writes.is_empty() {
+        if !commit || writes.is_empty() {
             let _ = job.reply.send(Ok(reply));
             return;
         }
-        let claims = match claims_digest.as_deref().map(parse_digest).transpose() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = job.reply.send(Err(ApiError::internal(e).into()));
-                return;
-            }
-        };
         let writes = Arc::new(writes);
         let state = Arc::new(AtomicU8::new(IN_FLIGHT));
         self.pending.push(Pending { writes: writes.clone(), state: state.clone() });
         let sealer = self.store.sealer().expect("nodes seal private writes");
-        let entry = TxEntry::new(TxKind::App, WriteSet::clone(&writes), claims, sealer);
+        let entry = TxEntry::new(kind, WriteSet::clone(&writes), claims_digest, sealer);
         // Submitted here, in execution order, and refused if this node no longer leads in the
         // term it executed in; only the wait for the outcome runs concurrently.
         let proposal = self.tokio.block_on(self.consensus.submit(entry, Some(self.pending_term)));

@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use super::sandbox::SandboxFile;
 use crate::client::Client;
-use crate::node::identity;
+use crate::node::identity::{self, KeyedCert};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,6 +24,13 @@ pub struct Args {
     /// Content type of the body; by default guessed from @FILE's extension (.csv, .json).
     #[arg(long)]
     content_type: Option<String>,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// Which node to reach and as whom: explicit files, or a sandbox folder and one of its parties.
+#[derive(clap::Args)]
+pub struct Target {
     /// The node's HTTPS URL; by default the sandbox's.
     #[arg(long, env = "CLOISTER_URL")]
     url: Option<String>,
@@ -39,34 +46,42 @@ pub struct Args {
     /// A sandbox folder to take the URL, CA and identities from.
     #[arg(long, default_value = "sandbox")]
     sandbox: PathBuf,
-    /// Call as this sandbox party (e.g. member0) instead of --cert/--key.
+    /// Act as this sandbox party (e.g. member0) instead of --cert/--key.
     #[arg(long = "as")]
     as_party: Option<String>,
 }
 
+impl Target {
+    /// Connects, presenting the chosen identity (if any), and returns that identity too.
+    pub async fn connect(&self) -> anyhow::Result<(Client, Option<KeyedCert>)> {
+        let sandbox = || SandboxFile::read(&self.sandbox);
+        let url = match &self.url {
+            Some(url) => url.clone(),
+            None => sandbox()?.rest_url,
+        };
+        let cacert = match &self.cacert {
+            Some(path) => path.clone(),
+            None => sandbox()?.service_cert,
+        };
+        let ca =
+            std::fs::read(&cacert).with_context(|| format!("reading the service certificate {}", cacert.display()))?;
+        let id = match (&self.as_party, &self.cert, &self.key) {
+            (Some(name), _, _) => {
+                let party = sandbox()?
+                    .parties
+                    .into_iter()
+                    .find(|p| &p.name == name)
+                    .with_context(|| format!("the sandbox has no party named {name}"))?;
+                Some(identity::read_pair(&party.cert, &party.key)?)
+            }
+            (None, Some(cert), Some(key)) => Some(identity::read_pair(cert, key)?),
+            _ => None,
+        };
+        Ok((Client::connect(&url, &ca, id.as_ref()).await?, id))
+    }
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let sandbox = || SandboxFile::read(&args.sandbox);
-    let url = match &args.url {
-        Some(url) => url.clone(),
-        None => sandbox()?.rest_url,
-    };
-    let cacert = match &args.cacert {
-        Some(path) => path.clone(),
-        None => sandbox()?.service_cert,
-    };
-    let ca = std::fs::read(&cacert).with_context(|| format!("reading the service certificate {}", cacert.display()))?;
-    let id = match (&args.as_party, &args.cert, &args.key) {
-        (Some(name), _, _) => {
-            let party = sandbox()?
-                .parties
-                .into_iter()
-                .find(|p| &p.name == name)
-                .with_context(|| format!("the sandbox has no party named {name}"))?;
-            Some(identity::read_pair(&party.cert, &party.key)?)
-        }
-        (None, Some(cert), Some(key)) => Some(identity::read_pair(cert, key)?),
-        _ => None,
-    };
     let (body, guessed) = match &args.data {
         None => (Vec::new(), None),
         Some(d) => match d.strip_prefix('@') {
@@ -81,7 +96,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
     };
     let content_type = args.content_type.as_deref().or(guessed);
-    let client = Client::connect(&url, &ca, id.as_ref()).await?;
+    let (client, _) = args.target.connect().await?;
     let reply = client.request(&args.method.to_ascii_uppercase(), &args.path, content_type, body).await?;
     eprintln!("HTTP {}{}", reply.status, reply.tx_id().map(|t| format!("  tx {t}")).unwrap_or_default());
     println!("{}", reply.text());

@@ -1,8 +1,9 @@
-//! The `cloister` command line: run a node, run a local sandbox network, make identities, and
-//! call app endpoints.
+//! The `cloister` command line: run a node, run a local sandbox network, make identities, call
+//! app endpoints, govern, and audit.
 
 mod bench;
 mod call;
+mod gov;
 mod ledger;
 pub mod sandbox;
 
@@ -50,6 +51,16 @@ enum Command {
     Receipt {
         #[command(subcommand)]
         command: ledger::ReceiptCommand,
+    },
+    /// Govern the service: signed proposals, ballots, withdrawals and acknowledgements.
+    Gov {
+        #[command(subcommand)]
+        command: gov::GovCommand,
+    },
+    /// Manage the service's app (by proposal).
+    App {
+        #[command(subcommand)]
+        command: gov::AppCommand,
     },
 }
 
@@ -109,6 +120,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(args).await,
         Command::Ledger { command } => ledger::run_ledger(command),
         Command::Receipt { command } => ledger::run_receipt(command),
+        Command::Gov { command } => gov::run_gov(command).await,
+        Command::App { command } => gov::run_app(command).await,
     }
 }
 

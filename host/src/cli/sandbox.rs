@@ -116,7 +116,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         children.push(child);
     }
     layout.write(&dir)?;
-    let ready = wait_ready(&layout, &mut children).await;
+    let ready = match wait_ready(&layout, &mut children).await {
+        Ok(()) => open_service(&layout).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = ready {
         stop(&mut children).await;
         return Err(e);
@@ -182,9 +185,11 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
                 members: parties.iter().map(|p| PathBuf::from(format!("{}.cert.pem", p.name))).collect(),
                 users: Vec::new(),
                 app: Some("reconcile.wasm".into()),
+                constitution: None,
             },
             limits: Limits::default(),
             ledger: Default::default(),
+            gov: Default::default(),
             raft: RaftSection::default(),
             wasm: Default::default(),
         };
@@ -249,6 +254,26 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// Opens a new service the way its members would: the first party proposes
+/// `transition_service_to_open` and the parties vote for it, as signed governance requests.
+async fn open_service(layout: &SandboxFile) -> anyhow::Result<()> {
+    let ca = std::fs::read(&layout.service_cert)?;
+    let probe = Client::connect(&layout.rest_url, &ca, None).await?;
+    let service = probe.get("/gov/service").await?.json()?;
+    if service["state"] == "Open" {
+        return Ok(());
+    }
+    let parties: Vec<crate::node::identity::KeyedCert> =
+        layout.parties.iter().map(|p| identity::read_pair(&p.cert, &p.key)).collect::<anyhow::Result<_>>()?;
+    let client = Client::connect(&layout.rest_url, &ca, Some(&parties[0])).await?;
+    let voters: Vec<&_> = parties.iter().collect();
+    let actions = serde_json::json!([{ "name": "transition_service_to_open" }]);
+    let (id, state) = client.pass(&parties[0], &voters, actions).await.context("opening the service")?;
+    anyhow::ensure!(state["state"] == "Accepted", "the opening proposal {id} ended {}", state["state"]);
+    eprintln!("the members voted the service open (proposal {id})");
+    Ok(())
 }
 
 /// Waits until every node answers `/node/health` and the first node lists them all as voters,

@@ -1,73 +1,16 @@
-//! Governance state: the `gov.*` tables, their records, and genesis.
+//! Governance: the `gov.*` tables, genesis, signed requests, and the constitution runner.
 //!
-//! All governance tables are public (kept in clear in the ledger). Apps may read
-//! `gov.app_config` and nothing else here; only genesis and governance write them.
+//! The tables and their records are defined once, in `cloister_sdk::gov`, and shared with
+//! constitutions. All of them are public (kept in clear in the ledger). Apps may read
+//! `gov.app_config` and nothing else here; only genesis, the node's request handling in
+//! [`engine`], and the constitution's `apply` write them.
 
-use serde::{Deserialize, Serialize};
+pub mod cose;
+pub mod engine;
+
+pub use cloister_sdk::gov::*;
 
 use crate::kv::{KvError, Tx, WriteSet};
-
-pub const MEMBERS: &str = "gov.members";
-pub const USERS: &str = "gov.users";
-/// Key [`APP_KEY`]: the installed app's [`AppRecord`].
-pub const APP: &str = "gov.app";
-/// The installed app's wasm, keyed by its hex blake3 hash.
-pub const APP_CODE: &str = "gov.app_code";
-pub const APP_CONFIG: &str = "gov.app_config";
-/// Key [`SERVICE_KEY`]: the [`ServiceRecord`].
-pub const SERVICE: &str = "gov.service";
-
-pub const APP_KEY: &[u8] = b"app";
-pub const SERVICE_KEY: &[u8] = b"service";
-
-/// A member's lifecycle: accepted by a proposal, active once it acknowledges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MemberStatus {
-    Accepted,
-    Active,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MemberRecord {
-    /// The member's certificate (PEM); its hash is the member's id.
-    pub cert: String,
-    pub status: MemberStatus,
-    /// Public key (PEM) for sharing recovery secrets with the member, if it has one.
-    #[serde(default)]
-    pub encryption_key: Option<String>,
-    /// Free-form data about the member.
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UserRecord {
-    pub cert: String,
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
-
-/// The installed app: its code hash and manifest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AppRecord {
-    /// Hex blake3 of the wasm; the code is in [`APP_CODE`] under this key.
-    pub code_hash: String,
-    pub manifest: cloister_sdk::abi::Manifest,
-}
-
-/// Whether the service takes user calls yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ServiceState {
-    Opening,
-    Open,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServiceRecord {
-    pub state: ServiceState,
-    /// The service CA certificate (PEM).
-    pub cert: String,
-}
 
 fn get<T: serde::de::DeserializeOwned>(tx: &Tx, map: &str, key: &[u8]) -> Result<Option<T>, KvError> {
     Ok(tx.get(map, key)?.map(|v| {
@@ -75,7 +18,7 @@ fn get<T: serde::de::DeserializeOwned>(tx: &Tx, map: &str, key: &[u8]) -> Result
     }))
 }
 
-fn put<T: Serialize>(ws: &mut WriteSet, map: &str, key: &[u8], value: &T) {
+fn put<T: serde::Serialize>(ws: &mut WriteSet, map: &str, key: &[u8], value: &T) {
     ws.put(map, key, &serde_json::to_vec(value).expect("governance records serialize"));
 }
 
@@ -99,18 +42,62 @@ pub fn app_code(tx: &Tx, code_hash: &str) -> Result<Option<Vec<u8>>, KvError> {
     tx.get(APP_CODE, code_hash.as_bytes())
 }
 
+pub fn constitution(tx: &Tx) -> Result<Option<Vec<u8>>, KvError> {
+    tx.get(CONSTITUTION, CONSTITUTION_KEY)
+}
+
+pub fn proposal(tx: &Tx, id: &str) -> Result<Option<ProposalRecord>, KvError> {
+    get(tx, PROPOSALS, id.as_bytes())
+}
+
+pub fn ballots(tx: &Tx, id: &str) -> Result<Ballots, KvError> {
+    Ok(get(tx, BALLOTS, id.as_bytes())?.unwrap_or_default())
+}
+
+/// Every entry of a governance map, decoded, in key order.
+pub fn all<T: serde::de::DeserializeOwned>(tx: &Tx, map: &str) -> Result<Vec<(String, T)>, KvError> {
+    let mut out = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let lower = match &after {
+            Some(k) => std::ops::Bound::Excluded(k.as_slice()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let Some((key, value)) = tx.first_in(map, lower, std::ops::Bound::Unbounded)? else {
+            return Ok(out);
+        };
+        let value =
+            serde_json::from_slice(&value).unwrap_or_else(|e| panic!("{map} holds a record that does not decode: {e}"));
+        out.push((String::from_utf8_lossy(&key).into_owned(), value));
+        after = Some(key);
+    }
+}
+
+/// The ids of the Active members: the ones whose ballots count.
+pub fn active_members(tx: &Tx) -> Result<Vec<String>, KvError> {
+    Ok(all::<MemberRecord>(tx, MEMBERS)?
+        .into_iter()
+        .filter(|(_, m)| m.status == MemberStatus::Active)
+        .map(|(id, _)| id)
+        .collect())
+}
+
 /// What a new service starts with.
 pub struct Genesis {
     pub service_cert: String,
     pub members: Vec<(String, String)>,
     pub users: Vec<(String, String)>,
-    /// The app's wasm and manifest, already checked by the runtime.
-    pub app: Option<(Vec<u8>, cloister_sdk::abi::Manifest)>,
-    pub state: ServiceState,
+    /// The constitution's wasm, already checked by the runtime.
+    pub constitution: Vec<u8>,
+    /// The app's wasm, already checked by the runtime.
+    pub app: Option<Vec<u8>>,
+    /// The first node: (id, name, certificate PEM).
+    pub node: (String, String, String),
 }
 
 impl Genesis {
-    /// The genesis transaction: members (active), users, the app, and the service record.
+    /// The genesis transaction: members (Active), users, the constitution, the app, the first
+    /// node (Trusted), and the service record (Opening).
     pub fn write_set(&self) -> WriteSet {
         let mut ws = WriteSet::default();
         for (id, cert) in &self.members {
@@ -125,12 +112,23 @@ impl Genesis {
         for (id, cert) in &self.users {
             put(&mut ws, USERS, id.as_bytes(), &UserRecord { cert: cert.clone(), data: Default::default() });
         }
-        if let Some((wasm, manifest)) = &self.app {
+        ws.put(CONSTITUTION, CONSTITUTION_KEY, &self.constitution);
+        if let Some(wasm) = &self.app {
             let code_hash = blake3::hash(wasm).to_hex().to_string();
             ws.put(APP_CODE, code_hash.as_bytes(), wasm);
-            put(&mut ws, APP, APP_KEY, &AppRecord { code_hash, manifest: manifest.clone() });
+            put(&mut ws, APP, APP_KEY, &AppRecord { code_hash });
         }
-        put(&mut ws, SERVICE, SERVICE_KEY, &ServiceRecord { state: self.state, cert: self.service_cert.clone() });
+        let (id, name, cert) = &self.node;
+        let node = NodeRecord {
+            name: name.clone(),
+            status: NodeStatus::Trusted,
+            cert: cert.clone(),
+            evidence: Default::default(),
+        };
+        put(&mut ws, NODES, id.as_bytes(), &node);
+        let service =
+            ServiceRecord { state: ServiceState::Opening, cert: self.service_cert.clone(), recovery_threshold: 1 };
+        put(&mut ws, SERVICE, SERVICE_KEY, &service);
         ws
     }
 }

@@ -414,6 +414,16 @@ impl Tx {
         &self.own
     }
 
+    /// A copy of the writes so far, to [`Tx::restore`] if what follows must be undone.
+    pub fn savepoint(&self) -> WriteSet {
+        self.own.clone()
+    }
+
+    /// Forgets every write since `savepoint` was taken.
+    pub fn restore(&mut self, savepoint: WriteSet) {
+        self.own = savepoint;
+    }
+
     /// Ends the transaction, returning its writes.
     pub fn into_writes(self) -> WriteSet {
         self.own

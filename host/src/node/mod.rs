@@ -116,8 +116,14 @@ impl Node {
         };
         let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), store.clone(), ledger, peers).await?;
         let info = NodeInfo { name: me.name.clone(), rest_url: me.rest_url.clone(), grpc_url: me.grpc_url.clone() };
-        let service =
-            Arc::new(Service::new(runtime.clone(), store.clone(), consensus.clone(), config.limits.clone(), info)?);
+        let service = Arc::new(Service::new(
+            runtime.clone(),
+            store.clone(),
+            consensus.clone(),
+            config.limits.clone(),
+            config.gov.clone(),
+            info,
+        )?);
 
         let cancel = CancellationToken::new();
         let limits = &config.limits;
@@ -144,7 +150,7 @@ impl Node {
         )));
         if !consensus.is_initialized().await? {
             match &config.network.join {
-                None => genesis(&config, &consensus, &runtime, &service_cert, &sealer).await?,
+                None => genesis(&config, &consensus, &runtime, &service_cert, &node_cert.cert_pem, &sealer).await?,
                 Some(url) => {
                     let (consensus, url) = (consensus.clone(), url.clone());
                     let timeout = Duration::from_millis(config.raft.join_timeout_ms);
@@ -227,12 +233,13 @@ async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Starts a new network with this node alone and commits the genesis transaction: the members,
-/// the users, the app and the service record.
+/// the users, the constitution, the app, this node, and the service record (Opening).
 async fn genesis(
     config: &NodeConfig,
     consensus: &Consensus,
     runtime: &Runtime,
     service_cert: &str,
+    node_cert: &str,
     sealer: &Sealer,
 ) -> anyhow::Result<()> {
     let read_ids = |paths: &[std::path::PathBuf]| -> anyhow::Result<Vec<(String, String)>> {
@@ -249,17 +256,30 @@ async fn genesis(
         None => None,
         Some(path) => {
             let wasm = std::fs::read(path).with_context(|| format!("reading the genesis app {}", path.display()))?;
-            let module =
-                runtime.load(&wasm).with_context(|| format!("the genesis app {} is refused", path.display()))?;
-            Some((wasm, module.manifest().clone()))
+            runtime.load(&wasm).with_context(|| format!("the genesis app {} is refused", path.display()))?;
+            Some(wasm)
         }
     };
+    let constitution = match &config.genesis.constitution {
+        None => crate::bundled::CONSTITUTION.to_vec(),
+        Some(path) => std::fs::read(path).with_context(|| format!("reading the constitution {}", path.display()))?,
+    };
+    let module = runtime.load(&constitution).context("the genesis constitution is refused")?;
+    for path in ["/validate", "/resolve", "/apply"] {
+        anyhow::ensure!(
+            module.manifest().find("POST", path).is_some(),
+            "the genesis constitution has no POST {path} endpoint"
+        );
+    }
+    let members = read_ids(&config.genesis.members)?;
+    anyhow::ensure!(!members.is_empty(), "genesis needs at least one member ([genesis] members)");
     let genesis = gov::Genesis {
         service_cert: service_cert.to_owned(),
-        members: read_ids(&config.genesis.members)?,
+        members,
         users: read_ids(&config.genesis.users)?,
+        constitution,
         app,
-        state: gov::ServiceState::Open,
+        node: (consensus.id().to_string(), config.node.name.clone(), node_cert.to_owned()),
     };
     consensus.initialize().await?;
     consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;

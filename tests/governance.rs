@@ -1,0 +1,330 @@
+//! Governance end to end on a real node over TLS: signed proposals and ballots, the
+//! constitution's verdicts, every proposal state, refused requests, app upgrades by vote, app
+//! settings, a malicious constitution, and the service lifecycle.
+
+use base64::Engine as _;
+use cloister_host::bundled::{CONSTITUTION, RECONCILE};
+use cloister_host::client::{COSE_CONTENT_TYPE, Client, sign_gov, unix_now};
+use cloister_host::gov::engine::GovWrite;
+use cloister_host::gov::{self, HistoryRecord};
+use cloister_host::node::identity::KeyedCert;
+use cloister_tests::{Identity, TestService, misbehave_wasm};
+use serde_json::{Value, json};
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn propose_json(actions: Value) -> Value {
+    json!({ "actions": actions })
+}
+
+fn approve(yes: bool) -> Value {
+    json!({ "approve": yes })
+}
+
+async fn state(client: &Client, id: &str) -> Value {
+    let reply = client.get(&format!("/gov/proposals/{id}")).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json().unwrap()
+}
+
+/// Files a proposal and returns its id, asserting the node took it.
+async fn propose(client: &Client, who: &KeyedCert, actions: Value) -> String {
+    let answer = client.gov_ok(who, &GovWrite::Propose, &propose_json(actions)).await.unwrap();
+    assert_eq!(answer["state"], "Open", "{answer}");
+    answer["proposal_id"].as_str().unwrap().to_owned()
+}
+
+async fn vote(client: &Client, who: &KeyedCert, id: &str, yes: bool) -> Value {
+    client.gov_ok(who, &GovWrite::Vote(id.into()), &approve(yes)).await.unwrap()
+}
+
+fn threshold(n: u32) -> Value {
+    json!([{ "name": "set_recovery_threshold", "args": { "threshold": n } }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_majority_of_active_members_decides() {
+    // One member: its own approval is a majority.
+    let s = TestService::start(1, 0, RECONCILE, Default::default()).await;
+    let c = s.member(0).await;
+    let m = &s.members[0].keyed;
+    let id = propose(&c, m, threshold(1)).await;
+    assert_eq!(vote(&c, m, &id, true).await["state"], "Accepted");
+
+    // Three members: two approvals accept; a member may change its ballot while Open.
+    let s = TestService::start(3, 0, RECONCILE, Default::default()).await;
+    let c = s.member(0).await;
+    let [a, b, d] = [0, 1, 2].map(|i| &s.members[i].keyed);
+    let id = propose(&c, a, threshold(2)).await;
+    assert_eq!(vote(&c, a, &id, true).await["state"], "Open");
+    assert_eq!(vote(&c, b, &id, false).await["state"], "Open");
+    assert_eq!(vote(&c, b, &id, true).await["state"], "Accepted", "b changed its ballot to approve");
+    assert_eq!(c.get("/gov/service").await.unwrap().json().unwrap()["recovery_threshold"], 2);
+    let id = propose(&c, a, threshold(3)).await;
+    assert_eq!(vote(&c, b, &id, false).await["state"], "Open");
+    assert_eq!(vote(&c, d, &id, false).await["state"], "Rejected");
+    let ballots = state(&c, &id).await["ballots"].clone();
+    assert_eq!(ballots.as_object().unwrap().len(), 2);
+
+    // Four members: two of four is no strict majority; three is.
+    let s = TestService::start(4, 0, RECONCILE, Default::default()).await;
+    let c = s.member(0).await;
+    let ms: Vec<&KeyedCert> = s.members.iter().map(|m| &m.keyed).collect();
+    let id = propose(&c, ms[0], threshold(4)).await;
+    vote(&c, ms[0], &id, true).await;
+    assert_eq!(vote(&c, ms[1], &id, true).await["state"], "Open");
+    assert_eq!(vote(&c, ms[2], &id, true).await["state"], "Accepted");
+    // Two rejections of four make a majority impossible.
+    let id = propose(&c, ms[0], threshold(1)).await;
+    vote(&c, ms[1], &id, false).await;
+    assert_eq!(vote(&c, ms[2], &id, false).await["state"], "Rejected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_proposal_state() {
+    let s = TestService::start(3, 0, RECONCILE, Default::default()).await;
+    let c = s.member(0).await;
+    let [a, b, _] = [0, 1, 2].map(|i| &s.members[i].keyed);
+
+    // Withdrawn: by the proposer only, and only while Open.
+    let id = propose(&c, a, threshold(2)).await;
+    let refused = c.gov(b, &GovWrite::Withdraw(id.clone()), &json!({})).await.unwrap();
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert!(refused.text().contains("NotProposer"));
+    assert_eq!(c.gov_ok(a, &GovWrite::Withdraw(id.clone()), &json!({})).await.unwrap()["state"], "Withdrawn");
+    let late = c.gov(a, &GovWrite::Vote(id.clone()), &approve(true)).await.unwrap();
+    assert_eq!(late.status, 409, "{}", late.text());
+    assert_eq!(state(&c, &id).await["state"], "Withdrawn");
+
+    // Dropped: accepting set_constitution drops the other Open proposals.
+    let bystander = propose(&c, a, threshold(2)).await;
+    let swap = propose(&c, b, json!([{ "name": "set_constitution", "args": { "wasm": b64(CONSTITUTION) } }])).await;
+    vote(&c, a, &swap, true).await;
+    assert_eq!(vote(&c, b, &swap, true).await["state"], "Accepted");
+    let dropped = state(&c, &bystander).await;
+    assert_eq!(dropped["state"], "Dropped", "{dropped}");
+    assert!(dropped["reason"].as_str().unwrap().contains("constitution"));
+
+    // Failed: a constitution whose apply traps keeps none of the proposal's writes.
+    let evil =
+        propose(&c, a, json!([{ "name": "set_constitution", "args": { "wasm": b64(&misbehave_wasm()) } }])).await;
+    vote(&c, a, &evil, true).await;
+    assert_eq!(vote(&c, b, &evil, true).await["state"], "Accepted");
+    // The misbehaving constitution accepts everything at once, then its apply panics.
+    let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "panic" }]))).await.unwrap();
+    assert_eq!(answer["state"], "Failed", "{answer}");
+    assert!(answer["reason"].as_str().unwrap().contains("misbehave panicked"), "{answer}");
+    let tx = s.node().service().store().begin().unwrap();
+    assert_eq!(tx.get(gov::APP_CONFIG, b"misbehave").unwrap(), None, "the failed apply wrote nothing");
+    // A harmless action through the same constitution applies, and does write.
+    let ok = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "noop" }]))).await.unwrap();
+    assert_eq!(ok["state"], "Accepted");
+    let tx = s.node().service().store().begin().unwrap();
+    assert!(tx.get(gov::APP_CONFIG, b"misbehave").unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_change_nothing() {
+    let s = TestService::start(2, 1, RECONCILE, Default::default()).await;
+    let c = s.member(0).await;
+    let a = &s.members[0].keyed;
+    let id = propose(&c, a, threshold(1)).await;
+    let snapshot = || async { (state(&c, &id).await, c.get("/gov/members").await.unwrap().json().unwrap()) };
+    let before = snapshot().await;
+
+    let post = |body: Vec<u8>, write: GovWrite| {
+        let c = c.clone();
+        async move { c.post(&write.path(), COSE_CONTENT_TYPE, body).await.unwrap() }
+    };
+    let vote_write = GovWrite::Vote(id.clone());
+    let expect = |reply: cloister_host::client::Reply, status: u16, code: &str| {
+        assert_eq!(reply.status, status, "{code}: {}", reply.text());
+        assert_eq!(reply.json().unwrap()["error"]["code"], code, "{}", reply.text());
+    };
+
+    // A replay of an accepted ballot.
+    let ballot = sign_gov(&s.members[1].keyed, &vote_write, &approve(false), unix_now()).unwrap();
+    assert_eq!(post(ballot.clone(), vote_write.clone()).await.status, 200);
+    let before = (state(&c, &id).await, before.1);
+    expect(post(ballot, vote_write.clone()).await, 409, "Replay");
+    // Created too long ago, or too far ahead.
+    let old = sign_gov(a, &vote_write, &approve(true), unix_now() - 3600).unwrap();
+    expect(post(old, vote_write.clone()).await, 400, "RequestOutsideWindow");
+    let future = sign_gov(a, &vote_write, &approve(true), unix_now() + 3600).unwrap();
+    expect(post(future, vote_write.clone()).await, 400, "RequestOutsideWindow");
+    // A bad signature: the last byte of the signature flipped.
+    let mut forged = sign_gov(a, &vote_write, &approve(true), unix_now()).unwrap();
+    *forged.last_mut().unwrap() ^= 1;
+    expect(post(forged, vote_write.clone()).await, 401, "BadSignature");
+    // An unknown signer, and a user.
+    let stranger = Identity::generate("stranger");
+    let unknown = sign_gov(&stranger.keyed, &vote_write, &approve(true), unix_now()).unwrap();
+    expect(post(unknown, vote_write.clone()).await, 401, "UnknownSigner");
+    let user = sign_gov(&s.users[0].keyed, &vote_write, &approve(true), unix_now()).unwrap();
+    expect(post(user, vote_write.clone()).await, 403, "NotAMember");
+    // A ballot sent to the proposal endpoint, and a ballot for another proposal's path.
+    let misdirected = sign_gov(a, &vote_write, &approve(true), unix_now()).unwrap();
+    expect(post(misdirected.clone(), GovWrite::Propose).await, 400, "WrongMessageType");
+    expect(post(misdirected, GovWrite::Vote("other".into())).await, 400, "ProposalIdMismatch");
+    // Garbage.
+    expect(post(b"{\"approve\": true}".to_vec(), vote_write.clone()).await, 400, "MalformedSignedRequest");
+    assert_eq!(snapshot().await, before, "refusals changed nothing");
+
+    // A member that was accepted but has not acknowledged may not vote; after its ack it may.
+    let newcomer = Identity::generate("newcomer");
+    let add = propose(&c, a, json!([{ "name": "set_member", "args": { "cert": newcomer.keyed.cert_pem } }])).await;
+    vote(&c, a, &add, true).await;
+    assert_eq!(vote(&c, &s.members[1].keyed, &add, true).await["state"], "Accepted");
+    let members = c.get("/gov/members").await.unwrap().json().unwrap();
+    assert_eq!(members["members"][&newcomer.id]["status"], "Accepted");
+    let id = propose(&c, a, threshold(2)).await;
+    let early = c.gov(&newcomer.keyed, &GovWrite::Vote(id.clone()), &approve(true)).await.unwrap();
+    expect(early, 403, "MemberNotActive");
+    assert_eq!(state(&c, &id).await["ballots"], json!({}));
+    c.gov_ok(&newcomer.keyed, &GovWrite::Ack, &json!({})).await.unwrap();
+    let again = c.gov(&newcomer.keyed, &GovWrite::Ack, &json!({})).await.unwrap();
+    expect(again, 409, "AlreadyActive");
+    // Three Active members now: one approval is not enough, two are.
+    assert_eq!(vote(&c, &newcomer.keyed, &id, true).await["state"], "Open");
+    assert_eq!(vote(&c, a, &id, true).await["state"], "Accepted");
+
+    // Every accepted request is kept verbatim, and its signature re-checks offline.
+    let tx = s.node().service().store().begin().unwrap();
+    let history = gov::all::<HistoryRecord>(&tx, gov::HISTORY).unwrap();
+    assert!(history.len() >= 8, "{}", history.len());
+    for (digest, record) in history {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(&record.cose).unwrap();
+        assert_eq!(blake3::hash(&bytes).to_hex().to_string(), digest);
+        let request = gov::cose::parse(&bytes).unwrap();
+        let member = gov::member(&tx, &request.signer).unwrap().unwrap();
+        request.verify(&member.cert).unwrap();
+    }
+}
+
+fn key_record(key: &str, nace: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "lei": key, "nace": nace })).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_and_their_settings_change_by_vote() {
+    let s = TestService::start(2, 0, RECONCILE, Default::default()).await;
+    let (c0, c1) = (s.member(0).await, s.member(1).await);
+    let [a, b] = [0, 1].map(|i| &s.members[i].keyed);
+    let ingest = |c: &Client, key: &str| {
+        let (c, body) = (c.clone(), key_record(key, "A"));
+        async move { assert_eq!(c.post("/app/ingest", "application/json", body).await.unwrap().status, 200) }
+    };
+    ingest(&c0, "K1").await;
+    ingest(&c1, "K1").await;
+    let status = |c: &Client| {
+        let c = c.clone();
+        async move { c.get("/app/report/K1").await.unwrap().json().unwrap()["group_status"].clone() }
+    };
+    assert_eq!(status(&c0).await, "NOT_ENOUGH_DATA", "two votes, threshold 3");
+
+    // set_app_config lowers the threshold, and the reports follow.
+    let pass = |actions: Value| {
+        let c0 = c0.clone();
+        async move {
+            let id = propose(&c0, a, actions).await;
+            vote(&c0, a, &id, true).await;
+            vote(&c0, b, &id, true).await
+        }
+    };
+    let done = pass(json!([{ "name": "set_app_config", "args": { "config": { "threshold": 2 } } }])).await;
+    assert_eq!(done["state"], "Accepted", "{done}");
+    assert_eq!(status(&c0).await, "IN_CONSENSUS");
+
+    // An invalid wasm is refused when proposed.
+    let garbage = propose_json(json!([{ "name": "set_app", "args": { "wasm": b64(b"\0asm garbage") } }]));
+    let bad = c0.gov(a, &GovWrite::Propose, &garbage).await.unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert!(bad.text().contains("InvalidProposal") && bad.text().contains("wasm"), "{}", bad.text());
+
+    // Upgrade to another app: the new behaviour serves at once.
+    let v1_hash = c0.get("/gov/app").await.unwrap().json().unwrap()["code_hash"].clone();
+    let done = pass(json!([{ "name": "set_app", "args": { "wasm": b64(&misbehave_wasm()) } }])).await;
+    assert_eq!(done["state"], "Accepted", "{done}");
+    assert_eq!(c0.get("/app/report/K1").await.unwrap().status, 404, "the old endpoints are gone");
+    assert_eq!(c0.get("/app/noop").await.unwrap().status, 204, "the new app answers");
+    let app = c0.get("/gov/app").await.unwrap().json().unwrap();
+    assert_ne!(app["code_hash"], v1_hash);
+    assert!(app["manifest"]["endpoints"].to_string().contains("/noop"), "{app}");
+    // …and the old app's state is intact: the first app, voted back, finds it all.
+    let done = pass(json!([{ "name": "set_app", "args": { "wasm": b64(RECONCILE) } }])).await;
+    assert_eq!(done["state"], "Accepted", "{done}");
+    assert_eq!(status(&c0).await, "IN_CONSENSUS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
+    let s = TestService::start_with(1, 0, RECONCILE, |c| c.wasm.wall_time_ms = 1_000).await;
+    let c = s.member(0).await;
+    let a = &s.members[0].keyed;
+    let id = propose(&c, a, json!([{ "name": "set_constitution", "args": { "wasm": b64(&misbehave_wasm()) } }])).await;
+    assert_eq!(vote(&c, a, &id, true).await["state"], "Accepted");
+
+    // Whichever of fuel and wall time runs out first stops a loop.
+    let stopped = |text: &str| text.contains("fuel_per_request") || text.contains("wall_time_ms");
+    for (action, why) in [("loop", "loops forever"), ("grow", "memory")] {
+        let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": action }]))).await.unwrap();
+        assert_eq!(answer["state"], "Failed", "{answer}");
+        assert!(answer["reason"].as_str().unwrap().contains(why), "{action}: {answer}");
+    }
+    // A resolve that loops fails the request itself, and nothing of it is kept.
+    let before = c.get("/gov/proposals").await.unwrap().json().unwrap();
+    let reply = c.gov(a, &GovWrite::Propose, &propose_json(json!([{ "name": "loop_in_resolve" }]))).await.unwrap();
+    assert!(reply.status >= 500, "{} {}", reply.status, reply.text());
+    assert!(stopped(&reply.text()), "{}", reply.text());
+    assert_eq!(c.get("/gov/proposals").await.unwrap().json().unwrap(), before);
+    // The node still serves apps and governance.
+    assert_eq!(c.get("/app/report").await.unwrap().status, 200);
+    assert_eq!(
+        c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "noop" }]))).await.unwrap()["state"],
+        "Accepted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_serves_apps_only_once_open() {
+    let s = TestService::start_opening(2, 1, RECONCILE, |_| {}).await;
+    let user = s.client(Some(&s.users[0].keyed)).await;
+    let refused = user.get("/app/report").await.unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.text().contains("service not open"));
+    assert_eq!(s.member(0).await.get("/app/report").await.unwrap().status, 503);
+    let service = user.get("/gov/service").await.unwrap().json().unwrap();
+    assert_eq!(service["state"], "Opening");
+
+    cloister_tests::open_service(&s.member(0).await, &s.members).await;
+    assert_eq!(user.get("/gov/service").await.unwrap().json().unwrap()["state"], "Open");
+    assert_eq!(user.get("/app/report").await.unwrap().status, 200);
+    // Opening twice is refused by the constitution's validation.
+    let again = s.member(0).await;
+    let reply = again
+        .gov(&s.members[0].keyed, &GovWrite::Propose, &propose_json(json!([{ "name": "transition_service_to_open" }])))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 400);
+    assert!(reply.text().contains("already open"), "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn governance_over_grpc() {
+    use cloister_proto::gov::v1::{ReadRequest, WriteRequest, gov_client::GovClient};
+    let s = TestService::start(1, 0, RECONCILE, Default::default()).await;
+    let channel = cloister_host::client::grpc_channel(&s.grpc_url(), &s.ca_pem, None).await.unwrap();
+    let mut gov = GovClient::new(channel);
+    let a = &s.members[0].keyed;
+    let body = sign_gov(a, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();
+    let reply = gov.write(WriteRequest { path: "/gov/proposals".into(), cose_sign1: body.clone() }).await.unwrap();
+    let answer: Value = serde_json::from_str(&reply.get_ref().json).unwrap();
+    assert!(!reply.get_ref().tx_id.is_empty());
+    let id = answer["proposal_id"].as_str().unwrap();
+    let replay = gov.write(WriteRequest { path: "/gov/proposals".into(), cose_sign1: body }).await.unwrap_err();
+    assert_eq!(replay.code(), tonic::Code::AlreadyExists, "{replay:?}");
+    let read = gov.read(ReadRequest { path: format!("/gov/proposals/{id}") }).await.unwrap();
+    assert!(read.get_ref().json.contains("set_recovery_threshold"));
+}
