@@ -11,6 +11,7 @@ use rustls::pki_types::ServerName;
 use crate::api::tls;
 use crate::gov::cose::{self, MsgType};
 use crate::gov::engine::GovWrite;
+pub use crate::gov::engine::unix_now;
 use crate::node::identity::KeyedCert;
 
 /// An HTTP/2 connection to one node; cheap to clone, and clones share the connection.
@@ -179,11 +180,6 @@ pub fn sign_gov(
         GovWrite::Ack => (MsgType::Ack, None),
     };
     cose::sign(who, msg_type, proposal_id, created_at, payload.to_string().as_bytes())
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A gRPC channel to `https://host:port`, trusting only the service CA, presenting `identity`.

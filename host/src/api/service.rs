@@ -387,8 +387,7 @@ impl Service {
                 let w = write.clone();
                 let b = body.clone();
                 let work: super::writer::Work = Box::new(move |runtime, tx| {
-                    let now =
-                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    let now = gov::engine::unix_now();
                     let policy = gov::engine::Policy { request_window_s: window, now };
                     let (tx, result) = gov::engine::execute(runtime, tx, &w, &b, &policy);
                     let executed = result.map(|answer| Executed {

@@ -78,6 +78,11 @@ impl GovWrite {
     }
 }
 
+/// Seconds since the Unix epoch: the clock `created_at` is signed with and checked against.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// A ballot's payload.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -393,7 +398,7 @@ fn node_checks(runtime: &Runtime, action: &Action) -> Result<(), String> {
 }
 
 /// Whether a module offers the constitution's three endpoints.
-fn is_constitution(module: &LoadedModule) -> Result<(), String> {
+pub fn is_constitution(module: &LoadedModule) -> Result<(), String> {
     for path in ["/validate", "/resolve", "/apply"] {
         if module.manifest().find("POST", path).is_none() {
             return Err(format!("the module is no constitution: it has no POST {path}"));

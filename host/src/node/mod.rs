@@ -265,12 +265,7 @@ async fn genesis(
         Some(path) => std::fs::read(path).with_context(|| format!("reading the constitution {}", path.display()))?,
     };
     let module = runtime.load(&constitution).context("the genesis constitution is refused")?;
-    for path in ["/validate", "/resolve", "/apply"] {
-        anyhow::ensure!(
-            module.manifest().find("POST", path).is_some(),
-            "the genesis constitution has no POST {path} endpoint"
-        );
-    }
+    gov::engine::is_constitution(&module).map_err(|e| anyhow::anyhow!("the genesis constitution is refused: {e}"))?;
     let members = read_ids(&config.genesis.members)?;
     anyhow::ensure!(!members.is_empty(), "genesis needs at least one member ([genesis] members)");
     let genesis = gov::Genesis {
