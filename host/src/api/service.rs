@@ -257,6 +257,29 @@ impl Service {
     }
 
     async fn route_and_run(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
+        match self.resolve(&call).await {
+            Ok((module, endpoint, params, caller)) => self.run_routed(call, module, endpoint, params, caller).await,
+            // A follower may not have applied the app, its new endpoints or the caller's
+            // membership yet: the leader's state is authoritative, so it answers instead.
+            Err(e) if matches!(e.status, 401 | 404 | 405) && !self.consensus.is_leader() => {
+                let head = RequestHead {
+                    method: call.method,
+                    path: call.path,
+                    query: call.query,
+                    headers: call.headers,
+                    ..Default::default()
+                };
+                self.forward(head, call.body, ForwardParts { client_cert: call.client_cert, hops: call.hops }).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The call's endpoint and caller, from this node's applied state.
+    async fn resolve(
+        self: &Arc<Self>,
+        call: &AppCall,
+    ) -> Result<(Arc<LoadedModule>, abi::Endpoint, BTreeMap<String, String>, Caller), ApiError> {
         let module = self.app().await?.ok_or_else(|| ApiError::not_found("no app is installed on this service"))?;
         let Some((endpoint, params)) = module.manifest().find(&call.method, &call.path) else {
             return Err(if module.manifest().path_exists(&call.path) {
@@ -265,9 +288,19 @@ impl Service {
                 ApiError::not_found(format!("no endpoint {} /app{}", call.method, call.path))
             });
         };
-        let tx = self.store.begin()?;
-        let caller = self.identify(&tx, call.client_cert.as_deref(), endpoint.auth)?;
-        drop(tx);
+        let endpoint = endpoint.clone();
+        let caller = self.identify(&self.store.begin()?, call.client_cert.as_deref(), endpoint.auth)?;
+        Ok((module, endpoint, params, caller))
+    }
+
+    async fn run_routed(
+        self: &Arc<Self>,
+        call: AppCall,
+        module: Arc<LoadedModule>,
+        endpoint: abi::Endpoint,
+        params: BTreeMap<String, String>,
+        caller: Caller,
+    ) -> Result<AppReply, ApiError> {
         abi::authorize(endpoint.auth, caller.kind).map_err(|(s, c, m)| ApiError::new(s, c, m))?;
         let _slot = self.admit(&caller)?;
         let head = RequestHead {
