@@ -48,6 +48,10 @@ pub const HOST_DATA: &str = "gov.attestation.host_data";
 /// Key [`MIN_TCB_KEY`]: the lowest acceptable [`Tcb`].
 pub const MIN_TCB: &str = "gov.attestation.min_tcb";
 pub const MIN_TCB_KEY: &[u8] = b"min_tcb";
+/// Key [`ROOT_KEY`]: the roots of trust the service pins, fixed at genesis: AMD's, or the test
+/// ARK of a service configured for mock attestation.
+pub const ATTESTATION_ROOT: &str = "gov.attestation.root";
+pub const ROOT_KEY: &[u8] = b"root";
 
 /// A member's lifecycle: accepted by a proposal, active once it acknowledges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +96,9 @@ pub struct NodeRecord {
     /// The attestation evidence it joined with, if any (JSON, by kind).
     #[serde(default)]
     pub evidence: serde_json::Value,
+    /// What verifying that evidence established (measurement, TCB, chip, root), if verified.
+    #[serde(default)]
+    pub verified: serde_json::Value,
 }
 
 /// The installed app.

@@ -21,6 +21,10 @@
 //! members = ["member0.cert.pem"]
 //! users = []
 //! app = "reconcile.wasm"             # optional
+//! attestation = "amd"                # or "mock": pin the test ARK of `attestation.mock_root`
+//!
+//! [attestation]                      # this node's evidence; see `AttestationSection`
+//! kind = "snp"                       # snp | azure-vtpm | mock
 //!
 //! [limits]                           # see `Limits` for every field and default
 //! [raft]                             # see `RaftSection`
@@ -62,6 +66,54 @@ pub struct NodeConfig {
     pub gov: GovSection,
     #[serde(default)]
     pub wasm: wasm::Limits,
+    #[serde(default)]
+    pub attestation: AttestationSection,
+}
+
+/// The roots of trust a new service pins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GenesisAttestation {
+    /// AMD's Milan, Genoa and Turin ARKs: production.
+    #[default]
+    Amd,
+    /// The test ARK of the mock firmware in `attestation.mock_root`: for tests and sandboxes.
+    Mock,
+}
+
+/// How this node attests itself, and how long its challenges live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttestationSection {
+    /// The kind of evidence this node produces.
+    pub kind: cloister_attestation::Kind,
+    /// `snp`: a VCEK file (DER or PEM) for hosts that do not supply one with the extended report.
+    pub vcek_file: Option<PathBuf>,
+    /// `azure-vtpm`: where THIM serves the VCEK chain.
+    pub thim_url: String,
+    /// `mock`: the folder of the mock firmware's test ARK and ASK (generated there if absent).
+    pub mock_root: Option<PathBuf>,
+    /// `mock`: the launch measurement to report (hex, 48 bytes); the default mock measurement
+    /// when absent.
+    pub mock_measurement: Option<String>,
+    /// `mock`: the host_data to report (hex, 32 bytes); zeros when absent.
+    pub mock_host_data: Option<String>,
+    /// How long a nonce this node issues to a joining node stays valid, in seconds.
+    pub nonce_ttl_s: u64,
+}
+
+impl Default for AttestationSection {
+    fn default() -> Self {
+        AttestationSection {
+            kind: cloister_attestation::Kind::Snp,
+            vcek_file: None,
+            thim_url: cloister_attestation::thim::THIM_URL_DEFAULT.to_owned(),
+            mock_root: None,
+            mock_measurement: None,
+            mock_host_data: None,
+            nonce_ttl_s: cloister_attestation::NONCE_TTL_S,
+        }
+    }
 }
 
 /// Who the node is and where it listens.
@@ -210,6 +262,9 @@ pub struct GenesisSection {
     /// The constitution (a wasm file); the default constitution when absent.
     #[serde(default)]
     pub constitution: Option<PathBuf>,
+    /// The roots of trust the service pins. Only `mock` admits the mock firmware's reports.
+    #[serde(default)]
+    pub attestation: GenesisAttestation,
 }
 
 /// The node's service limits. Each is enforced with a clear error naming it.
@@ -297,10 +352,29 @@ impl NodeConfig {
         if let Some(app) = &mut self.genesis.app {
             fix(app);
         }
+        for path in [&mut self.attestation.vcek_file, &mut self.attestation.mock_root].into_iter().flatten() {
+            fix(path);
+        }
     }
 
     pub fn check(&self) -> Result<(), String> {
         self.limits.check()?;
+        let a = &self.attestation;
+        if a.nonce_ttl_s == 0 {
+            return Err("attestation.nonce_ttl_s must be greater than 0".into());
+        }
+        for (name, value, len) in
+            [("mock_measurement", &a.mock_measurement, 48), ("mock_host_data", &a.mock_host_data, 32)]
+        {
+            if let Some(v) = value
+                && hex::decode(v).map(|b| b.len()) != Ok(len)
+            {
+                return Err(format!("attestation.{name} must be {len} bytes of hex, not {v:?}"));
+            }
+        }
+        if self.genesis.attestation == GenesisAttestation::Mock && a.mock_root.is_none() {
+            return Err("genesis.attestation = \"mock\" needs attestation.mock_root (the test ARK's folder)".into());
+        }
         self.wasm.check()?;
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {

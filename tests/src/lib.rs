@@ -104,12 +104,14 @@ impl TestService {
                 users: certs(&users),
                 app: Some(path("app.wasm")),
                 constitution: None,
+                attestation: cloister_host::config::GenesisAttestation::Mock,
             },
             limits: Limits::default(),
             ledger: Default::default(),
             gov: Default::default(),
             raft: RaftSection::default(),
             wasm: Default::default(),
+            attestation: mock_attestation(),
         };
         configure(&mut config);
         let ca_pem = ca.keyed.cert_pem.clone().into_bytes();
@@ -172,4 +174,24 @@ pub fn cli_exe() -> PathBuf {
 /// Path of a test contract built by the host's build script.
 pub fn misbehave_wasm() -> Vec<u8> {
     std::fs::read(cloister_host::bundled::MISBEHAVE_PATH).expect("misbehave.wasm was built")
+}
+
+/// The folder of this test process's mock SNP firmware root (test ARK and ASK), generated once.
+pub fn mock_root_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        cloister_attestation::mock::MockRoot::generate().write(dir.path()).expect("writing the mock root");
+        dir
+    });
+    dir.path().to_path_buf()
+}
+
+/// Mock attestation with this process's test root and the default measurement.
+pub fn mock_attestation() -> cloister_host::config::AttestationSection {
+    cloister_host::config::AttestationSection {
+        kind: cloister_attestation::Kind::Mock,
+        mock_root: Some(mock_root_dir()),
+        ..Default::default()
+    }
 }

@@ -31,6 +31,8 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/node/version", get(version))
         .route("/node/network", get(network))
         .route("/node/tx", get(tx_status))
+        .route("/node/attestations", get(attestations))
+        .route("/node/attestation/policy", get(attestation_policy))
         .route("/app/receipt", get(receipt))
         .route("/app/api", get(api))
         .route("/app/{*path}", axum::routing::any(app))
@@ -112,6 +114,31 @@ async fn receipt(
 }
 
 /// `GET /node/tx?id=term.seqno`: Pending, Committed or Invalid, as this node knows it.
+/// Every node's evidence and what verifying it established, from `gov.nodes`.
+async fn attestations(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
+    let nodes = service.gov_read(|tx| Ok(crate::gov::all::<crate::gov::NodeRecord>(tx, crate::gov::NODES)?))?;
+    let list: Vec<_> = nodes
+        .into_iter()
+        .map(|(id, n)| {
+            json!({
+                "node_id": id,
+                "name": n.name,
+                "status": n.status,
+                "kind": n.evidence.get("kind"),
+                "verified": n.verified,
+                "evidence": n.evidence,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "nodes": list })))
+}
+
+/// The attestation policy this service enforces: its pinned roots and the governed allow-lists.
+async fn attestation_policy(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
+    let policy = service.gov_read(|tx| Ok(crate::node::attest::policy(tx)?))?;
+    Ok(axum::Json(policy))
+}
+
 async fn tx_status(State(service): State<Arc<Service>>, uri: Uri) -> Result<impl IntoResponse, ApiError> {
     let id = tx_id_param(&uri)?;
     let status = service

@@ -12,12 +12,12 @@ use cloister_sdk::{Caller, CallerKind, Mode};
 use super::error::ApiError;
 use super::writer::{Executed, SubmitError, Writer, app_work};
 use crate::config::{GovSection, Limits};
-use crate::consensus::{Consensus, Forwarder, ProposeError};
+use crate::consensus::{Consensus, Forwarder, NodeAddr, NodeId, PeerRpc, ProposeError};
 use crate::gov;
 use crate::gov::engine::GovWrite;
 use crate::kv::{Store, Tx};
 use crate::ledger::entry::TxKind;
-use crate::node::identity;
+use crate::node::{attest, identity};
 use crate::txid::TxId;
 use crate::wasm::{Invocation, LoadedModule, Runtime};
 
@@ -75,6 +75,7 @@ pub struct Service {
     info: NodeInfo,
     gov: GovSection,
     requests: AtomicU64,
+    joins: Arc<attest::Joins>,
 }
 
 /// What a forwarded call carries besides the request itself.
@@ -109,6 +110,7 @@ impl Service {
         limits: Limits,
         gov: GovSection,
         info: NodeInfo,
+        joins: Arc<attest::Joins>,
     ) -> anyhow::Result<Service> {
         let writer = Writer::start(
             runtime.clone(),
@@ -129,6 +131,7 @@ impl Service {
             info,
             gov,
             requests: AtomicU64::new(0),
+            joins,
         };
         Ok(service)
     }
@@ -461,6 +464,104 @@ impl Service {
         })
     }
 
+    /// A joining node's evidence: verified against the governed policy with the nonce this leader
+    /// issued, then recorded in `gov.nodes` (Trusted while the service is Opening, else Pending)
+    /// unless the node has a record already. A Trusted node gets the ledger secret, sealed to its key.
+    pub async fn attest(
+        self: &Arc<Self>,
+        cert: Vec<u8>,
+        request: cloister_proto::peer::v1::AttestRequest,
+    ) -> Result<cloister_proto::peer::v1::AttestReply, tonic::Status> {
+        use cloister_attestation::{Evidence, Nonce};
+        if !self.consensus.is_leader() {
+            return Err(self.consensus.not_leader_status());
+        }
+        let (id, addr): (NodeId, NodeAddr) = crate::consensus::types::decode(&request.node, "an attest request")
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        if crate::consensus::node_id_of(&cert) != id {
+            return Err(tonic::Status::permission_denied(format!("node {id} is not the node of this TLS certificate")));
+        }
+        let refused = |e: cloister_attestation::Refusal| {
+            tracing::warn!(node = %addr.name, id, check = e.check.as_str(), detail = %e.detail, "attestation refused");
+            tonic::Status::permission_denied(e.to_string())
+        };
+        let nonce = Nonce::from_slice(&request.nonce).map_err(refused)?;
+        self.joins.nonces.redeem(&nonce).map_err(refused)?;
+        let evidence = Evidence::from_json(&request.evidence).map_err(refused)?;
+        let spki = attest::spki_of(&cert).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let policy = attest::policy(&self.store.begin().map_err(|e| ApiError::from(e).to_status())?)
+            .map_err(|e| ApiError::from(e).to_status())?;
+        let expected = cloister_attestation::binding(&spki, &nonce);
+        let verified = cloister_attestation::verify(&evidence, &policy, Some(&expected)).map_err(refused)?;
+        tracing::info!(node = %addr.name, id, measurement = %verified.measurement, "attestation verified");
+
+        let key = id.to_string();
+        let work: super::writer::Work = Box::new(move |_, mut tx| {
+            let result = (|| {
+                let existing = gov::node(&tx, &key)?;
+                let (status, commit) = match existing {
+                    Some(n) if n.status == gov::NodeStatus::Retired => {
+                        return Err(ApiError::forbidden(format!("node {key} is retired")));
+                    }
+                    Some(n) => (n.status, false),
+                    None => {
+                        let opening = gov::service(&tx)?.is_some_and(|s| s.state == gov::ServiceState::Opening);
+                        let record = attest::record(&addr.name, &cert, opening, &evidence, &verified);
+                        tx.put(
+                            gov::NODES,
+                            key.as_bytes(),
+                            &serde_json::to_vec(&record).expect("a node record serializes"),
+                        );
+                        (record.status, true)
+                    }
+                };
+                Ok(Executed {
+                    reply: AppReply {
+                        status: 200,
+                        headers: Default::default(),
+                        body: format!("{status:?}").into_bytes(),
+                        tx_id: None,
+                    },
+                    commit,
+                    kind: TxKind::Gov,
+                    claims_digest: None,
+                })
+            })();
+            (tx, result)
+        });
+        let reply = match self.writer.submit(work).await {
+            Ok(reply) => reply,
+            Err(SubmitError::NotLeader) => return Err(self.consensus.not_leader_status()),
+            Err(SubmitError::Api(e)) if e.status == 403 => return Err(tonic::Status::permission_denied(e.message)),
+            Err(SubmitError::Api(e)) => return Err(e.to_status()),
+        };
+        let status = String::from_utf8_lossy(&reply.body).into_owned();
+        let sealed_secret = if status == "Trusted" {
+            self.joins.sealed_secret(&spki).map_err(|e| tonic::Status::internal(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        Ok(cloister_proto::peer::v1::AttestReply { status, sealed_secret })
+    }
+
+    /// Whether the node with `cert` may make a peer request of kind `rpc`.
+    pub fn authorize_peer(&self, cert: &[u8], rpc: PeerRpc) -> Result<(), tonic::Status> {
+        let tx = self.store.begin().map_err(|e| ApiError::from(e).to_status())?;
+        let standing = attest::standing(&tx, cert).map_err(|e| ApiError::from(e).to_status())?;
+        let id = crate::consensus::node_id_of(cert);
+        match (standing, rpc) {
+            (attest::Standing::Retired, _) => {
+                Err(tonic::Status::permission_denied(format!("node {id} is retired; its connections are refused")))
+            }
+            (attest::Standing::Trusted, _) | (_, PeerRpc::Attest) | (attest::Standing::NoState, PeerRpc::Raft) => {
+                Ok(())
+            }
+            (standing, rpc) => Err(tonic::Status::permission_denied(format!(
+                "node {id} is {standing:?} in gov.nodes; {rpc:?} requests need a Trusted node"
+            ))),
+        }
+    }
+
     /// A committed read of the governance tables.
     pub fn gov_read<T>(&self, read: impl FnOnce(&Tx) -> Result<T, ApiError>) -> Result<T, ApiError> {
         read(&self.store.begin()?)
@@ -501,8 +602,34 @@ impl Service {
 /// Writes forwarded by other nodes run here as if their client had called this node.
 pub struct ServiceForwarder(pub std::sync::Weak<Service>);
 
+impl ServiceForwarder {
+    fn service(&self) -> Result<Arc<Service>, tonic::Status> {
+        self.0.upgrade().ok_or_else(|| tonic::Status::unavailable("the node is shutting down"))
+    }
+}
+
 #[tonic::async_trait]
 impl Forwarder for ServiceForwarder {
+    async fn challenge(&self) -> Result<cloister_proto::peer::v1::Blob, tonic::Status> {
+        let service = self.service()?;
+        if !service.consensus.is_leader() {
+            return Err(service.consensus.not_leader_status());
+        }
+        Ok(cloister_proto::peer::v1::Blob { data: service.joins.nonces.issue().0.to_vec() })
+    }
+
+    async fn attest(
+        &self,
+        peer_cert: Vec<u8>,
+        request: cloister_proto::peer::v1::AttestRequest,
+    ) -> Result<cloister_proto::peer::v1::AttestReply, tonic::Status> {
+        self.service()?.attest(peer_cert, request).await
+    }
+
+    fn authorize(&self, peer_cert: &[u8], rpc: PeerRpc) -> Result<(), tonic::Status> {
+        self.service()?.authorize_peer(peer_cert, rpc)
+    }
+
     async fn forward(
         &self,
         r: cloister_proto::peer::v1::ForwardRequest,

@@ -1,6 +1,7 @@
 //! The `cloister` command line: run a node, run a local sandbox network, make identities, call
 //! app endpoints, govern, and audit.
 
+mod attestation;
 mod bench;
 mod call;
 mod gov;
@@ -62,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         command: gov::AppCommand,
     },
+    /// Check attestation evidence offline.
+    Attestation {
+        #[command(subcommand)]
+        command: attestation::AttestationCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -70,6 +76,13 @@ enum NodeCommand {
     Start {
         #[arg(long)]
         config: PathBuf,
+        /// The kind of evidence this node presents (overrides `attestation.kind`).
+        #[arg(long)]
+        attestation: Option<cloister_attestation::Kind>,
+        /// With mock attestation: the launch measurement to report (hex, 48 bytes), for instance to
+        /// rehearse a refusal (overrides `attestation.mock_measurement`).
+        #[arg(long)]
+        mock_measurement: Option<String>,
     },
 }
 
@@ -102,8 +115,16 @@ fn init_logging() {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Node { command: NodeCommand::Start { config } } => {
-            let node = Node::start(NodeConfig::load(&config)?).await?;
+        Command::Node { command: NodeCommand::Start { config, attestation, mock_measurement } } => {
+            let mut config = NodeConfig::load(&config)?;
+            if let Some(kind) = attestation {
+                config.attestation.kind = kind;
+            }
+            if mock_measurement.is_some() {
+                config.attestation.mock_measurement = mock_measurement;
+            }
+            config.check().map_err(anyhow::Error::msg)?;
+            let node = Node::start(config).await?;
             shutdown_signal().await;
             node.shutdown().await;
             Ok(ExitCode::SUCCESS)
@@ -122,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Receipt { command } => ledger::run_receipt(command),
         Command::Gov { command } => gov::run_gov(command).await,
         Command::App { command } => gov::run_app(command).await,
+        Command::Attestation { command } => attestation::run(command).await,
     }
 }
 

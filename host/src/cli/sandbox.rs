@@ -13,7 +13,10 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
-use crate::config::{GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection};
+use crate::config::{
+    AttestationSection, GenesisAttestation, GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection,
+    RaftSection, TlsSection,
+};
 use crate::node::identity::{self, ServiceCa};
 
 /// How long a node may take to answer its health check after it starts.
@@ -137,6 +140,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The sandbox folder's mock firmware root (test ARK and ASK).
+const MOCK_ROOT_DIR: &str = "mock-amd";
+
 /// Creates every identity, configuration and file of a new sandbox.
 fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
     let ca = ServiceCa::generate("Cloister sandbox service")?;
@@ -153,6 +159,9 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
             name,
         });
     }
+    // The sandbox's mock SNP firmware: one test ARK and ASK, shared by its nodes, which the
+    // service pins at genesis (attestation = "mock").
+    cloister_attestation::mock::MockRoot::generate().write(&dir.join(MOCK_ROOT_DIR))?;
     std::fs::write(dir.join("reconcile.wasm"), crate::bundled::RECONCILE)?;
     let demo = dir.join("demo");
     std::fs::create_dir_all(&demo)?;
@@ -186,6 +195,12 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
                 users: Vec::new(),
                 app: Some("reconcile.wasm".into()),
                 constitution: None,
+                attestation: GenesisAttestation::Mock,
+            },
+            attestation: AttestationSection {
+                kind: cloister_attestation::Kind::Mock,
+                mock_root: Some(MOCK_ROOT_DIR.into()),
+                ..Default::default()
             },
             limits: Limits::default(),
             ledger: Default::default(),

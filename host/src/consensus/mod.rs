@@ -8,7 +8,7 @@ mod log_store;
 mod network;
 mod server;
 mod state_machine;
-mod types;
+pub mod types;
 
 #[cfg(test)]
 mod tests;
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use network::{PEER_MESSAGE_BYTES_MAX, Peers};
-pub use server::{Forwarder, PeerService};
+pub use server::{Forwarder, PeerRpc, PeerService};
 pub use state_machine::Applied;
 pub use types::{NodeAddr, NodeId, TxEntry, TxKind};
 
@@ -331,16 +331,8 @@ impl Consensus {
     /// Adds a node: first as a learner until it has caught up, then as a voter. Only the leader
     /// admits; others answer UNAVAILABLE naming the leader.
     pub async fn admit(&self, id: NodeId, addr: NodeAddr) -> Result<Vec<u64>, tonic::Status> {
-        let not_leader = |leader: Option<NodeAddr>| {
-            let hint = leader.map(|l| l.peer_url).unwrap_or_default();
-            let mut status = tonic::Status::unavailable(format!("not the leader; ask {hint}"));
-            if let Ok(v) = hint.parse() {
-                status.metadata_mut().insert("x-cloister-leader", v);
-            }
-            status
-        };
         if !self.is_leader() {
-            return Err(not_leader(self.leader()));
+            return Err(self.not_leader_status());
         }
         let m = self.metrics();
         let membership = m.membership_config.membership();
@@ -348,7 +340,7 @@ impl Consensus {
         if !is_voter {
             tracing::info!(node = %addr, id, "adding a node as a learner");
             self.raft.add_learner(id, addr.clone(), true).await.map_err(|e| match e.forward_to_leader() {
-                Some(f) => not_leader(f.leader_node.clone()),
+                Some(_) => self.not_leader_status(),
                 None => tonic::Status::unavailable(format!("adding the learner failed: {e}")),
             })?;
             tracing::info!(node = %addr, id, "promoting the node to voter");
@@ -396,32 +388,18 @@ impl Consensus {
     }
 
     /// The peer gRPC service for this node.
-    pub fn peer_service(&self, forwarder: Arc<dyn Forwarder>, ledger_secret: [u8; 32]) -> PeerService {
-        PeerService { consensus: self.clone(), forwarder, ledger_secret }
+    pub fn peer_service(&self, forwarder: Arc<dyn Forwarder>) -> PeerService {
+        PeerService { consensus: self.clone(), forwarder }
     }
 
-    /// Fetches the ledger secret from the node at `peer_url`, retrying until `timeout`.
-    pub async fn fetch_ledger_secret(peers: &Peers, peer_url: &str, timeout: Duration) -> anyhow::Result<[u8; 32]> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let outcome = match peers.client(peer_url) {
-                Ok(mut client) => client.ledger_secret(cloister_proto::peer::v1::Blob::default()).await,
-                Err(status) => Err(status),
-            };
-            match outcome {
-                Ok(reply) => {
-                    return <[u8; 32]>::try_from(reply.into_inner().data)
-                        .map_err(|_| anyhow::anyhow!("{peer_url} sent a ledger secret of the wrong length"));
-                }
-                Err(status) if tokio::time::Instant::now() > deadline => {
-                    anyhow::bail!("fetching the ledger secret from {peer_url} failed: {}", status.message())
-                }
-                Err(status) => {
-                    tracing::info!(target = %peer_url, reason = status.message(), "ledger secret not available yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
+    /// UNAVAILABLE, naming the leader (metadata `x-cloister-leader`) so the caller can follow.
+    pub fn not_leader_status(&self) -> tonic::Status {
+        let hint = self.leader().map(|l| l.peer_url).unwrap_or_default();
+        let mut status = tonic::Status::unavailable(format!("not the leader; ask {hint}"));
+        if let Ok(v) = hint.parse() {
+            status.metadata_mut().insert("x-cloister-leader", v);
         }
+        status
     }
 
     pub async fn shutdown(&self) {

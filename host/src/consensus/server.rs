@@ -12,18 +12,47 @@ use tonic::{Request, Response, Status, Streaming};
 use super::types::{NodeAddr, NodeId, SnapshotMeta, Vote, decode, encode};
 use super::{Consensus, state_machine::SnapshotFile};
 
-/// Where forwarded writes go: the node's service layer.
+/// What a peer request asks for, for [`Forwarder::authorize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRpc {
+    /// Raft's own messages: only Trusted nodes (or anyone, on a node that is itself joining).
+    Raft,
+    /// Forwarded writes: only Trusted nodes.
+    Forward,
+    /// Joining Raft: only Trusted nodes.
+    Join,
+    /// Challenge and attestation: any node certificate that is not Retired.
+    Attest,
+}
+
+/// The node's service layer, as the peer port sees it: forwarded writes, attested joins, and who
+/// may ask what.
 #[tonic::async_trait]
 pub trait Forwarder: Send + Sync + 'static {
     async fn forward(&self, request: pb::ForwardRequest) -> Result<pb::ForwardReply, Status>;
+    /// A fresh nonce for a joining node (leader only).
+    async fn challenge(&self) -> Result<pb::Blob, Status>;
+    /// Verifies and records a joining node's evidence (leader only).
+    async fn attest(&self, peer_cert: Vec<u8>, request: pb::AttestRequest) -> Result<pb::AttestReply, Status>;
+    /// Refuses `rpc` from the node with `peer_cert` unless its standing in `gov.nodes` allows it.
+    fn authorize(&self, peer_cert: &[u8], rpc: PeerRpc) -> Result<(), Status>;
 }
 
 pub struct PeerService {
     pub consensus: Consensus,
     pub forwarder: Arc<dyn Forwarder>,
-    /// Handed to joining nodes: the peer port's TLS admits only node certificates of this
-    /// service.
-    pub ledger_secret: [u8; 32],
+}
+
+impl PeerService {
+    /// The caller's certificate (the peer port's TLS requires one), if `rpc` is allowed for it.
+    fn authorize<T>(&self, req: &Request<T>, rpc: PeerRpc) -> Result<Vec<u8>, Status> {
+        let cert = req
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| c.to_vec()))
+            .ok_or_else(|| Status::unauthenticated("the peer port needs a node certificate"))?;
+        self.forwarder.authorize(&cert, rpc)?;
+        Ok(cert)
+    }
 }
 
 fn bad_request(e: std::io::Error) -> Status {
@@ -37,12 +66,14 @@ fn fatal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
     async fn vote(&self, req: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        self.authorize(&req, PeerRpc::Raft)?;
         let rpc = decode(&req.into_inner().data, "a vote request").map_err(bad_request)?;
         let reply = self.consensus.raft.vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(pb::Blob { data: encode(&reply) }))
     }
 
     async fn append_entries(&self, req: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        self.authorize(&req, PeerRpc::Raft)?;
         let rpc = decode(&req.into_inner().data, "an append-entries request").map_err(bad_request)?;
         let reply = self.consensus.raft.append_entries(rpc).await.map_err(fatal)?;
         Ok(Response::new(pb::Blob { data: encode(&reply) }))
@@ -54,6 +85,7 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         req: Request<Streaming<pb::Blob>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        self.authorize(&req, PeerRpc::Raft)?;
         // Requests that fail to decode end the stream: the leader then falls back and retries.
         let input = req
             .into_inner()
@@ -67,6 +99,7 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::Blob>, Status> {
+        self.authorize(&req, PeerRpc::Raft)?;
         let mut chunks = req.into_inner();
         let head = match chunks.message().await?.and_then(|c| c.chunk) {
             Some(pb::snapshot_chunk::Chunk::Head(h)) => h,
@@ -96,15 +129,26 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn forward(&self, req: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
+        self.authorize(&req, PeerRpc::Forward)?;
         Ok(Response::new(self.forwarder.forward(req.into_inner()).await?))
     }
 
-    async fn ledger_secret(&self, _: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
-        Ok(Response::new(pb::Blob { data: self.ledger_secret.to_vec() }))
+    async fn challenge(&self, req: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        self.authorize(&req, PeerRpc::Attest)?;
+        Ok(Response::new(self.forwarder.challenge().await?))
+    }
+
+    async fn attest(&self, req: Request<pb::AttestRequest>) -> Result<Response<pb::AttestReply>, Status> {
+        let cert = self.authorize(&req, PeerRpc::Attest)?;
+        Ok(Response::new(self.forwarder.attest(cert, req.into_inner()).await?))
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let cert = self.authorize(&req, PeerRpc::Join)?;
         let (id, addr): (NodeId, NodeAddr) = decode(&req.into_inner().node, "a join request").map_err(bad_request)?;
+        if super::node_id_of(&cert) != id {
+            return Err(Status::permission_denied(format!("node {id} is not the node of this TLS certificate")));
+        }
         let voters = self.consensus.admit(id, addr).await?;
         Ok(Response::new(pb::JoinReply { voters }))
     }

@@ -34,6 +34,10 @@ pub fn service(tx: &Tx) -> Result<Option<ServiceRecord>, KvError> {
     get(tx, SERVICE, SERVICE_KEY)
 }
 
+pub fn node(tx: &Tx, id: &str) -> Result<Option<NodeRecord>, KvError> {
+    get(tx, NODES, id.as_bytes())
+}
+
 pub fn app(tx: &Tx) -> Result<Option<AppRecord>, KvError> {
     get(tx, APP, APP_KEY)
 }
@@ -93,6 +97,17 @@ pub struct Genesis {
     pub app: Option<Vec<u8>>,
     /// The first node: (id, name, certificate PEM).
     pub node: (String, String, String),
+    pub attestation: GenesisAttestation,
+}
+
+/// What genesis records about attestation: the pinned roots, the first node's measurement and
+/// host_data (the first allowed values), and its evidence with the verification result.
+pub struct GenesisAttestation {
+    pub roots: serde_json::Value,
+    pub measurement: String,
+    pub host_data: String,
+    pub evidence: serde_json::Value,
+    pub verified: serde_json::Value,
 }
 
 impl Genesis {
@@ -123,9 +138,13 @@ impl Genesis {
             name: name.clone(),
             status: NodeStatus::Trusted,
             cert: cert.clone(),
-            evidence: Default::default(),
+            evidence: self.attestation.evidence.clone(),
+            verified: self.attestation.verified.clone(),
         };
         put(&mut ws, NODES, id.as_bytes(), &node);
+        put(&mut ws, ATTESTATION_ROOT, ROOT_KEY, &self.attestation.roots);
+        put(&mut ws, MEASUREMENTS, self.attestation.measurement.as_bytes(), &true);
+        put(&mut ws, HOST_DATA, self.attestation.host_data.as_bytes(), &true);
         let service =
             ServiceRecord { state: ServiceState::Opening, cert: self.service_cert.clone(), recovery_threshold: 1 };
         put(&mut ws, SERVICE, SERVICE_KEY, &service);

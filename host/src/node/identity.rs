@@ -136,6 +136,11 @@ pub fn id_of_pem(pem: &[u8]) -> anyhow::Result<String> {
 }
 
 /// The first certificate in a PEM buffer.
+/// A certificate (DER) as PEM.
+pub fn pem_of_der(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
 pub fn cert_der(pem: &[u8]) -> anyhow::Result<CertificateDer<'static>> {
     CertificateDer::from_pem_slice(pem).map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))
 }

@@ -1,6 +1,7 @@
 //! The node's lifecycle: open its state and log, start or join the network, start the
 //! listeners, and stop cleanly.
 
+pub mod attest;
 pub mod identity;
 
 use std::net::SocketAddr;
@@ -20,15 +21,22 @@ use crate::ledger::entry::{NodeSigner, TxEntry, TxKind};
 use crate::ledger::seal::{self, Purpose, Sealer};
 use crate::ledger::{self, Ledger};
 use crate::wasm::Runtime;
+use attest::Attester;
 
 /// The node's copy of the ledger secret, sealed at rest (see `seal::sealing_key_from_node_key`).
 const SECRET_FILE: &str = "ledger.secret";
 const SECRET_AAD: &[u8] = b"cloister ledger secret";
 
-/// The ledger secret: this node's sealed copy, or (for a new node) fetched from the network it
-/// joins, or (for a new service) generated.
-async fn ledger_secret(config: &NodeConfig, node_key_pem: &str, peers: &Peers) -> anyhow::Result<[u8; 32]> {
-    let sealing = seal::sealing_key_from_node_key(node_key_pem)?;
+/// The ledger secret: this node's sealed copy, or (for a new node) sealed to it by the leader of
+/// the network it joins once its attestation makes it Trusted, or (for a new service) generated.
+async fn ledger_secret(
+    config: &NodeConfig,
+    node: &identity::KeyedCert,
+    peers: &Peers,
+    me: (consensus::NodeId, NodeAddr),
+    attester: &Attester,
+) -> anyhow::Result<[u8; 32]> {
+    let sealing = seal::sealing_key_from_node_key(&node.key_pem)?;
     let path = config.node.data_dir.join(SECRET_FILE);
     if path.exists() {
         let sealed = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -43,7 +51,7 @@ async fn ledger_secret(config: &NodeConfig, node_key_pem: &str, peers: &Peers) -
     let secret = match &config.network.join {
         Some(url) => {
             let timeout = Duration::from_millis(config.raft.join_timeout_ms);
-            Consensus::fetch_ledger_secret(peers, url, timeout).await?
+            attest::join(peers, url, me, &node.cert_pem, &node.key_pem, attester, timeout).await?
         }
         None => Sealer::generate_secret(),
     };
@@ -97,11 +105,7 @@ impl Node {
         let node_cert = identity::read_pair(&config.tls.node_cert, &config.tls.node_key)?;
         let id = consensus::node_id_of(&identity::cert_der(node_cert.cert_pem.as_bytes())?);
         let peers = Peers::new(&service_cert, &node_cert);
-        let secret = ledger_secret(&config, &node_cert.key_pem, &peers).await?;
-        let sealer = Arc::new(Sealer::new(&secret));
-        let store = Store::open_sealed(&data_dir.join("state.redb"), sealer.clone())?;
-        let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
-        let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
+        let attester = Attester::from_config(&config.attestation)?;
 
         let rest_listener = bind(&config.node.rest_addr).await?;
         let grpc_listener = bind(&config.node.grpc_addr).await?;
@@ -114,6 +118,11 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
+        let secret = ledger_secret(&config, &node_cert, &peers, (id, me.clone()), &attester).await?;
+        let sealer = Arc::new(Sealer::new(&secret));
+        let store = Store::open_sealed(&data_dir.join("state.redb"), sealer.clone())?;
+        let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
+        let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
         let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), store.clone(), ledger, peers).await?;
         let info = NodeInfo { name: me.name.clone(), rest_url: me.rest_url.clone(), grpc_url: me.grpc_url.clone() };
         let service = Arc::new(Service::new(
@@ -123,6 +132,7 @@ impl Node {
             config.limits.clone(),
             config.gov.clone(),
             info,
+            Arc::new(attest::Joins::new(&config.attestation, secret)),
         )?);
 
         let cancel = CancellationToken::new();
@@ -133,10 +143,9 @@ impl Node {
         let mut tasks = Vec::new();
 
         let forwarder = Arc::new(ServiceForwarder(Arc::downgrade(&service)));
-        let peer_service =
-            cloister_proto::peer::v1::peer_server::PeerServer::new(consensus.peer_service(forwarder, secret))
-                .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
+        let peer_service = cloister_proto::peer::v1::peer_server::PeerServer::new(consensus.peer_service(forwarder))
+            .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
         let conns = server::accept(peer_listener, peer_tls, limits.connections_max, handshake, cancel.clone());
         tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), cancel.clone(), "peer"));
 
@@ -148,9 +157,13 @@ impl Node {
             config.ledger.clone(),
             cancel.clone(),
         )));
+        tasks.push(tokio::spawn(attest::retire_removed(store.clone(), consensus.clone(), cancel.clone())));
         if !consensus.is_initialized().await? {
             match &config.network.join {
-                None => genesis(&config, &consensus, &runtime, &service_cert, &node_cert.cert_pem, &sealer).await?,
+                None => {
+                    genesis(&config, &consensus, &runtime, &service_cert, &node_cert.cert_pem, &sealer, &attester)
+                        .await?
+                }
                 Some(url) => {
                     let (consensus, url) = (consensus.clone(), url.clone());
                     let timeout = Duration::from_millis(config.raft.join_timeout_ms);
@@ -241,6 +254,7 @@ async fn genesis(
     service_cert: &str,
     node_cert: &str,
     sealer: &Sealer,
+    attester: &Attester,
 ) -> anyhow::Result<()> {
     let read_ids = |paths: &[std::path::PathBuf]| -> anyhow::Result<Vec<(String, String)>> {
         paths
@@ -268,7 +282,9 @@ async fn genesis(
     gov::engine::is_constitution(&module).map_err(|e| anyhow::anyhow!("the genesis constitution is refused: {e}"))?;
     let members = read_ids(&config.genesis.members)?;
     anyhow::ensure!(!members.is_empty(), "genesis needs at least one member ([genesis] members)");
+    let attestation = genesis_attestation(config, node_cert, attester).await?;
     let genesis = gov::Genesis {
+        attestation,
         service_cert: service_cert.to_owned(),
         members,
         users: read_ids(&config.genesis.users)?,
@@ -284,4 +300,49 @@ async fn genesis(
         .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e:?}"))?;
     tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");
     Ok(())
+}
+
+/// The first node attests itself against the roots the genesis configuration pins, and its own
+/// measurement and host_data become the service's first allowed values (as in CCF). Evidence that
+/// fails the other checks (chain, signature, debug policy, binding) stops the genesis.
+async fn genesis_attestation(
+    config: &NodeConfig,
+    node_cert: &str,
+    attester: &Attester,
+) -> anyhow::Result<gov::GenesisAttestation> {
+    use cloister_attestation::{Nonce, Policy, Roots, binding, verify};
+    let roots = match config.genesis.attestation {
+        crate::config::GenesisAttestation::Amd => Roots::Amd,
+        crate::config::GenesisAttestation::Mock => {
+            let dir = config
+                .attestation
+                .mock_root
+                .as_ref()
+                .context("genesis.attestation = \"mock\" needs attestation.mock_root")?;
+            let root = cloister_attestation::mock::MockRoot::read_or_generate(dir)
+                .with_context(|| format!("reading the mock firmware's test root in {}", dir.display()))?;
+            tracing::warn!(ark = ?root, "this service pins the mock firmware's TEST root: for tests and sandboxes only");
+            Roots::Mock { ark: root.ark_der() }
+        }
+    };
+    let spki = attest::spki_of(&identity::cert_der(node_cert.as_bytes())?)?;
+    let nonce = Nonce::random();
+    let evidence = attester.evidence(binding(&spki, &nonce)).await.context("collecting this node's evidence")?;
+    let (measurement, host_data) = cloister_attestation::verify::launch_claims(&evidence)
+        .map_err(|e| anyhow::anyhow!("this node's evidence does not parse: {e}"))?;
+    let policy = Policy {
+        roots: roots.clone(),
+        measurements: [measurement].into(),
+        host_data: [host_data].into(),
+        min_tcb: Default::default(),
+    };
+    let verified = verify(&evidence, &policy, Some(&binding(&spki, &nonce)))
+        .map_err(|e| anyhow::anyhow!("this node's own evidence is refused, so it cannot start a service: {e}"))?;
+    Ok(gov::GenesisAttestation {
+        roots: serde_json::to_value(&roots)?,
+        measurement: verified.measurement.clone(),
+        host_data: verified.host_data.clone(),
+        evidence: serde_json::to_value(&evidence)?,
+        verified: serde_json::to_value(&verified)?,
+    })
 }

@@ -1,0 +1,88 @@
+//! Secrets sealed to an attested node's key: ECDH P-384 with an ephemeral key, HKDF-SHA-384, and
+//! AES-256-GCM. A leader seals the ledger secret to the public key that a joining node's evidence
+//! bound; only the holder of that key, inside the attested VM, opens it.
+
+use p384::elliptic_curve::sec1::ToEncodedPoint;
+use p384::pkcs8::{DecodePrivateKey, DecodePublicKey};
+use rand_core::{OsRng, RngCore};
+use ring::{aead, hkdf};
+
+const INFO: &[u8] = b"cloister sealed to node v1";
+const POINT_LEN: usize = 97;
+const NONCE_LEN: usize = 12;
+
+struct KeyLen;
+impl hkdf::KeyType for KeyLen {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+fn aead_key(shared: &[u8], ephemeral: &[u8]) -> aead::LessSafeKey {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA384, ephemeral).extract(shared);
+    let mut key = [0u8; 32];
+    prk.expand(&[INFO], KeyLen).and_then(|okm| okm.fill(&mut key)).expect("HKDF output of 32 bytes");
+    aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, &key).expect("an AES-256 key"))
+}
+
+/// Seals `plaintext` to the P-384 public key in `spki_der`, with `aad` authenticated alongside.
+pub fn seal_to(spki_der: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
+    let recipient = p384::PublicKey::from_public_key_der(spki_der)
+        .map_err(|e| format!("the recipient's key is not a P-384 public key: {e}"))?;
+    let ephemeral = p384::ecdh::EphemeralSecret::random(&mut OsRng);
+    let point = ephemeral.public_key().to_encoded_point(false);
+    let shared = ephemeral.diffie_hellman(&recipient);
+    let key = aead_key(shared.raw_secret_bytes(), point.as_bytes());
+    let mut nonce = [0u8; NONCE_LEN];
+    OsRng.fill_bytes(&mut nonce);
+    let mut out = point.as_bytes().to_vec();
+    out.extend_from_slice(&nonce);
+    let mut body = plaintext.to_vec();
+    key.seal_in_place_append_tag(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(aad), &mut body)
+        .map_err(|_| "sealing failed".to_owned())?;
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Opens what [`seal_to`] sealed, with the recipient's private key (PKCS#8 PEM).
+pub fn open_with(private_key_pem: &str, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {
+    if sealed.len() < POINT_LEN + NONCE_LEN + aead::AES_256_GCM.tag_len() {
+        return Err(format!("a sealed secret of {} bytes is too short", sealed.len()));
+    }
+    let secret = p384::SecretKey::from_pkcs8_pem(private_key_pem)
+        .map_err(|e| format!("the node key is not a P-384 private key: {e}"))?;
+    let (point, rest) = sealed.split_at(POINT_LEN);
+    let (nonce, body) = rest.split_at(NONCE_LEN);
+    let ephemeral =
+        p384::PublicKey::from_sec1_bytes(point).map_err(|e| format!("the sealed secret's ephemeral key: {e}"))?;
+    let shared = p384::ecdh::diffie_hellman(secret.to_nonzero_scalar(), ephemeral.as_affine());
+    let key = aead_key(shared.raw_secret_bytes(), point);
+    let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| "a malformed nonce".to_owned())?;
+    let mut body = body.to_vec();
+    let plain = key
+        .open_in_place(nonce, aead::Aad::from(aad), &mut body)
+        .map_err(|_| "the sealed secret does not open with this key".to_owned())?;
+    Ok(plain.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p384::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+
+    #[test]
+    fn only_the_recipient_opens() {
+        let key = p384::SecretKey::random(&mut OsRng);
+        let spki = key.public_key().to_public_key_der().unwrap();
+        let pem = key.to_pkcs8_pem(LineEnding::LF).unwrap();
+        let sealed = seal_to(spki.as_bytes(), b"aad", b"the ledger secret").unwrap();
+        assert_eq!(open_with(&pem, b"aad", &sealed).unwrap(), b"the ledger secret");
+        assert!(open_with(&pem, b"other aad", &sealed).is_err());
+        let other = p384::SecretKey::random(&mut OsRng).to_pkcs8_pem(LineEnding::LF).unwrap();
+        assert!(open_with(&other, b"aad", &sealed).is_err());
+        let mut flipped = sealed.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(open_with(&pem, b"aad", &flipped).is_err());
+        assert!(open_with(&pem, b"aad", &sealed[..50]).is_err());
+    }
+}

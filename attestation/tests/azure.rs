@@ -1,0 +1,117 @@
+//! Azure vTPM evidence through the whole verifier: an HCL report around a mock-signed SNP report, and
+//! a vTPM quote by the AK that var_data names. Each link of the chain, broken, is refused at its check.
+
+use std::sync::OnceLock;
+
+use cloister_attestation::azure::{self, AzureEvidence};
+use cloister_attestation::mock::{self, MockConfig, MockFirmware, MockRoot};
+use cloister_attestation::{Check, Evidence, Kind, Nonce, Policy, Roots, binding, verify};
+use rsa::RsaPrivateKey;
+
+const NODE_KEY: &[u8] = b"a node's SubjectPublicKeyInfo";
+/// Where the SNP report sits in the HCL report: after the 32-byte HCL header.
+const HCL_SNP_REPORT_OFFSET: usize = 32;
+
+/// Key generation dominates: one test root, one firmware and one AK serve every test.
+fn fixtures() -> &'static (MockRoot, MockFirmware, RsaPrivateKey) {
+    static FIXTURES: OnceLock<(MockRoot, MockFirmware, RsaPrivateKey)> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let root = MockRoot::generate();
+        let firmware = MockFirmware::new(&root, MockConfig::default());
+        let ak = RsaPrivateKey::new(&mut rand_core::OsRng, 2048).expect("an RSA key");
+        (root, firmware, ak)
+    })
+}
+
+fn policy() -> Policy {
+    Policy {
+        roots: Roots::Mock { ark: fixtures().0.ark_der() },
+        measurements: [hex::encode(mock::default_measurement())].into(),
+        host_data: [hex::encode([0u8; 32])].into(),
+        min_tcb: mock::MOCK_TCB_DEFAULT,
+    }
+}
+
+/// Evidence from a mock Azure CVM whose vTPM quote carries `user_data`.
+fn azure_evidence(user_data: &[u8; 64]) -> AzureEvidence {
+    let (_, firmware, ak) = fixtures();
+    azure::testing::synthetic(|report_data| firmware.report(report_data), ak, user_data)
+}
+
+fn refused(e: AzureEvidence, expected: &[u8; 64]) -> (Check, String) {
+    let refusal = verify(&Evidence::AzureVtpm(e), &policy(), Some(expected)).expect_err("the evidence must be refused");
+    (refusal.check, refusal.detail)
+}
+
+#[test]
+fn azure_evidence_verifies_end_to_end_and_round_trips_through_json() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let evidence = Evidence::AzureVtpm(azure_evidence(&expected));
+    let again = Evidence::from_json(&evidence.to_json()).unwrap();
+    assert_eq!(again, evidence);
+    let verified = verify(&again, &policy(), Some(&expected)).unwrap();
+    assert_eq!(verified.kind, Kind::AzureVtpm);
+    assert_eq!(verified.root, "mock");
+    assert_eq!(verified.measurement, hex::encode(mock::default_measurement()));
+    assert!(verified.binding_checked);
+    // The SNP report commits to var_data, not to the node's binding: that travels in the quote.
+    assert_ne!(verified.report_data, hex::encode(expected));
+}
+
+#[test]
+fn azure_quote_for_another_key_or_nonce_is_refused_at_binding() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let stale = binding(NODE_KEY, &Nonce::random());
+    let (check, detail) = refused(azure_evidence(&stale), &expected);
+    assert_eq!(check, Check::Binding, "{detail}");
+    assert!(detail.contains(&hex::encode(stale)) && detail.contains(&hex::encode(expected)), "{detail}");
+}
+
+#[test]
+fn azure_tampered_quote_is_refused_at_quote_signature() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let mut e = azure_evidence(&expected);
+    let last = e.quote.len() - 1;
+    e.quote[last] ^= 0x01;
+    let (check, detail) = refused(e, &expected);
+    assert_eq!(check, Check::QuoteSignature, "{detail}");
+}
+
+#[test]
+fn azure_tampered_var_data_is_refused_at_hcl_var_data() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let mut e = azure_evidence(&expected);
+    let last = e.hcl_report.len() - 1;
+    assert_eq!(e.hcl_report[last], b'}', "var_data is JSON and ends the HCL report");
+    e.hcl_report[last - 1] ^= 0x01;
+    let (check, detail) = refused(e, &expected);
+    assert_eq!(check, Check::HclVarData, "{detail}");
+}
+
+#[test]
+fn azure_tampered_snp_report_is_refused_at_report_signature() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let mut e = azure_evidence(&expected);
+    // A byte of report_data (0x50 into the SNP report): what pointing it at other var_data would take.
+    e.hcl_report[HCL_SNP_REPORT_OFFSET + 0x50] ^= 0x01;
+    let (check, detail) = refused(e, &expected);
+    assert_eq!(check, Check::ReportSignature, "{detail}");
+}
+
+#[test]
+fn azure_evidence_under_another_root_is_refused_at_root() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let rogue = MockFirmware::new(&MockRoot::generate(), MockConfig::default());
+    let e = azure::testing::synthetic(|report_data| rogue.report(report_data), &fixtures().2, &expected);
+    let (check, detail) = refused(e, &expected);
+    assert_eq!(check, Check::Root, "{detail}");
+}
+
+#[test]
+fn azure_truncated_hcl_report_is_refused_at_format() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let mut e = azure_evidence(&expected);
+    e.hcl_report.truncate(HCL_SNP_REPORT_OFFSET + 100);
+    let (check, detail) = refused(e, &expected);
+    assert_eq!(check, Check::Format, "{detail}");
+}

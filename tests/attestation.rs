@@ -1,0 +1,128 @@
+//! Attested joins on a real network (mock SNP firmware, loopback gRPC over TLS): every join is
+//! verified and visible, an unapproved measurement is refused until members approve it, a node
+//! joining an open service waits for `transition_node_to_trusted`, and a retired node is shut out.
+
+use std::time::Duration;
+
+use cloister_host::bundled::RECONCILE;
+use cloister_host::client::Client;
+use cloister_host::consensus::Peers;
+use cloister_tests::cluster::Cluster;
+use serde_json::{Value, json};
+
+const UNAPPROVED: &str =
+    "abababababababababababababababababababababababababababababababababababababababababababababababab";
+
+async fn attestations(cluster: &Cluster, via: usize) -> Vec<Value> {
+    let client = cluster.client(via, 0).await.expect("connects");
+    let reply: Value = client.get("/node/attestations").await.unwrap().json().unwrap();
+    reply["nodes"].as_array().cloned().unwrap_or_default()
+}
+
+async fn status_of(cluster: &Cluster, name: &str) -> Option<String> {
+    attestations(cluster, 0)
+        .await
+        .into_iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["status"].as_str().unwrap().to_owned())
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..240 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn pass(client: &Client, cluster: &Cluster, actions: Value) -> Value {
+    let member = &cluster.members[0].keyed;
+    let (_, state) = client.pass(member, &[member], actions).await.expect("the proposal is accepted");
+    assert_eq!(state["state"], "Accepted", "{state}");
+    state
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn joins_are_attested_governed_and_revocable() {
+    let mut cluster = Cluster::prepare(4, 1, RECONCILE, |_| {});
+    // The fourth node runs a guest image the service has not approved.
+    cluster.nodes[3].config.attestation.mock_measurement = Some(UNAPPROVED.into());
+    std::fs::write(&cluster.nodes[3].config_path, cluster.nodes[3].config.to_toml()).unwrap();
+    for i in 0..3 {
+        cluster.spawn(i);
+    }
+    cluster.wait_stable(3, Duration::from_secs(120)).await;
+    cluster.open(0).await;
+
+    // Every node of the 3-node network was verified against the mock root on its way in.
+    let nodes = attestations(&cluster, 1).await;
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    for n in &nodes {
+        assert_eq!(n["status"], "Trusted", "{n}");
+        assert_eq!(n["kind"], "mock", "{n}");
+        assert_eq!(n["verified"]["root"], "mock", "{n}");
+        assert_eq!(n["verified"]["binding_checked"], true, "{n}");
+    }
+
+    // The CLI verifies the same evidence offline, and names the check a stricter policy fails.
+    let client = cluster.client(0, 0).await.unwrap();
+    let mut policy: Value = client.get("/node/attestation/policy").await.unwrap().json().unwrap();
+    let dir = cluster.dir.path();
+    std::fs::write(dir.join("evidence.json"), nodes[2].to_string()).unwrap();
+    std::fs::write(dir.join("policy.json"), policy.to_string()).unwrap();
+    let verify = |policy: &str| {
+        std::process::Command::new(cloister_tests::cli_exe())
+            .args(["attestation", "verify", "evidence.json", "--policy", policy])
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    };
+    let ok = verify("policy.json");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("\"root\": \"mock\""));
+    policy["measurements"] = json!([]);
+    std::fs::write(dir.join("strict.json"), policy.to_string()).unwrap();
+    let refused = verify("strict.json");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("check `measurement`"));
+
+    // The unapproved node is refused at the measurement check, and nothing is recorded.
+    cluster.spawn(3);
+    wait_for("the unapproved node to give up", async || !cluster.nodes[3].is_running()).await;
+    let log = cluster.log(3);
+    assert!(log.contains("refused at check `measurement`") && log.contains(UNAPPROVED), "{log}");
+    assert_eq!(status_of(&cluster, "node3").await, None);
+
+    // Members approve the measurement; the same node now attests, but the service is open, so it
+    // waits as Pending until members trust it.
+    pass(&client, &cluster, json!([{ "name": "add_snp_measurement", "args": { "measurement": UNAPPROVED } }])).await;
+    cluster.spawn(3);
+    wait_for("node3 to be Pending", async || status_of(&cluster, "node3").await.as_deref() == Some("Pending")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        cluster.network(0).await.unwrap()["nodes"].as_array().unwrap().len(),
+        3,
+        "a Pending node is not in Raft"
+    );
+    let id = attestations(&cluster, 0).await.into_iter().find(|n| n["name"] == "node3").unwrap()["node_id"].clone();
+    pass(&client, &cluster, json!([{ "name": "transition_node_to_trusted", "args": { "node_id": id } }])).await;
+    cluster.wait_stable(4, Duration::from_secs(120)).await;
+
+    // Retiring it removes it from the network, and its connections are refused from then on.
+    pass(&client, &cluster, json!([{ "name": "remove_node", "args": { "node_id": id } }])).await;
+    wait_for("node3 to leave Raft", async || {
+        cluster.network(0).await.is_some_and(|n| n["nodes"].as_array().unwrap().len() == 3)
+    })
+    .await;
+    let dir = cluster.nodes[3].config_path.parent().unwrap().to_path_buf();
+    let node3 = cloister_host::node::identity::KeyedCert::read(&dir, "node3").unwrap();
+    let service_ca = std::fs::read_to_string(dir.join("service.cert.pem")).unwrap();
+    let peers = Peers::new(&service_ca, &node3);
+    let peer_url = cluster.nodes[0].config.node.peer_addr.clone();
+    let mut peer = peers.client(&format!("https://{peer_url}")).unwrap();
+    let refused = peer.challenge(cloister_proto::peer::v1::Blob::default()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("retired"), "{}", refused.message());
+}
