@@ -75,12 +75,30 @@ impl ClientCertVerifier for AnyClientCert {
     }
 }
 
+/// A root store holding the service CA.
+fn service_roots(service_ca_pem: &[u8]) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in identity::cert_chain(service_ca_pem)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// The chain a node presents: its certificate, then the service CA.
+fn node_chain(
+    node: &KeyedCert,
+    service_ca_pem: &str,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let mut chain = identity::cert_chain(node.cert_pem.as_bytes())?;
+    chain.extend(identity::cert_chain(service_ca_pem.as_bytes())?);
+    Ok(chain)
+}
+
 /// The server side: this node's certificate (chained to the service CA), any client certificate.
 pub fn server_config(node: &KeyedCert, service_ca_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = provider();
     let verifier = Arc::new(AnyClientCert { algorithms: provider.signature_verification_algorithms });
-    let mut chain = identity::cert_chain(node.cert_pem.as_bytes())?;
-    chain.extend(identity::cert_chain(service_ca_pem.as_bytes())?);
+    let chain = node_chain(node, service_ca_pem)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -95,10 +113,7 @@ pub fn client_config(
     identity: Option<&KeyedCert>,
     alpn_h2_only: bool,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in identity::cert_chain(service_ca_pem)? {
-        roots.add(cert)?;
-    }
+    let roots = service_roots(service_ca_pem)?;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
@@ -117,14 +132,10 @@ pub fn client_config(
 /// The peer listener: node certificates only, chained to the service CA, on both sides.
 pub fn peer_server_config(node: &KeyedCert, service_ca_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in identity::cert_chain(service_ca_pem.as_bytes())? {
-        roots.add(cert)?;
-    }
+    let roots = service_roots(service_ca_pem.as_bytes())?;
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let mut chain = identity::cert_chain(node.cert_pem.as_bytes())?;
-    chain.extend(identity::cert_chain(service_ca_pem.as_bytes())?);
+    let chain = node_chain(node, service_ca_pem)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

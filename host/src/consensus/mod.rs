@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use network::{PEER_MESSAGE_BYTES_MAX, Peers};
+
+/// How long a joining node waits between attempts to attest or to be admitted.
+pub const JOIN_RETRY_MS: u64 = 500;
 pub use server::{Forwarder, PeerRpc, PeerService};
 pub use state_machine::Applied;
 pub use types::{NodeAddr, NodeId, TxEntry, TxKind};
@@ -374,7 +377,7 @@ impl Consensus {
                         anyhow::bail!("joining the network at {peer_url} failed: {}", status.message());
                     }
                     tracing::info!(target = %target, reason = status.message(), "join not accepted yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_millis(JOIN_RETRY_MS)).await;
                 }
             }
         }

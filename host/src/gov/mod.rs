@@ -12,7 +12,7 @@ pub use cloister_sdk::gov::*;
 
 use crate::kv::{KvError, Tx, WriteSet};
 
-fn get<T: serde::de::DeserializeOwned>(tx: &Tx, map: &str, key: &[u8]) -> Result<Option<T>, KvError> {
+pub(crate) fn get<T: serde::de::DeserializeOwned>(tx: &Tx, map: &str, key: &[u8]) -> Result<Option<T>, KvError> {
     Ok(tx.get(map, key)?.map(|v| {
         serde_json::from_slice(&v).unwrap_or_else(|e| panic!("{map} holds a record that does not decode: {e}"))
     }))

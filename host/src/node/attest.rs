@@ -20,14 +20,12 @@ use cloister_proto::peer::v1 as pb;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::AttestationSection;
-use crate::consensus::{NodeAddr, NodeId, Peers, types};
+use crate::consensus::{JOIN_RETRY_MS, NodeAddr, NodeId, Peers, types};
 use crate::gov::{self, NodeRecord, NodeStatus};
 use crate::kv::{KvError, Tx};
 
 /// Authenticated alongside the sealed ledger secret.
 pub const SECRET_AAD: &[u8] = b"cloister ledger secret for a joining node";
-/// How long a joining node waits between attempts while it is Pending or the leader is unknown.
-pub const JOIN_RETRY_MS: u64 = 500;
 
 /// The DER SubjectPublicKeyInfo of a certificate (DER): what evidence binds.
 pub fn spki_of(cert_der: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -90,17 +88,13 @@ impl Attester {
     }
 }
 
-fn get<T: serde::de::DeserializeOwned>(tx: &Tx, map: &str, key: &[u8]) -> Result<Option<T>, KvError> {
-    Ok(tx.get(map, key)?.and_then(|v| serde_json::from_slice(&v).ok()))
-}
-
 /// The policy the service's state says: its pinned roots and the governed allow-lists.
 pub fn policy(tx: &Tx) -> Result<Policy, KvError> {
-    let roots: Roots = get(tx, gov::ATTESTATION_ROOT, gov::ROOT_KEY)?.unwrap_or(Roots::Amd);
+    let roots: Roots = gov::get(tx, gov::ATTESTATION_ROOT, gov::ROOT_KEY)?.unwrap_or(Roots::Amd);
     let keys = |map: &str| -> Result<std::collections::BTreeSet<String>, KvError> {
         Ok(gov::all::<serde_json::Value>(tx, map)?.into_iter().map(|(k, _)| k).collect())
     };
-    let min: Option<gov::Tcb> = get(tx, gov::MIN_TCB, gov::MIN_TCB_KEY)?;
+    let min: Option<gov::Tcb> = gov::get(tx, gov::MIN_TCB, gov::MIN_TCB_KEY)?;
     let min_tcb = min
         .map(|t| Tcb { bootloader: t.bootloader, tee: t.tee, snp: t.snp, microcode: t.microcode, fmc: Some(t.fmc) })
         .unwrap_or_default();
