@@ -340,11 +340,6 @@ impl MockFirmware {
             ark: Some(self.ark.clone()),
         }
     }
-
-    /// The VCEK's private key, PKCS#8 PEM: for tests that forge reports.
-    pub fn vcek_key_pem(&self) -> String {
-        self.vcek_key.to_pkcs8_pem(LineEnding::LF).expect("a key encodes").to_string()
-    }
 }
 
 #[cfg(test)]
