@@ -1,9 +1,11 @@
 //! Attested joins on a real network (mock SNP firmware, loopback gRPC over TLS): every join is
-//! verified and visible, an unapproved measurement is refused until members approve it, a node
-//! joining an open service waits for `transition_node_to_trusted`, and a retired node is shut out.
+//! verified both ways and visible, a joining node refuses a leader it was not told to expect, an
+//! unapproved measurement is refused until members approve it, a node joining an open service
+//! waits for `transition_node_to_trusted`, and a retired node is shut out.
 
 use std::time::Duration;
 
+use cloister_attestation::Nonce;
 use cloister_host::bundled::RECONCILE;
 use cloister_host::client::Client;
 use cloister_host::consensus::Peers;
@@ -47,16 +49,20 @@ async fn pass(client: &Client, cluster: &Cluster, actions: Value) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn joins_are_attested_governed_and_revocable() {
     let mut cluster = Cluster::prepare(4, 1, RECONCILE, |_| {});
-    // The fourth node runs a guest image the service has not approved.
-    cluster.nodes[3].config.attestation.mock_measurement = Some(UNAPPROVED.into());
-    std::fs::write(&cluster.nodes[3].config_path, cluster.nodes[3].config.to_toml()).unwrap();
+    // The fourth node runs a guest image the service has not approved: its configuration is the
+    // same as the others', and the operator's flags override the measurement its mock reports.
+    cluster.nodes[3].start_args = ["--attestation", "mock", "--mock-measurement", UNAPPROVED].map(String::from).into();
     for i in 0..3 {
         cluster.spawn(i);
     }
     cluster.wait_stable(3, Duration::from_secs(120)).await;
     cluster.open(0).await;
 
-    // Every node of the 3-node network was verified against the mock root on its way in.
+    // Every node of the 3-node network was verified against the mock root on its way in, and each
+    // joining node verified the leader's evidence before presenting its own.
+    for i in 1..3 {
+        assert!(cluster.log(i).contains("verified the leader's evidence"), "{}", cluster.log(i));
+    }
     let nodes = attestations(&cluster, 1).await;
     assert_eq!(nodes.len(), 3, "{nodes:?}");
     for n in &nodes {
@@ -88,10 +94,32 @@ async fn joins_are_attested_governed_and_revocable() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("check `measurement`"));
 
-    // The unapproved node is refused at the measurement check, and nothing is recorded.
+    // A joining node that expects another leader measurement refuses the leader's evidence.
+    let set_join_measurements = |cluster: &mut Cluster, pinned: &str| {
+        let node = &mut cluster.nodes[3];
+        node.config.attestation.join_measurements = vec![pinned.to_owned()];
+        std::fs::write(&node.config_path, node.config.to_toml()).unwrap();
+    };
+    set_join_measurements(&mut cluster, UNAPPROVED);
+    cluster.spawn(3);
+    wait_for("node3 to refuse the leader", async || !cluster.nodes[3].is_running()).await;
+    let log = cluster.log(3);
+    let refusal = format!(
+        "this node refused the leader's evidence: attestation refused at check `measurement`: measurement {} is not \
+         in attestation.join_measurements",
+        hex::encode(cloister_attestation::mock::default_measurement())
+    );
+    assert!(log.contains(&refusal), "{log}");
+    assert_eq!(status_of(&cluster, "node3").await, None);
+
+    // Pinned to the leader's real measurement, it goes on to attest, and the leader refuses it at
+    // the measurement check; nothing is recorded.
+    set_join_measurements(&mut cluster, &hex::encode(cloister_attestation::mock::default_measurement()));
+    let seen = cluster.log(3).len();
     cluster.spawn(3);
     wait_for("the unapproved node to give up", async || !cluster.nodes[3].is_running()).await;
-    let log = cluster.log(3);
+    let log = cluster.log(3)[seen..].to_owned();
+    assert!(log.contains("verified the leader's evidence"), "{log}");
     assert!(log.contains("refused at check `measurement`") && log.contains(UNAPPROVED), "{log}");
     assert_eq!(status_of(&cluster, "node3").await, None);
 
@@ -106,6 +134,18 @@ async fn joins_are_attested_governed_and_revocable() {
         3,
         "a Pending node is not in Raft"
     );
+    // While Pending, its certificate passes the peer handshake (it must reach `Attest`), but Raft,
+    // forwarding and join requests are refused.
+    let dir = cluster.nodes[3].config_path.parent().unwrap().to_path_buf();
+    let node3 = cloister_host::node::identity::KeyedCert::read(&dir, "node3").unwrap();
+    let service_ca = std::fs::read_to_string(dir.join("service.cert.pem")).unwrap();
+    let peers = Peers::new(&service_ca, &node3);
+    let peer_url = format!("https://{}", cluster.nodes[0].config.node.peer_addr);
+    let forward = cloister_proto::peer::v1::ForwardRequest { path: "/app/report".into(), ..Default::default() };
+    let refused = peers.client(&peer_url).unwrap().forward(forward).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("Pending"), "{}", refused.message());
+
     let id = attestations(&cluster, 0).await.into_iter().find(|n| n["name"] == "node3").unwrap()["node_id"].clone();
     pass(&client, &cluster, json!([{ "name": "transition_node_to_trusted", "args": { "node_id": id } }])).await;
     cluster.wait_stable(4, Duration::from_secs(120)).await;
@@ -116,13 +156,21 @@ async fn joins_are_attested_governed_and_revocable() {
         cluster.network(0).await.is_some_and(|n| n["nodes"].as_array().unwrap().len() == 3)
     })
     .await;
-    let dir = cluster.nodes[3].config_path.parent().unwrap().to_path_buf();
-    let node3 = cloister_host::node::identity::KeyedCert::read(&dir, "node3").unwrap();
-    let service_ca = std::fs::read_to_string(dir.join("service.cert.pem")).unwrap();
-    let peers = Peers::new(&service_ca, &node3);
-    let peer_url = cluster.nodes[0].config.node.peer_addr.clone();
-    let mut peer = peers.client(&format!("https://{peer_url}")).unwrap();
-    let refused = peer.challenge(cloister_proto::peer::v1::Blob::default()).await.unwrap_err();
+    let challenge = || cloister_proto::peer::v1::ChallengeRequest { nonce: Nonce::random().0.to_vec() };
+    // The connection it opened while Pending is still up, and refuses every request...
+    let refused = peers.client(&peer_url).unwrap().challenge(challenge()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("retired"), "{}", refused.message());
+    // ...and a new connection fails in the handshake.
+    let fresh = Peers::new(&service_ca, &node3);
+    let refused = fresh.client(&peer_url).unwrap().challenge(challenge()).await.unwrap_err();
+    // (TLS 1.3 checks the client's certificate after the client's Finished, so the refusal
+    // surfaces as the alert on the first request.)
+    assert!(format!("{refused:?}").contains("received fatal alert: CertificateRevoked"), "{refused:?}");
+    let log = cluster.log(0);
+    assert!(
+        log.contains("refused a peer's TLS handshake")
+            && log.contains(&format!("node {} is retired", id.as_str().unwrap())),
+        "{log}"
+    );
 }

@@ -100,6 +100,9 @@ pub struct AttestationSection {
     pub mock_host_data: Option<String>,
     /// How long a nonce this node issues to a joining node stays valid, in seconds.
     pub nonce_ttl_s: u64,
+    /// The launch measurements (hex, 48 bytes) this node accepts from the leader it joins
+    /// through. Empty: any measurement, once the rest of the leader's evidence verifies.
+    pub join_measurements: Vec<String>,
 }
 
 impl Default for AttestationSection {
@@ -112,6 +115,7 @@ impl Default for AttestationSection {
             mock_measurement: None,
             mock_host_data: None,
             nonce_ttl_s: cloister_attestation::NONCE_TTL_S,
+            join_measurements: Vec::new(),
         }
     }
 }
@@ -372,6 +376,9 @@ impl NodeConfig {
                 return Err(format!("attestation.{name} must be {len} bytes of hex, not {v:?}"));
             }
         }
+        if let Some(m) = a.join_measurements.iter().find(|m| hex::decode(m).map(|b| b.len()) != Ok(48)) {
+            return Err(format!("attestation.join_measurements holds {m:?}, not 48 bytes of hex"));
+        }
         if self.genesis.attestation == GenesisAttestation::Mock && a.mock_root.is_none() {
             return Err("genesis.attestation = \"mock\" needs attestation.mock_root (the test ARK's folder)".into());
         }
@@ -458,5 +465,20 @@ mod tests {
         let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\n");
         let c: NodeConfig = toml::from_str(&big).unwrap();
         assert!(c.check().unwrap_err().contains("wasm.request_bytes_max"));
+    }
+
+    #[test]
+    fn attestation_hex_fields_are_checked_at_their_length() {
+        let with = |field: &str, value: String| -> Result<(), String> {
+            toml::from_str::<NodeConfig>(&format!("{MINIMAL}\n[attestation]\n{field} = {value}\n")).unwrap().check()
+        };
+        let hex48 = "ab".repeat(48);
+        assert_eq!(with("mock_measurement", format!("{hex48:?}")), Ok(()));
+        assert!(with("mock_measurement", format!("{:?}", "ab".repeat(47))).unwrap_err().contains("48 bytes"));
+        assert_eq!(with("join_measurements", format!("[{hex48:?}, {:?}]", hex48.to_uppercase())), Ok(()));
+        let err = with("join_measurements", format!("[{hex48:?}, {:?}]", "ab".repeat(49))).unwrap_err();
+        assert!(err.contains("join_measurements"), "{err}");
+        assert!(with("join_measurements", "[\"not hex\"]".into()).is_err());
+        assert!(with("nonce_ttl_s", "0".into()).unwrap_err().contains("nonce_ttl_s"));
     }
 }

@@ -20,6 +20,8 @@ pub struct NodeProc {
     pub config_path: PathBuf,
     pub config: NodeConfig,
     pub rest_url: String,
+    /// Flags added after `node start --config FILE`, such as `--mock-measurement HEX`.
+    pub start_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -130,7 +132,7 @@ impl Cluster {
             let config_path = d.join(format!("{name}.toml"));
             std::fs::write(&config_path, config.to_toml()).unwrap();
             let rest_url = format!("https://{}", addr(0));
-            cluster.nodes.push(NodeProc { name, config_path, config, rest_url, child: None });
+            cluster.nodes.push(NodeProc { name, config_path, config, rest_url, start_args: Vec::new(), child: None });
         }
         cluster
     }
@@ -146,6 +148,7 @@ impl Cluster {
         let child = Command::new(crate::cli_exe())
             .args(["node", "start", "--config"])
             .arg(&node.config_path)
+            .args(&node.start_args)
             .env("CLOISTER_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -610,12 +610,15 @@ impl ServiceForwarder {
 
 #[tonic::async_trait]
 impl Forwarder for ServiceForwarder {
-    async fn challenge(&self) -> Result<cloister_proto::peer::v1::Blob, tonic::Status> {
+    async fn challenge(
+        &self,
+        request: cloister_proto::peer::v1::ChallengeRequest,
+    ) -> Result<cloister_proto::peer::v1::ChallengeReply, tonic::Status> {
         let service = self.service()?;
         if !service.consensus.is_leader() {
             return Err(service.consensus.not_leader_status());
         }
-        Ok(cloister_proto::peer::v1::Blob { data: service.joins.nonces.issue().0.to_vec() })
+        service.joins.challenge(&request.nonce).await
     }
 
     async fn attest(

@@ -129,12 +129,84 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// The peer listener: node certificates only, chained to the service CA, on both sides.
-pub fn peer_server_config(node: &KeyedCert, service_ca_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// Decides during the peer handshake whether a certificate that chains to the service CA may
+/// connect at all; the error says why not, for the node's log.
+pub type PeerGate = Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
+
+/// The service-CA chain check, then the [`PeerGate`].
+struct GatedPeerCert {
+    chain: Arc<dyn ClientCertVerifier>,
+    gate: PeerGate,
+}
+
+impl std::fmt::Debug for GatedPeerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatedPeerCert").field("chain", &self.chain).finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for GatedPeerCert {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.chain.verify_client_cert(end_entity, intermediates, now)?;
+        (self.gate)(end_entity.as_ref()).map_err(|reason| {
+            tracing::warn!(%reason, "refused a peer's TLS handshake");
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+/// The peer listener: node certificates only, chained to the service CA, on both sides, and
+/// admitted by `gate` (which refuses retired nodes).
+pub fn peer_server_config(
+    node: &KeyedCert,
+    service_ca_pem: &str,
+    gate: PeerGate,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = provider();
     let roots = service_roots(service_ca_pem.as_bytes())?;
-    let verifier =
+    let chain =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = Arc::new(GatedPeerCert { chain, gate });
     let chain = node_chain(node, service_ca_pem)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -30,8 +30,9 @@ pub enum PeerRpc {
 #[tonic::async_trait]
 pub trait Forwarder: Send + Sync + 'static {
     async fn forward(&self, request: pb::ForwardRequest) -> Result<pb::ForwardReply, Status>;
-    /// A fresh nonce for a joining node (leader only).
-    async fn challenge(&self) -> Result<pb::Blob, Status>;
+    /// A fresh nonce for a joining node, and the leader's evidence bound to the node's nonce
+    /// (leader only).
+    async fn challenge(&self, request: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status>;
     /// Verifies and records a joining node's evidence (leader only).
     async fn attest(&self, peer_cert: Vec<u8>, request: pb::AttestRequest) -> Result<pb::AttestReply, Status>;
     /// Refuses `rpc` from the node with `peer_cert` unless its standing in `gov.nodes` allows it.
@@ -133,9 +134,9 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(self.forwarder.forward(req.into_inner()).await?))
     }
 
-    async fn challenge(&self, req: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+    async fn challenge(&self, req: Request<pb::ChallengeRequest>) -> Result<Response<pb::ChallengeReply>, Status> {
         self.authorize(&req, PeerRpc::Attest)?;
-        Ok(Response::new(self.forwarder.challenge().await?))
+        Ok(Response::new(self.forwarder.challenge(req.into_inner()).await?))
     }
 
     async fn attest(&self, req: Request<pb::AttestRequest>) -> Result<Response<pb::AttestReply>, Status> {

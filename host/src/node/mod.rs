@@ -35,6 +35,7 @@ async fn ledger_secret(
     peers: &Peers,
     me: (consensus::NodeId, NodeAddr),
     attester: &Attester,
+    service_cert: &str,
 ) -> anyhow::Result<[u8; 32]> {
     let sealing = seal::sealing_key_from_node_key(&node.key_pem)?;
     let path = config.node.data_dir.join(SECRET_FILE);
@@ -51,7 +52,8 @@ async fn ledger_secret(
     let secret = match &config.network.join {
         Some(url) => {
             let timeout = Duration::from_millis(config.raft.join_timeout_ms);
-            attest::join(peers, url, me, &node.cert_pem, &node.key_pem, attester, timeout).await?
+            let leader = attest::LeaderCheck::from_config(&config.attestation, service_cert)?;
+            attest::join(peers, url, me, node, attester, &leader, timeout).await?
         }
         None => Sealer::generate_secret(),
     };
@@ -105,7 +107,7 @@ impl Node {
         let node_cert = identity::read_pair(&config.tls.node_cert, &config.tls.node_key)?;
         let id = consensus::node_id_of(&identity::cert_der(node_cert.cert_pem.as_bytes())?);
         let peers = Peers::new(&service_cert, &node_cert);
-        let attester = Attester::from_config(&config.attestation)?;
+        let attester = Arc::new(Attester::from_config(&config.attestation)?);
 
         let rest_listener = bind(&config.node.rest_addr).await?;
         let grpc_listener = bind(&config.node.grpc_addr).await?;
@@ -118,7 +120,7 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let secret = ledger_secret(&config, &node_cert, &peers, (id, me.clone()), &attester).await?;
+        let secret = ledger_secret(&config, &node_cert, &peers, (id, me.clone()), &attester, &service_cert).await?;
         let sealer = Arc::new(Sealer::new(&secret));
         let store = Store::open_sealed(&data_dir.join("state.redb"), sealer.clone())?;
         let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
@@ -132,14 +134,26 @@ impl Node {
             config.limits.clone(),
             config.gov.clone(),
             info,
-            Arc::new(attest::Joins::new(&config.attestation, secret)),
+            Arc::new(attest::Joins::new(
+                &config.attestation,
+                secret,
+                attester.clone(),
+                identity::cert_der(node_cert.cert_pem.as_bytes())?.to_vec(),
+            )?),
         )?);
 
         let cancel = CancellationToken::new();
         let limits = &config.limits;
         let handshake = Duration::from_millis(limits.handshake_timeout_ms);
         let tls = tls::server_config(&node_cert, &service_cert)?;
-        let peer_tls = tls::peer_server_config(&node_cert, &service_cert)?;
+        // The gate holds the service weakly, as the forwarder does, so a shut-down node's
+        // handshakes in flight do not keep its databases open.
+        let weak = Arc::downgrade(&service);
+        let gate: tls::PeerGate = Arc::new(move |cert| {
+            let service = weak.upgrade().ok_or("the node is shutting down")?;
+            service.gov_read(|tx| Ok(attest::handshake_gate(tx, cert))).map_err(|e| e.to_string())?
+        });
+        let peer_tls = tls::peer_server_config(&node_cert, &service_cert, gate)?;
         let mut tasks = Vec::new();
 
         let forwarder = Arc::new(ServiceForwarder(Arc::downgrade(&service)));
@@ -310,17 +324,11 @@ async fn genesis_attestation(
     node_cert: &str,
     attester: &Attester,
 ) -> anyhow::Result<gov::GenesisAttestation> {
-    use cloister_attestation::{Nonce, Policy, Roots, binding, verify};
+    use cloister_attestation::{Nonce, Roots, binding};
     let roots = match config.genesis.attestation {
         crate::config::GenesisAttestation::Amd => Roots::Amd,
         crate::config::GenesisAttestation::Mock => {
-            let dir = config
-                .attestation
-                .mock_root
-                .as_ref()
-                .context("genesis.attestation = \"mock\" needs attestation.mock_root")?;
-            let root = cloister_attestation::mock::MockRoot::read_or_generate(dir)
-                .with_context(|| format!("reading the mock firmware's test root in {}", dir.display()))?;
+            let root = attest::mock_root(&config.attestation)?;
             tracing::warn!(ark = ?root, "this service pins the mock firmware's TEST root: for tests and sandboxes only");
             Roots::Mock { ark: root.ark_der() }
         }
@@ -328,15 +336,7 @@ async fn genesis_attestation(
     let spki = attest::spki_of(&identity::cert_der(node_cert.as_bytes())?)?;
     let nonce = Nonce::random();
     let evidence = attester.evidence(binding(&spki, &nonce)).await.context("collecting this node's evidence")?;
-    let (measurement, host_data) = cloister_attestation::verify::launch_claims(&evidence)
-        .map_err(|e| anyhow::anyhow!("this node's evidence does not parse: {e}"))?;
-    let policy = Policy {
-        roots: roots.clone(),
-        measurements: [measurement].into(),
-        host_data: [host_data].into(),
-        min_tcb: Default::default(),
-    };
-    let verified = verify(&evidence, &policy, Some(&binding(&spki, &nonce)))
+    let verified = attest::verify_claimed(&evidence, &roots, None, &binding(&spki, &nonce))
         .map_err(|e| anyhow::anyhow!("this node's own evidence is refused, so it cannot start a service: {e}"))?;
     Ok(gov::GenesisAttestation {
         roots: serde_json::to_value(&roots)?,
