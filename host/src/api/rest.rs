@@ -135,7 +135,9 @@ async fn attestations(State(service): State<Arc<Service>>) -> Result<impl IntoRe
 
 /// The attestation policy this service enforces: its pinned roots and the governed allow-lists.
 async fn attestation_policy(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
-    let policy = service.gov_read(|tx| Ok(crate::node::attest::policy(tx)?))?;
+    let policy = service
+        .gov_read(|tx| Ok(crate::node::attest::policy(tx)?))?
+        .ok_or_else(|| ApiError::unavailable("this node holds no service state yet"))?;
     Ok(axum::Json(policy))
 }
 

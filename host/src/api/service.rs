@@ -485,12 +485,15 @@ impl Service {
             tracing::warn!(node = %addr.name, id, check = e.check.as_str(), detail = %e.detail, "attestation refused");
             tonic::Status::permission_denied(e.to_string())
         };
+        // Unavailable, which the joining node retries: a leader whose genesis has not committed
+        // yet has no policy to judge by.
+        let policy = attest::policy(&self.store.begin().map_err(|e| ApiError::from(e).to_status())?)
+            .map_err(|e| ApiError::from(e).to_status())?
+            .ok_or_else(|| tonic::Status::unavailable("the service's genesis has not committed yet"))?;
         let nonce = Nonce::from_slice(&request.nonce).map_err(refused)?;
         self.joins.nonces.redeem(&nonce).map_err(refused)?;
         let evidence = Evidence::from_json(&request.evidence).map_err(refused)?;
         let spki = attest::spki_of(&cert).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let policy = attest::policy(&self.store.begin().map_err(|e| ApiError::from(e).to_status())?)
-            .map_err(|e| ApiError::from(e).to_status())?;
         let expected = cloister_attestation::binding(&spki, &nonce);
         let verified = cloister_attestation::verify(&evidence, &policy, Some(&expected)).map_err(refused)?;
         tracing::info!(node = %addr.name, id, measurement = %verified.measurement, "attestation verified");

@@ -164,9 +164,13 @@ impl Attester {
     }
 }
 
-/// The policy the service's state says: its pinned roots and the governed allow-lists.
-pub fn policy(tx: &Tx) -> Result<Policy, KvError> {
-    let roots: Roots = gov::get(tx, gov::ATTESTATION_ROOT, gov::ROOT_KEY)?.unwrap_or(Roots::Amd);
+/// The policy the service's state says: its pinned roots and the governed allow-lists. None until
+/// the genesis transaction that pins the roots has committed: a leader elected moments before has
+/// no policy yet, and must not judge evidence by a default one.
+pub fn policy(tx: &Tx) -> Result<Option<Policy>, KvError> {
+    let Some(roots) = gov::get::<Roots>(tx, gov::ATTESTATION_ROOT, gov::ROOT_KEY)? else {
+        return Ok(None);
+    };
     let keys = |map: &str| -> Result<std::collections::BTreeSet<String>, KvError> {
         Ok(gov::all::<serde_json::Value>(tx, map)?.into_iter().map(|(k, _)| k).collect())
     };
@@ -174,7 +178,7 @@ pub fn policy(tx: &Tx) -> Result<Policy, KvError> {
     let min_tcb = min
         .map(|t| Tcb { bootloader: t.bootloader, tee: t.tee, snp: t.snp, microcode: t.microcode, fmc: Some(t.fmc) })
         .unwrap_or_default();
-    Ok(Policy { roots, measurements: keys(gov::MEASUREMENTS)?, host_data: keys(gov::HOST_DATA)?, min_tcb })
+    Ok(Some(Policy { roots, measurements: keys(gov::MEASUREMENTS)?, host_data: keys(gov::HOST_DATA)?, min_tcb }))
 }
 
 /// A node's standing, by the certificate it connected with.
@@ -476,6 +480,20 @@ mod tests {
         let f = fixture(&[hex::encode(default_measurement()), other]);
         let reply = f.leader.challenge(&mine.0).await.unwrap();
         assert!(f.check.verify(&reply, &mine).is_ok());
+    }
+
+    #[test]
+    fn there_is_no_policy_until_genesis_pins_the_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::kv::Store::open(&dir.path().join("state.redb")).unwrap();
+        assert_eq!(policy(&store.begin().unwrap()).unwrap(), None, "no default roots to judge by");
+        let mut ws = crate::kv::WriteSet::default();
+        ws.put(gov::ATTESTATION_ROOT, gov::ROOT_KEY, &serde_json::to_vec(&Roots::Amd).unwrap());
+        ws.put(gov::MEASUREMENTS, "ab".repeat(48).as_bytes(), b"{}");
+        store.apply(&ws).unwrap();
+        let policy = policy(&store.begin().unwrap()).unwrap().expect("a policy once the roots are pinned");
+        assert_eq!((policy.roots, policy.measurements), (Roots::Amd, ["ab".repeat(48)].into()));
+        assert!(policy.host_data.is_empty());
     }
 
     #[tokio::test]
