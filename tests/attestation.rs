@@ -164,9 +164,13 @@ async fn joins_are_attested_governed_and_revocable() {
     // ...and a new connection fails in the handshake.
     let fresh = Peers::new(&service_ca, &node3);
     let refused = fresh.client(&peer_url).unwrap().challenge(challenge()).await.unwrap_err();
-    // (TLS 1.3 checks the client's certificate after the client's Finished, so the refusal
-    // surfaces as the alert on the first request.)
-    assert!(format!("{refused:?}").contains("received fatal alert: CertificateRevoked"), "{refused:?}");
+    // TLS 1.3 checks the client's certificate after the client's Finished, so the refusal reaches
+    // the first request as a transport error: the `certificate_revoked` alert, or the closed
+    // connection when that wins the race. The node's log says which certificate it refused.
+    assert!(
+        matches!(refused.code(), tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled),
+        "{refused:?}"
+    );
     let log = cluster.log(0);
     assert!(
         log.contains("refused a peer's TLS handshake")
