@@ -551,16 +551,18 @@ impl Service {
     pub fn authorize_peer(&self, cert: &[u8], rpc: PeerRpc) -> Result<(), tonic::Status> {
         let tx = self.store.begin().map_err(|e| ApiError::from(e).to_status())?;
         let standing = attest::standing(&tx, cert).map_err(|e| ApiError::from(e).to_status())?;
-        let id = crate::consensus::node_id_of(cert);
+        // The node id is a hash of the certificate: worked out only for a refusal's message.
+        let id = || crate::consensus::node_id_of(cert);
         match (standing, rpc) {
             (attest::Standing::Retired, _) => {
-                Err(tonic::Status::permission_denied(format!("node {id} is retired; its connections are refused")))
+                Err(tonic::Status::permission_denied(format!("node {} is retired; its connections are refused", id())))
             }
             (attest::Standing::Trusted, _) | (_, PeerRpc::Attest) | (attest::Standing::NoState, PeerRpc::Raft) => {
                 Ok(())
             }
             (standing, rpc) => Err(tonic::Status::permission_denied(format!(
-                "node {id} is {standing:?} in gov.nodes; {rpc:?} requests need a Trusted node"
+                "node {} is {standing:?} in gov.nodes; {rpc:?} requests need a Trusted node",
+                id()
             ))),
         }
     }

@@ -94,17 +94,28 @@ fn node_chain(
     Ok(chain)
 }
 
+/// A server presenting this node's certificate (chained to the service CA), checking client
+/// certificates with `verifier`, offering the protocols `alpn`.
+fn server_with(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    node: &KeyedCert,
+    service_ca_pem: &str,
+    alpn: &[&[u8]],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(node_chain(node, service_ca_pem)?, identity::private_key(node.key_pem.as_bytes())?)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
 /// The server side: this node's certificate (chained to the service CA), any client certificate.
 pub fn server_config(node: &KeyedCert, service_ca_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = provider();
     let verifier = Arc::new(AnyClientCert { algorithms: provider.signature_verification_algorithms });
-    let chain = node_chain(node, service_ca_pem)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, identity::private_key(node.key_pem.as_bytes())?)?;
-    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(config))
+    server_with(provider, verifier, node, service_ca_pem, &ALPN)
 }
 
 /// The client side: trusts only the service CA, optionally presents an identity.
@@ -206,12 +217,5 @@ pub fn peer_server_config(
     let roots = service_roots(service_ca_pem.as_bytes())?;
     let chain =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let verifier = Arc::new(GatedPeerCert { chain, gate });
-    let chain = node_chain(node, service_ca_pem)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, identity::private_key(node.key_pem.as_bytes())?)?;
-    config.alpn_protocols = vec![ALPN[0].to_vec()];
-    Ok(Arc::new(config))
+    server_with(provider, Arc::new(GatedPeerCert { chain, gate }), node, service_ca_pem, &ALPN[..1])
 }

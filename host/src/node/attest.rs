@@ -212,11 +212,11 @@ pub fn standing(tx: &Tx, cert_der: &[u8]) -> Result<Standing, KvError> {
 /// request; every other standing is decided per request (`Service::authorize_peer`), because a
 /// joining node must reach `Challenge` and `Attest` before it is Trusted. Fails closed.
 pub fn handshake_gate(tx: &Tx, cert_der: &[u8]) -> Result<(), String> {
-    let id = crate::consensus::node_id_of(cert_der);
+    let id = || crate::consensus::node_id_of(cert_der);
     match standing(tx, cert_der) {
-        Ok(Standing::Retired) => Err(format!("node {id} is retired")),
+        Ok(Standing::Retired) => Err(format!("node {} is retired", id())),
         Ok(_) => Ok(()),
-        Err(e) => Err(format!("reading gov.nodes for node {id}: {e}")),
+        Err(e) => Err(format!("reading gov.nodes for node {}: {e}", id())),
     }
 }
 
@@ -362,7 +362,11 @@ pub fn record(
     }
 }
 
-/// On the leader, removes Retired nodes from Raft's membership, once a second, until cancelled.
+/// How often the leader looks for Retired nodes still in Raft's membership.
+pub const RETIRE_POLL_MS: u64 = 1000;
+
+/// On the leader, removes Retired nodes from Raft's membership, every `RETIRE_POLL_MS`, until
+/// cancelled.
 pub async fn retire_removed(
     store: crate::kv::Store,
     consensus: crate::consensus::Consensus,
@@ -371,7 +375,7 @@ pub async fn retire_removed(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(RETIRE_POLL_MS)) => {}
         }
         if !consensus.is_leader() {
             continue;

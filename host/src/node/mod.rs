@@ -105,7 +105,8 @@ impl Node {
         let service_cert = std::fs::read_to_string(&config.tls.service_cert)
             .with_context(|| format!("reading the service certificate {}", config.tls.service_cert.display()))?;
         let node_cert = identity::read_pair(&config.tls.node_cert, &config.tls.node_key)?;
-        let id = consensus::node_id_of(&identity::cert_der(node_cert.cert_pem.as_bytes())?);
+        let node_cert_der = identity::cert_der(node_cert.cert_pem.as_bytes())?.to_vec();
+        let id = consensus::node_id_of(&node_cert_der);
         let peers = Peers::new(&service_cert, &node_cert);
         let attester = Arc::new(Attester::from_config(&config.attestation)?);
 
@@ -134,12 +135,7 @@ impl Node {
             config.limits.clone(),
             config.gov.clone(),
             info,
-            Arc::new(attest::Joins::new(
-                &config.attestation,
-                secret,
-                attester.clone(),
-                identity::cert_der(node_cert.cert_pem.as_bytes())?.to_vec(),
-            )?),
+            Arc::new(attest::Joins::new(&config.attestation, secret, attester.clone(), node_cert_der)?),
         )?);
 
         let cancel = CancellationToken::new();
