@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use cloister_attestation::Nonce;
-use cloister_host::bundled::RECONCILE;
-use cloister_host::client::Client;
-use cloister_host::consensus::Peers;
+use cloister_bundled::RECONCILE;
+use cloister_client::Client;
+use cloister_consensus::Peers;
 use cloister_tests::cluster::Cluster;
 use serde_json::{Value, json};
 
@@ -137,7 +137,7 @@ async fn joins_are_attested_governed_and_revocable() {
     // While Pending, its certificate passes the peer handshake (it must reach `Attest`), but Raft,
     // forwarding and join requests are refused.
     let dir = cluster.nodes[3].config_path.parent().unwrap().to_path_buf();
-    let node3 = cloister_host::node::identity::KeyedCert::read(&dir, "node3").unwrap();
+    let node3 = cloister_crypto::identity::KeyedCert::read(&dir, "node3").unwrap();
     let service_ca = std::fs::read_to_string(dir.join("service.cert.pem")).unwrap();
     let peers = Peers::new(&service_ca, &node3);
     let peer_url = format!("https://{}", cluster.nodes[0].config.node.peer_addr);

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use cloister_host::kv::Store;
-use cloister_host::wasm::{Invocation, Limits, LoadedModule, Runtime};
+use cloister_runtime::{Invocation, Limits, LoadedModule, Runtime};
 use cloister_sdk::abi::{self, Privilege, RequestHead};
 use cloister_sdk::{Caller, Error};
+use cloister_store::Store;
 use cloister_tests::conformance::{self, Call, ScenarioClient};
 use serde_json::Value;
 
@@ -22,7 +22,7 @@ impl InProcess {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.redb")).unwrap();
         let runtime = Runtime::new(Limits::default()).unwrap();
-        let module = runtime.load(cloister_host::bundled::RECONCILE).unwrap();
+        let module = runtime.load(cloister_bundled::RECONCILE).unwrap();
         InProcess { _dir: dir, runtime, store, module }
     }
 

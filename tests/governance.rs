@@ -3,12 +3,12 @@
 //! settings, a malicious constitution, and the service lifecycle.
 
 use base64::Engine as _;
-use cloister_host::bundled::{CONSTITUTION, RECONCILE};
-use cloister_host::client::{COSE_CONTENT_TYPE, Client, sign_gov, unix_now};
-use cloister_host::gov::engine::GovWrite;
-use cloister_host::gov::{self, HistoryRecord};
-use cloister_host::node::identity::KeyedCert;
-use cloister_tests::{Identity, TestService, misbehave_wasm};
+use cloister_bundled::{CONSTITUTION, RECONCILE};
+use cloister_client::{COSE_CONTENT_TYPE, Client, sign_gov, unix_now};
+use cloister_crypto::cose::{self, GovWrite};
+use cloister_crypto::identity::KeyedCert;
+use cloister_store::gov::{self, HistoryRecord};
+use cloister_tests::{TestService, misbehave_wasm, new_identity};
 use serde_json::{Value, json};
 
 fn b64(bytes: &[u8]) -> String {
@@ -118,6 +118,14 @@ async fn every_proposal_state() {
     assert!(answer["reason"].as_str().unwrap().contains("misbehave panicked"), "{answer}");
     let tx = s.node().service().store().begin().unwrap();
     assert_eq!(tx.get(gov::APP_CONFIG, b"misbehave").unwrap(), None, "the failed apply wrote nothing");
+    // Failed: an apply that writes a member record the node could not read back is refused by
+    // the node's check of its effects, so reading gov.members can never meet it.
+    let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "corrupt_members" }]))).await.unwrap();
+    assert_eq!(answer["state"], "Failed", "{answer}");
+    assert!(answer["reason"].as_str().unwrap().contains("gov.members cannot hold this record"), "{answer}");
+    let tx = s.node().service().store().begin().unwrap();
+    assert_eq!(tx.get(gov::MEMBERS, b"me").unwrap(), None, "the malformed member record was not written");
+    assert_eq!(c.get("/gov/members").await.unwrap().status, 200, "members still read");
     // A harmless action through the same constitution applies, and does write.
     let ok = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "noop" }]))).await.unwrap();
     assert_eq!(ok["state"], "Accepted");
@@ -139,7 +147,7 @@ async fn refused_requests_change_nothing() {
         async move { c.post(&write.path(), COSE_CONTENT_TYPE, body).await.unwrap() }
     };
     let vote_write = GovWrite::Vote(id.clone());
-    let expect = |reply: cloister_host::client::Reply, status: u16, code: &str| {
+    let expect = |reply: cloister_client::Reply, status: u16, code: &str| {
         assert_eq!(reply.status, status, "{code}: {}", reply.text());
         assert_eq!(reply.json().unwrap()["error"]["code"], code, "{}", reply.text());
     };
@@ -159,7 +167,7 @@ async fn refused_requests_change_nothing() {
     *forged.last_mut().unwrap() ^= 1;
     expect(post(forged, vote_write.clone()).await, 401, "BadSignature");
     // An unknown signer, and a user.
-    let stranger = Identity::generate("stranger");
+    let stranger = new_identity("stranger");
     let unknown = sign_gov(&stranger.keyed, &vote_write, &approve(true), unix_now()).unwrap();
     expect(post(unknown, vote_write.clone()).await, 401, "UnknownSigner");
     let user = sign_gov(&s.users[0].keyed, &vote_write, &approve(true), unix_now()).unwrap();
@@ -173,7 +181,7 @@ async fn refused_requests_change_nothing() {
     assert_eq!(snapshot().await, before, "refusals changed nothing");
 
     // A member that was accepted but has not acknowledged may not vote; after its ack it may.
-    let newcomer = Identity::generate("newcomer");
+    let newcomer = new_identity("newcomer");
     let add = propose(&c, a, json!([{ "name": "set_member", "args": { "cert": newcomer.keyed.cert_pem } }])).await;
     vote(&c, a, &add, true).await;
     assert_eq!(vote(&c, &s.members[1].keyed, &add, true).await["state"], "Accepted");
@@ -197,7 +205,7 @@ async fn refused_requests_change_nothing() {
     for (digest, record) in history {
         let bytes = base64::engine::general_purpose::STANDARD.decode(&record.cose).unwrap();
         assert_eq!(blake3::hash(&bytes).to_hex().to_string(), digest);
-        let request = gov::cose::parse(&bytes).unwrap();
+        let request = cose::parse(&bytes).unwrap();
         let member = gov::member(&tx, &request.signer).unwrap().unwrap();
         request.verify(&member.cert).unwrap();
     }
@@ -315,7 +323,7 @@ async fn the_service_serves_apps_only_once_open() {
 async fn governance_over_grpc() {
     use cloister_proto::gov::v1::{ReadRequest, WriteRequest, gov_client::GovClient};
     let s = TestService::start(1, 0, RECONCILE, Default::default()).await;
-    let channel = cloister_host::client::grpc_channel(&s.grpc_url(), &s.ca_pem, None).await.unwrap();
+    let channel = cloister_client::grpc_channel(&s.grpc_url(), &s.ca_pem, None).await.unwrap();
     let mut gov = GovClient::new(channel);
     let a = &s.members[0].keyed;
     let body = sign_gov(a, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();

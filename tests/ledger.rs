@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cloister_host::bundled::RECONCILE;
-use cloister_host::ledger::verify::{Receipt, verify_receipt};
-use cloister_host::node::identity;
+use cloister_bundled::RECONCILE;
+use cloister_crypto::identity;
+use cloister_ledger::verify::{Receipt, verify_receipt};
 use cloister_tests::cluster::Cluster;
 use cloister_tests::{cli_exe, misbehave_wasm};
 use serde_json::{Value, json};
@@ -214,7 +214,7 @@ async fn receipts_verify_offline_and_any_change_breaks_them() {
     // Invalid and unknown ids.
     assert_eq!(client.get("/app/receipt?id=99.2").await.unwrap().status, 404);
     assert_eq!(client.get("/app/receipt?id=junk").await.unwrap().status, 400);
-    let anonymous = cloister_host::client::Client::connect(&c.nodes[0].rest_url, &c.ca_pem, None).await.unwrap();
+    let anonymous = cloister_client::Client::connect(&c.nodes[0].rest_url, &c.ca_pem, None).await.unwrap();
     assert_eq!(anonymous.get(&format!("/app/receipt?id={tx}")).await.unwrap().status, 401);
 }
 
@@ -337,7 +337,7 @@ async fn after_a_leader_change_the_chain_continues_and_both_leaders_signatures_v
     let mut signers = BTreeSet::new();
     for node in 0..3 {
         let ca = identity::cert_der(&std::fs::read(service_cert(&c)).unwrap()).unwrap().to_vec();
-        let report = cloister_host::ledger::verify::verify_dir(&ledger_dir(&c, node), Some(&ca), None)
+        let report = cloister_ledger::verify::verify_dir(&ledger_dir(&c, node), Some(&ca), None)
             .unwrap_or_else(|e| panic!("node{node}: {e}"));
         signers.extend(report.signers);
     }

@@ -3,16 +3,16 @@
 
 use std::time::{Duration, Instant};
 
-use cloister_host::bundled::RECONCILE;
-use cloister_host::client::{Client, grpc_channel};
-use cloister_host::config::Limits;
+use cloister_bundled::RECONCILE;
+use cloister_client::{Client, grpc_channel};
+use cloister_node::config::Limits;
 use cloister_proto::app::v1::CallRequest;
 use cloister_proto::app::v1::app_client::AppClient;
-use cloister_tests::{Identity, TestService, misbehave_wasm};
+use cloister_tests::{TestService, misbehave_wasm, new_identity};
 use serde_json::Value;
 
 /// Asserts a JSON error answer: status, code, and a message containing `needle`.
-fn assert_error(reply: &cloister_host::client::Reply, status: u16, code: &str, needle: &str) {
+fn assert_error(reply: &cloister_client::Reply, status: u16, code: &str, needle: &str) {
     assert_eq!(reply.status, status, "{}", reply.text());
     let body = reply.json().expect("errors are JSON");
     assert_eq!(body["error"]["code"], code, "{body}");
@@ -21,8 +21,8 @@ fn assert_error(reply: &cloister_host::client::Reply, status: u16, code: &str, n
 }
 
 /// Wasm limits under which `/loop` runs until the 2 s wall-clock watchdog stops it.
-fn endless_loops() -> cloister_host::wasm::Limits {
-    cloister_host::wasm::Limits { fuel_per_request: u64::MAX / 2, wall_time_ms: 2_000, ..Default::default() }
+fn endless_loops() -> cloister_runtime::Limits {
+    cloister_runtime::Limits { fuel_per_request: u64::MAX / 2, wall_time_ms: 2_000, ..Default::default() }
 }
 
 async fn report(client: &Client) -> Value {
@@ -37,7 +37,7 @@ async fn authorisation_matrix() {
     let member = service.member(0).await;
     let user = service.client(Some(&service.users[0].keyed)).await;
     let anonymous = service.client(None).await;
-    let stranger = Identity::generate("stranger");
+    let stranger = new_identity("stranger");
     let unknown = service.client(Some(&stranger.keyed)).await;
 
     // No certificate: public endpoints only.
@@ -288,8 +288,8 @@ async fn state_survives_a_restart() {
     // Writes continue after the restart, with later transaction ids.
     let client = service.member(0).await;
     let again = client.post("/app/ingest", "application/json", data).await.unwrap();
-    let id: cloister_host::txid::TxId = again.tx_id().expect("a tx id").parse().unwrap();
-    let first: cloister_host::txid::TxId = first_tx.parse().unwrap();
+    let id: cloister_ledger::txid::TxId = again.tx_id().expect("a tx id").parse().unwrap();
+    let first: cloister_ledger::txid::TxId = first_tx.parse().unwrap();
     assert!(id.seqno > first.seqno, "{id} follows {first}");
     let status = client.get(&format!("/node/tx?id={id}")).await.unwrap().json().unwrap();
     assert_eq!(status["status"], "Committed");

@@ -1,8 +1,8 @@
 //! The conformance scenario against a node on 127.0.0.1 with real TLS: over HTTPS with three
 //! real client certificates, then over gRPC with the typed `Reconcile` service.
 
-use cloister_host::bundled::RECONCILE;
-use cloister_host::client::grpc_channel;
+use cloister_bundled::RECONCILE;
+use cloister_client::grpc_channel;
 use cloister_proto::app::v1::app_client::AppClient;
 use cloister_proto::reconcile::v1::reconcile_client::ReconcileClient;
 use cloister_tests::TestService;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cloister_host::bundled::RECONCILE;
-use cloister_host::client::Client;
+use cloister_bundled::RECONCILE;
+use cloister_client::Client;
 use cloister_tests::cluster::Cluster;
 use serde_json::json;
 
@@ -209,7 +209,11 @@ async fn a_stopped_follower_catches_up_through_a_snapshot_after_log_purge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_commits_nothing() {
     let timeout_ms = 3_000;
-    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| cfg.limits.request_timeout_ms = timeout_ms).await;
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
+        cfg.limits.request_timeout_ms = timeout_ms;
+        cfg.limits.pending_writes_max = 1;
+    })
+    .await;
     let leader = c.leader().await.unwrap();
     for i in (0..3).filter(|i| *i != leader) {
         c.stop(i);
@@ -225,6 +229,13 @@ async fn a_minority_commits_nothing() {
     assert!(elapsed < Duration::from_millis(timeout_ms + 2_000), "answered after {elapsed:?}");
     assert_eq!(c.network(leader).await.unwrap()["committed"], before, "a lone node commits nothing");
     assert!(!c.report_keys(leader, 0).await.unwrap().contains("MINORITY"));
+    // The stalled write fills the pending stack (pending_writes_max = 1): the next write is not
+    // executed over it forever, but refused once the writer has waited half the request timeout.
+    let started = Instant::now();
+    let refused = client.post("/app/ingest", "application/json", record("MINORITY2")).await.unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.text().contains("pending_writes_max"), "{}", refused.text());
+    assert!(started.elapsed() < Duration::from_millis(timeout_ms), "refused after {:?}", started.elapsed());
 
     // Once the others are back, the write's fate is decided one way, consistently.
     for i in (0..3).filter(|i| *i != leader) {
@@ -239,7 +250,7 @@ async fn a_minority_commits_nothing() {
 }
 
 /// Waits until `node` sees `voters` voters and a leader.
-async fn wait_voters(node: &cloister_host::node::Node, voters: usize) {
+async fn wait_voters(node: &cloister_node::node::Node, voters: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let net = node.consensus().network();
@@ -254,7 +265,7 @@ async fn wait_voters(node: &cloister_host::node::Node, voters: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_as_voters_and_a_removed_node_leaves_the_network() {
-    use cloister_host::node::Node;
+    use cloister_node::node::Node;
     let c = Cluster::prepare(3, 1, RECONCILE, |cfg| {
         cfg.raft.heartbeat_interval_ms = 100;
         cfg.raft.election_timeout_min_ms = 600;

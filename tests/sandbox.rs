@@ -5,8 +5,8 @@ use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cloister_host::client::Client;
-use cloister_host::node::identity;
+use cloister_client::Client;
+use cloister_crypto::identity;
 use serde_json::Value;
 
 /// Three consecutive free ports on 127.0.0.1 (HTTPS, gRPC and peers of node 0).
@@ -177,4 +177,21 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     let again = party_client(&file, "member0").await.get("/app/report").await.unwrap();
     assert_eq!(again.json().unwrap(), rows);
     interrupt(&mut sandbox);
+
+    // A sandbox.json that does not parse stops the command; nothing is regenerated over the
+    // identities the service was created with.
+    let member0_cert = std::fs::read(dir.path().join("member0.cert.pem")).unwrap();
+    let service_cert = std::fs::read(dir.path().join("service.cert.pem")).unwrap();
+    std::fs::write(dir.path().join("sandbox.json"), b"{ not json").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
+        .args(["sandbox", "--dir"])
+        .arg(dir.path())
+        .args(["--port", &port.to_string()])
+        .output()
+        .expect("the sandbox runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a damaged sandbox.json is an error: {stderr}");
+    assert!(stderr.contains("sandbox.json is not a sandbox file"), "the error names the file: {stderr}");
+    assert_eq!(std::fs::read(dir.path().join("member0.cert.pem")).unwrap(), member0_cert, "member0 kept");
+    assert_eq!(std::fs::read(dir.path().join("service.cert.pem")).unwrap(), service_cert, "service CA kept");
 }

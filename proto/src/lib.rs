@@ -30,5 +30,9 @@ pub mod peer {
     }
 }
 
+/// The HTTP header (REST) and metadata key (gRPC) that carries a write's transaction id,
+/// `term.seqno`.
+pub const TX_ID_HEADER: &str = "x-cloister-tx-id";
+
 /// The encoded descriptor set of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cloister_descriptor");

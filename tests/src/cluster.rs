@@ -4,12 +4,11 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cloister_host::client::Client;
-use cloister_host::config::{GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection};
-use cloister_host::node::identity::ServiceCa;
+use cloister_cli::local::{LocalNetwork, NodeAddrs, NodeProcess};
+use cloister_client::Client;
+use cloister_node::config::{NodeConfig, RaftSection};
 use serde_json::Value;
 
 use crate::{Identity, open_service};
@@ -22,18 +21,21 @@ pub struct NodeProc {
     pub rest_url: String,
     /// Flags added after `node start --config FILE`, such as `--mock-measurement HEX`.
     pub start_args: Vec<String>,
-    child: Option<Child>,
+    process: NodeProcess,
 }
 
 impl NodeProc {
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.process.check_running() == Ok(true)
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 }
+
+/// How long a node asked to stop (SIGTERM) may take before it is killed.
+const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Cluster tests take turns: several networks of node processes at once would overload a small
 /// machine into election storms that test the machine, not the code.
@@ -77,112 +79,69 @@ impl Cluster {
     pub fn prepare(nodes: usize, members: usize, app: &[u8], configure: impl Fn(&mut NodeConfig)) -> Cluster {
         let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = tempfile::tempdir().unwrap();
-        let ca = ServiceCa::generate("cluster test service").unwrap();
-        ca.keyed.write(dir.path(), "service").unwrap();
-        std::fs::write(dir.path().join("app.wasm"), app).unwrap();
-        let members: Vec<Identity> = (0..members)
-            .map(|i| {
-                let id = Identity::generate(&format!("member{i}"));
-                id.keyed.write(dir.path(), &id.name).unwrap();
-                id
-            })
-            .collect();
+        let network =
+            LocalNetwork::create(dir.path(), "cluster test service", members, 0, Some(("app.wasm", app)), false)
+                .expect("the network's files are written");
         let ports = free_ports(3 * nodes);
-        let mut cluster =
-            Cluster { _turn: turn, ca_pem: ca.keyed.cert_pem.clone().into_bytes(), members, nodes: Vec::new(), dir };
+        let addrs = |i: usize| NodeAddrs {
+            rest: format!("127.0.0.1:{}", ports[3 * i]),
+            grpc: format!("127.0.0.1:{}", ports[3 * i + 1]),
+            peer: format!("127.0.0.1:{}", ports[3 * i + 2]),
+        };
+        let first_peer = format!("https://{}", addrs(0).peer);
+        let mut node_procs = Vec::new();
         for i in 0..nodes {
             let name = format!("node{i}");
-            let d = cluster.dir.path();
-            ca.issue_node_cert(&name, &["localhost".into(), "127.0.0.1".into()]).unwrap().write(d, &name).unwrap();
-            let addr = |k: usize| format!("127.0.0.1:{}", ports[3 * i + k]);
-            let mut config = NodeConfig {
-                node: NodeSection {
-                    name: name.clone(),
-                    data_dir: d.join(format!("data-{name}")),
-                    rest_addr: addr(0),
-                    grpc_addr: addr(1),
-                    peer_addr: addr(2),
-                },
-                tls: TlsSection {
-                    service_cert: d.join("service.cert.pem"),
-                    node_cert: d.join(format!("{name}.cert.pem")),
-                    node_key: d.join(format!("{name}.key.pem")),
-                },
-                network: NetworkSection { join: (i > 0).then(|| format!("https://127.0.0.1:{}", ports[2])) },
-                genesis: GenesisSection {
-                    members: cluster.members.iter().map(|m| d.join(format!("{}.cert.pem", m.name))).collect(),
-                    users: Vec::new(),
-                    app: Some(d.join("app.wasm")),
-                    constitution: None,
-                    attestation: cloister_host::config::GenesisAttestation::Mock,
-                },
-                attestation: crate::mock_attestation(),
-                limits: Limits::default(),
-                ledger: Default::default(),
-                gov: Default::default(),
-                raft: RaftSection {
-                    heartbeat_interval_ms: 100,
-                    election_timeout_min_ms: 600,
-                    election_timeout_max_ms: 1200,
-                    ..RaftSection::default()
-                },
-                wasm: Default::default(),
+            let join = (i > 0).then(|| first_peer.clone());
+            let mut config = network.node_config(&name, &addrs(i), join, crate::mock_attestation()).unwrap();
+            config.raft = RaftSection {
+                heartbeat_interval_ms: 100,
+                election_timeout_min_ms: 600,
+                election_timeout_max_ms: 1200,
+                ..config.raft
             };
             configure(&mut config);
-            let config_path = d.join(format!("{name}.toml"));
-            std::fs::write(&config_path, config.to_toml()).unwrap();
-            let rest_url = format!("https://{}", addr(0));
-            cluster.nodes.push(NodeProc { name, config_path, config, rest_url, start_args: Vec::new(), child: None });
+            let config_path = network.write_config(&config).unwrap();
+            let log_path = dir.path().join(format!("{name}.log"));
+            node_procs.push(NodeProc {
+                process: NodeProcess::new(&name, config_path.clone(), log_path),
+                rest_url: format!("https://{}", addrs(i).rest),
+                name,
+                config_path,
+                config,
+                start_args: Vec::new(),
+            });
         }
-        cluster
+        Cluster {
+            _turn: turn,
+            ca_pem: network.service_cert_pem().as_bytes().to_vec(),
+            members: network.members,
+            nodes: node_procs,
+            dir,
+        }
     }
 
     /// Starts node `i`'s process (again).
     pub fn spawn(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{}.log", node.name)))
-            .unwrap();
-        let child = Command::new(crate::cli_exe())
-            .args(["node", "start", "--config"])
-            .arg(&node.config_path)
-            .args(&node.start_args)
-            .env("CLOISTER_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
+        node.process
+            .spawn(&crate::cli_exe(), &node.start_args, &[("CLOISTER_LOG", "info,openraft=warn")])
             .expect("a node process starts");
-        node.child = Some(child);
     }
 
     /// The node's log so far.
     pub fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].name))).unwrap_or_default()
+        self.nodes[i].process.log()
     }
 
     /// SIGKILL: the process dies at once, mid-whatever.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.nodes[i].process.kill();
     }
 
     /// SIGTERM, then waits for a clean exit.
     pub fn stop(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].child.take() {
-            // SAFETY: kill(2) on our own child with a valid signal.
-            unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap(), libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.nodes[i].process.stop(NODE_STOP_TIMEOUT);
     }
 
     pub async fn client(&self, node: usize, member: usize) -> anyhow::Result<Client> {
@@ -270,17 +229,6 @@ impl Cluster {
             match reply.headers.get("x-next-cursor").and_then(|v| v.to_str().ok()) {
                 Some(cursor) => target = format!("/app/report?limit=10000&after={cursor}"),
                 None => return Ok(keys),
-            }
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
             }
         }
     }

@@ -111,7 +111,7 @@ pub async fn run(c: &mut impl ScenarioClient) {
 }
 
 /// The scenario over HTTPS: one connection per party.
-pub struct Rest(pub Vec<cloister_host::client::Client>);
+pub struct Rest(pub Vec<cloister_client::Client>);
 
 impl ScenarioClient for Rest {
     async fn call(&mut self, call: Call<'_>) -> (u16, Value) {

@@ -7,24 +7,20 @@ pub mod grpc;
 
 use std::path::PathBuf;
 
-use cloister_host::client::Client;
-use cloister_host::config::{GenesisSection, Limits, NetworkSection, NodeConfig, NodeSection, RaftSection, TlsSection};
-use cloister_host::node::Node;
-use cloister_host::node::identity::{self, KeyedCert, ServiceCa};
+use cloister_cli::local::{LocalNetwork, NodeAddrs};
+use cloister_client::Client;
+use cloister_crypto::identity::{self, KeyedCert};
+use cloister_node::Node;
+use cloister_node::config::{Limits, NodeConfig};
 
-/// An identity the tests act as.
-pub struct Identity {
-    pub name: String,
-    pub keyed: KeyedCert,
-    pub id: String,
-}
+/// An identity the tests act as: the local network's own party type.
+pub use cloister_cli::local::Party as Identity;
 
-impl Identity {
-    pub fn generate(name: &str) -> Identity {
-        let keyed = identity::generate_identity(name).expect("identity");
-        let id = keyed.id().expect("id");
-        Identity { name: name.to_owned(), keyed, id }
-    }
+/// An identity that is no party of any network yet (a stranger, a member to be).
+pub fn new_identity(name: &str) -> Identity {
+    let keyed = identity::generate_identity(name).expect("identity");
+    let id = keyed.id().expect("id");
+    Identity { name: name.to_owned(), keyed, id }
 }
 
 /// A one-node service in a temporary folder, listening on ephemeral loopback ports.
@@ -64,59 +60,15 @@ impl TestService {
         configure: impl FnOnce(&mut NodeConfig),
     ) -> TestService {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = |name: &str| dir.path().join(name);
-        let ca = ServiceCa::generate("test service").expect("CA");
-        ca.keyed.write(dir.path(), "service").unwrap();
-        ca.issue_node_cert("node0", &["localhost".into(), "127.0.0.1".into()])
-            .unwrap()
-            .write(dir.path(), "node0")
-            .unwrap();
-        std::fs::write(path("app.wasm"), app).unwrap();
-        let write_all = |prefix: &str, n: usize| -> Vec<Identity> {
-            (0..n)
-                .map(|i| {
-                    let id = Identity::generate(&format!("{prefix}{i}"));
-                    id.keyed.write(dir.path(), &id.name).unwrap();
-                    id
-                })
-                .collect()
-        };
-        let members = write_all("member", members);
-        let users = write_all("user", users);
-        let certs =
-            |ids: &[Identity]| -> Vec<PathBuf> { ids.iter().map(|i| path(&format!("{}.cert.pem", i.name))).collect() };
-        let mut config = NodeConfig {
-            node: NodeSection {
-                name: "node0".into(),
-                data_dir: path("data"),
-                rest_addr: "127.0.0.1:0".into(),
-                grpc_addr: "127.0.0.1:0".into(),
-                peer_addr: "127.0.0.1:0".into(),
-            },
-            tls: TlsSection {
-                service_cert: path("service.cert.pem"),
-                node_cert: path("node0.cert.pem"),
-                node_key: path("node0.key.pem"),
-            },
-            network: NetworkSection::default(),
-            genesis: GenesisSection {
-                members: certs(&members),
-                users: certs(&users),
-                app: Some(path("app.wasm")),
-                constitution: None,
-                attestation: cloister_host::config::GenesisAttestation::Mock,
-            },
-            limits: Limits::default(),
-            ledger: Default::default(),
-            gov: Default::default(),
-            raft: RaftSection::default(),
-            wasm: Default::default(),
-            attestation: mock_attestation(),
-        };
+        let network = LocalNetwork::create(dir.path(), "test service", members, users, Some(("app.wasm", app)), false)
+            .expect("the network's files are written");
+        let mut config = network
+            .node_config("node0", &NodeAddrs::ephemeral(), None, mock_attestation())
+            .expect("node0's certificate and configuration");
         configure(&mut config);
-        let ca_pem = ca.keyed.cert_pem.clone().into_bytes();
+        let ca_pem = network.service_cert_pem().as_bytes().to_vec();
         let node = Node::start(config.clone()).await.expect("node starts");
-        TestService { dir, members, users, config, ca_pem, node: Some(node) }
+        TestService { dir, members: network.members, users: network.users, config, ca_pem, node: Some(node) }
     }
 
     pub fn node(&self) -> &Node {
@@ -173,7 +125,7 @@ pub fn cli_exe() -> PathBuf {
 
 /// Path of a test contract built by the host's build script.
 pub fn misbehave_wasm() -> Vec<u8> {
-    std::fs::read(cloister_host::bundled::MISBEHAVE_PATH).expect("misbehave.wasm was built")
+    std::fs::read(cloister_test_artifacts::MISBEHAVE_PATH).expect("misbehave.wasm was built")
 }
 
 /// The folder of this test process's mock SNP firmware root (test ARK and ASK), generated once.
@@ -188,10 +140,6 @@ pub fn mock_root_dir() -> PathBuf {
 }
 
 /// Mock attestation with this process's test root and the default measurement.
-pub fn mock_attestation() -> cloister_host::config::AttestationSection {
-    cloister_host::config::AttestationSection {
-        kind: cloister_attestation::Kind::Mock,
-        mock_root: Some(mock_root_dir()),
-        ..Default::default()
-    }
+pub fn mock_attestation() -> cloister_node::config::AttestationSection {
+    cloister_cli::local::mock_attestation(mock_root_dir())
 }

@@ -105,8 +105,8 @@ fn claim(req: &Request) -> Result<Response, Error> {
 }
 
 /// As a constitution: every proposal validates and is accepted at once; `apply` writes to
-/// `gov.app_config` and then misbehaves as the first action's name says (`loop`, `grow`, `panic`),
-/// or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
+/// `gov.app_config` and then misbehaves as the first action's name says (`loop`, `grow`, `panic`,
+/// `corrupt_members`), or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
     let proposal = body.get("proposal").unwrap_or(&body);
@@ -130,6 +130,8 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
         "loop" => spin(req),
         "grow" => grow(req),
         "panic" => panic(req),
+        // A member record the node cannot read back: the node must refuse the effects.
+        "corrupt_members" => write_gov(req),
         _ => Ok(Response::status(204)),
     }
 }

@@ -2,5 +2,5 @@
 //! as a child process (`CARGO_BIN_EXE_cloister-test-cli`), exactly as an operator would.
 
 fn main() -> std::process::ExitCode {
-    cloister_host::cli::main()
+    cloister_cli::main()
 }

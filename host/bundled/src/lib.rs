@@ -1,0 +1,6 @@
+//! `cloister-bundled`: the contracts built from this workspace that the node and the CLI ship.
+
+/// The data reconciliation app, installed by `cloister sandbox`.
+pub const RECONCILE: &[u8] = include_bytes!(env!("CLOISTER_WASM_RECONCILE"));
+/// The default constitution, installed at genesis unless the configuration names another.
+pub const CONSTITUTION: &[u8] = include_bytes!(env!("CLOISTER_WASM_CONSTITUTION"));

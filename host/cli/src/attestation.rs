@@ -1,0 +1,77 @@
+//! `cloister attestation verify`: checks a piece of evidence offline, with the same verifier the
+//! nodes use, against a policy file or the policy a running service enforces.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use cloister_attestation::{Evidence, Policy};
+
+use cloister_client::Client;
+
+#[derive(Subcommand)]
+pub enum AttestationCommand {
+    /// Verify evidence (JSON: an `Evidence`, or a node entry of `/node/attestations`).
+    Verify {
+        /// The evidence file.
+        evidence: PathBuf,
+        /// A policy file (JSON, as `GET /node/attestation/policy` returns it).
+        #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+        policy: Option<PathBuf>,
+        /// A node's REST URL: verify against the policy that service enforces.
+        #[arg(long, requires = "cacert")]
+        url: Option<String>,
+        /// The service certificate to trust for `--url`.
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        /// The report_data binding to expect (hex, 64 bytes). Without it the binding of the node's
+        /// key and nonce is not checked, and the output says so.
+        #[arg(long)]
+        binding: Option<String>,
+    },
+}
+
+pub async fn run(command: AttestationCommand) -> anyhow::Result<ExitCode> {
+    let AttestationCommand::Verify { evidence, policy, url, cacert, binding } = command;
+    let text = std::fs::read(&evidence).with_context(|| format!("reading {}", evidence.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", evidence.display()))?;
+    let json = json.get("evidence").cloned().unwrap_or(json);
+    let evidence: Evidence = serde_json::from_value(json).context("the file holds no valid evidence")?;
+    let policy: Policy = match (policy, url) {
+        (Some(path), _) => {
+            let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_slice(&text).with_context(|| format!("{} is not a valid policy", path.display()))?
+        }
+        (None, Some(url)) => {
+            let cacert = cacert.context("--url needs --cacert")?;
+            let ca = std::fs::read(&cacert).with_context(|| format!("reading {}", cacert.display()))?;
+            let client = Client::connect(&url, &ca, None).await?;
+            let json = client.get("/node/attestation/policy").await?.json().context("the service's policy")?;
+            serde_json::from_value(json).context("the service's policy does not decode")?
+        }
+        (None, None) => anyhow::bail!("give --policy FILE or --url URL"),
+    };
+    let expected = match binding {
+        Some(hex_text) => Some(
+            <[u8; 64]>::try_from(hex::decode(hex_text.trim()).context("--binding is not hex")?)
+                .map_err(|_| anyhow::anyhow!("--binding must be 64 bytes"))?,
+        ),
+        None => None,
+    };
+    match cloister_attestation::verify(&evidence, &policy, expected.as_ref()) {
+        Ok(verified) => {
+            println!("{}", serde_json::to_string_pretty(&verified)?);
+            if expected.is_none() {
+                eprintln!("note: the report_data binding was not checked (no --binding given)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(refusal) => {
+            eprintln!("refused: {refusal}");
+            println!("{}", serde_json::to_string_pretty(&refusal)?);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `cloister call`: a thin HTTPS client for app and node endpoints.
+//!
+//! The body goes to stdout; the status line and transaction id go to stderr; the exit code is
+//! non-zero unless the answer is 2xx.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::sandbox::SandboxFile;
+use cloister_client::Client;
+use cloister_crypto::identity::{self, KeyedCert};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// HTTP method, e.g. GET or POST.
+    method: String,
+    /// Path, e.g. /app/report or /node/health, optionally with ?query.
+    path: String,
+    /// Request body: text, or @FILE to read a file.
+    #[arg(long)]
+    data: Option<String>,
+    /// Content type of the body; by default guessed from @FILE's extension (.csv, .json).
+    #[arg(long)]
+    content_type: Option<String>,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// Which node to reach and as whom: explicit files, or a sandbox folder and one of its parties.
+#[derive(clap::Args)]
+pub struct Target {
+    /// The node's HTTPS URL; by default the sandbox's.
+    #[arg(long, env = "CLOISTER_URL")]
+    url: Option<String>,
+    /// Client certificate (PEM).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The service CA certificate to trust; by default the sandbox's.
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// A sandbox folder to take the URL, CA and identities from.
+    #[arg(long, default_value = "sandbox")]
+    sandbox: PathBuf,
+    /// Act as this sandbox party (e.g. member0) instead of --cert/--key.
+    #[arg(long = "as")]
+    as_party: Option<String>,
+}
+
+impl Target {
+    /// Connects, presenting the chosen identity (if any), and returns that identity too.
+    pub async fn connect(&self) -> anyhow::Result<(Client, Option<KeyedCert>)> {
+        let sandbox = || SandboxFile::read(&self.sandbox);
+        let url = match &self.url {
+            Some(url) => url.clone(),
+            None => sandbox()?.rest_url,
+        };
+        let cacert = match &self.cacert {
+            Some(path) => path.clone(),
+            None => sandbox()?.service_cert,
+        };
+        let ca =
+            std::fs::read(&cacert).with_context(|| format!("reading the service certificate {}", cacert.display()))?;
+        let id = match (&self.as_party, &self.cert, &self.key) {
+            (Some(name), _, _) => {
+                let party = sandbox()?
+                    .parties
+                    .into_iter()
+                    .find(|p| &p.name == name)
+                    .with_context(|| format!("the sandbox has no party named {name}"))?;
+                Some(identity::read_pair(&party.cert, &party.key)?)
+            }
+            (None, Some(cert), Some(key)) => Some(identity::read_pair(cert, key)?),
+            _ => None,
+        };
+        Ok((Client::connect(&url, &ca, id.as_ref()).await?, id))
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let (body, guessed) = match &args.data {
+        None => (Vec::new(), None),
+        Some(d) => match d.strip_prefix('@') {
+            Some(file) => {
+                let guess = match std::path::Path::new(file).extension().and_then(|e| e.to_str()) {
+                    Some("csv") => "text/csv",
+                    _ => "application/json",
+                };
+                (std::fs::read(file).with_context(|| format!("reading {file}"))?, Some(guess))
+            }
+            None => (d.clone().into_bytes(), Some("application/json")),
+        },
+    };
+    let content_type = args.content_type.as_deref().or(guessed);
+    let (client, _) = args.target.connect().await?;
+    let reply = client.request(&args.method.to_ascii_uppercase(), &args.path, content_type, body).await?;
+    eprintln!("HTTP {}{}", reply.status, reply.tx_id().map(|t| format!("  tx {t}")).unwrap_or_default());
+    println!("{}", reply.text());
+    Ok(if (200..300).contains(&reply.status) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

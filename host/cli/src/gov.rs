@@ -1,0 +1,140 @@
+//! `cloister gov` and `cloister app deploy`: sign governance requests with a member's key and
+//! send them. The answer (JSON) goes to stdout; the exit code is non-zero unless it is 2xx.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use super::call::Target;
+use cloister_client::Client;
+use cloister_crypto::cose::GovWrite;
+use cloister_crypto::identity::KeyedCert;
+
+#[derive(clap::Subcommand)]
+pub enum GovCommand {
+    /// File a proposal: repeated --action NAME [--args JSON] pairs, or --file proposal.json.
+    Propose {
+        /// An action's name; --args after it gives its arguments.
+        #[arg(long = "action", conflicts_with = "file")]
+        actions: Vec<String>,
+        /// JSON arguments of the preceding --action (one per --action, in order; `{}` if none).
+        #[arg(long = "args")]
+        args: Vec<String>,
+        /// A proposal document: {"actions": [{"name", "args"}]}.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Vote on an open proposal.
+    Vote {
+        id: String,
+        #[arg(long, conflicts_with = "reject", required_unless_present = "reject")]
+        approve: bool,
+        #[arg(long)]
+        reject: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Withdraw your own open proposal.
+    Withdraw {
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Acknowledge your membership, which makes you an Active member.
+    Ack {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the proposals and their states.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show one proposal, with its ballots.
+    Show {
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum AppCommand {
+    /// Propose installing FILE.wasm as the service's app (a `set_app` proposal).
+    Deploy {
+        wasm: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// The proposal that `--action`/`--args` pairs describe.
+fn actions_of(names: &[String], args: &[String]) -> anyhow::Result<Value> {
+    anyhow::ensure!(!names.is_empty(), "name at least one --action, or give --file");
+    anyhow::ensure!(args.len() <= names.len(), "more --args than --action");
+    let mut actions = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let args: Value = match args.get(i) {
+            Some(text) => serde_json::from_str(text).with_context(|| format!("--args of {name} is not JSON"))?,
+            None => json!({}),
+        };
+        actions.push(json!({ "name": name, "args": args }));
+    }
+    Ok(json!({ "actions": actions }))
+}
+
+async fn signed(target: &Target, write: GovWrite, payload: Value) -> anyhow::Result<ExitCode> {
+    let (client, who) = target.connect().await?;
+    let who: KeyedCert = who.context("governance requests are signed: give --cert/--key or --as NAME")?;
+    let reply = client.gov(&who, &write, &payload).await?;
+    show(reply)
+}
+
+async fn read(target: &Target, path: &str) -> anyhow::Result<ExitCode> {
+    let (client, _): (Client, _) = target.connect().await?;
+    show(client.get(path).await?)
+}
+
+fn show(reply: cloister_client::Reply) -> anyhow::Result<ExitCode> {
+    eprintln!("HTTP {}{}", reply.status, reply.tx_id().map(|t| format!("  tx {t}")).unwrap_or_default());
+    println!("{}", reply.text());
+    Ok(if (200..300).contains(&reply.status) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+pub async fn run_gov(command: GovCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        GovCommand::Propose { actions, args, file, target } => {
+            let proposal = match file {
+                Some(path) => serde_json::from_slice(
+                    &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                )
+                .with_context(|| format!("{} is not JSON", path.display()))?,
+                None => actions_of(&actions, &args)?,
+            };
+            signed(&target, GovWrite::Propose, proposal).await
+        }
+        GovCommand::Vote { id, approve, reject: _, target } => {
+            signed(&target, GovWrite::Vote(id), json!({ "approve": approve })).await
+        }
+        GovCommand::Withdraw { id, target } => signed(&target, GovWrite::Withdraw(id), json!({})).await,
+        GovCommand::Ack { target } => signed(&target, GovWrite::Ack, json!({})).await,
+        GovCommand::List { target } => read(&target, "/gov/proposals").await,
+        GovCommand::Show { id, target } => read(&target, &format!("/gov/proposals/{id}")).await,
+    }
+}
+
+pub async fn run_app(command: AppCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AppCommand::Deploy { wasm, target } => {
+            let bytes = std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
+            let code = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            let proposal = json!({ "actions": [{ "name": "set_app", "args": { "wasm": code } }] });
+            signed(&target, GovWrite::Propose, proposal).await
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The `cloister` command line: run a node, run a local sandbox network, make identities, call
+//! app endpoints, govern, and audit.
+
+mod attestation;
+mod bench;
+mod call;
+mod gov;
+mod ledger;
+pub mod local;
+pub mod sandbox;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cloister_crypto::identity;
+use cloister_node::Node;
+use cloister_node::config::NodeConfig;
+
+#[derive(Parser)]
+#[command(name = "cloister", version, about = "Confidential multi-party applications on WebAssembly")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Run a local network: service identity, parties, nodes, and the reconcile app.
+    Sandbox(sandbox::Args),
+    /// Write a new identity: NAME.key.pem and a self-signed NAME.cert.pem in DIR.
+    Keygen {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Call an app or node endpoint over HTTPS.
+    Call(call::Args),
+    /// Measure a running node (by default the sandbox's) over HTTPS.
+    Bench(bench::Args),
+    /// Audit a ledger offline.
+    Ledger {
+        #[command(subcommand)]
+        command: ledger::LedgerCommand,
+    },
+    /// Check a transaction receipt offline.
+    Receipt {
+        #[command(subcommand)]
+        command: ledger::ReceiptCommand,
+    },
+    /// Govern the service: signed proposals, ballots, withdrawals and acknowledgements.
+    Gov {
+        #[command(subcommand)]
+        command: gov::GovCommand,
+    },
+    /// Manage the service's app (by proposal).
+    App {
+        #[command(subcommand)]
+        command: gov::AppCommand,
+    },
+    /// Check attestation evidence offline.
+    Attestation {
+        #[command(subcommand)]
+        command: attestation::AttestationCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Start a node from its configuration file; stops cleanly on SIGINT or SIGTERM.
+    Start {
+        #[arg(long)]
+        config: PathBuf,
+        /// The kind of evidence this node presents (overrides `attestation.kind`).
+        #[arg(long)]
+        attestation: Option<cloister_attestation::Kind>,
+        /// With mock attestation: the launch measurement to report (hex, 48 bytes), for instance to
+        /// rehearse a refusal (overrides `attestation.mock_measurement`).
+        #[arg(long)]
+        mock_measurement: Option<String>,
+    },
+}
+
+/// Entry point of the `cloister` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CLOISTER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Node { command: NodeCommand::Start { config, attestation, mock_measurement } } => {
+            let mut config = NodeConfig::load(&config)?;
+            if let Some(kind) = attestation {
+                config.attestation.kind = kind;
+            }
+            if mock_measurement.is_some() {
+                config.attestation.mock_measurement = mock_measurement;
+            }
+            config.check().map_err(anyhow::Error::msg)?;
+            let node = Node::start(config).await?;
+            shutdown_signal().await;
+            node.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sandbox(args) => sandbox::run(args).await,
+        Command::Keygen { name, out } => {
+            let id = identity::generate_identity(&name)?;
+            id.write(&out, &name)?;
+            println!("wrote {0}/{name}.cert.pem and {0}/{name}.key.pem", out.display());
+            println!("id: {}", id.id()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Call(args) => call::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::Ledger { command } => ledger::run_ledger(command),
+        Command::Receipt { command } => ledger::run_receipt(command),
+        Command::Gov { command } => gov::run_gov(command).await,
+        Command::App { command } => gov::run_app(command).await,
+        Command::Attestation { command } => attestation::run(command).await,
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

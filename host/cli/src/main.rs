@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    cloister_cli::main()
+}

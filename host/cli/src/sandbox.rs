@@ -1,0 +1,366 @@
+//! `cloister sandbox`: a local network in one command.
+//!
+//! The first run creates the service identity (a CA), one identity per party, a certificate and
+//! configuration per node, the reconcile app and demo data, all under `--dir`. Every run starts
+//! each node as its own process, waits until it answers, writes `sandbox.json`, prints how to use
+//! it, and on Ctrl-C stops the nodes cleanly. A later run resumes on the same state.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use cloister_client::Client;
+use cloister_crypto::identity;
+
+use crate::local::{LocalNetwork, NodeAddrs, NodeProcess, mock_attestation};
+
+/// How long a node may take to answer its health check after it starts.
+const NODE_READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a node may take to stop after SIGTERM before it is killed.
+const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+const DEMO_FILES: &[(&str, &[u8])] = &[
+    ("member0_data.csv", include_bytes!("../../../tests/conformance/recon-sample/member0_data.csv")),
+    ("member0_data_pt2.json", include_bytes!("../../../tests/conformance/recon-sample/member0_data_pt2.json")),
+    ("member1_data.json", include_bytes!("../../../tests/conformance/recon-sample/member1_data.json")),
+    ("member2_data.json", include_bytes!("../../../tests/conformance/recon-sample/member2_data.json")),
+];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Folder for the sandbox's identities, configuration and state.
+    #[arg(long, default_value = "sandbox")]
+    dir: PathBuf,
+    /// Number of parties (members) to create: member0, member1, …
+    #[arg(long, default_value_t = 3)]
+    parties: usize,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// First port: node i listens on PORT+3i (HTTPS), PORT+3i+1 (gRPC) and PORT+3i+2 (peers).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+}
+
+/// `sandbox.json`: what scripts and tests need to use a running sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxFile {
+    pub rest_url: String,
+    pub grpc_url: String,
+    pub service_cert: PathBuf,
+    pub parties: Vec<Party>,
+    pub nodes: Vec<NodeEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Party {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub id: String,
+    pub pid: Option<u32>,
+    pub rest_url: String,
+    pub grpc_url: String,
+    pub peer_url: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl SandboxFile {
+    pub fn read(dir: &Path) -> anyhow::Result<SandboxFile> {
+        let path = dir.join("sandbox.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("reading {} (is a sandbox running there? pass --url/--cacert otherwise)", path.display())
+        })?;
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a sandbox file; the sandbox in {} keeps its identities and state, so fix or \
+                 remove the file (or pass another --dir) rather than starting over",
+                path.display(),
+                dir.display()
+            )
+        })
+    }
+
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join("sandbox.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
+    anyhow::ensure!(args.parties >= 1, "--parties must be at least 1");
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize()?;
+    // A folder with a sandbox.json is an existing sandbox: resume it, or stop if the file does not
+    // parse. Creating a new one there would overwrite the identities its ledger was made with.
+    let existing = if dir.join("sandbox.json").exists() { Some(SandboxFile::read(&dir)?) } else { None };
+    let mut layout = match existing {
+        Some(existing) => {
+            if existing.nodes.len() != args.nodes || existing.parties.len() != args.parties {
+                eprintln!(
+                    "note: resuming the sandbox in {} as it was created ({} nodes, {} parties)",
+                    dir.display(),
+                    existing.nodes.len(),
+                    existing.parties.len()
+                );
+            }
+            existing
+        }
+        None => create(&dir, &args)?,
+    };
+
+    let exe = std::env::current_exe().context("finding the cloister executable")?;
+    let mut children = Vec::new();
+    for node in &mut layout.nodes {
+        let mut process = NodeProcess::new(&node.id, node.config.clone(), node.log.clone());
+        node.pid = Some(process.spawn(&exe, &[], &[])?);
+        children.push(process);
+    }
+    layout.write(&dir)?;
+    let ready = match wait_ready(&layout, &mut children).await {
+        Ok(()) => open_service(&layout).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = ready {
+        stop(&mut children);
+        return Err(e);
+    }
+    print_usage(&dir, &layout);
+
+    supervise(&layout, &mut children).await;
+    eprintln!("stopping the sandbox…");
+    stop(&mut children);
+    for node in &mut layout.nodes {
+        node.pid = None;
+    }
+    layout.write(&dir)?;
+    eprintln!("stopped; run the same command again to resume");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The sandbox folder's mock firmware root (test ARK and ASK).
+const MOCK_ROOT_DIR: &str = "mock-amd";
+
+/// Creates every identity, configuration and file of a new sandbox.
+fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
+    let app = ("reconcile.wasm", cloister_bundled::RECONCILE);
+    // Configurations name files relative to the sandbox folder, so the folder can move.
+    let network = LocalNetwork::create(dir, "Cloister sandbox service", args.parties, 0, Some(app), true)?;
+    let parties = network
+        .members
+        .iter()
+        .map(|m| Party {
+            cert: dir.join(format!("{}.cert.pem", m.name)),
+            key: dir.join(format!("{}.key.pem", m.name)),
+            id: m.id.clone(),
+            name: m.name.clone(),
+        })
+        .collect();
+    // The sandbox's mock SNP firmware: one test ARK and ASK, shared by its nodes, which the
+    // service pins at genesis (attestation = "mock").
+    cloister_attestation::mock::MockRoot::generate().write(&dir.join(MOCK_ROOT_DIR))?;
+    let demo = dir.join("demo");
+    std::fs::create_dir_all(&demo)?;
+    for (name, bytes) in DEMO_FILES {
+        std::fs::write(demo.join(name), bytes)?;
+    }
+    let mut nodes = Vec::new();
+    let first_peer = format!("https://{}", NodeAddrs::from_port(args.port).peer);
+    for i in 0..args.nodes {
+        let name = format!("node{i}");
+        let port = u16::try_from(args.port as usize + 3 * i).context("--port leaves no room for every node")?;
+        let addrs = NodeAddrs::from_port(port);
+        // The first node starts the service; the others join it.
+        let join = (i > 0).then(|| first_peer.clone());
+        let config = network.node_config(&name, &addrs, join, mock_attestation(MOCK_ROOT_DIR.into()))?;
+        let config_path = network.write_config(&config)?;
+        nodes.push(NodeEntry {
+            id: name.clone(),
+            pid: None,
+            rest_url: format!("https://{}", addrs.rest),
+            grpc_url: format!("https://{}", addrs.grpc),
+            peer_url: format!("https://{}", addrs.peer),
+            data_dir: dir.join("data").join(&name),
+            config: config_path,
+            log: dir.join(format!("{name}.log")),
+        });
+    }
+    Ok(SandboxFile {
+        rest_url: nodes[0].rest_url.clone(),
+        grpc_url: nodes[0].grpc_url.clone(),
+        service_cert: dir.join("service.cert.pem"),
+        parties,
+        nodes,
+    })
+}
+
+/// Opens a new service the way its members would: the first party proposes
+/// `transition_service_to_open` and the parties vote for it, as signed governance requests.
+async fn open_service(layout: &SandboxFile) -> anyhow::Result<()> {
+    let ca = std::fs::read(&layout.service_cert)?;
+    let probe = Client::connect(&layout.rest_url, &ca, None).await?;
+    let service = probe.get("/gov/service").await?.json()?;
+    if service["state"] == "Open" {
+        return Ok(());
+    }
+    let parties: Vec<cloister_crypto::identity::KeyedCert> =
+        layout.parties.iter().map(|p| identity::read_pair(&p.cert, &p.key)).collect::<anyhow::Result<_>>()?;
+    let client = Client::connect(&layout.rest_url, &ca, Some(&parties[0])).await?;
+    let voters: Vec<&_> = parties.iter().collect();
+    let actions = serde_json::json!([{ "name": "transition_service_to_open" }]);
+    let (id, state) = client.pass(&parties[0], &voters, actions).await.context("opening the service")?;
+    anyhow::ensure!(state["state"] == "Accepted", "the opening proposal {id} ended {}", state["state"]);
+    eprintln!("the members voted the service open (proposal {id})");
+    Ok(())
+}
+
+/// Waits until every node answers `/node/health` and the first node lists them all as voters,
+/// or one of them exits.
+async fn wait_ready(layout: &SandboxFile, children: &mut [NodeProcess]) -> anyhow::Result<()> {
+    let ca = std::fs::read(&layout.service_cert)?;
+    let started = Instant::now();
+    let check_exits = |children: &mut [NodeProcess]| -> anyhow::Result<()> {
+        for child in children.iter_mut() {
+            if let Err(status) = child.check_running() {
+                anyhow::bail!(
+                    "{} exited ({status}) before it was ready; its log ends:\n{}",
+                    child.name,
+                    child.log_tail(10)
+                );
+            }
+        }
+        Ok(())
+    };
+    loop {
+        check_exits(children)?;
+        if network_ready(layout, &ca).await {
+            return Ok(());
+        }
+        if started.elapsed() > NODE_READY_TIMEOUT {
+            let logs: Vec<String> = children.iter().map(|c| format!("{}:\n{}", c.name, c.log_tail(10))).collect();
+            anyhow::bail!(
+                "the network did not become ready within {NODE_READY_TIMEOUT:?}; logs end:\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether every node is healthy and every node sees all of them as leader or follower.
+async fn network_ready(layout: &SandboxFile, ca: &[u8]) -> bool {
+    for node in &layout.nodes {
+        let Ok(client) = Client::connect(&node.rest_url, ca, None).await else {
+            return false;
+        };
+        let Ok(reply) = client.get("/node/network").await else {
+            return false;
+        };
+        let Ok(network) = reply.json() else {
+            return false;
+        };
+        let voters = network["nodes"]
+            .as_array()
+            .map(|ns| ns.iter().filter(|n| n["role"] == "leader" || n["role"] == "follower").count())
+            .unwrap_or(0);
+        if reply.status != 200 || voters != layout.nodes.len() || network["leader"].is_null() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs until Ctrl-C or SIGTERM, reporting nodes that exit meanwhile.
+async fn supervise(layout: &SandboxFile, children: &mut [NodeProcess]) {
+    let mut reported = vec![false; children.len()];
+    let signal = super::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        for (i, child) in children.iter_mut().enumerate() {
+            if !reported[i]
+                && let Err(status) = child.check_running()
+            {
+                reported[i] = true;
+                let node = &layout.nodes[i];
+                eprintln!(
+                    "{} exited ({status}); restart it with: {} node start --config {}",
+                    node.id,
+                    exe_name(),
+                    node.config.display()
+                );
+            }
+        }
+    }
+}
+
+/// Asks every node to stop (SIGTERM), then kills those that do not within the timeout.
+fn stop(children: &mut [NodeProcess]) {
+    for child in children.iter() {
+        child.request_stop();
+    }
+    let deadline = Instant::now() + NODE_STOP_TIMEOUT;
+    for child in children.iter_mut() {
+        if !child.finish_stop(deadline) {
+            eprintln!("{} did not stop within {NODE_STOP_TIMEOUT:?} and was killed", child.name);
+        }
+    }
+}
+
+fn exe_name() -> String {
+    std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "cloister".into())
+}
+
+fn print_usage(dir: &Path, layout: &SandboxFile) {
+    let d = dir.display();
+    let exe = exe_name();
+    let first = &layout.parties[0].name;
+    let second = layout.parties.get(1).map_or(first.as_str(), |p| p.name.as_str());
+    println!("Cloister sandbox is running ({} node(s)). Press Ctrl-C to stop.\n", layout.nodes.len());
+    for n in &layout.nodes {
+        println!(
+            "  {}  HTTPS {}  gRPC {}  peers {}  pid {}  data {}",
+            n.id,
+            n.rest_url,
+            n.grpc_url,
+            n.peer_url,
+            n.pid.unwrap_or(0),
+            n.data_dir.display()
+        );
+    }
+    println!("  service certificate  {d}/service.cert.pem");
+    let names: Vec<&str> = layout.parties.iter().map(|p| p.name.as_str()).collect();
+    println!("  parties  {}  ({d}/<name>.cert.pem, {d}/<name>.key.pem)", names.join(", "));
+    println!("  details  {d}/sandbox.json\n");
+    println!("Ingest demo data and fetch a report with curl:");
+    let curl =
+        |who: &str| format!("curl -s --cacert {d}/service.cert.pem --cert {d}/{who}.cert.pem --key {d}/{who}.key.pem");
+    println!(
+        "  {} -H 'content-type: text/csv' --data-binary @{d}/demo/member0_data.csv {}/app/csv/ingest",
+        curl(first),
+        layout.rest_url
+    );
+    println!("  {} {}/app/report\n", curl(first), layout.rest_url);
+    println!("or with the cloister command:");
+    println!("  {exe} call --sandbox {d} --as {second} POST /app/ingest --data @{d}/demo/member1_data.json");
+    println!("  {exe} call --sandbox {d} --as {second} GET /app/report\n");
+    println!("gRPC (server reflection is on):");
+    println!(
+        "  grpcurl -cacert {d}/service.cert.pem -cert {d}/{first}.cert.pem -key {d}/{first}.key.pem {} list",
+        layout.grpc_url.trim_start_matches("https://")
+    );
+}

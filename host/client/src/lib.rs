@@ -1,0 +1,201 @@
+//! A client for a node's HTTPS and gRPC endpoints, with the service CA pinned and an optional
+//! client identity. The CLI, the sandbox, the benchmarks and the tests all use it.
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+
+use cloister_crypto::cose::GovWrite;
+pub use cloister_crypto::cose::unix_now;
+use cloister_crypto::cose::{self, MsgType};
+use cloister_crypto::identity::KeyedCert;
+use cloister_crypto::tls;
+
+/// An HTTP/2 connection to one node; cheap to clone, and clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    sender: SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+/// A response: status, headers and the whole body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    /// HTTP/2 trailers (gRPC puts its status there).
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl Reply {
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).with_context(|| format!("the body is not JSON: {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The transaction id of a committed write.
+    pub fn tx_id(&self) -> Option<String> {
+        let v = self.headers.get(cloister_proto::TX_ID_HEADER)?;
+        Some(v.to_str().ok()?.to_owned())
+    }
+}
+
+/// `host:port` and the TLS server name of an `https://` URL.
+fn endpoint(url: &str) -> anyhow::Result<(String, ServerName<'static>)> {
+    let uri: http::Uri = url.parse().with_context(|| format!("{url} is not a URL"))?;
+    anyhow::ensure!(uri.scheme_str() == Some("https"), "{url}: only https:// URLs are supported");
+    let host = uri.host().with_context(|| format!("{url} names no host"))?.trim_matches(['[', ']']).to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let name = ServerName::try_from(host.clone()).with_context(|| format!("{host} is not a valid server name"))?;
+    Ok((format!("{host}:{port}"), name))
+}
+
+impl Client {
+    /// Connects to `https://host:port`, trusting only the service CA, presenting `identity`.
+    pub async fn connect(url: &str, service_ca_pem: &[u8], identity: Option<&KeyedCert>) -> anyhow::Result<Client> {
+        let (authority, server_name) = endpoint(url)?;
+        let config = tls::client_config(service_ca_pem, identity, true)?;
+        let tcp =
+            tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connecting to {authority}"))?;
+        tcp.set_nodelay(true)?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name, tcp)
+            .await
+            .with_context(|| format!("TLS handshake with {authority}"))?;
+        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .with_context(|| format!("HTTP/2 handshake with {authority}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "client connection closed");
+            }
+        });
+        Ok(Client { sender, authority })
+    }
+
+    /// Sends one request; `target` is a path with an optional query.
+    pub async fn request(
+        &self,
+        method: &str,
+        target: &str,
+        content_type: Option<&str>,
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<Reply> {
+        let headers: Vec<(&str, &str)> = content_type.map(|ct| vec![("content-type", ct)]).unwrap_or_default();
+        self.request_with_headers(method, target, &headers, body).await
+    }
+
+    /// Sends one request with extra headers.
+    pub async fn request_with_headers(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<Reply> {
+        let mut req = http::Request::builder().method(method).uri(format!("https://{}{target}", self.authority));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Full::new(body.into())).context("building the request")?;
+        let mut sender = self.sender.clone();
+        sender.ready().await.context("the connection to the node is closed")?;
+        let response = sender.send_request(req).await.context("sending the request")?;
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await.context("reading the response")?;
+        let trailers = collected.trailers().cloned();
+        Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body: collected.to_bytes(), trailers })
+    }
+
+    pub async fn get(&self, target: &str) -> anyhow::Result<Reply> {
+        self.request("GET", target, None, Bytes::new()).await
+    }
+
+    pub async fn post(&self, target: &str, content_type: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
+        self.request("POST", target, Some(content_type), body).await
+    }
+}
+
+/// The content type of signed governance requests.
+pub const COSE_CONTENT_TYPE: &str = "application/cose";
+
+impl Client {
+    /// Signs `payload` as `who` for a governance write (created now) and sends it.
+    pub async fn gov(&self, who: &KeyedCert, write: &GovWrite, payload: &serde_json::Value) -> anyhow::Result<Reply> {
+        let signed = sign_gov(who, write, payload, unix_now())?;
+        self.post(&write.path(), COSE_CONTENT_TYPE, signed).await
+    }
+
+    /// As [`Client::gov`], failing unless the node accepts the request; returns its JSON answer.
+    pub async fn gov_ok(
+        &self,
+        who: &KeyedCert,
+        write: &GovWrite,
+        payload: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let reply = self.gov(who, write, payload).await?;
+        anyhow::ensure!(reply.status == 200, "{} refused ({}): {}", write.path(), reply.status, reply.text());
+        reply.json()
+    }
+
+    /// Proposes `actions` as `proposer`, then has each of `voters` approve until the proposal is
+    /// no longer Open. Returns the proposal's id and final JSON state.
+    pub async fn pass(
+        &self,
+        proposer: &KeyedCert,
+        voters: &[&KeyedCert],
+        actions: serde_json::Value,
+    ) -> anyhow::Result<(String, serde_json::Value)> {
+        let answer = self.gov_ok(proposer, &GovWrite::Propose, &serde_json::json!({ "actions": actions })).await?;
+        let id = answer["proposal_id"].as_str().context("the proposal answer names no proposal_id")?.to_owned();
+        let mut state = answer;
+        for voter in voters {
+            if state["state"] != "Open" {
+                break;
+            }
+            state = self.gov_ok(voter, &GovWrite::Vote(id.clone()), &serde_json::json!({ "approve": true })).await?;
+        }
+        Ok((id, state))
+    }
+}
+
+/// Signs a governance request body for `write`, created at `created_at` (Unix seconds).
+pub fn sign_gov(
+    who: &KeyedCert,
+    write: &GovWrite,
+    payload: &serde_json::Value,
+    created_at: u64,
+) -> anyhow::Result<Vec<u8>> {
+    let (msg_type, proposal_id) = match write {
+        GovWrite::Propose => (MsgType::Proposal, None),
+        GovWrite::Vote(id) => (MsgType::Ballot, Some(id.as_str())),
+        GovWrite::Withdraw(id) => (MsgType::Withdrawal, Some(id.as_str())),
+        GovWrite::Ack => (MsgType::Ack, None),
+    };
+    cose::sign(who, msg_type, proposal_id, created_at, payload.to_string().as_bytes())
+}
+
+/// A gRPC channel to `https://host:port`, trusting only the service CA, presenting `identity`.
+pub async fn grpc_channel(
+    url: &str,
+    service_ca_pem: &[u8],
+    identity: Option<&KeyedCert>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let (_, server_name) = endpoint(url)?;
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(service_ca_pem))
+        .domain_name(server_name.to_str().into_owned());
+    if let Some(id) = identity {
+        config = config.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+    }
+    let channel = Endpoint::from_shared(url.to_owned())?.tls_config(config)?.connect().await?;
+    Ok(channel)
+}

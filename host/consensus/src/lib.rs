@@ -1,0 +1,401 @@
+//! Replication with openraft: the type configuration, the redb log store, the state machine that
+//! applies write sets to the KV store, and the gRPC network between nodes.
+//!
+//! This is the only module that imports openraft. Everything else sees [`Consensus`]: propose a
+//! transaction, ask who leads, ask a transaction's fate, add or remove a node.
+
+mod log_store;
+mod network;
+mod server;
+pub mod settings;
+mod state_machine;
+pub mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ReadPolicy, ServerState};
+use serde::{Deserialize, Serialize};
+
+pub use network::{PEER_MESSAGE_BYTES_MAX, Peers};
+
+/// How long a joining node waits between attempts to attest or to be admitted.
+pub const JOIN_RETRY_MS: u64 = 500;
+pub use server::{Forwarder, PeerRpc, PeerService};
+pub use state_machine::Applied;
+pub use types::{NodeAddr, NodeId, TxEntry, TxKind};
+
+use cloister_ledger::txid::TxId;
+use cloister_store as kv;
+use log_store::{AppendWatch, LogStore};
+pub use settings::RaftSection;
+use state_machine::StateMachine;
+use types::{Raft, tx_id};
+
+pub use cloister_crypto::node_id_of;
+
+/// Why a proposal did not commit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This node does not lead; the entry never reached a log, so it is safe to run elsewhere.
+    #[error("this node does not lead{}", leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
+    NotLeader { leader: Option<NodeAddr> },
+    /// Leadership changed after the entry was appended: it may yet commit or be dropped.
+    /// `tx_id` is known when the entry was appended here; `/node/tx` tells its fate.
+    #[error("leadership changed before {} was known to commit: {reason}", tx_id.map(|t| format!("transaction {t}")).unwrap_or_else(|| "the entry".into()))]
+    Unknown { tx_id: Option<TxId>, reason: String },
+    /// Consensus has stopped on this node.
+    #[error("consensus has stopped on this node: {0}")]
+    Stopped(String),
+}
+
+/// A transaction handed to Raft, whose outcome is still to come.
+pub struct Proposal {
+    uid: [u8; 16],
+    appended: tokio::sync::oneshot::Receiver<types::LogId>,
+    complete: openraft::type_config::alias::OneshotReceiverOf<
+        types::TypeConfig,
+        openraft::raft::ClientWriteResult<types::TypeConfig>,
+    >,
+    watch: Arc<AppendWatch>,
+}
+
+impl Proposal {
+    /// Waits until the transaction is committed and applied on this node, or fails.
+    pub async fn outcome(mut self) -> Result<TxId, ProposeError> {
+        let result = self.complete.await;
+        self.watch.forget(&self.uid);
+        let known = self.appended.try_recv().ok().as_ref().map(tx_id);
+        match result {
+            Ok(Ok(response)) => Ok(tx_id(&response.log_id)),
+            Ok(Err(ClientWriteError::ForwardToLeader(f))) if known.is_none() => {
+                Err(ProposeError::NotLeader { leader: f.leader_node })
+            }
+            Ok(Err(ClientWriteError::PreconditionFailed(_))) if known.is_none() => {
+                Err(ProposeError::NotLeader { leader: None })
+            }
+            Ok(Err(e)) => Err(ProposeError::Unknown { tx_id: known, reason: e.to_string() }),
+            Err(_) => Err(ProposeError::Unknown { tx_id: known, reason: "consensus stopped before answering".into() }),
+        }
+    }
+}
+
+/// A transaction's fate, as this node knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxStatus {
+    /// Not yet known to be committed.
+    Pending,
+    Committed,
+    /// Its position was committed with another transaction: it will never commit.
+    Invalid,
+}
+
+/// One node of the network, for `/node/network`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkNode {
+    pub id: String,
+    pub name: String,
+    pub role: &'static str,
+    pub rest_url: String,
+    pub grpc_url: String,
+    pub peer_url: String,
+}
+
+/// The network as this node sees it, for `/node/network`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkStatus {
+    pub this_node: String,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub committed: Option<String>,
+    pub applied: Option<String>,
+    pub nodes: Vec<NetworkNode>,
+}
+
+/// The node's replication handle; clones share everything.
+#[derive(Clone)]
+pub struct Consensus {
+    raft: Raft,
+    sm: StateMachine,
+    watch: Arc<AppendWatch>,
+    peers: Peers,
+    id: NodeId,
+    me: NodeAddr,
+    forward_hops_max: u32,
+}
+
+impl Consensus {
+    /// Opens the log (`raft.redb`) and snapshots under `data_dir`, and starts Raft.
+    pub async fn start(
+        settings: &RaftSection,
+        data_dir: &Path,
+        id: NodeId,
+        me: NodeAddr,
+        store: kv::Store,
+        ledger: Arc<cloister_ledger::Ledger>,
+        peers: Peers,
+    ) -> anyhow::Result<Consensus> {
+        let watch = Arc::new(AppendWatch::default());
+        let log = LogStore::open(&data_dir.join("raft.redb"), watch.clone())?;
+        let sm = StateMachine::new(store, ledger, data_dir.join("snapshots"))?;
+        let config = openraft::Config {
+            cluster_name: "cloister".into(),
+            heartbeat_interval: settings.heartbeat_interval_ms,
+            election_timeout_min: settings.election_timeout_min_ms,
+            election_timeout_max: settings.election_timeout_max_ms,
+            install_snapshot_timeout: settings.install_snapshot_timeout_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
+            purge_batch_size: 64,
+            max_payload_entries: settings.entries_per_append_max,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| anyhow::anyhow!("raft settings are inconsistent: {e}"))?;
+        let network = network::NetworkFactory { peers: peers.clone() };
+        let raft = Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
+        Ok(Consensus { raft, sm, watch, peers, id, me, forward_hops_max: settings.forward_hops_max })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    pub fn forward_hops_max(&self) -> u32 {
+        self.forward_hops_max
+    }
+
+    pub async fn is_initialized(&self) -> anyhow::Result<bool> {
+        Ok(self.raft.is_initialized().await?)
+    }
+
+    /// Starts a new network with this node as its only voter.
+    pub async fn initialize(&self) -> anyhow::Result<()> {
+        self.raft.initialize(BTreeMap::from([(self.id, self.me.clone())])).await?;
+        Ok(())
+    }
+
+    fn metrics(&self) -> openraft::RaftMetrics<types::TypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.metrics();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// The current leader's addresses, if one is known.
+    pub fn leader(&self) -> Option<NodeAddr> {
+        let m = self.metrics();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).cloned()
+    }
+
+    /// Whether this node leads and has applied everything before its own term, so executing on
+    /// top of its applied state sees every earlier transaction.
+    pub fn caught_up(&self) -> bool {
+        let m = self.metrics();
+        m.state == ServerState::Leader && m.last_applied.as_ref().is_some_and(|l| l.leader_id.term == m.current_term)
+    }
+
+    /// The term this node is in.
+    pub fn term(&self) -> u64 {
+        self.metrics().current_term
+    }
+
+    /// Waits until [`Consensus::caught_up`], or leadership is lost, or the timeout passes.
+    pub async fn wait_caught_up(&self, timeout: Duration) -> bool {
+        let id = self.id;
+        let waiter = self.raft.wait(Some(timeout));
+        let outcome = waiter
+            .metrics(
+                |m| {
+                    m.state != ServerState::Leader
+                        || (m.current_leader == Some(id)
+                            && m.last_applied.as_ref().is_some_and(|l| l.leader_id.term == m.current_term))
+                },
+                "leader caught up",
+            )
+            .await;
+        outcome.is_ok() && self.caught_up()
+    }
+
+    /// Waits until some node leads.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<()> {
+        let waiter = self.raft.wait(Some(timeout));
+        waiter.metrics(|m| m.current_leader.is_some(), "a leader").await?;
+        Ok(())
+    }
+
+    /// Proposes a transaction and waits until it is committed and applied here.
+    pub async fn propose(&self, entry: TxEntry) -> Result<TxId, ProposeError> {
+        self.submit(entry, None).await?.outcome().await
+    }
+
+    /// Hands a transaction to Raft and returns at once; proposals reach the log in the order of
+    /// `submit` calls. With `term`, the write is refused unless this node still leads in that
+    /// term, so state computed under one leadership never commits under another.
+    pub async fn submit(&self, entry: TxEntry, term: Option<u64>) -> Result<Proposal, ProposeError> {
+        let uid = entry.uid;
+        let appended = self.watch.watch(uid);
+        let (responder, complete) = openraft::impls::ProgressResponder::complete_only();
+        let mut write = self.raft.write(entry).responder(responder);
+        if let Some(term) = term {
+            use openraft::vote::RaftLeaderIdExt;
+            write = write.with_leader(types::LeaderId::new_committed(term, self.id));
+        }
+        if let Err(e) = write.await {
+            self.watch.forget(&uid);
+            return Err(ProposeError::Stopped(e.to_string()));
+        }
+        Ok(Proposal { uid, appended, complete, watch: self.watch.clone() })
+    }
+
+    /// A linearizable read barrier: confirms leadership with a quorum, then waits until this
+    /// node has applied everything committed before the read.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader { leader: f.leader_node })
+            }
+            Err(e) => Err(ProposeError::Unknown { tx_id: None, reason: e.to_string() }),
+        }
+    }
+
+    /// What this node knows of a transaction's fate. Sound: a `Committed` or `Invalid` answer
+    /// never changes; `Pending` turns into one of them once this node applies that far.
+    pub fn tx_status(&self, tx: TxId) -> std::io::Result<TxStatus> {
+        let applied = self.sm.subscribe().borrow().last;
+        if applied.is_none_or(|a| a.seqno < tx.seqno) {
+            return Ok(TxStatus::Pending);
+        }
+        Ok(match self.sm.term_of(tx.seqno)? {
+            Some(term) if term == tx.term => TxStatus::Committed,
+            Some(_) => TxStatus::Invalid,
+            None => TxStatus::Invalid,
+        })
+    }
+
+    pub fn network(&self) -> NetworkStatus {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let nodes = membership
+            .nodes()
+            .map(|(id, addr)| NetworkNode {
+                id: id.to_string(),
+                name: addr.name.clone(),
+                role: if m.current_leader == Some(*id) {
+                    "leader"
+                } else if voters.contains(id) {
+                    "follower"
+                } else {
+                    "learner"
+                },
+                rest_url: addr.rest_url.clone(),
+                grpc_url: addr.grpc_url.clone(),
+                peer_url: addr.peer_url.clone(),
+            })
+            .collect();
+        NetworkStatus {
+            this_node: self.id.to_string(),
+            leader: m.current_leader.map(|l| l.to_string()),
+            term: m.current_term,
+            committed: m.local_committed.as_ref().map(|l| tx_id(l).to_string()),
+            applied: m.last_applied.as_ref().map(|l| tx_id(l).to_string()),
+            nodes,
+        }
+    }
+
+    /// Adds a node: first as a learner until it has caught up, then as a voter. Only the leader
+    /// adds nodes; others answer UNAVAILABLE naming the leader.
+    pub async fn add_voter(&self, id: NodeId, addr: NodeAddr) -> Result<Vec<u64>, tonic::Status> {
+        if !self.is_leader() {
+            return Err(self.not_leader_status());
+        }
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let is_voter = membership.voter_ids().any(|v| v == id);
+        if !is_voter {
+            tracing::info!(node = %addr, id, "adding a node as a learner");
+            self.raft.add_learner(id, addr.clone(), true).await.map_err(|e| match e.forward_to_leader() {
+                Some(_) => self.not_leader_status(),
+                None => tonic::Status::unavailable(format!("adding the learner failed: {e}")),
+            })?;
+            tracing::info!(node = %addr, id, "promoting the node to voter");
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("promoting the node failed: {e}")))?;
+        }
+        Ok(self.metrics().membership_config.membership().voter_ids().collect())
+    }
+
+    /// Asks the network at `peer_url` to admit this node, following leader hints, until it does.
+    pub async fn join(&self, peer_url: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut target = peer_url.to_owned();
+        let request = cloister_proto::peer::v1::JoinRequest { node: types::encode(&(self.id, self.me.clone())) };
+        loop {
+            let outcome = match self.peers.client(&target) {
+                Ok(mut client) => client.join(request.clone()).await,
+                Err(status) => Err(status),
+            };
+            match outcome {
+                Ok(_) => return Ok(()),
+                Err(status) => {
+                    if let Some(leader) = status.metadata().get("x-cloister-leader").and_then(|v| v.to_str().ok())
+                        && !leader.is_empty()
+                    {
+                        target = leader.to_owned();
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        anyhow::bail!("joining the network at {peer_url} failed: {}", status.message());
+                    }
+                    tracing::info!(target = %target, reason = status.message(), "join not accepted yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(JOIN_RETRY_MS)).await;
+                }
+            }
+        }
+    }
+
+    /// Removes a node from the voters and the network.
+    pub async fn remove(&self, id: NodeId) -> anyhow::Result<()> {
+        self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await?;
+        self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await?;
+        Ok(())
+    }
+
+    /// The peer gRPC service for this node.
+    pub fn peer_service(&self, forwarder: Arc<dyn Forwarder>) -> PeerService {
+        PeerService { consensus: self.clone(), forwarder }
+    }
+
+    /// UNAVAILABLE, naming the leader (metadata `x-cloister-leader`) so the caller can follow.
+    pub fn not_leader_status(&self) -> tonic::Status {
+        let hint = self.leader().map(|l| l.peer_url).unwrap_or_default();
+        let mut status = tonic::Status::unavailable(format!("not the leader; ask {hint}"));
+        if let Ok(v) = hint.parse() {
+            status.metadata_mut().insert("x-cloister-leader", v);
+        }
+        status
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+}

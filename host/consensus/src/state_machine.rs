@@ -1,0 +1,547 @@
+//! The replicated state machine: committed entries become ledger entries (files first, then the
+//! index) and durable writes to the KV store, with the applied log id, the membership and the term
+//! history, all in one redb transaction.
+//!
+//! Followers never run contract code: they apply the write sets the leader proposed, after
+//! checking every signature entry against their own tree. Snapshots are files holding every KV
+//! entry (private ones sealed, keys included), the term history and the ledger's start state;
+//! they stream to lagging followers.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use openraft::EntryPayload;
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::type_config::alias::SnapshotOf;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
+use cloister_crypto::seal::Purpose;
+use cloister_ledger::entry::{LedgerEntry, Payload};
+use cloister_ledger::files::StartState;
+use cloister_ledger::txid::TxId;
+use cloister_ledger::{Ledger, index};
+use cloister_store::{self as kv, Store};
+use redb::{ReadableTable, TableDefinition};
+
+const APPLIED_LOG_ID_KEY: &str = "raft_applied";
+const MEMBERSHIP: &str = "raft_membership";
+/// The term history: the first log index of every term, keyed by term. One row is added when a
+/// term's first entry is applied, so applying never re-encodes the history.
+const TERMS: TableDefinition<u64, u64> = TableDefinition::new("raft_terms");
+/// Entries applied per durable transaction, so a long catch-up does not hold all in memory.
+const APPLY_BATCH_MAX: usize = 1024;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP1\0";
+
+/// The terms of the log: `(term, first index of that term)`, in order. It answers which term a
+/// committed index belongs to after the log itself has been purged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermHistory(Vec<(u64, u64)>);
+
+impl TermHistory {
+    /// Reads the history from its table.
+    fn read(txn: &impl TermsTable) -> io::Result<TermHistory> {
+        let mut rows = Vec::new();
+        txn.for_each_term(&mut |term, first| rows.push((term, first)))?;
+        Ok(TermHistory(rows))
+    }
+}
+
+/// Read access to the `TERMS` table, in a read or a write transaction.
+trait TermsTable {
+    fn for_each_term(&self, f: &mut dyn FnMut(u64, u64)) -> io::Result<()>;
+}
+
+impl TermsTable for redb::ReadTransaction {
+    fn for_each_term(&self, f: &mut dyn FnMut(u64, u64)) -> io::Result<()> {
+        let table = match self.open_table(TERMS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(io_other(e)),
+        };
+        for row in table.iter().map_err(io_other)? {
+            let (term, first) = row.map_err(io_other)?;
+            f(term.value(), first.value());
+        }
+        Ok(())
+    }
+}
+
+/// Records the first index of every term among `applied` (`(term, index)` in log order) that
+/// the table does not hold yet.
+fn record_terms(txn: &redb::WriteTransaction, applied: impl IntoIterator<Item = (u64, u64)>) -> io::Result<()> {
+    let mut table = txn.open_table(TERMS).map_err(io_other)?;
+    let mut last = table.last().map_err(io_other)?.map(|(t, _)| t.value());
+    for (term, index) in applied {
+        if last.is_none_or(|l| term > l) {
+            table.insert(term, index).map_err(io_other)?;
+            last = Some(term);
+        }
+    }
+    Ok(())
+}
+
+/// The term of the entry at `index`, if `index` is within the recorded history: the newest term
+/// whose first index is at or before it (usually one of the last few rows).
+fn term_of(read: &redb::ReadTransaction, index: u64) -> io::Result<Option<u64>> {
+    let table = match read.open_table(TERMS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(io_other(e)),
+    };
+    for row in table.iter().map_err(io_other)?.rev() {
+        let (term, first) = row.map_err(io_other)?;
+        if first.value() <= index {
+            return Ok(Some(term.value()));
+        }
+    }
+    Ok(None)
+}
+
+/// What the rest of the node learns after each applied batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub last: Option<TxId>,
+    /// Bumped whenever a batch wrote a `gov.` map.
+    pub gov_version: u64,
+}
+
+/// A snapshot on disk.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    pub path: PathBuf,
+}
+
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    file: SnapshotFile,
+}
+
+struct Inner {
+    store: Store,
+    /// Always present on a node. Absent only in openraft's storage suite, which feeds the state
+    /// machine entries with gaps no Raft log has, and which a ledger rightly refuses.
+    ledger: Option<Arc<Ledger>>,
+    snapshot_dir: PathBuf,
+    current: Mutex<Option<StoredSnapshot>>,
+    applied: watch::Sender<Applied>,
+}
+
+/// The state machine handle; clones share everything.
+#[derive(Clone)]
+pub struct StateMachine {
+    inner: Arc<Inner>,
+}
+
+fn io_other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl StateMachine {
+    pub fn new(store: Store, ledger: Arc<Ledger>, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+        StateMachine::with(store, Some(ledger), snapshot_dir)
+    }
+
+    /// A state machine that keeps no ledger, for openraft's storage suite only.
+    #[cfg(test)]
+    pub fn without_ledger(store: Store, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+        let batch = store.write_batch()?;
+        index::create(batch.txn())?;
+        batch.commit()?;
+        StateMachine::with(store, None, snapshot_dir)
+    }
+
+    fn with(store: Store, ledger: Option<Arc<Ledger>>, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let sm = StateMachine {
+            inner: Arc::new(Inner {
+                store,
+                ledger,
+                snapshot_dir,
+                current: Mutex::new(None),
+                applied: watch::Sender::new(Applied::default()),
+            }),
+        };
+        let last = sm.meta::<Option<LogId>>(APPLIED_LOG_ID_KEY)?.flatten();
+        sm.inner.applied.send_modify(|a| a.last = last.as_ref().map(super::types::tx_id));
+        sm.adopt_latest_snapshot_file()?;
+        Ok(sm)
+    }
+
+    /// Notifications after each applied batch.
+    pub fn subscribe(&self) -> watch::Receiver<Applied> {
+        self.inner.applied.subscribe()
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
+        let bytes = self.inner.store.meta(key).map_err(io_other)?;
+        bytes.map(|b| decode(&b, key)).transpose()
+    }
+
+    /// The term of the applied entry at `index`, if the history reaches back that far.
+    pub fn term_of(&self, index: u64) -> io::Result<Option<u64>> {
+        term_of(&self.inner.store.read_txn().map_err(io_other)?, index)
+    }
+
+    /// After a restart, the newest snapshot file on disk is the current snapshot again.
+    fn adopt_latest_snapshot_file(&self) -> anyhow::Result<()> {
+        let mut newest: Option<(u64, PathBuf)> = None;
+        for entry in std::fs::read_dir(&self.inner.snapshot_dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "snap") {
+                let index = read_head(&path).map(|m| m.last_log_id.map_or(0, |l| l.index)).unwrap_or(0);
+                if newest.as_ref().is_none_or(|(i, _)| index > *i) {
+                    newest = Some((index, path));
+                }
+            }
+        }
+        if let Some((_, path)) = newest {
+            let meta = read_head(&path)?;
+            *self.inner.current.lock().expect("snapshot lock") =
+                Some(StoredSnapshot { meta, file: SnapshotFile { path } });
+        }
+        Ok(())
+    }
+
+    /// Applies a batch of entries: ledger files first (durably), then the index, the writes and
+    /// the bookkeeping in one durable transaction. Returns whether a `gov.` map changed.
+    fn apply_batch(&self, batch: &[(LogId, Payload, Option<StoredMembership>)]) -> io::Result<bool> {
+        let store = &self.inner.store;
+        let mut membership = None;
+        let mut writes = Vec::new();
+        let mut gov_touched = false;
+        let mut txn = store.write_batch().map_err(io_other)?;
+        let mut entries: Vec<LedgerEntry> = Vec::with_capacity(batch.len());
+        {
+            let ledger = self.inner.ledger.as_ref();
+            let service_cert = ledger.map(|l| l.service_cert().to_vec()).unwrap_or_default();
+            let mut appender = index::Appender::new(txn.txn(), service_cert).map_err(io_other)?;
+            for (log_id, payload, m) in batch {
+                if let Payload::Tx(tx) = payload {
+                    let ws = match (store.sealer(), &tx.private) {
+                        (Some(s), _) => tx.writes(s),
+                        (None, None) => Ok(tx.public.clone()),
+                        (None, Some(_)) => {
+                            return Err(io_other(
+                                "a transaction has private writes but this node has no ledger secret",
+                            ));
+                        }
+                    }
+                    .map_err(|e| io_other(format!("ledger entry {}: {e}", log_id.index)))?;
+                    gov_touched |= ws.iter().any(|(map, _, _)| map.starts_with(cloister_abi::abi::GOV_PREFIX));
+                    writes.push(ws);
+                }
+                if m.is_some() {
+                    membership = m.clone();
+                }
+                if ledger.is_some() {
+                    let entry = appender.append(log_id.index, log_id.leader_id.term, payload.clone()).map_err(|e| {
+                        tracing::error!(error = %e, "refusing a ledger entry: this node stops applying");
+                        io_other(e)
+                    })?;
+                    entries.push(entry);
+                }
+            }
+            appender.finish().map_err(io_other)?;
+        }
+        if let Some(ledger) = &self.inner.ledger {
+            ledger.append(&entries)?;
+        }
+        for ws in &writes {
+            txn.apply(ws).map_err(io_other)?;
+        }
+        let last = batch.last().map(|(l, ..)| *l);
+        txn.put_meta(APPLIED_LOG_ID_KEY, &encode(&last)).map_err(io_other)?;
+        record_terms(txn.txn(), batch.iter().map(|(log_id, ..)| (log_id.leader_id.term, log_id.index)))?;
+        if let Some(m) = membership {
+            txn.put_meta(MEMBERSHIP, &encode(&m)).map_err(io_other)?;
+        }
+        txn.commit().map_err(io_other)?;
+        Ok(gov_touched)
+    }
+
+    fn publish(&self, last: Option<LogId>, gov_touched: bool) {
+        self.inner.applied.send_modify(|a| {
+            a.last = last.as_ref().map(super::types::tx_id);
+            if gov_touched {
+                a.gov_version += 1;
+            }
+        });
+    }
+
+    fn build(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+        let export = self.inner.store.export().map_err(io_other)?;
+        let decode_meta = |key: &str| -> io::Result<Option<Vec<u8>>> { export.meta(key).map_err(io_other) };
+        let last_log_id: Option<LogId> =
+            decode_meta(APPLIED_LOG_ID_KEY)?.map(|b| decode(&b, APPLIED_LOG_ID_KEY)).transpose()?.flatten();
+        let last_membership: StoredMembership =
+            decode_meta(MEMBERSHIP)?.map(|b| decode(&b, MEMBERSHIP)).transpose()?.unwrap_or_default();
+        let history = encode(&TermHistory::read(export.txn())?);
+        let start = index::start_state(export.txn()).map_err(io_other)?;
+        let meta = SnapshotMeta { last_log_id, last_membership };
+        let path = self.inner.snapshot_dir.join(snapshot_name(&meta));
+        let tmp = path.with_extension("tmp");
+        let sealer = self.inner.store.sealer().cloned();
+        {
+            let mut out = BufWriter::new(std::fs::File::create(&tmp)?);
+            write_head(&mut out, &meta)?;
+            write_record(&mut out, &history)?;
+            write_record(&mut out, &encode(&start))?;
+            export
+                .for_each(|k, v| {
+                    // Private entries are sealed whole, key included; public ones stay in clear.
+                    let record = match &sealer {
+                        Some(s) if !kv::is_public(kv::map_of(k)) => {
+                            let sealed = s.seal(Purpose::SnapshotEntry, b"", &encode(&(k, v)));
+                            encode(&SnapshotRecord::Private(sealed))
+                        }
+                        _ => encode(&SnapshotRecord::Public(k.to_vec(), v.to_vec())),
+                    };
+                    write_record(&mut out, &record)
+                        .map_err(|e| kv::KvError::Invalid { path: tmp.clone(), message: e.to_string() })
+                })
+                .map_err(io_other)?;
+            out.into_inner().map_err(|e| io_other(e.error()))?.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        let file = SnapshotFile { path };
+        self.replace_current(StoredSnapshot { meta: meta.clone(), file: file.clone() });
+        Ok(Snapshot { meta, snapshot: file })
+    }
+
+    /// Makes `new` the current snapshot and deletes the files of older ones.
+    fn replace_current(&self, new: StoredSnapshot) {
+        let keep = new.file.path.clone();
+        *self.inner.current.lock().expect("snapshot lock") = Some(new);
+        if let Ok(dir) = std::fs::read_dir(&self.inner.snapshot_dir) {
+            for entry in dir.flatten() {
+                let p = entry.path();
+                if p != keep && p.extension().is_some_and(|e| e == "snap") {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+
+    /// Replaces the whole state with a snapshot's, and continues the ledger from its start state.
+    fn install(&self, meta: &SnapshotMeta, snapshot: &SnapshotFile) -> io::Result<()> {
+        let path = &snapshot.path;
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {m}", path.display()));
+        let mut input = BufReader::new(std::fs::File::open(path)?);
+        let head = read_head_from(&mut input, path)?;
+        if head.last_log_id != meta.last_log_id {
+            return Err(invalid("the file does not match its metadata"));
+        }
+        let history = read_record(&mut input)?.ok_or_else(|| invalid("the term history is missing"))?;
+        let start = read_record(&mut input)?.ok_or_else(|| invalid("the ledger start is missing"))?;
+        let start: StartState = decode(&start, "a ledger start")?;
+        let store = &self.inner.store;
+        let mut txn = store.write_batch().map_err(io_other)?;
+        txn.clear().map_err(io_other)?;
+        while let Some(record) = read_record(&mut input)? {
+            let (k, v) = match decode::<SnapshotRecord>(&record, "a snapshot entry")? {
+                SnapshotRecord::Public(k, v) => (k, v),
+                SnapshotRecord::Private(sealed) => {
+                    let sealer = store
+                        .sealer()
+                        .ok_or_else(|| invalid("it holds private entries but this node has no ledger secret"))?;
+                    let plain = sealer
+                        .open(Purpose::SnapshotEntry, b"", &sealed)
+                        .map_err(|_| invalid("a sealed entry does not open"))?;
+                    decode::<(Vec<u8>, Vec<u8>)>(&plain, "a private snapshot entry")?
+                }
+            };
+            txn.insert_stored(&k, &v).map_err(io_other)?;
+        }
+        index::reset(txn.txn(), &start).map_err(io_other)?;
+        txn.put_meta(APPLIED_LOG_ID_KEY, &encode(&meta.last_log_id)).map_err(io_other)?;
+        txn.put_meta(MEMBERSHIP, &encode(&meta.last_membership)).map_err(io_other)?;
+        let history: TermHistory = decode(&history, "a term history")?;
+        {
+            let mut terms = txn.txn().open_table(TERMS).map_err(io_other)?;
+            terms.retain(|_, _| false).map_err(io_other)?;
+            for (term, first) in history.0 {
+                terms.insert(term, first).map_err(io_other)?;
+            }
+        }
+        txn.commit().map_err(io_other)?;
+        if let Some(ledger) = &self.inner.ledger {
+            ledger.restart_at(start)?;
+        }
+        let final_path = self.inner.snapshot_dir.join(snapshot_name(meta));
+        std::fs::rename(path, &final_path)?;
+        self.replace_current(StoredSnapshot { meta: meta.clone(), file: SnapshotFile { path: final_path } });
+        self.publish(meta.last_log_id, true);
+        tracing::info!(last = ?meta.last_log_id.as_ref().map(super::types::tx_id), "installed a snapshot");
+        Ok(())
+    }
+
+    /// A fresh path in the snapshot folder, for receiving a snapshot.
+    pub fn incoming_path(&self) -> PathBuf {
+        let mut id = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).expect("OS random");
+        self.inner.snapshot_dir.join(format!("incoming-{}.tmp", hex::encode(id)))
+    }
+}
+
+/// One KV entry in a snapshot file.
+#[derive(Serialize, Deserialize)]
+enum SnapshotRecord {
+    /// A public map's entry: table key and value, in clear.
+    Public(Vec<u8>, Vec<u8>),
+    /// A private map's entry: `(table key, stored value)`, sealed with the ledger secret.
+    Private(Vec<u8>),
+}
+
+fn snapshot_name(meta: &SnapshotMeta) -> String {
+    match &meta.last_log_id {
+        Some(l) => format!("{}-{}.snap", l.leader_id.term, l.index),
+        None => "0-0.snap".to_owned(),
+    }
+}
+
+fn write_record(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    out.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    out.write_all(bytes)
+}
+
+/// Reads one length-prefixed record; `None` at a clean end of file.
+fn read_record(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+    input.read_exact(&mut buf)?;
+    Ok(Some(buf))
+}
+
+fn write_head(out: &mut impl Write, meta: &SnapshotMeta) -> io::Result<()> {
+    out.write_all(SNAPSHOT_MAGIC)?;
+    write_record(out, &encode(meta))
+}
+
+fn read_head_from(input: &mut impl Read, path: &Path) -> io::Result<SnapshotMeta> {
+    let mut magic = [0u8; 8];
+    input.read_exact(&mut magic)?;
+    if &magic != SNAPSHOT_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a Cloister snapshot", path.display()),
+        ));
+    }
+    let head =
+        read_record(input)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot lacks its head"))?;
+    decode(&head, "snapshot metadata")
+}
+
+fn read_head(path: &Path) -> io::Result<SnapshotMeta> {
+    read_head_from(&mut BufReader::new(std::fs::File::open(path)?), path)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+        let sm = self.clone();
+        tokio::task::spawn_blocking(move || sm.build()).await.map_err(io_other)?
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let applied = self.meta::<Option<LogId>>(APPLIED_LOG_ID_KEY)?.flatten();
+        let membership = self.meta(MEMBERSHIP)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
+    where
+        S: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + Send,
+    {
+        let mut pending = Vec::new();
+        loop {
+            let next = entries.try_next().await?;
+            let end = next.is_none();
+            if let Some(item) = next {
+                pending.push(item);
+            }
+            if pending.len() >= APPLY_BATCH_MAX || (end && !pending.is_empty()) {
+                let batch = std::mem::take(&mut pending);
+                let sm = self.clone();
+                let (last, gov_touched, responders) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+                    let rows: Vec<_> = batch
+                        .iter()
+                        .map(|(entry, _)| {
+                            let payload = match &entry.payload {
+                                EntryPayload::Normal(tx) => Payload::Tx(tx.clone()),
+                                EntryPayload::Membership(m) => Payload::Membership(encode(m)),
+                                EntryPayload::Blank => Payload::Blank,
+                            };
+                            let m = entry.get_membership().map(|m| StoredMembership::new(Some(entry.log_id()), m));
+                            (entry.log_id(), payload, m)
+                        })
+                        .collect();
+                    let gov_touched = sm.apply_batch(&rows)?;
+                    let last = rows.last().map(|(l, ..)| *l);
+                    Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect::<Vec<_>>()))
+                })
+                .await
+                .map_err(io_other)??;
+                self.publish(last, gov_touched);
+                for responder in responders {
+                    responder.send(());
+                }
+            }
+            if end {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<()> {
+        let sm = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || sm.install(&meta, &snapshot)).await.map_err(io_other)?
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
+        let current = self.inner.current.lock().expect("snapshot lock");
+        Ok(current.as_ref().map(|s| Snapshot { meta: s.meta.clone(), snapshot: s.file.clone() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_term_table_answers_for_every_index_and_grows_one_row_per_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        for batch in [vec![(1, 1), (1, 2)], vec![(3, 3), (3, 9)], vec![(3, 10)], vec![(4, 11)]] {
+            let txn = store.write_batch().unwrap();
+            record_terms(txn.txn(), batch).unwrap();
+            txn.commit().unwrap();
+        }
+        let read = store.read_txn().unwrap();
+        assert_eq!(TermHistory::read(&read).unwrap().0, vec![(1, 1), (3, 3), (4, 11)]);
+        assert_eq!(term_of(&read, 0).unwrap(), None);
+        assert_eq!(term_of(&read, 2).unwrap(), Some(1));
+        assert_eq!(term_of(&read, 10).unwrap(), Some(3));
+        assert_eq!(term_of(&read, 1000).unwrap(), Some(4));
+    }
+}

@@ -1,0 +1,22 @@
+//! `cloister-crypto`: the keys, certificates and primitives every other Cloister crate shares.
+//!
+//! - [`identity`]: P-384 identities, the service CA, node certificates, and ids from certificates;
+//! - [`seal`]: AES-256-GCM sealing under the ledger secret;
+//! - [`cose`]: COSE_Sign1 governance requests, signed and verified;
+//! - [`tls`]: the rustls configurations of clients, the client port and the peer port.
+//!
+//! It knows nothing of storage, contracts or consensus.
+
+pub mod cose;
+pub mod identity;
+pub mod seal;
+pub mod tls;
+
+/// A node's id: the first eight bytes of the SHA-256 of its certificate (DER).
+pub type NodeId = u64;
+
+/// A node's id from its certificate: the first eight bytes of its SHA-256.
+pub fn node_id_of(cert_der: &[u8]) -> NodeId {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert_der);
+    u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
+}

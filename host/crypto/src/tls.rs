@@ -1,0 +1,221 @@
+//! TLS for every listener and client, with rustls and ring only.
+//!
+//! Servers offer client authentication without requiring it, and accept any client certificate
+//! whose holder proves possession of its key: members and users are self-signed, and the service
+//! knows them by certificate hash (the API answers 401 for unknown ones). Clients pin the service
+//! CA.
+
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::identity::{self, KeyedCert};
+
+/// ALPN: HTTP/2 first (gRPC needs it), HTTP/1.1 for curl and friends.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts any well-formed client certificate; the handshake still proves the key.
+#[derive(Debug)]
+struct AnyClientCert {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A root store holding the service CA.
+fn service_roots(service_ca_pem: &[u8]) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in identity::cert_chain(service_ca_pem)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// The chain a node presents: its certificate, then the service CA.
+fn node_chain(
+    node: &KeyedCert,
+    service_ca_pem: &str,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let mut chain = identity::cert_chain(node.cert_pem.as_bytes())?;
+    chain.extend(identity::cert_chain(service_ca_pem.as_bytes())?);
+    Ok(chain)
+}
+
+/// A server presenting this node's certificate (chained to the service CA), checking client
+/// certificates with `verifier`, offering the protocols `alpn`.
+fn server_with(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    node: &KeyedCert,
+    service_ca_pem: &str,
+    alpn: &[&[u8]],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(node_chain(node, service_ca_pem)?, identity::private_key(node.key_pem.as_bytes())?)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// The server side: this node's certificate (chained to the service CA), any client certificate.
+pub fn server_config(node: &KeyedCert, service_ca_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = provider();
+    let verifier = Arc::new(AnyClientCert { algorithms: provider.signature_verification_algorithms });
+    server_with(provider, verifier, node, service_ca_pem, &ALPN)
+}
+
+/// The client side: trusts only the service CA, optionally presents an identity.
+pub fn client_config(
+    service_ca_pem: &[u8],
+    identity: Option<&KeyedCert>,
+    alpn_h2_only: bool,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let roots = service_roots(service_ca_pem)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(
+            identity::cert_chain(id.cert_pem.as_bytes())?,
+            identity::private_key(id.key_pem.as_bytes())?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols =
+        if alpn_h2_only { vec![ALPN[0].to_vec()] } else { ALPN.iter().map(|p| p.to_vec()).collect() };
+    Ok(Arc::new(config))
+}
+
+/// Decides during the peer handshake whether a certificate that chains to the service CA may
+/// connect at all; the error says why not, for the node's log.
+pub type PeerGate = Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
+
+/// The service-CA chain check, then the [`PeerGate`].
+struct GatedPeerCert {
+    chain: Arc<dyn ClientCertVerifier>,
+    gate: PeerGate,
+}
+
+impl std::fmt::Debug for GatedPeerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatedPeerCert").field("chain", &self.chain).finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for GatedPeerCert {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.chain.verify_client_cert(end_entity, intermediates, now)?;
+        (self.gate)(end_entity.as_ref()).map_err(|reason| {
+            tracing::warn!(%reason, "refused a peer's TLS handshake");
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+/// The peer listener: node certificates only, chained to the service CA, on both sides, and
+/// admitted by `gate` (which refuses retired nodes).
+pub fn peer_server_config(
+    node: &KeyedCert,
+    service_ca_pem: &str,
+    gate: PeerGate,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = provider();
+    let roots = service_roots(service_ca_pem.as_bytes())?;
+    let chain =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    server_with(provider, Arc::new(GatedPeerCert { chain, gate }), node, service_ca_pem, &ALPN[..1])
+}

@@ -1,0 +1,129 @@
+//! Ledger benchmarks (`cargo bench -p cloister-ledger --bench ledger`):
+//! - append throughput (entries/s, MB/s) through the index, the Merkle tree and the files, in
+//!   batches of 256 with one durable commit each, against the limit: blake3 over the same bytes
+//!   plus an append-only, fsynced file write of them;
+//! - receipt verifications per second on one core.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use cloister_crypto::identity::{self, ServiceCa};
+use cloister_crypto::seal::Sealer;
+use cloister_ledger::LedgerSection;
+use cloister_ledger::entry::{NodeSigner, Payload, SignaturePayload, TxEntry, TxKind};
+use cloister_ledger::verify::{Receipt, SignatureRecord, verify_receipt};
+use cloister_ledger::{Ledger, index, merkle};
+use cloister_store::{Store, WriteSet};
+
+const ENTRIES: u64 = 20_000;
+const BATCH: u64 = 256;
+
+fn entries(sealer: &Sealer) -> Vec<Payload> {
+    (0..ENTRIES)
+        .map(|i| {
+            let mut ws = WriteSet::default();
+            ws.put("app/records", format!("LEI{i:017}").as_bytes(), &[b'x'; 160]);
+            Payload::Tx(TxEntry::new(TxKind::App, ws, None, sealer))
+        })
+        .collect()
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ServiceCa::generate("bench service").unwrap();
+    let ca_der = identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
+    let sealer = Sealer::new(&Sealer::generate_secret());
+    let payloads = entries(&sealer);
+    let store = Store::open(&dir.path().join("state.redb")).unwrap();
+    let ledger = Ledger::open(&dir.path().join("ledger"), ca_der.clone(), &LedgerSection::default(), &store).unwrap();
+
+    // The ledger path: index (leaf, chain, tree nodes) and files, one durable commit per batch.
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    let mut encoded_entries = Vec::with_capacity(ENTRIES as usize);
+    for batch in payloads.chunks(BATCH as usize) {
+        let txn = store.write_batch().unwrap();
+        let mut appended = Vec::with_capacity(batch.len());
+        {
+            let mut appender = index::Appender::new(txn.txn(), ca_der.clone()).unwrap();
+            for p in batch {
+                let seqno = appender.state().size;
+                appended.push(appender.append(seqno, 1, p.clone()).unwrap());
+            }
+            appender.finish().unwrap();
+        }
+        ledger.append(&appended).unwrap();
+        txn.commit().unwrap();
+        for e in appended {
+            let encoded = postcard::to_stdvec(&e).unwrap();
+            bytes += encoded.len() as u64 + 4;
+            encoded_entries.push(encoded);
+        }
+    }
+    let ledger_time = started.elapsed();
+
+    // The limit: blake3 over the same bytes, and an append-only file write of them, fsynced per
+    // batch.
+    let started = Instant::now();
+    let mut file = std::fs::File::create(dir.path().join("raw.bin")).unwrap();
+    for batch in encoded_entries.chunks(BATCH as usize) {
+        for e in batch {
+            std::hint::black_box(blake3::hash(e));
+            file.write_all(&(e.len() as u32).to_le_bytes()).unwrap();
+            file.write_all(e).unwrap();
+        }
+        file.sync_data().unwrap();
+    }
+    let raw_time = started.elapsed();
+    let rate = |d: Duration| ENTRIES as f64 / d.as_secs_f64();
+    let mb = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e6;
+    println!(
+        "ledger append: {:.0} entries/s, {:.1} MB/s; raw blake3 + append-only write: {:.0} entries/s, {:.1} MB/s; \
+         ratio {:.2}",
+        rate(ledger_time),
+        mb(ledger_time),
+        rate(raw_time),
+        mb(raw_time),
+        raw_time.as_secs_f64() / ledger_time.as_secs_f64()
+    );
+
+    // A receipt for an entry in the middle, signed over the whole ledger.
+    let node = ca.issue_node_cert("node", &["localhost".into()]).unwrap();
+    let signer = NodeSigner::new(&node.cert_pem, &node.key_pem).unwrap();
+    let read = store.read_txn().unwrap();
+    let (size, root, chain) = index::signing_view(&read).unwrap();
+    let payload = SignaturePayload::sign(size, root, chain, &signer);
+    let mut replica = merkle::MemoryNodes::default();
+    let leaves: Vec<_> = (0..size)
+        .map(|seqno| {
+            let e: cloister_ledger::entry::LedgerEntry =
+                postcard::from_bytes(&encoded_entries[seqno as usize]).unwrap();
+            e.components()
+        })
+        .collect();
+    for (i, c) in leaves.iter().enumerate() {
+        merkle::append(&mut replica, i as u64, &c.leaf()).unwrap();
+    }
+    let seqno = size / 2;
+    let receipt = Receipt {
+        tx_id: format!("1.{seqno}"),
+        leaf: leaves[seqno as usize].clone(),
+        proof: merkle::path(&replica, seqno, size).unwrap().iter().map(hex::encode).collect(),
+        signature: SignatureRecord { seqno: size, term: 1, payload },
+        node_cert: node.cert_pem.clone(),
+        service_cert: ca.keyed.cert_pem.clone(),
+    };
+    verify_receipt(&receipt, &ca_der).expect("the receipt verifies");
+    let n = 2_000;
+    let started = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(verify_receipt(std::hint::black_box(&receipt), &ca_der).unwrap());
+    }
+    let per = started.elapsed() / n;
+    println!(
+        "receipt verification: {:.0} receipts/s on one core ({:.0} µs each; proof of {} steps in a tree of {size})",
+        1.0 / per.as_secs_f64(),
+        per.as_secs_f64() * 1e6,
+        receipt.proof.len()
+    );
+}

@@ -1,0 +1,338 @@
+//! What the ledger records: transactions as the leader proposed them (public writes in clear,
+//! private writes sealed), node and service changes, and signature entries; and how each entry is
+//! hashed into a leaf and into the chain.
+//!
+//! - `content_digest` = blake3 (derive-key "cloister entry content v1") of the entry's payload;
+//! - `leaf` = blake3 (derive-key "cloister ledger leaf v1") of (seqno, term, kind, content_digest,
+//!   claims_digest): what a receipt proves;
+//! - `chain_i` = blake3(chain_{i-1} ‖ leaf_i), with `chain_0` all zeroes.
+
+use ring::signature::{ECDSA_P384_SHA384_FIXED, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+use cloister_crypto::seal::{Purpose, SealError, Sealer};
+use cloister_store::{self as kv, WriteSet};
+
+/// Why a transaction was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxKind {
+    /// The service's first transaction: members, users, app, service record.
+    Genesis,
+    /// An app handler's writes.
+    App,
+    /// A governance change.
+    Gov,
+    /// A signature over the ledger so far.
+    Signature,
+}
+
+/// One transaction in the log: the writes a handler made on the leader, applied as they are by
+/// every node (followers never run contract code). Private writes travel sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxEntry {
+    /// Random id: the proposer learns the entry's position by it; it binds the sealed writes.
+    pub uid: [u8; 16],
+    pub kind: TxKind,
+    /// Writes to public maps (`gov.*`, `public:*`), in clear.
+    pub public: WriteSet,
+    /// Writes to private maps, keys and values, sealed with the ledger secret.
+    pub private: Option<Vec<u8>>,
+    /// A digest the app attached; its receipt proves it.
+    pub claims_digest: Option<[u8; 32]>,
+    pub signature: Option<SignaturePayload>,
+}
+
+impl std::fmt::Display for TxEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} tx {}", self.kind, hex::encode(&self.uid[..4]))
+    }
+}
+
+fn random_uid() -> [u8; 16] {
+    let mut uid = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut uid).expect("the OS random source works");
+    uid
+}
+
+impl TxEntry {
+    /// A transaction whose private writes are sealed under `sealer`.
+    pub fn new(kind: TxKind, writes: WriteSet, claims_digest: Option<[u8; 32]>, sealer: &Sealer) -> TxEntry {
+        let uid = random_uid();
+        let (public, private) = writes.split(kv::is_public);
+        let private = (!private.is_empty()).then(|| {
+            sealer.seal(Purpose::LedgerPrivate, &uid, &postcard::to_stdvec(&private).expect("write sets encode"))
+        });
+        TxEntry { uid, kind, public, private, claims_digest, signature: None }
+    }
+
+    pub fn signature(payload: SignaturePayload) -> TxEntry {
+        TxEntry {
+            uid: random_uid(),
+            kind: TxKind::Signature,
+            public: WriteSet::default(),
+            private: None,
+            claims_digest: None,
+            signature: Some(payload),
+        }
+    }
+
+    /// All the writes, private ones opened.
+    pub fn writes(&self, sealer: &Sealer) -> Result<WriteSet, SealError> {
+        let mut all = self.public.clone();
+        if let Some(sealed) = &self.private {
+            let plain = sealer.open(Purpose::LedgerPrivate, &self.uid, sealed)?;
+            let private: WriteSet = postcard::from_bytes(&plain).map_err(|_| SealError)?;
+            all.merge(private);
+        }
+        Ok(all)
+    }
+}
+
+/// What kind of ledger entry this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    Genesis,
+    App,
+    Gov,
+    Signature,
+    /// A change of the network's nodes.
+    Membership,
+    /// A new leader's first entry.
+    Blank,
+}
+
+/// A ledger entry's payload.
+// Nearly every entry is a transaction: boxing it would allocate for the common case.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Payload {
+    Tx(TxEntry),
+    /// The new membership, postcard-encoded.
+    Membership(Vec<u8>),
+    Blank,
+}
+
+impl Payload {
+    pub fn kind(&self) -> EntryKind {
+        match self {
+            Payload::Tx(tx) => match tx.kind {
+                TxKind::Genesis => EntryKind::Genesis,
+                TxKind::App => EntryKind::App,
+                TxKind::Gov => EntryKind::Gov,
+                TxKind::Signature => EntryKind::Signature,
+            },
+            Payload::Membership(_) => EntryKind::Membership,
+            Payload::Blank => EntryKind::Blank,
+        }
+    }
+
+    pub fn claims_digest(&self) -> Option<[u8; 32]> {
+        match self {
+            Payload::Tx(tx) => tx.claims_digest,
+            _ => None,
+        }
+    }
+
+    pub fn signature(&self) -> Option<&SignaturePayload> {
+        match self {
+            Payload::Tx(tx) => tx.signature.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn content_digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("cloister entry content v1");
+        h.update(&postcard::to_stdvec(self).expect("payloads encode"));
+        *h.finalize().as_bytes()
+    }
+}
+
+/// One entry as a ledger file stores it: the payload, its position, and the chain through it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub seqno: u64,
+    pub term: u64,
+    pub payload: Payload,
+    pub chain: [u8; 32],
+}
+
+impl LedgerEntry {
+    pub fn components(&self) -> LeafComponents {
+        LeafComponents {
+            seqno: self.seqno,
+            term: self.term,
+            kind: self.payload.kind(),
+            content_digest: self.payload.content_digest(),
+            claims_digest: self.payload.claims_digest(),
+        }
+    }
+}
+
+/// What a leaf commits to; a receipt carries exactly these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafComponents {
+    pub seqno: u64,
+    pub term: u64,
+    pub kind: EntryKind,
+    #[serde(with = "hex_bytes")]
+    pub content_digest: [u8; 32],
+    #[serde(with = "hex_option")]
+    pub claims_digest: Option<[u8; 32]>,
+}
+
+impl LeafComponents {
+    pub fn leaf(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("cloister ledger leaf v1");
+        h.update(
+            &postcard::to_stdvec(&(self.seqno, self.term, self.kind, self.content_digest, self.claims_digest))
+                .expect("leaves encode"),
+        );
+        *h.finalize().as_bytes()
+    }
+}
+
+/// `chain_i = blake3(chain_{i-1} ‖ leaf_i)`.
+pub fn chain(previous: &[u8; 32], leaf: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(previous);
+    h.update(leaf);
+    *h.finalize().as_bytes()
+}
+
+/// A leader's signature over the ledger up to `tree_size` entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignaturePayload {
+    pub tree_size: u64,
+    #[serde(with = "hex_bytes")]
+    pub root: [u8; 32],
+    /// The chain hash through entry `tree_size`.
+    #[serde(with = "hex_bytes")]
+    pub chain: [u8; 32],
+    pub node_id: u64,
+    /// The signing node's certificate (DER), issued by the service CA.
+    #[serde(with = "hex_vec")]
+    pub node_cert: Vec<u8>,
+    /// ECDSA P-384 (r ‖ s) over [`SignaturePayload::signed_bytes`].
+    #[serde(with = "hex_vec")]
+    pub signature: Vec<u8>,
+}
+
+impl SignaturePayload {
+    /// The bytes a node signs: a domain, the tree size, the root, the chain head, its id.
+    pub fn signed_bytes(tree_size: u64, root: &[u8; 32], chain: &[u8; 32], node_id: u64) -> Vec<u8> {
+        let mut out = b"cloister ledger signature v1\0".to_vec();
+        out.extend_from_slice(&tree_size.to_be_bytes());
+        out.extend_from_slice(root);
+        out.extend_from_slice(chain);
+        out.extend_from_slice(&node_id.to_be_bytes());
+        out
+    }
+
+    pub fn sign(tree_size: u64, root: [u8; 32], chain: [u8; 32], signer: &NodeSigner) -> SignaturePayload {
+        let bytes = Self::signed_bytes(tree_size, &root, &chain, signer.node_id);
+        let signature =
+            signer.key.sign(&ring::rand::SystemRandom::new(), &bytes).expect("ECDSA signs").as_ref().to_vec();
+        SignaturePayload {
+            tree_size,
+            root,
+            chain,
+            node_id: signer.node_id,
+            node_cert: signer.cert_der.clone(),
+            signature,
+        }
+    }
+
+    /// Checks the signature, that the certificate is the node's, and that the service CA
+    /// issued it. Each failure says which.
+    pub fn verify(&self, service_ca_der: &[u8]) -> Result<(), String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.node_cert)
+            .map_err(|e| format!("the signing node's certificate does not parse: {e}"))?;
+        let (_, ca) = x509_parser::parse_x509_certificate(service_ca_der)
+            .map_err(|e| format!("the service certificate does not parse: {e}"))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| "the signing node's certificate was not issued by the service certificate".to_owned())?;
+        if cloister_crypto::node_id_of(&self.node_cert) != self.node_id {
+            return Err(format!("the signature names node {} but carries another node's certificate", self.node_id));
+        }
+        let key = UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, cert.public_key().subject_public_key.data.as_ref());
+        key.verify(&Self::signed_bytes(self.tree_size, &self.root, &self.chain, self.node_id), &self.signature)
+            .map_err(|_| "the signature does not verify under the signing node's key".to_owned())
+    }
+}
+
+/// A node's signing identity: its key and certificate.
+pub struct NodeSigner {
+    pub node_id: u64,
+    pub cert_der: Vec<u8>,
+    key: EcdsaKeyPair,
+}
+
+impl NodeSigner {
+    pub fn new(cert_pem: &str, key_pem: &str) -> anyhow::Result<NodeSigner> {
+        let cert_der = cloister_crypto::identity::cert_der(cert_pem.as_bytes())?.to_vec();
+        let key_der = cloister_crypto::identity::private_key(key_pem.as_bytes())?;
+        let key = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P384_SHA384_FIXED_SIGNING,
+            key_der.secret_der(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|e| anyhow::anyhow!("the node key is not an ECDSA P-384 PKCS#8 key: {e}"))?;
+        Ok(NodeSigner { node_id: cloister_crypto::node_id_of(&cert_der), cert_der, key })
+    }
+}
+
+/// Hex strings for fixed-size byte arrays in JSON.
+pub mod hex_bytes {
+    pub fn serialize<S: serde::Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() { s.serialize_str(&hex::encode(bytes)) } else { serde::Serialize::serialize(bytes, s) }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        if d.is_human_readable() {
+            let s: String = serde::Deserialize::deserialize(d)?;
+            let v = hex::decode(&s).map_err(serde::de::Error::custom)?;
+            v.try_into().map_err(|_| serde::de::Error::custom("expected 32 bytes of hex"))
+        } else {
+            serde::Deserialize::deserialize(d)
+        }
+    }
+}
+
+/// Hex strings for optional 32-byte arrays in JSON.
+pub mod hex_option {
+    pub fn serialize<S: serde::Serializer>(bytes: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) if s.is_human_readable() => s.serialize_some(&hex::encode(b)),
+            other => serde::Serialize::serialize(other, s),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        if d.is_human_readable() {
+            let s: Option<String> = serde::Deserialize::deserialize(d)?;
+            s.map(|s| {
+                let v = hex::decode(&s).map_err(serde::de::Error::custom)?;
+                v.try_into().map_err(|_| serde::de::Error::custom("expected 32 bytes of hex"))
+            })
+            .transpose()
+        } else {
+            serde::Deserialize::deserialize(d)
+        }
+    }
+}
+
+/// Hex strings for byte vectors in JSON.
+pub mod hex_vec {
+    pub fn serialize<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() { s.serialize_str(&hex::encode(bytes)) } else { serde::Serialize::serialize(bytes, s) }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        if d.is_human_readable() {
+            let s: String = serde::Deserialize::deserialize(d)?;
+            hex::decode(&s).map_err(serde::de::Error::custom)
+        } else {
+            serde::Deserialize::deserialize(d)
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Ledger chunk files: append-only, one record after another, never rewritten.
+//!
+//! A file is `CLLEDG01 ‖ first seqno (u64 LE)` then records, each `u32 LE length ‖ postcard
+//! record`. A new file starts only right after a signature entry, so every finished file ends on
+//! one. A file that continues the ledger after a snapshot starts with a `Start` record carrying
+//! the chain head and the tree frontier at that point.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::entry::{EntryKind, LedgerEntry};
+use super::merkle::Hash;
+
+const MAGIC: &[u8; 8] = b"CLLEDG01";
+const HEADER_BYTES: u64 = 16;
+/// A record longer than this is corruption, not data.
+const RECORD_BYTES_MAX: u32 = 256 << 20;
+
+/// The state a ledger continues from after a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartState {
+    /// The first seqno after the snapshot: entries `0..next` are in it.
+    pub next: u64,
+    /// The chain hash through entry `next - 1`.
+    pub chain: Hash,
+    /// The tree's complete subtrees at `next` leaves: (level, index, hash).
+    pub frontier: Vec<(u8, u64, Hash)>,
+}
+
+// Nearly every record is an entry: boxing it would allocate for the common case.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    Start(StartState),
+    Entry(LedgerEntry),
+}
+
+/// How a file's records end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tail {
+    /// Every byte belongs to a complete record.
+    Clean,
+    /// The last record is incomplete (a crash mid-write): the valid part ends at `valid_bytes`.
+    Torn { valid_bytes: u64 },
+    /// A complete-length record does not decode: not a crash, a damaged file.
+    Corrupt { offset: u64, reason: String },
+}
+
+/// One file's records, in order.
+pub struct Chunk {
+    pub path: PathBuf,
+    pub first_seqno: u64,
+    pub records: Vec<Record>,
+    pub tail: Tail,
+}
+
+/// The chunk files of a ledger folder, ordered by first seqno.
+pub fn chunk_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "ledger"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+fn file_name(first_seqno: u64) -> String {
+    format!("{first_seqno:016}.ledger")
+}
+
+/// Reads every record of a file, stopping at the first that is incomplete or does not decode.
+pub fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
+    let mut bytes = Vec::new();
+    BufReader::new(File::open(path)?).read_to_end(&mut bytes)?;
+    let bad = |reason: &str| Chunk {
+        path: path.to_owned(),
+        first_seqno: 0,
+        records: Vec::new(),
+        tail: Tail::Corrupt { offset: 0, reason: reason.to_owned() },
+    };
+    if bytes.len() < HEADER_BYTES as usize {
+        return Ok(bad("the file is shorter than its header"));
+    }
+    if &bytes[..8] != MAGIC {
+        return Ok(bad("the file does not start with the ledger header"));
+    }
+    let first_seqno = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let mut records = Vec::new();
+    let mut at = HEADER_BYTES as usize;
+    let tail = loop {
+        if at == bytes.len() {
+            break Tail::Clean;
+        }
+        let Some(len) = bytes.get(at..at + 4) else { break Tail::Torn { valid_bytes: at as u64 } };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes"));
+        if len > RECORD_BYTES_MAX {
+            break Tail::Corrupt { offset: at as u64, reason: format!("a record claims {len} bytes") };
+        }
+        let Some(body) = bytes.get(at + 4..at + 4 + len as usize) else { break Tail::Torn { valid_bytes: at as u64 } };
+        match postcard::from_bytes::<Record>(body) {
+            Ok(r) => records.push(r),
+            Err(e) => break Tail::Corrupt { offset: at as u64, reason: format!("a record does not decode: {e}") },
+        }
+        at += 4 + len as usize;
+    };
+    Ok(Chunk { path: path.to_owned(), first_seqno, records, tail })
+}
+
+/// The file being appended to.
+struct OpenChunk {
+    file: File,
+    bytes: u64,
+}
+
+/// Appends ledger entries to chunk files in a folder.
+pub struct LedgerFiles {
+    dir: PathBuf,
+    chunk_bytes_target: u64,
+    current: Option<OpenChunk>,
+}
+
+impl LedgerFiles {
+    /// Opens a ledger folder for appending to its last file (or a new one, on the next append).
+    pub fn open(dir: &Path, chunk_bytes_target: u64) -> std::io::Result<LedgerFiles> {
+        std::fs::create_dir_all(dir)?;
+        let mut files = LedgerFiles { dir: dir.to_owned(), chunk_bytes_target, current: None };
+        if let Some(last) = chunk_paths(dir)?.pop() {
+            let file = OpenOptions::new().append(true).open(&last)?;
+            let bytes = file.metadata()?.len();
+            files.current = Some(OpenChunk { file, bytes });
+        }
+        Ok(files)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn create(&mut self, first_seqno: u64) -> std::io::Result<()> {
+        let path = self.dir.join(file_name(first_seqno));
+        let mut file = OpenOptions::new().create_new(true).append(true).open(&path)?;
+        file.write_all(MAGIC)?;
+        file.write_all(&first_seqno.to_le_bytes())?;
+        self.current = Some(OpenChunk { file, bytes: HEADER_BYTES });
+        Ok(())
+    }
+
+    fn write(&mut self, record: &Record) -> std::io::Result<()> {
+        let body = postcard::to_stdvec(record).expect("ledger records encode");
+        let current = self.current.as_mut().expect("a chunk is open");
+        current.file.write_all(&(body.len() as u32).to_le_bytes())?;
+        current.file.write_all(&body)?;
+        current.bytes += 4 + body.len() as u64;
+        Ok(())
+    }
+
+    /// Appends entries and makes them durable. A signature entry ends the file when it has
+    /// reached the target size.
+    pub fn append(&mut self, entries: &[LedgerEntry]) -> std::io::Result<()> {
+        for entry in entries {
+            if self.current.is_none() {
+                self.create(entry.seqno)?;
+            }
+            self.write(&Record::Entry(entry.clone()))?;
+            let full = self.current.as_ref().is_some_and(|c| c.bytes >= self.chunk_bytes_target);
+            if entry.payload.kind() == EntryKind::Signature && full {
+                self.close()?;
+            }
+        }
+        if let Some(c) = &self.current {
+            c.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> std::io::Result<()> {
+        if let Some(c) = self.current.take() {
+            c.file.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Continues the ledger after a snapshot: a new file whose first record is the start state.
+    pub fn restart_at(&mut self, start: StartState) -> std::io::Result<()> {
+        self.close()?;
+        let path = self.dir.join(file_name(start.next));
+        if path.exists() {
+            // An earlier install at the same point left this file: it holds nothing else yet.
+            std::fs::remove_file(&path)?;
+        }
+        self.create(start.next)?;
+        self.write(&Record::Start(start))?;
+        self.current.as_ref().expect("just created").file.sync_all()
+    }
+}
+
+/// The byte offset where each record of a file starts, and where the file's records end.
+pub fn record_offsets(path: &Path) -> std::io::Result<Vec<u64>> {
+    let bytes = std::fs::read(path)?;
+    let mut offsets = Vec::new();
+    let mut at = HEADER_BYTES as usize;
+    while let Some(len) = bytes.get(at..at + 4) {
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        if at + 4 + len > bytes.len() {
+            break;
+        }
+        offsets.push(at as u64);
+        at += 4 + len;
+    }
+    offsets.push(at as u64);
+    Ok(offsets)
+}

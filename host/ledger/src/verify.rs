@@ -1,0 +1,307 @@
+//! Offline verification of a ledger folder, and of single receipts.
+//!
+//! Walking the files in order, it recomputes every leaf, the chain and the Merkle tree, and
+//! checks every signature entry: its root and chain against the recomputed ones, its certificate
+//! against the service certificate, its signature. The first fault stops it, naming the seqno.
+//! A node runs the same walk on its own ledger when it starts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::entry::{LeafComponents, LedgerEntry, Payload, SignaturePayload, TxKind, chain};
+use super::files::{self, Record, Tail};
+use super::merkle::{self, Hash, MemoryNodes, NodesMut};
+
+/// What a successful walk found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub entries: u64,
+    pub signatures: u64,
+    /// The first seqno the files hold (after a snapshot, not 1).
+    pub first_seqno: Option<u64>,
+    pub last_seqno: Option<u64>,
+    /// The largest tree size a verified signature covers.
+    pub last_signed: Option<u64>,
+    /// The nodes whose signatures were verified.
+    pub signers: std::collections::BTreeSet<u64>,
+    /// The chain hash through the last entry.
+    #[serde(skip)]
+    pub chain: Hash,
+}
+
+/// Why a walk failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VerifyError {
+    /// A fault: the ledger was altered, or is missing entries.
+    Fault { seqno: Option<u64>, file: PathBuf, message: String },
+    /// The last file ends with an incomplete entry: what a crash mid-write leaves. The rest
+    /// verified; cutting the file at `valid_bytes` repairs it.
+    TornTail { file: PathBuf, valid_bytes: u64, report: Box<VerifyReport> },
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerifyError::Fault { seqno: Some(s), file, message } => {
+                write!(f, "seqno {s} ({}): {message}", file.display())
+            }
+            VerifyError::Fault { seqno: None, file, message } => write!(f, "{}: {message}", file.display()),
+            VerifyError::TornTail { file, report, .. } => write!(
+                f,
+                "{} ends with an incomplete entry after seqno {}",
+                file.display(),
+                report.last_seqno.unwrap_or(0)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// Public tables as the ledger's writes leave them: map → key → value (UTF-8 where possible).
+pub type PublicTables = BTreeMap<String, BTreeMap<String, String>>;
+
+fn printable(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.chars().any(char::is_control) => s.to_owned(),
+        _ => format!("hex:{}", hex::encode(bytes)),
+    }
+}
+
+/// The service certificate a genesis entry records in `gov.service`, if this is one.
+fn genesis_service_cert(entry: &LedgerEntry) -> Option<Vec<u8>> {
+    let Payload::Tx(tx) = &entry.payload else { return None };
+    if tx.kind != TxKind::Genesis {
+        return None;
+    }
+    let (_, _, value) = tx
+        .public
+        .iter()
+        .find(|(map, key, _)| *map == cloister_store::gov::SERVICE && *key == cloister_store::gov::SERVICE_KEY)?;
+    let record: cloister_store::gov::ServiceRecord = serde_json::from_slice(value?).ok()?;
+    cloister_crypto::identity::cert_der(record.cert.as_bytes()).ok().map(|c| c.to_vec())
+}
+
+/// Walks a ledger folder. Without `service_cert` (DER), the one the genesis entry records is
+/// used; a ledger that starts after a snapshot then needs it given.
+pub fn verify_dir(
+    dir: &Path,
+    service_cert: Option<&[u8]>,
+    mut public: Option<&mut PublicTables>,
+) -> Result<VerifyReport, VerifyError> {
+    let paths = files::chunk_paths(dir).map_err(|e| VerifyError::Fault {
+        seqno: None,
+        file: dir.to_owned(),
+        message: format!("cannot list the ledger folder: {e}"),
+    })?;
+    let mut report = VerifyReport { files: paths.len(), ..Default::default() };
+    let mut service_cert = service_cert.map(<[u8]>::to_vec);
+    let mut nodes = MemoryNodes::default();
+    let mut chains: BTreeMap<u64, Hash> = BTreeMap::new();
+    let mut chain_head = [0u8; 32];
+    let mut next: Option<u64> = None;
+    for (i, path) in paths.iter().enumerate() {
+        let fault = |seqno: Option<u64>, message: String| VerifyError::Fault { seqno, file: path.clone(), message };
+        let chunk = files::read_chunk(path).map_err(|e| fault(next, format!("cannot read the file: {e}")))?;
+        if let Tail::Corrupt { offset: 0, reason } = &chunk.tail {
+            return Err(fault(next, reason.clone()));
+        }
+        let starts_fresh = matches!(chunk.records.first(), Some(Record::Start(_)));
+        match next {
+            Some(n) if chunk.first_seqno != n && !starts_fresh => {
+                return Err(fault(
+                    Some(n),
+                    format!(
+                        "entries {n}..{} are missing: this file starts at {}",
+                        chunk.first_seqno - 1,
+                        chunk.first_seqno
+                    ),
+                ));
+            }
+            None if chunk.first_seqno != 0 && !starts_fresh => {
+                return Err(fault(
+                    Some(1),
+                    format!("the ledger starts at seqno {} without a snapshot start record", chunk.first_seqno),
+                ));
+            }
+            _ => {}
+        }
+        for (k, record) in chunk.records.iter().enumerate() {
+            match record {
+                Record::Start(s) => {
+                    if k != 0 || s.next != chunk.first_seqno {
+                        return Err(fault(Some(s.next), "a snapshot start record is out of place".into()));
+                    }
+                    nodes = MemoryNodes::default();
+                    for (level, index, hash) in &s.frontier {
+                        nodes.set_node(*level, *index, *hash).expect("memory nodes never fail");
+                    }
+                    chains.clear();
+                    if let Some(last) = s.next.checked_sub(1) {
+                        chains.insert(last, s.chain);
+                    }
+                    chain_head = s.chain;
+                    next = Some(s.next);
+                }
+                Record::Entry(e) => {
+                    let expected = next.unwrap_or(0);
+                    if e.seqno != expected {
+                        return Err(fault(Some(expected), format!("expected seqno {expected}, found {}", e.seqno)));
+                    }
+                    let leaf = e.components().leaf();
+                    let computed = chain(&chain_head, &leaf);
+                    if computed != e.chain {
+                        return Err(fault(
+                            Some(e.seqno),
+                            "the chain hash does not match: this entry or the one before it was altered".into(),
+                        ));
+                    }
+                    merkle::append(&mut nodes, e.seqno, &leaf).map_err(|err| fault(Some(e.seqno), err.to_string()))?;
+                    chain_head = computed;
+                    chains.insert(e.seqno, computed);
+                    if service_cert.is_none() {
+                        service_cert = genesis_service_cert(e);
+                    }
+                    if let Some(sig) = e.payload.signature() {
+                        let ca = service_cert.as_deref().ok_or_else(|| {
+                            fault(
+                                Some(e.seqno),
+                                "no service certificate to check signatures against: pass --service-cert".into(),
+                            )
+                        })?;
+                        check_signature(sig, e.seqno, &nodes, &chains, ca).map_err(|m| fault(Some(e.seqno), m))?;
+                        report.signatures += 1;
+                        report.last_signed = Some(sig.tree_size);
+                        report.signers.insert(sig.node_id);
+                    }
+                    if let (Some(tables), Payload::Tx(tx)) = (public.as_deref_mut(), &e.payload) {
+                        for (map, key, value) in tx.public.iter() {
+                            let table = tables.entry(map.to_owned()).or_default();
+                            match value {
+                                Some(v) => table.insert(printable(key), printable(v)),
+                                None => table.remove(&printable(key)),
+                            };
+                        }
+                    }
+                    report.entries += 1;
+                    report.first_seqno.get_or_insert(e.seqno);
+                    report.last_seqno = Some(e.seqno);
+                    next = Some(e.seqno + 1);
+                }
+            }
+        }
+        if report.first_seqno.is_none() && starts_fresh {
+            report.first_seqno = next;
+        }
+        match chunk.tail {
+            Tail::Clean => {}
+            Tail::Torn { valid_bytes } if i + 1 == paths.len() => {
+                report.chain = chain_head;
+                return Err(VerifyError::TornTail { file: path.clone(), valid_bytes, report: Box::new(report) });
+            }
+            Tail::Torn { .. } => {
+                return Err(fault(
+                    next,
+                    "the entry after this point is incomplete, and this is not the last file".into(),
+                ));
+            }
+            Tail::Corrupt { reason, .. } => return Err(fault(next, format!("unreadable entry: {reason}"))),
+        }
+    }
+    report.chain = chain_head;
+    Ok(report)
+}
+
+/// Checks a signature entry at `seqno` against the recomputed tree and chain.
+fn check_signature(
+    sig: &SignaturePayload,
+    seqno: u64,
+    nodes: &MemoryNodes,
+    chains: &BTreeMap<u64, Hash>,
+    ca: &[u8],
+) -> Result<(), String> {
+    if sig.tree_size == 0 || sig.tree_size > seqno {
+        return Err(format!(
+            "the signature claims a tree of {} entries, which its position cannot cover",
+            sig.tree_size
+        ));
+    }
+    let root = merkle::root(nodes, sig.tree_size).map_err(|e| e.to_string())?;
+    if root != sig.root {
+        return Err(format!(
+            "the signed root {} is not the root of the first {} entries",
+            hex::encode(sig.root),
+            sig.tree_size
+        ));
+    }
+    let last = sig.tree_size - 1;
+    match chains.get(&last) {
+        Some(c) if *c == sig.chain => {}
+        Some(_) => return Err(format!("the signed chain head is not the chain through entry {last}")),
+        None => return Err(format!("entry {last} is not in this ledger, so its signature cannot be checked")),
+    }
+    sig.verify(ca)
+}
+
+/// A signature entry, as a receipt carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureRecord {
+    pub seqno: u64,
+    pub term: u64,
+    pub payload: SignaturePayload,
+}
+
+/// Proof that a transaction was committed: everything to check it offline against the service
+/// certificate alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub tx_id: String,
+    /// The leaf's components: the verifier recomputes the leaf from them.
+    pub leaf: LeafComponents,
+    /// The audit path from the leaf to the signed root, bottom-up, hex.
+    pub proof: Vec<String>,
+    pub signature: SignatureRecord,
+    /// The signing node's certificate (PEM).
+    pub node_cert: String,
+    /// The service certificate chain (PEM), for convenience: verification uses the one given.
+    pub service_cert: String,
+}
+
+/// What a verified receipt proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedReceipt {
+    pub tx_id: String,
+    pub claims_digest: Option<[u8; 32]>,
+    pub signed_by: u64,
+}
+
+/// Checks a receipt with nothing but the service certificate (DER).
+pub fn verify_receipt(receipt: &Receipt, service_cert: &[u8]) -> Result<VerifiedReceipt, String> {
+    let leaf = &receipt.leaf;
+    if receipt.tx_id != format!("{}.{}", leaf.term, leaf.seqno) {
+        return Err(format!("the receipt is for {} but its leaf is {}.{}", receipt.tx_id, leaf.term, leaf.seqno));
+    }
+    let sig = &receipt.signature.payload;
+    let node_cert = cloister_crypto::identity::cert_der(receipt.node_cert.as_bytes()).map_err(|e| e.to_string())?;
+    if node_cert.as_ref() != sig.node_cert.as_slice() {
+        return Err("the receipt's node certificate is not the one that signed".into());
+    }
+    sig.verify(service_cert)?;
+    if leaf.seqno >= sig.tree_size {
+        return Err(format!("the signature covers entries 0..{}, not entry {}", sig.tree_size, leaf.seqno));
+    }
+    let proof = receipt
+        .proof
+        .iter()
+        .map(|h| hex::decode(h).ok().and_then(|b| <Hash>::try_from(b).ok()))
+        .collect::<Option<Vec<Hash>>>()
+        .ok_or("the proof is not a list of 32-byte hex hashes")?;
+    if !merkle::verify(&leaf.leaf(), leaf.seqno, sig.tree_size, &proof, &sig.root) {
+        return Err("the proof does not lead from the leaf to the signed root".into());
+    }
+    Ok(VerifiedReceipt { tx_id: receipt.tx_id.clone(), claims_digest: leaf.claims_digest, signed_by: sig.node_id })
+}

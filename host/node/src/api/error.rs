@@ -1,0 +1,167 @@
+//! The one error shape every client sees: `{"error": {"code", "message", "details"?}}` with an
+//! HTTP status, or the matching gRPC status whose message is that same JSON.
+
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use cloister_runtime::ExecError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub details: Option<serde_json::Value>,
+    /// The transaction this error is about, when it has one (an outcome not yet known).
+    pub tx_id: Option<cloister_ledger::txid::TxId>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError { status, code: code.into(), message: message.into(), details: None, tx_id: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(400, "BadRequest", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError::new(401, "Unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::new(403, "Forbidden", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(404, "NotFound", message)
+    }
+
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        ApiError::new(405, "MethodNotAllowed", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        ApiError::new(413, "PayloadTooLarge", message)
+    }
+
+    pub fn too_many(message: impl Into<String>) -> Self {
+        ApiError::new(429, "TooManyRequests", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(500, "InternalError", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError::new(503, "ServiceUnavailable", message)
+    }
+
+    /// An error about a transaction whose outcome this node does not know yet.
+    pub fn outcome_unknown(tx_id: Option<cloister_ledger::txid::TxId>, reason: &str) -> Self {
+        let message = match tx_id {
+            Some(id) => format!(
+                "leadership changed before transaction {id} was known to commit ({reason}); GET /node/tx?id={id} tells whether it committed"
+            ),
+            None => format!(
+                "leadership changed before the write was known to commit ({reason}); it may or may not have committed"
+            ),
+        };
+        let mut e = ApiError::new(503, "TransactionOutcomeUnknown", message);
+        e.tx_id = tx_id;
+        if let Some(id) = tx_id {
+            e.details = Some(json!({ "tx_id": id.to_string() }));
+        }
+        e
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        let mut inner = json!({ "code": self.code, "message": self.message });
+        if let Some(d) = &self.details {
+            inner["details"] = d.clone();
+        }
+        json!({ "error": inner })
+    }
+
+    /// The gRPC status for this error; its message is the JSON body.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self.status {
+            400 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::NotFound,
+            405 => Code::Unimplemented,
+            409 => Code::AlreadyExists,
+            412 => Code::FailedPrecondition,
+            413 | 429 => Code::ResourceExhausted,
+            503 => Code::Unavailable,
+            504 => Code::DeadlineExceeded,
+            s if (400..500).contains(&s) => Code::FailedPrecondition,
+            _ => Code::Internal,
+        };
+        tonic::Status::new(code, self.body().to_string())
+    }
+
+    /// An app's own error answer (non-2xx with a JSON error body), as an `ApiError`.
+    pub fn from_app(status: u16, body: &[u8]) -> ApiError {
+        let error = cloister_runtime::AppErrorBody::parse(body);
+        ApiError {
+            status,
+            code: error.code.unwrap_or_else(|| format!("Http{status}")),
+            message: error.message,
+            details: error.details,
+            tx_id: None,
+        }
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        ApiError::new(e.status(), e.code(), e.to_string())
+    }
+}
+
+impl From<cloister_store::KvError> for ApiError {
+    fn from(e: cloister_store::KvError) -> Self {
+        tracing::error!(error = %e, "state database error");
+        ApiError::internal(format!("the node's state database failed: {e}"))
+    }
+}
+
+impl From<crate::gov::GovError> for ApiError {
+    fn from(e: crate::gov::GovError) -> Self {
+        use crate::gov::{GovError, Refusal};
+        match e {
+            GovError::Refused { kind, code, message } => {
+                let status = match kind {
+                    Refusal::Malformed => 400,
+                    Refusal::Unauthenticated => 401,
+                    Refusal::Forbidden => 403,
+                    Refusal::NotFound => 404,
+                    Refusal::Conflict => 409,
+                };
+                ApiError::new(status, code, message)
+            }
+            GovError::Constitution(e) => ApiError::from(e),
+            GovError::Store(e) => ApiError::from(e),
+            GovError::Internal(message) => ApiError::internal(message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            axum::http::StatusCode::from_u16(self.status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}

@@ -1,0 +1,94 @@
+//! The governance endpoints both frontends share: signed writes go to the service's writer
+//! (see [`crate::gov::engine`]); reads answer from committed state, as JSON.
+
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::service::Service;
+use crate::gov::{self, MemberRecord, ProposalRecord, UserRecord};
+use cloister_store::Tx;
+
+/// A governance read, as addressed by its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GovRead {
+    Proposals,
+    Proposal(String),
+    Members,
+    Users,
+    Service,
+    Constitution,
+    App,
+}
+
+impl GovRead {
+    pub fn from_path(path: &str) -> Option<GovRead> {
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        Some(match parts.as_slice() {
+            ["gov", "proposals"] => GovRead::Proposals,
+            ["gov", "proposals", id] => GovRead::Proposal((*id).to_owned()),
+            ["gov", "members"] => GovRead::Members,
+            ["gov", "users"] => GovRead::Users,
+            ["gov", "service"] => GovRead::Service,
+            ["gov", "constitution"] => GovRead::Constitution,
+            ["gov", "app"] => GovRead::App,
+            _ => return None,
+        })
+    }
+}
+
+/// Answers a governance read from committed state.
+pub async fn read(service: &std::sync::Arc<Service>, what: GovRead) -> Result<Value, ApiError> {
+    if what == GovRead::App {
+        let tx = service.store().begin()?;
+        let Some(record) = gov::app(&tx)? else {
+            return Err(ApiError::not_found("no app is installed"));
+        };
+        let module = service.app().await?;
+        return Ok(json!({
+            "code_hash": record.code_hash,
+            "manifest": module.as_ref().map(|m| m.manifest()),
+        }));
+    }
+    service.gov_read(|tx| read_tables(tx, what))
+}
+
+fn read_tables(tx: &Tx, what: GovRead) -> Result<Value, ApiError> {
+    Ok(match what {
+        GovRead::Proposals => {
+            let list: Vec<Value> = gov::all::<ProposalRecord>(tx, gov::PROPOSALS)?
+                .into_iter()
+                .map(|(id, p)| {
+                    let actions: Vec<&str> = p.proposal.actions.iter().map(|a| a.name.as_str()).collect();
+                    json!({ "proposal_id": id, "proposer": p.proposer, "state": p.state,
+                            "created_at": p.created_at, "actions": actions, "reason": p.reason })
+                })
+                .collect();
+            json!({ "proposals": list })
+        }
+        GovRead::Proposal(id) => {
+            let p = gov::proposal(tx, &id)?.ok_or_else(|| ApiError::not_found(format!("no proposal {id}")))?;
+            json!({ "proposal_id": id, "proposer": p.proposer, "state": p.state, "created_at": p.created_at,
+                    "proposal": p.proposal, "reason": p.reason, "ballots": gov::ballots(tx, &id)? })
+        }
+        GovRead::Members => json!({ "members": table::<MemberRecord>(tx, gov::MEMBERS)? }),
+        GovRead::Users => json!({ "users": table::<UserRecord>(tx, gov::USERS)? }),
+        GovRead::Service => {
+            let record = gov::service(tx)?.ok_or_else(|| ApiError::internal("gov.service is missing"))?;
+            serde_json::to_value(record).expect("records serialize")
+        }
+        GovRead::Constitution => {
+            let code = gov::constitution(tx)?.ok_or_else(|| ApiError::internal("gov.constitution is missing"))?;
+            json!({ "code_hash": blake3::hash(&code).to_hex().to_string(), "bytes": code.len() })
+        }
+        GovRead::App => unreachable!("answered by read()"),
+    })
+}
+
+/// A whole governance table as a JSON object, id → record.
+fn table<T: serde::de::DeserializeOwned + serde::Serialize>(tx: &Tx, map: &str) -> Result<Value, ApiError> {
+    let entries: serde_json::Map<String, Value> = gov::all::<T>(tx, map)?
+        .into_iter()
+        .map(|(id, record)| (id, serde_json::to_value(record).expect("records serialize")))
+        .collect();
+    Ok(Value::Object(entries))
+}

@@ -1,0 +1,214 @@
+//! The gRPC frontend (tonic): `App.Call` for any app endpoint, the typed `Reconcile` service, and
+//! `Gov` for governance, all mapped onto the same service layer as REST, identified by the same client certificates.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cloister_proto::app::v1 as app_pb;
+use cloister_proto::gov::v1 as gov_pb;
+use cloister_proto::reconcile::v1 as rec_pb;
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+use super::error::ApiError;
+use super::gov::GovRead;
+use super::service::{AppCall, AppReply, Service};
+use cloister_crypto::cose::GovWrite;
+
+/// The first client certificate of a request's connection.
+fn client_cert<T>(req: &Request<T>) -> Option<Vec<u8>> {
+    req.peer_certs().and_then(|certs| certs.first().map(|c| c.to_vec()))
+}
+
+/// Calls an app endpoint; a non-2xx answer becomes the matching gRPC error.
+async fn call(
+    service: &Arc<Service>,
+    cert: Option<Vec<u8>>,
+    method: &str,
+    target: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<AppReply, Status> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let headers = match content_type {
+        "" => BTreeMap::new(),
+        ct => [("content-type".to_owned(), ct.to_owned())].into(),
+    };
+    let call = AppCall {
+        method: method.to_ascii_uppercase(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        headers,
+        body: body.into(),
+        client_cert: cert,
+        hops: 0,
+    };
+    let reply = service.call_app(call).await.map_err(|e| e.to_status())?;
+    if !(200..300).contains(&reply.status) {
+        return Err(ApiError::from_app(reply.status, &reply.body).to_status());
+    }
+    Ok(reply)
+}
+
+pub struct AppService(pub Arc<Service>);
+
+#[tonic::async_trait]
+impl app_pb::app_server::App for AppService {
+    async fn call(&self, req: Request<app_pb::CallRequest>) -> Result<Response<app_pb::CallReply>, Status> {
+        let cert = client_cert(&req);
+        let r = req.into_inner();
+        let target = if r.query.is_empty() { r.path } else { format!("{}?{}", r.path, r.query) };
+        let reply = call(&self.0, cert, &r.method, &target, &r.content_type, r.body).await?;
+        Ok(Response::new(app_pb::CallReply {
+            status: u32::from(reply.status),
+            headers: reply.headers.into_iter().collect(),
+            body: reply.body,
+            tx_id: reply.tx_id.map(|t| t.to_string()).unwrap_or_default(),
+        }))
+    }
+}
+
+pub struct ReconcileService(pub Arc<Service>);
+
+fn json_body(reply: &AppReply) -> Result<Value, Status> {
+    serde_json::from_slice(&reply.body)
+        .map_err(|e| Status::internal(format!("the app answered with invalid JSON: {e}")))
+}
+
+/// A report row's JSON, split into the caller's fields and the vote counts.
+fn row(v: &Value) -> Result<rec_pb::ReportRow, Status> {
+    let obj = v.as_object().ok_or_else(|| Status::internal("a report row is not a JSON object"))?;
+    let text = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let count = |k: &str| obj.get(k).and_then(Value::as_u64).unwrap_or_default() as u32;
+    const STATS: [&str; 5] =
+        ["group_status", "majority_minority", "count_of_unique_values", "members_in_agreement", "total_votes"];
+    let fields = obj
+        .iter()
+        .filter(|(k, _)| !STATS.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect();
+    Ok(rec_pb::ReportRow {
+        fields,
+        group_status: text("group_status"),
+        majority_minority: text("majority_minority"),
+        count_of_unique_values: count("count_of_unique_values"),
+        members_in_agreement: count("members_in_agreement"),
+        total_votes: count("total_votes"),
+    })
+}
+
+fn ingest_reply(reply: &AppReply) -> Result<rec_pb::IngestReply, Status> {
+    let v = json_body(reply)?;
+    Ok(rec_pb::IngestReply {
+        rows: v["rows"].as_u64().unwrap_or_default() as u32,
+        keys: v["keys"].as_u64().unwrap_or_default() as u32,
+        tx_id: reply.tx_id.map(|t| t.to_string()).unwrap_or_default(),
+    })
+}
+
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[tonic::async_trait]
+impl rec_pb::reconcile_server::Reconcile for ReconcileService {
+    async fn ingest(&self, req: Request<rec_pb::IngestRequest>) -> Result<Response<rec_pb::IngestReply>, Status> {
+        let cert = client_cert(&req);
+        let records: Vec<_> = req.into_inner().records.into_iter().map(|r| r.fields).collect();
+        let body = serde_json::to_vec(&records).expect("string maps serialize");
+        let reply = call(&self.0, cert, "POST", "/ingest", "application/json", body).await?;
+        Ok(Response::new(ingest_reply(&reply)?))
+    }
+
+    async fn ingest_csv(
+        &self,
+        req: Request<rec_pb::IngestCsvRequest>,
+    ) -> Result<Response<rec_pb::IngestReply>, Status> {
+        let cert = client_cert(&req);
+        let body = req.into_inner().csv.into_bytes();
+        let reply = call(&self.0, cert, "POST", "/csv/ingest", "text/csv", body).await?;
+        Ok(Response::new(ingest_reply(&reply)?))
+    }
+
+    async fn report(&self, req: Request<rec_pb::ReportRequest>) -> Result<Response<rec_pb::ReportReply>, Status> {
+        let cert = client_cert(&req);
+        let r = req.into_inner();
+        let query = {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            if r.limit > 0 {
+                query.append_pair("limit", &r.limit.to_string());
+            }
+            if !r.after.is_empty() {
+                query.append_pair("after", &r.after);
+            }
+            query.finish()
+        };
+        let reply = call(&self.0, cert, "GET", &format!("/report?{query}"), "", Vec::new()).await?;
+        let rows = json_body(&reply)?
+            .as_array()
+            .ok_or_else(|| Status::internal("a report is not a JSON array"))?
+            .iter()
+            .map(row)
+            .collect::<Result<_, _>>()?;
+        let next_cursor = reply
+            .headers
+            .get("x-next-cursor")
+            .map(|c| percent_encoding::percent_decode_str(c).decode_utf8_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Response::new(rec_pb::ReportReply { rows, next_cursor }))
+    }
+
+    async fn report_by_key(
+        &self,
+        req: Request<rec_pb::ReportByKeyRequest>,
+    ) -> Result<Response<rec_pb::ReportRow>, Status> {
+        let cert = client_cert(&req);
+        let key = req.into_inner().key;
+        let reply = call(&self.0, cert, "GET", &format!("/report/{}", encode(&key)), "", Vec::new()).await?;
+        Ok(Response::new(row(&json_body(&reply)?)?))
+    }
+}
+
+/// The gRPC router: both services, with the body limit, plus server reflection.
+pub struct GovService(pub Arc<Service>);
+
+#[tonic::async_trait]
+impl gov_pb::gov_server::Gov for GovService {
+    async fn write(&self, req: Request<gov_pb::WriteRequest>) -> Result<Response<gov_pb::GovReply>, Status> {
+        let r = req.into_inner();
+        let write = GovWrite::from_path(&r.path)
+            .ok_or_else(|| ApiError::not_found(format!("no governance write {}", r.path)).to_status())?;
+        let reply = self.0.gov_write(write, r.cose_sign1.into(), 0).await.map_err(|e| e.to_status())?;
+        if !(200..300).contains(&reply.status) {
+            return Err(ApiError::from_app(reply.status, &reply.body).to_status());
+        }
+        Ok(Response::new(gov_pb::GovReply {
+            json: String::from_utf8_lossy(&reply.body).into_owned(),
+            tx_id: reply.tx_id.map(|t| t.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn read(&self, req: Request<gov_pb::ReadRequest>) -> Result<Response<gov_pb::GovReply>, Status> {
+        let path = req.into_inner().path;
+        let what = GovRead::from_path(&path)
+            .ok_or_else(|| ApiError::not_found(format!("no governance read {path}")).to_status())?;
+        let answer = super::gov::read(&self.0, what).await.map_err(|e| e.to_status())?;
+        Ok(Response::new(gov_pb::GovReply { json: answer.to_string(), tx_id: String::new() }))
+    }
+}
+
+pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
+    let max = service.limits().body_bytes_max;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cloister_proto::FILE_DESCRIPTOR_SET)
+        // The peer service lives on the peer port; only client services are listed here.
+        .with_service_name("cloister.app.v1.App")
+        .with_service_name("cloister.reconcile.v1.Reconcile")
+        .with_service_name("cloister.gov.v1.Gov")
+        .build_v1()?;
+    let app = app_pb::app_server::AppServer::new(AppService(service.clone())).max_decoding_message_size(max);
+    let reconcile = rec_pb::reconcile_server::ReconcileServer::new(ReconcileService(service.clone()))
+        .max_decoding_message_size(max);
+    let gov = gov_pb::gov_server::GovServer::new(GovService(service)).max_decoding_message_size(max);
+    Ok(tonic::service::Routes::new(app).add_service(reconcile).add_service(gov).add_service(reflection))
+}

@@ -1,0 +1,665 @@
+//! The service layer both frontends share: who is calling, which endpoint, whether they may, and
+//! running it (reads on a blocking pool against committed state, writes through the writer).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use cloister_abi::abi::{self, Auth, Privilege, RequestHead};
+use cloister_abi::{Caller, CallerKind, Mode};
+
+use super::error::ApiError;
+use super::writer::{Executed, SubmitError, Work, Writer, Written, app_work};
+use crate::attest;
+use crate::config::{GovSection, Limits};
+use crate::gov;
+use cloister_consensus::{Consensus, Forwarder, NodeAddr, NodeId, PeerRpc, ProposeError};
+use cloister_crypto::cose::GovWrite;
+use cloister_crypto::identity;
+use cloister_ledger::entry::TxKind;
+use cloister_ledger::txid::TxId;
+use cloister_runtime::{Invocation, LoadedModule, Runtime};
+use cloister_store::{Store, Tx};
+
+/// The namespace of the service's app in the store.
+pub const APP_NAMESPACE: &str = "app";
+
+/// A call to an app endpoint, from either frontend.
+pub struct AppCall {
+    pub method: String,
+    /// Path under `/app`, starting with `/`.
+    pub path: String,
+    /// Raw query string without `?`.
+    pub query: String,
+    /// Headers, names in lower case.
+    pub headers: BTreeMap<String, String>,
+    pub body: bytes::Bytes,
+    /// The client certificate (DER), if the client presented one.
+    pub client_cert: Option<Vec<u8>>,
+    /// How many nodes have forwarded this call so far.
+    pub hops: u32,
+}
+
+/// The `frontend` of forwarded governance writes.
+const GOV_FRONTEND: &str = "gov";
+
+/// The request header that asks for a linearizable read.
+pub const CONSISTENCY_HEADER: &str = "x-cloister-consistency";
+
+/// An app's answer, with the transaction id when it committed writes.
+#[derive(Debug, Clone)]
+pub struct AppReply {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    pub tx_id: Option<TxId>,
+}
+
+/// Facts about this node for `/node/*`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub rest_url: String,
+    pub grpc_url: String,
+}
+
+pub struct Service {
+    runtime: Arc<Runtime>,
+    store: Store,
+    consensus: Consensus,
+    app: RwLock<Option<Arc<LoadedModule>>>,
+    limits: Limits,
+    writer: Writer,
+    reads: tokio::sync::Semaphore,
+    inflight: Mutex<HashMap<String, usize>>,
+    info: NodeInfo,
+    gov: GovSection,
+    requests: AtomicU64,
+    joins: Arc<attest::Joins>,
+}
+
+/// What a forwarded call carries besides the request itself.
+struct ForwardParts {
+    client_cert: Option<Vec<u8>>,
+    hops: u32,
+}
+
+/// Releases an identity's in-flight slot when the request ends.
+struct Slot<'a> {
+    service: &'a Service,
+    id: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.service.inflight.lock().expect("inflight lock");
+        if let Some(n) = inflight.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                inflight.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Service {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        store: Store,
+        consensus: Consensus,
+        limits: Limits,
+        gov: GovSection,
+        info: NodeInfo,
+        joins: Arc<attest::Joins>,
+    ) -> anyhow::Result<Service> {
+        let writer = Writer::start(runtime.clone(), store.clone(), consensus.clone(), &limits)?;
+        let service = Service {
+            reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
+            runtime,
+            store,
+            consensus,
+            app: RwLock::new(None),
+            limits,
+            writer,
+            inflight: Mutex::default(),
+            info,
+            gov,
+            requests: AtomicU64::new(0),
+            joins,
+        };
+        Ok(service)
+    }
+
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn consensus(&self) -> &Consensus {
+        &self.consensus
+    }
+
+    /// The app installed in the applied state, loaded (compiles are cached by code hash, so
+    /// this costs one small read unless the app changed).
+    pub async fn app(self: &Arc<Self>) -> Result<Option<Arc<LoadedModule>>, ApiError> {
+        let tx = self.store.begin()?;
+        let Some(record) = gov::app(&tx)? else {
+            return Ok(None);
+        };
+        let current = self.app.read().expect("app lock").clone();
+        if let Some(m) = current.filter(|m| hex::encode(m.hash()) == record.code_hash) {
+            return Ok(Some(m));
+        }
+        let code = gov::app_code(&tx, &record.code_hash)?.ok_or_else(|| {
+            ApiError::internal(format!("gov.app names code {} that gov.app_code lacks", record.code_hash))
+        })?;
+        let service = self.clone();
+        let module = tokio::task::spawn_blocking(move || service.runtime.load(&code))
+            .await
+            .map_err(|e| ApiError::internal(format!("loading the app failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("the installed app does not load: {e}")))?;
+        *self.app.write().expect("app lock") = Some(module.clone());
+        Ok(Some(module))
+    }
+
+    /// The member or user behind a client certificate; anyone else is refused (401).
+    pub fn identify_known(&self, cert: Option<&[u8]>) -> Result<Caller, ApiError> {
+        let tx = self.store.begin()?;
+        let caller = self.identify(&tx, cert, Auth::Authenticated)?;
+        if caller.kind == CallerKind::Anonymous {
+            return Err(ApiError::unauthorized("this endpoint needs a member's or user's client certificate"));
+        }
+        Ok(caller)
+    }
+
+    /// A receipt for a committed transaction, if this node can give one yet.
+    pub fn receipt(
+        &self,
+        id: TxId,
+    ) -> Result<Result<cloister_ledger::verify::Receipt, cloister_ledger::index::ReceiptUnavailable>, ApiError> {
+        let read = self.store.read_txn()?;
+        let parts = cloister_ledger::index::receipt_parts(&read, id.seqno)
+            .map_err(|e| ApiError::internal(format!("reading the ledger index failed: {e}")))?;
+        let parts = match parts {
+            Ok(p) if p.leaf.term == id.term => p,
+            Ok(_) => return Ok(Err(cloister_ledger::index::ReceiptUnavailable::NotFound)),
+            Err(unavailable) => return Ok(Err(unavailable)),
+        };
+        let service = gov::service(&self.store.begin()?)?
+            .ok_or_else(|| ApiError::internal("gov.service is missing: the service never ran genesis"))?;
+        let pem = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
+        Ok(Ok(cloister_ledger::verify::Receipt {
+            tx_id: id.to_string(),
+            leaf: parts.leaf,
+            proof: parts.proof.iter().map(hex::encode).collect(),
+            node_cert: pem(&parts.signature.payload.node_cert),
+            signature: parts.signature,
+            service_cert: service.cert,
+        }))
+    }
+
+    /// The caller behind a client certificate, for an endpoint with the given audience.
+    fn identify(&self, tx: &Tx, cert: Option<&[u8]>, auth: Auth) -> Result<Caller, ApiError> {
+        let Some(der) = cert else {
+            return Ok(Caller::anonymous());
+        };
+        let id = identity::id_of_der(der);
+        if gov::member(tx, &id)?.is_some_and(|m| m.status == gov::MemberStatus::Active) {
+            return Ok(Caller::member(id));
+        }
+        if gov::user(tx, &id)?.is_some() {
+            return Ok(Caller::user(id));
+        }
+        if auth == Auth::Public {
+            return Ok(Caller::anonymous());
+        }
+        Err(ApiError::unauthorized(format!(
+            "client certificate {id} belongs to no active member or user of this service"
+        )))
+    }
+
+    /// Claims an in-flight slot for the caller, or refuses with 429.
+    fn claim_inflight_slot(&self, caller: &Caller) -> Result<Option<Slot<'_>>, ApiError> {
+        if caller.kind == CallerKind::Anonymous {
+            return Ok(None);
+        }
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        let n = inflight.entry(caller.id.clone()).or_default();
+        if *n >= self.limits.inflight_per_identity_max {
+            return Err(ApiError::too_many(format!(
+                "this identity already has {} requests in flight (inflight_per_identity_max)",
+                self.limits.inflight_per_identity_max
+            )));
+        }
+        *n += 1;
+        Ok(Some(Slot { service: self, id: caller.id.clone() }))
+    }
+
+    /// Runs an app call end to end, within `request_timeout_ms`.
+    pub async fn call_app(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
+        let timeout = Duration::from_millis(self.limits.request_timeout_ms);
+        tokio::time::timeout(timeout, self.route_and_run(call)).await.unwrap_or_else(|_| {
+            Err(ApiError::unavailable(format!(
+                "the request took longer than {} ms (request_timeout_ms); a write may still commit",
+                self.limits.request_timeout_ms
+            )))
+        })
+    }
+
+    async fn route_and_run(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
+        match self.resolve(&call).await {
+            Ok((module, endpoint, params, caller)) => self.run_routed(call, module, endpoint, params, caller).await,
+            // A follower may not have applied the app, its new endpoints or the caller's
+            // membership yet: the leader's state is authoritative, so it answers instead.
+            Err(e) if matches!(e.status, 401 | 404 | 405) && !self.consensus.is_leader() => {
+                let head = RequestHead {
+                    method: call.method,
+                    path: call.path,
+                    query: call.query,
+                    headers: call.headers,
+                    ..Default::default()
+                };
+                self.forward(head, call.body, ForwardParts { client_cert: call.client_cert, hops: call.hops }).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The call's endpoint and caller, from this node's applied state.
+    async fn resolve(
+        self: &Arc<Self>,
+        call: &AppCall,
+    ) -> Result<(Arc<LoadedModule>, abi::Endpoint, BTreeMap<String, String>, Caller), ApiError> {
+        let module = self.app().await?.ok_or_else(|| ApiError::not_found("no app is installed on this service"))?;
+        let Some((endpoint, params)) = module.manifest().find(&call.method, &call.path) else {
+            return Err(if module.manifest().path_exists(&call.path) {
+                ApiError::method_not_allowed(format!("{} is not allowed on /app{}", call.method, call.path))
+            } else {
+                ApiError::not_found(format!("no endpoint {} /app{}", call.method, call.path))
+            });
+        };
+        let endpoint = endpoint.clone();
+        let caller = self.identify(&self.store.begin()?, call.client_cert.as_deref(), endpoint.auth)?;
+        Ok((module, endpoint, params, caller))
+    }
+
+    async fn run_routed(
+        self: &Arc<Self>,
+        call: AppCall,
+        module: Arc<LoadedModule>,
+        endpoint: abi::Endpoint,
+        params: BTreeMap<String, String>,
+        caller: Caller,
+    ) -> Result<AppReply, ApiError> {
+        abi::authorize(endpoint.auth, caller.kind).map_err(|(s, c, m)| ApiError::new(s, c, m))?;
+        let _slot = self.claim_inflight_slot(&caller)?;
+        let head = RequestHead {
+            method: endpoint.method.clone(),
+            path: call.path,
+            route: endpoint.path.clone(),
+            params,
+            query: call.query,
+            headers: call.headers,
+            caller,
+            request_id: format!("{}-{}", self.info.name, self.requests.fetch_add(1, Ordering::Relaxed)),
+        };
+        let linearizable = head.headers.get(CONSISTENCY_HEADER).is_some_and(|v| v == "linearizable");
+        // A write a follower forwards is checked by the leader, whose state may be newer.
+        if endpoint.mode == Mode::Readonly || self.consensus.is_leader() {
+            self.ensure_open()?;
+        }
+        let forward = ForwardParts { client_cert: call.client_cert, hops: call.hops };
+        match endpoint.mode {
+            Mode::Readonly if !linearizable => self.read(module, head, call.body).await,
+            Mode::Readonly => match self.consensus.read_barrier().await {
+                Ok(()) => self.read(module, head, call.body).await,
+                Err(ProposeError::NotLeader { .. }) => self.forward(head, call.body, forward).await,
+                Err(e) => Err(ApiError::unavailable(format!("the linearizable read could not be confirmed: {e}"))),
+            },
+            Mode::Readwrite if !self.consensus.is_leader() => self.forward(head, call.body, forward).await,
+            Mode::Readwrite => {
+                let work = app_work(module, APP_NAMESPACE.into(), head.clone(), call.body.clone());
+                match self.writer.submit(work).await {
+                    Err(SubmitError::NotLeader) => self.forward(head, call.body, forward).await,
+                    Err(SubmitError::Api(e)) => Err(e),
+                    Ok(Written { value: reply, tx_id }) => Ok(AppReply { tx_id, ..reply }),
+                }
+            }
+        }
+    }
+
+    /// Refuses app calls until members have opened the service.
+    fn ensure_open(&self) -> Result<(), ApiError> {
+        let state = gov::service(&self.store.begin()?)?.map(|s| s.state);
+        if state != Some(gov::ServiceState::Open) {
+            return Err(ApiError::new(
+                503,
+                "ServiceNotOpen",
+                "service not open: members must pass a transition_service_to_open proposal first",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sends a call to the leader over the peer channel, at most `forward_hops_max` times.
+    async fn forward(&self, head: RequestHead, body: bytes::Bytes, parts: ForwardParts) -> Result<AppReply, ApiError> {
+        let leader = self.leader_for_forwarding(parts.hops).await?;
+        let request = cloister_proto::peer::v1::ForwardRequest {
+            method: head.method,
+            path: head.path,
+            query: head.query,
+            headers: head.headers.into_iter().collect(),
+            body: body.to_vec(),
+            client_cert: parts.client_cert.unwrap_or_default(),
+            hops: parts.hops + 1,
+            frontend: String::new(),
+        };
+        self.send_forward(&leader, request).await
+    }
+
+    /// The leader to forward to, waiting briefly for an election.
+    async fn leader_for_forwarding(&self, hops: u32) -> Result<cloister_consensus::NodeAddr, ApiError> {
+        let hops_max = self.consensus.forward_hops_max();
+        if hops >= hops_max {
+            return Err(ApiError::unavailable(format!(
+                "the request was forwarded {hops_max} times without reaching the leader \
+                 (forward_hops_max); retry"
+            )));
+        }
+        if let Some(leader) = self.consensus.leader() {
+            return Ok(leader);
+        }
+        let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
+        if self.consensus.wait_for_leader(patience).await.is_err() {
+            return Err(ApiError::unavailable("no leader is elected (is a majority of nodes up?); retry shortly"));
+        }
+        self.consensus.leader().ok_or_else(|| ApiError::unavailable("no leader is elected; retry shortly"))
+    }
+
+    async fn send_forward(
+        &self,
+        leader: &cloister_consensus::NodeAddr,
+        request: cloister_proto::peer::v1::ForwardRequest,
+    ) -> Result<AppReply, ApiError> {
+        let unreachable = |s: tonic::Status| {
+            ApiError::unavailable(format!("forwarding to the leader {} failed: {}", leader.name, s.message()))
+        };
+        let mut client = self.consensus.peers().client(&leader.peer_url).map_err(unreachable)?;
+        let reply = client.forward(request).await.map_err(unreachable)?.into_inner();
+        Ok(AppReply {
+            status: u16::try_from(reply.status).unwrap_or(500),
+            headers: reply.headers.into_iter().collect(),
+            body: reply.body,
+            tx_id: reply.tx_id.parse().ok(),
+        })
+    }
+
+    /// Runs a signed governance write on the leader (forwarding it there if need be), within
+    /// `request_timeout_ms`.
+    pub async fn gov_write(
+        self: &Arc<Self>,
+        write: GovWrite,
+        body: bytes::Bytes,
+        hops: u32,
+    ) -> Result<AppReply, ApiError> {
+        let timeout = Duration::from_millis(self.limits.request_timeout_ms);
+        let run = async {
+            if self.consensus.is_leader() {
+                let window = self.gov.request_window_s;
+                let w = write.clone();
+                let b = body.clone();
+                let work: Work<serde_json::Value> = Box::new(move |runtime, tx| {
+                    let now = cloister_crypto::cose::unix_now();
+                    let policy = gov::RequestPolicy { request_window_s: window, now };
+                    let (tx, result) = gov::execute(runtime, tx, &w, &b, &policy);
+                    let executed = result.map_err(ApiError::from).map(|answer| Executed {
+                        value: answer,
+                        commit: true,
+                        kind: TxKind::Gov,
+                        claims_digest: None,
+                    });
+                    (tx, executed)
+                });
+                match self.writer.submit(work).await {
+                    Err(SubmitError::NotLeader) => {}
+                    Err(SubmitError::Api(e)) => return Err(e),
+                    Ok(Written { value: answer, tx_id }) => {
+                        return Ok(AppReply {
+                            status: 200,
+                            headers: [("content-type".to_owned(), "application/json".to_owned())].into(),
+                            body: answer.to_string().into_bytes(),
+                            tx_id,
+                        });
+                    }
+                }
+            }
+            let leader = self.leader_for_forwarding(hops).await?;
+            let request = cloister_proto::peer::v1::ForwardRequest {
+                method: "POST".into(),
+                path: write.path(),
+                body: body.to_vec(),
+                hops: hops + 1,
+                frontend: GOV_FRONTEND.into(),
+                ..Default::default()
+            };
+            self.send_forward(&leader, request).await
+        };
+        tokio::time::timeout(timeout, run).await.unwrap_or_else(|_| {
+            Err(ApiError::unavailable(format!(
+                "the request took longer than {} ms (request_timeout_ms); it may still commit",
+                self.limits.request_timeout_ms
+            )))
+        })
+    }
+
+    /// A joining node's evidence: verified against the governed policy with the nonce this leader
+    /// issued, then recorded in `gov.nodes` (Trusted while the service is Opening, else Pending)
+    /// unless the node has a record already. A Trusted node gets the ledger secret, sealed to its key.
+    pub async fn attest(
+        self: &Arc<Self>,
+        cert: Vec<u8>,
+        request: cloister_proto::peer::v1::AttestRequest,
+    ) -> Result<cloister_proto::peer::v1::AttestReply, tonic::Status> {
+        use cloister_attestation::{Evidence, Nonce};
+        if !self.consensus.is_leader() {
+            return Err(self.consensus.not_leader_status());
+        }
+        let (id, addr): (NodeId, NodeAddr) = cloister_consensus::types::decode(&request.node, "an attest request")
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        if cloister_crypto::node_id_of(&cert) != id {
+            return Err(tonic::Status::permission_denied(format!("node {id} is not the node of this TLS certificate")));
+        }
+        let refused = |e: cloister_attestation::Refusal| {
+            tracing::warn!(node = %addr.name, id, check = e.check.as_str(), detail = %e.detail, "attestation refused");
+            tonic::Status::permission_denied(e.to_string())
+        };
+        // Unavailable, which the joining node retries: a leader whose genesis has not committed
+        // yet has no policy to judge by.
+        let policy = attest::policy(&self.store.begin().map_err(|e| ApiError::from(e).to_status())?)
+            .map_err(|e| ApiError::from(e).to_status())?
+            .ok_or_else(|| tonic::Status::unavailable("the service's genesis has not committed yet"))?;
+        let nonce = Nonce::from_slice(&request.nonce).map_err(refused)?;
+        self.joins.nonces.redeem(&nonce).map_err(refused)?;
+        let evidence = Evidence::from_json(&request.evidence).map_err(refused)?;
+        let spki = attest::spki_of(&cert).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let expected = cloister_attestation::binding(&spki, &nonce);
+        let verified = cloister_attestation::verify(&evidence, &policy, Some(&expected)).map_err(refused)?;
+        tracing::info!(node = %addr.name, id, measurement = %verified.measurement, "attestation verified");
+
+        let key = id.to_string();
+        let work: Work<gov::NodeStatus> = Box::new(move |_, mut tx| {
+            let result = (|| {
+                let existing = gov::node(&tx, &key)?;
+                let (status, commit) = match existing {
+                    Some(n) if n.status == gov::NodeStatus::Retired => {
+                        return Err(ApiError::forbidden(format!("node {key} is retired")));
+                    }
+                    Some(n) => (n.status, false),
+                    None => {
+                        let opening = gov::service(&tx)?.is_some_and(|s| s.state == gov::ServiceState::Opening);
+                        let record = attest::record(&addr.name, &cert, opening, &evidence, &verified);
+                        tx.put(
+                            gov::NODES,
+                            key.as_bytes(),
+                            &serde_json::to_vec(&record).expect("a node record serializes"),
+                        );
+                        (record.status, true)
+                    }
+                };
+                Ok(Executed { value: status, commit, kind: TxKind::Gov, claims_digest: None })
+            })();
+            (tx, result)
+        });
+        let status = match self.writer.submit(work).await {
+            Ok(written) => written.value,
+            Err(SubmitError::NotLeader) => return Err(self.consensus.not_leader_status()),
+            Err(SubmitError::Api(e)) if e.status == 403 => return Err(tonic::Status::permission_denied(e.message)),
+            Err(SubmitError::Api(e)) => return Err(e.to_status()),
+        };
+        let sealed_secret = if status == gov::NodeStatus::Trusted {
+            self.joins.sealed_secret(&spki).map_err(|e| tonic::Status::internal(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        Ok(cloister_proto::peer::v1::AttestReply { status: format!("{status:?}"), sealed_secret })
+    }
+
+    /// Whether the node with `cert` may make a peer request of kind `rpc`.
+    pub fn authorize_peer(&self, cert: &[u8], rpc: PeerRpc) -> Result<(), tonic::Status> {
+        let tx = self.store.begin().map_err(|e| ApiError::from(e).to_status())?;
+        let standing = attest::standing(&tx, cert).map_err(|e| ApiError::from(e).to_status())?;
+        // The node id is a hash of the certificate: worked out only for a refusal's message.
+        let id = || cloister_crypto::node_id_of(cert);
+        match (standing, rpc) {
+            (attest::Standing::Retired, _) => {
+                Err(tonic::Status::permission_denied(format!("node {} is retired; its connections are refused", id())))
+            }
+            (attest::Standing::Trusted, _) | (_, PeerRpc::Attest) | (attest::Standing::NoState, PeerRpc::Raft) => {
+                Ok(())
+            }
+            (standing, rpc) => Err(tonic::Status::permission_denied(format!(
+                "node {} is {standing:?} in gov.nodes; {rpc:?} requests need a Trusted node",
+                id()
+            ))),
+        }
+    }
+
+    /// A committed read of the governance tables.
+    pub fn gov_read<T>(&self, read: impl FnOnce(&Tx) -> Result<T, ApiError>) -> Result<T, ApiError> {
+        read(&self.store.begin()?)
+    }
+
+    /// Runs a read-only request on the blocking pool against committed state.
+    async fn read(
+        self: &Arc<Self>,
+        module: Arc<LoadedModule>,
+        head: RequestHead,
+        body: bytes::Bytes,
+    ) -> Result<AppReply, ApiError> {
+        let _permit = self.reads.acquire().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
+        let service = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = service.store.begin()?;
+            let inv = Invocation {
+                head: &head,
+                body: &body,
+                mode: Mode::Readonly,
+                namespace: APP_NAMESPACE,
+                privilege: Privilege::App,
+            };
+            let (_, result) = service.runtime.execute(&module, inv, tx);
+            let response = result?.response;
+            Ok(AppReply {
+                status: response.head.status,
+                headers: response.head.headers,
+                body: response.body,
+                tx_id: None,
+            })
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("the request's thread failed: {e}")))?
+    }
+}
+
+/// Writes forwarded by other nodes run here as if their client had called this node.
+pub struct ServiceForwarder(pub std::sync::Weak<Service>);
+
+impl ServiceForwarder {
+    fn service(&self) -> Result<Arc<Service>, tonic::Status> {
+        self.0.upgrade().ok_or_else(|| tonic::Status::unavailable("the node is shutting down"))
+    }
+}
+
+#[tonic::async_trait]
+impl Forwarder for ServiceForwarder {
+    async fn challenge(
+        &self,
+        request: cloister_proto::peer::v1::ChallengeRequest,
+    ) -> Result<cloister_proto::peer::v1::ChallengeReply, tonic::Status> {
+        let service = self.service()?;
+        if !service.consensus.is_leader() {
+            return Err(service.consensus.not_leader_status());
+        }
+        service.joins.challenge(&request.nonce).await
+    }
+
+    async fn attest(
+        &self,
+        peer_cert: Vec<u8>,
+        request: cloister_proto::peer::v1::AttestRequest,
+    ) -> Result<cloister_proto::peer::v1::AttestReply, tonic::Status> {
+        self.service()?.attest(peer_cert, request).await
+    }
+
+    fn authorize(&self, peer_cert: &[u8], rpc: PeerRpc) -> Result<(), tonic::Status> {
+        self.service()?.authorize_peer(peer_cert, rpc)
+    }
+
+    async fn forward(
+        &self,
+        r: cloister_proto::peer::v1::ForwardRequest,
+    ) -> Result<cloister_proto::peer::v1::ForwardReply, tonic::Status> {
+        let service = self.0.upgrade().ok_or_else(|| tonic::Status::unavailable("the node is shutting down"))?;
+        let result = if r.frontend == GOV_FRONTEND {
+            match GovWrite::from_path(&r.path) {
+                Some(write) => service.gov_write(write, r.body.into(), r.hops).await,
+                None => Err(ApiError::not_found(format!("no governance endpoint {}", r.path))),
+            }
+        } else {
+            service
+                .call_app(AppCall {
+                    method: r.method,
+                    path: r.path,
+                    query: r.query,
+                    headers: r.headers.into_iter().collect(),
+                    body: r.body.into(),
+                    client_cert: (!r.client_cert.is_empty()).then_some(r.client_cert),
+                    hops: r.hops,
+                })
+                .await
+        };
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(e) => AppReply {
+                status: e.status,
+                headers: [("content-type".to_owned(), "application/json".to_owned())].into(),
+                body: e.body().to_string().into_bytes(),
+                tx_id: e.tx_id,
+            },
+        };
+        Ok(cloister_proto::peer::v1::ForwardReply {
+            status: u32::from(reply.status),
+            headers: reply.headers.into_iter().collect(),
+            body: reply.body,
+            tx_id: reply.tx_id.map(|t| t.to_string()).unwrap_or_default(),
+        })
+    }
+}

@@ -1,0 +1,381 @@
+//! The write path on the leader: one thread executes read-write requests (app handlers and signed
+//! governance requests, each a boxed [`Work`]) in order, each over the
+//! applied state plus the writes this leader has proposed and not yet applied, then proposes the
+//! request's write set through Raft. Proposals are pipelined: openraft merges concurrent ones into
+//! one durable append and one replication round (group commit).
+//!
+//! The writer executes only on a leader that has applied every entry before its own term, so the
+//! state it builds on is complete; when the term changes, the stack of pending writes is dropped.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use cloister_abi::Mode;
+use cloister_abi::abi::RequestHead;
+use tokio::sync::oneshot;
+
+use super::error::ApiError;
+use super::service::AppReply;
+use crate::config::Limits;
+use cloister_consensus::{Consensus, ProposeError};
+use cloister_ledger::entry::{TxEntry, TxKind};
+use cloister_ledger::txid::TxId;
+use cloister_runtime::{Invocation, LoadedModule, Runtime};
+use cloister_store::{Store, Tx, WriteSet};
+
+/// How long a new leader may take to apply the entries before its term before writes give up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the writer did not run a request.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// This node does not lead (or stopped leading before the write reached its log): run it on
+    /// the leader instead.
+    NotLeader,
+    Api(ApiError),
+}
+
+impl From<ApiError> for SubmitError {
+    fn from(e: ApiError) -> Self {
+        SubmitError::Api(e)
+    }
+}
+
+/// What a job asks the writer to commit after running, and the value its submitter gets back.
+pub struct Executed<R> {
+    pub value: R,
+    /// Commit the transaction's writes (if any); otherwise answer without committing.
+    pub commit: bool,
+    pub kind: TxKind,
+    pub claims_digest: Option<[u8; 32]>,
+}
+
+/// A job's value once the writer is done with it: `tx_id` is the transaction it committed as,
+/// `None` when it wrote nothing.
+#[derive(Debug)]
+pub struct Written<R> {
+    pub value: R,
+    pub tx_id: Option<TxId>,
+}
+
+/// The work of one job: run against a transaction over the applied state plus pending writes,
+/// and hand the transaction back. On error the transaction's writes are discarded.
+pub type Work<R> = Box<dyn FnOnce(&Runtime, Tx) -> (Tx, Result<Executed<R>, ApiError>) + Send>;
+
+/// What the writer needs of a job once it has run: what to commit, and how to answer.
+struct Staged {
+    commit: bool,
+    kind: TxKind,
+    claims_digest: Option<[u8; 32]>,
+    answer: Box<dyn FnOnce(Result<Option<TxId>, SubmitError>) + Send>,
+}
+
+/// A read-write request waiting for the writer, its value's type erased so that one queue
+/// carries jobs of every type.
+trait Job: Send {
+    /// Runs the work; on error it has answered already and stages nothing.
+    fn run(self: Box<Self>, runtime: &Runtime, tx: Tx) -> (Tx, Option<Staged>);
+    /// Answers without running.
+    fn refuse(self: Box<Self>, error: SubmitError);
+}
+
+struct TypedJob<R> {
+    work: Work<R>,
+    reply: oneshot::Sender<Result<Written<R>, SubmitError>>,
+}
+
+impl<R: Send + 'static> Job for TypedJob<R> {
+    fn run(self: Box<Self>, runtime: &Runtime, tx: Tx) -> (Tx, Option<Staged>) {
+        let (tx, result) = (self.work)(runtime, tx);
+        match result {
+            Err(e) => {
+                // The submitter may have given up (timeout); nothing is committed either way.
+                let _ = self.reply.send(Err(e.into()));
+                (tx, None)
+            }
+            Ok(Executed { value, commit, kind, claims_digest }) => {
+                let reply = self.reply;
+                let answer = Box::new(move |outcome: Result<Option<TxId>, SubmitError>| {
+                    let _ = reply.send(outcome.map(|tx_id| Written { value, tx_id }));
+                });
+                (tx, Some(Staged { commit, kind, claims_digest, answer }))
+            }
+        }
+    }
+
+    fn refuse(self: Box<Self>, error: SubmitError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// The work of an app's read-write request.
+pub fn app_work(module: Arc<LoadedModule>, namespace: String, head: RequestHead, body: bytes::Bytes) -> Work<AppReply> {
+    Box::new(move |runtime, tx| {
+        let inv = Invocation {
+            head: &head,
+            body: &body,
+            mode: Mode::Readwrite,
+            namespace: &namespace,
+            privilege: cloister_abi::abi::Privilege::App,
+        };
+        let (tx, result) = runtime.execute(&module, inv, tx);
+        let executed = result.map_err(ApiError::from).and_then(|outcome| {
+            let response = outcome.response;
+            let claims_digest =
+                response.head.claims_digest.as_deref().map(parse_digest).transpose().map_err(ApiError::internal)?;
+            Ok(Executed {
+                commit: response.is_success(),
+                value: AppReply {
+                    status: response.head.status,
+                    headers: response.head.headers,
+                    body: response.body,
+                    tx_id: None,
+                },
+                kind: TxKind::App,
+                claims_digest,
+            })
+        });
+        (tx, executed)
+    })
+}
+
+/// The handle requests use to reach the writer thread. Dropping it ends the thread once the
+/// queued work is done, and waits for that.
+pub struct Writer {
+    queue: Option<SyncSender<Box<dyn Job>>>,
+    queue_max: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the writer thread panicked");
+        }
+    }
+}
+
+impl Writer {
+    /// Starts the writer thread; it must be called inside the node's tokio runtime.
+    pub fn start(runtime: Arc<Runtime>, store: Store, consensus: Consensus, limits: &Limits) -> anyhow::Result<Writer> {
+        let queue_max = limits.write_queue_max;
+        let (queue, jobs) = std::sync::mpsc::sync_channel(queue_max);
+        let tokio = tokio::runtime::Handle::current();
+        let writer = WriterLoop {
+            runtime,
+            store,
+            consensus,
+            tokio: tokio.clone(),
+            group_max: limits.group_commit_max,
+            pending: Vec::new(),
+            pending_term: 0,
+            pending_max: limits.pending_writes_max,
+            // Half the request's time, so the caller hears which limit refused it.
+            pending_wait: Duration::from_millis(limits.request_timeout_ms / 2),
+            finished: Arc::new(Finished::default()),
+        };
+        let thread = std::thread::Builder::new().name("app-writer".into()).stack_size(8 << 20).spawn(move || {
+            // WASI calls drive tokio's block_on: let them use the node's runtime.
+            let _guard = tokio.enter();
+            writer.run(jobs)
+        })?;
+        Ok(Writer { queue: Some(queue), queue_max, thread: Some(thread) })
+    }
+
+    /// Queues a request and waits for its committed result.
+    pub async fn submit<R: Send + 'static>(&self, work: Work<R>) -> Result<Written<R>, SubmitError> {
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(TypedJob { work, reply });
+        let queue = self.queue.as_ref().expect("the queue lives as long as the writer");
+        match queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(ApiError::unavailable(format!(
+                    "{} writes are already waiting (write_queue_max); retry shortly",
+                    self.queue_max
+                ))
+                .into());
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ApiError::unavailable("the node is shutting down").into());
+            }
+        }
+        answer
+            .await
+            .map_err(|_| SubmitError::Api(ApiError::unavailable("the node stopped before the write finished")))?
+    }
+}
+
+/// The states of a pending proposal, as its outcome task reports them to the writer.
+const PROPOSAL_IN_FLIGHT: u8 = 0;
+const PROPOSAL_APPLIED: u8 = 1;
+const PROPOSAL_FAILED: u8 = 2;
+
+/// A write set proposed by this leader and not yet known to be applied.
+struct Pending {
+    writes: Arc<WriteSet>,
+    state: Arc<AtomicU8>,
+}
+
+/// Wakes the writer when a pending proposal finishes, so it can wait for room below
+/// `pending_writes_max` without polling.
+#[derive(Default)]
+struct Finished {
+    count: Mutex<u64>,
+    signal: Condvar,
+}
+
+impl Finished {
+    fn notify(&self) {
+        *self.count.lock().expect("finished lock") += 1;
+        self.signal.notify_all();
+    }
+}
+
+struct WriterLoop {
+    runtime: Arc<Runtime>,
+    store: Store,
+    consensus: Consensus,
+    tokio: tokio::runtime::Handle,
+    group_max: usize,
+    pending: Vec<Pending>,
+    /// The term the pending writes were proposed in.
+    pending_term: u64,
+    /// `pending_writes_max`: most pending proposals the writer executes over.
+    pending_max: usize,
+    /// How long the writer waits for room below `pending_max` before refusing a job.
+    pending_wait: Duration,
+    finished: Arc<Finished>,
+}
+
+impl WriterLoop {
+    fn run(mut self, jobs: Receiver<Box<dyn Job>>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.group_max {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(batch);
+        }
+    }
+
+    /// Whether this node may execute writes now, waiting briefly for a new leader to catch up.
+    fn ready(&self) -> bool {
+        if !self.consensus.is_leader() {
+            return false;
+        }
+        self.consensus.caught_up() || self.tokio.block_on(self.consensus.wait_caught_up(CATCH_UP_TIMEOUT))
+    }
+
+    fn run_batch(&mut self, batch: Vec<Box<dyn Job>>) {
+        for job in batch {
+            match self.prepare() {
+                Ok(()) => self.execute(job),
+                Err(refusal) => job.refuse(refusal),
+            }
+        }
+    }
+
+    /// Readies the stack of pending writes for the next job: this node must lead and have caught
+    /// up; a failed proposal or a new term drops the stack (every later proposal fails too, and
+    /// what did commit is applied); and the stack must have room below `pending_max`, since every
+    /// job executes over all of it. Without room it waits for a proposal to finish, up to
+    /// `pending_wait`.
+    fn prepare(&mut self) -> Result<(), SubmitError> {
+        let deadline = std::time::Instant::now() + self.pending_wait;
+        loop {
+            if !self.ready() {
+                return Err(SubmitError::NotLeader);
+            }
+            let seen = *self.finished.count.lock().expect("finished lock");
+            let term = self.consensus.term();
+            let failed = self.pending.iter().any(|p| p.state.load(Ordering::Acquire) == PROPOSAL_FAILED);
+            if term != self.pending_term || failed {
+                self.pending.clear();
+                self.pending_term = term;
+            }
+            // A failed proposal stays until the check above sees it.
+            self.pending.retain(|p| p.state.load(Ordering::Acquire) != PROPOSAL_APPLIED);
+            if self.pending.len() < self.pending_max {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(ApiError::unavailable(format!(
+                    "{} writes are proposed and not yet applied (pending_writes_max); retry shortly",
+                    self.pending_max
+                ))
+                .into());
+            }
+            let count = self.finished.count.lock().expect("finished lock");
+            let _ = self.finished.signal.wait_timeout_while(count, left, |c| *c == seen).expect("finished lock");
+        }
+    }
+
+    /// Runs one job over the applied state plus the pending writes, and proposes its writes.
+    fn execute(&mut self, job: Box<dyn Job>) {
+        let overlay: Vec<Arc<WriteSet>> = self.pending.iter().map(|p| p.writes.clone()).collect();
+        let tx = match self.store.begin_over(overlay) {
+            Ok(tx) => tx,
+            Err(e) => return job.refuse(ApiError::from(e).into()),
+        };
+        let (tx, staged) = job.run(&self.runtime, tx);
+        let Some(Staged { commit, kind, claims_digest, answer }) = staged else {
+            return;
+        };
+        let writes = tx.into_writes();
+        if !commit || writes.is_empty() {
+            return answer(Ok(None));
+        }
+        let writes = Arc::new(writes);
+        let state = Arc::new(AtomicU8::new(PROPOSAL_IN_FLIGHT));
+        self.pending.push(Pending { writes: writes.clone(), state: state.clone() });
+        let sealer = self.store.sealer().expect("nodes seal private writes");
+        let entry = TxEntry::new(kind, WriteSet::clone(&writes), claims_digest, sealer);
+        // Submitted here, in execution order, and refused if this node no longer leads in the
+        // term it executed in; only the wait for the outcome runs concurrently.
+        let proposal = self.tokio.block_on(self.consensus.submit(entry, Some(self.pending_term)));
+        let finished = self.finished.clone();
+        self.tokio.spawn(async move {
+            let outcome = match proposal {
+                Ok(p) => p.outcome().await,
+                Err(e) => Err(e),
+            };
+            let result = match outcome {
+                Ok(tx_id) => {
+                    state.store(PROPOSAL_APPLIED, Ordering::Release);
+                    Ok(Some(tx_id))
+                }
+                Err(e) => {
+                    state.store(PROPOSAL_FAILED, Ordering::Release);
+                    Err(match e {
+                        ProposeError::NotLeader { .. } => SubmitError::NotLeader,
+                        ProposeError::Unknown { tx_id, reason } => ApiError::outcome_unknown(tx_id, &reason).into(),
+                        ProposeError::Stopped(reason) => {
+                            ApiError::unavailable(format!("this node's consensus has stopped: {reason}")).into()
+                        }
+                    })
+                }
+            };
+            finished.notify();
+            // The client may have given up (timeout); the transaction's fate is unaffected.
+            answer(result);
+        });
+    }
+}
+
+/// A claims digest: 32 bytes, hex.
+fn parse_digest(hex_digest: &str) -> Result<[u8; 32], String> {
+    hex::decode(hex_digest)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| format!("the app's claims digest {hex_digest:?} is not 32 bytes of hex"))
+}

@@ -1,0 +1,418 @@
+//! The node's configuration file (TOML). Every field is documented here, every limit has a named
+//! default, and relative paths are resolved against the file's own directory.
+//!
+//! ```toml
+//! [node]
+//! name = "node0"
+//! data_dir = "data/node0"          # state database (and later the ledger) live here
+//! rest_addr = "127.0.0.1:8000"     # HTTPS (REST)
+//! grpc_addr = "127.0.0.1:8001"     # gRPC over TLS
+//! peer_addr = "127.0.0.1:8002"     # node-to-node: Raft, forwarding, joins (mutual TLS)
+//!
+//! [network]
+//! join = "https://127.0.0.1:8002"  # a member's peer URL; absent: this node starts the service
+//!
+//! [tls]
+//! service_cert = "service.cert.pem"  # the service CA; clients trust it
+//! node_cert = "node0.cert.pem"       # this node's certificate, issued by the service CA
+//! node_key = "node0.key.pem"
+//!
+//! [genesis]                          # read only when the data folder is new
+//! members = ["member0.cert.pem"]
+//! users = []
+//! app = "reconcile.wasm"             # optional
+//! attestation = "amd"                # or "mock": pin the test ARK of `attestation.mock_root`
+//!
+//! [attestation]                      # this node's evidence; see `AttestationSection`
+//! kind = "snp"                       # snp | azure-vtpm | mock
+//!
+//! [limits]                           # see `Limits` for every field and default
+//! [raft]                             # see `RaftSection`
+//! [wasm]                             # see `wasm::Limits`
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use cloister_runtime as wasm;
+
+pub use cloister_consensus::settings::*;
+pub use cloister_ledger::settings::*;
+
+pub const BODY_BYTES_MAX: usize = 8 << 20;
+pub const CONNECTIONS_MAX: usize = 1024;
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+pub const INFLIGHT_PER_IDENTITY_MAX: usize = 256;
+pub const WRITE_QUEUE_MAX: usize = 4096;
+pub const GROUP_COMMIT_MAX: usize = 256;
+pub const PENDING_WRITES_MAX: usize = 1024;
+pub const READS_INFLIGHT_MAX: usize = 32;
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub network: NetworkSection,
+    #[serde(default)]
+    pub genesis: GenesisSection,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub raft: RaftSection,
+    #[serde(default)]
+    pub ledger: LedgerSection,
+    #[serde(default)]
+    pub gov: GovSection,
+    #[serde(default)]
+    pub wasm: wasm::Limits,
+    #[serde(default)]
+    pub attestation: AttestationSection,
+}
+
+/// The roots of trust a new service pins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GenesisAttestation {
+    /// AMD's Milan, Genoa and Turin ARKs: production.
+    #[default]
+    Amd,
+    /// The test ARK of the mock firmware in `attestation.mock_root`: for tests and sandboxes.
+    Mock,
+}
+
+/// How this node attests itself, and how long its challenges live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttestationSection {
+    /// The kind of evidence this node produces.
+    pub kind: cloister_attestation::Kind,
+    /// `snp`: a VCEK file (DER or PEM) for hosts that do not supply one with the extended report.
+    pub vcek_file: Option<PathBuf>,
+    /// `azure-vtpm`: where THIM serves the VCEK chain.
+    pub thim_url: String,
+    /// `mock`: the folder of the mock firmware's test ARK and ASK (generated there if absent).
+    pub mock_root: Option<PathBuf>,
+    /// `mock`: the launch measurement to report (hex, 48 bytes); the default mock measurement
+    /// when absent.
+    pub mock_measurement: Option<String>,
+    /// `mock`: the host_data to report (hex, 32 bytes); zeros when absent.
+    pub mock_host_data: Option<String>,
+    /// How long a nonce this node issues to a joining node stays valid, in seconds.
+    pub nonce_ttl_s: u64,
+    /// The launch measurements (hex, 48 bytes) this node accepts from the leader it joins
+    /// through. Empty: any measurement, once the rest of the leader's evidence verifies.
+    pub join_measurements: Vec<String>,
+}
+
+impl Default for AttestationSection {
+    fn default() -> Self {
+        AttestationSection {
+            kind: cloister_attestation::Kind::Snp,
+            vcek_file: None,
+            thim_url: cloister_attestation::thim::THIM_URL_DEFAULT.to_owned(),
+            mock_root: None,
+            mock_measurement: None,
+            mock_host_data: None,
+            nonce_ttl_s: cloister_attestation::NONCE_TTL_S,
+            join_measurements: Vec::new(),
+        }
+    }
+}
+
+/// Who the node is and where it listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// A name for logs and `/node/network`.
+    pub name: String,
+    /// Where the node keeps its state.
+    pub data_dir: PathBuf,
+    /// Address of the HTTPS (REST) listener.
+    pub rest_addr: String,
+    /// Address of the gRPC listener.
+    pub grpc_addr: String,
+    /// Address of the node-to-node listener (Raft, forwarded writes, joins), mutual TLS only.
+    pub peer_addr: String,
+}
+
+/// How this node finds its network.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// The peer URL (`https://host:port`) of a node of the network to join. Absent: a new data
+    /// folder starts a new service from `[genesis]`. Ignored once the node holds state.
+    #[serde(default)]
+    pub join: Option<String>,
+}
+
+/// Governance settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GovSection {
+    /// How far a signed request's `created_at` may be from the node's clock, either way, in
+    /// seconds. Older requests are refused, and replays are caught within this window.
+    pub request_window_s: u64,
+}
+
+impl Default for GovSection {
+    fn default() -> Self {
+        GovSection { request_window_s: crate::gov::REQUEST_WINDOW_S }
+    }
+}
+
+/// The node's TLS identity. Client certificates are not checked against any CA: the service
+/// knows its members and users by the SHA-256 of their certificates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The service CA certificate (PEM), which clients pin.
+    pub service_cert: PathBuf,
+    /// This node's certificate (PEM), issued by the service CA.
+    pub node_cert: PathBuf,
+    /// This node's private key (PEM, PKCS#8).
+    pub node_key: PathBuf,
+}
+
+/// What a new service starts with. Ignored once the data folder holds state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenesisSection {
+    /// Certificates (PEM files) of the initial members.
+    #[serde(default)]
+    pub members: Vec<PathBuf>,
+    /// Certificates (PEM files) of the initial users.
+    #[serde(default)]
+    pub users: Vec<PathBuf>,
+    /// The app to install (a wasm file), if any.
+    #[serde(default)]
+    pub app: Option<PathBuf>,
+    /// The constitution (a wasm file); the default constitution when absent.
+    #[serde(default)]
+    pub constitution: Option<PathBuf>,
+    /// The roots of trust the service pins. Only `mock` admits the mock firmware's reports.
+    #[serde(default)]
+    pub attestation: GenesisAttestation,
+}
+
+/// The node's service limits. Each is enforced with a clear error naming it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, in bytes (413 beyond; gRPC: RESOURCE_EXHAUSTED).
+    pub body_bytes_max: usize,
+    /// Connections open at once per listener; further ones wait to be accepted.
+    pub connections_max: usize,
+    /// Time a request may take end to end, in milliseconds (503 beyond).
+    pub request_timeout_ms: u64,
+    /// Requests one identity may have in flight at once (429 beyond).
+    pub inflight_per_identity_max: usize,
+    /// Write requests waiting for the executor (503 beyond).
+    pub write_queue_max: usize,
+    /// Most write transactions committed together in one durable write.
+    pub group_commit_max: usize,
+    /// Write sets the leader has proposed and not yet applied, which later writes execute over.
+    /// At the limit the writer waits for one to finish (up to half of `request_timeout_ms`,
+    /// then 503 naming this limit); meanwhile the queue fills up to `write_queue_max`.
+    pub pending_writes_max: usize,
+    /// Read-only requests running at once; further ones wait.
+    pub reads_inflight_max: usize,
+    /// Time a TLS handshake may take, in milliseconds.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_bytes_max: BODY_BYTES_MAX,
+            connections_max: CONNECTIONS_MAX,
+            request_timeout_ms: REQUEST_TIMEOUT_MS,
+            inflight_per_identity_max: INFLIGHT_PER_IDENTITY_MAX,
+            write_queue_max: WRITE_QUEUE_MAX,
+            group_commit_max: GROUP_COMMIT_MAX,
+            pending_writes_max: PENDING_WRITES_MAX,
+            reads_inflight_max: READS_INFLIGHT_MAX,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
+        }
+    }
+}
+
+impl Limits {
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            ("body_bytes_max", self.body_bytes_max as u64),
+            ("connections_max", self.connections_max as u64),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("inflight_per_identity_max", self.inflight_per_identity_max as u64),
+            ("write_queue_max", self.write_queue_max as u64),
+            ("group_commit_max", self.group_commit_max as u64),
+            ("pending_writes_max", self.pending_writes_max as u64),
+            ("reads_inflight_max", self.reads_inflight_max as u64),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+        ];
+        match fields.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(format!("limit {name} must be greater than 0")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a configuration file and resolves its relative paths against its directory.
+    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read node configuration {}: {e}", path.display()))?;
+        let mut config: NodeConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("node configuration {} is invalid: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve(base);
+        config.check().map_err(|e| anyhow::anyhow!("node configuration {}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Makes every relative path absolute against `base`.
+    pub fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.node.data_dir);
+        fix(&mut self.tls.service_cert);
+        fix(&mut self.tls.node_cert);
+        fix(&mut self.tls.node_key);
+        self.genesis.members.iter_mut().for_each(fix);
+        self.genesis.users.iter_mut().for_each(fix);
+        if let Some(app) = &mut self.genesis.app {
+            fix(app);
+        }
+        for path in [&mut self.attestation.vcek_file, &mut self.attestation.mock_root].into_iter().flatten() {
+            fix(path);
+        }
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        self.limits.check()?;
+        let a = &self.attestation;
+        if a.nonce_ttl_s == 0 {
+            return Err("attestation.nonce_ttl_s must be greater than 0".into());
+        }
+        for (name, value, len) in
+            [("mock_measurement", &a.mock_measurement, 48), ("mock_host_data", &a.mock_host_data, 32)]
+        {
+            if let Some(v) = value
+                && hex::decode(v).map(|b| b.len()) != Ok(len)
+            {
+                return Err(format!("attestation.{name} must be {len} bytes of hex, not {v:?}"));
+            }
+        }
+        if let Some(m) = a.join_measurements.iter().find(|m| hex::decode(m).map(|b| b.len()) != Ok(48)) {
+            return Err(format!("attestation.join_measurements holds {m:?}, not 48 bytes of hex"));
+        }
+        if self.genesis.attestation == GenesisAttestation::Mock && a.mock_root.is_none() {
+            return Err("genesis.attestation = \"mock\" needs attestation.mock_root (the test ARK's folder)".into());
+        }
+        self.wasm.check()?;
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {
+            return Err("raft.election_timeout_min_ms must exceed raft.heartbeat_interval_ms (> 0)".into());
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
+        }
+        let l = &self.ledger;
+        if l.sign_every_entries == 0 || l.sign_interval_ms == 0 || l.chunk_bytes == 0 {
+            return Err(
+                "ledger.sign_every_entries, ledger.sign_interval_ms and ledger.chunk_bytes must be greater than 0"
+                    .into(),
+            );
+        }
+        if r.entries_per_append_max == 0 || r.snapshot_after_logs == 0 {
+            return Err("raft.entries_per_append_max and raft.snapshot_after_logs must be greater than 0".into());
+        }
+        // Every running request holds one instance slot: the reads, plus the writer's one.
+        if self.limits.reads_inflight_max + 1 > self.wasm.instances_max as usize {
+            return Err(format!(
+                "limits.reads_inflight_max ({}) plus the writer exceeds wasm.instances_max ({})",
+                self.limits.reads_inflight_max, self.wasm.instances_max
+            ));
+        }
+        if self.limits.body_bytes_max > self.wasm.request_bytes_max {
+            return Err(format!(
+                "limits.body_bytes_max ({}) exceeds wasm.request_bytes_max ({}): bodies that large could never run",
+                self.limits.body_bytes_max, self.wasm.request_bytes_max
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configurations serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [node]
+        name = "n"
+        data_dir = "data"
+        rest_addr = "127.0.0.1:0"
+        grpc_addr = "127.0.0.1:0"
+        peer_addr = "127.0.0.1:0"
+        [tls]
+        service_cert = "s.pem"
+        node_cert = "n.pem"
+        node_key = "/abs/k.pem"
+    "#;
+
+    #[test]
+    fn defaults_fill_everything_but_identity() {
+        let mut c: NodeConfig = toml::from_str(MINIMAL).unwrap();
+        c.resolve(Path::new("/etc/cloister"));
+        assert_eq!(c.node.data_dir, Path::new("/etc/cloister/data"));
+        assert_eq!(c.tls.node_key, Path::new("/abs/k.pem"));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.wasm, wasm::Limits::default());
+        assert!(c.check().is_ok());
+        let back: NodeConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_fields_and_zero_limits_are_refused() {
+        let typo = format!("{MINIMAL}\n[limits]\nbody_byte_max = 1\n");
+        let err = toml::from_str::<NodeConfig>(&typo).unwrap_err().to_string();
+        assert!(err.contains("body_byte_max"), "{err}");
+        let zero = format!("{MINIMAL}\n[limits]\nrequest_timeout_ms = 0\n");
+        let c: NodeConfig = toml::from_str(&zero).unwrap();
+        assert!(c.check().unwrap_err().contains("request_timeout_ms"));
+        let slots = format!("{MINIMAL}\n[limits]\nreads_inflight_max = 64\n[wasm]\ninstances_max = 64\n");
+        let c: NodeConfig = toml::from_str(&slots).unwrap();
+        assert!(c.check().unwrap_err().contains("wasm.instances_max"));
+        let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\n");
+        let c: NodeConfig = toml::from_str(&big).unwrap();
+        assert!(c.check().unwrap_err().contains("wasm.request_bytes_max"));
+    }
+
+    #[test]
+    fn attestation_hex_fields_are_checked_at_their_length() {
+        let with = |field: &str, value: String| -> Result<(), String> {
+            toml::from_str::<NodeConfig>(&format!("{MINIMAL}\n[attestation]\n{field} = {value}\n")).unwrap().check()
+        };
+        let hex48 = "ab".repeat(48);
+        assert_eq!(with("mock_measurement", format!("{hex48:?}")), Ok(()));
+        assert!(with("mock_measurement", format!("{:?}", "ab".repeat(47))).unwrap_err().contains("48 bytes"));
+        assert_eq!(with("join_measurements", format!("[{hex48:?}, {:?}]", hex48.to_uppercase())), Ok(()));
+        let err = with("join_measurements", format!("[{hex48:?}, {:?}]", "ab".repeat(49))).unwrap_err();
+        assert!(err.contains("join_measurements"), "{err}");
+        assert!(with("join_measurements", "[\"not hex\"]".into()).is_err());
+        assert!(with("nonce_ttl_s", "0".into()).unwrap_err().contains("nonce_ttl_s"));
+    }
+}

@@ -1,0 +1,482 @@
+//! Governance requests on the leader: check the signed request, record it, and let the
+//! constitution validate, resolve and apply proposals.
+//!
+//! Everything here runs on the writer thread, over the applied state plus this leader's pending
+//! writes, so requests are checked and applied in one order (a replay cannot slip between two
+//! checks). A refused request writes nothing; an accepted one commits as one `Gov` transaction
+//! holding the request, its effects, and the proposal's new state. When `apply` fails, its
+//! writes are undone and the proposal is recorded as Failed with the reason.
+
+use base64::Engine as _;
+use cloister_abi::abi::{Privilege, RequestHead};
+use cloister_abi::{Caller, Mode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub use cloister_store::gov::*;
+
+use cloister_crypto::cose::{self, GovWrite, SignedRequest};
+use cloister_runtime::{ExecError, Invocation, LoadedModule, Runtime};
+use cloister_store::{KvError, Tx};
+
+/// The namespace of the constitution's own maps.
+pub const CONSTITUTION_NAMESPACE: &str = "constitution";
+
+/// Default of `[gov] request_window_s`.
+pub const REQUEST_WINDOW_S: u64 = 300;
+
+/// Why the governance engine refused or failed a request. The frontends turn it into their one
+/// error shape; nothing here knows about HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum GovError {
+    /// The request breaks a rule: `code` names the rule, `kind` says what sort of refusal it is.
+    #[error("{message}")]
+    Refused { kind: Refusal, code: &'static str, message: String },
+    /// The constitution failed to run (a trap, a limit).
+    #[error("the constitution failed: {0}")]
+    Constitution(#[from] ExecError),
+    /// The state database failed.
+    #[error("the node's state database failed: {0}")]
+    Store(#[from] KvError),
+    /// The service's own governance state is not as it must be (no constitution, a resolution
+    /// only the node may decide).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What sort of refusal a [`GovError::Refused`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request does not parse, or its content is not valid.
+    Malformed,
+    /// The signer is unknown, or its signature does not verify.
+    Unauthenticated,
+    /// The signer is known but may not do this.
+    Forbidden,
+    /// The request names a proposal that does not exist.
+    NotFound,
+    /// The request conflicts with the state: a replay, a proposal no longer Open.
+    Conflict,
+}
+
+/// A ballot's payload.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ballot {
+    pub approve: bool,
+}
+
+/// What the node checks about a governance request besides its signature.
+pub struct RequestPolicy {
+    /// How far `created_at` may be from the node's clock, either way, in seconds.
+    pub request_window_s: u64,
+    /// The node's clock, in seconds since the Unix epoch.
+    pub now: u64,
+}
+
+/// Handles one signed governance write and hands the transaction back. On success it holds
+/// everything to commit, and the JSON is the answer; on error the caller must discard it.
+pub fn execute(
+    runtime: &Runtime,
+    tx: Tx,
+    write: &GovWrite,
+    bytes: &[u8],
+    policy: &RequestPolicy,
+) -> (Tx, Result<Value, GovError>) {
+    let mut slot = TxSlot(Some(tx));
+    let result = handle(runtime, &mut slot, write, bytes, policy);
+    (slot.0.expect("the transaction is back from the runtime"), result)
+}
+
+fn handle(
+    runtime: &Runtime,
+    tx: &mut TxSlot,
+    write: &GovWrite,
+    bytes: &[u8],
+    policy: &RequestPolicy,
+) -> Result<Value, GovError> {
+    let request = authenticate(tx, write, bytes, policy)?;
+    let answer = match write {
+        GovWrite::Propose => propose(runtime, tx, &request, bytes)?,
+        GovWrite::Vote(id) => vote(runtime, tx, &request, id)?,
+        GovWrite::Withdraw(id) => withdraw(tx, &request, id)?,
+        GovWrite::Ack => ack(tx, &request)?,
+    };
+    let record = HistoryRecord {
+        cose: base64::engine::general_purpose::STANDARD.encode(bytes),
+        signer: request.signer.clone(),
+        msg_type: request.msg_type.clone(),
+        created_at: request.created_at,
+    };
+    put_json(tx, HISTORY, request_digest(bytes).as_bytes(), &record);
+    Ok(answer)
+}
+
+/// The id of a request: hex blake3 of its bytes. A proposal's id is its request's id.
+pub fn request_digest(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+fn put_json<T: serde::Serialize>(tx: &mut Tx, map: &str, key: &[u8], value: &T) {
+    tx.put(map, key, &serde_json::to_vec(value).expect("governance records serialize"));
+}
+
+fn refuse(kind: Refusal, code: &'static str, message: impl Into<String>) -> GovError {
+    GovError::Refused { kind, code, message: message.into() }
+}
+
+/// Parses, dates, attributes and verifies a request, and checks the signer's standing.
+fn authenticate(tx: &Tx, write: &GovWrite, bytes: &[u8], policy: &RequestPolicy) -> Result<SignedRequest, GovError> {
+    let request = cose::parse(bytes).map_err(|e| refuse(Refusal::Malformed, "MalformedSignedRequest", e))?;
+    let expected = write.msg_type().as_str();
+    if request.msg_type != expected {
+        return Err(refuse(
+            Refusal::Malformed,
+            "WrongMessageType",
+            format!("this endpoint takes a {expected:?} message, not {:?}", request.msg_type),
+        ));
+    }
+    if request.proposal_id.as_deref() != write.proposal_id() {
+        return Err(refuse(
+            Refusal::Malformed,
+            "ProposalIdMismatch",
+            format!(
+                "the signed proposal_id {:?} does not match the path's {:?}",
+                request.proposal_id,
+                write.proposal_id()
+            ),
+        ));
+    }
+    let skew = policy.now.abs_diff(request.created_at);
+    if skew > policy.request_window_s {
+        return Err(refuse(
+            Refusal::Malformed,
+            "RequestOutsideWindow",
+            format!(
+                "created_at {} is {skew} s from the node's clock {}; requests must be within {} s (request_window_s)",
+                request.created_at, policy.now, policy.request_window_s
+            ),
+        ));
+    }
+    let Some(member) = member(tx, &request.signer)? else {
+        return Err(if user(tx, &request.signer)?.is_some() {
+            refuse(Refusal::Forbidden, "NotAMember", format!("{} is a user; only members may govern", request.signer))
+        } else {
+            refuse(
+                Refusal::Unauthenticated,
+                "UnknownSigner",
+                format!("{} is not a member of this service", request.signer),
+            )
+        });
+    };
+    request.verify(&member.cert).map_err(|e| refuse(Refusal::Unauthenticated, "BadSignature", e))?;
+    if tx.get(HISTORY, request_digest(bytes).as_bytes())?.is_some() {
+        return Err(refuse(
+            Refusal::Conflict,
+            "Replay",
+            "this exact signed request was already accepted; sign a new one",
+        ));
+    }
+    match (write, member.status) {
+        (GovWrite::Ack, MemberStatus::Accepted)
+        | (GovWrite::Propose | GovWrite::Vote(_) | GovWrite::Withdraw(_), MemberStatus::Active) => Ok(request),
+        (GovWrite::Ack, MemberStatus::Active) => {
+            Err(refuse(Refusal::Conflict, "AlreadyActive", format!("member {} is already active", request.signer)))
+        }
+        (_, status) => Err(refuse(
+            Refusal::Forbidden,
+            "MemberNotActive",
+            format!(
+                "member {} is {status:?}: it must acknowledge (cloister gov ack) before it governs",
+                request.signer
+            ),
+        )),
+    }
+}
+
+fn ack(tx: &mut Tx, request: &SignedRequest) -> Result<Value, GovError> {
+    let mut record = member(tx, &request.signer)?.expect("authenticate found the member");
+    record.status = MemberStatus::Active;
+    put_json(tx, MEMBERS, request.signer.as_bytes(), &record);
+    Ok(json!({ "member": request.signer, "status": record.status }))
+}
+
+fn open_proposal(tx: &Tx, id: &str) -> Result<ProposalRecord, GovError> {
+    let record = proposal(tx, id)?.ok_or_else(|| refuse(Refusal::NotFound, "NotFound", format!("no proposal {id}")))?;
+    if record.state != ProposalState::Open {
+        return Err(refuse(
+            Refusal::Conflict,
+            "ProposalNotOpen",
+            format!("proposal {id} is {:?}, no longer Open", record.state),
+        ));
+    }
+    Ok(record)
+}
+
+fn withdraw(tx: &mut Tx, request: &SignedRequest, id: &str) -> Result<Value, GovError> {
+    let mut record = open_proposal(tx, id)?;
+    if record.proposer != request.signer {
+        return Err(refuse(
+            Refusal::Forbidden,
+            "NotProposer",
+            format!("only the proposer {} may withdraw proposal {id}", record.proposer),
+        ));
+    }
+    record.state = ProposalState::Withdrawn;
+    put_json(tx, PROPOSALS, id.as_bytes(), &record);
+    Ok(json!({ "proposal_id": id, "state": record.state }))
+}
+
+fn propose(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest, bytes: &[u8]) -> Result<Value, GovError> {
+    let proposal: Proposal = serde_json::from_slice(&request.payload).map_err(|e| {
+        refuse(
+            Refusal::Malformed,
+            "MalformedProposal",
+            format!("the proposal is not {{\"actions\": [{{\"name\", \"args\"}}]}}: {e}"),
+        )
+    })?;
+    for (i, action) in proposal.actions.iter().enumerate() {
+        node_checks(runtime, action)
+            .map_err(|e| refuse(Refusal::Malformed, "InvalidProposal", format!("action {i} ({}): {e}", action.name)))?;
+    }
+    let constitution = load_constitution(runtime, tx)?;
+    let caller = Caller::member(&request.signer);
+    let validated = invoke(runtime, &constitution, tx, &caller, "/validate", &request.payload, Mode::Readonly)?;
+    if !validated.is_success() {
+        let message = validated.error_message();
+        return Err(refuse(
+            Refusal::Malformed,
+            "InvalidProposal",
+            format!("the constitution refused the proposal: {message}"),
+        ));
+    }
+    let id = request_digest(bytes);
+    let record = ProposalRecord {
+        proposer: request.signer.clone(),
+        proposal,
+        state: ProposalState::Open,
+        created_at: request.created_at,
+        reason: None,
+    };
+    put_json(tx, PROPOSALS, id.as_bytes(), &record);
+    put_json(tx, BALLOTS, id.as_bytes(), &Ballots::new());
+    resolve(runtime, &constitution, tx, &caller, &id, record)
+}
+
+fn vote(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest, id: &str) -> Result<Value, GovError> {
+    let record = open_proposal(tx, id)?;
+    let ballot: Ballot = serde_json::from_slice(&request.payload).map_err(|e| {
+        refuse(Refusal::Malformed, "MalformedBallot", format!("a ballot is {{\"approve\": true|false}}: {e}"))
+    })?;
+    let mut ballots = ballots(tx, id)?;
+    ballots.insert(request.signer.clone(), ballot.approve);
+    put_json(tx, BALLOTS, id.as_bytes(), &ballots);
+    let constitution = load_constitution(runtime, tx)?;
+    resolve(runtime, &constitution, tx, &Caller::member(&request.signer), id, record)
+}
+
+/// Asks the constitution for the proposal's state, and applies it once Accepted.
+fn resolve(
+    runtime: &Runtime,
+    constitution: &LoadedModule,
+    tx: &mut TxSlot,
+    caller: &Caller,
+    id: &str,
+    mut record: ProposalRecord,
+) -> Result<Value, GovError> {
+    let input = ResolveInput {
+        proposal_id: id.to_owned(),
+        proposer: record.proposer.clone(),
+        proposal: record.proposal.clone(),
+        ballots: ballots(tx, id)?,
+        members: active_members(tx)?,
+    };
+    let body = serde_json::to_vec(&input).expect("resolve inputs serialize");
+    let answer = invoke(runtime, constitution, tx, caller, "/resolve", &body, Mode::Readonly)?;
+    let resolution: Resolution =
+        (answer.is_success()).then(|| serde_json::from_slice(&answer.body).ok()).flatten().ok_or_else(|| {
+            GovError::Internal(format!(
+                "the constitution's /resolve answered {} without a resolution: {}",
+                answer.head.status,
+                String::from_utf8_lossy(&answer.body)
+            ))
+        })?;
+    record.state = match resolution.state {
+        ProposalState::Accepted => apply(runtime, constitution, tx, caller, id, &mut record)?,
+        s @ (ProposalState::Open | ProposalState::Rejected) => s,
+        other => {
+            return Err(GovError::Internal(format!(
+                "the constitution resolved to {other:?}, which only the node decides"
+            )));
+        }
+    };
+    put_json(tx, PROPOSALS, id.as_bytes(), &record);
+    Ok(json!({ "proposal_id": id, "state": record.state, "reason": record.reason }))
+}
+
+/// Runs `apply` and the node's checks of its effects; on any failure undoes them and reports
+/// Failed. On success, `set_constitution` or `set_app` drops the other Open proposals.
+fn apply(
+    runtime: &Runtime,
+    constitution: &LoadedModule,
+    tx: &mut TxSlot,
+    caller: &Caller,
+    id: &str,
+    record: &mut ProposalRecord,
+) -> Result<ProposalState, GovError> {
+    let savepoint = tx.savepoint();
+    let input = ApplyInput { proposal_id: id.to_owned(), proposal: record.proposal.clone() };
+    let body = serde_json::to_vec(&input).expect("apply inputs serialize");
+    let failure = match invoke(runtime, constitution, tx, caller, "/apply", &body, Mode::Readwrite) {
+        Err(e) => Some(format!("apply trapped: {e}")),
+        Ok(r) if !r.is_success() => Some(format!("apply refused: {}", r.error_message())),
+        Ok(_) => check_effects(runtime, tx).err(),
+    };
+    if let Some(reason) = failure {
+        tx.restore(savepoint);
+        tracing::warn!(proposal = id, %reason, "proposal failed");
+        record.reason = Some(reason);
+        return Ok(ProposalState::Failed);
+    }
+    // Accepting new code makes proposals filed against the old code moot.
+    let replaces = |name: &str| record.proposal.actions.iter().any(|a| a.name == name);
+    let (constitution_changed, app_changed) = (replaces("set_constitution"), replaces("set_app"));
+    if app_changed || constitution_changed {
+        let what = if constitution_changed { "the constitution" } else { "the app" };
+        for (other, mut p) in all::<ProposalRecord>(tx, PROPOSALS)? {
+            if other != id && p.state == ProposalState::Open {
+                p.state = ProposalState::Dropped;
+                p.reason = Some(format!("{what} changed when proposal {id} was accepted"));
+                put_json(tx, PROPOSALS, other.as_bytes(), &p);
+            }
+        }
+    }
+    Ok(ProposalState::Accepted)
+}
+
+/// What `apply` left must still be usable: an app and a constitution that load.
+fn check_effects(runtime: &Runtime, tx: &Tx) -> Result<(), String> {
+    for (map, key, value) in tx.writes().iter() {
+        if let Some(value) = value {
+            check_record(map, value).map_err(|e| format!("{e} (key {:?})", String::from_utf8_lossy(key)))?;
+        }
+    }
+    if let Some(record) = app(tx).map_err(|e| e.to_string())? {
+        let code = app_code(tx, &record.code_hash)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("gov.app names code {} that gov.app_code lacks", record.code_hash))?;
+        runtime.load(&code).map_err(|e| format!("the new app does not load: {e}"))?;
+    }
+    let code = constitution(tx).map_err(|e| e.to_string())?.ok_or("the constitution was removed")?;
+    let module = runtime.load(&code).map_err(|e| format!("the new constitution does not load: {e}"))?;
+    is_constitution(&module)
+}
+
+/// Whether `value`, written to `map`, decodes as the record the node reads that map as. This is
+/// the write-side pair of the assertion in `cloister_store::gov::get`, which stops the node on a
+/// record it cannot decode: an `apply` whose writes fail here is refused (the proposal Fails), so
+/// no committed governance record can trip that assertion.
+pub fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
+    fn decodes<T: serde::de::DeserializeOwned>(map: &str, value: &[u8]) -> Result<(), String> {
+        serde_json::from_slice::<T>(value).map(|_| ()).map_err(|e| format!("{map} cannot hold this record: {e}"))
+    }
+    match map {
+        MEMBERS => decodes::<MemberRecord>(map, value),
+        USERS => decodes::<UserRecord>(map, value),
+        NODES => decodes::<NodeRecord>(map, value),
+        APP => decodes::<AppRecord>(map, value),
+        SERVICE => decodes::<ServiceRecord>(map, value),
+        PROPOSALS => decodes::<ProposalRecord>(map, value),
+        BALLOTS => decodes::<Ballots>(map, value),
+        HISTORY => decodes::<HistoryRecord>(map, value),
+        MIN_TCB => decodes::<Tcb>(map, value),
+        ATTESTATION_ROOT => decodes::<cloister_attestation::Roots>(map, value),
+        _ => Ok(()),
+    }
+}
+
+/// The checks only the node can make, before the constitution sees the proposal.
+fn node_checks(runtime: &Runtime, action: &Action) -> Result<(), String> {
+    let field = |name: &str| action.args.get(name).and_then(Value::as_str);
+    match action.name.as_str() {
+        "set_app" | "set_constitution" => {
+            let b64 = field("wasm").ok_or("args.wasm (base64) is missing")?;
+            let wasm = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| format!("args.wasm is not base64: {e}"))?;
+            let module = runtime.load(&wasm).map_err(|e| format!("the wasm is refused: {e}"))?;
+            if action.name == "set_constitution" {
+                is_constitution(&module)?;
+            }
+            Ok(())
+        }
+        "set_member" | "set_user" => {
+            let pem = field("cert").ok_or("args.cert (PEM) is missing")?;
+            let der = cloister_crypto::identity::cert_der(pem.as_bytes()).map_err(|e| format!("args.cert: {e}"))?;
+            x509_parser::parse_x509_certificate(&der).map_err(|e| format!("args.cert does not parse: {e}"))?;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether a module offers the constitution's three endpoints.
+pub fn is_constitution(module: &LoadedModule) -> Result<(), String> {
+    for path in ["/validate", "/resolve", "/apply"] {
+        if module.manifest().find("POST", path).is_none() {
+            return Err(format!("the module is no constitution: it has no POST {path}"));
+        }
+    }
+    Ok(())
+}
+
+fn load_constitution(runtime: &Runtime, tx: &Tx) -> Result<std::sync::Arc<LoadedModule>, GovError> {
+    let code = constitution(tx)?
+        .ok_or_else(|| GovError::Internal("gov.constitution is empty: the service never ran genesis".into()))?;
+    runtime.load(&code).map_err(|e| GovError::Internal(format!("the installed constitution does not load: {e}")))
+}
+
+/// Runs one of the constitution's endpoints over `tx`. A read-only mode keeps it from writing;
+/// `/apply` runs read-write, and its caller undoes its writes unless it answers 2xx.
+fn invoke(
+    runtime: &Runtime,
+    module: &LoadedModule,
+    tx: &mut TxSlot,
+    caller: &Caller,
+    path: &str,
+    body: &[u8],
+    mode: Mode,
+) -> Result<cloister_runtime::AppResponse, GovError> {
+    let head = RequestHead {
+        method: "POST".into(),
+        path: path.into(),
+        route: path.into(),
+        params: Default::default(),
+        query: String::new(),
+        headers: Default::default(),
+        caller: caller.clone(),
+        request_id: format!("gov{path}"),
+    };
+    let inv =
+        Invocation { head: &head, body, mode, namespace: CONSTITUTION_NAMESPACE, privilege: Privilege::Constitution };
+    let owned = tx.0.take().expect("the transaction is back from the runtime");
+    let (back, result) = runtime.execute(module, inv, owned);
+    tx.0 = Some(back);
+    result.map(|o| o.response).map_err(GovError::Constitution)
+}
+
+/// The request's transaction, lent to the runtime (which takes it by value) for each call.
+struct TxSlot(Option<Tx>);
+
+impl std::ops::Deref for TxSlot {
+    type Target = Tx;
+    fn deref(&self) -> &Tx {
+        self.0.as_ref().expect("the transaction is back from the runtime")
+    }
+}
+
+impl std::ops::DerefMut for TxSlot {
+    fn deref_mut(&mut self) -> &mut Tx {
+        self.0.as_mut().expect("the transaction is back from the runtime")
+    }
+}

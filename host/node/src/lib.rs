@@ -1,0 +1,13 @@
+//! `cloister-node`: the Cloister node. It is the only crate that wires the others together: it
+//! opens the store, the ledger and the Raft log, runs the governance engine and the write
+//! sequencer, attests joining nodes, signs the ledger, and serves REST and gRPC. See
+//! ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod attest;
+pub mod config;
+pub mod gov;
+pub mod node;
+mod signer;
+
+pub use node::Node;

@@ -1,0 +1,338 @@
+//! The node's lifecycle: open its state and log, start or join the network, start the
+//! listeners, and stop cleanly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{NodeInfo, Service, ServiceForwarder, rest, server};
+use crate::attest::{self, Attester};
+use crate::config::NodeConfig;
+use crate::gov;
+use cloister_consensus::{self as consensus, Consensus, NodeAddr, Peers};
+use cloister_crypto::identity;
+use cloister_crypto::seal::{self, Purpose, Sealer};
+use cloister_crypto::tls;
+use cloister_ledger::entry::{NodeSigner, TxEntry, TxKind};
+use cloister_ledger::{self as ledger, Ledger};
+use cloister_runtime::Runtime;
+use cloister_store::Store;
+
+/// The node's copy of the ledger secret, sealed at rest (see `seal::sealing_key_from_node_key`).
+const SECRET_FILE: &str = "ledger.secret";
+const SECRET_AT_REST_AAD: &[u8] = b"cloister ledger secret";
+
+/// The ledger secret: this node's sealed copy, or (for a new node) sealed to it by the leader of
+/// the network it joins once its attestation makes it Trusted, or (for a new service) generated.
+async fn ledger_secret(
+    config: &NodeConfig,
+    node: &identity::KeyedCert,
+    peers: &Peers,
+    me: (consensus::NodeId, NodeAddr),
+    attester: &Attester,
+    service_cert: &str,
+) -> anyhow::Result<[u8; 32]> {
+    let sealing = seal::sealing_key_from_node_key(&node.key_pem)?;
+    let path = config.node.data_dir.join(SECRET_FILE);
+    if path.exists() {
+        let sealed = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let plain = sealing.open(Purpose::SecretAtRest, SECRET_AT_REST_AAD, &sealed).map_err(|_| {
+            anyhow::anyhow!("{} does not open with this node's key: was the node key replaced?", path.display())
+        })?;
+        return <[u8; 32]>::try_from(plain).map_err(|_| anyhow::anyhow!("{} holds no ledger secret", path.display()));
+    }
+    if config.node.data_dir.join("raft.redb").exists() {
+        anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
+    }
+    let secret = match &config.network.join {
+        Some(url) => {
+            let timeout = Duration::from_millis(config.raft.join_timeout_ms);
+            let leader = attest::LeaderCheck::from_config(&config.attestation, service_cert)?;
+            attest::join(peers, url, me, node, attester, &leader, timeout).await?
+        }
+        None => Sealer::generate_secret(),
+    };
+    identity::write_private(&path, &sealing.seal(Purpose::SecretAtRest, SECRET_AT_REST_AAD, &secret))?;
+    Ok(secret)
+}
+
+/// How long a new service's first node may take to elect itself.
+const GENESIS_ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running node.
+pub struct Node {
+    pub rest_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub id: consensus::NodeId,
+    service: Arc<Service>,
+    consensus: Consensus,
+    cancel: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Serves a tonic router over the connections of an accept loop until cancelled.
+fn serve_grpc(
+    conns: tokio::sync::mpsc::Receiver<std::io::Result<server::Conn>>,
+    routes: tonic::service::Routes,
+    cancel: CancellationToken,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(conns);
+        let served = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the {what} server failed");
+        }
+    })
+}
+
+impl Node {
+    /// Opens the node's state, starts serving, and starts or joins the network if it is new.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+        let data_dir = &config.node.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data folder {}", data_dir.display()))?;
+        let runtime = Arc::new(Runtime::new(config.wasm.clone())?);
+        let service_cert = std::fs::read_to_string(&config.tls.service_cert)
+            .with_context(|| format!("reading the service certificate {}", config.tls.service_cert.display()))?;
+        let node_cert = identity::read_pair(&config.tls.node_cert, &config.tls.node_key)?;
+        let node_cert_der = identity::cert_der(node_cert.cert_pem.as_bytes())?.to_vec();
+        let id = consensus::node_id_of(&node_cert_der);
+        let peers = Peers::new(&service_cert, &node_cert);
+        let attester = Arc::new(Attester::from_config(&config.attestation)?);
+
+        let rest_listener = bind(&config.node.rest_addr).await?;
+        let grpc_listener = bind(&config.node.grpc_addr).await?;
+        let peer_listener = bind(&config.node.peer_addr).await?;
+        let (rest_addr, grpc_addr, peer_addr) =
+            (rest_listener.local_addr()?, grpc_listener.local_addr()?, peer_listener.local_addr()?);
+        let me = NodeAddr {
+            name: config.node.name.clone(),
+            peer_url: format!("https://{peer_addr}"),
+            rest_url: format!("https://{rest_addr}"),
+            grpc_url: format!("https://{grpc_addr}"),
+        };
+        let secret = ledger_secret(&config, &node_cert, &peers, (id, me.clone()), &attester, &service_cert).await?;
+        let sealer = Arc::new(Sealer::new(&secret));
+        let store = Store::open_sealed(&data_dir.join("state.redb"), sealer.clone())?;
+        let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
+        let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
+        let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), store.clone(), ledger, peers).await?;
+        let info = NodeInfo { name: me.name.clone(), rest_url: me.rest_url.clone(), grpc_url: me.grpc_url.clone() };
+        let service = Arc::new(Service::new(
+            runtime.clone(),
+            store.clone(),
+            consensus.clone(),
+            config.limits.clone(),
+            config.gov.clone(),
+            info,
+            Arc::new(attest::Joins::new(&config.attestation, secret, attester.clone(), node_cert_der)?),
+        )?);
+
+        let cancel = CancellationToken::new();
+        let limits = &config.limits;
+        let handshake = Duration::from_millis(limits.handshake_timeout_ms);
+        let tls = tls::server_config(&node_cert, &service_cert)?;
+        // The gate holds the service weakly, as the forwarder does, so a shut-down node's
+        // handshakes in flight do not keep its databases open.
+        let weak = Arc::downgrade(&service);
+        let gate: tls::PeerGate = Arc::new(move |cert| {
+            let service = weak.upgrade().ok_or("the node is shutting down")?;
+            service.gov_read(|tx| Ok(attest::handshake_gate(tx, cert))).map_err(|e| e.to_string())?
+        });
+        let peer_tls = tls::peer_server_config(&node_cert, &service_cert, gate)?;
+        let mut tasks = Vec::new();
+
+        let forwarder = Arc::new(ServiceForwarder(Arc::downgrade(&service)));
+        let peer_service = cloister_proto::peer::v1::peer_server::PeerServer::new(consensus.peer_service(forwarder))
+            .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
+        let conns = server::accept(peer_listener, peer_tls, limits.connections_max, handshake, cancel.clone());
+        tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), cancel.clone(), "peer"));
+
+        let signer = NodeSigner::new(&node_cert.cert_pem, &node_cert.key_pem)?;
+        tasks.push(tokio::spawn(crate::signer::run_signer(
+            consensus.clone(),
+            store.clone(),
+            signer,
+            config.ledger.clone(),
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn(attest::retire_removed(store.clone(), consensus.clone(), cancel.clone())));
+        if !consensus.is_initialized().await? {
+            match &config.network.join {
+                None => {
+                    genesis(&config, &consensus, &runtime, &service_cert, &node_cert.cert_pem, &sealer, &attester)
+                        .await?
+                }
+                Some(url) => {
+                    let (consensus, url) = (consensus.clone(), url.clone());
+                    let timeout = Duration::from_millis(config.raft.join_timeout_ms);
+                    tasks.push(tokio::spawn(async move {
+                        match consensus.join(&url, timeout).await {
+                            Ok(()) => tracing::info!(%url, "joined the network"),
+                            Err(e) => tracing::error!(error = %e, "joining the network failed"),
+                        }
+                    }));
+                }
+            }
+        }
+        // Clients are served only once a new network's genesis has committed, so nobody sees a
+        // service without its members or app.
+        let conns = server::accept(rest_listener, tls.clone(), limits.connections_max, handshake, cancel.clone());
+        tasks.push(tokio::spawn(server::serve_http(conns, rest::router(service.clone()), cancel.clone())));
+        let conns = server::accept(grpc_listener, tls, limits.connections_max, handshake, cancel.clone());
+        tasks.push(serve_grpc(conns, crate::api::grpc::routes(service.clone())?, cancel.clone(), "gRPC"));
+        tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
+        Ok(Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks })
+    }
+
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    pub fn consensus(&self) -> &Consensus {
+        &self.consensus
+    }
+
+    pub fn rest_url(&self) -> String {
+        format!("https://{}", self.rest_addr)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("https://{}", self.grpc_addr)
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("https://{}", self.peer_addr)
+    }
+
+    /// Stops accepting, lets open requests finish, stops consensus, and closes the state, so the
+    /// data folder can be reopened as soon as this returns.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.consensus.shutdown().await;
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        drop(self.consensus);
+        // The listeners held the other references; dropping the last one joins the writer thread
+        // and closes the databases, which blocks, so it happens off the async threads.
+        let mut service = self.service;
+        for _ in 0..100 {
+            match Arc::try_unwrap(service) {
+                Ok(s) => {
+                    let _ = tokio::task::spawn_blocking(move || drop(s)).await;
+                    tracing::info!("node stopped");
+                    return;
+                }
+                Err(still_shared) => {
+                    service = still_shared;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        tracing::warn!("node stopped, but its service was still referenced after 5 s");
+    }
+}
+
+async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))
+}
+
+/// Starts a new network with this node alone and commits the genesis transaction: the members,
+/// the users, the constitution, the app, this node, and the service record (Opening).
+async fn genesis(
+    config: &NodeConfig,
+    consensus: &Consensus,
+    runtime: &Runtime,
+    service_cert: &str,
+    node_cert: &str,
+    sealer: &Sealer,
+    attester: &Attester,
+) -> anyhow::Result<()> {
+    let read_ids = |paths: &[std::path::PathBuf]| -> anyhow::Result<Vec<(String, String)>> {
+        paths
+            .iter()
+            .map(|p| {
+                let pem = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading genesis certificate {}", p.display()))?;
+                Ok((identity::id_of_pem(pem.as_bytes()).with_context(|| p.display().to_string())?, pem))
+            })
+            .collect()
+    };
+    let app = match &config.genesis.app {
+        None => None,
+        Some(path) => {
+            let wasm = std::fs::read(path).with_context(|| format!("reading the genesis app {}", path.display()))?;
+            runtime.load(&wasm).with_context(|| format!("the genesis app {} is refused", path.display()))?;
+            Some(wasm)
+        }
+    };
+    let constitution = match &config.genesis.constitution {
+        None => cloister_bundled::CONSTITUTION.to_vec(),
+        Some(path) => std::fs::read(path).with_context(|| format!("reading the constitution {}", path.display()))?,
+    };
+    let module = runtime.load(&constitution).context("the genesis constitution is refused")?;
+    gov::is_constitution(&module).map_err(|e| anyhow::anyhow!("the genesis constitution is refused: {e}"))?;
+    let members = read_ids(&config.genesis.members)?;
+    anyhow::ensure!(!members.is_empty(), "genesis needs at least one member ([genesis] members)");
+    let attestation = genesis_attestation(config, node_cert, attester).await?;
+    let genesis = gov::Genesis {
+        attestation,
+        service_cert: service_cert.to_owned(),
+        members,
+        users: read_ids(&config.genesis.users)?,
+        constitution,
+        app,
+        node: (consensus.id().to_string(), config.node.name.clone(), node_cert.to_owned()),
+    };
+    consensus.initialize().await?;
+    consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
+    let tx = consensus
+        .propose(TxEntry::new(TxKind::Genesis, genesis.write_set(), None, sealer))
+        .await
+        .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e}"))?;
+    tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");
+    Ok(())
+}
+
+/// The first node attests itself against the roots the genesis configuration pins, and its own
+/// measurement and host_data become the service's first allowed values (as in CCF). Evidence that
+/// fails the other checks (chain, signature, debug policy, binding) stops the genesis.
+async fn genesis_attestation(
+    config: &NodeConfig,
+    node_cert: &str,
+    attester: &Attester,
+) -> anyhow::Result<gov::GenesisAttestation> {
+    use cloister_attestation::{Nonce, Roots, binding};
+    let roots = match config.genesis.attestation {
+        crate::config::GenesisAttestation::Amd => Roots::Amd,
+        crate::config::GenesisAttestation::Mock => {
+            let root = attest::mock_root(&config.attestation)?;
+            tracing::warn!(ark = ?root, "this service pins the mock firmware's TEST root: for tests and sandboxes only");
+            Roots::Mock { ark: root.ark_der() }
+        }
+    };
+    let spki = attest::spki_of(&identity::cert_der(node_cert.as_bytes())?)?;
+    let nonce = Nonce::random();
+    let evidence = attester.evidence(binding(&spki, &nonce)).await.context("collecting this node's evidence")?;
+    let verified = attest::verify_claimed(&evidence, &roots, None, &binding(&spki, &nonce))
+        .map_err(|e| anyhow::anyhow!("this node's own evidence is refused, so it cannot start a service: {e}"))?;
+    Ok(gov::GenesisAttestation {
+        roots: serde_json::to_value(&roots)?,
+        measurement: verified.measurement.clone(),
+        host_data: verified.host_data.clone(),
+        evidence: serde_json::to_value(&evidence)?,
+        verified: serde_json::to_value(&verified)?,
+    })
+}

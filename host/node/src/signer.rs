@@ -1,0 +1,66 @@
+//! The signer task: while this node leads, it appends signature entries over the ledger's Merkle
+//! root, so that receipts can be issued for what was committed.
+
+use std::time::{Duration, Instant};
+
+use cloister_consensus::Consensus;
+use cloister_ledger::LedgerSection;
+use cloister_store as kv;
+
+/// Signs the ledger while this node leads: a signature entry every `sign_every_entries` entries
+/// or `sign_interval_ms`, whichever comes first, when there is anything new to sign.
+pub async fn run_signer(
+    consensus: Consensus,
+    store: kv::Store,
+    signer: cloister_ledger::entry::NodeSigner,
+    settings: LedgerSection,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let interval = Duration::from_millis(settings.sign_interval_ms);
+    let tick = interval.min(Duration::from_millis(20));
+    let mut last_signed_at = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        if !consensus.caught_up() {
+            continue;
+        }
+        let view = store.read_txn().map_err(anyhow::Error::from).and_then(|r| {
+            let view = cloister_ledger::index::signing_view(&r)?;
+            let last = cloister_ledger::index::last_signed(&r)?;
+            Ok((view, last))
+        });
+        let ((size, root, chain), last) = match view {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the ledger index to sign it failed");
+                continue;
+            }
+        };
+        // Nothing new, or nothing but the last signature itself: nothing to sign.
+        let nothing_new = match last {
+            Some((seqno, tree_size)) => size <= tree_size || size == seqno + 1,
+            None => size == 0,
+        };
+        if nothing_new {
+            continue;
+        }
+        let last_size = last.map_or(0, |(_, s)| s);
+        let due = size - last_size >= settings.sign_every_entries || last_signed_at.elapsed() >= interval;
+        if !due {
+            continue;
+        }
+        let payload = cloister_ledger::entry::SignaturePayload::sign(size, root, chain, &signer);
+        match consensus.submit(cloister_ledger::entry::TxEntry::signature(payload), Some(consensus.term())).await {
+            Ok(proposal) => {
+                last_signed_at = Instant::now();
+                if let Err(e) = proposal.outcome().await {
+                    tracing::debug!(error = %e, "a signature entry did not commit");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "a signature entry was not proposed"),
+        }
+    }
+}

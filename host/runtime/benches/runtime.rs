@@ -1,0 +1,196 @@
+//! Contract runtime benchmarks (`cargo bench -p cloister-runtime --bench runtime`).
+//!
+//! Criterion measures each case; a summary then prints every figure against its goal:
+//! - per-request overhead (fresh instance + empty handler): goal median ≤ 10 µs;
+//! - the reconcile contract in wasm vs compiled natively, 1,000-record ingest: goal ≤ 1.5×;
+//! - end-to-end batch ingest into redb vs raw redb inserts of the same rows: the ratio.
+
+use std::cell::RefCell;
+use std::hint::black_box;
+use std::ops::Bound;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use cloister_abi::abi::{Privilege, RequestHead};
+use cloister_runtime::{Invocation, Limits, LoadedModule, Runtime};
+use cloister_sdk::{Backend, Caller, Mode};
+use cloister_store::{self as kv, Store, Tx};
+use criterion::{Criterion, Throughput};
+
+const BATCH_RECORDS: usize = 1_000;
+
+/// A module whose handler does nothing: it returns a fixed `204` envelope from a data segment.
+fn empty_handler_module() -> Vec<u8> {
+    let head = br#"{"status":204}"#;
+    let mut response = (head.len() as u32).to_le_bytes().to_vec();
+    response.extend_from_slice(head);
+    let manifest = br#"{"abi":1,"endpoints":[{"method":"GET","path":"/noop","mode":"readonly","auth":"public"}]}"#;
+    let escape = |bytes: &[u8]| bytes.iter().map(|b| format!("\\{b:02x}")).collect::<String>();
+    let packed = |at: u64, len: usize| (at << 32) | len as u64;
+    wat::parse_str(format!(
+        r#"(module
+            (memory (export "memory") 1)
+            (data (i32.const 16) "{}")
+            (data (i32.const 256) "{}")
+            (func (export "cloister_abi_v1"))
+            (func (export "alloc") (param i32) (result i32) i32.const 1024)
+            (func (export "handle") (param i32 i32) (result i64) i64.const {})
+            (func (export "manifest") (result i64) i64.const {}))"#,
+        escape(&response),
+        escape(manifest),
+        packed(16, response.len()),
+        packed(256, manifest.len()),
+    ))
+    .unwrap()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    runtime: Runtime,
+    store: Store,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.redb")).unwrap();
+    Setup { _dir: dir, runtime: Runtime::new(Limits::default()).unwrap(), store }
+}
+
+fn head(method: &str, path: &str) -> RequestHead {
+    RequestHead {
+        method: method.into(),
+        path: path.into(),
+        route: path.into(),
+        caller: Caller::member("bench-party"),
+        ..Default::default()
+    }
+}
+
+fn batch(party: usize) -> Vec<u8> {
+    let rows: Vec<_> = (0..BATCH_RECORDS)
+        .map(|i| serde_json::json!({"lei": format!("LEI{i:017}"), "nace": format!("C.{}.{}", i % 97, party)}))
+        .collect();
+    serde_json::to_vec(&rows).unwrap()
+}
+
+/// Runs a module's handler; with `apply` the write set is committed to redb.
+fn run(s: &Setup, module: &LoadedModule, head: &RequestHead, body: &[u8], mode: Mode, apply: bool) {
+    let inv = Invocation { head, body, mode, namespace: "app", privilege: Privilege::App };
+    let (tx, result) = s.runtime.execute(module, inv, s.store.begin().unwrap());
+    let outcome = result.expect("benchmark request succeeds");
+    assert!(outcome.response.is_success(), "{:?}", String::from_utf8_lossy(&outcome.response.body));
+    if apply {
+        s.store.apply(&tx.into_writes()).unwrap();
+    }
+}
+
+/// The SDK's native backend over a host transaction: the contract compiled natively runs
+/// against exactly the store the wasm build uses.
+struct TxBackend {
+    tx: RefCell<Tx>,
+    caller: Vec<u8>,
+}
+
+impl Backend for TxBackend {
+    fn get(&self, map: &str, key: &[u8]) -> Option<Vec<u8>> {
+        self.tx.borrow().get(&kv::app_map("app", map), key).unwrap()
+    }
+    fn put(&self, map: &str, key: &[u8], value: &[u8]) {
+        self.tx.borrow_mut().put(&kv::app_map("app", map), key, value)
+    }
+    fn remove(&self, map: &str, key: &[u8]) -> bool {
+        self.tx.borrow_mut().remove(&kv::app_map("app", map), key).unwrap()
+    }
+    fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.tx.borrow().first_in(&kv::app_map("app", map), lower, upper).unwrap()
+    }
+    fn caller_json(&self) -> Vec<u8> {
+        self.caller.clone()
+    }
+    fn log(&self, _: i32, _: &str) {}
+}
+
+fn run_native(s: &Setup, head: &RequestHead, body: &[u8]) {
+    let router = reconcile::router();
+    let backend = Rc::new(TxBackend { tx: RefCell::new(s.store.begin().unwrap()), caller: b"{}".to_vec() });
+    let response = cloister_sdk::call_native(&router, backend, head, body);
+    assert!(response.is_success());
+}
+
+fn raw_redb_inserts(s: &Setup, body: &[u8]) {
+    // The same rows as the contract writes them: one value per key, one durable commit.
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
+    let mut tx = s.store.begin().unwrap();
+    for row in &rows {
+        let key = row["lei"].as_str().unwrap().as_bytes();
+        tx.put("raw/records", key, serde_json::to_vec(row).unwrap().as_slice());
+    }
+    s.store.apply(&tx.into_writes()).unwrap();
+}
+
+fn median(mut f: impl FnMut(), iterations: usize) -> Duration {
+    let mut times: Vec<Duration> = (0..iterations)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let s = setup();
+    let empty = s.runtime.load(&empty_handler_module()).unwrap();
+    let noop = s.runtime.load(&std::fs::read(cloister_test_artifacts::MISBEHAVE_PATH).unwrap()).unwrap();
+    let recon = s.runtime.load(cloister_bundled::RECONCILE).unwrap();
+    let ingest = head("POST", "/ingest");
+    let noop_head = head("GET", "/noop");
+    let body = batch(0);
+
+    c.bench_function("per-request overhead: fresh instance + empty handler", |b| {
+        b.iter(|| run(&s, &empty, &noop_head, b"", Mode::Readonly, false))
+    });
+    c.bench_function("per-request overhead: SDK no-op endpoint", |b| {
+        b.iter(|| run(&s, &noop, &noop_head, b"", Mode::Readonly, false))
+    });
+    let mut g = c.benchmark_group("reconcile 1,000-record ingest");
+    g.throughput(Throughput::Elements(BATCH_RECORDS as u64)).sample_size(20);
+    g.bench_function("wasm", |b| b.iter(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, false)));
+    g.bench_function("native", |b| b.iter(|| run_native(&s, &ingest, &body)));
+    g.bench_function("wasm + durable redb commit", |b| {
+        b.iter(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, true))
+    });
+    g.bench_function("raw redb inserts, durable commit", |b| b.iter(|| raw_redb_inserts(&s, black_box(&body))));
+    g.finish();
+
+    println!("\n== summary (medians of direct runs) ==");
+    let overhead = median(|| run(&s, &empty, &noop_head, b"", Mode::Readonly, false), 2_000);
+    let sdk_noop = median(|| run(&s, &noop, &noop_head, b"", Mode::Readonly, false), 2_000);
+    println!(
+        "per-request overhead, empty handler: {:.1} µs (goal ≤ 10 µs: {}); SDK no-op endpoint: {:.1} µs",
+        overhead.as_secs_f64() * 1e6,
+        if overhead <= Duration::from_micros(10) { "met" } else { "NOT met" },
+        sdk_noop.as_secs_f64() * 1e6
+    );
+    let wasm = median(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, false), 30);
+    let native = median(|| run_native(&s, &ingest, &body), 30);
+    let ratio = wasm.as_secs_f64() / native.as_secs_f64();
+    println!(
+        "reconcile 1,000-record ingest: wasm {:.2} ms, native {:.2} ms: {ratio:.2}x (goal ≤ 1.5x: {})",
+        wasm.as_secs_f64() * 1e3,
+        native.as_secs_f64() * 1e3,
+        if ratio <= 1.5 { "met" } else { "NOT met" }
+    );
+    let e2e = median(|| run(&s, &recon, &ingest, &body, Mode::Readwrite, true), 30);
+    let raw = median(|| raw_redb_inserts(&s, &body), 30);
+    let rate = |d: Duration| BATCH_RECORDS as f64 / d.as_secs_f64();
+    println!(
+        "batch ingest end to end: {:.0} records/s; raw redb inserts of the same rows: {:.0} records/s; ratio {:.2}",
+        rate(e2e),
+        rate(raw),
+        rate(e2e) / rate(raw)
+    );
+}

@@ -1,0 +1,387 @@
+//! The contract runtime: one wasmtime engine, a cache of checked and pre-linked modules, and a
+//! fresh sandboxed instance per request with fuel, memory, stack and wall-clock limits.
+//!
+//! [`Runtime::execute`] blocks: call it from a blocking thread, never from an async task (WASI's
+//! synchronous calls drive a tokio `block_on` internally).
+
+mod error;
+mod host;
+mod limits;
+mod wasi;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use cloister_abi::abi::{self, Manifest, Privilege, RequestHead, ResponseHead};
+use cloister_abi::{Caller, Mode};
+use wasmtime::{
+    Config, Engine, ExternType, InstancePre, Module, PoolingAllocationConfig, Store, TypedFunc, ValType, WasmFeatures,
+};
+
+pub use error::{ExecError, LoadError};
+pub use limits::Limits;
+pub use wasi::GuestOutput;
+
+use host::HostState;
+
+use cloister_store::Tx;
+
+/// A module that passed every load check, compiled and linked, with its manifest.
+pub struct LoadedModule {
+    hash: [u8; 32],
+    manifest: Manifest,
+    pre: InstancePre<HostState>,
+}
+
+impl LoadedModule {
+    /// The blake3 hash of the module's bytes.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+}
+
+/// One request to run.
+pub struct Invocation<'a> {
+    pub head: &'a RequestHead,
+    pub body: &'a [u8],
+    pub mode: Mode,
+    /// The namespace of the app's maps in the store.
+    pub namespace: &'a str,
+    /// Whose code runs: an app, or the constitution (which may write `gov.*`).
+    pub privilege: Privilege,
+}
+
+/// A contract's answer, as the node receives it: the response head and the raw body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppResponse {
+    pub head: ResponseHead,
+    pub body: Vec<u8>,
+}
+
+impl AppResponse {
+    /// Whether the contract answered 2xx, and so its writes are to be committed.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.head.status)
+    }
+
+    /// The message of a failed answer's error body (or the body itself, when it has none).
+    pub fn error_message(&self) -> String {
+        AppErrorBody::parse(&self.body).message
+    }
+}
+
+/// A contract's error answer, `{"error": {"code", "message", "details"?}}`, as far as it parses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppErrorBody {
+    pub code: Option<String>,
+    /// The error's message, or the whole body as text when it carries none.
+    pub message: String,
+    pub details: Option<serde_json::Value>,
+}
+
+impl AppErrorBody {
+    pub fn parse(body: &[u8]) -> AppErrorBody {
+        let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+        let error = parsed.as_ref().and_then(|v| v.get("error"));
+        let text = |k: &str| error.and_then(|e| e.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
+        AppErrorBody {
+            code: text("code"),
+            message: text("message").unwrap_or_else(|| String::from_utf8_lossy(body).into_owned()),
+            details: error.and_then(|e| e.get("details")).cloned(),
+        }
+    }
+}
+
+/// What a successful run produced.
+pub struct Outcome {
+    pub response: AppResponse,
+    /// Fuel the request burned.
+    pub fuel_used: u64,
+    /// The instance's linear memory when it finished, in bytes (its peak: memory never shrinks).
+    pub memory_bytes: usize,
+}
+
+/// The engine, its module cache and its limits.
+pub struct Runtime {
+    engine: Engine,
+    linker: wasmtime::Linker<HostState>,
+    limits: Arc<Limits>,
+    /// The limits of constitution runs: as `limits`, but a value may be as large as a module,
+    /// since `apply` stores the wasm of `set_app` and `set_constitution`.
+    gov_limits: Arc<Limits>,
+    modules: Mutex<HashMap<[u8; 32], Arc<LoadedModule>>>,
+}
+
+impl Runtime {
+    pub fn new(limits: Limits) -> anyhow::Result<Runtime> {
+        limits.check().map_err(anyhow::Error::msg)?;
+        let engine = Engine::new(&engine_config(&limits))?;
+        start_watchdog(&engine);
+        let linker = host::linker(&engine)?;
+        let gov_limits =
+            Arc::new(Limits { value_bytes_max: limits.value_bytes_max.max(limits.module_bytes_max), ..limits.clone() });
+        Ok(Runtime { engine, linker, limits: Arc::new(limits), gov_limits, modules: Mutex::default() })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Checks, compiles and caches a module, keyed by the blake3 hash of its bytes.
+    ///
+    /// Checks, in order: the size cap; validation with the engine's own feature set; imports
+    /// against the allow-list and their signatures; the ABI marker and required exports; the
+    /// manifest the module reports.
+    pub fn load(&self, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
+        let hash = *blake3::hash(wasm).as_bytes();
+        if let Some(m) = self.modules.lock().expect("module cache lock").get(&hash) {
+            return Ok(m.clone());
+        }
+        let max = self.limits.module_bytes_max;
+        if wasm.len() > max {
+            return Err(LoadError::TooLarge { bytes: wasm.len(), max });
+        }
+        Module::validate(&self.engine, wasm).map_err(|e| LoadError::Invalid(e.root_cause().to_string()))?;
+        let module =
+            Module::from_binary(&self.engine, wasm).map_err(|e| LoadError::Compile(e.root_cause().to_string()))?;
+        check_imports(&module)?;
+        check_exports(&module)?;
+        let pre = self.linker.instantiate_pre(&module).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let manifest = self.read_manifest(&pre)?;
+        let loaded = Arc::new(LoadedModule { hash, manifest, pre });
+        let mut cache = self.modules.lock().expect("module cache lock");
+        if cache.len() >= self.limits.modules_cached_max {
+            // Evict an arbitrary entry; holders of its Arc keep using it.
+            let victim = *cache.keys().next().expect("cache is non-empty");
+            cache.remove(&victim);
+        }
+        cache.insert(hash, loaded.clone());
+        Ok(loaded)
+    }
+
+    fn store(
+        &self,
+        tx: Option<Tx>,
+        mode: Mode,
+        namespace: &str,
+        caller: &Caller,
+        privilege: Privilege,
+    ) -> (Store<HostState>, Arc<Mutex<GuestOutput>>) {
+        let output = Arc::new(Mutex::new(GuestOutput::new(self.limits.log_bytes_per_request_max)));
+        let wasi = wasi::context(&output, SystemTime::now());
+        let caller_json = serde_json::to_vec(caller).expect("callers serialize");
+        let limits = match privilege {
+            Privilege::App => self.limits.clone(),
+            Privilege::Constitution => self.gov_limits.clone(),
+        };
+        let access = host::Access { mode, privilege, namespace: namespace.to_owned() };
+        let state = HostState::new(wasi, limits, tx, access, caller_json, output.clone());
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_fuel(self.limits.fuel_per_request).expect("fuel is enabled");
+        store.set_epoch_deadline(self.limits.deadline_ticks());
+        (store, output)
+    }
+
+    fn read_manifest(&self, pre: &InstancePre<HostState>) -> Result<Manifest, LoadError> {
+        let (mut store, _) = self.store(None, Mode::Readonly, "", &Caller::anonymous(), Privilege::App);
+        let fuel = self.limits.fuel_per_request;
+        let bytes = (|| -> Result<Vec<u8>, ExecError> {
+            let instance = pre.instantiate(&mut store).map_err(|e| ExecError::from_wasm(e, fuel, &self.limits))?;
+            let f: TypedFunc<(), u64> =
+                instance.get_typed_func(&mut store, abi::EXPORT_MANIFEST).map_err(|e| ExecError::Abi(e.to_string()))?;
+            let packed = f.call(&mut store, ()).map_err(|e| ExecError::from_wasm(e, fuel, &self.limits))?;
+            read_packed(&mut store, &instance, packed, self.limits.response_bytes_max)
+        })()
+        .map_err(|e| LoadError::Manifest(e.to_string()))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| LoadError::Manifest(e.to_string()))?;
+        manifest.check().map_err(LoadError::Manifest)?;
+        Ok(manifest)
+    }
+
+    /// Runs one request in a fresh instance against `tx`, and hands the transaction back.
+    ///
+    /// On error the transaction may hold partial writes: the caller must discard it.
+    pub fn execute(&self, module: &LoadedModule, inv: Invocation<'_>, tx: Tx) -> (Tx, Result<Outcome, ExecError>) {
+        let (mut store, output) = self.store(Some(tx), inv.mode, inv.namespace, &inv.head.caller, inv.privilege);
+        let result = self.run(&mut store, module, &inv);
+        output.lock().expect("guest output lock").emit(&inv.head.request_id);
+        let fuel_used = self.limits.fuel_per_request - store.get_fuel().unwrap_or(0);
+        let memory_bytes = store.data().memory_bytes(&store);
+        let tx = store.into_data().tx.expect("execute keeps the transaction");
+        (tx, result.map(|response| Outcome { response, fuel_used, memory_bytes }))
+    }
+
+    fn run(
+        &self,
+        store: &mut Store<HostState>,
+        module: &LoadedModule,
+        inv: &Invocation<'_>,
+    ) -> Result<AppResponse, ExecError> {
+        let fuel = self.limits.fuel_per_request;
+        let wasm_err = |e| ExecError::from_wasm(e, fuel, &self.limits);
+        let envelope = abi::frame(inv.head, inv.body);
+        let max = self.limits.request_bytes_max;
+        if envelope.len() > max {
+            return Err(ExecError::RequestTooLarge { bytes: envelope.len(), max });
+        }
+        let instance = module.pre.instantiate(&mut *store).map_err(wasm_err)?;
+        let alloc: TypedFunc<u32, u32> =
+            instance.get_typed_func(&mut *store, abi::EXPORT_ALLOC).map_err(|e| ExecError::Abi(e.to_string()))?;
+        let handle: TypedFunc<(u32, u32), u64> =
+            instance.get_typed_func(&mut *store, abi::EXPORT_HANDLE).map_err(|e| ExecError::Abi(e.to_string()))?;
+        let len = envelope.len() as u32;
+        let ptr = alloc.call(&mut *store, len).map_err(wasm_err)?;
+        let memory = instance
+            .get_memory(&mut *store, abi::EXPORT_MEMORY)
+            .ok_or_else(|| ExecError::Abi("the module exports no memory".into()))?;
+        store.data_mut().set_memory(memory);
+        memory
+            .write(&mut *store, ptr as usize, &envelope)
+            .map_err(|_| ExecError::Abi(format!("alloc({len}) returned {ptr}, outside guest memory")))?;
+        let packed = handle.call(&mut *store, (ptr, len)).map_err(wasm_err)?;
+        let framed = read_packed(store, &instance, packed, self.limits.response_bytes_max)?;
+        let (head, body): (ResponseHead, &[u8]) =
+            abi::unframe(&framed).map_err(|e| ExecError::Abi(format!("malformed response envelope: {e}")))?;
+        Ok(AppResponse { head, body: body.to_vec() })
+    }
+}
+
+/// Reads the `ptr << 32 | len` buffer a guest export returned.
+fn read_packed(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::Instance,
+    packed: u64,
+    max: usize,
+) -> Result<Vec<u8>, ExecError> {
+    let (ptr, len) = ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize);
+    if len > max {
+        return Err(ExecError::ResponseTooLarge { bytes: len, max });
+    }
+    let memory = instance
+        .get_memory(&mut *store, abi::EXPORT_MEMORY)
+        .ok_or_else(|| ExecError::Abi("the module exports no memory".into()))?;
+    memory
+        .data(&*store)
+        .get(ptr..)
+        .and_then(|d| d.get(..len))
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| ExecError::Abi(format!("returned buffer {ptr}+{len} lies outside guest memory")))
+}
+
+fn engine_config(limits: &Limits) -> Config {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(limits.instances_max)
+        .total_memories(limits.instances_max)
+        .total_tables(limits.instances_max)
+        .total_stacks(1)
+        .max_memories_per_module(1)
+        .max_tables_per_module(1)
+        .max_memory_size(limits.memory_bytes_max)
+        // Keep an instance slot's dirty pages resident and reset just those between requests
+        // (PAGEMAP_SCAN, Linux 6.7+; elsewhere the low bytes are memset): page faults on fresh
+        // memory otherwise cost a third of a large request's time.
+        .linear_memory_keep_resident(limits.memory_keep_resident_bytes)
+        .pagemap_scan(wasmtime::Enabled::Auto);
+    let mut config = Config::new();
+    config
+        .allocation_strategy(pool)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(limits.stack_bytes_max)
+        // Deterministic execution, so a ledger can be replayed for audit: canonical NaNs, no
+        // threads, no relaxed SIMD, one 32-bit memory.
+        .cranelift_nan_canonicalization(true)
+        .wasm_relaxed_simd(false)
+        .wasm_features(WasmFeatures::THREADS, false)
+        .wasm_multi_memory(false)
+        .wasm_memory64(false);
+    config
+}
+
+/// Advances the engine's epoch every tick for as long as the engine lives.
+fn start_watchdog(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("wasm-watchdog".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(Duration::from_millis(limits::EPOCH_TICK_MS));
+            }
+        })
+        .expect("spawning the watchdog thread");
+}
+
+fn val_type(t: abi::ValType) -> &'static str {
+    match t {
+        abi::ValType::I32 => "i32",
+        abi::ValType::I64 => "i64",
+    }
+}
+
+fn signature(params: impl Iterator<Item = String>, results: impl Iterator<Item = String>) -> String {
+    format!("({}) -> ({})", params.collect::<Vec<_>>().join(", "), results.collect::<Vec<_>>().join(", "))
+}
+
+fn wasm_type(t: ValType) -> String {
+    match t {
+        ValType::I32 => "i32".into(),
+        ValType::I64 => "i64".into(),
+        other => format!("{other}"),
+    }
+}
+
+fn check_imports(module: &Module) -> Result<(), LoadError> {
+    for import in module.imports() {
+        let (m, name) = (import.module(), import.name());
+        let refused = || LoadError::ImportNotAllowed { module: m.to_owned(), name: name.to_owned() };
+        match (m, import.ty()) {
+            (abi::WASI_MODULE, ExternType::Func(_)) if abi::WASI_IMPORTS.contains(&name) => {}
+            (abi::IMPORT_MODULE, ExternType::Func(f)) => {
+                let (_, params, results) = abi::IMPORTS.iter().find(|(n, ..)| *n == name).ok_or_else(refused)?;
+                let expected =
+                    signature(params.iter().map(|t| val_type(*t).into()), results.iter().map(|t| val_type(*t).into()));
+                let found = signature(f.params().map(wasm_type), f.results().map(wasm_type));
+                if found != expected {
+                    return Err(LoadError::ImportSignature { name: name.to_owned(), found, expected });
+                }
+            }
+            _ => return Err(refused()),
+        }
+    }
+    Ok(())
+}
+
+fn check_exports(module: &Module) -> Result<(), LoadError> {
+    let func = |name| module.get_export(name).and_then(|e| e.func().cloned());
+    let marker = func(abi::EXPORT_MARKER).ok_or(LoadError::MissingMarker)?;
+    if marker.params().len() != 0 || marker.results().len() != 0 {
+        return Err(LoadError::MissingMarker);
+    }
+    let required: [(&'static str, &'static str); 3] = [
+        (abi::EXPORT_ALLOC, "(i32) -> (i32)"),
+        (abi::EXPORT_HANDLE, "(i32, i32) -> (i64)"),
+        (abi::EXPORT_MANIFEST, "() -> (i64)"),
+    ];
+    for (name, expected) in required {
+        let ok =
+            func(name).is_some_and(|f| signature(f.params().map(wasm_type), f.results().map(wasm_type)) == expected);
+        if !ok {
+            return Err(LoadError::MissingExport { name, expected });
+        }
+    }
+    if !matches!(module.get_export(abi::EXPORT_MEMORY), Some(ExternType::Memory(_))) {
+        return Err(LoadError::MissingExport { name: abi::EXPORT_MEMORY, expected: "a memory" });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,314 @@
+//! Sandbox limits: every misbehaviour is refused with its named error, leaves the store exactly
+//! as it was, and the next request still succeeds.
+
+use std::sync::Arc;
+
+use cloister_abi::abi::{Privilege, RequestHead};
+use cloister_abi::{Caller, Mode};
+
+use super::*;
+use cloister_store as kv;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    runtime: Runtime,
+    store: kv::Store,
+    module: Arc<LoadedModule>,
+}
+
+fn misbehave() -> Vec<u8> {
+    std::fs::read(cloister_test_artifacts::MISBEHAVE_PATH).expect("the build script built misbehave.wasm")
+}
+
+fn fixture(limits: Limits) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = kv::Store::open(&dir.path().join("state.redb")).unwrap();
+    let runtime = Runtime::new(limits).unwrap();
+    let module = runtime.load(&misbehave()).unwrap();
+    Fixture { _dir: dir, runtime, store, module }
+}
+
+impl Fixture {
+    /// Routes like the node does, runs the request, and applies its writes on a 2xx answer.
+    fn call(&self, method: &str, target: &str, body: &str) -> Result<AppResponse, ExecError> {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let (endpoint, params) = self.module.manifest().find(method, path).expect("routed");
+        let head = RequestHead {
+            method: method.into(),
+            path: path.into(),
+            route: endpoint.path.clone(),
+            params,
+            query: query.into(),
+            caller: Caller::member("tester"),
+            request_id: format!("test-{path}"),
+            ..Default::default()
+        };
+        let inv = Invocation {
+            head: &head,
+            body: body.as_bytes(),
+            mode: endpoint.mode,
+            namespace: "app",
+            privilege: Privilege::App,
+        };
+        let (tx, result) = self.runtime.execute(&self.module, inv, self.store.begin().unwrap());
+        let outcome = result?;
+        if outcome.response.is_success() {
+            self.store.apply(&tx.into_writes()).unwrap();
+        }
+        Ok(outcome.response)
+    }
+
+    fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let tx = self.store.begin().unwrap();
+        let mut out = Vec::new();
+        let mut lower = std::ops::Bound::Unbounded;
+        while let Some((k, v)) =
+            tx.first_in("app/scratch", lower.as_ref().map(Vec::as_slice), std::ops::Bound::Unbounded).unwrap()
+        {
+            lower = std::ops::Bound::Excluded(k.clone());
+            out.push((k, v));
+        }
+        out
+    }
+
+    /// Asserts the request fails with `code`, changed nothing, and the next request succeeds.
+    fn refused(&self, method: &str, target: &str, code: &str) -> ExecError {
+        assert_eq!(self.call("POST", "/put/seed", "before").unwrap().head.status, 204);
+        let before = self.dump();
+        let err = self.call(method, target, "").expect_err("misbehaviour is refused");
+        assert_eq!(err.code(), code, "{target}: {err}");
+        assert_eq!(self.dump(), before, "{target} left writes behind");
+        assert_eq!(self.call("POST", "/put/after", "ok").unwrap().head.status, 204);
+        assert_eq!(self.call("GET", "/get/after", "").unwrap().body, b"ok");
+        err
+    }
+}
+
+#[test]
+fn an_infinite_loop_runs_out_of_fuel() {
+    let f = fixture(Limits { fuel_per_request: 50_000_000, ..Limits::default() });
+    let err = f.refused("POST", "/loop", "FuelExhausted");
+    assert!(err.to_string().contains("fuel_per_request"), "{err}");
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_the_wall_clock_watchdog() {
+    let f = fixture(Limits { fuel_per_request: u64::MAX / 2, wall_time_ms: 100, ..Limits::default() });
+    let started = std::time::Instant::now();
+    let err = f.refused("POST", "/loop", "WallTimeExceeded");
+    assert!(err.to_string().contains("100 ms"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "the watchdog took {:?}", started.elapsed());
+}
+
+#[test]
+fn unbounded_memory_growth_hits_the_memory_cap() {
+    let f = fixture(Limits { memory_bytes_max: 16 << 20, ..Limits::default() });
+    let err = f.refused("POST", "/grow", "MemoryLimitExceeded");
+    assert!(err.to_string().contains("16777216"), "{err}");
+}
+
+#[test]
+fn deep_recursion_overflows_the_stack() {
+    let f = fixture(Limits::default());
+    let err = f.refused("POST", "/recurse", "StackOverflow");
+    assert!(err.to_string().contains("stack_bytes_max"), "{err}");
+}
+
+#[test]
+fn a_guest_panic_reports_its_message() {
+    let f = fixture(Limits::default());
+    let err = f.refused("POST", "/panic?what=loudly", "GuestPanic");
+    assert!(err.to_string().contains("misbehave panicked loudly"), "{err}");
+}
+
+#[test]
+fn an_oversized_response_is_refused_at_its_limit() {
+    let f = fixture(Limits { response_bytes_max: 64 << 10, ..Limits::default() });
+    let err = f.refused("POST", "/big?bytes=70000", "ResponseTooLarge");
+    assert!(err.to_string().contains("response_bytes_max"), "{err}");
+    // Just under the limit passes: the envelope head takes a few dozen bytes.
+    assert_eq!(f.call("POST", "/big?bytes=65000", "").unwrap().body.len(), 65000);
+}
+
+#[test]
+fn an_oversized_request_is_refused_before_running() {
+    let f = fixture(Limits { request_bytes_max: 1 << 10, ..Limits::default() });
+    let err = f.call("POST", "/put/k", &"x".repeat(2 << 10)).unwrap_err();
+    assert_eq!(err.code(), "RequestTooLarge");
+    assert_eq!(err.status(), 413);
+}
+
+#[test]
+fn apps_cannot_write_governance_or_write_from_read_only_endpoints() {
+    let f = fixture(Limits::default());
+    let err = f.refused("POST", "/write-gov", "AccessDenied");
+    assert!(err.to_string().contains("gov.members"), "{err}");
+    let err = f.call("GET", "/read-gov", "").unwrap_err();
+    assert_eq!(err.code(), "AccessDenied");
+}
+
+#[test]
+fn values_over_the_limit_are_refused() {
+    let f = fixture(Limits { value_bytes_max: 100, ..Limits::default() });
+    // Values are stored as JSON: a string of 98 characters takes exactly 100 bytes.
+    assert_eq!(f.call("POST", "/put/k", &"v".repeat(98)).unwrap().head.status, 204);
+    let err = f.call("POST", "/put/k", &"v".repeat(99)).unwrap_err();
+    assert_eq!(err.code(), "StoreLimitExceeded");
+    assert!(err.to_string().contains("value_bytes_max"), "{err}");
+}
+
+#[test]
+fn guest_output_and_clock_come_from_the_host() {
+    let f = fixture(Limits::default());
+    assert_eq!(f.call("GET", "/print", "").unwrap().head.status, 204);
+    let (secs, noise): (u64, Vec<u8>) = serde_json::from_slice(&f.call("GET", "/clock", "").unwrap().body).unwrap();
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    assert!(secs.abs_diff(now) < 60, "guest clock {secs} vs host {now}");
+    let (_, noise2): (u64, Vec<u8>) = serde_json::from_slice(&f.call("GET", "/clock", "").unwrap().body).unwrap();
+    assert_ne!(noise, noise2, "randomness differs per request");
+}
+
+#[test]
+fn guest_output_is_capped() {
+    let mut out = GuestOutput::new(10);
+    out.push("stdout", b"0123456789abcdef");
+    assert_eq!(out.text(), "0123456789");
+}
+
+#[test]
+fn manifests_are_read_at_load() {
+    let rt = Runtime::new(Limits::default()).unwrap();
+    let m = rt.load(cloister_bundled::RECONCILE).unwrap();
+    let paths: Vec<_> = m.manifest().endpoints.iter().map(|e| (e.method.as_str(), e.path.as_str(), e.mode)).collect();
+    assert_eq!(
+        paths,
+        [
+            ("POST", "/ingest", Mode::Readwrite),
+            ("POST", "/csv/ingest", Mode::Readwrite),
+            ("GET", "/report", Mode::Readonly),
+            ("GET", "/report/{key}", Mode::Readonly),
+        ]
+    );
+    let again = rt.load(cloister_bundled::RECONCILE).unwrap();
+    assert!(Arc::ptr_eq(&m, &again), "the cache returns the same module");
+}
+
+mod load {
+    use super::*;
+
+    fn load(wasm: &[u8]) -> LoadError {
+        Runtime::new(Limits::default()).unwrap().load(wasm).err().expect("refused")
+    }
+
+    /// The exports of ABI v1 on a trivial memory, for hand-written modules.
+    const EXPORTS: &str = r#"
+        (memory (export "memory") 1)
+        (func (export "alloc") (param i32) (result i32) i32.const 0)
+        (func (export "handle") (param i32 i32) (result i64) i64.const 0)
+        (func (export "manifest") (result i64) i64.const 0)"#;
+
+    #[test]
+    fn a_module_without_the_marker() {
+        let wasm = wat::parse_str(format!("(module {EXPORTS})")).unwrap();
+        assert!(matches!(load(&wasm), LoadError::MissingMarker));
+    }
+
+    #[test]
+    fn a_module_importing_off_the_allow_list() {
+        for (module, name) in
+            [("env", "socket"), ("wasi_snapshot_preview1", "poll_oneoff"), ("cloister", "kv_delete_all")]
+        {
+            let wasm = wat::parse_str(format!(
+                r#"(module (import "{module}" "{name}" (func)) (func (export "cloister_abi_v1")) {EXPORTS})"#
+            ))
+            .unwrap();
+            let err = load(&wasm);
+            assert!(matches!(&err, LoadError::ImportNotAllowed { name: n, .. } if n == name), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_host_call_with_the_wrong_signature() {
+        let wasm = wat::parse_str(format!(
+            r#"(module (import "cloister" "kv_get" (func (param i32) (result i32))) (func (export "cloister_abi_v1")) {EXPORTS})"#
+        ))
+        .unwrap();
+        let err = load(&wasm);
+        assert!(err.to_string().contains("(i32, i32, i32, i32) -> (i64)"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_required_export() {
+        let wasm =
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "cloister_abi_v1")))"#).unwrap();
+        assert!(matches!(load(&wasm), LoadError::MissingExport { name: "alloc", .. }));
+    }
+
+    #[test]
+    fn an_oversized_module() {
+        let rt = Runtime::new(Limits { module_bytes_max: 1000, ..Limits::default() }).unwrap();
+        let err = rt.load(&misbehave()).err().unwrap();
+        assert!(matches!(err, LoadError::TooLarge { max: 1000, .. }), "{err}");
+        let exact = wat::parse_str(format!("(module (func (export \"cloister_abi_v1\")) {EXPORTS})")).unwrap();
+        let rt = Runtime::new(Limits { module_bytes_max: exact.len(), ..Limits::default() }).unwrap();
+        assert!(
+            !matches!(rt.load(&exact), Err(LoadError::TooLarge { .. })),
+            "a module at the limit passes the size check"
+        );
+    }
+
+    #[test]
+    fn random_bytes() {
+        let mut seed = 7u32;
+        let garbage: Vec<u8> = (0..4096)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (seed >> 16) as u8
+            })
+            .collect();
+        assert!(matches!(load(&garbage), LoadError::Invalid(_)));
+        let mut truncated = cloister_bundled::RECONCILE.to_vec();
+        truncated.truncate(truncated.len() / 2);
+        assert!(matches!(load(&truncated), LoadError::Invalid(_)));
+    }
+
+    #[test]
+    fn a_manifest_that_is_not_json() {
+        let wasm = wat::parse_str(format!("(module (func (export \"cloister_abi_v1\")) {EXPORTS})")).unwrap();
+        assert!(matches!(load(&wasm), LoadError::Manifest(_)));
+    }
+}
+
+/// The guest's arena never reuses freed memory, so the largest batch the reconcile contract
+/// accepts by default (batch_records_max rows of the largest fields) must fit the default
+/// memory cap, inside the default request size.
+#[test]
+fn the_largest_default_reconcile_batch_fits_the_default_memory_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = kv::Store::open(&dir.path().join("state.redb")).unwrap();
+    let runtime = Runtime::new(Limits::default()).unwrap();
+    let module = runtime.load(cloister_bundled::RECONCILE).unwrap();
+    // 10,000 rows whose fields are as long as fits in request_bytes_max.
+    let rows = 10_000;
+    let field = (Limits::default().request_bytes_max - 64 * 1024) / rows / 2 - 16;
+    let body: Vec<_> = (0..rows)
+        .map(|i| serde_json::json!({"lei": format!("{i:0width$}", width = field.min(256)), "nace": "n".repeat(field.min(1024))}))
+        .collect();
+    let body = serde_json::to_vec(&body).unwrap();
+    assert!(body.len() <= Limits::default().request_bytes_max);
+    let head = RequestHead {
+        method: "POST".into(),
+        path: "/ingest".into(),
+        route: "/ingest".into(),
+        caller: Caller::member("party"),
+        ..Default::default()
+    };
+    let inv =
+        Invocation { head: &head, body: &body, mode: Mode::Readwrite, namespace: "app", privilege: Privilege::App };
+    let (_, result) = runtime.execute(&module, inv, store.begin().unwrap());
+    let outcome = result.expect("the largest default batch runs");
+    assert_eq!(outcome.response.head.status, 200, "{}", String::from_utf8_lossy(&outcome.response.body));
+    let cap = Limits::default().memory_bytes_max;
+    println!("peak memory {} of {cap} bytes, fuel {}", outcome.memory_bytes, outcome.fuel_used);
+    assert!(outcome.memory_bytes <= cap);
+}
