@@ -11,7 +11,7 @@ use cloister_attestation::{Evidence, Policy};
 use cloister_client::Client;
 
 #[derive(Subcommand)]
-pub enum AttestationCommand {
+pub(crate) enum AttestationCommand {
     /// Verify evidence (JSON: an `Evidence`, or a node entry of `/node/attestations`).
     Verify {
         /// The evidence file.

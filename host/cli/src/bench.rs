@@ -41,7 +41,7 @@ pub struct Args {
 }
 
 /// What one run measured.
-pub struct RunResult {
+pub(crate) struct RunResult {
     pub requests: usize,
     pub elapsed: Duration,
     pub p50: Duration,
@@ -49,7 +49,7 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    pub fn per_second(&self) -> f64 {
+    pub(crate) fn per_second(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
 }
@@ -60,7 +60,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Runs `clients` concurrent connections for `duration`, each sending bodies from `body(n)` in a
 /// closed loop, and collects every latency. Any non-2xx answer fails the run.
-pub async fn run_load(
+pub(crate) async fn run_load(
     url: &str,
     ca: &[u8],
     ids: &[KeyedCert],
@@ -111,7 +111,7 @@ pub async fn run_load(
 }
 
 /// A body with one fresh record.
-pub fn one_record(n: u64) -> Vec<u8> {
+pub(crate) fn one_record(n: u64) -> Vec<u8> {
     format!(r#"{{"lei":"BENCH{n:015}","nace":"C.{}"}}"#, n % 97).into_bytes()
 }
 

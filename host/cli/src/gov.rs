@@ -14,7 +14,7 @@ use cloister_crypto::cose::GovWrite;
 use cloister_crypto::identity::KeyedCert;
 
 #[derive(clap::Subcommand)]
-pub enum GovCommand {
+pub(crate) enum GovCommand {
     /// File a proposal: repeated --action NAME [--args JSON] pairs, or --file proposal.json.
     Propose {
         /// An action's name; --args after it gives its arguments.
@@ -64,7 +64,7 @@ pub enum GovCommand {
 }
 
 #[derive(clap::Subcommand)]
-pub enum AppCommand {
+pub(crate) enum AppCommand {
     /// Propose installing FILE.wasm as the service's app (a `set_app` proposal).
     Deploy {
         wasm: PathBuf,
@@ -106,7 +106,7 @@ fn show(reply: cloister_client::Reply) -> anyhow::Result<ExitCode> {
     Ok(if (200..300).contains(&reply.status) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-pub async fn run_gov(command: GovCommand) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run_gov(command: GovCommand) -> anyhow::Result<ExitCode> {
     match command {
         GovCommand::Propose { actions, args, file, target } => {
             let proposal = match file {
@@ -128,7 +128,7 @@ pub async fn run_gov(command: GovCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub async fn run_app(command: AppCommand) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run_app(command: AppCommand) -> anyhow::Result<ExitCode> {
     match command {
         AppCommand::Deploy { wasm, target } => {
             let bytes = std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;

@@ -9,7 +9,7 @@ use cloister_crypto::identity;
 use cloister_ledger::verify::{self, PublicTables, Receipt, VerifyError};
 
 #[derive(clap::Subcommand)]
-pub enum LedgerCommand {
+pub(crate) enum LedgerCommand {
     /// Recompute the chain, the Merkle tree and every signature of a ledger folder.
     Verify {
         /// A node's ledger folder (or its data folder, which holds `ledger/`).
@@ -25,7 +25,7 @@ pub enum LedgerCommand {
 }
 
 #[derive(clap::Subcommand)]
-pub enum ReceiptCommand {
+pub(crate) enum ReceiptCommand {
     /// Check a receipt (JSON from GET /app/receipt) against the service certificate.
     Verify {
         receipt: PathBuf,
@@ -39,7 +39,7 @@ fn service_cert_der(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(identity::cert_der(&pem).with_context(|| path.display().to_string())?.to_vec())
 }
 
-pub fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
+pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
     let LedgerCommand::Verify { dir, service_cert, print_public } = command;
     let dir = if dir.join("ledger").is_dir() { dir.join("ledger") } else { dir };
     let cert = service_cert.as_deref().map(service_cert_der).transpose()?;
@@ -73,7 +73,7 @@ pub fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub fn run_receipt(command: ReceiptCommand) -> anyhow::Result<ExitCode> {
+pub(crate) fn run_receipt(command: ReceiptCommand) -> anyhow::Result<ExitCode> {
     let ReceiptCommand::Verify { receipt, service_cert } = command;
     let text = std::fs::read(&receipt).with_context(|| format!("reading {}", receipt.display()))?;
     let parsed: Receipt =

@@ -32,7 +32,7 @@ pub struct NodeAddrs {
 
 impl NodeAddrs {
     /// Three consecutive ports from `first`: HTTPS, gRPC, peers.
-    pub fn from_port(first: u16) -> NodeAddrs {
+    pub(crate) fn from_port(first: u16) -> NodeAddrs {
         let at = |offset: u16| format!("127.0.0.1:{}", first + offset);
         NodeAddrs { rest: at(0), grpc: at(1), peer: at(2) }
     }
@@ -210,7 +210,7 @@ impl NodeProcess {
     }
 
     /// Asks the node to stop (SIGTERM), without waiting.
-    pub fn request_stop(&self) {
+    pub(crate) fn request_stop(&self) {
         if let Some(child) = &self.child {
             terminate(child);
         }
@@ -218,7 +218,7 @@ impl NodeProcess {
 
     /// Waits until `deadline` for a node asked to stop to exit, then kills it. Whether it
     /// stopped by itself.
-    pub fn finish_stop(&mut self, deadline: Instant) -> bool {
+    pub(crate) fn finish_stop(&mut self, deadline: Instant) -> bool {
         let Some(mut child) = self.child.take() else { return true };
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -244,7 +244,7 @@ impl NodeProcess {
     }
 
     /// The last lines of the log, for error messages.
-    pub fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = self.log();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")

@@ -47,7 +47,7 @@ pub struct Args {
 
 /// `sandbox.json`: what scripts and tests need to use a running sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SandboxFile {
+pub(crate) struct SandboxFile {
     pub rest_url: String,
     pub grpc_url: String,
     pub service_cert: PathBuf,
@@ -64,7 +64,7 @@ pub struct Party {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeEntry {
+pub(crate) struct NodeEntry {
     pub id: String,
     pub pid: Option<u32>,
     pub rest_url: String,

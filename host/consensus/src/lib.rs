@@ -321,7 +321,7 @@ impl Consensus {
 
     /// Adds a node: first as a learner until it has caught up, then as a voter. Only the leader
     /// adds nodes; others answer UNAVAILABLE naming the leader.
-    pub async fn add_voter(&self, id: NodeId, addr: NodeAddr) -> Result<Vec<u64>, tonic::Status> {
+    pub(crate) async fn add_voter(&self, id: NodeId, addr: NodeAddr) -> Result<Vec<u64>, tonic::Status> {
         if !self.is_leader() {
             return Err(self.not_leader_status());
         }

@@ -31,7 +31,7 @@ fn io_err(e: impl Into<redb::Error>) -> io::Error {
 
 /// Proposers waiting to learn the log id their entry was appended at, by entry uid.
 #[derive(Default)]
-pub struct AppendWatch {
+pub(crate) struct AppendWatch {
     waiting: Mutex<HashMap<[u8; 16], oneshot::Sender<LogId>>>,
 }
 
@@ -43,7 +43,7 @@ impl AppendWatch {
         rx
     }
 
-    pub fn forget(&self, uid: &[u8; 16]) {
+    pub(crate) fn forget(&self, uid: &[u8; 16]) {
         self.waiting.lock().expect("append watch lock").remove(uid);
     }
 
@@ -64,7 +64,7 @@ impl AppendWatch {
 
 /// The log store; clones share the database, so every reader sees every append.
 #[derive(Clone)]
-pub struct LogStore {
+pub(crate) struct LogStore {
     db: Arc<Database>,
     watch: Arc<AppendWatch>,
 }

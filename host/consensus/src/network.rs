@@ -65,7 +65,7 @@ impl Peers {
 }
 
 /// Creates connections for openraft.
-pub struct NetworkFactory {
+pub(crate) struct NetworkFactory {
     pub peers: Peers,
 }
 
@@ -78,7 +78,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 }
 
 /// One peer, as openraft sees it.
-pub struct PeerConnection {
+pub(crate) struct PeerConnection {
     target: NodeId,
     peer_url: String,
     peers: Peers,

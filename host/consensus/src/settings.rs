@@ -2,15 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const HEARTBEAT_INTERVAL_MS: u64 = 150;
-pub const ELECTION_TIMEOUT_MIN_MS: u64 = 750;
-pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1500;
-pub const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
-pub const SNAPSHOT_AFTER_LOGS: u64 = 10_000;
-pub const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
-pub const ENTRIES_PER_APPEND_MAX: u64 = 300;
-pub const FORWARD_HOPS_MAX: u32 = 3;
-pub const JOIN_TIMEOUT_MS: u64 = 120_000;
+pub(crate) const HEARTBEAT_INTERVAL_MS: u64 = 150;
+pub(crate) const ELECTION_TIMEOUT_MIN_MS: u64 = 750;
+pub(crate) const ELECTION_TIMEOUT_MAX_MS: u64 = 1500;
+pub(crate) const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
+pub(crate) const SNAPSHOT_AFTER_LOGS: u64 = 10_000;
+pub(crate) const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
+pub(crate) const ENTRIES_PER_APPEND_MAX: u64 = 300;
+pub(crate) const FORWARD_HOPS_MAX: u32 = 3;
+pub(crate) const JOIN_TIMEOUT_MS: u64 = 120_000;
 
 /// Replication settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

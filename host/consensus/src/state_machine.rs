@@ -40,7 +40,7 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP1\0";
 /// The terms of the log: `(term, first index of that term)`, in order. It answers which term a
 /// committed index belongs to after the log itself has been purged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TermHistory(Vec<(u64, u64)>);
+pub(crate) struct TermHistory(Vec<(u64, u64)>);
 
 impl TermHistory {
     /// Reads the history from its table.
@@ -148,7 +148,7 @@ impl StateMachine {
 
     /// A state machine that keeps no ledger, for openraft's storage suite only.
     #[cfg(test)]
-    pub fn without_ledger(store: Store, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+    pub(crate) fn without_ledger(store: Store, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
         let batch = store.write_batch()?;
         index::create(batch.txn())?;
         batch.commit()?;
@@ -173,7 +173,7 @@ impl StateMachine {
     }
 
     /// Notifications after each applied batch.
-    pub fn subscribe(&self) -> watch::Receiver<Applied> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Applied> {
         self.inner.applied.subscribe()
     }
 
@@ -183,7 +183,7 @@ impl StateMachine {
     }
 
     /// The term of the applied entry at `index`, if the history reaches back that far.
-    pub fn term_of(&self, index: u64) -> io::Result<Option<u64>> {
+    pub(crate) fn term_of(&self, index: u64) -> io::Result<Option<u64>> {
         term_of(&self.inner.store.read_txn().map_err(io_other)?, index)
     }
 
@@ -381,7 +381,7 @@ impl StateMachine {
     }
 
     /// A fresh path in the snapshot folder, for receiving a snapshot.
-    pub fn incoming_path(&self) -> PathBuf {
+    pub(crate) fn incoming_path(&self) -> PathBuf {
         let mut id = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).expect("OS random");
         self.inner.snapshot_dir.join(format!("incoming-{}.tmp", hex::encode(id)))

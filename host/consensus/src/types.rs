@@ -37,12 +37,12 @@ openraft::declare_raft_types!(
 );
 
 pub type Raft = openraft::Raft<TypeConfig, super::state_machine::StateMachine>;
-pub type LeaderId = openraft::type_config::alias::LeaderIdOf<TypeConfig>;
+pub(crate) type LeaderId = openraft::type_config::alias::LeaderIdOf<TypeConfig>;
 pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
-pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub(crate) type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
 pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
-pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
-pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+pub(crate) type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+pub(crate) type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
 
 /// The transaction id of a log position.
 pub fn tx_id(log_id: &LogId) -> TxId {

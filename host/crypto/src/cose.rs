@@ -11,9 +11,9 @@ use ring::signature::{ECDSA_P384_SHA384_FIXED, ECDSA_P384_SHA384_FIXED_SIGNING, 
 
 use crate::identity::{self, KeyedCert};
 
-pub const MSG_TYPE: &str = "cloister.gov.msg.type";
-pub const CREATED_AT: &str = "cloister.gov.msg.created_at";
-pub const PROPOSAL_ID: &str = "cloister.gov.msg.proposal_id";
+pub(crate) const MSG_TYPE: &str = "cloister.gov.msg.type";
+pub(crate) const CREATED_AT: &str = "cloister.gov.msg.created_at";
+pub(crate) const PROPOSAL_ID: &str = "cloister.gov.msg.proposal_id";
 
 /// A governance write, as addressed by its endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]

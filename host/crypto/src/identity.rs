@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Certificates are valid for this many days from their creation.
-pub const CERT_VALIDITY_DAYS: i64 = 3650;
+pub(crate) const CERT_VALIDITY_DAYS: i64 = 3650;
 
 /// A certificate and its private key, both PEM.
 #[derive(Clone)]
@@ -146,7 +146,7 @@ pub fn cert_der(pem: &[u8]) -> anyhow::Result<CertificateDer<'static>> {
 }
 
 /// Every certificate in a PEM buffer.
-pub fn cert_chain(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn cert_chain(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("not a PEM certificate chain: {e}"))

@@ -10,7 +10,7 @@ use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
 
 const SALT_BYTES: usize = 16;
-pub const SECRET_BYTES: usize = 32;
+pub(crate) const SECRET_BYTES: usize = 32;
 
 /// What a sealed blob is for; part of its key derivation, so blobs of one purpose never open as
 /// another.

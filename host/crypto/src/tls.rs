@@ -18,7 +18,7 @@ use crate::identity::{self, KeyedCert};
 /// ALPN: HTTP/2 first (gRPC needs it), HTTP/1.1 for curl and friends.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -219,7 +219,7 @@ pub struct SignaturePayload {
 
 impl SignaturePayload {
     /// The bytes a node signs: a domain, the tree size, the root, the chain head, its id.
-    pub fn signed_bytes(tree_size: u64, root: &[u8; 32], chain: &[u8; 32], node_id: u64) -> Vec<u8> {
+    pub(crate) fn signed_bytes(tree_size: u64, root: &[u8; 32], chain: &[u8; 32], node_id: u64) -> Vec<u8> {
         let mut out = b"cloister ledger signature v1\0".to_vec();
         out.extend_from_slice(&tree_size.to_be_bytes());
         out.extend_from_slice(root);
@@ -299,7 +299,7 @@ pub mod hex_bytes {
 }
 
 /// Hex strings for optional 32-byte arrays in JSON.
-pub mod hex_option {
+pub(crate) mod hex_option {
     pub fn serialize<S: serde::Serializer>(bytes: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
         match bytes {
             Some(b) if s.is_human_readable() => s.serialize_some(&hex::encode(b)),
@@ -322,7 +322,7 @@ pub mod hex_option {
 }
 
 /// Hex strings for byte vectors in JSON.
-pub mod hex_vec {
+pub(crate) mod hex_vec {
     pub fn serialize<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() { s.serialize_str(&hex::encode(bytes)) } else { serde::Serialize::serialize(bytes, s) }
     }

@@ -58,7 +58,7 @@ pub struct Chunk {
 }
 
 /// The chunk files of a ledger folder, ordered by first seqno.
-pub fn chunk_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn chunk_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "ledger"))
@@ -72,7 +72,7 @@ fn file_name(first_seqno: u64) -> String {
 }
 
 /// Reads every record of a file, stopping at the first that is incomplete or does not decode.
-pub fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
+pub(crate) fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
     let mut bytes = Vec::new();
     BufReader::new(File::open(path)?).read_to_end(&mut bytes)?;
     let bad = |reason: &str| Chunk {
@@ -116,7 +116,7 @@ struct OpenChunk {
 }
 
 /// Appends ledger entries to chunk files in a folder.
-pub struct LedgerFiles {
+pub(crate) struct LedgerFiles {
     dir: PathBuf,
     chunk_bytes_target: u64,
     current: Option<OpenChunk>,
@@ -133,10 +133,6 @@ impl LedgerFiles {
             files.current = Some(OpenChunk { file, bytes });
         }
         Ok(files)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn create(&mut self, first_seqno: u64) -> std::io::Result<()> {
@@ -198,7 +194,7 @@ impl LedgerFiles {
 }
 
 /// The byte offset where each record of a file starts, and where the file's records end.
-pub fn record_offsets(path: &Path) -> std::io::Result<Vec<u64>> {
+pub(crate) fn record_offsets(path: &Path) -> std::io::Result<Vec<u64>> {
     let bytes = std::fs::read(path)?;
     let mut offsets = Vec::new();
     let mut at = HEADER_BYTES as usize;

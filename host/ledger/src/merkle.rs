@@ -50,7 +50,7 @@ impl NodesMut for MemoryNodes {
     }
 }
 
-pub fn leaf_node(leaf: &Hash) -> Hash {
+pub(crate) fn leaf_node(leaf: &Hash) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(&[0x00]);
     h.update(leaf);
@@ -133,7 +133,7 @@ pub fn path(nodes: &impl Nodes, index: u64, size: u64) -> Result<Vec<Hash>, Merk
 
 /// The complete subtrees that make up the tree of `size` leaves, largest first: all a node needs
 /// to continue the tree from that size (after installing a snapshot).
-pub fn frontier(nodes: &impl Nodes, size: u64) -> Result<Vec<(u8, u64, Hash)>, MerkleError> {
+pub(crate) fn frontier(nodes: &impl Nodes, size: u64) -> Result<Vec<(u8, u64, Hash)>, MerkleError> {
     let mut out = Vec::new();
     let mut start = 0u64;
     for level in (0..64u8).rev() {

@@ -2,9 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const SIGN_EVERY_ENTRIES: u64 = 500;
-pub const SIGN_INTERVAL_MS: u64 = 200;
-pub const CHUNK_BYTES: u64 = 4 << 20;
+pub(crate) const SIGN_EVERY_ENTRIES: u64 = 500;
+pub(crate) const SIGN_INTERVAL_MS: u64 = 200;
+pub(crate) const CHUNK_BYTES: u64 = 4 << 20;
 
 /// Ledger settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

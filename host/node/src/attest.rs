@@ -31,10 +31,10 @@ use cloister_crypto::identity::KeyedCert;
 use cloister_store::{KvError, Tx};
 
 /// Authenticated alongside the sealed ledger secret.
-pub const JOIN_SECRET_AAD: &[u8] = b"cloister ledger secret for a joining node";
+pub(crate) const JOIN_SECRET_AAD: &[u8] = b"cloister ledger secret for a joining node";
 
 /// The DER SubjectPublicKeyInfo of a certificate (DER): what evidence binds.
-pub fn spki_of(cert_der: &[u8]) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn spki_of(cert_der: &[u8]) -> anyhow::Result<Vec<u8>> {
     let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| anyhow::anyhow!("not a certificate: {e}"))?;
     Ok(cert.public_key().raw.to_vec())
 }
@@ -51,7 +51,7 @@ pub fn mock_root(a: &AttestationSection) -> anyhow::Result<MockRoot> {
 /// `measurements` pins them. The chain to `roots`, the VCEK, the signature, the debug policy and
 /// the binding to `expected` are checked as always. A new service's first node checks itself this
 /// way, and a joining node checks the leader.
-pub fn verify_claimed(
+pub(crate) fn verify_claimed(
     evidence: &Evidence,
     roots: &Roots,
     measurements: Option<&BTreeSet<String>>,
@@ -79,7 +79,7 @@ pub struct LeaderCheck {
 }
 
 impl LeaderCheck {
-    pub fn from_config(a: &AttestationSection, service_ca_pem: &str) -> anyhow::Result<LeaderCheck> {
+    pub(crate) fn from_config(a: &AttestationSection, service_ca_pem: &str) -> anyhow::Result<LeaderCheck> {
         let roots = match a.kind {
             Kind::Mock => Roots::Mock { ark: mock_root(a)?.ark_der() },
             Kind::Snp | Kind::AzureVtpm => Roots::Amd,
@@ -119,7 +119,7 @@ pub enum Attester {
 }
 
 impl Attester {
-    pub fn from_config(a: &AttestationSection) -> anyhow::Result<Attester> {
+    pub(crate) fn from_config(a: &AttestationSection) -> anyhow::Result<Attester> {
         Ok(match a.kind {
             Kind::Snp => Attester::Snp { vcek_file: a.vcek_file.clone() },
             Kind::AzureVtpm => Attester::AzureVtpm { thim_url: a.thim_url.clone() },
@@ -211,7 +211,7 @@ pub fn standing(tx: &Tx, cert_der: &[u8]) -> Result<Standing, KvError> {
 /// The peer listener's handshake check: a retired node's certificate is refused before any
 /// request; every other standing is decided per request (`Service::authorize_peer`), because a
 /// joining node must reach `Challenge` and `Attest` before it is Trusted. Fails closed.
-pub fn handshake_gate(tx: &Tx, cert_der: &[u8]) -> Result<(), String> {
+pub(crate) fn handshake_gate(tx: &Tx, cert_der: &[u8]) -> Result<(), String> {
     let id = || cloister_crypto::node_id_of(cert_der);
     match standing(tx, cert_der) {
         Ok(Standing::Retired) => Err(format!("node {} is retired", id())),
@@ -341,7 +341,7 @@ impl Joins {
     }
 
     /// The ledger secret sealed to the public key `spki` (DER).
-    pub fn sealed_secret(&self, spki: &[u8]) -> anyhow::Result<Vec<u8>> {
+    pub(crate) fn sealed_secret(&self, spki: &[u8]) -> anyhow::Result<Vec<u8>> {
         cloister_attestation::seal::seal_to(spki, JOIN_SECRET_AAD, &self.secret).map_err(anyhow::Error::msg)
     }
 }
@@ -364,11 +364,11 @@ pub fn record(
 }
 
 /// How often the leader looks for Retired nodes still in Raft's membership.
-pub const RETIRE_POLL_MS: u64 = 1000;
+pub(crate) const RETIRE_POLL_MS: u64 = 1000;
 
 /// On the leader, removes Retired nodes from Raft's membership, every `RETIRE_POLL_MS`, until
 /// cancelled.
-pub async fn retire_removed(
+pub(crate) async fn retire_removed(
     store: cloister_store::Store,
     consensus: cloister_consensus::Consensus,
     cancel: tokio_util::sync::CancellationToken,

@@ -40,15 +40,15 @@ use cloister_runtime as wasm;
 pub use cloister_consensus::settings::*;
 pub use cloister_ledger::settings::*;
 
-pub const BODY_BYTES_MAX: usize = 8 << 20;
-pub const CONNECTIONS_MAX: usize = 1024;
-pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
-pub const INFLIGHT_PER_IDENTITY_MAX: usize = 256;
-pub const WRITE_QUEUE_MAX: usize = 4096;
-pub const GROUP_COMMIT_MAX: usize = 256;
-pub const PENDING_WRITES_MAX: usize = 1024;
-pub const READS_INFLIGHT_MAX: usize = 32;
-pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub(crate) const BODY_BYTES_MAX: usize = 8 << 20;
+pub(crate) const CONNECTIONS_MAX: usize = 1024;
+pub(crate) const REQUEST_TIMEOUT_MS: u64 = 30_000;
+pub(crate) const INFLIGHT_PER_IDENTITY_MAX: usize = 256;
+pub(crate) const WRITE_QUEUE_MAX: usize = 4096;
+pub(crate) const GROUP_COMMIT_MAX: usize = 256;
+pub(crate) const PENDING_WRITES_MAX: usize = 1024;
+pub(crate) const READS_INFLIGHT_MAX: usize = 32;
+pub(crate) const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

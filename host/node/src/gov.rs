@@ -20,10 +20,10 @@ use cloister_runtime::{ExecError, Invocation, LoadedModule, Runtime};
 use cloister_store::{KvError, Tx};
 
 /// The namespace of the constitution's own maps.
-pub const CONSTITUTION_NAMESPACE: &str = "constitution";
+pub(crate) const CONSTITUTION_NAMESPACE: &str = "constitution";
 
 /// Default of `[gov] request_window_s`.
-pub const REQUEST_WINDOW_S: u64 = 300;
+pub(crate) const REQUEST_WINDOW_S: u64 = 300;
 
 /// Why the governance engine refused or failed a request. The frontends turn it into their one
 /// error shape; nothing here knows about HTTP.
@@ -113,7 +113,7 @@ fn handle(
 }
 
 /// The id of a request: hex blake3 of its bytes. A proposal's id is its request's id.
-pub fn request_digest(bytes: &[u8]) -> String {
+pub(crate) fn request_digest(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
@@ -376,7 +376,7 @@ fn check_effects(runtime: &Runtime, tx: &Tx) -> Result<(), String> {
 /// the write-side pair of the assertion in `cloister_store::gov::get`, which stops the node on a
 /// record it cannot decode: an `apply` whose writes fail here is refused (the proposal Fails), so
 /// no committed governance record can trip that assertion.
-pub fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
+pub(crate) fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
     fn decodes<T: serde::de::DeserializeOwned>(map: &str, value: &[u8]) -> Result<(), String> {
         serde_json::from_slice::<T>(value).map(|_| ()).map_err(|e| format!("{map} cannot hold this record: {e}"))
     }
@@ -421,7 +421,7 @@ fn node_checks(runtime: &Runtime, action: &Action) -> Result<(), String> {
 }
 
 /// Whether a module offers the constitution's three endpoints.
-pub fn is_constitution(module: &LoadedModule) -> Result<(), String> {
+pub(crate) fn is_constitution(module: &LoadedModule) -> Result<(), String> {
     for path in ["/validate", "/resolve", "/apply"] {
         if module.manifest().find("POST", path).is_none() {
             return Err(format!("the module is no constitution: it has no POST {path}"));

@@ -9,7 +9,7 @@ use cloister_store as kv;
 
 /// Signs the ledger while this node leads: a signature entry every `sign_every_entries` entries
 /// or `sign_interval_ms`, whichever comes first, when there is anything new to sign.
-pub async fn run_signer(
+pub(crate) async fn run_signer(
     consensus: Consensus,
     store: kv::Store,
     signer: cloister_ledger::entry::NodeSigner,

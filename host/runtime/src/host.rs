@@ -20,7 +20,7 @@ use cloister_store::{self as kv, Tx};
 const ABORT_MESSAGE_BYTES_MAX: usize = 4 << 10;
 
 /// The state of one request's instance.
-pub struct HostState {
+pub(crate) struct HostState {
     pub wasi: WasiP1Ctx,
     pub limiter: Limiter,
     pub limits: Arc<Limits>,
@@ -41,7 +41,7 @@ pub struct HostState {
 }
 
 /// What a request may touch.
-pub struct Access {
+pub(crate) struct Access {
     pub mode: Mode,
     pub privilege: Privilege,
     /// The namespace of the code's own maps.
@@ -80,12 +80,12 @@ impl HostState {
     }
 
     /// Hands the state the instance's memory, so host calls need not look it up.
-    pub fn set_memory(&mut self, memory: Memory) {
+    pub(crate) fn set_memory(&mut self, memory: Memory) {
         self.memory = Some(memory);
     }
 
     /// The size of the instance's memory, once known.
-    pub fn memory_bytes(&self, store: &wasmtime::Store<HostState>) -> usize {
+    pub(crate) fn memory_bytes(&self, store: &wasmtime::Store<HostState>) -> usize {
         self.memory.map_or(0, |m| m.data_size(store))
     }
 
@@ -101,7 +101,7 @@ impl HostState {
 }
 
 /// Caps linear memory per instance, reporting the cap by name when a guest hits it.
-pub struct Limiter {
+pub(crate) struct Limiter {
     memory_bytes_max: usize,
     inner: StoreLimits,
 }
@@ -386,7 +386,7 @@ fn abort(mut caller: Caller<'_, HostState>, ptr: u32, len: u32) -> wasmtime::Res
 }
 
 /// A linker with the `cloister` host functions and the virtual WASI preview 1.
-pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
+pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)?;
     let m = abi::IMPORT_MODULE;

@@ -3,28 +3,28 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const MODULE_BYTES_MAX: usize = 16 << 20;
-pub const MEMORY_BYTES_MAX: usize = 64 << 20;
-pub const FUEL_PER_REQUEST: u64 = 2_000_000_000;
-pub const WALL_TIME_MS: u64 = 5_000;
-pub const STACK_BYTES_MAX: usize = 512 << 10;
-pub const REQUEST_BYTES_MAX: usize = 8 << 20;
-pub const RESPONSE_BYTES_MAX: usize = 8 << 20;
-pub const INSTANCES_MAX: u32 = 64;
+pub(crate) const MODULE_BYTES_MAX: usize = 16 << 20;
+pub(crate) const MEMORY_BYTES_MAX: usize = 64 << 20;
+pub(crate) const FUEL_PER_REQUEST: u64 = 2_000_000_000;
+pub(crate) const WALL_TIME_MS: u64 = 5_000;
+pub(crate) const STACK_BYTES_MAX: usize = 512 << 10;
+pub(crate) const REQUEST_BYTES_MAX: usize = 8 << 20;
+pub(crate) const RESPONSE_BYTES_MAX: usize = 8 << 20;
+pub(crate) const INSTANCES_MAX: u32 = 64;
 pub const KEY_BYTES_MAX: usize = 4 << 10;
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
-pub const WRITES_PER_REQUEST_MAX: usize = 100_000;
-pub const WRITE_BYTES_PER_REQUEST_MAX: usize = 64 << 20;
-pub const SCANS_PER_REQUEST_MAX: usize = 64;
-pub const LOG_BYTES_PER_REQUEST_MAX: usize = 16 << 10;
-pub const MODULES_CACHED_MAX: usize = 8;
-pub const MEMORY_KEEP_RESIDENT_BYTES: usize = 4 << 20;
+pub(crate) const WRITES_PER_REQUEST_MAX: usize = 100_000;
+pub(crate) const WRITE_BYTES_PER_REQUEST_MAX: usize = 64 << 20;
+pub(crate) const SCANS_PER_REQUEST_MAX: usize = 64;
+pub(crate) const LOG_BYTES_PER_REQUEST_MAX: usize = 16 << 10;
+pub(crate) const MODULES_CACHED_MAX: usize = 8;
+pub(crate) const MEMORY_KEEP_RESIDENT_BYTES: usize = 4 << 20;
 
 /// Fuel charged for each host call, on top of one unit per byte it moves: roughly the cost of
 /// a store lookup in wasm instructions, so host calls are not a free way around the fuel limit.
-pub const HOSTCALL_FUEL_BASE: u64 = 1_000;
+pub(crate) const HOSTCALL_FUEL_BASE: u64 = 1_000;
 /// How often the watchdog advances the engine's epoch.
-pub const EPOCH_TICK_MS: u64 = 5;
+pub(crate) const EPOCH_TICK_MS: u64 = 5;
 
 /// The contract runtime's limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,7 +34,7 @@ impl GuestOutput {
     }
 
     /// Emits the captured output as `tracing` events for the request.
-    pub fn emit(&self, request_id: &str) {
+    pub(crate) fn emit(&self, request_id: &str) {
         for (stream, text) in &self.lines {
             for line in text.lines().filter(|l| !l.is_empty()) {
                 tracing::info!(target: "cloister::guest", request_id, stream, "{line}");

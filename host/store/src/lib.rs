@@ -231,7 +231,7 @@ impl Store {
     }
 
     /// Applies several write sets, in order, and bookkeeping entries in one durable transaction.
-    pub fn apply_all(&self, writes: &[&WriteSet], meta: &[(&str, &[u8])]) -> Result<(), KvError> {
+    pub(crate) fn apply_all(&self, writes: &[&WriteSet], meta: &[(&str, &[u8])]) -> Result<(), KvError> {
         let mut batch = self.write_batch()?;
         for ws in writes {
             batch.apply(ws)?;

@@ -25,7 +25,7 @@ impl ApiError {
         ApiError::new(400, "BadRequest", message)
     }
 
-    pub fn unauthorized(message: impl Into<String>) -> Self {
+    pub(crate) fn unauthorized(message: impl Into<String>) -> Self {
         ApiError::new(401, "Unauthorized", message)
     }
 
@@ -37,15 +37,15 @@ impl ApiError {
         ApiError::new(404, "NotFound", message)
     }
 
-    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+    pub(crate) fn method_not_allowed(message: impl Into<String>) -> Self {
         ApiError::new(405, "MethodNotAllowed", message)
     }
 
-    pub fn too_large(message: impl Into<String>) -> Self {
+    pub(crate) fn too_large(message: impl Into<String>) -> Self {
         ApiError::new(413, "PayloadTooLarge", message)
     }
 
-    pub fn too_many(message: impl Into<String>) -> Self {
+    pub(crate) fn too_many(message: impl Into<String>) -> Self {
         ApiError::new(429, "TooManyRequests", message)
     }
 
@@ -58,7 +58,7 @@ impl ApiError {
     }
 
     /// An error about a transaction whose outcome this node does not know yet.
-    pub fn outcome_unknown(tx_id: Option<cloister_ledger::txid::TxId>, reason: &str) -> Self {
+    pub(crate) fn outcome_unknown(tx_id: Option<cloister_ledger::txid::TxId>, reason: &str) -> Self {
         let message = match tx_id {
             Some(id) => format!(
                 "leadership changed before transaction {id} was known to commit ({reason}); GET /node/tx?id={id} tells whether it committed"
@@ -84,7 +84,7 @@ impl ApiError {
     }
 
     /// The gRPC status for this error; its message is the JSON body.
-    pub fn to_status(&self) -> tonic::Status {
+    pub(crate) fn to_status(&self) -> tonic::Status {
         use tonic::Code;
         let code = match self.status {
             400 => Code::InvalidArgument,
@@ -104,7 +104,7 @@ impl ApiError {
     }
 
     /// An app's own error answer (non-2xx with a JSON error body), as an `ApiError`.
-    pub fn from_app(status: u16, body: &[u8]) -> ApiError {
+    pub(crate) fn from_app(status: u16, body: &[u8]) -> ApiError {
         let error = cloister_runtime::AppErrorBody::parse(body);
         ApiError {
             status,

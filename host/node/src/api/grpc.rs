@@ -50,7 +50,7 @@ async fn call(
     Ok(reply)
 }
 
-pub struct AppService(pub Arc<Service>);
+pub(crate) struct AppService(pub Arc<Service>);
 
 #[tonic::async_trait]
 impl app_pb::app_server::App for AppService {
@@ -68,7 +68,7 @@ impl app_pb::app_server::App for AppService {
     }
 }
 
-pub struct ReconcileService(pub Arc<Service>);
+pub(crate) struct ReconcileService(pub Arc<Service>);
 
 fn json_body(reply: &AppReply) -> Result<Value, Status> {
     serde_json::from_slice(&reply.body)
@@ -170,7 +170,7 @@ impl rec_pb::reconcile_server::Reconcile for ReconcileService {
 }
 
 /// The gRPC router: both services, with the body limit, plus server reflection.
-pub struct GovService(pub Arc<Service>);
+pub(crate) struct GovService(pub Arc<Service>);
 
 #[tonic::async_trait]
 impl gov_pb::gov_server::Gov for GovService {

@@ -125,7 +125,7 @@ pub fn accept(
 
 /// Serves an axum router over accepted connections, HTTP/1.1 and HTTP/2, until cancelled; then
 /// lets open requests finish.
-pub async fn serve_http(
+pub(crate) async fn serve_http(
     mut conns: mpsc::Receiver<std::io::Result<Conn>>,
     app: axum::Router,
     cancel: CancellationToken,

@@ -23,7 +23,7 @@ use cloister_runtime::{Invocation, LoadedModule, Runtime};
 use cloister_store::{Store, Tx};
 
 /// The namespace of the service's app in the store.
-pub const APP_NAMESPACE: &str = "app";
+pub(crate) const APP_NAMESPACE: &str = "app";
 
 /// A call to an app endpoint, from either frontend.
 pub struct AppCall {
@@ -45,7 +45,7 @@ pub struct AppCall {
 const GOV_FRONTEND: &str = "gov";
 
 /// The request header that asks for a linearizable read.
-pub const CONSISTENCY_HEADER: &str = "x-cloister-consistency";
+pub(crate) const CONSISTENCY_HEADER: &str = "x-cloister-consistency";
 
 /// An app's answer, with the transaction id when it committed writes.
 #[derive(Debug, Clone)]
@@ -171,7 +171,7 @@ impl Service {
     }
 
     /// The member or user behind a client certificate; anyone else is refused (401).
-    pub fn identify_known(&self, cert: Option<&[u8]>) -> Result<Caller, ApiError> {
+    pub(crate) fn identify_known(&self, cert: Option<&[u8]>) -> Result<Caller, ApiError> {
         let tx = self.store.begin()?;
         let caller = self.identify(&tx, cert, Auth::Authenticated)?;
         if caller.kind == CallerKind::Anonymous {
@@ -244,7 +244,7 @@ impl Service {
     }
 
     /// Runs an app call end to end, within `request_timeout_ms`.
-    pub async fn call_app(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
+    pub(crate) async fn call_app(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
         let timeout = Duration::from_millis(self.limits.request_timeout_ms);
         tokio::time::timeout(timeout, self.route_and_run(call)).await.unwrap_or_else(|_| {
             Err(ApiError::unavailable(format!(
@@ -404,7 +404,7 @@ impl Service {
 
     /// Runs a signed governance write on the leader (forwarding it there if need be), within
     /// `request_timeout_ms`.
-    pub async fn gov_write(
+    pub(crate) async fn gov_write(
         self: &Arc<Self>,
         write: GovWrite,
         body: bytes::Bytes,
@@ -533,7 +533,7 @@ impl Service {
     }
 
     /// Whether the node with `cert` may make a peer request of kind `rpc`.
-    pub fn authorize_peer(&self, cert: &[u8], rpc: PeerRpc) -> Result<(), tonic::Status> {
+    pub(crate) fn authorize_peer(&self, cert: &[u8], rpc: PeerRpc) -> Result<(), tonic::Status> {
         let tx = self.store.begin().map_err(|e| ApiError::from(e).to_status())?;
         let standing = attest::standing(&tx, cert).map_err(|e| ApiError::from(e).to_status())?;
         // The node id is a hash of the certificate: worked out only for a refusal's message.
@@ -553,7 +553,7 @@ impl Service {
     }
 
     /// A committed read of the governance tables.
-    pub fn gov_read<T>(&self, read: impl FnOnce(&Tx) -> Result<T, ApiError>) -> Result<T, ApiError> {
+    pub(crate) fn gov_read<T>(&self, read: impl FnOnce(&Tx) -> Result<T, ApiError>) -> Result<T, ApiError> {
         read(&self.store.begin()?)
     }
 

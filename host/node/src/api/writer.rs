@@ -30,7 +30,7 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the writer did not run a request.
 #[derive(Debug)]
-pub enum SubmitError {
+pub(crate) enum SubmitError {
     /// This node does not lead (or stopped leading before the write reached its log): run it on
     /// the leader instead.
     NotLeader,
@@ -44,7 +44,7 @@ impl From<ApiError> for SubmitError {
 }
 
 /// What a job asks the writer to commit after running, and the value its submitter gets back.
-pub struct Executed<R> {
+pub(crate) struct Executed<R> {
     pub value: R,
     /// Commit the transaction's writes (if any); otherwise answer without committing.
     pub commit: bool,
@@ -55,14 +55,14 @@ pub struct Executed<R> {
 /// A job's value once the writer is done with it: `tx_id` is the transaction it committed as,
 /// `None` when it wrote nothing.
 #[derive(Debug)]
-pub struct Written<R> {
+pub(crate) struct Written<R> {
     pub value: R,
     pub tx_id: Option<TxId>,
 }
 
 /// The work of one job: run against a transaction over the applied state plus pending writes,
 /// and hand the transaction back. On error the transaction's writes are discarded.
-pub type Work<R> = Box<dyn FnOnce(&Runtime, Tx) -> (Tx, Result<Executed<R>, ApiError>) + Send>;
+pub(crate) type Work<R> = Box<dyn FnOnce(&Runtime, Tx) -> (Tx, Result<Executed<R>, ApiError>) + Send>;
 
 /// What the writer needs of a job once it has run: what to commit, and how to answer.
 struct Staged {
@@ -111,7 +111,12 @@ impl<R: Send + 'static> Job for TypedJob<R> {
 }
 
 /// The work of an app's read-write request.
-pub fn app_work(module: Arc<LoadedModule>, namespace: String, head: RequestHead, body: bytes::Bytes) -> Work<AppReply> {
+pub(crate) fn app_work(
+    module: Arc<LoadedModule>,
+    namespace: String,
+    head: RequestHead,
+    body: bytes::Bytes,
+) -> Work<AppReply> {
     Box::new(move |runtime, tx| {
         let inv = Invocation {
             head: &head,
@@ -143,7 +148,7 @@ pub fn app_work(module: Arc<LoadedModule>, namespace: String, head: RequestHead,
 
 /// The handle requests use to reach the writer thread. Dropping it ends the thread once the
 /// queued work is done, and waits for that.
-pub struct Writer {
+pub(crate) struct Writer {
     queue: Option<SyncSender<Box<dyn Job>>>,
     queue_max: usize,
     thread: Option<std::thread::JoinHandle<()>>,
