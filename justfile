@@ -19,7 +19,8 @@ ci:
 
 # Benchmarks, each printing its figures against its goal.
 bench:
-    cargo bench -p cloister-host --bench runtime
+    cargo bench -p cloister-runtime --bench runtime
+    cargo bench -p cloister-ledger --bench ledger
 
 # A local network: identities, one process per node, the reconcile app.
 sandbox *args:
@@ -32,3 +33,16 @@ bench-node *args:
 # Build one contract by hand, the way a contract developer would.
 contract name="reconcile":
     cargo build --release --target wasm32-wasip1 -p {{name}}
+
+# The crash loop at length: ROUNDS SIGKILLs at random moments under load, on 1 and 3 nodes.
+crash-loop rounds="300":
+    CLOISTER_CRASH_ROUNDS={{rounds}} cargo test -p cloister-tests --test crash_loop -- --nocapture --test-threads 1
+
+# The fast test tier: unit tests and in-process services.
+test-fast:
+    cargo test-fast
+
+# Property tests of every parser of untrusted bytes, at length: CASES per target (CI runs 256).
+fuzz cases="1000000":
+    CLOISTER_FUZZ_CASES={{cases}} cargo test --release --workspace --lib fuzz
+    CLOISTER_FUZZ_CASES={{cases}} cargo test --release -p cloister-attestation --test fuzz

@@ -133,6 +133,54 @@ async fn every_proposal_state() {
     assert!(tx.get(gov::APP_CONFIG, b"misbehave").unwrap().is_some());
 }
 
+/// The superseded-ballot attack, as reproduced on a sandbox: member1 approves, then changes its
+/// ballot to reject. Anyone, with no client certificate, takes the approve ballot from
+/// `gov.history`, re-encodes it (an unprotected header entry) and posts it again. Before
+/// requests were identified by what was signed, that was accepted and the proposal passed
+/// against member1's final intent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_ballot_cannot_come_back() {
+    let s = TestService::start(3, 0, RECONCILE, Default::default()).await;
+    let c = s.member(0).await;
+    let (m0, m1, m2) = (&s.members[0].keyed, &s.members[1].keyed, &s.members[2].keyed);
+    let id = propose(&c, m0, threshold(2)).await;
+    let now = unix_now();
+    let ballot =
+        |who: &KeyedCert, yes: bool, at: u64| sign_gov(who, &GovWrite::Vote(id.clone()), &approve(yes), at).unwrap();
+    let anyone = s.client(None).await;
+    let post = |body: Vec<u8>| {
+        let anyone = anyone.clone();
+        let path = GovWrite::Vote(id.clone()).path();
+        async move { anyone.post(&path, COSE_CONTENT_TYPE, body).await.unwrap() }
+    };
+    let approve_bytes = ballot(m1, true, now - 2);
+    assert_eq!(post(approve_bytes.clone()).await.status, 200, "member1 approves");
+    assert_eq!(post(ballot(m1, false, now - 1)).await.status, 200, "member1 changes its ballot to reject");
+    assert_eq!(post(ballot(m2, true, now)).await.json().unwrap()["state"], "Open", "1 of 3 approve");
+
+    // The attacker's copy: the approve ballot from gov.history, one unprotected entry added.
+    let tx = s.node().service().store().begin().unwrap();
+    let history = gov::all::<HistoryRecord>(&tx, gov::HISTORY).unwrap();
+    assert!(history.iter().any(|(_, r)| r.cose == b64(&approve_bytes)), "the approve ballot is public in gov.history");
+    let mut copy = <coset::CoseSign1 as coset::CborSerializable>::from_slice(&approve_bytes).unwrap();
+    copy.unprotected.rest.push((coset::Label::Int(99), coset::cbor::value::Value::Integer(1.into())));
+    let reencoded = coset::CborSerializable::to_vec(copy).unwrap();
+    let refused = post(reencoded).await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(refused.text().contains("unprotected header must be empty"), "{}", refused.text());
+    // The verbatim copy is a replay; a ballot member1 signed before its last one is superseded.
+    let replay = post(approve_bytes).await;
+    assert_eq!(replay.status, 409, "{}", replay.text());
+    assert!(replay.text().contains("Replay"), "{}", replay.text());
+    let older = post(ballot(m1, true, now - 3)).await;
+    assert_eq!(older.status, 409, "{}", older.text());
+    assert!(older.text().contains("Superseded"), "{}", older.text());
+
+    let after = state(&c, &id).await;
+    assert_eq!(after["state"], "Open", "member1's final intent stands: {after}");
+    assert_eq!(after["ballots"][&s.members[1].id], false, "{after}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_requests_change_nothing() {
     let s = TestService::start(2, 1, RECONCILE, Default::default()).await;
@@ -204,8 +252,8 @@ async fn refused_requests_change_nothing() {
     assert!(history.len() >= 8, "{}", history.len());
     for (digest, record) in history {
         let bytes = base64::engine::general_purpose::STANDARD.decode(&record.cose).unwrap();
-        assert_eq!(blake3::hash(&bytes).to_hex().to_string(), digest);
         let request = cose::parse(&bytes).unwrap();
+        assert_eq!(request.digest(), digest, "kept under its identity: the digest of what was signed");
         let member = gov::member(&tx, &request.signer).unwrap().unwrap();
         request.verify(&member.cert).unwrap();
     }

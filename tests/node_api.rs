@@ -185,6 +185,21 @@ async fn request_timeout_and_inflight_limits() {
     let timed_out = spinning.await.unwrap();
     assert_error(&timed_out, 503, "ServiceUnavailable", "request_timeout_ms");
     assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
+
+    // A write queued behind a busy writer whose caller gives up is dropped before it runs:
+    // it neither spends the writer nor commits after its caller was told it timed out.
+    let busy = tokio::spawn({
+        let m = service.member(1).await;
+        async move { m.post("/app/loop", "text/plain", "").await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let given_up = m.post("/app/put/late", "text/plain", "late").await.unwrap();
+    assert_error(&given_up, 503, "ServiceUnavailable", "request_timeout_ms");
+    busy.await.unwrap();
+    // The loop ends at wall_time_ms (2 s); anything still queued would have run by then.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(m.get("/app/get/late").await.unwrap().status, 404, "the abandoned write never ran");
+    assert_eq!(m.post("/app/put/next", "text/plain", "x").await.unwrap().status, 204, "the writer is free");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,6 +247,32 @@ async fn connections_beyond_the_limit_wait() {
     let second =
         tokio::time::timeout(Duration::from_secs(5), service.member(0)).await.expect("accepted once the slot frees");
     assert_eq!(second.get("/app/noop").await.unwrap().status, 204);
+}
+
+/// One address held 1,100 idle TCP connections (no TLS bytes) and a health check from another
+/// client waited 7.4 s for a slot. Connections per address are bounded, and one that sends
+/// nothing is closed after `hello_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_lock_others_out() {
+    let service = TestService::start(1, 0, RECONCILE, Limits::default()).await;
+    let authority = service.rest_url().trim_start_matches("https://").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..3_000 {
+        if let Ok(Ok(tcp)) =
+            tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(&authority)).await
+        {
+            idle.push(tcp);
+        }
+    }
+    assert!(idle.len() >= 1_100, "the idle connections were made: {}", idle.len());
+    let started = Instant::now();
+    let other: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
+    let client = cloister_client::Client::connect_from(&service.rest_url(), &service.ca_pem, None, Some(other))
+        .await
+        .expect("another address connects");
+    assert_eq!(client.get("/node/health").await.unwrap().status, 200);
+    assert!(started.elapsed() < Duration::from_secs(1), "answered after {:?}", started.elapsed());
+    drop(idle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,4 +334,86 @@ async fn state_survives_a_restart() {
     assert!(id.seqno > first.seqno, "{id} follows {first}");
     let status = client.get(&format!("/node/tx?id={id}")).await.unwrap().json().unwrap();
     assert_eq!(status["status"], "Committed");
+}
+
+/// Writes member `who` commits one after another for `window`: the rate of acknowledged writes.
+async fn write_rate(who: &Client, window: Duration, tag: &str) -> f64 {
+    let started = Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < window {
+        let body = serde_json::to_vec(&serde_json::json!({ "lei": format!("{tag}-{n:06}"), "nace": "X" })).unwrap();
+        let reply = who.post("/app/ingest", "application/json", body).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        n += 1;
+    }
+    f64::from(n) / started.elapsed().as_secs_f64()
+}
+
+/// Forged signed requests — a real member's `kid`, the current time, a signature that does not
+/// verify — need no client certificate. They used to be parsed and verified on the one writer
+/// thread, in the queue with every app write; now they are checked on the blocking pool, bounded
+/// per source address and overall (429 with Retry-After), and never reach the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_governance_requests_does_not_starve_app_writes() {
+    let service = TestService::start(2, 0, RECONCILE, Limits::default()).await;
+    let writer = service.member(1).await;
+    let window = Duration::from_secs(3);
+    let proposals = async || service.member(0).await.get("/gov/proposals").await.unwrap().json().unwrap();
+    let filed_before = proposals().await;
+    let unloaded = write_rate(&writer, window, "calm").await;
+
+    // A genuine ballot of member0's with one bit of its signature's r flipped: canonical, low-S,
+    // and refused only by the signature check.
+    let proposal = serde_json::json!({ "actions": [{ "name": "set_recovery_threshold", "args": { "threshold": 1 } }] });
+    let write = cloister_crypto::cose::GovWrite::Propose;
+    let mut forged =
+        cloister_client::sign_gov(&service.members[0].keyed, &write, &proposal, cloister_client::unix_now()).unwrap();
+    let r_last = forged.len() - 96 + 47;
+    forged[r_last] ^= 1;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..16)
+        .map(|_| {
+            let (service_url, ca, forged, stop) =
+                (service.rest_url(), service.ca_pem.clone(), forged.clone(), stop.clone());
+            tokio::spawn(async move {
+                let anyone = Client::connect(&service_url, &ca, None).await.unwrap();
+                let (mut refused, mut busy) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let reply = anyone
+                        .post("/gov/proposals", cloister_client::COSE_CONTENT_TYPE, forged.clone())
+                        .await
+                        .unwrap();
+                    match reply.status {
+                        401 => refused += 1,
+                        429 => {
+                            assert_eq!(reply.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+                            busy += 1;
+                        }
+                        other => panic!("a forged request answered {other}: {}", reply.text()),
+                    }
+                }
+                (refused, busy)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let loaded = write_rate(&writer, window, "flood").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut refused, mut busy) = (0, 0);
+    for f in flooders {
+        let (r, b) = f.await.unwrap();
+        refused += r;
+        busy += b;
+    }
+    println!(
+        "app writes: {unloaded:.0}/s unloaded, {loaded:.0}/s under a flood of {} forged governance requests \
+         ({refused} refused 401 after the signature check, {busy} refused 429 before it): {:.2}x",
+        refused + busy,
+        loaded / unloaded
+    );
+    assert!(refused > 0 && busy > 0, "the flood was checked ({refused}) and bounded ({busy})");
+    // The flood's clients share this machine's two cores with the node, so some slowdown is the
+    // machine's; starvation (the writer busy with forged requests) would take writes near zero.
+    assert!(loaded >= 0.1 * unloaded, "app writes starved: {loaded:.0}/s against {unloaded:.0}/s");
+    assert_eq!(proposals().await, filed_before, "nothing forged was filed");
 }

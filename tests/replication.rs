@@ -3,23 +3,15 @@
 //! minority partition.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cloister_bundled::RECONCILE;
 use cloister_client::Client;
-use cloister_tests::cluster::Cluster;
+use cloister_tests::cluster::{Cluster, Load, check_outcomes, tx_status};
 use serde_json::json;
 
 fn record(key: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({"lei": key, "nace": "X"})).unwrap()
-}
-
-async fn tx_status(cluster: &Cluster, node: usize, tx: &str) -> String {
-    let client = cluster.client(node, 0).await.unwrap();
-    let reply = client.get(&format!("/node/tx?id={tx}")).await.unwrap();
-    reply.json().unwrap()["status"].as_str().unwrap().to_owned()
 }
 
 /// Waits until node `node` lists every key in `keys`.
@@ -71,54 +63,10 @@ async fn writes_on_the_leader_and_through_a_follower_reach_every_node() {
     assert_eq!(read.status, 200, "{}", read.text());
 }
 
-#[derive(Debug)]
-enum Outcome {
-    Acked(String),
-    Unknown(Option<String>),
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_repeated_leader_kills() {
     let mut c = Cluster::start(3, 1, RECONCILE, |cfg| cfg.limits.request_timeout_ms = 8_000).await;
-    let urls: Vec<String> = c.nodes.iter().map(|n| n.rest_url.clone()).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..6)
-        .map(|w| {
-            let (urls, stop) = (urls.clone(), stop.clone());
-            let (ca, id) = (c.ca_pem.clone(), c.members[0].keyed.clone());
-            tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                let mut target = w % urls.len();
-                let mut client: Option<Client> = None;
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    if client.is_none() {
-                        client = Client::connect(&urls[target], &ca, Some(&id)).await.ok();
-                        if client.is_none() {
-                            target = (target + 1) % urls.len();
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    }
-                    let (a, b) = (format!("w{w}-{n}-a"), format!("w{w}-{n}-b"));
-                    let body = serde_json::to_vec(&json!([{"lei": a, "nace": "X"}, {"lei": b, "nace": "X"}])).unwrap();
-                    let outcome = match client.as_ref().unwrap().post("/app/ingest", "application/json", body).await {
-                        Ok(r) if r.status == 200 => Outcome::Acked(r.tx_id().expect("acked writes carry a tx id")),
-                        Ok(r) => Outcome::Unknown(r.tx_id()),
-                        Err(_) => {
-                            client = None;
-                            target = (target + 1) % urls.len();
-                            Outcome::Unknown(None)
-                        }
-                    };
-                    outcomes.push((a, b, outcome));
-                    n += 1;
-                }
-                outcomes
-            })
-        })
-        .collect();
-
+    let load = Load::start(&c, 6);
     for round in 0..5 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let leader = c.leader().await.unwrap_or_else(|| panic!("round {round}: no leader"));
@@ -127,35 +75,15 @@ async fn acknowledged_writes_survive_repeated_leader_kills() {
         c.spawn(leader);
         c.wait_stable(3, Duration::from_secs(60)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut outcomes = Vec::new();
-    for w in writers {
-        outcomes.extend(w.await.unwrap());
-    }
+    let outcomes = load.finish().await;
     c.wait_stable(3, Duration::from_secs(60)).await;
-
-    let acked = outcomes.iter().filter(|(.., o)| matches!(o, Outcome::Acked(_))).count();
-    assert!(acked >= 50, "too little load got through: {acked} of {} writes acknowledged", outcomes.len());
-    let keys = c.report_keys(0, 0).await.unwrap();
-    for node in 1..3 {
-        assert_eq!(c.report_keys(node, 0).await.unwrap(), keys, "node{node} agrees with node0");
-    }
-    for (a, b, outcome) in &outcomes {
-        let (has_a, has_b) = (keys.contains(a), keys.contains(b));
-        assert_eq!(has_a, has_b, "{a}/{b} ({outcome:?}) is half-applied");
-        match outcome {
-            Outcome::Acked(tx) => {
-                assert!(has_a, "acknowledged write {a} ({tx}) was lost");
-                assert_eq!(tx_status(&c, 0, tx).await, "Committed");
-            }
-            Outcome::Unknown(Some(tx)) => {
-                let status = tx_status(&c, 0, tx).await;
-                let want = if has_a { "Committed" } else { "Invalid" };
-                assert_eq!(status, want, "{a}: {tx} is {status} but present={has_a}");
-            }
-            Outcome::Unknown(None) => {}
-        }
-    }
+    let checked = check_outcomes(&c, &outcomes).await;
+    assert!(
+        checked.acked >= 50,
+        "too little load got through: {} of {} writes acknowledged",
+        checked.acked,
+        outcomes.len()
+    );
 }
 
 /// A follower stopped during 10,000 writes catches up when it restarts.
@@ -247,6 +175,71 @@ async fn a_minority_commits_nothing() {
         let status = tx_status(&c, leader, &tx).await;
         assert_eq!(status, if present { "Committed" } else { "Invalid" });
     }
+}
+
+/// The stall reproduced on a 3-node sandbox: one user sends ten concurrent ~5 MB ingests (10,000
+/// records each, fields near their byte limits). Replication batches used to be bounded by entry
+/// count only: ten such entries made one AppendEntries message over the peer message cap, which
+/// failed to encode and was retried forever, so the committed position never moved again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_large_ingests_do_not_stall_replication() {
+    // Ten 5 MB ingests take a while on a debug build of two cores, and keep both cores busy: the
+    // point is that they finish, so elections are given more room than the fault tests give them.
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
+        cfg.limits.request_timeout_ms = 240_000;
+        cfg.raft.heartbeat_interval_ms = 250;
+        cfg.raft.election_timeout_min_ms = 2_000;
+        cfg.raft.election_timeout_max_ms = 4_000;
+    })
+    .await;
+    let leader = c.leader().await.expect("a leader");
+    let batch = |n: usize| -> Vec<u8> {
+        let rows: Vec<_> = (0..10_000)
+            .map(|i| json!({ "lei": format!("{n:02}-{i:05}-{}", "k".repeat(230)), "nace": "v".repeat(250) }))
+            .collect();
+        serde_json::to_vec(&rows).unwrap()
+    };
+    let client = c.client(leader, 0).await.unwrap();
+    let bodies: Vec<Vec<u8>> = (0..10).map(batch).collect();
+    assert!(bodies.iter().all(|b| b.len() > 5_000_000), "each ingest is over 5 MB");
+    let sent = bodies.into_iter().map(|body| {
+        let client = client.clone();
+        tokio::spawn(async move { client.post("/app/ingest", "application/json", body).await.unwrap() })
+    });
+    // Each ingest is answered: committed, or (should leadership move under the load) refused with
+    // its outcome unknown. None may wait out the request timeout: that is the stall.
+    let mut committed = 0;
+    for (n, reply) in futures::future::join_all(sent).await.into_iter().enumerate() {
+        let reply = reply.unwrap();
+        let text: String = reply.text().chars().take(300).collect();
+        match reply.status {
+            200 => committed += 1,
+            503 => assert!(text.contains("TransactionOutcomeUnknown"), "ingest {n}: {text}"),
+            other => panic!("ingest {n} answered {other}: {text}"),
+        }
+    }
+    println!("{committed} of 10 large ingests acknowledged");
+    // Afterwards a small write commits within seconds, and every node applies everything.
+    let started = Instant::now();
+    let small = client.post("/app/ingest", "application/json", record("AFTER-LARGE")).await.unwrap();
+    assert_eq!(small.status, 200, "{}", small.text());
+    assert!(started.elapsed() < Duration::from_secs(10), "a 1-record write took {:?}", started.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let applied: BTreeSet<String> = futures::future::join_all((0..3).map(|i| c.network(i)))
+            .await
+            .into_iter()
+            .map(|n| n.map(|n| n["applied"].to_string()).unwrap_or_default())
+            .collect();
+        let leader_applied = c.network(leader).await.unwrap()["applied"].to_string();
+        if applied.len() == 1 && applied.contains(&leader_applied) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nodes did not catch up: {applied:?}\n{}", c.log(leader));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let log = c.log(leader);
+    assert!(!log.contains("exceeds the peer message cap"), "no replication message went over the cap");
 }
 
 /// Waits until `node` sees `voters` voters and a leader.

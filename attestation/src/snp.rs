@@ -45,6 +45,16 @@ pub(crate) fn write_signature(raw: &mut [u8], signature: &p384::ecdsa::Signature
 
 /// Reads the ECDSA signature out of a raw report.
 pub(crate) fn read_signature(raw: &[u8]) -> Result<p384::ecdsa::Signature, Refusal> {
+    // r and s are followed by reserved bytes, which AMD's firmware leaves zero. They are outside
+    // what the signature covers, so anything else there would be a second encoding of the same
+    // signed report.
+    let reserved = &raw[SIGNATURE_OFFSET + 2 * SIGNATURE_COMPONENT_LEN..REPORT_LEN];
+    if reserved.iter().any(|b| *b != 0) {
+        return Err(Refusal::new(
+            Check::ReportSignature,
+            "the reserved bytes after the report's signature are not zero",
+        ));
+    }
     let mut components = [[0u8; 48]; 2];
     for (i, component) in components.iter_mut().enumerate() {
         let start = SIGNATURE_OFFSET + i * SIGNATURE_COMPONENT_LEN;

@@ -1,36 +1,16 @@
 //! Azure vTPM evidence through the whole verifier: an HCL report around a mock-signed SNP report, and
 //! a vTPM quote by the AK that var_data names. Each link of the chain, broken, is refused at its check.
 
-use std::sync::OnceLock;
+mod common;
 
 use cloister_attestation::azure::{self, AzureEvidence};
 use cloister_attestation::mock::{self, MockConfig, MockFirmware, MockRoot};
-use cloister_attestation::{Check, Evidence, Kind, Nonce, Policy, Roots, binding, verify};
-use rsa::RsaPrivateKey;
+use cloister_attestation::{Check, Evidence, Kind, Nonce, binding, verify};
+use common::{fixtures, policy};
 
 const NODE_KEY: &[u8] = b"a node's SubjectPublicKeyInfo";
 /// Where the SNP report sits in the HCL report: after the 32-byte HCL header.
 const HCL_SNP_REPORT_OFFSET: usize = 32;
-
-/// Key generation dominates: one test root, one firmware and one AK serve every test.
-fn fixtures() -> &'static (MockRoot, MockFirmware, RsaPrivateKey) {
-    static FIXTURES: OnceLock<(MockRoot, MockFirmware, RsaPrivateKey)> = OnceLock::new();
-    FIXTURES.get_or_init(|| {
-        let root = MockRoot::generate();
-        let firmware = MockFirmware::new(&root, MockConfig::default());
-        let ak = RsaPrivateKey::new(&mut rand_core::OsRng, 2048).expect("an RSA key");
-        (root, firmware, ak)
-    })
-}
-
-fn policy() -> Policy {
-    Policy {
-        roots: Roots::Mock { ark: fixtures().0.ark_der() },
-        measurements: [hex::encode(mock::default_measurement())].into(),
-        host_data: [hex::encode([0u8; 32])].into(),
-        min_tcb: mock::MOCK_TCB_DEFAULT,
-    }
-}
 
 /// Evidence from a mock Azure CVM whose vTPM quote carries `user_data`.
 fn azure_evidence(user_data: &[u8; 64]) -> AzureEvidence {

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cloister_cli::local::{LocalNetwork, NodeAddrs, NodeProcess};
@@ -237,4 +239,120 @@ impl Cluster {
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// `/node/tx` for `tx`, as node `node` answers it.
+pub async fn tx_status(cluster: &Cluster, node: usize, tx: &str) -> String {
+    let client = cluster.client(node, 0).await.unwrap();
+    let reply = client.get(&format!("/node/tx?id={tx}")).await.unwrap();
+    reply.json().unwrap()["status"].as_str().unwrap().to_owned()
+}
+
+/// What became of one write.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Answered 200 with this transaction id.
+    Acked(String),
+    /// No answer, or an error (with the transaction id when the node knew it).
+    Unknown(Option<String>),
+}
+
+/// Writers that each ingest a pair of keys (`w{w}-{n}-a`, `w{w}-{n}-b`) per transaction, one
+/// after another, moving to the next node whenever theirs stops answering, until finished.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<Vec<(String, String, Outcome)>>>,
+}
+
+impl Load {
+    pub fn start(c: &Cluster, writers: usize) -> Load {
+        let urls: Vec<String> = c.nodes.iter().map(|n| n.rest_url.clone()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = (0..writers)
+            .map(|w| {
+                let (urls, stop) = (urls.clone(), stop.clone());
+                let (ca, id) = (c.ca_pem.clone(), c.members[0].keyed.clone());
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    let mut target = w % urls.len();
+                    let mut client: Option<Client> = None;
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        if client.is_none() {
+                            client = Client::connect(&urls[target], &ca, Some(&id)).await.ok();
+                            if client.is_none() {
+                                target = (target + 1) % urls.len();
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        }
+                        let (a, b) = (format!("w{w}-{n}-a"), format!("w{w}-{n}-b"));
+                        let body =
+                            serde_json::to_vec(&serde_json::json!([{"lei": a, "nace": "X"}, {"lei": b, "nace": "X"}]))
+                                .unwrap();
+                        let sent = client.as_ref().unwrap().post("/app/ingest", "application/json", body).await;
+                        let outcome = match sent {
+                            Ok(r) if r.status == 200 => Outcome::Acked(r.tx_id().expect("acked writes carry a tx id")),
+                            Ok(r) => Outcome::Unknown(r.tx_id()),
+                            Err(_) => {
+                                client = None;
+                                target = (target + 1) % urls.len();
+                                Outcome::Unknown(None)
+                            }
+                        };
+                        outcomes.push((a, b, outcome));
+                        n += 1;
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        Load { stop, writers }
+    }
+
+    /// Stops the writers and returns every write's outcome.
+    pub async fn finish(self) -> Vec<(String, String, Outcome)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut outcomes = Vec::new();
+        for w in self.writers {
+            outcomes.extend(w.await.unwrap());
+        }
+        outcomes
+    }
+}
+
+/// What [`check_outcomes`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct Checked {
+    pub writes: usize,
+    pub acked: usize,
+}
+
+/// Checks a load's outcomes against a settled network: every node holds the same keys; no
+/// write is half-applied; every acknowledged write is present and Committed; a write whose
+/// outcome was unknown is Committed exactly when present. Panics naming the first violation.
+pub async fn check_outcomes(c: &Cluster, outcomes: &[(String, String, Outcome)]) -> Checked {
+    let keys = c.report_keys(0, 0).await.unwrap();
+    for node in 1..c.nodes.len() {
+        assert_eq!(c.report_keys(node, 0).await.unwrap(), keys, "node{node} agrees with node0");
+    }
+    let mut acked = 0;
+    for (a, b, outcome) in outcomes {
+        let (has_a, has_b) = (keys.contains(a), keys.contains(b));
+        assert_eq!(has_a, has_b, "{a}/{b} ({outcome:?}) is half-applied");
+        match outcome {
+            Outcome::Acked(tx) => {
+                acked += 1;
+                assert!(has_a, "acknowledged write {a} ({tx}) was lost");
+                assert_eq!(tx_status(c, 0, tx).await, "Committed");
+            }
+            Outcome::Unknown(Some(tx)) => {
+                let status = tx_status(c, 0, tx).await;
+                let want = if has_a { "Committed" } else { "Invalid" };
+                assert_eq!(status, want, "{a}: {tx} is {status} but present={has_a}");
+            }
+            Outcome::Unknown(None) => {}
+        }
+    }
+    Checked { writes: outcomes.len(), acked }
 }

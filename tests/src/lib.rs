@@ -143,3 +143,16 @@ pub fn mock_root_dir() -> PathBuf {
 pub fn mock_attestation() -> cloister_node::config::AttestationSection {
     cloister_cli::local::mock_attestation(mock_root_dir())
 }
+
+/// `cloister ledger verify DIR --service-cert CERT`, as an auditor runs it: whether it passed, and
+/// what it printed.
+pub fn ledger_verify(dir: &std::path::Path, service_cert: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new(cli_exe())
+        .args(["ledger", "verify"])
+        .arg(dir)
+        .arg("--service-cert")
+        .arg(service_cert)
+        .output()
+        .expect("the CLI runs");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}

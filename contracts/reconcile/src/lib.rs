@@ -271,3 +271,42 @@ mod tests {
         assert!(cloister_sdk::abi::check_write("gov.app_config", cloister_sdk::Mode::Readwrite).is_err());
     }
 }
+
+/// Property tests: any body to either ingest endpoint — arbitrary bytes, or CSV and JSON shaped
+/// almost right — is answered 200 or 4xx with the rows it refused, never a panic, and a refused
+/// batch changes nothing.
+#[cfg(test)]
+mod fuzz {
+    use cloister_sdk::Caller;
+    use cloister_sdk::testing::MemoryHost;
+    use cloister_test_support::config;
+    use cloister_test_support::proptest::prelude::*;
+
+    use super::router;
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..2048),
+            "[a-z,\"\\n ]{0,300}".prop_map(|s| format!("lei,nace\n{s}").into_bytes()),
+            "[\\[\\]{}:,\"a-z0-9 ]{0,300}".prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_ingest_body_is_answered_and_a_refusal_changes_nothing(bytes in body(), csv in any::<bool>()) {
+            let mut host = MemoryHost::new(router());
+            let party = Caller::member("party");
+            let path = if csv { "/csv/ingest" } else { "/ingest" };
+            let before = host.call(&party, "GET", "/report", "").body;
+            let reply = host.call(&party, "POST", path, &bytes);
+            let status = reply.head.status;
+            prop_assert!(status == 200 || (400..500).contains(&status), "answered {status}");
+            if status != 200 {
+                prop_assert_eq!(host.call(&party, "GET", "/report", "").body, before, "a refused batch wrote");
+            }
+        }
+    }
+}

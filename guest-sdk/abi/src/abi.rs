@@ -449,3 +449,35 @@ mod tests {
         assert!(old.check().unwrap_err().contains("ABI 2"));
     }
 }
+
+/// Property tests: any bytes as an envelope are refused by name, never a panic, never an
+/// allocation out of proportion to the input.
+#[cfg(test)]
+mod fuzz {
+    use cloister_test_support::proptest::prelude::*;
+    use cloister_test_support::{config, largest_allocation};
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_envelope_is_refused_or_read(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let (result, largest) = largest_allocation(|| unframe::<RequestHead>(&bytes).map(|(h, b)| (h, b.len())));
+            prop_assert!(largest <= 16 * bytes.len() + 65_536, "allocated {largest} bytes for {}", bytes.len());
+            if let Ok((_, body)) = result {
+                prop_assert!(body <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn a_framed_head_with_any_body_round_trips(method in "[A-Z]{1,8}", path in "/[a-z/]{0,40}", body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let head = RequestHead { method, path, ..Default::default() };
+            let framed = frame(&head, &body);
+            let (back, rest): (RequestHead, _) = unframe(&framed).unwrap();
+            prop_assert_eq!(back, head);
+            prop_assert_eq!(rest, &body[..]);
+        }
+    }
+}

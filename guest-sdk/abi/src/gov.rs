@@ -28,6 +28,10 @@ pub const PROPOSALS: &str = "gov.proposals";
 pub const BALLOTS: &str = "gov.ballots";
 /// Every accepted signed request, verbatim, by the hex blake3 of its bytes: [`HistoryRecord`].
 pub const HISTORY: &str = "gov.history";
+/// The newest `created_at` among each member's accepted requests of one kind, per proposal: key
+/// `"{member}/{msg_type}/{proposal_id}"` (no proposal id for proposals and acks), value the
+/// seconds as JSON. A request signed before it is refused as superseded.
+pub const REQUEST_TIMES: &str = "gov.request_times";
 /// Key [`CONSTITUTION_KEY`]: the constitution's wasm (raw bytes).
 pub const CONSTITUTION: &str = "gov.constitution";
 pub const CONSTITUTION_KEY: &[u8] = b"wasm";

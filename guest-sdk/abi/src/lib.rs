@@ -5,6 +5,11 @@
 //! request envelope, the manifest and the map rules; [`gov`] holds the governance records the
 //! constitution writes and the node reads.
 
+/// Property tests measure their allocations (see `cloister-test-support`).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: cloister_test_support::TrackingAllocator = cloister_test_support::TrackingAllocator;
+
 pub mod abi;
 pub mod gov;
 

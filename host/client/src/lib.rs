@@ -60,10 +60,30 @@ fn endpoint(url: &str) -> anyhow::Result<(String, ServerName<'static>)> {
 impl Client {
     /// Connects to `https://host:port`, trusting only the service CA, presenting `identity`.
     pub async fn connect(url: &str, service_ca_pem: &[u8], identity: Option<&KeyedCert>) -> anyhow::Result<Client> {
+        Client::connect_from(url, service_ca_pem, identity, None).await
+    }
+
+    /// As [`Client::connect`], from local address `local` (an IP with port 0 picks any port).
+    pub async fn connect_from(
+        url: &str,
+        service_ca_pem: &[u8],
+        identity: Option<&KeyedCert>,
+        local: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<Client> {
         let (authority, server_name) = endpoint(url)?;
         let config = tls::client_config(service_ca_pem, identity, true)?;
-        let tcp =
-            tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connecting to {authority}"))?;
+        let connecting = async {
+            let Some(local) = local else { return tokio::net::TcpStream::connect(&authority).await };
+            let remote = tokio::net::lookup_host(&authority)
+                .await?
+                .find(|a| a.is_ipv4() == local.is_ipv4())
+                .ok_or_else(|| std::io::Error::other(format!("{authority} has no address of {local}'s family")))?;
+            let socket =
+                if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(local)?;
+            socket.connect(remote).await
+        };
+        let tcp = connecting.await.with_context(|| format!("connecting to {authority}"))?;
         tcp.set_nodelay(true)?;
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(server_name, tcp)
@@ -129,7 +149,7 @@ pub const COSE_CONTENT_TYPE: &str = "application/cose";
 impl Client {
     /// Signs `payload` as `who` for a governance write (created now) and sends it.
     pub async fn gov(&self, who: &KeyedCert, write: &GovWrite, payload: &serde_json::Value) -> anyhow::Result<Reply> {
-        let signed = sign_gov(who, write, payload, unix_now())?;
+        let signed = sign_gov(who, write, payload, next_created_at(&who.id()?))?;
         self.post(&write.path(), COSE_CONTENT_TYPE, signed).await
     }
 
@@ -164,6 +184,19 @@ impl Client {
         }
         Ok((id, state))
     }
+}
+
+/// The `created_at` for `signer`'s next request from this process: the clock, but always after
+/// the last one this process signed for that signer. A request's identity is what was signed, so
+/// two requests with the same content signed within one second would otherwise be one request
+/// (the second a replay); this keeps a member's tool from losing a request to timing.
+pub fn next_created_at(signer: &str) -> u64 {
+    static LAST: std::sync::Mutex<Option<std::collections::HashMap<String, u64>>> = std::sync::Mutex::new(None);
+    let now = unix_now();
+    let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let entry = last.get_or_insert_with(Default::default).entry(signer.to_owned()).or_default();
+    *entry = now.max(*entry + 1);
+    *entry
 }
 
 /// Signs a governance request body for `write`, created at `created_at` (Unix seconds).

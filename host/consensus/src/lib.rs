@@ -4,6 +4,11 @@
 //! This is the only module that imports openraft. Everything else sees [`Consensus`]: propose a
 //! transaction, ask who leads, ask a transaction's fate, add or remove a node.
 
+/// Unit and property tests measure their allocations (see `cloister-test-support`).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: cloister_test_support::TrackingAllocator = cloister_test_support::TrackingAllocator;
+
 mod log_store;
 mod network;
 mod server;
@@ -24,7 +29,9 @@ use openraft::errors::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ReadPolicy, ServerState};
 use serde::{Deserialize, Serialize};
 
-pub use network::{PEER_MESSAGE_BYTES_MAX, Peers};
+pub use network::{
+    ENTRY_BYTES_MAX, PEER_MESSAGE_BYTES_MAX, Peers, REPLICATION_BATCH_BYTES_MAX, REPLICATION_BYTES_PER_S_MIN,
+};
 
 /// How long a joining node waits between attempts to attest or to be admitted.
 pub const JOIN_RETRY_MS: u64 = 500;
@@ -40,6 +47,12 @@ use state_machine::StateMachine;
 use types::{Raft, tx_id};
 
 pub use cloister_crypto::node_id_of;
+
+/// The bytes a transaction takes in the replicated log, as it is sent to peers (within a few
+/// bytes of framing): compare with [`ENTRY_BYTES_MAX`].
+pub fn entry_bytes(entry: &TxEntry) -> usize {
+    types::encode(entry).len()
+}
 
 /// Why a proposal did not commit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

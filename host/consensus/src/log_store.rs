@@ -17,6 +17,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::network::REPLICATION_BATCH_BYTES_MAX;
 use super::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -131,6 +132,25 @@ impl RaftLogReader<TypeConfig> for LogStore {
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
         self.meta(VOTE)
+    }
+
+    /// Entries from `start` for one AppendEntries message: up to `end`, but no more than
+    /// [`REPLICATION_BATCH_BYTES_MAX`] of them by stored size (at least one), so a batch never
+    /// exceeds the peer message cap however large its entries are.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        let read = self.db.begin_read().map_err(io_err)?;
+        let table = read.open_table(LOG).map_err(io_err)?;
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        for item in table.range::<u64>(start..end).map_err(io_err)? {
+            let (_, v) = item.map_err(io_err)?;
+            bytes += v.value().len();
+            if !entries.is_empty() && bytes > REPLICATION_BATCH_BYTES_MAX {
+                break;
+            }
+            entries.push(decode(v.value(), "a log entry")?);
+        }
+        Ok(entries)
     }
 }
 

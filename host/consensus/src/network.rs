@@ -20,6 +20,21 @@ use cloister_crypto::identity::KeyedCert;
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Largest message a peer accepts: a batch of log entries or a snapshot chunk.
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Most bytes of log entries the leader puts in one AppendEntries message, by their stored size:
+/// a sixteenth of [`PEER_MESSAGE_BYTES_MAX`]. A batch stops before the entry that would cross it,
+/// but always holds one entry, so a message carries at most
+/// `max(REPLICATION_BATCH_BYTES_MAX, ENTRY_BYTES_MAX)` of entries: half the cap, the other half
+/// left for framing.
+pub const REPLICATION_BATCH_BYTES_MAX: usize = PEER_MESSAGE_BYTES_MAX / 16;
+/// The slowest rate, in bytes per second, at which a peer is given time to receive and persist
+/// a message: openraft allots an AppendEntries a fraction of the heartbeat interval (112.5 ms
+/// by default), which no large batch can meet, so a message gets that plus its size at this rate.
+/// Without it a batch of large entries timed out on every attempt and replication never moved.
+pub const REPLICATION_BYTES_PER_S_MIN: usize = 8 << 20;
+/// Largest encoded log entry: half of [`PEER_MESSAGE_BYTES_MAX`]. The writer refuses (413) a
+/// transaction whose entry would be larger, and a node refuses to start with contract limits
+/// that could produce one, so no entry is ever too large to replicate.
+pub const ENTRY_BYTES_MAX: usize = PEER_MESSAGE_BYTES_MAX / 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Cached channels to peers, keyed by peer URL.
@@ -73,7 +88,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerConnection {
-        PeerConnection { target, peer_url: node.peer_url.clone(), peers: self.peers.clone() }
+        PeerConnection {
+            target,
+            peer_url: node.peer_url.clone(),
+            peers: self.peers.clone(),
+            oversize_reported: Default::default(),
+        }
     }
 }
 
@@ -82,6 +102,14 @@ pub(crate) struct PeerConnection {
     target: NodeId,
     peer_url: String,
     peers: Peers,
+    /// Whether an over-cap message to this peer has been logged (once per connection).
+    oversize_reported: std::sync::atomic::AtomicBool,
+}
+
+/// The time a peer message of `bytes` may take: openraft's `soft_ttl`, plus the transfer and
+/// persistence of its bytes at [`REPLICATION_BYTES_PER_S_MIN`].
+fn rpc_time(soft_ttl: Duration, bytes: usize) -> Duration {
+    soft_ttl + Duration::from_secs_f64(bytes as f64 / REPLICATION_BYTES_PER_S_MIN as f64)
 }
 
 fn status_error(target: NodeId, status: &tonic::Status) -> RPCError<TypeConfig> {
@@ -109,7 +137,26 @@ impl PeerConnection {
     {
         let client = self.peers.client(&self.peer_url).map_err(|s| status_error(self.target, &s))?;
         let blob = pb::Blob { data: encode(request) };
-        let ttl = option.soft_ttl();
+        if blob.data.len() > PEER_MESSAGE_BYTES_MAX {
+            // Sending it again would fail the same way: the batch bounds above make this a bug,
+            // so it is said once, loudly, instead of being retried in silence.
+            if !self.oversize_reported.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(
+                    peer = self.target,
+                    bytes = blob.data.len(),
+                    max = PEER_MESSAGE_BYTES_MAX,
+                    ?action,
+                    "a peer message exceeds the peer message cap and cannot be sent; replication to this peer is stuck"
+                );
+            }
+            let e = std::io::Error::other(format!(
+                "peer {}: the message of {} bytes exceeds PEER_MESSAGE_BYTES_MAX ({PEER_MESSAGE_BYTES_MAX})",
+                self.target,
+                blob.data.len()
+            ));
+            return Err(RPCError::Network(NetworkError::new(&e)));
+        }
+        let ttl = rpc_time(option.soft_ttl(), blob.data.len());
         let reply = match tokio::time::timeout(ttl, call(client, blob)).await {
             Err(_) => {
                 return Err(RPCError::Timeout(Timeout { action, id: 0, target: self.target, timeout: ttl }));
@@ -171,5 +218,20 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             }
             closed = cancel => Err(StreamingError::Closed(closed)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_gets_time_for_its_size() {
+        let ttl = Duration::from_micros(112_500);
+        assert_eq!(rpc_time(ttl, 0), ttl, "a heartbeat keeps openraft's budget");
+        let batch = rpc_time(ttl, REPLICATION_BATCH_BYTES_MAX);
+        assert_eq!(batch, ttl + Duration::from_millis(500), "a full batch: 4 MiB at 8 MiB/s");
+        let entry = rpc_time(ttl, ENTRY_BYTES_MAX);
+        assert_eq!(entry, ttl + Duration::from_secs(4), "the largest entry: 32 MiB at 8 MiB/s");
     }
 }

@@ -36,6 +36,9 @@ const TERMS: TableDefinition<u64, u64> = TableDefinition::new("raft_terms");
 /// Entries applied per durable transaction, so a long catch-up does not hold all in memory.
 const APPLY_BATCH_MAX: usize = 1024;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP1\0";
+/// Largest record a snapshot file may hold: one state entry (a key and a sealed value within the
+/// contract limits) or the term history, with room to spare.
+const SNAPSHOT_RECORD_BYTES_MAX: usize = 64 << 20;
 
 /// The terms of the log: `(term, first index of that term)`, in order. It answers which term a
 /// committed index belongs to after the log itself has been purged.
@@ -308,6 +311,7 @@ impl StateMachine {
             out.into_inner().map_err(|e| io_other(e.error()))?.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
+        cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
         let file = SnapshotFile { path };
         self.replace_current(StoredSnapshot { meta: meta.clone(), file: file.clone() });
         Ok(Snapshot { meta, snapshot: file })
@@ -374,6 +378,7 @@ impl StateMachine {
         }
         let final_path = self.inner.snapshot_dir.join(snapshot_name(meta));
         std::fs::rename(path, &final_path)?;
+        cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
         self.replace_current(StoredSnapshot { meta: meta.clone(), file: SnapshotFile { path: final_path } });
         self.publish(meta.last_log_id, true);
         tracing::info!(last = ?meta.last_log_id.as_ref().map(super::types::tx_id), "installed a snapshot");
@@ -417,8 +422,22 @@ fn read_record(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-    input.read_exact(&mut buf)?;
+    let len = u32::from_le_bytes(len) as usize;
+    // The length comes from a file (or a peer's transfer): checked before anything is allocated.
+    if len > SNAPSHOT_RECORD_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "a snapshot record claims {len} bytes; at most {SNAPSHOT_RECORD_BYTES_MAX} (SNAPSHOT_RECORD_BYTES_MAX)"
+            ),
+        ));
+    }
+    // Grown as bytes arrive, not reserved at the claimed length: a short file costs what it holds.
+    let mut buf = Vec::new();
+    (&mut *input).take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() != len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a snapshot record is cut short"));
+    }
     Ok(Some(buf))
 }
 
@@ -527,6 +546,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    cloister_test_support::proptest::proptest! {
+        #![proptest_config(cloister_test_support::config())]
+
+        /// Any bytes as a snapshot's record stream: records are read until one is refused, never
+        /// a panic, never an allocation beyond the record limit.
+        #[test]
+        fn any_snapshot_record_stream_is_read_or_refused(bytes in cloister_test_support::proptest::collection::vec(cloister_test_support::proptest::prelude::any::<u8>(), 0..4096)) {
+            let mut input = std::io::Cursor::new(bytes.clone());
+            let (_, largest) = cloister_test_support::largest_allocation(|| {
+                while let Ok(Some(_)) = read_record(&mut input) {}
+            });
+            cloister_test_support::proptest::prop_assert!(largest <= 4 * bytes.len() + 1024, "allocated {} bytes", largest);
+        }
+    }
+
+    #[test]
+    fn a_snapshot_record_longer_than_its_limit_is_refused_before_allocation() {
+        let mut claims_4_gib = std::io::Cursor::new([0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+        let err = read_record(&mut claims_4_gib).unwrap_err();
+        assert!(err.to_string().contains("SNAPSHOT_RECORD_BYTES_MAX"), "{err}");
+        let mut at_limit = (SNAPSHOT_RECORD_BYTES_MAX as u32).to_le_bytes().to_vec();
+        at_limit.extend(std::iter::repeat_n(7u8, SNAPSHOT_RECORD_BYTES_MAX));
+        assert_eq!(
+            read_record(&mut std::io::Cursor::new(at_limit)).unwrap().map(|r| r.len()),
+            Some(SNAPSHOT_RECORD_BYTES_MAX)
+        );
+        assert_eq!(read_record(&mut std::io::Cursor::new([])).unwrap(), None, "a clean end");
+    }
 
     #[test]
     fn the_term_table_answers_for_every_index_and_grows_one_row_per_term() {

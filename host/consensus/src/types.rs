@@ -59,3 +59,37 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> std::
     postcard::from_bytes(bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what} does not decode: {e}")))
 }
+
+/// Property tests: any bytes as any message a peer decodes (a vote, an append-entries request, a
+/// snapshot head, a join request, a log entry) are refused with an error, never a panic, never an
+/// allocation out of proportion to the input.
+#[cfg(test)]
+mod fuzz {
+    use cloister_test_support::proptest::prelude::*;
+    use cloister_test_support::{config, largest_allocation};
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+
+    use super::*;
+
+    /// serde pre-allocates at most 1 MiB for a claimed sequence length; the rest grows with input.
+    fn bounded(largest: usize, input: usize) -> bool {
+        largest <= 8 * input + (1 << 20) + 65_536
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_peer_message_is_refused_or_read(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let n = bytes.len();
+            let (_, a) = largest_allocation(|| decode::<VoteRequest<TypeConfig>>(&bytes, "a vote request").is_ok());
+            let (_, b) = largest_allocation(|| decode::<AppendEntriesRequest<TypeConfig>>(&bytes, "an append-entries request").is_ok());
+            let (_, c) = largest_allocation(|| decode::<(Vote, SnapshotMeta)>(&bytes, "a snapshot head").is_ok());
+            let (_, d) = largest_allocation(|| decode::<(NodeId, NodeAddr)>(&bytes, "a join request").is_ok());
+            let (_, e) = largest_allocation(|| decode::<Entry>(&bytes, "a log entry").is_ok());
+            for largest in [a, b, c, d, e] {
+                prop_assert!(bounded(largest, n), "allocated {largest} bytes for {n}");
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@
 
 use coset::cbor::value::Value;
 use coset::{CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, Label, iana};
+use p384::elliptic_curve::scalar::IsHigh;
 use ring::signature::{ECDSA_P384_SHA384_FIXED, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
 
 use crate::identity::{self, KeyedCert};
@@ -134,7 +135,9 @@ pub fn sign(
         .protected(header.build())
         .payload(payload.to_vec())
         .create_signature(&[], |data| match key.sign(&rng, data) {
-            Ok(sig) => sig.as_ref().to_vec(),
+            // ECDSA signs with a random nonce, so `s` is high half the time; the low-S twin of a
+            // signature verifies the same, and the node accepts only that one.
+            Ok(sig) => low_s(sig.as_ref()),
             Err(e) => {
                 failure = Some(e);
                 Vec::new()
@@ -147,9 +150,41 @@ pub fn sign(
     message.to_vec().map_err(|e| anyhow::anyhow!("encoding the COSE message failed: {e}"))
 }
 
+/// The low-S form of a fixed-size (`r ‖ s`) P-384 signature: `s` replaced by `n − s` when it is in
+/// the upper half of the group order. Bytes that are no signature are returned unchanged.
+fn low_s(signature: &[u8]) -> Vec<u8> {
+    match p384::ecdsa::Signature::from_slice(signature) {
+        Ok(sig) => sig.normalize_s().unwrap_or(sig).to_bytes().to_vec(),
+        Err(_) => signature.to_vec(),
+    }
+}
+
 /// Parses a COSE_Sign1 request and its Cloister headers. Each malformation is named.
+///
+/// A request has exactly one encoding: the untagged COSE_Sign1 array with definite lengths and
+/// minimal integers (as [`sign`] writes it), an empty unprotected header, and a low-S signature.
+/// Anything else is refused, so a signed request cannot be re-encoded into a second, different
+/// looking copy of itself.
 pub fn parse(bytes: &[u8]) -> Result<SignedRequest, String> {
     let message = CoseSign1::from_slice(bytes).map_err(|e| format!("the body is not a COSE_Sign1 message: {e}"))?;
+    if !message.unprotected.is_empty() {
+        return Err("the unprotected header must be empty: everything a request says is signed".into());
+    }
+    match message.clone().to_vec() {
+        Ok(canonical) if canonical == bytes => {}
+        _ => {
+            return Err("the message is not in canonical form (an untagged COSE_Sign1 array with definite \
+                        lengths and minimal encodings, as `cloister gov` writes it)"
+                .into());
+        }
+    }
+    match p384::ecdsa::Signature::from_slice(&message.signature) {
+        Ok(sig) if bool::from(sig.s().is_high()) => {
+            return Err("the signature is not in low-S form (s must not exceed half the group order)".into());
+        }
+        Ok(_) => {}
+        Err(_) => return Err("the signature is not a 96-byte ES384 signature (r ‖ s)".into()),
+    }
     let header = &message.protected.header;
     if header.alg != Some(coset::RegisteredLabelWithPrivate::Assigned(iana::Algorithm::ES384)) {
         return Err(format!("the protected header must name algorithm ES384, not {:?}", header.alg));
@@ -176,6 +211,13 @@ pub fn parse(bytes: &[u8]) -> Result<SignedRequest, String> {
 }
 
 impl SignedRequest {
+    /// The request's identity: hex blake3 of the COSE Sig_structure, the exact bytes the signature
+    /// covers (protected header and payload). Replay detection and proposal ids use it, so
+    /// nothing outside the signature can make a request look new.
+    pub fn digest(&self) -> String {
+        blake3::hash(&self.message.tbs_data(&[])).to_hex().to_string()
+    }
+
     /// Checks the signature under the public key of `cert_pem`.
     pub fn verify(&self, cert_pem: &str) -> Result<(), String> {
         let der = identity::cert_der(cert_pem.as_bytes()).map_err(|e| format!("the signer's certificate: {e}"))?;
@@ -214,5 +256,157 @@ mod tests {
             }
         }
         assert!(parse(b"not cbor").unwrap_err().contains("not a COSE_Sign1"));
+    }
+
+    /// Every way of re-encoding a genuine signed request without the key: each still carries a
+    /// valid signature over the same Sig_structure, and each is refused by name.
+    #[test]
+    fn a_signed_request_has_exactly_one_encoding() {
+        let alice = identity::generate_identity("alice").unwrap();
+        let bytes = sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, br#"{"approve":true}"#).unwrap();
+        let genuine = parse(&bytes).unwrap();
+        genuine.verify(&alice.cert_pem).unwrap();
+        let refused = |bad: &[u8], why: &str| {
+            let err = parse(bad).map(|r| r.digest()).expect_err("a re-encoded request must be refused");
+            assert!(err.contains(why), "expected {why:?}, got {err:?}");
+        };
+
+        // An entry added to the unprotected header (what the superseded-ballot attack did).
+        let mut m = CoseSign1::from_slice(&bytes).unwrap();
+        m.unprotected.rest.push((Label::Int(99), Value::Integer(1.into())));
+        let extra = m.to_vec().unwrap();
+        assert!(
+            CoseSign1::from_slice(&extra)
+                .unwrap()
+                .verify_signature(&[], |sig, data| {
+                    let key =
+                        x509_parser::parse_x509_certificate(&identity::cert_der(alice.cert_pem.as_bytes()).unwrap())
+                            .unwrap()
+                            .1
+                            .public_key()
+                            .subject_public_key
+                            .data
+                            .to_vec();
+                    UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, key).verify(data, sig)
+                })
+                .is_ok()
+        );
+        refused(&extra, "unprotected header must be empty");
+
+        // The high-S twin of the signature, which ECDSA verification accepts.
+        let mut m = CoseSign1::from_slice(&bytes).unwrap();
+        let sig = p384::ecdsa::Signature::from_slice(&m.signature).unwrap();
+        let high = p384::ecdsa::Signature::from_scalars(sig.r(), -sig.s()).unwrap();
+        assert!(bool::from(high.s().is_high()));
+        m.signature = high.to_bytes().to_vec();
+        refused(&m.to_vec().unwrap(), "low-S");
+
+        // The protected header's map re-encoded in another order: no longer what was signed.
+        let mut m = CoseSign1::from_slice(&bytes).unwrap();
+        m.protected.original_data = None;
+        m.protected.header.rest.reverse();
+        let reordered = m.to_vec().unwrap();
+        assert_ne!(reordered, bytes);
+        let request = parse(&reordered).expect("a reordered protected map is still one encoding");
+        assert_ne!(request.digest(), genuine.digest(), "it is another request");
+        assert!(request.verify(&alice.cert_pem).is_err(), "whose signature does not verify");
+
+        // The outer array with an indefinite length.
+        let mut indefinite = bytes.clone();
+        assert_eq!(indefinite[0], 0x84, "a definite array of four");
+        indefinite[0] = 0x9f;
+        indefinite.push(0xff);
+        refused(&indefinite, "canonical form");
+
+        // Tagged as COSE_Sign1 (tag 18).
+        let mut tagged = vec![0xd2];
+        tagged.extend_from_slice(&bytes);
+        assert!(parse(&tagged).is_err(), "a tagged message is refused");
+
+        // The payload's length in a longer form than needed (0x58 len instead of 0x40 + len).
+        let payload_at = bytes.windows(17).position(|w| w[1..] == br#"{"approve":true}"#[..]).unwrap();
+        assert_eq!(bytes[payload_at], 0x50, "a 16-byte bstr header");
+        let mut long = bytes[..payload_at].to_vec();
+        long.extend_from_slice(&[0x58, 16]);
+        long.extend_from_slice(&bytes[payload_at + 1..]);
+        refused(&long, "canonical form");
+    }
+
+    #[test]
+    fn the_identity_is_what_was_signed() {
+        let alice = identity::generate_identity("alice").unwrap();
+        let payload = br#"{"approve":true}"#;
+        let one = parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, payload).unwrap()).unwrap();
+        // ECDSA's random nonce makes a second signature of the same request differ in bytes…
+        let two = parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, payload).unwrap()).unwrap();
+        assert_ne!(one.message.signature, two.message.signature);
+        // …but not in identity: it is the same request.
+        assert_eq!(one.digest(), two.digest());
+        let later = parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_001, payload).unwrap()).unwrap();
+        assert_ne!(one.digest(), later.digest());
+    }
+
+    #[test]
+    fn signatures_are_written_low_s() {
+        let alice = identity::generate_identity("alice").unwrap();
+        for i in 0..32 {
+            let bytes = sign(&alice, MsgType::Ack, None, 1_700_000_000 + i, b"{}").unwrap();
+            parse(&bytes).expect("every signature the signer writes parses");
+        }
+    }
+}
+
+/// Property tests: any bytes, and any mutation of a genuine request, are refused by name or
+/// (unchanged) accepted; never a panic, never an allocation out of proportion to the input.
+#[cfg(test)]
+mod fuzz {
+    use std::sync::OnceLock;
+
+    use cloister_test_support::proptest::prelude::*;
+    use cloister_test_support::{config, largest_allocation};
+
+    use super::*;
+
+    fn genuine() -> &'static (KeyedCert, Vec<u8>) {
+        static GENUINE: OnceLock<(KeyedCert, Vec<u8>)> = OnceLock::new();
+        GENUINE.get_or_init(|| {
+            let alice = identity::generate_identity("alice").unwrap();
+            let bytes = sign(&alice, MsgType::Proposal, None, 1_700_000_000, br#"{"actions":[]}"#).unwrap();
+            (alice, bytes)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_bytes_are_refused_by_name(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let (result, largest) = largest_allocation(|| parse(&bytes).map(|r| r.digest()));
+            prop_assert!(largest <= 16 * bytes.len() + 65_536, "allocated {largest} bytes for {}", bytes.len());
+            if let Err(e) = result {
+                prop_assert!(!e.is_empty());
+            }
+        }
+
+        #[test]
+        fn a_mutated_request_never_verifies(
+            edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            insert in prop::option::of((any::<usize>(), any::<u8>())),
+        ) {
+            let (alice, bytes) = genuine();
+            let mut bad = bytes.clone();
+            for (at, value) in &edits {
+                let i = at % bad.len();
+                bad[i] ^= value | 1;
+            }
+            if let Some((at, value)) = insert {
+                bad.insert(at % (bad.len() + 1), value);
+            }
+            let (result, largest) = largest_allocation(|| parse(&bad));
+            prop_assert!(largest <= 16 * bad.len() + 65_536);
+            if let Ok(request) = result {
+                prop_assert!(bad == *bytes || request.verify(&alice.cert_pem).is_err(), "a changed request verified");
+            }
+        }
     }
 }

@@ -35,7 +35,7 @@ impl KeyedCert {
     pub fn write(&self, dir: &Path, name: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cert = dir.join(format!("{name}.cert.pem"));
-        std::fs::write(&cert, &self.cert_pem).with_context(|| format!("writing {}", cert.display()))?;
+        write_durably(&cert, self.cert_pem.as_bytes(), false)?;
         write_private(&dir.join(format!("{name}.key.pem")), self.key_pem.as_bytes())
     }
 
@@ -59,13 +59,35 @@ pub fn read_pair(cert: &Path, key: &Path) -> anyhow::Result<KeyedCert> {
 
 /// Writes a secret file that only its owner may read.
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_durably(path, bytes, true)
+}
+
+/// Writes `bytes` to `path` so that a crash at any moment leaves either the old file or the whole
+/// new one, and a completed write survives power loss: a temporary file beside it (owner-only when
+/// `private`), fsynced, renamed over `path`, and the folder fsynced.
+pub fn write_durably(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     use std::io::Write;
+    let context = || format!("writing {}", path.display());
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))
+    if private {
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    }
+    let mut file = options.open(&tmp).with_context(context)?;
+    file.write_all(bytes).with_context(context)?;
+    file.sync_all().with_context(context)?;
+    drop(file);
+    std::fs::rename(&tmp, path).with_context(context)?;
+    sync_dir(dir).with_context(context)
+}
+
+/// Makes a folder's entries (files created, renamed or removed in it) durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn params(name: &str, sans: Vec<String>) -> anyhow::Result<CertificateParams> {

@@ -7,6 +7,11 @@
 //!
 //! It knows nothing of storage, contracts or consensus.
 
+/// Unit and property tests measure their allocations (see `cloister-test-support`).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: cloister_test_support::TrackingAllocator = cloister_test_support::TrackingAllocator;
+
 pub mod cose;
 pub mod identity;
 pub mod seal;

@@ -54,6 +54,8 @@ pub struct Chunk {
     pub path: PathBuf,
     pub first_seqno: u64,
     pub records: Vec<Record>,
+    /// Where each record ends: the file's valid length after it.
+    pub ends: Vec<u64>,
     pub tail: Tail,
 }
 
@@ -71,6 +73,14 @@ fn file_name(first_seqno: u64) -> String {
     format!("{first_seqno:016}.ledger")
 }
 
+/// The first seqno a chunk file's name gives, whatever its content.
+pub(crate) fn first_seqno_of(path: &Path) -> Option<u64> {
+    path.file_stem()?.to_str()?.parse().ok()
+}
+
+/// The length of a chunk file's header.
+pub(crate) const CHUNK_HEADER_BYTES: u64 = HEADER_BYTES;
+
 /// Reads every record of a file, stopping at the first that is incomplete or does not decode.
 pub(crate) fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
     let mut bytes = Vec::new();
@@ -79,6 +89,7 @@ pub(crate) fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
         path: path.to_owned(),
         first_seqno: 0,
         records: Vec::new(),
+        ends: Vec::new(),
         tail: Tail::Corrupt { offset: 0, reason: reason.to_owned() },
     };
     if bytes.len() < HEADER_BYTES as usize {
@@ -89,6 +100,7 @@ pub(crate) fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
     }
     let first_seqno = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
     let mut records = Vec::new();
+    let mut ends = Vec::new();
     let mut at = HEADER_BYTES as usize;
     let tail = loop {
         if at == bytes.len() {
@@ -105,8 +117,9 @@ pub(crate) fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
             Err(e) => break Tail::Corrupt { offset: at as u64, reason: format!("a record does not decode: {e}") },
         }
         at += 4 + len as usize;
+        ends.push(at as u64);
     };
-    Ok(Chunk { path: path.to_owned(), first_seqno, records, tail })
+    Ok(Chunk { path: path.to_owned(), first_seqno, records, ends, tail })
 }
 
 /// The file being appended to.
@@ -140,6 +153,8 @@ impl LedgerFiles {
         let mut file = OpenOptions::new().create_new(true).append(true).open(&path)?;
         file.write_all(MAGIC)?;
         file.write_all(&first_seqno.to_le_bytes())?;
+        // The new file's name must be as durable as the entries about to be synced into it.
+        cloister_crypto::identity::sync_dir(&self.dir)?;
         self.current = Some(OpenChunk { file, bytes: HEADER_BYTES });
         Ok(())
     }
@@ -186,6 +201,7 @@ impl LedgerFiles {
         if path.exists() {
             // An earlier install at the same point left this file: it holds nothing else yet.
             std::fs::remove_file(&path)?;
+            cloister_crypto::identity::sync_dir(&self.dir)?;
         }
         self.create(start.next)?;
         self.write(&Record::Start(start))?;
@@ -193,19 +209,43 @@ impl LedgerFiles {
     }
 }
 
-/// The byte offset where each record of a file starts, and where the file's records end.
-pub(crate) fn record_offsets(path: &Path) -> std::io::Result<Vec<u64>> {
-    let bytes = std::fs::read(path)?;
-    let mut offsets = Vec::new();
-    let mut at = HEADER_BYTES as usize;
-    while let Some(len) = bytes.get(at..at + 4) {
-        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-        if at + 4 + len > bytes.len() {
-            break;
+/// Property tests: a chunk file of any content — a valid header followed by anything, or
+/// anything at all — is read up to where it stops making sense, and the offline walk refuses it
+/// by name; never a panic, never an allocation out of proportion to the file.
+#[cfg(test)]
+mod fuzz {
+    use cloister_test_support::proptest::prelude::*;
+    use cloister_test_support::{config, largest_allocation};
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_chunk_content_is_read_or_refused(
+            with_header in any::<bool>(),
+            first in 0u64..4,
+            body in prop::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = Vec::new();
+            if with_header {
+                bytes.extend_from_slice(MAGIC);
+                bytes.extend_from_slice(&first.to_le_bytes());
+            }
+            bytes.extend_from_slice(&body);
+            let path = dir.path().join(file_name(first));
+            std::fs::write(&path, &bytes).unwrap();
+            let (chunk, largest) = largest_allocation(|| read_chunk(&path).unwrap());
+            prop_assert!(largest <= 4 * bytes.len() + (2 << 20), "allocated {largest} bytes for {}", bytes.len());
+            prop_assert_eq!(chunk.records.len(), chunk.ends.len());
+            prop_assert!(chunk.ends.iter().all(|e| *e <= bytes.len() as u64));
+            let (walk, largest) = largest_allocation(|| crate::verify::verify_dir(dir.path(), None, None).map(|r| r.entries));
+            prop_assert!(largest <= 4 * bytes.len() + (2 << 20), "the walk allocated {largest} bytes");
+            if let Err(fault) = walk {
+                prop_assert!(!fault.to_string().is_empty());
+            }
         }
-        offsets.push(at as u64);
-        at += 4 + len;
     }
-    offsets.push(at as u64);
-    Ok(offsets)
 }

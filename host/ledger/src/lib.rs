@@ -12,6 +12,11 @@
 //! Entries reach the files before the index and state commit (write-ahead): after a crash, the
 //! files may hold entries the index never recorded, which are cut, and Raft applies them again.
 
+/// Unit and property tests measure their allocations (see `cloister-test-support`).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: cloister_test_support::TrackingAllocator = cloister_test_support::TrackingAllocator;
+
 pub mod entry;
 pub mod files;
 pub mod index;
@@ -52,6 +57,7 @@ impl Ledger {
         batch.commit()?;
         let state = index::state(&store.read_txn()?)?;
         remove_stale_temporary_files(dir)?;
+        cut_uncommitted(dir, state.size)?;
         let report = match verify::verify_dir(dir, Some(&service_cert), None) {
             Ok(report) => report,
             Err(VerifyError::TornTail { file, valid_bytes, report }) => {
@@ -66,8 +72,12 @@ impl Ledger {
         // The next seqno the files would hold, against the index's.
         let files_next = report.last_seqno.map(|l| l + 1).or(report.first_seqno).unwrap_or(0);
         if files_next > state.size {
-            tracing::warn!(files_next, index = state.size, "cutting ledger entries the index never committed");
-            cut_from(dir, state.size)?;
+            anyhow::bail!(
+                "the ledger files in {} hold entries up to seqno {} that the index never committed, past damage \
+                 the node will not cut",
+                dir.display(),
+                files_next - 1
+            );
         } else if files_next < state.size {
             if state.first > 0 && state.size == state.first && report.entries == 0 {
                 // A snapshot was installed and nothing applied since: restore its start record.
@@ -118,18 +128,42 @@ fn truncate_file(path: &Path, len: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Cuts every entry from `seqno` on out of the files (write-ahead entries the index never saw).
-fn cut_from(dir: &Path, seqno: u64) -> anyhow::Result<()> {
+/// Cuts everything the files hold from seqno `size` on — write-ahead entries the index never
+/// committed, and a torn, garbled, zero-length or zero-filled tail or file after them — whatever
+/// its content, logging each cut with its size. Only what lies past the last committed entry is
+/// cut: damage before it is left for the verification walk, which refuses to start.
+fn cut_uncommitted(dir: &Path, size: u64) -> anyhow::Result<()> {
+    let mut changed = false;
     for path in files::chunk_paths(dir)?.into_iter().rev() {
-        let chunk = files::read_chunk(&path)?;
-        if chunk.first_seqno > seqno && !matches!(chunk.records.first(), Some(Record::Start(_))) {
+        let Some(first) = files::first_seqno_of(&path) else { continue };
+        let bytes = std::fs::metadata(&path)?.len();
+        if first >= size {
+            tracing::warn!(file = %path.display(), bytes, "removing a ledger file the index never committed");
             std::fs::remove_file(&path)?;
+            changed = true;
             continue;
         }
-        let offsets = files::record_offsets(&path)?;
-        let keep = chunk.records.iter().take_while(|r| !matches!(r, Record::Entry(e) if e.seqno >= seqno)).count();
-        truncate_file(&path, offsets[keep])?;
-        return Ok(());
+        // The newest file with committed entries: keep up to the last of them.
+        let chunk = files::read_chunk(&path)?;
+        let mut keep = files::CHUNK_HEADER_BYTES;
+        let mut last_committed = None;
+        for (record, end) in chunk.records.iter().zip(&chunk.ends) {
+            if let Record::Entry(e) = record {
+                if e.seqno >= size {
+                    break;
+                }
+                last_committed = Some(e.seqno);
+            }
+            keep = *end;
+        }
+        if last_committed == Some(size - 1) && bytes > keep {
+            tracing::warn!(file = %path.display(), cut_bytes = bytes - keep, "cutting what follows the last committed ledger entry");
+            truncate_file(&path, keep)?;
+        }
+        break;
+    }
+    if changed {
+        cloister_crypto::identity::sync_dir(dir)?;
     }
     Ok(())
 }

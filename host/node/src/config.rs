@@ -47,8 +47,15 @@ pub(crate) const INFLIGHT_PER_IDENTITY_MAX: usize = 256;
 pub(crate) const WRITE_QUEUE_MAX: usize = 4096;
 pub(crate) const GROUP_COMMIT_MAX: usize = 256;
 pub(crate) const PENDING_WRITES_MAX: usize = 1024;
+pub(crate) const GOV_CHECKS_INFLIGHT_MAX: usize = 16;
+pub(crate) const GOV_CHECKS_PER_ADDRESS_MAX: usize = 2;
+/// What one write adds to a log entry beyond its key and value bytes, at most: its stored map
+/// name (a guest map name is at most 128 bytes, plus the app's namespace) and the lengths.
+pub(crate) const ENTRY_FRAMING_BYTES: usize = 160;
 pub(crate) const READS_INFLIGHT_MAX: usize = 32;
 pub(crate) const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub(crate) const HELLO_TIMEOUT_MS: u64 = 500;
+pub(crate) const CONNECTIONS_PER_ADDRESS_MAX: usize = 256;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +214,12 @@ pub struct Limits {
     pub body_bytes_max: usize,
     /// Connections open at once per listener; further ones wait to be accepted.
     pub connections_max: usize,
+    /// Connections open at once per listener from one source address; further ones from that
+    /// address are closed at once, so one address cannot take every slot.
+    pub connections_per_address_max: usize,
+    /// Time from accepting a connection until its TLS ClientHello starts, in milliseconds: an idle
+    /// connection is closed after this, so it holds a slot only briefly.
+    pub hello_timeout_ms: u64,
     /// Time a request may take end to end, in milliseconds (503 beyond).
     pub request_timeout_ms: u64,
     /// Requests one identity may have in flight at once (429 beyond).
@@ -219,6 +232,11 @@ pub struct Limits {
     /// At the limit the writer waits for one to finish (up to half of `request_timeout_ms`,
     /// then 503 naming this limit); meanwhile the queue fills up to `write_queue_max`.
     pub pending_writes_max: usize,
+    /// Signed governance requests being checked (parse, window, signature) at once, before they
+    /// may queue for the writer; more are refused with 429 and `Retry-After`.
+    pub gov_checks_inflight_max: usize,
+    /// As `gov_checks_inflight_max`, from one source address.
+    pub gov_checks_per_address_max: usize,
     /// Read-only requests running at once; further ones wait.
     pub reads_inflight_max: usize,
     /// Time a TLS handshake may take, in milliseconds.
@@ -230,11 +248,15 @@ impl Default for Limits {
         Limits {
             body_bytes_max: BODY_BYTES_MAX,
             connections_max: CONNECTIONS_MAX,
+            connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX,
+            hello_timeout_ms: HELLO_TIMEOUT_MS,
             request_timeout_ms: REQUEST_TIMEOUT_MS,
             inflight_per_identity_max: INFLIGHT_PER_IDENTITY_MAX,
             write_queue_max: WRITE_QUEUE_MAX,
             group_commit_max: GROUP_COMMIT_MAX,
             pending_writes_max: PENDING_WRITES_MAX,
+            gov_checks_inflight_max: GOV_CHECKS_INFLIGHT_MAX,
+            gov_checks_per_address_max: GOV_CHECKS_PER_ADDRESS_MAX,
             reads_inflight_max: READS_INFLIGHT_MAX,
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
         }
@@ -246,11 +268,15 @@ impl Limits {
         let fields = [
             ("body_bytes_max", self.body_bytes_max as u64),
             ("connections_max", self.connections_max as u64),
+            ("connections_per_address_max", self.connections_per_address_max as u64),
+            ("hello_timeout_ms", self.hello_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             ("inflight_per_identity_max", self.inflight_per_identity_max as u64),
             ("write_queue_max", self.write_queue_max as u64),
             ("group_commit_max", self.group_commit_max as u64),
             ("pending_writes_max", self.pending_writes_max as u64),
+            ("gov_checks_inflight_max", self.gov_checks_inflight_max as u64),
+            ("gov_checks_per_address_max", self.gov_checks_per_address_max as u64),
             ("reads_inflight_max", self.reads_inflight_max as u64),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
         ];
@@ -317,6 +343,21 @@ impl NodeConfig {
             return Err("genesis.attestation = \"mock\" needs attestation.mock_root (the test ARK's folder)".into());
         }
         self.wasm.check()?;
+        // A write set becomes one log entry: the largest the contract limits allow must fit the
+        // largest entry replication carries (framing: at most ENTRY_FRAMING_BYTES per write).
+        let w = &self.wasm;
+        let largest =
+            w.write_bytes_per_request_max.saturating_add(w.writes_per_request_max.saturating_mul(ENTRY_FRAMING_BYTES));
+        if largest > cloister_consensus::ENTRY_BYTES_MAX {
+            return Err(format!(
+                "wasm.write_bytes_per_request_max ({}) plus {ENTRY_FRAMING_BYTES} bytes for each of \
+                 wasm.writes_per_request_max ({}) is {largest} bytes, more than the largest log entry \
+                 replication carries ({} bytes, half the peer message cap): lower one of them",
+                w.write_bytes_per_request_max,
+                w.writes_per_request_max,
+                cloister_consensus::ENTRY_BYTES_MAX
+            ));
+        }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {
             return Err("raft.election_timeout_min_ms must exceed raft.heartbeat_interval_ms (> 0)".into());

@@ -97,7 +97,7 @@ fn handle(
 ) -> Result<Value, GovError> {
     let request = authenticate(tx, write, bytes, policy)?;
     let answer = match write {
-        GovWrite::Propose => propose(runtime, tx, &request, bytes)?,
+        GovWrite::Propose => propose(runtime, tx, &request)?,
         GovWrite::Vote(id) => vote(runtime, tx, &request, id)?,
         GovWrite::Withdraw(id) => withdraw(tx, &request, id)?,
         GovWrite::Ack => ack(tx, &request)?,
@@ -108,13 +108,15 @@ fn handle(
         msg_type: request.msg_type.clone(),
         created_at: request.created_at,
     };
-    put_json(tx, HISTORY, request_digest(bytes).as_bytes(), &record);
+    put_json(tx, HISTORY, request.digest().as_bytes(), &record);
+    put_json(tx, REQUEST_TIMES, request_time_key(&request).as_bytes(), &request.created_at);
     Ok(answer)
 }
 
-/// The id of a request: hex blake3 of its bytes. A proposal's id is its request's id.
-pub(crate) fn request_digest(bytes: &[u8]) -> String {
-    blake3::hash(bytes).to_hex().to_string()
+/// Where the newest accepted `created_at` of a member's requests of one kind (about one proposal)
+/// is kept: a request signed before it is superseded.
+fn request_time_key(request: &SignedRequest) -> String {
+    format!("{}/{}/{}", request.signer, request.msg_type, request.proposal_id.as_deref().unwrap_or_default())
 }
 
 fn put_json<T: serde::Serialize>(tx: &mut Tx, map: &str, key: &[u8], value: &T) {
@@ -125,8 +127,65 @@ fn refuse(kind: Refusal, code: &'static str, message: impl Into<String>) -> GovE
     GovError::Refused { kind, code, message: message.into() }
 }
 
+/// The checks a request must pass before it may queue for the writer: it parses, is addressed to
+/// this endpoint, is dated within the window, and carries a valid signature of a member.
+/// They need only committed state, so they run on the blocking pool, and a forged request costs
+/// the writer nothing; the writer runs them again (with the replay and standing checks) over the
+/// state it executes on.
+pub fn precheck(tx: &Tx, write: &GovWrite, bytes: &[u8], policy: &RequestPolicy) -> Result<(), GovError> {
+    verified(tx, write, bytes, policy).map(|_| ())
+}
+
 /// Parses, dates, attributes and verifies a request, and checks the signer's standing.
 fn authenticate(tx: &Tx, write: &GovWrite, bytes: &[u8], policy: &RequestPolicy) -> Result<SignedRequest, GovError> {
+    let (request, member) = verified(tx, write, bytes, policy)?;
+    if tx.get(HISTORY, request.digest().as_bytes())?.is_some() {
+        return Err(refuse(
+            Refusal::Conflict,
+            "Replay",
+            "this signed request (its signed content, however encoded) was already accepted; sign a new one",
+        ));
+    }
+    if let Some(last) = get::<u64>(tx, REQUEST_TIMES, request_time_key(&request).as_bytes())?
+        && request.created_at < last
+    {
+        return Err(refuse(
+            Refusal::Conflict,
+            "Superseded",
+            format!(
+                "{} already had a {} {}signed at {last} accepted; this one was signed earlier ({}) and is superseded",
+                request.signer,
+                request.msg_type,
+                request.proposal_id.as_ref().map(|p| format!("on proposal {p} ")).unwrap_or_default(),
+                request.created_at
+            ),
+        ));
+    }
+    match (write, member.status) {
+        (GovWrite::Ack, MemberStatus::Accepted)
+        | (GovWrite::Propose | GovWrite::Vote(_) | GovWrite::Withdraw(_), MemberStatus::Active) => Ok(request),
+        (GovWrite::Ack, MemberStatus::Active) => {
+            Err(refuse(Refusal::Conflict, "AlreadyActive", format!("member {} is already active", request.signer)))
+        }
+        (_, status) => Err(refuse(
+            Refusal::Forbidden,
+            "MemberNotActive",
+            format!(
+                "member {} is {status:?}: it must acknowledge (cloister gov ack) before it governs",
+                request.signer
+            ),
+        )),
+    }
+}
+
+/// Parses, dates and attributes a request, and verifies its signature: everything about it that
+/// needs no more than committed state.
+fn verified(
+    tx: &Tx,
+    write: &GovWrite,
+    bytes: &[u8],
+    policy: &RequestPolicy,
+) -> Result<(SignedRequest, MemberRecord), GovError> {
     let request = cose::parse(bytes).map_err(|e| refuse(Refusal::Malformed, "MalformedSignedRequest", e))?;
     let expected = write.msg_type().as_str();
     if request.msg_type != expected {
@@ -170,28 +229,7 @@ fn authenticate(tx: &Tx, write: &GovWrite, bytes: &[u8], policy: &RequestPolicy)
         });
     };
     request.verify(&member.cert).map_err(|e| refuse(Refusal::Unauthenticated, "BadSignature", e))?;
-    if tx.get(HISTORY, request_digest(bytes).as_bytes())?.is_some() {
-        return Err(refuse(
-            Refusal::Conflict,
-            "Replay",
-            "this exact signed request was already accepted; sign a new one",
-        ));
-    }
-    match (write, member.status) {
-        (GovWrite::Ack, MemberStatus::Accepted)
-        | (GovWrite::Propose | GovWrite::Vote(_) | GovWrite::Withdraw(_), MemberStatus::Active) => Ok(request),
-        (GovWrite::Ack, MemberStatus::Active) => {
-            Err(refuse(Refusal::Conflict, "AlreadyActive", format!("member {} is already active", request.signer)))
-        }
-        (_, status) => Err(refuse(
-            Refusal::Forbidden,
-            "MemberNotActive",
-            format!(
-                "member {} is {status:?}: it must acknowledge (cloister gov ack) before it governs",
-                request.signer
-            ),
-        )),
-    }
+    Ok((request, member))
 }
 
 fn ack(tx: &mut Tx, request: &SignedRequest) -> Result<Value, GovError> {
@@ -227,7 +265,7 @@ fn withdraw(tx: &mut Tx, request: &SignedRequest, id: &str) -> Result<Value, Gov
     Ok(json!({ "proposal_id": id, "state": record.state }))
 }
 
-fn propose(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest, bytes: &[u8]) -> Result<Value, GovError> {
+fn propose(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest) -> Result<Value, GovError> {
     let proposal: Proposal = serde_json::from_slice(&request.payload).map_err(|e| {
         refuse(
             Refusal::Malformed,
@@ -250,7 +288,8 @@ fn propose(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest, bytes: &
             format!("the constitution refused the proposal: {message}"),
         ));
     }
-    let id = request_digest(bytes);
+    // A proposal's id is its request's identity: what the proposer signed.
+    let id = request.digest();
     let record = ProposalRecord {
         proposer: request.signer.clone(),
         proposal,
@@ -389,6 +428,7 @@ pub(crate) fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
         PROPOSALS => decodes::<ProposalRecord>(map, value),
         BALLOTS => decodes::<Ballots>(map, value),
         HISTORY => decodes::<HistoryRecord>(map, value),
+        REQUEST_TIMES => decodes::<u64>(map, value),
         MIN_TCB => decodes::<Tcb>(map, value),
         ATTESTATION_ROOT => decodes::<cloister_attestation::Roots>(map, value),
         _ => Ok(()),

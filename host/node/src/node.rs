@@ -139,7 +139,7 @@ impl Node {
 
         let cancel = CancellationToken::new();
         let limits = &config.limits;
-        let handshake = Duration::from_millis(limits.handshake_timeout_ms);
+        let accept_limits = server::AcceptLimits::of(limits);
         let tls = tls::server_config(&node_cert, &service_cert)?;
         // The gate holds the service weakly, as the forwarder does, so a shut-down node's
         // handshakes in flight do not keep its databases open.
@@ -155,7 +155,7 @@ impl Node {
         let peer_service = cloister_proto::peer::v1::peer_server::PeerServer::new(consensus.peer_service(forwarder))
             .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
-        let conns = server::accept(peer_listener, peer_tls, limits.connections_max, handshake, cancel.clone());
+        let conns = server::accept(peer_listener, peer_tls, accept_limits, cancel.clone());
         tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), cancel.clone(), "peer"));
 
         let signer = NodeSigner::new(&node_cert.cert_pem, &node_cert.key_pem)?;
@@ -187,9 +187,9 @@ impl Node {
         }
         // Clients are served only once a new network's genesis has committed, so nobody sees a
         // service without its members or app.
-        let conns = server::accept(rest_listener, tls.clone(), limits.connections_max, handshake, cancel.clone());
+        let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
         tasks.push(tokio::spawn(server::serve_http(conns, rest::router(service.clone()), cancel.clone())));
-        let conns = server::accept(grpc_listener, tls, limits.connections_max, handshake, cancel.clone());
+        let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone());
         tasks.push(serve_grpc(conns, crate::api::grpc::routes(service.clone())?, cancel.clone(), "gRPC"));
         tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
         Ok(Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks })

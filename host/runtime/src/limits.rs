@@ -14,7 +14,9 @@ pub(crate) const INSTANCES_MAX: u32 = 64;
 pub const KEY_BYTES_MAX: usize = 4 << 10;
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
 pub(crate) const WRITES_PER_REQUEST_MAX: usize = 100_000;
-pub(crate) const WRITE_BYTES_PER_REQUEST_MAX: usize = 64 << 20;
+/// With [`WRITES_PER_REQUEST_MAX`] writes and their framing (map names, lengths), the largest
+/// write set stays within the node's largest log entry (32 MiB); the node checks this at startup.
+pub(crate) const WRITE_BYTES_PER_REQUEST_MAX: usize = 16 << 20;
 pub(crate) const SCANS_PER_REQUEST_MAX: usize = 64;
 pub(crate) const LOG_BYTES_PER_REQUEST_MAX: usize = 16 << 10;
 pub(crate) const MODULES_CACHED_MAX: usize = 8;

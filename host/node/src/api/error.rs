@@ -14,11 +14,13 @@ pub struct ApiError {
     pub details: Option<serde_json::Value>,
     /// The transaction this error is about, when it has one (an outcome not yet known).
     pub tx_id: Option<cloister_ledger::txid::TxId>,
+    /// Seconds after which a refused request may be tried again (`Retry-After`).
+    pub retry_after_s: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError { status, code: code.into(), message: message.into(), details: None, tx_id: None }
+        ApiError { status, code: code.into(), message: message.into(), details: None, tx_id: None, retry_after_s: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -47,6 +49,11 @@ impl ApiError {
 
     pub(crate) fn too_many(message: impl Into<String>) -> Self {
         ApiError::new(429, "TooManyRequests", message)
+    }
+
+    /// 429 with `Retry-After`.
+    pub(crate) fn too_many_retry_after(message: impl Into<String>, retry_after_s: u32) -> Self {
+        ApiError { retry_after_s: Some(retry_after_s), ..ApiError::too_many(message) }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -112,6 +119,7 @@ impl ApiError {
             message: error.message,
             details: error.details,
             tx_id: None,
+            retry_after_s: None,
         }
     }
 }
@@ -154,7 +162,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             axum::http::StatusCode::from_u16(self.status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self.body())).into_response()
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(s));
+        }
+        response
     }
 }
 

@@ -175,10 +175,11 @@ pub(crate) struct GovService(pub Arc<Service>);
 #[tonic::async_trait]
 impl gov_pb::gov_server::Gov for GovService {
     async fn write(&self, req: Request<gov_pb::WriteRequest>) -> Result<Response<gov_pb::GovReply>, Status> {
+        let source = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
         let write = GovWrite::from_path(&r.path)
             .ok_or_else(|| ApiError::not_found(format!("no governance write {}", r.path)).to_status())?;
-        let reply = self.0.gov_write(write, r.cose_sign1.into(), 0).await.map_err(|e| e.to_status())?;
+        let reply = self.0.gov_write(write, r.cose_sign1.into(), 0, source).await.map_err(|e| e.to_status())?;
         if !(200..300).contains(&reply.status) {
             return Err(ApiError::from_app(reply.status, &reply.body).to_status());
         }

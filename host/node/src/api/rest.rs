@@ -209,6 +209,7 @@ async fn gov_read(State(service): State<Arc<Service>>, uri: Uri) -> Result<impl 
 /// certificate, says who sends it.
 async fn gov_write(
     State(service): State<Arc<Service>>,
+    Extension(peer): Extension<PeerInfo>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -216,7 +217,7 @@ async fn gov_write(
     let write =
         GovWrite::from_path(uri.path()).ok_or_else(|| ApiError::not_found(format!("no endpoint {}", uri.path())))?;
     let body = read_body(body, &headers, service.limits().body_bytes_max).await?;
-    Ok(reply(service.gov_write(write, body, 0).await?))
+    Ok(reply(service.gov_write(write, body, 0, peer.remote.map(|a| a.ip())).await?))
 }
 
 fn reply(r: AppReply) -> Response {

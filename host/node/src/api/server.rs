@@ -24,6 +24,7 @@ pub struct PeerInfo {
 pub struct Conn {
     inner: TlsStream<TcpStream>,
     _slot: OwnedSemaphorePermit,
+    _address_slot: AddressSlot,
 }
 
 impl Conn {
@@ -77,27 +78,86 @@ impl tonic::transport::server::Connected for Conn {
     }
 }
 
-/// Accepts TLS connections until cancelled, at most `connections_max` open at once; handshakes
-/// run concurrently, each bounded by `handshake_timeout`.
+/// How a listener admits connections.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptLimits {
+    /// `connections_max`: connections open at once.
+    pub connections_max: usize,
+    /// `connections_per_address_max`: connections open at once from one source address.
+    pub per_address_max: usize,
+    /// `hello_timeout_ms`: time until the client's first TLS bytes arrive.
+    pub hello_timeout: Duration,
+    /// `handshake_timeout_ms`: time the whole TLS handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl AcceptLimits {
+    pub fn of(limits: &crate::config::Limits) -> AcceptLimits {
+        AcceptLimits {
+            connections_max: limits.connections_max,
+            per_address_max: limits.connections_per_address_max,
+            hello_timeout: Duration::from_millis(limits.hello_timeout_ms),
+            handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+        }
+    }
+}
+
+/// Open connections per source address, for `connections_per_address_max`.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// A connection's place in its address's count, given back when the connection closes.
+struct AddressSlot {
+    counts: Arc<PerAddress>,
+    address: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn claim(self: &Arc<Self>, address: std::net::IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut counts = self.0.lock().expect("per-address lock");
+        let n = counts.entry(address).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot { counts: self.clone(), address })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().expect("per-address lock");
+        if let Some(n) = counts.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Accepts TLS connections until cancelled, at most `connections_max` open at once and
+/// `per_address_max` from one address. A connection must start its handshake within
+/// `hello_timeout` and finish it within `handshake_timeout`; handshakes run concurrently.
 pub fn accept(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    connections_max: usize,
-    handshake_timeout: Duration,
+    limits: AcceptLimits,
     cancel: CancellationToken,
 ) -> mpsc::Receiver<std::io::Result<Conn>> {
     let (out, conns) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(connections_max));
+    let slots = Arc::new(Semaphore::new(limits.connections_max));
+    let per_address = Arc::new(PerAddress::default());
     tokio::spawn(async move {
         loop {
             let slot = tokio::select! {
                 s = slots.clone().acquire_owned() => s.expect("the slot semaphore is never closed"),
                 _ = cancel.cancelled() => break,
             };
-            let tcp = tokio::select! {
+            let (tcp, remote) = tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((tcp, _)) => tcp,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
                         tracing::warn!(error = %e, "accepting a connection failed");
@@ -107,12 +167,21 @@ pub fn accept(
                 },
                 _ = cancel.cancelled() => break,
             };
+            let Some(address_slot) = per_address.claim(remote.ip(), limits.per_address_max) else {
+                tracing::debug!(%remote, "refusing a connection: its address holds connections_per_address_max");
+                continue; // Dropping the stream closes it, and the slot returns.
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, out) = (acceptor.clone(), out.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                // An idle connection (no ClientHello) gives its slot back quickly.
+                if !matches!(tokio::time::timeout(limits.hello_timeout, tcp.readable()).await, Ok(Ok(()))) {
+                    tracing::debug!(%remote, "no TLS ClientHello within hello_timeout_ms");
+                    return;
+                }
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
-                        let _ = out.send(Ok(Conn { inner, _slot: slot })).await;
+                        let _ = out.send(Ok(Conn { inner, _slot: slot, _address_slot: address_slot })).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),

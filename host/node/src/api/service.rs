@@ -77,6 +77,69 @@ pub struct Service {
     gov: GovSection,
     requests: AtomicU64,
     joins: Arc<attest::Joins>,
+    gov_checks: GovChecks,
+}
+
+/// Bounds the signed governance requests being checked before they may queue for the writer:
+/// `/gov` writes need no client certificate, so this is all that stands between anyone on the
+/// network and the node's CPU.
+struct GovChecks {
+    overall: Arc<tokio::sync::Semaphore>,
+    per_address: Mutex<HashMap<std::net::IpAddr, usize>>,
+    per_address_max: usize,
+}
+
+/// A claimed check slot, released when the check ends.
+struct GovCheckSlot<'a> {
+    checks: &'a GovChecks,
+    address: Option<std::net::IpAddr>,
+    _overall: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for GovCheckSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(address) = self.address {
+            let mut counts = self.checks.per_address.lock().expect("gov checks lock");
+            if let Some(n) = counts.get_mut(&address) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&address);
+                }
+            }
+        }
+    }
+}
+
+/// When a refused governance check may be tried again, in seconds.
+const GOV_CHECK_RETRY_AFTER_S: u32 = 1;
+
+impl GovChecks {
+    fn new(limits: &Limits) -> GovChecks {
+        GovChecks {
+            overall: Arc::new(tokio::sync::Semaphore::new(limits.gov_checks_inflight_max)),
+            per_address: Mutex::default(),
+            per_address_max: limits.gov_checks_per_address_max,
+        }
+    }
+
+    fn claim(&self, address: Option<std::net::IpAddr>) -> Result<GovCheckSlot<'_>, ApiError> {
+        let busy = |what: &str| {
+            ApiError::too_many_retry_after(
+                format!("too many governance requests are being checked {what}; retry shortly"),
+                GOV_CHECK_RETRY_AFTER_S,
+            )
+        };
+        let overall = self.overall.clone().try_acquire_owned().map_err(|_| busy("(gov_checks_inflight_max)"))?;
+        if let Some(address) = address {
+            let mut counts = self.per_address.lock().expect("gov checks lock");
+            let n = counts.entry(address).or_default();
+            if *n >= self.per_address_max {
+                return Err(busy(&format!("from {address} (gov_checks_per_address_max)")));
+            }
+            *n += 1;
+        }
+        Ok(GovCheckSlot { checks: self, address, _overall: overall })
+    }
 }
 
 /// What a forwarded call carries besides the request itself.
@@ -116,6 +179,7 @@ impl Service {
         let writer = Writer::start(runtime.clone(), store.clone(), consensus.clone(), &limits)?;
         let service = Service {
             reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
+            gov_checks: GovChecks::new(&limits),
             runtime,
             store,
             consensus,
@@ -409,9 +473,11 @@ impl Service {
         write: GovWrite,
         body: bytes::Bytes,
         hops: u32,
+        source: Option<std::net::IpAddr>,
     ) -> Result<AppReply, ApiError> {
         let timeout = Duration::from_millis(self.limits.request_timeout_ms);
         let run = async {
+            self.gov_precheck(&write, &body, source).await?;
             if self.consensus.is_leader() {
                 let window = self.gov.request_window_s;
                 let w = write.clone();
@@ -458,6 +524,25 @@ impl Service {
                 self.limits.request_timeout_ms
             )))
         })
+    }
+
+    /// Checks a signed request on the blocking pool against committed state (see
+    /// [`gov::precheck`]), within the bounds of [`GovChecks`], before it may queue for the writer.
+    async fn gov_precheck(
+        &self,
+        write: &GovWrite,
+        body: &bytes::Bytes,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<(), ApiError> {
+        let _slot = self.gov_checks.claim(source)?;
+        let tx = self.store.begin()?;
+        let policy =
+            gov::RequestPolicy { request_window_s: self.gov.request_window_s, now: cloister_crypto::cose::unix_now() };
+        let (write, body) = (write.clone(), body.clone());
+        tokio::task::spawn_blocking(move || gov::precheck(&tx, &write, &body, &policy))
+            .await
+            .map_err(|e| ApiError::internal(format!("the governance check stopped: {e}")))?
+            .map_err(ApiError::from)
     }
 
     /// A joining node's evidence: verified against the governed policy with the nonce this leader
@@ -630,7 +715,8 @@ impl Forwarder for ServiceForwarder {
         let service = self.0.upgrade().ok_or_else(|| tonic::Status::unavailable("the node is shutting down"))?;
         let result = if r.frontend == GOV_FRONTEND {
             match GovWrite::from_path(&r.path) {
-                Some(write) => service.gov_write(write, r.body.into(), r.hops).await,
+                // Forwarded by a node that checked it already; the node is no flood source.
+                Some(write) => service.gov_write(write, r.body.into(), r.hops, None).await,
                 None => Err(ApiError::not_found(format!("no governance endpoint {}", r.path))),
             }
         } else {

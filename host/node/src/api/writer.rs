@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::error::ApiError;
 use super::service::AppReply;
 use crate::config::Limits;
-use cloister_consensus::{Consensus, ProposeError};
+use cloister_consensus::{Consensus, ENTRY_BYTES_MAX, ProposeError};
 use cloister_ledger::entry::{TxEntry, TxKind};
 use cloister_ledger::txid::TxId;
 use cloister_runtime::{Invocation, LoadedModule, Runtime};
@@ -88,6 +88,12 @@ struct TypedJob<R> {
 
 impl<R: Send + 'static> Job for TypedJob<R> {
     fn run(self: Box<Self>, runtime: &Runtime, tx: Tx) -> (Tx, Option<Staged>) {
+        if self.reply.is_closed() {
+            // The caller gave up (request_timeout_ms) while this waited in the queue: running it
+            // now would spend the writer on an answer nobody reads, and commit what the caller
+            // was told may not have happened.
+            return (tx, None);
+        }
         let (tx, result) = (self.work)(runtime, tx);
         match result {
             Err(e) => {
@@ -341,10 +347,18 @@ impl WriterLoop {
             return answer(Ok(None));
         }
         let writes = Arc::new(writes);
-        let state = Arc::new(AtomicU8::new(PROPOSAL_IN_FLIGHT));
-        self.pending.push(Pending { writes: writes.clone(), state: state.clone() });
         let sealer = self.store.sealer().expect("nodes seal private writes");
         let entry = TxEntry::new(kind, WriteSet::clone(&writes), claims_digest, sealer);
+        let bytes = cloister_consensus::entry_bytes(&entry);
+        if bytes > ENTRY_BYTES_MAX {
+            return answer(Err(ApiError::too_large(format!(
+                "this transaction would be a log entry of {bytes} bytes, more than the {ENTRY_BYTES_MAX} \
+                 (ENTRY_BYTES_MAX, half the peer message cap) replication carries; split the request"
+            ))
+            .into()));
+        }
+        let state = Arc::new(AtomicU8::new(PROPOSAL_IN_FLIGHT));
+        self.pending.push(Pending { writes: writes.clone(), state: state.clone() });
         // Submitted here, in execution order, and refused if this node no longer leads in the
         // term it executed in; only the wait for the outcome runs concurrently.
         let proposal = self.tokio.block_on(self.consensus.submit(entry, Some(self.pending_term)));
