@@ -156,7 +156,7 @@ fn cut_uncommitted(dir: &Path, size: u64) -> anyhow::Result<()> {
             }
             keep = *end;
         }
-        if last_committed == Some(size - 1) && bytes > keep {
+        if last_committed.is_some() && last_committed == size.checked_sub(1) && bytes > keep {
             tracing::warn!(file = %path.display(), cut_bytes = bytes - keep, "cutting what follows the last committed ledger entry");
             truncate_file(&path, keep)?;
         }
