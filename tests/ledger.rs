@@ -72,7 +72,14 @@ async fn every_ledger_verifies_and_any_tampering_is_caught_naming_the_seqno() {
         let (ok, out) = ledger_verify(&ledger_dir(&c, node), &service_cert(&c));
         assert!(ok, "node{node}'s ledger verifies: {out}");
         assert!(out.contains("signatures by"), "{out}");
+        assert!(out.contains("trust anchor: the service certificate given (sha256 "), "{out}");
     }
+    // Without --service-cert the walk can only trust the genesis it finds, and its last line says so.
+    let out = Command::new(cli_exe()).args(["ledger", "verify"]).arg(ledger_dir(&c, 0)).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.starts_with("trust anchor: NONE GIVEN") && last.contains("--service-cert"), "{text}");
 
     let original = ledger_dir(&c, 0);
     let files = chunks(&original);

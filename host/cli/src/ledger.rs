@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use cloister_crypto::identity;
-use cloister_ledger::verify::{self, PublicTables, Receipt, VerifyError};
+use cloister_ledger::verify::{self, Anchor, PublicTables, Receipt, VerifyError};
 
 #[derive(clap::Subcommand)]
 pub(crate) enum LedgerCommand {
@@ -14,8 +14,8 @@ pub(crate) enum LedgerCommand {
     Verify {
         /// A node's ledger folder (or its data folder, which holds `ledger/`).
         dir: PathBuf,
-        /// The service certificate (PEM) to check signatures against; by default the one the
-        /// genesis entry records.
+        /// The service certificate (PEM) to check signatures against. Without it, the one the
+        /// folder's genesis entry records is used, and the last line of the output says so.
         #[arg(long)]
         service_cert: Option<PathBuf>,
         /// Print the public tables as the ledger leaves them, as JSON.
@@ -59,6 +59,16 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
             );
             if print_public {
                 println!("{}", serde_json::to_string_pretty(&public)?);
+            }
+            // Last, so that nobody reads "verified" without what it was verified against.
+            match &r.anchor {
+                Anchor::Given(sha256) => println!("trust anchor: the service certificate given (sha256 {sha256})"),
+                Anchor::Genesis(sha256) => println!(
+                    "trust anchor: NONE GIVEN. The signatures were checked against the service certificate in this \
+                     folder's own genesis entry (sha256 {sha256}), which whoever wrote the folder chose; pass \
+                     --service-cert with the certificate you trust"
+                ),
+                Anchor::None => println!("trust anchor: none needed, the folder holds no signature"),
             }
             Ok(ExitCode::SUCCESS)
         }

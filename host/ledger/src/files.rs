@@ -69,6 +69,12 @@ pub(crate) fn chunk_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// Where [`LedgerFiles::restart_at`] keeps the files a snapshot at `next` superseded: a folder of
+/// their own, which verifies as a ledger by itself.
+pub fn set_aside_dir(dir: &Path, next: u64) -> PathBuf {
+    dir.join(format!("before-{next:016}"))
+}
+
 fn file_name(first_seqno: u64) -> String {
     format!("{first_seqno:016}.ledger")
 }
@@ -195,14 +201,26 @@ impl LedgerFiles {
     }
 
     /// Continues the ledger after a snapshot: a new file whose first record is the start state.
+    /// The files before it move to [`set_aside_dir`]: a ledger folder holds one unbroken run of
+    /// entries, and a start record is only ever at the head of its oldest file, so the offline walk
+    /// can refuse one anywhere else as a gap in disguise.
     pub fn restart_at(&mut self, start: StartState) -> std::io::Result<()> {
         self.close()?;
         let path = self.dir.join(file_name(start.next));
         if path.exists() {
             // An earlier install at the same point left this file: it holds nothing else yet.
             std::fs::remove_file(&path)?;
-            cloister_crypto::identity::sync_dir(&self.dir)?;
         }
+        let older = chunk_paths(&self.dir)?;
+        if !older.is_empty() {
+            let aside = set_aside_dir(&self.dir, start.next);
+            std::fs::create_dir_all(&aside)?;
+            for p in older {
+                std::fs::rename(&p, aside.join(p.file_name().expect("a chunk path names a file")))?;
+            }
+            cloister_crypto::identity::sync_dir(&aside)?;
+        }
+        cloister_crypto::identity::sync_dir(&self.dir)?;
         self.create(start.next)?;
         self.write(&Record::Start(start))?;
         self.current.as_ref().expect("just created").file.sync_all()

@@ -79,8 +79,9 @@ impl Ledger {
                 files_next - 1
             );
         } else if files_next < state.size {
-            if state.first > 0 && state.size == state.first && report.entries == 0 {
-                // A snapshot was installed and nothing applied since: restore its start record.
+            if state.first > 0 && state.size == state.first {
+                // A snapshot was installed and nothing applied since: restore its start record
+                // (setting aside whatever older files a crash left in place).
                 let start = index::start_state(&store.read_txn()?)?;
                 LedgerFiles::open(dir, settings.chunk_bytes)?.restart_at(start)?;
             } else {

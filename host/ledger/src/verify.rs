@@ -31,6 +31,26 @@ pub struct VerifyReport {
     /// The chain hash through the last entry.
     #[serde(skip)]
     pub chain: Hash,
+    /// What the signatures were checked against.
+    pub anchor: Anchor,
+}
+
+/// The service certificate a walk trusted, by its SHA-256 fingerprint (hex).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "sha256", rename_all = "kebab-case")]
+pub enum Anchor {
+    /// No signature needed one: the folder holds none.
+    #[default]
+    None,
+    /// The certificate the caller gave.
+    Given(String),
+    /// The certificate the folder's own genesis entry records: it proves the folder is
+    /// self-consistent, not that it is the service's, since whoever wrote the folder wrote that too.
+    Genesis(String),
+}
+
+fn fingerprint(cert_der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, cert_der))
 }
 
 /// Why a walk failed.
@@ -100,6 +120,9 @@ pub fn verify_dir(
     })?;
     let mut report = VerifyReport { files: paths.len(), ..Default::default() };
     let mut service_cert = service_cert.map(<[u8]>::to_vec);
+    if let Some(cert) = &service_cert {
+        report.anchor = Anchor::Given(fingerprint(cert));
+    }
     let mut nodes = MemoryNodes::default();
     let mut chains: BTreeMap<u64, Hash> = BTreeMap::new();
     let mut chain_head = [0u8; 32];
@@ -111,8 +134,18 @@ pub fn verify_dir(
             return Err(fault(next, reason.clone()));
         }
         let starts_fresh = matches!(chunk.records.first(), Some(Record::Start(_)));
+        if starts_fresh && i > 0 {
+            // A node sets the older files aside when it installs a snapshot; a start record past
+            // the oldest file would let a folder skip entries (or swap history) unnoticed.
+            return Err(fault(
+                Some(chunk.first_seqno),
+                "a snapshot start record heads a file that is not the oldest: the entries before it are \
+                 not vouched for by anything in this folder"
+                    .into(),
+            ));
+        }
         match next {
-            Some(n) if chunk.first_seqno != n && !starts_fresh => {
+            Some(n) if chunk.first_seqno != n => {
                 return Err(fault(
                     Some(n),
                     format!(
@@ -163,8 +196,11 @@ pub fn verify_dir(
                     merkle::append(&mut nodes, e.seqno, &leaf).map_err(|err| fault(Some(e.seqno), err.to_string()))?;
                     chain_head = computed;
                     chains.insert(e.seqno, computed);
-                    if service_cert.is_none() {
+                    if service_cert.is_none() && e.seqno == 0 {
                         service_cert = genesis_service_cert(e);
+                        if let Some(cert) = &service_cert {
+                            report.anchor = Anchor::Genesis(fingerprint(cert));
+                        }
                     }
                     if let Some(sig) = e.payload.signature() {
                         let ca = service_cert.as_deref().ok_or_else(|| {
@@ -304,4 +340,123 @@ pub fn verify_receipt(receipt: &Receipt, service_cert: &[u8]) -> Result<Verified
         return Err("the proof does not lead from the leaf to the signed root".into());
     }
     Ok(VerifiedReceipt { tx_id: receipt.tx_id.clone(), claims_digest: leaf.claims_digest, signed_by: sig.node_id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::{NodeSigner, TxEntry};
+    use crate::files::{LedgerFiles, StartState, set_aside_dir};
+    use crate::index;
+    use cloister_crypto::identity::{self, ServiceCa};
+
+    /// One node's ledger, built through the index as a node builds it.
+    struct Built {
+        _dir: tempfile::TempDir,
+        store: cloister_store::Store,
+        ca_der: Vec<u8>,
+        signer: NodeSigner,
+        replica: MemoryNodes,
+        entries: Vec<LedgerEntry>,
+    }
+
+    impl Built {
+        fn new() -> Built {
+            let dir = tempfile::tempdir().unwrap();
+            let store = cloister_store::Store::open(&dir.path().join("state.redb")).unwrap();
+            let batch = store.write_batch().unwrap();
+            index::create(batch.txn()).unwrap();
+            batch.commit().unwrap();
+            let ca = ServiceCa::generate("svc").unwrap();
+            let ca_der = identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
+            let node = ca.issue_node_cert("node", &["localhost".into()]).unwrap();
+            let signer = NodeSigner::new(&node.cert_pem, &node.key_pem).unwrap();
+            Built { _dir: dir, store, ca_der, signer, replica: MemoryNodes::default(), entries: Vec::new() }
+        }
+
+        fn push(&mut self, appender: &mut index::Appender, payload: Payload) {
+            let seqno = appender.state().size;
+            let entry = appender.append(seqno, 1, payload).unwrap();
+            merkle::append(&mut self.replica, seqno, &entry.components().leaf()).unwrap();
+            self.entries.push(entry);
+        }
+
+        /// Appends blank entries up to `size`, then a signature entry over them.
+        fn sign_through(&mut self, size: u64) {
+            let store = self.store.clone();
+            let batch = store.write_batch().unwrap();
+            let mut appender = index::Appender::new(batch.txn(), self.ca_der.clone()).unwrap();
+            while appender.state().size < size {
+                self.push(&mut appender, Payload::Blank);
+            }
+            let root = merkle::root(&self.replica, size).unwrap();
+            let chain = self.entries.last().unwrap().chain;
+            let sig = SignaturePayload::sign(size, root, chain, &self.signer);
+            self.push(&mut appender, Payload::Tx(TxEntry::signature(sig)));
+            appender.finish().unwrap();
+            batch.commit().unwrap();
+        }
+
+        fn start_at(&self, next: u64) -> StartState {
+            StartState {
+                next,
+                chain: self.entries[next as usize - 1].chain,
+                frontier: merkle::frontier(&self.replica, next).unwrap(),
+            }
+        }
+
+        fn write(&self, dir: &Path, start: Option<u64>, seqnos: std::ops::RangeInclusive<u64>) {
+            let mut files = LedgerFiles::open(dir, 1 << 30).unwrap();
+            if let Some(next) = start {
+                files.restart_at(self.start_at(next)).unwrap();
+            }
+            files.append(&self.entries[*seqnos.start() as usize..=*seqnos.end() as usize]).unwrap();
+        }
+    }
+
+    /// The attack: a folder whose first file ends at seqno 5 and whose second starts, with a
+    /// snapshot start record, at 20. Entries 6 to 19 are gone, yet before this check the walk
+    /// passed, because it took any start record as a fresh beginning.
+    #[test]
+    fn a_start_record_past_the_oldest_file_is_a_gap_and_a_fault() {
+        let mut built = Built::new();
+        built.sign_through(5);
+        built.sign_through(29);
+
+        let after_snapshot = tempfile::tempdir().unwrap();
+        built.write(after_snapshot.path(), Some(20), 20..=29);
+        let report = verify_dir(after_snapshot.path(), Some(&built.ca_der), None).expect("a ledger after a snapshot");
+        assert_eq!((report.first_seqno, report.last_seqno, report.signatures), (Some(20), Some(29), 1));
+        assert_eq!(report.anchor, Anchor::Given(fingerprint(&built.ca_der)));
+
+        let spliced = tempfile::tempdir().unwrap();
+        built.write(spliced.path(), None, 0..=5);
+        verify_dir(spliced.path(), Some(&built.ca_der), None).expect("the first file alone verifies");
+        let second = files::chunk_paths(after_snapshot.path()).unwrap().remove(0);
+        std::fs::copy(&second, spliced.path().join(second.file_name().unwrap())).unwrap();
+        let err = verify_dir(spliced.path(), Some(&built.ca_der), None).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::Fault { seqno: Some(20), message, .. } if message.contains("not the oldest")),
+            "{err}"
+        );
+    }
+
+    /// A node that installs a snapshot sets its older files aside, where they still verify, and
+    /// its ledger folder holds one unbroken run.
+    #[test]
+    fn installing_a_snapshot_sets_the_older_files_aside() {
+        let mut built = Built::new();
+        built.sign_through(5);
+        built.sign_through(29);
+        let dir = tempfile::tempdir().unwrap();
+        built.write(dir.path(), None, 0..=5);
+        built.write(dir.path(), Some(20), 20..=29);
+
+        let names: Vec<_> = files::chunk_paths(dir.path()).unwrap().iter().map(|p| files::first_seqno_of(p)).collect();
+        assert_eq!(names, [Some(20)]);
+        let report = verify_dir(dir.path(), Some(&built.ca_der), None).unwrap();
+        assert_eq!((report.first_seqno, report.last_seqno), (Some(20), Some(29)));
+        let aside = verify_dir(&set_aside_dir(dir.path(), 20), Some(&built.ca_der), None).unwrap();
+        assert_eq!((aside.first_seqno, aside.last_seqno), (Some(0), Some(5)));
+    }
 }
