@@ -224,6 +224,11 @@ pub enum Check {
     ReportSignature,
     /// 4: the guest policy allows debugging.
     DebugPolicy,
+    /// 4: the guest policy allows a migration agent, which could move the guest's memory, keys
+    /// included, to a platform nobody attested.
+    MigrationAgent,
+    /// 4: the report was requested from a VM privilege level other than 0.
+    Vmpl,
     /// 5: the measurement is not in `gov.attestation.measurements`.
     Measurement,
     /// 6: host_data is not in `gov.attestation.host_data`.
@@ -250,6 +255,8 @@ impl Check {
             Check::VcekExtensions => "vcek-extensions",
             Check::ReportSignature => "report-signature",
             Check::DebugPolicy => "debug-policy",
+            Check::MigrationAgent => "migration-agent",
+            Check::Vmpl => "vmpl",
             Check::Measurement => "measurement",
             Check::HostData => "host-data",
             Check::Tcb => "tcb",

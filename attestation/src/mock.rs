@@ -40,6 +40,8 @@ pub const MOCK_CERT_VALIDITY_DAYS: u64 = 3650;
 pub const MOCK_POLICY_DEFAULT: u64 = 0x30000;
 /// The bit of the guest policy that allows debugging.
 pub const POLICY_DEBUG_BIT: u64 = 1 << 19;
+/// The bit of the guest policy that allows association with a migration agent.
+pub const POLICY_MIGRATE_MA_BIT: u64 = 1 << 18;
 /// The TCB the mock reports by default (a plausible Milan platform).
 pub const MOCK_TCB_DEFAULT: Tcb = Tcb { bootloader: 3, tee: 0, snp: 8, microcode: 115, fmc: None };
 
@@ -244,6 +246,9 @@ pub struct MockConfig {
     pub tcb: Tcb,
     pub policy: u64,
     pub chip_id: [u8; 64],
+    /// The VM privilege level the report was requested from (0, the most privileged, on a
+    /// well-formed guest).
+    pub vmpl: u32,
 }
 
 impl Default for MockConfig {
@@ -257,6 +262,7 @@ impl Default for MockConfig {
             tcb: MOCK_TCB_DEFAULT,
             policy: MOCK_POLICY_DEFAULT,
             chip_id,
+            vmpl: 0,
         }
     }
 }
@@ -308,7 +314,7 @@ impl MockFirmware {
             version: 3,
             guest_svn: 0,
             policy: GuestPolicy::from(self.config.policy),
-            vmpl: 0,
+            vmpl: self.config.vmpl,
             sig_algo: snp::SIG_ALGO_ECDSA_P384_SHA384,
             current_tcb: tcb,
             reported_tcb: tcb,

@@ -173,12 +173,33 @@ fn check_report(evidence: &SnpEvidence, report: &AttestationReport) -> Result<()
     })
 }
 
+/// The VM privilege level a report must come from. Lower levels are more privileged; a report
+/// from VMPL 1 to 3 was requested by code that VMPL 0 (a paravisor, say) can inspect and alter,
+/// so it vouches for less than the measurement suggests. On Azure the paravisor requests the
+/// report at VMPL 0 too.
+pub const REQUIRED_VMPL: u32 = 0;
+
 /// Checks 4 to 7: what the report says against what the service admits.
 fn check_claims(report: &AttestationReport, policy: &Policy) -> Result<(), Refusal> {
     if report.policy.debug_allowed() {
         return Err(Refusal::new(
             Check::DebugPolicy,
             format!("guest policy {:#x} allows debugging (bit 19)", u64::from(report.policy)),
+        ));
+    }
+    if report.policy.migrate_ma_allowed() {
+        return Err(Refusal::new(
+            Check::MigrationAgent,
+            format!("guest policy {:#x} allows a migration agent (MIGRATE_MA, bit 18)", u64::from(report.policy)),
+        ));
+    }
+    if report.vmpl != REQUIRED_VMPL {
+        return Err(Refusal::new(
+            Check::Vmpl,
+            format!(
+                "the report comes from VMPL {}; only VMPL {REQUIRED_VMPL}, the guest's most privileged level, is admitted",
+                report.vmpl
+            ),
         ));
     }
     let measurement = hex::encode(report.measurement);

@@ -129,6 +129,32 @@ fn debug_policy_is_refused() {
     assert_eq!(check, Check::DebugPolicy, "{detail}");
 }
 
+/// The attack: a guest launched with a policy that lets a migration agent move it (its memory,
+/// keys included) to another platform passed, since only the debug bit was checked.
+#[test]
+fn a_policy_that_allows_a_migration_agent_is_refused() {
+    let config = MockConfig { policy: mock::MOCK_POLICY_DEFAULT | mock::POLICY_MIGRATE_MA_BIT, ..Default::default() };
+    let firmware = MockFirmware::new(root(), config);
+    let nonce = Nonce::random();
+    let (check, detail) = refused(&bound_report(&firmware, &nonce), &mock_policy(), Some(&binding(NODE_KEY, &nonce)));
+    assert_eq!(check, Check::MigrationAgent, "{detail}");
+    assert!(detail.contains("MIGRATE_MA"), "{detail}");
+}
+
+/// The attack: a report requested from VMPL 1 to 3, below code that can alter what it reports
+/// on, passed.
+#[test]
+fn a_report_from_a_less_privileged_vmpl_is_refused() {
+    for vmpl in [1, 2, 3] {
+        let firmware = MockFirmware::new(root(), MockConfig { vmpl, ..Default::default() });
+        let nonce = Nonce::random();
+        let evidence = bound_report(&firmware, &nonce);
+        let (check, detail) = refused(&evidence, &mock_policy(), Some(&binding(NODE_KEY, &nonce)));
+        assert_eq!(check, Check::Vmpl, "{detail}");
+        assert!(detail.contains(&format!("VMPL {vmpl}")), "{detail}");
+    }
+}
+
 #[test]
 fn an_unapproved_measurement_is_refused() {
     let firmware = MockFirmware::new(root(), MockConfig { measurement: [0xab; 48], ..Default::default() });
