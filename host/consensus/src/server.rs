@@ -15,7 +15,8 @@ use super::{Consensus, state_machine::SnapshotFile};
 /// What a peer request asks for, for [`Forwarder::authorize`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerRpc {
-    /// Raft's own messages: only Trusted nodes (or anyone, on a node that is itself joining).
+    /// Raft's own messages: only Trusted nodes (or, on a node that is itself joining, the leader it
+    /// attested).
     Raft,
     /// Forwarded writes: only Trusted nodes.
     Forward,

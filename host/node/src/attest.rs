@@ -26,12 +26,45 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::AttestationSection;
 use crate::gov::{self, NodeRecord, NodeStatus};
-use cloister_consensus::{JOIN_RETRY_MS, NodeAddr, NodeId, Peers, types};
+use cloister_consensus::{JOIN_RETRY_MS, NodeAddr, NodeId, PeerRpc, Peers, types};
 use cloister_crypto::identity::KeyedCert;
 use cloister_store::{KvError, Tx};
 
 /// Authenticated alongside the sealed ledger secret.
 pub(crate) const JOIN_SECRET_AAD: &[u8] = b"cloister ledger secret for a joining node";
+/// Domain separation for the leader's signature over a join ([`join_transcript`]).
+const JOIN_TRANSCRIPT_CONTEXT: &[u8] = b"cloister join transcript v1\0";
+
+/// What the leader signs when it hands a joining node the ledger secret: both nonces, both
+/// public keys (DER SubjectPublicKeyInfo) and the sealed secret, each length-prefixed. A joining
+/// node accepts a secret only with the signature of the leader whose evidence it verified, over
+/// its own nonce and key, so a relay (or any other holder of a service-CA certificate) can
+/// neither substitute a secret of its own nor pass on one meant for another exchange.
+pub(crate) fn join_transcript(
+    joiner_nonce: &[u8],
+    leader_nonce: &[u8],
+    leader_spki: &[u8],
+    joiner_spki: &[u8],
+    sealed_secret: &[u8],
+) -> Vec<u8> {
+    let mut out = JOIN_TRANSCRIPT_CONTEXT.to_vec();
+    for part in [joiner_nonce, leader_nonce, leader_spki, joiner_spki, sealed_secret] {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// Checks an ECDSA P-384 (r ‖ s) signature by the key of `cert_der` over `message`.
+fn check_signed_by(cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| format!("the leader's certificate does not parse: {e}"))?;
+    let key = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P384_SHA384_FIXED,
+        cert.public_key().subject_public_key.data.as_ref(),
+    );
+    key.verify(message, signature).map_err(|_| "the signature does not verify under the leader's key".to_owned())
+}
 
 /// The DER SubjectPublicKeyInfo of a certificate (DER): what evidence binds.
 pub(crate) fn spki_of(cert_der: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -208,6 +241,34 @@ pub fn standing(tx: &Tx, cert_der: &[u8]) -> Result<Standing, KvError> {
     }
 }
 
+/// Whether a peer with `cert`, of `standing` here, may make a request of kind `rpc`. Attest is
+/// open to any certificate of the service CA (the evidence decides); everything else needs a
+/// Trusted node. A node that is itself joining (no `gov.nodes` yet) accepts Raft messages only
+/// from `join_leader`, the leader whose evidence it verified and whose signature its secret
+/// carries: any other certificate of the service CA (a Pending, refused or Retired node's, or
+/// one the operator issued to nobody) could otherwise install a forged snapshot on it.
+pub(crate) fn admit_peer(
+    standing: Standing,
+    rpc: PeerRpc,
+    cert: &[u8],
+    join_leader: Option<&[u8]>,
+) -> Result<(), String> {
+    // The node id is a hash of the certificate: worked out only for a refusal's message.
+    let id = || cloister_crypto::node_id_of(cert);
+    match (standing, rpc) {
+        (Standing::Retired, _) => Err(format!("node {} is retired; its connections are refused", id())),
+        (Standing::Trusted, _) | (_, PeerRpc::Attest) => Ok(()),
+        (Standing::NoState, PeerRpc::Raft) if join_leader == Some(cert) => Ok(()),
+        (Standing::NoState, PeerRpc::Raft) => Err(format!(
+            "this node is joining and accepts Raft messages only from the leader it attested; node {} is not it",
+            id()
+        )),
+        (standing, rpc) => {
+            Err(format!("node {} is {standing:?} in gov.nodes; {rpc:?} requests need a Trusted node", id()))
+        }
+    }
+}
+
 /// The peer listener's handshake check: a retired node's certificate is refused before any
 /// request; every other standing is decided per request (`Service::authorize_peer`), because a
 /// joining node must reach `Challenge` and `Attest` before it is Trusted. Fails closed.
@@ -220,8 +281,18 @@ pub(crate) fn handshake_gate(tx: &Tx, cert_der: &[u8]) -> Result<(), String> {
     }
 }
 
+/// What a join gives a new node.
+pub struct Joined {
+    pub secret: [u8; 32],
+    /// The certificate (DER) of the leader whose evidence this node verified, and who signed the
+    /// secret over the join transcript: until this node holds `gov.nodes`, the only node whose
+    /// Raft messages it accepts.
+    pub leader_cert: Vec<u8>,
+}
+
 /// The joining side: attests to the leader at `peer_url` until the node is Trusted, and returns
-/// the ledger secret the leader sealed to this node's key. A refused attestation ends the join.
+/// the ledger secret the leader sealed to this node's key and signed over the join transcript. A
+/// refused attestation, or a secret that is not the attested leader's, ends the join.
 pub async fn join(
     peers: &Peers,
     peer_url: &str,
@@ -230,7 +301,7 @@ pub async fn join(
     attester: &Attester,
     leader: &LeaderCheck,
     timeout: Duration,
-) -> anyhow::Result<[u8; 32]> {
+) -> anyhow::Result<Joined> {
     let deadline = tokio::time::Instant::now() + timeout;
     let spki = spki_of(&cloister_crypto::identity::cert_der(identity.cert_pem.as_bytes())?)?;
     let node = types::encode(&me);
@@ -254,19 +325,20 @@ pub async fn join(
                 .evidence(cloister_attestation::binding(&spki, &nonce))
                 .await
                 .map_err(|e| tonic::Status::failed_precondition(format!("collecting evidence failed: {e:#}")))?;
-            let request =
-                pb::AttestRequest { node: node.clone(), evidence: evidence.to_json(), nonce: nonce.0.to_vec() };
-            client.attest(request).await.map(|r| r.into_inner())
+            let request = pb::AttestRequest {
+                node: node.clone(),
+                evidence: evidence.to_json(),
+                nonce: nonce.0.to_vec(),
+                joiner_nonce: mine.0.to_vec(),
+            };
+            let reply = client.attest(request).await?.into_inner();
+            Ok::<_, tonic::Status>((reply, mine, challenge))
         };
         let status = match attempt.await {
-            Ok(reply) if reply.status == "Trusted" => {
-                let secret =
-                    cloister_attestation::seal::open_with(&identity.key_pem, JOIN_SECRET_AAD, &reply.sealed_secret)
-                        .map_err(|e| anyhow::anyhow!("the leader's sealed ledger secret: {e}"))?;
-                return <[u8; 32]>::try_from(secret)
-                    .map_err(|_| anyhow::anyhow!("the ledger secret has the wrong length"));
+            Ok((reply, mine, challenge)) if reply.status == "Trusted" => {
+                return accept_secret(identity, &mine, challenge, &reply);
             }
-            Ok(reply) => {
+            Ok((reply, ..)) => {
                 if !logged_pending {
                     tracing::info!(status = %reply.status, "attested; waiting for a transition_node_to_trusted proposal");
                     logged_pending = true;
@@ -297,14 +369,39 @@ pub async fn join(
     }
 }
 
-/// What the leader side keeps: the nonces it issued, the secret it hands to Trusted nodes, and
-/// what it needs to attest itself to joining nodes.
+/// The joining side's last step: the secret in `reply` is accepted only with the signature of
+/// the leader whose `challenge` this node verified, over this exchange's transcript (`mine` is the
+/// nonce this node sent), and only if it opens with this node's key.
+fn accept_secret(
+    identity: &KeyedCert,
+    mine: &Nonce,
+    challenge: pb::ChallengeReply,
+    reply: &pb::AttestReply,
+) -> anyhow::Result<Joined> {
+    let own_spki = spki_of(&cloister_crypto::identity::cert_der(identity.cert_pem.as_bytes())?)?;
+    let leader_spki = spki_of(&challenge.cert)?;
+    let transcript = join_transcript(&mine.0, &challenge.nonce, &leader_spki, &own_spki, &reply.sealed_secret);
+    check_signed_by(&challenge.cert, &transcript, &reply.transcript_signature).map_err(|e| {
+        anyhow::anyhow!("refused the ledger secret: it is not signed by the leader this node attested: {e}")
+    })?;
+    let secret = cloister_attestation::seal::open_with(&identity.key_pem, JOIN_SECRET_AAD, &reply.sealed_secret)
+        .map_err(|e| anyhow::anyhow!("the leader's sealed ledger secret: {e}"))?;
+    let secret = <[u8; 32]>::try_from(secret).map_err(|_| anyhow::anyhow!("the ledger secret has the wrong length"))?;
+    Ok(Joined { secret, leader_cert: challenge.cert })
+}
+
+/// What a node keeps for joins. As a leader: the nonces it issued, the secret it hands to
+/// Trusted nodes, and what it needs to attest itself and sign the secret. As a joiner: the
+/// certificate of the leader it attested.
 pub struct Joins {
     pub nonces: NonceStore,
     secret: [u8; 32],
     attester: Arc<Attester>,
     cert_der: Vec<u8>,
     spki: Vec<u8>,
+    key: ring::signature::EcdsaKeyPair,
+    /// This node's join leader, while it may still be joining (see [`Joined::leader_cert`]).
+    pub(crate) join_leader: Option<Vec<u8>>,
 }
 
 impl Joins {
@@ -312,15 +409,26 @@ impl Joins {
         section: &AttestationSection,
         secret: [u8; 32],
         attester: Arc<Attester>,
-        cert_der: Vec<u8>,
+        node: &KeyedCert,
+        join_leader: Option<Vec<u8>>,
     ) -> anyhow::Result<Joins> {
+        let cert_der = cloister_crypto::identity::cert_der(node.cert_pem.as_bytes())?.to_vec();
         let spki = spki_of(&cert_der)?;
+        let key_der = cloister_crypto::identity::private_key(node.key_pem.as_bytes())?;
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+            key_der.secret_der(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|e| anyhow::anyhow!("the node key is not an ECDSA P-384 PKCS#8 key: {e}"))?;
         Ok(Joins {
             nonces: NonceStore::new(Duration::from_secs(section.nonce_ttl_s)),
             secret,
             attester,
             cert_der,
             spki,
+            key,
+            join_leader,
         })
     }
 
@@ -340,9 +448,23 @@ impl Joins {
         })
     }
 
-    /// The ledger secret sealed to the public key `spki` (DER).
-    pub(crate) fn sealed_secret(&self, spki: &[u8]) -> anyhow::Result<Vec<u8>> {
-        cloister_attestation::seal::seal_to(spki, JOIN_SECRET_AAD, &self.secret).map_err(anyhow::Error::msg)
+    /// The ledger secret sealed to the public key `spki` (DER), and this node's signature over
+    /// the join transcript: the joiner's nonce, the nonce it redeemed (`leader_nonce`), both keys
+    /// and the sealed secret.
+    pub(crate) fn grant_secret(
+        &self,
+        joiner_nonce: &[u8],
+        leader_nonce: &[u8],
+        spki: &[u8],
+    ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        let sealed =
+            cloister_attestation::seal::seal_to(spki, JOIN_SECRET_AAD, &self.secret).map_err(anyhow::Error::msg)?;
+        let transcript = join_transcript(joiner_nonce, leader_nonce, &self.spki, spki, &sealed);
+        let signature = self
+            .key
+            .sign(&ring::rand::SystemRandom::new(), &transcript)
+            .map_err(|_| anyhow::anyhow!("signing the join transcript failed"))?;
+        Ok((sealed, signature.as_ref().to_vec()))
     }
 }
 
@@ -421,8 +543,7 @@ mod tests {
         let ca = ServiceCa::generate("test service").unwrap();
         let cert = ca.issue_node_cert("leader", &["127.0.0.1".into()]).unwrap();
         let attester = Arc::new(Attester::Mock(Box::new(MockFirmware::new(&root, MockConfig::default()))));
-        let cert_der = cloister_crypto::identity::cert_der(cert.cert_pem.as_bytes()).unwrap().to_vec();
-        let leader = Joins::new(&AttestationSection::default(), [7; 32], attester, cert_der).unwrap();
+        let leader = Joins::new(&AttestationSection::default(), [7; 32], attester, &cert, None).unwrap();
         let service_ca = cloister_crypto::identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
         let check = LeaderCheck {
             roots: Roots::Mock { ark: root.ark_der() },
@@ -469,6 +590,89 @@ mod tests {
         // Mock evidence to a node that expects AMD's roots.
         let amd = LeaderCheck { roots: Roots::Amd, ..f.check };
         assert!(amd.verify(&reply, &mine).unwrap_err().contains("check `root`"));
+    }
+
+    /// Why a secret was refused. (`Joined` holds a secret, so it has no `Debug` to unwrap with.)
+    fn refusal(result: anyhow::Result<Joined>) -> String {
+        match result {
+            Ok(_) => panic!("the secret was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The secret a genuine leader grants in one exchange, as the joining node receives it.
+    async fn genuine_exchange(f: &Fixture, joiner: &KeyedCert) -> (Nonce, pb::ChallengeReply, pb::AttestReply) {
+        let mine = Nonce::random();
+        let challenge = f.leader.challenge(&mine.0).await.unwrap();
+        f.check.verify(&challenge, &mine).unwrap();
+        let spki = spki_of(&der_of(joiner)).unwrap();
+        let (sealed_secret, transcript_signature) = f.leader.grant_secret(&mine.0, &challenge.nonce, &spki).unwrap();
+        let reply = pb::AttestReply { status: "Trusted".into(), sealed_secret, transcript_signature };
+        (mine, challenge, reply)
+    }
+
+    /// The attack: a relay between a joining node and the genuine leader (any holder of a
+    /// service-CA certificate can be one) forwards the leader's challenge reply, which verifies,
+    /// then answers the joining node's Attest with a ledger secret of its own, sealed to the
+    /// joining node's public key. Before the leader signed the transcript the joiner accepted
+    /// it, and with it whatever state the relay then replicated.
+    #[tokio::test]
+    async fn a_joining_node_accepts_only_a_secret_the_attested_leader_signed_for_this_exchange() {
+        let f = fixture(&[]);
+        let joiner = f.ca.issue_node_cert("joiner", &["127.0.0.1".into()]).unwrap();
+        let (mine, challenge, reply) = genuine_exchange(&f, &joiner).await;
+        let joined = accept_secret(&joiner, &mine, challenge.clone(), &reply).expect("the genuine exchange");
+        assert_eq!((joined.secret, joined.leader_cert.clone()), ([7; 32], challenge.cert.clone()));
+
+        let spki = spki_of(&der_of(&joiner)).unwrap();
+        let relays_secret = cloister_attestation::seal::seal_to(&spki, JOIN_SECRET_AAD, &[0x66; 32]).unwrap();
+        let refusals = [
+            // The relay's own secret, under the leader's signature of another.
+            pb::AttestReply { sealed_secret: relays_secret.clone(), ..reply.clone() },
+            // The relay's secret, signed by the relay's own (service-CA) key.
+            {
+                let relay = f.ca.issue_node_cert("relay", &["127.0.0.1".into()]).unwrap();
+                let attester =
+                    Arc::new(Attester::Mock(Box::new(MockFirmware::new(&MockRoot::generate(), MockConfig::default()))));
+                let relay = Joins::new(&AttestationSection::default(), [0x66; 32], attester, &relay, None).unwrap();
+                let (sealed_secret, transcript_signature) =
+                    relay.grant_secret(&mine.0, &challenge.nonce, &spki).unwrap();
+                pb::AttestReply { status: "Trusted".into(), sealed_secret, transcript_signature }
+            },
+            // No signature at all, as a leader sent before.
+            pb::AttestReply { transcript_signature: Vec::new(), ..reply.clone() },
+        ];
+        for forged in refusals {
+            let err = refusal(accept_secret(&joiner, &mine, challenge.clone(), &forged));
+            assert!(err.contains("not signed by the leader this node attested"), "{err}");
+        }
+        // A genuine grant from another exchange (another joiner nonce), replayed.
+        let (_, other_challenge, other_reply) = genuine_exchange(&f, &joiner).await;
+        let err = refusal(accept_secret(&joiner, &mine, other_challenge, &other_reply));
+        assert!(err.contains("not signed by the leader this node attested"), "{err}");
+    }
+
+    /// The attack: a node with no state yet (it holds the secret, not yet `gov.nodes`) took Raft
+    /// messages, InstallSnapshot included, from any certificate of the service CA.
+    #[test]
+    fn a_joining_node_takes_raft_messages_from_its_attested_leader_alone() {
+        let ca = ServiceCa::generate("test service").unwrap();
+        let leader = der_of(&ca.issue_node_cert("leader", &[]).unwrap());
+        let stranger = der_of(&ca.issue_node_cert("never trusted", &[]).unwrap());
+        admit_peer(Standing::NoState, PeerRpc::Raft, &leader, Some(&leader)).expect("the attested leader");
+        for pinned in [Some(leader.as_slice()), None] {
+            let err = admit_peer(Standing::NoState, PeerRpc::Raft, &stranger, pinned).unwrap_err();
+            assert!(err.contains("only from the leader it attested"), "{err}");
+        }
+        for rpc in [PeerRpc::Forward, PeerRpc::Join] {
+            assert!(admit_peer(Standing::NoState, rpc, &leader, Some(&leader)).is_err(), "{rpc:?}");
+        }
+        // Once it holds gov.nodes, standing decides, and its join leader has no special rights.
+        assert!(admit_peer(Standing::Unknown, PeerRpc::Raft, &leader, Some(&leader)).is_err());
+        assert!(admit_peer(Standing::Pending, PeerRpc::Raft, &stranger, Some(&leader)).is_err());
+        assert!(admit_peer(Standing::Retired, PeerRpc::Attest, &stranger, None).unwrap_err().contains("retired"));
+        admit_peer(Standing::Trusted, PeerRpc::Raft, &stranger, Some(&leader)).expect("a Trusted node");
+        admit_peer(Standing::Unknown, PeerRpc::Attest, &stranger, None).expect("evidence decides");
     }
 
     #[tokio::test]

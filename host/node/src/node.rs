@@ -25,9 +25,15 @@ use cloister_store::Store;
 /// The node's copy of the ledger secret, sealed at rest (see `seal::sealing_key_from_node_key`).
 const SECRET_FILE: &str = "ledger.secret";
 const SECRET_AT_REST_AAD: &[u8] = b"cloister ledger secret";
+/// The certificate of the leader a joining node attested (`attest::Joined::leader_cert`), sealed
+/// at rest like the secret, so that a node restarted before its first replication still accepts
+/// Raft messages from that leader alone.
+const JOIN_LEADER_FILE: &str = "join-leader.sealed";
+const JOIN_LEADER_AT_REST_AAD: &[u8] = b"cloister join leader";
 
 /// The ledger secret: this node's sealed copy, or (for a new node) sealed to it by the leader of
 /// the network it joins once its attestation makes it Trusted, or (for a new service) generated.
+/// With it, the certificate of the leader a joining node attested, if it joined.
 async fn ledger_secret(
     config: &NodeConfig,
     node: &identity::KeyedCert,
@@ -35,29 +41,39 @@ async fn ledger_secret(
     me: (consensus::NodeId, NodeAddr),
     attester: &Attester,
     service_cert: &str,
-) -> anyhow::Result<[u8; 32]> {
+) -> anyhow::Result<([u8; 32], Option<Vec<u8>>)> {
     let sealing = seal::sealing_key_from_node_key(&node.key_pem)?;
     let path = config.node.data_dir.join(SECRET_FILE);
-    if path.exists() {
-        let sealed = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let plain = sealing.open(Purpose::SecretAtRest, SECRET_AT_REST_AAD, &sealed).map_err(|_| {
+    let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
+    let open = |path: &std::path::Path, aad: &[u8]| -> anyhow::Result<Vec<u8>> {
+        let sealed = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        sealing.open(Purpose::SecretAtRest, aad, &sealed).map_err(|_| {
             anyhow::anyhow!("{} does not open with this node's key: was the node key replaced?", path.display())
-        })?;
-        return <[u8; 32]>::try_from(plain).map_err(|_| anyhow::anyhow!("{} holds no ledger secret", path.display()));
+        })
+    };
+    if path.exists() {
+        let plain = open(&path, SECRET_AT_REST_AAD)?;
+        let secret =
+            <[u8; 32]>::try_from(plain).map_err(|_| anyhow::anyhow!("{} holds no ledger secret", path.display()))?;
+        let leader = leader_path.exists().then(|| open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
+        return Ok((secret, leader));
     }
     if config.node.data_dir.join("raft.redb").exists() {
         anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
     }
-    let secret = match &config.network.join {
+    let (secret, leader) = match &config.network.join {
         Some(url) => {
             let timeout = Duration::from_millis(config.raft.join_timeout_ms);
             let leader = attest::LeaderCheck::from_config(&config.attestation, service_cert)?;
-            attest::join(peers, url, me, node, attester, &leader, timeout).await?
+            let joined = attest::join(peers, url, me, node, attester, &leader, timeout).await?;
+            let sealed = sealing.seal(Purpose::SecretAtRest, JOIN_LEADER_AT_REST_AAD, &joined.leader_cert);
+            identity::write_private(&leader_path, &sealed)?;
+            (joined.secret, Some(joined.leader_cert))
         }
-        None => Sealer::generate_secret(),
+        None => (Sealer::generate_secret(), None),
     };
     identity::write_private(&path, &sealing.seal(Purpose::SecretAtRest, SECRET_AT_REST_AAD, &secret))?;
-    Ok(secret)
+    Ok((secret, leader))
 }
 
 /// How long a new service's first node may take to elect itself.
@@ -120,7 +136,8 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let secret = ledger_secret(&config, &node_cert, &peers, (id, me.clone()), &attester, &service_cert).await?;
+        let (secret, join_leader) =
+            ledger_secret(&config, &node_cert, &peers, (id, me.clone()), &attester, &service_cert).await?;
         let sealer = Arc::new(Sealer::new(&secret));
         let store = Store::open_sealed(&data_dir.join("state.redb"), sealer.clone())?;
         let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
@@ -134,7 +151,7 @@ impl Node {
             config.limits.clone(),
             config.gov.clone(),
             info,
-            Arc::new(attest::Joins::new(&config.attestation, secret, attester.clone(), node_cert_der)?),
+            Arc::new(attest::Joins::new(&config.attestation, secret, attester.clone(), &node_cert, join_leader)?),
         )?);
 
         let cancel = CancellationToken::new();

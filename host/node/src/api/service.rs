@@ -578,6 +578,9 @@ impl Service {
             .map_err(|e| ApiError::from(e).to_status())?
             .ok_or_else(|| tonic::Status::unavailable("the service's genesis has not committed yet"))?;
         let nonce = Nonce::from_slice(&request.nonce).map_err(refused)?;
+        // The joining node's nonce goes into the transcript this node signs: 32 bytes, nothing else.
+        Nonce::from_slice(&request.joiner_nonce)
+            .map_err(|e| tonic::Status::invalid_argument(format!("joiner_nonce: {e}; this node signs only a nonce")))?;
         self.joins.nonces.redeem(&nonce).map_err(refused)?;
         let evidence = Evidence::from_json(&request.evidence).map_err(refused)?;
         let spki = attest::spki_of(&cert).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
@@ -615,32 +618,22 @@ impl Service {
             Err(SubmitError::Api(e)) if e.status == 403 => return Err(tonic::Status::permission_denied(e.message)),
             Err(SubmitError::Api(e)) => return Err(e.to_status()),
         };
-        let sealed_secret = if status == gov::NodeStatus::Trusted {
-            self.joins.sealed_secret(&spki).map_err(|e| tonic::Status::internal(e.to_string()))?
+        let (sealed_secret, transcript_signature) = if status == gov::NodeStatus::Trusted {
+            self.joins
+                .grant_secret(&request.joiner_nonce, &request.nonce, &spki)
+                .map_err(|e| tonic::Status::internal(e.to_string()))?
         } else {
-            Vec::new()
+            Default::default()
         };
-        Ok(cloister_proto::peer::v1::AttestReply { status: format!("{status:?}"), sealed_secret })
+        Ok(cloister_proto::peer::v1::AttestReply { status: format!("{status:?}"), sealed_secret, transcript_signature })
     }
 
     /// Whether the node with `cert` may make a peer request of kind `rpc`.
     pub(crate) fn authorize_peer(&self, cert: &[u8], rpc: PeerRpc) -> Result<(), tonic::Status> {
         let tx = self.store.begin().map_err(|e| ApiError::from(e).to_status())?;
         let standing = attest::standing(&tx, cert).map_err(|e| ApiError::from(e).to_status())?;
-        // The node id is a hash of the certificate: worked out only for a refusal's message.
-        let id = || cloister_crypto::node_id_of(cert);
-        match (standing, rpc) {
-            (attest::Standing::Retired, _) => {
-                Err(tonic::Status::permission_denied(format!("node {} is retired; its connections are refused", id())))
-            }
-            (attest::Standing::Trusted, _) | (_, PeerRpc::Attest) | (attest::Standing::NoState, PeerRpc::Raft) => {
-                Ok(())
-            }
-            (standing, rpc) => Err(tonic::Status::permission_denied(format!(
-                "node {} is {standing:?} in gov.nodes; {rpc:?} requests need a Trusted node",
-                id()
-            ))),
-        }
+        attest::admit_peer(standing, rpc, cert, self.joins.join_leader.as_deref())
+            .map_err(tonic::Status::permission_denied)
     }
 
     /// A committed read of the governance tables.
