@@ -54,7 +54,12 @@ impl hkdf::KeyType for OkmLen {
 pub struct Sealer {
     prk: hkdf::Prk,
     rng: SystemRandom,
+    /// The key of [`Sealer::private_key_digest`], derived once.
+    key_digest_key: [u8; 32],
 }
+
+/// HKDF info for the key that hides private map keys at rest.
+const KEY_DIGEST_LABEL: &[u8] = b"cloister private map key digest v1";
 
 impl std::fmt::Debug for Sealer {
     // Never show the secret.
@@ -66,7 +71,18 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     pub fn new(secret: &[u8; SECRET_BYTES]) -> Sealer {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"cloister sealing v1").extract(secret);
-        Sealer { prk, rng: SystemRandom::new() }
+        let mut key_digest_key = [0u8; 32];
+        prk.expand(&[KEY_DIGEST_LABEL], OkmLen)
+            .and_then(|okm| okm.fill(&mut key_digest_key))
+            .expect("HKDF fills 32 bytes");
+        Sealer { prk, rng: SystemRandom::new(), key_digest_key }
+    }
+
+    /// A keyed digest (BLAKE3 in keyed mode, a PRF) of a private map's table key: what the state
+    /// database stores in its place, so that equal keys still meet and nothing about a key shows
+    /// but that it is one. Only holders of the ledger secret can compute or test one.
+    pub fn private_key_digest(&self, table_key: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.key_digest_key, table_key).as_bytes()
     }
 
     /// A fresh random secret from the operating system.

@@ -127,6 +127,7 @@ pub fn verify_dir(
     let mut chains: BTreeMap<u64, Hash> = BTreeMap::new();
     let mut chain_head = [0u8; 32];
     let mut next: Option<u64> = None;
+    let mut after_snapshot = false;
     for (i, path) in paths.iter().enumerate() {
         let fault = |seqno: Option<u64>, message: String| VerifyError::Fault { seqno, file: path.clone(), message };
         let chunk = files::read_chunk(path).map_err(|e| fault(next, format!("cannot read the file: {e}")))?;
@@ -179,6 +180,7 @@ pub fn verify_dir(
                     }
                     chain_head = s.chain;
                     next = Some(s.next);
+                    after_snapshot = true;
                 }
                 Record::Entry(e) => {
                     let expected = next.unwrap_or(0);
@@ -196,7 +198,9 @@ pub fn verify_dir(
                     merkle::append(&mut nodes, e.seqno, &leaf).map_err(|err| fault(Some(e.seqno), err.to_string()))?;
                     chain_head = computed;
                     chains.insert(e.seqno, computed);
-                    if service_cert.is_none() && e.seqno == 0 {
+                    // Only a genesis at the head of a ledger that starts from nothing, before any
+                    // signature, is taken as the anchor.
+                    if service_cert.is_none() && report.signatures == 0 && !after_snapshot {
                         service_cert = genesis_service_cert(e);
                         if let Some(cert) = &service_cert {
                             report.anchor = Anchor::Genesis(fingerprint(cert));

@@ -5,13 +5,17 @@
 //! redb transaction: all of it or none. The replication and ledger layers ship write sets, never
 //! re-run code, so a write set is the unit everything above this module agrees on.
 //!
-//! With a [`Sealer`], values of private maps are sealed at rest (bound to their table key) and
-//! opened on read; public maps stay in clear.
+//! With a [`Sealer`], nothing of a private map is in clear at rest: the table holds each entry
+//! under a keyed digest of its key ([`Sealer::private_key_digest`]), and the key and value sealed
+//! together, bound to that digest. Scans in key order go through an index of the private keys
+//! that lives in memory only ([`KeyIndex`]), rebuilt from the sealed entries when the store opens.
+//! Public maps stay in clear.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -27,6 +31,21 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Separates a map's name from its keys in the table; map names are printable ASCII.
 const MAP_SEPARATOR: u8 = 0;
+/// Set in META once private entries are stored under digests; a sealed store without it holds
+/// them the way stores did before, under their keys, and is converted when it opens.
+const KEY_DIGESTS_META: &str = "private_keys_digested_v1";
+
+/// The table keys (`map ‖ 0x00 ‖ key`, in clear) of every private entry of a sealed store, in
+/// order. Cloning is cheap (a persistent tree), so each transaction holds the version that
+/// matches its snapshot of the table.
+type KeyIndex = imbl::OrdSet<Vec<u8>>;
+
+/// The published [`KeyIndex`], with a version that changes whenever it does.
+#[derive(Default)]
+struct Published {
+    version: u64,
+    keys: KeyIndex,
+}
 
 /// An error of the state database, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +84,12 @@ fn full_key(map: &str, key: &[u8]) -> Vec<u8> {
 /// The map a table key belongs to.
 pub fn map_of(full: &[u8]) -> &str {
     split_key(full).0
+}
+
+/// Splits what claims to be a table key, or None if it is not one.
+fn split_key_checked(full: &[u8]) -> Option<(&str, &[u8])> {
+    let at = full.iter().position(|&b| b == MAP_SEPARATOR)?;
+    Some((std::str::from_utf8(&full[..at]).ok()?, &full[at + 1..]))
 }
 
 /// Splits a table key into its map name and the key within the map.
@@ -160,6 +185,10 @@ pub struct Store {
     db: Arc<Database>,
     path: PathBuf,
     sealer: Option<Arc<Sealer>>,
+    /// With a sealer: the private keys. A commit publishes the union of the keys before and after
+    /// it while it runs, then the keys after it, so whichever table snapshot a reader gets, the
+    /// index it took alongside (see [`Store::begin_over`]) names every key that snapshot holds.
+    index: Arc<Mutex<Published>>,
 }
 
 impl Store {
@@ -177,13 +206,50 @@ impl Store {
     fn open_with(path: &Path, sealer: Option<Arc<Sealer>>) -> Result<Store, KvError> {
         let err = |e: redb::Error| KvError::Db { path: path.to_owned(), source: e };
         let db = Database::create(path).map_err(|e| err(e.into()))?;
-        let store = Store { db: Arc::new(db), path: path.to_owned(), sealer };
+        let store = Store { db: Arc::new(db), path: path.to_owned(), sealer, index: Arc::default() };
         // Create the tables up front so read transactions never meet a missing table.
-        let batch = store.write_batch()?;
+        let mut batch = store.write_batch()?;
         batch.txn().open_table(KV).map_err(|e| store.err(e))?;
         batch.txn().open_table(META).map_err(|e| store.err(e))?;
+        if store.sealer.is_some() {
+            batch.hide_private_keys()?;
+        }
         batch.commit()?;
+        if store.sealer.is_some() {
+            store.rebuild_index()?;
+        }
         Ok(store)
+    }
+
+    /// Reads every private entry's key back from its sealed form into the index.
+    fn rebuild_index(&self) -> Result<(), KvError> {
+        let read = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = read.open_table(KV).map_err(|e| self.err(e))?;
+        let mut keys = KeyIndex::new();
+        for item in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if self.hides(k.value()).is_some() {
+                keys.insert(self.opened_entry(k.value(), v.value())?.0);
+            }
+        }
+        let mut published = self.index.lock().expect("key index lock");
+        published.version += 1;
+        published.keys = keys;
+        Ok(())
+    }
+
+    /// The sealer, if entries under this table key are private and hidden at rest.
+    fn hides(&self, full: &[u8]) -> Option<&Sealer> {
+        self.sealer.as_deref().filter(|_| !is_public(split_key(full).0))
+    }
+
+    /// The key the table stores an entry under: its own, or for a hidden entry
+    /// `map ‖ 0x00 ‖ digest`.
+    fn table_key<'k>(&self, full: &'k [u8]) -> Cow<'k, [u8]> {
+        match self.hides(full) {
+            Some(s) => Cow::Owned(full_key(split_key(full).0, &s.private_key_digest(full))),
+            None => Cow::Borrowed(full),
+        }
     }
 
     /// The sealer, when private values are sealed at rest.
@@ -191,22 +257,53 @@ impl Store {
         self.sealer.as_ref()
     }
 
-    /// The stored form of a value: sealed for private maps when sealing is on.
+    /// The stored form of an entry: for a hidden one, `u32 LE key length ‖ table key ‖ value`
+    /// sealed and bound to the table key it is stored under.
     fn stored(&self, full: &[u8], value: &[u8]) -> Vec<u8> {
-        match &self.sealer {
-            Some(s) if !is_public(split_key(full).0) => s.seal(Purpose::StateValue, full, value),
-            _ => value.to_vec(),
+        match self.hides(full) {
+            Some(s) => {
+                let mut plain = Vec::with_capacity(4 + full.len() + value.len());
+                plain.extend_from_slice(&(full.len() as u32).to_le_bytes());
+                plain.extend_from_slice(full);
+                plain.extend_from_slice(value);
+                s.seal(Purpose::StateValue, &self.table_key(full), &plain)
+            }
+            None => value.to_vec(),
         }
     }
 
-    /// A value as stored, opened for reading.
-    fn opened(&self, full: &[u8], stored: &[u8]) -> Result<Vec<u8>, KvError> {
-        match &self.sealer {
-            Some(s) if !is_public(split_key(full).0) => s.open(Purpose::StateValue, full, stored).map_err(|e| {
-                KvError::Invalid { path: self.path.clone(), message: format!("{e} (map {})", split_key(full).0) }
-            }),
-            _ => Ok(stored.to_vec()),
+    /// A hidden entry as stored under `table_key`, opened: its table key in clear, and its value.
+    fn opened_entry(&self, table_key: &[u8], stored: &[u8]) -> Result<(Vec<u8>, Vec<u8>), KvError> {
+        let invalid = |message: String| KvError::Invalid {
+            path: self.path.clone(),
+            message: format!("{message} (map {})", split_key(table_key).0),
+        };
+        let sealer = self.hides(table_key).ok_or_else(|| invalid("not a hidden entry".into()))?;
+        let plain = sealer.open(Purpose::StateValue, table_key, stored).map_err(|e| invalid(e.to_string()))?;
+        let len = plain.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+        let (full, value) = match len {
+            Some(len) if plain.len() >= 4 + len => plain[4..].split_at(len),
+            _ => return Err(invalid("a sealed entry is shorter than its key".into())),
+        };
+        if split_key_checked(full).map(|(map, _)| map) != Some(split_key(table_key).0) {
+            return Err(invalid("a sealed entry names a key of another map".into()));
         }
+        Ok((full.to_vec(), value.to_vec()))
+    }
+
+    /// The value stored for `full`, opened for reading.
+    fn opened(&self, full: &[u8], stored: &[u8]) -> Result<Vec<u8>, KvError> {
+        if self.hides(full).is_none() {
+            return Ok(stored.to_vec());
+        }
+        let (key, value) = self.opened_entry(&self.table_key(full), stored)?;
+        if key != full {
+            return Err(KvError::Invalid {
+                path: self.path.clone(),
+                message: format!("a sealed entry sits under another key's digest (map {})", split_key(full).0),
+            });
+        }
+        Ok(value)
     }
 
     pub(crate) fn err(&self, e: impl Into<redb::Error>) -> KvError {
@@ -220,9 +317,28 @@ impl Store {
 
     /// A transaction over the committed state with pending write sets on top, oldest first.
     pub fn begin_over(&self, pending: Vec<Arc<WriteSet>>) -> Result<Tx, KvError> {
-        let read = self.db.begin_read().map_err(|e| self.err(e))?;
-        let base = read.open_table(KV).map_err(|e| self.err(e))?;
-        Ok(Tx { base, pending, own: WriteSet::default(), store: self.clone() })
+        loop {
+            let (version, keys) = self.published();
+            let read = self.db.begin_read().map_err(|e| self.err(e))?;
+            // Unchanged across the snapshot: `keys` is the index of a commit, or the union around
+            // one, that this snapshot falls within. Otherwise a commit ended in between; again.
+            if self.published().0 == version {
+                let base = read.open_table(KV).map_err(|e| self.err(e))?;
+                let index = self.sealer.is_some().then_some(keys);
+                return Ok(Tx { base, index, pending, own: WriteSet::default(), store: self.clone() });
+            }
+        }
+    }
+
+    fn published(&self) -> (u64, KeyIndex) {
+        let published = self.index.lock().expect("key index lock");
+        (published.version, published.keys.clone())
+    }
+
+    fn publish(&self, keys: KeyIndex) {
+        let mut published = self.index.lock().expect("key index lock");
+        published.version += 1;
+        published.keys = keys;
     }
 
     /// Applies a write set atomically and durably.
@@ -245,7 +361,17 @@ impl Store {
     /// A write transaction for several kinds of writes that commit together.
     pub fn write_batch(&self) -> Result<WriteBatch<'_>, KvError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        Ok(WriteBatch { txn, store: self })
+        // Write transactions run one at a time, so this is the index of the last commit.
+        let keys = self.published().1;
+        Ok(WriteBatch {
+            txn,
+            store: self,
+            before: keys.clone(),
+            keys,
+            removed: Vec::new(),
+            cleared: false,
+            changed: false,
+        })
     }
 
     /// A raw read transaction, for modules that keep their own tables in this database.
@@ -275,7 +401,8 @@ pub struct Export {
 }
 
 impl Export {
-    /// Calls `f` on every table entry (`map ‖ 0x00 ‖ key`, value) in order.
+    /// Calls `f` on every table entry as stored (`map ‖ 0x00 ‖ key` or, for a hidden private
+    /// entry, its digest; the value as stored), in table order.
     pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), KvError>) -> Result<(), KvError> {
         let table = self.read.open_table(KV).map_err(|e| self.store.err(e))?;
         for item in table.iter().map_err(|e| self.store.err(e))? {
@@ -301,19 +428,75 @@ impl Export {
 pub struct WriteBatch<'s> {
     txn: redb::WriteTransaction,
     store: &'s Store,
+    /// The private key index at the last commit, and as this batch leaves it.
+    before: KeyIndex,
+    keys: KeyIndex,
+    /// Keys this batch removed from the index: with `keys`, the union published while it commits.
+    removed: Vec<Vec<u8>>,
+    /// Whether the batch cleared every map (then the union takes all of `before`).
+    cleared: bool,
+    /// Whether the batch touched a private key at all.
+    changed: bool,
 }
 
 impl WriteBatch<'_> {
     pub fn apply(&mut self, writes: &WriteSet) -> Result<(), KvError> {
         let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
         for (full, value) in &writes.entries {
+            let table_key = self.store.table_key(full);
+            let hidden = self.store.hides(full).is_some();
+            self.changed |= hidden;
             match value {
-                Some(v) => table.insert(full.as_slice(), self.store.stored(full, v).as_slice()),
-                None => table.remove(full.as_slice()),
+                Some(v) => {
+                    table.insert(&*table_key, self.store.stored(full, v).as_slice()).map_err(|e| self.store.err(e))?;
+                    if hidden {
+                        self.keys.insert(full.clone());
+                    }
+                }
+                None => {
+                    table.remove(&*table_key).map_err(|e| self.store.err(e))?;
+                    if hidden && self.keys.remove(full).is_some() {
+                        self.removed.push(full.clone());
+                    }
+                }
             }
-            .map_err(|e| self.store.err(e))?;
         }
         Ok(())
+    }
+
+    /// Converts a sealed store's private entries stored under their keys (as before digests) to
+    /// hidden ones, once; then marks the store as converted.
+    fn hide_private_keys(&mut self) -> Result<(), KvError> {
+        let store = self.store;
+        if self
+            .txn
+            .open_table(META)
+            .map_err(|e| store.err(e))?
+            .get(KEY_DIGESTS_META)
+            .map_err(|e| store.err(e))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let sealer = store.sealer.clone().expect("only a sealed store hides keys");
+        let mut table = self.txn.open_table(KV).map_err(|e| store.err(e))?;
+        let mut old = Vec::new();
+        for item in table.iter().map_err(|e| store.err(e))? {
+            let (k, v) = item.map_err(|e| store.err(e))?;
+            if store.hides(k.value()).is_some() {
+                old.push((k.value().to_vec(), v.value().to_vec()));
+            }
+        }
+        for (full, sealed) in old {
+            let value = sealer.open(Purpose::StateValue, &full, &sealed).map_err(|e| KvError::Invalid {
+                path: store.path.clone(),
+                message: format!("converting a private entry: {e} (map {})", split_key(&full).0),
+            })?;
+            table.remove(full.as_slice()).map_err(|e| store.err(e))?;
+            table.insert(&*store.table_key(&full), store.stored(&full, &value).as_slice()).map_err(|e| store.err(e))?;
+        }
+        drop(table);
+        self.put_meta(KEY_DIGESTS_META, b"1")
     }
 
     pub fn put_meta(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
@@ -325,13 +508,30 @@ impl WriteBatch<'_> {
     /// Removes every map entry (before installing a snapshot).
     pub fn clear(&mut self) -> Result<(), KvError> {
         let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
-        table.retain(|_, _| false).map_err(|e| self.store.err(e))
+        table.retain(|_, _| false).map_err(|e| self.store.err(e))?;
+        self.keys = KeyIndex::new();
+        self.cleared = true;
+        self.changed = true;
+        Ok(())
     }
 
-    /// Inserts a table entry exactly as stored elsewhere (from a snapshot).
-    pub fn insert_stored(&mut self, full: &[u8], stored: &[u8]) -> Result<(), KvError> {
+    /// Inserts a table entry exactly as another node of the service stored it (from a
+    /// snapshot, as [`Export::for_each`] gave it). A hidden entry must open under the ledger
+    /// secret and be stored under its own key's digest.
+    pub fn insert_stored(&mut self, table_key: &[u8], stored: &[u8]) -> Result<(), KvError> {
+        if self.store.hides(table_key).is_some() {
+            let (full, _) = self.store.opened_entry(table_key, stored)?;
+            if *self.store.table_key(&full) != *table_key {
+                return Err(KvError::Invalid {
+                    path: self.store.path.clone(),
+                    message: format!("a sealed entry sits under another key's digest (map {})", map_of(table_key)),
+                });
+            }
+            self.keys.insert(full);
+            self.changed = true;
+        }
         let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
-        table.insert(full, stored).map_err(|e| self.store.err(e))?;
+        table.insert(table_key, stored).map_err(|e| self.store.err(e))?;
         Ok(())
     }
 
@@ -341,13 +541,31 @@ impl WriteBatch<'_> {
     }
 
     pub fn commit(self) -> Result<(), KvError> {
-        self.txn.commit().map_err(|e| self.store.err(e))
+        let WriteBatch { txn, store, before, keys, removed, cleared, changed } = self;
+        if store.sealer.is_none() || !changed {
+            return txn.commit().map_err(|e| store.err(e));
+        }
+        let mut during = if cleared { before.clone().union(keys.clone()) } else { keys.clone() };
+        during.extend(removed);
+        store.publish(during);
+        match txn.commit() {
+            Ok(()) => {
+                store.publish(keys);
+                Ok(())
+            }
+            Err(e) => {
+                store.publish(before);
+                Err(store.err(e))
+            }
+        }
     }
 }
 
 /// One transaction: a consistent snapshot, pending write sets, and its own buffered writes.
 pub struct Tx {
     base: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    /// In a sealed store, the private keys `base` may hold (possibly more: a lookup decides).
+    index: Option<KeyIndex>,
     pending: Vec<Arc<WriteSet>>,
     own: WriteSet,
     store: Store,
@@ -361,7 +579,7 @@ impl Tx {
                 return Ok(v.map(<[u8]>::to_vec));
             }
         }
-        let got = self.base.get(full).map_err(|e| self.store.err(e))?;
+        let got = self.base.get(&*self.store.table_key(full)).map_err(|e| self.store.err(e))?;
         got.map(|v| self.store.opened(full, v.value())).transpose()
     }
 
@@ -386,15 +604,19 @@ impl Tx {
     /// through all layers. A removal there shadows it, so the search continues after it.
     pub fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Result<Option<Entry>, KvError> {
         let mut bounds = map_bounds(map, lower, upper);
+        let index = self.index.as_ref().filter(|_| !is_public(map));
         loop {
-            let base_first = self
-                .base
-                .range::<&[u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
-                .map_err(|e| self.store.err(e))?
-                .next()
-                .transpose()
-                .map_err(|e| self.store.err(e))?
-                .map(|(k, _)| k.value().to_vec());
+            let base_first = match index {
+                Some(keys) => keys.range((bounds.0.clone(), bounds.1.clone())).next().cloned(),
+                None => self
+                    .base
+                    .range::<&[u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
+                    .map_err(|e| self.store.err(e))?
+                    .next()
+                    .transpose()
+                    .map_err(|e| self.store.err(e))?
+                    .map(|(k, _)| k.value().to_vec()),
+            };
             let layered = std::iter::once(&self.own)
                 .chain(self.pending.iter().map(|p| &**p))
                 .filter_map(|l| l.first_in(&bounds))

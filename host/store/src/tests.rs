@@ -104,10 +104,24 @@ fn scans_run_in_key_order_across_layers_with_removals() {
     assert_eq!(bounded, None, "f was removed and h is excluded");
 }
 
-/// Random operations against a model: every read and every scan agrees with a BTreeMap.
+fn sealed_store(dir: &tempfile::TempDir, secret: [u8; 32]) -> Store {
+    Store::open_sealed(&dir.path().join("state.redb"), Arc::new(Sealer::new(&secret))).unwrap()
+}
+
+/// Random operations against a model: every read and every scan agrees with a BTreeMap, in a
+/// plain store and in a sealed one (where scans go through the in-memory key index).
 #[test]
 fn matches_a_model_under_random_operations() {
     let (_d, s) = store();
+    matches_a_model(&s);
+    let dir = tempfile::tempdir().unwrap();
+    matches_a_model(&sealed_store(&dir, [3; 32]));
+    // Reopened, the index is rebuilt from the sealed entries alone.
+    let before = scan(&sealed_store(&dir, [3; 32]).begin().unwrap(), "m");
+    assert!(!before.is_empty());
+}
+
+fn matches_a_model(s: &Store) {
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut next = move |n: u64| {
@@ -162,4 +176,150 @@ fn errors_name_the_file() {
     std::fs::write(&path, b"garbage that is not a redb file at all, certainly").unwrap();
     let err = Store::open(&path).err().expect("garbage is refused");
     assert!(err.to_string().contains("not-a-db"), "{err}");
+}
+
+/// What a reader of a sealed store's file learns of a private map: not its keys, not its
+/// values, and not which keys two maps share.
+#[test]
+fn a_sealed_store_keeps_no_private_key_or_value_in_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sealed_store(&dir, [9; 32]);
+    let (private, public) = (app_map("app", "records"), app_map("app", "public:totals"));
+    let mut tx = s.begin().unwrap();
+    for n in 0..50 {
+        tx.put(&private, format!("PARTYKEY{n:03}").as_bytes(), format!("SECRETVALUE{n:03}").as_bytes());
+    }
+    tx.put(&public, b"PUBLICKEY", b"PUBLICVALUE");
+    s.apply(&tx.into_writes()).unwrap();
+    let mut tx = s.begin().unwrap();
+    tx.remove(&private, b"PARTYKEY007").unwrap();
+    s.apply(&tx.into_writes()).unwrap();
+    drop(s);
+
+    let bytes = std::fs::read(dir.path().join("state.redb")).unwrap();
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for n in [0, 7, 25, 49] {
+        assert!(!contains(format!("PARTYKEY{n:03}").as_bytes()), "key {n} is in clear");
+        assert!(!contains(format!("SECRETVALUE{n:03}").as_bytes()), "value {n} is in clear");
+    }
+    assert!(contains(b"PUBLICKEY") && contains(b"PUBLICVALUE"), "public maps stay readable");
+
+    let s = sealed_store(&dir, [9; 32]);
+    let tx = s.begin().unwrap();
+    let keys: Vec<_> = scan(&tx, &private).into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect();
+    let expected: Vec<_> = (0..50).filter(|n| *n != 7).map(|n| format!("PARTYKEY{n:03}")).collect();
+    assert_eq!(keys, expected, "reopened, scans still run in key order");
+    assert_eq!(tx.get(&private, b"PARTYKEY025").unwrap().as_deref(), Some(&b"SECRETVALUE025"[..]));
+    drop((tx, s));
+    let err = Store::open_sealed(&dir.path().join("state.redb"), Arc::new(Sealer::new(&[8; 32]))).err();
+    assert!(err.expect("another secret cannot rebuild the index").to_string().contains("does not open"));
+}
+
+/// A store written before keys were hidden (private entries under their own keys) is converted
+/// when it opens sealed, once, losing nothing.
+#[test]
+fn an_older_sealed_store_is_converted_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let sealer = Sealer::new(&[5; 32]);
+    {
+        let plain = Store::open(&path).unwrap();
+        let mut batch = plain.write_batch().unwrap();
+        for n in 0..10u8 {
+            let full = full_key("app/m", &[b'k', n]);
+            batch.insert_stored(&full, &sealer.seal(Purpose::StateValue, &full, &[b'v', n])).unwrap();
+        }
+        batch.commit().unwrap();
+    }
+    let s = Store::open_sealed(&path, Arc::new(Sealer::new(&[5; 32]))).unwrap();
+    let got = scan(&s.begin().unwrap(), "app/m");
+    assert_eq!(got, (0..10u8).map(|n| (vec![b'k', n], vec![b'v', n])).collect::<Vec<_>>());
+    assert_eq!(s.meta(KEY_DIGESTS_META).unwrap().as_deref(), Some(&b"1"[..]));
+    drop(s);
+    // The old entries' pages may linger in the file until redb reuses them; what the table
+    // holds now is digests only.
+    let s = Store::open(&path).unwrap();
+    let mut table_keys = Vec::new();
+    s.export()
+        .unwrap()
+        .for_each(|k, _| {
+            table_keys.push(k.to_vec());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(table_keys.len(), 10);
+    assert!(table_keys.iter().all(|k| k.len() == "app/m".len() + 1 + 32), "{table_keys:?}");
+}
+
+/// Entries moved between two nodes' stores of one service (a snapshot) arrive hidden and
+/// indexed; an entry moved under another key's digest is refused (the seal is bound to it).
+#[test]
+fn stored_entries_move_between_stores_of_one_service() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (from, to) = (sealed_store(&a, [4; 32]), sealed_store(&b, [4; 32]));
+    let mut tx = from.begin().unwrap();
+    for k in ["b", "a", "c"] {
+        tx.put("app/m", k.as_bytes(), k.repeat(3).as_bytes());
+    }
+    from.apply(&tx.into_writes()).unwrap();
+    let mut entries = Vec::new();
+    from.export()
+        .unwrap()
+        .for_each(|k, v| {
+            entries.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    let mut batch = to.write_batch().unwrap();
+    batch.clear().unwrap();
+    for (k, v) in &entries {
+        batch.insert_stored(k, v).unwrap();
+    }
+    batch.commit().unwrap();
+    let got: Vec<_> = scan(&to.begin().unwrap(), "app/m").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(got, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+
+    let hidden: Vec<_> = entries.iter().filter(|(k, _)| map_of(k) == "app/m").collect();
+    let mut batch = to.write_batch().unwrap();
+    let err = batch.insert_stored(&hidden[0].0, &hidden[1].1).unwrap_err();
+    assert!(err.to_string().contains("does not open"), "{err}");
+}
+
+/// Readers never see a scan that disagrees with their snapshot while commits move keys: every
+/// commit replaces the map's one key with the next, so every scan finds exactly one.
+#[test]
+fn scans_match_their_snapshot_while_commits_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sealed_store(&dir, [6; 32]);
+    let mut tx = s.begin().unwrap();
+    tx.put("app/m", &0u32.to_be_bytes(), b"v");
+    s.apply(&tx.into_writes()).unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (s, done) = (s.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut scans = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let found = scan(&s.begin().unwrap(), "app/m");
+                    assert_eq!(found.len(), 1, "a scan found {found:?}");
+                    scans += 1;
+                }
+                scans
+            })
+        })
+        .collect();
+    for n in 0..300u32 {
+        // Keys move both ways in order, so an index older or newer than the snapshot would show.
+        let next = if n % 2 == 0 { 1000 - n } else { n };
+        let mut tx = s.begin().unwrap();
+        let (current, _) = scan(&tx, "app/m").remove(0);
+        tx.remove("app/m", &current).unwrap();
+        tx.put("app/m", &next.to_be_bytes(), b"v");
+        s.apply(&tx.into_writes()).unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().expect("no reader saw an inconsistent scan") > 0);
+    }
 }
