@@ -35,7 +35,10 @@ const MEMBERSHIP: &str = "raft_membership";
 const TERMS: TableDefinition<u64, u64> = TableDefinition::new("raft_terms");
 /// Entries applied per durable transaction, so a long catch-up does not hold all in memory.
 const APPLY_BATCH_MAX: usize = 1024;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP1\0";
+/// Version 2 ends with a MAC over the whole file; version 1 files had none and are not read.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP2\0";
+/// In place of a record's length: the records are over, and the MAC follows.
+const END_OF_RECORDS: u32 = u32::MAX;
 /// Largest record a snapshot file may hold: one state entry (a key and a sealed value within the
 /// contract limits) or the term history, with room to spare.
 const SNAPSHOT_RECORD_BYTES_MAX: usize = 64 << 20;
@@ -192,18 +195,26 @@ impl StateMachine {
 
     /// After a restart, the newest snapshot file on disk is the current snapshot again.
     fn adopt_latest_snapshot_file(&self) -> anyhow::Result<()> {
-        let mut newest: Option<(u64, PathBuf)> = None;
+        let mut newest: Option<(u64, PathBuf, SnapshotMeta)> = None;
         for entry in std::fs::read_dir(&self.inner.snapshot_dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "snap") {
-                let index = read_head(&path).map(|m| m.last_log_id.map_or(0, |l| l.index)).unwrap_or(0);
-                if newest.as_ref().is_none_or(|(i, _)| index > *i) {
-                    newest = Some((index, path));
+                // A file of an older format (or a damaged one) is passed over: openraft builds
+                // a new snapshot when it needs one.
+                let meta = match read_head(&path) {
+                    Ok(meta) => meta,
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "passing over an unreadable snapshot file");
+                        continue;
+                    }
+                };
+                let index = meta.last_log_id.map_or(0, |l| l.index);
+                if newest.as_ref().is_none_or(|(i, ..)| index > *i) {
+                    newest = Some((index, path, meta));
                 }
             }
         }
-        if let Some((_, path)) = newest {
-            let meta = read_head(&path)?;
+        if let Some((_, path, meta)) = newest {
             *self.inner.current.lock().expect("snapshot lock") =
                 Some(StoredSnapshot { meta, file: SnapshotFile { path } });
         }
@@ -290,7 +301,7 @@ impl StateMachine {
         let tmp = path.with_extension("tmp");
         let sealer = self.inner.store.sealer().cloned();
         {
-            let mut out = BufWriter::new(std::fs::File::create(&tmp)?);
+            let mut out = Maced::new(BufWriter::new(std::fs::File::create(&tmp)?), &self.inner.store);
             write_head(&mut out, &meta)?;
             write_record(&mut out, &history)?;
             write_record(&mut out, &encode(&start))?;
@@ -308,7 +319,7 @@ impl StateMachine {
                         .map_err(|e| kv::KvError::Invalid { path: tmp.clone(), message: e.to_string() })
                 })
                 .map_err(io_other)?;
-            out.into_inner().map_err(|e| io_other(e.error()))?.sync_all()?;
+            write_end(out)?.into_inner().map_err(|e| io_other(e.error()))?.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
         cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
@@ -335,7 +346,7 @@ impl StateMachine {
     fn install(&self, meta: &SnapshotMeta, snapshot: &SnapshotFile) -> io::Result<()> {
         let path = &snapshot.path;
         let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {m}", path.display()));
-        let mut input = BufReader::new(std::fs::File::open(path)?);
+        let mut input = Maced::new(BufReader::new(std::fs::File::open(path)?), &self.inner.store);
         let head = read_head_from(&mut input, path)?;
         if head.last_log_id != meta.last_log_id {
             return Err(invalid("the file does not match its metadata"));
@@ -361,6 +372,8 @@ impl StateMachine {
             };
             txn.insert_stored(&k, &v).map_err(io_other)?;
         }
+        // Nothing is committed, and so nothing installed, unless the whole file verifies.
+        check_end(input, path)?;
         index::reset(txn.txn(), &start).map_err(io_other)?;
         txn.put_meta(APPLIED_LOG_ID_KEY, &encode(&meta.last_log_id)).map_err(io_other)?;
         txn.put_meta(MEMBERSHIP, &encode(&meta.last_membership)).map_err(io_other)?;
@@ -409,18 +422,91 @@ fn snapshot_name(meta: &SnapshotMeta) -> String {
     }
 }
 
+/// A reader or writer that MACs every byte through it: a snapshot's MAC covers the file from its
+/// magic to the end-of-records marker.
+struct Maced<T> {
+    inner: T,
+    mac: blake3::Hasher,
+}
+
+impl<T> Maced<T> {
+    /// Under the key of the ledger secret; a store without one (openraft's storage suite) gets
+    /// a plain hash, which still catches damage.
+    fn new(inner: T, store: &Store) -> Maced<T> {
+        let mac = store.sealer().map_or_else(blake3::Hasher::new, |s| s.snapshot_mac());
+        Maced { inner, mac }
+    }
+
+    fn tag(&self) -> [u8; 32] {
+        *self.mac.finalize().as_bytes()
+    }
+}
+
+impl<W: Write> Write for Maced<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.mac.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Maced<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.mac.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Ends a snapshot: the end-of-records marker, then the MAC of everything up to it.
+fn write_end<W: Write>(mut out: Maced<W>) -> io::Result<W> {
+    out.write_all(&END_OF_RECORDS.to_le_bytes())?;
+    let tag = out.tag();
+    let mut inner = out.inner;
+    inner.write_all(&tag)?;
+    Ok(inner)
+}
+
+/// After [`read_record`] has met the end-of-records marker: checks the MAC that follows it.
+fn check_end<R: Read>(mut input: Maced<R>, path: &Path) -> io::Result<()> {
+    let expected = input.tag();
+    let mut tag = [0u8; 32];
+    input.inner.read_exact(&mut tag)?;
+    let mut rest = [0u8; 1];
+    if tag != expected || input.inner.read(&mut rest)? != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "snapshot {}: its MAC does not verify under this service's ledger secret: it was altered, cut, \
+                 extended or made by a node without the secret; nothing of it was installed",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn write_record(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     out.write_all(&(bytes.len() as u32).to_le_bytes())?;
     out.write_all(bytes)
 }
 
-/// Reads one length-prefixed record; `None` at a clean end of file.
+/// Reads one length-prefixed record; `None` at the end-of-records marker.
 fn read_record(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     match input.read_exact(&mut len) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a snapshot ends before its MAC"));
+        }
         Err(e) => return Err(e),
+    }
+    if u32::from_le_bytes(len) == END_OF_RECORDS {
+        return Ok(None);
     }
     let len = u32::from_le_bytes(len) as usize;
     // The length comes from a file (or a peer's transfer): checked before anything is allocated.
@@ -564,7 +650,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_record_longer_than_its_limit_is_refused_before_allocation() {
-        let mut claims_4_gib = std::io::Cursor::new([0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+        let mut claims_4_gib = std::io::Cursor::new([0xfe, 0xff, 0xff, 0xff, 1, 2, 3]);
         let err = read_record(&mut claims_4_gib).unwrap_err();
         assert!(err.to_string().contains("SNAPSHOT_RECORD_BYTES_MAX"), "{err}");
         let mut at_limit = (SNAPSHOT_RECORD_BYTES_MAX as u32).to_le_bytes().to_vec();
@@ -573,7 +659,91 @@ mod tests {
             read_record(&mut std::io::Cursor::new(at_limit)).unwrap().map(|r| r.len()),
             Some(SNAPSHOT_RECORD_BYTES_MAX)
         );
-        assert_eq!(read_record(&mut std::io::Cursor::new([])).unwrap(), None, "a clean end");
+        assert_eq!(read_record(&mut std::io::Cursor::new(END_OF_RECORDS.to_le_bytes())).unwrap(), None, "the end");
+        let err = read_record(&mut std::io::Cursor::new([])).unwrap_err();
+        assert!(err.to_string().contains("before its MAC"), "a file cut at a record boundary: {err}");
+    }
+
+    /// A node of the service with a sealed store holding `entries`, and its snapshot.
+    fn node_with(secret: [u8; 32], entries: &[(&str, &str, &str)]) -> (tempfile::TempDir, StateMachine) {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = Arc::new(cloister_crypto::seal::Sealer::new(&secret));
+        let store = Store::open_sealed(&dir.path().join("state.redb"), sealer).unwrap();
+        let mut tx = store.begin().unwrap();
+        for (map, k, v) in entries {
+            tx.put(map, k.as_bytes(), v.as_bytes());
+        }
+        store.apply(&tx.into_writes()).unwrap();
+        let sm = StateMachine::without_ledger(store, dir.path().join("snapshots")).unwrap();
+        (dir, sm)
+    }
+
+    fn contents(sm: &StateMachine, map: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let tx = sm.inner.store.begin().unwrap();
+        let mut out = Vec::new();
+        let mut lower = std::ops::Bound::Unbounded;
+        while let Some((k, v)) =
+            tx.first_in(map, lower.as_ref().map(Vec::as_slice), std::ops::Bound::Unbounded).unwrap()
+        {
+            lower = std::ops::Bound::Excluded(k.clone());
+            out.push((k, v));
+        }
+        out
+    }
+
+    /// The attack: a snapshot file altered in any way (a record dropped, replayed from an older
+    /// snapshot, a byte changed, the file cut or extended), or made by a node without the ledger
+    /// secret, was installed as long as each record decoded. Now the MAC over the whole file is
+    /// checked before anything commits: each is refused and the receiving node's state is as it was.
+    #[test]
+    fn a_snapshot_installs_only_if_its_mac_verifies_and_then_whole() {
+        let rows = [("app/m", "PARTY1", "v1"), ("app/m", "PARTY2", "v2"), ("app/public:t", "k", "open")];
+        let (_a, source) = node_with([1; 32], &rows);
+        let snapshot = source.build().unwrap();
+        let bytes = std::fs::read(&snapshot.snapshot.path).unwrap();
+        let (_b, target) = node_with([1; 32], &[("app/m", "TARGETS OWN", "x")]);
+        let before = contents(&target, "app/m");
+
+        let install = |bytes: &[u8]| {
+            let path = target.incoming_path();
+            std::fs::write(&path, bytes).unwrap();
+            target.install(&snapshot.meta, &SnapshotFile { path })
+        };
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 2] ^= 0x10;
+        let mut extended = bytes.clone();
+        extended.push(0);
+        // The last entry record dropped, everything else (the MAC included) kept.
+        let mut cursor = std::io::Cursor::new(&bytes[SNAPSHOT_MAGIC.len()..]);
+        let mut starts = Vec::new();
+        loop {
+            let at = cursor.position() as usize + SNAPSHOT_MAGIC.len();
+            if read_record(&mut cursor).unwrap().is_none() {
+                break;
+            }
+            starts.push(at);
+        }
+        let (last, end) = (starts[starts.len() - 1], bytes.len() - 36);
+        let dropped = [&bytes[..last], &bytes[end..]].concat();
+        let (_c, stranger) = node_with([2; 32], &[("app/public:t", "k", "forged")]);
+        let forged = std::fs::read(stranger.build().unwrap().snapshot.path).unwrap();
+        let cases = [
+            ("a flipped byte", flipped),
+            ("the MAC cut short", bytes[..bytes.len() - 1].to_vec()),
+            ("the MAC and marker gone", bytes[..bytes.len() - 36].to_vec()),
+            ("a byte appended", extended),
+            ("a record dropped", dropped),
+            ("another service's snapshot", forged),
+        ];
+        for (what, bad) in cases {
+            let err = install(&bad).expect_err(what);
+            assert!(!err.to_string().is_empty(), "{what}");
+            assert_eq!(contents(&target, "app/m"), before, "{what}: nothing was installed");
+        }
+        install(&bytes).expect("the genuine snapshot installs");
+        let installed = contents(&target, "app/m");
+        assert_eq!(installed, [(b"PARTY1".to_vec(), b"v1".to_vec()), (b"PARTY2".to_vec(), b"v2".to_vec())]);
+        assert_eq!(contents(&target, "app/public:t"), [(b"k".to_vec(), b"open".to_vec())]);
     }
 
     #[test]

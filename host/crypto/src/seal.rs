@@ -60,6 +60,8 @@ pub struct Sealer {
 
 /// HKDF info for the key that hides private map keys at rest.
 const KEY_DIGEST_LABEL: &[u8] = b"cloister private map key digest v1";
+/// HKDF info for the key of snapshot MACs.
+const SNAPSHOT_MAC_LABEL: &[u8] = b"cloister snapshot mac v1";
 
 impl std::fmt::Debug for Sealer {
     // Never show the secret.
@@ -76,6 +78,14 @@ impl Sealer {
             .and_then(|okm| okm.fill(&mut key_digest_key))
             .expect("HKDF fills 32 bytes");
         Sealer { prk, rng: SystemRandom::new(), key_digest_key }
+    }
+
+    /// A MAC over a whole snapshot file (BLAKE3 in keyed mode), under a key derived from the
+    /// ledger secret: only holders of the secret can make a snapshot a node will install.
+    pub fn snapshot_mac(&self) -> blake3::Hasher {
+        let mut key = [0u8; 32];
+        self.prk.expand(&[SNAPSHOT_MAC_LABEL], OkmLen).and_then(|okm| okm.fill(&mut key)).expect("HKDF fills 32 bytes");
+        blake3::Hasher::new_keyed(&key)
     }
 
     /// A keyed digest (BLAKE3 in keyed mode, a PRF) of a private map's table key: what the state
