@@ -50,6 +50,7 @@ fn main() {
         measurements: [hex::encode(mock::default_measurement())].into(),
         host_data: [hex::encode([0u8; 32])].into(),
         min_tcb: Tcb::default(),
+        azure_pcrs: Default::default(),
     };
     let mock_evidence = Evidence::Mock(evidence.clone());
     let ours = per_op(|| drop(black_box(verify(&mock_evidence, &policy, Some(&expected)).unwrap())), second);
@@ -73,6 +74,7 @@ fn main() {
         measurements: [hex::encode(parsed.measurement)].into(),
         host_data: [hex::encode(parsed.host_data)].into(),
         min_tcb: Tcb::default(),
+        azure_pcrs: Default::default(),
     };
     let genuine = Evidence::Snp(milan.clone());
     let ours = per_op(|| drop(black_box(verify(&genuine, &milan_policy, Some(&parsed.report_data)).unwrap())), second);

@@ -38,7 +38,44 @@ pub struct AzureEvidence {
     /// The ARK the sender chained to, DER. Never trusted: compared with the pinned roots.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::hex_bytes::option")]
     pub ark: Option<Vec<u8>>,
+    /// The SHA-256 PCR values the quote covers, by PCR index, lowercase hex. Untrusted until
+    /// their hash is the quote's pcrDigest ([`check_pcrs`]).
+    #[serde(default, with = "pcr_indices_as_strings")]
+    pub pcrs: PcrSet,
 }
+
+/// [`PcrSet`] in JSON as `{"4": "…"}`, read back through string keys: evidence is an internally
+/// tagged enum, whose buffered content serde cannot turn from a string key into a `u8`.
+mod pcr_indices_as_strings {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::PcrSet;
+
+    pub fn serialize<S: Serializer>(set: &PcrSet, s: S) -> Result<S::Ok, S::Error> {
+        set.iter().map(|(i, v)| (i.to_string(), v)).collect::<std::collections::BTreeMap<_, _>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PcrSet, D::Error> {
+        std::collections::BTreeMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(i, v)| {
+                let index = i.parse::<u8>().map_err(|_| serde::de::Error::custom(format!("PCR index {i:?}")))?;
+                Ok((index, v))
+            })
+            .collect()
+    }
+}
+
+/// PCR index → SHA-256 value (lowercase hex): what a quote attests, and an entry of the
+/// governed allow-list `gov.attestation.azure_pcrs`.
+pub type PcrSet = std::collections::BTreeMap<u8, String>;
+
+/// The PCRs a new service's first node allows, from its own quote: 4 (the boot manager's code),
+/// 7 (the Secure Boot policy) and 11 (the unified kernel image). Governance adds sets over any
+/// PCRs, an application PCR among them.
+pub const GENESIS_PCRS: [u8; 3] = [4, 7, 11];
+/// PCRs a TPM 2.0 vTPM has in a bank.
+pub const PCR_COUNT: u8 = 24;
 
 // The HCL report's layout (az-cvm-vtpm's `AttestationReport`, all little-endian): a 32-byte header
 // whose first word is "HCLA", the hardware report, then the IGVM request data (data_size, version,
@@ -187,8 +224,103 @@ fn check_quote_signature(ak: &RsaPublicKey, quote: &[u8], signature: &[u8]) -> R
 /// (c) the extraData of a TPMS_ATTEST that must be a quote (TPM 2.0 Part 2, 10.12.12):
 /// magic u32, type u16, qualifiedSigner TPM2B_NAME, extraData TPM2B_DATA, then fields not needed here.
 fn quote_extra_data(quote: &[u8]) -> Result<&[u8], Refusal> {
-    let format = |what: String| Refusal::new(Check::Format, format!("the vTPM quote is not a TPM2 quote: {what}"));
     let mut r = Reader { bytes: quote, at: 0 };
+    quote_through_extra_data(&mut r)
+}
+
+fn quote_format(what: String) -> Refusal {
+    Refusal::new(Check::Format, format!("the vTPM quote is not a TPM2 quote: {what}"))
+}
+
+/// The PCRs a quote selects (ascending) and its pcrDigest: after extraData come clockInfo
+/// (17 bytes), firmwareVersion (8), then TPMS_QUOTE_INFO: a TPML_PCR_SELECTION and a
+/// TPM2B_DIGEST. Only a single SHA-256 bank is accepted, as the vTPM quotes it.
+fn quote_pcr_selection(quote: &[u8]) -> Result<(Vec<u8>, &[u8]), Refusal> {
+    let mut r = Reader { bytes: quote, at: 0 };
+    quote_through_extra_data(&mut r)?;
+    r.take(17 + 8).ok_or_else(|| quote_format("truncated in clockInfo or firmwareVersion".into()))?;
+    let count = r.u32().ok_or_else(|| quote_format("truncated in pcrSelect".into()))?;
+    if count != 1 {
+        return Err(quote_format(format!("it selects {count} PCR banks; only the one SHA-256 bank is accepted")));
+    }
+    let hash = r.u16().ok_or_else(|| quote_format("truncated in pcrSelect".into()))?;
+    if hash != TPM_ALG_SHA256 {
+        return Err(quote_format(format!("its PCR bank is algorithm {hash:#06x}, not SHA-256")));
+    }
+    let size = r.take(1).ok_or_else(|| quote_format("truncated in pcrSelect".into()))?[0];
+    let bitmap = r.take(usize::from(size)).ok_or_else(|| quote_format("truncated in pcrSelect".into()))?;
+    let selected: Vec<u8> = (0..bitmap.len() * 8)
+        .filter(|i| bitmap[i / 8] & (1 << (i % 8)) != 0)
+        .map(|i| u8::try_from(i).unwrap_or(u8::MAX))
+        .collect();
+    if selected.iter().any(|i| *i >= PCR_COUNT) {
+        return Err(quote_format(format!("it selects PCRs beyond the {PCR_COUNT} a bank has")));
+    }
+    let digest = r.tpm2b().ok_or_else(|| quote_format("truncated in pcrDigest".into()))?;
+    Ok((selected, digest))
+}
+
+/// Checks that the PCR values the evidence carries are the ones its (signature-checked) quote
+/// attests: exactly the PCRs it selects, hashing to its pcrDigest; then that they match an entry
+/// of `allowed` (each entry names some PCRs and the value each must have). Without this, any
+/// Azure confidential VM, running anything, passed: on Azure the SNP measurement is the
+/// paravisor's, the same for every VM; what the VM booted is in its PCRs.
+pub fn check_pcrs(e: &AzureEvidence, allowed: &std::collections::BTreeSet<PcrSet>) -> Result<(), Refusal> {
+    let (selected, digest) = quote_pcr_selection(&e.quote)?;
+    let carried: Vec<u8> = e.pcrs.keys().copied().collect();
+    if carried != selected {
+        return Err(Refusal::new(
+            Check::PcrDigest,
+            format!("the evidence carries values for PCRs {carried:?} but the quote selects PCRs {selected:?}"),
+        ));
+    }
+    let mut h = Sha256::new();
+    for (index, value) in &e.pcrs {
+        let bytes = hex::decode(value).ok().filter(|b| b.len() == 32).ok_or_else(|| {
+            Refusal::new(Check::Format, format!("PCR {index} is not 32 bytes of hex: {}", hex_prefix(value.as_bytes())))
+        })?;
+        h.update(bytes);
+    }
+    let computed = h.finalize();
+    if computed.as_slice() != digest {
+        return Err(Refusal::new(
+            Check::PcrDigest,
+            format!(
+                "the PCR values hash to {} but the quote's pcrDigest is {}: they are not the values it attests",
+                hex::encode(computed),
+                hex::encode(digest)
+            ),
+        ));
+    }
+    if allowed.is_empty() {
+        return Err(Refusal::new(
+            Check::Pcrs,
+            "gov.attestation.azure_pcrs is empty: azure-vtpm evidence needs an allowed PCR set".to_owned(),
+        ));
+    }
+    let mut misses = Vec::new();
+    for entry in allowed {
+        let miss = entry.iter().find_map(|(index, want)| match e.pcrs.get(index) {
+            Some(have) if have.eq_ignore_ascii_case(want) => None,
+            Some(have) => Some(format!("PCR {index} is {have}, the entry wants {want}")),
+            None => Some(format!("PCR {index} is not in the quote")),
+        });
+        match miss {
+            None => return Ok(()),
+            Some(m) => misses.push(m),
+        }
+    }
+    Err(Refusal::new(Check::Pcrs, format!("no entry of gov.attestation.azure_pcrs matches: {}", misses.join("; "))))
+}
+
+/// The PCRs of `indices` from evidence whose PCR values are checked: a new service's first allowed set.
+pub fn pcr_subset(e: &AzureEvidence, indices: &[u8]) -> PcrSet {
+    e.pcrs.iter().filter(|(i, _)| indices.contains(i)).map(|(i, v)| (*i, v.to_ascii_lowercase())).collect()
+}
+
+fn quote_through_extra_data<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], Refusal> {
+    let format = quote_format;
+    let quote = r.bytes;
     let magic = r.u32().ok_or_else(|| format(format!("{} bytes, too short for its magic", quote.len())))?;
     if magic != TPM_GENERATED_VALUE {
         return Err(format(format!("magic {magic:#010x}, not TPM_GENERATED_VALUE {TPM_GENERATED_VALUE:#010x}")));
@@ -262,6 +394,8 @@ pub fn collect(user_data: &[u8; 64], vcek: crate::thim::VcekChain) -> Result<Azu
         vcek: vcek.vcek,
         ask: vcek.ask,
         ark: vcek.ark,
+        // az-cvm-vtpm reads the bank the quote selected (every PCR), in slot order.
+        pcrs: (0u8..).zip(quote.pcrs_sha256().map(hex::encode)).collect(),
     })
 }
 
@@ -307,12 +441,28 @@ pub mod testing {
         ak: &RsaPrivateKey,
         user_data: &[u8; 64],
     ) -> AzureEvidence {
+        synthetic_with_pcrs(snp_report_for, ak, user_data, &default_pcrs())
+    }
+
+    /// The PCR values synthetic evidence reports unless told otherwise: PCR i holds
+    /// sha256("synthetic PCR i").
+    pub fn default_pcrs() -> [[u8; 32]; PCR_COUNT as usize] {
+        std::array::from_fn(|i| Sha256::digest(format!("synthetic PCR {i}")).into())
+    }
+
+    /// [`synthetic`], with the vTPM's PCRs holding `pcrs`.
+    pub fn synthetic_with_pcrs(
+        snp_report_for: impl FnOnce([u8; 64]) -> SnpEvidence,
+        ak: &RsaPrivateKey,
+        user_data: &[u8; 64],
+        pcrs: &[[u8; 32]; PCR_COUNT as usize],
+    ) -> AzureEvidence {
         let var_data = var_data(ak, user_data);
         let mut report_data = [0u8; 64];
         report_data[..32].copy_from_slice(&Sha256::digest(&var_data));
         let snp = snp_report_for(report_data);
         assert_eq!(snp.report.len(), SNP_REPORT_SIZE, "the SNP report must be {SNP_REPORT_SIZE} bytes");
-        let quote = quote(user_data);
+        let quote = quote(user_data, pcrs);
         AzureEvidence {
             hcl_report: hcl_report(&snp.report, &var_data),
             quote_signature: sign(ak, &quote),
@@ -320,6 +470,7 @@ pub mod testing {
             vcek: snp.vcek,
             ask: snp.ask,
             ark: snp.ark,
+            pcrs: (0u8..).zip(pcrs.iter().map(hex::encode)).collect(),
         }
     }
 
@@ -371,8 +522,8 @@ pub mod testing {
         out
     }
 
-    /// A TPMS_ATTEST quote as the vTPM produces it: all 24 SHA-256 PCRs selected, all still zero.
-    pub fn quote(user_data: &[u8]) -> Vec<u8> {
+    /// A TPMS_ATTEST quote as the vTPM produces it: all 24 SHA-256 PCRs selected, holding `pcrs`.
+    pub fn quote(user_data: &[u8], pcrs: &[[u8; 32]; PCR_COUNT as usize]) -> Vec<u8> {
         let tpm2b = |out: &mut Vec<u8>, bytes: &[u8]| {
             out.extend(u16::try_from(bytes.len()).expect("a TPM2B fits a u16").to_be_bytes());
             out.extend(bytes);
@@ -392,7 +543,7 @@ pub mod testing {
         out.extend(1u32.to_be_bytes()); // pcrSelect.count
         out.extend(TPM_ALG_SHA256.to_be_bytes());
         out.extend([3, 0xff, 0xff, 0xff]); // sizeofSelect, PCRs 0–23
-        tpm2b(&mut out, &Sha256::digest([0u8; 32 * 24]));
+        tpm2b(&mut out, &Sha256::digest(pcrs.concat()));
         out
     }
 }
@@ -551,7 +702,7 @@ mod tests {
 
     #[test]
     fn azure_quote_that_is_not_a_quote_is_refused_at_format() {
-        let good = quote(&USER_DATA);
+        let good = quote(&USER_DATA, &super::testing::default_pcrs());
         let mut bad_magic = good.clone();
         bad_magic[0] = 0;
         let mut not_quote = good.clone();
@@ -600,8 +751,15 @@ mod tests {
         use tss_esapi::structures::{Attest, AttestInfo};
         use tss_esapi::traits::UnMarshall;
 
-        let attest = Attest::unmarshall(&quote(&USER_DATA)).unwrap();
+        let pcrs = super::testing::default_pcrs();
+        let bytes = quote(&USER_DATA, &pcrs);
+        let attest = Attest::unmarshall(&bytes).unwrap();
         assert_eq!(attest.extra_data().value(), USER_DATA);
-        assert!(matches!(attest.attested(), AttestInfo::Quote { .. }));
+        let AttestInfo::Quote { info } = attest.attested() else { panic!("not a quote") };
+        // The TSS reads the PCR digest where this module's parser does.
+        let (selected, digest) = quote_pcr_selection(&bytes).unwrap();
+        assert_eq!(info.pcr_digest().value(), digest);
+        assert_eq!(digest, Sha256::digest(pcrs.concat()).as_slice());
+        assert_eq!(selected, (0..PCR_COUNT).collect::<Vec<_>>());
     }
 }

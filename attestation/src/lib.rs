@@ -204,6 +204,9 @@ pub struct Policy {
     /// Allowed host_data, lowercase hex of 32 bytes.
     pub host_data: BTreeSet<String>,
     pub min_tcb: Tcb,
+    /// Allowed vTPM PCR sets, for `azure-vtpm` evidence: one must match.
+    #[serde(default)]
+    pub azure_pcrs: BTreeSet<azure::PcrSet>,
 }
 
 /// The verifier's checks, in the order it runs them.
@@ -239,6 +242,10 @@ pub enum Check {
     HclVarData,
     /// Azure: the vTPM quote is not signed by the attestation key in var_data.
     QuoteSignature,
+    /// Azure: the PCR values the evidence carries are not the ones the quote attests.
+    PcrDigest,
+    /// Azure: the PCR values match no entry of `gov.attestation.azure_pcrs`.
+    Pcrs,
     /// 8: the nonce was never issued by the verifier, or has expired or been used.
     Nonce,
     /// 8: report_data (or, on Azure, the quote's user data) does not bind the node's key and nonce.
@@ -262,6 +269,8 @@ impl Check {
             Check::Tcb => "tcb",
             Check::HclVarData => "hcl-var-data",
             Check::QuoteSignature => "quote-signature",
+            Check::PcrDigest => "pcr-digest",
+            Check::Pcrs => "pcrs",
             Check::Nonce => "nonce",
             Check::Binding => "binding",
         }

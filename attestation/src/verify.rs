@@ -24,6 +24,9 @@ pub struct Verified {
     pub report_data: String,
     /// Whether report_data was checked against a key and nonce (offline verification may not).
     pub binding_checked: bool,
+    /// Azure: the PCR values the quote attests (checked against its pcrDigest and the policy).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pcrs: azure::PcrSet,
 }
 
 fn fingerprint(der: &[u8]) -> String {
@@ -258,7 +261,10 @@ pub fn verify(evidence: &Evidence, policy: &Policy, expected: Option<&[u8; 64]>)
     check_report(&snp_evidence, &report)?;
     check_claims(&report, policy)?;
     match (evidence, expected) {
-        (Evidence::AzureVtpm(e), _) => azure::check_binding(e, &report.report_data, expected)?,
+        (Evidence::AzureVtpm(e), _) => {
+            azure::check_binding(e, &report.report_data, expected)?;
+            azure::check_pcrs(e, &policy.azure_pcrs)?;
+        }
         (_, Some(expected)) if report.report_data != *expected => {
             return Err(Refusal::new(
                 Check::Binding,
@@ -281,5 +287,9 @@ pub fn verify(evidence: &Evidence, policy: &Policy, expected: Option<&[u8; 64]>)
         policy: u64::from(report.policy),
         report_data: hex::encode(report.report_data),
         binding_checked: expected.is_some(),
+        pcrs: match evidence {
+            Evidence::AzureVtpm(e) => e.pcrs.clone(),
+            _ => Default::default(),
+        },
     })
 }

@@ -95,3 +95,61 @@ fn azure_truncated_hcl_report_is_refused_at_format() {
     let (check, detail) = refused(e, &expected);
     assert_eq!(check, Check::Format, "{detail}");
 }
+
+/// Evidence from a mock Azure CVM whose PCR 7 (the Secure Boot policy) holds something else.
+fn azure_evidence_with_pcr7(user_data: &[u8; 64], pcr7: [u8; 32]) -> AzureEvidence {
+    let (_, firmware, ak) = fixtures();
+    let mut pcrs = azure::testing::default_pcrs();
+    pcrs[7] = pcr7;
+    azure::testing::synthetic_with_pcrs(|report_data| firmware.report(report_data), ak, user_data, &pcrs)
+}
+
+/// The attack: on Azure the SNP measurement is the paravisor's, the same for every confidential
+/// VM, so any CVM running anything passed. The quote's PCRs are what the VM booted; a VM whose
+/// Secure Boot policy (PCR 7) is not an allowed one is refused, naming the PCR.
+#[test]
+fn azure_evidence_whose_pcrs_match_no_allowed_set_is_refused_naming_the_pcr() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let (check, detail) = refused(azure_evidence_with_pcr7(&expected, [0xee; 32]), &expected);
+    assert_eq!(check, Check::Pcrs, "{detail}");
+    assert!(detail.contains("PCR 7 is eeee"), "{detail}");
+
+    // Any of several allowed sets will do; none at all admits nothing.
+    let mut policy = policy();
+    let other: azure::PcrSet = [(7u8, hex::encode([0xee; 32]))].into();
+    policy.azure_pcrs.insert(other);
+    let e = Evidence::AzureVtpm(azure_evidence_with_pcr7(&expected, [0xee; 32]));
+    verify(&e, &policy, Some(&expected)).expect("a second allowed set matches");
+    policy.azure_pcrs.clear();
+    let refusal = verify(&e, &policy, Some(&expected)).unwrap_err();
+    assert_eq!(refusal.check, Check::Pcrs);
+    assert!(refusal.detail.contains("azure_pcrs is empty"), "{}", refusal.detail);
+}
+
+/// PCR values that are not the ones the AK-signed quote attests are refused, whichever way they
+/// differ: a value changed to pass the allow-list, a PCR left out, one added.
+#[test]
+fn azure_pcr_values_must_be_the_quotes() {
+    let expected = binding(NODE_KEY, &Nonce::random());
+    let genuine = azure_evidence_with_pcr7(&expected, [0xee; 32]);
+    let allowed = hex::encode(azure::testing::default_pcrs()[7]);
+
+    let mut claimed = genuine.clone();
+    claimed.pcrs.insert(7, allowed);
+    let (check, detail) = refused(claimed, &expected);
+    assert_eq!(check, Check::PcrDigest, "{detail}");
+    assert!(detail.contains("not the values it attests"), "{detail}");
+
+    let mut fewer = genuine.clone();
+    fewer.pcrs.remove(&23);
+    let (check, detail) = refused(fewer, &expected);
+    assert_eq!(check, Check::PcrDigest, "{detail}");
+    let mut more = genuine;
+    more.pcrs.insert(30, hex::encode([0; 32]));
+    assert_eq!(refused(more, &expected).0, Check::PcrDigest);
+
+    // Evidence from before PCRs were carried: refused, not waved through.
+    let mut none = azure_evidence(&expected);
+    none.pcrs.clear();
+    assert_eq!(refused(none, &expected).0, Check::PcrDigest);
+}

@@ -24,6 +24,7 @@ fn mock_policy() -> Policy {
         measurements: [hex::encode(mock::default_measurement())].into(),
         host_data: [hex::encode([0u8; 32])].into(),
         min_tcb: mock::MOCK_TCB_DEFAULT,
+        azure_pcrs: Default::default(),
     }
 }
 
@@ -245,6 +246,7 @@ fn milan_policy(roots: Roots) -> (Policy, [u8; 64]) {
         measurements: [hex::encode(report.measurement)].into(),
         host_data: [hex::encode(report.host_data)].into(),
         min_tcb: Tcb::default(),
+        azure_pcrs: Default::default(),
     };
     (policy, report.report_data)
 }

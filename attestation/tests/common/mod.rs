@@ -17,12 +17,16 @@ pub fn fixtures() -> &'static (MockRoot, MockFirmware, RsaPrivateKey) {
     })
 }
 
-/// The policy a mock service pins: the fixtures' root, the default measurement and TCB.
+/// The policy a mock service pins: the fixtures' root, the default measurement and TCB, and the
+/// synthetic vTPM's PCRs 4, 7 and 11.
 pub fn policy() -> Policy {
+    let pcrs = cloister_attestation::azure::testing::default_pcrs();
+    let set = [4u8, 7, 11].into_iter().map(|i| (i, hex::encode(pcrs[usize::from(i)]))).collect();
     Policy {
         roots: Roots::Mock { ark: fixtures().0.ark_der() },
         measurements: [hex::encode(mock::default_measurement())].into(),
         host_data: [hex::encode([0u8; 32])].into(),
         min_tcb: mock::MOCK_TCB_DEFAULT,
+        azure_pcrs: [set].into(),
     }
 }

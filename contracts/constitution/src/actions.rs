@@ -19,6 +19,7 @@ const SERVICE: Map<String, ServiceRecord> = Map::new(gov::SERVICE);
 const MEASUREMENTS: Map<String, bool> = Map::new(gov::MEASUREMENTS);
 const HOST_DATA: Map<String, bool> = Map::new(gov::HOST_DATA);
 const MIN_TCB: Map<String, Tcb> = Map::new(gov::MIN_TCB);
+const AZURE_PCRS: Map<String, gov::PcrSet> = Map::new(gov::AZURE_PCRS);
 
 /// Longest free-form `data` of a member or user, as JSON.
 const DATA_BYTES_MAX: usize = 4096;
@@ -77,6 +78,12 @@ struct Measurement {
 #[serde(deny_unknown_fields)]
 struct HostData {
     host_data: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PcrSetArgs {
+    pcrs: gov::PcrSet,
 }
 
 #[derive(Deserialize)]
@@ -210,6 +217,11 @@ pub fn validate(action: &Action) -> Result<(), String> {
             hex_of_len(&args::<HostData>(action)?.host_data, 32, "host_data").map(drop)
         }
         "set_snp_minimum_tcb" => args::<MinTcb>(action).map(drop),
+        "add_azure_pcr_set" => gov::checked_pcr_set(&args::<PcrSetArgs>(action)?.pcrs).map(drop),
+        "remove_azure_pcr_set" => {
+            let set = gov::checked_pcr_set(&args::<PcrSetArgs>(action)?.pcrs)?;
+            AZURE_PCRS.get(&gov::pcr_set_key(&set)).map(drop).ok_or_else(|| "no such PCR set is allowed".to_owned())
+        }
         "transition_node_to_trusted" => {
             let a: NodeId = args(action)?;
             match NODES.get(&a.node_id) {
@@ -302,6 +314,14 @@ pub fn apply(action: &Action) -> Result<(), String> {
         }
         "set_snp_minimum_tcb" => {
             MIN_TCB.insert(&key(gov::MIN_TCB_KEY), &args::<MinTcb>(action)?.tcb);
+        }
+        "add_azure_pcr_set" => {
+            let set = gov::checked_pcr_set(&args::<PcrSetArgs>(action)?.pcrs)?;
+            AZURE_PCRS.insert(&gov::pcr_set_key(&set), &set);
+        }
+        "remove_azure_pcr_set" => {
+            let set = gov::checked_pcr_set(&args::<PcrSetArgs>(action)?.pcrs)?;
+            AZURE_PCRS.remove(&gov::pcr_set_key(&set));
         }
         "transition_node_to_trusted" | "remove_node" => {
             let id = args::<NodeId>(action)?.node_id;

@@ -93,6 +93,36 @@ fn apply_writes_the_tables() {
     assert_eq!(host.dump(), before);
 }
 
+/// PCR sets for Azure evidence come and go by vote; a malformed one is refused by name.
+#[test]
+fn azure_pcr_sets_are_added_and_removed() {
+    let mut host = host();
+    let value = "AB".repeat(32);
+    let set = json!({ "4": value, "11": "cd".repeat(32) });
+    let apply = |host: &mut _, name: &str, pcrs: &serde_json::Value| {
+        let p = json!({ "actions": [{ "name": name, "args": { "pcrs": pcrs } }] });
+        call(host, "/apply", json!({ "proposal_id": name, "proposal": p }))
+    };
+    assert_eq!(apply(&mut host, "add_azure_pcr_set", &set).head.status, 204);
+    let key = format!("4={},11={}", "ab".repeat(32), "cd".repeat(32));
+    let stored = host.peek::<String, gov::PcrSet>(gov::AZURE_PCRS, &key).expect("the set, keyed by its PCRs");
+    assert_eq!(stored.get(&4), Some(&"ab".repeat(32)), "values are stored lower-case");
+    assert_eq!(apply(&mut host, "remove_azure_pcr_set", &set).head.status, 204);
+    assert_eq!(host.peek::<String, gov::PcrSet>(gov::AZURE_PCRS, &key), None);
+
+    for (bad, why) in [
+        (json!({}), "at least one PCR"),
+        (json!({ "24": value }), "PCR 24 does not exist"),
+        (json!({ "7": "abcd" }), "PCR 7 must be 32 bytes of hex"),
+    ] {
+        let r = call(&mut host, "/validate", proposal("add_azure_pcr_set", json!({ "pcrs": bad })));
+        assert_eq!(r.head.status, 400);
+        assert!(String::from_utf8_lossy(&r.body).contains(why), "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    let r = call(&mut host, "/validate", proposal("remove_azure_pcr_set", json!({ "pcrs": set })));
+    assert!(String::from_utf8_lossy(&r.body).contains("no such PCR set"), "{:?}", String::from_utf8_lossy(&r.body));
+}
+
 #[test]
 fn new_members_start_accepted() {
     let mut host = host();

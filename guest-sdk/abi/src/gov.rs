@@ -49,6 +49,38 @@ pub const SERVICE_KEY: &[u8] = b"service";
 pub const MEASUREMENTS: &str = "gov.attestation.measurements";
 /// Trusted SNP host_data values, by lower-case hex (32 bytes); the value is `true`.
 pub const HOST_DATA: &str = "gov.attestation.host_data";
+/// Allowed Azure vTPM PCR sets, keyed by [`pcr_set_key`]; the value is the [`PcrSet`]. Evidence of
+/// kind `azure-vtpm` must match one: every PCR an entry names must hold the entry's value.
+pub const AZURE_PCRS: &str = "gov.attestation.azure_pcrs";
+/// PCRs a vTPM bank has: indices are below this.
+pub const PCR_COUNT: u8 = 24;
+/// PCR index → SHA-256 value, lower-case hex.
+pub type PcrSet = BTreeMap<u8, String>;
+
+/// The key of a PCR set in [`AZURE_PCRS`]: `index=value` pairs in index order, joined by `,`.
+pub fn pcr_set_key(set: &PcrSet) -> String {
+    set.iter().map(|(i, v)| format!("{i}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Checks a PCR set as governance may allow it, returning it with lower-case values: 1 to
+/// [`PCR_COUNT`] PCRs, each index below [`PCR_COUNT`], each value 32 bytes of hex.
+pub fn checked_pcr_set(set: &PcrSet) -> Result<PcrSet, String> {
+    if set.is_empty() {
+        return Err("a PCR set names at least one PCR".into());
+    }
+    set.iter()
+        .map(|(i, v)| {
+            if *i >= PCR_COUNT {
+                return Err(format!("PCR {i} does not exist: a vTPM bank has PCRs 0 to {}", PCR_COUNT - 1));
+            }
+            let lower = v.to_ascii_lowercase();
+            if lower.len() != 64 || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("PCR {i} must be 32 bytes of hex (SHA-256), got {v:?}"));
+            }
+            Ok((*i, lower))
+        })
+        .collect()
+}
 /// Key [`MIN_TCB_KEY`]: the lowest acceptable [`Tcb`].
 pub const MIN_TCB: &str = "gov.attestation.min_tcb";
 pub const MIN_TCB_KEY: &[u8] = b"min_tcb";

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cloister_attestation::mock::{MockConfig, MockFirmware, MockRoot};
-use cloister_attestation::{Evidence, Kind, Nonce, NonceStore, Policy, Refusal, Roots, Tcb, Verified};
+use cloister_attestation::{Evidence, Kind, Nonce, NonceStore, Policy, Refusal, Roots, Tcb, Verified, azure};
 use cloister_proto::peer::v1 as pb;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -91,11 +91,18 @@ pub(crate) fn verify_claimed(
     expected: &[u8; 64],
 ) -> Result<Verified, Refusal> {
     let (measurement, host_data) = cloister_attestation::verify::launch_claims(evidence)?;
+    // On Azure its own PCRs (those a new service allows first) stand in the same way; whether
+    // they are the quote's is still checked.
+    let azure_pcrs = match evidence {
+        Evidence::AzureVtpm(e) => [azure::pcr_subset(e, &azure::GENESIS_PCRS)].into(),
+        _ => Default::default(),
+    };
     let policy = Policy {
         roots: roots.clone(),
         measurements: measurements.cloned().unwrap_or_else(|| [measurement].into()),
         host_data: [host_data].into(),
         min_tcb: Tcb::default(),
+        azure_pcrs,
     };
     cloister_attestation::verify(evidence, &policy, Some(expected))
 }
@@ -211,7 +218,14 @@ pub fn policy(tx: &Tx) -> Result<Option<Policy>, KvError> {
     let min_tcb = min
         .map(|t| Tcb { bootloader: t.bootloader, tee: t.tee, snp: t.snp, microcode: t.microcode, fmc: Some(t.fmc) })
         .unwrap_or_default();
-    Ok(Some(Policy { roots, measurements: keys(gov::MEASUREMENTS)?, host_data: keys(gov::HOST_DATA)?, min_tcb }))
+    let azure_pcrs = gov::all::<gov::PcrSet>(tx, gov::AZURE_PCRS)?.into_iter().map(|(_, set)| set).collect();
+    Ok(Some(Policy {
+        roots,
+        measurements: keys(gov::MEASUREMENTS)?,
+        host_data: keys(gov::HOST_DATA)?,
+        min_tcb,
+        azure_pcrs,
+    }))
 }
 
 /// A node's standing, by the certificate it connected with.
@@ -699,10 +713,16 @@ mod tests {
         let mut ws = cloister_store::WriteSet::default();
         ws.put(gov::ATTESTATION_ROOT, gov::ROOT_KEY, &serde_json::to_vec(&Roots::Amd).unwrap());
         ws.put(gov::MEASUREMENTS, "ab".repeat(48).as_bytes(), b"{}");
+        let pcrs: gov::PcrSet = [(7, "cd".repeat(32))].into();
+        ws.put(gov::AZURE_PCRS, gov::pcr_set_key(&pcrs).as_bytes(), &serde_json::to_vec(&pcrs).unwrap());
         store.apply(&ws).unwrap();
         let policy = policy(&store.begin().unwrap()).unwrap().expect("a policy once the roots are pinned");
         assert_eq!((policy.roots, policy.measurements), (Roots::Amd, ["ab".repeat(48)].into()));
         assert!(policy.host_data.is_empty());
+        assert_eq!(policy.azure_pcrs, [pcrs].into(), "the governed PCR sets");
+        // What the constitution may write there is checked as the node reads it.
+        assert!(crate::gov::check_record(gov::AZURE_PCRS, br#"{"7":"cdcd"}"#).unwrap_err().contains("PCR 7"));
+        assert!(crate::gov::check_record(gov::AZURE_PCRS, br#"{"99":""}"#).is_err());
     }
 
     #[tokio::test]

@@ -430,6 +430,9 @@ pub(crate) fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
         HISTORY => decodes::<HistoryRecord>(map, value),
         REQUEST_TIMES => decodes::<u64>(map, value),
         MIN_TCB => decodes::<Tcb>(map, value),
+        AZURE_PCRS => serde_json::from_slice::<PcrSet>(value)
+            .map_err(|e| format!("{map} cannot hold this record: {e}"))
+            .and_then(|set| checked_pcr_set(&set).map(drop)),
         ATTESTATION_ROOT => decodes::<cloister_attestation::Roots>(map, value),
         _ => Ok(()),
     }

@@ -324,7 +324,8 @@ async fn genesis(
 }
 
 /// The first node attests itself against the roots the genesis configuration pins, and its own
-/// measurement and host_data become the service's first allowed values (as in CCF). Evidence that
+/// measurement and host_data (on Azure, its PCRs 4, 7 and 11 too) become the service's first
+/// allowed values (as in CCF). Evidence that
 /// fails the other checks (chain, signature, debug policy, binding) stops the genesis.
 async fn genesis_attestation(
     config: &NodeConfig,
@@ -345,10 +346,17 @@ async fn genesis_attestation(
     let evidence = attester.evidence(binding(&spki, &nonce)).await.context("collecting this node's evidence")?;
     let verified = attest::verify_claimed(&evidence, &roots, None, &binding(&spki, &nonce))
         .map_err(|e| anyhow::anyhow!("this node's own evidence is refused, so it cannot start a service: {e}"))?;
+    let azure_pcrs = match &evidence {
+        cloister_attestation::Evidence::AzureVtpm(e) => {
+            Some(cloister_attestation::azure::pcr_subset(e, &cloister_attestation::azure::GENESIS_PCRS))
+        }
+        _ => None,
+    };
     Ok(gov::GenesisAttestation {
         roots: serde_json::to_value(&roots)?,
         measurement: verified.measurement.clone(),
         host_data: verified.host_data.clone(),
+        azure_pcrs,
         evidence: serde_json::to_value(&evidence)?,
         verified: serde_json::to_value(&verified)?,
     })

@@ -103,6 +103,8 @@ pub struct GenesisAttestation {
     pub roots: serde_json::Value,
     pub measurement: String,
     pub host_data: String,
+    /// On Azure: the first node's PCRs that a new service allows first.
+    pub azure_pcrs: Option<PcrSet>,
     pub evidence: serde_json::Value,
     pub verified: serde_json::Value,
 }
@@ -142,6 +144,9 @@ impl Genesis {
         put(&mut ws, ATTESTATION_ROOT, ROOT_KEY, &self.attestation.roots);
         put(&mut ws, MEASUREMENTS, self.attestation.measurement.as_bytes(), &true);
         put(&mut ws, HOST_DATA, self.attestation.host_data.as_bytes(), &true);
+        if let Some(set) = &self.attestation.azure_pcrs {
+            put(&mut ws, AZURE_PCRS, pcr_set_key(set).as_bytes(), set);
+        }
         let service =
             ServiceRecord { state: ServiceState::Opening, cert: self.service_cert.clone(), recovery_threshold: 1 };
         put(&mut ws, SERVICE, SERVICE_KEY, &service);
