@@ -26,7 +26,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::AttestationSection;
 use crate::gov::{self, NodeRecord, NodeStatus};
-use cloister_consensus::{JOIN_RETRY_MS, NodeAddr, NodeId, PeerRpc, Peers, types};
+use cloister_consensus::{JOIN_RETRY_MS, NodeAddr, NodeId, PeerRpc, types};
 use cloister_crypto::identity::KeyedCert;
 use cloister_store::{KvError, Tx};
 
@@ -116,17 +116,25 @@ pub struct LeaderCheck {
     roots: Roots,
     measurements: BTreeSet<String>,
     service_ca: Vec<u8>,
+    /// The client side of a join connection: mutual TLS with the service CA and this node's
+    /// certificate (see [`join_client`]).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl LeaderCheck {
-    pub(crate) fn from_config(a: &AttestationSection, service_ca_pem: &str) -> anyhow::Result<LeaderCheck> {
+    pub(crate) fn from_config(
+        a: &AttestationSection,
+        service_ca_pem: &str,
+        node: &KeyedCert,
+    ) -> anyhow::Result<LeaderCheck> {
         let roots = match a.kind {
             Kind::Mock => Roots::Mock { ark: mock_root(a)?.ark_der() },
             Kind::Snp | Kind::AzureVtpm => Roots::Amd,
         };
         let service_ca = cloister_crypto::identity::cert_der(service_ca_pem.as_bytes())?.to_vec();
         let measurements = a.join_measurements.iter().map(|m| m.to_ascii_lowercase()).collect();
-        Ok(LeaderCheck { roots, measurements, service_ca })
+        let tls = cloister_crypto::tls::client_config(service_ca_pem.as_bytes(), Some(node), true)?;
+        Ok(LeaderCheck { roots, measurements, service_ca, tls: Some(tls) })
     }
 
     /// Verifies the leader's answer to a challenge that carried `nonce`.
@@ -308,7 +316,6 @@ pub struct Joined {
 /// the ledger secret the leader sealed to this node's key and signed over the join transcript. A
 /// refused attestation, or a secret that is not the attested leader's, ends the join.
 pub async fn join(
-    peers: &Peers,
     peer_url: &str,
     me: (NodeId, NodeAddr),
     identity: &KeyedCert,
@@ -324,12 +331,15 @@ pub async fn join(
     let mut logged_leader = false;
     loop {
         let attempt = async {
-            let mut client = peers.client(&target)?;
+            let tls = leader.tls.clone().ok_or_else(|| tonic::Status::internal("no TLS client configuration"))?;
+            let (mut client, seen) = join_client(&target, tls)?;
             let mine = Nonce::random();
             let challenge = client.challenge(pb::ChallengeRequest { nonce: mine.0.to_vec() }).await?.into_inner();
             let theirs = leader.verify(&challenge, &mine).map_err(|e| {
                 tonic::Status::failed_precondition(format!("this node refused the leader's evidence: {e}"))
             })?;
+            let relayed = |e: String| tonic::Status::failed_precondition(format!("this node refused the leader: {e}"));
+            check_tls_peer(&seen, &challenge.cert).map_err(relayed)?;
             if !logged_leader {
                 tracing::info!(measurement = %theirs.measurement, root = %theirs.root, "verified the leader's evidence");
                 logged_leader = true;
@@ -346,6 +356,8 @@ pub async fn join(
                 joiner_nonce: mine.0.to_vec(),
             };
             let reply = client.attest(request).await?.into_inner();
+            // The channel may have reconnected in between: the answer too must come from the leader.
+            check_tls_peer(&seen, &challenge.cert).map_err(relayed)?;
             Ok::<_, tonic::Status>((reply, mine, challenge))
         };
         let status = match attempt.await {
@@ -380,6 +392,62 @@ pub async fn join(
             anyhow::bail!("joining the network at {peer_url} did not complete within {} ms", timeout.as_millis());
         }
         tokio::time::sleep(Duration::from_millis(JOIN_RETRY_MS)).await;
+    }
+}
+
+/// The certificate (DER) the TLS server of a join connection presented, as its connector saw it
+/// on the latest (re)connection.
+type SeenCert = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
+
+/// A connection for one join attempt: mutual TLS as on any peer connection (the service CA, this
+/// node's certificate, HTTP/2), through a connector that records the server's certificate, so
+/// that the joining node can require it to be the one whose evidence it verified. The channel
+/// speaks `http://` to tonic because the connector does the TLS itself.
+fn join_client(
+    peer_url: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(pb::peer_client::PeerClient<tonic::transport::Channel>, SeenCert), tonic::Status> {
+    let bad = || tonic::Status::invalid_argument(format!("bad peer URL {peer_url}"));
+    let uri: http::Uri = peer_url.parse().map_err(|_| bad())?;
+    let host = uri.host().ok_or_else(bad)?.trim_matches(['[', ']']).to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let authority = uri.authority().ok_or_else(bad)?.to_string();
+    let seen = SeenCert::default();
+    let recorder = seen.clone();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (tls, seen, host) = (tls.clone(), recorder.clone(), host.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(host)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+            let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+            *seen.lock().expect("seen certificate lock") = cert;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|_| bad())?
+        .connect_timeout(Duration::from_secs(3))
+        .connect_with_connector_lazy(connector);
+    let client = pb::peer_client::PeerClient::new(channel)
+        .max_decoding_message_size(cloister_consensus::PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(cloister_consensus::PEER_MESSAGE_BYTES_MAX);
+    Ok((client, seen))
+}
+
+/// That the TLS server of a join connection is the leader whose evidence came over it: a node
+/// that relays another's challenge reply holds a service-CA certificate, just not that one.
+fn check_tls_peer(seen: &SeenCert, leader_cert: &[u8]) -> Result<(), String> {
+    match seen.lock().expect("seen certificate lock").as_deref() {
+        Some(cert) if cert == leader_cert => Ok(()),
+        Some(cert) => Err(format!(
+            "the TLS server is node {}, not node {} whose evidence it sent: a relay",
+            cloister_crypto::node_id_of(cert),
+            cloister_crypto::node_id_of(leader_cert)
+        )),
+        None => Err("no TLS server certificate was seen on the join connection".to_owned()),
     }
 }
 
@@ -563,6 +631,7 @@ mod tests {
             roots: Roots::Mock { ark: root.ark_der() },
             measurements: measurements.iter().cloned().collect(),
             service_ca,
+            tls: None,
         };
         Fixture { leader, check, ca }
     }
@@ -664,6 +733,37 @@ mod tests {
         let (_, other_challenge, other_reply) = genuine_exchange(&f, &joiner).await;
         let err = refusal(accept_secret(&joiner, &mine, other_challenge, &other_reply));
         assert!(err.contains("not signed by the leader this node attested"), "{err}");
+    }
+
+    /// The attack's other half: a relay forwards a genuine leader's challenge reply over a TLS
+    /// connection of its own (any service-CA certificate will do for TLS). The join connection
+    /// records the certificate the server presented, and the joining node requires it to be
+    /// the one whose evidence came back.
+    #[tokio::test]
+    async fn a_join_connection_names_the_tls_server_and_a_relay_is_refused() {
+        let ca = ServiceCa::generate("test service").unwrap();
+        let relay = ca.issue_node_cert("relay", &["127.0.0.1".into()]).unwrap();
+        let leader = ca.issue_node_cert("leader", &["127.0.0.1".into()]).unwrap();
+        let joiner = ca.issue_node_cert("joiner", &["127.0.0.1".into()]).unwrap();
+        let server = cloister_crypto::tls::server_config(&relay, &ca.keyed.cert_pem).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            // Completes each TLS handshake, then hangs up: the gRPC call fails after it.
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tokio_rustls::TlsAcceptor::from(server.clone()).accept(tcp).await;
+            }
+        });
+        let tls = cloister_crypto::tls::client_config(ca.keyed.cert_pem.as_bytes(), Some(&joiner), true).unwrap();
+        let (mut client, seen) = join_client(&format!("https://{addr}"), tls).unwrap();
+        assert!(check_tls_peer(&seen, &der_of(&leader)).unwrap_err().contains("no TLS server"));
+        client.challenge(pb::ChallengeRequest { nonce: vec![0; 32] }).await.expect_err("the server hangs up");
+        check_tls_peer(&seen, &der_of(&relay)).expect("the certificate the server presented");
+        let err = check_tls_peer(&seen, &der_of(&leader)).unwrap_err();
+        assert!(
+            err.contains("a relay") && err.contains(&cloister_crypto::node_id_of(&der_of(&relay)).to_string()),
+            "{err}"
+        );
     }
 
     /// The attack: a node with no state yet (it holds the secret, not yet `gov.nodes`) took Raft

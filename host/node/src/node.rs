@@ -37,7 +37,6 @@ const JOIN_LEADER_AT_REST_AAD: &[u8] = b"cloister join leader";
 async fn ledger_secret(
     config: &NodeConfig,
     node: &identity::KeyedCert,
-    peers: &Peers,
     me: (consensus::NodeId, NodeAddr),
     attester: &Attester,
     service_cert: &str,
@@ -64,8 +63,8 @@ async fn ledger_secret(
     let (secret, leader) = match &config.network.join {
         Some(url) => {
             let timeout = Duration::from_millis(config.raft.join_timeout_ms);
-            let leader = attest::LeaderCheck::from_config(&config.attestation, service_cert)?;
-            let joined = attest::join(peers, url, me, node, attester, &leader, timeout).await?;
+            let leader = attest::LeaderCheck::from_config(&config.attestation, service_cert, node)?;
+            let joined = attest::join(url, me, node, attester, &leader, timeout).await?;
             let sealed = sealing.seal(Purpose::SecretAtRest, JOIN_LEADER_AT_REST_AAD, &joined.leader_cert);
             identity::write_private(&leader_path, &sealed)?;
             (joined.secret, Some(joined.leader_cert))
@@ -137,7 +136,7 @@ impl Node {
             grpc_url: format!("https://{grpc_addr}"),
         };
         let (secret, join_leader) =
-            ledger_secret(&config, &node_cert, &peers, (id, me.clone()), &attester, &service_cert).await?;
+            ledger_secret(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
         let sealer = Arc::new(Sealer::new(&secret));
         let store = Store::open_sealed(&data_dir.join("state.redb"), sealer.clone())?;
         let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
