@@ -29,6 +29,13 @@ async fn status_of(cluster: &Cluster, name: &str) -> Option<String> {
         .map(|n| n["status"].as_str().unwrap().to_owned())
 }
 
+/// A node's record in `gov.endorsements`, or null.
+async fn endorsement_of(cluster: &Cluster, node_id: &str) -> Value {
+    let Ok(client) = cluster.client(0, 0).await else { return Value::Null };
+    let Ok(reply) = client.get("/gov/endorsements").await else { return Value::Null };
+    reply.json().map(|v| v["endorsements"][node_id].clone()).unwrap_or(Value::Null)
+}
+
 async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     for _ in 0..240 {
         if check().await {
@@ -149,6 +156,10 @@ async fn joins_are_attested_governed_and_revocable() {
     let id = attestations(&cluster, 0).await.into_iter().find(|n| n["name"] == "node3").unwrap()["node_id"].clone();
     pass(&client, &cluster, json!([{ "name": "transition_node_to_trusted", "args": { "node_id": id } }])).await;
     cluster.wait_stable(4, Duration::from_secs(120)).await;
+    // Trusted, it is endorsed by the service (the leader writes gov.endorsements), open-ended.
+    let node_id = id.as_str().unwrap().to_owned();
+    wait_for("node3's endorsement", async || endorsement_of(&cluster, &node_id).await.is_object()).await;
+    assert!(endorsement_of(&cluster, &node_id).await.get("until").is_none());
 
     // Retiring it removes it from the network, and its connections are refused from then on.
     pass(&client, &cluster, json!([{ "name": "remove_node", "args": { "node_id": id } }])).await;
@@ -156,6 +167,8 @@ async fn joins_are_attested_governed_and_revocable() {
         cluster.network(0).await.is_some_and(|n| n["nodes"].as_array().unwrap().len() == 3)
     })
     .await;
+    // Retired, its endorsement ends: no signature of its over a longer ledger is the service's.
+    wait_for("node3's endorsement to end", async || endorsement_of(&cluster, &node_id).await["until"].is_u64()).await;
     let challenge = || cloister_proto::peer::v1::ChallengeRequest { nonce: Nonce::random().0.to_vec() };
     // The connection it opened while Pending is still up, and refuses every request...
     let refused = peers.client(&peer_url).unwrap().challenge(challenge()).await.unwrap_err();

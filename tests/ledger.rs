@@ -147,18 +147,29 @@ async fn receipts_verify_offline_and_any_change_breaks_them() {
         assert!(Instant::now() < deadline, "no signature covered {tx}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let ca = identity::cert_der(&std::fs::read(service_cert(&c)).unwrap()).unwrap().to_vec();
-    let verified = verify_receipt(&receipt, &ca).expect("the receipt verifies");
+    // The service identity, as anybody reads it from the service; the receipt carries a copy.
+    let service = client.get("/gov/service").await.unwrap().json().unwrap();
+    let identity_pem = service["identity"].as_str().expect("a service identity").to_owned();
+    assert_eq!(receipt.service_identity, identity_pem);
+    let service_identity = identity::cert_der(identity_pem.as_bytes()).unwrap().to_vec();
+    let verified = verify_receipt(&receipt, &service_identity).expect("the receipt verifies");
     assert_eq!(verified.claims_digest.map(hex::encode), Some(claims));
+    let endorsement = receipt.endorsement.as_ref().expect("an endorsement of the signer");
+    assert!(!endorsement.retired && endorsement.tree_size_max >= receipt.signature.payload.tree_size);
+    // The operator's CA is no anchor for receipts: it can issue a certificate to anybody.
+    let ca = identity::cert_der(&std::fs::read(service_cert(&c)).unwrap()).unwrap().to_vec();
+    assert!(verify_receipt(&receipt, &ca).unwrap_err().contains("not signed by the service identity"));
 
-    // The command line, with nothing but the receipt and the service certificate.
+    // The command line, with nothing but the receipt and the service identity's certificate.
     let path = c.dir.path().join("receipt.json");
     std::fs::write(&path, serde_json::to_vec(&receipt).unwrap()).unwrap();
+    let identity_path = c.dir.path().join("service_identity.pem");
+    std::fs::write(&identity_path, &identity_pem).unwrap();
     let out = Command::new(cli_exe())
         .args(["receipt", "verify"])
         .arg(&path)
-        .arg("--service-cert")
-        .arg(service_cert(&c))
+        .arg("--service-identity")
+        .arg(&identity_path)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -200,12 +211,18 @@ async fn receipts_verify_offline_and_any_change_breaks_them() {
     r.node_cert = stranger.cert_pem;
     broken.push(("node certificate", r));
     assert!(!receipt.proof.is_empty(), "a ledger of several entries has a proof path");
+    let mut r = receipt.clone();
+    r.endorsement.as_mut().unwrap().tree_size_max += 1;
+    broken.push(("endorsement", r));
+    let mut r = receipt.clone();
+    r.endorsement = None;
+    broken.push(("endorsement (removed)", r));
     for (what, r) in &broken {
-        assert!(verify_receipt(r, &ca).is_err(), "a changed {what} still verifies");
+        assert!(verify_receipt(r, &service_identity).is_err(), "a changed {what} still verifies");
     }
-    let other = identity::ServiceCa::generate("another service").unwrap();
-    let other_der = identity::cert_der(other.keyed.cert_pem.as_bytes()).unwrap();
-    assert!(verify_receipt(&receipt, &other_der).unwrap_err().contains("not issued"));
+    let other = identity::generate_service_identity("another service").unwrap();
+    let other_der = identity::cert_der(other.cert_pem.as_bytes()).unwrap();
+    assert!(verify_receipt(&receipt, &other_der).unwrap_err().contains("not signed by the service identity"));
 
     // Invalid and unknown ids.
     assert_eq!(client.get("/app/receipt?id=99.2").await.unwrap().status, 404);

@@ -122,7 +122,11 @@ async fn sandbox_runs_answers_stops_and_resumes() {
         assert!(node.get(key).is_some(), "sandbox.json lists the node's {key}");
     }
 
+    // The service identity that receipts verify against, as the service itself reports it.
+    let identity = std::fs::read_to_string(dir.path().join("service_identity.pem")).expect("service_identity.pem");
     let member0 = party_client(&file, "member0").await;
+    let service = member0.get("/gov/service").await.unwrap().json().unwrap();
+    assert_eq!(service["identity"].as_str(), Some(identity.as_str()));
     let csv = std::fs::read(dir.path().join("demo/member0_data.csv")).expect("demo data written");
     let ingest = member0.post("/app/csv/ingest", "text/csv", csv).await.unwrap();
     assert_eq!(ingest.status, 200, "{}", String::from_utf8_lossy(&ingest.body));

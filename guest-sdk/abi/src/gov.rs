@@ -154,11 +154,34 @@ pub enum ServiceState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRecord {
     pub state: ServiceState,
-    /// The service CA certificate (PEM).
+    /// The operator's service CA certificate (PEM): it issues node certificates for transport.
     pub cert: String,
     /// Members whose shares recover the service.
     #[serde(default = "one")]
     pub recovery_threshold: u32,
+    /// The service identity's certificate (PEM): a key the service itself generated at genesis
+    /// and only its Trusted nodes hold. Receipts are checked against it. Absent only in a
+    /// service from before identities, until its leader creates one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// The service's endorsement of a node, by node id, written by the leader once the node is
+/// Trusted (at genesis for the first node) and closed once it is Retired. A node signs the ledger
+/// only while its endorsement is in its state and open; so a signature over a tree of `T`
+/// entries by node N is valid iff N's endorsement was written before entry `T - 1` and
+/// `until` is absent or above `T - 1`.
+pub const ENDORSEMENTS: &str = "gov.endorsements";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndorsementRecord {
+    /// Lower-case hex SHA-256 of the node's certificate (DER).
+    pub cert_sha256: String,
+    /// Set when the node is Retired: the leader's applied seqno when it saw the retirement, at or
+    /// after the retirement itself. Signatures over entries from here on are not the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
 }
 
 fn one() -> u32 {

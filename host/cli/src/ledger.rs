@@ -26,11 +26,12 @@ pub(crate) enum LedgerCommand {
 
 #[derive(clap::Subcommand)]
 pub(crate) enum ReceiptCommand {
-    /// Check a receipt (JSON from GET /app/receipt) against the service certificate.
+    /// Check a receipt (JSON from GET /app/receipt) against the service identity's certificate
+    /// (the `identity` of GET /gov/service; the sandbox writes it to service_identity.pem).
     Verify {
         receipt: PathBuf,
         #[arg(long)]
-        service_cert: PathBuf,
+        service_identity: PathBuf,
     },
 }
 
@@ -84,11 +85,11 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn run_receipt(command: ReceiptCommand) -> anyhow::Result<ExitCode> {
-    let ReceiptCommand::Verify { receipt, service_cert } = command;
+    let ReceiptCommand::Verify { receipt, service_identity } = command;
     let text = std::fs::read(&receipt).with_context(|| format!("reading {}", receipt.display()))?;
     let parsed: Receipt =
         serde_json::from_slice(&text).with_context(|| format!("{} is not a receipt", receipt.display()))?;
-    match verify::verify_receipt(&parsed, &service_cert_der(&service_cert)?) {
+    match verify::verify_receipt(&parsed, &service_cert_der(&service_identity)?) {
         Ok(v) => {
             let claims = v.claims_digest.map(hex::encode).unwrap_or_else(|| "none".into());
             println!(

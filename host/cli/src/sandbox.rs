@@ -129,7 +129,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     layout.write(&dir)?;
     let ready = match wait_ready(&layout, &mut children).await {
-        Ok(()) => open_service(&layout).await,
+        Ok(()) => match open_service(&layout).await {
+            Ok(()) => write_service_identity(&layout, &dir).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     if let Err(e) = ready {
@@ -223,6 +226,21 @@ async fn open_service(layout: &SandboxFile) -> anyhow::Result<()> {
     anyhow::ensure!(state["state"] == "Accepted", "the opening proposal {id} ended {}", state["state"]);
     eprintln!("the members voted the service open (proposal {id})");
     Ok(())
+}
+
+/// Where the sandbox writes the service identity's certificate, which receipts verify against.
+const SERVICE_IDENTITY_FILE: &str = "service_identity.pem";
+
+/// Fetches the service identity's certificate (`identity` of `GET /gov/service`) and writes it
+/// beside the other certificates, for `cloister receipt verify --service-identity`.
+async fn write_service_identity(layout: &SandboxFile, dir: &Path) -> anyhow::Result<()> {
+    let ca = std::fs::read(&layout.service_cert)?;
+    let client = Client::connect(&layout.rest_url, &ca, None).await?;
+    let reply = client.get("/gov/service").await?;
+    let service = reply.json().context("GET /gov/service")?;
+    let identity = service["identity"].as_str().context("gov.service has no identity")?;
+    std::fs::write(dir.join(SERVICE_IDENTITY_FILE), identity)
+        .with_context(|| format!("writing {}", dir.join(SERVICE_IDENTITY_FILE).display()))
 }
 
 /// Waits until every node answers `/node/health` and the first node lists them all as voters,
@@ -342,7 +360,8 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
             n.data_dir.display()
         );
     }
-    println!("  service certificate  {d}/service.cert.pem");
+    println!("  service CA (TLS)  {d}/service.cert.pem");
+    println!("  service identity (receipts)  {d}/{SERVICE_IDENTITY_FILE}");
     let names: Vec<&str> = layout.parties.iter().map(|p| p.name.as_str()).collect();
     println!("  parties  {}  ({d}/<name>.cert.pem, {d}/<name>.key.pem)", names.join(", "));
     println!("  details  {d}/sandbox.json\n");

@@ -111,6 +111,16 @@ pub fn generate_identity(name: &str) -> anyhow::Result<KeyedCert> {
     Ok(KeyedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
+/// A service identity: the key a service generates for itself at genesis (only its Trusted nodes
+/// ever hold it), with a self-signed certificate that receipts are checked against.
+pub fn generate_service_identity(service_name: &str) -> anyhow::Result<KeyedCert> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
+    let mut p = params(&format!("{service_name} service identity"), Vec::new())?;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = p.self_signed(&key)?;
+    Ok(KeyedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
 /// The service's certificate authority: it issues node certificates, and clients pin it.
 pub struct ServiceCa {
     pub keyed: KeyedCert,

@@ -251,6 +251,14 @@ impl SignaturePayload {
             .map_err(|e| format!("the service certificate does not parse: {e}"))?;
         cert.verify_signature(Some(ca.public_key()))
             .map_err(|_| "the signing node's certificate was not issued by the service certificate".to_owned())?;
+        self.verify_by_node()
+    }
+
+    /// Checks the signature under the key of the certificate it carries, and that the
+    /// certificate is the named node's; not who issued it.
+    pub fn verify_by_node(&self) -> Result<(), String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.node_cert)
+            .map_err(|e| format!("the signing node's certificate does not parse: {e}"))?;
         if cloister_crypto::node_id_of(&self.node_cert) != self.node_id {
             return Err(format!("the signature names node {} but carries another node's certificate", self.node_id));
         }
@@ -258,6 +266,94 @@ impl SignaturePayload {
         key.verify(&Self::signed_bytes(self.tree_size, &self.root, &self.chain, self.node_id), &self.signature)
             .map_err(|_| "the signature does not verify under the signing node's key".to_owned())
     }
+}
+
+/// The service identity's statement, made when a receipt is issued, that a node's ledger
+/// signatures over trees of at most `tree_size_max` entries are the service's. For a node still
+/// Trusted that is the ledger's size at the time; for a retired one, where its endorsement
+/// ended. A node never Trusted gets none. Whoever holds an endorsement can show it for any
+/// signature below its bound, but none reaches past a retirement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endorsement {
+    pub node_id: u64,
+    /// SHA-256 of the node's certificate (DER).
+    #[serde(with = "hex_bytes")]
+    pub node_cert_sha256: [u8; 32],
+    pub tree_size_max: u64,
+    /// Whether the node was retired, so that `tree_size_max` is final.
+    pub retired: bool,
+    /// ECDSA P-384 (r ‖ s) by the service identity over [`Endorsement::signed_bytes`].
+    #[serde(with = "hex_vec")]
+    pub signature: Vec<u8>,
+}
+
+impl Endorsement {
+    fn signed_bytes(node_id: u64, node_cert_sha256: &[u8; 32], tree_size_max: u64, retired: bool) -> Vec<u8> {
+        let mut out = b"cloister node endorsement v1\0".to_vec();
+        out.extend_from_slice(&node_id.to_be_bytes());
+        out.extend_from_slice(node_cert_sha256);
+        out.extend_from_slice(&tree_size_max.to_be_bytes());
+        out.push(u8::from(retired));
+        out
+    }
+
+    /// Issues one with the service identity's key (PKCS#8 PEM).
+    pub fn issue(
+        node_cert_der: &[u8],
+        tree_size_max: u64,
+        retired: bool,
+        identity_key_pem: &str,
+    ) -> anyhow::Result<Endorsement> {
+        let key_der = cloister_crypto::identity::private_key(identity_key_pem.as_bytes())?;
+        let rng = ring::rand::SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, key_der.secret_der(), &rng)
+            .map_err(|e| anyhow::anyhow!("the service identity key is not an ECDSA P-384 PKCS#8 key: {e}"))?;
+        let node_id = cloister_crypto::node_id_of(node_cert_der);
+        let node_cert_sha256 = cert_sha256(node_cert_der);
+        let bytes = Self::signed_bytes(node_id, &node_cert_sha256, tree_size_max, retired);
+        let signature = key.sign(&rng, &bytes).map_err(|_| anyhow::anyhow!("ECDSA signing failed"))?;
+        Ok(Endorsement { node_id, node_cert_sha256, tree_size_max, retired, signature: signature.as_ref().to_vec() })
+    }
+
+    /// Checks that the service identity (its certificate, DER) made this endorsement, and that
+    /// it covers `sig`: the same node and certificate, a tree within the bound.
+    pub fn covers(&self, identity_cert_der: &[u8], sig: &SignaturePayload) -> Result<(), String> {
+        let (_, identity) = x509_parser::parse_x509_certificate(identity_cert_der)
+            .map_err(|e| format!("the service identity certificate does not parse: {e}"))?;
+        let key =
+            UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, identity.public_key().subject_public_key.data.as_ref());
+        let bytes = Self::signed_bytes(self.node_id, &self.node_cert_sha256, self.tree_size_max, self.retired);
+        key.verify(&bytes, &self.signature).map_err(|_| {
+            "the endorsement is not signed by the service identity: nothing vouches for the signing node".to_owned()
+        })?;
+        if self.node_id != sig.node_id || self.node_cert_sha256 != cert_sha256(&sig.node_cert) {
+            return Err(format!(
+                "the endorsement is for node {}, but node {} signed: the signing node was never endorsed",
+                self.node_id, sig.node_id
+            ));
+        }
+        if sig.tree_size > self.tree_size_max {
+            return Err(if self.retired {
+                format!(
+                    "node {} was retired: its endorsement covers trees of at most {} entries, and this signature is \
+                     over {}",
+                    sig.node_id, self.tree_size_max, sig.tree_size
+                )
+            } else {
+                format!(
+                    "the endorsement covers trees of at most {} entries, and this signature is over {}",
+                    self.tree_size_max, sig.tree_size
+                )
+            });
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of a certificate (DER), as endorsements name it.
+pub fn cert_sha256(cert_der: &[u8]) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref().try_into().expect("32 bytes")
 }
 
 /// A node's signing identity: its key and certificate.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::entry::{LeafComponents, LedgerEntry, Payload, SignaturePayload, TxKind, chain};
+use super::entry::{Endorsement, LeafComponents, LedgerEntry, Payload, SignaturePayload, TxKind, chain};
 use super::files::{self, Record, Tail};
 use super::merkle::{self, Hash, MemoryNodes, NodesMut};
 
@@ -128,6 +128,9 @@ pub fn verify_dir(
     let mut chain_head = [0u8; 32];
     let mut next: Option<u64> = None;
     let mut after_snapshot = false;
+    // The service's endorsements as the entries so far leave them, by node id; checked from the
+    // first one on (a ledger from before endorsements has none until its leader writes them).
+    let mut endorsements: Option<BTreeMap<u64, cloister_store::gov::EndorsementRecord>> = None;
     for (i, path) in paths.iter().enumerate() {
         let fault = |seqno: Option<u64>, message: String| VerifyError::Fault { seqno, file: path.clone(), message };
         let chunk = files::read_chunk(path).map_err(|e| fault(next, format!("cannot read the file: {e}")))?;
@@ -214,9 +217,20 @@ pub fn verify_dir(
                             )
                         })?;
                         check_signature(sig, e.seqno, &nodes, &chains, ca).map_err(|m| fault(Some(e.seqno), m))?;
+                        if let Some(endorsed) = &endorsements {
+                            check_endorsed(sig, endorsed).map_err(|m| fault(Some(e.seqno), m))?;
+                        }
                         report.signatures += 1;
                         report.last_signed = Some(sig.tree_size);
                         report.signers.insert(sig.node_id);
+                    }
+                    if let Payload::Tx(tx) = &e.payload {
+                        for (map, key, value) in tx.public.iter() {
+                            if map == cloister_store::gov::ENDORSEMENTS {
+                                note_endorsement(endorsements.get_or_insert_default(), key, value)
+                                    .map_err(|m| fault(Some(e.seqno), m))?;
+                            }
+                        }
                     }
                     if let (Some(tables), Payload::Tx(tx)) = (public.as_deref_mut(), &e.payload) {
                         for (map, key, value) in tx.public.iter() {
@@ -254,6 +268,48 @@ pub fn verify_dir(
     }
     report.chain = chain_head;
     Ok(report)
+}
+
+/// Records a write to `gov.endorsements`.
+fn note_endorsement(
+    endorsed: &mut BTreeMap<u64, cloister_store::gov::EndorsementRecord>,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), String> {
+    let id = std::str::from_utf8(key).ok().and_then(|k| k.parse::<u64>().ok());
+    let id = id.ok_or_else(|| format!("gov.endorsements has a key that is not a node id: {}", printable(key)))?;
+    match value {
+        Some(v) => {
+            let record =
+                serde_json::from_slice(v).map_err(|e| format!("gov.endorsements[{id}] does not parse: {e}"))?;
+            endorsed.insert(id, record);
+        }
+        None => {
+            endorsed.remove(&id);
+        }
+    }
+    Ok(())
+}
+
+/// A signature must come from a node the service endorsed at that point: with this certificate,
+/// and over a tree that ends before its endorsement did.
+fn check_endorsed(
+    sig: &SignaturePayload,
+    endorsed: &BTreeMap<u64, cloister_store::gov::EndorsementRecord>,
+) -> Result<(), String> {
+    let record = endorsed
+        .get(&sig.node_id)
+        .ok_or_else(|| format!("node {} signed, but the service never endorsed it", sig.node_id))?;
+    if record.cert_sha256 != hex::encode(super::entry::cert_sha256(&sig.node_cert)) {
+        return Err(format!("node {} signed with a certificate other than the one the service endorsed", sig.node_id));
+    }
+    match record.until {
+        Some(until) if sig.tree_size > until => Err(format!(
+            "node {} was retired: its endorsement ended at {until} entries, and it signed a tree of {}",
+            sig.node_id, sig.tree_size
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Checks a signature entry at `seqno` against the recomputed tree and chain.
@@ -307,8 +363,14 @@ pub struct Receipt {
     pub signature: SignatureRecord,
     /// The signing node's certificate (PEM).
     pub node_cert: String,
-    /// The service certificate chain (PEM), for convenience: verification uses the one given.
+    /// The service identity's endorsement of the signing node, made when the receipt was issued.
+    #[serde(default)]
+    pub endorsement: Option<Endorsement>,
+    /// The operator's service CA (PEM), for convenience: it plays no part in verification.
     pub service_cert: String,
+    /// The service identity's certificate (PEM), for convenience: verification uses the one given.
+    #[serde(default)]
+    pub service_identity: String,
 }
 
 /// What a verified receipt proves.
@@ -319,8 +381,11 @@ pub struct VerifiedReceipt {
     pub signed_by: u64,
 }
 
-/// Checks a receipt with nothing but the service certificate (DER).
-pub fn verify_receipt(receipt: &Receipt, service_cert: &[u8]) -> Result<VerifiedReceipt, String> {
+/// Checks a receipt with nothing but the service identity's certificate (DER): the service
+/// identity endorsed the signing node for this signature, the node signed the root, and the proof
+/// leads from the transaction's leaf to that root. A certificate from the operator's CA counts
+/// for nothing here: the CA can issue one to anybody.
+pub fn verify_receipt(receipt: &Receipt, service_identity: &[u8]) -> Result<VerifiedReceipt, String> {
     let leaf = &receipt.leaf;
     if receipt.tx_id != format!("{}.{}", leaf.term, leaf.seqno) {
         return Err(format!("the receipt is for {} but its leaf is {}.{}", receipt.tx_id, leaf.term, leaf.seqno));
@@ -330,7 +395,11 @@ pub fn verify_receipt(receipt: &Receipt, service_cert: &[u8]) -> Result<Verified
     if node_cert.as_ref() != sig.node_cert.as_slice() {
         return Err("the receipt's node certificate is not the one that signed".into());
     }
-    sig.verify(service_cert)?;
+    let endorsement = receipt.endorsement.as_ref().ok_or_else(|| {
+        format!("the receipt carries no endorsement by the service identity: nothing vouches for node {}", sig.node_id)
+    })?;
+    endorsement.covers(service_identity, sig)?;
+    sig.verify_by_node()?;
     if leaf.seqno >= sig.tree_size {
         return Err(format!("the signature covers entries 0..{}, not entry {}", sig.tree_size, leaf.seqno));
     }
@@ -349,7 +418,7 @@ pub fn verify_receipt(receipt: &Receipt, service_cert: &[u8]) -> Result<Verified
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entry::{NodeSigner, TxEntry};
+    use crate::entry::{NodeSigner, TxEntry, cert_sha256};
     use crate::files::{LedgerFiles, StartState, set_aside_dir};
     use crate::index;
     use cloister_crypto::identity::{self, ServiceCa};
@@ -358,6 +427,7 @@ mod tests {
     struct Built {
         _dir: tempfile::TempDir,
         store: cloister_store::Store,
+        ca: identity::KeyedCert,
         ca_der: Vec<u8>,
         signer: NodeSigner,
         replica: MemoryNodes,
@@ -375,7 +445,15 @@ mod tests {
             let ca_der = identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
             let node = ca.issue_node_cert("node", &["localhost".into()]).unwrap();
             let signer = NodeSigner::new(&node.cert_pem, &node.key_pem).unwrap();
-            Built { _dir: dir, store, ca_der, signer, replica: MemoryNodes::default(), entries: Vec::new() }
+            Built {
+                _dir: dir,
+                store,
+                ca: ca.keyed,
+                ca_der,
+                signer,
+                replica: MemoryNodes::default(),
+                entries: Vec::new(),
+            }
         }
 
         fn push(&mut self, appender: &mut index::Appender, payload: Payload) {
@@ -443,6 +521,115 @@ mod tests {
             matches!(&err, VerifyError::Fault { seqno: Some(20), message, .. } if message.contains("not the oldest")),
             "{err}"
         );
+    }
+
+    /// A receipt for entry `seqno` signed over the first `size` entries by `signer`, as a
+    /// node of `built`'s ledger (or anybody holding `signer`'s key) would make it.
+    fn receipt(built: &Built, seqno: u64, size: u64, signer: &NodeSigner, endorsement: Option<Endorsement>) -> Receipt {
+        let root = merkle::root(&built.replica, size).unwrap();
+        let chain = built.entries[size as usize - 1].chain;
+        let payload = SignaturePayload::sign(size, root, chain, signer);
+        let pem = pem_of(&signer.cert_der);
+        Receipt {
+            tx_id: format!("1.{seqno}"),
+            leaf: built.entries[seqno as usize].components(),
+            proof: merkle::path(&built.replica, seqno, size).unwrap().iter().map(hex::encode).collect(),
+            signature: SignatureRecord { seqno: size, term: 1, payload },
+            node_cert: pem,
+            endorsement,
+            service_cert: String::new(),
+            service_identity: String::new(),
+        }
+    }
+
+    fn pem_of(der: &[u8]) -> String {
+        identity::pem_of_der(der)
+    }
+
+    fn node(ca: &ServiceCa, name: &str) -> NodeSigner {
+        let cert = ca.issue_node_cert(name, &["localhost".into()]).unwrap();
+        NodeSigner::new(&cert.cert_pem, &cert.key_pem).unwrap()
+    }
+
+    /// The attacks: the operator's CA issues a certificate to a node the service never trusted
+    /// (or a retired node's operator keeps its key), and signs a root of its own. Before the
+    /// service identity a receipt needed only a certificate of the CA, so both verified. Now a
+    /// receipt must carry the service identity's endorsement of its signer, covering the tree it
+    /// signed: the never-trusted node has none (and cannot make one), and a retired node's ends
+    /// where it retired.
+    #[test]
+    fn receipts_need_the_service_identitys_endorsement_of_their_signer() {
+        let mut built = Built::new();
+        built.sign_through(29);
+        let ca = ServiceCa::load(built.ca.clone()).unwrap();
+        let service = identity::generate_service_identity("test").unwrap();
+        let service_der = identity::cert_der(service.cert_pem.as_bytes()).unwrap().to_vec();
+        let endorse = |signer: &NodeSigner, max: u64, retired: bool| {
+            Some(Endorsement::issue(&signer.cert_der, max, retired, &service.key_pem).unwrap())
+        };
+
+        // A trusted node's receipt verifies with nothing but the service identity.
+        let trusted = node(&ca, "trusted");
+        let good = receipt(&built, 12, 20, &trusted, endorse(&trusted, 25, false));
+        assert_eq!(verify_receipt(&good, &service_der).unwrap().signed_by, trusted.node_id);
+        // The operator's CA is no anchor for receipts.
+        assert!(verify_receipt(&good, &built.ca_der).unwrap_err().contains("not signed by the service identity"));
+
+        // Never trusted: no endorsement, or another node's, or one the attacker made itself.
+        let rogue = node(&ca, "never trusted");
+        for (what, endorsement) in [
+            ("none", None),
+            ("the trusted node's", endorse(&trusted, 25, false)),
+            ("its own", {
+                let fake = identity::generate_service_identity("forged").unwrap();
+                Some(Endorsement::issue(&rogue.cert_der, 25, false, &fake.key_pem).unwrap())
+            }),
+        ] {
+            let forged = receipt(&built, 12, 20, &rogue, endorsement);
+            let err = verify_receipt(&forged, &service_der).unwrap_err();
+            assert!(
+                err.contains("no endorsement") || err.contains("never endorsed") || err.contains("not signed by"),
+                "{what}: {err}"
+            );
+        }
+
+        // Retired: its endorsement ends at 20 entries; a signature over more is refused, naming
+        // the retirement, while its signatures from before still verify.
+        let retired = node(&ca, "retired");
+        let before = receipt(&built, 12, 20, &retired, endorse(&retired, 20, true));
+        verify_receipt(&before, &service_der).expect("a signature from before the retirement");
+        let after = receipt(&built, 24, 29, &retired, endorse(&retired, 20, true));
+        let err = verify_receipt(&after, &service_der).unwrap_err();
+        assert!(err.contains("was retired") && err.contains("at most 20 entries"), "{err}");
+        // An endorsement from while it was trusted reaches no further than the ledger did then.
+        let stale = receipt(&built, 24, 29, &retired, endorse(&retired, 22, false));
+        assert!(verify_receipt(&stale, &service_der).unwrap_err().contains("at most 22 entries"));
+    }
+
+    /// The walk holds every signature to the endorsements the ledger records: a signer the
+    /// service never endorsed, or one past its retirement, is a fault naming the seqno.
+    #[test]
+    fn the_walk_refuses_signatures_the_service_did_not_endorse() {
+        let walk = |built: &Built, endorsements: &[(u64, Option<u64>)], signer: &NodeSigner| {
+            let mut endorsed = BTreeMap::new();
+            for (id, until) in endorsements {
+                let cert_sha256 = hex::encode(cert_sha256(&signer.cert_der));
+                endorsed.insert(*id, cloister_store::gov::EndorsementRecord { cert_sha256, until: *until });
+            }
+            let root = merkle::root(&built.replica, 20).unwrap();
+            let sig = SignaturePayload::sign(20, root, built.entries[19].chain, signer);
+            check_endorsed(&sig, &endorsed)
+        };
+        let mut built = Built::new();
+        built.sign_through(25);
+        let ca = ServiceCa::load(built.ca.clone()).unwrap();
+        let signer = node(&ca, "signer");
+        walk(&built, &[(signer.node_id, None)], &signer).expect("endorsed, open");
+        walk(&built, &[(signer.node_id, Some(20))], &signer).expect("a tree within the endorsement");
+        let err = walk(&built, &[(signer.node_id, Some(19))], &signer).unwrap_err();
+        assert!(err.contains("was retired"), "{err}");
+        let err = walk(&built, &[(signer.node_id + 1, None)], &signer).unwrap_err();
+        assert!(err.contains("never endorsed"), "{err}");
     }
 
     /// A node that installs a snapshot sets its older files aside, where they still verify, and

@@ -570,6 +570,31 @@ pub fn record(
 /// How often the leader looks for Retired nodes still in Raft's membership.
 pub(crate) const RETIRE_POLL_MS: u64 = 1000;
 
+/// On the leader, keeps the service's endorsements in step with gov.nodes
+/// ([`Service::maintain_endorsements`]), every `RETIRE_POLL_MS`, until cancelled. Holds the service
+/// weakly, so a node shutting down closes its databases.
+pub(crate) async fn maintain_endorsements(
+    service: std::sync::Weak<crate::api::service::Service>,
+    consensus: cloister_consensus::Consensus,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(RETIRE_POLL_MS)) => {}
+        }
+        if !consensus.is_leader() {
+            continue;
+        }
+        let Some(service) = service.upgrade() else { return };
+        match service.maintain_endorsements().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "updated the service's endorsements"),
+            Err(e) => tracing::debug!(error = ?e, "updating the endorsements did not commit; retrying"),
+        }
+    }
+}
+
 /// On the leader, removes Retired nodes from Raft's membership, every `RETIRE_POLL_MS`, until
 /// cancelled.
 pub(crate) async fn retire_removed(

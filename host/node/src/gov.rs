@@ -430,6 +430,7 @@ pub(crate) fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
         HISTORY => decodes::<HistoryRecord>(map, value),
         REQUEST_TIMES => decodes::<u64>(map, value),
         MIN_TCB => decodes::<Tcb>(map, value),
+        ENDORSEMENTS => Err(format!("{map} is written by the node alone, as gov.nodes changes")),
         AZURE_PCRS => serde_json::from_slice::<PcrSet>(value)
             .map_err(|e| format!("{map} cannot hold this record: {e}"))
             .and_then(|set| checked_pcr_set(&set).map(drop)),

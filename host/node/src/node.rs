@@ -183,6 +183,11 @@ impl Node {
             cancel.clone(),
         )));
         tasks.push(tokio::spawn(attest::retire_removed(store.clone(), consensus.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(attest::maintain_endorsements(
+            Arc::downgrade(&service),
+            consensus.clone(),
+            cancel.clone(),
+        )));
         if !consensus.is_initialized().await? {
             match &config.network.join {
                 None => {
@@ -303,9 +308,14 @@ async fn genesis(
     let members = read_ids(&config.genesis.members)?;
     anyhow::ensure!(!members.is_empty(), "genesis needs at least one member ([genesis] members)");
     let attestation = genesis_attestation(config, node_cert, attester).await?;
+    // The service's own identity: generated here, inside the first node, and kept only sealed
+    // (in the ledger and the state database, under the ledger secret).
+    let service_identity = identity::generate_service_identity("Cloister")?;
     let genesis = gov::Genesis {
         attestation,
         service_cert: service_cert.to_owned(),
+        identity: (service_identity.cert_pem, service_identity.key_pem),
+        node_cert_sha256: identity::id_of_pem(node_cert.as_bytes())?,
         members,
         users: read_ids(&config.genesis.users)?,
         constitution,

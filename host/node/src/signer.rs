@@ -27,18 +27,21 @@ pub(crate) async fn run_signer(
         if !consensus.caught_up() {
             continue;
         }
-        let view = store.read_txn().map_err(anyhow::Error::from).and_then(|r| {
-            let view = cloister_ledger::index::signing_view(&r)?;
-            let last = cloister_ledger::index::last_signed(&r)?;
-            Ok((view, last))
+        let view = store.begin().map_err(anyhow::Error::from).and_then(|tx| {
+            let view = cloister_ledger::index::signing_view(tx.snapshot())?;
+            let last = cloister_ledger::index::last_signed(tx.snapshot())?;
+            Ok((view, last, endorsed(&tx, &signer)?))
         });
-        let ((size, root, chain), last) = match view {
+        let ((size, root, chain), last, endorsed) = match view {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "reading the ledger index to sign it failed");
                 continue;
             }
         };
+        if !endorsed {
+            continue;
+        }
         // Nothing new, or nothing but the last signature itself: nothing to sign.
         let nothing_new = match last {
             Some((seqno, tree_size)) => size <= tree_size || size == seqno + 1,
@@ -63,4 +66,16 @@ pub(crate) async fn run_signer(
             Err(e) => tracing::debug!(error = %e, "a signature entry was not proposed"),
         }
     }
+}
+
+/// Whether this node may sign the tree its state holds: the service endorsed it, and it is not
+/// Retired, as of that same state. So every signature in the ledger follows its signer's
+/// endorsement and covers only entries before its retirement, which is what offline verification
+/// checks (`cloister_ledger::verify`).
+fn endorsed(tx: &kv::Tx, signer: &cloister_ledger::entry::NodeSigner) -> anyhow::Result<bool> {
+    let id = signer.node_id.to_string();
+    let endorsement: Option<kv::gov::EndorsementRecord> = kv::gov::get(tx, kv::gov::ENDORSEMENTS, id.as_bytes())?;
+    let retired = kv::gov::node(tx, &id)?.is_none_or(|n| n.status == kv::gov::NodeStatus::Retired);
+    let ours = hex::encode(cloister_ledger::entry::cert_sha256(&signer.cert_der));
+    Ok(!retired && endorsement.is_some_and(|e| e.until.is_none() && e.cert_sha256 == ours))
 }

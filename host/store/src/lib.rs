@@ -325,7 +325,7 @@ impl Store {
             if self.published().0 == version {
                 let base = read.open_table(KV).map_err(|e| self.err(e))?;
                 let index = self.sealer.is_some().then_some(keys);
-                return Ok(Tx { base, index, pending, own: WriteSet::default(), store: self.clone() });
+                return Ok(Tx { read, base, index, pending, own: WriteSet::default(), store: self.clone() });
             }
         }
     }
@@ -563,6 +563,7 @@ impl WriteBatch<'_> {
 
 /// One transaction: a consistent snapshot, pending write sets, and its own buffered writes.
 pub struct Tx {
+    read: redb::ReadTransaction,
     base: ReadOnlyTable<&'static [u8], &'static [u8]>,
     /// In a sealed store, the private keys `base` may hold (possibly more: a lookup decides).
     index: Option<KeyIndex>,
@@ -631,6 +632,12 @@ impl Tx {
             }
             bounds.0 = Bound::Excluded(candidate);
         }
+    }
+
+    /// The redb snapshot under this transaction, for modules that keep their own tables in this
+    /// database and must read them as of the same moment.
+    pub fn snapshot(&self) -> &redb::ReadTransaction {
+        &self.read
     }
 
     /// The writes buffered so far.

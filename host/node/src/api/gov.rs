@@ -15,6 +15,7 @@ pub enum GovRead {
     Proposal(String),
     Members,
     Users,
+    Endorsements,
     Service,
     Constitution,
     App,
@@ -28,6 +29,7 @@ impl GovRead {
             ["gov", "proposals", id] => GovRead::Proposal((*id).to_owned()),
             ["gov", "members"] => GovRead::Members,
             ["gov", "users"] => GovRead::Users,
+            ["gov", "endorsements"] => GovRead::Endorsements,
             ["gov", "service"] => GovRead::Service,
             ["gov", "constitution"] => GovRead::Constitution,
             ["gov", "app"] => GovRead::App,
@@ -72,6 +74,9 @@ fn read_tables(tx: &Tx, what: GovRead) -> Result<Value, ApiError> {
         }
         GovRead::Members => json!({ "members": table::<MemberRecord>(tx, gov::MEMBERS)? }),
         GovRead::Users => json!({ "users": table::<UserRecord>(tx, gov::USERS)? }),
+        GovRead::Endorsements => {
+            json!({ "endorsements": table::<gov::EndorsementRecord>(tx, gov::ENDORSEMENTS)? })
+        }
         GovRead::Service => {
             let record = gov::service(tx)?.ok_or_else(|| ApiError::internal("gov.service is missing"))?;
             serde_json::to_value(record).expect("records serialize")

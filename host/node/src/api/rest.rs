@@ -42,6 +42,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/gov/members/ack", axum::routing::post(gov_write))
         .route("/gov/members", get(gov_read))
         .route("/gov/users", get(gov_read))
+        .route("/gov/endorsements", get(gov_read))
         .route("/gov/service", get(gov_read))
         .route("/gov/constitution", get(gov_read))
         .route("/gov/app", get(gov_read))

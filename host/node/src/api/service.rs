@@ -244,21 +244,80 @@ impl Service {
         Ok(caller)
     }
 
+    /// On the leader: endorses the Trusted nodes the service has not endorsed yet, closes the
+    /// endorsement of Retired ones, and gives a service from before identities one. A
+    /// retirement is closed only once applied here, at this node's applied ledger size (at or
+    /// after the retirement): the retired node signs nothing past its own retirement, so none of
+    /// its signatures reach past that bound. Returns how many records it wrote.
+    pub(crate) async fn maintain_endorsements(&self) -> Result<usize, SubmitError> {
+        if !endorsements_lag(&self.store.begin().map_err(ApiError::from)?)? {
+            return Ok(0);
+        }
+        let store = self.store.clone();
+        let work: Work<usize> = Box::new(move |_, mut tx| {
+            let result = (|| {
+                let applied = store.begin()?;
+                let size = cloister_ledger::index::state(applied.snapshot())
+                    .map_err(|e| ApiError::internal(format!("reading the ledger index failed: {e}")))?
+                    .size;
+                let mut writes = Vec::new();
+                for (id, node) in gov::all::<gov::NodeRecord>(&tx, gov::NODES)? {
+                    let current: Option<gov::EndorsementRecord> = gov::get(&tx, gov::ENDORSEMENTS, id.as_bytes())?;
+                    let retired_here = gov::node(&applied, &id)?.is_some_and(|n| n.status == gov::NodeStatus::Retired);
+                    let next = match (node.status, current) {
+                        (gov::NodeStatus::Trusted, None) => {
+                            let cert_sha256 = identity::id_of_pem(node.cert.as_bytes())
+                                .map_err(|e| ApiError::internal(format!("node {id}'s certificate: {e:#}")))?;
+                            Some(gov::EndorsementRecord { cert_sha256, until: None })
+                        }
+                        (_, Some(e)) if retired_here && e.until.is_none() => {
+                            Some(gov::EndorsementRecord { until: Some(size), ..e })
+                        }
+                        _ => None,
+                    };
+                    if let Some(record) = next {
+                        writes.push((id, record));
+                    }
+                }
+                for (id, record) in &writes {
+                    let value = serde_json::to_vec(record).expect("an endorsement serializes");
+                    tx.put(gov::ENDORSEMENTS, id.as_bytes(), &value);
+                }
+                let mut count = writes.len();
+                if let Some(mut service) = gov::service(&tx)?.filter(|s| s.identity.is_none()) {
+                    let made = identity::generate_service_identity("Cloister")
+                        .map_err(|e| ApiError::internal(format!("generating a service identity: {e:#}")))?;
+                    tx.put(gov::SERVICE_IDENTITY_MAP, gov::SERVICE_IDENTITY_KEY, made.key_pem.as_bytes());
+                    service.identity = Some(made.cert_pem);
+                    tx.put(gov::SERVICE, gov::SERVICE_KEY, &serde_json::to_vec(&service).expect("serializes"));
+                    count += 1;
+                }
+                Ok(Executed { value: count, commit: count > 0, kind: TxKind::Gov, claims_digest: None })
+            })();
+            (tx, result)
+        });
+        Ok(self.writer.submit(work).await?.value)
+    }
+
     /// A receipt for a committed transaction, if this node can give one yet.
     pub fn receipt(
         &self,
         id: TxId,
     ) -> Result<Result<cloister_ledger::verify::Receipt, cloister_ledger::index::ReceiptUnavailable>, ApiError> {
-        let read = self.store.read_txn()?;
-        let parts = cloister_ledger::index::receipt_parts(&read, id.seqno)
-            .map_err(|e| ApiError::internal(format!("reading the ledger index failed: {e}")))?;
+        let tx = self.store.begin()?;
+        let index_failed = |e: cloister_ledger::merkle::MerkleError| {
+            ApiError::internal(format!("reading the ledger index failed: {e}"))
+        };
+        let parts = cloister_ledger::index::receipt_parts(tx.snapshot(), id.seqno).map_err(index_failed)?;
         let parts = match parts {
             Ok(p) if p.leaf.term == id.term => p,
             Ok(_) => return Ok(Err(cloister_ledger::index::ReceiptUnavailable::NotFound)),
             Err(unavailable) => return Ok(Err(unavailable)),
         };
-        let service = gov::service(&self.store.begin()?)?
+        let service = gov::service(&tx)?
             .ok_or_else(|| ApiError::internal("gov.service is missing: the service never ran genesis"))?;
+        let size = cloister_ledger::index::state(tx.snapshot()).map_err(index_failed)?.size;
+        let endorsement = endorse(&tx, &parts.signature.payload, size)?;
         let pem = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
         Ok(Ok(cloister_ledger::verify::Receipt {
             tx_id: id.to_string(),
@@ -266,7 +325,9 @@ impl Service {
             proof: parts.proof.iter().map(hex::encode).collect(),
             node_cert: pem(&parts.signature.payload.node_cert),
             signature: parts.signature,
+            endorsement: Some(endorsement),
             service_cert: service.cert,
+            service_identity: service.identity.unwrap_or_default(),
         }))
     }
 
@@ -747,4 +808,48 @@ impl Forwarder for ServiceForwarder {
             tx_id: reply.tx_id.map(|t| t.to_string()).unwrap_or_default(),
         })
     }
+}
+
+/// Whether committed state has a Trusted node without an endorsement, a Retired one whose
+/// endorsement is open, or no service identity: whether the leader has endorsements to write.
+fn endorsements_lag(tx: &Tx) -> Result<bool, ApiError> {
+    if gov::service(tx)?.is_some_and(|s| s.identity.is_none()) {
+        return Ok(true);
+    }
+    for (id, node) in gov::all::<gov::NodeRecord>(tx, gov::NODES)? {
+        let current: Option<gov::EndorsementRecord> = gov::get(tx, gov::ENDORSEMENTS, id.as_bytes())?;
+        match (node.status, current) {
+            (gov::NodeStatus::Trusted, None) => return Ok(true),
+            (gov::NodeStatus::Retired, Some(e)) if e.until.is_none() => return Ok(true),
+            _ => {}
+        }
+    }
+    Ok(false)
+}
+
+/// The service identity's endorsement of the node that made `sig`, as of a ledger of `size`
+/// entries: bounded by its retirement if it was retired, else by `size`.
+fn endorse(
+    tx: &Tx,
+    sig: &cloister_ledger::entry::SignaturePayload,
+    size: u64,
+) -> Result<cloister_ledger::entry::Endorsement, ApiError> {
+    let id = sig.node_id.to_string();
+    let record: gov::EndorsementRecord = gov::get(tx, gov::ENDORSEMENTS, id.as_bytes())?.ok_or_else(|| {
+        ApiError::unavailable(format!(
+            "node {id}, which signed the ledger over this transaction, has no endorsement by the service identity \
+             (it signed before this service had endorsements)"
+        ))
+    })?;
+    if record.cert_sha256 != hex::encode(cloister_ledger::entry::cert_sha256(&sig.node_cert)) {
+        return Err(ApiError::internal(format!("node {id} signed with a certificate its endorsement does not name")));
+    }
+    let key = gov::service_identity_key(tx)?
+        .ok_or_else(|| ApiError::unavailable("this service has no identity yet: its leader creates one shortly"))?;
+    let (bound, retired) = match record.until {
+        Some(until) => (until, true),
+        None => (size, false),
+    };
+    cloister_ledger::entry::Endorsement::issue(&sig.node_cert, bound, retired, &key)
+        .map_err(|e| ApiError::internal(format!("endorsing node {id}: {e:#}")))
 }
