@@ -570,6 +570,19 @@ pub fn record(
 /// How often the leader looks for Retired nodes still in Raft's membership.
 pub(crate) const RETIRE_POLL_MS: u64 = 1000;
 
+/// Waits for the next `RETIRE_POLL_MS` tick at which this node leads; false once cancelled.
+async fn leader_tick(consensus: &cloister_consensus::Consensus, cancel: &tokio_util::sync::CancellationToken) -> bool {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(RETIRE_POLL_MS)) => {}
+        }
+        if consensus.is_leader() {
+            return true;
+        }
+    }
+}
+
 /// On the leader, keeps the service's endorsements in step with gov.nodes
 /// ([`Service::maintain_endorsements`]), every `RETIRE_POLL_MS`, until cancelled. Holds the service
 /// weakly, so a node shutting down closes its databases.
@@ -578,14 +591,7 @@ pub(crate) async fn maintain_endorsements(
     consensus: cloister_consensus::Consensus,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(RETIRE_POLL_MS)) => {}
-        }
-        if !consensus.is_leader() {
-            continue;
-        }
+    while leader_tick(&consensus, &cancel).await {
         let Some(service) = service.upgrade() else { return };
         match service.maintain_endorsements().await {
             Ok(0) => {}
@@ -602,14 +608,7 @@ pub(crate) async fn retire_removed(
     consensus: cloister_consensus::Consensus,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(RETIRE_POLL_MS)) => {}
-        }
-        if !consensus.is_leader() {
-            continue;
-        }
+    while leader_tick(&consensus, &cancel).await {
         let retired: Vec<NodeId> = match store.begin().and_then(|tx| gov::all::<NodeRecord>(&tx, gov::NODES)) {
             Ok(nodes) => nodes
                 .into_iter()
