@@ -334,8 +334,8 @@ async fn genesis(
 
 /// The first node attests itself against the roots the genesis configuration pins, and its own
 /// measurement and host_data (on Azure, its PCRs 4, 7 and 11 too) become the service's first
-/// allowed values (as in CCF). Evidence that
-/// fails the other checks (chain, signature, debug policy, binding) stops the genesis.
+/// allowed values (as in CCF). Evidence that fails the other checks (chain, signature, debug
+/// policy, binding) stops the genesis.
 async fn genesis_attestation(
     config: &NodeConfig,
     node_cert: &str,

@@ -189,6 +189,10 @@ pub struct Store {
     /// it while it runs, then the keys after it, so whichever table snapshot a reader gets, the
     /// index it took alongside (see [`Store::begin_over`]) names every key that snapshot holds.
     index: Arc<Mutex<Published>>,
+    /// Held by a commit from its first publish to its last, and by a new write batch while it
+    /// takes the index: so a batch starts from the index its predecessor left, and no commit's
+    /// publish lands after its successor's.
+    commits: Arc<Mutex<()>>,
 }
 
 impl Store {
@@ -206,7 +210,8 @@ impl Store {
     fn open_with(path: &Path, sealer: Option<Arc<Sealer>>) -> Result<Store, KvError> {
         let err = |e: redb::Error| KvError::Db { path: path.to_owned(), source: e };
         let db = Database::create(path).map_err(|e| err(e.into()))?;
-        let store = Store { db: Arc::new(db), path: path.to_owned(), sealer, index: Arc::default() };
+        let store =
+            Store { db: Arc::new(db), path: path.to_owned(), sealer, index: Arc::default(), commits: Arc::default() };
         // Create the tables up front so read transactions never meet a missing table.
         let mut batch = store.write_batch()?;
         batch.txn().open_table(KV).map_err(|e| store.err(e))?;
@@ -361,8 +366,12 @@ impl Store {
     /// A write transaction for several kinds of writes that commit together.
     pub fn write_batch(&self) -> Result<WriteBatch<'_>, KvError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        // Write transactions run one at a time, so this is the index of the last commit.
-        let keys = self.published().1;
+        // Write transactions run one at a time, and the last one has finished publishing: this is
+        // the index it left.
+        let keys = {
+            let _committing = self.commits.lock().expect("commit lock");
+            self.published().1
+        };
         Ok(WriteBatch {
             txn,
             store: self,
@@ -545,6 +554,7 @@ impl WriteBatch<'_> {
         if store.sealer.is_none() || !changed {
             return txn.commit().map_err(|e| store.err(e));
         }
+        let _committing = store.commits.lock().expect("commit lock");
         let mut during = if cleared { before.clone().union(keys.clone()) } else { keys.clone() };
         during.extend(removed);
         store.publish(during);
