@@ -38,7 +38,9 @@ const KEY_DIGESTS_META: &str = "private_keys_digested_v1";
 /// The table keys (`map ‖ 0x00 ‖ key`, in clear) of every private entry of a sealed store, in
 /// order. Cloning is cheap (a persistent tree), so each transaction holds the version that
 /// matches its snapshot of the table.
-type KeyIndex = imbl::OrdSet<Vec<u8>>;
+/// Keys are shared (`Arc`), so the copy-on-write of a tree node costs reference counts, not
+/// allocations.
+type KeyIndex = imbl::OrdSet<Arc<[u8]>>;
 
 /// The published [`KeyIndex`], with a version that changes whenever it does.
 #[derive(Default)]
@@ -234,7 +236,7 @@ impl Store {
         for item in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             if self.hides(k.value()).is_some() {
-                keys.insert(self.opened_entry(k.value(), v.value())?.0);
+                keys.insert(self.opened_entry(k.value(), v.value())?.0.into());
             }
         }
         let mut published = self.index.lock().expect("key index lock");
@@ -264,14 +266,14 @@ impl Store {
 
     /// The stored form of an entry: for a hidden one, `u32 LE key length ‖ table key ‖ value`
     /// sealed and bound to the table key it is stored under.
-    fn stored(&self, full: &[u8], value: &[u8]) -> Vec<u8> {
+    fn stored(&self, full: &[u8], table_key: &[u8], value: &[u8]) -> Vec<u8> {
         match self.hides(full) {
             Some(s) => {
                 let mut plain = Vec::with_capacity(4 + full.len() + value.len());
                 plain.extend_from_slice(&(full.len() as u32).to_le_bytes());
                 plain.extend_from_slice(full);
                 plain.extend_from_slice(value);
-                s.seal(Purpose::StateValue, &self.table_key(full), &plain)
+                s.seal(Purpose::StateValue, table_key, &plain)
             }
             None => value.to_vec(),
         }
@@ -296,12 +298,12 @@ impl Store {
         Ok((full.to_vec(), value.to_vec()))
     }
 
-    /// The value stored for `full`, opened for reading.
-    fn opened(&self, full: &[u8], stored: &[u8]) -> Result<Vec<u8>, KvError> {
+    /// The value stored for `full` under `table_key`, opened for reading.
+    fn opened(&self, full: &[u8], table_key: &[u8], stored: &[u8]) -> Result<Vec<u8>, KvError> {
         if self.hides(full).is_none() {
             return Ok(stored.to_vec());
         }
-        let (key, value) = self.opened_entry(&self.table_key(full), stored)?;
+        let (key, value) = self.opened_entry(table_key, stored)?;
         if key != full {
             return Err(KvError::Invalid {
                 path: self.path.clone(),
@@ -441,7 +443,7 @@ pub struct WriteBatch<'s> {
     before: KeyIndex,
     keys: KeyIndex,
     /// Keys this batch removed from the index: with `keys`, the union published while it commits.
-    removed: Vec<Vec<u8>>,
+    removed: Vec<Arc<[u8]>>,
     /// Whether the batch cleared every map (then the union takes all of `before`).
     cleared: bool,
     /// Whether the batch touched a private key at all.
@@ -457,15 +459,16 @@ impl WriteBatch<'_> {
             self.changed |= hidden;
             match value {
                 Some(v) => {
-                    table.insert(&*table_key, self.store.stored(full, v).as_slice()).map_err(|e| self.store.err(e))?;
+                    let stored = self.store.stored(full, &table_key, v);
+                    table.insert(&*table_key, stored.as_slice()).map_err(|e| self.store.err(e))?;
                     if hidden {
-                        self.keys.insert(full.clone());
+                        self.keys.insert(Arc::from(full.as_slice()));
                     }
                 }
                 None => {
                     table.remove(&*table_key).map_err(|e| self.store.err(e))?;
-                    if hidden && self.keys.remove(full).is_some() {
-                        self.removed.push(full.clone());
+                    if hidden && let Some(key) = self.keys.remove(full.as_slice()) {
+                        self.removed.push(key);
                     }
                 }
             }
@@ -502,7 +505,8 @@ impl WriteBatch<'_> {
                 message: format!("converting a private entry: {e} (map {})", split_key(&full).0),
             })?;
             table.remove(full.as_slice()).map_err(|e| store.err(e))?;
-            table.insert(&*store.table_key(&full), store.stored(&full, &value).as_slice()).map_err(|e| store.err(e))?;
+            let table_key = store.table_key(&full);
+            table.insert(&*table_key, store.stored(&full, &table_key, &value).as_slice()).map_err(|e| store.err(e))?;
         }
         drop(table);
         self.put_meta(KEY_DIGESTS_META, b"1")
@@ -536,7 +540,7 @@ impl WriteBatch<'_> {
                     message: format!("a sealed entry sits under another key's digest (map {})", map_of(table_key)),
                 });
             }
-            self.keys.insert(full);
+            self.keys.insert(full.into());
             self.changed = true;
         }
         let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
@@ -590,8 +594,9 @@ impl Tx {
                 return Ok(v.map(<[u8]>::to_vec));
             }
         }
-        let got = self.base.get(&*self.store.table_key(full)).map_err(|e| self.store.err(e))?;
-        got.map(|v| self.store.opened(full, v.value())).transpose()
+        let table_key = self.store.table_key(full);
+        let got = self.base.get(&*table_key).map_err(|e| self.store.err(e))?;
+        got.map(|v| self.store.opened(full, &table_key, v.value())).transpose()
     }
 
     pub fn get(&self, map: &str, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
@@ -618,7 +623,10 @@ impl Tx {
         let index = self.index.as_ref().filter(|_| !is_public(map));
         loop {
             let base_first = match index {
-                Some(keys) => keys.range((bounds.0.clone(), bounds.1.clone())).next().cloned(),
+                Some(keys) => keys
+                    .range::<_, [u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
+                    .next()
+                    .map(|k| k.to_vec()),
                 None => self
                     .base
                     .range::<&[u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
