@@ -191,3 +191,71 @@ async fn joins_are_attested_governed_and_revocable() {
         "{log}"
     );
 }
+
+/// The capture attack, over the wire: a node that holds the ledger secret but no state yet took
+/// AppendEntries and InstallSnapshot from any certificate of the service CA (a Pending, refused or
+/// Retired node's, or one the operator issued to nobody), so a forged snapshot could make it the
+/// leader of an attacker's fork. Now it takes Raft messages from the leader it attested alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joining_node_takes_raft_messages_only_from_the_leader_it_attested() {
+    let mut cluster = Cluster::prepare(2, 1, RECONCILE, |_| {});
+    cluster.spawn(0);
+    cluster.wait_stable(1, Duration::from_secs(120)).await;
+    cluster.spawn(1);
+    cluster.wait_stable(2, Duration::from_secs(120)).await;
+    // Keep what its join left (the secret and the attested leader), not the state it was sent:
+    // with the leader down, node1 restarts as a node still joining, with no gov.nodes.
+    cluster.stop(1);
+    cluster.stop(0);
+    let data = cluster.nodes[1].config.node.data_dir.clone();
+    assert!(data.join("join-leader.sealed").exists(), "the join pinned its leader");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !["ledger.secret", "join-leader.sealed"].contains(&name.as_str()) {
+            if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }.unwrap();
+        }
+    }
+    cluster.spawn(1);
+    wait_for("node1 to listen again", async || cluster.log(1).matches("node started").count() >= 2).await;
+
+    let dir = cluster.dir.path().to_owned();
+    let ca = cloister_crypto::identity::ServiceCa::load(
+        cloister_crypto::identity::KeyedCert::read(&dir, "service").unwrap(),
+    )
+    .unwrap();
+    let service_ca = ca.keyed.cert_pem.clone();
+    let stranger = ca.issue_node_cert("never trusted", &["127.0.0.1".into()]).unwrap();
+    let leader = cloister_crypto::identity::KeyedCert::read(&dir, "node0").unwrap();
+    let peer_url = format!("https://{}", cluster.nodes[1].config.node.peer_addr);
+    let blob = || cloister_proto::peer::v1::Blob { data: b"not a message".to_vec() };
+    let snapshot = || {
+        let head = cloister_proto::peer::v1::SnapshotChunk {
+            chunk: Some(cloister_proto::peer::v1::snapshot_chunk::Chunk::Data(b"forged state".to_vec())),
+        };
+        tokio_stream::iter(vec![head])
+    };
+
+    let from_stranger = Peers::new(&service_ca, &stranger);
+    let mut client = from_stranger.client(&peer_url).unwrap();
+    for refused in [
+        client.append_entries(blob()).await.unwrap_err(),
+        client.install_snapshot(snapshot()).await.unwrap_err(),
+        client.vote(blob()).await.unwrap_err(),
+    ] {
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("only from the leader it attested"), "{}", refused.message());
+    }
+    // The leader it attested gets through the door (and its garbage is then refused as such).
+    let from_leader = Peers::new(&service_ca, &leader);
+    let mut client = from_leader.client(&peer_url).unwrap();
+    let admitted = client.append_entries(blob()).await.unwrap_err();
+    assert_eq!(admitted.code(), tonic::Code::InvalidArgument, "{admitted:?}");
+    let admitted = client.install_snapshot(snapshot()).await.unwrap_err();
+    assert_eq!(admitted.code(), tonic::Code::InvalidArgument, "{admitted:?}");
+    // Nothing was installed.
+    let snapshots = data.join("snapshots");
+    let installed = std::fs::read_dir(&snapshots)
+        .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "snap")).count());
+    assert_eq!(installed.unwrap_or(0), 0, "no snapshot file in {}", snapshots.display());
+}
