@@ -7,7 +7,10 @@
 //! leader verifies it with [`cloister_attestation::verify`] against the governed policy, and
 //! records the node in `gov.nodes`: Trusted while the service is Opening, Pending after (a
 //! `transition_node_to_trusted` proposal trusts it). Once Trusted, the leader answers with the
-//! ledger secret sealed to the node's key, and the node may ask to `Join` Raft.
+//! ledger secret sealed to the node's key and signed over the join transcript, and the node may
+//! ask to `Join` Raft. The joining node requires the TLS server of its join connection, and the
+//! signer of the secret, to be the leader whose evidence it verified; until it holds `gov.nodes`
+//! it takes Raft messages from that leader alone ([`admit_peer`]).
 //!
 //! The peer port admits only node certificates of the service CA, and refuses a Retired node's
 //! certificate in the TLS handshake itself. On top of that, every Raft, forwarding and join
