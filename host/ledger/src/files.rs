@@ -128,6 +128,43 @@ pub(crate) fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
     Ok(Chunk { path: path.to_owned(), first_seqno, records, ends, tail })
 }
 
+/// Whether a chunk file's first record is a snapshot start record: read from its head alone.
+fn starts_with_start_record(path: &Path) -> std::io::Result<bool> {
+    let mut input = BufReader::new(File::open(path)?);
+    let mut head = [0u8; HEADER_BYTES as usize + 4];
+    if input.read_exact(&mut head).is_err() || &head[..8] != MAGIC {
+        return Ok(false);
+    }
+    let len = u32::from_le_bytes(head[HEADER_BYTES as usize..].try_into().expect("4 bytes"));
+    if len > RECORD_BYTES_MAX {
+        return Ok(false);
+    }
+    let mut body = Vec::new();
+    input.take(u64::from(len)).read_to_end(&mut body)?;
+    Ok(matches!(postcard::from_bytes::<Record>(&body), Ok(Record::Start(_))))
+}
+
+/// A folder written before [`LedgerFiles::restart_at`] set older files aside holds them in front
+/// of a snapshot's start record: sets them aside now, as a snapshot install does today.
+pub(crate) fn set_aside_before_newest_start(dir: &Path) -> std::io::Result<()> {
+    let paths = chunk_paths(dir)?;
+    for (i, path) in paths.iter().enumerate().skip(1).rev() {
+        if starts_with_start_record(path)? {
+            let next = first_seqno_of(path).unwrap_or_default();
+            let aside = set_aside_dir(dir, next);
+            std::fs::create_dir_all(&aside)?;
+            for older in &paths[..i] {
+                tracing::warn!(file = %older.display(), aside = %aside.display(), "setting aside a ledger file before a snapshot");
+                std::fs::rename(older, aside.join(older.file_name().expect("a chunk path names a file")))?;
+            }
+            cloister_crypto::identity::sync_dir(&aside)?;
+            cloister_crypto::identity::sync_dir(dir)?;
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// The file being appended to.
 struct OpenChunk {
     file: File,

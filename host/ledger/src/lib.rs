@@ -57,6 +57,7 @@ impl Ledger {
         batch.commit()?;
         let state = index::state(&store.read_txn()?)?;
         remove_stale_temporary_files(dir)?;
+        files::set_aside_before_newest_start(dir)?;
         cut_uncommitted(dir, state.size)?;
         let report = match verify::verify_dir(dir, Some(&service_cert), None) {
             Ok(report) => report,

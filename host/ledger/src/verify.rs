@@ -521,6 +521,14 @@ mod tests {
             matches!(&err, VerifyError::Fault { seqno: Some(20), message, .. } if message.contains("not the oldest")),
             "{err}"
         );
+
+        // A node opening a folder that older code left this way (a follower that installed a
+        // snapshot kept its older files in place) sets the older files aside first.
+        files::set_aside_before_newest_start(spliced.path()).unwrap();
+        let report = verify_dir(spliced.path(), Some(&built.ca_der), None).expect("the run from the snapshot");
+        assert_eq!((report.first_seqno, report.last_seqno), (Some(20), Some(29)));
+        let aside = verify_dir(&set_aside_dir(spliced.path(), 20), Some(&built.ca_der), None).unwrap();
+        assert_eq!((aside.first_seqno, aside.last_seqno), (Some(0), Some(5)));
     }
 
     /// A receipt for entry `seqno` signed over the first `size` entries by `signer`, as a
