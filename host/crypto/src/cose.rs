@@ -8,7 +8,7 @@
 use coset::cbor::value::Value;
 use coset::{CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, Label, iana};
 use p384::elliptic_curve::scalar::IsHigh;
-use ring::signature::{ECDSA_P384_SHA384_FIXED, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
+use ring::signature::{ECDSA_P384_SHA384_FIXED, UnparsedPublicKey};
 
 use crate::identity::{self, KeyedCert};
 
@@ -114,13 +114,7 @@ pub fn sign(
     created_at: u64,
     payload: &[u8],
 ) -> anyhow::Result<Vec<u8>> {
-    let key_der = identity::private_key(who.key_pem.as_bytes())?;
-    let key = EcdsaKeyPair::from_pkcs8(
-        &ECDSA_P384_SHA384_FIXED_SIGNING,
-        key_der.secret_der(),
-        &ring::rand::SystemRandom::new(),
-    )
-    .map_err(|e| anyhow::anyhow!("the signing key is not an ECDSA P-384 PKCS#8 key: {e}"))?;
+    let key = identity::signing_key(&who.key_pem, "the signing key")?;
     let mut header = HeaderBuilder::new()
         .algorithm(iana::Algorithm::ES384)
         .key_id(who.id()?.into_bytes())

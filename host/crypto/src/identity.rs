@@ -101,6 +101,18 @@ fn params(name: &str, sans: Vec<String>) -> anyhow::Result<CertificateParams> {
     Ok(p)
 }
 
+/// An ECDSA P-384 signing key from PKCS#8 PEM: every key this project signs with (members',
+/// nodes', the service identity's). `what` names the key in the error.
+pub fn signing_key(key_pem: &str, what: &str) -> anyhow::Result<ring::signature::EcdsaKeyPair> {
+    let der = private_key(key_pem.as_bytes())?;
+    ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+        der.secret_der(),
+        &ring::rand::SystemRandom::new(),
+    )
+    .map_err(|e| anyhow::anyhow!("{what} is not an ECDSA P-384 PKCS#8 key: {e}"))
+}
+
 /// A self-signed identity for a member, user or operator: `cloister keygen`.
 pub fn generate_identity(name: &str) -> anyhow::Result<KeyedCert> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;

@@ -7,7 +7,7 @@
 //!   claims_digest): what a receipt proves;
 //! - `chain_i` = blake3(chain_{i-1} ‖ leaf_i), with `chain_0` all zeroes.
 
-use ring::signature::{ECDSA_P384_SHA384_FIXED, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
+use ring::signature::{ECDSA_P384_SHA384_FIXED, EcdsaKeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
 use cloister_crypto::seal::{Purpose, SealError, Sealer};
@@ -305,10 +305,8 @@ impl Endorsement {
         retired: bool,
         identity_key_pem: &str,
     ) -> anyhow::Result<Endorsement> {
-        let key_der = cloister_crypto::identity::private_key(identity_key_pem.as_bytes())?;
         let rng = ring::rand::SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, key_der.secret_der(), &rng)
-            .map_err(|e| anyhow::anyhow!("the service identity key is not an ECDSA P-384 PKCS#8 key: {e}"))?;
+        let key = cloister_crypto::identity::signing_key(identity_key_pem, "the service identity key")?;
         let node_id = cloister_crypto::node_id_of(node_cert_der);
         let node_cert_sha256 = cert_sha256(node_cert_der);
         let bytes = Self::signed_bytes(node_id, &node_cert_sha256, tree_size_max, retired);
@@ -366,13 +364,7 @@ pub struct NodeSigner {
 impl NodeSigner {
     pub fn new(cert_pem: &str, key_pem: &str) -> anyhow::Result<NodeSigner> {
         let cert_der = cloister_crypto::identity::cert_der(cert_pem.as_bytes())?.to_vec();
-        let key_der = cloister_crypto::identity::private_key(key_pem.as_bytes())?;
-        let key = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P384_SHA384_FIXED_SIGNING,
-            key_der.secret_der(),
-            &ring::rand::SystemRandom::new(),
-        )
-        .map_err(|e| anyhow::anyhow!("the node key is not an ECDSA P-384 PKCS#8 key: {e}"))?;
+        let key = cloister_crypto::identity::signing_key(key_pem, "the node key")?;
         Ok(NodeSigner { node_id: cloister_crypto::node_id_of(&cert_der), cert_der, key })
     }
 }

@@ -499,13 +499,7 @@ impl Joins {
     ) -> anyhow::Result<Joins> {
         let cert_der = cloister_crypto::identity::cert_der(node.cert_pem.as_bytes())?.to_vec();
         let spki = spki_of(&cert_der)?;
-        let key_der = cloister_crypto::identity::private_key(node.key_pem.as_bytes())?;
-        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
-            &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
-            key_der.secret_der(),
-            &ring::rand::SystemRandom::new(),
-        )
-        .map_err(|e| anyhow::anyhow!("the node key is not an ECDSA P-384 PKCS#8 key: {e}"))?;
+        let key = cloister_crypto::identity::signing_key(&node.key_pem, "the node key")?;
         Ok(Joins {
             nonces: NonceStore::new(Duration::from_secs(section.nonce_ttl_s)),
             secret,
