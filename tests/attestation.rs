@@ -169,6 +169,16 @@ async fn joins_are_attested_governed_and_revocable() {
     .await;
     // Retired, its endorsement ends: no signature of its over a longer ledger is the service's.
     wait_for("node3's endorsement to end", async || endorsement_of(&cluster, &node_id).await["until"].is_u64()).await;
+    // Its clients' pinning goes with it: it serves the operator's certificate again, which a
+    // client pinning the service identity refuses.
+    let identity =
+        std::fs::read(cluster.nodes[0].config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE))
+            .unwrap();
+    let node3_url = cluster.nodes[3].rest_url.clone();
+    wait_for("node3 to stop serving the service identity's certificate", async || {
+        Client::connect(&node3_url, &identity, None).await.is_err()
+    })
+    .await;
     let challenge = || cloister_proto::peer::v1::ChallengeRequest { nonce: Nonce::random().0.to_vec() };
     // The connection it opened while Pending is still up, and refuses every request...
     let refused = peers.client(&peer_url).unwrap().challenge(challenge()).await.unwrap_err();

@@ -227,7 +227,7 @@ async fn receipts_verify_offline_and_any_change_breaks_them() {
     // Invalid and unknown ids.
     assert_eq!(client.get("/app/receipt?id=99.2").await.unwrap().status, 404);
     assert_eq!(client.get("/app/receipt?id=junk").await.unwrap().status, 400);
-    let anonymous = cloister_client::Client::connect(&c.nodes[0].rest_url, &c.ca_pem, None).await.unwrap();
+    let anonymous = cloister_client::Client::connect(&c.nodes[0].rest_url, &c.roots(), None).await.unwrap();
     assert_eq!(anonymous.get(&format!("/app/receipt?id={tx}")).await.unwrap().status, 401);
 }
 

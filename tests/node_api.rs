@@ -417,3 +417,55 @@ async fn a_flood_of_forged_governance_requests_does_not_starve_app_writes() {
     assert!(loaded >= 0.1 * unloaded, "app writes starved: {loaded:.0}/s against {unloaded:.0}/s");
     assert_eq!(proposals().await, filed_before, "nothing forged was filed");
 }
+
+/// The attack: a node the operator's CA certified but the service never trusted, serving HTTPS,
+/// passed a client's TLS pinning, because clients pinned the CA. Clients now pin the service
+/// identity, which certifies only Trusted nodes: the stranger's handshake fails, the service's
+/// node passes, and the CA alone no longer opens a connection to the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_pin_the_service_identity_not_the_operators_ca() {
+    let service = TestService::start(1, 0, RECONCILE, Limits::default()).await;
+    let dir = service.dir.path();
+    let keyed = cloister_crypto::identity::KeyedCert::read(dir, "service").unwrap();
+    let ca_pem = keyed.cert_pem.clone();
+    let ca = cloister_crypto::identity::ServiceCa::load(keyed).unwrap();
+    let stranger = ca.issue_node_cert("never trusted", &["127.0.0.1".into()]).unwrap();
+    let config = cloister_crypto::tls::server_config(&stranger, &ca_pem).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    // Answers any request, as an impostor would.
+                    let service = hyper::service::service_fn(|_| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"{\"state\":\"Open\"}"),
+                        )))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                }
+            });
+        }
+    });
+    let stranger_url = format!("https://{addr}");
+    let identity_pem = &service.ca_pem;
+    assert!(String::from_utf8_lossy(identity_pem).contains("BEGIN CERTIFICATE"));
+
+    // Pinning the operator's CA, a client talks to the impostor: the hole this closes.
+    let fooled = Client::connect(&stranger_url, ca_pem.as_bytes(), None).await.unwrap();
+    assert_eq!(fooled.get("/gov/service").await.expect("the CA vouches for the stranger").status, 200);
+    // Pinning the service identity, it does not, and it does talk to the service's own node.
+    let refused = Client::connect(&stranger_url, identity_pem, None).await.err().expect("the stranger is refused");
+    assert!(format!("{refused:#}").to_lowercase().contains("certificate"), "{refused:#}");
+    let node = Client::connect(&service.rest_url(), identity_pem, None).await.unwrap();
+    assert_eq!(node.get("/gov/service").await.unwrap().status, 200);
+    // And the CA no longer opens a connection to the service.
+    let ca_only = Client::connect(&service.rest_url(), ca_pem.as_bytes(), None).await;
+    assert!(ca_only.is_err(), "the node serves the service identity's certificate, not the CA's");
+    // The same holds over gRPC.
+    assert!(grpc_channel(&service.grpc_url(), identity_pem, None).await.is_ok());
+}

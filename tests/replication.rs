@@ -102,7 +102,7 @@ async fn follower_catches_up(through_snapshot: bool) {
     c.stop(follower);
     let writers: Vec<_> = (0..32)
         .map(|w| {
-            let (url, ca, id) = (c.nodes[leader].rest_url.clone(), c.ca_pem.clone(), c.members[0].keyed.clone());
+            let (url, ca, id) = (c.nodes[leader].rest_url.clone(), c.roots(), c.members[0].keyed.clone());
             tokio::spawn(async move {
                 let client = Client::connect(&url, &ca, Some(&id)).await.unwrap();
                 for n in (w..10_000).step_by(32) {

@@ -95,7 +95,9 @@ async fn party_client(sandbox: &Value, name: &str) -> Client {
     let party = sandbox["parties"].as_array().unwrap().iter().find(|p| p["name"] == name).expect("party listed");
     let id =
         identity::read_pair(party["cert"].as_str().unwrap().as_ref(), party["key"].as_str().unwrap().as_ref()).unwrap();
-    let ca = std::fs::read(sandbox["service_cert"].as_str().unwrap()).unwrap();
+    // The sandbox prints the service identity as what clients pin, not the operator's CA.
+    let service_cert = std::path::PathBuf::from(sandbox["service_cert"].as_str().unwrap());
+    let ca = std::fs::read(service_cert.with_file_name("service_identity.pem")).unwrap();
     Client::connect(sandbox["rest_url"].as_str().unwrap(), &ca, Some(&id))
         .await
         .expect("connects with the printed credentials")

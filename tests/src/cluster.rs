@@ -48,6 +48,8 @@ pub struct Cluster {
     _turn: std::sync::MutexGuard<'static, ()>,
     pub dir: tempfile::TempDir,
     pub members: Vec<Identity>,
+    /// The operator's CA: what nodes pin between them, and what a node serves clients until the
+    /// service identity has certified it.
     pub ca_pem: Vec<u8>,
     pub nodes: Vec<NodeProc>,
 }
@@ -146,13 +148,26 @@ impl Cluster {
         self.nodes[i].process.stop(NODE_STOP_TIMEOUT);
     }
 
+    /// What this harness's clients pin: the service identity's certificate, as the first node that
+    /// serves one wrote it out, and the operator's CA too, so that a node still joining (or a
+    /// network before genesis) answers the harness's polls. `tests/node_api.rs` and the in-process
+    /// services pin the service identity alone.
+    pub fn roots(&self) -> Vec<u8> {
+        let mut roots = self.ca_pem.clone();
+        let identity = self.nodes.iter().find_map(|n| {
+            std::fs::read(n.config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).ok()
+        });
+        roots.extend(identity.unwrap_or_default());
+        roots
+    }
+
     pub async fn client(&self, node: usize, member: usize) -> anyhow::Result<Client> {
-        Client::connect(&self.nodes[node].rest_url, &self.ca_pem, Some(&self.members[member].keyed)).await
+        Client::connect(&self.nodes[node].rest_url, &self.roots(), Some(&self.members[member].keyed)).await
     }
 
     /// `/node/network` as node `i` sees it.
     pub async fn network(&self, i: usize) -> Option<Value> {
-        let client = Client::connect(&self.nodes[i].rest_url, &self.ca_pem, None).await.ok()?;
+        let client = Client::connect(&self.nodes[i].rest_url, &self.roots(), None).await.ok()?;
         client.get("/node/network").await.ok()?.json().ok()
     }
 
@@ -271,7 +286,7 @@ impl Load {
         let writers = (0..writers)
             .map(|w| {
                 let (urls, stop) = (urls.clone(), stop.clone());
-                let (ca, id) = (c.ca_pem.clone(), c.members[0].keyed.clone());
+                let (ca, id) = (c.roots(), c.members[0].keyed.clone());
                 tokio::spawn(async move {
                     let mut outcomes = Vec::new();
                     let mut target = w % urls.len();

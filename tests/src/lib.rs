@@ -29,6 +29,7 @@ pub struct TestService {
     pub members: Vec<Identity>,
     pub users: Vec<Identity>,
     pub config: NodeConfig,
+    /// What clients pin: the service identity's certificate (not the operator's CA).
     pub ca_pem: Vec<u8>,
     node: Option<Node>,
 }
@@ -66,8 +67,11 @@ impl TestService {
             .node_config("node0", &NodeAddrs::ephemeral(), None, mock_attestation())
             .expect("node0's certificate and configuration");
         configure(&mut config);
-        let ca_pem = network.service_cert_pem().as_bytes().to_vec();
         let node = Node::start(config.clone()).await.expect("node starts");
+        // Clients pin the service identity alone, as in production: the node serves a certificate
+        // from it from its first client handshake, and wrote the identity's certificate out.
+        let identity = config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE);
+        let ca_pem = std::fs::read(&identity).expect("the first node wrote the service identity's certificate");
         TestService { dir, members: network.members, users: network.users, config, ca_pem, node: Some(node) }
     }
 

@@ -22,7 +22,7 @@ pub(crate) enum AttestationCommand {
         /// A node's REST URL: verify against the policy that service enforces.
         #[arg(long, requires = "cacert")]
         url: Option<String>,
-        /// The service certificate to trust for `--url`.
+        /// The certificate to pin for `--url`: the service identity's.
         #[arg(long)]
         cacert: Option<PathBuf>,
         /// The report_data binding to expect (hex, 64 bytes). Without it the binding of the node's

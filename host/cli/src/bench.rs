@@ -130,7 +130,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let sandbox = SandboxFile::read(&args.sandbox)?;
     let url = args.url.clone().unwrap_or_else(|| sandbox.rest_url.clone());
-    let ca = std::fs::read(&sandbox.service_cert).context("reading the service certificate")?;
+    let ca = sandbox.client_roots()?;
     let ids: Vec<KeyedCert> =
         sandbox.parties.iter().map(|p| identity::read_pair(&p.cert, &p.key)).collect::<anyhow::Result<_>>()?;
     let duration = Duration::from_secs(args.seconds);
@@ -211,7 +211,7 @@ async fn compare_nodes(args: &Args) -> anyhow::Result<ExitCode> {
         let port = 27000 + 100 * k as u16;
         println!("starting a {nodes}-node sandbox on ports {port}…");
         let sandbox = TempSandbox::start(nodes, port).await?;
-        let ca = std::fs::read(&sandbox.file.service_cert)?;
+        let ca = sandbox.file.client_roots()?;
         let ids: Vec<KeyedCert> =
             sandbox.file.parties.iter().map(|p| identity::read_pair(&p.cert, &p.key)).collect::<anyhow::Result<_>>()?;
         let mut runs = Vec::new();

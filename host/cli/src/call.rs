@@ -40,7 +40,8 @@ pub struct Target {
     /// Client private key (PEM).
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// The service CA certificate to trust; by default the sandbox's.
+    /// The certificate to pin: the service identity (`identity` of GET /gov/service); by default
+    /// the sandbox's service_identity.pem.
     #[arg(long)]
     cacert: Option<PathBuf>,
     /// A sandbox folder to take the URL, CA and identities from.
@@ -59,12 +60,12 @@ impl Target {
             Some(url) => url.clone(),
             None => sandbox()?.rest_url,
         };
-        let cacert = match &self.cacert {
-            Some(path) => path.clone(),
-            None => sandbox()?.service_cert,
+        let ca = match &self.cacert {
+            Some(path) => {
+                std::fs::read(path).with_context(|| format!("reading the service certificate {}", path.display()))?
+            }
+            None => sandbox()?.client_roots()?,
         };
-        let ca =
-            std::fs::read(&cacert).with_context(|| format!("reading the service certificate {}", cacert.display()))?;
         let id = match (&self.as_party, &self.cert, &self.key) {
             (Some(name), _, _) => {
                 let party = sandbox()?

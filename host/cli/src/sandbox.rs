@@ -91,6 +91,25 @@ impl SandboxFile {
         })
     }
 
+    /// What the sandbox's clients pin: the service identity's certificate once the sandbox has
+    /// written it (`service_identity.pem`, beside the service CA). Before that (a new sandbox whose
+    /// service is coming up) the operator's CA, which nodes serve until the service identity has
+    /// certified them, together with the identity any node has written to its data folder.
+    pub fn client_roots(&self) -> anyhow::Result<Vec<u8>> {
+        let pinned = self.service_cert.with_file_name(SERVICE_IDENTITY_FILE);
+        if pinned.exists() {
+            return std::fs::read(&pinned).with_context(|| format!("reading {}", pinned.display()));
+        }
+        let mut roots = std::fs::read(&self.service_cert)
+            .with_context(|| format!("reading the service CA {}", self.service_cert.display()))?;
+        let identity = self
+            .nodes
+            .iter()
+            .find_map(|n| std::fs::read(n.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).ok());
+        roots.extend(identity.unwrap_or_default());
+        Ok(roots)
+    }
+
     fn write(&self, dir: &Path) -> anyhow::Result<()> {
         let path = dir.join("sandbox.json");
         std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
@@ -211,7 +230,7 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
 /// Opens a new service the way its members would: the first party proposes
 /// `transition_service_to_open` and the parties vote for it, as signed governance requests.
 async fn open_service(layout: &SandboxFile) -> anyhow::Result<()> {
-    let ca = std::fs::read(&layout.service_cert)?;
+    let ca = layout.client_roots()?;
     let probe = Client::connect(&layout.rest_url, &ca, None).await?;
     let service = probe.get("/gov/service").await?.json()?;
     if service["state"] == "Open" {
@@ -234,7 +253,7 @@ const SERVICE_IDENTITY_FILE: &str = "service_identity.pem";
 /// Fetches the service identity's certificate (`identity` of `GET /gov/service`) and writes it
 /// beside the other certificates, for `cloister receipt verify --service-identity`.
 async fn write_service_identity(layout: &SandboxFile, dir: &Path) -> anyhow::Result<()> {
-    let ca = std::fs::read(&layout.service_cert)?;
+    let ca = layout.client_roots()?;
     let client = Client::connect(&layout.rest_url, &ca, None).await?;
     let reply = client.get("/gov/service").await?;
     let service = reply.json().context("GET /gov/service")?;
@@ -246,7 +265,6 @@ async fn write_service_identity(layout: &SandboxFile, dir: &Path) -> anyhow::Res
 /// Waits until every node answers `/node/health` and the first node lists them all as voters,
 /// or one of them exits.
 async fn wait_ready(layout: &SandboxFile, children: &mut [NodeProcess]) -> anyhow::Result<()> {
-    let ca = std::fs::read(&layout.service_cert)?;
     let started = Instant::now();
     let check_exits = |children: &mut [NodeProcess]| -> anyhow::Result<()> {
         for child in children.iter_mut() {
@@ -262,7 +280,8 @@ async fn wait_ready(layout: &SandboxFile, children: &mut [NodeProcess]) -> anyho
     };
     loop {
         check_exits(children)?;
-        if network_ready(layout, &ca).await {
+        // Read anew each time: the service identity appears once the first node serves it.
+        if network_ready(layout, &layout.client_roots()?).await {
             return Ok(());
         }
         if started.elapsed() > NODE_READY_TIMEOUT {
@@ -360,14 +379,15 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
             n.data_dir.display()
         );
     }
-    println!("  service CA (TLS)  {d}/service.cert.pem");
-    println!("  service identity (receipts)  {d}/{SERVICE_IDENTITY_FILE}");
+    println!("  service identity (clients pin it; receipts verify against it)  {d}/{SERVICE_IDENTITY_FILE}");
+    println!("  operator's service CA (node certificates)  {d}/service.cert.pem");
     let names: Vec<&str> = layout.parties.iter().map(|p| p.name.as_str()).collect();
     println!("  parties  {}  ({d}/<name>.cert.pem, {d}/<name>.key.pem)", names.join(", "));
     println!("  details  {d}/sandbox.json\n");
     println!("Ingest demo data and fetch a report with curl:");
-    let curl =
-        |who: &str| format!("curl -s --cacert {d}/service.cert.pem --cert {d}/{who}.cert.pem --key {d}/{who}.key.pem");
+    let curl = |who: &str| {
+        format!("curl -s --cacert {d}/{SERVICE_IDENTITY_FILE} --cert {d}/{who}.cert.pem --key {d}/{who}.key.pem")
+    };
     println!(
         "  {} -H 'content-type: text/csv' --data-binary @{d}/demo/member0_data.csv {}/app/csv/ingest",
         curl(first),
@@ -379,7 +399,7 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
     println!("  {exe} call --sandbox {d} --as {second} GET /app/report\n");
     println!("gRPC (server reflection is on):");
     println!(
-        "  grpcurl -cacert {d}/service.cert.pem -cert {d}/{first}.cert.pem -key {d}/{first}.key.pem {} list",
+        "  grpcurl -cacert {d}/{SERVICE_IDENTITY_FILE} -cert {d}/{first}.cert.pem -key {d}/{first}.key.pem {} list",
         layout.grpc_url.trim_start_matches("https://")
     );
 }

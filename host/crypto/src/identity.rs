@@ -124,13 +124,65 @@ pub fn generate_identity(name: &str) -> anyhow::Result<KeyedCert> {
 }
 
 /// A service identity: the key a service generates for itself at genesis (only its Trusted nodes
-/// ever hold it), with a self-signed certificate that receipts are checked against.
+/// ever hold it), with a self-signed certificate that receipts are checked against and clients
+/// pin. It certifies its Trusted nodes' TLS keys ([`endorse_tls_cert`]), so it is a CA of depth 0.
 pub fn generate_service_identity(service_name: &str) -> anyhow::Result<KeyedCert> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
     let mut p = params(&format!("{service_name} service identity"), Vec::new())?;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
     let cert = p.self_signed(&key)?;
     Ok(KeyedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// How long a TLS certificate the service identity gives a Trusted node is valid. The node
+/// renews it at half that while its endorsement is open, so a node that is retired stops
+/// passing clients' pinning within this time even if it kept serving the last one.
+pub const ENDORSED_TLS_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A TLS certificate for `node`'s key, valid for `hosts`, issued by the service identity
+/// (`identity`: its certificate and key): what a Trusted node serves to clients, who pin the
+/// service identity. Valid from an hour ago (clock skew) for [`ENDORSED_TLS_CERT_VALIDITY`].
+pub fn endorse_tls_cert(
+    identity: &KeyedCert,
+    node: &KeyedCert,
+    name: &str,
+    hosts: &[String],
+) -> anyhow::Result<String> {
+    let identity_key = KeyPair::from_pem(&identity.key_pem).context("the service identity key is not PKCS#8 PEM")?;
+    let issuer = Issuer::from_ca_cert_pem(&identity.cert_pem, identity_key)
+        .context("the service identity certificate is unreadable")?;
+    let node_key = KeyPair::from_pem(&node.key_pem).context("the node key is not PKCS#8 PEM")?;
+    let mut p = params(name, hosts.to_vec())?;
+    let now = time::OffsetDateTime::now_utc();
+    p.not_after = now + ENDORSED_TLS_CERT_VALIDITY;
+    p.use_authority_key_identifier_extension = true;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    Ok(p.signed_by(&node_key, &issuer)?.pem())
+}
+
+/// The DNS names and IP addresses a certificate (DER) is valid for.
+pub fn cert_hosts(cert_der: &[u8]) -> anyhow::Result<Vec<String>> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).context("the certificate does not parse")?;
+    let Some(san) = cert.subject_alternative_name().context("its subjectAltName does not parse")? else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            GeneralName::IPAddress(ip) => match ip.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
 }
 
 /// The service's certificate authority: it issues node certificates, and clients pin it.
@@ -204,6 +256,30 @@ pub fn private_key(pem: &[u8]) -> anyhow::Result<PrivateKeyDer<'static>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node certificate from the service identity: for the node's key and hosts, issued by the
+    /// identity (whose certificate is a CA of depth 0), short-lived.
+    #[test]
+    fn the_service_identity_certifies_a_nodes_tls_key() {
+        let identity = generate_service_identity("test").unwrap();
+        let ca = ServiceCa::generate("operator").unwrap();
+        let node = ca.issue_node_cert("node0", &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let node_der = cert_der(node.cert_pem.as_bytes()).unwrap();
+        let hosts = cert_hosts(&node_der).unwrap();
+        assert_eq!(hosts, ["localhost", "127.0.0.1"]);
+        let pem = endorse_tls_cert(&identity, &node, "node0", &hosts).unwrap();
+        let der = cert_der(pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let identity_der = cert_der(identity.cert_pem.as_bytes()).unwrap();
+        let (_, issuer) = x509_parser::parse_x509_certificate(&identity_der).unwrap();
+        cert.verify_signature(Some(issuer.public_key())).expect("signed by the service identity");
+        let (_, node_cert) = x509_parser::parse_x509_certificate(&node_der).unwrap();
+        assert_eq!(cert.public_key().raw, node_cert.public_key().raw, "the node's own key");
+        assert_eq!(cert_hosts(&der).unwrap(), hosts);
+        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, ENDORSED_TLS_CERT_VALIDITY.as_secs() as i64 + 3600, "a day, from an hour back");
+        assert!(issuer.basic_constraints().unwrap().is_some_and(|b| b.value.ca));
+    }
 
     #[test]
     fn identities_are_distinct_and_ids_are_certificate_hashes() {

@@ -3,7 +3,7 @@
 //! Servers offer client authentication without requiring it, and accept any client certificate
 //! whose holder proves possession of its key: members and users are self-signed, and the service
 //! knows them by certificate hash (the API answers 401 for unknown ones). Clients pin the service
-//! CA.
+//! identity, which certifies each Trusted node's TLS key; nodes pin the operator's CA between them.
 
 use std::sync::Arc;
 
@@ -116,6 +116,57 @@ pub fn server_config(node: &KeyedCert, service_ca_pem: &str) -> anyhow::Result<A
     let provider = provider();
     let verifier = Arc::new(AnyClientCert { algorithms: provider.signature_verification_algorithms });
     server_with(provider, verifier, node, service_ca_pem, &ALPN)
+}
+
+/// A server certificate that can be replaced while the listener runs: a node serves its
+/// CA-issued certificate until the service identity has certified it, then that one.
+#[derive(Debug)]
+pub struct SwappableCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl SwappableCert {
+    fn new(chain: Vec<CertificateDer<'static>>, key_pem: &str) -> anyhow::Result<SwappableCert> {
+        Ok(SwappableCert(std::sync::RwLock::new(Arc::new(certified(chain, key_pem)?))))
+    }
+
+    /// Serves `chain_pem` (leaf first) with the key `key_pem` from the next handshake on.
+    pub fn set(&self, chain_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+        let key = certified(identity::cert_chain(chain_pem.as_bytes())?, key_pem)?;
+        *self.0.write().expect("certificate lock") = Arc::new(key);
+        Ok(())
+    }
+
+    /// The leaf certificate (DER) being served.
+    pub fn current(&self) -> Vec<u8> {
+        self.0.read().expect("certificate lock").cert.first().map(|c| c.to_vec()).unwrap_or_default()
+    }
+}
+
+fn certified(chain: Vec<CertificateDer<'static>>, key_pem: &str) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    let key = provider().key_provider.load_private_key(identity::private_key(key_pem.as_bytes())?)?;
+    Ok(rustls::sign::CertifiedKey::new(chain, key))
+}
+
+impl rustls::server::ResolvesServerCert for SwappableCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().expect("certificate lock").clone())
+    }
+}
+
+/// The client-facing listeners' configuration: [`server_config`], with the certificate in a
+/// [`SwappableCert`] the caller can replace.
+pub fn swappable_server_config(
+    node: &KeyedCert,
+    service_ca_pem: &str,
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<SwappableCert>)> {
+    let provider = provider();
+    let verifier = Arc::new(AnyClientCert { algorithms: provider.signature_verification_algorithms });
+    let cert = Arc::new(SwappableCert::new(node_chain(node, service_ca_pem)?, &node.key_pem)?);
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert.clone());
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok((Arc::new(config), cert))
 }
 
 /// The client side: trusts only the service CA, optionally presents an identity.

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod attest;
 pub mod config;
+pub mod endorsed;
 pub mod gov;
 pub mod node;
 mod signer;

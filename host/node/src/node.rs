@@ -156,7 +156,15 @@ impl Node {
         let cancel = CancellationToken::new();
         let limits = &config.limits;
         let accept_limits = server::AcceptLimits::of(limits);
-        let tls = tls::server_config(&node_cert, &service_cert)?;
+        let (tls, served) = tls::swappable_server_config(&node_cert, &service_cert)?;
+        let mut endorsed_cert = crate::endorsed::EndorsedCert::new(
+            store.clone(),
+            node_cert.clone(),
+            config.node.name.clone(),
+            service_cert.clone(),
+            served,
+            data_dir.clone(),
+        )?;
         // The gate holds the service weakly, as the forwarder does, so a shut-down node's
         // handshakes in flight do not keep its databases open.
         let weak = Arc::downgrade(&service);
@@ -206,6 +214,12 @@ impl Node {
                 }
             }
         }
+        // A node already endorsed (the first node after genesis, any Trusted node after a restart)
+        // serves its certificate from the service identity from the first client handshake.
+        if let Err(e) = endorsed_cert.refresh() {
+            tracing::warn!(error = %e, "choosing the certificate to serve clients failed; the operator's serves for now");
+        }
+        tasks.push(tokio::spawn(endorsed_cert.run(cancel.clone())));
         // Clients are served only once a new network's genesis has committed, so nobody sees a
         // service without its members or app.
         let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
