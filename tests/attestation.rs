@@ -263,6 +263,18 @@ async fn a_joining_node_takes_raft_messages_only_from_the_leader_it_attested() {
     assert_eq!(admitted.code(), tonic::Code::InvalidArgument, "{admitted:?}");
     let admitted = client.install_snapshot(snapshot()).await.unwrap_err();
     assert_eq!(admitted.code(), tonic::Code::InvalidArgument, "{admitted:?}");
+    // Admitted and well formed, a snapshot still needs the seal that binds its ledger position
+    // to a signature by an endorsed node: without one it is refused to its sender, node1 runs on.
+    use cloister_consensus::types::{SnapshotMeta, Vote, encode};
+    use cloister_proto::peer::v1::{SnapshotChunk, snapshot_chunk::Chunk};
+    let unsealed = tokio_stream::iter(vec![
+        SnapshotChunk { chunk: Some(Chunk::Head(encode(&(Vote::new(1, 0), SnapshotMeta::default())))) },
+        SnapshotChunk { chunk: Some(Chunk::Data(b"forged state".to_vec())) },
+    ]);
+    let refused = client.install_snapshot(unsealed).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("no seal binding it to a signed ledger position"), "{}", refused.message());
+    assert!(cluster.nodes[1].is_running(), "a refused snapshot does not stop the node:\n{}", cluster.log(1));
     // Nothing was installed.
     let snapshots = data.join("snapshots");
     let installed = std::fs::read_dir(&snapshots)

@@ -201,7 +201,14 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let file = tokio::fs::File::open(&snapshot.snapshot.path)
             .await
             .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))?;
+        // A snapshot goes only with the seal of its position: until a signature reaches it, the
+        // send fails and openraft tries again.
+        let seal = snapshot.snapshot.seal.as_ref().ok_or_else(|| {
+            let e = std::io::Error::other("the snapshot's last entry is not signed yet");
+            StreamingError::from(RPCError::Network(NetworkError::new(&e)))
+        })?;
         let head = pb::SnapshotChunk { chunk: Some(pb::snapshot_chunk::Chunk::Head(encode(&(vote, snapshot.meta)))) };
+        let seal = pb::SnapshotChunk { chunk: Some(pb::snapshot_chunk::Chunk::Seal(encode(seal))) };
         let body = tokio_util::io::ReaderStream::with_capacity(file, SNAPSHOT_CHUNK_BYTES).map(|chunk| {
             pb::SnapshotChunk {
                 // A read error ends the stream short; the receiver then refuses the incomplete snapshot.
@@ -209,7 +216,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             }
         });
         let chunks =
-            futures::stream::once(async { head }).chain(body.take_while(|c| std::future::ready(c.chunk.is_some())));
+            futures::stream::iter([head, seal]).chain(body.take_while(|c| std::future::ready(c.chunk.is_some())));
         let send = client.install_snapshot(chunks);
         tokio::select! {
             reply = send => {

@@ -111,11 +111,14 @@ impl pb::peer_server::Peer for PeerService {
         };
         let (vote, meta): (Vote, SnapshotMeta) = decode(&head, "a snapshot head").map_err(bad_request)?;
         let path = self.consensus.sm.incoming_path();
+        let mut seal = None;
         let received = async {
             let mut file = tokio::fs::File::create(&path).await?;
             while let Some(chunk) = chunks.message().await.map_err(std::io::Error::other)? {
-                if let Some(pb::snapshot_chunk::Chunk::Data(bytes)) = chunk.chunk {
-                    file.write_all(&bytes).await?;
+                match chunk.chunk {
+                    Some(pb::snapshot_chunk::Chunk::Data(bytes)) => file.write_all(&bytes).await?,
+                    Some(pb::snapshot_chunk::Chunk::Seal(bytes)) => seal = Some(decode(&bytes, "a snapshot seal")?),
+                    _ => {}
                 }
             }
             file.sync_all().await
@@ -125,7 +128,14 @@ impl pb::peer_server::Peer for PeerService {
             let _ = tokio::fs::remove_file(&path).await;
             return Err(Status::aborted(format!("receiving the snapshot failed: {e}")));
         }
-        let snapshot = openraft::storage::Snapshot { meta, snapshot: SnapshotFile { path } };
+        let file = SnapshotFile { path, seal };
+        // A snapshot that does not verify is refused to its sender, and this node runs on.
+        if let Err(e) = self.consensus.sm.check_incoming(&meta, &file) {
+            let _ = tokio::fs::remove_file(&file.path).await;
+            tracing::warn!(error = %e, "refused a snapshot");
+            return Err(Status::failed_precondition(format!("the snapshot was refused: {e}")));
+        }
+        let snapshot = openraft::storage::Snapshot { meta, snapshot: file };
         let reply = self.consensus.raft.install_full_snapshot(vote, snapshot).await.map_err(consensus_stopped)?;
         Ok(Response::new(pb::Blob { data: encode(&reply) }))
     }

@@ -24,6 +24,7 @@ use cloister_crypto::seal::Purpose;
 use cloister_ledger::entry::{LedgerEntry, Payload};
 use cloister_ledger::files::StartState;
 use cloister_ledger::txid::TxId;
+use cloister_ledger::verify::{SnapshotEndorsements, SnapshotSeal};
 use cloister_ledger::{Ledger, index};
 use cloister_store::{self as kv, Store};
 use redb::{ReadableTable, TableDefinition};
@@ -120,6 +121,9 @@ pub struct Applied {
 #[derive(Debug, Clone)]
 pub struct SnapshotFile {
     pub path: PathBuf,
+    /// What binds the snapshot to a signed ledger position: attached when the snapshot is sent
+    /// ([`StateMachine::seal`]), checked when it is received ([`StateMachine::check_incoming`]).
+    pub seal: Option<SnapshotSeal>,
 }
 
 struct StoredSnapshot {
@@ -216,7 +220,7 @@ impl StateMachine {
         }
         if let Some((_, path, meta)) = newest {
             *self.inner.current.lock().expect("snapshot lock") =
-                Some(StoredSnapshot { meta, file: SnapshotFile { path } });
+                Some(StoredSnapshot { meta, file: SnapshotFile { path, seal: None } });
         }
         Ok(())
     }
@@ -323,7 +327,7 @@ impl StateMachine {
         }
         std::fs::rename(&tmp, &path)?;
         cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
-        let file = SnapshotFile { path };
+        let file = SnapshotFile { path, seal: None };
         self.replace_current(StoredSnapshot { meta: meta.clone(), file: file.clone() });
         Ok(Snapshot { meta, snapshot: file })
     }
@@ -392,10 +396,61 @@ impl StateMachine {
         let final_path = self.inner.snapshot_dir.join(snapshot_name(meta));
         std::fs::rename(path, &final_path)?;
         cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
-        self.replace_current(StoredSnapshot { meta: meta.clone(), file: SnapshotFile { path: final_path } });
+        self.replace_current(StoredSnapshot {
+            meta: meta.clone(),
+            file: SnapshotFile { path: final_path, seal: None },
+        });
         self.publish(meta.last_log_id, true);
         tracing::info!(last = ?meta.last_log_id.as_ref().map(super::types::tx_id), "installed a snapshot");
         Ok(())
+    }
+
+    /// The seal of the snapshot in `path`: the first applied signature whose tree reaches its
+    /// last entry, with the leaves in between. None without a ledger, or before such a signature.
+    fn seal(&self, path: &Path) -> io::Result<Option<SnapshotSeal>> {
+        if self.inner.ledger.is_none() {
+            return Ok(None);
+        }
+        let mut input = BufReader::new(std::fs::File::open(path)?);
+        read_head_from(&mut input, path)?;
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {m}", path.display()));
+        read_record(&mut input)?.ok_or_else(|| invalid("the term history is missing"))?;
+        let start = read_record(&mut input)?.ok_or_else(|| invalid("the ledger start is missing"))?;
+        let start: StartState = decode(&start, "a ledger start")?;
+        let read = self.inner.store.read_txn().map_err(io_other)?;
+        index::snapshot_seal(&read, start.next).map_err(io_other)
+    }
+
+    /// Checks a received snapshot before it is installed, so that a bad one is refused to its
+    /// sender and the node runs on: its MAC, and its seal, which must bind the snapshot's ledger
+    /// position to a signature by a node the snapshot's own state shows endorsed. (Installing
+    /// checks the MAC again; a failure there stops the node, as any storage failure does.)
+    pub(crate) fn check_incoming(&self, meta: &SnapshotMeta, snapshot: &SnapshotFile) -> io::Result<()> {
+        if self.inner.ledger.is_none() {
+            return Ok(());
+        }
+        let path = &snapshot.path;
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {m}", path.display()));
+        let seal =
+            snapshot.seal.as_ref().ok_or_else(|| invalid("it has no seal binding it to a signed ledger position"))?;
+        let mut input = Maced::new(BufReader::new(std::fs::File::open(path)?), &self.inner.store);
+        let head = read_head_from(&mut input, path)?;
+        if head.last_log_id != meta.last_log_id {
+            return Err(invalid("the file does not match its metadata"));
+        }
+        read_record(&mut input)?.ok_or_else(|| invalid("the term history is missing"))?;
+        let start = read_record(&mut input)?.ok_or_else(|| invalid("the ledger start is missing"))?;
+        let start: StartState = decode(&start, "a ledger start")?;
+        let mut endorsed = SnapshotEndorsements::default();
+        while let Some(record) = read_record(&mut input)? {
+            if let SnapshotRecord::Public(k, v) = decode::<SnapshotRecord>(&record, "a snapshot entry")?
+                && let Some((kv::gov::ENDORSEMENTS, key)) = kv::split_key_checked(&k)
+            {
+                endorsed.note(key, &v).map_err(|e| invalid(&e))?;
+            }
+        }
+        check_end(input, path)?;
+        seal.check(&start, &endorsed).map_err(|e| invalid(&format!("its seal does not hold: {e}")))
     }
 
     /// A fresh path in the snapshot folder, for receiving a snapshot.
@@ -624,8 +679,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
-        let current = self.inner.current.lock().expect("snapshot lock");
-        Ok(current.as_ref().map(|s| Snapshot { meta: s.meta.clone(), snapshot: s.file.clone() }))
+        let current =
+            self.inner.current.lock().expect("snapshot lock").as_ref().map(|s| (s.meta.clone(), s.file.clone()));
+        let Some((meta, mut file)) = current else { return Ok(None) };
+        // The snapshot is asked for to be sent: it goes with the seal of its position, if a
+        // signature reaches it yet.
+        // A file replaced meanwhile is no storage failure: the sender finds no seal and retries.
+        file.seal = self.seal(&file.path).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "sealing the current snapshot failed; it is not sent yet");
+            None
+        });
+        Ok(Some(Snapshot { meta, snapshot: file }))
     }
 }
 
@@ -707,7 +771,7 @@ mod tests {
         let install = |bytes: &[u8]| {
             let path = target.incoming_path();
             std::fs::write(&path, bytes).unwrap();
-            target.install(&snapshot.meta, &SnapshotFile { path })
+            target.install(&snapshot.meta, &SnapshotFile { path, seal: None })
         };
         let mut flipped = bytes.clone();
         flipped[bytes.len() / 2] ^= 0x10;

@@ -7,7 +7,7 @@ use redb::{ReadableTable, TableDefinition};
 use super::entry::{LeafComponents, LedgerEntry, Payload, SignaturePayload, chain};
 use super::files::StartState;
 use super::merkle::{self, Hash, MerkleError, Nodes, NodesMut};
-use super::verify::SignatureRecord;
+use super::verify::{SignatureRecord, SnapshotSeal};
 
 const NODES: TableDefinition<(u8, u64), &[u8; 32]> = TableDefinition::new("ledger_nodes");
 const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_leaves");
@@ -242,6 +242,30 @@ pub fn receipt_parts(
     Ok(Err(ReceiptUnavailable::NotYetSigned))
 }
 
+/// The seal of a snapshot of the first `next` entries: the first signature whose tree reaches
+/// them, and the leaves from `next` to that tree's end. None until such a signature is applied.
+pub fn snapshot_seal(read: &redb::ReadTransaction, next: u64) -> Result<Option<SnapshotSeal>, MerkleError> {
+    let signatures = read.open_table(SIGNATURES).map_err(storage)?;
+    for item in signatures.range(next..).map_err(storage)? {
+        let (_, bytes) = item.map_err(storage)?;
+        let signature: SignatureRecord = postcard::from_bytes(bytes.value()).map_err(storage)?;
+        if signature.payload.tree_size < next {
+            continue;
+        }
+        let table = read.open_table(LEAVES).map_err(storage)?;
+        let leaves = (next..signature.payload.tree_size)
+            .map(|seqno| {
+                let bytes =
+                    table.get(seqno).map_err(storage)?.ok_or(MerkleError::Missing { level: 0, index: seqno })?;
+                let components: LeafComponents = postcard::from_bytes(bytes.value()).map_err(storage)?;
+                Ok(components.leaf())
+            })
+            .collect::<Result<Vec<_>, MerkleError>>()?;
+        return Ok(Some(SnapshotSeal { signature, leaves }));
+    }
+    Ok(None)
+}
+
 /// The root and chain head over the first `size` entries, for signing.
 pub fn signing_view(read: &redb::ReadTransaction) -> Result<(u64, Hash, Hash), MerkleError> {
     let s = state(read)?;
@@ -302,5 +326,77 @@ mod tests {
         let forged = SignaturePayload::sign(5, root, chain_head, &signer(&stranger));
         let err = appender.append(6, 1, Payload::Tx(TxEntry::signature(forged))).unwrap_err();
         assert!(err.to_string().contains("ledger entry 6") && err.to_string().contains("not issued"), "{err}");
+    }
+
+    /// A snapshot's seal binds its ledger position to a signature by an endorsed node: the
+    /// genuine seal passes; a moved position, a missing leaf, a signer the snapshot's service
+    /// never endorsed or had retired, and a position no signature reaches yet are each refused.
+    #[test]
+    fn a_snapshot_seal_holds_only_for_its_own_position_and_an_endorsed_signer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cloister_store::Store::open(&dir.path().join("state.redb")).unwrap();
+        let ca = ServiceCa::generate("svc").unwrap();
+        let ca_der = identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
+        let node = signer(&ca);
+        let batch = store.write_batch().unwrap();
+        create(batch.txn()).unwrap();
+        let mut appender = Appender::new(batch.txn(), ca_der).unwrap();
+        let mut replica = MemoryNodes::default();
+        let mut chains = Vec::new();
+        let mut chain_head = [0; 32];
+        for seqno in 0..10 {
+            let payload = if seqno == 5 || seqno == 9 {
+                let root = merkle::root(&replica, seqno).unwrap();
+                Payload::Tx(TxEntry::signature(SignaturePayload::sign(seqno, root, chain_head, &node)))
+            } else {
+                Payload::Blank
+            };
+            let entry = appender.append(seqno, 1, payload).unwrap();
+            merkle::append(&mut replica, seqno, &entry.components().leaf()).unwrap();
+            chain_head = entry.chain;
+            chains.push(entry.chain);
+        }
+        appender.finish().unwrap();
+        batch.commit().unwrap();
+        let read = store.read_txn().unwrap();
+        let start_at = |next: u64| StartState {
+            next,
+            chain: chains[next as usize - 1],
+            frontier: merkle::frontier(&replica, next).unwrap(),
+        };
+        let endorsed = |until: Option<u64>| {
+            let mut e = crate::verify::SnapshotEndorsements::default();
+            let record = cloister_store::gov::EndorsementRecord {
+                cert_sha256: hex::encode(crate::entry::cert_sha256(&node.cert_der)),
+                until,
+            };
+            e.note(node.node_id.to_string().as_bytes(), &serde_json::to_vec(&record).unwrap()).unwrap();
+            e
+        };
+
+        let seal = snapshot_seal(&read, 7).unwrap().expect("entry 9 signs a tree of 9 entries");
+        assert_eq!((seal.signature.seqno, seal.leaves.len()), (9, 2));
+        seal.check(&start_at(7), &endorsed(None)).expect("the genuine seal holds");
+        let at_signature = snapshot_seal(&read, 9).unwrap().unwrap();
+        assert!(at_signature.leaves.is_empty());
+        at_signature.check(&start_at(9), &endorsed(None)).expect("a snapshot ending where the tree does");
+
+        let err = seal.check(&start_at(6), &endorsed(None)).unwrap_err();
+        assert!(err.contains("carries 2 leaves"), "{err}");
+        let mut moved = start_at(7);
+        moved.frontier[0].2[0] ^= 1;
+        let err = seal.check(&moved, &endorsed(None)).unwrap_err();
+        assert!(err.contains("is not part of the tree"), "{err}");
+        let mut rechained = start_at(7);
+        rechained.chain[0] ^= 1;
+        assert!(seal.check(&rechained, &endorsed(None)).unwrap_err().contains("is not part of the tree"));
+        let mut short = seal.clone();
+        short.leaves.pop();
+        assert!(short.check(&start_at(7), &endorsed(None)).unwrap_err().contains("carries 1 leaves"));
+        let err = seal.check(&start_at(7), &Default::default()).unwrap_err();
+        assert!(err.contains("never endorsed"), "{err}");
+        let err = seal.check(&start_at(7), &endorsed(Some(8))).unwrap_err();
+        assert!(err.contains("retired"), "{err}");
+        assert!(snapshot_seal(&read, 10).unwrap().is_none(), "no signature reaches entry 9 yet");
     }
 }

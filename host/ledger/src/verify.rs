@@ -343,6 +343,66 @@ fn check_signature(
     sig.verify(ca)
 }
 
+/// The endorsements a snapshot's state holds, gathered while it is read, for [`SnapshotSeal::check`].
+#[derive(Debug, Default)]
+pub struct SnapshotEndorsements(BTreeMap<u64, cloister_store::gov::EndorsementRecord>);
+
+impl SnapshotEndorsements {
+    /// Records one `gov.endorsements` row of the snapshot.
+    pub fn note(&mut self, key: &[u8], value: &[u8]) -> Result<(), String> {
+        note_endorsement(&mut self.0, key, Some(value))
+    }
+}
+
+/// What binds a snapshot to a signed ledger position: the first signature entry whose tree
+/// reaches the snapshot's last entry, and the leaves from the snapshot's end to that tree's end.
+/// The snapshot's Merkle frontier and chain head, extended by those leaves, must give the signed
+/// root and chain head, and the signer must be a node the snapshot's service endorsed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSeal {
+    pub signature: SignatureRecord,
+    pub leaves: Vec<Hash>,
+}
+
+impl SnapshotSeal {
+    /// Checks the seal against the snapshot's ledger start state and the endorsements its state
+    /// holds. An error names what does not hold.
+    pub fn check(&self, start: &files::StartState, endorsed: &SnapshotEndorsements) -> Result<(), String> {
+        let sig = &self.signature.payload;
+        if sig.tree_size == 0 || sig.tree_size < start.next || self.signature.seqno < sig.tree_size {
+            return Err(format!(
+                "the seal's signature (entry {}, over {} entries) does not cover the snapshot's {} entries",
+                self.signature.seqno, sig.tree_size, start.next
+            ));
+        }
+        if self.leaves.len() as u64 != sig.tree_size - start.next {
+            return Err(format!(
+                "the seal carries {} leaves, and {} lie between the snapshot and the signed tree",
+                self.leaves.len(),
+                sig.tree_size - start.next
+            ));
+        }
+        let mut nodes = MemoryNodes::default();
+        for (level, index, hash) in &start.frontier {
+            nodes.set_node(*level, *index, *hash).map_err(|e| e.to_string())?;
+        }
+        let mut chain_head = start.chain;
+        for (seqno, leaf) in (start.next..).zip(&self.leaves) {
+            merkle::append(&mut nodes, seqno, leaf).map_err(|e| e.to_string())?;
+            chain_head = chain(&chain_head, leaf);
+        }
+        let root = merkle::root(&nodes, sig.tree_size).map_err(|e| e.to_string())?;
+        if root != sig.root || chain_head != sig.chain {
+            return Err(format!(
+                "the snapshot's ledger position ({} entries) is not part of the tree node {} signed at entry {}",
+                start.next, sig.node_id, self.signature.seqno
+            ));
+        }
+        sig.verify_by_node()?;
+        check_endorsed(sig, &endorsed.0)
+    }
+}
+
 /// A signature entry, as a receipt carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignatureRecord {

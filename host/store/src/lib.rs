@@ -88,8 +88,9 @@ pub fn map_of(full: &[u8]) -> &str {
     split_key(full).0
 }
 
-/// Splits what claims to be a table key, or None if it is not one.
-fn split_key_checked(full: &[u8]) -> Option<(&str, &[u8])> {
+/// Splits what claims to be a table key into its map name and the key within the map, or None
+/// if it is not one.
+pub fn split_key_checked(full: &[u8]) -> Option<(&str, &[u8])> {
     let at = full.iter().position(|&b| b == MAP_SEPARATOR)?;
     Some((std::str::from_utf8(&full[..at]).ok()?, &full[at + 1..]))
 }
