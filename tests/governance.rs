@@ -335,6 +335,19 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
     assert!(reply.status >= 500, "{} {}", reply.status, reply.text());
     assert!(stopped(&reply.text()), "{}", reply.text());
     assert_eq!(c.get("/gov/proposals").await.unwrap().json().unwrap(), before);
+    // Records only the node writes stay as they were: the service identity's certificate, which
+    // clients fetch from gov.service, and the endorsements receipts and TLS rest on.
+    let service_before = c.get("/gov/service").await.unwrap().json().unwrap();
+    let endorsements_before = c.get("/gov/endorsements").await.unwrap().json().unwrap();
+    for (action, why) in
+        [("rewrite_service_identity", "the node alone writes"), ("endorse_a_stranger", "written by the node alone")]
+    {
+        let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": action }]))).await.unwrap();
+        assert_eq!(answer["state"], "Failed", "{action}: {answer}");
+        assert!(answer["reason"].as_str().unwrap().contains(why), "{action}: {answer}");
+    }
+    assert_eq!(c.get("/gov/service").await.unwrap().json().unwrap(), service_before);
+    assert_eq!(c.get("/gov/endorsements").await.unwrap().json().unwrap(), endorsements_before);
     // The node still serves apps and governance.
     assert_eq!(c.get("/app/report").await.unwrap().status, 200);
     assert_eq!(

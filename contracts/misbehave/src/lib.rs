@@ -106,7 +106,7 @@ fn claim(req: &Request) -> Result<Response, Error> {
 
 /// As a constitution: every proposal validates and is accepted at once; `apply` writes to
 /// `gov.app_config` and then misbehaves as the first action's name says (`loop`, `grow`, `panic`,
-/// `corrupt_members`), or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
+/// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`), or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
     let proposal = body.get("proposal").unwrap_or(&body);
@@ -132,6 +132,21 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
         "panic" => panic(req),
         // A member record the node cannot read back: the node must refuse the effects.
         "corrupt_members" => write_gov(req),
+        // Records only the node writes: the service's own certificate, and node endorsements.
+        "rewrite_service_identity" => {
+            let service = Map::<String, serde_json::Value>::new("gov.service");
+            let mut record = service.get(&"service".to_owned()).ok_or_else(|| Error::bad_request("no gov.service"))?;
+            record["identity"] = serde_json::Value::String(
+                "-----BEGIN CERTIFICATE-----\nnot the service's\n-----END CERTIFICATE-----\n".into(),
+            );
+            service.insert(&"service".to_owned(), &record);
+            Ok(Response::status(204))
+        }
+        "endorse_a_stranger" => {
+            let record = serde_json::json!({ "cert_sha256": "00".repeat(32) });
+            Map::<String, serde_json::Value>::new("gov.endorsements").insert(&"42".to_owned(), &record);
+            Ok(Response::status(204))
+        }
         _ => Ok(Response::status(204)),
     }
 }

@@ -364,12 +364,13 @@ fn apply(
     record: &mut ProposalRecord,
 ) -> Result<ProposalState, GovError> {
     let savepoint = tx.savepoint();
+    let identity_before = service(tx).map_err(|e| GovError::Internal(e.to_string()))?.and_then(|s| s.identity);
     let input = ApplyInput { proposal_id: id.to_owned(), proposal: record.proposal.clone() };
     let body = serde_json::to_vec(&input).expect("apply inputs serialize");
     let failure = match invoke(runtime, constitution, tx, caller, "/apply", &body, Mode::Readwrite) {
         Err(e) => Some(format!("apply trapped: {e}")),
         Ok(r) if !r.is_success() => Some(format!("apply refused: {}", r.error_message())),
-        Ok(_) => check_effects(runtime, tx).err(),
+        Ok(_) => check_effects(runtime, tx, identity_before.as_deref()).err(),
     };
     if let Some(reason) = failure {
         tx.restore(savepoint);
@@ -393,12 +394,18 @@ fn apply(
     Ok(ProposalState::Accepted)
 }
 
-/// What `apply` left must still be usable: an app and a constitution that load.
-fn check_effects(runtime: &Runtime, tx: &Tx) -> Result<(), String> {
+/// What `apply` left must still be usable: an app and a constitution that load, and the
+/// service's own certificate (`identity_before`, which only the node writes) as it was.
+fn check_effects(runtime: &Runtime, tx: &Tx, identity_before: Option<&str>) -> Result<(), String> {
     for (map, key, value) in tx.writes().iter() {
         if let Some(value) = value {
             check_record(map, value).map_err(|e| format!("{e} (key {:?})", String::from_utf8_lossy(key)))?;
         }
+    }
+    if service(tx).map_err(|e| e.to_string())?.and_then(|s| s.identity).as_deref() != identity_before {
+        return Err(format!(
+            "{SERVICE}.identity is the service identity's certificate, which the node alone writes (at genesis)"
+        ));
     }
     if let Some(record) = app(tx).map_err(|e| e.to_string())? {
         let code = app_code(tx, &record.code_hash)
