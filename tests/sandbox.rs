@@ -35,10 +35,15 @@ impl Drop for Sandbox {
 
 /// Starts the sandbox and waits for it to say it is running.
 fn start(dir: &std::path::Path, port: u16) -> Sandbox {
+    start_with(dir, port, &[])
+}
+
+fn start_with(dir: &std::path::Path, port: u16, extra: &[&str]) -> Sandbox {
     let child = Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
         .args(["sandbox", "--dir"])
         .arg(dir)
         .args(["--port", &port.to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -200,4 +205,52 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     assert!(stderr.contains("sandbox.json is not a sandbox file"), "the error names the file: {stderr}");
     assert_eq!(std::fs::read(dir.path().join("member0.cert.pem")).unwrap(), member0_cert, "member0 kept");
     assert_eq!(std::fs::read(dir.path().join("service.cert.pem")).unwrap(), service_cert, "service CA kept");
+}
+
+/// The README's banking demo, command for command: the sandbox votes the users in; a bank opens
+/// accounts and deposits; user0 transfers to user1; the receipt proves the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_banking_sandbox_runs_the_readme_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sandbox = start_with(dir.path(), free_port_triple(), &["--app", "banking"]);
+    let id = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.id"))).unwrap();
+    let (u0, u1) = (id("user0"), id("user1"));
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloister-test-cli")).args(args).output().expect("the CLI runs");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{args:?}: {stdout}{stderr}");
+        (stdout.into_owned(), stderr.into_owned())
+    };
+    let sandbox_dir = dir.path().to_str().unwrap();
+    let call = |who: &str, rest: &[&str]| cli(&[&["call", "--sandbox", sandbox_dir, "--as", who], rest].concat());
+    call("member1", &["PUT", &format!("/app/account/{u0}/current")]);
+    call("member1", &["PUT", &format!("/app/account/{u1}/current")]);
+    call("member1", &["POST", &format!("/app/deposit/{u0}/current"), "--data", r#"{"value": 100}"#]);
+    let transfer = format!(r#"{{"value": 40, "user_id_to": "{u1}", "account_name_to": "current"}}"#);
+    let (answer, status) = call("user0", &["POST", "/app/transfer/current", "--data", &transfer]);
+    assert_eq!(call("user0", &["GET", "/app/balance/current"]).0.trim(), r#"{"balance":60}"#);
+    assert_eq!(call("user1", &["GET", "/app/balance/current"]).0.trim(), r#"{"balance":40}"#);
+    let tx = status.split(" tx ").nth(1).expect("the transfer names its transaction").trim().to_owned();
+    let claim = serde_json::from_str::<Value>(&answer).unwrap()["claim"].as_str().unwrap().to_owned();
+    let receipt = dir.path().join("receipt.json");
+    for _ in 0..50 {
+        let (body, status) = call("user0", &["GET", &format!("/app/receipt?id={tx}")]);
+        if status.starts_with("HTTP 200") {
+            std::fs::write(&receipt, body).unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let identity = dir.path().join("service_identity.pem");
+    let (verified, _) = cli(&[
+        "receipt",
+        "verify",
+        receipt.to_str().unwrap(),
+        "--service-cert",
+        identity.to_str().unwrap(),
+        "--claim",
+        &claim,
+    ]);
+    assert!(verified.contains("which is the claim's"), "{verified}");
+    interrupt(&mut sandbox);
 }

@@ -126,8 +126,9 @@ pub const LOG_DEBUG: i32 = 4;
 pub const PUBLIC_PREFIX: &str = "public:";
 /// Prefix of governance maps. Apps may read the ones in [`GOV_READABLE`] and never write any.
 pub const GOV_PREFIX: &str = "gov.";
-/// The governance maps an app may read.
-pub const GOV_READABLE: &[&str] = &["gov.app_config"];
+/// The governance maps an app may read: its settings, and who the users are (public records, which
+/// an app needs to refuse work for a user the service does not know).
+pub const GOV_READABLE: &[&str] = &["gov.app_config", "gov.users"];
 
 /// Whether a map name is well formed: 1..=[`MAP_NAME_BYTES_MAX`] bytes of printable ASCII.
 pub fn valid_map_name(name: &str) -> bool {

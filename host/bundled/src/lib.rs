@@ -2,5 +2,7 @@
 
 /// The data reconciliation app, installed by `cloister sandbox`.
 pub const RECONCILE: &[u8] = include_bytes!(env!("CLOISTER_WASM_RECONCILE"));
+/// The bank-consortium sample app, installed by `cloister sandbox --app banking`.
+pub const BANKING: &[u8] = include_bytes!(env!("CLOISTER_WASM_BANKING"));
 /// The default constitution, installed at genesis unless the configuration names another.
 pub const CONSTITUTION: &[u8] = include_bytes!(env!("CLOISTER_WASM_CONSTITUTION"));

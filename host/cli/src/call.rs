@@ -47,7 +47,7 @@ pub struct Target {
     /// A sandbox folder to take the URL, CA and identities from.
     #[arg(long, default_value = "sandbox")]
     sandbox: PathBuf,
-    /// Act as this sandbox party (e.g. member0) instead of --cert/--key.
+    /// Act as this sandbox party or user (e.g. member0, user0) instead of --cert/--key.
     #[arg(long = "as")]
     as_party: Option<String>,
 }
@@ -68,11 +68,13 @@ impl Target {
         };
         let id = match (&self.as_party, &self.cert, &self.key) {
             (Some(name), _, _) => {
-                let party = sandbox()?
+                let sandbox = sandbox()?;
+                let party = sandbox
                     .parties
                     .into_iter()
+                    .chain(sandbox.users)
                     .find(|p| &p.name == name)
-                    .with_context(|| format!("the sandbox has no party named {name}"))?;
+                    .with_context(|| format!("the sandbox has no party or user named {name}"))?;
                 Some(identity::read_pair(&party.cert, &party.key)?)
             }
             (None, Some(cert), Some(key)) => Some(identity::read_pair(cert, key)?),

@@ -30,8 +30,12 @@ pub(crate) enum ReceiptCommand {
     /// (the `identity` of GET /gov/service; the sandbox writes it to service_identity.pem).
     Verify {
         receipt: PathBuf,
-        #[arg(long)]
+        #[arg(long, alias = "service-cert")]
         service_identity: PathBuf,
+        /// The application claim the receipt should prove (TEXT, or @FILE for a file's bytes):
+        /// its SHA-256 must be the receipt's claims digest.
+        #[arg(long)]
+        claim: Option<String>,
     },
 }
 
@@ -85,16 +89,38 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn run_receipt(command: ReceiptCommand) -> anyhow::Result<ExitCode> {
-    let ReceiptCommand::Verify { receipt, service_identity } = command;
+    let ReceiptCommand::Verify { receipt, service_identity, claim } = command;
+    let claim = match claim.as_deref() {
+        Some(c) => Some(match c.strip_prefix('@') {
+            Some(file) => std::fs::read(file).with_context(|| format!("reading the claim from {file}"))?,
+            None => c.as_bytes().to_vec(),
+        }),
+        None => None,
+    };
     let text = std::fs::read(&receipt).with_context(|| format!("reading {}", receipt.display()))?;
     let parsed: Receipt =
         serde_json::from_slice(&text).with_context(|| format!("{} is not a receipt", receipt.display()))?;
     match verify::verify_receipt(&parsed, &service_cert_der(&service_identity)?) {
         Ok(v) => {
+            if let Some(claim) = &claim {
+                let digest = cloister_ledger::entry::claim_digest(claim);
+                if v.claims_digest != Some(digest) {
+                    let proved = v.claims_digest.map(hex::encode).unwrap_or_else(|| "none".into());
+                    eprintln!(
+                        "receipt verification failed: the claim's SHA-256 is {}, and the receipt proves claims \
+                         digest {proved}: this is not the claim transaction {} committed",
+                        hex::encode(digest),
+                        v.tx_id
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             let claims = v.claims_digest.map(hex::encode).unwrap_or_else(|| "none".into());
             println!(
-                "receipt verified: transaction {} committed, signed by node {}; claims digest {claims}",
-                v.tx_id, v.signed_by
+                "receipt verified: transaction {} committed, signed by node {}; claims digest {claims}{}",
+                v.tx_id,
+                v.signed_by,
+                if claim.is_some() { ", which is the claim's" } else { "" }
             );
             Ok(ExitCode::SUCCESS)
         }

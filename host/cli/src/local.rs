@@ -15,6 +15,7 @@ use cloister_node::config::{
 };
 
 /// An identity of the network, written to `<name>.cert.pem` and `<name>.key.pem`.
+#[derive(Clone)]
 pub struct Party {
     pub name: String,
     pub keyed: KeyedCert,

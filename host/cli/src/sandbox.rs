@@ -1,7 +1,8 @@
 //! `cloister sandbox`: a local network in one command.
 //!
-//! The first run creates the service identity (a CA), one identity per party, a certificate and
-//! configuration per node, the reconcile app and demo data, all under `--dir`. Every run starts
+//! The first run creates the operator's CA, one identity per party, a certificate and
+//! configuration per node, and the app (`--app`: reconcile and its demo data, or the banking
+//! sample and two users, user0 and user1, whom the members vote in), all under `--dir`. Every run starts
 //! each node as its own process, waits until it answers, writes `sandbox.json`, prints how to use
 //! it, and on Ctrl-C stops the nodes cleanly. A later run resumes on the same state.
 
@@ -43,7 +44,25 @@ pub struct Args {
     /// First port: node i listens on PORT+3i (HTTPS), PORT+3i+1 (gRPC) and PORT+3i+2 (peers).
     #[arg(long, default_value_t = 8000)]
     port: u16,
+    /// The app a new sandbox installs at genesis (a resumed sandbox keeps its own).
+    #[arg(long, value_enum, default_value_t = SandboxApp::Reconcile)]
+    app: SandboxApp,
 }
+
+/// The apps the sandbox ships.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxApp {
+    /// Data reconciliation, with the conformance scenario's demo data.
+    #[default]
+    Reconcile,
+    /// The bank-consortium sample: the members are banks, and two users (user0, user1) are voted
+    /// in by proposal once the service is open.
+    Banking,
+}
+
+/// The users a banking sandbox creates and the members vote in.
+const BANKING_USERS: &[&str] = &["user0", "user1"];
 
 /// `sandbox.json`: what scripts and tests need to use a running sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,7 +70,13 @@ pub(crate) struct SandboxFile {
     pub rest_url: String,
     pub grpc_url: String,
     pub service_cert: PathBuf,
+    /// The app installed at genesis (absent in sandboxes made before there was a choice).
+    #[serde(default)]
+    pub app: SandboxApp,
     pub parties: Vec<Party>,
+    /// Users, for apps that have them: members vote them in by proposal.
+    #[serde(default)]
+    pub users: Vec<Party>,
     pub nodes: Vec<NodeEntry>,
 }
 
@@ -126,12 +151,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let existing = if dir.join("sandbox.json").exists() { Some(SandboxFile::read(&dir)?) } else { None };
     let mut layout = match existing {
         Some(existing) => {
-            if existing.nodes.len() != args.nodes || existing.parties.len() != args.parties {
+            if existing.nodes.len() != args.nodes || existing.parties.len() != args.parties || existing.app != args.app
+            {
                 eprintln!(
-                    "note: resuming the sandbox in {} as it was created ({} nodes, {} parties)",
+                    "note: resuming the sandbox in {} as it was created ({} nodes, {} parties, app {:?})",
                     dir.display(),
                     existing.nodes.len(),
-                    existing.parties.len()
+                    existing.parties.len(),
+                    existing.app
                 );
             }
             existing
@@ -149,7 +176,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     layout.write(&dir)?;
     let ready = match wait_ready(&layout, &mut children).await {
         Ok(()) => match open_service(&layout).await {
-            Ok(()) => write_service_identity(&layout, &dir).await,
+            Ok(()) => match write_service_identity(&layout, &dir).await {
+                Ok(()) => onboard_users(&layout).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
@@ -176,7 +206,10 @@ const MOCK_ROOT_DIR: &str = "mock-amd";
 
 /// Creates every identity, configuration and file of a new sandbox.
 fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
-    let app = ("reconcile.wasm", cloister_bundled::RECONCILE);
+    let app = match args.app {
+        SandboxApp::Reconcile => ("reconcile.wasm", cloister_bundled::RECONCILE),
+        SandboxApp::Banking => ("banking.wasm", cloister_bundled::BANKING),
+    };
     // Configurations name files relative to the sandbox folder, so the folder can move.
     let network = LocalNetwork::create(dir, "Cloister sandbox service", args.parties, 0, Some(app), true)?;
     let parties = network
@@ -192,10 +225,29 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
     // The sandbox's mock SNP firmware: one test ARK and ASK, shared by its nodes, which the
     // service pins at genesis (attestation = "mock").
     cloister_attestation::mock::MockRoot::generate().write(&dir.join(MOCK_ROOT_DIR))?;
-    let demo = dir.join("demo");
-    std::fs::create_dir_all(&demo)?;
-    for (name, bytes) in DEMO_FILES {
-        std::fs::write(demo.join(name), bytes)?;
+    let mut users = Vec::new();
+    match args.app {
+        SandboxApp::Reconcile => {
+            let demo = dir.join("demo");
+            std::fs::create_dir_all(&demo)?;
+            for (name, bytes) in DEMO_FILES {
+                std::fs::write(demo.join(name), bytes)?;
+            }
+        }
+        SandboxApp::Banking => {
+            for name in BANKING_USERS {
+                let keyed = identity::generate_identity(name)?;
+                keyed.write(dir, name)?;
+                // The user's id (its certificate's hash), which paths and bodies name it by.
+                std::fs::write(dir.join(format!("{name}.id")), keyed.id()?)?;
+                users.push(Party {
+                    cert: dir.join(format!("{name}.cert.pem")),
+                    key: dir.join(format!("{name}.key.pem")),
+                    id: keyed.id()?,
+                    name: (*name).to_owned(),
+                });
+            }
+        }
     }
     let mut nodes = Vec::new();
     let first_peer = format!("https://{}", NodeAddrs::from_port(args.port).peer);
@@ -222,7 +274,9 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
         rest_url: nodes[0].rest_url.clone(),
         grpc_url: nodes[0].grpc_url.clone(),
         service_cert: dir.join("service.cert.pem"),
+        app: args.app,
         parties,
+        users,
         nodes,
     })
 }
@@ -244,6 +298,34 @@ async fn open_service(layout: &SandboxFile) -> anyhow::Result<()> {
     let (id, state) = client.pass(&parties[0], &voters, actions).await.context("opening the service")?;
     anyhow::ensure!(state["state"] == "Accepted", "the opening proposal {id} ended {}", state["state"]);
     eprintln!("the members voted the service open (proposal {id})");
+    Ok(())
+}
+
+/// Votes the sandbox's users in as its members would: the first party proposes `set_user` for each
+/// user the service does not know yet, and the parties vote for it.
+async fn onboard_users(layout: &SandboxFile) -> anyhow::Result<()> {
+    if layout.users.is_empty() {
+        return Ok(());
+    }
+    let ca = layout.client_roots()?;
+    let parties: Vec<cloister_crypto::identity::KeyedCert> =
+        layout.parties.iter().map(|p| identity::read_pair(&p.cert, &p.key)).collect::<anyhow::Result<_>>()?;
+    let client = Client::connect(&layout.rest_url, &ca, Some(&parties[0])).await?;
+    let known = client.get("/gov/users").await?.text();
+    let voters: Vec<&_> = parties.iter().collect();
+    for user in layout.users.iter().filter(|u| !known.contains(&u.id)) {
+        let cert = std::fs::read_to_string(&user.cert).with_context(|| format!("reading {}", user.cert.display()))?;
+        let actions = serde_json::json!([{ "name": "set_user", "args": { "cert": cert } }]);
+        let (id, state) =
+            client.pass(&parties[0], &voters, actions).await.with_context(|| format!("voting {} in", user.name))?;
+        anyhow::ensure!(
+            state["state"] == "Accepted",
+            "the proposal {id} to add {} ended {}",
+            user.name,
+            state["state"]
+        );
+        eprintln!("the members voted {} in as a user (proposal {id})", user.name);
+    }
     Ok(())
 }
 
@@ -383,7 +465,25 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
     println!("  operator's service CA (node certificates)  {d}/service.cert.pem");
     let names: Vec<&str> = layout.parties.iter().map(|p| p.name.as_str()).collect();
     println!("  parties  {}  ({d}/<name>.cert.pem, {d}/<name>.key.pem)", names.join(", "));
+    if !layout.users.is_empty() {
+        let names: Vec<&str> = layout.users.iter().map(|p| p.name.as_str()).collect();
+        println!("  users    {}  (the same file names, and {d}/<name>.id: the user's id)", names.join(", "));
+    }
     println!("  details  {d}/sandbox.json\n");
+    if layout.app == SandboxApp::Banking {
+        print_banking_usage(&exe, dir, layout, second);
+    } else {
+        print_reconcile_usage(&exe, dir, layout, first, second);
+    }
+    println!("gRPC (server reflection is on):");
+    println!(
+        "  grpcurl -cacert {d}/{SERVICE_IDENTITY_FILE} -cert {d}/{first}.cert.pem -key {d}/{first}.key.pem {} list",
+        layout.grpc_url.trim_start_matches("https://")
+    );
+}
+
+fn print_reconcile_usage(exe: &str, dir: &Path, layout: &SandboxFile, first: &str, second: &str) {
+    let d = dir.display();
     println!("Ingest demo data and fetch a report with curl:");
     let curl = |who: &str| {
         format!("curl -s --cacert {d}/{SERVICE_IDENTITY_FILE} --cert {d}/{who}.cert.pem --key {d}/{who}.key.pem")
@@ -397,9 +497,26 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
     println!("or with the cloister command:");
     println!("  {exe} call --sandbox {d} --as {second} POST /app/ingest --data @{d}/demo/member1_data.json");
     println!("  {exe} call --sandbox {d} --as {second} GET /app/report\n");
-    println!("gRPC (server reflection is on):");
+}
+
+/// The banking demo as commands: a bank opens accounts and deposits, user0 transfers to user1,
+/// and proves it with the receipt and the claim.
+fn print_banking_usage(exe: &str, dir: &Path, layout: &SandboxFile, bank: &str) {
+    let d = dir.display();
+    let (Some(u0), Some(u1)) = (layout.users.first(), layout.users.get(1)) else { return };
+    let call = |who: &str| format!("{exe} call --sandbox {d} --as {who}");
+    println!("The banking demo with the cloister command ({bank} is a bank; user ids are certificate hashes):");
+    for user in [u0, u1] {
+        println!("  {} PUT /app/account/{}/current", call(bank), user.id);
+    }
+    println!("  {} POST /app/deposit/{}/current --data '{{\"value\": 100}}'", call(bank), u0.id);
     println!(
-        "  grpcurl -cacert {d}/{SERVICE_IDENTITY_FILE} -cert {d}/{first}.cert.pem -key {d}/{first}.key.pem {} list",
-        layout.grpc_url.trim_start_matches("https://")
+        "  {} POST /app/transfer/current --data '{{\"value\": 40, \"user_id_to\": \"{}\", \"account_name_to\": \"current\"}}'",
+        call(&u0.name),
+        u1.id
     );
+    println!("  {} GET /app/balance/current", call(&u0.name));
+    println!("then, with the tx id the transfer printed and the claim it answered:");
+    println!("  {} GET '/app/receipt?id=TX' > receipt.json", call(&u0.name));
+    println!("  {exe} receipt verify receipt.json --service-cert {d}/{SERVICE_IDENTITY_FILE} --claim 'CLAIM'\n");
 }

@@ -354,6 +354,12 @@ pub fn cert_sha256(cert_der: &[u8]) -> [u8; 32] {
     ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref().try_into().expect("32 bytes")
 }
 
+/// The claims digest an app attaches for a claim, by convention: SHA-256 of the claim's bytes.
+/// A receipt proves the digest; whoever holds the claim checks it against this.
+pub fn claim_digest(claim: &[u8]) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, claim).as_ref().try_into().expect("32 bytes")
+}
+
 /// A node's signing identity: its key and certificate.
 pub struct NodeSigner {
     pub node_id: u64,

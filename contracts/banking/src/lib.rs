@@ -1,0 +1,357 @@
+//! The bank-consortium sample: banks are members, account holders are users. A bank opens
+//! accounts for users and deposits into them; a user sees the balances of their own accounts and
+//! transfers from them. Every transfer carries an application claim, "`<from> sent <value> to
+//! <to>`", whose SHA-256 the transaction's receipt proves, so a user can show offline, with the
+//! receipt and the service identity's certificate alone, that the transfer happened.
+//!
+//! Endpoints (under `/app`):
+//! - `PUT /account/{user_id}/{account_name}` (members): opens an account with balance 0; 204, and
+//!   204 again for an account that is already open; 404 for a user the service does not know.
+//! - `POST /deposit/{user_id}/{account_name}` with `{"value": N}` (members): N a positive integer;
+//!   404 for an unknown user or account; 400 when the balance would pass [`BALANCE_MAX`]; 204.
+//! - `GET /balance/{account_name}` (users): `{"balance": N}` for the caller's own account; 404
+//!   when the caller has no such account.
+//! - `POST /transfer/{account_name}` with `{"value", "user_id_to", "account_name_to"}` (users):
+//!   from the caller's own account; 200 with `{"claim", "claims_digest"}`; 400 when the balance is
+//!   short, the value is not a positive integer, or the target is the source; 404 when the source
+//!   or the target account does not exist.
+//!
+//! Users and accounts are named by the caller id (hex SHA-256 of the client certificate) the
+//! service gives them. Balances are private (sealed); nothing here is public.
+
+use cloister_sdk::{Auth, Error, Map, Mode, Request, Response, Router, export};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// The largest balance an account may hold: a deposit or transfer past it is refused (400),
+/// never wrapped. JSON numbers are exact up to 2^53, so every balance reads back as it was.
+pub const BALANCE_MAX: u64 = (1 << 53) - 1;
+/// Longest account name, in bytes.
+pub const ACCOUNT_NAME_BYTES_MAX: usize = 64;
+
+/// Balances by (user id, account name). Private (sealed).
+const ACCOUNTS: Map<(String, String), u64> = Map::new("accounts");
+/// The service's users, by id: readable by apps, written by governance (`set_user`).
+const USERS: Map<String, serde_json::Value> = Map::new("gov.users");
+
+pub fn router() -> Router {
+    Router::new()
+        .route("PUT", "/account/{user_id}/{account_name}", Mode::Readwrite, Auth::Members, open_account)
+        .route("POST", "/deposit/{user_id}/{account_name}", Mode::Readwrite, Auth::Members, deposit)
+        .route("GET", "/balance/{account_name}", Mode::Readonly, Auth::Users, balance)
+        .route("POST", "/transfer/{account_name}", Mode::Readwrite, Auth::Users, transfer)
+}
+
+export!(router);
+
+/// The claim a transfer carries, and what its receipt proves: its SHA-256.
+pub fn transfer_claim(from: &str, value: u64, to: &str) -> String {
+    format!("{from} sent {value} to {to}")
+}
+
+/// The digest a receipt proves for a claim: SHA-256 of its UTF-8 bytes.
+pub fn claims_digest(claim: &str) -> [u8; 32] {
+    Sha256::digest(claim.as_bytes()).into()
+}
+
+fn account_name(req: &Request, param: &str) -> Result<String, Error> {
+    let name = req.param(param).unwrap_or_default();
+    if name.is_empty() || name.len() > ACCOUNT_NAME_BYTES_MAX {
+        return Err(Error::bad_request(format!("an account name is 1..={ACCOUNT_NAME_BYTES_MAX} bytes")));
+    }
+    Ok(name.to_owned())
+}
+
+fn known_user(user_id: &str) -> Result<(), Error> {
+    if USERS.get(&user_id.to_owned()).is_none() {
+        return Err(Error::not_found(format!("user {user_id} is not a user of this service")));
+    }
+    Ok(())
+}
+
+/// A positive integer `value` from a JSON body; anything else (a float, a string, zero, a
+/// negative number, a number past [`BALANCE_MAX`]) is 400.
+fn positive_value(value: &serde_json::Value) -> Result<u64, Error> {
+    value
+        .as_u64()
+        .filter(|v| (1..=BALANCE_MAX).contains(v))
+        .ok_or_else(|| Error::bad_request(format!("value must be an integer in 1..={BALANCE_MAX}, got {value}")))
+}
+
+fn open_account(req: &Request) -> Result<Response, Error> {
+    let user_id = req.param("user_id").unwrap_or_default().to_owned();
+    let name = account_name(req, "account_name")?;
+    known_user(&user_id)?;
+    let key = (user_id, name);
+    if ACCOUNTS.get(&key).is_none() {
+        ACCOUNTS.insert(&key, &0);
+    }
+    Ok(Response::status(204))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Deposit {
+    value: serde_json::Value,
+}
+
+fn deposit(req: &Request) -> Result<Response, Error> {
+    let user_id = req.param("user_id").unwrap_or_default().to_owned();
+    let name = account_name(req, "account_name")?;
+    let body: Deposit = req.json()?;
+    let value = positive_value(&body.value)?;
+    known_user(&user_id)?;
+    let key = (user_id, name);
+    let balance = ACCOUNTS.get(&key).ok_or_else(|| Error::not_found("no such account"))?;
+    let credited = credit(balance, value)?;
+    ACCOUNTS.insert(&key, &credited);
+    Ok(Response::status(204))
+}
+
+/// `balance + value`, or 400 past [`BALANCE_MAX`].
+fn credit(balance: u64, value: u64) -> Result<u64, Error> {
+    balance
+        .checked_add(value)
+        .filter(|b| *b <= BALANCE_MAX)
+        .ok_or_else(|| Error::bad_request(format!("the balance would pass {BALANCE_MAX}")))
+}
+
+fn balance(req: &Request) -> Result<Response, Error> {
+    let name = account_name(req, "account_name")?;
+    let balance =
+        ACCOUNTS.get(&(req.caller().id.clone(), name)).ok_or_else(|| Error::not_found("you have no such account"))?;
+    Ok(Response::json(&json!({ "balance": balance })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Transfer {
+    value: serde_json::Value,
+    user_id_to: String,
+    account_name_to: String,
+}
+
+fn transfer(req: &Request) -> Result<Response, Error> {
+    let name = account_name(req, "account_name")?;
+    let body: Transfer = req.json()?;
+    let value = positive_value(&body.value)?;
+    let from = (req.caller().id.clone(), name);
+    let to = (body.user_id_to, body.account_name_to);
+    if from == to {
+        return Err(Error::bad_request("an account cannot transfer to itself"));
+    }
+    let from_balance = ACCOUNTS.get(&from).ok_or_else(|| Error::not_found("you have no such account"))?;
+    let to_balance = ACCOUNTS.get(&to).ok_or_else(|| Error::not_found("the target account does not exist"))?;
+    let remaining = from_balance
+        .checked_sub(value)
+        .ok_or_else(|| Error::bad_request(format!("the balance ({from_balance}) is less than {value}")))?;
+    let credited = credit(to_balance, value)?;
+    ACCOUNTS.insert(&from, &remaining);
+    ACCOUNTS.insert(&to, &credited);
+    let claim = transfer_claim(&from.0, value, &to.0);
+    let digest = claims_digest(&claim);
+    Ok(Response::json(&json!({ "claim": claim, "claims_digest": hex::encode(digest) })).with_claims_digest(digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloister_sdk::Caller;
+    use cloister_sdk::testing::MemoryHost;
+    use serde_json::Value;
+
+    const BANK: &str = "bank0";
+    const ALICE: &str = "a11ce";
+    const BOB: &str = "b0b";
+
+    fn host() -> MemoryHost {
+        let mut h = MemoryHost::new(router());
+        for user in [ALICE, BOB] {
+            h.seed("gov.users", &user.to_owned(), &json!({ "cert": "…" }));
+        }
+        h
+    }
+
+    fn call(h: &mut MemoryHost, who: &Caller, method: &str, target: &str, body: Value) -> (u16, Value) {
+        let body = if body.is_null() { String::new() } else { body.to_string() };
+        let r = h.call(who, method, target, body);
+        (r.head.status, r.body_json().unwrap_or(Value::Null))
+    }
+
+    fn bank() -> Caller {
+        Caller::member(BANK)
+    }
+
+    fn funded(h: &mut MemoryHost) {
+        for user in [ALICE, BOB] {
+            assert_eq!(call(h, &bank(), "PUT", &format!("/account/{user}/current"), Value::Null).0, 204);
+        }
+        assert_eq!(call(h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), json!({"value": 100})).0, 204);
+    }
+
+    fn balance_of(h: &mut MemoryHost, user: &str) -> u64 {
+        let (status, body) = call(h, &Caller::user(user), "GET", "/balance/current", Value::Null);
+        assert_eq!(status, 200, "{body}");
+        body["balance"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn the_demo_moves_money_and_claims_it() {
+        let mut h = host();
+        funded(&mut h);
+        // Opening again is a no-op that keeps the balance.
+        assert_eq!(call(&mut h, &bank(), "PUT", &format!("/account/{ALICE}/current"), Value::Null).0, 204);
+        assert_eq!(balance_of(&mut h, ALICE), 100);
+        let r = h.call(
+            &Caller::user(ALICE),
+            "POST",
+            "/transfer/current",
+            json!({"value": 40, "user_id_to": BOB, "account_name_to": "current"}).to_string(),
+        );
+        assert_eq!(r.head.status, 200);
+        let claim = format!("{ALICE} sent 40 to {BOB}");
+        assert_eq!(r.body_json::<Value>().unwrap()["claim"], claim);
+        let digest = hex::encode(Sha256::digest(claim.as_bytes()));
+        assert_eq!(r.head.claims_digest.as_deref(), Some(digest.as_str()), "the receipt will prove the claim");
+        assert_eq!((balance_of(&mut h, ALICE), balance_of(&mut h, BOB)), (60, 40));
+    }
+
+    #[test]
+    fn bad_amounts_and_unknown_parties_are_refused_and_change_nothing() {
+        let mut h = host();
+        funded(&mut h);
+        let before = h.dump();
+        let alice = Caller::user(ALICE);
+        let deposit = |v: Value| json!({ "value": v });
+        for bad in [json!(0), json!(-5), json!(1.5), json!("10"), json!(BALANCE_MAX + 1), Value::Null] {
+            let (status, _) = call(&mut h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), deposit(bad.clone()));
+            assert_eq!(status, 400, "deposit {bad}");
+            let body = json!({"value": bad, "user_id_to": BOB, "account_name_to": "current"});
+            assert_eq!(call(&mut h, &alice, "POST", "/transfer/current", body).0, 400, "transfer {bad}");
+        }
+        // More than the balance; to itself; a malformed body.
+        let body = json!({"value": 101, "user_id_to": BOB, "account_name_to": "current"});
+        let (status, answer) = call(&mut h, &alice, "POST", "/transfer/current", body);
+        assert_eq!(status, 400);
+        assert!(answer["error"]["message"].as_str().unwrap().contains("less than 101"), "{answer}");
+        let body = json!({"value": 1, "user_id_to": ALICE, "account_name_to": "current"});
+        assert_eq!(call(&mut h, &alice, "POST", "/transfer/current", body).0, 400);
+        assert_eq!(h.call(&alice, "POST", "/transfer/current", "{").head.status, 400);
+        // Unknown users, accounts and targets.
+        assert_eq!(call(&mut h, &bank(), "PUT", "/account/nobody/current", Value::Null).0, 404);
+        assert_eq!(call(&mut h, &bank(), "POST", "/deposit/nobody/current", deposit(json!(1))).0, 404);
+        assert_eq!(call(&mut h, &bank(), "POST", &format!("/deposit/{BOB}/savings"), deposit(json!(1))).0, 404);
+        let body = json!({"value": 1, "user_id_to": BOB, "account_name_to": "savings"});
+        assert_eq!(call(&mut h, &alice, "POST", "/transfer/current", body).0, 404);
+        let body = json!({"value": 1, "user_id_to": BOB, "account_name_to": "current"});
+        assert_eq!(call(&mut h, &alice, "POST", "/transfer/savings", body).0, 404);
+        assert_eq!(h.dump(), before, "no refused request wrote anything");
+    }
+
+    #[test]
+    fn a_deposit_past_the_largest_balance_is_refused_not_wrapped() {
+        let mut h = host();
+        funded(&mut h);
+        let top = json!({ "value": BALANCE_MAX - 100 });
+        assert_eq!(call(&mut h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), top).0, 204);
+        assert_eq!(balance_of(&mut h, ALICE), BALANCE_MAX);
+        let (status, body) = call(&mut h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), json!({"value": 1}));
+        assert_eq!(status, 400);
+        assert!(body["error"]["message"].as_str().unwrap().contains("would pass"), "{body}");
+        assert_eq!(balance_of(&mut h, ALICE), BALANCE_MAX);
+        // A transfer that would push the target past it is refused too.
+        assert_eq!(call(&mut h, &bank(), "POST", &format!("/deposit/{BOB}/current"), json!({"value": 1})).0, 204);
+        let body = json!({"value": 1, "user_id_to": ALICE, "account_name_to": "current"});
+        assert_eq!(call(&mut h, &Caller::user(BOB), "POST", "/transfer/current", body).0, 400);
+        assert_eq!((balance_of(&mut h, ALICE), balance_of(&mut h, BOB)), (BALANCE_MAX, 1));
+    }
+
+    #[test]
+    fn account_names_are_limited_at_their_edge() {
+        let mut h = host();
+        let longest = "n".repeat(ACCOUNT_NAME_BYTES_MAX);
+        assert_eq!(call(&mut h, &bank(), "PUT", &format!("/account/{ALICE}/{longest}"), Value::Null).0, 204);
+        let (status, body) = call(&mut h, &bank(), "PUT", &format!("/account/{ALICE}/{longest}n"), Value::Null);
+        assert_eq!(status, 400);
+        assert!(body["error"]["message"].as_str().unwrap().contains("account name"), "{body}");
+        let (status, _) = call(&mut h, &Caller::user(ALICE), "GET", &format!("/balance/{longest}"), Value::Null);
+        assert_eq!(status, 200);
+    }
+
+    #[test]
+    fn only_holders_see_balances_and_roles_are_kept() {
+        let mut h = host();
+        funded(&mut h);
+        // Bob has no "savings"; Alice's "current" is hers alone: both answer alike, so an error
+        // never tells whether someone else's account exists.
+        let mine = h.call(&Caller::user(BOB), "GET", "/balance/savings", "");
+        let others = h.call(&Caller::user("mallory"), "GET", "/balance/current", "");
+        assert_eq!(mine.head.status, 404);
+        assert_eq!((mine.head, mine.body), (others.head, others.body));
+        // Banks do not transfer or read balances; users do not open accounts or deposit.
+        let transfer = json!({"value": 1, "user_id_to": BOB, "account_name_to": "current"});
+        assert_eq!(call(&mut h, &bank(), "POST", "/transfer/current", transfer).0, 403);
+        assert_eq!(call(&mut h, &bank(), "GET", "/balance/current", Value::Null).0, 403);
+        let alice = Caller::user(ALICE);
+        assert_eq!(call(&mut h, &alice, "PUT", &format!("/account/{ALICE}/other"), Value::Null).0, 403);
+        assert_eq!(call(&mut h, &alice, "POST", &format!("/deposit/{ALICE}/current"), json!({"value": 5})).0, 403);
+        assert_eq!(balance_of(&mut h, ALICE), 100);
+    }
+}
+
+/// Property test: any sequence of transfers among the accounts conserves the total, and each
+/// either moves exactly its value or changes nothing.
+#[cfg(test)]
+mod fuzz {
+    use cloister_sdk::Caller;
+    use cloister_sdk::testing::MemoryHost;
+    use cloister_test_support::config;
+    use cloister_test_support::proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::router;
+
+    const USERS: [&str; 3] = ["u0", "u1", "u2"];
+
+    fn balances(h: &mut MemoryHost) -> Vec<u64> {
+        USERS
+            .iter()
+            .map(|u| {
+                h.call(&Caller::user(*u), "GET", "/balance/a", "").body_json::<Value>().unwrap()["balance"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn transfers_conserve_money(moves in prop::collection::vec((0..3usize, 0..3usize, -5i64..80), 0..40)) {
+            let mut h = MemoryHost::new(router());
+            let bank = Caller::member("bank");
+            for (i, u) in USERS.iter().enumerate() {
+                h.seed("gov.users", &u.to_string(), &json!({}));
+                h.call(&bank, "PUT", &format!("/account/{u}/a"), "");
+                h.call(&bank, "POST", &format!("/deposit/{u}/a"), json!({"value": 50 * (i + 1)}).to_string());
+            }
+            let total: u64 = balances(&mut h).iter().sum();
+            for (from, to, value) in moves {
+                let before = balances(&mut h);
+                let body = json!({"value": value, "user_id_to": USERS[to], "account_name_to": "a"}).to_string();
+                let status = h.call(&Caller::user(USERS[from]), "POST", "/transfer/a", body).head.status;
+                let after = balances(&mut h);
+                prop_assert_eq!(after.iter().sum::<u64>(), total);
+                if status == 200 {
+                    prop_assert_eq!(after[from] + value as u64, before[from]);
+                    prop_assert_eq!(after[to], before[to] + value as u64);
+                } else {
+                    prop_assert!(status == 400, "answered {}", status);
+                    prop_assert_eq!(after, before);
+                }
+            }
+        }
+    }
+}
