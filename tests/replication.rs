@@ -292,3 +292,57 @@ async fn nodes_join_as_voters_and_a_removed_node_leaves_the_network() {
     n1.shutdown().await;
     n0.shutdown().await;
 }
+
+/// The first burst on a fresh 3-node network: 256 clients spread over the nodes, each writing in
+/// a closed loop. Every request is answered 200 well within `request_timeout_ms`, and then every
+/// node asked to stop (SIGTERM) exits. Reported on a sandbox, and reproduced here before the fix:
+/// a follower that had not compiled the app yet compiled it once per concurrent request (85
+/// compilations on two cores), so about 170 requests waited out the 30 s request timeout, and
+/// the followers, with compilations still running, never exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_burst_of_256_clients_is_answered_promptly_and_every_node_then_stops() {
+    const CLIENTS: usize = 256;
+    const BURST: Duration = Duration::from_secs(5);
+    // Far below the request timeout, and far above what a debug build on two cores needs (about
+    // 4 s at worst): a request that waits this long waited on something it should not have.
+    const PROMPT: Duration = Duration::from_secs(15);
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| cfg.limits.request_timeout_ms = 60_000).await;
+    let (roots, id) = (c.roots(), c.members[0].keyed.clone());
+    let urls: Vec<String> = c.nodes.iter().map(|n| n.rest_url.clone()).collect();
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|w| {
+            let (url, roots, id) = (urls[w % urls.len()].clone(), roots.clone(), id.clone());
+            tokio::spawn(async move {
+                let client = Client::connect(&url, &roots, Some(&id)).await.unwrap();
+                let deadline = Instant::now() + BURST;
+                let (mut worst, mut n) = (Duration::ZERO, 0);
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    let reply = client.post("/app/ingest", "application/json", record(&format!("w{w}-{n}"))).await;
+                    let took = started.elapsed();
+                    match reply {
+                        Ok(r) if r.status == 200 => {}
+                        Ok(r) => panic!("writer {w} (via {url}): {} after {took:?}: {}", r.status, r.text()),
+                        Err(e) => panic!("writer {w} (via {url}): {e:#} after {took:?}"),
+                    }
+                    worst = worst.max(took);
+                    n += 1;
+                }
+                (worst, n)
+            })
+        })
+        .collect();
+    let (mut worst, mut writes) = (Duration::ZERO, 0);
+    for w in writers {
+        let (slowest, n) = w.await.unwrap();
+        worst = worst.max(slowest);
+        writes += n;
+    }
+    println!("{CLIENTS} clients over 3 nodes: {writes} writes in {BURST:?}, the slowest took {worst:?}");
+    assert!(worst < PROMPT, "a request took {worst:?}");
+    for i in 0..c.nodes.len() {
+        let exited = c.nodes[i].stop_within(Duration::from_secs(20));
+        let log = c.log(i);
+        assert!(exited && !log.contains("still referenced"), "node{i} did not stop cleanly:\n{log}");
+    }
+}

@@ -34,6 +34,16 @@ impl NodeProc {
     pub fn pid(&self) -> Option<u32> {
         self.process.pid()
     }
+
+    pub fn grpc_url(&self) -> String {
+        format!("https://{}", self.config.node.grpc_addr)
+    }
+
+    /// SIGTERM, then waits up to `timeout`: whether the process exited by itself (else it is
+    /// killed).
+    pub fn stop_within(&mut self, timeout: Duration) -> bool {
+        self.process.stop(timeout)
+    }
 }
 
 /// How long a node asked to stop (SIGTERM) may take before it is killed.

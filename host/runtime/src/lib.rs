@@ -115,6 +115,11 @@ pub struct Runtime {
     /// since `apply` stores the wasm of `set_app` and `set_constitution`.
     gov_limits: Arc<Limits>,
     modules: Mutex<HashMap<[u8; 32], Arc<LoadedModule>>>,
+    /// Held while a module compiles: loads that miss the cache at once compile one at a time, so
+    /// a burst of requests on a node that has not compiled its app yet compiles it once (before,
+    /// each compiled it, and 85 concurrent compilations on two cores kept every request waiting
+    /// for up to `request_timeout_ms`).
+    compiling: Mutex<()>,
 }
 
 impl Runtime {
@@ -125,7 +130,14 @@ impl Runtime {
         let linker = host::linker(&engine)?;
         let gov_limits =
             Arc::new(Limits { value_bytes_max: limits.value_bytes_max.max(limits.module_bytes_max), ..limits.clone() });
-        Ok(Runtime { engine, linker, limits: Arc::new(limits), gov_limits, modules: Mutex::default() })
+        Ok(Runtime {
+            engine,
+            linker,
+            limits: Arc::new(limits),
+            gov_limits,
+            modules: Mutex::default(),
+            compiling: Mutex::default(),
+        })
     }
 
     pub fn limits(&self) -> &Limits {
@@ -139,8 +151,14 @@ impl Runtime {
     /// manifest the module reports.
     pub fn load(&self, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
         let hash = *blake3::hash(wasm).as_bytes();
-        if let Some(m) = self.modules.lock().expect("module cache lock").get(&hash) {
-            return Ok(m.clone());
+        let cached = || self.modules.lock().expect("module cache lock").get(&hash).cloned();
+        if let Some(m) = cached() {
+            return Ok(m);
+        }
+        let _compiling = self.compiling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Whoever held the lock before may have compiled this very module.
+        if let Some(m) = cached() {
+            return Ok(m);
         }
         let max = self.limits.module_bytes_max;
         if wasm.len() > max {

@@ -312,3 +312,22 @@ fn the_largest_default_reconcile_batch_fits_the_default_memory_cap() {
     println!("peak memory {} of {cap} bytes, fuel {}", outcome.memory_bytes, outcome.fuel_used);
     assert!(outcome.memory_bytes <= cap);
 }
+
+/// Loads of one module that miss the cache at once compile it once: every caller gets the same
+/// compiled module. (Each compiled its own before, and a burst of first requests on a node that
+/// had not compiled its app kept two cores busy with dozens of identical compilations.)
+#[test]
+fn concurrent_loads_of_one_module_compile_it_once() {
+    let runtime = Arc::new(Runtime::new(Limits::default()).unwrap());
+    let wasm = Arc::new(misbehave());
+    let loaded: Vec<_> = (0..8)
+        .map(|_| {
+            let (runtime, wasm) = (runtime.clone(), wasm.clone());
+            std::thread::spawn(move || runtime.load(&wasm).unwrap())
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert!(loaded.iter().all(|m| Arc::ptr_eq(m, &loaded[0])), "one compilation, shared by every caller");
+}

@@ -69,6 +69,9 @@ pub struct Service {
     store: Store,
     consensus: Consensus,
     app: RwLock<Option<Arc<LoadedModule>>>,
+    /// Held while the app is being loaded, so a burst of first requests loads it once (on one
+    /// blocking thread) and the rest wait for that load instead of each starting their own.
+    app_loading: tokio::sync::Mutex<()>,
     limits: Limits,
     writer: Writer,
     reads: tokio::sync::Semaphore,
@@ -184,6 +187,7 @@ impl Service {
             store,
             consensus,
             app: RwLock::new(None),
+            app_loading: tokio::sync::Mutex::new(()),
             limits,
             writer,
             inflight: Mutex::default(),
@@ -218,8 +222,13 @@ impl Service {
         let Some(record) = gov::app(&tx)? else {
             return Ok(None);
         };
-        let current = self.app.read().expect("app lock").clone();
-        if let Some(m) = current.filter(|m| hex::encode(m.hash()) == record.code_hash) {
+        let current =
+            || self.app.read().expect("app lock").clone().filter(|m| hex::encode(m.hash()) == record.code_hash);
+        if let Some(m) = current() {
+            return Ok(Some(m));
+        }
+        let _loading = self.app_loading.lock().await;
+        if let Some(m) = current() {
             return Ok(Some(m));
         }
         let code = gov::app_code(&tx, &record.code_hash)?.ok_or_else(|| {
