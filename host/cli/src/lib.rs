@@ -99,14 +99,21 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Whatever still runs on the blocking pool (a compilation, a read) does not keep a stopped
+    // node's process alive: dropping the runtime would wait for it without end.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    code
 }
+
+/// How long the process waits, once its command is done, for work left on tokio's blocking pool.
+const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;

@@ -446,33 +446,80 @@ pub struct VerifiedReceipt {
 /// leads from the transaction's leaf to that root. A certificate from the operator's CA counts
 /// for nothing here: the CA can issue one to anybody.
 pub fn verify_receipt(receipt: &Receipt, service_identity: &[u8]) -> Result<VerifiedReceipt, String> {
-    let leaf = &receipt.leaf;
-    if receipt.tx_id != format!("{}.{}", leaf.term, leaf.seqno) {
-        return Err(format!("the receipt is for {} but its leaf is {}.{}", receipt.tx_id, leaf.term, leaf.seqno));
+    ReceiptVerifier::new(service_identity).verify(receipt)
+}
+
+/// Signatures (with their endorsement and node certificate) a [`ReceiptVerifier`] remembers as
+/// checked; past it, it forgets them all and starts over.
+pub const RECEIPT_SIGNATURES_CACHED_MAX: usize = 4096;
+
+/// [`verify_receipt`] for many receipts against one service identity: the signature entry, the
+/// endorsement and the node certificate of a receipt are checked once (two ECDSA P-384
+/// verifications and two X.509 parses) and remembered by their digest, so receipts that share a
+/// signature entry cost only their leaf and Merkle path after the first.
+pub struct ReceiptVerifier {
+    service_identity: Vec<u8>,
+    checked: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+}
+
+impl ReceiptVerifier {
+    pub fn new(service_identity: &[u8]) -> ReceiptVerifier {
+        ReceiptVerifier { service_identity: service_identity.to_vec(), checked: Default::default() }
     }
-    let sig = &receipt.signature.payload;
-    let node_cert = cloister_crypto::identity::cert_der(receipt.node_cert.as_bytes()).map_err(|e| e.to_string())?;
-    if node_cert.as_ref() != sig.node_cert.as_slice() {
-        return Err("the receipt's node certificate is not the one that signed".into());
+
+    pub fn verify(&self, receipt: &Receipt) -> Result<VerifiedReceipt, String> {
+        let leaf = &receipt.leaf;
+        if receipt.tx_id != format!("{}.{}", leaf.term, leaf.seqno) {
+            return Err(format!("the receipt is for {} but its leaf is {}.{}", receipt.tx_id, leaf.term, leaf.seqno));
+        }
+        let sig = &receipt.signature.payload;
+        // Everything the signature checks depend on, so a remembered digest stands for exactly them.
+        let digest = {
+            let mut h = blake3::Hasher::new_derive_key("cloister receipt signature check v1");
+            h.update(&postcard::to_stdvec(&(sig, &receipt.endorsement)).expect("receipt parts encode"));
+            h.update(receipt.node_cert.as_bytes());
+            *h.finalize().as_bytes()
+        };
+        let known = self.checked.lock().unwrap_or_else(|p| p.into_inner()).contains(&digest);
+        if !known {
+            self.check_signature(receipt)?;
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            if checked.len() >= RECEIPT_SIGNATURES_CACHED_MAX {
+                checked.clear();
+            }
+            checked.insert(digest);
+        }
+        if leaf.seqno >= sig.tree_size {
+            return Err(format!("the signature covers entries 0..{}, not entry {}", sig.tree_size, leaf.seqno));
+        }
+        let proof = receipt
+            .proof
+            .iter()
+            .map(|h| hex::decode(h).ok().and_then(|b| <Hash>::try_from(b).ok()))
+            .collect::<Option<Vec<Hash>>>()
+            .ok_or("the proof is not a list of 32-byte hex hashes")?;
+        if !merkle::verify(&leaf.leaf(), leaf.seqno, sig.tree_size, &proof, &sig.root) {
+            return Err("the proof does not lead from the leaf to the signed root".into());
+        }
+        Ok(VerifiedReceipt { tx_id: receipt.tx_id.clone(), claims_digest: leaf.claims_digest, signed_by: sig.node_id })
     }
-    let endorsement = receipt.endorsement.as_ref().ok_or_else(|| {
-        format!("the receipt carries no endorsement by the service identity: nothing vouches for node {}", sig.node_id)
-    })?;
-    endorsement.covers(service_identity, sig)?;
-    sig.verify_by_node()?;
-    if leaf.seqno >= sig.tree_size {
-        return Err(format!("the signature covers entries 0..{}, not entry {}", sig.tree_size, leaf.seqno));
+
+    /// The service identity endorsed the node for this signature, and the node signed it.
+    fn check_signature(&self, receipt: &Receipt) -> Result<(), String> {
+        let sig = &receipt.signature.payload;
+        let node_cert = cloister_crypto::identity::cert_der(receipt.node_cert.as_bytes()).map_err(|e| e.to_string())?;
+        if node_cert.as_ref() != sig.node_cert.as_slice() {
+            return Err("the receipt's node certificate is not the one that signed".into());
+        }
+        let endorsement = receipt.endorsement.as_ref().ok_or_else(|| {
+            format!(
+                "the receipt carries no endorsement by the service identity: nothing vouches for node {}",
+                sig.node_id
+            )
+        })?;
+        endorsement.covers(&self.service_identity, sig)?;
+        sig.verify_by_node()
     }
-    let proof = receipt
-        .proof
-        .iter()
-        .map(|h| hex::decode(h).ok().and_then(|b| <Hash>::try_from(b).ok()))
-        .collect::<Option<Vec<Hash>>>()
-        .ok_or("the proof is not a list of 32-byte hex hashes")?;
-    if !merkle::verify(&leaf.leaf(), leaf.seqno, sig.tree_size, &proof, &sig.root) {
-        return Err("the proof does not lead from the leaf to the signed root".into());
-    }
-    Ok(VerifiedReceipt { tx_id: receipt.tx_id.clone(), claims_digest: leaf.claims_digest, signed_by: sig.node_id })
 }
 
 #[cfg(test)]
@@ -672,6 +719,25 @@ mod tests {
         // An endorsement from while it was trusted reaches no further than the ledger did then.
         let stale = receipt(&built, 24, 29, &retired, endorse(&retired, 22, false));
         assert!(verify_receipt(&stale, &service_der).unwrap_err().contains("at most 22 entries"));
+
+        // A verifier that has checked a signature once still checks each receipt's own leaf and
+        // path, and checks anew any receipt whose signature, endorsement or certificate differs.
+        let verifier = ReceiptVerifier::new(&service_der);
+        for seqno in [3, 12, 19] {
+            let shared = receipt(&built, seqno, 20, &trusted, good.endorsement.clone());
+            assert_eq!(verifier.verify(&shared).unwrap().tx_id, format!("1.{seqno}"));
+        }
+        let mut other_leaf = good.clone();
+        other_leaf.leaf.claims_digest = Some([7; 32]);
+        assert!(verifier.verify(&other_leaf).unwrap_err().contains("does not lead from the leaf"));
+        let mut other_path = good.clone();
+        other_path.proof.reverse();
+        assert!(verifier.verify(&other_path).is_err());
+        let mut resigned = good.clone();
+        resigned.signature.payload.signature[10] ^= 1;
+        assert!(verifier.verify(&resigned).is_err(), "a changed signature is checked, not remembered");
+        let rogue_receipt = receipt(&built, 12, 20, &rogue, None);
+        assert!(verifier.verify(&rogue_receipt).unwrap_err().contains("no endorsement"));
     }
 
     /// The walk holds every signature to the endorsements the ledger records: a signer the
