@@ -1,6 +1,14 @@
 //! The replicated state machine: committed entries become ledger entries (files first, then the
-//! index) and durable writes to the KV store, with the applied log id, the membership and the term
+//! index) and writes to the KV store, with the applied log id, the membership and the term
 //! history, all in one redb transaction.
+//!
+//! Applying does not wait for the disk: the Raft log (`raft.redb`, synced on every append) is the
+//! write-ahead log. A batch commits without durability, and every [`APPLY_DURABLE_INTERVAL`] (and
+//! before a snapshot is built, since openraft then purges the log behind it) one commit syncs the
+//! ledger files and then the state database, in that order and with no apply in between, so the
+//! durable index never runs ahead of the durable files. After a crash the state database is as its
+//! last durable commit left it, the node cuts the ledger files back to it, and openraft applies
+//! the log again from there.
 //!
 //! Followers never run contract code: they apply the write sets the leader proposed, after
 //! checking every signature entry against their own tree. Snapshots are files holding every KV
@@ -34,8 +42,11 @@ const MEMBERSHIP: &str = "raft_membership";
 /// The term history: the first log index of every term, keyed by term. One row is added when a
 /// term's first entry is applied, so applying never re-encodes the history.
 const TERMS: TableDefinition<u64, u64> = TableDefinition::new("raft_terms");
-/// Entries applied per durable transaction, so a long catch-up does not hold all in memory.
+/// Entries applied per transaction, so a long catch-up does not hold all in memory.
 const APPLY_BATCH_MAX: usize = 1024;
+/// Longest time between durable commits of applied state: at most this much applying is redone
+/// from the Raft log after a crash.
+pub const APPLY_DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Version 2 ends with a MAC over the whole file; version 1 files had none and are not read.
 const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP2\0";
 /// In place of a record's length: the records are over, and the MAC follows.
@@ -139,6 +150,8 @@ struct Inner {
     snapshot_dir: PathBuf,
     current: Mutex<Option<StoredSnapshot>>,
     applied: watch::Sender<Applied>,
+    /// When applied state was last committed durably.
+    durable_at: Mutex<std::time::Instant>,
 }
 
 /// The state machine handle; clones share everything.
@@ -174,6 +187,7 @@ impl StateMachine {
                 snapshot_dir,
                 current: Mutex::new(None),
                 applied: watch::Sender::new(Applied::default()),
+                durable_at: Mutex::new(std::time::Instant::now()),
             }),
         };
         let last = sm.meta::<Option<LogId>>(APPLIED_LOG_ID_KEY)?.flatten();
@@ -278,8 +292,31 @@ impl StateMachine {
         if let Some(m) = membership {
             txn.put_meta(MEMBERSHIP, &encode(&m)).map_err(io_other)?;
         }
-        txn.commit().map_err(io_other)?;
+        let mut durable_at = self.inner.durable_at.lock().expect("durability clock lock");
+        if durable_at.elapsed() >= APPLY_DURABLE_INTERVAL {
+            // This batch's write transaction excludes any other apply: nothing lands between the
+            // files' sync and the durable commit.
+            if let Some(ledger) = &self.inner.ledger {
+                ledger.sync()?;
+            }
+            txn.commit().map_err(io_other)?;
+            *durable_at = std::time::Instant::now();
+        } else {
+            txn.commit_nondurable().map_err(io_other)?;
+        }
         Ok(gov_touched)
+    }
+
+    /// Makes everything applied so far durable: the ledger files, then the state database, while
+    /// holding the store's write transaction so that no apply runs in between.
+    fn checkpoint(&self) -> io::Result<()> {
+        let txn = self.inner.store.write_batch().map_err(io_other)?;
+        if let Some(ledger) = &self.inner.ledger {
+            ledger.sync()?;
+        }
+        txn.commit().map_err(io_other)?;
+        *self.inner.durable_at.lock().expect("durability clock lock") = std::time::Instant::now();
+        Ok(())
     }
 
     fn publish(&self, last: Option<LogId>, gov_touched: bool) {
@@ -293,6 +330,9 @@ impl StateMachine {
 
     fn build(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
         let export = self.inner.store.export().map_err(io_other)?;
+        // openraft purges the log behind the snapshot once it is built: what it covers must be
+        // durable first, or a crash would leave entries neither in the log nor on disk.
+        self.checkpoint()?;
         let decode_meta = |key: &str| -> io::Result<Option<Vec<u8>>> { export.meta(key).map_err(io_other) };
         let last_log_id: Option<LogId> =
             decode_meta(APPLIED_LOG_ID_KEY)?.map(|b| decode(&b, APPLIED_LOG_ID_KEY)).transpose()?.flatten();

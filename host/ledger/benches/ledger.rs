@@ -54,6 +54,7 @@ fn main() {
             appender.finish().unwrap();
         }
         ledger.append(&appended).unwrap();
+        ledger.sync().unwrap();
         txn.commit().unwrap();
         for e in appended {
             let encoded = postcard::to_stdvec(&e).unwrap();

@@ -211,8 +211,8 @@ impl LedgerFiles {
         Ok(())
     }
 
-    /// Appends entries and makes them durable. A signature entry ends the file when it has
-    /// reached the target size.
+    /// Appends entries, without waiting for the disk ([`LedgerFiles::sync`] does). A signature
+    /// entry ends the file (durably) when it has reached the target size.
     pub fn append(&mut self, entries: &[LedgerEntry]) -> std::io::Result<()> {
         for entry in entries {
             if self.current.is_none() {
@@ -224,6 +224,11 @@ impl LedgerFiles {
                 self.close()?;
             }
         }
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable (closed files were synced as they closed).
+    pub fn sync(&mut self) -> std::io::Result<()> {
         if let Some(c) = &self.current {
             c.file.sync_data()?;
         }

@@ -104,9 +104,16 @@ impl Ledger {
         &self.service_cert
     }
 
-    /// Appends entries to the files durably (before the index commits them).
+    /// Appends entries to the files (before the index commits them), without waiting for the
+    /// disk: [`Ledger::sync`] must precede any durable commit of the index that covers them, so
+    /// the durable index never runs ahead of the durable files.
     pub fn append(&self, entries: &[LedgerEntry]) -> std::io::Result<()> {
         self.files.lock().expect("ledger files lock").append(entries)
+    }
+
+    /// Makes every appended entry durable.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.files.lock().expect("ledger files lock").sync()
     }
 
     /// Continues the files after an installed snapshot.

@@ -554,6 +554,19 @@ impl WriteBatch<'_> {
         &self.txn
     }
 
+    /// Commits without waiting for the disk: the batch is visible at once, and persists with the
+    /// next durable commit. After a crash before one, the database is as the last durable commit
+    /// left it (the state machine replays the Raft log from there).
+    pub fn commit_nondurable(mut self) -> Result<(), KvError> {
+        self.txn.set_durability(redb::Durability::None).map_err(|e| KvError::Invalid {
+            path: self.store.path.clone(),
+            message: format!("a commit without durability: {e}"),
+        })?;
+        self.commit()
+    }
+
+    /// Commits durably: this batch and every non-durable commit before it are on disk when this
+    /// returns.
     pub fn commit(self) -> Result<(), KvError> {
         let WriteBatch { txn, store, before, keys, removed, cleared, changed } = self;
         if store.sealer.is_none() || !changed {
