@@ -1,7 +1,7 @@
 //! The bank-consortium sample, end to end: banks (members) onboard users by proposal and vote,
 //! open accounts and deposit; a user transfers and proves the transfer offline with its receipt
-//! and claim; over HTTPS and over gRPC (`App.Call`); and concurrent transfers across a 3-node
-//! network, through followers too, conserve money.
+//! and claim; the whole demo over HTTPS and again over gRPC (`App.Call`); and concurrent transfers
+//! across a 3-node network, through followers too, conserve money.
 
 use std::time::Duration;
 
@@ -60,59 +60,90 @@ fn verify_with_cli(receipt: &std::path::Path, identity: &std::path::Path, claim:
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_banking_demo_over_https_and_grpc_with_a_receipt_that_proves_the_claim() {
-    let s = TestService::start_with(3, 0, BANKING, |_| {}).await;
-    let (user0, user1) = (new_identity("user0"), new_identity("user1"));
+/// How the demo reaches the app: HTTPS, or gRPC's `App.Call`.
+enum Via {
+    Https(Client),
+    Grpc(AppClient<tonic::transport::Channel>),
+}
+
+impl Via {
+    async fn connect(s: &TestService, who: &KeyedCert, grpc: bool) -> Via {
+        if grpc {
+            Via::Grpc(AppClient::new(grpc_channel(&s.grpc_url(), &s.ca_pem, Some(who)).await.unwrap()))
+        } else {
+            Via::Https(s.client(Some(who)).await)
+        }
+    }
+
+    /// `path` under `/app`: the status, the JSON answer and the transaction id, if any.
+    async fn call(&mut self, method: &str, path: &str, body: Value) -> (u16, Value, Option<String>) {
+        match self {
+            Via::Https(client) => send(client, method, &format!("/app{path}"), body).await,
+            Via::Grpc(app) => {
+                let call = CallRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    body: if body.is_null() { Vec::new() } else { body.to_string().into_bytes() },
+                    content_type: "application/json".into(),
+                    ..Default::default()
+                };
+                match app.call(call).await {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        let json = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+                        (reply.status as u16, json, (!reply.tx_id.is_empty()).then_some(reply.tx_id))
+                    }
+                    Err(status) => {
+                        let (code, json) = cloister_tests::grpc::status_to_http(&status);
+                        (code, json, None)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The README's demo, over one transport, with users of its own: the members vote them in, a bank
+/// opens their accounts and deposits, user0 sends 40 to user1, the roles hold, and the receipt
+/// proves the transfer's claim offline.
+async fn demo(s: &TestService, grpc: bool) {
+    let (user0, user1) = (new_identity(&format!("user0 grpc={grpc}")), new_identity(&format!("user1 grpc={grpc}")));
     onboard(&s.member(0).await, &s.members, &[user0.clone(), user1.clone()]).await;
 
     // A bank opens an account for each user (twice is a no-op) and deposits 100 to user0.
-    let bank = s.member(1).await;
+    let mut bank = Via::connect(s, &s.members[1].keyed, grpc).await;
     for user in [&user0, &user1, &user0] {
-        assert_eq!(send(&bank, "PUT", &format!("/app/account/{}/current", user.id), Value::Null).await.0, 204);
+        assert_eq!(bank.call("PUT", &format!("/account/{}/current", user.id), Value::Null).await.0, 204);
     }
     let stranger = new_identity("not a user");
-    assert_eq!(send(&bank, "PUT", &format!("/app/account/{}/current", stranger.id), Value::Null).await.0, 404);
+    assert_eq!(bank.call("PUT", &format!("/account/{}/current", stranger.id), Value::Null).await.0, 404);
     let deposit = json!({ "value": 100 });
-    assert_eq!(send(&bank, "POST", &format!("/app/deposit/{}/current", user0.id), deposit.clone()).await.0, 204);
+    assert_eq!(bank.call("POST", &format!("/deposit/{}/current", user0.id), deposit.clone()).await.0, 204);
 
     // user0 sends 40 to user1, and keeps the claim.
-    let as0 = s.client(Some(&user0.keyed)).await;
-    let (status, answer, tx) = send(&as0, "POST", "/app/transfer/current", transfer(40, &user1)).await;
+    let mut as0 = Via::connect(s, &user0.keyed, grpc).await;
+    let mut as1 = Via::connect(s, &user1.keyed, grpc).await;
+    let (status, answer, tx) = as0.call("POST", "/transfer/current", transfer(40, &user1)).await;
     assert_eq!(status, 200, "{answer}");
     let claim = answer["claim"].as_str().unwrap().to_owned();
     assert_eq!(claim, format!("{} sent 40 to {}", user0.id, user1.id));
     let tx = tx.expect("a committed transfer names its transaction");
-
-    // Balances: user0 over HTTPS, user1 over gRPC.
-    assert_eq!(send(&as0, "GET", "/app/balance/current", Value::Null).await.1, json!({ "balance": 60 }));
-    let channel = grpc_channel(&s.grpc_url(), &s.ca_pem, Some(&user1.keyed)).await.unwrap();
-    let mut as1 = AppClient::new(channel);
-    let call = CallRequest { method: "GET".into(), path: "/balance/current".into(), ..Default::default() };
-    let reply = as1.call(call).await.unwrap().into_inner();
-    assert_eq!(reply.status, 200);
-    assert_eq!(serde_json::from_slice::<Value>(&reply.body).unwrap(), json!({ "balance": 40 }));
-    // user1 sends 5 back over gRPC; the reply names the transaction.
-    let call = CallRequest {
-        method: "POST".into(),
-        path: "/transfer/current".into(),
-        body: transfer(5, &user0).to_string().into_bytes(),
-        content_type: "application/json".into(),
-        ..Default::default()
-    };
-    let reply = as1.call(call).await.unwrap().into_inner();
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
-    assert!(!reply.tx_id.is_empty());
-    assert_eq!(send(&as0, "GET", "/app/balance/current", Value::Null).await.1, json!({ "balance": 65 }));
+    assert_eq!(as0.call("GET", "/balance/current", Value::Null).await.1, json!({ "balance": 60 }));
+    assert_eq!(as1.call("GET", "/balance/current", Value::Null).await.1, json!({ "balance": 40 }));
+    // Too much, or to an account that does not exist: refused, and nothing moves.
+    assert_eq!(as1.call("POST", "/transfer/current", transfer(41, &user0)).await.0, 400);
+    let nowhere = json!({ "value": 1, "user_id_to": user0.id, "account_name_to": "savings" });
+    assert_eq!(as1.call("POST", "/transfer/current", nowhere).await.0, 404);
+    assert_eq!(as1.call("GET", "/balance/current", Value::Null).await.1, json!({ "balance": 40 }));
 
     // Roles: a bank cannot transfer or read a balance; a user cannot deposit or open accounts.
-    assert_eq!(send(&bank, "POST", "/app/transfer/current", transfer(1, &user1)).await.0, 403);
-    assert_eq!(send(&bank, "GET", "/app/balance/current", Value::Null).await.0, 403);
-    assert_eq!(send(&as0, "POST", &format!("/app/deposit/{}/current", user0.id), deposit).await.0, 403);
-    assert_eq!(send(&as0, "PUT", &format!("/app/account/{}/more", user0.id), Value::Null).await.0, 403);
+    assert_eq!(bank.call("POST", "/transfer/current", transfer(1, &user1)).await.0, 403);
+    assert_eq!(bank.call("GET", "/balance/current", Value::Null).await.0, 403);
+    assert_eq!(as0.call("POST", &format!("/deposit/{}/current", user0.id), deposit).await.0, 403);
+    assert_eq!(as0.call("PUT", &format!("/account/{}/more", user0.id), Value::Null).await.0, 403);
 
     // The receipt proves the claim, offline, with the service identity's certificate alone.
-    let receipt = receipt(&as0, &tx).await;
+    let receipt = receipt(&s.client(Some(&user0.keyed)).await, &tx).await;
     let dir = tempfile::tempdir().unwrap();
     let (receipt_file, identity_file) = (dir.path().join("receipt.json"), dir.path().join("service_identity.pem"));
     std::fs::write(&receipt_file, serde_json::to_vec(&receipt).unwrap()).unwrap();
@@ -126,6 +157,13 @@ async fn the_banking_demo_over_https_and_grpc_with_a_receipt_that_proves_the_cla
     let changed = claim.replace("sent 40", "sent 400");
     let (ok, out) = verify_with_cli(&receipt_file, &identity_file, &changed);
     assert!(!ok && out.contains("not the claim"), "a changed claim must be refused: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_banking_demo_over_https_and_over_grpc_with_a_receipt_that_proves_the_claim() {
+    let s = TestService::start_with(3, 0, BANKING, |_| {}).await;
+    demo(&s, false).await;
+    demo(&s, true).await;
 }
 
 /// 200 transfers among 4 accounts, from 20 concurrent clients spread over a 3-node network (two
