@@ -2,9 +2,9 @@
 //!
 //! The first run creates the operator's CA, one identity per party, a certificate and
 //! configuration per node, and the app (`--app`: reconcile and its demo data, or the banking
-//! sample and two users, user0 and user1, whom the members vote in), all under `--dir`. Every run starts
-//! each node as its own process, waits until it answers, writes `sandbox.json`, prints how to use
-//! it, and on Ctrl-C stops the nodes cleanly. A later run resumes on the same state.
+//! sample and two users, user0 and user1, whom the members vote in), all under `--dir`. Every run
+//! starts each node as its own process, waits until it answers, writes `sandbox.json`, prints how
+//! to use it, and on Ctrl-C stops the nodes cleanly. A later run resumes on the same state.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -311,9 +311,9 @@ async fn onboard_users(layout: &SandboxFile) -> anyhow::Result<()> {
     let parties: Vec<cloister_crypto::identity::KeyedCert> =
         layout.parties.iter().map(|p| identity::read_pair(&p.cert, &p.key)).collect::<anyhow::Result<_>>()?;
     let client = Client::connect(&layout.rest_url, &ca, Some(&parties[0])).await?;
-    let known = client.get("/gov/users").await?.text();
+    let known = client.get("/gov/users").await?.json().context("GET /gov/users")?;
     let voters: Vec<&_> = parties.iter().collect();
-    for user in layout.users.iter().filter(|u| !known.contains(&u.id)) {
+    for user in layout.users.iter().filter(|u| known["users"].get(&u.id).is_none()) {
         let cert = std::fs::read_to_string(&user.cert).with_context(|| format!("reading {}", user.cert.display()))?;
         let actions = serde_json::json!([{ "name": "set_user", "args": { "cert": cert } }]);
         let (id, state) =

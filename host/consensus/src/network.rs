@@ -198,15 +198,15 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let mut client =
             self.peers.client(&self.peer_url).map_err(|s| StreamingError::from(status_error(self.target, &s)))?;
-        let file = tokio::fs::File::open(&snapshot.snapshot.path)
-            .await
-            .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))?;
         // A snapshot goes only with the seal of its position: until a signature reaches it, the
         // send fails and openraft tries again.
         let seal = snapshot.snapshot.seal.as_ref().ok_or_else(|| {
             let e = std::io::Error::other("the snapshot's last entry is not signed yet");
             StreamingError::from(RPCError::Network(NetworkError::new(&e)))
         })?;
+        let file = tokio::fs::File::open(&snapshot.snapshot.path)
+            .await
+            .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))?;
         let head = pb::SnapshotChunk { chunk: Some(pb::snapshot_chunk::Chunk::Head(encode(&(vote, snapshot.meta)))) };
         let seal = pb::SnapshotChunk { chunk: Some(pb::snapshot_chunk::Chunk::Seal(encode(seal))) };
         let body = tokio_util::io::ReaderStream::with_capacity(file, SNAPSHOT_CHUNK_BYTES).map(|chunk| {

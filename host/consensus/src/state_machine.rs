@@ -389,15 +389,12 @@ impl StateMachine {
     /// Replaces the whole state with a snapshot's, and continues the ledger from its start state.
     fn install(&self, meta: &SnapshotMeta, snapshot: &SnapshotFile) -> io::Result<()> {
         let path = &snapshot.path;
-        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {m}", path.display()));
+        let invalid = |m: &str| invalid_snapshot(path, m);
         let mut input = Maced::new(BufReader::new(std::fs::File::open(path)?), &self.inner.store);
-        let head = read_head_from(&mut input, path)?;
+        let (head, history, start) = read_preamble(&mut input, path)?;
         if head.last_log_id != meta.last_log_id {
             return Err(invalid("the file does not match its metadata"));
         }
-        let history = read_record(&mut input)?.ok_or_else(|| invalid("the term history is missing"))?;
-        let start = read_record(&mut input)?.ok_or_else(|| invalid("the ledger start is missing"))?;
-        let start: StartState = decode(&start, "a ledger start")?;
         let store = &self.inner.store;
         let mut txn = store.write_batch().map_err(io_other)?;
         txn.clear().map_err(io_other)?;
@@ -451,12 +448,7 @@ impl StateMachine {
         if self.inner.ledger.is_none() {
             return Ok(None);
         }
-        let mut input = BufReader::new(std::fs::File::open(path)?);
-        read_head_from(&mut input, path)?;
-        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {m}", path.display()));
-        read_record(&mut input)?.ok_or_else(|| invalid("the term history is missing"))?;
-        let start = read_record(&mut input)?.ok_or_else(|| invalid("the ledger start is missing"))?;
-        let start: StartState = decode(&start, "a ledger start")?;
+        let (_, _, start) = read_preamble(&mut BufReader::new(std::fs::File::open(path)?), path)?;
         let read = self.inner.store.read_txn().map_err(io_other)?;
         index::snapshot_seal(&read, start.next).map_err(io_other)
     }
@@ -470,17 +462,14 @@ impl StateMachine {
             return Ok(());
         }
         let path = &snapshot.path;
-        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {m}", path.display()));
+        let invalid = |m: &str| invalid_snapshot(path, m);
         let seal =
             snapshot.seal.as_ref().ok_or_else(|| invalid("it has no seal binding it to a signed ledger position"))?;
         let mut input = Maced::new(BufReader::new(std::fs::File::open(path)?), &self.inner.store);
-        let head = read_head_from(&mut input, path)?;
+        let (head, _, start) = read_preamble(&mut input, path)?;
         if head.last_log_id != meta.last_log_id {
             return Err(invalid("the file does not match its metadata"));
         }
-        read_record(&mut input)?.ok_or_else(|| invalid("the term history is missing"))?;
-        let start = read_record(&mut input)?.ok_or_else(|| invalid("the ledger start is missing"))?;
-        let start: StartState = decode(&start, "a ledger start")?;
         let mut endorsed = SnapshotEndorsements::default();
         while let Some(record) = read_record(&mut input)? {
             if let SnapshotRecord::Public(k, v) = decode::<SnapshotRecord>(&record, "a snapshot entry")?
@@ -641,6 +630,18 @@ fn read_head_from(input: &mut impl Read, path: &Path) -> io::Result<SnapshotMeta
     decode(&head, "snapshot metadata")
 }
 
+fn invalid_snapshot(path: &Path, message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {message}", path.display()))
+}
+
+/// A snapshot's first records: its metadata, the term history (encoded) and the ledger's start.
+fn read_preamble(input: &mut impl Read, path: &Path) -> io::Result<(SnapshotMeta, Vec<u8>, StartState)> {
+    let head = read_head_from(input, path)?;
+    let history = read_record(input)?.ok_or_else(|| invalid_snapshot(path, "the term history is missing"))?;
+    let start = read_record(input)?.ok_or_else(|| invalid_snapshot(path, "the ledger start is missing"))?;
+    Ok((head, history, decode(&start, "a ledger start")?))
+}
+
 fn read_head(path: &Path) -> io::Result<SnapshotMeta> {
     read_head_from(&mut BufReader::new(std::fs::File::open(path)?), path)
 }
@@ -722,9 +723,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let current =
             self.inner.current.lock().expect("snapshot lock").as_ref().map(|s| (s.meta.clone(), s.file.clone()));
         let Some((meta, mut file)) = current else { return Ok(None) };
-        // The snapshot is asked for to be sent: it goes with the seal of its position, if a
-        // signature reaches it yet.
-        // A file replaced meanwhile is no storage failure: the sender finds no seal and retries.
+        // It is asked for to be sent: it goes with the seal of its position once a signature
+        // reaches it. A file replaced meanwhile is no storage failure: the sender finds no seal
+        // and retries.
         file.seal = self.seal(&file.path).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "sealing the current snapshot failed; it is not sent yet");
             None

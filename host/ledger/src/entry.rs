@@ -351,13 +351,17 @@ impl Endorsement {
 
 /// SHA-256 of a certificate (DER), as endorsements name it.
 pub fn cert_sha256(cert_der: &[u8]) -> [u8; 32] {
-    ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref().try_into().expect("32 bytes")
+    sha256(cert_der)
 }
 
 /// The claims digest an app attaches for a claim, by convention: SHA-256 of the claim's bytes.
 /// A receipt proves the digest; whoever holds the claim checks it against this.
 pub fn claim_digest(claim: &[u8]) -> [u8; 32] {
-    ring::digest::digest(&ring::digest::SHA256, claim).as_ref().try_into().expect("32 bytes")
+    sha256(claim)
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().try_into().expect("32 bytes")
 }
 
 /// A node's signing identity: its key and certificate.

@@ -296,13 +296,19 @@ mod tests {
         NodeSigner::new(&node.cert_pem, &node.key_pem).unwrap()
     }
 
-    /// A follower refuses a signature entry that does not match its own tree, naming the seqno.
-    #[test]
-    fn signatures_are_checked_against_this_nodes_tree() {
+    /// A fresh state database with the index tables, and a service CA (with its DER).
+    fn fixture() -> (tempfile::TempDir, cloister_store::Store, ServiceCa, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let store = cloister_store::Store::open(&dir.path().join("state.redb")).unwrap();
         let ca = ServiceCa::generate("svc").unwrap();
         let ca_der = identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
+        (dir, store, ca, ca_der)
+    }
+
+    /// A follower refuses a signature entry that does not match its own tree, naming the seqno.
+    #[test]
+    fn signatures_are_checked_against_this_nodes_tree() {
+        let (_dir, store, ca, ca_der) = fixture();
         let batch = store.write_batch().unwrap();
         create(batch.txn()).unwrap();
         let mut appender = Appender::new(batch.txn(), ca_der).unwrap();
@@ -333,10 +339,7 @@ mod tests {
     /// never endorsed or had retired, and a position no signature reaches yet are each refused.
     #[test]
     fn a_snapshot_seal_holds_only_for_its_own_position_and_an_endorsed_signer() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = cloister_store::Store::open(&dir.path().join("state.redb")).unwrap();
-        let ca = ServiceCa::generate("svc").unwrap();
-        let ca_der = identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
+        let (_dir, store, ca, ca_der) = fixture();
         let node = signer(&ca);
         let batch = store.write_batch().unwrap();
         create(batch.txn()).unwrap();

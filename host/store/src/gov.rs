@@ -2,8 +2,8 @@
 //!
 //! The tables and their records are defined once, in `cloister_abi::gov`, and shared with
 //! constitutions. All of them are public (kept in clear in the ledger). Apps may read
-//! `gov.app_config` and `gov.users` and nothing else here; only genesis, the node's governance engine, and the
-//! constitution's `apply` write them.
+//! `gov.app_config` and `gov.users` and nothing else here; only genesis, the node's governance
+//! engine, and the constitution's `apply` write them.
 
 pub use cloister_abi::gov::*;
 
