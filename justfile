@@ -46,3 +46,13 @@ test-fast:
 fuzz cases="1000000":
     CLOISTER_FUZZ_CASES={{cases}} cargo test --release --workspace --lib fuzz
     CLOISTER_FUZZ_CASES={{cases}} cargo test --release -p cloister-attestation --test fuzz
+
+# The Azure deployment's checks without Azure: Bicep rules, cloud-init schema, the scripts, and
+# (as root) the local rehearsal in network namespaces. Needs deploy/azure-cvm/tests/requirements.txt,
+# cloud-init and jq.
+deploy-check:
+    python3 deploy/azure-cvm/tests/check_bicep.py
+    cloud-init schema --config-file deploy/azure-cvm/cloud-init.yaml
+    python3 -m unittest discover -s deploy/azure-cvm/tests
+    cargo build --release
+    bash deploy/azure-cvm/tests/rehearse.sh target/release/cloister

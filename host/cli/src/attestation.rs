@@ -30,10 +30,27 @@ pub(crate) enum AttestationCommand {
         #[arg(long)]
         binding: Option<String>,
     },
+    /// Write a mock SNP firmware root (a test ARK and ASK, with their keys) to OUT, for nodes run
+    /// with `attestation.kind = "mock"` in rehearsals and tests. Evidence it signs passes only a
+    /// service whose genesis chose `attestation = "mock"` with this root.
+    MockRoot {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub async fn run(command: AttestationCommand) -> anyhow::Result<ExitCode> {
-    let AttestationCommand::Verify { evidence, policy, url, cacert, binding } = command;
+    let (evidence, policy, url, cacert, binding) = match command {
+        AttestationCommand::Verify { evidence, policy, url, cacert, binding } => {
+            (evidence, policy, url, cacert, binding)
+        }
+        AttestationCommand::MockRoot { out } => {
+            anyhow::ensure!(!out.exists(), "{} exists; a mock root is written once", out.display());
+            cloister_attestation::mock::MockRoot::generate().write(&out)?;
+            println!("wrote the mock firmware root to {}", out.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let text = std::fs::read(&evidence).with_context(|| format!("reading {}", evidence.display()))?;
     let json: serde_json::Value =
         serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", evidence.display()))?;

@@ -71,6 +71,13 @@ pub(crate) enum AppCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Write an app this binary ships (its wasm) to a file, e.g. for genesis.
+    Export {
+        #[arg(value_enum)]
+        app: crate::sandbox::SandboxApp,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// The proposal that `--action`/`--args` pairs describe.
@@ -135,6 +142,10 @@ pub(crate) async fn run_app(command: AppCommand) -> anyhow::Result<ExitCode> {
             let code = base64::engine::general_purpose::STANDARD.encode(&bytes);
             let proposal = json!({ "actions": [{ "name": "set_app", "args": { "wasm": code } }] });
             signed(&target, GovWrite::Propose, proposal).await
+        }
+        AppCommand::Export { app, out } => {
+            std::fs::write(&out, app.wasm()).with_context(|| format!("writing {}", out.display()))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

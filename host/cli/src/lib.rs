@@ -3,6 +3,7 @@
 
 mod attestation;
 mod bench;
+mod ca;
 mod call;
 mod gov;
 mod ledger;
@@ -65,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: gov::AppCommand,
     },
+    /// The operator's certificate authority: create it, certify node keys.
+    Ca {
+        #[command(subcommand)]
+        command: ca::CaCommand,
+    },
     /// Check attestation evidence offline.
     Attestation {
         #[command(subcommand)]
@@ -85,6 +91,19 @@ enum NodeCommand {
         /// rehearse a refusal (overrides `attestation.mock_measurement`).
         #[arg(long)]
         mock_measurement: Option<String>,
+    },
+    /// Generate this node's key where it runs (or keep the one in --key) and write a certificate
+    /// signing request for it, for `cloister ca sign`: the key never leaves this machine.
+    Csr {
+        /// The node's name: the request's common name.
+        #[arg(long)]
+        name: String,
+        /// The node's private key file (created owner-only if absent).
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the request (PEM).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -138,6 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Node { command: NodeCommand::Csr { name, key, out } } => ca::node_csr(&name, &key, &out),
         Command::Sandbox(args) => sandbox::run(args).await,
         Command::Keygen { name, out } => {
             let id = identity::generate_identity(&name)?;
@@ -152,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Receipt { command } => ledger::run_receipt(command),
         Command::Gov { command } => gov::run_gov(command).await,
         Command::App { command } => gov::run_app(command).await,
+        Command::Ca { command } => ca::run(command),
         Command::Attestation { command } => attestation::run(command).await,
     }
 }

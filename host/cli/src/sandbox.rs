@@ -61,6 +61,16 @@ pub enum SandboxApp {
     Banking,
 }
 
+impl SandboxApp {
+    /// The app's wasm, as this binary ships it.
+    pub fn wasm(self) -> &'static [u8] {
+        match self {
+            SandboxApp::Reconcile => cloister_bundled::RECONCILE,
+            SandboxApp::Banking => cloister_bundled::BANKING,
+        }
+    }
+}
+
 /// The users a banking sandbox creates and the members vote in.
 const BANKING_USERS: &[&str] = &["user0", "user1"];
 
@@ -207,8 +217,8 @@ const MOCK_ROOT_DIR: &str = "mock-amd";
 /// Creates every identity, configuration and file of a new sandbox.
 fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
     let app = match args.app {
-        SandboxApp::Reconcile => ("reconcile.wasm", cloister_bundled::RECONCILE),
-        SandboxApp::Banking => ("banking.wasm", cloister_bundled::BANKING),
+        SandboxApp::Reconcile => ("reconcile.wasm", args.app.wasm()),
+        SandboxApp::Banking => ("banking.wasm", args.app.wasm()),
     };
     // Configurations name files relative to the sandbox folder, so the folder can move.
     let network = LocalNetwork::create(dir, "Cloister sandbox service", args.parties, 0, Some(app), true)?;

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P384_SHA384,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P384_SHA384,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -209,16 +209,76 @@ impl ServiceCa {
         Ok(ServiceCa { keyed, issuer })
     }
 
-    /// Issues a node certificate for TLS, valid for `hosts` (DNS names or IP addresses).
+    /// Issues a node certificate for TLS, valid for `hosts` (DNS names or IP addresses), with a
+    /// key generated here: for local networks, where the operator runs the nodes itself.
     pub fn issue_node_cert(&self, name: &str, hosts: &[String]) -> anyhow::Result<KeyedCert> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
-        let mut p = params(name, hosts.to_vec())?;
-        p.use_authority_key_identifier_extension = true;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = p.signed_by(&key, &self.issuer)?;
+        let cert = node_cert_params(name, hosts)?.signed_by(&key, &self.issuer)?;
         Ok(KeyedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+
+    /// Issues a node certificate for the key of a certificate signing request ([`node_csr`]), so
+    /// the node's private key never leaves the machine that generated it. The request must be
+    /// signed by its key (proof of possession), be for an ECDSA P-384 key, and name `name` as its
+    /// common name; everything else it asks for is ignored: the certificate is valid for `hosts`
+    /// and for TLS only, as [`issue_node_cert`](Self::issue_node_cert) makes it.
+    pub fn sign_node_csr(&self, csr_pem: &str, name: &str, hosts: &[String]) -> anyhow::Result<String> {
+        let request = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| anyhow::anyhow!("the certificate signing request is refused: {e}"))?;
+        anyhow::ensure!(
+            request.public_key.algorithm() == &PKCS_ECDSA_P384_SHA384,
+            "the certificate signing request is for a {:?} key; node keys are ECDSA P-384",
+            request.public_key.algorithm()
+        );
+        let asked = request.params.distinguished_name.get(&DnType::CommonName).and_then(|n| match n {
+            DnValue::Utf8String(s) => Some(s.as_str()),
+            DnValue::PrintableString(s) => Some(s.as_str()),
+            _ => None,
+        });
+        anyhow::ensure!(
+            asked == Some(name),
+            "the certificate signing request is for {}, not {name}",
+            asked.map_or("no common name".to_owned(), |a| format!("{a:?}"))
+        );
+        anyhow::ensure!(!hosts.is_empty(), "a node certificate needs at least one host name or address");
+        // A name given twice (a public host that is also the private address) is listed once.
+        let mut unique: Vec<String> = Vec::with_capacity(hosts.len());
+        for host in hosts {
+            if !unique.contains(host) {
+                unique.push(host.clone());
+            }
+        }
+        let request = CertificateSigningRequestParams {
+            params: node_cert_params(name, &unique)?,
+            public_key: request.public_key,
+        };
+        Ok(request.signed_by(&self.issuer)?.pem())
+    }
+}
+
+/// What a node certificate says: `name`, valid for `hosts`, for TLS servers and clients.
+fn node_cert_params(name: &str, hosts: &[String]) -> anyhow::Result<CertificateParams> {
+    let mut p = params(name, hosts.to_vec())?;
+    p.use_authority_key_identifier_extension = true;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(p)
+}
+
+/// A node's key pair and a certificate signing request for it, both PEM: what a node generates
+/// where it runs (`cloister node csr`), so that the operator's CA can certify the key
+/// ([`ServiceCa::sign_node_csr`]) without ever holding it. With `key_pem`, the request is for
+/// that existing key instead of a new one.
+pub fn node_csr(name: &str, key_pem: Option<&str>) -> anyhow::Result<(String, String)> {
+    let key = match key_pem {
+        Some(pem) => KeyPair::from_pem(pem).context("the node key is not a PKCS#8 PEM key")?,
+        None => KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?,
+    };
+    anyhow::ensure!(key.algorithm() == &PKCS_ECDSA_P384_SHA384, "the node key is not an ECDSA P-384 key");
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, name);
+    let csr = p.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
 }
 
 /// The identity id of a DER certificate: hex SHA-256.
@@ -279,6 +339,53 @@ mod tests {
         let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, ENDORSED_TLS_CERT_VALIDITY.as_secs() as i64 + 3600, "a day, from an hour back");
         assert!(issuer.basic_constraints().unwrap().is_some_and(|b| b.value.ca));
+    }
+
+    /// A node certificate for a key the CA never sees: issued for the request's key, for the
+    /// hosts the operator names (not those the request asks for), and verifiable under the CA.
+    #[test]
+    fn the_ca_certifies_a_key_it_never_holds_from_a_signed_request() {
+        let ca = ServiceCa::generate("operator").unwrap();
+        let (key_pem, csr_pem) = node_csr("vm0", None).unwrap();
+        let cert_pem = ca.sign_node_csr(&csr_pem, "vm0", &["10.0.0.10".into(), "vm0.example".into()]).unwrap();
+        let der = cert_der(cert_pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let ca_der = cert_der(ca.keyed.cert_pem.as_bytes()).unwrap();
+        let (_, issuer) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        cert.verify_signature(Some(issuer.public_key())).expect("signed by the CA");
+        let key = KeyPair::from_pem(&key_pem).unwrap();
+        assert_eq!(cert.public_key().subject_public_key.data.as_ref(), key.public_key_raw(), "the request's key");
+        assert_eq!(cert_hosts(&der).unwrap(), ["10.0.0.10", "vm0.example"]);
+        // The same key asks again (a rerun of the VM's bootstrap): same key, new request.
+        let (again, csr2) = node_csr("vm0", Some(&key_pem)).unwrap();
+        assert_eq!(again, key_pem);
+        let pem = ca.sign_node_csr(&csr2, "vm0", &["10.0.0.10".into(), "10.0.0.10".into()]).unwrap();
+        assert_eq!(cert_hosts(&cert_der(pem.as_bytes()).unwrap()).unwrap(), ["10.0.0.10"], "listed once");
+    }
+
+    #[test]
+    fn a_request_for_another_node_a_broken_signature_or_another_curve_is_refused() {
+        let ca = ServiceCa::generate("operator").unwrap();
+        let (_, csr) = node_csr("vm1", None).unwrap();
+        let err = ca.sign_node_csr(&csr, "vm0", &["10.0.0.10".into()]).unwrap_err().to_string();
+        assert!(err.contains("is for \"vm1\", not vm0"), "{err}");
+        let err = ca.sign_node_csr(&csr, "vm1", &[]).unwrap_err().to_string();
+        assert!(err.contains("at least one host"), "{err}");
+        // One bit of the signed request flipped: the proof of possession fails.
+        let parsed = pem::parse(&csr).unwrap();
+        let mut der = parsed.contents().to_vec();
+        let at = der.len() / 3;
+        der[at] ^= 1;
+        let forged = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+        let err = ca.sign_node_csr(&forged, "vm1", &["10.0.0.11".into()]).unwrap_err().to_string();
+        assert!(err.contains("the certificate signing request is refused"), "{err}");
+        let p256 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "vm1");
+        let weak = p.serialize_request(&p256).unwrap().pem().unwrap();
+        let err = ca.sign_node_csr(&weak, "vm1", &["10.0.0.11".into()]).unwrap_err().to_string();
+        assert!(err.contains("node keys are ECDSA P-384"), "{err}");
+        assert!(ca.sign_node_csr("not a request", "vm1", &["h".into()]).is_err());
     }
 
     #[test]
