@@ -22,6 +22,14 @@ bench:
     cargo bench -p cloister-runtime --bench runtime
     cargo bench -p cloister-ledger --bench ledger
 
+# Cloister side by side with etcd on this machine, 1 and 3 nodes, 1/16/256 clients, 10 s a point:
+# needs etcd on PATH (Debian: apt-get install etcd-server etcd-client). Writes
+# target/bench-peers/peers.md, peers.json and peers.png.
+bench-peers *args:
+    cargo build --release -p cloister-cli
+    cargo build --release -p cloister-peers-bench
+    target/release/cloister-peers-bench {{args}}
+
 # A local network: identities, one process per node, the reconcile app.
 sandbox *args:
     cargo run --release -- sandbox {{args}}

@@ -1,10 +1,11 @@
 //! `cloister sandbox`: a local network in one command.
 //!
 //! The first run creates the operator's CA, one identity per party, a certificate and
-//! configuration per node, and the app (`--app`: reconcile and its demo data, or the banking
-//! sample and two users, user0 and user1, whom the members vote in), all under `--dir`. Every run
-//! starts each node as its own process, waits until it answers, writes `sandbox.json`, prints how
-//! to use it, and on Ctrl-C stops the nodes cleanly. A later run resumes on the same state.
+//! configuration per node, and the app (`--app`: reconcile and its demo data, the banking sample
+//! and two users, user0 and user1, whom the members vote in, or the key-value store), all under
+//! `--dir`. Every run starts each node as its own process, waits until it answers, writes
+//! `sandbox.json`, prints how to use it, and on Ctrl-C stops the nodes cleanly. A later run
+//! resumes on the same state.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -59,6 +60,8 @@ pub enum SandboxApp {
     /// The bank-consortium sample: the members are banks, and two users (user0, user1) are voted
     /// in by proposal once the service is open.
     Banking,
+    /// A minimal key-value store (PUT/GET/DELETE /app/kv/{key}), for benchmarks against etcd.
+    Kv,
 }
 
 impl SandboxApp {
@@ -67,6 +70,7 @@ impl SandboxApp {
         match self {
             SandboxApp::Reconcile => cloister_bundled::RECONCILE,
             SandboxApp::Banking => cloister_bundled::BANKING,
+            SandboxApp::Kv => cloister_bundled::KV,
         }
     }
 }
@@ -219,6 +223,7 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
     let app = match args.app {
         SandboxApp::Reconcile => ("reconcile.wasm", args.app.wasm()),
         SandboxApp::Banking => ("banking.wasm", args.app.wasm()),
+        SandboxApp::Kv => ("kv.wasm", args.app.wasm()),
     };
     // Configurations name files relative to the sandbox folder, so the folder can move.
     let network = LocalNetwork::create(dir, "Cloister sandbox service", args.parties, 0, Some(app), true)?;
@@ -258,6 +263,8 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
                 });
             }
         }
+        // The parties (members) write and read it; it needs no users or data.
+        SandboxApp::Kv => {}
     }
     let mut nodes = Vec::new();
     let first_peer = format!("https://{}", NodeAddrs::from_port(args.port).peer);
@@ -480,10 +487,10 @@ fn print_usage(dir: &Path, layout: &SandboxFile) {
         println!("  users    {}  (the same file names, and {d}/<name>.id: the user's id)", names.join(", "));
     }
     println!("  details  {d}/sandbox.json\n");
-    if layout.app == SandboxApp::Banking {
-        print_banking_usage(&exe, dir, layout, second);
-    } else {
-        print_reconcile_usage(&exe, dir, layout, first, second);
+    match layout.app {
+        SandboxApp::Reconcile => print_reconcile_usage(&exe, dir, layout, first, second),
+        SandboxApp::Banking => print_banking_usage(&exe, dir, layout, second),
+        SandboxApp::Kv => print_kv_usage(&exe, dir, first),
     }
     println!("gRPC (server reflection is on):");
     println!(
@@ -529,4 +536,11 @@ fn print_banking_usage(exe: &str, dir: &Path, layout: &SandboxFile, bank: &str) 
     println!("then, with the tx id the transfer printed and the claim it answered:");
     println!("  {} GET '/app/receipt?id=TX' > receipt.json", call(&u0.name));
     println!("  {exe} receipt verify receipt.json --service-cert {d}/{SERVICE_IDENTITY_FILE} --claim 'CLAIM'\n");
+}
+
+fn print_kv_usage(exe: &str, dir: &Path, first: &str) {
+    let d = dir.display();
+    println!("Write a value and read it back with the cloister command:");
+    println!("  {exe} call --sandbox {d} --as {first} PUT /app/kv/greeting --data 'hello'");
+    println!("  {exe} call --sandbox {d} --as {first} GET /app/kv/greeting\n");
 }

@@ -1,0 +1,221 @@
+//! `cloister-peers-bench`: Cloister side by side with etcd on one machine, in one run.
+//!
+//! For each network size it starts an etcd cluster (the `etcd` on PATH: TLS with client
+//! certificates, fsync on, one process per member on loopback) and Cloister sandboxes of the same
+//! size (`cloister sandbox`: TLS with client certificates, fsync on, one process per node), and
+//! drives both with this one load generator: tonic, closed-loop clients, each on its own HTTP/2
+//! connection, for a fixed time per point. etcd does a KV Put; Cloister does an `App.Call` of the
+//! kv contract's put (the same work) and of a 1-record reconcile ingest. Clients go all to the
+//! leader, or round-robin over every node. It prints one table (throughput, p50, p99, and each
+//! Cloister figure divided by etcd's for the same point) and writes it as Markdown, JSON, and a
+//! PNG chart.
+
+mod chart;
+mod load;
+mod systems;
+
+/// The slice of etcd's v3 API the benchmark speaks (`proto/etcd.proto`).
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use serde::Serialize;
+
+use load::Workload;
+
+#[derive(Parser)]
+#[command(name = "cloister-peers-bench", about = "Cloister side by side with etcd on this machine")]
+struct Args {
+    /// The cloister binary (build it with `cargo build --release`).
+    #[arg(long, default_value = "target/release/cloister")]
+    cloister: PathBuf,
+    /// The etcd server binary (Debian: apt-get install etcd-server etcd-client).
+    #[arg(long, default_value = "etcd")]
+    etcd: PathBuf,
+    /// Network sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    nodes: Vec<usize>,
+    /// Concurrent clients per point, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    clients: Vec<usize>,
+    /// Seconds each point runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Bytes of each value written (etcd Put and kv put).
+    #[arg(long, default_value_t = 64)]
+    value_bytes: usize,
+    /// First port; each system takes a few from here.
+    #[arg(long, default_value_t = 19100)]
+    port: u16,
+    /// Which systems to run: etcd, kv (Cloister's kv put), reconcile (a 1-record ingest).
+    #[arg(long, value_delimiter = ',', default_value = "etcd,kv,reconcile")]
+    systems: Vec<String>,
+    /// Where the table and chart go.
+    #[arg(long, default_value = "target/bench-peers")]
+    out: PathBuf,
+}
+
+/// Where clients connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every client on the leader.
+    Leader,
+    /// Clients round-robin over all nodes (followers forward writes).
+    Spread,
+}
+
+/// One measured point.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub system: &'static str,
+    pub nodes: usize,
+    pub mode: Mode,
+    pub clients: usize,
+    pub requests: u64,
+    pub errors: u64,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.nodes.is_empty() && !args.clients.is_empty(), "give at least one --nodes and --clients");
+    anyhow::ensure!(args.nodes.iter().all(|&n| (1..=7).contains(&n)), "--nodes must be 1 to 7");
+    if let Some(s) = args.systems.iter().find(|s| !["etcd", "kv", "reconcile"].contains(&s.as_str())) {
+        anyhow::bail!("--systems: {s:?} is not etcd, kv or reconcile");
+    }
+    let cloister = args
+        .cloister
+        .canonicalize()
+        .with_context(|| format!("no cloister binary at {} (cargo build --release)", args.cloister.display()))?;
+    let duration = Duration::from_secs(args.seconds);
+    let mut points = Vec::new();
+    for &nodes in &args.nodes {
+        if args.systems.iter().any(|s| s == "etcd") {
+            let etcd = systems::Etcd::start(&args.etcd, nodes, args.port).await?;
+            eprintln!("etcd: {nodes} member(s) up");
+            for &mode in modes(nodes) {
+                let urls = etcd.urls(mode).await?;
+                for &clients in &args.clients {
+                    let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
+                    let point = load::drive(etcd.target(), &urls, clients, duration, &workload).await?;
+                    points.push(report("etcd", nodes, mode, clients, point));
+                }
+            }
+        }
+        for (system, app, workload) in [
+            ("cloister kv put", "kv", Workload::KvPut { value_bytes: args.value_bytes }),
+            ("cloister reconcile ingest", "reconcile", Workload::ReconcileIngest),
+        ] {
+            if !args.systems.iter().any(|s| s == app) {
+                continue;
+            }
+            let sandbox = systems::Sandbox::start(&cloister, nodes, args.port + 20, app).await?;
+            eprintln!("{system}: {nodes} node(s) up");
+            for &mode in modes(nodes) {
+                let urls = sandbox.urls(mode).await?;
+                for &clients in &args.clients {
+                    let point = load::drive(sandbox.target(), &urls, clients, duration, &workload).await?;
+                    points.push(report(system, nodes, mode, clients, point));
+                }
+            }
+        }
+    }
+    let table = table(&points);
+    println!("\n{table}");
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::write(args.out.join("peers.md"), &table)?;
+    std::fs::write(args.out.join("peers.json"), serde_json::to_vec_pretty(&points)?)?;
+    let png = args.out.join("peers.png");
+    match chart::draw(&points, &png) {
+        Ok(()) => eprintln!("wrote {}, peers.md and peers.json", png.display()),
+        Err(e) => eprintln!("wrote peers.md and peers.json; no chart: {e:#}"),
+    }
+    Ok(())
+}
+
+/// Where clients connect: on one node, the leader is every node.
+fn modes(nodes: usize) -> &'static [Mode] {
+    if nodes == 1 { &[Mode::Leader] } else { &[Mode::Leader, Mode::Spread] }
+}
+
+fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, r: load::Measured) -> Point {
+    let point = Point {
+        system,
+        nodes,
+        mode,
+        clients,
+        requests: r.requests,
+        errors: r.errors,
+        per_second: r.per_second(),
+        p50_ms: r.p50.as_secs_f64() * 1e3,
+        p99_ms: r.p99.as_secs_f64() * 1e3,
+    };
+    eprintln!(
+        "  {system:<26} {nodes} node(s) {:<6} {clients:>3} clients: {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms{}",
+        format!("{mode:?}").to_lowercase(),
+        point.per_second,
+        point.p50_ms,
+        point.p99_ms,
+        if point.errors > 0 { format!("  ({} errors)", point.errors) } else { String::new() }
+    );
+    point
+}
+
+/// The Markdown table: every point, with each Cloister figure against etcd's at the same point
+/// (throughput ratio above 1 and latency ratio below 1 favour Cloister).
+fn table(points: &[Point]) -> String {
+    let mut out = String::from(
+        "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | ops/s ÷ etcd | p50 ÷ etcd | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for p in points {
+        let etcd = points
+            .iter()
+            .find(|e| e.system == "etcd" && e.nodes == p.nodes && e.mode == p.mode && e.clients == p.clients);
+        let (rate, p50) = match etcd {
+            Some(e) if p.system != "etcd" => (
+                format!("{:.2}", p.per_second / e.per_second.max(1e-9)),
+                format!("{:.2}", p.p50_ms / e.p50_ms.max(1e-9)),
+            ),
+            _ => ("".into(), "".into()),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {rate} | {p50} | {} |\n",
+            p.system,
+            p.nodes,
+            format!("{:?}", p.mode).to_lowercase(),
+            p.clients,
+            p.per_second,
+            p.p50_ms,
+            p.p99_ms,
+            p.errors
+        ));
+    }
+    out
+}
