@@ -103,6 +103,10 @@ fn certificates(text: &str, field: &str) -> Result<Vec<Vec<u8>>, String> {
         if label != "CERTIFICATE" {
             return Err(format!("{field} certificate {n} is PEM labelled {label:?}, not CERTIFICATE"));
         }
+        // x509-parser first, as `verify::cert` does: the `der` crate allocates what a length
+        // field claims before it finds the input shorter.
+        x509_parser::parse_x509_certificate(&der)
+            .map_err(|err| format!("{field} certificate {n} is not X.509: {err}"))?;
         Certificate::from_der(&der).map_err(|err| format!("{field} certificate {n} is not X.509: {err}"))?;
         out.push(der);
         rest = rest[end + END.len()..].trim_start();

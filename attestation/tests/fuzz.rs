@@ -142,3 +142,17 @@ proptest! {
         check(&Evidence::Mock(snp), report.len())?;
     }
 }
+
+/// The case the property test found: one byte of a VCEK turned into a 3-byte DER length that
+/// claims 10 MB. It is refused as a format error, allocating about what the input explains.
+#[test]
+fn a_vcek_length_claiming_megabytes_is_refused_without_allocating_them() {
+    let mut snp = fixtures().1.report([3; 64]);
+    let at = 1651326682028996490usize % snp.vcek.len();
+    snp.vcek[at] ^= 183;
+    let len = snp.report.len() + snp.vcek.len();
+    let (result, largest) = largest_allocation(|| verify(&Evidence::Mock(snp), policy(), None));
+    let refusal = result.expect_err("a broken VCEK");
+    assert_eq!(refusal.check, cloister_attestation::Check::Format, "{refusal}");
+    assert!(largest <= len + VERIFY_ALLOCATION_BYTES_MAX, "allocated {largest} bytes at once");
+}
