@@ -84,11 +84,11 @@ az_run deployment group create --resource-group "$group" --name "$DEPLOYMENT_NAM
   --template-file "$TEMPLATE_DIR/main.bicep" --parameters "@$params" --output none
 
 # New nodes attest through a node that runs now (a follower sends them on to the leader).
-url="$(client_url "$state")"
-via="$(head -n1 "$state/nodes.tsv" | cut -f2)"
+read -r _ via via_host <<<"$(running_node "$group" "$state")"
+url="https://$via_host:$HTTPS_PORT"
 activate_new_nodes "$group" "$ca_cert" "$ca_key" "https://$via:$PEER_PORT"
 old_names="$(cut -f1 "$state/nodes.tsv")"
-deployed_nodes "$group" >"$state/nodes.tsv"
+write_nodes "$group" "$state"
 
 while IFS=$'\t' read -r name _ _ <&3; do
   if grep -qx "$name" <<<"$old_names"; then continue; fi

@@ -87,6 +87,10 @@ check_file --ssh-public-key "$ssh_key"
 for m in "${members[@]}"; do check_file --member-cert "$m"; done
 grep -q "BEGIN CERTIFICATE" "$ca_cert" || die "--ca-cert '$ca_cert' holds no PEM certificate"
 for m in "${members[@]}"; do grep -q "BEGIN CERTIFICATE" "$m" || die "--member-cert '$m' holds no PEM certificate"; done
+# What goes to Azure is public; a file holding a private key is refused before anything is sent.
+for f in "$ca_cert" "${members[@]}"; do
+  ! grep -q "PRIVATE KEY" "$f" || die "'$f' holds a private key; pass certificate files only (--ca-cert, --member-cert)"
+done
 out="${out:-./cloister-$group}"
 
 deploy_template "$group" "$location" "$node_count" "$vm_size" "$prefix" "$client_source" "$binary_url" \
@@ -97,10 +101,10 @@ if [ "$DRY_RUN" = 1 ]; then
   exit 0
 fi
 mkdir -p "$out"
-deployed_nodes "$group" >"$out/nodes.tsv"
-first="$(head -n1 "$out/nodes.tsv" | cut -f1)"
+write_nodes "$group" "$out"
+read -r first _ first_host <<<"$(running_node "$group" "$out")"
 fetch_service_identity "$group" "$first" "$out/service_identity.pem"
-rest_url="https://$(head -n1 "$out/nodes.tsv" | cut -f3):8000"
+rest_url="https://$first_host:$HTTPS_PORT"
 note "the network is up; clients pin $out/service_identity.pem"
 cat <<NEXT
 

@@ -7,9 +7,11 @@ CLOISTER="${CLOISTER:-cloister}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TEMPLATE_DIR="$(cd "$HERE/.." && pwd)"
 DEPLOYMENT_NAME="cloister"
-# main.bicep's default ports: clients' HTTPS, and the peers' port inside the subnet.
+# main.bicep's default ports: clients' HTTPS, and the peers' port inside the subnet (used by the
+# scripts that source this file).
+# shellcheck disable=SC2034
 HTTPS_PORT=8000
-# shellcheck disable=SC2034 # used by the scripts that source this file
+# shellcheck disable=SC2034
 PEER_PORT=8002
 DRY_RUN=0
 
@@ -33,8 +35,7 @@ az_run() {
 # before anything is sent to Azure.
 require() { [ -n "${2:-}" ] || die "$1 is required"; }
 check_node_count() {
-  [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge 1 ] && [ "$2" -le 15 ] ||
-    die "$1 must be a whole number from 1 to 15 (got '$2')"
+  [[ "$2" =~ ^[1-9][0-9]*$ ]] && [ "$2" -le 15 ] || die "$1 must be a whole number from 1 to 15 (got '$2')"
 }
 check_vm_size() {
   # AMD SEV-SNP confidential VM sizes: DCasv5, DCadsv5, ECasv5, ECadsv5 and their v6 successors.
@@ -55,7 +56,7 @@ check_cidr() {
 }
 check_url() {
   # The binary's integrity rests on its SHA-256, which bootstrap.sh checks before installing.
-  [[ "$2" =~ ^https?://[^[:space:]]+$ ]] || die "$1 must be an http(s):// URL (got '$2')"
+  [[ "$2" =~ ^https?://[^[:space:]\']+$ ]] || die "$1 must be an http(s):// URL without spaces or quotes (got '$2')"
 }
 check_sha256() {
   [[ "$2" =~ ^[0-9a-fA-F]{64}$ ]] || die "$1 must be 64 hexadecimal digits (got '$2')"
@@ -98,11 +99,12 @@ certify_and_activate() {
   if [ "$DRY_RUN" = 1 ]; then
     run_command "$group" "$vm" 'cat /var/lib/cloister/tls/node.csr.pem'
     echo "$CLOISTER ca sign node.csr.pem --name $vm --host $private_ip --host $public_host --ca-cert $ca_cert --ca-key $ca_key --out $vm.cert.pem" >&2
-    run_command "$group" "$vm" 'bash /usr/local/lib/cloister/activate.sh "$@"' "<base64 of $vm.cert.pem>" ${join_url:+"$join_url"}
+    run_command "$group" "$vm" 'bash /usr/local/lib/cloister/activate.sh "$@"' "<unpadded base64 of $vm.cert.pem>" ${join_url:+"$join_url"}
     return 0
   fi
   while :; do
-    csr="$(run_command "$group" "$vm" 'cat /var/lib/cloister/tls/node.csr.pem 2>/dev/null || true')"
+    # A failed call (the VM agent not up yet, a transient error) is one more try, not the end.
+    csr="$(run_command "$group" "$vm" 'cat /var/lib/cloister/tls/node.csr.pem 2>/dev/null || true')" || csr=""
     case "$csr" in *"BEGIN CERTIFICATE REQUEST"*) break ;; esac
     tries=$((tries + 1))
     [ "$tries" -lt "${CLOISTER_CSR_TRIES:-60}" ] || die "$vm published no signing request; is bootstrap.sh failing? (see /var/log/cloud-init-output.log)"
@@ -112,7 +114,8 @@ certify_and_activate() {
   printf '%s\n' "$csr" >"$work/$vm.csr.pem"
   "$CLOISTER" ca sign "$work/$vm.csr.pem" --name "$vm" --host "$private_ip" --host "$public_host" \
     --ca-cert "$ca_cert" --ca-key "$ca_key" --out "$work/$vm.cert.pem"
-  cert="$(base64 -w0 <"$work/$vm.cert.pem")"
+  # Without base64's '=' padding: az run-command takes a parameter holding '=' for NAME=VALUE.
+  cert="$(base64 -w0 <"$work/$vm.cert.pem" | tr -d '=')"
   rm -rf "$work"
   local answer
   answer="$(run_command "$group" "$vm" 'bash /usr/local/lib/cloister/activate.sh "$@" 2>&1' "$cert" ${join_url:+"$join_url"})"
@@ -125,7 +128,7 @@ certify_and_activate() {
 fetch_service_identity() {
   local group="$1" vm="$2" out="$3" pem tries=0
   while :; do
-    pem="$(run_command "$group" "$vm" 'cat /var/lib/cloister/data/service_identity.pem 2>/dev/null || true')"
+    pem="$(run_command "$group" "$vm" 'cat /var/lib/cloister/data/service_identity.pem 2>/dev/null || true')" || pem=""
     case "$pem" in *"BEGIN CERTIFICATE"*) break ;; esac
     tries=$((tries + 1))
     [ "$tries" -lt "${CLOISTER_IDENTITY_TRIES:-60}" ] || die "$vm has not written the service identity yet"
@@ -189,7 +192,13 @@ activate_new_nodes() {
     note "(dry run: the three commands above run for each node without a certificate)"
     return 0
   fi
+  local running
+  running="$(running_vms "$group")"
   while IFS=$'\t' read -r name ip host <&3; do
+    if ! grep -qx "$name" <<<"$running"; then
+      note "$name is not running (retired, or stopped by hand); left alone"
+      continue
+    fi
     state="$(run_command "$group" "$name" 'test -f /var/lib/cloister/tls/node.cert.pem && echo active || echo new')"
     if [ "$state" = active ]; then
       note "$name runs already"
@@ -199,22 +208,37 @@ activate_new_nodes() {
   done 3< <(deployed_nodes "$group")
 }
 
-# A running node's client URL, other than NAME: the first line of STATE/nodes.tsv for another VM.
-client_url() {
-  local state="$1" except="${2:-}" name ip host
+# The VMs of the group that run, one name per line.
+running_vms() {
+  az_run vm list --resource-group "$1" --show-details --query "[?powerState=='VM running'].name" --output tsv
+}
+
+# The first node of STATE/nodes.tsv whose VM runs, other than EXCEPT: "NAME PRIVATE_IP PUBLIC_HOST".
+running_node() {
+  local group="$1" state="$2" except="${3:-}" running name ip host
+  running="$(running_vms "$group")"
   while IFS=$'\t' read -r name ip host; do
     [ "$name" = "$except" ] && continue
-    echo "https://$host:$HTTPS_PORT"
+    grep -qx "$name" <<<"$running" || continue
+    echo "$name $ip $host"
     return 0
   done <"$state/nodes.tsv"
-  die "no other node in $state/nodes.tsv"
+  die "no running node in $state/nodes.tsv${except:+ other than $except}"
+}
+
+# Writes the deployment's node list to STATE/nodes.tsv (whole, or not at all).
+write_nodes() {
+  local group="$1" state="$2"
+  deployed_nodes "$group" >"$state/nodes.tsv.tmp"
+  mv "$state/nodes.tsv.tmp" "$state/nodes.tsv"
 }
 
 # The service's record of node NAME (id and status), from GET /node/attestations: "ID STATUS".
 node_record() {
   local url="$1" identity="$2" name="$3"
-  "$CLOISTER" call GET /node/attestations --url "$url" --cacert "$identity" 2>/dev/null |
-    jq -r --arg name "$name" '.nodes[] | select(.name == $name) | "\(.node_id) \(.status)"' | tail -n1
+  local answer
+  answer="$("$CLOISTER" call GET /node/attestations --url "$url" --cacert "$identity" 2>/dev/null)" || return 0
+  jq -r --arg name "$name" '.nodes[] | select(.name == $name) | "\(.node_id) \(.status)"' <<<"$answer" | tail -n1
 }
 
 # Files a proposal of one action as the member (CERT, KEY), votes for it, and prints its id.

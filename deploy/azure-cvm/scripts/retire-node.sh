@@ -60,7 +60,8 @@ fi
 identity="$state/service_identity.pem"
 check_file "the state folder's service identity" "$identity"
 grep -q "^$node	" "$state/nodes.tsv" || die "--node: $node is not a node of $group (see $state/nodes.tsv)"
-url="$(client_url "$state" "$node")"
+read -r _ _ via_host <<<"$(running_node "$group" "$state" "$node")"
+url="https://$via_host:$HTTPS_PORT"
 record="$(node_record "$url" "$identity" "$node")"
 [ -n "$record" ] || die "the service has no record of $node"
 read -r node_id status <<<"$record"
@@ -72,8 +73,10 @@ if [ "$status" != Retired ]; then
 fi
 note "waiting for $node to leave the network"
 for _ in $(seq 1 90); do
-  if ! "$CLOISTER" call GET /node/network --url "$url" --cacert "$identity" 2>/dev/null |
-    jq -e --arg name "$node" '.nodes[] | select(.name == $name)' >/dev/null; then
+  # Only an answer that lists the network without the node counts; a failed call is asked again.
+  if network="$("$CLOISTER" call GET /node/network --url "$url" --cacert "$identity" 2>/dev/null)" &&
+    jq -e '.nodes | length > 0' >/dev/null <<<"$network" &&
+    ! jq -e --arg name "$node" '.nodes[] | select(.name == $name)' >/dev/null <<<"$network"; then
     note "$node has left; deallocating its VM"
     az_run vm deallocate --resource-group "$group" --name "$node"
     note "$node is retired and deallocated"

@@ -279,7 +279,11 @@ def run_command(state: dict[str, Any], a: argparse.Namespace) -> Any:
     if a.command_id != "RunShellScript":
         raise AzError(f"the rehearsal's az runs RunShellScript only, not {a.command_id}")
     script = "\n".join(a.scripts)
-    done = subprocess.run(in_vm(vm, ["bash", "-c", script, "run-command", *(a.parameters or [])]),
+    # As the Azure CLI does: a parameter holding '=' is NAME=VALUE (the script sees an environment
+    # variable), any other is the next positional argument.
+    named = [p for p in a.parameters or [] if "=" in p]
+    positional = [p for p in a.parameters or [] if "=" not in p]
+    done = subprocess.run(in_vm(vm, ["env", *named, "bash", "-c", script, "run-command", *positional]),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     # Azure's Linux run-command reports success whatever the script's exit code.
     message = f"Enable succeeded: \n[stdout]\n{done.stdout}\n[stderr]\n{done.stderr}\n"
@@ -314,6 +318,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--query")
     p.add_argument("--output", "-o", default="json")
     p.add_argument("--yes", "-y", action="store_true")
+    p.add_argument("--show-details", "-d", action="store_true")
     a = p.parse_args(argv)
     words = " ".join(a.words)
     state = load_state()
@@ -338,6 +343,9 @@ def main(argv: list[str]) -> int:
             raise AzError(f"(ResourceNotFound) VM '{a.name}' was not found.")
         stop_vm(vm)
         result = None
+    elif words == "vm list":
+        vms = group_of(state, a.resource_group)["vms"].values()
+        result = [{"name": vm["name"], "powerState": f"VM {vm['power']}"} for vm in vms]
     elif words == "vm show":
         vm = group_of(state, a.resource_group)["vms"].get(a.name)
         if vm is None:

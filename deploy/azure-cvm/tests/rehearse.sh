@@ -114,13 +114,16 @@ ID="$STATE/service_identity.pem"
 # shellcheck disable=SC2046
 as() { local who="$1"; shift; cloister "$@" --url "$URL" --cacert "$ID" $(member "$who"); }
 
+deploy() {
+  "$DEPLOY/scripts/deploy.sh" --resource-group "$GROUP" --location local --node-count "$1" \
+    --client-source 10.77.0.0/24 --binary-url "http://$OP_IP:8080/cloister" --binary-sha256 "$SHA" \
+    --ca-cert "$WORK/service.cert.pem" --ca-key "$WORK/service.key.pem" \
+    --member-cert "$WORK/member0.cert.pem" --member-cert "$WORK/member1.cert.pem" \
+    --member-cert "$WORK/member2.cert.pem" --ssh-public-key "$WORK/admin_ssh.pub" --out "$STATE"
+}
+
 step "deploy.sh: 3 nodes"
-"$DEPLOY/scripts/deploy.sh" --resource-group "$GROUP" --location local --node-count 3 \
-  --client-source 10.77.0.0/24 --binary-url "http://$OP_IP:8080/cloister" --binary-sha256 "$SHA" \
-  --ca-cert "$WORK/service.cert.pem" --ca-key "$WORK/service.key.pem" \
-  --member-cert "$WORK/member0.cert.pem" --member-cert "$WORK/member1.cert.pem" \
-  --member-cert "$WORK/member2.cert.pem" --ssh-public-key "$WORK/admin_ssh.pub" --out "$STATE" ||
-  fail "deploy.sh"
+deploy 3 || fail "deploy.sh"
 [ "$(wc -l <"$STATE/nodes.tsv")" = 3 ] || fail "nodes.tsv lists $(wc -l <"$STATE/nodes.tsv") nodes"
 for vm in "$REHEARSAL_DIR"/vms/*; do
   # The node's key was made in its VM; the operator's folders hold no node key.
@@ -200,6 +203,14 @@ as member2 call GET /app/report >/dev/null || fail "member2's report"
 # The new node serves the service too.
 cloister call GET /gov/service --url "https://10.77.0.13:8000" --cacert "$ID" >/dev/null ||
   fail "the added node does not answer"
+
+step "deploy.sh again (an update): running nodes and the retired one are left alone"
+deploy 4 >"$WORK/redeploy.log" 2>&1 || { cat "$WORK/redeploy.log" >&2; fail "deploy.sh rerun"; }
+grep -q "cloister-node2 is not running" "$WORK/redeploy.log" || fail "the rerun did not skip the retired node"
+[ "$(grep -c "runs already" "$WORK/redeploy.log")" = 3 ] || fail "the rerun did not leave the 3 running nodes alone"
+power="$(az vm show --resource-group "$GROUP" --name cloister-node2 --query powerState --output tsv)"
+[ "$power" = "VM deallocated" ] || fail "the rerun changed cloister-node2 to '$power'"
+wait_voters 3
 
 step "destroy.sh"
 "$DEPLOY/scripts/destroy.sh" --resource-group "$GROUP" --yes || fail "destroy.sh"

@@ -34,6 +34,7 @@ class ScriptTest(unittest.TestCase):
         for name in ("ca.cert.pem", "m0.cert.pem", "m1.cert.pem"):
             (self.dir / name).write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
         (self.dir / "ca.key.pem").write_text("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+        (self.dir / "with-key.pem").write_text((self.dir / "m0.cert.pem").read_text() + (self.dir / "ca.key.pem").read_text())
         (self.dir / "ssh.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFake rehearsal\n")
 
     def tearDown(self) -> None:
@@ -93,7 +94,10 @@ class ScriptTest(unittest.TestCase):
             ("--binary-url", "ftp://example.org/cloister"), ("--binary-url", "example.org/cloister"),
             ("--binary-sha256", "ab" * 31), ("--binary-sha256", "zz" * 32), ("--binary-sha256", SHA + "0"),
             ("--resource-group", "Bad Name"), ("--app", "wallet"),
+            ("--binary-url", "https://example.org/c'loister"), ("--node-count", "03"),
             ("--ca-cert", "/no/such/file"), ("--member-cert", str(self.dir / "ca.key.pem")),
+            # A certificate file with a private key appended: nothing secret goes to Azure.
+            ("--member-cert", str(self.dir / "with-key.pem")), ("--ca-cert", str(self.dir / "with-key.pem")),
         ]
         for option, value in cases:
             with self.subTest(option=option, value=value):

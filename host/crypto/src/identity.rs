@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P384_SHA384,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P384_SHA384, PublicKeyData,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -92,6 +92,13 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 fn params(name: &str, sans: Vec<String>) -> anyhow::Result<CertificateParams> {
     let mut p = CertificateParams::new(sans)?;
+    // A random serial: rcgen's default derives it from the key, so a key certified twice (a
+    // node's signing request answered again) would get two certificates with one serial.
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    serial[0] &= 0x7f;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     p.distinguished_name = dn;
@@ -202,8 +209,17 @@ impl ServiceCa {
         Ok(ServiceCa { keyed, issuer: Issuer::new(p, key) })
     }
 
+    /// The CA from its certificate and key, which must belong together: a wrong key would issue
+    /// certificates nothing verifies.
     pub fn load(keyed: KeyedCert) -> anyhow::Result<ServiceCa> {
         let key = KeyPair::from_pem(&keyed.key_pem).context("the service CA key is not a PKCS#8 PEM key")?;
+        let der = cert_der(keyed.cert_pem.as_bytes()).context("the service CA certificate")?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).context("the service CA certificate does not parse")?;
+        anyhow::ensure!(
+            cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw(),
+            "the service CA key does not belong to the service CA certificate"
+        );
         let issuer =
             Issuer::from_ca_cert_pem(&keyed.cert_pem, key).context("the service CA certificate is unreadable")?;
         Ok(ServiceCa { keyed, issuer })
@@ -225,10 +241,13 @@ impl ServiceCa {
     pub fn sign_node_csr(&self, csr_pem: &str, name: &str, hosts: &[String]) -> anyhow::Result<String> {
         let request = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| anyhow::anyhow!("the certificate signing request is refused: {e}"))?;
+        // The algorithm rcgen reports comes from the request's signature; the key's own size tells
+        // its curve (an uncompressed P-384 point is 97 bytes; P-256's 65, P-521's 133).
         anyhow::ensure!(
-            request.public_key.algorithm() == &PKCS_ECDSA_P384_SHA384,
-            "the certificate signing request is for a {:?} key; node keys are ECDSA P-384",
-            request.public_key.algorithm()
+            request.public_key.algorithm() == &PKCS_ECDSA_P384_SHA384 && request.public_key.der_bytes().len() == 97,
+            "the certificate signing request is for a {:?} key of {} bytes; node keys are ECDSA P-384",
+            request.public_key.algorithm(),
+            request.public_key.der_bytes().len()
         );
         let asked = request.params.distinguished_name.get(&DnType::CommonName).and_then(|n| match n {
             DnValue::Utf8String(s) => Some(s.as_str()),
@@ -361,6 +380,27 @@ mod tests {
         assert_eq!(again, key_pem);
         let pem = ca.sign_node_csr(&csr2, "vm0", &["10.0.0.10".into(), "10.0.0.10".into()]).unwrap();
         assert_eq!(cert_hosts(&cert_der(pem.as_bytes()).unwrap()).unwrap(), ["10.0.0.10"], "listed once");
+    }
+
+    #[test]
+    fn a_ca_loaded_with_another_key_is_refused_and_serials_differ() {
+        let ca = ServiceCa::generate("operator").unwrap();
+        let other = ServiceCa::generate("other").unwrap();
+        let err =
+            ServiceCa::load(KeyedCert { cert_pem: ca.keyed.cert_pem.clone(), key_pem: other.keyed.key_pem.clone() })
+                .err()
+                .expect("a mismatched key");
+        assert!(err.to_string().contains("does not belong"), "{err}");
+        let loaded = ServiceCa::load(ca.keyed.clone()).unwrap();
+        // The same key certified twice gets two serials.
+        let (_, csr) = node_csr("vm0", None).unwrap();
+        let serial = |pem: String| {
+            let der = cert_der(pem.as_bytes()).unwrap();
+            x509_parser::parse_x509_certificate(&der).unwrap().1.raw_serial().to_vec()
+        };
+        let a = serial(loaded.sign_node_csr(&csr, "vm0", &["h".into()]).unwrap());
+        let b = serial(loaded.sign_node_csr(&csr, "vm0", &["h".into()]).unwrap());
+        assert_ne!(a, b);
     }
 
     #[test]

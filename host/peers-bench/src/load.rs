@@ -51,6 +51,7 @@ enum Connection {
 /// Runs `clients` closed-loop clients for `duration`, client `i` connected to `urls[i mod len]`.
 /// Failed requests are counted (and the first one printed), not retried.
 pub async fn drive(
+    point: u32,
     target: &Target,
     urls: &[String],
     clients: usize,
@@ -84,7 +85,8 @@ pub async fn drive(
             let mut first_error = None;
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let key = format!("bench-{i:04}-{n:09}");
+                // Fresh keys and records at every point, on a network that earlier points wrote to.
+                let key = format!("bench-{point:03}-{i:04}-{n:09}");
                 let sent = Instant::now();
                 let outcome = match &mut connection {
                     Connection::Etcd(kv) => {
@@ -92,7 +94,7 @@ pub async fn drive(
                     }
                     Connection::App(app) => {
                         let request = if ingest {
-                            let body = format!(r#"{{"lei":"B{i:04}{n:015}","nace":"C.{}"}}"#, n % 97);
+                            let body = format!(r#"{{"lei":"B{point:03}{i:04}{n:012}","nace":"C.{}"}}"#, n % 97);
                             CallRequest {
                                 method: "POST".into(),
                                 path: "/ingest".into(),
@@ -112,10 +114,13 @@ pub async fn drive(
                         app.call(request).await.map(drop)
                     }
                 };
-                latencies.push(sent.elapsed());
-                if let Err(status) = outcome {
-                    errors += 1;
-                    first_error.get_or_insert(status);
+                // Latencies of answered requests only: a fast refusal would flatter the percentiles.
+                match outcome {
+                    Ok(()) => latencies.push(sent.elapsed()),
+                    Err(status) => {
+                        errors += 1;
+                        first_error.get_or_insert(status);
+                    }
                 }
                 n += 1;
             }
@@ -134,9 +139,10 @@ pub async fn drive(
     }
     let elapsed = started.elapsed();
     latencies.sort_unstable();
-    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)));
+    // Nearest rank: the smallest latency at least a fraction q of the answers did not exceed.
+    let at = |q: f64| latencies.get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1));
     Ok(Measured {
-        requests: latencies.len() as u64,
+        requests: latencies.len() as u64 + errors,
         errors,
         elapsed,
         p50: at(0.50).copied().unwrap_or_default(),

@@ -114,7 +114,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("no cloister binary at {} (cargo build --release)", args.cloister.display()))?;
     let duration = Duration::from_secs(args.seconds);
-    let mut points = Vec::new();
+    let mut points: Vec<Point> = Vec::new();
     for &nodes in &args.nodes {
         if args.systems.iter().any(|s| s == "etcd") {
             let etcd = systems::Etcd::start(&args.etcd, nodes, args.port).await?;
@@ -123,7 +123,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let urls = etcd.urls(mode).await?;
                 for &clients in &args.clients {
                     let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
-                    let point = load::drive(etcd.target(), &urls, clients, duration, &workload).await?;
+                    let point =
+                        load::drive(points.len() as u32, etcd.target(), &urls, clients, duration, &workload).await?;
                     points.push(report("etcd", nodes, mode, clients, point));
                 }
             }
@@ -140,7 +141,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             for &mode in modes(nodes) {
                 let urls = sandbox.urls(mode).await?;
                 for &clients in &args.clients {
-                    let point = load::drive(sandbox.target(), &urls, clients, duration, &workload).await?;
+                    let point =
+                        load::drive(points.len() as u32, sandbox.target(), &urls, clients, duration, &workload).await?;
                     points.push(report(system, nodes, mode, clients, point));
                 }
             }

@@ -28,7 +28,8 @@ pub struct Etcd {
 impl Etcd {
     pub async fn start(bin: &Path, members: usize, first_port: u16) -> anyhow::Result<Etcd> {
         let dir = tempfile::tempdir()?;
-        let d = dir.path();
+        let d = dir.path().to_owned();
+        let d = d.as_path();
         let ca = ServiceCa::generate("etcd benchmark CA")?;
         ca.keyed.write(d, "ca")?;
         let local = ["127.0.0.1".to_owned(), "localhost".to_owned()];
@@ -37,7 +38,11 @@ impl Etcd {
             (0..members).map(|i| (first_port + 2 * i as u16, first_port + 2 * i as u16 + 1)).collect();
         let cluster: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}={}", url(*peer))).collect();
-        let mut children = Vec::new();
+        let client = ca.issue_node_cert("benchmark client", &local)?;
+        let target = Target { ca_pem: ca.keyed.cert_pem.clone().into_bytes(), identities: vec![client] };
+        let client_urls = ports.iter().map(|(c, _)| url(*c)).collect();
+        // Built first, so that its Drop stops every member started, whatever fails later.
+        let mut etcd = Etcd { _dir: dir, children: Vec::new(), client_urls, target };
         for (i, (client, peer)) in ports.iter().enumerate() {
             ca.issue_node_cert(&format!("etcd{i}"), &local)?.write(d, &format!("etcd{i}"))?;
             let file = |name: String| d.join(name).display().to_string();
@@ -57,12 +62,8 @@ impl Etcd {
                 .stderr(log)
                 .spawn()
                 .with_context(|| format!("starting {} (Debian: apt-get install etcd-server)", bin.display()))?;
-            children.push(child);
+            etcd.children.push(child);
         }
-        let client = ca.issue_node_cert("benchmark client", &local)?;
-        let target = Target { ca_pem: ca.keyed.cert_pem.clone().into_bytes(), identities: vec![client] };
-        let client_urls = ports.iter().map(|(c, _)| url(*c)).collect();
-        let etcd = Etcd { _dir: dir, children, client_urls, target };
         let started = Instant::now();
         while etcd.leader().await.is_err() {
             anyhow::ensure!(started.elapsed() < READY_TIMEOUT, "etcd did not elect a leader within {READY_TIMEOUT:?}");
