@@ -314,7 +314,7 @@ impl WriterLoop {
                 self.pending_term = term;
             }
             // A failed proposal stays until the check above sees it.
-            self.pending.retain(|p| p.state.load(Ordering::Acquire) != PROPOSAL_APPLIED);
+            drop_applied_prefix(&mut self.pending);
             if self.pending.len() < self.pending_max {
                 return Ok(());
             }
@@ -391,10 +391,63 @@ impl WriterLoop {
     }
 }
 
+/// Drops the pending writes that are applied: everything up to the newest one marked applied.
+///
+/// Entries apply in log order, which is the stack's order, so when one is applied every older
+/// one is too, even if its outcome task has not marked it yet. Only a prefix may go: dropping an
+/// applied entry while an older one stays would let the older one's value shadow the newer value
+/// the state now holds (a lost update: a transfer executed over it would undo another).
+fn drop_applied_prefix(pending: &mut Vec<Pending>) {
+    if let Some(newest) = pending.iter().rposition(|p| p.state.load(Ordering::Acquire) == PROPOSAL_APPLIED) {
+        pending.drain(..=newest);
+    }
+}
+
 /// A claims digest: 32 bytes, hex.
 fn parse_digest(hex_digest: &str) -> Result<[u8; 32], String> {
     hex::decode(hex_digest)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
         .ok_or_else(|| format!("the app's claims digest {hex_digest:?} is not 32 bytes of hex"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(states: &[u8]) -> Vec<Pending> {
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let mut writes = WriteSet::default();
+                writes.put("m", b"k", &[i as u8]);
+                Pending { writes: Arc::new(writes), state: Arc::new(AtomicU8::new(s)) }
+            })
+            .collect()
+    }
+
+    fn values(pending: &[Pending]) -> Vec<u8> {
+        pending.iter().map(|p| p.writes.iter().next().unwrap().2.unwrap()[0]).collect()
+    }
+
+    /// The newer of two writes to a key is applied before the older one's outcome task has run:
+    /// both go, or the older one would shadow the newer value the state holds. (Dropping the
+    /// applied ones wherever they stood lost updates: 3 in 10 runs of the banking test's 200
+    /// concurrent transfers ended with balances off by one transfer.)
+    #[test]
+    fn an_applied_write_takes_every_older_one_with_it() {
+        let mut pending = stack(&[PROPOSAL_IN_FLIGHT, PROPOSAL_APPLIED, PROPOSAL_IN_FLIGHT]);
+        drop_applied_prefix(&mut pending);
+        assert_eq!(values(&pending), [2]);
+        let mut pending = stack(&[PROPOSAL_APPLIED, PROPOSAL_IN_FLIGHT, PROPOSAL_IN_FLIGHT]);
+        drop_applied_prefix(&mut pending);
+        assert_eq!(values(&pending), [1, 2]);
+        let mut pending = stack(&[PROPOSAL_IN_FLIGHT, PROPOSAL_IN_FLIGHT]);
+        drop_applied_prefix(&mut pending);
+        assert_eq!(values(&pending), [0, 1]);
+        let mut pending = stack(&[PROPOSAL_APPLIED, PROPOSAL_APPLIED]);
+        drop_applied_prefix(&mut pending);
+        assert!(pending.is_empty());
+    }
 }
