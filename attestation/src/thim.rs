@@ -11,8 +11,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
-use x509_cert::Certificate;
-use x509_cert::der::{Decode, pem};
+use x509_cert::der::pem;
 
 /// Where THIM answers on every Azure VM.
 pub const THIM_URL_DEFAULT: &str = "http://169.254.169.254/metadata/THIM/amd/certification";
@@ -103,11 +102,7 @@ fn certificates(text: &str, field: &str) -> Result<Vec<Vec<u8>>, String> {
         if label != "CERTIFICATE" {
             return Err(format!("{field} certificate {n} is PEM labelled {label:?}, not CERTIFICATE"));
         }
-        // x509-parser first, as `verify::cert` does: the `der` crate allocates what a length
-        // field claims before it finds the input shorter.
-        x509_parser::parse_x509_certificate(&der)
-            .map_err(|err| format!("{field} certificate {n} is not X.509: {err}"))?;
-        Certificate::from_der(&der).map_err(|err| format!("{field} certificate {n} is not X.509: {err}"))?;
+        crate::verify::parse_certificate(&der).map_err(|err| format!("{field} certificate {n} is not X.509: {err}"))?;
         out.push(der);
         rest = rest[end + END.len()..].trim_start();
     }

@@ -60,13 +60,16 @@ fn builtin_ask(root: &str) -> Option<&'static [u8]> {
 }
 
 fn cert(der: &[u8], what: &str) -> Result<Certificate, Refusal> {
-    let refused = |e: String| Refusal::new(Check::Format, format!("the {what} is not a certificate: {e}"));
-    // x509-parser first: it checks every length against the input without allocating. The `der`
-    // crate behind x509-cert allocates what a length field claims before it finds the input
-    // shorter (a one-byte change to a VCEK made it allocate 10 MB), so it only sees DER whose
-    // lengths hold.
-    x509_parser::parse_x509_certificate(der).map_err(|e| refused(e.to_string()))?;
-    Certificate::from_der(der).map_err(|e| refused(e.to_string()))
+    parse_certificate(der).map_err(|e| Refusal::new(Check::Format, format!("the {what} is not a certificate: {e}")))
+}
+
+/// A certificate from untrusted DER. x509-parser reads it first: it checks every length against
+/// the input without allocating. The `der` crate behind x509-cert allocates what a length field
+/// claims before it finds the input shorter (a one-byte change to a VCEK made it allocate 10 MB),
+/// so it only sees DER whose lengths hold.
+pub(crate) fn parse_certificate(der: &[u8]) -> Result<Certificate, String> {
+    x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    Certificate::from_der(der).map_err(|e| e.to_string())
 }
 
 /// Check 1: the chain from a pinned ARK through the ASK to the VCEK. Returns the root's name.

@@ -94,7 +94,7 @@ deployed_nodes() {
 # starts the node (joining JOIN_URL when given). The node's private key never leaves the VM.
 certify_and_activate() {
   local group="$1" vm="$2" private_ip="$3" public_host="$4" ca_cert="$5" ca_key="$6" join_url="${7:-}"
-  local csr cert work tries=0
+  local csr cert work
   note "certifying $vm ($private_ip, $public_host)"
   if [ "$DRY_RUN" = 1 ]; then
     run_command "$group" "$vm" 'cat /var/lib/cloister/tls/node.csr.pem'
@@ -102,14 +102,8 @@ certify_and_activate() {
     run_command "$group" "$vm" 'bash /usr/local/lib/cloister/activate.sh "$@"' "<unpadded base64 of $vm.cert.pem>" ${join_url:+"$join_url"}
     return 0
   fi
-  while :; do
-    # A failed call (the VM agent not up yet, a transient error) is one more try, not the end.
-    csr="$(run_command "$group" "$vm" 'cat /var/lib/cloister/tls/node.csr.pem 2>/dev/null || true')" || csr=""
-    case "$csr" in *"BEGIN CERTIFICATE REQUEST"*) break ;; esac
-    tries=$((tries + 1))
-    [ "$tries" -lt "${CLOISTER_CSR_TRIES:-60}" ] || die "$vm published no signing request; is bootstrap.sh failing? (see /var/log/cloud-init-output.log)"
-    sleep "${CLOISTER_CSR_WAIT_S:-10}"
-  done
+  csr="$(wait_for_pem "$group" "$vm" /var/lib/cloister/tls/node.csr.pem "BEGIN CERTIFICATE REQUEST")" ||
+    die "$vm published no signing request; is bootstrap.sh failing? (see /var/log/cloud-init-output.log)"
   work="$(mktemp -d)"
   printf '%s\n' "$csr" >"$work/$vm.csr.pem"
   "$CLOISTER" ca sign "$work/$vm.csr.pem" --name "$vm" --host "$private_ip" --host "$public_host" \
@@ -123,17 +117,26 @@ certify_and_activate() {
   grep -qx "cloister-activate: started" <<<"$answer" || die "$vm did not start (its output is above)"
 }
 
+# Prints FILE of a VM once it holds MARKER, asking every CLOISTER_CSR_WAIT_S seconds (default 10)
+# up to CLOISTER_CSR_TRIES times (default 60); fails if it never does. A failed call (the VM agent
+# not up yet, a transient error) is one more try, not the end.
+wait_for_pem() {
+  local group="$1" vm="$2" file="$3" marker="$4" pem tries=0
+  while :; do
+    pem="$(run_command "$group" "$vm" "cat $file 2>/dev/null || true")" || pem=""
+    case "$pem" in *"$marker"*) printf '%s\n' "$pem"; return 0 ;; esac
+    tries=$((tries + 1))
+    [ "$tries" -lt "${CLOISTER_CSR_TRIES:-60}" ] || return 1
+    sleep "${CLOISTER_CSR_WAIT_S:-10}"
+  done
+}
+
 # Copies the service identity's certificate (which clients pin) from a node to FILE, through the
 # operator's authenticated run-command channel.
 fetch_service_identity() {
-  local group="$1" vm="$2" out="$3" pem tries=0
-  while :; do
-    pem="$(run_command "$group" "$vm" 'cat /var/lib/cloister/data/service_identity.pem 2>/dev/null || true')" || pem=""
-    case "$pem" in *"BEGIN CERTIFICATE"*) break ;; esac
-    tries=$((tries + 1))
-    [ "$tries" -lt "${CLOISTER_IDENTITY_TRIES:-60}" ] || die "$vm has not written the service identity yet"
-    sleep "${CLOISTER_CSR_WAIT_S:-10}"
-  done
+  local group="$1" vm="$2" out="$3" pem
+  pem="$(wait_for_pem "$group" "$vm" /var/lib/cloister/data/service_identity.pem "BEGIN CERTIFICATE")" ||
+    die "$vm has not written the service identity yet"
   printf '%s\n' "$pem" >"$out"
 }
 

@@ -66,6 +66,15 @@ pub enum SandboxApp {
 
 impl SandboxApp {
     /// The app's wasm, as this binary ships it.
+    /// The file a new sandbox writes the app to.
+    fn file_name(self) -> &'static str {
+        match self {
+            SandboxApp::Reconcile => "reconcile.wasm",
+            SandboxApp::Banking => "banking.wasm",
+            SandboxApp::Kv => "kv.wasm",
+        }
+    }
+
     pub fn wasm(self) -> &'static [u8] {
         match self {
             SandboxApp::Reconcile => cloister_bundled::RECONCILE,
@@ -220,11 +229,7 @@ const MOCK_ROOT_DIR: &str = "mock-amd";
 
 /// Creates every identity, configuration and file of a new sandbox.
 fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
-    let app = match args.app {
-        SandboxApp::Reconcile => ("reconcile.wasm", args.app.wasm()),
-        SandboxApp::Banking => ("banking.wasm", args.app.wasm()),
-        SandboxApp::Kv => ("kv.wasm", args.app.wasm()),
-    };
+    let app = (args.app.file_name(), args.app.wasm());
     // Configurations name files relative to the sandbox folder, so the folder can move.
     let network = LocalNetwork::create(dir, "Cloister sandbox service", args.parties, 0, Some(app), true)?;
     let parties = network
