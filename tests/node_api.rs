@@ -8,6 +8,7 @@ use cloister_client::{Client, grpc_channel};
 use cloister_node::config::Limits;
 use cloister_proto::app::v1::CallRequest;
 use cloister_proto::app::v1::app_client::AppClient;
+use cloister_tests::metrics::{scrape, value};
 use cloister_tests::{TestService, misbehave_wasm, new_identity};
 use serde_json::Value;
 
@@ -468,4 +469,47 @@ async fn clients_pin_the_service_identity_not_the_operators_ca() {
     assert!(ca_only.is_err(), "the node serves the service identity's certificate, not the CA's");
     // The same holds over gRPC.
     assert!(grpc_channel(&service.grpc_url(), identity_pem, None).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_with_requests() {
+    let service = TestService::start(1, 1, &misbehave_wasm(), Limits::default()).await;
+    let user = service.client(Some(&service.users[0].keyed)).await;
+    let anonymous = service.client(None).await;
+    let (_, before) = scrape(&anonymous).await;
+    let put = [("frontend", "rest"), ("endpoint", "POST /app/{*path}"), ("status", "204")];
+    let app_put = [("endpoint", "POST /put/{key}"), ("status", "204")];
+    let panics = [("contract", "app"), ("outcome", "GuestPanic")];
+    let grpc_ok = [("frontend", "grpc"), ("endpoint", "/cloister.app.v1.App/Call"), ("status", "0")];
+    assert!(value(&before, "cloister_raft_term", &[]) >= 1.0);
+    assert_eq!(value(&before, "cloister_raft_leader", &[]), 1.0);
+    assert!(value(&before, "cloister_ledger_files_bytes", &[]) > 0.0, "genesis is in the ledger files");
+    assert!(value(&before, "cloister_wasm_executions", &[("contract", "constitution"), ("outcome", "ok")]) >= 1.0);
+    assert_eq!(value(&before, "cloister_writer_queue_depth", &[]), 0.0);
+
+    for key in ["a", "b", "c"] {
+        assert_eq!(user.post(&format!("/app/put/{key}"), "text/plain", "v").await.unwrap().status, 204);
+    }
+    assert_eq!(user.post("/app/panic?what=now", "text/plain", "").await.unwrap().status, 500);
+    assert_eq!(anonymous.get("/no/such/endpoint-xyzzy").await.unwrap().status, 404);
+    let mut grpc = AppClient::new(
+        grpc_channel(&service.grpc_url(), &service.ca_pem, Some(&service.users[0].keyed)).await.unwrap(),
+    );
+    let call = CallRequest { method: "GET".into(), path: "/users-only".into(), ..Default::default() };
+    assert_eq!(grpc.call(call).await.unwrap().into_inner().status, 204);
+
+    let (text, after) = scrape(&anonymous).await;
+    let moved = |family: &str, labels: &[(&str, &str)]| value(&after, family, labels) - value(&before, family, labels);
+    assert_eq!(moved("cloister_requests", &put), 3.0, "{text}");
+    // Three puts and the panic.
+    assert_eq!(moved("cloister_request_duration_seconds", &put[..2]), 4.0, "{text}");
+    assert_eq!(moved("cloister_app_requests", &app_put), 3.0, "{text}");
+    assert_eq!(moved("cloister_wasm_executions", &panics), 1.0, "{text}");
+    assert!(moved("cloister_wasm_fuel_consumed", &[]) > 0.0, "{text}");
+    assert_eq!(moved("cloister_requests", &grpc_ok), 1.0, "{text}");
+    assert_eq!(moved("cloister_requests", &[("endpoint", "unmatched"), ("status", "404")]), 1.0, "{text}");
+    assert!(!text.contains("xyzzy"), "a path a client makes up never becomes a label:\n{text}");
+    assert!(moved("cloister_raft_commit_index", &[]) >= 3.0, "{text}");
+    assert!(moved("cloister_raft_apply_index", &[]) >= 3.0, "{text}");
+    assert!(moved("cloister_ledger_files_bytes", &[]) > 0.0, "{text}");
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use cloister_bundled::RECONCILE;
 use cloister_client::Client;
 use cloister_tests::cluster::{Cluster, Load, check_outcomes, tx_status};
+use cloister_tests::metrics::value;
 use serde_json::json;
 
 fn record(key: &str) -> Vec<u8> {
@@ -99,6 +100,13 @@ async fn follower_catches_up(through_snapshot: bool) {
     .await;
     let leader = c.leader().await.unwrap();
     let follower = (leader + 1) % 3;
+    // Each joining node's evidence was verified by the leader of the day.
+    let mut verified = 0.0;
+    for i in 0..3 {
+        let (_, metrics) = c.metrics(i).await;
+        verified += value(&metrics, "cloister_attestation_verifications", &[("result", "verified")]);
+    }
+    assert!(verified >= 2.0, "two joins, {verified} verified attestations");
     c.stop(follower);
     let writers: Vec<_> = (0..32)
         .map(|w| {
@@ -115,6 +123,12 @@ async fn follower_catches_up(through_snapshot: bool) {
     for w in writers {
         w.await.unwrap();
     }
+    // The leader's metrics show how far behind the stopped follower is.
+    let (text, leader_metrics) = c.metrics(leader).await;
+    let behind =
+        value(&leader_metrics, "cloister_raft_replication_lag_entries", &[("follower", &c.nodes[follower].name)]);
+    assert!(behind >= 10_000.0, "the stopped follower lags by {behind} entries:\n{text}");
+    assert_eq!(value(&leader_metrics, "cloister_raft_leader", &[]), 1.0);
     c.spawn(follower);
     c.wait_stable(3, Duration::from_secs(120)).await;
     let keys: BTreeSet<String> = (0..10_000).map(|n| format!("k{n:05}")).collect();
@@ -122,6 +136,10 @@ async fn follower_catches_up(through_snapshot: bool) {
     assert_eq!(c.report_keys(follower, 0).await.unwrap(), c.report_keys(leader, 0).await.unwrap());
     let installed = c.log(follower).contains("installed a snapshot");
     assert_eq!(installed, through_snapshot, "catch-up through a snapshot: {installed}");
+    let (text, follower_metrics) = c.metrics(follower).await;
+    let installs = value(&follower_metrics, "cloister_snapshots_installed", &[]);
+    assert_eq!(installs >= 1.0, through_snapshot, "snapshots installed: {installs}\n{text}");
+    assert!(value(&follower_metrics, "cloister_raft_apply_index", &[]) >= 10_000.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

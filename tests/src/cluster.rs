@@ -175,6 +175,12 @@ impl Cluster {
         Client::connect(&self.nodes[node].rest_url, &self.roots(), Some(&self.members[member].keyed)).await
     }
 
+    /// Node `i`'s `/node/metrics`, as text and parsed.
+    pub async fn metrics(&self, i: usize) -> (String, crate::metrics::Exposition) {
+        let client = Client::connect(&self.nodes[i].rest_url, &self.roots(), None).await.unwrap();
+        crate::metrics::scrape(&client).await
+    }
+
     /// `/node/network` as node `i` sees it.
     pub async fn network(&self, i: usize) -> Option<Value> {
         let client = Client::connect(&self.nodes[i].rest_url, &self.roots(), None).await.ok()?;

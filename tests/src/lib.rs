@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod conformance;
 pub mod grpc;
+pub mod metrics;
 
 use std::path::PathBuf;
 

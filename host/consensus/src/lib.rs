@@ -132,6 +132,23 @@ pub struct NetworkStatus {
     pub nodes: Vec<NetworkNode>,
 }
 
+/// Where this node's Raft stands and what its state machine has done, for the node's metrics.
+/// Positions are log indexes (seqnos); 0 when there is none yet.
+#[derive(Debug, Clone, Default)]
+pub struct RaftStats {
+    pub term: u64,
+    pub is_leader: bool,
+    pub last_log: u64,
+    pub committed: u64,
+    pub applied: u64,
+    pub snapshot: u64,
+    /// On a leader, each follower's name and how many entries it lacks of the leader's log.
+    pub lag: Vec<(String, u64)>,
+    pub signatures_applied: u64,
+    pub snapshots_built: u64,
+    pub snapshots_installed: u64,
+}
+
 /// The node's replication handle; clones share everything.
 #[derive(Clone)]
 pub struct Consensus {
@@ -201,6 +218,37 @@ impl Consensus {
 
     fn metrics(&self) -> openraft::RaftMetrics<types::TypeConfig> {
         self.raft.metrics().borrow_watched().clone()
+    }
+
+    pub fn stats(&self) -> RaftStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = self.metrics();
+        let index = |l: &Option<types::LogId>| l.as_ref().map_or(0, |l| l.index);
+        let last_log = m.last_log_index.unwrap_or(0);
+        let membership = m.membership_config.membership();
+        let lag = m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, matched)| {
+                let name = membership.get_node(id).map_or_else(|| id.to_string(), |a| a.name.clone());
+                (name, last_log.saturating_sub(index(matched)))
+            })
+            .collect();
+        let counts = self.sm.counts();
+        RaftStats {
+            term: m.current_term,
+            is_leader: m.state == ServerState::Leader && m.current_leader == Some(self.id),
+            last_log,
+            committed: index(&m.local_committed),
+            applied: index(&m.last_applied),
+            snapshot: index(&m.snapshot),
+            lag,
+            signatures_applied: counts.signatures_applied.load(Relaxed),
+            snapshots_built: counts.snapshots_built.load(Relaxed),
+            snapshots_installed: counts.snapshots_installed.load(Relaxed),
+        }
     }
 
     pub fn is_leader(&self) -> bool {

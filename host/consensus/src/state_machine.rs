@@ -17,6 +17,7 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
@@ -29,7 +30,7 @@ use tokio::sync::watch;
 
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
 use cloister_crypto::seal::Purpose;
-use cloister_ledger::entry::{LedgerEntry, Payload};
+use cloister_ledger::entry::{LedgerEntry, Payload, TxKind};
 use cloister_ledger::files::StartState;
 use cloister_ledger::txid::TxId;
 use cloister_ledger::verify::{SnapshotEndorsements, SnapshotSeal};
@@ -152,6 +153,15 @@ struct Inner {
     applied: watch::Sender<Applied>,
     /// When applied state was last committed durably.
     durable_at: Mutex<std::time::Instant>,
+    counts: Counts,
+}
+
+/// What the state machine has done since the node started, for the node's metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    pub signatures_applied: AtomicU64,
+    pub snapshots_built: AtomicU64,
+    pub snapshots_installed: AtomicU64,
 }
 
 /// The state machine handle; clones share everything.
@@ -188,12 +198,17 @@ impl StateMachine {
                 current: Mutex::new(None),
                 applied: watch::Sender::new(Applied::default()),
                 durable_at: Mutex::new(std::time::Instant::now()),
+                counts: Counts::default(),
             }),
         };
         let last = sm.meta::<Option<LogId>>(APPLIED_LOG_ID_KEY)?.flatten();
         sm.inner.applied.send_modify(|a| a.last = last.as_ref().map(super::types::tx_id));
         sm.adopt_latest_snapshot_file()?;
         Ok(sm)
+    }
+
+    pub(crate) fn counts(&self) -> &Counts {
+        &self.inner.counts
     }
 
     /// Notifications after each applied batch.
@@ -248,12 +263,16 @@ impl StateMachine {
         let mut gov_touched = false;
         let mut txn = store.write_batch().map_err(io_other)?;
         let mut entries: Vec<LedgerEntry> = Vec::with_capacity(batch.len());
+        let mut signatures = 0;
         {
             let ledger = self.inner.ledger.as_ref();
             let service_cert = ledger.map(|l| l.service_cert().to_vec()).unwrap_or_default();
             let mut appender = index::Appender::new(txn.txn(), service_cert).map_err(io_other)?;
             for (log_id, payload, m) in batch {
                 if let Payload::Tx(tx) = payload {
+                    if tx.kind == TxKind::Signature {
+                        signatures += 1;
+                    }
                     let ws = match (store.sealer(), &tx.private) {
                         (Some(s), _) => tx.writes(s),
                         (None, None) => Ok(tx.public.clone()),
@@ -304,6 +323,7 @@ impl StateMachine {
         } else {
             txn.commit_nondurable().map_err(io_other)?;
         }
+        self.inner.counts.signatures_applied.fetch_add(signatures, Ordering::Relaxed);
         Ok(gov_touched)
     }
 
@@ -651,7 +671,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
         let sm = self.clone();
-        tokio::task::spawn_blocking(move || sm.build()).await.map_err(io_other)?
+        let built = tokio::task::spawn_blocking(move || sm.build()).await.map_err(io_other)??;
+        self.inner.counts.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        Ok(built)
     }
 }
 
@@ -716,7 +738,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<()> {
         let sm = self.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || sm.install(&meta, &snapshot)).await.map_err(io_other)?
+        tokio::task::spawn_blocking(move || sm.install(&meta, &snapshot)).await.map_err(io_other)??;
+        self.inner.counts.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {

@@ -8,6 +8,7 @@ pub mod attest;
 pub mod config;
 pub mod endorsed;
 pub mod gov;
+pub mod metrics;
 pub mod node;
 mod signer;
 

@@ -115,7 +115,8 @@ impl Node {
         let data_dir = &config.node.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating the data folder {}", data_dir.display()))?;
-        let runtime = Arc::new(Runtime::new(config.wasm.clone())?);
+        let metrics = Arc::new(crate::metrics::Metrics::new(ledger::dir(data_dir)));
+        let runtime = Arc::new(Runtime::new(config.wasm.clone())?.with_observer(metrics.clone()));
         let service_cert = std::fs::read_to_string(&config.tls.service_cert)
             .with_context(|| format!("reading the service certificate {}", config.tls.service_cert.display()))?;
         let node_cert = identity::read_pair(&config.tls.node_cert, &config.tls.node_key)?;
@@ -151,6 +152,7 @@ impl Node {
             config.gov.clone(),
             info,
             Arc::new(attest::Joins::new(&config.attestation, secret, attester.clone(), &node_cert, join_leader)?),
+            metrics,
         )?);
 
         let cancel = CancellationToken::new();

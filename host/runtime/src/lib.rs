@@ -106,6 +106,12 @@ pub struct Outcome {
     pub memory_bytes: usize,
 }
 
+/// Told of every execution's end, for a node's metrics: which contract ran, the error that
+/// stopped it if one did, and the fuel it consumed.
+pub trait ExecObserver: Send + Sync {
+    fn executed(&self, privilege: Privilege, error: Option<&ExecError>, fuel_used: u64);
+}
+
 /// The engine, its module cache and its limits.
 pub struct Runtime {
     engine: Engine,
@@ -120,6 +126,7 @@ pub struct Runtime {
     /// each compiled it, and 85 concurrent compilations on two cores kept every request waiting
     /// for up to `request_timeout_ms`).
     compiling: Mutex<()>,
+    observer: Option<Arc<dyn ExecObserver>>,
 }
 
 impl Runtime {
@@ -137,7 +144,14 @@ impl Runtime {
             gov_limits,
             modules: Mutex::default(),
             compiling: Mutex::default(),
+            observer: None,
         })
+    }
+
+    /// Tells `observer` of every execution from now on.
+    pub fn with_observer(mut self, observer: Arc<dyn ExecObserver>) -> Runtime {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn limits(&self) -> &Limits {
@@ -232,6 +246,9 @@ impl Runtime {
         let fuel_used = self.limits.fuel_per_request - store.get_fuel().unwrap_or(0);
         let memory_bytes = store.data().memory_bytes(&store);
         let tx = store.into_data().tx.expect("execute keeps the transaction");
+        if let Some(observer) = &self.observer {
+            observer.executed(inv.privilege, result.as_ref().err(), fuel_used);
+        }
         (tx, result.map(|response| Outcome { response, fuel_used, memory_bytes }))
     }
 

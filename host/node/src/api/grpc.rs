@@ -210,6 +210,10 @@ pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
     let app = app_pb::app_server::AppServer::new(AppService(service.clone())).max_decoding_message_size(max);
     let reconcile = rec_pb::reconcile_server::ReconcileServer::new(ReconcileService(service.clone()))
         .max_decoding_message_size(max);
+    let metrics = service.metrics().clone();
     let gov = gov_pb::gov_server::GovServer::new(GovService(service)).max_decoding_message_size(max);
-    Ok(tonic::service::Routes::new(app).add_service(reconcile).add_service(gov).add_service(reflection))
+    let routes = tonic::service::Routes::new(app).add_service(reconcile).add_service(gov).add_service(reflection);
+    let counted =
+        routes.into_axum_router().layer(axum::middleware::from_fn_with_state(metrics, crate::metrics::grpc_layer));
+    Ok(tonic::service::Routes::from(counted))
 }

@@ -28,6 +28,7 @@ pub fn router(service: Arc<Service>) -> Router {
     Router::new()
         .route("/node/health", get(|| async { axum::Json(json!({ "status": "ok" })) }))
         .route("/node/version", get(version))
+        .route("/node/metrics", get(metrics))
         .route("/node/network", get(network))
         .route("/node/tx", get(tx_status))
         .route("/node/attestations", get(attestations))
@@ -51,11 +52,19 @@ pub fn router(service: Arc<Service>) -> Router {
             ApiError::method_not_allowed(format!("{method} is not allowed on {}", uri.path()))
         })
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(service.metrics().clone(), crate::metrics::rest_layer))
         .with_state(service)
 }
 
 async fn version() -> impl IntoResponse {
     axum::Json(json!({ "version": env!("CARGO_PKG_VERSION"), "abi": cloister_abi::abi::ABI_VERSION }))
+}
+
+/// `GET /node/metrics`: Prometheus metrics. Open to anyone, like `/node/health`: they count and
+/// time requests and report positions and sizes, never a key, a value or a caller.
+async fn metrics(State(service): State<Arc<Service>>) -> Response {
+    let body = service.metrics().encode(service.consensus());
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn network(State(service): State<Arc<Service>>) -> impl IntoResponse {

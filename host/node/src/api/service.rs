@@ -14,6 +14,7 @@ use super::writer::{Executed, SubmitError, Work, Writer, Written, app_work};
 use crate::attest;
 use crate::config::{GovSection, Limits};
 use crate::gov;
+use crate::metrics::Metrics;
 use cloister_consensus::{Consensus, Forwarder, NodeAddr, NodeId, PeerRpc, ProposeError};
 use cloister_crypto::cose::GovWrite;
 use cloister_crypto::identity;
@@ -81,6 +82,7 @@ pub struct Service {
     requests: AtomicU64,
     joins: Arc<attest::Joins>,
     gov_checks: GovChecks,
+    metrics: Arc<Metrics>,
 }
 
 /// Bounds the signed governance requests being checked before they may queue for the writer:
@@ -178,8 +180,9 @@ impl Service {
         gov: GovSection,
         info: NodeInfo,
         joins: Arc<attest::Joins>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Service> {
-        let writer = Writer::start(runtime.clone(), store.clone(), consensus.clone(), &limits)?;
+        let writer = Writer::start(runtime.clone(), store.clone(), consensus.clone(), &limits, metrics.clone())?;
         let service = Service {
             reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
             gov_checks: GovChecks::new(&limits),
@@ -195,6 +198,7 @@ impl Service {
             gov,
             requests: AtomicU64::new(0),
             joins,
+            metrics,
         };
         Ok(service)
     }
@@ -213,6 +217,10 @@ impl Service {
 
     pub fn consensus(&self) -> &Consensus {
         &self.consensus
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The app installed in the applied state, loaded (compiles are cached by code hash, so
@@ -433,6 +441,24 @@ impl Service {
         params: BTreeMap<String, String>,
         caller: Caller,
     ) -> Result<AppReply, ApiError> {
+        let (method, template) = (endpoint.method.clone(), endpoint.path.clone());
+        let reply = self.run_authorized(call, module, endpoint, params, caller).await;
+        let status = match &reply {
+            Ok(r) => r.status,
+            Err(e) => e.status,
+        };
+        self.metrics.record_app(&method, &template, status);
+        reply
+    }
+
+    async fn run_authorized(
+        self: &Arc<Self>,
+        call: AppCall,
+        module: Arc<LoadedModule>,
+        endpoint: abi::Endpoint,
+        params: BTreeMap<String, String>,
+        caller: Caller,
+    ) -> Result<AppReply, ApiError> {
         abi::authorize(endpoint.auth, caller.kind).map_err(|(s, c, m)| ApiError::new(s, c, m))?;
         let _slot = self.claim_inflight_slot(&caller)?;
         let head = RequestHead {
@@ -640,6 +666,7 @@ impl Service {
         }
         let refused = |e: cloister_attestation::Refusal| {
             tracing::warn!(node = %addr.name, id, check = e.check.as_str(), detail = %e.detail, "attestation refused");
+            self.metrics.record_attestation(false);
             tonic::Status::permission_denied(e.to_string())
         };
         // Unavailable, which the joining node retries: a leader whose genesis has not committed
@@ -657,6 +684,7 @@ impl Service {
         let expected = cloister_attestation::binding(&spki, &nonce);
         let verified = cloister_attestation::verify(&evidence, &policy, Some(&expected)).map_err(refused)?;
         tracing::info!(node = %addr.name, id, measurement = %verified.measurement, "attestation verified");
+        self.metrics.record_attestation(true);
 
         let key = id.to_string();
         let work: Work<gov::NodeStatus> = Box::new(move |_, mut tx| {

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use super::error::ApiError;
 use super::service::AppReply;
 use crate::config::Limits;
+use crate::metrics::Metrics;
 use cloister_consensus::{Consensus, ENTRY_BYTES_MAX, ProposeError};
 use cloister_ledger::entry::{TxEntry, TxKind};
 use cloister_ledger::txid::TxId;
@@ -158,6 +159,7 @@ pub(crate) struct Writer {
     queue: Option<SyncSender<Box<dyn Job>>>,
     queue_max: usize,
     thread: Option<std::thread::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for Writer {
@@ -173,7 +175,13 @@ impl Drop for Writer {
 
 impl Writer {
     /// Starts the writer thread; it must be called inside the node's tokio runtime.
-    pub fn start(runtime: Arc<Runtime>, store: Store, consensus: Consensus, limits: &Limits) -> anyhow::Result<Writer> {
+    pub fn start(
+        runtime: Arc<Runtime>,
+        store: Store,
+        consensus: Consensus,
+        limits: &Limits,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Writer> {
         let queue_max = limits.write_queue_max;
         let (queue, jobs) = std::sync::mpsc::sync_channel(queue_max);
         let tokio = tokio::runtime::Handle::current();
@@ -189,13 +197,14 @@ impl Writer {
             // Half the request's time, so the caller hears which limit refused it.
             pending_wait: Duration::from_millis(limits.request_timeout_ms / 2),
             finished: Arc::new(Finished::default()),
+            metrics: metrics.clone(),
         };
         let thread = std::thread::Builder::new().name("app-writer".into()).stack_size(8 << 20).spawn(move || {
             // WASI calls drive tokio's block_on: let them use the node's runtime.
             let _guard = tokio.enter();
             writer.run(jobs)
         })?;
-        Ok(Writer { queue: Some(queue), queue_max, thread: Some(thread) })
+        Ok(Writer { queue: Some(queue), queue_max, thread: Some(thread), metrics })
     }
 
     /// Queues a request and waits for its committed result.
@@ -203,9 +212,12 @@ impl Writer {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(TypedJob { work, reply });
         let queue = self.queue.as_ref().expect("the queue lives as long as the writer");
+        // Counted before it is sent, so the writer never takes it off the count first.
+        self.metrics.writer_queued.fetch_add(1, Ordering::Relaxed);
         match queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
+                self.metrics.writer_queued.fetch_sub(1, Ordering::Relaxed);
                 return Err(ApiError::unavailable(format!(
                     "{} writes are already waiting (write_queue_max); retry shortly",
                     self.queue_max
@@ -213,6 +225,7 @@ impl Writer {
                 .into());
             }
             Err(TrySendError::Disconnected(_)) => {
+                self.metrics.writer_queued.fetch_sub(1, Ordering::Relaxed);
                 return Err(ApiError::unavailable("the node is shutting down").into());
             }
         }
@@ -262,6 +275,7 @@ struct WriterLoop {
     /// How long the writer waits for room below `pending_max` before refusing a job.
     pending_wait: Duration,
     finished: Arc<Finished>,
+    metrics: Arc<Metrics>,
 }
 
 impl WriterLoop {
@@ -274,6 +288,7 @@ impl WriterLoop {
                     Err(_) => break,
                 }
             }
+            self.metrics.writer_queued.fetch_sub(batch.len() as i64, Ordering::Relaxed);
             self.run_batch(batch);
         }
     }
@@ -363,6 +378,8 @@ impl WriterLoop {
         // term it executed in; only the wait for the outcome runs concurrently.
         let proposal = self.tokio.block_on(self.consensus.submit(entry, Some(self.pending_term)));
         let finished = self.finished.clone();
+        let metrics = self.metrics.clone();
+        metrics.writer_pending.fetch_add(1, Ordering::Relaxed);
         self.tokio.spawn(async move {
             let outcome = match proposal {
                 Ok(p) => p.outcome().await,
@@ -385,6 +402,7 @@ impl WriterLoop {
                 }
             };
             finished.notify();
+            metrics.writer_pending.fetch_sub(1, Ordering::Relaxed);
             // The client may have given up (timeout); the transaction's fate is unaffected.
             answer(result);
         });
