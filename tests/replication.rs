@@ -364,3 +364,125 @@ async fn a_first_burst_of_256_clients_is_answered_promptly_and_every_node_then_s
         assert!(exited && !log.contains("still referenced"), "node{i} did not stop cleanly:\n{log}");
     }
 }
+
+/// Runs `cloister ingest` against the cluster as member 0, first node `first`, the others as
+/// fallbacks; extra arguments follow.
+fn ingest_command(c: &Cluster, dir: &std::path::Path, first: usize, file: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(cloister_tests::cli_exe());
+    command
+        .arg("ingest")
+        .arg(file)
+        .args(["--csv", "--batch-records", "1000", "--url", &c.nodes[first].rest_url])
+        .arg("--cacert")
+        .arg(dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.join("member0.cert.pem"))
+        .arg("--key")
+        .arg(dir.join("member0.key.pem"))
+        .env("CLOISTER_LOG", "warn");
+    for (i, node) in c.nodes.iter().enumerate() {
+        if i != first {
+            command.args(["--also-url", &node.rest_url]);
+        }
+    }
+    command
+}
+
+/// The records the progress file says are in, and whether the file is complete.
+fn ingest_progress(progress: &std::path::Path) -> (u64, bool) {
+    let Ok(bytes) = std::fs::read(progress) else { return (0, false) };
+    let p: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    (p["records"].as_u64().unwrap(), p["complete"].as_bool().unwrap())
+}
+
+/// Every row of member 0's report as a surviving node answers it.
+async fn report_rows(c: &Cluster, node: usize) -> Vec<serde_json::Value> {
+    let client = c.client(node, 0).await.unwrap();
+    let mut rows = Vec::new();
+    let mut target = "/app/report?limit=10000".to_owned();
+    loop {
+        let reply = client.get(&target).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        rows.extend(reply.json().unwrap().as_array().cloned().unwrap_or_default());
+        match reply.headers.get("x-next-cursor").and_then(|v| v.to_str().ok()) {
+            Some(cursor) => target = format!("/app/report?limit=10000&after={cursor}"),
+            None => return rows,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_ingest_lands_every_row_once_across_a_leader_kill_and_names_refused_rows() {
+    const ROWS: usize = 100_000;
+    let mut c = Cluster::start(3, 1, RECONCILE, |_| {}).await;
+    let dir = c.dir.path().join("ingest");
+    c.members[0].keyed.write(&dir, "member0").unwrap();
+    std::fs::write(dir.join("ca.pem"), c.roots()).unwrap();
+    let file = dir.join("records.csv");
+    let mut csv = String::from("lei,nace\n");
+    for n in 0..ROWS {
+        csv.push_str(&format!("L{n:06},N{}\n", n % 7));
+    }
+    std::fs::write(&file, &csv).unwrap();
+    let progress = dir.join("records.csv.ingest-progress.json");
+
+    // Start on the leader, and kill it once a fifth of the file is in.
+    let leader = c.leader().await.unwrap();
+    let run = ingest_command(&c, &dir, leader, &file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let at_kill = loop {
+        let (records, complete) = ingest_progress(&progress);
+        assert!(!complete, "the run finished before the leader could be killed");
+        if records >= ROWS as u64 / 5 {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "the run made no progress: {records} records");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    c.kill(leader);
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the ingest failed after the leader was killed at {at_kill} records:\n{stderr}");
+    assert!(stderr.contains(&format!("{ROWS} records in all")), "{stderr}");
+    assert!(stderr.contains(" retries"), "losing the node it talked to cost retries: {stderr}");
+    assert_eq!(ingest_progress(&progress), (ROWS as u64, true));
+    // Every row once: one vote each, from this member.
+    let survivor = (leader + 1) % 3;
+    let rows = report_rows(&c, survivor).await;
+    assert_eq!(rows.len(), ROWS, "every row is in the report");
+    for (n, row) in rows.iter().enumerate() {
+        assert_eq!(row["lei"], format!("L{n:06}"));
+        assert_eq!(row["nace"], format!("N{}", n % 7));
+        assert_eq!(row["total_votes"], 1, "row {n} counted once: {row}");
+    }
+    // The finished run refuses to start over silently.
+    let again = ingest_command(&c, &dir, survivor, &file).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"), "{}", String::from_utf8_lossy(&again.stderr));
+
+    // A refused batch names its rows as lines of the file, and the run stops there.
+    let bad = dir.join("bad.csv");
+    let bad_progress = dir.join("bad.csv.ingest-progress.json");
+    let mut lines: Vec<String> = (0..2_500).map(|n| format!("R{n:06},N1")).collect();
+    lines[1_501] = "R001501,".to_owned();
+    std::fs::write(&bad, format!("lei,nace\n{}\n", lines.join("\n"))).unwrap();
+    let refused = ingest_command(&c, &dir, survivor, &bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("records 1001..2000 were refused"), "{stderr}");
+    assert!(stderr.contains("line 1503: field nace is empty"), "the file's line is named: {stderr}");
+    assert_eq!(ingest_progress(&bad_progress), (1_000, false), "the batches before it are in");
+    // Mended past what is in, the file resumes where it stopped.
+    lines[1_501] = "R001501,N1".to_owned();
+    std::fs::write(&bad, format!("lei,nace\n{}\n", lines.join("\n"))).unwrap();
+    let resumed = ingest_command(&c, &dir, survivor, &bad).arg("--resume").output().unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("ingested 1500 records") && stderr.contains("resumed after 1000 records"), "{stderr}");
+    assert_eq!(ingest_progress(&bad_progress), (2_500, true));
+    assert_eq!(report_rows(&c, survivor).await.len(), ROWS + 2_500);
+}

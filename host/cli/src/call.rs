@@ -52,14 +52,29 @@ pub struct Target {
     as_party: Option<String>,
 }
 
+/// Where a [`Target`] leads: node URLs (the chosen one first, then the sandbox's other nodes),
+/// the certificate to pin, and the identity to present.
+pub struct Resolved {
+    pub urls: Vec<String>,
+    pub ca: Vec<u8>,
+    pub id: Option<KeyedCert>,
+}
+
 impl Target {
-    /// Connects, presenting the chosen identity (if any), and returns that identity too.
-    pub async fn connect(&self) -> anyhow::Result<(Client, Option<KeyedCert>)> {
+    /// Reads the files the target names.
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
         let sandbox = || SandboxFile::read(&self.sandbox);
-        let url = match &self.url {
-            Some(url) => url.clone(),
-            None => sandbox()?.rest_url,
+        let mut urls = match &self.url {
+            Some(url) => vec![url.clone()],
+            None => {
+                let sandbox = sandbox()?;
+                let mut urls = vec![sandbox.rest_url.clone()];
+                urls.extend(sandbox.nodes.iter().map(|n| n.rest_url.clone()));
+                urls
+            }
         };
+        let mut seen = std::collections::HashSet::new();
+        urls.retain(|u| seen.insert(u.clone()));
         let ca = match &self.cacert {
             Some(path) => {
                 std::fs::read(path).with_context(|| format!("reading the service certificate {}", path.display()))?
@@ -80,7 +95,14 @@ impl Target {
             (None, Some(cert), Some(key)) => Some(identity::read_pair(cert, key)?),
             _ => None,
         };
-        Ok((Client::connect(&url, &ca, id.as_ref()).await?, id))
+        Ok(Resolved { urls, ca, id })
+    }
+
+    /// Connects to the chosen node, presenting the chosen identity (if any), and returns that
+    /// identity too.
+    pub async fn connect(&self) -> anyhow::Result<(Client, Option<KeyedCert>)> {
+        let Resolved { urls, ca, id } = self.resolve()?;
+        Ok((Client::connect(&urls[0], &ca, id.as_ref()).await?, id))
     }
 }
 

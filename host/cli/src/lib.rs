@@ -6,6 +6,7 @@ mod bench;
 mod ca;
 mod call;
 mod gov;
+mod ingest;
 mod ledger;
 pub mod local;
 pub mod sandbox;
@@ -44,6 +45,7 @@ enum Command {
     },
     /// Call an app or node endpoint over HTTPS.
     Call(call::Args),
+    Ingest(ingest::Args),
     /// Measure a running node (by default the sandbox's) over HTTPS.
     Bench(bench::Args),
     /// Audit a ledger offline.
@@ -167,6 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Call(args) => call::run(args).await,
+        Command::Ingest(args) => ingest::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Ledger { command } => ledger::run_ledger(command),
         Command::Receipt { command } => ledger::run_receipt(command),

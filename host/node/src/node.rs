@@ -9,7 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{NodeInfo, Service, ServiceForwarder, rest, server};
+use crate::api::{NodeInfo, Service, ServiceForwarder, ServiceParts, rest, server};
 use crate::attest::{self, Attester};
 use crate::config::NodeConfig;
 use crate::gov;
@@ -144,16 +144,16 @@ impl Node {
         let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
         let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), store.clone(), ledger, peers).await?;
         let info = NodeInfo { name: me.name.clone(), rest_url: me.rest_url.clone(), grpc_url: me.grpc_url.clone() };
-        let service = Arc::new(Service::new(
-            runtime.clone(),
-            store.clone(),
-            consensus.clone(),
-            config.limits.clone(),
-            config.gov.clone(),
-            info,
-            Arc::new(attest::Joins::new(&config.attestation, secret, attester.clone(), &node_cert, join_leader)?),
+        let joins =
+            Arc::new(attest::Joins::new(&config.attestation, secret, attester.clone(), &node_cert, join_leader)?);
+        let parts = ServiceParts {
+            runtime: runtime.clone(),
+            store: store.clone(),
+            consensus: consensus.clone(),
+            joins,
             metrics,
-        )?);
+        };
+        let service = Arc::new(Service::new(parts, config.limits.clone(), config.gov.clone(), info)?);
 
         let cancel = CancellationToken::new();
         let limits = &config.limits;

@@ -11,4 +11,4 @@ pub mod service;
 mod writer;
 
 pub use error::ApiError;
-pub use service::{AppCall, AppReply, NodeInfo, Service, ServiceForwarder};
+pub use service::{AppCall, AppReply, NodeInfo, Service, ServiceForwarder, ServiceParts};

@@ -171,17 +171,18 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// The node's parts a service runs on.
+pub struct ServiceParts {
+    pub runtime: Arc<Runtime>,
+    pub store: Store,
+    pub consensus: Consensus,
+    pub joins: Arc<attest::Joins>,
+    pub metrics: Arc<Metrics>,
+}
+
 impl Service {
-    pub fn new(
-        runtime: Arc<Runtime>,
-        store: Store,
-        consensus: Consensus,
-        limits: Limits,
-        gov: GovSection,
-        info: NodeInfo,
-        joins: Arc<attest::Joins>,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Service> {
+    pub fn new(parts: ServiceParts, limits: Limits, gov: GovSection, info: NodeInfo) -> anyhow::Result<Service> {
+        let ServiceParts { runtime, store, consensus, joins, metrics } = parts;
         let writer = Writer::start(runtime.clone(), store.clone(), consensus.clone(), &limits, metrics.clone())?;
         let service = Service {
             reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
