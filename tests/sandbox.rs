@@ -2,6 +2,7 @@
 //! `sandbox.json`, answers with the credentials it printed, stops cleanly on Ctrl-C, and resumes.
 
 use std::io::BufRead;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -252,5 +253,231 @@ async fn the_banking_sandbox_runs_the_readme_demo() {
         &claim,
     ]);
     assert!(verified.contains("which is the claim's"), "{verified}");
+    interrupt(&mut sandbox);
+}
+
+/// A child process stopped when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// chromedriver in a process group of its own, with the browsers it starts: the whole group is
+/// killed when the test ends, so no Chromium outlives a failed test.
+struct BrowserGroup(Child);
+
+impl Drop for BrowserGroup {
+    fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: kill(2) on the process group this test made for its own child.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cloister console` for a sandbox party and returns its login URL.
+fn start_console(dir: &std::path::Path, party: &str) -> (Killed, String) {
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
+            .args(["console", "--sandbox"])
+            .arg(dir)
+            .args(["--as", party])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the console starts"),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url =
+        line.trim().strip_prefix("console: ").unwrap_or_else(|| panic!("the console printed {line:?}")).to_owned();
+    (child, url)
+}
+
+/// Where the console test leaves its screenshots: `target/console-screenshots/`.
+fn screenshot_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).expect("target/<profile>/deps/<test>").to_owned();
+    let dir = target.join("console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Waits until the page's source contains `needle`, reloading it meanwhile if asked.
+async fn wait_for_text(browser: &fantoccini::Client, needle: &str, reload: bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let source = browser.source().await.unwrap();
+        if source.contains(needle) {
+            return source;
+        }
+        assert!(std::time::Instant::now() < deadline, "the page never showed {needle:?}:\n{source}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if reload {
+            browser.refresh().await.unwrap();
+        }
+    }
+}
+
+/// The members' console in a real browser (headless Chromium through chromedriver): every page
+/// renders what the service holds, a proposal filed from the form and approved with the buttons
+/// of two members' consoles is Accepted, an uploaded CSV's rows are in the report, and a
+/// receipt verifies. Screenshots of each page go to `target/console-screenshots/`.
+///
+/// Without chromedriver on PATH it says so and passes, unless CLOISTER_REQUIRE_BROWSER is set
+/// (`.ci/run` sets it, and installs Debian's chromium and chromium-driver).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_a_browser_shows_the_service_and_acts_for_its_member() {
+    use fantoccini::Locator;
+    let driver_path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("chromedriver")).find(|d| d.exists()));
+    let Some(driver_path) = driver_path else {
+        assert!(
+            std::env::var_os("CLOISTER_REQUIRE_BROWSER").is_none(),
+            "CLOISTER_REQUIRE_BROWSER is set but chromedriver is not on PATH (apt-get install chromium chromium-driver)"
+        );
+        eprintln!("SKIPPED: chromedriver is not on PATH; apt-get install chromium chromium-driver to run this test");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_triple();
+    let mut sandbox = start(dir.path(), port);
+    let (_console0, login0) = start_console(dir.path(), "member0");
+    let (_console1, login1) = start_console(dir.path(), "member1");
+    let base0 = login0.split("/login").next().unwrap().to_owned();
+    let base1 = login1.split("/login").next().unwrap().to_owned();
+
+    let driver_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _driver = BrowserGroup(
+        Command::new(driver_path)
+            .arg(format!("--port={driver_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("chromedriver starts"),
+    );
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"] }),
+    );
+    let mut browser = None;
+    for _ in 0..100 {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        match fantoccini::ClientBuilder::new(connector)
+            .capabilities(capabilities.clone())
+            .connect(&format!("http://127.0.0.1:{driver_port}"))
+            .await
+        {
+            Ok(b) => {
+                browser = Some(b);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let browser = browser.expect("chromedriver answers within 20 s");
+    let shots = screenshot_dir();
+    let shoot = |name: &'static str| {
+        let (browser, shots) = (browser.clone(), shots.clone());
+        async move {
+            let png = browser.screenshot().await.unwrap();
+            std::fs::write(shots.join(format!("{name}.png")), png).unwrap();
+        }
+    };
+
+    // Service: the state, and the fingerprint of the identity the sandbox pins.
+    browser.goto(&login0).await.unwrap();
+    let pinned = std::fs::read(dir.path().join("service_identity.pem")).unwrap();
+    let fingerprint = identity::id_of_pem(&pinned).unwrap();
+    let source = wait_for_text(&browser, "Open", false).await;
+    assert!(source.contains(&fingerprint), "the service certificate's fingerprint is shown");
+    assert!(source.contains("Constitution (blake3)") && source.contains("/csv/ingest"), "{source}");
+    shoot("service").await;
+
+    // Nodes: the node, its role and its attestation.
+    browser.goto(&format!("{base0}/nodes")).await.unwrap();
+    let source = wait_for_text(&browser, "node0", false).await;
+    for needle in ["leader", "Trusted", "mock"] {
+        assert!(source.contains(needle), "the nodes page shows {needle}: {source}");
+    }
+    shoot("nodes").await;
+
+    // Reconciliation: upload the demo CSV and find its rows in the report.
+    let csv_path = dir.path().join("demo/member0_data.csv");
+    let keys: Vec<String> = std::fs::read_to_string(&csv_path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next().map(str::to_owned))
+        .collect();
+    browser.goto(&format!("{base0}/reconcile")).await.unwrap();
+    browser.find(Locator::Id("file")).await.unwrap().send_keys(csv_path.to_str().unwrap()).await.unwrap();
+    browser.find(Locator::Id("upload")).await.unwrap().click().await.unwrap();
+    wait_for_text(&browser, "id=\"done\"", false).await;
+    shoot("upload").await;
+    browser.goto(&format!("{base0}/reconcile")).await.unwrap();
+    let report = browser.find(Locator::Id("report")).await.unwrap().text().await.unwrap();
+    for key in &keys {
+        assert!(report.contains(key.as_str()), "the report lists {key}: {report}");
+    }
+    assert!(browser.source().await.unwrap().contains("NOT_ENOUGH_DATA"), "the chart names each status");
+    shoot("reconciliation").await;
+    browser.find(Locator::LinkText(&keys[0])).await.unwrap().click().await.unwrap();
+    let record = browser.find(Locator::Id("record")).await.unwrap().text().await.unwrap();
+    assert!(record.contains(&keys[0]) && record.contains("group_status"), "one record's detail: {record}");
+
+    // Proposals: member0 proposes a user from the form and approves; member1 approves too.
+    let user = identity::generate_identity("console-user").unwrap();
+    let args = serde_json::json!({ "cert": user.cert_pem }).to_string();
+    browser.goto(&format!("{base0}/proposals/new")).await.unwrap();
+    browser.find(Locator::Css("select[name=action] option[value=set_user]")).await.unwrap().click().await.unwrap();
+    let textarea = browser.find(Locator::Css("textarea[name=args]")).await.unwrap();
+    textarea.clear().await.unwrap();
+    textarea.send_keys(&args).await.unwrap();
+    browser.find(Locator::Css("form[action='/proposals'] button")).await.unwrap().click().await.unwrap();
+    let source = wait_for_text(&browser, "Your ballot", false).await;
+    assert!(
+        source.contains(&format!("certificate with id {}", user.id().unwrap())),
+        "the action reads as the certificate's id"
+    );
+    let proposal_path = browser.current_url().await.unwrap().path().to_owned();
+    browser.find(Locator::Id("approve")).await.unwrap().click().await.unwrap();
+    wait_for_text(&browser, "badge ok\">Approve", false).await;
+    browser.goto(&login1).await.unwrap();
+    browser.goto(&format!("{base1}{proposal_path}")).await.unwrap();
+    browser.find(Locator::Id("approve")).await.unwrap().click().await.unwrap();
+    let source = wait_for_text(&browser, ">Accepted<", false).await;
+    assert!(!source.contains("Your ballot"), "an Accepted proposal takes no more ballots");
+    shoot("proposal").await;
+    browser.goto(&format!("{base1}/proposals")).await.unwrap();
+    wait_for_text(&browser, "set_user", false).await;
+    shoot("proposals").await;
+
+    // Ledger: a receipt for a write, verified in the console against the pinned identity.
+    let file = read_sandbox(dir.path());
+    let member0 = party_client(&file, "member0").await;
+    let written = member0
+        .post("/app/ingest", "application/json", r#"{"lei":"CONSOLE0000000000001","nace":"A.01"}"#)
+        .await
+        .unwrap();
+    assert_eq!(written.status, 200, "{}", written.text());
+    let tx = written.tx_id().unwrap();
+    browser.goto(&format!("{base0}/ledger?tx={tx}")).await.unwrap();
+    wait_for_text(&browser, "receipt-ok", true).await;
+    shoot("ledger").await;
+
+    // Without the cookie, nothing: another browser session gets the refusal.
+    browser.delete_all_cookies().await.unwrap();
+    browser.goto(&format!("{base0}/proposals")).await.unwrap();
+    assert!(browser.source().await.unwrap().contains("access token"));
+
+    browser.close().await.unwrap();
     interrupt(&mut sandbox);
 }

@@ -78,7 +78,7 @@ pub struct Args {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Format {
+pub(crate) enum Format {
     Csv,
     Json,
 }
@@ -108,13 +108,13 @@ struct Progress {
 
 /// One batch, ready to send.
 #[derive(Debug)]
-struct Batch {
+pub(crate) struct Batch {
     /// Records before this batch in the file.
-    first_record: u64,
-    records: u64,
+    pub first_record: u64,
+    pub records: u64,
     body: Vec<u8>,
     /// The byte offset in the file just after this batch's last record.
-    end: u64,
+    pub end: u64,
     /// For CSV: the batch body's line where each record starts, and the file's.
     lines: Option<(Vec<u64>, Vec<u64>)>,
 }
@@ -151,47 +151,35 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             urls.push(url.clone());
         }
     }
-    let mut nodes = Nodes { urls, ca, id, current: 0, client: None };
+    let mut nodes = Nodes::new(urls, ca, id);
     let limits = Limits {
         records: args.batch_records,
         bytes: args.batch_bytes as usize,
         retry_for: Duration::from_secs(args.retry_for_s),
         request_timeout: Duration::from_secs(args.request_timeout_s),
     };
-
-    let (batches_tx, mut batches) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
-    let (path, skip, batch_limits) = (args.file.clone(), start.records, (limits.records, limits.bytes));
-    let reader = tokio::task::spawn_blocking(move || {
-        let send = |b: anyhow::Result<Batch>| batches_tx.blocking_send(b).is_ok();
-        if let Err(e) = read_batches(&path, format, skip, batch_limits, &send) {
-            send(Err(e));
-        }
-    });
-
     let mut saver = Saver::new(&args.file, &progress_path, format, &start)?;
     let mut shown = Shown::new(file_len, start.bytes);
-    let (target, content_type) = format.endpoint();
     let started = Instant::now();
     let mut stats = Stats::default();
-    while let Some(batch) = batches.recv().await {
-        let batch = batch?;
-        match send_batch(&mut nodes, &limits, target, content_type, &batch, &mut stats).await? {
-            Sent::Committed => {
-                saver.committed(&batch)?;
-                stats.records += batch.records;
-                stats.batches += 1;
-                shown.update(saver.progress.records, batch.end, started, stats.records);
-            }
-            Sent::Refused(reply) => {
-                shown.finish();
-                report_refusal(&batch, &reply, &progress_path);
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-    }
-    reader.await.context("the file reader stopped")?;
-    saver.complete()?;
+    let refusal = upload(&mut nodes, &args.file, format, &limits, start.records, &mut stats, |batch, stats| {
+        saver.committed(batch)?;
+        shown.update(saver.progress.records, batch.end, started, stats.records);
+        Ok(())
+    })
+    .await?;
     shown.finish();
+    if let Some(refusal) = refusal {
+        eprint!("{}", refusal.describe());
+        eprintln!(
+            "{} records before this batch are in; after fixing the file's later rows, continue with --resume \
+             (progress: {})",
+            refusal.first_record,
+            progress_path.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    saver.complete()?;
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
         "ingested {} records in {} batches in {elapsed:.1} s ({:.0} records/s){}{}; {} records in all",
@@ -203,6 +191,41 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         saver.progress.records,
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sends `file` from record `skip` on, one batch at a time and in order; `committed` hears of
+/// each batch once it is in. Stops at the first batch the app refuses, and returns why.
+pub(crate) async fn upload(
+    nodes: &mut Nodes,
+    file: &Path,
+    format: Format,
+    limits: &Limits,
+    skip: u64,
+    stats: &mut Stats,
+    mut committed: impl FnMut(&Batch, &Stats) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<Refusal>> {
+    let (batches_tx, mut batches) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
+    let (path, batch_limits) = (file.to_owned(), (limits.records, limits.bytes));
+    let reader = tokio::task::spawn_blocking(move || {
+        let send = |b: anyhow::Result<Batch>| batches_tx.blocking_send(b).is_ok();
+        if let Err(e) = read_batches(&path, format, skip, batch_limits, &send) {
+            send(Err(e));
+        }
+    });
+    let (target, content_type) = format.endpoint();
+    while let Some(batch) = batches.recv().await {
+        let batch = batch?;
+        match send_batch(nodes, limits, target, content_type, &batch, stats).await? {
+            Sent::Committed => {
+                stats.records += batch.records;
+                stats.batches += 1;
+                committed(&batch, stats)?;
+            }
+            Sent::Refused(reply) => return Ok(Some(Refusal::of(&batch, &reply))),
+        }
+    }
+    reader.await.context("the file reader stopped")?;
+    Ok(None)
 }
 
 /// The progress to start from: none, or (with `--resume`) the progress file's, once the file's
@@ -564,7 +587,7 @@ impl<'de> serde::de::Visitor<'de> for ArrayVisitor<'_, '_> {
 }
 
 /// The service's nodes, and a connection to the one in use.
-struct Nodes {
+pub(crate) struct Nodes {
     urls: Vec<String>,
     ca: Vec<u8>,
     id: Option<cloister_crypto::identity::KeyedCert>,
@@ -573,7 +596,12 @@ struct Nodes {
 }
 
 impl Nodes {
-    async fn client(&mut self) -> anyhow::Result<Client> {
+    pub fn new(urls: Vec<String>, ca: Vec<u8>, id: Option<cloister_crypto::identity::KeyedCert>) -> Nodes {
+        Nodes { urls, ca, id, current: 0, client: None }
+    }
+
+    /// A connection to a node, made if there is none (to the node in turn).
+    pub async fn client(&mut self) -> anyhow::Result<Client> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
@@ -583,8 +611,12 @@ impl Nodes {
         Ok(client)
     }
 
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
     /// Drops the connection in use and moves to the next node.
-    fn next(&mut self) {
+    pub fn next(&mut self) {
         self.client = None;
         self.current = (self.current + 1) % self.urls.len();
     }
@@ -594,18 +626,31 @@ impl Nodes {
     }
 }
 
-struct Limits {
-    records: u64,
-    bytes: usize,
-    retry_for: Duration,
-    request_timeout: Duration,
+/// How batches are cut and how long they are retried.
+pub(crate) struct Limits {
+    pub records: u64,
+    pub bytes: usize,
+    pub retry_for: Duration,
+    pub request_timeout: Duration,
 }
 
-#[derive(Default)]
-struct Stats {
-    records: u64,
-    batches: u64,
-    retries: u64,
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            records: BATCH_RECORDS_DEFAULT,
+            bytes: BATCH_BYTES_DEFAULT as usize,
+            retry_for: Duration::from_secs(RETRY_FOR_S_DEFAULT),
+            request_timeout: Duration::from_secs(REQUEST_TIMEOUT_S_DEFAULT),
+        }
+    }
+}
+
+/// What a run has done so far.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Stats {
+    pub records: u64,
+    pub batches: u64,
+    pub retries: u64,
 }
 
 enum Sent {
@@ -730,34 +775,59 @@ async fn settle(nodes: &mut Nodes, limits: &Limits, tx: &str, deadline: Instant)
     }
 }
 
-/// Prints why the app refused a batch, naming the rows in the file.
-fn report_refusal(batch: &Batch, reply: &Reply, progress_path: &Path) {
-    let body = reply.json().unwrap_or(Value::Null);
-    let error = &body["error"];
-    let message = error["message"].as_str().map(str::to_owned).unwrap_or_else(|| reply.text());
-    eprintln!(
-        "error: records {}..{} were refused ({} {}): {message}",
-        batch.first_record + 1,
-        batch.first_record + batch.records,
-        reply.status,
-        error["code"].as_str().unwrap_or("")
-    );
-    let rows = error["details"]["rows"].as_array().cloned().unwrap_or_default();
-    for row in rows.iter().take(ROWS_SHOWN_MAX) {
-        let (Some(n), Some(reason)) = (row["row"].as_u64(), row["reason"].as_str()) else { continue };
-        eprintln!("  {}: {reason}", batch.file_row(n));
+/// A batch the app refused: which records, why, and the invalid rows named in the file.
+#[derive(Debug, Clone)]
+pub(crate) struct Refusal {
+    /// Records before the refused batch: all of them are in.
+    pub first_record: u64,
+    pub records: u64,
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    /// Each listed invalid row: where it is in the file (`line N` or `record N`) and why.
+    pub rows: Vec<(String, String)>,
+    /// How many rows of the batch were invalid, when the app says.
+    pub invalid_rows: Option<u64>,
+}
+
+impl Refusal {
+    fn of(batch: &Batch, reply: &Reply) -> Refusal {
+        let body = reply.json().unwrap_or(Value::Null);
+        let error = &body["error"];
+        let rows = error["details"]["rows"].as_array().cloned().unwrap_or_default();
+        Refusal {
+            first_record: batch.first_record,
+            records: batch.records,
+            status: reply.status,
+            code: error["code"].as_str().unwrap_or_default().to_owned(),
+            message: error["message"].as_str().map(str::to_owned).unwrap_or_else(|| reply.text()),
+            rows: rows
+                .iter()
+                .take(ROWS_SHOWN_MAX)
+                .filter_map(|row| Some((batch.file_row(row["row"].as_u64()?), row["reason"].as_str()?.to_owned())))
+                .collect(),
+            invalid_rows: error["details"]["invalid_rows"].as_u64(),
+        }
     }
-    if let Some(total) = error["details"]["invalid_rows"].as_u64()
-        && total as usize > rows.len().min(ROWS_SHOWN_MAX)
-    {
-        eprintln!("  … {total} invalid rows in this batch in all");
+
+    /// The refusal as lines for a person.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "error: records {}..{} were refused ({} {}): {}\n",
+            self.first_record + 1,
+            self.first_record + self.records,
+            self.status,
+            self.code,
+            self.message
+        );
+        for (row, reason) in &self.rows {
+            out.push_str(&format!("  {row}: {reason}\n"));
+        }
+        if let Some(total) = self.invalid_rows.filter(|&t| t as usize > self.rows.len()) {
+            out.push_str(&format!("  … {total} invalid rows in this batch in all\n"));
+        }
+        out
     }
-    eprintln!(
-        "{} records before this batch are in; after fixing the file's later rows, continue with --resume \
-         (progress: {})",
-        batch.first_record,
-        progress_path.display()
-    );
 }
 
 /// Progress for a person: a bar on a terminal, a line every few seconds otherwise.

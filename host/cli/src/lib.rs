@@ -5,6 +5,7 @@ mod attestation;
 mod bench;
 mod ca;
 mod call;
+mod console;
 mod gov;
 mod ingest;
 mod ledger;
@@ -45,6 +46,7 @@ enum Command {
     },
     /// Call an app or node endpoint over HTTPS.
     Call(call::Args),
+    Console(console::Args),
     Ingest(ingest::Args),
     /// Measure a running node (by default the sandbox's) over HTTPS.
     Bench(bench::Args),
@@ -169,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Call(args) => call::run(args).await,
+        Command::Console(args) => console::run(args).await,
         Command::Ingest(args) => ingest::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Ledger { command } => ledger::run_ledger(command),

@@ -25,3 +25,10 @@ pub fn node_id_of(cert_der: &[u8]) -> NodeId {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert_der);
     u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
 }
+
+/// `N` bytes from the operating system's random source, for tokens and nonces.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("the OS random source works");
+    bytes
+}

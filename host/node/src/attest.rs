@@ -560,8 +560,16 @@ pub fn record(
         status: if opening { NodeStatus::Trusted } else { NodeStatus::Pending },
         cert: cloister_crypto::identity::pem_of_der(cert_der),
         evidence: serde_json::to_value(evidence).expect("evidence serializes"),
-        verified: serde_json::to_value(verified).expect("a verification result serializes"),
+        verified: verified_json(verified),
     }
+}
+
+/// A verification result as a node record keeps it, with when it was made (`verified_at`, Unix
+/// seconds by the verifying node's clock).
+pub(crate) fn verified_json(verified: &cloister_attestation::Verified) -> serde_json::Value {
+    let mut v = serde_json::to_value(verified).expect("a verification result serializes");
+    v["verified_at"] = cloister_crypto::cose::unix_now().into();
+    v
 }
 
 /// How often the leader looks for Retired nodes still in Raft's membership.

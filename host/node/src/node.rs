@@ -383,6 +383,6 @@ async fn genesis_attestation(
         host_data: verified.host_data.clone(),
         azure_pcrs,
         evidence: serde_json::to_value(&evidence)?,
-        verified: serde_json::to_value(&verified)?,
+        verified: attest::verified_json(&verified),
     })
 }

@@ -46,9 +46,11 @@ pub async fn read(service: &std::sync::Arc<Service>, what: GovRead) -> Result<Va
             return Err(ApiError::not_found("no app is installed"));
         };
         let module = service.app().await?;
+        let config = table::<Value>(&tx, cloister_abi::gov::APP_CONFIG)?;
         return Ok(json!({
             "code_hash": record.code_hash,
             "manifest": module.as_ref().map(|m| m.manifest()),
+            "config": config,
         }));
     }
     service.gov_read(|tx| read_tables(tx, what))

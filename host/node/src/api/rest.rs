@@ -67,8 +67,15 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
-async fn network(State(service): State<Arc<Service>>) -> impl IntoResponse {
-    axum::Json(service.consensus().network())
+/// The network as this node sees it, and the last signature transaction it has applied.
+async fn network(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
+    let mut body = serde_json::to_value(service.consensus().network()).expect("the network status serializes");
+    let tx = service.store().begin()?;
+    let last = cloister_ledger::index::last_signed(tx.snapshot())
+        .map_err(|e| ApiError::internal(format!("reading the last signature failed: {e}")))?;
+    body["last_signature"] =
+        last.map_or(serde_json::Value::Null, |(seqno, tree_size)| json!({ "seqno": seqno, "tree_size": tree_size }));
+    Ok(axum::Json(body))
 }
 
 /// The `id` query parameter as a transaction id.

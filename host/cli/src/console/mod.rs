@@ -1,0 +1,323 @@
+//! `cloister console`: a members' web console on 127.0.0.1, speaking to the service with the
+//! member's own identity. The key stays in this process: the browser gets server-rendered HTML
+//! and posts forms, and the console signs every governance request itself.
+//!
+//! Who may use it: whoever holds the access token the console prints at start. Opening the
+//! printed URL sets it as an `HttpOnly`, `SameSite=Strict` cookie; every other request needs
+//! that cookie, so another local user or a web page in the same browser cannot act as the member.
+//! Forms also carry a token derived from it, and requests whose `Host` or `Origin` is not the
+//! console's own are refused (DNS rebinding, cross-site posts).
+
+mod pages;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde_json::Value;
+
+use super::call::{Resolved, Target};
+use super::ingest::{self, Nodes};
+use cloister_client::Reply;
+use cloister_crypto::identity::KeyedCert;
+
+/// The cookie that carries the access token, named with the console's port: browsers share
+/// cookies between ports of one host, and two consoles (two members) must not share theirs.
+fn cookie_name(host: &str) -> String {
+    format!("cloister_console_{}", host.rsplit(':').next().unwrap_or_default())
+}
+/// How long one request to the service may take before the console gives up on it.
+pub const SERVICE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest file the upload form takes.
+pub const UPLOAD_BYTES_MAX: usize = 512 << 20;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The port to serve on, on 127.0.0.1 (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// The console's state: how to reach the service, as whom, and the uploads under way.
+pub(crate) struct Console {
+    nodes: tokio::sync::Mutex<Nodes>,
+    pub me: KeyedCert,
+    pub my_id: String,
+    /// What the member pins (PEM): the service identity receipts are verified against.
+    pub pinned: Vec<u8>,
+    ca: Vec<u8>,
+    token: String,
+    /// `127.0.0.1:PORT`, the only `Host` the console answers.
+    host: String,
+    pub jobs: Mutex<HashMap<u64, Arc<Mutex<pages::Job>>>>,
+    next_job: AtomicU64,
+    pub uploads: tempfile::TempDir,
+}
+
+/// An error page: the status and what went wrong, in words.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Failure {
+        Failure { status, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure::new(StatusCode::BAD_GATEWAY, format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.status, pages::failure(self.status, &self.message)).into_response()
+    }
+}
+
+/// A service answer that is not 2xx, as a failure naming the service's own message.
+pub(crate) fn refused(what: &str, reply: &Reply) -> Failure {
+    let message = reply.json().ok().and_then(|b| b["error"]["message"].as_str().map(str::to_owned));
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Failure::new(status, format!("{what}: {}", message.unwrap_or_else(|| reply.text())))
+}
+
+impl Console {
+    /// Sends a request to the service, moving to another node once if the one in use is gone.
+    pub async fn request(
+        &self,
+        method: &str,
+        target: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Reply> {
+        let mut last = None;
+        for _ in 0..2 {
+            let client = self.nodes.lock().await.client().await;
+            let client = match client {
+                Ok(c) => c,
+                Err(e) => {
+                    self.nodes.lock().await.next();
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let sent =
+                tokio::time::timeout(SERVICE_TIMEOUT, client.request(method, target, content_type, body.clone()));
+            match sent.await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(anyhow::anyhow!("no answer within {} s", SERVICE_TIMEOUT.as_secs())),
+            }
+            self.nodes.lock().await.next();
+        }
+        Err(last.expect("a failed attempt left its error")).context("the service cannot be reached")
+    }
+
+    /// A GET whose answer must be 2xx JSON.
+    pub async fn get_json(&self, target: &str) -> Result<Value, Failure> {
+        let reply = self.request("GET", target, None, Vec::new()).await?;
+        if !(200..300).contains(&reply.status) {
+            return Err(refused(&format!("GET {target}"), &reply));
+        }
+        Ok(reply.json()?)
+    }
+
+    /// Signs a governance request as this member and sends it; the answer's JSON if 200.
+    pub async fn gov(&self, write: &cloister_crypto::cose::GovWrite, payload: &Value) -> Result<Value, Failure> {
+        let signed = cloister_client::sign_gov(&self.me, write, payload, cloister_client::next_created_at(&self.my_id))
+            .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("signing failed: {e:#}")))?;
+        let reply = self.request("POST", &write.path(), Some(cloister_client::COSE_CONTENT_TYPE), signed).await?;
+        if reply.status != 200 {
+            return Err(refused(&format!("POST {}", write.path()), &reply));
+        }
+        Ok(reply.json()?)
+    }
+
+    /// The certificates the console pins for the service's TLS (for per-node questions).
+    pub fn ca(&self) -> &[u8] {
+        &self.ca
+    }
+
+    /// The token a form carries: derived from the access token, so a page that cannot read the
+    /// cookie cannot forge it.
+    pub fn form_token(&self) -> String {
+        blake3::keyed_hash(&blake3::hash(self.token.as_bytes()).into(), b"cloister console form").to_hex().to_string()
+    }
+
+    pub fn check_form_token(&self, given: &str) -> Result<(), Failure> {
+        if constant_time_eq(given.as_bytes(), self.form_token().as_bytes()) {
+            Ok(())
+        } else {
+            Err(Failure::new(StatusCode::FORBIDDEN, "the form's token is missing or wrong: reload the page and retry"))
+        }
+    }
+
+    /// Starts tracking a new upload job.
+    pub fn add_job(&self, job: pages::Job) -> (u64, Arc<Mutex<pages::Job>>) {
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed) + 1;
+        let job = Arc::new(Mutex::new(job));
+        self.jobs.lock().expect("jobs lock").insert(id, job.clone());
+        (id, job)
+    }
+
+    /// A fresh set of nodes to ingest through (an upload runs beside the pages' requests).
+    pub async fn ingest_nodes(&self) -> Nodes {
+        let nodes = self.nodes.lock().await;
+        Nodes::new(nodes.urls().to_vec(), self.ca.clone(), Some(self.me.clone()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The value of one cookie.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Refuses what is not for this console: another `Host` (DNS rebinding), another `Origin`
+/// (cross-site posts), or no access cookie (anyone but the member's browser).
+async fn guard(State(console): State<Arc<Console>>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let host_ok = headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|h| h == console.host);
+    if !host_ok {
+        return Failure::new(StatusCode::MISDIRECTED_REQUEST, "this console answers only its own address")
+            .into_response();
+    }
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
+        && origin != format!("http://{}", console.host)
+    {
+        return Failure::new(StatusCode::FORBIDDEN, "requests from other sites are refused").into_response();
+    }
+    if request.uri().path() == "/login" {
+        return next.run(request).await;
+    }
+    let authorized = cookie(headers, &cookie_name(&console.host))
+        .is_some_and(|v| constant_time_eq(v.as_bytes(), console.token.as_bytes()));
+    if !authorized {
+        return Failure::new(
+            StatusCode::UNAUTHORIZED,
+            "open the address the console printed when it started (it carries the access token)",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// `GET /login?token=…`: trades the printed token for the cookie, then shows the service.
+async fn login(
+    State(console): State<Arc<Console>>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let token = query.get("token").map(String::as_str).unwrap_or_default();
+    if !constant_time_eq(token.as_bytes(), console.token.as_bytes()) {
+        return Failure::new(StatusCode::UNAUTHORIZED, "that is not this console's access token").into_response();
+    }
+    let cookie = format!("{}={}; HttpOnly; SameSite=Strict; Path=/", cookie_name(&console.host), console.token);
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+fn router(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/login", get(login))
+        .route("/", get(pages::service))
+        .route("/nodes", get(pages::nodes))
+        .route("/proposals", get(pages::proposals).post(pages::propose))
+        .route("/proposals/new", get(pages::new_proposal))
+        .route("/proposals/{id}", get(pages::proposal))
+        .route("/proposals/{id}/ballot", post(pages::ballot))
+        .route("/proposals/{id}/withdraw", post(pages::withdraw))
+        .route("/reconcile", get(pages::reconcile))
+        .route("/reconcile/upload", post(pages::upload))
+        .route("/reconcile/jobs/{id}", get(pages::job))
+        .route("/reconcile/records/{key}", get(pages::record))
+        .route("/ledger", get(pages::ledger))
+        .route("/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], pages::STYLE) }))
+        .fallback(|| async { Failure::new(StatusCode::NOT_FOUND, "no such page") })
+        .layer(axum::extract::DefaultBodyLimit::max(UPLOAD_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(console.clone(), guard))
+        .with_state(console)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let Resolved { urls, ca, id } = args.target.resolve()?;
+    let me = id.context("the console acts as a member: name one with --as NAME, or --cert and --key")?;
+    let my_id = me.id()?;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port)))
+        .await
+        .with_context(|| format!("listening on 127.0.0.1:{}", args.port))?;
+    let addr = listener.local_addr()?;
+    let token = hex::encode(cloister_crypto::random_bytes::<32>());
+    let console = Arc::new(Console {
+        nodes: tokio::sync::Mutex::new(Nodes::new(urls, ca.clone(), Some(me.clone()))),
+        me,
+        my_id,
+        pinned: ca.clone(),
+        ca,
+        token: token.clone(),
+        host: addr.to_string(),
+        jobs: Mutex::default(),
+        next_job: AtomicU64::new(0),
+        uploads: tempfile::tempdir().context("making a folder for uploads")?,
+    });
+    // The one line a script reads: where to point a browser.
+    println!("console: http://{addr}/login?token={token}");
+    eprintln!("acting as {}; stop with Ctrl-C", console.my_id);
+    axum::serve(listener, router(console)).with_graceful_shutdown(crate::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Uploads run as jobs; the job page reads their progress.
+pub(crate) fn spawn_upload(console: Arc<Console>, path: PathBuf, format: ingest::Format, job: Arc<Mutex<pages::Job>>) {
+    tokio::spawn(async move {
+        let mut nodes = console.ingest_nodes().await;
+        let mut stats = ingest::Stats::default();
+        let limits = ingest::Limits::default();
+        let progress = job.clone();
+        let outcome = ingest::upload(&mut nodes, &path, format, &limits, 0, &mut stats, |batch, stats| {
+            let mut job = progress.lock().expect("job lock");
+            job.records = stats.records;
+            job.bytes_done = batch.end;
+            Ok(())
+        })
+        .await;
+        let mut job = job.lock().expect("job lock");
+        job.finished = Some(match outcome {
+            Ok(None) => Ok(()),
+            Ok(Some(refusal)) => Err(refusal.describe()),
+            Err(e) => Err(format!("{e:#}")),
+        });
+        job.retries = stats.retries;
+        let _ = std::fs::remove_file(&path);
+    });
+}
