@@ -138,7 +138,7 @@ impl Metrics {
         let app_requests = Family::<AppLabels, Counter>::default();
         registry.register(
             "app_requests",
-            "App endpoint calls run on this node, by the manifest's method and path template and the status answered",
+            "App endpoint calls this node routed, by the manifest's method and path template and the status answered (a write a follower forwards counts there and on the leader)",
             app_requests.clone(),
         );
         let executions = Family::<ExecutionLabels, Counter>::default();

@@ -56,9 +56,9 @@ pub(crate) struct Console {
     nodes: tokio::sync::Mutex<Nodes>,
     pub me: KeyedCert,
     pub my_id: String,
-    /// What the member pins (PEM): the service identity receipts are verified against.
+    /// What the member pins (PEM): the service identity, which TLS to every node and receipts
+    /// are checked against.
     pub pinned: Vec<u8>,
-    ca: Vec<u8>,
     token: String,
     /// `127.0.0.1:PORT`, the only `Host` the console answers.
     host: String,
@@ -155,11 +155,6 @@ impl Console {
         Ok(reply.json()?)
     }
 
-    /// The certificates the console pins for the service's TLS (for per-node questions).
-    pub fn ca(&self) -> &[u8] {
-        &self.ca
-    }
-
     /// The token a form carries: derived from the access token, so a page that cannot read the
     /// cookie cannot forge it.
     pub fn form_token(&self) -> String {
@@ -185,7 +180,7 @@ impl Console {
     /// A fresh set of nodes to ingest through (an upload runs beside the pages' requests).
     pub async fn ingest_nodes(&self) -> Nodes {
         let nodes = self.nodes.lock().await;
-        Nodes::new(nodes.urls().to_vec(), self.ca.clone(), Some(self.me.clone()))
+        Nodes::new(nodes.urls().to_vec(), self.pinned.clone(), Some(self.me.clone()))
     }
 }
 
@@ -282,8 +277,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         nodes: tokio::sync::Mutex::new(Nodes::new(urls, ca.clone(), Some(me.clone()))),
         me,
         my_id,
-        pinned: ca.clone(),
-        ca,
+        pinned: ca,
         token: token.clone(),
         host: addr.to_string(),
         jobs: Mutex::default(),
@@ -339,7 +333,6 @@ mod tests {
             my_id: me.id().unwrap(),
             me,
             pinned: Vec::new(),
-            ca: Vec::new(),
             token: "a".repeat(64),
             host: HOST.into(),
             jobs: Mutex::default(),

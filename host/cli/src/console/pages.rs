@@ -23,8 +23,11 @@ pub const REPORT_ROWS_PER_PAGE: usize = 50;
 pub const REPORT_PAGES_SCANNED_MAX: usize = 20;
 /// Records the status chart counts at most; past it the chart says it covers the first ones.
 pub const CHART_RECORDS_MAX: usize = 200_000;
-/// The report page size the console asks the app for.
+/// The report page size the console asks the app for when it counts records for the chart.
 const APP_REPORT_PAGE: usize = 10_000;
+/// The report page size the console asks for while it fills one page of the table: small, since
+/// an unfiltered table stops after its first REPORT_ROWS_PER_PAGE rows.
+const TABLE_SCAN_PAGE: usize = 1_000;
 /// The statuses the reconcile app gives a record, with their colours in the chart.
 const STATUSES: [(&str, &str); 3] =
     [("IN_CONSENSUS", "#2e7d32"), ("LACK_OF_CONSENSUS", "#c62828"), ("NOT_ENOUGH_DATA", "#9e9e9e")];
@@ -226,7 +229,7 @@ pub(crate) async fn nodes(State(c): Shared) -> Result<Markup, Failure> {
     for node in &listed {
         let url = node["rest_url"].as_str().unwrap_or_default();
         let asked = async {
-            let client = cloister_client::Client::connect(url, c.ca(), None).await?;
+            let client = cloister_client::Client::connect(url, &c.pinned, None).await?;
             client.get("/node/network").await?.json()
         };
         positions.push(tokio::time::timeout(std::time::Duration::from_secs(5), asked).await.ok().and_then(Result::ok));
@@ -513,7 +516,7 @@ pub(crate) async fn reconcile(State(c): Shared, Query(q): Query<HashMap<String, 
     let mut after = q.get("after").cloned();
     let mut more = false;
     for _ in 0..REPORT_PAGES_SCANNED_MAX {
-        let (rows, next) = report_page(&c, after.as_deref(), APP_REPORT_PAGE.min(1_000)).await?;
+        let (rows, next) = report_page(&c, after.as_deref(), TABLE_SCAN_PAGE).await?;
         let mut consumed = 0;
         for row in &rows {
             consumed += 1;
