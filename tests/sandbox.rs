@@ -456,8 +456,31 @@ async fn the_console_in_a_browser_shows_the_service_and_acts_for_its_member() {
     let source = wait_for_text(&browser, ">Accepted<", false).await;
     assert!(!source.contains("Your ballot"), "an Accepted proposal takes no more ballots");
     shoot("proposal").await;
+    // member1 files a proposal from its console and withdraws it; member0 could only have voted.
+    browser.goto(&format!("{base1}/proposals/new")).await.unwrap();
+    browser
+        .find(Locator::Css("select[name=action] option[value=set_app_config]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let textarea = browser.find(Locator::Css("textarea[name=args]")).await.unwrap();
+    textarea.clear().await.unwrap();
+    textarea.send_keys(r#"{"config": {"threshold": 2}}"#).await.unwrap();
+    browser.find(Locator::Css("form[action='/proposals'] button")).await.unwrap().click().await.unwrap();
+    wait_for_text(&browser, "Your ballot", false).await;
+    let withdrawn_path = browser.current_url().await.unwrap().path().to_owned();
+    browser.find(Locator::Id("reject")).await.unwrap().click().await.unwrap();
+    wait_for_text(&browser, "badge bad\">Reject", false).await;
+    browser.find(Locator::Id("withdraw")).await.unwrap().click().await.unwrap();
+    wait_for_text(&browser, ">Withdrawn<", false).await;
+    browser.goto(&format!("{base0}{withdrawn_path}")).await.unwrap();
+    let source = wait_for_text(&browser, ">Withdrawn<", false).await;
+    assert!(!source.contains("id=\"withdraw\""), "only the proposer may withdraw, and only while Open");
     browser.goto(&format!("{base1}/proposals")).await.unwrap();
-    wait_for_text(&browser, "set_user", false).await;
+    let source = wait_for_text(&browser, "set_user", false).await;
+    assert!(source.contains("set_app_config") && source.contains(">Withdrawn<"), "{source}");
     shoot("proposals").await;
 
     // Ledger: a receipt for a write, verified in the console against the pinned identity.

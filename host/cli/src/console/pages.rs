@@ -37,7 +37,7 @@ const COMMON_ACTIONS: [(&str, &str); 10] = [
     ("remove_user", r#"{"id": "<user id>"}"#),
     ("set_member", r#"{"cert": "-----BEGIN CERTIFICATE-----\n…", "data": {}}"#),
     ("remove_member", r#"{"id": "<member id>"}"#),
-    ("set_app_config", r#"{"key": "threshold", "value": 2}"#),
+    ("set_app_config", r#"{"config": {"threshold": 2}}"#),
     ("transition_service_to_open", "{}"),
     ("transition_node_to_trusted", r#"{"node_id": "<node id>"}"#),
     ("remove_node", r#"{"node_id": "<node id>"}"#),
