@@ -161,6 +161,11 @@ impl Console {
         blake3::keyed_hash(&blake3::hash(self.token.as_bytes()).into(), b"cloister console form").to_hex().to_string()
     }
 
+    /// Checks the `csrf` field of a posted form.
+    pub fn check_form(&self, form: &HashMap<String, String>) -> Result<(), Failure> {
+        self.check_form_token(form.get("csrf").map(String::as_str).unwrap_or_default())
+    }
+
     pub fn check_form_token(&self, given: &str) -> Result<(), Failure> {
         if constant_time_eq(given.as_bytes(), self.form_token().as_bytes()) {
             Ok(())

@@ -23,6 +23,8 @@ pub const REPORT_ROWS_PER_PAGE: usize = 50;
 pub const REPORT_PAGES_SCANNED_MAX: usize = 20;
 /// Records the status chart counts at most; past it the chart says it covers the first ones.
 pub const CHART_RECORDS_MAX: usize = 200_000;
+/// How long the Nodes page waits for one node to tell its own positions.
+const NODE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The report page size the console asks the app for when it counts records for the chart.
 const APP_REPORT_PAGE: usize = 10_000;
 /// The report page size the console asks for while it fills one page of the table: small, since
@@ -232,7 +234,7 @@ pub(crate) async fn nodes(State(c): Shared) -> Result<Markup, Failure> {
             let client = cloister_client::Client::connect(url, &c.pinned, None).await?;
             client.get("/node/network").await?.json()
         };
-        positions.push(tokio::time::timeout(std::time::Duration::from_secs(5), asked).await.ok().and_then(Result::ok));
+        positions.push(tokio::time::timeout(NODE_PROBE_TIMEOUT, asked).await.ok().and_then(Result::ok));
     }
     let body = html! {
         p { "Term " (text(&network["term"])) "; leader " code { (text(&network["leader"])) } "." }
@@ -321,7 +323,7 @@ pub(crate) async fn new_proposal(State(c): Shared) -> Markup {
 }
 
 pub(crate) async fn propose(State(c): Shared, Form(form): Form<HashMap<String, String>>) -> Result<Response, Failure> {
-    c.check_form_token(form.get("csrf").map(String::as_str).unwrap_or_default())?;
+    c.check_form(&form)?;
     let action = form.get("action").map(String::as_str).unwrap_or_default().trim();
     if action.is_empty() {
         return Err(Failure::bad_request("name the action to propose"));
@@ -423,7 +425,7 @@ pub(crate) async fn ballot(
     Path(id): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, Failure> {
-    c.check_form_token(form.get("csrf").map(String::as_str).unwrap_or_default())?;
+    c.check_form(&form)?;
     let approve = match form.get("approve").map(String::as_str) {
         Some("true") => true,
         Some("false") => false,
@@ -438,7 +440,7 @@ pub(crate) async fn withdraw(
     Path(id): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, Failure> {
-    c.check_form_token(form.get("csrf").map(String::as_str).unwrap_or_default())?;
+    c.check_form(&form)?;
     c.gov(&GovWrite::Withdraw(id.clone()), &json!({})).await?;
     Ok(Redirect::to(&format!("/proposals/{}", segment(&id))).into_response())
 }

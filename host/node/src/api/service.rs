@@ -399,7 +399,12 @@ impl Service {
 
     async fn route_and_run(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
         match self.resolve(&call).await {
-            Ok((module, endpoint, params, caller)) => self.run_routed(call, module, endpoint, params, caller).await,
+            Ok((module, endpoint, params, caller)) => {
+                let (method, template) = (endpoint.method.clone(), endpoint.path.clone());
+                let reply = self.run_routed(call, module, endpoint, params, caller).await;
+                self.metrics.record_app(&method, &template, reply.as_ref().map_or_else(|e| e.status, |r| r.status));
+                reply
+            }
             // A follower may not have applied the app, its new endpoints or the caller's
             // membership yet: the leader's state is authoritative, so it answers instead.
             Err(e) if matches!(e.status, 401 | 404 | 405) && !self.consensus.is_leader() => {
@@ -435,24 +440,6 @@ impl Service {
     }
 
     async fn run_routed(
-        self: &Arc<Self>,
-        call: AppCall,
-        module: Arc<LoadedModule>,
-        endpoint: abi::Endpoint,
-        params: BTreeMap<String, String>,
-        caller: Caller,
-    ) -> Result<AppReply, ApiError> {
-        let (method, template) = (endpoint.method.clone(), endpoint.path.clone());
-        let reply = self.run_authorized(call, module, endpoint, params, caller).await;
-        let status = match &reply {
-            Ok(r) => r.status,
-            Err(e) => e.status,
-        };
-        self.metrics.record_app(&method, &template, status);
-        reply
-    }
-
-    async fn run_authorized(
         self: &Arc<Self>,
         call: AppCall,
         module: Arc<LoadedModule>,
