@@ -13,7 +13,6 @@
 pub mod azure;
 pub mod mock;
 pub mod nonce;
-pub mod seal;
 pub mod snp;
 pub mod thim;
 pub mod verify;

@@ -147,6 +147,32 @@ fn service() -> Result<ServiceRecord, String> {
     SERVICE.get(&key(gov::SERVICE_KEY)).ok_or_else(|| "gov.service is missing".to_owned())
 }
 
+/// The recovery members: Active members with an encryption key, who each hold a recovery share.
+fn recovery_members() -> Vec<String> {
+    MEMBERS
+        .iter()
+        .filter(|(_, m)| m.status == MemberStatus::Active && m.encryption_key.is_some())
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Refuses a change that would leave fewer recovery members than the recovery threshold: the
+/// shares of the members left could no longer recover the service.
+fn keeps_recovery_threshold(losing: &str) -> Result<(), String> {
+    let members = recovery_members();
+    if !members.iter().any(|id| id == losing) {
+        return Ok(());
+    }
+    let threshold = service()?.recovery_threshold as usize;
+    if members.len() - 1 < threshold {
+        return Err(format!(
+            "member {losing} holds one of {} recovery shares and the recovery threshold is {threshold}: lower the threshold first",
+            members.len()
+        ));
+    }
+    Ok(())
+}
+
 fn key(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -162,6 +188,8 @@ pub fn validate(action: &Action) -> Result<(), String> {
                 if pem.tag() != "PUBLIC KEY" {
                     return Err(format!("encryption_key is a PEM {}, not a PUBLIC KEY", pem.tag()));
                 }
+            } else {
+                keeps_recovery_threshold(&cert_id(&a.cert)?)?;
             }
             small_data(&a.data)
         }
@@ -172,7 +200,7 @@ pub fn validate(action: &Action) -> Result<(), String> {
             if member.status == MemberStatus::Active && active == 1 {
                 return Err("the last active member cannot be removed".into());
             }
-            Ok(())
+            keeps_recovery_threshold(&a.id)
         }
         "set_user" => {
             let a: SetUser = args(action)?;
@@ -204,9 +232,11 @@ pub fn validate(action: &Action) -> Result<(), String> {
         }
         "set_recovery_threshold" => {
             let a: Threshold = args(action)?;
-            let active = MEMBERS.iter().filter(|(_, m)| m.status == MemberStatus::Active).count();
-            if a.threshold == 0 || a.threshold as usize > active {
-                return Err(format!("threshold must be between 1 and the {active} active members"));
+            let recovery = recovery_members().len();
+            if a.threshold == 0 || a.threshold as usize > recovery {
+                return Err(format!(
+                    "threshold must be between 1 and the {recovery} recovery members (Active members with an encryption_key)"
+                ));
             }
             Ok(())
         }

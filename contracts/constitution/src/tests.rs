@@ -140,3 +140,38 @@ fn new_members_start_accepted() {
     let r = call(&mut host, "/validate", proposal("set_member", json!({ "cert": "not pem" })));
     assert_eq!(r.head.status, 400);
 }
+
+/// The recovery threshold counts recovery members (Active members with an encryption key), and no
+/// change may leave fewer of them than the threshold.
+#[test]
+fn the_recovery_threshold_is_bounded_by_the_recovery_members() {
+    let mut host = host();
+    let member = |key: Option<&str>| gov::MemberRecord {
+        cert: String::new(),
+        status: gov::MemberStatus::Active,
+        encryption_key: key.map(str::to_owned),
+        data: Default::default(),
+    };
+    host.seed(gov::MEMBERS, &"a".to_owned(), &member(Some("-----BEGIN PUBLIC KEY-----")));
+    host.seed(gov::MEMBERS, &"b".to_owned(), &member(Some("-----BEGIN PUBLIC KEY-----")));
+    host.seed(gov::MEMBERS, &"c".to_owned(), &member(None));
+    let status = |host: &mut MemoryHost, name: &str, args: serde_json::Value| {
+        let p = json!({ "actions": [{ "name": name, "args": args }] });
+        let r = call(host, "/apply", json!({ "proposal_id": name, "proposal": p }));
+        (r.head.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    // Two recovery members: a threshold of 3 is refused though there are three Active members.
+    let (code, body) = status(&mut host, "set_recovery_threshold", json!({ "threshold": 3 }));
+    assert_eq!(code, 400);
+    assert!(body.contains("the 2 recovery members"), "{body}");
+    assert_eq!(status(&mut host, "set_recovery_threshold", json!({ "threshold": 2 })).0, 204);
+    // At threshold 2, neither recovery member may go; the member without a key may.
+    let (code, body) = status(&mut host, "remove_member", json!({ "id": "a" }));
+    assert_eq!(code, 400);
+    assert!(body.contains("lower the threshold first"), "{body}");
+    assert_eq!(status(&mut host, "remove_member", json!({ "id": "c" })).0, 204);
+    assert_eq!(status(&mut host, "set_recovery_threshold", json!({ "threshold": 1 })).0, 204);
+    assert_eq!(status(&mut host, "remove_member", json!({ "id": "a" })).0, 204);
+    let s: ServiceRecord = host.peek(gov::SERVICE, &"service".to_owned()).unwrap();
+    assert_eq!(s.recovery_threshold, 1);
+}

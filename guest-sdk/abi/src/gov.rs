@@ -184,6 +184,41 @@ pub struct EndorsementRecord {
     pub until: Option<u64>,
 }
 
+/// The recovery shares: the ledger secret wrapped under a key split by Shamir secret sharing,
+/// one share per recovery member (an Active member with an encryption key), each sealed to that
+/// member's key. The leader alone writes it, and writes it again whenever the recovery members,
+/// their keys or the threshold change. Public: nothing in it opens without a threshold of shares.
+pub const RECOVERY: &str = "gov.recovery";
+pub const RECOVERY_KEY: &[u8] = b"shares";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryRecord {
+    /// Counts issues of shares, from 1; part of every share's binding, so a share from an older
+    /// issue never passes for one of this issue.
+    pub version: u64,
+    /// How many shares rebuild the wrapping key.
+    pub threshold: u32,
+    /// Hex SHA-256 of the service identity's certificate (DER): the service the shares belong to.
+    pub service: String,
+    /// The ledger secret, sealed under the wrapping key (base64).
+    pub wrapped_secret: String,
+    /// By member id.
+    pub shares: BTreeMap<String, RecoveryShare>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryShare {
+    /// The share, sealed to the member's encryption key (base64).
+    pub sealed: String,
+    /// A digest of the share bound to the service, the member and the version (hex): what a
+    /// recovering node checks a submitted share against.
+    pub digest: String,
+    /// Hex SHA-256 of the encryption key (PEM as recorded) the share was sealed to.
+    pub encryption_key_sha256: String,
+}
+
 fn one() -> u32 {
     1
 }

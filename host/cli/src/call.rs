@@ -100,6 +100,20 @@ impl Target {
 
     /// Connects to the chosen node, presenting the chosen identity (if any), and returns that
     /// identity too.
+    /// With `--as NAME`, where the sandbox keeps NAME's encryption key for recovery shares:
+    /// `NAME.enc.key.pem` beside its certificate.
+    pub fn party_encryption_key(&self) -> anyhow::Result<Option<PathBuf>> {
+        let Some(name) = &self.as_party else { return Ok(None) };
+        let sandbox = SandboxFile::read(&self.sandbox)?;
+        let party = sandbox
+            .parties
+            .iter()
+            .find(|p| &p.name == name)
+            .with_context(|| format!("the sandbox has no member named {name}"))?;
+        let dir = party.cert.parent().unwrap_or(std::path::Path::new("."));
+        Ok(Some(cloister_crypto::envelope::key_files(dir, name).0))
+    }
+
     pub async fn connect(&self) -> anyhow::Result<(Client, Option<KeyedCert>)> {
         let Resolved { urls, ca, id } = self.resolve()?;
         Ok((Client::connect(&urls[0], &ca, id.as_ref()).await?, id))

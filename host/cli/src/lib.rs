@@ -10,6 +10,7 @@ mod gov;
 mod ingest;
 mod ledger;
 pub mod local;
+pub mod recovery;
 pub mod sandbox;
 
 use std::path::PathBuf;
@@ -37,7 +38,8 @@ enum Command {
     },
     /// Run a local network: service identity, parties, nodes, and the reconcile app.
     Sandbox(sandbox::Args),
-    /// Write a new identity: NAME.key.pem and a self-signed NAME.cert.pem in DIR.
+    /// Write a new identity: NAME.key.pem and a self-signed NAME.cert.pem in DIR, and an
+    /// encryption key pair for recovery shares, NAME.enc.key.pem and NAME.enc.pub.pem.
     Keygen {
         #[arg(long)]
         name: String,
@@ -50,6 +52,11 @@ enum Command {
     Ingest(ingest::Args),
     /// Measure a running node (by default the sandbox's) over HTTPS.
     Bench(bench::Args),
+    /// A recovery member's part in disaster recovery.
+    Recovery {
+        #[command(subcommand)]
+        command: recovery::RecoveryCommand,
+    },
     /// Audit a ledger offline.
     Ledger {
         #[command(subcommand)]
@@ -166,7 +173,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen { name, out } => {
             let id = identity::generate_identity(&name)?;
             id.write(&out, &name)?;
+            let (private, public) = cloister_crypto::envelope::write_key_pair(&out, &name)?;
             println!("wrote {0}/{name}.cert.pem and {0}/{name}.key.pem", out.display());
+            println!(
+                "wrote {} and {}: the encryption key pair for recovery shares (set_member's encryption_key takes the .pub.pem)",
+                private.display(),
+                public.display()
+            );
             println!("id: {}", id.id()?);
             Ok(ExitCode::SUCCESS)
         }
@@ -174,6 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Console(args) => console::run(args).await,
         Command::Ingest(args) => ingest::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Recovery { command } => recovery::run(command).await,
         Command::Ledger { command } => ledger::run_ledger(command),
         Command::Receipt { command } => ledger::run_receipt(command),
         Command::Gov { command } => gov::run_gov(command).await,

@@ -11,7 +11,8 @@ use anyhow::Context;
 
 use cloister_crypto::identity::{self, KeyedCert, ServiceCa};
 use cloister_node::config::{
-    AttestationSection, GenesisAttestation, GenesisSection, NetworkSection, NodeConfig, NodeSection, TlsSection,
+    AttestationSection, GenesisAttestation, GenesisMember, GenesisSection, NetworkSection, NodeConfig, NodeSection,
+    TlsSection,
 };
 
 /// An identity of the network, written to `<name>.cert.pem` and `<name>.key.pem`.
@@ -83,6 +84,10 @@ impl LocalNetwork {
                 .collect()
         };
         let (members, users) = (parties("member", members)?, parties("user", users)?);
+        // Every member is a recovery member: it gets an encryption key for its recovery share.
+        for member in &members {
+            cloister_crypto::envelope::write_key_pair(dir, &member.name)?;
+        }
         if let Some((file, code)) = app {
             std::fs::write(dir.join(file), code).with_context(|| format!("writing {file}"))?;
         }
@@ -126,7 +131,15 @@ impl LocalNetwork {
             },
             network: NetworkSection { join },
             genesis: GenesisSection {
-                members: certs(&self.members),
+                members: self
+                    .members
+                    .iter()
+                    .map(|m| GenesisMember::Recovery {
+                        cert: self.path(format!("{}.cert.pem", m.name)),
+                        encryption_key: self.path(format!("{}.enc.pub.pem", m.name)),
+                    })
+                    .collect(),
+                recovery_threshold: None,
                 users: certs(&self.users),
                 app: self.app_file.as_ref().map(|f| self.path(f)),
                 constitution: None,

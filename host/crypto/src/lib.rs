@@ -2,6 +2,8 @@
 //!
 //! - [`identity`]: P-384 identities, the service CA, node certificates, and ids from certificates;
 //! - [`seal`]: AES-256-GCM sealing under the ledger secret;
+//! - [`envelope`]: secrets sealed to a P-384 public key (a joining node's, a recovery member's);
+//! - [`recovery`]: the ledger secret wrapped, and its key split into members' recovery shares;
 //! - [`cose`]: COSE_Sign1 governance requests, signed and verified;
 //! - [`tls`]: the rustls configurations of clients, the client port and the peer port.
 //!
@@ -13,7 +15,9 @@
 static ALLOC: cloister_test_support::TrackingAllocator = cloister_test_support::TrackingAllocator;
 
 pub mod cose;
+pub mod envelope;
 pub mod identity;
+pub mod recovery;
 pub mod seal;
 pub mod tls;
 

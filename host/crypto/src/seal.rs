@@ -24,6 +24,9 @@ pub enum Purpose {
     SnapshotEntry,
     /// The ledger secret itself, at rest under a node's sealing key.
     SecretAtRest,
+    /// The ledger secret wrapped for recovery, under a key that only a threshold of recovery
+    /// members' shares rebuild (`gov.recovery`).
+    RecoveryWrap,
 }
 
 impl Purpose {
@@ -33,6 +36,7 @@ impl Purpose {
             Purpose::StateValue => b"cloister state value v1",
             Purpose::SnapshotEntry => b"cloister snapshot entry v1",
             Purpose::SecretAtRest => b"cloister secret at rest v1",
+            Purpose::RecoveryWrap => b"cloister recovery wrap v1",
         }
     }
 }

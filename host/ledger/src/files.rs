@@ -69,6 +69,28 @@ pub(crate) fn chunk_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// Every entry in a ledger folder's files, in order, for tools that read a ledger whole (a
+/// snapshot's start record is passed over). It checks nothing: `verify::verify_dir` is the audit.
+/// A file whose records end damaged is an error; a torn last record (a crash mid-write) ends the
+/// entries there.
+pub fn read_entries(dir: &Path) -> std::io::Result<Vec<LedgerEntry>> {
+    let mut entries = Vec::new();
+    for path in chunk_paths(dir)? {
+        let chunk = read_chunk(&path)?;
+        if let Tail::Corrupt { offset, reason } = &chunk.tail {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is damaged at byte {offset}: {reason}", path.display()),
+            ));
+        }
+        entries.extend(chunk.records.into_iter().filter_map(|r| match r {
+            Record::Entry(e) => Some(e),
+            Record::Start(_) => None,
+        }));
+    }
+    Ok(entries)
+}
+
 /// Where [`LedgerFiles::restart_at`] keeps the files a snapshot at `next` superseded: a folder of
 /// their own, which verifies as a ledger by itself.
 pub fn set_aside_dir(dir: &Path, next: u64) -> PathBuf {

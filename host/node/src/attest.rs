@@ -469,7 +469,7 @@ fn accept_secret(
     check_signed_by(&challenge.cert, &transcript, &reply.transcript_signature).map_err(|e| {
         anyhow::anyhow!("refused the ledger secret: it is not signed by the leader this node attested: {e}")
     })?;
-    let secret = cloister_attestation::seal::open_with(&identity.key_pem, JOIN_SECRET_AAD, &reply.sealed_secret)
+    let secret = cloister_crypto::envelope::open_with(&identity.key_pem, JOIN_SECRET_AAD, &reply.sealed_secret)
         .map_err(|e| anyhow::anyhow!("the leader's sealed ledger secret: {e}"))?;
     let secret = <[u8; 32]>::try_from(secret).map_err(|_| anyhow::anyhow!("the ledger secret has the wrong length"))?;
     Ok(Joined { secret, leader_cert: challenge.cert })
@@ -490,6 +490,11 @@ pub struct Joins {
 }
 
 impl Joins {
+    /// The ledger secret, for the leader's issue of recovery shares.
+    pub(crate) fn ledger_secret(&self) -> &[u8; 32] {
+        &self.secret
+    }
+
     pub fn new(
         section: &AttestationSection,
         secret: [u8; 32],
@@ -537,7 +542,7 @@ impl Joins {
         spki: &[u8],
     ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         let sealed =
-            cloister_attestation::seal::seal_to(spki, JOIN_SECRET_AAD, &self.secret).map_err(anyhow::Error::msg)?;
+            cloister_crypto::envelope::seal_to(spki, JOIN_SECRET_AAD, &self.secret).map_err(anyhow::Error::msg)?;
         let transcript = join_transcript(joiner_nonce, leader_nonce, &self.spki, spki, &sealed);
         let signature = self
             .key
@@ -602,6 +607,11 @@ pub(crate) async fn maintain_endorsements(
             Ok(0) => {}
             Ok(n) => tracing::info!(records = n, "updated the service's endorsements"),
             Err(e) => tracing::debug!(error = ?e, "updating the endorsements did not commit; retrying"),
+        }
+        match service.maintain_recovery_shares().await {
+            Ok(None) => {}
+            Ok(Some(version)) => tracing::info!(version, "issued recovery shares"),
+            Err(e) => tracing::warn!(error = ?e, "issuing recovery shares did not commit; retrying"),
         }
     }
 }
@@ -737,7 +747,7 @@ mod tests {
         assert_eq!((joined.secret, joined.leader_cert.clone()), ([7; 32], challenge.cert.clone()));
 
         let spki = spki_of(&der_of(&joiner)).unwrap();
-        let relays_secret = cloister_attestation::seal::seal_to(&spki, JOIN_SECRET_AAD, &[0x66; 32]).unwrap();
+        let relays_secret = cloister_crypto::envelope::seal_to(&spki, JOIN_SECRET_AAD, &[0x66; 32]).unwrap();
         let refusals = [
             // The relay's own secret, under the leader's signature of another.
             pb::AttestReply { sealed_secret: relays_secret.clone(), ..reply.clone() },

@@ -18,7 +18,9 @@
 //! node_key = "node0.key.pem"
 //!
 //! [genesis]                          # read only when the data folder is new
-//! members = ["member0.cert.pem"]
+//! members = ["member0.cert.pem",     # a member, or a recovery member with its encryption key:
+//!   { cert = "member1.cert.pem", encryption_key = "member1.enc.pub.pem" }]
+//! recovery_threshold = 1             # optional; default: a majority of the recovery members
 //! users = []
 //! app = "reconcile.wasm"             # optional
 //! attestation = "amd"                # or "mock": pin the test ARK of `attestation.mock_root`
@@ -189,9 +191,14 @@ pub struct TlsSection {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenesisSection {
-    /// Certificates (PEM files) of the initial members.
+    /// The initial members: a certificate (PEM file), or a certificate and an encryption key
+    /// (public key, SPKI PEM file), which makes the member a recovery member.
     #[serde(default)]
-    pub members: Vec<PathBuf>,
+    pub members: Vec<GenesisMember>,
+    /// How many recovery members' shares recover the service; at most their number. Absent: a
+    /// strict majority of the recovery members (1 when there are none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_threshold: Option<u32>,
     /// Certificates (PEM files) of the initial users.
     #[serde(default)]
     pub users: Vec<PathBuf>,
@@ -204,6 +211,36 @@ pub struct GenesisSection {
     /// The roots of trust the service pins. Only `mock` admits the mock firmware's reports.
     #[serde(default)]
     pub attestation: GenesisAttestation,
+}
+
+/// A member named in the genesis configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GenesisMember {
+    Cert(PathBuf),
+    Recovery { cert: PathBuf, encryption_key: PathBuf },
+}
+
+impl GenesisMember {
+    pub fn cert(&self) -> &Path {
+        match self {
+            GenesisMember::Cert(cert) | GenesisMember::Recovery { cert, .. } => cert,
+        }
+    }
+
+    pub fn encryption_key(&self) -> Option<&Path> {
+        match self {
+            GenesisMember::Cert(_) => None,
+            GenesisMember::Recovery { encryption_key, .. } => Some(encryption_key),
+        }
+    }
+
+    fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        match self {
+            GenesisMember::Cert(cert) => vec![cert],
+            GenesisMember::Recovery { cert, encryption_key } => vec![cert, encryption_key],
+        }
+    }
 }
 
 /// The node's service limits. Each is enforced with a clear error naming it.
@@ -311,7 +348,7 @@ impl NodeConfig {
         fix(&mut self.tls.service_cert);
         fix(&mut self.tls.node_cert);
         fix(&mut self.tls.node_key);
-        self.genesis.members.iter_mut().for_each(fix);
+        self.genesis.members.iter_mut().flat_map(GenesisMember::paths_mut).for_each(fix);
         self.genesis.users.iter_mut().for_each(fix);
         if let Some(app) = &mut self.genesis.app {
             fix(app);

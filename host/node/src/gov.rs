@@ -438,6 +438,7 @@ pub(crate) fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
         REQUEST_TIMES => decodes::<u64>(map, value),
         MIN_TCB => decodes::<Tcb>(map, value),
         ENDORSEMENTS => Err(format!("{map} is written by the node alone, as gov.nodes changes")),
+        RECOVERY => Err(format!("{map} is written by the node alone, as the recovery members change")),
         AZURE_PCRS => serde_json::from_slice::<PcrSet>(value)
             .map_err(|e| format!("{map} cannot hold this record: {e}"))
             .and_then(|set| checked_pcr_set(&set).map(drop)),
@@ -465,6 +466,9 @@ fn node_checks(runtime: &Runtime, action: &Action) -> Result<(), String> {
             let pem = field("cert").ok_or("args.cert (PEM) is missing")?;
             let der = cloister_crypto::identity::cert_der(pem.as_bytes()).map_err(|e| format!("args.cert: {e}"))?;
             x509_parser::parse_x509_certificate(&der).map_err(|e| format!("args.cert does not parse: {e}"))?;
+            if let Some(key) = field("encryption_key") {
+                cloister_crypto::envelope::public_key_der(key).map_err(|e| format!("args.encryption_key: {e}"))?;
+            }
             Ok(())
         }
         _ => Ok(()),

@@ -10,6 +10,7 @@ pub mod endorsed;
 pub mod gov;
 pub mod metrics;
 pub mod node;
+mod recovery;
 mod signer;
 
 pub use node::Node;

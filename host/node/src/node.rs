@@ -321,8 +321,30 @@ async fn genesis(
     };
     let module = runtime.load(&constitution).context("the genesis constitution is refused")?;
     gov::is_constitution(&module).map_err(|e| anyhow::anyhow!("the genesis constitution is refused: {e}"))?;
-    let members = read_ids(&config.genesis.members)?;
+    let certs: Vec<_> = config.genesis.members.iter().map(|m| m.cert().to_owned()).collect();
+    let mut members = Vec::new();
+    for ((id, cert), member) in read_ids(&certs)?.into_iter().zip(&config.genesis.members) {
+        let key = match member.encryption_key() {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the encryption key {}", path.display()))?;
+                cloister_crypto::envelope::public_key_der(&pem)
+                    .map_err(|e| anyhow::anyhow!("the encryption key {}: {e}", path.display()))?;
+                Some(pem)
+            }
+        };
+        members.push((id, cert, key));
+    }
     anyhow::ensure!(!members.is_empty(), "genesis needs at least one member ([genesis] members)");
+    let recovery_members = members.iter().filter(|m| m.2.is_some()).count() as u32;
+    let recovery_threshold = match config.genesis.recovery_threshold {
+        None => recovery_members / 2 + 1,
+        Some(t) if t >= 1 && t <= recovery_members.max(1) => t,
+        Some(t) => anyhow::bail!(
+            "[genesis] recovery_threshold = {t}, but there are {recovery_members} recovery members (members with an encryption_key)"
+        ),
+    };
     let attestation = genesis_attestation(config, node_cert, attester).await?;
     // The service's own identity: generated here, inside the first node, and kept only sealed
     // (in the ledger and the state database, under the ledger secret).
@@ -333,6 +355,7 @@ async fn genesis(
         identity: (service_identity.cert_pem, service_identity.key_pem),
         node_cert_sha256: identity::id_of_pem(node_cert.as_bytes())?,
         members,
+        recovery_threshold,
         users: read_ids(&config.genesis.users)?,
         constitution,
         app,

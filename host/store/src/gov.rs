@@ -108,7 +108,10 @@ pub struct Genesis {
     pub identity: (String, String),
     /// The first node's certificate's SHA-256 (hex), for its endorsement.
     pub node_cert_sha256: String,
-    pub members: Vec<(String, String)>,
+    /// (id, certificate PEM, encryption key PEM of a recovery member).
+    pub members: Vec<(String, String, Option<String>)>,
+    /// Recovery shares needed to recover the service.
+    pub recovery_threshold: u32,
     pub users: Vec<(String, String)>,
     /// The constitution's wasm, already checked by the runtime.
     pub constitution: Vec<u8>,
@@ -136,11 +139,11 @@ impl Genesis {
     /// node (Trusted), and the service record (Opening).
     pub fn write_set(&self) -> WriteSet {
         let mut ws = WriteSet::default();
-        for (id, cert) in &self.members {
+        for (id, cert, encryption_key) in &self.members {
             let record = MemberRecord {
                 cert: cert.clone(),
                 status: MemberStatus::Active,
-                encryption_key: None,
+                encryption_key: encryption_key.clone(),
                 data: Default::default(),
             };
             put(&mut ws, MEMBERS, id.as_bytes(), &record);
@@ -174,7 +177,7 @@ impl Genesis {
         let mut service = ServiceRecord {
             state: ServiceState::Opening,
             cert: self.service_cert.clone(),
-            recovery_threshold: 1,
+            recovery_threshold: self.recovery_threshold,
             identity: None,
         };
         put_service_identity(&mut ws, &mut service, &self.identity.0, &self.identity.1);

@@ -19,6 +19,7 @@ pub enum GovRead {
     Service,
     Constitution,
     App,
+    Recovery,
 }
 
 impl GovRead {
@@ -33,6 +34,7 @@ impl GovRead {
             ["gov", "service"] => GovRead::Service,
             ["gov", "constitution"] => GovRead::Constitution,
             ["gov", "app"] => GovRead::App,
+            ["gov", "recovery"] => GovRead::Recovery,
             _ => return None,
         })
     }
@@ -86,6 +88,14 @@ fn read_tables(tx: &Tx, what: GovRead) -> Result<Value, ApiError> {
         GovRead::Constitution => {
             let code = gov::constitution(tx)?.ok_or_else(|| ApiError::internal("gov.constitution is missing"))?;
             json!({ "code_hash": blake3::hash(&code).to_hex().to_string(), "bytes": code.len() })
+        }
+        GovRead::Recovery => {
+            let record: gov::RecoveryRecord = gov::get(tx, gov::RECOVERY, gov::RECOVERY_KEY)?.ok_or_else(|| {
+                ApiError::not_found(
+                    "no recovery shares: the service has no recovery members (members with an encryption_key)",
+                )
+            })?;
+            serde_json::to_value(record).expect("records serialize")
         }
         GovRead::App => unreachable!("answered by read()"),
     })

@@ -47,6 +47,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/gov/service", get(gov_read))
         .route("/gov/constitution", get(gov_read))
         .route("/gov/app", get(gov_read))
+        .route("/gov/recovery", get(gov_read))
         .fallback(|uri: Uri| async move { ApiError::not_found(format!("no endpoint {}", uri.path())) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
             ApiError::method_not_allowed(format!("{method} is not allowed on {}", uri.path()))

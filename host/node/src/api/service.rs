@@ -317,6 +317,26 @@ impl Service {
         Ok(self.writer.submit(work).await?.value)
     }
 
+    /// On the leader: issues recovery shares when the recovery members, their keys, the
+    /// threshold or the service identity changed since the last issue (`crate::recovery`).
+    /// Returns the new issue's version, if it wrote one.
+    pub(crate) async fn maintain_recovery_shares(&self) -> Result<Option<u64>, SubmitError> {
+        if !crate::recovery::lags(&self.store.begin().map_err(ApiError::from)?)? {
+            return Ok(None);
+        }
+        let secret = *self.joins.ledger_secret();
+        let work: Work<Option<u64>> = Box::new(move |_, mut tx| {
+            let result = crate::recovery::maintain(&mut tx, &secret).map(|version| Executed {
+                commit: version.is_some() || tx.writes().iter().next().is_some(),
+                value: version,
+                kind: TxKind::Gov,
+                claims_digest: None,
+            });
+            (tx, result)
+        });
+        Ok(self.writer.submit(work).await?.value)
+    }
+
     /// A receipt for a committed transaction, if this node can give one yet.
     pub fn receipt(
         &self,

@@ -1,9 +1,15 @@
-//! Secrets sealed to an attested node's key: ECDH P-384 with an ephemeral key, HKDF-SHA-384, and
-//! AES-256-GCM. A leader seals the ledger secret to the public key that a joining node's evidence
-//! bound; only the holder of that key, inside the attested VM, opens it.
+//! Secrets sealed to a P-384 public key: ECDH with an ephemeral key, HKDF-SHA-384, and
+//! AES-256-GCM. Two recipients use it:
+//! - a joining node: the leader seals the ledger secret to the key that the node's evidence
+//!   bound, so only the holder of that key, inside the attested VM, opens it;
+//! - a recovery member: the leader seals each member's recovery share to the member's
+//!   encryption key (`gov.members`), which the member keeps apart from its signing key.
+//!
+//! The associated data says what a blob is and where it belongs, so a blob sealed for one
+//! purpose never opens as another.
 
 use p384::elliptic_curve::sec1::ToEncodedPoint;
-use p384::pkcs8::{DecodePrivateKey, DecodePublicKey};
+use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use rand_core::{OsRng, RngCore};
 use ring::{aead, hkdf};
 
@@ -23,6 +29,40 @@ fn aead_key(shared: &[u8], ephemeral: &[u8]) -> aead::LessSafeKey {
     let mut key = [0u8; 32];
     prk.expand(&[INFO], KeyLen).and_then(|okm| okm.fill(&mut key)).expect("HKDF output of 32 bytes");
     aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, &key).expect("an AES-256 key"))
+}
+
+/// A new encryption key pair from the OS random source: the private key (PKCS#8 PEM) and the
+/// public key (SPKI PEM), as `cloister keygen` writes them for a member.
+pub fn generate_key() -> anyhow::Result<(String, String)> {
+    let key = p384::SecretKey::random(&mut OsRng);
+    let private = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| anyhow::anyhow!("encoding a private key: {e}"))?;
+    let public = key
+        .public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| anyhow::anyhow!("encoding a public key: {e}"))?;
+    Ok((private.to_string(), public))
+}
+
+/// The files of a member's encryption key pair in `dir`: `NAME.enc.key.pem` (private, owner-only)
+/// and `NAME.enc.pub.pem` (what `set_member` and `[genesis] members` take).
+pub fn key_files(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    (dir.join(format!("{name}.enc.key.pem")), dir.join(format!("{name}.enc.pub.pem")))
+}
+
+/// Generates a member's encryption key pair and writes it to [`key_files`].
+pub fn write_key_pair(dir: &std::path::Path, name: &str) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (private, public) = generate_key()?;
+    let (private_path, public_path) = key_files(dir, name);
+    crate::identity::write_private(&private_path, private.as_bytes())?;
+    crate::identity::write_durably(&public_path, public.as_bytes(), false)?;
+    Ok((private_path, public_path))
+}
+
+/// The DER of a P-384 public key given as SPKI PEM, or why it is not one.
+pub fn public_key_der(pem: &str) -> Result<Vec<u8>, String> {
+    let key = p384::PublicKey::from_public_key_pem(pem.trim())
+        .map_err(|e| format!("not a P-384 public key (SPKI PEM): {e}"))?;
+    key.to_public_key_der().map(|d| d.as_bytes().to_vec()).map_err(|e| format!("encoding a public key: {e}"))
 }
 
 /// Seals `plaintext` to the P-384 public key in `spki_der`, with `aad` authenticated alongside.
@@ -50,7 +90,7 @@ pub fn open_with(private_key_pem: &str, aad: &[u8], sealed: &[u8]) -> Result<Vec
         return Err(format!("a sealed secret of {} bytes is too short", sealed.len()));
     }
     let secret = p384::SecretKey::from_pkcs8_pem(private_key_pem)
-        .map_err(|e| format!("the node key is not a P-384 private key: {e}"))?;
+        .map_err(|e| format!("the key is not a P-384 private key: {e}"))?;
     let (point, rest) = sealed.split_at(POINT_LEN);
     let (nonce, body) = rest.split_at(NONCE_LEN);
     let ephemeral =
@@ -68,7 +108,16 @@ pub fn open_with(private_key_pem: &str, aad: &[u8], sealed: &[u8]) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use p384::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+
+    #[test]
+    fn generated_keys_seal_and_open() {
+        let (private, public) = generate_key().unwrap();
+        let der = public_key_der(&public).unwrap();
+        let sealed = seal_to(&der, b"aad", b"a share").unwrap();
+        assert_eq!(open_with(&private, b"aad", &sealed).unwrap(), b"a share");
+        assert!(public_key_der(&private).is_err(), "a private key is no public key");
+        assert!(public_key_der("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").is_err());
+    }
 
     #[test]
     fn only_the_recipient_opens() {

@@ -1,0 +1,87 @@
+//! `cloister recovery`: a recovery member's tools. `share` fetches the service's current issue
+//! of recovery shares (`GET /gov/recovery`), opens the member's own share with its encryption
+//! key, and checks it against the share's public digest, so a member learns that its key still
+//! opens its share without the share ever being printed or written.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use base64::Engine as _;
+use clap::{Args as ClapArgs, Subcommand};
+
+use cloister_abi::gov::RecoveryRecord;
+use cloister_client::Client;
+use cloister_crypto::recovery::{self, Binding};
+
+use crate::call::Target;
+
+#[derive(Subcommand)]
+pub enum RecoveryCommand {
+    /// Check this member's recovery share: it opens with the member's encryption key and
+    /// matches its public digest. The share itself is never shown.
+    Share(ShareArgs),
+}
+
+#[derive(ClapArgs)]
+pub struct ShareArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The member's encryption key (PKCS#8 PEM). With `--as NAME`: the sandbox's
+    /// NAME.enc.key.pem.
+    #[arg(long)]
+    encryption_key: Option<PathBuf>,
+}
+
+pub async fn run(command: RecoveryCommand) -> anyhow::Result<ExitCode> {
+    let RecoveryCommand::Share(args) = command;
+    let resolved = args.target.resolve()?;
+    let member = resolved.id.as_ref().context("name the member: --as NAME, or --cert and --key")?;
+    let key_path = match &args.encryption_key {
+        Some(path) => path.clone(),
+        None => {
+            args.target.party_encryption_key()?.context("name the member's encryption key: --encryption-key FILE")?
+        }
+    };
+    let key_pem = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("reading the encryption key {}", key_path.display()))?;
+    let client = Client::connect(&resolved.urls[0], &resolved.ca, Some(member)).await?;
+    let record = fetch(&client).await?;
+    let id = member.id()?;
+    open_own_share(&record, &id, &key_pem)?;
+    println!(
+        "member {id}: your share of issue {} opens with {} and matches its digest; {} of the {} recovery members' shares recover service {}",
+        record.version,
+        key_path.display(),
+        record.threshold,
+        record.shares.len(),
+        record.service
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The service's current issue of recovery shares.
+pub async fn fetch(client: &Client) -> anyhow::Result<RecoveryRecord> {
+    let reply = client.get("/gov/recovery").await?;
+    anyhow::ensure!(reply.status == 200, "GET /gov/recovery answered {}: {}", reply.status, reply.text());
+    serde_json::from_slice(&reply.body).context("GET /gov/recovery answered no recovery record")
+}
+
+/// Opens member `id`'s share of `record` with its encryption key (PKCS#8 PEM), checked against
+/// its digest.
+pub fn open_own_share(record: &RecoveryRecord, id: &str, key_pem: &str) -> anyhow::Result<Vec<u8>> {
+    let share = record.shares.get(id).with_context(|| {
+        format!(
+            "member {id} holds no share of issue {}: it is no recovery member (Active, with an encryption key)",
+            record.version
+        )
+    })?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sealed = b64.decode(&share.sealed).context("the sealed share is not base64")?;
+    let digest: [u8; 32] = hex::decode(&share.digest)
+        .ok()
+        .and_then(|d| d.try_into().ok())
+        .context("the share's digest is not 32 bytes of hex")?;
+    let binding = Binding { service: &record.service, version: record.version, member: id };
+    recovery::open_share(key_pem, binding, &sealed, &digest).map_err(anyhow::Error::msg)
+}
