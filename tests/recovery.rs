@@ -1,17 +1,20 @@
 //! Disaster recovery (#15): recovery shares of the ledger secret, issued to the recovery members
-//! and kept in step with them.
+//! and kept in step with them; and the drill: every node and key lost, the service recovered from
+//! one node's ledger files by a threshold of shares.
 
 use std::time::{Duration, Instant};
 
-use cloister_bundled::KV;
-use cloister_cli::recovery::{fetch, open_own_share};
+use cloister_bundled::{KV, RECONCILE};
+use cloister_cli::recovery::{fetch, open_own_share, submit_share};
 use cloister_client::Client;
 use cloister_crypto::cose::GovWrite;
 use cloister_crypto::envelope;
 use cloister_crypto::recovery::recover_secret;
 use cloister_crypto::seal::Sealer;
 use cloister_ledger::entry::Payload;
-use cloister_store::gov::RecoveryRecord;
+use cloister_ledger::verify::{Receipt, verify_receipt, verify_receipt_with_previous};
+use cloister_store::gov::{RecoveryRecord, ServiceRecord};
+use cloister_tests::cluster::Cluster;
 use cloister_tests::{Identity, TestService, new_identity};
 use serde_json::json;
 
@@ -132,4 +135,192 @@ async fn recovery_shares_follow_the_recovery_members_and_a_threshold_of_them_ope
     let refused = c.gov(voters[0], &GovWrite::Propose, &json!({ "actions": leave(&s.members[1].id) })).await.unwrap();
     assert_eq!(refused.status, 400, "{}", refused.text());
     assert!(refused.text().contains("lower the threshold first"), "{}", refused.text());
+}
+
+/// How long a recovering service may take to reach a state (its restore runs on the leader's
+/// upkeep tick).
+const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn wait_state(c: &Cluster, node: usize, state: &str) {
+    let start = Instant::now();
+    loop {
+        if let Ok(client) = c.client(node, 0).await
+            && let Ok(reply) = client.get("/gov/service").await
+            && reply.status == 200
+            && reply.json().unwrap()["state"] == state
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < STATE_TIMEOUT,
+            "the service is not {state} within {STATE_TIMEOUT:?}:\n{}",
+            c.log(node)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Member `member`'s votes: 60 keys, where member `m` disagrees on every third key from `m`.
+fn votes(member: usize) -> Vec<u8> {
+    let rows: Vec<_> = (0..60)
+        .map(|i| json!({ "lei": format!("LEI{i:04}"), "nace": if i % 3 == member { "B" } else { "A" } }))
+        .collect();
+    serde_json::to_vec(&rows).unwrap()
+}
+
+/// Every row of a member's report, as a node answers it.
+async fn report(c: &Cluster, node: usize, member: usize) -> Vec<serde_json::Value> {
+    let reply = c.client(node, member).await.unwrap().get("/app/report?limit=10000").await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.headers.get("x-next-cursor").is_none(), "one page holds the scenario");
+    reply.json().unwrap().as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consortium_recovers_its_data_when_every_node_and_key_is_gone() {
+    let mut c = Cluster::start(3, 3, RECONCILE, |_| {}).await;
+    let mut tx = String::new();
+    for m in 0..3 {
+        let reply = c.client(0, m).await.unwrap().post("/app/ingest", "application/json", votes(m)).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        tx = reply.tx_id().unwrap();
+    }
+    let member0 = c.client(0, 0).await.unwrap();
+    let start = Instant::now();
+    let receipt: Receipt = loop {
+        let r = member0.get(&format!("/app/receipt?id={tx}")).await.unwrap();
+        if r.status == 200 {
+            break serde_json::from_slice(&r.body).unwrap();
+        }
+        assert!(start.elapsed() < STATE_TIMEOUT, "no receipt for {tx}: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    shares_when(&member0, |r| r.shares.len() == 3).await;
+    let before: Vec<_> = futures::future::join_all((0..3).map(|m| report(&c, 0, m))).await;
+    assert!(before.iter().all(|rows| rows.len() == 60));
+    drop(member0);
+
+    // The disaster: every node dies, and with it every node key, ledger secret and state
+    // database. One node's ledger files survive.
+    for i in 0..3 {
+        c.kill(i);
+    }
+    let saved = c.dir.path().join("saved-ledger");
+    std::fs::create_dir_all(&saved).unwrap();
+    let ledger = cloister_ledger::dir(&c.nodes[0].config.node.data_dir);
+    for file in std::fs::read_dir(&ledger).unwrap() {
+        let path = file.unwrap().path();
+        if path.extension().is_some_and(|e| e == "ledger") {
+            std::fs::copy(&path, saved.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    for i in 0..3 {
+        std::fs::remove_dir_all(&c.nodes[i].config.node.data_dir).unwrap();
+        c.renew_node_identity(i);
+    }
+
+    // One node recovers the service from the saved files: public state only, no private value.
+    let recovering = Instant::now();
+    c.spawn_recover(0, &saved);
+    wait_state(&c, 0, "Recovering").await;
+    let m = |i: usize| c.client(0, i);
+    let (m0, m1, m2) = (m(0).await.unwrap(), m(1).await.unwrap(), m(2).await.unwrap());
+    assert_ne!(m0.get("/app/report").await.unwrap().status, 200, "no private value before the shares");
+    let keys: Vec<String> = (0..3)
+        .map(|i| std::fs::read_to_string(envelope::key_files(c.dir.path(), &c.members[i].name).0).unwrap())
+        .collect();
+    let ids: Vec<&str> = c.members.iter().map(|m| m.id.as_str()).collect();
+
+    let first = submit_share(&m0, &c.members[0].keyed, &keys[0]).await.unwrap();
+    assert_eq!(first, json!({ "submitted": 1, "threshold": 2, "restoring": false }));
+    assert_ne!(m0.get("/app/report").await.unwrap().status, 200, "one share of two opens nothing");
+    let again = submit_share(&m0, &c.members[0].keyed, &keys[0]).await.unwrap_err();
+    assert!(format!("{again:#}").contains("ShareAlreadySubmitted"), "{again:#}");
+
+    // A forged share, one for another service, one replayed by another member: refused, named.
+    let previous: RecoveryRecord =
+        m1.get("/gov/recovery/previous").await.unwrap().json().map(|v| serde_json::from_value(v).unwrap()).unwrap();
+    let share0 = open_own_share(&previous, ids[0], &keys[0]).unwrap();
+    let body = |service: &str, member: &str, share: &[u8]| {
+        use base64::Engine as _;
+        json!({ "service": service, "version": previous.version, "member": member,
+                "share": base64::engine::general_purpose::STANDARD.encode(share) })
+    };
+    let refused = |reply: cloister_client::Reply, code: &str| {
+        assert_ne!(reply.status, 200, "{}", reply.text());
+        assert!(reply.text().contains(code), "{code}: {}", reply.text());
+    };
+    let submit = |who: usize, body: serde_json::Value| {
+        let (client, keyed) = (if who == 1 { &m1 } else { &m2 }, c.members[who].keyed.clone());
+        async move { client.gov(&keyed, &GovWrite::RecoveryShare, &body).await.unwrap() }
+    };
+    refused(submit(1, body(&previous.service, ids[0], &share0)).await, "ShareOfAnotherMember");
+    refused(submit(1, body(&previous.service, ids[1], &share0)).await, "ForgedShare");
+    let mut forged = open_own_share(&previous, ids[1], &keys[1]).unwrap();
+    forged[5] ^= 1;
+    refused(submit(1, body(&previous.service, ids[1], &forged)).await, "ForgedShare");
+    refused(submit(2, body(&"00".repeat(32), ids[2], &share0)).await, "ShareOfAnotherService");
+
+    // The second genuine share opens the ledger: the private state comes back, and the members
+    // open the service; two new nodes join it.
+    let second = submit_share(&m1, &c.members[1].keyed, &keys[1]).await.unwrap();
+    assert_eq!(second["restoring"], true, "{second}");
+    wait_state(&c, 0, "Opening").await;
+    let opened_after = recovering.elapsed();
+    c.spawn(1);
+    c.spawn(2);
+    c.wait_stable(3, Duration::from_secs(120)).await;
+    c.open(0).await;
+    eprintln!(
+        "recovery: from `node recover` to Opening in {opened_after:?}, to Open with 3 nodes in {:?}",
+        recovering.elapsed()
+    );
+    for node in [1, 2] {
+        for (member, rows) in before.iter().enumerate() {
+            assert_eq!(&report(&c, node, member).await, rows, "member {member}'s report on node {node}");
+        }
+    }
+
+    // A receipt from before the disaster verifies against the new identity, which endorses the
+    // old one; not against the new identity alone.
+    let service: ServiceRecord = serde_json::from_value(m0.get("/gov/service").await.unwrap().json().unwrap()).unwrap();
+    let identity =
+        cloister_crypto::identity::cert_der(service.identity.as_deref().unwrap().as_bytes()).unwrap().to_vec();
+    assert!(verify_receipt(&receipt, &identity).is_err());
+    let (verified, via) = verify_receipt_with_previous(&receipt, &identity, &service.previous_identities).unwrap();
+    assert_eq!((verified.tx_id.as_str(), via), (tx.as_str(), Some(0)));
+
+    // The recovered service takes writes through any node, and issues shares of its own secret.
+    let reply = c.client(2, 0).await.unwrap().post("/app/ingest", "application/json", votes(1)).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let renewed = shares_when(&m0, |r| r.service != previous.service).await;
+    assert_eq!(renewed.shares.len(), 3);
+
+    // An auditor's checks: the receipt through the command line, with the service record that
+    // names the endorsed previous identity; the new ledger and the saved one, offline.
+    let [receipt_file, service_file, identity_file] =
+        ["receipt.json", "service.json", "identity.pem"].map(|f| c.dir.path().join(f));
+    std::fs::write(&receipt_file, serde_json::to_vec(&receipt).unwrap()).unwrap();
+    std::fs::write(&service_file, serde_json::to_vec(&service).unwrap()).unwrap();
+    std::fs::write(&identity_file, service.identity.as_deref().unwrap()).unwrap();
+    let verify = |extra: &[&std::path::Path]| {
+        let mut command = std::process::Command::new(cloister_tests::cli_exe());
+        command.args(["receipt", "verify"]).arg(&receipt_file).arg("--service-identity").arg(&identity_file);
+        if let Some(record) = extra.first() {
+            command.arg("--service-record").arg(record);
+        }
+        let out = command.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert!(!verify(&[]).0, "the new identity alone does not vouch for the old receipt");
+    let (ok, printed) = verify(&[&service_file]);
+    assert!(ok && printed.contains("a previous service issued this receipt"), "{printed}");
+    for i in 0..3 {
+        c.stop(i);
+    }
+    let service_cert = c.dir.path().join("service.cert.pem");
+    for dir in [cloister_ledger::dir(&c.nodes[0].config.node.data_dir), saved] {
+        let (ok, printed) = cloister_tests::ledger_verify(&dir, &service_cert);
+        assert!(ok, "{}: {printed}", dir.display());
+    }
 }

@@ -190,6 +190,25 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     assert_eq!(again.json().unwrap(), rows);
     interrupt(&mut sandbox);
 
+    // The README's recovery drill: every node's data is lost but a copy of one ledger folder;
+    // `sandbox --recover` brings the service back with the parties' shares, under a new identity.
+    let saved = dir.path().join("saved-ledger");
+    std::fs::create_dir(&saved).unwrap();
+    for file in std::fs::read_dir(dir.path().join("data/node0/ledger")).unwrap() {
+        let path = file.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, saved.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let old_identity = std::fs::read(dir.path().join("service_identity.pem")).unwrap();
+    std::fs::rename(dir.path().join("data"), dir.path().join("lost-data")).unwrap();
+    let mut sandbox = start_with(dir.path(), port, &["--recover", saved.to_str().unwrap()]);
+    let file = read_sandbox(dir.path());
+    let recovered = party_client(&file, "member0").await.get("/app/report").await.unwrap();
+    assert_eq!(recovered.json().unwrap(), rows, "the recovered service answers the same report");
+    assert_ne!(std::fs::read(dir.path().join("service_identity.pem")).unwrap(), old_identity);
+    interrupt(&mut sandbox);
+
     // A sandbox.json that does not parse stops the command; nothing is regenerated over the
     // identities the service was created with.
     let member0_cert = std::fs::read(dir.path().join("member0.cert.pem")).unwrap();

@@ -143,6 +143,27 @@ impl Cluster {
             .expect("a node process starts");
     }
 
+    /// Starts node `i` as `cloister node recover --ledger LEDGER`: a new service from a previous
+    /// service's ledger folder.
+    pub fn spawn_recover(&mut self, i: usize, ledger: &std::path::Path) {
+        let node = &mut self.nodes[i];
+        let args = vec!["--ledger".to_owned(), ledger.display().to_string()];
+        node.process
+            .spawn_as(&crate::cli_exe(), "recover", &args, &[("CLOISTER_LOG", "info,openraft=warn")])
+            .expect("a node process starts");
+    }
+
+    /// Gives node `i` a new key and certificate from the operator's CA, as for a new machine.
+    pub fn renew_node_identity(&self, i: usize) {
+        use cloister_crypto::identity::{KeyedCert, ServiceCa};
+        let ca = ServiceCa::load(KeyedCert::read(self.dir.path(), "service").unwrap()).unwrap();
+        let name = &self.nodes[i].name;
+        ca.issue_node_cert(name, &["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .write(self.dir.path(), name)
+            .unwrap();
+    }
+
     /// The node's log so far.
     pub fn log(&self, i: usize) -> String {
         self.nodes[i].process.log()

@@ -228,6 +228,10 @@ pub fn validate(action: &Action) -> Result<(), String> {
             match service()?.state {
                 ServiceState::Opening => Ok(()),
                 ServiceState::Open => Err("the service is already open".into()),
+                ServiceState::Recovering => {
+                    Err("the service is recovering: a threshold of recovery members must submit their shares first"
+                        .into())
+                }
             }
         }
         "set_recovery_threshold" => {

@@ -41,8 +41,13 @@ fn strict_majority_of_active_members() {
 
 fn host() -> MemoryHost {
     let mut host = MemoryHost::constitution(router());
-    let service =
-        ServiceRecord { state: ServiceState::Opening, cert: String::new(), recovery_threshold: 1, identity: None };
+    let service = ServiceRecord {
+        state: ServiceState::Opening,
+        cert: String::new(),
+        recovery_threshold: 1,
+        identity: None,
+        previous_identities: Vec::new(),
+    };
     host.seed(gov::SERVICE, &"service".to_owned(), &service);
     host
 }

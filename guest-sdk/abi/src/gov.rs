@@ -149,6 +149,9 @@ pub struct AppRecord {
 pub enum ServiceState {
     Opening,
     Open,
+    /// Started from a previous service's ledger (`cloister node recover`): its public state is
+    /// back, and its private state waits for a threshold of recovery shares. Then Opening.
+    Recovering,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,7 +167,25 @@ pub struct ServiceRecord {
     /// service from before identities, until its leader creates one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The identities of the services this one was recovered from, each endorsed by this
+    /// service's identity, so receipts they issued still verify against it. Node-written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_identities: Vec<PreviousIdentity>,
 }
+
+/// A previous service's identity, endorsed by the current one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousIdentity {
+    /// Its certificate (PEM).
+    pub cert: String,
+    /// The current identity's ECDSA P-384 signature (r ‖ s, 96 bytes, base64) over
+    /// `"cloister previous identity v1" ‖ 0x00 ‖` the certificate's DER.
+    pub endorsement: String,
+}
+
+/// The context an endorsement of a previous identity is signed under.
+pub const PREVIOUS_IDENTITY_CONTEXT: &[u8] = b"cloister previous identity v1\0";
 
 /// The service's endorsement of a node, by node id, written by the leader once the node is
 /// Trusted (at genesis for the first node) and closed once it is Retired. A node signs the ledger
@@ -190,6 +211,9 @@ pub struct EndorsementRecord {
 /// their keys or the threshold change. Public: nothing in it opens without a threshold of shares.
 pub const RECOVERY: &str = "gov.recovery";
 pub const RECOVERY_KEY: &[u8] = b"shares";
+/// In a recovered service, the previous service's issue: what submitted shares are checked
+/// against.
+pub const RECOVERY_PREVIOUS_KEY: &[u8] = b"previous";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -36,6 +36,10 @@ pub(crate) enum ReceiptCommand {
         /// its SHA-256 must be the receipt's claims digest.
         #[arg(long)]
         claim: Option<String>,
+        /// For a receipt from before a recovery: GET /gov/service of the recovered service (JSON),
+        /// whose `previous_identities` the service identity endorsed.
+        #[arg(long)]
+        service_record: Option<PathBuf>,
     },
 }
 
@@ -89,7 +93,16 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn run_receipt(command: ReceiptCommand) -> anyhow::Result<ExitCode> {
-    let ReceiptCommand::Verify { receipt, service_identity, claim } = command;
+    let ReceiptCommand::Verify { receipt, service_identity, claim, service_record } = command;
+    let previous: Vec<cloister_store::gov::PreviousIdentity> = match &service_record {
+        None => Vec::new(),
+        Some(path) => {
+            let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let record: cloister_store::gov::ServiceRecord = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not a service record (GET /gov/service)", path.display()))?;
+            record.previous_identities
+        }
+    };
     let claim = match claim.as_deref() {
         Some(c) => Some(match c.strip_prefix('@') {
             Some(file) => std::fs::read(file).with_context(|| format!("reading the claim from {file}"))?,
@@ -100,8 +113,14 @@ pub(crate) fn run_receipt(command: ReceiptCommand) -> anyhow::Result<ExitCode> {
     let text = std::fs::read(&receipt).with_context(|| format!("reading {}", receipt.display()))?;
     let parsed: Receipt =
         serde_json::from_slice(&text).with_context(|| format!("{} is not a receipt", receipt.display()))?;
-    match verify::verify_receipt(&parsed, &service_cert_der(&service_identity)?) {
-        Ok(v) => {
+    match verify::verify_receipt_with_previous(&parsed, &service_cert_der(&service_identity)?, &previous) {
+        Ok((v, via)) => {
+            if let Some(i) = via {
+                let id = identity::id_of_pem(previous[i].cert.as_bytes())?;
+                println!(
+                    "a previous service issued this receipt: its identity {id} is endorsed by the service identity"
+                );
+            }
             if let Some(claim) = &claim {
                 let digest = cloister_ledger::entry::claim_digest(claim);
                 if v.claims_digest != Some(digest) {

@@ -103,6 +103,16 @@ enum NodeCommand {
         #[arg(long)]
         mock_measurement: Option<String>,
     },
+    /// Start a new service from a previous service's ledger folder, on a new data folder: it
+    /// verifies the ledger, restores its public state, and waits (Recovering) for a threshold of
+    /// recovery members to submit their shares (`cloister recovery share --submit`).
+    Recover {
+        #[arg(long)]
+        config: PathBuf,
+        /// The previous service's ledger folder (a node's `data/ledger`, whole).
+        #[arg(long)]
+        ledger: PathBuf,
+    },
     /// Generate this node's key where it runs (or keep the one in --key) and write a certificate
     /// signing request for it, for `cloister ca sign`: the key never leaves this machine.
     Csr {
@@ -154,6 +164,24 @@ fn init_logging() {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Node { command: NodeCommand::Recover { config, ledger } } => {
+            let mut config = NodeConfig::load(&config)?;
+            anyhow::ensure!(
+                config.network.join.is_none(),
+                "a recovering node starts a new service: its configuration must not name [network] join"
+            );
+            anyhow::ensure!(
+                !config.node.data_dir.join("raft.redb").exists(),
+                "{} already holds a node's state: a recovery starts on a new data folder",
+                config.node.data_dir.display()
+            );
+            config.network.recover = Some(std::path::absolute(&ledger)?);
+            config.check().map_err(anyhow::Error::msg)?;
+            let node = Node::start(config).await?;
+            shutdown_signal().await;
+            node.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Node { command: NodeCommand::Start { config, attestation, mock_measurement } } => {
             let mut config = NodeConfig::load(&config)?;
             if let Some(kind) = attestation {

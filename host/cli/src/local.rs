@@ -129,7 +129,7 @@ impl LocalNetwork {
                 node_cert: self.path(format!("{name}.cert.pem")),
                 node_key: self.path(format!("{name}.key.pem")),
             },
-            network: NetworkSection { join },
+            network: NetworkSection { join, recover: None },
             genesis: GenesisSection {
                 members: self
                     .members
@@ -184,10 +184,22 @@ impl NodeProcess {
     /// Starts the node with `exe` (a `cloister` binary), appending to its log. `extra_args` follow
     /// `node start --config FILE`. The kernel stops the node if this process dies.
     pub fn spawn(&mut self, exe: &Path, extra_args: &[String], env: &[(&str, &str)]) -> anyhow::Result<u32> {
+        self.spawn_as(exe, "start", extra_args, env)
+    }
+
+    /// As [`NodeProcess::spawn`], with another `node` subcommand that takes `--config` (such as
+    /// `recover`).
+    pub fn spawn_as(
+        &mut self,
+        exe: &Path,
+        subcommand: &str,
+        extra_args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<u32> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
         let mut command = Command::new(exe);
         command
-            .args(["node", "start", "--config"])
+            .args(["node", subcommand, "--config"])
             .arg(&self.config_path)
             .args(extra_args)
             .envs(env.iter().copied())

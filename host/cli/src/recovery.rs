@@ -10,16 +10,17 @@ use anyhow::Context;
 use base64::Engine as _;
 use clap::{Args as ClapArgs, Subcommand};
 
-use cloister_abi::gov::RecoveryRecord;
 use cloister_client::Client;
 use cloister_crypto::recovery::{self, Binding};
+use cloister_store::gov::RecoveryRecord;
 
 use crate::call::Target;
 
 #[derive(Subcommand)]
 pub enum RecoveryCommand {
     /// Check this member's recovery share: it opens with the member's encryption key and
-    /// matches its public digest. The share itself is never shown.
+    /// matches its public digest. The share itself is never shown. With --submit, to a
+    /// Recovering service: open the share of the previous service and submit it, signed.
     Share(ShareArgs),
 }
 
@@ -31,6 +32,9 @@ pub struct ShareArgs {
     /// NAME.enc.key.pem.
     #[arg(long)]
     encryption_key: Option<PathBuf>,
+    /// Submit the share of the previous service to this Recovering service.
+    #[arg(long)]
+    submit: bool,
 }
 
 pub async fn run(command: RecoveryCommand) -> anyhow::Result<ExitCode> {
@@ -46,6 +50,11 @@ pub async fn run(command: RecoveryCommand) -> anyhow::Result<ExitCode> {
     let key_pem = std::fs::read_to_string(&key_path)
         .with_context(|| format!("reading the encryption key {}", key_path.display()))?;
     let client = Client::connect(&resolved.urls[0], &resolved.ca, Some(member)).await?;
+    if args.submit {
+        let answer = submit_share(&client, member, &key_pem).await?;
+        println!("{answer}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let record = fetch(&client).await?;
     let id = member.id()?;
     open_own_share(&record, &id, &key_pem)?;
@@ -62,9 +71,33 @@ pub async fn run(command: RecoveryCommand) -> anyhow::Result<ExitCode> {
 
 /// The service's current issue of recovery shares.
 pub async fn fetch(client: &Client) -> anyhow::Result<RecoveryRecord> {
-    let reply = client.get("/gov/recovery").await?;
-    anyhow::ensure!(reply.status == 200, "GET /gov/recovery answered {}: {}", reply.status, reply.text());
-    serde_json::from_slice(&reply.body).context("GET /gov/recovery answered no recovery record")
+    fetch_at(client, "/gov/recovery").await
+}
+
+async fn fetch_at(client: &Client, path: &str) -> anyhow::Result<RecoveryRecord> {
+    let reply = client.get(path).await?;
+    anyhow::ensure!(reply.status == 200, "GET {path} answered {}: {}", reply.status, reply.text());
+    serde_json::from_slice(&reply.body).with_context(|| format!("GET {path} answered no recovery record"))
+}
+
+/// Opens `member`'s share of the previous service (`GET /gov/recovery/previous`) with its
+/// encryption key and submits it, signed, to a Recovering service. Returns the service's answer:
+/// shares submitted, the threshold, and whether the private state is being restored.
+pub async fn submit_share(
+    client: &Client,
+    member: &cloister_crypto::identity::KeyedCert,
+    key_pem: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let previous = fetch_at(client, "/gov/recovery/previous").await?;
+    let id = member.id()?;
+    let share = open_own_share(&previous, &id, key_pem)?;
+    let body = serde_json::json!({
+        "service": previous.service,
+        "version": previous.version,
+        "member": id,
+        "share": base64::engine::general_purpose::STANDARD.encode(&share),
+    });
+    client.gov_ok(member, &cloister_crypto::cose::GovWrite::RecoveryShare, &body).await
 }
 
 /// Opens member `id`'s share of `record` with its encryption key (PKCS#8 PEM), checked against

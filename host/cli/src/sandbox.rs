@@ -48,6 +48,12 @@ pub struct Args {
     /// The app a new sandbox installs at genesis (a resumed sandbox keeps its own).
     #[arg(long, value_enum, default_value_t = SandboxApp::Reconcile)]
     app: SandboxApp,
+    /// A disaster-recovery drill: start the existing sandbox's service again from this saved
+    /// ledger folder (a node's `data/ledger`), on new data folders (`DIR/data` must be gone). The
+    /// first node recovers the service; the parties, its recovery members, submit their shares
+    /// until the threshold; then the other nodes join and the parties vote the service open.
+    #[arg(long, value_name = "LEDGER")]
+    recover: Option<PathBuf>,
 }
 
 /// The apps the sandbox ships.
@@ -172,6 +178,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // A folder with a sandbox.json is an existing sandbox: resume it, or stop if the file does not
     // parse. Creating a new one there would overwrite the identities its ledger was made with.
     let existing = if dir.join("sandbox.json").exists() { Some(SandboxFile::read(&dir)?) } else { None };
+    if args.recover.is_some() {
+        anyhow::ensure!(
+            existing.is_some(),
+            "--recover needs the sandbox's identities: {} has no sandbox.json",
+            dir.display()
+        );
+        let data = dir.join("data");
+        anyhow::ensure!(
+            !data.exists(),
+            "--recover starts every node on a new data folder: move {} aside first",
+            data.display()
+        );
+    }
     let mut layout = match existing {
         Some(existing) => {
             if existing.nodes.len() != args.nodes || existing.parties.len() != args.parties || existing.app != args.app
@@ -191,7 +210,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let exe = std::env::current_exe().context("finding the cloister executable")?;
     let mut children = Vec::new();
-    for node in &mut layout.nodes {
+    if let Some(ledger) = &args.recover {
+        let ledger = std::path::absolute(ledger)?;
+        // The recovered service has an identity of its own: the old pinned one would refuse it.
+        let _ = std::fs::remove_file(dir.join(SERVICE_IDENTITY_FILE));
+        let node = &mut layout.nodes[0];
+        let mut process = NodeProcess::new(&node.id, node.config.clone(), node.log.clone());
+        node.pid = Some(process.spawn_as(&exe, "recover", &["--ledger".into(), ledger.display().to_string()], &[])?);
+        children.push(process);
+        if let Err(e) = submit_shares(&layout, &dir, &mut children[0]).await {
+            stop(&mut children);
+            return Err(e);
+        }
+    }
+    for node in layout.nodes.iter_mut().skip(children.len()) {
         let mut process = NodeProcess::new(&node.id, node.config.clone(), node.log.clone());
         node.pid = Some(process.spawn(&exe, &[], &[])?);
         children.push(process);
@@ -321,6 +353,49 @@ async fn open_service(layout: &SandboxFile) -> anyhow::Result<()> {
     anyhow::ensure!(state["state"] == "Accepted", "the opening proposal {id} ended {}", state["state"]);
     eprintln!("the members voted the service open (proposal {id})");
     Ok(())
+}
+
+/// The recovery drill's members' part: once the first node is Recovering, each party submits its
+/// share of the previous service (`cloister recovery share --submit`) until the threshold; then
+/// waits until the node has restored the private state (Opening).
+async fn submit_shares(layout: &SandboxFile, dir: &Path, node: &mut NodeProcess) -> anyhow::Result<()> {
+    let state = |wanted: &'static str| async move {
+        let started = Instant::now();
+        loop {
+            if let Ok(client) = Client::connect(&layout.rest_url, &layout.client_roots()?, None).await
+                && let Ok(reply) = client.get("/gov/service").await
+                && reply.status == 200
+                && reply.json()?["state"] == wanted
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < NODE_READY_TIMEOUT,
+                "the service was not {wanted} within {NODE_READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let running = |node: &mut NodeProcess| match node.check_running() {
+        Err(status) => anyhow::bail!("{} exited ({status}); its log ends:\n{}", node.name, node.log_tail(10)),
+        Ok(_) => Ok(()),
+    };
+    state("Recovering").await.or_else(|e| running(node).and(Err(e)))?;
+    eprintln!("{} recovered the service's public state; the members submit their shares", node.name);
+    for party in &layout.parties {
+        let keyed = identity::read_pair(&party.cert, &party.key)?;
+        let key_file = cloister_crypto::envelope::key_files(dir, &party.name).0;
+        let key = std::fs::read_to_string(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
+        let client = Client::connect(&layout.rest_url, &layout.client_roots()?, Some(&keyed)).await?;
+        let answer = crate::recovery::submit_share(&client, &keyed, &key).await?;
+        eprintln!("{} submitted its share: {answer}", party.name);
+        if answer["restoring"] == true {
+            state("Opening").await.or_else(|e| running(node).and(Err(e)))?;
+            eprintln!("the private state is back: the service is Opening");
+            return Ok(());
+        }
+    }
+    anyhow::bail!("every party submitted its share, and the threshold was not reached")
 }
 
 /// Votes the sandbox's users in as its members would: the first party proposes `set_user` for each

@@ -211,6 +211,7 @@ pub fn sign_gov(
         GovWrite::Vote(id) => (MsgType::Ballot, Some(id.as_str())),
         GovWrite::Withdraw(id) => (MsgType::Withdrawal, Some(id.as_str())),
         GovWrite::Ack => (MsgType::Ack, None),
+        GovWrite::RecoveryShare => (MsgType::RecoveryShare, None),
     };
     cose::sign(who, msg_type, proposal_id, created_at, payload.to_string().as_bytes())
 }

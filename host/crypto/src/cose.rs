@@ -27,6 +27,8 @@ pub enum GovWrite {
     Withdraw(String),
     /// `POST /gov/members/ack`
     Ack,
+    /// `POST /gov/recovery/share`: a recovery member's share, to a recovering service.
+    RecoveryShare,
 }
 
 impl GovWrite {
@@ -36,13 +38,14 @@ impl GovWrite {
             GovWrite::Vote(_) => MsgType::Ballot,
             GovWrite::Withdraw(_) => MsgType::Withdrawal,
             GovWrite::Ack => MsgType::Ack,
+            GovWrite::RecoveryShare => MsgType::RecoveryShare,
         }
     }
 
     pub fn proposal_id(&self) -> Option<&str> {
         match self {
             GovWrite::Vote(id) | GovWrite::Withdraw(id) => Some(id),
-            GovWrite::Propose | GovWrite::Ack => None,
+            GovWrite::Propose | GovWrite::Ack | GovWrite::RecoveryShare => None,
         }
     }
 
@@ -53,6 +56,7 @@ impl GovWrite {
             GovWrite::Vote(id) => format!("/gov/proposals/{id}/ballots"),
             GovWrite::Withdraw(id) => format!("/gov/proposals/{id}/withdraw"),
             GovWrite::Ack => "/gov/members/ack".into(),
+            GovWrite::RecoveryShare => "/gov/recovery/share".into(),
         }
     }
 
@@ -64,6 +68,7 @@ impl GovWrite {
             ["gov", "proposals", id, "ballots"] => Some(GovWrite::Vote((*id).to_owned())),
             ["gov", "proposals", id, "withdraw"] => Some(GovWrite::Withdraw((*id).to_owned())),
             ["gov", "members", "ack"] => Some(GovWrite::Ack),
+            ["gov", "recovery", "share"] => Some(GovWrite::RecoveryShare),
             _ => None,
         }
     }
@@ -81,6 +86,7 @@ pub enum MsgType {
     Ballot,
     Withdrawal,
     Ack,
+    RecoveryShare,
 }
 
 impl MsgType {
@@ -90,6 +96,7 @@ impl MsgType {
             MsgType::Ballot => "ballot",
             MsgType::Withdrawal => "withdrawal",
             MsgType::Ack => "ack",
+            MsgType::RecoveryShare => "recovery_share",
         }
     }
 }

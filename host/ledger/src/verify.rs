@@ -449,6 +449,55 @@ pub fn verify_receipt(receipt: &Receipt, service_identity: &[u8]) -> Result<Veri
     ReceiptVerifier::new(service_identity).verify(receipt)
 }
 
+/// Whether `service_identity` (a certificate's DER) endorsed `previous`, a previous service's
+/// identity that a recovery carried forward.
+pub fn previous_identity_endorsed(
+    service_identity: &[u8],
+    previous: &cloister_store::gov::PreviousIdentity,
+) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let (_, current) = x509_parser::parse_x509_certificate(service_identity)
+        .map_err(|e| format!("the service identity's certificate does not parse: {e}"))?;
+    let der = cloister_crypto::identity::cert_der(previous.cert.as_bytes()).map_err(|e| e.to_string())?.to_vec();
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(&previous.endorsement)
+        .map_err(|e| format!("a previous identity's endorsement is not base64: {e}"))?;
+    let mut message = cloister_store::gov::PREVIOUS_IDENTITY_CONTEXT.to_vec();
+    message.extend_from_slice(&der);
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P384_SHA384_FIXED,
+        current.public_key().subject_public_key.data.as_ref(),
+    )
+    .verify(&message, &signature)
+    .map_err(|_| "the service identity did not endorse this previous identity".to_owned())?;
+    Ok(der)
+}
+
+/// [`verify_receipt`], and for a receipt a previous service issued (before a recovery), against
+/// the previous identity that `service_identity` endorsed (`previous_identities` of the current
+/// `gov.service`). Returns the verified receipt and the previous identity used, if any.
+pub fn verify_receipt_with_previous(
+    receipt: &Receipt,
+    service_identity: &[u8],
+    previous: &[cloister_store::gov::PreviousIdentity],
+) -> Result<(VerifiedReceipt, Option<usize>), String> {
+    let current = match verify_receipt(receipt, service_identity) {
+        Ok(v) => return Ok((v, None)),
+        Err(e) => e,
+    };
+    for (i, p) in previous.iter().enumerate() {
+        let der = previous_identity_endorsed(service_identity, p)?;
+        if let Ok(v) = verify_receipt(receipt, &der) {
+            return Ok((v, Some(i)));
+        }
+    }
+    Err(if previous.is_empty() {
+        current
+    } else {
+        format!("{current}; nor does it verify against any of the {} previous identities it endorsed", previous.len())
+    })
+}
+
 /// Signatures (with their endorsement and node certificate) a [`ReceiptVerifier`] remembers as
 /// checked; past it, it forgets them all and starts over.
 pub const RECEIPT_SIGNATURES_CACHED_MAX: usize = 4096;

@@ -616,6 +616,22 @@ pub(crate) async fn maintain_endorsements(
     }
 }
 
+/// On the leader of a Recovering service, restores the previous ledger's private state once a
+/// threshold of recovery shares is in (`Service::restore_private_state`), until cancelled.
+pub(crate) async fn restore_recovered(
+    service: std::sync::Weak<crate::api::service::Service>,
+    consensus: cloister_consensus::Consensus,
+    data_dir: std::path::PathBuf,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    while leader_tick(&consensus, &cancel).await {
+        let Some(service) = service.upgrade() else { return };
+        if let Err(e) = service.restore_private_state(&data_dir).await {
+            tracing::warn!(error = ?e, "restoring the previous service's private state failed; retrying");
+        }
+    }
+}
+
 /// On the leader, removes Retired nodes from Raft's membership, every `RETIRE_POLL_MS`, until
 /// cancelled.
 pub(crate) async fn retire_removed(

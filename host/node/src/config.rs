@@ -157,6 +157,11 @@ pub struct NetworkSection {
     /// folder starts a new service from `[genesis]`. Ignored once the node holds state.
     #[serde(default)]
     pub join: Option<String>,
+    /// A previous service's ledger folder to recover from (`cloister node recover`): a new data
+    /// folder then starts a Recovering service from that ledger's public state. Ignored once
+    /// the node holds state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recover: Option<PathBuf>,
 }
 
 /// Governance settings.
@@ -352,6 +357,9 @@ impl NodeConfig {
         self.genesis.users.iter_mut().for_each(fix);
         if let Some(app) = &mut self.genesis.app {
             fix(app);
+        }
+        if let Some(previous) = &mut self.network.recover {
+            fix(previous);
         }
         for path in [&mut self.attestation.vcek_file, &mut self.attestation.mock_root].into_iter().flatten() {
             fix(path);

@@ -101,9 +101,16 @@ fn handle(
         GovWrite::Vote(id) => vote(runtime, tx, &request, id)?,
         GovWrite::Withdraw(id) => withdraw(tx, &request, id)?,
         GovWrite::Ack => ack(tx, &request)?,
+        GovWrite::RecoveryShare => crate::recovery::submit_share(tx, &request)?,
+    };
+    // A recovery share never enters the public ledger: its history keeps the digest (the key)
+    // and who sent it, not the message.
+    let cose = match write {
+        GovWrite::RecoveryShare => String::new(),
+        _ => base64::engine::general_purpose::STANDARD.encode(bytes),
     };
     let record = HistoryRecord {
-        cose: base64::engine::general_purpose::STANDARD.encode(bytes),
+        cose,
         signer: request.signer.clone(),
         msg_type: request.msg_type.clone(),
         created_at: request.created_at,
@@ -123,7 +130,7 @@ fn put_json<T: serde::Serialize>(tx: &mut Tx, map: &str, key: &[u8], value: &T) 
     tx.put(map, key, &serde_json::to_vec(value).expect("governance records serialize"));
 }
 
-fn refuse(kind: Refusal, code: &'static str, message: impl Into<String>) -> GovError {
+pub(crate) fn refuse(kind: Refusal, code: &'static str, message: impl Into<String>) -> GovError {
     GovError::Refused { kind, code, message: message.into() }
 }
 
@@ -163,7 +170,10 @@ fn authenticate(tx: &Tx, write: &GovWrite, bytes: &[u8], policy: &RequestPolicy)
     }
     match (write, member.status) {
         (GovWrite::Ack, MemberStatus::Accepted)
-        | (GovWrite::Propose | GovWrite::Vote(_) | GovWrite::Withdraw(_), MemberStatus::Active) => Ok(request),
+        | (
+            GovWrite::Propose | GovWrite::Vote(_) | GovWrite::Withdraw(_) | GovWrite::RecoveryShare,
+            MemberStatus::Active,
+        ) => Ok(request),
         (GovWrite::Ack, MemberStatus::Active) => {
             Err(refuse(Refusal::Conflict, "AlreadyActive", format!("member {} is already active", request.signer)))
         }

@@ -198,13 +198,22 @@ impl Node {
             consensus.clone(),
             cancel.clone(),
         )));
+        tasks.push(tokio::spawn(attest::restore_recovered(
+            Arc::downgrade(&service),
+            consensus.clone(),
+            data_dir.clone(),
+            cancel.clone(),
+        )));
         if !consensus.is_initialized().await? {
-            match &config.network.join {
-                None => {
+            match (&config.network.join, &config.network.recover) {
+                (None, None) => {
                     genesis(&config, &consensus, &runtime, &service_cert, &node_cert.cert_pem, &sealer, &attester)
                         .await?
                 }
-                Some(url) => {
+                (None, Some(folder)) => {
+                    recover(&config, folder, &consensus, &service_cert, &node_cert.cert_pem, &sealer, &attester).await?
+                }
+                (Some(url), _) => {
                     let (consensus, url) = (consensus.clone(), url.clone());
                     let timeout = Duration::from_millis(config.raft.join_timeout_ms);
                     tasks.push(tokio::spawn(async move {
@@ -368,6 +377,45 @@ async fn genesis(
         .await
         .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e}"))?;
     tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");
+    Ok(())
+}
+
+/// Starts a new service from a previous service's ledger folder, with this node alone: its
+/// public state restored, Recovering until a threshold of recovery members submit their shares
+/// (see `crate::recovery`).
+async fn recover(
+    config: &NodeConfig,
+    folder: &std::path::Path,
+    consensus: &Consensus,
+    service_cert: &str,
+    node_cert: &str,
+    sealer: &Sealer,
+    attester: &Attester,
+) -> anyhow::Result<()> {
+    let previous = crate::recovery::read_previous(folder, &config.node.data_dir)?;
+    let attestation = genesis_attestation(config, node_cert, attester).await?;
+    let identity = identity::generate_service_identity("Cloister")?;
+    let (id, cert_sha256) = (consensus.id().to_string(), identity::id_of_pem(node_cert.as_bytes())?);
+    let first = gov::FirstNode {
+        id: &id,
+        name: &config.node.name,
+        cert: node_cert,
+        cert_sha256: &cert_sha256,
+        attestation: &attestation,
+    };
+    let genesis = crate::recovery::recovery_genesis(&previous, first, service_cert, &identity)?;
+    consensus.initialize().await?;
+    consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
+    let propose = |kind, ws| consensus.propose(TxEntry::new(kind, ws, None, sealer));
+    let tx = propose(TxKind::Genesis, genesis)
+        .await
+        .map_err(|e| anyhow::anyhow!("the recovery's first transaction did not commit: {e}"))?;
+    for ws in previous.public {
+        propose(TxKind::Gov, ws)
+            .await
+            .map_err(|e| anyhow::anyhow!("restoring the public state did not commit: {e}"))?;
+    }
+    tracing::info!(%tx, threshold = previous.shares.threshold, "recovering: the public state is back; waiting for recovery shares");
     Ok(())
 }
 

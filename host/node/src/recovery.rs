@@ -105,3 +105,291 @@ pub(crate) fn maintain(tx: &mut Tx, secret: &[u8; 32]) -> Result<Option<u64>, Ap
     tx.put(gov::RECOVERY, gov::RECOVERY_KEY, &serde_json::to_vec(&record).expect("a recovery record serializes"));
     Ok(Some(version))
 }
+
+/// The private map where a recovering service keeps the shares members submitted, by member id,
+/// sealed like any private write; removed once the private state is back.
+pub(crate) const SUBMITTED_SHARES: &str = "node/recovery_submitted";
+/// The private map of earlier services' ledger secrets, by the hex SHA-256 of their identity's
+/// certificate: what opens the previous ledger's private entries.
+pub(crate) const PREVIOUS_SECRETS: &str = "node/previous_ledger_secrets";
+
+/// What a recovery member submits: its share, and the binding it opened it under.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareSubmission {
+    pub service: String,
+    pub version: u64,
+    pub member: String,
+    /// base64
+    pub share: String,
+}
+
+/// `POST /gov/recovery/share`: checks a member's share against the previous service's issue and
+/// keeps it; at the threshold, rebuilds the previous ledger secret and keeps that instead (the
+/// leader's upkeep then restores the private state). Each refusal names what is wrong.
+pub(crate) fn submit_share(
+    tx: &mut Tx,
+    request: &cloister_crypto::cose::SignedRequest,
+) -> Result<serde_json::Value, crate::gov::GovError> {
+    use crate::gov::{Refusal, refuse};
+    let service = gov::service(tx)?.ok_or_else(|| crate::gov::GovError::Internal("gov.service is missing".into()))?;
+    if service.state != gov::ServiceState::Recovering {
+        return Err(refuse(
+            Refusal::Conflict,
+            "NotRecovering",
+            format!("the service is {:?}: shares are taken only while it is Recovering", service.state),
+        ));
+    }
+    let previous: RecoveryRecord = gov::get(tx, gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY)?.ok_or_else(|| {
+        crate::gov::GovError::Internal("a recovering service without the previous service's shares".into())
+    })?;
+    let submitted: ShareSubmission = serde_json::from_slice(&request.payload).map_err(|e| {
+        refuse(
+            Refusal::Malformed,
+            "BadShare",
+            format!("the body is no share submission {{service, version, member, share}}: {e}"),
+        )
+    })?;
+    let signer = request.signer.as_str();
+    if submitted.service != previous.service {
+        return Err(refuse(
+            Refusal::Malformed,
+            "ShareOfAnotherService",
+            format!(
+                "this share belongs to service {}; the service being recovered is {}",
+                submitted.service, previous.service
+            ),
+        ));
+    }
+    if submitted.version != previous.version {
+        return Err(refuse(
+            Refusal::Malformed,
+            "StaleShare",
+            format!(
+                "this share is of issue {}; the previous service's last issue is {}",
+                submitted.version, previous.version
+            ),
+        ));
+    }
+    if submitted.member != signer {
+        return Err(refuse(
+            Refusal::Forbidden,
+            "ShareOfAnotherMember",
+            format!("member {signer} submitted member {}'s share: each member submits its own", submitted.member),
+        ));
+    }
+    let expected = previous.shares.get(signer).ok_or_else(|| {
+        refuse(Refusal::Forbidden, "NoShare", format!("member {signer} held no share of the previous service"))
+    })?;
+    let share = base64::engine::general_purpose::STANDARD
+        .decode(&submitted.share)
+        .map_err(|e| refuse(Refusal::Malformed, "BadShare", format!("the share is not base64: {e}")))?;
+    let binding = recovery::Binding { service: &previous.service, version: previous.version, member: signer };
+    if hex::encode(recovery::share_digest(binding, &share)) != expected.digest {
+        return Err(refuse(
+            Refusal::Forbidden,
+            "ForgedShare",
+            format!("the share does not match member {signer}'s share digest in the previous service's issue"),
+        ));
+    }
+    if tx.get(SUBMITTED_SHARES, signer.as_bytes())?.is_some() {
+        return Err(refuse(
+            Refusal::Conflict,
+            "ShareAlreadySubmitted",
+            format!("member {signer} already submitted its share"),
+        ));
+    }
+    tx.put(SUBMITTED_SHARES, signer.as_bytes(), &share);
+    let mut shares = Vec::new();
+    for id in previous.shares.keys() {
+        if let Some(share) = tx.get(SUBMITTED_SHARES, id.as_bytes())? {
+            shares.push(share);
+        }
+    }
+    let restoring = shares.len() >= previous.threshold as usize;
+    if restoring {
+        let wrapped = base64::engine::general_purpose::STANDARD
+            .decode(&previous.wrapped_secret)
+            .map_err(|e| crate::gov::GovError::Internal(format!("the previous wrapped secret: {e}")))?;
+        let secret =
+            recovery::recover_secret(&shares, previous.threshold, &previous.service, previous.version, &wrapped)
+                .map_err(|e| crate::gov::GovError::Internal(format!("the submitted shares: {e}")))?;
+        tx.put(PREVIOUS_SECRETS, previous.service.as_bytes(), &secret);
+        for id in previous.shares.keys() {
+            tx.remove(SUBMITTED_SHARES, id.as_bytes())?;
+        }
+    }
+    Ok(serde_json::json!({
+        "submitted": shares.len(),
+        "threshold": previous.threshold,
+        "restoring": restoring,
+    }))
+}
+
+/// Where a recovering node keeps its copy of the previous service's ledger files, in its data
+/// folder: what the private state is restored from once the shares are in.
+pub const PREVIOUS_LEDGER_DIR: &str = "previous-ledger";
+
+/// Maps a recovered service does not take from the previous one's public state: its nodes,
+/// their endorsements and the service record are its own, the previous issue of shares moves to
+/// [`gov::RECOVERY_PREVIOUS_KEY`], and the attestation root is the new genesis's.
+const NOT_RESTORED_PUBLIC: &[&str] =
+    &[gov::NODES, gov::ENDORSEMENTS, gov::SERVICE, gov::RECOVERY, gov::ATTESTATION_ROOT];
+/// Private maps that are the service's own, never the previous one's: its identity's key, and the
+/// shares submitted to it.
+const NOT_RESTORED_PRIVATE: &[&str] = &[gov::SERVICE_IDENTITY_MAP, SUBMITTED_SHARES];
+
+/// Bytes of state (keys and values) in one restore entry: a quarter of the largest log entry,
+/// leaving room for sealing and encoding.
+pub const RESTORE_ENTRY_BYTES: usize = cloister_consensus::ENTRY_BYTES_MAX / 4;
+
+type State = BTreeMap<(String, Vec<u8>), Vec<u8>>;
+
+/// The state the entries leave, of the maps `keep` admits: each write in ledger order.
+fn fold<'a>(writes: impl Iterator<Item = cloister_store::WriteSet>, keep: impl Fn(&str) -> bool + 'a) -> State {
+    let mut state = State::new();
+    for ws in writes {
+        for (map, key, value) in ws.iter().filter(|(map, _, _)| keep(map)) {
+            match value {
+                Some(v) => state.insert((map.to_owned(), key.to_vec()), v.to_vec()),
+                None => state.remove(&(map.to_owned(), key.to_vec())),
+            };
+        }
+    }
+    state
+}
+
+/// Cuts a state into write sets of about [`RESTORE_ENTRY_BYTES`].
+fn chunks(state: State) -> Vec<cloister_store::WriteSet> {
+    let mut out = vec![cloister_store::WriteSet::default()];
+    let mut bytes = 0;
+    for ((map, key), value) in state {
+        let size = map.len() + key.len() + value.len();
+        if bytes + size > RESTORE_ENTRY_BYTES && bytes > 0 {
+            out.push(cloister_store::WriteSet::default());
+            bytes = 0;
+        }
+        out.last_mut().expect("one write set at least").put(&map, &key, &value);
+        bytes += size;
+    }
+    out.retain(|ws| !ws.is_empty());
+    out
+}
+
+fn transactions(
+    entries: Vec<cloister_ledger::entry::LedgerEntry>,
+) -> impl Iterator<Item = cloister_ledger::entry::TxEntry> {
+    entries.into_iter().filter_map(|e| match e.payload {
+        cloister_ledger::entry::Payload::Tx(tx) => Some(tx),
+        _ => None,
+    })
+}
+
+/// What a recovering node starts from: the previous ledger verified and copied into the data
+/// folder, its public state, the previous service record and issue of shares.
+pub(crate) struct Previous {
+    pub service: gov::ServiceRecord,
+    pub shares: RecoveryRecord,
+    /// The public state to restore, in write sets of about [`RESTORE_ENTRY_BYTES`].
+    pub public: Vec<cloister_store::WriteSet>,
+}
+
+/// Verifies the previous service's ledger folder (its hash chain, Merkle tree and signatures,
+/// anchored on its own genesis), copies its files to `data_dir/`[`PREVIOUS_LEDGER_DIR`], and
+/// reads its public state.
+pub(crate) fn read_previous(folder: &std::path::Path, data_dir: &std::path::Path) -> anyhow::Result<Previous> {
+    use anyhow::Context as _;
+    let report = cloister_ledger::verify::verify_dir(folder, None, None)
+        .map_err(|e| anyhow::anyhow!("the previous ledger {} does not verify: {e}", folder.display()))?;
+    let copy = data_dir.join(PREVIOUS_LEDGER_DIR);
+    std::fs::create_dir_all(&copy).with_context(|| format!("creating {}", copy.display()))?;
+    for file in std::fs::read_dir(folder)? {
+        let path = file?.path();
+        if path.extension().is_some_and(|e| e == "ledger") {
+            let to = copy.join(path.file_name().expect("a file"));
+            std::fs::copy(&path, &to).with_context(|| format!("copying {} to {}", path.display(), to.display()))?;
+        }
+    }
+    let entries = cloister_ledger::files::read_entries(&copy)?;
+    anyhow::ensure!(
+        entries.first().is_some_and(|e| e.seqno == 0),
+        "the previous ledger {} does not start at its genesis (a node that installed a snapshot keeps older files in \
+         before-*/): recover from a folder holding the whole ledger",
+        folder.display()
+    );
+    tracing::info!(entries = entries.len(), files = report.files, "the previous ledger verifies");
+    let mut public = fold(transactions(entries).map(|tx| tx.public), |_| true);
+    let record = |public: &mut State, map: &str, key: &[u8]| public.remove(&(map.to_owned(), key.to_vec()));
+    let service: gov::ServiceRecord = record(&mut public, gov::SERVICE, gov::SERVICE_KEY)
+        .map(|v| serde_json::from_slice(&v))
+        .transpose()?
+        .context("the previous ledger has no gov.service")?;
+    let shares: RecoveryRecord = record(&mut public, gov::RECOVERY, gov::RECOVERY_KEY)
+        .map(|v| serde_json::from_slice(&v))
+        .transpose()?
+        .context("the previous service issued no recovery shares (it had no recovery members): its private state cannot be recovered")?;
+    public.retain(|(map, _), _| !NOT_RESTORED_PUBLIC.contains(&map.as_str()));
+    Ok(Previous { service, shares, public: chunks(public) })
+}
+
+/// The first transaction of a recovered service: this node (Trusted, endorsed), the service
+/// record (Recovering, a new identity that endorses every previous one), and the previous issue
+/// of shares, which submitted shares are checked against.
+pub(crate) fn recovery_genesis(
+    previous: &Previous,
+    first: gov::FirstNode<'_>,
+    service_cert: &str,
+    identity: &identity::KeyedCert,
+) -> anyhow::Result<cloister_store::WriteSet> {
+    let signer = identity::signing_key(&identity.key_pem, "the new service identity")?;
+    let rng = ring::rand::SystemRandom::new();
+    let mut previous_identities = previous.service.previous_identities.clone();
+    let old =
+        previous.service.identity.clone().ok_or_else(|| anyhow::anyhow!("the previous service has no identity"))?;
+    previous_identities.push(gov::PreviousIdentity { cert: old, endorsement: String::new() });
+    for p in &mut previous_identities {
+        let der = identity::cert_der(p.cert.as_bytes())?;
+        let mut message = gov::PREVIOUS_IDENTITY_CONTEXT.to_vec();
+        message.extend_from_slice(&der);
+        let signature = signer.sign(&rng, &message).map_err(|_| anyhow::anyhow!("signing an endorsement failed"))?;
+        p.endorsement = base64::engine::general_purpose::STANDARD.encode(signature.as_ref());
+    }
+    let mut ws = cloister_store::WriteSet::default();
+    first.write(&mut ws);
+    let mut service = gov::ServiceRecord {
+        state: gov::ServiceState::Recovering,
+        cert: service_cert.to_owned(),
+        recovery_threshold: previous.service.recovery_threshold,
+        identity: None,
+        previous_identities,
+    };
+    gov::put_service_identity(&mut ws, &mut service, &identity.cert_pem, &identity.key_pem);
+    ws.put(gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY, &serde_json::to_vec(&previous.shares)?);
+    Ok(ws)
+}
+
+/// Once the previous ledger secret is back (a threshold of shares came in), the previous
+/// ledger's private state, in write sets of about [`RESTORE_ENTRY_BYTES`]; `None` before.
+pub(crate) fn private_state(
+    tx: &Tx,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<Vec<cloister_store::WriteSet>>> {
+    let Some(service) = gov::service(tx)? else { return Ok(None) };
+    if service.state != gov::ServiceState::Recovering {
+        return Ok(None);
+    }
+    let previous: RecoveryRecord = gov::get(tx, gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY)?
+        .ok_or_else(|| anyhow::anyhow!("a recovering service without the previous issue of shares"))?;
+    let Some(secret) = tx.get(PREVIOUS_SECRETS, previous.service.as_bytes())? else { return Ok(None) };
+    let secret =
+        <[u8; 32]>::try_from(secret).map_err(|_| anyhow::anyhow!("a previous ledger secret is not 32 bytes"))?;
+    let sealer = cloister_crypto::seal::Sealer::new(&secret);
+    let entries = cloister_ledger::files::read_entries(&data_dir.join(PREVIOUS_LEDGER_DIR))?;
+    let mut writes = Vec::new();
+    for tx in transactions(entries) {
+        let all = tx.writes(&sealer).map_err(|e| anyhow::anyhow!("a previous private entry does not open: {e}"))?;
+        writes.push(all);
+    }
+    let state = fold(writes.into_iter(), |map| !cloister_store::is_public(map) && !NOT_RESTORED_PRIVATE.contains(&map));
+    Ok(Some(chunks(state)))
+}

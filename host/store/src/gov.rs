@@ -122,6 +122,38 @@ pub struct Genesis {
     pub attestation: GenesisAttestation,
 }
 
+/// A new service's first node, as its first transaction records it: Trusted, endorsed, and its
+/// attestation's roots and values the service's first allowed ones.
+pub struct FirstNode<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    /// Its certificate (PEM), and the hex SHA-256 of its DER.
+    pub cert: &'a str,
+    pub cert_sha256: &'a str,
+    pub attestation: &'a GenesisAttestation,
+}
+
+impl FirstNode<'_> {
+    pub fn write(&self, ws: &mut WriteSet) {
+        let node = NodeRecord {
+            name: self.name.to_owned(),
+            status: NodeStatus::Trusted,
+            cert: self.cert.to_owned(),
+            evidence: self.attestation.evidence.clone(),
+            verified: self.attestation.verified.clone(),
+        };
+        put(ws, NODES, self.id.as_bytes(), &node);
+        put(ws, ATTESTATION_ROOT, ROOT_KEY, &self.attestation.roots);
+        put(ws, MEASUREMENTS, self.attestation.measurement.as_bytes(), &true);
+        put(ws, HOST_DATA, self.attestation.host_data.as_bytes(), &true);
+        if let Some(set) = &self.attestation.azure_pcrs {
+            put(ws, AZURE_PCRS, pcr_set_key(set).as_bytes(), set);
+        }
+        let endorsement = EndorsementRecord { cert_sha256: self.cert_sha256.to_owned(), until: None };
+        put(ws, ENDORSEMENTS, self.id.as_bytes(), &endorsement);
+    }
+}
+
 /// What genesis records about attestation: the pinned roots, the first node's measurement and
 /// host_data (the first allowed values), and its evidence with the verification result.
 pub struct GenesisAttestation {
@@ -158,27 +190,14 @@ impl Genesis {
             put(&mut ws, APP, APP_KEY, &AppRecord { code_hash });
         }
         let (id, name, cert) = &self.node;
-        let node = NodeRecord {
-            name: name.clone(),
-            status: NodeStatus::Trusted,
-            cert: cert.clone(),
-            evidence: self.attestation.evidence.clone(),
-            verified: self.attestation.verified.clone(),
-        };
-        put(&mut ws, NODES, id.as_bytes(), &node);
-        put(&mut ws, ATTESTATION_ROOT, ROOT_KEY, &self.attestation.roots);
-        put(&mut ws, MEASUREMENTS, self.attestation.measurement.as_bytes(), &true);
-        put(&mut ws, HOST_DATA, self.attestation.host_data.as_bytes(), &true);
-        if let Some(set) = &self.attestation.azure_pcrs {
-            put(&mut ws, AZURE_PCRS, pcr_set_key(set).as_bytes(), set);
-        }
-        let endorsement = EndorsementRecord { cert_sha256: self.node_cert_sha256.clone(), until: None };
-        put(&mut ws, ENDORSEMENTS, id.as_bytes(), &endorsement);
+        let first = FirstNode { id, name, cert, cert_sha256: &self.node_cert_sha256, attestation: &self.attestation };
+        first.write(&mut ws);
         let mut service = ServiceRecord {
             state: ServiceState::Opening,
             cert: self.service_cert.clone(),
             recovery_threshold: self.recovery_threshold,
             identity: None,
+            previous_identities: Vec::new(),
         };
         put_service_identity(&mut ws, &mut service, &self.identity.0, &self.identity.1);
         ws

@@ -20,6 +20,7 @@ pub enum GovRead {
     Constitution,
     App,
     Recovery,
+    RecoveryPrevious,
 }
 
 impl GovRead {
@@ -35,6 +36,7 @@ impl GovRead {
             ["gov", "constitution"] => GovRead::Constitution,
             ["gov", "app"] => GovRead::App,
             ["gov", "recovery"] => GovRead::Recovery,
+            ["gov", "recovery", "previous"] => GovRead::RecoveryPrevious,
             _ => return None,
         })
     }
@@ -95,6 +97,11 @@ fn read_tables(tx: &Tx, what: GovRead) -> Result<Value, ApiError> {
                     "no recovery shares: the service has no recovery members (members with an encryption_key)",
                 )
             })?;
+            serde_json::to_value(record).expect("records serialize")
+        }
+        GovRead::RecoveryPrevious => {
+            let record: gov::RecoveryRecord = gov::get(tx, gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY)?
+                .ok_or_else(|| ApiError::not_found("this service was not recovered from a previous one"))?;
             serde_json::to_value(record).expect("records serialize")
         }
         GovRead::App => unreachable!("answered by read()"),

@@ -337,6 +337,52 @@ impl Service {
         Ok(self.writer.submit(work).await?.value)
     }
 
+    /// On the leader of a Recovering service whose previous ledger secret is back: writes the
+    /// previous ledger's private state (from the copy in `data_dir`), then makes the service
+    /// Opening, for the members to vote it open. Returns whether it restored anything. A leader
+    /// that fails part-way leaves the service Recovering, and the next leader starts over: each
+    /// write set holds final values, so writing one twice changes nothing.
+    pub(crate) async fn restore_private_state(&self, data_dir: &std::path::Path) -> Result<bool, SubmitError> {
+        let tx = self.store.begin().map_err(ApiError::from)?;
+        let dir = data_dir.to_owned();
+        let state = tokio::task::spawn_blocking(move || crate::recovery::private_state(&tx, &dir))
+            .await
+            .map_err(|e| ApiError::internal(format!("the restore's thread failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("reading the previous ledger's private state: {e:#}")))?;
+        let Some(chunks) = state else { return Ok(false) };
+        let count = chunks.len();
+        for ws in chunks {
+            let work: Work<()> = Box::new(move |_, mut tx| {
+                let result = (|| {
+                    for (map, key, value) in ws.iter() {
+                        match value {
+                            Some(v) => tx.put(map, key, v),
+                            None => drop(tx.remove(map, key)?),
+                        }
+                    }
+                    Ok(Executed { value: (), commit: true, kind: TxKind::Gov, claims_digest: None })
+                })();
+                (tx, result)
+            });
+            self.writer.submit(work).await?;
+        }
+        let work: Work<()> = Box::new(move |_, mut tx| {
+            let result = (|| {
+                let mut service = gov::service(&tx)?.ok_or_else(|| ApiError::internal("gov.service is missing"))?;
+                let commit = service.state == gov::ServiceState::Recovering;
+                if commit {
+                    service.state = gov::ServiceState::Opening;
+                    tx.put(gov::SERVICE, gov::SERVICE_KEY, &serde_json::to_vec(&service).expect("serializes"));
+                }
+                Ok(Executed { value: (), commit, kind: TxKind::Gov, claims_digest: None })
+            })();
+            (tx, result)
+        });
+        self.writer.submit(work).await?;
+        tracing::info!(entries = count, "restored the previous service's private state; the service is Opening");
+        Ok(true)
+    }
+
     /// A receipt for a committed transaction, if this node can give one yet.
     pub fn receipt(
         &self,
