@@ -233,7 +233,8 @@ async fn the_write_queue_is_bounded() {
         "write_queue_max",
     );
     assert_error(&busy.await.unwrap(), 500, "WallTimeExceeded", "wall_time_ms");
-    assert_eq!(queued.await.unwrap().status, 204, "the queued write ran after the loop");
+    let queued = queued.await.unwrap();
+    assert_eq!(queued.status, 204, "the queued write ran after the loop: {}", queued.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

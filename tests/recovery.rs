@@ -324,3 +324,22 @@ async fn the_consortium_recovers_its_data_when_every_node_and_key_is_gone() {
         assert!(ok, "{}: {printed}", dir.display());
     }
 }
+
+/// The ledger secret at rest is sealed to the node key and the platform's derived key (mock
+/// firmware: bound to the launch measurement): a data folder moved to a guest launched with
+/// another measurement does not open, and says what to do instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_folder_moved_to_a_guest_with_another_measurement_does_not_open() {
+    let mut s = TestService::start(1, 0, KV, Default::default()).await;
+    s.stop().await;
+    let mut moved = s.config.clone();
+    moved.attestation.mock_measurement = Some("ab".repeat(48));
+    let err = match cloister_node::Node::start(moved).await {
+        Ok(_) => panic!("a folder sealed under another measurement opened"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("another launch measurement") && err.contains("cloister node recover"), "{err}");
+    s.restart().await;
+    let status = s.member(0).await.get("/gov/service").await.unwrap().status;
+    assert_eq!(status, 200, "the guest that sealed it opens it");
+}

@@ -158,6 +158,13 @@ impl MockRoot {
         MockRoot { ark_key, ask_key, ark, ask }
     }
 
+    /// The secret of the mock chip this root's platforms share (see [`MockFirmware::derived_key`]).
+    fn chip_secret(&self) -> [u8; 32] {
+        use rsa::pkcs8::EncodePrivateKey;
+        let der = self.ask_key.to_pkcs8_der().expect("an RSA key encodes");
+        blake3::derive_key("cloister mock chip secret v1", der.as_bytes())
+    }
+
     pub fn ark_der(&self) -> Vec<u8> {
         self.ark.to_der().expect("a certificate encodes")
     }
@@ -270,6 +277,9 @@ impl Default for MockConfig {
 /// A mock SNP platform: a chip with its VCEK, and a guest with its launch measurement.
 pub struct MockFirmware {
     config: MockConfig,
+    /// The mock chip's secret, which its derived keys come from: a digest of the ASK's private
+    /// key, so every mock platform of one root is one "chip" whose keys survive restarts.
+    chip_secret: [u8; 32],
     vcek_key: p384::SecretKey,
     vcek: Vec<u8>,
     ask: Vec<u8>,
@@ -281,7 +291,19 @@ impl MockFirmware {
     pub fn new(root: &MockRoot, config: MockConfig) -> MockFirmware {
         let vcek_key = p384::SecretKey::random(&mut OsRng);
         let vcek = root.issue_vcek(&vcek_key, &config.chip_id, &config.tcb);
-        MockFirmware { config, vcek_key, vcek, ask: root.ask_der(), ark: root.ark_der() }
+        let chip_secret = root.chip_secret();
+        MockFirmware { config, chip_secret, vcek_key, vcek, ask: root.ask_der(), ark: root.ark_der() }
+    }
+
+    /// The firmware's derived key for this guest (`MSG_KEY_REQ` on SEV-SNP): from the chip's
+    /// secret, bound to the launch measurement and the guest policy, as [`crate::snp::derived_key`]
+    /// asks the real firmware. Another measurement derives another key.
+    pub fn derived_key(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_derive_key("cloister mock firmware derived key v1");
+        hasher.update(&self.chip_secret);
+        hasher.update(&self.config.measurement);
+        hasher.update(&self.config.policy.to_le_bytes());
+        *hasher.finalize().as_bytes()
     }
 
     /// A platform whose VCEK names another chip or TCB than the reports it signs: what a host
@@ -294,7 +316,8 @@ impl MockFirmware {
     ) -> MockFirmware {
         let vcek_key = p384::SecretKey::random(&mut OsRng);
         let vcek = root.issue_vcek(&vcek_key, &vcek_chip_id, &vcek_tcb);
-        MockFirmware { config, vcek_key, vcek, ask: root.ask_der(), ark: root.ark_der() }
+        let chip_secret = root.chip_secret();
+        MockFirmware { config, chip_secret, vcek_key, vcek, ask: root.ask_der(), ark: root.ark_der() }
     }
 
     pub fn config(&self) -> &MockConfig {

@@ -168,6 +168,18 @@ pub fn collect(report_data: [u8; 64], source: VcekSource<'_>) -> Result<SnpEvide
     Ok(evidence)
 }
 
+/// The firmware's derived key for this guest (`MSG_KEY_REQ` through `/dev/sev-guest`): from the
+/// chip's VCEK secret, mixed with the launch measurement and the guest policy (guest field select
+/// bits 3 and 0) at VMPL 0. A guest launched with another measurement, or on another chip, gets
+/// another key; the host never sees it.
+pub fn derived_key() -> Result<[u8; 32], String> {
+    use sev::firmware::guest::{DerivedKey, Firmware, GuestFieldSelect};
+    let mut firmware =
+        Firmware::open().map_err(|e| format!("opening /dev/sev-guest failed ({e}): is this an SEV-SNP guest?"))?;
+    let request = DerivedKey::new(false, GuestFieldSelect(0b1001), 0, 0, 0, None);
+    firmware.get_derived_key(Some(1), request).map_err(|e| format!("the firmware refused a derived key: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,11 +143,29 @@ impl Sealer {
 
 /// The key that protects a node's copy of the ledger secret at rest, derived from the node's
 /// private key (which lives outside the data folder). A host that reads only the data folder
-/// cannot open the secret; one that also reads the node key can. On SEV-SNP hardware this is the
-/// place to use a firmware-derived key bound to the measurement instead.
+/// cannot open the secret; one that also reads the node key can: where the platform offers a key
+/// of its own, [`sealing_key_with_platform`] binds the secret to it too.
 pub fn sealing_key_from_node_key(node_key_pem: &str) -> anyhow::Result<Sealer> {
     let der = crate::identity::private_key(node_key_pem.as_bytes())?;
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"cloister node sealing key v1").extract(der.secret_der());
+    sealing_key_from(b"cloister node sealing key v1", der.secret_der())
+}
+
+/// The at-rest key from the node's private key and a key the platform derives for this guest
+/// (on SEV-SNP, the firmware's `MSG_KEY_REQ` key bound to the launch measurement): both are
+/// needed, so neither a stolen node key nor a data folder moved to a guest with another
+/// measurement opens the secret.
+pub fn sealing_key_with_platform(node_key_pem: &str, platform_key: &[u8; 32]) -> anyhow::Result<Sealer> {
+    let der = crate::identity::private_key(node_key_pem.as_bytes())?;
+    // Length-prefixed, so no two pairs of inputs make one input.
+    let node = der.secret_der();
+    let mut ikm = (node.len() as u32).to_be_bytes().to_vec();
+    ikm.extend_from_slice(node);
+    ikm.extend_from_slice(platform_key);
+    sealing_key_from(b"cloister node and platform sealing key v1", &ikm)
+}
+
+fn sealing_key_from(label: &[u8], ikm: &[u8]) -> anyhow::Result<Sealer> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, label).extract(ikm);
     let mut key = [0u8; SECRET_BYTES];
     prk.expand(&[b"ledger secret".as_slice()], OkmLen)
         .and_then(|okm| okm.fill(&mut key))

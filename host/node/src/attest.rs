@@ -188,6 +188,18 @@ impl Attester {
         })
     }
 
+    /// A key the platform derives for this guest and no other, which the node's at-rest key mixes
+    /// in: on SEV-SNP the firmware's `MSG_KEY_REQ` key, bound to the chip, the launch measurement
+    /// and the guest policy; the mock firmware's counterpart. None on Azure vTPM, where the
+    /// paravisor, not the guest, holds the SNP firmware interface (see the README).
+    pub fn platform_key(&self) -> anyhow::Result<Option<[u8; 32]>> {
+        match self {
+            Attester::Mock(firmware) => Ok(Some(firmware.derived_key())),
+            Attester::Snp { .. } => cloister_attestation::snp::derived_key().map(Some).map_err(anyhow::Error::msg),
+            Attester::AzureVtpm { .. } => Ok(None),
+        }
+    }
+
     /// Evidence whose report_data (or vTPM user data) is `binding`.
     pub async fn evidence(&self, binding: [u8; 64]) -> anyhow::Result<Evidence> {
         match self {

@@ -22,7 +22,9 @@ use cloister_ledger::{self as ledger, Ledger};
 use cloister_runtime::Runtime;
 use cloister_store::Store;
 
-/// The node's copy of the ledger secret, sealed at rest (see `seal::sealing_key_from_node_key`).
+/// The node's copy of the ledger secret, sealed at rest under a key from the node's private key
+/// and, where the platform derives one, the platform's key for this guest
+/// (`seal::sealing_key_with_platform`, `Attester::platform_key`).
 const SECRET_FILE: &str = "ledger.secret";
 const SECRET_AT_REST_AAD: &[u8] = b"cloister ledger secret";
 /// The certificate of the leader a joining node attested (`attest::Joined::leader_cert`), sealed
@@ -41,14 +43,38 @@ async fn ledger_secret(
     attester: &Attester,
     service_cert: &str,
 ) -> anyhow::Result<([u8; 32], Option<Vec<u8>>)> {
-    let sealing = seal::sealing_key_from_node_key(&node.key_pem)?;
+    let node_only = seal::sealing_key_from_node_key(&node.key_pem)?;
+    let platform = attester.platform_key()?;
+    let sealing = match &platform {
+        Some(key) => seal::sealing_key_with_platform(&node.key_pem, key)?,
+        None => seal::sealing_key_from_node_key(&node.key_pem)?,
+    };
     let path = config.node.data_dir.join(SECRET_FILE);
     let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
     let open = |path: &std::path::Path, aad: &[u8]| -> anyhow::Result<Vec<u8>> {
         let sealed = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        sealing.open(Purpose::SecretAtRest, aad, &sealed).map_err(|_| {
-            anyhow::anyhow!("{} does not open with this node's key: was the node key replaced?", path.display())
-        })
+        if let Ok(plain) = sealing.open(Purpose::SecretAtRest, aad, &sealed) {
+            return Ok(plain);
+        }
+        // A file an older version sealed to the node key alone: sealed to the platform now, once.
+        if platform.is_some()
+            && let Ok(plain) = node_only.open(Purpose::SecretAtRest, aad, &sealed)
+        {
+            tracing::warn!(file = %path.display(), "sealed to the node key alone by an older version: sealing it to this platform too");
+            identity::write_private(path, &sealing.seal(Purpose::SecretAtRest, aad, &plain))?;
+            return Ok(plain);
+        }
+        Err(anyhow::anyhow!(
+            "{} does not open with this node's key{}: the node key was replaced{}. This data folder cannot serve here: \
+             start the node on a new data folder to join the network again, or recover the service (cloister node recover)",
+            path.display(),
+            if platform.is_some() { " and this platform's derived key" } else { "" },
+            if platform.is_some() {
+                ", or this guest is not the one that sealed it (another chip, or another launch measurement)"
+            } else {
+                ""
+            }
+        ))
     };
     if path.exists() {
         let plain = open(&path, SECRET_AT_REST_AAD)?;
@@ -207,8 +233,8 @@ impl Node {
         if !consensus.is_initialized().await? {
             match (&config.network.join, &config.network.recover) {
                 (None, None) => {
-                    genesis(&config, &consensus, &runtime, &service_cert, &node_cert.cert_pem, &sealer, &attester)
-                        .await?
+                    let node = (node_cert.cert_pem.as_str(), attester.as_ref());
+                    genesis(&config, &consensus, &runtime, &service_cert, node, (&secret, &sealer)).await?
                 }
                 (None, Some(folder)) => {
                     recover(&config, folder, &consensus, &service_cert, &node_cert.cert_pem, &sealer, &attester).await?
@@ -302,9 +328,8 @@ async fn genesis(
     consensus: &Consensus,
     runtime: &Runtime,
     service_cert: &str,
-    node_cert: &str,
-    sealer: &Sealer,
-    attester: &Attester,
+    (node_cert, attester): (&str, &Attester),
+    (secret, sealer): (&[u8; 32], &Sealer),
 ) -> anyhow::Result<()> {
     let read_ids = |paths: &[std::path::PathBuf]| -> anyhow::Result<Vec<(String, String)>> {
         paths
@@ -370,10 +395,17 @@ async fn genesis(
         app,
         node: (consensus.id().to_string(), config.node.name.clone(), node_cert.to_owned()),
     };
+    let mut writes = genesis.write_set();
+    let recovery_members = genesis.members.iter().filter_map(|(id, _, key)| Some((id.clone(), key.clone()?)));
+    if let Some(shares) =
+        crate::recovery::genesis_issue(secret, &genesis.identity.0, recovery_members, recovery_threshold)?
+    {
+        writes.put(gov::RECOVERY, gov::RECOVERY_KEY, &serde_json::to_vec(&shares)?);
+    }
     consensus.initialize().await?;
     consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
     let tx = consensus
-        .propose(TxEntry::new(TxKind::Genesis, genesis.write_set(), None, sealer))
+        .propose(TxEntry::new(TxKind::Genesis, writes, None, sealer))
         .await
         .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e}"))?;
     tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");

@@ -74,14 +74,35 @@ pub(crate) fn maintain(tx: &mut Tx, secret: &[u8; 32]) -> Result<Option<u64>, Ap
         return Ok(None);
     }
     let version = current.map_or(1, |r| r.version + 1);
+    let record =
+        issue(secret, due, version).map_err(|e| ApiError::internal(format!("issuing recovery shares: {e}")))?;
+    tx.put(gov::RECOVERY, gov::RECOVERY_KEY, &serde_json::to_vec(&record).expect("a recovery record serializes"));
+    Ok(Some(version))
+}
+
+/// The first issue of shares, for a new service's genesis transaction, so that a service has
+/// shares from its first entry on: `members` are (id, encryption key PEM) of the recovery members.
+pub(crate) fn genesis_issue(
+    secret: &[u8; 32],
+    identity_cert: &str,
+    members: impl IntoIterator<Item = (String, String)>,
+    threshold: u32,
+) -> anyhow::Result<Option<RecoveryRecord>> {
+    let keys: BTreeMap<String, String> = members.into_iter().collect();
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let service = identity::id_of_pem(identity_cert.as_bytes())?;
+    issue(secret, Due { service, threshold, keys }, 1).map(Some).map_err(anyhow::Error::msg)
+}
+
+fn issue(secret: &[u8; 32], due: Due, version: u64) -> Result<RecoveryRecord, String> {
     let mut members = Vec::with_capacity(due.keys.len());
     for (id, pem) in &due.keys {
-        let der = envelope::public_key_der(pem)
-            .map_err(|e| ApiError::internal(format!("member {id}'s encryption key: {e}")))?;
+        let der = envelope::public_key_der(pem).map_err(|e| format!("member {id}'s encryption key: {e}"))?;
         members.push((id.clone(), der));
     }
-    let issued = recovery::issue(secret, &due.service, version, due.threshold, &members)
-        .map_err(|e| ApiError::internal(format!("issuing recovery shares: {e}")))?;
+    let issued = recovery::issue(secret, &due.service, version, due.threshold, &members)?;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
     let shares = issued
         .shares
@@ -95,15 +116,13 @@ pub(crate) fn maintain(tx: &mut Tx, secret: &[u8; 32]) -> Result<Option<u64>, Ap
             (s.member.clone(), share)
         })
         .collect();
-    let record = RecoveryRecord {
+    Ok(RecoveryRecord {
         version,
         threshold: due.threshold,
         service: due.service,
         wrapped_secret: b64(&issued.wrapped_secret),
         shares,
-    };
-    tx.put(gov::RECOVERY, gov::RECOVERY_KEY, &serde_json::to_vec(&record).expect("a recovery record serializes"));
-    Ok(Some(version))
+    })
 }
 
 /// The private map where a recovering service keeps the shares members submitted, by member id,
