@@ -30,6 +30,12 @@ bench-peers *args:
     cargo build --release -p cloister-peers-bench
     target/release/cloister-peers-bench {{args}}
 
+# Disaster recovery at scale: a 1-node release sandbox writes ENTRIES ledger entries, loses its
+# state, and `sandbox --recover` brings it back; prints the time from `node recover` to open.
+bench-recovery entries="1000000":
+    cargo build --release -p cloister-cli
+    scripts/bench-recovery.sh {{entries}} target/release/cloister
+
 # A local network: identities, one process per node, the reconcile app.
 sandbox *args:
     cargo run --release -- sandbox {{args}}

@@ -339,15 +339,21 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
     // clients fetch from gov.service, and the endorsements receipts and TLS rest on.
     let service_before = c.get("/gov/service").await.unwrap().json().unwrap();
     let endorsements_before = c.get("/gov/endorsements").await.unwrap().json().unwrap();
-    for (action, why) in
-        [("rewrite_service_identity", "the node alone writes"), ("endorse_a_stranger", "written by the node alone")]
-    {
+    let recovery_before = c.get("/gov/recovery").await.unwrap().json().unwrap();
+    for (action, why) in [
+        ("rewrite_service_identity", "the node alone writes"),
+        ("endorse_a_stranger", "written by the node alone"),
+        ("back_to_recovering", "may go from Opening to Open"),
+        ("forge_previous_identity", "previous_identities are the node's"),
+        ("replace_recovery_shares", "written by the node alone"),
+    ] {
         let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": action }]))).await.unwrap();
         assert_eq!(answer["state"], "Failed", "{action}: {answer}");
         assert!(answer["reason"].as_str().unwrap().contains(why), "{action}: {answer}");
     }
     assert_eq!(c.get("/gov/service").await.unwrap().json().unwrap(), service_before);
     assert_eq!(c.get("/gov/endorsements").await.unwrap().json().unwrap(), endorsements_before);
+    assert_eq!(c.get("/gov/recovery").await.unwrap().json().unwrap(), recovery_before);
     // The node still serves apps and governance.
     assert_eq!(c.get("/app/report").await.unwrap().status, 200);
     assert_eq!(

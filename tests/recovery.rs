@@ -195,7 +195,7 @@ async fn the_consortium_recovers_its_data_when_every_node_and_key_is_gone() {
         assert!(start.elapsed() < STATE_TIMEOUT, "no receipt for {tx}: {}", r.text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    shares_when(&member0, |r| r.shares.len() == 3).await;
+    let old_service = shares_when(&member0, |r| r.shares.len() == 3).await.service;
     let before: Vec<_> = futures::future::join_all((0..3).map(|m| report(&c, 0, m))).await;
     assert!(before.iter().all(|rows| rows.len() == 60));
     drop(member0);
@@ -231,10 +231,13 @@ async fn the_consortium_recovers_its_data_when_every_node_and_key_is_gone() {
         .collect();
     let ids: Vec<&str> = c.members.iter().map(|m| m.id.as_str()).collect();
 
-    let first = submit_share(&m0, &c.members[0].keyed, &keys[0]).await.unwrap();
+    // A member submits only to a recovery of the service it knew.
+    let elsewhere = submit_share(&m0, &c.members[0].keyed, &keys[0], Some(&"ab".repeat(32))).await.unwrap_err();
+    assert!(format!("{elsewhere:#}").contains("not the service you knew"), "{elsewhere:#}");
+    let first = submit_share(&m0, &c.members[0].keyed, &keys[0], Some(&old_service)).await.unwrap();
     assert_eq!(first, json!({ "submitted": 1, "threshold": 2, "restoring": false }));
     assert_ne!(m0.get("/app/report").await.unwrap().status, 200, "one share of two opens nothing");
-    let again = submit_share(&m0, &c.members[0].keyed, &keys[0]).await.unwrap_err();
+    let again = submit_share(&m0, &c.members[0].keyed, &keys[0], None).await.unwrap_err();
     assert!(format!("{again:#}").contains("ShareAlreadySubmitted"), "{again:#}");
 
     // A forged share, one for another service, one replayed by another member: refused, named.
@@ -263,8 +266,11 @@ async fn the_consortium_recovers_its_data_when_every_node_and_key_is_gone() {
 
     // The second genuine share opens the ledger: the private state comes back, and the members
     // open the service; two new nodes join it.
-    let second = submit_share(&m1, &c.members[1].keyed, &keys[1]).await.unwrap();
+    let second = submit_share(&m1, &c.members[1].keyed, &keys[1], Some(&old_service)).await.unwrap();
     assert_eq!(second["restoring"], true, "{second}");
+    let third = submit_share(&m2, &c.members[2].keyed, &keys[2], Some(&old_service)).await.unwrap_err();
+    let third = format!("{third:#}");
+    assert!(third.contains("AlreadyRestoring") || third.contains("NotRecovering"), "{third}");
     wait_state(&c, 0, "Opening").await;
     let opened_after = recovering.elapsed();
     c.spawn(1);

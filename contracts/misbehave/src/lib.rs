@@ -106,7 +106,8 @@ fn claim(req: &Request) -> Result<Response, Error> {
 
 /// As a constitution: every proposal validates and is accepted at once; `apply` writes to
 /// `gov.app_config` and then misbehaves as the first action's name says (`loop`, `grow`, `panic`,
-/// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`), or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
+/// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`, `back_to_recovering`,
+/// `forge_previous_identity`, `replace_recovery_shares`), or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
     let proposal = body.get("proposal").unwrap_or(&body);
@@ -140,6 +141,28 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
                 "-----BEGIN CERTIFICATE-----\nnot the service's\n-----END CERTIFICATE-----\n".into(),
             );
             service.insert(&"service".to_owned(), &record);
+            Ok(Response::status(204))
+        }
+        // The service back to Recovering (which would restore the previous private state over
+        // the current one), or the shares and previous identities only the node writes.
+        "back_to_recovering" => {
+            let service = Map::<String, serde_json::Value>::new("gov.service");
+            let mut record = service.get(&"service".to_owned()).ok_or_else(|| Error::bad_request("no gov.service"))?;
+            record["state"] = serde_json::Value::String("Recovering".into());
+            service.insert(&"service".to_owned(), &record);
+            Ok(Response::status(204))
+        }
+        "forge_previous_identity" => {
+            let service = Map::<String, serde_json::Value>::new("gov.service");
+            let mut record = service.get(&"service".to_owned()).ok_or_else(|| Error::bad_request("no gov.service"))?;
+            record["previous_identities"] = serde_json::json!([{ "cert": "x", "endorsement": "x" }]);
+            service.insert(&"service".to_owned(), &record);
+            Ok(Response::status(204))
+        }
+        "replace_recovery_shares" => {
+            let record = serde_json::json!({ "version": 9, "threshold": 1, "service": "00",
+                "wrapped_secret": "", "shares": {} });
+            Map::<String, serde_json::Value>::new("gov.recovery").insert(&"shares".to_owned(), &record);
             Ok(Response::status(204))
         }
         "endorse_a_stranger" => {

@@ -214,6 +214,9 @@ pub const RECOVERY_KEY: &[u8] = b"shares";
 /// In a recovered service, the previous service's issue: what submitted shares are checked
 /// against.
 pub const RECOVERY_PREVIOUS_KEY: &[u8] = b"previous";
+/// In a recovered service, present once the previous public state is all written: shares are
+/// taken from then on.
+pub const RECOVERY_PUBLIC_DONE_KEY: &[u8] = b"public_restored";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -35,6 +35,10 @@ pub struct ShareArgs {
     /// Submit the share of the previous service to this Recovering service.
     #[arg(long)]
     submit: bool,
+    /// With --submit: the certificate of the service identity the member knew before the
+    /// disaster (its old `service_identity.pem`); the share goes only to a recovery of that service.
+    #[arg(long, requires = "submit")]
+    previous_identity: Option<PathBuf>,
 }
 
 pub async fn run(command: RecoveryCommand) -> anyhow::Result<ExitCode> {
@@ -51,7 +55,19 @@ pub async fn run(command: RecoveryCommand) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading the encryption key {}", key_path.display()))?;
     let client = Client::connect(&resolved.urls[0], &resolved.ca, Some(member)).await?;
     if args.submit {
-        let answer = submit_share(&client, member, &key_pem).await?;
+        let expected = match &args.previous_identity {
+            Some(path) => {
+                let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                Some(cloister_crypto::identity::id_of_pem(&pem)?)
+            }
+            None => {
+                eprintln!(
+                    "note: without --previous-identity, nothing checks that the service being recovered is the one you knew"
+                );
+                None
+            }
+        };
+        let answer = submit_share(&client, member, &key_pem, expected.as_deref()).await?;
         println!("{answer}");
         return Ok(ExitCode::SUCCESS);
     }
@@ -81,14 +97,35 @@ async fn fetch_at(client: &Client, path: &str) -> anyhow::Result<RecoveryRecord>
 }
 
 /// Opens `member`'s share of the previous service (`GET /gov/recovery/previous`) with its
-/// encryption key and submits it, signed, to a Recovering service. Returns the service's answer:
-/// shares submitted, the threshold, and whether the private state is being restored.
+/// encryption key and submits it, signed, to a Recovering service. With `expected_previous` (the
+/// hex SHA-256 of the service identity the member knew), it submits nothing unless that is the
+/// service being recovered: a node recovering a ledger of another making gets no real share.
+/// Returns the service's answer: shares submitted, the threshold, and whether the private state
+/// is being restored.
 pub async fn submit_share(
     client: &Client,
     member: &cloister_crypto::identity::KeyedCert,
     key_pem: &str,
+    expected_previous: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
-    let previous = fetch_at(client, "/gov/recovery/previous").await?;
+    // A recovering node takes shares once it has written the previous public state (503 before).
+    let started = std::time::Instant::now();
+    let previous = loop {
+        let reply = client.get("/gov/recovery/previous").await?;
+        if reply.status == 503 && started.elapsed() < PUBLIC_RESTORE_WAIT {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            continue;
+        }
+        anyhow::ensure!(reply.status == 200, "GET /gov/recovery/previous answered {}: {}", reply.status, reply.text());
+        break serde_json::from_slice::<RecoveryRecord>(&reply.body).context("no recovery record")?;
+    };
+    if let Some(expected) = expected_previous {
+        anyhow::ensure!(
+            previous.service == expected,
+            "the service being recovered is {}, not the service you knew ({expected}): no share submitted",
+            previous.service
+        );
+    }
     let id = member.id()?;
     let share = open_own_share(&previous, &id, key_pem)?;
     let body = serde_json::json!({
@@ -99,6 +136,9 @@ pub async fn submit_share(
     });
     client.gov_ok(member, &cloister_crypto::cose::GovWrite::RecoveryShare, &body).await
 }
+
+/// How long `submit_share` waits for a recovering node to write the previous public state.
+pub const PUBLIC_RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Opens member `id`'s share of `record` with its encryption key (PKCS#8 PEM), checked against
 /// its digest.

@@ -213,12 +213,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(ledger) = &args.recover {
         let ledger = std::path::absolute(ledger)?;
         // The recovered service has an identity of its own: the old pinned one would refuse it.
-        let _ = std::fs::remove_file(dir.join(SERVICE_IDENTITY_FILE));
+        // The parties submit shares only to a recovery of the service they knew.
+        let old = std::fs::read(dir.join(SERVICE_IDENTITY_FILE))
+            .with_context(|| format!("reading the service identity the parties knew, {SERVICE_IDENTITY_FILE}"))?;
+        let previous = identity::id_of_pem(&old)?;
+        std::fs::remove_file(dir.join(SERVICE_IDENTITY_FILE))?;
         let node = &mut layout.nodes[0];
         let mut process = NodeProcess::new(&node.id, node.config.clone(), node.log.clone());
         node.pid = Some(process.spawn_as(&exe, "recover", &["--ledger".into(), ledger.display().to_string()], &[])?);
         children.push(process);
-        if let Err(e) = submit_shares(&layout, &dir, &mut children[0]).await {
+        if let Err(e) = submit_shares(&layout, &dir, &previous, &mut children[0]).await {
             stop(&mut children);
             return Err(e);
         }
@@ -358,7 +362,7 @@ async fn open_service(layout: &SandboxFile) -> anyhow::Result<()> {
 /// The recovery drill's members' part: once the first node is Recovering, each party submits its
 /// share of the previous service (`cloister recovery share --submit`) until the threshold; then
 /// waits until the node has restored the private state (Opening).
-async fn submit_shares(layout: &SandboxFile, dir: &Path, node: &mut NodeProcess) -> anyhow::Result<()> {
+async fn submit_shares(layout: &SandboxFile, dir: &Path, previous: &str, node: &mut NodeProcess) -> anyhow::Result<()> {
     let state = |wanted: &'static str| async move {
         let started = Instant::now();
         loop {
@@ -387,7 +391,7 @@ async fn submit_shares(layout: &SandboxFile, dir: &Path, node: &mut NodeProcess)
         let key_file = cloister_crypto::envelope::key_files(dir, &party.name).0;
         let key = std::fs::read_to_string(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
         let client = Client::connect(&layout.rest_url, &layout.client_roots()?, Some(&keyed)).await?;
-        let answer = crate::recovery::submit_share(&client, &keyed, &key).await?;
+        let answer = crate::recovery::submit_share(&client, &keyed, &key, Some(previous)).await?;
         eprintln!("{} submitted its share: {answer}", party.name);
         if answer["restoring"] == true {
             state("Opening").await.or_else(|e| running(node).and(Err(e)))?;

@@ -126,6 +126,9 @@ pub fn recover_secret(
     version: u64,
     wrapped_secret: &[u8],
 ) -> Result<[u8; SECRET_BYTES], String> {
+    if threshold == 0 || threshold as usize > RECOVERY_MEMBERS_MAX {
+        return Err(format!("a threshold of {threshold}: it must be 1..={RECOVERY_MEMBERS_MAX}"));
+    }
     let mut parsed: Vec<Share> = Vec::with_capacity(shares.len());
     for bytes in shares {
         if bytes.len() != SECRET_BYTES + 1 {

@@ -628,8 +628,9 @@ pub(crate) async fn maintain_endorsements(
     }
 }
 
-/// On the leader of a Recovering service, restores the previous ledger's private state once a
-/// threshold of recovery shares is in (`Service::restore_private_state`), until cancelled.
+/// On the leader of a Recovering service, restores the previous ledger's public state, then its
+/// private state once a threshold of recovery shares is in (`Service::restore_previous_state`),
+/// until cancelled. A recovering node restarted part-way resumes here.
 pub(crate) async fn restore_recovered(
     service: std::sync::Weak<crate::api::service::Service>,
     consensus: cloister_consensus::Consensus,
@@ -638,8 +639,8 @@ pub(crate) async fn restore_recovered(
 ) {
     while leader_tick(&consensus, &cancel).await {
         let Some(service) = service.upgrade() else { return };
-        if let Err(e) = service.restore_private_state(&data_dir).await {
-            tracing::warn!(error = ?e, "restoring the previous service's private state failed; retrying");
+        if let Err(e) = service.restore_previous_state(&data_dir).await {
+            tracing::warn!(error = ?e, "restoring the previous service's state failed; retrying");
         }
     }
 }

@@ -374,13 +374,13 @@ fn apply(
     record: &mut ProposalRecord,
 ) -> Result<ProposalState, GovError> {
     let savepoint = tx.savepoint();
-    let identity_before = service(tx).map_err(|e| GovError::Internal(e.to_string()))?.and_then(|s| s.identity);
+    let before = service(tx).map_err(|e| GovError::Internal(e.to_string()))?;
     let input = ApplyInput { proposal_id: id.to_owned(), proposal: record.proposal.clone() };
     let body = serde_json::to_vec(&input).expect("apply inputs serialize");
     let failure = match invoke(runtime, constitution, tx, caller, "/apply", &body, Mode::Readwrite) {
         Err(e) => Some(format!("apply trapped: {e}")),
         Ok(r) if !r.is_success() => Some(format!("apply refused: {}", r.error_message())),
-        Ok(_) => check_effects(runtime, tx, identity_before.as_deref()).err(),
+        Ok(_) => check_effects(runtime, tx, before.as_ref()).err(),
     };
     if let Some(reason) = failure {
         tx.restore(savepoint);
@@ -405,17 +405,46 @@ fn apply(
 }
 
 /// What `apply` left must still be usable: an app and a constitution that load, and the
-/// service's own certificate (`identity_before`, which only the node writes) as it was.
-fn check_effects(runtime: &Runtime, tx: &Tx, identity_before: Option<&str>) -> Result<(), String> {
+/// service record's node-written parts as they were (its identity's certificate and the previous
+/// identities it endorses; its state may only go from Opening to Open), and no more recovery
+/// shares needed than there are recovery members to hold them.
+fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> Result<(), String> {
     for (map, key, value) in tx.writes().iter() {
         if let Some(value) = value {
             check_record(map, value).map_err(|e| format!("{e} (key {:?})", String::from_utf8_lossy(key)))?;
         }
     }
-    if service(tx).map_err(|e| e.to_string())?.and_then(|s| s.identity).as_deref() != identity_before {
+    let after = service(tx).map_err(|e| e.to_string())?;
+    if after.as_ref().and_then(|s| s.identity.as_deref()) != before.and_then(|s| s.identity.as_deref()) {
         return Err(format!(
             "{SERVICE}.identity is the service identity's certificate, which the node alone writes (at genesis)"
         ));
+    }
+    if let (Some(before), Some(after)) = (before, &after) {
+        if after.previous_identities != before.previous_identities {
+            return Err(format!("{SERVICE}.previous_identities are the node's, written when it recovers a service"));
+        }
+        let allowed =
+            after.state == before.state || (before.state == ServiceState::Opening && after.state == ServiceState::Open);
+        if !allowed {
+            return Err(format!(
+                "{SERVICE}.state may go from Opening to Open by vote, not from {:?} to {:?}",
+                before.state, after.state
+            ));
+        }
+        let recovery_members = all::<MemberRecord>(tx, MEMBERS)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .filter(|(_, m)| m.status == MemberStatus::Active && m.encryption_key.is_some())
+            .count();
+        if recovery_members > 0
+            && (after.recovery_threshold == 0 || after.recovery_threshold as usize > recovery_members)
+        {
+            return Err(format!(
+                "the recovery threshold {} exceeds the {recovery_members} recovery members",
+                after.recovery_threshold
+            ));
+        }
     }
     if let Some(record) = app(tx).map_err(|e| e.to_string())? {
         let code = app_code(tx, &record.code_hash)

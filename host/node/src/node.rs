@@ -438,16 +438,13 @@ async fn recover(
     let genesis = crate::recovery::recovery_genesis(&previous, first, service_cert, &identity)?;
     consensus.initialize().await?;
     consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
-    let propose = |kind, ws| consensus.propose(TxEntry::new(kind, ws, None, sealer));
-    let tx = propose(TxKind::Genesis, genesis)
+    let tx = consensus
+        .propose(TxEntry::new(TxKind::Genesis, genesis, None, sealer))
         .await
         .map_err(|e| anyhow::anyhow!("the recovery's first transaction did not commit: {e}"))?;
-    for ws in previous.public {
-        propose(TxKind::Gov, ws)
-            .await
-            .map_err(|e| anyhow::anyhow!("restoring the public state did not commit: {e}"))?;
-    }
-    tracing::info!(%tx, threshold = previous.shares.threshold, "recovering: the public state is back; waiting for recovery shares");
+    // The leader's upkeep writes the previous public state next (`attest::restore_recovered`), so
+    // a node restarted part-way resumes it.
+    tracing::info!(%tx, threshold = previous.shares.threshold, "recovering: started a new service from the previous ledger");
     Ok(())
 }
 

@@ -162,6 +162,13 @@ pub(crate) fn submit_share(
     let previous: RecoveryRecord = gov::get(tx, gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY)?.ok_or_else(|| {
         crate::gov::GovError::Internal("a recovering service without the previous service's shares".into())
     })?;
+    if tx.get(gov::RECOVERY, gov::RECOVERY_PUBLIC_DONE_KEY)?.is_none() {
+        return Err(refuse(
+            Refusal::Conflict,
+            "PublicStateRestoring",
+            "the previous public state is still being written: submit the share again in a moment",
+        ));
+    }
     let submitted: ShareSubmission = serde_json::from_slice(&request.payload).map_err(|e| {
         refuse(
             Refusal::Malformed,
@@ -209,6 +216,13 @@ pub(crate) fn submit_share(
             Refusal::Forbidden,
             "ForgedShare",
             format!("the share does not match member {signer}'s share digest in the previous service's issue"),
+        ));
+    }
+    if tx.get(PREVIOUS_SECRETS, previous.service.as_bytes())?.is_some() {
+        return Err(refuse(
+            Refusal::Conflict,
+            "AlreadyRestoring",
+            "a threshold of shares is in: the previous ledger secret is back and the private state is being restored",
         ));
     }
     if tx.get(SUBMITTED_SHARES, signer.as_bytes())?.is_some() {
@@ -313,30 +327,48 @@ pub(crate) struct Previous {
     pub public: Vec<cloister_store::WriteSet>,
 }
 
-/// Verifies the previous service's ledger folder (its hash chain, Merkle tree and signatures,
-/// anchored on its own genesis), copies its files to `data_dir/`[`PREVIOUS_LEDGER_DIR`], and
-/// reads its public state.
+/// Copies the previous service's ledger folder to `data_dir/`[`PREVIOUS_LEDGER_DIR`] and reads
+/// the copy ([`load_previous`]).
 pub(crate) fn read_previous(folder: &std::path::Path, data_dir: &std::path::Path) -> anyhow::Result<Previous> {
     use anyhow::Context as _;
-    let report = cloister_ledger::verify::verify_dir(folder, None, None)
-        .map_err(|e| anyhow::anyhow!("the previous ledger {} does not verify: {e}", folder.display()))?;
     let copy = data_dir.join(PREVIOUS_LEDGER_DIR);
     std::fs::create_dir_all(&copy).with_context(|| format!("creating {}", copy.display()))?;
-    for file in std::fs::read_dir(folder)? {
+    for file in std::fs::read_dir(folder).with_context(|| format!("reading {}", folder.display()))? {
         let path = file?.path();
         if path.extension().is_some_and(|e| e == "ledger") {
             let to = copy.join(path.file_name().expect("a file"));
             std::fs::copy(&path, &to).with_context(|| format!("copying {} to {}", path.display(), to.display()))?;
         }
     }
-    let entries = cloister_ledger::files::read_entries(&copy)?;
-    anyhow::ensure!(
-        entries.first().is_some_and(|e| e.seqno == 0),
-        "the previous ledger {} does not start at its genesis (a node that installed a snapshot keeps older files in \
-         before-*/): recover from a folder holding the whole ledger",
-        folder.display()
+    load_previous(data_dir)
+}
+
+/// Verifies the copy of the previous ledger in `data_dir` (hash chain, Merkle tree and
+/// signatures, anchored on its own genesis; a torn last record, what a crash leaves, is cut off),
+/// and reads its public state up to the last entry a signature covers: an unsigned tail is the
+/// host's to forge, so it is not recovered.
+pub(crate) fn load_previous(data_dir: &std::path::Path) -> anyhow::Result<Previous> {
+    use anyhow::Context as _;
+    let copy = data_dir.join(PREVIOUS_LEDGER_DIR);
+    let folder = &copy;
+    let report = match cloister_ledger::verify::verify_dir(&copy, None, None) {
+        Ok(report) => report,
+        Err(cloister_ledger::verify::VerifyError::TornTail { file, valid_bytes, report }) => {
+            tracing::warn!(file = %file.display(), valid_bytes, "the previous ledger ends with a torn record: cut off");
+            std::fs::OpenOptions::new().write(true).open(&file)?.set_len(valid_bytes)?;
+            *report
+        }
+        Err(e) => anyhow::bail!("the previous ledger {} does not verify: {e}", folder.display()),
+    };
+    let signed = report.last_signed.filter(|&n| n > 0).with_context(|| {
+        format!("the previous ledger {} holds no signature: nothing vouches for its entries", folder.display())
+    })?;
+    let entries = signed_entries(&copy, signed)?;
+    tracing::info!(
+        entries = entries.len(),
+        unsigned = report.entries.saturating_sub(signed),
+        "the previous ledger verifies"
     );
-    tracing::info!(entries = entries.len(), files = report.files, "the previous ledger verifies");
     let mut public = fold(transactions(entries).map(|tx| tx.public), |_| true);
     let record = |public: &mut State, map: &str, key: &[u8]| public.remove(&(map.to_owned(), key.to_vec()));
     let service: gov::ServiceRecord = record(&mut public, gov::SERVICE, gov::SERVICE_KEY)
@@ -347,8 +379,33 @@ pub(crate) fn read_previous(folder: &std::path::Path, data_dir: &std::path::Path
         .map(|v| serde_json::from_slice(&v))
         .transpose()?
         .context("the previous service issued no recovery shares (it had no recovery members): its private state cannot be recovered")?;
+    let identity = service.identity.as_deref().context("the previous service has no identity")?;
+    anyhow::ensure!(
+        shares.service == identity::id_of_pem(identity.as_bytes())?,
+        "the previous service's shares are bound to service {}, not to its identity",
+        shares.service
+    );
+    anyhow::ensure!(
+        shares.threshold >= 1 && shares.threshold as usize <= shares.shares.len(),
+        "the previous service's threshold {} does not fit its {} shares",
+        shares.threshold,
+        shares.shares.len()
+    );
     public.retain(|(map, _), _| !NOT_RESTORED_PUBLIC.contains(&map.as_str()));
     Ok(Previous { service, shares, public: chunks(public) })
+}
+
+/// The entries of a verified ledger folder that signatures cover: seqnos below `signed`.
+fn signed_entries(dir: &std::path::Path, signed: u64) -> anyhow::Result<Vec<cloister_ledger::entry::LedgerEntry>> {
+    let mut entries = cloister_ledger::files::read_entries(dir)?;
+    anyhow::ensure!(
+        entries.first().is_some_and(|e| e.seqno == 0),
+        "the previous ledger {} does not start at its genesis (a node that installed a snapshot keeps older files in \
+         before-*/): recover from a folder holding the whole ledger",
+        dir.display()
+    );
+    entries.retain(|e| e.seqno < signed);
+    Ok(entries)
 }
 
 /// The first transaction of a recovered service: this node (Trusted, endorsed), the service
@@ -387,23 +444,41 @@ pub(crate) fn recovery_genesis(
     Ok(ws)
 }
 
-/// Once the previous ledger secret is back (a threshold of shares came in), the previous
-/// ledger's private state, in write sets of about [`RESTORE_ENTRY_BYTES`]; `None` before.
-pub(crate) fn private_state(
-    tx: &Tx,
-    data_dir: &std::path::Path,
-) -> anyhow::Result<Option<Vec<cloister_store::WriteSet>>> {
-    let Some(service) = gov::service(tx)? else { return Ok(None) };
+/// What a recovering service's leader writes next (`Service::restore_previous_state`).
+pub(crate) enum Restore {
+    Nothing,
+    /// The previous public state, then [`gov::RECOVERY_PUBLIC_DONE_KEY`].
+    Public(Vec<cloister_store::WriteSet>),
+    /// The previous private state, then the service is Opening.
+    Private(Vec<cloister_store::WriteSet>),
+}
+
+/// In a Recovering service: the previous public state until it is all written, then, once a
+/// threshold of shares brought the previous ledger secret back, the previous private state; each
+/// in write sets of about [`RESTORE_ENTRY_BYTES`], from the verified copy of the previous ledger.
+pub(crate) fn next_restore(tx: &Tx, data_dir: &std::path::Path) -> anyhow::Result<Restore> {
+    let Some(service) = gov::service(tx)? else { return Ok(Restore::Nothing) };
     if service.state != gov::ServiceState::Recovering {
-        return Ok(None);
+        return Ok(Restore::Nothing);
     }
+    if tx.get(gov::RECOVERY, gov::RECOVERY_PUBLIC_DONE_KEY)?.is_none() {
+        return Ok(Restore::Public(load_previous(data_dir)?.public));
+    }
+    Ok(private_state(tx, data_dir)?.map_or(Restore::Nothing, Restore::Private))
+}
+
+/// Once the previous ledger secret is back, the previous ledger's private state.
+fn private_state(tx: &Tx, data_dir: &std::path::Path) -> anyhow::Result<Option<Vec<cloister_store::WriteSet>>> {
     let previous: RecoveryRecord = gov::get(tx, gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY)?
         .ok_or_else(|| anyhow::anyhow!("a recovering service without the previous issue of shares"))?;
     let Some(secret) = tx.get(PREVIOUS_SECRETS, previous.service.as_bytes())? else { return Ok(None) };
     let secret =
         <[u8; 32]>::try_from(secret).map_err(|_| anyhow::anyhow!("a previous ledger secret is not 32 bytes"))?;
     let sealer = cloister_crypto::seal::Sealer::new(&secret);
-    let entries = cloister_ledger::files::read_entries(&data_dir.join(PREVIOUS_LEDGER_DIR))?;
+    let dir = data_dir.join(PREVIOUS_LEDGER_DIR);
+    let report = cloister_ledger::verify::verify_dir(&dir, None, None)
+        .map_err(|e| anyhow::anyhow!("the previous ledger copy {} does not verify: {e}", dir.display()))?;
+    let entries = signed_entries(&dir, report.last_signed.unwrap_or(0))?;
     let mut writes = Vec::new();
     for tx in transactions(entries) {
         let all = tx.writes(&sealer).map_err(|e| anyhow::anyhow!("a previous private entry does not open: {e}"))?;

@@ -102,6 +102,11 @@ fn read_tables(tx: &Tx, what: GovRead) -> Result<Value, ApiError> {
         GovRead::RecoveryPrevious => {
             let record: gov::RecoveryRecord = gov::get(tx, gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY)?
                 .ok_or_else(|| ApiError::not_found("this service was not recovered from a previous one"))?;
+            if tx.get(gov::RECOVERY, gov::RECOVERY_PUBLIC_DONE_KEY)?.is_none() {
+                return Err(ApiError::unavailable(
+                    "the previous public state is still being written: shares are taken once it is",
+                ));
+            }
             serde_json::to_value(record).expect("records serialize")
         }
         GovRead::App => unreachable!("answered by read()"),

@@ -337,19 +337,26 @@ impl Service {
         Ok(self.writer.submit(work).await?.value)
     }
 
-    /// On the leader of a Recovering service whose previous ledger secret is back: writes the
-    /// previous ledger's private state (from the copy in `data_dir`), then makes the service
-    /// Opening, for the members to vote it open. Returns whether it restored anything. A leader
-    /// that fails part-way leaves the service Recovering, and the next leader starts over: each
-    /// write set holds final values, so writing one twice changes nothing.
-    pub(crate) async fn restore_private_state(&self, data_dir: &std::path::Path) -> Result<bool, SubmitError> {
+    /// On the leader of a Recovering service: writes the previous ledger's public state (from the
+    /// verified copy in `data_dir`) and marks it done; once a threshold of shares brought the
+    /// previous ledger secret back, writes its private state and makes the service Opening, for
+    /// the members to vote it open. Returns whether it restored anything. The
+    /// recovering node is the only node until then (joins are refused while Recovering); if it
+    /// fails part-way, the service stays Recovering and its next tick starts over: each write set
+    /// holds final values, so writing one twice changes nothing.
+    pub(crate) async fn restore_previous_state(&self, data_dir: &std::path::Path) -> Result<bool, SubmitError> {
+        use crate::recovery::Restore;
         let tx = self.store.begin().map_err(ApiError::from)?;
         let dir = data_dir.to_owned();
-        let state = tokio::task::spawn_blocking(move || crate::recovery::private_state(&tx, &dir))
+        let next = tokio::task::spawn_blocking(move || crate::recovery::next_restore(&tx, &dir))
             .await
             .map_err(|e| ApiError::internal(format!("the restore's thread failed: {e}")))?
-            .map_err(|e| ApiError::internal(format!("reading the previous ledger's private state: {e:#}")))?;
-        let Some(chunks) = state else { return Ok(false) };
+            .map_err(|e| ApiError::internal(format!("reading the previous ledger: {e:#}")))?;
+        let (chunks, public) = match next {
+            Restore::Nothing => return Ok(false),
+            Restore::Public(chunks) => (chunks, true),
+            Restore::Private(chunks) => (chunks, false),
+        };
         let count = chunks.len();
         for ws in chunks {
             let work: Work<()> = Box::new(move |_, mut tx| {
@@ -370,7 +377,9 @@ impl Service {
             let result = (|| {
                 let mut service = gov::service(&tx)?.ok_or_else(|| ApiError::internal("gov.service is missing"))?;
                 let commit = service.state == gov::ServiceState::Recovering;
-                if commit {
+                if commit && public {
+                    tx.put(gov::RECOVERY, gov::RECOVERY_PUBLIC_DONE_KEY, b"true");
+                } else if commit {
                     service.state = gov::ServiceState::Opening;
                     tx.put(gov::SERVICE, gov::SERVICE_KEY, &serde_json::to_vec(&service).expect("serializes"));
                 }
@@ -379,7 +388,14 @@ impl Service {
             (tx, result)
         });
         self.writer.submit(work).await?;
-        tracing::info!(entries = count, "restored the previous service's private state; the service is Opening");
+        if public {
+            tracing::info!(
+                entries = count,
+                "recovering: the previous public state is back; waiting for recovery shares"
+            );
+        } else {
+            tracing::info!(entries = count, "restored the previous service's private state; the service is Opening");
+        }
         Ok(true)
     }
 
@@ -750,7 +766,15 @@ impl Service {
                     }
                     Some(n) => (n.status, false),
                     None => {
-                        let opening = gov::service(&tx)?.is_some_and(|s| s.state == gov::ServiceState::Opening);
+                        let state = gov::service(&tx)?.map(|s| s.state);
+                        // The previous ledger the private state comes from is on the recovering
+                        // node alone: no other node may lead before that state is back.
+                        if state == Some(gov::ServiceState::Recovering) {
+                            return Err(ApiError::unavailable(
+                                "the service is recovering: nodes join once its private state is back (Opening)",
+                            ));
+                        }
+                        let opening = state == Some(gov::ServiceState::Opening);
                         let record = attest::record(&addr.name, &cert, opening, &evidence, &verified);
                         tx.put(
                             gov::NODES,
