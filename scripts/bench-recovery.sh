@@ -44,6 +44,7 @@ while [ "$(applied)" -lt "$entries" ]; do
   "$bin" bench --sandbox "$dir" --clients 256 --seconds 20 --batch-records 0 >/dev/null
   echo "  ledger at $(applied) entries"
 done
+actual=$(applied)
 kill -INT "$sandbox_pid"
 wait "$sandbox_pid" || true
 sandbox_pid=""
@@ -56,8 +57,7 @@ start=$(date +%s.%N)
 sandbox_pid=$!
 wait_running "$work/recover.log"
 end=$(date +%s.%N)
-recovered=$(grep -o "entries=[0-9]*" "$dir/node0.log" | head -1 || true)
-python3 - "$start" "$end" "$entries" "$size" <<'PY'
+python3 - "$start" "$end" "$actual" "$size" <<'PY'
 import sys
 start, end, entries, size = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 took = end - start

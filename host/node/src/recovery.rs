@@ -126,7 +126,7 @@ fn issue(secret: &[u8; 32], due: Due, version: u64) -> Result<RecoveryRecord, St
 }
 
 /// The private map where a recovering service keeps the shares members submitted, by member id,
-/// sealed like any private write; removed once the private state is back.
+/// sealed like any private write; removed once a threshold of them rebuilt the previous secret.
 pub(crate) const SUBMITTED_SHARES: &str = "node/recovery_submitted";
 /// The private map of earlier services' ledger secrets, by the hex SHA-256 of their identity's
 /// certificate: what opens the previous ledger's private entries.
