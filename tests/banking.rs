@@ -35,16 +35,26 @@ fn transfer(value: u64, to: &Identity) -> Value {
     json!({ "value": value, "user_id_to": to.id, "account_name_to": "current" })
 }
 
+/// How long a receipt may take: until a signature covers the transaction. Signatures come every
+/// `sign_interval_ms`, but a loaded CI machine (the 3-node test runs beside this one) has taken
+/// more than 10 s.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The receipt of `tx`, once a signature covers it.
 async fn receipt(client: &Client, tx: &str) -> Value {
-    for _ in 0..100 {
+    let started = std::time::Instant::now();
+    loop {
         let reply = client.get(&format!("/app/receipt?id={tx}")).await.unwrap();
         if reply.status == 200 {
             return reply.json().unwrap();
         }
+        assert!(
+            started.elapsed() < RECEIPT_TIMEOUT,
+            "no receipt for {tx} within {RECEIPT_TIMEOUT:?}: {}",
+            reply.text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no receipt for {tx}");
 }
 
 /// `cloister receipt verify` as a user would run it: exit status and output.
