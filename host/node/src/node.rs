@@ -402,14 +402,23 @@ async fn genesis(
     {
         writes.put(gov::RECOVERY, gov::RECOVERY_KEY, &serde_json::to_vec(&shares)?);
     }
-    consensus.initialize().await?;
-    consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
-    let tx = consensus
-        .propose(TxEntry::new(TxKind::Genesis, writes, None, sealer))
-        .await
-        .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e}"))?;
+    let tx = first_transaction(consensus, writes, sealer).await?;
     tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");
     Ok(())
+}
+
+/// Starts a new network with this node alone and commits its genesis transaction.
+async fn first_transaction(
+    consensus: &Consensus,
+    writes: cloister_store::WriteSet,
+    sealer: &Sealer,
+) -> anyhow::Result<cloister_ledger::txid::TxId> {
+    consensus.initialize().await?;
+    consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
+    consensus
+        .propose(TxEntry::new(TxKind::Genesis, writes, None, sealer))
+        .await
+        .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e}"))
 }
 
 /// Starts a new service from a previous service's ledger folder, with this node alone: its
@@ -436,12 +445,7 @@ async fn recover(
         attestation: &attestation,
     };
     let genesis = crate::recovery::recovery_genesis(&previous, first, service_cert, &identity)?;
-    consensus.initialize().await?;
-    consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
-    let tx = consensus
-        .propose(TxEntry::new(TxKind::Genesis, genesis, None, sealer))
-        .await
-        .map_err(|e| anyhow::anyhow!("the recovery's first transaction did not commit: {e}"))?;
+    let tx = first_transaction(consensus, genesis, sealer).await?;
     // The leader's upkeep writes the previous public state next (`attest::restore_recovered`), so
     // a node restarted part-way resumes it.
     tracing::info!(%tx, threshold = previous.shares.threshold, "recovering: started a new service from the previous ledger");
