@@ -11,9 +11,10 @@ use cloister_crypto::cose::GovWrite;
 use cloister_crypto::envelope;
 use cloister_crypto::recovery::recover_secret;
 use cloister_crypto::seal::Sealer;
-use cloister_ledger::entry::Payload;
+use cloister_crypto::secrets::LedgerSecrets;
+use cloister_ledger::entry::{Payload, TxEntry};
 use cloister_ledger::verify::{Receipt, verify_receipt, verify_receipt_with_previous};
-use cloister_store::gov::{RecoveryRecord, ServiceRecord};
+use cloister_store::gov::{LEDGER_SECRETS, RecoveryRecord, ServiceRecord};
 use cloister_tests::cluster::Cluster;
 use cloister_tests::{Identity, TestService, new_identity};
 use serde_json::json;
@@ -179,13 +180,22 @@ async fn report(c: &Cluster, node: usize, member: usize) -> Vec<serde_json::Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consortium_recovers_its_data_when_every_node_and_key_is_gone() {
     let mut c = Cluster::start(3, 3, RECONCILE, |_| {}).await;
+    let member0 = c.client(0, 0).await.unwrap();
     let mut tx = String::new();
     for m in 0..3 {
+        if m == 2 {
+            // Half-way, the members rekey the ledger: what follows is sealed under version 2, and
+            // the shares are issued again, of the new secret.
+            let voters: Vec<_> = c.members.iter().map(|m| &m.keyed).collect();
+            let rekey = json!([{ "name": "trigger_ledger_rekey" }]);
+            let (_, state) = member0.pass(voters[0], &voters, rekey).await.unwrap();
+            assert_eq!(state["state"], "Accepted", "{state}");
+            shares_when(&member0, |r| r.ledger_secret_version == 2).await;
+        }
         let reply = c.client(0, m).await.unwrap().post("/app/ingest", "application/json", votes(m)).await.unwrap();
         assert_eq!(reply.status, 200, "{}", reply.text());
         tx = reply.tx_id().unwrap();
     }
-    let member0 = c.client(0, 0).await.unwrap();
     let start = Instant::now();
     let receipt: Receipt = loop {
         let r = member0.get(&format!("/app/receipt?id={tx}")).await.unwrap();
@@ -348,4 +358,97 @@ async fn a_data_folder_moved_to_a_guest_with_another_measurement_does_not_open()
     s.restart().await;
     let status = s.member(0).await.get("/gov/service").await.unwrap().status;
     assert_eq!(status, 200, "the guest that sealed it opens it");
+}
+
+/// The private entries of a node's ledger files, split at the first rekey (the entry that writes
+/// `gov.ledger_secrets`): those before it and those after.
+fn private_entries_around_rekey(c: &Cluster, node: usize) -> (Vec<TxEntry>, Vec<TxEntry>) {
+    let dir = cloister_ledger::dir(&c.nodes[node].config.node.data_dir);
+    let (mut before, mut after, mut rekeyed) = (Vec::new(), Vec::new(), false);
+    for entry in cloister_ledger::files::read_entries(&dir).unwrap() {
+        let Payload::Tx(tx) = entry.payload else { continue };
+        if tx.public.iter().any(|(map, ..)| map == LEDGER_SECRETS) {
+            rekeyed = true;
+        } else if tx.private.is_some() {
+            if rekeyed { &mut after } else { &mut before }.push(tx);
+        }
+    }
+    assert!(rekeyed, "node{node}'s ledger holds the rekey");
+    (before, after)
+}
+
+/// A retired node keeps its copy of the ledger secret; retiring it rekeys the ledger, so that copy
+/// opens what was written while it served and nothing written after it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_nodes_secret_opens_nothing_written_after_it_left() {
+    let mut c = Cluster::start(3, 1, RECONCILE, |_| {}).await;
+    let member0 = c.client(0, 0).await.unwrap();
+    let ingest = async |c: &Cluster, from: usize| {
+        let rows: Vec<_> = (from..from + 10).map(|i| json!({ "lei": format!("LEI{i:04}"), "nace": "A" })).collect();
+        let reply = c
+            .client(0, 0)
+            .await
+            .unwrap()
+            .post("/app/ingest", "application/json", serde_json::to_vec(&rows).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    };
+    ingest(&c, 0).await;
+    let nodes: serde_json::Value = member0.get("/node/attestations").await.unwrap().json().unwrap();
+    let node2 = nodes["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node2").unwrap()["node_id"].clone();
+    let voters = [&c.members[0].keyed];
+    let retire = json!([{ "name": "remove_node", "args": { "node_id": node2 } }]);
+    let (_, state) = member0.pass(voters[0], &voters, retire).await.unwrap();
+    assert_eq!(state["state"], "Accepted", "{state}");
+    // The constitution asked for a rekey with the retirement; the leader seals version 2 to the
+    // two nodes left.
+    let start = Instant::now();
+    let rekey = loop {
+        let secrets: serde_json::Value = member0.get("/gov/ledger_secrets").await.unwrap().json().unwrap();
+        if secrets["version"] == 2 {
+            break secrets["rekeys"][0].clone();
+        }
+        assert!(start.elapsed() < ISSUE_TIMEOUT, "no rekey within {ISSUE_TIMEOUT:?}: {secrets}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(rekey["answers"], 1);
+    let sealed_to = rekey["nodes"].as_array().unwrap();
+    assert_eq!(sealed_to.len(), 2, "{rekey}");
+    assert!(!sealed_to.contains(&node2), "{rekey}");
+    ingest(&c, 10).await;
+    ingest(&c, 20).await;
+    let report = c.report_keys(1, 0).await.unwrap();
+    assert_eq!(report.len(), 30, "a node left in the service reads it all");
+    for i in 0..3 {
+        c.stop(i);
+    }
+
+    let (before, after) = private_entries_around_rekey(&c, 0);
+    assert!(
+        !before.is_empty() && after.len() >= 2,
+        "{} private entries before the rekey, {} after",
+        before.len(),
+        after.len()
+    );
+    // The retired node's own copy, opened with its key as an operator holding it would.
+    let retired = LedgerSecrets::new(cloister_node::node::read_ledger_secrets(&c.nodes[2].config).unwrap()).unwrap();
+    assert_eq!(retired.all().iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1], "it never learned version 2");
+    for tx in &before {
+        tx.writes(&retired).expect("the retired node's secret opens what was written while it served");
+    }
+    for tx in &after {
+        assert!(tx.writes(&retired).is_err(), "the retired node's secret opens an entry written after it left");
+    }
+    // A node left in the service holds both versions, and opens everything.
+    let kept = LedgerSecrets::new(cloister_node::node::read_ledger_secrets(&c.nodes[1].config).unwrap()).unwrap();
+    assert_eq!(kept.all().iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2]);
+    for tx in before.iter().chain(&after) {
+        tx.writes(&kept).expect("a Trusted node opens every entry");
+    }
+    // And the entries after the rekey are under version 2 alone.
+    let v2 = kept.get(2).unwrap();
+    for tx in &after {
+        tx.writes(v2.as_ref()).expect("sealed under version 2");
+    }
 }

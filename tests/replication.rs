@@ -108,6 +108,17 @@ async fn follower_catches_up(through_snapshot: bool) {
     }
     assert!(verified >= 2.0, "two joins, {verified} verified attestations");
     c.stop(follower);
+    // While it is down, the members rekey the ledger: the writes below are sealed under version
+    // 2, which the follower learns from the log or, once the log is purged, from the snapshot.
+    let member = c.client(leader, 0).await.unwrap();
+    let voters = [&c.members[0].keyed];
+    let (_, state) = member.pass(voters[0], &voters, json!([{ "name": "trigger_ledger_rekey" }])).await.unwrap();
+    assert_eq!(state["state"], "Accepted", "{state}");
+    let start = Instant::now();
+    while member.get("/gov/ledger_secrets").await.unwrap().json().unwrap()["version"] != 2 {
+        assert!(start.elapsed() < Duration::from_secs(20), "no rekey");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let writers: Vec<_> = (0..32)
         .map(|w| {
             let (url, ca, id) = (c.nodes[leader].rest_url.clone(), c.roots(), c.members[0].keyed.clone());
@@ -134,6 +145,7 @@ async fn follower_catches_up(through_snapshot: bool) {
     let keys: BTreeSet<String> = (0..10_000).map(|n| format!("k{n:05}")).collect();
     wait_for_keys(&c, follower, &keys, Duration::from_secs(60)).await;
     assert_eq!(c.report_keys(follower, 0).await.unwrap(), c.report_keys(leader, 0).await.unwrap());
+    assert!(c.log(follower).contains("learned a new ledger secret version"), "{}", c.log(follower));
     let installed = c.log(follower).contains("installed a snapshot");
     assert_eq!(installed, through_snapshot, "catch-up through a snapshot: {installed}");
     let (text, follower_metrics) = c.metrics(follower).await;

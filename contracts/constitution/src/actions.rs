@@ -234,6 +234,10 @@ pub fn validate(action: &Action) -> Result<(), String> {
                 }
             }
         }
+        "trigger_ledger_rekey" => {
+            args::<NoArgs>(action)?;
+            service().map(drop)
+        }
         "set_recovery_threshold" => {
             let a: Threshold = args(action)?;
             let recovery = recovery_members().len();
@@ -274,6 +278,15 @@ pub fn validate(action: &Action) -> Result<(), String> {
         }
         other => Err(format!("unknown action {other:?}")),
     }
+}
+
+/// Asks the node to rotate the ledger secret (`gov.service.rekeys_requested`, which the leader
+/// answers with a new version in `gov.ledger_secrets`).
+fn request_rekey() -> Result<(), String> {
+    let mut s = service()?;
+    s.rekeys_requested += 1;
+    SERVICE.insert(&key(gov::SERVICE_KEY), &s);
+    Ok(())
 }
 
 /// Performs an action. It validates again first: the state may have changed since the proposal.
@@ -334,6 +347,7 @@ pub fn apply(action: &Action) -> Result<(), String> {
             s.recovery_threshold = args::<Threshold>(action)?.threshold;
             SERVICE.insert(&key(gov::SERVICE_KEY), &s);
         }
+        "trigger_ledger_rekey" => request_rekey()?,
         "add_snp_measurement" => {
             MEASUREMENTS.insert(&hex_of_len(&args::<Measurement>(action)?.measurement, 48, "measurement")?, &true);
         }
@@ -362,6 +376,11 @@ pub fn apply(action: &Action) -> Result<(), String> {
             let mut node = NODES.get(&id).ok_or_else(|| format!("no node {id}"))?;
             node.status = if action.name == "remove_node" { NodeStatus::Retired } else { NodeStatus::Trusted };
             NODES.insert(&id, &node);
+            // A retired node keeps its copy of the ledger secret: what is written from now on is
+            // sealed under a new one it is not given.
+            if action.name == "remove_node" {
+                request_rekey()?;
+            }
         }
         other => return Err(format!("unknown action {other:?}")),
     }

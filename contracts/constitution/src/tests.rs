@@ -47,6 +47,7 @@ fn host() -> MemoryHost {
         recovery_threshold: 1,
         identity: None,
         previous_identities: Vec::new(),
+        rekeys_requested: 0,
     };
     host.seed(gov::SERVICE, &"service".to_owned(), &service);
     host
@@ -179,4 +180,32 @@ fn the_recovery_threshold_is_bounded_by_the_recovery_members() {
     assert_eq!(status(&mut host, "remove_member", json!({ "id": "a" })).0, 204);
     let s: ServiceRecord = host.peek(gov::SERVICE, &"service".to_owned()).unwrap();
     assert_eq!(s.recovery_threshold, 1);
+}
+
+/// `trigger_ledger_rekey` asks for a rekey, and so does retiring a node: a retired node must not
+/// hold the secret of what is written after it left.
+#[test]
+fn rekeys_are_asked_for_by_action_and_by_retiring_a_node() {
+    let mut host = host();
+    let node = gov::NodeRecord {
+        name: "n1".into(),
+        status: gov::NodeStatus::Trusted,
+        cert: String::new(),
+        evidence: serde_json::Value::Null,
+        verified: serde_json::Value::Null,
+    };
+    host.seed(gov::NODES, &"7".to_owned(), &node);
+    let apply = |host: &mut MemoryHost, name: &str, args: serde_json::Value| {
+        let p = json!({ "actions": [{ "name": name, "args": args }] });
+        call(host, "/apply", json!({ "proposal_id": name, "proposal": p })).head.status
+    };
+    let requested = |host: &MemoryHost| {
+        host.peek::<_, ServiceRecord>(gov::SERVICE, &"service".to_owned()).unwrap().rekeys_requested
+    };
+    assert_eq!(requested(&host), 0);
+    assert_eq!(apply(&mut host, "trigger_ledger_rekey", json!({ "extra": 1 })), 400, "takes no arguments");
+    assert_eq!(apply(&mut host, "trigger_ledger_rekey", json!(null)), 204);
+    assert_eq!(requested(&host), 1);
+    assert_eq!(apply(&mut host, "remove_node", json!({ "node_id": "7" })), 204);
+    assert_eq!(requested(&host), 2);
 }

@@ -171,6 +171,14 @@ pub struct ServiceRecord {
     /// service's identity, so receipts they issued still verify against it. Node-written.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_identities: Vec<PreviousIdentity>,
+    /// Counts the ledger rekeys the constitution asked for (`trigger_ledger_rekey`, and removing
+    /// a node). The leader rekeys while the newest [`LedgerSecretRecord::answers`] is lower.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rekeys_requested: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A previous service's identity, endorsed by the current one.
@@ -230,6 +238,10 @@ pub struct RecoveryRecord {
     pub service: String,
     /// The ledger secret, sealed under the wrapping key (base64).
     pub wrapped_secret: String,
+    /// The version of the ledger secret wrapped (see [`LEDGER_SECRETS`]): the newest when the
+    /// shares were issued, from which a recovery walks back to the older ones.
+    #[serde(default = "one_u64")]
+    pub ledger_secret_version: u64,
     /// By member id.
     pub shares: BTreeMap<String, RecoveryShare>,
 }
@@ -248,6 +260,28 @@ pub struct RecoveryShare {
 
 fn one() -> u32 {
     1
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+/// The ledger secrets after the first, by version (u64 big-endian; the first is version 1 and
+/// has no record). Written by the leader alone, when it rekeys; public: each new secret is
+/// sealed to the keys of the nodes Trusted then, and each previous secret under its successor.
+pub const LEDGER_SECRETS: &str = "gov.ledger_secrets";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSecretRecord {
+    pub version: u64,
+    /// The [`ServiceRecord::rekeys_requested`] this rekey answered.
+    pub answers: u64,
+    /// The previous version's secret sealed under this one (base64), so that holders of the
+    /// newest secret open every older one.
+    pub previous_sealed: String,
+    /// This version's secret sealed to each Trusted node's key (base64), by node id.
+    pub nodes: BTreeMap<String, String>,
 }
 
 /// An SNP TCB version: the security version numbers of each component.

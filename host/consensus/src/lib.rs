@@ -168,13 +168,16 @@ impl Consensus {
         data_dir: &Path,
         id: NodeId,
         me: NodeAddr,
-        store: kv::Store,
-        ledger: Arc<cloister_ledger::Ledger>,
+        (store, ledger, secrets): (
+            kv::Store,
+            Arc<cloister_ledger::Ledger>,
+            Arc<cloister_crypto::secrets::LedgerSecrets>,
+        ),
         peers: Peers,
     ) -> anyhow::Result<Consensus> {
         let watch = Arc::new(AppendWatch::default());
         let log = LogStore::open(&data_dir.join("raft.redb"), watch.clone())?;
-        let sm = StateMachine::new(store, ledger, data_dir.join("snapshots"))?;
+        let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"))?;
         let config = openraft::Config {
             cluster_name: "cloister".into(),
             heartbeat_interval: settings.heartbeat_interval_ms,

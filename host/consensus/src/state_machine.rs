@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
-use cloister_crypto::seal::Purpose;
+use cloister_crypto::seal::{Purpose, Sealer};
+use cloister_crypto::secrets::LedgerSecrets;
 use cloister_ledger::entry::{LedgerEntry, Payload, TxKind};
 use cloister_ledger::files::StartState;
 use cloister_ledger::txid::TxId;
@@ -48,8 +49,9 @@ const APPLY_BATCH_MAX: usize = 1024;
 /// Longest time between durable commits of applied state: at most this much applying is redone
 /// from the Raft log after a crash.
 pub const APPLY_DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
-/// Version 2 ends with a MAC over the whole file; version 1 files had none and are not read.
-const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP2\0";
+/// Version 3 names the ledger secret version its MAC and private entries are under, right after
+/// the magic; version 2 had no such version, and version 1 no MAC. Older files are not read.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"CLSNAP3\0";
 /// In place of a record's length: the records are over, and the MAC follows.
 const END_OF_RECORDS: u32 = u32::MAX;
 /// Largest record a snapshot file may hold: one state entry (a key and a sealed value within the
@@ -148,6 +150,9 @@ struct Inner {
     /// Always present on a node. Absent only in openraft's storage suite, which feeds the state
     /// machine entries with gaps no Raft log has, and which a ledger rightly refuses.
     ledger: Option<Arc<Ledger>>,
+    /// The service's ledger secrets: they open private writes and snapshot entries, and learn
+    /// each rekey as its entry is applied. Absent only in openraft's storage suite.
+    secrets: Option<Arc<LedgerSecrets>>,
     snapshot_dir: PathBuf,
     current: Mutex<Option<StoredSnapshot>>,
     applied: watch::Sender<Applied>,
@@ -175,25 +180,40 @@ fn io_other(e: impl std::fmt::Display) -> io::Error {
 }
 
 impl StateMachine {
-    pub fn new(store: Store, ledger: Arc<Ledger>, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
-        StateMachine::with(store, Some(ledger), snapshot_dir)
+    pub fn new(
+        store: Store,
+        ledger: Arc<Ledger>,
+        secrets: Arc<LedgerSecrets>,
+        snapshot_dir: PathBuf,
+    ) -> anyhow::Result<StateMachine> {
+        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir)
     }
 
     /// A state machine that keeps no ledger, for openraft's storage suite only.
     #[cfg(test)]
-    pub(crate) fn without_ledger(store: Store, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+    pub(crate) fn without_ledger(
+        store: Store,
+        secrets: Option<Arc<LedgerSecrets>>,
+        snapshot_dir: PathBuf,
+    ) -> anyhow::Result<StateMachine> {
         let batch = store.write_batch()?;
         index::create(batch.txn())?;
         batch.commit()?;
-        StateMachine::with(store, None, snapshot_dir)
+        StateMachine::with(store, None, secrets, snapshot_dir)
     }
 
-    fn with(store: Store, ledger: Option<Arc<Ledger>>, snapshot_dir: PathBuf) -> anyhow::Result<StateMachine> {
+    fn with(
+        store: Store,
+        ledger: Option<Arc<Ledger>>,
+        secrets: Option<Arc<LedgerSecrets>>,
+        snapshot_dir: PathBuf,
+    ) -> anyhow::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let sm = StateMachine {
             inner: Arc::new(Inner {
                 store,
                 ledger,
+                secrets,
                 snapshot_dir,
                 current: Mutex::new(None),
                 applied: watch::Sender::new(Applied::default()),
@@ -273,8 +293,8 @@ impl StateMachine {
                     if tx.kind == TxKind::Signature {
                         signatures += 1;
                     }
-                    let ws = match (store.sealer(), &tx.private) {
-                        (Some(s), _) => tx.writes(s),
+                    let ws = match (&self.inner.secrets, &tx.private) {
+                        (Some(s), _) => tx.writes(s.as_ref()),
                         (None, None) => Ok(tx.public.clone()),
                         (None, Some(_)) => {
                             return Err(io_other(
@@ -283,6 +303,7 @@ impl StateMachine {
                         }
                     }
                     .map_err(|e| io_other(format!("ledger entry {}: {e}", log_id.index)))?;
+                    self.learn_secrets(&ws).map_err(|e| io_other(format!("ledger entry {}: {e}", log_id.index)))?;
                     gov_touched |= ws.iter().any(|(map, _, _)| map.starts_with(cloister_abi::abi::GOV_PREFIX));
                     writes.push(ws);
                 }
@@ -350,6 +371,13 @@ impl StateMachine {
 
     fn build(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
         let export = self.inner.store.export().map_err(io_other)?;
+        // Sealed under the newest secret whose record the exported state holds, so that a node
+        // installing it learns that secret from the snapshot itself if it lacks it.
+        let version = export
+            .last_key_of(kv::gov::LEDGER_SECRETS)
+            .map_err(io_other)?
+            .map_or(1, |k| cloister_crypto::secrets::version_of(&k));
+        let sealer = self.sealer_of(version)?;
         // openraft purges the log behind the snapshot once it is built: what it covers must be
         // durable first, or a crash would leave entries neither in the log nor on disk.
         self.checkpoint()?;
@@ -363,10 +391,9 @@ impl StateMachine {
         let meta = SnapshotMeta { last_log_id, last_membership };
         let path = self.inner.snapshot_dir.join(snapshot_name(&meta));
         let tmp = path.with_extension("tmp");
-        let sealer = self.inner.store.sealer().cloned();
         {
-            let mut out = Maced::new(BufWriter::new(std::fs::File::create(&tmp)?), &self.inner.store);
-            write_head(&mut out, &meta)?;
+            let mut out = Maced::new(BufWriter::new(std::fs::File::create(&tmp)?), sealer.as_deref());
+            write_head(&mut out, version, &meta)?;
             write_record(&mut out, &history)?;
             write_record(&mut out, &encode(&start))?;
             export
@@ -410,7 +437,8 @@ impl StateMachine {
     fn install(&self, meta: &SnapshotMeta, snapshot: &SnapshotFile) -> io::Result<()> {
         let path = &snapshot.path;
         let invalid = |m: &str| invalid_snapshot(path, m);
-        let mut input = Maced::new(BufReader::new(std::fs::File::open(path)?), &self.inner.store);
+        let (mut input, version) = self.open_snapshot(path)?;
+        let sealer = self.sealer_of(version)?;
         let (head, history, start) = read_preamble(&mut input, path)?;
         if head.last_log_id != meta.last_log_id {
             return Err(invalid("the file does not match its metadata"));
@@ -422,8 +450,8 @@ impl StateMachine {
             let (k, v) = match decode::<SnapshotRecord>(&record, "a snapshot entry")? {
                 SnapshotRecord::Public(k, v) => (k, v),
                 SnapshotRecord::Private(sealed) => {
-                    let sealer = store
-                        .sealer()
+                    let sealer = sealer
+                        .as_ref()
                         .ok_or_else(|| invalid("it holds private entries but this node has no ledger secret"))?;
                     let plain = sealer
                         .open(Purpose::SnapshotEntry, b"", &sealed)
@@ -468,7 +496,9 @@ impl StateMachine {
         if self.inner.ledger.is_none() {
             return Ok(None);
         }
-        let (_, _, start) = read_preamble(&mut BufReader::new(std::fs::File::open(path)?), path)?;
+        let mut input = BufReader::new(std::fs::File::open(path)?);
+        read_magic(&mut input, path)?;
+        let (_, _, start) = read_preamble(&mut input, path)?;
         let read = self.inner.store.read_txn().map_err(io_other)?;
         index::snapshot_seal(&read, start.next).map_err(io_other)
     }
@@ -485,7 +515,8 @@ impl StateMachine {
         let invalid = |m: &str| invalid_snapshot(path, m);
         let seal =
             snapshot.seal.as_ref().ok_or_else(|| invalid("it has no seal binding it to a signed ledger position"))?;
-        let mut input = Maced::new(BufReader::new(std::fs::File::open(path)?), &self.inner.store);
+        self.learn_secrets_from_snapshot(path)?;
+        let (mut input, _) = self.open_snapshot(path)?;
         let (head, _, start) = read_preamble(&mut input, path)?;
         if head.last_log_id != meta.last_log_id {
             return Err(invalid("the file does not match its metadata"));
@@ -502,6 +533,68 @@ impl StateMachine {
         seal.check(&start, &endorsed).map_err(|e| invalid(&format!("its seal does not hold: {e}")))
     }
 
+    /// Adds the ledger secret versions that the records of `gov.ledger_secrets` in `ws` seal to
+    /// this node, before the next entry (which may be sealed under one) is opened.
+    fn learn_secrets(&self, ws: &kv::WriteSet) -> Result<(), cloister_crypto::secrets::LearnError> {
+        let Some(secrets) = &self.inner.secrets else { return Ok(()) };
+        for (map, key, value) in ws.iter() {
+            if map == kv::gov::LEDGER_SECRETS
+                && let Some(value) = value
+                && let Some(version) = secrets.learn(key, value)?
+            {
+                tracing::info!(version, "learned a new ledger secret version");
+            }
+        }
+        Ok(())
+    }
+
+    /// A node that fell behind a rekey and is sent a snapshot under a version it lacks learns
+    /// the versions from the snapshot's own `gov.ledger_secrets` (each sealed to it, and each
+    /// proven to follow the one it holds) before its MAC is checked under the newest.
+    fn learn_secrets_from_snapshot(&self, path: &Path) -> io::Result<()> {
+        let Some(secrets) = &self.inner.secrets else { return Ok(()) };
+        let mut input = BufReader::new(std::fs::File::open(path)?);
+        let version = read_magic(&mut input, path)?;
+        if secrets.get(version).is_some() {
+            return Ok(());
+        }
+        read_preamble(&mut input, path)?;
+        while let Some(record) = read_record(&mut input)? {
+            if let SnapshotRecord::Public(k, v) = decode::<SnapshotRecord>(&record, "a snapshot entry")?
+                && let Some((kv::gov::LEDGER_SECRETS, key)) = kv::split_key_checked(&k)
+                && let Some(version) = secrets.learn(key, &v).map_err(|e| invalid_snapshot(path, &e.to_string()))?
+            {
+                tracing::info!(version, "learned a new ledger secret version from a snapshot");
+            }
+        }
+        Ok(())
+    }
+
+    /// The sealer of ledger secret `version`; none in openraft's storage suite.
+    fn sealer_of(&self, version: u64) -> io::Result<Option<Arc<Sealer>>> {
+        let Some(secrets) = &self.inner.secrets else { return Ok(None) };
+        secrets.get(version).map(Some).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "this node does not hold ledger secret version {version} (it holds {secrets:?}): it was not \
+                     Trusted at that rekey; a retired node cannot follow the service on"
+                ),
+            )
+        })
+    }
+
+    /// Opens a snapshot file for reading under the MAC of the secret version it names.
+    fn open_snapshot(&self, path: &Path) -> io::Result<(Maced<BufReader<std::fs::File>>, u64)> {
+        let mut raw = BufReader::new(std::fs::File::open(path)?);
+        let version = read_magic(&mut raw, path)?;
+        let sealer = self.sealer_of(version)?;
+        let mut input = Maced::new(raw, sealer.as_deref());
+        input.mac.update(SNAPSHOT_MAGIC);
+        input.mac.update(&version.to_le_bytes());
+        Ok((input, version))
+    }
+
     /// A fresh path in the snapshot folder, for receiving a snapshot.
     pub(crate) fn incoming_path(&self) -> PathBuf {
         let mut id = [0u8; 8];
@@ -515,7 +608,8 @@ impl StateMachine {
 enum SnapshotRecord {
     /// A public map's entry: table key and value, in clear.
     Public(Vec<u8>, Vec<u8>),
-    /// A private map's entry: `(table key, stored value)`, sealed with the ledger secret.
+    /// A private map's entry: `(table key, stored value)`, sealed with the ledger secret
+    /// version the file names.
     Private(Vec<u8>),
 }
 
@@ -534,10 +628,10 @@ struct Maced<T> {
 }
 
 impl<T> Maced<T> {
-    /// Under the key of the ledger secret; a store without one (openraft's storage suite) gets
-    /// a plain hash, which still catches damage.
-    fn new(inner: T, store: &Store) -> Maced<T> {
-        let mac = store.sealer().map_or_else(blake3::Hasher::new, |s| s.snapshot_mac());
+    /// Under the key of a ledger secret; without one (openraft's storage suite), a plain hash,
+    /// which still catches damage.
+    fn new(inner: T, sealer: Option<&Sealer>) -> Maced<T> {
+        let mac = sealer.map_or_else(blake3::Hasher::new, |s| s.snapshot_mac());
         Maced { inner, mac }
     }
 
@@ -631,20 +725,28 @@ fn read_record(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(buf))
 }
 
-fn write_head(out: &mut impl Write, meta: &SnapshotMeta) -> io::Result<()> {
+fn write_head(out: &mut impl Write, secret_version: u64, meta: &SnapshotMeta) -> io::Result<()> {
     out.write_all(SNAPSHOT_MAGIC)?;
+    out.write_all(&secret_version.to_le_bytes())?;
     write_record(out, &encode(meta))
 }
 
-fn read_head_from(input: &mut impl Read, path: &Path) -> io::Result<SnapshotMeta> {
+/// Reads the magic and the ledger secret version a snapshot is sealed under.
+fn read_magic(input: &mut impl Read, path: &Path) -> io::Result<u64> {
     let mut magic = [0u8; 8];
     input.read_exact(&mut magic)?;
     if &magic != SNAPSHOT_MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is not a Cloister snapshot", path.display()),
+            format!("{} is not a Cloister snapshot of this version", path.display()),
         ));
     }
+    let mut version = [0u8; 8];
+    input.read_exact(&mut version)?;
+    Ok(u64::from_le_bytes(version))
+}
+
+fn read_head_from(input: &mut impl Read) -> io::Result<SnapshotMeta> {
     let head =
         read_record(input)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot lacks its head"))?;
     decode(&head, "snapshot metadata")
@@ -654,16 +756,19 @@ fn invalid_snapshot(path: &Path, message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("snapshot {}: {message}", path.display()))
 }
 
-/// A snapshot's first records: its metadata, the term history (encoded) and the ledger's start.
+/// A snapshot's first records, after the magic: its metadata, the term history (encoded) and the
+/// ledger's start.
 fn read_preamble(input: &mut impl Read, path: &Path) -> io::Result<(SnapshotMeta, Vec<u8>, StartState)> {
-    let head = read_head_from(input, path)?;
+    let head = read_head_from(input)?;
     let history = read_record(input)?.ok_or_else(|| invalid_snapshot(path, "the term history is missing"))?;
     let start = read_record(input)?.ok_or_else(|| invalid_snapshot(path, "the ledger start is missing"))?;
     Ok((head, history, decode(&start, "a ledger start")?))
 }
 
 fn read_head(path: &Path) -> io::Result<SnapshotMeta> {
-    read_head_from(&mut BufReader::new(std::fs::File::open(path)?), path)
+    let mut input = BufReader::new(std::fs::File::open(path)?);
+    read_magic(&mut input, path)?;
+    read_head_from(&mut input)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -796,14 +901,14 @@ mod tests {
     /// A node of the service with a sealed store holding `entries`, and its snapshot.
     fn node_with(secret: [u8; 32], entries: &[(&str, &str, &str)]) -> (tempfile::TempDir, StateMachine) {
         let dir = tempfile::tempdir().unwrap();
-        let sealer = Arc::new(cloister_crypto::seal::Sealer::new(&secret));
-        let store = Store::open_sealed(&dir.path().join("state.redb"), sealer).unwrap();
+        let secrets = Arc::new(LedgerSecrets::first(secret));
+        let store = Store::open_sealed(&dir.path().join("state.redb"), secrets.oldest()).unwrap();
         let mut tx = store.begin().unwrap();
         for (map, k, v) in entries {
             tx.put(map, k.as_bytes(), v.as_bytes());
         }
         store.apply(&tx.into_writes()).unwrap();
-        let sm = StateMachine::without_ledger(store, dir.path().join("snapshots")).unwrap();
+        let sm = StateMachine::without_ledger(store, Some(secrets), dir.path().join("snapshots")).unwrap();
         (dir, sm)
     }
 
@@ -843,10 +948,12 @@ mod tests {
         let mut extended = bytes.clone();
         extended.push(0);
         // The last entry record dropped, everything else (the MAC included) kept.
-        let mut cursor = std::io::Cursor::new(&bytes[SNAPSHOT_MAGIC.len()..]);
+        // The magic, then the secret version.
+        let prefix = SNAPSHOT_MAGIC.len() + 8;
+        let mut cursor = std::io::Cursor::new(&bytes[prefix..]);
         let mut starts = Vec::new();
         loop {
-            let at = cursor.position() as usize + SNAPSHOT_MAGIC.len();
+            let at = cursor.position() as usize + prefix;
             if read_record(&mut cursor).unwrap().is_none() {
                 break;
             }

@@ -19,7 +19,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Red
         let store = kv::Store::open(&dir.path().join("state.redb")).expect("state store");
         // The suite applies entries with gaps (a fresh state machine at index 2), which a ledger
         // refuses; the ledger has its own tests.
-        let sm = StateMachine::without_ledger(store, dir.path().join("snapshots")).expect("state machine");
+        let sm = StateMachine::without_ledger(store, None, dir.path().join("snapshots")).expect("state machine");
         Ok((dir, log, sm))
     }
 }

@@ -19,6 +19,7 @@ pub mod envelope;
 pub mod identity;
 pub mod recovery;
 pub mod seal;
+pub mod secrets;
 pub mod tls;
 
 /// A node's id: the first eight bytes of the SHA-256 of its certificate (DER).

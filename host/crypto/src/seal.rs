@@ -27,6 +27,9 @@ pub enum Purpose {
     /// The ledger secret wrapped for recovery, under a key that only a threshold of recovery
     /// members' shares rebuild (`gov.recovery`).
     RecoveryWrap,
+    /// A ledger secret sealed under its successor after a rekey (`crate::secrets`), so holders
+    /// of the newest secret can open every older one.
+    PreviousSecret,
 }
 
 impl Purpose {
@@ -37,6 +40,7 @@ impl Purpose {
             Purpose::SnapshotEntry => b"cloister snapshot entry v1",
             Purpose::SecretAtRest => b"cloister secret at rest v1",
             Purpose::RecoveryWrap => b"cloister recovery wrap v1",
+            Purpose::PreviousSecret => b"cloister previous ledger secret v1",
         }
     }
 }
@@ -51,6 +55,18 @@ struct OkmLen;
 impl hkdf::KeyType for OkmLen {
     fn len(&self) -> usize {
         32
+    }
+}
+
+/// Opens sealed blobs: a [`Sealer`] with its one secret, or a service's
+/// [`LedgerSecrets`](crate::secrets::LedgerSecrets) with any of theirs.
+pub trait Unseal {
+    fn open(&self, purpose: Purpose, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError>;
+}
+
+impl Unseal for Sealer {
+    fn open(&self, purpose: Purpose, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        Sealer::open(self, purpose, aad, sealed)
     }
 }
 

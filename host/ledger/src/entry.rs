@@ -10,7 +10,7 @@
 use ring::signature::{ECDSA_P384_SHA384_FIXED, EcdsaKeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
-use cloister_crypto::seal::{Purpose, SealError, Sealer};
+use cloister_crypto::seal::{Purpose, SealError, Sealer, Unseal};
 use cloister_store::{self as kv, WriteSet};
 
 /// Why a transaction was written.
@@ -76,8 +76,8 @@ impl TxEntry {
         }
     }
 
-    /// All the writes, private ones opened.
-    pub fn writes(&self, sealer: &Sealer) -> Result<WriteSet, SealError> {
+    /// All the writes, private ones opened with `sealer` (one secret, or a service's versions).
+    pub fn writes(&self, sealer: &impl Unseal) -> Result<WriteSet, SealError> {
         let mut all = self.public.clone();
         if let Some(sealed) = &self.private {
             let plain = sealer.open(Purpose::LedgerPrivate, &self.uid, sealed)?;

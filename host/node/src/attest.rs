@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cloister_attestation::mock::{MockConfig, MockFirmware, MockRoot};
 use cloister_attestation::{Evidence, Kind, Nonce, NonceStore, Policy, Refusal, Roots, Tcb, Verified, azure};
+use cloister_crypto::secrets::LedgerSecrets;
 use cloister_proto::peer::v1 as pb;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -320,7 +321,8 @@ pub(crate) fn handshake_gate(tx: &Tx, cert_der: &[u8]) -> Result<(), String> {
 
 /// What a join gives a new node.
 pub struct Joined {
-    pub secret: [u8; 32],
+    /// Every ledger secret version of the service, oldest first.
+    pub secrets: Vec<(u64, [u8; 32])>,
     /// The certificate (DER) of the leader whose evidence this node verified, and who signed the
     /// secret over the join transcript: until this node holds `gov.nodes`, the only node whose
     /// Raft messages it accepts.
@@ -483,8 +485,9 @@ fn accept_secret(
     })?;
     let secret = cloister_crypto::envelope::open_with(&identity.key_pem, JOIN_SECRET_AAD, &reply.sealed_secret)
         .map_err(|e| anyhow::anyhow!("the leader's sealed ledger secret: {e}"))?;
-    let secret = <[u8; 32]>::try_from(secret).map_err(|_| anyhow::anyhow!("the ledger secret has the wrong length"))?;
-    Ok(Joined { secret, leader_cert: challenge.cert })
+    let secrets = cloister_crypto::secrets::decode(&secret)
+        .map_err(|e| anyhow::anyhow!("the leader's sealed ledger secrets: {e}"))?;
+    Ok(Joined { secrets, leader_cert: challenge.cert })
 }
 
 /// What a node keeps for joins. As a leader: the nonces it issued, the secret it hands to
@@ -492,7 +495,7 @@ fn accept_secret(
 /// certificate of the leader it attested.
 pub struct Joins {
     pub nonces: NonceStore,
-    secret: [u8; 32],
+    secrets: Arc<LedgerSecrets>,
     attester: Arc<Attester>,
     cert_der: Vec<u8>,
     spki: Vec<u8>,
@@ -502,14 +505,14 @@ pub struct Joins {
 }
 
 impl Joins {
-    /// The ledger secret, for the leader's issue of recovery shares.
-    pub(crate) fn ledger_secret(&self) -> &[u8; 32] {
-        &self.secret
+    /// The ledger secrets, for the leader's issue of recovery shares and its rekeys.
+    pub(crate) fn ledger_secrets(&self) -> &Arc<LedgerSecrets> {
+        &self.secrets
     }
 
     pub fn new(
         section: &AttestationSection,
-        secret: [u8; 32],
+        secrets: Arc<LedgerSecrets>,
         attester: Arc<Attester>,
         node: &KeyedCert,
         join_leader: Option<Vec<u8>>,
@@ -519,7 +522,7 @@ impl Joins {
         let key = cloister_crypto::identity::signing_key(&node.key_pem, "the node key")?;
         Ok(Joins {
             nonces: NonceStore::new(Duration::from_secs(section.nonce_ttl_s)),
-            secret,
+            secrets,
             attester,
             cert_der,
             spki,
@@ -553,8 +556,12 @@ impl Joins {
         leader_nonce: &[u8],
         spki: &[u8],
     ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
-        let sealed =
-            cloister_crypto::envelope::seal_to(spki, JOIN_SECRET_AAD, &self.secret).map_err(anyhow::Error::msg)?;
+        let sealed = cloister_crypto::envelope::seal_to(
+            spki,
+            JOIN_SECRET_AAD,
+            &cloister_crypto::secrets::encode(&self.secrets.all()),
+        )
+        .map_err(anyhow::Error::msg)?;
         let transcript = join_transcript(joiner_nonce, leader_nonce, &self.spki, spki, &sealed);
         let signature = self
             .key
@@ -619,6 +626,11 @@ pub(crate) async fn maintain_endorsements(
             Ok(0) => {}
             Ok(n) => tracing::info!(records = n, "updated the service's endorsements"),
             Err(e) => tracing::debug!(error = ?e, "updating the endorsements did not commit; retrying"),
+        }
+        match service.rotate_ledger_secret().await {
+            Ok(None) => {}
+            Ok(Some(version)) => tracing::info!(version, "rekeyed the ledger: a new ledger secret version"),
+            Err(e) => tracing::warn!(error = ?e, "rekeying the ledger did not commit; retrying"),
         }
         match service.maintain_recovery_shares().await {
             Ok(None) => {}
@@ -693,7 +705,9 @@ mod tests {
         let ca = ServiceCa::generate("test service").unwrap();
         let cert = ca.issue_node_cert("leader", &["127.0.0.1".into()]).unwrap();
         let attester = Arc::new(Attester::Mock(Box::new(MockFirmware::new(&root, MockConfig::default()))));
-        let leader = Joins::new(&AttestationSection::default(), [7; 32], attester, &cert, None).unwrap();
+        let leader =
+            Joins::new(&AttestationSection::default(), Arc::new(LedgerSecrets::first([7; 32])), attester, &cert, None)
+                .unwrap();
         let service_ca = cloister_crypto::identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
         let check = LeaderCheck {
             roots: Roots::Mock { ark: root.ark_der() },
@@ -773,7 +787,7 @@ mod tests {
         let joiner = f.ca.issue_node_cert("joiner", &["127.0.0.1".into()]).unwrap();
         let (mine, challenge, reply) = genuine_exchange(&f, &joiner).await;
         let joined = accept_secret(&joiner, &mine, challenge.clone(), &reply).expect("the genuine exchange");
-        assert_eq!((joined.secret, joined.leader_cert.clone()), ([7; 32], challenge.cert.clone()));
+        assert_eq!((joined.secrets, joined.leader_cert.clone()), (vec![(1, [7; 32])], challenge.cert.clone()));
 
         let spki = spki_of(&der_of(&joiner)).unwrap();
         let relays_secret = cloister_crypto::envelope::seal_to(&spki, JOIN_SECRET_AAD, &[0x66; 32]).unwrap();
@@ -785,7 +799,14 @@ mod tests {
                 let relay = f.ca.issue_node_cert("relay", &["127.0.0.1".into()]).unwrap();
                 let attester =
                     Arc::new(Attester::Mock(Box::new(MockFirmware::new(&MockRoot::generate(), MockConfig::default()))));
-                let relay = Joins::new(&AttestationSection::default(), [0x66; 32], attester, &relay, None).unwrap();
+                let relay = Joins::new(
+                    &AttestationSection::default(),
+                    Arc::new(LedgerSecrets::first([0x66; 32])),
+                    attester,
+                    &relay,
+                    None,
+                )
+                .unwrap();
                 let (sealed_secret, transcript_signature) =
                     relay.grant_secret(&mine.0, &challenge.nonce, &spki).unwrap();
                 pb::AttestReply { status: "Trusted".into(), sealed_secret, transcript_signature }

@@ -410,9 +410,14 @@ fn apply(
 /// shares needed than there are recovery members to hold them.
 fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> Result<(), String> {
     for (map, key, value) in tx.writes().iter() {
-        if let Some(value) = value {
-            check_record(map, value).map_err(|e| format!("{e} (key {:?})", String::from_utf8_lossy(key)))?;
-        }
+        let checked = match value {
+            Some(value) => check_record(map, value),
+            None if [ENDORSEMENTS, RECOVERY, LEDGER_SECRETS].contains(&map) => {
+                Err(format!("{map} is written by the node alone; a constitution cannot remove from it"))
+            }
+            None => Ok(()),
+        };
+        checked.map_err(|e| format!("{e} (key {:?})", String::from_utf8_lossy(key)))?;
     }
     let after = service(tx).map_err(|e| e.to_string())?;
     if after.as_ref().and_then(|s| s.identity.as_deref()) != before.and_then(|s| s.identity.as_deref()) {
@@ -423,6 +428,9 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> 
     if let (Some(before), Some(after)) = (before, &after) {
         if after.previous_identities != before.previous_identities {
             return Err(format!("{SERVICE}.previous_identities are the node's, written when it recovers a service"));
+        }
+        if after.rekeys_requested < before.rekeys_requested {
+            return Err(format!("{SERVICE}.rekeys_requested only grows: a rekey asked for cannot be taken back"));
         }
         let allowed =
             after.state == before.state || (before.state == ServiceState::Opening && after.state == ServiceState::Open);
@@ -478,6 +486,7 @@ pub(crate) fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
         MIN_TCB => decodes::<Tcb>(map, value),
         ENDORSEMENTS => Err(format!("{map} is written by the node alone, as gov.nodes changes")),
         RECOVERY => Err(format!("{map} is written by the node alone, as the recovery members change")),
+        LEDGER_SECRETS => Err(format!("{map} is written by the node alone, when it rekeys the ledger")),
         AZURE_PCRS => serde_json::from_slice::<PcrSet>(value)
             .map_err(|e| format!("{map} cannot hold this record: {e}"))
             .and_then(|set| checked_pcr_set(&set).map(drop)),

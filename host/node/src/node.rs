@@ -13,9 +13,11 @@ use crate::api::{NodeInfo, Service, ServiceForwarder, ServiceParts, rest, server
 use crate::attest::{self, Attester};
 use crate::config::NodeConfig;
 use crate::gov;
+use base64::Engine as _;
 use cloister_consensus::{self as consensus, Consensus, NodeAddr, Peers};
 use cloister_crypto::identity;
 use cloister_crypto::seal::{self, Purpose, Sealer};
+use cloister_crypto::secrets::{self, LedgerSecrets, Rekeyed};
 use cloister_crypto::tls;
 use cloister_ledger::entry::{NodeSigner, TxEntry, TxKind};
 use cloister_ledger::{self as ledger, Ledger};
@@ -33,72 +35,145 @@ const SECRET_AT_REST_AAD: &[u8] = b"cloister ledger secret";
 const JOIN_LEADER_FILE: &str = "join-leader.sealed";
 const JOIN_LEADER_AT_REST_AAD: &[u8] = b"cloister join leader";
 
-/// The ledger secret: this node's sealed copy, or (for a new node) sealed to it by the leader of
-/// the network it joins once its attestation makes it Trusted, or (for a new service) generated.
-/// With it, the certificate of the leader a joining node attested, if it joined.
-async fn ledger_secret(
-    config: &NodeConfig,
-    node: &identity::KeyedCert,
-    me: (consensus::NodeId, NodeAddr),
-    attester: &Attester,
-    service_cert: &str,
-) -> anyhow::Result<([u8; 32], Option<Vec<u8>>)> {
-    let node_only = seal::sealing_key_from_node_key(&node.key_pem)?;
-    let platform = attester.platform_key()?;
-    let sealing = match &platform {
-        Some(key) => seal::sealing_key_with_platform(&node.key_pem, key)?,
-        None => seal::sealing_key_from_node_key(&node.key_pem)?,
-    };
-    let path = config.node.data_dir.join(SECRET_FILE);
-    let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
-    let open = |path: &std::path::Path, aad: &[u8]| -> anyhow::Result<Vec<u8>> {
+/// The key that seals a node's files at rest: from the node key and, where the platform derives
+/// one, the platform's key for this guest.
+struct AtRest {
+    sealing: Sealer,
+    /// The node key alone, what older versions sealed to: such a file is resealed once.
+    node_only: Option<Sealer>,
+    platform: bool,
+}
+
+impl AtRest {
+    fn new(node: &identity::KeyedCert, attester: &Attester) -> anyhow::Result<AtRest> {
+        Ok(match attester.platform_key()? {
+            Some(key) => AtRest {
+                sealing: seal::sealing_key_with_platform(&node.key_pem, &key)?,
+                node_only: Some(seal::sealing_key_from_node_key(&node.key_pem)?),
+                platform: true,
+            },
+            None => {
+                AtRest { sealing: seal::sealing_key_from_node_key(&node.key_pem)?, node_only: None, platform: false }
+            }
+        })
+    }
+
+    fn write(&self, path: &std::path::Path, aad: &[u8], plain: &[u8]) -> std::io::Result<()> {
+        identity::write_private(path, &self.sealing.seal(Purpose::SecretAtRest, aad, plain))
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }
+
+    fn open(&self, path: &std::path::Path, aad: &[u8]) -> anyhow::Result<Vec<u8>> {
         let sealed = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        if let Ok(plain) = sealing.open(Purpose::SecretAtRest, aad, &sealed) {
+        if let Ok(plain) = self.sealing.open(Purpose::SecretAtRest, aad, &sealed) {
             return Ok(plain);
         }
         // A file an older version sealed to the node key alone: sealed to the platform now, once.
-        if platform.is_some()
+        if let Some(node_only) = &self.node_only
             && let Ok(plain) = node_only.open(Purpose::SecretAtRest, aad, &sealed)
         {
             tracing::warn!(file = %path.display(), "sealed to the node key alone by an older version: sealing it to this platform too");
-            identity::write_private(path, &sealing.seal(Purpose::SecretAtRest, aad, &plain))?;
+            self.write(path, aad, &plain)?;
             return Ok(plain);
         }
         Err(anyhow::anyhow!(
             "{} does not open with this node's key{}: the node key was replaced{}. This data folder cannot serve here: \
              start the node on a new data folder to join the network again, or recover the service (cloister node recover)",
             path.display(),
-            if platform.is_some() { " and this platform's derived key" } else { "" },
-            if platform.is_some() {
+            if self.platform { " and this platform's derived key" } else { "" },
+            if self.platform {
                 ", or this guest is not the one that sealed it (another chip, or another launch measurement)"
             } else {
                 ""
             }
         ))
-    };
-    if path.exists() {
-        let plain = open(&path, SECRET_AT_REST_AAD)?;
-        let secret =
-            <[u8; 32]>::try_from(plain).map_err(|_| anyhow::anyhow!("{} holds no ledger secret", path.display()))?;
-        let leader = leader_path.exists().then(|| open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
-        return Ok((secret, leader));
     }
-    if config.node.data_dir.join("raft.redb").exists() {
-        anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
-    }
-    let (secret, leader) = match &config.network.join {
-        Some(url) => {
-            let timeout = Duration::from_millis(config.raft.join_timeout_ms);
-            let leader = attest::LeaderCheck::from_config(&config.attestation, service_cert, node)?;
-            let joined = attest::join(url, me, node, attester, &leader, timeout).await?;
-            let sealed = sealing.seal(Purpose::SecretAtRest, JOIN_LEADER_AT_REST_AAD, &joined.leader_cert);
-            identity::write_private(&leader_path, &sealed)?;
-            (joined.secret, Some(joined.leader_cert))
+}
+
+/// Learns each rekey sealed to this node (`gov.ledger_secrets`) and keeps every version in
+/// `ledger.secret`, sealed at rest.
+struct SecretKeeper {
+    id: String,
+    key_pem: String,
+    at_rest: AtRest,
+    path: std::path::PathBuf,
+}
+
+impl cloister_crypto::secrets::Keeper for SecretKeeper {
+    fn unwrap(&self, key: &[u8], value: &[u8]) -> Result<Option<Rekeyed>, String> {
+        let record: gov::LedgerSecretRecord =
+            serde_json::from_slice(value).map_err(|e| format!("a ledger secret record: {e}"))?;
+        if key != secrets::version_key(record.version) {
+            return Err(format!("the record of version {} is under another key", record.version));
         }
-        None => (Sealer::generate_secret(), None),
+        let Some(sealed) = record.nodes.get(&self.id) else { return Ok(None) };
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| e.to_string());
+        let plain = cloister_crypto::envelope::open_with(&self.key_pem, &rekey_aad(record.version), &b64(sealed)?)
+            .map_err(|e| e.to_string())?;
+        let secret = <[u8; 32]>::try_from(plain).map_err(|_| "the new secret is not 32 bytes".to_owned())?;
+        Ok(Some(Rekeyed { version: record.version, secret, previous_sealed: b64(&record.previous_sealed)? }))
+    }
+
+    fn persist(&self, all: &[(u64, [u8; 32])]) -> std::io::Result<()> {
+        self.at_rest.write(&self.path, SECRET_AT_REST_AAD, &secrets::encode(all))
+    }
+}
+
+/// What a new version's secret is sealed to a node's key under: the version, so a record of one
+/// version never passes for another.
+pub(crate) fn rekey_aad(version: u64) -> Vec<u8> {
+    let mut aad = b"cloister ledger secret for a Trusted node, version ".to_vec();
+    aad.extend_from_slice(&secrets::version_key(version));
+    aad
+}
+
+/// The ledger secrets: this node's sealed copy, or (for a new node) sealed to it by the leader of
+/// the network it joins once its attestation makes it Trusted, or (for a new service) generated.
+/// With them, the certificate of the leader a joining node attested, if it joined.
+async fn ledger_secrets(
+    config: &NodeConfig,
+    node: &identity::KeyedCert,
+    me: (consensus::NodeId, NodeAddr),
+    attester: &Attester,
+    service_cert: &str,
+) -> anyhow::Result<(LedgerSecrets, Option<Vec<u8>>)> {
+    let at_rest = AtRest::new(node, attester)?;
+    let path = config.node.data_dir.join(SECRET_FILE);
+    let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
+    let (all, leader) = if path.exists() {
+        let all = secrets::decode(&at_rest.open(&path, SECRET_AT_REST_AAD)?)
+            .map_err(|e| anyhow::anyhow!("{} holds no ledger secrets: {e}", path.display()))?;
+        let leader = leader_path.exists().then(|| at_rest.open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
+        (all, leader)
+    } else {
+        if config.node.data_dir.join("raft.redb").exists() {
+            anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
+        }
+        let (all, leader) = match &config.network.join {
+            Some(url) => {
+                let timeout = Duration::from_millis(config.raft.join_timeout_ms);
+                let leader = attest::LeaderCheck::from_config(&config.attestation, service_cert, node)?;
+                let joined = attest::join(url, me.clone(), node, attester, &leader, timeout).await?;
+                at_rest.write(&leader_path, JOIN_LEADER_AT_REST_AAD, &joined.leader_cert)?;
+                (joined.secrets, Some(joined.leader_cert))
+            }
+            None => (vec![(1, Sealer::generate_secret())], None),
+        };
+        at_rest.write(&path, SECRET_AT_REST_AAD, &secrets::encode(&all))?;
+        (all, leader)
     };
-    identity::write_private(&path, &sealing.seal(Purpose::SecretAtRest, SECRET_AT_REST_AAD, &secret))?;
-    Ok((secret, leader))
+    let keeper = SecretKeeper { id: me.0.to_string(), key_pem: node.key_pem.clone(), at_rest, path };
+    let secrets = LedgerSecrets::new(all).map_err(anyhow::Error::msg)?.with_keeper(Box::new(keeper));
+    Ok((secrets, leader))
+}
+
+/// The ledger secret versions a stopped node's data folder holds, opened as the node opens them
+/// (with its key and this platform's derived key): what an operator who holds both can read.
+pub fn read_ledger_secrets(config: &NodeConfig) -> anyhow::Result<Vec<(u64, [u8; 32])>> {
+    let node = identity::read_pair(&config.tls.node_cert, &config.tls.node_key)?;
+    let at_rest = AtRest::new(&node, &Attester::from_config(&config.attestation)?)?;
+    let path = config.node.data_dir.join(SECRET_FILE);
+    secrets::decode(&at_rest.open(&path, SECRET_AT_REST_AAD)?).map_err(anyhow::Error::msg)
 }
 
 /// How long a new service's first node may take to elect itself.
@@ -162,16 +237,22 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let (secret, join_leader) =
-            ledger_secret(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
-        let sealer = Arc::new(Sealer::new(&secret));
-        let store = Store::open_sealed(&data_dir.join("state.redb"), sealer.clone())?;
+        let (secrets, join_leader) =
+            ledger_secrets(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
+        let secrets = Arc::new(secrets);
+        let store = Store::open_sealed(&data_dir.join("state.redb"), secrets.oldest())?;
         let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
         let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
-        let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), store.clone(), ledger, peers).await?;
+        let storage = (store.clone(), ledger, secrets.clone());
+        let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), storage, peers).await?;
         let info = NodeInfo { name: me.name.clone(), rest_url: me.rest_url.clone(), grpc_url: me.grpc_url.clone() };
-        let joins =
-            Arc::new(attest::Joins::new(&config.attestation, secret, attester.clone(), &node_cert, join_leader)?);
+        let joins = Arc::new(attest::Joins::new(
+            &config.attestation,
+            secrets.clone(),
+            attester.clone(),
+            &node_cert,
+            join_leader,
+        )?);
         let parts = ServiceParts {
             runtime: runtime.clone(),
             store: store.clone(),
@@ -234,10 +315,11 @@ impl Node {
             match (&config.network.join, &config.network.recover) {
                 (None, None) => {
                     let node = (node_cert.cert_pem.as_str(), attester.as_ref());
-                    genesis(&config, &consensus, &runtime, &service_cert, node, (&secret, &sealer)).await?
+                    genesis(&config, &consensus, &runtime, &service_cert, node, &secrets).await?
                 }
                 (None, Some(folder)) => {
-                    recover(&config, folder, &consensus, &service_cert, &node_cert.cert_pem, &sealer, &attester).await?
+                    recover(&config, folder, &consensus, &service_cert, &node_cert.cert_pem, &secrets, &attester)
+                        .await?
                 }
                 (Some(url), _) => {
                     let (consensus, url) = (consensus.clone(), url.clone());
@@ -329,7 +411,7 @@ async fn genesis(
     runtime: &Runtime,
     service_cert: &str,
     (node_cert, attester): (&str, &Attester),
-    (secret, sealer): (&[u8; 32], &Sealer),
+    secrets: &LedgerSecrets,
 ) -> anyhow::Result<()> {
     let read_ids = |paths: &[std::path::PathBuf]| -> anyhow::Result<Vec<(String, String)>> {
         paths
@@ -397,12 +479,15 @@ async fn genesis(
     };
     let mut writes = genesis.write_set();
     let recovery_members = genesis.members.iter().filter_map(|(id, _, key)| Some((id.clone(), key.clone()?)));
-    if let Some(shares) =
-        crate::recovery::genesis_issue(secret, &genesis.identity.0, recovery_members, recovery_threshold)?
-    {
+    if let Some(shares) = crate::recovery::genesis_issue(
+        &secrets.current_secret().1,
+        &genesis.identity.0,
+        recovery_members,
+        recovery_threshold,
+    )? {
         writes.put(gov::RECOVERY, gov::RECOVERY_KEY, &serde_json::to_vec(&shares)?);
     }
-    let tx = first_transaction(consensus, writes, sealer).await?;
+    let tx = first_transaction(consensus, writes, &secrets.current().1).await?;
     tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");
     Ok(())
 }
@@ -430,7 +515,7 @@ async fn recover(
     consensus: &Consensus,
     service_cert: &str,
     node_cert: &str,
-    sealer: &Sealer,
+    secrets: &LedgerSecrets,
     attester: &Attester,
 ) -> anyhow::Result<()> {
     let previous = crate::recovery::read_previous(folder, &config.node.data_dir)?;
@@ -445,7 +530,7 @@ async fn recover(
         attestation: &attestation,
     };
     let genesis = crate::recovery::recovery_genesis(&previous, first, service_cert, &identity)?;
-    let tx = first_transaction(consensus, genesis, sealer).await?;
+    let tx = first_transaction(consensus, genesis, &secrets.current().1).await?;
     // The leader's upkeep writes the previous public state next (`attest::restore_recovered`), so
     // a node restarted part-way resumes it.
     tracing::info!(%tx, threshold = previous.shares.threshold, "recovering: started a new service from the previous ledger");

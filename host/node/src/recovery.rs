@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use cloister_crypto::{envelope, identity, recovery};
+use cloister_crypto::{envelope, identity, recovery, secrets};
 use cloister_store::Tx;
 use cloister_store::gov::{self, MemberStatus, RecoveryRecord, RecoveryShare};
 
@@ -20,13 +20,15 @@ struct Due {
     threshold: u32,
     /// Member id → encryption key (PEM).
     keys: BTreeMap<String, String>,
+    /// The version of the ledger secret the shares wrap: the newest.
+    ledger_secret_version: u64,
 }
 
 fn key_sha256(pem: &str) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, pem.as_bytes()))
 }
 
-fn due(tx: &Tx) -> Result<Option<Due>, ApiError> {
+fn due(tx: &Tx, ledger_secret_version: u64) -> Result<Option<Due>, ApiError> {
     let Some(service) = gov::service(tx)? else { return Ok(None) };
     // A service from before identities gets one first (`maintain_endorsements`).
     let Some(identity_cert) = service.identity else { return Ok(None) };
@@ -37,7 +39,7 @@ fn due(tx: &Tx) -> Result<Option<Due>, ApiError> {
         .filter(|(_, m)| m.status == MemberStatus::Active)
         .filter_map(|(id, m)| m.encryption_key.map(|k| (id, k)))
         .collect();
-    Ok(Some(Due { service: service_id, threshold: service.recovery_threshold, keys }))
+    Ok(Some(Due { service: service_id, threshold: service.recovery_threshold, keys, ledger_secret_version }))
 }
 
 /// Whether the recorded shares (if any) cover exactly what is due.
@@ -47,6 +49,7 @@ fn covers(record: Option<&RecoveryRecord>, due: &Due) -> bool {
         Some(r) => {
             r.service == due.service
                 && r.threshold == due.threshold
+                && r.ledger_secret_version == due.ledger_secret_version
                 && r.shares.len() == due.keys.len()
                 && due.keys.iter().all(|(id, key)| {
                     r.shares.get(id).is_some_and(|share| share.encryption_key_sha256 == key_sha256(key))
@@ -55,16 +58,18 @@ fn covers(record: Option<&RecoveryRecord>, due: &Due) -> bool {
     }
 }
 
-/// Whether `gov.recovery` lags the recovery members, as of `tx`.
-pub(crate) fn lags(tx: &Tx) -> Result<bool, ApiError> {
-    let Some(due) = due(tx)? else { return Ok(false) };
+/// Whether `gov.recovery` lags the recovery members or the newest ledger secret (version
+/// `ledger_secret_version`), as of `tx`.
+pub(crate) fn lags(tx: &Tx, ledger_secret_version: u64) -> Result<bool, ApiError> {
+    let Some(due) = due(tx, ledger_secret_version)? else { return Ok(false) };
     Ok(!covers(gov::get::<RecoveryRecord>(tx, gov::RECOVERY, gov::RECOVERY_KEY)?.as_ref(), &due))
 }
 
-/// Issues new shares of `secret` into `tx` if the recorded ones lag, or removes them when no
-/// recovery member is left. Returns the new issue's version, if it wrote one.
-pub(crate) fn maintain(tx: &mut Tx, secret: &[u8; 32]) -> Result<Option<u64>, ApiError> {
-    let Some(due) = due(tx)? else { return Ok(None) };
+/// Issues new shares of `secret` (the newest ledger secret, `version`) into `tx` if the recorded
+/// ones lag, or removes them when no recovery member is left. Returns the new issue's version,
+/// if it wrote one.
+pub(crate) fn maintain(tx: &mut Tx, (version, secret): (u64, &[u8; 32])) -> Result<Option<u64>, ApiError> {
+    let Some(due) = due(tx, version)? else { return Ok(None) };
     let current: Option<RecoveryRecord> = gov::get(tx, gov::RECOVERY, gov::RECOVERY_KEY)?;
     if covers(current.as_ref(), &due) {
         return Ok(None);
@@ -93,7 +98,7 @@ pub(crate) fn genesis_issue(
         return Ok(None);
     }
     let service = identity::id_of_pem(identity_cert.as_bytes())?;
-    issue(secret, Due { service, threshold, keys }, 1).map(Some).map_err(anyhow::Error::msg)
+    issue(secret, Due { service, threshold, keys, ledger_secret_version: 1 }, 1).map(Some).map_err(anyhow::Error::msg)
 }
 
 fn issue(secret: &[u8; 32], due: Due, version: u64) -> Result<RecoveryRecord, String> {
@@ -121,6 +126,7 @@ fn issue(secret: &[u8; 32], due: Due, version: u64) -> Result<RecoveryRecord, St
         threshold: due.threshold,
         service: due.service,
         wrapped_secret: b64(&issued.wrapped_secret),
+        ledger_secret_version: due.ledger_secret_version,
         shares,
     })
 }
@@ -267,7 +273,7 @@ pub const PREVIOUS_LEDGER_DIR: &str = "previous-ledger";
 /// their endorsements and the service record are its own, the previous issue of shares moves to
 /// [`gov::RECOVERY_PREVIOUS_KEY`], and the attestation root is the new genesis's.
 const NOT_RESTORED_PUBLIC: &[&str] =
-    &[gov::NODES, gov::ENDORSEMENTS, gov::SERVICE, gov::RECOVERY, gov::ATTESTATION_ROOT];
+    &[gov::NODES, gov::ENDORSEMENTS, gov::SERVICE, gov::RECOVERY, gov::ATTESTATION_ROOT, gov::LEDGER_SECRETS];
 /// Private maps that are the service's own, never the previous one's: its identity's key, and the
 /// shares submitted to it.
 const NOT_RESTORED_PRIVATE: &[&str] = &[gov::SERVICE_IDENTITY_MAP, SUBMITTED_SHARES];
@@ -438,6 +444,7 @@ pub(crate) fn recovery_genesis(
         recovery_threshold: previous.service.recovery_threshold,
         identity: None,
         previous_identities,
+        rekeys_requested: 0,
     };
     gov::put_service_identity(&mut ws, &mut service, &identity.cert_pem, &identity.key_pem);
     ws.put(gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY, &serde_json::to_vec(&previous.shares)?);
@@ -474,14 +481,37 @@ fn private_state(tx: &Tx, data_dir: &std::path::Path) -> anyhow::Result<Option<V
     let Some(secret) = tx.get(PREVIOUS_SECRETS, previous.service.as_bytes())? else { return Ok(None) };
     let secret =
         <[u8; 32]>::try_from(secret).map_err(|_| anyhow::anyhow!("a previous ledger secret is not 32 bytes"))?;
-    let sealer = cloister_crypto::seal::Sealer::new(&secret);
     let dir = data_dir.join(PREVIOUS_LEDGER_DIR);
     let report = cloister_ledger::verify::verify_dir(&dir, None, None)
         .map_err(|e| anyhow::anyhow!("the previous ledger copy {} does not verify: {e}", dir.display()))?;
-    let entries = signed_entries(&dir, report.last_signed.unwrap_or(0))?;
+    let entries: Vec<_> = transactions(signed_entries(&dir, report.last_signed.unwrap_or(0))?).collect();
+    // The shares wrap the newest secret; each rekey's record seals the one before under it.
+    let mut chain = BTreeMap::new();
+    for tx in &entries {
+        for (map, key, value) in tx.public.iter() {
+            if map == gov::LEDGER_SECRETS
+                && let Some(value) = value
+            {
+                let record: gov::LedgerSecretRecord = serde_json::from_slice(value)?;
+                chain
+                    .insert(record.version, base64::engine::general_purpose::STANDARD.decode(&record.previous_sealed)?);
+                anyhow::ensure!(
+                    key == secrets::version_key(record.version),
+                    "a ledger secret record under another key"
+                );
+            }
+        }
+    }
+    let all = secrets::walk_back((previous.ledger_secret_version, secret), &chain).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        all.first().is_some_and(|(v, _)| *v == 1),
+        "the previous ledger's secrets do not chain back to version 1 from version {}",
+        previous.ledger_secret_version
+    );
+    let secrets = secrets::LedgerSecrets::new(all).map_err(anyhow::Error::msg)?;
     let mut writes = Vec::new();
-    for tx in transactions(entries) {
-        let all = tx.writes(&sealer).map_err(|e| anyhow::anyhow!("a previous private entry does not open: {e}"))?;
+    for tx in entries {
+        let all = tx.writes(&secrets).map_err(|e| anyhow::anyhow!("a previous private entry does not open: {e}"))?;
         writes.push(all);
     }
     let state = fold(writes.into_iter(), |map| !cloister_store::is_public(map) && !NOT_RESTORED_PRIVATE.contains(&map));

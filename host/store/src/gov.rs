@@ -198,6 +198,7 @@ impl Genesis {
             recovery_threshold: self.recovery_threshold,
             identity: None,
             previous_identities: Vec::new(),
+            rekeys_requested: 0,
         };
         put_service_identity(&mut ws, &mut service, &self.identity.0, &self.identity.1);
         ws

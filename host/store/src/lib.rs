@@ -424,6 +424,15 @@ impl Export {
         Ok(())
     }
 
+    /// The last key of a public `map`, if it has any entry.
+    pub fn last_key_of(&self, map: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let table = self.read.open_table(KV).map_err(|e| self.store.err(e))?;
+        let (start, mut end) = (full_key(map, b""), full_key(map, b""));
+        *end.last_mut().expect("a separator") += 1;
+        let last = table.range(start.as_slice()..end.as_slice()).map_err(|e| self.store.err(e))?.next_back();
+        Ok(last.transpose().map_err(|e| self.store.err(e))?.map(|(k, _)| split_key(k.value()).1.to_vec()))
+    }
+
     /// The read transaction, for modules that keep their own tables in this database.
     pub fn txn(&self) -> &redb::ReadTransaction {
         &self.read

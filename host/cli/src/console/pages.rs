@@ -34,7 +34,7 @@ const TABLE_SCAN_PAGE: usize = 1_000;
 const STATUSES: [(&str, &str); 3] =
     [("IN_CONSENSUS", "#2e7d32"), ("LACK_OF_CONSENSUS", "#c62828"), ("NOT_ENOUGH_DATA", "#9e9e9e")];
 /// Actions the proposal form offers, with an example of their arguments.
-const COMMON_ACTIONS: [(&str, &str); 10] = [
+const COMMON_ACTIONS: [(&str, &str); 11] = [
     ("set_user", r#"{"cert": "-----BEGIN CERTIFICATE-----\n…\n-----END CERTIFICATE-----\n"}"#),
     ("remove_user", r#"{"id": "<user id>"}"#),
     ("set_member", r#"{"cert": "-----BEGIN CERTIFICATE-----\n…", "data": {}}"#),
@@ -44,6 +44,7 @@ const COMMON_ACTIONS: [(&str, &str); 10] = [
     ("transition_node_to_trusted", r#"{"node_id": "<node id>"}"#),
     ("remove_node", r#"{"node_id": "<node id>"}"#),
     ("set_recovery_threshold", r#"{"threshold": 2}"#),
+    ("trigger_ledger_rekey", "{}"),
     ("add_snp_measurement", r#"{"measurement": "<96 hex digits>"}"#),
 ];
 

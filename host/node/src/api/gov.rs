@@ -21,6 +21,7 @@ pub enum GovRead {
     App,
     Recovery,
     RecoveryPrevious,
+    LedgerSecrets,
 }
 
 impl GovRead {
@@ -37,6 +38,7 @@ impl GovRead {
             ["gov", "app"] => GovRead::App,
             ["gov", "recovery"] => GovRead::Recovery,
             ["gov", "recovery", "previous"] => GovRead::RecoveryPrevious,
+            ["gov", "ledger_secrets"] => GovRead::LedgerSecrets,
             _ => return None,
         })
     }
@@ -108,6 +110,16 @@ fn read_tables(tx: &Tx, what: GovRead) -> Result<Value, ApiError> {
                 ));
             }
             serde_json::to_value(record).expect("records serialize")
+        }
+        GovRead::LedgerSecrets => {
+            // The versions and who each was sealed to; the sealed secrets stay out of the answer.
+            let rekeys: Vec<Value> = gov::all::<gov::LedgerSecretRecord>(tx, gov::LEDGER_SECRETS)?
+                .into_iter()
+                .map(|(_, r)| json!({ "version": r.version, "answers": r.answers, "nodes": r.nodes.keys().collect::<Vec<_>>() }))
+                .collect();
+            let version = rekeys.last().map_or(1, |r| r["version"].as_u64().unwrap_or(1));
+            let requested = gov::service(tx)?.map_or(0, |s| s.rekeys_requested);
+            json!({ "version": version, "rekeys_requested": requested, "rekeys": rekeys })
         }
         GovRead::App => unreachable!("answered by read()"),
     })

@@ -48,6 +48,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/gov/constitution", get(gov_read))
         .route("/gov/app", get(gov_read))
         .route("/gov/recovery", get(gov_read))
+        .route("/gov/ledger_secrets", get(gov_read))
         .route("/gov/recovery/previous", get(gov_read))
         .route("/gov/recovery/share", axum::routing::post(gov_write))
         .fallback(|uri: Uri| async move { ApiError::not_found(format!("no endpoint {}", uri.path())) })

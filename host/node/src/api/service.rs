@@ -183,7 +183,9 @@ pub struct ServiceParts {
 impl Service {
     pub fn new(parts: ServiceParts, limits: Limits, gov: GovSection, info: NodeInfo) -> anyhow::Result<Service> {
         let ServiceParts { runtime, store, consensus, joins, metrics } = parts;
-        let writer = Writer::start(runtime.clone(), store.clone(), consensus.clone(), &limits, metrics.clone())?;
+        let secrets = joins.ledger_secrets().clone();
+        let writer =
+            Writer::start(runtime.clone(), store.clone(), consensus.clone(), secrets, &limits, metrics.clone())?;
         let service = Service {
             reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
             gov_checks: GovChecks::new(&limits),
@@ -321,17 +323,78 @@ impl Service {
     /// threshold or the service identity changed since the last issue (`crate::recovery`).
     /// Returns the new issue's version, if it wrote one.
     pub(crate) async fn maintain_recovery_shares(&self) -> Result<Option<u64>, SubmitError> {
-        if !crate::recovery::lags(&self.store.begin().map_err(ApiError::from)?)? {
+        let (version, secret) = self.joins.ledger_secrets().current_secret();
+        if !crate::recovery::lags(&self.store.begin().map_err(ApiError::from)?, version)? {
             return Ok(None);
         }
-        let secret = *self.joins.ledger_secret();
         let work: Work<Option<u64>> = Box::new(move |_, mut tx| {
-            let result = crate::recovery::maintain(&mut tx, &secret).map(|version| Executed {
+            let result = crate::recovery::maintain(&mut tx, (version, &secret)).map(|version| Executed {
                 commit: version.is_some() || tx.writes().iter().next().is_some(),
                 value: version,
                 kind: TxKind::Gov,
                 claims_digest: None,
             });
+            (tx, result)
+        });
+        Ok(self.writer.submit(work).await?.value)
+    }
+
+    /// On the leader: rotates the ledger secret while the constitution's rekey requests
+    /// (`gov.service.rekeys_requested`) lag the last rekey. The new version is sealed to each
+    /// Trusted node's key and the previous one under it, in `gov.ledger_secrets`, with shares of
+    /// the new secret in the same entry; every node learns it as it applies that entry, and
+    /// entries proposed after the leader applied it are sealed under it. Returns the new version,
+    /// if it wrote one.
+    pub(crate) async fn rotate_ledger_secret(&self) -> Result<Option<u64>, SubmitError> {
+        let lags = |tx: &Tx| -> Result<Option<(u64, u64)>, ApiError> {
+            let requested = gov::service(tx)?.map_or(0, |s| s.rekeys_requested);
+            let last = gov::all::<gov::LedgerSecretRecord>(tx, gov::LEDGER_SECRETS)?.pop().map(|(_, r)| r);
+            let (version, answered) = last.map_or((1, 0), |r| (r.version, r.answers));
+            Ok((requested > answered).then_some((version, requested)))
+        };
+        if lags(&self.store.begin().map_err(ApiError::from)?)?.is_none() {
+            return Ok(None);
+        }
+        let secrets = self.joins.ledger_secrets().clone();
+        let work: Work<Option<u64>> = Box::new(move |_, mut tx| {
+            let result = (|| {
+                let nothing = Executed { value: None, commit: false, kind: TxKind::Gov, claims_digest: None };
+                let Some((recorded, requested)) = lags(&tx)? else { return Ok(nothing) };
+                let (version, previous) = secrets.current_secret();
+                if version != recorded {
+                    // The last rekey is proposed but not yet applied here: the next tick sees it.
+                    return Ok(nothing);
+                }
+                let next = version + 1;
+                let secret = cloister_crypto::seal::Sealer::generate_secret();
+                let b64 = |bytes: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
+                let mut nodes = std::collections::BTreeMap::new();
+                for (id, node) in gov::all::<gov::NodeRecord>(&tx, gov::NODES)? {
+                    if node.status != gov::NodeStatus::Trusted {
+                        continue;
+                    }
+                    let sealed = identity::cert_der(node.cert.as_bytes())
+                        .and_then(|der| attest::spki_of(&der))
+                        .and_then(|spki| {
+                            cloister_crypto::envelope::seal_to(&spki, &crate::node::rekey_aad(next), &secret)
+                                .map_err(anyhow::Error::msg)
+                        })
+                        .map_err(|e| {
+                            ApiError::internal(format!("sealing the new ledger secret to node {id}: {e:#}"))
+                        })?;
+                    nodes.insert(id, b64(&sealed));
+                }
+                let record = gov::LedgerSecretRecord {
+                    version: next,
+                    answers: requested,
+                    previous_sealed: b64(&cloister_crypto::secrets::seal_previous(next, &secret, &previous)),
+                    nodes,
+                };
+                let key = cloister_crypto::secrets::version_key(next);
+                tx.put(gov::LEDGER_SECRETS, &key, &serde_json::to_vec(&record).expect("a record serializes"));
+                crate::recovery::maintain(&mut tx, (next, &secret))?;
+                Ok(Executed { value: Some(next), commit: true, kind: TxKind::Gov, claims_digest: None })
+            })();
             (tx, result)
         });
         Ok(self.writer.submit(work).await?.value)

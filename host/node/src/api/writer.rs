@@ -21,6 +21,7 @@ use super::service::AppReply;
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use cloister_consensus::{Consensus, ENTRY_BYTES_MAX, ProposeError};
+use cloister_crypto::secrets::LedgerSecrets;
 use cloister_ledger::entry::{TxEntry, TxKind};
 use cloister_ledger::txid::TxId;
 use cloister_runtime::{Invocation, LoadedModule, Runtime};
@@ -179,6 +180,7 @@ impl Writer {
         runtime: Arc<Runtime>,
         store: Store,
         consensus: Consensus,
+        secrets: Arc<LedgerSecrets>,
         limits: &Limits,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Writer> {
@@ -189,6 +191,7 @@ impl Writer {
             runtime,
             store,
             consensus,
+            secrets,
             tokio: tokio.clone(),
             group_max: limits.group_commit_max,
             pending: Vec::new(),
@@ -265,6 +268,8 @@ struct WriterLoop {
     runtime: Arc<Runtime>,
     store: Store,
     consensus: Consensus,
+    /// Private writes are sealed under the newest ledger secret.
+    secrets: Arc<LedgerSecrets>,
     tokio: tokio::runtime::Handle,
     group_max: usize,
     pending: Vec<Pending>,
@@ -362,8 +367,7 @@ impl WriterLoop {
             return answer(Ok(None));
         }
         let writes = Arc::new(writes);
-        let sealer = self.store.sealer().expect("nodes seal private writes");
-        let entry = TxEntry::new(kind, WriteSet::clone(&writes), claims_digest, sealer);
+        let entry = TxEntry::new(kind, WriteSet::clone(&writes), claims_digest, &self.secrets.current().1);
         let bytes = cloister_consensus::entry_bytes(&entry);
         if bytes > ENTRY_BYTES_MAX {
             return answer(Err(ApiError::too_large(format!(
