@@ -346,6 +346,8 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
         ("back_to_recovering", "may go from Opening to Open"),
         ("forge_previous_identity", "previous_identities are the node's"),
         ("replace_recovery_shares", "written by the node alone"),
+        ("drop_recovery_shares", "cannot remove"),
+        ("forge_ledger_secret", "written by the node alone, when it rekeys"),
     ] {
         let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": action }]))).await.unwrap();
         assert_eq!(answer["state"], "Failed", "{action}: {answer}");
@@ -354,6 +356,18 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
     assert_eq!(c.get("/gov/service").await.unwrap().json().unwrap(), service_before);
     assert_eq!(c.get("/gov/endorsements").await.unwrap().json().unwrap(), endorsements_before);
     assert_eq!(c.get("/gov/recovery").await.unwrap().json().unwrap(), recovery_before);
+    assert_eq!(c.get("/gov/ledger_secrets").await.unwrap().json().unwrap()["version"], 1);
+    // A constitution may ask for a rekey, which the leader answers, but not take one back.
+    let ask = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "ask_rekey" }]))).await.unwrap();
+    assert_eq!(ask["state"], "Accepted", "{ask}");
+    let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "take_back_rekey" }]))).await.unwrap();
+    assert_eq!(answer["state"], "Failed", "{answer}");
+    assert!(answer["reason"].as_str().unwrap().contains("rekeys_requested only grows"), "{answer}");
+    let start = std::time::Instant::now();
+    while c.get("/gov/ledger_secrets").await.unwrap().json().unwrap()["version"] != 2 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "the leader did not rekey");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     // The node still serves apps and governance.
     assert_eq!(c.get("/app/report").await.unwrap().status, 200);
     assert_eq!(

@@ -107,7 +107,8 @@ fn claim(req: &Request) -> Result<Response, Error> {
 /// As a constitution: every proposal validates and is accepted at once; `apply` writes to
 /// `gov.app_config` and then misbehaves as the first action's name says (`loop`, `grow`, `panic`,
 /// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`, `back_to_recovering`,
-/// `forge_previous_identity`, `replace_recovery_shares`), or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
+/// `forge_previous_identity`, `replace_recovery_shares`, `drop_recovery_shares`,
+/// `forge_ledger_secret`, `ask_rekey`, `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
     let proposal = body.get("proposal").unwrap_or(&body);
@@ -163,6 +164,26 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
             let record = serde_json::json!({ "version": 9, "threshold": 1, "service": "00",
                 "wrapped_secret": "", "shares": {} });
             Map::<String, serde_json::Value>::new("gov.recovery").insert(&"shares".to_owned(), &record);
+            Ok(Response::status(204))
+        }
+        "drop_recovery_shares" => {
+            let _ = Map::<String, serde_json::Value>::new("gov.recovery").remove(&"shares".to_owned());
+            Ok(Response::status(204))
+        }
+        "forge_ledger_secret" => {
+            // A version 2 whose secret the constitution chose, "sealed" to nobody.
+            let record = serde_json::json!({ "version": 2, "answers": 0, "previous_sealed": "", "nodes": {} });
+            Map::<String, serde_json::Value>::new("gov.ledger_secrets")
+                .insert(&"00000000000000000002".to_owned(), &record);
+            Ok(Response::status(204))
+        }
+        "ask_rekey" | "take_back_rekey" => {
+            let service = Map::<String, serde_json::Value>::new("gov.service");
+            let mut record = service.get(&"service".to_owned()).ok_or_else(|| Error::bad_request("no gov.service"))?;
+            let asked = record["rekeys_requested"].as_u64().unwrap_or(0);
+            let name = first_action(req)?;
+            record["rekeys_requested"] = (if name == "ask_rekey" { asked + 1 } else { 0 }).into();
+            service.insert(&"service".to_owned(), &record);
             Ok(Response::status(204))
         }
         "endorse_a_stranger" => {
