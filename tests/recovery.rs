@@ -446,6 +446,14 @@ async fn a_retired_nodes_secret_opens_nothing_written_after_it_left() {
     for tx in before.iter().chain(&after) {
         tx.writes(&kept).expect("a Trusted node opens every entry");
     }
+    // Nor does its secret open another node's state database: each node seals its own under a key
+    // of its own (`state.key`), which never leaves it.
+    let copy = c.dir.path().join("node1-state-copy.redb");
+    std::fs::copy(c.nodes[1].config.node.data_dir.join("state.redb"), &copy).unwrap();
+    let v1 = std::sync::Arc::new(Sealer::new(&retired.all()[0].1));
+    let refused =
+        cloister_store::Store::open_sealed(&copy, v1).err().expect("the retired node's secret opens node1's state");
+    assert!(refused.to_string().contains("does not open"), "{refused}");
     // And the entries after the rekey are under version 2 alone.
     let v2 = kept.get(2).unwrap();
     for tx in &after {

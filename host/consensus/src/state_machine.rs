@@ -397,8 +397,9 @@ impl StateMachine {
             write_record(&mut out, &history)?;
             write_record(&mut out, &encode(&start))?;
             export
-                .for_each(|k, v| {
-                    // Private entries are sealed whole, key included; public ones stay in clear.
+                .for_each_opened(|k, v| {
+                    // Private entries are sealed whole, key included, under the ledger secret (the
+                    // state database's own key never leaves the node); public ones stay in clear.
                     let record = match &sealer {
                         Some(s) if !kv::is_public(kv::map_of(k)) => {
                             let sealed = s.seal(Purpose::SnapshotEntry, b"", &encode(&(k, v)));
@@ -446,9 +447,11 @@ impl StateMachine {
         let store = &self.inner.store;
         let mut txn = store.write_batch().map_err(io_other)?;
         txn.clear().map_err(io_other)?;
+        // Private entries are written as any write is, sealed under this node's state key.
+        let mut private = kv::WriteSet::default();
         while let Some(record) = read_record(&mut input)? {
-            let (k, v) = match decode::<SnapshotRecord>(&record, "a snapshot entry")? {
-                SnapshotRecord::Public(k, v) => (k, v),
+            match decode::<SnapshotRecord>(&record, "a snapshot entry")? {
+                SnapshotRecord::Public(k, v) => txn.insert_stored(&k, &v).map_err(io_other)?,
                 SnapshotRecord::Private(sealed) => {
                     let sealer = sealer
                         .as_ref()
@@ -456,11 +459,20 @@ impl StateMachine {
                     let plain = sealer
                         .open(Purpose::SnapshotEntry, b"", &sealed)
                         .map_err(|_| invalid("a sealed entry does not open"))?;
-                    decode::<(Vec<u8>, Vec<u8>)>(&plain, "a private snapshot entry")?
+                    let (full, value) = decode::<(Vec<u8>, Vec<u8>)>(&plain, "a private snapshot entry")?;
+                    let (map, key) =
+                        kv::split_key_checked(&full).ok_or_else(|| invalid("a private entry has no map name"))?;
+                    if kv::is_public(map) {
+                        return Err(invalid("a sealed entry names a public map"));
+                    }
+                    private.put(map, key, &value);
+                    if private.len() >= APPLY_BATCH_MAX {
+                        txn.apply(&std::mem::take(&mut private)).map_err(io_other)?;
+                    }
                 }
-            };
-            txn.insert_stored(&k, &v).map_err(io_other)?;
+            }
         }
+        txn.apply(&private).map_err(io_other)?;
         // Nothing is committed, and so nothing installed, unless the whole file verifies.
         check_end(input, path)?;
         index::reset(txn.txn(), &start).map_err(io_other)?;
@@ -902,7 +914,9 @@ mod tests {
     fn node_with(secret: [u8; 32], entries: &[(&str, &str, &str)]) -> (tempfile::TempDir, StateMachine) {
         let dir = tempfile::tempdir().unwrap();
         let secrets = Arc::new(LedgerSecrets::first(secret));
-        let store = Store::open_sealed(&dir.path().join("state.redb"), secrets.oldest()).unwrap();
+        // Each node's own state key: snapshots never depend on it.
+        let state_key = Arc::new(cloister_crypto::seal::Sealer::new(&cloister_crypto::seal::Sealer::generate_secret()));
+        let store = Store::open_sealed(&dir.path().join("state.redb"), state_key).unwrap();
         let mut tx = store.begin().unwrap();
         for (map, k, v) in entries {
             tx.put(map, k.as_bytes(), v.as_bytes());

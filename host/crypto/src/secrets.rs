@@ -109,13 +109,6 @@ impl LedgerSecrets {
         (*v, held.secret)
     }
 
-    /// The oldest version's sealer. The state database's private values are sealed at rest under
-    /// it: every node of a service holds it, so snapshots (which carry entries as stored) install
-    /// on any of them.
-    pub fn oldest(&self) -> Arc<Sealer> {
-        self.read().first_key_value().expect("never empty").1.sealer.clone()
-    }
-
     /// The sealer of `version`, if this node holds it.
     pub fn get(&self, version: u64) -> Option<Arc<Sealer>> {
         self.read().get(&version).map(|h| h.sealer.clone())
@@ -291,7 +284,6 @@ mod tests {
         assert_eq!(secrets.open(Purpose::LedgerPrivate, b"tx2", &new).unwrap(), b"after");
         let retired = LedgerSecrets::first(v1);
         assert_eq!(retired.open(Purpose::LedgerPrivate, b"tx2", &new), Err(SealError), "the old secret alone");
-        assert!(Arc::ptr_eq(&secrets.oldest(), &secrets.get(1).unwrap()));
     }
 
     #[test]

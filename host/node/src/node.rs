@@ -34,6 +34,11 @@ const SECRET_AT_REST_AAD: &[u8] = b"cloister ledger secret";
 /// Raft messages from that leader alone.
 const JOIN_LEADER_FILE: &str = "join-leader.sealed";
 const JOIN_LEADER_AT_REST_AAD: &[u8] = b"cloister join leader";
+/// The key the state database seals private values under: this node's own, random, sealed at rest
+/// like the secret. It never leaves the node (snapshots carry entries sealed under the ledger
+/// secret instead), so no other node's secret, a retired one's included, opens this database.
+const STATE_KEY_FILE: &str = "state.key";
+const STATE_KEY_AT_REST_AAD: &[u8] = b"cloister state database key";
 
 /// The key that seals a node's files at rest: from the node key and, where the platform derives
 /// one, the platform's key for this guest.
@@ -129,14 +134,15 @@ pub(crate) fn rekey_aad(version: u64) -> Vec<u8> {
 
 /// The ledger secrets: this node's sealed copy, or (for a new node) sealed to it by the leader of
 /// the network it joins once its attestation makes it Trusted, or (for a new service) generated.
-/// With them, the certificate of the leader a joining node attested, if it joined.
+/// With them, the certificate of the leader a joining node attested, if it joined, and the
+/// state database's key.
 async fn ledger_secrets(
     config: &NodeConfig,
     node: &identity::KeyedCert,
     me: (consensus::NodeId, NodeAddr),
     attester: &Attester,
     service_cert: &str,
-) -> anyhow::Result<(LedgerSecrets, Option<Vec<u8>>)> {
+) -> anyhow::Result<(LedgerSecrets, Option<Vec<u8>>, Sealer)> {
     let at_rest = AtRest::new(node, attester)?;
     let path = config.node.data_dir.join(SECRET_FILE);
     let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
@@ -162,9 +168,24 @@ async fn ledger_secrets(
         at_rest.write(&path, SECRET_AT_REST_AAD, &secrets::encode(&all))?;
         (all, leader)
     };
+    let state_key_path = config.node.data_dir.join(STATE_KEY_FILE);
+    let state_key = if state_key_path.exists() {
+        at_rest.open(&state_key_path, STATE_KEY_AT_REST_AAD)?
+    } else {
+        // A state database an older version wrote is sealed under the first ledger secret: it
+        // keeps that key. A new one gets a key of its own.
+        let key = match config.node.data_dir.join("state.redb").exists() {
+            true => all[0].1,
+            false => Sealer::generate_secret(),
+        };
+        at_rest.write(&state_key_path, STATE_KEY_AT_REST_AAD, &key)?;
+        key.to_vec()
+    };
+    let state_key = <[u8; 32]>::try_from(state_key)
+        .map_err(|_| anyhow::anyhow!("{} holds no state key", state_key_path.display()))?;
     let keeper = SecretKeeper { id: me.0.to_string(), key_pem: node.key_pem.clone(), at_rest, path };
     let secrets = LedgerSecrets::new(all).map_err(anyhow::Error::msg)?.with_keeper(Box::new(keeper));
-    Ok((secrets, leader))
+    Ok((secrets, leader, Sealer::new(&state_key)))
 }
 
 /// The ledger secret versions a stopped node's data folder holds, opened as the node opens them
@@ -237,10 +258,10 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let (secrets, join_leader) =
+        let (secrets, join_leader, state_key) =
             ledger_secrets(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
         let secrets = Arc::new(secrets);
-        let store = Store::open_sealed(&data_dir.join("state.redb"), secrets.oldest())?;
+        let store = Store::open_sealed(&data_dir.join("state.redb"), Arc::new(state_key))?;
         let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
         let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
         let storage = (store.clone(), ledger, secrets.clone());

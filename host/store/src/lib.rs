@@ -424,6 +424,20 @@ impl Export {
         Ok(())
     }
 
+    /// Like [`Export::for_each`], but with each hidden private entry opened: its table key in
+    /// clear (`map ‖ 0x00 ‖ key`) and its value. What leaves the store this way is plain: the
+    /// caller seals it for wherever it goes (a snapshot seals it under the ledger secret, and the
+    /// receiving store under its own key).
+    pub fn for_each_opened(&self, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), KvError>) -> Result<(), KvError> {
+        self.for_each(|k, v| match self.store.hides(k) {
+            Some(_) => {
+                let (full, value) = self.store.opened_entry(k, v)?;
+                f(&full, &value)
+            }
+            None => f(k, v),
+        })
+    }
+
     /// The last key of a public `map`, if it has any entry.
     pub fn last_key_of(&self, map: &str) -> Result<Option<Vec<u8>>, KvError> {
         let table = self.read.open_table(KV).map_err(|e| self.store.err(e))?;
