@@ -207,10 +207,39 @@ pub const ENDORSEMENTS: &str = "gov.endorsements";
 pub struct EndorsementRecord {
     /// Lower-case hex SHA-256 of the node's certificate (DER).
     pub cert_sha256: String,
+    /// The service identity's ECDSA P-384 signature (r ‖ s, hex) over
+    /// [`EndorsementRecord::message`]: anyone holding the identity's certificate checks offline
+    /// that the service endorsed this node, so a ledger cannot name signers of its own making.
+    /// Absent in records written before, or before the service had an identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
     /// Set when the node is Retired: the leader's applied seqno when it saw the retirement, at or
     /// after the retirement itself. Signatures over entries from here on are not the service's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<u64>,
+}
+
+/// The context an identity's signature of a node endorsement is made under.
+pub const NODE_ENDORSEMENT_CONTEXT: &[u8] = b"cloister node endorsement v1\0";
+
+impl EndorsementRecord {
+    /// What the service identity signs for node `node_id`: the context, the node id and the
+    /// certificate digest (each length-prefixed), and the bound if there is one.
+    pub fn message(&self, node_id: &str) -> Vec<u8> {
+        let mut m = NODE_ENDORSEMENT_CONTEXT.to_vec();
+        for part in [node_id.as_bytes(), self.cert_sha256.as_bytes()] {
+            m.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            m.extend_from_slice(part);
+        }
+        match self.until {
+            Some(until) => {
+                m.push(1);
+                m.extend_from_slice(&until.to_be_bytes());
+            }
+            None => m.push(0),
+        }
+        m
+    }
 }
 
 /// The recovery shares: the ledger secret wrapped under a key split by Shamir secret sharing,

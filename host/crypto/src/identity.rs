@@ -121,6 +121,29 @@ pub fn signing_key(key_pem: &str, what: &str) -> anyhow::Result<ring::signature:
 }
 
 /// A self-signed identity for a member, user or operator: `cloister keygen`.
+/// An ECDSA P-384 signature (r ‖ s, hex) by the key `key_pem` over `message`.
+pub fn sign_hex(key_pem: &str, what: &str, message: &[u8]) -> anyhow::Result<String> {
+    let key = signing_key(key_pem, what)?;
+    let signature = key
+        .sign(&ring::rand::SystemRandom::new(), message)
+        .map_err(|_| anyhow::anyhow!("signing with {what} failed"))?;
+    Ok(hex::encode(signature.as_ref()))
+}
+
+/// Checks a signature [`sign_hex`] made against the public key of a certificate (DER).
+pub fn verify_hex(cert_der: &[u8], message: &[u8], signature_hex: &str) -> Result<(), String> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let signature = hex::decode(signature_hex).map_err(|_| "the signature is not hex".to_owned())?;
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P384_SHA384_FIXED,
+        cert.public_key().subject_public_key.data.as_ref(),
+    )
+    .verify(message, &signature)
+    .map_err(|_| "the signature does not verify".to_owned())
+}
+
 pub fn generate_identity(name: &str) -> anyhow::Result<KeyedCert> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)?;
     let mut p = params(name, Vec::new())?;

@@ -372,6 +372,7 @@ mod tests {
             let record = cloister_store::gov::EndorsementRecord {
                 cert_sha256: hex::encode(crate::entry::cert_sha256(&node.cert_der)),
                 until,
+                signature: None,
             };
             e.note(node.node_id.to_string().as_bytes(), &serde_json::to_vec(&record).unwrap()).unwrap();
             e

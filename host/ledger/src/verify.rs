@@ -291,6 +291,59 @@ fn note_endorsement(
     Ok(())
 }
 
+/// Checks that every signature among `entries` (a ledger from its genesis, in order) was made by
+/// a node whose endorsement in force at that point carries the service identity's signature
+/// (`identity`: the identity certificate's DER), and that an endorsement, once closed, never
+/// changes again (no replay of an older, open record). [`verify_dir`] checks each signature and
+/// its signer's bounds against the endorsements the ledger records; this ties those records to
+/// the identity, so that whoever holds ledger files cannot make a ledger of their own, with
+/// signers of their own, pass for the service's. A recovery requires it of the previous ledger.
+pub fn check_signers_endorsed_by(entries: &[LedgerEntry], identity: &[u8]) -> Result<(), String> {
+    use cloister_store::gov::{ENDORSEMENTS, EndorsementRecord};
+    let mut records: BTreeMap<String, EndorsementRecord> = BTreeMap::new();
+    let mut closed: BTreeMap<String, (String, Option<u64>)> = BTreeMap::new();
+    for e in entries {
+        if let Some(sig) = e.payload.signature() {
+            let id = sig.node_id.to_string();
+            let record = records
+                .get(&id)
+                .ok_or_else(|| format!("entry {}: node {id} signed, but no endorsement of it is in force", e.seqno))?;
+            let signature = record.signature.as_deref().ok_or_else(|| {
+                format!("entry {}: node {id}'s endorsement carries no signature by the service identity", e.seqno)
+            })?;
+            cloister_crypto::identity::verify_hex(identity, &record.message(&id), signature).map_err(|m| {
+                format!("entry {}: node {id}'s endorsement is not the service identity's ({m})", e.seqno)
+            })?;
+        }
+        let Payload::Tx(tx) = &e.payload else { continue };
+        for (map, key, value) in tx.public.iter() {
+            if map != ENDORSEMENTS {
+                continue;
+            }
+            let id = String::from_utf8_lossy(key).into_owned();
+            let record: Option<EndorsementRecord> = value
+                .map(serde_json::from_slice)
+                .transpose()
+                .map_err(|err| format!("entry {}: gov.endorsements[{id}] does not parse: {err}", e.seqno))?;
+            if let Some(before) = closed.get(&id)
+                && record.as_ref().map(|r| (&r.cert_sha256, r.until)) != Some((&before.0, before.1))
+            {
+                return Err(format!("entry {}: node {id}'s endorsement was closed, and it changes again", e.seqno));
+            }
+            match record {
+                Some(r) => {
+                    if r.until.is_some() {
+                        closed.insert(id.clone(), (r.cert_sha256.clone(), r.until));
+                    }
+                    records.insert(id, r);
+                }
+                None => drop(records.remove(&id)),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A signature must come from a node the service endorsed at that point: with this certificate,
 /// and over a tree that ends before its endorsement did.
 fn check_endorsed(
@@ -797,7 +850,8 @@ mod tests {
             let mut endorsed = BTreeMap::new();
             for (id, until) in endorsements {
                 let cert_sha256 = hex::encode(cert_sha256(&signer.cert_der));
-                endorsed.insert(*id, cloister_store::gov::EndorsementRecord { cert_sha256, until: *until });
+                let record = cloister_store::gov::EndorsementRecord { cert_sha256, until: *until, signature: None };
+                endorsed.insert(*id, record);
             }
             let root = merkle::root(&built.replica, 20).unwrap();
             let sig = SignaturePayload::sign(20, root, built.entries[19].chain, signer);
@@ -813,6 +867,72 @@ mod tests {
         assert!(err.contains("was retired"), "{err}");
         let err = walk(&built, &[(signer.node_id + 1, None)], &signer).unwrap_err();
         assert!(err.contains("never endorsed"), "{err}");
+    }
+
+    /// The attack: whoever holds ledger files writes a ledger of their own (its own genesis, its
+    /// own node, endorsement records that name that node) and it verified, because endorsements
+    /// were public records anyone could write. Now a recovery also requires each signer's
+    /// endorsement to carry the service identity's signature, and a closed one to stay closed.
+    #[test]
+    fn signers_must_be_endorsed_by_the_service_identity() {
+        use cloister_store::gov::{ENDORSEMENTS, EndorsementRecord, signed_endorsement};
+        let built = Built::new();
+        let service = identity::generate_service_identity("svc").unwrap();
+        let service_der = identity::cert_der(service.cert_pem.as_bytes()).unwrap().to_vec();
+        let stranger = identity::generate_service_identity("stranger").unwrap();
+        let id = built.signer.node_id.to_string();
+        let open = EndorsementRecord {
+            cert_sha256: hex::encode(cert_sha256(&built.signer.cert_der)),
+            until: None,
+            signature: None,
+        };
+        let sealer = cloister_crypto::seal::Sealer::new(&[0; 32]);
+        let endorse = |record: Option<&EndorsementRecord>| {
+            let mut ws = cloister_store::WriteSet::default();
+            match record {
+                Some(r) => ws.put(ENDORSEMENTS, id.as_bytes(), &serde_json::to_vec(r).unwrap()),
+                None => ws.remove(ENDORSEMENTS, id.as_bytes()),
+            }
+            LedgerEntry {
+                seqno: 0,
+                term: 1,
+                chain: [0; 32],
+                payload: Payload::Tx(TxEntry::new(TxKind::Gov, ws, None, &sealer)),
+            }
+        };
+        let root = merkle::root(&built.replica, 1).unwrap_or([0; 32]);
+        let signature = || LedgerEntry {
+            seqno: 1,
+            term: 1,
+            chain: [0; 32],
+            payload: Payload::Tx(TxEntry::signature(SignaturePayload::sign(1, root, [0; 32], &built.signer))),
+        };
+        let check = |entries: &[LedgerEntry]| check_signers_endorsed_by(entries, &service_der);
+
+        let signed = signed_endorsement(&service.key_pem, &id, open.clone()).unwrap();
+        check(&[endorse(Some(&signed)), signature()]).expect("endorsed by the identity");
+        let err = check(&[endorse(Some(&open)), signature()]).unwrap_err();
+        assert!(err.contains("carries no signature"), "{err}");
+        let foreign = signed_endorsement(&stranger.key_pem, &id, open.clone()).unwrap();
+        let err = check(&[endorse(Some(&foreign)), signature()]).unwrap_err();
+        assert!(err.contains("not the service identity's"), "{err}");
+        // A signed record names a node id: it does not pass for another node.
+        let other = signed_endorsement(&service.key_pem, "12345", open.clone()).unwrap();
+        let err = check(&[endorse(Some(&other)), signature()]).unwrap_err();
+        assert!(err.contains("not the service identity's"), "{err}");
+        let err = check(&[signature()]).unwrap_err();
+        assert!(err.contains("no endorsement of it is in force"), "{err}");
+        // Closed, then the older open record replayed (directly, or after a removal).
+        let closed =
+            signed_endorsement(&service.key_pem, &id, EndorsementRecord { until: Some(1), ..open.clone() }).unwrap();
+        check(&[endorse(Some(&signed)), endorse(Some(&closed)), endorse(Some(&closed))]).expect("closed stays closed");
+        for replay in [vec![endorse(Some(&signed))], vec![endorse(None), endorse(Some(&signed))]] {
+            let mut entries = vec![endorse(Some(&signed)), endorse(Some(&closed))];
+            entries.extend(replay);
+            entries.push(signature());
+            let err = check(&entries).unwrap_err();
+            assert!(err.contains("was closed, and it changes again"), "{err}");
+        }
     }
 
     /// A node that installs a snapshot sets its older files aside, where they still verify, and

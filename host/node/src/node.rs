@@ -498,7 +498,7 @@ async fn genesis(
         app,
         node: (consensus.id().to_string(), config.node.name.clone(), node_cert.to_owned()),
     };
-    let mut writes = genesis.write_set();
+    let mut writes = genesis.write_set()?;
     let recovery_members = genesis.members.iter().filter_map(|(id, _, key)| Some((id.clone(), key.clone()?)));
     if let Some(shares) = crate::recovery::genesis_issue(
         &secrets.current_secret().1,

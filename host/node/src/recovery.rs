@@ -370,6 +370,11 @@ pub(crate) fn load_previous(data_dir: &std::path::Path) -> anyhow::Result<Previo
         format!("the previous ledger {} holds no signature: nothing vouches for its entries", folder.display())
     })?;
     let entries = signed_entries(&copy, signed)?;
+    // Its signers must be nodes the identity it names endorsed: members pin that identity
+    // (`--previous-identity`), and nobody without its key makes a ledger that passes for it.
+    let identity = last_service_identity(&entries)?;
+    cloister_ledger::verify::check_signers_endorsed_by(&entries, &identity)
+        .map_err(|e| anyhow::anyhow!("the previous ledger {} is not its service's: {e}", folder.display()))?;
     tracing::info!(
         entries = entries.len(),
         unsigned = report.entries.saturating_sub(signed),
@@ -399,6 +404,24 @@ pub(crate) fn load_previous(data_dir: &std::path::Path) -> anyhow::Result<Previo
     );
     public.retain(|(map, _), _| !NOT_RESTORED_PUBLIC.contains(&map.as_str()));
     Ok(Previous { service, shares, public: chunks(public) })
+}
+
+/// The identity certificate (DER) the last `gov.service` record among `entries` names.
+fn last_service_identity(entries: &[cloister_ledger::entry::LedgerEntry]) -> anyhow::Result<Vec<u8>> {
+    let mut last = None;
+    for e in entries {
+        if let cloister_ledger::entry::Payload::Tx(tx) = &e.payload {
+            for (map, key, value) in tx.public.iter() {
+                if map == gov::SERVICE && key == gov::SERVICE_KEY {
+                    last = value;
+                }
+            }
+        }
+    }
+    let service: gov::ServiceRecord =
+        serde_json::from_slice(last.ok_or_else(|| anyhow::anyhow!("the previous ledger has no gov.service"))?)?;
+    let pem = service.identity.ok_or_else(|| anyhow::anyhow!("the previous service has no identity"))?;
+    Ok(identity::cert_der(pem.as_bytes())?.to_vec())
 }
 
 /// The entries of a verified ledger folder that signatures cover: seqnos below `signed`.
@@ -437,7 +460,7 @@ pub(crate) fn recovery_genesis(
         p.endorsement = base64::engine::general_purpose::STANDARD.encode(signature.as_ref());
     }
     let mut ws = cloister_store::WriteSet::default();
-    first.write(&mut ws);
+    first.write(&mut ws, &identity.key_pem)?;
     let mut service = gov::ServiceRecord {
         state: gov::ServiceState::Recovering,
         cert: service_cert.to_owned(),

@@ -133,8 +133,21 @@ pub struct FirstNode<'a> {
     pub attestation: &'a GenesisAttestation,
 }
 
+/// `record` for node `node_id`, signed by the service identity (its key, PEM).
+pub fn signed_endorsement(
+    identity_key_pem: &str,
+    node_id: &str,
+    record: EndorsementRecord,
+) -> anyhow::Result<EndorsementRecord> {
+    let record = EndorsementRecord { signature: None, ..record };
+    let signature =
+        cloister_crypto::identity::sign_hex(identity_key_pem, "the service identity", &record.message(node_id))?;
+    Ok(EndorsementRecord { signature: Some(signature), ..record })
+}
+
 impl FirstNode<'_> {
-    pub fn write(&self, ws: &mut WriteSet) {
+    /// Writes the first node's records, its endorsement signed by the new service identity.
+    pub fn write(&self, ws: &mut WriteSet, identity_key_pem: &str) -> anyhow::Result<()> {
         let node = NodeRecord {
             name: self.name.to_owned(),
             status: NodeStatus::Trusted,
@@ -149,8 +162,9 @@ impl FirstNode<'_> {
         if let Some(set) = &self.attestation.azure_pcrs {
             put(ws, AZURE_PCRS, pcr_set_key(set).as_bytes(), set);
         }
-        let endorsement = EndorsementRecord { cert_sha256: self.cert_sha256.to_owned(), until: None };
-        put(ws, ENDORSEMENTS, self.id.as_bytes(), &endorsement);
+        let endorsement = EndorsementRecord { cert_sha256: self.cert_sha256.to_owned(), until: None, signature: None };
+        put(ws, ENDORSEMENTS, self.id.as_bytes(), &signed_endorsement(identity_key_pem, self.id, endorsement)?);
+        Ok(())
     }
 }
 
@@ -169,7 +183,7 @@ pub struct GenesisAttestation {
 impl Genesis {
     /// The genesis transaction: members (Active), users, the constitution, the app, the first
     /// node (Trusted), and the service record (Opening).
-    pub fn write_set(&self) -> WriteSet {
+    pub fn write_set(&self) -> anyhow::Result<WriteSet> {
         let mut ws = WriteSet::default();
         for (id, cert, encryption_key) in &self.members {
             let record = MemberRecord {
@@ -191,7 +205,7 @@ impl Genesis {
         }
         let (id, name, cert) = &self.node;
         let first = FirstNode { id, name, cert, cert_sha256: &self.node_cert_sha256, attestation: &self.attestation };
-        first.write(&mut ws);
+        first.write(&mut ws, &self.identity.1)?;
         let mut service = ServiceRecord {
             state: ServiceState::Opening,
             cert: self.service_cert.clone(),
@@ -201,6 +215,6 @@ impl Genesis {
             rekeys_requested: 0,
         };
         put_service_identity(&mut ws, &mut service, &self.identity.0, &self.identity.1);
-        ws
+        Ok(ws)
     }
 }

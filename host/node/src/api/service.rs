@@ -280,6 +280,9 @@ impl Service {
                 let size = cloister_ledger::index::state(applied.snapshot())
                     .map_err(|e| ApiError::internal(format!("reading the ledger index failed: {e}")))?
                     .size;
+                // Records are signed by the service identity; a service from before identities gets
+                // one below, and its records are signed on the next tick.
+                let identity_key = gov::service_identity_key(&tx)?;
                 let mut writes = Vec::new();
                 for (id, node) in gov::all::<gov::NodeRecord>(&tx, gov::NODES)? {
                     let current: Option<gov::EndorsementRecord> = gov::get(&tx, gov::ENDORSEMENTS, id.as_bytes())?;
@@ -288,14 +291,21 @@ impl Service {
                         (gov::NodeStatus::Trusted, None) => {
                             let cert_sha256 = identity::id_of_pem(node.cert.as_bytes())
                                 .map_err(|e| ApiError::internal(format!("node {id}'s certificate: {e:#}")))?;
-                            Some(gov::EndorsementRecord { cert_sha256, until: None })
+                            Some(gov::EndorsementRecord { cert_sha256, until: None, signature: None })
                         }
                         (_, Some(e)) if retired_here && e.until.is_none() => {
                             Some(gov::EndorsementRecord { until: Some(size), ..e })
                         }
+                        // Written before records were signed, or before the service had an identity.
+                        (_, Some(e)) if e.signature.is_none() && identity_key.is_some() => Some(e),
                         _ => None,
                     };
                     if let Some(record) = next {
+                        let record = match &identity_key {
+                            Some(key) => gov::signed_endorsement(key, &id, record)
+                                .map_err(|e| ApiError::internal(format!("signing node {id}'s endorsement: {e:#}")))?,
+                            None => record,
+                        };
                         writes.push((id, record));
                     }
                 }
@@ -999,6 +1009,7 @@ fn endorsements_lag(tx: &Tx) -> Result<bool, ApiError> {
         match (node.status, current) {
             (gov::NodeStatus::Trusted, None) => return Ok(true),
             (gov::NodeStatus::Retired, Some(e)) if e.until.is_none() => return Ok(true),
+            (_, Some(e)) if e.signature.is_none() => return Ok(true),
             _ => {}
         }
     }
