@@ -32,18 +32,6 @@ fn chunks(dir: &Path) -> Vec<PathBuf> {
     paths
 }
 
-async fn ingest(c: &Cluster, node: usize, rows: Value) -> String {
-    let reply = c
-        .client(node, 0)
-        .await
-        .unwrap()
-        .post("/app/ingest", "application/json", serde_json::to_vec(&rows).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    reply.tx_id().expect("a tx id")
-}
-
 /// Waits until every running node has applied the same position and a signature covers it.
 async fn settle(c: &mut Cluster) {
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -65,7 +53,7 @@ async fn every_ledger_verifies_and_any_tampering_is_caught_naming_the_seqno() {
     // Small chunks, so the ledger spans many files.
     let mut c = Cluster::start(3, 1, RECONCILE, |cfg| cfg.ledger.chunk_bytes = 8 << 10).await;
     for n in 0..300 {
-        ingest(&c, n % 3, json!({"lei": format!("TAMPER{n:04}"), "nace": "X"})).await;
+        c.ingest(n % 3, &json!({"lei": format!("TAMPER{n:04}"), "nace": "X"})).await;
     }
     settle(&mut c).await;
     for node in 0..3 {
@@ -136,7 +124,9 @@ async fn receipts_verify_offline_and_any_change_breaks_them() {
     let reply = client.post("/app/claim", "text/plain", claims.clone()).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
     let tx = reply.tx_id().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // A signature follows within `sign_interval_ms` on an idle machine; a loaded CI machine (15
+    // debug-build nodes of this file's tests on 2 cores) once took more than 20 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let receipt: Receipt = loop {
         let r = client.get(&format!("/app/receipt?id={tx}")).await.unwrap();
         if r.status == 200 {
@@ -144,7 +134,7 @@ async fn receipts_verify_offline_and_any_change_breaks_them() {
         }
         assert_eq!(r.status, 202, "pending receipts answer 202: {}", r.text());
         assert!(r.headers.get("retry-after").is_some());
-        assert!(Instant::now() < deadline, "no signature covered {tx}");
+        assert!(Instant::now() < deadline, "no signature covered {tx} within 60 s; node0's log:\n{}", c.log(0));
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // The service identity, as anybody reads it from the service; the receipt carries a copy.
@@ -264,7 +254,7 @@ async fn private_keys_and_values_never_reach_any_disk_in_clear() {
     let rows: Vec<Value> =
         (0..40).map(|n| json!({"lei": format!("SEALEDKEY{n:04}"), "nace": format!("SEALEDVALUE{n:04}")})).collect();
     for chunk in rows.chunks(4) {
-        ingest(&c, 0, json!(chunk)).await;
+        c.ingest(0, &json!(chunk)).await;
     }
     settle(&mut c).await;
     // Stop the nodes so every file is final on disk.
@@ -294,7 +284,7 @@ async fn private_keys_and_values_never_reach_any_disk_in_clear() {
 async fn a_node_continues_its_chain_after_a_restart_and_after_a_torn_tail() {
     let mut c = Cluster::start(3, 1, RECONCILE, |_| {}).await;
     for n in 0..30 {
-        ingest(&c, 0, json!({"lei": format!("BEFORE{n:03}"), "nace": "X"})).await;
+        c.ingest(0, &json!({"lei": format!("BEFORE{n:03}"), "nace": "X"})).await;
     }
     settle(&mut c).await;
     let follower = (c.leader().await.unwrap() + 1) % 3;
@@ -319,11 +309,11 @@ async fn a_node_continues_its_chain_after_a_restart_and_after_a_torn_tail() {
     std::fs::write(dir.join(format!("{:016}.ledger", 1_000_000)), b"").unwrap();
     std::fs::write(dir.join(format!("{:016}.ledger", 2_000_000)), vec![0u8; 64 << 10]).unwrap();
     for n in 0..30 {
-        ingest(&c, (follower + 1) % 3, json!({"lei": format!("WHILE{n:03}"), "nace": "X"})).await;
+        c.ingest((follower + 1) % 3, &json!({"lei": format!("WHILE{n:03}"), "nace": "X"})).await;
     }
     c.spawn(follower);
     for n in 0..30 {
-        ingest(&c, 0, json!({"lei": format!("AFTER{n:03}"), "nace": "X"})).await;
+        c.ingest(0, &json!({"lei": format!("AFTER{n:03}"), "nace": "X"})).await;
     }
     settle(&mut c).await;
     let log = c.log(follower);
@@ -344,7 +334,7 @@ async fn a_node_continues_its_chain_after_a_restart_and_after_a_torn_tail() {
 async fn after_a_leader_change_the_chain_continues_and_both_leaders_signatures_verify() {
     let mut c = Cluster::start(3, 1, RECONCILE, |_| {}).await;
     for n in 0..20 {
-        ingest(&c, 0, json!({"lei": format!("FIRST{n:03}"), "nace": "X"})).await;
+        c.ingest(0, &json!({"lei": format!("FIRST{n:03}"), "nace": "X"})).await;
     }
     settle(&mut c).await;
     let first_leader = c.leader().await.unwrap();
@@ -352,7 +342,7 @@ async fn after_a_leader_change_the_chain_continues_and_both_leaders_signatures_v
     let survivor = (first_leader + 1) % 3;
     c.wait_stable(3, Duration::from_secs(60)).await;
     for n in 0..20 {
-        ingest(&c, survivor, json!({"lei": format!("SECOND{n:03}"), "nace": "X"})).await;
+        c.ingest(survivor, &json!({"lei": format!("SECOND{n:03}"), "nace": "X"})).await;
     }
     settle(&mut c).await;
     c.spawn(first_leader);

@@ -385,14 +385,7 @@ async fn a_retired_nodes_secret_opens_nothing_written_after_it_left() {
     let member0 = c.client(0, 0).await.unwrap();
     let ingest = async |c: &Cluster, from: usize| {
         let rows: Vec<_> = (from..from + 10).map(|i| json!({ "lei": format!("LEI{i:04}"), "nace": "A" })).collect();
-        let reply = c
-            .client(0, 0)
-            .await
-            .unwrap()
-            .post("/app/ingest", "application/json", serde_json::to_vec(&rows).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(reply.status, 200, "{}", reply.text());
+        c.ingest(0, &json!(rows)).await
     };
     ingest(&c, 0).await;
     let nodes: serde_json::Value = member0.get("/node/attestations").await.unwrap().json().unwrap();

@@ -269,6 +269,19 @@ impl Cluster {
         }
     }
 
+    /// Member 0 ingests `rows` (JSON) through node `node`; returns the transaction's id.
+    pub async fn ingest(&self, node: usize, rows: &Value) -> String {
+        let reply = self
+            .client(node, 0)
+            .await
+            .unwrap()
+            .post("/app/ingest", "application/json", serde_json::to_vec(rows).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.tx_id().expect("a tx id")
+    }
+
     /// Every key member `member`'s report lists on node `node`.
     pub async fn report_keys(&self, node: usize, member: usize) -> anyhow::Result<BTreeSet<String>> {
         let client = self.client(node, member).await?;
