@@ -7,6 +7,9 @@ use cloister_consensus::Consensus;
 use cloister_ledger::LedgerSection;
 use cloister_store as kv;
 
+/// Longest the signer waits for one signature entry's outcome before it signs on.
+const SIGNATURE_OUTCOME_WAIT: Duration = Duration::from_secs(2);
+
 /// Signs the ledger while this node leads: a signature entry every `sign_every_entries` entries
 /// or `sign_interval_ms`, whichever comes first, when there is anything new to sign.
 pub(crate) async fn run_signer(
@@ -59,8 +62,16 @@ pub(crate) async fn run_signer(
         match consensus.submit(cloister_ledger::entry::TxEntry::signature(payload), Some(consensus.term())).await {
             Ok(proposal) => {
                 last_signed_at = Instant::now();
-                if let Err(e) = proposal.outcome().await {
-                    tracing::debug!(error = %e, "a signature entry did not commit");
+                // One signature in flight at a time, but never a wait without end: should its
+                // answer be lost, or be slow on a loaded machine, the next tick signs what is new
+                // then (a receipt needs only one signature covering it).
+                match tokio::time::timeout(SIGNATURE_OUTCOME_WAIT, proposal.outcome()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "a signature entry did not commit"),
+                    Err(_) => tracing::warn!(
+                        wait_ms = SIGNATURE_OUTCOME_WAIT.as_millis() as u64,
+                        "a signature entry's outcome did not come in time; signing on"
+                    ),
                 }
             }
             Err(e) => tracing::debug!(error = %e, "a signature entry was not proposed"),
