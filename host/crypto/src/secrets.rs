@@ -164,6 +164,14 @@ pub fn version_of(key: &[u8]) -> u64 {
     std::str::from_utf8(key).ok().filter(|k| k.len() == 20).and_then(|k| k.parse().ok()).unwrap_or(0)
 }
 
+/// What a new version's secret is sealed to a Trusted node's key under (an envelope): the
+/// version, so a record of one version never passes for another.
+pub fn node_aad(version: u64) -> Vec<u8> {
+    let mut aad = b"cloister ledger secret for a Trusted node, version ".to_vec();
+    aad.extend_from_slice(&version_key(version));
+    aad
+}
+
 /// `previous` sealed under `secret`, the secret of `version`, bound to that version.
 pub fn seal_previous(version: u64, secret: &[u8; SECRET_BYTES], previous: &[u8; SECRET_BYTES]) -> Vec<u8> {
     Sealer::new(secret).seal(Purpose::PreviousSecret, &version_key(version), previous)

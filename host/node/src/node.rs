@@ -113,8 +113,9 @@ impl cloister_crypto::secrets::Keeper for SecretKeeper {
         }
         let Some(sealed) = record.nodes.get(&self.id) else { return Ok(None) };
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| e.to_string());
-        let plain = cloister_crypto::envelope::open_with(&self.key_pem, &rekey_aad(record.version), &b64(sealed)?)
-            .map_err(|e| e.to_string())?;
+        let plain =
+            cloister_crypto::envelope::open_with(&self.key_pem, &secrets::node_aad(record.version), &b64(sealed)?)
+                .map_err(|e| e.to_string())?;
         let secret = <[u8; 32]>::try_from(plain).map_err(|_| "the new secret is not 32 bytes".to_owned())?;
         Ok(Some(Rekeyed { version: record.version, secret, previous_sealed: b64(&record.previous_sealed)? }))
     }
@@ -122,14 +123,6 @@ impl cloister_crypto::secrets::Keeper for SecretKeeper {
     fn persist(&self, all: &[(u64, [u8; 32])]) -> std::io::Result<()> {
         self.at_rest.write(&self.path, SECRET_AT_REST_AAD, &secrets::encode(all))
     }
-}
-
-/// What a new version's secret is sealed to a node's key under: the version, so a record of one
-/// version never passes for another.
-pub(crate) fn rekey_aad(version: u64) -> Vec<u8> {
-    let mut aad = b"cloister ledger secret for a Trusted node, version ".to_vec();
-    aad.extend_from_slice(&secrets::version_key(version));
-    aad
 }
 
 /// The ledger secrets: this node's sealed copy, or (for a new node) sealed to it by the leader of

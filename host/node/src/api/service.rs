@@ -386,8 +386,12 @@ impl Service {
                     let sealed = identity::cert_der(node.cert.as_bytes())
                         .and_then(|der| attest::spki_of(&der))
                         .and_then(|spki| {
-                            cloister_crypto::envelope::seal_to(&spki, &crate::node::rekey_aad(next), &secret)
-                                .map_err(anyhow::Error::msg)
+                            cloister_crypto::envelope::seal_to(
+                                &spki,
+                                &cloister_crypto::secrets::node_aad(next),
+                                &secret,
+                            )
+                            .map_err(anyhow::Error::msg)
                         })
                         .map_err(|e| {
                             ApiError::internal(format!("sealing the new ledger secret to node {id}: {e:#}"))
