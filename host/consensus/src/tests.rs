@@ -28,3 +28,38 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Red
 async fn the_redb_store_passes_openraft_storage_suite() {
     Suite::test_all(RedbBuilder).await.expect("openraft's storage suite passes");
 }
+
+/// Opens a copy of a log file, as a crash would leave it (whatever the database had made durable
+/// by the time of the copy), and counts its entries.
+fn durable_entries(path: &std::path::Path) -> usize {
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+    let copy = path.with_extension("copy");
+    std::fs::copy(path, &copy).expect("copying the log file");
+    let db = redb::Database::create(&copy).expect("the copy opens");
+    let read = db.begin_read().expect("a read");
+    let table = read.open_table(redb::TableDefinition::<u64, &[u8]>::new("log")).expect("the log table");
+    table.len().expect("a count") as usize
+}
+
+/// The log reports an append flushed only once it is durable: a copy of the file taken when the
+/// flush callback fires holds every entry. (A faster log that answers before its sync, or syncs
+/// behind the caller's back, must keep this.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_is_reported_flushed_only_once_it_is_durable() {
+    use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
+    use openraft::type_config::TypeConfigExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("raft.redb");
+    let mut log = LogStore::open(&path, Arc::new(AppendWatch::default())).expect("log store");
+    for round in 0..20u64 {
+        let entries: Vec<_> =
+            (1..=50).map(|i| openraft::testing::blank_ent::<TypeConfig>(1, 0, round * 50 + i)).collect();
+        let (flushed, done) = TypeConfig::oneshot();
+        log.append(entries, IOFlushed::signal(flushed)).await.expect("append");
+        // Readable when `append` returns.
+        let read = log.try_get_log_entries(round * 50 + 1..=round * 50 + 50).await.expect("read");
+        assert_eq!(read.len(), 50, "round {round}: appended entries are readable at once");
+        done.await.expect("the callback is called").expect("the flush succeeds");
+        assert_eq!(durable_entries(&path), (round as usize + 1) * 50, "round {round}: flushed means durable");
+    }
+}
