@@ -207,6 +207,55 @@ async fn a_minority_commits_nothing() {
     }
 }
 
+/// After a crash a node's state comes back from its log only once the service's commit reaches
+/// it: neither the committed position nor applying is synced on its own, so its state on restart
+/// can be older than the one it served. The leader is killed right after acknowledging writes and
+/// restarted alone, where no commit can reach it. It must not answer a read without those writes:
+/// it holds reads for half of `request_timeout_ms`, then refuses them (503); with the others back
+/// it serves every write. (Served without the hold, the read lacked the last writes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_a_crash_serves_no_state_older_than_it_served() {
+    let timeout_ms = 4_000;
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| cfg.limits.request_timeout_ms = timeout_ms).await;
+    let leader = c.leader().await.expect("a leader");
+    let keys: BTreeSet<String> = (0..6).map(|i| format!("RESTARTED{i}")).collect();
+    let client = c.client(leader, 0).await.unwrap();
+    for key in &keys {
+        let reply = client.post("/app/ingest", "application/json", record(key)).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    // Killed at once: the last writes are applied, acknowledged and in its log, but neither its
+    // state nor its committed position has reached the disk.
+    c.kill(leader);
+    for i in (0..3).filter(|i| *i != leader) {
+        c.stop(i);
+    }
+    c.spawn(leader);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.network(leader).await.is_none() {
+        assert!(c.nodes[leader].is_running(), "the node refused to start:\n{}", c.log(leader));
+        assert!(Instant::now() < deadline, "the node did not answer after its restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    match c.report_keys(leader, 0).await {
+        Ok(have) => assert!(keys.is_subset(&have), "a read after the crash lacks acknowledged writes: {have:?}"),
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("503") && e.contains("not caught up"), "{e}");
+            let held = started.elapsed();
+            assert!(held >= Duration::from_millis(timeout_ms / 2), "refused after {held:?}");
+            assert!(held < Duration::from_millis(timeout_ms), "refused after {held:?}");
+        }
+    }
+
+    for i in (0..3).filter(|i| *i != leader) {
+        c.spawn(i);
+    }
+    c.wait_stable(3, Duration::from_secs(60)).await;
+    wait_for_keys(&c, leader, &keys, Duration::from_secs(30)).await;
+}
+
 /// The stall reproduced on a 3-node sandbox: one user sends ten concurrent ~5 MB ingests (10,000
 /// records each, fields near their byte limits). Replication batches used to be bounded by entry
 /// count only: ten such entries made one AppendEntries message over the peer message cap, which

@@ -159,6 +159,9 @@ pub struct Consensus {
     id: NodeId,
     me: NodeAddr,
     forward_hops_max: u32,
+    /// Turns true once this node has applied the service's commit covering its own log (see
+    /// [`Consensus::wait_recovered`]).
+    recovered: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Consensus {
@@ -194,7 +197,15 @@ impl Consensus {
         .map_err(|e| anyhow::anyhow!("raft settings are inconsistent: {e}"))?;
         let network = network::NetworkFactory { peers: peers.clone() };
         let raft = Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
-        Ok(Consensus { raft, sm, watch, peers, id, me, forward_hops_max: settings.forward_hops_max })
+        let (set_recovered, recovered) = tokio::sync::watch::channel(false);
+        let waiting = raft.clone();
+        tokio::spawn(async move {
+            // Ends with an error only when Raft stops first; nothing is left to serve then.
+            if waiting.wait_for_recovery(None).await.is_ok() {
+                let _ = set_recovered.send(true);
+            }
+        });
+        Ok(Consensus { raft, sm, watch, peers, id, me, forward_hops_max: settings.forward_hops_max, recovered })
     }
 
     pub fn id(&self) -> NodeId {
@@ -271,6 +282,21 @@ impl Consensus {
     pub fn caught_up(&self) -> bool {
         let m = self.metrics();
         m.state == ServerState::Leader && m.last_applied.as_ref().is_some_and(|l| l.leader_id.term == m.current_term)
+    }
+
+    /// Waits, up to `timeout`, until this node's applied state covers everything it could have
+    /// served before it last stopped; false if the timeout passed first.
+    ///
+    /// The committed log id is saved without an fsync (see `log_store`), and applying does not
+    /// wait for the disk either, so after a crash a node restarts with an older applied state
+    /// than it had. Its log still holds everything it applied, and the state comes back once the
+    /// service's commit covers that log and the node has applied it: a leader's first entry in
+    /// its term, or a leader's heartbeat to a follower. Until then, reads of this node's state
+    /// could go back in time, so the API holds them here. A node that cannot reach a majority
+    /// never gets there: it refuses reads rather than serve a state older than it served.
+    pub async fn wait_recovered(&self, timeout: Duration) -> bool {
+        let mut recovered = self.recovered.clone();
+        matches!(tokio::time::timeout(timeout, recovered.wait_for(|r| *r)).await, Ok(Ok(_)))
     }
 
     /// The term this node is in.

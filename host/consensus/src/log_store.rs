@@ -1,8 +1,10 @@
 //! The Raft log on redb, in its own file beside the state database.
 //!
 //! Entries are keyed by index and postcard-encoded; the vote, the committed log id and the last
-//! purged log id live in a small meta table. Every write is one durable redb transaction, run on
-//! the blocking pool. On append, the leader's proposers learn where their entries landed.
+//! purged log id live in a small meta table. Every write is one redb transaction run on the
+//! blocking pool. Appends, truncations, purges and votes commit durably (one fsync each); the
+//! committed log id does not, so a commit group costs one fsync on each node, its append (see
+//! [`LogStore::save_committed`]). On append, the leader's proposers learn where their entries landed.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -92,9 +94,21 @@ impl LogStore {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
     ) -> io::Result<()> {
+        self.write_with(redb::Durability::Immediate, f).await
+    }
+
+    /// Runs a write transaction on the blocking pool and commits it with `durability`. A
+    /// [`redb::Durability::None`] commit is lost in a crash unless a later durable commit (the next
+    /// append) carries it; redb then opens at the last durable commit, never a torn one.
+    async fn write_with(
+        &self,
+        durability: redb::Durability,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+    ) -> io::Result<()> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write().map_err(io_err)?;
+            let mut txn = db.begin_write().map_err(io_err)?;
+            txn.set_durability(durability).map_err(io_err)?;
             f(&txn).map_err(io_err)?;
             txn.commit().map_err(io_err)
         })
@@ -177,8 +191,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_meta(VOTE, encode(vote)).await
     }
 
+    /// Records the committed log id without an fsync. It is a hint for restart, not a promise:
+    /// an entry counts as committed because a majority holds it durably in their logs, and a
+    /// leader re-commits everything in its log with the first entry of its term. After a crash
+    /// the node reads an older committed id (at worst the one the last durable append carried),
+    /// re-applies less from its log at start, and learns the rest from the leader. What the state
+    /// machine applied survives or is rebuilt from the log either way (ARCHITECTURE.md, the write
+    /// path). Syncing it cost a second fsync per commit group on every node.
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        self.put_meta(COMMITTED, encode(&committed)).await
+        let value = encode(&committed);
+        self.write_with(redb::Durability::None, move |txn| {
+            txn.open_table(META)?.insert(COMMITTED, value.as_slice())?;
+            Ok(())
+        })
+        .await
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {

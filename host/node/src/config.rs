@@ -262,7 +262,8 @@ pub struct Limits {
     /// Time from accepting a connection until its TLS ClientHello starts, in milliseconds: an idle
     /// connection is closed after this, so it holds a slot only briefly.
     pub hello_timeout_ms: u64,
-    /// Time a request may take end to end, in milliseconds (503 beyond).
+    /// Time a request may take end to end, in milliseconds (503 beyond). A node restarted after a
+    /// crash holds reads of its state for up to half of it until it has caught up.
     pub request_timeout_ms: u64,
     /// Requests one identity may have in flight at once (429 beyond).
     pub inflight_per_identity_max: usize,

@@ -108,6 +108,7 @@ async fn receipt(
 ) -> Result<Response, ApiError> {
     service.identify_known(peer.client_cert.as_deref())?;
     let id = tx_id_param(&uri)?;
+    service.wait_recovered().await?;
     let status = service
         .consensus()
         .tx_status(id)
@@ -133,9 +134,9 @@ async fn receipt(
     }
 }
 
-/// `GET /node/tx?id=term.seqno`: Pending, Committed or Invalid, as this node knows it.
 /// Every node's evidence and what verifying it established, from `gov.nodes`.
 async fn attestations(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
+    service.wait_recovered().await?;
     let nodes = service.gov_read(|tx| Ok(crate::gov::all::<crate::gov::NodeRecord>(tx, crate::gov::NODES)?))?;
     let list: Vec<_> = nodes
         .into_iter()
@@ -155,14 +156,17 @@ async fn attestations(State(service): State<Arc<Service>>) -> Result<impl IntoRe
 
 /// The attestation policy this service enforces: its pinned roots and the governed allow-lists.
 async fn attestation_policy(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
+    service.wait_recovered().await?;
     let policy = service
         .gov_read(|tx| Ok(crate::attest::policy(tx)?))?
         .ok_or_else(|| ApiError::unavailable("this node holds no service state yet"))?;
     Ok(axum::Json(policy))
 }
 
+/// `GET /node/tx?id=term.seqno`: Pending, Committed or Invalid, as this node knows it.
 async fn tx_status(State(service): State<Arc<Service>>, uri: Uri) -> Result<impl IntoResponse, ApiError> {
     let id = tx_id_param(&uri)?;
+    service.wait_recovered().await?;
     let status = service
         .consensus()
         .tx_status(id)

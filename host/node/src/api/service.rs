@@ -226,6 +226,23 @@ impl Service {
         &self.metrics
     }
 
+    /// Holds a read of this node's state until the node has caught up after a restart, for up to
+    /// half of `request_timeout_ms`, then answers 503: a node restarted after a crash applies
+    /// again what it had applied only once the service's commit reaches it, and a read before
+    /// that would see a state older than one it served ([`Consensus::wait_recovered`]).
+    pub(crate) async fn wait_recovered(&self) -> Result<(), ApiError> {
+        let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
+        if self.consensus.wait_recovered(patience).await {
+            return Ok(());
+        }
+        Err(ApiError::unavailable(format!(
+            "this node restarted and has not caught up with the service's commit within {} ms (half of \
+             request_timeout_ms); it serves no reads until then rather than a state older than it served \
+             before (is a majority of nodes up?); retry shortly or ask another node",
+            patience.as_millis()
+        )))
+    }
+
     /// The app installed in the applied state, loaded (compiles are cached by code hash, so
     /// this costs one small read unless the app changed).
     pub async fn app(self: &Arc<Self>) -> Result<Option<Arc<LoadedModule>>, ApiError> {
@@ -901,6 +918,7 @@ impl Service {
         head: RequestHead,
         body: bytes::Bytes,
     ) -> Result<AppReply, ApiError> {
+        self.wait_recovered().await?;
         let _permit = self.reads.acquire().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
         let service = self.clone();
         tokio::task::spawn_blocking(move || {
