@@ -236,9 +236,9 @@ impl Service {
             return Ok(());
         }
         Err(ApiError::unavailable(format!(
-            "this node restarted and has not caught up with the service's commit within {} ms (half of \
-             request_timeout_ms); it serves no reads until then rather than a state older than it served \
-             before (is a majority of nodes up?); retry shortly or ask another node",
+            "this node has not caught up with the service's commit since it started, within {} ms (half \
+             of request_timeout_ms); until then it serves no reads rather than a state older than it \
+             served before it stopped (is a majority of nodes up?); retry shortly or ask another node",
             patience.as_millis()
         )))
     }
