@@ -295,6 +295,10 @@ impl Consensus {
     /// could go back in time, so the API holds them here. A node that cannot reach a majority
     /// never gets there: it refuses reads rather than serve a state older than it served.
     pub async fn wait_recovered(&self, timeout: Duration) -> bool {
+        // Every read asks: once recovered, answer without a timer or a clone.
+        if *self.recovered.borrow() {
+            return true;
+        }
         let mut recovered = self.recovered.clone();
         matches!(tokio::time::timeout(timeout, recovered.wait_for(|r| *r)).await, Ok(Ok(_)))
     }

@@ -116,8 +116,8 @@ impl LogStore {
         .map_err(|e| io::Error::other(format!("raft log write task failed: {e}")))?
     }
 
-    async fn put_meta(&self, key: &'static str, value: Vec<u8>) -> io::Result<()> {
-        self.write(move |txn| {
+    async fn put_meta(&self, key: &'static str, value: Vec<u8>, durability: redb::Durability) -> io::Result<()> {
+        self.write_with(durability, move |txn| {
             txn.open_table(META)?.insert(key, value.as_slice())?;
             Ok(())
         })
@@ -188,7 +188,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
-        self.put_meta(VOTE, encode(vote)).await
+        self.put_meta(VOTE, encode(vote), redb::Durability::Immediate).await
     }
 
     /// Records the committed log id without an fsync. It is a hint for restart, not a promise:
@@ -196,15 +196,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// leader re-commits everything in its log with the first entry of its term. After a crash
     /// the node reads an older committed id (at worst the one the last durable append carried),
     /// re-applies less from its log at start, and learns the rest from the leader. What the state
-    /// machine applied survives or is rebuilt from the log either way (ARCHITECTURE.md, the write
-    /// path). Syncing it cost a second fsync per commit group on every node.
+    /// machine applied survives or is rebuilt from the log either way, and reads wait until it is
+    /// back (`Consensus::wait_recovered`). Syncing it cost a second fsync per commit group on every
+    /// node.
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        let value = encode(&committed);
-        self.write_with(redb::Durability::None, move |txn| {
-            txn.open_table(META)?.insert(COMMITTED, value.as_slice())?;
-            Ok(())
-        })
-        .await
+        self.put_meta(COMMITTED, encode(&committed), redb::Durability::None).await
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
