@@ -1,8 +1,8 @@
 //! The Raft log on redb, in its own file beside the state database.
 //!
 //! Entries are keyed by index and postcard-encoded; the vote, the committed log id and the last
-//! purged log id live in a small meta table. Every write is one redb transaction. Appends,
-//! truncations, purges and votes commit durably (one fsync each); the
+//! purged log id live in a small meta table. Every write is one redb transaction run on the
+//! blocking pool. Appends, truncations, purges and votes commit durably (one fsync each); the
 //! committed log id does not, so a commit group costs one fsync on each node, its append (see
 //! [`LogStore::save_committed`]). On append, the leader's proposers learn where their entries landed.
 
@@ -27,9 +27,6 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "purged";
-/// Largest append written on the Raft core's own thread rather than the blocking pool: a commit
-/// group under load is a few KiB to tens of KiB.
-const APPEND_HERE_BYTES_MAX: usize = 256 << 10;
 
 fn io_err(e: impl Into<redb::Error>) -> io::Error {
     io::Error::other(format!("raft log database: {}", e.into()))
@@ -92,44 +89,39 @@ impl LogStore {
         value.map(|v| decode(v.value(), key)).transpose()
     }
 
-    /// Runs a write transaction and commits it with `durability`, on this thread. A
-    /// [`redb::Durability::None`] commit is lost in a crash unless a later durable commit (the next
-    /// append) carries it; redb then opens at the last durable commit, never a torn one.
-    ///
-    /// The Raft core awaits every log write before it goes on, so running it on the blocking pool
-    /// gained no concurrency, only two thread handoffs per commit group (there and back), which
-    /// on two cores cost more than the write: 1 node, 1 client, kv put 809 -> 1,118 writes/s.
-    /// Only short writes run here: an append of up to [`APPEND_HERE_BYTES_MAX`] and a meta row.
-    /// Longer appends (a follower catching up takes up to `REPLICATION_BATCH_BYTES_MAX` at once),
-    /// truncations and purges (which can cover a million entries) go to the blocking pool
-    /// ([`Self::write_apart`]), so no runtime thread stalls for long.
-    fn write_here(
-        &self,
-        durability: redb::Durability,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> io::Result<()> {
-        let mut txn = self.db.begin_write().map_err(io_err)?;
-        txn.set_durability(durability).map_err(io_err)?;
-        f(&txn).map_err(io_err)?;
-        txn.commit().map_err(io_err)
-    }
-
     /// Runs a write transaction on the blocking pool and commits it durably.
-    async fn write_apart(
+    async fn write(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
     ) -> io::Result<()> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.write_here(redb::Durability::Immediate, f))
-            .await
-            .map_err(|e| io::Error::other(format!("raft log write task failed: {e}")))?
+        self.write_with(redb::Durability::Immediate, f).await
     }
 
-    fn put_meta(&self, key: &'static str, value: &[u8], durability: redb::Durability) -> io::Result<()> {
-        self.write_here(durability, |txn| {
-            txn.open_table(META)?.insert(key, value)?;
+    /// Runs a write transaction on the blocking pool and commits it with `durability`. A
+    /// [`redb::Durability::None`] commit is lost in a crash unless a later durable commit (the next
+    /// append) carries it; redb then opens at the last durable commit, never a torn one.
+    async fn write_with(
+        &self,
+        durability: redb::Durability,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+    ) -> io::Result<()> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut txn = db.begin_write().map_err(io_err)?;
+            txn.set_durability(durability).map_err(io_err)?;
+            f(&txn).map_err(io_err)?;
+            txn.commit().map_err(io_err)
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("raft log write task failed: {e}")))?
+    }
+
+    async fn put_meta(&self, key: &'static str, value: Vec<u8>, durability: redb::Durability) -> io::Result<()> {
+        self.write_with(durability, move |txn| {
+            txn.open_table(META)?.insert(key, value.as_slice())?;
             Ok(())
         })
+        .await
     }
 }
 
@@ -196,7 +188,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
-        self.put_meta(VOTE, &encode(vote), redb::Durability::Immediate)
+        self.put_meta(VOTE, encode(vote), redb::Durability::Immediate).await
     }
 
     /// Records the committed log id without an fsync. It is a hint for restart, not a promise:
@@ -208,7 +200,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// back (`Consensus::wait_recovered`). Syncing it cost a second fsync per commit group on every
     /// node.
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        self.put_meta(COMMITTED, &encode(&committed), redb::Durability::None)
+        self.put_meta(COMMITTED, encode(&committed), redb::Durability::None).await
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
@@ -222,19 +214,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let encoded: Vec<(u64, Vec<u8>)> = entries.iter().map(|e| (e.index(), encode(e))).collect();
-        let bytes: usize = encoded.iter().map(|(_, e)| e.len()).sum();
-        let insert = move |txn: &redb::WriteTransaction| {
-            let mut table = txn.open_table(LOG)?;
-            for (index, bytes) in &encoded {
-                table.insert(*index, bytes.as_slice())?;
-            }
-            Ok(())
-        };
-        let result = if bytes <= APPEND_HERE_BYTES_MAX {
-            self.write_here(redb::Durability::Immediate, insert)
-        } else {
-            self.write_apart(insert).await
-        };
+        let result = self
+            .write(move |txn| {
+                let mut table = txn.open_table(LOG)?;
+                for (index, bytes) in &encoded {
+                    table.insert(*index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+            .await;
         if result.is_ok() {
             self.watch.appended(&entries);
         }
@@ -245,7 +233,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last: Option<LogId>) -> io::Result<()> {
         let from = last.map_or(0, |l| l.index + 1);
-        self.write_apart(move |txn| {
+        self.write(move |txn| {
             let mut table = txn.open_table(LOG)?;
             table.retain_in(from.., |_, _| false)?;
             Ok(())
@@ -256,7 +244,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         let upto = log_id.index;
         let purged = encode(&log_id);
-        self.write_apart(move |txn| {
+        self.write(move |txn| {
             txn.open_table(META)?.insert(PURGED, purged.as_slice())?;
             txn.open_table(LOG)?.retain_in(..=upto, |_, _| false)?;
             Ok(())

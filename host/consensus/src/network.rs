@@ -1,21 +1,15 @@
 //! Node-to-node transport: one cached gRPC channel per peer, over mutual TLS with node
 //! certificates, carrying postcard-encoded openraft messages.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cloister_proto::peer::v1 as pb;
-use futures::future::BoxFuture;
-use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable};
-use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest, VoteResponse,
-};
-use tokio::time::Instant;
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::state_machine::SnapshotFile;
@@ -109,42 +103,13 @@ pub(crate) struct PeerConnection {
     peer_url: String,
     peers: Peers,
     /// Whether an over-cap message to this peer has been logged (once per connection).
-    oversize_reported: Arc<AtomicBool>,
+    oversize_reported: std::sync::atomic::AtomicBool,
 }
 
 /// The time a peer message of `bytes` may take: openraft's `soft_ttl`, plus the transfer and
 /// persistence of its bytes at [`REPLICATION_BYTES_PER_S_MIN`].
 fn rpc_time(soft_ttl: Duration, bytes: usize) -> Duration {
     soft_ttl + Duration::from_secs_f64(bytes as f64 / REPLICATION_BYTES_PER_S_MIN as f64)
-}
-
-/// `request` encoded for the wire, unless it exceeds the peer message cap.
-fn message(
-    target: NodeId,
-    oversize_reported: &AtomicBool,
-    request: &impl serde::Serialize,
-    action: RPCTypes,
-) -> Result<pb::Blob, RPCError<TypeConfig>> {
-    let blob = pb::Blob { data: encode(request) };
-    if blob.data.len() <= PEER_MESSAGE_BYTES_MAX {
-        return Ok(blob);
-    }
-    // Sending it again would fail the same way: the batch bounds above make this a bug, so it is
-    // said once, loudly, instead of being retried in silence.
-    if !oversize_reported.swap(true, Ordering::Relaxed) {
-        tracing::error!(
-            peer = target,
-            bytes = blob.data.len(),
-            max = PEER_MESSAGE_BYTES_MAX,
-            ?action,
-            "a peer message exceeds the peer message cap and cannot be sent; replication to this peer is stuck"
-        );
-    }
-    let e = std::io::Error::other(format!(
-        "peer {target}: the message of {} bytes exceeds PEER_MESSAGE_BYTES_MAX ({PEER_MESSAGE_BYTES_MAX})",
-        blob.data.len()
-    ));
-    Err(RPCError::Network(NetworkError::new(&e)))
 }
 
 fn status_error(target: NodeId, status: &tonic::Status) -> RPCError<TypeConfig> {
@@ -160,7 +125,7 @@ impl PeerConnection {
         &self,
         request: &Req,
         option: &RPCOption,
-        action: RPCTypes,
+        action: openraft::network::RPCTypes,
         call: impl AsyncFnOnce(
             pb::peer_client::PeerClient<Channel>,
             pb::Blob,
@@ -171,7 +136,26 @@ impl PeerConnection {
         Resp: serde::de::DeserializeOwned,
     {
         let client = self.peers.client(&self.peer_url).map_err(|s| status_error(self.target, &s))?;
-        let blob = message(self.target, &self.oversize_reported, request, action)?;
+        let blob = pb::Blob { data: encode(request) };
+        if blob.data.len() > PEER_MESSAGE_BYTES_MAX {
+            // Sending it again would fail the same way: the batch bounds above make this a bug,
+            // so it is said once, loudly, instead of being retried in silence.
+            if !self.oversize_reported.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(
+                    peer = self.target,
+                    bytes = blob.data.len(),
+                    max = PEER_MESSAGE_BYTES_MAX,
+                    ?action,
+                    "a peer message exceeds the peer message cap and cannot be sent; replication to this peer is stuck"
+                );
+            }
+            let e = std::io::Error::other(format!(
+                "peer {}: the message of {} bytes exceeds PEER_MESSAGE_BYTES_MAX ({PEER_MESSAGE_BYTES_MAX})",
+                self.target,
+                blob.data.len()
+            ));
+            return Err(RPCError::Network(NetworkError::new(&e)));
+        }
         let ttl = rpc_time(option.soft_ttl(), blob.data.len());
         let reply = match tokio::time::timeout(ttl, call(client, blob)).await {
             Err(_) => {
@@ -191,52 +175,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary(&rpc, &option, RPCTypes::AppendEntries, async |mut c, b| c.append_entries(b).await).await
-    }
-
-    /// Replication as one long-lived gRPC stream per session: openraft sends each AppendEntries as
-    /// soon as its entries are in the leader's log, without waiting for the reply to the one
-    /// before (the follower answers them in order), so a commit group costs one message each
-    /// way on an open HTTP/2 stream instead of a call of its own, and replication pipelines
-    /// under load. Heartbeats stay unary calls (`append_entries`).
-    fn stream_append<'s, S>(
-        &'s mut self,
-        input: S,
-        option: RPCOption,
-    ) -> BoxFuture<
-        's,
-        Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
-    >
-    where
-        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
-    {
-        Box::pin(async move {
-            let mut client = self.peers.client(&self.peer_url).map_err(|s| status_error(self.target, &s))?;
-            let target = self.target;
-            let ttl = option.soft_ttl();
-            let unanswered = Arc::new(Unanswered::default());
-            let sending = unanswered.clone();
-            let oversize_reported = self.oversize_reported.clone();
-            let requests = input
-                .map(move |rpc| message(target, &oversize_reported, &rpc, RPCTypes::AppendEntries))
-                .take_while(move |blob| {
-                    match blob {
-                        Ok(blob) => sending.sent(blob.data.len()),
-                        Err(e) => sending.refuse(e.clone()),
-                    }
-                    std::future::ready(blob.is_ok())
-                })
-                .filter_map(|blob| std::future::ready(blob.ok()));
-            let replies = match tokio::time::timeout(ttl, client.stream_append(requests)).await {
-                Err(_) => {
-                    let timeout = Timeout { action: RPCTypes::AppendEntries, id: 0, target, timeout: ttl };
-                    return Err(RPCError::Timeout(timeout));
-                }
-                Ok(r) => r.map_err(|s| status_error(target, &s))?.into_inner(),
-            };
-            let reading = ReplyReader { replies, unanswered, target, ttl, progress_at: Instant::now(), ended: false };
-            Ok(futures::stream::unfold(reading, ReplyReader::next).boxed())
+        self.unary(&rpc, &option, openraft::network::RPCTypes::AppendEntries, async |mut c, b| {
+            c.append_entries(b).await
         })
+        .await
     }
 
     async fn vote(
@@ -244,7 +186,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary(&rpc, &option, RPCTypes::Vote, async |mut c, b| c.vote(b).await).await
+        self.unary(&rpc, &option, openraft::network::RPCTypes::Vote, async |mut c, b| c.vote(b).await).await
     }
 
     async fn full_snapshot(
@@ -286,87 +228,6 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     }
 }
 
-/// The AppendEntries messages of one replication stream that await their reply.
-#[derive(Default)]
-struct Unanswered {
-    /// When each was handed to the transport, and its size; oldest first. Replies come in order.
-    sent: Mutex<VecDeque<(Instant, usize)>>,
-    /// Why the sending side stopped early (a message over the cap), for the reading side to report.
-    refused: Mutex<Option<RPCError<TypeConfig>>>,
-    /// Wakes a reader that waits with nothing unanswered.
-    changed: tokio::sync::Notify,
-}
-
-impl Unanswered {
-    fn sent(&self, bytes: usize) {
-        self.sent.lock().expect("unanswered lock").push_back((Instant::now(), bytes));
-        self.changed.notify_one();
-    }
-
-    fn refuse(&self, e: RPCError<TypeConfig>) {
-        *self.refused.lock().expect("unanswered lock") = Some(e);
-        self.changed.notify_one();
-    }
-}
-
-/// The reading side of a replication stream: decodes the follower's replies in order, and fails
-/// the stream when the follower makes no progress: when the oldest unanswered message has gone
-/// unanswered for the RPC's time (openraft's `soft_ttl` plus its size at
-/// [`REPLICATION_BYTES_PER_S_MIN`]) counted from its sending or the last reply, whichever is
-/// later. An idle stream, with nothing unanswered, has no deadline.
-struct ReplyReader<R> {
-    replies: R,
-    unanswered: Arc<Unanswered>,
-    target: NodeId,
-    ttl: Duration,
-    progress_at: Instant,
-    /// Set once an error is reported: the stream ends after it.
-    ended: bool,
-}
-
-impl<R: Stream<Item = Result<pb::Blob, tonic::Status>> + Unpin> ReplyReader<R> {
-    async fn next(mut self) -> Option<(Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>, ReplyReader<R>)> {
-        if self.ended {
-            return None;
-        }
-        loop {
-            let refused = self.unanswered.refused.lock().expect("unanswered lock").take();
-            if let Some(e) = refused {
-                self.ended = true;
-                return Some((Err(e), self));
-            }
-            let deadline = self
-                .unanswered
-                .sent
-                .lock()
-                .expect("unanswered lock")
-                .front()
-                .map(|&(at, bytes)| at.max(self.progress_at) + rpc_time(self.ttl, bytes));
-            let result = tokio::select! {
-                reply = self.replies.next() => match reply {
-                    Some(Ok(blob)) => {
-                        self.unanswered.sent.lock().expect("unanswered lock").pop_front();
-                        self.progress_at = Instant::now();
-                        decode(&blob.data, "a peer's stream reply").map_err(|e| RPCError::Network(NetworkError::new(&e)))
-                    }
-                    // The stream ended: because the sending side stopped (the check above reports
-                    // why), or the follower ended it; openraft opens another to send more.
-                    None if self.unanswered.refused.lock().expect("unanswered lock").is_some() => continue,
-                    None => return None,
-                    Some(Err(status)) => Err(status_error(self.target, &status)),
-                },
-                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    let waited = deadline.map_or(self.ttl, |d| d.saturating_duration_since(self.progress_at));
-                    Err(RPCError::Timeout(Timeout { action: RPCTypes::AppendEntries, id: 0, target: self.target, timeout: waited }))
-                }
-                () = self.unanswered.changed.notified(), if deadline.is_none() => continue,
-            };
-            self.ended = result.is_err();
-            return Some((result, self));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,84 +240,5 @@ mod tests {
         assert_eq!(batch, ttl + Duration::from_millis(500), "a full batch: 4 MiB at 8 MiB/s");
         let entry = rpc_time(ttl, ENTRY_BYTES_MAX);
         assert_eq!(entry, ttl + Duration::from_secs(4), "the largest entry: 32 MiB at 8 MiB/s");
-    }
-
-    type Replies = futures::channel::mpsc::UnboundedReceiver<Result<pb::Blob, tonic::Status>>;
-
-    fn reader(
-        ttl: Duration,
-    ) -> (ReplyReader<Replies>, Arc<Unanswered>, futures::channel::mpsc::UnboundedSender<Result<pb::Blob, tonic::Status>>)
-    {
-        let (replies_in, replies) = futures::channel::mpsc::unbounded();
-        let unanswered = Arc::new(Unanswered::default());
-        let reader = ReplyReader {
-            replies,
-            unanswered: unanswered.clone(),
-            target: 2,
-            ttl,
-            progress_at: Instant::now(),
-            ended: false,
-        };
-        (reader, unanswered, replies_in)
-    }
-
-    fn reply(result: &StreamAppendResult<TypeConfig>) -> Result<pb::Blob, tonic::Status> {
-        Ok(pb::Blob { data: encode(result) })
-    }
-
-    /// A stream with nothing unanswered waits as long as it takes; once a message is sent, a
-    /// follower that does not answer it within the RPC's time fails the stream, which then ends.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_unanswered_message_times_out_and_an_idle_stream_does_not() {
-        let ttl = Duration::from_millis(50);
-        let (reader, unanswered, _replies_in) = reader(ttl);
-        let next = tokio::spawn(reader.next());
-        tokio::time::sleep(ttl * 4).await;
-        assert!(!next.is_finished(), "an idle stream has no deadline");
-        let sent_at = Instant::now();
-        unanswered.sent(100);
-        let (result, reader) = next.await.expect("the reader").expect("an item");
-        assert!(matches!(result, Err(RPCError::Timeout(_))), "{result:?}");
-        assert!(sent_at.elapsed() >= ttl, "not before the RPC's time");
-        assert!(reader.next().await.is_none(), "the stream ends after its error");
-    }
-
-    /// Replies come back decoded and in order, each one resets the clock for the next, and a
-    /// message the sending side refused is reported once the follower has answered the rest.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn replies_come_in_order_and_a_refused_message_ends_the_stream() {
-        let ttl = Duration::from_millis(50);
-        let (reader, unanswered, replies_in) = reader(ttl);
-        let log_id = openraft::testing::log_id::<TypeConfig>(1, 0, 7);
-        unanswered.sent(10);
-        unanswered.sent(10);
-        replies_in.unbounded_send(reply(&Ok(Some(log_id)))).expect("send");
-        let (first, reader) = reader.next().await.expect("a reply");
-        assert_eq!(first.expect("no error"), Ok(Some(log_id)));
-        assert_eq!(unanswered.sent.lock().unwrap().len(), 1);
-        // The second reply comes later than the first message's deadline, but within its own
-        // time counted from the first reply.
-        tokio::time::sleep(ttl / 2).await;
-        replies_in.unbounded_send(reply(&Ok(None))).expect("send");
-        let (second, reader) = reader.next().await.expect("a reply");
-        assert_eq!(second.expect("no error"), Ok(None));
-        let e = std::io::Error::other("too large");
-        unanswered.refuse(RPCError::Network(NetworkError::new(&e)));
-        drop(replies_in);
-        let (refused, reader) = reader.next().await.expect("the refusal");
-        assert!(matches!(refused, Err(RPCError::Network(_))), "{refused:?}");
-        assert!(reader.next().await.is_none());
-    }
-
-    /// A reply that is not a reply fails the stream instead of being skipped: replies are matched
-    /// to messages in order.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_reply_that_does_not_decode_fails_the_stream() {
-        let (reader, unanswered, replies_in) = reader(Duration::from_millis(50));
-        unanswered.sent(10);
-        replies_in.unbounded_send(Ok(pb::Blob { data: vec![0xff; 9] })).expect("send");
-        let (result, reader) = reader.next().await.expect("an item");
-        assert!(matches!(result, Err(RPCError::Network(_))), "{result:?}");
-        assert!(reader.next().await.is_none());
     }
 }

@@ -46,9 +46,6 @@ const MEMBERSHIP: &str = "raft_membership";
 const TERMS: TableDefinition<u64, u64> = TableDefinition::new("raft_terms");
 /// Entries applied per transaction, so a long catch-up does not hold all in memory.
 const APPLY_BATCH_MAX: usize = 1024;
-/// Longest batch applied on the state-machine task's own thread; a longer one (catching up)
-/// goes to the blocking pool. A commit group under load is well below it.
-const APPLY_HERE_ENTRIES_MAX: usize = 64;
 /// Longest time between durable commits of applied state: at most this much applying is redone
 /// from the Raft log after a crash.
 pub const APPLY_DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -786,33 +783,6 @@ fn read_head(path: &Path) -> io::Result<SnapshotMeta> {
     read_head_from(&mut input)
 }
 
-type Responder = openraft::storage::ApplyResponder<TypeConfig>;
-
-impl StateMachine {
-    /// Applies `batch`: the last log id applied, whether a `gov.` map changed, and the
-    /// responders to answer once the result is published.
-    fn apply_entries(
-        &self,
-        batch: Vec<EntryResponder<TypeConfig>>,
-    ) -> io::Result<(Option<LogId>, bool, Vec<Responder>)> {
-        let rows: Vec<_> = batch
-            .iter()
-            .map(|(entry, _)| {
-                let payload = match &entry.payload {
-                    EntryPayload::Normal(tx) => Payload::Tx(tx.clone()),
-                    EntryPayload::Membership(m) => Payload::Membership(encode(m)),
-                    EntryPayload::Blank => Payload::Blank,
-                };
-                let m = entry.get_membership().map(|m| StoredMembership::new(Some(entry.log_id()), m));
-                (entry.log_id(), payload, m)
-            })
-            .collect();
-        let gov_touched = self.apply_batch(&rows)?;
-        let last = rows.last().map(|(l, ..)| *l);
-        Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect()))
-    }
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
 
@@ -847,16 +817,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             if pending.len() >= APPLY_BATCH_MAX || (end && !pending.is_empty()) {
                 let batch = std::mem::take(&mut pending);
-                // A commit group is applied on this task's thread, like the log's appends (see
-                // `LogStore::write_here`): openraft's state-machine worker awaits each batch before
-                // the next, so the blocking pool only added two thread handoffs. A long batch
-                // (catching up) goes to the blocking pool, so no runtime thread stalls for long.
-                let (last, gov_touched, responders) = if batch.len() <= APPLY_HERE_ENTRIES_MAX {
-                    self.apply_entries(batch)?
-                } else {
-                    let sm = self.clone();
-                    tokio::task::spawn_blocking(move || sm.apply_entries(batch)).await.map_err(io_other)??
-                };
+                let sm = self.clone();
+                let (last, gov_touched, responders) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+                    let rows: Vec<_> = batch
+                        .iter()
+                        .map(|(entry, _)| {
+                            let payload = match &entry.payload {
+                                EntryPayload::Normal(tx) => Payload::Tx(tx.clone()),
+                                EntryPayload::Membership(m) => Payload::Membership(encode(m)),
+                                EntryPayload::Blank => Payload::Blank,
+                            };
+                            let m = entry.get_membership().map(|m| StoredMembership::new(Some(entry.log_id()), m));
+                            (entry.log_id(), payload, m)
+                        })
+                        .collect();
+                    let gov_touched = sm.apply_batch(&rows)?;
+                    let last = rows.last().map(|(l, ..)| *l);
+                    Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect::<Vec<_>>()))
+                })
+                .await
+                .map_err(io_other)??;
                 self.publish(last, gov_touched);
                 for responder in responders {
                     responder.send(());
