@@ -9,7 +9,9 @@ use futures::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::types::{NodeAddr, NodeId, SnapshotMeta, Vote, decode, encode};
+use openraft::raft::AppendEntriesRequest;
+
+use super::types::{NodeAddr, NodeId, SnapshotMeta, TypeConfig, Vote, decode, encode};
 use super::{Consensus, state_machine::SnapshotFile};
 
 /// What a peer request asks for, for [`Forwarder::authorize`].
@@ -57,6 +59,33 @@ impl PeerService {
     }
 }
 
+/// The requests of one replication stream, each authorized and decoded; the first that is not
+/// ends it, and leaves its error in `refusal`.
+struct Incoming<M> {
+    messages: M,
+    cert: Vec<u8>,
+    forwarder: Arc<dyn Forwarder>,
+    refusal: Arc<std::sync::Mutex<Option<Status>>>,
+}
+
+impl<M: Stream<Item = Result<pb::Blob, Status>> + Unpin> Incoming<M> {
+    async fn next(mut self) -> Option<(AppendEntriesRequest<TypeConfig>, Incoming<M>)> {
+        let refusal = match self.messages.next().await {
+            None => return None,
+            Some(Ok(blob)) => match self.forwarder.authorize(&self.cert, PeerRpc::Raft) {
+                Ok(()) => match decode(&blob.data, "an append-entries request") {
+                    Ok(rpc) => return Some((rpc, self)),
+                    Err(e) => bad_request(e),
+                },
+                Err(status) => status,
+            },
+            Some(Err(status)) => status,
+        };
+        *self.refusal.lock().expect("refusal lock") = Some(refusal);
+        None
+    }
+}
+
 fn bad_request(e: std::io::Error) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -87,17 +116,22 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         req: Request<Streaming<pb::Blob>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
-        self.authorize(&req, PeerRpc::Raft)?;
-        // Requests that fail to decode end the stream: the leader then falls back and retries.
-        let input = req
-            .into_inner()
-            .take_while(|r| std::future::ready(r.is_ok()))
-            .filter_map(|r| async move { r.ok().and_then(|b| decode(&b.data, "an append-entries request").ok()) });
-        let output = self.consensus.raft.stream_append(input).map(|r| match r {
+        let cert = self.authorize(&req, PeerRpc::Raft)?;
+        // Each message is authorized as a unary call would be (a node retired while its stream is
+        // open is cut off at its next message), and one that is refused or does not decode ends
+        // the stream with that error after the replies to those before it: the replies are
+        // matched to the requests in order, so none may be skipped.
+        let refusal = Arc::new(std::sync::Mutex::new(None::<Status>));
+        let incoming =
+            Incoming { messages: req.into_inner(), cert, forwarder: self.forwarder.clone(), refusal: refusal.clone() };
+        let input = futures::stream::unfold(incoming, Incoming::next);
+        let replies = self.consensus.raft.stream_append(input).map(|r| match r {
             Ok(result) => Ok(pb::Blob { data: encode(&result) }),
             Err(e) => Err(consensus_stopped(e)),
         });
-        Ok(Response::new(Box::pin(output)))
+        let refused = futures::stream::once(async move { refusal.lock().expect("refusal lock").take() })
+            .filter_map(|status| std::future::ready(status.map(Err)));
+        Ok(Response::new(Box::pin(replies.chain(refused))))
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::Blob>, Status> {
@@ -163,5 +197,88 @@ impl pb::peer_server::Peer for PeerService {
         }
         let voters = self.consensus.add_voter(id, addr).await?;
         Ok(Response::new(pb::JoinReply { voters }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Admits the first `allowed` Raft messages, then refuses.
+    struct Admits {
+        allowed: usize,
+        seen: AtomicUsize,
+    }
+
+    #[tonic::async_trait]
+    impl Forwarder for Admits {
+        async fn forward(&self, _: pb::ForwardRequest) -> Result<pb::ForwardReply, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn challenge(&self, _: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn attest(&self, _: Vec<u8>, _: pb::AttestRequest) -> Result<pb::AttestReply, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        fn authorize(&self, _: &[u8], rpc: PeerRpc) -> Result<(), Status> {
+            assert_eq!(rpc, PeerRpc::Raft);
+            if self.seen.fetch_add(1, Ordering::SeqCst) < self.allowed {
+                Ok(())
+            } else {
+                Err(Status::permission_denied("this node is Retired"))
+            }
+        }
+    }
+
+    fn request(leader_commit: u64) -> Result<pb::Blob, Status> {
+        let rpc = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: Some(openraft::testing::log_id::<TypeConfig>(1, 1, leader_commit)),
+            entries: vec![],
+        };
+        Ok(pb::Blob { data: encode(&rpc) })
+    }
+
+    /// What a stream of `messages` hands to Raft, and why it stopped early, if it did.
+    async fn read(messages: Vec<Result<pb::Blob, Status>>, allowed: usize) -> (Vec<u64>, Option<Status>) {
+        let refusal = Arc::new(std::sync::Mutex::new(None));
+        let incoming = Incoming {
+            messages: futures::stream::iter(messages),
+            cert: b"node".to_vec(),
+            forwarder: Arc::new(Admits { allowed, seen: AtomicUsize::new(0) }),
+            refusal: refusal.clone(),
+        };
+        let handed: Vec<u64> = futures::stream::unfold(incoming, Incoming::next)
+            .map(|rpc| rpc.leader_commit.map_or(0, |l| l.index))
+            .collect()
+            .await;
+        let refusal = refusal.lock().unwrap().take();
+        (handed, refusal)
+    }
+
+    #[tokio::test]
+    async fn every_message_of_a_stream_is_authorized_and_a_refusal_ends_it() {
+        let (handed, refusal) = read(vec![request(1), request(2), request(3)], 3).await;
+        assert_eq!(handed, [1, 2, 3]);
+        assert!(refusal.is_none());
+        // The node is retired after its first message: the stream stops there, whatever follows.
+        let (handed, refusal) = read(vec![request(1), request(2), request(3)], 1).await;
+        assert_eq!(handed, [1]);
+        assert_eq!(refusal.expect("a refusal").code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_message_that_does_not_decode_ends_the_stream_instead_of_being_skipped() {
+        let garbage = Ok(pb::Blob { data: vec![0xff; 5] });
+        let (handed, refusal) = read(vec![request(1), garbage, request(3)], 10).await;
+        assert_eq!(handed, [1], "replies are matched to requests in order: none may be skipped");
+        assert_eq!(refusal.expect("a refusal").code(), tonic::Code::InvalidArgument);
+        let (handed, refusal) = read(vec![request(1), Err(Status::cancelled("reset"))], 10).await;
+        assert_eq!(handed, [1]);
+        assert_eq!(refusal.expect("a refusal").code(), tonic::Code::Cancelled);
     }
 }
