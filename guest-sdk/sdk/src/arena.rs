@@ -6,13 +6,28 @@
 //! hands out memory by bumping a pointer, grows linear memory in chunks, reuses space only when
 //! the most recent allocation is freed or resized (the common `Vec` growth pattern), and returns
 //! null when the node's memory cap is reached, which the node reports as `MemoryLimitExceeded`.
+//!
+//! Its first chunk is a zeroed static in the module's own memory (bss: no bytes in the module
+//! file, no page touched until used), so a request that stays within it never grows memory. A
+//! grown instance costs the node an `mprotect` on the way up, and another with a TLB shootdown
+//! across every core when its slot is shrunk back for the next request.
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::cell::Cell;
+use core::cell::{Cell, UnsafeCell};
 
 const PAGE_BYTES: usize = 64 << 10;
 /// Linear memory is grown at least this many pages at a time.
 const GROW_PAGES_MIN: usize = 16;
+/// The arena's first chunk, part of the module's initial memory.
+const FIRST_CHUNK_BYTES: usize = GROW_PAGES_MIN * PAGE_BYTES;
+
+#[repr(align(16))]
+struct FirstChunk(UnsafeCell<[u8; FIRST_CHUNK_BYTES]>);
+
+// SAFETY: as for `Arena`: contracts run single-threaded, and only the arena hands out its bytes.
+unsafe impl Sync for FirstChunk {}
+
+static FIRST_CHUNK: FirstChunk = FirstChunk(UnsafeCell::new([0; FIRST_CHUNK_BYTES]));
 
 pub struct Arena {
     next: Cell<usize>,
@@ -35,6 +50,12 @@ impl Arena {
         if end <= self.end.get() && self.end.get() != 0 {
             return Some(start);
         }
+        if self.end.get() == 0 {
+            let first = FIRST_CHUNK.0.get() as usize;
+            self.next.set(first);
+            self.end.set(first + FIRST_CHUNK_BYTES);
+            return self.reserve(bytes, align);
+        }
         let pages = bytes.checked_add(align)?.div_ceil(PAGE_BYTES).max(GROW_PAGES_MIN);
         let previous = core::arch::wasm32::memory_grow(0, pages);
         if previous == usize::MAX {
@@ -56,8 +77,8 @@ impl Default for Arena {
     }
 }
 
-// SAFETY: every pointer returned lies in linear memory the arena obtained from memory.grow and
-// never hands out twice; alignment is honoured by `reserve`.
+// SAFETY: every pointer returned lies in the first chunk or in linear memory the arena obtained
+// from memory.grow, and is never handed out twice; alignment is honoured by `reserve`.
 unsafe impl GlobalAlloc for Arena {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match self.reserve(layout.size(), layout.align()) {

@@ -73,7 +73,6 @@ impl Unseal for Sealer {
 /// Seals and opens blobs under one secret.
 pub struct Sealer {
     prk: hkdf::Prk,
-    rng: SystemRandom,
     /// The key of [`Sealer::private_key_digest`], derived once.
     key_digest_key: [u8; 32],
 }
@@ -97,7 +96,7 @@ impl Sealer {
         prk.expand(&[KEY_DIGEST_LABEL], OkmLen)
             .and_then(|okm| okm.fill(&mut key_digest_key))
             .expect("HKDF fills 32 bytes");
-        Sealer { prk, rng: SystemRandom::new(), key_digest_key }
+        Sealer { prk, key_digest_key }
     }
 
     /// A MAC over a whole snapshot file (BLAKE3 in keyed mode), under a key derived from the
@@ -131,14 +130,14 @@ impl Sealer {
     }
 
     pub fn seal(&self, purpose: Purpose, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        let mut out = vec![0u8; SALT_BYTES];
-        self.rng.fill(&mut out).expect("the OS random source works");
-        let key = self.key(purpose, &out);
-        let mut body = plaintext.to_vec();
+        let salt: [u8; SALT_BYTES] = crate::unique_bytes();
+        let key = self.key(purpose, &salt);
+        let mut out = Vec::with_capacity(SALT_BYTES + plaintext.len() + AES_256_GCM.tag_len());
+        out.extend_from_slice(&salt);
+        out.extend_from_slice(plaintext);
         let tag = key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut body)
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut out[SALT_BYTES..])
             .expect("AES-GCM seals any length we use");
-        out.extend_from_slice(&body);
         out.extend_from_slice(tag.as_ref());
         out
     }

@@ -48,16 +48,10 @@ impl std::fmt::Display for TxEntry {
     }
 }
 
-fn random_uid() -> [u8; 16] {
-    let mut uid = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut uid).expect("the OS random source works");
-    uid
-}
-
 impl TxEntry {
     /// A transaction whose private writes are sealed under `sealer`.
     pub fn new(kind: TxKind, writes: WriteSet, claims_digest: Option<[u8; 32]>, sealer: &Sealer) -> TxEntry {
-        let uid = random_uid();
+        let uid = cloister_crypto::unique_bytes();
         let (public, private) = writes.split(kv::is_public);
         let private = (!private.is_empty()).then(|| {
             sealer.seal(Purpose::LedgerPrivate, &uid, &postcard::to_stdvec(&private).expect("write sets encode"))
@@ -67,7 +61,7 @@ impl TxEntry {
 
     pub fn signature(payload: SignaturePayload) -> TxEntry {
         TxEntry {
-            uid: random_uid(),
+            uid: cloister_crypto::unique_bytes(),
             kind: TxKind::Signature,
             public: WriteSet::default(),
             private: None,

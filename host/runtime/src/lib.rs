@@ -322,6 +322,9 @@ fn engine_config(limits: &Limits) -> Config {
         // (PAGEMAP_SCAN, Linux 6.7+; elsewhere the low bytes are memset): page faults on fresh
         // memory otherwise cost a third of a large request's time.
         .linear_memory_keep_resident(limits.memory_keep_resident_bytes)
+        // Likewise for the table: zeroed in place rather than given back with `madvise`, whose
+        // TLB shootdown interrupts every other core running the node.
+        .table_keep_resident(limits::TABLE_KEEP_RESIDENT_BYTES)
         .pagemap_scan(wasmtime::Enabled::Auto);
     let mut config = Config::new();
     config

@@ -21,6 +21,9 @@ pub(crate) const SCANS_PER_REQUEST_MAX: usize = 64;
 pub(crate) const LOG_BYTES_PER_REQUEST_MAX: usize = 16 << 10;
 pub(crate) const MODULES_CACHED_MAX: usize = 8;
 pub(crate) const MEMORY_KEEP_RESIDENT_BYTES: usize = 4 << 20;
+/// Bytes of each instance slot's table reset in place between requests: 8,192 function
+/// references, more than a contract's indirect-call table holds.
+pub(crate) const TABLE_KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
 /// Fuel charged for each host call, on top of one unit per byte it moves: roughly the cost of
 /// a store lookup in wasm instructions, so host calls are not a free way around the fuel limit.
