@@ -1,37 +1,23 @@
 //! The Raft log on redb, in its own file beside the state database.
 //!
 //! Entries are keyed by index and postcard-encoded; the vote, the committed log id and the last
-//! purged log id live in a small meta table. On append, the leader's proposers learn where their
-//! entries landed.
-//!
-//! Group commit: `append` writes its entries in a redb transaction without durability, so they
-//! are readable (and replicated) as soon as it returns, and hands its flush callback to the
-//! [`Flusher`] thread. That thread makes every append queued since its last pass durable with one
-//! durable commit (one `fdatasync`; redb makes every earlier commit durable with it) and only then
-//! tells Raft they are flushed: an entry counts towards a commit quorum only once it is on disk.
-//! So the leader's sync runs while its followers receive and sync the same entries, and appends
-//! that arrive during a sync share the next one. The vote, truncations and purges are durable
-//! before they return and go through the same thread, in order with the flushes queued before
-//! them. The committed log id is written without a sync of its own (see
-//! [`LogStore::save_committed`]).
-//!
-//! What the log has made durable is published as an index ([`LogStore::durable`]): the state
-//! machine applies no entry beyond it, so applied state never runs ahead of this node's durable
-//! log (a crash could otherwise leave a state, or a state a node had served, that its own log
-//! cannot account for).
+//! purged log id live in a small meta table. Every write is one redb transaction run on the
+//! blocking pool. Appends, truncations, purges and votes commit durably (one fsync each); the
+//! committed log id does not, so a commit group costs one fsync on each node, its append (see
+//! [`LogStore::save_committed`]). On append, the leader's proposers learn where their entries landed.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::sync::{Arc, Mutex};
 
 use openraft::EntryPayload;
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use super::network::REPLICATION_BATCH_BYTES_MAX;
 use super::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
@@ -41,9 +27,6 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "purged";
-/// Largest append written on the Raft core's own thread rather than the blocking pool: a commit
-/// group under load is a few KiB to tens of KiB.
-const APPEND_HERE_BYTES_MAX: usize = 256 << 10;
 
 fn io_err(e: impl Into<redb::Error>) -> io::Error {
     io::Error::other(format!("raft log database: {}", e.into()))
@@ -82,108 +65,11 @@ impl AppendWatch {
     }
 }
 
-/// A write the flusher thread commits durably.
-type DurableWrite = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send>;
-
-enum Job {
-    /// Entries up to index `last` are written without durability: make them durable, publish
-    /// `last` as durable, then call back.
-    Flush { last: u64, callback: IOFlushed<TypeConfig> },
-    /// A write that must be durable, after everything queued before it. A truncation lowers the
-    /// durable index to `lowers_to`: the entries after it are gone, and their replacements are not
-    /// durable yet.
-    Write { write: DurableWrite, lowers_to: Option<u64>, reply: oneshot::Sender<io::Result<()>> },
-}
-
-/// The one thread that makes the log durable, in the order jobs were queued: it takes every job
-/// waiting, makes all appends among them durable with one commit, runs durable writes in between
-/// in order, and reports each. It holds the database weakly; when the last [`LogStore`] goes,
-/// the queue closes and dropping the flusher waits for the thread, so the database file is
-/// closed by then (a node restarted in the same process opens it again).
-struct Flusher {
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Flusher {
-    fn start(db: &Arc<Database>, durable: watch::Sender<u64>) -> io::Result<Flusher> {
-        let (jobs, queue) = mpsc::channel();
-        let db = Arc::downgrade(db);
-        let thread = std::thread::Builder::new()
-            .name("raft-log-flusher".into())
-            .spawn(move || Flusher::run(&db, &queue, &durable))?;
-        Ok(Flusher { jobs: Mutex::new(Some(jobs)), thread: Mutex::new(Some(thread)) })
-    }
-
-    fn send(&self, job: Job) -> io::Result<()> {
-        let jobs = self.jobs.lock().expect("flusher queue lock");
-        jobs.as_ref().ok_or_else(flusher_gone)?.send(job).map_err(|_| flusher_gone())
-    }
-
-    fn run(db: &Weak<Database>, queue: &mpsc::Receiver<Job>, durable: &watch::Sender<u64>) {
-        while let Ok(first) = queue.recv() {
-            let mut flushes = Vec::new();
-            for job in std::iter::once(first).chain(queue.try_iter()) {
-                match job {
-                    Job::Flush { last, callback } => flushes.push((last, callback)),
-                    Job::Write { write, lowers_to, reply } => {
-                        Flusher::sync(db, &mut flushes, durable);
-                        let result = Flusher::commit(db, write);
-                        if let (Ok(()), Some(to)) = (&result, lowers_to) {
-                            durable.send_modify(|d| *d = (*d).min(to));
-                        }
-                        let _ = reply.send(result);
-                    }
-                }
-            }
-            Flusher::sync(db, &mut flushes, durable);
-        }
-    }
-
-    /// One durable commit for all `flushes`; then the durable index moves to the last of them,
-    /// and each is reported.
-    fn sync(db: &Weak<Database>, flushes: &mut Vec<(u64, IOFlushed<TypeConfig>)>, durable: &watch::Sender<u64>) {
-        let Some(&(last, _)) = flushes.last() else { return };
-        let result = Flusher::commit(db, Box::new(|_| Ok(())));
-        if result.is_ok() {
-            durable.send_modify(|d| *d = last);
-        }
-        for (_, callback) in flushes.drain(..) {
-            callback.io_completed(result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string())));
-        }
-    }
-
-    fn commit(db: &Weak<Database>, write: DurableWrite) -> io::Result<()> {
-        let db = db.upgrade().ok_or_else(|| io::Error::other("raft log database: closed"))?;
-        let txn = db.begin_write().map_err(io_err)?;
-        write(&txn).map_err(io_err)?;
-        txn.commit().map_err(io_err)
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        // Closing the queue ends the thread once it has done the jobs queued.
-        drop(self.jobs.lock().expect("flusher queue lock").take());
-        if let Some(thread) = self.thread.lock().expect("flusher thread lock").take()
-            && thread.join().is_err()
-        {
-            tracing::error!("the raft log flusher thread panicked");
-        }
-    }
-}
-
-fn flusher_gone() -> io::Error {
-    io::Error::other("raft log database: the flusher thread has stopped")
-}
-
 /// The log store; clones share the database, so every reader sees every append.
 #[derive(Clone)]
 pub(crate) struct LogStore {
     db: Arc<Database>,
     watch: Arc<AppendWatch>,
-    flusher: Arc<Flusher>,
-    durable: watch::Receiver<u64>,
 }
 
 impl LogStore {
@@ -193,18 +79,7 @@ impl LogStore {
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
-        let db = Arc::new(db);
-        // Everything in the file at open is durable.
-        let last = db.begin_read()?.open_table(LOG)?.last()?.map(|(k, _)| k.value());
-        let (durable_tx, durable) = watch::channel(last.unwrap_or(0));
-        let flusher = Arc::new(Flusher::start(&db, durable_tx)?);
-        Ok(LogStore { db, watch, flusher, durable })
-    }
-
-    /// The index through which this node's log is durable: every entry at or below it that the
-    /// log holds survives a crash.
-    pub fn durable(&self) -> watch::Receiver<u64> {
-        self.durable.clone()
+        Ok(LogStore { db: Arc::new(db), watch })
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
@@ -214,42 +89,39 @@ impl LogStore {
         value.map(|v| decode(v.value(), key)).transpose()
     }
 
-    /// Runs a write transaction and commits it without durability, on this thread: it is
-    /// readable at once, and reaches the disk with the flusher's next durable commit (redb opens
-    /// at the last durable commit after a crash, never a torn one).
-    ///
-    /// The Raft core awaits every log write before it goes on, so running it on the blocking pool
-    /// gained no concurrency, only two thread handoffs per commit group (there and back), which
-    /// on two cores cost more than the write: 1 node, 1 client, kv put 809 -> 1,118 writes/s.
-    /// Only short writes run here: an append of up to [`APPEND_HERE_BYTES_MAX`] and a meta row.
-    /// A longer append (a follower catching up takes up to `REPLICATION_BATCH_BYTES_MAX` at once)
-    /// goes to the blocking pool, so no runtime thread stalls for long.
-    fn write_here(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> io::Result<()> {
-        let mut txn = self.db.begin_write().map_err(io_err)?;
-        txn.set_durability(redb::Durability::None).map_err(io_err)?;
-        f(&txn).map_err(io_err)?;
-        txn.commit().map_err(io_err)
-    }
-
-    /// Commits a write durably on the flusher thread, after every job queued before it.
-    async fn write_durably(
+    /// Runs a write transaction on the blocking pool and commits it durably.
+    async fn write(
         &self,
-        lowers_to: Option<u64>,
-        write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
     ) -> io::Result<()> {
-        let (reply, done) = oneshot::channel();
-        self.flusher.send(Job::Write { write: Box::new(write), lowers_to, reply })?;
-        done.await.map_err(|_| flusher_gone())?
+        self.write_with(redb::Durability::Immediate, f).await
     }
-}
 
-fn put_meta(
-    key: &'static str,
-    value: Vec<u8>,
-) -> impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static {
-    move |txn| {
-        txn.open_table(META)?.insert(key, value.as_slice())?;
-        Ok(())
+    /// Runs a write transaction on the blocking pool and commits it with `durability`. A
+    /// [`redb::Durability::None`] commit is lost in a crash unless a later durable commit (the next
+    /// append) carries it; redb then opens at the last durable commit, never a torn one.
+    async fn write_with(
+        &self,
+        durability: redb::Durability,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+    ) -> io::Result<()> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut txn = db.begin_write().map_err(io_err)?;
+            txn.set_durability(durability).map_err(io_err)?;
+            f(&txn).map_err(io_err)?;
+            txn.commit().map_err(io_err)
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("raft log write task failed: {e}")))?
+    }
+
+    async fn put_meta(&self, key: &'static str, value: Vec<u8>, durability: redb::Durability) -> io::Result<()> {
+        self.write_with(durability, move |txn| {
+            txn.open_table(META)?.insert(key, value.as_slice())?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -316,7 +188,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
-        self.write_durably(None, put_meta(VOTE, encode(vote))).await
+        self.put_meta(VOTE, encode(vote), redb::Durability::Immediate).await
     }
 
     /// Records the committed log id without an fsync. It is a hint for restart, not a promise:
@@ -328,7 +200,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// back (`Consensus::wait_recovered`). Syncing it cost a second fsync per commit group on every
     /// node.
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        self.write_here(put_meta(COMMITTED, encode(&committed)))
+        self.put_meta(COMMITTED, encode(&committed), redb::Durability::None).await
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
@@ -342,34 +214,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let encoded: Vec<(u64, Vec<u8>)> = entries.iter().map(|e| (e.index(), encode(e))).collect();
-        let bytes: usize = encoded.iter().map(|(_, e)| e.len()).sum();
-        let Some(last) = entries.last().map(|e| e.index()) else {
-            callback.io_completed(Ok(()));
-            return Ok(());
-        };
-        let insert = move |txn: &redb::WriteTransaction| {
-            let mut table = txn.open_table(LOG)?;
-            for (index, bytes) in &encoded {
-                table.insert(*index, bytes.as_slice())?;
-            }
-            Ok(())
-        };
-        if bytes <= APPEND_HERE_BYTES_MAX {
-            self.write_here(insert)?;
-        } else {
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.write_here(insert))
-                .await
-                .map_err(|e| io::Error::other(format!("raft log write task failed: {e}")))??;
+        let result = self
+            .write(move |txn| {
+                let mut table = txn.open_table(LOG)?;
+                for (index, bytes) in &encoded {
+                    table.insert(*index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+            .await;
+        if result.is_ok() {
+            self.watch.appended(&entries);
         }
-        self.watch.appended(&entries);
-        // Readable now; durable (and reported flushed) once the flusher's next commit is done.
-        self.flusher.send(Job::Flush { last, callback })
+        let report = result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        callback.io_completed(report);
+        result
     }
 
     async fn truncate_after(&mut self, last: Option<LogId>) -> io::Result<()> {
         let from = last.map_or(0, |l| l.index + 1);
-        self.write_durably(Some(from.saturating_sub(1)), move |txn| {
+        self.write(move |txn| {
             let mut table = txn.open_table(LOG)?;
             table.retain_in(from.., |_, _| false)?;
             Ok(())
@@ -380,7 +244,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         let upto = log_id.index;
         let purged = encode(&log_id);
-        self.write_durably(None, move |txn| {
+        self.write(move |txn| {
             txn.open_table(META)?.insert(PURGED, purged.as_slice())?;
             txn.open_table(LOG)?.retain_in(..=upto, |_, _| false)?;
             Ok(())

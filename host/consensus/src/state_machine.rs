@@ -46,12 +46,6 @@ const MEMBERSHIP: &str = "raft_membership";
 const TERMS: TableDefinition<u64, u64> = TableDefinition::new("raft_terms");
 /// Entries applied per transaction, so a long catch-up does not hold all in memory.
 const APPLY_BATCH_MAX: usize = 1024;
-/// Longest batch applied on the state-machine task's own thread, in entries and in bytes of
-/// writes; a longer one (catching up, or a large ingest) goes to the blocking pool, so no runtime
-/// thread stalls for long. (Applying one 5 MB ingest in place held a runtime thread long enough,
-/// on a debug build under load, for an election to move leadership.)
-const APPLY_HERE_ENTRIES_MAX: usize = 64;
-const APPLY_HERE_BYTES_MAX: usize = 256 << 10;
 /// Longest time between durable commits of applied state: at most this much applying is redone
 /// from the Raft log after a crash.
 pub const APPLY_DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -164,10 +158,6 @@ struct Inner {
     applied: watch::Sender<Applied>,
     /// When applied state was last committed durably.
     durable_at: Mutex<std::time::Instant>,
-    /// The index through which this node's Raft log is durable: no entry beyond it is applied
-    /// (see `LogStore::durable`). Absent only in openraft's storage suite, which applies entries
-    /// no log holds.
-    log_durable: Option<watch::Receiver<u64>>,
     counts: Counts,
 }
 
@@ -195,9 +185,8 @@ impl StateMachine {
         ledger: Arc<Ledger>,
         secrets: Arc<LedgerSecrets>,
         snapshot_dir: PathBuf,
-        log_durable: watch::Receiver<u64>,
     ) -> anyhow::Result<StateMachine> {
-        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir, Some(log_durable))
+        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir)
     }
 
     /// A state machine that keeps no ledger, for openraft's storage suite only.
@@ -210,7 +199,7 @@ impl StateMachine {
         let batch = store.write_batch()?;
         index::create(batch.txn())?;
         batch.commit()?;
-        StateMachine::with(store, None, secrets, snapshot_dir, None)
+        StateMachine::with(store, None, secrets, snapshot_dir)
     }
 
     fn with(
@@ -218,7 +207,6 @@ impl StateMachine {
         ledger: Option<Arc<Ledger>>,
         secrets: Option<Arc<LedgerSecrets>>,
         snapshot_dir: PathBuf,
-        log_durable: Option<watch::Receiver<u64>>,
     ) -> anyhow::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let sm = StateMachine {
@@ -230,7 +218,6 @@ impl StateMachine {
                 current: Mutex::new(None),
                 applied: watch::Sender::new(Applied::default()),
                 durable_at: Mutex::new(std::time::Instant::now()),
-                log_durable,
                 counts: Counts::default(),
             }),
         };
@@ -796,60 +783,6 @@ fn read_head(path: &Path) -> io::Result<SnapshotMeta> {
     read_head_from(&mut input)
 }
 
-type Responder = openraft::storage::ApplyResponder<TypeConfig>;
-
-/// The bytes of writes a batch carries, public and sealed.
-fn writes_bytes(batch: &[EntryResponder<TypeConfig>]) -> usize {
-    batch
-        .iter()
-        .map(|(entry, _)| match &entry.payload {
-            EntryPayload::Normal(tx) => tx.public.bytes() + tx.private.as_ref().map_or(0, Vec::len),
-            _ => 0,
-        })
-        .sum()
-}
-
-impl StateMachine {
-    /// Waits until this node's log is durable through `batch`. An entry can commit before this
-    /// node's own sync is done (a majority of the others holds it); applying it then could make a
-    /// state durable, or serve one, that this node's log loses in a crash. The leader's sync
-    /// starts before it replicates, so it has normally finished by the time the commit comes.
-    async fn wait_log_durable(&self, batch: &[EntryResponder<TypeConfig>]) -> io::Result<()> {
-        let (Some(durable), Some((last, _))) = (&self.inner.log_durable, batch.last()) else {
-            return Ok(());
-        };
-        let last = last.index();
-        if *durable.borrow() >= last {
-            return Ok(());
-        }
-        let mut durable = durable.clone();
-        durable.wait_for(|&d| d >= last).await.map(|_| ()).map_err(|_| io_other("the raft log has closed"))
-    }
-
-    /// Applies `batch`: the last log id applied, whether a `gov.` map changed, and the
-    /// responders to answer once the result is published.
-    fn apply_entries(
-        &self,
-        batch: Vec<EntryResponder<TypeConfig>>,
-    ) -> io::Result<(Option<LogId>, bool, Vec<Responder>)> {
-        let rows: Vec<_> = batch
-            .iter()
-            .map(|(entry, _)| {
-                let payload = match &entry.payload {
-                    EntryPayload::Normal(tx) => Payload::Tx(tx.clone()),
-                    EntryPayload::Membership(m) => Payload::Membership(encode(m)),
-                    EntryPayload::Blank => Payload::Blank,
-                };
-                let m = entry.get_membership().map(|m| StoredMembership::new(Some(entry.log_id()), m));
-                (entry.log_id(), payload, m)
-            })
-            .collect();
-        let gov_touched = self.apply_batch(&rows)?;
-        let last = rows.last().map(|(l, ..)| *l);
-        Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect()))
-    }
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
 
@@ -884,18 +817,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             if pending.len() >= APPLY_BATCH_MAX || (end && !pending.is_empty()) {
                 let batch = std::mem::take(&mut pending);
-                self.wait_log_durable(&batch).await?;
-                // A commit group is applied on this task's thread, like the log's appends (see
-                // `LogStore::write_here`): openraft's state-machine worker awaits each batch before
-                // the next, so the blocking pool only added two thread handoffs. A long batch
-                // (catching up, or large writes) goes to the blocking pool.
-                let short = batch.len() <= APPLY_HERE_ENTRIES_MAX && writes_bytes(&batch) <= APPLY_HERE_BYTES_MAX;
-                let (last, gov_touched, responders) = if short {
-                    self.apply_entries(batch)?
-                } else {
-                    let sm = self.clone();
-                    tokio::task::spawn_blocking(move || sm.apply_entries(batch)).await.map_err(io_other)??
-                };
+                let sm = self.clone();
+                let (last, gov_touched, responders) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+                    let rows: Vec<_> = batch
+                        .iter()
+                        .map(|(entry, _)| {
+                            let payload = match &entry.payload {
+                                EntryPayload::Normal(tx) => Payload::Tx(tx.clone()),
+                                EntryPayload::Membership(m) => Payload::Membership(encode(m)),
+                                EntryPayload::Blank => Payload::Blank,
+                            };
+                            let m = entry.get_membership().map(|m| StoredMembership::new(Some(entry.log_id()), m));
+                            (entry.log_id(), payload, m)
+                        })
+                        .collect();
+                    let gov_touched = sm.apply_batch(&rows)?;
+                    let last = rows.last().map(|(l, ..)| *l);
+                    Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect::<Vec<_>>()))
+                })
+                .await
+                .map_err(io_other)??;
                 self.publish(last, gov_touched);
                 for responder in responders {
                     responder.send(());
