@@ -64,6 +64,7 @@ async fn crash_loop(nodes: usize) {
         // Small files and frequent snapshots, so crashes also land in file and snapshot creation.
         cfg.ledger.chunk_bytes = 16 << 10;
         cfg.raft.snapshot_after_logs = 300;
+        cfg.raft.snapshot_after_logs_max = 300;
         cfg.raft.logs_kept_after_snapshot = 100;
     })
     .await;

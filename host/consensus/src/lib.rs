@@ -149,6 +149,30 @@ pub struct RaftStats {
     pub snapshots_installed: u64,
 }
 
+/// Asks Raft to build a snapshot once the entries applied since the current one (or since the
+/// last time it asked) reach [`RaftSection::snapshot_interval`] for the records that snapshot
+/// holds. Ends when Raft stops.
+async fn schedule_snapshots(raft: Raft, sm: StateMachine, settings: RaftSection) {
+    let mut applied = sm.subscribe();
+    let mut running = raft.metrics();
+    let mut asked_at = 0;
+    loop {
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            // Raft's metrics close when its core stops.
+            changed = running.changed() => if changed.is_err() { return } else { continue },
+        }
+        let Some(last) = applied.borrow_and_update().last.map(|t| t.seqno) else { continue };
+        let (covered, records) = sm.snapshot_extent();
+        if last.saturating_sub(covered.max(asked_at)) >= settings.snapshot_interval(records) {
+            asked_at = last;
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The node's replication handle; clones share everything.
 #[derive(Clone)]
 pub struct Consensus {
@@ -187,7 +211,8 @@ impl Consensus {
             election_timeout_min: settings.election_timeout_min_ms,
             election_timeout_max: settings.election_timeout_max_ms,
             install_snapshot_timeout: settings.install_snapshot_timeout_ms,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_after_logs),
+            // Snapshots are asked for by `schedule_snapshots`, at an interval that follows the state.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
             purge_batch_size: 64,
             max_payload_entries: settings.entries_per_append_max,
@@ -197,6 +222,7 @@ impl Consensus {
         .map_err(|e| anyhow::anyhow!("raft settings are inconsistent: {e}"))?;
         let network = network::NetworkFactory { peers: peers.clone() };
         let raft = Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
+        tokio::spawn(schedule_snapshots(raft.clone(), sm.clone(), settings.clone()));
         let (set_recovered, recovered) = tokio::sync::watch::channel(false);
         let waiting = raft.clone();
         tokio::spawn(async move {
