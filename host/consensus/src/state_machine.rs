@@ -423,7 +423,9 @@ impl StateMachine {
                         .map_err(|e| kv::KvError::Invalid { path: tmp.clone(), message: e.to_string() })
                 })
                 .map_err(io_other)?;
-            if let (Some(s), false) = (&sealer, chunk.plain.is_empty()) {
+            if let Some(s) = &sealer
+                && !chunk.plain.is_empty()
+            {
                 write_record(&mut out, &encode(&SnapshotRecord::Private(chunk.seal(s))))?;
             }
             write_end(out)?.into_inner().map_err(|e| io_other(e.error()))?.sync_all()?;
