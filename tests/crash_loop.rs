@@ -51,12 +51,6 @@ async fn wait_answering(c: &mut Cluster, i: usize, round: u32) {
     }
 }
 
-/// The last `lines` lines of a log.
-fn tail(log: &str, lines: usize) -> String {
-    let all: Vec<&str> = log.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 async fn crash_loop(nodes: usize) {
     let rounds = rounds();
     let mut c = Cluster::start(nodes, 1, RECONCILE, |cfg| {
@@ -86,8 +80,7 @@ async fn crash_loop(nodes: usize) {
         checked.writes, checked.acked
     );
     if checked.acked < rounds as usize {
-        let logs: Vec<String> = (0..nodes).map(|i| format!("node{i}:\n{}", tail(&c.log(i), 60))).collect();
-        panic!("too little load got through: {checked:?}\n{}", logs.join("\n"));
+        panic!("too little load got through: {checked:?}\n{}", c.logs(60));
     }
     let service_cert = c.dir.path().join("service.cert.pem");
     for i in 0..nodes {

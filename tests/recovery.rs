@@ -202,7 +202,7 @@ async fn the_consortium_recovers_its_data_when_every_node_and_key_is_gone() {
         if r.status == 200 {
             break serde_json::from_slice(&r.body).unwrap();
         }
-        assert!(start.elapsed() < STATE_TIMEOUT, "no receipt for {tx}: {}", r.text());
+        assert!(start.elapsed() < STATE_TIMEOUT, "no receipt for {tx}: {}\n{}", r.text(), c.logs(80));
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let old_service = shares_when(&member0, |r| r.shares.len() == 3).await.service;

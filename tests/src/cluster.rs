@@ -49,6 +49,10 @@ impl NodeProc {
 /// How long a node asked to stop (SIGTERM) may take before it is killed.
 const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The nodes' log filter: info, openraft's warnings, and why the signer's entries did not commit
+/// (what a test that waits for a receipt prints when none comes).
+const NODE_LOG: &str = "info,openraft=warn,cloister_node::signer=debug";
+
 /// Cluster tests take turns: several networks of node processes at once would overload a small
 /// machine into election storms that test the machine, not the code.
 static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -139,7 +143,7 @@ impl Cluster {
     pub fn spawn(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         node.process
-            .spawn(&crate::cli_exe(), &node.start_args, &[("CLOISTER_LOG", "info,openraft=warn")])
+            .spawn(&crate::cli_exe(), &node.start_args, &[("CLOISTER_LOG", NODE_LOG)])
             .expect("a node process starts");
     }
 
@@ -149,7 +153,7 @@ impl Cluster {
         let node = &mut self.nodes[i];
         let args = vec!["--ledger".to_owned(), ledger.display().to_string()];
         node.process
-            .spawn_as(&crate::cli_exe(), "recover", &args, &[("CLOISTER_LOG", "info,openraft=warn")])
+            .spawn_as(&crate::cli_exe(), "recover", &args, &[("CLOISTER_LOG", NODE_LOG)])
             .expect("a node process starts");
     }
 
@@ -167,6 +171,19 @@ impl Cluster {
     /// The node's log so far.
     pub fn log(&self, i: usize) -> String {
         self.nodes[i].process.log()
+    }
+
+    /// The last `lines` lines of every node's log, each under its node's name: what a test
+    /// prints when the network as a whole did not get somewhere in time.
+    pub fn logs(&self, lines: usize) -> String {
+        let tails: Vec<String> = (0..self.nodes.len())
+            .map(|i| {
+                let log = self.log(i);
+                let all: Vec<&str> = log.lines().collect();
+                format!("node{i}:\n{}", all[all.len().saturating_sub(lines)..].join("\n"))
+            })
+            .collect();
+        tails.join("\n")
     }
 
     /// SIGKILL: the process dies at once, mid-whatever.
