@@ -45,12 +45,7 @@ pub(crate) async fn run_signer(
         if !endorsed {
             continue;
         }
-        // Nothing new, or nothing but the last signature itself: nothing to sign.
-        let nothing_new = match last {
-            Some((seqno, tree_size)) => size <= tree_size || size == seqno + 1,
-            None => size == 0,
-        };
-        if nothing_new {
+        if nothing_to_sign(last, size) {
             continue;
         }
         let last_size = last.map_or(0, |(_, s)| s);
@@ -79,6 +74,20 @@ pub(crate) async fn run_signer(
     }
 }
 
+/// Whether a tree of `size` entries holds nothing that `last`, the last signature entry (its
+/// seqno and the tree size it covers), leaves unsigned, besides that signature itself.
+///
+/// A signature covers the tree its leader had applied when it signed, and lands after the entries
+/// in flight then: one at seqno 29 may cover only the first 28 entries, leaving entry 28 unsigned.
+/// So only a signature that covers every entry before its own seqno leaves nothing new when it is
+/// the last entry.
+fn nothing_to_sign(last: Option<(u64, u64)>, size: u64) -> bool {
+    match last {
+        Some((seqno, tree_size)) => size <= tree_size || (tree_size == seqno && size == seqno + 1),
+        None => size == 0,
+    }
+}
+
 /// Whether this node may sign the tree its state holds: the service endorsed it, and it is not
 /// Retired, as of that same state. So every signature in the ledger follows its signer's
 /// endorsement and covers only entries before its retirement, which is what offline verification
@@ -89,4 +98,29 @@ fn endorsed(tx: &kv::Tx, signer: &cloister_ledger::entry::NodeSigner) -> anyhow:
     let retired = kv::gov::node(tx, &id)?.is_none_or(|n| n.status == kv::gov::NodeStatus::Retired);
     let ours = hex::encode(cloister_ledger::entry::cert_sha256(&signer.cert_der));
     Ok(!retired && endorsement.is_some_and(|e| e.until.is_none() && e.cert_sha256 == ours))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nothing_to_sign;
+
+    #[test]
+    fn a_signature_that_covers_everything_before_it_leaves_nothing_to_sign() {
+        assert!(nothing_to_sign(None, 0), "an empty ledger");
+        assert!(!nothing_to_sign(None, 1), "a ledger never signed");
+        // The signature at 29 covers entries 0..29: only itself is new.
+        assert!(nothing_to_sign(Some((29, 29)), 30));
+        assert!(!nothing_to_sign(Some((29, 29)), 31), "an entry after the signature");
+        assert!(nothing_to_sign(Some((29, 29)), 29), "the signature is not applied yet");
+    }
+
+    #[test]
+    fn entries_in_flight_when_the_last_signature_was_signed_are_signed_again() {
+        // The signature at 29 covers entries 0..28 only: entry 28 landed before it, after the
+        // leader read its tree. Until another signature covers 28, no receipt for 28 exists, and
+        // on a quiet service no later entry would ever make the signer sign it.
+        assert!(!nothing_to_sign(Some((29, 28)), 30));
+        assert!(!nothing_to_sign(Some((29, 20)), 30));
+        assert!(nothing_to_sign(Some((29, 28)), 28), "the tree it covers is all there is yet");
+    }
 }
