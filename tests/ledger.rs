@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cloister_bundled::RECONCILE;
+use cloister_bundled::{KV, RECONCILE};
 use cloister_crypto::identity;
 use cloister_ledger::verify::{Receipt, verify_receipt};
 use cloister_tests::cluster::Cluster;
@@ -115,6 +115,38 @@ async fn every_ledger_verifies_and_any_tampering_is_caught_naming_the_seqno() {
     let (ok, out) = ledger_verify(&original, &scratch.path().join("other.cert.pem"));
     assert!(!ok && out.contains("not issued by the service certificate"), "{out}");
 }
+
+/// The last write before a service goes quiet gets a receipt, also when it landed while the
+/// leader was signing the write before it: that signature then covers less than every entry
+/// before it, and a signer that took it for "nothing new" never signed the last write (the
+/// recovery drill's stall in CI). Each round writes twice, back to back, and waits for the
+/// second write's receipt; signing every millisecond makes the race likely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_write_before_a_quiet_spell_gets_a_receipt() {
+    let c = Cluster::start(3, 1, KV, |cfg| cfg.ledger.sign_interval_ms = 1).await;
+    let client = c.client(0, 0).await.unwrap();
+    for round in 0..RECEIPT_ROUNDS {
+        let mut tx = String::new();
+        for i in 0..2 {
+            let path = format!("/app/kv/r{round}-{i}");
+            let put = client.request("PUT", &path, Some("application/octet-stream"), "v").await.unwrap();
+            assert_eq!(put.status, 200, "{}", put.text());
+            tx = put.tx_id().unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = client.get(&format!("/app/receipt?id={tx}")).await.unwrap();
+            if r.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: no signature covered {tx} within 10 s:\n{}", c.logs(40));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Rounds of `the_last_write_before_a_quiet_spell_gets_a_receipt`.
+const RECEIPT_ROUNDS: usize = 30;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_verify_offline_and_any_change_breaks_them() {
