@@ -204,7 +204,7 @@ impl Consensus {
     ) -> anyhow::Result<Consensus> {
         let watch = Arc::new(AppendWatch::default());
         let log = LogStore::open(&data_dir.join("raft.redb"), watch.clone())?;
-        let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"))?;
+        let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"), log.durable())?;
         let config = openraft::Config {
             cluster_name: "cloister".into(),
             heartbeat_interval: settings.heartbeat_interval_ms,
@@ -216,6 +216,11 @@ impl Consensus {
             max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
             purge_batch_size: 64,
             max_payload_entries: settings.entries_per_append_max,
+            // A leader replicates entries before its own sync finishes (group commit), so after a
+            // crash it may have lost entries its followers hold. Resuming leadership in the same
+            // term would reissue different entries under those same log ids; an election in a
+            // new term cannot.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()

@@ -166,6 +166,10 @@ struct Inner {
     applied: watch::Sender<Applied>,
     /// When applied state was last committed durably.
     durable_at: Mutex<std::time::Instant>,
+    /// The index through which this node's Raft log is durable: no entry beyond it is applied
+    /// (see `LogStore::durable`). Absent only in openraft's storage suite, which applies entries
+    /// no log holds.
+    log_durable: Option<watch::Receiver<u64>>,
     counts: Counts,
 }
 
@@ -193,8 +197,9 @@ impl StateMachine {
         ledger: Arc<Ledger>,
         secrets: Arc<LedgerSecrets>,
         snapshot_dir: PathBuf,
+        log_durable: watch::Receiver<u64>,
     ) -> anyhow::Result<StateMachine> {
-        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir)
+        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir, Some(log_durable))
     }
 
     /// A state machine that keeps no ledger, for openraft's storage suite only.
@@ -207,7 +212,7 @@ impl StateMachine {
         let batch = store.write_batch()?;
         index::create(batch.txn())?;
         batch.commit()?;
-        StateMachine::with(store, None, secrets, snapshot_dir)
+        StateMachine::with(store, None, secrets, snapshot_dir, None)
     }
 
     fn with(
@@ -215,6 +220,7 @@ impl StateMachine {
         ledger: Option<Arc<Ledger>>,
         secrets: Option<Arc<LedgerSecrets>>,
         snapshot_dir: PathBuf,
+        log_durable: Option<watch::Receiver<u64>>,
     ) -> anyhow::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let sm = StateMachine {
@@ -226,6 +232,7 @@ impl StateMachine {
                 current: Mutex::new(None),
                 applied: watch::Sender::new(Applied::default()),
                 durable_at: Mutex::new(std::time::Instant::now()),
+                log_durable,
                 counts: Counts::default(),
             }),
         };
@@ -841,6 +848,49 @@ fn read_head(path: &Path) -> io::Result<SnapshotMeta> {
     read_head_from(&mut input)
 }
 
+type Responder = openraft::storage::ApplyResponder<TypeConfig>;
+
+impl StateMachine {
+    /// Waits until this node's log is durable through `batch`. An entry can commit before this
+    /// node's own sync is done (a majority of the others holds it); applying it then could make a
+    /// state durable, or serve one, that this node's log loses in a crash. The leader's sync
+    /// starts as it replicates, so it has normally finished by the time the commit comes.
+    async fn wait_log_durable(&self, batch: &[EntryResponder<TypeConfig>]) -> io::Result<()> {
+        let (Some(durable), Some((last, _))) = (&self.inner.log_durable, batch.last()) else {
+            return Ok(());
+        };
+        let last = last.index();
+        if *durable.borrow() >= last {
+            return Ok(());
+        }
+        let mut durable = durable.clone();
+        durable.wait_for(|&d| d >= last).await.map(|_| ()).map_err(|_| io_other("the raft log has closed"))
+    }
+
+    /// Applies `batch`: the last log id applied, whether a `gov.` map changed, and the
+    /// responders to answer once the result is published.
+    fn apply_entries(
+        &self,
+        batch: Vec<EntryResponder<TypeConfig>>,
+    ) -> io::Result<(Option<LogId>, bool, Vec<Responder>)> {
+        let rows: Vec<_> = batch
+            .iter()
+            .map(|(entry, _)| {
+                let payload = match &entry.payload {
+                    EntryPayload::Normal(tx) => Payload::Tx(tx.clone()),
+                    EntryPayload::Membership(m) => Payload::Membership(encode(m)),
+                    EntryPayload::Blank => Payload::Blank,
+                };
+                let m = entry.get_membership().map(|m| StoredMembership::new(Some(entry.log_id()), m));
+                (entry.log_id(), payload, m)
+            })
+            .collect();
+        let gov_touched = self.apply_batch(&rows)?;
+        let last = rows.last().map(|(l, ..)| *l);
+        Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect()))
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
 
@@ -875,26 +925,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             if pending.len() >= APPLY_BATCH_MAX || (end && !pending.is_empty()) {
                 let batch = std::mem::take(&mut pending);
+                self.wait_log_durable(&batch).await?;
                 let sm = self.clone();
-                let (last, gov_touched, responders) = tokio::task::spawn_blocking(move || -> io::Result<_> {
-                    let rows: Vec<_> = batch
-                        .iter()
-                        .map(|(entry, _)| {
-                            let payload = match &entry.payload {
-                                EntryPayload::Normal(tx) => Payload::Tx(tx.clone()),
-                                EntryPayload::Membership(m) => Payload::Membership(encode(m)),
-                                EntryPayload::Blank => Payload::Blank,
-                            };
-                            let m = entry.get_membership().map(|m| StoredMembership::new(Some(entry.log_id()), m));
-                            (entry.log_id(), payload, m)
-                        })
-                        .collect();
-                    let gov_touched = sm.apply_batch(&rows)?;
-                    let last = rows.last().map(|(l, ..)| *l);
-                    Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect::<Vec<_>>()))
-                })
-                .await
-                .map_err(io_other)??;
+                let (last, gov_touched, responders) =
+                    tokio::task::spawn_blocking(move || sm.apply_entries(batch)).await.map_err(io_other)??;
                 self.publish(last, gov_touched);
                 for responder in responders {
                     responder.send(());

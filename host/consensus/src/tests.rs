@@ -63,3 +63,31 @@ async fn an_append_is_reported_flushed_only_once_it_is_durable() {
         assert_eq!(durable_entries(&path), (round as usize + 1) * 50, "round {round}: flushed means durable");
     }
 }
+
+/// The durable index the state machine waits on follows the flushes, and a truncation lowers it:
+/// the entries that replace the truncated ones are not durable until their own flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_durable_index_follows_flushes_and_a_truncation_lowers_it() {
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::type_config::TypeConfigExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("raft.redb");
+    let mut log = LogStore::open(&path, Arc::new(AppendWatch::default())).expect("log store");
+    let durable = log.durable();
+    assert_eq!(*durable.borrow(), 0);
+    async fn append(log: &mut LogStore, term: u64, indexes: std::ops::RangeInclusive<u64>) {
+        let entries: Vec<_> = indexes.map(|i| openraft::testing::blank_ent::<TypeConfig>(term, 0, i)).collect();
+        let (flushed, done) = TypeConfig::oneshot();
+        log.append(entries, IOFlushed::signal(flushed)).await.expect("append");
+        done.await.expect("the callback fires").expect("the flush succeeds");
+    }
+    append(&mut log, 1, 1..=50).await;
+    assert_eq!(*durable.borrow(), 50, "published by the time the flush is reported");
+    log.truncate_after(Some(openraft::testing::log_id::<TypeConfig>(1, 0, 40))).await.expect("truncate");
+    assert_eq!(*durable.borrow(), 40, "what replaces 41..=50 is not durable yet");
+    append(&mut log, 2, 41..=45).await;
+    assert_eq!(*durable.borrow(), 45);
+    drop(log);
+    let reopened = LogStore::open(&path, Arc::new(AppendWatch::default())).expect("log store");
+    assert_eq!(*reopened.durable().borrow(), 45, "everything in the file at open is durable");
+}
