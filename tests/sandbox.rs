@@ -12,11 +12,16 @@ use serde_json::Value;
 
 /// Three consecutive free ports on 127.0.0.1 (HTTPS, gRPC and peers of node 0).
 fn free_port_triple() -> u16 {
+    free_ports(3)
+}
+
+/// `n` consecutive free ports on 127.0.0.1; the first of them.
+fn free_ports(n: u16) -> u16 {
     loop {
         let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = a.local_addr().unwrap().port();
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if port < u16::MAX - 2 && free(port + 1) && free(port + 2) {
+        if port < u16::MAX - n && (1..n).all(|i| free(port + i)) {
             return port;
         }
     }
@@ -111,6 +116,26 @@ async fn party_client(sandbox: &Value, name: &str) -> Client {
 
 fn read_sandbox(dir: &std::path::Path) -> Value {
     serde_json::from_slice(&std::fs::read(dir.join("sandbox.json")).expect("sandbox.json written")).unwrap()
+}
+
+/// Once a sandbox of three nodes prints its usage, every node answers a client that pins
+/// `service_identity.pem`, as the usage says to, on both client ports: a follower serves the
+/// operator's certificate until its endorsement has applied there, which can come later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_of_a_sandbox_serves_the_service_identity_once_it_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let _sandbox = start_with(dir.path(), free_ports(9), &["--nodes", "3"]);
+    let file = read_sandbox(dir.path());
+    let identity = std::fs::read(dir.path().join("service_identity.pem")).unwrap();
+    let nodes = file["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for node in nodes {
+        let rest = node["rest_url"].as_str().unwrap();
+        let client = Client::connect(rest, &identity, None).await.unwrap_or_else(|e| panic!("{rest}: {e:#}"));
+        assert_eq!(client.get("/node/health").await.unwrap().status, 200);
+        let grpc = node["grpc_url"].as_str().unwrap();
+        cloister_client::grpc_channel(grpc, &identity, None).await.unwrap_or_else(|e| panic!("{grpc}: {e:#}"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -233,16 +233,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         children.push(process);
     }
     layout.write(&dir)?;
-    let ready = match wait_ready(&layout, &mut children).await {
-        Ok(()) => match open_service(&layout).await {
-            Ok(()) => match write_service_identity(&layout, &dir).await {
-                Ok(()) => onboard_users(&layout).await,
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
-    };
+    let ready = async {
+        wait_ready(&layout, &mut children).await?;
+        open_service(&layout).await?;
+        write_service_identity(&layout, &dir).await?;
+        onboard_users(&layout).await?;
+        wait_identity_served(&layout, &dir).await
+    }
+    .await;
     if let Err(e) = ready {
         stop(&mut children);
         return Err(e);
@@ -443,6 +441,32 @@ async fn write_service_identity(layout: &SandboxFile, dir: &Path) -> anyhow::Res
     let identity = service["identity"].as_str().context("gov.service has no identity")?;
     std::fs::write(dir.join(SERVICE_IDENTITY_FILE), identity)
         .with_context(|| format!("writing {}", dir.join(SERVICE_IDENTITY_FILE).display()))
+}
+
+/// Waits until every node serves a certificate of the service identity, so that a client that
+/// pins `service_identity.pem`, as the usage says, reaches any node: a node serves the operator's
+/// until its endorsement has applied there, which on a follower can come after the service opens.
+async fn wait_identity_served(layout: &SandboxFile, dir: &Path) -> anyhow::Result<()> {
+    let identity = std::fs::read(dir.join(SERVICE_IDENTITY_FILE))?;
+    let started = Instant::now();
+    for node in &layout.nodes {
+        loop {
+            let served = match Client::connect(&node.rest_url, &identity, None).await {
+                Ok(client) => client.get("/node/health").await.is_ok(),
+                Err(_) => false,
+            };
+            if served {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < NODE_READY_TIMEOUT,
+                "{} did not serve the service identity's certificate within {NODE_READY_TIMEOUT:?}",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Waits until every node answers `/node/health` and the first node lists them all as voters,
