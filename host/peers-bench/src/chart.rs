@@ -60,7 +60,7 @@ pub fn draw(points: &[Point], path: &Path) -> anyhow::Result<()> {
                 match labels.get(i as usize) {
                     Some((mode, clients)) if (x - i).abs() < 1e-6 && i >= 0.0 => {
                         let who = if *clients == 1 { "client" } else { "clients" };
-                        format!("{clients} {who}, {}", if *mode == Mode::Leader { "leader" } else { "spread" })
+                        format!("{clients} {who}, {}", mode.name())
                     }
                     _ => String::new(),
                 }

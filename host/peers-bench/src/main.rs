@@ -53,6 +53,11 @@ struct Args {
     /// First port; each system takes a few from here.
     #[arg(long, default_value_t = 19100)]
     port: u16,
+    /// Where clients connect on a network of several nodes: leader (every client on the leader),
+    /// spread (round-robin over all nodes) and follower (every client on one follower, which
+    /// forwards each write: the cost of that hop alone).
+    #[arg(long, value_delimiter = ',', default_value = "leader,spread")]
+    modes: Vec<Mode>,
     /// Which systems to run: etcd, kv (Cloister's kv put), reconcile (a 1-record ingest).
     #[arg(long, value_delimiter = ',', default_value = "etcd,kv,reconcile")]
     systems: Vec<String>,
@@ -62,13 +67,25 @@ struct Args {
 }
 
 /// Where clients connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Every client on the leader.
     Leader,
     /// Clients round-robin over all nodes (followers forward writes).
     Spread,
+    /// Every client on one follower, which forwards every write.
+    Follower,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Leader => "leader",
+            Mode::Spread => "spread",
+            Mode::Follower => "follower",
+        }
+    }
 }
 
 /// One measured point.
@@ -106,6 +123,7 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(!args.nodes.is_empty() && !args.clients.is_empty(), "give at least one --nodes and --clients");
     anyhow::ensure!(args.nodes.iter().all(|&n| (1..=7).contains(&n)), "--nodes must be 1 to 7");
+    anyhow::ensure!(!args.modes.is_empty(), "give at least one --modes");
     if let Some(s) = args.systems.iter().find(|s| !["etcd", "kv", "reconcile"].contains(&s.as_str())) {
         anyhow::bail!("--systems: {s:?} is not etcd, kv or reconcile");
     }
@@ -119,7 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if args.systems.iter().any(|s| s == "etcd") {
             let etcd = systems::Etcd::start(&args.etcd, nodes, args.port).await?;
             eprintln!("etcd: {nodes} member(s) up");
-            for &mode in modes(nodes) {
+            for mode in modes(nodes, &args.modes) {
                 let urls = etcd.urls(mode).await?;
                 for &clients in &args.clients {
                     let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
@@ -138,7 +156,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             let sandbox = systems::Sandbox::start(&cloister, nodes, args.port + 20, app).await?;
             eprintln!("{system}: {nodes} node(s) up");
-            for &mode in modes(nodes) {
+            for mode in modes(nodes, &args.modes) {
                 let urls = sandbox.urls(mode).await?;
                 for &clients in &args.clients {
                     let point =
@@ -162,8 +180,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Where clients connect: on one node, the leader is every node.
-fn modes(nodes: usize) -> &'static [Mode] {
-    if nodes == 1 { &[Mode::Leader] } else { &[Mode::Leader, Mode::Spread] }
+fn modes(nodes: usize, asked: &[Mode]) -> Vec<Mode> {
+    if nodes == 1 { vec![Mode::Leader] } else { asked.to_vec() }
 }
 
 fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, r: load::Measured) -> Point {
@@ -180,7 +198,7 @@ fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, r: loa
     };
     eprintln!(
         "  {system:<26} {nodes} node(s) {:<6} {clients:>3} clients: {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms{}",
-        format!("{mode:?}").to_lowercase(),
+        mode.name(),
         point.per_second,
         point.p50_ms,
         point.p99_ms,
@@ -211,7 +229,7 @@ fn table(points: &[Point]) -> String {
             "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {rate} | {p50} | {} |\n",
             p.system,
             p.nodes,
-            format!("{:?}", p.mode).to_lowercase(),
+            p.mode.name(),
             p.clients,
             p.per_second,
             p.p50_ms,

@@ -94,6 +94,11 @@ impl Etcd {
         Ok(match mode {
             Mode::Leader => vec![self.leader().await?],
             Mode::Spread => self.client_urls.clone(),
+            Mode::Follower => {
+                let leader = self.leader().await?;
+                let follower = self.client_urls.iter().find(|u| **u != leader).context("no member follows")?;
+                vec![follower.clone()]
+            }
         })
     }
 }
@@ -167,19 +172,18 @@ impl Sandbox {
     }
 
     pub async fn urls(&self, mode: Mode) -> anyhow::Result<Vec<String>> {
-        Ok(match mode {
-            Mode::Spread => self.nodes_grpc.clone(),
-            Mode::Leader => {
-                let client = cloister_client::Client::connect(&self.rest_url, &self.target.ca_pem, None).await?;
-                let network = client.get("/node/network").await?.json()?;
-                let leader = network["leader"].as_str().context("no leader")?;
-                let node = network["nodes"]
-                    .as_array()
-                    .and_then(|nodes| nodes.iter().find(|n| n["id"] == leader))
-                    .context("the leader is not in the node list")?;
-                vec![node["grpc_url"].as_str().context("the leader has no gRPC URL")?.to_owned()]
-            }
-        })
+        if mode == Mode::Spread {
+            return Ok(self.nodes_grpc.clone());
+        }
+        let client = cloister_client::Client::connect(&self.rest_url, &self.target.ca_pem, None).await?;
+        let network = client.get("/node/network").await?.json()?;
+        let leader = network["leader"].as_str().context("no leader")?;
+        let nodes = network["nodes"].as_array().context("no node list")?;
+        let node = match mode {
+            Mode::Follower => nodes.iter().find(|n| n["id"] != leader).context("no node follows")?,
+            _ => nodes.iter().find(|n| n["id"] == leader).context("the leader is not in the node list")?,
+        };
+        Ok(vec![node["grpc_url"].as_str().context("the node has no gRPC URL")?.to_owned()])
     }
 }
 
