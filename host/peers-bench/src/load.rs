@@ -55,6 +55,7 @@ pub async fn drive(
     target: &Target,
     urls: &[String],
     clients: usize,
+    warmup: Duration,
     duration: Duration,
     workload: &Workload,
 ) -> anyhow::Result<Measured> {
@@ -69,8 +70,11 @@ pub async fn drive(
         });
     }
     let value = |bytes: usize| vec![b'v'; bytes];
-    let started = Instant::now();
-    let deadline = started + duration;
+    // The clients run for `warmup` first, uncounted (a fresh network, fresh connections and cold
+    // caches would otherwise weigh on the first point of each network); then every answer that
+    // comes in counts, until the clients stop sending at the deadline.
+    let measured_from = Instant::now() + warmup;
+    let deadline = measured_from + duration;
     let mut tasks = Vec::with_capacity(clients);
     for (i, mut connection) in connections.into_iter().enumerate() {
         let (etcd_value, kv_value) = match workload {
@@ -114,6 +118,10 @@ pub async fn drive(
                         app.call(request).await.map(drop)
                     }
                 };
+                if Instant::now() < measured_from {
+                    n += 1;
+                    continue;
+                }
                 // Latencies of answered requests only: a fast refusal would flatter the percentiles.
                 match outcome {
                     Ok(()) => latencies.push(sent.elapsed()),
@@ -137,7 +145,7 @@ pub async fn drive(
             eprintln!("    a request failed: {:?} {}", status.code(), status.message());
         }
     }
-    let elapsed = started.elapsed();
+    let elapsed = measured_from.elapsed();
     latencies.sort_unstable();
     // Nearest rank: the smallest latency at least a fraction q of the answers did not exceed.
     let at = |q: f64| latencies.get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1));

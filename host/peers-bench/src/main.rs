@@ -47,6 +47,9 @@ struct Args {
     /// Seconds each point runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Seconds each point's clients run first, uncounted.
+    #[arg(long, default_value_t = 1)]
+    warmup_seconds: u64,
     /// Bytes of each value written (etcd Put and kv put).
     #[arg(long, default_value_t = 64)]
     value_bytes: usize,
@@ -132,6 +135,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("no cloister binary at {} (cargo build --release)", args.cloister.display()))?;
     let duration = Duration::from_secs(args.seconds);
+    let warmup = Duration::from_secs(args.warmup_seconds);
     let mut points: Vec<Point> = Vec::new();
     for &nodes in &args.nodes {
         if args.systems.iter().any(|s| s == "etcd") {
@@ -142,7 +146,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 for &clients in &args.clients {
                     let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
                     let point =
-                        load::drive(points.len() as u32, etcd.target(), &urls, clients, duration, &workload).await?;
+                        load::drive(points.len() as u32, etcd.target(), &urls, clients, warmup, duration, &workload)
+                            .await?;
                     points.push(report("etcd", nodes, mode, clients, point));
                 }
             }
@@ -160,7 +165,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let urls = sandbox.urls(mode).await?;
                 for &clients in &args.clients {
                     let point =
-                        load::drive(points.len() as u32, sandbox.target(), &urls, clients, duration, &workload).await?;
+                        load::drive(points.len() as u32, sandbox.target(), &urls, clients, warmup, duration, &workload)
+                            .await?;
                     points.push(report(system, nodes, mode, clients, point));
                 }
             }
