@@ -176,14 +176,7 @@ impl Cluster {
     /// The last `lines` lines of every node's log, each under its node's name: what a test
     /// prints when the network as a whole did not get somewhere in time.
     pub fn logs(&self, lines: usize) -> String {
-        let tails: Vec<String> = (0..self.nodes.len())
-            .map(|i| {
-                let log = self.log(i);
-                let all: Vec<&str> = log.lines().collect();
-                format!("node{i}:\n{}", all[all.len().saturating_sub(lines)..].join("\n"))
-            })
-            .collect();
-        tails.join("\n")
+        (0..self.nodes.len()).map(|i| format!("--- {}\n{}\n", self.nodes[i].name, tail(&self.log(i), lines))).collect()
     }
 
     /// SIGKILL: the process dies at once, mid-whatever.
@@ -278,9 +271,7 @@ impl Cluster {
             assert!(
                 Instant::now() < deadline,
                 "the network did not settle within {timeout:?}: {views:?}\n{}",
-                (0..self.nodes.len())
-                    .map(|i| format!("--- {}\n{}", self.nodes[i].name, tail(&self.log(i))))
-                    .collect::<String>()
+                self.logs(15)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -318,9 +309,10 @@ impl Cluster {
     }
 }
 
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+/// The last `lines` lines of a log.
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// `/node/tx` for `tx`, as node `node` answers it.
