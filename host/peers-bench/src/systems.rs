@@ -181,7 +181,9 @@ impl Sandbox {
         let nodes = network["nodes"].as_array().context("no node list")?;
         let node = match mode {
             Mode::Follower => nodes.iter().find(|n| n["id"] != leader).context("no node follows")?,
-            _ => nodes.iter().find(|n| n["id"] == leader).context("the leader is not in the node list")?,
+            Mode::Leader | Mode::Spread => {
+                nodes.iter().find(|n| n["id"] == leader).context("the leader is not in the node list")?
+            }
         };
         Ok(vec![node["grpc_url"].as_str().context("the node has no gRPC URL")?.to_owned()])
     }
