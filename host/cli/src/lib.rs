@@ -171,7 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "a recovering node starts a new service: its configuration must not name [network] join"
             );
             anyhow::ensure!(
-                !config.node.data_dir.join("raft.redb").exists(),
+                !cloister_node::holds_state(&config.node.data_dir),
                 "{} already holds a node's state: a recovery starts on a new data folder",
                 config.node.data_dir.display()
             );

@@ -15,6 +15,7 @@ mod server;
 pub mod settings;
 mod state_machine;
 pub mod types;
+mod wal;
 
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,14 @@ pub use network::{
 
 /// How long a joining node waits between attempts to attest or to be admitted.
 pub const JOIN_RETRY_MS: u64 = 500;
+
+/// The Raft log's folder in a node's data folder.
+pub const LOG_DIR: &str = "raft-log";
+
+/// Whether a data folder already holds a node's Raft log (in either of its formats).
+pub fn holds_log(data_dir: &Path) -> bool {
+    data_dir.join(LOG_DIR).exists() || data_dir.join(log_store::REDB_LOG_FILE).exists()
+}
 pub use server::{Forwarder, PeerRpc, PeerService};
 pub use state_machine::Applied;
 pub use types::{NodeAddr, NodeId, TxEntry, TxKind};
@@ -189,7 +198,7 @@ pub struct Consensus {
 }
 
 impl Consensus {
-    /// Opens the log (`raft.redb`) and snapshots under `data_dir`, and starts Raft.
+    /// Opens the log (`raft-log/`) and snapshots under `data_dir`, and starts Raft.
     pub async fn start(
         settings: &RaftSection,
         data_dir: &Path,
@@ -203,7 +212,7 @@ impl Consensus {
         peers: Peers,
     ) -> anyhow::Result<Consensus> {
         let watch = Arc::new(AppendWatch::default());
-        let log = LogStore::open(&data_dir.join("raft.redb"), watch.clone())?;
+        let log = LogStore::open(&data_dir.join(LOG_DIR), watch.clone())?;
         let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"), log.durable())?;
         let config = openraft::Config {
             cluster_name: "cloister".into(),

@@ -1,4 +1,4 @@
-//! The redb log store and the state machine pass openraft's own storage test suite.
+//! The log store and the state machine pass openraft's own storage test suite.
 
 use std::sync::Arc;
 
@@ -10,12 +10,12 @@ use super::state_machine::StateMachine;
 use super::types::TypeConfig;
 use cloister_store as kv;
 
-struct RedbBuilder;
+struct Builder;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for RedbBuilder {
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = LogStore::open(&dir.path().join("raft.redb"), Arc::new(AppendWatch::default())).expect("log store");
+        let log = LogStore::open(&dir.path().join("raft-log"), Arc::new(AppendWatch::default())).expect("log store");
         let store = kv::Store::open(&dir.path().join("state.redb")).expect("state store");
         // The suite applies entries with gaps (a fresh state machine at index 2), which a ledger
         // refuses; the ledger has its own tests.
@@ -25,32 +25,19 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Red
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_redb_store_passes_openraft_storage_suite() {
-    Suite::test_all(RedbBuilder).await.expect("openraft's storage suite passes");
+async fn the_store_passes_openraft_storage_suite() {
+    Suite::test_all(Builder).await.expect("openraft's storage suite passes");
 }
 
-/// Opens a copy of a log file, as a crash would leave it (whatever the database had made durable
-/// by the time of the copy), and counts its entries.
-fn durable_entries(path: &std::path::Path) -> usize {
-    use redb::{ReadableDatabase, ReadableTableMetadata};
-    let copy = path.with_extension("copy");
-    std::fs::copy(path, &copy).expect("copying the log file");
-    let db = redb::Database::create(&copy).expect("the copy opens");
-    let read = db.begin_read().expect("a read");
-    let table = read.open_table(redb::TableDefinition::<u64, &[u8]>::new("log")).expect("the log table");
-    table.len().expect("a count") as usize
-}
-
-/// The log reports an append flushed only once it is durable: a copy of the file taken when the
-/// flush callback fires holds every entry. (A faster log that answers before its sync, or syncs
-/// behind the caller's back, must keep this.)
+/// The log reports an append flushed only once it is durable: when the flush callback fires, the
+/// log has synced past every entry of the append. (A faster log that answers before its sync, or
+/// syncs behind the caller's back, must keep this.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_is_reported_flushed_only_once_it_is_durable() {
     use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
     use openraft::type_config::TypeConfigExt;
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("raft.redb");
-    let mut log = LogStore::open(&path, Arc::new(AppendWatch::default())).expect("log store");
+    let mut log = LogStore::open(&dir.path().join("raft-log"), Arc::new(AppendWatch::default())).expect("log store");
     for round in 0..20u64 {
         let entries: Vec<_> =
             (1..=50).map(|i| openraft::testing::blank_ent::<TypeConfig>(1, 0, round * 50 + i)).collect();
@@ -60,7 +47,7 @@ async fn an_append_is_reported_flushed_only_once_it_is_durable() {
         let read = log.try_get_log_entries(round * 50 + 1..=round * 50 + 50).await.expect("read");
         assert_eq!(read.len(), 50, "round {round}: appended entries are readable at once");
         done.await.expect("the callback is called").expect("the flush succeeds");
-        assert_eq!(durable_entries(&path), (round as usize + 1) * 50, "round {round}: flushed means durable");
+        assert!((1..=round * 50 + 50).all(|i| log.is_synced(i)), "round {round}: flushed means durable");
     }
 }
 
@@ -71,7 +58,7 @@ async fn the_durable_index_follows_flushes_and_a_truncation_lowers_it() {
     use openraft::storage::{IOFlushed, RaftLogStorage};
     use openraft::type_config::TypeConfigExt;
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("raft.redb");
+    let path = dir.path().join("raft-log");
     let mut log = LogStore::open(&path, Arc::new(AppendWatch::default())).expect("log store");
     let durable = log.durable();
     assert_eq!(*durable.borrow(), 0);
@@ -90,4 +77,45 @@ async fn the_durable_index_follows_flushes_and_a_truncation_lowers_it() {
     drop(log);
     let reopened = LogStore::open(&path, Arc::new(AppendWatch::default())).expect("log store");
     assert_eq!(*reopened.durable().borrow(), 45, "everything in the file at open is durable");
+}
+
+/// A data folder from before the write-ahead log: its `raft.redb` moves into `raft-log/` with
+/// every entry, the vote, the committed and the purged log ids, and the old file goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redb_log_moves_into_the_write_ahead_log() {
+    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    use redb::TableDefinition;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let old = dir.path().join("raft.redb");
+    let vote = super::types::Vote::new_committed(3, 1);
+    let committed = Some(openraft::testing::log_id::<TypeConfig>(2, 0, 7));
+    let purged = openraft::testing::log_id::<TypeConfig>(1, 0, 4);
+    {
+        let db = redb::Database::create(&old).expect("old log");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut log = txn.open_table(TableDefinition::<u64, &[u8]>::new("log")).expect("log table");
+            for i in 5..=9 {
+                let entry = openraft::testing::blank_ent::<TypeConfig>(2, 0, i);
+                log.insert(i, super::types::encode(&entry).as_slice()).expect("insert");
+            }
+            let mut meta = txn.open_table(TableDefinition::<&str, &[u8]>::new("meta")).expect("meta table");
+            meta.insert("vote", super::types::encode(&vote).as_slice()).expect("vote");
+            meta.insert("committed", super::types::encode(&committed).as_slice()).expect("committed");
+            meta.insert("purged", super::types::encode(&purged).as_slice()).expect("purged");
+        }
+        txn.commit().expect("commit");
+    }
+    assert!(crate::holds_log(dir.path()), "the old file counts as a log");
+    let mut log =
+        LogStore::open(&dir.path().join(crate::LOG_DIR), Arc::new(AppendWatch::default())).expect("log store");
+    assert!(!old.exists(), "the old file is gone once its contents are in the new log");
+    let indexes: Vec<u64> =
+        log.try_get_log_entries(0..100).await.expect("read").iter().map(|e| e.log_id.index).collect();
+    assert_eq!(indexes, (5..=9).collect::<Vec<_>>());
+    assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
+    assert_eq!(log.read_committed().await.expect("committed"), committed);
+    let state = log.get_log_state().await.expect("state");
+    assert_eq!(state.last_purged_log_id, Some(purged));
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(9));
 }

@@ -14,3 +14,8 @@ mod recovery;
 mod signer;
 
 pub use node::Node;
+
+/// Whether a data folder already holds a node's state: its Raft log.
+pub fn holds_state(data_dir: &std::path::Path) -> bool {
+    cloister_consensus::holds_log(data_dir)
+}

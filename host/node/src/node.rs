@@ -145,7 +145,7 @@ async fn ledger_secrets(
         let leader = leader_path.exists().then(|| at_rest.open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
         (all, leader)
     } else {
-        if config.node.data_dir.join("raft.redb").exists() {
+        if cloister_consensus::holds_log(&config.node.data_dir) {
             anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
         }
         let (all, leader) = match &config.network.join {

@@ -1,0 +1,575 @@
+//! The Raft log's files: a write-ahead log of checksummed records in append-only segments.
+//!
+//! A segment is a file `<number>.wal` in the log's folder, written front to back and never
+//! rewritten. Each record is `length (u32 LE) · crc32 of the body (u32 LE) · body`, and a body
+//! is a kind byte and its payload:
+//! - an entry: its postcard bytes (the entry names its own log id);
+//! - the vote or the committed log id (postcard);
+//! - a truncation: every entry from an index on is gone;
+//! - a purge: every entry up to an index is gone, with the purged log id.
+//!
+//! Appending is one `pwrite` of the records into the page cache, and making them durable is one
+//! `fdatasync` of the segment, however many records a group holds (redb, which the log used
+//! before, wrote about thirteen pages and synced them on every commit). Segments grow in
+//! [`PREALLOCATE_BYTES`] steps of allocated space, so that a sync rarely has to write the file's
+//! size or block map too.
+//!
+//! Opening replays every segment in order into an index of where each entry lies, so reads are a
+//! `pread` each. A segment's replay ends at its first record that is not whole: zeros (space
+//! allocated and not yet written), a length past [`RECORD_BYTES_MAX`], or a checksum that does
+//! not match, which is what a crash during a write leaves. Nothing is ever written after such a
+//! tail: every open starts a new segment, which begins with a checkpoint of the vote, the
+//! committed log id and the purge, so the older segments can be deleted once every entry in them
+//! is purged. Each index must follow the one before it: a gap in the replayed log is refused.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use openraft::entry::RaftEntry;
+
+use super::network::PEER_MESSAGE_BYTES_MAX;
+use super::types::{Entry, LogId, decode};
+
+/// The size past which the writer starts a new segment (a segment holds at least one record,
+/// however large).
+pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
+/// How much file space a segment allocates at a time, ahead of its writes.
+pub(crate) const PREALLOCATE_BYTES: u64 = 4 << 20;
+/// The longest record body replay accepts: no entry can be longer than a peer message.
+pub(crate) const RECORD_BYTES_MAX: usize = PEER_MESSAGE_BYTES_MAX;
+
+const HEADER_BYTES: usize = 8;
+const SUFFIX: &str = "wal";
+
+const ENTRY: u8 = 1;
+const VOTE: u8 = 2;
+const COMMITTED: u8 = 3;
+const TRUNCATE: u8 = 4;
+const PURGE: u8 = 5;
+
+fn corrupt(path: &Path, what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("raft log {}: {what}", path.display()))
+}
+
+/// Where an entry's bytes lie.
+#[derive(Clone, Copy)]
+struct Place {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    log_id: LogId,
+}
+
+/// What the log holds, shared by the writer and every reader.
+#[derive(Default)]
+pub(crate) struct Index {
+    /// The index of `entries[0]`.
+    first: u64,
+    entries: VecDeque<Place>,
+    files: BTreeMap<u64, Arc<File>>,
+    vote: Option<Vec<u8>>,
+    committed: Option<Vec<u8>>,
+    /// The last purged index and the purged log id's bytes.
+    purged: Option<(u64, Vec<u8>)>,
+    /// The segment and offset through which every write is durable.
+    synced: (u64, u64),
+}
+
+impl Index {
+    pub fn last_log_id(&self) -> Option<LogId> {
+        self.entries.back().map(|p| p.log_id)
+    }
+
+    pub fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|p| p.log_id.index)
+    }
+
+    pub fn vote(&self) -> Option<&[u8]> {
+        self.vote.as_deref()
+    }
+
+    pub fn committed(&self) -> Option<&[u8]> {
+        self.committed.as_deref()
+    }
+
+    pub fn purged(&self) -> Option<&[u8]> {
+        self.purged.as_ref().map(|(_, b)| b.as_slice())
+    }
+
+    /// Whether the entry at `index` is in the log and durable.
+    #[cfg(test)]
+    pub fn is_synced(&self, index: u64) -> bool {
+        let place = index.checked_sub(self.first).and_then(|i| self.entries.get(i as usize));
+        place.is_some_and(|p| (p.segment, p.offset + u64::from(p.len)) <= self.synced)
+    }
+
+    fn push(&mut self, place: Place) {
+        let index = place.log_id.index;
+        self.truncate(index);
+        if self.entries.is_empty() {
+            self.first = index;
+        }
+        self.entries.push_back(place);
+    }
+
+    /// Drops every entry from `from` on.
+    fn truncate(&mut self, from: u64) {
+        let keep = from.saturating_sub(self.first).min(self.entries.len() as u64);
+        self.entries.truncate(keep as usize);
+    }
+
+    /// Drops every entry up to `upto`.
+    fn purge(&mut self, upto: u64, log_id: Vec<u8>) {
+        while self.entries.front().is_some_and(|p| p.log_id.index <= upto) {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+        if self.entries.is_empty() {
+            self.first = upto + 1;
+        }
+        self.purged = Some((upto, log_id));
+    }
+
+    /// The places of the entries with indexes in `from..to`, and their files, at most
+    /// `bytes_max` of them by size (but at least one).
+    fn places(&self, from: u64, to: u64, bytes_max: usize) -> Vec<(Place, Arc<File>)> {
+        let start = from.saturating_sub(self.first) as usize;
+        let end = to.saturating_sub(self.first).min(self.entries.len() as u64) as usize;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for place in self.entries.range(start.min(end)..end) {
+            bytes += place.len as usize;
+            if !out.is_empty() && bytes > bytes_max {
+                break;
+            }
+            if let Some(file) = self.files.get(&place.segment) {
+                out.push((*place, file.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// Reads entries through the shared index.
+pub(crate) fn read(index: &RwLock<Index>, from: u64, to: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
+    let places = index.read().expect("raft log index lock").places(from, to, bytes_max);
+    let mut entries = Vec::with_capacity(places.len());
+    let mut buf = Vec::new();
+    for (place, file) in places {
+        buf.resize(place.len as usize, 0);
+        file.read_exact_at(&mut buf, place.offset)?;
+        entries.push(decode(&buf, "a log entry")?);
+    }
+    Ok(entries)
+}
+
+/// The writer's side of the log; only the log writer thread holds it.
+pub(crate) struct Wal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    index: Arc<RwLock<Index>>,
+    /// Each segment and the highest entry index written to it.
+    segments: BTreeMap<u64, Option<u64>>,
+    current: u64,
+    file: Arc<File>,
+    /// Where the next record goes, and how far the file's space is allocated.
+    offset: u64,
+    allocated: u64,
+    /// Whether the current segment has writes not yet synced.
+    dirty: bool,
+    buf: Vec<u8>,
+}
+
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:020}.{SUFFIX}"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Wal {
+    /// Opens the log in `dir` (created if missing), replays it, and starts a new segment.
+    pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(Wal, Arc<RwLock<Index>>)> {
+        std::fs::create_dir_all(dir)?;
+        let mut numbers = Vec::new();
+        for item in std::fs::read_dir(dir)? {
+            let path = item?.path();
+            if path.extension().is_some_and(|e| e == SUFFIX) {
+                let number = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
+                numbers.push(number.ok_or_else(|| corrupt(&path, "a segment's name is not a number"))?);
+            }
+        }
+        numbers.sort_unstable();
+        let mut index = Index::default();
+        let mut segments = BTreeMap::new();
+        for &number in &numbers {
+            let path = segment_path(dir, number);
+            let file = File::options().read(true).write(true).open(&path)?;
+            // What the last run wrote may still be only in the page cache.
+            file.sync_data()?;
+            let highest = replay(&path, &file, number, &mut index)?;
+            index.files.insert(number, Arc::new(file));
+            segments.insert(number, highest);
+        }
+        let next = numbers.last().map_or(0, |n| n + 1);
+        index.synced = (next, 0);
+        let index = Arc::new(RwLock::new(index));
+        let file = Wal::create(dir, next)?;
+        index.write().expect("raft log index lock").files.insert(next, file.clone());
+        segments.insert(next, None);
+        let mut wal = Wal {
+            dir: dir.to_owned(),
+            segment_bytes,
+            index: index.clone(),
+            segments,
+            current: next,
+            file,
+            offset: 0,
+            allocated: 0,
+            dirty: false,
+            buf: Vec::new(),
+        };
+        wal.checkpoint()?;
+        wal.sync()?;
+        Ok((wal, index))
+    }
+
+    fn create(dir: &Path, number: u64) -> io::Result<Arc<File>> {
+        let file = File::options().read(true).write(true).create_new(true).open(segment_path(dir, number))?;
+        sync_dir(dir)?;
+        Ok(Arc::new(file))
+    }
+
+    /// Writes the vote, the committed log id and the purge at the start of the current segment,
+    /// so that no older segment is needed for them.
+    fn checkpoint(&mut self) -> io::Result<()> {
+        let (vote, committed, purged) = {
+            let index = self.index.read().expect("raft log index lock");
+            (index.vote.clone(), index.committed.clone(), index.purged.clone())
+        };
+        self.buf.clear();
+        if let Some(v) = &vote {
+            frame(&mut self.buf, VOTE, &[v]);
+        }
+        if let Some(c) = &committed {
+            frame(&mut self.buf, COMMITTED, &[c]);
+        }
+        if let Some((upto, id)) = &purged {
+            frame(&mut self.buf, PURGE, &[&upto.to_le_bytes(), id]);
+        }
+        self.write_buf()
+    }
+
+    /// Writes `self.buf` at the end of the current segment.
+    fn write_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let end = self.offset + self.buf.len() as u64;
+        if end > self.allocated {
+            let to = end.div_ceil(PREALLOCATE_BYTES) * PREALLOCATE_BYTES;
+            let flags = rustix::fs::FallocateFlags::empty();
+            match rustix::fs::fallocate(&*self.file, flags, self.allocated, to - self.allocated) {
+                Ok(()) => self.allocated = to,
+                // A file system without it: the file grows with each write instead.
+                Err(rustix::io::Errno::OPNOTSUPP) => self.allocated = u64::MAX,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.file.write_all_at(&self.buf, self.offset)?;
+        self.offset = end;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Moves to a new segment once the current one is full; the full one is synced first.
+    fn roll_if_full(&mut self) -> io::Result<()> {
+        if self.offset < self.segment_bytes {
+            return Ok(());
+        }
+        self.sync()?;
+        let next = self.current + 1;
+        let file = Wal::create(&self.dir, next)?;
+        self.index.write().expect("raft log index lock").files.insert(next, file.clone());
+        self.segments.insert(next, None);
+        (self.current, self.file, self.offset, self.allocated) = (next, file, 0, 0);
+        self.checkpoint()
+    }
+
+    /// Appends entries, each given with its postcard bytes; readable once this returns.
+    pub fn append(&mut self, entries: &[(LogId, Vec<u8>)]) -> io::Result<()> {
+        self.roll_if_full()?;
+        self.buf.clear();
+        let mut places = Vec::with_capacity(entries.len());
+        for (log_id, bytes) in entries {
+            let at = self.offset + (self.buf.len() + HEADER_BYTES + 1) as u64;
+            frame(&mut self.buf, ENTRY, &[bytes]);
+            places.push(Place { segment: self.current, offset: at, len: bytes.len() as u32, log_id: *log_id });
+        }
+        self.write_buf()?;
+        if let Some(last) = entries.last() {
+            let highest = self.segments.entry(self.current).or_default();
+            *highest = Some(highest.map_or(last.0.index, |h| h.max(last.0.index)));
+        }
+        let mut index = self.index.write().expect("raft log index lock");
+        for place in places {
+            index.push(place);
+        }
+        Ok(())
+    }
+
+    pub fn save_vote(&mut self, vote: Vec<u8>) -> io::Result<()> {
+        self.record(VOTE, &[&vote])?;
+        self.index.write().expect("raft log index lock").vote = Some(vote);
+        Ok(())
+    }
+
+    pub fn save_committed(&mut self, committed: Vec<u8>) -> io::Result<()> {
+        self.record(COMMITTED, &[&committed])?;
+        self.index.write().expect("raft log index lock").committed = Some(committed);
+        Ok(())
+    }
+
+    /// Drops every entry from index `from` on.
+    pub fn truncate(&mut self, from: u64) -> io::Result<()> {
+        self.record(TRUNCATE, &[&from.to_le_bytes()])?;
+        self.index.write().expect("raft log index lock").truncate(from);
+        Ok(())
+    }
+
+    /// Drops every entry up to `upto` (whose log id is `log_id`), and deletes the segments that
+    /// held only such entries. The purge is synced before any segment goes.
+    pub fn purge(&mut self, upto: u64, log_id: Vec<u8>) -> io::Result<()> {
+        self.record(PURGE, &[&upto.to_le_bytes(), &log_id])?;
+        self.sync()?;
+        self.index.write().expect("raft log index lock").purge(upto, log_id);
+        let gone: Vec<u64> = self
+            .segments
+            .iter()
+            .take_while(|&(&n, &highest)| n != self.current && highest.is_none_or(|h| h <= upto))
+            .map(|(&n, _)| n)
+            .collect();
+        for number in gone {
+            std::fs::remove_file(segment_path(&self.dir, number))?;
+            self.segments.remove(&number);
+            self.index.write().expect("raft log index lock").files.remove(&number);
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
+        self.roll_if_full()?;
+        self.buf.clear();
+        frame(&mut self.buf, kind, parts);
+        self.write_buf()
+    }
+
+    /// Makes every record written so far durable: one `fdatasync`, if anything is new.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.file.sync_data()?;
+            self.dirty = false;
+            self.index.write().expect("raft log index lock").synced = (self.current, self.offset);
+        }
+        Ok(())
+    }
+}
+
+/// Appends one record to `buf`.
+fn frame(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
+    let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&[kind]);
+    for part in parts {
+        crc.update(part);
+    }
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    buf.extend_from_slice(&crc.finalize().to_le_bytes());
+    buf.push(kind);
+    for part in parts {
+        buf.extend_from_slice(part);
+    }
+}
+
+/// Replays one segment into `index`; returns the highest entry index it wrote.
+fn replay(path: &Path, file: &File, number: u64, index: &mut Index) -> io::Result<Option<u64>> {
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut &*file, &mut bytes)?;
+    let mut highest = None;
+    let mut at = 0usize;
+    while let Some(header) = bytes.get(at..at + HEADER_BYTES) {
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        let Some(body) = bytes.get(at + HEADER_BYTES..at + HEADER_BYTES + len) else { break };
+        if len == 0 || len > RECORD_BYTES_MAX || crc32fast::hash(body) != crc {
+            break;
+        }
+        let (kind, payload) = (body[0], &body[1..]);
+        let offset = (at + HEADER_BYTES + 1) as u64;
+        match kind {
+            ENTRY => {
+                let entry: Entry = decode(payload, "a log entry").map_err(|e| corrupt(path, e))?;
+                let log_id = entry.log_id();
+                let purged = index.purged.as_ref().is_some_and(|(upto, _)| log_id.index <= *upto);
+                let follows = index.entries.is_empty() || log_id.index <= index.first + index.entries.len() as u64;
+                if !follows {
+                    let after = index.last_index().map_or("nothing".into(), |i| i.to_string());
+                    return Err(corrupt(path, format!("entry {} follows {after}: the log has a gap", log_id.index)));
+                }
+                if !purged {
+                    index.push(Place { segment: number, offset, len: payload.len() as u32, log_id });
+                }
+                highest = Some(highest.map_or(log_id.index, |h: u64| h.max(log_id.index)));
+            }
+            VOTE => index.vote = Some(payload.to_vec()),
+            COMMITTED => index.committed = Some(payload.to_vec()),
+            TRUNCATE | PURGE if payload.len() >= 8 => {
+                let at_index = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                if kind == TRUNCATE {
+                    index.truncate(at_index);
+                } else {
+                    index.purge(at_index, payload[8..].to_vec());
+                }
+            }
+            other => return Err(corrupt(path, format!("a record of unknown kind {other} at byte {at}"))),
+        }
+        at += HEADER_BYTES + len;
+    }
+    Ok(highest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test entries: blank entries of term 1 with the given indexes.
+    fn entries(indexes: std::ops::RangeInclusive<u64>) -> Vec<(LogId, Vec<u8>)> {
+        indexes
+            .map(|i| {
+                let entry = openraft::testing::blank_ent::<super::super::types::TypeConfig>(1, 0, i);
+                (entry.log_id(), super::super::types::encode(&entry))
+            })
+            .collect()
+    }
+
+    fn indexes(index: &RwLock<Index>) -> Vec<u64> {
+        read(index, 0, u64::MAX, usize::MAX).unwrap().iter().map(|e| e.index()).collect()
+    }
+
+    #[test]
+    fn a_reopened_log_holds_what_was_written_and_starts_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            wal.append(&entries(0..=9)).unwrap();
+            wal.save_vote(b"vote".to_vec()).unwrap();
+            wal.truncate(8).unwrap();
+            wal.append(&entries(8..=8)).unwrap();
+            wal.sync().unwrap();
+            assert_eq!(indexes(&index), (0..=8).collect::<Vec<_>>());
+        }
+        let (_wal, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        assert_eq!(indexes(&index), (0..=8).collect::<Vec<_>>());
+        assert_eq!(index.read().unwrap().vote(), Some(&b"vote"[..]));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "one segment per open");
+    }
+
+    #[test]
+    fn an_entry_is_durable_only_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        wal.append(&entries(0..=2)).unwrap();
+        assert!(!index.read().unwrap().is_synced(2), "written, not synced");
+        wal.sync().unwrap();
+        assert!((0..=2).all(|i| index.read().unwrap().is_synced(i)));
+        assert!(!index.read().unwrap().is_synced(3), "not in the log");
+    }
+
+    #[test]
+    fn a_torn_tail_ends_the_replay_and_is_never_written_after() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            wal.append(&entries(0..=4)).unwrap();
+            wal.sync().unwrap();
+        }
+        // A crash in the middle of entry 3's write: its last byte never reached the disk, while
+        // entry 4 (a later page) did.
+        let record = |i: u64| HEADER_BYTES + 1 + entries(i..=i)[0].1.len();
+        let torn_at = (0..=3).map(record).sum::<usize>() - 1;
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[torn_at] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let (mut wal, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        assert_eq!(indexes(&index), vec![0, 1, 2], "the replay stops at the torn record");
+        wal.append(&entries(3..=3)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        assert_eq!(indexes(&index), vec![0, 1, 2, 3], "the old entry 4 beyond the tear stays gone");
+    }
+
+    #[test]
+    fn a_full_segment_rolls_and_a_purge_deletes_the_segments_it_empties() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, index) = Wal::open(dir.path(), 1).unwrap();
+        wal.save_vote(b"vote".to_vec()).unwrap();
+        for i in 0..10 {
+            wal.append(&entries(i..=i)).unwrap();
+        }
+        let segments = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(segments(), 11, "a segment of 1 byte holds one record");
+        wal.purge(6, b"purged".to_vec()).unwrap();
+        assert_eq!(indexes(&index), vec![7, 8, 9]);
+        assert_eq!(segments(), 4, "the segments holding 7, 8 and 9, and the current one");
+        drop(wal);
+        let (_, index) = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(indexes(&index), vec![7, 8, 9]);
+        let index = index.read().unwrap();
+        assert_eq!(
+            (index.vote(), index.purged()),
+            (Some(&b"vote"[..]), Some(&b"purged"[..])),
+            "kept by the checkpoints"
+        );
+    }
+
+    #[test]
+    fn a_gap_in_the_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(dir.path(), 1).unwrap();
+            wal.append(&entries(0..=2)).unwrap();
+            wal.append(&entries(3..=5)).unwrap();
+            wal.append(&entries(6..=8)).unwrap();
+            wal.sync().unwrap();
+        }
+        // The middle segment, entries 3 to 5, is lost.
+        std::fs::remove_file(segment_path(dir.path(), 1)).unwrap();
+        let e = Wal::open(dir.path(), 1).err().expect("a gap");
+        assert!(e.to_string().contains("the log has a gap"), "{e}");
+    }
+
+    #[test]
+    fn a_record_longer_than_the_limit_ends_the_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            wal.append(&entries(0..=1)).unwrap();
+            wal.sync().unwrap();
+        }
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = HEADER_BYTES + 1 + entries(0..=0)[0].1.len();
+        bytes[second..second + 4].copy_from_slice(&(RECORD_BYTES_MAX as u32 + 1).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        assert_eq!(indexes(&index), vec![0]);
+    }
+}
