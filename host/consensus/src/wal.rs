@@ -10,9 +10,14 @@
 //!
 //! Appending is one `pwrite` of the records into the page cache, and making them durable is one
 //! `fdatasync` of the segment, however many records a group holds (redb, which the log used
-//! before, wrote about thirteen pages and synced them on every commit). Segments grow in
-//! [`PREALLOCATE_BYTES`] steps of allocated space, so that a sync rarely has to write the file's
-//! size or block map too.
+//! before, wrote about thirteen pages and synced them on every commit). A segment allocates its
+//! file space ahead of its writes, in steps that double from [`PREALLOCATE_MIN_BYTES`] to
+//! [`PREALLOCATE_BYTES`], so that a sync rarely has to write the file's size or block map too,
+//! and a node that restarts often does not hold megabytes per restart.
+//!
+//! A write or a sync that fails leaves the segment in a state nobody knows (a partial record, or
+//! pages the kernel dropped): the log then refuses every later write, and Raft stops on the
+//! error. The next start replays what is whole and writes to a new segment.
 //!
 //! Opening replays every segment in order into an index of where each entry lies, so reads are a
 //! `pread` each. A segment's replay ends at its first record that is not whole: zeros (space
@@ -37,8 +42,10 @@ use super::types::{Entry, LogId, decode};
 /// The size past which the writer starts a new segment (a segment holds at least one record,
 /// however large).
 pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
-/// How much file space a segment allocates at a time, ahead of its writes.
+/// The most file space a segment allocates at a time, ahead of its writes.
 pub(crate) const PREALLOCATE_BYTES: u64 = 4 << 20;
+/// A segment's first allocation; each next one doubles, up to [`PREALLOCATE_BYTES`].
+pub(crate) const PREALLOCATE_MIN_BYTES: u64 = 64 << 10;
 /// The longest record body replay accepts: no entry can be longer than a peer message.
 pub(crate) const RECORD_BYTES_MAX: usize = PEER_MESSAGE_BYTES_MAX;
 
@@ -181,6 +188,8 @@ pub(crate) struct Wal {
     allocated: u64,
     /// Whether the current segment has writes not yet synced.
     dirty: bool,
+    /// The first write or sync that failed: every write after it is refused.
+    failed: Option<String>,
     buf: Vec<u8>,
 }
 
@@ -232,6 +241,7 @@ impl Wal {
             offset: 0,
             allocated: 0,
             dirty: false,
+            failed: None,
             buf: Vec::new(),
         };
         wal.checkpoint()?;
@@ -271,8 +281,10 @@ impl Wal {
             return Ok(());
         }
         let end = self.offset + self.buf.len() as u64;
+        self.refuse_if_failed()?;
         if end > self.allocated {
-            let to = end.div_ceil(PREALLOCATE_BYTES) * PREALLOCATE_BYTES;
+            let step = self.allocated.clamp(PREALLOCATE_MIN_BYTES, PREALLOCATE_BYTES);
+            let to = end.max(self.allocated + step).div_ceil(PREALLOCATE_MIN_BYTES) * PREALLOCATE_MIN_BYTES;
             let flags = rustix::fs::FallocateFlags::empty();
             match rustix::fs::fallocate(&*self.file, flags, self.allocated, to - self.allocated) {
                 Ok(()) => self.allocated = to,
@@ -281,10 +293,29 @@ impl Wal {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.file.write_all_at(&self.buf, self.offset)?;
+        let written = self.file.write_all_at(&self.buf, self.offset);
+        self.fail_on(written)?;
         self.offset = end;
         self.dirty = true;
         Ok(())
+    }
+
+    fn refuse_if_failed(&self) -> io::Result<()> {
+        match &self.failed {
+            Some(e) => {
+                Err(io::Error::other(format!("an earlier write to this raft log failed ({e}); restart the node")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Passes a write's or a sync's result on, remembering a failure.
+    fn fail_on(&mut self, result: io::Result<()>) -> io::Result<()> {
+        if let Err(e) = &result {
+            tracing::error!(error = %e, segment = self.current, "a raft log write failed; the log takes no more writes");
+            self.failed = Some(e.to_string());
+        }
+        result
     }
 
     /// Moves to a new segment once the current one is full; the full one is synced first.
@@ -371,8 +402,10 @@ impl Wal {
 
     /// Makes every record written so far durable: one `fdatasync`, if anything is new.
     pub fn sync(&mut self) -> io::Result<()> {
+        self.refuse_if_failed()?;
         if self.dirty {
-            self.file.sync_data()?;
+            let synced = self.file.sync_data();
+            self.fail_on(synced)?;
             self.dirty = false;
             self.index.write().expect("raft log index lock").synced = (self.current, self.offset);
         }
@@ -488,6 +521,36 @@ mod tests {
         wal.sync().unwrap();
         assert!((0..=2).all(|i| index.read().unwrap().is_synced(i)));
         assert!(!index.read().unwrap().is_synced(3), "not in the log");
+    }
+
+    #[test]
+    fn a_segment_allocates_ahead_in_doubling_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let size = || std::fs::metadata(segment_path(dir.path(), 0)).unwrap().len();
+        wal.append(&entries(0..=0)).unwrap();
+        assert_eq!(size(), PREALLOCATE_MIN_BYTES, "a fresh segment holds little");
+        let big = vec![(entries(1..=1)[0].0, vec![0; PREALLOCATE_MIN_BYTES as usize])];
+        wal.append(&big).unwrap();
+        assert_eq!(size(), 2 * PREALLOCATE_MIN_BYTES, "the next step doubles the space");
+        for i in 2..200 {
+            wal.append(&[(entries(i..=i)[0].0, vec![0; PREALLOCATE_MIN_BYTES as usize])]).unwrap();
+        }
+        let steps = size() / PREALLOCATE_BYTES;
+        assert!(steps >= 3 && size() % PREALLOCATE_MIN_BYTES == 0, "grown in steps up to the largest: {}", size());
+        assert!(size() - wal.offset < PREALLOCATE_BYTES + PREALLOCATE_MIN_BYTES, "never more than a step ahead");
+    }
+
+    #[test]
+    fn after_a_failed_write_the_log_takes_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        wal.append(&entries(0..=1)).unwrap();
+        let _ = wal.fail_on(Err(io::Error::other("no space left on device")));
+        let e = wal.append(&entries(2..=2)).expect_err("refused");
+        assert!(e.to_string().contains("no space left on device"), "{e}");
+        assert!(wal.sync().is_err() && wal.save_vote(b"v".to_vec()).is_err());
+        assert_eq!(indexes(&index), vec![0, 1], "nothing after the failure reached the index");
     }
 
     #[test]
