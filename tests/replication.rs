@@ -74,7 +74,9 @@ async fn acknowledged_writes_survive_repeated_leader_kills() {
         c.kill(leader);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         c.spawn(leader);
-        c.wait_stable(3, Duration::from_secs(60)).await;
+        // The load goes on: the restarted node has caught up once it has applied what the
+        // others had when they all agreed on a leader again.
+        c.wait_caught_up(3, Duration::from_secs(60)).await;
     }
     let outcomes = load.finish().await;
     c.wait_stable(3, Duration::from_secs(60)).await;

@@ -234,6 +234,53 @@ impl Cluster {
         None
     }
 
+    /// Waits until the running nodes agree on one live leader and `voters` voters, and each has
+    /// applied at least what the furthest of them had applied when they first agreed. Under a
+    /// load that keeps writing, no two nodes need ever report the same position at once, so
+    /// [`Cluster::wait_stable`] could wait for a moment that never comes.
+    pub async fn wait_caught_up(&mut self, voters: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut target = None;
+        loop {
+            let mut leaders = BTreeSet::new();
+            let mut applied = Vec::new();
+            let mut ok = true;
+            for i in 0..self.nodes.len() {
+                if !self.nodes[i].is_running() {
+                    continue;
+                }
+                match self.network(i).await {
+                    Some(net) => {
+                        let counted = net["nodes"]
+                            .as_array()
+                            .map(|ns| ns.iter().filter(|n| n["role"] != "learner").count())
+                            .unwrap_or(0);
+                        ok &= counted == voters && !net["leader"].is_null();
+                        leaders.insert(net["leader"].to_string());
+                        let seqno = net["applied"].as_str().and_then(|a| a.rsplit('.').next()?.parse::<u64>().ok());
+                        applied.push(seqno.unwrap_or(0));
+                    }
+                    None => ok = false,
+                }
+            }
+            if ok && leaders.len() == 1 {
+                let furthest = applied.iter().copied().max().unwrap_or(0);
+                let target = *target.get_or_insert(furthest);
+                let alive = self.leader().await.is_some_and(|l| self.nodes[l].is_running());
+                if alive && applied.iter().all(|&a| a >= target) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the network did not catch up within {timeout:?}: leaders {leaders:?}, applied {applied:?}, \
+                 target {target:?}\n{}",
+                self.logs(15)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until the running nodes agree on one leader and `voters` voters, and have applied
     /// the same position.
     pub async fn wait_stable(&mut self, voters: usize, timeout: Duration) {
