@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use openraft::entry::RaftEntry;
+use tokio::sync::watch;
 
 use super::network::PEER_MESSAGE_BYTES_MAX;
 use super::types::{Entry, LogId, decode};
@@ -72,7 +73,6 @@ struct Place {
 }
 
 /// What the log holds, shared by the writer and every reader.
-#[derive(Default)]
 pub(crate) struct Index {
     /// The index of `entries[0]`.
     first: u64,
@@ -84,9 +84,39 @@ pub(crate) struct Index {
     purged: Option<(u64, Vec<u8>)>,
     /// The segment and offset through which every write is durable.
     synced: (u64, u64),
+    /// Where the last purge record lies: no segment goes before it is durable.
+    purge_at: (u64, u64),
+    /// The index through which the log is durable, published on every change.
+    durable: watch::Sender<u64>,
 }
 
 impl Index {
+    fn new() -> Index {
+        Index {
+            first: 0,
+            entries: VecDeque::new(),
+            files: BTreeMap::new(),
+            vote: None,
+            committed: None,
+            purged: None,
+            synced: (0, 0),
+            purge_at: (0, 0),
+            durable: watch::Sender::new(0),
+        }
+    }
+
+    /// Follows the index through which every entry the log holds is durable (entries before
+    /// the first are purged, so durable too).
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    fn publish_durable(&self) {
+        // Positions grow along the entries: a truncation's replacements lie after it.
+        let synced = self.entries.partition_point(|p| (p.segment, p.offset + u64::from(p.len)) <= self.synced);
+        self.durable.send_replace((self.first + synced as u64).saturating_sub(1));
+    }
+
     pub fn last_log_id(&self) -> Option<LogId> {
         self.entries.back().map(|p| p.log_id)
     }
@@ -127,6 +157,7 @@ impl Index {
     fn truncate(&mut self, from: u64) {
         let keep = from.saturating_sub(self.first).min(self.entries.len() as u64);
         self.entries.truncate(keep as usize);
+        self.publish_durable();
     }
 
     /// Drops every entry up to `upto`.
@@ -139,6 +170,7 @@ impl Index {
             self.first = upto + 1;
         }
         self.purged = Some((upto, log_id));
+        self.publish_durable();
     }
 
     /// The places of the entries with indexes in `from..to`, and their files, at most
@@ -174,7 +206,9 @@ pub(crate) fn read(index: &RwLock<Index>, from: u64, to: u64, bytes_max: usize) 
     Ok(entries)
 }
 
-/// The writer's side of the log; only the log writer thread holds it.
+/// The writer's side of the log. Writes land in the page cache at once; a sync makes them
+/// durable, taking what to sync under the log's lock ([`Wal::take_unsynced`]) and running it
+/// without ([`Unsynced::run`]), so writes go on during the sync.
 pub(crate) struct Wal {
     dir: PathBuf,
     segment_bytes: u64,
@@ -186,8 +220,9 @@ pub(crate) struct Wal {
     /// Where the next record goes, and how far the file's space is allocated.
     offset: u64,
     allocated: u64,
-    /// Whether the current segment has writes not yet synced.
-    dirty: bool,
+    /// The segments written since the last sync was taken, and whether the folder has changed.
+    unsynced: Vec<(u64, Arc<File>)>,
+    dir_changed: bool,
     /// The first write or sync that failed: every write after it is refused.
     failed: Option<String>,
     buf: Vec<u8>,
@@ -199,6 +234,25 @@ fn segment_path(dir: &Path, number: u64) -> PathBuf {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// What one sync must cover: the folder (if a segment was created or deleted), the segments
+/// written, and the position the writes had reached.
+pub(crate) struct Unsynced {
+    dir: Option<PathBuf>,
+    files: Vec<Arc<File>>,
+    through: (u64, u64),
+}
+
+impl Unsynced {
+    /// One `fdatasync` per segment written (one, but for a segment just filled), and the
+    /// folder's sync if it changed.
+    pub fn run(&self) -> io::Result<()> {
+        if let Some(dir) = &self.dir {
+            sync_dir(dir)?;
+        }
+        self.files.iter().try_for_each(|f| f.sync_data())
+    }
 }
 
 impl Wal {
@@ -214,7 +268,7 @@ impl Wal {
             }
         }
         numbers.sort_unstable();
-        let mut index = Index::default();
+        let mut index = Index::new();
         let mut segments = BTreeMap::new();
         for &number in &numbers {
             let path = segment_path(dir, number);
@@ -240,7 +294,8 @@ impl Wal {
             file,
             offset: 0,
             allocated: 0,
-            dirty: false,
+            unsynced: Vec::new(),
+            dir_changed: true,
             failed: None,
             buf: Vec::new(),
         };
@@ -249,9 +304,10 @@ impl Wal {
         Ok((wal, index))
     }
 
+    /// Creates a segment; the folder's sync, with the next, makes its name durable before any
+    /// of its records counts as durable.
     fn create(dir: &Path, number: u64) -> io::Result<Arc<File>> {
         let file = File::options().read(true).write(true).create_new(true).open(segment_path(dir, number))?;
-        sync_dir(dir)?;
         Ok(Arc::new(file))
     }
 
@@ -296,7 +352,9 @@ impl Wal {
         let written = self.file.write_all_at(&self.buf, self.offset);
         self.fail_on(written)?;
         self.offset = end;
-        self.dirty = true;
+        if self.unsynced.last().is_none_or(|(n, _)| *n != self.current) {
+            self.unsynced.push((self.current, self.file.clone()));
+        }
         Ok(())
     }
 
@@ -318,14 +376,15 @@ impl Wal {
         result
     }
 
-    /// Moves to a new segment once the current one is full; the full one is synced first.
+    /// Moves to a new segment once the current one is full; the next sync covers both.
     fn roll_if_full(&mut self) -> io::Result<()> {
         if self.offset < self.segment_bytes {
             return Ok(());
         }
-        self.sync()?;
+        self.refuse_if_failed()?;
         let next = self.current + 1;
         let file = Wal::create(&self.dir, next)?;
+        self.dir_changed = true;
         self.index.write().expect("raft log index lock").files.insert(next, file.clone());
         self.segments.insert(next, None);
         (self.current, self.file, self.offset, self.allocated) = (next, file, 0, 0);
@@ -373,12 +432,25 @@ impl Wal {
         Ok(())
     }
 
-    /// Drops every entry up to `upto` (whose log id is `log_id`), and deletes the segments that
-    /// held only such entries. The purge is synced before any segment goes.
+    /// Drops every entry up to `upto` (whose log id is `log_id`). The segments that held only
+    /// such entries go with [`Wal::delete_purged`], once this is synced.
     pub fn purge(&mut self, upto: u64, log_id: Vec<u8>) -> io::Result<()> {
         self.record(PURGE, &[&upto.to_le_bytes(), &log_id])?;
-        self.sync()?;
-        self.index.write().expect("raft log index lock").purge(upto, log_id);
+        let mut index = self.index.write().expect("raft log index lock");
+        index.purge(upto, log_id);
+        index.purge_at = (self.current, self.offset);
+        Ok(())
+    }
+
+    /// Deletes the segments whose every entry is purged, if the last purge is durable.
+    pub fn delete_purged(&mut self) -> io::Result<()> {
+        let upto = {
+            let index = self.index.read().expect("raft log index lock");
+            match &index.purged {
+                Some((upto, _)) if index.purge_at <= index.synced => *upto,
+                _ => return Ok(()),
+            }
+        };
         let gone: Vec<u64> = self
             .segments
             .iter()
@@ -389,6 +461,7 @@ impl Wal {
             std::fs::remove_file(segment_path(&self.dir, number))?;
             self.segments.remove(&number);
             self.index.write().expect("raft log index lock").files.remove(&number);
+            self.dir_changed = true;
         }
         Ok(())
     }
@@ -400,16 +473,31 @@ impl Wal {
         self.write_buf()
     }
 
-    /// Makes every record written so far durable: one `fdatasync`, if anything is new.
-    pub fn sync(&mut self) -> io::Result<()> {
+    /// What a sync must cover now; run it without holding the log, then report it with
+    /// [`Wal::synced`].
+    pub fn take_unsynced(&mut self) -> io::Result<Unsynced> {
         self.refuse_if_failed()?;
-        if self.dirty {
-            let synced = self.file.sync_data();
-            self.fail_on(synced)?;
-            self.dirty = false;
-            self.index.write().expect("raft log index lock").synced = (self.current, self.offset);
-        }
+        Ok(Unsynced {
+            dir: std::mem::take(&mut self.dir_changed).then(|| self.dir.clone()),
+            files: std::mem::take(&mut self.unsynced).into_iter().map(|(_, f)| f).collect(),
+            through: (self.current, self.offset),
+        })
+    }
+
+    /// Records how a sync went: on success, every write it covers is durable.
+    pub fn synced(&mut self, unsynced: &Unsynced, result: io::Result<()>) -> io::Result<()> {
+        self.fail_on(result)?;
+        let mut index = self.index.write().expect("raft log index lock");
+        index.synced = index.synced.max(unsynced.through);
+        index.publish_durable();
         Ok(())
+    }
+
+    /// Makes every record written so far durable, here and now.
+    pub fn sync(&mut self) -> io::Result<()> {
+        let unsynced = self.take_unsynced()?;
+        let result = unsynced.run();
+        self.synced(&unsynced, result)
     }
 }
 
@@ -591,7 +679,11 @@ mod tests {
         assert_eq!(segments(), 11, "a segment of 1 byte holds one record");
         wal.purge(6, b"purged".to_vec()).unwrap();
         assert_eq!(indexes(&index), vec![7, 8, 9]);
-        assert_eq!(segments(), 4, "the segments holding 7, 8 and 9, and the current one");
+        wal.delete_purged().unwrap();
+        assert_eq!(segments(), 12, "no segment goes before the purge is durable");
+        wal.sync().unwrap();
+        wal.delete_purged().unwrap();
+        assert_eq!(segments(), 4, "the segments holding 7, 8 and 9, and the one holding the purge");
         drop(wal);
         let (_, index) = Wal::open(dir.path(), 1).unwrap();
         assert_eq!(indexes(&index), vec![7, 8, 9]);
