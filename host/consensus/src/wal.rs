@@ -320,13 +320,13 @@ impl Wal {
         };
         self.buf.clear();
         if let Some(v) = &vote {
-            frame(&mut self.buf, VOTE, &[v]);
+            frame(&mut self.buf, VOTE, &[v])?;
         }
         if let Some(c) = &committed {
-            frame(&mut self.buf, COMMITTED, &[c]);
+            frame(&mut self.buf, COMMITTED, &[c])?;
         }
         if let Some((upto, id)) = &purged {
-            frame(&mut self.buf, PURGE, &[&upto.to_le_bytes(), id]);
+            frame(&mut self.buf, PURGE, &[&upto.to_le_bytes(), id])?;
         }
         self.write_buf()
     }
@@ -398,7 +398,7 @@ impl Wal {
         let mut places = Vec::with_capacity(entries.len());
         for (log_id, bytes) in entries {
             let at = self.offset + (self.buf.len() + HEADER_BYTES + 1) as u64;
-            frame(&mut self.buf, ENTRY, &[bytes]);
+            frame(&mut self.buf, ENTRY, &[bytes])?;
             places.push(Place { segment: self.current, offset: at, len: bytes.len() as u32, log_id: *log_id });
         }
         self.write_buf()?;
@@ -469,7 +469,7 @@ impl Wal {
     fn record(&mut self, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
         self.roll_if_full()?;
         self.buf.clear();
-        frame(&mut self.buf, kind, parts);
+        frame(&mut self.buf, kind, parts)?;
         self.write_buf()
     }
 
@@ -501,9 +501,16 @@ impl Wal {
     }
 }
 
-/// Appends one record to `buf`.
-fn frame(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
+/// Appends one record to `buf`, refusing one that replay would take for a torn record (and so
+/// end the log before it) because it is longer than [`RECORD_BYTES_MAX`].
+fn frame(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
     let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    if len > RECORD_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a raft log record of {len} bytes; at most {RECORD_BYTES_MAX} (RECORD_BYTES_MAX)"),
+        ));
+    }
     let mut crc = crc32fast::Hasher::new();
     crc.update(&[kind]);
     for part in parts {
@@ -515,6 +522,7 @@ fn frame(buf: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
     for part in parts {
         buf.extend_from_slice(part);
     }
+    Ok(())
 }
 
 /// Replays one segment into `index`; returns the highest entry index it wrote.
@@ -726,5 +734,28 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let (_, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
         assert_eq!(indexes(&index), vec![0]);
+    }
+
+    #[test]
+    fn a_record_is_written_up_to_the_limit_and_refused_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // An entry's encoding padded out: decoding ignores what follows the entry.
+        let padded = |i: u64, len: usize| {
+            let (log_id, mut bytes) = entries(i..=i).remove(0);
+            bytes.resize(len, 0);
+            vec![(log_id, bytes)]
+        };
+        let (at_limit, past) = (padded(0, RECORD_BYTES_MAX - 1), padded(1, RECORD_BYTES_MAX));
+        {
+            let (mut wal, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            wal.append(&at_limit).unwrap();
+            let e = wal.append(&past).expect_err("past the limit");
+            assert!(e.to_string().contains("RECORD_BYTES_MAX"), "{e}");
+            wal.append(&entries(1..=1)).expect("the refusal wrote nothing and failed nothing");
+            wal.sync().unwrap();
+            assert_eq!(indexes(&index), vec![0, 1]);
+        }
+        let (_, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        assert_eq!(indexes(&index), vec![0, 1], "the longest record replays");
     }
 }
