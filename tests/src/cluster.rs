@@ -234,6 +234,32 @@ impl Cluster {
         None
     }
 
+    /// Each running node's view: the leader it names and the position it has applied. `None`
+    /// while some running node does not answer, counts other than `voters` voters, or names no
+    /// leader.
+    async fn views(&mut self, voters: usize) -> Option<Vec<(String, String)>> {
+        let mut views = Vec::new();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            let net = self.network(i).await?;
+            let counted =
+                net["nodes"].as_array().map(|ns| ns.iter().filter(|n| n["role"] != "learner").count()).unwrap_or(0);
+            if counted != voters || net["leader"].is_null() {
+                return None;
+            }
+            views.push((net["leader"].to_string(), net["applied"].as_str().unwrap_or_default().to_owned()));
+        }
+        Some(views)
+    }
+
+    /// Whether the leader the running nodes agree on is alive.
+    async fn leader_alive(&mut self) -> bool {
+        let leader = self.leader().await;
+        leader.is_some_and(|l| self.nodes[l].is_running())
+    }
+
     /// Waits until the running nodes agree on one live leader and `voters` voters, and each has
     /// applied at least what the furthest of them had applied when they first agreed. Under a
     /// load that keeps writing, no two nodes need ever report the same position at once, so
@@ -242,39 +268,20 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         let mut target = None;
         loop {
-            let mut leaders = BTreeSet::new();
-            let mut applied = Vec::new();
-            let mut ok = true;
-            for i in 0..self.nodes.len() {
-                if !self.nodes[i].is_running() {
-                    continue;
-                }
-                match self.network(i).await {
-                    Some(net) => {
-                        let counted = net["nodes"]
-                            .as_array()
-                            .map(|ns| ns.iter().filter(|n| n["role"] != "learner").count())
-                            .unwrap_or(0);
-                        ok &= counted == voters && !net["leader"].is_null();
-                        leaders.insert(net["leader"].to_string());
-                        let seqno = net["applied"].as_str().and_then(|a| a.rsplit('.').next()?.parse::<u64>().ok());
-                        applied.push(seqno.unwrap_or(0));
-                    }
-                    None => ok = false,
-                }
-            }
-            if ok && leaders.len() == 1 {
-                let furthest = applied.iter().copied().max().unwrap_or(0);
-                let target = *target.get_or_insert(furthest);
-                let alive = self.leader().await.is_some_and(|l| self.nodes[l].is_running());
-                if alive && applied.iter().all(|&a| a >= target) {
+            let views = self.views(voters).await;
+            if let Some(views) = &views
+                && views.iter().map(|(leader, _)| leader).collect::<BTreeSet<_>>().len() == 1
+            {
+                let seqno = |applied: &str| applied.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+                let applied: Vec<u64> = views.iter().map(|(_, a)| seqno(a)).collect();
+                let target = *target.get_or_insert(applied.iter().copied().max().unwrap_or(0));
+                if applied.iter().all(|&a| a >= target) && self.leader_alive().await {
                     return;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "the network did not catch up within {timeout:?}: leaders {leaders:?}, applied {applied:?}, \
-                 target {target:?}\n{}",
+                "the network did not catch up within {timeout:?}: views {views:?}, target {target:?}\n{}",
                 self.logs(15)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -286,34 +293,12 @@ impl Cluster {
     pub async fn wait_stable(&mut self, voters: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let mut views = BTreeSet::new();
-            let mut ok = true;
-            for i in 0..self.nodes.len() {
-                if !self.nodes[i].is_running() {
-                    continue;
-                }
-                match self.network(i).await {
-                    Some(net) => {
-                        let counted = net["nodes"]
-                            .as_array()
-                            .map(|ns| ns.iter().filter(|n| n["role"] != "learner").count())
-                            .unwrap_or(0);
-                        ok &= counted == voters && !net["leader"].is_null();
-                        views.insert((net["leader"].to_string(), net["applied"].to_string()));
-                    }
-                    None => ok = false,
-                }
-            }
-
-            if ok && views.len() == 1 {
-                // …and the leader they agree on is alive.
-                let l = self.leader().await;
-
-                if let Some(leader) = l
-                    && self.nodes[leader].is_running()
-                {
-                    return;
-                }
+            let views = self.views(voters).await;
+            if let Some(views) = &views
+                && views.iter().collect::<BTreeSet<_>>().len() == 1
+                && self.leader_alive().await
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
