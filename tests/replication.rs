@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use cloister_bundled::RECONCILE;
+use cloister_bundled::{KV, RECONCILE};
 use cloister_client::Client;
 use cloister_tests::cluster::{Cluster, Load, check_outcomes, tx_status};
 use cloister_tests::metrics::value;
@@ -63,6 +63,29 @@ async fn writes_on_the_leader_and_through_a_follower_reach_every_node() {
     let read = client.request_with_headers("GET", "/app/report/FRESH", &linearizable, "").await.unwrap();
     assert_eq!(read.status, 200, "{}", read.text());
 }
+
+/// The leader answers an app's write once it is committed, before it has applied it; a read on
+/// the leader that follows the answer must still see it, and its transaction reads as committed.
+/// Each round overwrites one key and reads it back at once, in the default (local) consistency;
+/// without the wait for acknowledged writes, most rounds read the previous value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_answered_at_commit_is_seen_by_the_next_read_on_that_node() {
+    let mut c = Cluster::start(3, 1, KV, |_| {}).await;
+    let leader = c.leader().await.expect("a leader");
+    let client = c.client(leader, 0).await.unwrap();
+    for round in 0..READ_YOUR_WRITE_ROUNDS {
+        let value = format!("v{round}");
+        let put = client.request("PUT", "/app/kv/k", Some("application/octet-stream"), value.clone()).await.unwrap();
+        assert_eq!(put.status, 200, "{}", put.text());
+        let get = client.get("/app/kv/k").await.unwrap();
+        assert_eq!(get.text(), value, "round {round}: the read missed the write answered before it");
+        let tx = put.tx_id().expect("a tx id");
+        assert_eq!(tx_status(&c, leader, &tx).await, "Committed", "round {round}: {tx}");
+    }
+}
+
+/// Rounds of `a_write_answered_at_commit_is_seen_by_the_next_read_on_that_node`.
+const READ_YOUR_WRITE_ROUNDS: usize = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_repeated_leader_kills() {

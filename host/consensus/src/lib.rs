@@ -23,6 +23,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
@@ -82,6 +83,10 @@ pub enum ProposeError {
 pub struct Proposal {
     uid: [u8; 16],
     appended: tokio::sync::oneshot::Receiver<types::LogId>,
+    /// Fires when Raft commits the entry (a majority holds it durably), before this node applies
+    /// it; dropped unanswered when it does not commit here.
+    commit: openraft::type_config::alias::OneshotReceiverOf<types::TypeConfig, types::LogId>,
+    acknowledged: Arc<AtomicU64>,
     complete: openraft::type_config::alias::OneshotReceiverOf<
         types::TypeConfig,
         openraft::raft::ClientWriteResult<types::TypeConfig>,
@@ -90,6 +95,16 @@ pub struct Proposal {
 }
 
 impl Proposal {
+    /// Waits until the transaction is committed: held durably by a majority, so no later leader
+    /// can lose it. `None` when it did not commit through this node; [`Proposal::outcome`] then
+    /// says why. A caller that answers a client here has acknowledged a write this node has
+    /// not applied yet, so the commit is recorded for [`Consensus::wait_acknowledged`] first.
+    pub async fn committed(&mut self) -> Option<TxId> {
+        let log_id = (&mut self.commit).await.ok()?;
+        self.acknowledged.fetch_max(log_id.index, Ordering::AcqRel);
+        Some(tx_id(&log_id))
+    }
+
     /// Waits until the transaction is committed and applied on this node, or fails.
     pub async fn outcome(mut self) -> Result<TxId, ProposeError> {
         let result = self.complete.await;
@@ -195,6 +210,9 @@ pub struct Consensus {
     /// Turns true once this node has applied the service's commit covering its own log (see
     /// [`Consensus::wait_recovered`]).
     recovered: tokio::sync::watch::Receiver<bool>,
+    /// The newest log index whose commit a caller of [`Proposal::committed`] may have
+    /// acknowledged (see [`Consensus::wait_acknowledged`]).
+    acknowledged: Arc<AtomicU64>,
 }
 
 impl Consensus {
@@ -245,7 +263,17 @@ impl Consensus {
                 let _ = set_recovered.send(true);
             }
         });
-        Ok(Consensus { raft, sm, watch, peers, id, me, forward_hops_max: settings.forward_hops_max, recovered })
+        Ok(Consensus {
+            raft,
+            sm,
+            watch,
+            peers,
+            id,
+            me,
+            forward_hops_max: settings.forward_hops_max,
+            recovered,
+            acknowledged: Arc::default(),
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -343,6 +371,23 @@ impl Consensus {
         matches!(tokio::time::timeout(timeout, recovered.wait_for(|r| *r)).await, Ok(Ok(_)))
     }
 
+    /// Waits until this node has applied every write it acknowledged at commit
+    /// ([`Proposal::committed`]), or the timeout passes. Such a write is answered before this
+    /// node applies it, so a read that follows the answer waits here, and sees it: a read never
+    /// sees a state older than a write this node acknowledged before the read arrived.
+    pub async fn wait_acknowledged(&self, timeout: Duration) -> bool {
+        let acknowledged = self.acknowledged.load(Ordering::Acquire);
+        let covers = |a: &Applied| a.last.is_some_and(|l| l.seqno >= acknowledged);
+        if acknowledged == 0 {
+            return true;
+        }
+        let mut applied = self.sm.subscribe();
+        if covers(&applied.borrow()) {
+            return true;
+        }
+        matches!(tokio::time::timeout(timeout, applied.wait_for(covers)).await, Ok(Ok(_)))
+    }
+
     /// The term this node is in.
     pub fn term(&self) -> u64 {
         self.metrics().current_term
@@ -383,7 +428,7 @@ impl Consensus {
     pub async fn submit(&self, entry: TxEntry, term: Option<u64>) -> Result<Proposal, ProposeError> {
         let uid = entry.uid;
         let appended = self.watch.watch(uid);
-        let (responder, complete) = openraft::impls::ProgressResponder::complete_only();
+        let (responder, commit, complete) = openraft::impls::ProgressResponder::new();
         let mut write = self.raft.write(entry).responder(responder);
         if let Some(term) = term {
             use openraft::vote::RaftLeaderIdExt;
@@ -393,7 +438,14 @@ impl Consensus {
             self.watch.forget(&uid);
             return Err(ProposeError::Stopped(e.to_string()));
         }
-        Ok(Proposal { uid, appended, complete, watch: self.watch.clone() })
+        Ok(Proposal {
+            uid,
+            appended,
+            commit,
+            acknowledged: self.acknowledged.clone(),
+            complete,
+            watch: self.watch.clone(),
+        })
     }
 
     /// A linearizable read barrier: confirms leadership with a quorum, then waits until this

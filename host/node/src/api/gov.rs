@@ -46,7 +46,7 @@ impl GovRead {
 
 /// Answers a governance read from committed state.
 pub async fn read(service: &std::sync::Arc<Service>, what: GovRead) -> Result<Value, ApiError> {
-    service.wait_recovered().await?;
+    service.wait_readable().await?;
     if what == GovRead::App {
         let tx = service.store().begin()?;
         let Some(record) = gov::app(&tx)? else {

@@ -108,7 +108,7 @@ async fn receipt(
 ) -> Result<Response, ApiError> {
     service.identify_known(peer.client_cert.as_deref())?;
     let id = tx_id_param(&uri)?;
-    service.wait_recovered().await?;
+    service.wait_readable().await?;
     let status = service
         .consensus()
         .tx_status(id)
@@ -136,7 +136,7 @@ async fn receipt(
 
 /// Every node's evidence and what verifying it established, from `gov.nodes`.
 async fn attestations(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
-    service.wait_recovered().await?;
+    service.wait_readable().await?;
     let nodes = service.gov_read(|tx| Ok(crate::gov::all::<crate::gov::NodeRecord>(tx, crate::gov::NODES)?))?;
     let list: Vec<_> = nodes
         .into_iter()
@@ -156,7 +156,7 @@ async fn attestations(State(service): State<Arc<Service>>) -> Result<impl IntoRe
 
 /// The attestation policy this service enforces: its pinned roots and the governed allow-lists.
 async fn attestation_policy(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
-    service.wait_recovered().await?;
+    service.wait_readable().await?;
     let policy = service
         .gov_read(|tx| Ok(crate::attest::policy(tx)?))?
         .ok_or_else(|| ApiError::unavailable("this node holds no service state yet"))?;
@@ -166,7 +166,7 @@ async fn attestation_policy(State(service): State<Arc<Service>>) -> Result<impl 
 /// `GET /node/tx?id=term.seqno`: Pending, Committed or Invalid, as this node knows it.
 async fn tx_status(State(service): State<Arc<Service>>, uri: Uri) -> Result<impl IntoResponse, ApiError> {
     let id = tx_id_param(&uri)?;
-    service.wait_recovered().await?;
+    service.wait_readable().await?;
     let status = service
         .consensus()
         .tx_status(id)

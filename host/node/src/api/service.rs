@@ -226,21 +226,33 @@ impl Service {
         &self.metrics
     }
 
-    /// Holds a read of this node's state until the node has caught up after a restart, for up to
-    /// half of `request_timeout_ms`, then answers 503: a node restarted after a crash applies
-    /// again what it had applied only once the service's commit reaches it, and a read before
-    /// that would see a state older than one it served ([`Consensus::wait_recovered`]).
-    pub(crate) async fn wait_recovered(&self) -> Result<(), ApiError> {
+    /// Holds a read of this node's state, for up to half of `request_timeout_ms` in all, then
+    /// answers 503, until the state is one the read may see:
+    /// - the node has caught up after a restart: a node restarted after a crash applies again
+    ///   what it had applied only once the service's commit reaches it, and a read before that
+    ///   would see a state older than one it served ([`Consensus::wait_recovered`]);
+    /// - the node has applied every app write it answered: those are answered once committed,
+    ///   which is before they are applied here ([`Consensus::wait_acknowledged`]).
+    pub(crate) async fn wait_readable(&self) -> Result<(), ApiError> {
         let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
-        if self.consensus.wait_recovered(patience).await {
-            return Ok(());
+        let deadline = tokio::time::Instant::now() + patience;
+        if !self.consensus.wait_recovered(patience).await {
+            return Err(ApiError::unavailable(format!(
+                "this node has not caught up with the service's commit since it started, within {} ms (half \
+                 of request_timeout_ms); until then it serves no reads rather than a state older than it \
+                 served before it stopped (is a majority of nodes up?); retry shortly or ask another node",
+                patience.as_millis()
+            )));
         }
-        Err(ApiError::unavailable(format!(
-            "this node has not caught up with the service's commit since it started, within {} ms (half \
-             of request_timeout_ms); until then it serves no reads rather than a state older than it \
-             served before it stopped (is a majority of nodes up?); retry shortly or ask another node",
-            patience.as_millis()
-        )))
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !self.consensus.wait_acknowledged(left).await {
+            return Err(ApiError::unavailable(format!(
+                "this node has not applied the writes it has acknowledged, within {} ms (half of \
+                 request_timeout_ms); it serves no reads that would miss them; retry shortly",
+                patience.as_millis()
+            )));
+        }
+        Ok(())
     }
 
     /// The app installed in the applied state, loaded (compiles are cached by code hash, so
@@ -918,7 +930,7 @@ impl Service {
         head: RequestHead,
         body: bytes::Bytes,
     ) -> Result<AppReply, ApiError> {
-        self.wait_recovered().await?;
+        self.wait_readable().await?;
         let _permit = self.reads.acquire().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
         let service = self.clone();
         tokio::task::spawn_blocking(move || {

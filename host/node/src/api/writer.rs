@@ -384,9 +384,25 @@ impl WriterLoop {
         let finished = self.finished.clone();
         let metrics = self.metrics.clone();
         metrics.writer_pending.fetch_add(1, Ordering::Relaxed);
+        // An app's write is answered once committed: durable on a majority, it cannot be lost,
+        // and the value it answers with was computed when it ran. Reads on this node wait until
+        // it is applied (`Consensus::wait_acknowledged`), and later writes run over it while it
+        // is pending. A governance write still waits until it is applied here, since it can
+        // change how this node serves the requests that follow (an app, a member, the service's
+        // state).
+        let answer_at_commit = kind == TxKind::App;
+        let mut answer = Some(answer);
         self.tokio.spawn(async move {
             let outcome = match proposal {
-                Ok(p) => p.outcome().await,
+                Ok(mut p) => {
+                    if answer_at_commit
+                        && let Some(tx_id) = p.committed().await
+                        && let Some(answer) = answer.take()
+                    {
+                        answer(Ok(Some(tx_id)));
+                    }
+                    p.outcome().await
+                }
                 Err(e) => Err(e),
             };
             let result = match outcome {
@@ -408,7 +424,9 @@ impl WriterLoop {
             finished.notify();
             metrics.writer_pending.fetch_sub(1, Ordering::Relaxed);
             // The client may have given up (timeout); the transaction's fate is unaffected.
-            answer(result);
+            if let Some(answer) = answer {
+                answer(result);
+            }
         });
     }
 }
