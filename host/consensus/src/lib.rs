@@ -377,10 +377,10 @@ impl Consensus {
     /// sees a state older than a write this node acknowledged before the read arrived.
     pub async fn wait_acknowledged(&self, timeout: Duration) -> bool {
         let acknowledged = self.acknowledged.load(Ordering::Acquire);
-        let covers = |a: &Applied| a.last.is_some_and(|l| l.seqno >= acknowledged);
         if acknowledged == 0 {
             return true;
         }
+        let covers = |a: &Applied| a.last.is_some_and(|l| l.seqno >= acknowledged);
         let mut applied = self.sm.subscribe();
         if covers(&applied.borrow()) {
             return true;
