@@ -252,7 +252,7 @@ impl Consensus {
         }
         .validate()
         .map_err(|e| anyhow::anyhow!("raft settings are inconsistent: {e}"))?;
-        let network = network::NetworkFactory { peers: peers.clone() };
+        let network = network::NetworkFactory { peers: peers.clone(), in_flight_max: settings.appends_in_flight_max };
         let raft = Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
         tokio::spawn(schedule_snapshots(raft.clone(), sm.clone(), settings.clone()));
         let (set_recovered, recovered) = tokio::sync::watch::channel(false);

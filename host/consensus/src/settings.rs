@@ -10,6 +10,7 @@ pub(crate) const SNAPSHOT_AFTER_LOGS: u64 = 10_000;
 pub(crate) const SNAPSHOT_AFTER_LOGS_MAX: u64 = 50_000;
 pub(crate) const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
 pub(crate) const ENTRIES_PER_APPEND_MAX: u64 = 300;
+pub(crate) const APPENDS_IN_FLIGHT_MAX: usize = 2;
 pub(crate) const FORWARD_HOPS_MAX: u32 = 3;
 pub(crate) const JOIN_TIMEOUT_MS: u64 = 120_000;
 
@@ -35,6 +36,11 @@ pub struct RaftSection {
     pub logs_kept_after_snapshot: u64,
     /// Most log entries sent to a follower in one message.
     pub entries_per_append_max: u64,
+    /// Most AppendEntries messages the leader has sent a follower without their reply. One is
+    /// send-and-wait; two let the next entries (or a new commit index) go out while the
+    /// follower still syncs the last ones, and the entries proposed meanwhile still share one
+    /// message. More sends smaller messages under load, which costs CPU per write.
+    pub appends_in_flight_max: usize,
     /// Most times a write may be forwarded before it is refused (503).
     pub forward_hops_max: u32,
     /// Time a joining node keeps asking to be admitted, in milliseconds.
@@ -52,6 +58,7 @@ impl Default for RaftSection {
             snapshot_after_logs_max: SNAPSHOT_AFTER_LOGS_MAX,
             logs_kept_after_snapshot: LOGS_KEPT_AFTER_SNAPSHOT,
             entries_per_append_max: ENTRIES_PER_APPEND_MAX,
+            appends_in_flight_max: APPENDS_IN_FLIGHT_MAX,
             forward_hops_max: FORWARD_HOPS_MAX,
             join_timeout_ms: JOIN_TIMEOUT_MS,
         }

@@ -418,8 +418,11 @@ impl NodeConfig {
                     .into(),
             );
         }
-        if r.entries_per_append_max == 0 || r.snapshot_after_logs == 0 {
-            return Err("raft.entries_per_append_max and raft.snapshot_after_logs must be greater than 0".into());
+        if r.entries_per_append_max == 0 || r.snapshot_after_logs == 0 || r.appends_in_flight_max == 0 {
+            return Err(
+                "raft.entries_per_append_max, raft.snapshot_after_logs and raft.appends_in_flight_max must be greater than 0"
+                    .into(),
+            );
         }
         // Every running request holds one instance slot: the reads, plus the writer's one.
         if self.limits.reads_inflight_max + 1 > self.wasm.instances_max as usize {
@@ -480,6 +483,12 @@ mod tests {
         let zero = format!("{MINIMAL}\n[limits]\nrequest_timeout_ms = 0\n");
         let c: NodeConfig = toml::from_str(&zero).unwrap();
         assert!(c.check().unwrap_err().contains("request_timeout_ms"));
+        // No AppendEntries in flight would never replicate; one is send-and-wait.
+        let window = |n: u32| format!("{MINIMAL}\n[raft]\nappends_in_flight_max = {n}\n");
+        let c: NodeConfig = toml::from_str(&window(0)).unwrap();
+        assert!(c.check().unwrap_err().contains("raft.appends_in_flight_max"));
+        let c: NodeConfig = toml::from_str(&window(1)).unwrap();
+        assert!(c.check().is_ok(), "{:?}", c.check());
         let slots = format!("{MINIMAL}\n[limits]\nreads_inflight_max = 64\n[wasm]\ninstances_max = 64\n");
         let c: NodeConfig = toml::from_str(&slots).unwrap();
         assert!(c.check().unwrap_err().contains("wasm.instances_max"));
