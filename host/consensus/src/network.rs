@@ -340,8 +340,8 @@ enum Event {
 ///
 /// A message on the stream fails the session when it goes unanswered for the RPC's time
 /// (openraft's `soft_ttl` plus its size at [`REPLICATION_BYTES_PER_S_MIN`]) counted from its
-/// sending or the last reply, whichever is later; a session with nothing unanswered has no
-/// deadline. A held message's call gets the same time, as [`PeerConnection::append_entries`]'s.
+/// sending, the last reply, or the end of the session's own work on the next message, whichever
+/// is latest; a session with nothing unanswered has no deadline. A held message's call gets the same time, as [`PeerConnection::append_entries`]'s.
 struct Replication<S, T> {
     /// openraft's messages; `None` once it has ended the session.
     input: Option<S>,
@@ -380,7 +380,8 @@ where
             transport,
             target,
             ttl,
-            in_flight_max,
+            // The configuration refuses 0, with which no message would ever go.
+            in_flight_max: in_flight_max.max(1),
             oversize_reported,
             stream: None,
             unanswered: VecDeque::new(),
@@ -488,12 +489,23 @@ where
         }
         let bytes = message.data.len();
         if let Some((requests, _)) = &self.stream {
-            // The follower may have ended the call since: then the message opens another.
             match requests.unbounded_send(message) {
                 Ok(()) => {
                     self.unanswered.push_back((Instant::now(), bytes));
                     return Ok(());
                 }
+                // The call is over (the follower ended it, or the connection went): the replies
+                // to the messages sent on it will not come, and a new stream's would be matched
+                // to them.
+                Err(_) if !self.unanswered.is_empty() => {
+                    let e = std::io::Error::other(format!(
+                        "peer {}: the stream ended with {} messages unanswered",
+                        self.target,
+                        self.unanswered.len()
+                    ));
+                    return Err(RPCError::Network(NetworkError::new(&e)));
+                }
+                // With nothing unanswered, the message opens another.
                 Err(e) => message = e.into_inner(),
             }
         }
@@ -583,6 +595,8 @@ mod replication_tests {
         permits: Arc<Semaphore>,
         streams_opened: Arc<std::sync::atomic::AtomicUsize>,
         answer: Answer,
+        /// Ends each stream's call after its first message, without answering it.
+        hang_up: bool,
     }
 
     fn success(rpc: &AppendEntriesRequest<TypeConfig>, route: Route) -> Vec<pb::Blob> {
@@ -600,6 +614,7 @@ mod replication_tests {
                 permits: Arc::new(Semaphore::new(0)),
                 streams_opened: Arc::default(),
                 answer,
+                hang_up: false,
             }
         }
 
@@ -625,6 +640,15 @@ mod replication_tests {
     impl AppendTransport for FakeFollower {
         fn open(&mut self, mut requests: mpsc::UnboundedReceiver<pb::Blob>) -> Replies {
             self.streams_opened.fetch_add(1, Ordering::Relaxed);
+            if self.hang_up {
+                let follower = self.clone();
+                tokio::spawn(async move {
+                    if let Some(message) = requests.next().await {
+                        follower.receive(&message, Route::Stream);
+                    }
+                });
+                return futures::stream::pending().boxed();
+            }
             // Messages are received as they come, and answered in order as permits allow.
             let (received, to_answer) = mpsc::unbounded();
             let follower = self.clone();
@@ -696,6 +720,13 @@ mod replication_tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    impl Session {
+        /// The session's next answer; none if it ended. A session that hangs fails the test.
+        async fn answer(&mut self) -> Option<AppendItem> {
+            tokio::time::timeout(LONG, self.answers.recv()).await.expect("the session answers")
+        }
+    }
+
     fn matched(item: Option<AppendItem>) -> u64 {
         match item {
             Some(Ok(Ok(Some(log_id)))) => log_id.index,
@@ -717,12 +748,12 @@ mod replication_tests {
         settle().await;
         assert_eq!(follower.received(), [(Route::Stream, 1), (Route::Stream, 2)], "two of two in flight");
         follower.permits.add_permits(1);
-        assert_eq!(matched(session.answers.recv().await), 1);
+        assert_eq!(matched(session.answer().await), 1);
         settle().await;
         assert_eq!(follower.received().len(), 3, "a reply makes room for the third");
         follower.permits.add_permits(2);
-        assert_eq!(matched(session.answers.recv().await), 2);
-        assert_eq!(matched(session.answers.recv().await), 3);
+        assert_eq!(matched(session.answer().await), 2);
+        assert_eq!(matched(session.answer().await), 3);
         assert_eq!(follower.streams_opened.load(Ordering::Relaxed), 1);
         // openraft ends the session: the session ends once everything is answered.
         drop(session.requests);
@@ -751,17 +782,17 @@ mod replication_tests {
         settle().await;
         assert_eq!(follower.received(), [(Route::Stream, 1), (Route::Stream, 2)]);
         follower.permits.add_permits(1);
-        assert_eq!(matched(session.answers.recv().await), 1);
+        assert_eq!(matched(session.answer().await), 1);
         settle().await;
         assert_eq!(follower.received().len(), 2, "the large message waits for the reply to the one before it");
         follower.permits.add_permits(1);
-        assert_eq!(matched(session.answers.recv().await), 2);
+        assert_eq!(matched(session.answer().await), 2);
         settle().await;
         assert_eq!(follower.received()[2], (Route::Call, 3), "then goes as a call");
         assert_eq!(follower.received().len(), 3, "nothing goes behind it");
         follower.permits.add_permits(2);
-        assert_eq!(matched(session.answers.recv().await), 3);
-        assert_eq!(matched(session.answers.recv().await), 4);
+        assert_eq!(matched(session.answer().await), 3);
+        assert_eq!(matched(session.answer().await), 4);
         assert_eq!(follower.received()[3], (Route::Stream, 4), "the stream takes the next");
         assert_eq!(follower.streams_opened.load(Ordering::Relaxed), 1, "on the same stream");
     }
@@ -777,37 +808,88 @@ mod replication_tests {
         assert!(session.answers.try_recv().is_err(), "an idle session has no deadline");
         let sent_at = Instant::now();
         session.requests.unbounded_send(request(1, 10)).unwrap();
-        let answer = session.answers.recv().await;
+        let answer = session.answer().await;
         assert!(matches!(answer, Some(Err(RPCError::Timeout(_)))), "{answer:?}");
         assert!(sent_at.elapsed() >= ttl, "not before the RPC's time");
         tokio::time::timeout(LONG, session.ended).await.expect("the session ends after its error").unwrap();
     }
 
     /// The session's own work does not count against the follower: while it builds and encodes
-    /// the next message (here, an input that holds the thread three deadlines long), the
-    /// follower's prompt answer to the message before waits unread, and is still taken as an
-    /// answer instead of being timed out. Before the fix a session failed here half the time
-    /// (the timer and the reply were both ready, and the select took either), and on a busy debug
-    /// build every large message encoded behind a small one failed its session this way.
+    /// the next message (here, an input that holds the thread three deadlines long), it reads
+    /// no replies, so the deadline of the messages already out starts again once it is done. The
+    /// follower answers a little after that work, well within the deadline counted from then
+    /// but long after the one counted from the message's sending. On a busy debug build, every
+    /// large message encoded behind a small one failed its session this way.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_next_message_does_not_time_out_the_answered_one() {
-        let ttl = Duration::from_millis(50);
-        for _ in 0..8 {
+        let ttl = Duration::from_millis(200);
+        for _ in 0..3 {
             let follower = FakeFollower::new(Arc::new(success));
-            follower.permits.add_permits(2);
+            let permits = follower.permits.clone();
             let mut sent = 0;
             let input = futures::stream::poll_fn(move |_| {
                 sent += 1;
                 if sent == 2 {
+                    let permits = permits.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(ttl * 3 + ttl / 5);
+                        permits.add_permits(2);
+                    });
                     std::thread::sleep(ttl * 3);
                 }
                 std::task::Poll::Ready((sent <= 2).then(|| request(sent, 10)))
             });
             let replication = Replication::new(input, follower.clone(), 2, ttl, 2, Arc::default());
-            let items: Vec<AppendItem> = futures::stream::unfold(replication, Replication::next).collect().await;
+            let items = futures::stream::unfold(replication, Replication::next).collect::<Vec<_>>();
+            let items = tokio::time::timeout(LONG, items).await.expect("the session ends");
             let matched: Vec<_> = items.into_iter().map(|item| matched(Some(item))).collect();
             assert_eq!(matched, [1, 2]);
         }
+    }
+
+    /// A reply that is in wins over a deadline that has passed meanwhile: here the session's
+    /// task is held (an input that blocks the thread and then has nothing) past the message's
+    /// deadline while the follower answers, and then finds both ready. Unbiased, the select took
+    /// either, so about half of these sessions failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_in_by_the_deadline_wins_over_it() {
+        let ttl = Duration::from_millis(50);
+        for _ in 0..8 {
+            let follower = FakeFollower::new(Arc::new(success));
+            let permits = follower.permits.clone();
+            let mut polled = 0;
+            let input = futures::stream::poll_fn(move |_| {
+                polled += 1;
+                match polled {
+                    1 => std::task::Poll::Ready(Some(request(1, 10))),
+                    2 => {
+                        permits.add_permits(1);
+                        std::thread::sleep(ttl * 3);
+                        std::task::Poll::Pending
+                    }
+                    _ => std::task::Poll::Pending,
+                }
+            });
+            let replication = Replication::new(input, follower.clone(), 2, ttl, 2, Arc::default());
+            let first = tokio::time::timeout(LONG, Replication::next(replication)).await.expect("an answer");
+            assert_eq!(matched(first.map(|(item, _)| item)), 1);
+        }
+    }
+
+    /// A stream whose call is over with a message unanswered fails the session when the next
+    /// message finds it closed, instead of opening another whose replies would be matched to
+    /// the messages of the first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_ended_with_a_message_unanswered_fails_the_session() {
+        let mut follower = FakeFollower::new(Arc::new(success));
+        follower.hang_up = true;
+        let mut session = start(&follower, LONG, 2);
+        session.requests.unbounded_send(request(1, 10)).unwrap();
+        settle().await;
+        session.requests.unbounded_send(request(2, 10)).unwrap();
+        let answer = session.answer().await;
+        assert!(matches!(answer, Some(Err(RPCError::Network(_)))), "{answer:?}");
+        assert_eq!(follower.streams_opened.load(Ordering::Relaxed), 1, "no second stream");
     }
 
     /// A held message's call gets the RPC's time for its size too.
@@ -816,9 +898,16 @@ mod replication_tests {
         let ttl = Duration::from_millis(50);
         let follower = FakeFollower::new(Arc::new(success));
         let mut session = start(&follower, ttl, 2);
-        session.requests.unbounded_send(request(1, STREAMED_APPEND_BYTES_MAX)).unwrap();
-        let answer = session.answers.recv().await;
-        assert!(matches!(answer, Some(Err(RPCError::Timeout(_)))), "{answer:?}");
+        let large = request(1, STREAMED_APPEND_BYTES_MAX);
+        let time = rpc_time(ttl, encode(&large).len());
+        let sent_at = Instant::now();
+        session.requests.unbounded_send(large).unwrap();
+        let answer = session.answer().await;
+        assert!(sent_at.elapsed() >= time, "not before the RPC's time for its size");
+        match answer {
+            Some(Err(RPCError::Timeout(timeout))) => assert_eq!(timeout.timeout, time),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
         assert_eq!(follower.received(), [(Route::Call, 1)]);
         tokio::time::timeout(LONG, session.ended).await.expect("the session ends after its error").unwrap();
     }
@@ -832,8 +921,8 @@ mod replication_tests {
         let mut session = start(&follower, LONG, 2);
         session.requests.unbounded_send(request(1, 10)).unwrap();
         follower.permits.add_permits(1);
-        assert_eq!(matched(session.answers.recv().await), 1);
-        let extra = session.answers.recv().await;
+        assert_eq!(matched(session.answer().await), 1);
+        let extra = session.answer().await;
         assert!(matches!(extra, Some(Err(RPCError::Network(_)))), "{extra:?}");
         tokio::time::timeout(LONG, session.ended).await.expect("the session ends after its error").unwrap();
     }
@@ -846,7 +935,7 @@ mod replication_tests {
         let mut session = start(&follower, LONG, 2);
         session.requests.unbounded_send(request(1, 10)).unwrap();
         follower.permits.add_permits(1);
-        let answer = session.answers.recv().await;
+        let answer = session.answer().await;
         assert!(matches!(answer, Some(Err(RPCError::Network(_)))), "{answer:?}");
         tokio::time::timeout(LONG, session.ended).await.expect("the session ends after its error").unwrap();
     }
@@ -868,14 +957,14 @@ mod replication_tests {
         let mut session = start(&follower, LONG, 2);
         session.requests.unbounded_send(request(5, 10)).unwrap();
         follower.permits.add_permits(1);
-        let answer = session.answers.recv().await;
+        let answer = session.answer().await;
         assert!(matches!(answer, Some(Ok(Err(StreamAppendError::Conflict(_))))), "{answer:?}");
         tokio::time::timeout(LONG, session.ended).await.expect("the session ends after a conflict").unwrap();
 
         let mut session = start(&follower, LONG, 2);
         session.requests.unbounded_send(request(1, STREAMED_APPEND_BYTES_MAX)).unwrap();
         follower.permits.add_permits(1);
-        let answer = session.answers.recv().await;
+        let answer = session.answer().await;
         assert!(matches!(answer, Some(Err(RPCError::Network(_)))), "{answer:?}");
         tokio::time::timeout(LONG, session.ended).await.expect("the session ends after its error").unwrap();
     }
