@@ -171,6 +171,19 @@ fn status_error(target: NodeId, status: &tonic::Status) -> RPCError<TypeConfig> 
     }
 }
 
+/// `call`'s reply within `ttl`, or the timeout or the peer's error as openraft takes them.
+async fn timed<R>(
+    target: NodeId,
+    action: RPCTypes,
+    ttl: Duration,
+    call: impl Future<Output = Result<R, tonic::Status>>,
+) -> Result<R, RPCError<TypeConfig>> {
+    match tokio::time::timeout(ttl, call).await {
+        Err(_) => Err(RPCError::Timeout(Timeout { action, id: 0, target, timeout: ttl })),
+        Ok(reply) => reply.map_err(|s| status_error(target, &s)),
+    }
+}
+
 impl PeerConnection {
     async fn unary<Req, Resp>(
         &self,
@@ -189,12 +202,7 @@ impl PeerConnection {
         let client = self.peers.client(&self.peer_url).map_err(|s| status_error(self.target, &s))?;
         let blob = message(self.target, &self.oversize_reported, request, action)?;
         let ttl = rpc_time(option.soft_ttl(), blob.data.len());
-        let reply = match tokio::time::timeout(ttl, call(client, blob)).await {
-            Err(_) => {
-                return Err(RPCError::Timeout(Timeout { action, id: 0, target: self.target, timeout: ttl }));
-            }
-            Ok(r) => r.map_err(|s| status_error(self.target, &s))?,
-        };
+        let reply = timed(self.target, action, ttl, call(client, blob)).await?;
         decode(&reply.into_inner().data, "a peer's reply").map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
@@ -443,12 +451,8 @@ where
                 // another; with messages unanswered, their replies will not come.
                 Event::Reply(None) if self.unanswered.is_empty() => self.stream = None,
                 Event::Reply(None) => {
-                    let e = std::io::Error::other(format!(
-                        "peer {}: the stream ended with {} messages unanswered",
-                        self.target,
-                        self.unanswered.len()
-                    ));
-                    return Some(self.yielded(Err(RPCError::Network(NetworkError::new(&e)))));
+                    let e = self.stream_lost();
+                    return Some(self.yielded(Err(e)));
                 }
                 Event::Overdue => {
                     let waited = oldest.map_or(self.ttl, |(_, time)| time);
@@ -497,14 +501,7 @@ where
                 // The call is over (the follower ended it, or the connection went): the replies
                 // to the messages sent on it will not come, and a new stream's would be matched
                 // to them.
-                Err(_) if !self.unanswered.is_empty() => {
-                    let e = std::io::Error::other(format!(
-                        "peer {}: the stream ended with {} messages unanswered",
-                        self.target,
-                        self.unanswered.len()
-                    ));
-                    return Err(RPCError::Network(NetworkError::new(&e)));
-                }
+                Err(_) if !self.unanswered.is_empty() => return Err(self.stream_lost()),
                 // With nothing unanswered, the message opens another.
                 Err(e) => message = e.into_inner(),
             }
@@ -516,16 +513,20 @@ where
         Ok(())
     }
 
+    /// The error of a stream that ended with messages unanswered: their replies will not come.
+    fn stream_lost(&self) -> RPCError<TypeConfig> {
+        let e = std::io::Error::other(format!(
+            "peer {}: the stream ended with {} messages unanswered",
+            self.target,
+            self.unanswered.len()
+        ));
+        RPCError::Network(NetworkError::new(&e))
+    }
+
     /// Sends a held message as a call of its own, and maps its reply to a stream's.
     async fn call(&mut self, held: Held) -> AppendItem {
         let ttl = rpc_time(self.ttl, held.message.data.len());
-        let reply = match tokio::time::timeout(ttl, self.transport.call(held.message)).await {
-            Err(_) => {
-                let timeout = Timeout { action: RPCTypes::AppendEntries, id: 0, target: self.target, timeout: ttl };
-                return Err(RPCError::Timeout(timeout));
-            }
-            Ok(reply) => reply.map_err(|s| status_error(self.target, &s))?,
-        };
+        let reply = timed(self.target, RPCTypes::AppendEntries, ttl, self.transport.call(held.message)).await?;
         let response: AppendEntriesResponse<TypeConfig> =
             decode(&reply.data, "a peer's reply").map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         match response {
