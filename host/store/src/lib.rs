@@ -12,7 +12,7 @@
 //! Public maps stay in clear.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -182,6 +182,62 @@ impl WriteSet {
     }
 }
 
+/// Each table key's newest pending write: the number of the write set that wrote it, and that
+/// write set. Keys are shared (`Arc`) for the same reason as [`KeyIndex`]'s.
+type Overlay = imbl::OrdMap<Arc<[u8]>, (u64, Arc<WriteSet>)>;
+
+/// Write sets proposed and not yet applied, oldest first, merged so that a transaction finds a
+/// key's newest pending write in one lookup however deep the stack is: a leader under load keeps
+/// hundreds (up to its `pending_writes_max`), and a transaction that read through them one by one
+/// spent most of its time there. A transaction takes the merged view as it stands, which is a
+/// persistent map, so taking it costs a reference count, not a copy.
+#[derive(Default)]
+pub struct PendingWrites {
+    /// The write sets, oldest first, with their numbers.
+    layers: VecDeque<(u64, Arc<WriteSet>)>,
+    newest: Overlay,
+    next: u64,
+}
+
+impl PendingWrites {
+    /// Stacks a write set on top: its writes win over every one below.
+    pub fn push(&mut self, writes: Arc<WriteSet>) {
+        let layer = self.next;
+        self.next += 1;
+        for full in writes.entries.keys() {
+            self.newest.insert(Arc::from(full.as_slice()), (layer, writes.clone()));
+        }
+        self.layers.push_back((layer, writes));
+    }
+
+    /// Drops the `n` oldest write sets (all of them if fewer): they are applied, so a snapshot
+    /// taken from now on holds them. A key a newer write set wrote keeps that one's value.
+    pub fn drop_oldest(&mut self, n: usize) {
+        let n = n.min(self.layers.len());
+        for (layer, writes) in self.layers.drain(..n) {
+            for full in writes.entries.keys() {
+                if self.newest.get(full.as_slice()).is_some_and(|(newest, _)| *newest == layer) {
+                    self.newest.remove(full.as_slice());
+                }
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.newest = Overlay::default();
+    }
+
+    /// How many write sets are stacked.
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
 /// The state database.
 #[derive(Clone)]
 pub struct Store {
@@ -320,11 +376,15 @@ impl Store {
 
     /// A transaction over the committed state.
     pub fn begin(&self) -> Result<Tx, KvError> {
-        self.begin_over(Vec::new())
+        self.begin_with(Overlay::default())
     }
 
-    /// A transaction over the committed state with pending write sets on top, oldest first.
-    pub fn begin_over(&self, pending: Vec<Arc<WriteSet>>) -> Result<Tx, KvError> {
+    /// A transaction over the committed state with pending write sets on top.
+    pub fn begin_over(&self, pending: &PendingWrites) -> Result<Tx, KvError> {
+        self.begin_with(pending.newest.clone())
+    }
+
+    fn begin_with(&self, pending: Overlay) -> Result<Tx, KvError> {
         loop {
             let (version, keys) = self.published();
             let read = self.db.begin_read().map_err(|e| self.err(e))?;
@@ -618,7 +678,7 @@ pub struct Tx {
     base: ReadOnlyTable<&'static [u8], &'static [u8]>,
     /// In a sealed store, the private keys `base` may hold (possibly more: a lookup decides).
     index: Option<KeyIndex>,
-    pending: Vec<Arc<WriteSet>>,
+    pending: Overlay,
     own: WriteSet,
     store: Store,
 }
@@ -626,10 +686,9 @@ pub struct Tx {
 impl Tx {
     /// The newest value of a table key across own writes, pending write sets and the snapshot.
     fn lookup(&self, full: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        for layer in std::iter::once(&self.own).chain(self.pending.iter().rev().map(|p| &**p)) {
-            if let Some(v) = layer.lookup(full) {
-                return Ok(v.map(<[u8]>::to_vec));
-            }
+        let newest = self.own.lookup(full).or_else(|| self.pending.get(full).and_then(|(_, layer)| layer.lookup(full)));
+        if let Some(v) = newest {
+            return Ok(v.map(<[u8]>::to_vec));
         }
         let table_key = self.store.table_key(full);
         let got = self.base.get(&*table_key).map_err(|e| self.store.err(e))?;
@@ -673,11 +732,12 @@ impl Tx {
                     .map_err(|e| self.store.err(e))?
                     .map(|(k, _)| k.value().to_vec()),
             };
-            let layered = std::iter::once(&self.own)
-                .chain(self.pending.iter().map(|p| &**p))
-                .filter_map(|l| l.first_in(&bounds))
-                .min()
-                .map(<[u8]>::to_vec);
+            let pending = self
+                .pending
+                .range::<_, [u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
+                .next()
+                .map(|(k, _)| &**k);
+            let layered = [self.own.first_in(&bounds), pending].into_iter().flatten().min().map(<[u8]>::to_vec);
             let Some(candidate) = [base_first, layered].into_iter().flatten().min() else {
                 return Ok(None);
             };

@@ -87,7 +87,9 @@ fn scans_run_in_key_order_across_layers_with_removals() {
     let mut pending = WriteSet::default();
     pending.put("m", b"c", b"pending");
     pending.remove("m", b"d");
-    let mut tx = s.begin_over(vec![Arc::new(pending)]).unwrap();
+    let mut stack = PendingWrites::default();
+    stack.push(Arc::new(pending));
+    let mut tx = s.begin_over(&stack).unwrap();
     tx.put("m", b"a", b"own");
     tx.put("m", b"d", b"own");
     tx.remove("m", b"f").unwrap();
@@ -102,6 +104,58 @@ fn scans_run_in_key_order_across_layers_with_removals() {
     );
     let bounded = tx.first_in("m", Bound::Excluded(b"d"), Bound::Excluded(b"h")).unwrap();
     assert_eq!(bounded, None, "f was removed and h is excluded");
+}
+
+fn pending(writes: &[(&[u8], Option<&[u8]>)]) -> Arc<WriteSet> {
+    let mut set = WriteSet::default();
+    for (k, v) in writes {
+        match v {
+            Some(v) => set.put("m", k, v),
+            None => set.remove("m", k),
+        }
+    }
+    Arc::new(set)
+}
+
+fn read(tx: &Tx, key: &[u8]) -> Option<String> {
+    tx.get("m", key).unwrap().map(|v| String::from_utf8(v).unwrap())
+}
+
+#[test]
+fn the_newest_pending_write_wins_and_dropping_applied_sets_keeps_newer_ones() {
+    let (_d, s) = store();
+    let mut tx = s.begin().unwrap();
+    tx.put("m", b"a", b"base");
+    tx.put("m", b"b", b"base");
+    s.apply(&tx.into_writes()).unwrap();
+    let mut stack = PendingWrites::default();
+    let first = pending(&[(b"a", Some(b"1")), (b"b", None), (b"c", Some(b"1"))]);
+    stack.push(first.clone());
+    stack.push(pending(&[(b"a", Some(b"2"))]));
+    stack.push(pending(&[(b"b", Some(b"3")), (b"c", None)]));
+    let tx = s.begin_over(&stack).unwrap();
+    assert_eq!([read(&tx, b"a"), read(&tx, b"b"), read(&tx, b"c")], [Some("2".into()), Some("3".into()), None]);
+    assert_eq!(scan(&tx, "m").len(), 2, "c is removed by the newest set");
+
+    // The oldest set is applied: a snapshot from now on holds it, and the stack forgets it
+    // except where nothing newer wrote.
+    s.apply(&first).unwrap();
+    stack.drop_oldest(1);
+    assert_eq!(stack.len(), 2);
+    let later = s.begin_over(&stack).unwrap();
+    assert_eq!(
+        [read(&later, b"a"), read(&later, b"b"), read(&later, b"c")],
+        [Some("2".into()), Some("3".into()), None]
+    );
+    // A transaction that began earlier keeps the stack as it stood.
+    assert_eq!(read(&tx, b"a"), Some("2".into()));
+
+    stack.drop_oldest(5);
+    assert!(stack.is_empty());
+    assert_eq!(read(&s.begin_over(&stack).unwrap(), b"a"), Some("1".into()), "only applied writes are left");
+    stack.push(pending(&[(b"z", Some(b"4"))]));
+    stack.clear();
+    assert_eq!(read(&s.begin_over(&stack).unwrap(), b"z"), None);
 }
 
 fn sealed_store(dir: &tempfile::TempDir, secret: [u8; 32]) -> Store {

@@ -25,7 +25,7 @@ use cloister_crypto::secrets::LedgerSecrets;
 use cloister_ledger::entry::{TxEntry, TxKind};
 use cloister_ledger::txid::TxId;
 use cloister_runtime::{Invocation, LoadedModule, Runtime};
-use cloister_store::{Store, Tx, WriteSet};
+use cloister_store::{PendingWrites, Store, Tx, WriteSet};
 
 /// How long a new leader may take to apply the entries before its term before writes give up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -194,7 +194,7 @@ impl Writer {
             secrets,
             tokio: tokio.clone(),
             group_max: limits.group_commit_max,
-            pending: Vec::new(),
+            pending: PendingStack::default(),
             pending_term: 0,
             pending_max: limits.pending_writes_max,
             // Half the request's time, so the caller hears which limit refused it.
@@ -244,9 +244,45 @@ const PROPOSAL_APPLIED: u8 = 1;
 const PROPOSAL_FAILED: u8 = 2;
 
 /// A write set proposed by this leader and not yet known to be applied.
-struct Pending {
-    writes: Arc<WriteSet>,
-    state: Arc<AtomicU8>,
+/// The writes this leader proposed and has not applied, oldest first: each one's state, as its
+/// outcome task reports it, and their write sets merged for the next job to read over.
+#[derive(Default)]
+struct PendingStack {
+    states: Vec<Arc<AtomicU8>>,
+    writes: PendingWrites,
+}
+
+impl PendingStack {
+    fn push(&mut self, writes: Arc<WriteSet>, state: Arc<AtomicU8>) {
+        self.writes.push(writes);
+        self.states.push(state);
+    }
+
+    fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    fn any_failed(&self) -> bool {
+        self.states.iter().any(|s| s.load(Ordering::Acquire) == PROPOSAL_FAILED)
+    }
+
+    fn clear(&mut self) {
+        self.states.clear();
+        self.writes.clear();
+    }
+
+    /// Drops the pending writes that are applied: everything up to the newest one marked applied.
+    ///
+    /// Entries apply in log order, which is the stack's order, so when one is applied every older
+    /// one is too, even if its outcome task has not marked it yet. Only a prefix may go: dropping
+    /// an applied entry while an older one stays would let the older one's value shadow the newer
+    /// value the state now holds (a lost update: a transfer executed over it would undo another).
+    fn drop_applied_prefix(&mut self) {
+        if let Some(newest) = self.states.iter().rposition(|s| s.load(Ordering::Acquire) == PROPOSAL_APPLIED) {
+            self.states.drain(..=newest);
+            self.writes.drop_oldest(newest + 1);
+        }
+    }
 }
 
 /// Wakes the writer when a pending proposal finishes, so it can wait for room below
@@ -272,7 +308,7 @@ struct WriterLoop {
     secrets: Arc<LedgerSecrets>,
     tokio: tokio::runtime::Handle,
     group_max: usize,
-    pending: Vec<Pending>,
+    pending: PendingStack,
     /// The term the pending writes were proposed in.
     pending_term: u64,
     /// `pending_writes_max`: most pending proposals the writer executes over.
@@ -328,13 +364,12 @@ impl WriterLoop {
             }
             let seen = *self.finished.count.lock().expect("finished lock");
             let term = self.consensus.term();
-            let failed = self.pending.iter().any(|p| p.state.load(Ordering::Acquire) == PROPOSAL_FAILED);
-            if term != self.pending_term || failed {
+            if term != self.pending_term || self.pending.any_failed() {
                 self.pending.clear();
                 self.pending_term = term;
             }
             // A failed proposal stays until the check above sees it.
-            drop_applied_prefix(&mut self.pending);
+            self.pending.drop_applied_prefix();
             if self.pending.len() < self.pending_max {
                 return Ok(());
             }
@@ -353,8 +388,7 @@ impl WriterLoop {
 
     /// Runs one job over the applied state plus the pending writes, and proposes its writes.
     fn execute(&mut self, job: Box<dyn Job>) {
-        let overlay: Vec<Arc<WriteSet>> = self.pending.iter().map(|p| p.writes.clone()).collect();
-        let tx = match self.store.begin_over(overlay) {
+        let tx = match self.store.begin_over(&self.pending.writes) {
             Ok(tx) => tx,
             Err(e) => return job.refuse(ApiError::from(e).into()),
         };
@@ -377,7 +411,7 @@ impl WriterLoop {
             .into()));
         }
         let state = Arc::new(AtomicU8::new(PROPOSAL_IN_FLIGHT));
-        self.pending.push(Pending { writes: writes.clone(), state: state.clone() });
+        self.pending.push(writes.clone(), state.clone());
         // Submitted here, in execution order, and refused if this node no longer leads in the
         // term it executed in; only the wait for the outcome runs concurrently.
         let proposal = self.tokio.block_on(self.consensus.submit(entry, Some(self.pending_term)));
@@ -431,18 +465,6 @@ impl WriterLoop {
     }
 }
 
-/// Drops the pending writes that are applied: everything up to the newest one marked applied.
-///
-/// Entries apply in log order, which is the stack's order, so when one is applied every older
-/// one is too, even if its outcome task has not marked it yet. Only a prefix may go: dropping an
-/// applied entry while an older one stays would let the older one's value shadow the newer value
-/// the state now holds (a lost update: a transfer executed over it would undo another).
-fn drop_applied_prefix(pending: &mut Vec<Pending>) {
-    if let Some(newest) = pending.iter().rposition(|p| p.state.load(Ordering::Acquire) == PROPOSAL_APPLIED) {
-        pending.drain(..=newest);
-    }
-}
-
 /// A claims digest: 32 bytes, hex.
 fn parse_digest(hex_digest: &str) -> Result<[u8; 32], String> {
     hex::decode(hex_digest)
@@ -455,20 +477,22 @@ fn parse_digest(hex_digest: &str) -> Result<[u8; 32], String> {
 mod tests {
     use super::*;
 
-    fn stack(states: &[u8]) -> Vec<Pending> {
-        states
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| {
-                let mut writes = WriteSet::default();
-                writes.put("m", b"k", &[i as u8]);
-                Pending { writes: Arc::new(writes), state: Arc::new(AtomicU8::new(s)) }
-            })
-            .collect()
+    /// A stack of one write to the same key per state, and the states, to tell which remain.
+    fn stack(states: &[u8]) -> (PendingStack, Vec<Arc<AtomicU8>>) {
+        let mut stack = PendingStack::default();
+        let states: Vec<_> = states.iter().map(|&s| Arc::new(AtomicU8::new(s))).collect();
+        for (i, state) in states.iter().enumerate() {
+            let mut writes = WriteSet::default();
+            writes.put("m", b"k", &[i as u8]);
+            stack.push(Arc::new(writes), state.clone());
+        }
+        (stack, states)
     }
 
-    fn values(pending: &[Pending]) -> Vec<u8> {
-        pending.iter().map(|p| p.writes.iter().next().unwrap().2.unwrap()[0]).collect()
+    /// Which of the stacked writes remain, by their place in the original stack.
+    fn remaining(stack: &PendingStack, states: &[Arc<AtomicU8>]) -> Vec<usize> {
+        assert_eq!(stack.writes.len(), stack.states.len(), "the states and the writes stay in step");
+        stack.states.iter().map(|s| states.iter().position(|o| Arc::ptr_eq(o, s)).unwrap()).collect()
     }
 
     /// The newer of two writes to a key is applied before the older one's outcome task has run:
@@ -477,17 +501,16 @@ mod tests {
     /// concurrent transfers ended with balances off by one transfer.)
     #[test]
     fn an_applied_write_takes_every_older_one_with_it() {
-        let mut pending = stack(&[PROPOSAL_IN_FLIGHT, PROPOSAL_APPLIED, PROPOSAL_IN_FLIGHT]);
-        drop_applied_prefix(&mut pending);
-        assert_eq!(values(&pending), [2]);
-        let mut pending = stack(&[PROPOSAL_APPLIED, PROPOSAL_IN_FLIGHT, PROPOSAL_IN_FLIGHT]);
-        drop_applied_prefix(&mut pending);
-        assert_eq!(values(&pending), [1, 2]);
-        let mut pending = stack(&[PROPOSAL_IN_FLIGHT, PROPOSAL_IN_FLIGHT]);
-        drop_applied_prefix(&mut pending);
-        assert_eq!(values(&pending), [0, 1]);
-        let mut pending = stack(&[PROPOSAL_APPLIED, PROPOSAL_APPLIED]);
-        drop_applied_prefix(&mut pending);
-        assert!(pending.is_empty());
+        let cases: [(&[u8], &[usize]); 4] = [
+            (&[PROPOSAL_IN_FLIGHT, PROPOSAL_APPLIED, PROPOSAL_IN_FLIGHT], &[2]),
+            (&[PROPOSAL_APPLIED, PROPOSAL_IN_FLIGHT, PROPOSAL_IN_FLIGHT], &[1, 2]),
+            (&[PROPOSAL_IN_FLIGHT, PROPOSAL_IN_FLIGHT], &[0, 1]),
+            (&[PROPOSAL_APPLIED, PROPOSAL_APPLIED], &[]),
+        ];
+        for (states, left) in cases {
+            let (mut stack, states) = stack(states);
+            stack.drop_applied_prefix();
+            assert_eq!(remaining(&stack, &states), left);
+        }
     }
 }
