@@ -243,7 +243,6 @@ const PROPOSAL_IN_FLIGHT: u8 = 0;
 const PROPOSAL_APPLIED: u8 = 1;
 const PROPOSAL_FAILED: u8 = 2;
 
-/// A write set proposed by this leader and not yet known to be applied.
 /// The writes this leader proposed and has not applied, oldest first: each one's state, as its
 /// outcome task reports it, and their write sets merged for the next job to read over.
 #[derive(Default)]
