@@ -42,17 +42,18 @@ pub enum IndexError {
     Merkle(#[from] MerkleError),
 }
 
-struct TableNodes<'a, 't>(&'a mut redb::Table<'t, (u8, u64), &'static [u8; 32]>);
+/// The tree's nodes as the [`Appender`] holds them, open for its batch.
+type NodeTable<'t> = redb::Table<'t, (u8, u64), &'static [u8; 32]>;
 
-impl Nodes for TableNodes<'_, '_> {
+impl Nodes for NodeTable<'_> {
     fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, MerkleError> {
-        Ok(self.0.get((level, index)).map_err(storage)?.map(|v| *v.value()))
+        Ok(self.get((level, index)).map_err(storage)?.map(|v| *v.value()))
     }
 }
 
-impl NodesMut for TableNodes<'_, '_> {
+impl NodesMut for NodeTable<'_> {
     fn set_node(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), MerkleError> {
-        self.0.insert((level, index), &hash).map_err(storage)?;
+        self.insert((level, index), &hash).map_err(storage)?;
         Ok(())
     }
 }
@@ -89,7 +90,7 @@ pub fn state(read: &redb::ReadTransaction) -> Result<LedgerState, MerkleError> {
 /// the tree as it stands. It holds the index's tables open for the batch: opening a redb table
 /// costs a lookup in the table tree, and three opens per entry were a visible share of applying.
 pub struct Appender<'t> {
-    nodes: redb::Table<'t, (u8, u64), &'static [u8; 32]>,
+    nodes: NodeTable<'t>,
     leaves: redb::Table<'t, u64, &'static [u8]>,
     chains: redb::Table<'t, u64, &'static [u8; 32]>,
     signatures: redb::Table<'t, u64, &'static [u8]>,
@@ -136,7 +137,7 @@ impl<'t> Appender<'t> {
             let bytes = postcard::to_stdvec(&record).expect("encodes");
             self.signatures.insert(seqno, bytes.as_slice()).map_err(storage)?;
         }
-        merkle::append(&mut TableNodes(&mut self.nodes), seqno, &leaf)?;
+        merkle::append(&mut self.nodes, seqno, &leaf)?;
         entry.chain = chain(&self.state.chain, &leaf);
         let comps = postcard::to_stdvec(&components).expect("encodes");
         self.leaves.insert(seqno, comps.as_slice()).map_err(storage)?;
@@ -146,7 +147,7 @@ impl<'t> Appender<'t> {
         Ok(entry)
     }
 
-    fn check_signature(&mut self, sig: &SignaturePayload, seqno: u64) -> Result<(), String> {
+    fn check_signature(&self, sig: &SignaturePayload, seqno: u64) -> Result<(), String> {
         if sig.tree_size == 0 || sig.tree_size > seqno {
             return Err(format!("the signature covers {} entries, impossible at seqno {seqno}", sig.tree_size));
         }
@@ -158,7 +159,7 @@ impl<'t> Appender<'t> {
             tracing::info!(seqno, tree_size = sig.tree_size, "a signature predates this node's snapshot");
             return sig.verify(&self.service_cert);
         }
-        let root = merkle::root(&TableNodes(&mut self.nodes), sig.tree_size).map_err(|e| e.to_string())?;
+        let root = merkle::root(&self.nodes, sig.tree_size).map_err(|e| e.to_string())?;
         if root != sig.root {
             return Err(format!(
                 "the signed root {} differs from this node's root {} of the first {} entries",

@@ -718,25 +718,19 @@ impl Tx {
         let mut bounds = map_bounds(map, lower, upper);
         let index = self.index.as_ref().filter(|_| !is_public(map));
         loop {
+            let range = (bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice));
             let base_first = match index {
-                Some(keys) => keys
-                    .range::<_, [u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
-                    .next()
-                    .map(|k| k.to_vec()),
+                Some(keys) => keys.range::<_, [u8]>(range).next().map(|k| k.to_vec()),
                 None => self
                     .base
-                    .range::<&[u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
+                    .range::<&[u8]>(range)
                     .map_err(|e| self.store.err(e))?
                     .next()
                     .transpose()
                     .map_err(|e| self.store.err(e))?
                     .map(|(k, _)| k.value().to_vec()),
             };
-            let pending = self
-                .pending
-                .range::<_, [u8]>((bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice)))
-                .next()
-                .map(|(k, _)| &**k);
+            let pending = self.pending.range::<_, [u8]>(range).next().map(|(k, _)| &**k);
             let layered = [self.own.first_in(&bounds), pending].into_iter().flatten().min().map(<[u8]>::to_vec);
             let Some(candidate) = [base_first, layered].into_iter().flatten().min() else {
                 return Ok(None);
