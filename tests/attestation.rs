@@ -8,7 +8,7 @@ use std::time::Duration;
 use cloister_attestation::Nonce;
 use cloister_bundled::RECONCILE;
 use cloister_client::Client;
-use cloister_consensus::Peers;
+use cloister_consensus::{Forwards, Peers};
 use cloister_tests::cluster::Cluster;
 use serde_json::{Value, json};
 
@@ -149,7 +149,7 @@ async fn joins_are_attested_governed_and_revocable() {
     let peers = Peers::new(&service_ca, &node3);
     let peer_url = format!("https://{}", cluster.nodes[0].config.node.peer_addr);
     let forward = cloister_proto::peer::v1::ForwardRequest { path: "/app/report".into(), ..Default::default() };
-    let refused = peers.client(&peer_url).unwrap().forward(forward).await.unwrap_err();
+    let refused = Forwards::new(peers.clone()).call(&peer_url, forward).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("Pending"), "{}", refused.message());
 

@@ -9,6 +9,7 @@
 #[global_allocator]
 static ALLOC: cloister_test_support::TrackingAllocator = cloister_test_support::TrackingAllocator;
 
+mod forward;
 mod log_store;
 mod network;
 mod server;
@@ -45,6 +46,7 @@ pub const LOG_DIR: &str = "raft-log";
 pub fn holds_log(data_dir: &Path) -> bool {
     data_dir.join(LOG_DIR).exists() || data_dir.join(log_store::REDB_LOG_FILE).exists()
 }
+pub use forward::{FORWARDS_IN_FLIGHT_MAX, Forwards};
 pub use server::{Forwarder, PeerRpc, PeerService};
 pub use state_machine::Applied;
 pub use types::{NodeAddr, NodeId, TxEntry, TxKind};
@@ -204,6 +206,7 @@ pub struct Consensus {
     sm: StateMachine,
     watch: Arc<AppendWatch>,
     peers: Peers,
+    forwards: Forwards,
     id: NodeId,
     me: NodeAddr,
     forward_hops_max: u32,
@@ -267,6 +270,7 @@ impl Consensus {
             raft,
             sm,
             watch,
+            forwards: Forwards::new(peers.clone()),
             peers,
             id,
             me,
@@ -282,6 +286,15 @@ impl Consensus {
 
     pub fn peers(&self) -> &Peers {
         &self.peers
+    }
+
+    /// Runs a write on the leader at `peer_url`, over this node's forwarding stream to it.
+    pub async fn forward(
+        &self,
+        peer_url: &str,
+        request: cloister_proto::peer::v1::ForwardRequest,
+    ) -> Result<cloister_proto::peer::v1::ForwardReply, tonic::Status> {
+        self.forwards.call(peer_url, request).await
     }
 
     pub fn forward_hops_max(&self) -> u32 {

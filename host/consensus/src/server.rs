@@ -174,9 +174,11 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(pb::Blob { data: encode(&reply) }))
     }
 
-    async fn forward(&self, req: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
-        self.authorize(&req, PeerRpc::Forward)?;
-        Ok(Response::new(self.forwarder.forward(req.into_inner()).await?))
+    type ForwardStream = Pin<Box<dyn Stream<Item = Result<pb::ForwardAnswer, Status>> + Send>>;
+
+    async fn forward(&self, req: Request<Streaming<pb::ForwardCall>>) -> Result<Response<Self::ForwardStream>, Status> {
+        let cert = self.authorize(&req, PeerRpc::Forward)?;
+        Ok(Response::new(Box::pin(super::forward::serve(req.into_inner(), cert, self.forwarder.clone()))))
     }
 
     async fn challenge(&self, req: Request<pb::ChallengeRequest>) -> Result<Response<pb::ChallengeReply>, Status> {

@@ -728,8 +728,7 @@ impl Service {
         let unreachable = |s: tonic::Status| {
             ApiError::unavailable(format!("forwarding to the leader {} failed: {}", leader.name, s.message()))
         };
-        let mut client = self.consensus.peers().client(&leader.peer_url).map_err(unreachable)?;
-        let reply = client.forward(request).await.map_err(unreachable)?.into_inner();
+        let reply = self.consensus.forward(&leader.peer_url, request).await.map_err(unreachable)?;
         Ok(AppReply {
             status: u16::try_from(reply.status).unwrap_or(500),
             headers: reply.headers.into_iter().collect(),

@@ -1,0 +1,631 @@
+//! Forwarding writes from a follower to the leader over one long-lived gRPC stream per leader.
+//!
+//! A unary call per forwarded write cost the follower and the leader a new HTTP/2 stream each:
+//! request and response headers (HPACK), trailers, a task on the leader and a trip through the
+//! client channel's buffer task. On the stream each write is one message out and one back, and
+//! writes forwarded at the same moment share TLS records. Each call carries an id the follower
+//! chose; the leader runs the calls concurrently, up to [`FORWARDS_IN_FLIGHT_MAX`], and answers
+//! each id once, as it finishes. A follower that
+//! gives up on a call (its client's `request_timeout_ms`) cancels the id, and the leader drops
+//! the call as it would have on a reset stream: a write still queued for the writer is skipped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cloister_proto::peer::v1 as pb;
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::network::Peers;
+use super::server::{Forwarder, PeerRpc};
+
+/// Most forwarded calls one stream runs at once on the leader (the cap the REST port puts on
+/// one connection's HTTP/2 streams). Beyond it the leader reads no more calls from the stream
+/// until one finishes, and HTTP/2 flow control holds the sender back.
+pub const FORWARDS_IN_FLIGHT_MAX: usize = 256;
+
+type Answer = Result<pb::ForwardReply, Status>;
+
+type Client = pb::peer_client::PeerClient<tonic::transport::Channel>;
+/// How [`Forwards`] reaches a peer: the client for its URL.
+type Connect = Arc<dyn Fn(&str) -> Result<Client, Status> + Send + Sync>;
+
+/// The follower's side: one stream per leader, opened on first use and again after it fails.
+#[derive(Clone)]
+pub struct Forwards {
+    connect: Connect,
+    /// The stream to the peer last forwarded to. A new leader's stream replaces it; calls in
+    /// flight on the old one keep it open until they are answered.
+    current: Arc<Mutex<Option<Arc<ForwardStream>>>>,
+}
+
+/// One open stream: where calls go, and who waits for which answer.
+struct ForwardStream {
+    peer_url: String,
+    calls: mpsc::Sender<pb::ForwardCall>,
+    shared: Arc<Waiting>,
+}
+
+/// Callers waiting for answers, by call id; `None` once the stream has ended, so no caller
+/// waits on a stream nobody reads.
+struct Waiting {
+    next_id: AtomicU64,
+    callers: Mutex<Option<HashMap<u64, oneshot::Sender<Answer>>>>,
+}
+
+impl Waiting {
+    fn answer(&self, id: u64, answer: Answer) {
+        let caller = self.callers.lock().expect("forward callers lock").as_mut().and_then(|c| c.remove(&id));
+        if let Some(caller) = caller {
+            let _ = caller.send(answer);
+        }
+    }
+
+    /// Ends the stream for its callers: each still waiting hears `status`.
+    fn close(&self, status: &Status) {
+        let callers = self.callers.lock().expect("forward callers lock").take();
+        for (_, caller) in callers.into_iter().flatten() {
+            let _ = caller.send(Err(status.clone()));
+        }
+    }
+}
+
+/// A call in flight: dropped before its answer (the caller gave up), it cancels the call.
+struct InFlight<'s> {
+    stream: &'s ForwardStream,
+    id: u64,
+    answered: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let waiting =
+            self.stream.shared.callers.lock().expect("forward callers lock").as_mut().map(|c| c.remove(&self.id));
+        if waiting.flatten().is_some() {
+            // Best effort: a full queue means the leader is busy; the call then runs unawaited.
+            let _ = self.stream.calls.try_send(pb::ForwardCall {
+                id: self.id,
+                kind: Some(pb::forward_call::Kind::Cancel(pb::ForwardCancel {})),
+            });
+        }
+    }
+}
+
+impl Forwards {
+    pub fn new(peers: Peers) -> Forwards {
+        Forwards { connect: Arc::new(move |url| peers.client(url)), current: Arc::default() }
+    }
+
+    /// Runs `request` on the peer at `peer_url` (the leader) and returns its reply. An error is
+    /// the stream's or the peer's refusal of the call; the request may have run all the same.
+    pub async fn call(&self, peer_url: &str, request: pb::ForwardRequest) -> Answer {
+        let stream = self.stream(peer_url)?;
+        let id = stream.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (caller, answer) = oneshot::channel();
+        {
+            let mut callers = stream.shared.callers.lock().expect("forward callers lock");
+            let Some(callers) = callers.as_mut() else { return Err(closed()) };
+            callers.insert(id, caller);
+        }
+        let mut in_flight = InFlight { stream: &stream, id, answered: false };
+        let call = pb::ForwardCall { id, kind: Some(pb::forward_call::Kind::Request(request)) };
+        if stream.calls.send(call).await.is_err() {
+            return Err(closed());
+        }
+        let answer = answer.await.unwrap_or_else(|_| Err(closed()));
+        in_flight.answered = true;
+        answer
+    }
+
+    /// The open stream to `peer_url`, opening one if there is none or the last one ended.
+    fn stream(&self, peer_url: &str) -> Result<Arc<ForwardStream>, Status> {
+        let mut current = self.current.lock().expect("forward stream lock");
+        if let Some(stream) = current.as_ref()
+            && stream.peer_url == peer_url
+            && !stream.calls.is_closed()
+            && stream.shared.callers.lock().expect("forward callers lock").is_some()
+        {
+            return Ok(stream.clone());
+        }
+        let mut client = (self.connect)(peer_url)?;
+        let (calls, outgoing) = mpsc::channel(FORWARDS_IN_FLIGHT_MAX);
+        let shared = Arc::new(Waiting { next_id: AtomicU64::new(0), callers: Mutex::new(Some(HashMap::new())) });
+        let stream = Arc::new(ForwardStream { peer_url: peer_url.to_owned(), calls, shared: shared.clone() });
+        *current = Some(stream.clone());
+        tokio::spawn(async move {
+            let ended = match client.forward(ReceiverStream::new(outgoing)).await {
+                Err(status) => status,
+                Ok(answers) => read_answers(answers.into_inner(), &shared).await,
+            };
+            shared.close(&ended);
+        });
+        Ok(stream)
+    }
+}
+
+/// Hands each answer to its caller until the stream ends; returns why it ended.
+async fn read_answers(mut answers: tonic::Streaming<pb::ForwardAnswer>, waiting: &Waiting) -> Status {
+    loop {
+        match answers.message().await {
+            Ok(Some(pb::ForwardAnswer { id, outcome })) => {
+                let answer = match outcome {
+                    Some(pb::forward_answer::Outcome::Reply(reply)) => Ok(reply),
+                    Some(pb::forward_answer::Outcome::Refused(r)) => Err(Status::new(r.code.into(), r.message)),
+                    None => Err(Status::internal("the leader's answer had no outcome")),
+                };
+                waiting.answer(id, answer);
+            }
+            Ok(None) => return closed(),
+            Err(status) => return status,
+        }
+    }
+}
+
+fn closed() -> Status {
+    Status::unavailable("the forwarding stream to the leader closed")
+}
+
+/// The leader's side of one stream: runs each call through `forwarder`, at most
+/// [`FORWARDS_IN_FLIGHT_MAX`] at once, and yields the answers as the calls finish.
+///
+/// Every call is authorized as a unary call would be, so a node retired while its stream is open
+/// is refused at its next call: the calls already running finish and are answered, and the
+/// stream then ends with the refusal. A stream that ends cleanly (the follower closed it) ends
+/// once its calls are answered; one that breaks drops the calls still running.
+pub(crate) fn serve<M>(
+    mut calls: M,
+    cert: Vec<u8>,
+    forwarder: Arc<dyn Forwarder>,
+) -> impl Stream<Item = Result<pb::ForwardAnswer, Status>> + Send + 'static
+where
+    M: Stream<Item = Result<pb::ForwardCall, Status>> + Send + Unpin + 'static,
+{
+    let (answers, out) = mpsc::channel(FORWARDS_IN_FLIGHT_MAX);
+    tokio::spawn(async move {
+        let mut running = Running::default();
+        let refusal = loop {
+            tokio::select! {
+                Some(done) = running.tasks.join_next_with_id(), if !running.tasks.is_empty() => {
+                    running.finished(done, &answers).await;
+                }
+                call = calls.next(), if running.tasks.len() < FORWARDS_IN_FLIGHT_MAX => match call {
+                    None => break None,
+                    // The follower is gone: nobody waits for the calls still running.
+                    Some(Err(_)) => return,
+                    Some(Ok(call)) => {
+                        if let Err(status) = forwarder.authorize(&cert, PeerRpc::Forward) {
+                            break Some(status);
+                        }
+                        if let Err(status) = running.start(call, &forwarder) {
+                            break Some(status);
+                        }
+                    }
+                },
+            }
+        };
+        while let Some(done) = running.tasks.join_next_with_id().await {
+            running.finished(done, &answers).await;
+        }
+        if let Some(status) = refusal {
+            let _ = answers.send(Err(status)).await;
+        }
+    });
+    ReceiverStream::new(out)
+}
+
+/// The calls of one stream that run on the leader.
+#[derive(Default)]
+struct Running {
+    tasks: JoinSet<pb::ForwardAnswer>,
+    /// Call id → its task, to cancel it.
+    by_call: HashMap<u64, AbortHandle>,
+    /// Task id → call id, to answer a task that panicked.
+    by_task: HashMap<tokio::task::Id, u64>,
+}
+
+impl Running {
+    /// Starts a request, or cancels one; a call that breaks the protocol ends the stream.
+    fn start(&mut self, call: pb::ForwardCall, forwarder: &Arc<dyn Forwarder>) -> Result<(), Status> {
+        let id = call.id;
+        match call.kind {
+            Some(pb::forward_call::Kind::Request(request)) => {
+                if self.by_call.contains_key(&id) {
+                    return Err(Status::invalid_argument(format!("forwarded call {id} is already running")));
+                }
+                let forwarder = forwarder.clone();
+                let task = self.tasks.spawn(async move {
+                    let outcome = match forwarder.forward(request).await {
+                        Ok(reply) => pb::forward_answer::Outcome::Reply(reply),
+                        Err(status) => refused(&status),
+                    };
+                    pb::ForwardAnswer { id, outcome: Some(outcome) }
+                });
+                self.by_task.insert(task.id(), id);
+                self.by_call.insert(id, task);
+            }
+            Some(pb::forward_call::Kind::Cancel(_)) => {
+                // Its task ends as cancelled, and nobody is answered.
+                if let Some(task) = self.by_call.remove(&id) {
+                    task.abort();
+                }
+            }
+            None => return Err(Status::invalid_argument(format!("forwarded call {id} carries nothing"))),
+        }
+        Ok(())
+    }
+
+    async fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, pb::ForwardAnswer), tokio::task::JoinError>,
+        answers: &mpsc::Sender<Result<pb::ForwardAnswer, Status>>,
+    ) {
+        let (task, answer) = match done {
+            Ok((task, answer)) => (task, Some(answer)),
+            Err(e) if e.is_cancelled() => (e.id(), None),
+            Err(e) => {
+                tracing::error!(error = %e, "a forwarded call panicked");
+                let status = Status::internal("the forwarded call failed on the leader");
+                let id = self.by_task.get(&e.id()).copied();
+                (e.id(), id.map(|id| pb::ForwardAnswer { id, outcome: Some(refused(&status)) }))
+            }
+        };
+        if let Some(id) = self.by_task.remove(&task) {
+            self.by_call.remove(&id);
+        }
+        if let Some(answer) = answer {
+            // The follower may be gone; its calls' fate is unaffected.
+            let _ = answers.send(Ok(answer)).await;
+        }
+    }
+}
+
+fn refused(status: &Status) -> pb::forward_answer::Outcome {
+    pb::forward_answer::Outcome::Refused(pb::ForwardRefusal {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// Answers each request with its path; a request for "wait" first waits for a permit.
+    struct Fake {
+        permits: Semaphore,
+        running: AtomicUsize,
+        most_running: AtomicUsize,
+        /// Calls dropped before they finished.
+        dropped: AtomicUsize,
+        /// Calls authorized before every later one is refused.
+        authorized_max: Option<usize>,
+        authorized: AtomicUsize,
+    }
+
+    impl Default for Fake {
+        fn default() -> Self {
+            Fake {
+                permits: Semaphore::new(0),
+                running: AtomicUsize::new(0),
+                most_running: AtomicUsize::new(0),
+                dropped: AtomicUsize::new(0),
+                authorized_max: None,
+                authorized: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    struct Run<'f>(&'f Fake, bool);
+
+    impl Drop for Run<'_> {
+        fn drop(&mut self) {
+            self.0.running.fetch_sub(1, Ordering::SeqCst);
+            if !self.1 {
+                self.0.dropped.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Forwarder for Fake {
+        async fn forward(&self, request: pb::ForwardRequest) -> Result<pb::ForwardReply, Status> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_running.fetch_max(now, Ordering::SeqCst);
+            let mut run = Run(self, false);
+            if request.path == "wait" {
+                self.permits.acquire().await.expect("open").forget();
+            }
+            run.1 = true;
+            Ok(pb::ForwardReply { status: 200, body: request.path.into_bytes(), ..Default::default() })
+        }
+        async fn challenge(&self, _: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn attest(&self, _: Vec<u8>, _: pb::AttestRequest) -> Result<pb::AttestReply, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        fn authorize(&self, _: &[u8], rpc: PeerRpc) -> Result<(), Status> {
+            assert_eq!(rpc, PeerRpc::Forward);
+            let seen = self.authorized.fetch_add(1, Ordering::SeqCst);
+            match self.authorized_max {
+                Some(max) if seen >= max => Err(Status::permission_denied("this node is Retired")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    type Calls = mpsc::UnboundedSender<Result<pb::ForwardCall, Status>>;
+
+    fn start(fake: &Arc<Fake>) -> (Calls, impl Stream<Item = Result<pb::ForwardAnswer, Status>> + Unpin) {
+        let (calls, incoming) = mpsc::unbounded_channel();
+        let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(incoming);
+        let forwarder: Arc<dyn Forwarder> = fake.clone();
+        (calls, Box::pin(serve(incoming, b"node".to_vec(), forwarder)))
+    }
+
+    fn request(id: u64, path: &str) -> Result<pb::ForwardCall, Status> {
+        let request = pb::ForwardRequest { path: path.into(), ..Default::default() };
+        Ok(pb::ForwardCall { id, kind: Some(pb::forward_call::Kind::Request(request)) })
+    }
+
+    fn cancel(id: u64) -> Result<pb::ForwardCall, Status> {
+        Ok(pb::ForwardCall { id, kind: Some(pb::forward_call::Kind::Cancel(pb::ForwardCancel {})) })
+    }
+
+    /// The next answer's id and body.
+    async fn next(answers: &mut (impl Stream<Item = Result<pb::ForwardAnswer, Status>> + Unpin)) -> (u64, String) {
+        let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
+            .await
+            .expect("an answer in time")
+            .expect("an answer")
+            .expect("not a refusal");
+        match answer.outcome {
+            Some(pb::forward_answer::Outcome::Reply(reply)) => (answer.id, String::from_utf8(reply.body).unwrap()),
+            other => panic!("call {} was refused: {other:?}", answer.id),
+        }
+    }
+
+    async fn until(what: &str, test: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if test() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn calls_run_concurrently_and_each_is_answered_once_as_it_finishes() {
+        let fake = Arc::new(Fake::default());
+        let (calls, mut answers) = start(&fake);
+        calls.send(request(7, "wait")).unwrap();
+        calls.send(request(8, "fast")).unwrap();
+        assert_eq!(next(&mut answers).await, (8, "fast".into()), "a slow call holds up no other");
+        fake.permits.add_permits(1);
+        assert_eq!(next(&mut answers).await, (7, "wait".into()));
+        // The follower closes its side: the stream ends, with nothing more to answer.
+        drop(calls);
+        assert!(answers.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_call_is_dropped_unanswered_and_the_stream_goes_on() {
+        let fake = Arc::new(Fake::default());
+        let (calls, mut answers) = start(&fake);
+        calls.send(request(1, "wait")).unwrap();
+        until("the call to run", || fake.running.load(Ordering::SeqCst) == 1).await;
+        calls.send(cancel(1)).unwrap();
+        until("the call to be dropped", || fake.dropped.load(Ordering::SeqCst) == 1).await;
+        // Cancelling an id that is not running (finished, or never sent) is harmless.
+        calls.send(cancel(99)).unwrap();
+        calls.send(request(2, "fast")).unwrap();
+        assert_eq!(next(&mut answers).await, (2, "fast".into()));
+        drop(calls);
+        assert!(answers.next().await.is_none(), "the cancelled call is never answered");
+    }
+
+    #[tokio::test]
+    async fn no_more_than_the_cap_run_at_once_and_the_rest_wait_unread() {
+        let fake = Arc::new(Fake::default());
+        let (calls, mut answers) = start(&fake);
+        let total = FORWARDS_IN_FLIGHT_MAX + 8;
+        for id in 0..total as u64 {
+            calls.send(request(id, "wait")).unwrap();
+        }
+        until("the cap to fill", || fake.running.load(Ordering::SeqCst) == FORWARDS_IN_FLIGHT_MAX).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(fake.running.load(Ordering::SeqCst), FORWARDS_IN_FLIGHT_MAX, "the rest are not read yet");
+        // One finishing lets exactly one more in.
+        fake.permits.add_permits(1);
+        next(&mut answers).await;
+        until("the next call to start", || fake.authorized.load(Ordering::SeqCst) == FORWARDS_IN_FLIGHT_MAX + 1).await;
+        fake.permits.add_permits(total);
+        let mut ids = vec![];
+        for _ in 1..total {
+            ids.push(next(&mut answers).await.0);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), total - 1, "every other call is answered once");
+        assert_eq!(fake.most_running.load(Ordering::SeqCst), FORWARDS_IN_FLIGHT_MAX);
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_ends_the_stream_once_the_running_calls_are_answered() {
+        let fake = Arc::new(Fake { authorized_max: Some(1), ..Default::default() });
+        let (calls, mut answers) = start(&fake);
+        calls.send(request(1, "wait")).unwrap();
+        calls.send(request(2, "fast")).unwrap();
+        until("the refusal", || fake.authorized.load(Ordering::SeqCst) == 2).await;
+        fake.permits.add_permits(1);
+        assert_eq!(next(&mut answers).await, (1, "wait".into()));
+        let refusal = answers.next().await.expect("the refusal").expect_err("a refusal");
+        assert_eq!(refusal.code(), tonic::Code::PermissionDenied);
+        assert!(answers.next().await.is_none());
+        assert_eq!(fake.running.load(Ordering::SeqCst), 0, "the refused call never ran");
+    }
+
+    #[tokio::test]
+    async fn a_reused_id_or_an_empty_call_ends_the_stream() {
+        for bad in [request(1, "fast"), Ok(pb::ForwardCall { id: 2, kind: None })] {
+            let fake = Arc::new(Fake::default());
+            let (calls, mut answers) = start(&fake);
+            calls.send(request(1, "wait")).unwrap();
+            calls.send(bad).unwrap();
+            until("both calls to be read", || fake.authorized.load(Ordering::SeqCst) == 2).await;
+            fake.permits.add_permits(1);
+            assert_eq!(next(&mut answers).await, (1, "wait".into()));
+            let refusal = answers.next().await.expect("the refusal").expect_err("a refusal");
+            assert_eq!(refusal.code(), tonic::Code::InvalidArgument, "{refusal:?}");
+            assert!(answers.next().await.is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_drops_the_calls_it_was_running() {
+        let fake = Arc::new(Fake::default());
+        let (calls, mut answers) = start(&fake);
+        calls.send(request(1, "wait")).unwrap();
+        until("the call to run", || fake.running.load(Ordering::SeqCst) == 1).await;
+        calls.send(Err(Status::cancelled("connection reset"))).unwrap();
+        until("the call to be dropped", || fake.dropped.load(Ordering::SeqCst) == 1).await;
+        assert!(answers.next().await.is_none());
+    }
+
+    /// A leader's peer port that serves only forwarding, on plain HTTP/2 over loopback.
+    struct Leader {
+        forwarder: Arc<Fake>,
+        opened: AtomicUsize,
+        /// Streams to refuse before serving one.
+        refusals: AtomicUsize,
+    }
+
+    fn not_here<T>() -> Result<T, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl pb::peer_server::Peer for Leader {
+        async fn vote(&self, _: tonic::Request<pb::Blob>) -> Result<tonic::Response<pb::Blob>, Status> {
+            not_here()
+        }
+        async fn append_entries(&self, _: tonic::Request<pb::Blob>) -> Result<tonic::Response<pb::Blob>, Status> {
+            not_here()
+        }
+        type StreamAppendStream = futures::stream::Empty<Result<pb::Blob, Status>>;
+        async fn stream_append(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::Blob>>,
+        ) -> Result<tonic::Response<Self::StreamAppendStream>, Status> {
+            not_here()
+        }
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::SnapshotChunk>>,
+        ) -> Result<tonic::Response<pb::Blob>, Status> {
+            not_here()
+        }
+        type ForwardStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::ForwardAnswer, Status>> + Send>>;
+        async fn forward(
+            &self,
+            req: tonic::Request<tonic::Streaming<pb::ForwardCall>>,
+        ) -> Result<tonic::Response<Self::ForwardStream>, Status> {
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            if self.refusals.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(Status::permission_denied("this node is Pending"));
+            }
+            let forwarder: Arc<dyn Forwarder> = self.forwarder.clone();
+            Ok(tonic::Response::new(Box::pin(serve(req.into_inner(), b"node".to_vec(), forwarder))))
+        }
+        async fn join(&self, _: tonic::Request<pb::JoinRequest>) -> Result<tonic::Response<pb::JoinReply>, Status> {
+            not_here()
+        }
+        async fn challenge(
+            &self,
+            _: tonic::Request<pb::ChallengeRequest>,
+        ) -> Result<tonic::Response<pb::ChallengeReply>, Status> {
+            not_here()
+        }
+        async fn attest(
+            &self,
+            _: tonic::Request<pb::AttestRequest>,
+        ) -> Result<tonic::Response<pb::AttestReply>, Status> {
+            not_here()
+        }
+    }
+
+    /// A follower's `Forwards` wired to a leader serving on loopback.
+    async fn follower(refusals: usize) -> (Forwards, Arc<Leader>) {
+        let leader = Arc::new(Leader {
+            forwarder: Arc::new(Fake::default()),
+            opened: AtomicUsize::new(0),
+            refusals: AtomicUsize::new(refusals),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let conn = l.accept().await.map(|(stream, _)| stream);
+            Some((conn, l))
+        });
+        let service = pb::peer_server::PeerServer::from_arc(leader.clone());
+        tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let client = pb::peer_client::PeerClient::new(channel);
+        let forwards = Forwards { connect: Arc::new(move |_| Ok(client.clone())), current: Arc::default() };
+        (forwards, leader)
+    }
+
+    fn forwarded(path: &str) -> pb::ForwardRequest {
+        pb::ForwardRequest { path: path.into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn concurrent_forwards_share_one_stream_and_each_gets_its_own_answer() {
+        let (forwards, leader) = follower(0).await;
+        let calls = (0..64).map(|i| {
+            let forwards = forwards.clone();
+            async move { forwards.call("https://leader", forwarded(&format!("/p{i}"))).await }
+        });
+        let replies = futures::future::join_all(calls).await;
+        for (i, reply) in replies.into_iter().enumerate() {
+            assert_eq!(reply.expect("a reply").body, format!("/p{i}").into_bytes());
+        }
+        assert_eq!(leader.opened.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_gives_up_on_a_call_cancels_it_on_the_leader() {
+        let (forwards, leader) = follower(0).await;
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(200), forwards.call("https://leader", forwarded("wait")));
+        assert!(gave_up.await.is_err(), "the call waits for a permit that never comes");
+        let fake = &leader.forwarder;
+        until("the leader to drop the call", || fake.dropped.load(Ordering::SeqCst) == 1).await;
+        // The stream stays up for the next call.
+        assert_eq!(forwards.call("https://leader", forwarded("/next")).await.unwrap().body, b"/next");
+        assert_eq!(leader.opened.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_fails_its_calls_and_the_next_call_opens_another() {
+        let (forwards, leader) = follower(1).await;
+        let refused = forwards.call("https://leader", forwarded("/first")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert_eq!(forwards.call("https://leader", forwarded("/second")).await.unwrap().body, b"/second");
+        assert_eq!(leader.opened.load(Ordering::SeqCst), 2);
+        assert_eq!(leader.forwarder.authorized.load(Ordering::SeqCst), 1, "the refused call never ran");
+    }
+}
