@@ -5,9 +5,9 @@
 //! client channel's buffer task. On the stream each write is one message out and one back, and
 //! writes forwarded at the same moment share TLS records. Each call carries an id the follower
 //! chose; the leader runs the calls concurrently, up to [`FORWARDS_IN_FLIGHT_MAX`], and answers
-//! each id once, as it finishes. A follower that
-//! gives up on a call (its client's `request_timeout_ms`) cancels the id, and the leader drops
-//! the call as it would have on a reset stream: a write still queued for the writer is skipped.
+//! each id once, as it finishes. A follower that gives up on a call (its client's
+//! `request_timeout_ms`) cancels the id, and the leader drops the call as it would have on a
+//! reset stream: a write still queued for the writer is skipped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
