@@ -197,8 +197,13 @@ where
                 }
                 call = calls.next(), if running.tasks.len() < FORWARDS_IN_FLIGHT_MAX => match call {
                     None => break None,
-                    // The follower is gone: nobody waits for the calls still running.
-                    Some(Err(_)) => return,
+                    // The stream broke (the follower is gone, or sent what does not decode):
+                    // nobody waits for the calls still running. The error goes back, if it can.
+                    Some(Err(status)) => {
+                        running.tasks.abort_all();
+                        let _ = answers.send(Err(status)).await;
+                        return;
+                    }
                     Some(Ok(call)) => {
                         if let Err(status) = forwarder.authorize(&cert, PeerRpc::Forward) {
                             break Some(status);
@@ -500,9 +505,11 @@ mod tests {
         let (calls, mut answers) = start(&fake);
         calls.send(request(1, "wait")).unwrap();
         until("the call to run", || fake.running.load(Ordering::SeqCst) == 1).await;
-        calls.send(Err(Status::cancelled("connection reset"))).unwrap();
+        calls.send(Err(Status::invalid_argument("a message does not decode"))).unwrap();
         until("the call to be dropped", || fake.dropped.load(Ordering::SeqCst) == 1).await;
-        assert!(answers.next().await.is_none());
+        let ended = answers.next().await.expect("the error").expect_err("an error");
+        assert_eq!(ended.code(), tonic::Code::InvalidArgument);
+        assert!(answers.next().await.is_none(), "the dropped call is never answered");
     }
 
     /// A leader's peer port that serves only forwarding, on plain HTTP/2 over loopback.
