@@ -352,6 +352,7 @@ mod tests {
             if request.path == "wait" {
                 self.permits.acquire().await.expect("open").forget();
             }
+            assert_ne!(request.path, "panic", "the call panics");
             run.1 = true;
             Ok(pb::ForwardReply { status: 200, body: request.path.into_bytes(), ..Default::default() })
         }
@@ -497,6 +498,22 @@ mod tests {
             assert_eq!(refusal.code(), tonic::Code::InvalidArgument, "{refusal:?}");
             assert!(answers.next().await.is_none());
         }
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_is_answered_with_an_error_and_the_stream_goes_on() {
+        let fake = Arc::new(Fake::default());
+        let (calls, mut answers) = start(&fake);
+        calls.send(request(3, "panic")).unwrap();
+        let answer = answers.next().await.expect("an answer").expect("not the stream's end");
+        match answer.outcome {
+            Some(pb::forward_answer::Outcome::Refused(r)) => {
+                assert_eq!((answer.id, r.code), (3, tonic::Code::Internal as i32), "{}", r.message)
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        calls.send(request(4, "fast")).unwrap();
+        assert_eq!(next(&mut answers).await, (4, "fast".into()));
     }
 
     #[tokio::test]
