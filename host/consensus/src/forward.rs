@@ -10,11 +10,12 @@
 //! reset stream: a write still queued for the writer is skipped.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cloister_proto::peer::v1 as pb;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
@@ -192,7 +193,7 @@ where
         let mut running = Running::default();
         let refusal = loop {
             tokio::select! {
-                Some(done) = running.tasks.join_next_with_id(), if !running.tasks.is_empty() => {
+                Some(done) = running.tasks.join_next(), if !running.tasks.is_empty() => {
                     running.finished(done, &answers).await;
                 }
                 call = calls.next(), if running.tasks.len() < FORWARDS_IN_FLIGHT_MAX => match call {
@@ -215,7 +216,7 @@ where
                 },
             }
         };
-        while let Some(done) = running.tasks.join_next_with_id().await {
+        while let Some(done) = running.tasks.join_next().await {
             running.finished(done, &answers).await;
         }
         if let Some(status) = refusal {
@@ -231,8 +232,6 @@ struct Running {
     tasks: JoinSet<pb::ForwardAnswer>,
     /// Call id → its task, to cancel it.
     by_call: HashMap<u64, AbortHandle>,
-    /// Task id → call id, to answer a task that panicked.
-    by_task: HashMap<tokio::task::Id, u64>,
 }
 
 impl Running {
@@ -246,13 +245,17 @@ impl Running {
                 }
                 let forwarder = forwarder.clone();
                 let task = self.tasks.spawn(async move {
-                    let outcome = match forwarder.forward(request).await {
-                        Ok(reply) => pb::forward_answer::Outcome::Reply(reply),
-                        Err(status) => refused(&status),
+                    // A call that panics is still answered, under its id.
+                    let outcome = match AssertUnwindSafe(forwarder.forward(request)).catch_unwind().await {
+                        Ok(Ok(reply)) => pb::forward_answer::Outcome::Reply(reply),
+                        Ok(Err(status)) => refused(&status),
+                        Err(_) => {
+                            tracing::error!(call = id, "a forwarded call panicked");
+                            refused(&Status::internal("the forwarded call failed on the leader"))
+                        }
                     };
                     pb::ForwardAnswer { id, outcome: Some(outcome) }
                 });
-                self.by_task.insert(task.id(), id);
                 self.by_call.insert(id, task);
             }
             Some(pb::forward_call::Kind::Cancel(_)) => {
@@ -266,28 +269,16 @@ impl Running {
         Ok(())
     }
 
+    /// Answers a call that finished; a cancelled one is answered by nobody.
     async fn finished(
         &mut self,
-        done: Result<(tokio::task::Id, pb::ForwardAnswer), tokio::task::JoinError>,
+        done: Result<pb::ForwardAnswer, tokio::task::JoinError>,
         answers: &mpsc::Sender<Result<pb::ForwardAnswer, Status>>,
     ) {
-        let (task, answer) = match done {
-            Ok((task, answer)) => (task, Some(answer)),
-            Err(e) if e.is_cancelled() => (e.id(), None),
-            Err(e) => {
-                tracing::error!(error = %e, "a forwarded call panicked");
-                let status = Status::internal("the forwarded call failed on the leader");
-                let id = self.by_task.get(&e.id()).copied();
-                (e.id(), id.map(|id| pb::ForwardAnswer { id, outcome: Some(refused(&status)) }))
-            }
-        };
-        if let Some(id) = self.by_task.remove(&task) {
-            self.by_call.remove(&id);
-        }
-        if let Some(answer) = answer {
-            // The follower may be gone; its calls' fate is unaffected.
-            let _ = answers.send(Ok(answer)).await;
-        }
+        let Ok(answer) = done else { return };
+        self.by_call.remove(&answer.id);
+        // The follower may be gone; its calls' fate is unaffected.
+        let _ = answers.send(Ok(answer)).await;
     }
 }
 
@@ -357,10 +348,10 @@ mod tests {
             Ok(pb::ForwardReply { status: 200, body: request.path.into_bytes(), ..Default::default() })
         }
         async fn challenge(&self, _: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status> {
-            Err(Status::unimplemented("not in this test"))
+            not_here()
         }
         async fn attest(&self, _: Vec<u8>, _: pb::AttestRequest) -> Result<pb::AttestReply, Status> {
-            Err(Status::unimplemented("not in this test"))
+            not_here()
         }
         fn authorize(&self, _: &[u8], rpc: PeerRpc) -> Result<(), Status> {
             assert_eq!(rpc, PeerRpc::Forward);
@@ -505,7 +496,11 @@ mod tests {
         let fake = Arc::new(Fake::default());
         let (calls, mut answers) = start(&fake);
         calls.send(request(3, "panic")).unwrap();
-        let answer = answers.next().await.expect("an answer").expect("not the stream's end");
+        let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
+            .await
+            .expect("an answer in time")
+            .expect("an answer")
+            .expect("not the stream's end");
         match answer.outcome {
             Some(pb::forward_answer::Outcome::Refused(r)) => {
                 assert_eq!((answer.id, r.code), (3, tonic::Code::Internal as i32), "{}", r.message)
