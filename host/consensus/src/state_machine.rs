@@ -467,8 +467,21 @@ impl StateMachine {
 
     /// Replaces the whole state with a snapshot's, and continues the ledger from its start state.
     fn install(&self, meta: &SnapshotMeta, snapshot: &SnapshotFile) -> io::Result<()> {
+        self.install_stepwise(meta, snapshot, &mut |_| Ok(()))
+    }
+
+    /// [`StateMachine::install`], calling `after` once each durable step is taken: a test stops
+    /// there, as a crash would.
+    fn install_stepwise(
+        &self,
+        meta: &SnapshotMeta,
+        snapshot: &SnapshotFile,
+        after: &mut dyn FnMut(InstallStep) -> io::Result<()>,
+    ) -> io::Result<()> {
         let path = &snapshot.path;
         let invalid = |m: &str| invalid_snapshot(path, m);
+        // Checked when it arrived; installing it again at a restart may need them anew.
+        self.learn_secrets_from_snapshot(path)?;
         let (mut input, version) = self.open_snapshot(path)?;
         let sealer = self.sealer_of(version)?;
         let (head, history, start) = read_preamble(&mut input, path)?;
@@ -527,13 +540,19 @@ impl StateMachine {
                 terms.insert(term, first).map_err(io_other)?;
             }
         }
-        txn.commit().map_err(io_other)?;
-        if let Some(ledger) = &self.inner.ledger {
-            ledger.restart_at(start)?;
-        }
+        // The file takes its place first: once the state says it is at the snapshot, the
+        // snapshot must be on disk, for openraft purges the log up to the state at restart.
+        // Killed in between, the node restarts with the newer file and the older state, and
+        // installs the file again.
         let final_path = self.inner.snapshot_dir.join(snapshot_name(meta));
         std::fs::rename(path, &final_path)?;
         cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
+        after(InstallStep::FileInPlace)?;
+        txn.commit().map_err(io_other)?;
+        after(InstallStep::StateCommitted)?;
+        if let Some(ledger) = &self.inner.ledger {
+            ledger.restart_at(start)?;
+        }
         self.replace_current(StoredSnapshot {
             meta: meta.clone(),
             file: SnapshotFile { path: final_path, seal: None },
@@ -655,6 +674,15 @@ impl StateMachine {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).expect("OS random");
         self.inner.snapshot_dir.join(format!("incoming-{}.tmp", hex::encode(id)))
     }
+}
+
+/// The durable steps of installing a snapshot, in the order they are taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InstallStep {
+    /// The file is in the snapshot folder under its final name, the newest there.
+    FileInPlace,
+    /// The state database holds the snapshot's state, and says so in its applied log id.
+    StateCommitted,
 }
 
 /// A record of a snapshot file's state.
@@ -1117,6 +1145,91 @@ mod tests {
         let installed = contents(&target, "app/m");
         assert_eq!(installed, [(b"PARTY1".to_vec(), b"v1".to_vec()), (b"PARTY2".to_vec(), b"v2".to_vec())]);
         assert_eq!(contents(&target, "app/public:t"), [(b"k".to_vec(), b"open".to_vec())]);
+    }
+
+    /// Records `applied` as the state's applied log id, as applying up to it would.
+    fn set_applied(sm: &StateMachine, applied: LogId) {
+        let mut txn = sm.inner.store.write_batch().unwrap();
+        txn.put_meta(APPLIED_LOG_ID_KEY, &encode(&Some(applied))).unwrap();
+        txn.commit().unwrap();
+    }
+
+    /// A follower's data folder (its state key kept, so it can be opened again): state and an own
+    /// snapshot at index 10, and a log holding 6..=12 (5 and before purged).
+    struct Follower {
+        dir: tempfile::TempDir,
+        state_key: Arc<Sealer>,
+        secrets: Arc<LedgerSecrets>,
+    }
+
+    impl Follower {
+        async fn create(secret: [u8; 32]) -> Follower {
+            use openraft::storage::{IOFlushed, RaftLogStorage};
+            use openraft::type_config::TypeConfigExt;
+            let follower = Follower {
+                dir: tempfile::tempdir().unwrap(),
+                state_key: Arc::new(Sealer::new(&Sealer::generate_secret())),
+                secrets: Arc::new(LedgerSecrets::first(secret)),
+            };
+            let (sm, mut log) = follower.open();
+            set_applied(&sm, openraft::testing::log_id::<TypeConfig>(1, 0, 10));
+            sm.build().unwrap();
+            let entries: Vec<_> = (1..=12).map(|i| openraft::testing::blank_ent::<TypeConfig>(1, 0, i)).collect();
+            let (flushed, done) = TypeConfig::oneshot();
+            log.append(entries, IOFlushed::signal(flushed)).await.unwrap();
+            done.await.unwrap().unwrap();
+            log.purge(openraft::testing::log_id::<TypeConfig>(1, 0, 5)).await.unwrap();
+            follower
+        }
+
+        fn open(&self) -> (StateMachine, super::super::log_store::LogStore) {
+            use super::super::log_store::{AppendWatch, LogStore};
+            let store = Store::open_sealed(&self.dir.path().join("state.redb"), self.state_key.clone()).unwrap();
+            let sm = StateMachine::without_ledger(store, Some(self.secrets.clone()), self.dir.path().join("snapshots"))
+                .unwrap();
+            let log = LogStore::open(&self.dir.path().join("raft-log"), Arc::new(AppendWatch::default())).unwrap();
+            (sm, log)
+        }
+    }
+
+    /// The crash: a follower far behind is sent a snapshot, and is killed after the install
+    /// committed the state but before the file took its place. It restarted with its state at
+    /// the snapshot and its log behind it, so openraft purged its log up to the state, past the
+    /// older snapshot file it found: a purged log beyond the snapshot, which openraft's own check
+    /// refuses (in a debug build it panicked, and the node never came up). Now the file takes its
+    /// place before the state commits: a node killed after any step of an install restarts to a
+    /// state openraft accepts, at the snapshot (installing it again from its file if need be).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_killed_after_any_step_of_a_snapshot_install_restarts_at_the_snapshot() {
+        use openraft::storage::StorageHelper;
+        use validit::Validate;
+        let rows = [("app/m", "PARTY1", "v1"), ("app/public:t", "k", "open")];
+        let (_a, source) = node_with([1; 32], &rows);
+        let at = openraft::testing::log_id::<TypeConfig>(2, 0, 100);
+        set_applied(&source, at);
+        let snapshot = source.build().unwrap();
+        for step in [InstallStep::FileInPlace, InstallStep::StateCommitted] {
+            let follower = Follower::create([1; 32]).await;
+            {
+                let (sm, _log) = follower.open();
+                let path = sm.incoming_path();
+                std::fs::copy(&snapshot.snapshot.path, &path).unwrap();
+                let killed = sm.install_stepwise(&snapshot.meta, &SnapshotFile { path, seal: None }, &mut |s| {
+                    if s == step { Err(io::Error::other("killed")) } else { Ok(()) }
+                });
+                assert!(killed.is_err(), "{step:?}: the install stops there");
+            }
+            let (mut sm, mut log) = follower.open();
+            let state = StorageHelper::new(&mut log, &mut sm)
+                .with_id(1)
+                .get_initial_state()
+                .await
+                .unwrap_or_else(|e| panic!("killed after {step:?}: the node does not start: {e}"));
+            state.validate().unwrap_or_else(|e| panic!("killed after {step:?}: openraft refuses the state: {e}"));
+            assert_eq!(state.snapshot_meta.last_log_id, Some(at), "{step:?}");
+            assert_eq!(sm.meta::<Option<LogId>>(APPLIED_LOG_ID_KEY).unwrap().flatten(), Some(at), "{step:?}");
+            assert_eq!(contents(&sm, "app/m"), contents(&source, "app/m"), "{step:?}");
+        }
     }
 
     #[test]
