@@ -58,6 +58,10 @@ pub(crate) const READS_INFLIGHT_MAX: usize = 32;
 pub(crate) const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub(crate) const HELLO_TIMEOUT_MS: u64 = 500;
 pub(crate) const CONNECTIONS_PER_ADDRESS_MAX: usize = 256;
+pub(crate) const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// The least `limits.streams_per_connection_max` may be: one connection between two nodes carries
+/// a replication stream, a forwarding stream, votes, snapshots and joins at once.
+pub const STREAMS_PER_CONNECTION_MIN: u32 = 8;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,6 +263,10 @@ pub struct Limits {
     /// Connections open at once per listener from one source address; further ones from that
     /// address are closed at once, so one address cannot take every slot.
     pub connections_per_address_max: usize,
+    /// HTTP/2 streams (requests, gRPC calls) one connection may have open at once, on every
+    /// listener: the node advertises it, a client past it waits for a stream to close, and a
+    /// stream opened beyond it anyway is refused.
+    pub streams_per_connection_max: u32,
     /// Time from accepting a connection until its TLS ClientHello starts, in milliseconds: an idle
     /// connection is closed after this, so it holds a slot only briefly.
     pub hello_timeout_ms: u64,
@@ -292,6 +300,7 @@ impl Default for Limits {
             body_bytes_max: BODY_BYTES_MAX,
             connections_max: CONNECTIONS_MAX,
             connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX,
+            streams_per_connection_max: STREAMS_PER_CONNECTION_MAX,
             hello_timeout_ms: HELLO_TIMEOUT_MS,
             request_timeout_ms: REQUEST_TIMEOUT_MS,
             inflight_per_identity_max: INFLIGHT_PER_IDENTITY_MAX,
@@ -312,6 +321,7 @@ impl Limits {
             ("body_bytes_max", self.body_bytes_max as u64),
             ("connections_max", self.connections_max as u64),
             ("connections_per_address_max", self.connections_per_address_max as u64),
+            ("streams_per_connection_max", u64::from(self.streams_per_connection_max)),
             ("hello_timeout_ms", self.hello_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             ("inflight_per_identity_max", self.inflight_per_identity_max as u64),
@@ -323,10 +333,16 @@ impl Limits {
             ("reads_inflight_max", self.reads_inflight_max as u64),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
         ];
-        match fields.iter().find(|(_, v)| *v == 0) {
-            Some((name, _)) => Err(format!("limit {name} must be greater than 0")),
-            None => Ok(()),
+        if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("limit {name} must be greater than 0"));
         }
+        if self.streams_per_connection_max < STREAMS_PER_CONNECTION_MIN {
+            return Err(format!(
+                "limit streams_per_connection_max must be at least {STREAMS_PER_CONNECTION_MIN} \
+                 (STREAMS_PER_CONNECTION_MIN): a connection between nodes carries that many streams at once"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -492,6 +508,11 @@ mod tests {
         let slots = format!("{MINIMAL}\n[limits]\nreads_inflight_max = 64\n[wasm]\ninstances_max = 64\n");
         let c: NodeConfig = toml::from_str(&slots).unwrap();
         assert!(c.check().unwrap_err().contains("wasm.instances_max"));
+        let streams = |n: u32| format!("{MINIMAL}\n[limits]\nstreams_per_connection_max = {n}\n");
+        let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN - 1)).unwrap();
+        assert!(c.check().unwrap_err().contains("STREAMS_PER_CONNECTION_MIN"));
+        let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN)).unwrap();
+        assert!(c.check().is_ok(), "{:?}", c.check());
         let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\n");
         let c: NodeConfig = toml::from_str(&big).unwrap();
         assert!(c.check().unwrap_err().contains("wasm.request_bytes_max"));

@@ -205,16 +205,19 @@ pub struct Node {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Serves a tonic router over the connections of an accept loop until cancelled.
+/// Serves a tonic router over the connections of an accept loop until cancelled, with at most
+/// `streams_max` streams open on one connection (tonic sets no limit of its own).
 fn serve_grpc(
     conns: tokio::sync::mpsc::Receiver<std::io::Result<server::Conn>>,
     routes: tonic::service::Routes,
+    streams_max: u32,
     cancel: CancellationToken,
     what: &'static str,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(conns);
         let served = tonic::transport::Server::builder()
+            .max_concurrent_streams(streams_max)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, cancel.cancelled())
             .await;
@@ -303,7 +306,8 @@ impl Node {
             .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
         let conns = server::accept(peer_listener, peer_tls, accept_limits, cancel.clone());
-        tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), cancel.clone(), "peer"));
+        let streams_max = config.limits.streams_per_connection_max;
+        tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), streams_max, cancel.clone(), "peer"));
 
         let signer = NodeSigner::new(&node_cert.cert_pem, &node_cert.key_pem)?;
         tasks.push(tokio::spawn(crate::signer::run_signer(
@@ -356,9 +360,9 @@ impl Node {
         // Clients are served only once a new network's genesis has committed, so nobody sees a
         // service without its members or app.
         let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
-        tasks.push(tokio::spawn(server::serve_http(conns, rest::router(service.clone()), cancel.clone())));
+        tasks.push(tokio::spawn(server::serve_http(conns, rest::router(service.clone()), streams_max, cancel.clone())));
         let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone());
-        tasks.push(serve_grpc(conns, crate::api::grpc::routes(service.clone())?, cancel.clone(), "gRPC"));
+        tasks.push(serve_grpc(conns, crate::api::grpc::routes(service.clone())?, streams_max, cancel.clone(), "gRPC"));
         tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
         Ok(Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks })
     }
