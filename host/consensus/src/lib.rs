@@ -96,6 +96,27 @@ pub struct Proposal {
     watch: Arc<AppendWatch>,
 }
 
+/// Refuses to start on a Raft state that openraft's own checks reject. openraft recovers its
+/// state at start-up (re-applying committed entries, purging a log the state machine is ahead of,
+/// building a missing snapshot) and then checks how the pieces relate: purged ≤ snapshot ≤
+/// committed ≤ the last log entry, and more. It runs those checks only in a debug build, where a
+/// failure panics; a release node would run on in a state openraft does not expect. This runs
+/// the same recovery and the same checks in every build, and stops with what failed. Raft's own
+/// start then finds nothing left to recover.
+pub(crate) async fn check_start_state(id: NodeId, log: &mut LogStore, sm: &mut StateMachine) -> anyhow::Result<()> {
+    use validit::Validate;
+    let state = openraft::storage::StorageHelper::new(log, sm)
+        .with_id(id)
+        .get_initial_state()
+        .await
+        .map_err(|e| anyhow::anyhow!("this node's raft log and state cannot be recovered: {e}"))?;
+    state.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "this node's raft log, snapshot and state machine disagree ({e}); the node will not run on them"
+        )
+    })
+}
+
 impl Proposal {
     /// Waits until the transaction is committed: held durably by a majority, so no later leader
     /// can lose it. `None` when it did not commit through this node; [`Proposal::outcome`] then
@@ -233,8 +254,9 @@ impl Consensus {
         peers: Peers,
     ) -> anyhow::Result<Consensus> {
         let watch = Arc::new(AppendWatch::default());
-        let log = LogStore::open(&data_dir.join(LOG_DIR), watch.clone())?;
+        let mut log = LogStore::open(&data_dir.join(LOG_DIR), watch.clone())?;
         let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"), log.durable())?;
+        check_start_state(id, &mut log, &mut sm.clone()).await?;
         let config = openraft::Config {
             cluster_name: "cloister".into(),
             heartbeat_interval: settings.heartbeat_interval_ms,

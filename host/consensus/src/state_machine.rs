@@ -1232,6 +1232,25 @@ mod tests {
         }
     }
 
+    /// openraft checks its start-up state only in a debug build; `check_start_state` runs the
+    /// same checks in every build. A state machine ahead of both its log and its newest snapshot
+    /// (what the old install order left after a kill) makes openraft's recovery purge the log
+    /// past that snapshot, which its checks refuse: the start stops, naming the relation. The
+    /// same folder before its state moved starts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_state_that_openraft_rejects_stops_the_start_in_every_build() {
+        let follower = Follower::create([1; 32]).await;
+        {
+            let (mut sm, mut log) = follower.open();
+            crate::check_start_state(1, &mut log, &mut sm).await.expect("a consistent folder starts");
+        }
+        set_applied(&follower.open().0, openraft::testing::log_id::<TypeConfig>(2, 0, 100));
+        let (mut sm, mut log) = follower.open();
+        let refused = crate::check_start_state(1, &mut log, &mut sm).await.expect_err("the start stops");
+        let message = format!("{refused:#}");
+        assert!(message.contains("disagree") && message.contains("purge_upto"), "{message}");
+    }
+
     #[test]
     fn the_term_table_answers_for_every_index_and_grows_one_row_per_term() {
         let dir = tempfile::tempdir().unwrap();
