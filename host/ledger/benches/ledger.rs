@@ -2,6 +2,8 @@
 //! - append throughput (entries/s, MB/s) through the index, the Merkle tree and the files, in
 //!   batches of 256 with one durable commit each, against the limit: blake3 over the same bytes
 //!   plus an append-only, fsynced file write of them;
+//! - one entry per non-durable commit, as a follower applies at one client: entries/s through the
+//!   index and the files, against the floor of one row per non-durable redb commit;
 //! - receipt verifications per second on one core: each with its own signature check, and receipts
 //!   that share a signature entry through one `ReceiptVerifier`, against the goal of 10,000/s.
 
@@ -18,6 +20,8 @@ use cloister_store::{Store, WriteSet};
 
 const ENTRIES: u64 = 20_000;
 const BATCH: u64 = 256;
+/// Entries appended one per commit.
+const SINGLES: usize = 5_000;
 
 fn entries(sealer: &Sealer) -> Vec<Payload> {
     (0..ENTRIES)
@@ -89,6 +93,8 @@ fn main() {
         raw_time.as_secs_f64() / ledger_time.as_secs_f64()
     );
 
+    singles(&payloads[..SINGLES], &ca_der);
+
     // A receipt for an entry in the middle, signed over the whole ledger.
     let node = ca.issue_node_cert("node", &["localhost".into()]).unwrap();
     let signer = NodeSigner::new(&node.cert_pem, &node.key_pem).unwrap();
@@ -156,5 +162,50 @@ fn main() {
         shared.len(),
         rate / GOAL,
         rate * per.as_secs_f64()
+    );
+}
+
+/// One entry per non-durable commit, the way a follower applies when one client writes (a
+/// durable commit closes the run), against one row per non-durable commit into one table: what
+/// any per-entry index must at least pay.
+fn singles(payloads: &[Payload], ca_der: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.redb")).unwrap();
+    let ledger = Ledger::open(&dir.path().join("ledger"), ca_der.to_vec(), &LedgerSection::default(), &store).unwrap();
+    let started = Instant::now();
+    let mut encoded = Vec::with_capacity(payloads.len());
+    for p in payloads {
+        let txn = store.write_batch().unwrap();
+        let entry = {
+            let mut appender = index::Appender::new(txn.txn(), ca_der.to_vec()).unwrap();
+            let seqno = appender.state().size;
+            let entry = appender.append(seqno, 1, p.clone()).unwrap();
+            appender.finish().unwrap();
+            entry
+        };
+        ledger.append(std::slice::from_ref(&entry)).unwrap();
+        txn.commit_nondurable().unwrap();
+        encoded.push(postcard::to_stdvec(&entry).unwrap());
+    }
+    ledger.sync().unwrap();
+    store.write_batch().unwrap().commit().unwrap();
+    let index_time = started.elapsed();
+
+    const RAW: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("bench_raw");
+    let started = Instant::now();
+    for (seqno, e) in encoded.iter().enumerate() {
+        let txn = store.write_batch().unwrap();
+        txn.txn().open_table(RAW).unwrap().insert(seqno as u64, e.as_slice()).unwrap();
+        txn.commit_nondurable().unwrap();
+    }
+    store.write_batch().unwrap().commit().unwrap();
+    let raw_time = started.elapsed();
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / payloads.len() as f64;
+    println!(
+        "ledger append, one entry per non-durable commit: {:.0} µs per entry; one row per non-durable commit: {:.0} µs; \
+         ratio {:.2}",
+        per(index_time),
+        per(raw_time),
+        raw_time.as_secs_f64() / index_time.as_secs_f64()
     );
 }

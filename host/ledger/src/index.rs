@@ -1,6 +1,12 @@
 //! The ledger's index, kept in the state database so it commits with the state it describes:
-//! the tree's complete-subtree hashes, each entry's leaf components and chain hash, and the
-//! signature entries.
+//! the tree's complete-subtree hashes, each entry's leaf components and chain hash, the
+//! signature entries, and where the ledger stands.
+//!
+//! Everything but the signatures is one table keyed by `(seqno, kind)`. The rows an entry adds
+//! (its leaf record and the subtrees it completes) sit side by side at the table's right edge,
+//! beside the state row, so applying a one-entry batch copies one path of one B-tree when it
+//! commits. With a table for each kind, every applied batch copied a path in each of four trees,
+//! and redb's commit of those was most of a follower's cost per entry.
 
 use redb::{ReadableTable, TableDefinition};
 
@@ -9,13 +15,19 @@ use super::files::StartState;
 use super::merkle::{self, Hash, MerkleError, Nodes, NodesMut};
 use super::verify::{SignatureRecord, SnapshotSeal};
 
-const NODES: TableDefinition<(u8, u64), &[u8; 32]> = TableDefinition::new("ledger_nodes");
-const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_leaves");
-const CHAINS: TableDefinition<u64, &[u8; 32]> = TableDefinition::new("ledger_chains");
+/// `(seqno, kind)` → a row of the kind:
+/// - `0..=63`, a level: the hash of the complete subtree at that level whose last leaf is
+///   `seqno` (32 bytes), so subtree `(level, index)` is at seqno `(index + 1) · 2^level − 1`;
+/// - [`LEAF`]: the entry's chain hash (32 bytes), then its leaf components (postcard);
+/// - [`STATE_ROW`]: the [`LedgerState`] (postcard).
+const INDEX: TableDefinition<(u64, u8), &[u8]> = TableDefinition::new("ledger_index");
+/// Seqno → the signature entry's [`SignatureRecord`]: receipts and snapshot seals look for the
+/// first signature after a seqno, a scan that this table keeps short.
 const SIGNATURES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_signatures");
-/// `(size, chain head, first seqno held)`.
-const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_state");
-const STATE_KEY: &str = "state";
+const LEAF: u8 = 64;
+/// After every entry's rows, and so beside the newest of them. No entry has this seqno: Raft's
+/// indexes would need 2^64 entries to reach it, and [`Appender::append`] refuses it.
+const STATE_ROW: (u64, u8) = (u64::MAX, u8::MAX);
 
 /// Where the ledger stands. Seqnos are Raft indexes and start at 0; the tree's leaf `i` is
 /// entry `i`.
@@ -33,86 +45,114 @@ fn storage(e: impl std::fmt::Display) -> MerkleError {
     MerkleError::Storage(e.to_string())
 }
 
-/// Why an entry cannot join this node's ledger.
-#[derive(Debug, thiserror::Error)]
-pub enum IndexError {
-    #[error("ledger entry {seqno}: {message}")]
-    Refused { seqno: u64, message: String },
-    #[error(transparent)]
-    Merkle(#[from] MerkleError),
+/// Where subtree `(level, index)` is kept: under the seqno of its last leaf. None for a subtree
+/// past the end of any possible tree.
+fn node_key(level: u8, index: u64) -> Option<(u64, u8)> {
+    let width = 1u64.checked_shl(level.into())?;
+    let end = index.checked_add(1)?.checked_mul(width)? - 1;
+    (level < LEAF && end != STATE_ROW.0).then_some((end, level))
 }
 
-/// The tree's nodes as the [`Appender`] holds them, open for its batch.
-type NodeTable<'t> = redb::Table<'t, (u8, u64), &'static [u8; 32]>;
+fn read_node(
+    table: &impl ReadableTable<(u64, u8), &'static [u8]>,
+    level: u8,
+    index: u64,
+) -> Result<Option<Hash>, MerkleError> {
+    let Some(key) = node_key(level, index) else { return Ok(None) };
+    let Some(row) = table.get(key).map_err(storage)? else { return Ok(None) };
+    let hash = row.value().try_into().map_err(|_| storage(format!("tree node ({level}, {index}) is not 32 bytes")))?;
+    Ok(Some(hash))
+}
 
-impl Nodes for NodeTable<'_> {
+/// Entry `seqno`'s chain hash and leaf components.
+fn read_leaf(
+    table: &impl ReadableTable<(u64, u8), &'static [u8]>,
+    seqno: u64,
+) -> Result<Option<(Hash, LeafComponents)>, MerkleError> {
+    let Some(row) = table.get((seqno, LEAF)).map_err(storage)? else { return Ok(None) };
+    let bytes = row.value();
+    let (chain, components) = bytes
+        .split_first_chunk::<32>()
+        .ok_or_else(|| storage(format!("the leaf record of entry {seqno} is {} bytes", bytes.len())))?;
+    Ok(Some((*chain, postcard::from_bytes(components).map_err(storage)?)))
+}
+
+fn read_state(table: &impl ReadableTable<(u64, u8), &'static [u8]>) -> Result<LedgerState, MerkleError> {
+    let bytes = table.get(STATE_ROW).map_err(storage)?.ok_or_else(|| storage("the ledger state is missing"))?;
+    postcard::from_bytes(bytes.value()).map_err(storage)
+}
+
+fn write_state(table: &mut redb::Table<'_, (u64, u8), &'static [u8]>, state: &LedgerState) -> Result<(), MerkleError> {
+    let bytes = postcard::to_stdvec(state).expect("encodes");
+    table.insert(STATE_ROW, bytes.as_slice()).map_err(storage)?;
+    Ok(())
+}
+
+/// The index as the [`Appender`] holds it, open for its batch.
+struct IndexTable<'t>(redb::Table<'t, (u64, u8), &'static [u8]>);
+
+impl Nodes for IndexTable<'_> {
     fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, MerkleError> {
-        Ok(self.get((level, index)).map_err(storage)?.map(|v| *v.value()))
+        read_node(&self.0, level, index)
     }
 }
 
-impl NodesMut for NodeTable<'_> {
+impl NodesMut for IndexTable<'_> {
     fn set_node(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), MerkleError> {
-        self.insert((level, index), &hash).map_err(storage)?;
+        let key =
+            node_key(level, index).ok_or_else(|| storage(format!("tree node ({level}, {index}) is out of range")))?;
+        self.0.insert(key, hash.as_slice()).map_err(storage)?;
         Ok(())
     }
 }
 
-struct ReadNodes(redb::ReadOnlyTable<(u8, u64), &'static [u8; 32]>);
+struct ReadIndex(redb::ReadOnlyTable<(u64, u8), &'static [u8]>);
 
-impl Nodes for ReadNodes {
+impl Nodes for ReadIndex {
     fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, MerkleError> {
-        Ok(self.0.get((level, index)).map_err(storage)?.map(|v| *v.value()))
+        read_node(&self.0, level, index)
     }
 }
 
-/// Creates the tables, so reads never meet a missing table.
-pub fn create(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
-    txn.open_table(NODES)?;
-    txn.open_table(LEAVES)?;
-    txn.open_table(CHAINS)?;
-    txn.open_table(SIGNATURES)?;
-    let mut state = txn.open_table(STATE)?;
-    if state.get(STATE_KEY)?.is_none() {
-        let fresh = postcard::to_stdvec(&LedgerState { size: 0, chain: [0; 32], first: 0 }).expect("encodes");
-        state.insert(STATE_KEY, fresh.as_slice())?;
+fn open_read(read: &redb::ReadTransaction) -> Result<ReadIndex, MerkleError> {
+    Ok(ReadIndex(read.open_table(INDEX).map_err(storage)?))
+}
+
+/// Creates the tables, so reads never meet a missing table, and moves an index kept in the
+/// earlier separate tables into them.
+pub fn create(txn: &redb::WriteTransaction) -> Result<(), MerkleError> {
+    txn.open_table(SIGNATURES).map_err(storage)?;
+    let mut index = IndexTable(txn.open_table(INDEX).map_err(storage)?);
+    if separate_tables::held(txn)? {
+        separate_tables::move_into(txn, &mut index)?;
+    }
+    if index.0.get(STATE_ROW).map_err(storage)?.is_none() {
+        write_state(&mut index.0, &LedgerState { size: 0, chain: [0; 32], first: 0 })?;
     }
     Ok(())
 }
 
 pub fn state(read: &redb::ReadTransaction) -> Result<LedgerState, MerkleError> {
-    let table = read.open_table(STATE).map_err(storage)?;
-    let bytes = table.get(STATE_KEY).map_err(storage)?.ok_or_else(|| storage("the ledger state is missing"))?;
-    postcard::from_bytes(bytes.value()).map_err(storage)
+    read_state(&open_read(read)?.0)
 }
 
 /// Appends entries to the index inside a write transaction, checking signature entries against
 /// the tree as it stands. It holds the index's tables open for the batch: opening a redb table
-/// costs a lookup in the table tree, and three opens per entry were a visible share of applying.
+/// costs a lookup in the table tree.
 pub struct Appender<'t> {
-    nodes: NodeTable<'t>,
-    leaves: redb::Table<'t, u64, &'static [u8]>,
-    chains: redb::Table<'t, u64, &'static [u8; 32]>,
+    index: IndexTable<'t>,
     signatures: redb::Table<'t, u64, &'static [u8]>,
-    state_table: redb::Table<'t, &'static str, &'static [u8]>,
     state: LedgerState,
     service_cert: Vec<u8>,
 }
 
 impl<'t> Appender<'t> {
     pub fn new(txn: &'t redb::WriteTransaction, service_cert: Vec<u8>) -> Result<Self, MerkleError> {
-        let state_table = txn.open_table(STATE).map_err(storage)?;
-        let state = {
-            let bytes =
-                state_table.get(STATE_KEY).map_err(storage)?.ok_or_else(|| storage("the ledger state is missing"))?;
-            postcard::from_bytes(bytes.value()).map_err(storage)?
-        };
+        let index = txn.open_table(INDEX).map_err(storage)?;
+        let state = read_state(&index)?;
         Ok(Appender {
-            nodes: txn.open_table(NODES).map_err(storage)?,
-            leaves: txn.open_table(LEAVES).map_err(storage)?,
-            chains: txn.open_table(CHAINS).map_err(storage)?,
+            index: IndexTable(index),
             signatures: txn.open_table(SIGNATURES).map_err(storage)?,
-            state_table,
             state,
             service_cert,
         })
@@ -128,6 +168,9 @@ impl<'t> Appender<'t> {
         if seqno != self.state.size {
             return Err(refuse(format!("expected seqno {}", self.state.size)));
         }
+        if seqno == STATE_ROW.0 {
+            return Err(refuse("the ledger is full".into()));
+        }
         let mut entry = LedgerEntry { seqno, term, payload, chain: [0; 32] };
         let components = entry.components();
         let leaf = components.leaf();
@@ -137,11 +180,10 @@ impl<'t> Appender<'t> {
             let bytes = postcard::to_stdvec(&record).expect("encodes");
             self.signatures.insert(seqno, bytes.as_slice()).map_err(storage)?;
         }
-        merkle::append(&mut self.nodes, seqno, &leaf)?;
+        merkle::append(&mut self.index, seqno, &leaf)?;
         entry.chain = chain(&self.state.chain, &leaf);
-        let comps = postcard::to_stdvec(&components).expect("encodes");
-        self.leaves.insert(seqno, comps.as_slice()).map_err(storage)?;
-        self.chains.insert(seqno, &entry.chain).map_err(storage)?;
+        let record = postcard::to_extend(&components, entry.chain.to_vec()).expect("encodes");
+        self.index.0.insert((seqno, LEAF), record.as_slice()).map_err(storage)?;
         self.state.size = seqno + 1;
         self.state.chain = entry.chain;
         Ok(entry)
@@ -159,7 +201,7 @@ impl<'t> Appender<'t> {
             tracing::info!(seqno, tree_size = sig.tree_size, "a signature predates this node's snapshot");
             return sig.verify(&self.service_cert);
         }
-        let root = merkle::root(&self.nodes, sig.tree_size).map_err(|e| e.to_string())?;
+        let root = merkle::root(&self.index, sig.tree_size).map_err(|e| e.to_string())?;
         if root != sig.root {
             return Err(format!(
                 "the signed root {} differs from this node's root {} of the first {} entries",
@@ -171,8 +213,7 @@ impl<'t> Appender<'t> {
         let chain_at = if sig.tree_size == self.state.size {
             Some(self.state.chain)
         } else {
-            let got = self.chains.get(sig.tree_size - 1).map_err(|e| e.to_string())?;
-            got.map(|v| *v.value())
+            read_leaf(&self.index.0, sig.tree_size - 1).map_err(|e| e.to_string())?.map(|(chain, _)| chain)
         };
         if chain_at != Some(sig.chain) {
             return Err(format!(
@@ -185,33 +226,27 @@ impl<'t> Appender<'t> {
 
     /// Saves where the ledger stands.
     pub fn finish(mut self) -> Result<LedgerState, MerkleError> {
-        let bytes = postcard::to_stdvec(&self.state).expect("encodes");
-        self.state_table.insert(STATE_KEY, bytes.as_slice()).map_err(storage)?;
+        write_state(&mut self.index.0, &self.state)?;
         Ok(self.state)
     }
 }
 
 /// The start state at the current size: what a snapshot carries so a node can continue.
 pub fn start_state(read: &redb::ReadTransaction) -> Result<StartState, MerkleError> {
-    let s = state(read)?;
-    let nodes = ReadNodes(read.open_table(NODES).map_err(storage)?);
-    Ok(StartState { next: s.size, chain: s.chain, frontier: merkle::frontier(&nodes, s.size)? })
+    let index = open_read(read)?;
+    let s = read_state(&index.0)?;
+    Ok(StartState { next: s.size, chain: s.chain, frontier: merkle::frontier(&index, s.size)? })
 }
 
 /// Replaces the index with a start state (when a snapshot is installed).
 pub fn reset(txn: &redb::WriteTransaction, start: &StartState) -> Result<(), MerkleError> {
-    let mut nodes = txn.open_table(NODES).map_err(storage)?;
-    nodes.retain(|_, _| false).map_err(storage)?;
-    for (level, index, hash) in &start.frontier {
-        nodes.insert((*level, *index), hash).map_err(storage)?;
+    let mut index = IndexTable(txn.open_table(INDEX).map_err(storage)?);
+    index.0.retain(|_, _| false).map_err(storage)?;
+    for (level, at, hash) in &start.frontier {
+        index.set_node(*level, *at, *hash)?;
     }
-    txn.open_table(LEAVES).map_err(storage)?.retain(|_, _| false).map_err(storage)?;
-    txn.open_table(CHAINS).map_err(storage)?.retain(|_, _| false).map_err(storage)?;
     txn.open_table(SIGNATURES).map_err(storage)?.retain(|_, _| false).map_err(storage)?;
-    let state = LedgerState { size: start.next, chain: start.chain, first: start.next };
-    let bytes = postcard::to_stdvec(&state).expect("encodes");
-    txn.open_table(STATE).map_err(storage)?.insert(STATE_KEY, bytes.as_slice()).map_err(storage)?;
-    Ok(())
+    write_state(&mut index.0, &LedgerState { size: start.next, chain: start.chain, first: start.next })
 }
 
 /// What a receipt needs for `seqno`: the leaf, the first signature covering it, and the proof.
@@ -237,20 +272,18 @@ pub fn receipt_parts(
     read: &redb::ReadTransaction,
     seqno: u64,
 ) -> Result<Result<ReceiptParts, ReceiptUnavailable>, MerkleError> {
-    let s = state(read)?;
+    let index = open_read(read)?;
+    let s = read_state(&index.0)?;
     if seqno < s.first {
         return Ok(Err(ReceiptUnavailable::NotHeld { first: s.first }));
     }
-    let leaves = read.open_table(LEAVES).map_err(storage)?;
-    let Some(leaf) = leaves.get(seqno).map_err(storage)? else { return Ok(Err(ReceiptUnavailable::NotFound)) };
-    let leaf: LeafComponents = postcard::from_bytes(leaf.value()).map_err(storage)?;
+    let Some((_, leaf)) = read_leaf(&index.0, seqno)? else { return Ok(Err(ReceiptUnavailable::NotFound)) };
     let signatures = read.open_table(SIGNATURES).map_err(storage)?;
     for item in signatures.range(seqno + 1..).map_err(storage)? {
         let (_, bytes) = item.map_err(storage)?;
         let record: SignatureRecord = postcard::from_bytes(bytes.value()).map_err(storage)?;
         if record.payload.tree_size > seqno {
-            let nodes = ReadNodes(read.open_table(NODES).map_err(storage)?);
-            let proof = merkle::path(&nodes, seqno, record.payload.tree_size)?;
+            let proof = merkle::path(&index, seqno, record.payload.tree_size)?;
             return Ok(Ok(ReceiptParts { leaf, signature: record, proof }));
         }
     }
@@ -267,12 +300,11 @@ pub fn snapshot_seal(read: &redb::ReadTransaction, next: u64) -> Result<Option<S
         if signature.payload.tree_size < next {
             continue;
         }
-        let table = read.open_table(LEAVES).map_err(storage)?;
+        let index = open_read(read)?;
         let leaves = (next..signature.payload.tree_size)
             .map(|seqno| {
-                let bytes =
-                    table.get(seqno).map_err(storage)?.ok_or(MerkleError::Missing { level: 0, index: seqno })?;
-                let components: LeafComponents = postcard::from_bytes(bytes.value()).map_err(storage)?;
+                let (_, components) =
+                    read_leaf(&index.0, seqno)?.ok_or(MerkleError::Missing { level: 0, index: seqno })?;
                 Ok(components.leaf())
             })
             .collect::<Result<Vec<_>, MerkleError>>()?;
@@ -283,9 +315,9 @@ pub fn snapshot_seal(read: &redb::ReadTransaction, next: u64) -> Result<Option<S
 
 /// The root and chain head over the first `size` entries, for signing.
 pub fn signing_view(read: &redb::ReadTransaction) -> Result<(u64, Hash, Hash), MerkleError> {
-    let s = state(read)?;
-    let nodes = ReadNodes(read.open_table(NODES).map_err(storage)?);
-    Ok((s.size, merkle::root(&nodes, s.size)?, s.chain))
+    let index = open_read(read)?;
+    let s = read_state(&index.0)?;
+    Ok((s.size, merkle::root(&index, s.size)?, s.chain))
 }
 
 /// The last signature entry: its seqno and the tree size it covers.
@@ -297,6 +329,71 @@ pub fn last_signed(read: &redb::ReadTransaction) -> Result<Option<(u64, u64)>, M
         Ok((seqno.value(), record.payload.tree_size))
     })
     .transpose()
+}
+
+/// The index as nodes kept it before it was one table: a table each for the tree's nodes, the
+/// leaf components, the chain hashes and the state. A node that finds them moves their rows into
+/// the one table when it opens its ledger, in the same transaction that deletes them.
+mod separate_tables {
+    use redb::{ReadableTable, TableDefinition, TableHandle};
+
+    use super::{IndexTable, LEAF, LedgerState, MerkleError, NodesMut, storage, write_state};
+
+    pub(super) const NODES: TableDefinition<(u8, u64), &[u8; 32]> = TableDefinition::new("ledger_nodes");
+    pub(super) const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_leaves");
+    pub(super) const CHAINS: TableDefinition<u64, &[u8; 32]> = TableDefinition::new("ledger_chains");
+    pub(super) const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_state");
+    pub(super) const STATE_KEY: &str = "state";
+
+    pub(super) fn held(txn: &redb::WriteTransaction) -> Result<bool, MerkleError> {
+        Ok(txn.list_tables().map_err(storage)?.any(|t| t.name() == STATE.name()))
+    }
+
+    pub(super) fn move_into(txn: &redb::WriteTransaction, index: &mut IndexTable<'_>) -> Result<(), MerkleError> {
+        let state: LedgerState = {
+            let table = txn.open_table(STATE).map_err(storage)?;
+            let bytes = table.get(STATE_KEY).map_err(storage)?.ok_or_else(|| storage("the ledger state is missing"))?;
+            postcard::from_bytes(bytes.value()).map_err(storage)?
+        };
+        let mut nodes = 0u64;
+        for row in txn.open_table(NODES).map_err(storage)?.iter().map_err(storage)? {
+            let (key, hash) = row.map_err(storage)?;
+            let (level, at) = key.value();
+            index.set_node(level, at, *hash.value())?;
+            nodes += 1;
+        }
+        let chains = txn.open_table(CHAINS).map_err(storage)?;
+        let mut leaves = 0u64;
+        for row in txn.open_table(LEAVES).map_err(storage)?.iter().map_err(storage)? {
+            let (seqno, components) = row.map_err(storage)?;
+            let seqno = seqno.value();
+            let chain = chains
+                .get(seqno)
+                .map_err(storage)?
+                .ok_or_else(|| storage(format!("entry {seqno} has no chain hash")))?;
+            let mut record = chain.value().to_vec();
+            record.extend_from_slice(components.value());
+            index.0.insert((seqno, LEAF), record.as_slice()).map_err(storage)?;
+            leaves += 1;
+        }
+        drop(chains);
+        write_state(&mut index.0, &state)?;
+        txn.delete_table(NODES).map_err(storage)?;
+        txn.delete_table(LEAVES).map_err(storage)?;
+        txn.delete_table(CHAINS).map_err(storage)?;
+        txn.delete_table(STATE).map_err(storage)?;
+        tracing::info!(nodes, leaves, size = state.size, "moved the ledger index into one table");
+        Ok(())
+    }
+}
+
+/// Why an entry cannot join this node's ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("ledger entry {seqno}: {message}")]
+    Refused { seqno: u64, message: String },
+    #[error(transparent)]
+    Merkle(#[from] MerkleError),
 }
 
 #[cfg(test)]
@@ -318,6 +415,147 @@ mod tests {
         let ca = ServiceCa::generate("svc").unwrap();
         let ca_der = identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
         (dir, store, ca, ca_der)
+    }
+
+    /// Every complete subtree of trees up to 300 leaves has a key of its own, none of them a
+    /// leaf record's or the state's, under the seqno of its last leaf; subtrees past the end of
+    /// any possible tree have none.
+    #[test]
+    fn each_subtree_is_kept_under_its_last_leaf_and_nothing_else_is() {
+        let mut seen = std::collections::HashSet::new();
+        for size in 1..=300u64 {
+            for level in 0..9u8 {
+                let width = 1u64 << level;
+                if size % width == 0 {
+                    let key = node_key(level, size / width - 1).unwrap();
+                    assert_eq!(key, (size - 1, level));
+                    assert!(seen.insert(key), "{key:?} twice");
+                }
+            }
+        }
+        assert!(seen.iter().all(|&(seqno, kind)| kind < LEAF && (seqno, kind) != STATE_ROW));
+        assert_eq!(node_key(63, 1), None, "ends past u64::MAX");
+        assert_eq!(node_key(0, u64::MAX), None);
+        assert_eq!(node_key(64, 0), None);
+        assert_eq!(node_key(1, u64::MAX / 2), None, "would sit on the state row");
+    }
+
+    /// A state database that kept the index in separate tables (nodes, leaves, chains, state)
+    /// opens with the same ledger as one built in the single table: the same state, root,
+    /// frontier, receipts and seals, and the next entry appends alike. The old tables are gone.
+    #[test]
+    fn an_index_in_separate_tables_moves_into_one_and_reads_the_same() {
+        use redb::TableHandle;
+
+        struct Recording(MemoryNodes, Vec<(u8, u64, Hash)>);
+        impl Nodes for Recording {
+            fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, MerkleError> {
+                self.0.node(level, index)
+            }
+        }
+        impl NodesMut for Recording {
+            fn set_node(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), MerkleError> {
+                self.1.push((level, index, hash));
+                self.0.set_node(level, index, hash)
+            }
+        }
+
+        let (_dir, one_table, ca, ca_der) = fixture();
+        let node = signer(&ca);
+        let old_dir = tempfile::tempdir().unwrap();
+        let separate = cloister_store::Store::open(&old_dir.path().join("state.redb")).unwrap();
+        let mut recorded = Recording(MemoryNodes::default(), Vec::new());
+        let (mut leaves, mut signatures) = (Vec::new(), Vec::new());
+        {
+            let batch = one_table.write_batch().unwrap();
+            create(batch.txn()).unwrap();
+            let mut appender = Appender::new(batch.txn(), ca_der.clone()).unwrap();
+            let mut chain_head = [0; 32];
+            for seqno in 0..41 {
+                let payload = if seqno % 10 == 9 {
+                    let root = merkle::root(&recorded, seqno).unwrap();
+                    Payload::Tx(TxEntry::signature(SignaturePayload::sign(seqno, root, chain_head, &node)))
+                } else {
+                    Payload::Blank
+                };
+                let entry = appender.append(seqno, 2, payload).unwrap();
+                let components = entry.components();
+                merkle::append(&mut recorded, seqno, &components.leaf()).unwrap();
+                if let Some(sig) = entry.payload.signature() {
+                    signatures.push(SignatureRecord { seqno, term: 2, payload: sig.clone() });
+                }
+                leaves.push((components, entry.chain));
+                chain_head = entry.chain;
+            }
+            appender.finish().unwrap();
+            batch.commit().unwrap();
+        }
+        let state_before = LedgerState { size: 41, chain: leaves[40].1, first: 0 };
+        {
+            // As a node of the earlier layout wrote them.
+            let batch = separate.write_batch().unwrap();
+            let txn = batch.txn();
+            let mut nodes = txn.open_table(separate_tables::NODES).unwrap();
+            for (level, index, hash) in &recorded.1 {
+                nodes.insert((*level, *index), hash).unwrap();
+            }
+            let mut leaf_table = txn.open_table(separate_tables::LEAVES).unwrap();
+            let mut chains = txn.open_table(separate_tables::CHAINS).unwrap();
+            for (components, chain) in &leaves {
+                leaf_table.insert(components.seqno, postcard::to_stdvec(components).unwrap().as_slice()).unwrap();
+                chains.insert(components.seqno, chain).unwrap();
+            }
+            let mut sigs = txn.open_table(SIGNATURES).unwrap();
+            for record in &signatures {
+                sigs.insert(record.seqno, postcard::to_stdvec(record).unwrap().as_slice()).unwrap();
+            }
+            let state = postcard::to_stdvec(&state_before).unwrap();
+            txn.open_table(separate_tables::STATE)
+                .unwrap()
+                .insert(separate_tables::STATE_KEY, state.as_slice())
+                .unwrap();
+            drop((nodes, leaf_table, chains, sigs));
+            batch.commit().unwrap();
+        }
+
+        let batch = separate.write_batch().unwrap();
+        create(batch.txn()).unwrap();
+        batch.commit().unwrap();
+
+        let (moved, reference) = (separate.read_txn().unwrap(), one_table.read_txn().unwrap());
+        assert_eq!(state(&moved).unwrap(), state_before);
+        assert_eq!(signing_view(&moved).unwrap(), signing_view(&reference).unwrap());
+        assert_eq!(start_state(&moved).unwrap(), start_state(&reference).unwrap());
+        assert_eq!(last_signed(&moved).unwrap(), Some((39, 39)));
+        for seqno in [0, 8, 9, 17, 38] {
+            let (a, b) =
+                (receipt_parts(&moved, seqno).unwrap().unwrap(), receipt_parts(&reference, seqno).unwrap().unwrap());
+            assert_eq!((a.leaf, a.signature.seqno, a.proof), (b.leaf, b.signature.seqno, b.proof), "seqno {seqno}");
+        }
+        assert_eq!(receipt_parts(&moved, 40).unwrap().err(), Some(ReceiptUnavailable::NotYetSigned));
+        assert_eq!(
+            snapshot_seal(&moved, 35).unwrap().unwrap().leaves,
+            snapshot_seal(&reference, 35).unwrap().unwrap().leaves
+        );
+        let names: Vec<String> = moved.list_tables().unwrap().map(|t| t.name().to_string()).collect();
+        assert!(
+            !names
+                .iter()
+                .any(|n| ["ledger_nodes", "ledger_leaves", "ledger_chains", "ledger_state"].contains(&n.as_str())),
+            "{names:?}"
+        );
+        drop((moved, reference));
+
+        let next = |store: &cloister_store::Store| {
+            let batch = store.write_batch().unwrap();
+            create(batch.txn()).unwrap();
+            let mut appender = Appender::new(batch.txn(), ca_der.clone()).unwrap();
+            let entry = appender.append(41, 3, Payload::Blank).unwrap();
+            appender.finish().unwrap();
+            batch.commit().unwrap();
+            (entry.chain, signing_view(&store.read_txn().unwrap()).unwrap())
+        };
+        assert_eq!(next(&separate), next(&one_table), "the moved index goes on as the other does");
     }
 
     /// A follower refuses a signature entry that does not match its own tree, naming the seqno.
