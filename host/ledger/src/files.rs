@@ -225,11 +225,13 @@ impl LedgerFiles {
     }
 
     fn write(&mut self, record: &Record) -> std::io::Result<()> {
-        let body = postcard::to_stdvec(record).expect("ledger records encode");
+        // The length, then the record, in one write: one system call per record.
+        let mut framed = postcard::to_extend(record, vec![0; 4]).expect("ledger records encode");
+        let len = u32::try_from(framed.len() - 4).expect("a record is under 4 GiB");
+        framed[..4].copy_from_slice(&len.to_le_bytes());
         let current = self.current.as_mut().expect("a chunk is open");
-        current.file.write_all(&(body.len() as u32).to_le_bytes())?;
-        current.file.write_all(&body)?;
-        current.bytes += 4 + body.len() as u64;
+        current.file.write_all(&framed)?;
+        current.bytes += framed.len() as u64;
         Ok(())
     }
 
