@@ -315,8 +315,111 @@ async fn every_listener_advertises_streams_per_connection_max() {
     let grpc = advertised_streams(node.grpc_addr, &service.ca_pem, None).await;
     // The peer listener admits node certificates only: an operator holding one is the attacker.
     let peer = advertised_streams(node.peer_addr, &operator_ca, Some(&node_cert)).await;
-    // A conforming client holds its calls at this; h2 refuses a stream opened beyond it anyway.
+    // A conforming client holds its calls at this.
     assert_eq!([rest, grpc, peer], [STREAMS as usize; 3], "advertised by the REST, gRPC and peer listeners");
+
+    // A client that ignores it: every stream past the limit is refused, and the ones within it
+    // stay open (each a request whose body never comes).
+    let beyond = 4;
+    let rest = streams_refused(node.rest_addr, &service.ca_pem, None, "/gov/proposals", STREAMS + beyond).await;
+    let grpc =
+        streams_refused(node.grpc_addr, &service.ca_pem, None, "/cloister.app.v1.App/Call", STREAMS + beyond).await;
+    let past_the_limit: Vec<u32> = (STREAMS..STREAMS + beyond).map(|k| 2 * k + 1).collect();
+    assert_eq!(rest, past_the_limit, "the REST listener refuses exactly the streams past the limit");
+    assert_eq!(grpc, past_the_limit, "the gRPC listener refuses exactly the streams past the limit");
+    let client = service.client(None).await;
+    assert_eq!(client.get("/node/health").await.unwrap().status, 200, "and serves other connections");
+}
+
+/// Opens `streams` request streams at once on one HTTP/2 connection to `addr`, whatever the
+/// server's SETTINGS allow, each a POST to `path` whose body never comes, and returns the
+/// streams the server refused (RST_STREAM with REFUSED_STREAM) within 3 s. Written frame by
+/// frame: a conforming client (h2's) holds streams back at the limit.
+async fn streams_refused(
+    addr: std::net::SocketAddr,
+    roots_pem: &[u8],
+    identity: Option<&cloister_crypto::identity::KeyedCert>,
+    path: &str,
+    streams: u32,
+) -> Vec<u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const REFUSED_STREAM: u32 = 0x7;
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend(payload);
+        out
+    }
+    async fn next_frame(tls: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        tls.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        tls.read_exact(&mut payload).await?;
+        Ok((head[3], head[4], u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff, payload))
+    }
+    let config = cloister_crypto::tls::client_config(roots_pem, identity, true).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    tls.write_all(&hello).await.unwrap();
+    // The server's limit holds once this client has acknowledged its SETTINGS.
+    loop {
+        let (kind, flags, _, _) = next_frame(&mut tls).await.expect("the server's SETTINGS");
+        if kind == SETTINGS && flags & ACK == 0 {
+            break;
+        }
+    }
+    let mut out = frame(SETTINGS, ACK, 0, &[]);
+    // HPACK literals without indexing or Huffman coding; every string here is under 127 bytes.
+    let mut block = Vec::new();
+    let content_type = if path.starts_with("/gov") { "application/cose" } else { "application/grpc" };
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", path),
+        ("content-type", content_type),
+        ("te", "trailers"),
+    ] {
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend(value.as_bytes());
+    }
+    for k in 0..streams {
+        out.extend(frame(HEADERS, END_HEADERS, 2 * k + 1, &block));
+    }
+    tls.write_all(&out).await.unwrap();
+    let mut refused = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            got = next_frame(&mut tls) => match got {
+                Ok((RST_STREAM, _, stream, payload)) => {
+                    let reason = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    assert_eq!(reason, REFUSED_STREAM, "stream {stream} was reset, not refused");
+                    refused.push(stream);
+                }
+                Ok((GOAWAY, ..)) => panic!("the server closed the connection instead of refusing streams"),
+                Ok(_) => {}
+                Err(e) => panic!("the connection failed: {e}"),
+            },
+        }
+    }
+    refused
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
