@@ -77,6 +77,18 @@ fn read_leaf(
     Ok(Some((*chain, postcard::from_bytes(components).map_err(storage)?)))
 }
 
+/// Keeps entry `seqno`'s leaf record: its chain hash, then its leaf components as postcard bytes.
+fn write_leaf(
+    table: &mut redb::Table<'_, (u64, u8), &'static [u8]>,
+    seqno: u64,
+    chain: &Hash,
+    components: &[u8],
+) -> Result<(), MerkleError> {
+    let record = [chain.as_slice(), components].concat();
+    table.insert((seqno, LEAF), record.as_slice()).map_err(storage)?;
+    Ok(())
+}
+
 fn read_state(table: &impl ReadableTable<(u64, u8), &'static [u8]>) -> Result<LedgerState, MerkleError> {
     let bytes = table.get(STATE_ROW).map_err(storage)?.ok_or_else(|| storage("the ledger state is missing"))?;
     postcard::from_bytes(bytes.value()).map_err(storage)
@@ -182,8 +194,8 @@ impl<'t> Appender<'t> {
         }
         merkle::append(&mut self.index, seqno, &leaf)?;
         entry.chain = chain(&self.state.chain, &leaf);
-        let record = postcard::to_extend(&components, entry.chain.to_vec()).expect("encodes");
-        self.index.0.insert((seqno, LEAF), record.as_slice()).map_err(storage)?;
+        let encoded = postcard::to_stdvec(&components).expect("encodes");
+        write_leaf(&mut self.index.0, seqno, &entry.chain, &encoded)?;
         self.state.size = seqno + 1;
         self.state.chain = entry.chain;
         Ok(entry)
@@ -337,7 +349,7 @@ pub fn last_signed(read: &redb::ReadTransaction) -> Result<Option<(u64, u64)>, M
 mod separate_tables {
     use redb::{ReadableTable, TableDefinition, TableHandle};
 
-    use super::{IndexTable, LEAF, LedgerState, MerkleError, NodesMut, storage, write_state};
+    use super::{IndexTable, LedgerState, MerkleError, NodesMut, storage, write_leaf, write_state};
 
     pub(super) const NODES: TableDefinition<(u8, u64), &[u8; 32]> = TableDefinition::new("ledger_nodes");
     pub(super) const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_leaves");
@@ -371,9 +383,7 @@ mod separate_tables {
                 .get(seqno)
                 .map_err(storage)?
                 .ok_or_else(|| storage(format!("entry {seqno} has no chain hash")))?;
-            let mut record = chain.value().to_vec();
-            record.extend_from_slice(components.value());
-            index.0.insert((seqno, LEAF), record.as_slice()).map_err(storage)?;
+            write_leaf(&mut index.0, seqno, chain.value(), components.value())?;
             leaves += 1;
         }
         drop(chains);
