@@ -422,6 +422,120 @@ async fn streams_refused(
     refused
 }
 
+/// The attack: a client fills every stream a connection may have with a POST whose body never
+/// comes. Nothing bounded how long a request's body could take, so each stream held a handler
+/// (REST) or a call being decoded (gRPC), and its slot of `streams_per_connection_max`, for as
+/// long as the connection lived. Now each is answered once `limits.body_timeout_ms` has passed
+/// since its headers (REST 408, gRPC DEADLINE_EXCEEDED), and its slot is free again; a body that
+/// comes in pieces but in time is read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_comes_is_answered_once_body_timeout_ms_passes() {
+    const STREAMS: u32 = cloister_node::config::STREAMS_PER_CONNECTION_MIN;
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    let limits = Limits {
+        streams_per_connection_max: STREAMS,
+        body_timeout_ms: TIMEOUT.as_millis() as u64,
+        ..Limits::default()
+    };
+    let service = TestService::start(1, 0, RECONCILE, limits).await;
+    let node = service.node();
+    // A whole request for each listener, answered without a client certificate.
+    let call = prost::Message::encode_to_vec(&CallRequest {
+        method: "GET".into(),
+        path: "/report".into(),
+        ..CallRequest::default()
+    });
+    let grpc_frame = [&[0u8][..], &(call.len() as u32).to_be_bytes(), &call].concat();
+    let listeners = [
+        (node.rest_addr, "/gov/proposals", "application/cose", b"not COSE".to_vec()),
+        (node.grpc_addr, "/cloister.app.v1.App/Call", "application/grpc", grpc_frame),
+    ];
+    for (addr, path, content_type, whole) in listeners {
+        let mut send = h2_sender(addr, &service.ca_pem).await;
+        let request = || {
+            hyper::Request::post(format!("https://localhost{path}"))
+                .header("content-type", content_type)
+                .header("te", "trailers")
+                .body(())
+                .unwrap()
+        };
+        let started = Instant::now();
+        // The bodies are held, not ended, until the end of the test.
+        let mut bodies = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..STREAMS {
+            send = send.ready().await.unwrap();
+            let (answer, body) = send.send_request(request(), false).unwrap();
+            answers.push(answer);
+            bodies.push(body);
+        }
+        for answer in answers {
+            let answer = tokio::time::timeout(TIMEOUT * 5, answer)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{path}: a stream whose body never came is still open after {:?}", TIMEOUT * 5)
+                })
+                .expect("an answer");
+            assert!(
+                started.elapsed() >= TIMEOUT,
+                "{path}: answered after {:?}, before body_timeout_ms",
+                started.elapsed()
+            );
+            let (status, text) = h2_answer(answer).await;
+            assert!(
+                (status == "408" || status == "grpc 4") && text.contains("body_timeout_ms"),
+                "{path}: answered {status}: {text}"
+            );
+        }
+        // Every slot is free again: one more stream opens on this connection, and its body comes
+        // in two pieces half of body_timeout_ms apart, in time.
+        let mut send = tokio::time::timeout(TIMEOUT, send.ready())
+            .await
+            .unwrap_or_else(|_| panic!("{path}: the streams' slots were not freed"))
+            .unwrap();
+        let (answer, mut body) = send.send_request(request(), false).unwrap();
+        let (first, second) = whole.split_at(whole.len() / 2);
+        body.send_data(bytes::Bytes::copy_from_slice(first), false).unwrap();
+        tokio::time::sleep(TIMEOUT / 2).await;
+        body.send_data(bytes::Bytes::copy_from_slice(second), true).unwrap();
+        let (status, text) = h2_answer(answer.await.expect("an answer")).await;
+        let expected = if path.starts_with("/gov") { "400" } else { "grpc 16" };
+        assert_eq!(status, expected, "{path}: a body in time is read whole and handled: {text}");
+        drop(bodies);
+    }
+}
+
+/// An HTTP/2 connection over TLS to `addr`, without a client certificate, driven in the
+/// background.
+async fn h2_sender(addr: std::net::SocketAddr, roots_pem: &[u8]) -> h2::client::SendRequest<bytes::Bytes> {
+    let config = cloister_crypto::tls::client_config(roots_pem, None, true).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake");
+    let (send, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// An answer's status ("408", or "grpc 4" for a gRPC status wherever it comes) and its text:
+/// the body, or the gRPC message.
+async fn h2_answer(answer: hyper::Response<h2::RecvStream>) -> (String, String) {
+    let (head, mut body) = answer.into_parts();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the answer's body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.expect("the answer's trailers").unwrap_or_default();
+    let grpc =
+        |name: &str| head.headers.get(name).or_else(|| trailers.get(name)).map(|v| v.to_str().unwrap().to_owned());
+    match grpc("grpc-status") {
+        Some(code) => (format!("grpc {code}"), grpc("grpc-message").unwrap_or_default()),
+        None => (head.status.as_str().to_owned(), String::from_utf8_lossy(&text).into_owned()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn built_in_endpoints_and_reflection() {
     let service = TestService::start(1, 0, RECONCILE, Limits::default()).await;

@@ -43,6 +43,7 @@ pub use cloister_consensus::settings::*;
 pub use cloister_ledger::settings::*;
 
 pub(crate) const BODY_BYTES_MAX: usize = 8 << 20;
+pub(crate) const BODY_TIMEOUT_MS: u64 = 10_000;
 pub(crate) const CONNECTIONS_MAX: usize = 1024;
 pub(crate) const REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub(crate) const INFLIGHT_PER_IDENTITY_MAX: usize = 256;
@@ -258,6 +259,10 @@ impl GenesisMember {
 pub struct Limits {
     /// Largest request body, in bytes (413 beyond; gRPC: RESOURCE_EXHAUSTED).
     pub body_bytes_max: usize,
+    /// Time a request's body may take to arrive in full once its headers have, in milliseconds
+    /// (408; gRPC: DEADLINE_EXCEEDED). A stream whose body never comes is answered and closed
+    /// after it, so it does not hold its slot of `streams_per_connection_max`.
+    pub body_timeout_ms: u64,
     /// Connections open at once per listener; further ones wait to be accepted.
     pub connections_max: usize,
     /// Connections open at once per listener from one source address; further ones from that
@@ -298,6 +303,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             body_bytes_max: BODY_BYTES_MAX,
+            body_timeout_ms: BODY_TIMEOUT_MS,
             connections_max: CONNECTIONS_MAX,
             connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX,
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX,
@@ -319,6 +325,7 @@ impl Limits {
     pub fn check(&self) -> Result<(), String> {
         let fields = [
             ("body_bytes_max", self.body_bytes_max as u64),
+            ("body_timeout_ms", self.body_timeout_ms),
             ("connections_max", self.connections_max as u64),
             ("connections_per_address_max", self.connections_per_address_max as u64),
             ("streams_per_connection_max", u64::from(self.streams_per_connection_max)),

@@ -43,6 +43,15 @@ impl ApiError {
         ApiError::new(405, "MethodNotAllowed", message)
     }
 
+    /// 408: the request's body did not arrive in full within `body_timeout_ms`.
+    pub(crate) fn body_timed_out(timeout_ms: u64) -> Self {
+        ApiError::new(
+            408,
+            "RequestTimeout",
+            format!("the request body did not arrive in full within {timeout_ms} ms (body_timeout_ms)"),
+        )
+    }
+
     pub(crate) fn too_large(message: impl Into<String>) -> Self {
         ApiError::new(413, "PayloadTooLarge", message)
     }
@@ -99,6 +108,7 @@ impl ApiError {
             403 => Code::PermissionDenied,
             404 => Code::NotFound,
             405 => Code::Unimplemented,
+            408 => Code::DeadlineExceeded,
             409 => Code::AlreadyExists,
             412 => Code::FailedPrecondition,
             413 | 429 => Code::ResourceExhausted,

@@ -199,7 +199,7 @@ impl gov_pb::gov_server::Gov for GovService {
 }
 
 pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
-    let max = service.limits().body_bytes_max;
+    let (max, body_timeout_ms) = (service.limits().body_bytes_max, service.limits().body_timeout_ms);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cloister_proto::FILE_DESCRIPTOR_SET)
         // The peer service lives on the peer port; only client services are listed here.
@@ -213,7 +213,56 @@ pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
     let metrics = service.metrics().clone();
     let gov = gov_pb::gov_server::GovServer::new(GovService(service)).max_decoding_message_size(max);
     let routes = tonic::service::Routes::new(app).add_service(reconcile).add_service(gov).add_service(reflection);
-    let counted =
-        routes.into_axum_router().layer(axum::middleware::from_fn_with_state(metrics, crate::metrics::grpc_layer));
+    let counted = routes
+        .into_axum_router()
+        .layer(axum::middleware::map_request(move |request: axum::extract::Request| async move {
+            request.map(|body| axum::body::Body::new(DeadlineBody::new(body, body_timeout_ms)))
+        }))
+        .layer(axum::middleware::from_fn_with_state(metrics, crate::metrics::grpc_layer));
     Ok(tonic::service::Routes::from(counted))
+}
+
+/// A call's request body that fails with DEADLINE_EXCEEDED once `limits.body_timeout_ms` has
+/// passed before its end. tonic decodes a unary request before its handler runs, so this is
+/// where a body that never comes is cut off, and its stream answered and closed.
+struct DeadlineBody {
+    inner: axum::body::Body,
+    timeout_ms: u64,
+    /// Armed when the body is wrapped, registered with the timer only if the body has to wait.
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl DeadlineBody {
+    fn new(inner: axum::body::Body, timeout_ms: u64) -> DeadlineBody {
+        let deadline = Box::pin(tokio::time::sleep(std::time::Duration::from_millis(timeout_ms)));
+        DeadlineBody { inner, timeout_ms, deadline }
+    }
+}
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(ApiError::body_timed_out(this.timeout_ms).to_status().into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::gov::GovRead;
 use super::server::PeerInfo;
 use super::service::{AppCall, AppReply, Service};
+use crate::config::Limits;
 use cloister_crypto::cose::GovWrite;
 
 pub use cloister_proto::TX_ID_HEADER;
@@ -179,8 +180,10 @@ async fn api(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, A
     Ok(axum::Json(super::openapi::document(app.as_ref().map(|m| m.manifest()))))
 }
 
-/// Reads a body, refusing more than `max` bytes with 413.
-async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<bytes::Bytes, ApiError> {
+/// Reads a body, refusing more than `limits.body_bytes_max` bytes with 413, and one not in full
+/// within `limits.body_timeout_ms` with 408.
+async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<bytes::Bytes, ApiError> {
+    let max = limits.body_bytes_max;
     let too_large = || ApiError::too_large(format!("the request body exceeds {max} bytes (body_bytes_max)"));
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -189,7 +192,9 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<bytes:
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match http_body_util::Limited::new(body, max).collect().await {
+    let timeout = std::time::Duration::from_millis(limits.body_timeout_ms);
+    let read = tokio::time::timeout(timeout, http_body_util::Limited::new(body, max).collect());
+    match read.await.map_err(|_| ApiError::body_timed_out(limits.body_timeout_ms))? {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::bad_request(format!("the request body could not be read: {e}"))),
@@ -204,7 +209,7 @@ async fn app(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, &headers, service.limits().body_bytes_max).await?;
+    let body = read_body(body, &headers, service.limits()).await?;
     let path = uri.path().strip_prefix("/app").unwrap_or("/").to_owned();
     let headers: BTreeMap<String, String> = headers
         .iter()
@@ -241,7 +246,7 @@ async fn gov_write(
 ) -> Result<Response, ApiError> {
     let write =
         GovWrite::from_path(uri.path()).ok_or_else(|| ApiError::not_found(format!("no endpoint {}", uri.path())))?;
-    let body = read_body(body, &headers, service.limits().body_bytes_max).await?;
+    let body = read_body(body, &headers, service.limits()).await?;
     Ok(reply(service.gov_write(write, body, 0, peer.remote.map(|a| a.ip())).await?))
 }
 
