@@ -277,6 +277,88 @@ async fn one_address_cannot_lock_others_out() {
     drop(idle);
 }
 
+/// The attack: clients from two addresses open every connection a listener allows
+/// (`connections_per_address_max` from each, `connections_max` in all), finish their TLS
+/// handshakes, and then send nothing. Nothing closed a connection once it was open, so every
+/// other client waited for a slot as long as they held them. Now a connection that moves no
+/// byte for `idle_connection_timeout_ms` is closed and its slot given back; one in use is kept,
+/// and a `Client` whose connection was closed opens another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms() {
+    const IDLE: Duration = Duration::from_millis(1500);
+    let limits = Limits {
+        connections_max: 4,
+        connections_per_address_max: 2,
+        request_timeout_ms: 1000,
+        body_timeout_ms: 1000,
+        idle_connection_timeout_ms: IDLE.as_millis() as u64,
+        ..Limits::default()
+    };
+    let service = TestService::start(1, 0, RECONCILE, limits).await;
+    let node = service.node();
+    for addr in [node.rest_addr, node.grpc_addr] {
+        let mut idle = Vec::new();
+        for attacker in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+            let opened = tokio::time::timeout(IDLE, tls_from(attacker, addr, &service.ca_pem)).await;
+            idle.push(opened.expect("a slot within the idle timeout: the service's own clients have gone"));
+        }
+        let started = Instant::now();
+        // Another client waits for a slot until the idle connections are closed.
+        let served = tokio::time::timeout(IDLE * 4, async {
+            if addr == node.rest_addr {
+                let local = "127.0.0.4:0".parse().unwrap();
+                let client =
+                    Client::connect_from(&service.rest_url(), &service.ca_pem, None, Some(local)).await.unwrap();
+                assert_eq!(client.get("/node/health").await.unwrap().status, 200);
+                Some(client)
+            } else {
+                advertised_streams(addr, &service.ca_pem, None).await;
+                None
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{addr}: no slot came free in {:?}", IDLE * 4));
+        assert!(started.elapsed() < IDLE * 2, "{addr}: a slot came free after {:?}", started.elapsed());
+        for mut tls in idle {
+            // What the node sent when the connection opened (its HTTP/2 SETTINGS), then the end.
+            use tokio::io::AsyncReadExt;
+            let mut sent = Vec::new();
+            let read = tokio::time::timeout(IDLE, tls.read_to_end(&mut sent)).await;
+            assert!(read.is_ok(), "{addr}: an idle connection is still open");
+        }
+        // A client whose connection the node closed opens another for its next request.
+        if let Some(client) = served {
+            tokio::time::sleep(IDLE + Duration::from_millis(500)).await;
+            assert_eq!(client.get("/node/health").await.unwrap().status, 200, "the client connected again");
+        }
+    }
+    // A connection in use is kept: one request every third of the timeout, for twice the
+    // timeout, on one HTTP/2 connection that cannot open another.
+    let mut send = h2_sender(node.rest_addr, &service.ca_pem).await;
+    let started = Instant::now();
+    while started.elapsed() < IDLE * 2 {
+        send = send.ready().await.expect("the connection in use is open");
+        let health = hyper::Request::get("https://localhost/node/health").body(()).unwrap();
+        let (answer, _) = send.send_request(health, true).unwrap();
+        assert_eq!(answer.await.expect("an answer").status(), 200);
+        tokio::time::sleep(IDLE / 3).await;
+    }
+}
+
+/// A TLS connection to `addr` from the local address `from`, without a client certificate.
+async fn tls_from(
+    from: &str,
+    addr: std::net::SocketAddr,
+    roots_pem: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let config = cloister_crypto::tls::client_config(roots_pem, None, true).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake")
+}
+
 /// How many streams the HTTP/2 server at `addr` (over TLS) lets one connection open at once, as
 /// its SETTINGS say.
 async fn advertised_streams(

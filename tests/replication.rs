@@ -291,6 +291,7 @@ async fn ten_large_ingests_do_not_stall_replication() {
     // point is that they finish, so elections are given more room than the fault tests give them.
     let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
         cfg.limits.request_timeout_ms = 240_000;
+        cfg.limits.idle_connection_timeout_ms = 300_000;
         cfg.raft.heartbeat_interval_ms = 250;
         cfg.raft.election_timeout_min_ms = 2_000;
         cfg.raft.election_timeout_max_ms = 4_000;
@@ -410,7 +411,11 @@ async fn a_first_burst_of_256_clients_is_answered_promptly_and_every_node_then_s
     // Far below the request timeout, and far above what a debug build on two cores needs (about
     // 4 s at worst): a request that waits this long waited on something it should not have.
     const PROMPT: Duration = Duration::from_secs(15);
-    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| cfg.limits.request_timeout_ms = 60_000).await;
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
+        cfg.limits.request_timeout_ms = 60_000;
+        cfg.limits.idle_connection_timeout_ms = 120_000;
+    })
+    .await;
     let (roots, id) = (c.roots(), c.members[0].keyed.clone());
     let urls: Vec<String> = c.nodes.iter().map(|n| n.rest_url.clone()).collect();
     let writers: Vec<_> = (0..CLIENTS)

@@ -14,11 +14,53 @@ use cloister_crypto::cose::{self, MsgType};
 use cloister_crypto::identity::KeyedCert;
 use cloister_crypto::tls;
 
-/// An HTTP/2 connection to one node; cheap to clone, and clones share the connection.
+/// An HTTP/2 connection to one node; cheap to clone, and clones share the connection. A
+/// connection the node has closed (an idle one, after `idle_connection_timeout_ms`) is opened
+/// again for the next request.
 #[derive(Clone)]
 pub struct Client {
-    sender: SendRequest<Full<Bytes>>,
+    sender: std::sync::Arc<std::sync::Mutex<SendRequest<Full<Bytes>>>>,
+    dialer: std::sync::Arc<Dialer>,
+}
+
+/// How to open a connection to one node.
+struct Dialer {
     authority: String,
+    server_name: ServerName<'static>,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    local: Option<std::net::SocketAddr>,
+}
+
+impl Dialer {
+    async fn dial(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+        let authority = &self.authority;
+        let connecting = async {
+            let Some(local) = self.local else { return tokio::net::TcpStream::connect(authority).await };
+            let remote = tokio::net::lookup_host(authority)
+                .await?
+                .find(|a| a.is_ipv4() == local.is_ipv4())
+                .ok_or_else(|| std::io::Error::other(format!("{authority} has no address of {local}'s family")))?;
+            let socket =
+                if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(local)?;
+            socket.connect(remote).await
+        };
+        let tcp = connecting.await.with_context(|| format!("connecting to {authority}"))?;
+        tcp.set_nodelay(true)?;
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .with_context(|| format!("TLS handshake with {authority}"))?;
+        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .with_context(|| format!("HTTP/2 handshake with {authority}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "client connection closed");
+            }
+        });
+        Ok(sender)
+    }
 }
 
 /// A response: status, headers and the whole body.
@@ -72,32 +114,22 @@ impl Client {
     ) -> anyhow::Result<Client> {
         let (authority, server_name) = endpoint(url)?;
         let config = tls::client_config(service_ca_pem, identity, true)?;
-        let connecting = async {
-            let Some(local) = local else { return tokio::net::TcpStream::connect(&authority).await };
-            let remote = tokio::net::lookup_host(&authority)
-                .await?
-                .find(|a| a.is_ipv4() == local.is_ipv4())
-                .ok_or_else(|| std::io::Error::other(format!("{authority} has no address of {local}'s family")))?;
-            let socket =
-                if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-            socket.bind(local)?;
-            socket.connect(remote).await
-        };
-        let tcp = connecting.await.with_context(|| format!("connecting to {authority}"))?;
-        tcp.set_nodelay(true)?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(server_name, tcp)
-            .await
-            .with_context(|| format!("TLS handshake with {authority}"))?;
-        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .with_context(|| format!("HTTP/2 handshake with {authority}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "client connection closed");
-            }
-        });
-        Ok(Client { sender, authority })
+        let dialer = Dialer { authority, server_name, config, local };
+        let sender = dialer.dial().await?;
+        Ok(Client { sender: std::sync::Arc::new(std::sync::Mutex::new(sender)), dialer: std::sync::Arc::new(dialer) })
+    }
+
+    /// The shared connection, ready for a request; opened again if the node has closed it.
+    /// Nothing was sent on a closed one, so opening another cannot repeat a request.
+    async fn ready_sender(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+        let shared = || self.sender.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sender = shared().clone();
+        if sender.ready().await.is_err() {
+            sender = self.dialer.dial().await.context("the connection to the node was closed; opening another")?;
+            *shared() = sender.clone();
+            sender.ready().await.context("the connection to the node is closed")?;
+        }
+        Ok(sender)
     }
 
     /// Sends one request; `target` is a path with an optional query.
@@ -120,13 +152,12 @@ impl Client {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> anyhow::Result<Reply> {
-        let mut req = http::Request::builder().method(method).uri(format!("https://{}{target}", self.authority));
+        let mut req = http::Request::builder().method(method).uri(format!("https://{}{target}", self.dialer.authority));
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
         let req = req.body(Full::new(body.into())).context("building the request")?;
-        let mut sender = self.sender.clone();
-        sender.ready().await.context("the connection to the node is closed")?;
+        let mut sender = self.ready_sender().await?;
         let response = sender.send_request(req).await.context("sending the request")?;
         let (parts, body) = response.into_parts();
         let collected = body.collect().await.context("reading the response")?;

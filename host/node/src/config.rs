@@ -58,6 +58,7 @@ pub(crate) const ENTRY_FRAMING_BYTES: usize = 160;
 pub(crate) const READS_INFLIGHT_MAX: usize = 32;
 pub(crate) const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub(crate) const HELLO_TIMEOUT_MS: u64 = 500;
+pub(crate) const IDLE_CONNECTION_TIMEOUT_MS: u64 = 60_000;
 pub(crate) const CONNECTIONS_PER_ADDRESS_MAX: usize = 256;
 pub(crate) const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 /// The least `limits.streams_per_connection_max` may be: one connection between two nodes carries
@@ -275,6 +276,11 @@ pub struct Limits {
     /// Time from accepting a connection until its TLS ClientHello starts, in milliseconds: an idle
     /// connection is closed after this, so it holds a slot only briefly.
     pub hello_timeout_ms: u64,
+    /// Time a client connection (REST, gRPC) may go without reading or writing a byte, in
+    /// milliseconds, before the node closes it, so a connection left open and unused does not
+    /// hold its slot of `connections_max` for good. More than `request_timeout_ms` and
+    /// `body_timeout_ms`, so a request in flight is answered first. Not on the peer listener.
+    pub idle_connection_timeout_ms: u64,
     /// Time a request may take end to end, in milliseconds (503 beyond). A node restarted after a
     /// crash holds reads of its state for up to half of it until it has caught up.
     pub request_timeout_ms: u64,
@@ -308,6 +314,7 @@ impl Default for Limits {
             connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX,
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX,
             hello_timeout_ms: HELLO_TIMEOUT_MS,
+            idle_connection_timeout_ms: IDLE_CONNECTION_TIMEOUT_MS,
             request_timeout_ms: REQUEST_TIMEOUT_MS,
             inflight_per_identity_max: INFLIGHT_PER_IDENTITY_MAX,
             write_queue_max: WRITE_QUEUE_MAX,
@@ -330,6 +337,7 @@ impl Limits {
             ("connections_per_address_max", self.connections_per_address_max as u64),
             ("streams_per_connection_max", u64::from(self.streams_per_connection_max)),
             ("hello_timeout_ms", self.hello_timeout_ms),
+            ("idle_connection_timeout_ms", self.idle_connection_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             ("inflight_per_identity_max", self.inflight_per_identity_max as u64),
             ("write_queue_max", self.write_queue_max as u64),
@@ -342,6 +350,13 @@ impl Limits {
         ];
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limit {name} must be greater than 0"));
+        }
+        if self.idle_connection_timeout_ms <= self.request_timeout_ms.max(self.body_timeout_ms) {
+            return Err(format!(
+                "limit idle_connection_timeout_ms ({}) must be more than request_timeout_ms ({}) and \
+                 body_timeout_ms ({}): a connection waiting for a request's answer moves no bytes",
+                self.idle_connection_timeout_ms, self.request_timeout_ms, self.body_timeout_ms
+            ));
         }
         if self.streams_per_connection_max < STREAMS_PER_CONNECTION_MIN {
             return Err(format!(
@@ -519,6 +534,16 @@ mod tests {
         let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN - 1)).unwrap();
         assert!(c.check().unwrap_err().contains("STREAMS_PER_CONNECTION_MIN"));
         let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN)).unwrap();
+        assert!(c.check().is_ok(), "{:?}", c.check());
+        // An idle connection is closed only after any request on it has been answered.
+        let idle = |ms: u64, body_ms: u64| {
+            format!("{MINIMAL}\n[limits]\nidle_connection_timeout_ms = {ms}\nbody_timeout_ms = {body_ms}\n")
+        };
+        for (ms, body_ms) in [(REQUEST_TIMEOUT_MS, 1), (REQUEST_TIMEOUT_MS + 1, REQUEST_TIMEOUT_MS + 1)] {
+            let c: NodeConfig = toml::from_str(&idle(ms, body_ms)).unwrap();
+            assert!(c.check().unwrap_err().contains("idle_connection_timeout_ms"), "{ms}, {body_ms}");
+        }
+        let c: NodeConfig = toml::from_str(&idle(REQUEST_TIMEOUT_MS + 1, REQUEST_TIMEOUT_MS)).unwrap();
         assert!(c.check().is_ok(), "{:?}", c.check());
         let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\n");
         let c: NodeConfig = toml::from_str(&big).unwrap();

@@ -305,7 +305,10 @@ impl Node {
         let peer_service = cloister_proto::peer::v1::peer_server::PeerServer::new(consensus.peer_service(forwarder))
             .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
-        let conns = server::accept(peer_listener, peer_tls, accept_limits, cancel.clone());
+        // Nodes keep their connections to each other open between writes, and a follower's
+        // forwarding stream may sit idle for as long as no client writes through it.
+        let peer_limits = server::AcceptLimits { idle_timeout: None, ..accept_limits };
+        let conns = server::accept(peer_listener, peer_tls, peer_limits, cancel.clone());
         let streams_max = config.limits.streams_per_connection_max;
         tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), streams_max, cancel.clone(), "peer"));
 

@@ -1,5 +1,5 @@
 //! Listeners: a TLS accept loop shared by REST and gRPC, with a connection limit, a handshake
-//! timeout and graceful shutdown.
+//! timeout, an idle timeout and graceful shutdown.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,8 +23,46 @@ pub struct PeerInfo {
 /// A TLS connection that holds one of the listener's connection slots until it closes.
 pub struct Conn {
     inner: TlsStream<TcpStream>,
+    /// Closes a connection that has neither read nor written a byte for this long: its reads
+    /// fail, and the server drops it (`idle_connection_timeout_ms`; none on the peer listener).
+    idle: Option<IdleTimer>,
     _slot: OwnedSemaphorePermit,
     _address_slot: AddressSlot,
+}
+
+/// When a connection last moved a byte, and a timer that is due `timeout` after that.
+struct IdleTimer {
+    timeout: Duration,
+    last_io: tokio::time::Instant,
+    /// Reset lazily: when it fires, it is moved to `last_io + timeout` if that is still ahead.
+    due: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration) -> IdleTimer {
+        IdleTimer { timeout, last_io: tokio::time::Instant::now(), due: Box::pin(tokio::time::sleep(timeout)) }
+    }
+
+    fn moved(&mut self) {
+        self.last_io = tokio::time::Instant::now();
+    }
+
+    /// Ready with an error once the connection has been idle for `timeout`; otherwise pending,
+    /// with the timer set to wake `cx` when it could be.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        use std::future::Future;
+        while self.due.as_mut().poll(cx).is_ready() {
+            let due = self.last_io + self.timeout;
+            if due <= tokio::time::Instant::now() {
+                return Poll::Ready(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the connection was idle for {} ms (idle_connection_timeout_ms)", self.timeout.as_millis()),
+                ));
+            }
+            self.due.as_mut().reset(due);
+        }
+        Poll::Pending
+    }
 }
 
 impl Conn {
@@ -37,15 +75,38 @@ impl Conn {
     }
 }
 
+impl Conn {
+    fn wrote(&mut self, written: &Poll<std::io::Result<usize>>) {
+        if let (Some(idle), Poll::Ready(Ok(1..))) = (self.idle.as_mut(), written) {
+            idle.moved();
+        }
+    }
+}
+
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        let filled = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => match this.idle.as_mut().map(|idle| idle.poll_expired(cx)) {
+                Some(Poll::Ready(expired)) => Poll::Ready(Err(expired)),
+                _ => Poll::Pending,
+            },
+            ready => {
+                if let Some(idle) = this.idle.as_mut().filter(|_| buf.filled().len() > filled) {
+                    idle.moved();
+                }
+                ready
+            }
+        }
     }
 }
 
 impl AsyncWrite for Conn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&written);
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -61,7 +122,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -89,6 +152,9 @@ pub struct AcceptLimits {
     pub hello_timeout: Duration,
     /// `handshake_timeout_ms`: time the whole TLS handshake may take.
     pub handshake_timeout: Duration,
+    /// `idle_connection_timeout_ms`: time a connection may go without reading or writing a
+    /// byte before it is closed; `None` keeps idle connections open.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl AcceptLimits {
@@ -98,6 +164,7 @@ impl AcceptLimits {
             per_address_max: limits.connections_per_address_max,
             hello_timeout: Duration::from_millis(limits.hello_timeout_ms),
             handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+            idle_timeout: Some(Duration::from_millis(limits.idle_connection_timeout_ms)),
         }
     }
 }
@@ -181,7 +248,8 @@ pub fn accept(
                 }
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
-                        let _ = out.send(Ok(Conn { inner, _slot: slot, _address_slot: address_slot })).await;
+                        let idle = limits.idle_timeout.map(IdleTimer::new);
+                        let _ = out.send(Ok(Conn { inner, idle, _slot: slot, _address_slot: address_slot })).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
