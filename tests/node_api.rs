@@ -299,7 +299,7 @@ async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms
     for addr in [node.rest_addr, node.grpc_addr] {
         let mut idle = Vec::new();
         for attacker in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
-            let opened = tokio::time::timeout(IDLE, tls_from(attacker, addr, &service.ca_pem)).await;
+            let opened = tokio::time::timeout(IDLE, tls_from(attacker, addr, &service.ca_pem, None)).await;
             idle.push(opened.expect("a slot within the idle timeout: the service's own clients have gone"));
         }
         let started = Instant::now();
@@ -345,16 +345,69 @@ async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms
     }
 }
 
-/// A TLS connection to `addr` from the local address `from`, without a client certificate.
+/// The attack: whoever holds one node's certificate (its operator, from the node's data folder)
+/// opens connections to a node's peer listener from a few addresses and keeps them. That
+/// listener closes no idle connection (nodes' own may be quiet), and each address may hold
+/// `connections_per_address_max`, so a few addresses took every slot of `connections_max`, and
+/// no other node could connect: a follower that lost its connection, or a node joining, waited
+/// for good. Now one certificate holds at most `limits.connections_per_node_max` connections;
+/// more are closed once the handshake shows it, and another node's certificate connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_certificate_cannot_take_the_peer_listeners_slots() {
+    use tokio::io::AsyncReadExt;
+    const PER_NODE: usize = cloister_node::config::CONNECTIONS_PER_NODE_MIN;
+    let limits = Limits {
+        connections_max: 2 * PER_NODE,
+        connections_per_address_max: PER_NODE,
+        connections_per_node_max: PER_NODE,
+        ..Limits::default()
+    };
+    let service = TestService::start(1, 0, RECONCILE, limits).await;
+    let (node, tls) = (service.node(), &service.config.tls);
+    let operator_ca = std::fs::read(&tls.service_cert).unwrap();
+    let stolen = cloister_crypto::identity::read_pair(&tls.node_cert, &tls.node_key).unwrap();
+    let mut held = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..PER_NODE {
+            let opened = tls_from(from, node.peer_addr, &operator_ca, Some(&stolen));
+            held.push(tokio::time::timeout(Duration::from_secs(5), opened).await.expect("a slot"));
+        }
+    }
+    // The node closes the connections past the certificate's count, and keeps the others.
+    let mut kept = Vec::new();
+    for mut tls in held {
+        let mut sent = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(1), tls.read_to_end(&mut sent)).await {
+            Ok(_) => {}
+            Err(_) => kept.push(tls),
+        }
+    }
+    assert_eq!(kept.len(), PER_NODE, "one certificate keeps connections_per_node_max connections");
+    // Another node's certificate, issued by the operator's CA, is served meanwhile.
+    let ca = cloister_crypto::identity::ServiceCa::load(
+        cloister_crypto::identity::KeyedCert::read(service.dir.path(), "service").unwrap(),
+    )
+    .unwrap();
+    let other = ca.issue_node_cert("node9", &["127.0.0.1".to_owned()]).unwrap();
+    let advertised =
+        tokio::time::timeout(Duration::from_secs(5), advertised_streams(node.peer_addr, &operator_ca, Some(&other)))
+            .await
+            .expect("another node connects while one certificate holds its connections");
+    assert!(advertised > 0);
+    drop(kept);
+}
+
+/// A TLS connection to `addr` from the local address `from`, presenting `identity`.
 async fn tls_from(
     from: &str,
     addr: std::net::SocketAddr,
     roots_pem: &[u8],
+    identity: Option<&cloister_crypto::identity::KeyedCert>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
     let tcp = socket.connect(addr).await.unwrap();
-    let config = cloister_crypto::tls::client_config(roots_pem, None, true).unwrap();
+    let config = cloister_crypto::tls::client_config(roots_pem, identity, true).unwrap();
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake")
 }

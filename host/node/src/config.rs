@@ -60,6 +60,10 @@ pub(crate) const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub(crate) const HELLO_TIMEOUT_MS: u64 = 500;
 pub(crate) const IDLE_CONNECTION_TIMEOUT_MS: u64 = 60_000;
 pub(crate) const CONNECTIONS_PER_ADDRESS_MAX: usize = 256;
+pub(crate) const CONNECTIONS_PER_NODE_MAX: usize = 16;
+/// The least `limits.connections_per_node_max` may be: a node keeps one connection to each peer,
+/// and opens another while the first is being closed, or for each attempt to join.
+pub const CONNECTIONS_PER_NODE_MIN: usize = 4;
 pub(crate) const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 /// The least `limits.streams_per_connection_max` may be: one connection between two nodes carries
 /// a replication stream, a forwarding stream, votes, snapshots and joins at once.
@@ -269,6 +273,10 @@ pub struct Limits {
     /// Connections open at once per listener from one source address; further ones from that
     /// address are closed at once, so one address cannot take every slot.
     pub connections_per_address_max: usize,
+    /// Connections open at once on the peer listener with one node certificate; more are closed
+    /// once the TLS handshake shows the certificate, so whoever holds one node's certificate
+    /// cannot take the slots other nodes need to reach this one.
+    pub connections_per_node_max: usize,
     /// HTTP/2 streams (requests, gRPC calls) one connection may have open at once, on every
     /// listener: the node advertises it, a client past it waits for a stream to close, and a
     /// stream opened beyond it anyway is refused.
@@ -312,6 +320,7 @@ impl Default for Limits {
             body_timeout_ms: BODY_TIMEOUT_MS,
             connections_max: CONNECTIONS_MAX,
             connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX,
+            connections_per_node_max: CONNECTIONS_PER_NODE_MAX,
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX,
             hello_timeout_ms: HELLO_TIMEOUT_MS,
             idle_connection_timeout_ms: IDLE_CONNECTION_TIMEOUT_MS,
@@ -335,6 +344,7 @@ impl Limits {
             ("body_timeout_ms", self.body_timeout_ms),
             ("connections_max", self.connections_max as u64),
             ("connections_per_address_max", self.connections_per_address_max as u64),
+            ("connections_per_node_max", self.connections_per_node_max as u64),
             ("streams_per_connection_max", u64::from(self.streams_per_connection_max)),
             ("hello_timeout_ms", self.hello_timeout_ms),
             ("idle_connection_timeout_ms", self.idle_connection_timeout_ms),
@@ -350,6 +360,12 @@ impl Limits {
         ];
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limit {name} must be greater than 0"));
+        }
+        if self.connections_per_node_max < CONNECTIONS_PER_NODE_MIN {
+            return Err(format!(
+                "limit connections_per_node_max must be at least {CONNECTIONS_PER_NODE_MIN} \
+                 (CONNECTIONS_PER_NODE_MIN): a node opens a new connection to a peer while its old one closes"
+            ));
         }
         if self.idle_connection_timeout_ms <= self.request_timeout_ms.max(self.body_timeout_ms) {
             return Err(format!(
@@ -534,6 +550,11 @@ mod tests {
         let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN - 1)).unwrap();
         assert!(c.check().unwrap_err().contains("STREAMS_PER_CONNECTION_MIN"));
         let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN)).unwrap();
+        assert!(c.check().is_ok(), "{:?}", c.check());
+        let per_node = |n: usize| format!("{MINIMAL}\n[limits]\nconnections_per_node_max = {n}\n");
+        let c: NodeConfig = toml::from_str(&per_node(CONNECTIONS_PER_NODE_MIN - 1)).unwrap();
+        assert!(c.check().unwrap_err().contains("CONNECTIONS_PER_NODE_MIN"));
+        let c: NodeConfig = toml::from_str(&per_node(CONNECTIONS_PER_NODE_MIN)).unwrap();
         assert!(c.check().is_ok(), "{:?}", c.check());
         // An idle connection is closed only after any request on it has been answered.
         let idle = |ms: u64, body_ms: u64| {

@@ -306,8 +306,13 @@ impl Node {
             .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
         // Nodes keep their connections to each other open between writes, and a follower's
-        // forwarding stream may sit idle for as long as no client writes through it.
-        let peer_limits = server::AcceptLimits { idle_timeout: None, ..accept_limits };
+        // forwarding stream may sit idle for as long as no client writes through it. What bounds
+        // an idle connection here is its node certificate's count.
+        let peer_limits = server::AcceptLimits {
+            idle_timeout: None,
+            per_node_max: Some(limits.connections_per_node_max),
+            ..accept_limits
+        };
         let conns = server::accept(peer_listener, peer_tls, peer_limits, cancel.clone());
         let streams_max = config.limits.streams_per_connection_max;
         tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), streams_max, cancel.clone(), "peer"));

@@ -27,7 +27,9 @@ pub struct Conn {
     /// fail, and the server drops it (`idle_connection_timeout_ms`; none on the peer listener).
     idle: Option<IdleTimer>,
     _slot: OwnedSemaphorePermit,
-    _address_slot: AddressSlot,
+    _address_slot: CountSlot<std::net::IpAddr>,
+    /// On the peer listener, the connection's place in its node certificate's count.
+    _node_slot: Option<CountSlot<Vec<u8>>>,
 }
 
 /// When a connection last moved a byte, and a timer that is due `timeout` after that.
@@ -155,6 +157,9 @@ pub struct AcceptLimits {
     /// `idle_connection_timeout_ms`: time a connection may go without reading or writing a
     /// byte before it is closed; `None` keeps idle connections open.
     pub idle_timeout: Option<Duration>,
+    /// `connections_per_node_max` (the peer listener): connections open at once with one client
+    /// certificate; more are closed once the handshake shows it. `None`: no such count.
+    pub per_node_max: Option<usize>,
 }
 
 impl AcceptLimits {
@@ -165,39 +170,44 @@ impl AcceptLimits {
             hello_timeout: Duration::from_millis(limits.hello_timeout_ms),
             handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
             idle_timeout: Some(Duration::from_millis(limits.idle_connection_timeout_ms)),
+            per_node_max: None,
         }
     }
 }
 
-/// Open connections per source address, for `connections_per_address_max`.
-#[derive(Default)]
-struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+/// Open connections per source address (`connections_per_address_max`) or per node certificate
+/// (`connections_per_node_max`).
+struct Counts<K>(std::sync::Mutex<std::collections::HashMap<K, usize>>);
 
-/// A connection's place in its address's count, given back when the connection closes.
-struct AddressSlot {
-    counts: Arc<PerAddress>,
-    address: std::net::IpAddr,
+/// A connection's place in its key's count, given back when the connection closes.
+struct CountSlot<K: std::hash::Hash + Eq> {
+    counts: Arc<Counts<K>>,
+    key: K,
 }
 
-impl PerAddress {
-    fn claim(self: &Arc<Self>, address: std::net::IpAddr, max: usize) -> Option<AddressSlot> {
-        let mut counts = self.0.lock().expect("per-address lock");
-        let n = counts.entry(address).or_default();
+impl<K: std::hash::Hash + Eq + Clone> Counts<K> {
+    fn new() -> Arc<Counts<K>> {
+        Arc::new(Counts(Default::default()))
+    }
+
+    fn claim(self: &Arc<Self>, key: &K, max: usize) -> Option<CountSlot<K>> {
+        let mut counts = self.0.lock().expect("connection count lock");
+        let n = counts.entry(key.clone()).or_default();
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(AddressSlot { counts: self.clone(), address })
+        Some(CountSlot { counts: self.clone(), key: key.clone() })
     }
 }
 
-impl Drop for AddressSlot {
+impl<K: std::hash::Hash + Eq> Drop for CountSlot<K> {
     fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().expect("per-address lock");
-        if let Some(n) = counts.get_mut(&self.address) {
+        let mut counts = self.counts.0.lock().expect("connection count lock");
+        if let Some(n) = counts.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.address);
+                counts.remove(&self.key);
             }
         }
     }
@@ -215,7 +225,8 @@ pub fn accept(
     let (out, conns) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(limits.connections_max));
-    let per_address = Arc::new(PerAddress::default());
+    let per_address = Counts::new();
+    let per_node = Counts::new();
     tokio::spawn(async move {
         loop {
             let slot = tokio::select! {
@@ -234,12 +245,12 @@ pub fn accept(
                 },
                 _ = cancel.cancelled() => break,
             };
-            let Some(address_slot) = per_address.claim(remote.ip(), limits.per_address_max) else {
+            let Some(address_slot) = per_address.claim(&remote.ip(), limits.per_address_max) else {
                 tracing::debug!(%remote, "refusing a connection: its address holds connections_per_address_max");
                 continue; // Dropping the stream closes it, and the slot returns.
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, out) = (acceptor.clone(), out.clone());
+            let (acceptor, out, per_node) = (acceptor.clone(), out.clone(), per_node.clone());
             tokio::spawn(async move {
                 // An idle connection (no ClientHello) gives its slot back quickly.
                 if !matches!(tokio::time::timeout(limits.hello_timeout, tcp.readable()).await, Ok(Ok(()))) {
@@ -248,8 +259,23 @@ pub fn accept(
                 }
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
+                        let node_slot = match limits.per_node_max {
+                            None => None,
+                            // The peer listener's TLS verifier requires a client certificate.
+                            Some(max) => {
+                                let cert = inner.get_ref().1.peer_certificates().and_then(|c| c.first());
+                                let claimed = cert.and_then(|cert| per_node.claim(&cert.to_vec(), max));
+                                if claimed.is_none() {
+                                    tracing::debug!(%remote, "closing a connection: its node certificate holds connections_per_node_max");
+                                    return;
+                                }
+                                claimed
+                            }
+                        };
                         let idle = limits.idle_timeout.map(IdleTimer::new);
-                        let _ = out.send(Ok(Conn { inner, idle, _slot: slot, _address_slot: address_slot })).await;
+                        let conn =
+                            Conn { inner, idle, _slot: slot, _address_slot: address_slot, _node_slot: node_slot };
+                        let _ = out.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
