@@ -75,9 +75,8 @@ impl Conn {
             client_cert: tls.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()),
         }
     }
-}
 
-impl Conn {
+    /// Notes a write that moved bytes, for the idle timer.
     fn wrote(&mut self, written: &Poll<std::io::Result<usize>>) {
         if let (Some(idle), Poll::Ready(Ok(1..))) = (self.idle.as_mut(), written) {
             idle.moved();
