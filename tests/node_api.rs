@@ -345,6 +345,38 @@ async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms
     }
 }
 
+/// HTTP/1.1 on the REST listener: a request's headers must arrive within
+/// `limits.headers_timeout_ms` of the connection being ready for them (it was a fixed 30 s, named
+/// nowhere). Headers in time are served; headers that never end close the connection after the
+/// timeout, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_headers_must_arrive_within_headers_timeout_ms() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    let limits = Limits { headers_timeout_ms: TIMEOUT.as_millis() as u64, ..Limits::default() };
+    let service = TestService::start(1, 0, RECONCILE, limits).await;
+    let addr = service.node().rest_addr;
+    let head = b"GET /node/health HTTP/1.1\r\nhost: localhost\r\n";
+
+    let mut tls = tls_from("127.0.0.1", addr, &service.ca_pem, None).await;
+    tls.write_all(head).await.unwrap();
+    tokio::time::sleep(TIMEOUT / 2).await;
+    tls.write_all(b"connection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT * 5, tls.read_to_end(&mut answer)).await.expect("an answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "headers in time are served: {answer}");
+
+    let mut tls = tls_from("127.0.0.1", addr, &service.ca_pem, None).await;
+    let started = Instant::now();
+    tls.write_all(head).await.unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(TIMEOUT * 5, tls.read_to_end(&mut answer)).await;
+    assert!(closed.is_ok(), "a connection whose headers never end is still open after {:?}", TIMEOUT * 5);
+    assert!(started.elapsed() >= TIMEOUT, "closed after {:?}, before headers_timeout_ms", started.elapsed());
+    assert!(!String::from_utf8_lossy(&answer).contains(" 200 "), "and not served");
+}
+
 /// The attack: whoever holds one node's certificate (its operator, from the node's data folder)
 /// opens connections to a node's peer listener from a few addresses and keeps them. That
 /// listener closes no idle connection (nodes' own may be quiet), and each address may hold

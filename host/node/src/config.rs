@@ -59,6 +59,7 @@ pub(crate) const READS_INFLIGHT_MAX: usize = 32;
 pub(crate) const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub(crate) const HELLO_TIMEOUT_MS: u64 = 500;
 pub(crate) const IDLE_CONNECTION_TIMEOUT_MS: u64 = 60_000;
+pub(crate) const HEADERS_TIMEOUT_MS: u64 = 30_000;
 pub(crate) const CONNECTIONS_PER_ADDRESS_MAX: usize = 256;
 pub(crate) const CONNECTIONS_PER_NODE_MAX: usize = 16;
 /// The least `limits.connections_per_node_max` may be: a node keeps one connection to each peer,
@@ -289,6 +290,10 @@ pub struct Limits {
     /// hold its slot of `connections_max` for good. More than `request_timeout_ms` and
     /// `body_timeout_ms`, so a request in flight is answered first. Not on the peer listener.
     pub idle_connection_timeout_ms: u64,
+    /// HTTP/1.1 on the REST listener: time from when a connection is ready for a request until
+    /// that request's headers have arrived, in milliseconds; the connection is closed after it
+    /// (hyper's header read timeout). An HTTP/2 request's headers come in one frame.
+    pub headers_timeout_ms: u64,
     /// Time a request may take end to end, in milliseconds (503 beyond). A node restarted after a
     /// crash holds reads of its state for up to half of it until it has caught up.
     pub request_timeout_ms: u64,
@@ -324,6 +329,7 @@ impl Default for Limits {
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX,
             hello_timeout_ms: HELLO_TIMEOUT_MS,
             idle_connection_timeout_ms: IDLE_CONNECTION_TIMEOUT_MS,
+            headers_timeout_ms: HEADERS_TIMEOUT_MS,
             request_timeout_ms: REQUEST_TIMEOUT_MS,
             inflight_per_identity_max: INFLIGHT_PER_IDENTITY_MAX,
             write_queue_max: WRITE_QUEUE_MAX,
@@ -348,6 +354,7 @@ impl Limits {
             ("streams_per_connection_max", u64::from(self.streams_per_connection_max)),
             ("hello_timeout_ms", self.hello_timeout_ms),
             ("idle_connection_timeout_ms", self.idle_connection_timeout_ms),
+            ("headers_timeout_ms", self.headers_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             ("inflight_per_identity_max", self.inflight_per_identity_max as u64),
             ("write_queue_max", self.write_queue_max as u64),

@@ -368,7 +368,12 @@ impl Node {
         // Clients are served only once a new network's genesis has committed, so nobody sees a
         // service without its members or app.
         let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
-        tasks.push(tokio::spawn(server::serve_http(conns, rest::router(service.clone()), streams_max, cancel.clone())));
+        tasks.push(tokio::spawn(server::serve_http(
+            conns,
+            rest::router(service.clone()),
+            limits.clone(),
+            cancel.clone(),
+        )));
         let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone());
         tasks.push(serve_grpc(conns, crate::api::grpc::routes(service.clone())?, streams_max, cancel.clone(), "gRPC"));
         tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");

@@ -285,12 +285,13 @@ pub fn accept(
     conns
 }
 
-/// Serves an axum router over accepted connections, HTTP/1.1 and HTTP/2 (at most `streams_max`
-/// streams open on one connection), until cancelled; then lets open requests finish.
+/// Serves an axum router over accepted connections, HTTP/1.1 (whose headers must arrive within
+/// `limits.headers_timeout_ms`) and HTTP/2 (at most `limits.streams_per_connection_max` streams
+/// open on one connection), until cancelled; then lets open requests finish.
 pub(crate) async fn serve_http(
     mut conns: mpsc::Receiver<std::io::Result<Conn>>,
     app: axum::Router,
-    streams_max: u32,
+    limits: crate::config::Limits,
     cancel: CancellationToken,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -298,8 +299,9 @@ pub(crate) async fn serve_http(
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(streams_max);
+    let headers_timeout = Duration::from_millis(limits.headers_timeout_ms);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(headers_timeout);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(limits.streams_per_connection_max);
     loop {
         let conn = tokio::select! {
             c = conns.recv() => match c {
