@@ -299,7 +299,7 @@ async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms
     for addr in [node.rest_addr, node.grpc_addr] {
         let mut idle = Vec::new();
         for attacker in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
-            let opened = tokio::time::timeout(IDLE * 2, tls_from(attacker, addr, &service.ca_pem, None)).await;
+            let opened = tokio::time::timeout(IDLE * 2, tls_connect(Some(attacker), addr, &service.ca_pem, None)).await;
             idle.push(opened.expect("a slot: the service's own clients have gone, or idled out"));
         }
         let started = Instant::now();
@@ -358,7 +358,7 @@ async fn http1_headers_must_arrive_within_headers_timeout_ms() {
     let addr = service.node().rest_addr;
     let head = b"GET /node/health HTTP/1.1\r\nhost: localhost\r\n";
 
-    let mut tls = tls_from("127.0.0.1", addr, &service.ca_pem, None).await;
+    let mut tls = tls_connect(None, addr, &service.ca_pem, None).await;
     tls.write_all(head).await.unwrap();
     tokio::time::sleep(TIMEOUT / 2).await;
     tls.write_all(b"connection: close\r\n\r\n").await.unwrap();
@@ -367,7 +367,7 @@ async fn http1_headers_must_arrive_within_headers_timeout_ms() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "headers in time are served: {answer}");
 
-    let mut tls = tls_from("127.0.0.1", addr, &service.ca_pem, None).await;
+    let mut tls = tls_connect(None, addr, &service.ca_pem, None).await;
     let started = Instant::now();
     tls.write_all(head).await.unwrap();
     let mut answer = Vec::new();
@@ -401,7 +401,7 @@ async fn one_node_certificate_cannot_take_the_peer_listeners_slots() {
     let mut held = Vec::new();
     for from in ["127.0.0.2", "127.0.0.3"] {
         for _ in 0..PER_NODE {
-            let opened = tls_from(from, node.peer_addr, &operator_ca, Some(&stolen));
+            let opened = tls_connect(Some(from), node.peer_addr, &operator_ca, Some(&stolen));
             held.push(tokio::time::timeout(Duration::from_secs(5), opened).await.expect("a slot"));
         }
     }
@@ -429,15 +429,17 @@ async fn one_node_certificate_cannot_take_the_peer_listeners_slots() {
     drop(kept);
 }
 
-/// A TLS connection to `addr` from the local address `from`, presenting `identity`.
-async fn tls_from(
-    from: &str,
+/// A TLS connection to `addr` (from the local address `from`, if given), presenting `identity`.
+async fn tls_connect(
+    from: Option<&str>,
     addr: std::net::SocketAddr,
     roots_pem: &[u8],
     identity: Option<&cloister_crypto::identity::KeyedCert>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    if let Some(from) = from {
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    }
     let tcp = socket.connect(addr).await.unwrap();
     let config = cloister_crypto::tls::client_config(roots_pem, identity, true).unwrap();
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
@@ -451,10 +453,7 @@ async fn advertised_streams(
     roots_pem: &[u8],
     identity: Option<&cloister_crypto::identity::KeyedCert>,
 ) -> usize {
-    let config = cloister_crypto::tls::client_config(roots_pem, identity, true).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake");
+    let tls = tls_connect(None, addr, roots_pem, identity).await;
     // The sender is held: with none left, the connection closes.
     let (_send, mut conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
     // The server's SETTINGS come before its answer to a ping.
@@ -532,10 +531,7 @@ async fn streams_refused(
         tls.read_exact(&mut payload).await?;
         Ok((head[3], head[4], u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff, payload))
     }
-    let config = cloister_crypto::tls::client_config(roots_pem, identity, true).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake");
+    let mut tls = tls_connect(None, addr, roots_pem, identity).await;
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend(frame(SETTINGS, 0, 0, &[]));
     tls.write_all(&hello).await.unwrap();
@@ -675,10 +671,7 @@ async fn a_body_that_never_comes_is_answered_once_body_timeout_ms_passes() {
 /// An HTTP/2 connection over TLS to `addr`, without a client certificate, driven in the
 /// background.
 async fn h2_sender(addr: std::net::SocketAddr, roots_pem: &[u8]) -> h2::client::SendRequest<bytes::Bytes> {
-    let config = cloister_crypto::tls::client_config(roots_pem, None, true).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake");
+    let tls = tls_connect(None, addr, roots_pem, None).await;
     let (send, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
     tokio::spawn(conn);
     send
