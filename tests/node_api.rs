@@ -302,29 +302,9 @@ async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms
             let opened = tokio::time::timeout(IDLE * 2, tls_connect(Some(attacker), addr, &service.ca_pem, None)).await;
             idle.push(opened.expect("a slot: the service's own clients have gone, or idled out"));
         }
-        let started = Instant::now();
-        // Another client waits for a slot until the idle connections are closed.
-        let served = tokio::time::timeout(IDLE * 4, async {
-            if addr == node.rest_addr {
-                let local = "127.0.0.4:0".parse().unwrap();
-                let client =
-                    Client::connect_from(&service.rest_url(), &service.ca_pem, None, Some(local)).await.unwrap();
-                assert_eq!(client.get("/node/health").await.unwrap().status, 200);
-                Some(client)
-            } else {
-                advertised_streams(addr, &service.ca_pem, None).await;
-                None
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{addr}: no slot came free in {:?}", IDLE * 4));
-        assert!(started.elapsed() < IDLE * 2, "{addr}: a slot came free after {:?}", started.elapsed());
-        for mut tls in idle {
-            // What the node sent when the connection opened (its HTTP/2 SETTINGS), then the end.
-            use tokio::io::AsyncReadExt;
-            let mut sent = Vec::new();
-            let read = tokio::time::timeout(IDLE, tls.read_to_end(&mut sent)).await;
-            assert!(read.is_ok(), "{addr}: an idle connection is still open");
+        let served = served_once_a_slot_frees(&service, addr, IDLE).await;
+        for tls in idle {
+            closed_by_the_node(tls, IDLE).await.unwrap_or_else(|e| panic!("{addr}: {e}"));
         }
         // A client whose connection the node closed opens another for its next request.
         if let Some(client) = served {
@@ -343,6 +323,160 @@ async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms
         assert_eq!(answer.await.expect("an answer").status(), 200);
         tokio::time::sleep(IDLE / 3).await;
     }
+}
+
+/// The attack: a client asks for more than its socket takes and never reads. The node's writes
+/// wait for room that never comes, so it reads nothing either, and a connection waiting to write
+/// was never checked for idleness: four such connections from two addresses held every slot of a
+/// listener for good. Now a write that waits is checked too, and a client that has fallen behind
+/// makes progress only by taking `IDLE_WRITE_PROGRESS_BYTES` from the node's socket, or all it
+/// was sent: the few bytes the kernel lets through now and then for a client that reads nothing
+/// kept such a connection open (the gRPC half failed that way with writes counted byte by byte).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_gives_its_slot_back_after_idle_connection_timeout_ms() {
+    const IDLE: Duration = Duration::from_millis(1500);
+    let limits = Limits {
+        connections_max: 4,
+        connections_per_address_max: 2,
+        request_timeout_ms: 1000,
+        body_timeout_ms: 1000,
+        idle_connection_timeout_ms: IDLE.as_millis() as u64,
+        ..Limits::default()
+    };
+    let service = TestService::start(1, 0, RECONCILE, limits).await;
+    let node = service.node();
+    for addr in [node.rest_addr, node.grpc_addr] {
+        let mut deaf = Vec::new();
+        for attacker in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+            deaf.push(never_reading(attacker, addr, &service.ca_pem, addr == node.rest_addr).await);
+        }
+        served_once_a_slot_frees(&service, addr, IDLE).await;
+        // Each has made no progress since before the slot came free.
+        for tls in deaf {
+            closed_by_the_node(tls, IDLE * 2).await.unwrap_or_else(|e| panic!("{addr}: {e}"));
+        }
+    }
+}
+
+/// Waits for a client from 127.0.0.4 to be served at `addr` (the REST or gRPC listener) while
+/// other clients hold every slot, and asserts that it was within twice `idle`, the idle timeout.
+/// On the REST listener the client is returned, to use again.
+async fn served_once_a_slot_frees(service: &TestService, addr: std::net::SocketAddr, idle: Duration) -> Option<Client> {
+    let started = Instant::now();
+    let served = tokio::time::timeout(idle * 4, async {
+        if addr == service.node().rest_addr {
+            let local = "127.0.0.4:0".parse().unwrap();
+            let client = Client::connect_from(&service.rest_url(), &service.ca_pem, None, Some(local)).await.unwrap();
+            assert_eq!(client.get("/node/health").await.unwrap().status, 200);
+            Some(client)
+        } else {
+            advertised_streams(addr, &service.ca_pem, None).await;
+            None
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{addr}: no slot came free in {:?}", idle * 4));
+    assert!(started.elapsed() < idle * 2, "{addr}: a slot came free after {:?}", started.elapsed());
+    served
+}
+
+/// Reads what the node sent until it closes the connection, which it must within `within`.
+async fn closed_by_the_node(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut sent = Vec::new();
+    // Its end, or a reset (the node did not read all this client sent), closes it.
+    match tokio::time::timeout(within, tls.read_to_end(&mut sent)).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!("a connection is still open {within:?} after its slot came free")),
+    }
+}
+
+/// A connection from `from` to the REST (`rest`) or gRPC listener at `addr` that asks for far
+/// more than the sockets between them hold and reads none of it: the node's writes stall, and
+/// then so do its reads. REST: pipelined HTTP/1.1 requests for the metrics until this client's
+/// own writes have waited a second (the node reads no more). gRPC: one reflection call of as many
+/// requests as the node's flow-control windows allow (it answers each with a file descriptor,
+/// tens of megabytes in all), after reading only the node's SETTINGS and window.
+async fn never_reading(
+    from: &str,
+    addr: std::net::SocketAddr,
+    roots_pem: &[u8],
+    rest: bool,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use h2_frames::*;
+    use tokio::io::AsyncWriteExt;
+    const STALLED: Duration = Duration::from_secs(1);
+    const SENT_MAX: usize = 512 << 20;
+    let mut tls = tls_connect(Some(from), addr, roots_pem, None).await;
+    if rest {
+        let pad = "x".repeat(4096);
+        let request = format!("GET /node/metrics HTTP/1.1\r\nhost: localhost\r\nx-pad: {pad}\r\n\r\n");
+        let batch = request.repeat(16);
+        let mut sent = 0;
+        loop {
+            match tokio::time::timeout(STALLED, tls.write_all(batch.as_bytes())).await {
+                Err(_) => return tls,
+                Ok(written) => {
+                    written.unwrap_or_else(|e| panic!("{addr}: the node closed a connection that was sending: {e}"))
+                }
+            }
+            sent += batch.len();
+            assert!(sent < SENT_MAX, "{addr}: the node read {sent} bytes from a client that reads nothing");
+        }
+    }
+    // Room for everything the node may send, on the connection and on every stream.
+    let window = 0x7fff_ffffu32;
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[&0x4u16.to_be_bytes()[..], &window.to_be_bytes()].concat()));
+    hello.extend(frame(WINDOW_UPDATE, 0, 0, &(window - 65_535).to_be_bytes()));
+    tls.write_all(&hello).await.unwrap();
+    // The node's windows for what this client sends: its SETTINGS, then its connection window.
+    let (mut stream_window, mut connection_window) = (65_535usize, 65_535usize);
+    let mut settings_seen = false;
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while !settings_seen || connection_window == 65_535 {
+            let (kind, flags, stream, payload) = next_frame(&mut tls).await.expect("the node's first frames");
+            if kind == SETTINGS && flags & 0x1 == 0 {
+                settings_seen = true;
+                for setting in payload.chunks_exact(6) {
+                    if u16::from_be_bytes([setting[0], setting[1]]) == 0x4 {
+                        stream_window = u32::from_be_bytes(setting[2..6].try_into().unwrap()) as usize;
+                    }
+                }
+            } else if kind == WINDOW_UPDATE && stream == 0 {
+                connection_window += u32::from_be_bytes(payload[..4].try_into().unwrap()) as usize & 0x7fff_ffff;
+            }
+        }
+    });
+    read.await.expect("the node's SETTINGS and connection window");
+    let path = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    let headers = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", path),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    let mut out = frame(SETTINGS, 0x1, 0, &[]);
+    out.extend(frame(HEADERS, END_HEADERS, 1, &header_block(&headers)));
+    // ServerReflectionRequest { file_containing_symbol (field 4): the App service }, framed.
+    let symbol = b"cloister.app.v1.App";
+    let message = [&[0x22, symbol.len() as u8][..], symbol].concat();
+    let call = [&[0u8][..], &(message.len() as u32).to_be_bytes(), &message].concat();
+    let calls = (stream_window.min(connection_window) - 1024) / call.len();
+    let body = call.repeat(calls);
+    let chunks: Vec<_> = body.chunks(16_000).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let flags = if i + 1 == chunks.len() { END_STREAM } else { 0 };
+        out.extend(frame(DATA, flags, 1, chunk));
+    }
+    tls.write_all(&out).await.unwrap();
+    assert!(calls > 10_000, "{addr}: the node's windows allow {calls} calls, too few to fill the sockets");
+    tls
 }
 
 /// HTTP/1.1 on the REST listener: a request's headers must arrive within
@@ -465,6 +599,63 @@ async fn advertised_streams(
     conn.max_concurrent_send_streams()
 }
 
+/// HTTP/2 written by hand, for clients that misbehave in ways the h2 crate would not.
+mod h2_frames {
+    use tokio::io::AsyncReadExt;
+
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const SETTINGS: u8 = 0x4;
+    pub const WINDOW_UPDATE: u8 = 0x8;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend(payload);
+        out
+    }
+
+    /// The next frame: its kind, flags, stream and payload.
+    pub async fn next_frame(tls: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        tls.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        tls.read_exact(&mut payload).await?;
+        Ok((head[3], head[4], u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff, payload))
+    }
+
+    /// A header block of HPACK literals, without indexing or Huffman coding.
+    pub fn header_block(headers: &[(&str, &str)]) -> Vec<u8> {
+        // An HPACK string length: a 7-bit prefix, continued in 7-bit groups.
+        fn length(out: &mut Vec<u8>, mut n: usize) {
+            if n < 0x7f {
+                return out.push(n as u8);
+            }
+            out.push(0x7f);
+            n -= 0x7f;
+            while n >= 0x80 {
+                out.push((n as u8 & 0x7f) | 0x80);
+                n >>= 7;
+            }
+            out.push(n as u8);
+        }
+        let mut block = Vec::new();
+        for (name, value) in headers {
+            block.push(0x00);
+            length(&mut block, name.len());
+            block.extend(name.as_bytes());
+            length(&mut block, value.len());
+            block.extend(value.as_bytes());
+        }
+        block
+    }
+}
+
 /// The attack: one client opens HTTP/2 streams without end on one connection. The gRPC and peer
 /// listeners (tonic servers) advertised no limit and took them all, each a task and a request
 /// held open, whatever `connections_max` and `connections_per_address_max` allowed. Every
@@ -508,31 +699,14 @@ async fn streams_refused(
     path: &str,
     streams: u32,
 ) -> Vec<u32> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const SETTINGS: u8 = 0x4;
-    const HEADERS: u8 = 0x1;
+    use h2_frames::*;
+    use tokio::io::AsyncWriteExt;
     const RST_STREAM: u8 = 0x3;
     const GOAWAY: u8 = 0x7;
     const ACK: u8 = 0x1;
-    const END_HEADERS: u8 = 0x4;
     const REFUSED_STREAM: u32 = 0x7;
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        out.extend([kind, flags]);
-        out.extend(stream.to_be_bytes());
-        out.extend(payload);
-        out
-    }
-    async fn next_frame(tls: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
-        let mut head = [0u8; 9];
-        tls.read_exact(&mut head).await?;
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0; len];
-        tls.read_exact(&mut payload).await?;
-        Ok((head[3], head[4], u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff, payload))
-    }
     let mut tls = tls_connect(None, addr, roots_pem, identity).await;
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let mut hello = PREFACE.to_vec();
     hello.extend(frame(SETTINGS, 0, 0, &[]));
     tls.write_all(&hello).await.unwrap();
     // The server's limit holds once this client has acknowledged its SETTINGS.
@@ -543,23 +717,15 @@ async fn streams_refused(
         }
     }
     let mut out = frame(SETTINGS, ACK, 0, &[]);
-    // HPACK literals without indexing or Huffman coding; every string here is under 127 bytes.
-    let mut block = Vec::new();
     let content_type = if path.starts_with("/gov") { "application/cose" } else { "application/grpc" };
-    for (name, value) in [
+    let block = header_block(&[
         (":method", "POST"),
         (":scheme", "https"),
         (":authority", "localhost"),
         (":path", path),
         ("content-type", content_type),
         ("te", "trailers"),
-    ] {
-        block.push(0x00);
-        block.push(name.len() as u8);
-        block.extend(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend(value.as_bytes());
-    }
+    ]);
     for k in 0..streams {
         out.extend(frame(HEADERS, END_HEADERS, 2 * k + 1, &block));
     }

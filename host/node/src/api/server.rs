@@ -22,9 +22,10 @@ pub struct PeerInfo {
 
 /// A TLS connection that holds one of the listener's connection slots until it closes.
 pub struct Conn {
-    inner: TlsStream<TcpStream>,
-    /// Closes a connection that has neither read nor written a byte for this long: its reads
-    /// fail, and the server drops it (`idle_connection_timeout_ms`; none on the peer listener).
+    inner: TlsStream<Metered>,
+    /// Closes a connection that has made no progress for this long: whatever it waits on, a read
+    /// or a write, fails, and the server drops it (`idle_connection_timeout_ms`; none on the peer
+    /// listener).
     idle: Option<IdleTimer>,
     _slot: OwnedSemaphorePermit,
     _address_slot: CountSlot<std::net::IpAddr>,
@@ -32,29 +33,67 @@ pub struct Conn {
     _node_slot: Option<CountSlot<Vec<u8>>>,
 }
 
-/// When a connection last moved a byte, and a timer that is due `timeout` after that.
+/// While a client is not taking what the server writes (a write has had to wait for room), the
+/// bytes it takes count as progress only once this many have gone since the last progress, or once
+/// everything waiting has gone. A client that reads nothing still lets the kernel take a few
+/// bytes now and then (a probe of its closed window, a frame's worth when memory is compacted):
+/// counted byte by byte, that reset the idle timer just before it was due, and the connection
+/// stayed open for good. A client that reads at least this much per `idle_connection_timeout_ms`
+/// (273 bytes a second with the default) keeps its connection.
+pub const IDLE_WRITE_PROGRESS_BYTES: usize = 16 << 10;
+
+/// When a connection last made progress, and a timer that is due `timeout` after that.
+///
+/// Progress is a byte read from the socket, or bytes the socket takes: any while the client keeps
+/// up; once it has fallen behind, [`IDLE_WRITE_PROGRESS_BYTES`] of them, or everything waiting.
 struct IdleTimer {
     timeout: Duration,
-    last_io: tokio::time::Instant,
-    /// Reset lazily: when it fires, it is moved to `last_io + timeout` if that is still ahead.
+    last_progress: tokio::time::Instant,
+    /// Reset lazily: when it fires, it is moved to `last_progress + timeout` if that is still
+    /// ahead.
     due: Pin<Box<tokio::time::Sleep>>,
+    /// A write or flush has waited for room since everything written last went out.
+    behind: bool,
+    /// Bytes written while behind, since the last progress.
+    trickled: usize,
 }
 
 impl IdleTimer {
     fn new(timeout: Duration) -> IdleTimer {
-        IdleTimer { timeout, last_io: tokio::time::Instant::now(), due: Box::pin(tokio::time::sleep(timeout)) }
+        IdleTimer {
+            timeout,
+            last_progress: tokio::time::Instant::now(),
+            due: Box::pin(tokio::time::sleep(timeout)),
+            behind: false,
+            trickled: 0,
+        }
     }
 
-    fn moved(&mut self) {
-        self.last_io = tokio::time::Instant::now();
+    fn progressed(&mut self) {
+        self.last_progress = tokio::time::Instant::now();
+        self.trickled = 0;
     }
 
-    /// Ready with an error once the connection has been idle for `timeout`; otherwise pending,
-    /// with the timer set to wake `cx` when it could be.
+    fn wrote(&mut self, bytes: usize) {
+        self.trickled += bytes;
+        if !self.behind || self.trickled >= IDLE_WRITE_PROGRESS_BYTES {
+            self.progressed();
+        }
+    }
+
+    /// Everything written has gone out.
+    fn flushed(&mut self) {
+        if std::mem::take(&mut self.behind) {
+            self.progressed();
+        }
+    }
+
+    /// Ready with an error once the connection has made no progress for `timeout`; otherwise
+    /// pending, with the timer set to wake `cx` when it could be.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         use std::future::Future;
         while self.due.as_mut().poll(cx).is_ready() {
-            let due = self.last_io + self.timeout;
+            let due = self.last_progress + self.timeout;
             if due <= tokio::time::Instant::now() {
                 return Poll::Ready(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -69,53 +108,77 @@ impl IdleTimer {
 
 impl Conn {
     pub fn peer(&self) -> PeerInfo {
-        let (tcp, tls) = self.inner.get_ref();
+        let (metered, tls) = self.inner.get_ref();
+        let tcp = &metered.tcp;
         PeerInfo {
             remote: tcp.peer_addr().ok(),
             client_cert: tls.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()),
         }
     }
 
-    /// Notes a write that moved bytes, for the idle timer.
-    fn wrote(&mut self, written: &Poll<std::io::Result<usize>>) {
-        if let (Some(idle), Poll::Ready(Ok(1..))) = (self.idle.as_mut(), written) {
-            idle.moved();
+    /// Hands what the socket moved since the last call to the idle timer.
+    fn account(&mut self) {
+        let (read, written, blocked) = self.inner.get_mut().0.take();
+        if let Some(idle) = self.idle.as_mut() {
+            if read > 0 {
+                idle.progressed();
+            }
+            if written > 0 {
+                idle.wrote(written);
+            }
+            // After the bytes above: they went while the client kept up.
+            idle.behind |= blocked;
+        }
+    }
+
+    /// Accounts for a poll of a read (`writing` false) or a write, and fails it instead of
+    /// waiting once the connection has made no progress for the idle timeout.
+    ///
+    /// Writes that wait are checked as well as reads: a client that never reads leaves the
+    /// server's writes waiting for room, and an HTTP/1.1 server reads nothing more until a write
+    /// goes through, so a check on reads alone never ran. While the client is behind, only a
+    /// write judges, since it tries the socket first: the servers poll their writes whenever
+    /// they are woken with something to send, but may poll a read first, before the bytes a slow
+    /// reader made room for have been written.
+    fn unless_idle<T>(
+        &mut self,
+        polled: Poll<std::io::Result<T>>,
+        cx: &mut Context<'_>,
+        writing: bool,
+    ) -> Poll<std::io::Result<T>> {
+        self.account();
+        match (polled, self.idle.as_mut()) {
+            (Poll::Pending, Some(idle)) if writing || !idle.behind => idle.poll_expired(cx).map(Err),
+            (polled, _) => polled,
         }
     }
 }
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let filled = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Pending => match this.idle.as_mut().map(|idle| idle.poll_expired(cx)) {
-                Some(Poll::Ready(expired)) => Poll::Ready(Err(expired)),
-                _ => Poll::Pending,
-            },
-            ready => {
-                if let Some(idle) = this.idle.as_mut().filter(|_| buf.filled().len() > filled) {
-                    idle.moved();
-                }
-                ready
-            }
-        }
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.unless_idle(read, cx, false)
     }
 }
 
 impl AsyncWrite for Conn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(&written);
-        written
+        self.unless_idle(written, cx, true)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        let flushed = self.unless_idle(flushed, cx, true);
+        if let (Poll::Ready(Ok(())), Some(idle)) = (&flushed, self.idle.as_mut()) {
+            idle.flushed();
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let shut = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.unless_idle(shut, cx, true)
     }
 
     fn poll_write_vectored(
@@ -124,8 +187,7 @@ impl AsyncWrite for Conn {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.wrote(&written);
-        written
+        self.unless_idle(written, cx, true)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -133,9 +195,86 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// The TCP stream under a connection's TLS, counting the bytes that leave and reach the socket.
+/// TLS buffers records on their way out, so only here does the idle timer see what the client
+/// took: a TLS write that empties its buffer into the socket and then waits for room takes none
+/// of the caller's bytes, and reports waiting.
+pub struct Metered {
+    tcp: TcpStream,
+    read: usize,
+    written: usize,
+    /// A write found the socket full since the counts were last taken.
+    blocked: bool,
+}
+
+impl Metered {
+    fn new(tcp: TcpStream) -> Metered {
+        Metered { tcp, read: 0, written: 0, blocked: false }
+    }
+
+    /// The bytes read and written, and whether a write found the socket full, since last taken.
+    fn take(&mut self) -> (usize, usize, bool) {
+        (std::mem::take(&mut self.read), std::mem::take(&mut self.written), std::mem::take(&mut self.blocked))
+    }
+
+    fn wrote(&mut self, written: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        match &written {
+            Poll::Ready(Ok(bytes)) => self.written += bytes,
+            Poll::Pending => self.blocked = true,
+            Poll::Ready(Err(_)) => {}
+        }
+        written
+    }
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        self.read += buf.filled().len() - filled;
+        read
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.wrote(written)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.wrote(written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Metered {
+    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
 /// tonic reads the client certificate (`Request::peer_certs`) from this connect info.
 impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    type ConnectInfo = <TlsStream<Metered> as tonic::transport::server::Connected>::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.inner.connect_info()
@@ -256,7 +395,7 @@ pub fn accept(
                     tracing::debug!(%remote, "no TLS ClientHello within hello_timeout_ms");
                     return;
                 }
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(Metered::new(tcp))).await {
                     Ok(Ok(inner)) => {
                         let node_slot = match limits.per_node_max {
                             None => None,
@@ -326,5 +465,34 @@ pub(crate) async fn serve_http(
     }
     if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
         tracing::warn!("some HTTPS connections did not close within 10 s of shutdown");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `act` counted as progress: it moved the time of the last progress on.
+    fn progress(idle: &mut IdleTimer, act: impl FnOnce(&mut IdleTimer)) -> bool {
+        let before = idle.last_progress;
+        std::thread::sleep(Duration::from_millis(2));
+        act(idle);
+        idle.last_progress > before
+    }
+
+    /// Bytes the socket takes are progress at once while the client keeps up; once a write has
+    /// waited for room, only IDLE_WRITE_PROGRESS_BYTES of them are, or everything going out.
+    #[tokio::test]
+    async fn a_client_behind_makes_progress_only_in_whole_steps() {
+        let mut idle = IdleTimer::new(Duration::from_secs(60));
+        assert!(progress(&mut idle, |i| i.wrote(1)), "any write while keeping up");
+        idle.behind = true;
+        assert!(!progress(&mut idle, |i| i.wrote(IDLE_WRITE_PROGRESS_BYTES - 1)), "a trickle");
+        assert!(progress(&mut idle, |i| i.wrote(1)), "the step's last byte");
+        assert!(!progress(&mut idle, |i| i.wrote(IDLE_WRITE_PROGRESS_BYTES - 1)), "a step begins again");
+        assert!(progress(&mut idle, IdleTimer::flushed), "everything waiting went out");
+        assert!(!idle.behind);
+        assert!(progress(&mut idle, |i| i.wrote(1)), "keeping up again");
+        assert!(!progress(&mut idle, IdleTimer::flushed), "a flush with nothing behind");
     }
 }
