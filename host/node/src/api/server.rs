@@ -38,8 +38,10 @@ pub struct Conn {
 /// everything waiting has gone. A client that reads nothing still lets the kernel take a few
 /// bytes now and then (a probe of its closed window, a frame's worth when memory is compacted):
 /// counted byte by byte, that reset the idle timer just before it was due, and the connection
-/// stayed open for good. A client that reads at least this much per `idle_connection_timeout_ms`
-/// (273 bytes a second with the default) keeps its connection.
+/// stayed open for good. A reading client's kernel takes far more at a time: it reopens its
+/// window as its application reads, in steps of up to half its receive buffer. So a slow reader
+/// keeps its connection as long as it drains half its receive buffer within each
+/// `idle_connection_timeout_ms`.
 pub const IDLE_WRITE_PROGRESS_BYTES: usize = 16 << 10;
 
 /// When a connection last made progress, and a timer that is due `timeout` after that.
