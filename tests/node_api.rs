@@ -395,8 +395,8 @@ async fn closed_by_the_node(
 }
 
 /// A connection from `from` to the REST (`rest`) or gRPC listener at `addr` that asks for far
-/// more than the sockets between them hold and reads none of it: the node's writes stall, and
-/// then so do its reads. REST: pipelined HTTP/1.1 requests for the metrics until this client's
+/// more than the sockets between them hold and reads none of it: the node's writes stall (and,
+/// over HTTP/1.1, its reads). REST: pipelined HTTP/1.1 requests for the metrics until this client's
 /// own writes have waited a second (the node reads no more). gRPC: one reflection call of as many
 /// requests as the node's flow-control windows allow (it answers each with a file descriptor,
 /// tens of megabytes in all), after reading only the node's SETTINGS and window.
