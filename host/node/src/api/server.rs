@@ -46,8 +46,8 @@ pub const IDLE_WRITE_PROGRESS_BYTES: usize = 16 << 10;
 
 /// When a connection last made progress, and a timer that is due `timeout` after that.
 ///
-/// Progress is a byte read from the socket, or bytes the socket takes: any while the client keeps
-/// up; once it has fallen behind, [`IDLE_WRITE_PROGRESS_BYTES`] of them, or everything waiting.
+/// Progress is a byte read from the socket, or bytes the socket takes, while the client keeps up;
+/// once it has fallen behind, only [`IDLE_WRITE_PROGRESS_BYTES`] taken, or everything waiting.
 struct IdleTimer {
     timeout: Duration,
     last_progress: tokio::time::Instant,
@@ -74,6 +74,14 @@ impl IdleTimer {
     fn progressed(&mut self) {
         self.last_progress = tokio::time::Instant::now();
         self.trickled = 0;
+    }
+
+    /// A client that has fallen behind makes progress by taking what it was sent: what it sends
+    /// meanwhile (a frame that asks for no answer, once a minute) is none.
+    fn read(&mut self) {
+        if !self.behind {
+            self.progressed();
+        }
     }
 
     fn wrote(&mut self, bytes: usize) {
@@ -123,7 +131,7 @@ impl Conn {
         let (read, written, blocked) = self.inner.get_mut().0.take();
         if let Some(idle) = self.idle.as_mut() {
             if read > 0 {
-                idle.progressed();
+                idle.read();
             }
             if written > 0 {
                 idle.wrote(written);
@@ -482,13 +490,16 @@ mod tests {
         idle.last_progress > before
     }
 
-    /// Bytes the socket takes are progress at once while the client keeps up; once a write has
-    /// waited for room, only IDLE_WRITE_PROGRESS_BYTES of them are, or everything going out.
+    /// Bytes read, and bytes the socket takes, are progress at once while the client keeps up;
+    /// once a write has waited for room, only IDLE_WRITE_PROGRESS_BYTES taken are, or everything
+    /// going out.
     #[tokio::test]
     async fn a_client_behind_makes_progress_only_in_whole_steps() {
         let mut idle = IdleTimer::new(Duration::from_secs(60));
         assert!(progress(&mut idle, |i| i.wrote(1)), "any write while keeping up");
+        assert!(progress(&mut idle, IdleTimer::read), "any read while keeping up");
         idle.behind = true;
+        assert!(!progress(&mut idle, IdleTimer::read), "a read while behind");
         assert!(!progress(&mut idle, |i| i.wrote(IDLE_WRITE_PROGRESS_BYTES - 1)), "a trickle");
         assert!(progress(&mut idle, |i| i.wrote(1)), "the step's last byte");
         assert!(!progress(&mut idle, |i| i.wrote(IDLE_WRITE_PROGRESS_BYTES - 1)), "a step begins again");
