@@ -266,8 +266,8 @@ pub enum Standing {
 
 pub fn standing(tx: &Tx, cert_der: &[u8]) -> Result<Standing, KvError> {
     let id = cloister_crypto::node_id_of(cert_der);
-    match gov::node(tx, &id.to_string())? {
-        Some(n) => Ok(match n.status {
+    match gov::node_status(tx, &id.to_string())? {
+        Some(status) => Ok(match status {
             NodeStatus::Trusted => Standing::Trusted,
             NodeStatus::Pending => Standing::Pending,
             NodeStatus::Retired => Standing::Retired,

@@ -24,7 +24,7 @@ fn endorsement_material(store: &Store, id: &str, cert_sha256: &str) -> anyhow::R
     let tx = store.begin()?;
     let endorsed = gov::get::<gov::EndorsementRecord>(&tx, gov::ENDORSEMENTS, id.as_bytes())?
         .is_some_and(|e| e.until.is_none() && e.cert_sha256 == cert_sha256);
-    let trusted = gov::node(&tx, id)?.is_some_and(|n| n.status == gov::NodeStatus::Trusted);
+    let trusted = gov::node_status(&tx, id)? == Some(gov::NodeStatus::Trusted);
     if !(endorsed && trusted) {
         return Ok(None);
     }

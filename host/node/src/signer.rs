@@ -95,7 +95,7 @@ fn nothing_to_sign(last: Option<(u64, u64)>, size: u64) -> bool {
 fn endorsed(tx: &kv::Tx, signer: &cloister_ledger::entry::NodeSigner) -> anyhow::Result<bool> {
     let id = signer.node_id.to_string();
     let endorsement: Option<kv::gov::EndorsementRecord> = kv::gov::get(tx, kv::gov::ENDORSEMENTS, id.as_bytes())?;
-    let retired = kv::gov::node(tx, &id)?.is_none_or(|n| n.status == kv::gov::NodeStatus::Retired);
+    let retired = kv::gov::node_status(tx, &id)?.is_none_or(|s| s == kv::gov::NodeStatus::Retired);
     let ours = hex::encode(cloister_ledger::entry::cert_sha256(&signer.cert_der));
     Ok(!retired && endorsement.is_some_and(|e| e.until.is_none() && e.cert_sha256 == ours))
 }

@@ -377,3 +377,69 @@ fn scans_match_their_snapshot_while_commits_run() {
         assert!(r.join().expect("no reader saw an inconsistent scan") > 0);
     }
 }
+
+/// Each governance view reads its field as the whole record does, however large the record's
+/// other fields, and refuses a record that lacks a field the whole record needs, as it does.
+#[test]
+fn a_governance_view_reads_what_the_whole_record_holds() {
+    use gov::{MemberStatus, NodeStatus, ServiceState};
+    let (_d, s) = store();
+    let large = serde_json::json!({"report": "ab".repeat(2048), "chain": ["c".repeat(1500), "d".repeat(1500)]});
+    let mut tx = s.begin().unwrap();
+    let nodes = [NodeStatus::Pending, NodeStatus::Trusted, NodeStatus::Retired];
+    for (i, status) in nodes.into_iter().enumerate() {
+        let node = gov::NodeRecord {
+            name: format!("node{i}"),
+            status,
+            cert: "PEM".into(),
+            evidence: large.clone(),
+            verified: serde_json::json!({"measurement": "00"}),
+        };
+        tx.put(gov::NODES, format!("n{i}").as_bytes(), &serde_json::to_vec(&node).unwrap());
+    }
+    for (i, status) in [MemberStatus::Accepted, MemberStatus::Active].into_iter().enumerate() {
+        let member = gov::MemberRecord { cert: "PEM".into(), status, encryption_key: None, data: large.clone() };
+        tx.put(gov::MEMBERS, format!("m{i}").as_bytes(), &serde_json::to_vec(&member).unwrap());
+    }
+    let user = gov::UserRecord { cert: "PEM".into(), data: large.clone() };
+    tx.put(gov::USERS, b"u0", &serde_json::to_vec(&user).unwrap());
+    s.apply(&tx.into_writes()).unwrap();
+
+    let tx = s.begin().unwrap();
+    for id in ["n0", "n1", "n2", "absent"] {
+        assert_eq!(gov::node_status(&tx, id).unwrap(), gov::node(&tx, id).unwrap().map(|n| n.status), "{id}");
+    }
+    for id in ["m0", "m1", "absent"] {
+        assert_eq!(gov::member_status(&tx, id).unwrap(), gov::member(&tx, id).unwrap().map(|m| m.status), "{id}");
+    }
+    for id in ["u0", "absent"] {
+        assert_eq!(gov::is_user(&tx, id).unwrap(), gov::user(&tx, id).unwrap().is_some(), "{id}");
+    }
+    assert_eq!(gov::service_state(&tx).unwrap(), None);
+    for state in [ServiceState::Opening, ServiceState::Open, ServiceState::Recovering] {
+        let mut tx = s.begin().unwrap();
+        let service = gov::ServiceRecord {
+            state,
+            cert: "PEM".into(),
+            recovery_threshold: 1,
+            identity: Some("c".repeat(1500)),
+            previous_identities: Vec::new(),
+            rekeys_requested: 0,
+        };
+        tx.put(gov::SERVICE, gov::SERVICE_KEY, &serde_json::to_vec(&service).unwrap());
+        assert_eq!(gov::service_state(&tx).unwrap(), Some(state));
+        assert_eq!(gov::service(&tx).unwrap().map(|s| s.state), Some(state));
+    }
+
+    // A record without its certificate decodes neither way.
+    let mut tx = s.begin().unwrap();
+    tx.put(gov::NODES, b"bare", br#"{"name":"bare","status":"Trusted"}"#);
+    tx.put(gov::MEMBERS, b"bare", br#"{"status":"Active"}"#);
+    tx.put(gov::USERS, b"bare", br#"{"data":null}"#);
+    tx.put(gov::SERVICE, gov::SERVICE_KEY, br#"{"state":"Open"}"#);
+    let refused = |read: &dyn Fn(&Tx)| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&tx))).is_err();
+    assert!(refused(&|tx| drop(gov::node(tx, "bare"))) && refused(&|tx| drop(gov::node_status(tx, "bare"))));
+    assert!(refused(&|tx| drop(gov::member(tx, "bare"))) && refused(&|tx| drop(gov::member_status(tx, "bare"))));
+    assert!(refused(&|tx| drop(gov::user(tx, "bare"))) && refused(&|tx| drop(gov::is_user(tx, "bare"))));
+    assert!(refused(&|tx| drop(gov::service(tx))) && refused(&|tx| drop(gov::service_state(tx))));
+}

@@ -543,10 +543,10 @@ impl Service {
             return Ok(Caller::anonymous());
         };
         let id = identity::id_of_der(der);
-        if gov::member(tx, &id)?.is_some_and(|m| m.status == gov::MemberStatus::Active) {
+        if gov::member_status(tx, &id)? == Some(gov::MemberStatus::Active) {
             return Ok(Caller::member(id));
         }
-        if gov::user(tx, &id)?.is_some() {
+        if gov::is_user(tx, &id)? {
             return Ok(Caller::user(id));
         }
         if auth == Auth::Public {
@@ -674,8 +674,7 @@ impl Service {
 
     /// Refuses app calls until members have opened the service.
     fn ensure_open(&self) -> Result<(), ApiError> {
-        let state = gov::service(&self.store.begin()?)?.map(|s| s.state);
-        if state != Some(gov::ServiceState::Open) {
+        if gov::service_state(&self.store.begin()?)? != Some(gov::ServiceState::Open) {
             return Err(ApiError::new(
                 503,
                 "ServiceNotOpen",
