@@ -425,6 +425,11 @@ impl Consensus {
         matches!(tokio::time::timeout(timeout, applied.wait_for(covers)).await, Ok(Ok(_)))
     }
 
+    /// What this node has applied, as a receiver that changes after every applied batch.
+    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<Applied> {
+        self.sm.subscribe()
+    }
+
     /// The term this node is in.
     pub fn term(&self) -> u64 {
         self.metrics().current_term

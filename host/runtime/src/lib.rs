@@ -10,7 +10,7 @@ mod limits;
 mod wasi;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use cloister_abi::abi::{self, Manifest, Privilege, RequestHead, ResponseHead};
@@ -127,13 +127,20 @@ pub struct Runtime {
     /// for up to `request_timeout_ms`).
     compiling: Mutex<()>,
     observer: Option<Arc<dyn ExecObserver>>,
+    watchdog: Arc<Watchdog>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.watchdog.stop();
+    }
 }
 
 impl Runtime {
     pub fn new(limits: Limits) -> anyhow::Result<Runtime> {
         limits.check().map_err(anyhow::Error::msg)?;
         let engine = Engine::new(&engine_config(&limits))?;
-        start_watchdog(&engine);
+        let watchdog = Watchdog::start(&engine);
         let linker = host::linker(&engine)?;
         let gov_limits =
             Arc::new(Limits { value_bytes_max: limits.value_bytes_max.max(limits.module_bytes_max), ..limits.clone() });
@@ -145,6 +152,7 @@ impl Runtime {
             modules: Mutex::default(),
             compiling: Mutex::default(),
             observer: None,
+            watchdog,
         })
     }
 
@@ -221,6 +229,7 @@ impl Runtime {
     }
 
     fn read_manifest(&self, pre: &InstancePre<HostState>) -> Result<Manifest, LoadError> {
+        let _watched = self.watchdog.watch();
         let (mut store, _) = self.store(None, Mode::Readonly, "", &Caller::anonymous(), Privilege::App);
         let fuel = self.limits.fuel_per_request;
         let bytes = (|| -> Result<Vec<u8>, ExecError> {
@@ -240,6 +249,7 @@ impl Runtime {
     ///
     /// On error the transaction may hold partial writes: the caller must discard it.
     pub fn execute(&self, module: &LoadedModule, inv: Invocation<'_>, tx: Tx) -> (Tx, Result<Outcome, ExecError>) {
+        let _watched = self.watchdog.watch();
         let (mut store, output) = self.store(Some(tx), inv.mode, inv.namespace, &inv.head.caller, inv.privilege);
         let result = self.run(&mut store, module, &inv);
         output.lock().expect("guest output lock").emit(&inv.head.request_id);
@@ -342,19 +352,97 @@ fn engine_config(limits: &Limits) -> Config {
     config
 }
 
-/// Advances the engine's epoch every tick for as long as the engine lives.
-fn start_watchdog(engine: &Engine) {
-    let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("wasm-watchdog".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(Duration::from_millis(limits::EPOCH_TICK_MS));
+/// The thread that advances the engine's epoch every [`limits::EPOCH_TICK_MS`], so that a store
+/// whose deadline passes traps ([`Limits::wall_time_ms`]). It ticks while any contract runs and
+/// for [`limits::WATCHDOG_IDLE_TICKS`] after the last one ends, then sleeps until the next starts.
+/// The epoch stands still only while no store exists to read it, so every deadline counts from
+/// ticks that run.
+struct Watchdog {
+    state: Mutex<WatchState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// Contracts running now.
+    running: usize,
+    /// The thread waits on `wake` and ticks no more.
+    asleep: bool,
+    /// The runtime is gone: the thread ends.
+    stopped: bool,
+}
+
+/// One contract's run: the watchdog ticks at least until it is dropped.
+struct Watched<'a>(&'a Watchdog);
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        self.0.lock().running -= 1;
+    }
+}
+
+impl Watchdog {
+    fn start(engine: &Engine) -> Arc<Watchdog> {
+        let watchdog = Arc::new(Watchdog { state: Mutex::default(), wake: Condvar::new() });
+        let (weak, dog) = (engine.weak(), watchdog.clone());
+        std::thread::Builder::new()
+            .name("wasm-watchdog".into())
+            .spawn(move || dog.run(&weak))
+            .expect("spawning the watchdog thread");
+        watchdog
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        // The state is three plain fields, each written whole: a panic elsewhere leaves it sound.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks a contract as running until the guard drops, waking the thread if it sleeps. Taken
+    /// before the store is made: while the thread sleeps the epoch stands still, so the store's
+    /// deadline counts from the ticks that follow.
+    fn watch(&self) -> Watched<'_> {
+        let mut state = self.lock();
+        state.running += 1;
+        if state.asleep {
+            self.wake.notify_one();
+        }
+        Watched(self)
+    }
+
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.wake.notify_one();
+    }
+
+    #[cfg(test)]
+    fn is_asleep(&self) -> bool {
+        self.lock().asleep
+    }
+
+    fn run(&self, engine: &wasmtime::EngineWeak) {
+        let mut idle = 0u32;
+        loop {
+            std::thread::sleep(Duration::from_millis(limits::EPOCH_TICK_MS));
+            match engine.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
             }
-        })
-        .expect("spawning the watchdog thread");
+            let mut state = self.lock();
+            if state.stopped {
+                return;
+            }
+            idle = if state.running == 0 { idle + 1 } else { 0 };
+            if idle < limits::WATCHDOG_IDLE_TICKS {
+                continue;
+            }
+            state.asleep = true;
+            while state.running == 0 && !state.stopped {
+                state = self.wake.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            state.asleep = false;
+            idle = 0;
+        }
+    }
 }
 
 fn val_type(t: abi::ValType) -> &'static str {

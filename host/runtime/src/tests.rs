@@ -101,6 +101,25 @@ fn an_infinite_loop_is_stopped_by_the_wall_clock_watchdog() {
 }
 
 #[test]
+fn the_watchdog_sleeps_when_idle_and_a_loop_that_starts_then_is_still_stopped() {
+    let f = fixture(Limits { fuel_per_request: u64::MAX / 2, wall_time_ms: 100, ..Limits::default() });
+    let idle = Duration::from_millis(limits::EPOCH_TICK_MS * u64::from(limits::WATCHDOG_IDLE_TICKS));
+    let waited = std::time::Instant::now();
+    while !f.runtime.watchdog.is_asleep() {
+        assert!(waited.elapsed() < idle * 10, "the watchdog still ticks {:?} after the last run", waited.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The loop must wake it. It runs on a thread of its own, so that a watchdog that stayed
+    // asleep fails the test instead of hanging it.
+    let f = Arc::new(f);
+    let (done, finished) = std::sync::mpsc::channel();
+    let runner = f.clone();
+    std::thread::spawn(move || done.send(runner.call("POST", "/loop", "").map(drop)));
+    let outcome = finished.recv_timeout(Duration::from_secs(10)).expect("the loop was never stopped");
+    assert_eq!(outcome.unwrap_err().code(), "WallTimeExceeded");
+}
+
+#[test]
 fn unbounded_memory_growth_hits_the_memory_cap() {
     let f = fixture(Limits { memory_bytes_max: 16 << 20, ..Limits::default() });
     let err = f.refused("POST", "/grow", "MemoryLimitExceeded");
