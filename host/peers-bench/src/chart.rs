@@ -1,12 +1,13 @@
 //! The table as a PNG: one panel per network size, a group of bars (one per system) for each
-//! point of clients and where they connect.
+//! point of clients and where they connect; with several rounds, each bar is the median.
 
 use std::path::Path;
 
 use anyhow::Context;
 use plotters::prelude::*;
 
-use crate::{Mode, Point};
+use crate::Mode;
+use crate::summary::Row;
 
 /// Fonts the chart can use, in order (Debian: fonts-dejavu-core, fonts-liberation).
 const FONTS: &[&str] = &[
@@ -16,7 +17,7 @@ const FONTS: &[&str] = &[
 
 const COLOURS: &[RGBColor] = &[RGBColor(90, 90, 90), RGBColor(31, 119, 180), RGBColor(255, 127, 14)];
 
-pub fn draw(points: &[Point], path: &Path) -> anyhow::Result<()> {
+pub fn draw(points: &[Row], path: &Path) -> anyhow::Result<()> {
     let font = FONTS
         .iter()
         .find_map(|f| std::fs::read(f).ok())

@@ -9,9 +9,15 @@
 //! leader, or round-robin over every node. It prints one table (throughput, p50, p99, and each
 //! Cloister figure divided by etcd's for the same point) and writes it as Markdown, JSON, and a
 //! PNG chart.
+//!
+//! Every system of one network size is up at once, and each point runs on each system in turn
+//! before the next point: the figures a ratio compares are measured seconds apart, not minutes,
+//! on a machine whose speed drifts. `--rounds` repeats every point; the table then shows medians,
+//! and each ratio is the median of the rounds' own ratios, with their range.
 
 mod chart;
 mod load;
+mod summary;
 mod systems;
 
 /// The slice of etcd's v3 API the benchmark speaks (`proto/etcd.proto`).
@@ -47,6 +53,10 @@ struct Args {
     /// Seconds each point runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Times every point runs (on every system in turn, each round after the one before); the
+    /// table shows medians, and the range of the rounds' ratios.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Seconds each point's clients run first, uncounted.
     #[arg(long, default_value_t = 1)]
     warmup_seconds: u64,
@@ -91,13 +101,15 @@ impl Mode {
     }
 }
 
-/// One measured point.
+/// One measured point, in one round.
 #[derive(Debug, Clone, Serialize)]
 pub struct Point {
     pub system: &'static str,
     pub nodes: usize,
     pub mode: Mode,
     pub clients: usize,
+    /// Which round (from 1) measured it.
+    pub round: u32,
     pub requests: u64,
     pub errors: u64,
     pub per_second: f64,
@@ -138,51 +150,88 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let warmup = Duration::from_secs(args.warmup_seconds);
     let mut points: Vec<Point> = Vec::new();
     for &nodes in &args.nodes {
+        let mut up: Vec<Under> = Vec::new();
         if args.systems.iter().any(|s| s == "etcd") {
             let etcd = systems::Etcd::start(&args.etcd, nodes, args.port).await?;
             eprintln!("etcd: {nodes} member(s) up");
-            for mode in modes(nodes, &args.modes) {
-                let urls = etcd.urls(mode).await?;
-                for &clients in &args.clients {
-                    let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
-                    let point =
-                        load::drive(points.len() as u32, etcd.target(), &urls, clients, warmup, duration, &workload)
-                            .await?;
-                    points.push(report("etcd", nodes, mode, clients, point));
-                }
+            let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
+            up.push(Under { system: "etcd", workload, network: Network::Etcd(etcd) });
+        }
+        for (system, app, workload, port) in [
+            ("cloister kv put", "kv", Workload::KvPut { value_bytes: args.value_bytes }, KV_PORT_OFFSET),
+            ("cloister reconcile ingest", "reconcile", Workload::ReconcileIngest, RECONCILE_PORT_OFFSET),
+        ] {
+            if args.systems.iter().any(|s| s == app) {
+                let sandbox = systems::Sandbox::start(&cloister, nodes, args.port + port, app).await?;
+                eprintln!("{system}: {nodes} node(s) up");
+                up.push(Under { system, workload, network: Network::Sandbox(sandbox) });
             }
         }
-        for (system, app, workload) in [
-            ("cloister kv put", "kv", Workload::KvPut { value_bytes: args.value_bytes }),
-            ("cloister reconcile ingest", "reconcile", Workload::ReconcileIngest),
-        ] {
-            if !args.systems.iter().any(|s| s == app) {
-                continue;
+        for round in 1..=args.rounds {
+            if args.rounds > 1 {
+                eprintln!("round {round} of {}", args.rounds);
             }
-            let sandbox = systems::Sandbox::start(&cloister, nodes, args.port + 20, app).await?;
-            eprintln!("{system}: {nodes} node(s) up");
             for mode in modes(nodes, &args.modes) {
-                let urls = sandbox.urls(mode).await?;
                 for &clients in &args.clients {
-                    let point =
-                        load::drive(points.len() as u32, sandbox.target(), &urls, clients, warmup, duration, &workload)
-                            .await?;
-                    points.push(report(system, nodes, mode, clients, point));
+                    for under in &up {
+                        // Asked each time: a leader may change between points.
+                        let urls = under.network.urls(mode).await?;
+                        let target = under.network.target();
+                        let measured =
+                            load::drive(points.len() as u32, target, &urls, clients, warmup, duration, &under.workload)
+                                .await?;
+                        points.push(report(under.system, nodes, mode, clients, round, measured));
+                    }
                 }
             }
         }
     }
-    let table = table(&points);
+    let rows = summary::rows(&points);
+    let table = summary::table(&rows, args.rounds);
     println!("\n{table}");
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     std::fs::write(args.out.join("peers.md"), &table)?;
-    std::fs::write(args.out.join("peers.json"), serde_json::to_vec_pretty(&points)?)?;
+    let json = serde_json::json!({ "rounds": args.rounds, "rows": rows, "points": points });
+    std::fs::write(args.out.join("peers.json"), serde_json::to_vec_pretty(&json)?)?;
     let png = args.out.join("peers.png");
-    match chart::draw(&points, &png) {
+    match chart::draw(&rows, &png) {
         Ok(()) => eprintln!("wrote {}, peers.md and peers.json", png.display()),
         Err(e) => eprintln!("wrote peers.md and peers.json; no chart: {e:#}"),
     }
     Ok(())
+}
+
+/// Ports past `--port` where each Cloister sandbox starts: etcd takes 2 per member and a sandbox 3
+/// per node, so up to 7 nodes of each fit side by side.
+const KV_PORT_OFFSET: u16 = 20;
+const RECONCILE_PORT_OFFSET: u16 = 50;
+
+/// A system under test: its network, and what its clients send.
+struct Under {
+    system: &'static str,
+    workload: Workload,
+    network: Network,
+}
+
+enum Network {
+    Etcd(systems::Etcd),
+    Sandbox(systems::Sandbox),
+}
+
+impl Network {
+    fn target(&self) -> &load::Target {
+        match self {
+            Network::Etcd(e) => e.target(),
+            Network::Sandbox(s) => s.target(),
+        }
+    }
+
+    async fn urls(&self, mode: Mode) -> anyhow::Result<Vec<String>> {
+        match self {
+            Network::Etcd(e) => e.urls(mode).await,
+            Network::Sandbox(s) => s.urls(mode).await,
+        }
+    }
 }
 
 /// Where clients connect: on one node, the leader is every node.
@@ -190,12 +239,13 @@ fn modes(nodes: usize, asked: &[Mode]) -> Vec<Mode> {
     if nodes == 1 { vec![Mode::Leader] } else { asked.to_vec() }
 }
 
-fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, r: load::Measured) -> Point {
+fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, round: u32, r: load::Measured) -> Point {
     let point = Point {
         system,
         nodes,
         mode,
         clients,
+        round,
         requests: r.requests,
         errors: r.errors,
         per_second: r.per_second(),
@@ -211,37 +261,4 @@ fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, r: loa
         if point.errors > 0 { format!("  ({} errors)", point.errors) } else { String::new() }
     );
     point
-}
-
-/// The Markdown table: every point, with each Cloister figure against etcd's at the same point
-/// (throughput ratio above 1 and latency ratio below 1 favour Cloister).
-fn table(points: &[Point]) -> String {
-    let mut out = String::from(
-        "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | ops/s ÷ etcd | p50 ÷ etcd | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for p in points {
-        let etcd = points
-            .iter()
-            .find(|e| e.system == "etcd" && e.nodes == p.nodes && e.mode == p.mode && e.clients == p.clients);
-        let (rate, p50) = match etcd {
-            Some(e) if p.system != "etcd" => (
-                format!("{:.2}", p.per_second / e.per_second.max(1e-9)),
-                format!("{:.2}", p.p50_ms / e.p50_ms.max(1e-9)),
-            ),
-            _ => ("".into(), "".into()),
-        };
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {rate} | {p50} | {} |\n",
-            p.system,
-            p.nodes,
-            p.mode.name(),
-            p.clients,
-            p.per_second,
-            p.p50_ms,
-            p.p99_ms,
-            p.errors
-        ));
-    }
-    out
 }

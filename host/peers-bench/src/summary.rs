@@ -1,0 +1,212 @@
+//! From every round's points to the table: one row per system and point, with medians over the
+//! rounds, and each Cloister figure over etcd's as the median of the rounds' own ratios (each
+//! round's Cloister point against the etcd point measured just before it), with their range.
+
+use serde::Serialize;
+
+use crate::{Mode, Point};
+
+/// One system at one point, over every round.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub system: &'static str,
+    pub nodes: usize,
+    pub mode: Mode,
+    pub clients: usize,
+    pub rounds: usize,
+    /// Medians over the rounds.
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Failed requests, summed over the rounds.
+    pub errors: u64,
+    /// Throughput over etcd's (above 1 favours Cloister); none for etcd, or with no etcd point.
+    pub rate_vs_etcd: Option<Spread>,
+    /// p50 over etcd's (below 1 favours Cloister).
+    pub p50_vs_etcd: Option<Spread>,
+}
+
+/// A ratio over the rounds that measured both systems.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Option<Spread> {
+        Some(Spread {
+            median: median(values)?,
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+
+    fn cell(self) -> String {
+        if self.min == self.max {
+            format!("{:.2}", self.median)
+        } else {
+            format!("{:.2} ({:.2}–{:.2})", self.median, self.min, self.max)
+        }
+    }
+}
+
+/// The middle value, or the mean of the two middle ones; none of nothing.
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+fn same_point(a: &Point, b: &Point) -> bool {
+    a.nodes == b.nodes && a.mode == b.mode && a.clients == b.clients
+}
+
+/// One row per system and point, in the order the points first ran.
+pub fn rows(points: &[Point]) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for first in points {
+        if rows.iter().any(|r| {
+            r.system == first.system && r.nodes == first.nodes && r.mode == first.mode && r.clients == first.clients
+        }) {
+            continue;
+        }
+        let own: Vec<&Point> = points.iter().filter(|p| p.system == first.system && same_point(p, first)).collect();
+        let of = |f: fn(&Point) -> f64| median(&own.iter().map(|p| f(p)).collect::<Vec<_>>()).unwrap_or_default();
+        let (mut rates, mut p50s) = (Vec::new(), Vec::new());
+        if first.system != "etcd" {
+            for p in &own {
+                let etcd = points.iter().find(|e| e.system == "etcd" && e.round == p.round && same_point(e, p));
+                if let Some(e) = etcd {
+                    rates.push(p.per_second / e.per_second.max(1e-9));
+                    p50s.push(p.p50_ms / e.p50_ms.max(1e-9));
+                }
+            }
+        }
+        rows.push(Row {
+            system: first.system,
+            nodes: first.nodes,
+            mode: first.mode,
+            clients: first.clients,
+            rounds: own.len(),
+            per_second: of(|p| p.per_second),
+            p50_ms: of(|p| p.p50_ms),
+            p99_ms: of(|p| p.p99_ms),
+            errors: own.iter().map(|p| p.errors).sum(),
+            rate_vs_etcd: Spread::of(&rates),
+            p50_vs_etcd: Spread::of(&p50s),
+        });
+    }
+    rows
+}
+
+/// The Markdown table, led by a line saying what its figures are.
+pub fn table(rows: &[Row], rounds: u32) -> String {
+    let mut out = if rounds > 1 {
+        format!("Medians of {rounds} rounds; each ratio is the median of the rounds' own ratios, with their range.\n\n")
+    } else {
+        String::from("One round.\n\n")
+    };
+    out.push_str(
+        "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | ops/s ÷ etcd | p50 ÷ etcd | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |\n",
+            r.system,
+            r.nodes,
+            r.mode.name(),
+            r.clients,
+            r.per_second,
+            r.p50_ms,
+            r.p99_ms,
+            cell(r.rate_vs_etcd),
+            cell(r.p50_vs_etcd),
+            r.errors
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(system: &'static str, round: u32, clients: usize, per_second: f64, p50_ms: f64) -> Point {
+        Point {
+            system,
+            nodes: 3,
+            mode: Mode::Leader,
+            clients,
+            round,
+            requests: 100,
+            errors: u64::from(round == 2),
+            per_second,
+            p50_ms,
+            p99_ms: p50_ms * 3.0,
+        }
+    }
+
+    #[test]
+    fn a_median_is_the_middle_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[9.0, 1.0, 4.0]), Some(4.0));
+        assert_eq!(median(&[9.0, 1.0, 4.0, 2.0]), Some(3.0));
+    }
+
+    #[test]
+    fn each_ratio_pairs_a_round_with_the_etcd_point_of_the_same_round() {
+        // etcd slows down in round 2 and Cloister with it: each round's ratio pairs the two
+        // points of that round (0.5, 0.6 and 0.55), whatever the machine did between rounds.
+        let points = vec![
+            point("etcd", 1, 1, 1000.0, 1.0),
+            point("kv", 1, 1, 500.0, 2.0),
+            point("etcd", 1, 16, 4000.0, 4.0),
+            point("kv", 1, 16, 4400.0, 3.0),
+            point("etcd", 2, 1, 500.0, 2.0),
+            point("kv", 2, 1, 300.0, 5.0),
+            point("etcd", 2, 16, 2000.0, 8.0),
+            point("kv", 2, 16, 2000.0, 8.0),
+            point("etcd", 3, 1, 800.0, 1.0),
+            point("kv", 3, 1, 440.0, 2.0),
+        ];
+        let rows = rows(&points);
+        let names: Vec<_> = rows.iter().map(|r| (r.system, r.clients, r.rounds)).collect();
+        assert_eq!(names, [("etcd", 1, 3), ("kv", 1, 3), ("etcd", 16, 2), ("kv", 16, 2)]);
+        let kv1 = &rows[1];
+        assert_eq!(kv1.per_second, 440.0);
+        assert_eq!(kv1.p99_ms, 6.0);
+        assert_eq!(kv1.errors, 1);
+        let rate = kv1.rate_vs_etcd.unwrap();
+        assert!((rate.median - 0.55).abs() < 1e-9 && rate.min == 0.5 && (rate.max - 0.6).abs() < 1e-9, "{rate:?}");
+        assert_eq!(kv1.p50_vs_etcd, Some(Spread { median: 2.0, min: 2.0, max: 2.5 }));
+        let kv16 = &rows[3];
+        assert!((kv16.rate_vs_etcd.unwrap().median - 1.05).abs() < 1e-9);
+        assert_eq!(rows[0].rate_vs_etcd, None);
+    }
+
+    #[test]
+    fn the_table_shows_a_range_only_where_the_rounds_differ() {
+        let points = vec![
+            point("etcd", 1, 1, 1000.0, 1.0),
+            point("kv", 1, 1, 500.0, 2.0),
+            point("etcd", 2, 1, 1000.0, 1.0),
+            point("kv", 2, 1, 700.0, 2.0),
+            point("reconcile", 3, 1, 100.0, 1.0),
+        ];
+        let table = table(&rows(&points), 2);
+        assert!(table.starts_with("Medians of 2 rounds"), "{table}");
+        assert!(table.contains("| kv | 3 | leader | 1 | 600 | 2.00 | 6.00 | 0.60 (0.50–0.70) | 2.00 | 1 |"), "{table}");
+        // A system whose etcd point is missing gets no ratio rather than a made-up one.
+        assert!(table.contains("| reconcile | 3 | leader | 1 | 100 | 1.00 | 3.00 |  |  | 0 |"), "{table}");
+    }
+}
