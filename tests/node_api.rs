@@ -286,19 +286,11 @@ async fn one_address_cannot_lock_others_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms() {
     const IDLE: Duration = Duration::from_millis(1500);
-    let limits = Limits {
-        connections_max: 4,
-        connections_per_address_max: 2,
-        request_timeout_ms: 1000,
-        body_timeout_ms: 1000,
-        idle_connection_timeout_ms: IDLE.as_millis() as u64,
-        ..Limits::default()
-    };
-    let service = TestService::start(1, 0, RECONCILE, limits).await;
+    let service = four_slot_service(IDLE).await;
     let node = service.node();
     for addr in [node.rest_addr, node.grpc_addr] {
         let mut idle = Vec::new();
-        for attacker in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        for attacker in SLOT_HOLDERS {
             let opened = tokio::time::timeout(IDLE * 2, tls_connect(Some(attacker), addr, &service.ca_pem, None)).await;
             idle.push(opened.expect("a slot: the service's own clients have gone, or idled out"));
         }
@@ -336,19 +328,11 @@ async fn idle_connections_give_their_slots_back_after_idle_connection_timeout_ms
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_gives_its_slot_back_after_idle_connection_timeout_ms() {
     const IDLE: Duration = Duration::from_millis(1500);
-    let limits = Limits {
-        connections_max: 4,
-        connections_per_address_max: 2,
-        request_timeout_ms: 1000,
-        body_timeout_ms: 1000,
-        idle_connection_timeout_ms: IDLE.as_millis() as u64,
-        ..Limits::default()
-    };
-    let service = TestService::start(1, 0, RECONCILE, limits).await;
+    let service = four_slot_service(IDLE).await;
     let node = service.node();
     for addr in [node.rest_addr, node.grpc_addr] {
         let mut deaf = Vec::new();
-        for attacker in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        for attacker in SLOT_HOLDERS {
             deaf.push(never_reading(attacker, addr, &service.ca_pem, addr == node.rest_addr).await);
         }
         if addr == node.rest_addr {
@@ -383,6 +367,23 @@ async fn a_client_that_never_reads_gives_its_slot_back_after_idle_connection_tim
         let open = keeper.await.unwrap();
         assert_eq!(open, 0, "{addr}: connections kept open by frames that ask for nothing");
     }
+}
+
+/// The addresses that take every slot of [`four_slot_service`]'s listeners: two from each.
+const SLOT_HOLDERS: [&str; 4] = ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"];
+
+/// One node whose listeners each take four connections, two per address, and close one that
+/// makes no progress for `idle`.
+async fn four_slot_service(idle: Duration) -> TestService {
+    let limits = Limits {
+        connections_max: SLOT_HOLDERS.len(),
+        connections_per_address_max: 2,
+        request_timeout_ms: 1000,
+        body_timeout_ms: 1000,
+        idle_connection_timeout_ms: idle.as_millis() as u64,
+        ..Limits::default()
+    };
+    TestService::start(1, 0, RECONCILE, limits).await
 }
 
 /// Waits for a client from 127.0.0.4 to be served at `addr` (the REST or gRPC listener) while

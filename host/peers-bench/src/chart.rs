@@ -17,7 +17,7 @@ const FONTS: &[&str] = &[
 
 const COLOURS: &[RGBColor] = &[RGBColor(90, 90, 90), RGBColor(31, 119, 180), RGBColor(255, 127, 14)];
 
-pub fn draw(points: &[Row], path: &Path) -> anyhow::Result<()> {
+pub fn draw(rows: &[Row], path: &Path) -> anyhow::Result<()> {
     let font = FONTS
         .iter()
         .find_map(|f| std::fs::read(f).ok())
@@ -27,24 +27,24 @@ pub fn draw(points: &[Row], path: &Path) -> anyhow::Result<()> {
 
     let mut systems: Vec<&str> = Vec::new();
     let mut sizes: Vec<usize> = Vec::new();
-    for p in points {
-        if !systems.contains(&p.system) {
-            systems.push(p.system);
+    for r in rows {
+        if !systems.contains(&r.system) {
+            systems.push(r.system);
         }
-        if !sizes.contains(&p.nodes) {
-            sizes.push(p.nodes);
+        if !sizes.contains(&r.nodes) {
+            sizes.push(r.nodes);
         }
     }
     let root = BitMapBackend::new(path, (1400, 460 * sizes.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     for (panel, &nodes) in root.split_evenly((sizes.len(), 1)).iter().zip(&sizes) {
         let mut groups: Vec<(Mode, usize)> = Vec::new();
-        for p in points.iter().filter(|p| p.nodes == nodes) {
-            if !groups.contains(&(p.mode, p.clients)) {
-                groups.push((p.mode, p.clients));
+        for r in rows.iter().filter(|r| r.nodes == nodes) {
+            if !groups.contains(&(r.mode, r.clients)) {
+                groups.push((r.mode, r.clients));
             }
         }
-        let top = points.iter().filter(|p| p.nodes == nodes).map(|p| p.per_second).fold(1.0, f64::max) * 1.15;
+        let top = rows.iter().filter(|r| r.nodes == nodes).map(|r| r.per_second).fold(1.0, f64::max) * 1.15;
         let labels = groups.clone();
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("{nodes} node(s): writes per second (higher is better)"), ("sans-serif", 22))
@@ -73,11 +73,11 @@ pub fn draw(points: &[Row], path: &Path) -> anyhow::Result<()> {
         for (s, system) in systems.iter().enumerate() {
             let colour = COLOURS[s % COLOURS.len()];
             let bars = groups.iter().enumerate().filter_map(|(g, (mode, clients))| {
-                let p = points
+                let r = rows
                     .iter()
-                    .find(|p| p.system == *system && p.nodes == nodes && p.mode == *mode && p.clients == *clients)?;
+                    .find(|r| r.system == *system && r.nodes == nodes && r.mode == *mode && r.clients == *clients)?;
                 let left = g as f64 - 0.4 + s as f64 * width;
-                Some(Rectangle::new([(left, 0.0), (left + width * 0.9, p.per_second)], colour.filled()))
+                Some(Rectangle::new([(left, 0.0), (left + width * 0.9, r.per_second)], colour.filled()))
             });
             chart
                 .draw_series(bars)?

@@ -64,6 +64,13 @@ fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
+impl Row {
+    /// Whether `p` is one of this row's rounds: the same system at the same point.
+    fn summarises(&self, p: &Point) -> bool {
+        self.system == p.system && self.nodes == p.nodes && self.mode == p.mode && self.clients == p.clients
+    }
+}
+
 fn same_point(a: &Point, b: &Point) -> bool {
     a.nodes == b.nodes && a.mode == b.mode && a.clients == b.clients
 }
@@ -72,9 +79,7 @@ fn same_point(a: &Point, b: &Point) -> bool {
 pub fn rows(points: &[Point]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     for first in points {
-        if rows.iter().any(|r| {
-            r.system == first.system && r.nodes == first.nodes && r.mode == first.mode && r.clients == first.clients
-        }) {
+        if rows.iter().any(|r| r.summarises(first)) {
             continue;
         }
         let own: Vec<&Point> = points.iter().filter(|p| p.system == first.system && same_point(p, first)).collect();
