@@ -26,6 +26,13 @@ pub struct Row {
     pub p50_vs_etcd: Option<Spread>,
 }
 
+impl Row {
+    /// Whether `p` is one of this row's rounds: the same system at the same point.
+    fn summarises(&self, p: &Point) -> bool {
+        self.system == p.system && self.nodes == p.nodes && self.mode == p.mode && self.clients == p.clients
+    }
+}
+
 /// A ratio over the rounds that measured both systems.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Spread {
@@ -61,13 +68,6 @@ fn median(values: &[f64]) -> Option<f64> {
         0 => None,
         _ if n % 2 == 1 => Some(sorted[n / 2]),
         _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
-    }
-}
-
-impl Row {
-    /// Whether `p` is one of this row's rounds: the same system at the same point.
-    fn summarises(&self, p: &Point) -> bool {
-        self.system == p.system && self.nodes == p.nodes && self.mode == p.mode && self.clients == p.clients
     }
 }
 
