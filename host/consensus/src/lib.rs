@@ -336,7 +336,14 @@ impl Consensus {
     }
 
     fn metrics(&self) -> openraft::RaftMetrics<types::TypeConfig> {
-        self.raft.metrics().borrow_watched().clone()
+        self.read_metrics(Clone::clone)
+    }
+
+    /// Reads Raft's latest metrics in place. The writer asks a field or two of them for every
+    /// write (whether this node leads, its term); a clone would copy the membership and
+    /// replication maps each time.
+    fn read_metrics<R>(&self, read: impl FnOnce(&openraft::RaftMetrics<types::TypeConfig>) -> R) -> R {
+        read(&self.raft.metrics().borrow_watched())
     }
 
     pub fn stats(&self) -> RaftStats {
@@ -371,22 +378,21 @@ impl Consensus {
     }
 
     pub fn is_leader(&self) -> bool {
-        let m = self.metrics();
-        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+        self.read_metrics(|m| m.state == ServerState::Leader && m.current_leader == Some(self.id))
     }
 
     /// The current leader's addresses, if one is known.
     pub fn leader(&self) -> Option<NodeAddr> {
-        let m = self.metrics();
-        let leader = m.current_leader?;
-        m.membership_config.membership().get_node(&leader).cloned()
+        self.read_metrics(|m| m.membership_config.membership().get_node(&m.current_leader?).cloned())
     }
 
     /// Whether this node leads and has applied everything before its own term, so executing on
     /// top of its applied state sees every earlier transaction.
     pub fn caught_up(&self) -> bool {
-        let m = self.metrics();
-        m.state == ServerState::Leader && m.last_applied.as_ref().is_some_and(|l| l.leader_id.term == m.current_term)
+        self.read_metrics(|m| {
+            m.state == ServerState::Leader
+                && m.last_applied.as_ref().is_some_and(|l| l.leader_id.term == m.current_term)
+        })
     }
 
     /// Waits, up to `timeout`, until this node's applied state covers everything it could have
@@ -432,7 +438,7 @@ impl Consensus {
 
     /// The term this node is in.
     pub fn term(&self) -> u64 {
-        self.metrics().current_term
+        self.read_metrics(|m| m.current_term)
     }
 
     /// Waits until [`Consensus::caught_up`], or leadership is lost, or the timeout passes.
