@@ -3,21 +3,29 @@
 //! Criterion measures each case; a summary then prints every figure against its goal:
 //! - per-request overhead (fresh instance + empty handler): goal median ≤ 10 µs;
 //! - the reconcile contract in wasm vs compiled natively, 1,000-record ingest: goal ≤ 1.5×;
-//! - end-to-end batch ingest into redb vs raw redb inserts of the same rows: the ratio.
+//! - end-to-end batch ingest into redb vs raw redb inserts of the same rows: the ratio;
+//! - one write as the leader's writer executes it, on a sealed store: a kv put of 64 bytes against
+//!   a 1-record reconcile ingest (the two Cloister workloads of `just bench-peers`), per second of
+//!   one core.
 
 use std::cell::RefCell;
 use std::hint::black_box;
 use std::ops::Bound;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloister_abi::abi::{Privilege, RequestHead};
+use cloister_crypto::seal::Sealer;
 use cloister_runtime::{Invocation, Limits, LoadedModule, Runtime};
 use cloister_sdk::{Backend, Caller, Mode};
-use cloister_store::{self as kv, Store, Tx};
+use cloister_store::{self as kv, Store, Tx, WriteSet};
 use criterion::{Criterion, Throughput};
 
 const BATCH_RECORDS: usize = 1_000;
+/// Keys in the sealed store before the single-write cases run, as on a node that has served
+/// earlier points of the harness.
+const PREFILLED_WRITES: usize = 20_000;
 
 /// A module whose handler does nothing: it returns a fixed `204` envelope from a data segment.
 fn empty_handler_module() -> Vec<u8> {
@@ -53,6 +61,14 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("state.redb")).unwrap();
+    Setup { _dir: dir, runtime: Runtime::new(Limits::default()).unwrap(), store }
+}
+
+/// A store whose private values are sealed at rest, as a node's is.
+fn sealed_setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let sealer = Arc::new(Sealer::new(&Sealer::generate_secret()));
+    let store = Store::open_sealed(&dir.path().join("state.redb"), sealer).unwrap();
     Setup { _dir: dir, runtime: Runtime::new(Limits::default()).unwrap(), store }
 }
 
@@ -128,6 +144,38 @@ fn raw_redb_inserts(s: &Setup, body: &[u8]) {
     s.store.apply(&tx.into_writes()).unwrap();
 }
 
+/// One of the harness's two writes: its request, and the body for the `n`th write.
+struct SingleWrite {
+    module: Arc<LoadedModule>,
+    workload: &'static str,
+}
+
+impl SingleWrite {
+    /// The `n`th write's head, as the node routes it, and body: fresh keys every time, as the
+    /// harness sends them.
+    fn request(&self, n: usize) -> (RequestHead, Vec<u8>) {
+        if self.workload == "kv" {
+            let key = format!("bench-{n:09}");
+            let mut head = head("PUT", &format!("/kv/{key}"));
+            head.route = "/kv/{key}".into();
+            head.params = [("key".to_owned(), key)].into();
+            (head, vec![b'v'; 64])
+        } else {
+            (head("POST", "/ingest"), format!(r#"{{"lei":"B{n:012}","nace":"C.{}"}}"#, n % 97).into_bytes())
+        }
+    }
+
+    /// Executes the `n`th write over the store as the writer does, returning its write set.
+    fn execute(&self, s: &Setup, n: usize) -> WriteSet {
+        let (head, body) = self.request(n);
+        let inv =
+            Invocation { head: &head, body: &body, mode: Mode::Readwrite, namespace: "app", privilege: Privilege::App };
+        let (tx, result) = s.runtime.execute(&self.module, inv, s.store.begin().unwrap());
+        assert!(result.expect("the write runs").response.is_success());
+        tx.into_writes()
+    }
+}
+
 fn median(mut f: impl FnMut(), iterations: usize) -> Duration {
     let mut times: Vec<Duration> = (0..iterations)
         .map(|_| {
@@ -192,5 +240,61 @@ fn main() {
         rate(e2e),
         rate(raw),
         rate(e2e) / rate(raw)
+    );
+    single_writes();
+}
+
+/// The harness's two Cloister writes, one at a time on one core: executing one as the leader's
+/// writer does (a transaction over the state, the contract, its write set), and applying that
+/// write set with a non-durable commit as every node applies an entry that arrives alone (the
+/// Raft log, synced elsewhere, is what makes it durable; under load one commit covers a batch).
+/// Each on a sealed store prefilled with [`PREFILLED_WRITES`] writes of its own kind.
+fn single_writes() {
+    println!("\n== one write at a time (sealed store, {PREFILLED_WRITES} earlier writes; medians) ==");
+    let mut rates = Vec::new();
+    for workload in ["kv", "reconcile"] {
+        let s = sealed_setup();
+        let bytes = if workload == "kv" { cloister_bundled::KV } else { cloister_bundled::RECONCILE };
+        let write = SingleWrite { module: s.runtime.load(bytes).unwrap(), workload };
+        for chunk in (0..PREFILLED_WRITES).collect::<Vec<_>>().chunks(1_000) {
+            let mut batch = s.store.write_batch().unwrap();
+            for &n in chunk {
+                batch.apply(&write.execute(&s, n)).unwrap();
+            }
+            batch.commit().unwrap();
+        }
+        let mut n = PREFILLED_WRITES;
+        let execute = median(
+            || {
+                black_box(write.execute(&s, n));
+                n += 1;
+            },
+            5_000,
+        );
+        let writes: Vec<WriteSet> = (n..n + 5_000).map(|n| write.execute(&s, n)).collect();
+        let mut writes = writes.into_iter();
+        let apply = median(
+            || {
+                let mut batch = s.store.write_batch().unwrap();
+                batch.apply(&writes.next().unwrap()).unwrap();
+                batch.commit_nondurable().unwrap();
+            },
+            5_000,
+        );
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "{workload}: execute {:.1} µs, apply {:.1} µs ({:.0} and {:.0} writes/s of one core)",
+            us(execute),
+            us(apply),
+            1e6 / us(execute),
+            1e6 / us(apply)
+        );
+        rates.push((execute, apply));
+    }
+    let (kv, recon) = (rates[0], rates[1]);
+    println!(
+        "reconcile over kv: execute {:.2}x, apply {:.2}x the time",
+        recon.0.as_secs_f64() / kv.0.as_secs_f64(),
+        recon.1.as_secs_f64() / kv.1.as_secs_f64()
     );
 }
