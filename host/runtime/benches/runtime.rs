@@ -144,24 +144,44 @@ fn raw_redb_inserts(s: &Setup, body: &[u8]) {
     s.store.apply(&tx.into_writes()).unwrap();
 }
 
-/// One of the harness's two writes: its request, and the body for the `n`th write.
+/// `just bench-peers`' two Cloister writes.
+#[derive(Clone, Copy)]
+enum Workload {
+    /// The kv contract's put of a 64-byte value.
+    KvPut,
+    /// A 1-record reconcile ingest.
+    ReconcileIngest,
+}
+
+/// One of the two writes, with the contract that runs it.
 struct SingleWrite {
+    workload: Workload,
     module: Arc<LoadedModule>,
-    workload: &'static str,
 }
 
 impl SingleWrite {
-    /// The `n`th write's head, as the node routes it, and body: fresh keys every time, as the
-    /// harness sends them.
+    fn load(s: &Setup, workload: Workload) -> SingleWrite {
+        let wasm = match workload {
+            Workload::KvPut => cloister_bundled::KV,
+            Workload::ReconcileIngest => cloister_bundled::RECONCILE,
+        };
+        SingleWrite { workload, module: s.runtime.load(wasm).unwrap() }
+    }
+
+    /// The `n`th write's head, routed as the node routes it, and its body: fresh keys every
+    /// time, as the harness sends them.
     fn request(&self, n: usize) -> (RequestHead, Vec<u8>) {
-        if self.workload == "kv" {
-            let key = format!("bench-{n:09}");
-            let mut head = head("PUT", &format!("/kv/{key}"));
-            head.route = "/kv/{key}".into();
-            head.params = [("key".to_owned(), key)].into();
-            (head, vec![b'v'; 64])
-        } else {
-            (head("POST", "/ingest"), format!(r#"{{"lei":"B{n:012}","nace":"C.{}"}}"#, n % 97).into_bytes())
+        match self.workload {
+            Workload::KvPut => {
+                let key = format!("bench-{n:09}");
+                let mut head = head("PUT", &format!("/kv/{key}"));
+                head.route = "/kv/{key}".into();
+                head.params = [("key".to_owned(), key)].into();
+                (head, vec![b'v'; 64])
+            }
+            Workload::ReconcileIngest => {
+                (head("POST", "/ingest"), format!(r#"{{"lei":"B{n:012}","nace":"C.{}"}}"#, n % 97).into_bytes())
+            }
         }
     }
 
@@ -250,15 +270,15 @@ fn main() {
 /// Raft log, synced elsewhere, is what makes it durable; under load one commit covers a batch).
 /// Each on a sealed store prefilled with [`PREFILLED_WRITES`] writes of its own kind.
 fn single_writes() {
+    const RUNS: usize = 5_000;
     println!("\n== one write at a time (sealed store, {PREFILLED_WRITES} earlier writes; medians) ==");
-    let mut rates = Vec::new();
-    for workload in ["kv", "reconcile"] {
+    let mut timings = Vec::new();
+    for (name, workload) in [("kv put", Workload::KvPut), ("reconcile ingest", Workload::ReconcileIngest)] {
         let s = sealed_setup();
-        let bytes = if workload == "kv" { cloister_bundled::KV } else { cloister_bundled::RECONCILE };
-        let write = SingleWrite { module: s.runtime.load(bytes).unwrap(), workload };
-        for chunk in (0..PREFILLED_WRITES).collect::<Vec<_>>().chunks(1_000) {
+        let write = SingleWrite::load(&s, workload);
+        for first in (0..PREFILLED_WRITES).step_by(1_000) {
             let mut batch = s.store.write_batch().unwrap();
-            for &n in chunk {
+            for n in first..first + 1_000 {
                 batch.apply(&write.execute(&s, n)).unwrap();
             }
             batch.commit().unwrap();
@@ -269,32 +289,31 @@ fn single_writes() {
                 black_box(write.execute(&s, n));
                 n += 1;
             },
-            5_000,
+            RUNS,
         );
-        let writes: Vec<WriteSet> = (n..n + 5_000).map(|n| write.execute(&s, n)).collect();
-        let mut writes = writes.into_iter();
+        let mut writes = (n..n + RUNS).map(|n| write.execute(&s, n)).collect::<Vec<_>>().into_iter();
         let apply = median(
             || {
                 let mut batch = s.store.write_batch().unwrap();
                 batch.apply(&writes.next().unwrap()).unwrap();
                 batch.commit_nondurable().unwrap();
             },
-            5_000,
+            RUNS,
         );
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         println!(
-            "{workload}: execute {:.1} µs, apply {:.1} µs ({:.0} and {:.0} writes/s of one core)",
+            "{name}: execute {:.1} µs, apply {:.1} µs ({:.0} and {:.0} writes/s of one core)",
             us(execute),
             us(apply),
             1e6 / us(execute),
             1e6 / us(apply)
         );
-        rates.push((execute, apply));
+        timings.push((execute, apply));
     }
-    let (kv, recon) = (rates[0], rates[1]);
+    let ((kv_execute, kv_apply), (execute, apply)) = (timings[0], timings[1]);
     println!(
-        "reconcile over kv: execute {:.2}x, apply {:.2}x the time",
-        recon.0.as_secs_f64() / kv.0.as_secs_f64(),
-        recon.1.as_secs_f64() / kv.1.as_secs_f64()
+        "reconcile ingest over kv put: execute {:.2}x, apply {:.2}x the time",
+        execute.as_secs_f64() / kv_execute.as_secs_f64(),
+        apply.as_secs_f64() / kv_apply.as_secs_f64()
     );
 }
