@@ -339,9 +339,9 @@ impl Consensus {
         self.read_metrics(Clone::clone)
     }
 
-    /// Reads Raft's latest metrics in place. The writer asks a field or two of them for every
-    /// write (whether this node leads, its term); a clone would copy the membership and
-    /// replication maps each time.
+    /// Reads Raft's latest metrics in place. Every app write asks a field or two of them several
+    /// times (whether this node leads, in which term, whether it has caught up); a clone would
+    /// copy the membership and replication maps each time.
     fn read_metrics<R>(&self, read: impl FnOnce(&openraft::RaftMetrics<types::TypeConfig>) -> R) -> R {
         read(&self.raft.metrics().borrow_watched())
     }
