@@ -2,13 +2,13 @@
 //! index) and writes to the KV store, with the applied log id, the membership and the term
 //! history, all in one redb transaction.
 //!
-//! Applying does not wait for the disk: the Raft log (`raft.redb`, synced on every append) is the
-//! write-ahead log. A batch commits without durability, and every [`APPLY_DURABLE_INTERVAL`] (and
-//! before a snapshot is built, since openraft then purges the log behind it) one commit syncs the
-//! ledger files and then the state database, in that order and with no apply in between, so the
-//! durable index never runs ahead of the durable files. After a crash the state database is as its
-//! last durable commit left it, the node cuts the ledger files back to it, and openraft applies
-//! the log again from there.
+//! Applying does not wait for the disk: the Raft log (`raft-log/`, synced once per group of
+//! appends) is the write-ahead log. A batch commits without durability, and every
+//! [`APPLY_DURABLE_INTERVAL`] (and before a snapshot is built, since openraft then purges the log
+//! behind it) one commit syncs the ledger files and then the state database, in that order and
+//! with no apply in between, so the durable index never runs ahead of the durable files. After a
+//! crash the state database is as its last durable commit left it, the node cuts the ledger files
+//! back to it, and openraft applies the log again from there.
 //!
 //! Followers never run contract code: they apply the write sets the leader proposed, after
 //! checking every signature entry against their own tree. Snapshots are files holding every KV
@@ -46,6 +46,11 @@ const MEMBERSHIP: &str = "raft_membership";
 const TERMS: TableDefinition<u64, u64> = TableDefinition::new("raft_terms");
 /// Entries applied per transaction, so a long catch-up does not hold all in memory.
 const APPLY_BATCH_MAX: usize = 1024;
+/// The most entries a batch may hold and still be applied on the Raft state machine's own tokio
+/// task rather than on the blocking pool (see [`StateMachine::applies_inline`]).
+const APPLY_INLINE_ENTRIES_MAX: usize = 4;
+/// The most bytes of writes (public and sealed) such a batch may carry.
+const APPLY_INLINE_BYTES_MAX: usize = 16 << 10;
 /// Longest time between durable commits of applied state: at most this much applying is redone
 /// from the Raft log after a crash.
 pub const APPLY_DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -291,7 +296,10 @@ impl StateMachine {
 
     /// Applies a batch of entries: ledger files first (durably), then the index, the writes and
     /// the bookkeeping in one durable transaction. Returns whether a `gov.` map changed.
-    fn apply_batch(&self, batch: &[(LogId, Payload, Option<StoredMembership>)]) -> io::Result<bool> {
+    ///
+    /// `may_sync` lets it be the batch that makes everything durable when
+    /// `APPLY_DURABLE_INTERVAL` has passed; a batch applied on a tokio worker passes `false`.
+    fn apply_batch(&self, batch: &[(LogId, Payload, Option<StoredMembership>)], may_sync: bool) -> io::Result<bool> {
         let store = &self.inner.store;
         let mut membership = None;
         let mut writes = Vec::new();
@@ -348,7 +356,7 @@ impl StateMachine {
             txn.put_meta(MEMBERSHIP, &encode(&m)).map_err(io_other)?;
         }
         let mut durable_at = self.inner.durable_at.lock().expect("durability clock lock");
-        if durable_at.elapsed() >= APPLY_DURABLE_INTERVAL {
+        if may_sync && durable_at.elapsed() >= APPLY_DURABLE_INTERVAL {
             // This batch's write transaction excludes any other apply: nothing lands between the
             // files' sync and the durable commit.
             if let Some(ledger) = &self.inner.ledger {
@@ -895,11 +903,39 @@ impl StateMachine {
         durable.wait_for(|&d| d >= last).await.map(|_| ()).map_err(|_| io_other("the raft log has closed"))
     }
 
+    /// Whether `batch` is cheap enough to apply right here, on the tokio worker running the
+    /// state machine's task: a few app transactions with small write sets, and no durable commit
+    /// due. Handing a batch to the blocking pool wakes one of its threads and, when it is done,
+    /// a worker again; at one client that is the size of most batches, and the two hand-offs
+    /// cost more than applying one entry (a non-durable redb commit and a ledger file write,
+    /// tens of µs). Signature entries (a P-384 verification each), governance and membership
+    /// changes, large write sets and the periodic durable commit (an `fdatasync` of the ledger
+    /// files and of the state database) keep going to the blocking pool. A snapshot build holds
+    /// the state database's write transaction while it syncs (`checkpoint`): an inline apply
+    /// that meets it waits for that sync on the worker, once per snapshot.
+    fn applies_inline(&self, batch: &[EntryResponder<TypeConfig>]) -> bool {
+        if batch.len() > APPLY_INLINE_ENTRIES_MAX
+            || self.inner.durable_at.lock().expect("durability clock lock").elapsed() >= APPLY_DURABLE_INTERVAL
+        {
+            return false;
+        }
+        let mut bytes = 0;
+        for (entry, _) in batch {
+            let EntryPayload::Normal(tx) = &entry.payload else { return false };
+            if tx.kind != TxKind::App {
+                return false;
+            }
+            bytes += tx.public.bytes() + tx.private.as_ref().map_or(0, Vec::len);
+        }
+        bytes <= APPLY_INLINE_BYTES_MAX
+    }
+
     /// Applies `batch`: the last log id applied, whether a `gov.` map changed, and the
     /// responders to answer once the result is published.
     fn apply_entries(
         &self,
         batch: Vec<EntryResponder<TypeConfig>>,
+        may_sync: bool,
     ) -> io::Result<(Option<LogId>, bool, Vec<Responder>)> {
         let rows: Vec<_> = batch
             .iter()
@@ -913,7 +949,7 @@ impl StateMachine {
                 (entry.log_id(), payload, m)
             })
             .collect();
-        let gov_touched = self.apply_batch(&rows)?;
+        let gov_touched = self.apply_batch(&rows, may_sync)?;
         let last = rows.last().map(|(l, ..)| *l);
         Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect()))
     }
@@ -954,9 +990,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if pending.len() >= APPLY_BATCH_MAX || (end && !pending.is_empty()) {
                 let batch = std::mem::take(&mut pending);
                 self.wait_log_durable(&batch).await?;
-                let sm = self.clone();
-                let (last, gov_touched, responders) =
-                    tokio::task::spawn_blocking(move || sm.apply_entries(batch)).await.map_err(io_other)??;
+                let (last, gov_touched, responders) = if self.applies_inline(&batch) {
+                    self.apply_entries(batch, false)?
+                } else {
+                    let sm = self.clone();
+                    tokio::task::spawn_blocking(move || sm.apply_entries(batch, true)).await.map_err(io_other)??
+                };
                 self.publish(last, gov_touched);
                 for responder in responders {
                     responder.send(());
@@ -997,7 +1036,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 #[cfg(test)]
 mod tests {
+    use cloister_ledger::entry::TxEntry;
+
     use super::*;
+    use crate::types::Entry;
 
     cloister_test_support::proptest::proptest! {
         #![proptest_config(cloister_test_support::config())]
@@ -1057,6 +1099,65 @@ mod tests {
             out.push((k, v));
         }
         out
+    }
+
+    fn app_entry(index: u64, kind: TxKind, bytes: usize) -> EntryResponder<TypeConfig> {
+        let tx = TxEntry {
+            uid: [0; 16],
+            kind,
+            public: Default::default(),
+            private: Some(vec![7; bytes]),
+            claims_digest: None,
+            signature: None,
+        };
+        (Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 0, index), tx), None)
+    }
+
+    /// A few small app transactions apply on the state machine's own task; a batch with more
+    /// of them, larger ones, any other kind of entry, or the durable commit due goes to the
+    /// blocking pool.
+    #[test]
+    fn only_a_few_small_app_transactions_apply_inline() {
+        let (_dir, sm) = node_with([1; 32], &[]);
+        let batch = |n: u64, kind| (1..=n).map(|i| app_entry(i, kind, 100)).collect::<Vec<_>>();
+        let max = APPLY_INLINE_ENTRIES_MAX as u64;
+        assert!(sm.applies_inline(&batch(1, TxKind::App)));
+        assert!(sm.applies_inline(&batch(max, TxKind::App)));
+        assert!(!sm.applies_inline(&batch(max + 1, TxKind::App)));
+        for kind in [TxKind::Gov, TxKind::Signature, TxKind::Genesis] {
+            assert!(!sm.applies_inline(&batch(1, kind)), "{kind:?}");
+        }
+        let blank = (Entry::new_blank(openraft::testing::log_id::<TypeConfig>(1, 0, 1)), None);
+        assert!(!sm.applies_inline(&[blank]));
+        assert!(sm.applies_inline(&[app_entry(1, TxKind::App, APPLY_INLINE_BYTES_MAX)]));
+        assert!(!sm.applies_inline(&[app_entry(1, TxKind::App, APPLY_INLINE_BYTES_MAX + 1)]));
+        let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
+        *sm.inner.durable_at.lock().unwrap() = due;
+        assert!(!sm.applies_inline(&batch(1, TxKind::App)), "the durable commit is due");
+    }
+
+    /// Batches of one entry, as at one client, apply inline without a durable commit until
+    /// `APPLY_DURABLE_INTERVAL` has passed; the next one then goes to the blocking pool and
+    /// makes everything applied so far durable.
+    #[tokio::test]
+    async fn one_entry_batches_still_commit_durably_every_interval() {
+        let (_dir, mut sm) = node_with([1; 32], &[]);
+        let sealer = LedgerSecrets::first([1; 32]).current().1;
+        let entry = |i: u64| {
+            let mut ws = kv::WriteSet::default();
+            ws.put("app/m", format!("k{i}").as_bytes(), b"v");
+            let tx = TxEntry::new(TxKind::App, ws, None, &sealer);
+            Ok((Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 0, i), tx), None))
+        };
+        let durable_at = |sm: &StateMachine| *sm.inner.durable_at.lock().unwrap();
+        let before = durable_at(&sm);
+        sm.apply(futures::stream::iter([entry(1)])).await.unwrap();
+        assert_eq!(durable_at(&sm), before, "applied inline, with no durable commit");
+        let due = before.checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
+        *sm.inner.durable_at.lock().unwrap() = due;
+        sm.apply(futures::stream::iter([entry(2)])).await.unwrap();
+        assert!(durable_at(&sm) > before, "the batch after the interval committed durably");
+        assert_eq!(contents(&sm, "app/m").len(), 2);
     }
 
     /// Private entries travel sealed in chunks of about [`SNAPSHOT_CHUNK_BYTES`]: a state of
