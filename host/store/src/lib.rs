@@ -530,7 +530,7 @@ pub struct WriteBatch<'s> {
     removed: Vec<Arc<[u8]>>,
     /// Whether the batch cleared every map (then the union takes all of `before`).
     cleared: bool,
-    /// Whether the batch touched a private key at all.
+    /// Whether the batch changed the private key index (added or removed a key).
     changed: bool,
 }
 
@@ -540,19 +540,22 @@ impl WriteBatch<'_> {
         for (full, value) in &writes.entries {
             let table_key = self.store.table_key(full);
             let hidden = self.store.hides(full).is_some();
-            self.changed |= hidden;
             match value {
                 Some(v) => {
                     let stored = self.store.stored(full, &table_key, v);
                     table.insert(&*table_key, stored.as_slice()).map_err(|e| self.store.err(e))?;
-                    if hidden {
+                    // An overwritten key is in the index already: inserting it again would copy
+                    // the index's path to it (shared with every reader's view) for nothing.
+                    if hidden && !self.keys.contains(full.as_slice()) {
                         self.keys.insert(Arc::from(full.as_slice()));
+                        self.changed = true;
                     }
                 }
                 None => {
                     table.remove(&*table_key).map_err(|e| self.store.err(e))?;
                     if hidden && let Some(key) = self.keys.remove(full.as_slice()) {
                         self.removed.push(key);
+                        self.changed = true;
                     }
                 }
             }

@@ -378,6 +378,37 @@ fn scans_match_their_snapshot_while_commits_run() {
     }
 }
 
+/// Overwriting private keys leaves the key index as it was: nothing is published (which would
+/// copy the index's path to each key), and scans still find every key with its new value. Adding
+/// or removing a key publishes a new index.
+#[test]
+fn overwriting_private_keys_leaves_the_key_index_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sealed_store(&dir, [5; 32]);
+    let write = |f: &dyn Fn(&mut Tx)| {
+        let mut tx = s.begin().unwrap();
+        f(&mut tx);
+        s.apply(&tx.into_writes()).unwrap();
+    };
+    write(&|tx| (0..3u8).for_each(|n| tx.put("app/m", &[n], b"old")));
+    let version = s.published().0;
+
+    write(&|tx| {
+        tx.put("app/m", &[1], b"new");
+        tx.put("app/public:p", b"k", b"v");
+    });
+    assert_eq!(s.published().0, version, "an overwrite published a new index");
+    let found = scan(&s.begin().unwrap(), "app/m");
+    assert_eq!(found, [(vec![0], b"old".to_vec()), (vec![1], b"new".to_vec()), (vec![2], b"old".to_vec())]);
+
+    write(&|tx| tx.put("app/m", &[3], b"v"));
+    assert_eq!(s.published().0, version + 2, "a new key publishes (the union, then the index after)");
+    write(&|tx| assert!(tx.remove("app/m", &[0]).unwrap()));
+    assert_eq!(s.published().0, version + 4, "so does a removal");
+    let keys: Vec<_> = scan(&s.begin().unwrap(), "app/m").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, [vec![1], vec![2], vec![3]]);
+}
+
 /// Each governance view reads its field as the whole record does, however large the record's
 /// other fields, and refuses a record that lacks a field the whole record needs, as it does.
 #[test]
