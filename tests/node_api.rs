@@ -1125,5 +1125,8 @@ async fn metrics_parse_and_move_with_requests() {
     assert!(!text.contains("xyzzy"), "a path a client makes up never becomes a label:\n{text}");
     assert!(moved("cloister_raft_commit_index", &[]) >= 3.0, "{text}");
     assert!(moved("cloister_raft_apply_index", &[]) >= 3.0, "{text}");
+    let batches = moved("cloister_raft_apply_batches", &[]);
+    assert!(batches >= 1.0 && batches <= moved("cloister_raft_apply_index", &[]), "{text}");
+    assert!(value(&after, "cloister_state_durable_commits", &[]) >= 0.0, "{text}");
     assert!(moved("cloister_ledger_files_bytes", &[]) > 0.0, "{text}");
 }

@@ -194,6 +194,10 @@ pub struct RaftStats {
     /// On a leader, each follower's name and how many entries it lacks of the leader's log.
     pub lag: Vec<(String, u64)>,
     pub signatures_applied: u64,
+    /// Transactions that applied committed entries, and those of them (or of snapshot builds)
+    /// that made the applied state durable.
+    pub apply_batches: u64,
+    pub durable_commits: u64,
     pub snapshots_built: u64,
     pub snapshots_installed: u64,
 }
@@ -372,6 +376,8 @@ impl Consensus {
             snapshot: index(&m.snapshot),
             lag,
             signatures_applied: counts.signatures_applied.load(Relaxed),
+            apply_batches: counts.apply_batches.load(Relaxed),
+            durable_commits: counts.durable_commits.load(Relaxed),
             snapshots_built: counts.snapshots_built.load(Relaxed),
             snapshots_installed: counts.snapshots_installed.load(Relaxed),
         }

@@ -182,6 +182,11 @@ struct Inner {
 #[derive(Debug, Default)]
 pub(crate) struct Counts {
     pub signatures_applied: AtomicU64,
+    /// Transactions that applied committed entries: `raft_apply_index`'s growth over this is
+    /// the entries per batch.
+    pub apply_batches: AtomicU64,
+    /// Of those, the ones that also made everything applied before them durable.
+    pub durable_commits: AtomicU64,
     pub snapshots_built: AtomicU64,
     pub snapshots_installed: AtomicU64,
 }
@@ -364,9 +369,11 @@ impl StateMachine {
             }
             txn.commit().map_err(io_other)?;
             *durable_at = std::time::Instant::now();
+            self.inner.counts.durable_commits.fetch_add(1, Ordering::Relaxed);
         } else {
             txn.commit_nondurable().map_err(io_other)?;
         }
+        self.inner.counts.apply_batches.fetch_add(1, Ordering::Relaxed);
         self.inner.counts.signatures_applied.fetch_add(signatures, Ordering::Relaxed);
         Ok(gov_touched)
     }
@@ -380,6 +387,7 @@ impl StateMachine {
         }
         txn.commit().map_err(io_other)?;
         *self.inner.durable_at.lock().expect("durability clock lock") = std::time::Instant::now();
+        self.inner.counts.durable_commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1150,13 +1158,19 @@ mod tests {
             Ok((Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 0, i), tx), None))
         };
         let durable_at = |sm: &StateMachine| *sm.inner.durable_at.lock().unwrap();
+        let counts = |sm: &StateMachine| {
+            let c = &sm.inner.counts;
+            (c.apply_batches.load(Ordering::Relaxed), c.durable_commits.load(Ordering::Relaxed))
+        };
         let before = durable_at(&sm);
         sm.apply(futures::stream::iter([entry(1)])).await.unwrap();
         assert_eq!(durable_at(&sm), before, "applied inline, with no durable commit");
+        assert_eq!(counts(&sm), (1, 0));
         let due = before.checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
         sm.apply(futures::stream::iter([entry(2)])).await.unwrap();
         assert!(durable_at(&sm) > before, "the batch after the interval committed durably");
+        assert_eq!(counts(&sm), (2, 1));
         assert_eq!(contents(&sm, "app/m").len(), 2);
     }
 

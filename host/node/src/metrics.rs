@@ -100,6 +100,8 @@ struct Scraped {
     snapshot: Gauge,
     lag: Family<FollowerLabels, Gauge>,
     signatures: Counter,
+    apply_batches: Counter,
+    durable_commits: Counter,
     snapshots_built: Counter,
     snapshots_installed: Counter,
     ledger_bytes: Gauge,
@@ -179,6 +181,16 @@ impl Metrics {
             s.lag.clone(),
         );
         registry.register("ledger_signatures", "Signature transactions applied", s.signatures.clone());
+        registry.register(
+            "raft_apply_batches",
+            "Transactions that applied committed entries (one redb commit each)",
+            s.apply_batches.clone(),
+        );
+        registry.register(
+            "state_durable_commits",
+            "Commits that made the applied state and the ledger files durable",
+            s.durable_commits.clone(),
+        );
         registry.register("snapshots_built", "Snapshots this node built", s.snapshots_built.clone());
         registry.register(
             "snapshots_installed",
@@ -245,6 +257,8 @@ impl Metrics {
             s.lag.get_or_create(&FollowerLabels { follower }).set(as_i64(lag));
         }
         raise_to(&s.signatures, stats.signatures_applied);
+        raise_to(&s.apply_batches, stats.apply_batches);
+        raise_to(&s.durable_commits, stats.durable_commits);
         raise_to(&s.snapshots_built, stats.snapshots_built);
         raise_to(&s.snapshots_installed, stats.snapshots_installed);
         s.ledger_bytes.set(as_i64(dir_bytes(&self.ledger_dir)));
