@@ -918,12 +918,15 @@ impl StateMachine {
     /// cost more than applying one entry (a non-durable redb commit and a ledger file write,
     /// tens of µs). Signature entries (a P-384 verification each), governance and membership
     /// changes, large write sets and the periodic durable commit (an `fdatasync` of the ledger
-    /// files and of the state database) keep going to the blocking pool. A snapshot build holds
-    /// the state database's write transaction while it syncs (`checkpoint`): an inline apply
-    /// that meets it waits for that sync on the worker, once per snapshot.
+    /// files and of the state database) keep going to the blocking pool, and so does the batch
+    /// that first indexes a private map a scan asked for (reading its keys back from the sealed
+    /// entries: see `cloister_store`). A snapshot build holds the state database's write
+    /// transaction while it syncs (`checkpoint`): an inline apply that meets it waits for that
+    /// sync on the worker, once per snapshot.
     fn applies_inline(&self, batch: &[EntryResponder<TypeConfig>]) -> bool {
         if batch.len() > APPLY_INLINE_ENTRIES_MAX
             || self.inner.durable_at.lock().expect("durability clock lock").elapsed() >= APPLY_DURABLE_INTERVAL
+            || self.inner.store.index_wanted()
         {
             return false;
         }
@@ -1139,6 +1142,13 @@ mod tests {
         assert!(!sm.applies_inline(&[blank]));
         assert!(sm.applies_inline(&[app_entry(1, TxKind::App, APPLY_INLINE_BYTES_MAX)]));
         assert!(!sm.applies_inline(&[app_entry(1, TxKind::App, APPLY_INLINE_BYTES_MAX + 1)]));
+        // A scan met a running write: the next batch indexes its map first.
+        let open = sm.inner.store.write_batch().unwrap();
+        assert!(contents(&sm, "app/m").is_empty());
+        drop(open);
+        assert!(!sm.applies_inline(&batch(1, TxKind::App)), "a map is to be indexed");
+        sm.inner.store.write_batch().unwrap().commit().unwrap();
+        assert!(sm.applies_inline(&batch(1, TxKind::App)));
         let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
         assert!(!sm.applies_inline(&batch(1, TxKind::App)), "the durable commit is due");

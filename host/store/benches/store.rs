@@ -3,12 +3,15 @@
 //! (keys and values in clear, scans straight over redb); the sealed store keeps each private
 //! entry under a keyed digest with key and value sealed together, and scans through its
 //! in-memory key index.
-//! - writes: 100,000 private entries in durable batches of 1,000;
-//! - overwrites: every one of them again, in the same batches (the sealed store's key index is
-//!   left as it is);
+//! - writes: 100,000 private entries in durable batches of 1,000, to a map nothing has scanned
+//!   (the sealed store keeps no key index for it);
+//! - overwrites: every one of them again, in the same batches;
 //! - point reads of every key;
-//! - a full scan in key order, one `first_in` at a time, as an app's pagination does;
-//! - reopening (the sealed store rebuilds its key index from the sealed entries).
+//! - a full scan in key order, one `first_in` at a time, as an app's pagination does: the first
+//!   (the sealed store reads the map's keys back from the sealed entries for the scan, and again
+//!   to index the map), then another through the index;
+//! - writes of 100,000 new entries to the map, now indexed;
+//! - reopening, and the first scan after it (all 200,000 entries).
 //!
 //! Then the leader's case: point reads of keys absent from 1,024 pending write sets (the default
 //! `pending_writes_max`, a stack a leader under load holds) of 4 writes each, against the same
@@ -39,8 +42,25 @@ struct Timings {
     write: Duration,
     overwrite: Duration,
     read: Duration,
+    first_scan: Duration,
     scan: Duration,
+    write_indexed: Duration,
     reopen: Duration,
+    scan_reopened: Duration,
+}
+
+/// Scans `MAP` in key order one `first_in` at a time; returns how long it took.
+fn scan(store: &Store, expected: usize) -> Duration {
+    let tx = store.begin().unwrap();
+    let started = Instant::now();
+    let mut lower: Bound<Vec<u8>> = Bound::Unbounded;
+    let mut seen = 0;
+    while let Some((k, _)) = tx.first_in(MAP, lower.as_ref().map(Vec::as_slice), Bound::Unbounded).unwrap() {
+        lower = Bound::Excluded(k);
+        seen += 1;
+    }
+    assert_eq!(seen, expected);
+    started.elapsed()
 }
 
 fn run(sealed: bool) -> Timings {
@@ -50,9 +70,9 @@ fn run(sealed: bool) -> Timings {
     let open = || if sealed { Store::open_sealed(&path, sealer.clone()) } else { Store::open(&path) }.unwrap();
     let store = open();
 
-    let write_all = |value: u8| {
+    let write_all = |from: usize, value: u8| {
         let started = Instant::now();
-        for batch in 0..ENTRIES / BATCH {
+        for batch in from / BATCH..(from + ENTRIES) / BATCH {
             let mut tx = store.begin().unwrap();
             for i in batch * BATCH..(batch + 1) * BATCH {
                 tx.put(MAP, &key(i), &[value; 100]);
@@ -61,8 +81,8 @@ fn run(sealed: bool) -> Timings {
         }
         started.elapsed()
     };
-    let write = write_all(b'v');
-    let overwrite = write_all(b'w');
+    let write = write_all(0, b'v');
+    let overwrite = write_all(0, b'w');
 
     let tx = store.begin().unwrap();
     let started = Instant::now();
@@ -70,45 +90,45 @@ fn run(sealed: bool) -> Timings {
         assert!(tx.get(MAP, &key(i)).unwrap().is_some());
     }
     let read = started.elapsed();
-
-    let started = Instant::now();
-    let mut lower: Bound<Vec<u8>> = Bound::Unbounded;
-    let mut seen = 0;
-    while let Some((k, _)) = tx.first_in(MAP, lower.as_ref().map(Vec::as_slice), Bound::Unbounded).unwrap() {
-        lower = Bound::Excluded(k);
-        seen += 1;
-    }
-    assert_eq!(seen, ENTRIES);
-    let scan = started.elapsed();
-    drop((tx, store));
+    drop(tx);
+    let first_scan = scan(&store, ENTRIES);
+    let scan_again = scan(&store, ENTRIES);
+    let write_indexed = write_all(ENTRIES, b'v');
+    drop(store);
 
     let started = Instant::now();
     let store = open();
     let reopen = started.elapsed();
-    assert!(store.begin().unwrap().first_in(MAP, Bound::Unbounded, Bound::Unbounded).unwrap().is_some());
-    Timings { write, overwrite, read, scan, reopen }
+    let scan_reopened = scan(&store, 2 * ENTRIES);
+    Timings { write, overwrite, read, first_scan, scan: scan_again, write_indexed, reopen, scan_reopened }
 }
 
 fn main() {
     let plain = run(false);
     let sealed = run(true);
-    let per_s = |d: Duration| ENTRIES as f64 / d.as_secs_f64();
-    let row = |what: &str, plain: Duration, sealed: Duration| {
-        println!(
-            "{what:<22} plain {:>10.0}/s   sealed {:>10.0}/s   sealed costs {:.2}x the plain store",
-            per_s(plain),
-            per_s(sealed),
-            sealed.as_secs_f64() / plain.as_secs_f64()
-        );
-    };
+    let row = |what: &str, plain: Duration, sealed: Duration| row_of(what, ENTRIES, plain, sealed);
     println!("{ENTRIES} private entries of 100 bytes, keys of 24 bytes:");
     row("writes (batches 1000)", plain.write, sealed.write);
     row("overwrites (same)", plain.overwrite, sealed.overwrite);
     row("point reads", plain.read, sealed.read);
+    row("first scan in order", plain.first_scan, sealed.first_scan);
     row("scan in key order", plain.scan, sealed.scan);
-    row("reopen", plain.reopen, sealed.reopen);
+    row("writes (map indexed)", plain.write_indexed, sealed.write_indexed);
+    row_of("reopen", 2 * ENTRIES, plain.reopen, sealed.reopen);
+    row_of("scan after reopen", 2 * ENTRIES, plain.scan_reopened, sealed.scan_reopened);
     pending_reads();
     governance_reads();
+}
+
+/// One row: entries per second on each store, and the sealed one's cost over the plain one's.
+fn row_of(what: &str, entries: usize, plain: Duration, sealed: Duration) {
+    let per_s = |d: Duration| entries as f64 / d.as_secs_f64();
+    println!(
+        "{what:<22} plain {:>10.0}/s   sealed {:>10.0}/s   sealed costs {:.2}x the plain store",
+        per_s(plain),
+        per_s(sealed),
+        sealed.as_secs_f64() / plain.as_secs_f64()
+    );
 }
 
 const GOV_READS: usize = 20_000;

@@ -8,11 +8,12 @@
 //! With a [`Sealer`], nothing of a private map is in clear at rest: the table holds each entry
 //! under a keyed digest of its key ([`Sealer::private_key_digest`]), and the key and value sealed
 //! together, bound to that digest. Scans in key order go through an index of the private keys
-//! that lives in memory only ([`KeyIndex`]), rebuilt from the sealed entries when the store opens.
-//! Public maps stay in clear.
+//! that lives in memory only ([`KeyIndex`]). A private map enters it on its first scan (read back
+//! from the sealed entries), so maps that are only ever read by key, and every map on a node
+//! nobody scans on, cost no index at all. Public maps stay in clear.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,11 +43,16 @@ const KEY_DIGESTS_META: &str = "private_keys_digested_v1";
 /// allocations.
 type KeyIndex = imbl::OrdSet<Arc<[u8]>>;
 
-/// The published [`KeyIndex`], with a version that changes whenever it does.
+/// The private maps a [`KeyIndex`] covers. A map enters when it is first scanned and stays.
+type Indexed = Arc<BTreeSet<String>>;
+
+/// The published [`KeyIndex`] and the maps it covers, with a version that changes whenever
+/// either does.
 #[derive(Default)]
 struct Published {
     version: u64,
     keys: KeyIndex,
+    indexed: Indexed,
 }
 
 /// An error of the state database, naming the file.
@@ -252,6 +258,9 @@ pub struct Store {
     /// takes the index: so a batch starts from the index its predecessor left, and no commit's
     /// publish lands after its successor's.
     commits: Arc<Mutex<()>>,
+    /// Private maps a scan found unindexed while a write was running: the next write batch
+    /// indexes them (see [`Store::index_soon`]).
+    wanted: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Store {
@@ -269,8 +278,14 @@ impl Store {
     fn open_with(path: &Path, sealer: Option<Arc<Sealer>>) -> Result<Store, KvError> {
         let err = |e: redb::Error| KvError::Db { path: path.to_owned(), source: e };
         let db = Database::create(path).map_err(|e| err(e.into()))?;
-        let store =
-            Store { db: Arc::new(db), path: path.to_owned(), sealer, index: Arc::default(), commits: Arc::default() };
+        let store = Store {
+            db: Arc::new(db),
+            path: path.to_owned(),
+            sealer,
+            index: Arc::default(),
+            commits: Arc::default(),
+            wanted: Arc::default(),
+        };
         // Create the tables up front so read transactions never meet a missing table.
         let mut batch = store.write_batch()?;
         batch.txn().open_table(KV).map_err(|e| store.err(e))?;
@@ -280,26 +295,60 @@ impl Store {
         }
         batch.commit()?;
         if store.sealer.is_some() {
-            store.rebuild_index()?;
+            store.check_sealer()?;
         }
         Ok(store)
     }
 
-    /// Reads every private entry's key back from its sealed form into the index.
-    fn rebuild_index(&self) -> Result<(), KvError> {
+    /// Opens the first private entry, if there is one: a store sealed under another key fails
+    /// when it opens, not at its first read of a private map.
+    fn check_sealer(&self) -> Result<(), KvError> {
         let read = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = read.open_table(KV).map_err(|e| self.err(e))?;
-        let mut keys = KeyIndex::new();
         for item in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             if self.hides(k.value()).is_some() {
-                keys.insert(self.opened_entry(k.value(), v.value())?.0.into());
+                self.opened_entry(k.value(), v.value())?;
+                break;
             }
         }
-        let mut published = self.index.lock().expect("key index lock");
-        published.version += 1;
-        published.keys = keys;
         Ok(())
+    }
+
+    /// Every key of the private `map` in `table`, read back from the sealed entries.
+    fn map_keys(
+        &self,
+        table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        map: &str,
+    ) -> Result<KeyIndex, KvError> {
+        let (lower, upper) = map_bounds(map, Bound::Unbounded, Bound::Unbounded);
+        let range = (lower.as_ref().map(Vec::as_slice), upper.as_ref().map(Vec::as_slice));
+        let mut keys = KeyIndex::new();
+        for item in table.range::<&[u8]>(range).map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            keys.insert(self.opened_entry(k.value(), v.value())?.0.into());
+        }
+        Ok(keys)
+    }
+
+    /// Adds the private `map` to the published index: at once if no write transaction is
+    /// running, else in the next write batch. A scan calls it when it found the map unindexed;
+    /// a reader never waits for a writer here.
+    fn index_soon(&self, map: &str) {
+        match self.db.try_begin_write() {
+            Ok(txn) => {
+                // Nothing else is written: a failure leaves the index as it was, and the scans
+                // of this map read its keys from their own snapshots, reporting what fails there.
+                if let Ok(mut batch) = self.batch_over(txn)
+                    && batch.index_map(map).is_ok()
+                {
+                    let _ = batch.commit_nondurable();
+                }
+            }
+            Err(_) => {
+                self.wanted.lock().expect("wanted maps lock").insert(map.to_owned());
+            }
+        }
     }
 
     /// The sealer, if entries under this table key are private and hidden at rest.
@@ -386,27 +435,42 @@ impl Store {
 
     fn begin_with(&self, pending: Overlay) -> Result<Tx, KvError> {
         loop {
-            let (version, keys) = self.published();
+            let (version, keys, indexed) = self.published();
             let read = self.db.begin_read().map_err(|e| self.err(e))?;
             // Unchanged across the snapshot: `keys` is the index of a commit, or the union around
             // one, that this snapshot falls within. Otherwise a commit ended in between; again.
             if self.published().0 == version {
                 let base = read.open_table(KV).map_err(|e| self.err(e))?;
-                let index = self.sealer.is_some().then_some(keys);
-                return Ok(Tx { read, base, index, pending, own: WriteSet::default(), store: self.clone() });
+                let index = self.sealer.is_some().then_some((keys, indexed));
+                return Ok(Tx {
+                    read,
+                    base,
+                    index,
+                    unindexed: Mutex::default(),
+                    pending,
+                    own: WriteSet::default(),
+                    store: self.clone(),
+                });
             }
         }
     }
 
-    fn published(&self) -> (u64, KeyIndex) {
+    fn published(&self) -> (u64, KeyIndex, Indexed) {
         let published = self.index.lock().expect("key index lock");
-        (published.version, published.keys.clone())
+        (published.version, published.keys.clone(), published.indexed.clone())
     }
 
-    fn publish(&self, keys: KeyIndex) {
+    fn publish(&self, keys: KeyIndex, indexed: Indexed) {
         let mut published = self.index.lock().expect("key index lock");
         published.version += 1;
         published.keys = keys;
+        published.indexed = indexed;
+    }
+
+    /// Whether a scan asked for a private map to be indexed while a write was running: the next
+    /// write batch reads that map's keys back first, which is not a few microseconds.
+    pub fn index_wanted(&self) -> bool {
+        !self.wanted.lock().expect("wanted maps lock").is_empty()
     }
 
     /// Applies a write set atomically and durably.
@@ -429,21 +493,35 @@ impl Store {
     /// A write transaction for several kinds of writes that commit together.
     pub fn write_batch(&self) -> Result<WriteBatch<'_>, KvError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        self.batch_over(txn)
+    }
+
+    /// A write batch in `txn`, with the maps scans asked for indexed first.
+    fn batch_over(&self, txn: redb::WriteTransaction) -> Result<WriteBatch<'_>, KvError> {
         // Write transactions run one at a time, and the last one has finished publishing: this is
         // the index it left.
-        let keys = {
+        let (keys, indexed) = {
             let _committing = self.commits.lock().expect("commit lock");
-            self.published().1
+            let (_, keys, indexed) = self.published();
+            (keys, indexed)
         };
-        Ok(WriteBatch {
+        let mut batch = WriteBatch {
             txn,
             store: self,
             before: keys.clone(),
+            before_indexed: indexed.clone(),
             keys,
+            indexed,
             removed: Vec::new(),
             cleared: false,
             changed: false,
-        })
+        };
+        let wanted = std::mem::take(&mut *self.wanted.lock().expect("wanted maps lock"));
+        for map in wanted {
+            // A map whose entries do not open stays unindexed; its scans report why.
+            let _ = batch.index_map(&map);
+        }
+        Ok(batch)
     }
 
     /// A raw read transaction, for modules that keep their own tables in this database.
@@ -523,18 +601,40 @@ impl Export {
 pub struct WriteBatch<'s> {
     txn: redb::WriteTransaction,
     store: &'s Store,
-    /// The private key index at the last commit, and as this batch leaves it.
+    /// The private key index and the maps it covers at the last commit, and as this batch
+    /// leaves them.
     before: KeyIndex,
+    before_indexed: Indexed,
     keys: KeyIndex,
+    indexed: Indexed,
     /// Keys this batch removed from the index: with `keys`, the union published while it commits.
     removed: Vec<Arc<[u8]>>,
     /// Whether the batch cleared every map (then the union takes all of `before`).
     cleared: bool,
-    /// Whether the batch changed the private key index (added or removed a key).
+    /// Whether the batch changed the private key index (added or removed a key, or a map).
     changed: bool,
 }
 
 impl WriteBatch<'_> {
+    /// Adds every key of the private `map` to the index, which covers it from now on.
+    fn index_map(&mut self, map: &str) -> Result<(), KvError> {
+        if self.store.sealer.is_none() || is_public(map) || self.indexed.contains(map) {
+            return Ok(());
+        }
+        let keys = self.store.map_keys(&self.txn.open_table(KV).map_err(|e| self.store.err(e))?, map)?;
+        for key in keys {
+            self.keys.insert(key);
+        }
+        Arc::make_mut(&mut self.indexed).insert(map.to_owned());
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Whether the index covers the map of this hidden table key.
+    fn indexes(&self, full: &[u8]) -> bool {
+        self.indexed.contains(split_key(full).0)
+    }
+
     pub fn apply(&mut self, writes: &WriteSet) -> Result<(), KvError> {
         let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
         for (full, value) in &writes.entries {
@@ -546,7 +646,7 @@ impl WriteBatch<'_> {
                     table.insert(&*table_key, stored.as_slice()).map_err(|e| self.store.err(e))?;
                     // An overwritten key is in the index already: inserting it again would copy
                     // the index's path to it (shared with every reader's view) for nothing.
-                    if hidden && !self.keys.contains(full.as_slice()) {
+                    if hidden && self.indexes(full) && !self.keys.contains(full.as_slice()) {
                         self.keys.insert(Arc::from(full.as_slice()));
                         self.changed = true;
                     }
@@ -627,8 +727,10 @@ impl WriteBatch<'_> {
                     message: format!("a sealed entry sits under another key's digest (map {})", map_of(table_key)),
                 });
             }
-            self.keys.insert(full.into());
-            self.changed = true;
+            if self.indexes(&full) {
+                self.keys.insert(full.into());
+                self.changed = true;
+            }
         }
         let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
         table.insert(table_key, stored).map_err(|e| self.store.err(e))?;
@@ -654,21 +756,23 @@ impl WriteBatch<'_> {
     /// Commits durably: this batch and every non-durable commit before it are on disk when this
     /// returns.
     pub fn commit(self) -> Result<(), KvError> {
-        let WriteBatch { txn, store, before, keys, removed, cleared, changed } = self;
+        let WriteBatch { txn, store, before, before_indexed, keys, indexed, removed, cleared, changed } = self;
         if store.sealer.is_none() || !changed {
             return txn.commit().map_err(|e| store.err(e));
         }
         let _committing = store.commits.lock().expect("commit lock");
         let mut during = if cleared { before.clone().union(keys.clone()) } else { keys.clone() };
         during.extend(removed);
-        store.publish(during);
+        // A map this batch indexed is covered by `during` as the snapshot before the commit
+        // has it: its keys were read at the batch's start, and the ones it removed are in.
+        store.publish(during, indexed.clone());
         match txn.commit() {
             Ok(()) => {
-                store.publish(keys);
+                store.publish(keys, indexed);
                 Ok(())
             }
             Err(e) => {
-                store.publish(before);
+                store.publish(before, before_indexed);
                 Err(store.err(e))
             }
         }
@@ -679,8 +783,11 @@ impl WriteBatch<'_> {
 pub struct Tx {
     read: redb::ReadTransaction,
     base: ReadOnlyTable<&'static [u8], &'static [u8]>,
-    /// In a sealed store, the private keys `base` may hold (possibly more: a lookup decides).
-    index: Option<KeyIndex>,
+    /// In a sealed store, the private keys `base` may hold of the maps the index covers
+    /// (possibly more: a lookup decides), and those maps.
+    index: Option<(KeyIndex, Indexed)>,
+    /// The keys of private maps the index did not cover, read from `base` on their first scan.
+    unindexed: Mutex<HashMap<String, KeyIndex>>,
     pending: Overlay,
     own: WriteSet,
     store: Store,
@@ -719,10 +826,10 @@ impl Tx {
     /// through all layers. A removal there shadows it, so the search continues after it.
     pub fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Result<Option<Entry>, KvError> {
         let mut bounds = map_bounds(map, lower, upper);
-        let index = self.index.as_ref().filter(|_| !is_public(map));
+        let index = if self.index.is_some() && !is_public(map) { Some(self.keys_of(map)?) } else { None };
         loop {
             let range = (bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice));
-            let base_first = match index {
+            let base_first = match &index {
                 Some(keys) => keys.range::<_, [u8]>(range).next().map(|k| k.to_vec()),
                 None => self
                     .base
@@ -744,6 +851,25 @@ impl Tx {
             }
             bounds.0 = Bound::Excluded(candidate);
         }
+    }
+
+    /// The private keys of `map` that this snapshot may hold (possibly more). A map the index
+    /// does not cover yet is read back from the snapshot's sealed entries once per transaction,
+    /// and the store is asked to index it for those that follow.
+    fn keys_of(&self, map: &str) -> Result<KeyIndex, KvError> {
+        let (keys, indexed) = self.index.as_ref().expect("only a sealed store indexes keys");
+        if indexed.contains(map) {
+            return Ok(keys.clone());
+        }
+        let mut unindexed = self.unindexed.lock().expect("unindexed keys lock");
+        if let Some(keys) = unindexed.get(map) {
+            return Ok(keys.clone());
+        }
+        let keys = self.store.map_keys(&self.base, map)?;
+        unindexed.insert(map.to_owned(), keys.clone());
+        drop(unindexed);
+        self.store.index_soon(map);
+        Ok(keys)
     }
 
     /// The redb snapshot under this transaction, for modules that keep their own tables in this

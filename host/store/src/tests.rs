@@ -170,7 +170,7 @@ fn matches_a_model_under_random_operations() {
     matches_a_model(&s);
     let dir = tempfile::tempdir().unwrap();
     matches_a_model(&sealed_store(&dir, [3; 32]));
-    // Reopened, the index is rebuilt from the sealed entries alone.
+    // Reopened, the map's first scan reads its keys back from the sealed entries alone.
     let before = scan(&sealed_store(&dir, [3; 32]).begin().unwrap(), "m");
     assert!(!before.is_empty());
 }
@@ -391,6 +391,7 @@ fn overwriting_private_keys_leaves_the_key_index_alone() {
         s.apply(&tx.into_writes()).unwrap();
     };
     write(&|tx| (0..3u8).for_each(|n| tx.put("app/m", &[n], b"old")));
+    assert_eq!(scan(&s.begin().unwrap(), "app/m").len(), 3, "the first scan indexes the map");
     let version = s.published().0;
 
     write(&|tx| {
@@ -473,4 +474,58 @@ fn a_governance_view_reads_what_the_whole_record_holds() {
     assert!(refused(&|tx| drop(gov::member(tx, "bare"))) && refused(&|tx| drop(gov::member_status(tx, "bare"))));
     assert!(refused(&|tx| drop(gov::user(tx, "bare"))) && refused(&|tx| drop(gov::is_user(tx, "bare"))));
     assert!(refused(&|tx| drop(gov::service(tx))) && refused(&|tx| drop(gov::service_state(tx))));
+}
+
+/// A private map enters the index on its first scan, and only that map: writes to a map nobody
+/// scans publish nothing. A scan that meets a running write reads the keys from its own
+/// snapshot and leaves the map to the next write batch, which indexes it before its own writes.
+#[test]
+fn private_maps_are_indexed_on_their_first_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sealed_store(&dir, [4; 32]);
+    let write = |map: &str, keys: std::ops::Range<u8>| {
+        let mut tx = s.begin().unwrap();
+        keys.for_each(|n| tx.put(map, &[n], &[n]));
+        s.apply(&tx.into_writes()).unwrap();
+    };
+    let indexed = |s: &Store| s.published().2.iter().cloned().collect::<Vec<_>>();
+    write("app/a", 0..4);
+    write("app/b", 0..4);
+    let version = s.published().0;
+    assert!(s.published().1.is_empty() && indexed(&s).is_empty(), "nothing scanned, nothing indexed");
+
+    assert_eq!(scan(&s.begin().unwrap(), "app/a").len(), 4);
+    assert_eq!(indexed(&s), ["app/a"]);
+    assert_eq!(s.published().1.len(), 4, "only the scanned map's keys");
+    let version_a = s.published().0;
+    assert!(version_a > version);
+    write("app/b", 4..8);
+    assert_eq!(s.published().0, version_a, "new keys of an unindexed map publish nothing");
+    write("app/a", 4..6);
+    assert!(s.published().0 > version_a, "new keys of an indexed map do");
+
+    // A write batch is open: the scan cannot index the map now, but still sees all of it.
+    let open = s.write_batch().unwrap();
+    let tx = s.begin().unwrap();
+    assert_eq!(scan(&tx, "app/b").len(), 8);
+    assert_eq!(indexed(&s), ["app/a"]);
+    assert!(s.index_wanted());
+    drop(open);
+    // The next write batch indexes it first, so its own new key is in the index too.
+    write("app/b", 8..9);
+    assert!(!s.index_wanted());
+    assert_eq!(indexed(&s), ["app/a", "app/b"]);
+    assert_eq!(s.published().1.len(), 6 + 9);
+    assert_eq!(scan(&tx, "app/b").len(), 8, "the older transaction keeps its snapshot");
+    assert_eq!(scan(&s.begin().unwrap(), "app/b").len(), 9);
+
+    // Public maps are never indexed; reopened, nothing is until scanned again.
+    write("app/public:p", 0..2);
+    assert_eq!(scan(&s.begin().unwrap(), "app/public:p").len(), 2);
+    assert_eq!(indexed(&s), ["app/a", "app/b"]);
+    drop((tx, s));
+    let s = sealed_store(&dir, [4; 32]);
+    assert!(indexed(&s).is_empty());
+    assert_eq!(scan(&s.begin().unwrap(), "app/b").len(), 9);
+    assert_eq!(indexed(&s), ["app/b"]);
 }
