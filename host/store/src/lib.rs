@@ -616,12 +616,17 @@ pub struct WriteBatch<'s> {
 }
 
 impl WriteBatch<'_> {
-    /// Adds every key of the private `map` to the index, which covers it from now on.
+    /// Adds every key of the private `map` to the index, which covers it from now on. An empty
+    /// map is left out: a scan of any name would otherwise grow the set of covered maps, and
+    /// reading an empty map's keys back costs its next scan nothing.
     fn index_map(&mut self, map: &str) -> Result<(), KvError> {
         if self.store.sealer.is_none() || is_public(map) || self.indexed.contains(map) {
             return Ok(());
         }
         let keys = self.store.map_keys(&self.txn.open_table(KV).map_err(|e| self.store.err(e))?, map)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
         for key in keys {
             self.keys.insert(key);
         }
@@ -855,7 +860,7 @@ impl Tx {
 
     /// The private keys of `map` that this snapshot may hold (possibly more). A map the index
     /// does not cover yet is read back from the snapshot's sealed entries once per transaction,
-    /// and the store is asked to index it for those that follow.
+    /// and the store is asked to index it for those that follow (unless it is empty).
     fn keys_of(&self, map: &str) -> Result<KeyIndex, KvError> {
         let (keys, indexed) = self.index.as_ref().expect("only a sealed store indexes keys");
         if indexed.contains(map) {
@@ -868,7 +873,9 @@ impl Tx {
         let keys = self.store.map_keys(&self.base, map)?;
         unindexed.insert(map.to_owned(), keys.clone());
         drop(unindexed);
-        self.store.index_soon(map);
+        if !keys.is_empty() {
+            self.store.index_soon(map);
+        }
         Ok(keys)
     }
 

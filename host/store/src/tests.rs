@@ -519,7 +519,10 @@ fn private_maps_are_indexed_on_their_first_scan() {
     assert_eq!(scan(&tx, "app/b").len(), 8, "the older transaction keeps its snapshot");
     assert_eq!(scan(&s.begin().unwrap(), "app/b").len(), 9);
 
-    // Public maps are never indexed; reopened, nothing is until scanned again.
+    // Neither are empty maps (a scan of any name would grow the set), nor public ones;
+    // reopened, nothing is until scanned again.
+    assert!(scan(&s.begin().unwrap(), "app/nothing-here").is_empty());
+    assert!(!s.index_wanted());
     write("app/public:p", 0..2);
     assert_eq!(scan(&s.begin().unwrap(), "app/public:p").len(), 2);
     assert_eq!(indexed(&s), ["app/a", "app/b"]);
