@@ -337,11 +337,11 @@ impl Store {
     fn index_soon(&self, map: &str) {
         match self.db.try_begin_write() {
             Ok(txn) => {
-                // Nothing else is written: a failure leaves the index as it was, and the scans
-                // of this map read its keys from their own snapshots, reporting what fails there.
-                if let Ok(mut batch) = self.batch_over(txn)
-                    && batch.index_map(map).is_ok()
-                {
+                // Nothing else is written. A map whose entries do not open stays unindexed (its
+                // scans read the keys from their own snapshots and report what fails there); the
+                // maps the batch took from `wanted` are committed either way.
+                if let Ok(mut batch) = self.batch_over(txn) {
+                    let _ = batch.index_map(map);
                     let _ = batch.commit_nondurable();
                 }
             }
@@ -714,7 +714,10 @@ impl WriteBatch<'_> {
     pub fn clear(&mut self) -> Result<(), KvError> {
         let mut table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
         table.retain(|_, _| false).map_err(|e| self.store.err(e))?;
-        self.keys = KeyIndex::new();
+        // The keys of maps this batch indexed at its start are in no published index yet: they
+        // join `before`, so the union published while the batch commits still names them for a
+        // reader whose snapshot is older (an index may hold more keys than a snapshot).
+        self.before = self.before.clone().union(std::mem::take(&mut self.keys));
         self.cleared = true;
         self.changed = true;
         Ok(())
