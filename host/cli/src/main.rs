@@ -43,41 +43,49 @@ mod tests {
         unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
     }
 
-    /// Set in the child this test starts, with the value it gave `MIMALLOC_PURGE_DELAY`.
+    /// Set in the child process a test starts: the purge delay the child must end up with.
     const CHILD_VAR: &str = "CLOISTER_TEST_PURGE_DELAY_CHILD";
 
-    /// Runs only in the child process the next test starts, with `MIMALLOC_PURGE_DELAY` set.
+    /// Runs only in a child process that `run_child` starts (ignored otherwise, since it reads
+    /// what the environment of its process was when mimalloc started).
     #[test]
-    #[ignore = "run by the_purge_delay_is_the_option_mimalloc_reads_from_its_variable"]
+    #[ignore = "run in a child process by run_child"]
     fn purge_delay_child() {
-        let expected = std::env::var_os(CHILD_VAR).expect("started by the test below, which sets it");
-        let expected: std::ffi::c_long = expected.to_str().unwrap().parse().unwrap();
-        // mimalloc read the variable into the option this binary names as the purge delay: the
-        // option's number is the one the linked mimalloc gives it.
-        assert_eq!(purge_delay(), expected);
-        // And the operator's value wins over the node's.
-        keep_freed_memory();
-        assert_eq!(purge_delay(), expected);
-    }
-
-    #[test]
-    fn the_purge_delay_is_the_option_mimalloc_reads_from_its_variable() {
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "tests::purge_delay_child", "--test-threads", "1"])
-            .env(PURGE_DELAY_VAR, "4321")
-            .env(CHILD_VAR, "4321")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "the child test failed: {status}");
-    }
-
-    #[test]
-    fn without_the_variable_freed_memory_is_kept() {
+        let expected: std::ffi::c_long = std::env::var(CHILD_VAR).expect("set by run_child").parse().unwrap();
         if std::env::var_os(PURGE_DELAY_VAR).is_some() {
-            return;
+            // mimalloc read the variable into the option this binary names as the purge delay:
+            // the option's number is the one the linked mimalloc gives it.
+            assert_eq!(purge_delay(), expected);
         }
         keep_freed_memory();
-        assert_eq!(purge_delay(), -1);
+        assert_eq!(purge_delay(), expected);
+    }
+
+    /// Runs `purge_delay_child` in a new process of this test binary, with `MIMALLOC_PURGE_DELAY`
+    /// set to `variable` or unset, and checks that it ran and passed.
+    fn run_child(variable: Option<&str>, expected: std::ffi::c_long) {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args(["--ignored", "--exact", "tests::purge_delay_child", "--test-threads", "1"]);
+        child.env(CHILD_VAR, expected.to_string());
+        match variable {
+            Some(v) => child.env(PURGE_DELAY_VAR, v),
+            None => child.env_remove(PURGE_DELAY_VAR),
+        };
+        let out = child.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "the child test failed: {}\n{stdout}", out.status);
+        assert!(stdout.contains("1 passed"), "the child test did not run:\n{stdout}");
+    }
+
+    /// The operator's value wins, and it is the option this binary sets.
+    #[test]
+    fn the_purge_delay_is_the_option_mimalloc_reads_from_its_variable() {
+        run_child(Some("4321"), 4321);
+    }
+
+    /// Without the variable, the process keeps the memory it frees.
+    #[test]
+    fn without_the_variable_freed_memory_is_kept() {
+        run_child(None, -1);
     }
 }
