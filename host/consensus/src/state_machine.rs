@@ -362,14 +362,8 @@ impl StateMachine {
         }
         let mut durable_at = self.inner.durable_at.lock().expect("durability clock lock");
         if may_sync && durable_at.elapsed() >= APPLY_DURABLE_INTERVAL {
-            // This batch's write transaction excludes any other apply: nothing lands between the
-            // files' sync and the durable commit.
-            if let Some(ledger) = &self.inner.ledger {
-                ledger.sync()?;
-            }
-            txn.commit().map_err(io_other)?;
+            self.commit_durably(txn)?;
             *durable_at = std::time::Instant::now();
-            self.inner.counts.durable_commits.fetch_add(1, Ordering::Relaxed);
         } else {
             txn.commit_nondurable().map_err(io_other)?;
         }
@@ -382,11 +376,18 @@ impl StateMachine {
     /// holding the store's write transaction so that no apply runs in between.
     fn checkpoint(&self) -> io::Result<()> {
         let txn = self.inner.store.write_batch().map_err(io_other)?;
+        self.commit_durably(txn)?;
+        *self.inner.durable_at.lock().expect("durability clock lock") = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Syncs the ledger files, then commits `txn` durably: the durable index never runs ahead of
+    /// the durable files. `txn` excludes any other apply in between.
+    fn commit_durably(&self, txn: kv::WriteBatch<'_>) -> io::Result<()> {
         if let Some(ledger) = &self.inner.ledger {
             ledger.sync()?;
         }
         txn.commit().map_err(io_other)?;
-        *self.inner.durable_at.lock().expect("durability clock lock") = std::time::Instant::now();
         self.inner.counts.durable_commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
