@@ -442,6 +442,13 @@ impl Consensus {
         self.sm.subscribe()
     }
 
+    /// Changes whenever an applied batch or an installed snapshot changes a `gov.` map, and only
+    /// after the state database holds the change: a reader that takes it before it begins a
+    /// transaction reads governance state at least as new as the version says.
+    pub fn gov_version(&self) -> u64 {
+        self.sm.gov_version()
+    }
+
     /// The term this node is in.
     pub fn term(&self) -> u64 {
         self.read_metrics(|m| m.current_term)

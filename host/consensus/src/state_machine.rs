@@ -261,6 +261,12 @@ impl StateMachine {
         self.inner.applied.subscribe()
     }
 
+    /// How many applied batches (and installed snapshots) have changed a `gov.` map, published
+    /// after the state database holds them.
+    pub(crate) fn gov_version(&self) -> u64 {
+        self.inner.applied.borrow().gov_version
+    }
+
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
         let bytes = self.inner.store.meta(key).map_err(io_other)?;
         bytes.map(|b| decode(&b, key)).transpose()
