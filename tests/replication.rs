@@ -84,6 +84,40 @@ async fn a_write_answered_at_commit_is_seen_by_the_next_read_on_that_node() {
     }
 }
 
+/// A follower holds committed app entries back to apply several in one transaction
+/// (`raft.apply_hold_ms`), and a read through its API applies them first. Here the hold outlasts
+/// the test and no signature comes to end it: the follower has counted the write applied (Raft's
+/// applied index) with no batch applying it, and its next read still sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_follower_applies_the_entries_it_holds_back() {
+    let mut c = Cluster::start(3, 1, KV, |cfg| {
+        cfg.raft.apply_hold_ms = 600_000;
+        cfg.ledger.sign_interval_ms = 600_000;
+    })
+    .await;
+    c.wait_caught_up(3, Duration::from_secs(30)).await;
+    let leader = c.leader().await.expect("a leader");
+    let follower = (leader + 1) % 3;
+    let metric = |name: &'static str| {
+        let c = &c;
+        async move { value(&c.metrics(follower).await.1, name, &[]) }
+    };
+    let before = metric("cloister_raft_apply_batches").await;
+    let writer = c.client(leader, 0).await.unwrap();
+    let put = writer.request("PUT", "/app/kv/held", Some("application/octet-stream"), "v1").await.unwrap();
+    assert_eq!(put.status, 200, "{}", put.text());
+    let seqno: f64 = put.tx_id().expect("a tx id").split_once('.').unwrap().1.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric("cloister_raft_apply_index").await < seqno {
+        assert!(Instant::now() < deadline, "node{follower} never counted {seqno} applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric("cloister_raft_apply_batches").await, before, "the write is held back, not applied");
+    let get = c.client(follower, 0).await.unwrap().get("/app/kv/held").await.unwrap();
+    assert_eq!((get.status, get.text()), (200, "v1".to_owned()), "the read on the follower missed the held write");
+    assert_eq!(metric("cloister_raft_apply_batches").await, before + 1.0, "the read applied it");
+}
+
 /// Rounds of `a_write_answered_at_commit_is_seen_by_the_next_read_on_that_node`.
 const READ_YOUR_WRITE_ROUNDS: usize = 100;
 

@@ -261,7 +261,8 @@ impl Consensus {
     ) -> anyhow::Result<Consensus> {
         let watch = Arc::new(AppendWatch::default());
         let mut log = LogStore::open(&data_dir.join(LOG_DIR), watch.clone())?;
-        let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"), log.durable())?;
+        let hold_for = Duration::from_millis(settings.apply_hold_ms);
+        let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"), log.durable(), hold_for)?;
         check_start_state(id, &mut log, &mut sm.clone()).await?;
         let config = openraft::Config {
             cluster_name: "cloister".into(),
@@ -435,6 +436,13 @@ impl Consensus {
             return true;
         }
         matches!(tokio::time::timeout(timeout, applied.wait_for(covers)).await, Ok(Ok(_)))
+    }
+
+    /// Applies the committed app entries this node holds back to apply together (see
+    /// `StateMachine::defers`): a read of this node's state asks first, and so sees every entry
+    /// this node knows committed, as it would if nothing were held back.
+    pub async fn apply_held(&self) -> std::io::Result<()> {
+        self.sm.apply_held().await
     }
 
     /// What this node has applied, as a receiver that changes after every applied batch.
@@ -643,6 +651,10 @@ impl Consensus {
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        // A node that stops leaves its ledger files and state holding everything it applied.
+        if let Err(e) = self.sm.apply_held_and_stop().await {
+            tracing::warn!(error = %e, "applying the entries held back failed as the node stopped");
         }
     }
 }

@@ -13,6 +13,7 @@ pub(crate) const ENTRIES_PER_APPEND_MAX: u64 = 300;
 pub(crate) const APPENDS_IN_FLIGHT_MAX: usize = 2;
 pub(crate) const FORWARD_HOPS_MAX: u32 = 3;
 pub(crate) const JOIN_TIMEOUT_MS: u64 = 120_000;
+pub(crate) const APPLY_HOLD_MS: u64 = 5;
 
 /// Replication settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +46,11 @@ pub struct RaftSection {
     pub forward_hops_max: u32,
     /// Time a joining node keeps asking to be admitted, in milliseconds.
     pub join_timeout_ms: u64,
+    /// Longest a follower holds committed app entries back to apply several together, in
+    /// milliseconds; 0 applies each batch as it comes. A read through the API applies what is
+    /// held first, so only what watches the files and metrics sees the delay (see
+    /// `StateMachine::defers`).
+    pub apply_hold_ms: u64,
 }
 
 impl Default for RaftSection {
@@ -61,6 +67,7 @@ impl Default for RaftSection {
             appends_in_flight_max: APPENDS_IN_FLIGHT_MAX,
             forward_hops_max: FORWARD_HOPS_MAX,
             join_timeout_ms: JOIN_TIMEOUT_MS,
+            apply_hold_ms: APPLY_HOLD_MS,
         }
     }
 }

@@ -51,6 +51,9 @@ const APPLY_BATCH_MAX: usize = 1024;
 const APPLY_INLINE_ENTRIES_MAX: usize = 4;
 /// The most bytes of writes (public and sealed) such a batch may carry.
 const APPLY_INLINE_BYTES_MAX: usize = 16 << 10;
+/// The most committed app entries a follower holds back to apply together (see
+/// [`StateMachine::defers`]).
+const APPLY_DEFER_ENTRIES_MAX: usize = 8;
 /// Longest time between durable commits of applied state: at most this much applying is redone
 /// from the Raft log after a crash.
 pub const APPLY_DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -175,6 +178,9 @@ struct Inner {
     /// (see `LogStore::durable`). Absent only in openraft's storage suite, which applies entries
     /// no log holds.
     log_durable: Option<watch::Receiver<u64>>,
+    held: tokio::sync::Mutex<Held>,
+    /// The longest entries are held back (`raft.apply_hold_ms`); zero holds none.
+    hold_for: std::time::Duration,
     counts: Counts,
 }
 
@@ -189,6 +195,32 @@ pub(crate) struct Counts {
     pub durable_commits: AtomicU64,
     pub snapshots_built: AtomicU64,
     pub snapshots_installed: AtomicU64,
+}
+
+/// Committed app entries a follower holds back, so that several apply in one transaction (see
+/// [`StateMachine::defers`]). Whatever applies takes this lock and applies what it holds before
+/// anything newer, so entries still apply in log order.
+#[derive(Default)]
+struct Held {
+    entries: Vec<EntryResponder<TypeConfig>>,
+    /// Bytes of writes (public and sealed) the entries carry.
+    bytes: usize,
+    /// Counts the groups held so far: a timer set for one group leaves a later one alone.
+    group: u64,
+    /// The timer of the current group, stopped when the node stops.
+    timer: Option<tokio::task::AbortHandle>,
+    /// Why applying failed: openraft stops the node on a failed apply, and until it does every
+    /// later apply and read fails the same way rather than apply past a gap.
+    failed: Option<String>,
+}
+
+impl Held {
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            Some(reason) => Err(io_other(format!("an earlier apply failed: {reason}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The state machine handle; clones share everything.
@@ -208,8 +240,9 @@ impl StateMachine {
         secrets: Arc<LedgerSecrets>,
         snapshot_dir: PathBuf,
         log_durable: watch::Receiver<u64>,
+        hold_for: std::time::Duration,
     ) -> anyhow::Result<StateMachine> {
-        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir, Some(log_durable))
+        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir, Some(log_durable), hold_for)
     }
 
     /// A state machine that keeps no ledger, for openraft's storage suite only.
@@ -222,7 +255,8 @@ impl StateMachine {
         let batch = store.write_batch()?;
         index::create(batch.txn())?;
         batch.commit()?;
-        StateMachine::with(store, None, secrets, snapshot_dir, None)
+        let hold_for = std::time::Duration::from_millis(crate::settings::APPLY_HOLD_MS);
+        StateMachine::with(store, None, secrets, snapshot_dir, None, hold_for)
     }
 
     fn with(
@@ -231,6 +265,7 @@ impl StateMachine {
         secrets: Option<Arc<LedgerSecrets>>,
         snapshot_dir: PathBuf,
         log_durable: Option<watch::Receiver<u64>>,
+        hold_for: std::time::Duration,
     ) -> anyhow::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let sm = StateMachine {
@@ -243,6 +278,8 @@ impl StateMachine {
                 applied: watch::Sender::new(Applied::default()),
                 durable_at: Mutex::new(std::time::Instant::now()),
                 log_durable,
+                held: tokio::sync::Mutex::default(),
+                hold_for,
                 counts: Counts::default(),
             }),
         };
@@ -901,6 +938,22 @@ fn read_head(path: &Path) -> io::Result<SnapshotMeta> {
 
 type Responder = openraft::storage::ApplyResponder<TypeConfig>;
 
+/// The bytes of writes (public and sealed) `batch` carries, if it holds app transactions only.
+fn app_bytes(batch: &[EntryResponder<TypeConfig>]) -> Option<usize> {
+    batch.iter().try_fold(0, |bytes, (entry, _)| match &entry.payload {
+        EntryPayload::Normal(tx) if tx.kind == TxKind::App => {
+            Some(bytes + tx.public.bytes() + tx.private.as_ref().map_or(0, Vec::len))
+        }
+        _ => None,
+    })
+}
+
+/// Whether `entry` writes a `gov.` map in clear, where every such write is.
+fn writes_gov(entry: &crate::types::Entry) -> bool {
+    let EntryPayload::Normal(tx) = &entry.payload else { return false };
+    tx.public.iter().any(|(map, ..)| map.starts_with(cloister_abi::abi::GOV_PREFIX))
+}
+
 impl StateMachine {
     /// Waits until this node's log is durable through `batch`. An entry can commit before this
     /// node's own sync is done (a majority of the others holds it); applying it then could make a
@@ -930,22 +983,121 @@ impl StateMachine {
     /// entries: see `cloister_store`). A snapshot build holds the state database's write
     /// transaction while it syncs (`checkpoint`): an inline apply that meets it waits for that
     /// sync on the worker, once per snapshot.
-    fn applies_inline(&self, batch: &[EntryResponder<TypeConfig>]) -> bool {
-        if batch.len() > APPLY_INLINE_ENTRIES_MAX
-            || self.inner.durable_at.lock().expect("durability clock lock").elapsed() >= APPLY_DURABLE_INTERVAL
+    ///
+    /// A group of held-back entries ([`StateMachine::defers`]) applies inline up to
+    /// [`APPLY_DEFER_ENTRIES_MAX`] entries (`entries_max`), under the same byte limit.
+    fn applies_inline(&self, batch: &[EntryResponder<TypeConfig>], entries_max: usize) -> bool {
+        batch.len() <= entries_max
+            && !self.durable_commit_due()
+            && app_bytes(batch).is_some_and(|b| b <= APPLY_INLINE_BYTES_MAX)
+    }
+
+    /// Whether the next apply should make the applied state durable, or first index a map a
+    /// scan asked for: both are work for the blocking pool.
+    fn durable_commit_due(&self) -> bool {
+        self.inner.durable_at.lock().expect("durability clock lock").elapsed() >= APPLY_DURABLE_INTERVAL
             || self.inner.store.index_wanted()
+    }
+
+    /// Whether a follower holds `batch` back, after the entries `held` holds already, to apply
+    /// them together. At one client every batch a follower is sent is a single entry, and most
+    /// of applying it is paid per batch: the state database's commit, opening the ledger's
+    /// tables, the term and applied-id rows, the hand-offs between tasks. Only app transactions
+    /// that nobody on this node waits for are held (an entry with a responder was proposed here,
+    /// and its writer needs it applied), none writing a `gov.` map (peer standings and
+    /// identities follow those at once), up to [`APPLY_DEFER_ENTRIES_MAX`] entries and
+    /// [`APPLY_INLINE_BYTES_MAX`] bytes, and not when a durable commit is due.
+    ///
+    /// openraft counts an entry applied when `apply` returns, so a held entry is applied
+    /// before anything observes the state it belongs to: before the next entry that is not
+    /// held, a snapshot build or install, openraft reading the applied state, the node
+    /// stopping, and every read of the state through the API ([`StateMachine::apply_held`]);
+    /// and after at most `raft.apply_hold_ms` in any case (0 holds nothing). A crash loses nothing: a held
+    /// entry is in this node's durable log, and the applied id in the state database is older
+    /// than it, so openraft applies it again at restart. What observes the state directly,
+    /// without such a read, is at most that much older than the log: the ledger files, the
+    /// applied-index metrics, `Applied` for the snapshot scheduler.
+    fn defers(&self, held: &Held, batch: &[EntryResponder<TypeConfig>]) -> bool {
+        if self.inner.hold_for.is_zero()
+            || held.entries.len() + batch.len() > APPLY_DEFER_ENTRIES_MAX
+            || batch.iter().any(|(entry, responder)| responder.is_some() || writes_gov(entry))
+            || self.durable_commit_due()
         {
             return false;
         }
-        let mut bytes = 0;
-        for (entry, _) in batch {
-            let EntryPayload::Normal(tx) = &entry.payload else { return false };
-            if tx.kind != TxKind::App {
-                return false;
-            }
-            bytes += tx.public.bytes() + tx.private.as_ref().map_or(0, Vec::len);
+        app_bytes(batch).is_some_and(|b| held.bytes + b <= APPLY_INLINE_BYTES_MAX)
+    }
+
+    /// Holds `batch` back; the first entries of a group set its timer.
+    fn hold(&self, held: &mut Held, batch: Vec<EntryResponder<TypeConfig>>) {
+        held.bytes += app_bytes(&batch).unwrap_or(0);
+        let first = held.entries.is_empty();
+        held.entries.extend(batch);
+        if !first {
+            return;
         }
-        bytes <= APPLY_INLINE_BYTES_MAX
+        held.group += 1;
+        let group = held.group;
+        // Weak: a timer keeps neither the state machine nor its databases open.
+        let inner = Arc::downgrade(&self.inner);
+        let hold_for = self.inner.hold_for;
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(hold_for).await;
+            let Some(inner) = inner.upgrade() else { return };
+            let sm = StateMachine { inner };
+            let mut held = sm.inner.held.lock().await;
+            if held.group == group
+                && let Err(e) = sm.apply_held_then(&mut held, Vec::new()).await
+            {
+                tracing::error!(error = %e, "applying held-back entries failed: this node stops applying");
+            }
+        });
+        held.timer = Some(timer.abort_handle());
+    }
+
+    /// Applies the entries held back, if any, so that the state includes everything openraft
+    /// has counted applied.
+    pub(crate) async fn apply_held(&self) -> io::Result<()> {
+        let mut held = self.inner.held.lock().await;
+        self.apply_held_then(&mut held, Vec::new()).await
+    }
+
+    /// [`StateMachine::apply_held`], for a node that stops: its timer is cancelled too.
+    pub(crate) async fn apply_held_and_stop(&self) -> io::Result<()> {
+        let mut held = self.inner.held.lock().await;
+        if let Some(timer) = held.timer.take() {
+            timer.abort();
+        }
+        self.apply_held_then(&mut held, Vec::new()).await
+    }
+
+    /// Applies the entries `held` holds, then `batch`, as one batch, and answers `batch`'s
+    /// responders. A failure is remembered in `held`.
+    async fn apply_held_then(&self, held: &mut Held, batch: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
+        held.check()?;
+        let (entries_max, batch) = if held.entries.is_empty() {
+            (APPLY_INLINE_ENTRIES_MAX, batch)
+        } else {
+            held.bytes = 0;
+            let mut all = std::mem::take(&mut held.entries);
+            all.extend(batch);
+            (APPLY_DEFER_ENTRIES_MAX, all)
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let applied = if self.applies_inline(&batch, entries_max) {
+            self.apply_entries(batch, false)
+        } else {
+            let sm = self.clone();
+            tokio::task::spawn_blocking(move || sm.apply_entries(batch, true)).await.map_err(io_other).flatten()
+        };
+        let (last, gov_touched, responders) = applied.inspect_err(|e| held.failed = Some(e.to_string()))?;
+        self.publish(last, gov_touched);
+        for responder in responders {
+            responder.send(());
+        }
+        Ok(())
     }
 
     /// Applies `batch`: the last log id applied, whether a `gov.` map changed, and the
@@ -977,6 +1129,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+        // The snapshot covers what the state database holds; held-back entries would only
+        // make it shorter than openraft expects.
+        self.apply_held().await?;
         let sm = self.clone();
         let built = tokio::task::spawn_blocking(move || sm.build()).await.map_err(io_other)??;
         self.inner.counts.snapshots_built.fetch_add(1, Ordering::Relaxed);
@@ -989,6 +1144,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        self.apply_held().await?;
         let applied = self.meta::<Option<LogId>>(APPLIED_LOG_ID_KEY)?.flatten();
         let membership = self.meta(MEMBERSHIP)?.unwrap_or_default();
         Ok((applied, membership))
@@ -1008,15 +1164,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if pending.len() >= APPLY_BATCH_MAX || (end && !pending.is_empty()) {
                 let batch = std::mem::take(&mut pending);
                 self.wait_log_durable(&batch).await?;
-                let (last, gov_touched, responders) = if self.applies_inline(&batch) {
-                    self.apply_entries(batch, false)?
+                let mut held = self.inner.held.lock().await;
+                held.check()?;
+                if self.defers(&held, &batch) {
+                    self.hold(&mut held, batch);
                 } else {
-                    let sm = self.clone();
-                    tokio::task::spawn_blocking(move || sm.apply_entries(batch, true)).await.map_err(io_other)??
-                };
-                self.publish(last, gov_touched);
-                for responder in responders {
-                    responder.send(());
+                    self.apply_held_then(&mut held, batch).await?;
                 }
             }
             if end {
@@ -1030,6 +1183,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<()> {
+        // Held-back entries apply first, and nothing applies while the state is replaced.
+        let mut held = self.inner.held.lock().await;
+        self.apply_held_then(&mut held, Vec::new()).await?;
         let sm = self.clone();
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || sm.install(&meta, &snapshot)).await.map_err(io_other)??;
@@ -1139,56 +1295,179 @@ mod tests {
         let (_dir, sm) = node_with([1; 32], &[("app/m", "k", "v")]);
         let batch = |n: u64, kind| (1..=n).map(|i| app_entry(i, kind, 100)).collect::<Vec<_>>();
         let max = APPLY_INLINE_ENTRIES_MAX as u64;
-        assert!(sm.applies_inline(&batch(1, TxKind::App)));
-        assert!(sm.applies_inline(&batch(max, TxKind::App)));
-        assert!(!sm.applies_inline(&batch(max + 1, TxKind::App)));
+        assert!(sm.applies_inline(&batch(1, TxKind::App), APPLY_INLINE_ENTRIES_MAX));
+        assert!(sm.applies_inline(&batch(max, TxKind::App), APPLY_INLINE_ENTRIES_MAX));
+        assert!(!sm.applies_inline(&batch(max + 1, TxKind::App), APPLY_INLINE_ENTRIES_MAX));
         for kind in [TxKind::Gov, TxKind::Signature, TxKind::Genesis] {
-            assert!(!sm.applies_inline(&batch(1, kind)), "{kind:?}");
+            assert!(!sm.applies_inline(&batch(1, kind), APPLY_INLINE_ENTRIES_MAX), "{kind:?}");
         }
         let blank = (Entry::new_blank(openraft::testing::log_id::<TypeConfig>(1, 0, 1)), None);
-        assert!(!sm.applies_inline(&[blank]));
-        assert!(sm.applies_inline(&[app_entry(1, TxKind::App, APPLY_INLINE_BYTES_MAX)]));
-        assert!(!sm.applies_inline(&[app_entry(1, TxKind::App, APPLY_INLINE_BYTES_MAX + 1)]));
+        assert!(!sm.applies_inline(&[blank], APPLY_INLINE_ENTRIES_MAX));
+        assert!(sm.applies_inline(&[app_entry(1, TxKind::App, APPLY_INLINE_BYTES_MAX)], APPLY_INLINE_ENTRIES_MAX));
+        assert!(!sm.applies_inline(&[app_entry(1, TxKind::App, APPLY_INLINE_BYTES_MAX + 1)], APPLY_INLINE_ENTRIES_MAX));
         // A scan met a running write: the next batch indexes its map first.
         let open = sm.inner.store.write_batch().unwrap();
         assert_eq!(contents(&sm, "app/m").len(), 1);
         drop(open);
-        assert!(!sm.applies_inline(&batch(1, TxKind::App)), "a map is to be indexed");
+        assert!(!sm.applies_inline(&batch(1, TxKind::App), APPLY_INLINE_ENTRIES_MAX), "a map is to be indexed");
         sm.inner.store.write_batch().unwrap().commit().unwrap();
-        assert!(sm.applies_inline(&batch(1, TxKind::App)));
+        assert!(sm.applies_inline(&batch(1, TxKind::App), APPLY_INLINE_ENTRIES_MAX));
         let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
-        assert!(!sm.applies_inline(&batch(1, TxKind::App)), "the durable commit is due");
+        assert!(!sm.applies_inline(&batch(1, TxKind::App), APPLY_INLINE_ENTRIES_MAX), "the durable commit is due");
     }
 
-    /// Batches of one entry, as at one client, apply inline without a durable commit until
-    /// `APPLY_DURABLE_INTERVAL` has passed; the next one then goes to the blocking pool and
-    /// makes everything applied so far durable.
+    /// An app transaction at `index` writing key `k{index}` of `app/m`, as a follower is sent it
+    /// (no responder).
+    fn app_write(index: u64) -> io::Result<EntryResponder<TypeConfig>> {
+        let mut ws = kv::WriteSet::default();
+        ws.put("app/m", format!("k{index}").as_bytes(), b"v");
+        let tx = TxEntry::new(TxKind::App, ws, None, &LedgerSecrets::first([1; 32]).current().1);
+        Ok((Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 0, index), tx), None))
+    }
+
+    /// Batches applied, and those of them that committed durably.
+    fn counts(sm: &StateMachine) -> (u64, u64) {
+        let c = &sm.inner.counts;
+        (c.apply_batches.load(Ordering::Relaxed), c.durable_commits.load(Ordering::Relaxed))
+    }
+
+    /// The last index the state database says it has applied.
+    async fn applied_index(sm: &mut StateMachine) -> Option<u64> {
+        sm.applied_state().await.unwrap().0.map(|l| l.index)
+    }
+
+    /// Small batches apply inline without a durable commit until `APPLY_DURABLE_INTERVAL` has
+    /// passed; the next one then goes to the blocking pool and makes everything applied so far
+    /// durable, and is not held back for it.
     #[tokio::test]
-    async fn one_entry_batches_still_commit_durably_every_interval() {
+    async fn small_batches_still_commit_durably_every_interval() {
         let (_dir, mut sm) = node_with([1; 32], &[]);
-        let sealer = LedgerSecrets::first([1; 32]).current().1;
-        let entry = |i: u64| {
-            let mut ws = kv::WriteSet::default();
-            ws.put("app/m", format!("k{i}").as_bytes(), b"v");
-            let tx = TxEntry::new(TxKind::App, ws, None, &sealer);
-            Ok((Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 0, i), tx), None))
-        };
         let durable_at = |sm: &StateMachine| *sm.inner.durable_at.lock().unwrap();
-        let counts = |sm: &StateMachine| {
-            let c = &sm.inner.counts;
-            (c.apply_batches.load(Ordering::Relaxed), c.durable_commits.load(Ordering::Relaxed))
-        };
         let before = durable_at(&sm);
-        sm.apply(futures::stream::iter([entry(1)])).await.unwrap();
+        sm.apply(futures::stream::iter([app_write(1)])).await.unwrap();
+        sm.apply_held().await.unwrap();
         assert_eq!(durable_at(&sm), before, "applied inline, with no durable commit");
         assert_eq!(counts(&sm), (1, 0));
         let due = before.checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
-        sm.apply(futures::stream::iter([entry(2)])).await.unwrap();
+        sm.apply(futures::stream::iter([app_write(2)])).await.unwrap();
         assert!(durable_at(&sm) > before, "the batch after the interval committed durably");
         assert_eq!(counts(&sm), (2, 1));
         assert_eq!(contents(&sm, "app/m").len(), 2);
+    }
+
+    /// A follower holds single app entries back up to `APPLY_DEFER_ENTRIES_MAX` and applies
+    /// them in one batch with the next: nothing of them is in the state, or published, until
+    /// then; openraft reading the applied state applies them first.
+    #[tokio::test]
+    async fn a_follower_applies_app_entries_in_groups_up_to_the_limit() {
+        let (_dir, mut sm) = node_with([1; 32], &[]);
+        let max = APPLY_DEFER_ENTRIES_MAX as u64;
+        for i in 1..=max {
+            sm.apply(futures::stream::iter([app_write(i)])).await.unwrap();
+        }
+        assert_eq!(counts(&sm), (0, 0), "{max} entries held");
+        assert!(contents(&sm, "app/m").is_empty());
+        assert_eq!(sm.subscribe().borrow().last, None, "nothing published");
+        sm.apply(futures::stream::iter([app_write(max + 1)])).await.unwrap();
+        assert_eq!(counts(&sm), (1, 0), "one more than the limit: all of them in one batch");
+        assert_eq!(contents(&sm, "app/m").len(), max as usize + 1);
+        assert_eq!(sm.subscribe().borrow().last.map(|t| t.seqno), Some(max + 1));
+
+        sm.apply(futures::stream::iter([app_write(max + 2), app_write(max + 3)])).await.unwrap();
+        assert_eq!(counts(&sm), (1, 0));
+        assert_eq!(applied_index(&mut sm).await, Some(max + 3), "reading the applied state applies them");
+        assert_eq!(counts(&sm), (2, 0));
+    }
+
+    /// Whatever is not an app entry nobody here waits for applies at once, after what is held
+    /// and in the same batch: a blank entry (a new leader's), a governance write, an app entry
+    /// writing a `gov.` map, one larger than the byte limit.
+    #[tokio::test]
+    async fn other_entries_apply_at_once_after_the_held_ones() {
+        let (_dir, mut sm) = node_with([1; 32], &[]);
+        let held = |sm: &StateMachine| sm.inner.held.try_lock().unwrap().entries.len();
+        sm.apply(futures::stream::iter([app_write(1)])).await.unwrap();
+        assert_eq!(held(&sm), 1);
+        let blank = Entry::new_blank(openraft::testing::log_id::<TypeConfig>(1, 0, 2));
+        sm.apply(futures::stream::iter([Ok((blank, None))])).await.unwrap();
+        assert_eq!((held(&sm), counts(&sm).0), (0, 1), "one batch: the held entry, then the blank");
+        assert_eq!(contents(&sm, "app/m").len(), 1);
+        assert_eq!(applied_index(&mut sm).await, Some(2));
+
+        let mut gov = kv::WriteSet::default();
+        gov.put("gov.nodes", b"n", b"{}");
+        let sealer = LedgerSecrets::first([1; 32]).current().1;
+        let tx = |index, kind, ws: &kv::WriteSet| {
+            (
+                Entry::new_normal(
+                    openraft::testing::log_id::<TypeConfig>(1, 0, index),
+                    TxEntry::new(kind, ws.clone(), None, &sealer),
+                ),
+                None,
+            )
+        };
+        let none = Default::default();
+        assert!(!sm.defers(&Held::default(), &[tx(3, TxKind::Gov, &none)]), "a governance transaction");
+        assert!(!sm.defers(&Held::default(), &[tx(3, TxKind::App, &gov)]), "an app transaction writing gov.nodes");
+        assert!(!sm.defers(&Held::default(), &[app_entry(3, TxKind::App, APPLY_INLINE_BYTES_MAX + 1)]), "too large");
+        assert!(sm.defers(&Held::default(), &[app_entry(3, TxKind::App, APPLY_INLINE_BYTES_MAX)]));
+        let full = Held { bytes: 1, ..Held::default() };
+        assert!(!sm.defers(&full, &[app_entry(3, TxKind::App, APPLY_INLINE_BYTES_MAX)]), "the group's bytes count");
+        let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
+        *sm.inner.durable_at.lock().unwrap() = due;
+        assert!(!sm.defers(&Held::default(), &[app_entry(3, TxKind::App, 10)]), "a durable commit is due");
+    }
+
+    /// A held entry applies by itself after `raft.apply_hold_ms` when nothing else comes.
+    #[tokio::test]
+    async fn a_held_entry_applies_on_its_own_within_the_age_limit() {
+        let (_dir, mut sm) = node_with([1; 32], &[]);
+        let mut applied = sm.subscribe();
+        let start = std::time::Instant::now();
+        sm.apply(futures::stream::iter([app_write(1)])).await.unwrap();
+        assert!(contents(&sm, "app/m").is_empty());
+        tokio::time::timeout(std::time::Duration::from_secs(10), applied.wait_for(|a| a.last.is_some()))
+            .await
+            .unwrap()
+            .unwrap();
+        let waited = start.elapsed();
+        assert!(waited >= sm.inner.hold_for, "applied after {waited:?}, before its time");
+        assert_eq!(contents(&sm, "app/m").len(), 1);
+        assert_eq!(counts(&sm), (1, 0));
+    }
+
+    /// `raft.apply_hold_ms = 0` holds nothing: each batch applies as it comes.
+    #[tokio::test]
+    async fn with_no_hold_each_batch_applies_as_it_comes() {
+        let (dir, holding) = node_with([1; 32], &[]);
+        let secrets = Arc::new(LedgerSecrets::first([1; 32]));
+        let store = holding.inner.store.clone();
+        let mut sm =
+            StateMachine::with(store, None, Some(secrets), dir.path().join("snapshots"), None, Default::default())
+                .unwrap();
+        for i in 1..=3 {
+            sm.apply(futures::stream::iter([app_write(i)])).await.unwrap();
+            assert_eq!(counts(&sm), (i, 0));
+            assert_eq!(contents(&sm, "app/m").len(), i as usize);
+        }
+    }
+
+    /// Installing a snapshot applies the held entries first and holds the lock throughout, so
+    /// no timer applies them over the installed state.
+    #[tokio::test]
+    async fn a_snapshot_install_applies_the_held_entries_first() {
+        let (_a, source) = node_with([1; 32], &[("app/m", "from-snapshot", "s")]);
+        let snapshot = source.build().unwrap();
+        let (_b, mut target) = node_with([1; 32], &[]);
+        target.apply(futures::stream::iter([app_write(1)])).await.unwrap();
+        let path = target.incoming_path();
+        std::fs::copy(&snapshot.snapshot.path, &path).unwrap();
+        target.install_snapshot(&snapshot.meta, SnapshotFile { path, seal: None }).await.unwrap();
+        assert_eq!(counts(&target).0, 1, "the held entry applied before the install");
+        tokio::time::sleep(target.inner.hold_for * 4).await;
+        assert_eq!(contents(&target, "app/m"), contents(&source, "app/m"), "and not after it");
     }
 
     /// Private entries travel sealed in chunks of about [`SNAPSHOT_CHUNK_BYTES`]: a state of

@@ -268,6 +268,8 @@ impl Service {
     ///   would see a state older than one it served ([`Consensus::wait_recovered`]);
     /// - the node has applied every app write it answered: those are answered once committed,
     ///   which is before they are applied here ([`Consensus::wait_acknowledged`]).
+    ///
+    /// A follower applies what it holds back first ([`Consensus::apply_held`]).
     pub(crate) async fn wait_readable(&self) -> Result<(), ApiError> {
         let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
         let deadline = tokio::time::Instant::now() + patience;
@@ -279,6 +281,10 @@ impl Service {
                 patience.as_millis()
             )));
         }
+        self.consensus
+            .apply_held()
+            .await
+            .map_err(|e| ApiError::internal(format!("applying committed entries failed: {e}")))?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if !self.consensus.wait_acknowledged(left).await {
             return Err(ApiError::unavailable(format!(
