@@ -84,12 +84,13 @@ async fn a_write_answered_at_commit_is_seen_by_the_next_read_on_that_node() {
     }
 }
 
-/// A follower holds committed app entries back to apply several in one transaction
+/// A node holds committed app entries back to apply several in one transaction
 /// (`raft.apply_hold_ms`), and a read through its API applies them first. Here the hold outlasts
-/// the test and no signature comes to end it: the follower has counted the write applied (Raft's
-/// applied index) with no batch applying it, and its next read still sees it.
+/// the test and no signature comes to end it: each node, a follower and then the leader, has
+/// counted the write applied (Raft's applied index) with no batch applying it, and its next read
+/// still sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_on_a_follower_applies_the_entries_it_holds_back() {
+async fn a_read_applies_the_entries_its_node_holds_back() {
     let mut c = Cluster::start(3, 1, KV, |cfg| {
         cfg.raft.apply_hold_ms = 600_000;
         cfg.ledger.sign_interval_ms = 600_000;
@@ -98,24 +99,29 @@ async fn a_read_on_a_follower_applies_the_entries_it_holds_back() {
     c.wait_caught_up(3, Duration::from_secs(30)).await;
     let leader = c.leader().await.expect("a leader");
     let follower = (leader + 1) % 3;
-    let metric = |name: &'static str| {
+    let metric = |node: usize, name: &'static str| {
         let c = &c;
-        async move { value(&c.metrics(follower).await.1, name, &[]) }
+        async move { value(&c.metrics(node).await.1, name, &[]) }
     };
-    let before = metric("cloister_raft_apply_batches").await;
     let writer = c.client(leader, 0).await.unwrap();
-    let put = writer.request("PUT", "/app/kv/held", Some("application/octet-stream"), "v1").await.unwrap();
-    assert_eq!(put.status, 200, "{}", put.text());
-    let seqno: f64 = put.tx_id().expect("a tx id").split_once('.').unwrap().1.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric("cloister_raft_apply_index").await < seqno {
-        assert!(Instant::now() < deadline, "node{follower} never counted {seqno} applied");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for (round, node) in [follower, leader].into_iter().enumerate() {
+        let before = metric(node, "cloister_raft_apply_batches").await;
+        let written = format!("v{round}");
+        let put = writer.request("PUT", "/app/kv/held", Some("application/octet-stream"), written.clone());
+        let put = put.await.unwrap();
+        assert_eq!(put.status, 200, "{}", put.text());
+        let seqno: f64 = put.tx_id().expect("a tx id").split_once('.').unwrap().1.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric(node, "cloister_raft_apply_index").await < seqno {
+            assert!(Instant::now() < deadline, "node{node} never counted {seqno} applied");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let batches = metric(node, "cloister_raft_apply_batches").await;
+        assert_eq!(batches, before, "node{node}: the write is held back, not applied");
+        let get = c.client(node, 0).await.unwrap().get("/app/kv/held").await.unwrap();
+        assert_eq!((get.status, get.text()), (200, written), "node{node}: the read missed the held write");
+        assert_eq!(metric(node, "cloister_raft_apply_batches").await, before + 1.0, "node{node}: the read applied it");
     }
-    assert_eq!(metric("cloister_raft_apply_batches").await, before, "the write is held back, not applied");
-    let get = c.client(follower, 0).await.unwrap().get("/app/kv/held").await.unwrap();
-    assert_eq!((get.status, get.text()), (200, "v1".to_owned()), "the read on the follower missed the held write");
-    assert_eq!(metric("cloister_raft_apply_batches").await, before + 1.0, "the read applied it");
 }
 
 /// Rounds of `a_write_answered_at_commit_is_seen_by_the_next_read_on_that_node`.

@@ -435,12 +435,17 @@ impl Consensus {
         if covers(&applied.borrow()) {
             return true;
         }
+        // The write may be held back to apply with others, or about to be: not while this waits.
+        let _waiting = self.sm.hold_nothing();
+        if self.sm.apply_held().await.is_err() {
+            return false;
+        }
         matches!(tokio::time::timeout(timeout, applied.wait_for(covers)).await, Ok(Ok(_)))
     }
 
     /// Applies the committed app entries this node holds back to apply together (see
     /// `StateMachine::defers`): a read of this node's state asks first, and so sees every entry
-    /// this node knows committed, as it would if nothing were held back.
+    /// this node has counted applied, as it would if nothing were held back.
     pub async fn apply_held(&self) -> std::io::Result<()> {
         self.sm.apply_held().await
     }

@@ -46,7 +46,7 @@ pub struct RaftSection {
     pub forward_hops_max: u32,
     /// Time a joining node keeps asking to be admitted, in milliseconds.
     pub join_timeout_ms: u64,
-    /// Longest a follower holds committed app entries back to apply several together, in
+    /// Longest a node holds committed app entries back to apply several together, in
     /// milliseconds; 0 applies each batch as it comes. A read through the API applies what is
     /// held first, so only what watches the files and metrics sees the delay (see
     /// `StateMachine::defers`).

@@ -51,7 +51,7 @@ const APPLY_BATCH_MAX: usize = 1024;
 const APPLY_INLINE_ENTRIES_MAX: usize = 4;
 /// The most bytes of writes (public and sealed) such a batch may carry.
 const APPLY_INLINE_BYTES_MAX: usize = 16 << 10;
-/// The most committed app entries a follower holds back to apply together (see
+/// The most committed app entries a node holds back to apply together (see
 /// [`StateMachine::defers`]).
 const APPLY_DEFER_ENTRIES_MAX: usize = 8;
 /// Longest time between durable commits of applied state: at most this much applying is redone
@@ -181,6 +181,8 @@ struct Inner {
     held: tokio::sync::Mutex<Held>,
     /// The longest entries are held back (`raft.apply_hold_ms`); zero holds none.
     hold_for: std::time::Duration,
+    /// Readers waiting for an entry to apply ([`StateMachine::hold_nothing`]).
+    readers_waiting: std::sync::atomic::AtomicUsize,
     counts: Counts,
 }
 
@@ -197,7 +199,7 @@ pub(crate) struct Counts {
     pub snapshots_installed: AtomicU64,
 }
 
-/// Committed app entries a follower holds back, so that several apply in one transaction (see
+/// Committed app entries a node holds back, so that several apply in one transaction (see
 /// [`StateMachine::defers`]). Whatever applies takes this lock and applies what it holds before
 /// anything newer, so entries still apply in log order.
 #[derive(Default)]
@@ -220,6 +222,15 @@ impl Held {
             Some(reason) => Err(io_other(format!("an earlier apply failed: {reason}"))),
             None => Ok(()),
         }
+    }
+}
+
+/// See [`StateMachine::hold_nothing`].
+pub(crate) struct HoldNothing(Arc<Inner>);
+
+impl Drop for HoldNothing {
+    fn drop(&mut self) {
+        self.0.readers_waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -280,6 +291,7 @@ impl StateMachine {
                 log_durable,
                 held: tokio::sync::Mutex::default(),
                 hold_for,
+                readers_waiting: Default::default(),
                 counts: Counts::default(),
             }),
         };
@@ -999,14 +1011,16 @@ impl StateMachine {
             || self.inner.store.index_wanted()
     }
 
-    /// Whether a follower holds `batch` back, after the entries `held` holds already, to apply
-    /// them together. At one client every batch a follower is sent is a single entry, and most
-    /// of applying it is paid per batch: the state database's commit, opening the ledger's
-    /// tables, the term and applied-id rows, the hand-offs between tasks. Only app transactions
-    /// that nobody on this node waits for are held (an entry with a responder was proposed here,
-    /// and its writer needs it applied), none writing a `gov.` map (peer standings and
-    /// identities follow those at once), up to [`APPLY_DEFER_ENTRIES_MAX`] entries and
-    /// [`APPLY_INLINE_BYTES_MAX`] bytes, and not when a durable commit is due.
+    /// Whether a node holds `batch` back, after the entries `held` holds already, to apply them
+    /// together. At one client every batch is a single entry, and most of applying it is paid
+    /// per batch: the state database's commit, opening the ledger's tables, the term and
+    /// applied-id rows, the hand-offs between tasks. Only app transactions are held, none
+    /// writing a `gov.` map (peer standings and identities follow those at once; governance
+    /// writes are answered once applied), up to [`APPLY_DEFER_ENTRIES_MAX`] entries and
+    /// [`APPLY_INLINE_BYTES_MAX`] bytes, not when a durable commit is due, and not while a
+    /// reader waits for an entry to apply ([`StateMachine::hold_nothing`]). On the leader an
+    /// app write is answered at commit; its writer runs later writes over it until it applies,
+    /// as it does while any write is unapplied.
     ///
     /// openraft counts an entry applied when `apply` returns, so a held entry is applied
     /// before anything observes the state it belongs to: before the next entry that is not
@@ -1019,8 +1033,9 @@ impl StateMachine {
     /// applied-index metrics, `Applied` for the snapshot scheduler.
     fn defers(&self, held: &Held, batch: &[EntryResponder<TypeConfig>]) -> bool {
         if self.inner.hold_for.is_zero()
+            || self.inner.readers_waiting.load(Ordering::Acquire) > 0
             || held.entries.len() + batch.len() > APPLY_DEFER_ENTRIES_MAX
-            || batch.iter().any(|(entry, responder)| responder.is_some() || writes_gov(entry))
+            || batch.iter().any(|(entry, _)| writes_gov(entry))
             || self.durable_commit_due()
         {
             return false;
@@ -1053,6 +1068,13 @@ impl StateMachine {
             }
         });
         held.timer = Some(timer.abort_handle());
+    }
+
+    /// While the guard lives nothing is held back: a reader waiting for an entry to apply does
+    /// not wait out a group's timer. Take it, then [`StateMachine::apply_held`], then wait.
+    pub(crate) fn hold_nothing(&self) -> HoldNothing {
+        self.inner.readers_waiting.fetch_add(1, Ordering::AcqRel);
+        HoldNothing(self.inner.clone())
     }
 
     /// Applies the entries held back, if any, so that the state includes everything openraft
@@ -1357,11 +1379,11 @@ mod tests {
         assert_eq!(contents(&sm, "app/m").len(), 2);
     }
 
-    /// A follower holds single app entries back up to `APPLY_DEFER_ENTRIES_MAX` and applies
+    /// A node holds single app entries back up to `APPLY_DEFER_ENTRIES_MAX` and applies
     /// them in one batch with the next: nothing of them is in the state, or published, until
     /// then; openraft reading the applied state applies them first.
     #[tokio::test]
-    async fn a_follower_applies_app_entries_in_groups_up_to_the_limit() {
+    async fn app_entries_apply_in_groups_up_to_the_limit() {
         let (_dir, mut sm) = node_with([1; 32], &[]);
         let max = APPLY_DEFER_ENTRIES_MAX as u64;
         for i in 1..=max {
@@ -1381,9 +1403,9 @@ mod tests {
         assert_eq!(counts(&sm), (2, 0));
     }
 
-    /// Whatever is not an app entry nobody here waits for applies at once, after what is held
-    /// and in the same batch: a blank entry (a new leader's), a governance write, an app entry
-    /// writing a `gov.` map, one larger than the byte limit.
+    /// Whatever is not an app entry to hold applies at once, after what is held and in the same
+    /// batch: a blank entry (a new leader's), a governance write, an app entry writing a `gov.`
+    /// map, one larger than the byte limit; and nothing is held while a reader waits.
     #[tokio::test]
     async fn other_entries_apply_at_once_after_the_held_ones() {
         let (_dir, mut sm) = node_with([1; 32], &[]);
@@ -1415,6 +1437,10 @@ mod tests {
         assert!(sm.defers(&Held::default(), &[app_entry(3, TxKind::App, APPLY_INLINE_BYTES_MAX)]));
         let full = Held { bytes: 1, ..Held::default() };
         assert!(!sm.defers(&full, &[app_entry(3, TxKind::App, APPLY_INLINE_BYTES_MAX)]), "the group's bytes count");
+        let waiting = sm.hold_nothing();
+        assert!(!sm.defers(&Held::default(), &[app_entry(3, TxKind::App, 10)]), "a reader waits");
+        drop(waiting);
+        assert!(sm.defers(&Held::default(), &[app_entry(3, TxKind::App, 10)]));
         let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
         assert!(!sm.defers(&Held::default(), &[app_entry(3, TxKind::App, 10)]), "a durable commit is due");
