@@ -211,6 +211,9 @@ struct Held {
     group: u64,
     /// The timer of the current group, stopped when the node stops.
     timer: Option<tokio::task::AbortHandle>,
+    /// Set when the node stops: a timer still asleep then never takes the state machine again,
+    /// so the databases close when the node lets them go.
+    stopped: Arc<std::sync::atomic::AtomicBool>,
     /// Why applying failed: openraft stops the node on a failed apply, and until it does every
     /// later apply and read fails the same way rather than apply past a gap.
     failed: Option<String>,
@@ -1026,11 +1029,11 @@ impl StateMachine {
     /// before anything observes the state it belongs to: before the next entry that is not
     /// held, a snapshot build or install, openraft reading the applied state, the node
     /// stopping, and every read of the state through the API ([`StateMachine::apply_held`]);
-    /// and after at most `raft.apply_hold_ms` in any case (0 holds nothing). A crash loses nothing: a held
-    /// entry is in this node's durable log, and the applied id in the state database is older
-    /// than it, so openraft applies it again at restart. What observes the state directly,
-    /// without such a read, is at most that much older than the log: the ledger files, the
-    /// applied-index metrics, `Applied` for the snapshot scheduler.
+    /// and after at most `raft.apply_hold_ms` in any case (0 holds nothing). A crash loses
+    /// nothing: a held entry is in this node's durable log, and the applied id in the state
+    /// database is older than it, so openraft applies it again at restart. What watches the
+    /// state without such a read is at most that much behind Raft's applied index: the ledger
+    /// files, the batch metrics, the signer, the snapshot scheduler.
     fn defers(&self, held: &Held, batch: &[EntryResponder<TypeConfig>]) -> bool {
         if self.inner.hold_for.is_zero()
             || self.inner.readers_waiting.load(Ordering::Acquire) > 0
@@ -1056,8 +1059,12 @@ impl StateMachine {
         // Weak: a timer keeps neither the state machine nor its databases open.
         let inner = Arc::downgrade(&self.inner);
         let hold_for = self.inner.hold_for;
+        let stopped = held.stopped.clone();
         let timer = tokio::spawn(async move {
             tokio::time::sleep(hold_for).await;
+            if stopped.load(Ordering::Acquire) {
+                return;
+            }
             let Some(inner) = inner.upgrade() else { return };
             let sm = StateMachine { inner };
             let mut held = sm.inner.held.lock().await;
@@ -1084,9 +1091,10 @@ impl StateMachine {
         self.apply_held_then(&mut held, Vec::new()).await
     }
 
-    /// [`StateMachine::apply_held`], for a node that stops: its timer is cancelled too.
+    /// [`StateMachine::apply_held`], for a node that stops: no timer applies anything after.
     pub(crate) async fn apply_held_and_stop(&self) -> io::Result<()> {
         let mut held = self.inner.held.lock().await;
+        held.stopped.store(true, Ordering::Release);
         if let Some(timer) = held.timer.take() {
             timer.abort();
         }
@@ -1401,6 +1409,11 @@ mod tests {
         assert_eq!(counts(&sm), (1, 0));
         assert_eq!(applied_index(&mut sm).await, Some(max + 3), "reading the applied state applies them");
         assert_eq!(counts(&sm), (2, 0));
+
+        sm.apply(futures::stream::iter([app_write(max + 4)])).await.unwrap();
+        sm.apply_held_and_stop().await.unwrap();
+        assert_eq!(counts(&sm), (3, 0), "a node that stops applies what it holds");
+        assert_eq!(contents(&sm, "app/m").len(), max as usize + 4);
     }
 
     /// Whatever is not an app entry to hold applies at once, after what is held and in the same
