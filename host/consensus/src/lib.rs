@@ -437,10 +437,11 @@ impl Consensus {
         }
         // The write may be held back to apply with others, or about to be: not while this waits.
         let _waiting = self.sm.hold_nothing();
-        if self.sm.apply_held().await.is_err() {
-            return false;
-        }
-        matches!(tokio::time::timeout(timeout, applied.wait_for(covers)).await, Ok(Ok(_)))
+        let applied = async {
+            self.sm.apply_held().await.ok()?;
+            applied.wait_for(covers).await.ok().map(|_| ())
+        };
+        matches!(tokio::time::timeout(timeout, applied).await, Ok(Some(())))
     }
 
     /// Applies the committed app entries this node holds back to apply together (see

@@ -269,7 +269,8 @@ impl Service {
     /// - the node has applied every app write it answered: those are answered once committed,
     ///   which is before they are applied here ([`Consensus::wait_acknowledged`]).
     ///
-    /// A follower applies what it holds back first ([`Consensus::apply_held`]).
+    /// In between, the node applies the entries it holds back ([`Consensus::apply_held`]),
+    /// within the same patience (a snapshot install holds them up while it runs).
     pub(crate) async fn wait_readable(&self) -> Result<(), ApiError> {
         let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
         let deadline = tokio::time::Instant::now() + patience;
@@ -281,10 +282,18 @@ impl Service {
                 patience.as_millis()
             )));
         }
-        self.consensus
-            .apply_held()
-            .await
-            .map_err(|e| ApiError::internal(format!("applying committed entries failed: {e}")))?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, self.consensus.apply_held()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ApiError::internal(format!("applying committed entries failed: {e}"))),
+            Err(_) => {
+                return Err(ApiError::unavailable(format!(
+                    "this node is still applying committed entries (a snapshot install?) after {} ms (half of \
+                     request_timeout_ms); retry shortly",
+                    patience.as_millis()
+                )));
+            }
+        }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if !self.consensus.wait_acknowledged(left).await {
             return Err(ApiError::unavailable(format!(
