@@ -469,9 +469,9 @@ async fn never_reading(
             let (kind, flags, stream, payload) = next_frame(&mut tls).await.expect("the node's first frames");
             if kind == SETTINGS && flags & 0x1 == 0 {
                 settings_seen = true;
-                for setting in payload.chunks_exact(6) {
-                    if u16::from_be_bytes([setting[0], setting[1]]) == 0x4 {
-                        stream_window = u32::from_be_bytes(setting[2..6].try_into().unwrap()) as usize;
+                for &[id0, id1, v0, v1, v2, v3] in payload.as_chunks::<6>().0 {
+                    if u16::from_be_bytes([id0, id1]) == 0x4 {
+                        stream_window = u32::from_be_bytes([v0, v1, v2, v3]) as usize;
                     }
                 }
             } else if kind == WINDOW_UPDATE && stream == 0 {

@@ -529,7 +529,7 @@ mod tests {
         forwarder: Arc<Fake>,
         opened: AtomicUsize,
         /// Streams to refuse before serving one.
-        refusals: AtomicUsize,
+        refusals: Mutex<usize>,
     }
 
     fn not_here<T>() -> Result<T, Status> {
@@ -563,8 +563,12 @@ mod tests {
             req: tonic::Request<tonic::Streaming<pb::ForwardCall>>,
         ) -> Result<tonic::Response<Self::ForwardStream>, Status> {
             self.opened.fetch_add(1, Ordering::SeqCst);
-            if self.refusals.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-                return Err(Status::permission_denied("this node is Pending"));
+            {
+                let mut refusals = self.refusals.lock().unwrap();
+                if *refusals > 0 {
+                    *refusals -= 1;
+                    return Err(Status::permission_denied("this node is Pending"));
+                }
             }
             let forwarder: Arc<dyn Forwarder> = self.forwarder.clone();
             Ok(tonic::Response::new(Box::pin(serve(req.into_inner(), b"node".to_vec(), forwarder))))
@@ -591,7 +595,7 @@ mod tests {
         let leader = Arc::new(Leader {
             forwarder: Arc::new(Fake::default()),
             opened: AtomicUsize::new(0),
-            refusals: AtomicUsize::new(refusals),
+            refusals: Mutex::new(refusals),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
