@@ -451,6 +451,12 @@ impl Consensus {
         self.sm.apply_held().await
     }
 
+    /// Whether this node failed to apply committed entries: it stops, and until it has stopped
+    /// its writer must not execute new writes over a state that lacks them.
+    pub fn apply_failed(&self) -> bool {
+        self.sm.apply_failed()
+    }
+
     /// What this node has applied, as a receiver that changes after every applied batch.
     pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<Applied> {
         self.sm.subscribe()

@@ -183,6 +183,12 @@ struct Inner {
     hold_for: std::time::Duration,
     /// Readers waiting for an entry to apply ([`StateMachine::hold_nothing`]).
     readers_waiting: std::sync::atomic::AtomicUsize,
+    /// Entries held back, or taken from the group and not yet published: a read has something to
+    /// apply first only while this is above zero. It goes down after the group is published,
+    /// and never after a failed apply, so readers then meet the failure.
+    unpublished: std::sync::atomic::AtomicUsize,
+    /// Set when applying committed entries failed (see [`StateMachine::apply_failed`]).
+    apply_failed: std::sync::atomic::AtomicBool,
     counts: Counts,
 }
 
@@ -295,6 +301,8 @@ impl StateMachine {
                 held: tokio::sync::Mutex::default(),
                 hold_for,
                 readers_waiting: Default::default(),
+                unpublished: Default::default(),
+                apply_failed: Default::default(),
                 counts: Counts::default(),
             }),
         };
@@ -1049,6 +1057,7 @@ impl StateMachine {
     /// Holds `batch` back; the first entries of a group set its timer.
     fn hold(&self, held: &mut Held, batch: Vec<EntryResponder<TypeConfig>>) {
         held.bytes += app_bytes(&batch).unwrap_or(0);
+        self.inner.unpublished.fetch_add(batch.len(), Ordering::AcqRel);
         let first = held.entries.is_empty();
         held.entries.extend(batch);
         if !first {
@@ -1085,10 +1094,30 @@ impl StateMachine {
     }
 
     /// Applies the entries held back, if any, so that the state includes everything openraft
-    /// has counted applied.
+    /// has counted applied. With nothing held it returns at once, without the group's lock
+    /// (which an apply holds through a durable commit, and an install through its whole run).
+    ///
+    /// The apply runs on its own task: a caller may give up (a reader's patience, a client that
+    /// went away), and the group, once taken from [`Held`], must still be applied, published
+    /// and answered, with the lock held until it is.
     pub(crate) async fn apply_held(&self) -> io::Result<()> {
-        let mut held = self.inner.held.lock().await;
-        self.apply_held_then(&mut held, Vec::new()).await
+        if self.inner.unpublished.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let sm = self.clone();
+        tokio::spawn(async move {
+            let mut held = sm.inner.held.lock().await;
+            sm.apply_held_then(&mut held, Vec::new()).await
+        })
+        .await
+        .map_err(io_other)?
+    }
+
+    /// Whether applying committed entries failed on this node. openraft stops at its next
+    /// apply; until then a held group that failed to apply has dropped its writes' responders,
+    /// and a leader must not execute new writes over a state that lacks them.
+    pub(crate) fn apply_failed(&self) -> bool {
+        self.inner.apply_failed.load(Ordering::Acquire)
     }
 
     /// [`StateMachine::apply_held`], for a node that stops: no timer applies anything after.
@@ -1105,6 +1134,7 @@ impl StateMachine {
     /// responders. A failure is remembered in `held`.
     async fn apply_held_then(&self, held: &mut Held, batch: Vec<EntryResponder<TypeConfig>>) -> io::Result<()> {
         held.check()?;
+        let taken = held.entries.len();
         let (entries_max, batch) = if held.entries.is_empty() {
             (APPLY_INLINE_ENTRIES_MAX, batch)
         } else {
@@ -1122,8 +1152,12 @@ impl StateMachine {
             let sm = self.clone();
             tokio::task::spawn_blocking(move || sm.apply_entries(batch, true)).await.map_err(io_other).flatten()
         };
-        let (last, gov_touched, responders) = applied.inspect_err(|e| held.failed = Some(e.to_string()))?;
+        let (last, gov_touched, responders) = applied.inspect_err(|e| {
+            held.failed = Some(e.to_string());
+            self.inner.apply_failed.store(true, Ordering::Release);
+        })?;
         self.publish(last, gov_touched);
+        self.inner.unpublished.fetch_sub(taken, Ordering::AcqRel);
         for responder in responders {
             responder.send(());
         }
@@ -1149,7 +1183,11 @@ impl StateMachine {
                 (entry.log_id(), payload, m)
             })
             .collect();
-        let gov_touched = self.apply_batch(&rows, may_sync)?;
+        let gov_touched = self.apply_batch(&rows, may_sync).inspect_err(|_| {
+            // Before the batch, and with it its responders, is dropped: a leader's writer that
+            // sees its writes fail then sees this too.
+            self.inner.apply_failed.store(true, Ordering::Release);
+        })?;
         let last = rows.last().map(|(l, ..)| *l);
         Ok((last, gov_touched, batch.into_iter().filter_map(|(_, r)| r).collect()))
     }
@@ -1507,6 +1545,64 @@ mod tests {
         assert_eq!(counts(&target).0, 1, "the held entry applied before the install");
         tokio::time::sleep(target.inner.hold_for * 4).await;
         assert_eq!(contents(&target, "app/m"), contents(&source, "app/m"), "and not after it");
+    }
+
+    /// A reader that gives up while the held group applies on the blocking pool (a durable
+    /// commit was due) does not cancel the apply: the group is applied and published all the
+    /// same. (Cancelled, it had been taken from the group and then left applied in the state
+    /// database but never published, and its writes' responders dropped.)
+    #[tokio::test]
+    async fn a_reader_that_gives_up_does_not_cancel_the_held_apply() {
+        let (_dir, mut sm) = node_with([1; 32], &[]);
+        sm.apply(futures::stream::iter([app_write(1)])).await.unwrap();
+        assert_eq!(counts(&sm), (0, 0), "held");
+        let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
+        *sm.inner.durable_at.lock().unwrap() = due;
+        let gave_up = futures::FutureExt::now_or_never(sm.apply_held());
+        assert!(gave_up.is_none(), "polled once, then dropped, with the apply under way");
+        let mut applied = sm.subscribe();
+        let published = applied.wait_for(|a| a.last.map(|t| t.seqno) == Some(1));
+        tokio::time::timeout(std::time::Duration::from_secs(10), published)
+            .await
+            .expect("published although its reader gave up")
+            .unwrap();
+        assert_eq!(contents(&sm, "app/m").len(), 1);
+        assert_eq!(counts(&sm), (1, 1), "one batch, with the durable commit");
+        tokio::time::timeout(std::time::Duration::from_secs(10), sm.apply_held())
+            .await
+            .expect("nothing is left to apply")
+            .unwrap();
+    }
+
+    /// A read waits for the group's lock only while something is held: an apply keeps the lock
+    /// through a durable commit, and an install through its whole run.
+    #[tokio::test]
+    async fn a_read_waits_for_the_lock_only_while_entries_are_held() {
+        let (_dir, mut sm) = node_with([1; 32], &[]);
+        let short = std::time::Duration::from_millis(200);
+        let busy = sm.inner.held.lock().await;
+        tokio::time::timeout(short, sm.apply_held()).await.expect("nothing held: no wait").unwrap();
+        drop(busy);
+        sm.apply(futures::stream::iter([app_write(1)])).await.unwrap();
+        let busy = sm.inner.held.lock().await;
+        assert!(tokio::time::timeout(short, sm.apply_held()).await.is_err(), "held: the read waits");
+        drop(busy);
+        tokio::time::timeout(std::time::Duration::from_secs(10), sm.apply_held()).await.unwrap().unwrap();
+        assert_eq!(contents(&sm, "app/m").len(), 1);
+    }
+
+    /// A held group that fails to apply marks the state machine failed (a leader's writer stops
+    /// executing over it), and every later read meets the failure instead of reading past it.
+    #[tokio::test]
+    async fn a_held_group_that_fails_to_apply_is_remembered() {
+        let (_dir, mut sm) = node_with([1; 32], &[]);
+        // Private bytes no ledger secret opens.
+        sm.apply(futures::stream::iter([Ok(app_entry(1, TxKind::App, 10))])).await.unwrap();
+        assert!(!sm.apply_failed(), "held, not yet applied");
+        assert!(sm.apply_held().await.is_err());
+        assert!(sm.apply_failed());
+        assert!(sm.apply_held().await.is_err(), "a later read fails the same way");
+        assert!(sm.apply(futures::stream::iter([app_write(2)])).await.is_err(), "and so does the next apply");
     }
 
     /// Private entries travel sealed in chunks of about [`SNAPSHOT_CHUNK_BYTES`]: a state of

@@ -352,7 +352,9 @@ impl WriterLoop {
 
     /// Readies the stack of pending writes for the next job: this node must lead and have caught
     /// up; a failed proposal or a new term drops the stack (every later proposal fails too, and
-    /// what did commit is applied); and the stack must have room below `pending_max`, since every
+    /// what did commit is applied), unless the proposal failed because this node could not apply
+    /// it ([`Consensus::apply_failed`]: what committed is then not applied, and this node stops);
+    /// and the stack must have room below `pending_max`, since every
     /// job executes over all of it. Without room it waits for a proposal to finish, up to
     /// `pending_wait`.
     fn prepare(&mut self) -> Result<(), SubmitError> {
@@ -369,6 +371,14 @@ impl WriterLoop {
             }
             // A failed proposal stays until the check above sees it.
             self.pending.drop_applied_prefix();
+            // After the check: a held group that failed to apply marks this before its writes
+            // fail, so a stack dropped for their failure is never executed over.
+            if self.consensus.apply_failed() {
+                return Err(ApiError::unavailable(
+                    "this node failed to apply committed entries and is stopping; retry on another node",
+                )
+                .into());
+            }
             if self.pending.len() < self.pending_max {
                 return Ok(());
             }
