@@ -13,7 +13,9 @@
 //! Every system of one network size is up at once, and each point runs on each system in turn
 //! before the next point: the figures a ratio compares are measured seconds apart, not minutes,
 //! on a machine whose speed drifts. `--rounds` repeats every point; the table then shows medians,
-//! and each ratio is the median of the rounds' own ratios, with their range.
+//! and each ratio is the median of the rounds' own ratios, with their range. The networks stay up
+//! across rounds unless `--fresh-networks` starts them again for each round: every point writes
+//! fresh keys, so without it a later round runs on the state the earlier points left.
 
 mod chart;
 mod load;
@@ -57,6 +59,11 @@ struct Args {
     /// table shows medians, and the range of the rounds' ratios.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
+    /// Start every network again for each round, so that each round runs on an empty state and
+    /// a fresh process. By default the networks stay up across rounds, and every point writes
+    /// fresh keys: a later round runs on the state (and the heap) the earlier points left.
+    #[arg(long)]
+    fresh_networks: bool,
     /// Seconds each point's clients run first, uncounted.
     #[arg(long, default_value_t = 1)]
     warmup_seconds: u64,
@@ -151,23 +158,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut points: Vec<Point> = Vec::new();
     for &nodes in &args.nodes {
         let mut up: Vec<Under> = Vec::new();
-        if args.systems.iter().any(|s| s == "etcd") {
-            let etcd = systems::Etcd::start(&args.etcd, nodes, args.port).await?;
-            eprintln!("etcd: {nodes} member(s) up");
-            let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
-            up.push(Under { system: "etcd", workload, network: Network::Etcd(etcd) });
-        }
-        for (system, app, workload, port) in [
-            ("cloister kv put", "kv", Workload::KvPut { value_bytes: args.value_bytes }, KV_PORT_OFFSET),
-            ("cloister reconcile ingest", "reconcile", Workload::ReconcileIngest, RECONCILE_PORT_OFFSET),
-        ] {
-            if args.systems.iter().any(|s| s == app) {
-                let sandbox = systems::Sandbox::start(&cloister, nodes, args.port + port, app).await?;
-                eprintln!("{system}: {nodes} node(s) up");
-                up.push(Under { system, workload, network: Network::Sandbox(sandbox) });
-            }
-        }
         for round in 1..=args.rounds {
+            if up.is_empty() || args.fresh_networks {
+                // The last round's networks stop (and free their ports) before the next start.
+                up.clear();
+                up = start(&args, &cloister, nodes).await?;
+            }
             if args.rounds > 1 {
                 eprintln!("round {round} of {}", args.rounds);
             }
@@ -199,6 +195,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => eprintln!("wrote peers.md and peers.json; no chart: {e:#}"),
     }
     Ok(())
+}
+
+/// Starts every system asked for, as networks of `nodes` members.
+async fn start(args: &Args, cloister: &std::path::Path, nodes: usize) -> anyhow::Result<Vec<Under>> {
+    let mut up: Vec<Under> = Vec::new();
+    if args.systems.iter().any(|s| s == "etcd") {
+        let etcd = systems::Etcd::start(&args.etcd, nodes, args.port).await?;
+        eprintln!("etcd: {nodes} member(s) up");
+        let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
+        up.push(Under { system: "etcd", workload, network: Network::Etcd(etcd) });
+    }
+    for (system, app, workload, port) in [
+        ("cloister kv put", "kv", Workload::KvPut { value_bytes: args.value_bytes }, KV_PORT_OFFSET),
+        ("cloister reconcile ingest", "reconcile", Workload::ReconcileIngest, RECONCILE_PORT_OFFSET),
+    ] {
+        if args.systems.iter().any(|s| s == app) {
+            let sandbox = systems::Sandbox::start(cloister, nodes, args.port + port, app).await?;
+            eprintln!("{system}: {nodes} node(s) up");
+            up.push(Under { system, workload, network: Network::Sandbox(sandbox) });
+        }
+    }
+    Ok(up)
 }
 
 /// Ports past `--port` where each Cloister sandbox starts: etcd takes 2 per member and a sandbox 3
