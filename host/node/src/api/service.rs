@@ -270,7 +270,8 @@ impl Service {
     ///   which is before they are applied here ([`Consensus::wait_acknowledged`]).
     ///
     /// In between, the node applies the entries it holds back ([`Consensus::apply_held`]),
-    /// within the same patience (a snapshot install holds them up while it runs).
+    /// within the same patience (it waits only while entries are held, behind the apply that
+    /// holds the group's lock, such as one making the state durable).
     pub(crate) async fn wait_readable(&self) -> Result<(), ApiError> {
         let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
         let deadline = tokio::time::Instant::now() + patience;
@@ -288,8 +289,8 @@ impl Service {
             Ok(Err(e)) => return Err(ApiError::internal(format!("applying committed entries failed: {e}"))),
             Err(_) => {
                 return Err(ApiError::unavailable(format!(
-                    "this node is still applying committed entries (a snapshot install?) after {} ms (half of \
-                     request_timeout_ms); retry shortly",
+                    "this node is still applying the committed entries it held back after {} ms (half of \
+                     request_timeout_ms): its disk may be slow; retry shortly",
                     patience.as_millis()
                 )));
             }
