@@ -6,7 +6,9 @@
 //! entries and the state that many private values. Then a second node starts with an empty data
 //! folder, attests and waits as Pending; the member trusts it by proposal; and the bench polls the
 //! new node until its own `/node/network` shows it has applied the last put and a `GET` of that
-//! key answers the value. It prints each step's time and the total against the goal.
+//! key answers the value. It prints each step's time and the total against the goal, what node
+//! 0's data folder holds after the puts, and, once the nodes have stopped, how node 0's state
+//! database uses its file (redb's page accounting, and the file's size once compacted).
 //!
 //! Run with `just bench-join [ENTRIES]`.
 
@@ -99,8 +101,11 @@ async fn main() {
     c.open(0).await;
     fill(&c, entries).await;
     let target = applied(&c, 0).await.expect("node 0 reports its applied index");
-    let data = &c.nodes[0].config.node.data_dir;
-    eprintln!("node 0 has applied {target} entries; data folder {:.0} MB", folder_bytes(data) as f64 / 1e6);
+    let data = c.nodes[0].config.node.data_dir.clone();
+    eprintln!("node 0 has applied {target} entries; data folder {:.0} MB:", folder_bytes(&data) as f64 / 1e6);
+    for (name, bytes) in folder_parts(&data) {
+        eprintln!("  {name}: {:.0} MB", bytes as f64 / 1e6);
+    }
 
     let start = Instant::now();
     c.spawn(1);
@@ -148,16 +153,57 @@ async fn main() {
     for i in [1, 0] {
         c.stop(i);
     }
+    state_database_stats(&data.join("state.redb"));
 }
 
-fn folder_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
+/// How node 0's state database uses its file: redb's own accounting, then its size once
+/// compacted (what the file would be with no free pages).
+fn state_database_stats(path: &std::path::Path) {
+    let mb = |b: u64| b as f64 / 1e6;
+    let before = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let mut db = redb::Database::open(path).expect("node 0's state database opens once the node has stopped");
+    let txn = db.begin_write().expect("a write transaction on the state database");
+    let stats = txn.stats().expect("redb reports its stats");
+    txn.abort().expect("the stats transaction ends");
+    let page = stats.page_size() as u64;
+    eprintln!(
+        "state.redb: file {:.0} MB; {} pages of {page} B allocated ({:.0} MB: {} leaf, {} branch); \
+         keys and values {:.0} MB, metadata {:.0} MB, fragmentation {:.0} MB; tree height {}",
+        mb(before),
+        stats.allocated_pages(),
+        mb(stats.allocated_pages() * page),
+        stats.leaf_pages(),
+        stats.branch_pages(),
+        mb(stats.stored_bytes()),
+        mb(stats.metadata_bytes()),
+        mb(stats.fragmented_bytes()),
+        stats.tree_height(),
+    );
+    let start = Instant::now();
+    db.compact().expect("redb compacts the state database");
+    drop(db);
+    let after = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    eprintln!("state.redb compacted: {:.0} MB in {:.1?}", mb(after), start.elapsed());
+}
+
+/// Each file and folder at the top of `dir`, with its size, largest first.
+fn folder_parts(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut parts: Vec<(String, u64)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => folder_bytes(&e.path()),
-            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        .map(|e| {
+            let bytes = match e.file_type() {
+                Ok(t) if t.is_dir() => folder_bytes(&e.path()),
+                _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+            };
+            (e.file_name().to_string_lossy().into_owned(), bytes)
         })
-        .sum()
+        .collect();
+    parts.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
+    parts
+}
+
+fn folder_bytes(dir: &std::path::Path) -> u64 {
+    folder_parts(dir).iter().map(|(_, bytes)| bytes).sum()
 }
