@@ -35,6 +35,8 @@ pub struct Measured {
     pub elapsed: Duration,
     pub p50: Duration,
     pub p99: Duration,
+    pub p999: Duration,
+    pub max: Duration,
 }
 
 impl Measured {
@@ -152,5 +154,7 @@ pub async fn drive(
         elapsed,
         p50: at(0.50).copied().unwrap_or_default(),
         p99: at(0.99).copied().unwrap_or_default(),
+        p999: at(0.999).copied().unwrap_or_default(),
+        max: latencies.last().copied().unwrap_or_default(),
     })
 }

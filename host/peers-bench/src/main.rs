@@ -122,6 +122,9 @@ pub struct Point {
     pub per_second: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// The slowest answered request.
+    pub max_ms: f64,
 }
 
 fn main() -> ExitCode {
@@ -269,13 +272,18 @@ fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, round:
         per_second: r.per_second(),
         p50_ms: r.p50.as_secs_f64() * 1e3,
         p99_ms: r.p99.as_secs_f64() * 1e3,
+        p999_ms: r.p999.as_secs_f64() * 1e3,
+        max_ms: r.max.as_secs_f64() * 1e3,
     };
     eprintln!(
-        "  {system:<26} {nodes} node(s) {:<6} {clients:>3} clients: {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms{}",
+        "  {system:<26} {nodes} node(s) {:<6} {clients:>3} clients: {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  \
+         p99.9 {:>7.2} ms  max {:>7.2} ms{}",
         mode.name(),
         point.per_second,
         point.p50_ms,
         point.p99_ms,
+        point.p999_ms,
+        point.max_ms,
         if point.errors > 0 { format!("  ({} errors)", point.errors) } else { String::new() }
     );
     point

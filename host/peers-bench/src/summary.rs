@@ -18,6 +18,8 @@ pub struct Row {
     pub per_second: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
     /// Failed requests, summed over the rounds.
     pub errors: u64,
     /// Throughput over etcd's (above 1 favours Cloister); none for etcd, or with no etcd point.
@@ -103,6 +105,8 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
             per_second: of(|p| p.per_second),
             p50_ms: of(|p| p.p50_ms),
             p99_ms: of(|p| p.p99_ms),
+            p999_ms: of(|p| p.p999_ms),
+            max_ms: of(|p| p.max_ms),
             errors: own.iter().map(|p| p.errors).sum(),
             rate_vs_etcd: Spread::of(&rates),
             p50_vs_etcd: Spread::of(&p50s),
@@ -119,13 +123,13 @@ pub fn table(rows: &[Row], rounds: u32) -> String {
         String::from("One round.\n\n")
     };
     out.push_str(
-        "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | ops/s ÷ etcd | p50 ÷ etcd | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | ops/s ÷ etcd | p50 ÷ etcd | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} |\n",
             r.system,
             r.nodes,
             r.mode.name(),
@@ -133,6 +137,8 @@ pub fn table(rows: &[Row], rounds: u32) -> String {
             r.per_second,
             r.p50_ms,
             r.p99_ms,
+            r.p999_ms,
+            r.max_ms,
             cell(r.rate_vs_etcd),
             cell(r.p50_vs_etcd),
             r.errors
@@ -157,6 +163,8 @@ mod tests {
             per_second,
             p50_ms,
             p99_ms: p50_ms * 3.0,
+            p999_ms: p50_ms * 5.0,
+            max_ms: p50_ms * 10.0,
         }
     }
 
@@ -190,6 +198,7 @@ mod tests {
         let kv1 = &rows[1];
         assert_eq!(kv1.per_second, 440.0);
         assert_eq!(kv1.p99_ms, 6.0);
+        assert_eq!((kv1.p999_ms, kv1.max_ms), (10.0, 20.0));
         assert_eq!(kv1.errors, 1);
         let rate = kv1.rate_vs_etcd.unwrap();
         assert!((rate.median - 0.55).abs() < 1e-9 && rate.min == 0.5 && (rate.max - 0.6).abs() < 1e-9, "{rate:?}");
@@ -210,8 +219,14 @@ mod tests {
         ];
         let table = table(&rows(&points), 2);
         assert!(table.starts_with("Medians of 2 rounds"), "{table}");
-        assert!(table.contains("| kv | 3 | leader | 1 | 600 | 2.00 | 6.00 | 0.60 (0.50–0.70) | 2.00 | 1 |"), "{table}");
+        assert!(
+            table.contains("| kv | 3 | leader | 1 | 600 | 2.00 | 6.00 | 10.00 | 20.0 | 0.60 (0.50–0.70) | 2.00 | 1 |"),
+            "{table}"
+        );
         // A system whose etcd point is missing gets no ratio rather than a made-up one.
-        assert!(table.contains("| reconcile | 3 | leader | 1 | 100 | 1.00 | 3.00 |  |  | 0 |"), "{table}");
+        assert!(
+            table.contains("| reconcile | 3 | leader | 1 | 100 | 1.00 | 3.00 | 5.00 | 10.0 |  |  | 0 |"),
+            "{table}"
+        );
     }
 }
