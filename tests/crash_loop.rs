@@ -1,7 +1,9 @@
 //! The crash loop: SIGKILL at random moments while writes run, round after round, on a single
 //! node and on three (a random node each round). It ends with every acknowledged write present,
 //! no write half-applied, `cloister ledger verify` clean on every node, and no node that refused
-//! to start. `CLOISTER_CRASH_ROUNDS` sets the rounds (CI: 30; `just crash-loop` runs more).
+//! to start. Each restarted node makes its applied state durable on a schedule of its own
+//! (`raft.apply_durable_ms`). `CLOISTER_CRASH_ROUNDS` sets the rounds (CI: 30; `just crash-loop`
+//! runs more).
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,10 @@ use cloister_tests::ledger_verify;
 const ROUNDS_DEFAULT: u32 = 30;
 /// How long a killed node may take to answer again after it is restarted.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
+/// `raft.apply_durable_ms` a restarted node may get: every apply durable, the default, and
+/// longer than the loop runs (so only the snapshot builds, every 300 entries here, commit
+/// durably).
+const DURABLE_MS: [u64; 3] = [0, 500, 600_000];
 
 fn rounds() -> u32 {
     std::env::var("CLOISTER_CRASH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(ROUNDS_DEFAULT)
@@ -69,6 +75,11 @@ async fn crash_loop(nodes: usize) {
         let victim = random.below(nodes as u64) as usize;
         c.kill(victim);
         tokio::time::sleep(Duration::from_millis(random.below(300))).await;
+        // Each restart picks when the node makes applied state durable (every apply, the
+        // default, or only before a snapshot build), so later kills find each kind behind them.
+        let node = &mut c.nodes[victim];
+        node.config.raft.apply_durable_ms = DURABLE_MS[random.below(DURABLE_MS.len() as u64) as usize];
+        std::fs::write(&node.config_path, node.config.to_toml()).expect("the node's configuration is written");
         c.spawn(victim);
         wait_answering(&mut c, victim, round).await;
     }

@@ -55,7 +55,7 @@ use cloister_ledger::txid::TxId;
 use cloister_store as kv;
 use log_store::{AppendWatch, LogStore};
 pub use settings::RaftSection;
-use state_machine::StateMachine;
+use state_machine::{ApplyPacing, StateMachine};
 use types::{Raft, tx_id};
 
 pub use cloister_crypto::node_id_of;
@@ -261,8 +261,8 @@ impl Consensus {
     ) -> anyhow::Result<Consensus> {
         let watch = Arc::new(AppendWatch::default());
         let mut log = LogStore::open(&data_dir.join(LOG_DIR), watch.clone())?;
-        let hold_for = Duration::from_millis(settings.apply_hold_ms);
-        let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"), log.durable(), hold_for)?;
+        let pacing = ApplyPacing::from(settings);
+        let sm = StateMachine::new(store, ledger, secrets, data_dir.join("snapshots"), log.durable(), pacing)?;
         check_start_state(id, &mut log, &mut sm.clone()).await?;
         let config = openraft::Config {
             cluster_name: "cloister".into(),

@@ -14,6 +14,7 @@ pub(crate) const APPENDS_IN_FLIGHT_MAX: usize = 2;
 pub(crate) const FORWARD_HOPS_MAX: u32 = 3;
 pub(crate) const JOIN_TIMEOUT_MS: u64 = 120_000;
 pub(crate) const APPLY_HOLD_MS: u64 = 5;
+pub(crate) const APPLY_DURABLE_MS: u64 = 500;
 
 /// Replication settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +52,12 @@ pub struct RaftSection {
     /// held first, so only what watches the files and metrics sees the delay (see
     /// `StateMachine::defers`).
     pub apply_hold_ms: u64,
+    /// Longest time between durable commits of applied state, in milliseconds; 0 makes every
+    /// apply durable. The Raft log is durable on its own, so this bounds only what a node
+    /// applies again from its log after a crash (a snapshot build also commits durably first).
+    /// A durable commit writes every page the commits since the last one changed and syncs the
+    /// ledger files and the state database: rarer ones write fewer pages in all, in larger bursts.
+    pub apply_durable_ms: u64,
 }
 
 impl Default for RaftSection {
@@ -68,6 +75,7 @@ impl Default for RaftSection {
             forward_hops_max: FORWARD_HOPS_MAX,
             join_timeout_ms: JOIN_TIMEOUT_MS,
             apply_hold_ms: APPLY_HOLD_MS,
+            apply_durable_ms: APPLY_DURABLE_MS,
         }
     }
 }

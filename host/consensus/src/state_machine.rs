@@ -4,11 +4,11 @@
 //!
 //! Applying does not wait for the disk: the Raft log (`raft-log/`, synced once per group of
 //! appends) is the write-ahead log. A batch commits without durability, and every
-//! [`APPLY_DURABLE_INTERVAL`] (and before a snapshot is built, since openraft then purges the log
-//! behind it) one commit syncs the ledger files and then the state database, in that order and
-//! with no apply in between, so the durable index never runs ahead of the durable files. After a
-//! crash the state database is as its last durable commit left it, the node cuts the ledger files
-//! back to it, and openraft applies the log again from there.
+//! `raft.apply_durable_ms` ([`ApplyPacing::durable_every`]; and before a snapshot is built, since
+//! openraft then purges the log behind it) one commit syncs the ledger files and then the state
+//! database, in that order and with no apply in between, so the durable index never runs ahead of
+//! the durable files. After a crash the state database is as its last durable commit left it, the
+//! node cuts the ledger files back to it, and openraft applies the log again from there.
 //!
 //! Followers never run contract code: they apply the write sets the leader proposed, after
 //! checking every signature entry against their own tree. Snapshots are files holding every KV
@@ -54,9 +54,6 @@ const APPLY_INLINE_BYTES_MAX: usize = 16 << 10;
 /// The most committed app entries a node holds back to apply together (see
 /// [`StateMachine::defers`]).
 const APPLY_DEFER_ENTRIES_MAX: usize = 8;
-/// Longest time between durable commits of applied state: at most this much applying is redone
-/// from the Raft log after a crash.
-pub const APPLY_DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Version 4 seals private entries in chunks ([`SNAPSHOT_CHUNK_BYTES`]); version 3 sealed each
 /// alone. Version 3 named the ledger secret version its MAC and private entries are under, right
 /// after the magic; version 2 had no such version, and version 1 no MAC. Older files are not read.
@@ -179,8 +176,7 @@ struct Inner {
     /// no log holds.
     log_durable: Option<watch::Receiver<u64>>,
     held: tokio::sync::Mutex<Held>,
-    /// The longest entries are held back (`raft.apply_hold_ms`); zero holds none.
-    hold_for: std::time::Duration,
+    pacing: ApplyPacing,
     /// Readers waiting for an entry to apply ([`StateMachine::hold_nothing`]).
     readers_waiting: std::sync::atomic::AtomicUsize,
     /// Entries held back, or taken from the group and not yet published: a read has something to
@@ -190,6 +186,32 @@ struct Inner {
     /// Set when applying committed entries failed (see [`StateMachine::apply_failed`]).
     apply_failed: std::sync::atomic::AtomicBool,
     counts: Counts,
+}
+
+/// When a node applies and when it makes applied state durable, from its `[raft]` settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ApplyPacing {
+    /// The longest committed app entries are held back (`raft.apply_hold_ms`); zero holds none.
+    pub hold_for: std::time::Duration,
+    /// The longest between durable commits of applied state (`raft.apply_durable_ms`): at most
+    /// this much applying is redone from the Raft log after a crash. Zero makes every apply
+    /// durable.
+    pub durable_every: std::time::Duration,
+}
+
+impl From<&crate::settings::RaftSection> for ApplyPacing {
+    fn from(settings: &crate::settings::RaftSection) -> ApplyPacing {
+        ApplyPacing {
+            hold_for: std::time::Duration::from_millis(settings.apply_hold_ms),
+            durable_every: std::time::Duration::from_millis(settings.apply_durable_ms),
+        }
+    }
+}
+
+impl Default for ApplyPacing {
+    fn default() -> ApplyPacing {
+        ApplyPacing::from(&crate::settings::RaftSection::default())
+    }
 }
 
 /// What the state machine has done since the node started, for the node's metrics.
@@ -254,15 +276,15 @@ fn io_other(e: impl std::fmt::Display) -> io::Error {
 }
 
 impl StateMachine {
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         ledger: Arc<Ledger>,
         secrets: Arc<LedgerSecrets>,
         snapshot_dir: PathBuf,
         log_durable: watch::Receiver<u64>,
-        hold_for: std::time::Duration,
+        pacing: ApplyPacing,
     ) -> anyhow::Result<StateMachine> {
-        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir, Some(log_durable), hold_for)
+        StateMachine::with(store, Some(ledger), Some(secrets), snapshot_dir, Some(log_durable), pacing)
     }
 
     /// A state machine that keeps no ledger, for openraft's storage suite only.
@@ -275,8 +297,7 @@ impl StateMachine {
         let batch = store.write_batch()?;
         index::create(batch.txn())?;
         batch.commit()?;
-        let hold_for = std::time::Duration::from_millis(crate::settings::APPLY_HOLD_MS);
-        StateMachine::with(store, None, secrets, snapshot_dir, None, hold_for)
+        StateMachine::with(store, None, secrets, snapshot_dir, None, ApplyPacing::default())
     }
 
     fn with(
@@ -285,7 +306,7 @@ impl StateMachine {
         secrets: Option<Arc<LedgerSecrets>>,
         snapshot_dir: PathBuf,
         log_durable: Option<watch::Receiver<u64>>,
-        hold_for: std::time::Duration,
+        pacing: ApplyPacing,
     ) -> anyhow::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let sm = StateMachine {
@@ -299,7 +320,7 @@ impl StateMachine {
                 durable_at: Mutex::new(std::time::Instant::now()),
                 log_durable,
                 held: tokio::sync::Mutex::default(),
-                hold_for,
+                pacing,
                 readers_waiting: Default::default(),
                 unpublished: Default::default(),
                 apply_failed: Default::default(),
@@ -369,7 +390,7 @@ impl StateMachine {
     /// the bookkeeping in one durable transaction. Returns whether a `gov.` map changed.
     ///
     /// `may_sync` lets it be the batch that makes everything durable when
-    /// `APPLY_DURABLE_INTERVAL` has passed; a batch applied on a tokio worker passes `false`.
+    /// [`ApplyPacing::durable_every`] has passed; a batch applied on a tokio worker passes `false`.
     fn apply_batch(&self, batch: &[(LogId, Payload, Option<StoredMembership>)], may_sync: bool) -> io::Result<bool> {
         let store = &self.inner.store;
         let mut membership = None;
@@ -427,7 +448,7 @@ impl StateMachine {
             txn.put_meta(MEMBERSHIP, &encode(&m)).map_err(io_other)?;
         }
         let mut durable_at = self.inner.durable_at.lock().expect("durability clock lock");
-        if may_sync && durable_at.elapsed() >= APPLY_DURABLE_INTERVAL {
+        if may_sync && durable_at.elapsed() >= self.inner.pacing.durable_every {
             self.commit_durably(txn)?;
             *durable_at = std::time::Instant::now();
         } else {
@@ -1018,7 +1039,7 @@ impl StateMachine {
     /// Whether the next apply should make the applied state durable, or first index a map a
     /// scan asked for: both are work for the blocking pool.
     fn durable_commit_due(&self) -> bool {
-        self.inner.durable_at.lock().expect("durability clock lock").elapsed() >= APPLY_DURABLE_INTERVAL
+        self.inner.durable_at.lock().expect("durability clock lock").elapsed() >= self.inner.pacing.durable_every
             || self.inner.store.index_wanted()
     }
 
@@ -1043,7 +1064,7 @@ impl StateMachine {
     /// state without such a read is at most that much behind Raft's applied index: the ledger
     /// files, the batch metrics, the signer, the snapshot scheduler.
     fn defers(&self, held: &Held, batch: &[EntryResponder<TypeConfig>]) -> bool {
-        if self.inner.hold_for.is_zero()
+        if self.inner.pacing.hold_for.is_zero()
             || self.inner.readers_waiting.load(Ordering::Acquire) > 0
             || held.entries.len() + batch.len() > APPLY_DEFER_ENTRIES_MAX
             || batch.iter().any(|(entry, _)| writes_gov(entry))
@@ -1067,7 +1088,7 @@ impl StateMachine {
         let group = held.group;
         // Weak: a timer keeps neither the state machine nor its databases open.
         let inner = Arc::downgrade(&self.inner);
-        let hold_for = self.inner.hold_for;
+        let hold_for = self.inner.pacing.hold_for;
         let stopped = held.stopped.clone();
         let timer = tokio::spawn(async move {
             tokio::time::sleep(hold_for).await;
@@ -1278,6 +1299,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use cloister_ledger::entry::TxEntry;
 
     use super::*;
@@ -1380,7 +1403,7 @@ mod tests {
         assert!(!sm.applies_inline(&batch(1, TxKind::App), APPLY_INLINE_ENTRIES_MAX), "a map is to be indexed");
         sm.inner.store.write_batch().unwrap().commit().unwrap();
         assert!(sm.applies_inline(&batch(1, TxKind::App), APPLY_INLINE_ENTRIES_MAX));
-        let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
+        let due = std::time::Instant::now().checked_sub(sm.inner.pacing.durable_every).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
         assert!(!sm.applies_inline(&batch(1, TxKind::App), APPLY_INLINE_ENTRIES_MAX), "the durable commit is due");
     }
@@ -1405,7 +1428,7 @@ mod tests {
         sm.applied_state().await.unwrap().0.map(|l| l.index)
     }
 
-    /// Small batches apply inline without a durable commit until `APPLY_DURABLE_INTERVAL` has
+    /// Small batches apply inline without a durable commit until `raft.apply_durable_ms` has
     /// passed; the next one then goes to the blocking pool and makes everything applied so far
     /// durable, and is not held back for it.
     #[tokio::test]
@@ -1417,7 +1440,7 @@ mod tests {
         sm.apply_held().await.unwrap();
         assert_eq!(durable_at(&sm), before, "applied inline, with no durable commit");
         assert_eq!(counts(&sm), (1, 0));
-        let due = before.checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
+        let due = before.checked_sub(sm.inner.pacing.durable_every).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
         sm.apply(futures::stream::iter([app_write(2)])).await.unwrap();
         assert!(durable_at(&sm) > before, "the batch after the interval committed durably");
@@ -1492,7 +1515,7 @@ mod tests {
         assert!(!sm.defers(&Held::default(), &[app_entry(3, TxKind::App, 10)]), "a reader waits");
         drop(waiting);
         assert!(sm.defers(&Held::default(), &[app_entry(3, TxKind::App, 10)]));
-        let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
+        let due = std::time::Instant::now().checked_sub(sm.inner.pacing.durable_every).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
         assert!(!sm.defers(&Held::default(), &[app_entry(3, TxKind::App, 10)]), "a durable commit is due");
     }
@@ -1510,25 +1533,55 @@ mod tests {
             .unwrap()
             .unwrap();
         let waited = start.elapsed();
-        assert!(waited >= sm.inner.hold_for, "applied after {waited:?}, before its time");
+        assert!(waited >= sm.inner.pacing.hold_for, "applied after {waited:?}, before its time");
         assert_eq!(contents(&sm, "app/m").len(), 1);
         assert_eq!(counts(&sm), (1, 0));
+    }
+
+    /// A state machine over a new node's store and folder, paced by `pacing`.
+    fn node_paced(pacing: ApplyPacing) -> (tempfile::TempDir, StateMachine) {
+        let (dir, node) = node_with([1; 32], &[]);
+        let secrets = Arc::new(LedgerSecrets::first([1; 32]));
+        let store = node.inner.store.clone();
+        let sm = StateMachine::with(store, None, Some(secrets), dir.path().join("snapshots"), None, pacing).unwrap();
+        (dir, sm)
     }
 
     /// `raft.apply_hold_ms = 0` holds nothing: each batch applies as it comes.
     #[tokio::test]
     async fn with_no_hold_each_batch_applies_as_it_comes() {
-        let (dir, holding) = node_with([1; 32], &[]);
-        let secrets = Arc::new(LedgerSecrets::first([1; 32]));
-        let store = holding.inner.store.clone();
-        let mut sm =
-            StateMachine::with(store, None, Some(secrets), dir.path().join("snapshots"), None, Default::default())
-                .unwrap();
+        let (_dir, mut sm) = node_paced(ApplyPacing { hold_for: Duration::ZERO, ..ApplyPacing::default() });
         for i in 1..=3 {
             sm.apply(futures::stream::iter([app_write(i)])).await.unwrap();
             assert_eq!(counts(&sm), (i, 0));
             assert_eq!(contents(&sm, "app/m").len(), i as usize);
         }
+    }
+
+    /// `raft.apply_durable_ms = 0` makes every apply durable: nothing is held back, and each
+    /// batch commits durably.
+    #[tokio::test]
+    async fn with_no_durable_interval_every_apply_is_durable() {
+        let (_dir, mut sm) = node_paced(ApplyPacing { durable_every: Duration::ZERO, ..ApplyPacing::default() });
+        for i in 1..=3 {
+            sm.apply(futures::stream::iter([app_write(i)])).await.unwrap();
+            assert_eq!(counts(&sm), (i, i), "batch {i} applied at once and durably");
+            assert_eq!(contents(&sm, "app/m").len(), i as usize);
+        }
+    }
+
+    /// At the longest `raft.apply_durable_ms` no apply commits durably, and a snapshot build
+    /// still does (openraft purges the log behind it).
+    #[tokio::test]
+    async fn with_the_longest_durable_interval_a_snapshot_build_still_commits_durably() {
+        let pacing = ApplyPacing { hold_for: Duration::ZERO, durable_every: Duration::from_millis(u64::MAX) };
+        let (_dir, mut sm) = node_paced(pacing);
+        for i in 1..=3 {
+            sm.apply(futures::stream::iter([app_write(i)])).await.unwrap();
+        }
+        assert_eq!(counts(&sm), (3, 0), "three batches, none durable");
+        sm.build().unwrap();
+        assert_eq!(counts(&sm), (3, 1), "the build committed everything applied durably first");
     }
 
     /// Installing a snapshot applies the held entries first and holds the lock throughout, so
@@ -1543,7 +1596,7 @@ mod tests {
         std::fs::copy(&snapshot.snapshot.path, &path).unwrap();
         target.install_snapshot(&snapshot.meta, SnapshotFile { path, seal: None }).await.unwrap();
         assert_eq!(counts(&target).0, 1, "the held entry applied before the install");
-        tokio::time::sleep(target.inner.hold_for * 4).await;
+        tokio::time::sleep(target.inner.pacing.hold_for * 4).await;
         assert_eq!(contents(&target, "app/m"), contents(&source, "app/m"), "and not after it");
     }
 
@@ -1556,7 +1609,7 @@ mod tests {
         let (_dir, mut sm) = node_with([1; 32], &[]);
         sm.apply(futures::stream::iter([app_write(1)])).await.unwrap();
         assert_eq!(counts(&sm), (0, 0), "held");
-        let due = std::time::Instant::now().checked_sub(APPLY_DURABLE_INTERVAL).unwrap();
+        let due = std::time::Instant::now().checked_sub(sm.inner.pacing.durable_every).unwrap();
         *sm.inner.durable_at.lock().unwrap() = due;
         let gave_up = futures::FutureExt::now_or_never(sm.apply_held());
         assert!(gave_up.is_none(), "polled once, then dropped, with the apply under way");
