@@ -56,7 +56,8 @@ pub struct RaftSection {
     /// apply durable. The Raft log is durable on its own, so this bounds only what a node
     /// applies again from its log after a crash (a snapshot build also commits durably first).
     /// A durable commit writes every page the commits since the last one changed and syncs the
-    /// ledger files and the state database: rarer ones write fewer pages in all, in larger bursts.
+    /// ledger files and the state database: rarer ones write no more pages in all (a page changed
+    /// twice is written once), in larger bursts.
     pub apply_durable_ms: u64,
 }
 
