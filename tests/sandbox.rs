@@ -39,6 +39,17 @@ impl Drop for Sandbox {
     }
 }
 
+/// Runs `cloister sandbox` to its end, for the runs that stop at once with an error.
+fn sandbox_command(dir: &std::path::Path, port: u16, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
+        .args(["sandbox", "--dir"])
+        .arg(dir)
+        .args(["--port", &port.to_string()])
+        .args(extra)
+        .output()
+        .expect("the sandbox runs")
+}
+
 /// Starts the sandbox and waits for it to say it is running.
 fn start(dir: &std::path::Path, port: u16) -> Sandbox {
     start_with(dir, port, &[])
@@ -142,7 +153,14 @@ async fn every_node_of_a_sandbox_serves_the_service_identity_once_it_is_up() {
 async fn sandbox_runs_answers_stops_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port_triple();
-    let mut sandbox = start(dir.path(), port);
+    // A setting the node configuration does not have is refused before any node starts.
+    let out = sandbox_command(dir.path(), port, &["--set", "raft.apply_durable_mss=250"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("apply_durable_mss"), "{stderr}");
+    assert!(!dir.path().join("sandbox.json").exists(), "no sandbox was made");
+    let mut sandbox = start_with(dir.path(), port, &["--set", "raft.apply_durable_ms=250"]);
+    let node0 = std::fs::read_to_string(dir.path().join("node0.toml")).unwrap();
+    assert!(node0.contains("apply_durable_ms = 250"), "the setting is in the node's file:\n{node0}");
 
     let file = read_sandbox(dir.path());
     assert_eq!(file["rest_url"], format!("https://127.0.0.1:{port}"));
@@ -208,7 +226,10 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     interrupt(&mut sandbox);
     assert!(!alive(pid), "Ctrl-C stops the node too");
 
-    // A second run resumes on the same state.
+    // A second run resumes on the same state, and its files' settings: `--set` is for a new one.
+    let out = sandbox_command(dir.path(), port, &["--set", "raft.apply_durable_ms=500"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--set applies to a new sandbox"), "{stderr}");
     let mut sandbox = start(dir.path(), port);
     let file = read_sandbox(dir.path());
     let again = party_client(&file, "member0").await.get("/app/report").await.unwrap();
@@ -239,12 +260,7 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     let member0_cert = std::fs::read(dir.path().join("member0.cert.pem")).unwrap();
     let service_cert = std::fs::read(dir.path().join("service.cert.pem")).unwrap();
     std::fs::write(dir.path().join("sandbox.json"), b"{ not json").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
-        .args(["sandbox", "--dir"])
-        .arg(dir.path())
-        .args(["--port", &port.to_string()])
-        .output()
-        .expect("the sandbox runs");
+    let out = sandbox_command(dir.path(), port, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a damaged sandbox.json is an error: {stderr}");
     assert!(stderr.contains("sandbox.json is not a sandbox file"), "the error names the file: {stderr}");

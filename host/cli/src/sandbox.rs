@@ -54,6 +54,18 @@ pub struct Args {
     /// until the threshold; then the other nodes join and the parties vote the service open.
     #[arg(long, value_name = "LEDGER")]
     recover: Option<PathBuf>,
+    /// A node setting for every node of a new sandbox, by its dotted name in the node's
+    /// configuration file, e.g. `--set raft.apply_durable_ms=5000`; repeatable. It is written
+    /// into each node's `<node>.toml`, so a resumed sandbox keeps it (edit those files to change
+    /// one).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting)]
+    settings: Vec<(String, String)>,
+}
+
+/// `NAME=VALUE`, split at the first `=`.
+fn parse_setting(arg: &str) -> Result<(String, String), String> {
+    let (name, value) = arg.split_once('=').ok_or_else(|| format!("{arg:?} is not NAME=VALUE"))?;
+    Ok((name.trim().to_owned(), value.trim().to_owned()))
 }
 
 /// The apps the sandbox ships.
@@ -192,6 +204,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let mut layout = match existing {
+        Some(_) if !args.settings.is_empty() => anyhow::bail!(
+            "--set applies to a new sandbox; {} exists: edit its nodes' .toml files instead",
+            dir.display()
+        ),
         Some(existing) => {
             if existing.nodes.len() != args.nodes || existing.parties.len() != args.parties || existing.app != args.app
             {
@@ -314,6 +330,11 @@ fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
         // The first node starts the service; the others join it.
         let join = (i > 0).then(|| first_peer.clone());
         let config = network.node_config(&name, &addrs, join, mock_attestation(MOCK_ROOT_DIR.into()))?;
+        let config = args
+            .settings
+            .iter()
+            .try_fold(config, |config, (name, value)| config.with_setting(name, value))
+            .context("--set")?;
         let config_path = network.write_config(&config)?;
         nodes.push(NodeEntry {
             id: name.clone(),

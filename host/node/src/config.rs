@@ -504,6 +504,31 @@ impl NodeConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("configurations serialize")
     }
+
+    /// This configuration with one field set by its dotted name in the file
+    /// (`raft.apply_durable_ms`) to `value`, read as a TOML value (`5000`, `true`, `"text"`, `[]`);
+    /// a value that does not read as one is taken as a string. The result passes the checks a file
+    /// does, so an unknown name, a value of the wrong type or one out of bounds is refused.
+    pub fn with_setting(&self, name: &str, value: &str) -> anyhow::Result<NodeConfig> {
+        let mut path: Vec<&str> = name.split('.').collect();
+        let field = path.pop().filter(|f| !f.is_empty() && path.iter().all(|p| !p.is_empty()));
+        let field = field.ok_or_else(|| anyhow::anyhow!("{name:?} is not a setting's dotted name"))?;
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v"));
+        let parsed = parsed.unwrap_or_else(|| toml::Value::String(value.to_owned()));
+        let mut root = toml::Table::try_from(self)?;
+        let mut table = &mut root;
+        for section in path {
+            table = table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| anyhow::anyhow!("{name}: {section} is not a section"))?;
+        }
+        table.insert(field.to_owned(), parsed);
+        let config: NodeConfig = root.try_into().map_err(|e| anyhow::anyhow!("{name} = {value}: {e}"))?;
+        config.check().map_err(|e| anyhow::anyhow!("{name} = {value}: {e}"))?;
+        Ok(config)
+    }
 }
 
 #[cfg(test)]
@@ -534,6 +559,27 @@ mod tests {
         assert!(c.check().is_ok());
         let back: NodeConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    /// A setting by its dotted name reaches its field, typed as the file would type it; an
+    /// unknown name, a wrong type, a value the checks refuse and a malformed name are errors.
+    #[test]
+    fn a_setting_by_its_dotted_name_is_checked_like_the_file() {
+        let c: NodeConfig = toml::from_str(MINIMAL).unwrap();
+        let set = c.with_setting("raft.apply_durable_ms", "5000").unwrap();
+        assert_eq!(set.raft.apply_durable_ms, 5000);
+        assert_eq!(set.raft.apply_hold_ms, c.raft.apply_hold_ms, "nothing else moved");
+        assert_eq!(set.with_setting("node.name", "other").unwrap().node.name, "other", "a bare word is a string");
+        let list = c.with_setting("attestation.join_measurements", &format!("[\"{}\"]", "ab".repeat(48))).unwrap();
+        assert_eq!(list.attestation.join_measurements.len(), 1);
+        let refused = |name: &str, value: &str| c.with_setting(name, value).unwrap_err().to_string();
+        assert!(refused("raft.apply_durable_mss", "1").contains("apply_durable_mss"));
+        assert!(refused("raft.apply_durable_ms", "soon").contains("raft.apply_durable_ms"));
+        assert!(refused("raft.appends_in_flight_max", "0").contains("raft.appends_in_flight_max"));
+        assert!(refused("node.name.first", "x").contains("not a section"));
+        for malformed in ["", "raft.", ".raft", "raft..apply_durable_ms"] {
+            assert!(refused(malformed, "1").contains("dotted name"), "{malformed:?}");
+        }
     }
 
     #[test]

@@ -81,6 +81,11 @@ struct Args {
     /// Which systems to run: etcd, kv (Cloister's kv put), reconcile (a 1-record ingest).
     #[arg(long, value_delimiter = ',', default_value = "etcd,kv,reconcile")]
     systems: Vec<String>,
+    /// A setting for every Cloister node, by its dotted name in the node's configuration
+    /// (`raft.apply_durable_ms=5000`); repeatable. The sandboxes start with it, so the table
+    /// compares that configuration against etcd.
+    #[arg(long = "node-setting", value_name = "NAME=VALUE")]
+    node_settings: Vec<String>,
     /// Where the table and chart go.
     #[arg(long, default_value = "target/bench-peers")]
     out: PathBuf,
@@ -214,7 +219,7 @@ async fn start(args: &Args, cloister: &std::path::Path, nodes: usize) -> anyhow:
         ("cloister reconcile ingest", "reconcile", Workload::ReconcileIngest, RECONCILE_PORT_OFFSET),
     ] {
         if args.systems.iter().any(|s| s == app) {
-            let sandbox = systems::Sandbox::start(cloister, nodes, args.port + port, app).await?;
+            let sandbox = systems::Sandbox::start(cloister, nodes, args.port + port, app, &args.node_settings).await?;
             eprintln!("{system}: {nodes} node(s) up");
             up.push(Under { system, workload, network: Network::Sandbox(sandbox) });
         }

@@ -15,6 +15,8 @@ use crate::load::Target;
 
 /// How long a fresh network may take to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Lines of what a sandbox said that its start error shows.
+const SAID_LINES: usize = 12;
 
 /// An etcd cluster of one process per member on 127.0.0.1: TLS on client and peer ports, client
 /// certificates required on both, fsync on (etcd's default).
@@ -114,7 +116,7 @@ impl Drop for Etcd {
 
 /// A `cloister sandbox` of N nodes with one app, started by the given binary.
 pub struct Sandbox {
-    _dir: tempfile::TempDir,
+    _root: tempfile::TempDir,
     child: Child,
     rest_url: String,
     nodes_grpc: Vec<String>,
@@ -122,15 +124,21 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub async fn start(bin: &Path, nodes: usize, port: u16, app: &str) -> anyhow::Result<Sandbox> {
-        let dir = tempfile::tempdir()?;
+    /// `settings` go to every node (`cloister sandbox --set NAME=VALUE`).
+    pub async fn start(bin: &Path, nodes: usize, port: u16, app: &str, settings: &[String]) -> anyhow::Result<Sandbox> {
+        let root = tempfile::tempdir()?;
+        let dir = root.path().join("sandbox");
+        // What the sandbox says goes to a file beside its folder, for the error if it never gets
+        // ready (a refused `--set`, a port in use).
+        let said = root.path().join("sandbox.stderr");
         let mut child = Command::new(bin)
             .args(["sandbox", "--nodes", &nodes.to_string(), "--port", &port.to_string(), "--app", app, "--dir"])
-            .arg(dir.path())
+            .arg(&dir)
+            .args(settings.iter().flat_map(|s| ["--set", s.as_str()]))
             .env("CLOISTER_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&said)?)
             .spawn()
             .with_context(|| format!("starting {} sandbox", bin.display()))?;
         // The sandbox prints its usage, ending with the grpcurl line, once every node is ready.
@@ -143,11 +151,14 @@ impl Sandbox {
             Ok(Ok(true)) => {}
             _ => {
                 let _ = child.kill();
-                anyhow::bail!("the {nodes}-node {app} sandbox did not become ready");
+                let said = std::fs::read_to_string(&said).unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(SAID_LINES).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                anyhow::bail!("the {nodes}-node {app} sandbox did not become ready; it said:\n{}", tail.join("\n"));
             }
         }
-        let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("sandbox.json"))?)?;
-        let ca_pem = std::fs::read(dir.path().join("service_identity.pem"))?;
+        let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("sandbox.json"))?)?;
+        let ca_pem = std::fs::read(dir.join("service_identity.pem"))?;
         let identities = file["parties"]
             .as_array()
             .context("sandbox.json lists no parties")?
@@ -164,7 +175,7 @@ impl Sandbox {
             .filter_map(|n| n["grpc_url"].as_str().map(str::to_owned))
             .collect();
         let rest_url = file["rest_url"].as_str().context("sandbox.json has no rest_url")?.to_owned();
-        Ok(Sandbox { _dir: dir, child, rest_url, nodes_grpc, target: Target { ca_pem, identities } })
+        Ok(Sandbox { _root: root, child, rest_url, nodes_grpc, target: Target { ca_pem, identities } })
     }
 
     pub fn target(&self) -> &Target {
