@@ -102,8 +102,10 @@ async fn main() {
     fill(&c, entries).await;
     let target = applied(&c, 0).await.expect("node 0 reports its applied index");
     let data = c.nodes[0].config.node.data_dir.clone();
-    eprintln!("node 0 has applied {target} entries; data folder {:.0} MB:", folder_bytes(&data) as f64 / 1e6);
-    for (name, bytes) in folder_parts(&data) {
+    let parts = folder_parts(&data);
+    let total: u64 = parts.iter().map(|(_, bytes)| bytes).sum();
+    eprintln!("node 0 has applied {target} entries; data folder {:.0} MB:", total as f64 / 1e6);
+    for (name, bytes) in parts {
         eprintln!("  {name}: {:.0} MB", bytes as f64 / 1e6);
     }
 
@@ -188,22 +190,19 @@ fn state_database_stats(path: &std::path::Path) {
 
 /// Each file and folder at the top of `dir`, with its size, largest first.
 fn folder_parts(dir: &std::path::Path) -> Vec<(String, u64)> {
-    let mut parts: Vec<(String, u64)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| {
-            let bytes = match e.file_type() {
-                Ok(t) if t.is_dir() => folder_bytes(&e.path()),
-                _ => e.metadata().map(|m| m.len()).unwrap_or(0),
-            };
-            (e.file_name().to_string_lossy().into_owned(), bytes)
-        })
-        .collect();
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    let mut parts: Vec<(String, u64)> =
+        entries.map(|e| (e.file_name().to_string_lossy().into_owned(), entry_bytes(&e))).collect();
     parts.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
     parts
 }
 
-fn folder_bytes(dir: &std::path::Path) -> u64 {
-    folder_parts(dir).iter().map(|(_, bytes)| bytes).sum()
+/// A file's length, or the bytes of every file under a folder.
+fn entry_bytes(entry: &std::fs::DirEntry) -> u64 {
+    match entry.file_type() {
+        Ok(t) if t.is_dir() => {
+            std::fs::read_dir(entry.path()).into_iter().flatten().flatten().map(|e| entry_bytes(&e)).sum()
+        }
+        _ => entry.metadata().map(|m| m.len()).unwrap_or(0),
+    }
 }

@@ -152,9 +152,9 @@ impl Sandbox {
             _ => {
                 let _ = child.kill();
                 let said = std::fs::read_to_string(&said).unwrap_or_default();
-                let tail: Vec<&str> = said.lines().rev().take(SAID_LINES).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                anyhow::bail!("the {nodes}-node {app} sandbox did not become ready; it said:\n{}", tail.join("\n"));
+                let lines: Vec<&str> = said.lines().collect();
+                let tail = lines[lines.len().saturating_sub(SAID_LINES)..].join("\n");
+                anyhow::bail!("the {nodes}-node {app} sandbox did not become ready; it said:\n{tail}");
             }
         }
         let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("sandbox.json"))?)?;
