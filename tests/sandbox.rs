@@ -223,10 +223,27 @@ async fn sandbox_runs_answers_stops_and_resumes() {
         "Withdrawn"
     );
 
+    // A running node's state database is not compacted under it; a stopped one's is, and the
+    // sandbox resumes on it below.
+    let compact = || {
+        Command::new(env!("CARGO_BIN_EXE_cloister-test-cli"))
+            .args(["node", "compact", "--config"])
+            .arg(dir.path().join("node0.toml"))
+            .output()
+            .expect("the CLI runs")
+    };
+    let refused = compact();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("stop its node first"), "{stderr}");
+
     interrupt(&mut sandbox);
     assert!(!alive(pid), "Ctrl-C stops the node too");
+    let out = compact();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("compacted"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
 
-    // A second run resumes on the same state, and its files' settings: `--set` is for a new one.
+    // A second run resumes on the same (compacted) state, and its files' settings: `--set` is
+    // for a new one.
     let out = sandbox_command(dir.path(), port, &["--set", "raft.apply_durable_ms=500"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--set applies to a new sandbox"), "{stderr}");

@@ -155,7 +155,7 @@ async fn main() {
     for i in [1, 0] {
         c.stop(i);
     }
-    state_database_stats(&data.join("state.redb"));
+    state_database_stats(&cloister_node::state_file(&data));
 }
 
 /// How node 0's state database uses its file: redb's own accounting, then its size once
@@ -163,7 +163,7 @@ async fn main() {
 fn state_database_stats(path: &std::path::Path) {
     let mb = |b: u64| b as f64 / 1e6;
     let before = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let mut db = redb::Database::open(path).expect("node 0's state database opens once the node has stopped");
+    let db = redb::Database::open(path).expect("node 0's state database opens once the node has stopped");
     let txn = db.begin_write().expect("a write transaction on the state database");
     let stats = txn.stats().expect("redb reports its stats");
     txn.abort().expect("the stats transaction ends");
@@ -181,11 +181,14 @@ fn state_database_stats(path: &std::path::Path) {
         mb(stats.fragmented_bytes()),
         stats.tree_height(),
     );
-    let start = Instant::now();
-    db.compact().expect("redb compacts the state database");
     drop(db);
-    let after = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    eprintln!("state.redb compacted: {:.0} MB in {:.1?}", mb(after), start.elapsed());
+    let start = Instant::now();
+    let done = cloister_store::compact(path).expect("`cloister node compact` compacts the stopped node's file");
+    eprintln!(
+        "state.redb compacted (`cloister node compact`, checksums verified first): {:.0} MB in {:.1?}",
+        mb(done.bytes_after),
+        start.elapsed()
+    );
 }
 
 /// Each file and folder at the top of `dir`, with its size, largest first.

@@ -113,6 +113,13 @@ enum NodeCommand {
         #[arg(long)]
         ledger: PathBuf,
     },
+    /// Compact a stopped node's state database (`state.redb` in its data folder), giving back
+    /// the free pages redb keeps for reuse. Refused while the node runs, and for a file whose
+    /// page checksums do not verify.
+    Compact {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Generate this node's key where it runs (or keep the one in --key) and write a certificate
     /// signing request for it, for `cloister ca sign`: the key never leaves this machine.
     Csr {
@@ -194,6 +201,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let node = Node::start(config).await?;
             shutdown_signal().await;
             node.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node { command: NodeCommand::Compact { config } } => {
+            let config = NodeConfig::load(&config)?;
+            let path = cloister_node::state_file(&config.node.data_dir);
+            let done = cloister_store::compact(&path)?;
+            println!(
+                "compacted {}: {} bytes, now {} ({} MB given back)",
+                path.display(),
+                done.bytes_before,
+                done.bytes_after,
+                done.bytes_before.saturating_sub(done.bytes_after) / 1_000_000
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Node { command: NodeCommand::Csr { name, key, out } } => ca::node_csr(&name, &key, &out),

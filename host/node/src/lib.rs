@@ -15,6 +15,11 @@ mod signer;
 
 pub use node::Node;
 
+/// The state database in a node's data folder.
+pub fn state_file(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("state.redb")
+}
+
 /// Whether a data folder already holds a node's state: its Raft log.
 pub fn holds_state(data_dir: &std::path::Path) -> bool {
     cloister_consensus::holds_log(data_dir)

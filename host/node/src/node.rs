@@ -167,7 +167,7 @@ async fn ledger_secrets(
     } else {
         // A state database an older version wrote is sealed under the first ledger secret: it
         // keeps that key. A new one gets a key of its own.
-        let key = match config.node.data_dir.join("state.redb").exists() {
+        let key = match crate::state_file(&config.node.data_dir).exists() {
             true => all[0].1,
             false => Sealer::generate_secret(),
         };
@@ -257,7 +257,7 @@ impl Node {
         let (secrets, join_leader, state_key) =
             ledger_secrets(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
         let secrets = Arc::new(secrets);
-        let store = Store::open_sealed(&data_dir.join("state.redb"), Arc::new(state_key))?;
+        let store = Store::open_sealed(&crate::state_file(data_dir), Arc::new(state_key))?;
         let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
         let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
         let storage = (store.clone(), ledger, secrets.clone());

@@ -244,6 +244,38 @@ impl PendingWrites {
     }
 }
 
+/// A state database file's size before and after [`compact`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// Compacts the state database file at `path` in place, for a node that is stopped. redb keeps
+/// the pages a commit frees for reuse and grows its file by doubling while it is under 4 GiB, so
+/// the file can be about twice what its pages hold (a 1 GiB file for 537 MB of pages after
+/// 1,000,000 writes, measured by `just bench-join`); compacting moves the pages to the front and
+/// shortens the file.
+///
+/// Every page's checksum is verified as the file opens, so a file damaged or altered outside
+/// redb is refused, not rewritten. A file some process has open (a running node) is refused
+/// too: redb locks it. The file must exist. No key is needed: sealed values move as they are.
+pub fn compact(path: &Path) -> Result<Compacted, KvError> {
+    let err = |e: redb::Error| KvError::Db { path: path.to_owned(), source: e };
+    let size = || std::fs::metadata(path).map(|m| m.len()).map_err(|e| err(e.into()));
+    let bytes_before = size()?;
+    let mut db = Database::builder().set_check_integrity_on_open(true).open(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => KvError::Invalid {
+            path: path.to_owned(),
+            message: "another process has it open: stop its node first".into(),
+        },
+        e => err(e.into()),
+    })?;
+    db.compact().map_err(|e| err(e.into()))?;
+    drop(db);
+    Ok(Compacted { bytes_before, bytes_after: size()? })
+}
+
 /// The state database.
 #[derive(Clone)]
 pub struct Store {

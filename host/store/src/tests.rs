@@ -532,3 +532,49 @@ fn private_maps_are_indexed_on_their_first_scan() {
     assert_eq!(scan(&s.begin().unwrap(), "app/b").len(), 9);
     assert_eq!(indexed(&s), ["app/b"]);
 }
+
+/// A file grown and then mostly emptied compacts to a fraction of its size and keeps what it
+/// holds; a file a store has open, a missing file and a file whose bytes were altered are
+/// refused with an error, and the missing one is not created.
+#[test]
+fn compacting_shrinks_the_file_keeps_its_contents_and_refuses_what_it_must_not_touch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let value = vec![7u8; 1024];
+    let s = Store::open(&path).unwrap();
+    for round in 0..4u32 {
+        let mut writes = WriteSet::default();
+        for i in 0..5_000u32 {
+            writes.put("m", &(round * 5_000 + i).to_be_bytes(), &value);
+        }
+        s.apply(&writes).unwrap();
+    }
+    let mut removals = WriteSet::default();
+    for i in 100..20_000u32 {
+        removals.remove("m", &i.to_be_bytes());
+    }
+    s.apply(&removals).unwrap();
+
+    let open = compact(&path).unwrap_err().to_string();
+    assert!(open.contains("stop its node first"), "{open}");
+    drop(s);
+    let done = compact(&path).unwrap();
+    assert_eq!(done.bytes_after, std::fs::metadata(&path).unwrap().len());
+    assert!(done.bytes_after * 4 < done.bytes_before, "{done:?}");
+    let s = Store::open(&path).unwrap();
+    let kept = scan(&s.begin().unwrap(), "m");
+    assert_eq!(kept.len(), 100);
+    assert!(kept.iter().enumerate().all(|(i, (k, v))| *k == (i as u32).to_be_bytes() && *v == value));
+    drop(s);
+
+    let missing = dir.path().join("missing.redb");
+    assert!(compact(&missing).is_err());
+    assert!(!missing.exists());
+
+    let mut bytes = std::fs::read(&path).unwrap();
+    for page in bytes.chunks_mut(4096).skip(1) {
+        page[100] ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(compact(&path).is_err(), "an altered file is refused");
+}
