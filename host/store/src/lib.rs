@@ -307,9 +307,14 @@ impl Store {
         Store::open_with(path, Some(sealer))
     }
 
+    /// Every page's checksum is verified as the file opens: redb trusts a file it closed cleanly
+    /// and may panic on one altered since (a node's data folder is the operator's to write), so
+    /// an altered file is refused with an error naming it instead. It reads every committed page
+    /// at every start, as redb's repair does after a crash anyway: 0.14–0.28 s for a 538 MB file
+    /// of 1,000,000 entries here, against 1–4 ms unchecked.
     fn open_with(path: &Path, sealer: Option<Arc<Sealer>>) -> Result<Store, KvError> {
         let err = |e: redb::Error| KvError::Db { path: path.to_owned(), source: e };
-        let db = Database::create(path).map_err(|e| err(e.into()))?;
+        let db = Database::builder().set_check_integrity_on_open(true).create(path).map_err(|e| err(e.into()))?;
         let store = Store {
             db: Arc::new(db),
             path: path.to_owned(),

@@ -571,10 +571,38 @@ fn compacting_shrinks_the_file_keeps_its_contents_and_refuses_what_it_must_not_t
     assert!(compact(&missing).is_err());
     assert!(!missing.exists());
 
-    let mut bytes = std::fs::read(&path).unwrap();
+    alter_every_page(&path);
+    assert!(compact(&path).is_err(), "an altered file is refused");
+}
+
+/// Flips a byte in every page of a database file but its header, as someone writing a stopped
+/// node's data folder might.
+fn alter_every_page(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
     for page in bytes.chunks_mut(4096).skip(1) {
         page[100] ^= 0xff;
     }
-    std::fs::write(&path, &bytes).unwrap();
-    assert!(compact(&path).is_err(), "an altered file is refused");
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// A state database altered outside redb is refused with an error naming it, whether or not it
+/// is sealed. (redb trusts a file it closed cleanly: opened without its check, this one panicked
+/// on "Malformed allocator state".)
+#[test]
+fn an_altered_state_database_is_refused_with_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let s = sealed_store(&dir, [9; 32]);
+    let mut writes = WriteSet::default();
+    for i in 0..5_000u32 {
+        writes.put("m", &i.to_be_bytes(), &[7u8; 200]);
+    }
+    s.apply(&writes).unwrap();
+    drop(s);
+    alter_every_page(&path);
+    let sealed = Store::open_sealed(&path, Arc::new(Sealer::new(&[9; 32]))).err();
+    for refused in [sealed, Store::open(&path).err()] {
+        let refused = refused.expect("the altered file is refused").to_string();
+        assert!(refused.contains("state.redb") && refused.contains("orrupt"), "{refused}");
+    }
 }
