@@ -288,7 +288,7 @@ async fn a_minority_commits_nothing() {
 /// restarted alone, where no commit can reach it. It must not answer a read without those writes:
 /// it holds reads for half of `request_timeout_ms`, then refuses them (503); with the others back
 /// it serves every write. (Served without the hold, the read lacked the last writes.) Then a
-/// follower restarted on an altered state database refuses to start, naming the file.
+/// follower restarted on an altered Raft log or state database refuses to start, naming the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_after_a_crash_serves_no_state_older_than_it_served() {
     let timeout_ms = 4_000;
@@ -331,26 +331,42 @@ async fn a_node_restarted_after_a_crash_serves_no_state_older_than_it_served() {
     c.wait_stable(3, Duration::from_secs(60)).await;
     wait_for_keys(&c, leader, &keys, Duration::from_secs(30)).await;
 
-    // A follower whose state database is altered while it is stopped (by whoever writes its data
-    // folder) refuses to start with an error naming the file, where redb used to panic; the
-    // other two serve on.
+    // A follower whose Raft log, then whose state database, is altered while it is stopped (by
+    // whoever writes its data folder) refuses to start with an error naming the file: the log
+    // used to take the altered record for a crash's torn tail and drop it and every entry after
+    // it, and redb used to panic. The other two serve on.
     let leader = c.leader().await.expect("a leader");
     let follower = (0..3).find(|i| *i != leader).unwrap();
     c.stop(follower);
-    let path = cloister_node::state_file(&c.nodes[follower].config.node.data_dir);
-    let mut bytes = std::fs::read(&path).unwrap();
-    for page in bytes.chunks_mut(4096).skip(1) {
-        page[100] ^= 0xff;
+    let data = c.nodes[follower].config.node.data_dir.clone();
+    let first_segment = std::fs::read_dir(data.join("raft-log")).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    /// How a case alters its file's bytes.
+    type Alter = fn(&mut [u8]);
+    let cases: [(std::path::PathBuf, Alter, &str); 2] = [
+        (first_segment, |b| b[200] ^= 0x01, "fails its checksum though every sector of it was written"),
+        (
+            cloister_node::state_file(&data),
+            |b| b.chunks_mut(4096).skip(1).for_each(|page| page[100] ^= 0x01),
+            "corrupted",
+        ),
+    ];
+    for (path, alter, refusal) in cases {
+        let kept = std::fs::read(&path).unwrap();
+        let mut bytes = kept.clone();
+        alter(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        let logged = c.log(follower).len();
+        c.spawn(follower);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.nodes[follower].is_running() {
+            assert!(Instant::now() < deadline, "the node started on an altered {path:?}:\n{}", c.log(follower));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = c.log(follower).split_off(logged);
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert!(log.contains(name) && log.contains(refusal) && !log.contains("panicked"), "{log}");
+        std::fs::write(&path, &kept).unwrap();
     }
-    std::fs::write(&path, &bytes).unwrap();
-    c.spawn(follower);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.nodes[follower].is_running() {
-        assert!(Instant::now() < deadline, "the node started on an altered state database:\n{}", c.log(follower));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let log = c.log(follower);
-    assert!(log.contains("state.redb") && log.contains("orrupt") && !log.contains("panicked"), "{log}");
     let reply = c.client(leader, 0).await.unwrap().post("/app/ingest", "application/json", record("AFTER")).await;
     assert_eq!(reply.unwrap().status, 200);
 }

@@ -21,11 +21,16 @@
 //!
 //! Opening replays every segment in order into an index of where each entry lies, so reads are a
 //! `pread` each. A segment's replay ends at its first record that is not whole: zeros (space
-//! allocated and not yet written), a length past [`RECORD_BYTES_MAX`], or a checksum that does
-//! not match, which is what a crash during a write leaves. Nothing is ever written after such a
-//! tail: every open starts a new segment, which begins with a checkpoint of the vote, the
-//! committed log id and the purge, so the older segments can be deleted once every entry in them
-//! is purged. Each index must follow the one before it: a gap in the replayed log is refused.
+//! allocated and not yet written), a length past [`RECORD_BYTES_MAX`] or past the file's end, or
+//! a checksum that does not match in a record some sector of which still holds the zeros its
+//! space was allocated with: what a crash during a write leaves, since a disk writes a sector
+//! whole or not at all. A record whose checksum fails although every sector of it holds data was
+//! altered or damaged after it was written: the log refuses to open (as etcd's does) rather than
+//! take it for a tear and drop it with every entry after it, entries this node may have
+//! acknowledged. Nothing is ever written after a tail: every open starts a new segment, which
+//! begins with a checkpoint of the vote, the committed log id and the purge, so the older
+//! segments can be deleted once every entry in them is purged. Each index must follow the one
+//! before it: a gap in the replayed log is refused.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -52,6 +57,9 @@ pub(crate) const RECORD_BYTES_MAX: usize = PEER_MESSAGE_BYTES_MAX;
 
 const HEADER_BYTES: usize = 8;
 const SUFFIX: &str = "wal";
+/// The unit a disk writes whole; an interrupted write leaves some of a record's sectors as they
+/// were. The smallest sector there is, so that no tear goes unrecognised.
+const SECTOR_BYTES: usize = 512;
 
 const ENTRY: u8 = 1;
 const VOTE: u8 = 2;
@@ -535,8 +543,20 @@ fn replay(path: &Path, file: &File, number: u64, index: &mut Index) -> io::Resul
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
         let Some(body) = bytes.get(at + HEADER_BYTES..at + HEADER_BYTES + len) else { break };
-        if len == 0 || len > RECORD_BYTES_MAX || crc32fast::hash(body) != crc {
+        if len == 0 || len > RECORD_BYTES_MAX {
             break;
+        }
+        if crc32fast::hash(body) != crc {
+            if torn(&bytes[at..at + HEADER_BYTES + len], at) {
+                break;
+            }
+            return Err(corrupt(
+                path,
+                format!(
+                    "the record at byte {at} fails its checksum though every sector of it was written: \
+                     the file was altered or damaged after the write, not torn by a crash"
+                ),
+            ));
         }
         let (kind, payload) = (body[0], &body[1..]);
         let offset = (at + HEADER_BYTES + 1) as u64;
@@ -570,6 +590,20 @@ fn replay(path: &Path, file: &File, number: u64, index: &mut Index) -> io::Resul
         at += HEADER_BYTES + len;
     }
     Ok(highest)
+}
+
+/// Whether `record`, at byte `at` of its segment and failing its checksum, was torn by a crash:
+/// its share of some sector is all zeros, as the segment's space was allocated.
+fn torn(record: &[u8], at: usize) -> bool {
+    let mut start = 0;
+    while start < record.len() {
+        let end = (SECTOR_BYTES - (at + start) % SECTOR_BYTES + start).min(record.len());
+        if record[start..end].iter().all(|&b| b == 0) {
+            return true;
+        }
+        start = end;
+    }
+    false
 }
 
 #[cfg(test)]
@@ -654,25 +688,76 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
-            wal.append(&entries(0..=4)).unwrap();
+            wal.append(&entries(0..=199)).unwrap();
             wal.sync().unwrap();
         }
-        // A crash in the middle of entry 3's write: its last byte never reached the disk, while
-        // entry 4 (a later page) did.
+        // A crash in the middle of the write of an entry that crosses a sector boundary: its
+        // header and first bytes reached the disk, the sector holding its end did not (it reads
+        // as the zeros its space was allocated with), and later entries (a later page) did.
         let record = |i: u64| HEADER_BYTES + 1 + entries(i..=i)[0].1.len();
-        let torn_at = (0..=3).map(record).sum::<usize>() - 1;
+        let ends: Vec<usize> = (0..=199)
+            .scan(0, |end, i| {
+                *end += record(i);
+                Some(*end)
+            })
+            .collect();
+        let crosses = |i: usize| {
+            let boundary = ends[i] / SECTOR_BYTES * SECTOR_BYTES;
+            (ends[i] - record(i as u64) + HEADER_BYTES < boundary && boundary < ends[i]).then_some(boundary)
+        };
+        let (torn, boundary) = (0..200).find_map(|i| crosses(i).map(|b| (i, b))).expect("an entry crosses a sector");
         let path = segment_path(dir.path(), 0);
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes[torn_at] ^= 0xff;
+        bytes[boundary..ends[torn]].fill(0);
         std::fs::write(&path, &bytes).unwrap();
 
+        let before: Vec<u64> = (0..torn as u64).collect();
         let (mut wal, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
-        assert_eq!(indexes(&index), vec![0, 1, 2], "the replay stops at the torn record");
-        wal.append(&entries(3..=3)).unwrap();
+        assert_eq!(indexes(&index), before, "the replay stops at the torn record");
+        wal.append(&entries(torn as u64..=torn as u64)).unwrap();
         wal.sync().unwrap();
         drop(wal);
         let (_, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
-        assert_eq!(indexes(&index), vec![0, 1, 2, 3], "the old entry 4 beyond the tear stays gone");
+        let through: Vec<u64> = (0..=torn as u64).collect();
+        assert_eq!(indexes(&index), through, "the old entries beyond the tear stay gone");
+    }
+
+    /// A record whose checksum fails while every sector of it was written was altered after
+    /// the write: the log refuses to open, naming the segment, instead of replaying up to it and
+    /// dropping it and every entry after it. (It used to open with entries 0 and 1 alone.)
+    #[test]
+    fn a_record_altered_after_its_write_is_refused_not_taken_for_a_tear() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            wal.append(&entries(0..=4)).unwrap();
+            wal.sync().unwrap();
+        }
+        let record = |i: u64| HEADER_BYTES + 1 + entries(i..=i)[0].1.len();
+        let inside_entry_2 = (0..=1).map(record).sum::<usize>() + record(2) / 2;
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[inside_entry_2] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let refused = Wal::open(dir.path(), SEGMENT_BYTES).err().expect("the altered log is refused").to_string();
+        assert!(refused.contains("fails its checksum") && refused.contains(".wal"), "{refused}");
+    }
+
+    /// A record's share of each sector it spans is checked apart: one all-zero share marks a
+    /// tear, wherever the record starts; one written byte makes a share whole.
+    #[test]
+    fn a_tear_is_a_sector_share_of_zeros() {
+        let written = vec![7u8; 1000];
+        for at in [0, 100, 511, 512] {
+            assert!(!torn(&written, at), "every share written (at {at})");
+            let second = SECTOR_BYTES - at % SECTOR_BYTES;
+            let share = second..(second + SECTOR_BYTES).min(written.len());
+            let mut lost = written.clone();
+            lost[share.clone()].fill(0);
+            assert!(torn(&lost, at), "the second sector's share is zeros (at {at})");
+            lost[share.end - 1] = 7;
+            assert!(!torn(&lost, at), "a share with one written byte is whole (at {at})");
+        }
     }
 
     #[test]
