@@ -693,7 +693,7 @@ mod tests {
         }
         // A crash in the middle of the write of an entry that crosses a sector boundary: its
         // header and first bytes reached the disk, the sector holding its end did not (it reads
-        // as the zeros its space was allocated with), and later entries (a later page) did.
+        // as the zeros its space was allocated with), and the sectors after it did.
         let record = |i: u64| HEADER_BYTES + 1 + entries(i..=i)[0].1.len();
         let ends: Vec<usize> = (0..=199)
             .scan(0, |end, i| {
@@ -708,7 +708,7 @@ mod tests {
         let (torn, boundary) = (0..200).find_map(|i| crosses(i).map(|b| (i, b))).expect("an entry crosses a sector");
         let path = segment_path(dir.path(), 0);
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes[boundary..ends[torn]].fill(0);
+        bytes[boundary..boundary + SECTOR_BYTES].fill(0);
         std::fs::write(&path, &bytes).unwrap();
 
         let before: Vec<u64> = (0..torn as u64).collect();
