@@ -8,6 +8,7 @@ use cloister_proto::app::v1::CallRequest;
 use cloister_proto::app::v1::app_client::AppClient;
 use tonic::transport::Channel;
 
+use crate::cpu;
 use crate::etcdserverpb::PutRequest;
 use crate::etcdserverpb::kv_client::KvClient;
 
@@ -28,6 +29,13 @@ pub struct Target {
     pub identities: Vec<KeyedCert>,
 }
 
+/// How long a point's clients run: first uncounted, then measured.
+#[derive(Clone, Copy)]
+pub struct Timing {
+    pub warmup: Duration,
+    pub measured: Duration,
+}
+
 /// What one point measured.
 pub struct Measured {
     pub requests: u64,
@@ -37,6 +45,8 @@ pub struct Measured {
     pub p99: Duration,
     pub p999: Duration,
     pub max: Duration,
+    /// Where the CPU went over the measured seconds; none where `/proc` could not be read.
+    pub cpu: Option<cpu::Usage>,
 }
 
 impl Measured {
@@ -50,15 +60,16 @@ enum Connection {
     App(AppClient<Channel>),
 }
 
-/// Runs `clients` closed-loop clients for `duration`, client `i` connected to `urls[i mod len]`.
-/// Failed requests are counted (and the first one printed), not retried.
+/// Runs `clients` closed-loop clients for `timing`, client `i` connected to `urls[i mod len]`.
+/// Failed requests are counted (and the first one printed), not retried. The CPU time of the
+/// server processes `pids` is sampled as the measured seconds start and once every answer is in.
 pub async fn drive(
     point: u32,
     target: &Target,
+    pids: &[u32],
     urls: &[String],
     clients: usize,
-    warmup: Duration,
-    duration: Duration,
+    timing: Timing,
     workload: &Workload,
 ) -> anyhow::Result<Measured> {
     anyhow::ensure!(!urls.is_empty() && !target.identities.is_empty(), "nothing to connect to");
@@ -75,8 +86,15 @@ pub async fn drive(
     // The clients run for `warmup` first, uncounted (a fresh network, fresh connections and cold
     // caches would otherwise weigh on the first point of each network); then every answer that
     // comes in counts, until the clients stop sending at the deadline.
-    let measured_from = Instant::now() + warmup;
-    let deadline = measured_from + duration;
+    let measured_from = Instant::now() + timing.warmup;
+    let deadline = measured_from + timing.measured;
+    let first_sample = {
+        let pids = pids.to_vec();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measured_from.into()).await;
+            cpu::Sample::take(&pids)
+        })
+    };
     let mut tasks = Vec::with_capacity(clients);
     for (i, mut connection) in connections.into_iter().enumerate() {
         let (etcd_value, kv_value) = match workload {
@@ -145,6 +163,13 @@ pub async fn drive(
         }
     }
     let elapsed = measured_from.elapsed();
+    let cpu = match (first_sample.await?, cpu::Sample::take(pids)) {
+        (Ok(first), Ok(last)) => Some(first.until(&last, latencies.len() as u64)),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("    no CPU figures for this point: {e:#}");
+            None
+        }
+    };
     latencies.sort_unstable();
     // Nearest rank: the smallest latency at least a fraction q of the answers did not exceed.
     let at = |q: f64| latencies.get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1));
@@ -156,5 +181,6 @@ pub async fn drive(
         p99: at(0.99).copied().unwrap_or_default(),
         p999: at(0.999).copied().unwrap_or_default(),
         max: latencies.last().copied().unwrap_or_default(),
+        cpu,
     })
 }

@@ -8,7 +8,8 @@
 //! kv contract's put (the same work) and of a 1-record reconcile ingest. Clients go all to the
 //! leader, or round-robin over every node. It prints one table (throughput, p50, p99, and each
 //! Cloister figure divided by etcd's for the same point) and writes it as Markdown, JSON, and a
-//! PNG chart.
+//! PNG chart. Beside each point it shows where the CPU went: the server processes' CPU time per
+//! request and how busy the whole machine was, from `/proc`, over the measured seconds.
 //!
 //! Every system of one network size is up at once, and each point runs on each system in turn
 //! before the next point: the figures a ratio compares are measured seconds apart, not minutes,
@@ -18,6 +19,7 @@
 //! fresh keys, so without it a later round runs on the state the earlier points left.
 
 mod chart;
+mod cpu;
 mod load;
 mod summary;
 mod systems;
@@ -130,6 +132,8 @@ pub struct Point {
     pub p999_ms: f64,
     /// The slowest answered request.
     pub max_ms: f64,
+    /// Where the CPU went over the measured seconds.
+    pub cpu: Option<cpu::Usage>,
 }
 
 fn main() -> ExitCode {
@@ -161,8 +165,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .cloister
         .canonicalize()
         .with_context(|| format!("no cloister binary at {} (cargo build --release)", args.cloister.display()))?;
-    let duration = Duration::from_secs(args.seconds);
-    let warmup = Duration::from_secs(args.warmup_seconds);
+    let timing =
+        load::Timing { warmup: Duration::from_secs(args.warmup_seconds), measured: Duration::from_secs(args.seconds) };
     let mut points: Vec<Point> = Vec::new();
     for &nodes in &args.nodes {
         let mut up: Vec<Under> = Vec::new();
@@ -181,8 +185,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         // Asked each time: a leader may change between points.
                         let urls = under.network.urls(mode).await?;
                         let target = under.network.target();
+                        let pids = under.network.pids();
                         let measured =
-                            load::drive(points.len() as u32, target, &urls, clients, warmup, duration, &under.workload)
+                            load::drive(points.len() as u32, target, &pids, &urls, clients, timing, &under.workload)
                                 .await?;
                         points.push(report(under.system, nodes, mode, clients, round, measured));
                     }
@@ -258,6 +263,15 @@ impl Network {
             Network::Sandbox(s) => s.urls(mode).await,
         }
     }
+
+    /// The server processes: etcd's members, or the sandbox's nodes (not the sandbox itself,
+    /// which only waits on them).
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Network::Etcd(e) => e.pids(),
+            Network::Sandbox(s) => s.pids(),
+        }
+    }
 }
 
 /// Where clients connect: on one node, the leader is every node.
@@ -279,17 +293,32 @@ fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, round:
         p99_ms: r.p99.as_secs_f64() * 1e3,
         p999_ms: r.p999.as_secs_f64() * 1e3,
         max_ms: r.max.as_secs_f64() * 1e3,
+        cpu: r.cpu,
     };
     eprintln!(
         "  {system:<26} {nodes} node(s) {:<6} {clients:>3} clients: {:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  \
-         p99.9 {:>7.2} ms  max {:>7.2} ms{}",
+         p99.9 {:>7.2} ms  max {:>7.2} ms{}{}",
         mode.name(),
         point.per_second,
         point.p50_ms,
         point.p99_ms,
         point.p999_ms,
         point.max_ms,
+        point.cpu.as_ref().map(cpu_line).unwrap_or_default(),
         if point.errors > 0 { format!("  ({} errors)", point.errors) } else { String::new() }
     );
     point
+}
+
+/// `  cpu µs/op 162+144+85=391, load 40; machine 93% busy`: each server process's CPU time per
+/// request (`-` for one that ended), their sum, the load generator's, and the machine's load.
+fn cpu_line(u: &cpu::Usage) -> String {
+    let each: Vec<String> = u.per_process_us.iter().map(|p| p.map_or("-".into(), |us| format!("{us:.0}"))).collect();
+    format!(
+        "  cpu µs/op {}={:.0}, load {:.0}; machine {:.0}% busy",
+        each.join("+"),
+        u.servers_us(),
+        u.load_generator_us,
+        u.machine_busy * 100.0
+    )
 }

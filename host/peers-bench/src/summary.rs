@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::{Mode, Point};
+use crate::{Mode, Point, cpu};
 
 /// One system at one point, over every round.
 #[derive(Debug, Clone, Serialize)]
@@ -26,6 +26,11 @@ pub struct Row {
     pub rate_vs_etcd: Option<Spread>,
     /// p50 over etcd's (below 1 favours Cloister).
     pub p50_vs_etcd: Option<Spread>,
+    /// The server processes' CPU time per request, together, in microseconds (median over the
+    /// rounds that have CPU figures).
+    pub servers_cpu_us: Option<f64>,
+    /// The share of the machine's CPU time that was busy (median, 0 to 1).
+    pub machine_busy: Option<f64>,
 }
 
 impl Row {
@@ -86,6 +91,8 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
         }
         let own: Vec<&Point> = points.iter().filter(|p| p.system == first.system && same_point(p, first)).collect();
         let of = |f: fn(&Point) -> f64| median(&own.iter().map(|p| f(p)).collect::<Vec<_>>()).unwrap_or_default();
+        let of_cpu =
+            |f: fn(&cpu::Usage) -> f64| median(&own.iter().filter_map(|p| p.cpu.as_ref().map(f)).collect::<Vec<_>>());
         let (mut rates, mut p50s) = (Vec::new(), Vec::new());
         if first.system != "etcd" {
             for p in &own {
@@ -110,6 +117,8 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
             errors: own.iter().map(|p| p.errors).sum(),
             rate_vs_etcd: Spread::of(&rates),
             p50_vs_etcd: Spread::of(&p50s),
+            servers_cpu_us: of_cpu(cpu::Usage::servers_us),
+            machine_busy: of_cpu(|u| u.machine_busy),
         });
     }
     rows
@@ -123,13 +132,14 @@ pub fn table(rows: &[Row], rounds: u32) -> String {
         String::from("One round.\n\n")
     };
     out.push_str(
-        "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | ops/s ÷ etcd | p50 ÷ etcd | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | ops/s ÷ etcd | p50 ÷ etcd | \
+         server CPU µs/op | machine busy | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |\n",
             r.system,
             r.nodes,
             r.mode.name(),
@@ -141,6 +151,8 @@ pub fn table(rows: &[Row], rounds: u32) -> String {
             r.max_ms,
             cell(r.rate_vs_etcd),
             cell(r.p50_vs_etcd),
+            r.servers_cpu_us.map(|us| format!("{us:.0}")).unwrap_or_default(),
+            r.machine_busy.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_default(),
             r.errors
         ));
     }
@@ -165,6 +177,11 @@ mod tests {
             p99_ms: p50_ms * 3.0,
             p999_ms: p50_ms * 5.0,
             max_ms: p50_ms * 10.0,
+            cpu: (round != 3).then(|| cpu::Usage {
+                per_process_us: vec![Some(100.0 * f64::from(round)), None],
+                load_generator_us: 10.0,
+                machine_busy: 0.5 + 0.1 * f64::from(round),
+            }),
         }
     }
 
@@ -200,6 +217,9 @@ mod tests {
         assert_eq!(kv1.p99_ms, 6.0);
         assert_eq!((kv1.p999_ms, kv1.max_ms), (10.0, 20.0));
         assert_eq!(kv1.errors, 1);
+        // CPU figures from the two rounds that have them (round 3's are missing).
+        assert_eq!(kv1.servers_cpu_us, Some(150.0));
+        assert!((kv1.machine_busy.unwrap() - 0.65).abs() < 1e-9);
         let rate = kv1.rate_vs_etcd.unwrap();
         assert!((rate.median - 0.55).abs() < 1e-9 && rate.min == 0.5 && (rate.max - 0.6).abs() < 1e-9, "{rate:?}");
         assert_eq!(kv1.p50_vs_etcd, Some(Spread { median: 2.0, min: 2.0, max: 2.5 }));
@@ -220,12 +240,15 @@ mod tests {
         let table = table(&rows(&points), 2);
         assert!(table.starts_with("Medians of 2 rounds"), "{table}");
         assert!(
-            table.contains("| kv | 3 | leader | 1 | 600 | 2.00 | 6.00 | 10.00 | 20.0 | 0.60 (0.50–0.70) | 2.00 | 1 |"),
+            table.contains(
+                "| kv | 3 | leader | 1 | 600 | 2.00 | 6.00 | 10.00 | 20.0 | 0.60 (0.50–0.70) | 2.00 | 150 | 65% | 1 |"
+            ),
             "{table}"
         );
-        // A system whose etcd point is missing gets no ratio rather than a made-up one.
+        // A system whose etcd point is missing gets no ratio rather than a made-up one, and a
+        // point without CPU figures gets none.
         assert!(
-            table.contains("| reconcile | 3 | leader | 1 | 100 | 1.00 | 3.00 | 5.00 | 10.0 |  |  | 0 |"),
+            table.contains("| reconcile | 3 | leader | 1 | 100 | 1.00 | 3.00 | 5.00 | 10.0 |  |  |  |  | 0 |"),
             "{table}"
         );
     }

@@ -78,6 +78,11 @@ impl Etcd {
         &self.target
     }
 
+    /// Each member's process.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
     /// The client URL of the member that leads (etcd's Status names the leader's member id).
     async fn leader(&self) -> anyhow::Result<String> {
         for url in &self.client_urls {
@@ -120,6 +125,8 @@ pub struct Sandbox {
     child: Child,
     rest_url: String,
     nodes_grpc: Vec<String>,
+    /// Each node's process, as the sandbox started it.
+    node_pids: Vec<u32>,
     target: Target,
 }
 
@@ -168,18 +175,25 @@ impl Sandbox {
                 identity::read_pair(&path("cert"), &path("key"))
             })
             .collect::<anyhow::Result<Vec<KeyedCert>>>()?;
-        let nodes_grpc = file["nodes"]
-            .as_array()
-            .context("sandbox.json lists no nodes")?
+        let listed = file["nodes"].as_array().context("sandbox.json lists no nodes")?;
+        let nodes_grpc = listed.iter().filter_map(|n| n["grpc_url"].as_str().map(str::to_owned)).collect();
+        let node_pids = listed
             .iter()
-            .filter_map(|n| n["grpc_url"].as_str().map(str::to_owned))
-            .collect();
+            .map(|n| {
+                n["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).context("sandbox.json has a node without a pid")
+            })
+            .collect::<anyhow::Result<_>>()?;
         let rest_url = file["rest_url"].as_str().context("sandbox.json has no rest_url")?.to_owned();
-        Ok(Sandbox { _root: root, child, rest_url, nodes_grpc, target: Target { ca_pem, identities } })
+        Ok(Sandbox { _root: root, child, rest_url, nodes_grpc, node_pids, target: Target { ca_pem, identities } })
     }
 
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// Each node's process, in the sandbox's order (`n0`, `n1`, …).
+    pub fn pids(&self) -> Vec<u32> {
+        self.node_pids.clone()
     }
 
     pub async fn urls(&self, mode: Mode) -> anyhow::Result<Vec<String>> {
