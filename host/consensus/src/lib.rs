@@ -469,6 +469,12 @@ impl Consensus {
         self.sm.gov_version()
     }
 
+    /// Changes with [`Consensus::gov_version`] only, to the new version: for what waits for
+    /// governance changes without waking for every applied batch.
+    pub fn gov_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sm.gov_changes()
+    }
+
     /// The term this node is in.
     pub fn term(&self) -> u64 {
         self.read_metrics(|m| m.current_term)

@@ -169,6 +169,9 @@ struct Inner {
     snapshot_dir: PathBuf,
     current: Mutex<Option<StoredSnapshot>>,
     applied: watch::Sender<Applied>,
+    /// `Applied::gov_version` alone, for what waits for governance changes: it changes only
+    /// with them, so a waiter does not wake for every applied batch.
+    gov_changes: watch::Sender<u64>,
     /// When applied state was last committed durably.
     durable_at: Mutex<std::time::Instant>,
     /// The index through which this node's Raft log is durable: no entry beyond it is applied
@@ -317,6 +320,7 @@ impl StateMachine {
                 snapshot_dir,
                 current: Mutex::new(None),
                 applied: watch::Sender::new(Applied::default()),
+                gov_changes: watch::Sender::new(0),
                 durable_at: Mutex::new(std::time::Instant::now()),
                 log_durable,
                 held: tokio::sync::Mutex::default(),
@@ -340,6 +344,11 @@ impl StateMachine {
     /// Notifications after each applied batch.
     pub(crate) fn subscribe(&self) -> watch::Receiver<Applied> {
         self.inner.applied.subscribe()
+    }
+
+    /// Notifications of [`StateMachine::gov_version`]'s changes only.
+    pub(crate) fn gov_changes(&self) -> watch::Receiver<u64> {
+        self.inner.gov_changes.subscribe()
     }
 
     /// How many applied batches (and installed snapshots) have changed a `gov.` map, published
@@ -480,12 +489,17 @@ impl StateMachine {
     }
 
     fn publish(&self, last: Option<LogId>, gov_touched: bool) {
+        let mut gov_version = None;
         self.inner.applied.send_modify(|a| {
             a.last = last.as_ref().map(super::types::tx_id);
             if gov_touched {
                 a.gov_version += 1;
+                gov_version = Some(a.gov_version);
             }
         });
+        if let Some(version) = gov_version {
+            self.inner.gov_changes.send_replace(version);
+        }
     }
 
     fn build(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {

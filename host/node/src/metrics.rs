@@ -77,6 +77,7 @@ pub struct Metrics {
     app_requests: Family<AppLabels, Counter>,
     executions: Family<ExecutionLabels, Counter>,
     fuel: Counter,
+    compiled: Counter,
     attestations: Family<ResultLabels, Counter>,
     /// Writes queued for the writer thread and not yet taken up by it.
     pub(crate) writer_queued: AtomicI64,
@@ -155,6 +156,12 @@ impl Metrics {
             "Wasm fuel units consumed by contract executions, whatever their outcome",
             fuel.clone(),
         );
+        let compiled = Counter::default();
+        registry.register(
+            "wasm_modules_compiled",
+            "Wasm modules this node checked and compiled: each app and constitution version once, as soon as its applied state holds it (again only if evicted from the cache)",
+            compiled.clone(),
+        );
         let attestations = Family::<ResultLabels, Counter>::default();
         registry.register(
             "attestation_verifications",
@@ -210,6 +217,7 @@ impl Metrics {
             app_requests,
             executions,
             fuel,
+            compiled,
             attestations,
             writer_queued: AtomicI64::new(0),
             writer_pending: AtomicI64::new(0),
@@ -277,6 +285,10 @@ impl ExecObserver for Metrics {
         self.fuel.inc_by(fuel_used);
         let outcome = error.map_or("ok", ExecError::code);
         self.executions.get_or_create(&ExecutionLabels { contract, outcome }).inc();
+    }
+
+    fn compiled(&self) {
+        self.compiled.inc();
     }
 }
 

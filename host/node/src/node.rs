@@ -331,6 +331,11 @@ impl Node {
             consensus.clone(),
             cancel.clone(),
         )));
+        tasks.push(tokio::spawn(crate::api::service::keep_modules_compiled(
+            Arc::downgrade(&service),
+            consensus.gov_changes(),
+            cancel.clone(),
+        )));
         tasks.push(tokio::spawn(attest::restore_recovered(
             Arc::downgrade(&service),
             consensus.clone(),

@@ -107,9 +107,12 @@ pub struct Outcome {
 }
 
 /// Told of every execution's end, for a node's metrics: which contract ran, the error that
-/// stopped it if one did, and the fuel it consumed.
+/// stopped it if one did, and the fuel it consumed; and of every module compiled.
 pub trait ExecObserver: Send + Sync {
     fn executed(&self, privilege: Privilege, error: Option<&ExecError>, fuel_used: u64);
+
+    /// A module passed its checks and was compiled (a cache hit is not a compile).
+    fn compiled(&self) {}
 }
 
 /// The engine, its module cache and its limits.
@@ -156,7 +159,7 @@ impl Runtime {
         })
     }
 
-    /// Tells `observer` of every execution from now on.
+    /// Tells `observer` of every execution and compile from now on.
     pub fn with_observer(mut self, observer: Arc<dyn ExecObserver>) -> Runtime {
         self.observer = Some(observer);
         self
@@ -201,6 +204,10 @@ impl Runtime {
             cache.remove(&victim);
         }
         cache.insert(hash, loaded.clone());
+        drop(cache);
+        if let Some(observer) = &self.observer {
+            observer.compiled();
+        }
         Ok(loaded)
     }
 
