@@ -54,7 +54,8 @@ impl Sample {
             .zip(&later.processes)
             .map(|(a, b)| Some(per_request(b.as_ref()?.checked_sub(*a.as_ref()?)?)))
             .collect();
-        let (busy, total) = (later.machine.0 - self.machine.0, later.machine.1 - self.machine.1);
+        let busy = later.machine.0.saturating_sub(self.machine.0);
+        let total = later.machine.1.saturating_sub(self.machine.1);
         Usage {
             per_process_us,
             load_generator_us: per_request(later.own.saturating_sub(self.own)),
