@@ -627,6 +627,20 @@ mod tests {
         read(index, 0, u64::MAX, usize::MAX).unwrap().iter().map(|e| e.index()).collect()
     }
 
+    /// A closed log holding entries 0 to `last`, synced, in one segment (segment 0).
+    fn synced_log(last: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        wal.append(&entries(0..=last)).unwrap();
+        wal.sync().unwrap();
+        dir
+    }
+
+    /// The bytes entry `i`'s record takes in a segment: header, kind and encoding.
+    fn record_bytes(i: u64) -> usize {
+        HEADER_BYTES + 1 + entries(i..=i)[0].1.len()
+    }
+
     #[test]
     fn a_reopened_log_holds_what_was_written_and_starts_a_new_segment() {
         let dir = tempfile::tempdir().unwrap();
@@ -688,25 +702,19 @@ mod tests {
 
     #[test]
     fn a_torn_tail_ends_the_replay_and_is_never_written_after() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
-            wal.append(&entries(0..=199)).unwrap();
-            wal.sync().unwrap();
-        }
+        let dir = synced_log(199);
         // A crash in the middle of the write of an entry that crosses a sector boundary: its
         // header and first bytes reached the disk, the sector holding its end did not (it reads
         // as the zeros its space was allocated with), and the sectors after it did.
-        let record = |i: u64| HEADER_BYTES + 1 + entries(i..=i)[0].1.len();
         let ends: Vec<usize> = (0..=199)
             .scan(0, |end, i| {
-                *end += record(i);
+                *end += record_bytes(i);
                 Some(*end)
             })
             .collect();
         let crosses = |i: usize| {
             let boundary = ends[i] / SECTOR_BYTES * SECTOR_BYTES;
-            (ends[i] - record(i as u64) + HEADER_BYTES < boundary && boundary < ends[i]).then_some(boundary)
+            (ends[i] - record_bytes(i as u64) + HEADER_BYTES < boundary && boundary < ends[i]).then_some(boundary)
         };
         let (torn, boundary) = (0..200).find_map(|i| crosses(i).map(|b| (i, b))).expect("an entry crosses a sector");
         let path = segment_path(dir.path(), 0);
@@ -730,14 +738,8 @@ mod tests {
     /// dropping it and every entry after it. (It used to open with entries 0 and 1 alone.)
     #[test]
     fn a_record_altered_after_its_write_is_refused_not_taken_for_a_tear() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
-            wal.append(&entries(0..=4)).unwrap();
-            wal.sync().unwrap();
-        }
-        let record = |i: u64| HEADER_BYTES + 1 + entries(i..=i)[0].1.len();
-        let inside_entry_2 = (0..=1).map(record).sum::<usize>() + record(2) / 2;
+        let dir = synced_log(4);
+        let inside_entry_2 = (0..=1).map(record_bytes).sum::<usize>() + record_bytes(2) / 2;
         let path = segment_path(dir.path(), 0);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[inside_entry_2] ^= 0x01;
@@ -824,15 +826,10 @@ mod tests {
 
     #[test]
     fn a_record_longer_than_the_limit_ends_the_replay() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
-            wal.append(&entries(0..=1)).unwrap();
-            wal.sync().unwrap();
-        }
+        let dir = synced_log(1);
         let path = segment_path(dir.path(), 0);
         let mut bytes = std::fs::read(&path).unwrap();
-        let second = HEADER_BYTES + 1 + entries(0..=0)[0].1.len();
+        let second = record_bytes(0);
         bytes[second..second + 4].copy_from_slice(&(RECORD_BYTES_MAX as u32 + 1).to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
         let (_, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
