@@ -421,8 +421,16 @@ impl Consensus {
         matches!(tokio::time::timeout(timeout, recovered.wait_for(|r| *r)).await, Ok(Ok(_)))
     }
 
+    /// Records that this node answered a client for a write the leader committed at `index`:
+    /// a write this node forwarded, which the leader answered once committed, often before the
+    /// commit reaches this node. A read through this node that follows the answer then waits
+    /// for it ([`Consensus::wait_acknowledged`]), as it does for writes this node led.
+    pub fn acknowledge(&self, index: u64) {
+        self.acknowledged.fetch_max(index, Ordering::AcqRel);
+    }
+
     /// Waits until this node has applied every write it acknowledged at commit
-    /// ([`Proposal::committed`]), or the timeout passes. Such a write is answered before this
+    /// ([`Proposal::committed`], [`Consensus::acknowledge`]), or the timeout passes. Such a write is answered before this
     /// node applies it, so a read that follows the answer waits here, and sees it: a read never
     /// sees a state older than a write this node acknowledged before the read arrived.
     pub async fn wait_acknowledged(&self, timeout: Duration) -> bool {

@@ -792,12 +792,18 @@ impl Service {
             ApiError::unavailable(format!("forwarding to the leader {} failed: {}", leader.name, s.message()))
         };
         let reply = self.consensus.forward(&leader.peer_url, request).await.map_err(unreachable)?;
-        Ok(AppReply {
+        let reply = AppReply {
             status: u16::try_from(reply.status).unwrap_or(500),
             headers: reply.headers.into_iter().collect(),
             body: reply.body,
             tx_id: reply.tx_id.parse().ok(),
-        })
+        };
+        // The leader answers a write once committed; this node relays that answer, so its
+        // next read must see the write too, although the commit may not have reached it yet.
+        if let Some(tx) = reply.tx_id.filter(|_| (200..300).contains(&reply.status)) {
+            self.consensus.acknowledge(tx.seqno);
+        }
+        Ok(reply)
     }
 
     /// Runs a signed governance write on the leader (forwarding it there if need be), within
