@@ -429,6 +429,13 @@ impl Consensus {
         self.acknowledged.fetch_max(index, Ordering::AcqRel);
     }
 
+    /// Whether this node has acknowledged a write it has not applied yet: a read would wait
+    /// for it in [`Consensus::wait_acknowledged`].
+    pub fn acknowledged_pending(&self) -> bool {
+        let acknowledged = self.acknowledged.load(Ordering::Acquire);
+        acknowledged > 0 && !self.sm.subscribe().borrow().last.is_some_and(|l| l.seqno >= acknowledged)
+    }
+
     /// Waits until this node has applied every write it acknowledged at commit
     /// ([`Proposal::committed`], [`Consensus::acknowledge`]), or the timeout passes. Such a write is answered before this
     /// node applies it, so a read that follows the answer waits here, and sees it: a read never

@@ -650,7 +650,18 @@ impl Service {
     }
 
     async fn route_and_run(self: &Arc<Self>, call: AppCall) -> Result<AppReply, ApiError> {
-        match self.resolve(&call).await {
+        let mut resolved = self.resolve(&call).await;
+        // A read sees every write this node answered before it (`wait_readable`), and so must
+        // its route: a governance write this node relayed may have changed the app or the
+        // caller's membership, and this node may not have applied it yet.
+        if let Ok((_, endpoint, ..)) = &resolved
+            && endpoint.mode == Mode::Readonly
+            && self.consensus.acknowledged_pending()
+        {
+            self.wait_readable().await?;
+            resolved = self.resolve(&call).await;
+        }
+        match resolved {
             Ok((module, endpoint, params, caller)) => {
                 let (method, template) = (endpoint.method.clone(), endpoint.path.clone());
                 let reply = self.run_routed(call, module, endpoint, params, caller).await;
@@ -712,8 +723,9 @@ impl Service {
             request_id: format!("{}-{}", self.info.name, self.requests.fetch_add(1, Ordering::Relaxed)),
         };
         let linearizable = head.headers.get(CONSISTENCY_HEADER).is_some_and(|v| v == "linearizable");
-        // A write a follower forwards is checked by the leader, whose state may be newer.
-        if endpoint.mode == Mode::Readonly || self.consensus.is_leader() {
+        // A write a follower forwards is checked by the leader, whose state may be newer; a read
+        // is checked once its node's state is one it may read (`read`).
+        if endpoint.mode == Mode::Readwrite && self.consensus.is_leader() {
             self.ensure_open()?;
         }
         let forward = ForwardParts { client_cert: call.client_cert, hops: call.hops };
@@ -1011,6 +1023,7 @@ impl Service {
         body: bytes::Bytes,
     ) -> Result<AppReply, ApiError> {
         self.wait_readable().await?;
+        self.ensure_open()?;
         let _permit = self.reads.acquire().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
         let service = self.clone();
         tokio::task::spawn_blocking(move || {
