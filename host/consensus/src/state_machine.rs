@@ -627,16 +627,16 @@ impl StateMachine {
                         .map_err(|_| invalid("a sealed chunk does not open"))?;
                     let mut rest = plain.as_slice();
                     while !rest.is_empty() {
-                        let ((full, value), after) = postcard::take_from_bytes::<(Vec<u8>, Vec<u8>)>(rest)
+                        let ((full, value), after) = postcard::take_from_bytes::<(&[u8], &[u8])>(rest)
                             .map_err(|e| invalid(&format!("a private snapshot entry does not decode: {e}")))?;
                         rest = after;
                         records += 1;
                         let (map, key) =
-                            kv::split_key_checked(&full).ok_or_else(|| invalid("a private entry has no map name"))?;
+                            kv::split_key_checked(full).ok_or_else(|| invalid("a private entry has no map name"))?;
                         if kv::is_public(map) {
                             return Err(invalid("a sealed entry names a public map"));
                         }
-                        private.put(map, key, &value);
+                        private.put(map, key, value);
                         if private.len() >= APPLY_BATCH_MAX {
                             txn.apply(&std::mem::take(&mut private)).map_err(io_other)?;
                         }
@@ -803,14 +803,15 @@ enum InstallStep {
     StateCommitted,
 }
 
-/// A record of a snapshot file's state.
+/// A record of a snapshot file's state. Its bytes are byte strings: in postcard the same bytes
+/// as sequences of `u8`, but copied whole.
 #[derive(Serialize, Deserialize)]
 enum SnapshotRecord {
     /// A public map's entry: table key and value, in clear.
-    Public(Vec<u8>, Vec<u8>),
+    Public(#[serde(with = "serde_bytes")] Vec<u8>, #[serde(with = "serde_bytes")] Vec<u8>),
     /// Private maps' entries: a [`PrivateChunk`], sealed with the ledger secret version the file
     /// names.
-    Private(Vec<u8>),
+    Private(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Private entries gathered for one sealed snapshot record: each `(full key, value)` encoded in
@@ -824,7 +825,7 @@ impl PrivateChunk {
     /// Adds an entry. When it does not fit, returns the chunk so far, full, and keeps the entry
     /// for the next.
     fn add(&mut self, full: &[u8], value: &[u8]) -> Option<PrivateChunk> {
-        let entry = encode(&(full, value));
+        let entry = encode(&(serde_bytes::Bytes::new(full), serde_bytes::Bytes::new(value)));
         let closed = (!self.plain.is_empty() && self.plain.len() + entry.len() > SNAPSHOT_CHUNK_BYTES)
             .then(|| std::mem::take(self));
         self.plain.extend_from_slice(&entry);
@@ -1670,6 +1671,28 @@ mod tests {
         assert!(sm.apply_failed());
         assert!(sm.apply_held().await.is_err(), "a later read fails the same way");
         assert!(sm.apply(futures::stream::iter([app_write(2)])).await.is_err(), "and so does the next apply");
+    }
+
+    /// Snapshot records and chunk entries encode their bytes as byte strings: the same bytes as
+    /// the sequences of `u8` that earlier snapshot files hold, so those install as before.
+    #[test]
+    fn snapshot_records_encode_as_before() {
+        #[derive(Serialize)]
+        enum Before {
+            Public(Vec<u8>, Vec<u8>),
+            Private(Vec<u8>),
+        }
+        let (k, v) = (b"map\0key".to_vec(), vec![7u8; 300]);
+        assert_eq!(
+            encode(&SnapshotRecord::Public(k.clone(), v.clone())),
+            encode(&Before::Public(k.clone(), v.clone()))
+        );
+        assert_eq!(encode(&SnapshotRecord::Private(v.clone())), encode(&Before::Private(v.clone())));
+        let mut chunk = PrivateChunk::default();
+        assert!(chunk.add(&k, &v).is_none());
+        assert_eq!(chunk.plain, encode(&(k.clone(), v.clone())));
+        let (read, rest) = postcard::take_from_bytes::<(&[u8], &[u8])>(&chunk.plain).unwrap();
+        assert_eq!((read, rest.len()), ((&k[..], &v[..]), 0));
     }
 
     /// Private entries travel sealed in chunks of about [`SNAPSHOT_CHUNK_BYTES`]: a state of

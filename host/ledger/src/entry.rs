@@ -35,7 +35,9 @@ pub struct TxEntry {
     pub kind: TxKind,
     /// Writes to public maps (`gov.*`, `public:*`), in clear.
     pub public: WriteSet,
-    /// Writes to private maps, keys and values, sealed with the ledger secret.
+    /// Writes to private maps, keys and values, sealed with the ledger secret. A byte string: in
+    /// postcard the same bytes as a sequence of `u8`, but copied whole.
+    #[serde(with = "serde_bytes")]
     pub private: Option<Vec<u8>>,
     /// A digest the app attached; its receipt proves it.
     pub claims_digest: Option<[u8; 32]>,
@@ -425,6 +427,65 @@ pub(crate) mod hex_vec {
             hex::decode(&s).map_err(serde::de::Error::custom)
         } else {
             serde::Deserialize::deserialize(d)
+        }
+    }
+}
+
+/// Write sets and sealed private writes encode their bytes as byte strings. These check that
+/// the encoding is the one every log, ledger and snapshot written before used, bytes as
+/// sequences of `u8`: the same bytes out, and each reads the other's.
+#[cfg(test)]
+mod encoding {
+    use std::collections::BTreeMap;
+
+    use cloister_test_support::config;
+    use cloister_test_support::proptest::prelude::*;
+
+    use super::*;
+
+    /// [`TxEntry`] as it was derived before, without the byte-string attributes.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Before {
+        uid: [u8; 16],
+        kind: TxKind,
+        public: WriteSetBefore,
+        private: Option<Vec<u8>>,
+        claims_digest: Option<[u8; 32]>,
+        signature: Option<SignaturePayload>,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct WriteSetBefore {
+        entries: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    }
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..300)
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn entries_encode_as_before_and_read_either_way(
+            uid in any::<[u8; 16]>(),
+            writes in prop::collection::vec(("[a-z:]{1,12}", bytes(), prop::option::of(bytes())), 0..20),
+            private in prop::option::of(bytes()),
+            claims_digest in prop::option::of(any::<[u8; 32]>()),
+        ) {
+            let mut public = WriteSet::default();
+            for (map, key, value) in &writes {
+                match value {
+                    Some(v) => public.put(map, key, v),
+                    None => public.remove(map, key),
+                }
+            }
+            let now = TxEntry { uid, kind: TxKind::App, public, private, claims_digest, signature: None };
+            let encoded = postcard::to_stdvec(&now).unwrap();
+            let before: Before = postcard::from_bytes(&encoded).unwrap();
+            prop_assert_eq!(before.public.entries.len(), now.public.len());
+            prop_assert_eq!(&postcard::to_stdvec(&before).unwrap(), &encoded);
+            prop_assert_eq!(postcard::from_bytes::<TxEntry>(&encoded).unwrap(), now);
         }
     }
 }

@@ -131,7 +131,46 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 /// Writes to apply atomically, by table key; `None` removes the key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteSet {
+    #[serde(with = "byte_map")]
     entries: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+/// A write set's keys and values as byte strings rather than sequences of `u8`. In postcard the
+/// two are the same bytes (a length, then the bytes), so every log, ledger and snapshot written
+/// either way reads the same; but a byte string is copied whole, where a sequence is visited a
+/// byte at a time, on every node, for every entry it receives, applies or snapshots.
+mod byte_map {
+    use std::collections::BTreeMap;
+
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde::ser::Serializer;
+    use serde_bytes::{ByteBuf, Bytes};
+
+    type Map = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+    pub fn serialize<S: Serializer>(map: &Map, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(map.iter().map(|(k, v)| (Bytes::new(k), v.as_deref().map(Bytes::new))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Map, D::Error> {
+        struct ByteMap;
+        impl<'de> Visitor<'de> for ByteMap {
+            type Value = Map;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of byte strings")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Map, A::Error> {
+                let mut map = Map::new();
+                while let Some((k, v)) = access.next_entry::<ByteBuf, Option<ByteBuf>>()? {
+                    map.insert(k.into_vec(), v.map(ByteBuf::into_vec));
+                }
+                Ok(map)
+            }
+        }
+        d.deserialize_map(ByteMap)
+    }
 }
 
 impl WriteSet {
