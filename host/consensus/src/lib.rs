@@ -437,9 +437,10 @@ impl Consensus {
     }
 
     /// Waits until this node has applied every write it acknowledged at commit
-    /// ([`Proposal::committed`], [`Consensus::acknowledge`]), or the timeout passes. Such a write is answered before this
-    /// node applies it, so a read that follows the answer waits here, and sees it: a read never
-    /// sees a state older than a write this node acknowledged before the read arrived.
+    /// ([`Proposal::committed`], [`Consensus::acknowledge`]), or the timeout passes. Such a write
+    /// is answered before this node applies it, so a read that follows the answer waits here,
+    /// and sees it: a read never sees a state older than a write this node acknowledged before
+    /// the read arrived.
     pub async fn wait_acknowledged(&self, timeout: Duration) -> bool {
         let acknowledged = self.acknowledged.load(Ordering::Acquire);
         if acknowledged == 0 {
