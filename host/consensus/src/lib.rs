@@ -433,7 +433,7 @@ impl Consensus {
     /// for it in [`Consensus::wait_acknowledged`].
     pub fn acknowledged_pending(&self) -> bool {
         let acknowledged = self.acknowledged.load(Ordering::Acquire);
-        acknowledged > 0 && !self.sm.subscribe().borrow().last.is_some_and(|l| l.seqno >= acknowledged)
+        acknowledged > 0 && !self.sm.applied_through(acknowledged)
     }
 
     /// Waits until this node has applied every write it acknowledged at commit
@@ -442,20 +442,16 @@ impl Consensus {
     /// and sees it: a read never sees a state older than a write this node acknowledged before
     /// the read arrived.
     pub async fn wait_acknowledged(&self, timeout: Duration) -> bool {
+        if !self.acknowledged_pending() {
+            return true;
+        }
         let acknowledged = self.acknowledged.load(Ordering::Acquire);
-        if acknowledged == 0 {
-            return true;
-        }
-        let covers = |a: &Applied| a.last.is_some_and(|l| l.seqno >= acknowledged);
         let mut applied = self.sm.subscribe();
-        if covers(&applied.borrow()) {
-            return true;
-        }
         // The write may be held back to apply with others, or about to be: not while this waits.
         let _waiting = self.sm.hold_nothing();
         let applied = async {
             self.sm.apply_held().await.ok()?;
-            applied.wait_for(covers).await.ok().map(|_| ())
+            applied.wait_for(|a| a.covers(acknowledged)).await.ok().map(|_| ())
         };
         matches!(tokio::time::timeout(timeout, applied).await, Ok(Some(())))
     }

@@ -142,6 +142,13 @@ pub struct Applied {
     pub gov_version: u64,
 }
 
+impl Applied {
+    /// Whether the applied state includes the log entry at `index`.
+    pub fn covers(&self, index: u64) -> bool {
+        self.last.is_some_and(|l| l.seqno >= index)
+    }
+}
+
 /// A snapshot on disk.
 #[derive(Debug, Clone)]
 pub struct SnapshotFile {
@@ -344,6 +351,11 @@ impl StateMachine {
     /// Notifications after each applied batch.
     pub(crate) fn subscribe(&self) -> watch::Receiver<Applied> {
         self.inner.applied.subscribe()
+    }
+
+    /// Whether the published applied state includes the log entry at `index`.
+    pub(crate) fn applied_through(&self, index: u64) -> bool {
+        self.inner.applied.borrow().covers(index)
     }
 
     /// Notifications of [`StateMachine::gov_version`]'s changes only.
