@@ -1127,11 +1127,13 @@ async fn metrics_parse_and_move_with_requests() {
     assert!(moved("cloister_raft_apply_index", &[]) >= 3.0, "{text}");
     let batches = moved("cloister_raft_apply_batches", &[]);
     assert!(batches >= 1.0 && batches <= moved("cloister_raft_apply_index", &[]), "{text}");
-    // Every durable commit is an apply batch's or a snapshot build's checkpoint.
+    // Every durable commit is an apply batch's, a snapshot point's or a snapshot file build's.
     assert!(after.families.contains_key("cloister_state_durable_commits"), "{text}");
+    assert!(after.families.contains_key("cloister_snapshot_files_built"), "{text}");
     let durable = value(&after, "cloister_state_durable_commits", &[]);
-    let checkpoints =
-        value(&after, "cloister_raft_apply_batches", &[]) + value(&after, "cloister_snapshots_built", &[]);
+    let checkpoints = value(&after, "cloister_raft_apply_batches", &[])
+        + value(&after, "cloister_snapshots_built", &[])
+        + value(&after, "cloister_snapshot_files_built", &[]);
     assert!(durable <= checkpoints, "{text}");
     assert!(moved("cloister_ledger_files_bytes", &[]) > 0.0, "{text}");
 }

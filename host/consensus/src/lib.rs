@@ -198,7 +198,10 @@ pub struct RaftStats {
     /// that made the applied state durable.
     pub apply_batches: u64,
     pub durable_commits: u64,
+    /// Snapshot points taken: each a durable commit the log may be purged behind.
     pub snapshots_built: u64,
+    /// Snapshot files built to be sent to a node that is behind.
+    pub snapshot_files_built: u64,
     pub snapshots_installed: u64,
 }
 
@@ -286,6 +289,7 @@ impl Consensus {
         .map_err(|e| anyhow::anyhow!("raft settings are inconsistent: {e}"))?;
         let network = network::NetworkFactory { peers: peers.clone(), in_flight_max: settings.appends_in_flight_max };
         let raft = Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
+        sm.start_sending_snapshots();
         tokio::spawn(schedule_snapshots(raft.clone(), sm.clone(), settings.clone()));
         let (set_recovered, recovered) = tokio::sync::watch::channel(false);
         let waiting = raft.clone();
@@ -380,6 +384,7 @@ impl Consensus {
             apply_batches: counts.apply_batches.load(Relaxed),
             durable_commits: counts.durable_commits.load(Relaxed),
             snapshots_built: counts.snapshots_built.load(Relaxed),
+            snapshot_files_built: counts.snapshot_files_built.load(Relaxed),
             snapshots_installed: counts.snapshots_installed.load(Relaxed),
         }
     }

@@ -265,10 +265,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let mut client =
             self.peers.client(&self.peer_url).map_err(|s| StreamingError::from(status_error(self.target, &s)))?;
-        // A snapshot goes only with the seal of its position: until a signature reaches it, the
-        // send fails and openraft tries again.
+        // A snapshot goes only with the seal of its position: until its file is built and a
+        // signature reaches its last entry, the send fails and openraft tries again.
         let seal = snapshot.snapshot.seal.as_ref().ok_or_else(|| {
-            let e = std::io::Error::other("the snapshot's last entry is not signed yet");
+            let e = std::io::Error::other(
+                "the snapshot is not ready: its file is being built or its last entry is not signed yet",
+            );
             StreamingError::from(RPCError::Network(NetworkError::new(&e)))
         })?;
         let file = tokio::fs::File::open(&snapshot.snapshot.path)

@@ -11,9 +11,13 @@
 //! node cuts the ledger files back to it, and openraft applies the log again from there.
 //!
 //! Followers never run contract code: they apply the write sets the leader proposed, after
-//! checking every signature entry against their own tree. Snapshots are files holding every KV
-//! entry (private ones sealed, keys included), the term history and the ledger's start state;
-//! they stream to lagging followers.
+//! checking every signature entry against their own tree.
+//!
+//! A snapshot openraft asks for to compact its log is a *point*: one durable commit of everything
+//! applied, and its position recorded in the state database; the log may then be purged behind
+//! it. A snapshot *file* (every KV entry, private ones sealed with their keys under the ledger
+//! secret, the term history and the ledger's start state) is built only when one must be sent to
+//! a node that is behind, from the state as it then is, and kept until a newer one replaces it.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -68,6 +72,13 @@ const END_OF_RECORDS: u32 = u32::MAX;
 /// Largest record a snapshot file may hold: one state entry (a key and a sealed value within the
 /// contract limits) or the term history, with room to spare.
 const SNAPSHOT_RECORD_BYTES_MAX: usize = 64 << 20;
+/// The state database's record of the newest snapshot point (a [`SnapshotPoint`]).
+const SNAPSHOT_POINT: &str = "raft_snapshot_point";
+/// How long openraft's request for a snapshot to send waits for a file being built. A longer
+/// build goes on in the background: the snapshot goes out unsealed, so the send fails and
+/// openraft asks again (see [`StateMachine::file_when_built`]). The wait keeps the state
+/// machine's task, which applies entries, from stalling for a whole build of a large state.
+const SNAPSHOT_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The terms of the log: `(term, first index of that term)`, in order. It answers which term a
 /// committed index belongs to after the log itself has been purged.
@@ -165,6 +176,44 @@ struct StoredSnapshot {
     records: u64,
 }
 
+/// A snapshot point: everything applied through `meta` was committed durably, so the log may be
+/// purged behind it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotPoint {
+    meta: SnapshotMeta,
+    /// State records the state database held there.
+    records: u64,
+}
+
+/// The node's newest snapshot point and file. The file may lag the point (files are built only
+/// to be sent) or lead it (a file built to be sent covers the state as it was then).
+#[derive(Default)]
+struct Snapshots {
+    point: Option<SnapshotPoint>,
+    file: Option<StoredSnapshot>,
+    /// While a file is being built: turns true when the build ends, built or failed.
+    building: Option<watch::Receiver<bool>>,
+}
+
+impl Snapshots {
+    /// The newest of the point and the file: the log may be purged behind it.
+    fn newest(&self) -> Option<SnapshotPoint> {
+        let file = self.file.as_ref().map(|f| SnapshotPoint { meta: f.meta.clone(), records: f.records });
+        match (&self.point, file) {
+            (Some(p), Some(f)) if f.meta.last_log_id > p.meta.last_log_id => Some(f),
+            (Some(p), _) => Some(p.clone()),
+            (None, f) => f,
+        }
+    }
+
+    /// The file, if it reaches the point: a snapshot that can be sent.
+    fn file_to_send(&self) -> Option<(SnapshotMeta, SnapshotFile)> {
+        let file = self.file.as_ref()?;
+        let behind = self.point.as_ref().is_some_and(|p| p.meta.last_log_id > file.meta.last_log_id);
+        (!behind).then(|| (file.meta.clone(), file.file.clone()))
+    }
+}
+
 struct Inner {
     store: Store,
     /// Always present on a node. Absent only in openraft's storage suite, which feeds the state
@@ -174,7 +223,10 @@ struct Inner {
     /// each rekey as its entry is applied. Absent only in openraft's storage suite.
     secrets: Option<Arc<LedgerSecrets>>,
     snapshot_dir: PathBuf,
-    current: Mutex<Option<StoredSnapshot>>,
+    snapshots: Mutex<Snapshots>,
+    /// Set once Raft runs ([`StateMachine::start_sending_snapshots`]). Before, openraft's start
+    /// asks for the current snapshot only for its metadata, and no file is built for that.
+    sends_snapshots: std::sync::atomic::AtomicBool,
     applied: watch::Sender<Applied>,
     /// `Applied::gov_version` alone, for what waits for governance changes: it changes only
     /// with them, so a waiter does not wake for every applied batch.
@@ -233,7 +285,10 @@ pub(crate) struct Counts {
     pub apply_batches: AtomicU64,
     /// Of those, the ones that also made everything applied before them durable.
     pub durable_commits: AtomicU64,
+    /// Snapshot points taken (each with a durable commit).
     pub snapshots_built: AtomicU64,
+    /// Snapshot files built to be sent (each with a durable commit).
+    pub snapshot_files_built: AtomicU64,
     pub snapshots_installed: AtomicU64,
 }
 
@@ -307,7 +362,9 @@ impl StateMachine {
         let batch = store.write_batch()?;
         index::create(batch.txn())?;
         batch.commit()?;
-        StateMachine::with(store, None, secrets, snapshot_dir, None, ApplyPacing::default())
+        let sm = StateMachine::with(store, None, secrets, snapshot_dir, None, ApplyPacing::default())?;
+        sm.start_sending_snapshots();
+        Ok(sm)
     }
 
     fn with(
@@ -325,7 +382,8 @@ impl StateMachine {
                 ledger,
                 secrets,
                 snapshot_dir,
-                current: Mutex::new(None),
+                snapshots: Mutex::default(),
+                sends_snapshots: Default::default(),
                 applied: watch::Sender::new(Applied::default()),
                 gov_changes: watch::Sender::new(0),
                 durable_at: Mutex::new(std::time::Instant::now()),
@@ -341,7 +399,14 @@ impl StateMachine {
         let last = sm.meta::<Option<LogId>>(APPLIED_LOG_ID_KEY)?.flatten();
         sm.inner.applied.send_modify(|a| a.last = last.as_ref().map(super::types::tx_id));
         sm.adopt_latest_snapshot_file()?;
+        sm.inner.snapshots.lock().expect("snapshot lock").point = sm.meta::<SnapshotPoint>(SNAPSHOT_POINT)?;
         Ok(sm)
+    }
+
+    /// From now on, a request for the current snapshot builds its file if need be: Raft runs,
+    /// and asks for it to send it.
+    pub(crate) fn start_sending_snapshots(&self) {
+        self.inner.sends_snapshots.store(true, Ordering::Release);
     }
 
     pub(crate) fn counts(&self) -> &Counts {
@@ -379,7 +444,7 @@ impl StateMachine {
         term_of(&self.inner.store.read_txn().map_err(io_other)?, index)
     }
 
-    /// After a restart, the newest snapshot file on disk is the current snapshot again.
+    /// After a restart, the newest snapshot file on disk is the current file again.
     fn adopt_latest_snapshot_file(&self) -> anyhow::Result<()> {
         let mut newest: Option<(u64, PathBuf, SnapshotMeta)> = None;
         for entry in std::fs::read_dir(&self.inner.snapshot_dir)? {
@@ -401,7 +466,7 @@ impl StateMachine {
             }
         }
         if let Some((_, path, meta)) = newest {
-            *self.inner.current.lock().expect("snapshot lock") =
+            self.inner.snapshots.lock().expect("snapshot lock").file =
                 Some(StoredSnapshot { meta, file: SnapshotFile { path, seal: None }, records: 0 });
         }
         Ok(())
@@ -514,7 +579,28 @@ impl StateMachine {
         }
     }
 
-    fn build(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+    /// Takes a snapshot point: commits everything applied durably, and records its position in
+    /// the same commit. It writes no file: one is built only when a snapshot must be sent
+    /// ([`StateMachine::build_file`]).
+    fn take_point(&self) -> io::Result<SnapshotPoint> {
+        let mut txn = self.inner.store.write_batch().map_err(io_other)?;
+        let meta_of = |key: &str| -> io::Result<Option<Vec<u8>>> { txn.meta(key).map_err(io_other) };
+        let last_log_id: Option<LogId> =
+            meta_of(APPLIED_LOG_ID_KEY)?.map(|b| decode(&b, APPLIED_LOG_ID_KEY)).transpose()?.flatten();
+        let last_membership: StoredMembership =
+            meta_of(MEMBERSHIP)?.map(|b| decode(&b, MEMBERSHIP)).transpose()?.unwrap_or_default();
+        let records = txn.entries().map_err(io_other)?;
+        let point = SnapshotPoint { meta: SnapshotMeta { last_log_id, last_membership }, records };
+        txn.put_meta(SNAPSHOT_POINT, &encode(&point)).map_err(io_other)?;
+        self.commit_durably(txn)?;
+        *self.inner.durable_at.lock().expect("durability clock lock") = std::time::Instant::now();
+        self.inner.snapshots.lock().expect("snapshot lock").point = Some(point.clone());
+        Ok(point)
+    }
+
+    /// Builds a snapshot file of the state as it is, to be sent, and keeps it unless a newer one
+    /// took its place meanwhile.
+    fn build_file(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
         let export = self.inner.store.export().map_err(io_other)?;
         // Sealed under the newest secret whose record the exported state holds, so that a node
         // installing it learns that secret from the snapshot itself if it lacks it.
@@ -523,8 +609,8 @@ impl StateMachine {
             .map_err(io_other)?
             .map_or(1, |k| cloister_crypto::secrets::version_of(&k));
         let sealer = self.sealer_of(version)?;
-        // openraft purges the log behind the snapshot once it is built: what it covers must be
-        // durable first, or a crash would leave entries neither in the log nor on disk.
+        // What the file covers is made durable first, so that a file never leads the state a
+        // restarted node finds (openraft would install it over that state).
         self.checkpoint()?;
         let decode_meta = |key: &str| -> io::Result<Option<Vec<u8>>> { export.meta(key).map_err(io_other) };
         let last_log_id: Option<LogId> =
@@ -570,25 +656,74 @@ impl StateMachine {
         std::fs::rename(&tmp, &path)?;
         cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
         let file = SnapshotFile { path, seal: None };
-        self.replace_current(StoredSnapshot { meta: meta.clone(), file: file.clone(), records });
+        // An installed snapshot may have overtaken the build: then the build is dropped.
+        self.replace_file(StoredSnapshot { meta: meta.clone(), file: file.clone(), records }, true);
         Ok(Snapshot { meta, snapshot: file })
     }
 
-    /// The last log index the current snapshot covers, and the state records it holds (0 when
-    /// unknown).
+    /// The last log index the newest snapshot (point or file) covers, and the state records it
+    /// holds (0 when unknown).
     pub(crate) fn snapshot_extent(&self) -> (u64, u64) {
-        let current = self.inner.current.lock().expect("snapshot lock");
-        current.as_ref().map_or((0, 0), |s| (s.meta.last_log_id.map_or(0, |l| l.index), s.records))
+        let newest = self.inner.snapshots.lock().expect("snapshot lock").newest();
+        newest.map_or((0, 0), |s| (s.meta.last_log_id.map_or(0, |l| l.index), s.records))
     }
 
-    /// Makes `new` the current snapshot and deletes the files of older ones.
-    fn replace_current(&self, new: StoredSnapshot) {
-        let keep = new.file.path.clone();
-        *self.inner.current.lock().expect("snapshot lock") = Some(new);
+    /// A snapshot to send: the file if it reaches the newest point; otherwise, once Raft runs,
+    /// one built now, if that takes at most [`SNAPSHOT_FILE_WAIT`]. `None` while it is being
+    /// built, and before Raft runs.
+    async fn file_when_built(&self) -> Option<(SnapshotMeta, SnapshotFile)> {
+        /// Ends a build, however it ends: the next request may start another.
+        struct BuildEnds(StateMachine, watch::Sender<bool>);
+        impl Drop for BuildEnds {
+            fn drop(&mut self) {
+                self.0.inner.snapshots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).building = None;
+                self.1.send_replace(true);
+            }
+        }
+        let mut done = {
+            let mut snapshots = self.inner.snapshots.lock().expect("snapshot lock");
+            if let Some(ready) = snapshots.file_to_send() {
+                return Some(ready);
+            }
+            if !self.inner.sends_snapshots.load(Ordering::Acquire) {
+                return None;
+            }
+            match &snapshots.building {
+                Some(done) => done.clone(),
+                None => {
+                    let (built, done) = watch::channel(false);
+                    snapshots.building = Some(done.clone());
+                    let ends = BuildEnds(self.clone(), built);
+                    tokio::task::spawn_blocking(move || match ends.0.build_file() {
+                        Ok(_) => _ = ends.0.inner.counts.snapshot_files_built.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "building a snapshot file to send failed; the next send tries again")
+                        }
+                    });
+                    done
+                }
+            }
+        };
+        // Timing out leaves the build running: the next request finds it, or its file.
+        let _ = tokio::time::timeout(SNAPSHOT_FILE_WAIT, done.wait_for(|built| *built)).await;
+        self.inner.snapshots.lock().expect("snapshot lock").file_to_send()
+    }
+
+    /// Makes `new` the current file, unless `newer_only` and the current one is newer, and
+    /// deletes the other files.
+    fn replace_file(&self, new: StoredSnapshot, newer_only: bool) {
+        let keep = {
+            let mut snapshots = self.inner.snapshots.lock().expect("snapshot lock");
+            let older = snapshots.file.as_ref().is_some_and(|f| f.meta.last_log_id > new.meta.last_log_id);
+            if !(newer_only && older) {
+                snapshots.file = Some(new);
+            }
+            snapshots.file.as_ref().map(|f| f.file.path.clone())
+        };
         if let Ok(dir) = std::fs::read_dir(&self.inner.snapshot_dir) {
             for entry in dir.flatten() {
                 let p = entry.path();
-                if p != keep && p.extension().is_some_and(|e| e == "snap") {
+                if keep.as_ref() != Some(&p) && p.extension().is_some_and(|e| e == "snap") {
                     let _ = std::fs::remove_file(p);
                 }
             }
@@ -662,6 +797,9 @@ impl StateMachine {
         index::reset(txn.txn(), &start).map_err(io_other)?;
         txn.put_meta(APPLIED_LOG_ID_KEY, &encode(&meta.last_log_id)).map_err(io_other)?;
         txn.put_meta(MEMBERSHIP, &encode(&meta.last_membership)).map_err(io_other)?;
+        // The installed state is the newest point: the one before described the state replaced.
+        let point = SnapshotPoint { meta: meta.clone(), records };
+        txn.put_meta(SNAPSHOT_POINT, &encode(&point)).map_err(io_other)?;
         let history: TermHistory = decode(&history, "a term history")?;
         {
             let mut terms = txn.txn().open_table(TERMS).map_err(io_other)?;
@@ -683,11 +821,11 @@ impl StateMachine {
         if let Some(ledger) = &self.inner.ledger {
             ledger.restart_at(start)?;
         }
-        self.replace_current(StoredSnapshot {
-            meta: meta.clone(),
-            file: SnapshotFile { path: final_path, seal: None },
-            records,
-        });
+        self.inner.snapshots.lock().expect("snapshot lock").point = Some(point);
+        self.replace_file(
+            StoredSnapshot { meta: meta.clone(), file: SnapshotFile { path: final_path, seal: None }, records },
+            false,
+        );
         self.publish(meta.last_log_id, true);
         tracing::info!(last = ?meta.last_log_id.as_ref().map(super::types::tx_id), "installed a snapshot");
         Ok(())
@@ -796,6 +934,12 @@ impl StateMachine {
         input.mac.update(SNAPSHOT_MAGIC);
         input.mac.update(&version.to_le_bytes());
         Ok((input, version))
+    }
+
+    /// The file of a snapshot not built yet: its name, and no seal, so a send of it fails and
+    /// openraft asks again.
+    fn unbuilt_file(&self, meta: &SnapshotMeta) -> SnapshotFile {
+        SnapshotFile { path: self.inner.snapshot_dir.join(snapshot_name(meta)), seal: None }
     }
 
     /// A fresh path in the snapshot folder, for receiving a snapshot.
@@ -1244,14 +1388,17 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
 
+    /// A snapshot point (see the module's documentation): openraft keeps only its metadata, and
+    /// asks [`RaftStateMachine::get_current_snapshot`] for a file to send.
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
-        // The snapshot covers what the state database holds; held-back entries would only
-        // make it shorter than openraft expects.
+        // The point covers what the state database holds; held-back entries would only make it
+        // shorter than openraft expects.
         self.apply_held().await?;
         let sm = self.clone();
-        let built = tokio::task::spawn_blocking(move || sm.build()).await.map_err(io_other)??;
+        let point = tokio::task::spawn_blocking(move || sm.take_point()).await.map_err(io_other)??;
         self.inner.counts.snapshots_built.fetch_add(1, Ordering::Relaxed);
-        Ok(built)
+        let file = self.unbuilt_file(&point.meta);
+        Ok(Snapshot { meta: point.meta, snapshot: file })
     }
 }
 
@@ -1309,10 +1456,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// The newest snapshot, asked for at start (for its metadata) and to be sent. Once Raft
+    /// runs, its file is built when asked for if the one there is older than the newest point; a build longer
+    /// than [`SNAPSHOT_FILE_WAIT`] goes on in the background, and the snapshot is answered with
+    /// the point's metadata and no file yet.
     async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
-        let current =
-            self.inner.current.lock().expect("snapshot lock").as_ref().map(|s| (s.meta.clone(), s.file.clone()));
-        let Some((meta, mut file)) = current else { return Ok(None) };
+        let Some(newest) = self.inner.snapshots.lock().expect("snapshot lock").newest() else { return Ok(None) };
+        let Some((meta, mut file)) = self.file_when_built().await else {
+            return Ok(Some(Snapshot { snapshot: self.unbuilt_file(&newest.meta), meta: newest.meta }));
+        };
         // It is asked for to be sent: it goes with the seal of its position once a signature
         // reaches it. A file replaced meanwhile is no storage failure: the sender finds no seal
         // and retries.
@@ -1597,18 +1749,121 @@ mod tests {
         }
     }
 
-    /// At the longest `raft.apply_durable_ms` no apply commits durably, and a snapshot build
-    /// still does (openraft purges the log behind it).
+    /// At the longest `raft.apply_durable_ms` no apply commits durably, and a snapshot point
+    /// still does (openraft purges the log behind it), as does a snapshot file's build.
     #[tokio::test]
-    async fn with_the_longest_durable_interval_a_snapshot_build_still_commits_durably() {
+    async fn with_the_longest_durable_interval_a_snapshot_still_commits_durably() {
         let pacing = ApplyPacing { hold_for: Duration::ZERO, durable_every: Duration::from_millis(u64::MAX) };
         let (_dir, mut sm) = node_paced(pacing);
         for i in 1..=3 {
             sm.apply(futures::stream::iter([app_write(i)])).await.unwrap();
         }
         assert_eq!(counts(&sm), (3, 0), "three batches, none durable");
-        sm.build().unwrap();
-        assert_eq!(counts(&sm), (3, 1), "the build committed everything applied durably first");
+        sm.build_snapshot().await.unwrap();
+        assert_eq!(counts(&sm), (3, 1), "the point committed everything applied durably");
+        sm.apply(futures::stream::iter([app_write(4)])).await.unwrap();
+        assert_eq!(counts(&sm), (4, 1));
+        sm.build_file().unwrap();
+        assert_eq!(counts(&sm), (4, 2), "the file's build committed everything applied durably first");
+    }
+
+    /// The `.snap` files in a node's snapshot folder.
+    fn snapshot_files(sm: &StateMachine) -> Vec<PathBuf> {
+        let dir = std::fs::read_dir(&sm.inner.snapshot_dir).unwrap();
+        dir.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "snap")).collect()
+    }
+
+    fn files_built(sm: &StateMachine) -> u64 {
+        sm.inner.counts.snapshot_files_built.load(Ordering::Relaxed)
+    }
+
+    /// A snapshot openraft takes to compact its log is a point: a durable commit that records
+    /// its position, with no file; a restart reads it back, and openraft's start, which asks for
+    /// the current snapshot, gets the point without a file being built. A file is built only when a snapshot
+    /// is asked for to be sent, from the state as it then is; asked again, the same file goes;
+    /// it installs whole on another node; and a newer point makes the next request build anew.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_point_writes_no_file_and_a_file_is_built_to_be_sent() {
+        let log_id = |index| openraft::testing::log_id::<TypeConfig>(2, 0, index);
+        let rows = [("app/m", "PARTY1", "v1"), ("app/m", "PARTY2", "v2"), ("app/public:t", "k", "open")];
+        let (dir, mut source) = node_with([1; 32], &rows);
+        set_applied(&source, log_id(100));
+        let point = source.build_snapshot().await.unwrap();
+        assert_eq!(point.meta.last_log_id, Some(log_id(100)));
+        assert_eq!(snapshot_files(&source), Vec::<PathBuf>::new(), "a point writes no file");
+        assert_eq!(source.snapshot_extent(), (100, 3));
+        let restarted = StateMachine::with(
+            source.inner.store.clone(),
+            None,
+            Some(Arc::new(LedgerSecrets::first([1; 32]))),
+            dir.path().join("snapshots"),
+            None,
+            ApplyPacing::default(),
+        )
+        .unwrap();
+        assert_eq!(restarted.snapshot_extent(), (100, 3), "a restart reads the point back");
+        // openraft's start asks for the current snapshot for its metadata: no file is built.
+        let at_start = restarted.clone().get_current_snapshot().await.unwrap().expect("the point");
+        assert_eq!(at_start.meta.last_log_id, Some(log_id(100)));
+        assert!(at_start.snapshot.seal.is_none() && !at_start.snapshot.path.exists());
+        assert_eq!((files_built(&restarted), snapshot_files(&restarted).len()), (0, 0), "nothing built at start");
+        drop(restarted);
+
+        set_applied(&source, log_id(120));
+        let sent = source.get_current_snapshot().await.unwrap().expect("a snapshot to send");
+        assert_eq!(sent.meta.last_log_id, Some(log_id(120)), "built from the state as it is");
+        assert_eq!(snapshot_files(&source), std::slice::from_ref(&sent.snapshot.path));
+        let again = source.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!((again.meta.last_log_id, again.snapshot.path), (sent.meta.last_log_id, sent.snapshot.path.clone()));
+        assert_eq!(files_built(&source), 1, "asked again, the same file goes");
+
+        let (_b, target) = node_with([1; 32], &[("app/m", "TARGETS OWN", "x")]);
+        let path = target.incoming_path();
+        std::fs::copy(&sent.snapshot.path, &path).unwrap();
+        target.install(&sent.meta, &SnapshotFile { path, seal: None }).unwrap();
+        assert_eq!(contents(&target, "app/m"), contents(&source, "app/m"));
+        assert_eq!(contents(&target, "app/public:t"), [(b"k".to_vec(), b"open".to_vec())]);
+        assert_eq!(target.snapshot_extent(), (120, 3), "the installed state is the target's point");
+
+        set_applied(&source, log_id(150));
+        source.build_snapshot().await.unwrap();
+        let newer = source.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(newer.meta.last_log_id, Some(log_id(150)), "a file behind the newest point is built anew");
+        assert_eq!(files_built(&source), 2);
+        assert_eq!(snapshot_files(&source), [newer.snapshot.path], "the older file is gone");
+    }
+
+    /// The edge of [`SNAPSHOT_FILE_WAIT`]: a file whose build takes longer (here its durable
+    /// commit waits behind a write transaction) is answered with the point and no file, so a
+    /// send fails and openraft asks again; the build goes on, once, and a later request gets
+    /// its file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_file_slower_than_the_wait_goes_out_on_a_later_request() {
+        let at = openraft::testing::log_id::<TypeConfig>(2, 0, 100);
+        let (_dir, mut sm) = node_with([1; 32], &[("app/m", "PARTY1", "v1")]);
+        set_applied(&sm, at);
+        sm.build_snapshot().await.unwrap();
+        let store = sm.inner.store.clone();
+        let busy = store.write_batch().unwrap();
+        let asked = std::time::Instant::now();
+        let unbuilt = sm.get_current_snapshot().await.unwrap().expect("the point");
+        assert!(asked.elapsed() >= SNAPSHOT_FILE_WAIT, "answered after {:?}", asked.elapsed());
+        assert_eq!(unbuilt.meta.last_log_id, Some(at));
+        assert!(unbuilt.snapshot.seal.is_none() && !unbuilt.snapshot.path.exists(), "no file to send yet");
+        drop(busy);
+        let sent = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let s = sm.get_current_snapshot().await.unwrap().unwrap();
+                if s.snapshot.path.exists() {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the build ends once the write transaction does");
+        assert_eq!(sent.meta.last_log_id, Some(at));
+        assert_eq!(files_built(&sm), 1, "one build, however often it was asked for");
     }
 
     /// Installing a snapshot applies the held entries first and holds the lock throughout, so
@@ -1616,7 +1871,7 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_install_applies_the_held_entries_first() {
         let (_a, source) = node_with([1; 32], &[("app/m", "from-snapshot", "s")]);
-        let snapshot = source.build().unwrap();
+        let snapshot = source.build_file().unwrap();
         let (_b, mut target) = node_with([1; 32], &[]);
         target.apply(futures::stream::iter([app_write(1)])).await.unwrap();
         let path = target.incoming_path();
@@ -1718,7 +1973,7 @@ mod tests {
         rows.push(("app/m", "BIG", &big));
         rows.push(("app/public:t", "k", "open"));
         let (_a, source) = node_with([1; 32], &rows);
-        let snapshot = source.build().unwrap();
+        let snapshot = source.build_file().unwrap();
         let (_b, target) = node_with([1; 32], &[("app/m", "TARGETS OWN", "x")]);
         let path = target.incoming_path();
         std::fs::copy(&snapshot.snapshot.path, &path).unwrap();
@@ -1746,7 +2001,7 @@ mod tests {
     fn a_snapshot_installs_only_if_its_mac_verifies_and_then_whole() {
         let rows = [("app/m", "PARTY1", "v1"), ("app/m", "PARTY2", "v2"), ("app/public:t", "k", "open")];
         let (_a, source) = node_with([1; 32], &rows);
-        let snapshot = source.build().unwrap();
+        let snapshot = source.build_file().unwrap();
         let bytes = std::fs::read(&snapshot.snapshot.path).unwrap();
         let (_b, target) = node_with([1; 32], &[("app/m", "TARGETS OWN", "x")]);
         let before = contents(&target, "app/m");
@@ -1775,7 +2030,7 @@ mod tests {
         let (last, end) = (starts[starts.len() - 1], bytes.len() - 36);
         let dropped = [&bytes[..last], &bytes[end..]].concat();
         let (_c, stranger) = node_with([2; 32], &[("app/public:t", "k", "forged")]);
-        let forged = std::fs::read(stranger.build().unwrap().snapshot.path).unwrap();
+        let forged = std::fs::read(stranger.build_file().unwrap().snapshot.path).unwrap();
         let cases = [
             ("a flipped byte", flipped),
             ("the MAC cut short", bytes[..bytes.len() - 1].to_vec()),
@@ -1821,7 +2076,7 @@ mod tests {
             };
             let (sm, mut log) = follower.open();
             set_applied(&sm, openraft::testing::log_id::<TypeConfig>(1, 0, 10));
-            sm.build().unwrap();
+            sm.build_file().unwrap();
             let entries: Vec<_> = (1..=12).map(|i| openraft::testing::blank_ent::<TypeConfig>(1, 0, i)).collect();
             let (flushed, done) = TypeConfig::oneshot();
             log.append(entries, IOFlushed::signal(flushed)).await.unwrap();
@@ -1855,7 +2110,7 @@ mod tests {
         let (_a, source) = node_with([1; 32], &rows);
         let at = openraft::testing::log_id::<TypeConfig>(2, 0, 100);
         set_applied(&source, at);
-        let snapshot = source.build().unwrap();
+        let snapshot = source.build_file().unwrap();
         for step in [InstallStep::FileInPlace, InstallStep::StateCommitted] {
             let follower = Follower::create([1; 32]).await;
             {

@@ -104,6 +104,7 @@ struct Scraped {
     apply_batches: Counter,
     durable_commits: Counter,
     snapshots_built: Counter,
+    snapshot_files_built: Counter,
     snapshots_installed: Counter,
     ledger_bytes: Gauge,
 }
@@ -198,7 +199,16 @@ impl Metrics {
             "Commits that made the applied state and the ledger files durable",
             s.durable_commits.clone(),
         );
-        registry.register("snapshots_built", "Snapshots this node built", s.snapshots_built.clone());
+        registry.register(
+            "snapshots_built",
+            "Snapshots this node took: durable commits the Raft log may be purged behind",
+            s.snapshots_built.clone(),
+        );
+        registry.register(
+            "snapshot_files_built",
+            "Snapshot files this node built to send to a node that is behind",
+            s.snapshot_files_built.clone(),
+        );
         registry.register(
             "snapshots_installed",
             "Snapshots this node installed from a leader",
@@ -268,6 +278,7 @@ impl Metrics {
         raise_to(&s.apply_batches, stats.apply_batches);
         raise_to(&s.durable_commits, stats.durable_commits);
         raise_to(&s.snapshots_built, stats.snapshots_built);
+        raise_to(&s.snapshot_files_built, stats.snapshot_files_built);
         raise_to(&s.snapshots_installed, stats.snapshots_installed);
         s.ledger_bytes.set(as_i64(dir_bytes(&self.ledger_dir)));
         let mut out = String::new();

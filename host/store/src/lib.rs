@@ -18,7 +18,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use cloister_crypto::seal::{Purpose, Sealer};
@@ -778,6 +778,19 @@ impl WriteBatch<'_> {
         }
         drop(table);
         self.put_meta(KEY_DIGESTS_META, b"1")
+    }
+
+    /// A bookkeeping entry, as this batch leaves it so far.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let table = self.txn.open_table(META).map_err(|e| self.store.err(e))?;
+        let value = table.get(key).map_err(|e| self.store.err(e))?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    /// How many map entries the store holds, as this batch leaves it so far.
+    pub fn entries(&self) -> Result<u64, KvError> {
+        let table = self.txn.open_table(KV).map_err(|e| self.store.err(e))?;
+        table.len().map_err(|e| self.store.err(e))
     }
 
     pub fn put_meta(&mut self, key: &str, value: &[u8]) -> Result<(), KvError> {
