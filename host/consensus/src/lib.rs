@@ -194,8 +194,8 @@ pub struct RaftStats {
     /// On a leader, each follower's name and how many entries it lacks of the leader's log.
     pub lag: Vec<(String, u64)>,
     pub signatures_applied: u64,
-    /// Transactions that applied committed entries, and those of them (or of snapshot builds)
-    /// that made the applied state durable.
+    /// Transactions that applied committed entries, and those of them (or of snapshot points
+    /// and snapshot file builds) that made the applied state durable.
     pub apply_batches: u64,
     pub durable_commits: u64,
     /// Snapshot points taken: each a durable commit the log may be purged behind.

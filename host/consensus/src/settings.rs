@@ -54,7 +54,8 @@ pub struct RaftSection {
     pub apply_hold_ms: u64,
     /// Longest time between durable commits of applied state, in milliseconds; 0 makes every
     /// apply durable. The Raft log is durable on its own, so this bounds only what a node
-    /// applies again from its log after a crash (a snapshot build also commits durably first).
+    /// applies again from its log after a crash (a snapshot point, and a snapshot file's build,
+    /// also commit durably).
     /// A durable commit writes every page the commits since the last one changed and syncs the
     /// ledger files and the state database: rarer ones write no more pages in all (a page changed
     /// twice is written once), in larger bursts.
@@ -86,11 +87,12 @@ impl RaftSection {
     /// many as it holds, within [`RaftSection::snapshot_after_logs`] and
     /// [`RaftSection::snapshot_after_logs_max`].
     ///
-    /// Building a snapshot reads, opens and seals again every record of the state, so at a fixed
-    /// interval its cost per write grows with the state: at 10,000 entries and a million records,
-    /// each write paid for a hundred. Waiting for as many entries as the last snapshot held
-    /// (the rule of the Raft dissertation, §5.1.3: snapshot when the log outgrows the snapshot)
-    /// bounds that to about one record per write. The cap bounds the log a node keeps, and what a
+    /// A snapshot is a point (a durable commit) since session 59; before, every one built a
+    /// file that read, opened and sealed again every record of the state, so at a fixed interval
+    /// its cost per write grew with the state: at 10,000 entries and a million records, each
+    /// write paid for a hundred. Waiting for as many entries as the last snapshot held (the rule
+    /// of the Raft dissertation, §5.1.3: snapshot when the log outgrows the snapshot) bounded
+    /// that to about one record per write, and still spaces the durable commits of points. The cap bounds the log a node keeps, and what a
     /// node that joins or falls behind replays after installing the snapshot.
     pub fn snapshot_interval(&self, records: u64) -> u64 {
         let most = self.snapshot_after_logs_max.max(self.snapshot_after_logs);

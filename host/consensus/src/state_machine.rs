@@ -4,7 +4,7 @@
 //!
 //! Applying does not wait for the disk: the Raft log (`raft-log/`, synced once per group of
 //! appends) is the write-ahead log. A batch commits without durability, and every
-//! `raft.apply_durable_ms` ([`ApplyPacing::durable_every`]; and before a snapshot is built, since
+//! `raft.apply_durable_ms` ([`ApplyPacing::durable_every`]; and at every snapshot point, since
 //! openraft then purges the log behind it) one commit syncs the ledger files and then the state
 //! database, in that order and with no apply in between, so the durable index never runs ahead of
 //! the durable files. After a crash the state database is as its last durable commit left it, the
@@ -1195,9 +1195,9 @@ impl StateMachine {
     /// changes, large write sets and the periodic durable commit (an `fdatasync` of the ledger
     /// files and of the state database) keep going to the blocking pool, and so does the batch
     /// that first indexes a private map a scan asked for (reading its keys back from the sealed
-    /// entries: see `cloister_store`). A snapshot build holds the state database's write
-    /// transaction while it syncs (`checkpoint`): an inline apply that meets it waits for that
-    /// sync on the worker, once per snapshot.
+    /// entries: see `cloister_store`). A snapshot point or a snapshot file's build holds the
+    /// state database's write transaction while it syncs: an inline apply that meets it waits
+    /// for that sync on the worker, once per snapshot.
     ///
     /// A group of held-back entries ([`StateMachine::defers`]) applies inline up to
     /// [`APPLY_DEFER_ENTRIES_MAX`] entries (`entries_max`), under the same byte limit.
@@ -1227,7 +1227,7 @@ impl StateMachine {
     ///
     /// openraft counts an entry applied when `apply` returns, so a held entry is applied
     /// before anything observes the state it belongs to: before the next entry that is not
-    /// held, a snapshot build or install, openraft reading the applied state, the node
+    /// held, a snapshot point or install, openraft reading the applied state, the node
     /// stopping, and every read of the state through the API ([`StateMachine::apply_held`]);
     /// and after at most `raft.apply_hold_ms` in any case (0 holds nothing). A crash loses
     /// nothing: a held entry is in this node's durable log, and the applied id in the state
