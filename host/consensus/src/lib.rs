@@ -474,6 +474,13 @@ impl Consensus {
         self.sm.apply_failed()
     }
 
+    /// The entries a snapshot file this node is to send covers, when no signature reaches past
+    /// them yet: the signer signs again once it has nothing else to sign (see
+    /// `StateMachine::seal_wanted`). Only rises.
+    pub fn seal_wanted(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sm.seal_wanted()
+    }
+
     /// What this node has applied, as a receiver that changes after every applied batch.
     pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<Applied> {
         self.sm.subscribe()

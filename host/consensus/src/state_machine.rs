@@ -227,6 +227,9 @@ struct Inner {
     /// Set once Raft runs ([`StateMachine::start_sending_snapshots`]). Before, openraft's start
     /// asks for the current snapshot only for its metadata, and no file is built for that.
     sends_snapshots: std::sync::atomic::AtomicBool,
+    /// The most entries a snapshot file waiting to be sent covers with no signature past them
+    /// ([`StateMachine::seal_wanted`]).
+    seal_wanted: watch::Sender<u64>,
     applied: watch::Sender<Applied>,
     /// `Applied::gov_version` alone, for what waits for governance changes: it changes only
     /// with them, so a waiter does not wake for every applied batch.
@@ -384,6 +387,7 @@ impl StateMachine {
                 snapshot_dir,
                 snapshots: Mutex::default(),
                 sends_snapshots: Default::default(),
+                seal_wanted: watch::Sender::new(0),
                 applied: watch::Sender::new(Applied::default()),
                 gov_changes: watch::Sender::new(0),
                 durable_at: Mutex::new(std::time::Instant::now()),
@@ -407,6 +411,14 @@ impl StateMachine {
     /// and asks for it to send it.
     pub(crate) fn start_sending_snapshots(&self) {
         self.inner.sends_snapshots.store(true, Ordering::Release);
+    }
+
+    /// Rises to the entries a snapshot file covers when it is to be sent and no signature reaches
+    /// past its last entry yet. On a quiet service that last entry is the leader's last
+    /// signature, which covers the entries before it but not itself, and nothing would make the
+    /// leader sign again: its signer watches this and signs once more.
+    pub(crate) fn seal_wanted(&self) -> watch::Receiver<u64> {
+        self.inner.seal_wanted.subscribe()
     }
 
     pub(crate) fn counts(&self) -> &Counts {
@@ -832,7 +844,8 @@ impl StateMachine {
     }
 
     /// The seal of the snapshot in `path`: the first applied signature whose tree reaches its
-    /// last entry, with the leaves in between. None without a ledger, or before such a signature.
+    /// last entry, with the leaves in between. None without a ledger, or before such a signature
+    /// (then [`StateMachine::seal_wanted`] asks for one).
     fn seal(&self, path: &Path) -> io::Result<Option<SnapshotSeal>> {
         if self.inner.ledger.is_none() {
             return Ok(None);
@@ -841,7 +854,15 @@ impl StateMachine {
         read_magic(&mut input, path)?;
         let (_, _, start) = read_preamble(&mut input, path)?;
         let read = self.inner.store.read_txn().map_err(io_other)?;
-        index::snapshot_seal(&read, start.next).map_err(io_other)
+        let seal = index::snapshot_seal(&read, start.next).map_err(io_other)?;
+        if seal.is_none() {
+            self.inner.seal_wanted.send_if_modified(|wanted| {
+                let rises = start.next > *wanted;
+                *wanted = (*wanted).max(start.next);
+                rises
+            });
+        }
+        Ok(seal)
     }
 
     /// Checks a received snapshot before it is installed, so that a bad one is refused to its

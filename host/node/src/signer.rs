@@ -23,6 +23,7 @@ pub(crate) async fn run_signer(
     let tick = interval.min(Duration::from_millis(20));
     let mut last_signed_at = Instant::now();
     let mut applied = consensus.applied_changes();
+    let mut seal_wanted = consensus.seal_wanted();
     // On a leader that has caught up, nothing new to sign and no endorsement end only when an
     // entry applies. So after such a tick the signer waits for the next apply before it ticks
     // on: an idle leader does not read its ledger index 50 times a second for nothing. Any other
@@ -34,6 +35,7 @@ pub(crate) async fn run_signer(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 changed = applied.changed() => if changed.is_err() { return },
+                changed = seal_wanted.changed() => if changed.is_err() { return },
             }
         }
         tokio::select! {
@@ -43,6 +45,7 @@ pub(crate) async fn run_signer(
         // Marked before looking, so that an apply landing while this tick looks ends the next
         // wait at once.
         applied.borrow_and_update();
+        let wanted = *seal_wanted.borrow_and_update();
         wait_for_apply = false;
         if !consensus.caught_up() {
             continue;
@@ -59,12 +62,13 @@ pub(crate) async fn run_signer(
                 continue;
             }
         };
-        if !endorsed || nothing_to_sign(last, size) {
+        let for_seal = signs_for_a_seal(last, size, wanted);
+        if !endorsed || (nothing_to_sign(last, size) && !for_seal) {
             wait_for_apply = true;
             continue;
         }
         let last_size = last.map_or(0, |(_, s)| s);
-        let due = size - last_size >= settings.sign_every_entries || last_signed_at.elapsed() >= interval;
+        let due = for_seal || size - last_size >= settings.sign_every_entries || last_signed_at.elapsed() >= interval;
         if !due {
             continue;
         }
@@ -103,6 +107,14 @@ fn nothing_to_sign(last: Option<(u64, u64)>, size: u64) -> bool {
     }
 }
 
+/// Whether a snapshot file waiting to be sent needs a signature now: it covers `wanted` entries
+/// (`Consensus::seal_wanted`), the last signature covers fewer, and the tree of `size` reaches
+/// them. On a quiet service the file's last entry is the last signature itself, which
+/// [`nothing_to_sign`] rightly leaves alone otherwise.
+fn signs_for_a_seal(last: Option<(u64, u64)>, size: u64, wanted: u64) -> bool {
+    wanted > last.map_or(0, |(_, covered)| covered) && size >= wanted
+}
+
 /// Whether this node may sign the tree its state holds: the service endorsed it, and it is not
 /// Retired, as of that same state. So every signature in the ledger follows its signer's
 /// endorsement and covers only entries before its retirement, which is what offline verification
@@ -127,6 +139,19 @@ mod tests {
         assert!(nothing_to_sign(Some((29, 29)), 30));
         assert!(!nothing_to_sign(Some((29, 29)), 31), "an entry after the signature");
         assert!(nothing_to_sign(Some((29, 29)), 29), "the signature is not applied yet");
+    }
+
+    /// A quiet ledger ends with a signature at 29 over entries 0..29; a snapshot file of all 30
+    /// entries needs a signature past 29, so the signer signs once more, and then not again.
+    #[test]
+    fn a_snapshot_file_past_the_last_signature_gets_one_more_signature() {
+        use super::signs_for_a_seal;
+        assert!(nothing_to_sign(Some((29, 29)), 30));
+        assert!(signs_for_a_seal(Some((29, 29)), 30, 30), "the file covers the signature at 29");
+        assert!(!signs_for_a_seal(Some((30, 30)), 31, 30), "signed again: the next signature reaches the file");
+        assert!(!signs_for_a_seal(Some((29, 29)), 30, 0), "no file waiting");
+        assert!(!signs_for_a_seal(Some((29, 29)), 30, 25), "a file the last signature already covers");
+        assert!(!signs_for_a_seal(Some((29, 29)), 30, 31), "a file this tree does not reach (another node's)");
     }
 
     #[test]
