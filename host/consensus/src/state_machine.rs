@@ -560,10 +560,16 @@ impl StateMachine {
     /// Makes everything applied so far durable: the ledger files, then the state database, while
     /// holding the store's write transaction so that no apply runs in between.
     fn checkpoint(&self) -> io::Result<()> {
-        let txn = self.inner.store.write_batch().map_err(io_other)?;
+        self.checkpoint_with(|_| Ok(()))
+    }
+
+    /// [`StateMachine::checkpoint`], with `also` writing into the same durable commit first.
+    fn checkpoint_with<T>(&self, also: impl FnOnce(&mut kv::WriteBatch<'_>) -> io::Result<T>) -> io::Result<T> {
+        let mut txn = self.inner.store.write_batch().map_err(io_other)?;
+        let written = also(&mut txn)?;
         self.commit_durably(txn)?;
         *self.inner.durable_at.lock().expect("durability clock lock") = std::time::Instant::now();
-        Ok(())
+        Ok(written)
     }
 
     /// Syncs the ledger files, then commits `txn` durably: the durable index never runs ahead of
@@ -595,17 +601,12 @@ impl StateMachine {
     /// the same commit. It writes no file: one is built only when a snapshot must be sent
     /// ([`StateMachine::build_file`]).
     fn take_point(&self) -> io::Result<SnapshotPoint> {
-        let mut txn = self.inner.store.write_batch().map_err(io_other)?;
-        let meta_of = |key: &str| -> io::Result<Option<Vec<u8>>> { txn.meta(key).map_err(io_other) };
-        let last_log_id: Option<LogId> =
-            meta_of(APPLIED_LOG_ID_KEY)?.map(|b| decode(&b, APPLIED_LOG_ID_KEY)).transpose()?.flatten();
-        let last_membership: StoredMembership =
-            meta_of(MEMBERSHIP)?.map(|b| decode(&b, MEMBERSHIP)).transpose()?.unwrap_or_default();
-        let records = txn.entries().map_err(io_other)?;
-        let point = SnapshotPoint { meta: SnapshotMeta { last_log_id, last_membership }, records };
-        txn.put_meta(SNAPSHOT_POINT, &encode(&point)).map_err(io_other)?;
-        self.commit_durably(txn)?;
-        *self.inner.durable_at.lock().expect("durability clock lock") = std::time::Instant::now();
+        let point = self.checkpoint_with(|txn| {
+            let meta = snapshot_meta(|key| txn.meta(key))?;
+            let point = SnapshotPoint { meta, records: txn.entries().map_err(io_other)? };
+            txn.put_meta(SNAPSHOT_POINT, &encode(&point)).map_err(io_other)?;
+            Ok(point)
+        })?;
         self.inner.snapshots.lock().expect("snapshot lock").point = Some(point.clone());
         Ok(point)
     }
@@ -624,14 +625,9 @@ impl StateMachine {
         // What the file covers is made durable first, so that a file never leads the state a
         // restarted node finds (openraft would install it over that state).
         self.checkpoint()?;
-        let decode_meta = |key: &str| -> io::Result<Option<Vec<u8>>> { export.meta(key).map_err(io_other) };
-        let last_log_id: Option<LogId> =
-            decode_meta(APPLIED_LOG_ID_KEY)?.map(|b| decode(&b, APPLIED_LOG_ID_KEY)).transpose()?.flatten();
-        let last_membership: StoredMembership =
-            decode_meta(MEMBERSHIP)?.map(|b| decode(&b, MEMBERSHIP)).transpose()?.unwrap_or_default();
+        let meta = snapshot_meta(|key| export.meta(key))?;
         let history = encode(&TermHistory::read(export.txn())?);
         let start = index::start_state(export.txn()).map_err(io_other)?;
-        let meta = SnapshotMeta { last_log_id, last_membership };
         let path = self.inner.snapshot_dir.join(snapshot_name(&meta));
         let tmp = path.with_extension("tmp");
         let mut records = 0u64;
@@ -1012,6 +1008,17 @@ impl PrivateChunk {
     fn seal(&self, sealer: &Sealer) -> Vec<u8> {
         sealer.seal(Purpose::SnapshotEntry, b"", &self.plain)
     }
+}
+
+/// The snapshot metadata of a state: its applied log id and membership, as `meta` reads them
+/// from the state database (in a read or a write transaction).
+fn snapshot_meta(meta: impl Fn(&str) -> Result<Option<Vec<u8>>, kv::KvError>) -> io::Result<SnapshotMeta> {
+    let read = |key: &str| meta(key).map_err(io_other);
+    let last_log_id: Option<LogId> =
+        read(APPLIED_LOG_ID_KEY)?.map(|b| decode(&b, APPLIED_LOG_ID_KEY)).transpose()?.flatten();
+    let last_membership: StoredMembership =
+        read(MEMBERSHIP)?.map(|b| decode(&b, MEMBERSHIP)).transpose()?.unwrap_or_default();
+    Ok(SnapshotMeta { last_log_id, last_membership })
 }
 
 fn snapshot_name(meta: &SnapshotMeta) -> String {
