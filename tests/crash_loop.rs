@@ -16,8 +16,8 @@ const ROUNDS_DEFAULT: u32 = 30;
 /// How long a killed node may take to answer again after it is restarted.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 /// `raft.apply_durable_ms` a restarted node may get: every apply durable, the default, and
-/// longer than the loop runs (so only the snapshot builds, every 300 entries here, commit
-/// durably).
+/// longer than the loop runs (so only the snapshot points, every 300 entries here, and the
+/// snapshot files built for a node that is behind commit durably).
 const DURABLE_MS: [u64; 3] = [0, 500, 600_000];
 
 fn rounds() -> u32 {
@@ -61,7 +61,8 @@ async fn crash_loop(nodes: usize) {
     let rounds = rounds();
     let mut c = Cluster::start(nodes, 1, RECONCILE, |cfg| {
         cfg.limits.request_timeout_ms = 8_000;
-        // Small files and frequent snapshots, so crashes also land in file and snapshot creation.
+        // Small files and frequent snapshot points, so crashes also land in file creation, points
+        // and the snapshot files built for a restarted node that is behind.
         cfg.ledger.chunk_bytes = 16 << 10;
         cfg.raft.snapshot_after_logs = 300;
         cfg.raft.snapshot_after_logs_max = 300;
@@ -76,7 +77,7 @@ async fn crash_loop(nodes: usize) {
         c.kill(victim);
         tokio::time::sleep(Duration::from_millis(random.below(300))).await;
         // Each restart picks when the node makes applied state durable (every apply, the
-        // default, or only before a snapshot build), so later kills find each kind behind them.
+        // default, or only at a snapshot point), so later kills find each kind behind them.
         let node = &mut c.nodes[victim];
         node.config.raft.apply_durable_ms = DURABLE_MS[random.below(DURABLE_MS.len() as u64) as usize];
         std::fs::write(&node.config_path, node.config.to_toml()).expect("the node's configuration is written");

@@ -92,8 +92,9 @@ impl RaftSection {
     /// its cost per write grew with the state: at 10,000 entries and a million records, each
     /// write paid for a hundred. Waiting for as many entries as the last snapshot held (the rule
     /// of the Raft dissertation, §5.1.3: snapshot when the log outgrows the snapshot) bounded
-    /// that to about one record per write, and still spaces the durable commits of points. The cap bounds the log a node keeps, and what a
-    /// node that joins or falls behind replays after installing the snapshot.
+    /// that to about one record per write, and still spaces the durable commits of points. The
+    /// cap bounds the log a node keeps, and what a node that joins or falls behind replays after
+    /// installing the snapshot.
     pub fn snapshot_interval(&self, records: u64) -> u64 {
         let most = self.snapshot_after_logs_max.max(self.snapshot_after_logs);
         records.clamp(self.snapshot_after_logs, most)

@@ -61,9 +61,10 @@ struct Args {
     /// table shows medians, and the range of the rounds' ratios.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
-    /// Start every network again for each round, so that each round runs on an empty state and
-    /// a fresh process. By default the networks stay up across rounds, and every point writes
-    /// fresh keys: a later round runs on the state (and the heap) the earlier points left.
+    /// Start every network again for each mode of each round, so that every mode's points start
+    /// on an empty state and fresh processes, and the modes compare like with like. By default
+    /// the networks stay up across modes and rounds, and every point writes fresh keys: a later
+    /// mode (or round) runs on the state (and the heap) the earlier points left.
     #[arg(long)]
     fresh_networks: bool,
     /// Seconds each point's clients run first, uncounted.
@@ -171,15 +172,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for &nodes in &args.nodes {
         let mut up: Vec<Under> = Vec::new();
         for round in 1..=args.rounds {
-            if up.is_empty() || args.fresh_networks {
-                // The last round's networks stop (and free their ports) before the next start.
-                up.clear();
-                up = start(&args, &cloister, nodes).await?;
-            }
             if args.rounds > 1 {
                 eprintln!("round {round} of {}", args.rounds);
             }
             for mode in modes(nodes, &args.modes) {
+                if up.is_empty() || args.fresh_networks {
+                    // The networks already up stop (and free their ports) before the next start.
+                    up.clear();
+                    up = start(&args, &cloister, nodes).await?;
+                }
                 for &clients in &args.clients {
                     for under in &up {
                         // Asked each time: a leader may change between points.
