@@ -205,9 +205,10 @@ pub struct RaftStats {
     pub snapshots_installed: u64,
 }
 
-/// Asks Raft to build a snapshot once the entries applied since the current one (or since the
-/// last time it asked) reach [`RaftSection::snapshot_interval`] for the records that snapshot
-/// holds. Ends when Raft stops.
+/// Asks Raft to take a snapshot point once the entries applied since the current snapshot (or
+/// since the last time it asked) reach [`RaftSection::snapshot_interval`] for the records that
+/// snapshot holds, and no snapshot file is being built to be sent
+/// (`StateMachine::point_due`). Ends when Raft stops.
 async fn schedule_snapshots(raft: Raft, sm: StateMachine, settings: RaftSection) {
     let mut applied = sm.subscribe();
     let mut running = raft.metrics();
@@ -219,8 +220,7 @@ async fn schedule_snapshots(raft: Raft, sm: StateMachine, settings: RaftSection)
             changed = running.changed() => if changed.is_err() { return } else { continue },
         }
         let Some(last) = applied.borrow_and_update().last.map(|t| t.seqno) else { continue };
-        let (covered, records) = sm.snapshot_extent();
-        if last.saturating_sub(covered.max(asked_at)) >= settings.snapshot_interval(records) {
+        if sm.point_due(last, asked_at, &settings) {
             asked_at = last;
             if raft.trigger().snapshot().await.is_err() {
                 return;

@@ -17,7 +17,8 @@
 //! applied, and its position recorded in the state database; the log may then be purged behind
 //! it. A snapshot *file* (every KV entry, private ones sealed with their keys under the ledger
 //! secret, the term history and the ledger's start state) is built only when one must be sent to
-//! a node that is behind, from the state as it then is, and kept until a newer one replaces it.
+//! a node that is behind, from the state as it then is, and kept until a newer one replaces it;
+//! no point is taken while one is being built.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ use openraft::type_config::alias::SnapshotOf;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::settings::RaftSection;
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
 use cloister_crypto::seal::{Purpose, Sealer};
 use cloister_crypto::secrets::LedgerSecrets;
@@ -74,11 +76,13 @@ const END_OF_RECORDS: u32 = u32::MAX;
 const SNAPSHOT_RECORD_BYTES_MAX: usize = 64 << 20;
 /// The state database's record of the newest snapshot point (a [`SnapshotPoint`]).
 const SNAPSHOT_POINT: &str = "raft_snapshot_point";
-/// How long openraft's request for a snapshot to send waits for a file being built. A longer
-/// build goes on in the background: the snapshot goes out unsealed, so the send fails and
-/// openraft asks again (see [`StateMachine::file_when_built`]). The wait keeps the state
-/// machine's task, which applies entries, from stalling for a whole build of a large state.
-const SNAPSHOT_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long openraft's request for a snapshot to send waits for the file build it starts. A
+/// longer build goes on in the background: the snapshot goes out unsealed, so the send fails and
+/// openraft asks again, and a request that finds the build running answers at once (see
+/// [`StateMachine::file_when_built`]). openraft asks on the state machine's task, which applies
+/// entries, so this is the longest a build stalls applying: once per build, not once per
+/// request (openraft retries a failed send ten times at once, then every 200 ms).
+const SNAPSHOT_FILE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The terms of the log: `(term, first index of that term)`, in order. It answers which term a
 /// committed index belongs to after the log itself has been purged.
@@ -206,6 +210,11 @@ impl Snapshots {
         }
     }
 
+    /// [`Snapshots::newest`]'s last log index and records (zeros when there is none).
+    fn extent(&self) -> (u64, u64) {
+        self.newest().map_or((0, 0), |s| (s.meta.last_log_id.map_or(0, |l| l.index), s.records))
+    }
+
     /// The file, if it reaches the point: a snapshot that can be sent.
     fn file_to_send(&self) -> Option<(SnapshotMeta, SnapshotFile)> {
         let file = self.file.as_ref()?;
@@ -224,6 +233,8 @@ struct Inner {
     secrets: Option<Arc<LedgerSecrets>>,
     snapshot_dir: PathBuf,
     snapshots: Mutex<Snapshots>,
+    /// Held while a snapshot file becomes the current one and the others are deleted.
+    files: Mutex<()>,
     /// Set once Raft runs ([`StateMachine::start_sending_snapshots`]). Before, openraft's start
     /// asks for the current snapshot only for its metadata, and no file is built for that.
     sends_snapshots: std::sync::atomic::AtomicBool,
@@ -386,6 +397,7 @@ impl StateMachine {
                 secrets,
                 snapshot_dir,
                 snapshots: Mutex::default(),
+                files: Mutex::default(),
                 sends_snapshots: Default::default(),
                 seal_wanted: watch::Sender::new(0),
                 applied: watch::Sender::new(Applied::default()),
@@ -607,7 +619,11 @@ impl StateMachine {
             txn.put_meta(SNAPSHOT_POINT, &encode(&point)).map_err(io_other)?;
             Ok(point)
         })?;
-        self.inner.snapshots.lock().expect("snapshot lock").point = Some(point.clone());
+        // An install that committed after this point may already have published a newer one.
+        let mut snapshots = self.inner.snapshots.lock().expect("snapshot lock");
+        if snapshots.point.as_ref().is_none_or(|p| p.meta.last_log_id <= point.meta.last_log_id) {
+            snapshots.point = Some(point.clone());
+        }
         Ok(point)
     }
 
@@ -664,21 +680,40 @@ impl StateMachine {
         std::fs::rename(&tmp, &path)?;
         cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
         let file = SnapshotFile { path, seal: None };
-        // An installed snapshot may have overtaken the build: then the build is dropped.
-        self.replace_file(StoredSnapshot { meta: meta.clone(), file: file.clone(), records }, true);
+        self.file_built(StoredSnapshot { meta: meta.clone(), file: file.clone(), records });
         Ok(Snapshot { meta, snapshot: file })
+    }
+
+    /// Keeps a file just built, unless an installed snapshot overtook the build (then the build
+    /// is dropped). It waits for an install in progress to put its own file in place first.
+    fn file_built(&self, built: StoredSnapshot) {
+        let files = self.inner.files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.replace_file(built, true, &files);
     }
 
     /// The last log index the newest snapshot (point or file) covers, and the state records it
     /// holds (0 when unknown).
-    pub(crate) fn snapshot_extent(&self) -> (u64, u64) {
-        let newest = self.inner.snapshots.lock().expect("snapshot lock").newest();
-        newest.map_or((0, 0), |s| (s.meta.last_log_id.map_or(0, |l| l.index), s.records))
+    #[cfg(test)]
+    fn snapshot_extent(&self) -> (u64, u64) {
+        self.inner.snapshots.lock().expect("snapshot lock").extent()
+    }
+
+    /// Whether openraft should take a snapshot point, with entries applied through `last` and
+    /// the last point asked for at `asked_at`: once the entries applied since the newest
+    /// snapshot reach [`RaftSection::snapshot_interval`], and not while a file is being built to
+    /// be sent. A point taken during a build leaves the file behind it, so it is not sent and
+    /// another is built; on a state whose build outlasts the time between points under load, no
+    /// file would ever go.
+    pub(crate) fn point_due(&self, last: u64, asked_at: u64, settings: &RaftSection) -> bool {
+        let snapshots = self.inner.snapshots.lock().expect("snapshot lock");
+        let (covered, records) = snapshots.extent();
+        snapshots.building.is_none()
+            && last.saturating_sub(covered.max(asked_at)) >= settings.snapshot_interval(records)
     }
 
     /// A snapshot to send: the file if it reaches the newest point; otherwise, once Raft runs,
-    /// one built now, if that takes at most [`SNAPSHOT_FILE_WAIT`]. `None` while it is being
-    /// built, and before Raft runs.
+    /// one built now, if that takes at most [`SNAPSHOT_FILE_WAIT`]. `None` while a build goes on
+    /// (a request that finds one running does not wait), and before Raft runs.
     async fn file_when_built(&self) -> Option<(SnapshotMeta, SnapshotFile)> {
         /// Ends a build, however it ends: the next request may start another.
         struct BuildEnds(StateMachine, watch::Sender<bool>);
@@ -688,38 +723,35 @@ impl StateMachine {
                 self.1.send_replace(true);
             }
         }
-        let mut done = {
+        let (ends, mut done) = {
             let mut snapshots = self.inner.snapshots.lock().expect("snapshot lock");
             if let Some(ready) = snapshots.file_to_send() {
                 return Some(ready);
             }
-            if !self.inner.sends_snapshots.load(Ordering::Acquire) {
+            // A build under way (another request started it) is not waited for: every request
+            // would stall applying again.
+            if !self.inner.sends_snapshots.load(Ordering::Acquire) || snapshots.building.is_some() {
                 return None;
             }
-            match &snapshots.building {
-                Some(done) => done.clone(),
-                None => {
-                    let (built, done) = watch::channel(false);
-                    snapshots.building = Some(done.clone());
-                    let ends = BuildEnds(self.clone(), built);
-                    tokio::task::spawn_blocking(move || match ends.0.build_file() {
-                        Ok(_) => _ = ends.0.inner.counts.snapshot_files_built.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "building a snapshot file to send failed; the next send tries again")
-                        }
-                    });
-                    done
-                }
-            }
+            let (built, done) = watch::channel(false);
+            snapshots.building = Some(done.clone());
+            (BuildEnds(self.clone(), built), done)
         };
-        // Timing out leaves the build running: the next request finds it, or its file.
+        // Spawned with the lock released: a task the runtime refuses is dropped here, and its
+        // guard takes the lock.
+        tokio::task::spawn_blocking(move || match ends.0.build_file() {
+            Ok(_) => _ = ends.0.inner.counts.snapshot_files_built.fetch_add(1, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "building a snapshot file to send failed; the next send tries again"),
+        });
+        // Timing out leaves the build running: a later request finds its file.
         let _ = tokio::time::timeout(SNAPSHOT_FILE_WAIT, done.wait_for(|built| *built)).await;
         self.inner.snapshots.lock().expect("snapshot lock").file_to_send()
     }
 
     /// Makes `new` the current file, unless `newer_only` and the current one is newer, and
-    /// deletes the other files.
-    fn replace_file(&self, new: StoredSnapshot, newer_only: bool) {
+    /// deletes the other files. The caller holds `files`, so that no other file takes its place
+    /// meanwhile.
+    fn replace_file(&self, new: StoredSnapshot, newer_only: bool, _files: &std::sync::MutexGuard<'_, ()>) {
         let keep = {
             let mut snapshots = self.inner.snapshots.lock().expect("snapshot lock");
             let older = snapshots.file.as_ref().is_some_and(|f| f.meta.last_log_id > new.meta.last_log_id);
@@ -821,6 +853,8 @@ impl StateMachine {
         // Killed in between, the node restarts with the newer file and the older state, and
         // installs the file again.
         let final_path = self.inner.snapshot_dir.join(snapshot_name(meta));
+        // Until the file is the current one: a file build ending meanwhile would delete it.
+        let files = self.inner.files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         std::fs::rename(path, &final_path)?;
         cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
         after(InstallStep::FileInPlace)?;
@@ -833,7 +867,9 @@ impl StateMachine {
         self.replace_file(
             StoredSnapshot { meta: meta.clone(), file: SnapshotFile { path: final_path, seal: None }, records },
             false,
+            &files,
         );
+        drop(files);
         self.publish(meta.last_log_id, true);
         tracing::info!(last = ?meta.last_log_id.as_ref().map(super::types::tx_id), "installed a snapshot");
         Ok(())
@@ -1485,9 +1521,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     /// The newest snapshot, asked for at start (for its metadata) and to be sent. Once Raft
-    /// runs, its file is built when asked for if the one there is older than the newest point; a build longer
-    /// than [`SNAPSHOT_FILE_WAIT`] goes on in the background, and the snapshot is answered with
-    /// the point's metadata and no file yet.
+    /// runs, its file is built when asked for if the one there is older than the newest point;
+    /// a build longer than [`SNAPSHOT_FILE_WAIT`] goes on in the background, and the snapshot is
+    /// answered with the point's metadata and no file yet.
     async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
         let Some(newest) = self.inner.snapshots.lock().expect("snapshot lock").newest() else { return Ok(None) };
         let Some((meta, mut file)) = self.file_when_built().await else {
@@ -1807,9 +1843,10 @@ mod tests {
 
     /// A snapshot openraft takes to compact its log is a point: a durable commit that records
     /// its position, with no file; a restart reads it back, and openraft's start, which asks for
-    /// the current snapshot, gets the point without a file being built. A file is built only when a snapshot
-    /// is asked for to be sent, from the state as it then is; asked again, the same file goes;
-    /// it installs whole on another node; and a newer point makes the next request build anew.
+    /// the current snapshot, gets the point without a file being built. A file is built only
+    /// when a snapshot is asked for to be sent, from the state as it then is; asked again, the
+    /// same file goes; it installs whole on another node; and a newer point makes the next
+    /// request build anew.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_snapshot_point_writes_no_file_and_a_file_is_built_to_be_sent() {
         let log_id = |index| openraft::testing::log_id::<TypeConfig>(2, 0, index);
@@ -1892,6 +1929,99 @@ mod tests {
         .expect("the build ends once the write transaction does");
         assert_eq!(sent.meta.last_log_id, Some(at));
         assert_eq!(files_built(&sm), 1, "one build, however often it was asked for");
+    }
+
+    /// openraft asks for the snapshot on the task that applies entries, and retries a failed
+    /// send ten times at once: only the request that starts a build waits for it, so a build
+    /// slower than [`SNAPSHOT_FILE_WAIT`] stalls applying once, not once per retry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_finds_a_snapshot_file_being_built_answers_at_once() {
+        let at = openraft::testing::log_id::<TypeConfig>(2, 0, 100);
+        let (_dir, mut sm) = node_with([1; 32], &[("app/m", "PARTY1", "v1")]);
+        set_applied(&sm, at);
+        sm.build_snapshot().await.unwrap();
+        let store = sm.inner.store.clone();
+        let busy = store.write_batch().unwrap();
+        let first = std::time::Instant::now();
+        sm.get_current_snapshot().await.unwrap().expect("the point");
+        assert!(first.elapsed() >= SNAPSHOT_FILE_WAIT, "the request that starts the build waits for it");
+        for retry in 0..10 {
+            let asked = std::time::Instant::now();
+            let unbuilt = sm.get_current_snapshot().await.unwrap().expect("the point");
+            assert!(!unbuilt.snapshot.path.exists(), "retry {retry}: the build cannot end while the write does");
+            assert!(asked.elapsed() < SNAPSHOT_FILE_WAIT, "retry {retry} waited {:?} for the build", asked.elapsed());
+        }
+        drop(busy);
+    }
+
+    /// No point is due while a file is being built to be sent: a point taken then would leave
+    /// the file behind it, unsendable, and under load a build that outlasts the time between
+    /// points would never send one. Once the build ends the point is due again, and the file,
+    /// which reaches the newest point, goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_point_is_due_while_a_snapshot_file_is_being_built() {
+        let settings = RaftSection { snapshot_after_logs: 10, snapshot_after_logs_max: 10, ..RaftSection::default() };
+        let log_id = |index| openraft::testing::log_id::<TypeConfig>(2, 0, index);
+        let (_dir, mut sm) = node_with([1; 32], &[("app/m", "PARTY1", "v1")]);
+        set_applied(&sm, log_id(100));
+        sm.build_snapshot().await.unwrap();
+        assert!(!sm.point_due(109, 0, &settings), "9 entries since the point");
+        assert!(sm.point_due(110, 0, &settings), "10 entries since the point");
+        assert!(!sm.point_due(110, 105, &settings), "asked at 105");
+        set_applied(&sm, log_id(130));
+        let store = sm.inner.store.clone();
+        let busy = store.write_batch().unwrap();
+        let unbuilt = sm.get_current_snapshot().await.unwrap().expect("the point");
+        assert!(!unbuilt.snapshot.path.exists(), "the build waits for the write");
+        assert!(!sm.point_due(1_000, 0, &settings), "no point while the file is built");
+        drop(busy);
+        let sent = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let s = sm.get_current_snapshot().await.unwrap().unwrap();
+                if s.snapshot.path.exists() {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the build ends once the write transaction does");
+        assert_eq!(sent.meta.last_log_id, Some(log_id(130)), "the file reaches past the newest point");
+        assert!(sm.point_due(1_000, 0, &settings), "due again once the build ended");
+    }
+
+    /// A file build that ends while a snapshot is being installed waits until the installed
+    /// file is the current one, and then drops itself: it does not delete the installed file
+    /// (which would leave every later send failing to open it).
+    #[test]
+    fn a_file_build_ending_during_an_install_leaves_the_installed_file() {
+        let log_id = |index| openraft::testing::log_id::<TypeConfig>(2, 0, index);
+        let (_a, source) = node_with([1; 32], &[("app/m", "from-snapshot", "s")]);
+        set_applied(&source, log_id(200));
+        let newer = source.build_file().unwrap();
+        let (_b, target) = node_with([1; 32], &[("app/m", "own", "t")]);
+        set_applied(&target, log_id(50));
+        let older = target.build_file().unwrap();
+        let mut older = Some(StoredSnapshot { meta: older.meta, file: older.snapshot, records: 1 });
+        let path = target.incoming_path();
+        std::fs::copy(&newer.snapshot.path, &path).unwrap();
+        let mut ending = None;
+        target
+            .install_stepwise(&newer.meta, &SnapshotFile { path, seal: None }, &mut |step| {
+                if matches!(step, InstallStep::FileInPlace) {
+                    let (builder, older) = (target.clone(), older.take().expect("one file in place"));
+                    ending = Some(std::thread::spawn(move || builder.file_built(older)));
+                    // Time for the build's end to run, if nothing holds it back.
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Ok(())
+            })
+            .unwrap();
+        ending.expect("the install put its file in place").join().unwrap();
+        let (meta, file) = target.inner.snapshots.lock().unwrap().file_to_send().expect("a file");
+        assert_eq!(meta.last_log_id, Some(log_id(200)), "the installed file is the current one");
+        assert!(file.path.exists(), "and it is on disk");
+        assert_eq!(snapshot_files(&target), [file.path], "the older file is gone");
     }
 
     /// Installing a snapshot applies the held entries first and holds the lock throughout, so
