@@ -1837,6 +1837,21 @@ mod tests {
         dir.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "snap")).collect()
     }
 
+    /// Asks for the snapshot to send until its file is built, as openraft's retries do.
+    async fn file_once_built(sm: &mut StateMachine) -> SnapshotOf<TypeConfig, SnapshotFile> {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let s = sm.get_current_snapshot().await.unwrap().unwrap();
+                if s.snapshot.path.exists() {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the build ends once the write transaction does")
+    }
+
     fn files_built(sm: &StateMachine) -> u64 {
         sm.inner.counts.snapshot_files_built.load(Ordering::Relaxed)
     }
@@ -1901,7 +1916,9 @@ mod tests {
     /// The edge of [`SNAPSHOT_FILE_WAIT`]: a file whose build takes longer (here its durable
     /// commit waits behind a write transaction) is answered with the point and no file, so a
     /// send fails and openraft asks again; the build goes on, once, and a later request gets
-    /// its file.
+    /// its file. openraft asks on the task that applies entries and retries a failed send ten
+    /// times at once: only the request that starts the build waits for it, so a slow build
+    /// stalls applying once, not once per retry.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_snapshot_file_slower_than_the_wait_goes_out_on_a_later_request() {
         let at = openraft::testing::log_id::<TypeConfig>(2, 0, 100);
@@ -1915,36 +1932,6 @@ mod tests {
         assert!(asked.elapsed() >= SNAPSHOT_FILE_WAIT, "answered after {:?}", asked.elapsed());
         assert_eq!(unbuilt.meta.last_log_id, Some(at));
         assert!(unbuilt.snapshot.seal.is_none() && !unbuilt.snapshot.path.exists(), "no file to send yet");
-        drop(busy);
-        let sent = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let s = sm.get_current_snapshot().await.unwrap().unwrap();
-                if s.snapshot.path.exists() {
-                    return s;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the build ends once the write transaction does");
-        assert_eq!(sent.meta.last_log_id, Some(at));
-        assert_eq!(files_built(&sm), 1, "one build, however often it was asked for");
-    }
-
-    /// openraft asks for the snapshot on the task that applies entries, and retries a failed
-    /// send ten times at once: only the request that starts a build waits for it, so a build
-    /// slower than [`SNAPSHOT_FILE_WAIT`] stalls applying once, not once per retry.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_request_that_finds_a_snapshot_file_being_built_answers_at_once() {
-        let at = openraft::testing::log_id::<TypeConfig>(2, 0, 100);
-        let (_dir, mut sm) = node_with([1; 32], &[("app/m", "PARTY1", "v1")]);
-        set_applied(&sm, at);
-        sm.build_snapshot().await.unwrap();
-        let store = sm.inner.store.clone();
-        let busy = store.write_batch().unwrap();
-        let first = std::time::Instant::now();
-        sm.get_current_snapshot().await.unwrap().expect("the point");
-        assert!(first.elapsed() >= SNAPSHOT_FILE_WAIT, "the request that starts the build waits for it");
         for retry in 0..10 {
             let asked = std::time::Instant::now();
             let unbuilt = sm.get_current_snapshot().await.unwrap().expect("the point");
@@ -1952,6 +1939,9 @@ mod tests {
             assert!(asked.elapsed() < SNAPSHOT_FILE_WAIT, "retry {retry} waited {:?} for the build", asked.elapsed());
         }
         drop(busy);
+        let sent = file_once_built(&mut sm).await;
+        assert_eq!(sent.meta.last_log_id, Some(at));
+        assert_eq!(files_built(&sm), 1, "one build, however often it was asked for");
     }
 
     /// No point is due while a file is being built to be sent: a point taken then would leave
@@ -1975,17 +1965,7 @@ mod tests {
         assert!(!unbuilt.snapshot.path.exists(), "the build waits for the write");
         assert!(!sm.point_due(1_000, 0, &settings), "no point while the file is built");
         drop(busy);
-        let sent = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let s = sm.get_current_snapshot().await.unwrap().unwrap();
-                if s.snapshot.path.exists() {
-                    return s;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the build ends once the write transaction does");
+        let sent = file_once_built(&mut sm).await;
         assert_eq!(sent.meta.last_log_id, Some(log_id(130)), "the file reaches past the newest point");
         assert!(sm.point_due(1_000, 0, &settings), "due again once the build ended");
     }
