@@ -207,8 +207,9 @@ pub struct RaftStats {
 
 /// Asks Raft to take a snapshot point once the entries applied since the current snapshot (or
 /// since the last time it asked) reach [`RaftSection::snapshot_interval`] for the records that
-/// snapshot holds, and no snapshot file is being built to be sent
-/// (`StateMachine::point_due`). Ends when Raft stops.
+/// snapshot holds, no snapshot file is being built to be sent, and, on a leader, no node is
+/// catching up through a snapshot (within a bound: `StateMachine::point_due`). Ends when Raft
+/// stops.
 async fn schedule_snapshots(raft: Raft, sm: StateMachine, settings: RaftSection) {
     let mut applied = sm.subscribe();
     let mut running = raft.metrics();
@@ -220,13 +221,26 @@ async fn schedule_snapshots(raft: Raft, sm: StateMachine, settings: RaftSection)
             changed = running.changed() => if changed.is_err() { return } else { continue },
         }
         let Some(last) = applied.borrow_and_update().last.map(|t| t.seqno) else { continue };
-        if sm.point_due(last, asked_at, &settings) {
+        let catching_up = {
+            let metrics = running.borrow_watched();
+            catching_up(metrics.purged.as_ref(), metrics.replication.as_ref())
+        };
+        if sm.point_due(last, asked_at, &settings, catching_up) {
             asked_at = last;
             if raft.trigger().snapshot().await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// Whether a node this leader replicates to needs entries the log no longer holds, so that it
+/// catches up through a snapshot: its matched entry is before the last purged one. `replication`
+/// is the leader's view of each node's matched entry (openraft reports it only on a leader).
+fn catching_up(purged: Option<&types::LogId>, replication: Option<&BTreeMap<NodeId, Option<types::LogId>>>) -> bool {
+    let Some(purged) = purged else { return false };
+    replication
+        .is_some_and(|nodes| nodes.values().any(|matched| matched.as_ref().is_none_or(|m| m.index < purged.index)))
 }
 
 /// The node's replication handle; clones share everything.

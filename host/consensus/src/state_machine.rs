@@ -84,6 +84,11 @@ const SNAPSHOT_POINT: &str = "raft_snapshot_point";
 /// request (openraft retries a failed send ten times at once, then every 200 ms).
 const SNAPSHOT_FILE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// While a node catches up through a snapshot, snapshot points wait until the log since the
+/// newest snapshot holds this many snapshot intervals (see [`StateMachine::point_due`]): the
+/// bound keeps a node that never catches up (one that is down) from growing the log without end.
+pub(crate) const CATCH_UP_INTERVALS_MAX: u64 = 4;
+
 /// The terms of the log: `(term, first index of that term)`, in order. It answers which term a
 /// committed index belongs to after the log itself has been purged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -700,15 +705,19 @@ impl StateMachine {
 
     /// Whether openraft should take a snapshot point, with entries applied through `last` and
     /// the last point asked for at `asked_at`: once the entries applied since the newest
-    /// snapshot reach [`RaftSection::snapshot_interval`], and not while a file is being built to
-    /// be sent. A point taken during a build leaves the file behind it, so it is not sent and
-    /// another is built; on a state whose build outlasts the time between points under load, no
-    /// file would ever go.
-    pub(crate) fn point_due(&self, last: u64, asked_at: u64, settings: &RaftSection) -> bool {
+    /// snapshot reach [`RaftSection::snapshot_interval`]; never while a file is being built to
+    /// be sent; and while a node is `catching_up` through a snapshot, only once the log since
+    /// the newest snapshot holds [`CATCH_UP_INTERVALS_MAX`] intervals. A point taken during a
+    /// build leaves the file behind it, unsendable, and one taken while the file is on its way
+    /// purges the entries the node needs after it: either way the node needs another snapshot,
+    /// and under load, on a state whose build, send and install outlast the time between
+    /// points, it would never catch up.
+    pub(crate) fn point_due(&self, last: u64, asked_at: u64, settings: &RaftSection, catching_up: bool) -> bool {
         let snapshots = self.inner.snapshots.lock().expect("snapshot lock");
         let (covered, records) = snapshots.extent();
-        snapshots.building.is_none()
-            && last.saturating_sub(covered.max(asked_at)) >= settings.snapshot_interval(records)
+        let interval = settings.snapshot_interval(records);
+        let deferred = catching_up && last.saturating_sub(covered) < interval.saturating_mul(CATCH_UP_INTERVALS_MAX);
+        snapshots.building.is_none() && !deferred && last.saturating_sub(covered.max(asked_at)) >= interval
     }
 
     /// A snapshot to send: the file if it reaches the newest point; otherwise, once Raft runs,
@@ -1837,12 +1846,14 @@ mod tests {
         dir.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "snap")).collect()
     }
 
-    /// Asks for the snapshot to send until its file is built, as openraft's retries do.
+    /// Asks for the snapshot to send until its file is built and the build has ended (the file
+    /// is published a moment before the build's task counts it and ends), as openraft's
+    /// retries do.
     async fn file_once_built(sm: &mut StateMachine) -> SnapshotOf<TypeConfig, SnapshotFile> {
         tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 let s = sm.get_current_snapshot().await.unwrap().unwrap();
-                if s.snapshot.path.exists() {
+                if s.snapshot.path.exists() && sm.inner.snapshots.lock().unwrap().building.is_none() {
                     return s;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1955,19 +1966,23 @@ mod tests {
         let (_dir, mut sm) = node_with([1; 32], &[("app/m", "PARTY1", "v1")]);
         set_applied(&sm, log_id(100));
         sm.build_snapshot().await.unwrap();
-        assert!(!sm.point_due(109, 0, &settings), "9 entries since the point");
-        assert!(sm.point_due(110, 0, &settings), "10 entries since the point");
-        assert!(!sm.point_due(110, 105, &settings), "asked at 105");
+        assert!(!sm.point_due(109, 0, &settings, false), "9 entries since the point");
+        assert!(sm.point_due(110, 0, &settings, false), "10 entries since the point");
+        assert!(!sm.point_due(110, 105, &settings, false), "asked at 105");
+        // While a node catches up through a snapshot: up to four intervals, and not beyond.
+        assert!(!sm.point_due(139, 0, &settings, true), "39 entries since the point, a node catching up");
+        assert!(sm.point_due(140, 0, &settings, true), "40 entries since the point, a node catching up");
         set_applied(&sm, log_id(130));
         let store = sm.inner.store.clone();
         let busy = store.write_batch().unwrap();
         let unbuilt = sm.get_current_snapshot().await.unwrap().expect("the point");
-        assert!(!unbuilt.snapshot.path.exists(), "the build waits for the write");
-        assert!(!sm.point_due(1_000, 0, &settings), "no point while the file is built");
+        assert_eq!(unbuilt.meta.last_log_id, Some(log_id(100)), "the point goes while the file is built");
+        assert!(sm.inner.snapshots.lock().unwrap().building.is_some(), "the build waits for the write");
+        assert!(!sm.point_due(1_000, 0, &settings, false), "no point while the file is built");
         drop(busy);
         let sent = file_once_built(&mut sm).await;
         assert_eq!(sent.meta.last_log_id, Some(log_id(130)), "the file reaches past the newest point");
-        assert!(sm.point_due(1_000, 0, &settings), "due again once the build ended");
+        assert!(sm.point_due(1_000, 0, &settings, false), "due again once the build ended");
     }
 
     /// A file build that ends while a snapshot is being installed waits until the installed

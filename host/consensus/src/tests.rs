@@ -119,3 +119,21 @@ async fn a_redb_log_moves_into_the_write_ahead_log() {
     assert_eq!(state.last_purged_log_id, Some(purged));
     assert_eq!(state.last_log_id.map(|l| l.index), Some(9));
 }
+
+/// A node catches up through a snapshot when its matched entry is before the last purged one,
+/// or it has matched nothing yet (a node that just joined); with nothing purged, none does, and
+/// a follower (no replication view) sees none.
+#[test]
+fn a_node_behind_the_purged_log_is_catching_up_through_a_snapshot() {
+    use std::collections::BTreeMap;
+    let log_id = |index| openraft::testing::log_id::<TypeConfig>(1, 0, index);
+    let nodes = |matched: &[Option<u64>]| -> BTreeMap<u64, Option<super::types::LogId>> {
+        matched.iter().enumerate().map(|(i, m)| (i as u64, m.map(log_id))).collect()
+    };
+    let purged = log_id(100);
+    assert!(!super::catching_up(Some(&purged), Some(&nodes(&[Some(500), Some(100), Some(120)]))));
+    assert!(super::catching_up(Some(&purged), Some(&nodes(&[Some(500), Some(99)]))), "one entry short");
+    assert!(super::catching_up(Some(&purged), Some(&nodes(&[Some(500), None]))), "a node that just joined");
+    assert!(!super::catching_up(None, Some(&nodes(&[Some(500), None]))), "nothing purged: the log has it all");
+    assert!(!super::catching_up(Some(&purged), None), "not the leader");
+}
