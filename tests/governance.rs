@@ -314,6 +314,49 @@ async fn apps_and_their_settings_change_by_vote() {
     assert_eq!(status(&c0).await, "IN_CONSENSUS");
 }
 
+/// Who may call, and what is installed, follow every vote at once, although a node remembers
+/// callers, the app and the service's state until a `gov.` map next changes: a user added by
+/// vote is served at its first call after the vote (having been refused as nobody before), a
+/// user removed is refused at its next, and an app removed answers 404 at the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_and_the_app_follow_each_vote_at_once() {
+    let s = TestService::start(1, 1, RECONCILE, Default::default()).await;
+    let member = s.member(0).await;
+    let m = &s.members[0].keyed;
+    let pass = |actions: Value| {
+        let member = member.clone();
+        async move {
+            let (_, done) = member.pass(m, &[m], actions).await.unwrap();
+            assert_eq!(done["state"], "Accepted", "{done}");
+        }
+    };
+    let ingest = |c: Client| async move {
+        let reply = c.post("/app/ingest", "application/json", key_record("K1", "A")).await.unwrap();
+        (reply.status, reply.text())
+    };
+    let user = s.client(Some(&s.users[0].keyed)).await;
+    let newcomer = new_identity("newcomer");
+    let newcomer_client = s.client(Some(&newcomer.keyed)).await;
+    assert_eq!(ingest(user.clone()).await.0, 200);
+    for _ in 0..2 {
+        let (status, text) = ingest(newcomer_client.clone()).await;
+        assert_eq!(status, 401, "{text}");
+        assert!(text.contains(&newcomer.id), "{text}");
+    }
+
+    pass(json!([{ "name": "set_user", "args": { "cert": newcomer.keyed.cert_pem } }])).await;
+    assert_eq!(ingest(newcomer_client.clone()).await.0, 200, "served at its first call after the vote");
+    pass(json!([{ "name": "remove_user", "args": { "id": s.users[0].id } }])).await;
+    let (status, text) = ingest(user.clone()).await;
+    assert_eq!(status, 401, "refused at its next call after the vote: {text}");
+    assert_eq!(ingest(newcomer_client.clone()).await.0, 200);
+
+    pass(json!([{ "name": "remove_app" }])).await;
+    let (status, text) = ingest(newcomer_client).await;
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("no app is installed"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
     let s = TestService::start_with(1, 0, RECONCILE, |c| c.wasm.wall_time_ms = 1_000).await;

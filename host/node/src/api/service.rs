@@ -83,7 +83,13 @@ pub struct Service {
     joins: Arc<attest::Joins>,
     gov_checks: GovChecks,
     metrics: Arc<Metrics>,
-    peer_standings: Mutex<PeerStandings>,
+    peer_standings: Mutex<GovMemo<Vec<u8>, attest::Standing>>,
+    /// The member or user behind each client certificate (`None`: neither).
+    callers: Mutex<GovMemo<Vec<u8>, Option<Caller>>>,
+    /// The installed app, as loaded.
+    installed_app: Mutex<GovMemo<(), Option<Arc<LoadedModule>>>>,
+    /// Whether the service is Open.
+    open: Mutex<GovMemo<(), bool>>,
 }
 
 /// The most peer certificates whose standing is remembered at once. Every certificate of the
@@ -91,31 +97,48 @@ pub struct Service {
 /// the remembered standings are dropped and worked out again.
 const PEER_STANDINGS_MAX: usize = 64;
 
-/// Peer standings as of one `gov.` version, by certificate. Every Raft message and forwarded
-/// call is authorized by its sender's standing, which only a `gov.` write can change: reading it
-/// from `gov.nodes` for each one (a transaction, a digest of the certificate, a JSON record) was
-/// 3% of a follower's CPU at one client.
-#[derive(Default)]
-struct PeerStandings {
+/// The most client certificates whose caller (member, user or neither) is remembered at once.
+/// Anyone may present a certificate of their own making, so the memory is bounded: past this it
+/// starts over, and a caller is read from `gov.` again, as every call did before it was kept.
+const CALLERS_REMEMBERED_MAX: usize = 1024;
+
+/// Values read from `gov.` maps, remembered for the `gov.` version they were read at. Only a
+/// `gov.` write can change them, and every applied batch (or installed snapshot) that writes one
+/// bumps the version after the state database holds it, so a value read at the current version
+/// is current. Every Raft message and forwarded call is authorized by its sender's standing, and
+/// every app call reads the app, its caller and (on the leader) whether the service is open:
+/// each a read transaction and a JSON record, which together were about 4% of the leader's CPU.
+struct GovMemo<K, V> {
     gov_version: u64,
-    by_cert: HashMap<Vec<u8>, attest::Standing>,
+    entries: HashMap<K, V>,
 }
 
-impl PeerStandings {
-    /// The standing remembered for `cert`, if it was read at `gov_version`.
-    fn get(&self, gov_version: u64, cert: &[u8]) -> Option<attest::Standing> {
-        (self.gov_version == gov_version).then(|| self.by_cert.get(cert).copied()).flatten()
+impl<K, V> Default for GovMemo<K, V> {
+    fn default() -> Self {
+        GovMemo { gov_version: 0, entries: HashMap::new() }
+    }
+}
+
+impl<K: Eq + std::hash::Hash, V: Clone> GovMemo<K, V> {
+    /// The value remembered for `key`, if it was read at `gov_version`.
+    fn get<Q>(&self, gov_version: u64, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        (self.gov_version == gov_version).then(|| self.entries.get(key).cloned()).flatten()
     }
 
-    /// Remembers a standing read at `gov_version`, dropping every one read at another version
-    /// (a reader that raced a `gov.` change may bring an older one: the next read at the newer
-    /// version misses and reads again).
-    fn remember(&mut self, gov_version: u64, cert: &[u8], standing: attest::Standing) {
-        if self.gov_version != gov_version || self.by_cert.len() >= PEER_STANDINGS_MAX {
-            self.by_cert.clear();
+    /// Remembers a value read at `gov_version` (taken before the read began), dropping every one
+    /// read at another version, or all of them when `max` are held. A reader that raced a
+    /// `gov.` change may bring an older one: the next read at the newer version misses and
+    /// reads again.
+    fn remember(&mut self, gov_version: u64, key: K, value: V, max: usize) {
+        if self.gov_version != gov_version || self.entries.len() >= max {
+            self.entries.clear();
             self.gov_version = gov_version;
         }
-        self.by_cert.insert(cert.to_vec(), standing);
+        self.entries.insert(key, value);
     }
 }
 
@@ -224,6 +247,9 @@ impl Service {
             reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
             gov_checks: GovChecks::new(&limits),
             peer_standings: Mutex::default(),
+            callers: Mutex::default(),
+            installed_app: Mutex::default(),
+            open: Mutex::default(),
             runtime,
             store,
             consensus,
@@ -306,9 +332,21 @@ impl Service {
         Ok(())
     }
 
-    /// The app installed in the applied state, loaded (compiles are cached by code hash, so
-    /// this costs one small read unless the app changed).
+    /// The app installed in the applied state, loaded: remembered until a `gov.` map next
+    /// changes, and then read again (compiles are cached by code hash, so that costs one small
+    /// read unless the app changed).
     pub async fn app(self: &Arc<Self>) -> Result<Option<Arc<LoadedModule>>, ApiError> {
+        let gov_version = self.consensus.gov_version();
+        if let Some(app) = self.installed_app.lock().expect("installed app lock").get(gov_version, &()) {
+            return Ok(app);
+        }
+        let app = self.load_app().await?;
+        self.installed_app.lock().expect("installed app lock").remember(gov_version, (), app.clone(), 1);
+        Ok(app)
+    }
+
+    /// The app the applied state installs, loaded unless this node has it loaded already.
+    async fn load_app(self: &Arc<Self>) -> Result<Option<Arc<LoadedModule>>, ApiError> {
         let tx = self.store.begin()?;
         let Some(record) = gov::app(&tx)? else {
             return Ok(None);
@@ -349,8 +387,7 @@ impl Service {
 
     /// The member or user behind a client certificate; anyone else is refused (401).
     pub(crate) fn identify_known(&self, cert: Option<&[u8]>) -> Result<Caller, ApiError> {
-        let tx = self.store.begin()?;
-        let caller = self.identify(&tx, cert, Auth::Authenticated)?;
+        let caller = self.identify(cert, Auth::Authenticated)?;
         if caller.kind == CallerKind::Anonymous {
             return Err(ApiError::unauthorized("this endpoint needs a member's or user's client certificate"));
         }
@@ -602,23 +639,43 @@ impl Service {
     }
 
     /// The caller behind a client certificate, for an endpoint with the given audience.
-    fn identify(&self, tx: &Tx, cert: Option<&[u8]>, auth: Auth) -> Result<Caller, ApiError> {
+    fn identify(&self, cert: Option<&[u8]>, auth: Auth) -> Result<Caller, ApiError> {
         let Some(der) = cert else {
             return Ok(Caller::anonymous());
         };
+        match self.known_caller(der)? {
+            Some(caller) => Ok(caller),
+            None if auth == Auth::Public => Ok(Caller::anonymous()),
+            None => Err(ApiError::unauthorized(format!(
+                "client certificate {} belongs to no active member or user of this service",
+                identity::id_of_der(der)
+            ))),
+        }
+    }
+
+    /// The active member or the user whose client certificate is `der`, if any, remembered
+    /// until a `gov.` map next changes.
+    fn known_caller(&self, der: &[u8]) -> Result<Option<Caller>, ApiError> {
+        let gov_version = self.consensus.gov_version();
+        if let Some(known) = self.callers.lock().expect("callers lock").get(gov_version, der) {
+            return Ok(known);
+        }
+        let tx = self.store.begin()?;
         let id = identity::id_of_der(der);
-        if gov::member_status(tx, &id)? == Some(gov::MemberStatus::Active) {
-            return Ok(Caller::member(id));
-        }
-        if gov::is_user(tx, &id)? {
-            return Ok(Caller::user(id));
-        }
-        if auth == Auth::Public {
-            return Ok(Caller::anonymous());
-        }
-        Err(ApiError::unauthorized(format!(
-            "client certificate {id} belongs to no active member or user of this service"
-        )))
+        let known = if gov::member_status(&tx, &id)? == Some(gov::MemberStatus::Active) {
+            Some(Caller::member(id))
+        } else if gov::is_user(&tx, &id)? {
+            Some(Caller::user(id))
+        } else {
+            None
+        };
+        self.callers.lock().expect("callers lock").remember(
+            gov_version,
+            der.to_vec(),
+            known.clone(),
+            CALLERS_REMEMBERED_MAX,
+        );
+        Ok(known)
     }
 
     /// Claims an in-flight slot for the caller, or refuses with 429.
@@ -698,7 +755,7 @@ impl Service {
             });
         };
         let endpoint = endpoint.clone();
-        let caller = self.identify(&self.store.begin()?, call.client_cert.as_deref(), endpoint.auth)?;
+        let caller = self.identify(call.client_cert.as_deref(), endpoint.auth)?;
         Ok((module, endpoint, params, caller))
     }
 
@@ -750,7 +807,17 @@ impl Service {
 
     /// Refuses app calls until members have opened the service.
     fn ensure_open(&self) -> Result<(), ApiError> {
-        if gov::service_state(&self.store.begin()?)? != Some(gov::ServiceState::Open) {
+        let gov_version = self.consensus.gov_version();
+        let remembered = self.open.lock().expect("open lock").get(gov_version, &());
+        let open = match remembered {
+            Some(open) => open,
+            None => {
+                let open = gov::service_state(&self.store.begin()?)? == Some(gov::ServiceState::Open);
+                self.open.lock().expect("open lock").remember(gov_version, (), open, 1);
+                open
+            }
+        };
+        if !open {
             return Err(ApiError::new(
                 503,
                 "ServiceNotOpen",
@@ -1006,7 +1073,12 @@ impl Service {
             return Ok(standing);
         }
         let standing = attest::standing(&self.store.begin()?, cert)?;
-        self.peer_standings.lock().expect("peer standings lock").remember(gov_version, cert, standing);
+        self.peer_standings.lock().expect("peer standings lock").remember(
+            gov_version,
+            cert.to_vec(),
+            standing,
+            PEER_STANDINGS_MAX,
+        );
         Ok(standing)
     }
 
@@ -1202,37 +1274,40 @@ mod tests {
     use super::*;
     use attest::Standing;
 
-    /// A standing is used only at the `gov.` version it was read at: a retirement (any `gov.`
+    /// A value is used only at the `gov.` version it was read at: a retirement (any `gov.`
     /// change) is seen at the next message, and one read before a change never answers after it.
     #[test]
-    fn a_remembered_standing_answers_only_at_its_gov_version() {
-        let mut standings = PeerStandings::default();
-        standings.remember(3, b"node-a", Standing::Trusted);
-        assert_eq!(standings.get(3, b"node-a"), Some(Standing::Trusted));
-        assert_eq!(standings.get(3, b"node-b"), None, "another certificate");
-        assert_eq!(standings.get(4, b"node-a"), None, "a gov change since");
+    fn a_remembered_value_answers_only_at_its_gov_version() {
+        let mut standings = GovMemo::<Vec<u8>, Standing>::default();
+        standings.remember(3, b"node-a".to_vec(), Standing::Trusted, PEER_STANDINGS_MAX);
+        assert_eq!(standings.get(3, b"node-a".as_slice()), Some(Standing::Trusted));
+        assert_eq!(standings.get(3, b"node-b".as_slice()), None, "another certificate");
+        assert_eq!(standings.get(4, b"node-a".as_slice()), None, "a gov change since");
 
-        standings.remember(4, b"node-a", Standing::Retired);
-        assert_eq!(standings.get(4, b"node-a"), Some(Standing::Retired));
+        standings.remember(4, b"node-a".to_vec(), Standing::Retired, PEER_STANDINGS_MAX);
+        assert_eq!(standings.get(4, b"node-a".as_slice()), Some(Standing::Retired));
         // A reader that took version 3 before the change finishes after it: what it brings
         // replaces the newer standings, and answers nobody at version 4.
-        standings.remember(3, b"node-b", Standing::Trusted);
-        assert_eq!(standings.get(4, b"node-a"), None);
-        assert_eq!(standings.get(4, b"node-b"), None);
+        standings.remember(3, b"node-b".to_vec(), Standing::Trusted, PEER_STANDINGS_MAX);
+        assert_eq!(standings.get(4, b"node-a".as_slice()), None);
+        assert_eq!(standings.get(4, b"node-b".as_slice()), None);
     }
 
-    /// Certificates past PEER_STANDINGS_MAX start the memory over instead of growing it.
+    /// Keys past the bound (PEER_STANDINGS_MAX, CALLERS_REMEMBERED_MAX) start the memory over
+    /// instead of growing it.
     #[test]
-    fn remembered_standings_are_bounded() {
-        let mut standings = PeerStandings::default();
-        for n in 0..PEER_STANDINGS_MAX {
-            standings.remember(1, &n.to_le_bytes(), Standing::Pending);
+    fn remembered_values_are_bounded() {
+        for max in [PEER_STANDINGS_MAX, CALLERS_REMEMBERED_MAX] {
+            let mut memo = GovMemo::<Vec<u8>, Standing>::default();
+            for n in 0..max {
+                memo.remember(1, n.to_le_bytes().to_vec(), Standing::Pending, max);
+            }
+            assert_eq!(memo.entries.len(), max);
+            assert_eq!(memo.get(1, 0usize.to_le_bytes().as_slice()), Some(Standing::Pending));
+            memo.remember(1, b"one more".to_vec(), Standing::Trusted, max);
+            assert_eq!(memo.entries.len(), 1);
+            assert_eq!(memo.get(1, b"one more".as_slice()), Some(Standing::Trusted));
+            assert_eq!(memo.get(1, 0usize.to_le_bytes().as_slice()), None);
         }
-        assert_eq!(standings.by_cert.len(), PEER_STANDINGS_MAX);
-        assert_eq!(standings.get(1, &0usize.to_le_bytes()), Some(Standing::Pending));
-        standings.remember(1, b"one more", Standing::Trusted);
-        assert_eq!(standings.by_cert.len(), 1);
-        assert_eq!(standings.get(1, b"one more"), Some(Standing::Trusted));
-        assert_eq!(standings.get(1, &0usize.to_le_bytes()), None);
     }
 }
