@@ -84,8 +84,8 @@ pub struct Service {
     gov_checks: GovChecks,
     metrics: Arc<Metrics>,
     peer_standings: Mutex<GovMemo<Vec<u8>, attest::Standing>>,
-    /// The member or user behind each client certificate (`None`: neither).
-    callers: Mutex<GovMemo<Vec<u8>, Option<Caller>>>,
+    /// The member or user behind each client certificate, by its id (`None`: neither).
+    callers: Mutex<GovMemo<String, Option<Caller>>>,
     /// The installed app, as loaded.
     installed_app: Mutex<GovMemo<(), Option<Arc<LoadedModule>>>>,
     /// Whether the service is Open.
@@ -97,9 +97,10 @@ pub struct Service {
 /// the remembered standings are dropped and worked out again.
 const PEER_STANDINGS_MAX: usize = 64;
 
-/// The most client certificates whose caller (member, user or neither) is remembered at once.
-/// Anyone may present a certificate of their own making, so the memory is bounded: past this it
-/// starts over, and a caller is read from `gov.` again, as every call did before it was kept.
+/// The most client certificates whose caller (member, user or neither) is remembered at once,
+/// each by its id (a digest), so an entry's size does not depend on the certificate's. Anyone
+/// may present a certificate of their own making, so the memory is bounded: past this it starts
+/// over, and a caller is read from `gov.` again, as every call did before it was kept.
 const CALLERS_REMEMBERED_MAX: usize = 1024;
 
 /// Values read from `gov.` maps, remembered for the `gov.` version they were read at. Only a
@@ -657,24 +658,19 @@ impl Service {
     /// until a `gov.` map next changes.
     fn known_caller(&self, der: &[u8]) -> Result<Option<Caller>, ApiError> {
         let gov_version = self.consensus.gov_version();
-        if let Some(known) = self.callers.lock().expect("callers lock").get(gov_version, der) {
+        let id = identity::id_of_der(der);
+        if let Some(known) = self.callers.lock().expect("callers lock").get(gov_version, id.as_str()) {
             return Ok(known);
         }
         let tx = self.store.begin()?;
-        let id = identity::id_of_der(der);
         let known = if gov::member_status(&tx, &id)? == Some(gov::MemberStatus::Active) {
-            Some(Caller::member(id))
+            Some(Caller::member(id.clone()))
         } else if gov::is_user(&tx, &id)? {
-            Some(Caller::user(id))
+            Some(Caller::user(id.clone()))
         } else {
             None
         };
-        self.callers.lock().expect("callers lock").remember(
-            gov_version,
-            der.to_vec(),
-            known.clone(),
-            CALLERS_REMEMBERED_MAX,
-        );
+        self.callers.lock().expect("callers lock").remember(gov_version, id, known.clone(), CALLERS_REMEMBERED_MAX);
         Ok(known)
     }
 
