@@ -7,6 +7,9 @@
 //!   claims_digest): what a receipt proves;
 //! - `chain_i` = blake3(chain_{i-1} ‖ leaf_i), with `chain_0` all zeroes.
 
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex, PoisonError};
+
 use ring::signature::{ECDSA_P384_SHA384_FIXED, EcdsaKeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
@@ -241,12 +244,7 @@ impl SignaturePayload {
     /// Checks the signature, that the certificate is the node's, and that the service CA
     /// issued it. Each failure says which.
     pub fn verify(&self, service_ca_der: &[u8]) -> Result<(), String> {
-        let (_, cert) = x509_parser::parse_x509_certificate(&self.node_cert)
-            .map_err(|e| format!("the signing node's certificate does not parse: {e}"))?;
-        let (_, ca) = x509_parser::parse_x509_certificate(service_ca_der)
-            .map_err(|e| format!("the service certificate does not parse: {e}"))?;
-        cert.verify_signature(Some(ca.public_key()))
-            .map_err(|_| "the signing node's certificate was not issued by the service certificate".to_owned())?;
+        issued_by(&self.node_cert, service_ca_der)?;
         self.verify_by_node()
     }
 
@@ -262,6 +260,61 @@ impl SignaturePayload {
         key.verify(&Self::signed_bytes(self.tree_size, &self.root, &self.chain, self.node_id), &self.signature)
             .map_err(|_| "the signature does not verify under the signing node's key".to_owned())
     }
+}
+
+/// Most pairs of certificates whose issuance check [`SignaturePayload::verify`] remembers; past
+/// it the memory starts over. A ledger's signature entries carry the certificates of its few
+/// nodes, all issued by one service certificate (one more per recovery).
+pub const ISSUANCE_CHECKS_REMEMBERED_MAX: usize = 256;
+
+/// Issuance checks that passed, by the SHA-256 of the node's certificate and then the service
+/// certificate's. Every signature entry carries its node's certificate, and checking who issued
+/// it is an ECDSA P-384 verification, as costly as the entry's own signature's; every node checks
+/// every signature entry as it applies it, and the same node signs entry after entry. The check
+/// is a function of the two certificates' bytes, so a remembered pass is the check's answer.
+static ISSUED: LazyLock<Remembered> = LazyLock::new(|| Remembered::new(ISSUANCE_CHECKS_REMEMBERED_MAX));
+
+/// A bounded set of pairs of digests.
+struct Remembered {
+    pairs: Mutex<HashSet<[u8; 64]>>,
+    max: usize,
+}
+
+impl Remembered {
+    fn new(max: usize) -> Remembered {
+        Remembered { pairs: Mutex::default(), max }
+    }
+
+    fn knows(&self, pair: &[u8; 64]) -> bool {
+        // The set is whole whatever a thread holding the lock did; nothing to poison.
+        self.pairs.lock().unwrap_or_else(PoisonError::into_inner).contains(pair)
+    }
+
+    fn remember(&self, pair: [u8; 64]) {
+        let mut pairs = self.pairs.lock().unwrap_or_else(PoisonError::into_inner);
+        if pairs.len() >= self.max {
+            pairs.clear();
+        }
+        pairs.insert(pair);
+    }
+}
+
+/// Whether the certificate `service_ca_der` issued `node_cert` (both DER).
+fn issued_by(node_cert: &[u8], service_ca_der: &[u8]) -> Result<(), String> {
+    let mut pair = [0u8; 64];
+    pair[..32].copy_from_slice(ring::digest::digest(&ring::digest::SHA256, node_cert).as_ref());
+    pair[32..].copy_from_slice(ring::digest::digest(&ring::digest::SHA256, service_ca_der).as_ref());
+    if ISSUED.knows(&pair) {
+        return Ok(());
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(node_cert)
+        .map_err(|e| format!("the signing node's certificate does not parse: {e}"))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(service_ca_der)
+        .map_err(|e| format!("the service certificate does not parse: {e}"))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| "the signing node's certificate was not issued by the service certificate".to_owned())?;
+    ISSUED.remember(pair);
+    Ok(())
 }
 
 /// The service identity's statement, made when a receipt is issued, that a node's ledger
@@ -487,5 +540,53 @@ mod encoding {
             prop_assert_eq!(&postcard::to_stdvec(&before).unwrap(), &encoded);
             prop_assert_eq!(postcard::from_bytes::<TxEntry>(&encoded).unwrap(), now);
         }
+    }
+}
+
+#[cfg(test)]
+mod issuance {
+    use cloister_crypto::identity::ServiceCa;
+
+    use super::*;
+
+    fn signed_by(ca: &ServiceCa, name: &str) -> SignaturePayload {
+        let node = ca.issue_node_cert(name, &["localhost".into()]).unwrap();
+        let signer = NodeSigner::new(&node.cert_pem, &node.key_pem).unwrap();
+        SignaturePayload::sign(3, [1; 32], [2; 32], &signer)
+    }
+
+    fn der(ca: &ServiceCa) -> Vec<u8> {
+        cloister_crypto::identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec()
+    }
+
+    /// A pass is remembered for its pair of certificates only: the same node certificate under
+    /// another service certificate, and another service's node under the first, are checked
+    /// and refused however often the first pair passed.
+    #[test]
+    fn a_remembered_issuance_answers_for_its_own_pair_only() {
+        let (ours, theirs) = (ServiceCa::generate("ours").unwrap(), ServiceCa::generate("theirs").unwrap());
+        let (mine, foreign) = (signed_by(&ours, "mine"), signed_by(&theirs, "foreign"));
+        for _ in 0..2 {
+            mine.verify(&der(&ours)).unwrap();
+            foreign.verify(&der(&theirs)).unwrap();
+        }
+        let refused = "the signing node's certificate was not issued by the service certificate";
+        assert_eq!(mine.verify(&der(&theirs)).unwrap_err(), refused);
+        assert_eq!(foreign.verify(&der(&ours)).unwrap_err(), refused);
+        // The node's own signature is still checked on a remembered pair.
+        let mut forged = mine.clone();
+        forged.tree_size += 1;
+        assert!(forged.verify(&der(&ours)).unwrap_err().contains("does not verify"));
+    }
+
+    #[test]
+    fn remembered_issuances_are_bounded() {
+        let remembered = Remembered::new(4);
+        for i in 0..=4u8 {
+            remembered.remember([i; 64]);
+        }
+        assert!(remembered.knows(&[4; 64]));
+        assert!(!remembered.knows(&[0; 64]), "the memory started over at its bound");
+        assert!(remembered.pairs.lock().unwrap().len() <= 4);
     }
 }
