@@ -7,14 +7,15 @@
 //!   claims_digest): what a receipt proves;
 //! - `chain_i` = blake3(chain_{i-1} ‖ leaf_i), with `chain_0` all zeroes.
 
-use std::collections::HashSet;
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::sync::LazyLock;
 
 use ring::signature::{ECDSA_P384_SHA384_FIXED, EcdsaKeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
 use cloister_crypto::seal::{Purpose, SealError, Sealer, Unseal};
 use cloister_store::{self as kv, WriteSet};
+
+use super::remembered::Remembered;
 
 /// Why a transaction was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,32 +273,7 @@ pub const ISSUANCE_CHECKS_REMEMBERED_MAX: usize = 256;
 /// it is an ECDSA P-384 verification, as costly as the entry's own signature's; every node checks
 /// every signature entry as it applies it, and the same node signs entry after entry. The check
 /// is a function of the two certificates' bytes, so a remembered pass is the check's answer.
-static ISSUED: LazyLock<Remembered> = LazyLock::new(|| Remembered::new(ISSUANCE_CHECKS_REMEMBERED_MAX));
-
-/// A bounded set of pairs of digests.
-struct Remembered {
-    pairs: Mutex<HashSet<[u8; 64]>>,
-    max: usize,
-}
-
-impl Remembered {
-    fn new(max: usize) -> Remembered {
-        Remembered { pairs: Mutex::default(), max }
-    }
-
-    fn knows(&self, pair: &[u8; 64]) -> bool {
-        // The set is whole whatever a thread holding the lock did; nothing to poison.
-        self.pairs.lock().unwrap_or_else(PoisonError::into_inner).contains(pair)
-    }
-
-    fn remember(&self, pair: [u8; 64]) {
-        let mut pairs = self.pairs.lock().unwrap_or_else(PoisonError::into_inner);
-        if pairs.len() >= self.max {
-            pairs.clear();
-        }
-        pairs.insert(pair);
-    }
-}
+static ISSUED: LazyLock<Remembered<[u8; 64]>> = LazyLock::new(|| Remembered::new(ISSUANCE_CHECKS_REMEMBERED_MAX));
 
 /// Whether the certificate `service_ca_der` issued `node_cert` (both DER).
 fn issued_by(node_cert: &[u8], service_ca_der: &[u8]) -> Result<(), String> {
@@ -577,16 +553,5 @@ mod issuance {
         let mut forged = mine.clone();
         forged.tree_size += 1;
         assert!(forged.verify(&der(&ours)).unwrap_err().contains("does not verify"));
-    }
-
-    #[test]
-    fn remembered_issuances_are_bounded() {
-        let remembered = Remembered::new(4);
-        for i in 0..=4u8 {
-            remembered.remember([i; 64]);
-        }
-        assert!(remembered.knows(&[4; 64]));
-        assert!(!remembered.knows(&[0; 64]), "the memory started over at its bound");
-        assert!(remembered.pairs.lock().unwrap().len() <= 4);
     }
 }

@@ -21,6 +21,7 @@ pub mod entry;
 pub mod files;
 pub mod index;
 pub mod merkle;
+mod remembered;
 pub mod settings;
 pub mod txid;
 pub mod verify;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::entry::{Endorsement, LeafComponents, LedgerEntry, Payload, SignaturePayload, TxKind, chain};
 use super::files::{self, Record, Tail};
 use super::merkle::{self, Hash, MemoryNodes, NodesMut};
+use super::remembered::Remembered;
 
 /// What a successful walk found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -570,12 +571,15 @@ pub const RECEIPT_SIGNATURES_CACHED_MAX: usize = 4096;
 /// signature entry cost only their leaf and Merkle path after the first.
 pub struct ReceiptVerifier {
     service_identity: Vec<u8>,
-    checked: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    checked: Remembered<[u8; 32]>,
 }
 
 impl ReceiptVerifier {
     pub fn new(service_identity: &[u8]) -> ReceiptVerifier {
-        ReceiptVerifier { service_identity: service_identity.to_vec(), checked: Default::default() }
+        ReceiptVerifier {
+            service_identity: service_identity.to_vec(),
+            checked: Remembered::new(RECEIPT_SIGNATURES_CACHED_MAX),
+        }
     }
 
     pub fn verify(&self, receipt: &Receipt) -> Result<VerifiedReceipt, String> {
@@ -591,14 +595,9 @@ impl ReceiptVerifier {
             h.update(receipt.node_cert.as_bytes());
             *h.finalize().as_bytes()
         };
-        let known = self.checked.lock().unwrap_or_else(|p| p.into_inner()).contains(&digest);
-        if !known {
+        if !self.checked.knows(&digest) {
             self.check_signature(receipt)?;
-            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-            if checked.len() >= RECEIPT_SIGNATURES_CACHED_MAX {
-                checked.clear();
-            }
-            checked.insert(digest);
+            self.checked.remember(digest);
         }
         if leaf.seqno >= sig.tree_size {
             return Err(format!("the signature covers entries 0..{}, not entry {}", sig.tree_size, leaf.seqno));
