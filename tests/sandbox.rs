@@ -8,23 +8,12 @@ use std::time::Duration;
 
 use cloister_client::Client;
 use cloister_crypto::identity;
+use cloister_tests::ports::free_ports;
 use serde_json::Value;
 
 /// Three consecutive free ports on 127.0.0.1 (HTTPS, gRPC and peers of node 0).
 fn free_port_triple() -> u16 {
     free_ports(3)
-}
-
-/// `n` consecutive free ports on 127.0.0.1; the first of them.
-fn free_ports(n: u16) -> u16 {
-    loop {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if port < u16::MAX - n && (1..n).all(|i| free(port + i)) {
-            return port;
-        }
-    }
 }
 
 /// The sandbox process; a failing test still stops it (and, through it, its nodes).
@@ -429,7 +418,7 @@ async fn the_console_in_a_browser_shows_the_service_and_acts_for_its_member() {
     let base0 = login0.split("/login").next().unwrap().to_owned();
     let base1 = login1.split("/login").next().unwrap().to_owned();
 
-    let driver_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let driver_port = free_ports(1);
     let _driver = BrowserGroup(
         Command::new(driver_path)
             .arg(format!("--port={driver_port}"))

@@ -68,12 +68,6 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
 }
 
-/// Free ports on 127.0.0.1, reserved only while choosing them.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
 impl Cluster {
     /// Writes identities and configurations for `nodes` nodes and starts them as processes;
     /// node 0 runs genesis, the others join it. `configure` adjusts every node's configuration.
@@ -100,11 +94,12 @@ impl Cluster {
         let network =
             LocalNetwork::create(dir.path(), "cluster test service", members, 0, Some(("app.wasm", app)), false)
                 .expect("the network's files are written");
-        let ports = free_ports(3 * nodes);
+        let first = crate::ports::free_ports(u16::try_from(3 * nodes).expect("a few nodes"));
+        let port = |i: usize, k: usize| first + u16::try_from(3 * i + k).expect("a few nodes");
         let addrs = |i: usize| NodeAddrs {
-            rest: format!("127.0.0.1:{}", ports[3 * i]),
-            grpc: format!("127.0.0.1:{}", ports[3 * i + 1]),
-            peer: format!("127.0.0.1:{}", ports[3 * i + 2]),
+            rest: format!("127.0.0.1:{}", port(i, 0)),
+            grpc: format!("127.0.0.1:{}", port(i, 1)),
+            peer: format!("127.0.0.1:{}", port(i, 2)),
         };
         let first_peer = format!("https://{}", addrs(0).peer);
         let mut node_procs = Vec::new();

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod conformance;
 pub mod grpc;
 pub mod metrics;
+pub mod ports;
 
 use std::path::PathBuf;
 
