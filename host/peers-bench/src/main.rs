@@ -67,6 +67,12 @@ struct Args {
     /// mode (or round) runs on the state (and the heap) the earlier points left.
     #[arg(long)]
     fresh_networks: bool,
+    /// Run the modes back to back at each client count (every system in turn in each mode), in
+    /// reverse order on even rounds, instead of every point of one mode before the next mode:
+    /// the points a mode's ratio to the leader compares are then measured seconds apart, not
+    /// minutes. With `--fresh-networks` the networks start again for each round.
+    #[arg(long)]
+    interleave_modes: bool,
     /// Seconds each point's clients run first, uncounted.
     #[arg(long, default_value_t = 1)]
     warmup_seconds: u64,
@@ -175,23 +181,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if args.rounds > 1 {
                 eprintln!("round {round} of {}", args.rounds);
             }
-            for mode in modes(nodes, &args.modes) {
-                if up.is_empty() || args.fresh_networks {
+            let modes = modes(nodes, &args.modes);
+            for step in schedule(&modes, &args.clients, round, args.interleave_modes, args.fresh_networks) {
+                let Step { mode, clients, fresh } = step;
+                if up.is_empty() || fresh {
                     // The networks already up stop (and free their ports) before the next start.
                     up.clear();
                     up = start(&args, &cloister, nodes).await?;
                 }
-                for &clients in &args.clients {
-                    for under in &up {
-                        // Asked each time: a leader may change between points.
-                        let urls = under.network.urls(mode).await?;
-                        let target = under.network.target();
-                        let pids = under.network.pids();
-                        let measured =
-                            load::drive(points.len() as u32, target, &pids, &urls, clients, timing, &under.workload)
-                                .await?;
-                        points.push(report(under.system, nodes, mode, clients, round, measured));
-                    }
+                for under in &up {
+                    // Asked each time: a leader may change between points.
+                    let urls = under.network.urls(mode).await?;
+                    let target = under.network.target();
+                    let pids = under.network.pids();
+                    let measured =
+                        load::drive(points.len() as u32, target, &pids, &urls, clients, timing, &under.workload)
+                            .await?;
+                    points.push(report(under.system, nodes, mode, clients, round, measured));
                 }
             }
         }
@@ -280,6 +286,41 @@ fn modes(nodes: usize, asked: &[Mode]) -> Vec<Mode> {
     if nodes == 1 { vec![Mode::Leader] } else { asked.to_vec() }
 }
 
+/// One step of a round: every system at one mode and client count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Step {
+    mode: Mode,
+    clients: usize,
+    /// The networks start again before it.
+    fresh: bool,
+}
+
+/// The steps of one round, in order: every client count of one mode before the next mode, or
+/// with `interleave` every mode at one client count before the next count, the modes in reverse
+/// order on even rounds (so that neither mode always runs first, on the smaller state). `fresh`
+/// starts the networks again for each mode, or with `interleave` for each round.
+fn schedule(modes: &[Mode], clients: &[usize], round: u32, interleave: bool, fresh: bool) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if interleave {
+        let mut order = modes.to_vec();
+        if round.is_multiple_of(2) {
+            order.reverse();
+        }
+        for &clients in clients {
+            for &mode in &order {
+                steps.push(Step { mode, clients, fresh: fresh && steps.is_empty() });
+            }
+        }
+    } else {
+        for &mode in modes {
+            for (i, &clients) in clients.iter().enumerate() {
+                steps.push(Step { mode, clients, fresh: fresh && i == 0 });
+            }
+        }
+    }
+    steps
+}
+
 fn report(system: &'static str, nodes: usize, mode: Mode, clients: usize, round: u32, r: load::Measured) -> Point {
     let point = Point {
         system,
@@ -322,4 +363,39 @@ fn cpu_line(u: &cpu::Usage) -> String {
         u.load_generator_us,
         u.machine_busy * 100.0
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(modes: &[Mode], round: u32, interleave: bool, fresh: bool) -> Vec<(&'static str, usize, bool)> {
+        schedule(modes, &[1, 16], round, interleave, fresh)
+            .iter()
+            .map(|s| (s.mode.name(), s.clients, s.fresh))
+            .collect()
+    }
+
+    #[test]
+    fn by_default_a_round_runs_every_point_of_one_mode_before_the_next() {
+        let modes = [Mode::Leader, Mode::Follower];
+        let expected = [("leader", 1, true), ("leader", 16, false), ("follower", 1, true), ("follower", 16, false)];
+        assert_eq!(steps(&modes, 1, false, true), expected);
+        assert_eq!(steps(&modes, 2, false, true), expected, "the same order every round");
+        assert!(steps(&modes, 1, false, false).iter().all(|s| !s.2), "networks kept up");
+    }
+
+    #[test]
+    fn interleaved_modes_run_back_to_back_and_swap_order_each_round() {
+        let modes = [Mode::Leader, Mode::Follower];
+        assert_eq!(
+            steps(&modes, 1, true, true),
+            [("leader", 1, true), ("follower", 1, false), ("leader", 16, false), ("follower", 16, false)]
+        );
+        assert_eq!(
+            steps(&modes, 2, true, true),
+            [("follower", 1, true), ("leader", 1, false), ("follower", 16, false), ("leader", 16, false)]
+        );
+        assert!(steps(&modes, 1, true, false).iter().all(|s| !s.2), "networks kept up");
+    }
 }

@@ -1,6 +1,7 @@
 //! From every round's points to the table: one row per system and point, with medians over the
 //! rounds, and each Cloister figure over etcd's as the median of the rounds' own ratios (each
-//! round's Cloister point against the etcd point measured just before it), with their range.
+//! round's Cloister point against the etcd point measured just before it), with their range;
+//! and each point of another mode over the same system's point through the leader, likewise.
 
 use serde::Serialize;
 
@@ -26,6 +27,9 @@ pub struct Row {
     pub rate_vs_etcd: Option<Spread>,
     /// p50 over etcd's (below 1 favours Cloister).
     pub p50_vs_etcd: Option<Spread>,
+    /// Throughput over the same system's through the leader at the same point, in each round
+    /// that measured both: the cost of the mode's hop. None for the leader mode itself.
+    pub rate_vs_leader: Option<Spread>,
     /// The server processes' CPU time per request, together, in microseconds (median over the
     /// rounds that have CPU figures).
     pub servers_cpu_us: Option<f64>,
@@ -103,6 +107,20 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
                 }
             }
         }
+        let vs_leader: Vec<f64> = own
+            .iter()
+            .filter(|p| p.mode != Mode::Leader)
+            .filter_map(|p| {
+                let leader = points.iter().find(|l| {
+                    l.system == p.system
+                        && l.round == p.round
+                        && l.nodes == p.nodes
+                        && l.clients == p.clients
+                        && l.mode == Mode::Leader
+                })?;
+                Some(p.per_second / leader.per_second.max(1e-9))
+            })
+            .collect();
         rows.push(Row {
             system: first.system,
             nodes: first.nodes,
@@ -117,6 +135,7 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
             errors: own.iter().map(|p| p.errors).sum(),
             rate_vs_etcd: Spread::of(&rates),
             p50_vs_etcd: Spread::of(&p50s),
+            rate_vs_leader: Spread::of(&vs_leader),
             servers_cpu_us: of_cpu(cpu::Usage::servers_us),
             machine_busy: of_cpu(|u| u.machine_busy),
         });
@@ -133,13 +152,13 @@ pub fn table(rows: &[Row], rounds: u32) -> String {
     };
     out.push_str(
         "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | ops/s ÷ etcd | p50 ÷ etcd | \
-         server CPU µs/op | machine busy | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         ops/s ÷ leader | server CPU µs/op | machine busy | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             r.system,
             r.nodes,
             r.mode.name(),
@@ -151,6 +170,7 @@ pub fn table(rows: &[Row], rounds: u32) -> String {
             r.max_ms,
             cell(r.rate_vs_etcd),
             cell(r.p50_vs_etcd),
+            cell(r.rate_vs_leader),
             r.servers_cpu_us.map(|us| format!("{us:.0}")).unwrap_or_default(),
             r.machine_busy.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_default(),
             r.errors
@@ -229,6 +249,29 @@ mod tests {
     }
 
     #[test]
+    fn each_mode_is_paired_with_the_leader_point_of_its_own_round() {
+        let through =
+            |mode: Mode, round: u32, per_second: f64| Point { mode, ..point("kv", round, 16, per_second, 1.0) };
+        let points = vec![
+            through(Mode::Leader, 1, 4000.0),
+            through(Mode::Follower, 1, 3000.0),
+            // The machine slows down in round 2; the follower's ratio follows its own round.
+            through(Mode::Follower, 2, 1800.0),
+            through(Mode::Leader, 2, 2000.0),
+            // A round whose leader point is missing gives no ratio.
+            through(Mode::Follower, 3, 9000.0),
+        ];
+        let rows = rows(&points);
+        assert_eq!(rows[0].mode, Mode::Leader);
+        assert_eq!(rows[0].rate_vs_leader, None, "the leader against itself says nothing");
+        let follower = rows[1].rate_vs_leader.unwrap();
+        assert!((follower.median - 0.825).abs() < 1e-9, "{follower:?}");
+        assert_eq!((follower.min, follower.max), (0.75, 0.9));
+        let table = table(&rows, 3);
+        assert!(table.contains("| 0.82 (0.75–0.90) |"), "{table}");
+    }
+
+    #[test]
     fn the_table_shows_a_range_only_where_the_rounds_differ() {
         let points = vec![
             point("etcd", 1, 1, 1000.0, 1.0),
@@ -241,14 +284,14 @@ mod tests {
         assert!(table.starts_with("Medians of 2 rounds"), "{table}");
         assert!(
             table.contains(
-                "| kv | 3 | leader | 1 | 600 | 2.00 | 6.00 | 10.00 | 20.0 | 0.60 (0.50–0.70) | 2.00 | 150 | 65% | 1 |"
+                "| kv | 3 | leader | 1 | 600 | 2.00 | 6.00 | 10.00 | 20.0 | 0.60 (0.50–0.70) | 2.00 |  | 150 | 65% | 1 |"
             ),
             "{table}"
         );
         // A system whose etcd point is missing gets no ratio rather than a made-up one, and a
         // point without CPU figures gets none.
         assert!(
-            table.contains("| reconcile | 3 | leader | 1 | 100 | 1.00 | 3.00 | 5.00 | 10.0 |  |  |  |  | 0 |"),
+            table.contains("| reconcile | 3 | leader | 1 | 100 | 1.00 | 3.00 | 5.00 | 10.0 |  |  |  |  |  | 0 |"),
             "{table}"
         );
     }
