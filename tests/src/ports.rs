@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Where the tests' ports come from when the ephemeral range cannot be read.
-const TEST_PORTS_DEFAULT: Range<u16> = 10_000..32_000;
+const TEST_PORTS_DEFAULT: Range<u16> = TEST_PORTS_START..32_000;
 /// Fewest ports below the ephemeral range worth choosing from; with fewer, the choice falls back
 /// to [`TEST_PORTS_DEFAULT`].
 const TEST_PORTS_MIN: u16 = 2_000;

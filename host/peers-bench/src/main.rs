@@ -181,9 +181,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if args.rounds > 1 {
                 eprintln!("round {round} of {}", args.rounds);
             }
-            let modes = modes(nodes, &args.modes);
-            for step in schedule(&modes, &args.clients, round, args.interleave_modes, args.fresh_networks) {
-                let Step { mode, clients, fresh } = step;
+            let steps =
+                schedule(&modes(nodes, &args.modes), &args.clients, round, args.interleave_modes, args.fresh_networks);
+            for Step { mode, clients, fresh } in steps {
                 if up.is_empty() || fresh {
                     // The networks already up stop (and free their ports) before the next start.
                     up.clear();
