@@ -38,6 +38,22 @@ pub enum Record {
     Entry(LedgerEntry),
 }
 
+/// A [`Record`] to write, borrowed: the same variants in the same order, so the same bytes.
+#[derive(Serialize)]
+enum RecordRef<'r> {
+    Start(&'r StartState),
+    Entry(&'r LedgerEntry),
+}
+
+/// Appends `record` to `out` as the file holds it: its length, then its postcard encoding.
+fn frame(record: &RecordRef<'_>, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    *out = postcard::to_extend(record, std::mem::take(out)).expect("ledger records encode");
+    let len = u32::try_from(out.len() - at - 4).expect("a record is under 4 GiB");
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+}
+
 /// How a file's records end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tail {
@@ -224,31 +240,36 @@ impl LedgerFiles {
         Ok(())
     }
 
-    fn write(&mut self, record: &Record) -> std::io::Result<()> {
-        // The length, then the record, in one write: one system call per record.
-        let mut framed = postcard::to_extend(record, vec![0; 4]).expect("ledger records encode");
-        let len = u32::try_from(framed.len() - 4).expect("a record is under 4 GiB");
-        framed[..4].copy_from_slice(&len.to_le_bytes());
+    /// Writes framed records to the open file: one system call for however many records.
+    fn write(&mut self, framed: &[u8]) -> std::io::Result<()> {
         let current = self.current.as_mut().expect("a chunk is open");
-        current.file.write_all(&framed)?;
+        current.file.write_all(framed)?;
         current.bytes += framed.len() as u64;
         Ok(())
     }
 
-    /// Appends entries, without waiting for the disk ([`LedgerFiles::sync`] does). A signature
-    /// entry ends the file (durably) when it has reached the target size.
+    /// Appends entries, without waiting for the disk ([`LedgerFiles::sync`] does): the records
+    /// bound for one file go in one write, not one each (a batch of entries cost as many system
+    /// calls on every node). A signature entry ends the file (durably) when it has reached the
+    /// target size.
     pub fn append(&mut self, entries: &[LedgerEntry]) -> std::io::Result<()> {
+        let mut framed = Vec::new();
         for entry in entries {
             if self.current.is_none() {
                 self.create(entry.seqno)?;
             }
-            self.write(&Record::Entry(entry.clone()))?;
-            let full = self.current.as_ref().is_some_and(|c| c.bytes >= self.chunk_bytes_target);
-            if entry.payload.kind() == EntryKind::Signature && full {
+            frame(&RecordRef::Entry(entry), &mut framed);
+            let bytes = self.current.as_ref().map_or(0, |c| c.bytes) + framed.len() as u64;
+            if entry.payload.kind() == EntryKind::Signature && bytes >= self.chunk_bytes_target {
+                self.write(&framed)?;
+                framed.clear();
                 self.close()?;
             }
         }
-        Ok(())
+        if framed.is_empty() {
+            return Ok(());
+        }
+        self.write(&framed)
     }
 
     /// Makes everything appended so far durable (closed files were synced as they closed).
@@ -288,7 +309,9 @@ impl LedgerFiles {
         }
         cloister_crypto::identity::sync_dir(&self.dir)?;
         self.create(start.next)?;
-        self.write(&Record::Start(start))?;
+        let mut framed = Vec::new();
+        frame(&RecordRef::Start(&start), &mut framed);
+        self.write(&framed)?;
         self.current.as_ref().expect("just created").file.sync_all()
     }
 }
@@ -331,5 +354,77 @@ mod fuzz {
                 prop_assert!(!fault.to_string().is_empty());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::{Payload, TxEntry, TxKind};
+
+    /// Entry `seqno`: a signature (unsigned: the files do not check), or an app write of
+    /// `private_bytes` sealed-looking bytes.
+    fn entry(seqno: u64, signature: bool, private_bytes: usize) -> LedgerEntry {
+        let tx = TxEntry {
+            uid: [seqno as u8; 16],
+            kind: if signature { TxKind::Signature } else { TxKind::App },
+            public: Default::default(),
+            private: (!signature).then(|| vec![7; private_bytes]),
+            claims_digest: None,
+            signature: None,
+        };
+        LedgerEntry { seqno, term: 2, payload: Payload::Tx(tx), chain: [seqno as u8; 32] }
+    }
+
+    /// The records of every file in `dir`, file by file.
+    fn files_in(dir: &Path) -> Vec<Vec<Record>> {
+        chunk_paths(dir).unwrap().iter().map(|p| read_chunk(p).unwrap().records).collect()
+    }
+
+    #[test]
+    fn a_borrowed_record_is_framed_as_the_record_it_borrows() {
+        let start = StartState { next: 9, chain: [3; 32], frontier: vec![(0, 8, [4; 32])] };
+        let app = entry(9, false, 40);
+        for (borrowed, owned) in [
+            (RecordRef::Start(&start), Record::Start(start.clone())),
+            (RecordRef::Entry(&app), Record::Entry(app.clone())),
+        ] {
+            let body = postcard::to_allocvec(&owned).unwrap();
+            let mut expected = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+            expected.extend_from_slice(&body);
+            let mut framed = vec![1, 2];
+            frame(&borrowed, &mut framed);
+            assert_eq!(framed[2..], expected[..], "{owned:?}");
+        }
+    }
+
+    /// One append of many entries: each file still ends on the first signature entry past the
+    /// target size, every entry is in the files once and in order, and a signature before the
+    /// target ends nothing.
+    #[test]
+    fn one_append_across_full_files_ends_each_on_a_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each app record is a little over 100 bytes: a file is full after three of them.
+        let mut files = LedgerFiles::open(dir.path(), 300).unwrap();
+        let signatures = [1, 5, 6, 9];
+        let entries: Vec<LedgerEntry> = (0..12).map(|s| entry(s, signatures.contains(&s), 100)).collect();
+        files.append(&entries[..11]).unwrap();
+        files.append(&entries[11..]).unwrap();
+        files.sync().unwrap();
+        let seqnos: Vec<Vec<u64>> = files_in(dir.path())
+            .iter()
+            .map(|records| {
+                records
+                    .iter()
+                    .map(|r| match r {
+                        Record::Entry(e) => e.seqno,
+                        Record::Start(_) => panic!("no start record was written"),
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(seqnos, [vec![0, 1, 2, 3, 4, 5], vec![6, 7, 8, 9], vec![10, 11]]);
+        let read: Vec<Record> = files_in(dir.path()).into_iter().flatten().collect();
+        assert_eq!(read, entries.into_iter().map(Record::Entry).collect::<Vec<_>>());
     }
 }
