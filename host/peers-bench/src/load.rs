@@ -13,6 +13,7 @@ use crate::etcdserverpb::PutRequest;
 use crate::etcdserverpb::kv_client::KvClient;
 
 /// What each request does.
+#[derive(Clone)]
 pub enum Workload {
     /// etcd: `KV.Put` of a fresh key with a value of this many bytes.
     EtcdPut { value_bytes: usize },

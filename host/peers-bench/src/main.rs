@@ -95,6 +95,13 @@ struct Args {
     /// compares that configuration against etcd.
     #[arg(long = "node-setting", value_name = "NAME=VALUE")]
     node_settings: Vec<String>,
+    /// A second cloister binary to compare with `--cloister` (an A/B of two builds): every
+    /// Cloister system asked for also runs on it, named with "(compared)", each of its points
+    /// right after the same point on `--cloister`, or right before it on even rounds. A second
+    /// table gives its throughput, server CPU per request and p50 over the first binary's, as
+    /// the median and range of the rounds' own ratios.
+    #[arg(long, value_name = "CLOISTER")]
+    compare: Option<PathBuf>,
     /// Where the table and chart go.
     #[arg(long, default_value = "target/bench-peers")]
     out: PathBuf,
@@ -168,10 +175,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(s) = args.systems.iter().find(|s| !["etcd", "kv", "reconcile"].contains(&s.as_str())) {
         anyhow::bail!("--systems: {s:?} is not etcd, kv or reconcile");
     }
-    let cloister = args
-        .cloister
-        .canonicalize()
-        .with_context(|| format!("no cloister binary at {} (cargo build --release)", args.cloister.display()))?;
+    let binary = |path: &PathBuf| {
+        path.canonicalize().with_context(|| format!("no cloister binary at {} (cargo build --release)", path.display()))
+    };
+    let cloister = binary(&args.cloister)?;
+    let compared = args.compare.as_ref().map(binary).transpose()?;
     let timing =
         load::Timing { warmup: Duration::from_secs(args.warmup_seconds), measured: Duration::from_secs(args.seconds) };
     let mut points: Vec<Point> = Vec::new();
@@ -187,9 +195,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if up.is_empty() || fresh {
                     // The networks already up stop (and free their ports) before the next start.
                     up.clear();
-                    up = start(&args, &cloister, nodes).await?;
+                    up = start(&args, &cloister, compared.as_deref(), nodes).await?;
                 }
-                for under in &up {
+                let systems: Vec<&str> = up.iter().map(|u| u.system).collect();
+                for under in run_order(&systems, round).into_iter().map(|i| &up[i]) {
                     // Asked each time: a leader may change between points.
                     let urls = under.network.urls(mode).await?;
                     let target = under.network.target();
@@ -203,11 +212,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let rows = summary::rows(&points);
-    let table = summary::table(&rows, args.rounds);
+    let mut table = summary::table(&rows, args.rounds);
+    let comparisons = summary::comparisons(&points);
+    if !comparisons.is_empty() {
+        table.push('\n');
+        table.push_str(&summary::comparison_table(&comparisons));
+    }
     println!("\n{table}");
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     std::fs::write(args.out.join("peers.md"), &table)?;
-    let json = serde_json::json!({ "rounds": args.rounds, "rows": rows, "points": points });
+    let json = serde_json::json!({ "rounds": args.rounds, "rows": rows, "comparisons": comparisons, "points": points });
     std::fs::write(args.out.join("peers.json"), serde_json::to_vec_pretty(&json)?)?;
     let png = args.out.join("peers.png");
     match chart::draw(&rows, &png) {
@@ -217,8 +231,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts every system asked for, as networks of `nodes` members.
-async fn start(args: &Args, cloister: &std::path::Path, nodes: usize) -> anyhow::Result<Vec<Under>> {
+/// Starts every system asked for, as networks of `nodes` members; with `compared`, each Cloister
+/// system a second time on that binary, right after the first.
+async fn start(
+    args: &Args,
+    cloister: &std::path::Path,
+    compared: Option<&std::path::Path>,
+    nodes: usize,
+) -> anyhow::Result<Vec<Under>> {
     let mut up: Vec<Under> = Vec::new();
     if args.systems.iter().any(|s| s == "etcd") {
         let etcd = systems::Etcd::start(&args.etcd, nodes, args.port).await?;
@@ -226,23 +246,49 @@ async fn start(args: &Args, cloister: &std::path::Path, nodes: usize) -> anyhow:
         let workload = Workload::EtcdPut { value_bytes: args.value_bytes };
         up.push(Under { system: "etcd", workload, network: Network::Etcd(etcd) });
     }
-    for (system, app, workload, port) in [
-        ("cloister kv put", "kv", Workload::KvPut { value_bytes: args.value_bytes }, KV_PORT_OFFSET),
-        ("cloister reconcile ingest", "reconcile", Workload::ReconcileIngest, RECONCILE_PORT_OFFSET),
+    for (names, app, workload, port) in [
+        (KV, "kv", Workload::KvPut { value_bytes: args.value_bytes }, KV_PORT_OFFSET),
+        (RECONCILE, "reconcile", Workload::ReconcileIngest, RECONCILE_PORT_OFFSET),
     ] {
-        if args.systems.iter().any(|s| s == app) {
-            let sandbox = systems::Sandbox::start(cloister, nodes, args.port + port, app, &args.node_settings).await?;
+        if !args.systems.iter().any(|s| s == app) {
+            continue;
+        }
+        let binaries = [Some((names[0], cloister, 0)), compared.map(|c| (names[1], c, COMPARED_PORT_OFFSET))];
+        for (system, binary, offset) in binaries.into_iter().flatten() {
+            let first_port = args.port + port + offset;
+            let sandbox = systems::Sandbox::start(binary, nodes, first_port, app, &args.node_settings).await?;
             eprintln!("{system}: {nodes} node(s) up");
-            up.push(Under { system, workload, network: Network::Sandbox(sandbox) });
+            up.push(Under { system, workload: workload.clone(), network: Network::Sandbox(sandbox) });
         }
     }
     Ok(up)
 }
 
+/// The Cloister systems' names, on `--cloister` and on `--compare`'s binary.
+const KV: [&str; 2] = ["cloister kv put", "cloister kv put (compared)"];
+const RECONCILE: [&str; 2] = ["cloister reconcile ingest", "cloister reconcile ingest (compared)"];
+
 /// Ports past `--port` where each Cloister sandbox starts: etcd takes 2 per member and a sandbox 3
-/// per node, so up to 7 nodes of each fit side by side.
+/// per node, so up to 7 nodes of each fit side by side; a sandbox on `--compare`'s binary starts
+/// `COMPARED_PORT_OFFSET` past its twin.
 const KV_PORT_OFFSET: u16 = 20;
 const RECONCILE_PORT_OFFSET: u16 = 50;
+const COMPARED_PORT_OFFSET: u16 = 60;
+
+/// The order the systems run each point in: as they started, except that on even rounds a
+/// system on `--compare`'s binary runs just before its twin on `--cloister`, so that neither
+/// binary always runs second.
+fn run_order(systems: &[&str], round: u32) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..systems.len()).collect();
+    if round.is_multiple_of(2) {
+        for i in 1..systems.len() {
+            if summary::compared_base(systems[i]) == Some(systems[i - 1]) {
+                order.swap(i - 1, i);
+            }
+        }
+    }
+    order
+}
 
 /// A system under test: its network, and what its clients send.
 struct Under {
@@ -383,6 +429,19 @@ mod tests {
         assert_eq!(steps(&modes, 1, false, true), expected);
         assert_eq!(steps(&modes, 2, false, true), expected, "the same order every round");
         assert!(steps(&modes, 1, false, false).iter().all(|s| !s.2), "networks kept up");
+    }
+
+    #[test]
+    fn a_compared_system_and_its_twin_swap_places_on_even_rounds() {
+        let systems = ["etcd", KV[0], KV[1], RECONCILE[0], RECONCILE[1]];
+        assert_eq!(run_order(&systems, 1), [0, 1, 2, 3, 4]);
+        assert_eq!(run_order(&systems, 2), [0, 2, 1, 4, 3]);
+        assert_eq!(run_order(&systems, 3), [0, 1, 2, 3, 4]);
+        // Without `--compare` every round runs the systems in the order they started.
+        let alone = ["etcd", KV[0], RECONCILE[0]];
+        assert_eq!(run_order(&alone, 2), [0, 1, 2]);
+        // A compared system only swaps with its own twin.
+        assert_eq!(run_order(&[KV[0], RECONCILE[1]], 2), [0, 1]);
     }
 
     #[test]

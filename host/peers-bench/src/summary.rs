@@ -2,6 +2,8 @@
 //! rounds, and each Cloister figure over etcd's as the median of the rounds' own ratios (each
 //! round's Cloister point against the etcd point measured just before it), with their range;
 //! and each point of another mode over the same system's point through the leader, likewise.
+//! With `--compare`, a second table gives each point on the compared binary over the same point
+//! on the first one, likewise.
 
 use serde::Serialize;
 
@@ -143,6 +145,94 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
     rows
 }
 
+/// What a system run on `--compare`'s binary adds to its twin's name.
+const COMPARED: &str = " (compared)";
+
+/// The system on `--cloister` that `system`, run on `--compare`'s binary, is compared with.
+pub fn compared_base(system: &str) -> Option<&str> {
+    system.strip_suffix(COMPARED)
+}
+
+/// A point on `--compare`'s binary over the same point on `--cloister`'s, in each round that
+/// measured both (the two run back to back).
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// The system on `--cloister`.
+    pub system: String,
+    pub nodes: usize,
+    pub mode: Mode,
+    pub clients: usize,
+    /// Rounds that measured both.
+    pub rounds: usize,
+    /// Throughput over the first binary's (above 1 favours the compared one).
+    pub rate: Option<Spread>,
+    /// Server CPU time per request over the first binary's (below 1 favours the compared one).
+    pub cpu: Option<Spread>,
+    /// p50 over the first binary's (below 1 favours the compared one).
+    pub p50: Option<Spread>,
+}
+
+/// One comparison per compared system and point, in the order the points first ran.
+pub fn comparisons(points: &[Point]) -> Vec<Comparison> {
+    let mut out: Vec<Comparison> = Vec::new();
+    for first in points {
+        let Some(base) = compared_base(first.system) else { continue };
+        if out
+            .iter()
+            .any(|c| c.system == base && c.nodes == first.nodes && c.mode == first.mode && c.clients == first.clients)
+        {
+            continue;
+        }
+        let (mut rates, mut cpus, mut p50s) = (Vec::new(), Vec::new(), Vec::new());
+        for p in points.iter().filter(|p| p.system == first.system && same_point(p, first)) {
+            let Some(a) = points.iter().find(|a| a.system == base && a.round == p.round && same_point(a, p)) else {
+                continue;
+            };
+            rates.push(p.per_second / a.per_second.max(1e-9));
+            p50s.push(p.p50_ms / a.p50_ms.max(1e-9));
+            if let (Some(b_cpu), Some(a_cpu)) = (&p.cpu, &a.cpu) {
+                cpus.push(b_cpu.servers_us() / a_cpu.servers_us().max(1e-9));
+            }
+        }
+        out.push(Comparison {
+            system: base.to_owned(),
+            nodes: first.nodes,
+            mode: first.mode,
+            clients: first.clients,
+            rounds: rates.len(),
+            rate: Spread::of(&rates),
+            cpu: Spread::of(&cpus),
+            p50: Spread::of(&p50s),
+        });
+    }
+    out
+}
+
+/// The comparisons as a Markdown table, led by a line saying what its figures are.
+pub fn comparison_table(comparisons: &[Comparison]) -> String {
+    let mut out = String::from(
+        "`--compare`'s binary over `--cloister`'s, point by point: the median of the rounds' own ratios, with \
+         their range.\n\n\
+         | system | nodes | clients to | clients | rounds | ops/s ÷ first | server CPU µs/op ÷ first | p50 ÷ first |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
+    for c in comparisons {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            c.system,
+            c.nodes,
+            c.mode.name(),
+            c.clients,
+            c.rounds,
+            cell(c.rate),
+            cell(c.cpu),
+            cell(c.p50)
+        ));
+    }
+    out
+}
+
 /// The Markdown table, led by a line saying what its figures are.
 pub fn table(rows: &[Row], rounds: u32) -> String {
     let mut out = if rounds > 1 {
@@ -269,6 +359,33 @@ mod tests {
         assert_eq!((follower.min, follower.max), (0.75, 0.9));
         let table = table(&rows, 3);
         assert!(table.contains("| 0.82 (0.75–0.90) |"), "{table}");
+    }
+
+    #[test]
+    fn a_compared_point_is_paired_with_its_twin_of_the_same_round() {
+        let b = "kv (compared)";
+        let points = vec![
+            point("kv", 1, 16, 4000.0, 4.0),
+            point(b, 1, 16, 4400.0, 3.0),
+            // Round 2 runs the compared binary first; the machine is slower for both.
+            point(b, 2, 16, 2100.0, 8.0),
+            point("kv", 2, 16, 2000.0, 8.0),
+            // A round whose twin is missing gives no ratio.
+            point(b, 3, 16, 9000.0, 1.0),
+            point("kv", 1, 1, 500.0, 2.0),
+        ];
+        let comparisons = comparisons(&points);
+        assert_eq!(comparisons.len(), 1, "only the compared system's points are compared");
+        let c = &comparisons[0];
+        assert_eq!((c.system.as_str(), c.clients, c.rounds), ("kv", 16, 2));
+        let rate = c.rate.unwrap();
+        assert!((rate.median - 1.075).abs() < 1e-9 && rate.min == 1.05 && (rate.max - 1.1).abs() < 1e-9, "{rate:?}");
+        assert_eq!(c.p50, Some(Spread { median: 0.875, min: 0.75, max: 1.0 }));
+        // CPU per request: round 1's points have 100 µs each, round 2's 200 each.
+        assert_eq!(c.cpu, Some(Spread { median: 1.0, min: 1.0, max: 1.0 }));
+        let table = comparison_table(&comparisons);
+        assert!(table.contains("| kv | 3 | leader | 16 | 2 | 1.08 (1.05–1.10) | 1.00 | 0.88 (0.75–1.00) |"), "{table}");
+        assert_eq!(compared_base("kv"), None);
     }
 
     #[test]
