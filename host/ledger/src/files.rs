@@ -18,6 +18,10 @@ const MAGIC: &[u8; 8] = b"CLLEDG01";
 const HEADER_BYTES: u64 = 16;
 /// A record longer than this is corruption, not data.
 const RECORD_BYTES_MAX: u32 = 256 << 20;
+/// Most bytes of framed records [`LedgerFiles::append`] holds before writing them: a batch of
+/// small entries goes in one write, and a large catch-up batch costs about this much memory
+/// beside its entries, not as much again.
+const WRITE_BYTES_MAX: usize = 1 << 20;
 
 /// The state a ledger continues from after a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +217,8 @@ struct OpenChunk {
 pub(crate) struct LedgerFiles {
     dir: PathBuf,
     chunk_bytes_target: u64,
+    /// [`WRITE_BYTES_MAX`]; smaller in tests.
+    write_bytes_max: usize,
     current: Option<OpenChunk>,
 }
 
@@ -220,7 +226,8 @@ impl LedgerFiles {
     /// Opens a ledger folder for appending to its last file (or a new one, on the next append).
     pub fn open(dir: &Path, chunk_bytes_target: u64) -> std::io::Result<LedgerFiles> {
         std::fs::create_dir_all(dir)?;
-        let mut files = LedgerFiles { dir: dir.to_owned(), chunk_bytes_target, current: None };
+        let mut files =
+            LedgerFiles { dir: dir.to_owned(), chunk_bytes_target, write_bytes_max: WRITE_BYTES_MAX, current: None };
         if let Some(last) = chunk_paths(dir)?.pop() {
             let file = OpenOptions::new().append(true).open(&last)?;
             let bytes = file.metadata()?.len();
@@ -249,9 +256,9 @@ impl LedgerFiles {
     }
 
     /// Appends entries, without waiting for the disk ([`LedgerFiles::sync`] does): the records
-    /// bound for one file go in one write, not one each (a batch of entries cost as many system
-    /// calls on every node). A signature entry ends the file (durably) when it has reached the
-    /// target size.
+    /// bound for one file go in one write (up to [`WRITE_BYTES_MAX`]), not one each (a batch of
+    /// entries cost as many system calls on every node). A signature entry ends the file
+    /// (durably) when it has reached the target size.
     pub fn append(&mut self, entries: &[LedgerEntry]) -> std::io::Result<()> {
         let mut framed = Vec::new();
         for entry in entries {
@@ -264,6 +271,9 @@ impl LedgerFiles {
                 self.write(&framed)?;
                 framed.clear();
                 self.close()?;
+            } else if framed.len() >= self.write_bytes_max {
+                self.write(&framed)?;
+                framed.clear();
             }
         }
         if framed.is_empty() {
@@ -426,5 +436,23 @@ mod tests {
         assert_eq!(seqnos, [vec![0, 1, 2, 3, 4, 5], vec![6, 7, 8, 9], vec![10, 11]]);
         let read: Vec<Record> = files_in(dir.path()).into_iter().flatten().collect();
         assert_eq!(read, entries.into_iter().map(Record::Entry).collect::<Vec<_>>());
+    }
+
+    /// `WRITE_BYTES_MAX` at its edge: with the limit at one record, every record is written as
+    /// soon as it is framed, and the files read the same as with one write per file.
+    #[test]
+    fn records_past_the_write_limit_are_written_in_parts_and_read_the_same() {
+        let signatures = [1, 5, 6, 9];
+        let entries: Vec<LedgerEntry> = (0..12).map(|s| entry(s, signatures.contains(&s), 100)).collect();
+        let whole = tempfile::tempdir().unwrap();
+        LedgerFiles::open(whole.path(), 300).unwrap().append(&entries).unwrap();
+        let parts = tempfile::tempdir().unwrap();
+        let mut files = LedgerFiles::open(parts.path(), 300).unwrap();
+        let mut one = Vec::new();
+        frame(&RecordRef::Entry(&entries[0]), &mut one);
+        files.write_bytes_max = one.len();
+        files.append(&entries).unwrap();
+        assert_eq!(files_in(parts.path()), files_in(whole.path()));
+        assert_eq!(files_in(parts.path()).len(), 3);
     }
 }
