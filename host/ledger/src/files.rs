@@ -247,11 +247,16 @@ impl LedgerFiles {
         Ok(())
     }
 
-    /// Writes framed records to the open file: one system call for however many records.
-    fn write(&mut self, framed: &[u8]) -> std::io::Result<()> {
+    /// Writes framed records to the open file, one system call for however many, and empties
+    /// `framed`; nothing framed, nothing written.
+    fn write(&mut self, framed: &mut Vec<u8>) -> std::io::Result<()> {
+        if framed.is_empty() {
+            return Ok(());
+        }
         let current = self.current.as_mut().expect("a chunk is open");
         current.file.write_all(framed)?;
         current.bytes += framed.len() as u64;
+        framed.clear();
         Ok(())
     }
 
@@ -268,18 +273,13 @@ impl LedgerFiles {
             frame(&RecordRef::Entry(entry), &mut framed);
             let bytes = self.current.as_ref().map_or(0, |c| c.bytes) + framed.len() as u64;
             if entry.payload.kind() == EntryKind::Signature && bytes >= self.chunk_bytes_target {
-                self.write(&framed)?;
-                framed.clear();
+                self.write(&mut framed)?;
                 self.close()?;
             } else if framed.len() >= self.write_bytes_max {
-                self.write(&framed)?;
-                framed.clear();
+                self.write(&mut framed)?;
             }
         }
-        if framed.is_empty() {
-            return Ok(());
-        }
-        self.write(&framed)
+        self.write(&mut framed)
     }
 
     /// Makes everything appended so far durable (closed files were synced as they closed).
@@ -321,7 +321,7 @@ impl LedgerFiles {
         self.create(start.next)?;
         let mut framed = Vec::new();
         frame(&RecordRef::Start(&start), &mut framed);
-        self.write(&framed)?;
+        self.write(&mut framed)?;
         self.current.as_ref().expect("just created").file.sync_all()
     }
 }
