@@ -39,13 +39,6 @@ pub struct Row {
     pub machine_busy: Option<f64>,
 }
 
-impl Row {
-    /// Whether `p` is one of this row's rounds: the same system at the same point.
-    fn summarises(&self, p: &Point) -> bool {
-        self.system == p.system && self.nodes == p.nodes && self.mode == p.mode && self.clients == p.clients
-    }
-}
-
 /// A ratio over the rounds that measured both systems.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Spread {
@@ -88,22 +81,40 @@ fn same_point(a: &Point, b: &Point) -> bool {
     a.nodes == b.nodes && a.mode == b.mode && a.clients == b.clients
 }
 
+/// The first round's point of each system and point, in the order they ran.
+fn firsts(points: &[Point]) -> impl Iterator<Item = &Point> {
+    points
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| !points[..*i].iter().any(|q| q.system == p.system && same_point(q, p)))
+        .map(|(_, p)| p)
+}
+
+/// Every round's point of `first`'s system at `first`'s point.
+fn rounds_of<'p>(points: &'p [Point], first: &Point) -> Vec<&'p Point> {
+    points.iter().filter(|p| p.system == first.system && same_point(p, first)).collect()
+}
+
+/// The point `p` is paired with for a ratio: `system`'s through `mode`, at `p`'s network size and
+/// client count, measured in `p`'s round.
+fn partner<'p>(points: &'p [Point], p: &Point, system: &str, mode: Mode) -> Option<&'p Point> {
+    points.iter().find(|q| {
+        q.system == system && q.round == p.round && q.nodes == p.nodes && q.clients == p.clients && q.mode == mode
+    })
+}
+
 /// One row per system and point, in the order the points first ran.
 pub fn rows(points: &[Point]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
-    for first in points {
-        if rows.iter().any(|r| r.summarises(first)) {
-            continue;
-        }
-        let own: Vec<&Point> = points.iter().filter(|p| p.system == first.system && same_point(p, first)).collect();
+    for first in firsts(points) {
+        let own = rounds_of(points, first);
         let of = |f: fn(&Point) -> f64| median(&own.iter().map(|p| f(p)).collect::<Vec<_>>()).unwrap_or_default();
         let of_cpu =
             |f: fn(&cpu::Usage) -> f64| median(&own.iter().filter_map(|p| p.cpu.as_ref().map(f)).collect::<Vec<_>>());
         let (mut rates, mut p50s) = (Vec::new(), Vec::new());
         if first.system != "etcd" {
             for p in &own {
-                let etcd = points.iter().find(|e| e.system == "etcd" && e.round == p.round && same_point(e, p));
-                if let Some(e) = etcd {
+                if let Some(e) = partner(points, p, "etcd", p.mode) {
                     rates.push(p.per_second / e.per_second.max(1e-9));
                     p50s.push(p.p50_ms / e.p50_ms.max(1e-9));
                 }
@@ -113,13 +124,7 @@ pub fn rows(points: &[Point]) -> Vec<Row> {
             .iter()
             .filter(|p| p.mode != Mode::Leader)
             .filter_map(|p| {
-                let leader = points.iter().find(|l| {
-                    l.system == p.system
-                        && l.round == p.round
-                        && l.nodes == p.nodes
-                        && l.clients == p.clients
-                        && l.mode == Mode::Leader
-                })?;
+                let leader = partner(points, p, p.system, Mode::Leader)?;
                 Some(p.per_second / leader.per_second.max(1e-9))
             })
             .collect();
@@ -175,19 +180,11 @@ pub struct Comparison {
 /// One comparison per compared system and point, in the order the points first ran.
 pub fn comparisons(points: &[Point]) -> Vec<Comparison> {
     let mut out: Vec<Comparison> = Vec::new();
-    for first in points {
+    for first in firsts(points) {
         let Some(base) = compared_base(first.system) else { continue };
-        if out
-            .iter()
-            .any(|c| c.system == base && c.nodes == first.nodes && c.mode == first.mode && c.clients == first.clients)
-        {
-            continue;
-        }
         let (mut rates, mut cpus, mut p50s) = (Vec::new(), Vec::new(), Vec::new());
-        for p in points.iter().filter(|p| p.system == first.system && same_point(p, first)) {
-            let Some(a) = points.iter().find(|a| a.system == base && a.round == p.round && same_point(a, p)) else {
-                continue;
-            };
+        for p in rounds_of(points, first) {
+            let Some(a) = partner(points, p, base, p.mode) else { continue };
             rates.push(p.per_second / a.per_second.max(1e-9));
             p50s.push(p.p50_ms / a.p50_ms.max(1e-9));
             if let (Some(b_cpu), Some(a_cpu)) = (&p.cpu, &a.cpu) {
