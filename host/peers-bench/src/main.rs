@@ -9,7 +9,8 @@
 //! leader, or round-robin over every node. It prints one table (throughput, p50, p99, and each
 //! Cloister figure divided by etcd's for the same point) and writes it as Markdown, JSON, and a
 //! PNG chart. Beside each point it shows where the CPU went: the server processes' CPU time per
-//! request and how busy the whole machine was, from `/proc`, over the measured seconds.
+//! request and how busy the whole machine was, from `/proc`, over the measured seconds. Last, it
+//! judges the performance goals (issue #16) that the run has the points for (`goals.rs`).
 //!
 //! Every system of one network size is up at once, and each point runs on each system in turn
 //! before the next point: the figures a ratio compares are measured seconds apart, not minutes,
@@ -20,6 +21,7 @@
 
 mod chart;
 mod cpu;
+mod goals;
 mod load;
 mod summary;
 mod systems;
@@ -218,10 +220,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         table.push('\n');
         table.push_str(&summary::comparison_table(&comparisons));
     }
+    let verdicts = goals::judge(&rows, &points);
+    if !verdicts.is_empty() {
+        table.push('\n');
+        table.push_str(&goals::table(&verdicts));
+    }
     println!("\n{table}");
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     std::fs::write(args.out.join("peers.md"), &table)?;
-    let json = serde_json::json!({ "rounds": args.rounds, "rows": rows, "comparisons": comparisons, "points": points });
+    let json = serde_json::json!({
+        "rounds": args.rounds,
+        "rows": rows,
+        "comparisons": comparisons,
+        "goals": verdicts,
+        "points": points,
+    });
     std::fs::write(args.out.join("peers.json"), serde_json::to_vec_pretty(&json)?)?;
     let png = args.out.join("peers.png");
     match chart::draw(&rows, &png) {

@@ -48,7 +48,7 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(values: &[f64]) -> Option<Spread> {
+    pub(crate) fn of(values: &[f64]) -> Option<Spread> {
         Some(Spread {
             median: median(values)?,
             min: values.iter().copied().fold(f64::INFINITY, f64::min),
@@ -56,7 +56,7 @@ impl Spread {
         })
     }
 
-    fn cell(self) -> String {
+    pub(crate) fn cell(self) -> String {
         if self.min == self.max {
             format!("{:.2}", self.median)
         } else {
@@ -95,12 +95,24 @@ fn rounds_of<'p>(points: &'p [Point], first: &Point) -> Vec<&'p Point> {
     points.iter().filter(|p| p.system == first.system && same_point(p, first)).collect()
 }
 
+/// `system`'s point at this network size, mode and client count, measured in `round`.
+pub(crate) fn point_of<'p>(
+    points: &'p [Point],
+    system: &str,
+    nodes: usize,
+    mode: Mode,
+    clients: usize,
+    round: u32,
+) -> Option<&'p Point> {
+    points
+        .iter()
+        .find(|q| q.system == system && q.round == round && q.nodes == nodes && q.clients == clients && q.mode == mode)
+}
+
 /// The point `p` is paired with for a ratio: `system`'s through `mode`, at `p`'s network size and
 /// client count, measured in `p`'s round.
 fn partner<'p>(points: &'p [Point], p: &Point, system: &str, mode: Mode) -> Option<&'p Point> {
-    points.iter().find(|q| {
-        q.system == system && q.round == p.round && q.nodes == p.nodes && q.clients == p.clients && q.mode == mode
-    })
+    point_of(points, system, p.nodes, mode, p.clients, p.round)
 }
 
 /// One row per system and point, in the order the points first ran.
@@ -207,61 +219,87 @@ pub fn comparisons(points: &[Point]) -> Vec<Comparison> {
 
 /// The comparisons as a Markdown table, led by a line saying what its figures are.
 pub fn comparison_table(comparisons: &[Comparison]) -> String {
-    let mut out = String::from(
-        "`--compare`'s binary over `--cloister`'s, point by point: the median of the rounds' own ratios, with \
-         their range.\n\n\
-         | system | nodes | clients to | clients | rounds | ops/s ÷ first | server CPU µs/op ÷ first | p50 ÷ first |\n\
-         |---|---|---|---|---|---|---|---|\n",
-    );
     let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
-    for c in comparisons {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            c.system,
-            c.nodes,
-            c.mode.name(),
-            c.clients,
-            c.rounds,
+    let lines = comparisons.iter().map(|c| {
+        vec![
+            c.system.clone(),
+            c.nodes.to_string(),
+            c.mode.name().to_owned(),
+            c.clients.to_string(),
+            c.rounds.to_string(),
             cell(c.rate),
             cell(c.cpu),
-            cell(c.p50)
-        ));
-    }
-    out
+            cell(c.p50),
+        ]
+    });
+    let header = [
+        "system",
+        "nodes",
+        "clients to",
+        "clients",
+        "rounds",
+        "ops/s ÷ first",
+        "server CPU µs/op ÷ first",
+        "p50 ÷ first",
+    ];
+    "`--compare`'s binary over `--cloister`'s, point by point: the median of the rounds' own ratios, with their \
+     range.\n\n"
+        .to_owned()
+        + &markdown(&header, lines)
 }
 
 /// The Markdown table, led by a line saying what its figures are.
 pub fn table(rows: &[Row], rounds: u32) -> String {
-    let mut out = if rounds > 1 {
+    let lead = if rounds > 1 {
         format!("Medians of {rounds} rounds; each ratio is the median of the rounds' own ratios, with their range.\n\n")
     } else {
         String::from("One round.\n\n")
     };
-    out.push_str(
-        "| system | nodes | clients to | clients | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | ops/s ÷ etcd | p50 ÷ etcd | \
-         ops/s ÷ leader | server CPU µs/op | machine busy | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
     let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
-    for r in rows {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
-            r.system,
-            r.nodes,
-            r.mode.name(),
-            r.clients,
-            r.per_second,
-            r.p50_ms,
-            r.p99_ms,
-            r.p999_ms,
-            r.max_ms,
+    let lines = rows.iter().map(|r| {
+        vec![
+            r.system.to_owned(),
+            r.nodes.to_string(),
+            r.mode.name().to_owned(),
+            r.clients.to_string(),
+            format!("{:.0}", r.per_second),
+            format!("{:.2}", r.p50_ms),
+            format!("{:.2}", r.p99_ms),
+            format!("{:.2}", r.p999_ms),
+            format!("{:.1}", r.max_ms),
             cell(r.rate_vs_etcd),
             cell(r.p50_vs_etcd),
             cell(r.rate_vs_leader),
             r.servers_cpu_us.map(|us| format!("{us:.0}")).unwrap_or_default(),
             r.machine_busy.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_default(),
-            r.errors
-        ));
+            r.errors.to_string(),
+        ]
+    });
+    let header = [
+        "system",
+        "nodes",
+        "clients to",
+        "clients",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "ops/s ÷ etcd",
+        "p50 ÷ etcd",
+        "ops/s ÷ leader",
+        "server CPU µs/op",
+        "machine busy",
+        "errors",
+    ];
+    lead + &markdown(&header, lines)
+}
+
+/// A Markdown table: the header's cells, the line under them, and each row's cells.
+pub(crate) fn markdown(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut out = format!("| {} |\n|{}\n", header.join(" | "), "---|".repeat(header.len()));
+    for cells in rows {
+        out.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
     out
 }
