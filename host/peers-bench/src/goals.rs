@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use crate::summary::{Row, Spread, compared_base, markdown, point_of};
+use crate::summary::{Row, Spread, compared_base, markdown, point_of, rounds_at};
 use crate::{KV, Mode, Point, RECONCILE};
 
 /// The goals are for 3-node networks.
@@ -142,9 +142,7 @@ pub fn judge(rows: &[Row], points: &[Point]) -> Vec<Verdict> {
 
 /// `row`'s throughput over its system's 1-client point in the same mode, round by round.
 fn over_one_client(points: &[Point], row: &Row) -> Option<Spread> {
-    let ratios: Vec<f64> = points
-        .iter()
-        .filter(|p| p.system == row.system && p.nodes == row.nodes && p.mode == row.mode && p.clients == row.clients)
+    let ratios: Vec<f64> = rounds_at(points, row.system, row.nodes, row.mode, row.clients)
         .filter_map(|p| {
             let one = point_of(points, p.system, p.nodes, p.mode, 1, p.round)?;
             Some(p.per_second / one.per_second.max(1e-9))
@@ -157,7 +155,7 @@ fn over_one_client(points: &[Point], row: &Row) -> Option<Spread> {
 pub fn table(verdicts: &[Verdict]) -> String {
     let lines = verdicts.iter().map(|v| {
         let met = if v.met { "yes" } else { "no" };
-        vec![v.goal.to_owned(), v.system.to_owned(), v.mode.name().to_owned(), v.reads.cell(), met.to_owned()]
+        vec![v.goal.to_owned(), v.system.to_owned(), v.mode.name().to_owned(), v.reads.text(), met.to_owned()]
     });
     "#16's goals, 3 nodes, judged on this run: each figure is the median of the rounds' own ratios (with their \
      range), and a goal is met when the median is on its side of the line.\n\n"

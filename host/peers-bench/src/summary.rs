@@ -56,7 +56,13 @@ impl Spread {
         })
     }
 
-    pub(crate) fn cell(self) -> String {
+    /// A table cell: [`Spread::text`], or empty for no spread.
+    pub(crate) fn cell(spread: Option<Spread>) -> String {
+        spread.map(Spread::text).unwrap_or_default()
+    }
+
+    /// The median, and the range where the rounds differ.
+    pub(crate) fn text(self) -> String {
         if self.min == self.max {
             format!("{:.2}", self.median)
         } else {
@@ -90,28 +96,37 @@ fn firsts(points: &[Point]) -> impl Iterator<Item = &Point> {
         .map(|(_, p)| p)
 }
 
+/// Every round's point of `system` at this network size, mode and client count.
+pub(crate) fn rounds_at<'p>(
+    points: &'p [Point],
+    system: &'p str,
+    nodes: usize,
+    mode: Mode,
+    clients: usize,
+) -> impl Iterator<Item = &'p Point> {
+    points.iter().filter(move |q| q.system == system && q.nodes == nodes && q.mode == mode && q.clients == clients)
+}
+
 /// Every round's point of `first`'s system at `first`'s point.
-fn rounds_of<'p>(points: &'p [Point], first: &Point) -> Vec<&'p Point> {
-    points.iter().filter(|p| p.system == first.system && same_point(p, first)).collect()
+fn rounds_of<'p>(points: &'p [Point], first: &'p Point) -> Vec<&'p Point> {
+    rounds_at(points, first.system, first.nodes, first.mode, first.clients).collect()
 }
 
 /// `system`'s point at this network size, mode and client count, measured in `round`.
 pub(crate) fn point_of<'p>(
     points: &'p [Point],
-    system: &str,
+    system: &'p str,
     nodes: usize,
     mode: Mode,
     clients: usize,
     round: u32,
 ) -> Option<&'p Point> {
-    points
-        .iter()
-        .find(|q| q.system == system && q.round == round && q.nodes == nodes && q.clients == clients && q.mode == mode)
+    rounds_at(points, system, nodes, mode, clients).find(|q| q.round == round)
 }
 
 /// The point `p` is paired with for a ratio: `system`'s through `mode`, at `p`'s network size and
 /// client count, measured in `p`'s round.
-fn partner<'p>(points: &'p [Point], p: &Point, system: &str, mode: Mode) -> Option<&'p Point> {
+fn partner<'p>(points: &'p [Point], p: &Point, system: &'p str, mode: Mode) -> Option<&'p Point> {
     point_of(points, system, p.nodes, mode, p.clients, p.round)
 }
 
@@ -219,7 +234,6 @@ pub fn comparisons(points: &[Point]) -> Vec<Comparison> {
 
 /// The comparisons as a Markdown table, led by a line saying what its figures are.
 pub fn comparison_table(comparisons: &[Comparison]) -> String {
-    let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
     let lines = comparisons.iter().map(|c| {
         vec![
             c.system.clone(),
@@ -227,9 +241,9 @@ pub fn comparison_table(comparisons: &[Comparison]) -> String {
             c.mode.name().to_owned(),
             c.clients.to_string(),
             c.rounds.to_string(),
-            cell(c.rate),
-            cell(c.cpu),
-            cell(c.p50),
+            Spread::cell(c.rate),
+            Spread::cell(c.cpu),
+            Spread::cell(c.p50),
         ]
     });
     let header = [
@@ -255,7 +269,6 @@ pub fn table(rows: &[Row], rounds: u32) -> String {
     } else {
         String::from("One round.\n\n")
     };
-    let cell = |s: Option<Spread>| s.map(Spread::cell).unwrap_or_default();
     let lines = rows.iter().map(|r| {
         vec![
             r.system.to_owned(),
@@ -267,9 +280,9 @@ pub fn table(rows: &[Row], rounds: u32) -> String {
             format!("{:.2}", r.p99_ms),
             format!("{:.2}", r.p999_ms),
             format!("{:.1}", r.max_ms),
-            cell(r.rate_vs_etcd),
-            cell(r.p50_vs_etcd),
-            cell(r.rate_vs_leader),
+            Spread::cell(r.rate_vs_etcd),
+            Spread::cell(r.p50_vs_etcd),
+            Spread::cell(r.rate_vs_leader),
             r.servers_cpu_us.map(|us| format!("{us:.0}")).unwrap_or_default(),
             r.machine_busy.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_default(),
             r.errors.to_string(),
