@@ -506,9 +506,24 @@ impl Wal {
 
     /// Makes every record written so far durable, here and now.
     pub fn sync(&mut self) -> io::Result<()> {
-        let unsynced = self.take_unsynced()?;
+        let unsynced = self.everything_unsynced()?;
         let result = unsynced.run();
         self.synced(&unsynced, result)
+    }
+
+    /// What [`Wal::sync`] covers: what no sync has taken, and the current segment and the
+    /// folder whatever a sync has taken. The sync thread may have taken them and not finished
+    /// its `fdatasync`: a sync of nothing would then report them durable while they are not,
+    /// and a segment's rollover would let the next segment's records reach the disk before the
+    /// full one's tail. Only segments older than the current one are synced already (by the
+    /// rollover that closed them).
+    fn everything_unsynced(&mut self) -> io::Result<Unsynced> {
+        let mut unsynced = self.take_unsynced()?;
+        unsynced.dir = Some(self.dir.clone());
+        if !unsynced.files.iter().any(|f| Arc::ptr_eq(f, &self.file)) {
+            unsynced.files.push(self.file.clone());
+        }
+        Ok(unsynced)
     }
 }
 
@@ -657,6 +672,23 @@ mod tests {
         assert_eq!(indexes(&index), (0..=8).collect::<Vec<_>>());
         assert_eq!(index.read().unwrap().vote(), Some(&b"vote"[..]));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "one segment per open");
+    }
+
+    /// A sync here and now (a segment's rollover) covers the current segment and the folder
+    /// although the sync thread has taken them and not finished. It covered only what was left
+    /// untaken, which could be nothing: the rollover then reported the full segment durable
+    /// while the thread's `fdatasync` of it still ran (only a power loss would show it).
+    #[test]
+    fn a_sync_here_and_now_covers_what_a_running_sync_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        wal.append(&entries(0..=2)).unwrap();
+        let running = wal.take_unsynced().unwrap();
+        assert_eq!(running.files.len(), 1, "the sync thread took the segment");
+        let now = wal.everything_unsynced().unwrap();
+        assert!(now.files.iter().any(|f| Arc::ptr_eq(f, &wal.file)), "the current segment is synced again");
+        assert!(now.dir.is_some(), "and the folder");
+        assert_eq!(now.through, running.through);
     }
 
     #[test]
