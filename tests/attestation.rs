@@ -8,7 +8,7 @@ use std::time::Duration;
 use cloister_attestation::Nonce;
 use cloister_bundled::RECONCILE;
 use cloister_client::Client;
-use cloister_consensus::{Forwards, Peers};
+use cloister_consensus::{ForwardError, Forwards, Peers};
 use cloister_tests::cluster::Cluster;
 use serde_json::{Value, json};
 
@@ -150,8 +150,9 @@ async fn joins_are_attested_governed_and_revocable() {
     let peer_url = format!("https://{}", cluster.nodes[0].config.node.peer_addr);
     let forward = cloister_proto::peer::v1::ForwardRequest { path: "/app/report".into(), ..Default::default() };
     let refused = Forwards::new(peers.clone()).call(&peer_url, forward).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("Pending"), "{}", refused.message());
+    assert!(matches!(refused, ForwardError::NotRun(_)), "a refused stream ran nothing: {refused:?}");
+    assert_eq!(refused.status().code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.status().message().contains("Pending"), "{}", refused.status().message());
 
     let id = attestations(&cluster, 0).await.into_iter().find(|n| n["name"] == "node3").unwrap()["node_id"].clone();
     pass(&client, &cluster, json!([{ "name": "transition_node_to_trusted", "args": { "node_id": id } }])).await;

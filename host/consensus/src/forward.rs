@@ -8,6 +8,10 @@
 //! each id once, as it finishes. A follower that gives up on a call (its client's
 //! `request_timeout_ms`) cancels the id, and the leader drops the call as it would have on a
 //! reset stream: a write still queued for the writer is skipped.
+//!
+//! A call with no answer failed one of two ways ([`ForwardError`]): the leader did not run it
+//! (it never left this node, or the leader refused it), or the stream ended after it went out,
+//! when the leader may have run it and a write it made may still commit.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -29,7 +33,37 @@ use super::server::{Forwarder, PeerRpc};
 /// until one finishes, and HTTP/2 flow control holds the sender back.
 pub const FORWARDS_IN_FLIGHT_MAX: usize = 256;
 
-type Answer = Result<pb::ForwardReply, Status>;
+type Answer = Result<pb::ForwardReply, ForwardError>;
+
+/// Why a forwarded call has no reply.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// The leader did not run the call: no stream could be opened, it had ended before the call
+    /// went out, or the leader refused the call or the stream.
+    NotRun(Status),
+    /// The stream ended after the call went out and before its answer came: the leader may have
+    /// run it, and a write it made may still commit.
+    Unanswered(Status),
+}
+
+impl ForwardError {
+    pub fn status(&self) -> &Status {
+        match self {
+            ForwardError::NotRun(status) | ForwardError::Unanswered(status) => status,
+        }
+    }
+
+    /// A stream's end, for the calls it leaves unanswered. The leader refuses a node's stream
+    /// (its standing does not allow forwarding) when it opens, or at the next call, once it has
+    /// answered every call it ran: so no unanswered call ran. Any other end, the connection's
+    /// included, may have come after the leader ran a call whose answer was lost.
+    fn ended(status: &Status) -> ForwardError {
+        match status.code() {
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => ForwardError::NotRun(status.clone()),
+            _ => ForwardError::Unanswered(status.clone()),
+        }
+    }
+}
 
 type Client = pb::peer_client::PeerClient<tonic::transport::Channel>;
 /// How [`Forwards`] reaches a peer: the client for its URL.
@@ -66,11 +100,11 @@ impl Waiting {
         }
     }
 
-    /// Ends the stream for its callers: each still waiting hears `status`.
+    /// Ends the stream for its callers: each still waiting hears why.
     fn close(&self, status: &Status) {
         let callers = self.callers.lock().expect("forward callers lock").take();
         for (_, caller) in callers.into_iter().flatten() {
-            let _ = caller.send(Err(status.clone()));
+            let _ = caller.send(Err(ForwardError::ended(status)));
         }
     }
 }
@@ -104,23 +138,23 @@ impl Forwards {
         Forwards { connect: Arc::new(move |url| peers.client(url)), current: Arc::default() }
     }
 
-    /// Runs `request` on the peer at `peer_url` (the leader) and returns its reply. An error is
-    /// the stream's or the peer's refusal of the call; the request may have run all the same.
+    /// Runs `request` on the peer at `peer_url` (the leader) and returns its reply, or why there
+    /// is none: whether the leader may have run it or not.
     pub async fn call(&self, peer_url: &str, request: pb::ForwardRequest) -> Answer {
-        let stream = self.stream(peer_url)?;
+        let stream = self.stream(peer_url).map_err(ForwardError::NotRun)?;
         let id = stream.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (caller, answer) = oneshot::channel();
         {
             let mut callers = stream.shared.callers.lock().expect("forward callers lock");
-            let Some(callers) = callers.as_mut() else { return Err(closed()) };
+            let Some(callers) = callers.as_mut() else { return Err(ForwardError::NotRun(closed())) };
             callers.insert(id, caller);
         }
         let mut in_flight = InFlight { stream: &stream, id, answered: false };
         let call = pb::ForwardCall { id, kind: Some(pb::forward_call::Kind::Request(request)) };
         if stream.calls.send(call).await.is_err() {
-            return Err(closed());
+            return Err(ForwardError::NotRun(closed()));
         }
-        let answer = answer.await.unwrap_or_else(|_| Err(closed()));
+        let answer = answer.await.unwrap_or_else(|_| Err(ForwardError::Unanswered(closed())));
         in_flight.answered = true;
         answer
     }
@@ -158,8 +192,14 @@ async fn read_answers(mut answers: tonic::Streaming<pb::ForwardAnswer>, waiting:
             Ok(Some(pb::ForwardAnswer { id, outcome })) => {
                 let answer = match outcome {
                     Some(pb::forward_answer::Outcome::Reply(reply)) => Ok(reply),
-                    Some(pb::forward_answer::Outcome::Refused(r)) => Err(Status::new(r.code.into(), r.message)),
-                    None => Err(Status::internal("the leader's answer had no outcome")),
+                    // A call that panicked on the leader may have got as far as a write.
+                    Some(pb::forward_answer::Outcome::Refused(r)) if r.code == tonic::Code::Internal as i32 => {
+                        Err(ForwardError::Unanswered(Status::new(r.code.into(), r.message)))
+                    }
+                    Some(pb::forward_answer::Outcome::Refused(r)) => {
+                        Err(ForwardError::NotRun(Status::new(r.code.into(), r.message)))
+                    }
+                    None => Err(ForwardError::Unanswered(Status::internal("the leader's answer had no outcome"))),
                 };
                 waiting.answer(id, answer);
             }
@@ -530,6 +570,8 @@ mod tests {
         opened: AtomicUsize,
         /// Streams to refuse before serving one.
         refusals: Mutex<usize>,
+        /// Break each stream once its first call has arrived, with no answer.
+        breaks: std::sync::atomic::AtomicBool,
     }
 
     fn not_here<T>() -> Result<T, Status> {
@@ -570,6 +612,14 @@ mod tests {
                     return Err(Status::permission_denied("this node is Pending"));
                 }
             }
+            if self.breaks.load(Ordering::SeqCst) {
+                let mut calls = req.into_inner();
+                let broken = futures::stream::once(async move {
+                    let _ = calls.message().await;
+                    Err(Status::unknown("h2 protocol error: connection reset"))
+                });
+                return Ok(tonic::Response::new(Box::pin(broken)));
+            }
             let forwarder: Arc<dyn Forwarder> = self.forwarder.clone();
             Ok(tonic::Response::new(Box::pin(serve(req.into_inner(), b"node".to_vec(), forwarder))))
         }
@@ -596,6 +646,7 @@ mod tests {
             forwarder: Arc::new(Fake::default()),
             opened: AtomicUsize::new(0),
             refusals: Mutex::new(refusals),
+            breaks: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -646,9 +697,26 @@ mod tests {
     async fn a_refused_stream_fails_its_calls_and_the_next_call_opens_another() {
         let (forwards, leader) = follower(1).await;
         let refused = forwards.call("https://leader", forwarded("/first")).await.unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(matches!(refused, ForwardError::NotRun(_)), "{refused:?}");
+        assert_eq!(refused.status().code(), tonic::Code::PermissionDenied, "{refused:?}");
         assert_eq!(forwards.call("https://leader", forwarded("/second")).await.unwrap().body, b"/second");
         assert_eq!(leader.opened.load(Ordering::SeqCst), 2);
         assert_eq!(leader.forwarder.authorized.load(Ordering::SeqCst), 1, "the refused call never ran");
+    }
+
+    /// A stream that breaks after a call went out leaves it unanswered, not refused: the leader
+    /// may have run it (a write may commit), so the follower must not tell its client that
+    /// nothing happened. (Before, both were one error, which the follower answered with a plain
+    /// 503 that a client takes for "send it again".)
+    #[tokio::test]
+    async fn a_call_on_a_stream_that_breaks_may_have_run() {
+        let (forwards, leader) = follower(0).await;
+        leader.breaks.store(true, Ordering::SeqCst);
+        let lost = forwards.call("https://leader", forwarded("/lost")).await.unwrap_err();
+        assert!(matches!(lost, ForwardError::Unanswered(_)), "{lost:?}");
+        // A leader's answer that it could not run a call (it panicked part-way) is no refusal.
+        leader.breaks.store(false, Ordering::SeqCst);
+        let failed = forwards.call("https://leader", forwarded("panic")).await.unwrap_err();
+        assert!(matches!(failed, ForwardError::Unanswered(_)), "{failed:?}");
     }
 }

@@ -46,7 +46,7 @@ pub const LOG_DIR: &str = "raft-log";
 pub fn holds_log(data_dir: &Path) -> bool {
     data_dir.join(LOG_DIR).exists() || data_dir.join(log_store::REDB_LOG_FILE).exists()
 }
-pub use forward::{FORWARDS_IN_FLIGHT_MAX, Forwards};
+pub use forward::{FORWARDS_IN_FLIGHT_MAX, ForwardError, Forwards};
 pub use server::{Forwarder, PeerRpc, PeerService};
 pub use state_machine::Applied;
 pub use types::{NodeAddr, NodeId, TxEntry, TxKind};
@@ -340,7 +340,7 @@ impl Consensus {
         &self,
         peer_url: &str,
         request: cloister_proto::peer::v1::ForwardRequest,
-    ) -> Result<cloister_proto::peer::v1::ForwardReply, tonic::Status> {
+    ) -> Result<cloister_proto::peer::v1::ForwardReply, ForwardError> {
         self.forwards.call(peer_url, request).await
     }
 

@@ -91,6 +91,26 @@ impl ApiError {
         e
     }
 
+    /// A call forwarded to the leader `leader` that has no answer. One the leader may have run
+    /// is a transaction of unknown outcome: a client that took it for a refusal and sent it
+    /// again could apply a write twice.
+    pub(crate) fn forward_failed(leader: &str, error: cloister_consensus::ForwardError) -> Self {
+        match error {
+            cloister_consensus::ForwardError::NotRun(s) => {
+                ApiError::unavailable(format!("forwarding to the leader {leader} failed: {}", s.message()))
+            }
+            cloister_consensus::ForwardError::Unanswered(s) => ApiError::new(
+                503,
+                "TransactionOutcomeUnknown",
+                format!(
+                    "the stream to the leader {leader} ended before it answered ({}); a write may or may not \
+                     have committed",
+                    s.message()
+                ),
+            ),
+        }
+    }
+
     pub fn body(&self) -> serde_json::Value {
         let mut inner = json!({ "code": self.code, "message": self.message });
         if let Some(d) = &self.details {
@@ -187,3 +207,22 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use cloister_consensus::ForwardError;
+    use tonic::Status;
+
+    use super::ApiError;
+
+    /// A forwarded call the leader did not run may simply be sent again; one it may have run is
+    /// a transaction of unknown outcome, whatever broke the stream.
+    #[test]
+    fn a_forwarded_call_without_an_answer_says_whether_it_may_have_run() {
+        let refused = ApiError::forward_failed("node0", ForwardError::NotRun(Status::permission_denied("Pending")));
+        assert_eq!((refused.status, refused.code.as_str()), (503, "ServiceUnavailable"));
+        let lost = ApiError::forward_failed("node0", ForwardError::Unanswered(Status::unknown("connection reset")));
+        assert_eq!((lost.status, lost.code.as_str()), (503, "TransactionOutcomeUnknown"));
+        assert!(lost.message.contains("may or may not have committed"), "{}", lost.message);
+    }
+}

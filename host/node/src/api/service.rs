@@ -863,10 +863,8 @@ impl Service {
         leader: &cloister_consensus::NodeAddr,
         request: cloister_proto::peer::v1::ForwardRequest,
     ) -> Result<AppReply, ApiError> {
-        let unreachable = |s: tonic::Status| {
-            ApiError::unavailable(format!("forwarding to the leader {} failed: {}", leader.name, s.message()))
-        };
-        let reply = self.consensus.forward(&leader.peer_url, request).await.map_err(unreachable)?;
+        let reply = (self.consensus.forward(&leader.peer_url, request).await)
+            .map_err(|e| ApiError::forward_failed(&leader.name, e))?;
         let reply = AppReply {
             status: u16::try_from(reply.status).unwrap_or(500),
             headers: reply.headers.into_iter().collect(),
