@@ -246,3 +246,46 @@ async fn concurrent_transfers_across_three_nodes_conserve_money() {
         }
     }
 }
+
+/// A write that changes nothing answers from the state it ran over, which holds the writes the
+/// leader proposed and has not committed: it is answered only once those commit. The leader is
+/// left alone, so its first `open_account` cannot commit; the same call again finds the account
+/// in the pending state and writes nothing. Answered at once (204), as it was, a client held a
+/// success for an account that a new leader could still drop. Once the followers are back, both
+/// calls succeed and the account exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_changes_nothing_waits_for_the_pending_writes_it_read() {
+    let mut c = Cluster::start(3, 3, BANKING, |_| {}).await;
+    let user = new_identity("user0");
+    let m0 = c.client(0, 0).await.unwrap();
+    onboard(&m0, &c.members, std::slice::from_ref(&user)).await;
+    let leader = c.leader().await.unwrap();
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for &i in &followers {
+        c.stop(i);
+    }
+    let client = c.client(leader, 0).await.unwrap();
+    let open = format!("/app/account/{}/current", user.id);
+    let first = {
+        let (client, open) = (client.clone(), open.clone());
+        tokio::spawn(async move { send(&client, "PUT", &open, Value::Null).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = {
+        let (client, open) = (client.clone(), open.clone());
+        tokio::spawn(async move { send(&client, "PUT", &open, Value::Null).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!first.is_finished(), "the first call cannot commit without a follower");
+    assert!(!again.is_finished(), "answered {:?} while what it read was not committed", again.await.unwrap());
+
+    for &i in &followers {
+        c.spawn(i);
+    }
+    let (first, again) = (first.await.unwrap(), again.await.unwrap());
+    assert_eq!(again.0, 204, "{again:?}");
+    assert!(first.0 == 204 || first.1.to_string().contains("TransactionOutcomeUnknown"), "the first call: {first:?}");
+    let user_client = Client::connect(&c.nodes[leader].rest_url, &c.roots(), Some(&user.keyed)).await.unwrap();
+    let balance = send(&user_client, "GET", "/app/balance/current", Value::Null).await;
+    assert_eq!(balance.1["balance"].as_i64(), Some(0), "{balance:?}");
+}

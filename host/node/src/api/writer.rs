@@ -7,14 +7,14 @@
 //! The writer executes only on a leader that has applied every entry before its own term, so the
 //! state it builds on is complete; when the term changes, the stack of pending writes is dropped.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use cloister_abi::Mode;
 use cloister_abi::abi::RequestHead;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::error::ApiError;
 use super::service::AppReply;
@@ -66,18 +66,21 @@ pub(crate) struct Written<R> {
 /// and hand the transaction back. On error the transaction's writes are discarded.
 pub(crate) type Work<R> = Box<dyn FnOnce(&Runtime, Tx) -> (Tx, Result<Executed<R>, ApiError>) + Send>;
 
+/// How the writer answers a job's submitter: with the transaction its writes committed as,
+/// `None` when it proposed none, or why there is no answer.
+type Answer = Box<dyn FnOnce(Result<Option<TxId>, SubmitError>) + Send>;
+
 /// What the writer needs of a job once it has run: what to commit, and how to answer.
 struct Staged {
-    commit: bool,
-    kind: TxKind,
-    claims_digest: Option<[u8; 32]>,
-    answer: Box<dyn FnOnce(Result<Option<TxId>, SubmitError>) + Send>,
+    /// What to propose the transaction's writes as; `None` answers without committing them.
+    propose: Option<(TxKind, Option<[u8; 32]>)>,
+    answer: Answer,
 }
 
 /// A read-write request waiting for the writer, its value's type erased so that one queue
 /// carries jobs of every type.
 trait Job: Send {
-    /// Runs the work; on error it has answered already and stages nothing.
+    /// Runs the work, and stages how to answer it; `None` when its submitter has gone.
     fn run(self: Box<Self>, runtime: &Runtime, tx: Tx) -> (Tx, Option<Staged>);
     /// Answers without running.
     fn refuse(self: Box<Self>, error: SubmitError);
@@ -97,20 +100,25 @@ impl<R: Send + 'static> Job for TypedJob<R> {
             return (tx, None);
         }
         let (tx, result) = (self.work)(runtime, tx);
-        match result {
-            Err(e) => {
-                // The submitter may have given up (timeout); nothing is committed either way.
-                let _ = self.reply.send(Err(e.into()));
-                (tx, None)
-            }
-            Ok(Executed { value, commit, kind, claims_digest }) => {
-                let reply = self.reply;
-                let answer = Box::new(move |outcome: Result<Option<TxId>, SubmitError>| {
+        let reply = self.reply;
+        // The submitter may have given up (timeout); the transaction's fate is unaffected.
+        let staged = match result {
+            // Nothing is committed, but the error may rest on the pending writes it ran over
+            // (the writer answers it once they commit, or with their failure).
+            Err(e) => Staged {
+                propose: None,
+                answer: Box::new(move |outcome| {
+                    let _ = reply.send(outcome.and(Err(e.into())));
+                }),
+            },
+            Ok(Executed { value, commit, kind, claims_digest }) => Staged {
+                propose: commit.then_some((kind, claims_digest)),
+                answer: Box::new(move |outcome| {
                     let _ = reply.send(outcome.map(|tx_id| Written { value, tx_id }));
-                });
-                (tx, Some(Staged { commit, kind, claims_digest, answer }))
-            }
-        }
+                }),
+            },
+        };
+        (tx, Some(staged))
     }
 
     fn refuse(self: Box<Self>, error: SubmitError) {
@@ -199,6 +207,7 @@ impl Writer {
             pending_max: limits.pending_writes_max,
             // Half the request's time, so the caller hears which limit refused it.
             pending_wait: Duration::from_millis(limits.request_timeout_ms / 2),
+            answer_wait: Duration::from_millis(limits.request_timeout_ms),
             finished: Arc::new(Finished::default()),
             metrics: metrics.clone(),
         };
@@ -238,21 +247,51 @@ impl Writer {
     }
 }
 
-/// The states of a pending proposal, as its outcome task reports them to the writer.
-const PROPOSAL_IN_FLIGHT: u8 = 0;
-const PROPOSAL_APPLIED: u8 = 1;
-const PROPOSAL_FAILED: u8 = 2;
+/// How far a pending proposal has got, as its outcome task reports it to the writer, and to the
+/// answers that wait for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Progress {
+    InFlight,
+    /// Committed and not yet applied here (an app's write, answered at commit).
+    Committed,
+    Applied,
+    /// It will not apply here: leadership changed, or this node's consensus stopped.
+    Failed {
+        stopped: bool,
+    },
+}
 
-/// The writes this leader proposed and has not applied, oldest first: each one's state, as its
-/// outcome task reports it, and their write sets merged for the next job to read over.
+impl Progress {
+    /// The answer of a job that proposed nothing and ran over this proposal, once the proposal
+    /// has settled: as the job answered if it committed; if it failed, the job is run again on
+    /// the leader (it wrote nothing, so running it twice commits nothing twice).
+    fn settled(self) -> Option<Result<Option<TxId>, SubmitError>> {
+        match self {
+            Progress::InFlight => None,
+            Progress::Committed | Progress::Applied => Some(Ok(None)),
+            Progress::Failed { stopped: false } => Some(Err(SubmitError::NotLeader)),
+            Progress::Failed { stopped: true } => Some(Err(ApiError::unavailable(
+                "this node's consensus stopped before the writes this request read were committed; nothing was \
+                 written; retry on another node",
+            )
+            .into())),
+        }
+    }
+}
+
+/// A pending proposal's progress: its outcome task sends, the writer reads, waiting answers watch.
+type ProgressCell = Arc<watch::Sender<Progress>>;
+
+/// The writes this leader proposed and has not applied, oldest first: each one's progress, as
+/// its outcome task reports it, and their write sets merged for the next job to read over.
 #[derive(Default)]
 struct PendingStack {
-    states: Vec<Arc<AtomicU8>>,
+    states: Vec<ProgressCell>,
     writes: PendingWrites,
 }
 
 impl PendingStack {
-    fn push(&mut self, writes: Arc<WriteSet>, state: Arc<AtomicU8>) {
+    fn push(&mut self, writes: Arc<WriteSet>, state: ProgressCell) {
         self.writes.push(writes);
         self.states.push(state);
     }
@@ -262,7 +301,12 @@ impl PendingStack {
     }
 
     fn any_failed(&self) -> bool {
-        self.states.iter().any(|s| s.load(Ordering::Acquire) == PROPOSAL_FAILED)
+        self.states.iter().any(|s| matches!(*s.borrow(), Progress::Failed { .. }))
+    }
+
+    /// The newest pending proposal's progress, to wait on: once it commits, every older one has.
+    fn newest(&self) -> Option<watch::Receiver<Progress>> {
+        self.states.last().map(|s| s.subscribe())
     }
 
     fn clear(&mut self) {
@@ -277,7 +321,7 @@ impl PendingStack {
     /// an applied entry while an older one stays would let the older one's value shadow the newer
     /// value the state now holds (a lost update: a transfer executed over it would undo another).
     fn drop_applied_prefix(&mut self) {
-        if let Some(newest) = self.states.iter().rposition(|s| s.load(Ordering::Acquire) == PROPOSAL_APPLIED) {
+        if let Some(newest) = self.states.iter().rposition(|s| *s.borrow() == Progress::Applied) {
             self.states.drain(..=newest);
             self.writes.drop_oldest(newest + 1);
         }
@@ -314,6 +358,9 @@ struct WriterLoop {
     pending_max: usize,
     /// How long the writer waits for room below `pending_max` before refusing a job.
     pending_wait: Duration,
+    /// Longest an answer waits for the pending writes it rests on: the request's own time,
+    /// after which nobody waits for it.
+    answer_wait: Duration,
     finished: Arc<Finished>,
     metrics: Arc<Metrics>,
 }
@@ -402,13 +449,13 @@ impl WriterLoop {
             Err(e) => return job.refuse(ApiError::from(e).into()),
         };
         let (tx, staged) = job.run(&self.runtime, tx);
-        let Some(Staged { commit, kind, claims_digest, answer }) = staged else {
+        let Some(Staged { propose, answer }) = staged else {
             return;
         };
         let writes = tx.into_writes();
-        if !commit || writes.is_empty() {
-            return answer(Ok(None));
-        }
+        let Some((kind, claims_digest)) = propose.filter(|_| !writes.is_empty()) else {
+            return self.answer_over_pending(answer);
+        };
         let writes = Arc::new(writes);
         let entry = TxEntry::new(kind, WriteSet::clone(&writes), claims_digest, &self.secrets.current().1);
         let bytes = cloister_consensus::entry_bytes(&entry);
@@ -419,7 +466,7 @@ impl WriterLoop {
             ))
             .into()));
         }
-        let state = Arc::new(AtomicU8::new(PROPOSAL_IN_FLIGHT));
+        let state: ProgressCell = Arc::new(watch::Sender::new(Progress::InFlight));
         self.pending.push(writes.clone(), state.clone());
         // Submitted here, in execution order, and refused if this node no longer leads in the
         // term it executed in; only the wait for the outcome runs concurrently.
@@ -438,11 +485,11 @@ impl WriterLoop {
         self.tokio.spawn(async move {
             let outcome = match proposal {
                 Ok(mut p) => {
-                    if answer_at_commit
-                        && let Some(tx_id) = p.committed().await
-                        && let Some(answer) = answer.take()
-                    {
-                        answer(Ok(Some(tx_id)));
+                    if answer_at_commit && let Some(tx_id) = p.committed().await {
+                        state.send_replace(Progress::Committed);
+                        if let Some(answer) = answer.take() {
+                            answer(Ok(Some(tx_id)));
+                        }
                     }
                     p.outcome().await
                 }
@@ -450,11 +497,11 @@ impl WriterLoop {
             };
             let result = match outcome {
                 Ok(tx_id) => {
-                    state.store(PROPOSAL_APPLIED, Ordering::Release);
+                    state.send_replace(Progress::Applied);
                     Ok(Some(tx_id))
                 }
                 Err(e) => {
-                    state.store(PROPOSAL_FAILED, Ordering::Release);
+                    state.send_replace(Progress::Failed { stopped: matches!(e, ProposeError::Stopped(_)) });
                     Err(match e {
                         ProposeError::NotLeader { .. } => SubmitError::NotLeader,
                         ProposeError::Unknown { tx_id, reason } => ApiError::outcome_unknown(tx_id, &reason).into(),
@@ -472,6 +519,32 @@ impl WriterLoop {
             }
         });
     }
+
+    /// Answers a job that proposed nothing. It ran over the pending writes, so its answer (a
+    /// value, a refusal, an error) may rest on them: it goes out once the newest of them has
+    /// committed, and every older one with it, or as that one failed. Answered at once, a
+    /// request that found its own earlier write pending (an account opened, a retried put) was
+    /// told it had succeeded although that write could still be dropped by a new leader.
+    fn answer_over_pending(&self, answer: Answer) {
+        let Some(mut newest) = self.pending.newest() else {
+            return answer(Ok(None));
+        };
+        if let Some(settled) = newest.borrow_and_update().settled() {
+            return answer(settled);
+        }
+        let wait = self.answer_wait;
+        self.tokio.spawn(async move {
+            let progress = match tokio::time::timeout(wait, newest.wait_for(|p| *p != Progress::InFlight)).await {
+                Ok(Ok(progress)) => *progress,
+                // The outcome task reports every proposal's end before it lets go; without a
+                // word from it, run the job again.
+                Ok(Err(_)) => Progress::Failed { stopped: false },
+                // The submitter has given up (request_timeout_ms); the answer goes with it.
+                Err(_) => return,
+            };
+            answer(progress.settled().expect("a proposal no longer in flight has settled"));
+        });
+    }
 }
 
 /// A claims digest: 32 bytes, hex.
@@ -487,9 +560,9 @@ mod tests {
     use super::*;
 
     /// A stack of one write to the same key per state, and the states, to tell which remain.
-    fn stack(states: &[u8]) -> (PendingStack, Vec<Arc<AtomicU8>>) {
+    fn stack(states: &[Progress]) -> (PendingStack, Vec<ProgressCell>) {
         let mut stack = PendingStack::default();
-        let states: Vec<_> = states.iter().map(|&s| Arc::new(AtomicU8::new(s))).collect();
+        let states: Vec<_> = states.iter().map(|&s| Arc::new(watch::Sender::new(s))).collect();
         for (i, state) in states.iter().enumerate() {
             let mut writes = WriteSet::default();
             writes.put("m", b"k", &[i as u8]);
@@ -499,7 +572,7 @@ mod tests {
     }
 
     /// Which of the stacked writes remain, by their place in the original stack.
-    fn remaining(stack: &PendingStack, states: &[Arc<AtomicU8>]) -> Vec<usize> {
+    fn remaining(stack: &PendingStack, states: &[ProgressCell]) -> Vec<usize> {
         assert_eq!(stack.writes.len(), stack.states.len(), "the states and the writes stay in step");
         stack.states.iter().map(|s| states.iter().position(|o| Arc::ptr_eq(o, s)).unwrap()).collect()
     }
@@ -510,11 +583,14 @@ mod tests {
     /// concurrent transfers ended with balances off by one transfer.)
     #[test]
     fn an_applied_write_takes_every_older_one_with_it() {
-        let cases: [(&[u8], &[usize]); 4] = [
-            (&[PROPOSAL_IN_FLIGHT, PROPOSAL_APPLIED, PROPOSAL_IN_FLIGHT], &[2]),
-            (&[PROPOSAL_APPLIED, PROPOSAL_IN_FLIGHT, PROPOSAL_IN_FLIGHT], &[1, 2]),
-            (&[PROPOSAL_IN_FLIGHT, PROPOSAL_IN_FLIGHT], &[0, 1]),
-            (&[PROPOSAL_APPLIED, PROPOSAL_APPLIED], &[]),
+        use Progress::{Applied, Committed, InFlight};
+        let cases: [(&[Progress], &[usize]); 5] = [
+            (&[InFlight, Applied, InFlight], &[2]),
+            (&[Applied, InFlight, InFlight], &[1, 2]),
+            (&[InFlight, InFlight], &[0, 1]),
+            (&[Applied, Applied], &[]),
+            // Committed is not applied: the state does not hold it yet.
+            (&[Committed, InFlight], &[0, 1]),
         ];
         for (states, left) in cases {
             let (mut stack, states) = stack(states);
