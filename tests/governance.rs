@@ -8,6 +8,7 @@ use cloister_client::{COSE_CONTENT_TYPE, Client, sign_gov, unix_now};
 use cloister_crypto::cose::{self, GovWrite};
 use cloister_crypto::identity::KeyedCert;
 use cloister_store::gov::{self, HistoryRecord};
+use cloister_tests::cluster::Cluster;
 use cloister_tests::{TestService, misbehave_wasm, new_identity};
 use serde_json::{Value, json};
 
@@ -459,4 +460,39 @@ async fn governance_over_grpc() {
     assert_eq!(replay.code(), tonic::Code::AlreadyExists, "{replay:?}");
     let read = gov.read(ReadRequest { path: format!("/gov/proposals/{id}") }).await.unwrap();
     assert!(read.get_ref().json.contains("set_recovery_threshold"));
+}
+
+/// A follower refuses a forged governance request itself: a signature that fails against the
+/// certificate its signer's id names fails on every node. Forwarded, as it was, each forged copy
+/// cost the leader a P-384 check in its shared `gov_checks_inflight_max` slots, past the
+/// per-address bound the follower had applied, so one address could keep members' requests out
+/// through a follower. The other two nodes are frozen (SIGSTOP): a request the follower forwards
+/// gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_refuses_a_forged_governance_request_without_the_leader() {
+    let mut c = Cluster::start(3, 1, RECONCILE, |_| {}).await;
+    let leader = c.leader().await.expect("a leader");
+    let follower = (leader + 1) % 3;
+    let client = c.client(follower, 0).await.unwrap();
+    let mut forged =
+        sign_gov(&c.members[0].keyed, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();
+    *forged.last_mut().unwrap() ^= 1;
+    let others: Vec<i32> =
+        (0..3).filter(|i| *i != follower).map(|i| i32::try_from(c.nodes[i].pid().unwrap()).unwrap()).collect();
+    let signal = |signal| {
+        for pid in &others {
+            // SAFETY: kill(2) on a child process this test started.
+            assert_eq!(unsafe { libc::kill(*pid, signal) }, 0);
+        }
+    };
+    signal(libc::SIGSTOP);
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.post(&GovWrite::Propose.path(), COSE_CONTENT_TYPE, forged),
+    )
+    .await;
+    signal(libc::SIGCONT);
+    let reply = answered.expect("the follower answers without the leader").unwrap();
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    assert_eq!(reply.json().unwrap()["error"]["code"], "BadSignature", "{}", reply.text());
 }

@@ -238,9 +238,21 @@ fn verified(
             )
         });
     };
-    request.verify(&member.cert).map_err(|e| refuse(Refusal::Unauthenticated, "BadSignature", e))?;
+    request.verify(&member.cert).map_err(|e| {
+        let code = match cloister_crypto::identity::id_of_pem(member.cert.as_bytes()) {
+            Ok(id) if id == request.signer => BAD_SIGNATURE,
+            // A constitution recorded the member under another id than its certificate's.
+            _ => "SignatureNotVerified",
+        };
+        refuse(Refusal::Unauthenticated, code, e)
+    })?;
     Ok((request, member))
 }
+
+/// The refusal of a signature that does not verify against the certificate its signer's id
+/// names. An id is its certificate's digest, so no node's state makes such a request valid: a
+/// follower refuses it itself, where it forwards a signer it does not know (yet).
+pub const BAD_SIGNATURE: &str = "BadSignature";
 
 fn ack(tx: &mut Tx, request: &SignedRequest) -> Result<Value, GovError> {
     let mut record = member(tx, &request.signer)?.expect("authenticate found the member");
