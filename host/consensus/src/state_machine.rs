@@ -799,8 +799,8 @@ impl StateMachine {
         let (mut input, version) = self.open_snapshot(path)?;
         let sealer = self.sealer_of(version)?;
         let (head, history, start) = read_preamble(&mut input, path)?;
-        if head.last_log_id != meta.last_log_id {
-            return Err(invalid("the file does not match its metadata"));
+        if head != *meta {
+            return Err(invalid(METADATA_MISMATCH));
         }
         let store = &self.inner.store;
         let mut txn = store.write_batch().map_err(io_other)?;
@@ -921,8 +921,8 @@ impl StateMachine {
         self.learn_secrets_from_snapshot(path)?;
         let (mut input, _) = self.open_snapshot(path)?;
         let (head, _, start) = read_preamble(&mut input, path)?;
-        if head.last_log_id != meta.last_log_id {
-            return Err(invalid("the file does not match its metadata"));
+        if head != *meta {
+            return Err(invalid(METADATA_MISMATCH));
         }
         let mut endorsed = SnapshotEndorsements::default();
         while let Some(record) = read_record(&mut input)? {
@@ -1211,6 +1211,11 @@ fn invalid_snapshot(path: &Path, message: &str) -> io::Error {
 
 /// A snapshot's first records, after the magic: its metadata, the term history (encoded) and the
 /// ledger's start.
+/// Why a snapshot whose message carries other metadata than its file is refused. The file's
+/// head is under its MAC, the message's is not: a peer could send a genuine file with a
+/// membership of its choosing, which the install recorded and openraft adopted.
+const METADATA_MISMATCH: &str = "the metadata sent with it (its last entry and membership) is not the file's own";
+
 fn read_preamble(input: &mut impl Read, path: &Path) -> io::Result<(SnapshotMeta, Vec<u8>, StartState)> {
     let head = read_head_from(input)?;
     let history = read_record(input)?.ok_or_else(|| invalid_snapshot(path, "the term history is missing"))?;
@@ -2201,6 +2206,31 @@ mod tests {
         let installed = contents(&target, "app/m");
         assert_eq!(installed, [(b"PARTY1".to_vec(), b"v1".to_vec()), (b"PARTY2".to_vec(), b"v2".to_vec())]);
         assert_eq!(contents(&target, "app/public:t"), [(b"k".to_vec(), b"open".to_vec())]);
+    }
+
+    /// The attack: a peer sends a genuine snapshot file (its MAC holds) with metadata of its
+    /// own in the message: a membership it chose, which the install recorded and openraft
+    /// adopted, since only the last log id was compared with the file's head. Now the whole
+    /// metadata must be the file's, or nothing is installed.
+    #[test]
+    fn a_snapshot_installs_only_with_the_metadata_its_file_carries() {
+        let (_a, source) = node_with([1; 32], &[("app/m", "PARTY1", "v1")]);
+        let snapshot = source.build_file().unwrap();
+        let (_b, target) = node_with([1; 32], &[("app/m", "TARGETS OWN", "x")]);
+        let before = contents(&target, "app/m");
+        let install = |meta: &SnapshotMeta| {
+            let path = target.incoming_path();
+            std::fs::copy(&snapshot.snapshot.path, &path).unwrap();
+            target.install(meta, &SnapshotFile { path, seal: None })
+        };
+        let mut other = snapshot.meta.clone();
+        let forged_at = openraft::testing::log_id::<TypeConfig>(9, 7, 1);
+        other.last_membership = StoredMembership::new(Some(forged_at), other.last_membership.membership().clone());
+        let err = install(&other).expect_err("another membership");
+        assert!(err.to_string().contains(METADATA_MISMATCH), "{err}");
+        assert_eq!(contents(&target, "app/m"), before, "nothing was installed");
+        install(&snapshot.meta).expect("the file's own metadata");
+        assert_eq!(contents(&target, "app/m"), [(b"PARTY1".to_vec(), b"v1".to_vec())]);
     }
 
     /// Records `applied` as the state's applied log id, as applying up to it would.
