@@ -144,6 +144,7 @@ impl pb::peer_server::Peer for PeerService {
             }
         };
         let (vote, meta): (Vote, SnapshotMeta) = decode(&head, "a snapshot head").map_err(bad_request)?;
+        snapshot_within_vote(&vote, &meta)?;
         let path = self.consensus.sm.incoming_path();
         let mut seal = None;
         let received = async {
@@ -199,6 +200,18 @@ impl pb::peer_server::Peer for PeerService {
         }
         let voters = self.consensus.add_voter(id, addr).await?;
         Ok(Response::new(pb::JoinReply { voters }))
+    }
+}
+
+/// Refuses a snapshot whose last entry is later than its sender's vote. openraft asserts that
+/// no snapshot is, and a peer that sent one (a later snapshot with an earlier vote, which this
+/// node accepts when it is further behind still) stopped this node's Raft with a panic.
+fn snapshot_within_vote(vote: &Vote, meta: &SnapshotMeta) -> Result<(), Status> {
+    match &meta.last_log_id {
+        Some(last) if last.leader_id > vote.leader_id => Err(Status::invalid_argument(format!(
+            "the snapshot's last entry {last} is later than the vote {vote} it was sent with"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -282,5 +295,19 @@ mod tests {
         let (handed, refusal) = read(vec![request(1), Err(Status::cancelled("reset"))], 10).await;
         assert_eq!(handed, [1]);
         assert_eq!(refusal.expect("a refusal").code(), tonic::Code::Cancelled);
+    }
+
+    #[test]
+    fn a_snapshot_later_than_its_senders_vote_is_refused_before_raft_sees_it() {
+        let meta = |term| SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id::<TypeConfig>(term, 1, 40)),
+            ..Default::default()
+        };
+        let vote = Vote::new_committed(4, 1);
+        assert!(snapshot_within_vote(&vote, &meta(4)).is_ok());
+        assert!(snapshot_within_vote(&vote, &meta(3)).is_ok());
+        assert!(snapshot_within_vote(&vote, &SnapshotMeta::default()).is_ok(), "an empty snapshot");
+        let refused = snapshot_within_vote(&vote, &meta(5)).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     }
 }
