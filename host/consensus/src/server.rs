@@ -170,9 +170,14 @@ impl pb::peer_server::Peer for PeerService {
             tracing::warn!(error = %e, "refused a snapshot");
             return Err(Status::failed_precondition(format!("the snapshot was refused: {e}")));
         }
+        let received = file.path.clone();
         let snapshot = openraft::storage::Snapshot { meta, snapshot: file };
-        let reply = self.consensus.raft.install_full_snapshot(vote, snapshot).await.map_err(consensus_stopped)?;
-        Ok(Response::new(pb::Blob { data: encode(&reply) }))
+        // openraft answers once the snapshot is installed (the file then has its final name)
+        // or passed over (not newer than what this node has committed, or sent with a vote it
+        // refuses): a file passed over is still here, as large as the state, and goes.
+        let reply = self.consensus.raft.install_full_snapshot(vote, snapshot).await;
+        let _ = tokio::fs::remove_file(&received).await;
+        Ok(Response::new(pb::Blob { data: encode(&reply.map_err(consensus_stopped)?) }))
     }
 
     type ForwardStream = Pin<Box<dyn Stream<Item = Result<pb::ForwardAnswer, Status>> + Send>>;

@@ -473,12 +473,16 @@ impl StateMachine {
         term_of(&self.inner.store.read_txn().map_err(io_other)?, index)
     }
 
-    /// After a restart, the newest snapshot file on disk is the current file again.
+    /// After a restart, the newest snapshot file on disk is the current file again. A file
+    /// still being written or received when the node stopped (`.tmp`, each as large as the
+    /// state) is deleted: nothing at start is building or receiving one.
     fn adopt_latest_snapshot_file(&self) -> anyhow::Result<()> {
         let mut newest: Option<(u64, PathBuf, SnapshotMeta)> = None;
         for entry in std::fs::read_dir(&self.inner.snapshot_dir)? {
             let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "snap") {
+            if path.extension().is_some_and(|e| e == "tmp") {
+                std::fs::remove_file(&path)?;
+            } else if path.extension().is_some_and(|e| e == "snap") {
                 // A file of an older format (or a damaged one) is passed over: openraft builds
                 // a new snapshot when it needs one.
                 let meta = match read_head(&path) {
@@ -652,7 +656,7 @@ impl StateMachine {
         let path = self.inner.snapshot_dir.join(snapshot_name(&meta));
         let tmp = path.with_extension("tmp");
         let mut records = 0u64;
-        {
+        let written = (|| -> io::Result<()> {
             let mut out = Maced::new(BufWriter::new(std::fs::File::create(&tmp)?), sealer.as_deref());
             write_head(&mut out, version, &meta)?;
             write_record(&mut out, &history)?;
@@ -680,7 +684,11 @@ impl StateMachine {
             {
                 write_record(&mut out, &encode(&SnapshotRecord::Private(chunk.seal(s))))?;
             }
-            write_end(out)?.into_inner().map_err(|e| io_other(e.error()))?.sync_all()?;
+            write_end(out)?.into_inner().map_err(|e| io_other(e.error()))?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
         std::fs::rename(&tmp, &path)?;
         cloister_crypto::identity::sync_dir(&self.inner.snapshot_dir)?;
@@ -2231,6 +2239,26 @@ mod tests {
         assert_eq!(contents(&target, "app/m"), before, "nothing was installed");
         install(&snapshot.meta).expect("the file's own metadata");
         assert_eq!(contents(&target, "app/m"), [(b"PARTY1".to_vec(), b"v1".to_vec())]);
+    }
+
+    /// A file a build or a receive left half-written when the node stopped (each as large as
+    /// the state) was never deleted: nothing cleaned `.tmp` files in the snapshot folder, so
+    /// repeated sends passed over, or builds that failed, could fill the disk. A start deletes
+    /// them, and keeps the snapshot files.
+    #[test]
+    fn files_left_half_written_or_received_are_deleted_at_start() {
+        let (dir, source) = node_with([1; 32], &[("app/m", "PARTY1", "v1")]);
+        let built = source.build_file().unwrap().snapshot.path;
+        drop(source);
+        let snapshots = built.parent().unwrap().to_path_buf();
+        for name in ["incoming-0123456789abcdef.tmp", "00000000000000000001-00000000000000000010.tmp"] {
+            std::fs::write(snapshots.join(name), b"half").unwrap();
+        }
+        let state_key = Arc::new(Sealer::new(&Sealer::generate_secret()));
+        let store = Store::open_sealed(&dir.path().join("state-2.redb"), state_key).unwrap();
+        let _sm = StateMachine::without_ledger(store, None, snapshots.clone()).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&snapshots).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(left, [built], "only the snapshot file is left");
     }
 
     /// Records `applied` as the state's applied log id, as applying up to it would.
