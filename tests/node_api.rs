@@ -203,6 +203,29 @@ async fn request_timeout_and_inflight_limits() {
     assert_eq!(m.post("/app/put/next", "text/plain", "x").await.unwrap().status, 204, "the writer is free");
 }
 
+/// A read's permit (`reads_inflight_max`) is held by the contract it runs, not by the request.
+/// A request that times out, or whose client resets it, ends, but its contract runs on until
+/// `wall_time_ms` stops it. Freed with the request, the permit let such reads run more at once
+/// than the limit, and past `instances_max` every write was refused for want of an instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_holds_its_permit_until_its_contract_stops() {
+    let service = TestService::start_with(2, 0, &misbehave_wasm(), |c| {
+        c.limits = Limits { request_timeout_ms: 300, reads_inflight_max: 1, ..Limits::default() };
+        c.wasm = endless_loops();
+    })
+    .await;
+    let (a, b) = (service.member(0).await, service.member(1).await);
+    let started = Instant::now();
+    assert_error(&a.get("/app/spin").await.unwrap(), 503, "ServiceUnavailable", "request_timeout_ms");
+    // The spinning contract holds the one permit until it is stopped, 2 s after it started:
+    // the next read waits for it, and times out too.
+    let waited = b.get("/app/get/k").await.unwrap();
+    assert_error(&waited, 503, "ServiceUnavailable", "request_timeout_ms");
+    assert!(started.elapsed() < Duration::from_millis(1_800), "{:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(b.get("/app/get/k").await.unwrap().status, 404, "once it is stopped, reads run again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_queue_is_bounded() {
     let service = TestService::start_with(3, 0, &misbehave_wasm(), |c| {
@@ -1106,6 +1129,8 @@ async fn metrics_parse_and_move_with_requests() {
     }
     assert_eq!(user.post("/app/panic?what=now", "text/plain", "").await.unwrap().status, 500);
     assert_eq!(anonymous.get("/no/such/endpoint-xyzzy").await.unwrap().status, 404);
+    let made_up = anonymous.request("PLUGH", "/app/put/a", None, "").await.unwrap();
+    assert!(made_up.status >= 400, "{}", made_up.text());
     let mut grpc = AppClient::new(
         grpc_channel(&service.grpc_url(), &service.ca_pem, Some(&service.users[0].keyed)).await.unwrap(),
     );
@@ -1123,6 +1148,8 @@ async fn metrics_parse_and_move_with_requests() {
     assert_eq!(moved("cloister_requests", &grpc_ok), 1.0, "{text}");
     assert_eq!(moved("cloister_requests", &[("endpoint", "unmatched"), ("status", "404")]), 1.0, "{text}");
     assert!(!text.contains("xyzzy"), "a path a client makes up never becomes a label:\n{text}");
+    assert!(!text.contains("PLUGH"), "nor a method:\n{text}");
+    assert_eq!(moved("cloister_requests", &[("endpoint", "OTHER /app/{*path}")]), 1.0, "{text}");
     assert!(moved("cloister_raft_commit_index", &[]) >= 3.0, "{text}");
     assert!(moved("cloister_raft_apply_index", &[]) >= 3.0, "{text}");
     let batches = moved("cloister_raft_apply_batches", &[]);
