@@ -35,6 +35,14 @@ fn spin(req: &Request) -> Result<Response, Error> {
     }
 }
 
+/// Spins in a read, writing nothing, until the node stops it (`wall_time_ms`).
+fn spin_reading(_: &Request) -> Result<Response, Error> {
+    let mut n = 0u64;
+    loop {
+        n = black_box(n.wrapping_add(1));
+    }
+}
+
 fn grow(req: &Request) -> Result<Response, Error> {
     mark(req);
     let mut hoard = Vec::new();
@@ -201,6 +209,7 @@ pub fn router() -> Router {
         .post("/put/{key}", put)
         .get("/get/{key}", get)
         .post("/loop", spin)
+        .get("/spin", spin_reading)
         .post("/grow", grow)
         .post("/recurse", recurse)
         .post("/panic", panic)

@@ -75,7 +75,7 @@ pub struct Service {
     app_loading: tokio::sync::Mutex<()>,
     limits: Limits,
     writer: Writer,
-    reads: tokio::sync::Semaphore,
+    reads: Arc<tokio::sync::Semaphore>,
     inflight: Mutex<HashMap<String, usize>>,
     info: NodeInfo,
     gov: GovSection,
@@ -245,7 +245,7 @@ impl Service {
         let writer =
             Writer::start(runtime.clone(), store.clone(), consensus.clone(), secrets, &limits, metrics.clone())?;
         let service = Service {
-            reads: tokio::sync::Semaphore::new(limits.reads_inflight_max),
+            reads: Arc::new(tokio::sync::Semaphore::new(limits.reads_inflight_max)),
             gov_checks: GovChecks::new(&limits),
             peer_standings: Mutex::default(),
             callers: Mutex::default(),
@@ -1095,9 +1095,15 @@ impl Service {
     ) -> Result<AppReply, ApiError> {
         self.wait_readable().await?;
         self.ensure_open()?;
-        let _permit = self.reads.acquire().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
+        let permit =
+            self.reads.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
         let service = self.clone();
         tokio::task::spawn_blocking(move || {
+            // Held by the read itself, not by the request: a client that resets its stream drops
+            // the request, but the contract runs on to its end, and a permit freed with the
+            // request let resets run more reads at once than `reads_inflight_max` (and, past
+            // `instances_max`, refuse every write).
+            let _permit = permit;
             let tx = service.store.begin()?;
             let inv = Invocation {
                 head: &head,
