@@ -133,6 +133,8 @@ pub fn verify_dir(
     // The service's endorsements as the entries so far leave them, by node id; checked from the
     // first one on (a ledger from before endorsements has none until its leader writes them).
     let mut endorsements: Option<BTreeMap<u64, cloister_store::gov::EndorsementRecord>> = None;
+    // Whether they are all here: after a snapshot start, those written before it are not.
+    let mut endorsements_whole = true;
     for (i, path) in paths.iter().enumerate() {
         let fault = |seqno: Option<u64>, message: String| VerifyError::Fault { seqno, file: path.clone(), message };
         let chunk = files::read_chunk(path).map_err(|e| fault(next, format!("cannot read the file: {e}")))?;
@@ -186,6 +188,7 @@ pub fn verify_dir(
                     chain_head = s.chain;
                     next = Some(s.next);
                     snapshot_next = Some(s.next);
+                    endorsements_whole = false;
                 }
                 Record::Entry(e) => {
                     let expected = next.unwrap_or(0);
@@ -228,7 +231,7 @@ pub fn verify_dir(
                             check_signature(sig, e.seqno, &nodes, &chains, ca).map_err(|m| fault(Some(e.seqno), m))?;
                         }
                         if let Some(endorsed) = &endorsements {
-                            check_endorsed(sig, endorsed).map_err(|m| fault(Some(e.seqno), m))?;
+                            check_endorsed(sig, endorsed, endorsements_whole).map_err(|m| fault(Some(e.seqno), m))?;
                         }
                         report.signatures += 1;
                         report.last_signed = Some(sig.tree_size);
@@ -359,10 +362,16 @@ pub fn check_signers_endorsed_by(entries: &[LedgerEntry], identity: &[u8]) -> Re
 fn check_endorsed(
     sig: &SignaturePayload,
     endorsed: &BTreeMap<u64, cloister_store::gov::EndorsementRecord>,
+    whole: bool,
 ) -> Result<(), String> {
-    let record = endorsed
-        .get(&sig.node_id)
-        .ok_or_else(|| format!("node {} signed, but the service never endorsed it", sig.node_id))?;
+    let Some(record) = endorsed.get(&sig.node_id) else {
+        // Past a snapshot start, a signer with no record since may have been endorsed before
+        // it (the node checked it then, as it applied it): only the whole ledger can tell.
+        return match whole {
+            true => Err(format!("node {} signed, but the service never endorsed it", sig.node_id)),
+            false => Ok(()),
+        };
+    };
     if record.cert_sha256 != hex::encode(super::entry::cert_sha256(&sig.node_cert)) {
         return Err(format!("node {} signed with a certificate other than the one the service endorsed", sig.node_id));
     }
@@ -462,7 +471,7 @@ impl SnapshotSeal {
             ));
         }
         sig.verify_by_node()?;
-        check_endorsed(sig, &endorsed.0)
+        check_endorsed(sig, &endorsed.0, true)
     }
 }
 
@@ -917,7 +926,7 @@ mod tests {
             }
             let root = merkle::root(&built.replica, 20).unwrap();
             let sig = SignaturePayload::sign(20, root, built.entries[19].chain, signer);
-            check_endorsed(&sig, &endorsed)
+            check_endorsed(&sig, &endorsed, true)
         };
         let mut built = Built::new();
         built.sign_through(25);
@@ -929,6 +938,46 @@ mod tests {
         assert!(err.contains("was retired"), "{err}");
         let err = walk(&built, &[(signer.node_id + 1, None)], &signer).unwrap_err();
         assert!(err.contains("never endorsed"), "{err}");
+    }
+
+    /// A node that installed a snapshot has no endorsement made before it in its folder. The
+    /// first `gov.endorsements` write after it (a node joining, or one retiring) began the
+    /// walk's record of endorsements with that one node, so the next signature by any other
+    /// node was "never endorsed", and the node, whose start runs this walk, never started
+    /// again. A signer with no record since the snapshot now passes there; the whole ledger
+    /// still holds every signer to its record.
+    #[test]
+    fn after_a_snapshot_start_a_signer_endorsed_before_it_still_verifies() {
+        use cloister_store::gov::{ENDORSEMENTS, EndorsementRecord};
+        let mut built = Built::new();
+        built.sign_through(5);
+        {
+            let store = built.store.clone();
+            let batch = store.write_batch().unwrap();
+            let mut appender = index::Appender::new(batch.txn(), built.ca_der.clone()).unwrap();
+            while appender.state().size < 10 {
+                built.push(&mut appender, Payload::Blank);
+            }
+            let another = EndorsementRecord { cert_sha256: "00".repeat(32), until: None, signature: None };
+            let mut ws = cloister_store::WriteSet::default();
+            ws.put(ENDORSEMENTS, b"424242", &serde_json::to_vec(&another).unwrap());
+            let sealer = cloister_crypto::seal::Sealer::new(&[0; 32]);
+            built.push(&mut appender, Payload::Tx(TxEntry::new(TxKind::Gov, ws, None, &sealer)));
+            appender.finish().unwrap();
+            batch.commit().unwrap();
+        }
+        built.sign_through(15);
+        let from_snapshot = tempfile::tempdir().unwrap();
+        built.write(from_snapshot.path(), Some(8), 8..=15);
+        let report = verify_dir(from_snapshot.path(), Some(&built.ca_der), None).expect("the folder after a snapshot");
+        assert_eq!((report.first_seqno, report.last_seqno, report.signatures), (Some(8), Some(15), 1));
+        let whole = tempfile::tempdir().unwrap();
+        built.write(whole.path(), None, 0..=15);
+        let err = verify_dir(whole.path(), Some(&built.ca_der), None).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::Fault { seqno: Some(15), message, .. } if message.contains("never endorsed")),
+            "{err}"
+        );
     }
 
     /// The attack: whoever holds ledger files writes a ledger of their own (its own genesis, its
