@@ -283,14 +283,24 @@ pub fn verify_dir(
     Ok(report)
 }
 
+/// The node id a key of `gov.endorsements` names, in the one form a node writes it (decimal,
+/// no sign, no leading zero). `parse` alone took `+7` and `007` for node 7: a ledger could then
+/// reopen a retired node's endorsement under another key, which this walk read as node 7's and
+/// [`check_signers_endorsed_by`], comparing keys as text, did not see as a change of the closed
+/// record.
+fn node_id_key(key: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(key).ok()?;
+    text.parse::<u64>().ok().filter(|id| id.to_string() == text)
+}
+
 /// Records a write to `gov.endorsements`.
 fn note_endorsement(
     endorsed: &mut BTreeMap<u64, cloister_store::gov::EndorsementRecord>,
     key: &[u8],
     value: Option<&[u8]>,
 ) -> Result<(), String> {
-    let id = std::str::from_utf8(key).ok().and_then(|k| k.parse::<u64>().ok());
-    let id = id.ok_or_else(|| format!("gov.endorsements has a key that is not a node id: {}", printable(key)))?;
+    let id = node_id_key(key)
+        .ok_or_else(|| format!("gov.endorsements has a key that is not a node id: {}", printable(key)))?;
     match value {
         Some(v) => {
             let record =
@@ -938,6 +948,15 @@ mod tests {
         assert!(err.contains("was retired"), "{err}");
         let err = walk(&built, &[(signer.node_id + 1, None)], &signer).unwrap_err();
         assert!(err.contains("never endorsed"), "{err}");
+    }
+
+    #[test]
+    fn an_endorsement_key_names_a_node_in_one_form_only() {
+        assert_eq!(node_id_key(b"7"), Some(7));
+        assert_eq!(node_id_key(b"18446744073709551615"), Some(u64::MAX));
+        for other in [&b"+7"[..], b"07", b"007", b" 7", b"7 ", b"", b"0x7", b"18446744073709551616"] {
+            assert_eq!(node_id_key(other), None, "{}", String::from_utf8_lossy(other));
+        }
     }
 
     /// A node that installed a snapshot has no endorsement made before it in its folder. The
