@@ -82,6 +82,12 @@ async fn joins_are_attested_governed_and_revocable() {
     // The CLI verifies the same evidence offline, and names the check a stricter policy fails.
     let client = cluster.client(0, 0).await.unwrap();
     let mut policy: Value = client.get("/node/attestation/policy").await.unwrap().json().unwrap();
+    // The first node's reported TCB is the lowest a joining node's may be (as in CCF); before,
+    // with none recorded, any VCEK passed, however old the firmware it was issued for.
+    for part in ["bootloader", "tee", "snp", "microcode"] {
+        let first = &nodes.iter().find(|n| n["name"] == "node0").expect("node0")["verified"]["tcb"][part];
+        assert_eq!(&policy["min_tcb"][part], first, "{policy}");
+    }
     let dir = cluster.dir.path();
     std::fs::write(dir.join("evidence.json"), nodes[2].to_string()).unwrap();
     std::fs::write(dir.join("policy.json"), policy.to_string()).unwrap();

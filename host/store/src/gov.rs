@@ -224,6 +224,7 @@ impl FirstNode<'_> {
         put(ws, ATTESTATION_ROOT, ROOT_KEY, &self.attestation.roots);
         put(ws, MEASUREMENTS, self.attestation.measurement.as_bytes(), &true);
         put(ws, HOST_DATA, self.attestation.host_data.as_bytes(), &true);
+        put(ws, MIN_TCB, MIN_TCB_KEY, &self.attestation.min_tcb);
         if let Some(set) = &self.attestation.azure_pcrs {
             put(ws, AZURE_PCRS, pcr_set_key(set).as_bytes(), set);
         }
@@ -241,6 +242,10 @@ pub struct GenesisAttestation {
     pub host_data: String,
     /// On Azure: the first node's PCRs that a new service allows first.
     pub azure_pcrs: Option<PcrSet>,
+    /// The first node's reported TCB: the lowest a joining node's may be, until a proposal
+    /// (`set_min_tcb`) moves it. Without one, any AMD-signed VCEK passed, however old the
+    /// firmware it was issued for.
+    pub min_tcb: Tcb,
     pub evidence: serde_json::Value,
     pub verified: serde_json::Value,
 }
