@@ -73,6 +73,12 @@ impl ApiError {
         ApiError::new(503, "ServiceUnavailable", message)
     }
 
+    /// 503 for a write that may or may not have committed: a client must find out before it
+    /// sends the write again.
+    fn unknown_outcome(message: impl Into<String>) -> Self {
+        ApiError::new(503, "TransactionOutcomeUnknown", message)
+    }
+
     /// An error about a transaction whose outcome this node does not know yet.
     pub(crate) fn outcome_unknown(tx_id: Option<cloister_ledger::txid::TxId>, reason: &str) -> Self {
         let message = match tx_id {
@@ -83,7 +89,7 @@ impl ApiError {
                 "leadership changed before the write was known to commit ({reason}); it may or may not have committed"
             ),
         };
-        let mut e = ApiError::new(503, "TransactionOutcomeUnknown", message);
+        let mut e = ApiError::unknown_outcome(message);
         e.tx_id = tx_id;
         if let Some(id) = tx_id {
             e.details = Some(json!({ "tx_id": id.to_string() }));
@@ -99,15 +105,11 @@ impl ApiError {
             cloister_consensus::ForwardError::NotRun(s) => {
                 ApiError::unavailable(format!("forwarding to the leader {leader} failed: {}", s.message()))
             }
-            cloister_consensus::ForwardError::Unanswered(s) => ApiError::new(
-                503,
-                "TransactionOutcomeUnknown",
-                format!(
-                    "the stream to the leader {leader} ended before it answered ({}); a write may or may not \
-                     have committed",
-                    s.message()
-                ),
-            ),
+            cloister_consensus::ForwardError::Unanswered(s) => ApiError::unknown_outcome(format!(
+                "the stream to the leader {leader} ended before it answered ({}); a write may or may not have \
+                 committed",
+                s.message()
+            )),
         }
     }
 
