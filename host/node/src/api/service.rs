@@ -81,7 +81,7 @@ pub struct Service {
     gov: GovSection,
     requests: AtomicU64,
     joins: Arc<attest::Joins>,
-    gov_checks: GovChecks,
+    gov_checks: Arc<GovChecks>,
     metrics: Arc<Metrics>,
     peer_standings: Mutex<GovMemo<Vec<u8>, attest::Standing>>,
     /// The member or user behind each client certificate, by its id (`None`: neither).
@@ -152,14 +152,15 @@ struct GovChecks {
     per_address_max: usize,
 }
 
-/// A claimed check slot, released when the check ends.
-struct GovCheckSlot<'a> {
-    checks: &'a GovChecks,
+/// A claimed check slot, released when the check ends: it moves into the task that runs the
+/// check, so a client that hangs up does not free it while its check still takes the CPU.
+struct GovCheckSlot {
+    checks: Arc<GovChecks>,
     address: Option<std::net::IpAddr>,
     _overall: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for GovCheckSlot<'_> {
+impl Drop for GovCheckSlot {
     fn drop(&mut self) {
         if let Some(address) = self.address {
             let mut counts = self.checks.per_address.lock().expect("gov checks lock");
@@ -170,6 +171,17 @@ impl Drop for GovCheckSlot<'_> {
                 }
             }
         }
+    }
+}
+
+impl GovCheckSlot {
+    /// Runs a check on the blocking pool, holding this slot until the check returns, whether or
+    /// not anyone still awaits it.
+    fn run<R: Send + 'static>(self, check: impl FnOnce() -> R + Send + 'static) -> tokio::task::JoinHandle<R> {
+        tokio::task::spawn_blocking(move || {
+            let _slot = self;
+            check()
+        })
     }
 }
 
@@ -185,7 +197,7 @@ impl GovChecks {
         }
     }
 
-    fn claim(&self, address: Option<std::net::IpAddr>) -> Result<GovCheckSlot<'_>, ApiError> {
+    fn claim(self: &Arc<Self>, address: Option<std::net::IpAddr>) -> Result<GovCheckSlot, ApiError> {
         let busy = |what: &str| {
             ApiError::too_many_retry_after(
                 format!("too many governance requests are being checked {what}; retry shortly"),
@@ -201,7 +213,7 @@ impl GovChecks {
             }
             *n += 1;
         }
-        Ok(GovCheckSlot { checks: self, address, _overall: overall })
+        Ok(GovCheckSlot { checks: self.clone(), address, _overall: overall })
     }
 }
 
@@ -246,7 +258,7 @@ impl Service {
             Writer::start(runtime.clone(), store.clone(), consensus.clone(), secrets, &limits, metrics.clone())?;
         let service = Service {
             reads: Arc::new(tokio::sync::Semaphore::new(limits.reads_inflight_max)),
-            gov_checks: GovChecks::new(&limits),
+            gov_checks: Arc::new(GovChecks::new(&limits)),
             peer_standings: Mutex::default(),
             callers: Mutex::default(),
             installed_app: Mutex::default(),
@@ -958,12 +970,12 @@ impl Service {
         body: &bytes::Bytes,
         source: Option<std::net::IpAddr>,
     ) -> Result<(), ApiError> {
-        let _slot = self.gov_checks.claim(source)?;
+        let slot = self.gov_checks.claim(source)?;
         let tx = self.store.begin()?;
         let policy =
             gov::RequestPolicy { request_window_s: self.gov.request_window_s, now: cloister_crypto::cose::unix_now() };
         let (write, body) = (write.clone(), body.clone());
-        tokio::task::spawn_blocking(move || gov::precheck(&tx, &write, &body, &policy))
+        slot.run(move || gov::precheck(&tx, &write, &body, &policy))
             .await
             .map_err(|e| ApiError::internal(format!("the governance check stopped: {e}")))?
             .map_err(ApiError::from)
@@ -1296,6 +1308,29 @@ mod tests {
         standings.remember(3, b"node-b".to_vec(), Standing::Trusted, PEER_STANDINGS_MAX);
         assert_eq!(standings.get(4, b"node-a".as_slice()), None);
         assert_eq!(standings.get(4, b"node-b".as_slice()), None);
+    }
+
+    /// A governance check's slot is held until the check itself returns: a client that hangs up
+    /// mid-check does not free it. (Freed with the request, each hang-up left a check running
+    /// outside the bound: one address could keep any number of them busy.)
+    #[tokio::test]
+    async fn a_check_holds_its_slot_after_its_client_has_gone() {
+        let limits = Limits { gov_checks_per_address_max: 1, gov_checks_inflight_max: 4, ..Limits::default() };
+        let checks = Arc::new(GovChecks::new(&limits));
+        let address = Some(std::net::IpAddr::from([192, 0, 2, 7]));
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let check = checks.claim(address).unwrap().run(move || held.recv().is_ok());
+        // The client hangs up: nobody awaits the check any more.
+        drop(check);
+        let refused = checks.claim(address).err().expect("the running check still holds the address's slot");
+        assert_eq!(refused.status, 429, "{}", refused.message);
+        assert!(refused.message.contains("gov_checks_per_address_max"), "{}", refused.message);
+        release.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while checks.claim(address).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the slot was never released");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Keys past the bound (PEER_STANDINGS_MAX, CALLERS_REMEMBERED_MAX) start the memory over
