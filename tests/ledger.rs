@@ -114,6 +114,31 @@ async fn every_ledger_verifies_and_any_tampering_is_caught_naming_the_seqno() {
     other.keyed.write(scratch.path(), "other").unwrap();
     let (ok, out) = ledger_verify(&original, &scratch.path().join("other.cert.pem"));
     assert!(!ok && out.contains("not issued by the service certificate"), "{out}");
+
+    // Given the service identity, every signer's endorsement must carry its signature: another
+    // identity's certificate does not pass, although the operator's CA issued every signer's.
+    let verify_with_identity = |identity: &Path| {
+        let out = Command::new(cli_exe())
+            .args(["ledger", "verify"])
+            .arg(&original)
+            .arg("--service-cert")
+            .arg(service_cert(&c))
+            .arg("--service-identity")
+            .arg(identity)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let identity_file = c.nodes[0].config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE);
+    let (ok, out) = verify_with_identity(&identity_file);
+    assert!(ok && out.contains("service identity: every signer's endorsement carries its signature"), "{out}");
+    let stranger = identity::generate_service_identity("stranger").unwrap();
+    stranger.write(scratch.path(), "stranger").unwrap();
+    let (ok, out) = verify_with_identity(&scratch.path().join("stranger.cert.pem"));
+    assert!(!ok && out.contains("seqno") && out.contains("not the service identity's"), "{out}");
 }
 
 /// The last write before a service goes quiet gets a receipt, also when it landed while the
@@ -405,7 +430,7 @@ async fn after_a_leader_change_the_chain_continues_and_both_leaders_signatures_v
     let mut signers = BTreeSet::new();
     for node in 0..3 {
         let ca = identity::cert_der(&std::fs::read(service_cert(&c)).unwrap()).unwrap().to_vec();
-        let report = cloister_ledger::verify::verify_dir(&ledger_dir(&c, node), Some(&ca), None)
+        let report = cloister_ledger::verify::verify_dir(&ledger_dir(&c, node), Some(&ca), None, None)
             .unwrap_or_else(|e| panic!("node{node}: {e}"));
         signers.extend(report.signers);
     }

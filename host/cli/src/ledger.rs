@@ -18,6 +18,11 @@ pub(crate) enum LedgerCommand {
         /// folder's genesis entry records is used, and the last line of the output says so.
         #[arg(long)]
         service_cert: Option<PathBuf>,
+        /// The service identity's certificate (PEM; the sandbox writes service_identity.pem): each
+        /// signer's endorsement in force must carry its signature, so that a ledger written by
+        /// whoever holds a certificate of the operator's CA does not pass for the service's.
+        #[arg(long)]
+        service_identity: Option<PathBuf>,
         /// Print the public tables as the ledger leaves them, as JSON.
         #[arg(long)]
         print_public: bool,
@@ -49,11 +54,12 @@ fn service_cert_der(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
-    let LedgerCommand::Verify { dir, service_cert, print_public } = command;
+    let LedgerCommand::Verify { dir, service_cert, service_identity, print_public } = command;
     let dir = if dir.join("ledger").is_dir() { dir.join("ledger") } else { dir };
     let cert = service_cert.as_deref().map(service_cert_der).transpose()?;
+    let identity = service_identity.as_deref().map(service_cert_der).transpose()?;
     let mut public = PublicTables::new();
-    let result = verify::verify_dir(&dir, cert.as_deref(), print_public.then_some(&mut public));
+    let result = verify::verify_dir(&dir, cert.as_deref(), identity.as_deref(), print_public.then_some(&mut public));
     match result {
         Ok(r) => {
             println!(
@@ -68,6 +74,22 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
             );
             if print_public {
                 println!("{}", serde_json::to_string_pretty(&public)?);
+            }
+            match &r.identity {
+                None => println!(
+                    "service identity: not checked; pass --service-identity to require every signer's \
+                     endorsement to carry its signature"
+                ),
+                Some(i) if i.before_start == 0 => println!(
+                    "service identity: every signer's endorsement carries its signature ({} signatures; sha256 {})",
+                    i.checked, i.sha256
+                ),
+                Some(i) => println!(
+                    "service identity: {} signatures' signers carry its endorsement (sha256 {}); {} signatures are \
+                     by nodes endorsed before the snapshot this folder starts from, which it cannot check: verify \
+                     a folder that starts at genesis for those",
+                    i.checked, i.sha256, i.before_start
+                ),
             }
             // Last, so that nobody reads "verified" without what it was verified against.
             match &r.anchor {

@@ -358,7 +358,7 @@ mod fuzz {
             prop_assert!(largest <= 4 * bytes.len() + (2 << 20), "allocated {largest} bytes for {}", bytes.len());
             prop_assert_eq!(chunk.records.len(), chunk.ends.len());
             prop_assert!(chunk.ends.iter().all(|e| *e <= bytes.len() as u64));
-            let (walk, largest) = largest_allocation(|| crate::verify::verify_dir(dir.path(), None, None).map(|r| r.entries));
+            let (walk, largest) = largest_allocation(|| crate::verify::verify_dir(dir.path(), None, None, None).map(|r| r.entries));
             prop_assert!(largest <= 4 * bytes.len() + (2 << 20), "the walk allocated {largest} bytes");
             if let Err(fault) = walk {
                 prop_assert!(!fault.to_string().is_empty());

@@ -60,7 +60,7 @@ impl Ledger {
         remove_stale_temporary_files(dir)?;
         files::set_aside_before_newest_start(dir)?;
         cut_uncommitted(dir, state.size)?;
-        let report = match verify::verify_dir(dir, Some(&service_cert), None) {
+        let report = match verify::verify_dir(dir, Some(&service_cert), None, None) {
             Ok(report) => report,
             Err(VerifyError::TornTail { file, valid_bytes, report }) => {
                 tracing::warn!(file = %file.display(), after = ?report.last_seqno, "cutting a torn ledger tail");

@@ -34,6 +34,19 @@ pub struct VerifyReport {
     pub chain: Hash,
     /// What the signatures were checked against.
     pub anchor: Anchor,
+    /// Whether the signers were tied to a service identity, when one was given.
+    pub identity: Option<IdentityStanding>,
+}
+
+/// How a walk tied the ledger's signers to the service identity it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IdentityStanding {
+    /// The identity certificate's SHA-256 (hex).
+    pub sha256: String,
+    /// Signatures whose signer's endorsement carries the identity's signature.
+    pub checked: u64,
+    /// Signatures by signers endorsed before the snapshot the folder starts from: unchecked.
+    pub before_start: u64,
 }
 
 /// The service certificate a walk trusted, by its SHA-256 fingerprint (hex).
@@ -112,6 +125,7 @@ fn genesis_service_cert(entry: &LedgerEntry) -> Option<Vec<u8>> {
 pub fn verify_dir(
     dir: &Path,
     service_cert: Option<&[u8]>,
+    identity: Option<&[u8]>,
     mut public: Option<&mut PublicTables>,
 ) -> Result<VerifyReport, VerifyError> {
     let paths = files::chunk_paths(dir).map_err(|e| VerifyError::Fault {
@@ -135,6 +149,7 @@ pub fn verify_dir(
     let mut endorsements: Option<BTreeMap<u64, cloister_store::gov::EndorsementRecord>> = None;
     // Whether they are all here: after a snapshot start, those written before it are not.
     let mut endorsements_whole = true;
+    let mut identity_check = identity.map(IdentityCheck::new);
     for (i, path) in paths.iter().enumerate() {
         let fault = |seqno: Option<u64>, message: String| VerifyError::Fault { seqno, file: path.clone(), message };
         let chunk = files::read_chunk(path).map_err(|e| fault(next, format!("cannot read the file: {e}")))?;
@@ -237,6 +252,9 @@ pub fn verify_dir(
                         report.last_signed = Some(sig.tree_size);
                         report.signers.insert(sig.node_id);
                     }
+                    if let Some(check) = identity_check.as_mut() {
+                        check.entry(e, endorsements_whole).map_err(|m| fault(Some(e.seqno), m))?;
+                    }
                     if let Payload::Tx(tx) = &e.payload {
                         for (map, key, value) in tx.public.iter() {
                             if map == cloister_store::gov::ENDORSEMENTS {
@@ -268,6 +286,7 @@ pub fn verify_dir(
             Tail::Clean => {}
             Tail::Torn { valid_bytes } if i + 1 == paths.len() => {
                 report.chain = chain_head;
+                report.identity = identity_check.as_ref().map(IdentityCheck::standing);
                 return Err(VerifyError::TornTail { file: path.clone(), valid_bytes, report: Box::new(report) });
             }
             Tail::Torn { .. } => {
@@ -280,6 +299,7 @@ pub fn verify_dir(
         }
     }
     report.chain = chain_head;
+    report.identity = identity_check.as_ref().map(IdentityCheck::standing);
     Ok(report)
 }
 
@@ -322,33 +342,82 @@ fn note_endorsement(
 /// the identity, so that whoever holds ledger files cannot make a ledger of their own, with
 /// signers of their own, pass for the service's. A recovery requires it of the previous ledger.
 pub fn check_signers_endorsed_by(entries: &[LedgerEntry], identity: &[u8]) -> Result<(), String> {
-    use cloister_store::gov::{ENDORSEMENTS, EndorsementRecord};
-    let mut records: BTreeMap<String, EndorsementRecord> = BTreeMap::new();
-    let mut closed: BTreeMap<String, (String, Option<u64>)> = BTreeMap::new();
-    for e in entries {
+    let mut check = IdentityCheck::new(identity);
+    entries.iter().try_for_each(|e| check.entry(e, true))
+}
+
+/// [`check_signers_endorsed_by`], one entry at a time, for a walk that streams the ledger.
+pub struct IdentityCheck<'a> {
+    identity: &'a [u8],
+    /// The endorsement records in force, by the key they are written under.
+    records: BTreeMap<String, cloister_store::gov::EndorsementRecord>,
+    /// Closed records as they were closed: certificate digest and `until`.
+    closed: BTreeMap<String, (String, Option<u64>)>,
+    /// Every key written in the walk: a signer whose record the walk removed is not one
+    /// endorsed before it.
+    written: std::collections::BTreeSet<String>,
+    /// Signatures whose signer's endorsement the identity's signature was checked on.
+    pub checked: u64,
+    /// Signatures by a signer endorsed, if at all, before the snapshot the walk started from:
+    /// not checked, since nothing walked holds the endorsement.
+    pub before_start: u64,
+}
+
+impl<'a> IdentityCheck<'a> {
+    pub fn new(identity: &'a [u8]) -> Self {
+        IdentityCheck {
+            identity,
+            records: BTreeMap::new(),
+            closed: BTreeMap::new(),
+            written: Default::default(),
+            checked: 0,
+            before_start: 0,
+        }
+    }
+
+    /// What the check found so far.
+    pub fn standing(&self) -> IdentityStanding {
+        IdentityStanding { sha256: fingerprint(self.identity), checked: self.checked, before_start: self.before_start }
+    }
+
+    /// Checks the next entry. `whole`: the walk started at genesis, so every endorsement made
+    /// so far has been seen (after a snapshot start, a signer with no record seen may have
+    /// been endorsed before it).
+    pub fn entry(&mut self, e: &LedgerEntry, whole: bool) -> Result<(), String> {
+        use cloister_store::gov::{ENDORSEMENTS, EndorsementRecord};
         if let Some(sig) = e.payload.signature() {
             let id = sig.node_id.to_string();
-            let record = records
-                .get(&id)
-                .ok_or_else(|| format!("entry {}: node {id} signed, but no endorsement of it is in force", e.seqno))?;
-            let signature = record.signature.as_deref().ok_or_else(|| {
-                format!("entry {}: node {id}'s endorsement carries no signature by the service identity", e.seqno)
-            })?;
-            cloister_crypto::identity::verify_hex(identity, &record.message(&id), signature).map_err(|m| {
-                format!("entry {}: node {id}'s endorsement is not the service identity's ({m})", e.seqno)
-            })?;
+            match self.records.get(&id) {
+                None if !whole && !self.written.contains(&id) => self.before_start += 1,
+                None => {
+                    return Err(format!("entry {}: node {id} signed, but no endorsement of it is in force", e.seqno));
+                }
+                Some(record) => {
+                    let signature = record.signature.as_deref().ok_or_else(|| {
+                        format!(
+                            "entry {}: node {id}'s endorsement carries no signature by the service identity",
+                            e.seqno
+                        )
+                    })?;
+                    cloister_crypto::identity::verify_hex(self.identity, &record.message(&id), signature).map_err(
+                        |m| format!("entry {}: node {id}'s endorsement is not the service identity's ({m})", e.seqno),
+                    )?;
+                    self.checked += 1;
+                }
+            }
         }
-        let Payload::Tx(tx) = &e.payload else { continue };
+        let Payload::Tx(tx) = &e.payload else { return Ok(()) };
         for (map, key, value) in tx.public.iter() {
             if map != ENDORSEMENTS {
                 continue;
             }
             let id = String::from_utf8_lossy(key).into_owned();
+            self.written.insert(id.clone());
             let record: Option<EndorsementRecord> = value
                 .map(serde_json::from_slice)
                 .transpose()
                 .map_err(|err| format!("entry {}: gov.endorsements[{id}] does not parse: {err}", e.seqno))?;
-            if let Some(before) = closed.get(&id)
+            if let Some(before) = self.closed.get(&id)
                 && record.as_ref().map(|r| (&r.cert_sha256, r.until)) != Some((&before.0, before.1))
             {
                 return Err(format!("entry {}: node {id}'s endorsement was closed, and it changes again", e.seqno));
@@ -356,15 +425,15 @@ pub fn check_signers_endorsed_by(entries: &[LedgerEntry], identity: &[u8]) -> Re
             match record {
                 Some(r) => {
                     if r.until.is_some() {
-                        closed.insert(id.clone(), (r.cert_sha256.clone(), r.until));
+                        self.closed.insert(id.clone(), (r.cert_sha256.clone(), r.until));
                     }
-                    records.insert(id, r);
+                    self.records.insert(id, r);
                 }
-                None => drop(records.remove(&id)),
+                None => drop(self.records.remove(&id)),
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A signature must come from a node the service endorsed at that point: with this certificate,
@@ -723,6 +792,17 @@ mod tests {
             }
         }
 
+        /// Appends a governance transaction of these public writes.
+        fn gov(&mut self, writes: cloister_store::WriteSet) {
+            let store = self.store.clone();
+            let batch = store.write_batch().unwrap();
+            let mut appender = index::Appender::new(batch.txn(), self.ca_der.clone()).unwrap();
+            let sealer = cloister_crypto::seal::Sealer::new(&[0; 32]);
+            self.push(&mut appender, Payload::Tx(TxEntry::new(TxKind::Gov, writes, None, &sealer)));
+            appender.finish().unwrap();
+            batch.commit().unwrap();
+        }
+
         fn write(&self, dir: &Path, start: Option<u64>, seqnos: std::ops::RangeInclusive<u64>) {
             let mut files = LedgerFiles::open(dir, 1 << 30).unwrap();
             if let Some(next) = start {
@@ -743,16 +823,17 @@ mod tests {
 
         let after_snapshot = tempfile::tempdir().unwrap();
         built.write(after_snapshot.path(), Some(20), 20..=29);
-        let report = verify_dir(after_snapshot.path(), Some(&built.ca_der), None).expect("a ledger after a snapshot");
+        let report =
+            verify_dir(after_snapshot.path(), Some(&built.ca_der), None, None).expect("a ledger after a snapshot");
         assert_eq!((report.first_seqno, report.last_seqno, report.signatures), (Some(20), Some(29), 1));
         assert_eq!(report.anchor, Anchor::Given(fingerprint(&built.ca_der)));
 
         let spliced = tempfile::tempdir().unwrap();
         built.write(spliced.path(), None, 0..=5);
-        verify_dir(spliced.path(), Some(&built.ca_der), None).expect("the first file alone verifies");
+        verify_dir(spliced.path(), Some(&built.ca_der), None, None).expect("the first file alone verifies");
         let second = files::chunk_paths(after_snapshot.path()).unwrap().remove(0);
         std::fs::copy(&second, spliced.path().join(second.file_name().unwrap())).unwrap();
-        let err = verify_dir(spliced.path(), Some(&built.ca_der), None).unwrap_err();
+        let err = verify_dir(spliced.path(), Some(&built.ca_der), None, None).unwrap_err();
         assert!(
             matches!(&err, VerifyError::Fault { seqno: Some(20), message, .. } if message.contains("not the oldest")),
             "{err}"
@@ -761,9 +842,9 @@ mod tests {
         // A node opening a folder that older code left this way (a follower that installed a
         // snapshot kept its older files in place) sets the older files aside first.
         files::set_aside_before_newest_start(spliced.path()).unwrap();
-        let report = verify_dir(spliced.path(), Some(&built.ca_der), None).expect("the run from the snapshot");
+        let report = verify_dir(spliced.path(), Some(&built.ca_der), None, None).expect("the run from the snapshot");
         assert_eq!((report.first_seqno, report.last_seqno), (Some(20), Some(29)));
-        let aside = verify_dir(&set_aside_dir(spliced.path(), 20), Some(&built.ca_der), None).unwrap();
+        let aside = verify_dir(&set_aside_dir(spliced.path(), 20), Some(&built.ca_der), None, None).unwrap();
         assert_eq!((aside.first_seqno, aside.last_seqno), (Some(0), Some(5)));
     }
 
@@ -799,7 +880,7 @@ mod tests {
         built.sign_through(25);
         let dir = tempfile::tempdir().unwrap();
         built.write(dir.path(), Some(19), 19..=25);
-        let report = verify_dir(dir.path(), Some(&built.ca_der), None).expect("the ledger after the snapshot");
+        let report = verify_dir(dir.path(), Some(&built.ca_der), None, None).expect("the ledger after the snapshot");
         assert_eq!((report.first_seqno, report.last_seqno, report.signatures), (Some(19), Some(25), 2));
 
         // The same position signed by a node of another CA (the chain made to match, as whoever
@@ -814,7 +895,7 @@ mod tests {
         let mut files = LedgerFiles::open(dir.path(), 1 << 30).unwrap();
         files.restart_at(built.start_at(19)).unwrap();
         files.append(&[built.entries[19].clone(), entry]).unwrap();
-        let err = verify_dir(dir.path(), Some(&built.ca_der), None).unwrap_err();
+        let err = verify_dir(dir.path(), Some(&built.ca_der), None, None).unwrap_err();
         assert!(
             matches!(&err, VerifyError::Fault { seqno: Some(20), message, .. } if message.contains("certificate")),
             "{err}"
@@ -988,11 +1069,12 @@ mod tests {
         built.sign_through(15);
         let from_snapshot = tempfile::tempdir().unwrap();
         built.write(from_snapshot.path(), Some(8), 8..=15);
-        let report = verify_dir(from_snapshot.path(), Some(&built.ca_der), None).expect("the folder after a snapshot");
+        let report =
+            verify_dir(from_snapshot.path(), Some(&built.ca_der), None, None).expect("the folder after a snapshot");
         assert_eq!((report.first_seqno, report.last_seqno, report.signatures), (Some(8), Some(15), 1));
         let whole = tempfile::tempdir().unwrap();
         built.write(whole.path(), None, 0..=15);
-        let err = verify_dir(whole.path(), Some(&built.ca_der), None).unwrap_err();
+        let err = verify_dir(whole.path(), Some(&built.ca_der), None, None).unwrap_err();
         assert!(
             matches!(&err, VerifyError::Fault { seqno: Some(15), message, .. } if message.contains("never endorsed")),
             "{err}"
@@ -1052,6 +1134,14 @@ mod tests {
         assert!(err.contains("not the service identity's"), "{err}");
         let err = check(&[signature()]).unwrap_err();
         assert!(err.contains("no endorsement of it is in force"), "{err}");
+        // Past a snapshot start, a signer with no record seen may have been endorsed before it;
+        // one whose record the walk saw removed may not.
+        let mut walk = IdentityCheck::new(&service_der);
+        walk.entry(&signature(), false).expect("endorsed, if at all, before the walk");
+        walk.entry(&endorse(None), false).unwrap();
+        let err = walk.entry(&signature(), false).unwrap_err();
+        assert!(err.contains("no endorsement of it is in force"), "{err}");
+        assert_eq!((walk.checked, walk.before_start), (0, 1));
         // Closed, then the older open record replayed (directly, or after a removal).
         let closed =
             signed_endorsement(&service.key_pem, &id, EndorsementRecord { until: Some(1), ..open.clone() }).unwrap();
@@ -1063,6 +1153,67 @@ mod tests {
             let err = check(&entries).unwrap_err();
             assert!(err.contains("was closed, and it changes again"), "{err}");
         }
+    }
+
+    /// `ledger verify --service-identity`: each signer's endorsement in force must carry the
+    /// identity's signature. Checked against the operator's CA alone, a ledger whose endorsement
+    /// records anyone wrote (here one signed by another identity) verifies, and whoever holds a
+    /// certificate of that CA can write such a ledger.
+    #[test]
+    fn a_walk_given_the_service_identity_holds_every_signer_to_it() {
+        use cloister_store::gov::{ENDORSEMENTS, EndorsementRecord, signed_endorsement};
+        let mut built = Built::new();
+        let der = |keyed: &identity::KeyedCert| identity::cert_der(keyed.cert_pem.as_bytes()).unwrap().to_vec();
+        let service = identity::generate_service_identity("svc").unwrap();
+        let stranger = identity::generate_service_identity("stranger").unwrap();
+        let id = built.signer.node_id.to_string();
+        let open = EndorsementRecord {
+            cert_sha256: hex::encode(cert_sha256(&built.signer.cert_der)),
+            until: None,
+            signature: None,
+        };
+        let endorsed_by = |keyed: &identity::KeyedCert| {
+            let record = signed_endorsement(&keyed.key_pem, &id, open.clone()).unwrap();
+            let mut ws = cloister_store::WriteSet::default();
+            ws.put(ENDORSEMENTS, id.as_bytes(), &serde_json::to_vec(&record).unwrap());
+            ws
+        };
+        built.gov(endorsed_by(&service));
+        built.sign_through(5);
+        // Seqno 6 replaces the record with one the stranger signed; the signature at 10 rests on it.
+        built.gov(endorsed_by(&stranger));
+        built.sign_through(10);
+        let walk = |start: Option<u64>, seqnos: std::ops::RangeInclusive<u64>, identity: &[u8]| {
+            let dir = tempfile::tempdir().unwrap();
+            built.write(dir.path(), start, seqnos);
+            verify_dir(dir.path(), Some(&built.ca_der), Some(identity), None)
+        };
+        let faulted_at_10 = |r: Result<VerifyReport, VerifyError>| {
+            let err = r.unwrap_err();
+            assert!(
+                matches!(&err, VerifyError::Fault { seqno: Some(10), message, .. }
+                    if message.contains("not the service identity's")),
+                "{err}"
+            );
+        };
+
+        let report = walk(None, 0..=5, &der(&service)).expect("signed by a node the identity endorsed");
+        let standing = report.identity.unwrap();
+        assert_eq!((standing.checked, standing.before_start), (1, 0));
+        assert_eq!(standing.sha256, fingerprint(&der(&service)));
+        let err = walk(None, 0..=5, &der(&stranger)).unwrap_err();
+        assert!(matches!(&err, VerifyError::Fault { seqno: Some(5), .. }), "{err}");
+        // The CA alone passes the whole ledger; the identity does not.
+        let dir = tempfile::tempdir().unwrap();
+        built.write(dir.path(), None, 0..=10);
+        assert!(verify_dir(dir.path(), Some(&built.ca_der), None, None).unwrap().identity.is_none());
+        faulted_at_10(walk(None, 0..=10, &der(&service)));
+        // From a snapshot after the stranger's record, nothing walked holds the signer's
+        // endorsement: counted, not passed off as checked. From one before it, the record is walked.
+        let report = walk(Some(7), 7..=10, &der(&service)).expect("the signer's endorsement precedes the folder");
+        let standing = report.identity.unwrap();
+        assert_eq!((standing.checked, standing.before_start), (0, 1));
+        faulted_at_10(walk(Some(6), 6..=10, &der(&service)));
     }
 
     /// A node that installs a snapshot sets its older files aside, where they still verify, and
@@ -1078,9 +1229,9 @@ mod tests {
 
         let names: Vec<_> = files::chunk_paths(dir.path()).unwrap().iter().map(|p| files::first_seqno_of(p)).collect();
         assert_eq!(names, [Some(20)]);
-        let report = verify_dir(dir.path(), Some(&built.ca_der), None).unwrap();
+        let report = verify_dir(dir.path(), Some(&built.ca_der), None, None).unwrap();
         assert_eq!((report.first_seqno, report.last_seqno), (Some(20), Some(29)));
-        let aside = verify_dir(&set_aside_dir(dir.path(), 20), Some(&built.ca_der), None).unwrap();
+        let aside = verify_dir(&set_aside_dir(dir.path(), 20), Some(&built.ca_der), None, None).unwrap();
         assert_eq!((aside.first_seqno, aside.last_seqno), (Some(0), Some(5)));
     }
 }

@@ -357,7 +357,7 @@ pub(crate) fn load_previous(data_dir: &std::path::Path) -> anyhow::Result<Previo
     use anyhow::Context as _;
     let copy = data_dir.join(PREVIOUS_LEDGER_DIR);
     let folder = &copy;
-    let report = match cloister_ledger::verify::verify_dir(&copy, None, None) {
+    let report = match cloister_ledger::verify::verify_dir(&copy, None, None, None) {
         Ok(report) => report,
         Err(cloister_ledger::verify::VerifyError::TornTail { file, valid_bytes, report }) => {
             tracing::warn!(file = %file.display(), valid_bytes, "the previous ledger ends with a torn record: cut off");
@@ -505,7 +505,7 @@ fn private_state(tx: &Tx, data_dir: &std::path::Path) -> anyhow::Result<Option<V
     let secret =
         <[u8; 32]>::try_from(secret).map_err(|_| anyhow::anyhow!("a previous ledger secret is not 32 bytes"))?;
     let dir = data_dir.join(PREVIOUS_LEDGER_DIR);
-    let report = cloister_ledger::verify::verify_dir(&dir, None, None)
+    let report = cloister_ledger::verify::verify_dir(&dir, None, None, None)
         .map_err(|e| anyhow::anyhow!("the previous ledger copy {} does not verify: {e}", dir.display()))?;
     let entries: Vec<_> = transactions(signed_entries(&dir, report.last_signed.unwrap_or(0))?).collect();
     // The shares wrap the newest secret; each rekey's record seals the one before under it.
