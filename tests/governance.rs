@@ -315,6 +315,33 @@ async fn apps_and_their_settings_change_by_vote() {
     assert_eq!(status(&c0).await, "IN_CONSENSUS");
 }
 
+/// A proposal's node checks (each wasm compiles, each certificate parses) are part of the check a
+/// signed request passes on the blocking pool before it may queue for the writer
+/// (`gov::precheck`, bounded by `gov_checks_inflight_max`). Run only when the writer executed the
+/// proposal, every module a member proposed was compiled on the writer thread, and every write
+/// waited behind the compile: one member, proposing module after module, could keep the
+/// service's writes stalled. The writer still runs the checks, finding the module compiled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
+    let s = TestService::start(1, 0, RECONCILE, Default::default()).await;
+    let m = &s.members[0].keyed;
+    let runtime = cloister_runtime::Runtime::new(Default::default()).unwrap();
+    let tx = s.node().service().store().begin().unwrap();
+    let policy = cloister_node::gov::RequestPolicy { request_window_s: 60, now: unix_now() };
+    let check = |actions: Value| {
+        let signed = sign_gov(m, &GovWrite::Propose, &propose_json(actions), unix_now()).unwrap();
+        cloister_node::gov::precheck(&runtime, &tx, &GovWrite::Propose, &signed, &policy)
+    };
+    let garbage = check(json!([{ "name": "set_app", "args": { "wasm": b64(b"\0asm garbage") } }])).unwrap_err();
+    assert!(garbage.to_string().contains("the wasm is refused"), "{garbage}");
+    let constitution = json!([{ "name": "set_constitution", "args": { "wasm": b64(RECONCILE) } }]);
+    let no_constitution = check(constitution).unwrap_err();
+    assert!(no_constitution.to_string().contains("no constitution"), "{no_constitution}");
+    let bad_cert = check(json!([{ "name": "set_user", "args": { "cert": "not a certificate" } }])).unwrap_err();
+    assert!(bad_cert.to_string().contains("args.cert"), "{bad_cert}");
+    check(json!([{ "name": "set_app", "args": { "wasm": b64(&misbehave_wasm()) } }])).expect("a module that loads");
+}
+
 /// Who may call, and what is installed, follow every vote at once, although a node remembers
 /// callers, the app and the service's state until a `gov.` map next changes: a user added by
 /// vote is served at its first call after the vote (having been refused as nobody before), a

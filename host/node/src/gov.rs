@@ -135,12 +135,40 @@ pub(crate) fn refuse(kind: Refusal, code: &'static str, message: impl Into<Strin
 }
 
 /// The checks a request must pass before it may queue for the writer: it parses, is addressed to
-/// this endpoint, is dated within the window, and carries a valid signature of a member.
-/// They need only committed state, so they run on the blocking pool, and a forged request costs
-/// the writer nothing; the writer runs them again (with the replay and standing checks) over the
-/// state it executes on.
-pub fn precheck(tx: &Tx, write: &GovWrite, bytes: &[u8], policy: &RequestPolicy) -> Result<(), GovError> {
-    verified(tx, write, bytes, policy).map(|_| ())
+/// this endpoint, is dated within the window, and carries a valid signature of a member; and a
+/// proposal passes the checks only the node makes ([`proposal_checks`]: each wasm it carries
+/// compiles, each certificate parses). They need only committed state, so they run on the
+/// blocking pool, and neither a forged request nor a member's module costs the writer a
+/// compile: the writer runs them again (with the replay and standing checks) over the state it
+/// executes on, finding the module compiled in the runtime's cache.
+pub fn precheck(
+    runtime: &Runtime,
+    tx: &Tx,
+    write: &GovWrite,
+    bytes: &[u8],
+    policy: &RequestPolicy,
+) -> Result<(), GovError> {
+    let (request, _) = verified(tx, write, bytes, policy)?;
+    if *write == GovWrite::Propose {
+        proposal_checks(runtime, &request)?;
+    }
+    Ok(())
+}
+
+/// A proposal's actions, parsed, each through [`node_checks`].
+fn proposal_checks(runtime: &Runtime, request: &SignedRequest) -> Result<Proposal, GovError> {
+    let proposal: Proposal = serde_json::from_slice(&request.payload).map_err(|e| {
+        refuse(
+            Refusal::Malformed,
+            "MalformedProposal",
+            format!("the proposal is not {{\"actions\": [{{\"name\", \"args\"}}]}}: {e}"),
+        )
+    })?;
+    for (i, action) in proposal.actions.iter().enumerate() {
+        node_checks(runtime, action)
+            .map_err(|e| refuse(Refusal::Malformed, "InvalidProposal", format!("action {i} ({}): {e}", action.name)))?;
+    }
+    Ok(proposal)
 }
 
 /// Parses, dates, attributes and verifies a request, and checks the signer's standing.
@@ -288,17 +316,7 @@ fn withdraw(tx: &mut Tx, request: &SignedRequest, id: &str) -> Result<Value, Gov
 }
 
 fn propose(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest) -> Result<Value, GovError> {
-    let proposal: Proposal = serde_json::from_slice(&request.payload).map_err(|e| {
-        refuse(
-            Refusal::Malformed,
-            "MalformedProposal",
-            format!("the proposal is not {{\"actions\": [{{\"name\", \"args\"}}]}}: {e}"),
-        )
-    })?;
-    for (i, action) in proposal.actions.iter().enumerate() {
-        node_checks(runtime, action)
-            .map_err(|e| refuse(Refusal::Malformed, "InvalidProposal", format!("action {i} ({}): {e}", action.name)))?;
-    }
+    let proposal = proposal_checks(runtime, request)?;
     let constitution = load_constitution(runtime, tx)?;
     let caller = Caller::member(&request.signer);
     let validated = invoke(runtime, &constitution, tx, &caller, "/validate", &request.payload, Mode::Readonly)?;

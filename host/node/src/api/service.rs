@@ -974,8 +974,8 @@ impl Service {
         let tx = self.store.begin()?;
         let policy =
             gov::RequestPolicy { request_window_s: self.gov.request_window_s, now: cloister_crypto::cose::unix_now() };
-        let (write, body) = (write.clone(), body.clone());
-        slot.run(move || gov::precheck(&tx, &write, &body, &policy))
+        let (write, body, runtime) = (write.clone(), body.clone(), self.runtime.clone());
+        slot.run(move || gov::precheck(&runtime, &tx, &write, &body, &policy))
             .await
             .map_err(|e| ApiError::internal(format!("the governance check stopped: {e}")))?
             .map_err(ApiError::from)
