@@ -289,12 +289,18 @@ async fn a_stopped_follower_catches_up_through_a_snapshot_after_log_purge() {
     follower_catches_up(true).await;
 }
 
+/// A leader left alone proposes, but commits nothing, and its stalled writes fill the pending
+/// stack. Its lease (`election_timeout_max_ms`) is made longer than the test here: once it runs
+/// out, the leader refuses writes outright (the next test), and which of the two a write met
+/// depended on how long the followers took to stop (it failed once in CI that way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_commits_nothing() {
     let timeout_ms = 3_000;
     let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
         cfg.limits.request_timeout_ms = timeout_ms;
         cfg.limits.pending_writes_max = 1;
+        cfg.raft.election_timeout_min_ms = 60_000;
+        cfg.raft.election_timeout_max_ms = 90_000;
     })
     .await;
     let leader = c.leader().await.unwrap();
@@ -330,6 +336,40 @@ async fn a_minority_commits_nothing() {
         let status = tx_status(&c, leader, &tx).await;
         assert_eq!(status, if present { "Committed" } else { "Invalid" });
     }
+}
+
+/// A leader that has heard from no majority within its lease (`election_timeout_max_ms`) refuses
+/// writes, and says why. It still names itself the leader, and a node forwards what its writer
+/// refuses to the leader it names: it forwarded to itself until `forward_hops_max` ran out, and
+/// the client read "forwarded 3 times without reaching the leader".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_a_majority_refuses_writes_once_its_lease_runs_out() {
+    let lease_ms = 1_000;
+    let mut c = Cluster::start(3, 1, RECONCILE, |cfg| {
+        cfg.raft.election_timeout_min_ms = lease_ms / 2;
+        cfg.raft.election_timeout_max_ms = lease_ms;
+    })
+    .await;
+    let leader = c.leader().await.unwrap();
+    for i in (0..3).filter(|i| *i != leader) {
+        c.stop(i);
+    }
+    tokio::time::sleep(Duration::from_millis(2 * lease_ms)).await;
+    let before = c.network(leader).await.unwrap()["committed"].clone();
+    let client = c.client(leader, 0).await.unwrap();
+    for key in ["LEASE1", "LEASE2"] {
+        let reply = client.post("/app/ingest", "application/json", record(key)).await.unwrap();
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert!(reply.text().contains("within its lease"), "{}", reply.text());
+    }
+    assert_eq!(c.network(leader).await.unwrap()["committed"], before, "a lone node commits nothing");
+    // With a majority back, it leads (or follows) again and takes writes.
+    for i in (0..3).filter(|i| *i != leader) {
+        c.spawn(i);
+    }
+    c.wait_stable(3, Duration::from_secs(60)).await;
+    let reply = client.post("/app/ingest", "application/json", record("LEASE3")).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
 }
 
 /// After a crash a node's state comes back from its log only once the service's commit reaches

@@ -149,6 +149,14 @@ impl Proposal {
     }
 }
 
+/// Which node this node takes for the leader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaderView {
+    Unknown,
+    ThisNode,
+    Other(NodeAddr),
+}
+
 /// A transaction's fate, as this node knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxStatus {
@@ -410,6 +418,20 @@ impl Consensus {
     /// The current leader's addresses, if one is known.
     pub fn leader(&self) -> Option<NodeAddr> {
         self.read_metrics(|m| m.membership_config.membership().get_node(&m.current_leader?).cloned())
+    }
+
+    /// The leader a call this node could not run should go to. A leader refuses writes and
+    /// linearizable reads once its lease has run out (no word from a majority within
+    /// `election_timeout_max_ms`) while it still names itself: forwarding to itself would only
+    /// be refused again, `forward_hops_max` times.
+    pub fn leader_view(&self) -> LeaderView {
+        self.read_metrics(|m| match m.current_leader {
+            None => LeaderView::Unknown,
+            Some(id) if id == self.id => LeaderView::ThisNode,
+            Some(id) => {
+                m.membership_config.membership().get_node(&id).cloned().map_or(LeaderView::Unknown, LeaderView::Other)
+            }
+        })
     }
 
     /// Whether this node leads and has applied everything before its own term, so executing on
