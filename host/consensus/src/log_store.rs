@@ -184,8 +184,8 @@ impl LogStore {
         Ok(LogStore { wal, index, watch, syncer })
     }
 
-    /// The index through which this node's log is durable: every entry at or below it that the
-    /// log holds survives a crash.
+    /// The index below which this node's log is durable: every entry below it that the log
+    /// holds survives a crash.
     pub fn durable(&self) -> watch::Receiver<u64> {
         self.index.read().expect("raft log index lock").durable()
     }

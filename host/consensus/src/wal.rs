@@ -94,7 +94,7 @@ pub(crate) struct Index {
     synced: (u64, u64),
     /// Where the last purge record lies: no segment goes before it is durable.
     purge_at: (u64, u64),
-    /// The index through which the log is durable, published on every change.
+    /// The index below which the log is durable (0: nothing is), published on every change.
     durable: watch::Sender<u64>,
 }
 
@@ -113,8 +113,9 @@ impl Index {
         }
     }
 
-    /// Follows the index through which every entry the log holds is durable (entries before
-    /// the first are purged, so durable too).
+    /// Follows the index below which every entry the log holds is durable (entries before the
+    /// first are purged, so durable too). Below, not through: "through 0" could not tell
+    /// entry 0 durable from nothing durable, and entry 0 was applied before its sync.
     pub fn durable(&self) -> watch::Receiver<u64> {
         self.durable.subscribe()
     }
@@ -122,7 +123,7 @@ impl Index {
     fn publish_durable(&self) {
         // Positions grow along the entries: a truncation's replacements lie after it.
         let synced = self.entries.partition_point(|p| (p.segment, p.offset + u64::from(p.len)) <= self.synced);
-        self.durable.send_replace((self.first + synced as u64).saturating_sub(1));
+        self.durable.send_replace(self.first + synced as u64);
     }
 
     pub fn last_log_id(&self) -> Option<LogId> {
@@ -700,6 +701,21 @@ mod tests {
         wal.sync().unwrap();
         assert!((0..=2).all(|i| index.read().unwrap().is_synced(i)));
         assert!(!index.read().unwrap().is_synced(3), "not in the log");
+    }
+
+    /// The published index tells entry 0 durable from nothing durable. Published as the index
+    /// through which the log was durable, both read 0, and the state machine applied entry 0
+    /// (a first node's membership) before its sync: a crash could then leave it applied and
+    /// not in the log.
+    #[test]
+    fn the_durable_index_tells_entry_0_from_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let durable = index.read().unwrap().durable();
+        wal.append(&entries(0..=0)).unwrap();
+        assert_eq!(*durable.borrow(), 0, "entry 0 is written, not synced: nothing is durable");
+        wal.sync().unwrap();
+        assert_eq!(*durable.borrow(), 1, "entry 0 is durable");
     }
 
     #[test]
