@@ -1,8 +1,11 @@
 //! The bank-consortium sample: banks are members, account holders are users. A bank opens
 //! accounts for users and deposits into them; a user sees the balances of their own accounts and
 //! transfers from them. Every transfer carries an application claim, "`<from> sent <value> to
-//! <to>`", whose SHA-256 the transaction's receipt proves, so a user can show offline, with the
-//! receipt and the service identity's certificate alone, that the transfer happened.
+//! <to>; salt <32 hex digits>`", whose SHA-256 the transaction's receipt proves, so a user can
+//! show offline, with the receipt and the service identity's certificate alone, that the
+//! transfer happened. The salt is 16 random bytes, and only the sender is told the claim: any
+//! caller may fetch any transaction's receipt, and the user ids are public, so an unsalted
+//! claim's digest gave away who paid whom and how much to anyone who hashed the guesses.
 //!
 //! Endpoints (under `/app`):
 //! - `PUT /account/{user_id}/{account_name}` (members): opens an account with balance 0; 204, and
@@ -14,7 +17,8 @@
 //! - `POST /transfer/{account_name}` with `{"value", "user_id_to", "account_name_to"}` (users):
 //!   from the caller's own account; 200 with `{"claim", "claims_digest"}`; 400 when the balance is
 //!   short, the value is not a positive integer, or the target is the source; 404 when the source
-//!   or the target account does not exist.
+//!   or the target account does not exist, or the target's holder is no longer a user (money
+//!   sent there could never be spent).
 //!
 //! Users and accounts are named by the caller id (hex SHA-256 of the client certificate) the
 //! service gives them. Balances are private (sealed); nothing here is public.
@@ -45,9 +49,12 @@ pub fn router() -> Router {
 
 export!(router);
 
+/// Random bytes in a transfer's claim.
+pub const CLAIM_SALT_BYTES: usize = 16;
+
 /// The claim a transfer carries, and what its receipt proves: its SHA-256.
-pub fn transfer_claim(from: &str, value: u64, to: &str) -> String {
-    format!("{from} sent {value} to {to}")
+pub fn transfer_claim(from: &str, value: u64, to: &str, salt: &[u8; CLAIM_SALT_BYTES]) -> String {
+    format!("{from} sent {value} to {to}; salt {}", hex::encode(salt))
 }
 
 /// The digest a receipt proves for a claim: SHA-256 of its UTF-8 bytes.
@@ -142,6 +149,7 @@ fn transfer(req: &Request) -> Result<Response, Error> {
         return Err(Error::bad_request("an account cannot transfer to itself"));
     }
     let from_balance = ACCOUNTS.get(&from).ok_or_else(|| Error::not_found("you have no such account"))?;
+    known_user(&to.0)?;
     let to_balance = ACCOUNTS.get(&to).ok_or_else(|| Error::not_found("the target account does not exist"))?;
     let remaining = from_balance
         .checked_sub(value)
@@ -149,7 +157,9 @@ fn transfer(req: &Request) -> Result<Response, Error> {
     let credited = credit(to_balance, value)?;
     ACCOUNTS.insert(&from, &remaining);
     ACCOUNTS.insert(&to, &credited);
-    let claim = transfer_claim(&from.0, value, &to.0);
+    let mut salt = [0u8; CLAIM_SALT_BYTES];
+    getrandom::fill(&mut salt).map_err(|e| Error::internal(format!("no randomness for the claim's salt: {e}")))?;
+    let claim = transfer_claim(&from.0, value, &to.0, &salt);
     let digest = claims_digest(&claim);
     Ok(Response::json(&json!({ "claim": claim, "claims_digest": hex::encode(digest) })).with_claims_digest(digest))
 }
@@ -210,11 +220,48 @@ mod tests {
             json!({"value": 40, "user_id_to": BOB, "account_name_to": "current"}).to_string(),
         );
         assert_eq!(r.head.status, 200);
-        let claim = format!("{ALICE} sent 40 to {BOB}");
-        assert_eq!(r.body_json::<Value>().unwrap()["claim"], claim);
+        let claim = r.body_json::<Value>().unwrap()["claim"].as_str().unwrap().to_owned();
+        let salt = claim.strip_prefix(&format!("{ALICE} sent 40 to {BOB}; salt ")).expect("who, how much, to whom");
+        assert!(salt.len() == 2 * CLAIM_SALT_BYTES && hex::decode(salt).is_ok(), "{claim}");
         let digest = hex::encode(Sha256::digest(claim.as_bytes()));
         assert_eq!(r.head.claims_digest.as_deref(), Some(digest.as_str()), "the receipt will prove the claim");
         assert_eq!((balance_of(&mut h, ALICE), balance_of(&mut h, BOB)), (60, 40));
+    }
+
+    /// Anyone may fetch any transaction's receipt, and user ids are public: a claims digest over
+    /// "who sent how much to whom" alone was found by hashing the guesses, so every receipt told
+    /// its transfer to every caller. The salt makes two equal transfers' digests differ and
+    /// neither the digest of the guess.
+    #[test]
+    fn a_claims_digest_is_not_found_by_guessing_the_transfer() {
+        let mut h = host();
+        funded(&mut h);
+        let digests: Vec<String> = (0..2)
+            .map(|_| {
+                let body = json!({"value": 10, "user_id_to": BOB, "account_name_to": "current"});
+                let r = h.call(&Caller::user(ALICE), "POST", "/transfer/current", body.to_string());
+                assert_eq!(r.head.status, 200);
+                r.head.claims_digest.unwrap()
+            })
+            .collect();
+        assert_ne!(digests[0], digests[1], "two equal transfers");
+        let guess = hex::encode(Sha256::digest(format!("{ALICE} sent 10 to {BOB}").as_bytes()));
+        assert!(!digests.contains(&guess), "the digest of the guess");
+    }
+
+    /// A removed user's accounts stay, and nobody can spend from them: a transfer there is
+    /// refused (it answered 200 and the money was gone for good).
+    #[test]
+    fn a_transfer_to_a_user_no_longer_in_the_service_is_refused() {
+        let mut h = host();
+        funded(&mut h);
+        h.remove("gov.users", &BOB.to_owned());
+        let before = h.dump();
+        let body = json!({"value": 10, "user_id_to": BOB, "account_name_to": "current"});
+        let (status, answer) = call(&mut h, &Caller::user(ALICE), "POST", "/transfer/current", body);
+        assert_eq!(status, 404, "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains("not a user"), "{answer}");
+        assert_eq!(h.dump(), before, "nothing moved");
     }
 
     #[test]

@@ -46,6 +46,11 @@ impl MemoryHost {
         self.store.borrow_mut().insert((map.to_owned(), key.to_bytes()), value);
     }
 
+    /// Removes a value directly, bypassing the contract: e.g. a user governance removed.
+    pub fn remove<K: Key>(&mut self, map: &str, key: &K) {
+        self.store.borrow_mut().remove(&(map.to_owned(), key.to_bytes()));
+    }
+
     /// Reads a value directly, bypassing the contract.
     pub fn peek<K: Key, V: DeserializeOwned>(&self, map: &str, key: &K) -> Option<V> {
         let store = self.store.borrow();
