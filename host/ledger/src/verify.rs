@@ -792,6 +792,15 @@ mod tests {
             }
         }
 
+        /// The signer's endorsement record: open, and signed by nobody yet.
+        fn open_endorsement(&self) -> cloister_store::gov::EndorsementRecord {
+            cloister_store::gov::EndorsementRecord {
+                cert_sha256: hex::encode(cert_sha256(&self.signer.cert_der)),
+                until: None,
+                signature: None,
+            }
+        }
+
         /// Appends a governance transaction of these public writes.
         fn gov(&mut self, writes: cloister_store::WriteSet) {
             let store = self.store.clone();
@@ -1093,11 +1102,7 @@ mod tests {
         let service_der = identity::cert_der(service.cert_pem.as_bytes()).unwrap().to_vec();
         let stranger = identity::generate_service_identity("stranger").unwrap();
         let id = built.signer.node_id.to_string();
-        let open = EndorsementRecord {
-            cert_sha256: hex::encode(cert_sha256(&built.signer.cert_der)),
-            until: None,
-            signature: None,
-        };
+        let open = built.open_endorsement();
         let sealer = cloister_crypto::seal::Sealer::new(&[0; 32]);
         let endorse = |record: Option<&EndorsementRecord>| {
             let mut ws = cloister_store::WriteSet::default();
@@ -1161,17 +1166,13 @@ mod tests {
     /// certificate of that CA can write such a ledger.
     #[test]
     fn a_walk_given_the_service_identity_holds_every_signer_to_it() {
-        use cloister_store::gov::{ENDORSEMENTS, EndorsementRecord, signed_endorsement};
+        use cloister_store::gov::{ENDORSEMENTS, signed_endorsement};
         let mut built = Built::new();
         let der = |keyed: &identity::KeyedCert| identity::cert_der(keyed.cert_pem.as_bytes()).unwrap().to_vec();
         let service = identity::generate_service_identity("svc").unwrap();
         let stranger = identity::generate_service_identity("stranger").unwrap();
         let id = built.signer.node_id.to_string();
-        let open = EndorsementRecord {
-            cert_sha256: hex::encode(cert_sha256(&built.signer.cert_der)),
-            until: None,
-            signature: None,
-        };
+        let open = built.open_endorsement();
         let endorsed_by = |keyed: &identity::KeyedCert| {
             let record = signed_endorsement(&keyed.key_pem, &id, open.clone()).unwrap();
             let mut ws = cloister_store::WriteSet::default();
