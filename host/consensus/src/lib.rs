@@ -79,6 +79,15 @@ pub enum ProposeError {
     /// Consensus has stopped on this node.
     #[error("consensus has stopped on this node: {0}")]
     Stopped(String),
+    /// This node leads, but has heard from no majority within its lease
+    /// (`election_timeout_max_ms`), so openraft takes no write from it; the entry never reached
+    /// a log. Forwarded to the leader this node names, itself, it was refused again,
+    /// `forward_hops_max` times.
+    #[error(
+        "this node leads, but has not heard from a majority of the nodes within its lease \
+         (raft.election_timeout_max_ms), so it takes no writes: is a majority of nodes up? retry shortly"
+    )]
+    LeaseExpired,
 }
 
 /// A transaction handed to Raft, whose outcome is still to come.
@@ -137,9 +146,10 @@ impl Proposal {
         let known = self.appended.try_recv().ok().as_ref().map(tx_id);
         match result {
             Ok(Ok(response)) => Ok(tx_id(&response.log_id)),
-            Ok(Err(ClientWriteError::ForwardToLeader(f))) if known.is_none() => {
-                Err(ProposeError::NotLeader { leader: f.leader_node })
-            }
+            Ok(Err(ClientWriteError::ForwardToLeader(f))) if known.is_none() => match f.reason {
+                openraft::errors::ForwardReason::LeaseExpired => Err(ProposeError::LeaseExpired),
+                _ => Err(ProposeError::NotLeader { leader: f.leader_node }),
+            },
             Ok(Err(ClientWriteError::PreconditionFailed(_))) if known.is_none() => {
                 Err(ProposeError::NotLeader { leader: None })
             }
@@ -147,14 +157,6 @@ impl Proposal {
             Err(_) => Err(ProposeError::Unknown { tx_id: known, reason: "consensus stopped before answering".into() }),
         }
     }
-}
-
-/// Which node this node takes for the leader.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaderView {
-    Unknown,
-    ThisNode,
-    Other(NodeAddr),
 }
 
 /// A transaction's fate, as this node knows it.
@@ -418,20 +420,6 @@ impl Consensus {
     /// The current leader's addresses, if one is known.
     pub fn leader(&self) -> Option<NodeAddr> {
         self.read_metrics(|m| m.membership_config.membership().get_node(&m.current_leader?).cloned())
-    }
-
-    /// The leader a call this node could not run should go to. A leader refuses writes and
-    /// linearizable reads once its lease has run out (no word from a majority within
-    /// `election_timeout_max_ms`) while it still names itself: forwarding to itself would only
-    /// be refused again, `forward_hops_max` times.
-    pub fn leader_view(&self) -> LeaderView {
-        self.read_metrics(|m| match m.current_leader {
-            None => LeaderView::Unknown,
-            Some(id) if id == self.id => LeaderView::ThisNode,
-            Some(id) => {
-                m.membership_config.membership().get_node(&id).cloned().map_or(LeaderView::Unknown, LeaderView::Other)
-            }
-        })
     }
 
     /// Whether this node leads and has applied everything before its own term, so executing on

@@ -15,7 +15,7 @@ use crate::attest;
 use crate::config::{GovSection, Limits};
 use crate::gov;
 use crate::metrics::Metrics;
-use cloister_consensus::{Consensus, Forwarder, LeaderView, NodeAddr, NodeId, PeerRpc, ProposeError};
+use cloister_consensus::{Consensus, Forwarder, NodeAddr, NodeId, PeerRpc, ProposeError};
 use cloister_crypto::cose::GovWrite;
 use cloister_crypto::identity;
 use cloister_ledger::entry::TxKind;
@@ -860,16 +860,8 @@ impl Service {
                  (forward_hops_max); retry"
             )));
         }
-        match self.consensus.leader_view() {
-            LeaderView::Other(leader) => return Ok(leader),
-            LeaderView::ThisNode => {
-                return Err(ApiError::unavailable(
-                    "this node leads, but has not heard from a majority of the nodes within its lease \
-                     (raft.election_timeout_max_ms), so it takes no writes and no linearizable reads: is a \
-                     majority of nodes up? retry shortly",
-                ));
-            }
-            LeaderView::Unknown => {}
+        if let Some(leader) = self.consensus.leader() {
+            return Ok(leader);
         }
         let patience = Duration::from_millis(self.limits.request_timeout_ms / 2);
         if self.consensus.wait_for_leader(patience).await.is_err() {

@@ -505,6 +505,7 @@ impl WriterLoop {
                     Err(match e {
                         ProposeError::NotLeader { .. } => SubmitError::NotLeader,
                         ProposeError::Unknown { tx_id, reason } => ApiError::outcome_unknown(tx_id, &reason).into(),
+                        ProposeError::LeaseExpired => ApiError::unavailable(e.to_string()).into(),
                         ProposeError::Stopped(reason) => {
                             ApiError::unavailable(format!("this node's consensus has stopped: {reason}")).into()
                         }
