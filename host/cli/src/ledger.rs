@@ -80,15 +80,9 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
                     "service identity: not checked; pass --service-identity to require every signer's \
                      endorsement to carry its signature"
                 ),
-                Some(i) if i.before_start == 0 => println!(
+                Some(i) => println!(
                     "service identity: every signer's endorsement carries its signature ({} signatures; sha256 {})",
                     i.checked, i.sha256
-                ),
-                Some(i) => println!(
-                    "service identity: {} signatures' signers carry its endorsement (sha256 {}); {} signatures are \
-                     by nodes endorsed before the snapshot this folder starts from, which it cannot check: verify \
-                     a folder that starts at genesis for those",
-                    i.checked, i.sha256, i.before_start
                 ),
             }
             // Last, so that nobody reads "verified" without what it was verified against.

@@ -43,10 +43,8 @@ pub struct VerifyReport {
 pub struct IdentityStanding {
     /// The identity certificate's SHA-256 (hex).
     pub sha256: String,
-    /// Signatures whose signer's endorsement carries the identity's signature.
+    /// Signatures whose signer's endorsement carries the identity's signature: all of them.
     pub checked: u64,
-    /// Signatures by signers endorsed before the snapshot the folder starts from: unchecked.
-    pub before_start: u64,
 }
 
 /// The service certificate a walk trusted, by its SHA-256 fingerprint (hex).
@@ -353,58 +351,45 @@ pub struct IdentityCheck<'a> {
     records: BTreeMap<String, cloister_store::gov::EndorsementRecord>,
     /// Closed records as they were closed: certificate digest and `until`.
     closed: BTreeMap<String, (String, Option<u64>)>,
-    /// Every key written in the walk: a signer whose record the walk removed is not one
-    /// endorsed before it.
-    written: std::collections::BTreeSet<String>,
     /// Signatures whose signer's endorsement the identity's signature was checked on.
     pub checked: u64,
-    /// Signatures by a signer endorsed, if at all, before the snapshot the walk started from:
-    /// not checked, since nothing walked holds the endorsement.
-    pub before_start: u64,
 }
 
 impl<'a> IdentityCheck<'a> {
     pub fn new(identity: &'a [u8]) -> Self {
-        IdentityCheck {
-            identity,
-            records: BTreeMap::new(),
-            closed: BTreeMap::new(),
-            written: Default::default(),
-            checked: 0,
-            before_start: 0,
-        }
+        IdentityCheck { identity, records: BTreeMap::new(), closed: BTreeMap::new(), checked: 0 }
     }
 
     /// What the check found so far.
     pub fn standing(&self) -> IdentityStanding {
-        IdentityStanding { sha256: fingerprint(self.identity), checked: self.checked, before_start: self.before_start }
+        IdentityStanding { sha256: fingerprint(self.identity), checked: self.checked }
     }
 
     /// Checks the next entry. `whole`: the walk started at genesis, so every endorsement made
-    /// so far has been seen (after a snapshot start, a signer with no record seen may have
-    /// been endorsed before it).
+    /// so far has been seen. After a snapshot start, a signer with no record seen may have been
+    /// endorsed before it, but nothing walked ties it to the identity, so it is refused as well:
+    /// counted apart and passed, it let a folder that starts at a made-up snapshot, with
+    /// signers of anyone's making, verify.
     pub fn entry(&mut self, e: &LedgerEntry, whole: bool) -> Result<(), String> {
         use cloister_store::gov::{ENDORSEMENTS, EndorsementRecord};
         if let Some(sig) = e.payload.signature() {
             let id = sig.node_id.to_string();
-            match self.records.get(&id) {
-                None if !whole && !self.written.contains(&id) => self.before_start += 1,
-                None => {
-                    return Err(format!("entry {}: node {id} signed, but no endorsement of it is in force", e.seqno));
-                }
-                Some(record) => {
-                    let signature = record.signature.as_deref().ok_or_else(|| {
-                        format!(
-                            "entry {}: node {id}'s endorsement carries no signature by the service identity",
-                            e.seqno
-                        )
-                    })?;
-                    cloister_crypto::identity::verify_hex(self.identity, &record.message(&id), signature).map_err(
-                        |m| format!("entry {}: node {id}'s endorsement is not the service identity's ({m})", e.seqno),
-                    )?;
-                    self.checked += 1;
-                }
-            }
+            let record = self.records.get(&id).ok_or_else(|| match whole {
+                true => format!("entry {}: node {id} signed, but no endorsement of it is in force", e.seqno),
+                false => format!(
+                    "entry {}: node {id} signed, and no endorsement of it is in this folder, which starts at a \
+                     snapshot: nothing here ties it to the service identity; verify a ledger folder that starts \
+                     at genesis",
+                    e.seqno
+                ),
+            })?;
+            let signature = record.signature.as_deref().ok_or_else(|| {
+                format!("entry {}: node {id}'s endorsement carries no signature by the service identity", e.seqno)
+            })?;
+            cloister_crypto::identity::verify_hex(self.identity, &record.message(&id), signature).map_err(|m| {
+                format!("entry {}: node {id}'s endorsement is not the service identity's ({m})", e.seqno)
+            })?;
+            self.checked += 1;
         }
         let Payload::Tx(tx) = &e.payload else { return Ok(()) };
         for (map, key, value) in tx.public.iter() {
@@ -412,7 +397,6 @@ impl<'a> IdentityCheck<'a> {
                 continue;
             }
             let id = String::from_utf8_lossy(key).into_owned();
-            self.written.insert(id.clone());
             let record: Option<EndorsementRecord> = value
                 .map(serde_json::from_slice)
                 .transpose()
@@ -1139,14 +1123,10 @@ mod tests {
         assert!(err.contains("not the service identity's"), "{err}");
         let err = check(&[signature()]).unwrap_err();
         assert!(err.contains("no endorsement of it is in force"), "{err}");
-        // Past a snapshot start, a signer with no record seen may have been endorsed before it;
-        // one whose record the walk saw removed may not.
-        let mut walk = IdentityCheck::new(&service_der);
-        walk.entry(&signature(), false).expect("endorsed, if at all, before the walk");
-        walk.entry(&endorse(None), false).unwrap();
-        let err = walk.entry(&signature(), false).unwrap_err();
-        assert!(err.contains("no endorsement of it is in force"), "{err}");
-        assert_eq!((walk.checked, walk.before_start), (0, 1));
+        // Past a snapshot start, a signer with no record seen may have been endorsed before it,
+        // but nothing walked ties it to the identity: refused, saying so.
+        let err = IdentityCheck::new(&service_der).entry(&signature(), false).unwrap_err();
+        assert!(err.contains("starts at a snapshot"), "{err}");
         // Closed, then the older open record replayed (directly, or after a removal).
         let closed =
             signed_endorsement(&service.key_pem, &id, EndorsementRecord { until: Some(1), ..open.clone() }).unwrap();
@@ -1200,7 +1180,7 @@ mod tests {
 
         let report = walk(None, 0..=5, &der(&service)).expect("signed by a node the identity endorsed");
         let standing = report.identity.unwrap();
-        assert_eq!((standing.checked, standing.before_start), (1, 0));
+        assert_eq!(standing.checked, 1);
         assert_eq!(standing.sha256, fingerprint(&der(&service)));
         let err = walk(None, 0..=5, &der(&stranger)).unwrap_err();
         assert!(matches!(&err, VerifyError::Fault { seqno: Some(5), .. }), "{err}");
@@ -1210,10 +1190,14 @@ mod tests {
         assert!(verify_dir(dir.path(), Some(&built.ca_der), None, None).unwrap().identity.is_none());
         faulted_at_10(walk(None, 0..=10, &der(&service)));
         // From a snapshot after the stranger's record, nothing walked holds the signer's
-        // endorsement: counted, not passed off as checked. From one before it, the record is walked.
-        let report = walk(Some(7), 7..=10, &der(&service)).expect("the signer's endorsement precedes the folder");
-        let standing = report.identity.unwrap();
-        assert_eq!((standing.checked, standing.before_start), (0, 1));
+        // endorsement, and nothing ties the signer to the identity: a folder made up from a
+        // snapshot start on, with no endorsement in it, would pass otherwise. From a snapshot
+        // before the record, the record is walked and refused.
+        let err = walk(Some(7), 7..=10, &der(&service)).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::Fault { seqno: Some(10), message, .. } if message.contains("starts at a snapshot")),
+            "{err}"
+        );
         faulted_at_10(walk(Some(6), 6..=10, &der(&service)));
     }
 
