@@ -340,6 +340,15 @@ async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
     let bad_cert = check(json!([{ "name": "set_user", "args": { "cert": "not a certificate" } }])).unwrap_err();
     assert!(bad_cert.to_string().contains("args.cert"), "{bad_cert}");
     check(json!([{ "name": "set_app", "args": { "wasm": b64(&misbehave_wasm()) } }])).expect("a module that loads");
+    // A proposal accepted once is public in gov.history: a copy sent again is refused by the
+    // check, before its modules compile (and before the writer).
+    let actions = json!([{ "name": "set_app", "args": { "wasm": b64(&misbehave_wasm()) } }]);
+    let signed = sign_gov(m, &GovWrite::Propose, &propose_json(actions), unix_now()).unwrap();
+    let filed = s.member(0).await.post("/gov/proposals", COSE_CONTENT_TYPE, signed.clone()).await.unwrap();
+    assert_eq!(filed.status, 200, "{}", filed.text());
+    let tx = s.node().service().store().begin().unwrap();
+    let replayed = cloister_node::gov::precheck(&runtime, &tx, &GovWrite::Propose, &signed, &policy).unwrap_err();
+    assert!(replayed.to_string().contains("already accepted"), "{replayed}");
 }
 
 /// Who may call, and what is installed, follow every vote at once, although a node remembers

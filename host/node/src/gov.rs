@@ -150,7 +150,22 @@ pub fn precheck(
 ) -> Result<(), GovError> {
     let (request, _) = verified(tx, write, bytes, policy)?;
     if *write == GovWrite::Propose {
+        // Accepted proposals are public (`gov.history`): a copy sent again is refused before
+        // its modules compile.
+        not_replayed(tx, &request)?;
         proposal_checks(runtime, &request)?;
+    }
+    Ok(())
+}
+
+/// Refuses a signed request already accepted (its digest is in `gov.history`).
+fn not_replayed(tx: &Tx, request: &SignedRequest) -> Result<(), GovError> {
+    if tx.get(HISTORY, request.digest().as_bytes())?.is_some() {
+        return Err(refuse(
+            Refusal::Conflict,
+            "Replay",
+            "this signed request (its signed content, however encoded) was already accepted; sign a new one",
+        ));
     }
     Ok(())
 }
@@ -174,13 +189,7 @@ fn proposal_checks(runtime: &Runtime, request: &SignedRequest) -> Result<Proposa
 /// Parses, dates, attributes and verifies a request, and checks the signer's standing.
 fn authenticate(tx: &Tx, write: &GovWrite, bytes: &[u8], policy: &RequestPolicy) -> Result<SignedRequest, GovError> {
     let (request, member) = verified(tx, write, bytes, policy)?;
-    if tx.get(HISTORY, request.digest().as_bytes())?.is_some() {
-        return Err(refuse(
-            Refusal::Conflict,
-            "Replay",
-            "this signed request (its signed content, however encoded) was already accepted; sign a new one",
-        ));
-    }
+    not_replayed(tx, &request)?;
     if let Some(last) = get::<u64>(tx, REQUEST_TIMES, request_time_key(&request).as_bytes())?
         && request.created_at < last
     {
