@@ -80,9 +80,9 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
                     "service identity: not checked; pass --service-identity to require every signer's \
                      endorsement to carry its signature"
                 ),
-                Some(i) => println!(
-                    "service identity: every signer's endorsement carries its signature ({} signatures; sha256 {})",
-                    i.checked, i.sha256
+                Some(sha256) => println!(
+                    "service identity: every signer's endorsement carries its signature ({} signatures; sha256 {sha256})",
+                    r.signatures
                 ),
             }
             // Last, so that nobody reads "verified" without what it was verified against.

@@ -34,17 +34,9 @@ pub struct VerifyReport {
     pub chain: Hash,
     /// What the signatures were checked against.
     pub anchor: Anchor,
-    /// Whether the signers were tied to a service identity, when one was given.
-    pub identity: Option<IdentityStanding>,
-}
-
-/// How a walk tied the ledger's signers to the service identity it was given.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct IdentityStanding {
-    /// The identity certificate's SHA-256 (hex).
-    pub sha256: String,
-    /// Signatures whose signer's endorsement carries the identity's signature: all of them.
-    pub checked: u64,
+    /// When a service identity was given, its certificate's SHA-256 (hex): every signature's
+    /// signer carries its endorsement (a walk that cannot tie one to it faults).
+    pub identity: Option<String>,
 }
 
 /// The service certificate a walk trusted, by its SHA-256 fingerprint (hex).
@@ -284,7 +276,7 @@ pub fn verify_dir(
             Tail::Clean => {}
             Tail::Torn { valid_bytes } if i + 1 == paths.len() => {
                 report.chain = chain_head;
-                report.identity = identity_check.as_ref().map(IdentityCheck::standing);
+                report.identity = identity.map(fingerprint);
                 return Err(VerifyError::TornTail { file: path.clone(), valid_bytes, report: Box::new(report) });
             }
             Tail::Torn { .. } => {
@@ -297,7 +289,7 @@ pub fn verify_dir(
         }
     }
     report.chain = chain_head;
-    report.identity = identity_check.as_ref().map(IdentityCheck::standing);
+    report.identity = identity.map(fingerprint);
     Ok(report)
 }
 
@@ -351,18 +343,11 @@ pub struct IdentityCheck<'a> {
     records: BTreeMap<String, cloister_store::gov::EndorsementRecord>,
     /// Closed records as they were closed: certificate digest and `until`.
     closed: BTreeMap<String, (String, Option<u64>)>,
-    /// Signatures whose signer's endorsement the identity's signature was checked on.
-    pub checked: u64,
 }
 
 impl<'a> IdentityCheck<'a> {
     pub fn new(identity: &'a [u8]) -> Self {
-        IdentityCheck { identity, records: BTreeMap::new(), closed: BTreeMap::new(), checked: 0 }
-    }
-
-    /// What the check found so far.
-    pub fn standing(&self) -> IdentityStanding {
-        IdentityStanding { sha256: fingerprint(self.identity), checked: self.checked }
+        IdentityCheck { identity, records: BTreeMap::new(), closed: BTreeMap::new() }
     }
 
     /// Checks the next entry. `whole`: the walk started at genesis, so every endorsement made
@@ -389,7 +374,6 @@ impl<'a> IdentityCheck<'a> {
             cloister_crypto::identity::verify_hex(self.identity, &record.message(&id), signature).map_err(|m| {
                 format!("entry {}: node {id}'s endorsement is not the service identity's ({m})", e.seqno)
             })?;
-            self.checked += 1;
         }
         let Payload::Tx(tx) = &e.payload else { return Ok(()) };
         for (map, key, value) in tx.public.iter() {
@@ -1179,9 +1163,8 @@ mod tests {
         };
 
         let report = walk(None, 0..=5, &der(&service)).expect("signed by a node the identity endorsed");
-        let standing = report.identity.unwrap();
-        assert_eq!(standing.checked, 1);
-        assert_eq!(standing.sha256, fingerprint(&der(&service)));
+        assert_eq!(report.signatures, 1);
+        assert_eq!(report.identity, Some(fingerprint(&der(&service))));
         let err = walk(None, 0..=5, &der(&stranger)).unwrap_err();
         assert!(matches!(&err, VerifyError::Fault { seqno: Some(5), .. }), "{err}");
         // The CA alone passes the whole ledger; the identity does not.
