@@ -253,8 +253,8 @@ struct Inner {
     /// When applied state was last committed durably.
     durable_at: Mutex<std::time::Instant>,
     /// The index below which this node's Raft log is durable: no entry at or beyond it is
-    /// applied (see `LogStore::durable`). Absent only in openraft's storage suite, which applies entries
-    /// no log holds.
+    /// applied (see `LogStore::durable`). Absent only in openraft's storage suite, which applies
+    /// entries no log holds.
     log_durable: Option<watch::Receiver<u64>>,
     held: tokio::sync::Mutex<Held>,
     pacing: ApplyPacing,

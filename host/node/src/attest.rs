@@ -239,9 +239,7 @@ pub fn policy(tx: &Tx) -> Result<Option<Policy>, KvError> {
         Ok(gov::all::<serde_json::Value>(tx, map)?.into_iter().map(|(k, _)| k).collect())
     };
     let min: Option<gov::Tcb> = gov::get(tx, gov::MIN_TCB, gov::MIN_TCB_KEY)?;
-    let min_tcb = min
-        .map(|t| Tcb { bootloader: t.bootloader, tee: t.tee, snp: t.snp, microcode: t.microcode, fmc: Some(t.fmc) })
-        .unwrap_or_default();
+    let min_tcb = min.as_ref().map(policy_tcb).unwrap_or_default();
     let azure_pcrs = gov::all::<gov::PcrSet>(tx, gov::AZURE_PCRS)?.into_iter().map(|(_, set)| set).collect();
     Ok(Some(Policy {
         roots,
@@ -250,6 +248,16 @@ pub fn policy(tx: &Tx) -> Result<Option<Policy>, KvError> {
         min_tcb,
         azure_pcrs,
     }))
+}
+
+/// A governed TCB (`gov.attestation.min_tcb`) as the verifier's policy takes it.
+fn policy_tcb(t: &gov::Tcb) -> Tcb {
+    Tcb { bootloader: t.bootloader, tee: t.tee, snp: t.snp, microcode: t.microcode, fmc: Some(t.fmc) }
+}
+
+/// A reported TCB as governance records it (0 for the FMC level firmware without one omits).
+pub(crate) fn governed_tcb(t: &Tcb) -> gov::Tcb {
+    gov::Tcb { bootloader: t.bootloader, tee: t.tee, snp: t.snp, microcode: t.microcode, fmc: t.fmc.unwrap_or(0) }
 }
 
 /// A node's standing, by the certificate it connected with.

@@ -575,8 +575,8 @@ async fn recover(
 
 /// The first node attests itself against the roots the genesis configuration pins, and its own
 /// measurement and host_data (on Azure, its PCRs 4, 7 and 11 too) become the service's first
-/// allowed values, and its reported TCB the lowest a joining node's may be (as in CCF). Evidence that fails the other checks (chain, signature, debug
-/// policy, binding) stops the genesis.
+/// allowed values, and its reported TCB the lowest a joining node's may be (as in CCF). Evidence
+/// that fails the other checks (chain, signature, debug policy, binding) stops the genesis.
 async fn genesis_attestation(
     config: &NodeConfig,
     node_cert: &str,
@@ -607,13 +607,7 @@ async fn genesis_attestation(
         measurement: verified.measurement.clone(),
         host_data: verified.host_data.clone(),
         azure_pcrs,
-        min_tcb: gov::Tcb {
-            bootloader: verified.tcb.bootloader,
-            tee: verified.tcb.tee,
-            snp: verified.tcb.snp,
-            microcode: verified.tcb.microcode,
-            fmc: verified.tcb.fmc.unwrap_or(0),
-        },
+        min_tcb: attest::governed_tcb(&verified.tcb),
         evidence: serde_json::to_value(&evidence)?,
         verified: attest::verified_json(&verified),
     })
