@@ -23,6 +23,23 @@ pub struct Client {
     dialer: std::sync::Arc<Dialer>,
 }
 
+/// Marks a request's failure that came before any of it reached the connection: sending it
+/// again cannot apply it twice. Every other failure of a write leaves its outcome unknown.
+#[derive(Debug, Clone, Copy)]
+pub struct NotSent;
+
+impl std::fmt::Display for NotSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request was not sent")
+    }
+}
+
+/// Whether `e`, a failure from [`Client::request`] or [`Client::connect`], came before the
+/// request reached the connection.
+pub fn not_sent(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<NotSent>().is_some()
+}
+
 /// How to open a connection to one node.
 struct Dialer {
     authority: String,
@@ -115,7 +132,7 @@ impl Client {
         let (authority, server_name) = endpoint(url)?;
         let config = tls::client_config(service_ca_pem, identity, true)?;
         let dialer = Dialer { authority, server_name, config, local };
-        let sender = dialer.dial().await?;
+        let sender = dialer.dial().await.context(NotSent)?;
         Ok(Client { sender: std::sync::Arc::new(std::sync::Mutex::new(sender)), dialer: std::sync::Arc::new(dialer) })
     }
 
@@ -156,9 +173,17 @@ impl Client {
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
-        let req = req.body(Full::new(body.into())).context("building the request")?;
-        let mut sender = self.ready_sender().await?;
-        let response = sender.send_request(req).await.context("sending the request")?;
+        let req = req.body(Full::new(body.into())).context("building the request").context(NotSent)?;
+        let mut sender = self.ready_sender().await.context(NotSent)?;
+        let response = match sender.try_send_request(req).await {
+            Ok(response) => response,
+            Err(mut e) => {
+                // hyper hands back a request that never reached the connection.
+                let unsent = e.take_message().is_some();
+                let failed = anyhow::Error::new(e.into_error()).context("sending the request");
+                return Err(if unsent { failed.context(NotSent) } else { failed });
+            }
+        };
         let (parts, body) = response.into_parts();
         let collected = body.collect().await.context("reading the response")?;
         let trailers = collected.trailers().cloned();

@@ -12,7 +12,6 @@ mod pages;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +64,8 @@ pub(crate) struct Console {
     pub jobs: Mutex<HashMap<u64, Arc<Mutex<pages::Job>>>>,
     next_job: AtomicU64,
     pub uploads: tempfile::TempDir,
+    /// How long connecting to a node, and then one request, may take ([`SERVICE_TIMEOUT`]).
+    service_timeout: Duration,
 }
 
 /// An error page: the status and what went wrong, in words.
@@ -104,35 +105,54 @@ pub(crate) fn refused(what: &str, reply: &Reply) -> Failure {
 }
 
 impl Console {
-    /// Sends a request to the service, moving to another node once if the one in use is gone.
+    /// Sends a request to the service. A read, or a write that never left the console, moves to
+    /// another node once if the one in use is gone or slow. A write that may have reached a node
+    /// is not sent again: it may have been applied, and a governance request sent twice is
+    /// refused as a replay, which would hide from the member that the first one counted.
     pub async fn request(
         &self,
         method: &str,
         target: &str,
         content_type: Option<&str>,
         body: Vec<u8>,
-    ) -> anyhow::Result<Reply> {
+    ) -> Result<Reply, Failure> {
+        let read = matches!(method, "GET" | "HEAD");
+        let no_answer = || anyhow::anyhow!("no answer within {} s", self.service_timeout.as_secs_f64());
         let mut last = None;
         for _ in 0..2 {
-            let client = self.nodes.lock().await.client().await;
-            let client = match client {
-                Ok(c) => c,
-                Err(e) => {
-                    self.nodes.lock().await.next();
-                    last = Some(e);
-                    continue;
+            let connected =
+                tokio::time::timeout(self.service_timeout, async { self.nodes.lock().await.client().await });
+            let failure = match connected.await {
+                Ok(Ok(client)) => {
+                    let sent = client.request(method, target, content_type, body.clone());
+                    match tokio::time::timeout(self.service_timeout, sent).await {
+                        Ok(Ok(reply)) => return Ok(reply),
+                        Ok(Err(e)) if read || cloister_client::not_sent(&e) => e,
+                        Ok(Err(e)) => return self.outcome_unknown(method, target, e).await,
+                        Err(_) if read => no_answer(),
+                        Err(_) => return self.outcome_unknown(method, target, no_answer()).await,
+                    }
                 }
+                Ok(Err(e)) => e,
+                Err(_) => no_answer().context("connecting"),
             };
-            let sent =
-                tokio::time::timeout(SERVICE_TIMEOUT, client.request(method, target, content_type, body.clone()));
-            match sent.await {
-                Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(e)) => last = Some(e),
-                Err(_) => last = Some(anyhow::anyhow!("no answer within {} s", SERVICE_TIMEOUT.as_secs())),
-            }
+            last = Some(failure);
             self.nodes.lock().await.next();
         }
-        Err(last.expect("a failed attempt left its error")).context("the service cannot be reached")
+        Err(last.expect("a failed attempt left its error").context("the service cannot be reached").into())
+    }
+
+    /// The failure of a write that may have reached the service; the next request goes to
+    /// another node.
+    async fn outcome_unknown(&self, method: &str, target: &str, e: anyhow::Error) -> Result<Reply, Failure> {
+        self.nodes.lock().await.next();
+        Err(Failure::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "{method} {target} reached the service but no answer came back ({e:#}): it may have been applied. \
+                 Look before sending it again (a proposal or vote: the Proposals page)."
+            ),
+        ))
     }
 
     /// A GET whose answer must be 2xx JSON.
@@ -288,6 +308,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         jobs: Mutex::default(),
         next_job: AtomicU64::new(0),
         uploads: tempfile::tempdir().context("making a folder for uploads")?,
+        service_timeout: SERVICE_TIMEOUT,
     });
     // The one line a script reads: where to point a browser.
     println!("console: http://{addr}/login?token={token}");
@@ -297,7 +318,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Uploads run as jobs; the job page reads their progress.
-pub(crate) fn spawn_upload(console: Arc<Console>, path: PathBuf, format: ingest::Format, job: Arc<Mutex<pages::Job>>) {
+pub(crate) fn spawn_upload(
+    console: Arc<Console>,
+    path: tempfile::TempPath,
+    format: ingest::Format,
+    job: Arc<Mutex<pages::Job>>,
+) {
     tokio::spawn(async move {
         let mut nodes = console.ingest_nodes().await;
         let mut stats = ingest::Stats::default();
@@ -317,7 +343,7 @@ pub(crate) fn spawn_upload(console: Arc<Console>, path: PathBuf, format: ingest:
             Err(e) => Err(format!("{e:#}")),
         });
         job.retries = stats.retries;
-        let _ = std::fs::remove_file(&path);
+        drop(path);
     });
 }
 
@@ -331,10 +357,14 @@ mod tests {
     const HOST: &str = "127.0.0.1:40404";
 
     fn console() -> Arc<Console> {
+        // Nothing listens there: a request that got past the checks would fail to reach it.
+        console_of(vec!["https://127.0.0.1:9".into()], Vec::new(), SERVICE_TIMEOUT)
+    }
+
+    fn console_of(urls: Vec<String>, ca: Vec<u8>, service_timeout: Duration) -> Arc<Console> {
         let me = cloister_crypto::identity::generate_identity("member0").unwrap();
         Arc::new(Console {
-            // Nothing listens there: a request that got past the checks would fail to reach it.
-            nodes: tokio::sync::Mutex::new(Nodes::new(vec!["https://127.0.0.1:9".into()], Vec::new(), None)),
+            nodes: tokio::sync::Mutex::new(Nodes::new(urls, ca, None)),
             my_id: me.id().unwrap(),
             me,
             pinned: Vec::new(),
@@ -343,6 +373,7 @@ mod tests {
             jobs: Mutex::default(),
             next_job: AtomicU64::new(0),
             uploads: tempfile::tempdir().unwrap(),
+            service_timeout,
         })
     }
 
@@ -419,5 +450,131 @@ mod tests {
         assert_eq!(genuine.status(), StatusCode::BAD_GATEWAY);
         let bad_json = send(&c, post(format!("action=remove_member&args=%7Bnope&csrf={}", c.form_token()))).await;
         assert_eq!(bad_json.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn a_refused_upload_leaves_no_file_behind() {
+        let c = console();
+        let csrf = c.form_token();
+        let part = |name: &str, file: Option<&str>, body: &str| match file {
+            Some(f) => {
+                format!("--b\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\r\n{body}\r\n")
+            }
+            None => format!("--b\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{body}\r\n"),
+        };
+        let upload = |body: String| {
+            HttpRequest::post("/reconcile/upload")
+                .header(header::HOST, HOST)
+                .header(header::ORIGIN, format!("http://{HOST}"))
+                .header(header::COOKIE, authorized())
+                .header(header::CONTENT_TYPE, "multipart/form-data; boundary=b")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let rows = "key,nace\nk1,A\n";
+        let refused = [
+            // Two files.
+            format!(
+                "{}{}{}--b--\r\n",
+                part("csrf", None, &csrf),
+                part("file", Some("a.csv"), rows),
+                part("file", Some("b.csv"), rows)
+            ),
+            // A file whose format cannot be told.
+            format!("{}{}--b--\r\n", part("csrf", None, &csrf), part("file", Some("a.txt"), rows)),
+            // A body cut short inside the file.
+            format!(
+                "{}--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\n\r\n{rows}",
+                part("csrf", None, &csrf)
+            ),
+        ];
+        for body in refused {
+            let answer = send(&c, upload(body.clone())).await;
+            assert_eq!(answer.status(), StatusCode::BAD_REQUEST, "{body}");
+            let left: Vec<_> = std::fs::read_dir(c.uploads.path()).unwrap().collect();
+            assert!(left.is_empty(), "{body} left {left:?}");
+        }
+        // The same file alone is taken (and kept for its job).
+        let taken =
+            send(&c, upload(format!("{}{}--b--\r\n", part("csrf", None, &csrf), part("file", Some("a.csv"), rows))))
+                .await;
+        assert_eq!(taken.status(), StatusCode::SEE_OTHER);
+    }
+
+    /// What a stand-in node does with each request.
+    #[derive(Clone, Copy)]
+    enum Stand {
+        Answer,
+        /// Takes the request and resets its stream.
+        Reset,
+        /// Takes the request and never answers.
+        Hang,
+    }
+
+    /// A TLS HTTP/2 server on 127.0.0.1 with a certificate from `ca`: its URL, and how many
+    /// requests reached it.
+    async fn stand_in(ca: &cloister_crypto::identity::ServiceCa, stand: Stand) -> (String, Arc<AtomicU64>) {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let node = ca.issue_node_cert("stand-in", &["127.0.0.1".into()]).unwrap();
+        let tls =
+            tokio_rustls::TlsAcceptor::from(cloister_crypto::tls::server_config(&node, &ca.keyed.cert_pem).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let reached = Arc::new(AtomicU64::new(0));
+        let counter = reached.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (tls, counter) = (tls.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let Ok(conn) = tls.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |_: hyper::Request<hyper::body::Incoming>| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            match stand {
+                                Stand::Answer => Ok(hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from_static(b"{}"),
+                                ))),
+                                Stand::Reset => Err(std::io::Error::other("reset")),
+                                Stand::Hang => std::future::pending().await,
+                            }
+                        }
+                    });
+                    let serving = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(conn), service);
+                    let _ = serving.await;
+                });
+            }
+        });
+        (url, reached)
+    }
+
+    #[tokio::test]
+    async fn a_write_that_reached_a_node_is_not_sent_again_but_a_read_moves_on() {
+        let ca = cloister_crypto::identity::ServiceCa::generate("stand-ins").unwrap();
+        let pem = ca.keyed.cert_pem.as_bytes().to_vec();
+        let timeout = Duration::from_millis(500);
+        let (answers, answered) = stand_in(&ca, Stand::Answer).await;
+        for stand in [Stand::Hang, Stand::Reset] {
+            let (first, reached) = stand_in(&ca, stand).await;
+            let c = console_of(vec![first, answers.clone()], pem.clone(), timeout);
+            let before = answered.load(Ordering::SeqCst);
+            let unknown = c.request("POST", "/gov/proposals", None, b"signed".to_vec()).await.unwrap_err();
+            assert_eq!(unknown.status, StatusCode::GATEWAY_TIMEOUT, "{}", unknown.message);
+            assert!(unknown.message.contains("may have been applied"), "{}", unknown.message);
+            assert_eq!(reached.load(Ordering::SeqCst), 1);
+            assert_eq!(answered.load(Ordering::SeqCst), before, "the write was sent again");
+            // The next request goes to the other node.
+            assert_eq!(c.request("GET", "/gov/service", None, Vec::new()).await.unwrap().status, 200);
+            assert_eq!(reached.load(Ordering::SeqCst), 1);
+
+            // A read that reached the first node and failed moves on to the other.
+            let c = console_of(vec![stand_in(&ca, stand).await.0, answers.clone()], pem.clone(), timeout);
+            assert_eq!(c.request("GET", "/gov/service", None, Vec::new()).await.unwrap().status, 200);
+        }
+        // A write that never left (nothing listens at the first node) goes to the other.
+        let c = console_of(vec!["https://127.0.0.1:9".into(), answers.clone()], pem, timeout);
+        let before = answered.load(Ordering::SeqCst);
+        assert_eq!(c.request("POST", "/gov/proposals", None, b"signed".to_vec()).await.unwrap().status, 200);
+        assert_eq!(answered.load(Ordering::SeqCst), before + 1);
     }
 }

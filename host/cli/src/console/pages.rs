@@ -641,9 +641,11 @@ fn chart(counts: &HashMap<String, usize>, total: usize, cut: bool) -> Markup {
 }
 
 pub(crate) async fn upload(State(c): Shared, mut form: Multipart) -> Result<Response, Failure> {
-    let (mut csrf, mut format, mut file) = (None, "auto".to_owned(), None::<(std::path::PathBuf, String, u64)>);
+    let (mut csrf, mut format, mut file) = (None, "auto".to_owned(), None::<(tempfile::TempPath, String, u64)>);
     let bad =
         |e: axum::extract::multipart::MultipartError| Failure::bad_request(format!("the upload is malformed: {e}"));
+    let storing =
+        |e: std::io::Error| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storing the upload: {e}"));
     while let Some(mut field) = form.next_field().await.map_err(bad)? {
         match field.name() {
             Some("csrf") => csrf = Some(field.text().await.map_err(bad)?),
@@ -651,19 +653,23 @@ pub(crate) async fn upload(State(c): Shared, mut form: Multipart) -> Result<Resp
             Some("file") => {
                 // The form token comes first in the form: no file is stored for a forged one.
                 c.check_form_token(csrf.as_deref().unwrap_or_default())?;
+                if file.is_some() {
+                    return Err(Failure::bad_request("an upload takes one file"));
+                }
                 let name = field.file_name().unwrap_or("upload").to_owned();
-                let path =
-                    c.uploads.path().join(format!("upload-{}", hex::encode(cloister_crypto::random_bytes::<8>())));
-                let mut out = tokio::fs::File::create(&path)
-                    .await
-                    .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storing the upload: {e}")))?;
+                // Removed when dropped: on any failure here, or once the job is done with it.
+                let (out, path) = tempfile::Builder::new()
+                    .prefix("upload-")
+                    .tempfile_in(c.uploads.path())
+                    .map_err(storing)?
+                    .into_parts();
+                let mut out = tokio::fs::File::from_std(out);
                 let mut bytes = 0u64;
                 while let Some(chunk) = field.chunk().await.map_err(bad)? {
                     bytes += chunk.len() as u64;
-                    tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await.map_err(|e| {
-                        Failure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storing the upload: {e}"))
-                    })?;
+                    tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await.map_err(storing)?;
                 }
+                tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(storing)?;
                 file = Some((path, name, bytes));
             }
             _ => {}
@@ -678,10 +684,7 @@ pub(crate) async fn upload(State(c): Shared, mut form: Multipart) -> Result<Resp
         _ if name.to_ascii_lowercase().ends_with(".json") || name.to_ascii_lowercase().ends_with(".jsonl") => {
             Format::Json
         }
-        _ => {
-            let _ = std::fs::remove_file(&path);
-            return Err(Failure::bad_request(format!("{name}: name the format (CSV or JSON)")));
-        }
+        _ => return Err(Failure::bad_request(format!("{name}: name the format (CSV or JSON)"))),
     };
     let job = Job {
         file_name: name,
@@ -784,7 +787,7 @@ async fn receipt(c: &Console, tx: &str) -> Markup {
     }
     let reply = match c.request("GET", &format!("/app/receipt?id={tx}"), None, Vec::new()).await {
         Ok(r) => r,
-        Err(e) => return html! { p.error { (format!("{e:#}")) } },
+        Err(e) => return html! { p.error { (e.message) } },
     };
     match reply.status {
         200 => {}
