@@ -45,6 +45,12 @@ impl LoadedModule {
     }
 }
 
+impl std::fmt::Debug for LoadedModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModule").field("hash", &blake3::Hash::from(self.hash).to_hex()).finish_non_exhaustive()
+    }
+}
+
 /// One request to run.
 pub struct Invocation<'a> {
     pub head: &'a RequestHead,
@@ -123,7 +129,7 @@ pub struct Runtime {
     /// The limits of constitution runs: as `limits`, but a value may be as large as a module,
     /// since `apply` stores the wasm of `set_app` and `set_constitution`.
     gov_limits: Arc<Limits>,
-    modules: Mutex<HashMap<[u8; 32], Arc<LoadedModule>>>,
+    modules: Mutex<ModuleCache>,
     /// Held while a module compiles: loads that miss the cache at once compile one at a time, so
     /// a burst of requests on a node that has not compiled its app yet compiles it once (before,
     /// each compiled it, and 85 concurrent compilations on two cores kept every request waiting
@@ -131,6 +137,45 @@ pub struct Runtime {
     compiling: Mutex<()>,
     observer: Option<Arc<dyn ExecObserver>>,
     watchdog: Arc<Watchdog>,
+}
+
+/// Compiled modules by the blake3 hash of their bytes. It keeps up to `modules_cached_max`
+/// modules that nobody else holds, evicting the least recently used of those, and every module
+/// someone does hold (that memory is in use either way): the app and constitution a node keeps,
+/// and the modules of a proposal on its way to the writer, are never evicted, so however many
+/// other modules compile meanwhile, the next load of one of them is not a compile.
+#[derive(Default)]
+struct ModuleCache {
+    modules: HashMap<[u8; 32], (Arc<LoadedModule>, u64)>,
+    /// Counts loads; each entry notes its last.
+    clock: u64,
+}
+
+impl ModuleCache {
+    fn get(&mut self, hash: &[u8; 32]) -> Option<Arc<LoadedModule>> {
+        self.clock += 1;
+        let (module, used) = self.modules.get_mut(hash)?;
+        *used = self.clock;
+        Some(module.clone())
+    }
+
+    /// Adds a module, first evicting the least recently used of those nobody else holds until
+    /// fewer than `max` of them remain.
+    fn insert(&mut self, module: Arc<LoadedModule>, max: usize) {
+        let unheld = |(module, _): &(Arc<LoadedModule>, u64)| Arc::strong_count(module) == 1;
+        while self.modules.values().filter(|e| unheld(e)).count() >= max.max(1) {
+            let victim = self
+                .modules
+                .iter()
+                .filter(|(_, e)| unheld(e))
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(hash, _)| *hash)
+                .expect("an unheld module is there to evict");
+            self.modules.remove(&victim);
+        }
+        self.clock += 1;
+        self.modules.insert(module.hash, (module, self.clock));
+    }
 }
 
 impl Drop for Runtime {
@@ -176,7 +221,7 @@ impl Runtime {
     /// manifest the module reports.
     pub fn load(&self, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
         let hash = *blake3::hash(wasm).as_bytes();
-        let cached = || self.modules.lock().expect("module cache lock").get(&hash).cloned();
+        let cached = || self.modules.lock().expect("module cache lock").get(&hash);
         if let Some(m) = cached() {
             return Ok(m);
         }
@@ -197,14 +242,7 @@ impl Runtime {
         let pre = self.linker.instantiate_pre(&module).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let manifest = self.read_manifest(&pre)?;
         let loaded = Arc::new(LoadedModule { hash, manifest, pre });
-        let mut cache = self.modules.lock().expect("module cache lock");
-        if cache.len() >= self.limits.modules_cached_max {
-            // Evict an arbitrary entry; holders of its Arc keep using it.
-            let victim = *cache.keys().next().expect("cache is non-empty");
-            cache.remove(&victim);
-        }
-        cache.insert(hash, loaded.clone());
-        drop(cache);
+        self.modules.lock().expect("module cache lock").insert(loaded.clone(), self.limits.modules_cached_max);
         if let Some(observer) = &self.observer {
             observer.compiled();
         }

@@ -67,7 +67,7 @@ pub struct Limits {
     pub scans_per_request_max: usize,
     /// Most bytes of guest output (stdout, stderr, log) kept per request; the rest is dropped.
     pub log_bytes_per_request_max: usize,
-    /// Most compiled modules kept in the cache.
+    /// Most compiled modules the cache keeps that nothing else holds (it keeps held ones too).
     pub modules_cached_max: usize,
     /// Bytes of each instance slot's memory kept resident between requests instead of being
     /// returned to the kernel: faster requests for up to `instances_max` times this much RSS.

@@ -216,7 +216,7 @@ mod load {
     use super::*;
 
     fn load(wasm: &[u8]) -> LoadError {
-        Runtime::new(Limits::default()).unwrap().load(wasm).err().expect("refused")
+        Runtime::new(Limits::default()).unwrap().load(wasm).expect_err("refused")
     }
 
     /// The exports of ABI v1 on a trivial memory, for hand-written modules.
@@ -349,4 +349,53 @@ fn concurrent_loads_of_one_module_compile_it_once() {
         .map(|t| t.join().unwrap())
         .collect();
     assert!(loaded.iter().all(|m| Arc::ptr_eq(m, &loaded[0])), "one compilation, shared by every caller");
+}
+
+/// `misbehave.wasm` with a custom section carrying `n`: another module to the cache.
+fn variant(n: u8) -> Vec<u8> {
+    let mut wasm = misbehave();
+    // Section id 0 (custom), 3 bytes: the name "n" (length 1) and one byte of content.
+    wasm.extend_from_slice(&[0, 3, 1, b'n', n]);
+    wasm
+}
+
+/// Counts compiles.
+#[derive(Default)]
+struct Compiles(std::sync::atomic::AtomicU64);
+
+impl ExecObserver for Compiles {
+    fn executed(&self, _: Privilege, _: Option<&ExecError>, _: u64) {}
+
+    fn compiled(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The cache keeps `modules_cached_max` modules nobody else holds, dropping the least recently
+/// used, and never one someone holds: a node's app or constitution, or a proposal's module on
+/// its way to the writer, stays compiled however many others compile meanwhile.
+#[test]
+fn the_cache_evicts_the_least_recently_used_module_nobody_holds() {
+    let compiles = Arc::new(Compiles::default());
+    let runtime =
+        Runtime::new(Limits { modules_cached_max: 2, ..Limits::default() }).unwrap().with_observer(compiles.clone());
+    let load = |n: u8| runtime.load(&variant(n)).unwrap();
+    let compiled = || compiles.0.load(std::sync::atomic::Ordering::SeqCst);
+    let held = load(0);
+    load(1);
+    load(2);
+    load(1);
+    assert_eq!(compiled(), 3, "the second load of 1 is a cache hit");
+    // Two modules nobody holds are cached (1, 2): 2, the less recently used, makes way for 3.
+    load(3);
+    load(1);
+    assert_eq!(compiled(), 4);
+    load(2);
+    assert_eq!(compiled(), 5, "2 was evicted");
+    for n in 4..20 {
+        load(n);
+    }
+    assert_eq!(compiled(), 21);
+    assert!(Arc::ptr_eq(&held, &load(0)), "the held module is still cached");
+    assert_eq!(compiled(), 21);
 }
