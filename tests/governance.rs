@@ -351,6 +351,47 @@ async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
     assert!(replayed.to_string().contains("already accepted"), "{replayed}");
 }
 
+/// The writer finds a proposal's modules and the constitution compiled however small the module
+/// cache: a proposal's modules are held from its check until the writer has run it, the node
+/// holds its installed constitution and app, and the cache evicts only modules nobody holds.
+/// (Evicting any module, a one-module cache compiled each proposal's module a second time on
+/// the writer thread, with every write waiting, and the constitution again for the next one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_finds_a_proposals_modules_compiled_however_small_the_cache() {
+    let s = TestService::start_with(2, 0, RECONCILE, |c| c.wasm.modules_cached_max = 1).await;
+    let anonymous = s.client(None).await;
+    let compiled = async || {
+        let (_, exposition) = cloister_tests::metrics::scrape(&anonymous).await;
+        cloister_tests::metrics::value(&exposition, "cloister_wasm_modules_compiled", &[])
+    };
+    // The installed modules compile after each governance change, off the request path.
+    let mut before = compiled().await;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let now = compiled().await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let propose = async |n: u8| {
+        // misbehave.wasm with a custom section carrying n: a module of its own.
+        let mut wasm = misbehave_wasm();
+        wasm.extend_from_slice(&[0, 3, 1, b'n', n]);
+        let actions = json!([{ "name": "set_app", "args": { "wasm": b64(&wasm) } }]);
+        let signed = sign_gov(&s.members[0].keyed, &GovWrite::Propose, &propose_json(actions), unix_now()).unwrap();
+        let filed = s.member(0).await.post("/gov/proposals", COSE_CONTENT_TYPE, signed).await.unwrap();
+        assert_eq!(filed.status, 200, "{}", filed.text());
+        assert_eq!(filed.json().unwrap()["state"], "Open");
+    };
+    // Two at a time (gov_checks_per_address_max): the second's module compiles while the first
+    // waits for the writer, or the other way round.
+    for n in [0, 2, 4] {
+        tokio::join!(propose(n), propose(n + 1));
+    }
+    assert_eq!(compiled().await, before + 6.0, "each proposal's module compiled once, and nothing else");
+}
+
 /// Who may call, and what is installed, follow every vote at once, although a node remembers
 /// callers, the app and the service's state until a `gov.` map next changes: a user added by
 /// vote is served at its first call after the vote (having been refused as nobody before), a

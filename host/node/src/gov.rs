@@ -7,6 +7,8 @@
 //! holding the request, its effects, and the proposal's new state. When `apply` fails, its
 //! writes are undone and the proposal is recorded as Failed with the reason.
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use cloister_abi::abi::{Privilege, RequestHead};
 use cloister_abi::{Caller, Mode};
@@ -140,22 +142,24 @@ pub(crate) fn refuse(kind: Refusal, code: &'static str, message: impl Into<Strin
 /// compiles, each certificate parses). They need only committed state, so they run on the
 /// blocking pool, and neither a forged request nor a member's module costs the writer a
 /// compile: the writer runs them again (with the replay and standing checks) over the state it
-/// executes on, finding the module compiled in the runtime's cache.
+/// executes on, finding the module compiled in the runtime's cache. Returns a proposal's
+/// compiled modules: whoever holds them until the writer has run the proposal keeps them in
+/// that cache.
 pub fn precheck(
     runtime: &Runtime,
     tx: &Tx,
     write: &GovWrite,
     bytes: &[u8],
     policy: &RequestPolicy,
-) -> Result<(), GovError> {
+) -> Result<Vec<Arc<LoadedModule>>, GovError> {
     let (request, _) = verified(tx, write, bytes, policy)?;
-    if *write == GovWrite::Propose {
-        // Accepted proposals are public (`gov.history`): a copy sent again is refused before
-        // its modules compile.
-        not_replayed(tx, &request)?;
-        proposal_checks(runtime, &request)?;
+    if *write != GovWrite::Propose {
+        return Ok(Vec::new());
     }
-    Ok(())
+    // Accepted proposals are public (`gov.history`): a copy sent again is refused before its
+    // modules compile.
+    not_replayed(tx, &request)?;
+    Ok(proposal_checks(runtime, &request)?.1)
 }
 
 /// Refuses a signed request already accepted (its digest is in `gov.history`).
@@ -170,8 +174,8 @@ fn not_replayed(tx: &Tx, request: &SignedRequest) -> Result<(), GovError> {
     Ok(())
 }
 
-/// A proposal's actions, parsed, each through [`node_checks`].
-fn proposal_checks(runtime: &Runtime, request: &SignedRequest) -> Result<Proposal, GovError> {
+/// A proposal's actions, parsed, each through [`node_checks`]; and the modules they carry.
+fn proposal_checks(runtime: &Runtime, request: &SignedRequest) -> Result<(Proposal, Vec<Arc<LoadedModule>>), GovError> {
     let proposal: Proposal = serde_json::from_slice(&request.payload).map_err(|e| {
         refuse(
             Refusal::Malformed,
@@ -179,11 +183,13 @@ fn proposal_checks(runtime: &Runtime, request: &SignedRequest) -> Result<Proposa
             format!("the proposal is not {{\"actions\": [{{\"name\", \"args\"}}]}}: {e}"),
         )
     })?;
+    let mut modules = Vec::new();
     for (i, action) in proposal.actions.iter().enumerate() {
-        node_checks(runtime, action)
+        let module = node_checks(runtime, action)
             .map_err(|e| refuse(Refusal::Malformed, "InvalidProposal", format!("action {i} ({}): {e}", action.name)))?;
+        modules.extend(module);
     }
-    Ok(proposal)
+    Ok((proposal, modules))
 }
 
 /// Parses, dates, attributes and verifies a request, and checks the signer's standing.
@@ -325,7 +331,7 @@ fn withdraw(tx: &mut Tx, request: &SignedRequest, id: &str) -> Result<Value, Gov
 }
 
 fn propose(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest) -> Result<Value, GovError> {
-    let proposal = proposal_checks(runtime, request)?;
+    let (proposal, _modules) = proposal_checks(runtime, request)?;
     let constitution = load_constitution(runtime, tx)?;
     let caller = Caller::member(&request.signer);
     let validated = invoke(runtime, &constitution, tx, &caller, "/validate", &request.payload, Mode::Readonly)?;
@@ -537,7 +543,7 @@ pub(crate) fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
 }
 
 /// The checks only the node can make, before the constitution sees the proposal.
-fn node_checks(runtime: &Runtime, action: &Action) -> Result<(), String> {
+fn node_checks(runtime: &Runtime, action: &Action) -> Result<Option<Arc<LoadedModule>>, String> {
     let field = |name: &str| action.args.get(name).and_then(Value::as_str);
     match action.name.as_str() {
         "set_app" | "set_constitution" => {
@@ -549,7 +555,7 @@ fn node_checks(runtime: &Runtime, action: &Action) -> Result<(), String> {
             if action.name == "set_constitution" {
                 is_constitution(&module)?;
             }
-            Ok(())
+            Ok(Some(module))
         }
         "set_member" | "set_user" => {
             let pem = field("cert").ok_or("args.cert (PEM) is missing")?;
@@ -558,9 +564,9 @@ fn node_checks(runtime: &Runtime, action: &Action) -> Result<(), String> {
             if let Some(key) = field("encryption_key") {
                 cloister_crypto::envelope::public_key_der(key).map_err(|e| format!("args.encryption_key: {e}"))?;
             }
-            Ok(())
+            Ok(None)
         }
-        _ => Ok(()),
+        _ => Ok(None),
     }
 }
 
@@ -574,7 +580,7 @@ pub(crate) fn is_constitution(module: &LoadedModule) -> Result<(), String> {
     Ok(())
 }
 
-fn load_constitution(runtime: &Runtime, tx: &Tx) -> Result<std::sync::Arc<LoadedModule>, GovError> {
+fn load_constitution(runtime: &Runtime, tx: &Tx) -> Result<Arc<LoadedModule>, GovError> {
     let code = constitution(tx)?
         .ok_or_else(|| GovError::Internal("gov.constitution is empty: the service never ran genesis".into()))?;
     runtime.load(&code).map_err(|e| GovError::Internal(format!("the installed constitution does not load: {e}")))

@@ -70,6 +70,9 @@ pub struct Service {
     store: Store,
     consensus: Consensus,
     app: RwLock<Option<Arc<LoadedModule>>>,
+    /// The installed constitution, as last compiled: held, so the runtime's cache keeps it
+    /// compiled for the writer (which loads it by its code for each governance write).
+    constitution: RwLock<Option<Arc<LoadedModule>>>,
     /// Held while the app is being loaded, so a burst of first requests loads it once (on one
     /// blocking thread) and the rest wait for that load instead of each starting their own.
     app_loading: tokio::sync::Mutex<()>,
@@ -152,15 +155,21 @@ struct GovChecks {
     per_address_max: usize,
 }
 
-/// A claimed check slot, released when the check ends: it moves into the task that runs the
-/// check, so a client that hangs up does not free it while its check still takes the CPU.
+/// A claimed check slot. It moves into the task that runs the check, so a client that hangs up
+/// does not free it while its check still takes the CPU. The source address's share ends with
+/// the check; the overall one is handed back, to be held until the write is answered.
 struct GovCheckSlot {
-    checks: Arc<GovChecks>,
-    address: Option<std::net::IpAddr>,
-    _overall: tokio::sync::OwnedSemaphorePermit,
+    address: AddressShare,
+    overall: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for GovCheckSlot {
+/// One of `gov_checks_per_address_max` for a source address, given back when dropped.
+struct AddressShare {
+    checks: Arc<GovChecks>,
+    address: Option<std::net::IpAddr>,
+}
+
+impl Drop for AddressShare {
     fn drop(&mut self) {
         if let Some(address) = self.address {
             let mut counts = self.checks.per_address.lock().expect("gov checks lock");
@@ -176,13 +185,27 @@ impl Drop for GovCheckSlot {
 
 impl GovCheckSlot {
     /// Runs a check on the blocking pool, holding this slot until the check returns, whether or
-    /// not anyone still awaits it.
-    fn run<R: Send + 'static>(self, check: impl FnOnce() -> R + Send + 'static) -> tokio::task::JoinHandle<R> {
+    /// not anyone still awaits it; then hands back the overall share.
+    fn run<R: Send + 'static>(
+        self,
+        check: impl FnOnce() -> R + Send + 'static,
+    ) -> tokio::task::JoinHandle<(R, tokio::sync::OwnedSemaphorePermit)> {
         tokio::task::spawn_blocking(move || {
-            let _slot = self;
-            check()
+            let GovCheckSlot { address, overall } = self;
+            let outcome = check();
+            drop(address);
+            (outcome, overall)
         })
     }
+}
+
+/// What a checked governance write holds until it is answered: its share of
+/// `gov_checks_inflight_max` (so that bound covers every governance write on its way to the
+/// writer, and what each holds) and a proposal's compiled modules (so the runtime's cache keeps
+/// them for the writer, however many others compile meanwhile).
+struct Prechecked {
+    _overall: tokio::sync::OwnedSemaphorePermit,
+    _modules: Vec<Arc<LoadedModule>>,
 }
 
 /// When a refused governance check may be tried again, in seconds.
@@ -213,7 +236,7 @@ impl GovChecks {
             }
             *n += 1;
         }
-        Ok(GovCheckSlot { checks: self.clone(), address, _overall: overall })
+        Ok(GovCheckSlot { address: AddressShare { checks: self.clone(), address }, overall })
     }
 }
 
@@ -267,6 +290,7 @@ impl Service {
             store,
             consensus,
             app: RwLock::new(None),
+            constitution: RwLock::new(None),
             app_loading: tokio::sync::Mutex::new(()),
             limits,
             writer,
@@ -391,10 +415,11 @@ impl Service {
         self.app().await?;
         let Some(code) = gov::constitution(&self.store.begin()?)? else { return Ok(()) };
         let service = self.clone();
-        tokio::task::spawn_blocking(move || service.runtime.load(&code))
+        let constitution = tokio::task::spawn_blocking(move || service.runtime.load(&code))
             .await
             .map_err(|e| ApiError::internal(format!("loading the constitution failed: {e}")))?
             .map_err(|e| ApiError::internal(format!("the installed constitution does not load: {e}")))?;
+        *self.constitution.write().expect("constitution lock") = Some(constitution);
         Ok(())
     }
 
@@ -902,18 +927,20 @@ impl Service {
     ) -> Result<AppReply, ApiError> {
         let timeout = Duration::from_millis(self.limits.request_timeout_ms);
         let run = async {
-            match self.gov_precheck(&write, &body, source).await {
-                Ok(()) => {}
+            let _prechecked = match self.gov_precheck(&write, &body, source).await {
+                Ok(prechecked) => Some(prechecked),
                 // A follower's state may lag the leader's (a member it has not applied yet), so
                 // only the leader refuses on who signed; anyone refuses what does not parse, and
                 // a signature that fails against its signer's own certificate. (Forwarded, each
                 // forged copy took a signature check on the leader outside the per-address
                 // bound this node had applied: one address could fill the leader's checks.)
                 Err(e)
-                    if matches!(e.status, 401 | 403) && e.code != gov::BAD_SIGNATURE && !self.consensus.is_leader() => {
+                    if matches!(e.status, 401 | 403) && e.code != gov::BAD_SIGNATURE && !self.consensus.is_leader() =>
+                {
+                    None
                 }
                 Err(e) => return Err(e),
-            }
+            };
             if self.consensus.is_leader() {
                 let window = self.gov.request_window_s;
                 let w = write.clone();
@@ -969,16 +996,17 @@ impl Service {
         write: &GovWrite,
         body: &bytes::Bytes,
         source: Option<std::net::IpAddr>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Prechecked, ApiError> {
         let slot = self.gov_checks.claim(source)?;
         let tx = self.store.begin()?;
         let policy =
             gov::RequestPolicy { request_window_s: self.gov.request_window_s, now: cloister_crypto::cose::unix_now() };
         let (write, body, runtime) = (write.clone(), body.clone(), self.runtime.clone());
-        slot.run(move || gov::precheck(&runtime, &tx, &write, &body, &policy))
+        let (checked, overall) = slot
+            .run(move || gov::precheck(&runtime, &tx, &write, &body, &policy))
             .await
-            .map_err(|e| ApiError::internal(format!("the governance check stopped: {e}")))?
-            .map_err(ApiError::from)
+            .map_err(|e| ApiError::internal(format!("the governance check stopped: {e}")))?;
+        Ok(Prechecked { _overall: overall, _modules: checked? })
     }
 
     /// A joining node's evidence: verified against the governed policy with the nonce this leader
@@ -1331,6 +1359,22 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the slot was never released");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// A check gives its address's share back when it returns, and hands back the overall one,
+    /// which the write holds until it is answered: `gov_checks_inflight_max` bounds the
+    /// governance writes on their way to the writer, and the bodies and modules they hold.
+    #[tokio::test]
+    async fn a_checked_write_holds_its_overall_share_until_answered() {
+        let limits = Limits { gov_checks_per_address_max: 1, gov_checks_inflight_max: 1, ..Limits::default() };
+        let checks = Arc::new(GovChecks::new(&limits));
+        let address = std::net::IpAddr::from([192, 0, 2, 7]);
+        let ((), overall) = checks.claim(Some(address)).unwrap().run(|| ()).await.unwrap();
+        assert_eq!(checks.per_address.lock().unwrap().get(&address), None, "the address's share is back");
+        let refused = checks.claim(None).err().expect("the checked write still holds the overall share");
+        assert!(refused.message.contains("gov_checks_inflight_max"), "{}", refused.message);
+        drop(overall);
+        checks.claim(Some(address)).expect("answered, the write gave its share back");
     }
 
     /// Keys past the bound (PEER_STANDINGS_MAX, CALLERS_REMEMBERED_MAX) start the memory over
