@@ -348,6 +348,131 @@ async fn the_consortium_recovers_its_data_when_every_node_and_key_is_gone() {
 /// The ledger secret at rest is sealed to the node key and the platform's derived key (mock
 /// firmware: bound to the launch measurement): a data folder moved to a guest launched with
 /// another measurement does not open, and says what to do instead.
+/// The attack: a ledger of the attacker's own making, passed off as the service's. It keeps the
+/// genuine identity certificate, issue of shares and sealed private entries, names a CA of the
+/// attacker's in its genesis, records no endorsement, and ends in one signature by a node of
+/// that CA. A recovery held only the entries that signature covers to the identity, and the
+/// signature itself sits after them: nothing was checked, and the forged ledger was recovered
+/// (members pinning the genuine identity would have submitted their shares to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_ledger_signed_by_a_node_the_identity_never_endorsed_is_not_recovered() {
+    use cloister_ledger::entry::{LedgerEntry, NodeSigner, SignaturePayload, TxKind, chain};
+    use cloister_ledger::merkle;
+    use cloister_store::gov::{ENDORSEMENTS, SERVICE, SERVICE_KEY};
+    let mut s = TestService::start(2, 0, KV, Default::default()).await;
+    shares_when(&s.member(0).await, |r| r.shares.len() == 2).await;
+    s.stop().await;
+    let genuine = cloister_ledger::files::read_entries(&cloister_ledger::dir(&s.config.node.data_dir)).unwrap();
+
+    let ca = cloister_crypto::identity::ServiceCa::generate("attacker").unwrap();
+    let node = ca.issue_node_cert("attacker", &["localhost".into()]).unwrap();
+    let signer = NodeSigner::new(&node.cert_pem, &node.key_pem).unwrap();
+    let (mut forged, mut nodes, mut head) = (Vec::<LedgerEntry>::new(), merkle::MemoryNodes::default(), [0u8; 32]);
+    let mut push = |payload: Payload, term: u64, forged: &mut Vec<LedgerEntry>| {
+        let mut entry = LedgerEntry { seqno: forged.len() as u64, term, payload, chain: [0; 32] };
+        let leaf = entry.components().leaf();
+        merkle::append(&mut nodes, entry.seqno, &leaf).unwrap();
+        entry.chain = chain(&head, &leaf);
+        head = entry.chain;
+        forged.push(entry);
+        (merkle::root(&nodes, forged.len() as u64).unwrap(), head)
+    };
+    let mut covered = ([0u8; 32], [0u8; 32]);
+    for entry in genuine {
+        let Payload::Tx(mut tx) = entry.payload else { continue };
+        if tx.signature.is_some() {
+            continue;
+        }
+        let mut public = cloister_store::WriteSet::default();
+        for (map, key, value) in tx.public.iter().filter(|(map, _, _)| *map != ENDORSEMENTS) {
+            match value {
+                Some(v) if map == SERVICE && key == SERVICE_KEY && tx.kind == TxKind::Genesis => {
+                    let mut record: ServiceRecord = serde_json::from_slice(v).unwrap();
+                    record.cert = ca.keyed.cert_pem.clone();
+                    public.put(map, key, &serde_json::to_vec(&record).unwrap());
+                }
+                Some(v) => public.put(map, key, v),
+                None => public.remove(map, key),
+            }
+        }
+        tx.public = public;
+        covered = push(Payload::Tx(tx), entry.term, &mut forged);
+    }
+    let size = forged.len() as u64;
+    let signature = SignaturePayload::sign(size, covered.0, covered.1, &signer);
+    push(Payload::Tx(TxEntry::signature(signature)), 1, &mut forged);
+    let folder = s.dir.path().join("forged-ledger");
+    cloister_ledger::files::write_entries(&folder, &forged).unwrap();
+    let walked = cloister_ledger::verify::verify_dir(&folder, None, None, None).expect("it verifies on its own");
+    assert_eq!(walked.last_signed, Some(size));
+
+    let mut config = s.config.clone();
+    config.node.data_dir = s.dir.path().join("recovering");
+    config.network.recover = Some(folder);
+    let refused = cloister_node::Node::start(config).await.err().expect("the forged ledger is refused");
+    assert!(format!("{refused:#}").contains("is not its service's"), "{refused:#}");
+}
+
+/// The attack: the recovering node restores the previous private state, once the shares are in,
+/// from the copy of the previous ledger in its data folder: a later read than the public
+/// state's. Whoever writes that folder could cut the copy back to an earlier signature between
+/// the two (still a genuine ledger of the service), and the private state restored would then be
+/// older than the public. The recovery's genesis records how far the copy reached; a copy that
+/// reaches elsewhere restores nothing, and the service stays Recovering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_ledger_copy_cut_back_after_the_recovery_started_restores_no_private_state() {
+    use cloister_store::gov::{self, ServiceState};
+    let mut s = TestService::start_with(2, 0, KV, |c| c.ledger.sign_every_entries = 1).await;
+    let c = s.member(0).await;
+    let old = shares_when(&c, |r| r.shares.len() == 2).await;
+    for n in 0..3 {
+        let put = c.request("PUT", &format!("/app/kv/k{n}"), Some("application/octet-stream"), "v").await.unwrap();
+        assert_eq!(put.status, 200, "{}", put.text());
+    }
+    s.stop().await;
+    let saved = s.dir.path().join("saved-ledger");
+    let entries = cloister_ledger::files::read_entries(&cloister_ledger::dir(&s.config.node.data_dir)).unwrap();
+    cloister_ledger::files::write_entries(&saved, &entries).unwrap();
+
+    let mut config = s.config.clone();
+    config.node.data_dir = s.dir.path().join("recovering");
+    config.network.recover = Some(saved);
+    let state = |node: &cloister_node::Node| {
+        let tx = node.service().store().begin().unwrap();
+        let restored = tx.get(gov::RECOVERY, gov::RECOVERY_PUBLIC_DONE_KEY).unwrap().is_some();
+        (gov::service(&tx).unwrap().unwrap().state, restored)
+    };
+    let node = cloister_node::Node::start(config.clone()).await.unwrap();
+    let start = Instant::now();
+    while state(&node) != (ServiceState::Recovering, true) {
+        assert!(start.elapsed() < ISSUE_TIMEOUT, "the public state was not restored: {:?}", state(&node));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.shutdown().await;
+
+    // Cut the copy back to its first signature over fewer entries than its last.
+    let copy = config.node.data_dir.join("previous-ledger");
+    let entries = cloister_ledger::files::read_entries(&copy).unwrap();
+    let signed = |e: &cloister_ledger::entry::LedgerEntry| e.payload.signature().map(|sig| sig.tree_size);
+    let last = entries.iter().filter_map(signed).max().unwrap();
+    let cut = entries.iter().position(|e| signed(e).is_some_and(|n| n < last)).expect("an earlier signature");
+    std::fs::remove_dir_all(&copy).unwrap();
+    cloister_ledger::files::write_entries(&copy, &entries[..=cut]).unwrap();
+
+    let node = cloister_node::Node::start(config.clone()).await.unwrap();
+    let pinned = std::fs::read(config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).unwrap();
+    for member in &s.members {
+        let client = Client::connect(&node.rest_url(), &pinned, Some(&member.keyed)).await.unwrap();
+        submit_share(&client, &member.keyed, &key_of(&s, member), Some(&old.service)).await.unwrap();
+    }
+    // The secret is back: a copy as recorded would be restored within a tick or two.
+    for _ in 0..50 {
+        assert_eq!(state(&node).0, ServiceState::Recovering, "the cut-back copy's private state was restored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_folder_moved_to_a_guest_with_another_measurement_does_not_open() {
     let mut s = TestService::start(1, 0, KV, Default::default()).await;

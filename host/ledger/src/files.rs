@@ -111,6 +111,12 @@ pub fn read_entries(dir: &Path) -> std::io::Result<Vec<LedgerEntry>> {
     Ok(entries)
 }
 
+/// Writes `entries`, from genesis on, into the ledger folder `dir` as a node writes them: the
+/// counterpart of [`read_entries`], for tools and tests that build a ledger. It checks nothing.
+pub fn write_entries(dir: &Path, entries: &[LedgerEntry]) -> std::io::Result<()> {
+    LedgerFiles::open(dir, crate::settings::LedgerSection::default().chunk_bytes)?.append(entries)
+}
+
 /// Where [`LedgerFiles::restart_at`] keeps the files a snapshot at `next` superseded: a folder of
 /// their own, which verifies as a ledger by itself.
 pub fn set_aside_dir(dir: &Path, next: u64) -> PathBuf {

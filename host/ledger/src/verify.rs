@@ -330,7 +330,9 @@ fn note_endorsement(
 /// changes again (no replay of an older, open record). [`verify_dir`] checks each signature and
 /// its signer's bounds against the endorsements the ledger records; this ties those records to
 /// the identity, so that whoever holds ledger files cannot make a ledger of their own, with
-/// signers of their own, pass for the service's. A recovery requires it of the previous ledger.
+/// signers of their own, pass for the service's. Given entries up to a signature, it checks the
+/// signatures among them: a signature over them sits after them, so a caller that wants that
+/// one checked passes it too, or walks with [`verify_dir`] and the identity (as a recovery does).
 pub fn check_signers_endorsed_by(entries: &[LedgerEntry], identity: &[u8]) -> Result<(), String> {
     let mut check = IdentityCheck::new(identity);
     entries.iter().try_for_each(|e| check.entry(e, true))

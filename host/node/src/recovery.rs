@@ -331,6 +331,70 @@ pub(crate) struct Previous {
     pub shares: RecoveryRecord,
     /// The public state to restore, in write sets of about [`RESTORE_ENTRY_BYTES`].
     pub public: Vec<cloister_store::WriteSet>,
+    /// How far the copy reaches: recorded at the recovery's genesis, and required of the copy at
+    /// each later read of it.
+    pub extent: Extent,
+}
+
+/// How far a verified copy of the previous ledger reaches: the entries its signatures cover, and
+/// the chain hash through the last of them. The copy sits in the data folder, where whoever
+/// writes the folder could cut it back to an earlier signature after the public state was
+/// restored from it; recorded in `gov.recovery` at the recovery's genesis, the extent makes a
+/// changed copy restore nothing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Extent {
+    signed: u64,
+    chain: String,
+}
+
+/// Where [`Extent`] is kept, in `gov.recovery`.
+const EXTENT_KEY: &[u8] = b"previous_ledger";
+
+impl Extent {
+    /// Refuses a copy whose extent is not the one recorded at the recovery's genesis.
+    fn check(&self, tx: &Tx) -> anyhow::Result<()> {
+        let recorded: Extent = gov::get(tx, gov::RECOVERY, EXTENT_KEY)?
+            .ok_or_else(|| anyhow::anyhow!("the recovery recorded no extent of the previous ledger"))?;
+        anyhow::ensure!(
+            *self == recorded,
+            "the previous ledger copy changed since the recovery started: it reaches entry {} (chain {}), and it \
+             reached entry {} (chain {})",
+            self.signed,
+            self.chain,
+            recorded.signed,
+            recorded.chain
+        );
+        Ok(())
+    }
+}
+
+/// The copy of the previous ledger in `dir`, verified (`report`: the walk anchored on its own
+/// genesis) and held to the service identity it names: every signature in it, the last one
+/// included, must be by a node that identity endorsed. Members pin that identity
+/// (`--previous-identity`), and nobody without its key makes a ledger that passes for it.
+/// Returns the entries signatures cover, that identity (DER), and the copy's extent.
+fn verified_copy(
+    dir: &std::path::Path,
+    report: &cloister_ledger::verify::VerifyReport,
+) -> anyhow::Result<(Vec<cloister_ledger::entry::LedgerEntry>, Vec<u8>, Extent)> {
+    use anyhow::Context as _;
+    let signed = report.last_signed.filter(|&n| n > 0).with_context(|| {
+        format!("the previous ledger {} holds no signature: nothing vouches for its entries", dir.display())
+    })?;
+    let entries = signed_entries(dir, signed)?;
+    let identity = last_service_identity(&entries)?;
+    // The whole folder again, now against the identity. The covered entries alone leave out the
+    // signature over them, which sits after them: a ledger of anyone's making, with no
+    // endorsement in it and one signature at its end by a node of their own, passed that way.
+    let held = cloister_ledger::verify::verify_dir(dir, None, Some(&identity), None)
+        .map_err(|e| anyhow::anyhow!("the previous ledger {} is not its service's: {e}", dir.display()))?;
+    anyhow::ensure!(
+        held.last_signed == Some(signed),
+        "the previous ledger {} changed while it was being read",
+        dir.display()
+    );
+    let chain = hex::encode(entries.last().expect("signed entries start at genesis").chain);
+    Ok((entries, identity, Extent { signed, chain }))
 }
 
 /// Copies the previous service's ledger folder to `data_dir/`[`PREVIOUS_LEDGER_DIR`] and reads
@@ -366,18 +430,10 @@ pub(crate) fn load_previous(data_dir: &std::path::Path) -> anyhow::Result<Previo
         }
         Err(e) => anyhow::bail!("the previous ledger {} does not verify: {e}", folder.display()),
     };
-    let signed = report.last_signed.filter(|&n| n > 0).with_context(|| {
-        format!("the previous ledger {} holds no signature: nothing vouches for its entries", folder.display())
-    })?;
-    let entries = signed_entries(&copy, signed)?;
-    // Its signers must be nodes the identity it names endorsed: members pin that identity
-    // (`--previous-identity`), and nobody without its key makes a ledger that passes for it.
-    let identity = last_service_identity(&entries)?;
-    cloister_ledger::verify::check_signers_endorsed_by(&entries, &identity)
-        .map_err(|e| anyhow::anyhow!("the previous ledger {} is not its service's: {e}", folder.display()))?;
+    let (entries, _, extent) = verified_copy(&copy, &report)?;
     tracing::info!(
         entries = entries.len(),
-        unsigned = report.entries.saturating_sub(signed),
+        unsigned = report.entries.saturating_sub(extent.signed),
         "the previous ledger verifies"
     );
     let mut public = fold(transactions(entries).map(|tx| tx.public), |_| true);
@@ -403,7 +459,7 @@ pub(crate) fn load_previous(data_dir: &std::path::Path) -> anyhow::Result<Previo
         shares.shares.len()
     );
     public.retain(|(map, _), _| !NOT_RESTORED_PUBLIC.contains(&map.as_str()));
-    Ok(Previous { service, shares, public: chunks(public) })
+    Ok(Previous { service, shares, public: chunks(public), extent })
 }
 
 /// The identity certificate (DER) the last `gov.service` record among `entries` names.
@@ -471,6 +527,7 @@ pub(crate) fn recovery_genesis(
     };
     gov::put_service_identity(&mut ws, &mut service, &identity.cert_pem, &identity.key_pem);
     ws.put(gov::RECOVERY, gov::RECOVERY_PREVIOUS_KEY, &serde_json::to_vec(&previous.shares)?);
+    ws.put(gov::RECOVERY, EXTENT_KEY, &serde_json::to_vec(&previous.extent)?);
     Ok(ws)
 }
 
@@ -492,7 +549,9 @@ pub(crate) fn next_restore(tx: &Tx, data_dir: &std::path::Path) -> anyhow::Resul
         return Ok(Restore::Nothing);
     }
     if tx.get(gov::RECOVERY, gov::RECOVERY_PUBLIC_DONE_KEY)?.is_none() {
-        return Ok(Restore::Public(load_previous(data_dir)?.public));
+        let previous = load_previous(data_dir)?;
+        previous.extent.check(tx)?;
+        return Ok(Restore::Public(previous.public));
     }
     Ok(private_state(tx, data_dir)?.map_or(Restore::Nothing, Restore::Private))
 }
@@ -507,7 +566,13 @@ fn private_state(tx: &Tx, data_dir: &std::path::Path) -> anyhow::Result<Option<V
     let dir = data_dir.join(PREVIOUS_LEDGER_DIR);
     let report = cloister_ledger::verify::verify_dir(&dir, None, None, None)
         .map_err(|e| anyhow::anyhow!("the previous ledger copy {} does not verify: {e}", dir.display()))?;
-    let entries: Vec<_> = transactions(signed_entries(&dir, report.last_signed.unwrap_or(0))?).collect();
+    let (entries, identity, extent) = verified_copy(&dir, &report)?;
+    extent.check(tx)?;
+    anyhow::ensure!(
+        identity::id_of_der(&identity) == previous.service,
+        "the previous ledger copy is another service's than the one whose shares were submitted"
+    );
+    let entries: Vec<_> = transactions(entries).collect();
     // The shares wrap the newest secret; each rekey's record seals the one before under it.
     let mut chain = BTreeMap::new();
     for tx in &entries {
