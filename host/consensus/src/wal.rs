@@ -21,13 +21,15 @@
 //!
 //! Opening replays every segment in order into an index of where each entry lies, so reads are a
 //! `pread` each. A segment's replay ends at its first record that is not whole: zeros (space
-//! allocated and not yet written), a length past [`RECORD_BYTES_MAX`] or past the file's end, or
-//! a checksum that does not match in a record some sector of which still holds the zeros its
-//! space was allocated with: what a crash during a write leaves, since a disk writes a sector
-//! whole or not at all. A record whose checksum fails although every sector of it holds data was
-//! altered or damaged after it was written: the log refuses to open (as etcd's does) rather than
-//! take it for a tear and drop it with every entry after it, entries this node may have
-//! acknowledged. Nothing is ever written after a tail: every open starts a new segment, which
+//! allocated and not yet written), a length past the file's end (on a file system that cannot
+//! allocate ahead, the file grows with each write), a length past [`RECORD_BYTES_MAX`] in a
+//! header some sector's share of which still holds zeros, or a checksum that does not match in a
+//! record some sector of which still holds the zeros its space was allocated with: what a crash
+//! during a write leaves, since a disk writes a sector whole or not at all. A record whose
+//! checksum fails although every sector of it holds data, or a length past the limit in a header
+//! every sector's share of which was written, was altered or damaged after it was written: the
+//! log refuses to open (as etcd's does) rather than take it for a tear and drop it with every
+//! entry after it, entries this node may have acknowledged. Nothing is ever written after a tail: every open starts a new segment, which
 //! begins with a checkpoint of the vote, the committed log id and the purge, so the older
 //! segments can be deleted once every entry in them is purged. Each index must follow the one
 //! before it: a gap in the replayed log is refused.
@@ -561,8 +563,22 @@ fn replay(path: &Path, file: &File, number: u64, index: &mut Index) -> io::Resul
     while let Some(header) = bytes.get(at..at + HEADER_BYTES) {
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        if len > RECORD_BYTES_MAX {
+            // A tear reads a longer length only from a header across two sectors, one of them
+            // not written: a length past the limit in a header written whole is damage.
+            if torn(header, at) {
+                break;
+            }
+            return Err(corrupt(
+                path,
+                format!(
+                    "the record at byte {at} is {len} bytes long, past RECORD_BYTES_MAX, though its header was \
+                     written whole: the file was altered or damaged after the write, not torn by a crash"
+                ),
+            ));
+        }
         let Some(body) = bytes.get(at + HEADER_BYTES..at + HEADER_BYTES + len) else { break };
-        if len == 0 || len > RECORD_BYTES_MAX {
+        if len == 0 {
             break;
         }
         if crc32fast::hash(body) != crc {
@@ -584,7 +600,13 @@ fn replay(path: &Path, file: &File, number: u64, index: &mut Index) -> io::Resul
                 let entry: Entry = decode(payload, "a log entry").map_err(|e| corrupt(path, e))?;
                 let log_id = entry.log_id();
                 let purged = index.purged.as_ref().is_some_and(|(upto, _)| log_id.index <= *upto);
-                let follows = index.entries.is_empty() || log_id.index <= index.first + index.entries.len() as u64;
+                // After a purge that left nothing, the next entry follows the purged ones.
+                let next = match (&index.purged, index.entries.is_empty()) {
+                    (_, false) => Some(index.first + index.entries.len() as u64),
+                    (Some((upto, _)), true) => Some(upto + 1),
+                    (None, true) => None,
+                };
+                let follows = next.is_none_or(|next| log_id.index <= next);
                 if !follows {
                     let after = index.last_index().map_or("nothing".into(), |i| i.to_string());
                     return Err(corrupt(path, format!("entry {} follows {after}: the log has a gap", log_id.index)));
@@ -856,6 +878,30 @@ mod tests {
         );
     }
 
+    /// A gap right after a purge is a gap too: with no entry left to follow, the first entry
+    /// replayed must follow the purged ones (before, any entry was taken there).
+    #[test]
+    fn a_gap_right_after_a_purge_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let holding = |index: &RwLock<Index>, i: u64| {
+            let index = index.read().unwrap();
+            index.entries[(i - index.first) as usize].segment
+        };
+        let lost = {
+            let (mut wal, index) = Wal::open(dir.path(), 1).unwrap();
+            wal.append(&entries(0..=2)).unwrap();
+            wal.purge(2, b"purged".to_vec()).unwrap();
+            wal.append(&entries(3..=5)).unwrap();
+            wal.append(&entries(6..=8)).unwrap();
+            wal.sync().unwrap();
+            assert_ne!(holding(&index, 5), holding(&index, 6));
+            holding(&index, 3)
+        };
+        std::fs::remove_file(segment_path(dir.path(), lost)).unwrap();
+        let e = Wal::open(dir.path(), 1).err().expect("a gap");
+        assert!(e.to_string().contains("the log has a gap"), "{e}");
+    }
+
     #[test]
     fn a_gap_in_the_log_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -872,14 +918,57 @@ mod tests {
         assert!(e.to_string().contains("the log has a gap"), "{e}");
     }
 
+    /// A length past the limit in a header written whole is damage, and the log refuses to open:
+    /// taken for a tear, it dropped the synced entries after it without a word. Only a header
+    /// across two sectors, one not written, reads such a length after a crash: that one ends the
+    /// replay.
     #[test]
-    fn a_record_longer_than_the_limit_ends_the_replay() {
+    fn a_record_longer_than_the_limit_is_damage_unless_its_header_was_torn() {
         let dir = synced_log(1);
         let path = segment_path(dir.path(), 0);
         let mut bytes = std::fs::read(&path).unwrap();
         let second = record_bytes(0);
+        assert!(second % SECTOR_BYTES + HEADER_BYTES <= SECTOR_BYTES, "the header sits in one sector");
         bytes[second..second + 4].copy_from_slice(&(RECORD_BYTES_MAX as u32 + 1).to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
+        let e = Wal::open(dir.path(), SEGMENT_BYTES).err().expect("damage");
+        assert!(e.to_string().contains("past RECORD_BYTES_MAX"), "{e}");
+
+        // Entry 0 padded so that entry 1's header starts 2 bytes before a sector's end; a crash
+        // wrote the next sector and not those 2 bytes.
+        let entry_starts = |dir: &Path| {
+            let bytes = std::fs::read(segment_path(dir, 0)).unwrap();
+            let (mut at, mut starts) = (0, Vec::new());
+            while let Some(header) = bytes.get(at..at + HEADER_BYTES) {
+                let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
+                if len == 0 {
+                    break;
+                }
+                if bytes[at + HEADER_BYTES] == ENTRY {
+                    starts.push(at);
+                }
+                at += HEADER_BYTES + len;
+            }
+            (bytes, starts)
+        };
+        let write = |payload_len: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let (log_id, mut padded) = entries(0..=0).remove(0);
+            padded.resize(payload_len, 0);
+            let (mut wal, _) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            wal.append(&[(log_id, padded)]).unwrap();
+            wal.append(&entries(1..=1)).unwrap();
+            wal.sync().unwrap();
+            dir
+        };
+        let first = entry_starts(write(100).path()).1[0];
+        let dir = write(2 * SECTOR_BYTES - 2 - first - HEADER_BYTES - 1);
+        let (mut bytes, starts) = entry_starts(dir.path());
+        let header = starts[1];
+        assert_eq!(header % SECTOR_BYTES, SECTOR_BYTES - 2);
+        bytes[header..header + 2].fill(0);
+        bytes[header + 2..header + 4].fill(0xff);
+        std::fs::write(segment_path(dir.path(), 0), &bytes).unwrap();
         let (_, index) = Wal::open(dir.path(), SEGMENT_BYTES).unwrap();
         assert_eq!(indexes(&index), vec![0]);
     }
