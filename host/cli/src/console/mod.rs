@@ -501,6 +501,40 @@ mod tests {
         assert_eq!(taken.status(), StatusCode::SEE_OTHER);
     }
 
+    /// A receipt of another transaction than the one asked about is refused before it is
+    /// verified: shown, a valid one for 2.14 read "Verified: transaction 2.14" on a lookup of 2.15.
+    #[test]
+    fn a_receipt_of_another_transaction_is_refused() {
+        use cloister_ledger::entry::{EntryKind, LeafComponents, NodeSigner, SignaturePayload};
+        use cloister_ledger::verify::{Receipt, SignatureRecord};
+        let ca = cloister_crypto::identity::ServiceCa::generate("svc").unwrap();
+        let node = ca.issue_node_cert("n", &["localhost".into()]).unwrap();
+        let signer = NodeSigner::new(&node.cert_pem, &node.key_pem).unwrap();
+        let leaf =
+            LeafComponents { seqno: 14, term: 2, kind: EntryKind::App, content_digest: [1; 32], claims_digest: None };
+        let receipt = Receipt {
+            tx_id: "2.14".into(),
+            proof: Vec::new(),
+            signature: SignatureRecord {
+                seqno: 15,
+                term: 2,
+                payload: SignaturePayload::sign(15, leaf.leaf(), [0; 32], &signer),
+            },
+            leaf,
+            node_cert: node.cert_pem.clone(),
+            endorsement: None,
+            service_cert: ca.keyed.cert_pem.clone(),
+            service_identity: String::new(),
+        };
+        let body = serde_json::to_vec(&receipt).unwrap();
+        let pinned = ca.keyed.cert_pem.as_bytes();
+        let other = pages::receipt_verdict(&body, pinned, "2.15".parse().unwrap()).unwrap_err();
+        assert!(other.contains("receipt of transaction 2.14, not of 2.15"), "{other}");
+        // Asked for 2.14, it is checked on (and fails here for want of the identity's endorsement).
+        let checked = pages::receipt_verdict(&body, pinned, "2.14".parse().unwrap()).unwrap_err();
+        assert!(!checked.contains("not of"), "{checked}");
+    }
+
     /// What a stand-in node does with each request.
     #[derive(Clone, Copy)]
     enum Stand {

@@ -778,14 +778,30 @@ pub(crate) async fn ledger(State(c): Shared, Query(q): Query<HashMap<String, Str
     Ok(page(&c, "Ledger", "/ledger", body))
 }
 
+/// What a node's answer to a receipt request proves of transaction `asked`, verified against the
+/// `pinned` service identity (PEM). A receipt of another transaction is refused first: a node
+/// could answer one, valid, for 2.14 when asked for 2.15.
+pub(crate) fn receipt_verdict(
+    body: &[u8],
+    pinned: &[u8],
+    asked: cloister_ledger::txid::TxId,
+) -> Result<cloister_ledger::verify::VerifiedReceipt, String> {
+    let receipt: cloister_ledger::verify::Receipt =
+        serde_json::from_slice(body).map_err(|e| format!("the receipt does not parse: {e}"))?;
+    if receipt.tx_id.parse().ok() != Some(asked) {
+        return Err(format!("it is the receipt of transaction {}, not of {asked}", receipt.tx_id));
+    }
+    let anchor = identity::cert_der(pinned).map_err(|e| format!("the pinned certificate: {e:#}"))?;
+    cloister_ledger::verify::verify_receipt(&receipt, &anchor)
+}
+
 /// Fetches a transaction's receipt and verifies it here, against the service identity this
 /// console pins (not against anything the node sends).
 async fn receipt(c: &Console, tx: &str) -> Markup {
-    let valid = tx.split_once('.').is_some_and(|(t, s)| t.parse::<u64>().is_ok() && s.parse::<u64>().is_ok());
-    if !valid {
+    let Ok(asked) = tx.parse::<cloister_ledger::txid::TxId>() else {
         return html! { p.error { "A transaction id is term.seqno, such as 2.15." } };
-    }
-    let reply = match c.request("GET", &format!("/app/receipt?id={tx}"), None, Vec::new()).await {
+    };
+    let reply = match c.request("GET", &format!("/app/receipt?id={asked}"), None, Vec::new()).await {
         Ok(r) => r,
         Err(e) => return html! { p.error { (e.message) } },
     };
@@ -794,11 +810,7 @@ async fn receipt(c: &Console, tx: &str) -> Markup {
         202 => return html! { p.note { "Transaction " (tx) " has no signature over it yet: try again in a moment." } },
         _ => return html! { p.error { (refused("the receipt", &reply).message) } },
     }
-    let parsed: Result<cloister_ledger::verify::Receipt, _> = serde_json::from_slice(&reply.body);
-    let verdict = parsed.map_err(|e| format!("the receipt does not parse: {e}")).and_then(|receipt| {
-        let anchor = identity::cert_der(&c.pinned).map_err(|e| format!("the pinned certificate: {e:#}"))?;
-        cloister_ledger::verify::verify_receipt(&receipt, &anchor)
-    });
+    let verdict = receipt_verdict(&reply.body, &c.pinned, asked);
     let pretty =
         serde_json::from_slice::<Value>(&reply.body).map(|v| serde_json::to_string_pretty(&v).unwrap_or_default());
     html! {
