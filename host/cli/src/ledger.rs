@@ -23,7 +23,7 @@ pub(crate) enum LedgerCommand {
         /// whoever holds a certificate of the operator's CA does not pass for the service's.
         #[arg(long)]
         service_identity: Option<PathBuf>,
-        /// Print the public tables as the ledger leaves them, as JSON.
+        /// Print the public tables as the ledger's signed entries leave them, as JSON.
         #[arg(long)]
         print_public: bool,
     },
@@ -72,6 +72,15 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
                 r.signers.len(),
                 r.last_signed.map_or("none".into(), |s| (s - 1).to_string())
             );
+            let signed = r.last_signed.unwrap_or(0);
+            if let Some(last) = r.last_seqno.filter(|&last| last >= signed) {
+                println!(
+                    "entries {}..={last} follow the last signature: only the hash chain links them, which whoever \
+                     wrote the folder can recompute, so nothing here vouches for them{}",
+                    signed.max(r.first_seqno.unwrap_or(0)),
+                    if print_public { " (the public tables below leave them out)" } else { "" }
+                );
+            }
             if print_public {
                 println!("{}", serde_json::to_string_pretty(&public)?);
             }

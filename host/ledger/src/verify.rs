@@ -111,7 +111,9 @@ fn genesis_service_cert(entry: &LedgerEntry) -> Option<Vec<u8>> {
 }
 
 /// Walks a ledger folder. Without `service_cert` (DER), the one the genesis entry records is
-/// used; a ledger that starts after a snapshot then needs it given.
+/// used; a ledger that starts after a snapshot then needs it given. `public` gets the public
+/// tables as the entries signatures cover leave them: an entry after the last signature is
+/// linked by the hash chain alone, which whoever wrote the folder can recompute.
 pub fn verify_dir(
     dir: &Path,
     service_cert: Option<&[u8]>,
@@ -131,6 +133,9 @@ pub fn verify_dir(
     let mut nodes = MemoryNodes::default();
     let mut chains: BTreeMap<u64, Hash> = BTreeMap::new();
     let mut chain_head = [0u8; 32];
+    // Each entry's public writes, printable, until a signature covers it.
+    type Writes = Vec<(String, String, Option<String>)>;
+    let mut unsigned: std::collections::VecDeque<(u64, Writes)> = Default::default();
     let mut next: Option<u64> = None;
     // The first seqno after the snapshot start record, when the ledger starts from one.
     let mut snapshot_next: Option<u64> = None;
@@ -158,12 +163,21 @@ pub fn verify_dir(
             ));
         }
         match next {
-            Some(n) if chunk.first_seqno != n => {
+            Some(n) if chunk.first_seqno > n => {
                 return Err(fault(
                     Some(n),
                     format!(
                         "entries {n}..{} are missing: this file starts at {}",
                         chunk.first_seqno - 1,
+                        chunk.first_seqno
+                    ),
+                ));
+            }
+            Some(n) if chunk.first_seqno < n => {
+                return Err(fault(
+                    Some(n),
+                    format!(
+                        "this file starts at entry {}, which the files before it already hold: the files overlap",
                         chunk.first_seqno
                     ),
                 ));
@@ -239,8 +253,19 @@ pub fn verify_dir(
                             check_endorsed(sig, endorsed, endorsements_whole).map_err(|m| fault(Some(e.seqno), m))?;
                         }
                         report.signatures += 1;
-                        report.last_signed = Some(sig.tree_size);
+                        report.last_signed = report.last_signed.max(Some(sig.tree_size));
                         report.signers.insert(sig.node_id);
+                        if let Some(tables) = public.as_deref_mut() {
+                            while let Some((_, writes)) = unsigned.pop_front_if(|(seqno, _)| *seqno < sig.tree_size) {
+                                for (map, key, value) in writes {
+                                    let table = tables.entry(map).or_default();
+                                    match value {
+                                        Some(v) => table.insert(key, v),
+                                        None => table.remove(&key),
+                                    };
+                                }
+                            }
+                        }
                     }
                     if let Some(check) = identity_check.as_mut() {
                         check.entry(e, endorsements_whole).map_err(|m| fault(Some(e.seqno), m))?;
@@ -253,14 +278,12 @@ pub fn verify_dir(
                             }
                         }
                     }
-                    if let (Some(tables), Payload::Tx(tx)) = (public.as_deref_mut(), &e.payload) {
-                        for (map, key, value) in tx.public.iter() {
-                            let table = tables.entry(map.to_owned()).or_default();
-                            match value {
-                                Some(v) => table.insert(printable(key), printable(v)),
-                                None => table.remove(&printable(key)),
-                            };
-                        }
+                    if let (Some(_), Payload::Tx(tx)) = (public.as_deref(), &e.payload)
+                        && !tx.public.is_empty()
+                    {
+                        let writes = tx.public.iter();
+                        let writes = writes.map(|(m, k, v)| (m.to_owned(), printable(k), v.map(printable))).collect();
+                        unsigned.push_back((e.seqno, writes));
                     }
                     report.entries += 1;
                     report.first_seqno.get_or_insert(e.seqno);
@@ -1184,6 +1207,47 @@ mod tests {
             "{err}"
         );
         faulted_at_10(walk(Some(6), 6..=10, &der(&service)));
+    }
+
+    /// The public tables a walk prints are those the signed entries leave: a write after the
+    /// last signature is linked by the hash chain alone, which whoever wrote the folder can
+    /// recompute (before, it was printed with the rest, and `ledger verify` passed).
+    #[test]
+    fn the_public_tables_leave_out_the_entries_after_the_last_signature() {
+        let mut built = Built::new();
+        let write = |key: &str| {
+            let mut ws = cloister_store::WriteSet::default();
+            ws.put("gov.t", key.as_bytes(), b"v");
+            ws
+        };
+        built.gov(write("signed"));
+        built.sign_through(5);
+        built.gov(write("unsigned"));
+        let dir = tempfile::tempdir().unwrap();
+        built.write(dir.path(), None, 0..=6);
+        let mut tables = PublicTables::new();
+        let report = verify_dir(dir.path(), Some(&built.ca_der), None, Some(&mut tables)).unwrap();
+        assert_eq!((report.last_signed, report.last_seqno), (Some(5), Some(6)));
+        let keys: Vec<_> = tables["gov.t"].keys().cloned().collect();
+        assert_eq!(keys, ["signed"]);
+    }
+
+    /// A later file that starts before the entries the files before it hold (here a copy of the
+    /// first under a later name) is an overlap, named as one: the gap message took one from its
+    /// start seqno and overflowed on a copy of the first file.
+    #[test]
+    fn files_that_overlap_are_a_fault_named_as_such() {
+        let mut built = Built::new();
+        built.sign_through(5);
+        let dir = tempfile::tempdir().unwrap();
+        built.write(dir.path(), None, 0..=5);
+        let first = files::chunk_paths(dir.path()).unwrap().remove(0);
+        std::fs::copy(&first, dir.path().join(format!("{:016}.ledger", 6))).unwrap();
+        let err = verify_dir(dir.path(), Some(&built.ca_der), None, None).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::Fault { seqno: Some(6), message, .. } if message.contains("overlap")),
+            "{err}"
+        );
     }
 
     /// A node that installs a snapshot sets its older files aside, where they still verify, and
