@@ -155,7 +155,9 @@ async fn joins_are_attested_governed_and_revocable() {
     let peers = Peers::new(&service_ca, &node3);
     let peer_url = format!("https://{}", cluster.nodes[0].config.node.peer_addr);
     let forward = cloister_proto::peer::v1::ForwardRequest { path: "/app/report".into(), ..Default::default() };
-    let refused = Forwards::new(peers.clone()).call(&peer_url, forward).await.unwrap_err();
+    let node0 = cloister_crypto::identity::KeyedCert::read(&dir, "node0").unwrap();
+    let node0 = cloister_crypto::node_id_of(&cloister_crypto::identity::cert_der(node0.cert_pem.as_bytes()).unwrap());
+    let refused = Forwards::new(peers.clone()).call(node0, &peer_url, forward).await.unwrap_err();
     assert!(matches!(refused, ForwardError::NotRun(_)), "a refused stream ran nothing: {refused:?}");
     assert_eq!(refused.status().code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.status().message().contains("Pending"), "{}", refused.status().message());
@@ -188,12 +190,12 @@ async fn joins_are_attested_governed_and_revocable() {
     .await;
     let challenge = || cloister_proto::peer::v1::ChallengeRequest { nonce: Nonce::random().0.to_vec() };
     // The connection it opened while Pending is still up, and refuses every request...
-    let refused = peers.client(&peer_url).unwrap().challenge(challenge()).await.unwrap_err();
+    let refused = peers.client(&peer_url, Some(node0)).unwrap().challenge(challenge()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("retired"), "{}", refused.message());
     // ...and a new connection fails in the handshake.
     let fresh = Peers::new(&service_ca, &node3);
-    let refused = fresh.client(&peer_url).unwrap().challenge(challenge()).await.unwrap_err();
+    let refused = fresh.client(&peer_url, None).unwrap().challenge(challenge()).await.unwrap_err();
     // TLS 1.3 checks the client's certificate after the client's Finished, so the refusal reaches
     // the first request as a transport error: the `certificate_revoked` alert, or the closed
     // connection when that wins the race. The node's log says which certificate it refused.
@@ -254,7 +256,7 @@ async fn a_joining_node_takes_raft_messages_only_from_the_leader_it_attested() {
     };
 
     let from_stranger = Peers::new(&service_ca, &stranger);
-    let mut client = from_stranger.client(&peer_url).unwrap();
+    let mut client = from_stranger.client(&peer_url, None).unwrap();
     for refused in [
         client.append_entries(blob()).await.unwrap_err(),
         client.install_snapshot(snapshot()).await.unwrap_err(),
@@ -265,7 +267,7 @@ async fn a_joining_node_takes_raft_messages_only_from_the_leader_it_attested() {
     }
     // The leader it attested gets through the door (and its garbage is then refused as such).
     let from_leader = Peers::new(&service_ca, &leader);
-    let mut client = from_leader.client(&peer_url).unwrap();
+    let mut client = from_leader.client(&peer_url, None).unwrap();
     let admitted = client.append_entries(blob()).await.unwrap_err();
     assert_eq!(admitted.code(), tonic::Code::InvalidArgument, "{admitted:?}");
     let admitted = client.install_snapshot(snapshot()).await.unwrap_err();

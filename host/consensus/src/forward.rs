@@ -27,6 +27,7 @@ use tonic::Status;
 
 use super::network::Peers;
 use super::server::{Forwarder, PeerRpc};
+use super::types::NodeId;
 
 /// Most forwarded calls one stream runs at once on the leader (the cap the REST port puts on
 /// one connection's HTTP/2 streams). Beyond it the leader reads no more calls from the stream
@@ -67,7 +68,7 @@ impl ForwardError {
 
 type Client = pb::peer_client::PeerClient<tonic::transport::Channel>;
 /// How [`Forwards`] reaches a peer: the client for its URL.
-type Connect = Arc<dyn Fn(&str) -> Result<Client, Status> + Send + Sync>;
+type Connect = Arc<dyn Fn(NodeId, &str) -> Result<Client, Status> + Send + Sync>;
 
 /// The follower's side: one stream per leader, opened on first use and again after it fails.
 #[derive(Clone)]
@@ -80,6 +81,7 @@ pub struct Forwards {
 
 /// One open stream: where calls go, and who waits for which answer.
 struct ForwardStream {
+    leader: NodeId,
     peer_url: String,
     calls: mpsc::Sender<pb::ForwardCall>,
     shared: Arc<Waiting>,
@@ -135,13 +137,13 @@ impl Drop for InFlight<'_> {
 
 impl Forwards {
     pub fn new(peers: Peers) -> Forwards {
-        Forwards { connect: Arc::new(move |url| peers.client(url)), current: Arc::default() }
+        Forwards { connect: Arc::new(move |id, url| peers.client(url, Some(id))), current: Arc::default() }
     }
 
-    /// Runs `request` on the peer at `peer_url` (the leader) and returns its reply, or why there
+    /// Runs `request` on node `leader`, at `peer_url`, and returns its reply, or why there
     /// is none: whether the leader may have run it or not.
-    pub async fn call(&self, peer_url: &str, request: pb::ForwardRequest) -> Answer {
-        let stream = self.stream(peer_url).map_err(ForwardError::NotRun)?;
+    pub async fn call(&self, leader: NodeId, peer_url: &str, request: pb::ForwardRequest) -> Answer {
+        let stream = self.stream(leader, peer_url).map_err(ForwardError::NotRun)?;
         let id = stream.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (caller, answer) = oneshot::channel();
         {
@@ -159,20 +161,22 @@ impl Forwards {
         answer
     }
 
-    /// The open stream to `peer_url`, opening one if there is none or the last one ended.
-    fn stream(&self, peer_url: &str) -> Result<Arc<ForwardStream>, Status> {
+    /// The open stream to node `leader` at `peer_url`, opening one if there is none or the last
+    /// one ended.
+    fn stream(&self, leader: NodeId, peer_url: &str) -> Result<Arc<ForwardStream>, Status> {
         let mut current = self.current.lock().expect("forward stream lock");
         if let Some(stream) = current.as_ref()
+            && stream.leader == leader
             && stream.peer_url == peer_url
             && !stream.calls.is_closed()
             && stream.shared.callers.lock().expect("forward callers lock").is_some()
         {
             return Ok(stream.clone());
         }
-        let mut client = (self.connect)(peer_url)?;
+        let mut client = (self.connect)(leader, peer_url)?;
         let (calls, outgoing) = mpsc::channel(FORWARDS_IN_FLIGHT_MAX);
         let shared = Arc::new(Waiting { next_id: AtomicU64::new(0), callers: Mutex::new(Some(HashMap::new())) });
-        let stream = Arc::new(ForwardStream { peer_url: peer_url.to_owned(), calls, shared: shared.clone() });
+        let stream = Arc::new(ForwardStream { leader, peer_url: peer_url.to_owned(), calls, shared: shared.clone() });
         *current = Some(stream.clone());
         tokio::spawn(async move {
             let ended = match client.forward(ReceiverStream::new(outgoing)).await {
@@ -658,7 +662,7 @@ mod tests {
         tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
         let client = pb::peer_client::PeerClient::new(channel);
-        let forwards = Forwards { connect: Arc::new(move |_| Ok(client.clone())), current: Arc::default() };
+        let forwards = Forwards { connect: Arc::new(move |_, _| Ok(client.clone())), current: Arc::default() };
         (forwards, leader)
     }
 
@@ -671,7 +675,7 @@ mod tests {
         let (forwards, leader) = follower(0).await;
         let calls = (0..64).map(|i| {
             let forwards = forwards.clone();
-            async move { forwards.call("https://leader", forwarded(&format!("/p{i}"))).await }
+            async move { forwards.call(1, "https://leader", forwarded(&format!("/p{i}"))).await }
         });
         let replies = futures::future::join_all(calls).await;
         for (i, reply) in replies.into_iter().enumerate() {
@@ -684,22 +688,22 @@ mod tests {
     async fn a_follower_that_gives_up_on_a_call_cancels_it_on_the_leader() {
         let (forwards, leader) = follower(0).await;
         let gave_up =
-            tokio::time::timeout(Duration::from_millis(200), forwards.call("https://leader", forwarded("wait")));
+            tokio::time::timeout(Duration::from_millis(200), forwards.call(1, "https://leader", forwarded("wait")));
         assert!(gave_up.await.is_err(), "the call waits for a permit that never comes");
         let fake = &leader.forwarder;
         until("the leader to drop the call", || fake.dropped.load(Ordering::SeqCst) == 1).await;
         // The stream stays up for the next call.
-        assert_eq!(forwards.call("https://leader", forwarded("/next")).await.unwrap().body, b"/next");
+        assert_eq!(forwards.call(1, "https://leader", forwarded("/next")).await.unwrap().body, b"/next");
         assert_eq!(leader.opened.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_refused_stream_fails_its_calls_and_the_next_call_opens_another() {
         let (forwards, leader) = follower(1).await;
-        let refused = forwards.call("https://leader", forwarded("/first")).await.unwrap_err();
+        let refused = forwards.call(1, "https://leader", forwarded("/first")).await.unwrap_err();
         assert!(matches!(refused, ForwardError::NotRun(_)), "{refused:?}");
         assert_eq!(refused.status().code(), tonic::Code::PermissionDenied, "{refused:?}");
-        assert_eq!(forwards.call("https://leader", forwarded("/second")).await.unwrap().body, b"/second");
+        assert_eq!(forwards.call(1, "https://leader", forwarded("/second")).await.unwrap().body, b"/second");
         assert_eq!(leader.opened.load(Ordering::SeqCst), 2);
         assert_eq!(leader.forwarder.authorized.load(Ordering::SeqCst), 1, "the refused call never ran");
     }
@@ -712,11 +716,11 @@ mod tests {
     async fn a_call_on_a_stream_that_breaks_may_have_run() {
         let (forwards, leader) = follower(0).await;
         leader.breaks.store(true, Ordering::SeqCst);
-        let lost = forwards.call("https://leader", forwarded("/lost")).await.unwrap_err();
+        let lost = forwards.call(1, "https://leader", forwarded("/lost")).await.unwrap_err();
         assert!(matches!(lost, ForwardError::Unanswered(_)), "{lost:?}");
         // A leader's answer that it could not run a call (it panicked part-way) is no refusal.
         leader.breaks.store(false, Ordering::SeqCst);
-        let failed = forwards.call("https://leader", forwarded("panic")).await.unwrap_err();
+        let failed = forwards.call(1, "https://leader", forwarded("panic")).await.unwrap_err();
         assert!(matches!(failed, ForwardError::Unanswered(_)), "{failed:?}");
     }
 }

@@ -346,12 +346,14 @@ impl Consensus {
     }
 
     /// Runs a write on the leader at `peer_url`, over this node's forwarding stream to it.
+    /// Runs `request` on node `leader`, at `peer_url` (its certificate must be that node's).
     pub async fn forward(
         &self,
+        leader: NodeId,
         peer_url: &str,
         request: cloister_proto::peer::v1::ForwardRequest,
     ) -> Result<cloister_proto::peer::v1::ForwardReply, ForwardError> {
-        self.forwards.call(peer_url, request).await
+        self.forwards.call(leader, peer_url, request).await
     }
 
     pub fn forward_hops_max(&self) -> u32 {
@@ -417,9 +419,12 @@ impl Consensus {
         self.read_metrics(|m| m.state == ServerState::Leader && m.current_leader == Some(self.id))
     }
 
-    /// The current leader's addresses, if one is known.
-    pub fn leader(&self) -> Option<NodeAddr> {
-        self.read_metrics(|m| m.membership_config.membership().get_node(&m.current_leader?).cloned())
+    /// The current leader and its addresses, if one is known.
+    pub fn leader(&self) -> Option<(NodeId, NodeAddr)> {
+        self.read_metrics(|m| {
+            let id = m.current_leader?;
+            Some((id, m.membership_config.membership().get_node(&id)?.clone()))
+        })
     }
 
     /// Whether this node leads and has applied everything before its own term, so executing on
@@ -670,7 +675,7 @@ impl Consensus {
         let mut target = peer_url.to_owned();
         let request = cloister_proto::peer::v1::JoinRequest { node: types::encode(&(self.id, self.me.clone())) };
         loop {
-            let outcome = match self.peers.client(&target) {
+            let outcome = match self.peers.client(&target, None) {
                 Ok(mut client) => client.join(request.clone()).await,
                 Err(status) => Err(status),
             };
@@ -706,7 +711,7 @@ impl Consensus {
 
     /// UNAVAILABLE, naming the leader (metadata `x-cloister-leader`) so the caller can follow.
     pub fn not_leader_status(&self) -> tonic::Status {
-        let hint = self.leader().map(|l| l.peer_url).unwrap_or_default();
+        let hint = self.leader().map(|(_, l)| l.peer_url).unwrap_or_default();
         let mut status = tonic::Status::unavailable(format!("not the leader; ask {hint}"));
         if let Ok(v) = hint.parse() {
             status.metadata_mut().insert("x-cloister-leader", v);

@@ -54,11 +54,16 @@ pub const REPLICATION_BYTES_PER_S_MIN: usize = 2 << 20;
 pub const ENTRY_BYTES_MAX: usize = PEER_MESSAGE_BYTES_MAX / 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Cached channels to peers, keyed by peer URL.
+/// A peer URL, and the node expected there (none for a join's first contact).
+type PeerKey = (String, Option<NodeId>);
+
+/// Cached channels to peers, keyed by peer URL and the node expected there.
 #[derive(Clone)]
 pub struct Peers {
     tls: ClientTlsConfig,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    service_ca_pem: Arc<str>,
+    node: Arc<KeyedCert>,
+    channels: Arc<Mutex<HashMap<PeerKey, Channel>>>,
 }
 
 impl Peers {
@@ -66,33 +71,90 @@ impl Peers {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(service_ca_pem))
             .identity(Identity::from_pem(&node.cert_pem, &node.key_pem));
-        Peers { tls, channels: Arc::default() }
+        Peers { tls, service_ca_pem: service_ca_pem.into(), node: Arc::new(node.clone()), channels: Arc::default() }
     }
 
     /// The channel to a peer, created lazily (it connects on first use and reconnects by itself).
-    pub fn channel(&self, peer_url: &str) -> Result<Channel, tonic::Status> {
+    /// With `expected`, the peer's certificate must be that node's (`node_id_of`), not only one
+    /// the service CA issued for its address: any holder of such a certificate (a retired node,
+    /// a machine that took the address) could otherwise answer in the node's place, grant votes,
+    /// acknowledge appends, and read what is forwarded to it. Without it (a join, before the
+    /// joiner knows the network), the CA and host name alone; the leader's attestation is the
+    /// join's check.
+    pub fn channel(&self, peer_url: &str, expected: Option<NodeId>) -> Result<Channel, tonic::Status> {
         let mut channels = self.channels.lock().expect("peer channel lock");
-        if let Some(c) = channels.get(peer_url) {
+        let key = (peer_url.to_owned(), expected);
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let uri: http::Uri =
-            peer_url.parse().map_err(|_| tonic::Status::invalid_argument(format!("bad peer URL {peer_url}")))?;
+        let bad = |e: &dyn std::fmt::Display| tonic::Status::invalid_argument(format!("peer {peer_url}: {e}"));
+        let uri: http::Uri = peer_url.parse().map_err(|e| bad(&e))?;
         let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
-        let endpoint = Endpoint::from_shared(peer_url.to_owned())
-            .and_then(|e| e.tls_config(self.tls.clone().domain_name(host)))
-            .map_err(|e| tonic::Status::invalid_argument(format!("peer {peer_url}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10));
-        let channel = endpoint.connect_lazy();
-        channels.insert(peer_url.to_owned(), channel.clone());
+        let channel = match expected {
+            None => Endpoint::from_shared(peer_url.to_owned())
+                .and_then(|e| e.tls_config(self.tls.clone().domain_name(host)))
+                .map_err(|e| bad(&e))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .connect_lazy(),
+            Some(id) => {
+                let config = cloister_crypto::tls::peer_client_config(self.service_ca_pem.as_bytes(), &self.node, id)
+                    .map_err(|e| bad(&e))?;
+                let authority = uri.authority().ok_or_else(|| bad(&"no host:port"))?.to_string();
+                // The connector makes the TLS connection itself, so tonic sees plain HTTP/2.
+                Endpoint::from_shared(format!("http://{authority}"))
+                    .map_err(|e| bad(&e))?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .connect_with_connector_lazy(PeerConnector { config, host })
+            }
+        };
+        channels.insert(key, channel.clone());
         Ok(channel)
     }
 
-    pub fn client(&self, peer_url: &str) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
-        Ok(pb::peer_client::PeerClient::new(self.channel(peer_url)?)
+    /// A client of the peer at `peer_url`, which must be node `expected` when given (see
+    /// [`Peers::channel`]).
+    pub fn client(
+        &self,
+        peer_url: &str,
+        expected: Option<NodeId>,
+    ) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
+        Ok(pb::peer_client::PeerClient::new(self.channel(peer_url, expected)?)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
+    }
+}
+
+/// Opens the TLS connection to one peer, verifying it as [`cloister_crypto::tls::peer_client_config`]
+/// does.
+#[derive(Clone)]
+struct PeerConnector {
+    config: Arc<rustls::ClientConfig>,
+    /// The peer URL's host, the name its certificate must carry.
+    host: String,
+}
+
+impl tower::Service<http::Uri> for PeerConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<'static, std::io::Result<Self::Response>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let PeerConnector { config, host } = self.clone();
+        Box::pin(async move {
+            let authority = uri.authority().ok_or_else(|| std::io::Error::other("no host:port"))?.to_string();
+            let tcp = tokio::net::TcpStream::connect(authority).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(host).map_err(std::io::Error::other)?;
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
     }
 }
 
@@ -199,7 +261,7 @@ impl PeerConnection {
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
     {
-        let client = self.peers.client(&self.peer_url).map_err(|s| status_error(self.target, &s))?;
+        let client = self.peers.client(&self.peer_url, Some(self.target)).map_err(|s| status_error(self.target, &s))?;
         let blob = message(self.target, &self.oversize_reported, request, action)?;
         let ttl = rpc_time(option.soft_ttl(), blob.data.len());
         let reply = timed(self.target, action, ttl, call(client, blob)).await?;
@@ -236,7 +298,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
         Box::pin(async move {
-            let client = self.peers.client(&self.peer_url).map_err(|s| status_error(self.target, &s))?;
+            let client =
+                self.peers.client(&self.peer_url, Some(self.target)).map_err(|s| status_error(self.target, &s))?;
             let replication = Replication::new(
                 input,
                 client,
@@ -263,8 +326,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let mut client =
-            self.peers.client(&self.peer_url).map_err(|s| StreamingError::from(status_error(self.target, &s)))?;
+        let mut client = self
+            .peers
+            .client(&self.peer_url, Some(self.target))
+            .map_err(|s| StreamingError::from(status_error(self.target, &s)))?;
         // A snapshot goes only with the seal of its position: until its file is built and a
         // signature reaches its last entry, the send fails and openraft tries again.
         let seal = snapshot.snapshot.seal.as_ref().ok_or_else(|| {
@@ -567,6 +632,50 @@ mod tests {
         assert_eq!(batch, ttl + Duration::from_secs(2), "a full batch: 4 MiB at 2 MiB/s");
         let entry = rpc_time(ttl, ENTRY_BYTES_MAX);
         assert_eq!(entry, ttl + Duration::from_secs(16), "the largest entry: 32 MiB at 2 MiB/s");
+    }
+
+    /// A node's calls to a peer go only to the node it expects there. A listener serving another
+    /// node's certificate from the service CA (a retired node, a machine that took the address)
+    /// completes no handshake with it, so it can grant no vote and acknowledge no append; the
+    /// node whose certificate it is does.
+    #[tokio::test]
+    async fn a_peer_call_reaches_only_the_node_expected_at_its_address() {
+        use cloister_crypto::identity::ServiceCa;
+        let ca = ServiceCa::generate("svc").unwrap();
+        let issue = |name: &str| ca.issue_node_cert(name, &["localhost".into()]).unwrap();
+        let (me, peer, impostor) = (issue("me"), issue("peer"), issue("impostor"));
+        let id = |k: &KeyedCert| {
+            cloister_crypto::node_id_of(&cloister_crypto::identity::cert_der(k.cert_pem.as_bytes()).unwrap())
+        };
+        let peers = Peers::new(&ca.keyed.cert_pem, &me);
+        // The impostor listens at the address; each handshake it completes is counted.
+        let gate: cloister_crypto::tls::PeerGate = Arc::new(|_: &[u8]| Ok(()));
+        let config = cloister_crypto::tls::peer_server_config(&impostor, &ca.keyed.cert_pem, gate).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
+        let (done, mut handshakes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let accepted = tokio_rustls::TlsAcceptor::from(config.clone()).accept(tcp).await;
+                done.send(accepted.is_ok()).unwrap();
+                // Held open, so the client's call waits on it rather than failing at once.
+                held.extend(accepted.ok());
+            }
+        });
+        let vote = |expected: u64| {
+            let peers = peers.clone();
+            let url = url.clone();
+            async move {
+                let mut client = peers.client(&url, Some(expected)).unwrap();
+                let call = client.vote(pb::Blob { data: Vec::new() });
+                let _ = tokio::time::timeout(Duration::from_millis(500), call).await;
+            }
+        };
+        vote(id(&peer)).await;
+        assert_eq!(handshakes.recv().await, Some(false), "the impostor completed a handshake for the peer");
+        vote(id(&impostor)).await;
+        assert_eq!(handshakes.recv().await, Some(true), "the handshake as its own node");
     }
 }
 

@@ -191,6 +191,79 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// A node's client side towards one peer: the peer's certificate must chain to the service CA,
+/// name the host, and be the certificate of node `expected` ([`crate::node_id_of`]). The CA
+/// alone would let any holder of one of its certificates for that address (a retired node, a
+/// machine that took its address) answer in the peer's place: vote, acknowledge appends, and
+/// read what is forwarded to it. Presents `node`; HTTP/2 only.
+pub fn peer_client_config(
+    service_ca_pem: &[u8],
+    node: &KeyedCert,
+    expected: u64,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let provider = provider();
+    let roots = Arc::new(service_roots(service_ca_pem)?);
+    let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ExpectedPeer { chain, expected }))
+        .with_client_auth_cert(
+            identity::cert_chain(node.cert_pem.as_bytes())?,
+            identity::private_key(node.key_pem.as_bytes())?,
+        )?;
+    config.alpn_protocols = vec![ALPN[0].to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The service-CA chain and host name check, then that the certificate is the expected node's.
+#[derive(Debug)]
+struct ExpectedPeer {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: u64,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ExpectedPeer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let id = crate::node_id_of(end_entity.as_ref());
+        if id != self.expected {
+            tracing::warn!(expected = self.expected, found = id, server = ?server_name, "a peer answered with another node's certificate");
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
 /// Decides during the peer handshake whether a certificate that chains to the service CA may
 /// connect at all; the error says why not, for the node's log.
 pub type PeerGate = Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
@@ -269,4 +342,58 @@ pub fn peer_server_config(
     let chain =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     server_with(provider, Arc::new(GatedPeerCert { chain, gate }), node, service_ca_pem, &ALPN[..1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ServiceCa;
+
+    /// Runs a TLS handshake between the two configurations in memory.
+    fn handshake(client: Arc<rustls::ClientConfig>, server: Arc<rustls::ServerConfig>) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(client, name)?;
+        let mut server = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(());
+            }
+            let mut bytes = Vec::new();
+            client.write_tls(&mut bytes).unwrap();
+            server.read_tls(&mut bytes.as_slice()).unwrap();
+            server.process_new_packets()?;
+            let mut bytes = Vec::new();
+            server.write_tls(&mut bytes).unwrap();
+            client.read_tls(&mut bytes.as_slice()).unwrap();
+            client.process_new_packets()?;
+        }
+        panic!("the handshake did not finish")
+    }
+
+    /// A node connecting to a peer holds it to the node it expects there: a certificate the
+    /// service CA issued for that address to another node (a retired one, a machine that took
+    /// the address) is refused, though it passes the CA and host name checks.
+    #[test]
+    fn a_peer_must_be_the_node_expected_not_any_node_of_the_ca() {
+        let ca = ServiceCa::generate("svc").unwrap();
+        let (me, peer, impostor) = (
+            ca.issue_node_cert("me", &["localhost".into()]).unwrap(),
+            ca.issue_node_cert("peer", &["localhost".into()]).unwrap(),
+            ca.issue_node_cert("impostor", &["localhost".into()]).unwrap(),
+        );
+        let ca_pem = ca.keyed.cert_pem.as_str();
+        let id = |keyed: &KeyedCert| crate::node_id_of(&identity::cert_der(keyed.cert_pem.as_bytes()).unwrap());
+        let serving = |keyed: &KeyedCert| peer_server_config(keyed, ca_pem, Arc::new(|_: &[u8]| Ok(()))).unwrap();
+        let expecting = |expected: u64| peer_client_config(ca_pem.as_bytes(), &me, expected).unwrap();
+
+        handshake(expecting(id(&peer)), serving(&peer)).expect("the expected node");
+        let refused = handshake(expecting(id(&peer)), serving(&impostor)).unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+            ),
+            "{refused:?}"
+        );
+    }
 }

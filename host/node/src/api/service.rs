@@ -877,7 +877,10 @@ impl Service {
     }
 
     /// The leader to forward to, waiting briefly for an election.
-    async fn leader_for_forwarding(&self, hops: u32) -> Result<cloister_consensus::NodeAddr, ApiError> {
+    async fn leader_for_forwarding(
+        &self,
+        hops: u32,
+    ) -> Result<(cloister_consensus::NodeId, cloister_consensus::NodeAddr), ApiError> {
         let hops_max = self.consensus.forward_hops_max();
         if hops >= hops_max {
             return Err(ApiError::unavailable(format!(
@@ -897,10 +900,10 @@ impl Service {
 
     async fn send_forward(
         &self,
-        leader: &cloister_consensus::NodeAddr,
+        (id, leader): &(cloister_consensus::NodeId, cloister_consensus::NodeAddr),
         request: cloister_proto::peer::v1::ForwardRequest,
     ) -> Result<AppReply, ApiError> {
-        let reply = (self.consensus.forward(&leader.peer_url, request).await)
+        let reply = (self.consensus.forward(*id, &leader.peer_url, request).await)
             .map_err(|e| ApiError::forward_failed(&leader.name, e))?;
         let reply = AppReply {
             status: u16::try_from(reply.status).unwrap_or(500),
