@@ -74,7 +74,10 @@ impl<M: Stream<Item = Result<pb::Blob, Status>> + Unpin> Incoming<M> {
             None => return None,
             Some(Ok(blob)) => match self.forwarder.authorize(&self.cert, PeerRpc::Raft) {
                 Ok(()) => match decode(&blob.data, "an append-entries request") {
-                    Ok(rpc) => return Some((rpc, self)),
+                    Ok(rpc) => match well_formed(&rpc) {
+                        Ok(()) => return Some((rpc, self)),
+                        Err(status) => status,
+                    },
                     Err(e) => bad_request(e),
                 },
                 Err(status) => status,
@@ -106,6 +109,7 @@ impl pb::peer_server::Peer for PeerService {
     async fn append_entries(&self, req: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
         self.authorize(&req, PeerRpc::Raft)?;
         let rpc = decode(&req.into_inner().data, "an append-entries request").map_err(bad_request)?;
+        well_formed(&rpc)?;
         let reply = self.consensus.raft.append_entries(rpc).await.map_err(consensus_stopped)?;
         Ok(Response::new(pb::Blob { data: encode(&reply) }))
     }
@@ -211,6 +215,33 @@ impl pb::peer_server::Peer for PeerService {
 /// Refuses a snapshot whose last entry is later than its sender's vote. openraft asserts that
 /// no snapshot is, and a peer that sent one (a later snapshot with an earlier vote, which this
 /// node accepts when it is further behind still) stopped this node's Raft with a panic.
+/// Refuses an append-entries request whose entries do not follow its previous entry one index
+/// at a time, or come from a later leader than its vote. openraft checks this only with debug
+/// assertions; in a release build the log took a gap (entry 20 after 14), read back entry 20
+/// for index 15, and refused to open at the next start.
+fn well_formed(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), Status> {
+    let first = rpc.prev_log_id.as_ref().map_or(0, |prev| prev.index + 1);
+    for (i, entry) in rpc.entries.iter().enumerate() {
+        let log_id = &entry.log_id;
+        if log_id.index != first + i as u64 {
+            return Err(Status::invalid_argument(format!(
+                "entry {i} of the request is index {}, not {}: entries follow the previous one ({:?}) one \
+                 index at a time",
+                log_id.index,
+                first + i as u64,
+                rpc.prev_log_id
+            )));
+        }
+        if log_id.leader_id > rpc.vote.leader_id {
+            return Err(Status::invalid_argument(format!(
+                "entry {} is from a later leader than the vote {} it was sent with",
+                log_id, rpc.vote
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn snapshot_within_vote(vote: &Vote, meta: &SnapshotMeta) -> Result<(), Status> {
     match &meta.last_log_id {
         Some(last) if last.leader_id > vote.leader_id => Err(Status::invalid_argument(format!(
@@ -300,6 +331,39 @@ mod tests {
         let (handed, refusal) = read(vec![request(1), Err(Status::cancelled("reset"))], 10).await;
         assert_eq!(handed, [1]);
         assert_eq!(refusal.expect("a refusal").code(), tonic::Code::Cancelled);
+    }
+
+    /// Entries that skip an index, or come from a later leader than their vote, are refused
+    /// before Raft sees them, on the unary call and on a stream alike.
+    #[tokio::test]
+    async fn entries_that_do_not_follow_or_outrun_their_vote_are_refused() {
+        let append = |prev: Option<u64>, entries: Vec<(u64, u64)>| AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: prev.map(|i| openraft::testing::log_id::<TypeConfig>(1, 1, i)),
+            leader_commit: None,
+            entries: entries
+                .into_iter()
+                .map(|(term, i)| openraft::testing::blank_ent::<TypeConfig>(term, 1, i))
+                .collect(),
+        };
+        assert!(well_formed(&append(Some(14), vec![(1, 15), (2, 16)])).is_ok());
+        assert!(well_formed(&append(None, vec![(1, 0), (1, 1)])).is_ok());
+        assert!(well_formed(&append(Some(14), vec![])).is_ok(), "a heartbeat");
+        for (bad, says) in [
+            (append(Some(14), vec![(1, 20)]), "is index 20, not 15"),
+            (append(Some(14), vec![(1, 15), (1, 17)]), "is index 17, not 16"),
+            (append(None, vec![(1, 3)]), "is index 3, not 0"),
+            (append(Some(14), vec![(3, 15)]), "later leader"),
+        ] {
+            let refused = well_formed(&bad).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+            assert!(refused.message().contains(says), "{}", refused.message());
+        }
+        // On a stream, the refusal ends it after the messages before.
+        let gap = Ok(pb::Blob { data: encode(&append(Some(14), vec![(1, 20)])) });
+        let (handed, refusal) = read(vec![request(1), gap, request(3)], 10).await;
+        assert_eq!(handed, [1]);
+        assert_eq!(refusal.expect("a refusal").code(), tonic::Code::InvalidArgument);
     }
 
     #[test]
