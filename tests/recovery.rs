@@ -138,6 +138,21 @@ async fn recovery_shares_follow_the_recovery_members_and_a_threshold_of_them_ope
     assert!(refused.text().contains("lower the threshold first"), "{}", refused.text());
 }
 
+/// A vote cannot give a member another member's encryption key: whoever holds its private half
+/// would open both shares and count twice towards the threshold. The node fails the proposal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_cannot_share_an_encryption_key() {
+    let s = TestService::start(2, 0, KV, Default::default()).await;
+    let c = s.member(0).await;
+    let voters: Vec<_> = s.members.iter().map(|m| &m.keyed).collect();
+    let public = std::fs::read_to_string(envelope::key_files(s.dir.path(), &s.members[0].name).1).unwrap();
+    let newcomer = new_identity("member2");
+    let add = json!([{ "name": "set_member", "args": { "cert": newcomer.keyed.cert_pem, "encryption_key": public } }]);
+    let (_, state) = c.pass(voters[0], &voters, add).await.unwrap();
+    assert_eq!(state["state"], "Failed", "{state}");
+    assert!(state["reason"].as_str().unwrap().contains("the same encryption key"), "{state}");
+}
+
 /// How long a recovering service may take to reach a state (its restore runs on the leader's
 /// upkeep tick).
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -499,6 +499,7 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> 
             ));
         }
     }
+    recovery_members_fit(tx)?;
     if let Some(record) = app(tx).map_err(|e| e.to_string())? {
         let code = app_code(tx, &record.code_hash)
             .map_err(|e| e.to_string())?
@@ -508,6 +509,34 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> 
     let code = constitution(tx).map_err(|e| e.to_string())?.ok_or("the constitution was removed")?;
     let module = runtime.load(&code).map_err(|e| format!("the new constitution does not load: {e}"))?;
     is_constitution(&module)
+}
+
+/// Refuses a member set the node could not issue recovery shares to: more recovery members than
+/// one issue serves (`RECOVERY_MEMBERS_MAX`), or two members with one encryption key (whose
+/// holder would open both shares, and count twice towards the threshold). Either way every
+/// later issue would fail, and with it every rekey, so a retired node's secret would go on
+/// opening what is written after it left.
+fn recovery_members_fit(tx: &Tx) -> Result<(), String> {
+    let members = all::<MemberRecord>(tx, MEMBERS).map_err(|e| e.to_string())?;
+    let recovery = members.iter().filter(|(_, m)| m.status == MemberStatus::Active && m.encryption_key.is_some());
+    let max = cloister_crypto::recovery::RECOVERY_MEMBERS_MAX;
+    if recovery.count() > max {
+        return Err(format!(
+            "more than {max} recovery members (RECOVERY_MEMBERS_MAX): one issue of shares serves at most that many"
+        ));
+    }
+    let mut keys = std::collections::HashMap::new();
+    for (id, member) in &members {
+        let Some(pem) = &member.encryption_key else { continue };
+        let der =
+            cloister_crypto::envelope::public_key_der(pem).map_err(|e| format!("member {id}'s encryption key: {e}"))?;
+        if let Some(other) = keys.insert(der, id) {
+            return Err(format!(
+                "members {other} and {id} have the same encryption key: each recovery member needs its own"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `value`, written to `map`, decodes as the record the node reads that map as. This is
@@ -628,5 +657,49 @@ impl std::ops::Deref for TxSlot {
 impl std::ops::DerefMut for TxSlot {
     fn deref_mut(&mut self) -> &mut Tx {
         self.0.as_mut().expect("the transaction is back from the runtime")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member set the node could not issue shares to is refused: past `RECOVERY_MEMBERS_MAX`
+    /// recovery members, or two members with one encryption key. Accepted, each made every
+    /// later issue, and with it every rekey, fail.
+    #[test]
+    fn recovery_members_must_fit_one_issue_and_hold_keys_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cloister_store::Store::open(&dir.path().join("state.redb")).unwrap();
+        let max = cloister_crypto::recovery::RECOVERY_MEMBERS_MAX;
+        let keys: Vec<String> = (0..=max).map(|_| cloister_crypto::envelope::generate_key().unwrap().1).collect();
+        let member = |key: &str, status| MemberRecord {
+            cert: String::new(),
+            status,
+            encryption_key: Some(key.to_owned()),
+            data: Value::Null,
+        };
+        let with = |members: &[(String, MemberRecord)]| {
+            let mut tx = store.begin().unwrap();
+            for (id, record) in members {
+                tx.put(MEMBERS, id.as_bytes(), &serde_json::to_vec(record).unwrap());
+            }
+            recovery_members_fit(&tx)
+        };
+        let active = |n: usize| -> Vec<_> {
+            (0..n).map(|i| (format!("m{i}"), member(&keys[i], MemberStatus::Active))).collect()
+        };
+        with(&active(max)).expect("as many as one issue serves");
+        let err = with(&active(max + 1)).unwrap_err();
+        assert!(err.contains("RECOVERY_MEMBERS_MAX"), "{err}");
+        // One more that has not acknowledged yet holds no share.
+        let mut pending = active(max);
+        pending.push(("late".into(), member(&keys[max], MemberStatus::Accepted)));
+        with(&pending).expect("an Accepted member is no recovery member yet");
+
+        let mut twice = active(2);
+        twice.push(("copy".into(), member(&keys[0], MemberStatus::Accepted)));
+        let err = with(&twice).unwrap_err();
+        assert!(err.contains("the same encryption key"), "{err}");
     }
 }
