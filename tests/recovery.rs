@@ -92,7 +92,9 @@ async fn recovery_shares_follow_the_recovery_members_and_a_threshold_of_them_ope
     assert!(one.unwrap_err().contains("1 shares of the 2 needed"));
     assert!(private_entries_opened(&s, &[0; 32]).is_err(), "another secret opens nothing");
 
-    // A higher threshold is a new issue: the old shares do not unwrap its secret.
+    // A higher threshold is a new issue, and of a new secret: the old issue's shares and wrapped
+    // secret stay in the ledger's history, and two of its shares would go on opening the secret
+    // in use. So the node rekeys first; the old shares open neither the new issue nor its secret.
     let (_, state) = c
         .pass(voters[0], &voters, json!([{ "name": "set_recovery_threshold", "args": { "threshold": 3 } }]))
         .await
@@ -100,10 +102,12 @@ async fn recovery_shares_follow_the_recovery_members_and_a_threshold_of_them_ope
     assert_eq!(state["state"], "Accepted", "{state}");
     let second = shares_when(&c, |r| r.threshold == 3).await;
     assert_eq!(second.version, first.version + 1);
+    assert_eq!(second.ledger_secret_version, first.ledger_secret_version + 1, "a rekey");
     assert!(recover_secret(&shares, 3, &second.service, second.version, &wrapped(&second)).is_err());
     let renewed: Vec<Vec<u8>> =
         s.members.iter().map(|m| open_own_share(&second, &m.id, &key_of(&s, m)).unwrap()).collect();
-    assert_eq!(recover_secret(&renewed, 3, &second.service, second.version, &wrapped(&second)).unwrap(), secret);
+    let rekeyed = recover_secret(&renewed, 3, &second.service, second.version, &wrapped(&second)).unwrap();
+    assert_ne!(rekeyed, secret, "the new issue wraps the new secret");
 
     // A new member with a malformed encryption key is refused before any vote.
     let newcomer = new_identity("member3");
@@ -124,6 +128,7 @@ async fn recovery_shares_follow_the_recovery_members_and_a_threshold_of_them_ope
     c.gov_ok(&newcomer.keyed, &GovWrite::Ack, &json!({})).await.unwrap();
     let third = shares_when(&c, |r| r.shares.len() == 4).await;
     assert_eq!(third.version, second.version + 1);
+    assert_eq!(third.ledger_secret_version, second.ledger_secret_version, "a share more takes none away");
     open_own_share(&third, &newcomer.id, &private).expect("the new member's share opens with its key");
 
     // A member who leaves takes its share with it; one whose leaving would leave fewer recovery
@@ -133,6 +138,11 @@ async fn recovery_shares_follow_the_recovery_members_and_a_threshold_of_them_ope
     assert_eq!(state["state"], "Accepted", "{state}");
     let fourth = shares_when(&c, |r| r.shares.len() == 3).await;
     assert!(!fourth.shares.contains_key(&s.members[2].id));
+    assert_eq!(
+        fourth.ledger_secret_version,
+        third.ledger_secret_version + 1,
+        "the member who left holds a share of an old secret only"
+    );
     let refused = c.gov(voters[0], &GovWrite::Propose, &json!({ "actions": leave(&s.members[1].id) })).await.unwrap();
     assert_eq!(refused.status, 400, "{}", refused.text());
     assert!(refused.text().contains("lower the threshold first"), "{}", refused.text());

@@ -42,6 +42,16 @@ fn due(tx: &Tx, ledger_secret_version: u64) -> Result<Option<Due>, ApiError> {
     Ok(Some(Due { service: service_id, threshold: service.recovery_threshold, keys, ledger_secret_version }))
 }
 
+/// Whether replacing `current` by an issue of `due` takes a share from anyone who held one, or
+/// raises the threshold.
+fn takes_shares_away(current: &RecoveryRecord, due: &Due) -> bool {
+    due.threshold > current.threshold
+        || current
+            .shares
+            .iter()
+            .any(|(id, share)| due.keys.get(id).is_none_or(|key| key_sha256(key) != share.encryption_key_sha256))
+}
+
 /// Whether the recorded shares (if any) cover exactly what is due.
 fn covers(record: Option<&RecoveryRecord>, due: &Due) -> bool {
     match record {
@@ -68,10 +78,29 @@ pub(crate) fn lags(tx: &Tx, ledger_secret_version: u64) -> Result<bool, ApiError
 /// Issues new shares of `secret` (the newest ledger secret, `version`) into `tx` if the recorded
 /// ones lag, or removes them when no recovery member is left. Returns the new issue's version,
 /// if it wrote one.
+///
+/// A change that takes shares away (a recovery member gone or with another key, a higher
+/// threshold) is not served by a new issue of the same secret: the old issue's shares and
+/// wrapped secret stay in the ledger's history, so whoever held enough of them would still open
+/// the secret in use (one removed member, where the threshold was 1). Such a change asks for a
+/// rekey instead (`gov.service.rekeys_requested`), whose transaction issues shares of the new
+/// secret.
 pub(crate) fn maintain(tx: &mut Tx, (version, secret): (u64, &[u8; 32])) -> Result<Option<u64>, ApiError> {
     let Some(due) = due(tx, version)? else { return Ok(None) };
     let current: Option<RecoveryRecord> = gov::get(tx, gov::RECOVERY, gov::RECOVERY_KEY)?;
     if covers(current.as_ref(), &due) {
+        return Ok(None);
+    }
+    if let Some(current) = &current
+        && current.ledger_secret_version == version
+        && takes_shares_away(current, &due)
+    {
+        let mut service = gov::service(tx)?.ok_or_else(|| ApiError::internal("gov.service is missing"))?;
+        let last = gov::all::<gov::LedgerSecretRecord>(tx, gov::LEDGER_SECRETS)?.pop().map_or(0, |(_, r)| r.answers);
+        if service.rekeys_requested <= last {
+            service.rekeys_requested = last + 1;
+            tx.put(gov::SERVICE, gov::SERVICE_KEY, &serde_json::to_vec(&service).expect("a service record serializes"));
+        }
         return Ok(None);
     }
     if due.keys.is_empty() {
