@@ -264,6 +264,8 @@ pub struct Consensus {
     id: NodeId,
     me: NodeAddr,
     forward_hops_max: u32,
+    /// `raft.install_snapshot_timeout_ms`: how long a snapshot's receiver waits for its next chunk.
+    install_snapshot_timeout: std::time::Duration,
     /// Turns true once this node has applied the service's commit covering its own log (see
     /// [`Consensus::wait_recovered`]).
     recovered: tokio::sync::watch::Receiver<bool>,
@@ -332,6 +334,7 @@ impl Consensus {
             id,
             me,
             forward_hops_max: settings.forward_hops_max,
+            install_snapshot_timeout: std::time::Duration::from_millis(settings.install_snapshot_timeout_ms),
             recovered,
             acknowledged: Arc::default(),
         })
@@ -358,6 +361,10 @@ impl Consensus {
 
     pub fn forward_hops_max(&self) -> u32 {
         self.forward_hops_max
+    }
+
+    pub(crate) fn install_snapshot_timeout(&self) -> std::time::Duration {
+        self.install_snapshot_timeout
     }
 
     pub async fn is_initialized(&self) -> anyhow::Result<bool> {

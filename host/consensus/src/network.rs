@@ -324,7 +324,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         vote: Vote,
         snapshot: openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>,
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let mut client = self
             .peers
@@ -341,6 +341,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         let file = tokio::fs::File::open(&snapshot.snapshot.path)
             .await
             .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))?;
+        // `raft.install_snapshot_timeout_ms`, plus the file's size at the slowest rate a peer is
+        // given: a follower that takes the stream and stops reading holds it no longer.
+        let len = file.metadata().await.map_or(0, |m| m.len());
+        let ttl = rpc_time(option.soft_ttl(), usize::try_from(len).unwrap_or(usize::MAX));
         let head = pb::SnapshotChunk { chunk: Some(pb::snapshot_chunk::Chunk::Head(encode(&(vote, snapshot.meta)))) };
         let seal = pb::SnapshotChunk { chunk: Some(pb::snapshot_chunk::Chunk::Seal(encode(seal))) };
         let body = tokio_util::io::ReaderStream::with_capacity(file, SNAPSHOT_CHUNK_BYTES).map(|chunk| {
@@ -351,10 +355,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         });
         let chunks =
             futures::stream::iter([head, seal]).chain(body.take_while(|c| std::future::ready(c.chunk.is_some())));
-        let send = client.install_snapshot(chunks);
+        let send = timed(self.target, RPCTypes::InstallSnapshot, ttl, client.install_snapshot(chunks));
         tokio::select! {
             reply = send => {
-                let reply = reply.map_err(|s| StreamingError::from(status_error(self.target, &s)))?;
+                let reply = reply.map_err(StreamingError::from)?;
                 decode(&reply.into_inner().data, "a snapshot reply").map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))
             }
             closed = cancel => Err(StreamingError::Closed(closed)),

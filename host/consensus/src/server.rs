@@ -139,7 +139,7 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::Blob>, Status> {
-        self.authorize(&req, PeerRpc::Raft)?;
+        let cert = self.authorize(&req, PeerRpc::Raft)?;
         let mut chunks = req.into_inner();
         let head = match chunks.message().await?.and_then(|c| c.chunk) {
             Some(pb::snapshot_chunk::Chunk::Head(h)) => h,
@@ -150,26 +150,26 @@ impl pb::peer_server::Peer for PeerService {
         let (vote, meta): (Vote, SnapshotMeta) = decode(&head, "a snapshot head").map_err(bad_request)?;
         snapshot_within_vote(&vote, &meta)?;
         let path = self.consensus.sm.incoming_path();
-        let mut seal = None;
-        let received = async {
-            let mut file = tokio::fs::File::create(&path).await?;
-            while let Some(chunk) = chunks.message().await.map_err(std::io::Error::other)? {
-                match chunk.chunk {
-                    Some(pb::snapshot_chunk::Chunk::Data(bytes)) => file.write_all(&bytes).await?,
-                    Some(pb::snapshot_chunk::Chunk::Seal(bytes)) => seal = Some(decode(&bytes, "a snapshot seal")?),
-                    _ => {}
-                }
+        let received = receive_snapshot(&mut chunks, &path, self.consensus.install_snapshot_timeout()).await;
+        let seal = match received {
+            Ok(seal) => seal,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(Status::aborted(format!("receiving the snapshot failed: {e}")));
             }
-            file.sync_all().await
-        }
-        .await;
-        if let Err(e) = received {
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(Status::aborted(format!("receiving the snapshot failed: {e}")));
-        }
+        };
         let file = SnapshotFile { path, seal };
-        // A snapshot that does not verify is refused to its sender, and this node runs on.
-        if let Err(e) = self.consensus.sm.check_incoming(&meta, &file) {
+        // A snapshot that does not verify is refused to its sender, and this node runs on. The
+        // check reads the whole file: on the blocking pool, not on a runtime thread.
+        let (sm, checked_meta, checked_file) = (self.consensus.sm.clone(), meta.clone(), file.clone());
+        let checked = tokio::task::spawn_blocking(move || sm.check_incoming(&checked_meta, &checked_file))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("the check stopped: {e}"))));
+        // The sender may have been retired while it sent: it is held to its standing again.
+        let checked = checked.and_then(|()| {
+            self.forwarder.authorize(&cert, PeerRpc::Raft).map_err(|s| std::io::Error::other(s.message().to_owned()))
+        });
+        if let Err(e) = checked {
             let _ = tokio::fs::remove_file(&file.path).await;
             tracing::warn!(error = %e, "refused a snapshot");
             return Err(Status::failed_precondition(format!("the snapshot was refused: {e}")));
@@ -215,6 +215,33 @@ impl pb::peer_server::Peer for PeerService {
 /// Refuses a snapshot whose last entry is later than its sender's vote. openraft asserts that
 /// no snapshot is, and a peer that sent one (a later snapshot with an earlier vote, which this
 /// node accepts when it is further behind still) stopped this node's Raft with a panic.
+/// Writes a snapshot's data chunks to `path` and returns its seal. A sender that stops sending is
+/// given up on once `patience` (`raft.install_snapshot_timeout_ms`) passes without a chunk.
+async fn receive_snapshot(
+    chunks: &mut (impl Stream<Item = Result<pb::SnapshotChunk, Status>> + Unpin),
+    path: &std::path::Path,
+    patience: std::time::Duration,
+) -> std::io::Result<Option<cloister_ledger::verify::SnapshotSeal>> {
+    let mut seal = None;
+    let mut file = tokio::fs::File::create(path).await?;
+    loop {
+        let next = tokio::time::timeout(patience, chunks.next()).await.map_err(|_| {
+            std::io::Error::other(format!(
+                "no chunk for {} ms (raft.install_snapshot_timeout_ms)",
+                patience.as_millis()
+            ))
+        })?;
+        let Some(chunk) = next.transpose().map_err(std::io::Error::other)? else { break };
+        match chunk.chunk {
+            Some(pb::snapshot_chunk::Chunk::Data(bytes)) => file.write_all(&bytes).await?,
+            Some(pb::snapshot_chunk::Chunk::Seal(bytes)) => seal = Some(decode(&bytes, "a snapshot seal")?),
+            _ => {}
+        }
+    }
+    file.sync_all().await?;
+    Ok(seal)
+}
+
 /// Refuses an append-entries request whose entries do not follow its previous entry one index
 /// at a time, or come from a later leader than its vote. openraft checks this only with debug
 /// assertions; in a release build the log took a gap (entry 20 after 14), read back entry 20
@@ -364,6 +391,24 @@ mod tests {
         let (handed, refusal) = read(vec![request(1), gap, request(3)], 10).await;
         assert_eq!(handed, [1]);
         assert_eq!(refusal.expect("a refusal").code(), tonic::Code::InvalidArgument);
+    }
+
+    /// A snapshot's sender that stops sending is given up on once `raft.install_snapshot_timeout_ms`
+    /// passes without a chunk (before, the receive waited for as long as the stream stayed open).
+    #[tokio::test]
+    async fn a_snapshot_whose_sender_stops_sending_is_given_up_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("incoming");
+        let data =
+            |bytes: &[u8]| Ok(pb::SnapshotChunk { chunk: Some(pb::snapshot_chunk::Chunk::Data(bytes.to_vec())) });
+        let patience = std::time::Duration::from_millis(200);
+        let mut whole = futures::stream::iter([data(b"ab"), data(b"cd")]);
+        assert!(receive_snapshot(&mut whole, &path, patience).await.unwrap().is_none(), "no seal was sent");
+        assert_eq!(std::fs::read(&path).unwrap(), b"abcd");
+        let mut stalled = futures::stream::iter([data(b"ab")]).chain(futures::stream::pending());
+        let given_up = tokio::time::timeout(patience * 10, receive_snapshot(&mut stalled, &path, patience));
+        let e = given_up.await.expect("the stalled sender is given up on").unwrap_err();
+        assert!(e.to_string().contains("install_snapshot_timeout_ms"), "{e}");
     }
 
     #[test]
