@@ -91,6 +91,11 @@ pub(crate) fn maintain(tx: &mut Tx, (version, secret): (u64, &[u8; 32])) -> Resu
     if covers(current.as_ref(), &due) {
         return Ok(None);
     }
+    // The caller read the newest secret before the writer ran, and a rekey applied since has
+    // issued shares of a newer one: an issue of the older secret would replace them.
+    if current.as_ref().is_some_and(|c| c.ledger_secret_version > version) {
+        return Ok(None);
+    }
     if let Some(current) = &current
         && current.ledger_secret_version == version
         && takes_shares_away(current, &due)
@@ -633,4 +638,41 @@ fn private_state(tx: &Tx, data_dir: &std::path::Path) -> anyhow::Result<Option<V
     }
     let state = fold(writes.into_iter(), |map| !cloister_store::is_public(map) && !NOT_RESTORED_PRIVATE.contains(&map));
     Ok(Some(chunks(state)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An issue is never of an older secret than the one recorded: the share upkeep reads the
+    /// newest secret before the writer runs, and a rekey applied in between has already issued
+    /// shares of a newer one (before, the older issue replaced them, and a recovery from a
+    /// ledger signed then could not walk back to the newer secret).
+    #[test]
+    fn shares_of_an_older_secret_never_replace_those_of_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cloister_store::Store::open(&dir.path().join("state.redb")).unwrap();
+        let mut tx = store.begin().unwrap();
+        let identity = identity::generate_service_identity("svc").unwrap();
+        let service = gov::ServiceRecord {
+            state: gov::ServiceState::Open,
+            cert: String::new(),
+            recovery_threshold: 1,
+            identity: Some(identity.cert_pem),
+            previous_identities: Vec::new(),
+            rekeys_requested: 0,
+        };
+        tx.put(gov::SERVICE, gov::SERVICE_KEY, &serde_json::to_vec(&service).unwrap());
+        let member = gov::MemberRecord {
+            cert: String::new(),
+            status: MemberStatus::Active,
+            encryption_key: Some(envelope::generate_key().unwrap().1),
+            data: serde_json::Value::Null,
+        };
+        tx.put(gov::MEMBERS, b"m0", &serde_json::to_vec(&member).unwrap());
+        assert_eq!(maintain(&mut tx, (2, &[2; 32])).unwrap(), Some(1), "the first issue, of version 2");
+        assert_eq!(maintain(&mut tx, (1, &[1; 32])).unwrap(), None, "nothing of version 1");
+        let record: RecoveryRecord = gov::get(&tx, gov::RECOVERY, gov::RECOVERY_KEY).unwrap().unwrap();
+        assert_eq!((record.version, record.ledger_secret_version), (1, 2));
+    }
 }
