@@ -339,7 +339,13 @@ impl Wal {
         if let Some((upto, id)) = &purged {
             frame(&mut self.buf, PURGE, &[&upto.to_le_bytes(), id])?;
         }
-        self.write_buf()
+        self.write_buf()?;
+        if purged.is_some() {
+            // The segments the purge empties hold the vote and commit this checkpoint repeats:
+            // they go once it is durable, not once the older purge record is.
+            self.index.write().expect("raft log index lock").purge_at = (self.current, self.offset);
+        }
+        Ok(())
     }
 
     /// Writes `self.buf` at the end of the current segment.
@@ -876,6 +882,28 @@ mod tests {
             (Some(&b"vote"[..]), Some(&b"purged"[..])),
             "kept by the checkpoints"
         );
+    }
+
+    /// The segments a purge empties are deleted only once the next segment's checkpoint (which
+    /// repeats their vote and commit) is durable: deleted when only the older purge record was,
+    /// a power loss could leave a log with no vote, and the node could vote twice in a term.
+    #[test]
+    fn purged_segments_go_only_once_the_checkpoint_after_them_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1).unwrap();
+        wal.save_vote(b"vote".to_vec()).unwrap();
+        wal.append(&entries(0..=2)).unwrap();
+        wal.purge(2, b"purged".to_vec()).unwrap();
+        wal.sync().unwrap();
+        let first = wal.current;
+        // Rolls to a new segment, whose checkpoint is written and not yet synced.
+        wal.append(&entries(3..=3)).unwrap();
+        assert_ne!(wal.current, first);
+        wal.delete_purged().unwrap();
+        assert!(segment_path(dir.path(), first).exists(), "deleted before the checkpoint was durable");
+        wal.sync().unwrap();
+        wal.delete_purged().unwrap();
+        assert!(!segment_path(dir.path(), first).exists());
     }
 
     /// A gap right after a purge is a gap too: with no entry left to follow, the first entry
