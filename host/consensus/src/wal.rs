@@ -290,6 +290,16 @@ impl Wal {
             index.files.insert(number, Arc::new(file));
             segments.insert(number, highest);
         }
+        // The entries left follow the last purge: a first entry past it means entries between
+        // are gone (a segment lost right after a purge that emptied the index).
+        if let (Some((upto, _)), false) = (&index.purged, index.entries.is_empty())
+            && index.first > upto + 1
+        {
+            return Err(corrupt(
+                dir,
+                format!("entry {} follows the purge through {upto}: the log has a gap", index.first),
+            ));
+        }
         let next = numbers.last().map_or(0, |n| n + 1);
         index.synced = (next, 0);
         let index = Arc::new(RwLock::new(index));
@@ -606,13 +616,10 @@ fn replay(path: &Path, file: &File, number: u64, index: &mut Index) -> io::Resul
                 let entry: Entry = decode(payload, "a log entry").map_err(|e| corrupt(path, e))?;
                 let log_id = entry.log_id();
                 let purged = index.purged.as_ref().is_some_and(|(upto, _)| log_id.index <= *upto);
-                // After a purge that left nothing, the next entry follows the purged ones.
-                let next = match (&index.purged, index.entries.is_empty()) {
-                    (_, false) => Some(index.first + index.entries.len() as u64),
-                    (Some((upto, _)), true) => Some(upto + 1),
-                    (None, true) => None,
-                };
-                let follows = next.is_none_or(|next| log_id.index <= next);
+                // With nothing held, the purge known so far may be a segment's checkpoint, older
+                // than the purge that deleted the segments before it: `open` checks the first
+                // entry against the last purge once every segment is replayed.
+                let follows = index.entries.is_empty() || log_id.index <= index.first + index.entries.len() as u64;
                 if !follows {
                     let after = index.last_index().map_or("nothing".into(), |i| i.to_string());
                     return Err(corrupt(path, format!("entry {} follows {after}: the log has a gap", log_id.index)));
@@ -904,6 +911,28 @@ mod tests {
         wal.sync().unwrap();
         wal.delete_purged().unwrap();
         assert!(!segment_path(dir.path(), first).exists());
+    }
+
+    /// Segments deleted by a later purge leave the oldest survivor starting with a checkpoint of
+    /// an older purge, and entries well past it: that is no gap, and the log opens. (Checked
+    /// against the purge known so far at each entry, it refused to open after any such deletion.)
+    #[test]
+    fn a_log_whose_oldest_segments_a_later_purge_deleted_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, index) = Wal::open(dir.path(), 1).unwrap();
+            wal.append(&entries(0..=2)).unwrap();
+            wal.purge(1, b"one".to_vec()).unwrap();
+            wal.append(&entries(3..=5)).unwrap();
+            wal.purge(4, b"four".to_vec()).unwrap();
+            wal.append(&entries(6..=8)).unwrap();
+            wal.sync().unwrap();
+            let oldest = index.read().unwrap().files.keys().next().copied().unwrap();
+            wal.delete_purged().unwrap();
+            assert!(!segment_path(dir.path(), oldest).exists(), "the segment of entries 0 to 2 went");
+        }
+        let (_, index) = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(indexes(&index), vec![5, 6, 7, 8]);
     }
 
     /// A gap right after a purge is a gap too: with no entry left to follow, the first entry
