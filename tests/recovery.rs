@@ -490,8 +490,9 @@ async fn a_previous_ledger_copy_cut_back_after_the_recovery_started_restores_no_
         let client = Client::connect(&node.rest_url(), &pinned, Some(&member.keyed)).await.unwrap();
         submit_share(&client, &member.keyed, &key_of(&s, member), Some(&old.service)).await.unwrap();
     }
-    // The secret is back: a copy as recorded would be restored within a tick or two.
-    for _ in 0..50 {
+    // The secret is back: a copy as recorded would be restored within a tick or two (the leader's
+    // upkeep runs every second), so 15 s leave room for a loaded machine.
+    for _ in 0..150 {
         assert_eq!(state(&node).0, ServiceState::Recovering, "the cut-back copy's private state was restored");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

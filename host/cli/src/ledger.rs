@@ -72,12 +72,14 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
                 r.signers.len(),
                 r.last_signed.map_or("none".into(), |s| (s - 1).to_string())
             );
-            let signed = r.last_signed.unwrap_or(0);
-            if let Some(last) = r.last_seqno.filter(|&last| last >= signed) {
+            // Entries from the last signed tree's size on are covered by no signature, but for a
+            // ledger that ends with the signature over everything before it.
+            let signed = r.last_signed.unwrap_or(r.first_seqno.unwrap_or(0));
+            let ends_signed = r.last_signature.is_some() && r.last_signature == r.last_signed;
+            if let Some(last) = r.last_seqno.filter(|&last| last >= signed && !(ends_signed && last == signed)) {
                 println!(
-                    "entries {}..={last} follow the last signature: only the hash chain links them, which whoever \
-                     wrote the folder can recompute, so nothing here vouches for them{}",
-                    signed.max(r.first_seqno.unwrap_or(0)),
+                    "entries {signed}..={last} are covered by no signature: only the hash chain links them, \
+                     which whoever wrote the folder can recompute, so nothing here vouches for them{}",
                     if print_public { " (the public tables below leave them out)" } else { "" }
                 );
             }

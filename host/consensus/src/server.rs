@@ -141,7 +141,11 @@ impl pb::peer_server::Peer for PeerService {
     async fn install_snapshot(&self, req: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::Blob>, Status> {
         let cert = self.authorize(&req, PeerRpc::Raft)?;
         let mut chunks = req.into_inner();
-        let head = match chunks.message().await?.and_then(|c| c.chunk) {
+        let patience = self.consensus.install_snapshot_timeout();
+        let head = tokio::time::timeout(patience, chunks.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no snapshot head within raft.install_snapshot_timeout_ms"))??;
+        let head = match head.and_then(|c| c.chunk) {
             Some(pb::snapshot_chunk::Chunk::Head(h)) => h,
             _ => {
                 return Err(Status::invalid_argument("a snapshot must start with its head"));
@@ -150,7 +154,7 @@ impl pb::peer_server::Peer for PeerService {
         let (vote, meta): (Vote, SnapshotMeta) = decode(&head, "a snapshot head").map_err(bad_request)?;
         snapshot_within_vote(&vote, &meta)?;
         let path = self.consensus.sm.incoming_path();
-        let received = receive_snapshot(&mut chunks, &path, self.consensus.install_snapshot_timeout()).await;
+        let received = receive_snapshot(&mut chunks, &path, patience).await;
         let seal = match received {
             Ok(seal) => seal,
             Err(e) => {

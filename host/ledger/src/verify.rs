@@ -27,6 +27,8 @@ pub struct VerifyReport {
     pub last_seqno: Option<u64>,
     /// The largest tree size a verified signature covers.
     pub last_signed: Option<u64>,
+    /// The seqno of the last signature entry.
+    pub last_signature: Option<u64>,
     /// The nodes whose signatures were verified.
     pub signers: std::collections::BTreeSet<u64>,
     /// The chain hash through the last entry.
@@ -254,6 +256,7 @@ pub fn verify_dir(
                         }
                         report.signatures += 1;
                         report.last_signed = report.last_signed.max(Some(sig.tree_size));
+                        report.last_signature = Some(e.seqno);
                         report.signers.insert(sig.node_id);
                         if let Some(tables) = public.as_deref_mut() {
                             while let Some((_, writes)) = unsigned.pop_front_if(|(seqno, _)| *seqno < sig.tree_size) {
@@ -1227,7 +1230,7 @@ mod tests {
         built.write(dir.path(), None, 0..=6);
         let mut tables = PublicTables::new();
         let report = verify_dir(dir.path(), Some(&built.ca_der), None, Some(&mut tables)).unwrap();
-        assert_eq!((report.last_signed, report.last_seqno), (Some(5), Some(6)));
+        assert_eq!((report.last_signed, report.last_signature, report.last_seqno), (Some(5), Some(5), Some(6)));
         let keys: Vec<_> = tables["gov.t"].keys().cloned().collect();
         assert_eq!(keys, ["signed"]);
     }

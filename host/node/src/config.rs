@@ -307,9 +307,9 @@ pub struct Limits {
     /// At the limit the writer waits for one to finish (up to half of `request_timeout_ms`,
     /// then 503 naming this limit); meanwhile the queue fills up to `write_queue_max`.
     pub pending_writes_max: usize,
-    /// Signed governance requests being checked (parse, window, signature, a proposal's modules)
-    /// or, once checked, on their way to the writer and its answer; more are refused with 429
-    /// and `Retry-After`.
+    /// Signed governance requests being checked (parse, window, signature, replay, a proposal's
+    /// modules), and proposals with modules, once checked, on their way to the writer and its
+    /// answer; more are refused with 429 and `Retry-After`.
     pub gov_checks_inflight_max: usize,
     /// Signed governance requests being checked at once from one source address.
     pub gov_checks_per_address_max: usize,

@@ -153,12 +153,12 @@ pub fn precheck(
     policy: &RequestPolicy,
 ) -> Result<Vec<Arc<LoadedModule>>, GovError> {
     let (request, _) = verified(tx, write, bytes, policy)?;
+    // Accepted requests are public (`gov.history`): a copy sent again is refused here, before a
+    // proposal's modules compile and before it queues for the writer.
+    not_replayed(tx, &request)?;
     if *write != GovWrite::Propose {
         return Ok(Vec::new());
     }
-    // Accepted proposals are public (`gov.history`): a copy sent again is refused before its
-    // modules compile.
-    not_replayed(tx, &request)?;
     Ok(proposal_checks(runtime, &request)?.1)
 }
 
@@ -511,18 +511,21 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> 
     is_constitution(&module)
 }
 
-/// Refuses a member set the node could not issue recovery shares to: more recovery members than
-/// one issue serves (`RECOVERY_MEMBERS_MAX`), or two members with one encryption key (whose
+/// Refuses a member set the node could not issue recovery shares to: more members with keys
+/// (recovery members, or Accepted ones that become so by acknowledging) than one issue serves
+/// (`RECOVERY_MEMBERS_MAX`), or two members with one encryption key (whose
 /// holder would open both shares, and count twice towards the threshold). Either way every
 /// later issue would fail, and with it every rekey, so a retired node's secret would go on
 /// opening what is written after it left.
 fn recovery_members_fit(tx: &Tx) -> Result<(), String> {
     let members = all::<MemberRecord>(tx, MEMBERS).map_err(|e| e.to_string())?;
-    let recovery = members.iter().filter(|(_, m)| m.status == MemberStatus::Active && m.encryption_key.is_some());
+    // An Accepted member with a key becomes a recovery member by its own acknowledgement, which
+    // no proposal checks: it counts already.
+    let recovery = members.iter().filter(|(_, m)| m.encryption_key.is_some());
     let max = cloister_crypto::recovery::RECOVERY_MEMBERS_MAX;
     if recovery.count() > max {
         return Err(format!(
-            "more than {max} recovery members (RECOVERY_MEMBERS_MAX): one issue of shares serves at most that many"
+            "more than {max} members with encryption keys (RECOVERY_MEMBERS_MAX): one issue of shares serves at most that many"
         ));
     }
     let mut keys = std::collections::HashMap::new();
@@ -692,10 +695,11 @@ mod tests {
         with(&active(max)).expect("as many as one issue serves");
         let err = with(&active(max + 1)).unwrap_err();
         assert!(err.contains("RECOVERY_MEMBERS_MAX"), "{err}");
-        // One more that has not acknowledged yet holds no share.
+        // One more that has not acknowledged yet counts: its acknowledgement makes it one, unchecked.
         let mut pending = active(max);
         pending.push(("late".into(), member(&keys[max], MemberStatus::Accepted)));
-        with(&pending).expect("an Accepted member is no recovery member yet");
+        let err = with(&pending).unwrap_err();
+        assert!(err.contains("RECOVERY_MEMBERS_MAX"), "{err}");
 
         let mut twice = active(2);
         twice.push(("copy".into(), member(&keys[0], MemberStatus::Accepted)));

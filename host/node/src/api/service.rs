@@ -199,12 +199,13 @@ impl GovCheckSlot {
     }
 }
 
-/// What a checked governance write holds until it is answered: its share of
-/// `gov_checks_inflight_max` (so that bound covers every governance write on its way to the
-/// writer, and what each holds) and a proposal's compiled modules (so the runtime's cache keeps
-/// them for the writer, however many others compile meanwhile).
+/// What a checked governance write holds until it is answered: a proposal's compiled modules (so
+/// the runtime's cache keeps them for the writer, however many others compile meanwhile) and,
+/// with them, its share of `gov_checks_inflight_max` (so that bound covers the proposals with
+/// modules on their way to the writer, and the memory they hold). Other writes give their share
+/// back when checked.
 struct Prechecked {
-    _overall: tokio::sync::OwnedSemaphorePermit,
+    _overall: Option<tokio::sync::OwnedSemaphorePermit>,
     _modules: Vec<Arc<LoadedModule>>,
 }
 
@@ -1009,7 +1010,9 @@ impl Service {
             .run(move || gov::precheck(&runtime, &tx, &write, &body, &policy))
             .await
             .map_err(|e| ApiError::internal(format!("the governance check stopped: {e}")))?;
-        Ok(Prechecked { _overall: overall, _modules: checked? })
+        let modules = checked?;
+        // Only a request carrying modules holds its share on: the memory it holds is theirs.
+        Ok(Prechecked { _overall: (!modules.is_empty()).then_some(overall), _modules: modules })
     }
 
     /// A joining node's evidence: verified against the governed policy with the nonce this leader
@@ -1365,8 +1368,8 @@ mod tests {
     }
 
     /// A check gives its address's share back when it returns, and hands back the overall one,
-    /// which the write holds until it is answered: `gov_checks_inflight_max` bounds the
-    /// governance writes on their way to the writer, and the bodies and modules they hold.
+    /// which a proposal with modules holds until it is answered: `gov_checks_inflight_max`
+    /// bounds those on their way to the writer, and the modules they hold.
     #[tokio::test]
     async fn a_checked_write_holds_its_overall_share_until_answered() {
         let limits = Limits { gov_checks_per_address_max: 1, gov_checks_inflight_max: 1, ..Limits::default() };
