@@ -438,6 +438,35 @@ async fn a_previous_ledger_signed_by_a_node_the_identity_never_endorsed_is_not_r
     assert!(format!("{refused:#}").contains("is not its service's"), "{refused:#}");
 }
 
+/// The attack: a recovery configured for other attestation roots than the previous service's
+/// (`genesis.attestation = "mock"` for an AMD service, or here another test root) would take the
+/// previous ledger secret, rebuilt from the members' shares, to a node no firmware the previous
+/// service trusted vouches for, and let any holder of those roots join. `gov.attestation.root`
+/// is not restored (the new genesis writes its own), and nothing compared the two: the recovery
+/// started. It is refused now, naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_keeps_the_previous_services_attestation_roots() {
+    let mut s = TestService::start(2, 0, KV, Default::default()).await;
+    shares_when(&s.member(0).await, |r| r.shares.len() == 2).await;
+    s.stop().await;
+    let saved = s.dir.path().join("saved-ledger");
+    let entries = cloister_ledger::files::read_entries(&cloister_ledger::dir(&s.config.node.data_dir)).unwrap();
+    cloister_ledger::files::write_entries(&saved, &entries).unwrap();
+
+    let other_root = s.dir.path().join("other-mock-root");
+    cloister_attestation::mock::MockRoot::generate().write(&other_root).unwrap();
+    let mut config = s.config.clone();
+    config.node.data_dir = s.dir.path().join("recovering");
+    config.network.recover = Some(saved);
+    config.attestation.mock_root = Some(other_root);
+    let refused = cloister_node::Node::start(config.clone()).await.err().expect("other roots are refused");
+    assert!(format!("{refused:#}").contains("keeps its roots"), "{refused:#}");
+    // With the previous service's roots, the same recovery starts.
+    config.node.data_dir = s.dir.path().join("recovering-again");
+    config.attestation.mock_root = s.config.attestation.mock_root.clone();
+    cloister_node::Node::start(config).await.expect("the same roots recover").shutdown().await;
+}
+
 /// The attack: the recovering node restores the previous private state, once the shares are in,
 /// from the copy of the previous ledger in its data folder: a later read than the public
 /// state's. Whoever writes that folder could cut the copy back to an earlier signature between

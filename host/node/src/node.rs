@@ -556,6 +556,17 @@ async fn recover(
 ) -> anyhow::Result<()> {
     let previous = crate::recovery::read_previous(folder, &config.node.data_dir)?;
     let attestation = genesis_attestation(config, node_cert, attester).await?;
+    // The roots stay the previous service's: a recovery configured for others (the mock root, or
+    // another test root) would take the previous ledger secret, rebuilt from the members' shares,
+    // to nodes that no firmware the previous service trusted vouches for.
+    let amd = serde_json::to_value(cloister_attestation::Roots::Amd)?;
+    let previous_roots = previous.roots.as_ref().unwrap_or(&amd);
+    anyhow::ensure!(
+        *previous_roots == attestation.roots,
+        "the previous service pinned the attestation roots {previous_roots}, and this node is configured for {} \
+         (genesis.attestation, attestation.mock_root): a recovered service keeps its roots",
+        attestation.roots
+    );
     let identity = identity::generate_service_identity("Cloister")?;
     let (id, cert_sha256) = (consensus.id().to_string(), identity::id_of_pem(node_cert.as_bytes())?);
     let first = gov::FirstNode {

@@ -372,6 +372,9 @@ pub(crate) struct Previous {
     /// How far the copy reaches: recorded at the recovery's genesis, and required of the copy at
     /// each later read of it.
     pub extent: Extent,
+    /// The attestation roots the previous service pinned (`gov.attestation.root`), if it recorded
+    /// them: the recovered service must pin the same.
+    pub roots: Option<serde_json::Value>,
 }
 
 /// How far a verified copy of the previous ledger reaches: the entries its signatures cover, and
@@ -499,8 +502,13 @@ pub(crate) fn load_previous(data_dir: &std::path::Path) -> anyhow::Result<Previo
         shares.threshold,
         shares.shares.len()
     );
+    let roots = public
+        .get(&(gov::ATTESTATION_ROOT.to_owned(), gov::ROOT_KEY.to_vec()))
+        .map(|v| serde_json::from_slice(v))
+        .transpose()
+        .context("the previous gov.attestation.root does not parse")?;
     public.retain(|(map, _), _| !NOT_RESTORED_PUBLIC.contains(&map.as_str()));
-    Ok(Previous { service, shares, public: chunks(public), extent })
+    Ok(Previous { service, shares, public: chunks(public), extent, roots })
 }
 
 /// The identity certificate (DER) the last `gov.service` record among `entries` names.
