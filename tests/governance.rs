@@ -482,6 +482,7 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
         ("drop_recovery_shares", "cannot remove"),
         ("forge_ledger_secret", "written by the node alone, when it rekeys"),
         ("swap_attestation_root", "fixed at genesis"),
+        ("drop_attestation_root", "no proposal removes it"),
     ] {
         let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": action }]))).await.unwrap();
         assert_eq!(answer["state"], "Failed", "{action}: {answer}");

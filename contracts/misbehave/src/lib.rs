@@ -116,7 +116,9 @@ fn claim(req: &Request) -> Result<Response, Error> {
 /// `gov.app_config` and then misbehaves as the first action's name says (`loop`, `grow`, `panic`,
 /// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`, `back_to_recovering`,
 /// `forge_previous_identity`, `replace_recovery_shares`, `drop_recovery_shares`,
-/// `forge_ledger_secret`, `swap_attestation_root`, `ask_rekey`, `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is `loop_in_resolve`.
+/// `forge_ledger_secret`, `swap_attestation_root`, `drop_attestation_root`, `ask_rekey`,
+/// `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is
+/// `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
     let proposal = body.get("proposal").unwrap_or(&body);
@@ -198,6 +200,10 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
         "swap_attestation_root" => {
             let root = serde_json::json!({ "kind": "mock", "ark": "00" });
             Map::<String, serde_json::Value>::new("gov.attestation.root").insert(&"root".to_owned(), &root);
+            Ok(Response::status(204))
+        }
+        "drop_attestation_root" => {
+            Map::<String, serde_json::Value>::new("gov.attestation.root").remove(&"root".to_owned());
             Ok(Response::status(204))
         }
         "endorse_a_stranger" => {

@@ -460,6 +460,8 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> 
             None if [ENDORSEMENTS, RECOVERY, LEDGER_SECRETS].contains(&map) => {
                 Err(format!("{map} is written by the node alone; a constitution cannot remove from it"))
             }
+            // Without its roots the service has no attestation policy, and no node could join.
+            None if map == ATTESTATION_ROOT => Err(format!("{map} is fixed at genesis; no proposal removes it")),
             None => Ok(()),
         };
         checked.map_err(|e| format!("{e} (key {:?})", String::from_utf8_lossy(key)))?;
