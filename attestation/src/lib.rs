@@ -23,7 +23,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-pub use nonce::{NONCE_TTL_S, Nonce, NonceStore};
+pub use nonce::{CHALLENGE_INTERVAL_MS, Holder, NONCE_TTL_S, NONCES_PER_HOLDER_MAX, Nonce, NonceStore};
 pub use verify::{Verified, verify};
 
 /// The kinds of evidence, as named in configuration and on the command line.

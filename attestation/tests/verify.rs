@@ -201,13 +201,14 @@ fn report_data_bound_to_another_key_is_refused() {
 fn a_stale_nonce_is_refused() {
     let verifier = NonceStore::new(Duration::from_millis(50));
     let firmware = MockFirmware::new(root(), MockConfig::default());
-    let nonce = verifier.issue();
+    let nonce = verifier.issue(1).unwrap();
     let evidence = bound_report(&firmware, &nonce);
     std::thread::sleep(Duration::from_millis(80));
-    let refusal = verifier.redeem(&nonce).expect_err("a stale nonce is refused");
+    let refusal = verifier.redeem(&nonce, 1).expect_err("a stale nonce is refused");
     assert_eq!(refusal.check, Check::Nonce);
     // Evidence bound to an old nonce does not pass under a fresh one either.
-    let fresh = verifier.issue();
+    std::thread::sleep(Duration::from_millis(cloister_attestation::CHALLENGE_INTERVAL_MS));
+    let fresh = verifier.issue(1).unwrap();
     let (check, _) = refused(&evidence, &mock_policy(), Some(&binding(NODE_KEY, &fresh)));
     assert_eq!(check, Check::Binding);
 }

@@ -391,7 +391,7 @@ mod tests {
             run.1 = true;
             Ok(pb::ForwardReply { status: 200, body: request.path.into_bytes(), ..Default::default() })
         }
-        async fn challenge(&self, _: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status> {
+        async fn challenge(&self, _: Vec<u8>, _: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status> {
             not_here()
         }
         async fn attest(&self, _: Vec<u8>, _: pb::AttestRequest) -> Result<pb::AttestReply, Status> {

@@ -33,9 +33,9 @@ pub enum PeerRpc {
 #[tonic::async_trait]
 pub trait Forwarder: Send + Sync + 'static {
     async fn forward(&self, request: pb::ForwardRequest) -> Result<pb::ForwardReply, Status>;
-    /// A fresh nonce for a joining node, and the leader's evidence bound to the node's nonce
-    /// (leader only).
-    async fn challenge(&self, request: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status>;
+    /// A fresh nonce for the joining node with `peer_cert`, and the leader's evidence bound to
+    /// the node's nonce (leader only).
+    async fn challenge(&self, peer_cert: Vec<u8>, request: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status>;
     /// Verifies and records a joining node's evidence (leader only).
     async fn attest(&self, peer_cert: Vec<u8>, request: pb::AttestRequest) -> Result<pb::AttestReply, Status>;
     /// Refuses `rpc` from the node with `peer_cert` unless its standing in `gov.nodes` allows it.
@@ -196,8 +196,8 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn challenge(&self, req: Request<pb::ChallengeRequest>) -> Result<Response<pb::ChallengeReply>, Status> {
-        self.authorize(&req, PeerRpc::Attest)?;
-        Ok(Response::new(self.forwarder.challenge(req.into_inner()).await?))
+        let cert = self.authorize(&req, PeerRpc::Attest)?;
+        Ok(Response::new(self.forwarder.challenge(cert, req.into_inner()).await?))
     }
 
     async fn attest(&self, req: Request<pb::AttestRequest>) -> Result<Response<pb::AttestReply>, Status> {
@@ -299,7 +299,7 @@ mod tests {
         async fn forward(&self, _: pb::ForwardRequest) -> Result<pb::ForwardReply, Status> {
             Err(Status::unimplemented("not in this test"))
         }
-        async fn challenge(&self, _: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status> {
+        async fn challenge(&self, _: Vec<u8>, _: pb::ChallengeRequest) -> Result<pb::ChallengeReply, Status> {
             Err(Status::unimplemented("not in this test"))
         }
         async fn attest(&self, _: Vec<u8>, _: pb::AttestRequest) -> Result<pb::AttestReply, Status> {

@@ -498,6 +498,9 @@ fn accept_secret(
     Ok(Joined { secrets, leader_cert: challenge.cert })
 }
 
+// A joining node asks for a challenge once a retry; faster than that is refused.
+const _: () = assert!(cloister_attestation::CHALLENGE_INTERVAL_MS < JOIN_RETRY_MS);
+
 /// What a node keeps for joins. As a leader: the nonces it issued, the secret it hands to
 /// Trusted nodes, and what it needs to attest itself and sign the secret. As a joiner: the
 /// certificate of the leader it attested.
@@ -540,19 +543,18 @@ impl Joins {
     }
 
     /// The answer to a joining node's challenge carrying `their_nonce`: a nonce for its evidence,
-    /// and this node's evidence bound to this node's key and `their_nonce`.
-    pub async fn challenge(&self, their_nonce: &[u8]) -> Result<pb::ChallengeReply, tonic::Status> {
+    /// and this node's evidence bound to this node's key and `their_nonce`. The nonce is the
+    /// node's (`holder`, its id) alone, and one it asked for within `CHALLENGE_INTERVAL_MS` of
+    /// the one before is refused before this node collects evidence: each costs a report.
+    pub async fn challenge(&self, holder: NodeId, their_nonce: &[u8]) -> Result<pb::ChallengeReply, tonic::Status> {
         let theirs = Nonce::from_slice(their_nonce).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let nonce = self.nonces.issue(holder).map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
         let evidence = self
             .attester
             .evidence(cloister_attestation::binding(&self.spki, &theirs))
             .await
             .map_err(|e| tonic::Status::unavailable(format!("collecting the leader's evidence failed: {e:#}")))?;
-        Ok(pb::ChallengeReply {
-            nonce: self.nonces.issue().0.to_vec(),
-            evidence: evidence.to_json(),
-            cert: self.cert_der.clone(),
-        })
+        Ok(pb::ChallengeReply { nonce: nonce.0.to_vec(), evidence: evidence.to_json(), cert: self.cert_der.clone() })
     }
 
     /// The ledger secret sealed to the public key `spki` (DER), and this node's signature over
@@ -701,6 +703,9 @@ mod tests {
     use super::*;
     use cloister_crypto::identity::ServiceCa;
 
+    /// The id of the joining node the tests challenge for.
+    const JOINER: NodeId = 7;
+
     /// A leader running the mock firmware, and a joining node's check of it.
     struct Fixture {
         leader: Joins,
@@ -734,7 +739,7 @@ mod tests {
     async fn a_joining_node_verifies_the_leader_and_refuses_what_is_not_its_own_challenge() {
         let f = fixture(&[]);
         let mine = Nonce::random();
-        let reply = f.leader.challenge(&mine.0).await.unwrap();
+        let reply = f.leader.challenge(JOINER, &mine.0).await.unwrap();
         let verified = f.check.verify(&reply, &mine).unwrap();
         assert_eq!((verified.root.as_str(), verified.binding_checked), ("mock", true));
         assert_eq!(verified.measurement, hex::encode(default_measurement()));
@@ -776,7 +781,7 @@ mod tests {
     /// The secret a genuine leader grants in one exchange, as the joining node receives it.
     async fn genuine_exchange(f: &Fixture, joiner: &KeyedCert) -> (Nonce, pb::ChallengeReply, pb::AttestReply) {
         let mine = Nonce::random();
-        let challenge = f.leader.challenge(&mine.0).await.unwrap();
+        let challenge = f.leader.challenge(JOINER, &mine.0).await.unwrap();
         f.check.verify(&challenge, &mine).unwrap();
         let spki = spki_of(&der_of(joiner)).unwrap();
         let (sealed_secret, transcript_signature) = f.leader.grant_secret(&mine.0, &challenge.nonce, &spki).unwrap();
@@ -891,14 +896,14 @@ mod tests {
         let other = "ab".repeat(48);
         let f = fixture(std::slice::from_ref(&other));
         let mine = Nonce::random();
-        let reply = f.leader.challenge(&mine.0).await.unwrap();
+        let reply = f.leader.challenge(JOINER, &mine.0).await.unwrap();
         let err = f.check.verify(&reply, &mine).unwrap_err();
         let expected =
             format!("measurement {} is not in attestation.join_measurements", hex::encode(default_measurement()));
         assert!(err.contains("check `measurement`") && err.contains(&expected), "{err}");
 
         let f = fixture(&[hex::encode(default_measurement()), other]);
-        let reply = f.leader.challenge(&mine.0).await.unwrap();
+        let reply = f.leader.challenge(JOINER, &mine.0).await.unwrap();
         assert!(f.check.verify(&reply, &mine).is_ok());
     }
 
@@ -923,10 +928,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_node_asking_for_challenges_in_a_loop_gets_one_per_interval() {
+        let f = fixture(&[]);
+        let mine = Nonce::random();
+        f.leader.challenge(JOINER, &mine.0).await.unwrap();
+        let status = f.leader.challenge(JOINER, &mine.0).await.unwrap_err();
+        // Not one of the codes that end a join: the joining node retries, after JOIN_RETRY_MS.
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("at most one per"), "{status:?}");
+        f.leader.challenge(JOINER + 1, &mine.0).await.expect("another node is not held back");
+        tokio::time::sleep(Duration::from_millis(cloister_attestation::CHALLENGE_INTERVAL_MS)).await;
+        f.leader.challenge(JOINER, &mine.0).await.expect("the node may ask again after the interval");
+    }
+
+    #[tokio::test]
     async fn the_leader_refuses_a_challenge_without_a_proper_nonce() {
         let f = fixture(&[]);
         for nonce in [&[][..], &[1; 31][..], &[1; 33][..]] {
-            let status = f.leader.challenge(nonce).await.unwrap_err();
+            let status = f.leader.challenge(JOINER, nonce).await.unwrap_err();
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         }
     }

@@ -1046,7 +1046,7 @@ impl Service {
         // The joining node's nonce goes into the transcript this node signs: 32 bytes, nothing else.
         Nonce::from_slice(&request.joiner_nonce)
             .map_err(|e| tonic::Status::invalid_argument(format!("joiner_nonce: {e}; this node signs only a nonce")))?;
-        self.joins.nonces.redeem(&nonce).map_err(refused)?;
+        self.joins.nonces.redeem(&nonce, id).map_err(refused)?;
         let evidence = Evidence::from_json(&request.evidence).map_err(refused)?;
         let spki = attest::spki_of(&cert).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let expected = cloister_attestation::binding(&spki, &nonce);
@@ -1185,13 +1185,14 @@ impl ServiceForwarder {
 impl Forwarder for ServiceForwarder {
     async fn challenge(
         &self,
+        peer_cert: Vec<u8>,
         request: cloister_proto::peer::v1::ChallengeRequest,
     ) -> Result<cloister_proto::peer::v1::ChallengeReply, tonic::Status> {
         let service = self.service()?;
         if !service.consensus.is_leader() {
             return Err(service.consensus.not_leader_status());
         }
-        service.joins.challenge(&request.nonce).await
+        service.joins.challenge(cloister_crypto::node_id_of(&peer_cert), &request.nonce).await
     }
 
     async fn attest(
