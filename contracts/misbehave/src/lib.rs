@@ -100,6 +100,65 @@ fn clock(_: &Request) -> Result<Response, Error> {
     Ok(Response::json(&(now.as_secs(), noise[..8].to_vec())))
 }
 
+/// The number in query parameter `name`, or 0.
+fn count(req: &Request, name: &str) -> usize {
+    req.query(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Writes `keys` keys and removes them again, then asks one scan of them for its next entry
+/// `nexts` times: each answer is "none", past every removed key.
+fn sweep(req: &Request) -> Result<Response, Error> {
+    const SWEEP: Map<String, String> = Map::new("sweep");
+    mark(req);
+    for i in 0..count(req, "keys") {
+        let key = format!("{i:08}");
+        SWEEP.insert(&key, &String::new());
+        SWEEP.remove(&key);
+    }
+    let mut scan = SWEEP.iter();
+    for _ in 0..count(req, "nexts") {
+        if scan.next().is_some() {
+            return Err(Error::internal("a scan found a removed key"));
+        }
+    }
+    Ok(Response::status(204))
+}
+
+/// Reads one key from each of `n` maps of its own (besides `scratch`, which `mark` writes).
+fn many_maps(req: &Request) -> Result<Response, Error> {
+    mark(req);
+    for i in 0..count(req, "n") {
+        black_box(cloister_sdk::raw::get(&format!("map{i}"), b"key"));
+    }
+    Ok(Response::status(204))
+}
+
+/// Asks WASI's `random_get` for `bytes` bytes in one call.
+fn random(req: &Request) -> Result<Response, Error> {
+    mark(req);
+    let mut buf = vec![0u8; count(req, "bytes")];
+    random_get(&mut buf)?;
+    Ok(Response::json(&buf.len()))
+}
+
+#[cfg(target_arch = "wasm32")]
+fn random_get(buf: &mut [u8]) -> Result<(), Error> {
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    unsafe extern "C" {
+        fn random_get(buf: *mut u8, len: usize) -> u16;
+    }
+    // SAFETY: `buf` is valid for writes of its length for the call's duration.
+    match unsafe { random_get(buf.as_mut_ptr(), buf.len()) } {
+        0 => Ok(()),
+        errno => Err(Error::internal(format!("random_get failed with errno {errno}"))),
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn random_get(_: &mut [u8]) -> Result<(), Error> {
+    Err(Error::internal("random_get is a wasm import"))
+}
+
 /// Writes the body and attaches the 32-byte claims digest the body names in hex.
 fn claim(req: &Request) -> Result<Response, Error> {
     let text = req.text()?.trim().to_owned();
@@ -231,6 +290,9 @@ pub fn router() -> Router {
         .get("/print", print)
         .get("/clock", clock)
         .post("/claim", claim)
+        .post("/sweep", sweep)
+        .post("/many-maps", many_maps)
+        .post("/random", random)
         .route("GET", "/members-only", Mode::Readonly, Auth::Members, noop)
         .route("GET", "/users-only", Mode::Readonly, Auth::Users, noop)
         .route("POST", "/validate", Mode::Readonly, Auth::Members, noop)

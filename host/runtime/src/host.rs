@@ -52,6 +52,9 @@ struct Scan {
     map: String,
     lower: Bound<Vec<u8>>,
     upper: Bound<Vec<u8>>,
+    /// Whether a `kv_next` found nothing more: later ones answer at once, instead of walking
+    /// again over whatever removed keys lie within the bounds.
+    done: bool,
 }
 
 impl HostState {
@@ -185,22 +188,24 @@ fn slice<'a>(data: &'a [u8], ptr: u32, len: u32, what: &str, max: usize) -> wasm
         .ok_or_else(|| abi_violation(format!("{what} at {ptr}+{len} lies outside guest memory")))
 }
 
-/// Resolves a guest map name to its index in `maps`, checking once that the app may read it.
-fn resolve_map(
-    maps: &mut Vec<(Vec<u8>, String)>,
-    access: &Access,
-    data: &[u8],
-    ptr: u32,
-    len: u32,
-) -> wasmtime::Result<usize> {
+/// Resolves a guest map name to its index in the request's maps, checking once that the app
+/// may read it; at most `maps_per_request_max` distinct names.
+fn resolve_map(state: &mut HostState, data: &[u8], ptr: u32, len: u32) -> wasmtime::Result<usize> {
     let raw = slice(data, ptr, len, "map name", abi::MAP_NAME_BYTES_MAX)?;
-    if let Some(i) = maps.iter().position(|(name, _)| name == raw) {
+    if let Some(i) = state.maps.iter().position(|(name, _)| name == raw) {
         return Ok(i);
     }
     let name = std::str::from_utf8(raw).map_err(|_| abi_violation("map name is not UTF-8"))?;
-    abi::check_read_as(name, access.privilege).map_err(ExecError::Denied)?;
-    maps.push((raw.to_vec(), kv::app_map(&access.namespace, name)));
-    Ok(maps.len() - 1)
+    abi::check_read_as(name, state.access.privilege).map_err(ExecError::Denied)?;
+    if state.maps.len() >= state.limits.maps_per_request_max {
+        return Err(ExecError::StoreLimit(format!(
+            "more than {} maps named (maps_per_request_max)",
+            state.limits.maps_per_request_max
+        ))
+        .into());
+    }
+    state.maps.push((raw.to_vec(), kv::app_map(&state.access.namespace, name)));
+    Ok(state.maps.len() - 1)
 }
 
 /// The guest's name of a resolved map (the stored name is `maps[i].1`).
@@ -214,10 +219,10 @@ fn key<'a>(state: &HostState, data: &'a [u8], ptr: u32, len: u32) -> wasmtime::R
 
 fn kv_get(mut caller: Caller<'_, HostState>, mp: u32, ml: u32, kp: u32, kl: u32) -> wasmtime::Result<i64> {
     let (data, state) = parts(&mut caller)?;
-    let m = resolve_map(&mut state.maps, &state.access, data, mp, ml)?;
+    let m = resolve_map(state, data, mp, ml)?;
     let key = key(state, data, kp, kl)?;
     let value = tx(&mut state.tx)?.get(&state.maps[m].1, key).map_err(ExecError::from)?;
-    let moved = kl as usize + value.as_ref().map_or(0, Vec::len);
+    let moved = (ml + kl) as usize + value.as_ref().map_or(0, Vec::len);
     let out = match value {
         Some(v) => state.set_register(v),
         None => abi::NONE,
@@ -260,21 +265,21 @@ fn kv_put(
     vl: u32,
 ) -> wasmtime::Result<()> {
     let (data, state) = parts(&mut caller)?;
-    let m = resolve_map(&mut state.maps, &state.access, data, mp, ml)?;
+    let m = resolve_map(state, data, mp, ml)?;
     admit_write(state, m, kl as usize + vl as usize)?;
     let key = key(state, data, kp, kl)?;
     let value = slice(data, vp, vl, "value (value_bytes_max)", state.limits.value_bytes_max)?;
     tx(&mut state.tx)?.put(&state.maps[m].1, key, value);
-    charge(&mut caller, kl as usize + vl as usize)
+    charge(&mut caller, (ml + kl) as usize + vl as usize)
 }
 
 fn kv_remove(mut caller: Caller<'_, HostState>, mp: u32, ml: u32, kp: u32, kl: u32) -> wasmtime::Result<i32> {
     let (data, state) = parts(&mut caller)?;
-    let m = resolve_map(&mut state.maps, &state.access, data, mp, ml)?;
+    let m = resolve_map(state, data, mp, ml)?;
     admit_write(state, m, kl as usize)?;
     let key = key(state, data, kp, kl)?;
     let existed = tx(&mut state.tx)?.remove(&state.maps[m].1, key).map_err(ExecError::from)?;
-    charge(&mut caller, kl as usize)?;
+    charge(&mut caller, (ml + kl) as usize)?;
     Ok(i32::from(existed))
 }
 
@@ -290,7 +295,7 @@ fn kv_scan(
     flags: i32,
 ) -> wasmtime::Result<i32> {
     let (data, state) = parts(&mut caller)?;
-    let m = resolve_map(&mut state.maps, &state.access, data, mp, ml)?;
+    let m = resolve_map(state, data, mp, ml)?;
     let lower = key(state, data, lp, ll)?.to_vec();
     let upper = key(state, data, up, ul)?.to_vec();
     let lower = match (flags & abi::SCAN_LOWER != 0, flags & abi::SCAN_LOWER_EXCLUSIVE != 0) {
@@ -310,9 +315,9 @@ fn kv_scan(
         ))
         .into());
     }
-    state.scans.push(Scan { map: state.maps[m].1.clone(), lower, upper });
+    state.scans.push(Scan { map: state.maps[m].1.clone(), lower, upper, done: false });
     let handle = state.scans.len() as i32 - 1;
-    charge(&mut caller, (ll + ul) as usize)?;
+    charge(&mut caller, (ml + ll + ul) as usize)?;
     Ok(handle)
 }
 
@@ -322,11 +327,24 @@ fn kv_next(mut caller: Caller<'_, HostState>, handle: i32) -> wasmtime::Result<i
         .ok()
         .and_then(|h| state.scans.get(h))
         .ok_or_else(|| abi_violation(format!("kv_next on unknown scan {handle}")))?;
-    let found = tx(&mut state.tx)?
-        .first_in(&scan.map, scan.lower.as_ref().map(Vec::as_slice), scan.upper.as_ref().map(Vec::as_slice))
-        .map_err(ExecError::from)?;
-    let Some((key, value)) = found else {
+    if scan.done {
         charge(&mut caller, 0)?;
+        return Ok(abi::NONE);
+    }
+    let mut passed = 0;
+    let found = tx(&mut state.tx)?
+        .first_in_counting(
+            &scan.map,
+            scan.lower.as_ref().map(Vec::as_slice),
+            scan.upper.as_ref().map(Vec::as_slice),
+            &mut passed,
+        )
+        .map_err(ExecError::from)?;
+    // Each removed key passed over cost a lookup through every layer, like a `kv_get`.
+    let passing = passed.saturating_mul(HOSTCALL_FUEL_BASE as usize);
+    let Some((key, value)) = found else {
+        caller.data_mut().scans[handle as usize].done = true;
+        charge(&mut caller, passing)?;
         return Ok(abi::NONE);
     };
     let mut packed = Vec::with_capacity(4 + key.len() + value.len());
@@ -337,7 +355,7 @@ fn kv_next(mut caller: Caller<'_, HostState>, handle: i32) -> wasmtime::Result<i
     state.scans[handle as usize].lower = Bound::Excluded(key);
     let len = packed.len();
     let out = state.set_register(packed);
-    charge(&mut caller, len)?;
+    charge(&mut caller, len.saturating_add(passing))?;
     Ok(out)
 }
 
@@ -375,7 +393,7 @@ fn log(mut caller: Caller<'_, HostState>, level: i32, ptr: u32, len: u32) -> was
     let mut line = msg.to_vec();
     line.push(b'\n');
     state.output.lock().expect("guest output lock").push(stream, &line);
-    charge(&mut caller, len as usize)
+    charge(&mut caller, line.len() - 1)
 }
 
 fn abort(mut caller: Caller<'_, HostState>, ptr: u32, len: u32) -> wasmtime::Result<()> {

@@ -18,6 +18,7 @@ pub(crate) const WRITES_PER_REQUEST_MAX: usize = 100_000;
 /// write set stays within the node's largest log entry (32 MiB); the node checks this at startup.
 pub(crate) const WRITE_BYTES_PER_REQUEST_MAX: usize = 16 << 20;
 pub(crate) const SCANS_PER_REQUEST_MAX: usize = 64;
+pub(crate) const MAPS_PER_REQUEST_MAX: usize = 256;
 pub(crate) const LOG_BYTES_PER_REQUEST_MAX: usize = 16 << 10;
 pub(crate) const MODULES_CACHED_MAX: usize = 8;
 pub(crate) const MEMORY_KEEP_RESIDENT_BYTES: usize = 4 << 20;
@@ -27,7 +28,12 @@ pub(crate) const TABLE_KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
 /// Fuel charged for each host call, on top of one unit per byte it moves: roughly the cost of
 /// a store lookup in wasm instructions, so host calls are not a free way around the fuel limit.
+/// A scan's `kv_next` is charged it again for each removed key it passes over.
 pub(crate) const HOSTCALL_FUEL_BASE: u64 = 1_000;
+/// Most random bytes one WASI `random_get` call may ask for (a larger call traps). The host
+/// builds them before copying them into guest memory, so this bounds the memory a call takes
+/// outside the instance's `memory_bytes_max` (wasmtime's own bound is 64 MiB).
+pub(crate) const RANDOM_BYTES_PER_CALL_MAX: u64 = 1 << 20;
 /// How often the watchdog advances the engine's epoch while a contract runs.
 pub(crate) const EPOCH_TICK_MS: u64 = 5;
 /// Ticks with no contract running after which the watchdog sleeps until one starts (1 s): an
@@ -65,6 +71,8 @@ pub struct Limits {
     pub write_bytes_per_request_max: usize,
     /// Most scans one request may open.
     pub scans_per_request_max: usize,
+    /// Most distinct maps one request may name (the runtime keeps each one's checked name).
+    pub maps_per_request_max: usize,
     /// Most bytes of guest output (stdout, stderr, log) kept per request; the rest is dropped.
     pub log_bytes_per_request_max: usize,
     /// Most compiled modules the cache keeps that nothing else holds (it keeps held ones too).
@@ -90,6 +98,7 @@ impl Default for Limits {
             writes_per_request_max: WRITES_PER_REQUEST_MAX,
             write_bytes_per_request_max: WRITE_BYTES_PER_REQUEST_MAX,
             scans_per_request_max: SCANS_PER_REQUEST_MAX,
+            maps_per_request_max: MAPS_PER_REQUEST_MAX,
             log_bytes_per_request_max: LOG_BYTES_PER_REQUEST_MAX,
             modules_cached_max: MODULES_CACHED_MAX,
             memory_keep_resident_bytes: MEMORY_KEEP_RESIDENT_BYTES,
@@ -113,6 +122,7 @@ impl Limits {
             ("value_bytes_max", self.value_bytes_max as u64),
             ("writes_per_request_max", self.writes_per_request_max as u64),
             ("write_bytes_per_request_max", self.write_bytes_per_request_max as u64),
+            ("maps_per_request_max", self.maps_per_request_max as u64),
             ("modules_cached_max", self.modules_cached_max as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {

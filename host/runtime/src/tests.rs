@@ -31,6 +31,11 @@ fn fixture(limits: Limits) -> Fixture {
 impl Fixture {
     /// Routes like the node does, runs the request, and applies its writes on a 2xx answer.
     fn call(&self, method: &str, target: &str, body: &str) -> Result<AppResponse, ExecError> {
+        self.run(method, target, body).map(|outcome| outcome.response)
+    }
+
+    /// [`Fixture::call`], answering with the whole outcome (the fuel it burned too).
+    fn run(&self, method: &str, target: &str, body: &str) -> Result<Outcome, ExecError> {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let (endpoint, params) = self.module.manifest().find(method, path).expect("routed");
         let head = RequestHead {
@@ -55,7 +60,7 @@ impl Fixture {
         if outcome.response.is_success() {
             self.store.apply(&tx.into_writes()).unwrap();
         }
-        Ok(outcome.response)
+        Ok(outcome)
     }
 
     fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -185,6 +190,46 @@ fn guest_output_and_clock_come_from_the_host() {
     assert!(secs.abs_diff(now) < 60, "guest clock {secs} vs host {now}");
     let (_, noise2): (u64, Vec<u8>) = serde_json::from_slice(&f.call("GET", "/clock", "").unwrap().body).unwrap();
     assert_ne!(noise, noise2, "randomness differs per request");
+}
+
+#[test]
+fn a_scan_is_charged_for_the_removed_keys_it_passes_and_passes_them_once() {
+    let f = fixture(Limits::default());
+    let fuel = |target: &str| f.run("POST", target, "").unwrap().fuel_used;
+    let unscanned = fuel("/sweep?keys=500&nexts=0");
+    let scanned = fuel("/sweep?keys=500&nexts=1");
+    assert!(
+        scanned - unscanned >= 500 * limits::HOSTCALL_FUEL_BASE,
+        "passing 500 removed keys cost {} fuel",
+        scanned - unscanned
+    );
+    // Asking a finished scan again does not walk the removed keys again: each answer costs a
+    // host call, not another 500 lookups.
+    let asked_again = fuel("/sweep?keys=500&nexts=1001");
+    assert!(
+        asked_again - scanned < 1000 * 2 * limits::HOSTCALL_FUEL_BASE,
+        "1,000 more answers from a finished scan cost {} fuel",
+        asked_again - scanned
+    );
+}
+
+#[test]
+fn maps_per_request_are_limited() {
+    let f = fixture(Limits { maps_per_request_max: 8, ..Limits::default() });
+    // `scratch`, which every misbehave endpoint writes, and 7 more reach the limit exactly.
+    assert_eq!(f.call("POST", "/many-maps?n=7", "").unwrap().head.status, 204);
+    let err = f.refused("POST", "/many-maps?n=8", "StoreLimitExceeded");
+    assert!(err.to_string().contains("more than 8 maps named (maps_per_request_max)"), "{err}");
+}
+
+#[test]
+fn a_random_get_call_is_limited() {
+    let f = fixture(Limits::default());
+    let max = limits::RANDOM_BYTES_PER_CALL_MAX;
+    let answer = f.call("POST", &format!("/random?bytes={max}"), "").unwrap();
+    assert_eq!(answer.body, max.to_string().as_bytes());
+    let err = f.refused("POST", &format!("/random?bytes={}", max + 1), "GuestTrap");
+    assert!(err.to_string().contains(&format!("exceeds limit {max}")), "{err}");
 }
 
 #[test]

@@ -10,6 +10,8 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{HostWallClock, WasiCtxBuilder};
 
+use super::limits::RANDOM_BYTES_PER_CALL_MAX;
+
 /// Guest output of one request, capped at a byte budget.
 #[derive(Debug, Default)]
 pub struct GuestOutput {
@@ -149,5 +151,6 @@ pub fn context(out: &Arc<Mutex<GuestOutput>>, started: SystemTime) -> WasiP1Ctx 
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
+        .max_random_size(RANDOM_BYTES_PER_CALL_MAX)
         .build_p1()
 }

@@ -922,6 +922,18 @@ impl Tx {
     /// Each layer proposes its first key in range; the smallest wins, and its value is resolved
     /// through all layers. A removal there shadows it, so the search continues after it.
     pub fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Result<Option<Entry>, KvError> {
+        self.first_in_counting(map, lower, upper, &mut 0)
+    }
+
+    /// [`Tx::first_in`], adding to `passed` the removed keys it passed over on its way: the
+    /// work a caller may want to charge for.
+    pub fn first_in_counting(
+        &self,
+        map: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        passed: &mut usize,
+    ) -> Result<Option<Entry>, KvError> {
         let mut bounds = map_bounds(map, lower, upper);
         let index = if self.index.is_some() && !is_public(map) { Some(self.keys_of(map)?) } else { None };
         loop {
@@ -946,6 +958,7 @@ impl Tx {
                 let (_, key) = split_key(&candidate);
                 return Ok(Some((key.to_vec(), value)));
             }
+            *passed += 1;
             bounds.0 = Bound::Excluded(candidate);
         }
     }
