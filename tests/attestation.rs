@@ -107,6 +107,19 @@ async fn joins_are_attested_governed_and_revocable() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("check `measurement`"));
 
+    // With no attestation.join_measurements, a joining node accepts only a leader of its own
+    // measurement, and node3's is not the leader's.
+    cluster.spawn(3);
+    wait_for("node3 to refuse a leader of another measurement", async || !cluster.nodes[3].is_running()).await;
+    let log = cluster.log(3);
+    let refusal = format!(
+        "this node refused the leader's evidence: attestation refused at check `measurement`: measurement {} is not \
+         this node's own ({UNAPPROVED})",
+        hex::encode(cloister_attestation::mock::default_measurement())
+    );
+    assert!(log.contains(&refusal), "{log}");
+    assert_eq!(status_of(&cluster, "node3").await, None);
+
     // A joining node that expects another leader measurement refuses the leader's evidence.
     let set_join_measurements = |cluster: &mut Cluster, pinned: &str| {
         let node = &mut cluster.nodes[3];

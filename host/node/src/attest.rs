@@ -114,29 +114,49 @@ pub(crate) fn verify_claimed(
 /// What a joining node checks of the leader before it presents its own evidence: a certificate
 /// issued by the service CA, and evidence bound to that certificate's key and this node's nonce,
 /// verified against this node's own roots (AMD's, or the mock root when this node runs the mock
-/// firmware itself). The leader's measurement must be in `attestation.join_measurements` when that
-/// is set; when it is empty any measurement passes, and is logged.
+/// firmware itself), with a measurement this node accepts ([`LeaderMeasurements`]).
 pub struct LeaderCheck {
     roots: Roots,
-    measurements: BTreeSet<String>,
+    measurements: LeaderMeasurements,
     service_ca: Vec<u8>,
     /// The client side of a join connection: mutual TLS with the service CA and this node's
     /// certificate (see [`join_client`]).
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// The launch measurements a joining node accepts from the leader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaderMeasurements {
+    /// Those `attestation.join_measurements` names: a node joining a leader that runs other code
+    /// (a code update) names the leader's there.
+    Listed(BTreeSet<String>),
+    /// With none named, this node's own: an operator's certificate in a guest running code of the
+    /// operator's choosing under the same roots could otherwise pass for the leader.
+    Own(String),
+}
+
 impl LeaderCheck {
-    pub(crate) fn from_config(
+    /// The check `a` configures. With no `join_measurements`, this node reads its own
+    /// measurement from a report of its own.
+    pub(crate) async fn from_config(
         a: &AttestationSection,
         service_ca_pem: &str,
         node: &KeyedCert,
+        attester: &Attester,
     ) -> anyhow::Result<LeaderCheck> {
         let roots = match a.kind {
             Kind::Mock => Roots::Mock { ark: mock_root(a)?.ark_der() },
             Kind::Snp | Kind::AzureVtpm => Roots::Amd,
         };
         let service_ca = cloister_crypto::identity::cert_der(service_ca_pem.as_bytes())?.to_vec();
-        let measurements = a.join_measurements.iter().map(|m| m.to_ascii_lowercase()).collect();
+        let measurements = if a.join_measurements.is_empty() {
+            let own = attester.evidence([0; 64]).await.context("collecting this node's evidence")?;
+            let (measurement, _) = cloister_attestation::verify::launch_claims(&own)?;
+            tracing::info!(%measurement, "attestation.join_measurements is empty: the leader must run this node's measurement");
+            LeaderMeasurements::Own(measurement)
+        } else {
+            LeaderMeasurements::Listed(a.join_measurements.iter().map(|m| m.to_ascii_lowercase()).collect())
+        };
         let tls = cloister_crypto::tls::client_config(service_ca_pem.as_bytes(), Some(node), true)?;
         Ok(LeaderCheck { roots, measurements, service_ca, tls: Some(tls) })
     }
@@ -149,13 +169,24 @@ impl LeaderCheck {
         cert.verify_signature(Some(ca.public_key()))
             .map_err(|_| "the leader's certificate is not issued by the service CA".to_owned())?;
         let evidence = Evidence::from_json(&reply.evidence).map_err(|e| e.to_string())?;
-        let pin = (!self.measurements.is_empty()).then_some(&self.measurements);
+        let pin = match &self.measurements {
+            LeaderMeasurements::Listed(listed) => listed.clone(),
+            LeaderMeasurements::Own(own) => [own.clone()].into(),
+        };
         let expected = cloister_attestation::binding(cert.public_key().raw, nonce);
-        verify_claimed(&evidence, &self.roots, pin, &expected).map_err(|refusal| match refusal.check {
+        verify_claimed(&evidence, &self.roots, Some(&pin), &expected).map_err(|refusal| match refusal.check {
             // The verifier names the service's allow-list; here the list is this node's own.
             cloister_attestation::Check::Measurement => {
                 let (measurement, _) = cloister_attestation::verify::launch_claims(&evidence).unwrap_or_default();
-                let detail = format!("measurement {measurement} is not in attestation.join_measurements");
+                let detail = match &self.measurements {
+                    LeaderMeasurements::Listed(_) => {
+                        format!("measurement {measurement} is not in attestation.join_measurements")
+                    }
+                    LeaderMeasurements::Own(own) => format!(
+                        "measurement {measurement} is not this node's own ({own}); attestation.join_measurements \
+                         names any other a leader may run"
+                    ),
+                };
                 Refusal::new(refusal.check, detail).to_string()
             }
             _ => refusal.to_string(),
@@ -722,12 +753,11 @@ mod tests {
             Joins::new(&AttestationSection::default(), Arc::new(LedgerSecrets::first([7; 32])), attester, &cert, None)
                 .unwrap();
         let service_ca = cloister_crypto::identity::cert_der(ca.keyed.cert_pem.as_bytes()).unwrap().to_vec();
-        let check = LeaderCheck {
-            roots: Roots::Mock { ark: root.ark_der() },
-            measurements: measurements.iter().cloned().collect(),
-            service_ca,
-            tls: None,
+        let measurements = match measurements {
+            [] => LeaderMeasurements::Own(hex::encode(default_measurement())),
+            listed => LeaderMeasurements::Listed(listed.iter().cloned().collect()),
         };
+        let check = LeaderCheck { roots: Roots::Mock { ark: root.ark_der() }, measurements, service_ca, tls: None };
         Fixture { leader, check, ca }
     }
 
@@ -905,6 +935,36 @@ mod tests {
         let f = fixture(&[hex::encode(default_measurement()), other]);
         let reply = f.leader.challenge(JOINER, &mine.0).await.unwrap();
         assert!(f.check.verify(&reply, &mine).is_ok());
+    }
+
+    #[tokio::test]
+    async fn with_none_pinned_a_joining_node_accepts_only_a_leader_of_its_own_measurement() {
+        let f = fixture(&[hex::encode(default_measurement())]);
+        let dir = tempfile::tempdir().unwrap();
+        let node = f.ca.issue_node_cert("joiner", &["127.0.0.1".into()]).unwrap();
+        let check = async |mock_measurement: Option<String>| {
+            let section = AttestationSection {
+                kind: Kind::Mock,
+                mock_root: Some(dir.path().to_owned()),
+                mock_measurement,
+                ..Default::default()
+            };
+            let attester = Attester::from_config(&section).unwrap();
+            let check = LeaderCheck::from_config(&section, &f.ca.keyed.cert_pem, &node, &attester).await.unwrap();
+            // The leader's evidence is under the fixture's mock root, not this node's.
+            LeaderCheck { roots: f.check.roots.clone(), ..check }
+        };
+        let mine = Nonce::random();
+        let reply = f.leader.challenge(JOINER, &mine.0).await.unwrap();
+
+        let other = check(Some("ab".repeat(48))).await;
+        assert_eq!(other.measurements, LeaderMeasurements::Own("ab".repeat(48)));
+        let err = other.verify(&reply, &mine).unwrap_err();
+        assert!(err.contains("check `measurement`") && err.contains("is not this node's own"), "{err}");
+
+        let same = check(None).await;
+        assert_eq!(same.measurements, LeaderMeasurements::Own(hex::encode(default_measurement())));
+        same.verify(&reply, &mine).expect("a leader of this node's own measurement");
     }
 
     #[test]

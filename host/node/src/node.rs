@@ -151,7 +151,8 @@ async fn ledger_secrets(
         let (all, leader) = match &config.network.join {
             Some(url) => {
                 let timeout = Duration::from_millis(config.raft.join_timeout_ms);
-                let leader = attest::LeaderCheck::from_config(&config.attestation, service_cert, node)?;
+                let leader =
+                    attest::LeaderCheck::from_config(&config.attestation, service_cert, node, attester).await?;
                 let joined = attest::join(url, me.clone(), node, attester, &leader, timeout).await?;
                 at_rest.write(&leader_path, JOIN_LEADER_AT_REST_AAD, &joined.leader_cert)?;
                 (joined.secrets, Some(joined.leader_cert))
