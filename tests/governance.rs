@@ -299,6 +299,13 @@ async fn apps_and_their_settings_change_by_vote() {
     let bad = c0.gov(a, &GovWrite::Propose, &garbage).await.unwrap();
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert!(bad.text().contains("InvalidProposal") && bad.text().contains("wasm"), "{}", bad.text());
+    // The same bytes in another proposal are refused from memory: checked and compiled once.
+    let resent = json!([{ "name": "set_app", "args": { "wasm": b64(b"\0asm garbage") } }, { "name": "noop" }]);
+    let again = c0.gov(a, &GovWrite::Propose, &propose_json(resent)).await.unwrap();
+    assert_eq!(again.status, 400, "{}", again.text());
+    assert!(again.text().contains("the wasm is refused"), "{}", again.text());
+    let (_, exposition) = cloister_tests::metrics::scrape(&c0).await;
+    assert_eq!(cloister_tests::metrics::value(&exposition, "cloister_wasm_modules_refused", &[]), 1.0);
 
     // Upgrade to another app: the new behaviour serves at once.
     let v1_hash = c0.get("/gov/app").await.unwrap().json().unwrap()["code_hash"].clone();

@@ -78,6 +78,7 @@ pub struct Metrics {
     executions: Family<ExecutionLabels, Counter>,
     fuel: Counter,
     compiled: Counter,
+    refused_modules: Counter,
     attestations: Family<ResultLabels, Counter>,
     /// Writes queued for the writer thread and not yet taken up by it.
     pub(crate) writer_queued: AtomicI64,
@@ -163,6 +164,12 @@ impl Metrics {
             "Wasm modules this node checked and compiled: each app and constitution version once, as soon as its applied state holds it (again only if evicted from the cache)",
             compiled.clone(),
         );
+        let refused_modules = Counter::default();
+        registry.register(
+            "wasm_modules_refused",
+            "Wasm modules that failed this node's checks (the same bytes sent again are refused from memory, and not counted again)",
+            refused_modules.clone(),
+        );
         let attestations = Family::<ResultLabels, Counter>::default();
         registry.register(
             "attestation_verifications",
@@ -228,6 +235,7 @@ impl Metrics {
             executions,
             fuel,
             compiled,
+            refused_modules,
             attestations,
             writer_queued: AtomicI64::new(0),
             writer_pending: AtomicI64::new(0),
@@ -300,6 +308,10 @@ impl ExecObserver for Metrics {
 
     fn compiled(&self) {
         self.compiled.inc();
+    }
+
+    fn refused(&self) {
+        self.refused_modules.inc();
     }
 }
 

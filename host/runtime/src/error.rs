@@ -4,8 +4,9 @@ use wasmtime::Trap;
 
 use cloister_store::KvError;
 
-/// Why a module cannot be loaded. Nothing is cached or installed when loading fails.
-#[derive(Debug, thiserror::Error)]
+/// Why a module cannot be loaded. Nothing is installed when loading fails; the runtime remembers
+/// the refusal, for the same bytes sent again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoadError {
     #[error("module is {bytes} bytes; the limit is {max} (module_bytes_max)")]
     TooLarge { bytes: usize, max: usize },

@@ -9,7 +9,7 @@ mod host;
 mod limits;
 mod wasi;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +24,7 @@ pub use limits::Limits;
 pub use wasi::GuestOutput;
 
 use host::HostState;
+use limits::REFUSED_MODULES_REMEMBERED;
 
 use cloister_store::Tx;
 
@@ -119,6 +120,9 @@ pub trait ExecObserver: Send + Sync {
 
     /// A module passed its checks and was compiled (a cache hit is not a compile).
     fn compiled(&self) {}
+
+    /// A module failed its checks (a refusal remembered from before is not told again).
+    fn refused(&self) {}
 }
 
 /// The engine, its module cache and its limits.
@@ -135,6 +139,11 @@ pub struct Runtime {
     /// each compiled it, and 85 concurrent compilations on two cores kept every request waiting
     /// for up to `request_timeout_ms`).
     compiling: Mutex<()>,
+    /// Modules that failed their checks, by hash, with why, newest last (at most
+    /// `REFUSED_MODULES_REMEMBERED`). The checks depend only on a module's bytes and this
+    /// runtime's limits, so the same bytes are refused again without compiling them: a refused
+    /// proposal's module resent in fresh proposals would otherwise keep the node compiling.
+    refused: Mutex<VecDeque<([u8; 32], LoadError)>>,
     observer: Option<Arc<dyn ExecObserver>>,
     watchdog: Arc<Watchdog>,
 }
@@ -199,6 +208,7 @@ impl Runtime {
             gov_limits,
             modules: Mutex::default(),
             compiling: Mutex::default(),
+            refused: Mutex::default(),
             observer: None,
             watchdog,
         })
@@ -220,20 +230,46 @@ impl Runtime {
     /// against the allow-list and their signatures; the ABI marker and required exports; the
     /// manifest the module reports.
     pub fn load(&self, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
-        let hash = *blake3::hash(wasm).as_bytes();
-        let cached = || self.modules.lock().expect("module cache lock").get(&hash);
-        if let Some(m) = cached() {
-            return Ok(m);
-        }
-        let _compiling = self.compiling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Whoever held the lock before may have compiled this very module.
-        if let Some(m) = cached() {
-            return Ok(m);
-        }
         let max = self.limits.module_bytes_max;
         if wasm.len() > max {
             return Err(LoadError::TooLarge { bytes: wasm.len(), max });
         }
+        let hash = *blake3::hash(wasm).as_bytes();
+        let known = || -> Option<Result<Arc<LoadedModule>, LoadError>> {
+            if let Some(m) = self.modules.lock().expect("module cache lock").get(&hash) {
+                return Some(Ok(m));
+            }
+            let refused = self.refused.lock().expect("refused modules lock");
+            refused.iter().find(|(h, _)| *h == hash).map(|(_, e)| Err(e.clone()))
+        };
+        if let Some(known) = known() {
+            return known;
+        }
+        let _compiling = self.compiling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Whoever held the lock before may have compiled or refused this very module.
+        if let Some(known) = known() {
+            return known;
+        }
+        let loaded = self.check_and_compile(wasm, hash).inspect_err(|e| {
+            let mut refused = self.refused.lock().expect("refused modules lock");
+            if refused.len() >= REFUSED_MODULES_REMEMBERED {
+                refused.pop_front();
+            }
+            refused.push_back((hash, e.clone()));
+            drop(refused);
+            if let Some(observer) = &self.observer {
+                observer.refused();
+            }
+        })?;
+        self.modules.lock().expect("module cache lock").insert(loaded.clone(), self.limits.modules_cached_max);
+        if let Some(observer) = &self.observer {
+            observer.compiled();
+        }
+        Ok(loaded)
+    }
+
+    /// The checks of [`Runtime::load`] after the size cap, and the compile.
+    fn check_and_compile(&self, wasm: &[u8], hash: [u8; 32]) -> Result<Arc<LoadedModule>, LoadError> {
         Module::validate(&self.engine, wasm).map_err(|e| LoadError::Invalid(e.root_cause().to_string()))?;
         let module =
             Module::from_binary(&self.engine, wasm).map_err(|e| LoadError::Compile(e.root_cause().to_string()))?;
@@ -241,12 +277,7 @@ impl Runtime {
         check_exports(&module)?;
         let pre = self.linker.instantiate_pre(&module).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let manifest = self.read_manifest(&pre)?;
-        let loaded = Arc::new(LoadedModule { hash, manifest, pre });
-        self.modules.lock().expect("module cache lock").insert(loaded.clone(), self.limits.modules_cached_max);
-        if let Some(observer) = &self.observer {
-            observer.compiled();
-        }
-        Ok(loaded)
+        Ok(Arc::new(LoadedModule { hash, manifest, pre }))
     }
 
     fn store(

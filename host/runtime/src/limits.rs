@@ -21,6 +21,9 @@ pub(crate) const SCANS_PER_REQUEST_MAX: usize = 64;
 pub(crate) const MAPS_PER_REQUEST_MAX: usize = 256;
 pub(crate) const LOG_BYTES_PER_REQUEST_MAX: usize = 16 << 10;
 pub(crate) const MODULES_CACHED_MAX: usize = 8;
+/// Refused modules whose refusal the runtime keeps, the oldest forgotten first: the same bytes
+/// sent again are refused without being checked and compiled again.
+pub(crate) const REFUSED_MODULES_REMEMBERED: usize = 64;
 pub(crate) const MEMORY_KEEP_RESIDENT_BYTES: usize = 4 << 20;
 /// Bytes of each instance slot's table reset in place between requests: 8,192 function
 /// references, more than a contract's indirect-call table holds.

@@ -404,9 +404,9 @@ fn variant(n: u8) -> Vec<u8> {
     wasm
 }
 
-/// Counts compiles.
+/// Counts compiles, and refusals.
 #[derive(Default)]
-struct Compiles(std::sync::atomic::AtomicU64);
+struct Compiles(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64);
 
 impl ExecObserver for Compiles {
     fn executed(&self, _: Privilege, _: Option<&ExecError>, _: u64) {}
@@ -414,6 +414,40 @@ impl ExecObserver for Compiles {
     fn compiled(&self) {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
+
+    fn refused(&self) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A refused module sent again is refused without being checked and compiled again. The runtime
+/// remembers `REFUSED_MODULES_REMEMBERED` refusals and forgets the oldest first.
+#[test]
+fn a_refused_module_is_refused_again_without_its_checks() {
+    let counts = Arc::new(Compiles::default());
+    let runtime = Runtime::new(Limits::default()).unwrap().with_observer(counts.clone());
+    // A valid module without the ABI marker, told apart by a custom section carrying `n`.
+    let bad = |n: u16| {
+        let mut wasm = wat::parse_str("(module)").unwrap();
+        wasm.extend_from_slice(&[0, 4, 1, b'n']);
+        wasm.extend_from_slice(&n.to_be_bytes());
+        wasm
+    };
+    let refused = || counts.1.load(std::sync::atomic::Ordering::SeqCst);
+    let first = runtime.load(&bad(0)).unwrap_err();
+    assert_eq!(first, LoadError::MissingMarker);
+    assert_eq!(runtime.load(&bad(0)).unwrap_err(), first, "the same refusal");
+    assert_eq!(refused(), 1, "the second load of the same bytes ran no checks");
+    for n in 1..=limits::REFUSED_MODULES_REMEMBERED as u16 {
+        runtime.load(&bad(n)).unwrap_err();
+    }
+    assert_eq!(refused(), 1 + limits::REFUSED_MODULES_REMEMBERED as u64);
+    runtime.load(&bad(0)).unwrap_err();
+    assert_eq!(refused(), 2 + limits::REFUSED_MODULES_REMEMBERED as u64, "the oldest refusal was forgotten");
+    // A module over the size cap is refused before its bytes are even hashed; nothing to keep.
+    let small = Runtime::new(Limits { module_bytes_max: 8, ..Limits::default() }).unwrap();
+    assert!(matches!(small.load(&bad(0)).unwrap_err(), LoadError::TooLarge { .. }));
+    assert!(small.refused.lock().unwrap().is_empty());
 }
 
 /// The cache keeps `modules_cached_max` modules nobody else holds, dropping the least recently
