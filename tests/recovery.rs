@@ -646,4 +646,25 @@ async fn a_retired_nodes_secret_opens_nothing_written_after_it_left() {
     for tx in &after {
         tx.writes(v2.as_ref()).expect("sealed under version 2");
     }
+    // The rekey is sealed to the key node1 generated in its guest and bound into its evidence,
+    // not to its TLS key: an operator who holds node1's key file and reads its ledger opens
+    // nothing of it. (Sealed to the TLS key before, it opened version 2 there.)
+    let node1 = nodes["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "node1").unwrap()["node_id"].clone();
+    let node1 = node1.as_str().map(str::to_owned).unwrap_or_else(|| node1.to_string());
+    let dir = cloister_ledger::dir(&c.nodes[1].config.node.data_dir);
+    let record = cloister_ledger::files::read_entries(&dir)
+        .unwrap()
+        .into_iter()
+        .find_map(|entry| match entry.payload {
+            Payload::Tx(tx) => {
+                tx.public.iter().find(|(map, ..)| *map == LEDGER_SECRETS).and_then(|(.., v)| v.map(<[u8]>::to_vec))
+            }
+            _ => None,
+        })
+        .expect("node1's ledger holds the rekey");
+    let record: cloister_store::gov::LedgerSecretRecord = serde_json::from_slice(&record).unwrap();
+    let sealed = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &record.nodes[&node1]).unwrap();
+    let tls_key = std::fs::read_to_string(&c.nodes[1].config.tls.node_key).unwrap();
+    let aad = cloister_crypto::secrets::node_aad(2);
+    assert!(envelope::open_with(&tls_key, &aad, &sealed).is_err(), "node1's TLS key opens the rekey");
 }

@@ -193,6 +193,7 @@ fn rekeys_are_asked_for_by_action_and_by_retiring_a_node() {
         cert: String::new(),
         evidence: serde_json::Value::Null,
         verified: serde_json::Value::Null,
+        encryption_key: None,
     };
     host.seed(gov::NODES, &"7".to_owned(), &node);
     let apply = |host: &mut MemoryHost, name: &str, args: serde_json::Value| {

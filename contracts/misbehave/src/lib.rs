@@ -175,8 +175,8 @@ fn claim(req: &Request) -> Result<Response, Error> {
 /// `gov.app_config` and then misbehaves as the first action's name says (`loop`, `grow`, `panic`,
 /// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`, `back_to_recovering`,
 /// `forge_previous_identity`, `replace_recovery_shares`, `drop_recovery_shares`,
-/// `forge_ledger_secret`, `swap_attestation_root`, `drop_attestation_root`, `ask_rekey`,
-/// `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is
+/// `forge_ledger_secret`, `swap_attestation_root`, `drop_attestation_root`, `swap_node_key`,
+/// `invent_node`, `ask_rekey`, `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is
 /// `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
@@ -259,6 +259,19 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
         "swap_attestation_root" => {
             let root = serde_json::json!({ "kind": "mock", "ark": "00" });
             Map::<String, serde_json::Value>::new("gov.attestation.root").insert(&"root".to_owned(), &root);
+            Ok(Response::status(204))
+        }
+        // The key a node's rekeys are sealed to, swapped for one of the constitution's choosing.
+        "swap_node_key" => {
+            let nodes = Map::<String, serde_json::Value>::new("gov.nodes");
+            let (id, mut node) = nodes.iter().next().ok_or_else(|| Error::internal("no node"))?;
+            node["encryption_key"] = "a key of the constitution's".into();
+            nodes.insert(&id, &node);
+            Ok(Response::status(204))
+        }
+        "invent_node" => {
+            let node = serde_json::json!({ "name": "ghost", "status": "Trusted", "cert": "" });
+            Map::<String, serde_json::Value>::new("gov.nodes").insert(&"42".to_owned(), &node);
             Ok(Response::status(204))
         }
         "drop_attestation_root" => {

@@ -135,6 +135,11 @@ pub struct NodeRecord {
     /// What verifying that evidence established (measurement, TCB, chip, root), if verified.
     #[serde(default)]
     pub verified: serde_json::Value,
+    /// The key (SPKI PEM, P-384) the node generated inside its guest and bound into that
+    /// evidence: what the leader seals each new ledger secret to. None for a node recorded by an
+    /// older version, which gets them sealed to its certificate's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<String>,
 }
 
 /// The installed app.

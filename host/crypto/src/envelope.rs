@@ -65,6 +65,41 @@ pub fn public_key_der(pem: &str) -> Result<Vec<u8>, String> {
     key.to_public_key_der().map(|d| d.as_bytes().to_vec()).map_err(|e| format!("encoding a public key: {e}"))
 }
 
+/// The SPKI PEM of the P-384 public key in `spki_der`, or why it is not one.
+pub fn public_key_pem(spki_der: &[u8]) -> Result<String, String> {
+    let key = p384::PublicKey::from_public_key_der(spki_der).map_err(|e| format!("not a P-384 public key: {e}"))?;
+    key.to_public_key_pem(LineEnding::LF).map_err(|e| format!("encoding a public key: {e}"))
+}
+
+/// A node's encryption key pair, generated inside its guest and never seen outside it: what the
+/// leader seals ledger secrets to (see the module's first recipient).
+pub struct KeyPair {
+    /// The private key, PKCS#8 PEM.
+    pub private_pem: String,
+    /// The public key, SPKI DER.
+    pub spki_der: Vec<u8>,
+}
+
+impl KeyPair {
+    pub fn generate() -> anyhow::Result<KeyPair> {
+        let (private_pem, _) = generate_key()?;
+        KeyPair::from_private_pem(&private_pem).map_err(anyhow::Error::msg)
+    }
+
+    /// The pair whose private key is `private_pem` (PKCS#8 PEM).
+    pub fn from_private_pem(private_pem: &str) -> Result<KeyPair, String> {
+        let secret = p384::SecretKey::from_pkcs8_pem(private_pem)
+            .map_err(|e| format!("the key is not a P-384 private key: {e}"))?;
+        let spki_der = secret
+            .public_key()
+            .to_public_key_der()
+            .map_err(|e| format!("encoding a public key: {e}"))?
+            .as_bytes()
+            .to_vec();
+        Ok(KeyPair { private_pem: private_pem.to_owned(), spki_der })
+    }
+}
+
 /// Seals `plaintext` to the P-384 public key in `spki_der`, with `aad` authenticated alongside.
 pub fn seal_to(spki_der: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, String> {
     let recipient = p384::PublicKey::from_public_key_der(spki_der)
@@ -108,6 +143,19 @@ pub fn open_with(private_key_pem: &str, aad: &[u8], sealed: &[u8]) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_pair_opens_what_is_sealed_to_its_public_key() {
+        let pair = KeyPair::generate().unwrap();
+        let again = KeyPair::from_private_pem(&pair.private_pem).unwrap();
+        assert_eq!(again.spki_der, pair.spki_der);
+        let sealed = seal_to(&pair.spki_der, b"aad", b"secret").unwrap();
+        assert_eq!(open_with(&pair.private_pem, b"aad", &sealed).unwrap(), b"secret");
+        let pem = public_key_pem(&pair.spki_der).unwrap();
+        assert_eq!(public_key_der(&pem).unwrap(), pair.spki_der);
+        assert!(public_key_pem(b"not a key").is_err());
+        assert!(KeyPair::from_private_pem("not a key").is_err());
+    }
 
     #[test]
     fn generated_keys_seal_and_open() {

@@ -31,28 +31,49 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::config::AttestationSection;
 use crate::gov::{self, NodeRecord, NodeStatus};
 use cloister_consensus::{JOIN_RETRY_MS, NodeAddr, NodeId, PeerRpc, types};
+use cloister_crypto::envelope::KeyPair;
 use cloister_crypto::identity::KeyedCert;
 use cloister_store::{KvError, Tx};
 
 /// Authenticated alongside the sealed ledger secret.
 pub(crate) const JOIN_SECRET_AAD: &[u8] = b"cloister ledger secret for a joining node";
 /// Domain separation for the leader's signature over a join ([`join_transcript`]).
-const JOIN_TRANSCRIPT_CONTEXT: &[u8] = b"cloister join transcript v1\0";
+const JOIN_TRANSCRIPT_CONTEXT: &[u8] = b"cloister join transcript v2\0";
+/// Domain separation for what a joining node's evidence binds ([`join_binding`]).
+const JOIN_BINDING_CONTEXT: &[u8] = b"cloister joining node keys v1\0";
 
-/// What the leader signs when it hands a joining node the ledger secret: both nonces, both
-/// public keys (DER SubjectPublicKeyInfo) and the sealed secret, each length-prefixed. A joining
-/// node accepts a secret only with the signature of the leader whose evidence it verified, over
-/// its own nonce and key, so a relay (or any other holder of a service-CA certificate) can
-/// neither substitute a secret of its own nor pass on one meant for another exchange.
+/// What a joining node's evidence binds, with the leader's nonce: its TLS key and the encryption
+/// key it generated in its guest (both DER SubjectPublicKeyInfo, length-prefixed) under a context
+/// of their own. The leader seals the ledger secret to the encryption key, which never leaves the
+/// guest, so whoever holds the node's TLS key (its operator, say) still cannot open it. A leader's
+/// answer to a challenge binds its TLS key alone (`cloister_attestation::binding` over the DER,
+/// which starts with a SEQUENCE tag where these bytes start with the context), so evidence one
+/// node gave as a leader never passes for a joining node's.
+pub(crate) fn join_binding(tls_spki: &[u8], encryption_spki: &[u8], nonce: &Nonce) -> [u8; 64] {
+    let mut keys = JOIN_BINDING_CONTEXT.to_vec();
+    for part in [tls_spki, encryption_spki] {
+        keys.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        keys.extend_from_slice(part);
+    }
+    cloister_attestation::binding(&keys, nonce)
+}
+
+/// What the leader signs when it hands a joining node the ledger secret: both nonces, the
+/// leader's and the joining node's TLS keys, the joining node's encryption key (each DER
+/// SubjectPublicKeyInfo) and the sealed secret, each length-prefixed. A joining node accepts a
+/// secret only with the signature of the leader whose evidence it verified, over its own nonce
+/// and keys, so a relay (or any other holder of a service-CA certificate) can neither substitute
+/// a secret of its own nor pass on one meant for another exchange.
 pub(crate) fn join_transcript(
     joiner_nonce: &[u8],
     leader_nonce: &[u8],
     leader_spki: &[u8],
     joiner_spki: &[u8],
+    joiner_encryption_spki: &[u8],
     sealed_secret: &[u8],
 ) -> Vec<u8> {
     let mut out = JOIN_TRANSCRIPT_CONTEXT.to_vec();
-    for part in [joiner_nonce, leader_nonce, leader_spki, joiner_spki, sealed_secret] {
+    for part in [joiner_nonce, leader_nonce, leader_spki, joiner_spki, joiner_encryption_spki, sealed_secret] {
         out.extend_from_slice(&(part.len() as u64).to_be_bytes());
         out.extend_from_slice(part);
     }
@@ -375,6 +396,7 @@ pub async fn join(
     peer_url: &str,
     me: (NodeId, NodeAddr),
     identity: &KeyedCert,
+    encryption: &KeyPair,
     attester: &Attester,
     leader: &LeaderCheck,
     timeout: Duration,
@@ -402,7 +424,7 @@ pub async fn join(
             }
             let nonce = Nonce::from_slice(&challenge.nonce).map_err(|e| tonic::Status::internal(e.to_string()))?;
             let evidence = attester
-                .evidence(cloister_attestation::binding(&spki, &nonce))
+                .evidence(join_binding(&spki, &encryption.spki_der, &nonce))
                 .await
                 .map_err(|e| tonic::Status::failed_precondition(format!("collecting evidence failed: {e:#}")))?;
             let request = pb::AttestRequest {
@@ -410,6 +432,7 @@ pub async fn join(
                 evidence: evidence.to_json(),
                 nonce: nonce.0.to_vec(),
                 joiner_nonce: mine.0.to_vec(),
+                encryption_key: encryption.spki_der.clone(),
             };
             let reply = client.attest(request).await?.into_inner();
             // The channel may have reconnected in between: the answer too must come from the leader.
@@ -418,7 +441,7 @@ pub async fn join(
         };
         let status = match attempt.await {
             Ok((reply, mine, challenge)) if reply.status == "Trusted" => {
-                return accept_secret(identity, &mine, challenge, &reply);
+                return accept_secret(identity, encryption, &mine, challenge, &reply);
             }
             Ok((reply, ..)) => {
                 if !logged_pending {
@@ -509,20 +532,22 @@ fn check_tls_peer(seen: &SeenCert, leader_cert: &[u8]) -> Result<(), String> {
 
 /// The joining side's last step: the secret in `reply` is accepted only with the signature of
 /// the leader whose `challenge` this node verified, over this exchange's transcript (`mine` is the
-/// nonce this node sent), and only if it opens with this node's key.
+/// nonce this node sent), and only if it opens with this node's encryption key.
 fn accept_secret(
     identity: &KeyedCert,
+    encryption: &KeyPair,
     mine: &Nonce,
     challenge: pb::ChallengeReply,
     reply: &pb::AttestReply,
 ) -> anyhow::Result<Joined> {
     let own_spki = spki_of(&cloister_crypto::identity::cert_der(identity.cert_pem.as_bytes())?)?;
     let leader_spki = spki_of(&challenge.cert)?;
-    let transcript = join_transcript(&mine.0, &challenge.nonce, &leader_spki, &own_spki, &reply.sealed_secret);
+    let transcript =
+        join_transcript(&mine.0, &challenge.nonce, &leader_spki, &own_spki, &encryption.spki_der, &reply.sealed_secret);
     check_signed_by(&challenge.cert, &transcript, &reply.transcript_signature).map_err(|e| {
         anyhow::anyhow!("refused the ledger secret: it is not signed by the leader this node attested: {e}")
     })?;
-    let secret = cloister_crypto::envelope::open_with(&identity.key_pem, JOIN_SECRET_AAD, &reply.sealed_secret)
+    let secret = cloister_crypto::envelope::open_with(&encryption.private_pem, JOIN_SECRET_AAD, &reply.sealed_secret)
         .map_err(|e| anyhow::anyhow!("the leader's sealed ledger secret: {e}"))?;
     let secrets = cloister_crypto::secrets::decode(&secret)
         .map_err(|e| anyhow::anyhow!("the leader's sealed ledger secrets: {e}"))?;
@@ -588,22 +613,24 @@ impl Joins {
         Ok(pb::ChallengeReply { nonce: nonce.0.to_vec(), evidence: evidence.to_json(), cert: self.cert_der.clone() })
     }
 
-    /// The ledger secret sealed to the public key `spki` (DER), and this node's signature over
-    /// the join transcript: the joiner's nonce, the nonce it redeemed (`leader_nonce`), both keys
-    /// and the sealed secret.
+    /// The ledger secret sealed to the joining node's encryption key `encryption_spki` (DER), and
+    /// this node's signature over the join transcript: the joiner's nonce, the nonce it redeemed
+    /// (`leader_nonce`), the keys (this node's, the joiner's TLS key `spki` and its encryption
+    /// key) and the sealed secret.
     pub(crate) fn grant_secret(
         &self,
         joiner_nonce: &[u8],
         leader_nonce: &[u8],
         spki: &[u8],
+        encryption_spki: &[u8],
     ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         let sealed = cloister_crypto::envelope::seal_to(
-            spki,
+            encryption_spki,
             JOIN_SECRET_AAD,
             &cloister_crypto::secrets::encode(&self.secrets.all()),
         )
         .map_err(anyhow::Error::msg)?;
-        let transcript = join_transcript(joiner_nonce, leader_nonce, &self.spki, spki, &sealed);
+        let transcript = join_transcript(joiner_nonce, leader_nonce, &self.spki, spki, encryption_spki, &sealed);
         let signature = self
             .key
             .sign(&ring::rand::SystemRandom::new(), &transcript)
@@ -616,6 +643,7 @@ impl Joins {
 pub fn record(
     name: &str,
     cert_der: &[u8],
+    encryption_key_pem: String,
     opening: bool,
     evidence: &Evidence,
     verified: &cloister_attestation::Verified,
@@ -626,6 +654,7 @@ pub fn record(
         cert: cloister_crypto::identity::pem_of_der(cert_der),
         evidence: serde_json::to_value(evidence).expect("evidence serializes"),
         verified: verified_json(verified),
+        encryption_key: Some(encryption_key_pem),
     }
 }
 
@@ -808,13 +837,20 @@ mod tests {
         }
     }
 
-    /// The secret a genuine leader grants in one exchange, as the joining node receives it.
-    async fn genuine_exchange(f: &Fixture, joiner: &KeyedCert) -> (Nonce, pb::ChallengeReply, pb::AttestReply) {
+    /// The secret a genuine leader grants in one exchange (asked for as node `holder`), as the
+    /// joining node receives it.
+    async fn genuine_exchange(
+        f: &Fixture,
+        holder: NodeId,
+        joiner: &KeyedCert,
+        encryption: &KeyPair,
+    ) -> (Nonce, pb::ChallengeReply, pb::AttestReply) {
         let mine = Nonce::random();
-        let challenge = f.leader.challenge(JOINER, &mine.0).await.unwrap();
+        let challenge = f.leader.challenge(holder, &mine.0).await.unwrap();
         f.check.verify(&challenge, &mine).unwrap();
         let spki = spki_of(&der_of(joiner)).unwrap();
-        let (sealed_secret, transcript_signature) = f.leader.grant_secret(&mine.0, &challenge.nonce, &spki).unwrap();
+        let (sealed_secret, transcript_signature) =
+            f.leader.grant_secret(&mine.0, &challenge.nonce, &spki, &encryption.spki_der).unwrap();
         let reply = pb::AttestReply { status: "Trusted".into(), sealed_secret, transcript_signature };
         (mine, challenge, reply)
     }
@@ -828,12 +864,18 @@ mod tests {
     async fn a_joining_node_accepts_only_a_secret_the_attested_leader_signed_for_this_exchange() {
         let f = fixture(&[]);
         let joiner = f.ca.issue_node_cert("joiner", &["127.0.0.1".into()]).unwrap();
-        let (mine, challenge, reply) = genuine_exchange(&f, &joiner).await;
-        let joined = accept_secret(&joiner, &mine, challenge.clone(), &reply).expect("the genuine exchange");
+        let encryption = KeyPair::generate().unwrap();
+        let (mine, challenge, reply) = genuine_exchange(&f, JOINER, &joiner, &encryption).await;
+        let joined =
+            accept_secret(&joiner, &encryption, &mine, challenge.clone(), &reply).expect("the genuine exchange");
         assert_eq!((joined.secrets, joined.leader_cert.clone()), (vec![(1, [7; 32])], challenge.cert.clone()));
+        // The grant is sealed to the encryption key alone: the TLS key, which the operator may
+        // hold, does not open it.
+        assert!(cloister_crypto::envelope::open_with(&joiner.key_pem, JOIN_SECRET_AAD, &reply.sealed_secret).is_err());
 
         let spki = spki_of(&der_of(&joiner)).unwrap();
-        let relays_secret = cloister_crypto::envelope::seal_to(&spki, JOIN_SECRET_AAD, &[0x66; 32]).unwrap();
+        let relays_secret =
+            cloister_crypto::envelope::seal_to(&encryption.spki_der, JOIN_SECRET_AAD, &[0x66; 32]).unwrap();
         let refusals = [
             // The relay's own secret, under the leader's signature of another.
             pb::AttestReply { sealed_secret: relays_secret.clone(), ..reply.clone() },
@@ -851,19 +893,19 @@ mod tests {
                 )
                 .unwrap();
                 let (sealed_secret, transcript_signature) =
-                    relay.grant_secret(&mine.0, &challenge.nonce, &spki).unwrap();
+                    relay.grant_secret(&mine.0, &challenge.nonce, &spki, &encryption.spki_der).unwrap();
                 pb::AttestReply { status: "Trusted".into(), sealed_secret, transcript_signature }
             },
             // No signature at all, as a leader sent before.
             pb::AttestReply { transcript_signature: Vec::new(), ..reply.clone() },
         ];
         for forged in refusals {
-            let err = refusal(accept_secret(&joiner, &mine, challenge.clone(), &forged));
+            let err = refusal(accept_secret(&joiner, &encryption, &mine, challenge.clone(), &forged));
             assert!(err.contains("not signed by the leader this node attested"), "{err}");
         }
         // A genuine grant from another exchange (another joiner nonce), replayed.
-        let (_, other_challenge, other_reply) = genuine_exchange(&f, &joiner).await;
-        let err = refusal(accept_secret(&joiner, &mine, other_challenge, &other_reply));
+        let (_, other_challenge, other_reply) = genuine_exchange(&f, JOINER + 1, &joiner, &encryption).await;
+        let err = refusal(accept_secret(&joiner, &encryption, &mine, other_challenge, &other_reply));
         assert!(err.contains("not signed by the leader this node attested"), "{err}");
     }
 

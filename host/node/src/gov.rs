@@ -419,13 +419,17 @@ fn apply(
     record: &mut ProposalRecord,
 ) -> Result<ProposalState, GovError> {
     let savepoint = tx.savepoint();
-    let before = service(tx).map_err(|e| GovError::Internal(e.to_string()))?;
+    let internal = |e: KvError| GovError::Internal(e.to_string());
+    let before = Before {
+        service: service(tx).map_err(internal)?,
+        nodes: all::<NodeRecord>(tx, NODES).map_err(internal)?.into_iter().collect(),
+    };
     let input = ApplyInput { proposal_id: id.to_owned(), proposal: record.proposal.clone() };
     let body = serde_json::to_vec(&input).expect("apply inputs serialize");
     let failure = match invoke(runtime, constitution, tx, caller, "/apply", &body, Mode::Readwrite) {
         Err(e) => Some(format!("apply trapped: {e}")),
         Ok(r) if !r.is_success() => Some(format!("apply refused: {}", r.error_message())),
-        Ok(_) => check_effects(runtime, tx, before.as_ref()).err(),
+        Ok(_) => check_effects(runtime, tx, &before).err(),
     };
     if let Some(reason) = failure {
         tx.restore(savepoint);
@@ -453,9 +457,10 @@ fn apply(
 /// service record's node-written parts as they were (its identity's certificate and the previous
 /// identities it endorses; its state may only go from Opening to Open), and no more recovery
 /// shares needed than there are recovery members to hold them.
-fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> Result<(), String> {
+fn check_effects(runtime: &Runtime, tx: &Tx, before: &Before) -> Result<(), String> {
     for (map, key, value) in tx.writes().iter() {
         let checked = match value {
+            Some(value) if map == NODES => check_record(map, value).and_then(|()| node_kept(before, key, value)),
             Some(value) => check_record(map, value),
             None if [ENDORSEMENTS, RECOVERY, LEDGER_SECRETS].contains(&map) => {
                 Err(format!("{map} is written by the node alone; a constitution cannot remove from it"))
@@ -467,6 +472,7 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> 
         checked.map_err(|e| format!("{e} (key {:?})", String::from_utf8_lossy(key)))?;
     }
     let after = service(tx).map_err(|e| e.to_string())?;
+    let before = before.service.as_ref();
     if after.as_ref().and_then(|s| s.identity.as_deref()) != before.and_then(|s| s.identity.as_deref()) {
         return Err(format!(
             "{SERVICE}.identity is the service identity's certificate, which the node alone writes (at genesis)"
@@ -511,6 +517,31 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: Option<&ServiceRecord>) -> 
     let code = constitution(tx).map_err(|e| e.to_string())?.ok_or("the constitution was removed")?;
     let module = runtime.load(&code).map_err(|e| format!("the new constitution does not load: {e}"))?;
     is_constitution(&module)
+}
+
+/// What `check_effects` compares a constitution's `apply` against: the state before it ran.
+struct Before {
+    service: Option<ServiceRecord>,
+    nodes: std::collections::BTreeMap<String, NodeRecord>,
+}
+
+/// That a constitution's write to `gov.nodes` changes a node's status alone: the node writes a
+/// record when the node attests, and what that record says the node is (its certificate, the
+/// evidence and what verifying it found, the encryption key each rekey is sealed to) stays. A
+/// constitution that could swap the encryption key, or the certificate, would have the next
+/// rekey sealed to a key of its choosing.
+fn node_kept(before: &Before, key: &[u8], value: &[u8]) -> Result<(), String> {
+    let id = String::from_utf8_lossy(key);
+    let after: NodeRecord =
+        serde_json::from_slice(value).map_err(|e| format!("{NODES} cannot hold this record: {e}"))?;
+    let Some(was) = before.nodes.get(id.as_ref()) else {
+        return Err(format!("{NODES} records are written by the node alone, when a node attests"));
+    };
+    let kept = NodeRecord { status: was.status, ..after };
+    if kept != *was {
+        return Err(format!("a proposal may change a node's status in {NODES}, nothing else of its record"));
+    }
+    Ok(())
 }
 
 /// Refuses a member set the node could not issue recovery shares to: more members with keys

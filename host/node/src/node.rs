@@ -15,6 +15,7 @@ use crate::config::NodeConfig;
 use crate::gov;
 use base64::Engine as _;
 use cloister_consensus::{self as consensus, Consensus, NodeAddr, Peers};
+use cloister_crypto::envelope::KeyPair;
 use cloister_crypto::identity;
 use cloister_crypto::seal::{self, Purpose, Sealer};
 use cloister_crypto::secrets::{self, LedgerSecrets, Rekeyed};
@@ -39,6 +40,12 @@ const JOIN_LEADER_AT_REST_AAD: &[u8] = b"cloister join leader";
 /// secret instead), so no other node's secret, a retired one's included, opens this database.
 const STATE_KEY_FILE: &str = "state.key";
 const STATE_KEY_AT_REST_AAD: &[u8] = b"cloister state database key";
+/// The encryption key this node generated in its guest (`envelope::KeyPair`), sealed at rest like
+/// the secret: what the leader seals the ledger secret to when the node joins, and each rekey
+/// after. Its public half is bound into the node's evidence and recorded in `gov.nodes`; the
+/// private half never leaves the guest, so an operator who holds the node's TLS key opens none.
+const ENCRYPTION_KEY_FILE: &str = "encryption.key";
+const ENCRYPTION_KEY_AT_REST_AAD: &[u8] = b"cloister node encryption key";
 
 /// The key that seals a node's files at rest: from the node key and, where the platform derives
 /// one, the platform's key for this guest.
@@ -99,6 +106,9 @@ impl AtRest {
 /// `ledger.secret`, sealed at rest.
 struct SecretKeeper {
     id: String,
+    /// This node's encryption key, and its TLS key, to which rekeys were sealed for a node
+    /// recorded by an older version (with no encryption key in `gov.nodes`).
+    encryption_pem: String,
     key_pem: String,
     at_rest: AtRest,
     path: std::path::PathBuf,
@@ -113,9 +123,10 @@ impl cloister_crypto::secrets::Keeper for SecretKeeper {
         }
         let Some(sealed) = record.nodes.get(&self.id) else { return Ok(None) };
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| e.to_string());
-        let plain =
-            cloister_crypto::envelope::open_with(&self.key_pem, &secrets::node_aad(record.version), &b64(sealed)?)
-                .map_err(|e| e.to_string())?;
+        let (aad, sealed) = (secrets::node_aad(record.version), b64(sealed)?);
+        let plain = cloister_crypto::envelope::open_with(&self.encryption_pem, &aad, &sealed)
+            .or_else(|_| cloister_crypto::envelope::open_with(&self.key_pem, &aad, &sealed))
+            .map_err(|e| e.to_string())?;
         let secret = <[u8; 32]>::try_from(plain).map_err(|_| "the new secret is not 32 bytes".to_owned())?;
         Ok(Some(Rekeyed { version: record.version, secret, previous_sealed: b64(&record.previous_sealed)? }))
     }
@@ -125,18 +136,43 @@ impl cloister_crypto::secrets::Keeper for SecretKeeper {
     }
 }
 
+/// What a node holds sealed at rest, opened.
+struct Opened {
+    secrets: LedgerSecrets,
+    /// The certificate of the leader a joining node attested, if it joined.
+    join_leader: Option<Vec<u8>>,
+    state_key: Sealer,
+    /// The public half (SPKI DER) of the node's encryption key.
+    encryption_spki: Vec<u8>,
+}
+
+/// This node's encryption key: generated here, in the guest, on a new data folder (or one an
+/// older version wrote), and sealed at rest.
+fn encryption_key(config: &NodeConfig, at_rest: &AtRest) -> anyhow::Result<KeyPair> {
+    let path = config.node.data_dir.join(ENCRYPTION_KEY_FILE);
+    if path.exists() {
+        let pem = String::from_utf8(at_rest.open(&path, ENCRYPTION_KEY_AT_REST_AAD)?)
+            .map_err(|_| anyhow::anyhow!("{} holds no key", path.display()))?;
+        return KeyPair::from_private_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    }
+    let pair = KeyPair::generate()?;
+    at_rest.write(&path, ENCRYPTION_KEY_AT_REST_AAD, pair.private_pem.as_bytes())?;
+    Ok(pair)
+}
+
 /// The ledger secrets: this node's sealed copy, or (for a new node) sealed to it by the leader of
 /// the network it joins once its attestation makes it Trusted, or (for a new service) generated.
-/// With them, the certificate of the leader a joining node attested, if it joined, and the
-/// state database's key.
+/// With them, the certificate of the leader a joining node attested, if it joined, the state
+/// database's key, and the node's encryption key.
 async fn ledger_secrets(
     config: &NodeConfig,
     node: &identity::KeyedCert,
     me: (consensus::NodeId, NodeAddr),
     attester: &Attester,
     service_cert: &str,
-) -> anyhow::Result<(LedgerSecrets, Option<Vec<u8>>, Sealer)> {
+) -> anyhow::Result<Opened> {
     let at_rest = AtRest::new(node, attester)?;
+    let encryption = encryption_key(config, &at_rest)?;
     let path = config.node.data_dir.join(SECRET_FILE);
     let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
     let (all, leader) = if path.exists() {
@@ -153,7 +189,7 @@ async fn ledger_secrets(
                 let timeout = Duration::from_millis(config.raft.join_timeout_ms);
                 let leader =
                     attest::LeaderCheck::from_config(&config.attestation, service_cert, node, attester).await?;
-                let joined = attest::join(url, me.clone(), node, attester, &leader, timeout).await?;
+                let joined = attest::join(url, me.clone(), node, &encryption, attester, &leader, timeout).await?;
                 at_rest.write(&leader_path, JOIN_LEADER_AT_REST_AAD, &joined.leader_cert)?;
                 (joined.secrets, Some(joined.leader_cert))
             }
@@ -177,9 +213,16 @@ async fn ledger_secrets(
     };
     let state_key = <[u8; 32]>::try_from(state_key)
         .map_err(|_| anyhow::anyhow!("{} holds no state key", state_key_path.display()))?;
-    let keeper = SecretKeeper { id: me.0.to_string(), key_pem: node.key_pem.clone(), at_rest, path };
+    let encryption_spki = encryption.spki_der;
+    let keeper = SecretKeeper {
+        id: me.0.to_string(),
+        encryption_pem: encryption.private_pem,
+        key_pem: node.key_pem.clone(),
+        at_rest,
+        path,
+    };
     let secrets = LedgerSecrets::new(all).map_err(anyhow::Error::msg)?.with_keeper(Box::new(keeper));
-    Ok((secrets, leader, Sealer::new(&state_key)))
+    Ok(Opened { secrets, join_leader: leader, state_key: Sealer::new(&state_key), encryption_spki })
 }
 
 /// The ledger secret versions a stopped node's data folder holds, opened as the node opens them
@@ -255,7 +298,7 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let (secrets, join_leader, state_key) =
+        let Opened { secrets, join_leader, state_key, encryption_spki } =
             ledger_secrets(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
         let secrets = Arc::new(secrets);
         let store = Store::open_sealed(&crate::state_file(data_dir), Arc::new(state_key))?;
@@ -346,12 +389,12 @@ impl Node {
         if !consensus.is_initialized().await? {
             match (&config.network.join, &config.network.recover) {
                 (None, None) => {
-                    let node = (node_cert.cert_pem.as_str(), attester.as_ref());
+                    let node = (node_cert.cert_pem.as_str(), encryption_spki.as_slice(), attester.as_ref());
                     genesis(&config, &consensus, &runtime, &service_cert, node, &secrets).await?
                 }
                 (None, Some(folder)) => {
-                    recover(&config, folder, &consensus, &service_cert, &node_cert.cert_pem, &secrets, &attester)
-                        .await?
+                    let node = (node_cert.cert_pem.as_str(), encryption_spki.as_slice(), attester.as_ref());
+                    recover(&config, folder, &consensus, &service_cert, node, &secrets).await?
                 }
                 (Some(url), _) => {
                     let (consensus, url) = (consensus.clone(), url.clone());
@@ -447,9 +490,10 @@ async fn genesis(
     consensus: &Consensus,
     runtime: &Runtime,
     service_cert: &str,
-    (node_cert, attester): (&str, &Attester),
+    node: (&str, &[u8], &Attester),
     secrets: &LedgerSecrets,
 ) -> anyhow::Result<()> {
+    let node_cert = node.0;
     let read_ids = |paths: &[std::path::PathBuf]| -> anyhow::Result<Vec<(String, String)>> {
         paths
             .iter()
@@ -498,7 +542,7 @@ async fn genesis(
             "[genesis] recovery_threshold = {t}, but there are {recovery_members} recovery members (members with an encryption_key)"
         ),
     };
-    let attestation = genesis_attestation(config, node_cert, attester).await?;
+    let attestation = genesis_attestation(config, node).await?;
     // The service's own identity: generated here, inside the first node, and kept only sealed
     // (in the ledger and the state database, under the ledger secret).
     let service_identity = identity::generate_service_identity("Cloister")?;
@@ -551,12 +595,12 @@ async fn recover(
     folder: &std::path::Path,
     consensus: &Consensus,
     service_cert: &str,
-    node_cert: &str,
+    node: (&str, &[u8], &Attester),
     secrets: &LedgerSecrets,
-    attester: &Attester,
 ) -> anyhow::Result<()> {
+    let node_cert = node.0;
     let previous = crate::recovery::read_previous(folder, &config.node.data_dir)?;
-    let attestation = genesis_attestation(config, node_cert, attester).await?;
+    let attestation = genesis_attestation(config, node).await?;
     // The roots stay the previous service's: a recovery configured for others (the mock root, or
     // another test root) would take the previous ledger secret, rebuilt from the members' shares,
     // to nodes that no firmware the previous service trusted vouches for.
@@ -591,10 +635,9 @@ async fn recover(
 /// that fails the other checks (chain, signature, debug policy, binding) stops the genesis.
 async fn genesis_attestation(
     config: &NodeConfig,
-    node_cert: &str,
-    attester: &Attester,
+    (node_cert, encryption_spki, attester): (&str, &[u8], &Attester),
 ) -> anyhow::Result<gov::GenesisAttestation> {
-    use cloister_attestation::{Nonce, Roots, binding};
+    use cloister_attestation::{Nonce, Roots};
     let roots = match config.genesis.attestation {
         crate::config::GenesisAttestation::Amd => Roots::Amd,
         crate::config::GenesisAttestation::Mock => {
@@ -605,8 +648,9 @@ async fn genesis_attestation(
     };
     let spki = attest::spki_of(&identity::cert_der(node_cert.as_bytes())?)?;
     let nonce = Nonce::random();
-    let evidence = attester.evidence(binding(&spki, &nonce)).await.context("collecting this node's evidence")?;
-    let verified = attest::verify_claimed(&evidence, &roots, None, &binding(&spki, &nonce))
+    let binding = attest::join_binding(&spki, encryption_spki, &nonce);
+    let evidence = attester.evidence(binding).await.context("collecting this node's evidence")?;
+    let verified = attest::verify_claimed(&evidence, &roots, None, &binding)
         .map_err(|e| anyhow::anyhow!("this node's own evidence is refused, so it cannot start a service: {e}"))?;
     let azure_pcrs = match &evidence {
         cloister_attestation::Evidence::AzureVtpm(e) => {
@@ -622,5 +666,6 @@ async fn genesis_attestation(
         min_tcb: attest::governed_tcb(&verified.tcb),
         evidence: serde_json::to_value(&evidence)?,
         verified: attest::verified_json(&verified),
+        encryption_key: cloister_crypto::envelope::public_key_pem(encryption_spki).map_err(anyhow::Error::msg)?,
     })
 }

@@ -148,6 +148,7 @@ fn governance_reads() {
         cert: cert.clone(),
         evidence,
         verified: serde_json::json!({"measurement": hex(48), "chip_id": hex(64), "tcb": {"snp": 23, "microcode": 213}}),
+        encryption_key: Some(format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", "M".repeat(160))),
     };
     let member = gov::MemberRecord {
         cert,

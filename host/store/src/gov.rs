@@ -219,6 +219,7 @@ impl FirstNode<'_> {
             cert: self.cert.to_owned(),
             evidence: self.attestation.evidence.clone(),
             verified: self.attestation.verified.clone(),
+            encryption_key: Some(self.attestation.encryption_key.clone()),
         };
         put(ws, NODES, self.id.as_bytes(), &node);
         put(ws, ATTESTATION_ROOT, ROOT_KEY, &self.attestation.roots);
@@ -248,6 +249,8 @@ pub struct GenesisAttestation {
     pub min_tcb: Tcb,
     pub evidence: serde_json::Value,
     pub verified: serde_json::Value,
+    /// The first node's encryption key (SPKI PEM), bound into its evidence.
+    pub encryption_key: String,
 }
 
 impl Genesis {

@@ -426,6 +426,7 @@ fn a_governance_view_reads_what_the_whole_record_holds() {
             cert: "PEM".into(),
             evidence: large.clone(),
             verified: serde_json::json!({"measurement": "00"}),
+            encryption_key: None,
         };
         tx.put(gov::NODES, format!("n{i}").as_bytes(), &serde_json::to_vec(&node).unwrap());
     }

@@ -552,8 +552,13 @@ impl Service {
                     if node.status != gov::NodeStatus::Trusted {
                         continue;
                     }
-                    let sealed = identity::cert_der(node.cert.as_bytes())
-                        .and_then(|der| attest::spki_of(&der))
+                    // To the key the node generated in its guest; a node recorded by an older
+                    // version has none, and gets it sealed to its certificate's key.
+                    let recipient = match &node.encryption_key {
+                        Some(pem) => cloister_crypto::envelope::public_key_der(pem).map_err(anyhow::Error::msg),
+                        None => identity::cert_der(node.cert.as_bytes()).and_then(|der| attest::spki_of(&der)),
+                    };
+                    let sealed = recipient
                         .and_then(|spki| {
                             cloister_crypto::envelope::seal_to(
                                 &spki,
@@ -1049,7 +1054,9 @@ impl Service {
         self.joins.nonces.redeem(&nonce, id).map_err(refused)?;
         let evidence = Evidence::from_json(&request.evidence).map_err(refused)?;
         let spki = attest::spki_of(&cert).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let expected = cloister_attestation::binding(&spki, &nonce);
+        let encryption_key = cloister_crypto::envelope::public_key_pem(&request.encryption_key)
+            .map_err(|e| tonic::Status::invalid_argument(format!("encryption_key: {e}")))?;
+        let expected = attest::join_binding(&spki, &request.encryption_key, &nonce);
         let verified = cloister_attestation::verify(&evidence, &policy, Some(&expected)).map_err(refused)?;
         tracing::info!(node = %addr.name, id, measurement = %verified.measurement, "attestation verified");
         self.metrics.record_attestation(true);
@@ -1062,6 +1069,15 @@ impl Service {
                     Some(n) if n.status == gov::NodeStatus::Retired => {
                         return Err(ApiError::forbidden(format!("node {key} is retired")));
                     }
+                    // The secret goes to the key the record holds, which rekeys seal to: a node
+                    // started again on a fresh data folder has a new key, and needs a new
+                    // certificate to join as a new node.
+                    Some(n) if n.encryption_key.as_ref().is_some_and(|k| *k != encryption_key) => {
+                        return Err(ApiError::forbidden(format!(
+                            "node {key} is recorded with another encryption key: a node that lost its data folder \
+                             joins again with a new certificate"
+                        )));
+                    }
                     Some(n) => (n.status, false),
                     None => {
                         let state = gov::service(&tx)?.map(|s| s.state);
@@ -1073,7 +1089,8 @@ impl Service {
                             ));
                         }
                         let opening = state == Some(gov::ServiceState::Opening);
-                        let record = attest::record(&addr.name, &cert, opening, &evidence, &verified);
+                        let record =
+                            attest::record(&addr.name, &cert, encryption_key.clone(), opening, &evidence, &verified);
                         tx.put(
                             gov::NODES,
                             key.as_bytes(),
@@ -1094,7 +1111,7 @@ impl Service {
         };
         let (sealed_secret, transcript_signature) = if status == gov::NodeStatus::Trusted {
             self.joins
-                .grant_secret(&request.joiner_nonce, &request.nonce, &spki)
+                .grant_secret(&request.joiner_nonce, &request.nonce, &spki, &request.encryption_key)
                 .map_err(|e| tonic::Status::internal(e.to_string()))?
         } else {
             Default::default()
