@@ -76,12 +76,22 @@ impl AtRest {
     }
 
     fn open(&self, path: &std::path::Path, aad: &[u8]) -> anyhow::Result<Vec<u8>> {
+        self.open_as(path, aad, true)
+    }
+
+    /// Opens a file that only this version writes: one sealed to the node key alone is no older
+    /// version's, but the work of someone who holds the node key (its operator), and is refused.
+    fn open_own(&self, path: &std::path::Path, aad: &[u8]) -> anyhow::Result<Vec<u8>> {
+        self.open_as(path, aad, false)
+    }
+
+    fn open_as(&self, path: &std::path::Path, aad: &[u8], older_versions: bool) -> anyhow::Result<Vec<u8>> {
         let sealed = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         if let Ok(plain) = self.sealing.open(Purpose::SecretAtRest, aad, &sealed) {
             return Ok(plain);
         }
         // A file an older version sealed to the node key alone: sealed to the platform now, once.
-        if let Some(node_only) = &self.node_only
+        if let Some(node_only) = self.node_only.as_ref().filter(|_| older_versions)
             && let Ok(plain) = node_only.open(Purpose::SecretAtRest, aad, &sealed)
         {
             tracing::warn!(file = %path.display(), "sealed to the node key alone by an older version: sealing it to this platform too");
@@ -147,11 +157,12 @@ struct Opened {
 }
 
 /// This node's encryption key: generated here, in the guest, on a new data folder (or one an
-/// older version wrote), and sealed at rest.
-fn encryption_key(config: &NodeConfig, at_rest: &AtRest) -> anyhow::Result<KeyPair> {
-    let path = config.node.data_dir.join(ENCRYPTION_KEY_FILE);
+/// older version wrote), and sealed at rest. Where the platform derives a key, only a file sealed
+/// with it opens: a key planted by whoever holds the node key alone would be theirs to use.
+fn encryption_key(data_dir: &std::path::Path, at_rest: &AtRest) -> anyhow::Result<KeyPair> {
+    let path = data_dir.join(ENCRYPTION_KEY_FILE);
     if path.exists() {
-        let pem = String::from_utf8(at_rest.open(&path, ENCRYPTION_KEY_AT_REST_AAD)?)
+        let pem = String::from_utf8(at_rest.open_own(&path, ENCRYPTION_KEY_AT_REST_AAD)?)
             .map_err(|_| anyhow::anyhow!("{} holds no key", path.display()))?;
         return KeyPair::from_private_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
     }
@@ -172,7 +183,7 @@ async fn ledger_secrets(
     service_cert: &str,
 ) -> anyhow::Result<Opened> {
     let at_rest = AtRest::new(node, attester)?;
-    let encryption = encryption_key(config, &at_rest)?;
+    let encryption = encryption_key(&config.node.data_dir, &at_rest)?;
     let path = config.node.data_dir.join(SECRET_FILE);
     let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
     let (all, leader) = if path.exists() {
@@ -668,4 +679,36 @@ async fn genesis_attestation(
         verified: attest::verified_json(&verified),
         encryption_key: cloister_crypto::envelope::public_key_pem(encryption_spki).map_err(anyhow::Error::msg)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use cloister_attestation::mock::{MockConfig, MockFirmware, MockRoot};
+    use cloister_crypto::identity::ServiceCa;
+
+    use super::*;
+
+    /// The attack: an operator holds the node key (the CA issues key and certificate together)
+    /// and writes the data folder. Had the node opened an `encryption.key` sealed to the node key
+    /// alone, as it opens an older version's files, it would bind the operator's key into its
+    /// evidence, and every rekey sealed to that key would be the operator's to open.
+    #[test]
+    fn an_encryption_key_planted_under_the_node_key_alone_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = ServiceCa::generate("test").unwrap().issue_node_cert("node", &["127.0.0.1".into()]).unwrap();
+        let attester = Attester::Mock(Box::new(MockFirmware::new(&MockRoot::generate(), MockConfig::default())));
+        let at_rest = AtRest::new(&node, &attester).unwrap();
+        assert!(at_rest.platform, "the mock firmware derives a platform key");
+
+        let generated = encryption_key(dir.path(), &at_rest).unwrap();
+        let again = encryption_key(dir.path(), &at_rest).unwrap();
+        assert_eq!(again.spki_der, generated.spki_der, "the key is kept, sealed at rest");
+
+        let planted = KeyPair::generate().unwrap();
+        let node_only = seal::sealing_key_from_node_key(&node.key_pem).unwrap();
+        let sealed = node_only.seal(Purpose::SecretAtRest, ENCRYPTION_KEY_AT_REST_AAD, planted.private_pem.as_bytes());
+        std::fs::write(dir.path().join(ENCRYPTION_KEY_FILE), sealed).unwrap();
+        let err = encryption_key(dir.path(), &at_rest).err().expect("a planted key is refused");
+        assert!(format!("{err:#}").contains("does not open"), "{err:#}");
+    }
 }
