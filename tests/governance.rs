@@ -492,6 +492,8 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
         ("drop_attestation_root", "no proposal removes it"),
         ("swap_node_key", "a node's status in gov.nodes, nothing else"),
         ("invent_node", "written by the node alone, when a node attests"),
+        ("forget_history", "gov.history is written by the node alone, as it handles governance requests"),
+        ("accept_another", "gov.proposals is written by the node alone, as it handles governance requests"),
     ] {
         let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": action }]))).await.unwrap();
         assert_eq!(answer["state"], "Failed", "{action}: {answer}");

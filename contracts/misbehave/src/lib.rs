@@ -176,7 +176,7 @@ fn claim(req: &Request) -> Result<Response, Error> {
 /// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`, `back_to_recovering`,
 /// `forge_previous_identity`, `replace_recovery_shares`, `drop_recovery_shares`,
 /// `forge_ledger_secret`, `swap_attestation_root`, `drop_attestation_root`, `swap_node_key`,
-/// `invent_node`, `ask_rekey`, `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is
+/// `invent_node`, `forget_history`, `accept_another`, `ask_rekey`, `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is
 /// `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
@@ -267,6 +267,22 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
             let (id, mut node) = nodes.iter().next().ok_or_else(|| Error::internal("no node"))?;
             node["encryption_key"] = "a key of the constitution's".into();
             nodes.insert(&id, &node);
+            Ok(Response::status(204))
+        }
+        // The record of accepted requests that refuses a replay, cleared.
+        "forget_history" => {
+            let history = Map::<String, serde_json::Value>::new("gov.history");
+            for (id, _) in history.iter().collect::<Vec<_>>() {
+                history.remove(&id);
+            }
+            Ok(Response::status(204))
+        }
+        // Another proposal's outcome, forged.
+        "accept_another" => {
+            let proposals = Map::<String, serde_json::Value>::new("gov.proposals");
+            let (id, mut proposal) = proposals.iter().next().ok_or_else(|| Error::internal("no proposal"))?;
+            proposal["state"] = "Accepted".into();
+            proposals.insert(&id, &proposal);
             Ok(Response::status(204))
         }
         "invent_node" => {

@@ -423,6 +423,7 @@ fn apply(
     let before = Before {
         service: service(tx).map_err(internal)?,
         nodes: all::<NodeRecord>(tx, NODES).map_err(internal)?.into_iter().collect(),
+        writes: tx.savepoint(),
     };
     let input = ApplyInput { proposal_id: id.to_owned(), proposal: record.proposal.clone() };
     let body = serde_json::to_vec(&input).expect("apply inputs serialize");
@@ -459,7 +460,14 @@ fn apply(
 /// shares needed than there are recovery members to hold them.
 fn check_effects(runtime: &Runtime, tx: &Tx, before: &Before) -> Result<(), String> {
     for (map, key, value) in tx.writes().iter() {
+        if before.writes.get(map, key) == Some(value) {
+            // Written by the node, as it handled the request, before `apply` ran.
+            continue;
+        }
         let checked = match value {
+            _ if NODE_REQUEST_MAPS.contains(&map) => {
+                Err(format!("{map} is written by the node alone, as it handles governance requests"))
+            }
             Some(value) if map == NODES => check_record(map, value).and_then(|()| node_kept(before, key, value)),
             Some(value) => check_record(map, value),
             None if [ENDORSEMENTS, RECOVERY, LEDGER_SECRETS].contains(&map) => {
@@ -519,11 +527,19 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: &Before) -> Result<(), Stri
     is_constitution(&module)
 }
 
-/// What `check_effects` compares a constitution's `apply` against: the state before it ran.
+/// What `check_effects` compares a constitution's `apply` against: the state before it ran, and
+/// the transaction's writes then.
 struct Before {
     service: Option<ServiceRecord>,
     nodes: std::collections::BTreeMap<String, NodeRecord>,
+    writes: cloister_store::WriteSet,
 }
+
+/// The maps the node writes as it handles a governance request: the proposals and their states,
+/// the ballots, each accepted request (`gov.history`, which refuses a replay) and the newest time
+/// a member signed at (which refuses an older request). A constitution that wrote them could
+/// forge a proposal's outcome, or clear the way for a replay.
+const NODE_REQUEST_MAPS: [&str; 4] = [PROPOSALS, BALLOTS, HISTORY, REQUEST_TIMES];
 
 /// That a constitution's write to `gov.nodes` changes a node's status alone: the node writes a
 /// record when the node attests, and what that record says the node is (its certificate, the

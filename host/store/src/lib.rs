@@ -196,6 +196,11 @@ impl WriteSet {
         self.entries.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum()
     }
 
+    /// The write to `key` of `map`, if any: `Some(None)` is a removal.
+    pub fn get(&self, map: &str, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.entries.get(&full_key(map, key)).map(Option::as_deref)
+    }
+
     /// Each write as `(map, key, value or None for a removal)`, in map-then-key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8], Option<&[u8]>)> {
         self.entries.iter().map(|(full, v)| {
