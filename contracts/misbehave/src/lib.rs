@@ -106,7 +106,8 @@ fn count(req: &Request, name: &str) -> usize {
 }
 
 /// Writes `keys` keys and removes them again, then asks one scan of them for its next entry
-/// `nexts` times: each answer is "none", past every removed key.
+/// `nexts` times: each answer is "none", past every removed key. With `refill`, then writes a
+/// key and asks once more: the scan finds it.
 fn sweep(req: &Request) -> Result<Response, Error> {
     const SWEEP: Map<String, String> = Map::new("sweep");
     mark(req);
@@ -119,6 +120,13 @@ fn sweep(req: &Request) -> Result<Response, Error> {
     for _ in 0..count(req, "nexts") {
         if scan.next().is_some() {
             return Err(Error::internal("a scan found a removed key"));
+        }
+    }
+    // A finished scan still sees a key written after it finished.
+    if count(req, "refill") > 0 {
+        SWEEP.insert(&"refill".to_owned(), &String::new());
+        if scan.next().map(|(k, _)| k).as_deref() != Some("refill") {
+            return Err(Error::internal("a finished scan missed a key written after it finished"));
         }
     }
     Ok(Response::status(204))

@@ -27,6 +27,10 @@ pub enum LoadError {
     Compile(String),
     #[error("module's manifest is invalid: {0}")]
     Manifest(String),
+    /// The manifest could not be read just now (every instance slot busy, or the wall clock ran
+    /// out on a loaded machine): says nothing of the module, so it is not remembered.
+    #[error("module's manifest could not be read now: {0}")]
+    Unavailable(String),
 }
 
 /// Why a request failed. The request's writes are never applied when it fails.

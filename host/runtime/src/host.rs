@@ -96,6 +96,15 @@ impl HostState {
         tx(&mut self.tx)
     }
 
+    /// A write to map `m` may put a key ahead of a finished scan of it: scans see writes made
+    /// after they were opened, so those scans look again.
+    fn reopen_scans(&mut self, m: usize) {
+        let map = &self.maps[m].1;
+        for scan in self.scans.iter_mut().filter(|s| s.done && s.map == *map) {
+            scan.done = false;
+        }
+    }
+
     fn set_register(&mut self, value: Vec<u8>) -> i64 {
         let len = value.len() as i64;
         self.register = Some(value);
@@ -270,6 +279,7 @@ fn kv_put(
     let key = key(state, data, kp, kl)?;
     let value = slice(data, vp, vl, "value (value_bytes_max)", state.limits.value_bytes_max)?;
     tx(&mut state.tx)?.put(&state.maps[m].1, key, value);
+    state.reopen_scans(m);
     charge(&mut caller, (ml + kl) as usize + vl as usize)
 }
 
@@ -279,6 +289,7 @@ fn kv_remove(mut caller: Caller<'_, HostState>, mp: u32, ml: u32, kp: u32, kl: u
     admit_write(state, m, kl as usize)?;
     let key = key(state, data, kp, kl)?;
     let existed = tx(&mut state.tx)?.remove(&state.maps[m].1, key).map_err(ExecError::from)?;
+    state.reopen_scans(m);
     charge(&mut caller, (ml + kl) as usize)?;
     Ok(i32::from(existed))
 }

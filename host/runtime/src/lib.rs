@@ -251,6 +251,9 @@ impl Runtime {
             return known;
         }
         let loaded = self.check_and_compile(wasm, hash).inspect_err(|e| {
+            if matches!(e, LoadError::Unavailable(_)) {
+                return;
+            }
             let mut refused = self.refused.lock().expect("refused modules lock");
             if refused.len() >= REFUSED_MODULES_REMEMBERED {
                 refused.pop_front();
@@ -315,7 +318,10 @@ impl Runtime {
             let packed = f.call(&mut store, ()).map_err(|e| ExecError::from_wasm(e, fuel, &self.limits))?;
             read_packed(&mut store, &instance, packed, self.limits.response_bytes_max)
         })()
-        .map_err(|e| LoadError::Manifest(e.to_string()))?;
+        .map_err(|e| match e {
+            ExecError::Busy { .. } | ExecError::WallTime { .. } => LoadError::Unavailable(e.to_string()),
+            e => LoadError::Manifest(e.to_string()),
+        })?;
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| LoadError::Manifest(e.to_string()))?;
         manifest.check().map_err(LoadError::Manifest)?;
         Ok(manifest)

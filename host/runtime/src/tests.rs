@@ -211,6 +211,8 @@ fn a_scan_is_charged_for_the_removed_keys_it_passes_and_passes_them_once() {
         "1,000 more answers from a finished scan cost {} fuel",
         asked_again - scanned
     );
+    // Scans see writes made after they were opened, a finished one too.
+    assert_eq!(f.call("POST", "/sweep?keys=3&nexts=2&refill=1", "").unwrap().head.status, 204);
 }
 
 #[test]
@@ -444,6 +446,21 @@ fn a_refused_module_is_refused_again_without_its_checks() {
     assert_eq!(refused(), 1 + limits::REFUSED_MODULES_REMEMBERED as u64);
     runtime.load(&bad(0)).unwrap_err();
     assert_eq!(refused(), 2 + limits::REFUSED_MODULES_REMEMBERED as u64, "the oldest refusal was forgotten");
+    // A manifest that could not be read just now, every instance slot being busy, says nothing
+    // of the module: it is not remembered, and loads once a slot is free.
+    let f = Arc::new(fixture(Limits {
+        instances_max: 1,
+        fuel_per_request: u64::MAX / 2,
+        wall_time_ms: 1_000,
+        ..Limits::default()
+    }));
+    let runner = f.clone();
+    let looping = std::thread::spawn(move || runner.call("POST", "/loop", "").map(drop));
+    std::thread::sleep(Duration::from_millis(300));
+    let busy = f.runtime.load(&variant(9)).unwrap_err();
+    assert!(matches!(busy, LoadError::Unavailable(_)), "{busy}");
+    assert_eq!(looping.join().unwrap().unwrap_err().code(), "WallTimeExceeded");
+    f.runtime.load(&variant(9)).expect("the module loads once a slot is free");
     // A module over the size cap is refused before its bytes are even hashed; nothing to keep.
     let small = Runtime::new(Limits { module_bytes_max: 8, ..Limits::default() }).unwrap();
     assert!(matches!(small.load(&bad(0)).unwrap_err(), LoadError::TooLarge { .. }));
