@@ -303,3 +303,42 @@ async fn a_joining_node_takes_raft_messages_only_from_the_leader_it_attested() {
         .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "snap")).count());
     assert_eq!(installed.unwrap_or(0), 0, "no snapshot file in {}", snapshots.display());
 }
+
+/// A node that lost its data folder while it waited as Pending attests again with its
+/// certificate: the new folder has a new encryption key, which its evidence binds, and the node's
+/// record takes it, so once trusted the node gets the ledger secret and the rekeys after. (The
+/// record kept the lost key at first, and the second attestation was refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_node_that_lost_its_data_folder_attests_again_and_gets_the_next_rekey() {
+    let mut cluster = Cluster::prepare(3, 1, RECONCILE, |_| {});
+    cluster.spawn(0);
+    cluster.spawn(1);
+    cluster.wait_stable(2, Duration::from_secs(120)).await;
+    cluster.open(0).await;
+    let record_of = async |cluster: &Cluster| -> Option<Value> {
+        attestations(cluster, 0).await.into_iter().find(|n| n["name"] == "node2")
+    };
+    cluster.spawn(2);
+    wait_for("node2 to be recorded as Pending", async || record_of(&cluster).await.is_some()).await;
+    let lost = record_of(&cluster).await.unwrap();
+    assert_eq!(lost["status"], "Pending", "{lost}");
+    assert!(lost["encryption_key"].is_string(), "{lost}");
+
+    cluster.stop(2);
+    std::fs::remove_dir_all(&cluster.nodes[2].config.node.data_dir).unwrap();
+    cluster.spawn(2);
+    wait_for("node2's record to take its new key", async || {
+        record_of(&cluster).await.is_some_and(|n| n["encryption_key"] != lost["encryption_key"])
+    })
+    .await;
+    let client = cluster.client(0, 0).await.unwrap();
+    pass(&client, &cluster, json!([{ "name": "transition_node_to_trusted", "args": { "node_id": lost["node_id"] } }]))
+        .await;
+    cluster.wait_stable(3, Duration::from_secs(120)).await;
+    pass(&client, &cluster, json!([{ "name": "trigger_ledger_rekey" }])).await;
+    wait_for("node2 to learn ledger secret version 2", async || {
+        let versions = cloister_node::node::read_ledger_secrets(&cluster.nodes[2].config).unwrap_or_default();
+        versions.iter().any(|(v, _)| *v == 2)
+    })
+    .await;
+}

@@ -492,6 +492,7 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
         ("drop_attestation_root", "no proposal removes it"),
         ("swap_node_key", "a node's status in gov.nodes, nothing else"),
         ("invent_node", "written by the node alone, when a node attests"),
+        ("drop_node", "gov.nodes is written by the node alone; a constitution cannot remove from it"),
         ("forget_history", "gov.history is written by the node alone, as it handles governance requests"),
         ("accept_another", "gov.proposals is written by the node alone, as it handles governance requests"),
     ] {
@@ -503,6 +504,17 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
     assert_eq!(c.get("/gov/endorsements").await.unwrap().json().unwrap(), endorsements_before);
     assert_eq!(c.get("/gov/recovery").await.unwrap().json().unwrap(), recovery_before);
     assert_eq!(c.get("/gov/ledger_secrets").await.unwrap().json().unwrap()["version"], 1);
+    // A constitution built before node records held an encryption key writes one back without
+    // it: the proposal passes, and the node keeps the key in the record.
+    let keys = async || -> Vec<Value> {
+        let nodes = c.get("/node/attestations").await.unwrap().json().unwrap();
+        nodes["nodes"].as_array().unwrap().iter().map(|n| n["encryption_key"].clone()).collect()
+    };
+    let keys_before = keys().await;
+    assert!(keys_before.iter().all(Value::is_string), "{keys_before:?}");
+    let forget = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "forget_node_key" }]))).await.unwrap();
+    assert_eq!(forget["state"], "Accepted", "{forget}");
+    assert_eq!(keys().await, keys_before);
     // A constitution may ask for a rekey, which the leader answers, but not take one back.
     let ask = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": "ask_rekey" }]))).await.unwrap();
     assert_eq!(ask["state"], "Accepted", "{ask}");

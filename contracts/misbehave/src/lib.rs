@@ -184,7 +184,7 @@ fn claim(req: &Request) -> Result<Response, Error> {
 /// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`, `back_to_recovering`,
 /// `forge_previous_identity`, `replace_recovery_shares`, `drop_recovery_shares`,
 /// `forge_ledger_secret`, `swap_attestation_root`, `drop_attestation_root`, `swap_node_key`,
-/// `invent_node`, `forget_history`, `accept_another`, `ask_rekey`, `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is
+/// `invent_node`, `forget_node_key`, `drop_node`, `forget_history`, `accept_another`, `ask_rekey`, `take_back_rekey`), or succeeds for any other name. `/resolve` loops when the first action is
 /// `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
@@ -291,6 +291,21 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
             let (id, mut proposal) = proposals.iter().next().ok_or_else(|| Error::internal("no proposal"))?;
             proposal["state"] = "Accepted".into();
             proposals.insert(&id, &proposal);
+            Ok(Response::status(204))
+        }
+        // A node's record written back as a constitution built before records held an
+        // encryption key writes it: without the key.
+        "forget_node_key" => {
+            let nodes = Map::<String, serde_json::Value>::new("gov.nodes");
+            let (id, mut node) = nodes.iter().next().ok_or_else(|| Error::internal("no node"))?;
+            node.as_object_mut().ok_or_else(|| Error::internal("a node record"))?.remove("encryption_key");
+            nodes.insert(&id, &node);
+            Ok(Response::status(204))
+        }
+        "drop_node" => {
+            let nodes = Map::<String, serde_json::Value>::new("gov.nodes");
+            let (id, _) = nodes.iter().next().ok_or_else(|| Error::internal("no node"))?;
+            nodes.remove(&id);
             Ok(Response::status(204))
         }
         "invent_node" => {

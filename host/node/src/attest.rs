@@ -639,6 +639,19 @@ impl Joins {
     }
 }
 
+/// A node's new encryption key, and the evidence that bound it, for its `gov.nodes` record.
+#[derive(Clone)]
+pub(crate) struct KeyUpdate {
+    pub node: String,
+    pub encryption_key: String,
+    pub evidence: serde_json::Value,
+    pub verified: serde_json::Value,
+}
+
+/// How many times, and how often, the leader tries to record a node's new encryption key.
+pub(crate) const KEY_UPDATE_ATTEMPTS: u32 = 120;
+pub(crate) const KEY_UPDATE_RETRY_MS: u64 = 1_000;
+
 /// The record a verified node gets, unless it has one.
 pub fn record(
     name: &str,
@@ -904,7 +917,8 @@ mod tests {
             assert!(err.contains("not signed by the leader this node attested"), "{err}");
         }
         // A genuine grant from another exchange (another joiner nonce), replayed.
-        let (_, other_challenge, other_reply) = genuine_exchange(&f, JOINER + 1, &joiner, &encryption).await;
+        tokio::time::sleep(Duration::from_millis(cloister_attestation::CHALLENGE_INTERVAL_MS)).await;
+        let (_, other_challenge, other_reply) = genuine_exchange(&f, JOINER, &joiner, &encryption).await;
         let err = refusal(accept_secret(&joiner, &encryption, &mine, other_challenge, &other_reply));
         assert!(err.contains("not signed by the leader this node attested"), "{err}");
     }

@@ -438,6 +438,7 @@ fn apply(
         record.reason = Some(reason);
         return Ok(ProposalState::Failed);
     }
+    restore_node_records(tx, &before);
     // Accepting new code makes proposals filed against the old code moot.
     let replaces = |name: &str| record.proposal.actions.iter().any(|a| a.name == name);
     let (constitution_changed, app_changed) = (replaces("set_constitution"), replaces("set_app"));
@@ -470,7 +471,7 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: &Before) -> Result<(), Stri
             }
             Some(value) if map == NODES => check_record(map, value).and_then(|()| node_kept(before, key, value)),
             Some(value) => check_record(map, value),
-            None if [ENDORSEMENTS, RECOVERY, LEDGER_SECRETS].contains(&map) => {
+            None if [ENDORSEMENTS, RECOVERY, LEDGER_SECRETS, NODES].contains(&map) => {
                 Err(format!("{map} is written by the node alone; a constitution cannot remove from it"))
             }
             // Without its roots the service has no attestation policy, and no node could join.
@@ -546,6 +547,9 @@ const NODE_REQUEST_MAPS: [&str; 4] = [PROPOSALS, BALLOTS, HISTORY, REQUEST_TIMES
 /// evidence and what verifying it found, the encryption key each rekey is sealed to) stays. A
 /// constitution that could swap the encryption key, or the certificate, would have the next
 /// rekey sealed to a key of its choosing.
+///
+/// A constitution built before records held an encryption key writes a record back without it:
+/// that counts as kept, and [`restore_node_records`] puts the key back.
 fn node_kept(before: &Before, key: &[u8], value: &[u8]) -> Result<(), String> {
     let id = String::from_utf8_lossy(key);
     let after: NodeRecord =
@@ -553,11 +557,30 @@ fn node_kept(before: &Before, key: &[u8], value: &[u8]) -> Result<(), String> {
     let Some(was) = before.nodes.get(id.as_ref()) else {
         return Err(format!("{NODES} records are written by the node alone, when a node attests"));
     };
-    let kept = NodeRecord { status: was.status, ..after };
+    let encryption_key = after.encryption_key.clone().or_else(|| was.encryption_key.clone());
+    let kept = NodeRecord { status: was.status, encryption_key, ..after };
     if kept != *was {
         return Err(format!("a proposal may change a node's status in {NODES}, nothing else of its record"));
     }
     Ok(())
+}
+
+/// Writes each `gov.nodes` record a passing `apply` wrote as the record was, with the status the
+/// constitution gave it: what [`node_kept`] let pass as kept is kept.
+fn restore_node_records(tx: &mut TxSlot, before: &Before) {
+    let written: Vec<(String, NodeStatus)> = tx
+        .writes()
+        .iter()
+        .filter(|(map, key, value)| *map == NODES && before.writes.get(map, key) != Some(*value))
+        .filter_map(|(_, key, value)| {
+            let after: NodeRecord = serde_json::from_slice(value?).ok()?;
+            Some((String::from_utf8_lossy(key).into_owned(), after.status))
+        })
+        .collect();
+    for (id, status) in written {
+        let was = before.nodes.get(&id).expect("node_kept let only recorded nodes pass");
+        put_json(tx, NODES, id.as_bytes(), &NodeRecord { status, ..was.clone() });
+    }
 }
 
 /// Refuses a member set the node could not issue recovery shares to: more members with keys

@@ -236,6 +236,22 @@ async fn ledger_secrets(
     Ok(Opened { secrets, join_leader: leader, state_key: Sealer::new(&state_key), encryption_spki })
 }
 
+/// Stops a node whose encryption key is not the one its `gov.nodes` record holds (if the record
+/// holds one): the rekeys are sealed to the recorded key, so such a node would stall at the next.
+/// Its `encryption.key` was removed or replaced, or the node joined again from another folder.
+fn own_encryption_key_recorded(store: &Store, id: consensus::NodeId, own: &[u8]) -> anyhow::Result<()> {
+    let Some(record) = gov::node(&store.begin()?, &id.to_string())? else { return Ok(()) };
+    let Some(pem) = &record.encryption_key else { return Ok(()) };
+    let recorded = cloister_crypto::envelope::public_key_der(pem).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        recorded == own,
+        "this node's {ENCRYPTION_KEY_FILE} is not the key gov.nodes records for it, which the ledger secret's \
+         rekeys are sealed to: the file was removed or replaced, or the node joined again from another data \
+         folder. Start it on a new data folder to join again"
+    );
+    Ok(())
+}
+
 /// The ledger secret versions a stopped node's data folder holds, opened as the node opens them
 /// (with its key and this platform's derived key): what an operator who holds both can read.
 pub fn read_ledger_secrets(config: &NodeConfig) -> anyhow::Result<Vec<(u64, [u8; 32])>> {
@@ -313,6 +329,7 @@ impl Node {
             ledger_secrets(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
         let secrets = Arc::new(secrets);
         let store = Store::open_sealed(&crate::state_file(data_dir), Arc::new(state_key))?;
+        own_encryption_key_recorded(&store, id, &encryption_spki)?;
         let service_cert_der = identity::cert_der(service_cert.as_bytes())?.to_vec();
         let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
         let storage = (store.clone(), ledger, secrets.clone());
@@ -687,6 +704,28 @@ mod tests {
     use cloister_crypto::identity::ServiceCa;
 
     use super::*;
+
+    #[test]
+    fn a_node_whose_encryption_key_is_not_its_records_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        let (recorded, other) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        own_encryption_key_recorded(&store, 7, &other.spki_der).expect("no record yet: a joining node");
+        let record = gov::NodeRecord {
+            name: "node".into(),
+            status: gov::NodeStatus::Trusted,
+            cert: String::new(),
+            evidence: serde_json::Value::Null,
+            verified: serde_json::Value::Null,
+            encryption_key: Some(cloister_crypto::envelope::public_key_pem(&recorded.spki_der).unwrap()),
+        };
+        let mut ws = cloister_store::WriteSet::default();
+        ws.put(gov::NODES, b"7", &serde_json::to_vec(&record).unwrap());
+        store.apply(&ws).unwrap();
+        own_encryption_key_recorded(&store, 7, &recorded.spki_der).expect("the recorded key");
+        let err = own_encryption_key_recorded(&store, 7, &other.spki_der).unwrap_err();
+        assert!(err.to_string().contains("not the key gov.nodes records"), "{err}");
+    }
 
     /// The attack: an operator holds the node key (the CA issues key and certificate together)
     /// and writes the data folder. Had the node opened an `encryption.key` sealed to the node key

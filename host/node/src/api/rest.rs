@@ -149,6 +149,7 @@ async fn attestations(State(service): State<Arc<Service>>) -> Result<impl IntoRe
                 "kind": n.evidence.get("kind"),
                 "verified": n.verified,
                 "evidence": n.evidence,
+                "encryption_key": n.encryption_key,
             })
         })
         .collect();

@@ -1062,23 +1062,21 @@ impl Service {
         self.metrics.record_attestation(true);
 
         let key = id.to_string();
-        let work: Work<gov::NodeStatus> = Box::new(move |_, mut tx| {
+        let update = attest::KeyUpdate {
+            node: key.clone(),
+            encryption_key: encryption_key.clone(),
+            evidence: serde_json::to_value(&evidence).expect("evidence serializes"),
+            verified: attest::verified_json(&verified),
+        };
+        let work: Work<(gov::NodeStatus, bool)> = Box::new(move |_, mut tx| {
             let result = (|| {
                 let existing = gov::node(&tx, &key)?;
                 let (status, commit) = match existing {
                     Some(n) if n.status == gov::NodeStatus::Retired => {
                         return Err(ApiError::forbidden(format!("node {key} is retired")));
                     }
-                    // The secret goes to the key the record holds, which rekeys seal to: a node
-                    // started again on a fresh data folder has a new key, and needs a new
-                    // certificate to join as a new node.
-                    Some(n) if n.encryption_key.as_ref().is_some_and(|k| *k != encryption_key) => {
-                        return Err(ApiError::forbidden(format!(
-                            "node {key} is recorded with another encryption key: a node that lost its data folder \
-                             joins again with a new certificate"
-                        )));
-                    }
-                    Some(n) => (n.status, false),
+                    // Its record has another key, or none: taken in after the answer.
+                    Some(n) => ((n.status, n.encryption_key.as_ref() != Some(&encryption_key)), false),
                     None => {
                         let state = gov::service(&tx)?.map(|s| s.state);
                         // The previous ledger the private state comes from is on the recovering
@@ -1096,7 +1094,7 @@ impl Service {
                             key.as_bytes(),
                             &serde_json::to_vec(&record).expect("a node record serializes"),
                         );
-                        (record.status, true)
+                        ((record.status, false), true)
                     }
                 };
                 Ok(Executed { value: status, commit, kind: TxKind::Gov, claims_digest: None })
@@ -1104,7 +1102,11 @@ impl Service {
             (tx, result)
         });
         let status = match self.writer.submit(work).await {
-            Ok(written) => written.value,
+            Ok(written) if written.value.1 => {
+                tokio::spawn(record_new_key(Arc::downgrade(self), update));
+                written.value.0
+            }
+            Ok(written) => written.value.0,
             Err(SubmitError::NotLeader) => return Err(self.consensus.not_leader_status()),
             Err(SubmitError::Api(e)) if e.status == 403 => return Err(tonic::Status::permission_denied(e.message)),
             Err(SubmitError::Api(e)) => return Err(e.to_status()),
@@ -1187,6 +1189,59 @@ impl Service {
         .await
         .map_err(|e| ApiError::internal(format!("the request's thread failed: {e}")))?
     }
+}
+
+/// Takes a node's new encryption key into its `gov.nodes` record, with the evidence that bound
+/// it. A node started again on a new data folder (or recorded by an older version, with no key)
+/// has a key its record lacks; its evidence, just verified, binds that key inside an approved
+/// guest, and rekeys are sealed to it once recorded. This runs after the node's answer: when the
+/// node is one of two, the write commits only once the node is back, so it is tried again, every
+/// `KEY_UPDATE_RETRY_MS`, for `KEY_UPDATE_ATTEMPTS` tries, while this node leads.
+async fn record_new_key(service: std::sync::Weak<Service>, update: attest::KeyUpdate) {
+    let node = update.node.clone();
+    for _ in 0..attest::KEY_UPDATE_ATTEMPTS {
+        let Some(service) = service.upgrade() else { return };
+        let update = update.clone();
+        let work: Work<()> = Box::new(move |_, mut tx| {
+            let result = (|| {
+                let commit = match gov::node(&tx, &update.node)? {
+                    Some(n)
+                        if n.status != gov::NodeStatus::Retired
+                            && n.encryption_key != Some(update.encryption_key.clone()) =>
+                    {
+                        let record = gov::NodeRecord {
+                            encryption_key: Some(update.encryption_key),
+                            evidence: update.evidence,
+                            verified: update.verified,
+                            ..n
+                        };
+                        tx.put(
+                            gov::NODES,
+                            update.node.as_bytes(),
+                            &serde_json::to_vec(&record).expect("a node record serializes"),
+                        );
+                        true
+                    }
+                    _ => false,
+                };
+                Ok(Executed { value: (), commit, kind: TxKind::Gov, claims_digest: None })
+            })();
+            (tx, result)
+        });
+        match service.writer.submit(work).await {
+            Ok(_) => {
+                tracing::info!(%node, "recorded the node's new encryption key");
+                return;
+            }
+            Err(SubmitError::NotLeader) => return,
+            Err(SubmitError::Api(e)) => {
+                tracing::warn!(%node, error = %e.message, "recording the node's new encryption key failed; retrying")
+            }
+        }
+        drop(service);
+        tokio::time::sleep(std::time::Duration::from_millis(attest::KEY_UPDATE_RETRY_MS)).await;
+    }
+    tracing::error!(%node, "the node's new encryption key was not recorded: it will not open the next rekey until it attests again");
 }
 
 /// Writes forwarded by other nodes run here as if their client had called this node.
