@@ -569,6 +569,9 @@ pub struct Joins {
     key: ring::signature::EcdsaKeyPair,
     /// This node's join leader, while it may still be joining (see [`Joined::leader_cert`]).
     pub(crate) join_leader: Option<Vec<u8>>,
+    /// The nodes whose new encryption key this leader is recording (`record_new_key`): one task
+    /// each, however often a Pending node asks meanwhile.
+    pub(crate) key_updates: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Joins {
@@ -595,6 +598,7 @@ impl Joins {
             spki,
             key,
             join_leader,
+            key_updates: Default::default(),
         })
     }
 

@@ -458,7 +458,9 @@ fn apply(
 /// What `apply` left must still be usable: an app and a constitution that load, and the
 /// service record's node-written parts as they were (its identity's certificate and the previous
 /// identities it endorses; its state may only go from Opening to Open), and no more recovery
-/// shares needed than there are recovery members to hold them.
+/// shares needed than there are recovery members to hold them. And `apply` wrote nothing only
+/// the node writes: the maps of [`NODE_REQUEST_MAPS`], the endorsements, recovery shares, ledger
+/// secrets and attestation roots, and any part of a `gov.nodes` record but its status.
 fn check_effects(runtime: &Runtime, tx: &Tx, before: &Before) -> Result<(), String> {
     for (map, key, value) in tx.writes().iter() {
         if before.writes.get(map, key) == Some(value) {

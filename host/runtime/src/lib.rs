@@ -501,6 +501,11 @@ impl Watchdog {
         self.lock().asleep
     }
 
+    #[cfg(test)]
+    fn running(&self) -> usize {
+        self.lock().running
+    }
+
     fn run(&self, engine: &wasmtime::EngineWeak) {
         let mut idle = 0u32;
         loop {

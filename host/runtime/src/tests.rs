@@ -448,19 +448,26 @@ fn a_refused_module_is_refused_again_without_its_checks() {
     assert_eq!(refused(), 2 + limits::REFUSED_MODULES_REMEMBERED as u64, "the oldest refusal was forgotten");
     // A manifest that could not be read just now, every instance slot being busy, says nothing
     // of the module: it is not remembered, and loads once a slot is free.
-    let f = Arc::new(fixture(Limits {
-        instances_max: 1,
-        fuel_per_request: u64::MAX / 2,
-        wall_time_ms: 1_000,
-        ..Limits::default()
-    }));
+    let limits = Limits { instances_max: 1, fuel_per_request: u64::MAX / 2, wall_time_ms: 3_000, ..Limits::default() };
+    let f = Arc::new(fixture(limits));
     let runner = f.clone();
     let looping = std::thread::spawn(move || runner.call("POST", "/loop", "").map(drop));
-    std::thread::sleep(Duration::from_millis(300));
-    let busy = f.runtime.load(&variant(9)).unwrap_err();
-    assert!(matches!(busy, LoadError::Unavailable(_)), "{busy}");
+    // Once the loop is counted as running, its instance is taken a moment later.
+    let waited = std::time::Instant::now();
+    while f.runtime.watchdog.running() == 0 {
+        assert!(waited.elapsed() < Duration::from_secs(10), "the loop did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // On a loaded machine the loop may not hold its slot yet: another module is tried then.
+    let busy = (9..20)
+        .find_map(|n| {
+            std::thread::sleep(Duration::from_millis(100));
+            f.runtime.load(&variant(n)).err().map(|e| (n, e))
+        })
+        .expect("a load while the one slot is busy is refused");
+    assert!(matches!(busy.1, LoadError::Unavailable(_)), "{}", busy.1);
     assert_eq!(looping.join().unwrap().unwrap_err().code(), "WallTimeExceeded");
-    f.runtime.load(&variant(9)).expect("the module loads once a slot is free");
+    f.runtime.load(&variant(busy.0)).expect("the module loads once a slot is free");
     // A module over the size cap is refused before its bytes are even hashed; nothing to keep.
     let small = Runtime::new(Limits { module_bytes_max: 8, ..Limits::default() }).unwrap();
     assert!(matches!(small.load(&bad(0)).unwrap_err(), LoadError::TooLarge { .. }));

@@ -1103,7 +1103,9 @@ impl Service {
         });
         let status = match self.writer.submit(work).await {
             Ok(written) if written.value.1 => {
-                tokio::spawn(record_new_key(Arc::downgrade(self), update));
+                if self.joins.key_updates.lock().expect("key updates lock").insert(update.node.clone()) {
+                    tokio::spawn(record_new_key(Arc::downgrade(self), update));
+                }
                 written.value.0
             }
             Ok(written) => written.value.0,
@@ -1198,7 +1200,17 @@ impl Service {
 /// node is one of two, the write commits only once the node is back, so it is tried again, every
 /// `KEY_UPDATE_RETRY_MS`, for `KEY_UPDATE_ATTEMPTS` tries, while this node leads.
 async fn record_new_key(service: std::sync::Weak<Service>, update: attest::KeyUpdate) {
+    /// Gives the node's claim in `Joins::key_updates` back, however the task ends.
+    struct Claim(std::sync::Weak<Service>, String);
+    impl Drop for Claim {
+        fn drop(&mut self) {
+            if let Some(service) = self.0.upgrade() {
+                service.joins.key_updates.lock().expect("key updates lock").remove(&self.1);
+            }
+        }
+    }
     let node = update.node.clone();
+    let _claim = Claim(service.clone(), node.clone());
     for _ in 0..attest::KEY_UPDATE_ATTEMPTS {
         let Some(service) = service.upgrade() else { return };
         let update = update.clone();
