@@ -342,3 +342,22 @@ async fn a_pending_node_that_lost_its_data_folder_attests_again_and_gets_the_nex
     })
     .await;
 }
+
+/// The attack: an operator deletes a voter's data folder and starts it again. The node attests
+/// again under its certificate, with no log and no vote, and rejoined as the voter it was: the
+/// leader's openraft core panicked on its log going back (a debug assertion; release builds went
+/// on with a voter that could vote twice in a term). The leader now refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_that_lost_its_data_folder_is_refused_and_the_service_goes_on() {
+    let mut cluster = Cluster::start(3, 1, RECONCILE, |_| {}).await;
+    cluster.stop(2);
+    std::fs::remove_dir_all(&cluster.nodes[2].config.node.data_dir).unwrap();
+    let seen = cluster.log(2).len();
+    cluster.spawn(2);
+    wait_for("node2 to be refused", async || !cluster.nodes[2].is_running()).await;
+    let log = cluster.log(2)[seen..].to_owned();
+    assert!(log.contains("joins again with a new certificate"), "{log}");
+    // The service goes on: two of three voters commit a write.
+    let tx = cluster.ingest(0, &json!([{ "lei": "LEI0001", "nace": "A" }])).await;
+    assert!(!tx.is_empty());
+}

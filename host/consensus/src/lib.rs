@@ -621,6 +621,13 @@ impl Consensus {
         })
     }
 
+    /// Whether node `id` has acknowledged entries of this leader's log: it holds Raft state (its
+    /// log, its vote) that a new data folder would have lost. False on a follower, and for a node
+    /// nothing was replicated to.
+    pub fn holds_replicated_log(&self, id: NodeId) -> bool {
+        self.read_metrics(|m| m.replication.as_ref().and_then(|r| r.get(&id)).is_some_and(Option::is_some))
+    }
+
     pub fn network(&self) -> NetworkStatus {
         let m = self.metrics();
         let membership = m.membership_config.membership();

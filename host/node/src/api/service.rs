@@ -1052,6 +1052,15 @@ impl Service {
         Nonce::from_slice(&request.joiner_nonce)
             .map_err(|e| tonic::Status::invalid_argument(format!("joiner_nonce: {e}; this node signs only a nonce")))?;
         self.joins.nonces.redeem(&nonce, id).map_err(refused)?;
+        // A node that attests again after its log was replicated lost its data folder: its log and
+        // its vote are gone, and as a voter under the same id it could vote twice in a term (and
+        // openraft asserts against a follower's log going back).
+        if self.consensus.holds_replicated_log(id) {
+            return Err(tonic::Status::permission_denied(format!(
+                "node {id} has acknowledged entries of this leader's log, so it lost its data folder to be \
+                 attesting again: it joins again with a new certificate (and a remove_node proposal for this one)"
+            )));
+        }
         let evidence = Evidence::from_json(&request.evidence).map_err(refused)?;
         let spki = attest::spki_of(&cert).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let encryption_key = cloister_crypto::envelope::public_key_pem(&request.encryption_key)
