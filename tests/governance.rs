@@ -134,6 +134,54 @@ async fn every_proposal_state() {
     assert!(tx.get(gov::APP_CONFIG, b"misbehave").unwrap().is_some());
 }
 
+/// One member may have `gov.proposals_open_per_member_max` Open proposals. Each stays in the
+/// state, with the modules it carries, until it closes: without a bound, one member filing
+/// proposal after proposal grew the state (and every node's copy of it) without end. One more is
+/// refused before its modules compile; other members still propose; a slot comes back as one of
+/// the member's proposals is withdrawn or accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_may_hold_only_so_many_open_proposals() {
+    let s = TestService::start_with(3, 0, RECONCILE, |c| c.gov.proposals_open_per_member_max = 3).await;
+    let c = s.member(0).await;
+    let [a, b, _] = [0, 1, 2].map(|i| &s.members[i].keyed);
+    // Proposals that differ, each valid.
+    let setting = |n: u32| json!([{ "name": "set_app_config", "args": { "config": { "threshold": n } } }]);
+    let mut open = Vec::new();
+    for n in 1..=3 {
+        open.push(propose(&c, a, setting(n)).await);
+    }
+    let refused_as_full = |reply: cloister_client::Reply| {
+        assert_eq!(reply.status, 409, "{}", reply.text());
+        assert!(reply.text().contains("TooManyOpenProposals"), "{}", reply.text());
+        assert!(reply.text().contains("proposals_open_per_member_max"), "{}", reply.text());
+    };
+    refused_as_full(c.gov(a, &GovWrite::Propose, &propose_json(setting(4))).await.unwrap());
+    // Refused before its module compiles: garbage wasm is not what it is refused for.
+    let garbage = json!([{ "name": "set_app", "args": { "wasm": b64(b"\0asm garbage") } }]);
+    refused_as_full(c.gov(a, &GovWrite::Propose, &propose_json(garbage)).await.unwrap());
+    let others = propose(&c, b, setting(4)).await;
+
+    // Withdrawn: the slot is back, and taken again.
+    assert_eq!(c.gov_ok(a, &GovWrite::Withdraw(open.remove(2)), &json!({})).await.unwrap()["state"], "Withdrawn");
+    open.push(propose(&c, a, setting(5)).await);
+    refused_as_full(c.gov(a, &GovWrite::Propose, &propose_json(setting(6))).await.unwrap());
+    // Accepted by a majority: so is this one.
+    vote(&c, b, &open[0], true).await;
+    assert_eq!(vote(&c, a, &open[0], true).await["state"], "Accepted");
+    open.remove(0);
+    open.push(propose(&c, a, setting(6)).await);
+
+    // What the node counts: exactly the Open proposals, by proposer.
+    let tx = s.node().service().store().begin().unwrap();
+    let mut counted =
+        gov::all::<u64>(&tx, gov::PROPOSALS_OPEN).unwrap().into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let mut expected = open.iter().map(|id| format!("{}/{id}", s.members[0].id)).collect::<Vec<_>>();
+    expected.push(format!("{}/{others}", s.members[1].id));
+    counted.sort();
+    expected.sort();
+    assert_eq!(counted, expected);
+}
+
 /// The superseded-ballot attack, as reproduced on a sandbox: member1 approves, then changes its
 /// ballot to reject. Anyone, with no client certificate, takes the approve ballot from
 /// `gov.history`, re-encodes it (an unprotected header entry) and posts it again. Before
@@ -334,7 +382,7 @@ async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
     let m = &s.members[0].keyed;
     let runtime = cloister_runtime::Runtime::new(Default::default()).unwrap();
     let tx = s.node().service().store().begin().unwrap();
-    let policy = cloister_node::gov::RequestPolicy { request_window_s: 60, now: unix_now() };
+    let policy = cloister_node::config::GovSection::default().policy(unix_now());
     let check = |actions: Value| {
         let signed = sign_gov(m, &GovWrite::Propose, &propose_json(actions), unix_now()).unwrap();
         cloister_node::gov::precheck(&runtime, &tx, &GovWrite::Propose, &signed, &policy)
@@ -495,6 +543,7 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
         ("drop_node", "gov.nodes is written by the node alone; a constitution cannot remove from it"),
         ("forget_history", "gov.history is written by the node alone, as it handles governance requests"),
         ("accept_another", "gov.proposals is written by the node alone, as it handles governance requests"),
+        ("pad_open_proposals", "gov.proposals_open is written by the node alone"),
     ] {
         let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": action }]))).await.unwrap();
         assert_eq!(answer["state"], "Failed", "{action}: {answer}");

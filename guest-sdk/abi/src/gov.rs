@@ -24,6 +24,10 @@ pub const USERS: &str = "gov.users";
 pub const NODES: &str = "gov.nodes";
 /// Proposals by id: [`ProposalRecord`].
 pub const PROPOSALS: &str = "gov.proposals";
+/// The Open proposals by proposer: key `"{member}/{proposal_id}"`, value the proposal's
+/// `created_at` (seconds, JSON). The node adds a proposal as it opens and removes it as it leaves
+/// Open; it counts a member's proposals against `gov.proposals_open_per_member_max`.
+pub const PROPOSALS_OPEN: &str = "gov.proposals_open";
 /// Ballots by proposal id: [`Ballots`].
 pub const BALLOTS: &str = "gov.ballots";
 /// Every accepted signed request, verbatim, by the hex blake3 of its bytes: [`HistoryRecord`].

@@ -182,11 +182,28 @@ pub struct GovSection {
     /// How far a signed request's `created_at` may be from the node's clock, either way, in
     /// seconds. Older requests are refused, and replays are caught within this window.
     pub request_window_s: u64,
+    /// How many Open proposals one member may have at once; one more is refused (409,
+    /// `TooManyOpenProposals`) until one of them is accepted, rejected or withdrawn.
+    pub proposals_open_per_member_max: usize,
+}
+
+impl GovSection {
+    /// What the governance engine checks requests against, at `now` (seconds since the epoch).
+    pub fn policy(&self, now: u64) -> crate::gov::RequestPolicy {
+        crate::gov::RequestPolicy {
+            request_window_s: self.request_window_s,
+            now,
+            proposals_open_per_member_max: self.proposals_open_per_member_max,
+        }
+    }
 }
 
 impl Default for GovSection {
     fn default() -> Self {
-        GovSection { request_window_s: crate::gov::REQUEST_WINDOW_S }
+        GovSection {
+            request_window_s: crate::gov::REQUEST_WINDOW_S,
+            proposals_open_per_member_max: crate::gov::PROPOSALS_OPEN_PER_MEMBER_MAX,
+        }
     }
 }
 
@@ -432,6 +449,9 @@ impl NodeConfig {
     pub fn check(&self) -> Result<(), String> {
         self.limits.check()?;
         let a = &self.attestation;
+        if self.gov.proposals_open_per_member_max == 0 {
+            return Err("gov.proposals_open_per_member_max must be greater than 0".into());
+        }
         if a.nonce_ttl_s == 0 {
             return Err("attestation.nonce_ttl_s must be greater than 0".into());
         }
@@ -603,6 +623,11 @@ mod tests {
         let streams = |n: u32| format!("{MINIMAL}\n[limits]\nstreams_per_connection_max = {n}\n");
         let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN - 1)).unwrap();
         assert!(c.check().unwrap_err().contains("STREAMS_PER_CONNECTION_MIN"));
+        let proposals = |n: u32| format!("{MINIMAL}\n[gov]\nproposals_open_per_member_max = {n}\n");
+        let c: NodeConfig = toml::from_str(&proposals(0)).unwrap();
+        assert!(c.check().unwrap_err().contains("gov.proposals_open_per_member_max"));
+        let c: NodeConfig = toml::from_str(&proposals(1)).unwrap();
+        assert!(c.check().is_ok(), "{:?}", c.check());
         let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN)).unwrap();
         assert!(c.check().is_ok(), "{:?}", c.check());
         let per_node = |n: usize| format!("{MINIMAL}\n[limits]\nconnections_per_node_max = {n}\n");

@@ -27,6 +27,9 @@ pub(crate) const CONSTITUTION_NAMESPACE: &str = "constitution";
 /// Default of `[gov] request_window_s`.
 pub(crate) const REQUEST_WINDOW_S: u64 = 300;
 
+/// Default of `[gov] proposals_open_per_member_max`.
+pub(crate) const PROPOSALS_OPEN_PER_MEMBER_MAX: usize = 16;
+
 /// Why the governance engine refused or failed a request. The frontends turn it into their one
 /// error shape; nothing here knows about HTTP.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,8 @@ pub struct RequestPolicy {
     pub request_window_s: u64,
     /// The node's clock, in seconds since the Unix epoch.
     pub now: u64,
+    /// How many Open proposals one member may have; one more is refused until one closes.
+    pub proposals_open_per_member_max: usize,
 }
 
 /// Handles one signed governance write and hands the transaction back. On success it holds
@@ -99,7 +104,7 @@ fn handle(
 ) -> Result<Value, GovError> {
     let request = authenticate(tx, write, bytes, policy)?;
     let answer = match write {
-        GovWrite::Propose => propose(runtime, tx, &request)?,
+        GovWrite::Propose => propose(runtime, tx, &request, policy)?,
         GovWrite::Vote(id) => vote(runtime, tx, &request, id)?,
         GovWrite::Withdraw(id) => withdraw(tx, &request, id)?,
         GovWrite::Ack => ack(tx, &request)?,
@@ -159,6 +164,7 @@ pub fn precheck(
     if *write != GovWrite::Propose {
         return Ok(Vec::new());
     }
+    room_for_a_proposal(tx, &request.signer, policy)?;
     Ok(proposal_checks(runtime, &request)?.1)
 }
 
@@ -304,6 +310,45 @@ fn ack(tx: &mut Tx, request: &SignedRequest) -> Result<Value, GovError> {
     Ok(json!({ "member": request.signer, "status": record.status }))
 }
 
+/// Writes a proposal's record, and keeps [`PROPOSALS_OPEN`] in step with its state.
+fn store_proposal(tx: &mut Tx, id: &str, record: &ProposalRecord) -> Result<(), KvError> {
+    put_json(tx, PROPOSALS, id.as_bytes(), record);
+    let key = format!("{}/{id}", record.proposer);
+    if record.state == ProposalState::Open {
+        put_json(tx, PROPOSALS_OPEN, key.as_bytes(), &record.created_at);
+    } else {
+        tx.remove(PROPOSALS_OPEN, key.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Refuses a proposal from a member who has `proposals_open_per_member_max` Open already. Each
+/// Open proposal stays in the state, with the modules it carries, until it resolves or its
+/// proposer withdraws it: without a bound, one member could grow the state without end.
+fn room_for_a_proposal(tx: &Tx, member: &str, policy: &RequestPolicy) -> Result<(), GovError> {
+    use std::ops::Bound::{Excluded, Included};
+    // Member ids are hex: their keys run from `{member}/` to just before `{member}0`.
+    let (first, past) = (format!("{member}/"), format!("{member}0"));
+    let mut open = 0;
+    let mut after: Option<Vec<u8>> = None;
+    while open < policy.proposals_open_per_member_max {
+        let lower = after.as_deref().map_or(Included(first.as_bytes()), Excluded);
+        let Some((key, _)) = tx.first_in(PROPOSALS_OPEN, lower, Excluded(past.as_bytes()))? else {
+            return Ok(());
+        };
+        open += 1;
+        after = Some(key);
+    }
+    Err(refuse(
+        Refusal::Conflict,
+        "TooManyOpenProposals",
+        format!(
+            "member {member} has {open} Open proposals, the most one member may have \
+             (gov.proposals_open_per_member_max); withdraw one, or let one resolve"
+        ),
+    ))
+}
+
 fn open_proposal(tx: &Tx, id: &str) -> Result<ProposalRecord, GovError> {
     let record = proposal(tx, id)?.ok_or_else(|| refuse(Refusal::NotFound, "NotFound", format!("no proposal {id}")))?;
     if record.state != ProposalState::Open {
@@ -326,11 +371,17 @@ fn withdraw(tx: &mut Tx, request: &SignedRequest, id: &str) -> Result<Value, Gov
         ));
     }
     record.state = ProposalState::Withdrawn;
-    put_json(tx, PROPOSALS, id.as_bytes(), &record);
+    store_proposal(tx, id, &record)?;
     Ok(json!({ "proposal_id": id, "state": record.state }))
 }
 
-fn propose(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest) -> Result<Value, GovError> {
+fn propose(
+    runtime: &Runtime,
+    tx: &mut TxSlot,
+    request: &SignedRequest,
+    policy: &RequestPolicy,
+) -> Result<Value, GovError> {
+    room_for_a_proposal(tx, &request.signer, policy)?;
     let (proposal, _modules) = proposal_checks(runtime, request)?;
     let constitution = load_constitution(runtime, tx)?;
     let caller = Caller::member(&request.signer);
@@ -352,7 +403,7 @@ fn propose(runtime: &Runtime, tx: &mut TxSlot, request: &SignedRequest) -> Resul
         created_at: request.created_at,
         reason: None,
     };
-    put_json(tx, PROPOSALS, id.as_bytes(), &record);
+    store_proposal(tx, &id, &record)?;
     put_json(tx, BALLOTS, id.as_bytes(), &Ballots::new());
     resolve(runtime, &constitution, tx, &caller, &id, record)
 }
@@ -404,7 +455,7 @@ fn resolve(
             )));
         }
     };
-    put_json(tx, PROPOSALS, id.as_bytes(), &record);
+    store_proposal(tx, id, &record)?;
     Ok(json!({ "proposal_id": id, "state": record.state, "reason": record.reason }))
 }
 
@@ -448,7 +499,7 @@ fn apply(
             if other != id && p.state == ProposalState::Open {
                 p.state = ProposalState::Dropped;
                 p.reason = Some(format!("{what} changed when proposal {id} was accepted"));
-                put_json(tx, PROPOSALS, other.as_bytes(), &p);
+                store_proposal(tx, &other, &p)?;
             }
         }
     }
@@ -538,11 +589,12 @@ struct Before {
     writes: cloister_store::WriteSet,
 }
 
-/// The maps the node writes as it handles a governance request: the proposals and their states,
-/// the ballots, each accepted request (`gov.history`, which refuses a replay) and the newest time
-/// a member signed at (which refuses an older request). A constitution that wrote them could
-/// forge a proposal's outcome, or clear the way for a replay.
-const NODE_REQUEST_MAPS: [&str; 4] = [PROPOSALS, BALLOTS, HISTORY, REQUEST_TIMES];
+/// The maps the node writes as it handles a governance request: the proposals and their states
+/// (and the index of Open ones, which bounds a member's), the ballots, each accepted request
+/// (`gov.history`, which refuses a replay) and the newest time a member signed at (which refuses
+/// an older request). A constitution that wrote them could forge a proposal's outcome, clear the
+/// way for a replay, or fill a member's share of Open proposals.
+const NODE_REQUEST_MAPS: [&str; 5] = [PROPOSALS, PROPOSALS_OPEN, BALLOTS, HISTORY, REQUEST_TIMES];
 
 /// That a constitution's write to `gov.nodes` changes a node's status alone: the node writes a
 /// record when the node attests, and what that record says the node is (its certificate, the
@@ -631,6 +683,7 @@ pub(crate) fn check_record(map: &str, value: &[u8]) -> Result<(), String> {
         APP => decodes::<AppRecord>(map, value),
         SERVICE => decodes::<ServiceRecord>(map, value),
         PROPOSALS => decodes::<ProposalRecord>(map, value),
+        PROPOSALS_OPEN => decodes::<u64>(map, value),
         BALLOTS => decodes::<Ballots>(map, value),
         HISTORY => decodes::<HistoryRecord>(map, value),
         REQUEST_TIMES => decodes::<u64>(map, value),

@@ -951,12 +951,12 @@ impl Service {
                 Err(e) => return Err(e),
             };
             if self.consensus.is_leader() {
-                let window = self.gov.request_window_s;
+                let settings = self.gov.clone();
                 let w = write.clone();
                 let b = body.clone();
                 let work: Work<serde_json::Value> = Box::new(move |runtime, tx| {
                     let now = cloister_crypto::cose::unix_now();
-                    let policy = gov::RequestPolicy { request_window_s: window, now };
+                    let policy = settings.policy(now);
                     let (tx, result) = gov::execute(runtime, tx, &w, &b, &policy);
                     let executed = result.map_err(ApiError::from).map(|answer| Executed {
                         value: answer,
@@ -1008,8 +1008,7 @@ impl Service {
     ) -> Result<Prechecked, ApiError> {
         let slot = self.gov_checks.claim(source)?;
         let tx = self.store.begin()?;
-        let policy =
-            gov::RequestPolicy { request_window_s: self.gov.request_window_s, now: cloister_crypto::cose::unix_now() };
+        let policy = self.gov.policy(cloister_crypto::cose::unix_now());
         let (write, body, runtime) = (write.clone(), body.clone(), self.runtime.clone());
         let (checked, overall) = slot
             .run(move || gov::precheck(&runtime, &tx, &write, &body, &policy))
