@@ -557,6 +557,12 @@ fn accept_secret(
 // A joining node asks for a challenge once a retry; faster than that is refused.
 const _: () = assert!(cloister_attestation::CHALLENGE_INTERVAL_MS < JOIN_RETRY_MS);
 
+/// Challenges a leader answers at once; one more is refused (Resource Exhausted, which a joining
+/// node retries) before a nonce is issued. Each costs the leader a report from its platform (a
+/// firmware request on SNP, a TPM quote on Azure): `CHALLENGE_INTERVAL_MS` meters one node
+/// certificate, and this bounds them all, however many certificates the service CA issued.
+pub const CHALLENGES_INFLIGHT_MAX: usize = 4;
+
 /// What a node keeps for joins. As a leader: the nonces it issued, the secret it hands to
 /// Trusted nodes, and what it needs to attest itself and sign the secret. As a joiner: the
 /// certificate of the leader it attested.
@@ -572,6 +578,8 @@ pub struct Joins {
     /// The nodes whose new encryption key this leader is recording (`record_new_key`): one task
     /// each, however often a Pending node asks meanwhile.
     pub(crate) key_updates: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Challenges being answered: at most [`CHALLENGES_INFLIGHT_MAX`].
+    challenges: tokio::sync::Semaphore,
 }
 
 impl Joins {
@@ -599,15 +607,22 @@ impl Joins {
             key,
             join_leader,
             key_updates: Default::default(),
+            challenges: tokio::sync::Semaphore::new(CHALLENGES_INFLIGHT_MAX),
         })
     }
 
     /// The answer to a joining node's challenge carrying `their_nonce`: a nonce for its evidence,
     /// and this node's evidence bound to this node's key and `their_nonce`. The nonce is the
     /// node's (`holder`, its id) alone, and one it asked for within `CHALLENGE_INTERVAL_MS` of
-    /// the one before is refused before this node collects evidence: each costs a report.
+    /// the one before is refused before this node collects evidence: each costs a report. So is
+    /// one past [`CHALLENGES_INFLIGHT_MAX`] answered at once, from any nodes.
     pub async fn challenge(&self, holder: NodeId, their_nonce: &[u8]) -> Result<pb::ChallengeReply, tonic::Status> {
         let theirs = Nonce::from_slice(their_nonce).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let _answering = self.challenges.try_acquire().map_err(|_| {
+            tonic::Status::resource_exhausted(format!(
+                "this node is answering {CHALLENGES_INFLIGHT_MAX} challenges already (CHALLENGES_INFLIGHT_MAX); retry"
+            ))
+        })?;
         let nonce = self.nonces.issue(holder).map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
         let evidence = self
             .attester
@@ -1059,6 +1074,24 @@ mod tests {
         f.leader.challenge(JOINER + 1, &mine.0).await.expect("another node is not held back");
         tokio::time::sleep(Duration::from_millis(cloister_attestation::CHALLENGE_INTERVAL_MS)).await;
         f.leader.challenge(JOINER, &mine.0).await.expect("the node may ask again after the interval");
+    }
+
+    /// Each node certificate is metered by the interval, but the service CA can issue any number:
+    /// whoever holds many asked for reports from all of them at once. Past
+    /// `CHALLENGES_INFLIGHT_MAX` being answered, any node is refused before it is issued a nonce
+    /// (so the refusal does not count against its interval) and retries.
+    #[tokio::test]
+    async fn the_leader_answers_only_so_many_challenges_at_once() {
+        let f = fixture(&[]);
+        let mine = Nonce::random();
+        let answering = f.leader.challenges.try_acquire_many(CHALLENGES_INFLIGHT_MAX as u32).unwrap();
+        for holder in JOINER..JOINER + 3 {
+            let status = f.leader.challenge(holder, &mine.0).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+            assert!(status.message().contains("CHALLENGES_INFLIGHT_MAX"), "{status:?}");
+        }
+        drop(answering);
+        f.leader.challenge(JOINER, &mine.0).await.expect("answered once a slot is free, at once");
     }
 
     #[tokio::test]
