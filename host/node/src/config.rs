@@ -183,7 +183,8 @@ pub struct GovSection {
     /// seconds. Older requests are refused, and replays are caught within this window.
     pub request_window_s: u64,
     /// How many Open proposals one member may have at once; one more is refused (409,
-    /// `TooManyOpenProposals`) until one of them is accepted, rejected or withdrawn.
+    /// `TooManyOpenProposals`) until one of them leaves Open (accepted, rejected, failed,
+    /// withdrawn or dropped). The leader's bound is the service's: a follower forwards.
     pub proposals_open_per_member_max: usize,
 }
 

@@ -313,13 +313,23 @@ fn ack(tx: &mut Tx, request: &SignedRequest) -> Result<Value, GovError> {
 /// Writes a proposal's record, and keeps [`PROPOSALS_OPEN`] in step with its state.
 fn store_proposal(tx: &mut Tx, id: &str, record: &ProposalRecord) -> Result<(), KvError> {
     put_json(tx, PROPOSALS, id.as_bytes(), record);
-    let key = format!("{}/{id}", record.proposer);
+    let key = open_proposal_key(&record.proposer, id);
     if record.state == ProposalState::Open {
         put_json(tx, PROPOSALS_OPEN, key.as_bytes(), &record.created_at);
     } else {
         tx.remove(PROPOSALS_OPEN, key.as_bytes())?;
     }
     Ok(())
+}
+
+/// The refusal of a proposal whose proposer has `proposals_open_per_member_max` Open. A follower
+/// that finds it forwards the proposal all the same: its state may lag the leader's, and the
+/// leader's bound is the service's.
+pub const TOO_MANY_OPEN_PROPOSALS: &str = "TooManyOpenProposals";
+
+/// A proposal's key in [`PROPOSALS_OPEN`].
+pub(crate) fn open_proposal_key(proposer: &str, id: &str) -> String {
+    format!("{proposer}/{id}")
 }
 
 /// Refuses a proposal from a member who has `proposals_open_per_member_max` Open already. Each
@@ -341,7 +351,7 @@ fn room_for_a_proposal(tx: &Tx, member: &str, policy: &RequestPolicy) -> Result<
     }
     Err(refuse(
         Refusal::Conflict,
-        "TooManyOpenProposals",
+        TOO_MANY_OPEN_PROPOSALS,
         format!(
             "member {member} has {open} Open proposals, the most one member may have \
              (gov.proposals_open_per_member_max); withdraw one, or let one resolve"
@@ -495,12 +505,22 @@ fn apply(
     let (constitution_changed, app_changed) = (replaces("set_constitution"), replaces("set_app"));
     if app_changed || constitution_changed {
         let what = if constitution_changed { "the constitution" } else { "the app" };
-        for (other, mut p) in all::<ProposalRecord>(tx, PROPOSALS)? {
-            if other != id && p.state == ProposalState::Open {
-                p.state = ProposalState::Dropped;
-                p.reason = Some(format!("{what} changed when proposal {id} was accepted"));
-                store_proposal(tx, &other, &p)?;
+        // The Open ones, from their index: not every proposal ever filed, with its modules.
+        for (key, _) in all::<u64>(tx, PROPOSALS_OPEN)? {
+            let other = key.split_once('/').map_or(key.as_str(), |(_, other)| other);
+            if other == id {
+                continue;
             }
+            let Some(mut p) = proposal(tx, other)?.filter(|p| p.state == ProposalState::Open) else {
+                // Not Open after all: the index is the node's alone, so this is a bug; it
+                // must not keep the proposer's slot.
+                tracing::warn!(proposal = other, "{PROPOSALS_OPEN} named a proposal that is not Open");
+                tx.remove(PROPOSALS_OPEN, key.as_bytes())?;
+                continue;
+            };
+            p.state = ProposalState::Dropped;
+            p.reason = Some(format!("{what} changed when proposal {id} was accepted"));
+            store_proposal(tx, other, &p)?;
         }
     }
     Ok(ProposalState::Accepted)

@@ -507,8 +507,30 @@ pub(crate) fn load_previous(data_dir: &std::path::Path) -> anyhow::Result<Previo
         .map(|v| serde_json::from_slice(v))
         .transpose()
         .context("the previous gov.attestation.root does not parse")?;
+    Ok(Previous { service, shares, public: chunks(restored_public(public)?), extent, roots })
+}
+
+/// What of the previous public state the new service takes: not the maps that are each service's
+/// own ([`NOT_RESTORED_PUBLIC`]), and each Open proposal named in `gov.proposals_open`. A ledger
+/// from before that index has Open proposals it does not name: named, they count against their
+/// proposers' `gov.proposals_open_per_member_max`, and accepting new code drops them, like those
+/// filed since.
+fn restored_public(mut public: State) -> anyhow::Result<State> {
     public.retain(|(map, _), _| !NOT_RESTORED_PUBLIC.contains(&map.as_str()));
-    Ok(Previous { service, shares, public: chunks(public), extent, roots })
+    let mut open = Vec::new();
+    for ((map, id), value) in public.iter() {
+        if map != gov::PROPOSALS {
+            continue;
+        }
+        let record: gov::ProposalRecord = serde_json::from_slice(value)
+            .map_err(|e| anyhow::anyhow!("a previous gov.proposals record does not decode: {e}"))?;
+        if record.state == gov::ProposalState::Open {
+            let key = crate::gov::open_proposal_key(&record.proposer, &String::from_utf8_lossy(id));
+            open.push(((gov::PROPOSALS_OPEN.to_owned(), key.into_bytes()), serde_json::to_vec(&record.created_at)?));
+        }
+    }
+    public.extend(open);
+    Ok(public)
 }
 
 /// The identity certificate (DER) the last `gov.service` record among `entries` names.
@@ -658,6 +680,37 @@ fn private_state(tx: &Tx, data_dir: &std::path::Path) -> anyhow::Result<Option<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A previous ledger from before `gov.proposals_open`: its Open proposals come back named
+    /// there, its closed ones not; and its nodes do not come back at all.
+    #[test]
+    fn a_previous_states_open_proposals_are_indexed() {
+        let record = |proposer: &str, state| gov::ProposalRecord {
+            proposer: proposer.into(),
+            proposal: gov::Proposal { actions: Vec::new() },
+            state,
+            created_at: 7,
+            reason: None,
+        };
+        let mut public = State::new();
+        for (id, r) in [
+            ("p1", record("m0", gov::ProposalState::Open)),
+            ("p2", record("m0", gov::ProposalState::Accepted)),
+            ("p3", record("m1", gov::ProposalState::Open)),
+            ("p4", record("m1", gov::ProposalState::Withdrawn)),
+        ] {
+            public.insert((gov::PROPOSALS.into(), id.into()), serde_json::to_vec(&r).unwrap());
+        }
+        public.insert((gov::NODES.into(), b"n0".to_vec()), b"{}".to_vec());
+        let public = restored_public(public).unwrap();
+        let index: Vec<_> = public
+            .iter()
+            .filter(|((map, _), _)| map == gov::PROPOSALS_OPEN)
+            .map(|((_, key), value)| (String::from_utf8_lossy(key).into_owned(), value.clone()))
+            .collect();
+        assert_eq!(index, [("m0/p1".to_owned(), b"7".to_vec()), ("m1/p3".to_owned(), b"7".to_vec())]);
+        assert_eq!(public.len(), 6, "the proposals themselves are kept as they were");
+    }
 
     /// An issue is never of an older secret than the one recorded: the share upkeep reads the
     /// newest secret before the writer runs, and a rekey applied in between has already issued

@@ -241,6 +241,18 @@ impl GovChecks {
     }
 }
 
+/// Whether a governance check's refusal on a follower is the leader's to decide, so the follower
+/// forwards the request all the same. Its state may lag the leader's (a member it has not applied
+/// yet, a proposal withdrawn since), so only the leader refuses on who signed or on how many
+/// proposals the signer has Open (by the leader's bound, the service's); anyone refuses what does
+/// not parse, a replay (the history only grows), and a signature that fails against its signer's
+/// own certificate. (Forwarded, each forged copy took a signature check on the leader outside
+/// the per-address bound the follower had applied: one address could fill the leader's checks.)
+fn leaders_to_decide(refusal: &ApiError) -> bool {
+    matches!(refusal.status, 401 | 403) && refusal.code != gov::BAD_SIGNATURE
+        || refusal.code == gov::TOO_MANY_OPEN_PROPOSALS
+}
+
 /// What a forwarded call carries besides the request itself.
 struct ForwardParts {
     client_cert: Option<Vec<u8>>,
@@ -938,16 +950,7 @@ impl Service {
         let run = async {
             let _prechecked = match self.gov_precheck(&write, &body, source).await {
                 Ok(prechecked) => Some(prechecked),
-                // A follower's state may lag the leader's (a member it has not applied yet), so
-                // only the leader refuses on who signed; anyone refuses what does not parse, and
-                // a signature that fails against its signer's own certificate. (Forwarded, each
-                // forged copy took a signature check on the leader outside the per-address
-                // bound this node had applied: one address could fill the leader's checks.)
-                Err(e)
-                    if matches!(e.status, 401 | 403) && e.code != gov::BAD_SIGNATURE && !self.consensus.is_leader() =>
-                {
-                    None
-                }
+                Err(e) if leaders_to_decide(&e) && !self.consensus.is_leader() => None,
                 Err(e) => return Err(e),
             };
             if self.consensus.is_leader() {
@@ -1416,6 +1419,20 @@ pub(crate) async fn keep_modules_compiled(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a follower forwards though its own check refused it: what its lagging state may
+    /// refuse wrongly. Not what no state makes valid, nor a replay.
+    #[test]
+    fn a_follower_leaves_to_the_leader_only_what_its_state_may_get_wrong() {
+        use gov::Refusal::{Conflict, Forbidden, Malformed, Unauthenticated};
+        let refused = |kind, code| ApiError::from(gov::refuse(kind, code, "…"));
+        assert!(leaders_to_decide(&refused(Unauthenticated, "NotAMember")));
+        assert!(leaders_to_decide(&refused(Forbidden, "MemberNotActive")));
+        assert!(leaders_to_decide(&refused(Conflict, gov::TOO_MANY_OPEN_PROPOSALS)));
+        assert!(!leaders_to_decide(&refused(Unauthenticated, gov::BAD_SIGNATURE)));
+        assert!(!leaders_to_decide(&refused(Conflict, "Replay")));
+        assert!(!leaders_to_decide(&refused(Malformed, "MalformedSignedRequest")));
+    }
     use attest::Standing;
 
     /// A value is used only at the `gov.` version it was read at: a retirement (any `gov.`
