@@ -258,11 +258,18 @@ impl Attester {
         match self {
             Attester::Mock(firmware) => Ok(Evidence::Mock(firmware.report(binding))),
             Attester::Snp { vcek_file } => {
-                let source = match vcek_file {
-                    Some(path) => cloister_attestation::snp::VcekSource::File(path),
-                    None => cloister_attestation::snp::VcekSource::ExtendedReport,
-                };
-                cloister_attestation::snp::collect(binding, source).map(Evidence::Snp).map_err(anyhow::Error::msg)
+                // A firmware request (and perhaps a file read): off the async workers.
+                let vcek_file = vcek_file.clone();
+                tokio::task::spawn_blocking(move || {
+                    let source = match &vcek_file {
+                        Some(path) => cloister_attestation::snp::VcekSource::File(path),
+                        None => cloister_attestation::snp::VcekSource::ExtendedReport,
+                    };
+                    cloister_attestation::snp::collect(binding, source)
+                })
+                .await?
+                .map(Evidence::Snp)
+                .map_err(anyhow::Error::msg)
             }
             #[cfg(feature = "azure")]
             Attester::AzureVtpm { thim_url } => {
@@ -579,7 +586,7 @@ pub struct Joins {
     /// each, however often a Pending node asks meanwhile.
     pub(crate) key_updates: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Challenges being answered: at most [`CHALLENGES_INFLIGHT_MAX`].
-    challenges: tokio::sync::Semaphore,
+    challenges: Arc<tokio::sync::Semaphore>,
 }
 
 impl Joins {
@@ -607,7 +614,7 @@ impl Joins {
             key,
             join_leader,
             key_updates: Default::default(),
-            challenges: tokio::sync::Semaphore::new(CHALLENGES_INFLIGHT_MAX),
+            challenges: Arc::new(tokio::sync::Semaphore::new(CHALLENGES_INFLIGHT_MAX)),
         })
     }
 
@@ -618,16 +625,23 @@ impl Joins {
     /// one past [`CHALLENGES_INFLIGHT_MAX`] answered at once, from any nodes.
     pub async fn challenge(&self, holder: NodeId, their_nonce: &[u8]) -> Result<pb::ChallengeReply, tonic::Status> {
         let theirs = Nonce::from_slice(their_nonce).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let _answering = self.challenges.try_acquire().map_err(|_| {
+        let answering = self.challenges.clone().try_acquire_owned().map_err(|_| {
             tonic::Status::resource_exhausted(format!(
                 "this node is answering {CHALLENGES_INFLIGHT_MAX} challenges already (CHALLENGES_INFLIGHT_MAX); retry"
             ))
         })?;
         let nonce = self.nonces.issue(holder).map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
-        let evidence = self
-            .attester
-            .evidence(cloister_attestation::binding(&self.spki, &theirs))
+        // The collection holds the slot until it is done, even if the asker hangs up first: the
+        // platform is busy with the report either way.
+        let (attester, binding) = (self.attester.clone(), cloister_attestation::binding(&self.spki, &theirs));
+        let collection = tokio::spawn(async move {
+            let evidence = attester.evidence(binding).await;
+            drop(answering);
+            evidence
+        });
+        let evidence = collection
             .await
+            .map_err(|e| tonic::Status::internal(format!("collecting the leader's evidence stopped: {e}")))?
             .map_err(|e| tonic::Status::unavailable(format!("collecting the leader's evidence failed: {e:#}")))?;
         Ok(pb::ChallengeReply { nonce: nonce.0.to_vec(), evidence: evidence.to_json(), cert: self.cert_der.clone() })
     }
