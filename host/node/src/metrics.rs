@@ -76,7 +76,6 @@ pub struct Metrics {
     request_duration: Family<EndpointLabels, Histogram>,
     app_requests: Family<AppLabels, Counter>,
     executions: Family<ExecutionLabels, Counter>,
-    fuel: Counter,
     compiled: Counter,
     refused_modules: Counter,
     attestations: Family<ResultLabels, Counter>,
@@ -151,12 +150,6 @@ impl Metrics {
             "wasm_executions",
             "Contract executions, by contract (app, constitution) and outcome (ok, or why it stopped: FuelExhausted, Trap, GuestPanic, ...)",
             executions.clone(),
-        );
-        let fuel = Counter::default();
-        registry.register(
-            "wasm_fuel_consumed",
-            "Wasm fuel units consumed by contract executions, whatever their outcome",
-            fuel.clone(),
         );
         let compiled = Counter::default();
         registry.register(
@@ -233,7 +226,6 @@ impl Metrics {
             request_duration,
             app_requests,
             executions,
-            fuel,
             compiled,
             refused_modules,
             attestations,
@@ -296,12 +288,11 @@ impl Metrics {
 }
 
 impl ExecObserver for Metrics {
-    fn executed(&self, privilege: Privilege, error: Option<&ExecError>, fuel_used: u64) {
+    fn executed(&self, privilege: Privilege, error: Option<&ExecError>) {
         let contract = match privilege {
             Privilege::App => "app",
             Privilege::Constitution => "constitution",
         };
-        self.fuel.inc_by(fuel_used);
         let outcome = error.map_or("ok", ExecError::code);
         self.executions.get_or_create(&ExecutionLabels { contract, outcome }).inc();
     }
@@ -416,12 +407,11 @@ mod tests {
     }
 
     #[test]
-    fn an_execution_counts_its_fuel_and_how_it_ended() {
+    fn an_execution_counts_how_it_ended() {
         let m = Metrics::new(PathBuf::from("/nonexistent"));
-        m.executed(Privilege::App, Some(&ExecError::FuelExhausted { fuel: 1000 }), 1000);
-        m.executed(Privilege::App, Some(&ExecError::Trap("unreachable".into())), 7);
-        m.executed(Privilege::Constitution, None, 3);
-        assert_eq!(m.fuel.get(), 1010);
+        m.executed(Privilege::App, Some(&ExecError::FuelExhausted { fuel: 1000 }));
+        m.executed(Privilege::App, Some(&ExecError::Trap("unreachable".into())));
+        m.executed(Privilege::Constitution, None);
         let count = |contract, outcome| m.executions.get_or_create(&ExecutionLabels { contract, outcome }).get();
         assert_eq!(count("app", "FuelExhausted"), 1);
         assert_eq!(count("app", "GuestTrap"), 1);

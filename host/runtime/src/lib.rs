@@ -113,10 +113,12 @@ pub struct Outcome {
     pub memory_bytes: usize,
 }
 
-/// Told of every execution's end, for a node's metrics: which contract ran, the error that
-/// stopped it if one did, and the fuel it consumed; and of every module compiled.
+/// Told of every execution's end, for a node's metrics: which contract ran and the error that
+/// stopped it if one did; and of every module compiled. Not the fuel it consumed: that depends on
+/// the data the contract read, which may be other parties' (a published counter told a key
+/// others had submitted from one nobody had, by the fuel a read of it burned).
 pub trait ExecObserver: Send + Sync {
-    fn executed(&self, privilege: Privilege, error: Option<&ExecError>, fuel_used: u64);
+    fn executed(&self, privilege: Privilege, error: Option<&ExecError>);
 
     /// A module passed its checks and was compiled (a cache hit is not a compile).
     fn compiled(&self) {}
@@ -339,7 +341,7 @@ impl Runtime {
         let memory_bytes = store.data().memory_bytes(&store);
         let tx = store.into_data().tx.expect("execute keeps the transaction");
         if let Some(observer) = &self.observer {
-            observer.executed(inv.privilege, result.as_ref().err(), fuel_used);
+            observer.executed(inv.privilege, result.as_ref().err());
         }
         (tx, result.map(|response| Outcome { response, fuel_used, memory_bytes }))
     }

@@ -411,7 +411,7 @@ fn variant(n: u8) -> Vec<u8> {
 struct Compiles(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64);
 
 impl ExecObserver for Compiles {
-    fn executed(&self, _: Privilege, _: Option<&ExecError>, _: u64) {}
+    fn executed(&self, _: Privilege, _: Option<&ExecError>) {}
 
     fn compiled(&self) {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
