@@ -394,6 +394,11 @@ async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
     assert!(no_constitution.to_string().contains("no constitution"), "{no_constitution}");
     let bad_cert = check(json!([{ "name": "set_user", "args": { "cert": "not a certificate" } }])).unwrap_err();
     assert!(bad_cert.to_string().contains("args.cert"), "{bad_cert}");
+    // Two certificates, the first behind text on its line: the node's parser saw the second
+    // (the console showed its id), the constitution's the first (and filed the user under it).
+    let (shown, filed) = (new_identity("shown").keyed.cert_pem, new_identity("filed").keyed.cert_pem);
+    let two = check(json!([{ "name": "set_user", "args": { "cert": format!("x{filed}{shown}") } }])).unwrap_err();
+    assert!(two.to_string().contains("one CERTIFICATE block and nothing else"), "{two}");
     check(json!([{ "name": "set_app", "args": { "wasm": b64(&misbehave_wasm()) } }])).expect("a module that loads");
     // A proposal accepted once is public in gov.history: a copy sent again is refused by the
     // check, before its modules compile (and before the writer).
@@ -544,8 +549,11 @@ async fn a_malicious_constitution_cannot_hang_or_crash_the_node() {
         ("forget_history", "gov.history is written by the node alone, as it handles governance requests"),
         ("accept_another", "gov.proposals is written by the node alone, as it handles governance requests"),
         ("pad_open_proposals", "gov.proposals_open is written by the node alone"),
+        ("misfile_user", "gov.users files a record under its certificate's id"),
     ] {
-        let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(json!([{ "name": action }]))).await.unwrap();
+        let cert = new_identity("shown").keyed.cert_pem;
+        let actions = json!([{ "name": action, "args": { "cert": cert } }]);
+        let answer = c.gov_ok(a, &GovWrite::Propose, &propose_json(actions)).await.unwrap();
         assert_eq!(answer["state"], "Failed", "{action}: {answer}");
         assert!(answer["reason"].as_str().unwrap().contains(why), "{action}: {answer}");
     }

@@ -184,9 +184,9 @@ fn claim(req: &Request) -> Result<Response, Error> {
 /// `corrupt_members`, `rewrite_service_identity`, `endorse_a_stranger`, `back_to_recovering`,
 /// `forge_previous_identity`, `replace_recovery_shares`, `drop_recovery_shares`,
 /// `forge_ledger_secret`, `swap_attestation_root`, `drop_attestation_root`, `swap_node_key`,
-/// `invent_node`, `forget_node_key`, `drop_node`, `forget_history`, `pad_open_proposals`,
-/// `accept_another`, `ask_rekey`, `take_back_rekey`), or succeeds for any other name. `/resolve`
-/// loops when the first action is `loop_in_resolve`.
+/// `invent_node`, `misfile_user`, `forget_node_key`, `drop_node`, `forget_history`,
+/// `pad_open_proposals`, `accept_another`, `ask_rekey`, `take_back_rekey`), or succeeds for any
+/// other name. `/resolve` loops when the first action is `loop_in_resolve`.
 fn first_action(req: &Request) -> Result<String, Error> {
     let body: serde_json::Value = req.json()?;
     let proposal = body.get("proposal").unwrap_or(&body);
@@ -314,6 +314,15 @@ fn constitution_apply(req: &Request) -> Result<Response, Error> {
             let nodes = Map::<String, serde_json::Value>::new("gov.nodes");
             let (id, _) = nodes.iter().next().ok_or_else(|| Error::internal("no node"))?;
             nodes.remove(&id);
+            Ok(Response::status(204))
+        }
+        // A user filed under another id than its certificate's: whoever holds that id's
+        // certificate would be let in, not the one the members were shown.
+        "misfile_user" => {
+            let body: serde_json::Value = req.json()?;
+            let cert = body["proposal"]["actions"][0]["args"]["cert"].clone();
+            let user = serde_json::json!({ "cert": cert, "data": null });
+            Map::<String, serde_json::Value>::new("gov.users").insert(&"ab".repeat(32), &user);
             Ok(Response::status(204))
         }
         "invent_node" => {

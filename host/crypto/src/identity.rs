@@ -333,14 +333,30 @@ pub fn id_of_pem(pem: &[u8]) -> anyhow::Result<String> {
     Ok(id_of_der(&cert_der(pem)?))
 }
 
-/// The first certificate in a PEM buffer.
 /// A certificate (DER) as PEM.
 pub fn pem_of_der(der: &[u8]) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
 }
 
+/// The first certificate in a PEM buffer.
 pub fn cert_der(pem: &[u8]) -> anyhow::Result<CertificateDer<'static>> {
     CertificateDer::from_pem_slice(pem).map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))
+}
+
+/// The certificate of a PEM text that is one CERTIFICATE block and nothing else (but white
+/// space around it). A text with more in it has no one meaning: PEM parsers differ on where a
+/// block may begin (rustls's at a line's start, the `pem` crate's anywhere), so a text holding a
+/// second block after text of its own named one certificate to the node and another to a
+/// constitution parsing it with the other.
+pub fn single_cert_der(pem: &[u8]) -> anyhow::Result<CertificateDer<'static>> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let text = std::str::from_utf8(pem).map_err(|_| anyhow::anyhow!("a certificate's PEM is not UTF-8"))?.trim();
+    anyhow::ensure!(
+        text.starts_with(BEGIN) && text.ends_with(END) && text.matches("-----").count() == 4,
+        "a certificate's PEM must be one CERTIFICATE block and nothing else"
+    );
+    cert_der(text.as_bytes())
 }
 
 /// Every certificate in a PEM buffer.
@@ -353,6 +369,35 @@ pub(crate) fn cert_chain(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'stati
 /// A private key from PEM (PKCS#8, PKCS#1 or SEC1).
 pub fn private_key(pem: &[u8]) -> anyhow::Result<PrivateKeyDer<'static>> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| anyhow::anyhow!("not a PEM private key: {e}"))
+}
+
+#[cfg(test)]
+mod single_cert_tests {
+    use super::*;
+
+    /// Two certificates, the first behind text on its line: rustls's parser sees the second
+    /// alone, the `pem` crate's the first. No such text is one certificate.
+    #[test]
+    fn a_pem_text_is_one_certificate_block_or_refused() {
+        let (a, b) = (self_signed("a"), self_signed("b"));
+        let one = single_cert_der(a.as_bytes()).expect("one block");
+        assert_eq!(one.as_ref(), cert_der(a.as_bytes()).unwrap().as_ref());
+        single_cert_der(format!("\n  {a}\n\n").as_bytes()).expect("white space around it");
+        for text in [
+            format!("x{a}{b}"),
+            format!("{a}{b}"),
+            format!("{a}junk"),
+            format!("junk\n{a}"),
+            a.replace("CERTIFICATE", "PRIVATE KEY"),
+            String::new(),
+        ] {
+            assert!(single_cert_der(text.as_bytes()).is_err(), "{text}");
+        }
+    }
+
+    fn self_signed(name: &str) -> String {
+        rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap().cert.pem()
+    }
 }
 
 #[cfg(test)]

@@ -543,6 +543,9 @@ fn check_effects(runtime: &Runtime, tx: &Tx, before: &Before) -> Result<(), Stri
                 Err(format!("{map} is written by the node alone, as it handles governance requests"))
             }
             Some(value) if map == NODES => check_record(map, value).and_then(|()| node_kept(before, key, value)),
+            Some(value) if map == MEMBERS || map == USERS => {
+                check_record(map, value).and_then(|()| keyed_by_its_certificate(map, key, value))
+            }
             Some(value) => check_record(map, value),
             None if [ENDORSEMENTS, RECOVERY, LEDGER_SECRETS, NODES].contains(&map) => {
                 Err(format!("{map} is written by the node alone; a constitution cannot remove from it"))
@@ -615,6 +618,25 @@ struct Before {
 /// an older request). A constitution that wrote them could forge a proposal's outcome, clear the
 /// way for a replay, or fill a member's share of Open proposals.
 const NODE_REQUEST_MAPS: [&str; 5] = [PROPOSALS, PROPOSALS_OPEN, BALLOTS, HISTORY, REQUEST_TIMES];
+
+/// That a member or user record written by a constitution is filed under its certificate's id,
+/// and that certificate is one PEM block. Members vote on the certificate a proposal shows; a
+/// record filed under another id admits whoever holds that id's certificate (a user is known by
+/// the id alone), and a member filed so could sign nothing (its signatures are checked against
+/// the record's certificate).
+fn keyed_by_its_certificate(map: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct Record {
+        cert: String,
+    }
+    let record: Record = serde_json::from_slice(value).map_err(|e| format!("{map} cannot hold this record: {e}"))?;
+    let der = cloister_crypto::identity::single_cert_der(record.cert.as_bytes()).map_err(|e| format!("{map}: {e}"))?;
+    let id = cloister_crypto::identity::id_of_der(&der);
+    if key != id.as_bytes() {
+        return Err(format!("{map} files a record under its certificate's id ({id}), not another"));
+    }
+    Ok(())
+}
 
 /// That a constitution's write to `gov.nodes` changes a node's status alone: the node writes a
 /// record when the node attests, and what that record says the node is (its certificate, the
@@ -738,7 +760,8 @@ fn node_checks(runtime: &Runtime, action: &Action) -> Result<Option<Arc<LoadedMo
         }
         "set_member" | "set_user" => {
             let pem = field("cert").ok_or("args.cert (PEM) is missing")?;
-            let der = cloister_crypto::identity::cert_der(pem.as_bytes()).map_err(|e| format!("args.cert: {e}"))?;
+            let der =
+                cloister_crypto::identity::single_cert_der(pem.as_bytes()).map_err(|e| format!("args.cert: {e}"))?;
             x509_parser::parse_x509_certificate(&der).map_err(|e| format!("args.cert does not parse: {e}"))?;
             if let Some(key) = field("encryption_key") {
                 cloister_crypto::envelope::public_key_der(key).map_err(|e| format!("args.encryption_key: {e}"))?;
