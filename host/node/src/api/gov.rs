@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::service::Service;
-use crate::gov::{self, MemberRecord, ProposalRecord, UserRecord};
+use crate::gov::{self, MemberRecord, UserRecord};
 use cloister_store::Tx;
 
 /// A governance read, as addressed by its path.
@@ -60,13 +60,13 @@ pub async fn read(service: &std::sync::Arc<Service>, what: GovRead) -> Result<Va
             "config": config,
         }));
     }
-    service.gov_read(|tx| read_tables(tx, what))
+    service.public_read(|tx| read_tables(tx, what)).await
 }
 
 fn read_tables(tx: &Tx, what: GovRead) -> Result<Value, ApiError> {
     Ok(match what {
         GovRead::Proposals => {
-            let list: Vec<Value> = gov::all::<ProposalRecord>(tx, gov::PROPOSALS)?
+            let list: Vec<Value> = gov::all::<ProposalSummary>(tx, gov::PROPOSALS)?
                 .into_iter()
                 .map(|(id, p)| {
                     let actions: Vec<&str> = p.proposal.actions.iter().map(|a| a.name.as_str()).collect();
@@ -124,6 +124,28 @@ fn read_tables(tx: &Tx, what: GovRead) -> Result<Value, ApiError> {
         }
         GovRead::App => unreachable!("answered by read()"),
     })
+}
+
+/// What the list of proposals shows of each: its actions' names, not their arguments (a module
+/// each, for `set_app`), which serde skips without building them.
+#[derive(serde::Deserialize)]
+struct ProposalSummary {
+    proposer: String,
+    state: gov::ProposalState,
+    created_at: u64,
+    #[serde(default)]
+    reason: Option<String>,
+    proposal: ActionNames,
+}
+
+#[derive(serde::Deserialize)]
+struct ActionNames {
+    actions: Vec<ActionName>,
+}
+
+#[derive(serde::Deserialize)]
+struct ActionName {
+    name: String,
 }
 
 /// A whole governance table as a JSON object, id → record.

@@ -138,7 +138,7 @@ async fn receipt(
 /// Every node's evidence and what verifying it established, from `gov.nodes`.
 async fn attestations(State(service): State<Arc<Service>>) -> Result<impl IntoResponse, ApiError> {
     service.wait_readable().await?;
-    let nodes = service.gov_read(|tx| Ok(crate::gov::all::<crate::gov::NodeRecord>(tx, crate::gov::NODES)?))?;
+    let nodes = service.public_read(|tx| Ok(crate::gov::all::<crate::gov::NodeRecord>(tx, crate::gov::NODES)?)).await?;
     let list: Vec<_> = nodes
         .into_iter()
         .map(|(id, n)| {

@@ -1164,6 +1164,25 @@ impl Service {
         read(&self.store.begin()?)
     }
 
+    /// A committed read of public state for a client (the governance tables, the nodes'
+    /// records), on the blocking pool and in a slot of `reads_inflight_max`. Some decode every
+    /// record of a table (every proposal ever filed, with the modules it carried): run on the
+    /// async workers, an anonymous client asking in a loop held up every other request.
+    pub(crate) async fn public_read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Tx) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit =
+            self.reads.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            read(&store.begin()?)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("a read of the node's state stopped: {e}")))?
+    }
+
     /// Runs a read-only request on the blocking pool against committed state.
     async fn read(
         self: &Arc<Self>,
