@@ -916,6 +916,76 @@ async fn a_body_that_never_comes_is_answered_once_body_timeout_ms_passes() {
     }
 }
 
+/// `body_bytes_max` bounds one body, but a client that sent most of one and stalled held it for
+/// `body_timeout_ms`, on every stream of every connection it could open: with no certificate, one
+/// address could make the node hold gigabytes. The client listeners now share one budget of body
+/// bytes being received (`body_bytes_inflight_max`): a body whose next piece does not fit is
+/// refused at once, and the budget is back as the stalled body goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_being_received_share_one_budget() {
+    const BUDGET: usize = 64 << 10;
+    let limits = Limits { body_bytes_max: BUDGET, body_bytes_inflight_max: BUDGET, ..Limits::default() };
+    let service = TestService::start(1, 0, RECONCILE, limits).await;
+    let node = service.node();
+    let post = |path: &str, content_type: &str| {
+        hyper::Request::post(format!("https://localhost{path}"))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    };
+    // Three quarters of the budget, sent and held.
+    let mut stalled = h2_sender(node.rest_addr, &service.ca_pem).await.ready().await.unwrap();
+    let (_held_answer, mut held) = stalled.send_request(post("/gov/proposals", "application/cose"), false).unwrap();
+    held.send_data(bytes::Bytes::from(vec![0u8; BUDGET * 3 / 4]), false).unwrap();
+    // A half-budget body on each listener, sent whole: refused once the held one is charged.
+    let grpc_call = {
+        let call = prost::Message::encode_to_vec(&CallRequest {
+            method: "POST".into(),
+            path: "/ingest".into(),
+            body: vec![b' '; BUDGET / 2],
+            ..CallRequest::default()
+        });
+        [&[0u8][..], &(call.len() as u32).to_be_bytes(), &call].concat()
+    };
+    let whole = |addr, path: &'static str, content_type: &'static str, body: Vec<u8>| {
+        let roots = service.ca_pem.clone();
+        async move {
+            let mut send = h2_sender(addr, &roots).await.ready().await.unwrap();
+            let (answer, mut stream) = send.send_request(post(path, content_type), false).unwrap();
+            stream.send_data(bytes::Bytes::from(body), true).unwrap();
+            h2_answer(answer.await.expect("an answer")).await
+        }
+    };
+    let rest = || whole(node.rest_addr, "/gov/proposals", "application/cose", vec![0u8; BUDGET / 2]);
+    let grpc = || whole(node.grpc_addr, "/cloister.app.v1.App/Call", "application/grpc", grpc_call.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, text) = loop {
+        let (status, text) = rest().await;
+        if status != "400" || Instant::now() > deadline {
+            break (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, "503", "{text}");
+    assert!(text.contains("body_bytes_inflight_max"), "{text}");
+    let (status, text) = grpc().await;
+    assert!(status == "grpc 14" && text.contains("body_bytes_inflight_max"), "{status}: {text}");
+    // The stalled body goes (its stream reset): the budget is back.
+    drop(held);
+    drop(_held_answer);
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, text) = loop {
+        let (status, text) = rest().await;
+        if status != "503" || Instant::now() > deadline {
+            break (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, "400", "read whole, and refused for not being COSE: {text}");
+}
+
 /// An HTTP/2 connection over TLS to `addr`, without a client certificate, driven in the
 /// background.
 async fn h2_sender(addr: std::net::SocketAddr, roots_pem: &[u8]) -> h2::client::SendRequest<bytes::Bytes> {

@@ -43,6 +43,8 @@ pub use cloister_consensus::settings::*;
 pub use cloister_ledger::settings::*;
 
 pub(crate) const BODY_BYTES_MAX: usize = 8 << 20;
+/// Default of `limits.body_bytes_inflight_max`: 32 bodies of the largest size.
+pub(crate) const BODY_BYTES_INFLIGHT_MAX: usize = 256 << 20;
 pub(crate) const BODY_TIMEOUT_MS: u64 = 10_000;
 pub(crate) const CONNECTIONS_MAX: usize = 1024;
 pub(crate) const REQUEST_TIMEOUT_MS: u64 = 30_000;
@@ -283,6 +285,10 @@ impl GenesisMember {
 pub struct Limits {
     /// Largest request body, in bytes (413 beyond; gRPC: RESOURCE_EXHAUSTED).
     pub body_bytes_max: usize,
+    /// Bytes of request bodies the client listeners (REST and gRPC together) hold at once as
+    /// they arrive; a body whose next piece does not fit is refused (503, `Retry-After`; gRPC:
+    /// UNAVAILABLE). At least `body_bytes_max`.
+    pub body_bytes_inflight_max: usize,
     /// Time a request's body may take to arrive in full once its headers have, in milliseconds
     /// (408; gRPC: DEADLINE_EXCEEDED). A stream whose body never comes is answered and closed
     /// after it, so it does not hold its slot of `streams_per_connection_max`.
@@ -341,6 +347,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             body_bytes_max: BODY_BYTES_MAX,
+            body_bytes_inflight_max: BODY_BYTES_INFLIGHT_MAX,
             body_timeout_ms: BODY_TIMEOUT_MS,
             connections_max: CONNECTIONS_MAX,
             connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX,
@@ -366,6 +373,7 @@ impl Limits {
     pub fn check(&self) -> Result<(), String> {
         let fields = [
             ("body_bytes_max", self.body_bytes_max as u64),
+            ("body_bytes_inflight_max", self.body_bytes_inflight_max as u64),
             ("body_timeout_ms", self.body_timeout_ms),
             ("connections_max", self.connections_max as u64),
             ("connections_per_address_max", self.connections_per_address_max as u64),
@@ -386,6 +394,13 @@ impl Limits {
         ];
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limit {name} must be greater than 0"));
+        }
+        if self.body_bytes_inflight_max < self.body_bytes_max {
+            return Err(format!(
+                "limit body_bytes_inflight_max ({}) must be at least body_bytes_max ({}): a body that \
+                 large could never arrive",
+                self.body_bytes_inflight_max, self.body_bytes_max
+            ));
         }
         if self.connections_per_node_max < CONNECTIONS_PER_NODE_MIN {
             return Err(format!(
@@ -624,6 +639,12 @@ mod tests {
         let streams = |n: u32| format!("{MINIMAL}\n[limits]\nstreams_per_connection_max = {n}\n");
         let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN - 1)).unwrap();
         assert!(c.check().unwrap_err().contains("STREAMS_PER_CONNECTION_MIN"));
+        // The budget of bodies being received holds one body of the largest size at least.
+        let budget = |n: usize| format!("{MINIMAL}\n[limits]\nbody_bytes_max = 1000\nbody_bytes_inflight_max = {n}\n");
+        let c: NodeConfig = toml::from_str(&budget(999)).unwrap();
+        assert!(c.check().unwrap_err().contains("body_bytes_inflight_max (999) must be at least body_bytes_max"));
+        let c: NodeConfig = toml::from_str(&budget(1000)).unwrap();
+        assert!(c.check().is_ok(), "{:?}", c.check());
         let proposals = |n: u32| format!("{MINIMAL}\n[gov]\nproposals_open_per_member_max = {n}\n");
         let c: NodeConfig = toml::from_str(&proposals(0)).unwrap();
         assert!(c.check().unwrap_err().contains("gov.proposals_open_per_member_max"));
@@ -646,7 +667,7 @@ mod tests {
         }
         let c: NodeConfig = toml::from_str(&idle(REQUEST_TIMEOUT_MS + 1, REQUEST_TIMEOUT_MS)).unwrap();
         assert!(c.check().is_ok(), "{:?}", c.check());
-        let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\n");
+        let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\nbody_bytes_inflight_max = 9000000000\n");
         let c: NodeConfig = toml::from_str(&big).unwrap();
         assert!(c.check().unwrap_err().contains("wasm.request_bytes_max"));
     }

@@ -282,13 +282,29 @@ fn serve_grpc(
     conns: tokio::sync::mpsc::Receiver<std::io::Result<server::Conn>>,
     routes: tonic::service::Routes,
     streams_max: u32,
+    budget: Option<server::BodyBudget>,
     cancel: CancellationToken,
     what: &'static str,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(conns);
+        // A body over the budget ends its call UNAVAILABLE: tonic answers with the first
+        // `Status` in a body error's chain.
+        let charge =
+            tower::util::MapRequestLayer::new(move |req: axum::http::Request<tonic::body::Body>| match &budget {
+                Some(budget) => req.map(|body| {
+                    tonic::body::Body::new(http_body_util::BodyExt::map_err(budget.charge(body), |e| {
+                        match server::OverBudget::caused(&*e) {
+                            true => Box::new(tonic::Status::unavailable(e.to_string())) as tower::BoxError,
+                            false => e,
+                        }
+                    }))
+                }),
+                None => req,
+            });
         let served = tonic::transport::Server::builder()
             .max_concurrent_streams(streams_max)
+            .layer(charge)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, cancel.cancelled())
             .await;
@@ -387,7 +403,14 @@ impl Node {
         };
         let conns = server::accept(peer_listener, peer_tls, peer_limits, cancel.clone());
         let streams_max = config.limits.streams_per_connection_max;
-        tasks.push(serve_grpc(conns, tonic::service::Routes::new(peer_service), streams_max, cancel.clone(), "peer"));
+        tasks.push(serve_grpc(
+            conns,
+            tonic::service::Routes::new(peer_service),
+            streams_max,
+            None,
+            cancel.clone(),
+            "peer",
+        ));
 
         let signer = NodeSigner::new(&node_cert.cert_pem, &node_cert.key_pem)?;
         tasks.push(tokio::spawn(crate::signer::run_signer(
@@ -445,14 +468,17 @@ impl Node {
         // Clients are served only once a new network's genesis has committed, so nobody sees a
         // service without its members or app.
         let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
+        let budget = server::BodyBudget::new(limits.body_bytes_inflight_max);
         tasks.push(tokio::spawn(server::serve_http(
             conns,
             rest::router(service.clone()),
             limits.clone(),
+            budget.clone(),
             cancel.clone(),
         )));
         let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone());
-        tasks.push(serve_grpc(conns, crate::api::grpc::routes(service.clone())?, streams_max, cancel.clone(), "gRPC"));
+        let routes = crate::api::grpc::routes(service.clone())?;
+        tasks.push(serve_grpc(conns, routes, streams_max, Some(budget), cancel.clone(), "gRPC"));
         tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
         Ok(Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks })
     }

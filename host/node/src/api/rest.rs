@@ -198,6 +198,10 @@ async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<b
     match read.await.map_err(|_| ApiError::body_timed_out(limits.body_timeout_ms))? {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) if super::server::OverBudget::caused(&*e) => Err(ApiError {
+            retry_after_s: Some(super::server::OVER_BUDGET_RETRY_AFTER_S),
+            ..ApiError::unavailable(e.to_string())
+        }),
         Err(e) => Err(ApiError::bad_request(format!("the request body could not be read: {e}"))),
     }
 }

@@ -434,6 +434,87 @@ pub fn accept(
     conns
 }
 
+/// The bytes of request bodies the client listeners (REST and gRPC together) hold at once as they
+/// arrive: `limits.body_bytes_inflight_max`. `body_bytes_max` bounds one body, but a client that
+/// sent most of one and then stalled kept it for `body_timeout_ms`, on every stream of every
+/// connection it could open; a frame past the budget fails its body instead (503).
+#[derive(Clone)]
+pub(crate) struct BodyBudget(Arc<Semaphore>);
+
+impl BodyBudget {
+    pub(crate) fn new(bytes: usize) -> BodyBudget {
+        BodyBudget(Arc::new(Semaphore::new(bytes)))
+    }
+
+    /// `body`, charged to the budget frame by frame until it is dropped.
+    pub(crate) fn charge<B>(&self, body: B) -> Budgeted<B> {
+        Budgeted { inner: body, budget: self.0.clone(), held: None }
+    }
+}
+
+/// When a body refused for want of budget may be sent again, in seconds.
+pub(crate) const OVER_BUDGET_RETRY_AFTER_S: u32 = 1;
+
+/// The error of a body whose next frame did not fit [`BodyBudget`].
+#[derive(Debug, thiserror::Error)]
+#[error("the node is receiving too many request bodies at once (body_bytes_inflight_max); retry shortly")]
+pub(crate) struct OverBudget;
+
+impl OverBudget {
+    /// Whether `error` is, or was caused by, an [`OverBudget`] (a frontend wraps a body's error).
+    pub(crate) fn caused(error: &(dyn std::error::Error + 'static)) -> bool {
+        std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<OverBudget>())
+    }
+}
+
+/// A request body whose bytes count against a [`BodyBudget`] from the frame that brings them
+/// until the body is dropped: by then its reader has them whole, or has given up.
+pub(crate) struct Budgeted<B> {
+    inner: B,
+    budget: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> hyper::body::Body for Budgeted<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<tower::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = tower::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, tower::BoxError>>> {
+        let this = &mut *self;
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+            let charged =
+                u32::try_from(data.len()).ok().and_then(|n| this.budget.clone().try_acquire_many_owned(n).ok());
+            let Some(charged) = charged else { return Poll::Ready(Some(Err(OverBudget.into()))) };
+            match &mut this.held {
+                Some(held) => held.merge(charged),
+                None => this.held = Some(charged),
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Serves an axum router over accepted connections, HTTP/1.1 (whose headers must arrive within
 /// `limits.headers_timeout_ms`) and HTTP/2 (at most `limits.streams_per_connection_max` streams
 /// open on one connection), until cancelled; then lets open requests finish.
@@ -441,6 +522,7 @@ pub(crate) async fn serve_http(
     mut conns: mpsc::Receiver<std::io::Result<Conn>>,
     app: axum::Router,
     limits: crate::config::Limits,
+    budget: BodyBudget,
     cancel: CancellationToken,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -461,9 +543,10 @@ pub(crate) async fn serve_http(
             _ = cancel.cancelled() => break,
         };
         let peer = conn.peer();
+        let budget = budget.clone();
         let service = app.clone().map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());
-            req
+            req.map(|body| axum::body::Body::new(budget.charge(body)))
         });
         let serving = builder
             .serve_connection_with_upgrades(TokioIo::new(conn), hyper_util::service::TowerToHyperService::new(service))
