@@ -5,8 +5,12 @@
 //! Who may use it: whoever holds the access token the console prints at start. Opening the
 //! printed URL sets it as an `HttpOnly`, `SameSite=Strict` cookie; every other request needs
 //! that cookie, so another local user or a web page in the same browser cannot act as the member.
-//! Forms also carry a token derived from it, and requests whose `Host` or `Origin` is not the
-//! console's own are refused (DNS rebinding, cross-site posts).
+//! The console is addressed by a name of its own, `c<random>.localhost:PORT` (browsers resolve
+//! `*.localhost` to the loopback address themselves): browsers send a host's cookies to all of its
+//! ports, so under `127.0.0.1` any local user's server there, opened in the member's browser,
+//! received the cookie. Forms also carry a token derived from it, requests whose `Host` or
+//! `Origin` is not the console's own, or that the browser marks as sent from another site, are
+//! refused (DNS rebinding, cross-site posts), and no page may be framed (clickjacking).
 
 mod pages;
 
@@ -59,7 +63,7 @@ pub(crate) struct Console {
     /// are checked against.
     pub pinned: Vec<u8>,
     token: String,
-    /// `127.0.0.1:PORT`, the only `Host` the console answers.
+    /// `c<random>.localhost:PORT`, the only `Host` the console answers ([`console_host`]).
     host: String,
     pub jobs: Mutex<HashMap<u64, Arc<Mutex<pages::Job>>>>,
     next_job: AtomicU64,
@@ -225,9 +229,38 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// Refuses what is not for this console: another `Host` (DNS rebinding), another `Origin`
-/// (cross-site posts), or no access cookie (anyone but the member's browser).
+/// The console's address: a name of its own under `localhost`, so that its cookie is sent to it
+/// alone, not to every server on the loopback address.
+fn console_host(port: u16) -> String {
+    format!("c{}.localhost:{port}", hex::encode(cloister_crypto::random_bytes::<8>()))
+}
+
+/// What every answer says about how a browser may use it: no framing by any page
+/// (clickjacking), nothing loaded from elsewhere, forms posted only back here, and no address
+/// (a proposal's, a record's key) sent to another site as a referrer.
+const SECURITY_HEADERS: [(header::HeaderName, &str); 3] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'",
+    ),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    // Not `no-referrer`: under it a browser sends `Origin: null` with a form's post, which the
+    // origin check refuses.
+    (header::REFERRER_POLICY, "same-origin"),
+];
+
+/// Refuses what is not for this console, and marks every answer with [`SECURITY_HEADERS`].
 async fn guard(State(console): State<Arc<Console>>, request: Request, next: Next) -> Response {
+    let mut response = admit(&console, request, next).await;
+    for (name, value) in SECURITY_HEADERS {
+        response.headers_mut().insert(name, header::HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Refuses another `Host` (DNS rebinding), another `Origin` or a request the browser says
+/// another site sent (cross-site posts), and no access cookie (anyone but the member's browser).
+async fn admit(console: &Console, request: Request, next: Next) -> Response {
     let headers = request.headers();
     let host_ok = headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|h| h == console.host);
     if !host_ok {
@@ -236,6 +269,13 @@ async fn guard(State(console): State<Arc<Console>>, request: Request, next: Next
     }
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
         && origin != format!("http://{}", console.host)
+    {
+        return Failure::new(StatusCode::FORBIDDEN, "requests from other sites are refused").into_response();
+    }
+    // The browser's own word on who sent it: another site's link or form, or a page of another
+    // host on the same site. A typed address or a bookmark is `none`.
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|s| s.to_str().ok())
+        && !matches!(site, "same-origin" | "none")
     {
         return Failure::new(StatusCode::FORBIDDEN, "requests from other sites are refused").into_response();
     }
@@ -296,7 +336,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port)))
         .await
         .with_context(|| format!("listening on 127.0.0.1:{}", args.port))?;
-    let addr = listener.local_addr()?;
+    let host = console_host(listener.local_addr()?.port());
     let token = hex::encode(cloister_crypto::random_bytes::<32>());
     let console = Arc::new(Console {
         nodes: tokio::sync::Mutex::new(Nodes::new(urls, ca.clone(), Some(me.clone()))),
@@ -304,14 +344,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         my_id,
         pinned: ca,
         token: token.clone(),
-        host: addr.to_string(),
+        host: host.clone(),
         jobs: Mutex::default(),
         next_job: AtomicU64::new(0),
         uploads: tempfile::tempdir().context("making a folder for uploads")?,
         service_timeout: SERVICE_TIMEOUT,
     });
     // The one line a script reads: where to point a browser.
-    println!("console: http://{addr}/login?token={token}");
+    println!("console: http://{host}/login?token={token}");
     eprintln!("acting as {}; stop with Ctrl-C", console.my_id);
     axum::serve(listener, router(console)).with_graceful_shutdown(crate::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -410,6 +450,39 @@ mod tests {
         assert!(set.starts_with(&authorized()), "{set}");
         assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
         assert_eq!(send(&c, get("/style.css", HOST, Some(&authorized()))).await.status(), StatusCode::OK);
+    }
+
+    /// Under `127.0.0.1` the cookie went to every server on the loopback address (browsers send a
+    /// host's cookies to all its ports): a local user's page there, opened in the member's
+    /// browser, took it. Each console now has a name of its own.
+    #[test]
+    fn each_console_has_an_address_of_its_own() {
+        let (a, b) = (console_host(40404), console_host(40404));
+        assert_ne!(a, b);
+        assert!(a.starts_with('c') && a.ends_with(".localhost:40404"), "{a}");
+        assert_eq!(a.len(), "c.localhost:40404".len() + 16, "{a}");
+    }
+
+    /// A page of another site, or of another host of the same site, is refused even with the
+    /// cookie; and no page may be framed, whatever the answer.
+    #[tokio::test]
+    async fn no_other_page_acts_through_the_console_or_frames_it() {
+        let c = console();
+        let mut sent = get("/style.css", HOST, Some(&authorized()));
+        sent.headers_mut().insert("sec-fetch-site", header::HeaderValue::from_static("same-site"));
+        assert_eq!(send(&c, sent).await.status(), StatusCode::FORBIDDEN);
+        for site in ["same-origin", "none"] {
+            let mut sent = get("/style.css", HOST, Some(&authorized()));
+            sent.headers_mut().insert("sec-fetch-site", header::HeaderValue::from_static(site));
+            assert_eq!(send(&c, sent).await.status(), StatusCode::OK, "{site}");
+        }
+        for answer in
+            [send(&c, get("/style.css", HOST, Some(&authorized()))).await, send(&c, get("/", HOST, None)).await]
+        {
+            let headers = answer.headers();
+            assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
+            assert!(headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap().contains("frame-ancestors 'none'"));
+        }
     }
 
     #[tokio::test]
