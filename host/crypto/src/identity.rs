@@ -63,25 +63,28 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Writes `bytes` to `path` so that a crash at any moment leaves either the old file or the whole
-/// new one, and a completed write survives power loss: a temporary file beside it (owner-only when
-/// `private`), fsynced, renamed over `path`, and the folder fsynced.
+/// new one, and a completed write survives power loss: a temporary file beside it, fsynced,
+/// renamed over `path`, and the folder fsynced. The temporary file is made anew under a random
+/// name, owner-only until written (and after, when `private`): one of a known name, opened if it
+/// existed, could be another user's file (in a folder others may write), readable by them.
 pub fn write_durably(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let context = || format!("writing {}", path.display());
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(context)?;
+    tmp.write_all(bytes).with_context(context)?;
     #[cfg(unix)]
-    if private {
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    if !private {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).with_context(context)?;
     }
-    let mut file = options.open(&tmp).with_context(context)?;
-    file.write_all(bytes).with_context(context)?;
-    file.sync_all().with_context(context)?;
-    drop(file);
-    std::fs::rename(&tmp, path).with_context(context)?;
+    tmp.as_file().sync_all().with_context(context)?;
+    tmp.persist(path).map_err(|e| e.error).with_context(context)?;
     sync_dir(dir).with_context(context)
 }
 
@@ -525,5 +528,28 @@ mod tests {
             let mode = std::fs::metadata(dir.path().join("service.key.pem")).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "keys are private to their owner");
         }
+    }
+
+    /// In a folder others may write, another user made the temporary file the key went through
+    /// (its name was fixed), readable by all: the key was written into it and renamed into
+    /// place, theirs and readable still. The temporary file is now made anew, owner-only.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_never_goes_through_a_file_someone_else_made() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let planted = dir.path().join(".member0.key.pem.tmp");
+        std::fs::write(&planted, "planted").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let key = dir.path().join("member0.key.pem");
+        write_private(&key, b"the key").unwrap();
+        assert_eq!(std::fs::read(&key).unwrap(), b"the key");
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o077, 0);
+        assert_eq!(std::fs::read(&planted).unwrap(), b"planted", "not written through");
+        let cert = dir.path().join("member0.cert.pem");
+        write_durably(&cert, b"a certificate", false).unwrap();
+        assert_eq!(std::fs::metadata(&cert).unwrap().permissions().mode() & 0o777, 0o644);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 3, "no temporary file left: {left:?}");
     }
 }
