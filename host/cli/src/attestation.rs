@@ -39,6 +39,19 @@ pub(crate) enum AttestationCommand {
     },
 }
 
+/// What a verdict under `policy` does not show, to say beside it: under a mock root (a service's
+/// own, with `--url` the one the node being checked names) evidence proves nothing of hardware.
+fn roots_warning(policy: &Policy) -> Option<&'static str> {
+    match policy.roots {
+        cloister_attestation::Roots::Amd => None,
+        cloister_attestation::Roots::Mock { .. } => Some(
+            "warning: this verdict rests on a MOCK root (a test ARK the service chose at genesis), \
+             not AMD's: anyone holding that root's keys signs such evidence, so it proves nothing \
+             about the hardware or what runs on it",
+        ),
+    }
+}
+
 pub async fn run(command: AttestationCommand) -> anyhow::Result<ExitCode> {
     let (evidence, policy, url, cacert, binding) = match command {
         AttestationCommand::Verify { evidence, policy, url, cacert, binding } => {
@@ -83,6 +96,9 @@ pub async fn run(command: AttestationCommand) -> anyhow::Result<ExitCode> {
             if expected.is_none() {
                 eprintln!("note: the report_data binding was not checked (no --binding given)");
             }
+            if let Some(warning) = roots_warning(&policy) {
+                eprintln!("{warning}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(refusal) => {
@@ -90,5 +106,25 @@ pub async fn run(command: AttestationCommand) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&refusal)?);
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A verdict under a mock root, the node's own with `--url`, passed without a word.
+    #[test]
+    fn a_verdict_under_a_mock_root_says_so() {
+        let mut policy = Policy {
+            roots: cloister_attestation::Roots::Amd,
+            measurements: Default::default(),
+            host_data: Default::default(),
+            min_tcb: Default::default(),
+            azure_pcrs: Default::default(),
+        };
+        assert_eq!(roots_warning(&policy), None);
+        policy.roots = cloister_attestation::Roots::Mock { ark: vec![1, 2, 3] };
+        assert!(roots_warning(&policy).unwrap().contains("MOCK root"));
     }
 }

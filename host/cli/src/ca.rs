@@ -53,11 +53,10 @@ pub(crate) fn run(command: CaCommand) -> anyhow::Result<ExitCode> {
     match command {
         CaCommand::Init { subject, name, out } => {
             let cert = out.join(format!("{name}.cert.pem"));
-            anyhow::ensure!(
-                !cert.exists(),
-                "{} exists: a new CA would not certify the nodes the old one did; remove it first if you mean it",
-                cert.display()
-            );
+            refuse_to_replace(
+                &[&cert, &out.join(format!("{name}.key.pem"))],
+                "a new CA would not certify the nodes the old one did",
+            )?;
             ServiceCa::generate(&subject)?.keyed.write(&out, &name)?;
             println!("wrote {} and {}", cert.display(), out.join(format!("{name}.key.pem")).display());
             Ok(ExitCode::SUCCESS)
@@ -77,6 +76,15 @@ pub(crate) fn run(command: CaCommand) -> anyhow::Result<ExitCode> {
 
 /// `cloister node csr`: the node's key (generated here, unless `key` already holds one, so a
 /// rerun asks again for the same key) and a signing request for it.
+/// Refuses to write keys where any of `paths` exists: a key written over would be lost for
+/// good (`why` says what it held).
+pub(crate) fn refuse_to_replace(paths: &[&Path], why: &str) -> anyhow::Result<()> {
+    if let Some(existing) = paths.iter().find(|p| p.exists()) {
+        anyhow::bail!("{} exists: {why}; remove it first if you mean it", existing.display());
+    }
+    Ok(())
+}
+
 pub(crate) fn node_csr(name: &str, key: &Path, out: &Path) -> anyhow::Result<ExitCode> {
     let existing = match std::fs::read_to_string(key) {
         Ok(pem) => Some(pem),
@@ -105,6 +113,16 @@ mod tests {
         let err = run(CaCommand::Init { subject: "ops".into(), name: "service".into(), out: operator.path().into() })
             .unwrap_err();
         assert!(err.to_string().contains("exists"), "{err}");
+        // A key alone, its certificate gone, is not written over either.
+        let ca_cert = operator.path().join("service.cert.pem");
+        let ca_cert_pem = std::fs::read(&ca_cert).unwrap();
+        std::fs::remove_file(&ca_cert).unwrap();
+        let kept = std::fs::read(operator.path().join("service.key.pem")).unwrap();
+        let err = run(CaCommand::Init { subject: "ops".into(), name: "service".into(), out: operator.path().into() })
+            .unwrap_err();
+        assert!(err.to_string().contains("service.key.pem exists"), "{err}");
+        assert_eq!(std::fs::read(operator.path().join("service.key.pem")).unwrap(), kept);
+        std::fs::write(&ca_cert, ca_cert_pem).unwrap();
         let (key, csr) = (vm.path().join("node.key.pem"), vm.path().join("node.csr.pem"));
         node_csr("vm0", &key, &csr).unwrap();
         let first_key = std::fs::read_to_string(&key).unwrap();

@@ -121,11 +121,14 @@ pub(crate) struct Batch {
 
 impl Batch {
     /// Where a row the app named (a body line for CSV, a 1-based record for JSON) is in the file.
+    /// A line before the batch's first record (the header the batch repeats, or a row no app
+    /// should name) is the file's line of that number: the batch's header is the file's.
     fn file_row(&self, row: u64) -> String {
         match &self.lines {
             Some((body_lines, file_lines)) => {
                 let i = body_lines.partition_point(|&l| l <= row).saturating_sub(1);
-                format!("line {}", file_lines.get(i).map_or(row, |l| l + (row - body_lines[i])))
+                let line = file_lines.get(i).zip(body_lines.get(i)).and_then(|(l, b)| Some(l + row.checked_sub(*b)?));
+                format!("line {}", line.unwrap_or(row))
             }
             None => format!("record {}", self.first_record + row),
         }
@@ -903,6 +906,9 @@ mod tests {
         assert_eq!(b[1].file_row(4), "line 6");
         assert_eq!(b[1].file_row(2), "line 4");
         assert_eq!(b[2].file_row(2), "line 7");
+        // A row before the first record (the app named the header, or line 0): no underflow.
+        assert_eq!(b[1].file_row(1), "line 1");
+        assert_eq!(b[1].file_row(0), "line 0");
         assert_eq!(b[2].end, text.len() as u64);
         assert_eq!(&text[..b[0].end as usize], "lei,nace\nA,1\nB,2\n");
     }

@@ -219,6 +219,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node { command: NodeCommand::Csr { name, key, out } } => ca::node_csr(&name, &key, &out),
         Command::Sandbox(args) => sandbox::run(args).await,
         Command::Keygen { name, out } => {
+            let (private, public) = cloister_crypto::envelope::key_files(&out, &name);
+            let (cert, key) = (out.join(format!("{name}.cert.pem")), out.join(format!("{name}.key.pem")));
+            ca::refuse_to_replace(
+                &[&cert, &key, &private, &public],
+                "its key signs this identity's requests, or opens its recovery shares",
+            )?;
             let id = identity::generate_identity(&name)?;
             id.write(&out, &name)?;
             let (private, public) = cloister_crypto::envelope::write_key_pair(&out, &name)?;
@@ -265,4 +271,40 @@ pub(crate) async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `keygen` in a folder that held the member's keys wrote new ones over them: the member's
+    /// signing key and the key that opens its recovery shares were gone for good.
+    #[tokio::test]
+    async fn keygen_never_writes_over_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().to_str().unwrap();
+        let keygen = || Cli::parse_from(["cloister", "keygen", "--name", "member0", "--out", out]);
+        run(keygen()).await.unwrap();
+        let written: Vec<_> = ["cert.pem", "key.pem", "enc.key.pem", "enc.pub.pem"]
+            .map(|file| dir.path().join(format!("member0.{file}")))
+            .into_iter()
+            .map(|path| (std::fs::read(&path).unwrap(), path))
+            .collect();
+        for (_, path) in &written {
+            // Any one of the four, alone, is enough to refuse.
+            let others: Vec<_> = written.iter().filter(|(_, p)| p != path).map(|(_, p)| p).collect();
+            let moved: Vec<_> = others.iter().map(|p| (p.with_extension("away"), *p)).collect();
+            for (away, p) in &moved {
+                std::fs::rename(p, away).unwrap();
+            }
+            let err = run(keygen()).await.unwrap_err();
+            assert!(err.to_string().contains(&format!("{} exists", path.display())), "{err}");
+            for (away, p) in &moved {
+                std::fs::rename(away, p).unwrap();
+            }
+        }
+        for (bytes, path) in &written {
+            assert_eq!(&std::fs::read(path).unwrap(), bytes, "{} is as it was", path.display());
+        }
+    }
 }

@@ -364,7 +364,8 @@ pub(crate) fn spawn_upload(
     format: ingest::Format,
     job: Arc<Mutex<pages::Job>>,
 ) {
-    tokio::spawn(async move {
+    let watched = job.clone();
+    let upload = tokio::spawn(async move {
         let mut nodes = console.ingest_nodes().await;
         let mut stats = ingest::Stats::default();
         let limits = ingest::Limits::default();
@@ -384,6 +385,16 @@ pub(crate) fn spawn_upload(
         });
         job.retries = stats.retries;
         drop(path);
+    });
+    // An upload that stopped without an outcome (a panic) still ends its job: its page would
+    // otherwise say "Ingesting…" for ever.
+    tokio::spawn(async move {
+        if let Err(e) = upload.await {
+            let mut job = watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            job.finished.get_or_insert_with(|| Err(format!("the upload stopped: {e}")));
+            drop(job);
+            watched.clear_poison();
+        }
     });
 }
 
