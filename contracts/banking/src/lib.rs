@@ -63,15 +63,22 @@ pub fn claims_digest(claim: &str) -> [u8; 32] {
 }
 
 fn account_name(req: &Request, param: &str) -> Result<String, Error> {
-    let name = req.param(param).unwrap_or_default();
+    checked_account_name(req.param(param).unwrap_or_default())
+}
+
+fn checked_account_name(name: &str) -> Result<String, Error> {
     if name.is_empty() || name.len() > ACCOUNT_NAME_BYTES_MAX {
         return Err(Error::bad_request(format!("an account name is 1..={ACCOUNT_NAME_BYTES_MAX} bytes")));
     }
     Ok(name.to_owned())
 }
 
+/// Bytes of a user id: hex SHA-256 of the user's certificate.
+const USER_ID_BYTES: usize = 64;
+
 fn known_user(user_id: &str) -> Result<(), Error> {
-    if USERS.get(&user_id.to_owned()).is_none() {
+    // Longer is no user's id; looked up, a key past the store's limit trapped (500).
+    if user_id.len() > USER_ID_BYTES || USERS.get(&user_id.to_owned()).is_none() {
         return Err(Error::not_found(format!("user {user_id} is not a user of this service")));
     }
     Ok(())
@@ -144,16 +151,18 @@ fn transfer(req: &Request) -> Result<Response, Error> {
     let body: Transfer = req.json()?;
     let value = positive_value(&body.value)?;
     let from = (req.caller().id.clone(), name);
-    let to = (body.user_id_to, body.account_name_to);
+    let to = (body.user_id_to, checked_account_name(&body.account_name_to)?);
     if from == to {
         return Err(Error::bad_request("an account cannot transfer to itself"));
     }
+    // The sender's own standing first: a transfer it cannot pay for says nothing of the target
+    // (whether that account exists), however it is addressed.
     let from_balance = ACCOUNTS.get(&from).ok_or_else(|| Error::not_found("you have no such account"))?;
-    known_user(&to.0)?;
-    let to_balance = ACCOUNTS.get(&to).ok_or_else(|| Error::not_found("the target account does not exist"))?;
     let remaining = from_balance
         .checked_sub(value)
         .ok_or_else(|| Error::bad_request(format!("the balance ({from_balance}) is less than {value}")))?;
+    known_user(&to.0)?;
+    let to_balance = ACCOUNTS.get(&to).ok_or_else(|| Error::not_found("the target account does not exist"))?;
     let credited = credit(to_balance, value)?;
     ACCOUNTS.insert(&from, &remaining);
     ACCOUNTS.insert(&to, &credited);
@@ -294,6 +303,28 @@ mod tests {
         let body = json!({"value": 1, "user_id_to": BOB, "account_name_to": "current"});
         assert_eq!(call(&mut h, &alice, "POST", "/transfer/savings", body).0, 404);
         assert_eq!(h.dump(), before, "no refused request wrote anything");
+    }
+
+    /// A user with nothing to send learned, for free, whether any user's account existed: the
+    /// target was looked up before the sender's balance. And a target past the store's key limit
+    /// trapped the contract (500) where it is no account (400, 404).
+    #[test]
+    fn a_transfer_nobody_can_pay_for_says_nothing_of_its_target() {
+        let mut h = host();
+        funded(&mut h);
+        let before = h.dump();
+        let bob = Caller::user(BOB);
+        let to = |user: &str, account: &str| json!({"value": 1, "user_id_to": user, "account_name_to": account});
+        let existing = call(&mut h, &bob, "POST", "/transfer/current", to(ALICE, "current"));
+        let missing = call(&mut h, &bob, "POST", "/transfer/current", to(ALICE, "savings"));
+        assert_eq!(existing.0, 400, "{}", existing.1);
+        assert_eq!(existing, missing);
+        let long = "a".repeat(5000);
+        let alice = Caller::user(ALICE);
+        assert_eq!(call(&mut h, &alice, "POST", "/transfer/current", to(&long, "current")).0, 404);
+        assert_eq!(call(&mut h, &alice, "POST", "/transfer/current", to(BOB, &long)).0, 400);
+        assert_eq!(call(&mut h, &bank(), "PUT", &format!("/account/{long}/current"), Value::Null).0, 404);
+        assert_eq!(h.dump(), before, "nothing was written");
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub mod ingest;
 pub mod settings;
 
 use ingest::Record;
-use settings::Settings;
+use settings::{KEY_BYTES_MAX, Settings};
 
 /// Rows in a report page when the caller names no `limit`.
 pub const REPORT_PAGE_ROWS_DEFAULT: usize = 1_000;
@@ -77,6 +77,11 @@ fn report_one(req: &Request) -> Result<Response, Error> {
     let key = req.param("key").unwrap_or_default().to_owned();
     // Unknown keys and keys the caller never submitted answer identically: no existence leak.
     let not_found = || Error::not_found("no record submitted by you has this key");
+    // Longer than any key ingest takes: no record's (and looked up, past the node's key bound,
+    // it trapped the contract).
+    if key.len() > KEY_BYTES_MAX {
+        return Err(not_found());
+    }
     let votes = RECORDS.get(&key).ok_or_else(not_found)?;
     let row = report_row(&settings, &key, &votes, &req.caller().id).ok_or_else(not_found)?;
     Ok(Response::json(&row))
@@ -94,6 +99,11 @@ fn report_all(req: &Request) -> Result<Response, Error> {
     };
     let party = req.caller().id.clone();
     let keys: Vec<String> = match req.query("after") {
+        Some(after) if after.len() > KEY_BYTES_MAX => {
+            return Err(Error::bad_request(format!(
+                "after is a key the report gave as its cursor: at most {KEY_BYTES_MAX} bytes"
+            )));
+        }
         Some(after) => PARTY_KEYS.prefix_after(&party, &after.to_owned()),
         None => PARTY_KEYS.prefix(&party),
     }
@@ -162,6 +172,23 @@ mod tests {
     fn report(h: &mut MemoryHost, who: &Caller, target: &str) -> (u16, Value) {
         let r = h.call(who, "GET", target, "");
         (r.head.status, r.body_json().unwrap())
+    }
+
+    /// A key longer than any ingest takes, in the path or as the cursor, trapped the contract
+    /// (500: past the node's key bound) where it names no record (404) or no cursor (400).
+    #[test]
+    fn a_key_longer_than_any_record_s_is_answered_not_trapped() {
+        let mut h = host();
+        let a = Caller::member("a");
+        assert_eq!(ingest(&mut h, &a, r#"{"lei":"K","nace":"X"}"#), 200);
+        let long = "k".repeat(5000);
+        let (status, unknown) = report(&mut h, &a, "/report/NO-SUCH-KEY");
+        assert_eq!(status, 404);
+        assert_eq!(report(&mut h, &a, &format!("/report/{long}")), (404, unknown));
+        let (status, body) = report(&mut h, &a, &format!("/report?after={long}"));
+        assert_eq!(status, 400, "{body}");
+        let longest = "k".repeat(KEY_BYTES_MAX);
+        assert_eq!(report(&mut h, &a, &format!("/report?after={longest}")), (200, json!([])));
     }
 
     #[test]

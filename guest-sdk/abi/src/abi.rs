@@ -21,6 +21,10 @@ pub const EXPORT_MANIFEST: &str = "manifest";
 /// The guest's linear memory.
 pub const EXPORT_MEMORY: &str = "memory";
 
+/// The node's default bound on a key's bytes (`wasm.key_bytes_max`): a longer key traps the
+/// contract. The SDK's in-memory host holds contracts' tests to it.
+pub const KEY_BYTES_DEFAULT_MAX: usize = 4 << 10;
+
 /// Import module of the Cloister host functions.
 pub const IMPORT_MODULE: &str = "cloister";
 

@@ -2,7 +2,9 @@
 //!
 //! It follows the node's rules: routing and roles from the manifest, writes buffered per request
 //! and kept only for a 2xx answer, governance maps read-only, read-only endpoints unable to
-//! write. It does not enforce the node's size, fuel or time limits.
+//! write, and a key longer than the node's default `wasm.key_bytes_max` trapping (here, a panic:
+//! a contract must refuse such input itself). It does not enforce the node's other size, fuel or
+//! time limits.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -117,8 +119,19 @@ struct Tx {
     caller: Caller,
 }
 
+/// What the node does with a key past its default bound: it traps the contract.
+fn key_within_bound(key: &[u8]) {
+    assert!(
+        key.len() <= abi::KEY_BYTES_DEFAULT_MAX,
+        "a {}-byte key: the node traps a contract past wasm.key_bytes_max ({} by default)",
+        key.len(),
+        abi::KEY_BYTES_DEFAULT_MAX
+    );
+}
+
 impl Backend for Tx {
     fn get(&self, map: &str, key: &[u8]) -> Option<Vec<u8>> {
+        key_within_bound(key);
         abi::check_read_as(map, self.privilege).unwrap_or_else(|e| panic!("{e}"));
         let k = (map.to_owned(), key.to_vec());
         match self.writes.borrow().get(&k) {
@@ -128,6 +141,7 @@ impl Backend for Tx {
     }
 
     fn put(&self, map: &str, key: &[u8], value: &[u8]) {
+        key_within_bound(key);
         abi::check_write_as(map, self.mode, self.privilege).unwrap_or_else(|e| panic!("{e}"));
         self.writes.borrow_mut().insert((map.to_owned(), key.to_vec()), Some(value.to_vec()));
     }

@@ -11,7 +11,7 @@ pub(crate) const STACK_BYTES_MAX: usize = 512 << 10;
 pub(crate) const REQUEST_BYTES_MAX: usize = 8 << 20;
 pub(crate) const RESPONSE_BYTES_MAX: usize = 8 << 20;
 pub(crate) const INSTANCES_MAX: u32 = 64;
-pub const KEY_BYTES_MAX: usize = 4 << 10;
+pub const KEY_BYTES_MAX: usize = cloister_abi::abi::KEY_BYTES_DEFAULT_MAX;
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
 pub(crate) const WRITES_PER_REQUEST_MAX: usize = 100_000;
 /// With [`WRITES_PER_REQUEST_MAX`] writes and their framing (map names, lengths), the largest
