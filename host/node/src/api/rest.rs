@@ -101,7 +101,7 @@ fn come_back(id: cloister_ledger::txid::TxId, what: &str) -> Response {
 }
 
 /// `GET /app/receipt?id=term.seqno`: proof that a transaction committed, checkable offline
-/// with the service certificate alone. Members and users only.
+/// with the service certificate alone. Members and users only; built on the blocking pool.
 async fn receipt(
     State(service): State<Arc<Service>>,
     Extension(peer): Extension<PeerInfo>,
@@ -121,7 +121,10 @@ async fn receipt(
         }
         cloister_consensus::TxStatus::Committed => {}
     }
-    match service.receipt(id)? {
+    // The receipt's endorsement is a signature: on the blocking pool, in a read slot, like
+    // other reads, not on the async workers every request shares.
+    let receipting = service.clone();
+    match service.in_read_slot(move || receipting.receipt(id)).await? {
         Ok(receipt) => Ok(axum::Json(receipt).into_response()),
         Err(cloister_ledger::index::ReceiptUnavailable::NotYetSigned) => {
             Ok(come_back(id, "committed; no signature covers it yet"))

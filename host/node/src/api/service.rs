@@ -1172,12 +1172,20 @@ impl Service {
         &self,
         read: impl FnOnce(&Tx) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
+        let store = self.store.clone();
+        self.in_read_slot(move || read(&store.begin()?)).await
+    }
+
+    /// Runs `work` on the blocking pool, in a slot of `reads_inflight_max`.
+    pub(crate) async fn in_read_slot<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
         let permit =
             self.reads.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
-        let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            read(&store.begin()?)
+            work()
         })
         .await
         .map_err(|e| ApiError::internal(format!("a read of the node's state stopped: {e}")))?
