@@ -333,10 +333,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let Resolved { urls, ca, id } = args.target.resolve()?;
     let me = id.context("the console acts as a member: name one with --as NAME, or --cert and --key")?;
     let my_id = me.id()?;
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port)))
-        .await
-        .with_context(|| format!("listening on 127.0.0.1:{}", args.port))?;
-    let host = console_host(listener.local_addr()?.port());
+    let (v4, v6) = bind_loopback(args.port).await?;
+    let host = console_host(v4.local_addr()?.port());
     let token = hex::encode(cloister_crypto::random_bytes::<32>());
     let console = Arc::new(Console {
         nodes: tokio::sync::Mutex::new(Nodes::new(urls, ca.clone(), Some(me.clone()))),
@@ -353,8 +351,45 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The one line a script reads: where to point a browser.
     println!("console: http://{host}/login?token={token}");
     eprintln!("acting as {}; stop with Ctrl-C", console.my_id);
-    axum::serve(listener, router(console)).with_graceful_shutdown(crate::shutdown_signal()).await?;
+    let app = router(console);
+    let serve_v4 = axum::serve(v4, app.clone()).with_graceful_shutdown(crate::shutdown_signal());
+    match v6 {
+        Some(v6) => {
+            let serve_v6 = axum::serve(v6, app).with_graceful_shutdown(crate::shutdown_signal());
+            tokio::try_join!(serve_v4.into_future(), serve_v6.into_future())?;
+        }
+        None => serve_v4.await?,
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Times a free port is drawn again because its IPv6 loopback twin was taken.
+const BIND_ATTEMPTS: usize = 16;
+
+/// Listens on one port of 127.0.0.1 and of `[::1]` (`port`, or a free one). Browsers try
+/// `*.localhost` at `::1` first and fall back to 127.0.0.1: a console on 127.0.0.1 alone left
+/// `[::1]:PORT` to any local user to take, and with it the login token. Without an IPv6 loopback
+/// nobody can listen there, and 127.0.0.1 alone is served.
+async fn bind_loopback(port: u16) -> anyhow::Result<(tokio::net::TcpListener, Option<tokio::net::TcpListener>)> {
+    use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, Unsupported};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    for _ in 0..BIND_ATTEMPTS {
+        let v4 = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .await
+            .with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+        let chosen = v4.local_addr()?.port();
+        match tokio::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, chosen))).await {
+            Ok(v6) => return Ok((v4, Some(v6))),
+            Err(e) if matches!(e.kind(), AddrNotAvailable | Unsupported) => return Ok((v4, None)),
+            Err(e) if e.kind() == AddrInUse && port == 0 => continue,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("listening on [::1]:{chosen}, where browsers reach a .localhost name first")
+                });
+            }
+        }
+    }
+    anyhow::bail!("no port was free on both 127.0.0.1 and [::1] in {BIND_ATTEMPTS} tries")
 }
 
 /// Uploads run as jobs; the job page reads their progress.
@@ -472,6 +507,29 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with('c') && a.ends_with(".localhost:40404"), "{a}");
         assert_eq!(a.len(), "c.localhost:40404".len() + 16, "{a}");
+    }
+
+    /// Browsers reach `*.localhost` at `[::1]` first: the console holds that port too, so no
+    /// other local user's server can take it (and the login) there.
+    #[tokio::test]
+    async fn the_console_holds_its_port_on_both_loopback_addresses() {
+        let (v4, v6) = bind_loopback(0).await.unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let taken = tokio::net::TcpListener::bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))).await;
+        match v6 {
+            Some(v6) => {
+                assert_eq!(v6.local_addr().unwrap().port(), port);
+                assert_eq!(taken.unwrap_err().kind(), std::io::ErrorKind::AddrInUse);
+            }
+            None => assert!(taken.is_err(), "no IPv6 loopback here, so nobody can listen there"),
+        }
+        // A port asked for whose [::1] twin another holds is refused, not served on 127.0.0.1 alone.
+        let other = tokio::net::TcpListener::bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))).await;
+        if let Ok(other) = other {
+            let port = other.local_addr().unwrap().port();
+            let err = bind_loopback(port).await.unwrap_err();
+            assert!(format!("{err:#}").contains("[::1]"), "{err:#}");
+        }
     }
 
     /// A page of another site, or of another host of the same site, is refused even with the
