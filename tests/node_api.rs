@@ -920,11 +920,17 @@ async fn a_body_that_never_comes_is_answered_once_body_timeout_ms_passes() {
 /// `body_timeout_ms`, on every stream of every connection it could open: with no certificate, one
 /// address could make the node hold gigabytes. The client listeners now share one budget of body
 /// bytes being received (`body_bytes_inflight_max`): a body whose next piece does not fit is
-/// refused at once, and the budget is back as the stalled body goes.
+/// refused at once, and the budget is back as the stalled bodies go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_being_received_share_one_budget() {
-    const BUDGET: usize = 64 << 10;
-    let limits = Limits { body_bytes_max: BUDGET, body_bytes_inflight_max: BUDGET, ..Limits::default() };
+    const MAX: usize = 32 << 10;
+    const BUDGET: usize = 2 * MAX;
+    let limits = Limits {
+        body_bytes_max: MAX,
+        body_bytes_inflight_max: BUDGET,
+        body_bytes_per_address_max: BUDGET,
+        ..Limits::default()
+    };
     let service = TestService::start(1, 0, RECONCILE, limits).await;
     let node = service.node();
     let post = |path: &str, content_type: &str| {
@@ -934,16 +940,21 @@ async fn bodies_being_received_share_one_budget() {
             .body(())
             .unwrap()
     };
-    // Three quarters of the budget, sent and held.
-    let mut stalled = h2_sender(node.rest_addr, &service.ca_pem).await.ready().await.unwrap();
-    let (_held_answer, mut held) = stalled.send_request(post("/gov/proposals", "application/cose"), false).unwrap();
-    held.send_data(bytes::Bytes::from(vec![0u8; BUDGET * 3 / 4]), false).unwrap();
-    // A half-budget body on each listener, sent whole: refused once the held one is charged.
+    // Seven eighths of the budget, in two bodies sent and held.
+    let mut stalled = h2_sender(node.rest_addr, &service.ca_pem).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        stalled = stalled.ready().await.unwrap();
+        let (answer, mut body) = stalled.send_request(post("/gov/proposals", "application/cose"), false).unwrap();
+        body.send_data(bytes::Bytes::from(vec![0u8; BUDGET * 7 / 16]), false).unwrap();
+        held.push((answer, body));
+    }
+    // A quarter-budget body on each listener, sent whole: refused once the held ones are charged.
     let grpc_call = {
         let call = prost::Message::encode_to_vec(&CallRequest {
             method: "POST".into(),
             path: "/ingest".into(),
-            body: vec![b' '; BUDGET / 2],
+            body: vec![b' '; BUDGET / 4],
             ..CallRequest::default()
         });
         [&[0u8][..], &(call.len() as u32).to_be_bytes(), &call].concat()
@@ -957,7 +968,7 @@ async fn bodies_being_received_share_one_budget() {
             h2_answer(answer.await.expect("an answer")).await
         }
     };
-    let rest = || whole(node.rest_addr, "/gov/proposals", "application/cose", vec![0u8; BUDGET / 2]);
+    let rest = || whole(node.rest_addr, "/gov/proposals", "application/cose", vec![0u8; BUDGET / 4]);
     let grpc = || whole(node.grpc_addr, "/cloister.app.v1.App/Call", "application/grpc", grpc_call.clone());
     let deadline = Instant::now() + Duration::from_secs(10);
     let (status, text) = loop {
@@ -971,9 +982,8 @@ async fn bodies_being_received_share_one_budget() {
     assert!(text.contains("body_bytes_inflight_max"), "{text}");
     let (status, text) = grpc().await;
     assert!(status == "grpc 14" && text.contains("body_bytes_inflight_max"), "{status}: {text}");
-    // The stalled body goes (its stream reset): the budget is back.
+    // The stalled bodies go (their streams reset): the budget is back.
     drop(held);
-    drop(_held_answer);
     drop(stalled);
     let deadline = Instant::now() + Duration::from_secs(10);
     let (status, text) = loop {

@@ -45,6 +45,8 @@ pub use cloister_ledger::settings::*;
 pub(crate) const BODY_BYTES_MAX: usize = 8 << 20;
 /// Default of `limits.body_bytes_inflight_max`: 32 bodies of the largest size.
 pub(crate) const BODY_BYTES_INFLIGHT_MAX: usize = 256 << 20;
+/// Default of `limits.body_bytes_per_address_max`: a quarter of the whole.
+pub(crate) const BODY_BYTES_PER_ADDRESS_MAX: usize = 64 << 20;
 pub(crate) const BODY_TIMEOUT_MS: u64 = 10_000;
 pub(crate) const CONNECTIONS_MAX: usize = 1024;
 pub(crate) const REQUEST_TIMEOUT_MS: u64 = 30_000;
@@ -287,8 +289,11 @@ pub struct Limits {
     pub body_bytes_max: usize,
     /// Bytes of request bodies the client listeners (REST and gRPC together) hold at once as
     /// they arrive; a body whose next piece does not fit is refused (503, `Retry-After`; gRPC:
-    /// UNAVAILABLE). At least `body_bytes_max`.
+    /// UNAVAILABLE). At least twice `body_bytes_max`.
     pub body_bytes_inflight_max: usize,
+    /// Of those, the bytes of bodies from one source address; past it, refused alike. At least
+    /// twice `body_bytes_max`, at most `body_bytes_inflight_max`.
+    pub body_bytes_per_address_max: usize,
     /// Time a request's body may take to arrive in full once its headers have, in milliseconds
     /// (408; gRPC: DEADLINE_EXCEEDED). A stream whose body never comes is answered and closed
     /// after it, so it does not hold its slot of `streams_per_connection_max`.
@@ -348,6 +353,7 @@ impl Default for Limits {
         Limits {
             body_bytes_max: BODY_BYTES_MAX,
             body_bytes_inflight_max: BODY_BYTES_INFLIGHT_MAX,
+            body_bytes_per_address_max: BODY_BYTES_PER_ADDRESS_MAX,
             body_timeout_ms: BODY_TIMEOUT_MS,
             connections_max: CONNECTIONS_MAX,
             connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX,
@@ -374,6 +380,7 @@ impl Limits {
         let fields = [
             ("body_bytes_max", self.body_bytes_max as u64),
             ("body_bytes_inflight_max", self.body_bytes_inflight_max as u64),
+            ("body_bytes_per_address_max", self.body_bytes_per_address_max as u64),
             ("body_timeout_ms", self.body_timeout_ms),
             ("connections_max", self.connections_max as u64),
             ("connections_per_address_max", self.connections_per_address_max as u64),
@@ -395,11 +402,31 @@ impl Limits {
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limit {name} must be greater than 0"));
         }
-        if self.body_bytes_inflight_max < self.body_bytes_max {
+        // Twice: a largest body must fit beside the framing around it (a gRPC message's header),
+        // and an oversized one must reach `body_bytes_max` (413) before it runs out of budget.
+        for (name, value) in [
+            ("body_bytes_inflight_max", self.body_bytes_inflight_max),
+            ("body_bytes_per_address_max", self.body_bytes_per_address_max),
+        ] {
+            if value < self.body_bytes_max.saturating_mul(2) {
+                return Err(format!(
+                    "limit {name} ({value}) must be at least twice body_bytes_max ({}): the largest \
+                     body, framed, must fit in it alone",
+                    self.body_bytes_max
+                ));
+            }
+        }
+        if self.body_bytes_per_address_max > self.body_bytes_inflight_max {
             return Err(format!(
-                "limit body_bytes_inflight_max ({}) must be at least body_bytes_max ({}): a body that \
-                 large could never arrive",
-                self.body_bytes_inflight_max, self.body_bytes_max
+                "limit body_bytes_per_address_max ({}) must be at most body_bytes_inflight_max ({})",
+                self.body_bytes_per_address_max, self.body_bytes_inflight_max
+            ));
+        }
+        if self.body_bytes_inflight_max > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(format!(
+                "limit body_bytes_inflight_max ({}) must be at most {}",
+                self.body_bytes_inflight_max,
+                tokio::sync::Semaphore::MAX_PERMITS
             ));
         }
         if self.connections_per_node_max < CONNECTIONS_PER_NODE_MIN {
@@ -640,11 +667,28 @@ mod tests {
         let c: NodeConfig = toml::from_str(&streams(STREAMS_PER_CONNECTION_MIN - 1)).unwrap();
         assert!(c.check().unwrap_err().contains("STREAMS_PER_CONNECTION_MIN"));
         // The budget of bodies being received holds one body of the largest size at least.
-        let budget = |n: usize| format!("{MINIMAL}\n[limits]\nbody_bytes_max = 1000\nbody_bytes_inflight_max = {n}\n");
-        let c: NodeConfig = toml::from_str(&budget(999)).unwrap();
-        assert!(c.check().unwrap_err().contains("body_bytes_inflight_max (999) must be at least body_bytes_max"));
-        let c: NodeConfig = toml::from_str(&budget(1000)).unwrap();
+        let budget = |n: usize| {
+            format!(
+                "{MINIMAL}\n[limits]\nbody_bytes_max = 1000\nbody_bytes_inflight_max = {n}\n\
+                 body_bytes_per_address_max = 2000\n"
+            )
+        };
+        let c: NodeConfig = toml::from_str(&budget(1999)).unwrap();
+        assert!(c.check().unwrap_err().contains("body_bytes_inflight_max (1999) must be at least twice"));
+        let c: NodeConfig = toml::from_str(&budget(2000)).unwrap();
         assert!(c.check().is_ok(), "{:?}", c.check());
+        let c: NodeConfig = toml::from_str(&budget(usize::MAX)).unwrap();
+        assert!(c.check().unwrap_err().contains("must be at most"));
+        let share = |n: usize| {
+            format!(
+                "{MINIMAL}\n[limits]\nbody_bytes_max = 1000\nbody_bytes_inflight_max = 4000\n\
+                 body_bytes_per_address_max = {n}\n"
+            )
+        };
+        let c: NodeConfig = toml::from_str(&share(1999)).unwrap();
+        assert!(c.check().unwrap_err().contains("body_bytes_per_address_max (1999) must be at least twice"));
+        let c: NodeConfig = toml::from_str(&share(4001)).unwrap();
+        assert!(c.check().unwrap_err().contains("at most body_bytes_inflight_max"));
         let proposals = |n: u32| format!("{MINIMAL}\n[gov]\nproposals_open_per_member_max = {n}\n");
         let c: NodeConfig = toml::from_str(&proposals(0)).unwrap();
         assert!(c.check().unwrap_err().contains("gov.proposals_open_per_member_max"));
@@ -667,7 +711,10 @@ mod tests {
         }
         let c: NodeConfig = toml::from_str(&idle(REQUEST_TIMEOUT_MS + 1, REQUEST_TIMEOUT_MS)).unwrap();
         assert!(c.check().is_ok(), "{:?}", c.check());
-        let big = format!("{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\nbody_bytes_inflight_max = 9000000000\n");
+        let big = format!(
+            "{MINIMAL}\n[limits]\nbody_bytes_max = 9000000000\nbody_bytes_inflight_max = 18000000000\n\
+             body_bytes_per_address_max = 18000000000\n"
+        );
         let c: NodeConfig = toml::from_str(&big).unwrap();
         assert!(c.check().unwrap_err().contains("wasm.request_bytes_max"));
     }

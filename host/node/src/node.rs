@@ -292,14 +292,20 @@ fn serve_grpc(
         // `Status` in a body error's chain.
         let charge =
             tower::util::MapRequestLayer::new(move |req: axum::http::Request<tonic::body::Body>| match &budget {
-                Some(budget) => req.map(|body| {
-                    tonic::body::Body::new(http_body_util::BodyExt::map_err(budget.charge(body), |e| {
-                        match server::OverBudget::caused(&*e) {
-                            true => Box::new(tonic::Status::unavailable(e.to_string())) as tower::BoxError,
-                            false => e,
-                        }
-                    }))
-                }),
+                Some(budget) => {
+                    type Info = tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
+                    let info = req.extensions().get::<Info>();
+                    let address = info.and_then(|i| i.get_ref().remote_addr()).map(|a| a.ip());
+                    req.map(|body| {
+                        let charged = budget.charge(body, address);
+                        tonic::body::Body::new(http_body_util::BodyExt::map_err(charged, |e| {
+                            match server::OverBudget::caused(&*e) {
+                                true => Box::new(tonic::Status::unavailable(e.to_string())) as tower::BoxError,
+                                false => e,
+                            }
+                        }))
+                    })
+                }
                 None => req,
             });
         let served = tonic::transport::Server::builder()
@@ -468,7 +474,7 @@ impl Node {
         // Clients are served only once a new network's genesis has committed, so nobody sees a
         // service without its members or app.
         let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
-        let budget = server::BodyBudget::new(limits.body_bytes_inflight_max);
+        let budget = server::BodyBudget::new(limits);
         tasks.push(tokio::spawn(server::serve_http(
             conns,
             rest::router(service.clone()),

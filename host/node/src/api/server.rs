@@ -435,20 +435,29 @@ pub fn accept(
 }
 
 /// The bytes of request bodies the client listeners (REST and gRPC together) hold at once as they
-/// arrive: `limits.body_bytes_inflight_max`. `body_bytes_max` bounds one body, but a client that
-/// sent most of one and then stalled kept it for `body_timeout_ms`, on every stream of every
-/// connection it could open; a frame past the budget fails its body instead (503).
+/// arrive: `limits.body_bytes_inflight_max` in all, `limits.body_bytes_per_address_max` from one
+/// source address. `body_bytes_max` bounds one body, but a client that sent most of one and then
+/// stalled kept it for `body_timeout_ms`, on every stream of every connection it could open; a
+/// frame past either bound fails its body instead (503), and one address cannot take it all.
 #[derive(Clone)]
-pub(crate) struct BodyBudget(Arc<Semaphore>);
+pub(crate) struct BodyBudget {
+    overall: Arc<Semaphore>,
+    per_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    per_address_max: usize,
+}
 
 impl BodyBudget {
-    pub(crate) fn new(bytes: usize) -> BodyBudget {
-        BodyBudget(Arc::new(Semaphore::new(bytes)))
+    pub(crate) fn new(limits: &crate::config::Limits) -> BodyBudget {
+        BodyBudget {
+            overall: Arc::new(Semaphore::new(limits.body_bytes_inflight_max)),
+            per_address: Arc::default(),
+            per_address_max: limits.body_bytes_per_address_max,
+        }
     }
 
-    /// `body`, charged to the budget frame by frame until it is dropped.
-    pub(crate) fn charge<B>(&self, body: B) -> Budgeted<B> {
-        Budgeted { inner: body, budget: self.0.clone(), held: None }
+    /// `body`, from `address`, charged to the budget frame by frame until it is dropped.
+    pub(crate) fn charge<B>(&self, body: B, address: Option<std::net::IpAddr>) -> Budgeted<B> {
+        Budgeted { inner: body, budget: self.clone(), address, held: None, from_address: 0 }
     }
 }
 
@@ -457,7 +466,10 @@ pub(crate) const OVER_BUDGET_RETRY_AFTER_S: u32 = 1;
 
 /// The error of a body whose next frame did not fit [`BodyBudget`].
 #[derive(Debug, thiserror::Error)]
-#[error("the node is receiving too many request bodies at once (body_bytes_inflight_max); retry shortly")]
+#[error(
+    "the node is receiving too many request bodies at once (body_bytes_inflight_max, body_bytes_per_address_max); \
+     retry shortly"
+)]
 pub(crate) struct OverBudget;
 
 impl OverBudget {
@@ -471,8 +483,46 @@ impl OverBudget {
 /// until the body is dropped: by then its reader has them whole, or has given up.
 pub(crate) struct Budgeted<B> {
     inner: B,
-    budget: Arc<Semaphore>,
+    budget: BodyBudget,
+    address: Option<std::net::IpAddr>,
     held: Option<OwnedSemaphorePermit>,
+    /// What this body counts in its address's share.
+    from_address: usize,
+}
+
+impl<B> Budgeted<B> {
+    /// Charges `n` bytes to the address's share and the whole budget, or neither.
+    fn charge(&mut self, n: usize) -> Result<(), OverBudget> {
+        if let Some(address) = self.address {
+            let mut shares = self.budget.per_address.lock().expect("body budget lock");
+            let share = shares.entry(address).or_default();
+            if *share + n > self.budget.per_address_max {
+                return Err(OverBudget);
+            }
+            *share += n;
+        }
+        self.from_address += n;
+        let charged = u32::try_from(n).ok().and_then(|n| self.budget.overall.clone().try_acquire_many_owned(n).ok());
+        let Some(charged) = charged else { return Err(OverBudget) };
+        match &mut self.held {
+            Some(held) => held.merge(charged),
+            None => self.held = Some(charged),
+        }
+        Ok(())
+    }
+}
+
+impl<B> Drop for Budgeted<B> {
+    fn drop(&mut self) {
+        let Some(address) = self.address.filter(|_| self.from_address > 0) else { return };
+        let mut shares = self.budget.per_address.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let std::collections::hash_map::Entry::Occupied(mut share) = shares.entry(address) {
+            *share.get_mut() = share.get().saturating_sub(self.from_address);
+            if *share.get() == 0 {
+                share.remove();
+            }
+        }
+    }
 }
 
 impl<B> hyper::body::Body for Budgeted<B>
@@ -494,14 +544,10 @@ where
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };
-        if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
-            let charged =
-                u32::try_from(data.len()).ok().and_then(|n| this.budget.clone().try_acquire_many_owned(n).ok());
-            let Some(charged) = charged else { return Poll::Ready(Some(Err(OverBudget.into()))) };
-            match &mut this.held {
-                Some(held) => held.merge(charged),
-                None => this.held = Some(charged),
-            }
+        if let Some(n) = frame.data_ref().map(bytes::Bytes::len).filter(|n| *n > 0)
+            && let Err(over) = this.charge(n)
+        {
+            return Poll::Ready(Some(Err(over.into())));
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -546,7 +592,8 @@ pub(crate) async fn serve_http(
         let budget = budget.clone();
         let service = app.clone().map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());
-            req.map(|body| axum::body::Body::new(budget.charge(body)))
+            let address = peer.remote.map(|a| a.ip());
+            req.map(|body| axum::body::Body::new(budget.charge(body, address)))
         });
         let serving = builder
             .serve_connection_with_upgrades(TokioIo::new(conn), hyper_util::service::TowerToHyperService::new(service))
@@ -564,6 +611,40 @@ pub(crate) async fn serve_http(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One address may hold its share of the budget and no more: a client that filled the whole
+    /// budget with stalled bodies had every other client's body refused. Another address's
+    /// bodies still fit, and a body's bytes come back, to its address and the whole, when it goes.
+    #[tokio::test]
+    async fn one_address_holds_its_share_of_the_body_budget_and_no_more() {
+        use http_body_util::{BodyExt, Full};
+        let limits = crate::config::Limits {
+            body_bytes_max: 100,
+            body_bytes_inflight_max: 400,
+            body_bytes_per_address_max: 200,
+            ..crate::config::Limits::default()
+        };
+        let budget = BodyBudget::new(&limits);
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let body = |n: usize, from| budget.charge(Full::new(bytes::Bytes::from(vec![0u8; n])), Some(from));
+        let read = |mut body: Budgeted<Full<bytes::Bytes>>| async move {
+            let outcome = body.frame().await.expect("one frame").map(drop);
+            (body, outcome)
+        };
+        let (held_a, read_a) = read(body(150, a)).await;
+        read_a.expect("within the address's share");
+        let (_, over) = read(body(100, a)).await;
+        assert!(OverBudget::caused(&*over.unwrap_err()), "past the address's share");
+        let (held_b, read_b) = read(body(200, b)).await;
+        read_b.expect("another address has its own share");
+        let (_, over) = read(body(100, "10.0.0.3".parse().unwrap())).await;
+        assert!(OverBudget::caused(&*over.unwrap_err()), "past the whole budget (350 held of 400)");
+        drop((held_a, held_b));
+        assert_eq!(budget.overall.available_permits(), 400);
+        assert!(budget.per_address.lock().unwrap().is_empty(), "every share given back");
+        let (_, again) = read(body(200, a)).await;
+        again.expect("the address's whole share again");
+    }
 
     /// Whether `act` counted as progress: it moved the time of the last progress on.
     fn progress(idle: &mut IdleTimer, act: impl FnOnce(&mut IdleTimer)) -> bool {
