@@ -560,7 +560,10 @@ async fn genesis(
             .map(|p| {
                 let pem = std::fs::read_to_string(p)
                     .with_context(|| format!("reading genesis certificate {}", p.display()))?;
-                Ok((identity::id_of_pem(pem.as_bytes()).with_context(|| p.display().to_string())?, pem))
+                // One certificate block and nothing else, as a proposal's must be: a record
+                // written here is held to it whenever a constitution rewrites it.
+                let der = identity::single_cert_der(pem.as_bytes()).with_context(|| p.display().to_string())?;
+                Ok((identity::id_of_der(&der), pem))
             })
             .collect()
     };
