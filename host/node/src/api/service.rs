@@ -1176,13 +1176,22 @@ impl Service {
         self.in_read_slot(move || read(&store.begin()?)).await
     }
 
-    /// Runs `work` on the blocking pool, in a slot of `reads_inflight_max`.
+    /// Runs `work` on the blocking pool, in a slot of `reads_inflight_max`, once one is free
+    /// within `request_timeout_ms` (503 otherwise).
     pub(crate) async fn in_read_slot<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let permit =
-            self.reads.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the node is shutting down"))?;
+        let timeout = Duration::from_millis(self.limits.request_timeout_ms);
+        let permit = tokio::time::timeout(timeout, self.reads.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                ApiError::unavailable(format!(
+                    "no read slot came free within {} ms (request_timeout_ms; reads_inflight_max are busy)",
+                    self.limits.request_timeout_ms
+                ))
+            })?
+            .map_err(|_| ApiError::unavailable("the node is shutting down"))?;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             work()
