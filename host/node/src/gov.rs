@@ -327,6 +327,12 @@ fn store_proposal(tx: &mut Tx, id: &str, record: &ProposalRecord) -> Result<(), 
 /// leader's bound is the service's.
 pub const TOO_MANY_OPEN_PROPOSALS: &str = "TooManyOpenProposals";
 
+/// A proposal's state, read without its actions (a module each, for `set_app`).
+#[derive(Deserialize)]
+struct Standing {
+    state: ProposalState,
+}
+
 /// A proposal's key in [`PROPOSALS_OPEN`].
 pub(crate) fn open_proposal_key(proposer: &str, id: &str) -> String {
     format!("{proposer}/{id}")
@@ -346,7 +352,12 @@ fn room_for_a_proposal(tx: &Tx, member: &str, policy: &RequestPolicy) -> Result<
         let Some((key, _)) = tx.first_in(PROPOSALS_OPEN, lower, Excluded(past.as_bytes()))? else {
             return Ok(());
         };
-        open += 1;
+        // Counted only while Open: a leader of an older version, during a rolling upgrade,
+        // closes proposals without taking them out of the index.
+        let id = String::from_utf8_lossy(&key[first.len()..]).into_owned();
+        if get::<Standing>(tx, PROPOSALS, id.as_bytes())?.is_some_and(|p| p.state == ProposalState::Open) {
+            open += 1;
+        }
         after = Some(key);
     }
     Err(refuse(
@@ -505,22 +516,19 @@ fn apply(
     let (constitution_changed, app_changed) = (replaces("set_constitution"), replaces("set_app"));
     if app_changed || constitution_changed {
         let what = if constitution_changed { "the constitution" } else { "the app" };
-        // The Open ones, from their index: not every proposal ever filed, with its modules.
-        for (key, _) in all::<u64>(tx, PROPOSALS_OPEN)? {
-            let other = key.split_once('/').map_or(key.as_str(), |(_, other)| other);
-            if other == id {
-                continue;
-            }
-            let Some(mut p) = proposal(tx, other)?.filter(|p| p.state == ProposalState::Open) else {
-                // Not Open after all: the index is the node's alone, so this is a bug; it
-                // must not keep the proposer's slot.
-                tracing::warn!(proposal = other, "{PROPOSALS_OPEN} named a proposal that is not Open");
-                tx.remove(PROPOSALS_OPEN, key.as_bytes())?;
-                continue;
-            };
+        // Every Open proposal, found from the proposals themselves (read without their
+        // actions), not from `gov.proposals_open`: a state from before that index holds Open
+        // proposals it does not name.
+        let open: Vec<String> = all::<Standing>(tx, PROPOSALS)?
+            .into_iter()
+            .filter(|(other, p)| other != id && p.state == ProposalState::Open)
+            .map(|(other, _)| other)
+            .collect();
+        for other in open {
+            let mut p = proposal(tx, &other)?.expect("listed just now, in this transaction");
             p.state = ProposalState::Dropped;
             p.reason = Some(format!("{what} changed when proposal {id} was accepted"));
-            store_proposal(tx, other, &p)?;
+            store_proposal(tx, &other, &p)?;
         }
     }
     Ok(ProposalState::Accepted)
@@ -875,5 +883,32 @@ mod tests {
         twice.push(("copy".into(), member(&keys[0], MemberStatus::Accepted)));
         let err = with(&twice).unwrap_err();
         assert!(err.contains("the same encryption key"), "{err}");
+    }
+
+    /// During a rolling upgrade a leader of an older version closes proposals without taking
+    /// them out of `gov.proposals_open`; its proposer could not withdraw them (no longer Open),
+    /// so they would have counted against it for good. Only Open ones count.
+    #[test]
+    fn only_open_proposals_count_against_their_proposer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cloister_store::Store::open(&dir.path().join("state.redb")).unwrap();
+        let policy = RequestPolicy { request_window_s: 60, now: 0, proposals_open_per_member_max: 1 };
+        let member = "ab".repeat(32);
+        let mut tx = store.begin().unwrap();
+        let record = |state| ProposalRecord {
+            proposer: member.clone(),
+            proposal: Proposal { actions: Vec::new() },
+            state,
+            created_at: 0,
+            reason: None,
+        };
+        // Closed by an older leader: its record says Accepted, its index entry stayed.
+        put_json(&mut tx, PROPOSALS, b"p1", &record(ProposalState::Accepted));
+        put_json(&mut tx, PROPOSALS_OPEN, open_proposal_key(&member, "p1").as_bytes(), &0u64);
+        room_for_a_proposal(&tx, &member, &policy).expect("a stale entry does not count");
+        store_proposal(&mut tx, "p2", &record(ProposalState::Open)).unwrap();
+        let err = room_for_a_proposal(&tx, &member, &policy).unwrap_err();
+        assert!(err.to_string().contains("has 1 Open proposals"), "{err}");
+        room_for_a_proposal(&tx, &"cd".repeat(32), &policy).expect("another member's count is its own");
     }
 }
