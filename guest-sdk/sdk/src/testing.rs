@@ -154,6 +154,11 @@ impl Backend for Tx {
     }
 
     fn first_in(&self, map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> Option<(Vec<u8>, Vec<u8>)> {
+        for bound in [lower, upper] {
+            if let Bound::Included(key) | Bound::Excluded(key) = bound {
+                key_within_bound(key);
+            }
+        }
         abi::check_read_as(map, self.privilege).unwrap_or_else(|e| panic!("{e}"));
         let bound = |b: Bound<&[u8]>| b.map(|k| (map.to_owned(), k.to_vec()));
         let range = (

@@ -74,8 +74,6 @@ pub(crate) fn run(command: CaCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `cloister node csr`: the node's key (generated here, unless `key` already holds one, so a
-/// rerun asks again for the same key) and a signing request for it.
 /// Refuses to write keys where any of `paths` exists: a key written over would be lost for
 /// good (`why` says what it held).
 pub(crate) fn refuse_to_replace(paths: &[&Path], why: &str) -> anyhow::Result<()> {
@@ -85,6 +83,8 @@ pub(crate) fn refuse_to_replace(paths: &[&Path], why: &str) -> anyhow::Result<()
     Ok(())
 }
 
+/// `cloister node csr`: the node's key (generated here, unless `key` already holds one, so a
+/// rerun asks again for the same key) and a signing request for it.
 pub(crate) fn node_csr(name: &str, key: &Path, out: &Path) -> anyhow::Result<ExitCode> {
     let existing = match std::fs::read_to_string(key) {
         Ok(pem) => Some(pem),
