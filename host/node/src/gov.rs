@@ -338,9 +338,10 @@ pub(crate) fn open_proposal_key(proposer: &str, id: &str) -> String {
     format!("{proposer}/{id}")
 }
 
-/// Refuses a proposal from a member who has `proposals_open_per_member_max` Open already. Each
-/// Open proposal stays in the state, with the modules it carries, until it resolves or its
-/// proposer withdraws it: without a bound, one member could grow the state without end.
+/// Refuses a proposal from a member who has `proposals_open_per_member_max` Open already: the
+/// bound on each member's share of what the others must review and vote on. (Not on the state's
+/// growth: a closed proposal stays, with its record, as every accepted request does in the
+/// history.)
 fn room_for_a_proposal(tx: &Tx, member: &str, policy: &RequestPolicy) -> Result<(), GovError> {
     use std::ops::Bound::{Excluded, Included};
     // Member ids are hex: their keys run from `{member}/` to just before `{member}0`.
