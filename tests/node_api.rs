@@ -168,6 +168,20 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let huge = cloister_proto::reconcile::v1::IngestCsvRequest { csv: "x".repeat(body_max + 1) };
     let refused = channel.ingest_csv(huge).await.unwrap_err();
     assert!(matches!(refused.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{refused:?}");
+    // A typed ingest is held to body_bytes_max as the JSON it stands for, and is never built as
+    // a map per record: a message just under the limit of empty records (two bytes each on the
+    // wire, three as JSON) is refused by the node, not handed to the app as 1.5 times the limit.
+    let empty = cloister_proto::reconcile::v1::Record::default();
+    let records = vec![empty; (body_max - 8) / 2];
+    let refused = channel.ingest(cloister_proto::reconcile::v1::IngestRequest { records }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("body_bytes_max"), "{refused:?}");
+    // A record that is not one (a field name that is not UTF-8) is the caller's error.
+    let frame = |message: &[u8]| [&[0u8][..], &(message.len() as u32).to_be_bytes(), message].concat();
+    let not_utf8 = frame(&[0x0a, 6, 0x0a, 4, 0x0a, 2, 0xff, 0xfe]);
+    let reply = raw.post("/cloister.reconcile.v1.Reconcile/Ingest", "application/grpc", not_utf8).await.unwrap();
+    let trailers = reply.trailers.as_ref().unwrap_or(&reply.headers);
+    assert_eq!(trailers.get("grpc-status").expect("a gRPC status"), "3", "INVALID_ARGUMENT: {trailers:?}");
 
     assert_eq!(report(&m).await, before, "no bad input changed the state");
 }

@@ -2,7 +2,8 @@
 //! `protoc` binary needed).
 //!
 //! - `app::v1::App`: a generic call to any app endpoint, with the same semantics as REST.
-//! - `reconcile::v1::Reconcile`: the reconcile app's endpoints as typed calls.
+//! - `reconcile::v1::Reconcile`: the reconcile app's endpoints as typed calls (the node serves
+//!   `reconcile::bounded`'s, which keeps an ingest's records encoded).
 //! - `gov::v1::Gov`: governance: signed writes and reads of the `gov.*` tables.
 //! - `peer::v1::Peer`: node-to-node traffic (Raft, forwarding, joins), on the peer port.
 
@@ -16,7 +17,17 @@ pub mod reconcile {
     pub mod v1 {
         tonic::include_proto!("cloister.reconcile.v1");
     }
+
+    /// The `Reconcile` server that decodes `IngestRequest` as [`EncodedRecords`]: what the node
+    /// serves. The messages are `v1`'s.
+    pub mod bounded {
+        include!(concat!(env!("OUT_DIR"), "/bounded/cloister.reconcile.v1.rs"));
+    }
+
+    pub use crate::encoded_records::{EncodedRecords, RecordError, fields};
 }
+
+mod encoded_records;
 
 pub mod gov {
     pub mod v1 {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use cloister_proto::app::v1 as app_pb;
 use cloister_proto::gov::v1 as gov_pb;
+use cloister_proto::reconcile as rec_pb_bounded;
 use cloister_proto::reconcile::v1 as rec_pb;
+use prost::Message;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 
@@ -110,12 +112,65 @@ fn encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
+/// A buffer that takes no more than `max` bytes: a write that would pass it fails and leaves it.
+struct Bounded {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.max {
+            return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "over the bound"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An ingest's records as the JSON body of `POST /app/ingest`, an array of objects of string
+/// fields, held to `body_bytes_max` as that body is over REST (the typed call is the same
+/// request in another encoding). Built from the encoded records one field at a time, so the
+/// memory it takes is the bound's, whatever the records hold.
+fn records_json(records: &rec_pb_bounded::EncodedRecords, max: usize) -> Result<Vec<u8>, ApiError> {
+    use std::io::Write;
+    let mut json = Bounded { buf: Vec::with_capacity(records.encoded_len().min(max)), max };
+    let too_large = |_| ApiError::too_large(format!("the records as JSON exceed {max} bytes (body_bytes_max)"));
+    json.write_all(b"[").map_err(too_large)?;
+    for (i, record) in records.records().enumerate() {
+        json.write_all(if i == 0 { &b"{"[..] } else { b",{" }).map_err(too_large)?;
+        for (j, field) in rec_pb_bounded::fields(record).enumerate() {
+            let (name, value) = field.map_err(|e| ApiError::bad_request(format!("record {}: {e}", i + 1)))?;
+            let written = (|| {
+                if j > 0 {
+                    json.write_all(b",")?;
+                }
+                serde_json::to_writer(&mut json, name)?;
+                json.write_all(b":")?;
+                serde_json::to_writer(&mut json, value)?;
+                std::io::Result::Ok(())
+            })();
+            written.map_err(too_large)?;
+        }
+        json.write_all(b"}").map_err(too_large)?;
+    }
+    json.write_all(b"]").map_err(too_large)?;
+    Ok(json.buf)
+}
+
 #[tonic::async_trait]
-impl rec_pb::reconcile_server::Reconcile for ReconcileService {
-    async fn ingest(&self, req: Request<rec_pb::IngestRequest>) -> Result<Response<rec_pb::IngestReply>, Status> {
+impl rec_pb_bounded::bounded::reconcile_server::Reconcile for ReconcileService {
+    async fn ingest(
+        &self,
+        req: Request<rec_pb_bounded::EncodedRecords>,
+    ) -> Result<Response<rec_pb::IngestReply>, Status> {
         let cert = client_cert(&req);
-        let records: Vec<_> = req.into_inner().records.into_iter().map(|r| r.fields).collect();
-        let body = serde_json::to_vec(&records).expect("string maps serialize");
+        let body = records_json(req.get_ref(), self.0.limits().body_bytes_max).map_err(|e| e.to_status())?;
+        drop(req);
         let reply = call(&self.0, cert, "POST", "/ingest", "application/json", body).await?;
         Ok(Response::new(ingest_reply(&reply)?))
     }
@@ -208,7 +263,7 @@ pub fn routes(service: Arc<Service>) -> anyhow::Result<tonic::service::Routes> {
         .with_service_name("cloister.gov.v1.Gov")
         .build_v1()?;
     let app = app_pb::app_server::AppServer::new(AppService(service.clone())).max_decoding_message_size(max);
-    let reconcile = rec_pb::reconcile_server::ReconcileServer::new(ReconcileService(service.clone()))
+    let reconcile = rec_pb_bounded::bounded::reconcile_server::ReconcileServer::new(ReconcileService(service.clone()))
         .max_decoding_message_size(max);
     let metrics = service.metrics().clone();
     let gov = gov_pb::gov_server::GovServer::new(GovService(service)).max_decoding_message_size(max);
@@ -264,5 +319,53 @@ impl hyper::body::Body for DeadlineBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(records: &[&[(&str, &str)]]) -> rec_pb_bounded::EncodedRecords {
+        let mut out = rec_pb_bounded::EncodedRecords::default();
+        for fields in records {
+            let record =
+                rec_pb::Record { fields: fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+            out.push(&record.encode_to_vec());
+        }
+        out
+    }
+
+    #[test]
+    fn records_become_the_json_body_of_an_ingest() {
+        let records = encoded(&[&[("lei", "A\"\n")], &[], &[("nace", "é")]]);
+        let json = records_json(&records, 1 << 20).unwrap();
+        let back: Vec<BTreeMap<String, String>> = serde_json::from_slice(&json).unwrap();
+        let expected: Vec<BTreeMap<String, String>> =
+            vec![[("lei".into(), "A\"\n".into())].into(), BTreeMap::new(), [("nace".into(), "é".into())].into()];
+        assert_eq!(back, expected);
+        assert_eq!(records_json(&encoded(&[]), 2).unwrap(), b"[]");
+    }
+
+    #[test]
+    fn the_json_is_held_to_body_bytes_max_at_its_edge() {
+        // `[{"k":"\u0001"}]`: one control character is six bytes of JSON.
+        let records = encoded(&[&[("k", "\u{1}")]]);
+        let exact = records_json(&records, usize::MAX).unwrap().len();
+        assert_eq!(exact, br#"[{"k":"\u0001"}]"#.len());
+        assert!(records_json(&records, exact).is_ok());
+        let refused = records_json(&records, exact - 1).unwrap_err();
+        assert_eq!(refused.status, 413);
+        assert!(refused.message.contains("body_bytes_max"), "{}", refused.message);
+    }
+
+    #[test]
+    fn a_record_that_is_not_one_is_a_bad_request() {
+        let mut records = encoded(&[&[("lei", "A")]]);
+        // A map entry whose name is not UTF-8.
+        records.push(&[0x0a, 4, 0x0a, 2, 0xff, 0xfe]);
+        let refused = records_json(&records, 1 << 20).unwrap_err();
+        assert_eq!(refused.status, 400);
+        assert!(refused.message.starts_with("record 2: "), "{}", refused.message);
     }
 }
