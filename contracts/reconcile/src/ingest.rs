@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use std::cell::Cell;
+
 use cloister_sdk::Error;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Value, json};
 
 use crate::settings::{KEY_BYTES_MAX, Settings, VALUE_BYTES_MAX};
@@ -76,8 +79,9 @@ fn check_size(settings: &Settings, rows: usize) -> Result<(), Error> {
         return Err(Error::bad_request("the batch holds no records"));
     }
     if rows > settings.batch_records_max {
+        // Both parsers stop at the first row past the limit, so the total is not known.
         return Err(Error::payload_too_large(format!(
-            "the batch holds {rows} records; the limit is {} (setting batch_records_max)",
+            "the batch holds more than {} records (setting batch_records_max)",
             settings.batch_records_max
         )));
     }
@@ -85,30 +89,37 @@ fn check_size(settings: &Settings, rows: usize) -> Result<(), Error> {
 }
 
 /// Parses a JSON body: one record object, or a non-empty array of them.
+///
+/// The body is read as it is parsed, never built as a whole document: rows past
+/// `batch_records_max` stop the parse, and of each row only the fields the settings name are
+/// kept, so what a body takes in memory is bounded by the batch's limit and its fields' sizes,
+/// not by how many values it holds.
 pub fn from_json(settings: &Settings, body: &[u8]) -> Result<Vec<Record>, Error> {
-    let doc: Value =
-        serde_json::from_slice(body).map_err(|e| Error::bad_request(format!("request body is not valid JSON: {e}")))?;
+    let too_many = Cell::new(false);
+    let mut parser = serde_json::Deserializer::from_slice(body);
+    let seed = Reader { level: Level::Batch, settings, too_many: &too_many };
+    let parsed = seed.deserialize(&mut parser).and_then(|doc| parser.end().map(|()| doc));
+    let doc = match parsed {
+        Ok(doc) => doc,
+        Err(_) if too_many.get() => return check_size(settings, settings.batch_records_max + 1).map(|()| Vec::new()),
+        Err(e) => return Err(Error::bad_request(format!("request body is not valid JSON: {e}"))),
+    };
     let rows = match doc {
-        Value::Array(rows) => rows,
-        obj @ Value::Object(_) => vec![obj],
-        other => {
-            return Err(Error::bad_request(format!(
-                "expected a record object or an array of records, got {}",
-                kind(&other)
-            )));
-        }
+        Kept::Rows(rows) => rows,
+        row @ Kept::Record(_) => vec![row],
+        other => return Err(not_a_batch(other.kind())),
     };
     check_size(settings, rows.len())?;
     let mut errors = RowErrors::default();
     let mut records = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         let parsed = match row {
-            Value::Object(obj) => record(settings, |name| match obj.get(name) {
+            Kept::Record(fields) => record(settings, |name| match fields.get(name) {
                 None => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.as_str())),
-                Some(v) => Err(format!("field {name} must be a string, got {}", kind(v))),
+                Some(Kept::Str(s)) => Ok(Some(s.as_str())),
+                Some(other) => Err(format!("field {name} must be a string, got {}", other.kind())),
             }),
-            v => Err(format!("expected a record object, got {}", kind(v))),
+            other => Err(format!("expected a record object, got {}", other.kind())),
         };
         match parsed {
             Ok(r) => records.push(r),
@@ -118,6 +129,130 @@ pub fn from_json(settings: &Settings, body: &[u8]) -> Result<Vec<Record>, Error>
     errors.into_result(records)
 }
 
+fn not_a_batch(kind: &str) -> Error {
+    Error::bad_request(format!("expected a record object or an array of records, got {kind}"))
+}
+
+/// What the JSON parse keeps of a value: the batch's rows, a row's named fields, a string, or
+/// only the kind of anything else (which is skipped, not built).
+enum Kept {
+    Rows(Vec<Kept>),
+    Record(BTreeMap<String, Kept>),
+    Str(String),
+    Other(&'static str),
+}
+
+impl Kept {
+    fn kind(&self) -> &'static str {
+        match self {
+            Kept::Rows(_) => "an array",
+            Kept::Record(_) => "an object",
+            Kept::Str(_) => "a string",
+            Kept::Other(kind) => kind,
+        }
+    }
+}
+
+/// How deep in the body a value sits, which decides what of it is kept.
+#[derive(Clone, Copy, PartialEq)]
+enum Level {
+    /// The body: an array of rows, or one row.
+    Batch,
+    /// A row: an object whose named fields are kept.
+    Row,
+    /// A field's value: a string is kept.
+    Field,
+}
+
+/// Reads one value at `level` (a serde seed, since what is kept depends on the settings).
+#[derive(Clone, Copy)]
+struct Reader<'a> {
+    level: Level,
+    settings: &'a Settings,
+    /// Set when the batch has more rows than `batch_records_max`, which ends the parse.
+    too_many: &'a Cell<bool>,
+}
+
+impl Reader<'_> {
+    fn at(self, level: Level) -> Self {
+        Reader { level, ..self }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Reader<'_> {
+    type Value = Kept;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Kept, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Reader<'_> {
+    type Value = Kept;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Kept, E> {
+        Ok(Kept::Other("a boolean"))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Kept, E> {
+        Ok(Kept::Other("a number"))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Kept, E> {
+        Ok(Kept::Other("a number"))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Kept, E> {
+        Ok(Kept::Other("a number"))
+    }
+
+    fn visit_unit<E>(self) -> Result<Kept, E> {
+        Ok(Kept::Other("null"))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Kept, E> {
+        Ok(match self.level {
+            Level::Field => Kept::Str(v.to_owned()),
+            Level::Batch | Level::Row => Kept::Other("a string"),
+        })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Kept, A::Error> {
+        if self.level != Level::Batch {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(Kept::Other("an array"));
+        }
+        let mut rows = Vec::new();
+        while let Some(row) = seq.next_element_seed(self.at(Level::Row))? {
+            if rows.len() == self.settings.batch_records_max {
+                self.too_many.set(true);
+                return Err(de::Error::custom("more rows than batch_records_max"));
+            }
+            rows.push(row);
+        }
+        Ok(Kept::Rows(rows))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kept, A::Error> {
+        if self.level == Level::Field {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Kept::Other("an object"));
+        }
+        let mut fields = BTreeMap::new();
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if self.settings.fields().any(|f| f == name) {
+                fields.insert(name.into_owned(), map.next_value_seed(self.at(Level::Field))?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Kept::Record(fields))
+    }
+}
 /// Parses a CSV body whose header names at least the key field and the attribute fields.
 ///
 /// Rows are numbered by line, the header being line 1. Extra columns are ignored.
@@ -165,19 +300,10 @@ pub fn from_csv(settings: &Settings, body: &[u8]) -> Result<Vec<Record>, Error> 
     errors.into_result(records)
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use cloister_test_support::{TrackingAllocator, largest_allocation};
+
     use super::*;
 
     fn s() -> Settings {
@@ -225,6 +351,50 @@ mod tests {
         let too_long = format!(r#"{{"lei":"{}","nace":"x"}}"#, "k".repeat(KEY_BYTES_MAX + 1));
         assert!(from_json(&s(), too_long.as_bytes()).unwrap_err().message.contains("the limit is 256"));
         assert!(from_json(&s(), br#"{"lei":"a\u0000b","nace":"x"}"#).unwrap_err().message.contains("control"));
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: TrackingAllocator = TrackingAllocator;
+
+    #[test]
+    fn a_body_of_many_values_is_not_built_whole() {
+        // 8 MiB of zeros: four million values, each a few dozen bytes as a document.
+        let mut zeros = b"[0".to_vec();
+        zeros.extend(b",0".repeat((8 << 20) / 2));
+        zeros.push(b']');
+        let (result, largest) = largest_allocation(|| from_json(&s(), &zeros));
+        let e = result.unwrap_err();
+        assert_eq!(e.status, 413, "{}", e.message);
+        assert!(e.message.contains("more than 10000 records (setting batch_records_max)"), "{}", e.message);
+        assert!(largest < 1 << 20, "largest allocation {largest} bytes");
+        // Within the limit, a row's other fields are skipped, however much they hold.
+        let padded = format!(r#"[{{"lei":"A","nace":"B","pad":[{}0]}}]"#, "0,".repeat(1 << 20));
+        let (result, largest) = largest_allocation(|| from_json(&s(), padded.as_bytes()));
+        assert_eq!(result.unwrap().len(), 1);
+        assert!(largest < 1 << 20, "largest allocation {largest} bytes");
+    }
+
+    #[test]
+    fn json_fields_named_twice_keep_the_last_and_other_kinds_are_named() {
+        let one = from_json(&s(), br#"{"lei":"A","nace":"B","lei":"C"}"#).unwrap();
+        assert_eq!(one[0].key, "C");
+        let body = br#"[{"lei":{"a":1},"nace":"x"},{"lei":["a"],"nace":"x"},"row",[1]]"#;
+        let d = from_json(&s(), body).unwrap_err().details.unwrap();
+        let reasons: Vec<&str> = d["rows"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "field lei must be a string, got an object",
+                "field lei must be a string, got an array",
+                "expected a record object, got a string",
+                "expected a record object, got an array",
+            ]
+        );
+        for (body, kind) in [(&b"\"x\""[..], "a string"), (b"true", "a boolean"), (b"1.5", "a number")] {
+            let e = from_json(&s(), body).unwrap_err();
+            assert!(e.message.ends_with(&format!("an array of records, got {kind}")), "{}", e.message);
+        }
+        assert!(from_json(&s(), br#"{"lei":"A","nace":"B"} x"#).unwrap_err().message.contains("not valid JSON"));
     }
 
     #[test]
