@@ -187,6 +187,22 @@ async fn bad_input_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_millions_of_values_is_refused_by_its_row_count() {
+    // Default limits: a body_bytes_max body of zeros is four million JSON values. The app built
+    // them as one document before counting rows, and ran out of its memory (a 500); it reads the
+    // rows one by one now, and the batch limit answers.
+    let service = TestService::start(1, 0, RECONCILE, Limits::default()).await;
+    let m = service.member(0).await;
+    let mut zeros = b"[0".to_vec();
+    zeros.extend(b",0".repeat((Limits::default().body_bytes_max - 3) / 2));
+    zeros.push(b']');
+    assert!(zeros.len() <= Limits::default().body_bytes_max);
+    let reply = m.post("/app/ingest", "application/json", zeros).await.unwrap();
+    assert_error(&reply, 413, "PayloadTooLarge", "more than 10000 records (setting batch_records_max)");
+    assert_eq!(report(&m).await, serde_json::json!([]), "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traps_are_500_with_a_named_error_and_the_node_keeps_serving() {
     let service = TestService::start(1, 0, &misbehave_wasm(), Limits::default()).await;
     let m = service.member(0).await;

@@ -46,8 +46,13 @@ pub enum ExecError {
     StackOverflow { max: usize },
     #[error("{message}")]
     GuestPanic { message: String },
-    #[error("the request envelope is {bytes} bytes; the limit is {max} (request_bytes_max)")]
+    #[error("the request body is {bytes} bytes; the limit is {max} (request_bytes_max)")]
     RequestTooLarge { bytes: usize, max: usize },
+    #[error(
+        "the request's head (method, path, query, headers and caller) is {bytes} bytes as JSON; \
+         the limit is {max} (REQUEST_HEAD_BYTES_MAX)"
+    )]
+    RequestHeadTooLarge { bytes: usize, max: usize },
     #[error("the response is {bytes} bytes; the limit is {max} (response_bytes_max)")]
     ResponseTooLarge { bytes: usize, max: usize },
     #[error("the handler broke the store's limits: {0}")]
@@ -76,6 +81,7 @@ impl ExecError {
             ExecError::StackOverflow { .. } => "StackOverflow",
             ExecError::GuestPanic { .. } => "GuestPanic",
             ExecError::RequestTooLarge { .. } => "RequestTooLarge",
+            ExecError::RequestHeadTooLarge { .. } => "RequestHeadTooLarge",
             ExecError::ResponseTooLarge { .. } => "ResponseTooLarge",
             ExecError::StoreLimit(_) => "StoreLimitExceeded",
             ExecError::Denied(_) => "AccessDenied",
@@ -91,6 +97,7 @@ impl ExecError {
     pub fn status(&self) -> u16 {
         match self {
             ExecError::RequestTooLarge { .. } => 413,
+            ExecError::RequestHeadTooLarge { .. } => 431,
             ExecError::Busy { .. } => 503,
             _ => 500,
         }

@@ -20,7 +20,7 @@ use wasmtime::{
 };
 
 pub use error::{ExecError, LoadError};
-pub use limits::Limits;
+pub use limits::{Limits, REQUEST_HEAD_BYTES_MAX};
 pub use wasi::GuestOutput;
 
 use host::HostState;
@@ -354,10 +354,14 @@ impl Runtime {
     ) -> Result<AppResponse, ExecError> {
         let fuel = self.limits.fuel_per_request;
         let wasm_err = |e| ExecError::from_wasm(e, fuel, &self.limits);
-        let envelope = abi::frame(inv.head, inv.body);
         let max = self.limits.request_bytes_max;
-        if envelope.len() > max {
-            return Err(ExecError::RequestTooLarge { bytes: envelope.len(), max });
+        if inv.body.len() > max {
+            return Err(ExecError::RequestTooLarge { bytes: inv.body.len(), max });
+        }
+        let envelope = abi::frame(inv.head, inv.body);
+        let head_bytes = envelope.len() - 4 - inv.body.len();
+        if head_bytes > limits::REQUEST_HEAD_BYTES_MAX {
+            return Err(ExecError::RequestHeadTooLarge { bytes: head_bytes, max: limits::REQUEST_HEAD_BYTES_MAX });
         }
         let instance = module.pre.instantiate(&mut *store).map_err(wasm_err)?;
         let alloc: TypedFunc<u32, u32> =

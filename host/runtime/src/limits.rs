@@ -9,6 +9,11 @@ pub(crate) const FUEL_PER_REQUEST: u64 = 2_000_000_000;
 pub(crate) const WALL_TIME_MS: u64 = 5_000;
 pub(crate) const STACK_BYTES_MAX: usize = 512 << 10;
 pub(crate) const REQUEST_BYTES_MAX: usize = 8 << 20;
+/// Largest request head the runtime frames for a contract: the method, path, query, headers and
+/// caller as JSON. A head is bounded apart from the body, so that any body within
+/// `request_bytes_max` runs whatever the head holds; the listeners' header limits keep a real one
+/// far below this, but a gRPC `App.Call` carries its path and query in its message.
+pub const REQUEST_HEAD_BYTES_MAX: usize = 1 << 20;
 pub(crate) const RESPONSE_BYTES_MAX: usize = 8 << 20;
 pub(crate) const INSTANCES_MAX: u32 = 64;
 pub const KEY_BYTES_MAX: usize = cloister_abi::abi::KEY_BYTES_DEFAULT_MAX;
@@ -58,7 +63,8 @@ pub struct Limits {
     pub wall_time_ms: u64,
     /// Largest wasm stack, in bytes; deeper recursion traps with a stack overflow.
     pub stack_bytes_max: usize,
-    /// Largest request envelope (head and body), in bytes.
+    /// Largest request body handed to a contract, in bytes; the envelope's head is bounded apart
+    /// by [`REQUEST_HEAD_BYTES_MAX`].
     pub request_bytes_max: usize,
     /// Largest response envelope (head and body), in bytes.
     pub response_bytes_max: usize,

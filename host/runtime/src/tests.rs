@@ -36,6 +36,18 @@ impl Fixture {
 
     /// [`Fixture::call`], answering with the whole outcome (the fuel it burned too).
     fn run(&self, method: &str, target: &str, body: &str) -> Result<Outcome, ExecError> {
+        let (head, mode) = self.head(method, target);
+        let inv = Invocation { head: &head, body: body.as_bytes(), mode, namespace: "app", privilege: Privilege::App };
+        let (tx, result) = self.runtime.execute(&self.module, inv, self.store.begin().unwrap());
+        let outcome = result?;
+        if outcome.response.is_success() {
+            self.store.apply(&tx.into_writes()).unwrap();
+        }
+        Ok(outcome)
+    }
+
+    /// The head the node would build for a request, and its endpoint's mode.
+    fn head(&self, method: &str, target: &str) -> (RequestHead, Mode) {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let (endpoint, params) = self.module.manifest().find(method, path).expect("routed");
         let head = RequestHead {
@@ -48,19 +60,12 @@ impl Fixture {
             request_id: format!("test-{path}"),
             ..Default::default()
         };
-        let inv = Invocation {
-            head: &head,
-            body: body.as_bytes(),
-            mode: endpoint.mode,
-            namespace: "app",
-            privilege: Privilege::App,
-        };
-        let (tx, result) = self.runtime.execute(&self.module, inv, self.store.begin().unwrap());
-        let outcome = result?;
-        if outcome.response.is_success() {
-            self.store.apply(&tx.into_writes()).unwrap();
-        }
-        Ok(outcome)
+        (head, endpoint.mode)
+    }
+
+    /// The bytes of a request's head as the runtime frames it.
+    fn head_bytes(&self, method: &str, target: &str) -> usize {
+        serde_json::to_vec(&self.head(method, target).0).unwrap().len()
     }
 
     fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -157,9 +162,25 @@ fn an_oversized_response_is_refused_at_its_limit() {
 #[test]
 fn an_oversized_request_is_refused_before_running() {
     let f = fixture(Limits { request_bytes_max: 1 << 10, ..Limits::default() });
-    let err = f.call("POST", "/put/k", &"x".repeat(2 << 10)).unwrap_err();
+    let err = f.call("POST", "/put/k", &"x".repeat((1 << 10) + 1)).unwrap_err();
     assert_eq!(err.code(), "RequestTooLarge");
     assert_eq!(err.status(), 413);
+    assert!(err.to_string().contains("request_bytes_max"), "{err}");
+    // The limit is the body's: one of exactly the limit runs, whatever the head adds to it.
+    assert_eq!(f.call("POST", "/put/k", &"x".repeat(1 << 10)).unwrap().head.status, 204);
+}
+
+#[test]
+fn a_request_head_is_bounded_apart_from_its_body() {
+    let f = fixture(Limits::default());
+    // A query of `len` bytes adds exactly `len` to the head.
+    let target = |len: usize| format!("/put/k?{}", "q".repeat(len));
+    let at_bound = REQUEST_HEAD_BYTES_MAX - f.head_bytes("POST", &target(0));
+    assert_eq!(f.head_bytes("POST", &target(at_bound)), REQUEST_HEAD_BYTES_MAX);
+    assert_eq!(f.call("POST", &target(at_bound), "v").unwrap().head.status, 204);
+    let err = f.call("POST", &target(at_bound + 1), "v").unwrap_err();
+    assert_eq!((err.code(), err.status()), ("RequestHeadTooLarge", 431));
+    assert!(err.to_string().contains("REQUEST_HEAD_BYTES_MAX"), "{err}");
 }
 
 #[test]

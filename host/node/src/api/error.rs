@@ -133,7 +133,7 @@ impl ApiError {
             408 => Code::DeadlineExceeded,
             409 => Code::AlreadyExists,
             412 => Code::FailedPrecondition,
-            413 | 429 => Code::ResourceExhausted,
+            413 | 429 | 431 => Code::ResourceExhausted,
             503 => Code::Unavailable,
             504 => Code::DeadlineExceeded,
             s if (400..500).contains(&s) => Code::FailedPrecondition,
