@@ -667,3 +667,44 @@ async fn a_follower_refuses_a_forged_governance_request_without_the_leader() {
     assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.json().unwrap()["error"]["code"], "BadSignature", "{}", reply.text());
 }
+
+/// A follower holds a forwarded governance request's share of `gov_checks_per_address_max`
+/// until the leader answers it. (Given back after the follower's own check, one address could
+/// keep any number of requests at the leader, which counts forwarded ones against its overall
+/// bound only, and so fill its checks.) The other two nodes are frozen (SIGSTOP), so the first
+/// request, from a signer the follower cannot refuse on its own, waits there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_holds_the_addresss_share_while_it_forwards() {
+    let mut c = Cluster::start(3, 1, RECONCILE, |config| config.limits.gov_checks_per_address_max = 1).await;
+    let leader = c.leader().await.expect("a leader");
+    let follower = (leader + 1) % 3;
+    let client = c.client(follower, 0).await.unwrap();
+    let stranger = new_identity("stranger");
+    let signed = || sign_gov(&stranger.keyed, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();
+    let others: Vec<i32> =
+        (0..3).filter(|i| *i != follower).map(|i| i32::try_from(c.nodes[i].pid().unwrap()).unwrap()).collect();
+    let signal = |signal| {
+        for pid in &others {
+            // SAFETY: kill(2) on a child process this test started.
+            assert_eq!(unsafe { libc::kill(*pid, signal) }, 0);
+        }
+    };
+    signal(libc::SIGSTOP);
+    let first = tokio::spawn({
+        let (client, body) = (client.clone(), signed());
+        async move { client.post(&GovWrite::Propose.path(), COSE_CONTENT_TYPE, body).await }
+    });
+    // The follower checks the first request in a few milliseconds and forwards it.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let second = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.post(&GovWrite::Propose.path(), COSE_CONTENT_TYPE, signed()),
+    )
+    .await;
+    signal(libc::SIGCONT);
+    let reply = second.expect("refused at once, not forwarded to wait").unwrap();
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert!(reply.text().contains("gov_checks_per_address_max"), "{}", reply.text());
+    let first = first.await.unwrap().unwrap();
+    assert!(matches!(first.status, 401 | 403), "the leader refuses the stranger: {}", first.text());
+}

@@ -156,8 +156,10 @@ struct GovChecks {
 }
 
 /// A claimed check slot. It moves into the task that runs the check, so a client that hangs up
-/// does not free it while its check still takes the CPU. The source address's share ends with
-/// the check; the overall one is handed back, to be held until the write is answered.
+/// does not free it while its check still takes the CPU. Both shares are handed back with the
+/// check's outcome: the leader gives the address's back at once and keeps the overall one for a
+/// proposal's modules until the write is answered; a follower keeps the address's until the
+/// request it forwards is answered.
 struct GovCheckSlot {
     address: AddressShare,
     overall: tokio::sync::OwnedSemaphorePermit,
@@ -189,12 +191,10 @@ impl GovCheckSlot {
     fn run<R: Send + 'static>(
         self,
         check: impl FnOnce() -> R + Send + 'static,
-    ) -> tokio::task::JoinHandle<(R, tokio::sync::OwnedSemaphorePermit)> {
+    ) -> tokio::task::JoinHandle<(R, tokio::sync::OwnedSemaphorePermit, AddressShare)> {
         tokio::task::spawn_blocking(move || {
             let GovCheckSlot { address, overall } = self;
-            let outcome = check();
-            drop(address);
-            (outcome, overall)
+            (check(), overall, address)
         })
     }
 }
@@ -948,12 +948,16 @@ impl Service {
     ) -> Result<AppReply, ApiError> {
         let timeout = Duration::from_millis(self.limits.request_timeout_ms);
         let run = async {
-            let _prechecked = match self.gov_precheck(&write, &body, source).await {
+            let (checked, address) = self.gov_precheck(&write, &body, source).await?;
+            let mut address = Some(address);
+            let _prechecked = match checked {
                 Ok(prechecked) => Some(prechecked),
                 Err(e) if leaders_to_decide(&e) && !self.consensus.is_leader() => None,
                 Err(e) => return Err(e),
             };
             if self.consensus.is_leader() {
+                // The writer's queue bounds what waits there; the address's share was the check's.
+                address.take();
                 let settings = self.gov.clone();
                 let w = write.clone();
                 let b = body.clone();
@@ -991,7 +995,13 @@ impl Service {
                 frontend: GOV_FRONTEND.into(),
                 ..Default::default()
             };
-            self.send_forward(&leader, request).await
+            // The leader counts forwarded requests against its overall bound only (they come
+            // from a node, not from their client's address), so this node holds the address's
+            // share until the leader answers: else one address, checked here in turn, could
+            // keep any number of requests at the leader and fill its checks.
+            let answer = self.send_forward(&leader, request).await;
+            drop(address);
+            answer
         };
         tokio::time::timeout(timeout, run).await.unwrap_or_else(|_| {
             Err(ApiError::unavailable(format!(
@@ -1003,23 +1013,27 @@ impl Service {
 
     /// Checks a signed request on the blocking pool against committed state (see
     /// [`gov::precheck`]), within the bounds of [`GovChecks`], before it may queue for the writer.
+    /// Err when no check slot was free; else the check's outcome, and the source address's
+    /// share, which the caller holds for as long as the request is its to answer.
     async fn gov_precheck(
         &self,
         write: &GovWrite,
         body: &bytes::Bytes,
         source: Option<std::net::IpAddr>,
-    ) -> Result<Prechecked, ApiError> {
+    ) -> Result<(Result<Prechecked, ApiError>, AddressShare), ApiError> {
         let slot = self.gov_checks.claim(source)?;
         let tx = self.store.begin()?;
         let policy = self.gov.policy(cloister_crypto::cose::unix_now());
         let (write, body, runtime) = (write.clone(), body.clone(), self.runtime.clone());
-        let (checked, overall) = slot
+        let (checked, overall, address) = slot
             .run(move || gov::precheck(&runtime, &tx, &write, &body, &policy))
             .await
             .map_err(|e| ApiError::internal(format!("the governance check stopped: {e}")))?;
-        let modules = checked?;
-        // Only a request carrying modules holds its share on: the memory it holds is theirs.
-        Ok(Prechecked { _overall: (!modules.is_empty()).then_some(overall), _modules: modules })
+        // Only a request carrying modules holds its overall share on: the memory it holds is theirs.
+        let checked = checked
+            .map_err(ApiError::from)
+            .map(|modules| Prechecked { _overall: (!modules.is_empty()).then_some(overall), _modules: modules });
+        Ok((checked, address))
     }
 
     /// A joining node's evidence: verified against the governed policy with the nonce this leader
@@ -1513,15 +1527,17 @@ mod tests {
         }
     }
 
-    /// A check gives its address's share back when it returns, and hands back the overall one,
-    /// which a proposal with modules holds until it is answered: `gov_checks_inflight_max`
-    /// bounds those on their way to the writer, and the modules they hold.
+    /// A check hands back both shares: the overall one, which a proposal with modules holds until
+    /// it is answered (`gov_checks_inflight_max` bounds those on their way to the writer, and the
+    /// modules they hold), and the address's, which a follower holds while it forwards.
     #[tokio::test]
-    async fn a_checked_write_holds_its_overall_share_until_answered() {
+    async fn a_checked_write_holds_its_shares_until_answered() {
         let limits = Limits { gov_checks_per_address_max: 1, gov_checks_inflight_max: 1, ..Limits::default() };
         let checks = Arc::new(GovChecks::new(&limits));
         let address = std::net::IpAddr::from([192, 0, 2, 7]);
-        let ((), overall) = checks.claim(Some(address)).unwrap().run(|| ()).await.unwrap();
+        let ((), overall, share) = checks.claim(Some(address)).unwrap().run(|| ()).await.unwrap();
+        assert_eq!(checks.per_address.lock().unwrap().get(&address), Some(&1), "the share is held");
+        drop(share);
         assert_eq!(checks.per_address.lock().unwrap().get(&address), None, "the address's share is back");
         let refused = checks.claim(None).err().expect("the checked write still holds the overall share");
         assert!(refused.message.contains("gov_checks_inflight_max"), "{}", refused.message);
