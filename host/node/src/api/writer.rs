@@ -80,8 +80,9 @@ struct Staged {
 /// A read-write request waiting for the writer, its value's type erased so that one queue
 /// carries jobs of every type.
 trait Job: Send {
-    /// Runs the work, and stages how to answer it; `None` when its submitter has gone.
-    fn run(self: Box<Self>, runtime: &Runtime, tx: Tx) -> (Tx, Option<Staged>);
+    /// Runs the work, and stages how to answer it with the transaction it ran in; `None` when
+    /// there is nothing to commit or answer (its submitter has gone, or it was answered already).
+    fn run(self: Box<Self>, runtime: &Runtime, tx: Tx) -> Option<(Tx, Staged)>;
     /// Answers without running.
     fn refuse(self: Box<Self>, error: SubmitError);
 }
@@ -92,15 +93,32 @@ struct TypedJob<R> {
 }
 
 impl<R: Send + 'static> Job for TypedJob<R> {
-    fn run(self: Box<Self>, runtime: &Runtime, tx: Tx) -> (Tx, Option<Staged>) {
+    fn run(self: Box<Self>, runtime: &Runtime, tx: Tx) -> Option<(Tx, Staged)> {
         if self.reply.is_closed() {
             // The caller gave up (request_timeout_ms) while this waited in the queue: running it
             // now would spend the writer on an answer nobody reads, and commit what the caller
             // was told may not have happened.
-            return (tx, None);
+            return None;
         }
-        let (tx, result) = (self.work)(runtime, tx);
-        let reply = self.reply;
+        let TypedJob { work, reply } = *self;
+        // A panic in the node's own code on a request's behalf ends that request, not the one
+        // writer thread every write goes through. Its transaction goes with it, uncommitted.
+        let (tx, result) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(runtime, tx))) {
+            Ok(ran) => ran,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("a panic without a message");
+                tracing::error!(panic = what, "a write panicked in the node; nothing of it was written");
+                let failed = ApiError::internal(
+                    "the node failed while running this write (a bug; see its log); nothing was written",
+                );
+                let _ = reply.send(Err(failed.into()));
+                return None;
+            }
+        };
         // The submitter may have given up (timeout); the transaction's fate is unaffected.
         let staged = match result {
             // Nothing is committed, but the error may rest on the pending writes it ran over
@@ -118,7 +136,7 @@ impl<R: Send + 'static> Job for TypedJob<R> {
                 }),
             },
         };
-        (tx, Some(staged))
+        Some((tx, staged))
     }
 
     fn refuse(self: Box<Self>, error: SubmitError) {
@@ -448,8 +466,7 @@ impl WriterLoop {
             Ok(tx) => tx,
             Err(e) => return job.refuse(ApiError::from(e).into()),
         };
-        let (tx, staged) = job.run(&self.runtime, tx);
-        let Some(Staged { propose, answer }) = staged else {
+        let Some((tx, Staged { propose, answer })) = job.run(&self.runtime, tx) else {
             return;
         };
         let writes = tx.into_writes();
@@ -576,6 +593,30 @@ mod tests {
     fn remaining(stack: &PendingStack, states: &[ProgressCell]) -> Vec<usize> {
         assert_eq!(stack.writes.len(), stack.states.len(), "the states and the writes stay in step");
         stack.states.iter().map(|s| states.iter().position(|o| Arc::ptr_eq(o, s)).unwrap()).collect()
+    }
+
+    /// A write whose work panics is answered with an internal error, and the writer goes on to
+    /// the next one. (Uncaught, the panic ended the one writer thread: every later write of the
+    /// node waited for an answer that never came.)
+    #[test]
+    fn a_panicking_write_is_answered_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        let runtime = Runtime::new(cloister_runtime::Limits::default()).unwrap();
+        let job = |work: Work<u32>| {
+            let (reply, answer) = oneshot::channel();
+            (Box::new(TypedJob { work, reply }) as Box<dyn Job>, answer)
+        };
+        let (panicking, mut answer) = job(Box::new(|_, _| panic!("a bug on the write path")));
+        assert!(panicking.run(&runtime, store.begin().unwrap()).is_none(), "nothing to commit");
+        let Err(SubmitError::Api(e)) = answer.try_recv().expect("answered at once") else {
+            panic!("answered as a success");
+        };
+        assert_eq!(e.status, 500, "{}", e.message);
+        assert!(e.message.contains("nothing was written"), "{}", e.message);
+        let executed = |tx| (tx, Ok(Executed { value: 7, commit: true, kind: TxKind::App, claims_digest: None }));
+        let (next, _answer) = job(Box::new(move |_, tx| executed(tx)));
+        assert!(next.run(&runtime, store.begin().unwrap()).is_some(), "the next write runs");
     }
 
     /// The newer of two writes to a key is applied before the older one's outcome task has run:
