@@ -166,9 +166,9 @@ pub(crate) fn read_chunk(path: &Path) -> std::io::Result<Chunk> {
             break Tail::Corrupt { offset: at as u64, reason: format!("a record claims {len} bytes") };
         }
         let Some(body) = bytes.get(at + 4..at + 4 + len as usize) else { break Tail::Torn { valid_bytes: at as u64 } };
-        match postcard::from_bytes::<Record>(body) {
+        match decode_record(body) {
             Ok(r) => records.push(r),
-            Err(e) => break Tail::Corrupt { offset: at as u64, reason: format!("a record does not decode: {e}") },
+            Err(reason) => break Tail::Corrupt { offset: at as u64, reason },
         }
         at += 4 + len as usize;
         ends.push(at as u64);
@@ -189,7 +189,17 @@ fn starts_with_start_record(path: &Path) -> std::io::Result<bool> {
     }
     let mut body = Vec::new();
     input.take(u64::from(len)).read_to_end(&mut body)?;
-    Ok(matches!(postcard::from_bytes::<Record>(&body), Ok(Record::Start(_))))
+    Ok(matches!(decode_record(&body), Ok(Record::Start(_))))
+}
+
+/// A record from its length-framed body, which it must fill: postcard ignores bytes after a
+/// value, so without the check one record would have many encodings.
+fn decode_record(body: &[u8]) -> Result<Record, String> {
+    match postcard::take_from_bytes::<Record>(body) {
+        Ok((record, [])) => Ok(record),
+        Ok((_, rest)) => Err(format!("a record has {} bytes after its end", rest.len())),
+        Err(e) => Err(format!("a record does not decode: {e}")),
+    }
 }
 
 /// A folder written before [`LedgerFiles::restart_at`] set older files aside holds them in front
@@ -412,6 +422,29 @@ mod tests {
             frame(&borrowed, &mut framed);
             assert_eq!(framed[2..], expected[..], "{owned:?}");
         }
+    }
+
+    /// A record's body must hold the record and nothing more: postcard ignores what follows a
+    /// value, so a byte added inside a record (its length raised to match) read as the same
+    /// record, and a file that is not the one the node wrote passed as its own.
+    #[test]
+    fn a_record_with_bytes_after_its_end_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = LedgerFiles::open(dir.path(), 1 << 20).unwrap();
+        files.append(&[entry(0, false, 10), entry(1, true, 0)]).unwrap();
+        files.sync().unwrap();
+        let path = chunk_paths(dir.path()).unwrap().remove(0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = HEADER_BYTES as usize;
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        bytes[at..at + 4].copy_from_slice(&(len + 1).to_le_bytes());
+        bytes.insert(at + 4 + len as usize, 0);
+        std::fs::write(&path, &bytes).unwrap();
+        let chunk = read_chunk(&path).unwrap();
+        assert!(chunk.records.is_empty());
+        let Tail::Corrupt { offset, reason } = chunk.tail else { panic!("read as sound") };
+        assert_eq!((offset, reason.as_str()), (HEADER_BYTES, "a record has 1 bytes after its end"));
+        assert!(read_entries(dir.path()).unwrap_err().to_string().contains("after its end"));
     }
 
     /// One append of many entries: each file still ends on the first signature entry past the
