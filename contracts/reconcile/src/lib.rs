@@ -5,8 +5,9 @@
 //! Endpoints (under `/app`):
 //! - `POST /ingest`: one JSON record or an array of them; one transaction per request.
 //! - `POST /csv/ingest`: the same as CSV with a header row.
-//! - `GET /report?limit=N&after=KEY`: the caller's keys in key order, one page at a time; when
-//!   more rows remain, the `x-next-cursor` header holds the value to pass as `after`.
+//! - `GET /report?limit=N&after=KEY`: the caller's keys in key order, one page at a time (at most
+//!   `limit` rows and [`REPORT_PAGE_BYTES_MAX`] bytes); when more rows remain, the
+//!   `x-next-cursor` header holds the value to pass as `after`.
 //! - `GET /report/{key}`: one key the caller submitted.
 //!
 //! Semantics follow the public reference scenario (see `tests/conformance/recon-sample`).
@@ -16,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use cloister_sdk::{Error, Map, Request, Response, Router, export};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 pub mod ingest;
 pub mod settings;
@@ -27,15 +29,62 @@ use settings::{KEY_BYTES_MAX, Settings};
 pub const REPORT_PAGE_ROWS_DEFAULT: usize = 1_000;
 /// Largest `limit` a report page accepts.
 pub const REPORT_PAGE_ROWS_MAX: usize = 10_000;
+/// Most bytes of JSON in a report page: a page ends before the row that would pass it (it holds
+/// one row at least), and its cursor goes on from there. Half the node's default
+/// `wasm.response_bytes_max`: the largest rows (many fields of the longest values) made a page of
+/// `limit` rows the node refused to send.
+pub const REPORT_PAGE_BYTES_MAX: usize = 4 << 20;
 
-/// The votes on one key: each party's attribute values, by party id. Private (sealed).
+/// What a report compares of the votes on a key: each attribute value's compared form (see
+/// [`Compared::form`]), by party id. Private (sealed). Every ingest of the key rewrites it, so
+/// it is what the other parties' votes add to a party's write: at most 65 bytes a field and
+/// party, whatever their values' lengths.
+const COMPARED: Map<String, Compared> = Map::new("compared");
+/// The votes on a key as versions of the app before `compared` kept them: each
+/// party's values, by party id, rewritten whole by every ingest of the key. Private (sealed).
+/// Read while the key has no `compared` entry; its next ingest moves it over.
 const RECORDS: Map<String, Votes> = Map::new("records");
-/// Which keys each party submitted, for its report. Private (sealed).
-const PARTY_KEYS: Map<(String, String), ()> = Map::new("party_keys");
+/// The keys each party submitted, for its report, each with the party's vote: its attribute
+/// values; `null` where an older version recorded the key, whose votes are then in `records`.
+/// Private (sealed).
+const PARTY_KEYS: Map<(String, String), Option<BTreeMap<String, String>>> = Map::new("party_keys");
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Votes {
     by_party: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// The votes on a key as a report compares them: by party id, each field's compared form.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Compared {
+    by_party: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// Values longer than this are compared by their SHA-256: the length of its hex.
+const COMPARED_VALUE_BYTES_MAX: usize = 64;
+
+impl Compared {
+    /// What a report compares of a value: the value itself (`=` and the value) when it is no
+    /// longer than a digest's hex, else its SHA-256 (`#` and the hex). Two values have the same
+    /// form exactly when they are equal; short values, the common case, cost no hashing.
+    fn form(value: &str) -> String {
+        if value.len() <= COMPARED_VALUE_BYTES_MAX {
+            format!("={value}")
+        } else {
+            format!("#{}", hex::encode(Sha256::digest(value)))
+        }
+    }
+
+    fn of(values: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        values.iter().map(|(field, value)| (field.clone(), Compared::form(value))).collect()
+    }
+
+    /// The votes an older version kept whole.
+    fn of_votes(votes: &Votes) -> Compared {
+        Compared {
+            by_party: votes.by_party.iter().map(|(party, values)| (party.clone(), Compared::of(values))).collect(),
+        }
+    }
 }
 
 pub fn router() -> Router {
@@ -63,13 +112,28 @@ fn store(req: &Request, records: Vec<Record>) -> Result<Response, Error> {
     let party = &req.caller().id;
     let rows = records.len();
     let latest: BTreeMap<String, BTreeMap<String, String>> = records.into_iter().map(|r| (r.key, r.values)).collect();
-    for (key, values) in &latest {
-        let mut votes = RECORDS.get(key).unwrap_or_default();
-        votes.by_party.insert(party.clone(), values.clone());
-        RECORDS.insert(key, &votes);
-        PARTY_KEYS.insert(&(party.clone(), key.clone()), &());
+    let keys = latest.len();
+    for (key, values) in latest {
+        let mut compared = COMPARED.get(&key).unwrap_or_else(|| moved_over(&key));
+        compared.by_party.insert(party.clone(), Compared::of(&values));
+        COMPARED.insert(&key, &compared);
+        PARTY_KEYS.insert(&(party.clone(), key), &Some(values));
     }
-    Ok(Response::json(&json!({ "rows": rows, "keys": latest.len() })))
+    Ok(Response::json(&json!({ "rows": rows, "keys": keys })))
+}
+
+/// A key's votes as an older version kept them (`records`), moved into `party_keys` and
+/// `compared`: once, by the key's first ingest since the upgrade. None: a new key.
+fn moved_over(key: &String) -> Compared {
+    let Some(votes) = RECORDS.get(key) else {
+        return Compared::default();
+    };
+    RECORDS.remove(key);
+    let compared = Compared::of_votes(&votes);
+    for (party, values) in votes.by_party {
+        PARTY_KEYS.insert(&(party, key.clone()), &Some(values));
+    }
+    compared
 }
 
 fn report_one(req: &Request) -> Result<Response, Error> {
@@ -82,8 +146,9 @@ fn report_one(req: &Request) -> Result<Response, Error> {
     if key.len() > KEY_BYTES_MAX {
         return Err(not_found());
     }
-    let votes = RECORDS.get(&key).ok_or_else(not_found)?;
-    let row = report_row(&settings, &key, &votes, &req.caller().id).ok_or_else(not_found)?;
+    let party = req.caller().id.clone();
+    let mine = PARTY_KEYS.get(&(party.clone(), key.clone())).ok_or_else(not_found)?;
+    let row = report_row(&settings, &key, &party, mine).ok_or_else(not_found)?;
     Ok(Response::json(&row))
 }
 
@@ -98,41 +163,70 @@ fn report_all(req: &Request) -> Result<Response, Error> {
             .ok_or_else(|| Error::bad_request(format!("limit must be 1..={REPORT_PAGE_ROWS_MAX}, got {s:?}")))?,
     };
     let party = req.caller().id.clone();
-    let keys: Vec<String> = match req.query("after") {
+    let party_keys = PARTY_KEYS;
+    let entries = match req.query("after") {
         Some(after) if after.len() > KEY_BYTES_MAX => {
             return Err(Error::bad_request(format!(
                 "after is a key the report gave as its cursor: at most {KEY_BYTES_MAX} bytes"
             )));
         }
-        Some(after) => PARTY_KEYS.prefix_after(&party, &after.to_owned()),
-        None => PARTY_KEYS.prefix(&party),
+        Some(after) => party_keys.prefix_after(&party, &after.to_owned()),
+        None => party_keys.prefix(&party),
+    };
+    // The page's JSON array, written row by row as the caller's keys are read (each with its
+    // vote, so not gathered first), so that it can end at REPORT_PAGE_BYTES_MAX.
+    let mut page = b"[".to_vec();
+    let mut rows = 0;
+    let mut next_after = None;
+    let mut last = None;
+    for (i, ((_, key), mine)) in entries.take(limit + 1).enumerate() {
+        if i == limit {
+            next_after = last;
+            break;
+        }
+        if let Some(row) = report_row(&settings, &key, &party, mine) {
+            let row = serde_json::to_vec(&row).expect("report rows serialize");
+            if rows > 0 && page.len() + 1 + row.len() + 1 > REPORT_PAGE_BYTES_MAX {
+                next_after = last;
+                break;
+            }
+            if rows > 0 {
+                page.push(b',');
+            }
+            page.extend_from_slice(&row);
+            rows += 1;
+        }
+        last = Some(key);
     }
-    .map(|((_, key), ())| key)
-    .take(limit + 1)
-    .collect();
-    let mut rows = Vec::with_capacity(keys.len().min(limit));
-    for key in keys.iter().take(limit) {
-        let votes = RECORDS.get(key).unwrap_or_default();
-        rows.extend(report_row(&settings, key, &votes, &party));
-    }
-    let mut response = Response::json(&rows);
-    if keys.len() > limit {
-        let cursor = percent_encoding::utf8_percent_encode(&keys[limit - 1], percent_encoding::NON_ALPHANUMERIC);
+    page.push(b']');
+    let mut response = Response::status(200).with_header("content-type", "application/json");
+    response.body = page;
+    if let Some(after) = next_after {
+        let cursor = percent_encoding::utf8_percent_encode(&after, percent_encoding::NON_ALPHANUMERIC);
         response = response.with_header("x-next-cursor", cursor.to_string());
     }
     Ok(response)
 }
 
-/// The caller's view of one key: its own values and the vote counts, never others' values.
-fn report_row(settings: &Settings, key: &str, votes: &Votes, party: &str) -> Option<Value> {
-    let compared = |values: &BTreeMap<String, String>| -> Vec<Option<String>> {
-        settings.attribute_fields.iter().map(|f| values.get(f).cloned()).collect()
+/// The caller's view of one key: its own values and the vote counts, never others' values. The
+/// votes are compared on the `attribute_fields` in force, by their values' compared forms.
+/// `mine` is the caller's `party_keys` entry for the key.
+fn report_row(settings: &Settings, key: &str, party: &str, mine: Option<BTreeMap<String, String>>) -> Option<Value> {
+    let (mine, compared) = match mine {
+        Some(mine) => (mine, COMPARED.get(&key.to_owned())?),
+        None => {
+            let votes = RECORDS.get(&key.to_owned())?;
+            (votes.by_party.get(party)?.clone(), Compared::of_votes(&votes))
+        }
     };
-    let mine = votes.by_party.get(party)?;
-    let my_values = compared(mine);
-    let all: Vec<_> = votes.by_party.values().map(compared).collect();
+    let on_fields = |forms: &BTreeMap<String, String>| -> Vec<Option<String>> {
+        settings.attribute_fields.iter().map(|f| forms.get(f).cloned()).collect()
+    };
+    let my_forms = on_fields(compared.by_party.get(party)?);
+    let my_values: Vec<Option<String>> = settings.attribute_fields.iter().map(|f| mine.get(f).cloned()).collect();
+    let all: Vec<_> = compared.by_party.values().map(on_fields).collect();
     let total_votes = all.len();
-    let in_agreement = all.iter().filter(|v| **v == my_values).count();
+    let in_agreement = all.iter().filter(|v| **v == my_forms).count();
     let unique_values = all.iter().collect::<BTreeSet<_>>().len();
     let status = if total_votes < settings.threshold as usize {
         "NOT_ENOUGH_DATA"
@@ -158,6 +252,7 @@ fn report_row(settings: &Settings, key: &str, votes: &Votes, party: &str) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::VALUE_BYTES_MAX;
     use cloister_sdk::Caller;
     use cloister_sdk::testing::MemoryHost;
 
@@ -215,6 +310,87 @@ mod tests {
         assert_eq!(row["nace"], "X");
     }
 
+    /// The bytes an ingest writes, less those it leaves as they were.
+    fn written(h: &mut MemoryHost, who: &Caller, body: &str) -> usize {
+        let before: BTreeMap<_, _> = h.dump().into_iter().collect();
+        assert_eq!(ingest(h, who, body), 200);
+        h.dump().into_iter().filter(|(slot, value)| before.get(slot) != Some(value)).map(|(_, v)| v.len()).sum()
+    }
+
+    /// Values are compared as themselves up to COMPARED_VALUE_BYTES_MAX, past it by digest: equal
+    /// exactly when the values are, and never one form for a short and a long value.
+    #[test]
+    fn compared_forms_are_equal_exactly_when_values_are() {
+        let at = "v".repeat(COMPARED_VALUE_BYTES_MAX);
+        let past = "v".repeat(COMPARED_VALUE_BYTES_MAX + 1);
+        assert_eq!(Compared::form(&at), format!("={at}"));
+        assert_eq!(Compared::form(&past).len(), 65);
+        assert!(Compared::form(&past).starts_with('#'));
+        assert_eq!(Compared::form(&past), Compared::form(&past.clone()));
+        assert_ne!(Compared::form(&past), Compared::form(&format!("{at}w")));
+        // A short value that looks like a digest's hex is still itself.
+        let hex_looking = &Compared::form(&past)[1..];
+        assert_ne!(Compared::form(hex_looking), Compared::form(&past));
+    }
+
+    /// What a party's ingest writes does not grow with the others' values past
+    /// COMPARED_VALUE_BYTES_MAX bytes (below it, by at most their lengths). (With a
+    /// key's votes kept whole, every ingest rewrote the others' values: a party with a second
+    /// certificate could pad public keys with long values until others' batches passed
+    /// write_bytes_per_request_max.)
+    #[test]
+    fn a_party_s_write_does_not_grow_with_the_others_values() {
+        let b = Caller::member("b");
+        let mut costs = Vec::new();
+        for padding in [COMPARED_VALUE_BYTES_MAX, VALUE_BYTES_MAX] {
+            let mut h = host();
+            let a = Caller::member("a");
+            let long = json!({"lei": "K", "nace": "x".repeat(padding)}).to_string();
+            assert_eq!(ingest(&mut h, &a, &long), 200);
+            costs.push(written(&mut h, &b, r#"{"lei":"K","nace":"X"}"#));
+        }
+        assert_eq!(
+            costs[0], costs[1],
+            "b's write, beside values of {COMPARED_VALUE_BYTES_MAX} and {VALUE_BYTES_MAX} bytes"
+        );
+    }
+
+    /// Votes an older version kept whole under `records` are reported as they were, and the key's
+    /// next ingest moves them to `party_keys` and `compared`.
+    #[test]
+    fn votes_kept_whole_by_an_older_version_are_read_and_moved_over() {
+        let mut h = host();
+        let (a, b, c) = (Caller::member("a"), Caller::member("b"), Caller::member("c"));
+        let old = Votes {
+            by_party: [
+                ("a".to_owned(), [("nace".to_owned(), "X".to_owned())].into()),
+                ("b".to_owned(), [("nace".to_owned(), "Y".to_owned())].into()),
+            ]
+            .into(),
+        };
+        h.seed(RECORDS.name(), &"K".to_owned(), &old);
+        // What an older version wrote: `()`, which is JSON null.
+        h.seed(PARTY_KEYS.name(), &("a".to_owned(), "K".to_owned()), &());
+        h.seed(PARTY_KEYS.name(), &("b".to_owned(), "K".to_owned()), &());
+        let (status, row) = report(&mut h, &a, "/report/K");
+        assert_eq!(status, 200, "{row}");
+        assert_eq!((row["nace"].clone(), row["total_votes"].clone()), (json!("X"), json!(2)));
+        assert_eq!(row["members_in_agreement"], 1);
+        assert_eq!(ingest(&mut h, &c, r#"{"lei":"K","nace":"Y"}"#), 200);
+        assert!(h.peek::<_, Votes>(RECORDS.name(), &"K".to_owned()).is_none(), "moved over");
+        let moved: Option<BTreeMap<String, String>> =
+            h.peek(PARTY_KEYS.name(), &("a".to_owned(), "K".to_owned())).unwrap();
+        assert_eq!(moved.unwrap()["nace"], "X");
+        for (who, nace, agree) in [(&a, "X", 1), (&b, "Y", 2), (&c, "Y", 2)] {
+            let (_, row) = report(&mut h, who, "/report/K");
+            assert_eq!(row["nace"], nace, "{row}");
+            assert_eq!((row["total_votes"].clone(), row["members_in_agreement"].clone()), (json!(3), json!(agree)));
+            assert_eq!(row["group_status"], "LACK_OF_CONSENSUS");
+        }
+        let (_, page) = report(&mut h, &b, "/report");
+        assert_eq!(page.as_array().unwrap().len(), 1);
+    }
+
     #[test]
     fn a_party_never_sees_others_values_or_ids() {
         let mut h = host();
@@ -270,6 +446,48 @@ mod tests {
         assert_eq!(h.call(&a, "GET", "/report?limit=0", "").head.status, 400);
         assert_eq!(h.call(&a, "GET", &format!("/report?limit={}", REPORT_PAGE_ROWS_MAX + 1), "").head.status, 400);
         assert_eq!(h.call(&a, "GET", &format!("/report?limit={REPORT_PAGE_ROWS_MAX}"), "").head.status, 200);
+    }
+
+    /// A page ends before the row that would take it past REPORT_PAGE_BYTES_MAX, and its cursor
+    /// goes on from there: rows of many long fields made a page of `limit` rows larger than the
+    /// node sends (500, ResponseTooLarge), so that party could not read its report at all.
+    #[test]
+    fn a_report_page_is_bounded_in_bytes_and_goes_on_from_where_it_ended() {
+        let mut h = host();
+        let fields: Vec<String> = (0..8).map(|i| format!("f{i}")).collect();
+        h.seed("gov.app_config", &"attribute_fields".to_owned(), &json!(fields));
+        let a = Caller::member("a");
+        let value = "v".repeat(VALUE_BYTES_MAX);
+        let keys = 600;
+        for batch in 0..2 {
+            let rows: Vec<Value> = (batch * keys / 2..(batch + 1) * keys / 2)
+                .map(|i| {
+                    let mut row = json!({"lei": format!("K{i:04}")});
+                    for f in &fields {
+                        row[f] = json!(value);
+                    }
+                    row
+                })
+                .collect();
+            assert_eq!(ingest(&mut h, &a, &serde_json::to_string(&rows).unwrap()), 200);
+        }
+        let mut seen = Vec::new();
+        let mut target = format!("/report?limit={REPORT_PAGE_ROWS_MAX}");
+        let mut pages = 0;
+        loop {
+            let r = h.call(&a, "GET", &target, "");
+            assert_eq!(r.head.status, 200);
+            assert!(r.body.len() <= REPORT_PAGE_BYTES_MAX, "a page of {} bytes", r.body.len());
+            let page: Vec<Value> = r.body_json().unwrap();
+            seen.extend(page.iter().map(|row| row["lei"].as_str().unwrap().to_owned()));
+            pages += 1;
+            match r.head.headers.get("x-next-cursor") {
+                Some(c) => target = format!("/report?limit={REPORT_PAGE_ROWS_MAX}&after={c}"),
+                None => break,
+            }
+        }
+        assert!(pages > 1, "{keys} rows of {} fields make more than one page", fields.len());
+        assert_eq!(seen, (0..keys).map(|i| format!("K{i:04}")).collect::<Vec<_>>());
     }
 
     #[test]
