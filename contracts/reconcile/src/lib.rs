@@ -6,8 +6,8 @@
 //! - `POST /ingest`: one JSON record or an array of them; one transaction per request.
 //! - `POST /csv/ingest`: the same as CSV with a header row.
 //! - `GET /report?limit=N&after=KEY`: the caller's keys in key order, one page at a time (at most
-//!   `limit` rows and [`REPORT_PAGE_BYTES_MAX`] bytes); when more rows remain, the
-//!   `x-next-cursor` header holds the value to pass as `after`.
+//!   `limit` rows, and no more than [`REPORT_PAGE_BYTES_MAX`] bytes unless its one row is); when
+//!   more rows remain, the `x-next-cursor` header holds the value to pass as `after`.
 //! - `GET /report/{key}`: one key the caller submitted.
 //!
 //! Semantics follow the public reference scenario (see `tests/conformance/recon-sample`).
@@ -32,7 +32,8 @@ pub const REPORT_PAGE_ROWS_MAX: usize = 10_000;
 /// Most bytes of JSON in a report page: a page ends before the row that would pass it (it holds
 /// one row at least), and its cursor goes on from there. Half the node's default
 /// `wasm.response_bytes_max`: the largest rows (many fields of the longest values) made a page of
-/// `limit` rows the node refused to send.
+/// `limit` rows the node refused to send. A node configured with a `response_bytes_max` below it
+/// refuses pages past its own bound (500); its parties page with a smaller `limit`.
 pub const REPORT_PAGE_BYTES_MAX: usize = 4 << 20;
 
 /// What a report compares of the votes on a key: each attribute value's compared form (see
@@ -42,7 +43,8 @@ pub const REPORT_PAGE_BYTES_MAX: usize = 4 << 20;
 const COMPARED: Map<String, Compared> = Map::new("compared");
 /// The votes on a key as versions of the app before `compared` kept them: each
 /// party's values, by party id, rewritten whole by every ingest of the key. Private (sealed).
-/// Read while the key has no `compared` entry; its next ingest moves it over.
+/// Only read now: for a party whose `party_keys` entry is `null`, its vote; for a key no ingest
+/// has touched since, the others' too.
 const RECORDS: Map<String, Votes> = Map::new("records");
 /// The keys each party submitted, for its report, each with the party's vote: its attribute
 /// values; `null` where an older version recorded the key, whose votes are then in `records`.
@@ -79,7 +81,7 @@ impl Compared {
         values.iter().map(|(field, value)| (field.clone(), Compared::form(value))).collect()
     }
 
-    /// The votes an older version kept whole.
+    /// The compared forms of the votes an older version kept whole.
     fn of_votes(votes: &Votes) -> Compared {
         Compared {
             by_party: votes.by_party.iter().map(|(party, values)| (party.clone(), Compared::of(values))).collect(),
@@ -122,18 +124,13 @@ fn store(req: &Request, records: Vec<Record>) -> Result<Response, Error> {
     Ok(Response::json(&json!({ "rows": rows, "keys": keys })))
 }
 
-/// A key's votes as an older version kept them (`records`), moved into `party_keys` and
-/// `compared`: once, by the key's first ingest since the upgrade. None: a new key.
+/// What a report compares of a key an older version wrote (`records`) and no ingest has touched
+/// since: built once, by the key's first ingest since the upgrade, from every party's vote there.
+/// None: a new key. Only `compared` is written: the other parties' votes stay in `records`, their
+/// `party_keys` entries `null`, until they vote on the key again (rewriting each of them would
+/// make this ingest write a key per party for every such key).
 fn moved_over(key: &String) -> Compared {
-    let Some(votes) = RECORDS.get(key) else {
-        return Compared::default();
-    };
-    RECORDS.remove(key);
-    let compared = Compared::of_votes(&votes);
-    for (party, values) in votes.by_party {
-        PARTY_KEYS.insert(&(party, key.clone()), &Some(values));
-    }
-    compared
+    RECORDS.get(key).map(|votes| Compared::of_votes(&votes)).unwrap_or_default()
 }
 
 fn report_one(req: &Request) -> Result<Response, Error> {
@@ -212,11 +209,22 @@ fn report_all(req: &Request) -> Result<Response, Error> {
 /// votes are compared on the `attribute_fields` in force, by their values' compared forms.
 /// `mine` is the caller's `party_keys` entry for the key.
 fn report_row(settings: &Settings, key: &str, party: &str, mine: Option<BTreeMap<String, String>>) -> Option<Value> {
+    let key = key.to_owned();
     let (mine, compared) = match mine {
-        Some(mine) => (mine, COMPARED.get(&key.to_owned())?),
+        Some(mine) => (mine, COMPARED.get(&key)?),
+        // A vote an older version recorded, still in `records`; compared by `compared` once an
+        // ingest of the key has built it, else among the votes there, by their values.
         None => {
-            let votes = RECORDS.get(&key.to_owned())?;
-            (votes.by_party.get(party)?.clone(), Compared::of_votes(&votes))
+            let mut votes = RECORDS.get(&key)?;
+            let mine = votes.by_party.remove(party)?;
+            let compared = match COMPARED.get(&key) {
+                Some(compared) => compared,
+                None => {
+                    votes.by_party.insert(party.to_owned(), mine.clone());
+                    Compared { by_party: votes.by_party }
+                }
+            };
+            (mine, compared)
         }
     };
     let on_fields = |forms: &BTreeMap<String, String>| -> Vec<Option<String>> {
@@ -355,10 +363,12 @@ mod tests {
         );
     }
 
-    /// Votes an older version kept whole under `records` are reported as they were, and the key's
-    /// next ingest moves them to `party_keys` and `compared`.
+    /// Votes an older version kept whole under `records` (with `null` in `party_keys`) are
+    /// reported as they were; the key's next ingest writes its `compared` and the ingesting
+    /// party's own entry only, and the others' votes are read from `records` until they vote
+    /// again.
     #[test]
-    fn votes_kept_whole_by_an_older_version_are_read_and_moved_over() {
+    fn votes_kept_whole_by_an_older_version_are_read_and_compared() {
         let mut h = host();
         let (a, b, c) = (Caller::member("a"), Caller::member("b"), Caller::member("c"));
         let old = Votes {
@@ -376,19 +386,30 @@ mod tests {
         assert_eq!(status, 200, "{row}");
         assert_eq!((row["nace"].clone(), row["total_votes"].clone()), (json!("X"), json!(2)));
         assert_eq!(row["members_in_agreement"], 1);
+        let (_, page) = report(&mut h, &a, "/report");
+        assert_eq!(page, json!([row]), "the page reads the old layout as the single row does");
+
+        let before: BTreeMap<_, _> = h.dump().into_iter().collect();
         assert_eq!(ingest(&mut h, &c, r#"{"lei":"K","nace":"Y"}"#), 200);
-        assert!(h.peek::<_, Votes>(RECORDS.name(), &"K".to_owned()).is_none(), "moved over");
-        let moved: Option<BTreeMap<String, String>> =
-            h.peek(PARTY_KEYS.name(), &("a".to_owned(), "K".to_owned())).unwrap();
-        assert_eq!(moved.unwrap()["nace"], "X");
+        let changed: Vec<String> = h
+            .dump()
+            .into_iter()
+            .filter(|(slot, value)| before.get(slot) != Some(value))
+            .map(|((map, _), _)| map)
+            .collect();
+        assert_eq!(changed, [COMPARED.name(), PARTY_KEYS.name()], "the key's compared forms and c's own entry");
         for (who, nace, agree) in [(&a, "X", 1), (&b, "Y", 2), (&c, "Y", 2)] {
             let (_, row) = report(&mut h, who, "/report/K");
             assert_eq!(row["nace"], nace, "{row}");
             assert_eq!((row["total_votes"].clone(), row["members_in_agreement"].clone()), (json!(3), json!(agree)));
             assert_eq!(row["group_status"], "LACK_OF_CONSENSUS");
         }
+        // b votes again: its own entry now, and compared as the others are.
+        assert_eq!(ingest(&mut h, &b, r#"{"lei":"K","nace":"X"}"#), 200);
+        let (_, row) = report(&mut h, &a, "/report/K");
+        assert_eq!((row["total_votes"].clone(), row["members_in_agreement"].clone()), (json!(3), json!(2)));
         let (_, page) = report(&mut h, &b, "/report");
-        assert_eq!(page.as_array().unwrap().len(), 1);
+        assert_eq!(page[0]["nace"], "X");
     }
 
     #[test]
