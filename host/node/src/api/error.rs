@@ -227,4 +227,19 @@ mod tests {
         assert_eq!((lost.status, lost.code.as_str()), (503, "TransactionOutcomeUnknown"));
         assert!(lost.message.contains("may or may not have committed"), "{}", lost.message);
     }
+
+    /// The runtime's size refusals are the caller's to shrink, over gRPC as over REST: a body
+    /// past `request_bytes_max` (413) and a head past `REQUEST_HEAD_BYTES_MAX` (431).
+    #[test]
+    fn a_request_too_large_for_a_contract_is_resource_exhausted() {
+        use cloister_runtime::ExecError;
+        for (e, status) in [
+            (ExecError::RequestTooLarge { bytes: 2, max: 1 }, 413),
+            (ExecError::RequestHeadTooLarge { bytes: 2, max: 1 }, 431),
+        ] {
+            let api = ApiError::from(e);
+            assert_eq!(api.status, status);
+            assert_eq!(api.to_status().code(), tonic::Code::ResourceExhausted, "{}", api.message);
+        }
+    }
 }

@@ -229,15 +229,24 @@ impl GovChecks {
             )
         };
         let overall = self.overall.clone().try_acquire_owned().map_err(|_| busy("(gov_checks_inflight_max)"))?;
+        let address = self
+            .address_share(address)
+            .map_err(|address| busy(&format!("from {address} (gov_checks_per_address_max)")))?;
+        Ok(GovCheckSlot { address, overall })
+    }
+
+    /// One of the source address's `gov_checks_per_address_max` shares; Err names the address
+    /// when it has none left.
+    fn address_share(self: &Arc<Self>, address: Option<std::net::IpAddr>) -> Result<AddressShare, std::net::IpAddr> {
         if let Some(address) = address {
             let mut counts = self.per_address.lock().expect("gov checks lock");
             let n = counts.entry(address).or_default();
             if *n >= self.per_address_max {
-                return Err(busy(&format!("from {address} (gov_checks_per_address_max)")));
+                return Err(address);
             }
             *n += 1;
         }
-        Ok(GovCheckSlot { address: AddressShare { checks: self.clone(), address }, overall })
+        Ok(AddressShare { checks: self.clone(), address })
     }
 }
 
@@ -974,7 +983,18 @@ impl Service {
                     (tx, executed)
                 });
                 match self.writer.submit(work).await {
-                    Err(SubmitError::NotLeader) => {}
+                    // Leadership moved while it waited: forwarded now, it holds a share again.
+                    Err(SubmitError::NotLeader) => {
+                        address = Some(self.gov_checks.address_share(source).map_err(|address| {
+                            ApiError::too_many_retry_after(
+                                format!(
+                                    "too many governance requests from {address} are on their way to the \
+                                     leader (gov_checks_per_address_max); retry shortly"
+                                ),
+                                GOV_CHECK_RETRY_AFTER_S,
+                            )
+                        })?);
+                    }
                     Err(SubmitError::Api(e)) => return Err(e),
                     Ok(Written { value: answer, tx_id }) => {
                         return Ok(AppReply {
