@@ -633,6 +633,20 @@ async fn governance_over_grpc() {
     assert!(read.get_ref().json.contains("set_recovery_threshold"));
 }
 
+/// Sends a signal to every node of `c` but `spared`: SIGSTOP freezes them, SIGCONT resumes them.
+fn signal_all_but(c: &Cluster, spared: usize) -> impl Fn(i32) {
+    let others: Vec<i32> = (0..c.nodes.len())
+        .filter(|i| *i != spared)
+        .map(|i| i32::try_from(c.nodes[i].pid().unwrap()).unwrap())
+        .collect();
+    move |signal| {
+        for pid in &others {
+            // SAFETY: kill(2) on a child process this test started.
+            assert_eq!(unsafe { libc::kill(*pid, signal) }, 0);
+        }
+    }
+}
+
 /// A follower refuses a forged governance request itself: a signature that fails against the
 /// certificate its signer's id names fails on every node. Forwarded, as it was, each forged copy
 /// cost the leader a P-384 check in its shared `gov_checks_inflight_max` slots, past the
@@ -648,14 +662,7 @@ async fn a_follower_refuses_a_forged_governance_request_without_the_leader() {
     let mut forged =
         sign_gov(&c.members[0].keyed, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();
     *forged.last_mut().unwrap() ^= 1;
-    let others: Vec<i32> =
-        (0..3).filter(|i| *i != follower).map(|i| i32::try_from(c.nodes[i].pid().unwrap()).unwrap()).collect();
-    let signal = |signal| {
-        for pid in &others {
-            // SAFETY: kill(2) on a child process this test started.
-            assert_eq!(unsafe { libc::kill(*pid, signal) }, 0);
-        }
-    };
+    let signal = signal_all_but(&c, follower);
     signal(libc::SIGSTOP);
     let answered = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -681,14 +688,7 @@ async fn a_follower_holds_the_addresss_share_while_it_forwards() {
     let client = c.client(follower, 0).await.unwrap();
     let stranger = new_identity("stranger");
     let signed = || sign_gov(&stranger.keyed, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();
-    let others: Vec<i32> =
-        (0..3).filter(|i| *i != follower).map(|i| i32::try_from(c.nodes[i].pid().unwrap()).unwrap()).collect();
-    let signal = |signal| {
-        for pid in &others {
-            // SAFETY: kill(2) on a child process this test started.
-            assert_eq!(unsafe { libc::kill(*pid, signal) }, 0);
-        }
-    };
+    let signal = signal_all_but(&c, follower);
     signal(libc::SIGSTOP);
     let first = tokio::spawn({
         let (client, body) = (client.clone(), signed());
