@@ -361,3 +361,49 @@ async fn a_voter_that_lost_its_data_folder_is_refused_and_the_service_goes_on() 
     let tx = cluster.ingest(0, &json!([{ "lei": "LEI0001", "nace": "A" }])).await;
     assert!(!tx.is_empty());
 }
+
+/// A node certificate alone cannot name a caller. The peer listener admits any certificate of the
+/// service CA, which the operator may hold with its key: its holder, connecting as a Trusted node,
+/// forwarded an ingest to the leader in member 0's name and the leader ran it as member 0. A
+/// forward that names a caller now carries a MAC under a key derived from the ledger secret, which
+/// only attested nodes hold; a write through a real follower still runs as its client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_alone_cannot_forward_in_a_callers_name() {
+    let mut cluster = Cluster::start(3, 1, RECONCILE, |_| {}).await;
+    let leader = cluster.leader().await.expect("a leader");
+    let follower = (leader + 1) % 3;
+    let dir = cluster.nodes[follower].config_path.parent().unwrap().to_path_buf();
+    let follower_identity = cloister_crypto::identity::KeyedCert::read(&dir, &cluster.nodes[follower].name).unwrap();
+    let leader_identity = cloister_crypto::identity::KeyedCert::read(&dir, &cluster.nodes[leader].name).unwrap();
+    let leader_id =
+        cloister_crypto::node_id_of(&cloister_crypto::identity::cert_der(leader_identity.cert_pem.as_bytes()).unwrap());
+    let service_ca = std::fs::read_to_string(dir.join("service.cert.pem")).unwrap();
+    let peer_url = format!("https://{}", cluster.nodes[leader].config.node.peer_addr);
+    let member = cloister_crypto::identity::cert_der(cluster.members[0].keyed.cert_pem.as_bytes()).unwrap();
+    let forged = cloister_proto::peer::v1::ForwardRequest {
+        method: "POST".into(),
+        path: "/ingest".into(),
+        headers: [("content-type".to_owned(), "application/json".to_owned())].into(),
+        body: br#"{"lei":"FORGED","nace":"X"}"#.to_vec(),
+        client_cert: member.to_vec(),
+        hops: 1,
+        ..Default::default()
+    };
+    let forwards = Forwards::new(Peers::new(&service_ca, &follower_identity));
+    let outcome = forwards.call(leader_id, &peer_url, forged).await;
+    let refused = match outcome {
+        Ok(reply) => {
+            panic!("the leader ran a call named by a node certificate alone: {} {:?}", reply.status, reply.body)
+        }
+        Err(e) => e,
+    };
+    assert!(matches!(refused, ForwardError::NotRun(_)), "{refused:?}");
+    assert_eq!(refused.status().code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.status().message().contains("caller MAC"), "{}", refused.status().message());
+    let keys = cluster.report_keys(leader, 0).await.unwrap();
+    assert!(!keys.contains("FORGED"), "{keys:?}");
+
+    // Through the follower itself, as its client: forwarded with the MAC, and run.
+    cluster.ingest(follower, &json!([{ "lei": "THROUGH-FOLLOWER", "nace": "X" }])).await;
+    assert!(cluster.report_keys(leader, 0).await.unwrap().contains("THROUGH-FOLLOWER"));
+}

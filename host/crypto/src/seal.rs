@@ -81,6 +81,8 @@ pub struct Sealer {
 const KEY_DIGEST_LABEL: &[u8] = b"cloister private map key digest v1";
 /// HKDF info for the key of snapshot MACs.
 const SNAPSHOT_MAC_LABEL: &[u8] = b"cloister snapshot mac v1";
+/// HKDF info for the key of forwarded calls' caller MACs.
+const FORWARD_MAC_LABEL: &[u8] = b"cloister forwarded caller mac v1";
 
 impl std::fmt::Debug for Sealer {
     // Never show the secret.
@@ -104,6 +106,15 @@ impl Sealer {
     pub fn snapshot_mac(&self) -> blake3::Hasher {
         let mut key = [0u8; 32];
         self.prk.expand(&[SNAPSHOT_MAC_LABEL], OkmLen).and_then(|okm| okm.fill(&mut key)).expect("HKDF fills 32 bytes");
+        blake3::Hasher::new_keyed(&key)
+    }
+
+    /// A MAC over a call one node forwards to another in its client's name (BLAKE3 in keyed
+    /// mode), under a key derived from the ledger secret: a node certificate alone, which the
+    /// operator may hold, cannot name a caller.
+    pub fn forward_mac(&self) -> blake3::Hasher {
+        let mut key = [0u8; 32];
+        self.prk.expand(&[FORWARD_MAC_LABEL], OkmLen).and_then(|okm| okm.fill(&mut key)).expect("HKDF fills 32 bytes");
         blake3::Hasher::new_keyed(&key)
     }
 

@@ -262,6 +262,32 @@ fn leaders_to_decide(refusal: &ApiError) -> bool {
         || refusal.code == gov::TOO_MANY_OPEN_PROPOSALS
 }
 
+/// The MAC a forwarding node puts on an app call it forwards in a client's name: BLAKE3 keyed
+/// by a key derived from the ledger secret (`Sealer::forward_mac`), over every field the leader
+/// acts on, each framed by its length so that no two requests share an input.
+fn caller_mac(sealer: &cloister_crypto::seal::Sealer, r: &cloister_proto::peer::v1::ForwardRequest) -> [u8; 32] {
+    let mut mac = sealer.forward_mac();
+    let mut field = |bytes: &[u8]| {
+        mac.update(&(bytes.len() as u64).to_le_bytes());
+        mac.update(bytes);
+    };
+    for text in [&r.method, &r.path, &r.query, &r.frontend] {
+        field(text.as_bytes());
+    }
+    let mut headers: Vec<_> = r.headers.iter().collect();
+    headers.sort();
+    field(&(headers.len() as u64).to_le_bytes());
+    for (name, value) in headers {
+        field(name.as_bytes());
+        field(value.as_bytes());
+    }
+    field(&r.body);
+    field(&r.client_cert);
+    field(&r.hops.to_le_bytes());
+    field(&r.secret_version.to_le_bytes());
+    *mac.finalize().as_bytes()
+}
+
 /// What a forwarded call carries besides the request itself.
 struct ForwardParts {
     client_cert: Option<Vec<u8>>,
@@ -890,7 +916,7 @@ impl Service {
     /// Sends a call to the leader over the peer channel, at most `forward_hops_max` times.
     async fn forward(&self, head: RequestHead, body: bytes::Bytes, parts: ForwardParts) -> Result<AppReply, ApiError> {
         let leader = self.leader_for_forwarding(parts.hops).await?;
-        let request = cloister_proto::peer::v1::ForwardRequest {
+        let mut request = cloister_proto::peer::v1::ForwardRequest {
             method: head.method,
             path: head.path,
             query: head.query,
@@ -899,8 +925,43 @@ impl Service {
             client_cert: parts.client_cert.unwrap_or_default(),
             hops: parts.hops + 1,
             frontend: String::new(),
+            ..Default::default()
         };
+        if !request.client_cert.is_empty() {
+            let (version, sealer) = self.joins.ledger_secrets().current();
+            request.secret_version = version;
+            request.caller_mac = caller_mac(&sealer, &request).to_vec();
+        }
         self.send_forward(&leader, request).await
+    }
+
+    /// Checks that a forwarded app call naming a caller was forwarded by a holder of the ledger
+    /// secret ([`caller_mac`]). The peer listener admits any certificate of the service CA, which
+    /// an operator may hold; without this, its holder could forward calls as any member or user.
+    fn check_caller_mac(&self, r: &cloister_proto::peer::v1::ForwardRequest) -> Result<(), tonic::Status> {
+        let Some(sealer) = self.joins.ledger_secrets().get(r.secret_version) else {
+            return Err(if r.caller_mac.is_empty() {
+                tonic::Status::permission_denied(
+                    "a forwarded call names a caller without a caller MAC (its node may run an older version); \
+                     call this node directly",
+                )
+            } else {
+                // A rekey the forwarding node applied before this one.
+                tonic::Status::unavailable(format!(
+                    "a forwarded call's caller MAC is under ledger secret version {}, which this node does not \
+                     hold yet; retry",
+                    r.secret_version
+                ))
+            });
+        };
+        let sent = <[u8; 32]>::try_from(r.caller_mac.as_slice()).ok().map(blake3::Hash::from);
+        // blake3::Hash compares in constant time.
+        if sent != Some(blake3::Hash::from(caller_mac(&sealer, r))) {
+            return Err(tonic::Status::permission_denied(
+                "a forwarded call's caller MAC does not verify: only a node holding the ledger secret names a caller",
+            ));
+        }
+        Ok(())
     }
 
     /// The leader to forward to, waiting briefly for an election.
@@ -1384,6 +1445,9 @@ impl Forwarder for ServiceForwarder {
                 None => Err(ApiError::not_found(format!("no governance endpoint {}", r.path))),
             }
         } else {
+            if !r.client_cert.is_empty() {
+                service.check_caller_mac(&r)?;
+            }
             service
                 .call_app(AppCall {
                     method: r.method,
