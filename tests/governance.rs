@@ -694,8 +694,18 @@ async fn a_follower_holds_the_addresss_share_while_it_forwards() {
         let (client, body) = (client.clone(), signed());
         async move { client.post(&GovWrite::Propose.path(), COSE_CONTENT_TYPE, body).await }
     });
-    // The follower checks the first request in a few milliseconds and forwards it.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // The follower checks the first request and forwards it; the second is sent only once the
+    // follower's metrics show the first waiting on the leader, past the follower's own check.
+    let mut forwarded = false;
+    for _ in 0..300 {
+        let (_, metrics) = c.metrics(follower).await;
+        if cloister_tests::metrics::value(&metrics, "cloister_forwards_waiting", &[]) == 1.0 {
+            forwarded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(forwarded, "the follower forwarded the first request within 15 s");
     let second = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         client.post(&GovWrite::Propose.path(), COSE_CONTENT_TYPE, signed()),

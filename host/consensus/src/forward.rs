@@ -77,6 +77,8 @@ pub struct Forwards {
     /// The stream to the peer last forwarded to. A new leader's stream replaces it; calls in
     /// flight on the old one keep it open until they are answered.
     current: Arc<Mutex<Option<Arc<ForwardStream>>>>,
+    /// Calls in [`Forwards::call`]: sent, or about to be, and not yet answered or given up.
+    waiting: Arc<AtomicU64>,
 }
 
 /// One open stream: where calls go, and who waits for which answer.
@@ -111,6 +113,22 @@ impl Waiting {
     }
 }
 
+/// One unit of a count, from creation to drop.
+struct Counted<'c>(&'c AtomicU64);
+
+impl<'c> Counted<'c> {
+    fn new(count: &'c AtomicU64) -> Counted<'c> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A call in flight: dropped before its answer (the caller gave up), it cancels the call.
 struct InFlight<'s> {
     stream: &'s ForwardStream,
@@ -137,12 +155,22 @@ impl Drop for InFlight<'_> {
 
 impl Forwards {
     pub fn new(peers: Peers) -> Forwards {
-        Forwards { connect: Arc::new(move |id, url| peers.client(url, Some(id))), current: Arc::default() }
+        Forwards {
+            connect: Arc::new(move |id, url| peers.client(url, Some(id))),
+            current: Arc::default(),
+            waiting: Arc::default(),
+        }
+    }
+
+    /// Calls forwarded, on any stream, whose answers their callers still await.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Runs `request` on node `leader`, at `peer_url`, and returns its reply, or why there
     /// is none: whether the leader may have run it or not.
     pub async fn call(&self, leader: NodeId, peer_url: &str, request: pb::ForwardRequest) -> Answer {
+        let _counted = Counted::new(&self.waiting);
         let stream = self.stream(leader, peer_url).map_err(ForwardError::NotRun)?;
         let id = stream.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (caller, answer) = oneshot::channel();
@@ -662,7 +690,11 @@ mod tests {
         tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
         let client = pb::peer_client::PeerClient::new(channel);
-        let forwards = Forwards { connect: Arc::new(move |_, _| Ok(client.clone())), current: Arc::default() };
+        let forwards = Forwards {
+            connect: Arc::new(move |_, _| Ok(client.clone())),
+            current: Arc::default(),
+            waiting: Arc::default(),
+        };
         (forwards, leader)
     }
 
@@ -682,15 +714,23 @@ mod tests {
             assert_eq!(reply.expect("a reply").body, format!("/p{i}").into_bytes());
         }
         assert_eq!(leader.opened.load(Ordering::SeqCst), 1);
+        assert_eq!(forwards.waiting(), 0, "every answered call is uncounted");
     }
 
     #[tokio::test]
     async fn a_follower_that_gives_up_on_a_call_cancels_it_on_the_leader() {
         let (forwards, leader) = follower(0).await;
-        let gave_up =
-            tokio::time::timeout(Duration::from_millis(200), forwards.call(1, "https://leader", forwarded("wait")));
-        assert!(gave_up.await.is_err(), "the call waits for a permit that never comes");
         let fake = &leader.forwarder;
+        let waits = forwards.call(1, "https://leader", forwarded("wait"));
+        let watch = async {
+            until("the leader to run the call", || fake.running.load(Ordering::SeqCst) == 1).await;
+            assert_eq!(forwards.waiting(), 1, "the call is counted while it waits");
+        };
+        tokio::select! {
+            _ = waits => panic!("the call waits for a permit that never comes"),
+            () = watch => {}
+        }
+        assert_eq!(forwards.waiting(), 0, "a call given up is no longer counted");
         until("the leader to drop the call", || fake.dropped.load(Ordering::SeqCst) == 1).await;
         // The stream stays up for the next call.
         assert_eq!(forwards.call(1, "https://leader", forwarded("/next")).await.unwrap().body, b"/next");

@@ -213,6 +213,8 @@ pub struct RaftStats {
     /// Snapshot files built to be sent to a node that is behind.
     pub snapshot_files_built: u64,
     pub snapshots_installed: u64,
+    /// Calls this node forwarded to the leader whose answers it awaits.
+    pub forwards_waiting: u64,
 }
 
 /// Asks Raft to take a snapshot point once the entries applied since the current snapshot (or
@@ -419,6 +421,7 @@ impl Consensus {
             snapshots_built: counts.snapshots_built.load(Relaxed),
             snapshot_files_built: counts.snapshot_files_built.load(Relaxed),
             snapshots_installed: counts.snapshots_installed.load(Relaxed),
+            forwards_waiting: self.forwards.waiting(),
         }
     }
 

@@ -106,6 +106,7 @@ struct Scraped {
     snapshots_built: Counter,
     snapshot_files_built: Counter,
     snapshots_installed: Counter,
+    forwards_waiting: Gauge,
     ledger_bytes: Gauge,
 }
 
@@ -214,6 +215,11 @@ impl Metrics {
             "Snapshots this node installed from a leader",
             s.snapshots_installed.clone(),
         );
+        registry.register(
+            "forwards_waiting",
+            "Calls this node forwarded to the leader whose answers it awaits",
+            s.forwards_waiting.clone(),
+        );
         registry.register_with_unit(
             "ledger_files",
             "Size of this node's ledger files on disk",
@@ -280,6 +286,7 @@ impl Metrics {
         raise_to(&s.snapshots_built, stats.snapshots_built);
         raise_to(&s.snapshot_files_built, stats.snapshot_files_built);
         raise_to(&s.snapshots_installed, stats.snapshots_installed);
+        s.forwards_waiting.set(as_i64(stats.forwards_waiting));
         s.ledger_bytes.set(as_i64(dir_bytes(&self.ledger_dir)));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
