@@ -190,12 +190,14 @@ async fn one_member_may_hold_only_so_many_open_proposals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_superseded_ballot_cannot_come_back() {
     let s = TestService::start(3, 0, RECONCILE, Default::default()).await;
+    let service = s.service_id();
     let c = s.member(0).await;
     let (m0, m1, m2) = (&s.members[0].keyed, &s.members[1].keyed, &s.members[2].keyed);
     let id = propose(&c, m0, threshold(2)).await;
     let now = unix_now();
-    let ballot =
-        |who: &KeyedCert, yes: bool, at: u64| sign_gov(who, &GovWrite::Vote(id.clone()), &approve(yes), at).unwrap();
+    let ballot = |who: &KeyedCert, yes: bool, at: u64| {
+        sign_gov(who, &GovWrite::Vote(id.clone()), &approve(yes), at, &service).unwrap()
+    };
     let anyone = s.client(None).await;
     let post = |body: Vec<u8>| {
         let anyone = anyone.clone();
@@ -233,6 +235,7 @@ async fn a_superseded_ballot_cannot_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_requests_change_nothing() {
     let s = TestService::start(2, 1, RECONCILE, Default::default()).await;
+    let service = s.service_id();
     let c = s.member(0).await;
     let a = &s.members[0].keyed;
     let id = propose(&c, a, threshold(1)).await;
@@ -250,27 +253,27 @@ async fn refused_requests_change_nothing() {
     };
 
     // A replay of an accepted ballot.
-    let ballot = sign_gov(&s.members[1].keyed, &vote_write, &approve(false), unix_now()).unwrap();
+    let ballot = sign_gov(&s.members[1].keyed, &vote_write, &approve(false), unix_now(), &service).unwrap();
     assert_eq!(post(ballot.clone(), vote_write.clone()).await.status, 200);
     let before = (state(&c, &id).await, before.1);
     expect(post(ballot, vote_write.clone()).await, 409, "Replay");
     // Created too long ago, or too far ahead.
-    let old = sign_gov(a, &vote_write, &approve(true), unix_now() - 3600).unwrap();
+    let old = sign_gov(a, &vote_write, &approve(true), unix_now() - 3600, &service).unwrap();
     expect(post(old, vote_write.clone()).await, 400, "RequestOutsideWindow");
-    let future = sign_gov(a, &vote_write, &approve(true), unix_now() + 3600).unwrap();
+    let future = sign_gov(a, &vote_write, &approve(true), unix_now() + 3600, &service).unwrap();
     expect(post(future, vote_write.clone()).await, 400, "RequestOutsideWindow");
     // A bad signature: the last byte of the signature flipped.
-    let mut forged = sign_gov(a, &vote_write, &approve(true), unix_now()).unwrap();
+    let mut forged = sign_gov(a, &vote_write, &approve(true), unix_now(), &service).unwrap();
     *forged.last_mut().unwrap() ^= 1;
     expect(post(forged, vote_write.clone()).await, 401, "BadSignature");
     // An unknown signer, and a user.
     let stranger = new_identity("stranger");
-    let unknown = sign_gov(&stranger.keyed, &vote_write, &approve(true), unix_now()).unwrap();
+    let unknown = sign_gov(&stranger.keyed, &vote_write, &approve(true), unix_now(), &service).unwrap();
     expect(post(unknown, vote_write.clone()).await, 401, "UnknownSigner");
-    let user = sign_gov(&s.users[0].keyed, &vote_write, &approve(true), unix_now()).unwrap();
+    let user = sign_gov(&s.users[0].keyed, &vote_write, &approve(true), unix_now(), &service).unwrap();
     expect(post(user, vote_write.clone()).await, 403, "NotAMember");
     // A ballot sent to the proposal endpoint, and a ballot for another proposal's path.
-    let misdirected = sign_gov(a, &vote_write, &approve(true), unix_now()).unwrap();
+    let misdirected = sign_gov(a, &vote_write, &approve(true), unix_now(), &service).unwrap();
     expect(post(misdirected.clone(), GovWrite::Propose).await, 400, "WrongMessageType");
     expect(post(misdirected, GovWrite::Vote("other".into())).await, 400, "ProposalIdMismatch");
     // Garbage.
@@ -379,12 +382,13 @@ async fn apps_and_their_settings_change_by_vote() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
     let s = TestService::start(1, 0, RECONCILE, Default::default()).await;
+    let service = s.service_id();
     let m = &s.members[0].keyed;
     let runtime = cloister_runtime::Runtime::new(Default::default()).unwrap();
     let tx = s.node().service().store().begin().unwrap();
     let policy = cloister_node::config::GovSection::default().policy(unix_now());
     let check = |actions: Value| {
-        let signed = sign_gov(m, &GovWrite::Propose, &propose_json(actions), unix_now()).unwrap();
+        let signed = sign_gov(m, &GovWrite::Propose, &propose_json(actions), unix_now(), &service).unwrap();
         cloister_node::gov::precheck(&runtime, &tx, &GovWrite::Propose, &signed, &policy)
     };
     let garbage = check(json!([{ "name": "set_app", "args": { "wasm": b64(b"\0asm garbage") } }])).unwrap_err();
@@ -403,7 +407,7 @@ async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
     // A proposal accepted once is public in gov.history: a copy sent again is refused by the
     // check, before its modules compile (and before the writer).
     let actions = json!([{ "name": "set_app", "args": { "wasm": b64(&misbehave_wasm()) } }]);
-    let signed = sign_gov(m, &GovWrite::Propose, &propose_json(actions), unix_now()).unwrap();
+    let signed = sign_gov(m, &GovWrite::Propose, &propose_json(actions), unix_now(), &service).unwrap();
     let filed = s.member(0).await.post("/gov/proposals", COSE_CONTENT_TYPE, signed.clone()).await.unwrap();
     assert_eq!(filed.status, 200, "{}", filed.text());
     let tx = s.node().service().store().begin().unwrap();
@@ -412,7 +416,7 @@ async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
     // So is any other accepted request sent again, a vote here: it never queues for the writer.
     let id = filed.json().unwrap()["proposal_id"].as_str().unwrap().to_owned();
     let vote = GovWrite::Vote(id);
-    let signed = sign_gov(m, &vote, &json!({ "approve": false }), unix_now()).unwrap();
+    let signed = sign_gov(m, &vote, &json!({ "approve": false }), unix_now(), &service).unwrap();
     let voted = s.member(0).await.post(&vote.path(), COSE_CONTENT_TYPE, signed.clone()).await.unwrap();
     assert_eq!(voted.status, 200, "{}", voted.text());
     let tx = s.node().service().store().begin().unwrap();
@@ -428,6 +432,7 @@ async fn a_proposals_modules_are_compiled_before_it_queues_for_the_writer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_finds_a_proposals_modules_compiled_however_small_the_cache() {
     let s = TestService::start_with(2, 0, RECONCILE, |c| c.wasm.modules_cached_max = 1).await;
+    let service = s.service_id();
     let anonymous = s.client(None).await;
     let compiled = async || {
         let (_, exposition) = cloister_tests::metrics::scrape(&anonymous).await;
@@ -451,7 +456,8 @@ async fn the_writer_finds_a_proposals_modules_compiled_however_small_the_cache()
         let mut wasm = misbehave_wasm();
         wasm.extend_from_slice(&[0, 3, 1, b'n', n]);
         let actions = json!([{ "name": "set_app", "args": { "wasm": b64(&wasm) } }]);
-        let signed = sign_gov(&s.members[0].keyed, &GovWrite::Propose, &propose_json(actions), unix_now()).unwrap();
+        let signed =
+            sign_gov(&s.members[0].keyed, &GovWrite::Propose, &propose_json(actions), unix_now(), &service).unwrap();
         let filed = s.member(0).await.post("/gov/proposals", COSE_CONTENT_TYPE, signed).await.unwrap();
         assert_eq!(filed.status, 200, "{}", filed.text());
         assert_eq!(filed.json().unwrap()["state"], "Open");
@@ -619,10 +625,11 @@ async fn the_service_serves_apps_only_once_open() {
 async fn governance_over_grpc() {
     use cloister_proto::gov::v1::{ReadRequest, WriteRequest, gov_client::GovClient};
     let s = TestService::start(1, 0, RECONCILE, Default::default()).await;
+    let service = s.service_id();
     let channel = cloister_client::grpc_channel(&s.grpc_url(), &s.ca_pem, None).await.unwrap();
     let mut gov = GovClient::new(channel);
     let a = &s.members[0].keyed;
-    let body = sign_gov(a, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();
+    let body = sign_gov(a, &GovWrite::Propose, &propose_json(threshold(1)), unix_now(), &service).unwrap();
     let reply = gov.write(WriteRequest { path: "/gov/proposals".into(), cose_sign1: body.clone() }).await.unwrap();
     let answer: Value = serde_json::from_str(&reply.get_ref().json).unwrap();
     assert!(!reply.get_ref().tx_id.is_empty());
@@ -631,6 +638,34 @@ async fn governance_over_grpc() {
     assert_eq!(replay.code(), tonic::Code::AlreadyExists, "{replay:?}");
     let read = gov.read(ReadRequest { path: format!("/gov/proposals/{id}") }).await.unwrap();
     assert!(read.get_ref().json.contains("set_recovery_threshold"));
+}
+
+/// A signed request names the service it is for. A member of two services (one certificate
+/// on both, as a consortium may keep for a staging and a production service) signed requests
+/// that either would accept, so anyone who saw one sent to one service (the operator of the
+/// node it reached, say) could replay it to the other within `request_window_s`: a proposal,
+/// a ballot, an ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_signed_for_one_service_is_refused_by_another() {
+    let a = TestService::start_opening(1, 0, RECONCILE, |_| {}).await;
+    let members = a.config.genesis.members.clone();
+    let b = TestService::start_opening(1, 0, RECONCILE, move |c| c.genesis.members = members).await;
+    let member = &a.members[0].keyed;
+    assert_ne!(a.service_id(), b.service_id());
+    let proposal = propose_json(threshold(1));
+    let (to_a, to_b) = (a.client(Some(member)).await, b.client(Some(member)).await);
+    let signed = to_a.sign_gov(member, &GovWrite::Propose, &proposal).await.unwrap();
+    let filed = to_a.post("/gov/proposals", COSE_CONTENT_TYPE, signed.clone()).await.unwrap();
+    assert_eq!(filed.status, 200, "{}", filed.text());
+    let filed_on_b = async || to_b.get("/gov/proposals").await.unwrap().text();
+    let before = filed_on_b().await;
+    let replayed = to_b.post("/gov/proposals", COSE_CONTENT_TYPE, signed).await.unwrap();
+    assert_eq!(replayed.status, 400, "{}", replayed.text());
+    assert_eq!(replayed.json().unwrap()["error"]["code"], "WrongService", "{}", replayed.text());
+    assert_eq!(filed_on_b().await, before, "nothing was filed");
+    // The member's own request to the second service, signed for it, is filed there.
+    let own = to_b.gov(member, &GovWrite::Propose, &proposal).await.unwrap();
+    assert_eq!(own.status, 200, "{}", own.text());
 }
 
 /// Sends a signal to every node of `c` but `spared`: SIGSTOP freezes them, SIGCONT resumes them.
@@ -659,8 +694,9 @@ async fn a_follower_refuses_a_forged_governance_request_without_the_leader() {
     let leader = c.leader().await.expect("a leader");
     let follower = (leader + 1) % 3;
     let client = c.client(follower, 0).await.unwrap();
+    let service = client.service_id().await.unwrap();
     let mut forged =
-        sign_gov(&c.members[0].keyed, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();
+        sign_gov(&c.members[0].keyed, &GovWrite::Propose, &propose_json(threshold(1)), unix_now(), &service).unwrap();
     *forged.last_mut().unwrap() ^= 1;
     let signal = signal_all_but(&c, follower);
     signal(libc::SIGSTOP);
@@ -686,8 +722,10 @@ async fn a_follower_holds_the_addresss_share_while_it_forwards() {
     let leader = c.leader().await.expect("a leader");
     let follower = (leader + 1) % 3;
     let client = c.client(follower, 0).await.unwrap();
+    let service = client.service_id().await.unwrap();
     let stranger = new_identity("stranger");
-    let signed = || sign_gov(&stranger.keyed, &GovWrite::Propose, &propose_json(threshold(1)), unix_now()).unwrap();
+    let signed =
+        || sign_gov(&stranger.keyed, &GovWrite::Propose, &propose_json(threshold(1)), unix_now(), &service).unwrap();
     let signal = signal_all_but(&c, follower);
     signal(libc::SIGSTOP);
     let first = tokio::spawn({

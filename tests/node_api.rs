@@ -1146,8 +1146,14 @@ async fn a_flood_of_forged_governance_requests_does_not_starve_app_writes() {
     // and refused only by the signature check.
     let proposal = serde_json::json!({ "actions": [{ "name": "set_recovery_threshold", "args": { "threshold": 1 } }] });
     let write = cloister_crypto::cose::GovWrite::Propose;
-    let mut forged =
-        cloister_client::sign_gov(&service.members[0].keyed, &write, &proposal, cloister_client::unix_now()).unwrap();
+    let mut forged = cloister_client::sign_gov(
+        &service.members[0].keyed,
+        &write,
+        &proposal,
+        cloister_client::unix_now(),
+        &service.service_id(),
+    )
+    .unwrap();
     let r_last = forged.len() - 96 + 47;
     forged[r_last] ^= 1;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -77,6 +77,12 @@ impl TestService {
         TestService { dir, members: network.members, users: network.users, config, ca_pem, node: Some(node) }
     }
 
+    /// The id governance requests to this service are signed for: the hex SHA-256 of its
+    /// identity certificate, which clients pin.
+    pub fn service_id(&self) -> String {
+        cloister_crypto::identity::id_of_pem(&self.ca_pem).expect("the service identity's certificate")
+    }
+
     pub fn node(&self) -> &Node {
         self.node.as_ref().expect("the node is running")
     }

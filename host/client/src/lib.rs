@@ -203,10 +203,34 @@ impl Client {
 pub const COSE_CONTENT_TYPE: &str = "application/cose";
 
 impl Client {
-    /// Signs `payload` as `who` for a governance write (created now) and sends it.
+    /// The id of the service this node serves (the hex SHA-256 of its identity certificate's
+    /// DER, from `GET /gov/service`): what a governance request is signed for. Read for each
+    /// request, since a recovery gives a service a new identity.
+    pub async fn service_id(&self) -> anyhow::Result<String> {
+        let reply = self.get("/gov/service").await?;
+        anyhow::ensure!(reply.status == 200, "/gov/service refused ({}): {}", reply.status, reply.text());
+        let service = reply.json()?;
+        let identity = service["identity"]
+            .as_str()
+            .context("this service has no identity yet (its leader creates one shortly): try again")?;
+        cloister_crypto::identity::id_of_pem(identity.as_bytes()).context("the service identity's certificate")
+    }
+
+    /// Signs `payload` as `who` for a governance write (created now) to this node's service, and
+    /// sends it.
     pub async fn gov(&self, who: &KeyedCert, write: &GovWrite, payload: &serde_json::Value) -> anyhow::Result<Reply> {
-        let signed = sign_gov(who, write, payload, next_created_at(&who.id()?))?;
+        let signed = self.sign_gov(who, write, payload).await?;
         self.post(&write.path(), COSE_CONTENT_TYPE, signed).await
+    }
+
+    /// Signs `payload` as `who` for a governance write (created now) to this node's service.
+    pub async fn sign_gov(
+        &self,
+        who: &KeyedCert,
+        write: &GovWrite,
+        payload: &serde_json::Value,
+    ) -> anyhow::Result<Vec<u8>> {
+        sign_gov(who, write, payload, next_created_at(&who.id()?), &self.service_id().await?)
     }
 
     /// As [`Client::gov`], failing unless the node accepts the request; returns its JSON answer.
@@ -255,12 +279,14 @@ pub fn next_created_at(signer: &str) -> u64 {
     *entry
 }
 
-/// Signs a governance request body for `write`, created at `created_at` (Unix seconds).
+/// Signs a governance request body for `write`, created at `created_at` (Unix seconds), for the
+/// service whose id is `service` ([`Client::service_id`]).
 pub fn sign_gov(
     who: &KeyedCert,
     write: &GovWrite,
     payload: &serde_json::Value,
     created_at: u64,
+    service: &str,
 ) -> anyhow::Result<Vec<u8>> {
     let (msg_type, proposal_id) = match write {
         GovWrite::Propose => (MsgType::Proposal, None),
@@ -269,7 +295,7 @@ pub fn sign_gov(
         GovWrite::Ack => (MsgType::Ack, None),
         GovWrite::RecoveryShare => (MsgType::RecoveryShare, None),
     };
-    cose::sign(who, msg_type, proposal_id, created_at, payload.to_string().as_bytes())
+    cose::sign(who, msg_type, proposal_id, created_at, service, payload.to_string().as_bytes())
 }
 
 /// A gRPC channel to `https://host:port`, trusting only the service CA, presenting `identity`.

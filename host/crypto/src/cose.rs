@@ -1,9 +1,10 @@
 //! Signed governance requests: COSE_Sign1 messages (RFC 9052) signed with a member's key.
 //!
 //! The protected header carries the algorithm (ES384, the curve of Cloister identities), the
-//! signer's id as `kid` (hex SHA-256 of its certificate DER), and three Cloister labels:
-//! [`MSG_TYPE`], [`CREATED_AT`] (seconds since the Unix epoch) and, for requests about one
-//! proposal, [`PROPOSAL_ID`]. The payload is the request's JSON.
+//! signer's id as `kid` (hex SHA-256 of its certificate DER), and Cloister labels:
+//! [`MSG_TYPE`], [`CREATED_AT`] (seconds since the Unix epoch), [`SERVICE`] (the service the
+//! request is for: the hex SHA-256 of its identity certificate's DER) and, for requests about
+//! one proposal, [`PROPOSAL_ID`]. The payload is the request's JSON.
 
 use coset::cbor::value::Value;
 use coset::{CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, Label, iana};
@@ -15,6 +16,9 @@ use crate::identity::{self, KeyedCert};
 pub(crate) const MSG_TYPE: &str = "cloister.gov.msg.type";
 pub(crate) const CREATED_AT: &str = "cloister.gov.msg.created_at";
 pub(crate) const PROPOSAL_ID: &str = "cloister.gov.msg.proposal_id";
+/// A request names its service, so that a member of two services (one certificate on both)
+/// cannot have a request it signed for one replayed to the other.
+pub(crate) const SERVICE: &str = "cloister.gov.msg.service";
 
 /// A governance write, as addressed by its endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,18 +111,22 @@ pub struct SignedRequest {
     pub msg_type: String,
     pub created_at: u64,
     pub proposal_id: Option<String>,
+    /// The service the request is for: the hex SHA-256 of its identity certificate's DER.
+    pub service: String,
     /// The signer's id, from `kid`.
     pub signer: String,
     pub payload: Vec<u8>,
     message: CoseSign1,
 }
 
-/// Signs a governance request as `who`.
+/// Signs a governance request as `who`, for the service whose id (the hex SHA-256 of its
+/// identity certificate's DER) is `service`.
 pub fn sign(
     who: &KeyedCert,
     msg_type: MsgType,
     proposal_id: Option<&str>,
     created_at: u64,
+    service: &str,
     payload: &[u8],
 ) -> anyhow::Result<Vec<u8>> {
     let key = identity::signing_key(&who.key_pem, "the signing key")?;
@@ -126,7 +134,8 @@ pub fn sign(
         .algorithm(iana::Algorithm::ES384)
         .key_id(who.id()?.into_bytes())
         .text_value(MSG_TYPE.into(), Value::Text(msg_type.as_str().into()))
-        .text_value(CREATED_AT.into(), Value::Integer(created_at.into()));
+        .text_value(CREATED_AT.into(), Value::Integer(created_at.into()))
+        .text_value(SERVICE.into(), Value::Text(service.into()));
     if let Some(id) = proposal_id {
         header = header.text_value(PROPOSAL_ID.into(), Value::Text(id.into()));
     }
@@ -207,8 +216,11 @@ pub fn parse(bytes: &[u8]) -> Result<SignedRequest, String> {
         None => return Err(format!("the protected header lacks {CREATED_AT}")),
     };
     let proposal_id = text(PROPOSAL_ID)?;
+    let service = text(SERVICE)?
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| format!("the protected header's {SERVICE} must be the service's id (64 hex characters)"))?;
     let payload = message.payload.clone().ok_or("the message carries no payload (detached payloads are refused)")?;
-    Ok(SignedRequest { msg_type, created_at, proposal_id, signer, payload, message })
+    Ok(SignedRequest { msg_type, created_at, proposal_id, service, signer, payload, message })
 }
 
 impl SignedRequest {
@@ -235,15 +247,20 @@ impl SignedRequest {
 mod tests {
     use super::*;
 
+    /// A service's id, as a request names it.
+    pub(super) const SERVICE_A: &str = "5e7a0c1f5e7a0c1f5e7a0c1f5e7a0c1f5e7a0c1f5e7a0c1f5e7a0c1f5e7a0c1f";
+
     #[test]
     fn signs_and_verifies_and_refuses_tampering() {
         let alice = identity::generate_identity("alice").unwrap();
         let bob = identity::generate_identity("bob").unwrap();
-        let bytes = sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, br#"{"approve":true}"#).unwrap();
+        let bytes =
+            sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, SERVICE_A, br#"{"approve":true}"#).unwrap();
         let request = parse(&bytes).unwrap();
         assert_eq!(request.msg_type, "ballot");
         assert_eq!(request.created_at, 1_700_000_000);
         assert_eq!(request.proposal_id.as_deref(), Some("p1"));
+        assert_eq!(request.service, SERVICE_A);
         assert_eq!(request.signer, alice.id().unwrap());
         request.verify(&alice.cert_pem).unwrap();
         let err = request.verify(&bob.cert_pem).unwrap_err();
@@ -264,7 +281,8 @@ mod tests {
     #[test]
     fn a_signed_request_has_exactly_one_encoding() {
         let alice = identity::generate_identity("alice").unwrap();
-        let bytes = sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, br#"{"approve":true}"#).unwrap();
+        let bytes =
+            sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, SERVICE_A, br#"{"approve":true}"#).unwrap();
         let genuine = parse(&bytes).unwrap();
         genuine.verify(&alice.cert_pem).unwrap();
         let refused = |bad: &[u8], why: &str| {
@@ -337,21 +355,46 @@ mod tests {
     fn the_identity_is_what_was_signed() {
         let alice = identity::generate_identity("alice").unwrap();
         let payload = br#"{"approve":true}"#;
-        let one = parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, payload).unwrap()).unwrap();
+        let one =
+            parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, SERVICE_A, payload).unwrap()).unwrap();
         // ECDSA's random nonce makes a second signature of the same request differ in bytes…
-        let two = parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, payload).unwrap()).unwrap();
+        let two =
+            parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_000, SERVICE_A, payload).unwrap()).unwrap();
         assert_ne!(one.message.signature, two.message.signature);
         // …but not in identity: it is the same request.
         assert_eq!(one.digest(), two.digest());
-        let later = parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_001, payload).unwrap()).unwrap();
+        let later =
+            parse(&sign(&alice, MsgType::Ballot, Some("p1"), 1_700_000_001, SERVICE_A, payload).unwrap()).unwrap();
         assert_ne!(one.digest(), later.digest());
+    }
+
+    /// The service is part of what was signed: the same request for another service is another
+    /// request, and one that names no service, or not as an id, is refused by name.
+    #[test]
+    fn a_request_names_its_service() {
+        let alice = identity::generate_identity("alice").unwrap();
+        let service_b = "b".repeat(64);
+        let one = parse(&sign(&alice, MsgType::Ack, None, 1_700_000_000, SERVICE_A, b"{}").unwrap()).unwrap();
+        let other = parse(&sign(&alice, MsgType::Ack, None, 1_700_000_000, &service_b, b"{}").unwrap()).unwrap();
+        assert_eq!(other.service, service_b);
+        assert_ne!(one.digest(), other.digest());
+        for bad in ["", "b", &"g".repeat(64), &"b".repeat(65)] {
+            let err = parse(&sign(&alice, MsgType::Ack, None, 1_700_000_000, bad, b"{}").unwrap()).unwrap_err();
+            assert!(err.contains(SERVICE) && err.contains("64 hex"), "{bad:?}: {err}");
+        }
+        let mut m =
+            CoseSign1::from_slice(&sign(&alice, MsgType::Ack, None, 1_700_000_000, SERVICE_A, b"{}").unwrap()).unwrap();
+        m.protected.original_data = None;
+        m.protected.header.rest.retain(|(label, _)| *label != Label::Text(SERVICE.into()));
+        let err = parse(&m.to_vec().unwrap()).unwrap_err();
+        assert!(err.contains(SERVICE), "{err}");
     }
 
     #[test]
     fn signatures_are_written_low_s() {
         let alice = identity::generate_identity("alice").unwrap();
         for i in 0..32 {
-            let bytes = sign(&alice, MsgType::Ack, None, 1_700_000_000 + i, b"{}").unwrap();
+            let bytes = sign(&alice, MsgType::Ack, None, 1_700_000_000 + i, SERVICE_A, b"{}").unwrap();
             parse(&bytes).expect("every signature the signer writes parses");
         }
     }
@@ -372,7 +415,9 @@ mod fuzz {
         static GENUINE: OnceLock<(KeyedCert, Vec<u8>)> = OnceLock::new();
         GENUINE.get_or_init(|| {
             let alice = identity::generate_identity("alice").unwrap();
-            let bytes = sign(&alice, MsgType::Proposal, None, 1_700_000_000, br#"{"actions":[]}"#).unwrap();
+            let bytes =
+                sign(&alice, MsgType::Proposal, None, 1_700_000_000, super::tests::SERVICE_A, br#"{"actions":[]}"#)
+                    .unwrap();
             (alice, bytes)
         })
     }

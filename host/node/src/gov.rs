@@ -62,6 +62,8 @@ pub enum Refusal {
     NotFound,
     /// The request conflicts with the state: a replay, a proposal no longer Open.
     Conflict,
+    /// The service cannot judge the request yet; the same request may pass later.
+    Unavailable,
 }
 
 /// A ballot's payload.
@@ -168,6 +170,20 @@ pub fn precheck(
     Ok(proposal_checks(runtime, &request)?.1)
 }
 
+/// The id governance requests to this service must be signed for: the hex SHA-256 of its
+/// identity certificate's DER (as recovery shares name it).
+fn service_id(tx: &Tx) -> Result<String, GovError> {
+    let identity = service(tx)?.and_then(|s| s.identity).ok_or_else(|| {
+        refuse(
+            Refusal::Unavailable,
+            "NoServiceIdentity",
+            "this service has no identity yet, and requests are signed for it: its leader creates one shortly",
+        )
+    })?;
+    cloister_crypto::identity::id_of_pem(identity.as_bytes())
+        .map_err(|e| GovError::Internal(format!("the service identity's certificate: {e:#}")))
+}
+
 /// Refuses a signed request already accepted (its digest is in `gov.history`).
 fn not_replayed(tx: &Tx, request: &SignedRequest) -> Result<(), GovError> {
     if tx.get(HISTORY, request.digest().as_bytes())?.is_some() {
@@ -263,6 +279,14 @@ fn verified(
                 request.proposal_id,
                 write.proposal_id()
             ),
+        ));
+    }
+    let service = service_id(tx)?;
+    if request.service != service {
+        return Err(refuse(
+            Refusal::Malformed,
+            "WrongService",
+            format!("this request is signed for service {}; this is service {service}", request.service),
         ));
     }
     let skew = policy.now.abs_diff(request.created_at);

@@ -180,6 +180,7 @@ impl From<crate::gov::GovError> for ApiError {
                     Refusal::Forbidden => 403,
                     Refusal::NotFound => 404,
                     Refusal::Conflict => 409,
+                    Refusal::Unavailable => 503,
                 };
                 ApiError::new(status, code, message)
             }
