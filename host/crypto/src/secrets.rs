@@ -137,9 +137,13 @@ impl LedgerSecrets {
             Ok(p) if p == previous.secret => {}
             _ => return Err(LearnError::NotASuccessor(new.version, before)),
         }
-        versions.insert(new.version, Held { secret: new.secret, sealer: Arc::new(Sealer::new(&new.secret)) });
-        let all: Vec<_> = versions.iter().map(|(v, h)| (*v, h.secret)).collect();
+        // On disk before in memory: a version held but not kept would seal writes at once, and
+        // applying its record again would find it held and never keep it.
+        let mut all: Vec<_> = versions.iter().map(|(v, h)| (*v, h.secret)).collect();
+        let at = all.partition_point(|(v, _)| *v < new.version);
+        all.insert(at, (new.version, new.secret));
         keeper.persist(&all).map_err(|e| LearnError::Persist(e.to_string()))?;
+        versions.insert(new.version, Held { secret: new.secret, sealer: Arc::new(Sealer::new(&new.secret)) });
         Ok(Some(new.version))
     }
 }
@@ -292,6 +296,40 @@ mod tests {
         assert_eq!(secrets.open(Purpose::LedgerPrivate, b"tx2", &new).unwrap(), b"after");
         let retired = LedgerSecrets::first(v1);
         assert_eq!(retired.open(Purpose::LedgerPrivate, b"tx2", &new), Err(SealError), "the old secret alone");
+    }
+
+    /// A [`Clear`] whose first persist fails, as a full disk would.
+    struct FailsFirst(Arc<Clear>, std::sync::atomic::AtomicBool);
+
+    impl Keeper for FailsFirst {
+        fn unwrap(&self, key: &[u8], value: &[u8]) -> Result<Option<Rekeyed>, String> {
+            self.0.unwrap(key, value)
+        }
+
+        fn persist(&self, all: &[(u64, [u8; 32])]) -> std::io::Result<()> {
+            if self.1.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("disk full"));
+            }
+            self.0.persist(all)
+        }
+    }
+
+    #[test]
+    fn a_version_that_fails_to_persist_is_not_held_and_is_learned_again() {
+        let kept = Arc::new(Clear(Mutex::default()));
+        let (v1, v2) = (Sealer::generate_secret(), Sealer::generate_secret());
+        let keeper = FailsFirst(kept.clone(), true.into());
+        let secrets = LedgerSecrets::first(v1).with_keeper(Box::new(keeper));
+
+        let failed = secrets.learn(&version_key(2), &record(2, v2, v1));
+        assert!(matches!(failed, Err(LearnError::Persist(_))), "{failed:?}");
+        assert_eq!(secrets.current().0, 1, "nothing seals under a version not on disk");
+        assert!(kept.0.lock().unwrap().is_empty());
+
+        // Applying the record again persists it this time.
+        assert_eq!(secrets.learn(&version_key(2), &record(2, v2, v1)), Ok(Some(2)));
+        assert_eq!(kept.0.lock().unwrap().as_slice(), &[vec![(1, v1), (2, v2)]]);
+        assert_eq!(secrets.current().0, 2);
     }
 
     #[test]
