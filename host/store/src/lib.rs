@@ -101,6 +101,15 @@ pub fn split_key_checked(full: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(&full[..at]).ok()?, &full[at + 1..]))
 }
 
+/// What makes `full` not a table key (`map name ‖ 0x00 ‖ key`, the map name UTF-8), if
+/// anything: what [`split_key`] takes for granted.
+fn table_key_fault(full: &[u8]) -> Option<&'static str> {
+    let Some(at) = full.iter().position(|&b| b == MAP_SEPARATOR) else {
+        return Some("no 0x00 separates its map name from its key");
+    };
+    std::str::from_utf8(&full[..at]).is_err().then_some("its map name is not UTF-8")
+}
+
 /// Splits a table key into its map name and the key within the map.
 fn split_key(full: &[u8]) -> (&str, &[u8]) {
     let at = full.iter().position(|&b| b == MAP_SEPARATOR).expect("table keys hold a map separator");
@@ -125,6 +134,19 @@ fn map_bounds(map: &str, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> (Bound<Vec
     (lower, upper)
 }
 
+/// Whether no key lies within the bounds. `BTreeMap::range` panics on a start after the end
+/// and on an excluded start equal to an excluded end, and a contract may scan with any bounds:
+/// such ranges are answered without calling it.
+fn holds_nothing<K: Ord + ?Sized>(lower: Bound<&K>, upper: Bound<&K>) -> bool {
+    match (lower, upper) {
+        (Bound::Unbounded, _) | (_, Bound::Unbounded) => false,
+        (Bound::Included(l), Bound::Included(u)) => l > u,
+        (Bound::Included(l) | Bound::Excluded(l), Bound::Excluded(u)) | (Bound::Excluded(l), Bound::Included(u)) => {
+            l >= u
+        }
+    }
+}
+
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
@@ -142,7 +164,7 @@ pub struct WriteSet {
 mod byte_map {
     use std::collections::BTreeMap;
 
-    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde::de::{Deserializer, Error, MapAccess, Visitor};
     use serde::ser::Serializer;
     use serde_bytes::{ByteBuf, Bytes};
 
@@ -164,6 +186,12 @@ mod byte_map {
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Map, A::Error> {
                 let mut map = Map::new();
                 while let Some((k, v)) = access.next_entry::<ByteBuf, Option<ByteBuf>>()? {
+                    // Every node splits each key into map and key as it applies the set, and
+                    // takes the split for granted there: a key that does not split is refused
+                    // here, as the set decodes.
+                    if let Some(fault) = super::table_key_fault(&k) {
+                        return Err(A::Error::custom(format_args!("a write set key is not a table key: {fault}")));
+                    }
                     map.insert(k.into_vec(), v.map(ByteBuf::into_vec));
                 }
                 Ok(map)
@@ -228,7 +256,11 @@ impl WriteSet {
 
     /// The first entry (removals included) within the table-key bounds.
     fn first_in(&self, bounds: &(Bound<Vec<u8>>, Bound<Vec<u8>>)) -> Option<&[u8]> {
-        self.entries.range::<Vec<u8>, _>((bounds.0.as_ref(), bounds.1.as_ref())).next().map(|(k, _)| k.as_slice())
+        let range = (bounds.0.as_ref(), bounds.1.as_ref());
+        if holds_nothing(range.0, range.1) {
+            return None;
+        }
+        self.entries.range::<Vec<u8>, _>(range).next().map(|(k, _)| k.as_slice())
     }
 }
 
@@ -821,6 +853,14 @@ impl WriteBatch<'_> {
     /// snapshot, as [`Export::for_each`] gave it). A hidden entry must open under the ledger
     /// secret and be stored under its own key's digest.
     pub fn insert_stored(&mut self, table_key: &[u8], stored: &[u8]) -> Result<(), KvError> {
+        // A snapshot's records are checked whole only at its end (its MAC): each key is checked
+        // here before anything splits it.
+        if let Some(fault) = table_key_fault(table_key) {
+            return Err(KvError::Invalid {
+                path: self.store.path.clone(),
+                message: format!("a stored record's key is not a table key: {fault}"),
+            });
+        }
         if self.store.hides(table_key).is_some() {
             let (full, _) = self.store.opened_entry(table_key, stored)?;
             if *self.store.table_key(&full) != *table_key {
@@ -943,6 +983,11 @@ impl Tx {
         let index = if self.index.is_some() && !is_public(map) { Some(self.keys_of(map)?) } else { None };
         loop {
             let range = (bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice));
+            // Before any layer's `range`: the bounds are a contract's, and the start rises past
+            // each removed key until it may meet the end.
+            if holds_nothing(range.0, range.1) {
+                return Ok(None);
+            }
             let base_first = match &index {
                 Some(keys) => keys.range::<_, [u8]>(range).next().map(|k| k.to_vec()),
                 None => self

@@ -106,6 +106,60 @@ fn scans_run_in_key_order_across_layers_with_removals() {
     assert_eq!(bounded, None, "f was removed and h is excluded");
 }
 
+/// Bounds that hold no key find nothing, whichever layer holds entries of the map: a contract
+/// may scan with any bounds, and `BTreeMap::range` panics on some of these.
+#[test]
+fn a_scan_with_bounds_that_hold_no_key_finds_nothing() {
+    let (a, b): (&[u8], &[u8]) = (b"a", b"b");
+    let empty = [
+        (Bound::Included(b), Bound::Excluded(a)),
+        (Bound::Excluded(a), Bound::Excluded(a)),
+        (Bound::Included(a), Bound::Excluded(a)),
+        (Bound::Excluded(a), Bound::Included(a)),
+        (Bound::Included(b), Bound::Included(a)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for s in [store().1, sealed_store(&dir, [5; 32])] {
+        let mut tx = s.begin().unwrap();
+        tx.put("m", b"a", b"base");
+        s.apply(&tx.into_writes()).unwrap();
+        let mut stack = PendingWrites::default();
+        stack.push(pending(&[(b"a", Some(b"pending"))]));
+        let mut tx = s.begin_over(&stack).unwrap();
+        tx.put("m", b"x", b"1");
+        for (lower, upper) in empty {
+            assert_eq!(tx.first_in("m", lower, upper).unwrap(), None, "{lower:?}..{upper:?}");
+        }
+        let one = tx.first_in("m", Bound::Included(a), Bound::Included(a)).unwrap();
+        assert_eq!(one, Some((b"a".to_vec(), b"pending".to_vec())), "a range of one key still finds it");
+    }
+}
+
+/// The bytes of a write set whose one entry is under `full`, as a write set serializes.
+fn encoded_with_key(full: &[u8]) -> Vec<u8> {
+    let mut entries = BTreeMap::new();
+    entries.insert(full.to_vec(), Some(b"v".to_vec()));
+    postcard::to_allocvec(&WriteSet { entries }).unwrap()
+}
+
+/// Every node splits a write set's keys into map and key as it applies it: one that is not a
+/// table key is refused as it decodes, not a panic later.
+#[test]
+fn a_write_set_whose_keys_are_not_table_keys_does_not_decode() {
+    let mut valid = WriteSet::default();
+    valid.put("m", b"k", b"v");
+    valid.remove("gov.members", b"");
+    let decoded: WriteSet = postcard::from_bytes(&postcard::to_allocvec(&valid).unwrap()).unwrap();
+    assert_eq!(decoded, valid);
+
+    assert!(postcard::from_bytes::<WriteSet>(&encoded_with_key(b"nosep")).is_err());
+    assert!(postcard::from_bytes::<WriteSet>(&encoded_with_key(b"\xff\xfe\0k")).is_err());
+    // postcard drops a custom error's message; this is the message other formats carry.
+    assert_eq!(table_key_fault(b"nosep"), Some("no 0x00 separates its map name from its key"));
+    assert_eq!(table_key_fault(b"\xff\xfe\0k"), Some("its map name is not UTF-8"));
+    assert_eq!(table_key_fault(b"m\0"), None);
+}
+
 fn pending(writes: &[(&[u8], Option<&[u8]>)]) -> Arc<WriteSet> {
     let mut set = WriteSet::default();
     for (k, v) in writes {
@@ -337,6 +391,9 @@ fn stored_entries_move_between_stores_of_one_service() {
     let mut batch = to.write_batch().unwrap();
     let err = batch.insert_stored(&hidden[0].0, &hidden[1].1).unwrap_err();
     assert!(err.to_string().contains("does not open"), "{err}");
+    // A key that does not split into map and key is refused, not split.
+    let err = batch.insert_stored(b"no separator", b"v").unwrap_err();
+    assert!(err.to_string().contains("not a table key"), "{err}");
 }
 
 /// Readers never see a scan that disagrees with their snapshot while commits move keys: every
