@@ -40,16 +40,30 @@ pub fn not_sent(e: &anyhow::Error) -> bool {
     e.downcast_ref::<NotSent>().is_some()
 }
 
+/// How long opening a connection to a node may take, its TCP, TLS and HTTP/2 handshakes
+/// together: a node that accepts connections but never answers (stopped, wedged) fails the
+/// connection, so that a caller moves on rather than wait for good.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How to open a connection to one node.
 struct Dialer {
     authority: String,
     server_name: ServerName<'static>,
     config: std::sync::Arc<rustls::ClientConfig>,
     local: Option<std::net::SocketAddr>,
+    /// [`CONNECT_TIMEOUT`], but for tests.
+    timeout: std::time::Duration,
 }
 
 impl Dialer {
     async fn dial(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+        let authority = &self.authority;
+        tokio::time::timeout(self.timeout, self.handshakes()).await.unwrap_or_else(|_| {
+            Err(anyhow::anyhow!("{authority} did not complete a connection within {:?}", self.timeout))
+        })
+    }
+
+    async fn handshakes(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
         let authority = &self.authority;
         let connecting = async {
             let Some(local) = self.local else { return tokio::net::TcpStream::connect(authority).await };
@@ -113,7 +127,9 @@ fn endpoint(url: &str) -> anyhow::Result<(String, ServerName<'static>)> {
     let host = uri.host().with_context(|| format!("{url} names no host"))?.trim_matches(['[', ']']).to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let name = ServerName::try_from(host.clone()).with_context(|| format!("{host} is not a valid server name"))?;
-    Ok((format!("{host}:{port}"), name))
+    // An IPv6 literal keeps its brackets in the authority, as URLs and socket addresses write it.
+    let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    Ok((authority, name))
 }
 
 impl Client {
@@ -131,7 +147,7 @@ impl Client {
     ) -> anyhow::Result<Client> {
         let (authority, server_name) = endpoint(url)?;
         let config = tls::client_config(service_ca_pem, identity, true)?;
-        let dialer = Dialer { authority, server_name, config, local };
+        let dialer = Dialer { authority, server_name, config, local, timeout: CONNECT_TIMEOUT };
         let sender = dialer.dial().await.context(NotSent)?;
         Ok(Client { sender: std::sync::Arc::new(std::sync::Mutex::new(sender)), dialer: std::sync::Arc::new(dialer) })
     }
@@ -312,6 +328,54 @@ pub async fn grpc_channel(
     if let Some(id) = identity {
         config = config.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
     }
-    let channel = Endpoint::from_shared(url.to_owned())?.tls_config(config)?.connect().await?;
+    let channel =
+        Endpoint::from_shared(url.to_owned())?.tls_config(config)?.connect_timeout(CONNECT_TIMEOUT).connect().await?;
     Ok(channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv6 literal's authority keeps its brackets: without them, every request's URI
+    /// (`https://::1:8000/…`) failed to build.
+    #[tokio::test]
+    async fn an_ipv6_literal_connects_and_builds_requests() {
+        let (authority, name) = endpoint("https://[::1]:8443").unwrap();
+        assert_eq!(authority, "[::1]:8443");
+        assert_eq!(name.to_str(), "::1");
+        let uri: http::Uri = format!("https://{authority}/node/health").parse().unwrap();
+        assert_eq!(uri.port_u16(), Some(8443));
+        assert_eq!(endpoint("https://localhost:8443").unwrap().0, "localhost:8443");
+    }
+
+    /// A node that accepts connections and never answers them (stopped with SIGSTOP, its kernel
+    /// still completing TCP handshakes) fails the connection within the timeout; before, the
+    /// TLS handshake waited for good, and so did `cloister ingest`, never trying the next node.
+    #[tokio::test]
+    async fn a_node_that_never_answers_fails_the_connection_in_time() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = silent.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                accepted.push(stream);
+            }
+        });
+        let ca = cloister_crypto::identity::generate_identity("ca").unwrap();
+        let dialer = Dialer {
+            authority: authority.clone(),
+            server_name: ServerName::try_from("localhost").unwrap(),
+            config: tls::client_config(ca.cert_pem.as_bytes(), None, true).unwrap(),
+            local: None,
+            timeout: std::time::Duration::from_millis(300),
+        };
+        let failed = tokio::time::timeout(std::time::Duration::from_secs(10), dialer.dial())
+            .await
+            .expect("the dial gives up on its own")
+            .err()
+            .expect("no connection");
+        assert!(failed.to_string().contains("did not complete a connection"), "{failed:#}");
+        held.abort();
+    }
 }
