@@ -639,7 +639,14 @@ async fn a_first_burst_of_256_clients_is_answered_promptly_and_every_node_then_s
 
 /// Runs `cloister ingest` against the cluster as member 0, first node `first`, the others as
 /// fallbacks; extra arguments follow.
-fn ingest_command(c: &Cluster, dir: &std::path::Path, first: usize, file: &std::path::Path) -> std::process::Command {
+/// `cloister ingest` of `file` as `who` (whose key and certificate are in `dir`).
+fn ingest_command(
+    c: &Cluster,
+    dir: &std::path::Path,
+    who: &str,
+    first: usize,
+    file: &std::path::Path,
+) -> std::process::Command {
     let mut command = std::process::Command::new(cloister_tests::cli_exe());
     command
         .arg("ingest")
@@ -648,9 +655,9 @@ fn ingest_command(c: &Cluster, dir: &std::path::Path, first: usize, file: &std::
         .arg("--cacert")
         .arg(dir.join("ca.pem"))
         .arg("--cert")
-        .arg(dir.join("member0.cert.pem"))
+        .arg(dir.join(format!("{who}.cert.pem")))
         .arg("--key")
-        .arg(dir.join("member0.key.pem"))
+        .arg(dir.join(format!("{who}.key.pem")))
         .env("CLOISTER_LOG", "warn");
     for (i, node) in c.nodes.iter().enumerate() {
         if i != first {
@@ -700,7 +707,7 @@ async fn bulk_ingest_lands_every_row_once_across_a_leader_kill_and_names_refused
 
     // Start on the leader, and kill it once a fifth of the file is in.
     let leader = c.leader().await.unwrap();
-    let run = ingest_command(&c, &dir, leader, &file)
+    let run = ingest_command(&c, &dir, "member0", leader, &file)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -736,9 +743,17 @@ async fn bulk_ingest_lands_every_row_once_across_a_leader_kill_and_names_refused
         assert_eq!(row["total_votes"], 1, "row {n} counted once: {row}");
     }
     // The finished run refuses to start over silently.
-    let again = ingest_command(&c, &dir, survivor, &file).output().unwrap();
+    let again = ingest_command(&c, &dir, "member0", survivor, &file).output().unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"), "{}", String::from_utf8_lossy(&again.stderr));
+
+    // Nor does another caller resume it: those records are member0's. (Resumed, as it was, the
+    // finished run told the other caller its file was in, with none of its records sent.)
+    cloister_tests::new_identity("stranger").keyed.write(&dir, "stranger").unwrap();
+    let other = ingest_command(&c, &dir, "stranger", survivor, &file).arg("--resume").output().unwrap();
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{stderr}");
+    assert!(stderr.contains("those records are not yours"), "{stderr}");
 
     // A refused batch names its rows as lines of the file, and the run stops there.
     let bad = dir.join("bad.csv");
@@ -746,7 +761,7 @@ async fn bulk_ingest_lands_every_row_once_across_a_leader_kill_and_names_refused
     let mut lines: Vec<String> = (0..2_500).map(|n| format!("R{n:06},N1")).collect();
     lines[1_501] = "R001501,".to_owned();
     std::fs::write(&bad, format!("lei,nace\n{}\n", lines.join("\n"))).unwrap();
-    let refused = ingest_command(&c, &dir, survivor, &bad).output().unwrap();
+    let refused = ingest_command(&c, &dir, "member0", survivor, &bad).output().unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
     assert!(stderr.contains("records 1001..2000 were refused"), "{stderr}");
@@ -755,7 +770,7 @@ async fn bulk_ingest_lands_every_row_once_across_a_leader_kill_and_names_refused
     // Mended past what is in, the file resumes where it stopped.
     lines[1_501] = "R001501,N1".to_owned();
     std::fs::write(&bad, format!("lei,nace\n{}\n", lines.join("\n"))).unwrap();
-    let resumed = ingest_command(&c, &dir, survivor, &bad).arg("--resume").output().unwrap();
+    let resumed = ingest_command(&c, &dir, "member0", survivor, &bad).arg("--resume").output().unwrap();
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{stderr}");
     assert!(stderr.contains("ingested 1500 records") && stderr.contains("resumed after 1000 records"), "{stderr}");

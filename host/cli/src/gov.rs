@@ -17,10 +17,11 @@ use cloister_crypto::identity::KeyedCert;
 pub(crate) enum GovCommand {
     /// File a proposal: repeated --action NAME [--args JSON] pairs, or --file proposal.json.
     Propose {
-        /// An action's name; --args after it gives its arguments.
+        /// An action's name.
         #[arg(long = "action", conflicts_with = "file")]
         actions: Vec<String>,
-        /// JSON arguments of the preceding --action (one per --action, in order; `{}` if none).
+        /// JSON arguments: none at all, or one per --action, the n-th for the n-th (`{}` for an
+        /// action without arguments).
         #[arg(long = "args")]
         args: Vec<String>,
         /// A proposal document: {"actions": [{"name", "args"}]}.
@@ -83,7 +84,14 @@ pub(crate) enum AppCommand {
 /// The proposal that `--action`/`--args` pairs describe.
 fn actions_of(names: &[String], args: &[String]) -> anyhow::Result<Value> {
     anyhow::ensure!(!names.is_empty(), "name at least one --action, or give --file");
-    anyhow::ensure!(args.len() <= names.len(), "more --args than --action");
+    // The two lists arrive apart, without their places on the command line: with fewer
+    // --args than --action, which action each belongs to would be a guess.
+    anyhow::ensure!(
+        args.is_empty() || args.len() == names.len(),
+        "{} --args for {} --action: give none, or one per --action in order (`{{}}` for an action without arguments)",
+        args.len(),
+        names.len()
+    );
     let mut actions = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let args: Value = match args.get(i) {
@@ -147,5 +155,24 @@ pub(crate) async fn run_app(command: AppCommand) -> anyhow::Result<ExitCode> {
             std::fs::write(&out, app.wasm()).with_context(|| format!("writing {}", out.display()))?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The n-th --args is the n-th --action's; fewer --args than --action (but some) is refused,
+    /// since which action each belongs to would be a guess (before, the first actions got them).
+    #[test]
+    fn args_pair_with_actions_by_position_or_not_at_all() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let both = actions_of(&names(&["a", "b"]), &names(&["{}", r#"{"x":1}"#])).unwrap();
+        assert_eq!(both["actions"][1], json!({ "name": "b", "args": { "x": 1 } }));
+        let none = actions_of(&names(&["a", "b"]), &[]).unwrap();
+        assert_eq!(none["actions"][0]["args"], json!({}));
+        let e = actions_of(&names(&["a", "b"]), &names(&[r#"{"x":1}"#])).unwrap_err().to_string();
+        assert!(e.contains("1 --args for 2 --action"), "{e}");
+        assert!(actions_of(&names(&["a"]), &names(&["{}", "{}"])).is_err());
     }
 }

@@ -104,6 +104,56 @@ struct Progress {
     prefix_blake3: String,
     /// The whole file is in.
     complete: bool,
+    /// Whose records they are: the caller's id (absent in a file from before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    caller: Option<String>,
+    /// Where they went: the service's id (its identity certificate's digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+}
+
+/// Whose records a run sends, and to which service: what a progress file must match to be
+/// resumed, since the app counts each party's records apart and a new service holds none.
+struct Destination {
+    caller: Option<String>,
+    /// The service's id, then the ids of the services it was recovered from (which hold its
+    /// records still).
+    services: Vec<String>,
+}
+
+impl Destination {
+    /// Asks the nodes, each in turn until one answers, which service they serve.
+    async fn of(nodes: &mut Nodes, caller: Option<String>) -> anyhow::Result<Destination> {
+        let mut failed = None;
+        for _ in 0..nodes.urls().len() {
+            match Destination::services(nodes).await {
+                Ok(services) => return Ok(Destination { caller, services }),
+                Err(e) => {
+                    failed = Some(e.context(format!("reading /gov/service from {}", nodes.url())));
+                    nodes.next();
+                }
+            }
+        }
+        Err(failed.unwrap_or_else(|| anyhow::anyhow!("no node to ask")))
+    }
+
+    async fn services(nodes: &mut Nodes) -> anyhow::Result<Vec<String>> {
+        let reply = nodes.client().await?.get("/gov/service").await?;
+        anyhow::ensure!(reply.status == 200, "refused ({}): {}", reply.status, reply.text());
+        let record = reply.json()?;
+        let previous = record["previous_identities"].as_array().into_iter().flatten().map(|p| &p["cert"]);
+        std::iter::once(&record["identity"])
+            .chain(previous)
+            .map(|pem| {
+                let pem = pem.as_str().context("the service names an identity without its certificate")?;
+                cloister_crypto::identity::id_of_pem(pem.as_bytes())
+            })
+            .collect()
+    }
+
+    fn service(&self) -> Option<String> {
+        self.services.first().cloned()
+    }
 }
 
 /// One batch, ready to send.
@@ -143,25 +193,27 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.file.with_file_name(name)
     });
     let file_len = std::fs::metadata(&args.file).with_context(|| format!("reading {}", args.file.display()))?.len();
-    let start = start_from(&args, &progress_path, format)?;
-    if start.complete {
-        eprintln!("{}: already ingested completely ({} records); nothing to do", args.file.display(), start.records);
-        return Ok(ExitCode::SUCCESS);
-    }
     let Resolved { mut urls, ca, id } = args.target.resolve()?;
     for url in &args.also_urls {
         if !urls.contains(url) {
             urls.push(url.clone());
         }
     }
+    let caller = id.as_ref().map(|id| id.id()).transpose()?;
     let mut nodes = Nodes::new(urls, ca, id);
+    let destination = Destination::of(&mut nodes, caller).await?;
+    let start = start_from(&args, &progress_path, format, &destination)?;
+    if start.complete {
+        eprintln!("{}: already ingested completely ({} records); nothing to do", args.file.display(), start.records);
+        return Ok(ExitCode::SUCCESS);
+    }
     let limits = Limits {
         records: args.batch_records,
         bytes: args.batch_bytes as usize,
         retry_for: Duration::from_secs(args.retry_for_s),
         request_timeout: Duration::from_secs(args.request_timeout_s),
     };
-    let mut saver = Saver::new(&args.file, &progress_path, format, &start)?;
+    let mut saver = Saver::new(&args.file, &progress_path, format, &start, &destination)?;
     let mut shown = Shown::new(file_len, start.bytes);
     let started = Instant::now();
     let mut stats = Stats::default();
@@ -232,8 +284,9 @@ pub(crate) async fn upload(
 }
 
 /// The progress to start from: none, or (with `--resume`) the progress file's, once the file's
-/// prefix is checked to be the one it describes.
-fn start_from(args: &Args, progress_path: &Path, format: Format) -> anyhow::Result<Progress> {
+/// prefix is checked to be the one it describes, and its records to have gone from this caller
+/// to this service.
+fn start_from(args: &Args, progress_path: &Path, format: Format, to: &Destination) -> anyhow::Result<Progress> {
     let saved = match std::fs::read(progress_path) {
         Ok(bytes) => Some(
             serde_json::from_slice::<Progress>(&bytes)
@@ -257,6 +310,21 @@ fn start_from(args: &Args, progress_path: &Path, format: Format) -> anyhow::Resu
                 "{} is the progress of a {:?} ingest, not of this one",
                 progress_path.display(),
                 p.format
+            );
+            let unknown = || "(not recorded)".to_owned();
+            anyhow::ensure!(
+                p.caller.is_none() || p.caller == to.caller,
+                "{} is the progress of caller {}'s ingest, not of {}'s: those records are not yours",
+                progress_path.display(),
+                p.caller.clone().unwrap_or_else(unknown),
+                to.caller.clone().unwrap_or_else(|| "an anonymous caller".into())
+            );
+            anyhow::ensure!(
+                p.service.as_ref().is_none_or(|s| to.services.contains(s)),
+                "{} is the progress of an ingest into service {}, not into this one ({}): start over without it",
+                progress_path.display(),
+                p.service.clone().unwrap_or_else(unknown),
+                to.service().unwrap_or_else(unknown)
             );
             let digest = prefix_digest(&args.file, p.bytes)?;
             anyhow::ensure!(
@@ -290,12 +358,13 @@ struct Saver {
 }
 
 impl Saver {
-    fn new(file: &Path, path: &Path, format: Format, start: &Progress) -> anyhow::Result<Saver> {
+    fn new(file: &Path, path: &Path, format: Format, start: &Progress, to: &Destination) -> anyhow::Result<Saver> {
         let mut source =
             BufReader::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?);
         let mut hasher = blake3::Hasher::new();
         std::io::copy(&mut (&mut source).take(start.bytes), &mut hasher)?;
-        let progress = Progress { format: Some(format), ..start.clone() };
+        let progress =
+            Progress { format: Some(format), caller: to.caller.clone(), service: to.service(), ..start.clone() };
         Ok(Saver { path: path.to_owned(), progress, hasher, source })
     }
 
@@ -864,7 +933,8 @@ impl Shown {
             None if self.last_line.elapsed() >= PLAIN_PROGRESS_EVERY || bytes == self.total_bytes => {
                 self.last_line = Instant::now();
                 let share = 100.0 * bytes as f64 / self.total_bytes.max(1) as f64;
-                let eta = (self.total_bytes - bytes) as f64
+                // A file that grew while it was read passes its length at the start.
+                let eta = self.total_bytes.saturating_sub(bytes) as f64
                     / (bytes as f64 / started.elapsed().as_secs_f64().max(1e-9)).max(1.0);
                 eprintln!("{records} records in ({share:.1}% of the file), {rate:.0} records/s, ETA {eta:.0} s");
             }
@@ -911,6 +981,49 @@ mod tests {
         assert_eq!(b[1].file_row(0), "line 0");
         assert_eq!(b[2].end, text.len() as u64);
         assert_eq!(&text[..b[0].end as usize], "lei,nace\nA,1\nB,2\n");
+    }
+
+    /// A progress file resumes only for the caller whose records it counts and the service that
+    /// holds them (or one recovered from it); one from before either was recorded resumes.
+    #[test]
+    fn a_progress_file_resumes_only_its_callers_ingest_into_its_service() {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: Args,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("in.csv");
+        std::fs::write(&file, "lei,nace\nA,1\n").unwrap();
+        let progress_path = dir.path().join("progress.json");
+        let args = <Command as clap::Parser>::parse_from(["ingest", file.to_str().unwrap(), "--csv", "--resume"]).args;
+        let to = |caller: &str, services: &[&str]| Destination {
+            caller: Some(caller.to_owned()),
+            services: services.iter().map(|s| s.to_string()).collect(),
+        };
+        let saved = |caller: Option<&str>, service: Option<&str>| {
+            let progress = Progress {
+                format: Some(Format::Csv),
+                records: 1,
+                bytes: 13,
+                prefix_blake3: prefix_digest(&file, 13).unwrap().to_hex().to_string(),
+                complete: true,
+                caller: caller.map(str::to_owned),
+                service: service.map(str::to_owned),
+            };
+            std::fs::write(&progress_path, serde_json::to_vec(&progress).unwrap()).unwrap();
+        };
+        let resumed = |to: &Destination| start_from(&args, &progress_path, Format::Csv, to).map(|p| p.records);
+
+        saved(Some("alice"), Some("s1"));
+        assert_eq!(resumed(&to("alice", &["s1"])).unwrap(), 1);
+        assert_eq!(resumed(&to("alice", &["s2", "s1"])).unwrap(), 1, "a service recovered from s1 holds them");
+        let e = resumed(&to("bob", &["s1"])).unwrap_err().to_string();
+        assert!(e.contains("not yours"), "{e}");
+        let e = resumed(&to("alice", &["s2"])).unwrap_err().to_string();
+        assert!(e.contains("not into this one (s2)"), "{e}");
+        saved(None, None);
+        assert_eq!(resumed(&to("bob", &["s2"])).unwrap(), 1);
     }
 
     #[test]
