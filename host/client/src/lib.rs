@@ -373,8 +373,7 @@ mod tests {
         let failed = tokio::time::timeout(std::time::Duration::from_secs(10), dialer.dial())
             .await
             .expect("the dial gives up on its own")
-            .err()
-            .expect("no connection");
+            .expect_err("no connection");
         assert!(failed.to_string().contains("did not complete a connection"), "{failed:#}");
         held.abort();
     }
