@@ -529,7 +529,7 @@ impl StateMachine {
                     }
                     let ws = match (&self.inner.secrets, &tx.private) {
                         (Some(s), _) => tx.writes(s.as_ref()),
-                        (None, None) => Ok(tx.public.clone()),
+                        (None, None) => tx.public_writes(),
                         (None, Some(_)) => {
                             return Err(io_other(
                                 "a transaction has private writes but this node has no ledger secret",

@@ -77,15 +77,41 @@ impl TxEntry {
     }
 
     /// All the writes, private ones opened with `sealer` (one secret, or a service's versions).
-    pub fn writes(&self, sealer: &impl Unseal) -> Result<WriteSet, SealError> {
-        let mut all = self.public.clone();
+    pub fn writes(&self, sealer: &impl Unseal) -> Result<WriteSet, WritesError> {
+        let mut all = self.public_writes()?;
         if let Some(sealed) = &self.private {
             let plain = sealer.open(Purpose::LedgerPrivate, &self.uid, sealed)?;
             let private: WriteSet = postcard::from_bytes(&plain).map_err(|_| SealError)?;
+            if let Some((map, _, _)) = private.iter().find(|(map, _, _)| kv::is_public(map)) {
+                return Err(WritesError::Misplaced(map.to_owned()));
+            }
             all.merge(private);
         }
         Ok(all)
     }
+
+    /// The writes in clear, each checked to be to a public map: an entry [`TxEntry::new`] did
+    /// not make (one planted in a stopped node's log) could otherwise write a private map
+    /// without the ledger secret.
+    pub fn public_writes(&self) -> Result<WriteSet, WritesError> {
+        match self.public.iter().find(|(map, _, _)| !kv::is_public(map)) {
+            Some((map, _, _)) => Err(WritesError::Misplaced(map.to_owned())),
+            None => Ok(self.public.clone()),
+        }
+    }
+}
+
+/// Why a transaction's writes cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WritesError {
+    #[error(transparent)]
+    Sealed(#[from] SealError),
+    /// A write on the wrong side of the entry: a private map's in clear, or a public map's
+    /// sealed.
+    #[error(
+        "a write to map {0} is on the wrong side of its entry: public maps are written in clear, private ones sealed"
+    )]
+    Misplaced(String),
 }
 
 /// What kind of ledger entry this is.
@@ -553,5 +579,35 @@ mod issuance {
         let mut forged = mine.clone();
         forged.tree_size += 1;
         assert!(forged.verify(&der(&ours)).unwrap_err().contains("does not verify"));
+    }
+}
+
+#[cfg(test)]
+mod sides {
+    use super::*;
+
+    /// An entry's writes open only if each is on its side: a public map's in clear, a private
+    /// map's sealed. (An entry planted in a stopped node's log with a private map's write in
+    /// clear changed that private map without the ledger secret.)
+    #[test]
+    fn a_write_on_the_wrong_side_of_its_entry_is_refused() {
+        let sealer = Sealer::new(&Sealer::generate_secret());
+        let mut writes = WriteSet::default();
+        writes.put("app/public:m", b"k", b"public");
+        writes.put("app/m", b"k", b"private");
+        let genuine = TxEntry::new(TxKind::App, writes, None, &sealer);
+        assert_eq!(genuine.writes(&sealer).unwrap().len(), 2);
+
+        let mut planted = genuine.clone();
+        planted.public.put("app/m", b"k", b"forged");
+        assert_eq!(planted.writes(&sealer), Err(WritesError::Misplaced("app/m".into())));
+        assert_eq!(planted.public_writes(), Err(WritesError::Misplaced("app/m".into())));
+
+        let mut sealed_public = WriteSet::default();
+        sealed_public.put("gov.members", b"k", b"v");
+        let plain = postcard::to_stdvec(&sealed_public).unwrap();
+        let hidden =
+            TxEntry { private: Some(sealer.seal(Purpose::LedgerPrivate, &genuine.uid, &plain)), ..genuine.clone() };
+        assert_eq!(hidden.writes(&sealer), Err(WritesError::Misplaced("gov.members".into())));
     }
 }
