@@ -718,7 +718,14 @@ async fn a_follower_refuses_a_forged_governance_request_without_the_leader() {
 /// request, from a signer the follower cannot refuse on its own, waits there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_holds_the_addresss_share_while_it_forwards() {
-    let mut c = Cluster::start(3, 1, RECONCILE, |config| config.limits.gov_checks_per_address_max = 1).await;
+    let mut c = Cluster::start(3, 1, RECONCILE, |config| {
+        config.limits.gov_checks_per_address_max = 1;
+        // The follower must still know the frozen leader when it forwards: a candidate would
+        // hold the request waiting for a leader, with no forward to wait on.
+        config.raft.election_timeout_min_ms = 20_000;
+        config.raft.election_timeout_max_ms = 30_000;
+    })
+    .await;
     let leader = c.leader().await.expect("a leader");
     let follower = (leader + 1) % 3;
     let client = c.client(follower, 0).await.unwrap();

@@ -327,6 +327,7 @@ mod tests {
         assert_eq!(Compared::form(&at), format!("={at}"));
         assert_eq!(Compared::form(&past).len(), 65);
         assert!(Compared::form(&past).starts_with('#'));
+        // The digest is of the value alone (no salt): equal values written apart compare equal.
         assert_eq!(Compared::form(&past), Compared::form(&"v".repeat(COMPARED_VALUE_BYTES_MAX + 1)));
         assert_ne!(Compared::form(&past), Compared::form(&format!("{at}w")));
         // A short value that looks like a digest's hex is still itself.

@@ -15,7 +15,8 @@ use cloister_crypto::identity::KeyedCert;
 
 #[derive(clap::Subcommand)]
 pub(crate) enum GovCommand {
-    /// File a proposal: repeated --action NAME [--args JSON] pairs, or --file proposal.json.
+    /// File a proposal: --action NAME, repeated, with no --args or one per --action in order;
+    /// or --file proposal.json.
     Propose {
         /// An action's name.
         #[arg(long = "action", conflicts_with = "file")]

@@ -116,9 +116,11 @@ struct Progress {
 /// resumed, since the app counts each party's records apart and a new service holds none.
 struct Destination {
     caller: Option<String>,
-    /// The service's id, then the ids of the services it was recovered from (which hold its
-    /// records still).
-    services: Vec<String>,
+    /// The service's id.
+    service: String,
+    /// The ids of the services it was recovered from: a recovery keeps only what a signature
+    /// covered, so records that went to them may be gone.
+    recovered_from: Vec<String>,
 }
 
 impl Destination {
@@ -126,8 +128,18 @@ impl Destination {
     async fn of(nodes: &mut Nodes, caller: Option<String>) -> anyhow::Result<Destination> {
         let mut failed = None;
         for _ in 0..nodes.urls().len() {
-            match Destination::services(nodes).await {
-                Ok(services) => return Ok(Destination { caller, services }),
+            match Destination::service_record(nodes).await {
+                Ok(record) => {
+                    let previous = record["previous_identities"].as_array().into_iter().flatten();
+                    let recovered_from = previous
+                        .map(|p| {
+                            let pem = p["cert"].as_str().context("a previous identity without its certificate")?;
+                            cloister_crypto::identity::id_of_pem(pem.as_bytes())
+                        })
+                        .collect::<anyhow::Result<_>>()?;
+                    let service = cloister_client::service_id_of(&record)?;
+                    return Ok(Destination { caller, service, recovered_from });
+                }
                 Err(e) => {
                     failed = Some(e.context(format!("reading /gov/service from {}", nodes.url())));
                     nodes.next();
@@ -137,22 +149,10 @@ impl Destination {
         Err(failed.unwrap_or_else(|| anyhow::anyhow!("no node to ask")))
     }
 
-    async fn services(nodes: &mut Nodes) -> anyhow::Result<Vec<String>> {
+    async fn service_record(nodes: &mut Nodes) -> anyhow::Result<Value> {
         let reply = nodes.client().await?.get("/gov/service").await?;
         anyhow::ensure!(reply.status == 200, "refused ({}): {}", reply.status, reply.text());
-        let record = reply.json()?;
-        let previous = record["previous_identities"].as_array().into_iter().flatten().map(|p| &p["cert"]);
-        std::iter::once(&record["identity"])
-            .chain(previous)
-            .map(|pem| {
-                let pem = pem.as_str().context("the service names an identity without its certificate")?;
-                cloister_crypto::identity::id_of_pem(pem.as_bytes())
-            })
-            .collect()
-    }
-
-    fn service(&self) -> Option<String> {
-        self.services.first().cloned()
+        reply.json()
     }
 }
 
@@ -311,21 +311,38 @@ fn start_from(args: &Args, progress_path: &Path, format: Format, to: &Destinatio
                 progress_path.display(),
                 p.format
             );
-            let unknown = || "(not recorded)".to_owned();
-            anyhow::ensure!(
-                p.caller.is_none() || p.caller == to.caller,
-                "{} is the progress of caller {}'s ingest, not of {}'s: those records are not yours",
-                progress_path.display(),
-                p.caller.clone().unwrap_or_else(unknown),
-                to.caller.clone().unwrap_or_else(|| "an anonymous caller".into())
-            );
-            anyhow::ensure!(
-                p.service.as_ref().is_none_or(|s| to.services.contains(s)),
-                "{} is the progress of an ingest into service {}, not into this one ({}): start over without it",
-                progress_path.display(),
-                p.service.clone().unwrap_or_else(unknown),
-                to.service().unwrap_or_else(unknown)
-            );
+            if let Some(caller) = &p.caller {
+                anyhow::ensure!(
+                    Some(caller) == to.caller.as_ref(),
+                    "{} is the progress of caller {caller}'s ingest, not of {}'s: those records are not yours",
+                    progress_path.display(),
+                    to.caller.as_deref().unwrap_or("an anonymous caller")
+                );
+            }
+            match &p.service {
+                Some(service) if *service == to.service => {}
+                Some(service) if to.recovered_from.contains(service) => anyhow::bail!(
+                    "{} is the progress of an ingest into service {service}, from which this one ({}) was \
+                     recovered: a recovery keeps only what a signature covered, so some of those records may \
+                     be gone; start over without it (the app counts each row once)",
+                    progress_path.display(),
+                    to.service
+                ),
+                Some(service) => anyhow::bail!(
+                    "{} is the progress of an ingest into service {service}, not into this one ({}): start over \
+                     without it",
+                    progress_path.display(),
+                    to.service
+                ),
+                None => {}
+            }
+            if p.caller.is_none() || p.service.is_none() {
+                eprintln!(
+                    "note: {} was written by an older version and names no caller or service: nothing checks \
+                     that its records went from you to this service",
+                    progress_path.display()
+                );
+            }
             let digest = prefix_digest(&args.file, p.bytes)?;
             anyhow::ensure!(
                 digest.to_hex().as_str() == p.prefix_blake3,
@@ -363,8 +380,12 @@ impl Saver {
             BufReader::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?);
         let mut hasher = blake3::Hasher::new();
         std::io::copy(&mut (&mut source).take(start.bytes), &mut hasher)?;
-        let progress =
-            Progress { format: Some(format), caller: to.caller.clone(), service: to.service(), ..start.clone() };
+        let progress = Progress {
+            format: Some(format),
+            caller: to.caller.clone(),
+            service: Some(to.service.clone()),
+            ..start.clone()
+        };
         Ok(Saver { path: path.to_owned(), progress, hasher, source })
     }
 
@@ -984,7 +1005,8 @@ mod tests {
     }
 
     /// A progress file resumes only for the caller whose records it counts and the service that
-    /// holds them (or one recovered from it); one from before either was recorded resumes.
+    /// holds them (not one recovered from it, which may have lost some); one from before either
+    /// was recorded resumes, with a note.
     #[test]
     fn a_progress_file_resumes_only_its_callers_ingest_into_its_service() {
         #[derive(clap::Parser)]
@@ -999,7 +1021,8 @@ mod tests {
         let args = <Command as clap::Parser>::parse_from(["ingest", file.to_str().unwrap(), "--csv", "--resume"]).args;
         let to = |caller: &str, services: &[&str]| Destination {
             caller: Some(caller.to_owned()),
-            services: services.iter().map(|s| s.to_string()).collect(),
+            service: services[0].to_owned(),
+            recovered_from: services[1..].iter().map(|s| s.to_string()).collect(),
         };
         let saved = |caller: Option<&str>, service: Option<&str>| {
             let progress = Progress {
@@ -1017,7 +1040,8 @@ mod tests {
 
         saved(Some("alice"), Some("s1"));
         assert_eq!(resumed(&to("alice", &["s1"])).unwrap(), 1);
-        assert_eq!(resumed(&to("alice", &["s2", "s1"])).unwrap(), 1, "a service recovered from s1 holds them");
+        let e = resumed(&to("alice", &["s2", "s1"])).unwrap_err().to_string();
+        assert!(e.contains("from which this one (s2) was"), "a recovery may have lost some: {e}");
         let e = resumed(&to("bob", &["s1"])).unwrap_err().to_string();
         assert!(e.contains("not yours"), "{e}");
         let e = resumed(&to("alice", &["s2"])).unwrap_err().to_string();

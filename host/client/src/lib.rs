@@ -225,11 +225,7 @@ impl Client {
     pub async fn service_id(&self) -> anyhow::Result<String> {
         let reply = self.get("/gov/service").await?;
         anyhow::ensure!(reply.status == 200, "/gov/service refused ({}): {}", reply.status, reply.text());
-        let service = reply.json()?;
-        let identity = service["identity"]
-            .as_str()
-            .context("this service has no identity yet (its leader creates one shortly): try again")?;
-        cloister_crypto::identity::id_of_pem(identity.as_bytes()).context("the service identity's certificate")
+        service_id_of(&reply.json()?)
     }
 
     /// Signs `payload` as `who` for a governance write (created now) to this node's service, and
@@ -295,6 +291,15 @@ pub fn next_created_at(signer: &str) -> u64 {
     *entry
 }
 
+/// The id of the service `/gov/service` answered with (`record`): the hex SHA-256 of its
+/// identity certificate's DER.
+pub fn service_id_of(record: &serde_json::Value) -> anyhow::Result<String> {
+    let identity = record["identity"]
+        .as_str()
+        .context("this service has no identity yet (its leader creates one shortly): try again")?;
+    cloister_crypto::identity::id_of_pem(identity.as_bytes()).context("the service identity's certificate")
+}
+
 /// Signs a governance request body for `write`, created at `created_at` (Unix seconds), for the
 /// service whose id is `service` ([`Client::service_id`]).
 pub fn sign_gov(
@@ -340,7 +345,7 @@ mod tests {
     /// An IPv6 literal's authority keeps its brackets: without them, every request's URI
     /// (`https://::1:8000/…`) failed to build.
     #[tokio::test]
-    async fn an_ipv6_literal_connects_and_builds_requests() {
+    async fn an_ipv6_literals_authority_keeps_its_brackets() {
         let (authority, name) = endpoint("https://[::1]:8443").unwrap();
         assert_eq!(authority, "[::1]:8443");
         assert_eq!(name.to_str(), "::1");

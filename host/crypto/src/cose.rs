@@ -217,8 +217,10 @@ pub fn parse(bytes: &[u8]) -> Result<SignedRequest, String> {
     };
     let proposal_id = text(PROPOSAL_ID)?;
     let service = text(SERVICE)?
-        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| format!("the protected header's {SERVICE} must be the service's id (64 hex characters)"))?;
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or_else(|| {
+            format!("the protected header's {SERVICE} must be the service's id (64 lowercase hex characters)")
+        })?;
     let payload = message.payload.clone().ok_or("the message carries no payload (detached payloads are refused)")?;
     Ok(SignedRequest { msg_type, created_at, proposal_id, service, signer, payload, message })
 }
@@ -378,9 +380,9 @@ mod tests {
         let other = parse(&sign(&alice, MsgType::Ack, None, 1_700_000_000, &service_b, b"{}").unwrap()).unwrap();
         assert_eq!(other.service, service_b);
         assert_ne!(one.digest(), other.digest());
-        for bad in ["", "b", &"g".repeat(64), &"b".repeat(65)] {
+        for bad in ["", "b", &"g".repeat(64), &"b".repeat(65), &"B".repeat(64)] {
             let err = parse(&sign(&alice, MsgType::Ack, None, 1_700_000_000, bad, b"{}").unwrap()).unwrap_err();
-            assert!(err.contains(SERVICE) && err.contains("64 hex"), "{bad:?}: {err}");
+            assert!(err.contains(SERVICE) && err.contains("64 lowercase hex"), "{bad:?}: {err}");
         }
         let mut m =
             CoseSign1::from_slice(&sign(&alice, MsgType::Ack, None, 1_700_000_000, SERVICE_A, b"{}").unwrap()).unwrap();

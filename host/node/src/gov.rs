@@ -870,6 +870,37 @@ impl std::ops::DerefMut for TxSlot {
 mod tests {
     use super::*;
 
+    /// Requests are signed for the service's identity: until a service has one (one from
+    /// before identities, until its leader makes one), every request waits, refused 503.
+    #[test]
+    fn requests_are_judged_against_the_service_identity_once_there_is_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cloister_store::Store::open(&dir.path().join("state.redb")).unwrap();
+        let unavailable = |tx: &Tx| {
+            matches!(
+                service_id(tx),
+                Err(GovError::Refused { kind: Refusal::Unavailable, code: "NoServiceIdentity", .. })
+            )
+        };
+        let mut tx = store.begin().unwrap();
+        assert!(unavailable(&tx), "no gov.service at all");
+        let mut service = ServiceRecord {
+            state: ServiceState::Opening,
+            cert: String::new(),
+            recovery_threshold: 1,
+            identity: None,
+            previous_identities: Vec::new(),
+            rekeys_requested: 0,
+        };
+        tx.put(SERVICE, SERVICE_KEY, &serde_json::to_vec(&service).unwrap());
+        assert!(unavailable(&tx), "a service from before identities");
+        let identity = cloister_crypto::identity::generate_service_identity("test").unwrap();
+        service.identity = Some(identity.cert_pem.clone());
+        tx.put(SERVICE, SERVICE_KEY, &serde_json::to_vec(&service).unwrap());
+        let id = cloister_crypto::identity::id_of_pem(identity.cert_pem.as_bytes()).unwrap();
+        assert_eq!(service_id(&tx).unwrap(), id);
+    }
+
     /// A member set the node could not issue shares to is refused: past `RECOVERY_MEMBERS_MAX`
     /// recovery members, or two members with one encryption key. Accepted, each made every
     /// later issue, and with it every rekey, fail.

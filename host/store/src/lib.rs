@@ -94,20 +94,23 @@ pub fn map_of(full: &[u8]) -> &str {
     split_key(full).0
 }
 
+/// Splits what claims to be a table key (`map name ‖ 0x00 ‖ key`, the map name UTF-8) into its
+/// map name and the key within the map, or says why it is not one.
+fn split_table_key(full: &[u8]) -> Result<(&str, &[u8]), &'static str> {
+    let at = full.iter().position(|&b| b == MAP_SEPARATOR).ok_or("no 0x00 separates its map name from its key")?;
+    let map = std::str::from_utf8(&full[..at]).map_err(|_| "its map name is not UTF-8")?;
+    Ok((map, &full[at + 1..]))
+}
+
 /// Splits what claims to be a table key into its map name and the key within the map, or None
 /// if it is not one.
 pub fn split_key_checked(full: &[u8]) -> Option<(&str, &[u8])> {
-    let at = full.iter().position(|&b| b == MAP_SEPARATOR)?;
-    Some((std::str::from_utf8(&full[..at]).ok()?, &full[at + 1..]))
+    split_table_key(full).ok()
 }
 
-/// What makes `full` not a table key (`map name ‖ 0x00 ‖ key`, the map name UTF-8), if
-/// anything: what [`split_key`] takes for granted.
+/// What makes `full` not a table key, if anything: what [`split_key`] takes for granted.
 fn table_key_fault(full: &[u8]) -> Option<&'static str> {
-    let Some(at) = full.iter().position(|&b| b == MAP_SEPARATOR) else {
-        return Some("no 0x00 separates its map name from its key");
-    };
-    std::str::from_utf8(&full[..at]).is_err().then_some("its map name is not UTF-8")
+    split_table_key(full).err()
 }
 
 /// Splits a table key into its map name and the key within the map.

@@ -171,20 +171,8 @@ impl Console {
     /// Signs a governance request as this member and sends it; the answer's JSON if 200.
     pub async fn gov(&self, write: &cloister_crypto::cose::GovWrite, payload: &Value) -> Result<Value, Failure> {
         // Signed for the service the node serves now (a recovery gives it a new identity).
-        let service = self.get_json("/gov/service").await?;
-        let service = service["identity"]
-            .as_str()
-            .ok_or_else(|| {
-                Failure::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "this service has no identity yet (its leader creates one shortly): try again",
-                )
-            })
-            .and_then(|pem| {
-                cloister_crypto::identity::id_of_pem(pem.as_bytes()).map_err(|e| {
-                    Failure::new(StatusCode::BAD_GATEWAY, format!("the service identity's certificate: {e:#}"))
-                })
-            })?;
+        let service = cloister_client::service_id_of(&self.get_json("/gov/service").await?)
+            .map_err(|e| Failure::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
         let created_at = cloister_client::next_created_at(&self.my_id);
         let signed = cloister_client::sign_gov(&self.me, write, payload, created_at, &service)
             .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("signing failed: {e:#}")))?;
