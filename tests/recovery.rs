@@ -668,3 +668,49 @@ async fn a_retired_nodes_secret_opens_nothing_written_after_it_left() {
     let aad = cloister_crypto::secrets::node_aad(2);
     assert!(envelope::open_with(&tls_key, &aad, &sealed).is_err(), "node1's TLS key opens the rekey");
 }
+
+/// A node's data folder cut back to its secrets (its Raft log, state, ledger files and snapshots
+/// removed by whoever can write it) starts no new service on them. It did: with no log, the node
+/// ran the genesis its configuration named, and wrapped the old service's ledger secret into the
+/// new service's recovery shares, so an operator who named itself the one recovery member, with
+/// a threshold of 1, opened its share and had the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_cut_back_to_its_secrets_starts_no_new_service() {
+    use cloister_node::config::GenesisMember;
+    let mut s = TestService::start(1, 0, KV, Default::default()).await;
+    s.stop().await;
+    let data = s.config.node.data_dir.clone();
+    let secret = cloister_node::node::read_ledger_secrets(&s.config).unwrap().last().unwrap().1;
+    for state in ["raft-log", "ledger", "snapshots"] {
+        let _ = std::fs::remove_dir_all(data.join(state));
+    }
+    std::fs::remove_file(data.join("state.redb")).unwrap();
+    let operator = new_identity("operator");
+    operator.keyed.write(s.dir.path(), "operator").unwrap();
+    let (private, public) = envelope::generate_key().unwrap();
+    let public_file = s.dir.path().join("operator.enc.pub.pem");
+    std::fs::write(&public_file, public).unwrap();
+    let mut forged = s.config.clone();
+    forged.genesis.members =
+        vec![GenesisMember::Recovery { cert: s.dir.path().join("operator.cert.pem"), encryption_key: public_file }];
+    forged.genesis.recovery_threshold = Some(1);
+    match cloister_node::Node::start(forged).await {
+        Ok(node) => {
+            // The attack, as it ran: the operator's one share opens the old service's secret.
+            let mut roots = std::fs::read(&s.config.tls.service_cert).unwrap();
+            roots.extend(std::fs::read(data.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).unwrap());
+            let client = Client::connect(&node.rest_url(), &roots, None).await.unwrap();
+            let issue = shares_when(&client, |r| r.shares.len() == 1).await;
+            let share = open_own_share(&issue, &operator.id, &private).unwrap();
+            let opened = recover_secret(&[share], 1, &issue.service, issue.version, &wrapped(&issue)).unwrap();
+            panic!(
+                "a new service started on the old secrets; the operator's share opens the old secret: {}",
+                opened == secret
+            );
+        }
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("holds no Raft log") && e.contains("empty data folder"), "{e}");
+        }
+    }
+}

@@ -187,6 +187,17 @@ async fn ledger_secrets(
     let path = config.node.data_dir.join(SECRET_FILE);
     let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
     let (all, leader) = if path.exists() {
+        // Without a Raft log this node is about to run a genesis or a recovery, or to join. Only
+        // a join may find secrets here (granted before a crash): a genesis or a recovery would
+        // wrap them into a new service's recovery shares, and whoever wrote its configuration
+        // (the operator, naming itself the one recovery member) would open the old service's
+        // secret.
+        anyhow::ensure!(
+            config.network.join.is_some() || cloister_consensus::holds_log(&config.node.data_dir),
+            "{} holds ledger secrets, but this node holds no Raft log: a new service (a genesis or a \
+             recovery) starts on an empty data folder, never on the secrets of another",
+            path.display()
+        );
         let all = secrets::decode(&at_rest.open(&path, SECRET_AT_REST_AAD)?)
             .map_err(|e| anyhow::anyhow!("{} holds no ledger secrets: {e}", path.display()))?;
         let leader = leader_path.exists().then(|| at_rest.open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
