@@ -254,11 +254,18 @@ async fn sandbox_runs_answers_stops_and_resumes() {
     }
     let old_identity = std::fs::read(dir.path().join("service_identity.pem")).unwrap();
     std::fs::rename(dir.path().join("data"), dir.path().join("lost-data")).unwrap();
+    // Run as before, it does not quietly start a new service over the one it lost (whose
+    // identity it would overwrite, leaving nothing for a --recover to check the shares against).
+    let out = sandbox_command(dir.path(), port, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("its data folder is gone"), "{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("service_identity.pem")).unwrap(), old_identity);
     let mut sandbox = start_with(dir.path(), port, &["--recover", saved.to_str().unwrap()]);
     let file = read_sandbox(dir.path());
     let recovered = party_client(&file, "member0").await.get("/app/report").await.unwrap();
     assert_eq!(recovered.json().unwrap(), rows, "the recovered service answers the same report");
     assert_ne!(std::fs::read(dir.path().join("service_identity.pem")).unwrap(), old_identity);
+    assert!(!dir.path().join("service_identity.previous.pem").exists(), "set aside only until the recovery");
     interrupt(&mut sandbox);
 
     // A sandbox.json that does not parse stops the command; nothing is regenerated over the

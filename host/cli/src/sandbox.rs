@@ -185,6 +185,7 @@ impl SandboxFile {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
     anyhow::ensure!(args.parties >= 1, "--parties must be at least 1");
+    ports_fit(args.port, args.nodes)?;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let dir = args.dir.canonicalize()?;
     // A folder with a sandbox.json is an existing sandbox: resume it, or stop if the file does not
@@ -209,6 +210,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             dir.display()
         ),
         Some(existing) => {
+            // A sandbox whose service opened (its identity is pinned here) and whose first node
+            // now holds no state lost its data folder: started as it is, node0 would run a new
+            // service from its genesis settings, and the parties' pinned identity would be
+            // replaced by the new one's, which a later --recover would then take for the old.
+            let node0 = existing.nodes.first().map(|n| n.data_dir.clone()).unwrap_or_default();
+            let pinned = dir.join(SERVICE_IDENTITY_FILE);
+            anyhow::ensure!(
+                args.recover.is_some() || !pinned.exists() || cloister_node::holds_state(&node0),
+                "the sandbox in {} ran a service ({} pins its identity), but {} holds no state: its data \
+                 folder is gone. Recover the service from a copy of its ledger with --recover LEDGER, or \
+                 start a new sandbox in another --dir",
+                dir.display(),
+                pinned.display(),
+                node0.display()
+            );
             if existing.nodes.len() != args.nodes || existing.parties.len() != args.parties || existing.app != args.app
             {
                 eprintln!(
@@ -229,11 +245,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(ledger) = &args.recover {
         let ledger = std::path::absolute(ledger)?;
         // The recovered service has an identity of its own: the old pinned one would refuse it.
-        // The parties submit shares only to a recovery of the service they knew.
-        let old = std::fs::read(dir.join(SERVICE_IDENTITY_FILE))
+        // The parties submit shares only to a recovery of the service they knew. The old one is
+        // set aside, not deleted, until the recovered service's is written: a recovery that
+        // fails on the way is tried again against the same previous service.
+        let (pinned, previous_file) = (dir.join(SERVICE_IDENTITY_FILE), dir.join(PREVIOUS_IDENTITY_FILE));
+        if pinned.exists() {
+            std::fs::rename(&pinned, &previous_file)
+                .with_context(|| format!("setting {} aside as {}", pinned.display(), previous_file.display()))?;
+        }
+        let old = std::fs::read(&previous_file)
             .with_context(|| format!("reading the service identity the parties knew, {SERVICE_IDENTITY_FILE}"))?;
         let previous = identity::id_of_pem(&old)?;
-        std::fs::remove_file(dir.join(SERVICE_IDENTITY_FILE))?;
         let node = &mut layout.nodes[0];
         let mut process = NodeProcess::new(&node.id, node.config.clone(), node.log.clone());
         node.pid = Some(process.spawn_as(&exe, "recover", &["--ledger".into(), ledger.display().to_string()], &[])?);
@@ -253,6 +275,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         wait_ready(&layout, &mut children).await?;
         open_service(&layout).await?;
         write_service_identity(&layout, &dir).await?;
+        if args.recover.is_some() {
+            std::fs::remove_file(dir.join(PREVIOUS_IDENTITY_FILE))?;
+        }
         onboard_users(&layout).await?;
         wait_identity_served(&layout, &dir).await
     }
@@ -272,6 +297,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     layout.write(&dir)?;
     eprintln!("stopped; run the same command again to resume");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each node takes three consecutive ports from `first` on: the last node's last port must
+/// exist (a port past 65535 wrapped round to 0, any free port, and a join URL ending in `:0`).
+fn ports_fit(first: u16, nodes: usize) -> anyhow::Result<()> {
+    let last = usize::from(first) + 3 * nodes.max(1) - 1;
+    anyhow::ensure!(
+        last <= usize::from(u16::MAX),
+        "--port {first} leaves no room for {nodes} nodes' three ports each (the last would be {last})"
+    );
+    Ok(())
 }
 
 /// The sandbox folder's mock firmware root (test ARK and ASK).
@@ -451,6 +487,8 @@ async fn onboard_users(layout: &SandboxFile) -> anyhow::Result<()> {
 
 /// Where the sandbox writes the service identity's certificate, which receipts verify against.
 const SERVICE_IDENTITY_FILE: &str = "service_identity.pem";
+/// Where `--recover` keeps the previous service's identity until the recovered one's is written.
+const PREVIOUS_IDENTITY_FILE: &str = "service_identity.previous.pem";
 
 /// Fetches the service identity's certificate (`identity` of `GET /gov/service`) and writes it
 /// beside the other certificates, for `cloister receipt verify --service-identity`.
@@ -672,4 +710,18 @@ fn print_kv_usage(exe: &str, dir: &Path, first: &str) {
     println!("Write a value and read it back with the cloister command:");
     println!("  {exe} call --sandbox {d} --as {first} PUT /app/kv/greeting --data 'hello'");
     println!("  {exe} call --sandbox {d} --as {first} GET /app/kv/greeting\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_nodes_three_ports_must_exist() {
+        ports_fit(65533, 1).expect("65533, 65534 and 65535");
+        let e = ports_fit(65534, 1).unwrap_err().to_string();
+        assert!(e.contains("the last would be 65536"), "{e}");
+        ports_fit(8000, 3).unwrap();
+        assert!(ports_fit(65530, 3).is_err());
+    }
 }
