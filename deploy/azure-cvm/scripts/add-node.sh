@@ -84,7 +84,8 @@ az_run deployment group create --resource-group "$group" --name "$DEPLOYMENT_NAM
   --template-file "$TEMPLATE_DIR/main.bicep" --parameters "@$params" --output none
 
 # New nodes attest through a node that runs now (a follower sends them on to the leader).
-read -r _ via via_host <<<"$(running_node "$group" "$state")"
+node_line="$(running_node "$group" "$state")"
+read -r _ via via_host <<<"$node_line"
 url="https://$via_host:$HTTPS_PORT"
 activate_new_nodes "$group" "$ca_cert" "$ca_key" "https://$via:$PEER_PORT"
 old_names="$(cut -f1 "$state/nodes.tsv")"

@@ -102,7 +102,8 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 mkdir -p "$out"
 write_nodes "$group" "$out"
-read -r first _ first_host <<<"$(running_node "$group" "$out")"
+node_line="$(running_node "$group" "$out")"
+read -r first _ first_host <<<"$node_line"
 fetch_service_identity "$group" "$first" "$out/service_identity.pem"
 rest_url="https://$first_host:$HTTPS_PORT"
 note "the network is up; clients pin $out/service_identity.pem"
