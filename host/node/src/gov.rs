@@ -884,14 +884,8 @@ mod tests {
         };
         let mut tx = store.begin().unwrap();
         assert!(unavailable(&tx), "no gov.service at all");
-        let mut service = ServiceRecord {
-            state: ServiceState::Opening,
-            cert: String::new(),
-            recovery_threshold: 1,
-            identity: None,
-            previous_identities: Vec::new(),
-            rekeys_requested: 0,
-        };
+        // As a service from before identities recorded it: the fields since are absent.
+        let mut service: ServiceRecord = serde_json::from_value(json!({ "state": "Opening", "cert": "" })).unwrap();
         tx.put(SERVICE, SERVICE_KEY, &serde_json::to_vec(&service).unwrap());
         assert!(unavailable(&tx), "a service from before identities");
         let identity = cloister_crypto::identity::generate_service_identity("test").unwrap();
