@@ -316,7 +316,9 @@ const MOCK_ROOT_DIR: &str = "mock-amd";
 /// Creates every identity, configuration and file of a new sandbox.
 fn create(dir: &Path, args: &Args) -> anyhow::Result<SandboxFile> {
     let app = (args.app.file_name(), args.app.wasm());
-    // Configurations name files relative to the sandbox folder, so the folder can move.
+    // Node configurations name files relative to the sandbox folder, so each reads the same from
+    // wherever the folder is; sandbox.json records absolute paths, so a sandbox resumes only
+    // where it was made.
     let network = LocalNetwork::create(dir, "Cloister sandbox service", args.parties, 0, Some(app), true)?;
     let parties = network
         .members
