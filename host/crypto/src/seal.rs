@@ -91,31 +91,31 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
+/// The 32-byte key HKDF expands from `prk` for `label`.
+fn derived_key(prk: &hkdf::Prk, label: &[u8]) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    prk.expand(&[label], OkmLen).and_then(|okm| okm.fill(&mut key)).expect("HKDF fills 32 bytes");
+    key
+}
+
 impl Sealer {
     pub fn new(secret: &[u8; SECRET_BYTES]) -> Sealer {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"cloister sealing v1").extract(secret);
-        let mut key_digest_key = [0u8; 32];
-        prk.expand(&[KEY_DIGEST_LABEL], OkmLen)
-            .and_then(|okm| okm.fill(&mut key_digest_key))
-            .expect("HKDF fills 32 bytes");
+        let key_digest_key = derived_key(&prk, KEY_DIGEST_LABEL);
         Sealer { prk, key_digest_key }
     }
 
     /// A MAC over a whole snapshot file (BLAKE3 in keyed mode), under a key derived from the
     /// ledger secret: only holders of the secret can make a snapshot a node will install.
     pub fn snapshot_mac(&self) -> blake3::Hasher {
-        let mut key = [0u8; 32];
-        self.prk.expand(&[SNAPSHOT_MAC_LABEL], OkmLen).and_then(|okm| okm.fill(&mut key)).expect("HKDF fills 32 bytes");
-        blake3::Hasher::new_keyed(&key)
+        blake3::Hasher::new_keyed(&derived_key(&self.prk, SNAPSHOT_MAC_LABEL))
     }
 
     /// A MAC over a call one node forwards to another in its client's name (BLAKE3 in keyed
     /// mode), under a key derived from the ledger secret: a node certificate alone, which the
     /// operator may hold, cannot name a caller.
     pub fn forward_mac(&self) -> blake3::Hasher {
-        let mut key = [0u8; 32];
-        self.prk.expand(&[FORWARD_MAC_LABEL], OkmLen).and_then(|okm| okm.fill(&mut key)).expect("HKDF fills 32 bytes");
-        blake3::Hasher::new_keyed(&key)
+        blake3::Hasher::new_keyed(&derived_key(&self.prk, FORWARD_MAC_LABEL))
     }
 
     /// A keyed digest (BLAKE3 in keyed mode, a PRF) of a private map's table key: what the state
