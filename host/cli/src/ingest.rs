@@ -128,7 +128,11 @@ impl Destination {
     async fn of(nodes: &mut Nodes, caller: Option<String>) -> anyhow::Result<Destination> {
         let mut failed = None;
         for _ in 0..nodes.urls().len() {
-            match Destination::service_record(nodes).await {
+            let record = match nodes.client().await {
+                Ok(client) => client.service_record().await,
+                Err(e) => Err(e),
+            };
+            match record {
                 Ok(record) => {
                     let previous = record["previous_identities"].as_array().into_iter().flatten();
                     let recovered_from = previous
@@ -147,12 +151,6 @@ impl Destination {
             }
         }
         Err(failed.unwrap_or_else(|| anyhow::anyhow!("no node to ask")))
-    }
-
-    async fn service_record(nodes: &mut Nodes) -> anyhow::Result<Value> {
-        let reply = nodes.client().await?.get("/gov/service").await?;
-        anyhow::ensure!(reply.status == 200, "refused ({}): {}", reply.status, reply.text());
-        reply.json()
     }
 }
 

@@ -223,9 +223,14 @@ impl Client {
     /// DER, from `GET /gov/service`): what a governance request is signed for. Read for each
     /// request, since a recovery gives a service a new identity.
     pub async fn service_id(&self) -> anyhow::Result<String> {
+        service_id_of(&self.service_record().await?)
+    }
+
+    /// The service's record, `GET /gov/service`.
+    pub async fn service_record(&self) -> anyhow::Result<serde_json::Value> {
         let reply = self.get("/gov/service").await?;
         anyhow::ensure!(reply.status == 200, "/gov/service refused ({}): {}", reply.status, reply.text());
-        service_id_of(&reply.json()?)
+        reply.json()
     }
 
     /// Signs `payload` as `who` for a governance write (created now) to this node's service, and
