@@ -115,9 +115,8 @@ fn table_key_fault(full: &[u8]) -> Option<&'static str> {
 
 /// Splits a table key into its map name and the key within the map.
 fn split_key(full: &[u8]) -> (&str, &[u8]) {
-    let at = full.iter().position(|&b| b == MAP_SEPARATOR).expect("table keys hold a map separator");
-    let map = std::str::from_utf8(&full[..at]).expect("map names are ASCII");
-    (map, &full[at + 1..])
+    // Write sets and snapshot records are checked as they are decoded; the store makes the rest.
+    split_table_key(full).expect("a table key, checked where it came in")
 }
 
 /// The table-key bounds of a range within one map.
