@@ -673,7 +673,9 @@ async fn a_retired_nodes_secret_opens_nothing_written_after_it_left() {
 /// removed by whoever can write it) starts no new service on them. It did: with no log, the node
 /// ran the genesis its configuration named, and wrapped the old service's ledger secret into the
 /// new service's recovery shares, so an operator who named itself the one recovery member, with
-/// a threshold of 1, opened its share and had the secret.
+/// a threshold of 1, opened its share and had the secret. Once a folder without a log was
+/// refused, an empty `raft-log` folder in its place did the same: the log existed, and held
+/// nothing, so the node still ran the genesis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_folder_cut_back_to_its_secrets_starts_no_new_service() {
     use cloister_node::config::GenesisMember;
@@ -694,23 +696,98 @@ async fn a_folder_cut_back_to_its_secrets_starts_no_new_service() {
     forged.genesis.members =
         vec![GenesisMember::Recovery { cert: s.dir.path().join("operator.cert.pem"), encryption_key: public_file }];
     forged.genesis.recovery_threshold = Some(1);
-    match cloister_node::Node::start(forged).await {
-        Ok(node) => {
-            // The attack, as it ran: the operator's one share opens the old service's secret.
-            let mut roots = std::fs::read(&s.config.tls.service_cert).unwrap();
-            roots.extend(std::fs::read(data.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).unwrap());
-            let client = Client::connect(&node.rest_url(), &roots, None).await.unwrap();
-            let issue = shares_when(&client, |r| r.shares.len() == 1).await;
-            let share = open_own_share(&issue, &operator.id, &private).unwrap();
-            let opened = recover_secret(&[share], 1, &issue.service, issue.version, &wrapped(&issue)).unwrap();
-            panic!(
-                "a new service started on the old secrets; the operator's share opens the old secret: {}",
-                opened == secret
-            );
+    for (log, refusal) in [("no log", "holds no Raft log"), ("an empty log", "Raft log is empty")] {
+        if log == "an empty log" {
+            std::fs::create_dir_all(data.join("raft-log")).unwrap();
         }
-        Err(e) => {
-            let e = format!("{e:#}");
-            assert!(e.contains("holds no Raft log") && e.contains("empty data folder"), "{e}");
+        match cloister_node::Node::start(forged.clone()).await {
+            Ok(node) => {
+                // The attack, as it ran: the operator's one share opens the old service's secret.
+                let mut roots = std::fs::read(&s.config.tls.service_cert).unwrap();
+                roots.extend(std::fs::read(data.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).unwrap());
+                let client = Client::connect(&node.rest_url(), &roots, None).await.unwrap();
+                let issue = shares_when(&client, |r| r.shares.len() == 1).await;
+                let share = open_own_share(&issue, &operator.id, &private).unwrap();
+                let opened = recover_secret(&[share], 1, &issue.service, issue.version, &wrapped(&issue)).unwrap();
+                panic!(
+                    "with {log}, a new service started on the old secrets; the operator's share opens the old \
+                     secret: {}",
+                    opened == secret
+                );
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                assert!(e.contains(refusal) && e.contains("empty data folder"), "with {log}: {e}");
+            }
         }
     }
+}
+
+/// A genesis that stopped after its network began (Raft's `initialize`) and before its first
+/// transaction committed left a folder that started as a network with no service, for good:
+/// every governance read failed, and no later start ran the genesis. Such a folder is refused
+/// now, naming what is left, and the start that failed stops what it started (it left Raft
+/// running, and the state database locked, in a process that went on).
+///
+/// A first node elects itself at once, so the folder is made as such a crash leaves it: a node's
+/// data folder with its secrets and no state, a Raft log holding only what `initialize` and the
+/// election wrote (by this node's id), and the genesis's marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_genesis_that_stopped_before_it_committed_is_no_service() {
+    use cloister_consensus::{Consensus, NodeAddr, Peers};
+    let mut s = TestService::start(1, 0, KV, Default::default()).await;
+    s.stop().await;
+    let config = s.config.clone();
+    let data = config.node.data_dir.clone();
+    for state in ["raft-log", "ledger", "snapshots"] {
+        std::fs::remove_dir_all(data.join(state)).unwrap();
+    }
+    std::fs::remove_file(data.join("state.redb")).unwrap();
+    let node = cloister_crypto::identity::read_pair(&config.tls.node_cert, &config.tls.node_key).unwrap();
+    let service_cert = std::fs::read_to_string(&config.tls.service_cert).unwrap();
+    let cert_der = |pem: &str| cloister_crypto::identity::cert_der(pem.as_bytes()).unwrap().to_vec();
+    let scratch = tempfile::tempdir().unwrap();
+    let store = cloister_store::Store::open(&scratch.path().join("state.redb")).unwrap();
+    let ledger =
+        cloister_ledger::Ledger::open(&scratch.path().join("ledger"), cert_der(&service_cert), &config.ledger, &store)
+            .unwrap();
+    let secrets = LedgerSecrets::new([(1, Sealer::generate_secret())]).unwrap();
+    let url = "https://127.0.0.1:1".to_owned();
+    let me = NodeAddr { name: "node0".into(), peer_url: url.clone(), rest_url: url.clone(), grpc_url: url };
+    let id = cloister_consensus::node_id_of(&cert_der(&node.cert_pem));
+    let storage = (store, std::sync::Arc::new(ledger), std::sync::Arc::new(secrets));
+    let peers = Peers::new(&service_cert, &node);
+    let begun = Consensus::start(&config.raft, &data, id, me, storage, peers).await.unwrap();
+    begun.initialize().await.unwrap();
+    begun.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    begun.shutdown().await;
+    drop(begun);
+    let pending = data.join(cloister_node::node::GENESIS_PENDING_FILE);
+    std::fs::write(&pending, "").unwrap();
+    match cloister_node::Node::start(config).await {
+        Ok(node) => panic!("a network with no service started, at {}", node.rest_url()),
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(
+                e.contains("stopped before its first transaction committed") && e.contains("empty data folder"),
+                "{e}"
+            );
+        }
+    }
+    // The start that failed stopped what it had started: its state database is free again.
+    cloister_store::Store::open(&data.join("state.redb")).expect("the failed start let go of the state database");
+}
+
+/// A genesis whose start ended after its first transaction committed, and before it cleared its
+/// marker, is a service: the restart finds the transaction applied, and clears the marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_genesis_that_committed_before_its_start_ended_is_a_service() {
+    let mut s = TestService::start(1, 0, KV, Default::default()).await;
+    s.stop().await;
+    let pending = s.config.node.data_dir.join(cloister_node::node::GENESIS_PENDING_FILE);
+    std::fs::write(&pending, "").unwrap();
+    s.restart().await;
+    assert!(!pending.exists(), "the marker of a committed genesis is kept");
+    let record = s.client(None).await.service_record().await.unwrap();
+    assert_eq!(record["state"], "Open", "{record}");
 }

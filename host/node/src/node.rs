@@ -149,6 +149,8 @@ impl cloister_crypto::secrets::Keeper for SecretKeeper {
 /// What a node holds sealed at rest, opened.
 struct Opened {
     secrets: LedgerSecrets,
+    /// Whether the secrets were on disk before this start (not generated, nor granted by a join).
+    found: bool,
     /// The certificate of the leader a joining node attested, if it joined.
     join_leader: Option<Vec<u8>>,
     state_key: Sealer,
@@ -186,7 +188,8 @@ async fn ledger_secrets(
     let encryption = encryption_key(&config.node.data_dir, &at_rest)?;
     let path = config.node.data_dir.join(SECRET_FILE);
     let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
-    let (all, leader) = if path.exists() {
+    let found = path.exists();
+    let (all, leader) = if found {
         // Without a Raft log this node is about to run a genesis or a recovery, or to join. Only
         // a join may find secrets here (granted before a crash): a genesis or a recovery would
         // wrap them into a new service's recovery shares, and whoever wrote its configuration
@@ -244,7 +247,7 @@ async fn ledger_secrets(
         path,
     };
     let secrets = LedgerSecrets::new(all).map_err(anyhow::Error::msg)?.with_keeper(Box::new(keeper));
-    Ok(Opened { secrets, join_leader: leader, state_key: Sealer::new(&state_key), encryption_spki })
+    Ok(Opened { secrets, found, join_leader: leader, state_key: Sealer::new(&state_key), encryption_spki })
 }
 
 /// Stops a node whose encryption key is not the one its `gov.nodes` record holds (if the record
@@ -274,6 +277,10 @@ pub fn read_ledger_secrets(config: &NodeConfig) -> anyhow::Result<Vec<(u64, [u8;
 
 /// How long a new service's first node may take to elect itself.
 const GENESIS_ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// In a data folder, the marker of a genesis (or a recovery) whose first transaction has not
+/// committed yet: see `first_transaction`.
+pub const GENESIS_PENDING_FILE: &str = "genesis.pending";
 
 /// A running node.
 pub struct Node {
@@ -358,7 +365,7 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let Opened { secrets, join_leader, state_key, encryption_spki } =
+        let Opened { secrets, found: secrets_found, join_leader, state_key, encryption_spki } =
             ledger_secrets(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
         let secrets = Arc::new(secrets);
         let store = Store::open_sealed(&crate::state_file(data_dir), Arc::new(state_key))?;
@@ -368,136 +375,181 @@ impl Node {
         let storage = (store.clone(), ledger, secrets.clone());
         let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), storage, peers).await?;
         let info = NodeInfo { name: me.name.clone(), rest_url: me.rest_url.clone(), grpc_url: me.grpc_url.clone() };
-        let joins = Arc::new(attest::Joins::new(
-            &config.attestation,
-            secrets.clone(),
-            attester.clone(),
-            &node_cert,
-            join_leader,
-        )?);
-        let parts = ServiceParts {
-            runtime: runtime.clone(),
-            store: store.clone(),
-            consensus: consensus.clone(),
-            joins,
-            metrics,
+        let built = || -> anyhow::Result<Service> {
+            let joins =
+                attest::Joins::new(&config.attestation, secrets.clone(), attester.clone(), &node_cert, join_leader)?;
+            let parts = ServiceParts {
+                runtime: runtime.clone(),
+                store: store.clone(),
+                consensus: consensus.clone(),
+                joins: Arc::new(joins),
+                metrics,
+            };
+            Service::new(parts, config.limits.clone(), config.gov.clone(), info)
         };
-        let service = Arc::new(Service::new(parts, config.limits.clone(), config.gov.clone(), info)?);
-
+        let service = match built() {
+            Ok(service) => Arc::new(service),
+            Err(e) => {
+                consensus.shutdown().await;
+                return Err(e);
+            }
+        };
         let cancel = CancellationToken::new();
-        let limits = &config.limits;
-        let accept_limits = server::AcceptLimits::of(limits);
-        let (tls, served) = tls::swappable_server_config(&node_cert, &service_cert)?;
-        let mut endorsed_cert = crate::endorsed::EndorsedCert::new(
-            store.clone(),
-            node_cert.clone(),
-            config.node.name.clone(),
-            service_cert.clone(),
-            served,
-            data_dir.clone(),
-        )?;
-        // The gate holds the service weakly, as the forwarder does, so a shut-down node's
-        // handshakes in flight do not keep its databases open.
-        let weak = Arc::downgrade(&service);
-        let gate: tls::PeerGate = Arc::new(move |cert| {
-            let service = weak.upgrade().ok_or("the node is shutting down")?;
-            service.gov_read(|tx| Ok(attest::handshake_gate(tx, cert))).map_err(|e| e.to_string())?
-        });
-        let peer_tls = tls::peer_server_config(&node_cert, &service_cert, gate)?;
         let mut tasks = Vec::new();
+        // Whatever fails from here stops what started before it: in a process that goes on (a
+        // test, an embedding), a failed start leaves no Raft running and the data folder free.
+        let begun = async {
+            let limits = &config.limits;
+            let accept_limits = server::AcceptLimits::of(limits);
+            let (tls, served) = tls::swappable_server_config(&node_cert, &service_cert)?;
+            let mut endorsed_cert = crate::endorsed::EndorsedCert::new(
+                store.clone(),
+                node_cert.clone(),
+                config.node.name.clone(),
+                service_cert.clone(),
+                served,
+                data_dir.clone(),
+            )?;
+            // The gate holds the service weakly, as the forwarder does, so a shut-down node's
+            // handshakes in flight do not keep its databases open.
+            let weak = Arc::downgrade(&service);
+            let gate: tls::PeerGate = Arc::new(move |cert| {
+                let service = weak.upgrade().ok_or("the node is shutting down")?;
+                service.gov_read(|tx| Ok(attest::handshake_gate(tx, cert))).map_err(|e| e.to_string())?
+            });
+            let peer_tls = tls::peer_server_config(&node_cert, &service_cert, gate)?;
 
-        let forwarder = Arc::new(ServiceForwarder(Arc::downgrade(&service)));
-        let peer_service = cloister_proto::peer::v1::peer_server::PeerServer::new(consensus.peer_service(forwarder))
-            .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
-        // Nodes keep their connections to each other open between writes, and a follower's
-        // forwarding stream may sit idle for as long as no client writes through it. What bounds
-        // an idle connection here is its node certificate's count.
-        let peer_limits = server::AcceptLimits {
-            idle_timeout: None,
-            per_node_max: Some(limits.connections_per_node_max),
-            ..accept_limits
-        };
-        let conns = server::accept(peer_listener, peer_tls, peer_limits, cancel.clone());
-        let streams_max = config.limits.streams_per_connection_max;
-        tasks.push(serve_grpc(
-            conns,
-            tonic::service::Routes::new(peer_service),
-            streams_max,
-            None,
-            cancel.clone(),
-            "peer",
-        ));
+            let forwarder = Arc::new(ServiceForwarder(Arc::downgrade(&service)));
+            let peer_service =
+                cloister_proto::peer::v1::peer_server::PeerServer::new(consensus.peer_service(forwarder))
+                    .max_decoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(consensus::PEER_MESSAGE_BYTES_MAX);
+            // Nodes keep their connections to each other open between writes, and a follower's
+            // forwarding stream may sit idle for as long as no client writes through it. What bounds
+            // an idle connection here is its node certificate's count.
+            let peer_limits = server::AcceptLimits {
+                idle_timeout: None,
+                per_node_max: Some(limits.connections_per_node_max),
+                ..accept_limits
+            };
+            let conns = server::accept(peer_listener, peer_tls, peer_limits, cancel.clone());
+            let streams_max = config.limits.streams_per_connection_max;
+            tasks.push(serve_grpc(
+                conns,
+                tonic::service::Routes::new(peer_service),
+                streams_max,
+                None,
+                cancel.clone(),
+                "peer",
+            ));
 
-        let signer = NodeSigner::new(&node_cert.cert_pem, &node_cert.key_pem)?;
-        tasks.push(tokio::spawn(crate::signer::run_signer(
-            consensus.clone(),
-            store.clone(),
-            signer,
-            config.ledger.clone(),
-            cancel.clone(),
-        )));
-        tasks.push(tokio::spawn(attest::retire_removed(store.clone(), consensus.clone(), cancel.clone())));
-        tasks.push(tokio::spawn(attest::maintain_endorsements(
-            Arc::downgrade(&service),
-            consensus.clone(),
-            cancel.clone(),
-        )));
-        tasks.push(tokio::spawn(crate::api::service::keep_modules_compiled(
-            Arc::downgrade(&service),
-            consensus.gov_changes(),
-            cancel.clone(),
-        )));
-        tasks.push(tokio::spawn(attest::restore_recovered(
-            Arc::downgrade(&service),
-            consensus.clone(),
-            data_dir.clone(),
-            cancel.clone(),
-        )));
-        if !consensus.is_initialized().await? {
-            match (&config.network.join, &config.network.recover) {
-                (None, None) => {
-                    let node = (node_cert.cert_pem.as_str(), encryption_spki.as_slice(), attester.as_ref());
-                    genesis(&config, &consensus, &runtime, &service_cert, node, &secrets).await?
-                }
-                (None, Some(folder)) => {
-                    let node = (node_cert.cert_pem.as_str(), encryption_spki.as_slice(), attester.as_ref());
-                    recover(&config, folder, &consensus, &service_cert, node, &secrets).await?
-                }
-                (Some(url), _) => {
-                    let (consensus, url) = (consensus.clone(), url.clone());
-                    let timeout = Duration::from_millis(config.raft.join_timeout_ms);
-                    tasks.push(tokio::spawn(async move {
-                        match consensus.join(&url, timeout).await {
-                            Ok(()) => tracing::info!(%url, "joined the network"),
-                            Err(e) => tracing::error!(error = %e, "joining the network failed"),
+            let signer = NodeSigner::new(&node_cert.cert_pem, &node_cert.key_pem)?;
+            tasks.push(tokio::spawn(crate::signer::run_signer(
+                consensus.clone(),
+                store.clone(),
+                signer,
+                config.ledger.clone(),
+                cancel.clone(),
+            )));
+            tasks.push(tokio::spawn(attest::retire_removed(store.clone(), consensus.clone(), cancel.clone())));
+            tasks.push(tokio::spawn(attest::maintain_endorsements(
+                Arc::downgrade(&service),
+                consensus.clone(),
+                cancel.clone(),
+            )));
+            tasks.push(tokio::spawn(crate::api::service::keep_modules_compiled(
+                Arc::downgrade(&service),
+                consensus.gov_changes(),
+                cancel.clone(),
+            )));
+            tasks.push(tokio::spawn(attest::restore_recovered(
+                Arc::downgrade(&service),
+                consensus.clone(),
+                data_dir.clone(),
+                cancel.clone(),
+            )));
+            let pending = data_dir.join(GENESIS_PENDING_FILE);
+            if !consensus.is_initialized().await? {
+                match (&config.network.join, &config.network.recover) {
+                    (None, previous) => {
+                        // A new service's first node: its secrets must be new too. Secrets found on
+                        // disk beside an empty log (a `raft-log` folder holding nothing) are no new
+                        // service's: see `ledger_secrets`.
+                        anyhow::ensure!(
+                            !secrets_found,
+                            "{} holds ledger secrets, but this node's Raft log is empty: a new service (a genesis \
+                             or a recovery) starts on an empty data folder, never on the secrets of another. If a \
+                             genesis on this folder stopped before it began, start again on an empty data folder",
+                            data_dir.join(SECRET_FILE).display()
+                        );
+                        let node = (node_cert.cert_pem.as_str(), encryption_spki.as_slice(), attester.as_ref());
+                        match previous {
+                            None => genesis(&config, &consensus, &runtime, &service_cert, node, &secrets).await?,
+                            Some(folder) => recover(&config, folder, &consensus, &service_cert, node, &secrets).await?,
                         }
-                    }));
+                    }
+                    (Some(url), _) => {
+                        let (consensus, url) = (consensus.clone(), url.clone());
+                        let timeout = Duration::from_millis(config.raft.join_timeout_ms);
+                        tasks.push(tokio::spawn(async move {
+                            match consensus.join(&url, timeout).await {
+                                Ok(()) => tracing::info!(%url, "joined the network"),
+                                Err(e) => tracing::error!(error = %e, "joining the network failed"),
+                            }
+                        }));
+                    }
                 }
+            } else if pending.exists() {
+                // A genesis or a recovery began on this folder and its start ended before it knew
+                // the first transaction committed. If it did, this node (the one voter) applies it
+                // once it has elected itself again; if not, the folder holds a network with no
+                // service, which no later start would make, and is refused.
+                let opened = consensus.wait_recovered(GENESIS_ELECTION_TIMEOUT).await
+                    && gov::service(&store.begin()?)?.is_some();
+                anyhow::ensure!(
+                    opened,
+                    "a genesis or a recovery on this data folder stopped before its first transaction committed \
+                     ({} is left): the folder holds no service and never will. Start the node again on an empty \
+                     data folder",
+                    pending.display()
+                );
+                first_transaction_done(&pending)?;
+            }
+            // A node already endorsed (the first node after genesis, any Trusted node after a restart)
+            // serves its certificate from the service identity from the first client handshake.
+            if let Err(e) = endorsed_cert.refresh() {
+                let e = format!("{e:#}");
+                tracing::warn!(error = %e, "choosing the certificate to serve clients failed; the operator's serves");
+            }
+            tasks.push(tokio::spawn(endorsed_cert.run(cancel.clone())));
+            // Clients are served only once a new network's genesis has committed, so nobody sees a
+            // service without its members or app.
+            let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
+            let budget = server::BodyBudget::new(limits);
+            tasks.push(tokio::spawn(server::serve_http(
+                conns,
+                rest::router(service.clone()),
+                limits.clone(),
+                budget.clone(),
+                cancel.clone(),
+            )));
+            let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone());
+            let routes = crate::api::grpc::routes(service.clone())?;
+            tasks.push(serve_grpc(conns, routes, streams_max, Some(budget), cancel.clone(), "gRPC"));
+            anyhow::Ok(())
+        }
+        .await;
+        let node = Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks };
+        match begun {
+            Ok(()) => {
+                tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
+                Ok(node)
+            }
+            Err(e) => {
+                node.shutdown().await;
+                Err(e)
             }
         }
-        // A node already endorsed (the first node after genesis, any Trusted node after a restart)
-        // serves its certificate from the service identity from the first client handshake.
-        if let Err(e) = endorsed_cert.refresh() {
-            tracing::warn!(error = %e, "choosing the certificate to serve clients failed; the operator's serves for now");
-        }
-        tasks.push(tokio::spawn(endorsed_cert.run(cancel.clone())));
-        // Clients are served only once a new network's genesis has committed, so nobody sees a
-        // service without its members or app.
-        let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
-        let budget = server::BodyBudget::new(limits);
-        tasks.push(tokio::spawn(server::serve_http(
-            conns,
-            rest::router(service.clone()),
-            limits.clone(),
-            budget.clone(),
-            cancel.clone(),
-        )));
-        let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone());
-        let routes = crate::api::grpc::routes(service.clone())?;
-        tasks.push(serve_grpc(conns, routes, streams_max, Some(budget), cancel.clone(), "gRPC"));
-        tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
-        Ok(Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks })
     }
 
     pub fn service(&self) -> &Arc<Service> {
@@ -642,23 +694,37 @@ async fn genesis(
     )? {
         writes.put(gov::RECOVERY, gov::RECOVERY_KEY, &serde_json::to_vec(&shares)?);
     }
-    let tx = first_transaction(consensus, writes, &secrets.current().1).await?;
+    let tx = first_transaction(consensus, writes, &secrets.current().1, &config.node.data_dir).await?;
     tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");
     Ok(())
 }
 
-/// Starts a new network with this node alone and commits its genesis transaction.
+/// Starts a new network with this node alone and commits its genesis transaction. The network
+/// exists once `initialize` returns, and the service only once the transaction commits: a
+/// marker file says so in between, so a start that ends there is not taken for a service.
 async fn first_transaction(
     consensus: &Consensus,
     writes: cloister_store::WriteSet,
     sealer: &Sealer,
+    data_dir: &std::path::Path,
 ) -> anyhow::Result<cloister_ledger::txid::TxId> {
+    let pending = data_dir.join(GENESIS_PENDING_FILE);
+    identity::write_durably(&pending, b"a genesis began here; its first transaction has not committed\n", false)?;
     consensus.initialize().await?;
     consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
-    consensus
+    let tx = consensus
         .propose(TxEntry::new(TxKind::Genesis, writes, None, sealer))
         .await
-        .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e}"))
+        .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e}"))?;
+    first_transaction_done(&pending)?;
+    Ok(tx)
+}
+
+/// Removes the marker of a genesis under way, durably, once its first transaction committed.
+fn first_transaction_done(pending: &std::path::Path) -> anyhow::Result<()> {
+    let context = || format!("removing {}", pending.display());
+    std::fs::remove_file(pending).with_context(context)?;
+    identity::sync_dir(pending.parent().unwrap_or(std::path::Path::new("."))).with_context(context)
 }
 
 /// Starts a new service from a previous service's ledger folder, with this node alone: its
@@ -696,7 +762,7 @@ async fn recover(
         attestation: &attestation,
     };
     let genesis = crate::recovery::recovery_genesis(&previous, first, service_cert, &identity)?;
-    let tx = first_transaction(consensus, genesis, &secrets.current().1).await?;
+    let tx = first_transaction(consensus, genesis, &secrets.current().1, &config.node.data_dir).await?;
     // The leader's upkeep writes the previous public state next (`attest::restore_recovered`), so
     // a node restarted part-way resumes it.
     tracing::info!(%tx, threshold = previous.shares.threshold, "recovering: started a new service from the previous ledger");
