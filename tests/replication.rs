@@ -777,3 +777,33 @@ async fn bulk_ingest_lands_every_row_once_across_a_leader_kill_and_names_refused
     assert_eq!(ingest_progress(&bad_progress), (2_500, true));
     assert_eq!(report_rows(&c, survivor).await.len(), ROWS + 2_500);
 }
+
+/// A node whose join the network does not accept within `raft.join_timeout_ms` stops, and its
+/// process exits with the reason, for a supervisor to restart (a restart joins again). It ran
+/// on out of the network, having logged the failure once.
+///
+/// The node is one that joined before (its grant of the ledger secret is on disk) and lost its
+/// Raft state, started against an address where no node listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_join_is_not_accepted_exits() {
+    let mut c = Cluster::start(2, 1, KV, |_| {}).await;
+    c.stop(1);
+    let node = &mut c.nodes[1];
+    let data = node.config.node.data_dir.clone();
+    for state in ["raft-log", "ledger", "snapshots"] {
+        std::fs::remove_dir_all(data.join(state)).unwrap();
+    }
+    std::fs::remove_file(data.join("state.redb")).unwrap();
+    let nowhere = format!("https://127.0.0.1:{}", cloister_tests::ports::free_ports(1));
+    node.config.network.join = Some(nowhere.clone());
+    node.config.raft.join_timeout_ms = 2_000;
+    std::fs::write(&node.config_path, node.config.to_toml()).unwrap();
+    c.spawn(1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.nodes[1].is_running() {
+        assert!(Instant::now() < deadline, "the node runs on out of the network:\n{}", c.log(1));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = c.log(1);
+    assert!(log.contains(&format!("the node stopped: joining the network at {nowhere} failed")), "{log}");
+}

@@ -184,10 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             config.network.recover = Some(std::path::absolute(&ledger)?);
             config.check().map_err(anyhow::Error::msg)?;
-            let node = Node::start(config).await?;
-            shutdown_signal().await;
-            node.shutdown().await;
-            Ok(ExitCode::SUCCESS)
+            run_node(config).await
         }
         Command::Node { command: NodeCommand::Start { config, attestation, mock_measurement } } => {
             let mut config = NodeConfig::load(&config)?;
@@ -198,10 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.attestation.mock_measurement = mock_measurement;
             }
             config.check().map_err(anyhow::Error::msg)?;
-            let node = Node::start(config).await?;
-            shutdown_signal().await;
-            node.shutdown().await;
-            Ok(ExitCode::SUCCESS)
+            run_node(config).await
         }
         Command::Node { command: NodeCommand::Compact { config } } => {
             let config = NodeConfig::load(&config)?;
@@ -248,6 +242,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::App { command } => gov::run_app(command).await,
         Command::Ca { command } => ca::run(command),
         Command::Attestation { command } => attestation::run(command).await,
+    }
+}
+
+/// Runs a node until the process is asked to stop (SIGINT, SIGTERM) or the node fails (a join
+/// not accepted in time), then stops it; a failure ends the process with an error.
+async fn run_node(config: NodeConfig) -> anyhow::Result<ExitCode> {
+    let node = Node::start(config).await?;
+    let failed = tokio::select! {
+        () = shutdown_signal() => None,
+        reason = node.failed() => Some(reason),
+    };
+    node.shutdown().await;
+    match failed {
+        None => Ok(ExitCode::SUCCESS),
+        Some(reason) => Err(anyhow::anyhow!("the node stopped: {reason}")),
     }
 }
 

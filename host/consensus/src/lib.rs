@@ -46,6 +46,17 @@ pub const LOG_DIR: &str = "raft-log";
 pub fn holds_log(data_dir: &Path) -> bool {
     data_dir.join(LOG_DIR).exists() || data_dir.join(log_store::REDB_LOG_FILE).exists()
 }
+
+/// Whether a data folder's Raft log holds anything (an entry, a vote): a node whose log is
+/// missing, or holds nothing, has never been part of a network. Reads the log without changing
+/// it; a log in the older format counts as holding something.
+pub fn log_begun(data_dir: &Path) -> anyhow::Result<bool> {
+    if data_dir.join(log_store::REDB_LOG_FILE).exists() {
+        return Ok(true);
+    }
+    let dir = data_dir.join(LOG_DIR);
+    wal::holds_anything(&dir).map_err(|e| anyhow::anyhow!("raft log {}: {e}", dir.display()))
+}
 pub use forward::{FORWARDS_IN_FLIGHT_MAX, ForwardError, Forwards};
 pub use server::{Forwarder, PeerRpc, PeerService};
 pub use state_machine::Applied;
@@ -423,6 +434,12 @@ impl Consensus {
             snapshots_installed: counts.snapshots_installed.load(Relaxed),
             forwards_waiting: self.forwards.waiting(),
         }
+    }
+
+    /// The voters of the membership this node holds, read from Raft's own state (its metrics
+    /// may lag a start).
+    pub async fn voters(&self) -> anyhow::Result<BTreeSet<NodeId>> {
+        Ok(self.raft.with_raft_state(|state| state.membership_state.effective().voter_ids().collect()).await?)
     }
 
     pub fn is_leader(&self) -> bool {

@@ -239,6 +239,34 @@ pub(crate) struct Wal {
     buf: Vec<u8>,
 }
 
+/// The numbers of the segments in `dir`, in order.
+fn segment_numbers(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let path = item?.path();
+        if path.extension().is_some_and(|e| e == SUFFIX) {
+            let number = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
+            numbers.push(number.ok_or_else(|| corrupt(&path, "a segment's name is not a number"))?);
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// Whether the log in `dir` holds anything (an entry, a vote, a purge), found by reading it
+/// alone: [`Wal::open`] starts a new segment, and cuts a torn tail.
+pub fn holds_anything(dir: &Path) -> io::Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let mut index = Index::new();
+    for number in segment_numbers(dir)? {
+        let path = segment_path(dir, number);
+        replay(&path, &File::open(&path)?, number, &mut index)?;
+    }
+    Ok(index.vote.is_some() || !index.entries.is_empty() || index.purged.is_some())
+}
+
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:020}.{SUFFIX}"))
 }
@@ -270,15 +298,7 @@ impl Wal {
     /// Opens the log in `dir` (created if missing), replays it, and starts a new segment.
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(Wal, Arc<RwLock<Index>>)> {
         std::fs::create_dir_all(dir)?;
-        let mut numbers = Vec::new();
-        for item in std::fs::read_dir(dir)? {
-            let path = item?.path();
-            if path.extension().is_some_and(|e| e == SUFFIX) {
-                let number = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
-                numbers.push(number.ok_or_else(|| corrupt(&path, "a segment's name is not a number"))?);
-            }
-        }
-        numbers.sort_unstable();
+        let numbers = segment_numbers(dir)?;
         let mut index = Index::new();
         let mut segments = BTreeMap::new();
         for &number in &numbers {
@@ -714,6 +734,25 @@ mod tests {
     /// although the sync thread has taken them and not finished. It covered only what was left
     /// untaken, which could be nothing: the rollover then reported the full segment durable
     /// while the thread's `fdatasync` of it still ran (only a power loss would show it).
+    /// Only what Raft wrote counts: no folder, an empty one, and a log's own empty segment are
+    /// all a log that holds nothing; a vote alone, or an entry, is a log that has begun.
+    #[test]
+    fn a_log_holds_anything_once_raft_wrote_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("raft-log");
+        assert!(!holds_anything(&log).unwrap(), "no folder");
+        std::fs::create_dir(&log).unwrap();
+        assert!(!holds_anything(&log).unwrap(), "an empty folder");
+        let (mut wal, _) = Wal::open(&log, SEGMENT_BYTES).unwrap();
+        assert!(!holds_anything(&log).unwrap(), "a new segment");
+        wal.save_vote(b"vote".to_vec()).unwrap();
+        assert!(holds_anything(&log).unwrap(), "a vote");
+        let other = dir.path().join("other");
+        let (mut wal, _) = Wal::open(&other, SEGMENT_BYTES).unwrap();
+        wal.append(&entries(0..=0)).unwrap();
+        assert!(holds_anything(&other).unwrap(), "an entry");
+    }
+
     #[test]
     fn a_sync_here_and_now_covers_what_a_running_sync_took() {
         let dir = tempfile::tempdir().unwrap();

@@ -114,6 +114,15 @@ impl LedgerSecrets {
         self.read().get(&version).map(|h| h.sealer.clone())
     }
 
+    /// Keeps every version durably through the keeper, if there is one: a new service's first
+    /// secret, kept as the service begins.
+    pub fn persist(&self) -> std::io::Result<()> {
+        match &self.keeper {
+            Some(keeper) => keeper.persist(&self.all()),
+            None => Ok(()),
+        }
+    }
+
     /// Every version with its secret, oldest first: for keeping at rest and for a joining node.
     pub fn all(&self) -> Vec<(u64, [u8; SECRET_BYTES])> {
         self.read().iter().map(|(v, h)| (*v, h.secret)).collect()

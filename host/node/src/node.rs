@@ -149,8 +149,6 @@ impl cloister_crypto::secrets::Keeper for SecretKeeper {
 /// What a node holds sealed at rest, opened.
 struct Opened {
     secrets: LedgerSecrets,
-    /// Whether the secrets were on disk before this start (not generated, nor granted by a join).
-    found: bool,
     /// The certificate of the leader a joining node attested, if it joined.
     join_leader: Option<Vec<u8>>,
     state_key: Sealer,
@@ -188,17 +186,20 @@ async fn ledger_secrets(
     let encryption = encryption_key(&config.node.data_dir, &at_rest)?;
     let path = config.node.data_dir.join(SECRET_FILE);
     let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
-    let found = path.exists();
-    let (all, leader) = if found {
-        // Without a Raft log this node is about to run a genesis or a recovery, or to join. Only
-        // a join may find secrets here (granted before a crash): a genesis or a recovery would
-        // wrap them into a new service's recovery shares, and whoever wrote its configuration
-        // (the operator, naming itself the one recovery member) would open the old service's
-        // secret.
+    // Read before anything listens or runs: nothing else can have begun the log in between.
+    let begun = cloister_consensus::log_begun(&config.node.data_dir)?;
+    let (all, leader) = if path.exists() {
+        // With a Raft log that holds nothing (none at all, or an empty folder in its place) this
+        // node is about to run a genesis or a recovery, or to join. Only a join may find secrets
+        // here (granted before a crash): a genesis or a recovery would wrap them into a new
+        // service's recovery shares, and whoever wrote its configuration (the operator, naming
+        // itself the one recovery member) would open the old service's secret. A new service's
+        // own secret is kept only as its log begins (`first_transaction`), so a genesis that
+        // failed before then leaves none behind to be refused here.
         anyhow::ensure!(
-            config.network.join.is_some() || cloister_consensus::holds_log(&config.node.data_dir),
-            "{} holds ledger secrets, but this node holds no Raft log: a new service (a genesis or a \
-             recovery) starts on an empty data folder, never on the secrets of another",
+            config.network.join.is_some() || begun,
+            "{} holds ledger secrets, but this node's Raft log holds nothing: a new service (a genesis \
+             or a recovery) starts on an empty data folder, never on the secrets of another",
             path.display()
         );
         let all = secrets::decode(&at_rest.open(&path, SECRET_AT_REST_AAD)?)
@@ -206,22 +207,22 @@ async fn ledger_secrets(
         let leader = leader_path.exists().then(|| at_rest.open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
         (all, leader)
     } else {
-        if cloister_consensus::holds_log(&config.node.data_dir) {
+        if begun {
             anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
         }
-        let (all, leader) = match &config.network.join {
+        match &config.network.join {
             Some(url) => {
                 let timeout = Duration::from_millis(config.raft.join_timeout_ms);
                 let leader =
                     attest::LeaderCheck::from_config(&config.attestation, service_cert, node, attester).await?;
                 let joined = attest::join(url, me.clone(), node, &encryption, attester, &leader, timeout).await?;
                 at_rest.write(&leader_path, JOIN_LEADER_AT_REST_AAD, &joined.leader_cert)?;
+                at_rest.write(&path, SECRET_AT_REST_AAD, &secrets::encode(&joined.secrets))?;
                 (joined.secrets, Some(joined.leader_cert))
             }
+            // Kept by `first_transaction`, as the new service's log begins.
             None => (vec![(1, Sealer::generate_secret())], None),
-        };
-        at_rest.write(&path, SECRET_AT_REST_AAD, &secrets::encode(&all))?;
-        (all, leader)
+        }
     };
     let state_key_path = config.node.data_dir.join(STATE_KEY_FILE);
     let state_key = if state_key_path.exists() {
@@ -247,7 +248,7 @@ async fn ledger_secrets(
         path,
     };
     let secrets = LedgerSecrets::new(all).map_err(anyhow::Error::msg)?.with_keeper(Box::new(keeper));
-    Ok(Opened { secrets, found, join_leader: leader, state_key: Sealer::new(&state_key), encryption_spki })
+    Ok(Opened { secrets, join_leader: leader, state_key: Sealer::new(&state_key), encryption_spki })
 }
 
 /// Stops a node whose encryption key is not the one its `gov.nodes` record holds (if the record
@@ -292,6 +293,8 @@ pub struct Node {
     consensus: Consensus,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Why the node cannot go on, once it cannot (see [`Node::failed`]).
+    failure: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Serves a tonic router over the connections of an accept loop until cancelled, with at most
@@ -365,7 +368,7 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let Opened { secrets, found: secrets_found, join_leader, state_key, encryption_spki } =
+        let Opened { secrets, join_leader, state_key, encryption_spki } =
             ledger_secrets(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
         let secrets = Arc::new(secrets);
         let store = Store::open_sealed(&crate::state_file(data_dir), Arc::new(state_key))?;
@@ -396,6 +399,7 @@ impl Node {
         };
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
+        let (fail, failure) = tokio::sync::watch::channel(None);
         // Whatever fails from here stops what started before it: in a process that goes on (a
         // test, an embedding), a failed start leaves no Raft running and the data folder free.
         let begun = async {
@@ -469,50 +473,53 @@ impl Node {
                 cancel.clone(),
             )));
             let pending = data_dir.join(GENESIS_PENDING_FILE);
-            if !consensus.is_initialized().await? {
-                match (&config.network.join, &config.network.recover) {
-                    (None, previous) => {
-                        // A new service's first node: its secrets must be new too. Secrets found on
-                        // disk beside an empty log (a `raft-log` folder holding nothing) are no new
-                        // service's: see `ledger_secrets`.
-                        anyhow::ensure!(
-                            !secrets_found,
-                            "{} holds ledger secrets, but this node's Raft log is empty: a new service (a genesis \
-                             or a recovery) starts on an empty data folder, never on the secrets of another. If a \
-                             genesis on this folder stopped before it began, start again on an empty data folder",
-                            data_dir.join(SECRET_FILE).display()
-                        );
-                        let node = (node_cert.cert_pem.as_str(), encryption_spki.as_slice(), attester.as_ref());
-                        match previous {
-                            None => genesis(&config, &consensus, &runtime, &service_cert, node, &secrets).await?,
-                            Some(folder) => recover(&config, folder, &consensus, &service_cert, node, &secrets).await?,
+            let initialized = consensus.is_initialized().await?;
+            // A node that has not joined yet asks to join, and so does one the network added as a
+            // learner and never made a voter (its last start gave up in between): a node already
+            // a learner is promoted.
+            let voters = consensus.voters().await?;
+            let joining = config.network.join.as_ref().filter(|_| !initialized || !voters.contains(&id));
+            if let Some(url) = joining {
+                let (consensus, url) = (consensus.clone(), url.clone());
+                let timeout = Duration::from_millis(config.raft.join_timeout_ms);
+                tasks.push(tokio::spawn(async move {
+                    match consensus.join(&url, timeout).await {
+                        Ok(()) => tracing::info!(%url, "joined the network"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "joining the network failed");
+                            let _ = fail.send(Some(format!("{e:#}")));
                         }
                     }
-                    (Some(url), _) => {
-                        let (consensus, url) = (consensus.clone(), url.clone());
-                        let timeout = Duration::from_millis(config.raft.join_timeout_ms);
-                        tasks.push(tokio::spawn(async move {
-                            match consensus.join(&url, timeout).await {
-                                Ok(()) => tracing::info!(%url, "joined the network"),
-                                Err(e) => tracing::error!(error = %e, "joining the network failed"),
-                            }
-                        }));
-                    }
+                }));
+            } else if !initialized {
+                let node = (node_cert.cert_pem.as_str(), encryption_spki.as_slice(), attester.as_ref());
+                match &config.network.recover {
+                    None => genesis(&config, &consensus, &runtime, &service_cert, node, &secrets).await?,
+                    Some(folder) => recover(&config, folder, &consensus, &service_cert, node, &secrets).await?,
                 }
             } else if pending.exists() {
                 // A genesis or a recovery began on this folder and its start ended before it knew
-                // the first transaction committed. If it did, this node (the one voter) applies it
-                // once it has elected itself again; if not, the folder holds a network with no
-                // service, which no later start would make, and is refused.
-                let opened = consensus.wait_recovered(GENESIS_ELECTION_TIMEOUT).await
-                    && gov::service(&store.begin()?)?.is_some();
-                anyhow::ensure!(
-                    opened,
-                    "a genesis or a recovery on this data folder stopped before its first transaction committed \
-                     ({} is left): the folder holds no service and never will. Start the node again on an empty \
-                     data folder",
-                    pending.display()
-                );
+                // the first transaction committed. A network another node has joined has one: a
+                // join is admitted against the attestation policy that transaction writes. With
+                // this node the one voter, it applies the transaction once it has elected itself
+                // again, if it committed; if not, the folder holds a network with no service,
+                // which no later start would make, and is refused.
+                if voters == std::collections::BTreeSet::from([id]) {
+                    anyhow::ensure!(
+                        consensus.wait_recovered(GENESIS_ELECTION_TIMEOUT).await,
+                        "a genesis or a recovery on this data folder stopped before it knew its first transaction \
+                         committed ({} is left), and this node, the network's one voter, did not catch up on its \
+                         own log within {GENESIS_ELECTION_TIMEOUT:?} to find out: start it again",
+                        pending.display()
+                    );
+                    anyhow::ensure!(
+                        gov::service(&store.begin()?)?.is_some(),
+                        "a genesis or a recovery on this data folder stopped before its first transaction \
+                         committed ({} is left): the folder holds no service and never will. Start the node \
+                         again on an empty data folder",
+                        pending.display()
+                    );
+                }
                 first_transaction_done(&pending)?;
             }
             // A node already endorsed (the first node after genesis, any Trusted node after a restart)
@@ -539,7 +546,7 @@ impl Node {
             anyhow::Ok(())
         }
         .await;
-        let node = Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks };
+        let node = Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks, failure };
         match begun {
             Ok(()) => {
                 tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
@@ -554,6 +561,18 @@ impl Node {
 
     pub fn service(&self) -> &Arc<Service> {
         &self.service
+    }
+
+    /// Resolves once the node has failed in a way it cannot mend while it runs, with the reason:
+    /// a join the network did not accept within `raft.join_timeout_ms` (a restart tries again).
+    /// Never resolves otherwise; whoever runs the node stops it then, and exits with the reason.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.clone();
+        match failure.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The join ended well, and nothing else reports.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     pub fn consensus(&self) -> &Consensus {
@@ -694,26 +713,28 @@ async fn genesis(
     )? {
         writes.put(gov::RECOVERY, gov::RECOVERY_KEY, &serde_json::to_vec(&shares)?);
     }
-    let tx = first_transaction(consensus, writes, &secrets.current().1, &config.node.data_dir).await?;
+    let tx = first_transaction(consensus, writes, secrets, &config.node.data_dir).await?;
     tracing::info!(members = genesis.members.len(), users = genesis.users.len(), %tx, "genesis committed");
     Ok(())
 }
 
-/// Starts a new network with this node alone and commits its genesis transaction. The network
+/// Starts a new network with this node alone and commits its genesis transaction. The new
+/// service's ledger secret is kept first (nothing was sealed with it before), then the network
 /// exists once `initialize` returns, and the service only once the transaction commits: a
 /// marker file says so in between, so a start that ends there is not taken for a service.
 async fn first_transaction(
     consensus: &Consensus,
     writes: cloister_store::WriteSet,
-    sealer: &Sealer,
+    secrets: &LedgerSecrets,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<cloister_ledger::txid::TxId> {
+    secrets.persist().context("keeping the new service's ledger secret")?;
     let pending = data_dir.join(GENESIS_PENDING_FILE);
     identity::write_durably(&pending, b"a genesis began here; its first transaction has not committed\n", false)?;
     consensus.initialize().await?;
     consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
     let tx = consensus
-        .propose(TxEntry::new(TxKind::Genesis, writes, None, sealer))
+        .propose(TxEntry::new(TxKind::Genesis, writes, None, &secrets.current().1))
         .await
         .map_err(|e| anyhow::anyhow!("the genesis transaction did not commit: {e}"))?;
     first_transaction_done(&pending)?;
@@ -762,7 +783,7 @@ async fn recover(
         attestation: &attestation,
     };
     let genesis = crate::recovery::recovery_genesis(&previous, first, service_cert, &identity)?;
-    let tx = first_transaction(consensus, genesis, &secrets.current().1, &config.node.data_dir).await?;
+    let tx = first_transaction(consensus, genesis, secrets, &config.node.data_dir).await?;
     // The leader's upkeep writes the previous public state next (`attest::restore_recovered`), so
     // a node restarted part-way resumes it.
     tracing::info!(%tx, threshold = previous.shares.threshold, "recovering: started a new service from the previous ledger");
