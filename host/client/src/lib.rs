@@ -5,7 +5,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 
 use cloister_crypto::cose::GovWrite;
@@ -45,6 +45,13 @@ pub fn not_sent(e: &anyhow::Error) -> bool {
 /// connection, so that a caller moves on rather than wait for good.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How often a connection with a request waiting pings the node (HTTP/2 PING), and how long the
+/// node has to answer: a node that stops answering (stopped, wedged) fails the requests waiting
+/// on it within about the two together, while a node that is alive and slow is waited for (its
+/// own `request_timeout_ms` answers those). An idle connection is not pinged.
+pub const KEEPALIVE: (std::time::Duration, std::time::Duration) =
+    (std::time::Duration::from_secs(10), std::time::Duration::from_secs(10));
+
 /// How to open a connection to one node.
 struct Dialer {
     authority: String,
@@ -53,6 +60,8 @@ struct Dialer {
     local: Option<std::net::SocketAddr>,
     /// [`CONNECT_TIMEOUT`], but for tests.
     timeout: std::time::Duration,
+    /// [`KEEPALIVE`], but for tests.
+    keepalive: (std::time::Duration, std::time::Duration),
 }
 
 impl Dialer {
@@ -82,7 +91,11 @@ impl Dialer {
             .connect(self.server_name.clone(), tcp)
             .await
             .with_context(|| format!("TLS handshake with {authority}"))?;
-        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.keepalive.0)
+            .keep_alive_timeout(self.keepalive.1)
+            .handshake(TokioIo::new(tls))
             .await
             .with_context(|| format!("HTTP/2 handshake with {authority}"))?;
         tokio::spawn(async move {
@@ -147,7 +160,7 @@ impl Client {
     ) -> anyhow::Result<Client> {
         let (authority, server_name) = endpoint(url)?;
         let config = tls::client_config(service_ca_pem, identity, true)?;
-        let dialer = Dialer { authority, server_name, config, local, timeout: CONNECT_TIMEOUT };
+        let dialer = Dialer { authority, server_name, config, local, timeout: CONNECT_TIMEOUT, keepalive: KEEPALIVE };
         let sender = dialer.dial().await.context(NotSent)?;
         Ok(Client { sender: std::sync::Arc::new(std::sync::Mutex::new(sender)), dialer: std::sync::Arc::new(dialer) })
     }
@@ -338,8 +351,13 @@ pub async fn grpc_channel(
     if let Some(id) = identity {
         config = config.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
     }
-    let channel =
-        Endpoint::from_shared(url.to_owned())?.tls_config(config)?.connect_timeout(CONNECT_TIMEOUT).connect().await?;
+    let channel = Endpoint::from_shared(url.to_owned())?
+        .tls_config(config)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE.0)
+        .keep_alive_timeout(KEEPALIVE.1)
+        .connect()
+        .await?;
     Ok(channel)
 }
 
@@ -379,6 +397,7 @@ mod tests {
             config: tls::client_config(ca.cert_pem.as_bytes(), None, true).unwrap(),
             local: None,
             timeout: std::time::Duration::from_millis(300),
+            keepalive: KEEPALIVE,
         };
         let failed = tokio::time::timeout(std::time::Duration::from_secs(10), dialer.dial())
             .await
@@ -386,5 +405,55 @@ mod tests {
             .expect_err("no connection");
         assert!(failed.to_string().contains("did not complete a connection"), "{failed:#}");
         held.abort();
+    }
+
+    /// A node that takes a request and then stops answering on its connection (wedged, or
+    /// stopped with SIGSTOP once the request arrived) fails the request when it misses a ping;
+    /// before, `call` and `gov` waited for good once connected.
+    #[tokio::test]
+    async fn a_node_that_stops_answering_mid_request_fails_it() {
+        let ca = cloister_crypto::identity::ServiceCa::generate("ca").unwrap();
+        let node = ca.issue_node_cert("node", &["localhost".to_owned()]).unwrap();
+        let server_tls = tls::server_config(&node, &ca.keyed.cert_pem).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let wedged = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp).await.unwrap();
+            let (arrived, arrival) = tokio::sync::oneshot::channel::<()>();
+            let arrived = std::sync::Mutex::new(Some(arrived));
+            let service = hyper::service::service_fn(move |_| {
+                if let Some(arrived) = arrived.lock().unwrap().take() {
+                    let _ = arrived.send(());
+                }
+                std::future::pending::<Result<http::Response<Full<Bytes>>, std::convert::Infallible>>()
+            });
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => panic!("the connection ended before the request arrived"),
+                _ = arrival => {}
+            }
+            // Wedged: the connection stays open, and nothing reads it or answers on it again.
+            std::future::pending::<()>().await;
+        });
+        let dialer = Dialer {
+            authority,
+            server_name: ServerName::try_from("localhost").unwrap(),
+            config: tls::client_config(ca.keyed.cert_pem.as_bytes(), None, true).unwrap(),
+            local: None,
+            timeout: CONNECT_TIMEOUT,
+            keepalive: (std::time::Duration::from_millis(200), std::time::Duration::from_millis(200)),
+        };
+        let sender = dialer.dial().await.unwrap();
+        let client =
+            Client { sender: std::sync::Arc::new(std::sync::Mutex::new(sender)), dialer: std::sync::Arc::new(dialer) };
+        let failed = tokio::time::timeout(std::time::Duration::from_secs(10), client.get("/node/health"))
+            .await
+            .expect("the request gives up on its own")
+            .expect_err("no answer");
+        assert!(!not_sent(&failed), "the request was sent: {failed:#}");
+        wedged.abort();
     }
 }

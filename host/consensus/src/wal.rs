@@ -254,7 +254,8 @@ fn segment_numbers(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 /// Whether the log in `dir` holds anything (an entry, a vote, a purge), found by reading it
-/// alone: [`Wal::open`] starts a new segment, and cuts a torn tail.
+/// alone ([`Wal::open`] starts a new segment, and cuts a torn tail), oldest segment first, up to
+/// the first that holds something: a log that has begun answers after its first segment.
 pub fn holds_anything(dir: &Path) -> io::Result<bool> {
     if !dir.exists() {
         return Ok(false);
@@ -263,8 +264,11 @@ pub fn holds_anything(dir: &Path) -> io::Result<bool> {
     for number in segment_numbers(dir)? {
         let path = segment_path(dir, number);
         replay(&path, &File::open(&path)?, number, &mut index)?;
+        if index.vote.is_some() || !index.entries.is_empty() || index.purged.is_some() {
+            return Ok(true);
+        }
     }
-    Ok(index.vote.is_some() || !index.entries.is_empty() || index.purged.is_some())
+    Ok(false)
 }
 
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
