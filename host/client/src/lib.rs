@@ -19,8 +19,16 @@ use cloister_crypto::tls;
 /// again for the next request.
 #[derive(Clone)]
 pub struct Client {
-    sender: std::sync::Arc<std::sync::Mutex<SendRequest<Full<Bytes>>>>,
+    connection: std::sync::Arc<std::sync::Mutex<Connection>>,
     dialer: std::sync::Arc<Dialer>,
+}
+
+/// One connection to a node: where its requests go, and the certificate chain the node served
+/// on it (its own certificate first).
+#[derive(Clone)]
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    served: std::sync::Arc<Vec<Vec<u8>>>,
 }
 
 /// Marks a request's failure that came before any of it reached the connection: sending it
@@ -65,14 +73,14 @@ struct Dialer {
 }
 
 impl Dialer {
-    async fn dial(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    async fn dial(&self) -> anyhow::Result<Connection> {
         let authority = &self.authority;
         tokio::time::timeout(self.timeout, self.handshakes()).await.unwrap_or_else(|_| {
             Err(anyhow::anyhow!("{authority} did not complete a connection within {:?}", self.timeout))
         })
     }
 
-    async fn handshakes(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    async fn handshakes(&self) -> anyhow::Result<Connection> {
         let authority = &self.authority;
         let connecting = async {
             let Some(local) = self.local else { return tokio::net::TcpStream::connect(authority).await };
@@ -91,6 +99,7 @@ impl Dialer {
             .connect(self.server_name.clone(), tcp)
             .await
             .with_context(|| format!("TLS handshake with {authority}"))?;
+        let served = tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.to_vec()).collect();
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(self.keepalive.0)
@@ -103,7 +112,7 @@ impl Dialer {
                 tracing::debug!(error = %e, "client connection closed");
             }
         });
-        Ok(sender)
+        Ok(Connection { sender, served: std::sync::Arc::new(served) })
     }
 }
 
@@ -161,21 +170,27 @@ impl Client {
         let (authority, server_name) = endpoint(url)?;
         let config = tls::client_config(service_ca_pem, identity, true)?;
         let dialer = Dialer { authority, server_name, config, local, timeout: CONNECT_TIMEOUT, keepalive: KEEPALIVE };
-        let sender = dialer.dial().await.context(NotSent)?;
-        Ok(Client { sender: std::sync::Arc::new(std::sync::Mutex::new(sender)), dialer: std::sync::Arc::new(dialer) })
+        let connection = dialer.dial().await.context(NotSent)?;
+        Ok(Client {
+            connection: std::sync::Arc::new(std::sync::Mutex::new(connection)),
+            dialer: std::sync::Arc::new(dialer),
+        })
     }
 
     /// The shared connection, ready for a request; opened again if the node has closed it.
     /// Nothing was sent on a closed one, so opening another cannot repeat a request.
     async fn ready_sender(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-        let shared = || self.sender.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut sender = shared().clone();
-        if sender.ready().await.is_err() {
-            sender = self.dialer.dial().await.context("the connection to the node was closed; opening another")?;
-            *shared() = sender.clone();
-            sender.ready().await.context("the connection to the node is closed")?;
+        let mut connection = self.shared().clone();
+        if connection.sender.ready().await.is_err() {
+            connection = self.dialer.dial().await.context("the connection to the node was closed; opening another")?;
+            *self.shared() = connection.clone();
+            connection.sender.ready().await.context("the connection to the node is closed")?;
         }
-        Ok(sender)
+        Ok(connection.sender)
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sends one request; `target` is a path with an optional query.
@@ -235,8 +250,20 @@ impl Client {
     /// The id of the service this node serves (the hex SHA-256 of its identity certificate's
     /// DER, from `GET /gov/service`): what a governance request is signed for. Read for each
     /// request, since a recovery gives a service a new identity.
+    ///
+    /// The node must serve a certificate from that identity: a client that trusts more than the
+    /// identity (the operator's CA too) could otherwise be told another service's id by a node
+    /// the operator runs, and sign a request that service would take.
     pub async fn service_id(&self) -> anyhow::Result<String> {
-        service_id_of(&self.service_record().await?)
+        let id = service_id_of(&self.service_record().await?)?;
+        let served = self.shared().served.clone();
+        anyhow::ensure!(
+            cloister_crypto::identity::served_by_identity(&served, &id),
+            "the node names service {id}, but does not serve a certificate from that service's identity, so a \
+             request signed for it could be taken to that service: pin the service identity's certificate \
+             (service_identity.pem), not the operator's CA, or ask a node the service has endorsed"
+        );
+        Ok(id)
     }
 
     /// The service's record, `GET /gov/service`.
@@ -402,7 +429,8 @@ mod tests {
         let failed = tokio::time::timeout(std::time::Duration::from_secs(10), dialer.dial())
             .await
             .expect("the dial gives up on its own")
-            .expect_err("no connection");
+            .err()
+            .expect("no connection");
         assert!(failed.to_string().contains("did not complete a connection"), "{failed:#}");
         held.abort();
     }
@@ -446,14 +474,71 @@ mod tests {
             timeout: CONNECT_TIMEOUT,
             keepalive: (std::time::Duration::from_millis(200), std::time::Duration::from_millis(200)),
         };
-        let sender = dialer.dial().await.unwrap();
-        let client =
-            Client { sender: std::sync::Arc::new(std::sync::Mutex::new(sender)), dialer: std::sync::Arc::new(dialer) };
+        let connection = dialer.dial().await.unwrap();
+        let client = Client {
+            connection: std::sync::Arc::new(std::sync::Mutex::new(connection)),
+            dialer: std::sync::Arc::new(dialer),
+        };
         let failed = tokio::time::timeout(std::time::Duration::from_secs(10), client.get("/node/health"))
             .await
             .expect("the request gives up on its own")
             .expect_err("no answer");
         assert!(!not_sent(&failed), "the request was sent: {failed:#}");
         wedged.abort();
+    }
+
+    /// Serves one connection with `chain` (a certificate and the one that issued it) and `key`,
+    /// answering every request with `body`; returns the address.
+    async fn serve_chain(leaf: &str, issuer: &str, key: &str, body: String) -> String {
+        let node = KeyedCert { cert_pem: leaf.to_owned(), key_pem: key.to_owned() };
+        let server_tls = tls::server_config(&node, issuer).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp).await.unwrap();
+            let service = hyper::service::service_fn(move |_| {
+                let reply = http::Response::new(Full::new(Bytes::from(body.clone())));
+                std::future::ready(Ok::<_, std::convert::Infallible>(reply))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+        authority
+    }
+
+    /// A client that trusts the operator's CA as well as the service identity signs for the
+    /// service a node names only if the node serves a certificate from that service's identity:
+    /// a node serving the operator's certificate, naming another service (one where the same
+    /// member sits), got the member's signature for that service.
+    #[tokio::test]
+    async fn a_client_signs_only_for_the_identity_the_node_serves() {
+        use cloister_crypto::identity::{ServiceCa, endorse_tls_cert, generate_service_identity};
+        let ca = ServiceCa::generate("operator").unwrap();
+        let node = ca.issue_node_cert("node0", &["localhost".to_owned()]).unwrap();
+        let identity = generate_service_identity("production").unwrap();
+        let record = serde_json::json!({ "state": "Open", "identity": identity.cert_pem }).to_string();
+        let mut roots = ca.keyed.cert_pem.clone();
+        roots.push_str(&identity.cert_pem);
+        let operator = serve_chain(&node.cert_pem, &ca.keyed.cert_pem, &node.key_pem, record.clone()).await;
+        let client = Client::connect(&format!("https://localhost:{}", port_of(&operator)), roots.as_bytes(), None)
+            .await
+            .unwrap();
+        let refused = client.service_id().await.expect_err("signed for a service the node is not endorsed by");
+        assert!(
+            refused.to_string().contains("does not serve a certificate from that service's identity"),
+            "{refused:#}"
+        );
+        let endorsed = endorse_tls_cert(&identity, &node, "node0", &["localhost".to_owned()]).unwrap();
+        let service = serve_chain(&endorsed, &identity.cert_pem, &node.key_pem, record).await;
+        let client =
+            Client::connect(&format!("https://localhost:{}", port_of(&service)), roots.as_bytes(), None).await.unwrap();
+        let id = cloister_crypto::identity::id_of_pem(identity.cert_pem.as_bytes()).unwrap();
+        assert_eq!(client.service_id().await.unwrap(), id);
+    }
+
+    fn port_of(authority: &str) -> &str {
+        authority.rsplit(':').next().unwrap()
     }
 }

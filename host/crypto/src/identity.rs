@@ -195,6 +195,19 @@ pub fn endorse_tls_cert(
     Ok(p.signed_by(&node_key, &issuer)?.pem())
 }
 
+/// Whether a chain a server presented (DER, its own certificate first) is one the service
+/// identity whose id is `identity_id` ([`id_of_der`]) issued: a certificate with that id follows
+/// the first, and signed it. Another certificate merely sent along counts for nothing.
+pub fn served_by_identity(chain: &[Vec<u8>], identity_id: &str) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Some((leaf, rest)) = chain.split_first() else { return false };
+    let Ok((_, leaf)) = X509Certificate::from_der(leaf) else { return false };
+    rest.iter().filter(|issuer| id_of_der(issuer) == identity_id).any(|issuer| {
+        X509Certificate::from_der(issuer)
+            .is_ok_and(|(_, issuer)| leaf.verify_signature(Some(issuer.public_key())).is_ok())
+    })
+}
+
 /// The DNS names and IP addresses a certificate (DER) is valid for.
 pub fn cert_hosts(cert_der: &[u8]) -> anyhow::Result<Vec<String>> {
     use x509_parser::extensions::GeneralName;
@@ -429,6 +442,27 @@ mod tests {
         let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, ENDORSED_TLS_CERT_VALIDITY.as_secs() as i64 + 3600, "a day, from an hour back");
         assert!(issuer.basic_constraints().unwrap().is_some_and(|b| b.value.ca));
+    }
+
+    /// A chain is the service identity's only when the identity's certificate follows the
+    /// node's and signed it: the operator's chain is not, nor is it with the identity's
+    /// certificate sent along.
+    #[test]
+    fn a_chain_is_served_by_the_identity_that_signed_its_first_certificate() {
+        let identity = generate_service_identity("test").unwrap();
+        let other = generate_service_identity("other").unwrap();
+        let ca = ServiceCa::generate("operator").unwrap();
+        let node = ca.issue_node_cert("node0", &["localhost".into()]).unwrap();
+        let der = |pem: &str| cert_der(pem.as_bytes()).unwrap().to_vec();
+        let endorsed = endorse_tls_cert(&identity, &node, "node0", &["localhost".into()]).unwrap();
+        let id = id_of_der(&der(&identity.cert_pem));
+        assert!(served_by_identity(&[der(&endorsed), der(&identity.cert_pem)], &id));
+        assert!(!served_by_identity(&[der(&node.cert_pem), der(&ca.keyed.cert_pem)], &id), "the operator's chain");
+        assert!(!served_by_identity(&[der(&node.cert_pem), der(&identity.cert_pem)], &id), "the identity sent along");
+        let elsewhere = endorse_tls_cert(&other, &node, "node0", &["localhost".into()]).unwrap();
+        assert!(!served_by_identity(&[der(&elsewhere), der(&identity.cert_pem)], &id), "another identity's");
+        assert!(!served_by_identity(&[der(&endorsed)], &id), "the leaf alone");
+        assert!(!served_by_identity(&[], &id));
     }
 
     /// A node certificate for a key the CA never sees: issued for the request's key, for the
