@@ -675,7 +675,8 @@ async fn a_retired_nodes_secret_opens_nothing_written_after_it_left() {
 /// new service's recovery shares, so an operator who named itself the one recovery member, with
 /// a threshold of 1, opened its share and had the secret. Once a folder without a log was
 /// refused, an empty `raft-log` folder in its place did the same: the log existed, and held
-/// nothing, so the node still ran the genesis.
+/// nothing, so the node still ran the genesis; and so, once a log was read for what it holds, did
+/// an empty `raft.redb` beside it, a log of the older format the start then discards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_folder_cut_back_to_its_secrets_starts_no_new_service() {
     use cloister_node::config::GenesisMember;
@@ -696,9 +697,12 @@ async fn a_folder_cut_back_to_its_secrets_starts_no_new_service() {
     forged.genesis.members =
         vec![GenesisMember::Recovery { cert: s.dir.path().join("operator.cert.pem"), encryption_key: public_file }];
     forged.genesis.recovery_threshold = Some(1);
-    for log in ["no log", "an empty log"] {
-        if log == "an empty log" {
+    for log in ["no log", "an empty log", "an empty log and a stray log file of the older format"] {
+        if log != "no log" {
             std::fs::create_dir_all(data.join("raft-log")).unwrap();
+        }
+        if log.contains("older format") {
+            std::fs::write(data.join("raft.redb"), b"").unwrap();
         }
         match cloister_node::Node::start(forged.clone()).await {
             Ok(node) => {

@@ -78,7 +78,41 @@ impl Cluster {
         }
         cluster.wait_stable(nodes, Duration::from_secs(120)).await;
         cluster.open(0).await;
+        cluster.wait_endorsed(Duration::from_secs(60)).await;
         cluster
+    }
+
+    /// Waits until every running node serves a certificate from the service identity: what a
+    /// client that signs governance requests requires of the node it asks which service it is
+    /// (`Client::service_id`), and what clients pinning the identity alone can reach.
+    pub async fn wait_endorsed(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            loop {
+                let identity = self.nodes.iter().find_map(|n| {
+                    std::fs::read(n.config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).ok()
+                });
+                let served = match identity {
+                    Some(identity) => match Client::connect(&self.nodes[i].rest_url, &identity, None).await {
+                        Ok(client) => client.get("/node/health").await.is_ok(),
+                        Err(_) => false,
+                    },
+                    None => false,
+                };
+                if served {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node{i} did not serve the service identity's certificate within {timeout:?}\n{}",
+                    self.logs(15)
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 
     /// Opens the service through node `via`: every member votes for `transition_service_to_open`.

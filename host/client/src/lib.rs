@@ -179,14 +179,14 @@ impl Client {
 
     /// The shared connection, ready for a request; opened again if the node has closed it.
     /// Nothing was sent on a closed one, so opening another cannot repeat a request.
-    async fn ready_sender(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    async fn ready_connection(&self) -> anyhow::Result<Connection> {
         let mut connection = self.shared().clone();
         if connection.sender.ready().await.is_err() {
             connection = self.dialer.dial().await.context("the connection to the node was closed; opening another")?;
             *self.shared() = connection.clone();
             connection.sender.ready().await.context("the connection to the node is closed")?;
         }
-        Ok(connection.sender)
+        Ok(connection)
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -218,20 +218,20 @@ impl Client {
             req = req.header(*name, *value);
         }
         let req = req.body(Full::new(body.into())).context("building the request").context(NotSent)?;
-        let mut sender = self.ready_sender().await.context(NotSent)?;
-        let response = match sender.try_send_request(req).await {
-            Ok(response) => response,
-            Err(mut e) => {
-                // hyper hands back a request that never reached the connection.
-                let unsent = e.take_message().is_some();
-                let failed = anyhow::Error::new(e.into_error()).context("sending the request");
-                return Err(if unsent { failed.context(NotSent) } else { failed });
-            }
-        };
-        let (parts, body) = response.into_parts();
-        let collected = body.collect().await.context("reading the response")?;
-        let trailers = collected.trailers().cloned();
-        Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body: collected.to_bytes(), trailers })
+        let connection = self.ready_connection().await.context(NotSent)?;
+        send_on(connection.sender, req).await
+    }
+
+    /// `GET /gov/service` on `connection`: the id of the service the node names, and whether
+    /// the node served that connection a certificate from the service's identity.
+    async fn named_on(&self, connection: &Connection) -> anyhow::Result<(String, bool)> {
+        let uri = format!("https://{}/gov/service", self.dialer.authority);
+        let req = http::Request::get(uri).body(Full::new(Bytes::new())).context("building the request")?;
+        let reply = send_on(connection.sender.clone(), req).await?;
+        anyhow::ensure!(reply.status == 200, "/gov/service refused ({}): {}", reply.status, reply.text());
+        let id = service_id_of(&reply.json()?)?;
+        let served = cloister_crypto::identity::served_by_identity(&connection.served, &id);
+        Ok((id, served))
     }
 
     pub async fn get(&self, target: &str) -> anyhow::Result<Reply> {
@@ -241,6 +241,23 @@ impl Client {
     pub async fn post(&self, target: &str, content_type: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
         self.request("POST", target, Some(content_type), body).await
     }
+}
+
+/// Sends `req` on a connection.
+async fn send_on(mut sender: SendRequest<Full<Bytes>>, req: http::Request<Full<Bytes>>) -> anyhow::Result<Reply> {
+    let response = match sender.try_send_request(req).await {
+        Ok(response) => response,
+        Err(mut e) => {
+            // hyper hands back a request that never reached the connection.
+            let unsent = e.take_message().is_some();
+            let failed = anyhow::Error::new(e.into_error()).context("sending the request");
+            return Err(if unsent { failed.context(NotSent) } else { failed });
+        }
+    };
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.context("reading the response")?;
+    let trailers = collected.trailers().cloned();
+    Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body: collected.to_bytes(), trailers })
 }
 
 /// The content type of signed governance requests.
@@ -254,11 +271,18 @@ impl Client {
     /// The node must serve a certificate from that identity: a client that trusts more than the
     /// identity (the operator's CA too) could otherwise be told another service's id by a node
     /// the operator runs, and sign a request that service would take.
+    /// The answer and the certificate are the same connection's; a node endorsed after the
+    /// connection opened is asked again on a new one.
     pub async fn service_id(&self) -> anyhow::Result<String> {
-        let id = service_id_of(&self.service_record().await?)?;
-        let served = self.shared().served.clone();
+        let (id, served) = self.named_on(&self.ready_connection().await?).await?;
+        if served {
+            return Ok(id);
+        }
+        let fresh = self.dialer.dial().await?;
+        *self.shared() = fresh.clone();
+        let (id, served) = self.named_on(&fresh).await?;
         anyhow::ensure!(
-            cloister_crypto::identity::served_by_identity(&served, &id),
+            served,
             "the node names service {id}, but does not serve a certificate from that service's identity, so a \
              request signed for it could be taken to that service: pin the service identity's certificate \
              (service_identity.pem), not the operator's CA, or ask a node the service has endorsed"
@@ -487,23 +511,27 @@ mod tests {
         wedged.abort();
     }
 
-    /// Serves one connection with `chain` (a certificate and the one that issued it) and `key`,
-    /// answering every request with `body`; returns the address.
+    /// Serves `leaf` (with `issuer`'s certificate after it) and `key`, answering every request
+    /// with `body`; returns the address.
     async fn serve_chain(leaf: &str, issuer: &str, key: &str, body: String) -> String {
         let node = KeyedCert { cert_pem: leaf.to_owned(), key_pem: key.to_owned() };
         let server_tls = tls::server_config(&node, issuer).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let tls = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp).await.unwrap();
-            let service = hyper::service::service_fn(move |_| {
-                let reply = http::Response::new(Full::new(Bytes::from(body.clone())));
-                std::future::ready(Ok::<_, std::convert::Infallible>(reply))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (server_tls, body) = (server_tls.clone(), body.clone());
+                tokio::spawn(async move {
+                    let tls = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp).await.unwrap();
+                    let service = hyper::service::service_fn(move |_| {
+                        let reply = http::Response::new(Full::new(Bytes::from(body.clone())));
+                        std::future::ready(Ok::<_, std::convert::Infallible>(reply))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
         });
         authority
     }

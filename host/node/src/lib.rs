@@ -22,5 +22,6 @@ pub fn state_file(data_dir: &std::path::Path) -> std::path::PathBuf {
 
 /// Whether a data folder already holds a node's state: its Raft log.
 pub fn holds_state(data_dir: &std::path::Path) -> bool {
-    cloister_consensus::holds_log(data_dir)
+    // A log that cannot be read counts as state: nothing is started over it.
+    cloister_consensus::log_begun(data_dir).unwrap_or(true)
 }

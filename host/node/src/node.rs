@@ -149,6 +149,8 @@ impl cloister_crypto::secrets::Keeper for SecretKeeper {
 /// What a node holds sealed at rest, opened.
 struct Opened {
     secrets: LedgerSecrets,
+    /// Whether the secrets were on disk before this start (not generated, nor granted by a join).
+    found: bool,
     /// The certificate of the leader a joining node attested, if it joined.
     join_leader: Option<Vec<u8>>,
     state_key: Sealer,
@@ -186,28 +188,17 @@ async fn ledger_secrets(
     let encryption = encryption_key(&config.node.data_dir, &at_rest)?;
     let path = config.node.data_dir.join(SECRET_FILE);
     let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
-    // Read before anything listens or runs: nothing else can have begun the log in between.
-    let begun = cloister_consensus::log_begun(&config.node.data_dir)?;
-    let (all, leader) = if path.exists() {
-        // With a Raft log that holds nothing (none at all, or an empty folder in its place) this
-        // node is about to run a genesis or a recovery, or to join. Only a join may find secrets
-        // here (granted before a crash): a genesis or a recovery would wrap them into a new
-        // service's recovery shares, and whoever wrote its configuration (the operator, naming
-        // itself the one recovery member) would open the old service's secret. A new service's
-        // own secret is kept only as its log begins (`first_transaction`), so a genesis that
-        // failed before then leaves none behind to be refused here.
-        anyhow::ensure!(
-            config.network.join.is_some() || begun,
-            "{} holds ledger secrets, but this node's Raft log holds nothing: a new service (a genesis \
-             or a recovery) starts on an empty data folder, never on the secrets of another",
-            path.display()
-        );
+    let found = path.exists();
+    let (all, leader) = if found {
+        // Whether a node that found secrets may use them is decided once its log is open
+        // (`secrets_fit_the_log`).
         let all = secrets::decode(&at_rest.open(&path, SECRET_AT_REST_AAD)?)
             .map_err(|e| anyhow::anyhow!("{} holds no ledger secrets: {e}", path.display()))?;
         let leader = leader_path.exists().then(|| at_rest.open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
         (all, leader)
     } else {
-        if begun {
+        // Before a join asks the network for secrets: the log, read without opening it.
+        if cloister_consensus::log_begun(&config.node.data_dir)? {
             anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
         }
         match &config.network.join {
@@ -248,7 +239,34 @@ async fn ledger_secrets(
         path,
     };
     let secrets = LedgerSecrets::new(all).map_err(anyhow::Error::msg)?.with_keeper(Box::new(keeper));
-    Ok(Opened { secrets, join_leader: leader, state_key: Sealer::new(&state_key), encryption_spki })
+    Ok(Opened { secrets, found, join_leader: leader, state_key: Sealer::new(&state_key), encryption_spki })
+}
+
+/// Refuses secrets that do not fit the log, decided on the opened log (Raft's own notion of a log
+/// that has begun) before anything is served. With a log that holds nothing (none at all, an
+/// empty folder in its place, or anything Raft does not count) this node is about to run a
+/// genesis or a recovery, or to join. Only a join may find secrets here (granted before a
+/// crash): a genesis or a recovery would wrap them into a new service's recovery shares, and
+/// whoever wrote its configuration (the operator, naming itself the one recovery member) would
+/// open the old service's secret. A new service's own secret is kept only as its log begins
+/// (`first_transaction`), so a genesis that failed before then leaves none behind to be refused.
+async fn secrets_fit_the_log(config: &NodeConfig, consensus: &Consensus, found: bool) -> anyhow::Result<()> {
+    if config.network.join.is_some() {
+        return Ok(());
+    }
+    let path = config.node.data_dir.join(SECRET_FILE);
+    match (found, consensus.is_initialized().await?) {
+        (true, false) => anyhow::bail!(
+            "{} holds ledger secrets, but this node's Raft log holds nothing: a new service (a genesis or a \
+             recovery) starts on an empty data folder, never on the secrets of another. Start the node again on \
+             an empty data folder",
+            path.display()
+        ),
+        (false, true) => {
+            anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Stops a node whose encryption key is not the one its `gov.nodes` record holds (if the record
@@ -368,7 +386,7 @@ impl Node {
             rest_url: format!("https://{rest_addr}"),
             grpc_url: format!("https://{grpc_addr}"),
         };
-        let Opened { secrets, join_leader, state_key, encryption_spki } =
+        let Opened { secrets, found, join_leader, state_key, encryption_spki } =
             ledger_secrets(&config, &node_cert, (id, me.clone()), &attester, &service_cert).await?;
         let secrets = Arc::new(secrets);
         let store = Store::open_sealed(&crate::state_file(data_dir), Arc::new(state_key))?;
@@ -377,6 +395,10 @@ impl Node {
         let ledger = Arc::new(Ledger::open(&ledger::dir(data_dir), service_cert_der, &config.ledger, &store)?);
         let storage = (store.clone(), ledger, secrets.clone());
         let consensus = Consensus::start(&config.raft, data_dir, id, me.clone(), storage, peers).await?;
+        if let Err(e) = secrets_fit_the_log(&config, &consensus, found).await {
+            consensus.shutdown().await;
+            return Err(e);
+        }
         let info = NodeInfo { name: me.name.clone(), rest_url: me.rest_url.clone(), grpc_url: me.grpc_url.clone() };
         let built = || -> anyhow::Result<Service> {
             let joins =
@@ -478,7 +500,11 @@ impl Node {
             // learner and never made a voter (its last start gave up in between): a node already
             // a learner is promoted.
             let voters = consensus.voters().await?;
-            let joining = config.network.join.as_ref().filter(|_| !initialized || !voters.contains(&id));
+            // A learner asks again only while Trusted: a retired node is out of the voters too.
+            let trusted =
+                || gov::node_status(&store.begin()?, &id.to_string()).map(|s| s == Some(gov::NodeStatus::Trusted));
+            let rejoin = initialized && !voters.contains(&id) && trusted()?;
+            let joining = config.network.join.as_ref().filter(|_| !initialized || rejoin);
             if let Some(url) = joining {
                 let (consensus, url) = (consensus.clone(), url.clone());
                 let timeout = Duration::from_millis(config.raft.join_timeout_ms);

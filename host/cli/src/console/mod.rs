@@ -170,11 +170,31 @@ impl Console {
 
     /// Signs a governance request as this member and sends it; the answer's JSON if 200.
     pub async fn gov(&self, write: &cloister_crypto::cose::GovWrite, payload: &Value) -> Result<Value, Failure> {
-        // Signed for the service the node serves now (a recovery gives it a new identity).
-        let service = cloister_client::service_id_of(&self.get_json("/gov/service").await?)
-            .map_err(|e| Failure::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
+        // Signed for the service the node serves now (a recovery gives it a new identity), once
+        // the node shows a certificate from that service's identity (`Client::service_id`).
+        let mut last = None;
+        for _ in 0..2 {
+            let named = async { self.nodes.lock().await.client().await?.service_id().await };
+            match tokio::time::timeout(self.service_timeout, named).await {
+                Ok(Ok(service)) => return self.signed(write, payload, &service).await,
+                Ok(Err(e)) => last = Some(format!("{e:#}")),
+                Err(_) => last = Some(format!("no answer within {} s", self.service_timeout.as_secs_f64())),
+            }
+            self.nodes.lock().await.next();
+        }
+        let why = last.unwrap_or_default();
+        Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, format!("which service to sign for: {why}")))
+    }
+
+    /// Signs a governance request for `service` as this member and sends it.
+    async fn signed(
+        &self,
+        write: &cloister_crypto::cose::GovWrite,
+        payload: &Value,
+        service: &str,
+    ) -> Result<Value, Failure> {
         let created_at = cloister_client::next_created_at(&self.my_id);
-        let signed = cloister_client::sign_gov(&self.me, write, payload, created_at, &service)
+        let signed = cloister_client::sign_gov(&self.me, write, payload, created_at, service)
             .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("signing failed: {e:#}")))?;
         let reply = self.request("POST", &write.path(), Some(cloister_client::COSE_CONTENT_TYPE), signed).await?;
         if reply.status != 200 {
