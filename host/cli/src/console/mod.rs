@@ -183,7 +183,9 @@ impl Console {
             self.nodes.lock().await.next();
         }
         let why = last.unwrap_or_default();
-        Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, format!("which service to sign for: {why}")))
+        // As any request the service did not answer well: a node that serves no certificate from
+        // the identity it names is no better an answer than none.
+        Err(Failure::new(StatusCode::BAD_GATEWAY, format!("asking the service which service to sign for: {why}")))
     }
 
     /// Signs a governance request for `service` as this member and sends it.
