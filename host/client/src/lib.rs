@@ -70,6 +70,8 @@ struct Dialer {
     timeout: std::time::Duration,
     /// [`KEEPALIVE`], but for tests.
     keepalive: (std::time::Duration, std::time::Duration),
+    /// The ids of the certificates the client trusts: the service identities it may sign for.
+    anchors: Vec<String>,
 }
 
 impl Dialer {
@@ -169,7 +171,9 @@ impl Client {
     ) -> anyhow::Result<Client> {
         let (authority, server_name) = endpoint(url)?;
         let config = tls::client_config(service_ca_pem, identity, true)?;
-        let dialer = Dialer { authority, server_name, config, local, timeout: CONNECT_TIMEOUT, keepalive: KEEPALIVE };
+        let anchors = cloister_crypto::identity::ids_of_pem(service_ca_pem)?;
+        let dialer =
+            Dialer { authority, server_name, config, local, timeout: CONNECT_TIMEOUT, keepalive: KEEPALIVE, anchors };
         let connection = dialer.dial().await.context(NotSent)?;
         Ok(Client {
             connection: std::sync::Arc::new(std::sync::Mutex::new(connection)),
@@ -268,13 +272,20 @@ impl Client {
     /// DER, from `GET /gov/service`): what a governance request is signed for. Read for each
     /// request, since a recovery gives a service a new identity.
     ///
-    /// The node must serve a certificate from that identity: a client that trusts more than the
-    /// identity (the operator's CA too) could otherwise be told another service's id by a node
-    /// the operator runs, and sign a request that service would take.
+    /// The identity must be one the client trusts, and the node must serve a certificate from
+    /// it: a client that trusts more than the identity (the operator's CA too) could otherwise be
+    /// told another service's id by a node the operator runs, and sign a request that service
+    /// would take. Trusting the identity is not implied by the handshake: a certificate of the
+    /// identity's name and key that another trusted CA issued gives the node a path past it.
     /// The answer and the certificate are the same connection's; a node endorsed after the
     /// connection opened is asked again on a new one.
     pub async fn service_id(&self) -> anyhow::Result<String> {
         let (id, served) = self.named_on(&self.ready_connection().await?).await?;
+        anyhow::ensure!(
+            self.dialer.anchors.contains(&id),
+            "the node names service {id}, whose identity this client was not given: to sign for that service, \
+             pin its identity's certificate (its service_identity.pem)"
+        );
         if served {
             return Ok(id);
         }
@@ -449,6 +460,7 @@ mod tests {
             local: None,
             timeout: std::time::Duration::from_millis(300),
             keepalive: KEEPALIVE,
+            anchors: Vec::new(),
         };
         let failed = tokio::time::timeout(std::time::Duration::from_secs(10), dialer.dial())
             .await
@@ -497,6 +509,7 @@ mod tests {
             local: None,
             timeout: CONNECT_TIMEOUT,
             keepalive: (std::time::Duration::from_millis(200), std::time::Duration::from_millis(200)),
+            anchors: Vec::new(),
         };
         let connection = dialer.dial().await.unwrap();
         let client = Client {
@@ -511,11 +524,15 @@ mod tests {
         wedged.abort();
     }
 
-    /// Serves `leaf` (with `issuer`'s certificate after it) and `key`, answering every request
+    /// Serves `leaf` (with `issuer`'s certificates after it) and `key`, answering every request
     /// with `body`; returns the address.
     async fn serve_chain(leaf: &str, issuer: &str, key: &str, body: String) -> String {
         let node = KeyedCert { cert_pem: leaf.to_owned(), key_pem: key.to_owned() };
-        let server_tls = tls::server_config(&node, issuer).unwrap();
+        serve(tls::server_config(&node, issuer).unwrap(), body).await
+    }
+
+    /// Serves `server_tls`, answering every request with `body`; returns the address.
+    async fn serve(server_tls: std::sync::Arc<rustls::ServerConfig>, body: String) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
@@ -562,6 +579,68 @@ mod tests {
         let service = serve_chain(&endorsed, &identity.cert_pem, &node.key_pem, record).await;
         let client =
             Client::connect(&format!("https://localhost:{}", port_of(&service)), roots.as_bytes(), None).await.unwrap();
+        let id = cloister_crypto::identity::id_of_pem(identity.cert_pem.as_bytes()).unwrap();
+        assert_eq!(client.service_id().await.unwrap(), id);
+    }
+
+    /// A client that trusts an operator's own CA (one with no path length limit, as `openssl req
+    /// -x509` makes) and the staging service's identity signs only for a service whose identity
+    /// it was given. The operator's node, once endorsed by production (where the same member
+    /// sits), served its production certificate with production's identity and a certificate of
+    /// production's name and public key that its own CA issued: the handshake found its path
+    /// through that certificate to the CA, production's identity had signed the node's
+    /// certificate, and the member signed a request production would take.
+    #[tokio::test]
+    async fn a_client_signs_only_for_an_identity_it_was_given() {
+        use cloister_crypto::identity::{ServiceCa, endorse_tls_cert, generate_service_identity};
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let ca_params = |name: &str| {
+            let mut p = CertificateParams::new(Vec::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+            p
+        };
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let ca_cert = ca_params("the operator's own CA").self_signed(&ca_key).unwrap();
+        let operator = Issuer::new(ca_params("the operator's own CA"), ca_key);
+        let production = generate_service_identity("production").unwrap();
+        let staging = generate_service_identity("staging").unwrap();
+        let node = ServiceCa::generate("any").unwrap().issue_node_cert("node0", &["localhost".to_owned()]).unwrap();
+        let endorsed = endorse_tls_cert(&production, &node, "node0", &["localhost".to_owned()]).unwrap();
+        // Production's public key (its certificate holds it), under production's name.
+        let production_key = KeyPair::from_pem(&production.key_pem).unwrap();
+        let cross = ca_params("production service identity").signed_by(&production_key, &operator).unwrap();
+        let record = serde_json::json!({ "state": "Open", "identity": production.cert_pem }).to_string();
+        let chain = format!("{}{}", production.cert_pem, cross.pem());
+        let node_url = serve_chain(&endorsed, &chain, &node.key_pem, record).await;
+        let roots = format!("{}{}", ca_cert.pem(), staging.cert_pem);
+        let client = Client::connect(&format!("https://localhost:{}", port_of(&node_url)), roots.as_bytes(), None)
+            .await
+            .expect("the handshake finds its path through the operator's certificate");
+        let refused = client.service_id().await.expect_err("signed for a service whose identity it was not given");
+        assert!(refused.to_string().contains("whose identity this client was not given"), "{refused:#}");
+    }
+
+    /// A client connected before its node was endorsed learns the service on a new connection:
+    /// the second connection resumed the first's TLS session, so it showed the certificate the
+    /// first handshake had, and a long-lived client kept refusing to sign.
+    #[tokio::test]
+    async fn a_client_connected_before_the_endorsement_signs_after_it() {
+        use cloister_crypto::identity::{ServiceCa, endorse_tls_cert, generate_service_identity};
+        let ca = ServiceCa::generate("operator").unwrap();
+        let node = ca.issue_node_cert("node0", &["localhost".to_owned()]).unwrap();
+        let identity = generate_service_identity("production").unwrap();
+        let record = serde_json::json!({ "state": "Open", "identity": identity.cert_pem }).to_string();
+        let (server_tls, served) = tls::swappable_server_config(&node, &ca.keyed.cert_pem).unwrap();
+        let node_url = serve(server_tls, record).await;
+        let roots = format!("{}{}", ca.keyed.cert_pem, identity.cert_pem);
+        let client = Client::connect(&format!("https://localhost:{}", port_of(&node_url)), roots.as_bytes(), None)
+            .await
+            .unwrap();
+        assert_eq!(client.get("/gov/service").await.unwrap().status, 200);
+        let endorsed = endorse_tls_cert(&identity, &node, "node0", &["localhost".to_owned()]).unwrap();
+        served.set(&format!("{endorsed}{}", identity.cert_pem), &node.key_pem).unwrap();
         let id = cloister_crypto::identity::id_of_pem(identity.cert_pem.as_bytes()).unwrap();
         assert_eq!(client.service_id().await.unwrap(), id);
     }

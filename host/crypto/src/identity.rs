@@ -349,6 +349,11 @@ pub fn id_of_pem(pem: &[u8]) -> anyhow::Result<String> {
     Ok(id_of_der(&cert_der(pem)?))
 }
 
+/// The identity ids of every certificate in a PEM buffer.
+pub fn ids_of_pem(pem: &[u8]) -> anyhow::Result<Vec<String>> {
+    Ok(cert_chain(pem)?.iter().map(|c| id_of_der(c)).collect())
+}
+
 /// A certificate (DER) as PEM.
 pub fn pem_of_der(der: &[u8]) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))

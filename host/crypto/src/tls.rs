@@ -188,6 +188,9 @@ pub fn client_config(
     };
     config.alpn_protocols =
         if alpn_h2_only { vec![ALPN[0].to_vec()] } else { ALPN.iter().map(|p| p.to_vec()).collect() };
+    // Every connection shows the certificate the node serves now: a resumed session carries the
+    // first handshake's, and a client decides from it which service it signs for.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
