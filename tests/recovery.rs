@@ -820,3 +820,28 @@ async fn a_genesis_that_failed_before_it_began_runs_again() {
     assert_eq!(client.service_record().await.unwrap()["state"], "Opening");
     node.shutdown().await;
 }
+
+/// A genesis that failed as its log was to begin, after it kept the new service's secret (here
+/// the `genesis.pending` marker cannot be written: a folder stands in its place, as a full disk
+/// or a read-only folder would fail it), takes the secret back: the folder then started no more,
+/// refused as holding another service's secrets beside an empty log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_genesis_that_failed_as_its_log_began_runs_again() {
+    use cloister_cli::local::{LocalNetwork, NodeAddrs};
+    let dir = tempfile::tempdir().unwrap();
+    let network = LocalNetwork::create(dir.path(), "test service", 1, 0, Some(("app.wasm", KV)), false).unwrap();
+    let config =
+        network.node_config("node0", &NodeAddrs::ephemeral(), None, cloister_tests::mock_attestation()).unwrap();
+    let data = &config.node.data_dir;
+    let in_the_way = data.join(cloister_node::node::GENESIS_PENDING_FILE);
+    std::fs::create_dir_all(in_the_way.join("held")).unwrap();
+    let Err(e) = cloister_node::Node::start(config.clone()).await else { panic!("the marker was written") };
+    assert!(format!("{e:#}").contains("genesis.pending"), "{e:#}");
+    assert!(!data.join("ledger.secret").exists(), "the failed start kept a secret");
+    std::fs::remove_dir_all(&in_the_way).unwrap();
+    let node = cloister_node::Node::start(config.clone()).await.expect("the genesis runs once the folder is mended");
+    let identity = std::fs::read(data.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).unwrap();
+    let client = Client::connect(&node.rest_url(), &identity, None).await.unwrap();
+    assert_eq!(client.service_record().await.unwrap()["state"], "Opening");
+    node.shutdown().await;
+}

@@ -756,8 +756,27 @@ async fn first_transaction(
 ) -> anyhow::Result<cloister_ledger::txid::TxId> {
     secrets.persist().context("keeping the new service's ledger secret")?;
     let pending = data_dir.join(GENESIS_PENDING_FILE);
-    identity::write_durably(&pending, b"a genesis began here; its first transaction has not committed\n", false)?;
-    consensus.initialize().await?;
+    let begun = async {
+        identity::write_durably(&pending, b"a genesis began here; its first transaction has not committed\n", false)?;
+        consensus.initialize().await?;
+        anyhow::Ok(())
+    };
+    if let Err(e) = begun.await {
+        // Nothing was sealed with the secret while the log has not begun: a start that failed
+        // here (the marker not written, a full disk) takes the secret back, or every later start
+        // would refuse the folder as another service's secrets.
+        if !consensus.is_initialized().await.unwrap_or(true) {
+            let kept = data_dir.join(SECRET_FILE);
+            for file in [&kept, &pending] {
+                if let Err(e) = std::fs::remove_file(file).and_then(|()| identity::sync_dir(data_dir))
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(error = %e, file = %file.display(), "taking back a genesis that did not begin");
+                }
+            }
+        }
+        return Err(e);
+    }
     consensus.wait_for_leader(GENESIS_ELECTION_TIMEOUT).await.context("the first node did not elect itself")?;
     let tx = consensus
         .propose(TxEntry::new(TxKind::Genesis, writes, None, &secrets.current().1))
