@@ -174,7 +174,12 @@ impl Console {
         // the node shows a certificate from that service's identity (`Client::service_id`).
         let mut last = None;
         for _ in 0..2 {
-            let named = async { self.nodes.lock().await.client().await?.service_id().await };
+            // The client is taken out of the lock first: other requests do not wait behind this
+            // one's network round trips.
+            let named = async {
+                let client = self.nodes.lock().await.client().await?;
+                client.service_id().await
+            };
             match tokio::time::timeout(self.service_timeout, named).await {
                 Ok(Ok(service)) => return self.signed(write, payload, &service).await,
                 Ok(Err(e)) => last = Some(format!("{e:#}")),
