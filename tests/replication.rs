@@ -127,6 +127,7 @@ async fn a_follower_that_relayed_the_opening_serves_the_next_read() {
         c.spawn(i);
     }
     c.wait_stable(3, Duration::from_secs(120)).await;
+    c.wait_endorsed(Duration::from_secs(60)).await;
     let follower = (c.leader().await.expect("a leader") + 1) % 3;
     let client = c.client(follower, 0).await.unwrap();
     open_service(&client, &c.members).await;

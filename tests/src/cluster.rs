@@ -88,35 +88,43 @@ impl Cluster {
     pub async fn wait_endorsed(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         for i in 0..self.nodes.len() {
-            if !self.nodes[i].is_running() {
-                continue;
-            }
-            loop {
-                let identity = self.nodes.iter().find_map(|n| {
-                    std::fs::read(n.config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).ok()
-                });
-                let served = match identity {
-                    Some(identity) => match Client::connect(&self.nodes[i].rest_url, &identity, None).await {
-                        Ok(client) => client.get("/node/health").await.is_ok(),
-                        Err(_) => false,
-                    },
-                    None => false,
-                };
-                if served {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "node{i} did not serve the service identity's certificate within {timeout:?}\n{}",
-                    self.logs(15)
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            if self.nodes[i].is_running() {
+                self.wait_serves_identity(i, deadline).await;
             }
         }
     }
 
-    /// Opens the service through node `via`: every member votes for `transition_service_to_open`.
+    /// Waits until node `i` (a process or a node started in this one) serves a certificate from
+    /// the service identity, failing at `deadline`.
+    async fn wait_serves_identity(&self, i: usize, deadline: Instant) {
+        loop {
+            let identity = self.nodes.iter().find_map(|n| {
+                std::fs::read(n.config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).ok()
+            });
+            let served = match identity {
+                Some(identity) => match Client::connect(&self.nodes[i].rest_url, &identity, None).await {
+                    Ok(client) => client.get("/node/health").await.is_ok(),
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            if served {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node{i} did not serve the service identity's certificate in time\n{}",
+                self.logs(15)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Opens the service through node `via`, once it serves the service identity's certificate
+    /// (a node that just joined is endorsed a moment later): every member votes for
+    /// `transition_service_to_open`.
     pub async fn open(&self, via: usize) {
+        self.wait_serves_identity(via, Instant::now() + Duration::from_secs(60)).await;
         let client = self.client(via, 0).await.expect("member 0 connects");
         open_service(&client, &self.members).await;
     }
