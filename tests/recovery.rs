@@ -797,28 +797,37 @@ async fn a_genesis_that_committed_before_its_start_ended_is_a_service() {
     assert_eq!(record["state"], "Open", "{record}");
 }
 
+/// Node0's configuration for a new one-node service in `dir` (mock attestation, the kv app).
+fn genesis_config(dir: &std::path::Path) -> cloister_node::config::NodeConfig {
+    use cloister_cli::local::{LocalNetwork, NodeAddrs};
+    let network = LocalNetwork::create(dir, "test service", 1, 0, Some(("app.wasm", KV)), false).unwrap();
+    network.node_config("node0", &NodeAddrs::ephemeral(), None, cloister_tests::mock_attestation()).unwrap()
+}
+
+/// Starts the node of `config`, whose genesis runs now: it serves a new service, and stops.
+async fn runs_its_genesis(config: &cloister_node::config::NodeConfig) {
+    let node = cloister_node::Node::start(config.clone()).await.expect("the mended genesis runs");
+    let identity = std::fs::read(config.node.data_dir.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).unwrap();
+    let client = Client::connect(&node.rest_url(), &identity, None).await.unwrap();
+    assert_eq!(client.service_record().await.unwrap()["state"], "Opening");
+    node.shutdown().await;
+}
+
 /// A genesis that failed before its network began (here a member's certificate missing) runs
 /// again once its configuration is mended: it keeps the new service's ledger secret only as the
 /// log begins, so it leaves none behind for the next start to take for another service's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_genesis_that_failed_before_it_began_runs_again() {
-    use cloister_cli::local::{LocalNetwork, NodeAddrs};
     use cloister_node::config::GenesisMember;
     let dir = tempfile::tempdir().unwrap();
-    let network = LocalNetwork::create(dir.path(), "test service", 1, 0, Some(("app.wasm", KV)), false).unwrap();
-    let config =
-        network.node_config("node0", &NodeAddrs::ephemeral(), None, cloister_tests::mock_attestation()).unwrap();
+    let config = genesis_config(dir.path());
     let mut mistyped = config.clone();
     mistyped.genesis.members = vec![GenesisMember::Cert(dir.path().join("nobody.cert.pem"))];
     let Err(e) = cloister_node::Node::start(mistyped).await else { panic!("a genesis ran with no member") };
     assert!(format!("{e:#}").contains("nobody.cert.pem"), "{e:#}");
     let data = &config.node.data_dir;
     assert!(data.join("raft-log").exists() && !data.join("ledger.secret").exists(), "the failed start kept a secret");
-    let node = cloister_node::Node::start(config.clone()).await.expect("the mended genesis runs");
-    let identity = std::fs::read(data.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).unwrap();
-    let client = Client::connect(&node.rest_url(), &identity, None).await.unwrap();
-    assert_eq!(client.service_record().await.unwrap()["state"], "Opening");
-    node.shutdown().await;
+    runs_its_genesis(&config).await;
 }
 
 /// A genesis that failed as its log was to begin, after it kept the new service's secret (here
@@ -827,11 +836,8 @@ async fn a_genesis_that_failed_before_it_began_runs_again() {
 /// refused as holding another service's secrets beside an empty log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_genesis_that_failed_as_its_log_began_runs_again() {
-    use cloister_cli::local::{LocalNetwork, NodeAddrs};
     let dir = tempfile::tempdir().unwrap();
-    let network = LocalNetwork::create(dir.path(), "test service", 1, 0, Some(("app.wasm", KV)), false).unwrap();
-    let config =
-        network.node_config("node0", &NodeAddrs::ephemeral(), None, cloister_tests::mock_attestation()).unwrap();
+    let config = genesis_config(dir.path());
     let data = &config.node.data_dir;
     let in_the_way = data.join(cloister_node::node::GENESIS_PENDING_FILE);
     std::fs::create_dir_all(in_the_way.join("held")).unwrap();
@@ -839,9 +845,5 @@ async fn a_genesis_that_failed_as_its_log_began_runs_again() {
     assert!(format!("{e:#}").contains("genesis.pending"), "{e:#}");
     assert!(!data.join("ledger.secret").exists(), "the failed start kept a secret");
     std::fs::remove_dir_all(&in_the_way).unwrap();
-    let node = cloister_node::Node::start(config.clone()).await.expect("the genesis runs once the folder is mended");
-    let identity = std::fs::read(data.join(cloister_node::endorsed::SERVICE_IDENTITY_FILE)).unwrap();
-    let client = Client::connect(&node.rest_url(), &identity, None).await.unwrap();
-    assert_eq!(client.service_record().await.unwrap()["state"], "Opening");
-    node.shutdown().await;
+    runs_its_genesis(&config).await;
 }

@@ -559,11 +559,8 @@ mod tests {
     /// member sits), got the member's signature for that service.
     #[tokio::test]
     async fn a_client_signs_only_for_the_identity_the_node_serves() {
-        use cloister_crypto::identity::{ServiceCa, endorse_tls_cert, generate_service_identity};
-        let ca = ServiceCa::generate("operator").unwrap();
-        let node = ca.issue_node_cert("node0", &["localhost".to_owned()]).unwrap();
-        let identity = generate_service_identity("production").unwrap();
-        let record = serde_json::json!({ "state": "Open", "identity": identity.cert_pem }).to_string();
+        use cloister_crypto::identity::endorse_tls_cert;
+        let (ca, node, identity, record) = operator_and_production();
         let mut roots = ca.keyed.cert_pem.clone();
         roots.push_str(&identity.cert_pem);
         let operator = serve_chain(&node.cert_pem, &ca.keyed.cert_pem, &node.key_pem, record.clone()).await;
@@ -627,11 +624,8 @@ mod tests {
     /// first handshake had, and a long-lived client kept refusing to sign.
     #[tokio::test]
     async fn a_client_connected_before_the_endorsement_signs_after_it() {
-        use cloister_crypto::identity::{ServiceCa, endorse_tls_cert, generate_service_identity};
-        let ca = ServiceCa::generate("operator").unwrap();
-        let node = ca.issue_node_cert("node0", &["localhost".to_owned()]).unwrap();
-        let identity = generate_service_identity("production").unwrap();
-        let record = serde_json::json!({ "state": "Open", "identity": identity.cert_pem }).to_string();
+        use cloister_crypto::identity::endorse_tls_cert;
+        let (ca, node, identity, record) = operator_and_production();
         let (server_tls, served) = tls::swappable_server_config(&node, &ca.keyed.cert_pem).unwrap();
         let node_url = serve(server_tls, record).await;
         let roots = format!("{}{}", ca.keyed.cert_pem, identity.cert_pem);
@@ -643,6 +637,16 @@ mod tests {
         served.set(&format!("{endorsed}{}", identity.cert_pem), &node.key_pem).unwrap();
         let id = cloister_crypto::identity::id_of_pem(identity.cert_pem.as_bytes()).unwrap();
         assert_eq!(client.service_id().await.unwrap(), id);
+    }
+
+    /// An operator's CA, the certificate it issued node0, the production service's identity, and
+    /// production's `/gov/service` record.
+    fn operator_and_production() -> (cloister_crypto::identity::ServiceCa, KeyedCert, KeyedCert, String) {
+        let ca = cloister_crypto::identity::ServiceCa::generate("operator").unwrap();
+        let node = ca.issue_node_cert("node0", &["localhost".to_owned()]).unwrap();
+        let identity = cloister_crypto::identity::generate_service_identity("production").unwrap();
+        let record = serde_json::json!({ "state": "Open", "identity": identity.cert_pem }).to_string();
+        (ca, node, identity, record)
     }
 
     fn port_of(authority: &str) -> &str {
