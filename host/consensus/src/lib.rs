@@ -42,11 +42,6 @@ pub const JOIN_RETRY_MS: u64 = 500;
 /// The Raft log's folder in a node's data folder.
 pub const LOG_DIR: &str = "raft-log";
 
-/// Whether a data folder already holds a node's Raft log (in either of its formats).
-pub fn holds_log(data_dir: &Path) -> bool {
-    data_dir.join(LOG_DIR).exists() || data_dir.join(log_store::REDB_LOG_FILE).exists()
-}
-
 /// Whether a data folder's Raft log holds anything (an entry, a vote): a node whose log is
 /// missing, or holds nothing, has never been part of a network. Reads the log without changing
 /// it; a log in the older format counts as holding something.

@@ -734,10 +734,6 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "one segment per open");
     }
 
-    /// A sync here and now (a segment's rollover) covers the current segment and the folder
-    /// although the sync thread has taken them and not finished. It covered only what was left
-    /// untaken, which could be nothing: the rollover then reported the full segment durable
-    /// while the thread's `fdatasync` of it still ran (only a power loss would show it).
     /// Only what Raft wrote counts: no folder, an empty one, and a log's own empty segment are
     /// all a log that holds nothing; a vote alone, or an entry, is a log that has begun.
     #[test]
@@ -757,6 +753,10 @@ mod tests {
         assert!(holds_anything(&other).unwrap(), "an entry");
     }
 
+    /// A sync here and now (a segment's rollover) covers the current segment and the folder
+    /// although the sync thread has taken them and not finished. It covered only what was left
+    /// untaken, which could be nothing: the rollover then reported the full segment durable
+    /// while the thread's `fdatasync` of it still ran (only a power loss would show it).
     #[test]
     fn a_sync_here_and_now_covers_what_a_running_sync_took() {
         let dir = tempfile::tempdir().unwrap();

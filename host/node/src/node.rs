@@ -199,7 +199,7 @@ async fn ledger_secrets(
     } else {
         // Before a join asks the network for secrets: the log, read without opening it.
         if cloister_consensus::log_begun(&config.node.data_dir)? {
-            anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display());
+            return Err(secret_missing(&path));
         }
         match &config.network.join {
             Some(url) => {
@@ -262,11 +262,15 @@ async fn secrets_fit_the_log(config: &NodeConfig, consensus: &Consensus, found: 
              an empty data folder",
             path.display()
         ),
-        (false, true) => {
-            anyhow::bail!("{} is missing, but this node already holds state sealed with it", path.display())
-        }
+        (false, true) => Err(secret_missing(&path)),
         _ => Ok(()),
     }
+}
+
+/// The refusal of a node whose ledger secrets file is gone while its log or state holds what
+/// was sealed with them.
+fn secret_missing(path: &std::path::Path) -> anyhow::Error {
+    anyhow::anyhow!("{} is missing, but this node already holds state sealed with it", path.display())
 }
 
 /// Stops a node whose encryption key is not the one its `gov.nodes` record holds (if the record
