@@ -808,3 +808,28 @@ async fn a_node_whose_join_is_not_accepted_exits() {
     let log = c.log(1);
     assert!(log.contains(&format!("the node stopped: joining the network at {nowhere} failed")), "{log}");
 }
+
+/// A node that joined and then lost its ledger secret and its Raft log, but not its state
+/// database, is refused by itself before it asks the network for the secret: its state holds
+/// what was sealed with the secret and the membership of a network it is in. (It asked, and
+/// only the leader's view of its log, which a new leader may not have yet, refused it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_secret_and_log_but_kept_its_state_does_not_ask_to_join() {
+    let mut c = Cluster::start(2, 1, KV, |_| {}).await;
+    c.stop(1);
+    let data = c.nodes[1].config.node.data_dir.clone();
+    std::fs::remove_file(data.join("ledger.secret")).unwrap();
+    std::fs::remove_dir_all(data.join("raft-log")).unwrap();
+    assert!(c.nodes[1].config.network.join.is_some(), "node1 is configured to join");
+    let earlier = c.log(1).len();
+    c.spawn(1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.nodes[1].is_running() {
+        assert!(Instant::now() < deadline, "the node runs on without its secret:\n{}", c.log(1));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = c.log(1)[earlier..].to_owned();
+    assert!(log.contains("ledger.secret is missing, but this node already holds state sealed with it"), "{log}");
+    assert!(!log.contains("verified the leader's evidence"), "node1 asked the network:\n{log}");
+    assert!(!data.join("ledger.secret").exists(), "nothing was granted");
+}

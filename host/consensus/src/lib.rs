@@ -52,6 +52,13 @@ pub fn log_begun(data_dir: &Path) -> anyhow::Result<bool> {
     let dir = data_dir.join(LOG_DIR);
     wal::holds_anything(&dir).map_err(|e| anyhow::anyhow!("raft log {}: {e}", dir.display()))
 }
+
+/// Whether the closed state database at `state_file` has applied a log entry: a node whose log
+/// is gone but whose state is not was part of a network (its state holds the membership Raft
+/// counts). Reads the file without its key, and writes nothing to it.
+pub fn state_begun(state_file: &Path) -> anyhow::Result<bool> {
+    state_machine::applied_in(state_file)
+}
 pub use forward::{FORWARDS_IN_FLIGHT_MAX, ForwardError, Forwards};
 pub use server::{Forwarder, PeerRpc, PeerService};
 pub use state_machine::Applied;

@@ -355,6 +355,13 @@ pub struct StateMachine {
     inner: Arc<Inner>,
 }
 
+/// Whether the closed state database at `path` records an applied log entry (see
+/// [`crate::state_begun`]).
+pub(crate) fn applied_in(path: &Path) -> anyhow::Result<bool> {
+    let Some(bytes) = kv::meta_of(path, APPLIED_LOG_ID_KEY)? else { return Ok(false) };
+    Ok(decode::<Option<LogId>>(&bytes, APPLIED_LOG_ID_KEY)?.is_some())
+}
+
 fn io_other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }

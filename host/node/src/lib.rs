@@ -20,8 +20,10 @@ pub fn state_file(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("state.redb")
 }
 
-/// Whether a data folder already holds a node's state: its Raft log.
+/// Whether a data folder already holds a node's state: its Raft log, or a state database that
+/// has applied an entry.
 pub fn holds_state(data_dir: &std::path::Path) -> bool {
-    // A log that cannot be read counts as state: nothing is started over it.
+    // A log or a state that cannot be read counts as state: nothing is started over it.
     cloister_consensus::log_begun(data_dir).unwrap_or(true)
+        || cloister_consensus::state_begun(&state_file(data_dir)).unwrap_or(true)
 }

@@ -197,8 +197,11 @@ async fn ledger_secrets(
         let leader = leader_path.exists().then(|| at_rest.open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
         (all, leader)
     } else {
-        // Before a join asks the network for secrets: the log, read without opening it.
-        if cloister_consensus::log_begun(&config.node.data_dir)? {
+        // Before a join asks the network for secrets: the log and the state, read without
+        // opening them. A join keeps its secrets before either holds anything, so a folder
+        // whose log or state has begun without them lost them.
+        let state = crate::state_file(&config.node.data_dir);
+        if cloister_consensus::log_begun(&config.node.data_dir)? || cloister_consensus::state_begun(&state)? {
             return Err(secret_missing(&path));
         }
         match &config.network.join {
@@ -250,6 +253,8 @@ async fn ledger_secrets(
 /// whoever wrote its configuration (the operator, naming itself the one recovery member) would
 /// open the old service's secret. A new service's own secret is kept only as its log begins
 /// (`first_transaction`), so a genesis that failed before then leaves none behind to be refused.
+/// (Secrets missing beside a log or a state that has begun were refused as they were read, in
+/// `ledger_secrets`; the check here of that case stays for a log only Raft counts as begun.)
 async fn secrets_fit_the_log(config: &NodeConfig, consensus: &Consensus, found: bool) -> anyhow::Result<()> {
     if config.network.join.is_some() {
         return Ok(());

@@ -659,6 +659,25 @@ impl Store {
     }
 }
 
+/// One bookkeeping entry of the closed state database at `path`, read without its key (`None`
+/// when there is no such file). It is opened as [`Store`] opens it, every page's checksum
+/// verified and a file a crash left unclosed repaired, and nothing in it is written.
+pub fn meta_of(path: &Path, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |e: redb::Error| KvError::Db { path: path.to_owned(), source: e };
+    let db = Database::builder().set_check_integrity_on_open(true).open(path).map_err(|e| err(e.into()))?;
+    let read = db.begin_read().map_err(|e| err(e.into()))?;
+    let table = match read.open_table(META) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(err(e.into())),
+    };
+    let value = table.get(key).map_err(|e| err(e.into()))?;
+    Ok(value.map(|v| v.value().to_vec()))
+}
+
 /// A consistent read-only view of the whole store, for building snapshots.
 pub struct Export {
     read: redb::ReadTransaction,

@@ -664,3 +664,24 @@ fn an_altered_state_database_is_refused_with_an_error_not_a_panic() {
         assert!(refused.contains("state.redb") && refused.contains("orrupt"), "{refused}");
     }
 }
+
+#[test]
+fn a_closed_database_is_read_without_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    assert_eq!(meta_of(&path, "applied").unwrap(), None, "no file, nothing recorded");
+    assert!(!path.exists(), "reading does not create the file");
+    let sealer = Arc::new(Sealer::new(&Sealer::generate_secret()));
+    let store = Store::open_sealed(&path, sealer.clone()).unwrap();
+    let mut batch = store.write_batch().unwrap();
+    batch.put_meta("applied", b"7").unwrap();
+    batch.commit().unwrap();
+    drop(store);
+    assert_eq!(meta_of(&path, "applied").unwrap().as_deref(), Some(&b"7"[..]));
+    assert_eq!(meta_of(&path, "other").unwrap(), None);
+    let store = Store::open_sealed(&path, sealer).unwrap();
+    assert_eq!(store.meta("applied").unwrap().as_deref(), Some(&b"7"[..]), "the store opens as it was");
+    drop(store);
+    std::fs::write(&path, b"not a database").unwrap();
+    assert!(meta_of(&path, "applied").is_err(), "a file that is no database is an error");
+}
