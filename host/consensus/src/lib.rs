@@ -287,6 +287,9 @@ pub struct Consensus {
     /// The newest log index whose commit a caller of [`Proposal::committed`] may have
     /// acknowledged (see [`Consensus::wait_acknowledged`]).
     acknowledged: Arc<AtomicU64>,
+    /// The tasks that run beside Raft, each holding a part of it (the snapshot scheduler holds
+    /// the state machine, and with it the state database): [`Consensus::shutdown`] ends them.
+    beside: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Consensus {
@@ -331,10 +334,10 @@ impl Consensus {
         let network = network::NetworkFactory { peers: peers.clone(), in_flight_max: settings.appends_in_flight_max };
         let raft = Raft::new(id, Arc::new(config), network, log, sm.clone()).await?;
         sm.start_sending_snapshots();
-        tokio::spawn(schedule_snapshots(raft.clone(), sm.clone(), settings.clone()));
+        let scheduler = tokio::spawn(schedule_snapshots(raft.clone(), sm.clone(), settings.clone()));
         let (set_recovered, recovered) = tokio::sync::watch::channel(false);
         let waiting = raft.clone();
-        tokio::spawn(async move {
+        let recovery = tokio::spawn(async move {
             // Ends with an error only when Raft stops first; nothing is left to serve then.
             if waiting.wait_for_recovery(None).await.is_ok() {
                 let _ = set_recovered.send(true);
@@ -352,6 +355,7 @@ impl Consensus {
             install_snapshot_timeout: std::time::Duration::from_millis(settings.install_snapshot_timeout_ms),
             recovered,
             acknowledged: Arc::default(),
+            beside: Arc::new(std::sync::Mutex::new(vec![scheduler, recovery])),
         })
     }
 
@@ -762,6 +766,13 @@ impl Consensus {
         // A node that stops leaves its ledger files and state holding everything it applied.
         if let Err(e) = self.sm.apply_held_and_stop().await {
             tracing::warn!(error = %e, "applying the entries held back failed as the node stopped");
+        }
+        // Each would end once it saw Raft stop, at a moment of its own: ended here, nothing of
+        // them holds the state database after this returns.
+        let beside = std::mem::take(&mut *self.beside.lock().expect("background tasks lock"));
+        for task in beside {
+            task.abort();
+            let _ = task.await;
         }
     }
 }
