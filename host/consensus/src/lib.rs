@@ -55,7 +55,7 @@ pub fn log_begun(data_dir: &Path) -> anyhow::Result<bool> {
 
 /// Whether the closed state database at `state_file` has applied a log entry: a node whose log
 /// is gone but whose state is not was part of a network (its state holds the membership Raft
-/// counts). Reads the file without its key, and writes nothing to it.
+/// counts). Reads the file without its key, and writes no entry of it.
 pub fn state_begun(state_file: &Path) -> anyhow::Result<bool> {
     state_machine::applied_in(state_file)
 }

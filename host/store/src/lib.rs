@@ -661,7 +661,8 @@ impl Store {
 
 /// One bookkeeping entry of the closed state database at `path`, read without its key (`None`
 /// when there is no such file). It is opened as [`Store`] opens it, every page's checksum
-/// verified and a file a crash left unclosed repaired, and nothing in it is written.
+/// verified and a file a crash left unclosed repaired; no entry of it is written (redb updates
+/// its header as it opens and closes).
 pub fn meta_of(path: &Path, key: &str) -> Result<Option<Vec<u8>>, KvError> {
     if !path.exists() {
         return Ok(None);
