@@ -10,8 +10,8 @@
 //! Endpoints (under `/app`):
 //! - `PUT /account/{user_id}/{account_name}` (members): opens an account with balance 0; 204, and
 //!   204 again for an account that is already open; 404 for a user the service does not know.
-//! - `POST /deposit/{user_id}/{account_name}` with `{"value": N}` (members): N a positive integer;
-//!   404 for an unknown user or account; 400 when the balance would pass [`BALANCE_MAX`]; 204.
+//! - `POST /deposit/{user_id}/{account_name}` with `{"value": N}` (members): N an integer in
+//!   `1..=`[`VALUE_MAX`]; 404 for an unknown user or account; 204.
 //! - `GET /balance/{account_name}` (users): `{"balance": N}` for the caller's own account; 404
 //!   when the caller has no such account.
 //! - `POST /transfer/{account_name}` with `{"value", "user_id_to", "account_name_to"}` (users):
@@ -21,21 +21,30 @@
 //!   sent there could never be spent).
 //!
 //! Users and accounts are named by the caller id (hex SHA-256 of the client certificate) the
-//! service gives them. Balances are private (sealed); nothing here is public.
+//! service gives them. Balances are private (sealed); nothing here is public. No answer depends on
+//! the balance of an account the caller does not hold: a balance is never too large to be
+//! credited (see [`Balance`]), so a bank's deposit or a user's transfer never probes one.
 
 use cloister_sdk::{Auth, Error, Map, Mode, Request, Response, Router, export};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-/// The largest balance an account may hold: a deposit or transfer past it is refused (400),
-/// never wrapped. JSON numbers are exact up to 2^53, so every balance reads back as it was.
-pub const BALANCE_MAX: u64 = (1 << 53) - 1;
+/// The largest amount one deposit or transfer moves: JSON numbers are exact up to 2^53.
+pub const VALUE_MAX: u64 = (1 << 53) - 1;
+
+/// A balance. Wide enough that no credit is ever refused: more than 2^74 deposits of
+/// [`VALUE_MAX`] fit. A refusal at a narrower limit told whoever could credit an account
+/// (a bank depositing, a user paying in) how close its balance was to the limit, and by asking
+/// again with other amounts, the balance. Past 2^53 a balance is exact in the JSON text, which a
+/// client that reads numbers as doubles rounds.
+pub type Balance = u128;
 /// Longest account name, in bytes.
 pub const ACCOUNT_NAME_BYTES_MAX: usize = 64;
 
-/// Balances by (user id, account name). Private (sealed).
-const ACCOUNTS: Map<(String, String), u64> = Map::new("accounts");
+/// Balances by (user id, account name). Private (sealed). A balance stored as a `u64` by an
+/// earlier version reads as the same [`Balance`] (both are JSON numbers).
+const ACCOUNTS: Map<(String, String), Balance> = Map::new("accounts");
 /// The service's users, by id: readable by apps, written by governance (`set_user`).
 const USERS: Map<String, serde_json::Value> = Map::new("gov.users");
 
@@ -85,12 +94,12 @@ fn known_user(user_id: &str) -> Result<(), Error> {
 }
 
 /// A positive integer `value` from a JSON body; anything else (a float, a string, zero, a
-/// negative number, a number past [`BALANCE_MAX`]) is 400.
+/// negative number, a number past [`VALUE_MAX`]) is 400.
 fn positive_value(value: &serde_json::Value) -> Result<u64, Error> {
     value
         .as_u64()
-        .filter(|v| (1..=BALANCE_MAX).contains(v))
-        .ok_or_else(|| Error::bad_request(format!("value must be an integer in 1..={BALANCE_MAX}, got {value}")))
+        .filter(|v| (1..=VALUE_MAX).contains(v))
+        .ok_or_else(|| Error::bad_request(format!("value must be an integer in 1..={VALUE_MAX}, got {value}")))
 }
 
 fn open_account(req: &Request) -> Result<Response, Error> {
@@ -118,24 +127,26 @@ fn deposit(req: &Request) -> Result<Response, Error> {
     known_user(&user_id)?;
     let key = (user_id, name);
     let balance = ACCOUNTS.get(&key).ok_or_else(|| Error::not_found("no such account"))?;
-    let credited = credit(balance, value)?;
-    ACCOUNTS.insert(&key, &credited);
+    ACCOUNTS.insert(&key, &credit(balance, value)?);
     Ok(Response::status(204))
 }
 
-/// `balance + value`, or 400 past [`BALANCE_MAX`].
-fn credit(balance: u64, value: u64) -> Result<u64, Error> {
-    balance
-        .checked_add(value)
-        .filter(|b| *b <= BALANCE_MAX)
-        .ok_or_else(|| Error::bad_request(format!("the balance would pass {BALANCE_MAX}")))
+/// `balance + value`. It cannot overflow (see [`Balance`]); were it to, the request fails as
+/// the service's fault (500), the same for every caller, and changes nothing.
+fn credit(balance: Balance, value: u64) -> Result<Balance, Error> {
+    balance.checked_add(Balance::from(value)).ok_or_else(|| Error::internal("a balance overflowed"))
+}
+
+#[derive(Serialize)]
+struct BalanceReply {
+    balance: Balance,
 }
 
 fn balance(req: &Request) -> Result<Response, Error> {
     let name = account_name(req, "account_name")?;
     let balance =
         ACCOUNTS.get(&(req.caller().id.clone(), name)).ok_or_else(|| Error::not_found("you have no such account"))?;
-    Ok(Response::json(&json!({ "balance": balance })))
+    Ok(Response::json(&BalanceReply { balance }))
 }
 
 #[derive(Deserialize)]
@@ -159,7 +170,7 @@ fn transfer(req: &Request) -> Result<Response, Error> {
     // (whether that account exists), however it is addressed.
     let from_balance = ACCOUNTS.get(&from).ok_or_else(|| Error::not_found("you have no such account"))?;
     let remaining = from_balance
-        .checked_sub(value)
+        .checked_sub(Balance::from(value))
         .ok_or_else(|| Error::bad_request(format!("the balance ({from_balance}) is less than {value}")))?;
     known_user(&to.0)?;
     let to_balance = ACCOUNTS.get(&to).ok_or_else(|| Error::not_found("the target account does not exist"))?;
@@ -280,7 +291,7 @@ mod tests {
         let before = h.dump();
         let alice = Caller::user(ALICE);
         let deposit = |v: Value| json!({ "value": v });
-        for bad in [json!(0), json!(-5), json!(1.5), json!("10"), json!(BALANCE_MAX + 1), Value::Null] {
+        for bad in [json!(0), json!(-5), json!(1.5), json!("10"), json!(VALUE_MAX + 1), Value::Null] {
             let (status, _) = call(&mut h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), deposit(bad.clone()));
             assert_eq!(status, 400, "deposit {bad}");
             let body = json!({"value": bad, "user_id_to": BOB, "account_name_to": "current"});
@@ -327,22 +338,66 @@ mod tests {
         assert_eq!(h.dump(), before, "nothing was written");
     }
 
+    /// Whoever can credit an account (a bank depositing into any, a user paying into any) was
+    /// told, by a refusal at the largest balance, how close that account's balance was to it,
+    /// and by asking again with other amounts, the balance. Two services that differ only in
+    /// Alice's balance now answer a bank's and another user's every request alike.
     #[test]
-    fn a_deposit_past_the_largest_balance_is_refused_not_wrapped() {
+    fn no_answer_tells_a_balance_to_anyone_but_its_holder() {
+        const LARGEST: u64 = (1 << 53) - 1;
+        const MALLORY: &str = "ma11ory";
+        let answers = |alice: u64| {
+            let mut h = host();
+            h.seed("gov.users", &MALLORY.to_owned(), &json!({ "cert": "…" }));
+            for user in [ALICE, MALLORY] {
+                assert_eq!(call(&mut h, &bank(), "PUT", &format!("/account/{user}/current"), Value::Null).0, 204);
+            }
+            let fund = |h: &mut MemoryHost, user: &str, value: u64| {
+                let (status, body) =
+                    call(h, &bank(), "POST", &format!("/deposit/{user}/current"), json!({ "value": value }));
+                assert_eq!(status, 204, "{body}");
+            };
+            fund(&mut h, ALICE, alice);
+            fund(&mut h, MALLORY, LARGEST);
+            let mut seen = Vec::new();
+            let pay = json!({"value": 100, "user_id_to": ALICE, "account_name_to": "current"});
+            let (status, mut paid) = call(&mut h, &Caller::user(MALLORY), "POST", "/transfer/current", pay);
+            // The claim is salted at random: the status and any error are compared.
+            if let Some(reply) = paid.as_object_mut() {
+                reply.remove("claim");
+                reply.remove("claims_digest");
+            }
+            seen.push((status, paid));
+            for value in [LARGEST - 1000, 1] {
+                let deposit = json!({ "value": value });
+                seen.push(call(&mut h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), deposit));
+            }
+            seen
+        };
+        let (low, high) = (answers(1), answers(LARGEST - 10));
+        for (i, (l, h)) in low.iter().zip(&high).enumerate() {
+            assert_eq!(l, h, "request {i} answered differently with Alice's balance low and high");
+        }
+    }
+
+    #[test]
+    fn a_balance_grows_past_the_largest_amount_and_reads_back_exactly() {
         let mut h = host();
         funded(&mut h);
-        let top = json!({ "value": BALANCE_MAX - 100 });
-        assert_eq!(call(&mut h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), top).0, 204);
-        assert_eq!(balance_of(&mut h, ALICE), BALANCE_MAX);
-        let (status, body) = call(&mut h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), json!({"value": 1}));
-        assert_eq!(status, 400);
-        assert!(body["error"]["message"].as_str().unwrap().contains("would pass"), "{body}");
-        assert_eq!(balance_of(&mut h, ALICE), BALANCE_MAX);
-        // A transfer that would push the target past it is refused too.
-        assert_eq!(call(&mut h, &bank(), "POST", &format!("/deposit/{BOB}/current"), json!({"value": 1})).0, 204);
-        let body = json!({"value": 1, "user_id_to": ALICE, "account_name_to": "current"});
-        assert_eq!(call(&mut h, &Caller::user(BOB), "POST", "/transfer/current", body).0, 400);
-        assert_eq!((balance_of(&mut h, ALICE), balance_of(&mut h, BOB)), (BALANCE_MAX, 1));
+        let top = json!({ "value": VALUE_MAX });
+        for _ in 0..3 {
+            assert_eq!(call(&mut h, &bank(), "POST", &format!("/deposit/{ALICE}/current"), top.clone()).0, 204);
+        }
+        assert_eq!(balance_of(&mut h, ALICE), 100 + 3 * VALUE_MAX);
+        assert_eq!(call(&mut h, &bank(), "POST", &format!("/deposit/{BOB}/current"), top).0, 204);
+        let body = json!({"value": VALUE_MAX, "user_id_to": ALICE, "account_name_to": "current"});
+        assert_eq!(call(&mut h, &Caller::user(BOB), "POST", "/transfer/current", body).0, 200);
+        assert_eq!((balance_of(&mut h, ALICE), balance_of(&mut h, BOB)), (100 + 4 * VALUE_MAX, 0));
+        // More than one request may move is refused, and a sum past a u64 still credits.
+        let body = json!({"value": 4 * VALUE_MAX, "user_id_to": BOB, "account_name_to": "current"});
+        assert_eq!(call(&mut h, &Caller::user(ALICE), "POST", "/transfer/current", body).0, 400);
+        assert_eq!(credit(Balance::from(u64::MAX), VALUE_MAX).unwrap(), u128::from(u64::MAX) + u128::from(VALUE_MAX));
+        assert_eq!(credit(Balance::MAX, 1).unwrap_err().status, 500);
     }
 
     #[test]
