@@ -829,7 +829,7 @@ async fn a_node_that_lost_its_secret_and_log_but_kept_its_state_does_not_ask_to_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let log = c.log(1)[earlier..].to_owned();
-    assert!(log.contains("ledger.secret is missing, but this node already holds state sealed with it"), "{log}");
+    assert!(log.contains("ledger.secret is missing, but this node's data folder already holds"), "{log}");
     assert!(!log.contains("verified the leader's evidence"), "node1 asked the network:\n{log}");
     assert!(!data.join("ledger.secret").exists(), "nothing was granted");
 }

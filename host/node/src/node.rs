@@ -184,11 +184,20 @@ async fn ledger_secrets(
     attester: &Attester,
     service_cert: &str,
 ) -> anyhow::Result<Opened> {
-    let at_rest = AtRest::new(node, attester)?;
-    let encryption = encryption_key(&config.node.data_dir, &at_rest)?;
     let path = config.node.data_dir.join(SECRET_FILE);
-    let leader_path = config.node.data_dir.join(JOIN_LEADER_FILE);
     let found = path.exists();
+    // Before anything is written here, and before a join asks the network for secrets: the log
+    // and the state, read without opening them. A join keeps its secrets before either holds
+    // anything, so a folder whose log or state has begun without them lost them.
+    let data_dir = &config.node.data_dir;
+    if !found
+        && (cloister_consensus::log_begun(data_dir)? || cloister_consensus::state_begun(&crate::state_file(data_dir))?)
+    {
+        return Err(secret_missing(&path));
+    }
+    let at_rest = AtRest::new(node, attester)?;
+    let encryption = encryption_key(data_dir, &at_rest)?;
+    let leader_path = data_dir.join(JOIN_LEADER_FILE);
     let (all, leader) = if found {
         // Whether a node that found secrets may use them is decided once its log is open
         // (`secrets_fit_the_log`).
@@ -197,13 +206,6 @@ async fn ledger_secrets(
         let leader = leader_path.exists().then(|| at_rest.open(&leader_path, JOIN_LEADER_AT_REST_AAD)).transpose()?;
         (all, leader)
     } else {
-        // Before a join asks the network for secrets: the log and the state, read without
-        // opening them. A join keeps its secrets before either holds anything, so a folder
-        // whose log or state has begun without them lost them.
-        let state = crate::state_file(&config.node.data_dir);
-        if cloister_consensus::log_begun(&config.node.data_dir)? || cloister_consensus::state_begun(&state)? {
-            return Err(secret_missing(&path));
-        }
         match &config.network.join {
             Some(url) => {
                 let timeout = Duration::from_millis(config.raft.join_timeout_ms);
@@ -272,10 +274,13 @@ async fn secrets_fit_the_log(config: &NodeConfig, consensus: &Consensus, found: 
     }
 }
 
-/// The refusal of a node whose ledger secrets file is gone while its log or state holds what
-/// was sealed with them.
+/// The refusal of a node whose ledger secrets file is gone while its log or state shows it took
+/// part in a network.
 fn secret_missing(path: &std::path::Path) -> anyhow::Error {
-    anyhow::anyhow!("{} is missing, but this node already holds state sealed with it", path.display())
+    anyhow::anyhow!(
+        "{} is missing, but this node's data folder already holds a network's state (its Raft log or state.redb)",
+        path.display()
+    )
 }
 
 /// Stops a node whose encryption key is not the one its `gov.nodes` record holds (if the record

@@ -660,12 +660,17 @@ impl Store {
 }
 
 /// One bookkeeping entry of the closed state database at `path`, read without its key (`None`
-/// when there is no such file). It is opened as [`Store`] opens it, every page's checksum
-/// verified and a file a crash left unclosed repaired; no entry of it is written (redb updates
-/// its header as it opens and closes).
+/// when there is no such file, or an empty one). It is opened as [`Store`] opens it, every
+/// page's checksum verified and a file a crash left unclosed repaired; no entry of it is written
+/// (redb updates its header as it opens and closes).
 pub fn meta_of(path: &Path, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-    if !path.exists() {
-        return Ok(None);
+    // An empty file is what a crash leaves between the store's creating the file and its first
+    // commit: the store opens it as new, and it holds nothing.
+    match std::fs::metadata(path) {
+        Ok(file) if file.len() > 0 => {}
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(KvError::Invalid { path: path.to_owned(), message: e.to_string() }),
     }
     let err = |e: redb::Error| KvError::Db { path: path.to_owned(), source: e };
     let db = Database::builder().set_check_integrity_on_open(true).open(path).map_err(|e| err(e.into()))?;

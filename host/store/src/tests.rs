@@ -671,6 +671,9 @@ fn a_closed_database_is_read_without_its_key() {
     let path = dir.path().join("state.redb");
     assert_eq!(meta_of(&path, "applied").unwrap(), None, "no file, nothing recorded");
     assert!(!path.exists(), "reading does not create the file");
+    std::fs::write(&path, b"").unwrap();
+    assert_eq!(meta_of(&path, "applied").unwrap(), None, "an empty file, as a crash leaves it");
+    std::fs::remove_file(&path).unwrap();
     let sealer = Arc::new(Sealer::new(&Sealer::generate_secret()));
     let store = Store::open_sealed(&path, sealer.clone()).unwrap();
     let mut batch = store.write_batch().unwrap();
