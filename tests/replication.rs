@@ -542,6 +542,45 @@ async fn wait_voters(node: &cloister_node::node::Node, voters: usize) {
     }
 }
 
+/// A node stopped in process lets go of its state database before `shutdown` returns, while
+/// another node holds a stream open to it: a follower's forwarding stream to its leader stays
+/// open for as long as the follower runs, and it held the leader's peer server, and with it the
+/// leader's consensus and database, after the leader had stopped. A follower that stops while
+/// its leader streams appends to it lets go of its database too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_lets_go_of_its_state_while_another_holds_a_stream_to_it() {
+    use cloister_node::node::Node;
+    let c = Cluster::prepare(3, 1, KV, |cfg| {
+        cfg.raft.heartbeat_interval_ms = 100;
+        cfg.raft.election_timeout_min_ms = 600;
+        cfg.raft.election_timeout_max_ms = 1200;
+    });
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(Node::start(c.nodes[i].config.clone()).await.unwrap());
+        wait_voters(&nodes[0], i + 1).await;
+    }
+    wait_voters(&nodes[2], 3).await;
+    assert!(nodes[0].consensus().is_leader(), "node0 began the network and leads it");
+    // Through node1, a follower: its forwarding stream to node0 opens, and stays open.
+    c.open(1).await;
+    let client = c.client(1, 0).await.unwrap();
+    let put = client.request("PUT", "/app/kv/k", Some("application/octet-stream"), "v").await.unwrap();
+    assert_eq!(put.status, 200, "{}", put.text());
+    let n1 = nodes.remove(1);
+    // Node2, a follower, then node0, the leader; each database opens at once once its node has
+    // stopped (an open one is refused).
+    for (name, node) in [("node2", 2), ("node0", 0)] {
+        let stopping = nodes.pop().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), stopping.shutdown()).await.expect("the node stops");
+        let state = cloister_node::state_file(&c.nodes[node].config.node.data_dir);
+        if let Err(e) = cloister_store::meta_of(&state, "raft_applied") {
+            panic!("{name}'s state database is held after it stopped: {e}");
+        }
+    }
+    n1.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_as_voters_and_a_removed_node_leaves_the_network() {
     use cloister_node::node::Node;

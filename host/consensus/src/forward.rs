@@ -265,6 +265,12 @@ where
         let mut running = Running::default();
         let refusal = loop {
             tokio::select! {
+                // Nobody reads the answers any more (the stream was ended as this node stops):
+                // the calls go unanswered, and the follower's stream is let go.
+                () = answers.closed() => {
+                    running.tasks.abort_all();
+                    return;
+                }
                 Some(done) = running.tasks.join_next(), if !running.tasks.is_empty() => {
                     running.finished(done, &answers).await;
                 }

@@ -290,6 +290,9 @@ pub struct Consensus {
     /// The tasks that run beside Raft, each holding a part of it (the snapshot scheduler holds
     /// the state machine, and with it the state database): [`Consensus::shutdown`] ends them.
     beside: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// Cancelled as [`Consensus::shutdown`] begins: the streams other nodes hold open to this
+    /// one's peer server end then (see [`Consensus::stopping`]).
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Consensus {
@@ -356,6 +359,7 @@ impl Consensus {
             recovered,
             acknowledged: Arc::default(),
             beside: Arc::new(std::sync::Mutex::new(vec![scheduler, recovery])),
+            stopping: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -745,6 +749,14 @@ impl Consensus {
     }
 
     /// The peer gRPC service for this node.
+    /// Resolves once this node's consensus begins to stop. Each stream another node holds open
+    /// to the peer server (a leader's appends, a follower's forwards, a snapshot on its way) ends
+    /// then: such a stream stays open for as long as its sender runs, and it held its connection,
+    /// and with it this node's consensus and state database, after the node had stopped.
+    pub(crate) fn stopping(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.stopping.clone().cancelled_owned()
+    }
+
     pub fn peer_service(&self, forwarder: Arc<dyn Forwarder>) -> PeerService {
         PeerService { consensus: self.clone(), forwarder }
     }
@@ -760,6 +772,7 @@ impl Consensus {
     }
 
     pub async fn shutdown(&self) {
+        self.stopping.cancel();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }

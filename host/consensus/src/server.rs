@@ -128,14 +128,14 @@ impl pb::peer_server::Peer for PeerService {
         let refusal = Arc::new(std::sync::Mutex::new(None::<Status>));
         let incoming =
             Incoming { messages: req.into_inner(), cert, forwarder: self.forwarder.clone(), refusal: refusal.clone() };
-        let input = futures::stream::unfold(incoming, Incoming::next);
+        let input = futures::stream::unfold(incoming, Incoming::next).take_until(self.consensus.stopping());
         let replies = self.consensus.raft.stream_append(input).map(|r| match r {
             Ok(result) => Ok(pb::Blob { data: encode(&result) }),
             Err(e) => Err(consensus_stopped(e)),
         });
         let refused = futures::stream::once(async move { refusal.lock().expect("refusal lock").take() })
             .filter_map(|status| std::future::ready(status.map(Err)));
-        Ok(Response::new(Box::pin(replies.chain(refused))))
+        Ok(Response::new(Box::pin(replies.chain(refused).take_until(self.consensus.stopping()))))
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::Blob>, Status> {
@@ -154,7 +154,10 @@ impl pb::peer_server::Peer for PeerService {
         let (vote, meta): (Vote, SnapshotMeta) = decode(&head, "a snapshot head").map_err(bad_request)?;
         snapshot_within_vote(&vote, &meta)?;
         let path = self.consensus.sm.incoming_path();
-        let received = receive_snapshot(&mut chunks, &path, patience).await;
+        let received = tokio::select! {
+            received = receive_snapshot(&mut chunks, &path, patience) => received,
+            _ = self.consensus.stopping() => Err(std::io::Error::other("this node is stopping")),
+        };
         let seal = match received {
             Ok(seal) => seal,
             Err(e) => {
@@ -192,7 +195,8 @@ impl pb::peer_server::Peer for PeerService {
 
     async fn forward(&self, req: Request<Streaming<pb::ForwardCall>>) -> Result<Response<Self::ForwardStream>, Status> {
         let cert = self.authorize(&req, PeerRpc::Forward)?;
-        Ok(Response::new(Box::pin(super::forward::serve(req.into_inner(), cert, self.forwarder.clone()))))
+        let answers = super::forward::serve(req.into_inner(), cert, self.forwarder.clone());
+        Ok(Response::new(Box::pin(answers.take_until(self.consensus.stopping()))))
     }
 
     async fn challenge(&self, req: Request<pb::ChallengeRequest>) -> Result<Response<pb::ChallengeReply>, Status> {

@@ -315,6 +315,10 @@ const GENESIS_ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// committed yet: see `first_transaction`.
 pub const GENESIS_PENDING_FILE: &str = "genesis.pending";
 
+/// How long [`Node::shutdown`] waits for its servers to close their connections before it ends
+/// them: past the REST server's own 10 s for requests in flight.
+const SERVERS_DRAIN_TIMEOUT: Duration = Duration::from_secs(12);
+
 /// A running node.
 pub struct Node {
     pub rest_addr: SocketAddr,
@@ -325,6 +329,8 @@ pub struct Node {
     consensus: Consensus,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The REST, gRPC and peer servers: [`Node::shutdown`] waits for them to finish.
+    servers: Vec<tokio::task::JoinHandle<()>>,
     /// Why the node cannot go on, once it cannot (see [`Node::failed`]).
     failure: tokio::sync::watch::Receiver<Option<String>>,
 }
@@ -435,6 +441,7 @@ impl Node {
         };
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
+        let mut servers = Vec::new();
         let (fail, failure) = tokio::sync::watch::channel(None);
         // Whatever fails from here stops what started before it: in a process that goes on (a
         // test, an embedding), a failed start leaves no Raft running and the data folder free.
@@ -474,7 +481,7 @@ impl Node {
             };
             let conns = server::accept(peer_listener, peer_tls, peer_limits, cancel.clone());
             let streams_max = config.limits.streams_per_connection_max;
-            tasks.push(serve_grpc(
+            servers.push(serve_grpc(
                 conns,
                 tonic::service::Routes::new(peer_service),
                 streams_max,
@@ -573,7 +580,7 @@ impl Node {
             // service without its members or app.
             let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
             let budget = server::BodyBudget::new(limits);
-            tasks.push(tokio::spawn(server::serve_http(
+            servers.push(tokio::spawn(server::serve_http(
                 conns,
                 rest::router(service.clone()),
                 limits.clone(),
@@ -582,11 +589,11 @@ impl Node {
             )));
             let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone());
             let routes = crate::api::grpc::routes(service.clone())?;
-            tasks.push(serve_grpc(conns, routes, streams_max, Some(budget), cancel.clone(), "gRPC"));
+            servers.push(serve_grpc(conns, routes, streams_max, Some(budget), cancel.clone(), "gRPC"));
             anyhow::Ok(())
         }
         .await;
-        let node = Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks, failure };
+        let node = Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks, servers, failure };
         match begun {
             Ok(()) => {
                 tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
@@ -636,7 +643,24 @@ impl Node {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.consensus.shutdown().await;
-        for task in self.tasks {
+        // Each server closes its connections once what they carry is done: requests in flight
+        // (within the REST server's own 10 s), and the streams other nodes hold open, which end as
+        // consensus stops. A connection holds its server's share of the node (the peer server
+        // holds its consensus and state), so they are waited for, up to SERVERS_DRAIN_TIMEOUT;
+        // the other tasks end at once.
+        let mut servers = self.servers;
+        let drained = async {
+            while let Some(server) = servers.last_mut() {
+                let _ = server.await;
+                servers.pop();
+            }
+        };
+        if tokio::time::timeout(SERVERS_DRAIN_TIMEOUT, drained).await.is_err() {
+            tracing::warn!(
+                "a server still had open connections {SERVERS_DRAIN_TIMEOUT:?} after the node began to stop"
+            );
+        }
+        for task in self.tasks.into_iter().chain(servers) {
             task.abort();
             let _ = task.await;
         }
