@@ -528,6 +528,13 @@ async fn ten_large_ingests_do_not_stall_replication() {
     assert!(!log.contains("exceeds the peer message cap"), "no replication message went over the cap");
 }
 
+/// Raft timings for the in-process networks: heartbeats every 100 ms, elections within 1.2 s.
+fn quick_elections(cfg: &mut cloister_node::config::NodeConfig) {
+    cfg.raft.heartbeat_interval_ms = 100;
+    cfg.raft.election_timeout_min_ms = 600;
+    cfg.raft.election_timeout_max_ms = 1200;
+}
+
 /// Waits until `node` sees `voters` voters and a leader.
 async fn wait_voters(node: &cloister_node::node::Node, voters: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -550,11 +557,7 @@ async fn wait_voters(node: &cloister_node::node::Node, voters: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_lets_go_of_its_state_while_another_holds_a_stream_to_it() {
     use cloister_node::node::Node;
-    let c = Cluster::prepare(3, 1, KV, |cfg| {
-        cfg.raft.heartbeat_interval_ms = 100;
-        cfg.raft.election_timeout_min_ms = 600;
-        cfg.raft.election_timeout_max_ms = 1200;
-    });
+    let c = Cluster::prepare(3, 1, KV, quick_elections);
     let mut nodes = Vec::new();
     for i in 0..3 {
         nodes.push(Node::start(c.nodes[i].config.clone()).await.unwrap());
@@ -584,11 +587,7 @@ async fn a_stopped_node_lets_go_of_its_state_while_another_holds_a_stream_to_it(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_as_voters_and_a_removed_node_leaves_the_network() {
     use cloister_node::node::Node;
-    let c = Cluster::prepare(3, 1, RECONCILE, |cfg| {
-        cfg.raft.heartbeat_interval_ms = 100;
-        cfg.raft.election_timeout_min_ms = 600;
-        cfg.raft.election_timeout_max_ms = 1200;
-    });
+    let c = Cluster::prepare(3, 1, RECONCILE, quick_elections);
     let n0 = Node::start(c.nodes[0].config.clone()).await.unwrap();
     wait_voters(&n0, 1).await;
     let n1 = Node::start(c.nodes[1].config.clone()).await.unwrap();
