@@ -1029,6 +1029,38 @@ async fn bodies_being_received_share_one_budget() {
 
 /// An HTTP/2 connection over TLS to `addr`, without a client certificate, driven in the
 /// background.
+/// A stop lets requests in flight finish, but not for good: a client that sent part of a body
+/// and stalled (within `body_timeout_ms`) held its connection past the stop, and the connection
+/// held the node's service and state database. Connections still open
+/// `SERVERS_DRAIN_TIMEOUT` after a stop began are closed, and the database is free once
+/// `shutdown` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_the_connection_of_a_client_that_stalled_mid_request() {
+    let limits = Limits { body_timeout_ms: 300_000, ..Limits::default() };
+    let mut service = TestService::start(1, 0, RECONCILE, limits).await;
+    let node = service.node();
+    let mut stalled = h2_sender(node.rest_addr, &service.ca_pem).await.ready().await.unwrap();
+    let post = hyper::Request::post("https://localhost/gov/proposals")
+        .header("content-type", "application/cose")
+        .body(())
+        .unwrap();
+    let (answer, mut body) = stalled.send_request(post, false).unwrap();
+    body.send_data(bytes::Bytes::from(vec![0u8; 100]), false).unwrap();
+    // The node has the head and part of the body before it is asked to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state = cloister_node::state_file(&service.config.node.data_dir);
+    let began = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), service.stop()).await.expect("the node stops");
+    let took = began.elapsed();
+    if let Err(e) = cloister_store::meta_of(&state, "raft_applied") {
+        panic!("the node's state database is held after it stopped ({took:?}): {e}");
+    }
+    let drain = cloister_node::node::SERVERS_DRAIN_TIMEOUT;
+    assert!(took >= drain && took < drain + Duration::from_secs(5), "the stop took {took:?}");
+    // The stalled request was cut off, not answered.
+    assert!(answer.await.is_err(), "the stalled request got an answer");
+}
+
 async fn h2_sender(addr: std::net::SocketAddr, roots_pem: &[u8]) -> h2::client::SendRequest<bytes::Bytes> {
     let tls = tls_connect(None, addr, roots_pem, None).await;
     let (send, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");

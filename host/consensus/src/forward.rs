@@ -294,8 +294,17 @@ where
                 },
             }
         };
-        while let Some(done) = running.tasks.join_next().await {
-            running.finished(done, &answers).await;
+        loop {
+            tokio::select! {
+                () = answers.closed() => {
+                    running.tasks.abort_all();
+                    return;
+                }
+                done = running.tasks.join_next() => match done {
+                    Some(done) => running.finished(done, &answers).await,
+                    None => break,
+                },
+            }
         }
         if let Some(status) = refusal {
             let _ = answers.send(Err(status)).await;

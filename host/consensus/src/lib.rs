@@ -748,7 +748,6 @@ impl Consensus {
         Ok(())
     }
 
-    /// The peer gRPC service for this node.
     /// Resolves once this node's consensus begins to stop. Each stream another node holds open
     /// to the peer server (a leader's appends, a follower's forwards, a snapshot on its way) ends
     /// then: such a stream stays open for as long as its sender runs, and it held its connection,
@@ -757,6 +756,7 @@ impl Consensus {
         self.stopping.clone().cancelled_owned()
     }
 
+    /// The peer gRPC service for this node.
     pub fn peer_service(&self, forwarder: Arc<dyn Forwarder>) -> PeerService {
         PeerService { consensus: self.clone(), forwarder }
     }

@@ -142,9 +142,11 @@ impl pb::peer_server::Peer for PeerService {
         let cert = self.authorize(&req, PeerRpc::Raft)?;
         let mut chunks = req.into_inner();
         let patience = self.consensus.install_snapshot_timeout();
-        let head = tokio::time::timeout(patience, chunks.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no snapshot head within raft.install_snapshot_timeout_ms"))??;
+        let head = tokio::select! {
+            head = tokio::time::timeout(patience, chunks.message()) => head
+                .map_err(|_| Status::deadline_exceeded("no snapshot head within raft.install_snapshot_timeout_ms"))??,
+            _ = self.consensus.stopping() => return Err(Status::unavailable("this node is stopping")),
+        };
         let head = match head.and_then(|c| c.chunk) {
             Some(pb::snapshot_chunk::Chunk::Head(h)) => h,
             _ => {

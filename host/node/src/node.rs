@@ -315,9 +315,11 @@ const GENESIS_ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// committed yet: see `first_transaction`.
 pub const GENESIS_PENDING_FILE: &str = "genesis.pending";
 
-/// How long [`Node::shutdown`] waits for its servers to close their connections before it ends
-/// them: past the REST server's own 10 s for requests in flight.
-const SERVERS_DRAIN_TIMEOUT: Duration = Duration::from_secs(12);
+/// How long [`Node::shutdown`] waits for its servers to close their connections (the requests in
+/// flight to finish, the streams other nodes hold to end) before it closes those left.
+pub const SERVERS_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server has to end once its connections are closed: they fail at their next poll.
+const CLOSED_CONNECTIONS_END_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A running node.
 pub struct Node {
@@ -329,8 +331,12 @@ pub struct Node {
     consensus: Consensus,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The REST, gRPC and peer servers: [`Node::shutdown`] waits for them to finish.
-    servers: Vec<tokio::task::JoinHandle<()>>,
+    /// The REST and gRPC servers, and the peer server: [`Node::shutdown`] waits for them to
+    /// close their connections.
+    client_servers: Vec<tokio::task::JoinHandle<()>>,
+    peer_servers: Vec<tokio::task::JoinHandle<()>>,
+    /// Closes every connection the servers still have (see [`server::accept`]).
+    close_connections: CancellationToken,
     /// Why the node cannot go on, once it cannot (see [`Node::failed`]).
     failure: tokio::sync::watch::Receiver<Option<String>>,
 }
@@ -441,7 +447,8 @@ impl Node {
         };
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
-        let mut servers = Vec::new();
+        let (mut client_servers, mut peer_servers) = (Vec::new(), Vec::new());
+        let close_connections = CancellationToken::new();
         let (fail, failure) = tokio::sync::watch::channel(None);
         // Whatever fails from here stops what started before it: in a process that goes on (a
         // test, an embedding), a failed start leaves no Raft running and the data folder free.
@@ -479,9 +486,9 @@ impl Node {
                 per_node_max: Some(limits.connections_per_node_max),
                 ..accept_limits
             };
-            let conns = server::accept(peer_listener, peer_tls, peer_limits, cancel.clone());
+            let conns = server::accept(peer_listener, peer_tls, peer_limits, cancel.clone(), close_connections.clone());
             let streams_max = config.limits.streams_per_connection_max;
-            servers.push(serve_grpc(
+            peer_servers.push(serve_grpc(
                 conns,
                 tonic::service::Routes::new(peer_service),
                 streams_max,
@@ -578,22 +585,36 @@ impl Node {
             tasks.push(tokio::spawn(endorsed_cert.run(cancel.clone())));
             // Clients are served only once a new network's genesis has committed, so nobody sees a
             // service without its members or app.
-            let conns = server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone());
+            let conns =
+                server::accept(rest_listener, tls.clone(), accept_limits, cancel.clone(), close_connections.clone());
             let budget = server::BodyBudget::new(limits);
-            servers.push(tokio::spawn(server::serve_http(
+            client_servers.push(tokio::spawn(server::serve_http(
                 conns,
                 rest::router(service.clone()),
                 limits.clone(),
                 budget.clone(),
                 cancel.clone(),
             )));
-            let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone());
+            let conns = server::accept(grpc_listener, tls, accept_limits, cancel.clone(), close_connections.clone());
             let routes = crate::api::grpc::routes(service.clone())?;
-            servers.push(serve_grpc(conns, routes, streams_max, Some(budget), cancel.clone(), "gRPC"));
+            client_servers.push(serve_grpc(conns, routes, streams_max, Some(budget), cancel.clone(), "gRPC"));
             anyhow::Ok(())
         }
         .await;
-        let node = Node { rest_addr, grpc_addr, peer_addr, id, service, consensus, cancel, tasks, servers, failure };
+        let node = Node {
+            rest_addr,
+            grpc_addr,
+            peer_addr,
+            id,
+            service,
+            consensus,
+            cancel,
+            tasks,
+            client_servers,
+            peer_servers,
+            close_connections,
+            failure,
+        };
         match begun {
             Ok(()) => {
                 tracing::info!(name = %me.name, id, %rest_addr, %grpc_addr, %peer_addr, "node started");
@@ -642,25 +663,23 @@ impl Node {
     /// data folder can be reopened as soon as this returns.
     pub async fn shutdown(self) {
         self.cancel.cancel();
+        // Each server closes its connections once what they carry is done, and a connection holds
+        // its server's share of the node (the peer server's, its consensus and state): they are
+        // waited for, together up to SERVERS_DRAIN_TIMEOUT. First the client servers, whose
+        // requests in flight finish (a write commits through consensus, still running); then
+        // the peer server, whose streams other nodes hold open end as consensus stops.
+        let deadline = tokio::time::Instant::now() + SERVERS_DRAIN_TIMEOUT;
+        let mut left = drain(self.client_servers, deadline).await;
         self.consensus.shutdown().await;
-        // Each server closes its connections once what they carry is done: requests in flight
-        // (within the REST server's own 10 s), and the streams other nodes hold open, which end as
-        // consensus stops. A connection holds its server's share of the node (the peer server
-        // holds its consensus and state), so they are waited for, up to SERVERS_DRAIN_TIMEOUT;
-        // the other tasks end at once.
-        let mut servers = self.servers;
-        let drained = async {
-            while let Some(server) = servers.last_mut() {
-                let _ = server.await;
-                servers.pop();
-            }
-        };
-        if tokio::time::timeout(SERVERS_DRAIN_TIMEOUT, drained).await.is_err() {
-            tracing::warn!(
-                "a server still had open connections {SERVERS_DRAIN_TIMEOUT:?} after the node began to stop"
-            );
+        left.extend(drain(self.peer_servers, deadline).await);
+        // What is still open past the deadline (a client that stalled mid-request, a peer that
+        // stopped answering) is closed; its server then ends at once.
+        self.close_connections.cancel();
+        if !left.is_empty() {
+            tracing::warn!("closed the connections still open {SERVERS_DRAIN_TIMEOUT:?} after the node began to stop");
+            left = drain(left, tokio::time::Instant::now() + CLOSED_CONNECTIONS_END_TIMEOUT).await;
         }
-        for task in self.tasks.into_iter().chain(servers) {
+        for task in self.tasks.into_iter().chain(left) {
             task.abort();
             let _ = task.await;
         }
@@ -683,6 +702,20 @@ impl Node {
         }
         tracing::warn!("node stopped, but its service was still referenced after 5 s");
     }
+}
+
+/// Waits for each server until `deadline`; those still running are returned.
+async fn drain(
+    mut servers: Vec<tokio::task::JoinHandle<()>>,
+    deadline: tokio::time::Instant,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    while let Some(server) = servers.last_mut() {
+        if tokio::time::timeout_at(deadline, server).await.is_err() {
+            break;
+        }
+        servers.pop();
+    }
+    servers
 }
 
 async fn bind(addr: &str) -> anyhow::Result<TcpListener> {

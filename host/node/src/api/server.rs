@@ -31,6 +31,9 @@ pub struct Conn {
     _address_slot: CountSlot<std::net::IpAddr>,
     /// On the peer listener, the connection's place in its node certificate's count.
     _node_slot: Option<CountSlot<Vec<u8>>>,
+    /// Resolves when the node closes every connection it still has (see [`accept`]): whatever
+    /// the connection waits on fails then, and its server drops it.
+    closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 /// While a client is not taking what the server writes (a write has had to wait for room), the
@@ -157,6 +160,12 @@ impl Conn {
         writing: bool,
     ) -> Poll<std::io::Result<T>> {
         self.account();
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the node has stopped",
+            )));
+        }
         match (polled, self.idle.as_mut()) {
             (Poll::Pending, Some(idle)) if writing || !idle.behind => idle.poll_expired(cx).map(Err),
             (polled, _) => polled,
@@ -361,14 +370,16 @@ impl<K: std::hash::Hash + Eq> Drop for CountSlot<K> {
     }
 }
 
-/// Accepts TLS connections until cancelled, at most `connections_max` open at once and
+/// Accepts TLS connections until `cancel`, at most `connections_max` open at once and
 /// `per_address_max` from one address. A connection must start its handshake within
-/// `hello_timeout` and finish it within `handshake_timeout`; handshakes run concurrently.
+/// `hello_timeout` and finish it within `handshake_timeout`; handshakes run concurrently. Once
+/// `close` is cancelled, every connection accepted here fails whatever it waits on.
 pub fn accept(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: AcceptLimits,
     cancel: CancellationToken,
+    close: CancellationToken,
 ) -> mpsc::Receiver<std::io::Result<Conn>> {
     let (out, conns) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -398,7 +409,7 @@ pub fn accept(
                 continue; // Dropping the stream closes it, and the slot returns.
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, out, per_node) = (acceptor.clone(), out.clone(), per_node.clone());
+            let (acceptor, out, per_node, close) = (acceptor.clone(), out.clone(), per_node.clone(), close.clone());
             tokio::spawn(async move {
                 // An idle connection (no ClientHello) gives its slot back quickly.
                 if !matches!(tokio::time::timeout(limits.hello_timeout, tcp.readable()).await, Ok(Ok(()))) {
@@ -421,8 +432,14 @@ pub fn accept(
                             }
                         };
                         let idle = limits.idle_timeout.map(IdleTimer::new);
-                        let conn =
-                            Conn { inner, idle, _slot: slot, _address_slot: address_slot, _node_slot: node_slot };
+                        let conn = Conn {
+                            inner,
+                            idle,
+                            _slot: slot,
+                            _address_slot: address_slot,
+                            _node_slot: node_slot,
+                            closed: Box::pin(close.cancelled_owned()),
+                        };
                         let _ = out.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
@@ -563,7 +580,8 @@ where
 
 /// Serves an axum router over accepted connections, HTTP/1.1 (whose headers must arrive within
 /// `limits.headers_timeout_ms`) and HTTP/2 (at most `limits.streams_per_connection_max` streams
-/// open on one connection), until cancelled; then lets open requests finish.
+/// open on one connection), until cancelled; then lets open requests finish, and returns once
+/// every connection has closed (the node closes those left, see `Node::shutdown`).
 pub(crate) async fn serve_http(
     mut conns: mpsc::Receiver<std::io::Result<Conn>>,
     app: axum::Router,
@@ -603,9 +621,7 @@ pub(crate) async fn serve_http(
             let _ = watched.await;
         });
     }
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
-        tracing::warn!("some HTTPS connections did not close within 10 s of shutdown");
-    }
+    graceful.shutdown().await;
 }
 
 #[cfg(test)]
