@@ -32,7 +32,9 @@ pub struct Conn {
     /// On the peer listener, the connection's place in its node certificate's count.
     _node_slot: Option<CountSlot<Vec<u8>>>,
     /// Resolves when the node closes every connection it still has (see [`accept`]): whatever
-    /// the connection waits on fails then, and its server drops it.
+    /// the connection waits on fails then, and its server drops it. A token of the connection's
+    /// own (a child of the node's), asked only by a poll that would wait: its lock is this
+    /// connection's alone, and a poll that moves bytes takes none.
     closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
@@ -160,7 +162,7 @@ impl Conn {
         writing: bool,
     ) -> Poll<std::io::Result<T>> {
         self.account();
-        if self.closed.as_mut().poll(cx).is_ready() {
+        if polled.is_pending() && self.closed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "the node has stopped",
@@ -438,7 +440,7 @@ pub fn accept(
                             _slot: slot,
                             _address_slot: address_slot,
                             _node_slot: node_slot,
-                            closed: Box::pin(close.cancelled_owned()),
+                            closed: Box::pin(close.child_token().cancelled_owned()),
                         };
                         let _ = out.send(Ok(conn)).await;
                     }
