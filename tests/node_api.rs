@@ -1027,8 +1027,6 @@ async fn bodies_being_received_share_one_budget() {
     assert_eq!(status, "400", "read whole, and refused for not being COSE: {text}");
 }
 
-/// An HTTP/2 connection over TLS to `addr`, without a client certificate, driven in the
-/// background.
 /// A stop lets requests in flight finish, but not for good: a client that sent part of a body
 /// and stalled (within `body_timeout_ms`) held its connection past the stop, and the connection
 /// held the node's service and state database. Connections still open
@@ -1061,6 +1059,8 @@ async fn a_stop_closes_the_connection_of_a_client_that_stalled_mid_request() {
     assert!(answer.await.is_err(), "the stalled request got an answer");
 }
 
+/// An HTTP/2 connection over TLS to `addr`, without a client certificate, driven in the
+/// background.
 async fn h2_sender(addr: std::net::SocketAddr, roots_pem: &[u8]) -> h2::client::SendRequest<bytes::Bytes> {
     let tls = tls_connect(None, addr, roots_pem, None).await;
     let (send, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");

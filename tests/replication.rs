@@ -570,15 +570,14 @@ async fn a_stopped_node_lets_go_of_its_state_while_another_holds_a_stream_to_it(
     let client = c.client(1, 0).await.unwrap();
     let put = client.request("PUT", "/app/kv/k", Some("application/octet-stream"), "v").await.unwrap();
     assert_eq!(put.status, 200, "{}", put.text());
-    let n1 = nodes.remove(1);
+    let [n0, n1, n2]: [Node; 3] = nodes.try_into().unwrap_or_else(|_| unreachable!("three nodes"));
     // Node2, a follower, then node0, the leader; each database opens at once once its node has
     // stopped (an open one is refused).
-    for (name, node) in [("node2", 2), ("node0", 0)] {
-        let stopping = nodes.pop().unwrap();
-        tokio::time::timeout(Duration::from_secs(30), stopping.shutdown()).await.expect("the node stops");
-        let state = cloister_node::state_file(&c.nodes[node].config.node.data_dir);
+    for (i, node) in [(2, n2), (0, n0)] {
+        tokio::time::timeout(Duration::from_secs(30), node.shutdown()).await.expect("the node stops");
+        let state = cloister_node::state_file(&c.nodes[i].config.node.data_dir);
         if let Err(e) = cloister_store::meta_of(&state, "raft_applied") {
-            panic!("{name}'s state database is held after it stopped: {e}");
+            panic!("node{i}'s state database is held after it stopped: {e}");
         }
     }
     n1.shutdown().await;

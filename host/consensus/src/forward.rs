@@ -262,52 +262,46 @@ where
 {
     let (answers, out) = mpsc::channel(FORWARDS_IN_FLIGHT_MAX);
     tokio::spawn(async move {
-        let mut running = Running::default();
-        let refusal = loop {
-            tokio::select! {
-                // Nobody reads the answers any more (the stream was ended as this node stops):
-                // the calls go unanswered, and the follower's stream is let go.
-                () = answers.closed() => {
-                    running.tasks.abort_all();
-                    return;
-                }
-                Some(done) = running.tasks.join_next(), if !running.tasks.is_empty() => {
-                    running.finished(done, &answers).await;
-                }
-                call = calls.next(), if running.tasks.len() < FORWARDS_IN_FLIGHT_MAX => match call {
-                    None => break None,
-                    // The stream broke (the follower is gone, or sent what does not decode):
-                    // nobody waits for the calls still running. The error goes back, if it can.
-                    Some(Err(status)) => {
-                        running.tasks.abort_all();
-                        let _ = answers.send(Err(status)).await;
-                        return;
+        let serving = async {
+            let mut running = Running::default();
+            let refusal = loop {
+                tokio::select! {
+                    Some(done) = running.tasks.join_next(), if !running.tasks.is_empty() => {
+                        running.finished(done, &answers).await;
                     }
-                    Some(Ok(call)) => {
-                        if let Err(status) = forwarder.authorize(&cert, PeerRpc::Forward) {
-                            break Some(status);
+                    call = calls.next(), if running.tasks.len() < FORWARDS_IN_FLIGHT_MAX => match call {
+                        None => break None,
+                        // The stream broke (the follower is gone, or sent what does not decode):
+                        // nobody waits for the calls still running. The error goes back, if it can.
+                        Some(Err(status)) => {
+                            running.tasks.abort_all();
+                            let _ = answers.send(Err(status)).await;
+                            return;
                         }
-                        if let Err(status) = running.start(call, &forwarder) {
-                            break Some(status);
+                        Some(Ok(call)) => {
+                            if let Err(status) = forwarder.authorize(&cert, PeerRpc::Forward) {
+                                break Some(status);
+                            }
+                            if let Err(status) = running.start(call, &forwarder) {
+                                break Some(status);
+                            }
                         }
-                    }
-                },
+                    },
+                }
+            };
+            while let Some(done) = running.tasks.join_next().await {
+                running.finished(done, &answers).await;
+            }
+            if let Some(status) = refusal {
+                let _ = answers.send(Err(status)).await;
             }
         };
-        loop {
-            tokio::select! {
-                () = answers.closed() => {
-                    running.tasks.abort_all();
-                    return;
-                }
-                done = running.tasks.join_next() => match done {
-                    Some(done) => running.finished(done, &answers).await,
-                    None => break,
-                },
-            }
-        }
-        if let Some(status) = refusal {
-            let _ = answers.send(Err(status)).await;
+        // Nobody reads the answers any more (the stream was ended as this node stops): the calls
+        // go unanswered (the running ones are aborted as their `JoinSet` drops), and the
+        // follower's stream is let go.
+        tokio::select! {
+            () = serving => {}
+            () = answers.closed() => {}
         }
     });
     ReceiverStream::new(out)

@@ -57,8 +57,11 @@ pub fn log_begun(data_dir: &Path) -> anyhow::Result<bool> {
 /// is gone but whose state is not was part of a network (its state holds the membership Raft
 /// counts). Reads the file without its key, and writes no entry of it.
 pub fn state_begun(state_file: &Path) -> anyhow::Result<bool> {
-    state_machine::applied_in(state_file)
+    let key = state_machine::APPLIED_LOG_ID_KEY;
+    let Some(bytes) = kv::meta_of(state_file, key)? else { return Ok(false) };
+    Ok(types::decode::<Option<types::LogId>>(&bytes, key)?.is_some())
 }
+
 pub use forward::{FORWARDS_IN_FLIGHT_MAX, ForwardError, Forwards};
 pub use server::{Forwarder, PeerRpc, PeerService};
 pub use state_machine::Applied;

@@ -45,7 +45,7 @@ use cloister_ledger::{Ledger, index};
 use cloister_store::{self as kv, Store};
 use redb::{ReadableTable, TableDefinition};
 
-const APPLIED_LOG_ID_KEY: &str = "raft_applied";
+pub(crate) const APPLIED_LOG_ID_KEY: &str = "raft_applied";
 const MEMBERSHIP: &str = "raft_membership";
 /// The term history: the first log index of every term, keyed by term. One row is added when a
 /// term's first entry is applied, so applying never re-encodes the history.
@@ -353,13 +353,6 @@ impl Drop for HoldNothing {
 #[derive(Clone)]
 pub struct StateMachine {
     inner: Arc<Inner>,
-}
-
-/// Whether the closed state database at `path` records an applied log entry (see
-/// [`crate::state_begun`]).
-pub(crate) fn applied_in(path: &Path) -> anyhow::Result<bool> {
-    let Some(bytes) = kv::meta_of(path, APPLIED_LOG_ID_KEY)? else { return Ok(false) };
-    Ok(decode::<Option<LogId>>(&bytes, APPLIED_LOG_ID_KEY)?.is_some())
 }
 
 fn io_other(e: impl std::fmt::Display) -> io::Error {

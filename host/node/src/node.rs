@@ -331,9 +331,10 @@ pub struct Node {
     consensus: Consensus,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The REST and gRPC servers, and the peer server: [`Node::shutdown`] waits for them to
-    /// close their connections.
+    /// The REST and gRPC servers: [`Node::shutdown`] waits for them to close their connections
+    /// while consensus still runs.
     client_servers: Vec<tokio::task::JoinHandle<()>>,
+    /// The peer server: waited for once consensus has stopped.
     peer_servers: Vec<tokio::task::JoinHandle<()>>,
     /// Closes every connection the servers still have (see [`server::accept`]).
     close_connections: CancellationToken,
